@@ -1,0 +1,39 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+/// StageFS: a POSIX file system for HPC and AI clusters.
+/// One module per layer (see README "Architecture"); C is confined to the `C*` shim modules.
+let package = Package(
+    name: "StageFS",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "stagefs", targets: ["stagefs"])
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2")
+    ],
+    targets: [
+        .systemLibrary(name: "CFuse3", path: "Sources/CFuse3"),
+        .systemLibrary(name: "CHiredis", path: "Sources/CHiredis"),
+        .systemLibrary(name: "CCurl", path: "Sources/CCurl"),
+        .systemLibrary(name: "CSQLite3", path: "Sources/CSQLite3"),
+        .target(name: "StageFSCore"),
+        .target(name: "Metadata", dependencies: ["StageFSCore", "CSQLite3", "CHiredis"]),
+        .target(name: "ObjectStorage", dependencies: ["StageFSCore", "CCurl"]),
+        .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "Metadata"]),
+        .target(name: "VFS", dependencies: ["StageFSCore", "Metadata", "DataPath"]),
+        .target(name: "FUSEMount", dependencies: ["StageFSCore", "VFS", "CFuse3"]),
+        .executableTarget(
+            name: "stagefs",
+            dependencies: [
+                "StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS", "FUSEMount",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(
+            name: "StageFSTests",
+            dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,222 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import StageFSCore
+
+/// One slice record of a chunk: `len` bytes at `pos` in the chunk come from bytes
+/// `off..<off+len` of slice `id` (whose stored length is `size`). Slice id 0 is a hole (zeros).
+public struct Slice: Sendable, Equatable {
+    public var pos: UInt32
+    public var id: UInt64
+    public var size: UInt32
+    public var off: UInt32
+    public var len: UInt32
+
+    public init(pos: UInt32, id: UInt64, size: UInt32, off: UInt32, len: UInt32) {
+        self.pos = pos
+        self.id = id
+        self.size = size
+        self.off = off
+        self.len = len
+    }
+
+    /// Size of one encoded record.
+    public static let encodedSize = 24
+
+    /// Appends the 24-byte big-endian record (`>I4I8I4I4I4`).
+    public func encode(into w: inout ByteWriter) {
+        w.u32(pos)
+        w.u64(id)
+        w.u32(size)
+        w.u32(off)
+        w.u32(len)
+    }
+
+    public func encoded() -> [UInt8] {
+        var w = ByteWriter(capacity: Slice.encodedSize)
+        encode(into: &w)
+        return w.bytes
+    }
+
+    /// Decodes a chunk's concatenated records, oldest first.
+    public static func decodeAll(_ bytes: [UInt8]) -> [Slice] {
+        var r = ByteReader(bytes)
+        var out: [Slice] = []
+        out.reserveCapacity(bytes.count / encodedSize)
+        while r.remaining >= encodedSize {
+            out.append(Slice(pos: r.u32(), id: r.u64(), size: r.u32(), off: r.u32(), len: r.u32()))
+        }
+        return out
+    }
+}
+
+/// What a client tells the metadata engine about itself when it starts a session.
+public struct SessionInfo: Sendable, Codable, Equatable {
+    public var sid: UInt64
+    public var hostname: String
+    public var pid: Int32
+    public var mountPoint: String
+    public var version: String
+    /// Seconds since the epoch of the session start and of its last heartbeat.
+    public var started: Int64
+    public var heartbeat: Int64
+
+    public init(sid: UInt64 = 0, hostname: String, pid: Int32, mountPoint: String, version: String, started: Int64 = 0, heartbeat: Int64 = 0) {
+        self.sid = sid
+        self.hostname = hostname
+        self.pid = pid
+        self.mountPoint = mountPoint
+        self.version = version
+        self.started = started
+        self.heartbeat = heartbeat
+    }
+}
+
+/// A file whose last link is gone and whose data waits to be deleted from the object store.
+public struct PendingDelete: Sendable, Equatable {
+    public var ino: Ino
+    public var size: UInt64
+
+    public init(ino: Ino, size: UInt64) {
+        self.ino = ino
+        self.size = size
+    }
+
+    /// How many chunks the file's size spans.
+    public var chunkCount: UInt32 { UInt32((size + chunkSize - 1) / chunkSize) }
+}
+
+/// What an unlink (or a rename that replaced a file) did to the inode it removed a name of.
+public struct RemovedName: Sendable, Equatable {
+    public var ino: Ino
+    public var attr: Attr
+    /// The inode has no links left and nobody has it open: its data is queued for deletion.
+    public var freed: Bool
+}
+
+/// The metadata engine: an atomic, permission-checking POSIX namespace plus the chunk records
+/// of files, sessions and locks. `SQLiteMetadata` and `RedisMetadata` implement it with the same
+/// semantics; the conformance suite runs against both.
+///
+/// Methods block (they run on FUSE or worker threads, never on the Swift concurrency pool).
+/// Every method throws `FSError` with the errno ext4 would give.
+public protocol MetadataEngine: AnyObject, Sendable {
+    /// "SQLite database /path" or "Redis at host:port/db", for messages.
+    var displayName: String { get }
+
+    // MARK: volume
+    /// The format record, or nil when the metadata store was never formatted.
+    func loadFormat() throws(FSError) -> VolumeFormat?
+    /// Writes the format record and creates the root directory. An existing record with other
+    /// settings is refused unless `force`.
+    func initialize(_ format: VolumeFormat, force: Bool) throws(FSError)
+    /// Space and inode usage.
+    func statfs() throws(FSError) -> StatFS
+
+    // MARK: sessions
+    /// Registers a client; returns its session id.
+    func newSession(_ info: SessionInfo) throws(FSError) -> UInt64
+    /// Marks the session alive now.
+    func heartbeat(_ sid: UInt64) throws(FSError)
+    /// Ends a session: its opens and locks are dropped, unlinked files it held are freed.
+    func closeSession(_ sid: UInt64) throws(FSError)
+    /// Live and stale sessions.
+    func listSessions() throws(FSError) -> [SessionInfo]
+    /// Ends sessions whose heartbeat is older than `age` seconds; returns how many.
+    func cleanStaleSessions(age: Int64) throws(FSError) -> Int
+
+    // MARK: namespace
+    func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr)
+    func getattr(_ ino: Ino) throws(FSError) -> Attr
+    /// Changes attributes with the ownership and permission rules of ext4; a size change truncates.
+    func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest) throws(FSError) -> Attr
+    /// Checks access(2)-style permission for `mask`.
+    func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError)
+    /// Creates a regular file, fifo, socket, device node, directory or symlink (`target` set).
+    /// `mode` holds the permission bits after the umask.
+    func mknod(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?)
+        throws(FSError) -> (Ino, Attr)
+    func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName
+    func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError)
+    /// rename/renameat2; returns what a replaced destination lost, if anything was replaced.
+    func rename(_ cred: Credential, _ srcParent: Ino, _ srcName: [UInt8], _ dstParent: Ino, _ dstName: [UInt8], _ flags: RenameFlags)
+        throws(FSError) -> RemovedName?
+    func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr
+    func readlink(_ ino: Ino) throws(FSError) -> [UInt8]
+    /// Entries after position `cookie` (0 for the start), at most `limit`, with attributes when `plus`.
+    /// Positions stay valid while the directory changes.
+    func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry]
+
+    // MARK: extended attributes
+    func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]
+    func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]]
+    func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError)
+    func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError)
+
+    // MARK: file data
+    /// Checks permission for the open flags and records that session `sid` holds the file open.
+    func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> Attr
+    /// Drops one open of `ino` by `sid`; a file unlinked meanwhile is freed at its last close.
+    func close(_ ino: Ino, sid: UInt64) throws(FSError)
+    /// The slice records of chunk `index`, oldest first.
+    func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice]
+    /// Appends a slice to chunk `index`, extends the size to at least `minSize`, sets mtime/ctime.
+    func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr
+    /// Reserves `count` consecutive slice ids; returns the first.
+    func newSliceIDs(_ count: Int) throws(FSError) -> UInt64
+    /// Files waiting for their data to be deleted.
+    func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete]
+    /// Removes the chunk records of a pending delete, returning the slices they held.
+    func finishDelete(_ pending: PendingDelete) throws(FSError) -> [Slice]
+    /// Slices dropped by truncation whose objects wait to be deleted (removed from the queue).
+    func takeDroppedSlices(limit: Int) throws(FSError) -> [Slice]
+
+    // MARK: locks
+    /// Atomically reads and replaces the lock table of `ino` (`kind` 'p' for POSIX record locks,
+    /// 'f' for flock). `body` gets the current encoded table and returns the new one (nil: unchanged)
+    /// and a result; `sid` is recorded so a dead session's locks can be dropped.
+    func updateLocks(_ ino: Ino, kind: UInt8, sid: UInt64, _ body: ([UInt8]) throws(FSError) -> [UInt8]?) throws(FSError)
+}
+
+extension MetadataEngine {
+    /// The volume's format record; a clear error when the store was never formatted.
+    public func requireFormat() throws(FSError) -> VolumeFormat {
+        guard let f = try loadFormat() else {
+            throw FSError(EINVAL, "\(displayName) holds no StageFS volume: run 'stagefs format' first")
+        }
+        return f
+    }
+}
+
+/// Opens the engine a META-URL names.
+/// `create` allows a new SQLite database file (formatting); otherwise a missing one is an error.
+public func openMetadata(_ url: MetaURL, create: Bool = false) throws(FSError) -> any MetadataEngine {
+    switch url {
+    case .sqlite(let path): return try SQLiteMetadata(path: path, create: create)
+    case .redis(let host, let port, let db, let user, let password):
+        return try RedisMetadata(host: host, port: port, db: db, user: user, password: password)
+    }
+}
+
+/// Checks a name for create-like operations.
+func validateName(_ name: [UInt8]) throws(FSError) {
+    if name.isEmpty || name.contains(0) || name.contains(UInt8(ascii: "/")) { throw FSError.invalid }
+    if name.count > maxNameLength { throw FSError.nameTooLong }
+    if name == [UInt8(ascii: ".")] || name == [UInt8(ascii: "."), UInt8(ascii: ".")] { throw FSError.exists }
+}
+
+/// Space an inode's size accounts for in statfs (4 KiB granules).
+@inline(__always)
+func align4K(_ size: UInt64) -> Int64 { Int64((size + 4095) & ~4095) }
+
+/// Which access the open flags ask for.
+func accessMask(openFlags flags: Int32) -> AccessMask {
+    var mask: AccessMask = []
+    switch flags & O_ACCMODE {
+    case O_RDONLY: mask = .read
+    case O_WRONLY: mask = .write
+    default: mask = [.read, .write]
+    }
+    if flags & O_TRUNC != 0 { mask.insert(.write) }
+    return mask
+}

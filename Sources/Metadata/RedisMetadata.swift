@@ -1,0 +1,355 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import StageFSCore
+
+/// The shared engine: `redis://host:port/db`. Each operation is one Lua script run with
+/// `EVALSHA` (one round trip, atomic on the server); see `RedisScripts`.
+package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
+    private let pool: RedisPool
+    package let displayName: String
+    private var shas: [String: String] = [:]
+
+    package init(host: String, port: Int, db: Int, user: String?, password: String?) throws(FSError) {
+        pool = RedisPool(host: host, port: port, db: db, user: user, password: password)
+        displayName = "Redis at \(host):\(port)/\(db)"
+        // Connect now so an unreachable server is reported at once, and load the scripts.
+        var loaded: [String: String] = [:]
+        try pool.with { (c) throws(FSError) in
+            for (name, body) in RedisScripts.all {
+                let reply = try c.command(["SCRIPT", "LOAD", RedisScripts.prelude + body])
+                guard let sha = reply.text, case .string = reply else {
+                    throw FSError(EIO, "\(displayName) refused StageFS's Lua script '\(name)': \(reply)")
+                }
+                loaded[name] = sha
+            }
+        }
+        shas = loaded
+    }
+
+    // MARK: plumbing
+
+    private func credArgs(_ cred: Credential) -> [any RedisArg] {
+        let now = Timespec.now()
+        let groups = cred.groups.map(String.init).joined(separator: ",")
+        return [cred.uid, cred.gid, groups, now.sec, now.nsec]
+    }
+
+    /// Runs script `name` with the caller's credential and `args`; returns the reply after the
+    /// status element, or throws the errno the script gave.
+    private func run(_ name: String, _ cred: Credential, _ args: [any RedisArg], idempotent: Bool = false) throws(FSError) -> [RedisReply] {
+        let argv = credArgs(cred) + args
+        let reply = try pool.with(idempotent: idempotent) { (c) throws(FSError) -> RedisReply in
+            var r = try c.command(["EVALSHA", shas[name]!, 0] + argv)
+            if case .error(let e) = r, e.hasPrefix("NOSCRIPT") {
+                let body = RedisScripts.all.first { $0.0 == name }!.1
+                r = try c.command(["EVAL", RedisScripts.prelude + body, 0] + argv)
+            }
+            return r
+        }
+        if case .error(let e) = reply { throw FSError(EIO, "\(displayName): script \(name) failed: \(e)") }
+        let items = reply.array
+        guard let status = items.first?.int else { throw FSError(EIO, "\(displayName): script \(name) gave no status") }
+        if status != 0 { throw errnoError(Int32(status)) }
+        return Array(items.dropFirst())
+    }
+
+    private func errnoError(_ code: Int32) -> FSError {
+        switch code {
+        case ENOENT: return .notFound
+        case EEXIST: return .exists
+        case ENOTDIR: return .notDir
+        case EISDIR: return .isDir
+        case ENOTEMPTY: return .notEmpty
+        case EACCES: return .access
+        case EPERM: return .perm
+        case ENODATA: return .noAttr
+        case EINVAL: return .invalid
+        default: return FSError.errno(code)
+        }
+    }
+
+    private func cmd(_ args: [any RedisArg]) throws(FSError) -> RedisReply {
+        let r = try pool.with { (c) throws(FSError) in try c.command(args) }
+        if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(e)") }
+        return r
+    }
+
+    private func decodeAttr(_ r: RedisReply?) throws(FSError) -> Attr {
+        guard let b = r?.bytes, let a = Attr(decoding: b) else { throw FSError(EIO, "\(displayName): corrupt inode record") }
+        return a
+    }
+
+    private func inoOf(_ r: RedisReply?) -> Ino { Ino(r?.int ?? 0) }
+
+    // MARK: volume
+
+    package func loadFormat() throws(FSError) -> VolumeFormat? {
+        guard let text = try cmd(["GET", "setting"]).text else { return nil }
+        return try VolumeFormat.decode(text)
+    }
+
+    package func initialize(_ format: VolumeFormat, force: Bool) throws(FSError) {
+        var record = format
+        if let old = try loadFormat() {
+            let diff = format.differences(from: old)
+            if !diff.isEmpty && !force {
+                throw FSError(EEXIST, "\(displayName) already holds volume '\(old.name)' with other settings (\(diff.joined(separator: ", "))); refusing to format it again")
+            }
+            record.uuid = old.uuid
+            record.createdAt = old.createdAt
+        }
+        _ = try run("initialize", .root, [record.encoded()])
+    }
+
+    package func statfs() throws(FSError) -> StatFS {
+        let r = try cmd(["MGET", "usedSpace", "usedInodes"]).array
+        let used = UInt64(max(0, r.first?.int ?? 0))
+        let inodes = UInt64(max(0, r.dropFirst().first?.int ?? 0))
+        return makeStatFS(usedSpace: used, usedInodes: inodes)
+    }
+
+    // MARK: sessions
+
+    package func newSession(_ info: SessionInfo) throws(FSError) -> UInt64 {
+        var info = info
+        guard let sid = try cmd(["INCR", "nextSession"]).int else { throw FSError(EIO, "\(displayName): no session id") }
+        info.sid = UInt64(sid)
+        let now = Timespec.now().sec
+        info.started = now
+        info.heartbeat = now
+        _ = try pool.with { (c) throws(FSError) in
+            try c.pipeline([["ZADD", "sessions", now, info.sid], ["HSET", "sessionInfos", info.sid, encodeSession(info)]])
+        }
+        return info.sid
+    }
+
+    package func heartbeat(_ sid: UInt64) throws(FSError) {
+        let now = Timespec.now().sec
+        let r = try cmd(["ZADD", "sessions", "XX", "CH", now, sid])
+        if r.int == 0, try cmd(["ZSCORE", "sessions", sid]) == .null {
+            throw FSError(ENOENT, "session \(sid) is gone (cleaned up as stale)")
+        }
+    }
+
+    package func closeSession(_ sid: UInt64) throws(FSError) {
+        _ = try run("closeSession", .root, [sid])
+    }
+
+    package func listSessions() throws(FSError) -> [SessionInfo] {
+        let r = try pool.with { (c) throws(FSError) in
+            try c.pipeline([["ZRANGE", "sessions", 0, -1, "WITHSCORES"], ["HGETALL", "sessionInfos"]])
+        }
+        var beats: [UInt64: Int64] = [:]
+        let z = r[0].array
+        for i in stride(from: 0, to: z.count - 1, by: 2) {
+            if let sid = z[i].int, let t = z[i + 1].text.flatMap({ Double($0) }) { beats[UInt64(sid)] = Int64(t) }
+        }
+        var out: [SessionInfo] = []
+        let h = r[1].array
+        for i in stride(from: 0, to: h.count - 1, by: 2) {
+            guard let text = h[i + 1].text, var info = decodeSession(text) else { continue }
+            if let b = beats[info.sid] { info.heartbeat = b }
+            out.append(info)
+        }
+        return out.sorted { $0.sid < $1.sid }
+    }
+
+    package func cleanStaleSessions(age: Int64) throws(FSError) -> Int {
+        let limit = Timespec.now().sec - age
+        let stale = try cmd(["ZRANGEBYSCORE", "sessions", "-inf", "(\(limit)"]).array.compactMap { $0.int }
+        for sid in stale { try closeSession(UInt64(sid)) }
+        return stale.count
+    }
+
+    // MARK: namespace
+
+    package func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
+        if name.count > maxNameLength { throw FSError.nameTooLong }
+        let r = try run("lookup", cred, [parent, name], idempotent: true)
+        return (inoOf(r.first), try decodeAttr(r.dropFirst().first))
+    }
+
+    package func getattr(_ ino: Ino) throws(FSError) -> Attr {
+        let r = try cmd(["GET", "i\(ino)"])
+        if r == .null { throw FSError.notFound }
+        return try decodeAttr(r)
+    }
+
+    package func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest) throws(FSError) -> Attr {
+        let r = try run(
+            "setattr", cred,
+            [
+                ino, req.mask.rawValue, req.mode, req.uid, req.gid, req.size,
+                req.atime.sec, req.atime.nsec, req.mtime.sec, req.mtime.nsec, req.ctime.sec, req.ctime.nsec,
+                req.viaHandle ? 1 : 0, chunkSize,
+            ])
+        return try decodeAttr(r.first)
+    }
+
+    package func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError) {
+        _ = try run("access", cred, [ino, mask.rawValue], idempotent: true)
+    }
+
+    package func mknod(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?)
+        throws(FSError) -> (Ino, Attr)
+    {
+        try validateName(name)
+        if type == .symlink && (target == nil || target!.isEmpty || target!.count > 4095) { throw FSError.invalid }
+        let r = try run("mknod", cred, [parent, name, type.rawValue, mode, rdev, target ?? []])
+        return (inoOf(r.first), try decodeAttr(r.dropFirst().first))
+    }
+
+    private func removed(_ r: [RedisReply]) throws(FSError) -> RemovedName? {
+        let ino = inoOf(r.first)
+        if ino == 0 { return nil }
+        return RemovedName(ino: ino, attr: try decodeAttr(r.dropFirst().first), freed: r.dropFirst(2).first?.int == 1)
+    }
+
+    package func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
+        if name.count > maxNameLength { throw FSError.nameTooLong }
+        guard let r = try removed(try run("unlink", cred, [parent, name])) else { throw FSError.notFound }
+        return r
+    }
+
+    package func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
+        if name == [UInt8(ascii: ".")] { throw FSError.invalid }
+        if name == [UInt8(ascii: "."), UInt8(ascii: ".")] { throw FSError.notEmpty }
+        if name.count > maxNameLength { throw FSError.nameTooLong }
+        _ = try run("rmdir", cred, [parent, name])
+    }
+
+    package func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], _ flags: RenameFlags) throws(FSError) -> RemovedName? {
+        if flags.contains(.whiteout) { throw FSError.notSupported }
+        if flags.contains(.exchange) && flags.contains(.noReplace) { throw FSError.invalid }
+        try validateName(dn)
+        if sn.isEmpty || sn.count > maxNameLength { throw FSError.notFound }
+        return try removed(try run("rename", cred, [sp, sn, dp, dn, flags.rawValue]))
+    }
+
+    package func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
+        try validateName(name)
+        return try decodeAttr(try run("link", cred, [ino, parent, name]).first)
+    }
+
+    package func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
+        let r = try cmd(["MGET", "i\(ino)", "s\(ino)"]).array
+        guard r.count == 2, r[0] != .null else { throw FSError.notFound }
+        guard let t = r[1].bytes, !t.isEmpty else { throw FSError.invalid }
+        return t
+    }
+
+    package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
+        let r = try run("readdir", .root, [ino, cookie, limit, plus ? 1 : 0], idempotent: true)
+        var out: [DirEntry] = []
+        out.reserveCapacity(r.count / 4)
+        var i = 0
+        while i + 3 < r.count {
+            defer { i += 4 }
+            guard let name = r[i].bytes, let cookieText = r[i + 1].text, let ent = r[i + 2].bytes else { continue }
+            var rd = ByteReader(ent)
+            let cino = rd.u64()
+            let type = FileType(rawValue: rd.u8()) ?? .regular
+            let c = UInt64(Double(cookieText) ?? 0)
+            var e = DirEntry(name: name, ino: cino, type: type, cookie: c)
+            if plus { e.attr = Attr(decoding: r[i + 3].bytes ?? []) }
+            out.append(e)
+        }
+        return out
+    }
+
+    // MARK: extended attributes
+
+    package func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
+        try run("getxattr", cred, [ino, name], idempotent: true).first?.bytes ?? []
+    }
+
+    package func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]] {
+        try run("listxattr", cred, [ino], idempotent: true).compactMap { $0.bytes }
+    }
+
+    package func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
+        if value.count > 65536 { throw FSError(E2BIG, "attribute value too large") }
+        _ = try run("setxattr", cred, [ino, name, value, flag.rawValue])
+    }
+
+    package func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
+        _ = try run("removexattr", cred, [ino, name])
+    }
+
+    // MARK: file data
+
+    package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> Attr {
+        try decodeAttr(try run("open", cred, [ino, accessMask(openFlags: flags).rawValue, sid]).first)
+    }
+
+    package func close(_ ino: Ino, sid: UInt64) throws(FSError) {
+        _ = try run("close", .root, [ino, sid])
+    }
+
+    package func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice] {
+        Slice.decodeAll(try cmd(["GET", "c\(ino)_\(index)"]).bytes ?? [])
+    }
+
+    package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr {
+        try decodeAttr(try run("writeSlice", .root, [ino, index, slice.encoded(), minSize, mtime.sec, mtime.nsec]).first)
+    }
+
+    package func newSliceIDs(_ count: Int) throws(FSError) -> UInt64 {
+        guard let last = try cmd(["INCRBY", "nextSlice", count]).int else { throw FSError(EIO, "\(displayName): no slice id") }
+        return UInt64(last - Int64(count) + 1)
+    }
+
+    package func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete] {
+        try cmd(["ZRANGE", "delfiles", 0, limit - 1]).array.compactMap { r -> PendingDelete? in
+            guard let t = r.text else { return nil }
+            let parts = t.split(separator: ":")
+            guard parts.count == 2, let ino = UInt64(parts[0]), let size = UInt64(parts[1]) else { return nil }
+            return PendingDelete(ino: ino, size: size)
+        }
+    }
+
+    package func finishDelete(_ pending: PendingDelete) throws(FSError) -> [Slice] {
+        Slice.decodeAll(try run("finishDelete", .root, [pending.ino, pending.size, pending.chunkCount]).first?.bytes ?? [])
+    }
+
+    package func takeDroppedSlices(limit: Int) throws(FSError) -> [Slice] {
+        Slice.decodeAll(try run("takeDropped", .root, [limit]).first?.bytes ?? [])
+    }
+
+    // MARK: locks
+
+    package func updateLocks(_ ino: Ino, kind: UInt8, sid: UInt64, _ body: ([UInt8]) throws(FSError) -> [UInt8]?) throws(FSError) {
+        let key: [UInt8] = Array("lk".utf8) + [kind] + Array(String(ino).utf8)
+        // Locks are not on the small-file path: an optimistic WATCH/MULTI transaction is enough.
+        for _ in 0..<100 {
+            let done = try pool.with(idempotent: false) { (c) throws(FSError) -> Bool in
+                _ = try c.command(["WATCH", key, "i\(ino)"])
+                let cur = try c.pipeline([["GET", key], ["EXISTS", "i\(ino)"]])
+                if cur[1].int != 1 {
+                    _ = try c.command(["UNWATCH"])
+                    throw FSError.notFound
+                }
+                let table: [UInt8]?
+                do throws(FSError) {
+                    table = try body(cur[0].bytes ?? [])
+                } catch {
+                    _ = try c.command(["UNWATCH"])
+                    throw error
+                }
+                guard let table else {
+                    _ = try c.command(["UNWATCH"])
+                    return true
+                }
+                var cmds: [[any RedisArg]] = [["MULTI"]]
+                cmds.append(table.isEmpty ? ["DEL", key] : ["SET", key, table])
+                if sid != 0 { cmds.append(["SADD", "sl\(sid)", "\(ino):\(kind)"]) }
+                cmds.append(["EXEC"])
+                let replies = try c.pipeline(cmds)
+                return replies.last != .null
+            }
+            if done { return }
+        }
+        throw FSError(EAGAIN, "\(displayName): lock table of inode \(ino) kept changing")
+    }
+}

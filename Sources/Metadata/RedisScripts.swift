@@ -1,0 +1,636 @@
+/// Lua scripts of the Redis engine: each file-system operation is one `EVALSHA`, so one round
+/// trip, atomic on the server. They implement the rules of `TxnMetadata` (the conformance suite
+/// runs both engines through the same cases).
+///
+/// Keys: `i<ino>` packed attributes (see `Attr.encode`), `d<ino>` hash name -> packed (ino, type),
+/// `z<ino>` sorted set name -> readdir position, `s<ino>` symlink target, `x<ino>` xattr hash,
+/// `c<ino>_<chunk>` slice records, `o<ino>` hash session -> opens, `so<sid>` hash ino -> opens,
+/// `lk<kind><ino>` lock tables, `sl<sid>` set of "ino:kind", counters, `delfiles`, `delslices`,
+/// `sessions`, `sessionInfos`, `setting`.
+///
+/// Every script gets ARGV[1..5] = uid, gid, groups ("1,2,3"), now seconds, now nanoseconds,
+/// and answers a table whose first element is 0 or an errno.
+enum RedisScripts {
+    static let prelude = #"""
+        local ATTR = '>BI2I4I4I4I8i8I4i8I4i8I4I4I8'
+        local ENT = '>I8B'
+        local EPERM, ENOENT, EACCES, EEXIST, ENOTDIR, EISDIR, EINVAL = 1, 2, 13, 17, 20, 21, 22
+        local EMLINK, ERANGE, ENOTEMPTY, ENODATA, EOPNOTSUPP = 31, 34, 39, 61, 95
+        local band, bor, bnot, rshift = bit.band, bit.bor, bit.bnot, bit.rshift
+        local cuid, cgid = tonumber(ARGV[1]), tonumber(ARGV[2])
+        local groups = {}
+        for g in string.gmatch(ARGV[3], '%d+') do groups[tonumber(g)] = true end
+        local nows, nown = tonumber(ARGV[4]), tonumber(ARGV[5])
+        local function key(p, n) return p .. string.format('%d', n) end
+        local function unpackattr(s)
+          local t, mode, uid, gid, nlink, size, as, an, ms, mn, cs, cn, rdev, parent = struct.unpack(ATTR, s)
+          return {type=t, mode=mode, uid=uid, gid=gid, nlink=nlink, size=size, as=as, an=an, ms=ms, mn=mn, cs=cs, cn=cn, rdev=rdev, parent=parent}
+        end
+        local function packattr(a)
+          return struct.pack(ATTR, a.type, a.mode, a.uid, a.gid, a.nlink, a.size, a.as, a.an, a.ms, a.mn, a.cs, a.cn, a.rdev, a.parent)
+        end
+        local function getattr(ino)
+          local s = redis.call('GET', key('i', ino))
+          if not s then return nil end
+          return unpackattr(s)
+        end
+        local function putattr(ino, a) redis.call('SET', key('i', ino), packattr(a)) end
+        local function ingroup(g) return g == cgid or groups[g] == true end
+        local function mayaccess(a, mask)
+          if mask == 0 then return true end
+          if cuid == 0 then
+            if band(mask, 1) ~= 0 and a.type ~= 2 and band(a.mode, 73) == 0 then return false end
+            return true
+          end
+          local bits
+          if cuid == a.uid then bits = band(rshift(a.mode, 6), 7)
+          elseif ingroup(a.gid) then bits = band(rshift(a.mode, 3), 7)
+          else bits = band(a.mode, 7) end
+          return band(bits, mask) == mask
+        end
+        local function stickyok(dir, child)
+          if band(dir.mode, 512) == 0 or cuid == 0 then return true end
+          return cuid == dir.uid or cuid == child.uid
+        end
+        local function touch(a) a.ms = nows; a.mn = nown; a.cs = nows; a.cn = nown end
+        local function align4k(n) return math.floor((n + 4095) / 4096) * 4096 end
+        local function getentry(parent, name)
+          local v = redis.call('HGET', key('d', parent), name)
+          if not v then return nil end
+          local ino, t = struct.unpack(ENT, v)
+          return ino, t
+        end
+        local function putentry(parent, name, ino, t)
+          redis.call('HSET', key('d', parent), name, struct.pack(ENT, ino, t))
+          redis.call('ZADD', key('z', parent), redis.call('INCR', 'nextCookie'), name)
+        end
+        local function delentry(parent, name)
+          redis.call('HDEL', key('d', parent), name)
+          redis.call('ZREM', key('z', parent), name)
+        end
+        local function freeinode(ino, a)
+          redis.call('DEL', key('i', ino), key('s', ino), key('x', ino))
+          if a.type == 1 and a.size > 0 then
+            redis.call('ZADD', 'delfiles', nows, string.format('%d:%d', ino, a.size))
+          end
+          redis.call('DECR', 'usedInodes')
+          redis.call('DECRBY', 'usedSpace', align4k(a.size))
+        end
+        local function isopen(ino) return redis.call('EXISTS', key('o', ino)) == 1 end
+        -- drops one link of a non-directory; returns the new attributes and whether it was freed
+        local function droplink(ino, a)
+          a.nlink = a.nlink - 1
+          a.cs = nows; a.cn = nown
+          if a.nlink == 0 and not isopen(ino) then
+            freeinode(ino, a)
+            return a, 1
+          end
+          putattr(ino, a)
+          return a, 0
+        end
+        local function iswithin(ino, anc)
+          local hops = 0
+          while true do
+            if ino == anc then return true end
+            if ino == 1 or hops > 100000 then return false end
+            local a = getattr(ino)
+            if not a then return false end
+            ino = a.parent
+            hops = hops + 1
+          end
+        end
+        local function freeifunused(ino)
+          local a = getattr(ino)
+          if a and a.nlink == 0 and not isopen(ino) then freeinode(ino, a) end
+        end
+        local function dirof(ino)
+          local a = getattr(ino)
+          if not a then return nil, ENOENT end
+          if a.type ~= 2 then return nil, ENOTDIR end
+          return a, 0
+        end
+
+        """#
+
+    /// ARGV 6 parent, 7 name -> {0, ino, attr}
+    static let lookup = #"""
+        local parent, name = tonumber(ARGV[6]), ARGV[7]
+        local pa, err = dirof(parent)
+        if not pa then return {err} end
+        if not mayaccess(pa, 1) then return {EACCES} end
+        if name == '.' then return {0, parent, packattr(pa)} end
+        if name == '..' then
+          local p = pa.parent
+          if p == 0 then p = 1 end
+          local s = redis.call('GET', key('i', p))
+          if not s then return {ENOENT} end
+          return {0, p, s}
+        end
+        local ino = getentry(parent, name)
+        if not ino then return {ENOENT} end
+        local s = redis.call('GET', key('i', ino))
+        if not s then return {ENOENT} end
+        return {0, ino, s}
+        """#
+
+    /// ARGV 6 parent, 7 name, 8 type, 9 mode, 10 rdev, 11 symlink target -> {0, ino, attr}
+    static let mknod = #"""
+        local parent, name, t = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+        local mode, rdev, target = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
+        local pa, err = dirof(parent)
+        if not pa then return {err} end
+        if not mayaccess(pa, 3) then return {EACCES} end
+        if pa.nlink == 0 then return {ENOENT} end
+        if redis.call('HEXISTS', key('d', parent), name) == 1 then return {EEXIST} end
+        local ino = redis.call('INCR', 'nextInode')
+        local gid = cgid
+        mode = band(mode, 4095)
+        if band(pa.mode, 1024) ~= 0 then
+          gid = pa.gid
+          if t == 2 then mode = bor(mode, 1024)
+          elseif band(mode, 1032) == 1032 and cuid ~= 0 and not ingroup(gid) then mode = band(mode, bnot(1024)) end
+        end
+        local size = 0
+        if t == 2 then size = 4096 elseif t == 3 then size = #target end
+        local nlink = 1
+        if t == 2 then nlink = 2 end
+        if t ~= 5 and t ~= 6 then rdev = 0 end
+        local pino = 0
+        if t == 2 then pino = parent end
+        local a = {type=t, mode=mode, uid=cuid, gid=gid, nlink=nlink, size=size, as=nows, an=nown, ms=nows, mn=nown, cs=nows, cn=nown, rdev=rdev, parent=pino}
+        putattr(ino, a)
+        if t == 3 then redis.call('SET', key('s', ino), target) end
+        putentry(parent, name, ino, t)
+        touch(pa)
+        if t == 2 then pa.nlink = pa.nlink + 1 end
+        putattr(parent, pa)
+        redis.call('INCR', 'usedInodes')
+        redis.call('INCRBY', 'usedSpace', align4k(size))
+        return {0, ino, packattr(a)}
+        """#
+
+    /// ARGV 6 parent, 7 name -> {0, ino, attr, freed}
+    static let unlink = #"""
+        local parent, name = tonumber(ARGV[6]), ARGV[7]
+        local pa, err = dirof(parent)
+        if not pa then return {err} end
+        if not mayaccess(pa, 3) then return {EACCES} end
+        local ino, t = getentry(parent, name)
+        if not ino then return {ENOENT} end
+        if t == 2 then return {EISDIR} end
+        local a = getattr(ino)
+        if not a then return {ENOENT} end
+        if not stickyok(pa, a) then return {EPERM} end
+        delentry(parent, name)
+        touch(pa)
+        putattr(parent, pa)
+        local na, freed = droplink(ino, a)
+        return {0, ino, packattr(na), freed}
+        """#
+
+    /// ARGV 6 parent, 7 name -> {0}
+    static let rmdir = #"""
+        local parent, name = tonumber(ARGV[6]), ARGV[7]
+        local pa, err = dirof(parent)
+        if not pa then return {err} end
+        if not mayaccess(pa, 3) then return {EACCES} end
+        local ino, t = getentry(parent, name)
+        if not ino then return {ENOENT} end
+        if t ~= 2 then return {ENOTDIR} end
+        local a = getattr(ino)
+        if not a then return {ENOENT} end
+        if not stickyok(pa, a) then return {EPERM} end
+        if redis.call('HLEN', key('d', ino)) > 0 then return {ENOTEMPTY} end
+        delentry(parent, name)
+        redis.call('DEL', key('i', ino), key('x', ino), key('d', ino), key('z', ino))
+        pa.nlink = pa.nlink - 1
+        touch(pa)
+        putattr(parent, pa)
+        redis.call('DECR', 'usedInodes')
+        redis.call('DECRBY', 'usedSpace', align4k(a.size))
+        return {0}
+        """#
+
+    /// ARGV 6 src parent, 7 src name, 8 dst parent, 9 dst name, 10 flags -> {0, removed ino, attr, freed}
+    static let rename = #"""
+        local sp, sn, dp, dn = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), ARGV[9]
+        local exchange, noreplace = band(tonumber(ARGV[10]), 2) ~= 0, band(tonumber(ARGV[10]), 1) ~= 0
+        local attrs = {}
+        local dirty = {}
+        local function load(ino)
+          if attrs[ino] == nil then attrs[ino] = getattr(ino) or false end
+          return attrs[ino]
+        end
+        local function mark(ino) dirty[ino] = true end
+        local spa, dpa = load(sp), load(dp)
+        if not spa or not dpa then return {ENOENT} end
+        if spa.type ~= 2 or dpa.type ~= 2 then return {ENOTDIR} end
+        if not mayaccess(spa, 3) or not mayaccess(dpa, 3) then return {EACCES} end
+        local sino, st = getentry(sp, sn)
+        if not sino then return {ENOENT} end
+        local sa = load(sino)
+        if not sa then return {ENOENT} end
+        if not stickyok(spa, sa) then return {EPERM} end
+        local dino, dt = getentry(dp, dn)
+        if dino then
+          if dino == sino then return {0, 0, '', 0} end
+          if noreplace then return {EEXIST} end
+          local da = load(dino)
+          if not da then return {ENOENT} end
+          if not stickyok(dpa, da) then return {EPERM} end
+          if not exchange then
+            if st == 2 and dt ~= 2 then return {ENOTDIR} end
+            if st ~= 2 and dt == 2 then return {EISDIR} end
+            if dt == 2 and redis.call('HLEN', key('d', dino)) > 0 then return {ENOTEMPTY} end
+          elseif dt == 2 and sp ~= dp then
+            if not mayaccess(da, 2) then return {EACCES} end
+            if iswithin(sp, dino) then return {EINVAL} end
+          end
+        elseif exchange then
+          return {ENOENT}
+        end
+        if st == 2 and sp ~= dp then
+          if not mayaccess(sa, 2) then return {EACCES} end
+          if iswithin(dp, sino) then return {EINVAL} end
+        end
+        local rino, rattr, rfreed = 0, '', 0
+        if exchange then
+          putentry(sp, sn, dino, dt)
+          putentry(dp, dn, sino, st)
+          if sp ~= dp then
+            if st == 2 then sa.parent = dp; mark(sino); spa.nlink = spa.nlink - 1; dpa.nlink = dpa.nlink + 1 end
+            if dt == 2 then
+              local da = load(dino)
+              da.parent = sp; dpa.nlink = dpa.nlink - 1; spa.nlink = spa.nlink + 1
+            end
+          end
+          local da = load(dino)
+          da.cs = nows; da.cn = nown; mark(dino)
+        else
+          if dino then
+            local da = load(dino)
+            if dt == 2 then
+              redis.call('DEL', key('i', dino), key('x', dino), key('d', dino), key('z', dino))
+              attrs[dino] = false
+              dpa.nlink = dpa.nlink - 1
+              redis.call('DECR', 'usedInodes')
+              redis.call('DECRBY', 'usedSpace', align4k(da.size))
+              rino, rattr, rfreed = dino, packattr(da), 1
+            else
+              local na, freed = droplink(dino, da)
+              attrs[dino] = false
+              rino, rattr, rfreed = dino, packattr(na), freed
+            end
+          end
+          delentry(sp, sn)
+          putentry(dp, dn, sino, st)
+          if st == 2 and sp ~= dp then
+            sa.parent = dp; spa.nlink = spa.nlink - 1; dpa.nlink = dpa.nlink + 1
+          end
+        end
+        sa.cs = nows; sa.cn = nown; mark(sino)
+        touch(spa); mark(sp)
+        touch(dpa); mark(dp)
+        for ino, _ in pairs(dirty) do
+          if attrs[ino] then putattr(ino, attrs[ino]) end
+        end
+        return {0, rino, rattr, rfreed}
+        """#
+
+    /// ARGV 6 ino, 7 parent, 8 name -> {0, attr}
+    static let link = #"""
+        local ino, parent, name = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+        local pa, err = dirof(parent)
+        if not pa then return {err} end
+        if not mayaccess(pa, 3) then return {EACCES} end
+        local a = getattr(ino)
+        if not a then return {ENOENT} end
+        if a.type == 2 then return {EPERM} end
+        if a.nlink == 0 then return {ENOENT} end
+        if a.nlink >= 65000 then return {EMLINK} end
+        if redis.call('HEXISTS', key('d', parent), name) == 1 then return {EEXIST} end
+        putentry(parent, name, ino, a.type)
+        a.nlink = a.nlink + 1
+        a.cs = nows; a.cn = nown
+        putattr(ino, a)
+        touch(pa)
+        putattr(parent, pa)
+        return {0, packattr(a)}
+        """#
+
+    /// ARGV 6 ino, 7 mask, 8 mode, 9 uid, 10 gid, 11 size, 12-17 atime/mtime/ctime (sec, nsec),
+    /// 18 via handle (0/1), 19 chunk size -> {0, attr}
+    static let setattr = #"""
+        local ino, mask = tonumber(ARGV[6]), tonumber(ARGV[7])
+        local MODE, UID, GID, SIZE, ATIME, MTIME, ATIMENOW, MTIMENOW, CTIME = 1, 2, 4, 8, 16, 32, 128, 256, 1024
+        local a = getattr(ino)
+        if not a then return {ENOENT} end
+        local owner = cuid == 0 or cuid == a.uid
+        if band(mask, UID + GID) ~= 0 then
+          local nu, ng = a.uid, a.gid
+          if band(mask, UID) ~= 0 then nu = tonumber(ARGV[9]) end
+          if band(mask, GID) ~= 0 then ng = tonumber(ARGV[10]) end
+          if cuid ~= 0 then
+            if band(mask, UID) ~= 0 and not (cuid == a.uid and nu == a.uid) then return {EPERM} end
+            if band(mask, GID) ~= 0 and not (cuid == a.uid and (ingroup(ng) or ng == a.gid)) then return {EPERM} end
+          end
+          if a.type ~= 2 then
+            a.mode = band(a.mode, bnot(2048))
+            if band(a.mode, 8) ~= 0 then a.mode = band(a.mode, bnot(1024)) end
+          end
+          a.uid, a.gid = nu, ng
+        end
+        if band(mask, MODE) ~= 0 then
+          if not owner then return {EPERM} end
+          local m = band(tonumber(ARGV[8]), 4095)
+          if cuid ~= 0 and not ingroup(a.gid) then m = band(m, bnot(1024)) end
+          a.mode = m
+        end
+        if band(mask, SIZE) ~= 0 then
+          if a.type == 2 then return {EISDIR} end
+          if a.type ~= 1 then return {EINVAL} end
+          if ARGV[18] ~= '1' and not mayaccess(a, 2) then return {EACCES} end
+          local new, old, csize = tonumber(ARGV[11]), a.size, tonumber(ARGV[19])
+          if new < old then
+            local first = math.floor((new + csize - 1) / csize)
+            local last = math.floor((old - 1) / csize)
+            for idx = first, last do
+              local k = key('c', ino) .. '_' .. string.format('%d', idx)
+              local blob = redis.call('GET', k)
+              if blob then
+                redis.call('RPUSH', 'delslices', blob)
+                redis.call('DEL', k)
+              end
+            end
+            local pos = new % csize
+            if pos ~= 0 then
+              local k = key('c', ino) .. '_' .. string.format('%d', math.floor(new / csize))
+              redis.call('APPEND', k, struct.pack('>I4I8I4I4I4', pos, 0, 0, 0, csize - pos))
+            end
+          end
+          redis.call('INCRBY', 'usedSpace', align4k(new) - align4k(old))
+          a.size = new
+          a.ms, a.mn = nows, nown
+        end
+        if band(mask, ATIME + MTIME + ATIMENOW + MTIMENOW) ~= 0 then
+          local explicit = (band(mask, ATIME) ~= 0 and band(mask, ATIMENOW) == 0) or (band(mask, MTIME) ~= 0 and band(mask, MTIMENOW) == 0)
+          if not owner then
+            if explicit then return {EPERM} end
+            if not mayaccess(a, 2) then return {EACCES} end
+          end
+          if band(mask, ATIMENOW) ~= 0 then a.as, a.an = nows, nown
+          elseif band(mask, ATIME) ~= 0 then a.as, a.an = tonumber(ARGV[12]), tonumber(ARGV[13]) end
+          if band(mask, MTIMENOW) ~= 0 then a.ms, a.mn = nows, nown
+          elseif band(mask, MTIME) ~= 0 then a.ms, a.mn = tonumber(ARGV[14]), tonumber(ARGV[15]) end
+        end
+        if band(mask, CTIME) ~= 0 then a.cs, a.cn = tonumber(ARGV[16]), tonumber(ARGV[17])
+        else a.cs, a.cn = nows, nown end
+        putattr(ino, a)
+        return {0, packattr(a)}
+        """#
+
+    /// ARGV 6 ino, 7 after, 8 limit, 9 plus -> {0, name, cookie, entry, [attr], ...}
+    static let readdir = #"""
+        local ino, limit, plus = tonumber(ARGV[6]), tonumber(ARGV[8]), ARGV[9] == '1'
+        local a, err = dirof(ino)
+        if not a then return {err} end
+        local names = redis.call('ZRANGEBYSCORE', key('z', ino), '(' .. ARGV[7], '+inf', 'WITHSCORES', 'LIMIT', 0, limit)
+        local out = {0}
+        if #names == 0 then return out end
+        local keys = {}
+        for i = 1, #names, 2 do keys[#keys + 1] = names[i] end
+        local vals = redis.call('HMGET', key('d', ino), unpack(keys))
+        for i = 1, #keys do
+          local v = vals[i]
+          if v then
+            local attr = ''
+            if plus then
+              local cino = struct.unpack(ENT, v)
+              attr = redis.call('GET', key('i', cino)) or ''
+            end
+            if not plus or attr ~= '' then
+              out[#out + 1] = keys[i]
+              out[#out + 1] = names[2 * i]
+              out[#out + 1] = v
+              out[#out + 1] = attr
+            end
+          end
+        end
+        return out
+        """#
+
+    /// Shared xattr namespace rules (mirrors xattrReadCheck/xattrWriteCheck).
+    static let xattrRules = #"""
+        local function startswith(s, p) return string.sub(s, 1, #p) == p end
+        local function xread(a, name)
+          if #name == 0 or #name > 255 then return ERANGE end
+          if startswith(name, 'system.') then return EOPNOTSUPP end
+          if startswith(name, 'trusted.') and cuid ~= 0 then return ENODATA end
+          if startswith(name, 'user.') and a.type ~= 1 and a.type ~= 2 then return ENODATA end
+          if not mayaccess(a, 4) then return EACCES end
+          return 0
+        end
+        local function xwrite(a, name)
+          if #name == 0 or #name > 255 then return ERANGE end
+          if startswith(name, 'system.') then return EOPNOTSUPP end
+          if startswith(name, 'trusted.') then
+            if cuid ~= 0 then return EPERM end
+            return 0
+          end
+          if startswith(name, 'user.') then
+            if a.type ~= 1 and a.type ~= 2 then return EPERM end
+            if a.type == 2 and band(a.mode, 512) ~= 0 and cuid ~= 0 and cuid ~= a.uid then return EPERM end
+          elseif not startswith(name, 'security.') then
+            return EOPNOTSUPP
+          end
+          if not mayaccess(a, 2) then return EACCES end
+          return 0
+        end
+
+        """#
+
+    /// ARGV 6 ino, 7 name -> {0, value}
+    static let getxattr = xattrRules + #"""
+        local ino, name = tonumber(ARGV[6]), ARGV[7]
+        local a = getattr(ino)
+        if not a then return {ENOENT} end
+        local e = xread(a, name)
+        if e ~= 0 then return {e} end
+        local v = redis.call('HGET', key('x', ino), name)
+        if not v then return {ENODATA} end
+        return {0, v}
+        """#
+
+    /// ARGV 6 ino -> {0, names...}
+    static let listxattr = #"""
+        local ino = tonumber(ARGV[6])
+        if redis.call('EXISTS', key('i', ino)) == 0 then return {ENOENT} end
+        local names = redis.call('HKEYS', key('x', ino))
+        table.sort(names)
+        local out = {0}
+        for _, n in ipairs(names) do
+          if cuid == 0 or string.sub(n, 1, 8) ~= 'trusted.' then out[#out + 1] = n end
+        end
+        return out
+        """#
+
+    /// ARGV 6 ino, 7 name, 8 value, 9 flag -> {0}
+    static let setxattr = xattrRules + #"""
+        local ino, name, value, flag = tonumber(ARGV[6]), ARGV[7], ARGV[8], tonumber(ARGV[9])
+        local a = getattr(ino)
+        if not a then return {ENOENT} end
+        local e = xwrite(a, name)
+        if e ~= 0 then return {e} end
+        local exists = redis.call('HEXISTS', key('x', ino), name) == 1
+        if flag == 1 and exists then return {EEXIST} end
+        if flag == 2 and not exists then return {ENODATA} end
+        redis.call('HSET', key('x', ino), name, value)
+        a.cs, a.cn = nows, nown
+        putattr(ino, a)
+        return {0}
+        """#
+
+    /// ARGV 6 ino, 7 name -> {0}
+    static let removexattr = xattrRules + #"""
+        local ino, name = tonumber(ARGV[6]), ARGV[7]
+        local a = getattr(ino)
+        if not a then return {ENOENT} end
+        local e = xwrite(a, name)
+        if e ~= 0 then return {e} end
+        if redis.call('HDEL', key('x', ino), name) == 0 then return {ENODATA} end
+        a.cs, a.cn = nows, nown
+        putattr(ino, a)
+        return {0}
+        """#
+
+    /// ARGV 6 ino, 7 access mask -> {0}
+    static let access = #"""
+        local a = getattr(tonumber(ARGV[6]))
+        if not a then return {ENOENT} end
+        if not mayaccess(a, tonumber(ARGV[7])) then return {EACCES} end
+        return {0}
+        """#
+
+    /// ARGV 6 ino, 7 access mask, 8 sid -> {0, attr}
+    static let open = #"""
+        local ino, mask, sid = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+        local s = redis.call('GET', key('i', ino))
+        if not s then return {ENOENT} end
+        local a = unpackattr(s)
+        if a.type == 2 and band(mask, 2) ~= 0 then return {EISDIR} end
+        if not mayaccess(a, mask) then return {EACCES} end
+        redis.call('HINCRBY', key('o', ino), sid, 1)
+        redis.call('HINCRBY', 'so' .. sid, string.format('%d', ino), 1)
+        return {0, s}
+        """#
+
+    /// ARGV 6 ino, 7 sid -> {0}
+    static let close = #"""
+        local ino, sid = tonumber(ARGV[6]), ARGV[7]
+        local n = redis.call('HINCRBY', key('o', ino), sid, -1)
+        if n <= 0 then
+          redis.call('HDEL', key('o', ino), sid)
+          redis.call('HDEL', 'so' .. sid, string.format('%d', ino))
+          freeifunused(ino)
+        else
+          redis.call('HINCRBY', 'so' .. sid, string.format('%d', ino), -1)
+        end
+        return {0}
+        """#
+
+    /// ARGV 6 ino, 7 chunk index, 8 slice record, 9 min size, 10 mtime sec, 11 mtime nsec -> {0, attr}
+    static let writeSlice = #"""
+        local ino = tonumber(ARGV[6])
+        local a = getattr(ino)
+        if not a then return {ENOENT} end
+        if a.type ~= 1 then return {EINVAL} end
+        redis.call('APPEND', key('c', ino) .. '_' .. ARGV[7], ARGV[8])
+        local minsize = tonumber(ARGV[9])
+        if minsize > a.size then
+          redis.call('INCRBY', 'usedSpace', align4k(minsize) - align4k(a.size))
+          a.size = minsize
+        end
+        a.ms, a.mn = tonumber(ARGV[10]), tonumber(ARGV[11])
+        a.cs, a.cn = a.ms, a.mn
+        putattr(ino, a)
+        return {0, packattr(a)}
+        """#
+
+    /// ARGV 6 ino, 7 size, 8 chunk count -> {0, slices}
+    static let finishDelete = #"""
+        local ino = tonumber(ARGV[6])
+        local out = {}
+        for idx = 0, tonumber(ARGV[8]) - 1 do
+          local k = key('c', ino) .. '_' .. string.format('%d', idx)
+          local blob = redis.call('GET', k)
+          if blob then
+            out[#out + 1] = blob
+            redis.call('DEL', k)
+          end
+        end
+        redis.call('ZREM', 'delfiles', string.format('%d:%s', ino, ARGV[7]))
+        return {0, table.concat(out)}
+        """#
+
+    /// ARGV 6 limit -> {0, slices}
+    static let takeDropped = #"""
+        local out = {}
+        for i = 1, tonumber(ARGV[6]) do
+          local b = redis.call('LPOP', 'delslices')
+          if not b then break end
+          out[#out + 1] = b
+        end
+        return {0, table.concat(out)}
+        """#
+
+    /// ARGV 6 sid -> {0}: drops the session's opens (freeing unlinked files) and locks.
+    static let closeSession = #"""
+        local sid = ARGV[6]
+        local opens = redis.call('HKEYS', 'so' .. sid)
+        for _, i in ipairs(opens) do
+          local ino = tonumber(i)
+          redis.call('HDEL', key('o', ino), sid)
+          freeifunused(ino)
+        end
+        redis.call('DEL', 'so' .. sid)
+        local prefix = struct.pack('>I8', tonumber(sid))
+        for _, m in ipairs(redis.call('SMEMBERS', 'sl' .. sid)) do
+          local ino, kind = string.match(m, '^(%d+):(%d+)$')
+          local k = 'lk' .. string.char(tonumber(kind)) .. ino
+          local tbl = redis.call('GET', k)
+          if tbl then
+            local kept = {}
+            for p = 1, #tbl, 37 do
+              local rec = string.sub(tbl, p, p + 36)
+              if string.sub(rec, 1, 8) ~= prefix then kept[#kept + 1] = rec end
+            end
+            if #kept == 0 then redis.call('DEL', k) else redis.call('SET', k, table.concat(kept)) end
+          end
+        end
+        redis.call('DEL', 'sl' .. sid)
+        redis.call('ZREM', 'sessions', sid)
+        redis.call('HDEL', 'sessionInfos', sid)
+        return {0}
+        """#
+
+    /// ARGV 6 format record -> {0}: writes it and creates the root directory when missing.
+    static let initialize = #"""
+        redis.call('SET', 'setting', ARGV[6])
+        if redis.call('EXISTS', 'i1') == 0 then
+          putattr(1, {type=2, mode=511, uid=0, gid=0, nlink=2, size=4096, as=nows, an=nown, ms=nows, mn=nown, cs=nows, cn=nown, rdev=0, parent=1})
+          if tonumber(redis.call('GET', 'nextInode') or '0') < 1 then redis.call('SET', 'nextInode', 1) end
+          redis.call('INCR', 'usedInodes')
+          redis.call('INCRBY', 'usedSpace', 4096)
+        end
+        return {0}
+        """#
+
+    /// Every script by name, for loading.
+    static let all: [(String, String)] = [
+        ("lookup", lookup), ("mknod", mknod), ("unlink", unlink), ("rmdir", rmdir), ("rename", rename),
+        ("link", link), ("setattr", setattr), ("readdir", readdir), ("getxattr", getxattr),
+        ("listxattr", listxattr), ("setxattr", setxattr), ("removexattr", removexattr), ("access", access),
+        ("open", open), ("close", close), ("writeSlice", writeSlice), ("finishDelete", finishDelete),
+        ("takeDropped", takeDropped), ("closeSession", closeSession), ("initialize", initialize),
+    ]
+}

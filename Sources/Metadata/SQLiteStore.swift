@@ -1,0 +1,431 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import CSQLite3
+import StageFSCore
+
+/// A value bound to or read from a SQL statement.
+enum SQLValue {
+    case int(Int64)
+    case blob([UInt8])
+    case text(String)
+    case null
+}
+
+/// One SQLite connection with a cache of prepared statements (`sqlite3_prepare_v2`).
+/// Used under `SQLiteStore`'s lock only.
+final class SQLiteConnection {
+    let db: OpaquePointer
+    let path: String
+    private var statements: [String: OpaquePointer] = [:]
+
+    /// `sqlite3_open_v2`; `create` allows a new database file.
+    init(path: String, create: Bool) throws(FSError) {
+        self.path = path
+        if !create && Sys.stat(path) == nil {
+            throw FSError(ENOENT, "SQLite database \(path) does not exist: run 'stagefs format' first")
+        }
+        if create { try Sys.mkdirs(Sys.dirname(of: path)) }
+        var handle: OpaquePointer?
+        let flags = SQLITE_OPEN_READWRITE | (create ? SQLITE_OPEN_CREATE : 0) | SQLITE_OPEN_NOMUTEX
+        let rc = sqlite3_open_v2(path, &handle, flags, nil)
+        guard rc == SQLITE_OK, let handle else {
+            let msg = handle.map { String(cString: sqlite3_errmsg($0)) } ?? "out of memory"
+            if let handle { sqlite3_close(handle) }
+            throw FSError(rc == SQLITE_CANTOPEN ? EACCES : EIO, "cannot open SQLite database \(path): \(msg)")
+        }
+        db = handle
+        sqlite3_busy_timeout(db, 30_000)
+        sqlite3_extended_result_codes(db, 1)
+    }
+
+    deinit {
+        for (_, s) in statements { sqlite3_finalize(s) }
+        sqlite3_close_v2(db)
+    }
+
+    private func fail(_ rc: Int32, _ what: String) -> FSError {
+        let msg = String(cString: sqlite3_errmsg(db))
+        let code: Int32
+        switch rc & 0xff {
+        case SQLITE_BUSY, SQLITE_LOCKED: code = EAGAIN
+        case SQLITE_FULL: code = ENOSPC
+        case SQLITE_READONLY, SQLITE_PERM, SQLITE_AUTH: code = EACCES
+        default: code = EIO
+        }
+        return FSError(code, "SQLite database \(path): \(what): \(msg)")
+    }
+
+    /// Runs statements that return no rows (`sqlite3_exec`).
+    func exec(_ sql: String) throws(FSError) {
+        var err: UnsafeMutablePointer<CChar>?
+        let rc = sqlite3_exec(db, sql, nil, nil, &err)
+        if let err { sqlite3_free(err) }
+        if rc != SQLITE_OK { throw fail(rc, "running '\(sql.prefix(40))'") }
+    }
+
+    private func prepare(_ sql: String) throws(FSError) -> OpaquePointer {
+        if let s = statements[sql] { return s }
+        var stmt: OpaquePointer?
+        let rc = sqlite3_prepare_v2(db, sql, -1, &stmt, nil)
+        guard rc == SQLITE_OK, let stmt else { throw fail(rc, "preparing '\(sql)'") }
+        statements[sql] = stmt
+        return stmt
+    }
+
+    /// Runs `sql` with `args`, calling `row` for each result row.
+    func query(_ sql: String, _ args: [SQLValue], _ row: (OpaquePointer) throws(FSError) -> Void = { _ in }) throws(FSError) {
+        let stmt = try prepare(sql)
+        defer {
+            sqlite3_reset(stmt)
+            sqlite3_clear_bindings(stmt)
+        }
+        for (i, a) in args.enumerated() {
+            let idx = Int32(i + 1)
+            switch a {
+            case .int(let v): sqlite3_bind_int64(stmt, idx, v)
+            case .text(let v): _ = v.withCString { csqlite3_bind_text(stmt, idx, $0, -1) }
+            case .blob(let v): _ = v.withUnsafeBytes { csqlite3_bind_blob(stmt, idx, $0.baseAddress ?? UnsafeRawPointer(bitPattern: 1), Int32(v.count)) }
+            case .null: sqlite3_bind_null(stmt, idx)
+            }
+        }
+        while true {
+            let rc = sqlite3_step(stmt)
+            if rc == SQLITE_ROW {
+                try row(stmt)
+            } else if rc == SQLITE_DONE {
+                return
+            } else {
+                throw fail(rc, "running '\(sql.prefix(60))'")
+            }
+        }
+    }
+
+    /// Number of rows the last statement changed.
+    var changes: Int { Int(sqlite3_changes(db)) }
+}
+
+/// Column readers for a result row.
+enum Col {
+    static func int(_ s: OpaquePointer, _ i: Int32) -> Int64 { sqlite3_column_int64(s, i) }
+    static func blob(_ s: OpaquePointer, _ i: Int32) -> [UInt8] {
+        let n = Int(sqlite3_column_bytes(s, i))
+        guard n > 0, let p = sqlite3_column_blob(s, i) else { return [] }
+        return Array(UnsafeRawBufferPointer(start: p, count: n))
+    }
+    static func text(_ s: OpaquePointer, _ i: Int32) -> String {
+        guard let p = sqlite3_column_text(s, i) else { return "" }
+        return String(cString: p)
+    }
+}
+
+/// The embedded metadata store: one SQLite database file in WAL mode, safe for several
+/// processes on one node (SQLite's file locks) and serialized within a process.
+package final class SQLiteStore: TxnStore, @unchecked Sendable {
+    private let conn: SQLiteConnection
+    private let lock = ConditionLock()
+    private var owner: pthread_t?
+    package let displayName: String
+
+    package init(path: String, create: Bool) throws(FSError) {
+        conn = try SQLiteConnection(path: path, create: create)
+        displayName = "SQLite database \(path)"
+        try conn.exec("PRAGMA journal_mode=WAL")
+        try conn.exec("PRAGMA synchronous=FULL")
+        try conn.exec(
+            """
+            CREATE TABLE IF NOT EXISTS setting(k TEXT PRIMARY KEY, v TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS counter(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS node(ino INTEGER PRIMARY KEY, attr BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS edge(cookie INTEGER PRIMARY KEY AUTOINCREMENT, parent INTEGER NOT NULL,
+                name BLOB NOT NULL, ino INTEGER NOT NULL, type INTEGER NOT NULL);
+            CREATE UNIQUE INDEX IF NOT EXISTS edge_name ON edge(parent, name);
+            CREATE INDEX IF NOT EXISTS edge_cookie ON edge(parent, cookie);
+            CREATE TABLE IF NOT EXISTS symlink(ino INTEGER PRIMARY KEY, target BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS xattr(ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
+                PRIMARY KEY(ino, name)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS chunk(ino INTEGER NOT NULL, idx INTEGER NOT NULL, slices BLOB NOT NULL,
+                PRIMARY KEY(ino, idx)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS openfile(sid INTEGER NOT NULL, ino INTEGER NOT NULL, count INTEGER NOT NULL,
+                PRIMARY KEY(sid, ino)) WITHOUT ROWID;
+            CREATE INDEX IF NOT EXISTS openfile_ino ON openfile(ino);
+            CREATE TABLE IF NOT EXISTS delfile(ino INTEGER PRIMARY KEY, size INTEGER NOT NULL, at INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS delslices(id INTEGER PRIMARY KEY AUTOINCREMENT, slices BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS session(sid INTEGER PRIMARY KEY, heartbeat INTEGER NOT NULL, info TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS locks(ino INTEGER NOT NULL, kind INTEGER NOT NULL, tbl BLOB NOT NULL,
+                PRIMARY KEY(ino, kind)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS sessionlock(sid INTEGER NOT NULL, ino INTEGER NOT NULL, kind INTEGER NOT NULL,
+                PRIMARY KEY(sid, ino, kind)) WITHOUT ROWID;
+            """)
+    }
+
+    package func transaction<T>(write: Bool, _ body: () throws(FSError) -> T) throws(FSError) -> T {
+        let me = pthread_self()
+        if let o = owner, pthread_equal(o, me) != 0 { return try body() }
+        lock.lock()
+        owner = me
+        defer {
+            owner = nil
+            lock.unlock()
+        }
+        var attempt = 0
+        while true {
+            do {
+                try conn.exec(write ? "BEGIN IMMEDIATE" : "BEGIN")
+                break
+            } catch {
+                attempt += 1
+                if error.code != EAGAIN || attempt > 20 { throw error }
+                Sys.sleep(seconds: 0.05)
+            }
+        }
+        do {
+            let r = try body()
+            try conn.exec("COMMIT")
+            return r
+        } catch {
+            try? conn.exec("ROLLBACK")
+            throw error
+        }
+    }
+
+    private func one<T>(_ sql: String, _ args: [SQLValue], _ read: (OpaquePointer) -> T) throws(FSError) -> T? {
+        var out: T?
+        try conn.query(sql, args) { s in out = read(s) }
+        return out
+    }
+
+    package func setting(_ key: String) throws(FSError) -> String? {
+        try one("SELECT v FROM setting WHERE k=?", [.text(key)]) { Col.text($0, 0) }
+    }
+
+    package func setSetting(_ key: String, _ value: String) throws(FSError) {
+        try conn.query("INSERT OR REPLACE INTO setting(k, v) VALUES(?, ?)", [.text(key), .text(value)])
+    }
+
+    package func incr(_ counter: String, _ delta: Int64) throws(FSError) -> Int64 {
+        if delta == 0 {
+            return try one("SELECT value FROM counter WHERE name=?", [.text(counter)]) { Col.int($0, 0) } ?? 0
+        }
+        return try one(
+            "INSERT INTO counter(name, value) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value RETURNING value",
+            [.text(counter), .int(delta)]
+        ) { Col.int($0, 0) } ?? 0
+    }
+
+    package func attr(_ ino: Ino) throws(FSError) -> Attr? {
+        guard let b = try one("SELECT attr FROM node WHERE ino=?", [.int(Int64(ino))], { Col.blob($0, 0) }) else { return nil }
+        guard let a = Attr(decoding: b) else { throw FSError(EIO, "\(displayName): inode \(ino) has a corrupt record") }
+        return a
+    }
+
+    package func putAttr(_ ino: Ino, _ attr: Attr) throws(FSError) {
+        try conn.query("INSERT OR REPLACE INTO node(ino, attr) VALUES(?, ?)", [.int(Int64(ino)), .blob(attr.encode())])
+    }
+
+    package func deleteInode(_ ino: Ino) throws(FSError) {
+        let i = SQLValue.int(Int64(ino))
+        try conn.query("DELETE FROM node WHERE ino=?", [i])
+        try conn.query("DELETE FROM symlink WHERE ino=?", [i])
+        try conn.query("DELETE FROM xattr WHERE ino=?", [i])
+    }
+
+    package func entry(_ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, FileType)? {
+        try one("SELECT ino, type FROM edge WHERE parent=? AND name=?", [.int(Int64(parent)), .blob(name)]) {
+            (Ino(Col.int($0, 0)), FileType(rawValue: UInt8(Col.int($0, 1))) ?? .regular)
+        }
+    }
+
+    package func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ type: FileType) throws(FSError) {
+        try deleteEntry(parent, name)
+        try conn.query(
+            "INSERT INTO edge(parent, name, ino, type) VALUES(?, ?, ?, ?)",
+            [.int(Int64(parent)), .blob(name), .int(Int64(ino)), .int(Int64(type.rawValue))])
+    }
+
+    package func deleteEntry(_ parent: Ino, _ name: [UInt8]) throws(FSError) {
+        try conn.query("DELETE FROM edge WHERE parent=? AND name=?", [.int(Int64(parent)), .blob(name)])
+    }
+
+    package func hasEntries(_ parent: Ino) throws(FSError) -> Bool {
+        try one("SELECT 1 FROM edge WHERE parent=? LIMIT 1", [.int(Int64(parent))]) { _ in true } ?? false
+    }
+
+    package func entries(_ parent: Ino, after cookie: UInt64, limit: Int) throws(FSError) -> [DirEntry] {
+        var out: [DirEntry] = []
+        try conn.query(
+            "SELECT cookie, name, ino, type FROM edge WHERE parent=? AND cookie>? ORDER BY cookie LIMIT ?",
+            [.int(Int64(parent)), .int(Int64(cookie)), .int(Int64(limit))]
+        ) { s in
+            out.append(
+                DirEntry(
+                    name: Col.blob(s, 1), ino: Ino(Col.int(s, 2)), type: FileType(rawValue: UInt8(Col.int(s, 3))) ?? .regular,
+                    cookie: UInt64(Col.int(s, 0))))
+        }
+        return out
+    }
+
+    package func symlinkTarget(_ ino: Ino) throws(FSError) -> [UInt8]? {
+        try one("SELECT target FROM symlink WHERE ino=?", [.int(Int64(ino))]) { Col.blob($0, 0) }
+    }
+
+    package func putSymlinkTarget(_ ino: Ino, _ target: [UInt8]) throws(FSError) {
+        try conn.query("INSERT OR REPLACE INTO symlink(ino, target) VALUES(?, ?)", [.int(Int64(ino)), .blob(target)])
+    }
+
+    package func xattr(_ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]? {
+        try one("SELECT value FROM xattr WHERE ino=? AND name=?", [.int(Int64(ino)), .blob(name)]) { Col.blob($0, 0) }
+    }
+
+    package func putXattr(_ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError) {
+        try conn.query("INSERT OR REPLACE INTO xattr(ino, name, value) VALUES(?, ?, ?)", [.int(Int64(ino)), .blob(name), .blob(value)])
+    }
+
+    package func deleteXattr(_ ino: Ino, _ name: [UInt8]) throws(FSError) {
+        try conn.query("DELETE FROM xattr WHERE ino=? AND name=?", [.int(Int64(ino)), .blob(name)])
+    }
+
+    package func xattrNames(_ ino: Ino) throws(FSError) -> [[UInt8]] {
+        var out: [[UInt8]] = []
+        try conn.query("SELECT name FROM xattr WHERE ino=? ORDER BY name", [.int(Int64(ino))]) { out.append(Col.blob($0, 0)) }
+        return out
+    }
+
+    package func chunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
+        try one("SELECT slices FROM chunk WHERE ino=? AND idx=?", [.int(Int64(ino)), .int(Int64(index))]) { Col.blob($0, 0) } ?? []
+    }
+
+    package func appendChunk(_ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
+        try conn.query(
+            "INSERT INTO chunk(ino, idx, slices) VALUES(?, ?, ?) ON CONFLICT(ino, idx) DO UPDATE SET slices=slices||excluded.slices",
+            [.int(Int64(ino)), .int(Int64(index)), .blob(record)])
+    }
+
+    package func deleteChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
+        let blob = try chunk(ino, index)
+        if !blob.isEmpty { try conn.query("DELETE FROM chunk WHERE ino=? AND idx=?", [.int(Int64(ino)), .int(Int64(index))]) }
+        return blob
+    }
+
+    package func openCount(_ ino: Ino) throws(FSError) -> Int {
+        Int(try one("SELECT COALESCE(SUM(count), 0) FROM openfile WHERE ino=?", [.int(Int64(ino))]) { Col.int($0, 0) } ?? 0)
+    }
+
+    package func addOpen(_ sid: UInt64, _ ino: Ino, _ delta: Int) throws(FSError) -> Int {
+        let args: [SQLValue] = [.int(Int64(sid)), .int(Int64(ino))]
+        let cur = Int(try one("SELECT count FROM openfile WHERE sid=? AND ino=?", args) { Col.int($0, 0) } ?? 0)
+        let n = max(0, cur + delta)
+        if n == 0 {
+            try conn.query("DELETE FROM openfile WHERE sid=? AND ino=?", args)
+        } else {
+            try conn.query("INSERT OR REPLACE INTO openfile(sid, ino, count) VALUES(?, ?, ?)", args + [.int(Int64(n))])
+        }
+        return n
+    }
+
+    package func sessionOpens(_ sid: UInt64) throws(FSError) -> [(Ino, Int)] {
+        var out: [(Ino, Int)] = []
+        try conn.query("SELECT ino, count FROM openfile WHERE sid=?", [.int(Int64(sid))]) { out.append((Ino(Col.int($0, 0)), Int(Col.int($0, 1)))) }
+        return out
+    }
+
+    package func addPendingDelete(_ ino: Ino, _ size: UInt64) throws(FSError) {
+        try conn.query("INSERT OR REPLACE INTO delfile(ino, size, at) VALUES(?, ?, ?)", [.int(Int64(ino)), .int(Int64(size)), .int(Timespec.now().sec)])
+    }
+
+    package func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete] {
+        var out: [PendingDelete] = []
+        try conn.query("SELECT ino, size FROM delfile ORDER BY at LIMIT ?", [.int(Int64(limit))]) {
+            out.append(PendingDelete(ino: Ino(Col.int($0, 0)), size: UInt64(Col.int($0, 1))))
+        }
+        return out
+    }
+
+    package func removePendingDelete(_ ino: Ino) throws(FSError) {
+        try conn.query("DELETE FROM delfile WHERE ino=?", [.int(Int64(ino))])
+    }
+
+    package func pushDroppedSlices(_ records: [UInt8]) throws(FSError) {
+        try conn.query("INSERT INTO delslices(slices) VALUES(?)", [.blob(records)])
+    }
+
+    package func takeDroppedSlices(limit: Int) throws(FSError) -> [UInt8] {
+        var out: [UInt8] = []
+        var ids: [Int64] = []
+        try conn.query("SELECT id, slices FROM delslices ORDER BY id LIMIT ?", [.int(Int64(limit))]) {
+            ids.append(Col.int($0, 0))
+            out += Col.blob($0, 1)
+        }
+        for id in ids { try conn.query("DELETE FROM delslices WHERE id=?", [.int(id)]) }
+        return out
+    }
+
+    package func session(_ sid: UInt64) throws(FSError) -> SessionInfo? {
+        guard let text = try one("SELECT info FROM session WHERE sid=?", [.int(Int64(sid))], { Col.text($0, 0) }) else { return nil }
+        return decodeSession(text)
+    }
+
+    package func putSession(_ info: SessionInfo) throws(FSError) {
+        try conn.query(
+            "INSERT OR REPLACE INTO session(sid, heartbeat, info) VALUES(?, ?, ?)",
+            [.int(Int64(info.sid)), .int(info.heartbeat), .text(encodeSession(info))])
+    }
+
+    package func deleteSession(_ sid: UInt64) throws(FSError) {
+        try conn.query("DELETE FROM session WHERE sid=?", [.int(Int64(sid))])
+        try conn.query("DELETE FROM sessionlock WHERE sid=?", [.int(Int64(sid))])
+        try conn.query("DELETE FROM openfile WHERE sid=?", [.int(Int64(sid))])
+    }
+
+    package func sessions() throws(FSError) -> [SessionInfo] {
+        var out: [SessionInfo] = []
+        try conn.query("SELECT info FROM session ORDER BY sid", []) { if let s = decodeSession(Col.text($0, 0)) { out.append(s) } }
+        return out
+    }
+
+    package func locks(_ ino: Ino, _ kind: UInt8) throws(FSError) -> [UInt8] {
+        try one("SELECT tbl FROM locks WHERE ino=? AND kind=?", [.int(Int64(ino)), .int(Int64(kind))]) { Col.blob($0, 0) } ?? []
+    }
+
+    package func putLocks(_ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError) {
+        let key: [SQLValue] = [.int(Int64(ino)), .int(Int64(kind))]
+        if table.isEmpty {
+            try conn.query("DELETE FROM locks WHERE ino=? AND kind=?", key)
+        } else {
+            try conn.query("INSERT OR REPLACE INTO locks(ino, kind, tbl) VALUES(?, ?, ?)", key + [.blob(table)])
+        }
+        if sid != 0 {
+            try conn.query("INSERT OR IGNORE INTO sessionlock(sid, ino, kind) VALUES(?, ?, ?)", [.int(Int64(sid))] + key)
+        }
+    }
+
+    package func sessionLocks(_ sid: UInt64) throws(FSError) -> [(Ino, UInt8)] {
+        var out: [(Ino, UInt8)] = []
+        try conn.query("SELECT ino, kind FROM sessionlock WHERE sid=?", [.int(Int64(sid))]) { out.append((Ino(Col.int($0, 0)), UInt8(Col.int($0, 1)))) }
+        return out
+    }
+}
+
+/// The embedded engine: `sqlite3:///path.db`.
+package typealias SQLiteMetadata = TxnMetadata<SQLiteStore>
+
+extension TxnMetadata where S == SQLiteStore {
+    /// Opens (or with `create`, creates) the database at `path`.
+    package convenience init(path: String, create: Bool = false) throws(FSError) {
+        self.init(store: try SQLiteStore(path: path, create: create))
+    }
+}
+
+func encodeSession(_ info: SessionInfo) -> String {
+    let data = (try? JSONEncoder().encode(info)) ?? Data()
+    return String(decoding: data, as: UTF8.self)
+}
+
+func decodeSession(_ text: String) -> SessionInfo? {
+    try? JSONDecoder().decode(SessionInfo.self, from: Data(text.utf8))
+}

@@ -1,0 +1,714 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import StageFSCore
+
+/// Storage primitives of a transactional metadata store. `TxnMetadata` runs all POSIX logic
+/// over them inside `transaction`, so a store only says how rows are kept.
+package protocol TxnStore: AnyObject, Sendable {
+    var displayName: String { get }
+    /// Runs `body` in one transaction (a write transaction takes the write lock first).
+    func transaction<T>(write: Bool, _ body: () throws(FSError) -> T) throws(FSError) -> T
+
+    func setting(_ key: String) throws(FSError) -> String?
+    func setSetting(_ key: String, _ value: String) throws(FSError)
+    /// Adds `delta` to a named counter and returns the new value (missing counters are 0).
+    func incr(_ counter: String, _ delta: Int64) throws(FSError) -> Int64
+
+    func attr(_ ino: Ino) throws(FSError) -> Attr?
+    func putAttr(_ ino: Ino, _ attr: Attr) throws(FSError)
+    /// Removes an inode's attributes, symlink target and extended attributes.
+    func deleteInode(_ ino: Ino) throws(FSError)
+
+    func entry(_ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, FileType)?
+    /// Adds or replaces an entry; it gets a new readdir position after all existing ones.
+    func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ type: FileType) throws(FSError)
+    func deleteEntry(_ parent: Ino, _ name: [UInt8]) throws(FSError)
+    func hasEntries(_ parent: Ino) throws(FSError) -> Bool
+    func entries(_ parent: Ino, after cookie: UInt64, limit: Int) throws(FSError) -> [DirEntry]
+
+    func symlinkTarget(_ ino: Ino) throws(FSError) -> [UInt8]?
+    func putSymlinkTarget(_ ino: Ino, _ target: [UInt8]) throws(FSError)
+
+    func xattr(_ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]?
+    func putXattr(_ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError)
+    func deleteXattr(_ ino: Ino, _ name: [UInt8]) throws(FSError)
+    func xattrNames(_ ino: Ino) throws(FSError) -> [[UInt8]]
+
+    func chunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8]
+    func appendChunk(_ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError)
+    /// Removes a chunk's records, returning them.
+    func deleteChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8]
+
+    /// Opens of `ino` by all sessions.
+    func openCount(_ ino: Ino) throws(FSError) -> Int
+    /// Adds `delta` to the opens of `ino` by `sid`; returns the session's new count.
+    func addOpen(_ sid: UInt64, _ ino: Ino, _ delta: Int) throws(FSError) -> Int
+    /// Inodes `sid` has open, with counts.
+    func sessionOpens(_ sid: UInt64) throws(FSError) -> [(Ino, Int)]
+
+    func addPendingDelete(_ ino: Ino, _ size: UInt64) throws(FSError)
+    func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete]
+    func removePendingDelete(_ ino: Ino) throws(FSError)
+    func pushDroppedSlices(_ records: [UInt8]) throws(FSError)
+    func takeDroppedSlices(limit: Int) throws(FSError) -> [UInt8]
+
+    func session(_ sid: UInt64) throws(FSError) -> SessionInfo?
+    func putSession(_ info: SessionInfo) throws(FSError)
+    func deleteSession(_ sid: UInt64) throws(FSError)
+    func sessions() throws(FSError) -> [SessionInfo]
+
+    func locks(_ ino: Ino, _ kind: UInt8) throws(FSError) -> [UInt8]
+    /// Stores a lock table (empty removes it) and notes that `sid` has locks on `ino`.
+    func putLocks(_ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError)
+    func sessionLocks(_ sid: UInt64) throws(FSError) -> [(Ino, UInt8)]
+}
+
+/// Attributes loaded in one transaction, changed in place and written back once
+/// (so a rename within one directory updates that directory once).
+private struct AttrSet {
+    var attrs: [Ino: Attr] = [:]
+    var dirty: Set<Ino> = []
+
+    mutating func load(_ s: some TxnStore, _ ino: Ino) throws(FSError) -> Attr {
+        if let a = attrs[ino] { return a }
+        guard let a = try s.attr(ino) else { throw FSError.notFound }
+        attrs[ino] = a
+        return a
+    }
+
+    mutating func update(_ s: some TxnStore, _ ino: Ino, _ body: (inout Attr) -> Void) throws(FSError) {
+        var a = try load(s, ino)
+        body(&a)
+        attrs[ino] = a
+        dirty.insert(ino)
+    }
+
+    mutating func forget(_ ino: Ino) {
+        attrs[ino] = nil
+        dirty.remove(ino)
+    }
+
+    func flush(_ s: some TxnStore) throws(FSError) {
+        for ino in dirty { try s.putAttr(ino, attrs[ino]!) }
+    }
+}
+
+/// The POSIX semantics of StageFS over any `TxnStore` (SQLite today). `RedisMetadata` implements
+/// the same rules in Lua; the conformance suite holds both to them.
+package final class TxnMetadata<S: TxnStore>: MetadataEngine {
+    package let store: S
+
+    package init(store: S) { self.store = store }
+
+    package var displayName: String { store.displayName }
+
+    // MARK: volume
+
+    package func loadFormat() throws(FSError) -> VolumeFormat? {
+        guard let text = try store.transaction(write: false, { () throws(FSError) in try store.setting("format") }) else { return nil }
+        return try VolumeFormat.decode(text)
+    }
+
+    package func initialize(_ format: VolumeFormat, force: Bool) throws(FSError) {
+        try store.transaction(write: true) { () throws(FSError) in
+            if let text = try store.setting("format") {
+                let old = try VolumeFormat.decode(text)
+                let diff = format.differences(from: old)
+                if !diff.isEmpty && !force {
+                    throw FSError(EEXIST, "\(displayName) already holds volume '\(old.name)' with other settings (\(diff.joined(separator: ", "))); refusing to format it again")
+                }
+                var kept = format
+                kept.uuid = old.uuid
+                kept.createdAt = old.createdAt
+                try store.setSetting("format", kept.encoded())
+            } else {
+                try store.setSetting("format", format.encoded())
+            }
+            if try store.attr(rootIno) == nil {
+                let now = Timespec.now()
+                let root = Attr(type: .directory, mode: 0o777, uid: 0, gid: 0, nlink: 2, size: 4096, atime: now, mtime: now, ctime: now, parent: rootIno)
+                try store.putAttr(rootIno, root)
+                if try store.incr("nextInode", 0) < Int64(rootIno) { _ = try store.incr("nextInode", Int64(rootIno)) }
+                _ = try store.incr("usedInodes", 1)
+                _ = try store.incr("usedSpace", 4096)
+            }
+        }
+    }
+
+    package func statfs() throws(FSError) -> StatFS {
+        try store.transaction(write: false) { () throws(FSError) in
+            let used = UInt64(max(0, try store.incr("usedSpace", 0)))
+            let inodes = UInt64(max(0, try store.incr("usedInodes", 0)))
+            return makeStatFS(usedSpace: used, usedInodes: inodes)
+        }
+    }
+
+    // MARK: sessions
+
+    package func newSession(_ info: SessionInfo) throws(FSError) -> UInt64 {
+        try store.transaction(write: true) { () throws(FSError) in
+            var info = info
+            info.sid = UInt64(try store.incr("nextSession", 1))
+            let now = Timespec.now().sec
+            info.started = now
+            info.heartbeat = now
+            try store.putSession(info)
+            return info.sid
+        }
+    }
+
+    package func heartbeat(_ sid: UInt64) throws(FSError) {
+        try store.transaction(write: true) { () throws(FSError) in
+            guard var info = try store.session(sid) else { throw FSError(ENOENT, "session \(sid) is gone (cleaned up as stale)") }
+            info.heartbeat = Timespec.now().sec
+            try store.putSession(info)
+        }
+    }
+
+    package func closeSession(_ sid: UInt64) throws(FSError) {
+        try store.transaction(write: true) { () throws(FSError) in
+            for (ino, count) in try store.sessionOpens(sid) {
+                _ = try store.addOpen(sid, ino, -count)
+                try freeIfUnused(ino)
+            }
+            for (ino, kind) in try store.sessionLocks(sid) {
+                if let kept = strippingSession(sid, from: try store.locks(ino, kind)) {
+                    try store.putLocks(ino, kind, kept, sid: 0)
+                }
+            }
+            try store.deleteSession(sid)
+        }
+    }
+
+    package func listSessions() throws(FSError) -> [SessionInfo] {
+        try store.transaction(write: false) { () throws(FSError) in try store.sessions() }
+    }
+
+    package func cleanStaleSessions(age: Int64) throws(FSError) -> Int {
+        let limit = Timespec.now().sec - age
+        var n = 0
+        for s in try listSessions() where s.heartbeat < limit {
+            try closeSession(s.sid)
+            n += 1
+        }
+        return n
+    }
+
+    // MARK: namespace
+
+    package func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
+        try store.transaction(write: false) { () throws(FSError) in
+            guard let pa = try store.attr(parent) else { throw FSError.notFound }
+            guard pa.type == .directory else { throw FSError.notDir }
+            try Posix.check(pa, cred, .execute)
+            if name == [UInt8(ascii: ".")] { return (parent, pa) }
+            if name == [UInt8(ascii: "."), UInt8(ascii: ".")] {
+                let p = pa.parent == 0 ? rootIno : pa.parent
+                guard let ppa = try store.attr(p) else { throw FSError.notFound }
+                return (p, ppa)
+            }
+            if name.count > maxNameLength { throw FSError.nameTooLong }
+            guard let (ino, _) = try store.entry(parent, name), let a = try store.attr(ino) else { throw FSError.notFound }
+            return (ino, a)
+        }
+    }
+
+    package func getattr(_ ino: Ino) throws(FSError) -> Attr {
+        try store.transaction(write: false) { () throws(FSError) in
+            guard let a = try store.attr(ino) else { throw FSError.notFound }
+            return a
+        }
+    }
+
+    package func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError) {
+        try Posix.check(try getattr(ino), cred, mask)
+    }
+
+    package func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest) throws(FSError) -> Attr {
+        try store.transaction(write: true) { () throws(FSError) in
+            guard var a = try store.attr(ino) else { throw FSError.notFound }
+            let now = Timespec.now()
+            let m = req.mask
+            let owner = cred.isRoot || cred.uid == a.uid
+            if m.contains(.uid) || m.contains(.gid) {
+                let newUid = m.contains(.uid) ? req.uid : a.uid
+                let newGid = m.contains(.gid) ? req.gid : a.gid
+                if !cred.isRoot {
+                    if m.contains(.uid) && !(cred.uid == a.uid && newUid == a.uid) { throw FSError.perm }
+                    if m.contains(.gid) && !(cred.uid == a.uid && (cred.inGroup(newGid) || newGid == a.gid)) { throw FSError.perm }
+                }
+                if a.type != .directory {
+                    a.mode &= ~0o4000
+                    if a.mode & 0o010 != 0 { a.mode &= ~0o2000 }
+                }
+                a.uid = newUid
+                a.gid = newGid
+            }
+            if m.contains(.mode) {
+                if !owner { throw FSError.perm }
+                var mode = req.mode & 0o7777
+                if !cred.isRoot && !cred.inGroup(a.gid) { mode &= ~0o2000 }
+                a.mode = mode
+            }
+            if m.contains(.size) {
+                if a.type == .directory { throw FSError.isDir }
+                if a.type != .regular { throw FSError.invalid }
+                if !req.viaHandle { try Posix.check(a, cred, .write) }
+                try truncate(ino, &a, to: req.size)
+                a.mtime = now
+            }
+            if m.contains(.atime) || m.contains(.mtime) || m.contains(.atimeNow) || m.contains(.mtimeNow) {
+                let explicit = (m.contains(.atime) && !m.contains(.atimeNow)) || (m.contains(.mtime) && !m.contains(.mtimeNow))
+                if !owner {
+                    if explicit { throw FSError.perm }
+                    if !Posix.mayAccess(a, cred, .write) { throw FSError.access }
+                }
+                if m.contains(.atimeNow) { a.atime = now } else if m.contains(.atime) { a.atime = req.atime }
+                if m.contains(.mtimeNow) { a.mtime = now } else if m.contains(.mtime) { a.mtime = req.mtime }
+            }
+            a.ctime = m.contains(.ctime) ? req.ctime : now
+            try store.putAttr(ino, a)
+            return a
+        }
+    }
+
+    /// Cuts or extends a regular file inside a transaction (records only; objects of dropped
+    /// slices are queued for deletion).
+    private func truncate(_ ino: Ino, _ a: inout Attr, to newSize: UInt64) throws(FSError) {
+        let old = a.size
+        if newSize < old {
+            let firstGone = UInt32((newSize + chunkSize - 1) / chunkSize)
+            let last = UInt32((old - 1) / chunkSize)
+            if firstGone <= last {
+                for idx in firstGone...last {
+                    let blob = try store.deleteChunk(ino, idx)
+                    if !blob.isEmpty { try store.pushDroppedSlices(blob) }
+                }
+            }
+            let pos = newSize % chunkSize
+            if pos != 0 {
+                let hole = Slice(pos: UInt32(pos), id: 0, size: 0, off: 0, len: UInt32(chunkSize - pos))
+                try store.appendChunk(ino, UInt32(newSize / chunkSize), hole.encoded())
+            }
+        }
+        _ = try store.incr("usedSpace", align4K(newSize) - align4K(old))
+        a.size = newSize
+    }
+
+    package func mknod(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?)
+        throws(FSError) -> (Ino, Attr)
+    {
+        try validateName(name)
+        if type == .symlink && (target == nil || target!.isEmpty || target!.count > 4095) { throw FSError.invalid }
+        return try store.transaction(write: true) { () throws(FSError) in
+            guard var pa = try store.attr(parent) else { throw FSError.notFound }
+            guard pa.type == .directory else { throw FSError.notDir }
+            try Posix.check(pa, cred, [.write, .execute])
+            if pa.nlink == 0 { throw FSError.notFound }
+            if try store.entry(parent, name) != nil { throw FSError.exists }
+            let ino = Ino(try store.incr("nextInode", 1))
+            let now = Timespec.now()
+            var perm = mode & 0o7777
+            var gid = cred.gid
+            if pa.mode & 0o2000 != 0 {
+                gid = pa.gid
+                if type == .directory {
+                    perm |= 0o2000
+                } else if perm & 0o2010 == 0o2010 && !cred.isRoot && !cred.inGroup(gid) {
+                    perm &= ~0o2000
+                }
+            }
+            let size: UInt64 = type == .directory ? 4096 : (type == .symlink ? UInt64(target!.count) : 0)
+            let a = Attr(
+                type: type, mode: perm, uid: cred.uid, gid: gid, nlink: type == .directory ? 2 : 1, size: size,
+                atime: now, mtime: now, ctime: now, rdev: type == .blockDevice || type == .charDevice ? rdev : 0,
+                parent: type == .directory ? parent : 0)
+            try store.putAttr(ino, a)
+            if type == .symlink { try store.putSymlinkTarget(ino, target!) }
+            try store.putEntry(parent, name, ino, type)
+            pa.mtime = now
+            pa.ctime = now
+            if type == .directory { pa.nlink += 1 }
+            try store.putAttr(parent, pa)
+            _ = try store.incr("usedInodes", 1)
+            _ = try store.incr("usedSpace", align4K(size))
+            return (ino, a)
+        }
+    }
+
+    /// Frees an inode that has no links and no opens left; returns whether it did.
+    @discardableResult
+    private func freeIfUnused(_ ino: Ino) throws(FSError) -> Bool {
+        guard let a = try store.attr(ino), a.nlink == 0, try store.openCount(ino) == 0 else { return false }
+        try freeInode(ino, a)
+        return true
+    }
+
+    private func freeInode(_ ino: Ino, _ a: Attr) throws(FSError) {
+        try store.deleteInode(ino)
+        if a.type == .regular && a.size > 0 { try store.addPendingDelete(ino, a.size) }
+        _ = try store.incr("usedInodes", -1)
+        _ = try store.incr("usedSpace", -align4K(a.size))
+    }
+
+    /// Drops one link of a non-directory inside a transaction.
+    private func dropLink(_ ino: Ino, _ attrs: inout AttrSet, now: Timespec) throws(FSError) -> RemovedName {
+        var a = try attrs.load(store, ino)
+        a.nlink -= 1
+        a.ctime = now
+        let opens = try store.openCount(ino)
+        if a.nlink == 0 && opens == 0 {
+            attrs.forget(ino)
+            try freeInode(ino, a)
+            return RemovedName(ino: ino, attr: a, freed: true)
+        }
+        try attrs.update(store, ino) { $0 = a }
+        return RemovedName(ino: ino, attr: a, freed: false)
+    }
+
+    package func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
+        try store.transaction(write: true) { () throws(FSError) in
+            var attrs = AttrSet()
+            let pa = try attrs.load(store, parent)
+            guard pa.type == .directory else { throw FSError.notDir }
+            try Posix.check(pa, cred, [.write, .execute])
+            guard let (ino, type) = try store.entry(parent, name) else { throw FSError.notFound }
+            if type == .directory { throw FSError.isDir }
+            let a = try attrs.load(store, ino)
+            if !Posix.stickyAllows(dir: pa, child: a, cred) { throw FSError.perm }
+            let now = Timespec.now()
+            try store.deleteEntry(parent, name)
+            try attrs.update(store, parent) {
+                $0.mtime = now
+                $0.ctime = now
+            }
+            let removed = try dropLink(ino, &attrs, now: now)
+            try attrs.flush(store)
+            return removed
+        }
+    }
+
+    package func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
+        if name == [UInt8(ascii: ".")] { throw FSError.invalid }
+        if name == [UInt8(ascii: "."), UInt8(ascii: ".")] { throw FSError.notEmpty }
+        try store.transaction(write: true) { () throws(FSError) in
+            guard var pa = try store.attr(parent) else { throw FSError.notFound }
+            guard pa.type == .directory else { throw FSError.notDir }
+            try Posix.check(pa, cred, [.write, .execute])
+            guard let (ino, type) = try store.entry(parent, name) else { throw FSError.notFound }
+            if type != .directory { throw FSError.notDir }
+            guard let a = try store.attr(ino) else { throw FSError.notFound }
+            if !Posix.stickyAllows(dir: pa, child: a, cred) { throw FSError.perm }
+            if try store.hasEntries(ino) { throw FSError.notEmpty }
+            let now = Timespec.now()
+            try store.deleteEntry(parent, name)
+            try store.deleteInode(ino)
+            pa.nlink -= 1
+            pa.mtime = now
+            pa.ctime = now
+            try store.putAttr(parent, pa)
+            _ = try store.incr("usedInodes", -1)
+            _ = try store.incr("usedSpace", -align4K(a.size))
+        }
+    }
+
+    /// Whether `ino` is `ancestor` or lies below it.
+    private func isWithin(_ ino: Ino, _ ancestor: Ino) throws(FSError) -> Bool {
+        var cur = ino
+        var hops = 0
+        while true {
+            if cur == ancestor { return true }
+            if cur == rootIno || hops > 100_000 { return false }
+            guard let a = try store.attr(cur) else { return false }
+            cur = a.parent
+            hops += 1
+        }
+    }
+
+    package func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], _ flags: RenameFlags) throws(FSError) -> RemovedName? {
+        if flags.contains(.whiteout) { throw FSError.notSupported }
+        if flags.contains(.exchange) && flags.contains(.noReplace) { throw FSError.invalid }
+        try validateName(dn)
+        if sn.isEmpty || sn.count > maxNameLength { throw FSError.notFound }
+        return try store.transaction(write: true) { () throws(FSError) -> RemovedName? in
+            var attrs = AttrSet()
+            let spa = try attrs.load(store, sp)
+            let dpa = try attrs.load(store, dp)
+            guard spa.type == .directory, dpa.type == .directory else { throw FSError.notDir }
+            try Posix.check(spa, cred, [.write, .execute])
+            try Posix.check(dpa, cred, [.write, .execute])
+            guard let (sino, st) = try store.entry(sp, sn) else { throw FSError.notFound }
+            let sa = try attrs.load(store, sino)
+            if !Posix.stickyAllows(dir: spa, child: sa, cred) { throw FSError.perm }
+            let dst = try store.entry(dp, dn)
+            let exchange = flags.contains(.exchange)
+            if let (dino, dt) = dst {
+                if dino == sino { return nil }
+                if flags.contains(.noReplace) { throw FSError.exists }
+                let da = try attrs.load(store, dino)
+                if !Posix.stickyAllows(dir: dpa, child: da, cred) { throw FSError.perm }
+                if !exchange {
+                    if st == .directory && dt != .directory { throw FSError.notDir }
+                    if st != .directory && dt == .directory { throw FSError.isDir }
+                    if dt == .directory, try store.hasEntries(dino) { throw FSError.notEmpty }
+                } else if dt == .directory && sp != dp {
+                    try Posix.check(da, cred, .write)
+                    if try isWithin(sp, dino) { throw FSError.invalid }
+                }
+            } else if exchange {
+                throw FSError.notFound
+            }
+            if st == .directory && sp != dp {
+                try Posix.check(sa, cred, .write)
+                if try isWithin(dp, sino) { throw FSError.invalid }
+            }
+            let now = Timespec.now()
+            var removed: RemovedName?
+            if exchange, let (dino, dt) = dst {
+                try store.putEntry(sp, sn, dino, dt)
+                try store.putEntry(dp, dn, sino, st)
+                if sp != dp {
+                    if st == .directory {
+                        try attrs.update(store, sino) { $0.parent = dp }
+                        try attrs.update(store, sp) { $0.nlink -= 1 }
+                        try attrs.update(store, dp) { $0.nlink += 1 }
+                    }
+                    if dt == .directory {
+                        try attrs.update(store, dino) { $0.parent = sp }
+                        try attrs.update(store, dp) { $0.nlink -= 1 }
+                        try attrs.update(store, sp) { $0.nlink += 1 }
+                    }
+                }
+                try attrs.update(store, dino) { $0.ctime = now }
+            } else {
+                if let (dino, dt) = dst {
+                    if dt == .directory {
+                        let da = try attrs.load(store, dino)
+                        attrs.forget(dino)
+                        try store.deleteInode(dino)
+                        try attrs.update(store, dp) { $0.nlink -= 1 }
+                        _ = try store.incr("usedInodes", -1)
+                        _ = try store.incr("usedSpace", -align4K(da.size))
+                        removed = RemovedName(ino: dino, attr: da, freed: true)
+                    } else {
+                        removed = try dropLink(dino, &attrs, now: now)
+                    }
+                }
+                try store.deleteEntry(sp, sn)
+                try store.putEntry(dp, dn, sino, st)
+                if st == .directory && sp != dp {
+                    try attrs.update(store, sino) { $0.parent = dp }
+                    try attrs.update(store, sp) { $0.nlink -= 1 }
+                    try attrs.update(store, dp) { $0.nlink += 1 }
+                }
+            }
+            try attrs.update(store, sino) { $0.ctime = now }
+            try attrs.update(store, sp) {
+                $0.mtime = now
+                $0.ctime = now
+            }
+            try attrs.update(store, dp) {
+                $0.mtime = now
+                $0.ctime = now
+            }
+            try attrs.flush(store)
+            return removed
+        }
+    }
+
+    package func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
+        try validateName(name)
+        return try store.transaction(write: true) { () throws(FSError) in
+            guard var pa = try store.attr(parent) else { throw FSError.notFound }
+            guard pa.type == .directory else { throw FSError.notDir }
+            try Posix.check(pa, cred, [.write, .execute])
+            guard var a = try store.attr(ino) else { throw FSError.notFound }
+            if a.type == .directory { throw FSError.perm }
+            if a.nlink == 0 { throw FSError.notFound }
+            if a.nlink >= 65000 { throw FSError.mlink }
+            if try store.entry(parent, name) != nil { throw FSError.exists }
+            let now = Timespec.now()
+            try store.putEntry(parent, name, ino, a.type)
+            a.nlink += 1
+            a.ctime = now
+            try store.putAttr(ino, a)
+            pa.mtime = now
+            pa.ctime = now
+            try store.putAttr(parent, pa)
+            return a
+        }
+    }
+
+    package func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
+        try store.transaction(write: false) { () throws(FSError) in
+            guard let a = try store.attr(ino) else { throw FSError.notFound }
+            guard a.type == .symlink, let t = try store.symlinkTarget(ino) else { throw FSError.invalid }
+            return t
+        }
+    }
+
+    package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
+        try store.transaction(write: false) { () throws(FSError) in
+            guard let a = try store.attr(ino) else { throw FSError.notFound }
+            guard a.type == .directory else { throw FSError.notDir }
+            var out = try store.entries(ino, after: cookie, limit: limit)
+            if plus {
+                for i in out.indices { out[i].attr = try store.attr(out[i].ino) }
+                out.removeAll { $0.attr == nil }
+            }
+            return out
+        }
+    }
+
+    // MARK: extended attributes
+
+    package func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
+        try store.transaction(write: false) { () throws(FSError) in
+            guard let a = try store.attr(ino) else { throw FSError.notFound }
+            try xattrReadCheck(a, cred, name)
+            guard let v = try store.xattr(ino, name) else { throw FSError.noAttr }
+            return v
+        }
+    }
+
+    package func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]] {
+        try store.transaction(write: false) { () throws(FSError) in
+            guard try store.attr(ino) != nil else { throw FSError.notFound }
+            return try store.xattrNames(ino).filter { cred.isRoot || !$0.starts(with: trustedPrefix) }
+        }
+    }
+
+    package func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
+        if value.count > 65536 { throw FSError(E2BIG, "attribute value too large") }
+        try store.transaction(write: true) { () throws(FSError) in
+            guard var a = try store.attr(ino) else { throw FSError.notFound }
+            try xattrWriteCheck(a, cred, name)
+            let exists = try store.xattr(ino, name) != nil
+            if flag == .create && exists { throw FSError.exists }
+            if flag == .replace && !exists { throw FSError.noAttr }
+            try store.putXattr(ino, name, value)
+            a.ctime = Timespec.now()
+            try store.putAttr(ino, a)
+        }
+    }
+
+    package func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
+        try store.transaction(write: true) { () throws(FSError) in
+            guard var a = try store.attr(ino) else { throw FSError.notFound }
+            try xattrWriteCheck(a, cred, name)
+            guard try store.xattr(ino, name) != nil else { throw FSError.noAttr }
+            try store.deleteXattr(ino, name)
+            a.ctime = Timespec.now()
+            try store.putAttr(ino, a)
+        }
+    }
+
+    // MARK: file data
+
+    package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> Attr {
+        try store.transaction(write: true) { () throws(FSError) in
+            guard let a = try store.attr(ino) else { throw FSError.notFound }
+            let mask = accessMask(openFlags: flags)
+            if a.type == .directory && mask.contains(.write) { throw FSError.isDir }
+            try Posix.check(a, cred, mask)
+            _ = try store.addOpen(sid, ino, 1)
+            return a
+        }
+    }
+
+    package func close(_ ino: Ino, sid: UInt64) throws(FSError) {
+        try store.transaction(write: true) { () throws(FSError) in
+            if try store.addOpen(sid, ino, -1) <= 0 { try freeIfUnused(ino) }
+        }
+    }
+
+    package func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice] {
+        try store.transaction(write: false) { () throws(FSError) in Slice.decodeAll(try store.chunk(ino, index)) }
+    }
+
+    package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr {
+        try store.transaction(write: true) { () throws(FSError) in
+            guard var a = try store.attr(ino) else { throw FSError.notFound }
+            guard a.type == .regular else { throw FSError.invalid }
+            try store.appendChunk(ino, index, slice.encoded())
+            if minSize > a.size {
+                _ = try store.incr("usedSpace", align4K(minSize) - align4K(a.size))
+                a.size = minSize
+            }
+            a.mtime = mtime
+            a.ctime = mtime
+            try store.putAttr(ino, a)
+            return a
+        }
+    }
+
+    package func newSliceIDs(_ count: Int) throws(FSError) -> UInt64 {
+        try store.transaction(write: true) { () throws(FSError) in
+            UInt64(try store.incr("nextSlice", Int64(count)) - Int64(count) + 1)
+        }
+    }
+
+    package func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete] {
+        try store.transaction(write: false) { () throws(FSError) in try store.pendingDeletes(limit: limit) }
+    }
+
+    package func finishDelete(_ pending: PendingDelete) throws(FSError) -> [Slice] {
+        try store.transaction(write: true) { () throws(FSError) in
+            var out: [Slice] = []
+            for idx in 0..<pending.chunkCount { out += Slice.decodeAll(try store.deleteChunk(pending.ino, idx)) }
+            try store.removePendingDelete(pending.ino)
+            return out
+        }
+    }
+
+    package func takeDroppedSlices(limit: Int) throws(FSError) -> [Slice] {
+        try store.transaction(write: true) { () throws(FSError) in Slice.decodeAll(try store.takeDroppedSlices(limit: limit)) }
+    }
+
+    // MARK: locks
+
+    package func updateLocks(_ ino: Ino, kind: UInt8, sid: UInt64, _ body: ([UInt8]) throws(FSError) -> [UInt8]?) throws(FSError) {
+        try store.transaction(write: true) { () throws(FSError) in
+            guard try store.attr(ino) != nil else { throw FSError.notFound }
+            if let table = try body(try store.locks(ino, kind)) { try store.putLocks(ino, kind, table, sid: sid) }
+        }
+    }
+}
+
+let trustedPrefix = Array("trusted.".utf8)
+let userPrefix = Array("user.".utf8)
+let systemPrefix = Array("system.".utf8)
+
+/// The statfs figures for a volume with no capacity limit (1 PiB shown, like JuiceFS).
+func makeStatFS(usedSpace: UInt64, usedInodes: UInt64) -> StatFS {
+    let total = max(UInt64(1) << 50, usedSpace)
+    let inodeTotal = max(UInt64(10_000_000_000), usedInodes)
+    return StatFS(totalSpace: total, availSpace: total - usedSpace, usedSpace: usedSpace, usedInodes: usedInodes, availInodes: inodeTotal - usedInodes)
+}
+
+/// Namespace rules for reading an extended attribute.
+func xattrReadCheck(_ a: Attr, _ cred: Credential, _ name: [UInt8]) throws(FSError) {
+    if name.isEmpty || name.count > 255 { throw FSError.range }
+    if name.starts(with: systemPrefix) { throw FSError.notSupported }
+    if name.starts(with: trustedPrefix) && !cred.isRoot { throw FSError.noAttr }
+    if name.starts(with: userPrefix) && a.type != .regular && a.type != .directory { throw FSError.noAttr }
+    try Posix.check(a, cred, .read)
+}
+
+/// Namespace rules for setting or removing an extended attribute.
+func xattrWriteCheck(_ a: Attr, _ cred: Credential, _ name: [UInt8]) throws(FSError) {
+    if name.isEmpty || name.count > 255 { throw FSError.range }
+    if name.starts(with: systemPrefix) { throw FSError.notSupported }
+    if name.starts(with: trustedPrefix) {
+        if !cred.isRoot { throw FSError.perm }
+        return
+    }
+    if name.starts(with: userPrefix) {
+        if a.type != .regular && a.type != .directory { throw FSError.perm }
+        if a.type == .directory && a.mode & 0o1000 != 0 && !cred.isRoot && cred.uid != a.uid { throw FSError.perm }
+    } else if !name.starts(with: Array("security.".utf8)) {
+        throw FSError.notSupported
+    }
+    try Posix.check(a, cred, .write)
+}

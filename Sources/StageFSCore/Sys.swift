@@ -1,0 +1,141 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Every system call of the data path goes through here: retried on `EINTR`, errno turned
+/// into an `FSError` naming the file, nothing else between the call and reading errno.
+public enum Sys {
+    @inline(__always)
+    static func retrying<T: BinaryInteger>(_ what: @autoclosure () -> String, _ body: () -> T) throws(FSError) -> T {
+        while true {
+            let r = body()
+            if r >= 0 { return r }
+            let e = errno
+            if e == EINTR { continue }
+            throw FSError.errno(e, what())
+        }
+    }
+
+    /// `open(2)`
+    public static func open(_ path: String, _ flags: Int32, _ mode: mode_t = 0o644) throws(FSError) -> Int32 {
+        try retrying(path) { Glibc.open(path, flags | O_CLOEXEC, mode) }
+    }
+
+    /// `close(2)`; errors are ignored (the descriptor is gone either way).
+    public static func close(_ fd: Int32) {
+        _ = Glibc.close(fd)
+    }
+
+    /// `pread(2)` until `count` bytes or end of file; returns bytes read.
+    public static func pread(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int, _ offset: Int64, path: String = "file") throws(FSError) -> Int {
+        var done = 0
+        while done < count {
+            let n = try retrying("read \(path)") { Glibc.pread(fd, buf + done, count - done, off_t(offset) + off_t(done)) }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    /// `pwrite(2)` of all `count` bytes.
+    public static func pwrite(_ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int, _ offset: Int64, path: String = "file") throws(FSError) {
+        var done = 0
+        while done < count {
+            let n = try retrying("write \(path)") { Glibc.pwrite(fd, buf + done, count - done, off_t(offset) + off_t(done)) }
+            done += n
+        }
+    }
+
+    /// `fsync(2)`
+    public static func fsync(_ fd: Int32, path: String = "file") throws(FSError) {
+        _ = try retrying("fsync \(path)") { Glibc.fsync(fd) }
+    }
+
+    /// `rename(2)`
+    public static func rename(_ from: String, _ to: String) throws(FSError) {
+        _ = try retrying("rename \(from) to \(to)") { Glibc.rename(from, to) }
+    }
+
+    /// `unlink(2)`; a missing file is not an error.
+    public static func unlinkIfPresent(_ path: String) throws(FSError) {
+        if Glibc.unlink(path) != 0 && errno != ENOENT { throw FSError.errno(errno, "remove \(path)") }
+    }
+
+    /// `mkdir -p` with `mode` for the directories it creates.
+    public static func mkdirs(_ path: String, _ mode: mode_t = 0o755) throws(FSError) {
+        if path.isEmpty || path == "/" { return }
+        var st = Glibc.stat()
+        if statPath(path, &st) == 0 {
+            if st.st_mode & S_IFMT == S_IFDIR { return }
+            throw FSError(ENOTDIR, "\(path) exists and is not a directory")
+        }
+        let parent = dirname(of: path)
+        if parent != path { try mkdirs(parent, mode) }
+        if Glibc.mkdir(path, mode) != 0 && errno != EEXIST { throw FSError.errno(errno, "create directory \(path)") }
+    }
+
+    /// `stat(2)`, nil when the path does not exist.
+    public static func stat(_ path: String) -> Glibc.stat? {
+        var st = Glibc.stat()
+        return statPath(path, &st) == 0 ? st : nil
+    }
+
+    /// The directory part of `path`.
+    public static func dirname(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        if slash == path.startIndex { return "/" }
+        return String(path[..<slash])
+    }
+
+    /// Reads a whole small file (nil when it cannot be read).
+    public static func readFile(_ path: String) -> [UInt8]? {
+        guard let fd = try? open(path, O_RDONLY) else { return nil }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            out.append(contentsOf: buf[0..<n])
+        }
+        return out
+    }
+
+    /// Monotonic clock in nanoseconds.
+    public static func monotonicNanos() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    /// Sleeps for `seconds` (fractions allowed).
+    public static func sleep(seconds: Double) {
+        var ts = timespec(tv_sec: Int(seconds), tv_nsec: Int((seconds - Double(Int(seconds))) * 1e9))
+        var left = timespec()
+        while nanosleep(&ts, &left) != 0 && errno == EINTR { ts = left }
+    }
+
+    /// The host name, for session records.
+    public static func hostname() -> String {
+        var buf = [UInt8](repeating: 0, count: 256)
+        buf.withUnsafeMutableBytes { _ = gethostname($0.baseAddress!.assumingMemoryBound(to: CChar.self), 255) }
+        return String(decoding: buf.prefix { $0 != 0 }, as: UTF8.self)
+    }
+
+    /// Random bytes from the kernel.
+    public static func randomBytes(_ n: Int) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: n)
+        let fd = Glibc.open("/dev/urandom", O_RDONLY | O_CLOEXEC)
+        if fd >= 0 {
+            out.withUnsafeMutableBytes { _ = Glibc.read(fd, $0.baseAddress, n) }
+            Glibc.close(fd)
+        }
+        return out
+    }
+}
+
+/// `stat(2)`, outside `Sys` where the name is taken.
+private func statPath(_ path: String, _ st: inout Glibc.stat) -> Int32 {
+    stat(path, &st)
+}

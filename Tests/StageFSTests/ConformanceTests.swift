@@ -1,0 +1,479 @@
+import Foundation
+import Metadata
+import StageFSCore
+import Testing
+
+private let alice = Credential(uid: 1000, gid: 1000, groups: [1000, 3000])
+private let bob = Credential(uid: 1001, gid: 1001, groups: [1001])
+private let root = Credential.root
+
+private func n(_ s: String) -> [UInt8] { Array(s.utf8) }
+
+/// Creates a world-writable directory under root for the users' tests.
+private func playground(_ m: any MetadataEngine, _ name: String = "play", mode: UInt16 = 0o777) throws -> Ino {
+    let (ino, _) = try m.mknod(root, rootIno, n(name), .directory, mode, rdev: 0, target: nil)
+    _ = try m.setattr(root, ino, { var r = SetAttrRequest(mask: .mode); r.mode = mode; return r }())
+    return ino
+}
+
+private func names(_ m: any MetadataEngine, _ dir: Ino) throws -> [String] {
+    var out: [String] = []
+    var cookie: UInt64 = 0
+    while true {
+        let batch = try m.readdir(dir, after: cookie, limit: 3, plus: false)
+        if batch.isEmpty { break }
+        out += batch.map { $0.nameString }
+        cookie = batch.last!.cookie
+    }
+    return out.sorted()
+}
+
+/// One behaviour suite, run against SQLite and Redis alike.
+@Suite("Metadata conformance", .timeLimit(.minutes(2)))
+struct ConformanceTests {
+    @Test(arguments: EngineKind.allCases)
+    func formatRecord(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let fmt = try #require(try f.engine.loadFormat())
+        #expect(fmt.name == "test")
+        #expect(fmt.blockSizeKiB == 4096)
+        // Same settings again: accepted, UUID kept.
+        try f.engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: fmt.bucket), force: false)
+        #expect(try f.engine.loadFormat()?.uuid == fmt.uuid)
+        // Other settings: refused with a message naming the difference.
+        do {
+            try f.engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: fmt.bucket, blockSizeKiB: 1024), force: false)
+            Issue.record("reformat with another block size was accepted")
+        } catch {
+            let e = error
+            #expect(e.code == EEXIST)
+            #expect(e.message.contains("block size"))
+        }
+        let rootAttr = try f.engine.getattr(rootIno)
+        #expect(rootAttr.type == .directory)
+        #expect(rootAttr.nlink == 2)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func createLookupGetattr(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, a) = try m.mknod(alice, dir, n("file"), .regular, 0o640, rdev: 0, target: nil)
+        #expect(a.type == .regular && a.mode == 0o640 && a.uid == 1000 && a.gid == 1000 && a.nlink == 1 && a.size == 0)
+        let (ino2, a2) = try m.lookup(alice, dir, n("file"))
+        #expect(ino2 == ino)
+        #expect(a2 == a)
+        #expect(try m.getattr(ino) == a)
+        expectErrno(EEXIST) { _ = try m.mknod(alice, dir, n("file"), .regular, 0o644, rdev: 0, target: nil) }
+        expectErrno(ENOENT) { _ = try m.lookup(alice, dir, n("missing")) }
+        expectErrno(ENOTDIR) { _ = try m.lookup(alice, ino, n("x")) }
+        expectErrno(ENOTDIR) { _ = try m.mknod(alice, ino, n("x"), .regular, 0o644, rdev: 0, target: nil) }
+        expectErrno(ENAMETOOLONG) { _ = try m.mknod(alice, dir, [UInt8](repeating: 97, count: 256), .regular, 0o644, rdev: 0, target: nil) }
+        // Parent times move on create.
+        let pa = try m.getattr(dir)
+        #expect(pa.mtime >= a.ctime)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func specialFilesAndSymlinks(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (_, fifo) = try m.mknod(alice, dir, n("fifo"), .fifo, 0o600, rdev: 0, target: nil)
+        #expect(fifo.type == .fifo)
+        let (_, sock) = try m.mknod(alice, dir, n("sock"), .socket, 0o600, rdev: 0, target: nil)
+        #expect(sock.type == .socket)
+        let (_, dev) = try m.mknod(root, dir, n("null"), .charDevice, 0o666, rdev: 0x0103, target: nil)
+        #expect(dev.type == .charDevice && dev.rdev == 0x0103)
+        let (_, blk) = try m.mknod(root, dir, n("blk"), .blockDevice, 0o660, rdev: 0x0801, target: nil)
+        #expect(blk.type == .blockDevice && blk.rdev == 0x0801)
+        let (lino, link) = try m.mknod(alice, dir, n("link"), .symlink, 0o777, rdev: 0, target: n("../some/target"))
+        #expect(link.type == .symlink && link.size == 14)
+        #expect(try m.readlink(lino) == n("../some/target"))
+        let (fino, _) = try m.lookup(alice, dir, n("fifo"))
+        expectErrno(EINVAL) { _ = try m.readlink(fino) }
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func directoriesAndRemoval(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (sub, sa) = try m.mknod(alice, dir, n("sub"), .directory, 0o755, rdev: 0, target: nil)
+        #expect(sa.nlink == 2 && sa.size == 4096 && sa.parent == dir)
+        #expect(try m.getattr(dir).nlink == 3)
+        _ = try m.mknod(alice, sub, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        expectErrno(ENOTEMPTY) { try m.rmdir(alice, dir, n("sub")) }
+        expectErrno(EISDIR) { _ = try m.unlink(alice, dir, n("sub")) }
+        expectErrno(ENOTDIR) { try m.rmdir(alice, sub, n("f")) }
+        let r = try m.unlink(alice, sub, n("f"))
+        #expect(r.freed)
+        try m.rmdir(alice, dir, n("sub"))
+        #expect(try m.getattr(dir).nlink == 2)
+        expectErrno(ENOENT) { _ = try m.getattr(sub) }
+        expectErrno(ENOENT) { try m.rmdir(alice, dir, n("sub")) }
+        let (dotdot, _) = try m.lookup(alice, dir, n(".."))
+        #expect(dotdot == rootIno)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func hardLinks(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, _) = try m.mknod(alice, dir, n("a"), .regular, 0o644, rdev: 0, target: nil)
+        let a = try m.link(alice, ino, dir, n("b"))
+        #expect(a.nlink == 2)
+        let (ino2, _) = try m.lookup(alice, dir, n("b"))
+        #expect(ino2 == ino)
+        expectErrno(EEXIST) { _ = try m.link(alice, ino, dir, n("a")) }
+        let (sub, _) = try m.mknod(alice, dir, n("d"), .directory, 0o755, rdev: 0, target: nil)
+        expectErrno(EPERM) { _ = try m.link(alice, sub, dir, n("d2")) }
+        let r = try m.unlink(alice, dir, n("a"))
+        #expect(!r.freed && r.attr.nlink == 1)
+        #expect(try m.getattr(ino).nlink == 1)
+        #expect(try m.unlink(alice, dir, n("b")).freed)
+        expectErrno(ENOENT) { _ = try m.getattr(ino) }
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func renames(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (d1, _) = try m.mknod(alice, dir, n("d1"), .directory, 0o755, rdev: 0, target: nil)
+        let (d2, _) = try m.mknod(alice, dir, n("d2"), .directory, 0o755, rdev: 0, target: nil)
+        let (fa, _) = try m.mknod(alice, d1, n("a"), .regular, 0o644, rdev: 0, target: nil)
+        let (fb, _) = try m.mknod(alice, d1, n("b"), .regular, 0o644, rdev: 0, target: nil)
+        // Plain rename within a directory.
+        #expect(try m.rename(alice, d1, n("a"), d1, n("a2"), []) == nil)
+        #expect(try m.lookup(alice, d1, n("a2")).0 == fa)
+        expectErrno(ENOENT) { _ = try m.lookup(alice, d1, n("a")) }
+        // Replace an existing file: the old one is freed.
+        let replaced = try #require(try m.rename(alice, d1, n("a2"), d1, n("b"), []))
+        #expect(replaced.ino == fb && replaced.freed)
+        #expect(try m.lookup(alice, d1, n("b")).0 == fa)
+        // Across directories.
+        _ = try m.rename(alice, d1, n("b"), d2, n("moved"), [])
+        #expect(try m.lookup(alice, d2, n("moved")).0 == fa)
+        // RENAME_NOREPLACE.
+        _ = try m.mknod(alice, d2, n("other"), .regular, 0o644, rdev: 0, target: nil)
+        expectErrno(EEXIST) { _ = try m.rename(alice, d2, n("moved"), d2, n("other"), .noReplace) }
+        // RENAME_EXCHANGE swaps a file and a directory across parents.
+        let (sub, _) = try m.mknod(alice, d1, n("sub"), .directory, 0o755, rdev: 0, target: nil)
+        #expect(try m.getattr(d1).nlink == 3)
+        _ = try m.rename(alice, d1, n("sub"), d2, n("moved"), .exchange)
+        #expect(try m.lookup(alice, d2, n("moved")).0 == sub)
+        #expect(try m.lookup(alice, d1, n("sub")).0 == fa)
+        #expect(try m.getattr(sub).parent == d2)
+        #expect(try m.lookup(alice, sub, n("..")).0 == d2)
+        #expect(try m.getattr(d1).nlink == 2)
+        #expect(try m.getattr(d2).nlink == 3)
+        expectErrno(ENOENT) { _ = try m.rename(alice, d1, n("sub"), d2, n("nothing"), .exchange) }
+        // Directory over an empty directory; over a non-empty one; type mismatches.
+        let (e1, _) = try m.mknod(alice, dir, n("e1"), .directory, 0o755, rdev: 0, target: nil)
+        let (e2, _) = try m.mknod(alice, dir, n("e2"), .directory, 0o755, rdev: 0, target: nil)
+        let over = try #require(try m.rename(alice, dir, n("e1"), dir, n("e2"), []))
+        #expect(over.ino == e2)
+        #expect(try m.lookup(alice, dir, n("e2")).0 == e1)
+        expectErrno(ENOENT) { _ = try m.getattr(e2) }
+        expectErrno(ENOTEMPTY) { _ = try m.rename(alice, dir, n("e2"), dir, n("d1"), []) }
+        expectErrno(EISDIR) { _ = try m.rename(alice, d1, n("sub"), dir, n("e2"), []) }
+        expectErrno(ENOTDIR) { _ = try m.rename(alice, dir, n("e2"), d1, n("sub"), []) }
+        // A directory into its own subtree.
+        expectErrno(EINVAL) { _ = try m.rename(alice, dir, n("d2"), sub, n("loop"), []) }
+        // Same inode under two names: nothing happens.
+        _ = try m.link(alice, fa, d1, n("hard"))
+        #expect(try m.rename(alice, d1, n("sub"), d1, n("hard"), []) == nil)
+        #expect(try m.lookup(alice, d1, n("sub")).0 == fa)
+        #expect(try m.getattr(fa).nlink == 2)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func readdirOffsetsSurviveChanges(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        for i in 0..<20 { _ = try m.mknod(alice, dir, n("f\(i)"), .regular, 0o644, rdev: 0, target: nil) }
+        let first = try m.readdir(dir, after: 0, limit: 5, plus: false)
+        #expect(first.count == 5)
+        let seen = Set(first.map { $0.nameString })
+        // Change the directory behind the reader: remove five unread entries, add five.
+        let unread = (0..<20).map { "f\($0)" }.filter { !seen.contains($0) }
+        for name in unread.prefix(5) { _ = try m.unlink(alice, dir, n(name)) }
+        for i in 20..<25 { _ = try m.mknod(alice, dir, n("f\(i)"), .regular, 0o644, rdev: 0, target: nil) }
+        var rest: [DirEntry] = []
+        var cookie = first.last!.cookie
+        while true {
+            let b = try m.readdir(dir, after: cookie, limit: 4, plus: true)
+            if b.isEmpty { break }
+            rest += b
+            cookie = b.last!.cookie
+        }
+        let restNames = rest.map { $0.nameString }
+        #expect(Set(restNames).count == restNames.count, "no entry twice")
+        #expect(seen.isDisjoint(with: restNames), "entries already read do not come again")
+        for name in unread.dropFirst(5) { #expect(restNames.contains(name), "unchanged entry \(name) still listed") }
+        for name in unread.prefix(5) { #expect(!restNames.contains(name), "removed entry \(name) not listed") }
+        #expect(rest.allSatisfy { $0.attr?.type == .regular }, "readdirplus gives attributes")
+        #expect(try names(m, dir).count == 20)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func ownershipAndModes(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, _) = try m.mknod(alice, dir, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        var chmod = SetAttrRequest(mask: .mode)
+        chmod.mode = 0o600
+        #expect(try m.setattr(alice, ino, chmod).mode == 0o600)
+        expectErrno(EPERM) { _ = try m.setattr(bob, ino, chmod) }
+        var chown = SetAttrRequest(mask: .uid)
+        chown.uid = 1001
+        expectErrno(EPERM) { _ = try m.setattr(alice, ino, chown) }
+        expectErrno(EPERM) { _ = try m.setattr(bob, ino, chown) }
+        var chgrp = SetAttrRequest(mask: .gid)
+        chgrp.gid = 3000
+        #expect(try m.setattr(alice, ino, chgrp).gid == 3000)
+        chgrp.gid = 4000
+        expectErrno(EPERM) { _ = try m.setattr(alice, ino, chgrp) }
+        // Root may chown; set-user-ID is dropped by a chown.
+        chmod.mode = 0o4755
+        #expect(try m.setattr(alice, ino, chmod).mode == 0o4755)
+        #expect(try m.setattr(root, ino, chown).mode == 0o755)
+        #expect(try m.getattr(ino).uid == 1001)
+        // chmod g+s by a user not in the file's group drops set-group-ID.
+        let (g, _) = try m.mknod(bob, dir, n("g"), .regular, 0o644, rdev: 0, target: nil)
+        chgrp.gid = 5000
+        _ = try m.setattr(root, g, chgrp)
+        chmod.mode = 0o2755
+        #expect(try m.setattr(bob, g, chmod).mode == 0o755)
+        #expect(try m.setattr(root, g, chmod).mode == 0o2755)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func timesWithNanoseconds(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, before) = try m.mknod(alice, dir, n("f"), .regular, 0o664, rdev: 0, target: nil)
+        var t = SetAttrRequest(mask: [.atime, .mtime])
+        t.atime = Timespec(sec: 1_000_000_000, nsec: 123_456_789)
+        t.mtime = Timespec(sec: 1_500_000_000, nsec: 987_654_321)
+        let a = try m.setattr(alice, ino, t)
+        #expect(a.atime == t.atime && a.mtime == t.mtime)
+        #expect(a.ctime >= before.ctime)
+        // UTIME_OMIT for atime: only mtime changes.
+        var onlyM = SetAttrRequest(mask: .mtime)
+        onlyM.mtime = Timespec(sec: 42, nsec: 7)
+        let b = try m.setattr(alice, ino, onlyM)
+        #expect(b.atime == t.atime && b.mtime == onlyM.mtime)
+        // Explicit times by a non-owner: EPERM; UTIME_NOW needs write permission.
+        expectErrno(EPERM) { _ = try m.setattr(bob, ino, t) }
+        let now = SetAttrRequest(mask: [.atime, .mtime, .atimeNow, .mtimeNow])
+        expectErrno(EACCES) { _ = try m.setattr(bob, ino, now) }
+        var chgrp = SetAttrRequest(mask: .gid)
+        chgrp.gid = 1001
+        _ = try m.setattr(root, ino, chgrp)
+        let c = try m.setattr(bob, ino, now)
+        #expect(c.mtime > onlyM.mtime)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func setgidAndStickyDirectories(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let shared = try playground(m, "shared", mode: 0o2777)
+        var chgrp = SetAttrRequest(mask: .gid)
+        chgrp.gid = 3000
+        _ = try m.setattr(root, shared, chgrp)
+        let (_, file) = try m.mknod(bob, shared, n("f"), .regular, 0o2755, rdev: 0, target: nil)
+        #expect(file.gid == 3000, "gid inherited from a set-group-ID directory")
+        #expect(file.mode & 0o2000 == 0, "set-group-ID dropped: bob is not in group 3000")
+        let (_, sub) = try m.mknod(bob, shared, n("sub"), .directory, 0o755, rdev: 0, target: nil)
+        #expect(sub.gid == 3000 && sub.mode & 0o2000 != 0, "subdirectory inherits set-group-ID")
+
+        let tmp = try playground(m, "tmp", mode: 0o1777)
+        _ = try m.mknod(alice, tmp, n("alices"), .regular, 0o666, rdev: 0, target: nil)
+        expectErrno(EPERM) { _ = try m.unlink(bob, tmp, n("alices")) }
+        expectErrno(EPERM) { _ = try m.rename(bob, tmp, n("alices"), tmp, n("stolen"), []) }
+        _ = try m.mknod(bob, tmp, n("bobs"), .regular, 0o666, rdev: 0, target: nil)
+        expectErrno(EPERM) { _ = try m.rename(bob, tmp, n("bobs"), tmp, n("alices"), []) }
+        #expect(try m.unlink(alice, tmp, n("alices")).freed)
+        #expect(try m.unlink(root, tmp, n("bobs")).freed)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func directoryPermissions(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let (priv, _) = try m.mknod(alice, try playground(m), n("priv"), .directory, 0o755, rdev: 0, target: nil)
+        _ = try m.mknod(alice, priv, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        expectErrno(EACCES) { _ = try m.mknod(bob, priv, n("x"), .regular, 0o644, rdev: 0, target: nil) }
+        expectErrno(EACCES) { _ = try m.unlink(bob, priv, n("f")) }
+        var chmod = SetAttrRequest(mask: .mode)
+        chmod.mode = 0o700
+        _ = try m.setattr(alice, priv, chmod)
+        expectErrno(EACCES) { _ = try m.lookup(bob, priv, n("f")) }
+        _ = try m.lookup(root, priv, n("f"))
+        expectErrno(EACCES) { try m.access(bob, priv, .read) }
+        try m.access(alice, priv, [.read, .write, .execute])
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func extendedAttributes(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, _) = try m.mknod(alice, dir, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        try m.setxattr(alice, ino, n("user.a"), n("one"), .any)
+        try m.setxattr(alice, ino, n("user.b"), [0, 1, 2, 255], .create)
+        #expect(try m.getxattr(alice, ino, n("user.b")) == [0, 1, 2, 255])
+        #expect(try m.listxattr(alice, ino) == [n("user.a"), n("user.b")])
+        expectErrno(EEXIST) { try m.setxattr(alice, ino, n("user.a"), n("x"), .create) }
+        expectErrno(ENODATA) { try m.setxattr(alice, ino, n("user.zz"), n("x"), .replace) }
+        try m.setxattr(alice, ino, n("user.a"), n("two"), .replace)
+        #expect(try m.getxattr(bob, ino, n("user.a")) == n("two"))
+        expectErrno(EACCES) { try m.setxattr(bob, ino, n("user.c"), n("x"), .any) }
+        expectErrno(EPERM) { try m.setxattr(alice, ino, n("trusted.t"), n("x"), .any) }
+        try m.setxattr(root, ino, n("trusted.t"), n("x"), .any)
+        #expect(try m.listxattr(alice, ino).count == 2)
+        #expect(try m.listxattr(root, ino).count == 3)
+        try m.removexattr(alice, ino, n("user.a"))
+        expectErrno(ENODATA) { _ = try m.getxattr(alice, ino, n("user.a")) }
+        expectErrno(ENODATA) { try m.removexattr(alice, ino, n("user.a")) }
+        expectErrno(EOPNOTSUPP) { try m.setxattr(alice, ino, n("system.posix_acl_access"), n("x"), .any) }
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func chunksSizeAndTruncate(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, _) = try m.mknod(alice, dir, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        let id = try m.newSliceIDs(10)
+        #expect(try m.newSliceIDs(1) == id + 10)
+        let s0 = Slice(pos: 0, id: id, size: 1000, off: 0, len: 1000)
+        let a = try m.writeSlice(ino, 0, s0, minSize: 1000, mtime: Timespec(sec: 5, nsec: 6))
+        #expect(a.size == 1000 && a.mtime == Timespec(sec: 5, nsec: 6))
+        let s1 = Slice(pos: 100, id: id + 1, size: 50, off: 0, len: 50)
+        _ = try m.writeSlice(ino, 0, s1, minSize: 150, mtime: Timespec.now())
+        #expect(try m.readChunk(ino, 0) == [s0, s1])
+        #expect(try m.getattr(ino).size == 1000, "a write inside the file keeps its size")
+        // A file spanning two chunks, truncated into the first: the second chunk is dropped
+        // and a hole hides the tail of the first.
+        let s2 = Slice(pos: 0, id: id + 2, size: 10, off: 0, len: 10)
+        _ = try m.writeSlice(ino, 1, s2, minSize: chunkSize + 10, mtime: Timespec.now())
+        var trunc = SetAttrRequest(mask: .size)
+        trunc.size = 500
+        #expect(try m.setattr(alice, ino, trunc).size == 500)
+        #expect(try m.readChunk(ino, 1).isEmpty)
+        let c0 = try m.readChunk(ino, 0)
+        #expect(c0.last == Slice(pos: 500, id: 0, size: 0, off: 0, len: UInt32(chunkSize - 500)))
+        #expect(try m.takeDroppedSlices(limit: 100) == [s2])
+        trunc.size = 3000
+        #expect(try m.setattr(alice, ino, trunc).size == 3000)
+        expectErrno(EACCES) { _ = try m.setattr(bob, ino, trunc) }
+        let (d, _) = try m.mknod(alice, dir, n("d"), .directory, 0o755, rdev: 0, target: nil)
+        expectErrno(EISDIR) { _ = try m.setattr(alice, d, trunc) }
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func statfsCounts(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let s0 = try m.statfs()
+        let (ino, _) = try m.mknod(alice, rootIno, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 10000, off: 0, len: 10000), minSize: 10000, mtime: .now())
+        let s1 = try m.statfs()
+        #expect(s1.usedInodes == s0.usedInodes + 1)
+        #expect(s1.usedSpace == s0.usedSpace + 12288)
+        #expect(s1.totalSpace >= s1.usedSpace + s1.availSpace - 1)
+        _ = try m.unlink(alice, rootIno, n("f"))
+        let s2 = try m.statfs()
+        #expect(s2.usedInodes == s0.usedInodes && s2.usedSpace == s0.usedSpace)
+        #expect(try m.pendingDeletes(limit: 10) == [PendingDelete(ino: ino, size: 10000)])
+        let slices = try m.finishDelete(PendingDelete(ino: ino, size: 10000))
+        #expect(slices.count == 1)
+        #expect(try m.pendingDeletes(limit: 10).isEmpty)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func unlinkWhileOpenAndSessions(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let other = try f.reopen()
+        let dir = try playground(m)
+        let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/mnt", version: "t"))
+        let (ino, _) = try m.mknod(alice, dir, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 7, size: 10, off: 0, len: 10), minSize: 10, mtime: .now())
+        _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid)
+        _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid)
+        // Unlinked by another client while open: kept.
+        let r = try other.unlink(alice, dir, n("f"))
+        #expect(!r.freed && r.attr.nlink == 0)
+        #expect(try m.getattr(ino).nlink == 0)
+        #expect(try m.readChunk(ino, 0).count == 1)
+        try m.close(ino, sid: sid)
+        #expect(try m.pendingDeletes(limit: 10).isEmpty, "still open once")
+        try m.close(ino, sid: sid)
+        expectErrno(ENOENT) { _ = try m.getattr(ino) }
+        #expect(try m.pendingDeletes(limit: 10).map { $0.ino } == [ino])
+        // A client that dies with a file open: its session is cleaned up and the file freed.
+        let dead = try other.newSession(SessionInfo(hostname: "h2", pid: 2, mountPoint: "/mnt2", version: "t"))
+        let (ino2, _) = try other.mknod(alice, dir, n("g"), .regular, 0o644, rdev: 0, target: nil)
+        _ = try other.open(alice, ino2, flags: O_RDWR, sid: dead)
+        _ = try m.unlink(alice, dir, n("g"))
+        #expect(try m.getattr(ino2).nlink == 0)
+        #expect(try m.listSessions().map { $0.sid }.contains(dead))
+        #expect(try m.cleanStaleSessions(age: -10) == 2)
+        expectErrno(ENOENT) { _ = try m.getattr(ino2) }
+        #expect(try m.listSessions().isEmpty)
+        // Permission is checked at open.
+        let (p, _) = try m.mknod(alice, dir, n("p"), .regular, 0o600, rdev: 0, target: nil)
+        expectErrno(EACCES) { _ = try m.open(bob, p, flags: O_RDONLY, sid: sid) }
+        expectErrno(EISDIR) { _ = try m.open(bob, dir, flags: O_WRONLY, sid: sid) }
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func recordLocksAndFlock(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let (ino, _) = try m.mknod(alice, rootIno, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        let s1 = try m.newSession(SessionInfo(hostname: "a", pid: 1, mountPoint: "/a", version: "t"))
+        let s2 = try m.newSession(SessionInfo(hostname: "b", pid: 2, mountPoint: "/b", version: "t"))
+        try m.setlk(ino, sid: s1, owner: 1, pid: 11, type: .write, start: 0, end: 99)
+        expectErrno(EAGAIN) { try m.setlk(ino, sid: s2, owner: 2, pid: 22, type: .read, start: 50, end: 60) }
+        try m.setlk(ino, sid: s2, owner: 2, pid: 22, type: .write, start: 100, end: .max)
+        let conflict = try m.getlk(ino, sid: s2, owner: 2, type: .read, start: 10, end: 20)
+        #expect(conflict == LockRange(type: .write, start: 0, end: 99, pid: 11))
+        // Unlock the middle of a range: the rest stays locked.
+        try m.setlk(ino, sid: s1, owner: 1, pid: 11, type: .unlock, start: 40, end: 59)
+        try m.setlk(ino, sid: s2, owner: 3, pid: 33, type: .read, start: 45, end: 55)
+        #expect(try m.getlk(ino, sid: s2, owner: 2, type: .write, start: 30, end: 39)?.pid == 11)
+        #expect(try m.getlk(ino, sid: s2, owner: 2, type: .write, start: 60, end: 70)?.pid == 11)
+        // Shared read locks coexist.
+        try m.setlk(ino, sid: s1, owner: 4, pid: 44, type: .read, start: 45, end: 50)
+        // flock
+        try m.flock(ino, sid: s1, owner: 9, pid: 11, type: .write)
+        expectErrno(EAGAIN) { try m.flock(ino, sid: s2, owner: 8, pid: 22, type: .read) }
+        try m.flock(ino, sid: s1, owner: 9, pid: 11, type: .read)
+        try m.flock(ino, sid: s2, owner: 8, pid: 22, type: .read)
+        // A closed session's locks are gone.
+        try m.closeSession(s1)
+        #expect(try m.getlk(ino, sid: s2, owner: 2, type: .write, start: 0, end: 30) == nil)
+        try m.flock(ino, sid: s2, owner: 8, pid: 22, type: .write)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func twoClientsShareOneVolume(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let other = try f.reopen()
+        let (ino, _) = try f.engine.mknod(alice, rootIno, n("shared"), .regular, 0o644, rdev: 0, target: nil)
+        #expect(try other.lookup(alice, rootIno, n("shared")).0 == ino)
+        _ = try other.writeSlice(ino, 0, Slice(pos: 0, id: 3, size: 5, off: 0, len: 5), minSize: 5, mtime: .now())
+        #expect(try f.engine.getattr(ino).size == 5)
+    }
+}

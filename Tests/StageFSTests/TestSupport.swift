@@ -1,0 +1,135 @@
+import Foundation
+import Metadata
+import StageFSCore
+import Testing
+
+/// A real `redis-server` on a free loopback port, stopped when the value is released.
+final class RedisServer: @unchecked Sendable {
+    let port: Int
+    let pid: pid_t
+    let dir: String
+
+    init() throws {
+        dir = try makeTempDir("redis")
+        for _ in 0..<10 {
+            let port = freePort()
+            let pid = try Spawn.start(
+                "/usr/bin/redis-server",
+                ["--port", "\(port)", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir, "--daemonize", "no"],
+                stdout: .null, stderr: .null)
+            if waitForPort(port, seconds: 5) {
+                self.port = port
+                self.pid = pid
+                return
+            }
+            kill(pid, SIGKILL)
+            Spawn.wait(pid)
+        }
+        throw TestFailure("redis-server did not start")
+    }
+
+    var url: String { "redis://127.0.0.1:\(port)/0" }
+
+    deinit {
+        kill(pid, SIGKILL)
+        Spawn.wait(pid)
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
+
+/// A loopback TCP port nobody listens on right now.
+func freePort() -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = 0
+    _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
+    return Int(UInt16(bigEndian: addr.sin_port))
+}
+
+/// Waits until something accepts connections on the loopback port.
+func waitForPort(_ port: Int, seconds: Double) -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        addr.sin_port = in_port_t(UInt16(port).bigEndian)
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        close(fd)
+        if rc == 0 { return true }
+        usleep(50_000)
+    }
+    return false
+}
+
+func makeTempDir(_ tag: String) throws -> String {
+    var template = Array("/tmp/stagefs-test-\(tag)-XXXXXX".utf8CString)
+    guard let p = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else { throw TestFailure("mkdtemp failed") }
+    return String(cString: p)
+}
+
+/// The engines the conformance suite runs against.
+enum EngineKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
+    case sqlite, redis
+    var testDescription: String { rawValue }
+}
+
+/// A formatted, empty volume on a fresh engine; keeps its server or files alive until released.
+final class EngineFixture: @unchecked Sendable {
+    let kind: EngineKind
+    let engine: any MetadataEngine
+    let url: String
+    private let redis: RedisServer?
+    private let dir: String
+
+    init(_ kind: EngineKind) throws {
+        self.kind = kind
+        dir = try makeTempDir("meta")
+        switch kind {
+        case .sqlite:
+            redis = nil
+            url = "sqlite3://\(dir)/meta.db"
+        case .redis:
+            redis = try RedisServer()
+            url = redis!.url
+        }
+        engine = try openMetadata(try MetaURL.parse(url), create: true)
+        try engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: dir + "/data"), force: false)
+    }
+
+    /// A second, independent client of the same metadata.
+    func reopen() throws -> any MetadataEngine {
+        try openMetadata(try MetaURL.parse(url))
+    }
+
+    deinit {
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
+extension Array where Element == UInt8 {
+    init(_ s: String) { self = Array(s.utf8) }
+}
+
+/// Asserts that `body` throws an FSError with `code`.
+func expectErrno(_ code: Int32, _ comment: Comment? = nil, sourceLocation: SourceLocation = #_sourceLocation, _ body: () throws -> Void) {
+    do {
+        try body()
+        Issue.record("expected errno \(code), got success \(comment.map { "(\($0))" } ?? "")", sourceLocation: sourceLocation)
+    } catch let e as FSError {
+        #expect(e.code == code, "expected errno \(code), got \(e.code) (\(e.message)) \(comment.map { "(\($0))" } ?? "")", sourceLocation: sourceLocation)
+    } catch {
+        Issue.record("unexpected error \(error)", sourceLocation: sourceLocation)
+    }
+}
