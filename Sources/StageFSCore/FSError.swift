@@ -65,3 +65,16 @@ extension FSError {
         FSError(code, "\(context): \(message)", usage: isUsage)
     }
 }
+
+/// Runs a closure passed through an untyped-`rethrows` API (such as `withUnsafeBytes`) and
+/// gives back its `FSError` typed.
+@inline(__always)
+public func fsTyped<T>(_ body: () throws -> T) throws(FSError) -> T {
+    do {
+        return try body()
+    } catch let e as FSError {
+        throw e
+    } catch {
+        throw FSError(EIO, "\(error)")
+    }
+}

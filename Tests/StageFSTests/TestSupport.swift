@@ -133,3 +133,61 @@ func expectErrno(_ code: Int32, _ comment: Comment? = nil, sourceLocation: Sourc
         Issue.record("unexpected error \(error)", sourceLocation: sourceLocation)
     }
 }
+
+/// A real `moto_server` (S3 endpoint) on a free loopback port, stopped when released.
+/// With `auth`, moto checks signatures: an IAM user with an `s3:*` policy is created and its
+/// keys returned in `accessKey`/`secretKey`.
+final class MotoServer: @unchecked Sendable {
+    let port: Int
+    let pid: pid_t
+    var accessKey = "testing"
+    var secretKey = "testing"
+
+    init(auth: Bool = false) throws {
+        guard let moto = Spawn.which("moto_server") else { throw TestFailure("moto_server is not installed (pip install 'moto[server]')") }
+        var env = Spawn.currentEnvironment().filter { !$0.hasPrefix("AWS_") }
+        if auth { env.append("INITIAL_NO_AUTH_ACTION_COUNT=4") }
+        var started: (Int, pid_t)?
+        for _ in 0..<5 {
+            let port = freePort()
+            let pid = try Spawn.start(moto, ["-H", "127.0.0.1", "-p", "\(port)"], env: env, stdout: .null, stderr: .null)
+            if waitForPort(port, seconds: 30) {
+                started = (port, pid)
+                break
+            }
+            kill(pid, SIGKILL)
+            Spawn.wait(pid)
+        }
+        guard let (port, pid) = started else { throw TestFailure("moto_server did not start") }
+        self.port = port
+        self.pid = pid
+        if auth {
+            let script = """
+                import boto3, json
+                iam = boto3.client('iam', endpoint_url='http://127.0.0.1:\(port)', region_name='us-east-1',
+                                   aws_access_key_id='x', aws_secret_access_key='x')
+                iam.create_user(UserName='stagefs')
+                iam.put_user_policy(UserName='stagefs', PolicyName='s3', PolicyDocument=json.dumps(
+                    {'Version': '2012-10-17', 'Statement': [{'Effect': 'Allow', 'Action': 's3:*', 'Resource': '*'}]}))
+                k = iam.create_access_key(UserName='stagefs')['AccessKey']
+                print(k['AccessKeyId'], k['SecretAccessKey'])
+                """
+            let (status, out) = try Spawn.run("/usr/bin/env", ["python3", "-c", script])
+            let parts = out.split(whereSeparator: { $0 == " " || $0 == "\n" })
+            guard status == 0, parts.count >= 2 else {
+                kill(pid, SIGKILL)
+                Spawn.wait(pid)
+                throw TestFailure("could not create moto IAM keys: \(out)")
+            }
+            accessKey = String(parts[parts.count - 2])
+            secretKey = String(parts[parts.count - 1])
+        }
+    }
+
+    func bucketURL(_ name: String) -> String { "http://127.0.0.1:\(port)/\(name)" }
+
+    deinit {
+        kill(pid, SIGKILL)
+        Spawn.wait(pid)
+    }
+}

@@ -1,0 +1,94 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import StageFSCore
+
+/// One stored object as listed.
+public struct ObjectInfo: Sendable, Equatable {
+    public var key: String
+    public var size: Int
+    public init(key: String, size: Int) {
+        self.key = key
+        self.size = size
+    }
+}
+
+/// Where blocks live: a local directory or an S3 bucket. Methods block; they run on worker
+/// threads. An object is never reported written before the store acknowledged it.
+public protocol ObjectStore: AnyObject, Sendable {
+    /// "directory /data" or "S3 bucket http://host:port/bucket", for messages.
+    var description: String { get }
+    /// Stores `data` under `key` (whole-object replace).
+    func put(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError)
+    /// Reads up to `buffer.count` bytes of `key` from `offset`; returns how many were read.
+    /// A missing object is `ENOENT`.
+    func get(_ key: String, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int
+    /// Removes `key`; a missing object is not an error.
+    func delete(_ key: String) throws(FSError)
+    /// The object's size, or nil when it does not exist.
+    func head(_ key: String) throws(FSError) -> Int?
+    /// Objects whose keys start with `prefix`, in key order.
+    func list(prefix: String, limit: Int) throws(FSError) -> [ObjectInfo]
+    /// Creates the bucket or directory if it does not exist.
+    func create() throws(FSError)
+}
+
+extension ObjectStore {
+    /// Stores a byte array.
+    public func put(_ key: String, bytes: [UInt8]) throws(FSError) {
+        try fsTyped { try bytes.withUnsafeBytes { try put(key, $0) } }
+    }
+
+    /// Reads a whole small object.
+    public func getAll(_ key: String, size: Int) throws(FSError) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: size)
+        let n = try fsTyped { try out.withUnsafeMutableBytes { try get(key, offset: 0, into: $0) } }
+        return Array(out[0..<n])
+    }
+
+    /// Proves the store works with these settings: writes, reads back and removes a probe object.
+    /// Used by `format` and `mount` so wrong credentials fail at once with a clear message.
+    public func check(prefix: String) throws(FSError) {
+        let key = "\(prefix)/stagefs-probe-\(getpid())-\(Sys.monotonicNanos())"
+        let payload = Array("stagefs probe".utf8)
+        try put(key, bytes: payload)
+        let back = try getAll(key, size: payload.count)
+        try delete(key)
+        if back != payload { throw FSError(EIO, "\(description) returned other bytes than were written to it") }
+    }
+}
+
+/// Settings for opening a store.
+public struct StoreConfig: Sendable {
+    /// `file` or `s3`.
+    public var storage: String
+    public var bucket: String
+    public var accessKey: String?
+    public var secretKey: String?
+    /// Seconds one request may take (connect + transfer).
+    public var timeout: Double = 60
+    /// Attempts per request for retryable failures (5xx, throttling, connection errors).
+    public var maxAttempts: Int = 6
+
+    public init(storage: String, bucket: String, accessKey: String? = nil, secretKey: String? = nil) {
+        self.storage = storage
+        self.bucket = bucket
+        self.accessKey = accessKey
+        self.secretKey = secretKey
+    }
+}
+
+/// Opens the store a volume's settings name.
+public func openObjectStore(_ config: StoreConfig) throws(FSError) -> any ObjectStore {
+    switch config.storage {
+    case "file": return try LocalObjectStore(root: config.bucket)
+    case "s3": return try S3ObjectStore(config)
+    default: throw FSError.usage("unknown storage '\(config.storage)' (expected file or s3)")
+    }
+}
+
+/// Exponential back-off with full jitter: attempt 1 waits up to 0.1 s, doubling to 5 s at most.
+func backoffDelay(attempt: Int) -> Double {
+    let cap = min(5.0, 0.1 * Double(1 << min(attempt, 10)))
+    return cap * 0.5 + Double.random(in: 0...(cap * 0.5))
+}

@@ -1,0 +1,92 @@
+import Foundation
+import ObjectStorage
+import StageFSCore
+import Testing
+
+/// The stores the object-store tests run against.
+enum StoreKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
+    case local, s3
+    var testDescription: String { rawValue }
+}
+
+@Suite("Object storage", .timeLimit(.minutes(3)))
+struct ObjectStoreTests {
+    @Test(arguments: StoreKind.allCases)
+    func putGetRangeListDelete(kind: StoreKind) throws {
+        let dir = try makeTempDir("store")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var moto: MotoServer?
+        let store: any ObjectStore
+        switch kind {
+        case .local:
+            store = try openObjectStore(StoreConfig(storage: "file", bucket: dir + "/bucket"))
+        case .s3:
+            moto = try MotoServer()
+            store = try openObjectStore(StoreConfig(storage: "s3", bucket: moto!.bucketURL("stagefs-test"), accessKey: "testing", secretKey: "testing"))
+        }
+        try store.create()
+        try store.create()  // twice is fine
+        let data = (0..<(1 << 20) + 17).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
+        try store.put("vol/chunks/0/0/1_0_1048593", bytes: data)
+        try store.put("vol/chunks/0/0/2_0_3", bytes: [1, 2, 3])
+        try store.put("other/x", bytes: [9])
+        #expect(try store.getAll("vol/chunks/0/0/1_0_1048593", size: data.count) == data)
+        var part = [UInt8](repeating: 0, count: 1000)
+        let n = try part.withUnsafeMutableBytes { try store.get("vol/chunks/0/0/1_0_1048593", offset: 5000, into: $0) }
+        #expect(n == 1000 && part == Array(data[5000..<6000]))
+        #expect(try store.head("vol/chunks/0/0/2_0_3") == 3)
+        #expect(try store.head("vol/missing") == nil)
+        #expect(try store.list(prefix: "vol/", limit: 100).map { $0.key } == ["vol/chunks/0/0/1_0_1048593", "vol/chunks/0/0/2_0_3"])
+        #expect(try store.list(prefix: "vol/", limit: 100).last?.size == 3)
+        expectErrno(ENOENT) { _ = try store.getAll("vol/missing", size: 10) }
+        try store.delete("vol/chunks/0/0/2_0_3")
+        try store.delete("vol/chunks/0/0/2_0_3")  // twice is fine
+        #expect(try store.head("vol/chunks/0/0/2_0_3") == nil)
+        try store.check(prefix: "vol")
+        withExtendedLifetime(moto) {}
+    }
+
+    @Test func wrongSecretIsAClearError() throws {
+        let moto = try MotoServer(auth: true)
+        let good = try openObjectStore(StoreConfig(storage: "s3", bucket: moto.bucketURL("authed"), accessKey: moto.accessKey, secretKey: moto.secretKey))
+        try good.create()
+        try good.check(prefix: "v")
+        let bad = try openObjectStore(StoreConfig(storage: "s3", bucket: moto.bucketURL("authed"), accessKey: moto.accessKey, secretKey: "wrong"))
+        do {
+            try bad.check(prefix: "v")
+            Issue.record("a wrong secret was accepted")
+        } catch {
+            #expect(error.code == EACCES)
+            #expect(error.message.contains("SignatureDoesNotMatch"), "\(error.message)")
+            #expect(error.message.contains("authed"))
+        }
+    }
+
+    @Test func unreachableEndpointFailsAfterRetries() throws {
+        var cfg = StoreConfig(storage: "s3", bucket: "http://127.0.0.1:\(freePort())/nobody", accessKey: "a", secretKey: "b")
+        cfg.maxAttempts = 3
+        cfg.timeout = 2
+        let store = try openObjectStore(cfg)
+        let start = Date()
+        do {
+            try store.put("k", bytes: [1])
+            Issue.record("a put to a closed port succeeded")
+        } catch {
+            #expect(error.code == EIO)
+            #expect(error.message.contains("cannot reach"), "\(error.message)")
+        }
+        #expect(Date().timeIntervalSince(start) < 10)
+    }
+
+    @Test func malformedBucketURLsAreUsageErrors() {
+        for url in ["ftp://x/y", "http://", "localhost:9000/b"] {
+            do {
+                _ = try openObjectStore(StoreConfig(storage: "s3", bucket: url))
+                Issue.record("\(url) was accepted")
+            } catch {
+                #expect(error.isUsage)
+            }
+        }
+        #expect(throws: FSError.self) { _ = try openObjectStore(StoreConfig(storage: "file", bucket: "relative/dir")) }
+    }
+}
