@@ -136,6 +136,8 @@ public protocol MetadataEngine: AnyObject, Sendable {
     /// `mode` holds the permission bits after the umask.
     func mknod(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?)
         throws(FSError) -> (Ino, Attr)
+    /// Creates a regular file and records it open by session `sid`, in one operation.
+    func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr)
     func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName
     func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError)
     /// rename/renameat2; returns what a replaced destination lost, if anything was replaced.

@@ -196,7 +196,13 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     {
         try validateName(name)
         if type == .symlink && (target == nil || target!.isEmpty || target!.count > 4095) { throw FSError.invalid }
-        let r = try run("mknod", cred, [parent, name, type.rawValue, mode, rdev, target ?? []])
+        let r = try run("mknod", cred, [parent, name, type.rawValue, mode, rdev, target ?? [], 0])
+        return (inoOf(r.first), try decodeAttr(r.dropFirst().first))
+    }
+
+    package func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr) {
+        try validateName(name)
+        let r = try run("mknod", cred, [parent, name, FileType.regular.rawValue, mode, 0, [], sid])
         return (inoOf(r.first), try decodeAttr(r.dropFirst().first))
     }
 

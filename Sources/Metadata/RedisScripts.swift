@@ -133,7 +133,8 @@ enum RedisScripts {
         return {0, ino, s}
         """#
 
-    /// ARGV 6 parent, 7 name, 8 type, 9 mode, 10 rdev, 11 symlink target -> {0, ino, attr}
+    /// ARGV 6 parent, 7 name, 8 type, 9 mode, 10 rdev, 11 symlink target, 12 session opening it (or 0)
+    /// -> {0, ino, attr}
     static let mknod = #"""
         local parent, name, t = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
         local mode, rdev, target = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
@@ -166,6 +167,10 @@ enum RedisScripts {
         putattr(parent, pa)
         redis.call('INCR', 'usedInodes')
         redis.call('INCRBY', 'usedSpace', align4k(size))
+        if ARGV[12] ~= '0' then
+          redis.call('HINCRBY', key('o', ino), ARGV[12], 1)
+          redis.call('HINCRBY', 'so' .. ARGV[12], string.format('%d', ino), 1)
+        end
         return {0, ino, packattr(a)}
         """#
 

@@ -296,6 +296,14 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         a.size = newSize
     }
 
+    package func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr) {
+        try store.transaction(write: true) { () throws(FSError) in
+            let (ino, a) = try mknod(cred, parent, name, .regular, mode, rdev: 0, target: nil)
+            _ = try store.addOpen(sid, ino, 1)
+            return (ino, a)
+        }
+    }
+
     package func mknod(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?)
         throws(FSError) -> (Ino, Attr)
     {

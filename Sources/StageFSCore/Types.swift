@@ -2,6 +2,9 @@
 import Glibc
 #endif
 
+/// The StageFS release.
+public let stageFSVersion = "0.1.0"
+
 /// An inode number. 1 is the root directory; 0 means "none".
 public typealias Ino = UInt64
 

@@ -1,0 +1,318 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Metadata
+import ObjectStorage
+import StageFSCore
+
+/// Tunables of the data path.
+public struct DataConfig: Sendable {
+    /// Bytes of written data buffered before writers wait (back-pressure).
+    public var bufferSize = 300 << 20
+    /// Bytes of blocks kept in memory for reads.
+    public var memoryCacheSize = 256 << 20
+    public var uploadThreads = 20
+    public var downloadThreads = 20
+    /// Blocks fetched ahead of a sequential reader, at most.
+    public var readAheadBlocks = 8
+    /// Seconds after which buffered writes are committed even without close/fsync.
+    public var flushAge = 5.0
+
+    public init() {}
+}
+
+/// Cached view of a chunk: its segments, and the slices it was built from.
+struct ChunkView {
+    var segments: [Segment]
+}
+
+/// The data path of one client: write buffers, uploads, reads with read-ahead, the memory block
+/// cache, and deletion of objects that metadata no longer references.
+public final class DataStore: @unchecked Sendable {
+    public let meta: any MetadataEngine
+    public let store: any ObjectStore
+    public let layout: Layout
+    public let config: DataConfig
+    let budget: ByteBudget
+    let uploads: WorkerPool
+    let background: WorkerPool
+    let cache: MemoryCache
+    let fetcher: BlockFetcher
+    let ids: SliceIDs
+    private let lock = ConditionLock()
+    private var writers: [Ino: FileWriter] = [:]
+    private var views: [Ino: [UInt32: ChunkView]] = [:]
+    private var stopped = false
+
+    public init(meta: any MetadataEngine, store: any ObjectStore, format: VolumeFormat, config: DataConfig = DataConfig()) {
+        self.meta = meta
+        self.store = store
+        self.config = config
+        layout = Layout(volume: format.name, blockSize: format.blockSize)
+        budget = ByteBudget(limit: config.bufferSize)
+        uploads = WorkerPool(name: "upload", threads: config.uploadThreads)
+        background = WorkerPool(name: "background", threads: 2)
+        cache = MemoryCache(limit: config.memoryCacheSize)
+        fetcher = BlockFetcher(store: store, cache: cache, threads: config.downloadThreads)
+        ids = SliceIDs(meta: meta)
+    }
+
+    // MARK: writers
+
+    /// The writer of `ino`, created on first use; pair with `releaseWriter`.
+    public func openWriter(_ ino: Ino) -> FileWriter {
+        lock.withLock {
+            let w = writers[ino] ?? FileWriter(ino: ino, data: self)
+            writers[ino] = w
+            w.refs += 1
+            return w
+        }
+    }
+
+    /// The writer of `ino` if this client has buffered writes or open writers for it.
+    public func writer(_ ino: Ino) -> FileWriter? { lock.withLock { writers[ino] } }
+
+    /// Drops one user of a writer (after flushing it).
+    public func releaseWriter(_ w: FileWriter) {
+        lock.withLock {
+            w.refs -= 1
+            if w.refs <= 0 && !w.hasPending && writers[w.ino] === w { writers[w.ino] = nil }
+        }
+    }
+
+    /// Flushes the buffered writes of `ino`, if any.
+    public func flush(_ ino: Ino) throws(FSError) {
+        if let w = writer(ino) { try w.flush() }
+    }
+
+    /// Flushes every writer (unmount, SIGTERM).
+    public func flushAll() throws(FSError) {
+        let all = lock.withLock { Array(writers.values) }
+        var first: FSError?
+        for w in all {
+            do { try w.flush() } catch { first = first ?? error }
+        }
+        if let first { throw first }
+    }
+
+    /// Commits writes older than `flushAge` (called periodically) and, when the write buffer is
+    /// nearly full, everything, so writers waiting for buffer space go on.
+    public func flushIdle() {
+        let all = lock.withLock { Array(writers.values) }
+        let pressure = budget.inUse > budget.limit * 3 / 4
+        for w in all where pressure || w.oldestAge > config.flushAge {
+            w.freezeAll()
+            background.submit { try? w.flush() }
+        }
+    }
+
+    // MARK: reads
+
+    /// Forgets cached chunk views of `ino` (after a commit, a truncate, or on open).
+    public func invalidate(_ ino: Ino) {
+        lock.withLock { _ = views.removeValue(forKey: ino) }
+    }
+
+    private func view(_ ino: Ino, _ index: UInt32) throws(FSError) -> ChunkView {
+        if let v = lock.withLock({ views[ino]?[index] }) { return v }
+        let v = ChunkView(segments: buildView(try meta.readChunk(ino, index)))
+        lock.withLock {
+            if views.count > 10_000 { views.removeAll() }
+            views[ino, default: [:]][index] = v
+        }
+        return v
+    }
+
+    /// One piece of a read: `len` bytes from offset `off` of block `index` of slice `id` to `dest`.
+    private struct Piece: @unchecked Sendable {
+        var key: String
+        var blockLen: Int
+        var off: Int
+        var len: Int
+        var dest: UnsafeMutableRawPointer
+    }
+
+    /// Reads `buffer.count` bytes at `offset` of a file of `fileSize` bytes; returns bytes read.
+    /// `hint` carries a reader's sequential-read state between calls.
+    public func read(_ ino: Ino, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, fileSize: UInt64, hint: ReadAhead? = nil) throws(FSError) -> Int {
+        if offset >= fileSize || buffer.count == 0 { return 0 }
+        let total = Int(min(UInt64(buffer.count), fileSize - offset))
+        let bs = layout.blockSize
+        var pieces: [Piece] = []
+        var done = 0
+        while done < total {
+            let off = offset + UInt64(done)
+            let chunk = UInt32(off / chunkSize)
+            let posInChunk = UInt32(off % chunkSize)
+            let n = min(total - done, Int(chunkSize) - Int(posInChunk))
+            let v = try view(ino, chunk)
+            var cursor = posInChunk
+            let end = posInChunk + UInt32(n)
+            for seg in v.segments where seg.pos + seg.len > cursor && seg.pos < end {
+                if seg.pos > cursor {
+                    // Gap before this segment: a hole.
+                    buffer.baseAddress!.advanced(by: done + Int(cursor - posInChunk)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(seg.pos - cursor))
+                    cursor = seg.pos
+                }
+                let segEnd = min(seg.pos + seg.len, end)
+                let dest = buffer.baseAddress!.advanced(by: done + Int(cursor - posInChunk))
+                if seg.id == 0 {
+                    dest.initializeMemory(as: UInt8.self, repeating: 0, count: Int(segEnd - cursor))
+                } else {
+                    var sliceOff = Int(seg.off) + Int(cursor - seg.pos)
+                    var left = Int(segEnd - cursor)
+                    var d = dest
+                    while left > 0 {
+                        let bi = sliceOff / bs
+                        let bo = sliceOff % bs
+                        let blen = layout.blockLength(sliceSize: seg.size, index: bi)
+                        let take = min(left, blen - bo)
+                        if take <= 0 { throw FSError(EIO, "inode \(ino): a slice record points past its slice") }
+                        pieces.append(Piece(key: layout.key(slice: seg.id, index: bi, length: blen), blockLen: blen, off: bo, len: take, dest: d))
+                        d += take
+                        sliceOff += take
+                        left -= take
+                    }
+                }
+                cursor = segEnd
+            }
+            if cursor < end {
+                buffer.baseAddress!.advanced(by: done + Int(cursor - posInChunk)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(end - cursor))
+            }
+            done += n
+        }
+        let sequential = hint?.observe(offset: offset, length: total) ?? false
+        try fetchPieces(pieces, wholeBlocks: sequential || total >= bs / 4)
+        if sequential, let hint, let last = pieces.last {
+            readAhead(ino, after: offset + UInt64(total), fileSize: fileSize, blocks: hint.window(max: config.readAheadBlocks), lastKey: last.key)
+        }
+        return total
+    }
+
+    private func fetchPieces(_ pieces: [Piece], wholeBlocks: Bool) throws(FSError) {
+        if pieces.isEmpty { return }
+        var missing: [Piece] = []
+        for p in pieces {
+            if let b = cache.get(p.key) {
+                p.dest.copyMemory(from: b.base + p.off, byteCount: p.len)
+            } else {
+                missing.append(p)
+            }
+        }
+        if missing.isEmpty { return }
+        let one = missing.count == 1
+        let group = WaitGroup()
+        for p in missing {
+            let work: @Sendable () -> Void = { [self] in
+                do throws(FSError) {
+                    if wholeBlocks || p.len * 4 >= p.blockLen {
+                        let b = try fetcher.fetch(p.key, length: p.blockLen)
+                        p.dest.copyMemory(from: b.base + p.off, byteCount: p.len)
+                    } else {
+                        try fetcher.readRange(p.key, offset: p.off, into: UnsafeMutableRawBufferPointer(start: p.dest, count: p.len))
+                        fetcher.prefetch(p.key, length: p.blockLen)
+                    }
+                    group.done()
+                } catch {
+                    group.done(error)
+                }
+            }
+            group.add()
+            if one { work() } else { fetcher.pool.submit(work) }
+        }
+        try group.wait()
+    }
+
+    /// Prefetches the blocks after `offset` into memory.
+    private func readAhead(_ ino: Ino, after offset: UInt64, fileSize: UInt64, blocks: Int, lastKey: String) {
+        let bs = UInt64(layout.blockSize)
+        var pos = offset
+        var queued = 0
+        while queued < blocks && pos < fileSize {
+            let chunk = UInt32(pos / chunkSize)
+            let inChunk = UInt32(pos % chunkSize)
+            guard let v = try? view(ino, chunk) else { return }
+            guard let seg = v.segments.first(where: { $0.pos <= inChunk && $0.pos + $0.len > inChunk }) else {
+                pos = (pos / bs + 1) * bs
+                continue
+            }
+            if seg.id != 0 {
+                let sliceOff = Int(seg.off) + Int(inChunk - seg.pos)
+                let bi = sliceOff / layout.blockSize
+                let blen = layout.blockLength(sliceSize: seg.size, index: bi)
+                fetcher.prefetch(layout.key(slice: seg.id, index: bi, length: blen), length: blen)
+                queued += 1
+                pos += UInt64(blen - sliceOff % layout.blockSize)
+            } else {
+                pos += UInt64(seg.pos + seg.len - inChunk)
+            }
+        }
+    }
+
+    // MARK: deletion
+
+    /// Deletes the objects of files whose last link went away and of slices cut off by
+    /// truncation. Returns how many objects were deleted.
+    @discardableResult
+    public func cleanDeleted(limit: Int = 1000) -> Int {
+        var count = 0
+        do {
+            for pd in try meta.pendingDeletes(limit: limit) {
+                for s in try meta.finishDelete(pd) { count += deleteObjects(s) }
+            }
+            for s in try meta.takeDroppedSlices(limit: limit) { count += deleteObjects(s) }
+        } catch {
+            Log.warning("deleting unreferenced data: \(error.message)")
+        }
+        return count
+    }
+
+    private func deleteObjects(_ s: Slice) -> Int {
+        var n = 0
+        for key in layout.keys(of: s) {
+            cache.remove(key)
+            do {
+                try store.delete(key)
+                n += 1
+            } catch {
+                Log.warning("could not delete \(key): \(error.message)")
+            }
+        }
+        return n
+    }
+
+    /// Bytes of written data waiting to be uploaded.
+    public var bufferedBytes: Int { budget.inUse }
+
+    /// Stops the worker threads once their queues drain.
+    public func shutdown() {
+        uploads.shutdown()
+        background.shutdown()
+        fetcher.pool.shutdown()
+    }
+}
+
+/// Sequential-read detection for one open file: grows the read-ahead window while reads follow
+/// each other, resets it on a jump.
+public final class ReadAhead: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var nextOffset: UInt64 = 0
+    private var run = 0
+
+    public init() {}
+
+    /// Records a read; true when it continues the previous one.
+    func observe(offset: UInt64, length: Int) -> Bool {
+        lock.withLock {
+            let seq = offset == nextOffset && offset != 0 || (offset == 0 && run == 0 && length > 0 && nextOffset == 0)
+            run = seq ? run + 1 : 0
+            nextOffset = offset + UInt64(length)
+            return run >= 1
+        }
+    }
+
+    /// Blocks to read ahead: doubles with each sequential read up to `max`.
+    func window(max: Int) -> Int {
+        lock.withLock { Swift.min(max, 1 << Swift.min(run, 6)) }
+    }
+}

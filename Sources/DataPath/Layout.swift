@@ -1,0 +1,102 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Metadata
+import StageFSCore
+
+/// Names and shapes of the immutable blocks of a volume.
+public struct Layout: Sendable {
+    /// The volume name: the first part of every object key.
+    public let volume: String
+    /// The largest block, in bytes (fixed at format).
+    public let blockSize: Int
+
+    public init(volume: String, blockSize: Int) {
+        self.volume = volume
+        self.blockSize = blockSize
+    }
+
+    /// `<volume>/chunks/<id/1e6>/<id/1e3>/<id>_<index>_<length>`: the object key and, under
+    /// the cache directory, the cache file name of one block.
+    public func key(slice id: UInt64, index: Int, length: Int) -> String {
+        "\(volume)/chunks/\(id / 1_000_000)/\(id / 1_000)/\(id)_\(index)_\(length)"
+    }
+
+    /// The length of block `index` of a slice of `size` bytes.
+    public func blockLength(sliceSize: UInt32, index: Int) -> Int {
+        min(blockSize, Int(sliceSize) - index * blockSize)
+    }
+
+    /// Every block key of a slice (for deletion).
+    public func keys(of slice: Slice) -> [String] {
+        guard slice.id != 0, slice.size > 0 else { return [] }
+        let count = (Int(slice.size) + blockSize - 1) / blockSize
+        return (0..<count).map { key(slice: slice.id, index: $0, length: blockLength(sliceSize: slice.size, index: $0)) }
+    }
+}
+
+/// A run of bytes of a chunk as readers see it: `len` bytes at `pos` come from offset `off` of
+/// slice `id` (size `size`), or are zeros when `id` is 0.
+public struct Segment: Sendable, Equatable {
+    public var pos: UInt32
+    public var len: UInt32
+    public var id: UInt64
+    public var size: UInt32
+    public var off: UInt32
+}
+
+/// Builds the visible segments of a chunk from its slice records, newest winning.
+public func buildView(_ slices: [Slice]) -> [Segment] {
+    var view: [Segment] = []
+    for s in slices where s.len > 0 {
+        let start = s.pos
+        let end = s.pos + s.len
+        var next: [Segment] = []
+        next.reserveCapacity(view.count + 2)
+        for g in view {
+            let gEnd = g.pos + g.len
+            if gEnd <= start || g.pos >= end {
+                next.append(g)
+                continue
+            }
+            if g.pos < start {
+                next.append(Segment(pos: g.pos, len: start - g.pos, id: g.id, size: g.size, off: g.off))
+            }
+            if gEnd > end {
+                next.append(Segment(pos: end, len: gEnd - end, id: g.id, size: g.size, off: g.off + (end - g.pos)))
+            }
+        }
+        next.append(Segment(pos: start, len: s.len, id: s.id, size: s.size, off: s.off))
+        next.sort { $0.pos < $1.pos }
+        view = next
+    }
+    return view
+}
+
+/// A heap buffer with a fixed address, freed with its owner (no copy-on-write surprises).
+public final class Buffer: @unchecked Sendable {
+    public private(set) var base: UnsafeMutableRawPointer
+    public private(set) var capacity: Int
+    public var count: Int
+
+    public init(capacity: Int) {
+        self.capacity = max(capacity, 1)
+        base = UnsafeMutableRawPointer.allocate(byteCount: self.capacity, alignment: 64)
+        count = 0
+    }
+
+    deinit { base.deallocate() }
+
+    /// Grows to at least `n` bytes, keeping the contents.
+    public func reserve(_ n: Int) {
+        guard n > capacity else { return }
+        let newCap = max(n, capacity * 2)
+        let nb = UnsafeMutableRawPointer.allocate(byteCount: newCap, alignment: 64)
+        nb.copyMemory(from: base, byteCount: count)
+        base.deallocate()
+        base = nb
+        capacity = newCap
+    }
+
+    public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: count) }
+}

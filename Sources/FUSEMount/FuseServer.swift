@@ -1,0 +1,125 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CFuse3
+import StageFSCore
+import VFS
+
+/// Mount settings of the FUSE adapter.
+public struct FuseConfig: Sendable {
+    /// Seconds the kernel may cache attributes and directory entries.
+    public var attrTimeout: Double = 1
+    public var entryTimeout: Double = 1
+    /// Options passed to the kernel/fusermount3 (`allow_other`, `allow_root`, `ro`, ...).
+    public var options: [String] = []
+    public var fsName = "stagefs"
+    public var maxIdleThreads: UInt32 = 16
+    public var debug = false
+
+    public init() {}
+}
+
+/// The libfuse3 low-level adapter: one `fuse_session` whose callbacks (capture-free global
+/// functions) reach this object through the session's userdata, an unretained pointer kept
+/// valid because `run` holds a strong reference until the loop ends.
+public final class FuseServer: @unchecked Sendable {
+    private var attached: VFS?
+    let config: FuseConfig
+    private var session: OpaquePointer?
+    public let mountPoint: String
+
+    /// The mount is made before the VFS starts its threads (libfuse forks fusermount3), so the
+    /// VFS is attached afterwards, before `run`.
+    public init(mountPoint: String, config: FuseConfig) {
+        self.mountPoint = mountPoint
+        self.config = config
+    }
+
+    /// Gives the server the file system to serve; call between `mount` and `run`.
+    public func attach(_ vfs: VFS) { attached = vfs }
+
+    var vfs: VFS { attached! }
+
+    /// Creates the session and mounts it (through fusermount3 when not root). The mount is live
+    /// when this returns; failures name the reason libfuse or the kernel gave.
+    public func mount() throws(FSError) {
+        FuseLog.install()
+        var ops = fuse_lowlevel_ops()
+        fillOperations(&ops)
+        var opts = ["default_permissions", "fsname=\(config.fsName)", "subtype=stagefs"]
+        opts += config.options
+        let args = cfuse3_args_new()
+        defer { cfuse3_args_free(args) }
+        _ = cfuse3_args_add(args, "stagefs")
+        _ = cfuse3_args_add(args, "-o")
+        _ = cfuse3_args_add(args, opts.joined(separator: ","))
+        if config.debug { _ = cfuse3_args_add(args, "-d") }
+        FuseLog.reset()
+        let ctx = Unmanaged.passUnretained(self).toOpaque()
+        guard let se = fuse_session_new(args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, ctx) else {
+            throw FSError(EINVAL, "cannot set up the FUSE session: \(FuseLog.last ?? "invalid mount options \(opts.joined(separator: ","))")")
+        }
+        if fuse_session_mount(se, mountPoint) != 0 {
+            fuse_session_destroy(se)
+            throw FSError(EIO, "cannot mount \(mountPoint): \(FuseLog.last ?? "fuse_session_mount failed")")
+        }
+        session = se
+    }
+
+    /// Serves requests until unmounted or signalled (SIGTERM, SIGINT, SIGHUP), then unmounts.
+    public func run() -> Int32 {
+        guard let se = session, attached != nil else { return -1 }
+        let rc = withExtendedLifetime(self) { () -> Int32 in
+            _ = fuse_set_signal_handlers(se)
+            let rc = cfuse3_session_loop_mt(se, config.maxIdleThreads)
+            fuse_remove_signal_handlers(se)
+            return rc
+        }
+        fuse_session_unmount(se)
+        fuse_session_destroy(se)
+        session = nil
+        return rc
+    }
+
+    /// Asks the loop to stop (from another thread).
+    public func exit() {
+        if let se = session { fuse_session_exit(se) }
+    }
+
+    /// Unmounts and frees a session that was mounted but will not run.
+    public func abandon() {
+        guard let se = session else { return }
+        fuse_session_unmount(se)
+        fuse_session_destroy(se)
+        session = nil
+    }
+}
+
+/// Captures libfuse's log lines so that mount failures can be reported in one clear line.
+enum FuseLog {
+    nonisolated(unsafe) private static var lastMessage: String?
+    private static let lock = ConditionLock()
+
+    static func install() {
+        fuse_set_log_func(fuseLogLine)
+    }
+
+    static func reset() { lock.withLock { lastMessage = nil } }
+
+    static var last: String? { lock.withLock { lastMessage } }
+
+    fileprivate static func record(_ s: String) {
+        lock.withLock { lastMessage = s }
+        Log.info("libfuse: \(s)")
+    }
+}
+
+private func fuseLogLine(_ level: fuse_log_level, _ fmt: UnsafePointer<CChar>?, _ ap: CVaListPointer?) {
+    guard let fmt, let ap else { return }
+    var buf = [CChar](repeating: 0, count: 1024)
+    _ = vsnprintf(&buf, 1024, fmt, ap)
+    var s = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    while s.hasSuffix("\n") { s.removeLast() }
+    if s.hasPrefix("fuse: ") { s.removeFirst(6) }
+    FuseLog.record(s)
+}

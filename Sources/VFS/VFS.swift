@@ -1,0 +1,405 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import DataPath
+import Metadata
+import StageFSCore
+
+/// Settings of one client of a volume.
+public struct VFSConfig: Sendable {
+    public var readOnly = false
+    /// Seconds between session heartbeats.
+    public var heartbeat: Double = 10
+    /// Sessions silent for longer than this many seconds are cleaned up (their open files and locks released).
+    public var sessionTimeout: Int64 = 60
+    public var mountPoint = ""
+    public var version = "0"
+
+    public init() {}
+}
+
+/// An open file.
+final class FileHandle: @unchecked Sendable {
+    let ino: Ino
+    let flags: Int32
+    let writer: FileWriter?
+    let readAhead = ReadAhead()
+    /// Lock owners that took POSIX locks through this handle (released on flush).
+    var posixOwners: Set<UInt64> = []
+    var flockOwner: UInt64?
+
+    init(ino: Ino, flags: Int32, writer: FileWriter?) {
+        self.ino = ino
+        self.flags = flags
+        self.writer = writer
+    }
+}
+
+/// POSIX semantics for one client: metadata operations with the caller's credential, open
+/// files with write buffers and read-ahead, sessions with heartbeats, locks, and background
+/// flushing and deletion. The FUSE adapter and (later) staging call it.
+public final class VFS: @unchecked Sendable {
+    public let meta: any MetadataEngine
+    public let data: DataStore
+    public let config: VFSConfig
+    public private(set) var sid: UInt64 = 0
+    private let lock = ConditionLock()
+    private var handles: [UInt64: FileHandle] = [:]
+    private var nextHandle: UInt64 = 1
+    private var stopping = false
+    private var backgroundRunning = false
+    private var deletesPending = false
+
+    public init(meta: any MetadataEngine, data: DataStore, config: VFSConfig) {
+        self.meta = meta
+        self.data = data
+        self.config = config
+    }
+
+    // MARK: life cycle
+
+    /// Registers the session and starts the background thread (heartbeats, flushes, deletions).
+    public func start() throws(FSError) {
+        let info = SessionInfo(hostname: Sys.hostname(), pid: getpid(), mountPoint: config.mountPoint, version: config.version)
+        sid = try meta.newSession(info)
+        lock.withLock { backgroundRunning = true }
+        let ctx = Unmanaged.passRetained(self).toOpaque()
+        var tid = pthread_t()
+        if pthread_create(&tid, nil, vfsBackgroundMain, ctx) != 0 {
+            Unmanaged<VFS>.fromOpaque(ctx).release()
+            lock.withLock { backgroundRunning = false }
+        } else {
+            pthread_detach(tid)
+        }
+    }
+
+    /// Flushes all buffered writes, ends the session and stops the background thread.
+    public func stop() {
+        do { try data.flushAll() } catch { Log.error("flushing buffered writes at unmount: \(error.message)") }
+        lock.withLock {
+            stopping = true
+            lock.broadcast()
+            while backgroundRunning { lock.wait(seconds: 1) }
+        }
+        let open = lock.withLock { handles.values.map { $0.ino } }
+        for ino in open { try? meta.close(ino, sid: sid) }
+        data.cleanDeleted()
+        if sid != 0 {
+            do { try meta.closeSession(sid) } catch { Log.warning("closing session \(sid): \(error.message)") }
+        }
+        data.shutdown()
+    }
+
+    fileprivate func background() {
+        var lastBeat = Sys.monotonicNanos()
+        var lastClean = lastBeat
+        while true {
+            let (stop, deletes) = lock.withLock { () -> (Bool, Bool) in
+                if !stopping && !deletesPending { lock.wait(seconds: 1) }
+                let d = deletesPending
+                deletesPending = false
+                return (stopping, d)
+            }
+            if stop { break }
+            data.flushIdle()
+            let now = Sys.monotonicNanos()
+            if Double(now - lastBeat) / 1e9 >= config.heartbeat {
+                lastBeat = now
+                do {
+                    try meta.heartbeat(sid)
+                } catch {
+                    Log.error("session heartbeat: \(error.message)")
+                }
+                do {
+                    let n = try meta.cleanStaleSessions(age: config.sessionTimeout)
+                    if n > 0 { Log.info("cleaned up \(n) stale session(s)") }
+                } catch {
+                    Log.warning("cleaning stale sessions: \(error.message)")
+                }
+            }
+            if !config.readOnly && (deletes || Double(now - lastClean) / 1e9 >= 10) {
+                lastClean = now
+                data.cleanDeleted()
+            }
+        }
+        lock.withLock {
+            backgroundRunning = false
+            lock.broadcast()
+        }
+    }
+
+    private func wakeDeleter() {
+        lock.withLock {
+            deletesPending = true
+            lock.broadcast()
+        }
+    }
+
+    private func writable() throws(FSError) {
+        if config.readOnly { throw FSError.readOnly }
+    }
+
+    // MARK: attributes
+
+    /// Attributes with the size of writes still buffered in this client.
+    private func overlay(_ ino: Ino, _ a: Attr) -> Attr {
+        guard a.type == .regular, let w = data.writer(ino) else { return a }
+        var a = a
+        let end = w.pendingEnd
+        if end > a.size { a.size = end }
+        return a
+    }
+
+    public func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
+        let (ino, a) = try meta.lookup(cred, parent, name)
+        return (ino, overlay(ino, a))
+    }
+
+    public func getattr(_ ino: Ino) throws(FSError) -> Attr {
+        overlay(ino, try meta.getattr(ino))
+    }
+
+    public func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest, fh: UInt64?) throws(FSError) -> Attr {
+        try writable()
+        var req = req
+        if req.mask.contains(.size) {
+            // Buffered writes land before the size changes.
+            try data.flush(ino)
+            if let fh, let h = handle(fh), h.ino == ino, h.flags & O_ACCMODE != O_RDONLY { req.viaHandle = true }
+        }
+        let a = try meta.setattr(cred, ino, req)
+        if req.mask.contains(.size) {
+            data.invalidate(ino)
+            wakeDeleter()
+        }
+        return a
+    }
+
+    public func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError) {
+        if mask.contains(.write) { try writable() }
+        try meta.access(cred, ino, mask)
+    }
+
+    // MARK: namespace
+
+    public func mknod(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32) throws(FSError) -> (Ino, Attr) {
+        try writable()
+        return try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: nil)
+    }
+
+    public func mkdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16) throws(FSError) -> (Ino, Attr) {
+        try writable()
+        return try meta.mknod(cred, parent, name, .directory, mode, rdev: 0, target: nil)
+    }
+
+    public func symlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8], target: [UInt8]) throws(FSError) -> (Ino, Attr) {
+        try writable()
+        return try meta.mknod(cred, parent, name, .symlink, 0o777, rdev: 0, target: target)
+    }
+
+    public func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
+        try meta.readlink(ino)
+    }
+
+    public func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
+        try writable()
+        let r = try meta.unlink(cred, parent, name)
+        if r.freed { wakeDeleter() }
+    }
+
+    public func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
+        try writable()
+        try meta.rmdir(cred, parent, name)
+    }
+
+    public func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], flags: RenameFlags) throws(FSError) {
+        try writable()
+        if let r = try meta.rename(cred, sp, sn, dp, dn, flags), r.freed { wakeDeleter() }
+    }
+
+    public func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
+        try writable()
+        return overlay(ino, try meta.link(cred, ino, parent, name))
+    }
+
+    public func statfs() throws(FSError) -> StatFS {
+        try meta.statfs()
+    }
+
+    // MARK: directories
+
+    /// Checks that `cred` may list `ino`.
+    public func opendir(_ cred: Credential, _ ino: Ino) throws(FSError) {
+        let a = try meta.getattr(ino)
+        guard a.type == .directory else { throw FSError.notDir }
+        try Posix.check(a, cred, .read)
+    }
+
+    /// Entries from FUSE offset `offset`: 0 starts with ".", 1 with "..", then the engine's
+    /// positions shifted by 2. Each entry's `cookie` is the offset to continue after it.
+    public func readdir(_ ino: Ino, offset: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
+        var out: [DirEntry] = []
+        if offset < 2 {
+            let a = try meta.getattr(ino)
+            if offset == 0 { out.append(DirEntry(name: [UInt8(ascii: ".")], ino: ino, type: .directory, cookie: 1, attr: plus ? a : nil)) }
+            let parent = a.parent == 0 ? rootIno : a.parent
+            let pa = plus ? try? meta.getattr(parent) : nil
+            out.append(DirEntry(name: [UInt8(ascii: "."), UInt8(ascii: ".")], ino: parent, type: .directory, cookie: 2, attr: pa))
+        }
+        let after = offset < 2 ? 0 : offset - 2
+        var entries = try meta.readdir(ino, after: after, limit: limit, plus: plus)
+        for i in entries.indices {
+            entries[i].cookie += 2
+            if let a = entries[i].attr { entries[i].attr = overlay(entries[i].ino, a) }
+        }
+        return out + entries
+    }
+
+    // MARK: files
+
+    private func handle(_ fh: UInt64) -> FileHandle? { lock.withLock { handles[fh] } }
+
+    private func register(_ h: FileHandle) -> UInt64 {
+        lock.withLock {
+            let fh = nextHandle
+            nextHandle += 1
+            handles[fh] = h
+            return fh
+        }
+    }
+
+    /// Opens `ino`; close-to-open: cached chunk views are dropped so other clients' writes show.
+    public func open(_ cred: Credential, _ ino: Ino, flags: Int32) throws(FSError) -> (UInt64, Attr) {
+        let wantsWrite = flags & O_ACCMODE != O_RDONLY || flags & O_TRUNC != 0
+        if wantsWrite { try writable() }
+        let a = try meta.open(cred, ino, flags: flags, sid: sid)
+        data.invalidate(ino)
+        let w = wantsWrite && a.type == .regular ? data.openWriter(ino) : nil
+        return (register(FileHandle(ino: ino, flags: flags, writer: w)), overlay(ino, a))
+    }
+
+    /// Creates and opens a regular file.
+    public func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, flags: Int32) throws(FSError) -> (Ino, Attr, UInt64) {
+        try writable()
+        let (ino, a) = try meta.create(cred, parent, name, mode, sid: sid)
+        let w = data.openWriter(ino)
+        return (ino, a, register(FileHandle(ino: ino, flags: flags, writer: w)))
+    }
+
+    public func read(_ fh: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
+        guard let h = handle(fh) else { throw FSError.badF }
+        // A reader sees what this client wrote: buffered writes are committed first.
+        if let w = data.writer(h.ino), w.hasPending { try w.flush() }
+        let a = try meta.getattr(h.ino)
+        return try data.read(h.ino, at: offset, into: buffer, fileSize: a.size, hint: h.readAhead)
+    }
+
+    public func write(_ fh: UInt64, at offset: UInt64, _ buffer: UnsafeRawBufferPointer) throws(FSError) -> Int {
+        guard let h = handle(fh) else { throw FSError.badF }
+        guard let w = h.writer else { throw FSError.badF }
+        if offset + UInt64(buffer.count) > UInt64(1) << 50 { throw FSError(EFBIG, "file too large") }
+        try w.write(buffer, at: offset)
+        return buffer.count
+    }
+
+    /// close(2) of one descriptor: data is durable when this returns; POSIX locks of `owner` go.
+    public func flush(_ fh: UInt64, owner: UInt64) throws(FSError) {
+        guard let h = handle(fh) else { throw FSError.badF }
+        var err: FSError?
+        if let w = h.writer {
+            do { try w.flush() } catch { err = error }
+        }
+        let owned = lock.withLock { h.posixOwners.remove(owner) != nil }
+        if owned {
+            try? meta.setlk(h.ino, sid: sid, owner: owner, pid: 0, type: .unlock, start: 0, end: .max)
+        }
+        if let err { throw err }
+    }
+
+    public func fsync(_ fh: UInt64) throws(FSError) {
+        guard let h = handle(fh) else { throw FSError.badF }
+        try h.writer?.flush()
+    }
+
+    /// The last close of an open file description.
+    public func release(_ fh: UInt64) {
+        guard let h = lock.withLock({ handles.removeValue(forKey: fh) }) else { return }
+        if let w = h.writer {
+            do { try w.flush() } catch { Log.error("writing inode \(h.ino) at close: \(error.message)") }
+            data.releaseWriter(w)
+        }
+        if let owner = h.flockOwner {
+            try? meta.flock(h.ino, sid: sid, owner: owner, pid: 0, type: .unlock)
+        }
+        do { try meta.close(h.ino, sid: sid) } catch { Log.warning("closing inode \(h.ino): \(error.message)") }
+        wakeDeleter()
+    }
+
+    // MARK: extended attributes
+
+    public func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
+        try meta.getxattr(cred, ino, name)
+    }
+
+    public func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]] {
+        try meta.listxattr(cred, ino)
+    }
+
+    public func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
+        try writable()
+        try meta.setxattr(cred, ino, name, value, flag)
+    }
+
+    public func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
+        try writable()
+        try meta.removexattr(cred, ino, name)
+    }
+
+    // MARK: locks
+
+    public func getlk(_ fh: UInt64, owner: UInt64, type: LockType, start: UInt64, end: UInt64) throws(FSError) -> LockRange? {
+        guard let h = handle(fh) else { throw FSError.badF }
+        return try meta.getlk(h.ino, sid: sid, owner: owner, type: type, start: start, end: end)
+    }
+
+    /// `F_SETLK` / `F_SETLKW`: with `wait`, retries until granted or `interrupted()` says stop.
+    public func setlk(
+        _ fh: UInt64, owner: UInt64, pid: UInt32, type: LockType, start: UInt64, end: UInt64, wait: Bool, interrupted: () -> Bool
+    ) throws(FSError) {
+        guard let h = handle(fh) else { throw FSError.badF }
+        if type != .unlock { lock.withLock { _ = h.posixOwners.insert(owner) } }
+        try retrying(wait: wait, interrupted: interrupted) { () throws(FSError) in
+            try meta.setlk(h.ino, sid: sid, owner: owner, pid: pid, type: type, start: start, end: end)
+        }
+    }
+
+    /// `flock(2)`; with `wait`, retries until granted or interrupted.
+    public func flock(_ fh: UInt64, owner: UInt64, pid: UInt32, type: LockType, wait: Bool, interrupted: () -> Bool) throws(FSError) {
+        guard let h = handle(fh) else { throw FSError.badF }
+        lock.withLock { h.flockOwner = type == .unlock ? nil : owner }
+        try retrying(wait: wait, interrupted: interrupted) { () throws(FSError) in
+            try meta.flock(h.ino, sid: sid, owner: owner, pid: pid, type: type)
+        }
+    }
+
+    private func retrying(wait: Bool, interrupted: () -> Bool, _ body: () throws(FSError) -> Void) throws(FSError) {
+        var delay = 0.002
+        while true {
+            do {
+                try body()
+                return
+            } catch {
+                if error.code != EAGAIN || !wait { throw error }
+                if interrupted() { throw FSError(EINTR, "interrupted") }
+                Sys.sleep(seconds: delay)
+                delay = min(delay * 2, 0.2)
+            }
+        }
+    }
+}
+
+private func vfsBackgroundMain(_ ctx: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    let vfs = Unmanaged<VFS>.fromOpaque(ctx!).takeRetainedValue()
+    vfs.background()
+    return nil
+}

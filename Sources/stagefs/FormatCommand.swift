@@ -1,0 +1,89 @@
+import ArgumentParser
+import Metadata
+import ObjectStorage
+import StageFSCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Format: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create a volume (or check an existing one has the same settings).",
+        discussion: """
+            Writes the volume's format record into the metadata store, creates the root directory
+            and checks the object store by writing, reading back and deleting a probe object.
+            Formatting an existing volume again with the same settings is harmless; other settings
+            are refused.
+
+            Examples:
+              stagefs format sqlite3:///var/lib/stagefs/demo.db demo --bucket /var/lib/stagefs/data
+              stagefs format redis://127.0.0.1:6379/1 datasets --storage s3 \\
+                  --bucket http://127.0.0.1:9000/stagefs --access-key KEY --secret-key SECRET
+            """
+    )
+
+    @Argument(help: "Metadata store: sqlite3:///abs/path.db or redis://host:port/db.")
+    var metaURL: String
+
+    @Argument(help: "Volume name: 3 to 63 characters of a-z, 0-9 and '-'. Object keys start with it.")
+    var name: String
+
+    @Option(help: "Object storage kind: file (a local or shared directory) or s3.")
+    var storage = "file"
+
+    @Option(help: "For file: an absolute directory (default /var/lib/stagefs for root, ~/.stagefs/local otherwise). For s3: http(s)://host:port/bucket.")
+    var bucket: String?
+
+    @Option(help: "S3 access key (default: $AWS_ACCESS_KEY_ID).")
+    var accessKey: String?
+
+    @Option(help: "S3 secret key (default: $AWS_SECRET_ACCESS_KEY).")
+    var secretKey: String?
+
+    @Option(help: "Block size in KiB: a power of two from 64 to 16384.")
+    var blockSize = 4096
+
+    @Option(help: "Days deleted files stay in the trash (recorded now; the trash arrives in a later release).")
+    var trashDays = 1
+
+    @Flag(help: "Overwrite the settings of an existing volume (data already written keeps its layout).")
+    var force = false
+
+    func validate() throws {
+        let ok = name.count >= 3 && name.count <= 63 && name.utf8.allSatisfy { ($0 >= 97 && $0 <= 122) || ($0 >= 48 && $0 <= 57) || $0 == 45 }
+            && !name.hasPrefix("-") && !name.hasSuffix("-")
+        if !ok { throw ValidationError("invalid volume name '\(name)': use 3 to 63 characters of a-z, 0-9 and '-' (not first or last)") }
+        if storage != "file" && storage != "s3" { throw ValidationError("unknown --storage '\(storage)': use file or s3") }
+        if blockSize < 64 || blockSize > 16384 || blockSize & (blockSize - 1) != 0 {
+            throw ValidationError("invalid --block-size \(blockSize): use a power of two from 64 to 16384 (KiB)")
+        }
+        if trashDays < 0 { throw ValidationError("--trash-days cannot be negative") }
+        if storage == "s3" && bucket == nil { throw ValidationError("--storage s3 needs --bucket http(s)://host:port/bucket") }
+    }
+
+    func run() throws {
+        let url = try MetaURL.parse(metaURL)
+        let env = { (n: String) in getenv(n).map { String(cString: $0) } }
+        var bucketURL = bucket ?? (getuid() == 0 ? "/var/lib/stagefs" : "\(env("HOME") ?? "/tmp")/.stagefs/local")
+        if storage == "file" { bucketURL = absolutePath(bucketURL) }
+        let key = storage == "s3" ? (accessKey ?? env("AWS_ACCESS_KEY_ID")) : nil
+        let secret = storage == "s3" ? (secretKey ?? env("AWS_SECRET_ACCESS_KEY")) : nil
+        let record = VolumeFormat(name: name, storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret, blockSizeKiB: blockSize, trashDays: trashDays)
+
+        let meta = try openMetadata(url, create: true)
+        if let old = try meta.loadFormat(), old.differences(from: record).isEmpty == false, !force {
+            // Refuse before touching the store.
+            try meta.initialize(record, force: false)
+        }
+        let store = try openObjectStore(StoreConfig(storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret))
+        try store.create()
+        try store.check(prefix: name)
+        try meta.initialize(record, force: force)
+        let f = try meta.requireFormat()
+        print("Formatted volume '\(f.name)' (uuid \(f.uuid))")
+        print("  metadata: \(url)")
+        print("  storage:  \(f.storage) \(f.bucket)")
+        print("  block size: \(f.blockSizeKiB) KiB, trash days: \(f.trashDays)")
+    }
+}

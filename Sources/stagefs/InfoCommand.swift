@@ -1,0 +1,70 @@
+import ArgumentParser
+import DataPath
+import Metadata
+import StageFSCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show the inode, attributes, chunks and object keys of files in a StageFS mount."
+    )
+
+    @Argument(help: "Paths inside a StageFS mount of this node.")
+    var paths: [String]
+
+    func validate() throws {
+        if paths.isEmpty { throw ValidationError("name at least one path") }
+    }
+
+    func run() throws {
+        var failed = false
+        for p in paths {
+            do {
+                try show(p)
+            } catch {
+                printError("stagefs: \(error.message)\n")
+                failed = true
+            }
+        }
+        if failed { throw ExitCode(1) }
+    }
+
+    private func show(_ p: String) throws(FSError) {
+        let path = absolutePath(p)
+        var st = stat()
+        if lstat(path, &st) != 0 { throw FSError.errno(errno, path) }
+        guard let mount = MountTable.containing(path) else { throw FSError(EINVAL, "\(path) is not inside a StageFS mount") }
+        guard let record = Runtime.load(mount.mountPoint) else {
+            throw FSError(ENOENT, "no record of the mount at \(mount.mountPoint) for uid \(getuid()) (was it mounted by another user?)")
+        }
+        let meta = try openMetadata(try MetaURL.parse(record.metaURL))
+        let format = try meta.requireFormat()
+        let layout = Layout(volume: format.name, blockSize: format.blockSize)
+        let ino = Ino(st.st_ino)
+        let a = try meta.getattr(ino)
+        print("\(path):")
+        print("  inode:  \(ino)")
+        print("  type:   \(a.type)  mode: 0\(String(a.mode, radix: 8))  uid: \(a.uid)  gid: \(a.gid)  links: \(a.nlink)")
+        print("  size:   \(a.size) (\(humanBytes(a.size)))")
+        print("  mtime:  \(timeText(a.mtime.sec)).\(a.mtime.nsec)")
+        if a.type == .symlink { print("  target: \(String(decoding: try meta.readlink(ino), as: UTF8.self))") }
+        guard a.type == .regular, a.size > 0 else { return }
+        let chunks = UInt32((a.size + chunkSize - 1) / chunkSize)
+        print("  chunks: \(chunks)")
+        for idx in 0..<chunks {
+            let slices = try meta.readChunk(ino, idx)
+            print("    chunk \(idx): \(slices.count) slice(s)")
+            for s in slices {
+                if s.id == 0 {
+                    print("      hole at \(s.pos) length \(s.len)")
+                    continue
+                }
+                print("      slice \(s.id) at \(s.pos) length \(s.len) (bytes \(s.off)..<\(s.off + s.len) of \(s.size))")
+                for key in layout.keys(of: s) { print("        \(key)") }
+            }
+        }
+    }
+}

@@ -1,0 +1,232 @@
+import ArgumentParser
+import DataPath
+import FUSEMount
+import Metadata
+import ObjectStorage
+import StageFSCore
+import VFS
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Mount: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Mount a volume with FUSE (as an ordinary user through fusermount3, no root needed).",
+        discussion: """
+            Without -d the command serves the mount until it is unmounted (stagefs umount, or
+            fusermount3 -u) or receives SIGTERM/SIGINT; buffered data is flushed first either way.
+            With -d it returns once the mount is ready, or fails with the reason; the mount then
+            runs in the background and logs to --log.
+
+            -o takes FUSE mount options: allow_other (other users may enter the mount; needs
+            user_allow_other in /etc/fuse.conf unless root), allow_root (root may enter it, as a
+            setuid container runtime must), ro (read-only), and other options fusermount3 accepts.
+            The kernel checks permissions (default_permissions) and StageFS checks them again with
+            the caller's uid, gid and groups.
+
+            Examples:
+              stagefs mount -d sqlite3:///var/lib/stagefs/demo.db /mnt/demo
+              stagefs mount -d redis://10.0.0.5:6379/1 $HOME/data -o allow_root
+            """
+    )
+
+    @Argument(help: "Metadata store: sqlite3:///abs/path.db or redis://host:port/db.")
+    var metaURL: String
+
+    @Argument(help: "An existing, empty directory to mount on.")
+    var mountPoint: String
+
+    @Flag(name: [.customShort("d"), .customLong("background")], help: "Run in the background; return once the mount is ready.")
+    var background = false
+
+    @Option(name: .customShort("o"), help: "FUSE mount options, comma-separated (allow_other, allow_root, ro, ...). May be repeated.")
+    var options: [String] = []
+
+    @Flag(help: "Mount read-only (same as -o ro).")
+    var readOnly = false
+
+    @Option(help: "Log file when running in the background (default ~/.stagefs/stagefs.log, /var/log/stagefs.log for root).")
+    var log: String?
+
+    @Option(help: "S3 access key to use instead of the one recorded at format time.")
+    var accessKey: String?
+
+    @Option(help: "S3 secret key to use instead of the one recorded at format time.")
+    var secretKey: String?
+
+    @Option(help: "Seconds the kernel caches attributes.")
+    var attrCache: Double = 1
+
+    @Option(help: "Seconds the kernel caches directory entries.")
+    var entryCache: Double = 1
+
+    @Option(help: "MiB of written data buffered in memory before writers wait.")
+    var bufferSize = 300
+
+    @Option(help: "MiB of blocks kept in memory for reads.")
+    var memoryCacheSize = 256
+
+    @Option(help: "Seconds one object-store request may take before it is retried.")
+    var ioTimeout: Double = 60
+
+    @Option(help: "Attempts per object-store request (5xx, throttling and connection errors are retried with back-off).")
+    var ioRetries = 6
+
+    @Option(help: "Seconds between session heartbeats.")
+    var heartbeat: Double = 10
+
+    @Flag(name: .shortAndLong, help: "Log more (info level); twice for debug.")
+    var verbose: Int
+
+    @Option(help: .hidden)
+    var readyFD: Int32?
+
+    func validate() throws {
+        if attrCache < 0 || entryCache < 0 { throw ValidationError("cache timeouts cannot be negative") }
+        if bufferSize < 16 { throw ValidationError("--buffer-size must be at least 16 (MiB)") }
+        if ioTimeout <= 0 || ioRetries < 1 { throw ValidationError("--io-timeout must be positive and --io-retries at least 1") }
+        if heartbeat <= 0 { throw ValidationError("--heartbeat must be positive") }
+    }
+
+    /// Mount options split into kernel options and the ones StageFS handles itself.
+    private var parsedOptions: (fuse: [String], readOnly: Bool, debug: Bool) {
+        var fuse: [String] = []
+        var ro = readOnly
+        var debug = false
+        for group in options {
+            for o in group.split(separator: ",").map(String.init) where !o.isEmpty {
+                switch o {
+                case "ro": ro = true
+                case "rw": ro = false
+                case "debug": debug = true
+                case "_netdev", "defaults", "auto", "noauto", "user", "nouser", "nofail": continue
+                default: fuse.append(o)
+                }
+            }
+        }
+        if ro { fuse.append("ro") }
+        return (fuse, ro, debug)
+    }
+
+    func run() throws {
+        Log.level = verbose >= 2 ? .debug : (verbose == 1 ? .info : .warning)
+        let path = absolutePath(mountPoint)
+        guard let st = Sys.stat(path) else {
+            throw FSError(ENOENT, "mountpoint \(path) does not exist: create the directory first")
+        }
+        guard st.st_mode & S_IFMT == S_IFDIR else { throw FSError(ENOTDIR, "mountpoint \(path) is not a directory") }
+        if MountTable.stagefs(at: path) != nil { throw FSError(EBUSY, "\(path) is already a StageFS mount") }
+        if access(path, W_OK) != 0 && getuid() != 0 {
+            throw FSError(EACCES, "mountpoint \(path) is not writable by uid \(getuid()): fusermount3 refuses to mount there")
+        }
+
+        // Check everything that can be checked before going to the background.
+        let url = try MetaURL.parse(metaURL)
+        let meta = try openMetadata(url)
+        let format = try meta.requireFormat()
+        var storeConfig = StoreConfig(storage: format.storage, bucket: format.bucket, accessKey: accessKey ?? format.accessKey, secretKey: secretKey ?? format.secretKey)
+        storeConfig.timeout = ioTimeout
+        storeConfig.maxAttempts = ioRetries
+        let store = try openObjectStore(storeConfig)
+        if parsedOptions.readOnly {
+            _ = try store.list(prefix: format.name + "/", limit: 1)
+        } else {
+            try store.check(prefix: format.name)
+        }
+
+        if background && readyFD == nil {
+            try spawnBackground(path)
+            return
+        }
+        try serve(path: path, url: url, meta: meta, format: format, store: store)
+    }
+
+    /// Starts this command again in its own session without -d and waits for its readiness line.
+    private func spawnBackground(_ path: String) throws {
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { throw FSError.errno(errno, "pipe") }
+        _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
+        let home = getenv("HOME").map { String(cString: $0) } ?? "/tmp"
+        let logPath = log ?? (getuid() == 0 ? "/var/log/stagefs.log" : "\(home)/.stagefs/stagefs.log")
+        try Sys.mkdirs(Sys.dirname(of: logPath), 0o755)
+        var args = Array(CommandLine.arguments.dropFirst()).filter { $0 != "-d" && $0 != "--background" }
+        args += ["--ready-fd", "\(fds[1])"]
+        if verbose == 0 { args.append("--verbose") }
+        let pid: pid_t
+        do {
+            pid = try Spawn.start("/proc/self/exe", args, stdin: .null, stdout: .file(logPath), stderr: .file(logPath), newSession: true, keepFDs: [fds[1]])
+        } catch {
+            close(fds[0])
+            close(fds[1])
+            throw error
+        }
+        close(fds[1])
+        var got: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = buf.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            got += buf[0..<n]
+        }
+        close(fds[0])
+        let line = String(decoding: got, as: UTF8.self).trimmed
+        if line.hasPrefix("ok") {
+            print("stagefs: mounted at \(path) (pid \(pid), log \(logPath))")
+            return
+        }
+        _ = Spawn.poll(pid)
+        if line.hasPrefix("error: ") { throw FSError(EIO, String(line.dropFirst(7))) }
+        throw FSError(EIO, "the mount process exited before the mount was ready; see \(logPath)")
+    }
+
+    private func ready(_ message: String) {
+        guard let fd = readyFD else { return }
+        let line = message + "\n"
+        _ = line.withCString { write(fd, $0, strlen($0)) }
+        close(fd)
+    }
+
+    private func serve(path: String, url: MetaURL, meta: any MetadataEngine, format: VolumeFormat, store: any ObjectStore) throws {
+        let opts = parsedOptions
+        var fc = FuseConfig()
+        fc.attrTimeout = attrCache
+        fc.entryTimeout = entryCache
+        fc.options = opts.fuse
+        fc.debug = opts.debug
+        fc.fsName = "stagefs:\(format.name)"
+        let server = FuseServer(mountPoint: path, config: fc)
+        do {
+            try server.mount()
+        } catch {
+            ready("error: \(error.message)")
+            throw error
+        }
+        var dc = DataConfig()
+        dc.bufferSize = bufferSize << 20
+        dc.memoryCacheSize = memoryCacheSize << 20
+        let data = DataStore(meta: meta, store: store, format: format, config: dc)
+        var vc = VFSConfig()
+        vc.readOnly = opts.readOnly
+        vc.heartbeat = heartbeat
+        vc.mountPoint = path
+        vc.version = stageFSVersion
+        let vfs = VFS(meta: meta, data: data, config: vc)
+        do {
+            try vfs.start()
+        } catch {
+            server.abandon()
+            ready("error: \(error.message)")
+            throw error
+        }
+        server.attach(vfs)
+        Runtime.save(MountRecord(mountPoint: path, metaURL: metaURL, pid: getpid(), volume: format.name))
+        Log.info("volume '\(format.name)' mounted at \(path) (session \(vfs.sid))")
+        ready("ok")
+        let rc = server.run()
+        Log.info("unmounting \(path) (loop ended with \(rc))")
+        vfs.stop()
+        Runtime.remove(path)
+    }
+}

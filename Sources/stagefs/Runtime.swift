@@ -1,0 +1,166 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import StageFSCore
+
+/// What a running mount records about itself, so `umount` and `info` can find it.
+struct MountRecord: Codable {
+    var mountPoint: String
+    var metaURL: String
+    var pid: Int32
+    var volume: String
+}
+
+/// Per-user runtime records of this node's mounts: `$XDG_RUNTIME_DIR/stagefs` or
+/// `/tmp/stagefs-<uid>` (mode 0700).
+enum Runtime {
+    static var dir: String {
+        if let x = getenv("XDG_RUNTIME_DIR").map({ String(cString: $0) }), !x.isEmpty, access(x, W_OK) == 0 {
+            return "\(x)/stagefs"
+        }
+        return "/tmp/stagefs-\(getuid())"
+    }
+
+    static func recordPath(_ mountPoint: String) -> String {
+        var name = ""
+        for c in mountPoint.utf8 {
+            if (c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c == 45 || c == 46 {
+                name.unicodeScalars.append(Unicode.Scalar(c))
+            } else {
+                name += "_"
+            }
+        }
+        return "\(dir)/\(name).json"
+    }
+
+    static func save(_ r: MountRecord) {
+        do {
+            try Sys.mkdirs(dir, 0o700)
+            _ = chmod(dir, 0o700)
+            let data = try JSONEncoder().encode(r)
+            let path = recordPath(r.mountPoint)
+            let fd = try Sys.open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+            defer { Sys.close(fd) }
+            let bytes = [UInt8](data)
+            try fsTyped { try bytes.withUnsafeBytes { try Sys.pwrite(fd, $0.baseAddress!, $0.count, 0) } }
+        } catch {
+            Log.warning("cannot record the mount in \(dir): \(error)")
+        }
+    }
+
+    static func load(_ mountPoint: String) -> MountRecord? {
+        guard let bytes = Sys.readFile(recordPath(mountPoint)) else { return nil }
+        return try? JSONDecoder().decode(MountRecord.self, from: Data(bytes))
+    }
+
+    static func remove(_ mountPoint: String) {
+        try? Sys.unlinkIfPresent(recordPath(mountPoint))
+    }
+}
+
+/// One line of /proc/self/mountinfo.
+struct MountInfo {
+    var device: String
+    var mountPoint: String
+    var fsType: String
+    var source: String
+}
+
+enum MountTable {
+    /// Mounts of this process's namespace.
+    static func all() -> [MountInfo] {
+        guard let bytes = Sys.readFile("/proc/self/mountinfo") else { return [] }
+        var out: [MountInfo] = []
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            let parts = line.split(separator: " ", omittingEmptySubsequences: false)
+            guard let dash = parts.firstIndex(of: "-"), parts.count > dash + 2, parts.count > 4 else { continue }
+            out.append(MountInfo(device: String(parts[2]), mountPoint: unescape(String(parts[4])), fsType: String(parts[dash + 1]), source: unescape(String(parts[dash + 2]))))
+        }
+        return out
+    }
+
+    /// The StageFS mount at exactly `path`.
+    static func stagefs(at path: String) -> MountInfo? {
+        all().last { $0.mountPoint == path && $0.fsType == "fuse.stagefs" }
+    }
+
+    /// The StageFS mount that contains `path` (longest match).
+    static func containing(_ path: String) -> MountInfo? {
+        all().filter { $0.fsType == "fuse.stagefs" && (path == $0.mountPoint || path.hasPrefix($0.mountPoint == "/" ? "/" : $0.mountPoint + "/")) }
+            .max { $0.mountPoint.count < $1.mountPoint.count }
+    }
+
+    /// mountinfo escapes space, tab, newline and backslash as octal.
+    static func unescape(_ s: String) -> String {
+        guard s.contains("\\") else { return s }
+        var out: [UInt8] = []
+        let b = Array(s.utf8)
+        var i = 0
+        while i < b.count {
+            if b[i] == 92, i + 3 < b.count, let v = UInt8(String(decoding: b[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
+                out.append(v)
+                i += 4
+            } else {
+                out.append(b[i])
+                i += 1
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+}
+
+/// An absolute, normalized form of a path (symlinks resolved when it exists).
+func absolutePath(_ p: String) -> String {
+    if let r = realpath(p, nil) {
+        defer { free(r) }
+        return String(cString: r)
+    }
+    if p.hasPrefix("/") { return p }
+    var buf = [CChar](repeating: 0, count: Int(PATH_MAX))
+    guard getcwd(&buf, buf.count) != nil else { return p }
+    let cwd = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    return cwd == "/" ? "/\(p)" : "\(cwd)/\(p)"
+}
+
+extension String {
+    /// Without leading and trailing white space.
+    var trimmed: String {
+        let ws: (Character) -> Bool = { $0 == " " || $0 == "\n" || $0 == "\t" || $0 == "\r" }
+        guard let first = firstIndex(where: { !ws($0) }), let last = lastIndex(where: { !ws($0) }) else { return "" }
+        return String(self[first...last])
+    }
+}
+
+/// "1.5 GiB" style sizes.
+func humanBytes(_ n: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    var v = Double(n)
+    var i = 0
+    while v >= 1024 && i < units.count - 1 {
+        v /= 1024
+        i += 1
+    }
+    if i == 0 { return "\(n) B" }
+    let tenths = Int((v * 10).rounded())
+    return "\(tenths / 10).\(tenths % 10) \(units[i])"
+}
+
+/// "2026-11-22 20:31:05 UTC" for seconds since the epoch.
+func timeText(_ secs: Int64) -> String {
+    var t = tm()
+    var s = Int(secs)
+    gmtime_r(&s, &t)
+    func p(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
+    return "\(t.tm_year + 1900)-\(p(t.tm_mon + 1))-\(p(t.tm_mday)) \(p(t.tm_hour)):\(p(t.tm_min)):\(p(t.tm_sec)) UTC"
+}
+
+/// Writes a line to standard error (write(2), no stdio state).
+func printError(_ s: String) {
+    let line = s.hasSuffix("\n") ? s : s + "\n"
+    _ = line.withCString { write(2, $0, strlen($0)) }
+}

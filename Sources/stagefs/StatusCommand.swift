@@ -1,0 +1,37 @@
+import ArgumentParser
+import Metadata
+import StageFSCore
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show a volume's settings, usage and client sessions.",
+        discussion: "Secrets are not shown. Sessions whose heartbeat is older than a minute are marked stale."
+    )
+
+    @Argument(help: "Metadata store: sqlite3:///abs/path.db or redis://host:port/db.")
+    var metaURL: String
+
+    func run() throws {
+        let url = try MetaURL.parse(metaURL)
+        let meta = try openMetadata(url)
+        let f = try meta.requireFormat()
+        let usage = try meta.statfs()
+        let sessions = try meta.listSessions()
+        let now = Timespec.now().sec
+        print("Volume:      \(f.name)")
+        print("UUID:        \(f.uuid)")
+        print("Metadata:    \(url)")
+        print("Storage:     \(f.storage) \(f.bucket)")
+        if let k = f.accessKey { print("Access key:  \(k)") }
+        print("Block size:  \(f.blockSizeKiB) KiB")
+        print("Trash days:  \(f.trashDays)")
+        print("Created:     \(timeText(f.createdAt))")
+        print("Used:        \(humanBytes(usage.usedSpace)) in \(usage.usedInodes) inodes")
+        print("Sessions:    \(sessions.count)")
+        for s in sessions {
+            let age = now - s.heartbeat
+            let state = age > 60 ? "stale, last heartbeat \(age) s ago" : "alive"
+            print("  \(s.sid): \(s.hostname) pid \(s.pid) \(s.mountPoint.isEmpty ? "(no mount)" : s.mountPoint) version \(s.version), since \(timeText(s.started)), \(state)")
+        }
+    }
+}
