@@ -81,7 +81,7 @@ public final class WorkerPool: @unchecked Sendable {
     public typealias Job = @Sendable () -> Void
 
     private let lock = ConditionLock()
-    private var queue: [Job] = []
+    private var queue: [Job?] = []
     private var head = 0
     private var stopping = false
     private var running = 0
@@ -139,9 +139,11 @@ public final class WorkerPool: @unchecked Sendable {
                 lock.unlock()
                 return
             }
-            let job = queue[head]
+            let job = queue[head]!
+            // Drop the queue's reference now: a finished job must not keep what it captured alive.
+            queue[head] = nil
             head += 1
-            if head > 1024 && head * 2 > queue.count {
+            if head >= 64 && head * 2 >= queue.count {
                 queue.removeFirst(head)
                 head = 0
             }

@@ -33,7 +33,11 @@ struct Info: ParsableCommand {
     }
 
     private func show(_ p: String) throws(FSError) {
-        let path = absolutePath(p)
+        // Resolve the directory part only, so a symlink is shown itself.
+        let trimmedPath = p.count > 1 && p.hasSuffix("/") ? String(p.dropLast()) : p
+        let base = trimmedPath.split(separator: "/").last.map(String.init) ?? trimmedPath
+        let dir = trimmedPath.contains("/") ? Sys.dirname(of: trimmedPath) : "."
+        let path = base == "." || base == ".." || trimmedPath == "/" ? absolutePath(trimmedPath) : "\(absolutePath(dir) == "/" ? "" : absolutePath(dir))/\(base)"
         var st = stat()
         if lstat(path, &st) != 0 { throw FSError.errno(errno, path) }
         guard let mount = MountTable.containing(path) else { throw FSError(EINVAL, "\(path) is not inside a StageFS mount") }
@@ -49,7 +53,7 @@ struct Info: ParsableCommand {
         print("  inode:  \(ino)")
         print("  type:   \(a.type)  mode: 0\(String(a.mode, radix: 8))  uid: \(a.uid)  gid: \(a.gid)  links: \(a.nlink)")
         print("  size:   \(a.size) (\(humanBytes(a.size)))")
-        print("  mtime:  \(timeText(a.mtime.sec)).\(a.mtime.nsec)")
+        print("  mtime:  \(timeText(a.mtime.sec, nanos: a.mtime.nsec))")
         if a.type == .symlink { print("  target: \(String(decoding: try meta.readlink(ino), as: UTF8.self))") }
         guard a.type == .regular, a.size > 0 else { return }
         let chunks = UInt32((a.size + chunkSize - 1) / chunkSize)

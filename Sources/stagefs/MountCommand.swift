@@ -155,7 +155,7 @@ struct Mount: ParsableCommand {
         if verbose == 0 { args.append("--verbose") }
         let pid: pid_t
         do {
-            pid = try Spawn.start("/proc/self/exe", args, stdin: .null, stdout: .file(logPath), stderr: .file(logPath), newSession: true, keepFDs: [fds[1]])
+            pid = try Spawn.start(executablePath(), args, stdin: .null, stdout: .file(logPath), stderr: .file(logPath), newSession: true, keepFDs: [fds[1]])
         } catch {
             close(fds[0])
             close(fds[1])

@@ -151,16 +151,28 @@ func humanBytes(_ n: UInt64) -> String {
 }
 
 /// "2026-11-22 20:31:05 UTC" for seconds since the epoch.
-func timeText(_ secs: Int64) -> String {
+func timeText(_ secs: Int64, nanos: UInt32? = nil) -> String {
     var t = tm()
     var s = Int(secs)
     gmtime_r(&s, &t)
     func p(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
-    return "\(t.tm_year + 1900)-\(p(t.tm_mon + 1))-\(p(t.tm_mday)) \(p(t.tm_hour)):\(p(t.tm_min)):\(p(t.tm_sec)) UTC"
+    var frac = ""
+    if let nanos {
+        let digits = String(nanos)
+        frac = "." + String(repeating: "0", count: 9 - digits.count) + digits
+    }
+    return "\(t.tm_year + 1900)-\(p(t.tm_mon + 1))-\(p(t.tm_mday)) \(p(t.tm_hour)):\(p(t.tm_min)):\(p(t.tm_sec))\(frac) UTC"
 }
 
 /// Writes a line to standard error (write(2), no stdio state).
 func printError(_ s: String) {
     let line = s.hasSuffix("\n") ? s : s + "\n"
     _ = line.withCString { write(2, $0, strlen($0)) }
+}
+
+/// This program's own path (readlink of /proc/self/exe), so `ps` shows a real name.
+func executablePath() -> String {
+    var buf = [UInt8](repeating: 0, count: Int(PATH_MAX))
+    let n = buf.withUnsafeMutableBytes { readlink("/proc/self/exe", $0.baseAddress!.assumingMemoryBound(to: CChar.self), $0.count) }
+    return n > 0 ? String(decoding: buf[0..<n], as: UTF8.self) : "/proc/self/exe"
 }

@@ -1,0 +1,202 @@
+"""Services and helpers for StageFS's end-to-end tests: real redis-server, moto_server (S3),
+real FUSE mounts made by an unprivileged user."""
+import grp
+import os
+import pickle
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+USER = "stagefs-t1"
+OTHER = "stagefs-t2"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def ensure_user(name):
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
+        return pwd.getpwnam(name)
+
+
+def run_as(user, fn, *args, **kwargs):
+    """Runs fn(*args) in a forked child with the uid, gid and groups of `user`; returns its
+    result or raises its exception."""
+    pw = pwd.getpwnam(user)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        res = None
+        try:
+            os.close(r)
+            os.setgroups(os.getgrouplist(user, pw.pw_gid))
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            os.environ["HOME"] = pw.pw_dir
+            res = ("ok", fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+            res = ("err", e)
+        try:
+            data = pickle.dumps(res)
+        except Exception:  # noqa: BLE001
+            data = pickle.dumps(("err", RuntimeError(repr(res))))
+        view = memoryview(data)
+        while view:
+            n = os.write(w, view)
+            view = view[n:]
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 1 << 16)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    os.waitpid(pid, 0)
+    status, value = pickle.loads(b"".join(chunks))
+    if status == "err":
+        raise value
+    return value
+
+
+class Redis:
+    def __init__(self, workdir):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_port(self.port):
+            self.stop()
+            raise RuntimeError("redis-server did not start")
+
+    def url(self, db=0):
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Moto:
+    """moto_server on loopback. With auth, signatures are checked and keys of an IAM user
+    with an s3:* policy are created."""
+
+    def __init__(self, auth=False):
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        if auth:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "4"
+        self.proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(self.port)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if not wait_port(self.port):
+            self.stop()
+            raise RuntimeError("moto_server did not start")
+        self.access_key, self.secret_key = "testing", "testing"
+        if auth:
+            import json
+            import boto3
+            iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                               aws_access_key_id="x", aws_secret_access_key="x")
+            iam.create_user(UserName="stagefs")
+            iam.put_user_policy(UserName="stagefs", PolicyName="s3", PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+            key = iam.create_access_key(UserName="stagefs")["AccessKey"]
+            self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def bucket(self, name):
+        return f"{self.endpoint}/{name}"
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Env:
+    """A scratch area readable by the test users, holding a copy of the stagefs binary."""
+
+    def __init__(self, binary):
+        self.root = tempfile.mkdtemp(prefix="stagefs-it-")
+        os.chmod(self.root, 0o755)
+        self.bin = os.path.join(self.root, "stagefs")
+        shutil.copy(binary, self.bin)
+        os.chmod(self.bin, 0o755)
+        self.counter = 0
+
+    def dir_for(self, user, name):
+        self.counter += 1
+        path = os.path.join(self.root, f"{name}-{self.counter}")
+        os.makedirs(path)
+        pw = pwd.getpwnam(user)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+        return path
+
+    def stagefs(self, *args, user=USER, check=True, timeout=120):
+        """Runs the CLI as `user`; returns CompletedProcess (text)."""
+        cmd = ["runuser", "-u", user, "--", self.bin, *args] if user != "root" else [self.bin, *args]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if check and p.returncode != 0:
+            raise RuntimeError(f"stagefs {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
+        return p
+
+    def cleanup(self):
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def is_mounted(path):
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if parts[4] == path:
+                return True
+    return False
+
+
+def mount_pid(path):
+    """The pid of the stagefs process serving `path`, from its runtime record."""
+    out = subprocess.run(["pgrep", "-f", f"stagefs mount .*{path}( |$)"], capture_output=True, text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def vm_hwm_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def group_of(user):
+    return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+
+
+def kill_quietly(pid, sig=signal.SIGKILL):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

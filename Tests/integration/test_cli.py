@@ -1,0 +1,218 @@
+"""The command line: bad input fails in one clear line with nothing left mounted, two clients
+share a Redis volume, SIGTERM and umount flush, memory stays bounded."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import helpers
+from helpers import USER, run_as
+
+
+def one_line_error(p, *needles):
+    err = p.stderr.strip()
+    assert p.returncode != 0
+    assert err.startswith("stagefs: "), err
+    assert len(err.splitlines()) <= 2, err
+    assert "Traceback" not in err and "Fatal error" not in err and "0x" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.fixture
+def mnt(env):
+    m = env.dir_for(USER, "mnt")
+    yield m
+    if helpers.is_mounted(m):
+        subprocess.run(["fusermount3", "-uz", m])
+
+
+def test_unreachable_redis(env, mnt):
+    port = helpers.free_port()
+    p = env.stagefs("mount", "-d", f"redis://127.0.0.1:{port}/1", mnt, check=False)
+    one_line_error(p, f"127.0.0.1:{port}", "connection refused")
+    assert p.returncode == 1
+    assert not helpers.is_mounted(mnt)
+    p = env.stagefs("format", f"redis://127.0.0.1:{port}/1", "vol", check=False)
+    one_line_error(p, "cannot reach Redis")
+
+
+def test_unformatted_volume(env, redis, mnt):
+    p = env.stagefs("mount", "-d", redis.url(15), mnt, check=False)
+    one_line_error(p, "stagefs format")
+    assert not helpers.is_mounted(mnt)
+    p = env.stagefs("mount", "-d", f"sqlite3://{mnt}-nothing/meta.db", mnt, check=False)
+    one_line_error(p, "does not exist")
+
+
+def test_missing_mountpoint(env, redis):
+    env.stagefs("format", redis.url(14), "missing-mp", "--bucket", env.dir_for(USER, "b"))
+    p = env.stagefs("mount", "-d", redis.url(14), "/nonexistent/mountpoint", check=False)
+    one_line_error(p, "/nonexistent/mountpoint", "does not exist")
+    assert not helpers.is_mounted("/nonexistent/mountpoint")
+
+
+def test_malformed_meta_url_is_a_usage_error(env, mnt):
+    for bad in ["mysql://x", "redis://host:notaport/0", "sqlite3://relative.db", "nonsense"]:
+        p = env.stagefs("mount", bad, mnt, check=False)
+        one_line_error(p, "META-URL")
+        assert p.returncode == 2, (bad, p.stderr)
+    p = env.stagefs("format", "redis://127.0.0.1:1/0", "BAD_NAME", check=False)
+    assert p.returncode == 2 and "invalid volume name" in p.stderr
+
+
+def test_wrong_s3_secret(env, redis, mnt):
+    moto = helpers.Moto(auth=True)
+    try:
+        p = env.stagefs("format", redis.url(13), "authvol", "--storage", "s3", "--bucket", moto.bucket("authvol"),
+                        "--access-key", moto.access_key, "--secret-key", "wrong-secret", check=False)
+        one_line_error(p, "SignatureDoesNotMatch")
+        env.stagefs("format", redis.url(13), "authvol", "--storage", "s3", "--bucket", moto.bucket("authvol"),
+                    "--access-key", moto.access_key, "--secret-key", moto.secret_key)
+        p = env.stagefs("mount", "-d", redis.url(13), mnt, "--secret-key", "wrong-secret", check=False)
+        one_line_error(p, "access denied")
+        assert not helpers.is_mounted(mnt)
+        env.stagefs("mount", "-d", redis.url(13), mnt)
+        assert helpers.is_mounted(mnt)
+        env.stagefs("umount", mnt)
+    finally:
+        moto.stop()
+
+
+def test_reformat_with_other_settings_is_refused(env, redis):
+    bucket = env.dir_for(USER, "b")
+    env.stagefs("format", redis.url(12), "refmt", "--bucket", bucket)
+    env.stagefs("format", redis.url(12), "refmt", "--bucket", bucket)  # same settings: fine
+    p = env.stagefs("format", redis.url(12), "refmt", "--bucket", bucket, "--block-size", "1024", check=False)
+    one_line_error(p, "block size", "refusing")
+
+
+def test_two_mounts_of_one_redis_volume(env, redis, moto):
+    url = redis.url(11)
+    env.stagefs("format", url, "shared", "--storage", "s3", "--bucket", moto.bucket("shared"),
+                "--access-key", moto.access_key, "--secret-key", moto.secret_key)
+    a, b = env.dir_for(USER, "a"), env.dir_for(USER, "b")
+    env.stagefs("mount", "-d", url, a)
+    env.stagefs("mount", "-d", url, b)
+    try:
+        def writer():
+            with open(os.path.join(a, "note"), "w") as f:
+                f.write("from a")
+
+        def reader():
+            with open(os.path.join(b, "note")) as f:
+                return f.read()
+
+        run_as(USER, writer)
+        assert run_as(USER, reader) == "from a"
+
+        def rewrite():
+            with open(os.path.join(b, "note"), "w") as f:
+                f.write("b was here")
+
+        run_as(USER, rewrite)
+        assert run_as(USER, lambda: open(os.path.join(a, "note")).read()) == "b was here"
+        status = env.stagefs("status", url).stdout
+        assert a in status and b in status and "alive" in status
+        info = env.stagefs("info", os.path.join(a, "note")).stdout
+        assert "shared/chunks/" in info and "inode:" in info
+    finally:
+        env.stagefs("umount", a)
+        env.stagefs("umount", b)
+    assert "Sessions:    0" in env.stagefs("status", url).stdout
+
+
+def test_sigterm_flushes_buffered_data(env, redis):
+    url = redis.url(10)
+    env.stagefs("format", url, "sigterm", "--bucket", env.dir_for(USER, "b"))
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", url, m)
+    path = os.path.join(m, "open-file")
+    # A writer that keeps the file open while the mount is told to stop.
+    code = f"import os,time\nf=open({path!r},'wb')\nf.write(b'z'*(3<<20))\nf.flush()\nopen({path!r}+'.ready','w').close()\ntime.sleep(30)\n"
+    w = subprocess.Popen(["runuser", "-u", USER, "--", "python3", "-c", code])
+    try:
+        deadline = time.time() + 20
+        while not os.path.exists(path + ".ready") and time.time() < deadline:
+            time.sleep(0.05)
+        pid = helpers.mount_pid(m)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 30
+        while helpers.is_mounted(m) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not helpers.is_mounted(m), "SIGTERM unmounted"
+    finally:
+        w.kill()
+        w.wait()
+    env.stagefs("mount", "-d", url, m)
+    try:
+        assert run_as(USER, os.path.getsize, path) == 3 << 20
+        assert run_as(USER, lambda: open(path, "rb").read() == b"z" * (3 << 20))
+    finally:
+        env.stagefs("umount", m)
+
+
+def test_umount_force_detaches_a_dead_mount(env, redis):
+    url = redis.url(9)
+    env.stagefs("format", url, "deadmount", "--bucket", env.dir_for(USER, "b"))
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", url, m)
+    pid = helpers.mount_pid(m)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.3)
+    with pytest.raises(OSError):
+        run_as(USER, os.listdir, m)  # ENOTCONN: the mount is dead
+    env.stagefs("umount", "--force", m)
+    assert not helpers.is_mounted(m)
+    assert run_as(USER, os.listdir, m) == []
+    p = env.stagefs("umount", m, check=False)
+    one_line_error(p, "not a StageFS mount")
+
+
+def test_busy_mount_is_not_unmounted_without_force(env, redis):
+    url = redis.url(8)
+    env.stagefs("format", url, "busy", "--bucket", env.dir_for(USER, "b"))
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", url, m)
+    holder = subprocess.Popen(["runuser", "-u", USER, "--", "bash", "-c", f"cd {m} && exec sleep 30"], start_new_session=True)
+    try:
+        time.sleep(0.3)
+        p = env.stagefs("umount", m, check=False)
+        one_line_error(p, "still open")
+        assert helpers.is_mounted(m)
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.2)
+    env.stagefs("umount", m)
+    assert not helpers.is_mounted(m)
+
+
+def test_memory_stays_bounded_under_a_10_gib_write(env, redis):
+    url = redis.url(7)
+    base = env.dir_for(USER, "big")
+    env.stagefs("format", url, "tengig", "--bucket", os.path.join(base, "data"))
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", url, m, "--buffer-size", "64", "--memory-cache-size", "64")
+    try:
+        pid = helpers.mount_pid(m)
+        path = os.path.join(m, "ten")
+        subprocess.run(["runuser", "-u", USER, "--", "dd", "if=/dev/zero", f"of={path}", "bs=4M", "count=2560", "status=none"],
+                       check=True, timeout=900)
+        assert run_as(USER, os.path.getsize, path) == 10 << 30
+        hwm = helpers.vm_hwm_kib(pid)
+        assert hwm < 400 << 10, f"peak RSS {hwm} KiB"
+        run_as(USER, os.unlink, path)
+        # The objects of the deleted file are removed in the background.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            n = sum(len(fs) for _, _, fs in os.walk(os.path.join(base, "data", "tengig", "chunks")))
+            if n == 0:
+                break
+            time.sleep(1)
+        assert n == 0, f"{n} objects left after unlink"
+    finally:
+        env.stagefs("umount", m)

@@ -1,0 +1,431 @@
+"""POSIX behaviour through a real FUSE mount made by an unprivileged user, on SQLite + local
+directory and on Redis + S3 (moto)."""
+import errno
+import fcntl
+import hashlib
+import os
+import random
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+
+import helpers
+from helpers import OTHER, USER, run_as
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def test_mount_is_owned_by_the_user_not_root(volume):
+    pid = helpers.mount_pid(volume.mnt)
+    assert pid, "mount process found"
+    with open(f"/proc/{pid}/status") as f:
+        uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+    assert int(uids[0]) != 0 and int(uids[1]) != 0, "the mount runs without root"
+
+
+def test_big_file_roundtrip_sha256(volume, workdir, tmp_path):
+    src = os.path.join(volume.base, "big.src")
+
+    def write():
+        rnd = random.Random(7)
+        h = hashlib.sha256()
+        with open(src, "wb") as f:
+            for _ in range(200):
+                b = rnd.randbytes(1 << 20)
+                f.write(b)
+                h.update(b)
+        dst = os.path.join(workdir, "big")
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            while True:
+                b = fi.read(1 << 20)
+                if not b:
+                    break
+                fo.write(b)
+        return h.hexdigest()
+
+    want = run_as(USER, write)
+    assert run_as(USER, sha256_file, os.path.join(workdir, "big")) == want
+    assert os.stat(os.path.join(workdir, "big")).st_size == 200 << 20
+    os.unlink(src)
+
+
+def test_random_overwrites_match_a_local_copy(volume, workdir):
+    path = os.path.join(workdir, "rw")
+    local = os.path.join(volume.base, "rw.local")
+
+    def work():
+        rnd = random.Random(11)
+        size = 70 << 20  # crosses the 64 MiB chunk boundary
+        data = rnd.randbytes(size)
+        with open(path, "wb") as f:
+            f.write(data)
+        with open(local, "wb") as f:
+            f.write(data)
+        fd = os.open(path, os.O_RDWR)
+        ld = os.open(local, os.O_RDWR)
+        for i in range(300):
+            off = rnd.randrange(0, size + (4 << 20))
+            n = rnd.choice([1, 17, 4096, 65536, 1 << 20, 3 << 20])
+            buf = rnd.randbytes(n)
+            os.pwrite(fd, buf, off)
+            os.pwrite(ld, buf, off)
+            if i % 50 == 0:  # reads in between see the writes
+                assert os.pread(fd, 4096, off) == os.pread(ld, 4096, off)
+        os.close(fd)
+        os.close(ld)
+        return sha256_file(local), os.stat(local).st_size
+
+    want, size = run_as(USER, work)
+    assert os.stat(path).st_size == size
+    assert run_as(USER, sha256_file, path) == want
+    os.unlink(local)
+
+
+def test_truncate_down_and_up(volume, workdir):
+    path = os.path.join(workdir, "t")
+
+    def work():
+        data = os.urandom(70 << 20)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.truncate(path, (5 << 20) + 123)
+        with open(path, "rb") as f:
+            assert f.read() == data[:(5 << 20) + 123]
+        os.truncate(path, 72 << 20)
+        with open(path, "rb") as f:
+            got = f.read()
+        assert len(got) == 72 << 20
+        assert got[:(5 << 20) + 123] == data[:(5 << 20) + 123]
+        assert got[(5 << 20) + 123:] == bytes((72 << 20) - (5 << 20) - 123), "extended part reads as zeros"
+        with open(path, "r+b") as f:  # ftruncate through an open file, then write past the end
+            f.truncate(10)
+            f.seek(100)
+            f.write(b"tail")
+        with open(path, "rb") as f:
+            return f.read()
+
+    got = run_as(USER, work)
+    assert len(got) == 104 and got[10:100] == bytes(90) and got[100:] == b"tail"
+
+
+def test_sparse_file_reads_zeros(volume, workdir):
+    path = os.path.join(workdir, "sparse")
+
+    def work():
+        with open(path, "wb") as f:
+            f.seek(100 << 20)
+            f.write(b"end")
+        with open(path, "rb") as f:
+            f.seek((100 << 20) - 5)
+            return f.read(), os.stat(path).st_size
+
+    got, size = run_as(USER, work)
+    assert size == (100 << 20) + 3
+    assert got == bytes(5) + b"end"
+
+
+def test_hard_links_and_counts(volume, workdir):
+    a, b, c = (os.path.join(workdir, n) for n in "abc")
+
+    def work():
+        with open(a, "w") as f:
+            f.write("linked")
+        os.link(a, b)
+        os.link(b, c)
+        counts = [os.stat(p).st_nlink for p in (a, b, c)]
+        same = os.stat(a).st_ino == os.stat(c).st_ino
+        os.unlink(a)
+        after = os.stat(b).st_nlink
+        with open(c) as f:
+            content = f.read()
+        return counts, same, after, content
+
+    counts, same, after, content = run_as(USER, work)
+    assert counts == [3, 3, 3] and same
+    assert after == 2 and content == "linked"
+    d = os.path.join(workdir, "dir")
+    run_as(USER, os.mkdir, d)
+    with pytest.raises(PermissionError):
+        run_as(USER, os.link, d, os.path.join(workdir, "dirlink"))
+    assert os.stat(workdir).st_nlink == 3, "a subdirectory adds a link to its parent"
+
+
+def test_symlinks(volume, workdir):
+    target = os.path.join(workdir, "target")
+    link = os.path.join(workdir, "link")
+
+    def work():
+        with open(target, "w") as f:
+            f.write("via link")
+        os.symlink("target", link)
+        with open(link) as f:
+            content = f.read()
+        os.symlink("/nonexistent/dangling", os.path.join(workdir, "dangling"))
+        return os.readlink(link), content, stat.S_ISLNK(os.lstat(link).st_mode), os.lstat(link).st_size
+
+    rl, content, is_link, size = run_as(USER, work)
+    assert rl == "target" and content == "via link" and is_link and size == 6
+    assert not os.path.exists(os.path.join(workdir, "dangling"))
+    assert os.path.islink(os.path.join(workdir, "dangling"))
+
+
+def test_rename_over_existing_file(volume, workdir):
+    a, b = os.path.join(workdir, "a"), os.path.join(workdir, "b")
+
+    def work():
+        with open(a, "w") as f:
+            f.write("new")
+        with open(b, "w") as f:
+            f.write("old")
+        ino = os.stat(a).st_ino
+        os.rename(a, b)
+        with open(b) as f:
+            return f.read(), os.stat(b).st_ino == ino, os.path.exists(a), sorted(os.listdir(workdir))
+
+    content, same, a_exists, names = run_as(USER, work)
+    assert content == "new" and same and not a_exists and names == ["b"]
+    sub = os.path.join(workdir, "sub")
+    run_as(USER, os.mkdir, sub)
+    run_as(USER, os.rename, b, os.path.join(sub, "moved"))
+    assert os.listdir(sub) == ["moved"]
+    with pytest.raises(OSError) as e:
+        run_as(USER, os.rename, workdir, os.path.join(sub, "inside"))
+    assert e.value.errno == errno.EINVAL
+
+
+def test_unlink_while_open_keeps_data_until_close(volume, workdir):
+    path = os.path.join(workdir, "ghost")
+
+    def work():
+        payload = os.urandom(5 << 20)
+        with open(path, "wb") as f:
+            f.write(payload)
+        f = open(path, "rb")
+        os.unlink(path)
+        gone = not os.path.exists(path)
+        f.seek(1 << 20)
+        part = f.read(1 << 20)
+        fstat_links = os.fstat(f.fileno()).st_nlink
+        f.close()
+        return gone, part == payload[1 << 20:2 << 20], fstat_links
+
+    gone, same, links = run_as(USER, work)
+    assert gone and same and links == 0
+
+
+def test_non_owner_gets_the_errors_ext4_gives(volume, workdir):
+    path = os.path.join(workdir, "mine")
+
+    def create():
+        with open(path, "w") as f:
+            f.write("x")
+        os.chmod(workdir, 0o777)
+
+    run_as(USER, create)
+    with pytest.raises(PermissionError) as e:
+        run_as(OTHER, os.chmod, path, 0o777)
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(PermissionError) as e:
+        run_as(OTHER, os.chown, path, os.getuid(), -1)
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(PermissionError) as e:
+        run_as(USER, os.chown, path, 0, -1)
+    assert e.value.errno == errno.EPERM, "only root may give a file away"
+    with pytest.raises(PermissionError) as e:
+        run_as(OTHER, lambda: open(path, "a"))
+    assert e.value.errno == errno.EACCES
+    # Sticky directory: others may not remove or rename the owner's file.
+    run_as(USER, os.chmod, workdir, 0o1777)
+    with pytest.raises(PermissionError) as e:
+        run_as(OTHER, os.unlink, path)
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(PermissionError) as e:
+        run_as(OTHER, os.rename, path, os.path.join(workdir, "taken"))
+    assert e.value.errno == errno.EPERM
+    # Without write permission on the directory: EACCES.
+    run_as(USER, os.chmod, workdir, 0o755)
+    with pytest.raises(PermissionError) as e:
+        run_as(OTHER, os.unlink, path)
+    assert e.value.errno == errno.EACCES
+    run_as(USER, os.unlink, path)
+
+
+def test_setgid_directory_passes_its_group(volume, workdir):
+    shared = os.path.join(workdir, "shared")
+    other_gid = helpers.pwd.getpwnam(OTHER).pw_gid
+
+    def setup():
+        os.mkdir(shared, 0o777)
+
+    run_as(USER, setup)
+    os.chown(shared, -1, other_gid)  # as root, like an admin setting up a project directory
+    os.chmod(shared, 0o2777)
+
+    def create():
+        p = os.path.join(shared, "f")
+        with open(p, "w"):
+            pass
+        os.mkdir(os.path.join(shared, "d"))
+        return os.stat(p).st_gid, os.stat(os.path.join(shared, "d")).st_mode
+
+    gid, dmode = run_as(USER, create)
+    assert gid == other_gid
+    assert dmode & stat.S_ISGID
+
+
+def test_fifo(volume, workdir):
+    path = os.path.join(workdir, "pipe")
+    run_as(USER, os.mkfifo, path, 0o666)
+    assert stat.S_ISFIFO(os.stat(path).st_mode)
+    got = {}
+
+    def reader():
+        with open(path, "rb") as f:
+            got["data"] = f.read()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    with open(path, "wb") as f:
+        f.write(b"through the fifo")
+    t.join(10)
+    assert got.get("data") == b"through the fifo"
+
+
+def test_xattrs(volume, workdir):
+    path = os.path.join(workdir, "x")
+
+    def work():
+        with open(path, "w"):
+            pass
+        os.setxattr(path, "user.project", b"climate")
+        os.setxattr(path, "user.bin", bytes(range(256)))
+        try:
+            os.setxattr(path, "user.project", b"again", os.XATTR_CREATE)
+            create_err = None
+        except OSError as e:
+            create_err = e.errno
+        try:
+            os.setxattr(path, "user.none", b"x", os.XATTR_REPLACE)
+            replace_err = None
+        except OSError as e:
+            replace_err = e.errno
+        names = sorted(os.listxattr(path))
+        val = os.getxattr(path, "user.bin")
+        os.removexattr(path, "user.project")
+        try:
+            os.getxattr(path, "user.project")
+            missing = None
+        except OSError as e:
+            missing = e.errno
+        return create_err, replace_err, names, val, missing
+
+    create_err, replace_err, names, val, missing = run_as(USER, work)
+    assert create_err == errno.EEXIST
+    assert replace_err == errno.ENODATA
+    assert names == ["user.bin", "user.project"]
+    assert val == bytes(range(256))
+    assert missing == errno.ENODATA
+
+
+LOCK_HOLDER = r"""
+import fcntl, os, sys, time
+kind, path, ready = sys.argv[1], sys.argv[2], sys.argv[3]
+fd = os.open(path, os.O_RDWR)
+if kind == "flock":
+    fcntl.flock(fd, fcntl.LOCK_EX)
+else:
+    fcntl.lockf(fd, fcntl.LOCK_EX, 100, 0)
+open(ready, "w").close()
+time.sleep(float(sys.argv[4]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["flock", "fcntl"])
+def test_locks_between_two_processes(volume, workdir, kind):
+    path = os.path.join(workdir, f"lock-{kind}")
+    ready = os.path.join(volume.base, f"ready-{kind}-{os.getpid()}")
+    run_as(USER, lambda: open(path, "w").close())
+    os.chmod(volume.base, 0o777)
+    holder = subprocess.Popen(["runuser", "-u", USER, "--", "python3", "-c", LOCK_HOLDER, kind, path, ready, "2"])
+    try:
+        deadline = time.time() + 20
+        while not os.path.exists(ready) and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(ready), "the holder took its lock"
+
+        def try_lock():
+            fd = os.open(path, os.O_RDWR)
+            try:
+                if kind == "flock":
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 50)
+                return None
+            except OSError as e:
+                return e.errno
+            finally:
+                os.close(fd)
+
+        assert run_as(USER, try_lock) in (errno.EAGAIN, errno.EACCES), "a conflicting lock is refused"
+
+        def wait_lock():
+            fd = os.open(path, os.O_RDWR)
+            start = time.time()
+            if kind == "flock":
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                fcntl.lockf(fd, fcntl.LOCK_EX, 10, 50)
+            waited = time.time() - start
+            os.close(fd)
+            return waited
+
+        waited = run_as(USER, wait_lock)
+        assert waited > 0.3, "the blocking lock waited for the holder to exit"
+    finally:
+        holder.wait(30)
+        if os.path.exists(ready):
+            os.unlink(ready)
+
+
+def test_statfs(volume, workdir):
+    before = os.statvfs(volume.mnt)
+    assert before.f_bsize == 4096 and before.f_blocks > 0 and before.f_namemax == 255
+
+    def many():
+        for i in range(20):
+            with open(os.path.join(workdir, f"s{i}"), "wb") as f:
+                f.write(b"x" * 10000)
+
+    run_as(USER, many)
+    after = os.statvfs(volume.mnt)
+    assert after.f_ffree <= before.f_ffree - 20
+    assert (after.f_blocks - after.f_bfree) >= (before.f_blocks - before.f_bfree) + 20 * 3
+
+
+def test_directory_listing_and_permissions(volume, workdir):
+    def work():
+        for i in range(300):
+            with open(os.path.join(workdir, f"e{i:03}"), "w"):
+                pass
+        os.mkdir(os.path.join(workdir, "private"), 0o700)
+        return sorted(os.listdir(workdir))
+
+    names = run_as(USER, work)
+    assert len(names) == 301 and names[0] == "e000"
+    with pytest.raises(PermissionError):
+        run_as(OTHER, os.listdir, os.path.join(workdir, "private"))
+    with pytest.raises(OSError) as e:
+        run_as(USER, os.rmdir, workdir)
+    assert e.value.errno == errno.ENOTEMPTY
