@@ -73,27 +73,38 @@ public func buildView(_ slices: [Slice]) -> [Segment] {
     return view
 }
 
-/// A heap buffer with a fixed address, freed with its owner (no copy-on-write surprises).
+/// A buffer with a fixed address, freed with its owner (no copy-on-write surprises). Buffers of
+/// 64 KiB and more are mapped from the kernel and unmapped when freed, so memory held by
+/// finished blocks does not linger.
 public final class Buffer: @unchecked Sendable {
     public private(set) var base: UnsafeMutableRawPointer
     public private(set) var capacity: Int
     public var count: Int
+    private static let mapThreshold = 64 << 10
 
     public init(capacity: Int) {
         self.capacity = max(capacity, 1)
-        base = UnsafeMutableRawPointer.allocate(byteCount: self.capacity, alignment: 64)
+        base = Buffer.allocate(self.capacity)
         count = 0
     }
 
-    deinit { base.deallocate() }
+    deinit { Buffer.free(base, capacity) }
+
+    private static func allocate(_ n: Int) -> UnsafeMutableRawPointer {
+        n >= mapThreshold ? Sys.map(n) : UnsafeMutableRawPointer.allocate(byteCount: n, alignment: 64)
+    }
+
+    private static func free(_ p: UnsafeMutableRawPointer, _ n: Int) {
+        if n >= mapThreshold { Sys.unmap(p, n) } else { p.deallocate() }
+    }
 
     /// Grows to at least `n` bytes, keeping the contents.
     public func reserve(_ n: Int) {
         guard n > capacity else { return }
         let newCap = max(n, capacity * 2)
-        let nb = UnsafeMutableRawPointer.allocate(byteCount: newCap, alignment: 64)
+        let nb = Buffer.allocate(newCap)
         nb.copyMemory(from: base, byteCount: count)
-        base.deallocate()
+        Buffer.free(base, capacity)
         base = nb
         capacity = newCap
     }

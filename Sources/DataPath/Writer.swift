@@ -72,7 +72,7 @@ public final class FileWriter: @unchecked Sendable {
             lock.withLock {
                 grown = writeLocked(chunk: chunk, pos: pos, UnsafeRawBufferPointer(rebasing: buf[done..<(done + n)]))
             }
-            if grown < n { data.budget.release(n - grown) }
+            if grown < n { data.budget.release(n - grown) } else if grown > n { data.budget.add(grown - n) }
             done += n
         }
     }

@@ -206,6 +206,11 @@ public final class ByteBudget: @unchecked Sendable {
         }
     }
 
+    /// Takes `n` more bytes without waiting (memory already allocated beyond an estimate).
+    public func add(_ n: Int) {
+        lock.withLock { used += n }
+    }
+
     /// Gives back `n` bytes.
     public func release(_ n: Int) {
         lock.withLock {

@@ -102,6 +102,19 @@ public enum Sys {
         return out
     }
 
+    /// Anonymous memory straight from the kernel (`mmap`), for block buffers: it goes back to
+    /// the kernel on `unmap` instead of lingering in malloc arenas.
+    public static func map(_ bytes: Int) -> UnsafeMutableRawPointer {
+        let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        guard let p, p != MAP_FAILED else { fatalError("out of memory: mmap of \(bytes) bytes failed") }
+        return p
+    }
+
+    /// Returns memory from `map`.
+    public static func unmap(_ p: UnsafeMutableRawPointer, _ bytes: Int) {
+        munmap(p, bytes)
+    }
+
     /// Monotonic clock in nanoseconds.
     public static func monotonicNanos() -> UInt64 {
         var ts = timespec()

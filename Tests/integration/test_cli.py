@@ -204,6 +204,7 @@ def test_memory_stays_bounded_under_a_10_gib_write(env, redis):
                        check=True, timeout=900)
         assert run_as(USER, os.path.getsize, path) == 10 << 30
         hwm = helpers.vm_hwm_kib(pid)
+        print(f"peak RSS of the mount: {hwm} KiB")
         assert hwm < 400 << 10, f"peak RSS {hwm} KiB"
         run_as(USER, os.unlink, path)
         # The objects of the deleted file are removed in the background.

