@@ -25,6 +25,7 @@ def drop_caches():
 def big_write(root, size_mib):
     path = os.path.join(root, "big.bin")
     block = os.urandom(1 << 20)
+    os.sync()
     start = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     for i in range(size_mib):
@@ -57,6 +58,7 @@ def small_files(root, count, dirs):
     paths = [os.path.join(base, f"d{i % dirs}", f"f{i}") for i in range(count)]
     payload = os.urandom(4096)
     out = {}
+    os.sync()
     start = time.perf_counter()
     for p in paths:
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -75,6 +77,7 @@ def small_files(root, count, dirs):
         os.read(fd, 8192)
         os.close(fd)
     out["read"] = count / (time.perf_counter() - start)
+    os.sync()
     start = time.perf_counter()
     for p in paths:
         os.unlink(p)
@@ -89,7 +92,11 @@ def main():
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=10000)
     ap.add_argument("--dirs", type=int, default=100)
+    ap.add_argument("--tag", default="", help="subdirectory for this round")
     a = ap.parse_args()
+    if a.tag:
+        a.mount = os.path.join(a.mount, a.tag)
+        os.makedirs(a.mount, exist_ok=True)
     if a.phase == "write":
         res = {"write_mibs": big_write(a.mount, a.size_mib)}
     elif a.phase == "read":

@@ -10,7 +10,7 @@ public struct DataConfig: Sendable {
     /// Bytes of written data buffered before writers wait (back-pressure).
     public var bufferSize = 300 << 20
     /// Bytes of blocks kept in memory for reads.
-    public var memoryCacheSize = 256 << 20
+    public var memoryCacheSize = 64 << 20
     public var uploadThreads = 20
     public var downloadThreads = 20
     /// Blocks fetched ahead of a sequential reader, at most.
@@ -42,7 +42,10 @@ public final class DataStore: @unchecked Sendable {
     private let lock = ConditionLock()
     private var writers: [Ino: FileWriter] = [:]
     private var views: [Ino: [UInt32: ChunkView]] = [:]
-    private var stopped = false
+    /// Change counter per inode (bumped by `invalidate`), so open files know when to refresh.
+    private var changes: [Ino: UInt64] = [:]
+    private var changeClock: UInt64 = 0
+    private var changesFloor: UInt64 = 0
 
     public init(meta: any MetadataEngine, store: any ObjectStore, format: VolumeFormat, config: DataConfig = DataConfig()) {
         self.meta = meta
@@ -110,7 +113,26 @@ public final class DataStore: @unchecked Sendable {
 
     /// Forgets cached chunk views of `ino` (after a commit, a truncate, or on open).
     public func invalidate(_ ino: Ino) {
-        lock.withLock { _ = views.removeValue(forKey: ino) }
+        lock.withLock {
+            _ = views.removeValue(forKey: ino)
+            changeClock += 1
+            if changes.count > 100_000 {
+                changes.removeAll()
+                changesFloor = changeClock
+            }
+            changes[ino] = changeClock
+        }
+    }
+
+    /// Records chunk `index` of `ino` as read with its metadata (after `invalidate`).
+    public func prime(_ ino: Ino, _ index: UInt32, _ slices: [Slice]) {
+        let v = ChunkView(segments: buildView(slices))
+        lock.withLock { views[ino, default: [:]][index] = v }
+    }
+
+    /// A number that grows whenever this client changes `ino` or reopens it.
+    public func changeStamp(_ ino: Ino) -> UInt64 {
+        lock.withLock { max(changes[ino] ?? 0, changesFloor) }
     }
 
     private func view(_ ino: Ino, _ index: UInt32) throws(FSError) -> ChunkView {

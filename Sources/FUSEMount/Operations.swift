@@ -14,19 +14,37 @@ private func server(_ req: fuse_req_t?) -> FuseServer {
     Unmanaged<FuseServer>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
 }
 
+/// Supplementary groups by process, kept for a second: reading them costs a /proc read
+/// (fuse_req_getgroups) and a process's groups rarely change.
+private final class GroupCache: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var entries: [pid_t: (groups: [UInt32], uid: UInt32, at: UInt64)] = [:]
+
+    func groups(_ req: fuse_req_t?, pid: pid_t, uid: UInt32) -> [UInt32] {
+        let now = Sys.monotonicNanos()
+        if let e = lock.withLock({ entries[pid] }), e.uid == uid, now - e.at < 1_000_000_000 { return e.groups }
+        var list = [gid_t](repeating: 0, count: 64)
+        var n = fuse_req_getgroups(req, 64, &list)
+        if n > 64 {
+            list = [gid_t](repeating: 0, count: Int(n))
+            n = fuse_req_getgroups(req, n, &list)
+        }
+        let groups = n > 0 ? Array(list.prefix(Int(n))) : []
+        lock.withLock {
+            if entries.count > 4096 { entries.removeAll() }
+            entries[pid] = (groups, uid, now)
+        }
+        return groups
+    }
+}
+
+private let groupCache = GroupCache()
+
 /// The caller's uid, gid, supplementary groups and pid.
 private func credential(_ req: fuse_req_t?) -> Credential {
     let c = fuse_req_ctx(req)!.pointee
     var cred = Credential(uid: c.uid, gid: c.gid, pid: UInt32(bitPattern: c.pid))
-    if c.uid != 0 {
-        var groups = [gid_t](repeating: 0, count: 64)
-        let n = fuse_req_getgroups(req, 64, &groups)
-        if n > 64 {
-            groups = [gid_t](repeating: 0, count: Int(n))
-            _ = fuse_req_getgroups(req, n, &groups)
-        }
-        if n > 0 { cred.groups = Array(groups.prefix(Int(n))) }
-    }
+    if c.uid != 0 { cred.groups = groupCache.groups(req, pid: c.pid, uid: c.uid) }
     return cred
 }
 

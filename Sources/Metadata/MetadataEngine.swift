@@ -157,7 +157,9 @@ public protocol MetadataEngine: AnyObject, Sendable {
 
     // MARK: file data
     /// Checks permission for the open flags and records that session `sid` holds the file open.
-    func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> Attr
+    /// Also returns the slice records of the first chunk of a regular file (nil otherwise), so
+    /// reading a small file needs no further metadata round trip.
+    func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?)
     /// Drops one open of `ino` by `sid`; a file unlinked meanwhile is freed at its last close.
     func close(_ ino: Ino, sid: UInt64) throws(FSError)
     /// The slice records of chunk `index`, oldest first.

@@ -285,8 +285,10 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
 
     // MARK: file data
 
-    package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> Attr {
-        try decodeAttr(try run("open", cred, [ino, accessMask(openFlags: flags).rawValue, sid]).first)
+    package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?) {
+        let r = try run("open", cred, [ino, accessMask(openFlags: flags).rawValue, sid])
+        let a = try decodeAttr(r.first)
+        return (a, r.count > 1 ? Slice.decodeAll(r[1].bytes ?? []) : nil)
     }
 
     package func close(_ ino: Ino, sid: UInt64) throws(FSError) {

@@ -516,7 +516,7 @@ enum RedisScripts {
         return {0}
         """#
 
-    /// ARGV 6 ino, 7 access mask, 8 sid -> {0, attr}
+    /// ARGV 6 ino, 7 access mask, 8 sid -> {0, attr, [first chunk's slices for a regular file]}
     static let open = #"""
         local ino, mask, sid = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
         local s = redis.call('GET', key('i', ino))
@@ -526,7 +526,8 @@ enum RedisScripts {
         if not mayaccess(a, mask) then return {EACCES} end
         redis.call('HINCRBY', key('o', ino), sid, 1)
         redis.call('HINCRBY', 'so' .. sid, string.format('%d', ino), 1)
-        return {0, s}
+        if a.type ~= 1 then return {0, s} end
+        return {0, s, redis.call('GET', key('c', ino) .. '_0') or ''}
         """#
 
     /// ARGV 6 ino, 7 sid -> {0}

@@ -614,14 +614,14 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     // MARK: file data
 
-    package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> Attr {
+    package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?) {
         try store.transaction(write: true) { () throws(FSError) in
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             let mask = accessMask(openFlags: flags)
             if a.type == .directory && mask.contains(.write) { throw FSError.isDir }
             try Posix.check(a, cred, mask)
             _ = try store.addOpen(sid, ino, 1)
-            return a
+            return (a, a.type == .regular ? Slice.decodeAll(try store.chunk(ino, 0)) : nil)
         }
     }
 

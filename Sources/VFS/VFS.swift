@@ -27,11 +27,16 @@ final class FileHandle: @unchecked Sendable {
     /// Lock owners that took POSIX locks through this handle (released on flush).
     var posixOwners: Set<UInt64> = []
     var flockOwner: UInt64?
+    /// File size as of `stamp` (the data store's change stamp of the inode).
+    var size: UInt64
+    var stamp: UInt64
 
-    init(ino: Ino, flags: Int32, writer: FileWriter?) {
+    init(ino: Ino, flags: Int32, writer: FileWriter?, size: UInt64, stamp: UInt64) {
         self.ino = ino
         self.flags = flags
         self.writer = writer
+        self.size = size
+        self.stamp = stamp
     }
 }
 
@@ -272,10 +277,12 @@ public final class VFS: @unchecked Sendable {
     public func open(_ cred: Credential, _ ino: Ino, flags: Int32) throws(FSError) -> (UInt64, Attr) {
         let wantsWrite = flags & O_ACCMODE != O_RDONLY || flags & O_TRUNC != 0
         if wantsWrite { try writable() }
-        let a = try meta.open(cred, ino, flags: flags, sid: sid)
+        let (a, first) = try meta.open(cred, ino, flags: flags, sid: sid)
         data.invalidate(ino)
+        if let first { data.prime(ino, 0, first) }
         let w = wantsWrite && a.type == .regular ? data.openWriter(ino) : nil
-        return (register(FileHandle(ino: ino, flags: flags, writer: w)), overlay(ino, a))
+        let h = FileHandle(ino: ino, flags: flags, writer: w, size: a.size, stamp: data.changeStamp(ino))
+        return (register(h), overlay(ino, a))
     }
 
     /// Creates and opens a regular file.
@@ -283,15 +290,27 @@ public final class VFS: @unchecked Sendable {
         try writable()
         let (ino, a) = try meta.create(cred, parent, name, mode, sid: sid)
         let w = data.openWriter(ino)
-        return (ino, a, register(FileHandle(ino: ino, flags: flags, writer: w)))
+        return (ino, a, register(FileHandle(ino: ino, flags: flags, writer: w, size: 0, stamp: data.changeStamp(ino))))
     }
 
     public func read(_ fh: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
         guard let h = handle(fh) else { throw FSError.badF }
         // A reader sees what this client wrote: buffered writes are committed first.
         if let w = data.writer(h.ino), w.hasPending { try w.flush() }
-        let a = try meta.getattr(h.ino)
-        return try data.read(h.ino, at: offset, into: buffer, fileSize: a.size, hint: h.readAhead)
+        // The size from open holds until this client changes the file (close-to-open for others).
+        let stamp = data.changeStamp(h.ino)
+        let known: UInt64? = lock.withLock { h.stamp == stamp ? h.size : nil }
+        let size: UInt64
+        if let known {
+            size = known
+        } else {
+            size = try meta.getattr(h.ino).size
+            lock.withLock {
+                h.size = size
+                h.stamp = stamp
+            }
+        }
+        return try data.read(h.ino, at: offset, into: buffer, fileSize: size, hint: h.readAhead)
     }
 
     public func write(_ fh: UInt64, at offset: UInt64, _ buffer: UnsafeRawBufferPointer) throws(FSError) -> Int {

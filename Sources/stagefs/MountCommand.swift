@@ -65,7 +65,7 @@ struct Mount: ParsableCommand {
     var bufferSize = 300
 
     @Option(help: "MiB of blocks kept in memory for reads.")
-    var memoryCacheSize = 256
+    var memoryCacheSize = 64
 
     @Option(help: "Seconds one object-store request may take before it is retried.")
     var ioTimeout: Double = 60

@@ -409,7 +409,8 @@ struct ConformanceTests {
         let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/mnt", version: "t"))
         let (ino, _) = try m.mknod(alice, dir, n("f"), .regular, 0o644, rdev: 0, target: nil)
         _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 7, size: 10, off: 0, len: 10), minSize: 10, mtime: .now())
-        _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid)
+        let (_, first) = try m.open(alice, ino, flags: O_RDONLY, sid: sid)
+        #expect(first == [Slice(pos: 0, id: 7, size: 10, off: 0, len: 10)], "open returns the first chunk's slices")
         _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid)
         // Unlinked by another client while open: kept.
         let r = try other.unlink(alice, dir, n("f"))
