@@ -35,7 +35,7 @@ JFS_META="redis://127.0.0.1:$PORT/2"
 juicefs format "$JFS_META" jfsbench --storage file --bucket "$WORK/jfs-data/" --no-update >/dev/null 2>&1 ||
     juicefs format "$JFS_META" jfsbench --storage file --bucket "$WORK/jfs-data/" >/dev/null 2>&1
 
-mount_sfs() { "$BIN" mount -d "$SFS_META" "$WORK/sfs" --log "$WORK/sfs.log" >/dev/null; }
+mount_sfs() { "$BIN" mount -d "$SFS_META" "$WORK/sfs" --cache-size 0 --log "$WORK/sfs.log" >/dev/null; }
 mount_jfs() { juicefs mount -d "$JFS_META" "$WORK/jfs" --cache-size 0 --no-usage-report --log "$WORK/jfs.log" >/dev/null 2>&1; }
 umount_sfs() { "$BIN" umount "$WORK/sfs"; }
 umount_jfs() { juicefs umount "$WORK/jfs" >/dev/null 2>&1; }

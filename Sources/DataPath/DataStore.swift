@@ -38,6 +38,8 @@ public final class DataStore: @unchecked Sendable {
     let background: WorkerPool
     let cache: MemoryCache
     let fetcher: BlockFetcher
+    /// The node-local block cache, if configured.
+    public let disk: DiskCache?
     let ids: SliceIDs
     private let lock = ConditionLock()
     private var writers: [Ino: FileWriter] = [:]
@@ -47,7 +49,7 @@ public final class DataStore: @unchecked Sendable {
     private var changeClock: UInt64 = 0
     private var changesFloor: UInt64 = 0
 
-    public init(meta: any MetadataEngine, store: any ObjectStore, format: VolumeFormat, config: DataConfig = DataConfig()) {
+    public init(meta: any MetadataEngine, store: any ObjectStore, format: VolumeFormat, config: DataConfig = DataConfig(), disk: DiskCache? = nil) {
         self.meta = meta
         self.store = store
         self.config = config
@@ -56,7 +58,8 @@ public final class DataStore: @unchecked Sendable {
         uploads = WorkerPool(name: "upload", threads: config.uploadThreads)
         background = WorkerPool(name: "background", threads: 2)
         cache = MemoryCache(limit: config.memoryCacheSize)
-        fetcher = BlockFetcher(store: store, cache: cache, threads: config.downloadThreads)
+        self.disk = disk
+        fetcher = BlockFetcher(store: store, cache: cache, disk: disk, threads: config.downloadThreads)
         ids = SliceIDs(meta: meta)
     }
 
@@ -231,7 +234,7 @@ public final class DataStore: @unchecked Sendable {
                         let b = try fetcher.fetch(p.key, length: p.blockLen)
                         p.dest.copyMemory(from: b.base + p.off, byteCount: p.len)
                     } else {
-                        try fetcher.readRange(p.key, offset: p.off, into: UnsafeMutableRawBufferPointer(start: p.dest, count: p.len))
+                        try fetcher.readRange(p.key, length: p.blockLen, offset: p.off, into: UnsafeMutableRawBufferPointer(start: p.dest, count: p.len))
                         fetcher.prefetch(p.key, length: p.blockLen)
                     }
                     group.done()
@@ -293,6 +296,7 @@ public final class DataStore: @unchecked Sendable {
         var n = 0
         for key in layout.keys(of: s) {
             cache.remove(key)
+            disk?.remove(key)
             do {
                 try store.delete(key)
                 n += 1

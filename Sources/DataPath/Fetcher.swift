@@ -14,13 +14,15 @@ final class BlockFetcher: @unchecked Sendable {
 
     let store: any ObjectStore
     let cache: MemoryCache
+    let disk: DiskCache?
     let pool: WorkerPool
     private let lock = ConditionLock()
     private var inflight: [String: Pending] = [:]
 
-    init(store: any ObjectStore, cache: MemoryCache, threads: Int) {
+    init(store: any ObjectStore, cache: MemoryCache, disk: DiskCache?, threads: Int) {
         self.store = store
         self.cache = cache
+        self.disk = disk
         pool = WorkerPool(name: "download", threads: threads)
     }
 
@@ -54,6 +56,11 @@ final class BlockFetcher: @unchecked Sendable {
     }
 
     private func download(_ key: String, _ length: Int, _ pending: Pending) {
+        if let b = disk?.get(key, length: length) {
+            cache.put(key, b)
+            finish(key, pending, .success(b))
+            return
+        }
         let buf = Buffer(capacity: length)
         let result: Result<Buffer, FSError>
         do throws(FSError) {
@@ -69,6 +76,11 @@ final class BlockFetcher: @unchecked Sendable {
             Log.error(e.message)
             result = .failure(FSError(EIO, e.message))
         }
+        finish(key, pending, result)
+        if case .success(let b) = result { disk?.put(key, b.bytes) }
+    }
+
+    private func finish(_ key: String, _ pending: Pending, _ result: Result<Buffer, FSError>) {
         lock.withLock {
             pending.result = result
             pending.done = true
@@ -78,7 +90,8 @@ final class BlockFetcher: @unchecked Sendable {
     }
 
     /// Reads part of a block straight from the store (small random reads).
-    func readRange(_ key: String, offset: Int, into dest: UnsafeMutableRawBufferPointer) throws(FSError) {
+    func readRange(_ key: String, length: Int, offset: Int, into dest: UnsafeMutableRawBufferPointer) throws(FSError) {
+        if let disk, disk.read(key, length: length, offset: offset, into: dest) { return }
         let n: Int
         do {
             n = try store.get(key, offset: offset, into: dest)

@@ -150,6 +150,8 @@ public final class FileWriter: @unchecked Sendable {
             var err: FSError?
             do throws(FSError) {
                 try data.store.put(key, UnsafeRawBufferPointer(start: b.base, count: b.count))
+                // Written blocks are cached too: reading back what was just written stays local.
+                data.disk?.put(key, UnsafeRawBufferPointer(start: b.base, count: b.count))
             } catch {
                 err = error
                 Log.error("upload of \(key) failed: \(error.message)")

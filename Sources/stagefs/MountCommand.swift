@@ -61,6 +61,15 @@ struct Mount: ParsableCommand {
     @Option(help: "Seconds the kernel caches directory entries.")
     var entryCache: Double = 1
 
+    @Option(help: "Node-local cache directories, colon-separated; blocks go to <dir>/<uid>/<volume uuid>/ (default ~/.stagefs/cache, /var/cache/stagefs for root).")
+    var cacheDir: String?
+
+    @Option(help: "MiB of blocks the disk cache may hold (0 disables it).")
+    var cacheSize = 102400
+
+    @Option(help: "Fraction of the cache file system to keep free (blocks are evicted to keep it).")
+    var freeSpaceRatio = 0.1
+
     @Option(help: "MiB of written data buffered in memory before writers wait.")
     var bufferSize = 300
 
@@ -87,6 +96,18 @@ struct Mount: ParsableCommand {
         if bufferSize < 16 { throw ValidationError("--buffer-size must be at least 16 (MiB)") }
         if ioTimeout <= 0 || ioRetries < 1 { throw ValidationError("--io-timeout must be positive and --io-retries at least 1") }
         if heartbeat <= 0 { throw ValidationError("--heartbeat must be positive") }
+        if cacheSize < 0 { throw ValidationError("--cache-size cannot be negative") }
+        if freeSpaceRatio < 0 || freeSpaceRatio >= 1 { throw ValidationError("--free-space-ratio must be from 0 to below 1") }
+        if let d = cacheDir, d.split(separator: ":").contains(where: { !$0.hasPrefix("/") && !$0.hasPrefix("~") }) {
+            throw ValidationError("--cache-dir takes absolute directories, colon-separated")
+        }
+    }
+
+    /// The cache directories, with `~` expanded and the defaults applied.
+    private var cacheDirs: [String] {
+        let home = getenv("HOME").map { String(cString: $0) } ?? "/tmp"
+        guard let cacheDir else { return [getuid() == 0 ? "/var/cache/stagefs" : "\(home)/.stagefs/cache"] }
+        return cacheDir.split(separator: ":").map { $0.hasPrefix("~") ? home + $0.dropFirst() : String($0) }
     }
 
     /// Mount options split into kernel options and the ones StageFS handles itself.
@@ -206,7 +227,21 @@ struct Mount: ParsableCommand {
         var dc = DataConfig()
         dc.bufferSize = bufferSize << 20
         dc.memoryCacheSize = memoryCacheSize << 20
-        let data = DataStore(meta: meta, store: store, format: format, config: dc)
+        var disk: DiskCache?
+        if cacheSize > 0 {
+            do {
+                disk = try DiskCache(config: DiskCacheConfig(dirs: cacheDirs, capacity: cacheSize << 20, freeSpaceRatio: freeSpaceRatio), volumeUUID: format.uuid)
+            } catch {
+                if cacheDir != nil {
+                    server.abandon()
+                    ready("error: \(error.message)")
+                    throw error
+                }
+                // The default location is a convenience: without it the mount still works.
+                Log.warning("\(error.message); running without a disk cache")
+            }
+        }
+        let data = DataStore(meta: meta, store: store, format: format, config: dc, disk: disk)
         var vc = VFSConfig()
         vc.readOnly = opts.readOnly
         vc.heartbeat = heartbeat

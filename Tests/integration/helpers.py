@@ -158,6 +158,12 @@ class Env:
 
     def stagefs(self, *args, user=USER, check=True, timeout=120):
         """Runs the CLI as `user`; returns CompletedProcess (text)."""
+        if args and args[0] == "mount" and "--cache-dir" not in args and "--cache-size" not in args:
+            # Keep each run's cache inside its scratch area.
+            cache = os.path.join(self.root, "cache")
+            os.makedirs(cache, mode=0o1777, exist_ok=True)
+            os.chmod(cache, 0o1777)
+            args = (*args, "--cache-dir", cache)
         cmd = ["runuser", "-u", user, "--", self.bin, *args] if user != "root" else [self.bin, *args]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and p.returncode != 0:

@@ -217,3 +217,40 @@ def test_memory_stays_bounded_under_a_10_gib_write(env, redis):
         assert n == 0, f"{n} objects left after unlink"
     finally:
         env.stagefs("umount", m)
+
+
+def test_disk_cache_serves_blocks_when_the_store_is_gone(env, redis):
+    moto = helpers.Moto()
+    url = redis.url(6)
+    cache = env.dir_for(USER, "cache")
+    try:
+        env.stagefs("format", url, "cached", "--storage", "s3", "--bucket", moto.bucket("cached"),
+                    "--access-key", moto.access_key, "--secret-key", moto.secret_key)
+        # B is written by a client without a disk cache, A by one with it (written blocks are cached).
+        plain = env.dir_for(USER, "plain")
+        env.stagefs("mount", "-d", url, plain, "--cache-size", "0")
+        run_as(USER, lambda: open(os.path.join(plain, "b"), "wb").write(os.urandom(1 << 20)))
+        env.stagefs("umount", plain)
+        m = env.dir_for(USER, "m")
+        env.stagefs("mount", "-d", url, m, "--cache-dir", cache, "--io-retries", "2", "--io-timeout", "2")
+        data = os.urandom(9 << 20)
+        run_as(USER, lambda: open(os.path.join(m, "a"), "wb").write(data))
+        env.stagefs("umount", m)
+        uid = helpers.pwd.getpwnam(USER).pw_uid
+        user_dir = os.path.join(cache, str(uid))
+        assert os.stat(user_dir).st_mode & 0o777 == 0o700
+        blocks = [f for _, _, fs in os.walk(user_dir) for f in fs]
+        assert len(blocks) == 3, blocks  # 4 + 4 + 1 MiB
+        env.stagefs("mount", "-d", url, m, "--cache-dir", cache, "--io-retries", "2", "--io-timeout", "2")
+        moto.stop()
+        moto = None
+        assert run_as(USER, lambda: open(os.path.join(m, "a"), "rb").read()) == data
+        start = time.time()
+        with pytest.raises(OSError) as e:
+            run_as(USER, lambda: open(os.path.join(m, "b"), "rb").read())
+        assert e.value.errno == 5  # EIO, not a hang
+        assert time.time() - start < 30
+        env.stagefs("umount", m)
+    finally:
+        if moto:
+            moto.stop()
