@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Metadata
 import ObjectStorage
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Tunables of the data path.
 public struct DataConfig: Sendable {
@@ -159,7 +160,9 @@ public final class DataStore: @unchecked Sendable {
 
     /// Reads `buffer.count` bytes at `offset` of a file of `fileSize` bytes; returns bytes read.
     /// `hint` carries a reader's sequential-read state between calls.
-    public func read(_ ino: Ino, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, fileSize: UInt64, hint: ReadAhead? = nil) throws(FSError) -> Int {
+    public func read(
+        _ ino: Ino, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, fileSize: UInt64, hint: ReadAhead? = nil
+    ) throws(FSError) -> Int {
         if offset >= fileSize || buffer.count == 0 { return 0 }
         let total = Int(min(UInt64(buffer.count), fileSize - offset))
         let bs = layout.blockSize
@@ -176,7 +179,8 @@ public final class DataStore: @unchecked Sendable {
             for seg in v.segments where seg.pos + seg.len > cursor && seg.pos < end {
                 if seg.pos > cursor {
                     // Gap before this segment: a hole.
-                    buffer.baseAddress!.advanced(by: done + Int(cursor - posInChunk)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(seg.pos - cursor))
+                    buffer.baseAddress!.advanced(by: done + Int(cursor - posInChunk)).initializeMemory(
+                        as: UInt8.self, repeating: 0, count: Int(seg.pos - cursor))
                     cursor = seg.pos
                 }
                 let segEnd = min(seg.pos + seg.len, end)
@@ -202,7 +206,8 @@ public final class DataStore: @unchecked Sendable {
                 cursor = segEnd
             }
             if cursor < end {
-                buffer.baseAddress!.advanced(by: done + Int(cursor - posInChunk)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(end - cursor))
+                buffer.baseAddress!.advanced(by: done + Int(cursor - posInChunk)).initializeMemory(
+                    as: UInt8.self, repeating: 0, count: Int(end - cursor))
             }
             done += n
         }
@@ -234,7 +239,8 @@ public final class DataStore: @unchecked Sendable {
                         let b = try fetcher.fetch(p.key, length: p.blockLen)
                         p.dest.copyMemory(from: b.base + p.off, byteCount: p.len)
                     } else {
-                        try fetcher.readRange(p.key, length: p.blockLen, offset: p.off, into: UnsafeMutableRawBufferPointer(start: p.dest, count: p.len))
+                        try fetcher.readRange(
+                            p.key, length: p.blockLen, offset: p.off, into: UnsafeMutableRawBufferPointer(start: p.dest, count: p.len))
                         fetcher.prefetch(p.key, length: p.blockLen)
                     }
                     group.done()

@@ -1,7 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Settings of the node-local block cache.
 public struct DiskCacheConfig: Sendable {

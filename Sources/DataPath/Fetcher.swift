@@ -1,8 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ObjectStorage
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Downloads whole blocks, one download per block at a time however many readers want it
 /// (later askers wait for the first), into the memory cache.

@@ -1,8 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Metadata
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Names and shapes of the immutable blocks of a volume.
 public struct Layout: Sendable {

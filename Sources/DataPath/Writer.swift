@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Metadata
 import ObjectStorage
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Bytes written to one place of a chunk, buffered and uploaded block by block, then committed
 /// to metadata as one slice.

@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CFuse3
 import StageFSCore
 import VFS
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Mount settings of the FUSE adapter.
 public struct FuseConfig: Sendable {

@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CFuse3
 import StageFSCore
 import VFS
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 // The FUSE low-level callbacks. Each is a global function (no captures): it finds the server
 // through fuse_req_userdata, turns arguments into Swift values, calls the VFS, and replies.
@@ -100,8 +101,9 @@ private func ll_init(_ userdata: UnsafeMutableRawPointer?, _ conn: UnsafeMutable
     guard let conn else { return }
     cfuse3_conn_want(
         conn,
-        UInt32(FUSE_CAP_ASYNC_READ | FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS | FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO
-            | FUSE_CAP_PARALLEL_DIROPS | FUSE_CAP_ASYNC_DIO))
+        UInt32(
+            FUSE_CAP_ASYNC_READ | FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS | FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO
+                | FUSE_CAP_PARALLEL_DIROPS | FUSE_CAP_ASYNC_DIO))
     cfuse3_conn_unwant(conn, UInt32(FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE))
     conn.pointee.max_write = 1 << 20
     conn.pointee.max_readahead = 1 << 20
@@ -135,7 +137,9 @@ private func ll_getattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutab
     }
 }
 
-private func ll_setattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ attr: UnsafeMutablePointer<stat>?, _ toSet: Int32, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+private func ll_setattr(
+    _ req: fuse_req_t?, _ ino: fuse_ino_t, _ attr: UnsafeMutablePointer<stat>?, _ toSet: Int32, _ fi: UnsafeMutablePointer<fuse_file_info>?
+) {
     serve(req) { () throws(FSError) in
         guard let st = attr?.pointee else { throw FSError.invalid }
         var r = SetAttrRequest(mask: SetAttrMask(rawValue: UInt32(bitPattern: toSet)))
@@ -163,7 +167,8 @@ private func ll_readlink(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
 private func ll_mknod(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePointer<CChar>?, _ mode: mode_t, _ rdev: dev_t) {
     serve(req) { () throws(FSError) in
         guard let type = FileType(mode: mode), type != .directory, type != .symlink else { throw FSError.invalid }
-        let (ino, a) = try server(req).vfs.mknod(credential(req), parent, name(n), type, UInt16(mode & 0o7777), rdev: UInt32(truncatingIfNeeded: rdev))
+        let (ino, a) = try server(req).vfs.mknod(
+            credential(req), parent, name(n), type, UInt16(mode & 0o7777), rdev: UInt32(truncatingIfNeeded: rdev))
         replyEntry(req, ino, a)
     }
 }
@@ -222,7 +227,9 @@ private func ll_open(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutableP
     }
 }
 
-private func ll_create(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePointer<CChar>?, _ mode: mode_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+private func ll_create(
+    _ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePointer<CChar>?, _ mode: mode_t, _ fi: UnsafeMutablePointer<fuse_file_info>?
+) {
     serve(req) { () throws(FSError) in
         guard let fi else { throw FSError.invalid }
         let s = server(req)
@@ -428,7 +435,8 @@ private func ll_getlk(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutable
         guard let fi, let lock else { throw FSError.invalid }
         let (start, end) = lockRange(lock.pointee)
         var out = lock.pointee
-        if let c = try server(req).vfs.getlk(fi.pointee.fh, owner: fi.pointee.lock_owner, type: lockType(lock.pointee.l_type), start: start, end: end) {
+        if let c = try server(req).vfs.getlk(fi.pointee.fh, owner: fi.pointee.lock_owner, type: lockType(lock.pointee.l_type), start: start, end: end)
+        {
             out.l_type = Int16(c.type == .write ? F_WRLCK : F_RDLCK)
             out.l_start = Int(c.start)
             out.l_len = c.end == UInt64.max ? 0 : Int(c.end - c.start + 1)
@@ -440,7 +448,9 @@ private func ll_getlk(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutable
     }
 }
 
-private func ll_setlk(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?, _ lock: UnsafeMutablePointer<flock>?, _ sleep: Int32) {
+private func ll_setlk(
+    _ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?, _ lock: UnsafeMutablePointer<flock>?, _ sleep: Int32
+) {
     serve(req) { () throws(FSError) in
         guard let fi, let lock else { throw FSError.invalid }
         let (start, end) = lockRange(lock.pointee)

@@ -1,7 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// One held lock: POSIX record lock (byte range) or flock (whole file, range unused).
 struct LockRecord: Equatable {

@@ -1,7 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// One slice record of a chunk: `len` bytes at `pos` in the chunk come from bytes
 /// `off..<off+len` of slice `id` (whose stored length is `size`). Slice id 0 is a hole (zeros).
@@ -134,14 +135,18 @@ public protocol MetadataEngine: AnyObject, Sendable {
     func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError)
     /// Creates a regular file, fifo, socket, device node, directory or symlink (`target` set).
     /// `mode` holds the permission bits after the umask.
-    func mknod(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?)
+    func mknod(
+        _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?
+    )
         throws(FSError) -> (Ino, Attr)
     /// Creates a regular file and records it open by session `sid`, in one operation.
     func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr)
     func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName
     func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError)
     /// rename/renameat2; returns what a replaced destination lost, if anything was replaced.
-    func rename(_ cred: Credential, _ srcParent: Ino, _ srcName: [UInt8], _ dstParent: Ino, _ dstName: [UInt8], _ flags: RenameFlags)
+    func rename(
+        _ cred: Credential, _ srcParent: Ino, _ srcName: [UInt8], _ dstParent: Ino, _ dstName: [UInt8], _ flags: RenameFlags
+    )
         throws(FSError) -> RemovedName?
     func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr
     func readlink(_ ino: Ino) throws(FSError) -> [UInt8]

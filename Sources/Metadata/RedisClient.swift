@@ -1,8 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CHiredis
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// A reply from Redis, copied out of hiredis' `redisReply`.
 enum RedisReply: Equatable {

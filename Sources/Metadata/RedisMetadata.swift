@@ -1,7 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// The shared engine: `redis://host:port/db`. Each operation is one Lua script run with
 /// `EVALSHA` (one round trip, atomic on the server); see `RedisScripts`.
@@ -94,7 +95,10 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         if let old = try loadFormat() {
             let diff = format.differences(from: old)
             if !diff.isEmpty && !force {
-                throw FSError(EEXIST, "\(displayName) already holds volume '\(old.name)' with other settings (\(diff.joined(separator: ", "))); refusing to format it again")
+                throw FSError(
+                    EEXIST,
+                    "\(displayName) already holds volume '\(old.name)' with other settings (\(diff.joined(separator: ", "))); refusing to format it again"
+                )
             }
             record.uuid = old.uuid
             record.createdAt = old.createdAt
@@ -191,7 +195,9 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         _ = try run("access", cred, [ino, mask.rawValue], idempotent: true)
     }
 
-    package func mknod(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?)
+    package func mknod(
+        _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?
+    )
         throws(FSError) -> (Ino, Attr)
     {
         try validateName(name)
@@ -225,7 +231,8 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         _ = try run("rmdir", cred, [parent, name])
     }
 
-    package func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], _ flags: RenameFlags) throws(FSError) -> RemovedName? {
+    package func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], _ flags: RenameFlags) throws(FSError) -> RemovedName?
+    {
         if flags.contains(.whiteout) { throw FSError.notSupported }
         if flags.contains(.exchange) && flags.contains(.noReplace) { throw FSError.invalid }
         try validateName(dn)

@@ -455,16 +455,17 @@ enum RedisScripts {
         """#
 
     /// ARGV 6 ino, 7 name -> {0, value}
-    static let getxattr = xattrRules + #"""
-        local ino, name = tonumber(ARGV[6]), ARGV[7]
-        local a = getattr(ino)
-        if not a then return {ENOENT} end
-        local e = xread(a, name)
-        if e ~= 0 then return {e} end
-        local v = redis.call('HGET', key('x', ino), name)
-        if not v then return {ENODATA} end
-        return {0, v}
-        """#
+    static let getxattr =
+        xattrRules + #"""
+            local ino, name = tonumber(ARGV[6]), ARGV[7]
+            local a = getattr(ino)
+            if not a then return {ENOENT} end
+            local e = xread(a, name)
+            if e ~= 0 then return {e} end
+            local v = redis.call('HGET', key('x', ino), name)
+            if not v then return {ENODATA} end
+            return {0, v}
+            """#
 
     /// ARGV 6 ino -> {0, names...}
     static let listxattr = #"""
@@ -480,33 +481,35 @@ enum RedisScripts {
         """#
 
     /// ARGV 6 ino, 7 name, 8 value, 9 flag -> {0}
-    static let setxattr = xattrRules + #"""
-        local ino, name, value, flag = tonumber(ARGV[6]), ARGV[7], ARGV[8], tonumber(ARGV[9])
-        local a = getattr(ino)
-        if not a then return {ENOENT} end
-        local e = xwrite(a, name)
-        if e ~= 0 then return {e} end
-        local exists = redis.call('HEXISTS', key('x', ino), name) == 1
-        if flag == 1 and exists then return {EEXIST} end
-        if flag == 2 and not exists then return {ENODATA} end
-        redis.call('HSET', key('x', ino), name, value)
-        a.cs, a.cn = nows, nown
-        putattr(ino, a)
-        return {0}
-        """#
+    static let setxattr =
+        xattrRules + #"""
+            local ino, name, value, flag = tonumber(ARGV[6]), ARGV[7], ARGV[8], tonumber(ARGV[9])
+            local a = getattr(ino)
+            if not a then return {ENOENT} end
+            local e = xwrite(a, name)
+            if e ~= 0 then return {e} end
+            local exists = redis.call('HEXISTS', key('x', ino), name) == 1
+            if flag == 1 and exists then return {EEXIST} end
+            if flag == 2 and not exists then return {ENODATA} end
+            redis.call('HSET', key('x', ino), name, value)
+            a.cs, a.cn = nows, nown
+            putattr(ino, a)
+            return {0}
+            """#
 
     /// ARGV 6 ino, 7 name -> {0}
-    static let removexattr = xattrRules + #"""
-        local ino, name = tonumber(ARGV[6]), ARGV[7]
-        local a = getattr(ino)
-        if not a then return {ENOENT} end
-        local e = xwrite(a, name)
-        if e ~= 0 then return {e} end
-        if redis.call('HDEL', key('x', ino), name) == 0 then return {ENODATA} end
-        a.cs, a.cn = nows, nown
-        putattr(ino, a)
-        return {0}
-        """#
+    static let removexattr =
+        xattrRules + #"""
+            local ino, name = tonumber(ARGV[6]), ARGV[7]
+            local a = getattr(ino)
+            if not a then return {ENOENT} end
+            local e = xwrite(a, name)
+            if e ~= 0 then return {e} end
+            if redis.call('HDEL', key('x', ino), name) == 0 then return {ENODATA} end
+            a.cs, a.cn = nows, nown
+            putattr(ino, a)
+            return {0}
+            """#
 
     /// ARGV 6 ino, 7 access mask -> {0}
     static let access = #"""

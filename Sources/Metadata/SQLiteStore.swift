@@ -1,13 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import CSQLite3
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
 
 /// A value bound to or read from a SQL statement.
 enum SQLValue {
@@ -90,7 +91,8 @@ final class SQLiteConnection {
             switch a {
             case .int(let v): sqlite3_bind_int64(stmt, idx, v)
             case .text(let v): _ = v.withCString { csqlite3_bind_text(stmt, idx, $0, -1) }
-            case .blob(let v): _ = v.withUnsafeBytes { csqlite3_bind_blob(stmt, idx, $0.baseAddress ?? UnsafeRawPointer(bitPattern: 1), Int32(v.count)) }
+            case .blob(let v):
+                _ = v.withUnsafeBytes { csqlite3_bind_blob(stmt, idx, $0.baseAddress ?? UnsafeRawPointer(bitPattern: 1), Int32(v.count)) }
             case .null: sqlite3_bind_null(stmt, idx)
             }
         }
@@ -335,7 +337,8 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
     }
 
     package func addPendingDelete(_ ino: Ino, _ size: UInt64) throws(FSError) {
-        try conn.query("INSERT OR REPLACE INTO delfile(ino, size, at) VALUES(?, ?, ?)", [.int(Int64(ino)), .int(Int64(size)), .int(Timespec.now().sec)])
+        try conn.query(
+            "INSERT OR REPLACE INTO delfile(ino, size, at) VALUES(?, ?, ?)", [.int(Int64(ino)), .int(Int64(size)), .int(Timespec.now().sec)])
     }
 
     package func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete] {
@@ -406,7 +409,9 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
 
     package func sessionLocks(_ sid: UInt64) throws(FSError) -> [(Ino, UInt8)] {
         var out: [(Ino, UInt8)] = []
-        try conn.query("SELECT ino, kind FROM sessionlock WHERE sid=?", [.int(Int64(sid))]) { out.append((Ino(Col.int($0, 0)), UInt8(Col.int($0, 1)))) }
+        try conn.query("SELECT ino, kind FROM sessionlock WHERE sid=?", [.int(Int64(sid))]) {
+            out.append((Ino(Col.int($0, 0)), UInt8(Col.int($0, 1))))
+        }
         return out
     }
 }

@@ -1,7 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Storage primitives of a transactional metadata store. `TxnMetadata` runs all POSIX logic
 /// over them inside `transaction`, so a store only says how rows are kept.
@@ -116,7 +117,10 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 let old = try VolumeFormat.decode(text)
                 let diff = format.differences(from: old)
                 if !diff.isEmpty && !force {
-                    throw FSError(EEXIST, "\(displayName) already holds volume '\(old.name)' with other settings (\(diff.joined(separator: ", "))); refusing to format it again")
+                    throw FSError(
+                        EEXIST,
+                        "\(displayName) already holds volume '\(old.name)' with other settings (\(diff.joined(separator: ", "))); refusing to format it again"
+                    )
                 }
                 var kept = format
                 kept.uuid = old.uuid
@@ -127,7 +131,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             }
             if try store.attr(rootIno) == nil {
                 let now = Timespec.now()
-                let root = Attr(type: .directory, mode: 0o777, uid: 0, gid: 0, nlink: 2, size: 4096, atime: now, mtime: now, ctime: now, parent: rootIno)
+                let root = Attr(
+                    type: .directory, mode: 0o777, uid: 0, gid: 0, nlink: 2, size: 4096, atime: now, mtime: now, ctime: now, parent: rootIno)
                 try store.putAttr(rootIno, root)
                 if try store.incr("nextInode", 0) < Int64(rootIno) { _ = try store.incr("nextInode", Int64(rootIno)) }
                 _ = try store.incr("usedInodes", 1)
@@ -304,7 +309,9 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
-    package func mknod(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?)
+    package func mknod(
+        _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?
+    )
         throws(FSError) -> (Ino, Attr)
     {
         try validateName(name)
@@ -434,7 +441,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
-    package func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], _ flags: RenameFlags) throws(FSError) -> RemovedName? {
+    package func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], _ flags: RenameFlags) throws(FSError) -> RemovedName?
+    {
         if flags.contains(.whiteout) { throw FSError.notSupported }
         if flags.contains(.exchange) && flags.contains(.noReplace) { throw FSError.invalid }
         try validateName(dn)
@@ -692,7 +700,8 @@ let systemPrefix = Array("system.".utf8)
 func makeStatFS(usedSpace: UInt64, usedInodes: UInt64) -> StatFS {
     let total = max(UInt64(1) << 50, usedSpace)
     let inodeTotal = max(UInt64(10_000_000_000), usedInodes)
-    return StatFS(totalSpace: total, availSpace: total - usedSpace, usedSpace: usedSpace, usedInodes: usedInodes, availInodes: inodeTotal - usedInodes)
+    return StatFS(
+        totalSpace: total, availSpace: total - usedSpace, usedSpace: usedSpace, usedInodes: usedInodes, availInodes: inodeTotal - usedInodes)
 }
 
 /// Namespace rules for reading an extended attribute.

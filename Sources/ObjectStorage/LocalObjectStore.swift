@@ -1,7 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Objects as files under a directory (`--storage file`). Writes go to a temporary name, are
 /// fsynced and renamed into place, so a reader never sees a torn object.

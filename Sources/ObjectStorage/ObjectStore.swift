@@ -1,7 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// One stored object as listed.
 public struct ObjectInfo: Sendable, Equatable {

@@ -1,8 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CCurl
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Process-wide libcurl set-up: `curl_global_init` once, SIGPIPE ignored.
 private let curlReady: Bool = {

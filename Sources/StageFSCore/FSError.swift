@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// The one error type of StageFS: an errno for the kernel and a readable message for people.

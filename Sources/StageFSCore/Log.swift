@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// A small leveled logger writing timestamped lines to standard error (the mount's log file
@@ -42,7 +42,8 @@ public enum Log {
             let s = String(v)
             return String(repeating: "0", count: max(0, width - s.count)) + s
         }
-        let stamp = "\(pad(Int(t.tm_year) + 1900, 4))-\(pad(Int(t.tm_mon) + 1, 2))-\(pad(Int(t.tm_mday), 2))T"
+        let stamp =
+            "\(pad(Int(t.tm_year) + 1900, 4))-\(pad(Int(t.tm_mon) + 1, 2))-\(pad(Int(t.tm_mday), 2))T"
             + "\(pad(Int(t.tm_hour), 2)):\(pad(Int(t.tm_min), 2)):\(pad(Int(t.tm_sec), 2)).\(pad(now.tv_nsec / 1_000_000, 3))Z"
         let line = "\(stamp) stagefs[\(getpid())] \(level.name): \(message())\n"
         _ = line.withCString { Glibc.write(2, $0, strlen($0)) }

@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Starts programs with `posix_spawn`: empty signal mask and default signal actions in the

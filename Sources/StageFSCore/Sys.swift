@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Every system call of the data path goes through here: retried on `EINTR`, errno turned
@@ -27,7 +27,8 @@ public enum Sys {
     }
 
     /// `pread(2)` until `count` bytes or end of file; returns bytes read.
-    public static func pread(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int, _ offset: Int64, path: String = "file") throws(FSError) -> Int {
+    public static func pread(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int, _ offset: Int64, path: String = "file") throws(FSError) -> Int
+    {
         var done = 0
         while done < count {
             let n = try retrying("read \(path)") { Glibc.pread(fd, buf + done, count - done, off_t(offset) + off_t(done)) }

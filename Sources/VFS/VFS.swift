@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import DataPath
 import Metadata
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Settings of one client of a volume.
 public struct VFSConfig: Sendable {
@@ -187,7 +188,9 @@ public final class VFS: @unchecked Sendable {
 
     // MARK: namespace
 
-    public func mknod(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32) throws(FSError) -> (Ino, Attr) {
+    public func mknod(
+        _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32
+    ) throws(FSError) -> (Ino, Attr) {
         try writable()
         return try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: nil)
     }

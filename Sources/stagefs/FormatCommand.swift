@@ -4,7 +4,7 @@ import ObjectStorage
 import StageFSCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 struct Format: ParsableCommand {
@@ -32,7 +32,8 @@ struct Format: ParsableCommand {
     @Option(help: "Object storage kind: file (a local or shared directory) or s3.")
     var storage = "file"
 
-    @Option(help: "For file: an absolute directory (default /var/lib/stagefs for root, ~/.stagefs/local otherwise). For s3: http(s)://host:port/bucket.")
+    @Option(
+        help: "For file: an absolute directory (default /var/lib/stagefs for root, ~/.stagefs/local otherwise). For s3: http(s)://host:port/bucket.")
     var bucket: String?
 
     @Option(help: "S3 access key (default: $AWS_ACCESS_KEY_ID).")
@@ -51,7 +52,8 @@ struct Format: ParsableCommand {
     var force = false
 
     func validate() throws {
-        let ok = name.count >= 3 && name.count <= 63 && name.utf8.allSatisfy { ($0 >= 97 && $0 <= 122) || ($0 >= 48 && $0 <= 57) || $0 == 45 }
+        let ok =
+            name.count >= 3 && name.count <= 63 && name.utf8.allSatisfy { ($0 >= 97 && $0 <= 122) || ($0 >= 48 && $0 <= 57) || $0 == 45 }
             && !name.hasPrefix("-") && !name.hasSuffix("-")
         if !ok { throw ValidationError("invalid volume name '\(name)': use 3 to 63 characters of a-z, 0-9 and '-' (not first or last)") }
         if storage != "file" && storage != "s3" { throw ValidationError("unknown --storage '\(storage)': use file or s3") }
@@ -69,7 +71,8 @@ struct Format: ParsableCommand {
         if storage == "file" { bucketURL = absolutePath(bucketURL) }
         let key = storage == "s3" ? (accessKey ?? env("AWS_ACCESS_KEY_ID")) : nil
         let secret = storage == "s3" ? (secretKey ?? env("AWS_SECRET_ACCESS_KEY")) : nil
-        let record = VolumeFormat(name: name, storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret, blockSizeKiB: blockSize, trashDays: trashDays)
+        let record = VolumeFormat(
+            name: name, storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret, blockSizeKiB: blockSize, trashDays: trashDays)
 
         let meta = try openMetadata(url, create: true)
         if let old = try meta.loadFormat(), old.differences(from: record).isEmpty == false, !force {

@@ -4,7 +4,7 @@ import Metadata
 import StageFSCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 struct Info: ParsableCommand {
@@ -37,7 +37,9 @@ struct Info: ParsableCommand {
         let trimmedPath = p.count > 1 && p.hasSuffix("/") ? String(p.dropLast()) : p
         let base = trimmedPath.split(separator: "/").last.map(String.init) ?? trimmedPath
         let dir = trimmedPath.contains("/") ? Sys.dirname(of: trimmedPath) : "."
-        let path = base == "." || base == ".." || trimmedPath == "/" ? absolutePath(trimmedPath) : "\(absolutePath(dir) == "/" ? "" : absolutePath(dir))/\(base)"
+        let path =
+            base == "." || base == ".." || trimmedPath == "/"
+            ? absolutePath(trimmedPath) : "\(absolutePath(dir) == "/" ? "" : absolutePath(dir))/\(base)"
         var st = stat()
         if lstat(path, &st) != 0 { throw FSError.errno(errno, path) }
         guard let mount = MountTable.containing(path) else { throw FSError(EINVAL, "\(path) is not inside a StageFS mount") }

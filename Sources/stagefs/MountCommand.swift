@@ -7,7 +7,7 @@ import StageFSCore
 import VFS
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 struct Mount: ParsableCommand {
@@ -61,7 +61,10 @@ struct Mount: ParsableCommand {
     @Option(help: "Seconds the kernel caches directory entries.")
     var entryCache: Double = 1
 
-    @Option(help: "Node-local cache directories, colon-separated; blocks go to <dir>/<uid>/<volume uuid>/ (default ~/.stagefs/cache, /var/cache/stagefs for root).")
+    @Option(
+        help:
+            "Node-local cache directories, colon-separated; blocks go to <dir>/<uid>/<volume uuid>/ (default ~/.stagefs/cache, /var/cache/stagefs for root)."
+    )
     var cacheDir: String?
 
     @Option(help: "MiB of blocks the disk cache may hold (0 disables it).")
@@ -146,7 +149,8 @@ struct Mount: ParsableCommand {
         let url = try MetaURL.parse(metaURL)
         let meta = try openMetadata(url)
         let format = try meta.requireFormat()
-        var storeConfig = StoreConfig(storage: format.storage, bucket: format.bucket, accessKey: accessKey ?? format.accessKey, secretKey: secretKey ?? format.secretKey)
+        var storeConfig = StoreConfig(
+            storage: format.storage, bucket: format.bucket, accessKey: accessKey ?? format.accessKey, secretKey: secretKey ?? format.secretKey)
         storeConfig.timeout = ioTimeout
         storeConfig.maxAttempts = ioRetries
         let store = try openObjectStore(storeConfig)
@@ -176,7 +180,8 @@ struct Mount: ParsableCommand {
         if verbose == 0 { args.append("--verbose") }
         let pid: pid_t
         do {
-            pid = try Spawn.start(executablePath(), args, stdin: .null, stdout: .file(logPath), stderr: .file(logPath), newSession: true, keepFDs: [fds[1]])
+            pid = try Spawn.start(
+                executablePath(), args, stdin: .null, stdout: .file(logPath), stderr: .file(logPath), newSession: true, keepFDs: [fds[1]])
         } catch {
             close(fds[0])
             close(fds[1])
@@ -230,7 +235,8 @@ struct Mount: ParsableCommand {
         var disk: DiskCache?
         if cacheSize > 0 {
             do {
-                disk = try DiskCache(config: DiskCacheConfig(dirs: cacheDirs, capacity: cacheSize << 20, freeSpaceRatio: freeSpaceRatio), volumeUUID: format.uuid)
+                disk = try DiskCache(
+                    config: DiskCacheConfig(dirs: cacheDirs, capacity: cacheSize << 20, freeSpaceRatio: freeSpaceRatio), volumeUUID: format.uuid)
             } catch {
                 if cacheDir != nil {
                     server.abandon()

@@ -1,12 +1,13 @@
+import StageFSCore
+
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
-import StageFSCore
 
 /// What a running mount records about itself, so `umount` and `info` can find it.
 struct MountRecord: Codable {
@@ -79,7 +80,10 @@ enum MountTable {
         for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
             let parts = line.split(separator: " ", omittingEmptySubsequences: false)
             guard let dash = parts.firstIndex(of: "-"), parts.count > dash + 2, parts.count > 4 else { continue }
-            out.append(MountInfo(device: String(parts[2]), mountPoint: unescape(String(parts[4])), fsType: String(parts[dash + 1]), source: unescape(String(parts[dash + 2]))))
+            out.append(
+                MountInfo(
+                    device: String(parts[2]), mountPoint: unescape(String(parts[4])), fsType: String(parts[dash + 1]),
+                    source: unescape(String(parts[dash + 2]))))
         }
         return out
     }

@@ -31,7 +31,9 @@ struct Status: ParsableCommand {
         for s in sessions {
             let age = now - s.heartbeat
             let state = age > 60 ? "stale, last heartbeat \(age) s ago" : "alive"
-            print("  \(s.sid): \(s.hostname) pid \(s.pid) \(s.mountPoint.isEmpty ? "(no mount)" : s.mountPoint) version \(s.version), since \(timeText(s.started)), \(state)")
+            print(
+                "  \(s.sid): \(s.hostname) pid \(s.pid) \(s.mountPoint.isEmpty ? "(no mount)" : s.mountPoint) version \(s.version), since \(timeText(s.started)), \(state)"
+            )
         }
     }
 }

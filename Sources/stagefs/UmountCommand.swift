@@ -2,7 +2,7 @@ import ArgumentParser
 import StageFSCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 struct Umount: ParsableCommand {

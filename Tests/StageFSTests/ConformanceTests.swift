@@ -12,7 +12,11 @@ private func n(_ s: String) -> [UInt8] { Array(s.utf8) }
 /// Creates a world-writable directory under root for the users' tests.
 private func playground(_ m: any MetadataEngine, _ name: String = "play", mode: UInt16 = 0o777) throws -> Ino {
     let (ino, _) = try m.mknod(root, rootIno, n(name), .directory, mode, rdev: 0, target: nil)
-    _ = try m.setattr(root, ino, { var r = SetAttrRequest(mask: .mode); r.mode = mode; return r }())
+    _ = try m.setattr(
+        root, ino,
+        {
+            var r = SetAttrRequest(mask: .mode); r.mode = mode; return r
+        }())
     return ino
 }
 

@@ -22,7 +22,8 @@ struct ObjectStoreTests {
             store = try openObjectStore(StoreConfig(storage: "file", bucket: dir + "/bucket"))
         case .s3:
             moto = try MotoServer()
-            store = try openObjectStore(StoreConfig(storage: "s3", bucket: moto!.bucketURL("stagefs-test"), accessKey: "testing", secretKey: "testing"))
+            store = try openObjectStore(
+                StoreConfig(storage: "s3", bucket: moto!.bucketURL("stagefs-test"), accessKey: "testing", secretKey: "testing"))
         }
         try store.create()
         try store.create()  // twice is fine
@@ -48,7 +49,8 @@ struct ObjectStoreTests {
 
     @Test func wrongSecretIsAClearError() throws {
         let moto = try MotoServer(auth: true)
-        let good = try openObjectStore(StoreConfig(storage: "s3", bucket: moto.bucketURL("authed"), accessKey: moto.accessKey, secretKey: moto.secretKey))
+        let good = try openObjectStore(
+            StoreConfig(storage: "s3", bucket: moto.bucketURL("authed"), accessKey: moto.accessKey, secretKey: moto.secretKey))
         try good.create()
         try good.check(prefix: "v")
         let bad = try openObjectStore(StoreConfig(storage: "s3", bucket: moto.bucketURL("authed"), accessKey: moto.accessKey, secretKey: "wrong"))

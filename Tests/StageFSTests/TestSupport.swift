@@ -50,7 +50,9 @@ func freePort() -> Int {
     addr.sin_family = sa_family_t(AF_INET)
     addr.sin_addr.s_addr = inet_addr("127.0.0.1")
     addr.sin_port = 0
-    _ = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+    _ = withUnsafePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+    }
     var len = socklen_t(MemoryLayout<sockaddr_in>.size)
     _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) } }
     return Int(UInt16(bigEndian: addr.sin_port))
@@ -65,7 +67,9 @@ func waitForPort(_ port: Int, seconds: Double) -> Bool {
         addr.sin_family = sa_family_t(AF_INET)
         addr.sin_addr.s_addr = inet_addr("127.0.0.1")
         addr.sin_port = in_port_t(UInt16(port).bigEndian)
-        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
         close(fd)
         if rc == 0 { return true }
         usleep(50_000)
@@ -128,7 +132,8 @@ func expectErrno(_ code: Int32, _ comment: Comment? = nil, sourceLocation: Sourc
         try body()
         Issue.record("expected errno \(code), got success \(comment.map { "(\($0))" } ?? "")", sourceLocation: sourceLocation)
     } catch let e as FSError {
-        #expect(e.code == code, "expected errno \(code), got \(e.code) (\(e.message)) \(comment.map { "(\($0))" } ?? "")", sourceLocation: sourceLocation)
+        #expect(
+            e.code == code, "expected errno \(code), got \(e.code) (\(e.message)) \(comment.map { "(\($0))" } ?? "")", sourceLocation: sourceLocation)
     } catch {
         Issue.record("unexpected error \(error)", sourceLocation: sourceLocation)
     }
