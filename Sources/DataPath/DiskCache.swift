@@ -102,8 +102,9 @@ public final class DiskCache: @unchecked Sendable {
 
     public func contains(_ key: String) -> Bool { lock.withLock { index[key] != nil } }
 
-    /// The whole block, if cached with the expected length.
-    public func get(_ key: String, length: Int) -> Buffer? {
+    /// Opens the cache file of `key` if it is indexed and has exactly `length` bytes; a file of
+    /// another size is damaged (torn or truncated) and is dropped.
+    private func openChecked(_ key: String, length: Int) -> (fd: Int32, path: String)? {
         guard lock.withLock({ index[key] != nil }) else { return nil }
         let p = path(key)
         let fd = Glibc.open(p, O_RDONLY | O_CLOEXEC)
@@ -111,12 +112,22 @@ public final class DiskCache: @unchecked Sendable {
             forget(key)
             return nil
         }
+        var st = Glibc.stat()
+        if fstat(fd, &st) != 0 || Int(st.st_size) != length {
+            Log.warning("cache file \(p) has \(st.st_size) bytes, expected \(length); dropping it")
+            Sys.close(fd)
+            remove(key)
+            return nil
+        }
+        return (fd, p)
+    }
+
+    /// The whole block, if cached with the expected length.
+    public func get(_ key: String, length: Int) -> Buffer? {
+        guard let (fd, p) = openChecked(key, length: length) else { return nil }
         defer { Sys.close(fd) }
         let buf = Buffer(capacity: length)
-        let n = (try? Sys.pread(fd, buf.base, length, 0, path: p)) ?? -1
-        var st = Glibc.stat()
-        if n != length || fstat(fd, &st) != 0 || Int(st.st_size) != length {
-            Log.warning("cache file \(p) is damaged (\(n) of \(length) bytes); dropping it")
+        guard let n = try? Sys.pread(fd, buf.base, length, 0, path: p), n == length else {
             remove(key)
             return nil
         }
@@ -127,18 +138,9 @@ public final class DiskCache: @unchecked Sendable {
 
     /// Part of a cached block into `dest`; false when it is not cached.
     public func read(_ key: String, length: Int, offset: Int, into dest: UnsafeMutableRawBufferPointer) -> Bool {
-        guard lock.withLock({ index[key] != nil }) else { return false }
-        let p = path(key)
-        let fd = Glibc.open(p, O_RDONLY | O_CLOEXEC)
-        if fd < 0 {
-            forget(key)
-            return false
-        }
+        guard let (fd, p) = openChecked(key, length: length) else { return false }
         defer { Sys.close(fd) }
-        var st = Glibc.stat()
-        guard fstat(fd, &st) == 0, Int(st.st_size) == length,
-            let n = try? Sys.pread(fd, dest.baseAddress!, dest.count, Int64(offset), path: p), n == dest.count
-        else {
+        guard let n = try? Sys.pread(fd, dest.baseAddress!, dest.count, Int64(offset), path: p), n == dest.count else {
             remove(key)
             return false
         }

@@ -70,14 +70,19 @@ private func fill(_ st: inout stat, _ ino: Ino, _ a: Attr) {
     st.st_ctim = timespec(tv_sec: Int(a.ctime.sec), tv_nsec: Int(a.ctime.nsec))
 }
 
-private func replyEntry(_ req: fuse_req_t?, _ ino: Ino, _ a: Attr) {
-    let s = server(req)
+/// A directory entry reply with the mount's cache timeouts.
+private func entryParam(_ s: FuseServer, _ ino: Ino, _ a: Attr) -> fuse_entry_param {
     var e = fuse_entry_param()
     e.ino = ino
     e.generation = 1
     e.attr_timeout = s.config.attrTimeout
     e.entry_timeout = s.config.entryTimeout
     fill(&e.attr, ino, a)
+    return e
+}
+
+private func replyEntry(_ req: fuse_req_t?, _ ino: Ino, _ a: Attr) {
+    var e = entryParam(server(req), ino, a)
     fuse_reply_entry(req, &e)
 }
 
@@ -235,12 +240,7 @@ private func ll_create(
         let s = server(req)
         let (ino, a, fh) = try s.vfs.create(credential(req), parent, name(n), UInt16(mode & 0o7777), flags: fi.pointee.flags)
         fi.pointee.fh = fh
-        var e = fuse_entry_param()
-        e.ino = ino
-        e.generation = 1
-        e.attr_timeout = s.config.attrTimeout
-        e.entry_timeout = s.config.entryTimeout
-        fill(&e.attr, ino, a)
+        var e = entryParam(s, ino, a)
         if fuse_reply_create(req, &e, fi) != 0 { s.vfs.release(fh) }
     }
 }
@@ -311,11 +311,7 @@ private func readdirCommon(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _
                 var ep = fuse_entry_param()
                 let isDot = e.name == [46] || e.name == [46, 46]
                 if let a = e.attr, !isDot {
-                    ep.ino = e.ino
-                    ep.generation = 1
-                    ep.attr_timeout = s.config.attrTimeout
-                    ep.entry_timeout = s.config.entryTimeout
-                    fill(&ep.attr, e.ino, a)
+                    ep = entryParam(s, e.ino, a)
                 } else {
                     ep.attr.st_ino = UInt(e.ino)
                     ep.attr.st_mode = e.type.modeBits

@@ -109,6 +109,18 @@ enum RedisScripts {
           if a.type ~= 2 then return nil, ENOTDIR end
           return a, 0
         end
+        -- the entry `name` of `parent` that the caller may remove: pa, ino, type, attrs or nil, errno
+        local function removable(parent, name)
+          local pa, err = dirof(parent)
+          if not pa then return nil, err end
+          if not mayaccess(pa, 3) then return nil, EACCES end
+          local ino, t = getentry(parent, name)
+          if not ino then return nil, ENOENT end
+          local a = getattr(ino)
+          if not a then return nil, ENOENT end
+          if t == 2 and a.type ~= 2 or t ~= 2 and a.type == 2 then return nil, ENOENT end
+          return pa, ino, t, a
+        end
 
         """#
 
@@ -177,14 +189,9 @@ enum RedisScripts {
     /// ARGV 6 parent, 7 name -> {0, ino, attr, freed}
     static let unlink = #"""
         local parent, name = tonumber(ARGV[6]), ARGV[7]
-        local pa, err = dirof(parent)
-        if not pa then return {err} end
-        if not mayaccess(pa, 3) then return {EACCES} end
-        local ino, t = getentry(parent, name)
-        if not ino then return {ENOENT} end
+        local pa, ino, t, a = removable(parent, name)
+        if not pa then return {ino} end
         if t == 2 then return {EISDIR} end
-        local a = getattr(ino)
-        if not a then return {ENOENT} end
         if not stickyok(pa, a) then return {EPERM} end
         delentry(parent, name)
         touch(pa)
@@ -196,14 +203,9 @@ enum RedisScripts {
     /// ARGV 6 parent, 7 name -> {0}
     static let rmdir = #"""
         local parent, name = tonumber(ARGV[6]), ARGV[7]
-        local pa, err = dirof(parent)
-        if not pa then return {err} end
-        if not mayaccess(pa, 3) then return {EACCES} end
-        local ino, t = getentry(parent, name)
-        if not ino then return {ENOENT} end
+        local pa, ino, t, a = removable(parent, name)
+        if not pa then return {ino} end
         if t ~= 2 then return {ENOTDIR} end
-        local a = getattr(ino)
-        if not a then return {ENOENT} end
         if not stickyok(pa, a) then return {EPERM} end
         if redis.call('HLEN', key('d', ino)) > 0 then return {ENOTEMPTY} end
         delentry(parent, name)
