@@ -44,6 +44,14 @@ public struct Segment: Sendable, Equatable {
     public var id: UInt64
     public var size: UInt32
     public var off: UInt32
+
+    public init(pos: UInt32, len: UInt32, id: UInt64, size: UInt32, off: UInt32) {
+        self.pos = pos
+        self.len = len
+        self.id = id
+        self.size = size
+        self.off = off
+    }
 }
 
 /// Builds the visible segments of a chunk from its slice records, newest winning.

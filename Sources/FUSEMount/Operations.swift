@@ -245,11 +245,34 @@ private func ll_create(
     }
 }
 
+/// Reply buffers for reads, reused so that a read does not map and unmap fresh memory.
+private final class ReadBuffers: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var free: [UnsafeMutableRawBufferPointer] = []
+    static let size = 1 << 20
+
+    func take(_ n: Int) -> UnsafeMutableRawBufferPointer {
+        if n <= ReadBuffers.size, let b = lock.withLock({ free.popLast() }) { return b }
+        return UnsafeMutableRawBufferPointer.allocate(byteCount: max(n, ReadBuffers.size), alignment: 64)
+    }
+
+    func give(_ b: UnsafeMutableRawBufferPointer) {
+        let kept = lock.withLock { () -> Bool in
+            guard b.count == ReadBuffers.size, free.count < 32 else { return false }
+            free.append(b)
+            return true
+        }
+        if !kept { b.deallocate() }
+    }
+}
+
+private let readBuffers = ReadBuffers()
+
 private func ll_read(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ off: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     serve(req) { () throws(FSError) in
         guard let fi else { throw FSError.badF }
-        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: max(size, 1), alignment: 64)
-        defer { buf.deallocate() }
+        let buf = readBuffers.take(size)
+        defer { readBuffers.give(buf) }
         let n = try server(req).vfs.read(fi.pointee.fh, at: UInt64(off), into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<size]))
         fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)
     }

@@ -436,6 +436,12 @@ struct ConformanceTests {
         #expect(try m.cleanStaleSessions(age: -10) == 2)
         expectErrno(ENOENT) { _ = try m.getattr(ino2) }
         #expect(try m.listSessions().isEmpty)
+        // A file created open (create) is kept when unlinked before its first close.
+        let (c, _) = try m.create(alice, dir, n("created"), 0o644, sid: sid)
+        #expect(!(try m.unlink(alice, dir, n("created")).freed))
+        #expect(try m.getattr(c).nlink == 0)
+        try m.close(c, sid: sid)
+        expectErrno(ENOENT) { _ = try m.getattr(c) }
         // Permission is checked at open.
         let (p, _) = try m.mknod(alice, dir, n("p"), .regular, 0o600, rdev: 0, target: nil)
         expectErrno(EACCES) { _ = try m.open(bob, p, flags: O_RDONLY, sid: sid) }

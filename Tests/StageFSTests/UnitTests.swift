@@ -1,0 +1,61 @@
+import DataPath
+import Metadata
+import StageFSCore
+import Testing
+
+@Suite("Units")
+struct UnitTests {
+    @Test func metaURLs() throws {
+        #expect(try MetaURL.parse("sqlite3:///var/lib/x.db") == .sqlite(path: "/var/lib/x.db"))
+        #expect(try MetaURL.parse("redis://127.0.0.1:6380/3") == .redis(host: "127.0.0.1", port: 6380, db: 3, user: nil, password: nil))
+        #expect(try MetaURL.parse("redis://u:p@h/2") == .redis(host: "h", port: 6379, db: 2, user: "u", password: "p"))
+        #expect(try MetaURL.parse("redis://:secret@h:1/0").description == "redis://:****@h:1/0")
+        for bad in ["redis://h:0/1", "redis://h:x/1", "redis://h/abc", "sqlite3://rel.db", "sqlite3:///dir/", "http://x", "x"] {
+            #expect(throws: FSError.self, "\(bad)") { try MetaURL.parse(bad) }
+        }
+    }
+
+    @Test func attrEncodingRoundTrips() {
+        let a = Attr(
+            type: .charDevice, mode: 0o4755, uid: 4_000_000_000, gid: 7, nlink: 3, size: 1 << 40,
+            atime: Timespec(sec: -5, nsec: 999_999_999), mtime: Timespec(sec: 1_700_000_000, nsec: 1), ctime: Timespec(sec: 0, nsec: 0),
+            rdev: 0x0801, parent: 12345)
+        let bytes = a.encode()
+        #expect(bytes.count == Attr.encodedSize)
+        #expect(Attr(decoding: bytes) == a)
+        #expect(Attr(decoding: bytes.dropLast()) == nil)
+    }
+
+    @Test func newerSlicesWinAndHolesStay() {
+        // 0..<100 from slice 1, then 40..<60 overwritten by slice 2, then a hole from 90.
+        let view = buildView([
+            Slice(pos: 0, id: 1, size: 100, off: 0, len: 100),
+            Slice(pos: 40, id: 2, size: 20, off: 0, len: 20),
+            Slice(pos: 90, id: 0, size: 0, off: 0, len: 1000),
+        ])
+        #expect(
+            view == [
+                Segment(pos: 0, len: 40, id: 1, size: 100, off: 0),
+                Segment(pos: 40, len: 20, id: 2, size: 20, off: 0),
+                Segment(pos: 60, len: 30, id: 1, size: 100, off: 60),
+                Segment(pos: 90, len: 1000, id: 0, size: 0, off: 0),
+            ])
+    }
+
+    @Test func blockKeysFollowTheLayout() {
+        let l = Layout(volume: "vol", blockSize: 4 << 20)
+        #expect(l.key(slice: 1_234_567, index: 2, length: 100) == "vol/chunks/1/1234/1234567_2_100")
+        let keys = l.keys(of: Slice(pos: 0, id: 9, size: UInt32((4 << 20) * 2 + 5), off: 0, len: 1))
+        #expect(keys == ["vol/chunks/0/0/9_0_4194304", "vol/chunks/0/0/9_1_4194304", "vol/chunks/0/0/9_2_5"])
+    }
+
+    @Test func posixAccessRules() {
+        let a = Attr(type: .regular, mode: 0o640, uid: 10, gid: 20, atime: .now(), mtime: .now(), ctime: .now())
+        #expect(Posix.mayAccess(a, Credential(uid: 10, gid: 99), [.read, .write]))
+        #expect(Posix.mayAccess(a, Credential(uid: 11, gid: 99, groups: [20]), .read))
+        #expect(!Posix.mayAccess(a, Credential(uid: 11, gid: 20), .write))
+        #expect(!Posix.mayAccess(a, Credential(uid: 12, gid: 12), .read))
+        #expect(Posix.mayAccess(a, .root, [.read, .write]))
+        #expect(!Posix.mayAccess(a, .root, .execute), "root needs some x bit to execute a file")
+    }
+}
