@@ -254,3 +254,31 @@ def test_disk_cache_serves_blocks_when_the_store_is_gone(env, redis):
     finally:
         if moto:
             moto.stop()
+
+
+def test_read_only_mount_refuses_writes(env, redis):
+    url = redis.url(5)
+    env.stagefs("format", url, "readonly", "--bucket", env.dir_for(USER, "b"))
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", url, m)
+    run_as(USER, lambda: open(os.path.join(m, "kept"), "w").write("data"))
+    env.stagefs("umount", m)
+    env.stagefs("mount", "-d", url, m, "-o", "ro")
+    try:
+        assert run_as(USER, lambda: open(os.path.join(m, "kept")).read()) == "data"
+        for attempt in (lambda: open(os.path.join(m, "new"), "w"), lambda: os.mkdir(os.path.join(m, "d")),
+                        lambda: os.unlink(os.path.join(m, "kept")), lambda: open(os.path.join(m, "kept"), "a")):
+            with pytest.raises(OSError) as e:
+                run_as(USER, attempt)
+            assert e.value.errno == 30  # EROFS
+    finally:
+        env.stagefs("umount", m)
+
+
+def test_every_command_explains_itself(env):
+    for cmd in ([], ["format"], ["mount"], ["umount"], ["status"], ["info"]):
+        p = env.stagefs(*cmd, "--help")
+        assert p.returncode == 0 and "USAGE" in p.stdout.upper(), (cmd, p.stdout)
+    assert env.stagefs("--version").stdout.strip()
+    p = env.stagefs("mount", "--no-such-flag", check=False)
+    assert p.returncode == 2 and p.stderr.startswith("stagefs: ")
