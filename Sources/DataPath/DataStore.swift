@@ -213,8 +213,9 @@ public final class DataStore: @unchecked Sendable {
         }
         let sequential = hint?.observe(offset: offset, length: total) ?? false
         try fetchPieces(pieces, wholeBlocks: sequential || total >= bs / 4)
-        if sequential, let hint, let last = pieces.last {
-            readAhead(ino, after: offset + UInt64(total), fileSize: fileSize, blocks: hint.window(max: config.readAheadBlocks), lastKey: last.key)
+        // Read ahead when a sequential reader enters another block (not on every request).
+        if sequential, let hint, hint.enteredBlock(offset / UInt64(bs)) {
+            readAhead(ino, after: offset + UInt64(total), fileSize: fileSize, blocks: hint.window(max: config.readAheadBlocks))
         }
         return total
     }
@@ -255,7 +256,7 @@ public final class DataStore: @unchecked Sendable {
     }
 
     /// Prefetches the blocks after `offset` into memory.
-    private func readAhead(_ ino: Ino, after offset: UInt64, fileSize: UInt64, blocks: Int, lastKey: String) {
+    private func readAhead(_ ino: Ino, after offset: UInt64, fileSize: UInt64, blocks: Int) {
         let bs = UInt64(layout.blockSize)
         var pos = offset
         var queued = 0
@@ -330,8 +331,18 @@ public final class ReadAhead: @unchecked Sendable {
     private let lock = ConditionLock()
     private var nextOffset: UInt64 = 0
     private var run = 0
+    private var block = UInt64.max
 
     public init() {}
+
+    /// True the first time a read falls in block `index` (consecutive reads in one block: false).
+    func enteredBlock(_ index: UInt64) -> Bool {
+        lock.withLock {
+            if index == block { return false }
+            block = index
+            return true
+        }
+    }
 
     /// Records a read; true when it continues the previous one.
     func observe(offset: UInt64, length: Int) -> Bool {

@@ -5,7 +5,8 @@ import StageFSCore
 #endif
 
 /// Objects as files under a directory (`--storage file`). Writes go to a temporary name, are
-/// fsynced and renamed into place, so a reader never sees a torn object.
+/// flushed to disk (`fdatasync`) and renamed into place, so a reader never sees a torn object and
+/// a block reported written survives a crash of the node.
 public final class LocalObjectStore: ObjectStore {
     public let root: String
     public var description: String { "directory \(root)" }
@@ -34,7 +35,7 @@ public final class LocalObjectStore: ObjectStore {
         if fd < 0 { throw FSError.errno(errno, "cannot write object \(key) in \(description)") }
         do {
             if let base = data.baseAddress, data.count > 0 { try Sys.pwrite(fd, base, data.count, 0, path: tmp) }
-            try Sys.fsync(fd, path: tmp)
+            try Sys.fdatasync(fd, path: tmp)
             Sys.close(fd)
             try Sys.rename(tmp, final)
         } catch {

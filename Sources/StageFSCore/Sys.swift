@@ -52,6 +52,11 @@ public enum Sys {
         _ = try retrying("fsync \(path)") { Glibc.fsync(fd) }
     }
 
+    /// `fdatasync(2)`: the data and the size, not the times.
+    public static func fdatasync(_ fd: Int32, path: String = "file") throws(FSError) {
+        _ = try retrying("fdatasync \(path)") { Glibc.fdatasync(fd) }
+    }
+
     /// `rename(2)`
     public static func rename(_ from: String, _ to: String) throws(FSError) {
         _ = try retrying("rename \(from) to \(to)") { Glibc.rename(from, to) }
