@@ -1,12 +1,13 @@
-import StageFSCore
-
 #if canImport(Glibc)
-    import Glibc
+import Glibc
 #endif
+import Metadata
+import StageFSCore
 
 /// Settings of the node-local block cache.
 public struct DiskCacheConfig: Sendable {
-    /// Cache roots; blocks are spread across them by key.
+    /// Cache roots; blocks are spread across them by key. Every process sharing a cache must
+    /// name the same roots in the same order.
     public var dirs: [String]
     /// Bytes the cache may hold (0 disables it).
     public var capacity: Int
@@ -20,216 +21,469 @@ public struct DiskCacheConfig: Sendable {
     }
 }
 
-/// Blocks on node-local disk, under `<root>/<uid>/<volume uuid>/`, named like their object keys.
-/// Files are written to a temporary name and renamed, so a reader never sees a torn block, and
-/// a block whose size differs from its name is dropped, never served. Least recently used blocks
-/// are evicted to honour the size limit and the free-space ratio.
+/// How much of the cache is in use.
+public struct CacheUsage: Sendable, Equatable {
+    public var bytes: Int
+    public var blocks: Int
+    public var pinnedBytes: Int
+}
+
+/// Blocks on node-local disk, shared safely by every process of one user on the node (a mount,
+/// `stagefs stage`, a second job).
+///
+/// Layout: `<root>/<uid>/` (mode 0700, owned by the user) holds `index.db` (in the first root)
+/// and `<volume uuid>/<object key>` block files. A block file is the block followed by a trailer
+/// of CRC-32C checksums, one per 64 KiB; it is written under a temporary name and renamed, and
+/// every read verifies the checksums of what it returns, so a torn or corrupted file is dropped
+/// and the block fetched again, never served.
+///
+/// The index (SQLite, WAL) records each block's size and last use, survives restarts (no scan of
+/// the files), and records pins: blocks staged for a job are not evicted until the job releases
+/// them. Least recently used unpinned blocks are evicted to honour the size limit and the
+/// free-space ratio; access times are batched and written every couple of seconds.
 public final class DiskCache: @unchecked Sendable {
-    private struct Entry {
-        var size: Int
-        var stamp: UInt64
-    }
+    public static let pieceSize = 64 << 10
+    private static let magic: UInt32 = 0x3143_4653  // "SFC1" little-endian
 
     public let config: DiskCacheConfig
-    /// One directory per cache root: `<root>/<uid>/<uuid>`.
-    public let roots: [String]
+    /// `<root>/<uid>` for each root.
+    public let userDirs: [String]
+    private let volume: String
+    private let index: SQLiteConnection
     private let lock = ConditionLock()
-    private var index: [String: Entry] = [:]
-    private var used = 0
-    private var clock: UInt64 = 0
+    private var accessed: [String: Int64] = [:]
+    private var lastFlush = Sys.monotonicNanos()
     private var putsSinceSpaceCheck = 0
 
-    /// Prepares the directories (per-user, mode 0700) and indexes blocks already there.
+    /// The cache of one volume (`volumeUUID`) in the given roots, for the calling user.
     public init(config: DiskCacheConfig, volumeUUID: String) throws(FSError) {
         self.config = config
-        var roots: [String] = []
-        for dir in config.dirs {
-            let userDir = "\(dir)/\(getuid())"
+        volume = volumeUUID
+        var dirs: [String] = []
+        for root in config.dirs {
+            let dir = try DiskCache.prepareUserDir(root: root, uid: getuid(), gid: getgid())
+            try Sys.mkdirs("\(dir)/\(volumeUUID)", 0o700)
+            dirs.append(dir)
+        }
+        userDirs = dirs
+        let indexPath = "\(dirs[0])/index.db"
+        let fresh = Sys.stat(indexPath) == nil
+        do {
+            index = try SQLiteConnection(path: indexPath, create: true)
+            try index.exec("PRAGMA journal_mode=WAL")
+            try index.exec("PRAGMA synchronous=NORMAL")
+            try index.exec(
+                """
+                CREATE TABLE IF NOT EXISTS blocks(key TEXT PRIMARY KEY, size INTEGER NOT NULL, atime INTEGER NOT NULL);
+                CREATE INDEX IF NOT EXISTS blocks_atime ON blocks(atime);
+                CREATE TABLE IF NOT EXISTS pins(job TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY(job, key)) WITHOUT ROWID;
+                CREATE INDEX IF NOT EXISTS pins_key ON pins(key);
+                CREATE TABLE IF NOT EXISTS stats(k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+                INSERT OR IGNORE INTO stats(k, v) VALUES('used', 0);
+                """)
+        } catch {
+            throw error.context("cannot open the cache index of \(dirs[0])")
+        }
+        if fresh { try rebuildIndex() }
+    }
+
+    /// Makes `<root>/<uid>` exist with mode 0700 and owner `uid`; refuses one owned by someone
+    /// else. As root (preparing a cache for a user), creates and hands it over.
+    @discardableResult
+    public static func prepareUserDir(root: String, uid: uid_t, gid: gid_t) throws(FSError) -> String {
+        let dir = "\(root)/\(uid)"
+        if Sys.stat(root) == nil {
             do {
-                try Sys.mkdirs(dir, 0o755)
-                try Sys.mkdirs(userDir, 0o700)
-                _ = chmod(userDir, 0o700)
-                try Sys.mkdirs("\(userDir)/\(volumeUUID)", 0o700)
+                try Sys.mkdirs(root, 0o755)
+                // A root-made shared cache root lets each user make their own directory, like /tmp.
+                if getuid() == 0 { _ = chmod(root, 0o1777) }
             } catch {
-                throw error.context("cannot use cache directory \(dir)")
-            }
-            roots.append("\(userDir)/\(volumeUUID)")
-        }
-        self.roots = roots
-        for r in roots { scan(r, rel: "") }
-    }
-
-    private func root(for key: String) -> String {
-        if roots.count == 1 { return roots[0] }
-        var h: UInt64 = 1469598103934665603
-        for b in key.utf8 { h = (h ^ UInt64(b)) &* 1099511628211 }
-        return roots[Int(h % UInt64(roots.count))]
-    }
-
-    private func path(_ key: String) -> String { "\(root(for: key))/\(key)" }
-
-    /// Indexes the blocks found under `dir` (oldest modification first, so they go first).
-    private func scan(_ dir: String, rel: String) {
-        guard let d = opendir(rel.isEmpty ? dir : "\(dir)/\(rel)") else { return }
-        var found: [(String, Int, Int)] = []
-        var subdirs: [String] = []
-        while let e = readdir(d) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name == "." || name == ".." { continue }
-            let relName = rel.isEmpty ? name : "\(rel)/\(name)"
-            let full = "\(dir)/\(relName)"
-            guard let st = Sys.stat(full) else { continue }
-            if st.st_mode & S_IFMT == S_IFDIR {
-                subdirs.append(relName)
-            } else if name.contains(".tmp") {
-                unlink(full)
-            } else {
-                found.append((relName, Int(st.st_size), st.st_mtim.tv_sec))
+                throw error.context("cannot create cache directory \(root)")
             }
         }
-        closedir(d)
-        for (k, size, _) in found.sorted(by: { $0.2 < $1.2 }) {
-            clock += 1
-            index[k] = Entry(size: size, stamp: clock)
-            used += size
+        if Sys.stat(dir) == nil {
+            if mkdir(dir, 0o700) != 0 && errno != EEXIST {
+                throw FSError.errno(errno, "cannot create cache directory \(dir)")
+            }
+            if getuid() == 0 && uid != 0 { _ = chown(dir, uid, gid) }
         }
-        for s in subdirs { scan(dir, rel: s) }
+        guard let st = Sys.stat(dir), st.st_mode & S_IFMT == S_IFDIR else {
+            throw FSError(ENOTDIR, "cache directory \(dir) is not a directory")
+        }
+        if st.st_uid != uid {
+            throw FSError(EPERM, "cache directory \(dir) belongs to uid \(st.st_uid), not \(uid); remove it or pick another --cache-dir")
+        }
+        if st.st_mode & 0o077 != 0 { _ = chmod(dir, 0o700) }
+        return dir
     }
 
-    /// Bytes held.
-    public var bytesUsed: Int { lock.withLock { used } }
-    public var blockCount: Int { lock.withLock { index.count } }
+    // MARK: files
 
-    public func contains(_ key: String) -> Bool { lock.withLock { index[key] != nil } }
+    private func dir(for key: String) -> String {
+        if userDirs.count == 1 { return userDirs[0] }
+        var h: UInt64 = 1_469_598_103_934_665_603
+        for b in key.utf8 { h = (h ^ UInt64(b)) &* 1_099_511_628_211 }
+        return userDirs[Int(h % UInt64(userDirs.count))]
+    }
 
-    /// Opens the cache file of `key` if it is indexed and has exactly `length` bytes; a file of
-    /// another size is damaged (torn or truncated) and is dropped.
-    private func openChecked(_ key: String, length: Int) -> (fd: Int32, path: String)? {
-        guard lock.withLock({ index[key] != nil }) else { return nil }
-        let p = path(key)
-        let fd = Glibc.open(p, O_RDONLY | O_CLOEXEC)
-        if fd < 0 {
-            forget(key)
-            return nil
-        }
+    /// The index key of an object key: `<volume uuid>/<object key>`.
+    private func indexKey(_ key: String) -> String { "\(volume)/\(key)" }
+
+    /// The cache file of an object key.
+    public func path(_ key: String) -> String { "\(dir(for: key))/\(volume)/\(key)" }
+
+    static func pieces(_ length: Int) -> Int { (length + pieceSize - 1) / pieceSize }
+
+    /// Bytes a block of `length` takes on disk (block and checksum trailer).
+    public static func fileSize(_ length: Int) -> Int { length + 4 * pieces(length) + 8 }
+
+    /// Opens the cache file of `key` if it has the size a block of `length` gives.
+    private func openChecked(_ key: String, length: Int) -> Int32? {
+        let fd = Glibc.open(path(key), O_RDONLY | O_CLOEXEC)
+        if fd < 0 { return nil }
         var st = Glibc.stat()
-        if fstat(fd, &st) != 0 || Int(st.st_size) != length {
-            Log.warning("cache file \(p) has \(st.st_size) bytes, expected \(length); dropping it")
+        if fstat(fd, &st) != 0 || Int(st.st_size) != DiskCache.fileSize(length) {
+            Log.warning("cache file \(path(key)) has \(st.st_size) bytes, expected \(DiskCache.fileSize(length)); dropping it")
             Sys.close(fd)
             remove(key)
             return nil
         }
-        return (fd, p)
+        return fd
     }
 
-    /// The whole block, if cached with the expected length.
+    /// Reads the checksums of pieces `first...last`.
+    private func checksums(_ fd: Int32, length: Int, first: Int, last: Int) -> [UInt32]? {
+        var sums = [UInt32](repeating: 0, count: last - first + 1)
+        let want = sums.count * 4
+        let n = sums.withUnsafeMutableBytes { b in try? Sys.pread(fd, b.baseAddress!, want, Int64(length + 4 * first)) }
+        guard n == want else { return nil }
+        return sums.map { UInt32(littleEndian: $0) }
+    }
+
+    /// Whether a complete, right-sized cache file of `key` exists (no checksum pass).
+    public func contains(_ key: String, length: Int) -> Bool {
+        guard let st = Sys.stat(path(key)) else { return false }
+        return Int(st.st_size) == DiskCache.fileSize(length)
+    }
+
+    /// The whole block, verified, or nil (missing or damaged; a damaged file is removed).
     public func get(_ key: String, length: Int) -> Buffer? {
-        guard let (fd, p) = openChecked(key, length: length) else { return nil }
+        guard let fd = openChecked(key, length: length) else { return nil }
         defer { Sys.close(fd) }
-        let buf = Buffer(capacity: length)
-        guard let n = try? Sys.pread(fd, buf.base, length, 0, path: p), n == length else {
-            remove(key)
-            return nil
-        }
-        buf.count = n
-        touch(key)
+        let buf = Buffer(capacity: max(length, 1))
+        guard let n = try? Sys.pread(fd, buf.base, length, 0), n == length,
+            let sums = checksums(fd, length: length, first: 0, last: DiskCache.pieces(length) - 1),
+            verify(buf.base, length: length, firstPiece: 0, sums: sums, key: key)
+        else { return nil }
+        buf.count = length
+        touch(key, size: DiskCache.fileSize(length))
         return buf
     }
 
-    /// Part of a cached block into `dest`; false when it is not cached.
+    /// Bytes `offset..<offset+dest.count` of a cached block into `dest`, verified; false when
+    /// the block is not cached (or was damaged and has been removed).
     public func read(_ key: String, length: Int, offset: Int, into dest: UnsafeMutableRawBufferPointer) -> Bool {
-        guard let (fd, p) = openChecked(key, length: length) else { return false }
+        guard dest.count > 0 else { return true }
+        guard let fd = openChecked(key, length: length) else { return false }
         defer { Sys.close(fd) }
-        guard let n = try? Sys.pread(fd, dest.baseAddress!, dest.count, Int64(offset), path: p), n == dest.count else {
-            remove(key)
-            return false
-        }
-        touch(key)
+        let first = offset / DiskCache.pieceSize
+        let last = (offset + dest.count - 1) / DiskCache.pieceSize
+        let start = first * DiskCache.pieceSize
+        let end = min(length, (last + 1) * DiskCache.pieceSize)
+        let span = UnsafeMutableRawPointer.allocate(byteCount: end - start, alignment: 64)
+        defer { span.deallocate() }
+        guard let n = try? Sys.pread(fd, span, end - start, Int64(start)), n == end - start,
+            let sums = checksums(fd, length: length, first: first, last: last),
+            verify(span, length: end - start, firstPiece: first, sums: sums, key: key)
+        else { return false }
+        dest.baseAddress!.copyMemory(from: span + (offset - start), byteCount: dest.count)
+        touch(key, size: DiskCache.fileSize(length))
         return true
     }
 
-    /// Stores a block (temporary name, then rename), evicting old blocks if needed.
-    public func put(_ key: String, _ data: UnsafeRawBufferPointer) {
-        guard config.capacity > 0, data.count <= config.capacity else { return }
-        if lock.withLock({ index[key] != nil }) { return touch(key) }
+    private func verify(_ p: UnsafeRawPointer, length: Int, firstPiece: Int, sums: [UInt32], key: String) -> Bool {
+        for (i, want) in sums.enumerated() {
+            let off = i * DiskCache.pieceSize
+            let n = min(DiskCache.pieceSize, length - off)
+            if CRC32C.checksum(p + off, n) != want {
+                Log.warning("cache file \(path(key)) is corrupted (piece \(firstPiece + i) fails its checksum); dropping it")
+                remove(key)
+                return false
+            }
+        }
+        return true
+    }
+
+    /// Stores a block (temporary name, checksums, rename) and indexes it, pinned for `job` if
+    /// given; evicts older blocks as needed. Throws `ENOSPC` when pinned blocks alone leave no
+    /// room (the block is then not kept).
+    public func put(_ key: String, _ data: UnsafeRawBufferPointer, pin job: String? = nil) throws(FSError) {
+        guard config.capacity > 0 else { return }
+        let size = DiskCache.fileSize(data.count)
+        if size > config.capacity { throw FSError(ENOSPC, "a block of \(data.count) bytes does not fit a cache of \(config.capacity) bytes") }
         let final = path(key)
+        let wrote = !contains(key, length: data.count)
+        if wrote { try writeFile(final, data) }
+        let ik = indexKey(key)
+        let checkSpace = lock.withLock { () -> Bool in
+            putsSinceSpaceCheck += 1
+            if putsSinceSpaceCheck >= 32 {
+                putsSinceSpaceCheck = 0
+                return true
+            }
+            return false
+        }
+        let spaceLow = checkSpace && lowOnSpace()
+        let victims: [String]
+        do {
+            victims = try indexTransaction { () throws(FSError) -> [String] in
+                try setRow(ik, size: size)
+                if let job { try index.query("INSERT OR IGNORE INTO pins(job, key) VALUES(?, ?)", [.text(job), .text(ik)]) }
+                return try evictLocked(spaceLow: spaceLow)
+            }
+        } catch {
+            // Pinned data fills the cache: the block is not kept.
+            if wrote { unlink(final) }
+            throw error
+        }
+        unlinkIndexed(victims)
+    }
+
+    /// Adds or replaces the row of `ik`, keeping the used-bytes total (in a transaction).
+    private func setRow(_ ik: String, size: Int) throws(FSError) {
+        var old = 0
+        try index.query("SELECT size FROM blocks WHERE key=?", [.text(ik)]) { old = Int(Col.int($0, 0)) }
+        try index.query("INSERT OR REPLACE INTO blocks(key, size, atime) VALUES(?, ?, ?)", [.text(ik), .int(Int64(size)), .int(Timespec.now().sec)])
+        try addUsed(size - old)
+    }
+
+    /// Deletes the row of `ik`, keeping the used-bytes total (in a transaction).
+    private func deleteRow(_ ik: String) throws(FSError) {
+        var old = 0
+        try index.query("SELECT size FROM blocks WHERE key=?", [.text(ik)]) { old = Int(Col.int($0, 0)) }
+        try index.query("DELETE FROM blocks WHERE key=?", [.text(ik)])
+        try addUsed(-old)
+    }
+
+    private func addUsed(_ delta: Int) throws(FSError) {
+        if delta != 0 { try index.query("UPDATE stats SET v=v+? WHERE k='used'", [.int(Int64(delta))]) }
+    }
+
+    private func usedBytes() throws(FSError) -> Int {
+        var used = 0
+        try index.query("SELECT v FROM stats WHERE k='used'", []) { used = Int(Col.int($0, 0)) }
+        return used
+    }
+
+    private func writeFile(_ final: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
         let tmp = "\(final).tmp\(getpid())-\(Sys.monotonicNanos() % 1_000_000_007)"
         var fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         if fd < 0 && errno == ENOENT {
             try? Sys.mkdirs(Sys.dirname(of: final), 0o700)
             fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         }
-        guard fd >= 0 else { return }
+        if fd < 0 { throw FSError.errno(errno, "cannot write cache file \(final)") }
+        let n = DiskCache.pieces(data.count)
+        var trailer = ByteWriter(capacity: 4 * n + 8)
+        for i in 0..<n {
+            let off = i * DiskCache.pieceSize
+            let sum = CRC32C.checksum(data.baseAddress! + off, min(DiskCache.pieceSize, data.count - off))
+            withUnsafeBytes(of: sum.littleEndian) { trailer.raw($0) }
+        }
+        withUnsafeBytes(of: UInt32(n).littleEndian) { trailer.raw($0) }
+        withUnsafeBytes(of: DiskCache.magic.littleEndian) { trailer.raw($0) }
         do {
             if data.count > 0 { try Sys.pwrite(fd, data.baseAddress!, data.count, 0, path: tmp) }
+            let t = trailer.bytes
+            try fsTyped { try t.withUnsafeBytes { try Sys.pwrite(fd, $0.baseAddress!, t.count, Int64(data.count), path: tmp) } }
             Sys.close(fd)
             try Sys.rename(tmp, final)
         } catch {
             Sys.close(fd)
             unlink(tmp)
-            Log.warning("cannot write cache file \(final): \(error.message)")
-            return
+            throw error.context("cannot write cache file \(final)")
         }
-        let check = lock.withLock { () -> Bool in
-            clock += 1
-            if let old = index[key] { used -= old.size }
-            index[key] = Entry(size: data.count, stamp: clock)
-            used += data.count
-            putsSinceSpaceCheck += 1
-            if putsSinceSpaceCheck >= 64 {
-                putsSinceSpaceCheck = 0
-                return true
-            }
-            return false
-        }
-        evict(checkSpace: check)
     }
 
+    /// Drops a block from the cache (its pins too).
     public func remove(_ key: String) {
-        forget(key)
         unlink(path(key))
-    }
-
-    private func forget(_ key: String) {
-        lock.withLock {
-            if let e = index.removeValue(forKey: key) { used -= e.size }
+        let ik = indexKey(key)
+        try? indexTransaction { () throws(FSError) in
+            try deleteRow(ik)
+            try index.query("DELETE FROM pins WHERE key=?", [.text(ik)])
         }
     }
 
-    private func touch(_ key: String) {
-        lock.withLock {
-            clock += 1
-            index[key]?.stamp = clock
+    /// Drops a block unless a job pinned it; returns whether it was dropped.
+    @discardableResult
+    public func evictOne(_ key: String) throws(FSError) -> Bool {
+        let ik = indexKey(key)
+        let pinned = try indexTransaction { () throws(FSError) -> Bool in
+            var pinned = false
+            try index.query("SELECT 1 FROM pins WHERE key=? LIMIT 1", [.text(ik)]) { _ in pinned = true }
+            if !pinned { try deleteRow(ik) }
+            return pinned
+        }
+        if !pinned { unlink(path(key)) }
+        return !pinned
+    }
+
+    // MARK: pins
+
+    /// Pins already cached blocks for `job`.
+    public func pin(_ keys: [String], job: String) throws(FSError) {
+        for batch in stride(from: 0, to: keys.count, by: 500) {
+            try indexTransaction { () throws(FSError) in
+                for k in keys[batch..<min(keys.count, batch + 500)] {
+                    try index.query("INSERT OR IGNORE INTO pins(job, key) VALUES(?, ?)", [.text(job), .text(indexKey(k))])
+                }
+            }
         }
     }
 
-    /// Whether a cache file system has less free space than the configured ratio.
+    /// Releases every pin of `job` (all volumes); returns how many blocks it had pinned.
+    public func release(job: String) throws(FSError) -> Int {
+        try indexTransaction { () throws(FSError) -> Int in
+            try index.query("DELETE FROM pins WHERE job=?", [.text(job)])
+            return index.changes
+        }
+    }
+
+    /// Jobs holding pins, with their pinned block counts.
+    public func jobs() throws(FSError) -> [(String, Int)] {
+        var out: [(String, Int)] = []
+        try index.query("SELECT job, COUNT(*) FROM pins GROUP BY job ORDER BY job", []) { out.append((Col.text($0, 0), Int(Col.int($0, 1)))) }
+        return out
+    }
+
+    // MARK: index
+
+    private func indexTransaction<T>(_ body: () throws(FSError) -> T) throws(FSError) -> T {
+        try lock.withLock { () throws(FSError) -> T in
+            try index.exec("BEGIN IMMEDIATE")
+            do throws(FSError) {
+                let r = try body()
+                try index.exec("COMMIT")
+                return r
+            } catch {
+                try? index.exec("ROLLBACK")
+                throw error
+            }
+        }
+    }
+
+    /// Notes a use of `key`; uses are written to the index in batches.
+    private func touch(_ key: String, size: Int) {
+        let now = Timespec.now().sec
+        let flush = lock.withLock { () -> [String: Int64]? in
+            accessed[indexKey(key)] = now
+            if Sys.monotonicNanos() - lastFlush < 2_000_000_000 && accessed.count < 1000 { return nil }
+            lastFlush = Sys.monotonicNanos()
+            defer { accessed.removeAll() }
+            return accessed
+        }
+        if let flush {
+            try? indexTransaction { () throws(FSError) in
+                for (k, t) in flush { try index.query("UPDATE blocks SET atime=? WHERE key=?", [.int(t), .text(k)]) }
+            }
+        }
+    }
+
+    /// Bytes and blocks in use (all volumes of this user's cache), and the pinned part.
+    public func usage() throws(FSError) -> CacheUsage {
+        try lock.withLock { () throws(FSError) -> CacheUsage in
+            var u = CacheUsage(bytes: 0, blocks: 0, pinnedBytes: 0)
+            u.bytes = try usedBytes()
+            try index.query("SELECT COUNT(*) FROM blocks", []) { u.blocks = Int(Col.int($0, 0)) }
+            try index.query("SELECT COALESCE(SUM(size), 0) FROM blocks WHERE key IN (SELECT key FROM pins)", []) { u.pinnedBytes = Int(Col.int($0, 0)) }
+            return u
+        }
+    }
+
     private func lowOnSpace() -> Bool {
-        for r in roots {
+        for d in userDirs {
             var s = statvfs()
-            if statvfs(r, &s) == 0, s.f_blocks > 0, Double(s.f_bavail) / Double(s.f_blocks) < config.freeSpaceRatio { return true }
+            if statvfs(d, &s) == 0, s.f_blocks > 0, Double(s.f_bavail) / Double(s.f_blocks) < config.freeSpaceRatio { return true }
         }
         return false
     }
 
-    /// Drops least recently used blocks until under the size limit (and, when asked, until the
-    /// file systems have their free-space ratio, at most a tenth of the cache at a time).
-    private func evict(checkSpace: Bool) {
-        var spaceTarget = 0
-        if checkSpace && lowOnSpace() { spaceTarget = max(1, lock.withLock { index.count } / 10) }
-        let victims: [String] = lock.withLock {
-            guard used > config.capacity || spaceTarget > 0 else { return [] }
-            var out: [String] = []
-            var freed = 0
-            let over = used - config.capacity
-            for (k, e) in index.sorted(by: { $0.value.stamp < $1.value.stamp }) {
-                if freed >= over && out.count >= spaceTarget { break }
-                out.append(k)
-                freed += e.size
+    /// Evicts least recently used unpinned blocks until under the size limit (and, when the
+    /// file systems are short of their free-space ratio, a tenth of the cache more).
+    /// Throws `ENOSPC` when pinned blocks alone exceed the limit.
+    public func evict(checkSpace: Bool = true) throws(FSError) {
+        let spaceLow = checkSpace && lowOnSpace()
+        unlinkIndexed(try indexTransaction { () throws(FSError) in try evictLocked(spaceLow: spaceLow) })
+    }
+
+    /// The eviction step inside an index transaction; returns the index keys to unlink.
+    private func evictLocked(spaceLow: Bool) throws(FSError) -> [String] {
+        let used = try usedBytes()
+        let over = used - config.capacity
+        let need = spaceLow ? max(over, used / 10) : over
+        guard need > 0 else { return [] }
+        var out: [String] = []
+        var freed = 0
+        try index.query(
+            "SELECT key, size FROM blocks WHERE NOT EXISTS (SELECT 1 FROM pins WHERE pins.key = blocks.key) ORDER BY atime LIMIT 1000", []
+        ) { row in
+            if freed < need {
+                out.append(Col.text(row, 0))
+                freed += Int(Col.int(row, 1))
             }
-            for k in out { if let e = index.removeValue(forKey: k) { used -= e.size } }
-            return out
         }
-        for k in victims { unlink(path(k)) }
+        for k in out { try index.query("DELETE FROM blocks WHERE key=?", [.text(k)]) }
+        try addUsed(-freed)
+        if freed < over {
+            throw FSError(
+                ENOSPC,
+                "the cache in \(config.dirs.joined(separator: ":")) is full of pinned blocks: \(used - freed) bytes held by jobs' pins exceed --cache-size \(config.capacity) bytes; release a job (stagefs stage --release JOB) or raise --cache-size"
+            )
+        }
+        return out
+    }
+
+    /// Unlinks the files of evicted index keys ("<volume>/<object key>").
+    private func unlinkIndexed(_ keys: [String]) {
+        for ik in keys {
+            let objectKey = String(ik.drop { $0 != "/" }.dropFirst())
+            let vol = String(ik.prefix { $0 != "/" })
+            unlink("\(dir(for: objectKey))/\(vol)/\(objectKey)")
+        }
+    }
+
+    /// Indexes block files found on disk (first use of a cache directory with blocks in it).
+    private func rebuildIndex() throws(FSError) {
+        var found: [(String, Int, Int64)] = []
+        for d in userDirs { scan(d, rel: "", into: &found) }
+        if found.isEmpty { return }
+        try indexTransaction { () throws(FSError) in
+            for (k, size, t) in found {
+                try index.query("INSERT OR IGNORE INTO blocks(key, size, atime) VALUES(?, ?, ?)", [.text(k), .int(Int64(size)), .int(t)])
+            }
+            try index.query("UPDATE stats SET v=(SELECT COALESCE(SUM(size), 0) FROM blocks) WHERE k='used'", [])
+        }
+        Log.info("indexed \(found.count) cached blocks found in \(userDirs.joined(separator: ":"))")
+    }
+
+    private func scan(_ dir: String, rel: String, into found: inout [(String, Int, Int64)]) {
+        guard let d = opendir(rel.isEmpty ? dir : "\(dir)/\(rel)") else { return }
+        var subdirs: [String] = []
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name == "." || name == ".." || (rel.isEmpty && name.hasPrefix("index.db")) { continue }
+            let relName = rel.isEmpty ? name : "\(rel)/\(name)"
+            guard let st = Sys.stat("\(dir)/\(relName)") else { continue }
+            if st.st_mode & S_IFMT == S_IFDIR {
+                subdirs.append(relName)
+            } else if name.contains(".tmp") {
+                unlink("\(dir)/\(relName)")
+            } else {
+                found.append((relName, Int(st.st_size), Int64(st.st_mtim.tv_sec)))
+            }
+        }
+        closedir(d)
+        for s in subdirs { scan(dir, rel: s, into: &found) }
     }
 }

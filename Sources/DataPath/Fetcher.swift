@@ -78,7 +78,9 @@ final class BlockFetcher: @unchecked Sendable {
             result = .failure(FSError(EIO, e.message))
         }
         finish(key, pending, result)
-        if case .success(let b) = result { disk?.put(key, b.bytes) }
+        if case .success(let b) = result, let disk {
+            do { try disk.put(key, b.bytes) } catch { Log.warning("not cached: \(error.message)") }
+        }
     }
 
     private func finish(_ key: String, _ pending: Pending, _ result: Result<Buffer, FSError>) {

@@ -152,7 +152,13 @@ public final class FileWriter: @unchecked Sendable {
             do throws(FSError) {
                 try data.store.put(key, UnsafeRawBufferPointer(start: b.base, count: b.count))
                 // Written blocks are cached too: reading back what was just written stays local.
-                data.disk?.put(key, UnsafeRawBufferPointer(start: b.base, count: b.count))
+                if let disk = data.disk {
+                    do throws(FSError) {
+                        try disk.put(key, UnsafeRawBufferPointer(start: b.base, count: b.count))
+                    } catch {
+                        Log.warning("not cached: \(error.message)")
+                    }
+                }
             } catch {
                 err = error
                 Log.error("upload of \(key) failed: \(error.message)")

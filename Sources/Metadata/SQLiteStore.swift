@@ -11,7 +11,7 @@ import StageFSCore
 #endif
 
 /// A value bound to or read from a SQL statement.
-enum SQLValue {
+package enum SQLValue {
     case int(Int64)
     case blob([UInt8])
     case text(String)
@@ -20,13 +20,13 @@ enum SQLValue {
 
 /// One SQLite connection with a cache of prepared statements (`sqlite3_prepare_v2`).
 /// Used under `SQLiteStore`'s lock only.
-final class SQLiteConnection {
+package final class SQLiteConnection {
     let db: OpaquePointer
-    let path: String
+    package let path: String
     private var statements: [String: OpaquePointer] = [:]
 
     /// `sqlite3_open_v2`; `create` allows a new database file.
-    init(path: String, create: Bool) throws(FSError) {
+    package init(path: String, create: Bool) throws(FSError) {
         self.path = path
         if !create && Sys.stat(path) == nil {
             throw FSError(ENOENT, "SQLite database \(path) does not exist: run 'stagefs format' first")
@@ -63,7 +63,7 @@ final class SQLiteConnection {
     }
 
     /// Runs statements that return no rows (`sqlite3_exec`).
-    func exec(_ sql: String) throws(FSError) {
+    package func exec(_ sql: String) throws(FSError) {
         var err: UnsafeMutablePointer<CChar>?
         let rc = sqlite3_exec(db, sql, nil, nil, &err)
         if let err { sqlite3_free(err) }
@@ -80,7 +80,7 @@ final class SQLiteConnection {
     }
 
     /// Runs `sql` with `args`, calling `row` for each result row.
-    func query(_ sql: String, _ args: [SQLValue], _ row: (OpaquePointer) throws(FSError) -> Void = { _ in }) throws(FSError) {
+    package func query(_ sql: String, _ args: [SQLValue], _ row: (OpaquePointer) throws(FSError) -> Void = { _ in }) throws(FSError) {
         let stmt = try prepare(sql)
         defer {
             sqlite3_reset(stmt)
@@ -109,18 +109,18 @@ final class SQLiteConnection {
     }
 
     /// Number of rows the last statement changed.
-    var changes: Int { Int(sqlite3_changes(db)) }
+    package var changes: Int { Int(sqlite3_changes(db)) }
 }
 
 /// Column readers for a result row.
-enum Col {
-    static func int(_ s: OpaquePointer, _ i: Int32) -> Int64 { sqlite3_column_int64(s, i) }
-    static func blob(_ s: OpaquePointer, _ i: Int32) -> [UInt8] {
+package enum Col {
+    package static func int(_ s: OpaquePointer, _ i: Int32) -> Int64 { sqlite3_column_int64(s, i) }
+    package static func blob(_ s: OpaquePointer, _ i: Int32) -> [UInt8] {
         let n = Int(sqlite3_column_bytes(s, i))
         guard n > 0, let p = sqlite3_column_blob(s, i) else { return [] }
         return Array(UnsafeRawBufferPointer(start: p, count: n))
     }
-    static func text(_ s: OpaquePointer, _ i: Int32) -> String {
+    package static func text(_ s: OpaquePointer, _ i: Int32) -> String {
         guard let p = sqlite3_column_text(s, i) else { return "" }
         return String(cString: p)
     }

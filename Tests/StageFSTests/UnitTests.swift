@@ -59,3 +59,19 @@ struct UnitTests {
         #expect(!Posix.mayAccess(a, .root, .execute), "root needs some x bit to execute a file")
     }
 }
+
+@Suite("Checksums")
+struct ChecksumTests {
+    @Test func crc32cKnownValues() {
+        // The check value of CRC-32C is 0xE3069283 for "123456789" (RFC 3720, B.4).
+        #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
+        #expect(CRC32C.checksum([UInt8](repeating: 0, count: 32)) == 0x8A91_36AA)
+        #expect(CRC32C.checksum([]) == 0)
+        let data = (0..<1000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        let whole = CRC32C.checksum(data)
+        let part = data.withUnsafeBytes { b in
+            CRC32C.checksum(b.baseAddress! + 333, 667, seed: CRC32C.checksum(b.baseAddress!, 333))
+        }
+        #expect(whole == part, "continuing from a seed equals one pass")
+    }
+}

@@ -1,0 +1,90 @@
+import DataPath
+import Foundation
+import StageFSCore
+import Testing
+
+private func block(_ n: Int, _ seed: UInt8) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31) ^ seed } }
+
+private func put(_ c: DiskCache, _ key: String, _ data: [UInt8], pin: String? = nil) throws {
+    try data.withUnsafeBytes { try c.put(key, $0, pin: pin) }
+}
+
+@Suite("Disk cache", .timeLimit(.minutes(1)))
+struct DiskCacheTests {
+    @Test func storesVerifiesAndSurvivesReopen() throws {
+        let dir = try makeTempDir("cache")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let cfg = DiskCacheConfig(dirs: [dir + "/a", dir + "/b"], capacity: 10 << 20)
+        let c = try DiskCache(config: cfg, volumeUUID: "vol1")
+        let data = block(300_000, 1)
+        try put(c, "v/chunks/0/0/1_0_300000", data)
+        #expect(c.get("v/chunks/0/0/1_0_300000", length: 300_000).map { Array($0.bytes) } == data)
+        var part = [UInt8](repeating: 0, count: 1000)
+        #expect(part.withUnsafeMutableBytes { c.read("v/chunks/0/0/1_0_300000", length: 300_000, offset: 131_000, into: $0) })
+        #expect(part == Array(data[131_000..<132_000]))
+        #expect(c.get("v/chunks/0/0/1_0_300000", length: 299_999) == nil, "a file of another size than expected is dropped")
+        try put(c, "v/chunks/0/0/1_0_300000", data)
+        // The user directory is private.
+        let st = try FileManager.default.attributesOfItem(atPath: "\(dir)/a/\(getuid())")
+        #expect((st[.posixPermissions] as? Int) == 0o700)
+        // A second instance (another process) sees the index without scanning.
+        try put(c, "v/chunks/0/0/2_0_10", block(10, 2))
+        let d = try DiskCache(config: cfg, volumeUUID: "vol1")
+        #expect(try d.usage().blocks == 2)
+        #expect(try d.usage().bytes == DiskCache.fileSize(300_000) + DiskCache.fileSize(10))
+        #expect(d.get("v/chunks/0/0/2_0_10", length: 10).map { Array($0.bytes) } == block(10, 2))
+    }
+
+    @Test func corruptedAndTornFilesAreDroppedNotServed() throws {
+        let dir = try makeTempDir("cache")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let c = try DiskCache(config: DiskCacheConfig(dirs: [dir], capacity: 10 << 20), volumeUUID: "vol")
+        let key = "v/chunks/0/0/7_0_200000"
+        try put(c, key, block(200_000, 3))
+        // Flip one byte in the middle of the data.
+        let fd = open(c.path(key), O_RDWR)
+        var b: UInt8 = 0
+        pread(fd, &b, 1, 150_000)
+        b ^= 0xff
+        pwrite(fd, &b, 1, 150_000)
+        close(fd)
+        #expect(c.get(key, length: 200_000) == nil)
+        #expect(!FileManager.default.fileExists(atPath: c.path(key)), "the damaged file is removed")
+        // A torn (short) file.
+        try put(c, key, block(200_000, 3))
+        truncate(c.path(key), 100_000)
+        var part = [UInt8](repeating: 0, count: 10)
+        #expect(!part.withUnsafeMutableBytes { c.read(key, length: 200_000, offset: 0, into: $0) })
+        #expect(try c.usage().blocks == 0)
+    }
+
+    @Test func lruEvictionSkipsPinnedBlocksUntilReleased() throws {
+        let dir = try makeTempDir("cache")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let size = 100_000
+        let cap = DiskCache.fileSize(size) * 4 + 100
+        let c = try DiskCache(config: DiskCacheConfig(dirs: [dir], capacity: cap, freeSpaceRatio: 0), volumeUUID: "vol")
+        try put(c, "k/p1", block(size, 1), pin: "job1")
+        try put(c, "k/p2", block(size, 2), pin: "job1")
+        for i in 0..<6 { try put(c, "k/u\(i)", block(size, UInt8(10 + i))) }
+        #expect(c.contains("k/p1", length: size) && c.contains("k/p2", length: size), "pinned blocks survive pressure")
+        #expect(!c.contains("k/u0", length: size), "the least recently used unpinned block went first")
+        #expect(c.contains("k/u5", length: size))
+        #expect(try c.usage().bytes <= cap)
+        // Pinned data alone beyond the limit: refused, not thrashed.
+        try put(c, "k/p3", block(size, 3), pin: "job2")
+        try put(c, "k/p4", block(size, 4), pin: "job2")
+        do {
+            try put(c, "k/p5", block(size, 5), pin: "job2")
+            Issue.record("a pin beyond the cache size was accepted")
+        } catch let e as FSError {
+            #expect(e.code == ENOSPC)
+            #expect(e.message.contains("pinned"))
+        }
+        #expect(try c.jobs().map { $0.0 } == ["job1", "job2"])
+        #expect(try c.release(job: "job1") == 2)
+        for i in 0..<3 { try put(c, "k/v\(i)", block(size, UInt8(30 + i))) }
+        #expect(!c.contains("k/p1", length: size) || !c.contains("k/p2", length: size), "released blocks can be evicted")
+        #expect(c.contains("k/p3", length: size) && c.contains("k/p4", length: size))
+    }
+}
