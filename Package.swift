@@ -23,16 +23,17 @@ let package = Package(
         .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "Metadata"]),
         .target(name: "VFS", dependencies: ["StageFSCore", "Metadata", "DataPath"]),
         .target(name: "FUSEMount", dependencies: ["StageFSCore", "VFS", "CFuse3"]),
+        .target(name: "Staging", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath"]),
         .executableTarget(
             name: "stagefs",
             dependencies: [
-                "StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS", "FUSEMount",
+                "StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS", "FUSEMount", "Staging",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(
             name: "StageFSTests",
-            dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS"]
+            dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS", "Staging"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -55,14 +55,16 @@ public final class DiskCache: @unchecked Sendable {
     private var lastFlush = Sys.monotonicNanos()
     private var putsSinceSpaceCheck = 0
 
-    /// The cache of one volume (`volumeUUID`) in the given roots, for the calling user.
-    public init(config: DiskCacheConfig, volumeUUID: String) throws(FSError) {
+    /// The cache of one volume (`volumeUUID`) in the given roots, for the calling user. Without a
+    /// volume only the index is usable (job pins, usage).
+    public init(config: DiskCacheConfig, volumeUUID: String?) throws(FSError) {
+        guard !config.dirs.isEmpty else { throw FSError.usage("no cache directory given") }
         self.config = config
-        volume = volumeUUID
+        volume = volumeUUID ?? "-"
         var dirs: [String] = []
         for root in config.dirs {
             let dir = try DiskCache.prepareUserDir(root: root, uid: getuid(), gid: getgid())
-            try Sys.mkdirs("\(dir)/\(volumeUUID)", 0o700)
+            if let volumeUUID { try Sys.mkdirs("\(dir)/\(volumeUUID)", 0o700) }
             dirs.append(dir)
         }
         userDirs = dirs

@@ -169,6 +169,10 @@ public protocol MetadataEngine: AnyObject, Sendable {
     func close(_ ino: Ino, sid: UInt64) throws(FSError)
     /// The slice records of chunk `index`, oldest first.
     func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice]
+    /// Many chunks at once (one pipelined round trip on Redis), in the order asked.
+    func readChunks(_ chunks: [(Ino, UInt32)]) throws(FSError) -> [[Slice]]
+    /// Many inodes' attributes at once (nil for a missing inode), in the order asked.
+    func getattrs(_ inos: [Ino]) throws(FSError) -> [Attr?]
     /// Appends a slice to chunk `index`, extends the size to at least `minSize`, sets mtime/ctime.
     func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr
     /// Reserves `count` consecutive slice ids; returns the first.

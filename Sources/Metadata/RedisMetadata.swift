@@ -306,6 +306,30 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         Slice.decodeAll(try cmd(["GET", "c\(ino)_\(index)"]).bytes ?? [])
     }
 
+    package func readChunks(_ chunks: [(Ino, UInt32)]) throws(FSError) -> [[Slice]] {
+        if chunks.isEmpty { return [] }
+        var out: [[Slice]] = []
+        out.reserveCapacity(chunks.count)
+        for start in stride(from: 0, to: chunks.count, by: 1000) {
+            let part = chunks[start..<min(chunks.count, start + 1000)]
+            let r = try cmd(["MGET"] + part.map { "c\($0.0)_\($0.1)" as any RedisArg })
+            out += r.array.map { Slice.decodeAll($0.bytes ?? []) }
+        }
+        return out
+    }
+
+    package func getattrs(_ inos: [Ino]) throws(FSError) -> [Attr?] {
+        if inos.isEmpty { return [] }
+        var out: [Attr?] = []
+        out.reserveCapacity(inos.count)
+        for start in stride(from: 0, to: inos.count, by: 1000) {
+            let part = inos[start..<min(inos.count, start + 1000)]
+            let r = try cmd(["MGET"] + part.map { "i\($0)" as any RedisArg })
+            out += r.array.map { $0 == .null ? nil : Attr(decoding: $0.bytes ?? []) }
+        }
+        return out
+    }
+
     package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr {
         try decodeAttr(try run("writeSlice", .root, [ino, index, slice.encoded(), minSize, mtime.sec, mtime.nsec]).first)
     }

@@ -643,6 +643,22 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         try store.transaction(write: false) { () throws(FSError) in Slice.decodeAll(try store.chunk(ino, index)) }
     }
 
+    package func readChunks(_ chunks: [(Ino, UInt32)]) throws(FSError) -> [[Slice]] {
+        try store.transaction(write: false) { () throws(FSError) in
+            var out: [[Slice]] = []
+            for (ino, idx) in chunks { out.append(Slice.decodeAll(try store.chunk(ino, idx))) }
+            return out
+        }
+    }
+
+    package func getattrs(_ inos: [Ino]) throws(FSError) -> [Attr?] {
+        try store.transaction(write: false) { () throws(FSError) in
+            var out: [Attr?] = []
+            for ino in inos { out.append(try store.attr(ino)) }
+            return out
+        }
+    }
+
     package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr {
         try store.transaction(write: true) { () throws(FSError) in
             guard var a = try store.attr(ino) else { throw FSError.notFound }

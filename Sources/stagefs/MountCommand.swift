@@ -106,12 +106,7 @@ struct Mount: ParsableCommand {
         }
     }
 
-    /// The cache directories, with `~` expanded and the defaults applied.
-    private var cacheDirs: [String] {
-        let home = getenv("HOME").map { String(cString: $0) } ?? "/tmp"
-        guard let cacheDir else { return [getuid() == 0 ? "/var/cache/stagefs" : "\(home)/.stagefs/cache"] }
-        return cacheDir.split(separator: ":").map { $0.hasPrefix("~") ? home + $0.dropFirst() : String($0) }
-    }
+    private var cacheDirs: [String] { cacheDirectories(cacheDir) }
 
     /// Mount options split into kernel options and the ones StageFS handles itself.
     private var parsedOptions: (fuse: [String], readOnly: Bool, debug: Bool) {
@@ -154,10 +149,18 @@ struct Mount: ParsableCommand {
         storeConfig.timeout = ioTimeout
         storeConfig.maxAttempts = ioRetries
         let store = try openObjectStore(storeConfig)
-        if parsedOptions.readOnly {
-            _ = try store.list(prefix: format.name + "/", limit: 1)
-        } else {
-            try store.check(prefix: format.name)
+        do {
+            if parsedOptions.readOnly {
+                _ = try store.list(prefix: format.name + "/", limit: 1)
+            } else {
+                try store.check(prefix: format.name)
+            }
+        } catch {
+            // Wrong credentials or a missing bucket are the user's to fix; an unreachable store may
+            // come back, and data staged in the cache can be read meanwhile.
+            if error.code != EIO { throw error }
+            Log.warning("\(error.message); mounting anyway: only cached data is readable until it is back")
+            printError("stagefs: warning: \(error.message); only cached data is readable until it is back")
         }
 
         if background && readyFD == nil {
@@ -262,7 +265,10 @@ struct Mount: ParsableCommand {
             throw error
         }
         server.attach(vfs)
-        Runtime.save(MountRecord(mountPoint: path, metaURL: metaURL, pid: getpid(), volume: format.name))
+        Runtime.save(
+            MountRecord(
+                mountPoint: path, metaURL: metaURL, pid: getpid(), volume: format.name, volumeUUID: format.uuid,
+                cacheDirs: disk == nil ? nil : cacheDirs, cacheSize: disk == nil ? 0 : cacheSize, freeSpaceRatio: freeSpaceRatio))
         Log.info("volume '\(format.name)' mounted at \(path) (session \(vfs.sid))")
         ready("ok")
         let rc = server.run()

@@ -15,6 +15,11 @@ struct MountRecord: Codable {
     var metaURL: String
     var pid: Int32
     var volume: String
+    var volumeUUID: String?
+    /// The mount's disk cache settings, so `stage` fills the cache the mount reads.
+    var cacheDirs: [String]?
+    var cacheSize: Int?
+    var freeSpaceRatio: Double?
 }
 
 /// Per-user runtime records of this node's mounts: `$XDG_RUNTIME_DIR/stagefs` or
@@ -169,8 +174,8 @@ func timeText(_ secs: Int64, nanos: UInt32? = nil) -> String {
 }
 
 /// Writes a line to standard error (write(2), no stdio state).
-func printError(_ s: String) {
-    let line = s.hasSuffix("\n") ? s : s + "\n"
+func printError(_ s: String, newline: Bool = true) {
+    let line = !newline || s.hasSuffix("\n") ? s : s + "\n"
     _ = line.withCString { write(2, $0, strlen($0)) }
 }
 
@@ -179,4 +184,12 @@ func executablePath() -> String {
     var buf = [UInt8](repeating: 0, count: Int(PATH_MAX))
     let n = buf.withUnsafeMutableBytes { readlink("/proc/self/exe", $0.baseAddress!.assumingMemoryBound(to: CChar.self), $0.count) }
     return n > 0 ? String(decoding: buf[0..<n], as: UTF8.self) : "/proc/self/exe"
+}
+
+/// Cache directories from a colon-separated option, `~` expanded, or the default for this user:
+/// `~/.stagefs/cache`, or `/var/cache/stagefs` for root.
+func cacheDirectories(_ option: String?) -> [String] {
+    let home = getenv("HOME").map { String(cString: $0) } ?? "/tmp"
+    guard let option else { return [getuid() == 0 ? "/var/cache/stagefs" : "\(home)/.stagefs/cache"] }
+    return option.split(separator: ":").map { $0.hasPrefix("~") ? home + $0.dropFirst() : String($0) }
 }

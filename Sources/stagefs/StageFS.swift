@@ -17,7 +17,7 @@ struct StageFS: ParsableCommand {
             Exit codes: 0 success, 1 runtime failure, 2 usage error.
             """,
         version: stageFSVersion,
-        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self]
+        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self, Stage.self]
     )
 }
 
@@ -30,6 +30,9 @@ enum Main {
             try command.run()
         } catch let e as FSError {
             fail(e)
+        } catch let e as ExitCode {
+            // The command already said what went wrong.
+            exit(e.rawValue)
         } catch {
             let code = StageFS.exitCode(for: error)
             if code == .success { StageFS.exit(withError: error) }

@@ -365,6 +365,8 @@ struct ConformanceTests {
         let s1 = Slice(pos: 100, id: id + 1, size: 50, off: 0, len: 50)
         _ = try m.writeSlice(ino, 0, s1, minSize: 150, mtime: Timespec.now())
         #expect(try m.readChunk(ino, 0) == [s0, s1])
+        #expect(try m.readChunks([(ino, 0), (ino, 5), (ino, 0)]) == [[s0, s1], [], [s0, s1]])
+        #expect(try m.getattrs([ino, 999_999, dir]).map { $0?.type } == [.regular, nil, .directory])
         #expect(try m.getattr(ino).size == 1000, "a write inside the file keeps its size")
         // A file spanning two chunks, truncated into the first: the second chunk is dropped
         // and a hole hides the tail of the first.

@@ -1,0 +1,457 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import DataPath
+import Metadata
+import ObjectStorage
+import StageFSCore
+import Synchronization
+
+/// Set by SIGINT/SIGTERM during staging: workers stop taking blocks and the run ends cleanly
+/// (every cache file is complete: written under a temporary name, then renamed).
+public let stagingStopRequested = Atomic<Bool>(false)
+
+/// What a run does with the blocks of the paths.
+public enum StageMode: String, Sendable, Codable {
+    /// Fetch missing blocks into the cache (and pin them all for the job, if one is given).
+    case stage
+    /// Count what is cached.
+    case check
+    /// Drop the blocks from the cache (blocks pinned by a job stay).
+    case evict
+}
+
+/// Results for one path given on the command line.
+public struct PathReport: Codable, Sendable {
+    public var path: String
+    public var files = 0
+    /// Sum of the files' sizes.
+    public var bytes: Int64 = 0
+    public var blocks = 0
+    /// Bytes of the blocks that hold the files' data.
+    public var blockBytes: Int64 = 0
+    public var blocksFetched = 0
+    public var bytesFetched: Int64 = 0
+    /// Blocks that were (stage) or are (check) in the cache already.
+    public var blocksCached = 0
+    public var bytesCached: Int64 = 0
+    public var filesFullyCached = 0
+    public var blocksEvicted = 0
+    public var blocksPinnedKept = 0
+    public var errors: [String] = []
+
+    public init(path: String) { self.path = path }
+
+    /// Share of the block bytes in the cache after the run, in percent.
+    public var percentCached: Double {
+        blockBytes == 0 ? (errors.isEmpty ? 100 : 0) : Double(bytesCached + bytesFetched) * 100 / Double(blockBytes)
+    }
+}
+
+/// The outcome of a run (`--report FILE.json` writes it).
+public struct StageReport: Codable, Sendable {
+    public var mode: StageMode
+    public var volume: String
+    public var job: String?
+    public var paths: [PathReport] = []
+    public var files = 0
+    public var bytes: Int64 = 0
+    public var blocksFetched = 0
+    public var bytesFetched: Int64 = 0
+    public var blocksCached = 0
+    public var durationSeconds = 0.0
+    public var interrupted = false
+    /// `ok` (everything done), `partial` (some paths failed) or `failed` (nothing done).
+    public var status = "ok"
+    public var errors: [String] = []
+}
+
+/// Running totals for a progress display.
+public final class StageProgress: @unchecked Sendable {
+    private let lock = ConditionLock()
+    public private(set) var filesTotal = 0
+    public private(set) var filesDone = 0
+    public private(set) var bytesTotal: Int64 = 0
+    public private(set) var bytesDone: Int64 = 0
+    public private(set) var bytesFetched: Int64 = 0
+    public private(set) var phase = "listing"
+    let started = Sys.monotonicNanos()
+
+    func set(phase: String, files: Int, bytes: Int64) {
+        lock.withLock {
+            self.phase = phase
+            filesTotal = files
+            bytesTotal = bytes
+        }
+    }
+
+    func add(done: Int64, fetched: Int64, filesFinished: Int) {
+        lock.withLock {
+            bytesDone += done
+            bytesFetched += fetched
+            filesDone += filesFinished
+        }
+    }
+
+    /// (files done, files, bytes done, bytes, bytes fetched, seconds, phase)
+    public var snapshot: (Int, Int, Int64, Int64, Int64, Double, String) {
+        lock.withLock { (filesDone, filesTotal, bytesDone, bytesTotal, bytesFetched, Double(Sys.monotonicNanos() - started) / 1e9, phase) }
+    }
+}
+
+/// One regular file found under a path.
+struct FileItem {
+    var path: String
+    var ino: Ino
+    var size: UInt64
+    var top: Int
+}
+
+/// One block a file needs.
+struct BlockRef {
+    var key: String
+    var length: Int
+    var file: Int
+}
+
+/// Stages, checks or evicts datasets: resolves paths through metadata with the caller's
+/// credential (nobody stages what they may not read), lists directories in parallel, reads chunk
+/// records in batches, and moves blocks between the object store and the node-local cache with
+/// many parallel downloads. Already cached blocks are skipped, so a second run resumes.
+public final class Stager: @unchecked Sendable {
+    let meta: any MetadataEngine
+    let store: (any ObjectStore)?
+    let cache: DiskCache
+    let layout: Layout
+    let cred: Credential
+    let threads: Int
+    let job: String?
+    public let progress = StageProgress()
+    private let lock = ConditionLock()
+    private var reports: [PathReport] = []
+    private var fatal: FSError?
+
+    public init(meta: any MetadataEngine, store: (any ObjectStore)?, cache: DiskCache, format: VolumeFormat, cred: Credential, threads: Int, job: String?) {
+        self.meta = meta
+        self.store = store
+        self.cache = cache
+        layout = Layout(volume: format.name, blockSize: format.blockSize)
+        self.cred = cred
+        self.threads = max(1, threads)
+        self.job = job
+    }
+
+    private func fail(_ top: Int, _ message: String) {
+        lock.withLock { reports[top].errors.append(message) }
+    }
+
+    private func stopping() -> Bool {
+        stagingStopRequested.load(ordering: .relaxed) || lock.withLock { fatal != nil }
+    }
+
+    // MARK: resolving and listing
+
+    /// The inode of an absolute volume path, looked up component by component as `cred`.
+    func resolve(_ path: String) throws(FSError) -> (Ino, Attr) {
+        var ino = rootIno
+        var attr = try meta.getattr(rootIno)
+        for part in path.split(separator: "/") where part != "." {
+            (ino, attr) = try meta.lookup(cred, ino, Array(part.utf8))
+        }
+        return (ino, attr)
+    }
+
+    /// Every readable regular file under the paths; unreadable parts are reported per path.
+    func walk(_ paths: [String]) -> [FileItem] {
+        var files: [FileItem] = []
+        var dirs: [(String, Ino, Int)] = []
+        for (top, path) in paths.enumerated() {
+            do {
+                let (ino, a) = try resolve(path)
+                switch a.type {
+                case .regular:
+                    if Posix.mayAccess(a, cred, .read) {
+                        files.append(FileItem(path: path, ino: ino, size: a.size, top: top))
+                    } else {
+                        fail(top, "\(path): permission denied")
+                    }
+                case .directory:
+                    if Posix.mayAccess(a, cred, [.read, .execute]) {
+                        dirs.append((path, ino, top))
+                    } else {
+                        fail(top, "\(path): permission denied")
+                    }
+                default:
+                    fail(top, "\(path): not a regular file or directory")
+                }
+            } catch {
+                fail(top, "\(path): \(error.message)")
+            }
+        }
+        files += listTrees(dirs)
+        return files
+    }
+
+    /// Lists directory trees with `threads` workers.
+    private func listTrees(_ roots: [(String, Ino, Int)]) -> [FileItem] {
+        let state = Locked((queue: roots, active: 0, files: [FileItem]()))
+        let cond = ConditionLock()
+        let pool = WorkerPool(name: "list", threads: min(threads, 16))
+        defer { pool.shutdown() }
+        let group = WaitGroup()
+        for _ in 0..<min(threads, 16) {
+            group.add()
+            pool.submit { [self] in
+                while true {
+                    var next: (String, Ino, Int)?
+                    cond.withLock {
+                        while true {
+                            let (item, busy) = state.withLock { s -> ((String, Ino, Int)?, Int) in
+                                if let i = s.queue.popLast() {
+                                    s.active += 1
+                                    return (i, s.active)
+                                }
+                                return (nil, s.active)
+                            }
+                            if item != nil || busy == 0 || stopping() {
+                                next = item
+                                return
+                            }
+                            cond.wait(seconds: 0.05)
+                        }
+                    }
+                    guard let (dirPath, dirIno, top) = next else { break }
+                    var found: [FileItem] = []
+                    var subdirs: [(String, Ino, Int)] = []
+                    var cookie: UInt64 = 0
+                    do throws(FSError) {
+                        while !stopping() {
+                            let batch = try meta.readdir(dirIno, after: cookie, limit: 1000, plus: true)
+                            if batch.isEmpty { break }
+                            cookie = batch.last!.cookie
+                            for e in batch {
+                                guard let a = e.attr else { continue }
+                                let p = dirPath == "/" ? "/\(e.nameString)" : "\(dirPath)/\(e.nameString)"
+                                if a.type == .directory {
+                                    if Posix.mayAccess(a, cred, [.read, .execute]) {
+                                        subdirs.append((p, e.ino, top))
+                                    } else {
+                                        fail(top, "\(p): permission denied")
+                                    }
+                                } else if a.type == .regular {
+                                    if Posix.mayAccess(a, cred, .read) {
+                                        found.append(FileItem(path: p, ino: e.ino, size: a.size, top: top))
+                                    } else {
+                                        fail(top, "\(p): permission denied")
+                                    }
+                                }
+                            }
+                        }
+                    } catch {
+                        fail(top, "\(dirPath): \(error.message)")
+                    }
+                    state.withLock { s in
+                        s.files += found
+                        s.queue += subdirs
+                        s.active -= 1
+                    }
+                    cond.withLock { cond.broadcast() }
+                }
+                group.done()
+            }
+        }
+        try? group.wait()
+        return state.withLock { $0.files }
+    }
+
+    // MARK: blocks
+
+    /// The blocks holding the visible bytes of each file (chunk records read in batches).
+    func blocks(of files: [FileItem]) -> [BlockRef] {
+        var out: [BlockRef] = []
+        var start = 0
+        while start < files.count && !stopping() {
+            var asks: [(Ino, UInt32)] = []
+            var owners: [Int] = []
+            var end = start
+            while end < files.count && asks.count < 512 {
+                let f = files[end]
+                let chunks = UInt32((f.size + chunkSize - 1) / chunkSize)
+                for idx in 0..<chunks {
+                    asks.append((f.ino, idx))
+                    owners.append(end)
+                }
+                end += 1
+            }
+            do throws(FSError) {
+                let results = try meta.readChunks(asks)
+                var seen = Set<String>()
+                for (i, slices) in results.enumerated() {
+                    let f = files[owners[i]]
+                    let idx = asks[i].1
+                    let chunkStart = UInt64(idx) * chunkSize
+                    let limit = UInt32(min(chunkSize, f.size - chunkStart))
+                    for seg in buildView(slices) where seg.id != 0 && seg.pos < limit {
+                        let segEnd = min(seg.pos + seg.len, limit)
+                        var off = Int(seg.off)
+                        let last = Int(seg.off) + Int(segEnd - seg.pos) - 1
+                        while off <= last {
+                            let bi = off / layout.blockSize
+                            let blen = layout.blockLength(sliceSize: seg.size, index: bi)
+                            let key = layout.key(slice: seg.id, index: bi, length: blen)
+                            if seen.insert(key).inserted { out.append(BlockRef(key: key, length: blen, file: owners[i])) }
+                            off = (bi + 1) * layout.blockSize
+                        }
+                    }
+                }
+            } catch {
+                for i in start..<end { fail(files[i].top, "\(files[i].path): \(error.message)") }
+            }
+            start = end
+        }
+        return out
+    }
+
+    // MARK: running
+
+    /// Runs `mode` over the paths (absolute paths inside the volume).
+    public func run(_ paths: [String], mode: StageMode) -> StageReport {
+        let started = Sys.monotonicNanos()
+        reports = paths.map { PathReport(path: $0) }
+        var report = StageReport(mode: mode, volume: layout.volume, job: job)
+        let files = walk(paths)
+        let refs = blocks(of: files)
+        for f in files {
+            reports[f.top].files += 1
+            reports[f.top].bytes += Int64(f.size)
+        }
+        var blocksLeft = [Int](repeating: 0, count: files.count)
+        for r in refs {
+            reports[files[r.file].top].blocks += 1
+            reports[files[r.file].top].blockBytes += Int64(r.length)
+            blocksLeft[r.file] += 1
+        }
+        progress.set(phase: mode.rawValue, files: files.count, bytes: refs.reduce(0) { $0 + Int64($1.length) })
+        // Files without blocks (empty or all holes) are done at once.
+        progress.add(done: 0, fetched: 0, filesFinished: blocksLeft.filter { $0 == 0 }.count)
+        for (i, n) in blocksLeft.enumerated() where n == 0 { reports[files[i].top].filesFullyCached += 1 }
+        let remaining = Locked(blocksLeft)
+        let fileOK = Locked([Bool](repeating: true, count: files.count))
+        let next = Locked(0)
+        let toPin = Locked([String]())
+        let pool = WorkerPool(name: "stage", threads: threads)
+        let group = WaitGroup()
+        for _ in 0..<threads {
+            group.add()
+            pool.submit { [self] in
+                while !stopping() {
+                    let i = next.withLock { n -> Int in
+                        defer { n += 1 }
+                        return n
+                    }
+                    if i >= refs.count { break }
+                    let r = refs[i]
+                    let top = files[r.file].top
+                    var fetched: Int64 = 0
+                    var ok = true
+                    switch mode {
+                    case .stage:
+                        if cache.contains(r.key, length: r.length) {
+                            lock.withLock {
+                                reports[top].blocksCached += 1
+                                reports[top].bytesCached += Int64(r.length)
+                            }
+                            if job != nil { toPin.withLock { $0.append(r.key) } }
+                        } else {
+                            do throws(FSError) {
+                                try fetch(r)
+                                fetched = Int64(r.length)
+                                lock.withLock {
+                                    reports[top].blocksFetched += 1
+                                    reports[top].bytesFetched += Int64(r.length)
+                                }
+                            } catch {
+                                ok = false
+                                if error.code == ENOSPC {
+                                    lock.withLock { if fatal == nil { fatal = error } }
+                                } else {
+                                    fail(top, "\(files[r.file].path): \(error.message)")
+                                }
+                            }
+                        }
+                    case .check:
+                        if cache.contains(r.key, length: r.length) {
+                            lock.withLock {
+                                reports[top].blocksCached += 1
+                                reports[top].bytesCached += Int64(r.length)
+                            }
+                        } else {
+                            ok = false
+                        }
+                    case .evict:
+                        if cache.contains(r.key, length: r.length) {
+                            let dropped = (try? cache.evictOne(r.key)) ?? false
+                            lock.withLock {
+                                if dropped { reports[top].blocksEvicted += 1 } else { reports[top].blocksPinnedKept += 1 }
+                            }
+                        }
+                    }
+                    if !ok { fileOK.withLock { $0[r.file] = false } }
+                    let finished = remaining.withLock { left -> Bool in
+                        left[r.file] -= 1
+                        return left[r.file] == 0
+                    }
+                    if finished && fileOK.withLock({ $0[r.file] }) && mode != .evict {
+                        lock.withLock { reports[top].filesFullyCached += 1 }
+                    }
+                    progress.add(done: Int64(r.length), fetched: fetched, filesFinished: finished ? 1 : 0)
+                }
+                group.done()
+            }
+        }
+        try? group.wait()
+        pool.shutdown()
+        let pins = toPin.current
+        if let job, !pins.isEmpty {
+            do { try cache.pin(pins, job: job) } catch { report.errors.append("pinning for job \(job): \(error.message)") }
+        }
+        report.paths = reports
+        report.files = files.count
+        report.bytes = reports.reduce(0) { $0 + $1.bytes }
+        report.blocksFetched = reports.reduce(0) { $0 + $1.blocksFetched }
+        report.bytesFetched = reports.reduce(0) { $0 + $1.bytesFetched }
+        report.blocksCached = reports.reduce(0) { $0 + $1.blocksCached }
+        report.durationSeconds = Double(Sys.monotonicNanos() - started) / 1e9
+        report.interrupted = stagingStopRequested.load(ordering: .relaxed)
+        if let fatal { report.errors.append(fatal.message) }
+        if report.interrupted { report.errors.append("interrupted") }
+        let failedPaths = reports.filter { !$0.errors.isEmpty }.count
+        if failedPaths == 0 && report.errors.isEmpty {
+            report.status = "ok"
+        } else if failedPaths == reports.count && report.blocksFetched + report.blocksCached == 0 {
+            report.status = "failed"
+        } else {
+            report.status = "partial"
+        }
+        if mode == .check && reports.contains(where: { $0.percentCached < 100 }) && report.status == "ok" {
+            report.status = "partial"
+        }
+        return report
+    }
+
+    /// Downloads one block and stores it in the cache (pinned for the job).
+    private func fetch(_ r: BlockRef) throws(FSError) {
+        guard let store else { throw FSError(EINVAL, "no object store to fetch from") }
+        let buf = Buffer(capacity: r.length)
+        let n: Int
+        do {
+            n = try store.get(r.key, offset: 0, into: UnsafeMutableRawBufferPointer(start: buf.base, count: r.length))
+        } catch {
+            if error.code == ENOENT { throw FSError(EIO, "block \(r.key) is missing from \(store.description)") }
+            throw error
+        }
+        if n != r.length { throw FSError(EIO, "block \(r.key) in \(store.description) has \(n) bytes, expected \(r.length)") }
+        buf.count = n
+        try cache.put(r.key, buf.bytes, pin: job)
+    }
+}

@@ -1,0 +1,310 @@
+import ArgumentParser
+import DataPath
+import Metadata
+import ObjectStorage
+import StageFSCore
+import Staging
+
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Stage: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Fill the node-local cache with datasets before they are read (or check, evict, release them).",
+        discussion: """
+            Two ways to name what to stage:
+              stagefs stage /mnt/data/datasets/imagenet          paths inside a StageFS mount of this node
+                                                                  (the mount's cache is filled)
+              stagefs stage --meta META-URL --cache-dir DIR /datasets/imagenet
+                                                                  paths inside the volume, no mount needed
+                                                                  (what a Slurm prolog uses)
+
+            Paths are resolved with the caller's uid, gid and groups: nobody stages what they may not
+            read. Directory trees are listed in parallel, chunk records read in batches, and blocks
+            downloaded by --threads workers. Blocks already cached are skipped, so running again
+            resumes. With --job, every block of the paths is pinned for that job: eviction leaves
+            it alone until 'stagefs stage --release JOB'. When pinned blocks alone would exceed the
+            cache size, staging stops and says so.
+
+            A progress line (files, bytes, rate, ETA) is shown on a terminal; a summary line
+            otherwise. Ctrl-C stops cleanly. Exit status: 0 when every path was staged (or, with
+            --check, is fully cached), 1 when some path failed, 130 when interrupted.
+            """
+    )
+
+    @Argument(help: "Files or directories to stage: inside a StageFS mount, or inside the volume with --meta.")
+    var paths: [String] = []
+
+    @Option(help: "Metadata store of the volume (paths are then volume paths such as /datasets/x).")
+    var meta: String?
+
+    @Option(help: "Cache directories, colon-separated (default: the mount's, or ~/.stagefs/cache; /var/cache/stagefs for root).")
+    var cacheDir: String?
+
+    @Option(help: "MiB the cache may hold (default: the mount's, or 102400).")
+    var cacheSize: Int?
+
+    @Option(help: "Fraction of the cache file system to keep free.")
+    var freeSpaceRatio: Double?
+
+    @Option(help: "Root only: resolve paths and permissions as this user and fill that user's cache.")
+    var asUser: String?
+
+    @Option(help: "A file with one path per line (blank lines and lines starting with # are skipped).")
+    var manifest: String?
+
+    @Option(help: "Parallel downloads.")
+    var threads = 32
+
+    @Option(help: "Pin the staged blocks for this job (released with --release).")
+    var job: String?
+
+    @Option(help: "Release the pins of this job and exit.")
+    var release: String?
+
+    @Flag(help: "Only report how much of each path is cached (files, bytes, percent).")
+    var check = false
+
+    @Flag(help: "Drop the paths' blocks from the cache (blocks pinned by a job stay).")
+    var evict = false
+
+    @Option(help: "Write a JSON report (files, bytes, blocks fetched and already cached, duration, errors per path).")
+    var report: String?
+
+    @Flag(name: .shortAndLong, help: "No progress display.")
+    var quiet = false
+
+    @Option(help: "Seconds one object-store request may take before it is retried.")
+    var ioTimeout: Double = 60
+
+    @Option(help: "Attempts per object-store request.")
+    var ioRetries = 6
+
+    func validate() throws {
+        if check && evict { throw ValidationError("--check and --evict cannot go together") }
+        if release != nil && (!paths.isEmpty || manifest != nil || check || evict || job != nil) {
+            throw ValidationError("--release JOB takes no paths and no other mode")
+        }
+        if release == nil && paths.isEmpty && manifest == nil { throw ValidationError("name at least one path (or --manifest FILE, or --release JOB)") }
+        if threads < 1 || threads > 1024 { throw ValidationError("--threads must be from 1 to 1024") }
+        if let j = job ?? release, j.isEmpty || j.contains("/") { throw ValidationError("invalid job id '\(j)'") }
+        if meta != nil { for p in paths where !p.hasPrefix("/") { throw ValidationError("with --meta, paths are absolute paths inside the volume: '\(p)'") } }
+        if let s = cacheSize, s < 0 { throw ValidationError("--cache-size cannot be negative") }
+    }
+
+    func run() throws {
+        if let asUser { try becomeUser(asUser) }
+        if let release {
+            let cache = try DiskCache(config: DiskCacheConfig(dirs: cacheDirectories(cacheDir), capacity: (cacheSize ?? 102400) << 20), volumeUUID: nil)
+            let n = try cache.release(job: release)
+            print("stagefs: released \(n) pinned block(s) of job \(release)")
+            return
+        }
+        var all = paths
+        if let manifest {
+            guard let bytes = Sys.readFile(manifest) else { throw FSError(ENOENT, "cannot read manifest \(manifest)") }
+            for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+                let t = String(line).trimmed
+                if !t.isEmpty && !t.hasPrefix("#") { all.append(t) }
+            }
+        }
+        if all.isEmpty { throw FSError.usage("the manifest \(manifest ?? "") names no paths") }
+
+        // Where the volume and the cache are: from --meta, or from the mount the paths are in.
+        var metaURL = meta
+        var volumePaths = all
+        var record: MountRecord?
+        if meta == nil {
+            (record, volumePaths) = try mountPaths(all)
+            metaURL = record!.metaURL
+        } else if let bad = all.first(where: { !$0.hasPrefix("/") }) {
+            throw FSError.usage("with --meta, paths are absolute paths inside the volume: '\(bad)'")
+        }
+        let url = try MetaURL.parse(metaURL!)
+        let metaEngine = try openMetadata(url)
+        let format = try metaEngine.requireFormat()
+        let dirs = cacheDir != nil ? cacheDirectories(cacheDir) : (record?.cacheDirs ?? cacheDirectories(nil))
+        let size = cacheSize ?? (cacheDir == nil ? record?.cacheSize : nil) ?? 102400
+        if size == 0 { throw FSError.usage("the cache size is 0: there is no cache to stage into") }
+        let cache = try DiskCache(
+            config: DiskCacheConfig(dirs: dirs, capacity: size << 20, freeSpaceRatio: freeSpaceRatio ?? record?.freeSpaceRatio ?? 0.1),
+            volumeUUID: format.uuid)
+        var store: (any ObjectStore)?
+        if !check && !evict {
+            var sc = StoreConfig(storage: format.storage, bucket: format.bucket, accessKey: format.accessKey, secretKey: format.secretKey)
+            sc.timeout = ioTimeout
+            sc.maxAttempts = ioRetries
+            store = try openObjectStore(sc)
+        }
+        let mode: StageMode = check ? .check : (evict ? .evict : .stage)
+        let stager = Stager(meta: metaEngine, store: store, cache: cache, format: format, cred: processCredential(), threads: threads, job: job)
+
+        signal(SIGINT, stageSignal)
+        signal(SIGTERM, stageSignal)
+        let display = ProgressDisplay(progress: stager.progress, enabled: !quiet && isatty(2) == 1)
+        display.start()
+        let result = stager.run(volumePaths, mode: mode)
+        display.stop()
+
+        printSummary(result, shown: all)
+        if let report {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            let data = (try? enc.encode(result)) ?? Data()
+            let fd = try Sys.open(report, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            defer { Sys.close(fd) }
+            let bytes = [UInt8](data)
+            try fsTyped { try bytes.withUnsafeBytes { try Sys.pwrite(fd, $0.baseAddress!, $0.count, 0, path: report) } }
+        }
+        if result.interrupted { throw ExitCode(130) }
+        if result.status != "ok" { throw ExitCode(1) }
+    }
+
+    /// Maps paths inside one StageFS mount of this node to volume paths.
+    private func mountPaths(_ all: [String]) throws(FSError) -> (MountRecord, [String]) {
+        var record: MountRecord?
+        var out: [String] = []
+        for p in all {
+            let abs = absolutePath(p)
+            guard let m = MountTable.containing(abs) else {
+                throw FSError(EINVAL, "\(abs) is not inside a StageFS mount of this node (use --meta META-URL to name volume paths)")
+            }
+            guard let r = Runtime.load(m.mountPoint) else {
+                throw FSError(ENOENT, "no record of the mount at \(m.mountPoint) for uid \(getuid()) (use --meta META-URL)")
+            }
+            if let prev = record, prev.mountPoint != r.mountPoint {
+                throw FSError.usage("the paths are in two mounts (\(prev.mountPoint), \(r.mountPoint)); stage them separately")
+            }
+            record = r
+            let rel = abs == m.mountPoint ? "/" : String(abs.dropFirst(m.mountPoint == "/" ? 0 : m.mountPoint.count))
+            out.append(rel)
+        }
+        return (record!, out)
+    }
+
+    private func printSummary(_ r: StageReport, shown: [String]) {
+        for (i, p) in r.paths.enumerated() {
+            let name = i < shown.count ? shown[i] : p.path
+            for e in p.errors { printError("stagefs: \(e)") }
+            switch r.mode {
+            case .check:
+                let pct = (p.percentCached * 10).rounded() / 10
+                print(
+                    "\(name): \(pct)% cached, \(p.filesFullyCached) of \(p.files) files, \(humanBytes(UInt64(p.bytesCached))) of \(humanBytes(UInt64(p.blockBytes)))"
+                )
+            case .evict:
+                print("\(name): evicted \(p.blocksEvicted) block(s)\(p.blocksPinnedKept > 0 ? ", kept \(p.blocksPinnedKept) pinned by a job" : "")")
+            case .stage:
+                if r.paths.count > 1 {
+                    print("\(name): \(p.files) files, \(humanBytes(UInt64(p.bytes))), \(p.blocksFetched) blocks fetched, \(p.blocksCached) already cached")
+                }
+            }
+        }
+        for e in r.errors { printError("stagefs: \(e)") }
+        if r.mode == .stage {
+            let rate = r.durationSeconds > 0 ? Double(r.bytesFetched) / r.durationSeconds : 0
+            let secs = Double(Int(r.durationSeconds * 10)) / 10
+            print(
+                "staged \(r.files) files (\(humanBytes(UInt64(r.bytes)))) in \(secs) s: \(r.blocksFetched) blocks fetched (\(humanBytes(UInt64(r.bytesFetched))), \(humanBytes(UInt64(rate)))/s), \(r.blocksCached) already cached\(r.job.map { ", pinned for job \($0)" } ?? ""); status \(r.status)"
+            )
+        }
+    }
+}
+
+private func stageSignal(_ sig: Int32) {
+    stagingStopRequested.store(true, ordering: .relaxed)
+}
+
+/// The calling process's credential (uid, gid, supplementary groups).
+func processCredential() -> Credential {
+    var groups = [gid_t](repeating: 0, count: 256)
+    let n = getgroups(256, &groups)
+    return Credential(uid: getuid(), gid: getgid(), groups: n > 0 ? Array(groups.prefix(Int(n))) : [], pid: UInt32(getpid()))
+}
+
+/// Root only: prepares nothing but identity — switches this process to `name`'s uid, gid and
+/// groups (before any thread starts), so everything after runs as that user.
+func becomeUser(_ name: String) throws(FSError) {
+    guard getuid() == 0 else { throw FSError.usage("--as-user needs root (it switches to that user)") }
+    guard let pw = getpwnam(name) else { throw FSError(ENOENT, "no such user '\(name)'") }
+    let uid = pw.pointee.pw_uid
+    let gid = pw.pointee.pw_gid
+    let home = String(cString: pw.pointee.pw_dir)
+    if initgroups(name, gid) != 0 { throw FSError.errno(errno, "cannot set the groups of \(name)") }
+    if setgid(gid) != 0 { throw FSError.errno(errno, "cannot switch to gid \(gid)") }
+    if setuid(uid) != 0 { throw FSError.errno(errno, "cannot switch to uid \(uid)") }
+    setenv("HOME", home, 1)
+    setenv("USER", name, 1)
+}
+
+/// A one-line progress display on standard error, redrawn twice a second.
+final class ProgressDisplay: @unchecked Sendable {
+    let progress: StageProgress
+    let enabled: Bool
+    private let lock = ConditionLock()
+    private var done = false
+    private var running = false
+
+    init(progress: StageProgress, enabled: Bool) {
+        self.progress = progress
+        self.enabled = enabled
+    }
+
+    func start() {
+        guard enabled else { return }
+        running = true
+        let ctx = Unmanaged.passRetained(self).toOpaque()
+        var tid = pthread_t()
+        if pthread_create(&tid, nil, progressMain, ctx) == 0 {
+            pthread_detach(tid)
+        } else {
+            Unmanaged<ProgressDisplay>.fromOpaque(ctx).release()
+            running = false
+        }
+    }
+
+    func stop() {
+        guard enabled else { return }
+        lock.withLock {
+            done = true
+            lock.broadcast()
+            while running { lock.wait(seconds: 1) }
+        }
+        printError("\r\u{1B}[K", newline: false)
+    }
+
+    fileprivate func loop() {
+        while true {
+            let stop = lock.withLock { () -> Bool in
+                if !done { lock.wait(seconds: 0.5) }
+                return done
+            }
+            if stop { break }
+            let (fd, ft, bd, bt, fetched, secs, phase) = progress.snapshot
+            let rate = secs > 0 ? Double(fetched) / secs : 0
+            let left = bt - bd
+            let eta = rate > 0 && fetched > 0 ? Int(Double(left) / rate) : -1
+            let etaText = eta < 0 ? "--:--" : "\(eta / 60):\(eta % 60 < 10 ? "0" : "")\(eta % 60)"
+            let pct = bt > 0 ? Int(Double(bd) * 100 / Double(bt)) : 0
+            printError(
+                "\r\u{1B}[K\(phase) \(pct)%  files \(fd)/\(ft)  \(humanBytes(UInt64(bd)))/\(humanBytes(UInt64(bt)))  \(humanBytes(UInt64(rate)))/s  ETA \(etaText)",
+                newline: false)
+        }
+        lock.withLock {
+            running = false
+            lock.broadcast()
+        }
+    }
+}
+
+private func progressMain(_ ctx: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    let d = Unmanaged<ProgressDisplay>.fromOpaque(ctx!).takeRetainedValue()
+    d.loop()
+    return nil
+}
