@@ -11,6 +11,8 @@ public struct FuseConfig: Sendable {
     /// Seconds the kernel may cache attributes and directory entries.
     public var attrTimeout: Double = 1
     public var entryTimeout: Double = 1
+    /// Seconds the kernel caches entries that name directories.
+    public var dirEntryTimeout: Double = 1
     /// Options passed to the kernel/fusermount3 (`allow_other`, `allow_root`, `ro`, ...).
     public var options: [String] = []
     public var fsName = "stagefs"

@@ -76,7 +76,7 @@ private func entryParam(_ s: FuseServer, _ ino: Ino, _ a: Attr) -> fuse_entry_pa
     e.ino = ino
     e.generation = 1
     e.attr_timeout = s.config.attrTimeout
-    e.entry_timeout = s.config.entryTimeout
+    e.entry_timeout = a.type == .directory ? s.config.dirEntryTimeout : s.config.entryTimeout
     fill(&e.attr, ino, a)
     return e
 }
@@ -225,9 +225,9 @@ private func ll_link(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ newParent: fuse_in
 private func ll_open(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     serve(req) { () throws(FSError) in
         guard let fi else { throw FSError.invalid }
-        let (fh, _) = try server(req).vfs.open(credential(req), ino, flags: fi.pointee.flags)
+        let (fh, _, keep) = try server(req).vfs.open(credential(req), ino, flags: fi.pointee.flags)
         fi.pointee.fh = fh
-        fi.pointee.keep_cache = 0
+        fi.pointee.keep_cache = keep ? 1 : 0
         if fuse_reply_open(req, fi) != 0 { server(req).vfs.release(fh) }
     }
 }

@@ -15,6 +15,10 @@ public struct VFSConfig: Sendable {
     public var sessionTimeout: Int64 = 60
     public var mountPoint = ""
     public var version = "0"
+    /// Seconds attributes, file entries and directory entries are remembered in the client.
+    public var attrCache: Double = 1
+    public var entryCache: Double = 1
+    public var dirEntryCache: Double = 1
 
     public init() {}
 }
@@ -55,11 +59,16 @@ public final class VFS: @unchecked Sendable {
     private var stopping = false
     private var backgroundRunning = false
     private var deletesPending = false
+    private let cache: MetaCache
+    /// (mtime, size) of a file when this client last opened it: unchanged means the kernel may
+    /// keep its page cache (`keep_cache`).
+    private var lastOpened: [Ino: (Timespec, UInt64, UInt64)] = [:]
 
     public init(meta: any MetadataEngine, data: DataStore, config: VFSConfig) {
         self.meta = meta
         self.data = data
         self.config = config
+        cache = MetaCache(attrTTL: config.attrCache, entryTTL: config.entryCache, dirEntryTTL: config.dirEntryCache)
     }
 
     // MARK: life cycle
@@ -157,12 +166,20 @@ public final class VFS: @unchecked Sendable {
     }
 
     public func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
+        if let ino = cache.entry(parent, name), let a = cache.attr(ino), let pa = cache.attr(parent) {
+            try Posix.check(pa, cred, .execute)
+            return (ino, overlay(ino, a))
+        }
         let (ino, a) = try meta.lookup(cred, parent, name)
+        if name != [UInt8(ascii: ".")] && name != [UInt8(ascii: "."), UInt8(ascii: ".")] { cache.putEntry(parent, name, ino, a) }
         return (ino, overlay(ino, a))
     }
 
     public func getattr(_ ino: Ino) throws(FSError) -> Attr {
-        overlay(ino, try meta.getattr(ino))
+        if let a = cache.attr(ino) { return overlay(ino, a) }
+        let a = try meta.getattr(ino)
+        cache.put(ino, a)
+        return overlay(ino, a)
     }
 
     public func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest, fh: UInt64?) throws(FSError) -> Attr {
@@ -174,6 +191,7 @@ public final class VFS: @unchecked Sendable {
             if let fh, let h = handle(fh), h.ino == ino, h.flags & O_ACCMODE != O_RDONLY { req.viaHandle = true }
         }
         let a = try meta.setattr(cred, ino, req)
+        cache.put(ino, a)
         if req.mask.contains(.size) {
             data.invalidate(ino)
             wakeDeleter()
@@ -192,17 +210,24 @@ public final class VFS: @unchecked Sendable {
         _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32
     ) throws(FSError) -> (Ino, Attr) {
         try writable()
-        return try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: nil)
+        return created(parent, name, try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: nil))
+    }
+
+    /// Records a new entry in the client cache; the parent's times changed.
+    private func created(_ parent: Ino, _ name: [UInt8], _ r: (Ino, Attr)) -> (Ino, Attr) {
+        cache.drop(parent)
+        cache.putEntry(parent, name, r.0, r.1)
+        return r
     }
 
     public func mkdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16) throws(FSError) -> (Ino, Attr) {
         try writable()
-        return try meta.mknod(cred, parent, name, .directory, mode, rdev: 0, target: nil)
+        return created(parent, name, try meta.mknod(cred, parent, name, .directory, mode, rdev: 0, target: nil))
     }
 
     public func symlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8], target: [UInt8]) throws(FSError) -> (Ino, Attr) {
         try writable()
-        return try meta.mknod(cred, parent, name, .symlink, 0o777, rdev: 0, target: target)
+        return created(parent, name, try meta.mknod(cred, parent, name, .symlink, 0o777, rdev: 0, target: target))
     }
 
     public func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
@@ -211,23 +236,40 @@ public final class VFS: @unchecked Sendable {
 
     public func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
         try writable()
+        cache.dropEntry(parent, name)
         let r = try meta.unlink(cred, parent, name)
+        cache.drop(parent, r.ino)
         if r.freed { wakeDeleter() }
     }
 
     public func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
         try writable()
+        cache.dropEntry(parent, name)
         try meta.rmdir(cred, parent, name)
+        cache.drop(parent)
     }
 
     public func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], flags: RenameFlags) throws(FSError) {
         try writable()
-        if let r = try meta.rename(cred, sp, sn, dp, dn, flags), r.freed { wakeDeleter() }
+        let moved = cache.entry(sp, sn)
+        cache.dropEntry(sp, sn)
+        cache.dropEntry(dp, dn)
+        defer {
+            cache.drop(sp, dp)
+            if let moved { cache.drop(moved) }
+        }
+        if let r = try meta.rename(cred, sp, sn, dp, dn, flags) {
+            cache.drop(r.ino)
+            if r.freed { wakeDeleter() }
+        }
     }
 
     public func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
         try writable()
-        return overlay(ino, try meta.link(cred, ino, parent, name))
+        let a = try meta.link(cred, ino, parent, name)
+        cache.drop(parent)
+        cache.putEntry(parent, name, ino, a)
+        return overlay(ino, a)
     }
 
     public func statfs() throws(FSError) -> StatFS {
@@ -258,7 +300,10 @@ public final class VFS: @unchecked Sendable {
         var entries = try meta.readdir(ino, after: after, limit: limit, plus: plus)
         for i in entries.indices {
             entries[i].cookie += 2
-            if let a = entries[i].attr { entries[i].attr = overlay(entries[i].ino, a) }
+            if let a = entries[i].attr {
+                cache.putEntry(ino, entries[i].name, entries[i].ino, a)
+                entries[i].attr = overlay(entries[i].ino, a)
+            }
         }
         return out + entries
     }
@@ -277,21 +322,31 @@ public final class VFS: @unchecked Sendable {
     }
 
     /// Opens `ino`; close-to-open: cached chunk views are dropped so other clients' writes show.
-    public func open(_ cred: Credential, _ ino: Ino, flags: Int32) throws(FSError) -> (UInt64, Attr) {
+    /// `keepCache` says the file is unchanged since this client last opened it, so the kernel
+    /// may keep the pages it has.
+    public func open(_ cred: Credential, _ ino: Ino, flags: Int32) throws(FSError) -> (UInt64, Attr, keepCache: Bool) {
         let wantsWrite = flags & O_ACCMODE != O_RDONLY || flags & O_TRUNC != 0
         if wantsWrite { try writable() }
+        let stampBefore = data.changeStamp(ino)
         let (a, first) = try meta.open(cred, ino, flags: flags, sid: sid)
+        cache.put(ino, a)
+        let keep = lock.withLock { () -> Bool in
+            let same = lastOpened[ino].map { $0.0 == a.mtime && $0.1 == a.size && $0.2 == stampBefore } ?? false
+            if lastOpened.count > 100_000 { lastOpened.removeAll() }
+            return same && !wantsWrite && a.type == .regular && data.writer(ino) == nil
+        }
         data.invalidate(ino)
         if let first { data.prime(ino, 0, first) }
+        lock.withLock { lastOpened[ino] = (a.mtime, a.size, data.changeStamp(ino)) }
         let w = wantsWrite && a.type == .regular ? data.openWriter(ino) : nil
         let h = FileHandle(ino: ino, flags: flags, writer: w, size: a.size, stamp: data.changeStamp(ino))
-        return (register(h), overlay(ino, a))
+        return (register(h), overlay(ino, a), keep)
     }
 
     /// Creates and opens a regular file.
     public func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, flags: Int32) throws(FSError) -> (Ino, Attr, UInt64) {
         try writable()
-        let (ino, a) = try meta.create(cred, parent, name, mode, sid: sid)
+        let (ino, a) = created(parent, name, try meta.create(cred, parent, name, mode, sid: sid))
         let w = data.openWriter(ino)
         return (ino, a, register(FileHandle(ino: ino, flags: flags, writer: w, size: 0, stamp: data.changeStamp(ino))))
     }
@@ -321,6 +376,7 @@ public final class VFS: @unchecked Sendable {
         guard let w = h.writer else { throw FSError.badF }
         if offset + UInt64(buffer.count) > UInt64(1) << 50 { throw FSError(EFBIG, "file too large") }
         try w.write(buffer, at: offset)
+        cache.drop(h.ino)
         return buffer.count
     }
 

@@ -55,11 +55,14 @@ struct Mount: ParsableCommand {
     @Option(help: "S3 secret key to use instead of the one recorded at format time.")
     var secretKey: String?
 
-    @Option(help: "Seconds the kernel caches attributes.")
+    @Option(help: "Seconds attributes are cached (in the kernel and in the client).")
     var attrCache: Double = 1
 
-    @Option(help: "Seconds the kernel caches directory entries.")
+    @Option(help: "Seconds entries naming files are cached (in the kernel and in the client).")
     var entryCache: Double = 1
+
+    @Option(help: "Seconds entries naming directories are cached (in the kernel and in the client).")
+    var dirEntryCache: Double = 1
 
     @Option(
         help:
@@ -95,7 +98,7 @@ struct Mount: ParsableCommand {
     var readyFD: Int32?
 
     func validate() throws {
-        if attrCache < 0 || entryCache < 0 { throw ValidationError("cache timeouts cannot be negative") }
+        if attrCache < 0 || entryCache < 0 || dirEntryCache < 0 { throw ValidationError("cache timeouts cannot be negative") }
         if bufferSize < 16 { throw ValidationError("--buffer-size must be at least 16 (MiB)") }
         if ioTimeout <= 0 || ioRetries < 1 { throw ValidationError("--io-timeout must be positive and --io-retries at least 1") }
         if heartbeat <= 0 { throw ValidationError("--heartbeat must be positive") }
@@ -222,6 +225,7 @@ struct Mount: ParsableCommand {
         var fc = FuseConfig()
         fc.attrTimeout = attrCache
         fc.entryTimeout = entryCache
+        fc.dirEntryTimeout = dirEntryCache
         fc.options = opts.fuse
         fc.debug = opts.debug
         fc.fsName = "stagefs:\(format.name)"
@@ -254,6 +258,9 @@ struct Mount: ParsableCommand {
         var vc = VFSConfig()
         vc.readOnly = opts.readOnly
         vc.heartbeat = heartbeat
+        vc.attrCache = attrCache
+        vc.entryCache = entryCache
+        vc.dirEntryCache = dirEntryCache
         vc.mountPoint = path
         vc.version = stageFSVersion
         let vfs = VFS(meta: meta, data: data, config: vc)
