@@ -166,8 +166,8 @@ public final class VFS: @unchecked Sendable {
     }
 
     public func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
-        if let ino = cache.entry(parent, name), let a = cache.attr(ino), let pa = cache.attr(parent) {
-            try Posix.check(pa, cred, .execute)
+        if let ino = cache.entry(parent, name), let a = cache.attr(ino) {
+            try Posix.check(try getattr(parent), cred, .execute)
             return (ino, overlay(ino, a))
         }
         let (ino, a) = try meta.lookup(cred, parent, name)
@@ -281,6 +281,7 @@ public final class VFS: @unchecked Sendable {
     /// Checks that `cred` may list `ino`.
     public func opendir(_ cred: Credential, _ ino: Ino) throws(FSError) {
         let a = try meta.getattr(ino)
+        cache.put(ino, a)
         guard a.type == .directory else { throw FSError.notDir }
         try Posix.check(a, cred, .read)
     }
@@ -297,7 +298,9 @@ public final class VFS: @unchecked Sendable {
             out.append(DirEntry(name: [UInt8(ascii: "."), UInt8(ascii: ".")], ino: parent, type: .directory, cookie: 2, attr: pa))
         }
         let after = offset < 2 ? 0 : offset - 2
-        var entries = try meta.readdir(ino, after: after, limit: limit, plus: plus)
+        // Attributes come in the same round trip: fetch them always, so the lookups and stats
+        // that usually follow a listing are answered from the client cache.
+        var entries = try meta.readdir(ino, after: after, limit: limit, plus: plus || cache.enabled)
         for i in entries.indices {
             entries[i].cookie += 2
             if let a = entries[i].attr {

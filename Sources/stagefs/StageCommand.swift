@@ -99,7 +99,13 @@ struct Stage: ParsableCommand {
     }
 
     func run() throws {
-        if let asUser { try becomeUser(asUser) }
+        if let asUser {
+            // As root: make the user's cache directories (owned by the user), then become the user.
+            try becomeUser(asUser) { (uid, gid, home) throws(FSError) in
+                let dirs = cacheDir != nil ? cacheDirectories(cacheDir) : ["\(home)/.stagefs/cache"]
+                for d in dirs { try DiskCache.prepareUserDir(root: d, uid: uid, gid: gid) }
+            }
+        }
         if let release {
             let cache = try DiskCache(config: DiskCacheConfig(dirs: cacheDirectories(cacheDir), capacity: (cacheSize ?? 102400) << 20), volumeUUID: nil)
             let n = try cache.release(job: release)
@@ -228,14 +234,15 @@ func processCredential() -> Credential {
     return Credential(uid: getuid(), gid: getgid(), groups: n > 0 ? Array(groups.prefix(Int(n))) : [], pid: UInt32(getpid()))
 }
 
-/// Root only: prepares nothing but identity — switches this process to `name`'s uid, gid and
-/// groups (before any thread starts), so everything after runs as that user.
-func becomeUser(_ name: String) throws(FSError) {
+/// Root only: runs `prepare(uid, gid, home)` as root, then switches this process to `name`'s uid,
+/// gid and groups (before any thread starts), so everything after runs as that user.
+func becomeUser(_ name: String, prepare: (uid_t, gid_t, String) throws(FSError) -> Void) throws(FSError) {
     guard getuid() == 0 else { throw FSError.usage("--as-user needs root (it switches to that user)") }
     guard let pw = getpwnam(name) else { throw FSError(ENOENT, "no such user '\(name)'") }
     let uid = pw.pointee.pw_uid
     let gid = pw.pointee.pw_gid
     let home = String(cString: pw.pointee.pw_dir)
+    try prepare(uid, gid, home)
     if initgroups(name, gid) != 0 { throw FSError.errno(errno, "cannot set the groups of \(name)") }
     if setgid(gid) != 0 { throw FSError.errno(errno, "cannot switch to gid \(gid)") }
     if setuid(uid) != 0 { throw FSError.errno(errno, "cannot switch to uid \(uid)") }

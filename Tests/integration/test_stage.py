@@ -1,0 +1,288 @@
+"""Staging: `stagefs stage` fills the node-local cache so reads are served locally — with no
+mount, through a mount, with pins, checks, evictions, corrupted files, several processes at once
+and per-user caches."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+
+import helpers
+from helpers import OTHER, USER, run_as
+
+
+@pytest.fixture
+def s3vol(env, redis):
+    """A Redis + S3 volume with a dataset written by a client without disk cache; its own moto."""
+    moto = helpers.Moto()
+    db = s3vol.next = getattr(s3vol, "next", 20) + 1
+    url = redis.url(db)
+    name = f"stage{db}"
+    env.stagefs("format", url, name, "--storage", "s3", "--bucket", moto.bucket(name),
+                "--access-key", moto.access_key, "--secret-key", moto.secret_key)
+    w = env.dir_for(USER, "writer")
+    env.stagefs("mount", "-d", url, w, "--cache-size", "0")
+    sums = {}
+
+    def populate():
+        rnd = random.Random(db)
+        # About 8.3 MiB per directory: empty, tiny, one-block and multi-block files.
+        sizes = [0, 100, 4096, 70_000, 1 << 20, (4 << 20) + 3, 1 << 20, 2 << 20, 70_000, 4096]
+        for d in ("a", "b", "c"):
+            os.makedirs(os.path.join(w, "datasets", "small", d))
+            for i, size in enumerate(sizes):
+                data = rnd.randbytes(size)
+                rel = f"datasets/small/{d}/f{i}"
+                with open(os.path.join(w, rel), "wb") as f:
+                    f.write(data)
+                sums[rel] = hashlib.sha256(data).hexdigest()
+        os.makedirs(os.path.join(w, "private"), mode=0o700)
+        with open(os.path.join(w, "private", "secret"), "wb") as f:
+            f.write(b"x" * 5000)
+        return sums
+
+    sums = run_as(USER, populate)
+    env.stagefs("umount", w)
+    v = type("S3Vol", (), {})()
+    v.url, v.moto, v.sums, v.name = url, moto, sums, name
+    v.cache = env.dir_for(USER, "cache")
+    yield v
+    if v.moto:
+        v.moto.stop()
+
+
+def stage(env, v, *args, user=USER, check=True, cache=None):
+    return env.stagefs("stage", "--meta", v.url, "--cache-dir", cache or v.cache, *args, user=user, check=check)
+
+
+def report(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_all(m, sums):
+    def work():
+        return {rel: hashlib.sha256(open(os.path.join(m, rel), "rb").read()).hexdigest() for rel in sums}
+    return run_as(USER, work)
+
+
+def test_stage_without_mount_then_serve_with_s3_stopped(env, s3vol):
+    rep = os.path.join(env.dir_for(USER, "rep"), "r.json")
+    p = stage(env, s3vol, "/datasets/small", "--report", rep)
+    assert "status ok" in p.stdout and p.returncode == 0
+    r = report(rep)
+    assert r["files"] == 30 and r["blocksFetched"] > 0 and r["blocksCached"] == 0 and r["status"] == "ok"
+    assert r["paths"][0]["errors"] == []
+    assert "100.0% cached" in stage(env, s3vol, "/datasets/small", "--check").stdout
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", s3vol.url, m, "--cache-dir", s3vol.cache, "--io-retries", "2", "--io-timeout", "2")
+    try:
+        s3vol.moto.stop()
+        s3vol.moto = None
+        assert read_all(m, s3vol.sums) == s3vol.sums, "every staged file is served from the cache"
+        p = stage(env, s3vol, "/datasets/small", "--evict")
+        assert "evicted" in p.stdout
+        p = stage(env, s3vol, "/datasets/small", "--check", check=False)
+        assert "/datasets/small: 0.0% cached" in p.stdout and p.returncode == 1
+        # Nothing cached and the store gone: a new mount comes up (with a warning) and a read
+        # fails with EIO, not a hang.
+        env.stagefs("umount", m)
+        p = env.stagefs("mount", "-d", s3vol.url, m, "--cache-dir", s3vol.cache, "--io-retries", "2", "--io-timeout", "2")
+        assert "only cached data is readable" in p.stderr
+        start = time.time()
+        big = next(rel for rel in s3vol.sums if s3vol.sums[rel] != hashlib.sha256(b"").hexdigest())
+        with pytest.raises(OSError) as e:
+            run_as(USER, lambda: open(os.path.join(m, big), "rb").read())
+        assert e.value.errno == 5 and time.time() - start < 30
+    finally:
+        env.stagefs("umount", m)
+
+
+def test_a_second_stage_fetches_only_missing_blocks(env, s3vol):
+    d = env.dir_for(USER, "rep")
+    r1, r2 = os.path.join(d, "r1.json"), os.path.join(d, "r2.json")
+    stage(env, s3vol, "/datasets/small/a", "--report", r1)
+    stage(env, s3vol, "/datasets/small", "--report", r2)
+    first, second = report(r1), report(r2)
+    assert first["blocksFetched"] > 0
+    assert second["blocksCached"] == first["blocksFetched"], "blocks staged before are skipped"
+    total = report_blocks = sum(p["blocks"] for p in second["paths"])
+    assert second["blocksFetched"] == total - first["blocksFetched"]
+    assert report_blocks > second["blocksFetched"]
+
+
+def test_paths_inside_a_mount_and_a_manifest(env, s3vol):
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", s3vol.url, m, "--cache-dir", s3vol.cache)
+    try:
+        manifest = os.path.join(env.dir_for(USER, "mf"), "list")
+        run_as(USER, lambda: open(manifest, "w").write(f"# datasets\n{m}/datasets/small/a\n\n{m}/datasets/small/b/f1\n"))
+        p = env.stagefs("stage", "--manifest", manifest)
+        assert "status ok" in p.stdout
+        p = env.stagefs("stage", "--check", f"{m}/datasets/small/a", f"{m}/datasets/small/c", check=False)
+        assert f"{m}/datasets/small/a: 100.0% cached" in p.stdout
+        assert f"{m}/datasets/small/c: 0.0% cached" in p.stdout
+        assert p.returncode == 1
+    finally:
+        env.stagefs("umount", m)
+
+
+def test_errors_are_reported_per_path(env, s3vol):
+    p = stage(env, s3vol, "/datasets/small/a", "/datasets/nothing", "/private", check=False)
+    assert p.returncode == 1
+    assert "/datasets/nothing: no such file or directory" in p.stderr
+    assert "/private: permission denied" not in p.stderr, "the owner may read /private"
+    assert "status partial" in p.stdout
+    p = stage(env, s3vol, "/private", user=OTHER, cache=env.dir_for(OTHER, "c2"), check=False)
+    assert p.returncode == 1 and "/private: permission denied" in p.stderr
+
+
+def test_two_processes_stage_while_a_mount_reads(env, s3vol):
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", s3vol.url, m, "--cache-dir", s3vol.cache)
+    try:
+        base = ["runuser", "-u", USER, "--", env.bin, "stage", "--meta", s3vol.url, "--cache-dir", s3vol.cache, "--threads", "4"]
+        p1 = subprocess.Popen(base + ["/datasets/small"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p2 = subprocess.Popen(base + ["/datasets/small/b", "/datasets/small/c"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        got = read_all(m, s3vol.sums)
+        o1, e1 = p1.communicate(120)
+        o2, e2 = p2.communicate(120)
+        assert p1.returncode == 0 and p2.returncode == 0, (e1, e2)
+        assert got == s3vol.sums
+        assert "100.0% cached" in stage(env, s3vol, "/datasets/small", "--check").stdout
+        leftovers = [f for _, _, fs in os.walk(s3vol.cache) for f in fs if ".tmp" in f]
+        assert leftovers == []
+    finally:
+        env.stagefs("umount", m)
+
+
+def test_a_corrupted_cache_file_is_detected_and_refetched(env, s3vol):
+    stage(env, s3vol, "/datasets/small")
+    files = [os.path.join(d, f) for d, _, fs in os.walk(s3vol.cache) for f in fs if "_" in f and not f.startswith("index")]
+    victim = max(files, key=os.path.getsize)
+    with open(victim, "r+b") as f:
+        f.seek(1000)
+        b = f.read(1)
+        f.seek(1000)
+        f.write(bytes([b[0] ^ 0xFF]))
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", s3vol.url, m, "--cache-dir", s3vol.cache)
+    try:
+        assert read_all(m, s3vol.sums) == s3vol.sums, "the damaged block was not served"
+    finally:
+        env.stagefs("umount", m)
+    assert "100.0% cached" in stage(env, s3vol, "/datasets/small", "--check").stdout, "and it was cached again"
+
+
+def test_pinned_blocks_survive_eviction_until_released(env, s3vol):
+    small = "12"  # MiB; each directory holds about 8.3 MiB
+    p = stage(env, s3vol, "/datasets/small/a", "--cache-size", small, "--job", "1001")
+    assert "pinned for job 1001" in p.stdout
+    stage(env, s3vol, "/datasets/small/b", "--cache-size", small)
+    assert "/datasets/small/a: 100.0% cached" in stage(env, s3vol, "/datasets/small/a", "--check", "--cache-size", small).stdout
+    # Pinned data alone would exceed the cache: staging says so and stops.
+    p = stage(env, s3vol, "/datasets/small/c", "--cache-size", small, "--job", "1002", check=False)
+    assert p.returncode == 1 and "full of pinned blocks" in p.stderr
+    assert "released" in env.stagefs("stage", "--release", "1001", "--cache-dir", s3vol.cache).stdout
+    p = stage(env, s3vol, "/datasets/small/c", "--cache-size", small, "--job", "1002")
+    assert "status ok" in p.stdout
+    p = stage(env, s3vol, "/datasets/small/a", "--check", "--cache-size", small, check=False)
+    assert "/datasets/small/a: 100.0% cached" not in p.stdout, "released blocks were evicted"
+
+
+def test_users_have_separate_caches_and_as_user_checks_permissions(env, s3vol):
+    stage(env, s3vol, "/datasets/small/a")
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    with pytest.raises(PermissionError):
+        run_as(OTHER, os.listdir, os.path.join(s3vol.cache, str(uid)))
+    shared = env.dir_for("root", "shared-cache")
+    os.chmod(shared, 0o755)
+    p = env.stagefs("stage", "--meta", s3vol.url, "--cache-dir", shared, "--as-user", OTHER, "/private", user="root", check=False)
+    assert p.returncode == 1 and "/private: permission denied" in p.stderr
+    p = env.stagefs("stage", "--meta", s3vol.url, "--cache-dir", shared, "--as-user", OTHER, "/datasets/small/b", user="root")
+    assert "status ok" in p.stdout
+    other_uid = helpers.pwd.getpwnam(OTHER).pw_uid
+    st = os.stat(os.path.join(shared, str(other_uid)))
+    assert st.st_uid == other_uid and st.st_mode & 0o777 == 0o700
+    owners = {os.stat(os.path.join(d, f)).st_uid for d, _, fs in os.walk(os.path.join(shared, str(other_uid))) for f in fs}
+    assert owners == {other_uid}
+    p = env.stagefs("stage", "--meta", s3vol.url, "--cache-dir", shared, "--as-user", OTHER, "/private", check=False)
+    assert p.returncode == 2 and "needs root" in p.stderr
+
+
+def test_ctrl_c_stops_cleanly(env, redis):
+    moto = helpers.Moto()
+    try:
+        url = redis.url(40)
+        env.stagefs("format", url, "interrupt", "--storage", "s3", "--bucket", moto.bucket("interrupt"),
+                    "--access-key", moto.access_key, "--secret-key", moto.secret_key, "--block-size", "256")
+        w = env.dir_for(USER, "w")
+        env.stagefs("mount", "-d", url, w, "--cache-size", "0")
+        run_as(USER, lambda: open(os.path.join(w, "big"), "wb").write(os.urandom(96 << 20)))
+        env.stagefs("umount", w)
+        cache = env.dir_for(USER, "c")
+        p = subprocess.Popen(["runuser", "-u", USER, "--", env.bin, "stage", "--meta", url, "--cache-dir", cache, "--threads", "1", "/big"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        pids = subprocess.run(["pgrep", "-f", f"stage --meta {url}"], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            os.kill(int(pid), signal.SIGINT)
+        out, err = p.communicate(60)
+        assert p.returncode == 130, (out, err)
+        assert "interrupted" in err
+        leftovers = [f for _, _, fs in os.walk(cache) for f in fs if ".tmp" in f]
+        assert leftovers == []
+        r = env.stagefs("stage", "--meta", url, "--cache-dir", cache, "/big", "--check", check=False)
+        assert "% cached" in r.stdout and "100.0% cached" not in r.stdout
+        again = env.stagefs("stage", "--meta", url, "--cache-dir", cache, "/big")
+        assert "already cached" in again.stdout and "status ok" in again.stdout
+        assert "100.0% cached" in env.stagefs("stage", "--meta", url, "--cache-dir", cache, "/big", "--check").stdout
+    finally:
+        moto.stop()
+
+
+class RoundTrips:
+    """Counts the commands clients send to Redis (MONITOR lines; commands run inside Lua
+    scripts are not round trips and are left out)."""
+
+    def __init__(self, port):
+        self.proc = subprocess.Popen(["redis-cli", "-p", str(port), "monitor"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)
+
+    def stop(self):
+        time.sleep(0.3)
+        self.proc.terminate()
+        out = self.proc.communicate()[0]
+        return [l for l in out.splitlines() if '"' in l and "lua]" not in l]
+
+
+@pytest.mark.parametrize("ttl", ["0", "30"])
+def test_metadata_cache_saves_round_trips(env, redis, ttl):
+    url = redis.url(41 + int(ttl == "30"))
+    env.stagefs("format", url, f"metacache{ttl}", "--bucket", env.dir_for(USER, "b"))
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", url, m)
+    run_as(USER, lambda: [open(os.path.join(m, f"f{i}"), "w").close() for i in range(200)])
+    env.stagefs("umount", m)
+    env.stagefs("mount", "-d", url, m, "--attr-cache", ttl, "--entry-cache", ttl, "--dir-entry-cache", ttl)
+    try:
+        def list_then_stat():
+            names = os.listdir(m)
+            for _ in range(3):
+                for n in names:
+                    os.stat(os.path.join(m, n))
+            return len(names)
+
+        counter = RoundTrips(redis.port)
+        assert run_as(USER, list_then_stat) == 200
+        calls = len([c for c in counter.stop() if "ZADD" not in c])  # heartbeats aside
+        if ttl == "0":
+            assert calls >= 200, f"{calls} metadata round trips without caches"
+        else:
+            assert calls < 10, f"{calls} metadata round trips with caches for 600 stats after a listing"
+    finally:
+        env.stagefs("umount", m)
