@@ -105,6 +105,7 @@ public final class DataStore: @unchecked Sendable {
     /// Commits writes older than `flushAge` (called periodically) and, when the write buffer is
     /// nearly full, everything, so writers waiting for buffer space go on.
     public func flushIdle() {
+        disk?.flushIndexIfStale()
         let all = lock.withLock { Array(writers.values) }
         let pressure = budget.inUse > budget.limit * 3 / 4
         for w in all where pressure || w.oldestAge > config.flushAge {
@@ -319,6 +320,7 @@ public final class DataStore: @unchecked Sendable {
 
     /// Stops the worker threads once their queues drain.
     public func shutdown() {
+        do { try disk?.flushIndex() } catch { Log.warning("cache index: \(error.message)") }
         uploads.shutdown()
         background.shutdown()
         fetcher.pool.shutdown()

@@ -54,6 +54,10 @@ public final class DiskCache: @unchecked Sendable {
     private var accessed: [String: Int64] = [:]
     private var lastFlush = Sys.monotonicNanos()
     private var putsSinceSpaceCheck = 0
+    /// Blocks written but not yet in the index: (index key, bytes on disk, job, file if written now).
+    private var pending: [(String, Int, String?, String?)] = []
+    private var pendingBytes = 0
+    private var lastIndexFlush = Sys.monotonicNanos()
 
     /// The cache of one volume (`volumeUUID`) in the given roots, for the calling user. Without a
     /// volume only the index is usable (job pins, usage).
@@ -216,19 +220,42 @@ public final class DiskCache: @unchecked Sendable {
         return true
     }
 
-    /// Stores a block (temporary name, checksums, rename) and indexes it, pinned for `job` if
-    /// given; evicts older blocks as needed. Throws `ENOSPC` when pinned blocks alone leave no
-    /// room (the block is then not kept).
+    /// Stores a block (temporary name, checksums, rename), pinned for `job` if given. Index
+    /// entries are written in batches (`flushIndex`), and older blocks evicted then. Throws
+    /// `ENOSPC` when pinned blocks alone leave no room (the batch is then not kept).
     public func put(_ key: String, _ data: UnsafeRawBufferPointer, pin job: String? = nil) throws(FSError) {
         guard config.capacity > 0 else { return }
         let size = DiskCache.fileSize(data.count)
         if size > config.capacity { throw FSError(ENOSPC, "a block of \(data.count) bytes does not fit a cache of \(config.capacity) bytes") }
+        // Callers put blocks they found missing; writing again over a racing writer's copy is
+        // harmless (rename replaces it whole).
         let final = path(key)
-        let wrote = !contains(key, length: data.count)
-        if wrote { try writeFile(final, data) }
-        let ik = indexKey(key)
+        let wrote = true
+        try writeFile(final, data)
+        let flushNow = lock.withLock { () -> Bool in
+            pending.append((indexKey(key), size, job, wrote ? final : nil))
+            pendingBytes += size
+            return pending.count >= 512 || pendingBytes >= min(64 << 20, max(config.capacity / 8, 1))
+                || Sys.monotonicNanos() - lastIndexFlush > 1_000_000_000
+        }
+        if flushNow { try flushIndex() }
+    }
+
+    /// Writes pending blocks to the index in one transaction and evicts what the limits ask.
+    /// Throws `ENOSPC` when pinned blocks alone leave no room; the pending blocks written since
+    /// the last flush are then dropped.
+    public func flushIndex() throws(FSError) {
+        let batch = lock.withLock { () -> [(String, Int, String?, String?)] in
+            defer {
+                pending.removeAll(keepingCapacity: true)
+                pendingBytes = 0
+                lastIndexFlush = Sys.monotonicNanos()
+            }
+            return pending
+        }
+        if batch.isEmpty { return }
         let checkSpace = lock.withLock { () -> Bool in
-            putsSinceSpaceCheck += 1
+            putsSinceSpaceCheck += batch.count
             if putsSinceSpaceCheck >= 32 {
                 putsSinceSpaceCheck = 0
                 return true
@@ -239,16 +266,26 @@ public final class DiskCache: @unchecked Sendable {
         let victims: [String]
         do {
             victims = try indexTransaction { () throws(FSError) -> [String] in
-                try setRow(ik, size: size)
-                if let job { try index.query("INSERT OR IGNORE INTO pins(job, key) VALUES(?, ?)", [.text(job), .text(ik)]) }
+                for (ik, size, job, _) in batch {
+                    try setRow(ik, size: size)
+                    if let job { try index.query("INSERT OR IGNORE INTO pins(job, key) VALUES(?, ?)", [.text(job), .text(ik)]) }
+                }
                 return try evictLocked(spaceLow: spaceLow)
             }
         } catch {
-            // Pinned data fills the cache: the block is not kept.
-            if wrote { unlink(final) }
+            // Pinned data fills the cache: the blocks of this batch are not kept.
+            for (_, _, _, file) in batch { if let file { unlink(file) } }
             throw error
         }
         unlinkIndexed(victims)
+    }
+
+    /// Flushes pending index entries that have waited over a second (called periodically).
+    public func flushIndexIfStale() {
+        let stale = lock.withLock { !pending.isEmpty && Sys.monotonicNanos() - lastIndexFlush > 1_000_000_000 }
+        if stale {
+            do { try flushIndex() } catch { Log.warning("cache index: \(error.message)") }
+        }
     }
 
     /// Adds or replaces the row of `ik`, keeping the used-bytes total (in a transaction).
@@ -278,7 +315,7 @@ public final class DiskCache: @unchecked Sendable {
     }
 
     private func writeFile(_ final: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
-        let tmp = "\(final).tmp\(getpid())-\(Sys.monotonicNanos() % 1_000_000_007)"
+        let tmp = "\(final).tmp\(Sys.pid)-\(Sys.monotonicNanos() % 1_000_000_007)"
         var fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         if fd < 0 && errno == ENOENT {
             try? Sys.mkdirs(Sys.dirname(of: final), 0o700)
@@ -295,9 +332,12 @@ public final class DiskCache: @unchecked Sendable {
         withUnsafeBytes(of: UInt32(n).littleEndian) { trailer.raw($0) }
         withUnsafeBytes(of: DiskCache.magic.littleEndian) { trailer.raw($0) }
         do {
-            if data.count > 0 { try Sys.pwrite(fd, data.baseAddress!, data.count, 0, path: tmp) }
             let t = trailer.bytes
-            try fsTyped { try t.withUnsafeBytes { try Sys.pwrite(fd, $0.baseAddress!, t.count, Int64(data.count), path: tmp) } }
+            try fsTyped {
+                try t.withUnsafeBytes { tb in
+                    try Sys.writeAll(fd, [UnsafeRawBufferPointer(start: data.baseAddress, count: data.count), tb], path: tmp)
+                }
+            }
             Sys.close(fd)
             try Sys.rename(tmp, final)
         } catch {
@@ -311,6 +351,7 @@ public final class DiskCache: @unchecked Sendable {
     public func remove(_ key: String) {
         unlink(path(key))
         let ik = indexKey(key)
+        lock.withLock { pending.removeAll { $0.0 == ik } }
         try? indexTransaction { () throws(FSError) in
             try deleteRow(ik)
             try index.query("DELETE FROM pins WHERE key=?", [.text(ik)])
@@ -394,7 +435,8 @@ public final class DiskCache: @unchecked Sendable {
 
     /// Bytes and blocks in use (all volumes of this user's cache), and the pinned part.
     public func usage() throws(FSError) -> CacheUsage {
-        try lock.withLock { () throws(FSError) -> CacheUsage in
+        try flushIndex()
+        return try lock.withLock { () throws(FSError) -> CacheUsage in
             var u = CacheUsage(bytes: 0, blocks: 0, pinnedBytes: 0)
             u.bytes = try usedBytes()
             try index.query("SELECT COUNT(*) FROM blocks", []) { u.blocks = Int(Col.int($0, 0)) }
@@ -415,6 +457,7 @@ public final class DiskCache: @unchecked Sendable {
     /// file systems are short of their free-space ratio, a tenth of the cache more).
     /// Throws `ENOSPC` when pinned blocks alone exceed the limit.
     public func evict(checkSpace: Bool = true) throws(FSError) {
+        try flushIndex()
         let spaceLow = checkSpace && lowOnSpace()
         unlinkIndexed(try indexTransaction { () throws(FSError) in try evictLocked(spaceLow: spaceLow) })
     }

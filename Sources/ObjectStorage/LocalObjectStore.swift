@@ -26,7 +26,7 @@ public final class LocalObjectStore: ObjectStore {
 
     public func put(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
         let final = path(key)
-        let tmp = "\(final).tmp\(getpid())-\(Sys.monotonicNanos() % 1_000_000_007)"
+        let tmp = "\(final).tmp\(Sys.pid)-\(Sys.monotonicNanos() % 1_000_000_007)"
         var fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         if fd < 0 && errno == ENOENT {
             try Sys.mkdirs(Sys.dirname(of: final))

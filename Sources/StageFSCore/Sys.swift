@@ -47,6 +47,26 @@ public enum Sys {
         }
     }
 
+    /// `writev(2)` of all the buffers at the file's current offset (a new file: from 0).
+    public static func writeAll(_ fd: Int32, _ parts: [UnsafeRawBufferPointer], path: String = "file") throws(FSError) {
+        var iov = parts.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+        var i = 0
+        while i < iov.count {
+            let n = try iov.withUnsafeMutableBufferPointer { (b) throws(FSError) -> Int in
+                try retrying("write \(path)") { Glibc.writev(fd, b.baseAddress! + i, Int32(b.count - i)) }
+            }
+            var left = n
+            while i < iov.count && left >= iov[i].iov_len {
+                left -= iov[i].iov_len
+                i += 1
+            }
+            if i < iov.count && left > 0 {
+                iov[i].iov_base += left
+                iov[i].iov_len -= left
+            }
+        }
+    }
+
     /// `fsync(2)`
     public static func fsync(_ fd: Int32, path: String = "file") throws(FSError) {
         _ = try retrying("fsync \(path)") { Glibc.fsync(fd) }
@@ -120,6 +140,9 @@ public enum Sys {
     public static func unmap(_ p: UnsafeMutableRawPointer, _ bytes: Int) {
         munmap(p, bytes)
     }
+
+    /// This process's id (read once).
+    public static let pid = getpid()
 
     /// Monotonic clock in nanoseconds.
     public static func monotonicNanos() -> UInt64 {

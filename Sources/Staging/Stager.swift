@@ -344,6 +344,8 @@ public final class Stager: @unchecked Sendable {
         for _ in 0..<threads {
             group.add()
             pool.submit { [self] in
+                // One block buffer per worker, reused: fresh memory per block costs page faults.
+                let scratch = Buffer(capacity: layout.blockSize)
                 while !stopping() {
                     let i = next.withLock { n -> Int in
                         defer { n += 1 }
@@ -364,7 +366,7 @@ public final class Stager: @unchecked Sendable {
                             if job != nil { toPin.withLock { $0.append(r.key) } }
                         } else {
                             do throws(FSError) {
-                                try fetch(r)
+                                try fetch(r, into: scratch)
                                 fetched = Int64(r.length)
                                 lock.withLock {
                                     reports[top].blocksFetched += 1
@@ -411,6 +413,11 @@ public final class Stager: @unchecked Sendable {
         }
         try? group.wait()
         pool.shutdown()
+        do {
+            try cache.flushIndex()
+        } catch {
+            lock.withLock { if fatal == nil { fatal = error } }
+        }
         let pins = toPin.current
         if let job, !pins.isEmpty {
             do { try cache.pin(pins, job: job) } catch { report.errors.append("pinning for job \(job): \(error.message)") }
@@ -440,9 +447,9 @@ public final class Stager: @unchecked Sendable {
     }
 
     /// Downloads one block and stores it in the cache (pinned for the job).
-    private func fetch(_ r: BlockRef) throws(FSError) {
+    private func fetch(_ r: BlockRef, into buf: Buffer) throws(FSError) {
         guard let store else { throw FSError(EINVAL, "no object store to fetch from") }
-        let buf = Buffer(capacity: r.length)
+        buf.reserve(r.length)
         let n: Int
         do {
             n = try store.get(r.key, offset: 0, into: UnsafeMutableRawBufferPointer(start: buf.base, count: r.length))

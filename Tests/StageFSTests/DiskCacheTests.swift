@@ -29,6 +29,7 @@ struct DiskCacheTests {
         #expect((st[.posixPermissions] as? Int) == 0o700)
         // A second instance (another process) sees the index without scanning.
         try put(c, "v/chunks/0/0/2_0_10", block(10, 2))
+        try c.flushIndex()
         let d = try DiskCache(config: cfg, volumeUUID: "vol1")
         #expect(try d.usage().blocks == 2)
         #expect(try d.usage().bytes == DiskCache.fileSize(300_000) + DiskCache.fileSize(10))
