@@ -31,19 +31,41 @@ public struct CacheUsage: Sendable, Equatable {
 /// Blocks on node-local disk, shared safely by every process of one user on the node (a mount,
 /// `stagefs stage`, a second job).
 ///
-/// Layout: `<root>/<uid>/` (mode 0700, owned by the user) holds `index.db` (in the first root)
-/// and `<volume uuid>/<object key>` block files. A block file is the block followed by a trailer
-/// of CRC-32C checksums, one per 64 KiB; it is written under a temporary name and renamed, and
-/// every read verifies the checksums of what it returns, so a torn or corrupted file is dropped
-/// and the block fetched again, never served.
+/// Layout: `<root>/<uid>/` (mode 0700, owned by the user) holds `index.db` (in the first root) and
+/// per volume `<volume uuid>/`. A block larger than 64 KiB is a file named like its object key:
+/// the block, then a trailer of CRC-32C checksums (one per 64 KiB), written under a temporary
+/// name and renamed. Smaller blocks are appended to **pack files** (`<volume uuid>/packs/<id>`,
+/// one being written per process), each followed by its CRC-32C: millions of 4 KiB files cost a
+/// few large files instead of millions of inodes and file creations. Every read verifies the
+/// checksums of what it returns, so a torn or corrupted block is dropped and fetched again,
+/// never served.
 ///
-/// The index (SQLite, WAL) records each block's size and last use, survives restarts (no scan of
-/// the files), and records pins: blocks staged for a job are not evicted until the job releases
-/// them. Least recently used unpinned blocks are evicted to honour the size limit and the
-/// free-space ratio; access times are batched and written every couple of seconds.
+/// The index (SQLite, WAL) records each block's size, location and last use, survives restarts
+/// (no scan of the files), and records pins: blocks staged for a job are not evicted until the
+/// job releases them. Least recently used unpinned blocks are evicted to honour the size limit
+/// and the free-space ratio; a pack file is deleted once none of its blocks is left. New entries
+/// and access times are written in batches.
 public final class DiskCache: @unchecked Sendable {
     public static let pieceSize = 64 << 10
+    /// Blocks up to this size go to pack files.
+    public static let packedLimit = 64 << 10
+    /// A pack file is closed for writing at this size.
+    static let packSize = 64 << 20
     private static let magic: UInt32 = 0x3143_4653  // "SFC1" little-endian
+
+    /// Where a block is: its own file (pack 0) or at `off` in pack `pack`.
+    struct Location: Equatable {
+        var pack: Int64
+        var off: Int64
+    }
+
+    private struct Pending {
+        var indexKey: String
+        var size: Int
+        var job: String?
+        var file: String?
+        var location: Location
+    }
 
     public let config: DiskCacheConfig
     /// `<root>/<uid>` for each root.
@@ -54,10 +76,15 @@ public final class DiskCache: @unchecked Sendable {
     private var accessed: [String: Int64] = [:]
     private var lastFlush = Sys.monotonicNanos()
     private var putsSinceSpaceCheck = 0
-    /// Blocks written but not yet in the index: (index key, bytes on disk, job, file if written now).
-    private var pending: [(String, Int, String?, String?)] = []
+    /// Blocks written but not yet in the index.
+    private var pending: [Pending] = []
+    private var pendingLocations: [String: Location] = [:]
     private var pendingBytes = 0
     private var lastIndexFlush = Sys.monotonicNanos()
+    /// The pack file this process appends to: (id, descriptor, next offset).
+    private var writing: (id: Int64, fd: Int32, end: Int64)?
+    private let packLock = ConditionLock()
+    private var readFDs: [Int64: Int32] = [:]
 
     /// The cache of one volume (`volumeUUID`) in the given roots, for the calling user. Without a
     /// volume only the index is usable (job pins, usage).
@@ -68,7 +95,7 @@ public final class DiskCache: @unchecked Sendable {
         var dirs: [String] = []
         for root in config.dirs {
             let dir = try DiskCache.prepareUserDir(root: root, uid: getuid(), gid: getgid())
-            if let volumeUUID { try Sys.mkdirs("\(dir)/\(volumeUUID)", 0o700) }
+            if let volumeUUID { try Sys.mkdirs("\(dir)/\(volumeUUID)/packs", 0o700) }
             dirs.append(dir)
         }
         userDirs = dirs
@@ -80,8 +107,11 @@ public final class DiskCache: @unchecked Sendable {
             try index.exec("PRAGMA synchronous=NORMAL")
             try index.exec(
                 """
-                CREATE TABLE IF NOT EXISTS blocks(key TEXT PRIMARY KEY, size INTEGER NOT NULL, atime INTEGER NOT NULL);
+                CREATE TABLE IF NOT EXISTS blocks(key TEXT PRIMARY KEY, size INTEGER NOT NULL, atime INTEGER NOT NULL,
+                    pack INTEGER NOT NULL DEFAULT 0, off INTEGER NOT NULL DEFAULT 0);
                 CREATE INDEX IF NOT EXISTS blocks_atime ON blocks(atime);
+                CREATE TABLE IF NOT EXISTS packs(id INTEGER PRIMARY KEY AUTOINCREMENT, volume TEXT NOT NULL,
+                    live INTEGER NOT NULL, writer INTEGER NOT NULL);
                 CREATE TABLE IF NOT EXISTS pins(job TEXT NOT NULL, key TEXT NOT NULL, PRIMARY KEY(job, key)) WITHOUT ROWID;
                 CREATE INDEX IF NOT EXISTS pins_key ON pins(key);
                 CREATE TABLE IF NOT EXISTS stats(k TEXT PRIMARY KEY, v INTEGER NOT NULL);
@@ -91,6 +121,17 @@ public final class DiskCache: @unchecked Sendable {
             throw error.context("cannot open the cache index of \(dirs[0])")
         }
         if fresh { try rebuildIndex() }
+    }
+
+    deinit {
+        try? flushIndex()
+        packLock.withLock {
+            if let w = writing {
+                Sys.close(w.fd)
+                try? indexTransaction { () throws(FSError) in try index.query("UPDATE packs SET writer=0 WHERE id=?", [.int(w.id)]) }
+            }
+            for (_, fd) in readFDs { Sys.close(fd) }
+        }
     }
 
     /// Makes `<root>/<uid>` exist with mode 0700 and owner `uid`; refuses one owned by someone
@@ -123,7 +164,7 @@ public final class DiskCache: @unchecked Sendable {
         return dir
     }
 
-    // MARK: files
+    // MARK: names
 
     private func dir(for key: String) -> String {
         if userDirs.count == 1 { return userDirs[0] }
@@ -135,13 +176,82 @@ public final class DiskCache: @unchecked Sendable {
     /// The index key of an object key: `<volume uuid>/<object key>`.
     private func indexKey(_ key: String) -> String { "\(volume)/\(key)" }
 
-    /// The cache file of an object key.
+    /// The cache file of an object key (blocks over 64 KiB).
     public func path(_ key: String) -> String { "\(dir(for: key))/\(volume)/\(key)" }
+
+    /// The pack file `id` of `vol`.
+    private func packPath(_ id: Int64, volume vol: String) -> String {
+        "\(userDirs[Int(id % Int64(userDirs.count))])/\(vol)/packs/\(id)"
+    }
 
     static func pieces(_ length: Int) -> Int { (length + pieceSize - 1) / pieceSize }
 
-    /// Bytes a block of `length` takes on disk (block and checksum trailer).
-    public static func fileSize(_ length: Int) -> Int { length + 4 * pieces(length) + 8 }
+    static func packed(_ length: Int) -> Bool { length <= packedLimit }
+
+    /// Bytes a block of `length` takes on disk: with its checksum trailer in a file, or with its
+    /// checksum in a pack.
+    public static func fileSize(_ length: Int) -> Int { packed(length) ? length + 4 : length + 4 * pieces(length) + 8 }
+
+    // MARK: lookups
+
+    /// Where the index (or this process's pending writes) puts a packed block.
+    private func location(_ key: String) -> Location? {
+        let ik = indexKey(key)
+        return lock.withLock { () -> Location? in
+            if let l = pendingLocations[ik] { return l }
+            var loc: Location?
+            try? index.query("SELECT pack, off FROM blocks WHERE key=?", [.text(ik)]) { loc = Location(pack: Col.int($0, 0), off: Col.int($0, 1)) }
+            return loc
+        }
+    }
+
+    private func readFD(_ pack: Int64) -> Int32? {
+        packLock.withLock { () -> Int32? in
+            if let fd = readFDs[pack] { return fd }
+            let fd = Glibc.open(packPath(pack, volume: volume), O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { return nil }
+            if readFDs.count >= 256 {
+                for (_, f) in readFDs { Sys.close(f) }
+                readFDs.removeAll()
+            }
+            readFDs[pack] = fd
+            return fd
+        }
+    }
+
+    /// Whether a block is cached (packed blocks: indexed; others: a complete file exists).
+    public func contains(_ key: String, length: Int) -> Bool {
+        if DiskCache.packed(length) { return location(key) != nil }
+        guard let st = Sys.stat(path(key)) else { return false }
+        return Int(st.st_size) == DiskCache.fileSize(length)
+    }
+
+    /// Which of `blocks` (key, length) are cached, with one index query per 500 packed blocks.
+    public func cached(_ blocks: [(String, Int)]) -> [Bool] {
+        var out = [Bool](repeating: false, count: blocks.count)
+        var packedAt: [String: [Int]] = [:]
+        for (i, (key, length)) in blocks.enumerated() {
+            if DiskCache.packed(length) {
+                packedAt[indexKey(key), default: []].append(i)
+            } else {
+                out[i] = contains(key, length: length)
+            }
+        }
+        let keys = Array(packedAt.keys)
+        lock.withLock {
+            for k in keys where pendingLocations[k] != nil { for i in packedAt[k]! { out[i] = true } }
+            for start in stride(from: 0, to: keys.count, by: 500) {
+                let part = Array(keys[start..<min(keys.count, start + 500)])
+                let sql = "SELECT key FROM blocks WHERE key IN (\(Array(repeating: "?", count: part.count).joined(separator: ",")))"
+                try? index.query(sql, part.map { .text($0) }) { row in
+                    for i in packedAt[Col.text(row, 0)] ?? [] { out[i] = true }
+                }
+            }
+        }
+        return out
+    }
+
+    // MARK: reads
 
     /// Opens the cache file of `key` if it has the size a block of `length` gives.
     private func openChecked(_ key: String, length: Int) -> Int32? {
@@ -157,7 +267,7 @@ public final class DiskCache: @unchecked Sendable {
         return fd
     }
 
-    /// Reads the checksums of pieces `first...last`.
+    /// Reads the checksums of pieces `first...last` from a block file's trailer.
     private func checksums(_ fd: Int32, length: Int, first: Int, last: Int) -> [UInt32]? {
         var sums = [UInt32](repeating: 0, count: last - first + 1)
         let want = sums.count * 4
@@ -166,23 +276,43 @@ public final class DiskCache: @unchecked Sendable {
         return sums.map { UInt32(littleEndian: $0) }
     }
 
-    /// Whether a complete, right-sized cache file of `key` exists (no checksum pass).
-    public func contains(_ key: String, length: Int) -> Bool {
-        guard let st = Sys.stat(path(key)) else { return false }
-        return Int(st.st_size) == DiskCache.fileSize(length)
+    /// A packed block with its checksum verified, into `dest` (which holds `length` bytes).
+    private func readPacked(_ key: String, length: Int, into dest: UnsafeMutableRawPointer) -> Bool {
+        guard let loc = location(key), let fd = readFD(loc.pack) else { return false }
+        let tmp = UnsafeMutableRawPointer.allocate(byteCount: length + 4, alignment: 16)
+        defer { tmp.deallocate() }
+        guard let n = try? Sys.pread(fd, tmp, length + 4, loc.off), n == length + 4 else {
+            Log.warning("cache pack \(loc.pack) is shorter than its index says; dropping \(key)")
+            remove(key)
+            return false
+        }
+        let want = UInt32(littleEndian: tmp.loadUnaligned(fromByteOffset: length, as: UInt32.self))
+        if CRC32C.checksum(tmp, length) != want {
+            Log.warning("cached block \(key) in pack \(loc.pack) fails its checksum; dropping it")
+            remove(key)
+            return false
+        }
+        dest.copyMemory(from: tmp, byteCount: length)
+        return true
     }
 
-    /// The whole block, verified, or nil (missing or damaged; a damaged file is removed).
+    /// The whole block, verified, or nil (missing or damaged; a damaged block is removed).
     public func get(_ key: String, length: Int) -> Buffer? {
+        let buf = Buffer(capacity: max(length, 1))
+        if DiskCache.packed(length) {
+            guard readPacked(key, length: length, into: buf.base) else { return nil }
+            buf.count = length
+            touch(key)
+            return buf
+        }
         guard let fd = openChecked(key, length: length) else { return nil }
         defer { Sys.close(fd) }
-        let buf = Buffer(capacity: max(length, 1))
         guard let n = try? Sys.pread(fd, buf.base, length, 0), n == length,
             let sums = checksums(fd, length: length, first: 0, last: DiskCache.pieces(length) - 1),
             verify(buf.base, length: length, firstPiece: 0, sums: sums, key: key)
         else { return nil }
         buf.count = length
-        touch(key, size: DiskCache.fileSize(length))
+        touch(key)
         return buf
     }
 
@@ -190,6 +320,11 @@ public final class DiskCache: @unchecked Sendable {
     /// the block is not cached (or was damaged and has been removed).
     public func read(_ key: String, length: Int, offset: Int, into dest: UnsafeMutableRawBufferPointer) -> Bool {
         guard dest.count > 0 else { return true }
+        if DiskCache.packed(length) {
+            guard let b = get(key, length: length) else { return false }
+            dest.baseAddress!.copyMemory(from: b.base + offset, byteCount: dest.count)
+            return true
+        }
         guard let fd = openChecked(key, length: length) else { return false }
         defer { Sys.close(fd) }
         let first = offset / DiskCache.pieceSize
@@ -203,7 +338,7 @@ public final class DiskCache: @unchecked Sendable {
             verify(span, length: end - start, firstPiece: first, sums: sums, key: key)
         else { return false }
         dest.baseAddress!.copyMemory(from: span + (offset - start), byteCount: dest.count)
-        touch(key, size: DiskCache.fileSize(length))
+        touch(key)
         return true
     }
 
@@ -220,20 +355,29 @@ public final class DiskCache: @unchecked Sendable {
         return true
     }
 
-    /// Stores a block (temporary name, checksums, rename), pinned for `job` if given. Index
-    /// entries are written in batches (`flushIndex`), and older blocks evicted then. Throws
-    /// `ENOSPC` when pinned blocks alone leave no room (the batch is then not kept).
+    // MARK: writes
+
+    /// Stores a block, pinned for `job` if given: blocks over 64 KiB as files (temporary name,
+    /// checksums, rename), smaller ones appended to this process's pack file. Index entries are
+    /// written in batches (`flushIndex`), and older blocks evicted then. Throws `ENOSPC` when
+    /// pinned blocks alone leave no room (the batch is then not kept).
     public func put(_ key: String, _ data: UnsafeRawBufferPointer, pin job: String? = nil) throws(FSError) {
         guard config.capacity > 0 else { return }
         let size = DiskCache.fileSize(data.count)
         if size > config.capacity { throw FSError(ENOSPC, "a block of \(data.count) bytes does not fit a cache of \(config.capacity) bytes") }
-        // Callers put blocks they found missing; writing again over a racing writer's copy is
-        // harmless (rename replaces it whole).
-        let final = path(key)
-        let wrote = true
-        try writeFile(final, data)
+        var file: String?
+        var loc = Location(pack: 0, off: 0)
+        if DiskCache.packed(data.count) {
+            loc = try append(data)
+        } else {
+            // Callers put blocks they found missing; a racing writer's copy is replaced whole.
+            file = path(key)
+            try writeFile(file!, data)
+        }
+        let ik = indexKey(key)
         let flushNow = lock.withLock { () -> Bool in
-            pending.append((indexKey(key), size, job, wrote ? final : nil))
+            pending.append(Pending(indexKey: ik, size: size, job: job, file: file, location: loc))
+            if loc.pack != 0 { pendingLocations[ik] = loc }
             pendingBytes += size
             return pending.count >= 512 || pendingBytes >= min(64 << 20, max(config.capacity / 8, 1))
                 || Sys.monotonicNanos() - lastIndexFlush > 1_000_000_000
@@ -241,77 +385,42 @@ public final class DiskCache: @unchecked Sendable {
         if flushNow { try flushIndex() }
     }
 
-    /// Writes pending blocks to the index in one transaction and evicts what the limits ask.
-    /// Throws `ENOSPC` when pinned blocks alone leave no room; the pending blocks written since
-    /// the last flush are then dropped.
-    public func flushIndex() throws(FSError) {
-        let batch = lock.withLock { () -> [(String, Int, String?, String?)] in
-            defer {
-                pending.removeAll(keepingCapacity: true)
-                pendingBytes = 0
-                lastIndexFlush = Sys.monotonicNanos()
-            }
-            return pending
-        }
-        if batch.isEmpty { return }
-        let checkSpace = lock.withLock { () -> Bool in
-            putsSinceSpaceCheck += batch.count
-            if putsSinceSpaceCheck >= 32 {
-                putsSinceSpaceCheck = 0
-                return true
-            }
-            return false
-        }
-        let spaceLow = checkSpace && lowOnSpace()
-        let victims: [String]
-        do {
-            victims = try indexTransaction { () throws(FSError) -> [String] in
-                for (ik, size, job, _) in batch {
-                    try setRow(ik, size: size)
-                    if let job { try index.query("INSERT OR IGNORE INTO pins(job, key) VALUES(?, ?)", [.text(job), .text(ik)]) }
+    /// Appends a small block and its checksum to the pack file being written; returns where.
+    /// Appends are serialized (they are small), so a pack is never closed under a writer.
+    private func append(_ data: UnsafeRawBufferPointer) throws(FSError) -> Location {
+        let need = Int64(data.count + 4)
+        var crc = CRC32C.checksum(data.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!, data.count).littleEndian
+        return try packLock.withLock { () throws(FSError) -> Location in
+            if writing == nil || writing!.end + need > Int64(DiskCache.packSize) {
+                if let w = writing {
+                    Sys.close(w.fd)
+                    writing = nil
+                    try indexTransaction { () throws(FSError) in try index.query("UPDATE packs SET writer=0 WHERE id=?", [.int(w.id)]) }
                 }
-                return try evictLocked(spaceLow: spaceLow)
+                var id: Int64 = 0
+                try indexTransaction { () throws(FSError) in
+                    try index.query("INSERT INTO packs(volume, live, writer) VALUES(?, 0, ?) RETURNING id", [.text(volume), .int(Int64(Sys.pid))]) {
+                        id = Col.int($0, 0)
+                    }
+                }
+                let p = packPath(id, volume: volume)
+                try? Sys.mkdirs(Sys.dirname(of: p), 0o700)
+                let fd = Glibc.open(p, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+                if fd < 0 { throw FSError.errno(errno, "cannot create cache pack \(p)") }
+                writing = (id, fd, 0)
             }
-        } catch {
-            // Pinned data fills the cache: the blocks of this batch are not kept.
-            for (_, _, _, file) in batch { if let file { unlink(file) } }
-            throw error
+            let w = writing!
+            try withUnsafeBytes(of: &crc) { (c) throws(FSError) in
+                var iov = [
+                    iovec(iov_base: UnsafeMutableRawPointer(mutating: data.baseAddress), iov_len: data.count),
+                    iovec(iov_base: UnsafeMutableRawPointer(mutating: c.baseAddress), iov_len: 4),
+                ]
+                let n = iov.withUnsafeMutableBufferPointer { pwritev(w.fd, $0.baseAddress, 2, off_t(w.end)) }
+                if n != Int(need) { throw FSError.errno(n < 0 ? errno : EIO, "cannot write cache pack \(w.id)") }
+            }
+            writing!.end += need
+            return Location(pack: w.id, off: w.end)
         }
-        unlinkIndexed(victims)
-    }
-
-    /// Flushes pending index entries that have waited over a second (called periodically).
-    public func flushIndexIfStale() {
-        let stale = lock.withLock { !pending.isEmpty && Sys.monotonicNanos() - lastIndexFlush > 1_000_000_000 }
-        if stale {
-            do { try flushIndex() } catch { Log.warning("cache index: \(error.message)") }
-        }
-    }
-
-    /// Adds or replaces the row of `ik`, keeping the used-bytes total (in a transaction).
-    private func setRow(_ ik: String, size: Int) throws(FSError) {
-        var old = 0
-        try index.query("SELECT size FROM blocks WHERE key=?", [.text(ik)]) { old = Int(Col.int($0, 0)) }
-        try index.query("INSERT OR REPLACE INTO blocks(key, size, atime) VALUES(?, ?, ?)", [.text(ik), .int(Int64(size)), .int(Timespec.now().sec)])
-        try addUsed(size - old)
-    }
-
-    /// Deletes the row of `ik`, keeping the used-bytes total (in a transaction).
-    private func deleteRow(_ ik: String) throws(FSError) {
-        var old = 0
-        try index.query("SELECT size FROM blocks WHERE key=?", [.text(ik)]) { old = Int(Col.int($0, 0)) }
-        try index.query("DELETE FROM blocks WHERE key=?", [.text(ik)])
-        try addUsed(-old)
-    }
-
-    private func addUsed(_ delta: Int) throws(FSError) {
-        if delta != 0 { try index.query("UPDATE stats SET v=v+? WHERE k='used'", [.int(Int64(delta))]) }
-    }
-
-    private func usedBytes() throws(FSError) -> Int {
-        var used = 0
-        try index.query("SELECT v FROM stats WHERE k='used'", []) { used = Int(Col.int($0, 0)) }
-        return used
     }
 
     private func writeFile(_ final: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
@@ -347,28 +456,173 @@ public final class DiskCache: @unchecked Sendable {
         }
     }
 
+    // MARK: index
+
+    /// Writes pending blocks to the index in one transaction and evicts what the limits ask.
+    /// Throws `ENOSPC` when pinned blocks alone leave no room; the pending blocks written since
+    /// the last flush are then dropped.
+    public func flushIndex() throws(FSError) {
+        let batch = lock.withLock { () -> [Pending] in
+            defer {
+                pending.removeAll(keepingCapacity: true)
+                pendingBytes = 0
+                lastIndexFlush = Sys.monotonicNanos()
+            }
+            return pending
+        }
+        if batch.isEmpty { return }
+        let checkSpace = lock.withLock { () -> Bool in
+            putsSinceSpaceCheck += batch.count
+            if putsSinceSpaceCheck >= 32 {
+                putsSinceSpaceCheck = 0
+                return true
+            }
+            return false
+        }
+        let spaceLow = checkSpace && lowOnSpace()
+        var gone: ([String], [(Int64, String)]) = ([], [])
+        do {
+            gone = try indexTransaction { () throws(FSError) -> ([String], [(Int64, String)]) in
+                var deadPacks: [(Int64, String)] = []
+                for p in batch {
+                    deadPacks += try setRow(p.indexKey, size: p.size, location: p.location)
+                    if let job = p.job { try index.query("INSERT OR IGNORE INTO pins(job, key) VALUES(?, ?)", [.text(job), .text(p.indexKey)]) }
+                }
+                let (files, packs) = try evictLocked(spaceLow: spaceLow)
+                return (files, deadPacks + packs)
+            }
+        } catch {
+            // Pinned data fills the cache: the blocks of this batch are not kept.
+            for p in batch { if let f = p.file { unlink(f) } }
+            lock.withLock { for p in batch { pendingLocations[p.indexKey] = nil } }
+            throw error
+        }
+        lock.withLock { for p in batch { pendingLocations[p.indexKey] = nil } }
+        unlinkGone(gone)
+    }
+
+    /// Flushes pending index entries that have waited over a second (called periodically).
+    public func flushIndexIfStale() {
+        let stale = lock.withLock { !pending.isEmpty && Sys.monotonicNanos() - lastIndexFlush > 1_000_000_000 }
+        if stale {
+            do { try flushIndex() } catch { Log.warning("cache index: \(error.message)") }
+        }
+    }
+
+    /// Adds or replaces the row of `ik`; keeps the used-bytes total and the packs' live bytes.
+    /// Returns packs left empty by the replacement (in a transaction).
+    private func setRow(_ ik: String, size: Int, location: Location) throws(FSError) -> [(Int64, String)] {
+        let dead = try deleteRow(ik)
+        try index.query(
+            "INSERT INTO blocks(key, size, atime, pack, off) VALUES(?, ?, ?, ?, ?)",
+            [.text(ik), .int(Int64(size)), .int(Timespec.now().sec), .int(location.pack), .int(location.off)])
+        try addUsed(size)
+        if location.pack != 0 { try index.query("UPDATE packs SET live=live+? WHERE id=?", [.int(Int64(size)), .int(location.pack)]) }
+        return dead
+    }
+
+    /// Deletes the row of `ik` (in a transaction); returns packs it left empty and finished.
+    @discardableResult
+    private func deleteRow(_ ik: String) throws(FSError) -> [(Int64, String)] {
+        var old: (Int, Int64)?
+        try index.query("SELECT size, pack FROM blocks WHERE key=?", [.text(ik)]) { old = (Int(Col.int($0, 0)), Col.int($0, 1)) }
+        guard let (size, pack) = old else { return [] }
+        try index.query("DELETE FROM blocks WHERE key=?", [.text(ik)])
+        try addUsed(-size)
+        guard pack != 0 else { return [] }
+        try index.query("UPDATE packs SET live=live-? WHERE id=?", [.int(Int64(size)), .int(pack)])
+        return try deadPacks([pack])
+    }
+
+    /// Of `ids`, the packs with no live block whose writer is done (or dead): their rows go.
+    private func deadPacks(_ ids: [Int64]) throws(FSError) -> [(Int64, String)] {
+        var out: [(Int64, String)] = []
+        for id in Set(ids) {
+            var row: (Int64, Int64, String)?
+            try index.query("SELECT live, writer, volume FROM packs WHERE id=?", [.int(id)]) { row = (Col.int($0, 0), Col.int($0, 1), Col.text($0, 2)) }
+            guard let (live, writer, vol) = row, live <= 0 else { continue }
+            if writer != 0 && (writer == Int64(Sys.pid) || kill(pid_t(writer), 0) == 0) { continue }
+            try index.query("DELETE FROM packs WHERE id=?", [.int(id)])
+            out.append((id, vol))
+        }
+        return out
+    }
+
+    private func addUsed(_ delta: Int) throws(FSError) {
+        if delta != 0 { try index.query("UPDATE stats SET v=v+? WHERE k='used'", [.int(Int64(delta))]) }
+    }
+
+    private func usedBytes() throws(FSError) -> Int {
+        var used = 0
+        try index.query("SELECT v FROM stats WHERE k='used'", []) { used = Int(Col.int($0, 0)) }
+        return used
+    }
+
+    private func indexTransaction<T>(_ body: () throws(FSError) -> T) throws(FSError) -> T {
+        try lock.withLock { () throws(FSError) -> T in
+            try index.exec("BEGIN IMMEDIATE")
+            do throws(FSError) {
+                let r = try body()
+                try index.exec("COMMIT")
+                return r
+            } catch {
+                try? index.exec("ROLLBACK")
+                throw error
+            }
+        }
+    }
+
+    /// Removes files of evicted blocks and files of emptied packs.
+    private func unlinkGone(_ gone: ([String], [(Int64, String)])) {
+        for ik in gone.0 {
+            let objectKey = String(ik.drop { $0 != "/" }.dropFirst())
+            let vol = String(ik.prefix { $0 != "/" })
+            unlink("\(dir(for: objectKey))/\(vol)/\(objectKey)")
+        }
+        for (id, vol) in gone.1 {
+            packLock.withLock {
+                if let fd = readFDs.removeValue(forKey: id) { Sys.close(fd) }
+            }
+            unlink(packPath(id, volume: vol))
+        }
+    }
+
     /// Drops a block from the cache (its pins too).
     public func remove(_ key: String) {
-        unlink(path(key))
         let ik = indexKey(key)
-        lock.withLock { pending.removeAll { $0.0 == ik } }
-        try? indexTransaction { () throws(FSError) in
-            try deleteRow(ik)
+        var file: String?
+        if let l = location(key), l.pack == 0 { file = path(key) } else if location(key) == nil { file = path(key) }
+        if let file { unlink(file) }
+        lock.withLock {
+            pending.removeAll { $0.indexKey == ik }
+            pendingLocations[ik] = nil
+        }
+        if let packs = try? indexTransaction({ () throws(FSError) -> [(Int64, String)] in
+            let dead = try deleteRow(ik)
             try index.query("DELETE FROM pins WHERE key=?", [.text(ik)])
+            return dead
+        }) {
+            unlinkGone(([], packs))
         }
     }
 
     /// Drops a block unless a job pinned it; returns whether it was dropped.
     @discardableResult
     public func evictOne(_ key: String) throws(FSError) -> Bool {
+        try flushIndex()
         let ik = indexKey(key)
-        let pinned = try indexTransaction { () throws(FSError) -> Bool in
+        let (pinned, packed, packs) = try indexTransaction { () throws(FSError) -> (Bool, Bool, [(Int64, String)]) in
             var pinned = false
+            var packed = false
             try index.query("SELECT 1 FROM pins WHERE key=? LIMIT 1", [.text(ik)]) { _ in pinned = true }
-            if !pinned { try deleteRow(ik) }
-            return pinned
+            try index.query("SELECT pack FROM blocks WHERE key=?", [.text(ik)]) { packed = Col.int($0, 0) != 0 }
+            let dead = pinned ? [] : try deleteRow(ik)
+            return (pinned, packed, dead)
         }
-        if !pinned { unlink(path(key)) }
+        if !pinned {
+            if !packed { unlink(path(key)) }
+            unlinkGone(([], packs))
+        }
         return !pinned
     }
 
@@ -396,28 +650,16 @@ public final class DiskCache: @unchecked Sendable {
     /// Jobs holding pins, with their pinned block counts.
     public func jobs() throws(FSError) -> [(String, Int)] {
         var out: [(String, Int)] = []
-        try index.query("SELECT job, COUNT(*) FROM pins GROUP BY job ORDER BY job", []) { out.append((Col.text($0, 0), Int(Col.int($0, 1)))) }
+        try lock.withLock { () throws(FSError) in
+            try index.query("SELECT job, COUNT(*) FROM pins GROUP BY job ORDER BY job", []) { out.append((Col.text($0, 0), Int(Col.int($0, 1)))) }
+        }
         return out
     }
 
-    // MARK: index
-
-    private func indexTransaction<T>(_ body: () throws(FSError) -> T) throws(FSError) -> T {
-        try lock.withLock { () throws(FSError) -> T in
-            try index.exec("BEGIN IMMEDIATE")
-            do throws(FSError) {
-                let r = try body()
-                try index.exec("COMMIT")
-                return r
-            } catch {
-                try? index.exec("ROLLBACK")
-                throw error
-            }
-        }
-    }
+    // MARK: usage and eviction
 
     /// Notes a use of `key`; uses are written to the index in batches.
-    private func touch(_ key: String, size: Int) {
+    private func touch(_ key: String) {
         let now = Timespec.now().sec
         let flush = lock.withLock { () -> [String: Int64]? in
             accessed[indexKey(key)] = now
@@ -459,26 +701,32 @@ public final class DiskCache: @unchecked Sendable {
     public func evict(checkSpace: Bool = true) throws(FSError) {
         try flushIndex()
         let spaceLow = checkSpace && lowOnSpace()
-        unlinkIndexed(try indexTransaction { () throws(FSError) in try evictLocked(spaceLow: spaceLow) })
+        unlinkGone(try indexTransaction { () throws(FSError) in try evictLocked(spaceLow: spaceLow) })
     }
 
-    /// The eviction step inside an index transaction; returns the index keys to unlink.
-    private func evictLocked(spaceLow: Bool) throws(FSError) -> [String] {
+    /// The eviction step inside an index transaction; returns index keys of evicted block files
+    /// and packs left empty.
+    private func evictLocked(spaceLow: Bool) throws(FSError) -> ([String], [(Int64, String)]) {
         let used = try usedBytes()
         let over = used - config.capacity
         let need = spaceLow ? max(over, used / 10) : over
-        guard need > 0 else { return [] }
-        var out: [String] = []
+        guard need > 0 else { return ([], []) }
+        var victims: [(String, Int, Int64)] = []
         var freed = 0
         try index.query(
-            "SELECT key, size FROM blocks WHERE NOT EXISTS (SELECT 1 FROM pins WHERE pins.key = blocks.key) ORDER BY atime LIMIT 1000", []
+            "SELECT key, size, pack FROM blocks WHERE NOT EXISTS (SELECT 1 FROM pins WHERE pins.key = blocks.key) ORDER BY atime LIMIT 5000", []
         ) { row in
             if freed < need {
-                out.append(Col.text(row, 0))
+                victims.append((Col.text(row, 0), Int(Col.int(row, 1)), Col.int(row, 2)))
                 freed += Int(Col.int(row, 1))
             }
         }
-        for k in out { try index.query("DELETE FROM blocks WHERE key=?", [.text(k)]) }
+        var packLive: [Int64: Int] = [:]
+        for (k, size, pack) in victims {
+            try index.query("DELETE FROM blocks WHERE key=?", [.text(k)])
+            if pack != 0 { packLive[pack, default: 0] += size }
+        }
+        for (pack, size) in packLive { try index.query("UPDATE packs SET live=live-? WHERE id=?", [.int(Int64(size)), .int(pack)]) }
         try addUsed(-freed)
         if freed < over {
             throw FSError(
@@ -486,19 +734,11 @@ public final class DiskCache: @unchecked Sendable {
                 "the cache in \(config.dirs.joined(separator: ":")) is full of pinned blocks: \(used - freed) bytes held by jobs' pins exceed --cache-size \(config.capacity) bytes; release a job (stagefs stage --release JOB) or raise --cache-size"
             )
         }
-        return out
+        return (victims.filter { $0.2 == 0 }.map { $0.0 }, try deadPacks(Array(packLive.keys)))
     }
 
-    /// Unlinks the files of evicted index keys ("<volume>/<object key>").
-    private func unlinkIndexed(_ keys: [String]) {
-        for ik in keys {
-            let objectKey = String(ik.drop { $0 != "/" }.dropFirst())
-            let vol = String(ik.prefix { $0 != "/" })
-            unlink("\(dir(for: objectKey))/\(vol)/\(objectKey)")
-        }
-    }
-
-    /// Indexes block files found on disk (first use of a cache directory with blocks in it).
+    /// Indexes block files found on disk (first use of a cache directory with blocks in it);
+    /// pack files without an index are unreadable and removed.
     private func rebuildIndex() throws(FSError) {
         var found: [(String, Int, Int64)] = []
         for d in userDirs { scan(d, rel: "", into: &found) }
@@ -522,7 +762,7 @@ public final class DiskCache: @unchecked Sendable {
             guard let st = Sys.stat("\(dir)/\(relName)") else { continue }
             if st.st_mode & S_IFMT == S_IFDIR {
                 subdirs.append(relName)
-            } else if name.contains(".tmp") {
+            } else if name.contains(".tmp") || rel.hasSuffix("/packs") {
                 unlink("\(dir)/\(relName)")
             } else {
                 found.append((relName, Int(st.st_size), Int64(st.st_mtim.tv_sec)))

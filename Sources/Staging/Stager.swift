@@ -335,6 +335,8 @@ public final class Stager: @unchecked Sendable {
         // Files without blocks (empty or all holes) are done at once.
         progress.add(done: 0, fetched: 0, filesFinished: blocksLeft.filter { $0 == 0 }.count)
         for (i, n) in blocksLeft.enumerated() where n == 0 { reports[files[i].top].filesFullyCached += 1 }
+        // What is cached already, in batches (one index query per 500 packed blocks).
+        let present = cache.cached(refs.map { ($0.key, $0.length) })
         let remaining = Locked(blocksLeft)
         let fileOK = Locked([Bool](repeating: true, count: files.count))
         let next = Locked(0)
@@ -358,7 +360,7 @@ public final class Stager: @unchecked Sendable {
                     var ok = true
                     switch mode {
                     case .stage:
-                        if cache.contains(r.key, length: r.length) {
+                        if present[i] {
                             lock.withLock {
                                 reports[top].blocksCached += 1
                                 reports[top].bytesCached += Int64(r.length)
@@ -382,7 +384,7 @@ public final class Stager: @unchecked Sendable {
                             }
                         }
                     case .check:
-                        if cache.contains(r.key, length: r.length) {
+                        if present[i] {
                             lock.withLock {
                                 reports[top].blocksCached += 1
                                 reports[top].bytesCached += Int64(r.length)
@@ -391,7 +393,7 @@ public final class Stager: @unchecked Sendable {
                             ok = false
                         }
                     case .evict:
-                        if cache.contains(r.key, length: r.length) {
+                        if present[i] {
                             let dropped = (try? cache.evictOne(r.key)) ?? false
                             lock.withLock {
                                 if dropped { reports[top].blocksEvicted += 1 } else { reports[top].blocksPinnedKept += 1 }

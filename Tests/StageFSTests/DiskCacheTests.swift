@@ -59,6 +59,40 @@ struct DiskCacheTests {
         #expect(try c.usage().blocks == 0)
     }
 
+    @Test func smallBlocksArePackedVerifiedAndReclaimed() throws {
+        let dir = try makeTempDir("cache")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let size = 4096
+        let cap = DiskCache.fileSize(size) * 100
+        let c = try DiskCache(config: DiskCacheConfig(dirs: [dir], capacity: cap, freeSpaceRatio: 0), volumeUUID: "vol")
+        for i in 0..<50 { try put(c, "v/chunks/0/0/\(i)_0_4096", block(size, UInt8(i))) }
+        // Served before and after the index write, from one pack file, not 50 files.
+        #expect(c.get("v/chunks/0/0/7_0_4096", length: size).map { Array($0.bytes) } == block(size, 7))
+        try c.flushIndex()
+        #expect(c.cached([("v/chunks/0/0/7_0_4096", size), ("v/chunks/0/0/99_0_4096", size)]) == [true, false])
+        let packs = try FileManager.default.contentsOfDirectory(atPath: "\(dir)/\(getuid())/vol/packs")
+        #expect(packs.count == 1)
+        var part = [UInt8](repeating: 0, count: 100)
+        #expect(part.withUnsafeMutableBytes { c.read("v/chunks/0/0/9_0_4096", length: size, offset: 4000, into: $0) })
+        #expect(part[0..<96] == block(size, 9)[4000..<4096])
+        // A corrupted packed block is detected, dropped and not served.
+        let packPath = "\(dir)/\(getuid())/vol/packs/\(packs[0])"
+        let fd = open(packPath, O_RDWR)
+        var b: UInt8 = 0
+        pread(fd, &b, 1, 4100 * 3 + 10)
+        b ^= 0x55
+        pwrite(fd, &b, 1, 4100 * 3 + 10)
+        close(fd)
+        #expect(c.get("v/chunks/0/0/3_0_4096", length: size) == nil)
+        #expect(!c.contains("v/chunks/0/0/3_0_4096", length: size))
+        #expect(c.get("v/chunks/0/0/4_0_4096", length: size) != nil, "its neighbours are fine")
+        // Once every block of a finished pack is gone, the pack file goes too.
+        let other = try DiskCache(config: DiskCacheConfig(dirs: [dir], capacity: cap, freeSpaceRatio: 0), volumeUUID: "vol")
+        withExtendedLifetime(c) {}
+        for i in 0..<50 { _ = try other.evictOne("v/chunks/0/0/\(i)_0_4096") }
+        #expect(try other.usage().blocks == 0)
+    }
+
     @Test func lruEvictionSkipsPinnedBlocksUntilReleased() throws {
         let dir = try makeTempDir("cache")
         defer { try? FileManager.default.removeItem(atPath: dir) }
