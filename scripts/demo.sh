@@ -1,6 +1,7 @@
 #!/bin/sh
 # The StageFS demo: an embedded SQLite + local-directory volume, mounted by an ordinary user
-# (no root in the mount), a sample dataset written and read back through it.
+# (no root in the mount); a sample dataset written through it, staged into the node-local cache
+# without a mount, then read back with the object store taken away: served from the cache.
 #   ./scripts/demo.sh [path/to/stagefs]      (KEEP=1 leaves the volume mounted)
 set -eu
 BIN=${1:-.build/release/stagefs}
@@ -26,32 +27,35 @@ META="sqlite3://$DIR/meta.db"
 say "format: metadata in $DIR/meta.db, blocks in $DIR/data"
 as_user "$SFS" format "$META" demo --bucket "$DIR/data"
 
-say "mount as user $DEMO_USER (uid $(id -u "$DEMO_USER")) at $DIR/mnt"
-as_user "$SFS" mount -d "$META" "$DIR/mnt" --log "$DIR/mount.log"
+say "mount as user $DEMO_USER (uid $(id -u "$DEMO_USER")) at $DIR/mnt, without a disk cache"
+as_user "$SFS" mount -d "$META" "$DIR/mnt" --cache-size 0 --log "$DIR/mount.log"
 grep " $DIR/mnt " /proc/mounts
 
-say "write a sample dataset: 200 small files and one 64 MiB file"
+say "write a sample dataset: 2,000 files of 4 KiB and one 64 MiB file"
 as_user sh -c "
     mkdir -p '$DIR/mnt/datasets/sample/shards'
-    i=0
-    while [ \$i -lt 200 ]; do
-        head -c 4096 /dev/urandom > '$DIR/mnt/datasets/sample/shards/part-'\$i
-        i=\$((i + 1))
-    done
+    cd '$DIR/mnt/datasets/sample/shards' && python3 -c 'import os
+for i in range(2000):
+    open(\"part-%d\" % i, \"wb\").write(os.urandom(4096))'
     head -c 64M /dev/urandom > '$DIR/mnt/datasets/sample/train.bin'
-    cd '$DIR/mnt/datasets/sample' && sha256sum train.bin > '$DIR/train.sha256'
+    cd '$DIR/mnt/datasets/sample' && sha256sum train.bin > '$DIR/train.sha256' && cat shards/* | sha256sum > '$DIR/shards.sha256'
 "
-as_user ls -l "$DIR/mnt/datasets/sample" | head -5
 du -sh "$DIR/data"
-
-say "read it back through the mount and compare"
-as_user sh -c "cd '$DIR/mnt/datasets/sample' && sha256sum -c '$DIR/train.sha256'"
-as_user sh -c "cat '$DIR/mnt/datasets/sample/shards/'* | wc -c"
-
-say "where the bytes live"
 as_user "$SFS" info "$DIR/mnt/datasets/sample/shards/part-0"
+as_user "$SFS" umount "$DIR/mnt"
+
+say "stage it into the node-local cache, with no mount (as a Slurm prolog does)"
+as_user "$SFS" stage --meta "$META" --cache-dir "$DIR/cache" /datasets/sample --job demo
+as_user "$SFS" stage --meta "$META" --cache-dir "$DIR/cache" /datasets/sample --check
+
+say "take the object store away, mount with the cache, and read everything back"
+mv "$DIR/data" "$DIR/data.away"
+as_user "$SFS" mount -d "$META" "$DIR/mnt" --cache-dir "$DIR/cache" --log "$DIR/mount.log" --io-retries 1
+as_user sh -c "cd '$DIR/mnt/datasets/sample' && sha256sum -c '$DIR/train.sha256' && cat shards/* | sha256sum | cmp -s - '$DIR/shards.sha256' && echo 'shards: OK (2000 files)'"
+echo "served from the cache in $DIR/cache: the bucket directory was not there"
+mv "$DIR/data.away" "$DIR/data"
+as_user "$SFS" stage --release demo --cache-dir "$DIR/cache"
 as_user "$SFS" status "$META"
-df -h "$DIR/mnt" 2>/dev/null || true
 
 if [ "${KEEP:-0}" = 1 ]; then
     say "left mounted at $DIR/mnt; unmount with: runuser -u $DEMO_USER -- $SFS umount $DIR/mnt"

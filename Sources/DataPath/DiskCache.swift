@@ -1,8 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Metadata
 import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Settings of the node-local block cache.
 public struct DiskCacheConfig: Sendable {
@@ -539,7 +540,9 @@ public final class DiskCache: @unchecked Sendable {
         var out: [(Int64, String)] = []
         for id in Set(ids) {
             var row: (Int64, Int64, String)?
-            try index.query("SELECT live, writer, volume FROM packs WHERE id=?", [.int(id)]) { row = (Col.int($0, 0), Col.int($0, 1), Col.text($0, 2)) }
+            try index.query("SELECT live, writer, volume FROM packs WHERE id=?", [.int(id)]) {
+                row = (Col.int($0, 0), Col.int($0, 1), Col.text($0, 2))
+            }
             guard let (live, writer, vol) = row, live <= 0 else { continue }
             if writer != 0 && (writer == Int64(Sys.pid) || kill(pid_t(writer), 0) == 0) { continue }
             try index.query("DELETE FROM packs WHERE id=?", [.int(id)])
@@ -682,7 +685,9 @@ public final class DiskCache: @unchecked Sendable {
             var u = CacheUsage(bytes: 0, blocks: 0, pinnedBytes: 0)
             u.bytes = try usedBytes()
             try index.query("SELECT COUNT(*) FROM blocks", []) { u.blocks = Int(Col.int($0, 0)) }
-            try index.query("SELECT COALESCE(SUM(size), 0) FROM blocks WHERE key IN (SELECT key FROM pins)", []) { u.pinnedBytes = Int(Col.int($0, 0)) }
+            try index.query("SELECT COALESCE(SUM(size), 0) FROM blocks WHERE key IN (SELECT key FROM pins)", []) {
+                u.pinnedBytes = Int(Col.int($0, 0))
+            }
             return u
         }
     }

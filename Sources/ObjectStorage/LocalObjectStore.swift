@@ -29,6 +29,11 @@ public final class LocalObjectStore: ObjectStore {
         let tmp = "\(final).tmp\(Sys.pid)-\(Sys.monotonicNanos() % 1_000_000_007)"
         var fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         if fd < 0 && errno == ENOENT {
+            // Subdirectories are made as needed, the bucket directory itself never: a missing
+            // one is more likely an unmounted shared file system than an empty bucket.
+            guard Sys.stat(root) != nil else {
+                throw FSError(EIO, "\(description) is missing (is its file system mounted?)")
+            }
             try Sys.mkdirs(Sys.dirname(of: final))
             fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         }
@@ -49,6 +54,7 @@ public final class LocalObjectStore: ObjectStore {
         let fd = Glibc.open(path(key), O_RDONLY | O_CLOEXEC)
         if fd < 0 {
             let e = errno
+            if e == ENOENT && Sys.stat(root) == nil { throw FSError(EIO, "\(description) is missing (is its file system mounted?)") }
             throw FSError(e == ENOENT ? ENOENT : EIO, "object \(key) in \(description): \(String(cString: strerror(e)))")
         }
         defer { Sys.close(fd) }

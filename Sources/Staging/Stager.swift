@@ -1,11 +1,12 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import DataPath
 import Metadata
 import ObjectStorage
 import StageFSCore
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// Set by SIGINT/SIGTERM during staging: workers stop taking blocks and the run ends cleanly
 /// (every cache file is complete: written under a temporary name, then renamed).
@@ -131,7 +132,9 @@ public final class Stager: @unchecked Sendable {
     private var reports: [PathReport] = []
     private var fatal: FSError?
 
-    public init(meta: any MetadataEngine, store: (any ObjectStore)?, cache: DiskCache, format: VolumeFormat, cred: Credential, threads: Int, job: String?) {
+    public init(
+        meta: any MetadataEngine, store: (any ObjectStore)?, cache: DiskCache, format: VolumeFormat, cred: Credential, threads: Int, job: String?
+    ) {
         self.meta = meta
         self.store = store
         self.cache = cache

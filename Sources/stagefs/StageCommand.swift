@@ -6,12 +6,12 @@ import StageFSCore
 import Staging
 
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 struct Stage: ParsableCommand {
@@ -91,10 +91,14 @@ struct Stage: ParsableCommand {
         if release != nil && (!paths.isEmpty || manifest != nil || check || evict || job != nil) {
             throw ValidationError("--release JOB takes no paths and no other mode")
         }
-        if release == nil && paths.isEmpty && manifest == nil { throw ValidationError("name at least one path (or --manifest FILE, or --release JOB)") }
+        if release == nil && paths.isEmpty && manifest == nil {
+            throw ValidationError("name at least one path (or --manifest FILE, or --release JOB)")
+        }
         if threads < 1 || threads > 1024 { throw ValidationError("--threads must be from 1 to 1024") }
         if let j = job ?? release, j.isEmpty || j.contains("/") { throw ValidationError("invalid job id '\(j)'") }
-        if meta != nil { for p in paths where !p.hasPrefix("/") { throw ValidationError("with --meta, paths are absolute paths inside the volume: '\(p)'") } }
+        if meta != nil {
+            for p in paths where !p.hasPrefix("/") { throw ValidationError("with --meta, paths are absolute paths inside the volume: '\(p)'") }
+        }
         if let s = cacheSize, s < 0 { throw ValidationError("--cache-size cannot be negative") }
     }
 
@@ -107,7 +111,8 @@ struct Stage: ParsableCommand {
             }
         }
         if let release {
-            let cache = try DiskCache(config: DiskCacheConfig(dirs: cacheDirectories(cacheDir), capacity: (cacheSize ?? 102400) << 20), volumeUUID: nil)
+            let cache = try DiskCache(
+                config: DiskCacheConfig(dirs: cacheDirectories(cacheDir), capacity: (cacheSize ?? 102400) << 20), volumeUUID: nil)
             let n = try cache.release(job: release)
             print("stagefs: released \(n) pinned block(s) of job \(release)")
             return
@@ -208,7 +213,9 @@ struct Stage: ParsableCommand {
                 print("\(name): evicted \(p.blocksEvicted) block(s)\(p.blocksPinnedKept > 0 ? ", kept \(p.blocksPinnedKept) pinned by a job" : "")")
             case .stage:
                 if r.paths.count > 1 {
-                    print("\(name): \(p.files) files, \(humanBytes(UInt64(p.bytes))), \(p.blocksFetched) blocks fetched, \(p.blocksCached) already cached")
+                    print(
+                        "\(name): \(p.files) files, \(humanBytes(UInt64(p.bytes))), \(p.blocksFetched) blocks fetched, \(p.blocksCached) already cached"
+                    )
                 }
             }
         }
@@ -283,16 +290,28 @@ final class ProgressDisplay: @unchecked Sendable {
             lock.broadcast()
             while running { lock.wait(seconds: 1) }
         }
-        printError("\r\u{1B}[K", newline: false)
+        draw()
+        printError("")
     }
 
     fileprivate func loop() {
         while true {
+            draw()
             let stop = lock.withLock { () -> Bool in
                 if !done { lock.wait(seconds: 0.5) }
                 return done
             }
             if stop { break }
+        }
+        lock.withLock {
+            running = false
+            lock.broadcast()
+        }
+    }
+
+    /// Redraws the progress line.
+    private func draw() {
+        do {
             let (fd, ft, bd, bt, fetched, secs, phase) = progress.snapshot
             let rate = secs > 0 ? Double(fetched) / secs : 0
             let left = bt - bd
@@ -302,10 +321,6 @@ final class ProgressDisplay: @unchecked Sendable {
             printError(
                 "\r\u{1B}[K\(phase) \(pct)%  files \(fd)/\(ft)  \(humanBytes(UInt64(bd)))/\(humanBytes(UInt64(bt)))  \(humanBytes(UInt64(rate)))/s  ETA \(etaText)",
                 newline: false)
-        }
-        lock.withLock {
-            running = false
-            lock.broadcast()
         }
     }
 }

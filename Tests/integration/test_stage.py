@@ -286,3 +286,15 @@ def test_metadata_cache_saves_round_trips(env, redis, ttl):
             assert calls < 10, f"{calls} metadata round trips with caches for 600 stats after a listing"
     finally:
         env.stagefs("umount", m)
+
+
+def test_progress_on_a_terminal_summary_otherwise(env, s3vol):
+    # On a terminal (script(1) gives the command a pty) a progress line is drawn; piped, one summary.
+    cmd = f"{env.bin} stage --meta {s3vol.url} --cache-dir {s3vol.cache} /datasets/small"
+    p = subprocess.run(["runuser", "-u", USER, "--", "script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "files 30/30" in p.stdout and "ETA" in p.stdout, p.stdout
+    stage(env, s3vol, "/datasets/small", "--evict")
+    piped = stage(env, s3vol, "/datasets/small")
+    assert "ETA" not in piped.stdout + piped.stderr
+    assert len(piped.stdout.strip().splitlines()) == 1 and "staged 30 files" in piped.stdout
