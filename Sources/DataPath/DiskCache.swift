@@ -562,17 +562,7 @@ public final class DiskCache: @unchecked Sendable {
     }
 
     private func indexTransaction<T>(_ body: () throws(FSError) -> T) throws(FSError) -> T {
-        try lock.withLock { () throws(FSError) -> T in
-            try index.exec("BEGIN IMMEDIATE")
-            do throws(FSError) {
-                let r = try body()
-                try index.exec("COMMIT")
-                return r
-            } catch {
-                try? index.exec("ROLLBACK")
-                throw error
-            }
-        }
+        try lock.withLock { () throws(FSError) -> T in try index.transaction(write: true, body) }
     }
 
     /// Removes files of evicted blocks and files of emptied packs.

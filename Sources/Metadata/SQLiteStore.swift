@@ -108,6 +108,30 @@ package final class SQLiteConnection {
         }
     }
 
+    /// Runs `body` in a transaction (`BEGIN IMMEDIATE` for writers, retried while another
+    /// process holds the database), committed when it returns, rolled back when it throws.
+    package func transaction<T>(write: Bool, _ body: () throws(FSError) -> T) throws(FSError) -> T {
+        var attempt = 0
+        while true {
+            do {
+                try exec(write ? "BEGIN IMMEDIATE" : "BEGIN")
+                break
+            } catch {
+                attempt += 1
+                if error.code != EAGAIN || attempt > 20 { throw error }
+                Sys.sleep(seconds: 0.05)
+            }
+        }
+        do {
+            let r = try body()
+            try exec("COMMIT")
+            return r
+        } catch {
+            try? exec("ROLLBACK")
+            throw error
+        }
+    }
+
     /// Number of rows the last statement changed.
     package var changes: Int { Int(sqlite3_changes(db)) }
 }
@@ -175,25 +199,7 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
             owner = nil
             lock.unlock()
         }
-        var attempt = 0
-        while true {
-            do {
-                try conn.exec(write ? "BEGIN IMMEDIATE" : "BEGIN")
-                break
-            } catch {
-                attempt += 1
-                if error.code != EAGAIN || attempt > 20 { throw error }
-                Sys.sleep(seconds: 0.05)
-            }
-        }
-        do {
-            let r = try body()
-            try conn.exec("COMMIT")
-            return r
-        } catch {
-            try? conn.exec("ROLLBACK")
-            throw error
-        }
+        return try conn.transaction(write: write, body)
     }
 
     private func one<T>(_ sql: String, _ args: [SQLValue], _ read: (OpaquePointer) -> T) throws(FSError) -> T? {

@@ -82,11 +82,7 @@ struct Mount: ParsableCommand {
     @Option(help: "MiB of blocks kept in memory for reads.")
     var memoryCacheSize = 64
 
-    @Option(help: "Seconds one object-store request may take before it is retried.")
-    var ioTimeout: Double = 60
-
-    @Option(help: "Attempts per object-store request (5xx, throttling and connection errors are retried with back-off).")
-    var ioRetries = 6
+    @OptionGroup var io: IOOptions
 
     @Option(help: "Seconds between session heartbeats.")
     var heartbeat: Double = 10
@@ -100,7 +96,6 @@ struct Mount: ParsableCommand {
     func validate() throws {
         if attrCache < 0 || entryCache < 0 || dirEntryCache < 0 { throw ValidationError("cache timeouts cannot be negative") }
         if bufferSize < 16 { throw ValidationError("--buffer-size must be at least 16 (MiB)") }
-        if ioTimeout <= 0 || ioRetries < 1 { throw ValidationError("--io-timeout must be positive and --io-retries at least 1") }
         if heartbeat <= 0 { throw ValidationError("--heartbeat must be positive") }
         if cacheSize < 0 { throw ValidationError("--cache-size cannot be negative") }
         if freeSpaceRatio < 0 || freeSpaceRatio >= 1 { throw ValidationError("--free-space-ratio must be from 0 to below 1") }
@@ -147,11 +142,7 @@ struct Mount: ParsableCommand {
         let url = try MetaURL.parse(metaURL)
         let meta = try openMetadata(url)
         let format = try meta.requireFormat()
-        var storeConfig = StoreConfig(
-            storage: format.storage, bucket: format.bucket, accessKey: accessKey ?? format.accessKey, secretKey: secretKey ?? format.secretKey)
-        storeConfig.timeout = ioTimeout
-        storeConfig.maxAttempts = ioRetries
-        let store = try openObjectStore(storeConfig)
+        let store = try openObjectStore(io.storeConfig(format, accessKey: accessKey, secretKey: secretKey))
         do {
             if parsedOptions.readOnly {
                 _ = try store.list(prefix: format.name + "/", limit: 1)

@@ -1,3 +1,5 @@
+import ArgumentParser
+import ObjectStorage
 import StageFSCore
 
 #if canImport(Glibc)
@@ -192,4 +194,25 @@ func cacheDirectories(_ option: String?) -> [String] {
     let home = getenv("HOME").map { String(cString: $0) } ?? "/tmp"
     guard let option else { return [getuid() == 0 ? "/var/cache/stagefs" : "\(home)/.stagefs/cache"] }
     return option.split(separator: ":").map { $0.hasPrefix("~") ? home + $0.dropFirst() : String($0) }
+}
+
+/// Object-store request options shared by the commands that read or write blocks.
+struct IOOptions: ParsableArguments {
+    @Option(help: "Seconds one object-store request may take before it is retried.")
+    var ioTimeout: Double = 60
+
+    @Option(help: "Attempts per object-store request (5xx, throttling and connection errors are retried with back-off).")
+    var ioRetries = 6
+
+    func validate() throws {
+        if ioTimeout <= 0 || ioRetries < 1 { throw ValidationError("--io-timeout must be positive and --io-retries at least 1") }
+    }
+
+    /// The store settings of a volume with these limits (and keys, when given, instead of the recorded ones).
+    func storeConfig(_ f: VolumeFormat, accessKey: String? = nil, secretKey: String? = nil) -> StoreConfig {
+        var c = StoreConfig(storage: f.storage, bucket: f.bucket, accessKey: accessKey ?? f.accessKey, secretKey: secretKey ?? f.secretKey)
+        c.timeout = ioTimeout
+        c.maxAttempts = ioRetries
+        return c
+    }
 }

@@ -80,11 +80,7 @@ struct Stage: ParsableCommand {
     @Flag(name: .shortAndLong, help: "No progress display.")
     var quiet = false
 
-    @Option(help: "Seconds one object-store request may take before it is retried.")
-    var ioTimeout: Double = 60
-
-    @Option(help: "Attempts per object-store request.")
-    var ioRetries = 6
+    @OptionGroup var io: IOOptions
 
     func validate() throws {
         if check && evict { throw ValidationError("--check and --evict cannot go together") }
@@ -148,10 +144,7 @@ struct Stage: ParsableCommand {
             volumeUUID: format.uuid)
         var store: (any ObjectStore)?
         if !check && !evict {
-            var sc = StoreConfig(storage: format.storage, bucket: format.bucket, accessKey: format.accessKey, secretKey: format.secretKey)
-            sc.timeout = ioTimeout
-            sc.maxAttempts = ioRetries
-            store = try openObjectStore(sc)
+            store = try openObjectStore(io.storeConfig(format))
         }
         let mode: StageMode = check ? .check : (evict ? .evict : .stage)
         let stager = Stager(meta: metaEngine, store: store, cache: cache, format: format, cred: processCredential(), threads: threads, job: job)
