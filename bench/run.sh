@@ -10,7 +10,9 @@ SIZE_MIB=${SIZE_MIB:-1024}
 FILES=${FILES:-10000}
 DIRS=${DIRS:-100}
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/lib.sh" stagefs-bench sfs jfs
+BENCH_PREFIX=stagefs-bench
+BENCH_MOUNTS="sfs jfs"
+. "$HERE/lib.sh"
 "$BIN" format "$SFS_META" sfsbench --bucket "$WORK/sfs-data" >/dev/null
 juicefs format "$JFS_META" jfsbench --storage file --bucket "$WORK/jfs-data/" --no-update >/dev/null 2>&1 ||
     juicefs format "$JFS_META" jfsbench --storage file --bucket "$WORK/jfs-data/" >/dev/null 2>&1

@@ -11,7 +11,9 @@ BIG_MIB=${BIG_MIB:-256}
 SMALL_FILES=${SMALL_FILES:-10000}
 SMALL_DIRS=${SMALL_DIRS:-100}
 HERE=$(cd "$(dirname "$0")" && pwd)
-. "$HERE/lib.sh" stagefs-stagebench sfs jfs
+BENCH_PREFIX=stagefs-stagebench
+BENCH_MOUNTS="sfs jfs"
+. "$HERE/lib.sh"
 mkdir -p "$WORK/src"
 "$BIN" format "$SFS_META" sfsstage --bucket "$WORK/sfs-data" >/dev/null
 juicefs format "$JFS_META" jfsstage --storage file --bucket "$WORK/jfs-data/" >/dev/null 2>&1
