@@ -17,6 +17,7 @@ deps:
 
 build:
 	$(SWIFT) build -c release --product stagefs
+	$(MAKE) -C slurm/spank
 
 debug:
 	$(SWIFT) build
@@ -36,14 +37,17 @@ bench: build
 	./bench/run.sh $(BIN)
 
 install: build
-	install -d $(DESTDIR)$(PREFIX)/bin
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/stagefs
 	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/stagefs
+	install -m 0755 slurm/spank/spank_stagefs.so $(DESTDIR)$(PREFIX)/lib/stagefs/spank_stagefs.so
 
 uninstall:
-	rm -f $(DESTDIR)$(PREFIX)/bin/stagefs
+	rm -f $(DESTDIR)$(PREFIX)/bin/stagefs $(DESTDIR)$(PREFIX)/lib/stagefs/spank_stagefs.so
+	-rmdir $(DESTDIR)$(PREFIX)/lib/stagefs
 
 format:
 	$(SWIFT) format --in-place --recursive Sources Tests Package.swift
 
 clean:
 	rm -rf .build
+	$(MAKE) -C slurm/spank clean

@@ -150,6 +150,12 @@ struct Mount: ParsableCommand {
                 try store.check(prefix: format.name)
             }
         } catch {
+            // A shared directory this user may read but not write: reads work, writes will not.
+            if error.code == EACCES && format.storage == "file", (try? store.list(prefix: format.name + "/", limit: 1)) != nil {
+                Log.warning("\(error.message); mounting anyway: writing data will fail")
+                printError("stagefs: warning: \(store.description) is not writable by uid \(getuid()): writing data will fail")
+                return try finishMount(url: url, meta: meta, format: format, store: store)
+            }
             // Wrong credentials or a missing bucket are the user's to fix; an unreachable store may
             // come back, and data staged in the cache can be read meanwhile.
             if error.code != EIO { throw error }
@@ -157,6 +163,12 @@ struct Mount: ParsableCommand {
             printError("stagefs: warning: \(error.message); only cached data is readable until it is back")
         }
 
+        try finishMount(url: url, meta: meta, format: format, store: store)
+    }
+
+    /// Goes to the background (with -d) or serves the mount here.
+    private func finishMount(url: MetaURL, meta: any MetadataEngine, format: VolumeFormat, store: any ObjectStore) throws {
+        let path = absolutePath(mountPoint)
         if background && readyFD == nil {
             try spawnBackground(path)
             return

@@ -1,0 +1,348 @@
+"""Slurm end to end: a local cluster (munged, slurmctld, slurmd on loopback ports, a temporary
+configuration with the built SPANK plugin in its plugstack) stages jobs' datasets before they
+start and gives them a mount; the shell prolog/epilog do the same for sites that prefer them."""
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+import helpers
+from helpers import OTHER, USER, run_as
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+
+def wait_for(pred, timeout=60, step=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+class Cluster:
+    """`nodes` slurmd daemons on this host. Node 1 runs in the host's mount namespace; every other
+    node runs in its own, where its own cache and mount directories are bound over the
+    configured cache_root and mount_root: node-local storage, as on a real cluster."""
+
+    def __init__(self, env, redis, nodes=1, db=50):
+        self.env = env
+        self.nodes = nodes
+        self.dir = env.dir_for("root", "slurm")
+        os.chmod(self.dir, 0o755)
+        d = self.dir
+        for sub in ("state", "log", "out", "cache", "mnt"):
+            os.makedirs(f"{d}/{sub}", exist_ok=True)
+        for k in range(1, nodes + 1):
+            os.makedirs(f"{d}/spool/n{k}", exist_ok=True)
+            if k > 1:
+                os.makedirs(f"{d}/n{k}-cache", exist_ok=True)
+                os.makedirs(f"{d}/n{k}-mnt", exist_ok=True)
+                os.chmod(f"{d}/n{k}-cache", 0o1777)
+                os.chmod(f"{d}/n{k}-mnt", 0o755)
+        os.chmod(f"{d}/out", 0o1777)
+        os.chmod(f"{d}/cache", 0o1777)
+        os.chmod(f"{d}/mnt", 0o755)
+        self.procs = []
+        # The volume the site stages from.
+        self.meta = redis.url(db)
+        env.stagefs("format", self.meta, "slurmvol", "--bucket", f"{d}/data", user="root")
+        rootmnt = f"{d}/rootmnt"
+        os.makedirs(rootmnt)
+        env.stagefs("mount", "-d", self.meta, rootmnt, "--cache-size", "0", user="root")
+        os.makedirs(f"{rootmnt}/datasets/small")
+        os.makedirs(f"{rootmnt}/private")
+        self.sums = {}
+        import hashlib
+        for i in range(12):
+            data = os.urandom(i * 7000 + (5 << 20 if i == 11 else 0))
+            with open(f"{rootmnt}/datasets/small/f{i}", "wb") as f:
+                f.write(data)
+            self.sums[f"f{i}"] = hashlib.sha256(data).hexdigest()
+        with open(f"{rootmnt}/private/secret", "w") as f:
+            f.write("root only")
+        os.chmod(f"{rootmnt}/private", 0o700)
+        env.stagefs("umount", rootmnt, user="root")
+        with open(f"{d}/small.sha256", "w") as f:
+            for name, s in sorted(self.sums.items()):
+                f.write(f"{s}  {name}\n")
+        # The plugin, readable by users (sbatch loads it too).
+        subprocess.run(["make", "-s", "-C", f"{REPO}/slurm/spank"], check=True)
+        self.plugin = f"{d}/spank_stagefs.so"
+        shutil.copy(f"{REPO}/slurm/spank/spank_stagefs.so", self.plugin)
+        os.chmod(self.plugin, 0o755)
+        # munged on its own socket with its own key.
+        with open(f"{d}/munge.key", "wb") as f:
+            f.write(os.urandom(1024))
+        os.chmod(f"{d}/munge.key", 0o400)
+        self.start(["munged", "-F", "-f", f"--socket={d}/munge.sock", f"--key-file={d}/munge.key",
+                    f"--pid-file={d}/munged.pid", f"--seed-file={d}/munged.seed", f"--log-file={d}/log/munged.log"])
+        assert wait_for(lambda: os.path.exists(f"{d}/munge.sock"), 20), "munged started"
+        ctld = helpers.free_port()
+        node_lines = "".join(
+            f"NodeName=n{k} NodeHostname=localhost NodeAddr=127.0.0.1 Port={helpers.free_port()} CPUs=1 RealMemory=500 State=UNKNOWN\n"
+            for k in range(1, nodes + 1))
+        names = ",".join(f"n{k}" for k in range(1, nodes + 1))
+        self.conf = f"{d}/slurm.conf"
+        with open(self.conf, "w") as f:
+            f.write(f"""ClusterName=stagefs
+SlurmctldHost=localhost(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld}
+AuthType=auth/munge
+AuthInfo=socket={d}/munge.sock
+CredType=cred/munge
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool/%n
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd-%n.pid
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+PrologFlags=Alloc
+MpiDefault=none
+JobCompType=jobcomp/none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+PlugStackConfig={d}/plugstack.conf
+{node_lines}PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
+""")
+        with open(f"{d}/cgroup.conf", "w") as f:
+            f.write("CgroupPlugin=cgroup/v1\n")
+        with open(f"{d}/plugstack.conf", "w") as f:
+            f.write(f"required {self.plugin} stagefs={env.bin} volume={self.meta} cache_root={d}/cache "
+                    f"mount_root={d}/mnt timeout=300\n")
+        self.start(["slurmctld", "-D", "-f", self.conf])
+        time.sleep(1)
+        self.start(["slurmd", "-D", "-f", self.conf, "-N", "n1"])
+        for k in range(2, nodes + 1):
+            self.start(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        f"mount --bind {d}/n{k}-cache {d}/cache && mount --bind {d}/n{k}-mnt {d}/mnt && "
+                        f"exec slurmd -D -f {self.conf} -N n{k}"])
+        assert wait_for(lambda: self.sinfo().split().count("idle") == nodes, 60), f"the nodes came up: {self.sinfo()}"
+
+    def start(self, cmd):
+        self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def slurm(self, *cmd, user=USER, check=False):
+        return subprocess.run(["runuser", "-u", user, "--", "env", f"SLURM_CONF={self.conf}", *cmd], capture_output=True, text=True)
+
+    def sinfo(self):
+        return subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env={**os.environ, "SLURM_CONF": self.conf}, capture_output=True, text=True).stdout
+
+    def submit(self, script, *args, name="job"):
+        path = f"{self.dir}/out/{name}.sh"
+        with open(path, "w") as f:
+            f.write(script)
+        os.chmod(path, 0o755)
+        p = self.slurm("sbatch", "--parsable", "-o", f"{self.dir}/out/{name}-%j.out", "-e", f"{self.dir}/out/{name}-%j.err", *args, path)
+        return p
+
+    def wait_job(self, jobid, timeout=120):
+        def done():
+            out = subprocess.run(["scontrol", "show", "job", jobid], env={**os.environ, "SLURM_CONF": self.conf},
+                                 capture_output=True, text=True).stdout
+            return any(f"JobState={s}" in out for s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
+        assert wait_for(done, timeout), f"job {jobid} finished"
+        out = subprocess.run(["scontrol", "show", "job", jobid], env={**os.environ, "SLURM_CONF": self.conf},
+                             capture_output=True, text=True).stdout
+        state = out.split("JobState=")[1].split()[0]
+        # The epilog runs after the job is done; give it a moment.
+        wait_for(lambda: not os.path.exists(f"{self.dir}/mnt/{jobid}"), 30)
+        return state
+
+    def output(self, name, jobid):
+        def read(ext):
+            p = f"{self.dir}/out/{name}-{jobid}.{ext}"
+            return open(p).read() if os.path.exists(p) else ""
+        return read("out"), read("err")
+
+    def stop(self):
+        # Mount processes the epilogs did not get to keep other nodes' namespaces alive.
+        subprocess.run(["pkill", "-KILL", "-f", f"stagefs mount .*{self.dir}/mnt/"], capture_output=True)
+        for p in reversed(self.procs):
+            p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for m in os.listdir(f"{self.dir}/mnt"):
+            subprocess.run(["fusermount3", "-uz", f"{self.dir}/mnt/{m}"], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(env, redis):
+    c = Cluster(env, redis)
+    yield c
+    c.stop()
+
+
+def pins_of(cluster, job):
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    db = f"{cluster.dir}/cache/{uid}/index.db"
+    if not os.path.exists(db):
+        return 0
+    with sqlite3.connect(db) as c:
+        return c.execute("SELECT COUNT(*) FROM pins WHERE job=?", (str(job),)).fetchone()[0]
+
+
+def assert_cleaned_up(cluster, jobid):
+    mnt = f"{cluster.dir}/mnt/{jobid}"
+    assert not helpers.is_mounted(mnt), "no FUSE mount of the job remains"
+    assert not os.path.exists(mnt)
+    procs = subprocess.run(["pgrep", "-f", f"stagefs mount .*{mnt}"], capture_output=True, text=True).stdout.strip()
+    assert procs == "", "no process of the job remains"
+    assert pins_of(cluster, jobid) == 0, "no pin of the job remains"
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    assert not os.path.exists(f"{cluster.dir}/cache/{uid}/jobs/{jobid}")
+
+
+JOB = """#!/bin/bash
+echo "STATUS=$STAGEFS_STAGE_STATUS"
+echo "MOUNT=$STAGEFS_MOUNT"
+echo "CACHE=$STAGEFS_CACHE_DIR"
+echo "REPORT=$STAGEFS_STAGE_REPORT"
+test -s "$STAGEFS_STAGE_REPORT" && echo "REPORT_READABLE"
+{bin} stage --meta {meta} --cache-dir "$STAGEFS_CACHE_DIR" /datasets/small --check
+cd "$STAGEFS_MOUNT/datasets/small" && sha256sum -c {sums} | grep -c ': OK$'
+"""
+
+
+def test_sbatch_help_lists_the_options(cluster):
+    p = cluster.slurm("sbatch", "--help")
+    assert "--storage-stage=SPEC" in p.stdout and "--storage-stage-policy" in p.stdout and "--storage-no-mount" in p.stdout
+
+
+@pytest.mark.parametrize("how", ["option", "sbatch-line"])
+def test_a_job_finds_its_dataset_cached_and_mounted(cluster, env, how):
+    script = JOB.format(bin=env.bin, meta=cluster.meta, sums=f"{cluster.dir}/small.sha256")
+    args = []
+    if how == "option":
+        args = ["--storage-stage=/datasets/small"]
+    else:
+        script = script.replace("#!/bin/bash\n", "#!/bin/bash\n#SBATCH --storage-stage=/datasets/small\n")
+    p = cluster.submit(script, *args, name=f"ok-{how}")
+    assert p.returncode == 0, p.stderr
+    jobid = p.stdout.strip().split(";")[0]
+    state = cluster.wait_job(jobid)
+    out, err = cluster.output(f"ok-{how}", jobid)
+    assert state == "COMPLETED", (out, err)
+    assert "STATUS=ok" in out
+    assert f"MOUNT={cluster.dir}/mnt/{jobid}" in out
+    assert f"CACHE={cluster.dir}/cache" in out and "REPORT_READABLE" in out
+    assert "/datasets/small: 100.0% cached, 12 of 12 files" in out, "fully cached before the job's first line"
+    assert out.strip().endswith("12"), "every file read through the mount with its checksum"
+    assert_cleaned_up(cluster, jobid)
+
+
+def test_a_malformed_spec_is_refused_at_submit(cluster):
+    before = subprocess.run(["squeue", "-h"], env={**os.environ, "SLURM_CONF": cluster.conf}, capture_output=True, text=True).stdout
+    for spec, why in [("datasets/small", "not an absolute path"), ("nosuch:/x", "unknown volume 'nosuch'"),
+                      ("/a,,/b", "empty item")]:
+        p = cluster.slurm("sbatch", f"--storage-stage={spec}", "--wrap", "true")
+        assert p.returncode != 0 and "stagefs: " in p.stderr and why in p.stderr, (spec, p.stderr)
+    p = cluster.slurm("sbatch", "--storage-stage-policy=maybe", "--storage-stage=/datasets/small", "--wrap", "true")
+    assert p.returncode != 0 and "stagefs: --storage-stage-policy takes fail or warn" in p.stderr
+    after = subprocess.run(["squeue", "-h"], env={**os.environ, "SLURM_CONF": cluster.conf}, capture_output=True, text=True).stdout
+    assert after == before, "no job was queued"
+
+
+def test_a_dataset_the_user_may_not_read_fails_the_job_not_the_node(cluster, env):
+    p = cluster.submit("#!/bin/bash\necho RAN\n", "--storage-stage=/private,/datasets/small", name="denied")
+    jobid = p.stdout.strip().split(";")[0]
+    state = cluster.wait_job(jobid)
+    out, err = cluster.output("denied", jobid)
+    assert state == "FAILED"
+    assert "RAN" not in out
+    assert "stagefs: /private: permission denied" in err
+    assert cluster.sinfo().split() == ["idle"], "the node is not drained"
+    assert_cleaned_up(cluster, jobid)
+    # The next job runs.
+    p = cluster.submit("#!/bin/bash\necho NEXT\n", "--storage-stage=/datasets/small", name="next")
+    jobid = p.stdout.strip().split(";")[0]
+    assert cluster.wait_job(jobid) == "COMPLETED"
+    assert "NEXT" in cluster.output("next", jobid)[0]
+
+
+def test_warn_policy_runs_the_job_and_says_what_is_missing(cluster):
+    p = cluster.submit("#!/bin/bash\necho STATUS=$STAGEFS_STAGE_STATUS\n", "--storage-stage=/private,/datasets/small",
+                       "--storage-stage-policy=warn", "--storage-no-mount", name="warn")
+    jobid = p.stdout.strip().split(";")[0]
+    assert cluster.wait_job(jobid) == "COMPLETED"
+    out, err = cluster.output("warn", jobid)
+    assert "STATUS=partial" in out
+    assert "/private: permission denied" in err
+    assert_cleaned_up(cluster, jobid)
+
+
+def test_shell_prolog_and_epilog(cluster, env):
+    """The scripts for sites that prefer Prolog=/Epilog=, run as slurmd would run them."""
+    conf = f"{cluster.dir}/stagefs.env"
+    with open(conf, "w") as f:
+        f.write(f"STAGEFS_BIN={env.bin}\nSTAGEFS_VOLUME={cluster.meta}\nSTAGEFS_CACHE_ROOT={cluster.dir}/cache\n"
+                f"STAGEFS_MOUNT_ROOT={cluster.dir}/mnt\nSTAGEFS_TIMEOUT=300\n")
+    job = "990001"
+    base = {**os.environ, "STAGEFS_SLURM_ENV": conf, "SLURM_JOB_ID": job, "SLURM_JOB_USER": USER}
+    env_pro = {**base, "SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage": "/datasets/small"}
+    p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"], env=env_pro, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    status = open(f"{cluster.dir}/cache/{uid}/jobs/{job}/status").read()
+    assert status.startswith("ok\n") and f"mount={cluster.dir}/mnt/{job}" in status
+    assert pins_of(cluster, job) > 0
+    assert run_as(USER, lambda: sorted(os.listdir(f"{cluster.dir}/mnt/{job}/datasets/small")))[0] == "f0"
+    p = subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert_cleaned_up(cluster, job)
+    # A user-caused failure does not fail the prolog; the status says why.
+    env_bad = {**base, "SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage": "/private"}
+    p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"], env=env_bad, capture_output=True, text=True)
+    assert p.returncode == 0
+    status = open(f"{cluster.dir}/cache/{uid}/jobs/{job}/status").read()
+    assert status.startswith("failed\n") and "/private: permission denied" in status
+    subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, check=True)
+    # A node fault does: the binary is missing.
+    with open(conf, "a") as f:
+        f.write("STAGEFS_BIN=/nonexistent/stagefs\n")
+    p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"], env=env_pro, capture_output=True, text=True)
+    assert p.returncode == 1 and "cannot be run" in p.stderr
+    subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, check=True)
+
+
+def test_every_node_of_a_job_stages_into_its_own_cache(env, redis):
+    c = Cluster(env, redis, nodes=2, db=51)
+    try:
+        script = (
+            "#!/bin/bash\n"
+            "srun -N2 -n2 bash -c 'echo \"$SLURMD_NODENAME $STAGEFS_STAGE_STATUS $(ls $STAGEFS_MOUNT/datasets/small | wc -l) "
+            f"$({env.bin} stage --meta {c.meta} --cache-dir $STAGEFS_CACHE_DIR /datasets/small --check)\"'\n")
+        p = c.submit(script, "-N2", "--storage-stage=/datasets/small", name="two")
+        assert p.returncode == 0, p.stderr
+        jobid = p.stdout.strip().split(";")[0]
+        assert c.wait_job(jobid) == "COMPLETED"
+        out, err = c.output("two", jobid)
+        lines = sorted(l for l in out.splitlines() if l.startswith("n"))
+        assert len(lines) == 2, (out, err)
+        for node, line in zip(["n1", "n2"], lines):
+            assert line.startswith(f"{node} ok 12 ") and "100.0% cached" in line, line
+        uid = helpers.pwd.getpwnam(USER).pw_uid
+        sizes = []
+        for cache in (f"{c.dir}/cache/{uid}", f"{c.dir}/n2-cache/{uid}"):
+            sizes.append(sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(cache) for f in fs if "index" not in f))
+        assert all(s > 5 << 20 for s in sizes), f"each node's own cache holds the dataset: {sizes}"
+    finally:
+        c.stop()
