@@ -12,7 +12,15 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     libfuse3-dev fuse3 libhiredis-dev libcurl4-openssl-dev libsqlite3-dev \
     redis-server attr procps util-linux pkg-config ca-certificates \
-    slurm-wlm munge libslurm-dev libmunge-dev gcc make >/dev/null
+    slurm-wlm munge libslurm-dev libmunge-dev gcc make \
+    environment-modules bubblewrap lua5.3 lua-filesystem lua-json lua-posix lua-term tcl >/dev/null
+# Lmod conflicts with environment-modules as a package: unpack it beside it for the tests.
+LMOD_DIR=/opt/stagefs-test/lmod
+if [ ! -x "$LMOD_DIR/usr/share/lmod/lmod/libexec/lmod" ]; then
+    tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -qq lmod 2>/dev/null && mkdir -p "$LMOD_DIR" && dpkg -x lmod_*.deb "$LMOD_DIR")
+    rm -rf "$tmp"
+fi
 PIP="python3 -m pip"
 $PIP install -q --disable-pip-version-check 'moto[server]' pytest boto3 2>&1 | grep -v "Running pip as the 'root' user" || true
 # A normal host lets every user open /dev/fuse; containers often do not.

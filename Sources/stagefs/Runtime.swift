@@ -188,11 +188,13 @@ func executablePath() -> String {
     return n > 0 ? String(decoding: buf[0..<n], as: UTF8.self) : "/proc/self/exe"
 }
 
-/// Cache directories from a colon-separated option, `~` expanded, or the default for this user:
-/// `~/.stagefs/cache`, or `/var/cache/stagefs` for root.
+/// Cache directories from a colon-separated option, `~` expanded, or the default:
+/// `$STAGEFS_CACHE_ROOT` (set by `module load fs-client`), else `~/.stagefs/cache`, or
+/// `/var/cache/stagefs` for root.
 func cacheDirectories(_ option: String?) -> [String] {
     let home = getenv("HOME").map { String(cString: $0) } ?? "/tmp"
-    guard let option else { return [getuid() == 0 ? "/var/cache/stagefs" : "\(home)/.stagefs/cache"] }
+    let site = getenv("STAGEFS_CACHE_ROOT").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+    guard let option = option ?? site else { return [getuid() == 0 ? "/var/cache/stagefs" : "\(home)/.stagefs/cache"] }
     return option.split(separator: ":").map { $0.hasPrefix("~") ? home + $0.dropFirst() : String($0) }
 }
 
