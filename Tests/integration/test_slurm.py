@@ -135,6 +135,18 @@ PlugStackConfig={d}/plugstack.conf
 
     def start(self, cmd):
         self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return self.procs[-1]
+
+    def restart_slurmd(self):
+        """slurmd reads plugstack.conf when it starts: restart node 1's."""
+        for p in self.procs:
+            if p.args[:1] == ["slurmd"] and p.poll() is None:
+                p.terminate()
+                p.wait(20)
+        self.procs = [p for p in self.procs if p.poll() is None]
+        self.start(["slurmd", "-D", "-f", self.conf, "-N", "n1"])
+        wait_for(lambda: self.sinfo().strip() != "", 30)
+        time.sleep(2)
 
     def slurm(self, *cmd, user=USER, check=False):
         return subprocess.run(["runuser", "-u", user, "--", "env", f"SLURM_CONF={self.conf}", *cmd], capture_output=True, text=True)
@@ -322,6 +334,30 @@ def test_shell_prolog_and_epilog(cluster, env):
     assert p.returncode == 1 and "cannot be run" in p.stderr
     subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, check=True)
 
+
+def test_a_node_fault_fails_the_prolog(cluster, env):
+    """A missing stagefs binary is the node's fault: the prolog fails and Slurm drains the node."""
+    conf = f"{cluster.dir}/plugstack.conf"
+    good = open(conf).read()
+    with open(conf, "w") as f:
+        f.write(good.replace(f"stagefs={env.bin}", "stagefs=/nonexistent/stagefs"))
+    try:
+        cluster.restart_slurmd()
+        p = cluster.submit("#!/bin/bash\necho RAN\n", "--storage-stage=/datasets/small", name="fault")
+        jobid = p.stdout.strip().split(";")[0]
+        assert wait_for(lambda: "drain" in cluster.sinfo(), 60), cluster.sinfo()
+        reason = subprocess.run(["sinfo", "-h", "-R", "-o", "%E"], env={**os.environ, "SLURM_CONF": cluster.conf},
+                                capture_output=True, text=True).stdout
+        assert "prolog" in reason.lower() or "Prolog" in reason, reason
+        log = open(f"{cluster.dir}/log/slurmd-n1.log").read()
+        assert "stagefs: job" in log and "/nonexistent/stagefs cannot be run" in log
+        subprocess.run(["scancel", jobid], env={**os.environ, "SLURM_CONF": cluster.conf})
+    finally:
+        with open(conf, "w") as f:
+            f.write(good)
+        cluster.restart_slurmd()
+        subprocess.run(["scontrol", "update", "nodename=n1", "state=resume"], env={**os.environ, "SLURM_CONF": cluster.conf})
+        assert wait_for(lambda: cluster.sinfo().split() == ["idle"], 60), cluster.sinfo()
 
 def test_every_node_of_a_job_stages_into_its_own_cache(env, redis):
     c = Cluster(env, redis, nodes=2, db=51)
