@@ -52,7 +52,9 @@ public final class VFS: @unchecked Sendable {
     public let meta: any MetadataEngine
     public let data: DataStore
     public let config: VFSConfig
-    public private(set) var sid: UInt64 = 0
+    private let session = Locked<UInt64>(0)
+    /// This client's session id (it changes if the session had to be registered again).
+    public var sid: UInt64 { session.current }
     private let lock = ConditionLock()
     private var handles: [UInt64: FileHandle] = [:]
     private var nextHandle: UInt64 = 1
@@ -76,7 +78,8 @@ public final class VFS: @unchecked Sendable {
     /// Registers the session and starts the background thread (heartbeats, flushes, deletions).
     public func start() throws(FSError) {
         let info = SessionInfo(hostname: Sys.hostname(), pid: getpid(), mountPoint: config.mountPoint, version: config.version)
-        sid = try meta.newSession(info)
+        let id = try meta.newSession(info)
+        session.withLock { $0 = id }
         lock.withLock { backgroundRunning = true }
         let ctx = Unmanaged.passRetained(self).toOpaque()
         var tid = pthread_t()
@@ -123,7 +126,11 @@ public final class VFS: @unchecked Sendable {
                 do {
                     try meta.heartbeat(sid)
                 } catch {
-                    Log.error("session heartbeat: \(error.message)")
+                    if error.code == ENOENT {
+                        reregister()
+                    } else {
+                        Log.error("session heartbeat: \(error.message)")
+                    }
                 }
                 do {
                     let n = try meta.cleanStaleSessions(age: config.sessionTimeout)
@@ -140,6 +147,28 @@ public final class VFS: @unchecked Sendable {
         lock.withLock {
             backgroundRunning = false
             lock.broadcast()
+        }
+    }
+
+    /// Another client cleaned this session up as stale (this one was silent too long, e.g.
+    /// suspended or cut off): register again and record the open files again, so files unlinked
+    /// meanwhile by others stay readable here until closed. Locks held before are gone.
+    private func reregister() {
+        let old = sid
+        do {
+            let info = SessionInfo(hostname: Sys.hostname(), pid: getpid(), mountPoint: config.mountPoint, version: config.version)
+            let id = try meta.newSession(info)
+            session.withLock { $0 = id }
+            let open = lock.withLock { handles.values.map { $0.ino } }
+            var lost = 0
+            for ino in open {
+                do { _ = try meta.open(.root, ino, flags: O_RDONLY, sid: id) } catch { lost += 1 }
+            }
+            Log.warning(
+                "session \(old) had been cleaned up as stale; registered again as session \(id) with \(open.count - lost) open file(s)"
+                    + (lost > 0 ? ", \(lost) already gone" : "") + "; locks held before are released")
+        } catch {
+            Log.error("session \(old) is gone and registering again failed: \(error.message)")
         }
     }
 

@@ -282,3 +282,62 @@ def test_every_command_explains_itself(env):
     assert env.stagefs("--version").stdout.strip()
     p = env.stagefs("mount", "--no-such-flag", check=False)
     assert p.returncode == 2 and p.stderr.startswith("stagefs: ")
+
+
+def test_a_client_cleaned_up_as_stale_registers_again_and_keeps_its_open_files(env, redis):
+    db = 3
+    url = redis.url(db)
+    env.stagefs("format", url, "stale", "--bucket", env.dir_for(USER, "b"))
+    a, b = env.dir_for(USER, "a"), env.dir_for(USER, "b")
+    env.stagefs("mount", "-d", url, a, "--heartbeat", "1", "--cache-size", "0")
+    env.stagefs("mount", "-d", url, b, "--heartbeat", "1", "--cache-size", "0")
+    try:
+        payload = os.urandom(3 << 20)
+        run_as(USER, lambda: open(os.path.join(b, "kept"), "wb").write(payload))
+        flag = os.path.join(env.dir_for(USER, "flags"), "go")
+        code = (f"import os,time\nf=open({os.path.join(a, 'kept')!r},'rb')\nopen({flag!r}+'.ready','w').close()\n"
+                f"while not os.path.exists({flag!r}): time.sleep(0.05)\nimport hashlib,sys\n"
+                f"d=f.read()\nprint(len(d), hashlib.sha256(d).hexdigest())\n")
+        holder = subprocess.Popen(["runuser", "-u", USER, "--", "python3", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 20
+        while not os.path.exists(flag + ".ready") and time.time() < deadline:
+            time.sleep(0.05)
+
+        def sessions():
+            out = env.stagefs("status", url).stdout
+            return {line.split()[0].rstrip(":"): line for line in out.splitlines() if line.startswith("  ") and ":" in line}
+
+        sid_a = next(s for s, line in sessions().items() if f" {a} " in line)
+        # A is suspended and looks silent for a long time: B cleans its session up (its opens
+        # go); resumed, A notices and registers again with its open files.
+        pid_a = helpers.mount_pid(a)
+        os.kill(pid_a, signal.SIGSTOP)
+        try:
+            subprocess.run(["redis-cli", "-p", str(redis.port), "-n", str(db), "ZADD", "sessions", "1", sid_a], check=True, capture_output=True)
+            deadline = time.time() + 30
+            while sid_a in sessions() and time.time() < deadline:
+                time.sleep(0.2)
+            assert sid_a not in sessions(), "B cleaned up A's session"
+        finally:
+            os.kill(pid_a, signal.SIGCONT)
+        deadline = time.time() + 30
+        new_a = None
+        while time.time() < deadline:
+            found = [s for s, line in sessions().items() if f" {a} " in line]
+            if found and found[0] != sid_a:
+                new_a = found[0]
+                break
+            time.sleep(0.3)
+        assert new_a, "A registered again under a new session"
+        run_as(USER, os.unlink, os.path.join(b, "kept"))
+        time.sleep(2)  # B's deleter would have removed the data of an unreferenced file by now
+        open(flag, "w").close()
+        out, err = holder.communicate(60)
+        import hashlib
+        assert out.split() == [str(len(payload)), hashlib.sha256(payload).hexdigest()], (out, err)
+    finally:
+        if "holder" in locals() and holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        env.stagefs("umount", a)
+        env.stagefs("umount", b)
