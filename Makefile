@@ -1,6 +1,7 @@
 # StageFS — build, test, demo and install.
 #   make demo     install what is needed, build, mount a demo volume and use it
 #   make test     install what is needed, build, run every test
+#   make fuzz     long differential POSIX run against ext4 (random seeds)
 #   make build    release build of the stagefs binary (.build/release/stagefs)
 #   make install PREFIX=/usr/local
 
@@ -8,7 +9,7 @@ PREFIX ?= /usr/local
 SWIFT ?= swift
 BIN := .build/release/stagefs
 
-.PHONY: all deps build debug test unit-test integration-test demo install uninstall bench clean format
+.PHONY: all deps build debug test unit-test integration-test demo install uninstall bench clean format fuzz
 
 all: build
 
@@ -29,6 +30,11 @@ integration-test: build
 	python3 -m pytest -q -p no:cacheprovider Tests/integration --stagefs-bin $(BIN)
 
 test: deps build unit-test integration-test
+
+# Thousands of differential POSIX sequences with random seeds (make test runs 300 fixed ones).
+FUZZ_COUNT ?= 3000
+fuzz: build
+	python3 Tests/integration/posixdiff.py --engine both --count $(FUZZ_COUNT) --length 60 --stagefs-bin $(BIN)
 
 demo: deps build
 	./scripts/demo.sh $(BIN)

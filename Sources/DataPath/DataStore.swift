@@ -136,6 +136,9 @@ public final class DataStore: @unchecked Sendable {
     }
 
     /// A number that grows whenever this client changes `ino` or reopens it.
+    /// The change clock now: every later `invalidate` gives its inode a higher stamp.
+    public var changeClockNow: UInt64 { lock.withLock { changeClock } }
+
     public func changeStamp(_ ino: Ino) -> UInt64 {
         lock.withLock { max(changes[ino] ?? 0, changesFloor) }
     }
@@ -291,7 +294,11 @@ public final class DataStore: @unchecked Sendable {
         var count = 0
         do {
             for pd in try meta.pendingDeletes(limit: limit) {
-                for s in try meta.finishDelete(pd) { count += deleteObjects(s) }
+                while true {
+                    let (slices, done) = try meta.finishDelete(pd)
+                    for s in slices { count += deleteObjects(s) }
+                    if done { break }
+                }
             }
             for s in try meta.takeDroppedSlices(limit: limit) { count += deleteObjects(s) }
         } catch {

@@ -149,11 +149,16 @@ public final class DiskCache: @unchecked Sendable {
                 throw error.context("cannot create cache directory \(root)")
             }
         }
+        if getuid() == 0 && uid != 0 {
+            // Root in a directory every user may write: never follow a link planted there.
+            let fd = try SafeDir.ownedDirectory(in: root, "\(uid)", uid: uid, gid: gid, mode: 0o700)
+            close(fd)
+            return dir
+        }
         if Sys.stat(dir) == nil {
             if mkdir(dir, 0o700) != 0 && errno != EEXIST {
                 throw FSError.errno(errno, "cannot create cache directory \(dir)")
             }
-            if getuid() == 0 && uid != 0 { _ = chown(dir, uid, gid) }
         }
         guard let st = Sys.stat(dir), st.st_mode & S_IFMT == S_IFDIR else {
             throw FSError(ENOTDIR, "cache directory \(dir) is not a directory")

@@ -23,6 +23,8 @@ final class SliceWriter: @unchecked Sendable {
     var committed = false
     var error: FSError?
     let created = Sys.monotonicNanos()
+    /// When the last write into this slice happened: its commit sets the file's mtime to it.
+    var written = Timespec.now()
 
     init(chunk: UInt32, pos: UInt32) {
         self.chunk = chunk
@@ -44,16 +46,26 @@ public final class FileWriter: @unchecked Sendable {
     var committing = false
     /// Handles using this writer.
     var refs = 0
+    /// The latest write time committed so far: commits never move mtime back.
+    var committedWritten = Timespec(sec: 0, nsec: 0)
 
     init(ino: Ino, data: DataStore) {
         self.ino = ino
         self.data = data
     }
 
-    /// End of the furthest byte written but not yet committed (0 when none).
-    public var pendingEnd: UInt64 {
+    /// End of the furthest byte written but not yet committed, and the time of the latest
+    /// such write; nil when nothing waits.
+    public var pending: (end: UInt64, written: Timespec)? {
         lock.withLock {
-            slices.reduce(0) { max($0, UInt64($1.chunk) * chunkSize + UInt64($1.end)) }
+            guard let first = slices.first else { return nil }
+            var end: UInt64 = 0
+            var written = first.written
+            for s in slices {
+                end = max(end, UInt64(s.chunk) * chunkSize + UInt64(s.end))
+                written = max(written, s.written)
+            }
+            return (end, written)
         }
     }
 
@@ -97,6 +109,7 @@ public final class FileWriter: @unchecked Sendable {
             if open.count > 8 { freeze(open[0]) }
         }
         let s = target!
+        s.written = Timespec.now()
         var grown = 0
         var copied = 0
         while copied < src.count {
@@ -231,10 +244,12 @@ public final class FileWriter: @unchecked Sendable {
             if s.len > 0 && s.id != 0 {
                 let slice = Slice(pos: s.pos, id: s.id, size: UInt32(s.len), off: 0, len: UInt32(s.len))
                 let minSize = UInt64(s.chunk) * chunkSize + UInt64(s.end)
+                committedWritten = max(committedWritten, s.written)
+                let mtime = committedWritten
                 lock.unlock()
                 var err: FSError?
                 do {
-                    _ = try data.meta.writeSlice(ino, s.chunk, slice, minSize: minSize, mtime: .now())
+                    _ = try data.meta.writeSlice(ino, s.chunk, slice, minSize: minSize, mtime: mtime)
                 } catch {
                     err = error
                 }

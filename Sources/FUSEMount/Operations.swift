@@ -81,9 +81,11 @@ private func entryParam(_ s: FuseServer, _ ino: Ino, _ a: Attr) -> fuse_entry_pa
     return e
 }
 
+/// Replies with an entry; when the kernel accepts it, it holds one more lookup of `ino`.
 private func replyEntry(_ req: fuse_req_t?, _ ino: Ino, _ a: Attr) {
-    var e = entryParam(server(req), ino, a)
-    fuse_reply_entry(req, &e)
+    let s = server(req)
+    var e = entryParam(s, ino, a)
+    if fuse_reply_entry(req, &e) == 0 { s.vfs.remember(ino) }
 }
 
 private func replyAttr(_ req: fuse_req_t?, _ ino: Ino, _ a: Attr) {
@@ -102,13 +104,17 @@ private func serve(_ req: fuse_req_t?, _ body: () throws(FSError) -> Void) {
     }
 }
 
+// ATOMIC_O_TRUNC: open(O_TRUNC) reaches `open`, which truncates (VFS.open).
+// HANDLE_KILLPRIV: the kernel leaves clearing set-user-ID/set-group-ID bits to us (a write,
+// truncate or chown does it, SetAttrRules); without it the kernel sends that mode change with
+// the writer's credential, which a non-owner may not make.
 private func ll_init(_ userdata: UnsafeMutableRawPointer?, _ conn: UnsafeMutablePointer<fuse_conn_info>?) {
     guard let conn else { return }
     cfuse3_conn_want(
         conn,
         UInt32(
             FUSE_CAP_ASYNC_READ | FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS | FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO
-                | FUSE_CAP_PARALLEL_DIROPS | FUSE_CAP_ASYNC_DIO))
+                | FUSE_CAP_PARALLEL_DIROPS | FUSE_CAP_ASYNC_DIO | FUSE_CAP_ATOMIC_O_TRUNC | FUSE_CAP_HANDLE_KILLPRIV))
     cfuse3_conn_unwant(conn, UInt32(FUSE_CAP_WRITEBACK_CACHE | FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE))
     conn.pointee.max_write = 1 << 20
     conn.pointee.max_readahead = 1 << 20
@@ -129,10 +135,15 @@ private func ll_lookup(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePoin
 }
 
 private func ll_forget(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ nlookup: UInt64) {
+    server(req).vfs.forget(ino, nlookup)
     fuse_reply_none(req)
 }
 
 private func ll_forget_multi(_ req: fuse_req_t?, _ count: Int, _ forgets: UnsafeMutablePointer<fuse_forget_data>?) {
+    if let forgets {
+        let vfs = server(req).vfs
+        for i in 0..<count { vfs.forget(forgets[i].ino, forgets[i].nlookup) }
+    }
     fuse_reply_none(req)
 }
 
@@ -241,7 +252,7 @@ private func ll_create(
         let (ino, a, fh) = try s.vfs.create(credential(req), parent, name(n), UInt16(mode & 0o7777), flags: fi.pointee.flags)
         fi.pointee.fh = fh
         var e = entryParam(s, ino, a)
-        if fuse_reply_create(req, &e, fi) != 0 { s.vfs.release(fh) }
+        if fuse_reply_create(req, &e, fi) != 0 { s.vfs.release(fh) } else { s.vfs.remember(ino) }
     }
 }
 
@@ -283,7 +294,9 @@ private func ll_write(
 ) {
     serve(req) { () throws(FSError) in
         guard let fi, let data else { throw FSError.badF }
-        let n = try server(req).vfs.write(fi.pointee.fh, at: UInt64(off), UnsafeRawBufferPointer(start: data, count: size))
+        let n = try server(req).vfs.write(
+            fi.pointee.fh, at: UInt64(off), UnsafeRawBufferPointer(start: data, count: size), uid: fuse_req_ctx(req)!.pointee.uid,
+            caller: { credential(req) })
         fuse_reply_write(req, n)
     }
 }
@@ -340,6 +353,7 @@ private func readdirCommon(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _
                     ep.attr.st_mode = e.type.modeBits
                 }
                 n = fuse_add_direntry_plus(req, buf + used, size - used, z, &ep, off_t(e.cookie))
+                if n <= size - used && ep.ino != 0 { s.vfs.remember(e.ino) }
             } else {
                 var st = stat()
                 st.st_ino = UInt(e.ino)

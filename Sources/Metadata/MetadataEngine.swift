@@ -82,9 +82,14 @@ public struct PendingDelete: Sendable, Equatable {
         self.ino = ino
         self.size = size
     }
+}
 
-    /// How many chunks the file's size spans.
-    public var chunkCount: UInt32 { UInt32((size + chunkSize - 1) / chunkSize) }
+/// What a rename did: the inode it moved, the inode the destination named before (replaced
+/// or exchanged; 0 when there was none), and what a replaced inode lost.
+public struct RenameResult: Sendable, Equatable {
+    public var moved: Ino
+    public var other: Ino
+    public var removed: RemovedName?
 }
 
 /// What an unlink (or a rename that replaced a file) did to the inode it removed a name of.
@@ -108,9 +113,9 @@ public protocol MetadataEngine: AnyObject, Sendable {
     // MARK: volume
     /// The format record, or nil when the metadata store was never formatted.
     func loadFormat() throws(FSError) -> VolumeFormat?
-    /// Writes the format record and creates the root directory. An existing record with other
-    /// settings is refused unless `force`.
-    func initialize(_ format: VolumeFormat, force: Bool) throws(FSError)
+    /// Writes the format record and creates the root directory (mode `rootMode`, owned by
+    /// root) when it is missing. An existing record with other settings is refused unless `force`.
+    func initialize(_ format: VolumeFormat, force: Bool, rootMode: UInt16) throws(FSError)
     /// Space and inode usage.
     func statfs() throws(FSError) -> StatFS
 
@@ -142,12 +147,13 @@ public protocol MetadataEngine: AnyObject, Sendable {
     /// Creates a regular file and records it open by session `sid`, in one operation.
     func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr)
     func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName
-    func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError)
-    /// rename/renameat2; returns what a replaced destination lost, if anything was replaced.
+    /// Removes an empty directory; returns it as it was left (no links, ctime now).
+    func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName
+    /// rename/renameat2: which inodes it touched and what a replaced destination lost.
     func rename(
         _ cred: Credential, _ srcParent: Ino, _ srcName: [UInt8], _ dstParent: Ino, _ dstName: [UInt8], _ flags: RenameFlags
     )
-        throws(FSError) -> RemovedName?
+        throws(FSError) -> RenameResult
     func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr
     func readlink(_ ino: Ino) throws(FSError) -> [UInt8]
     /// Entries after position `cookie` (0 for the start), at most `limit`, with attributes when `plus`.
@@ -173,14 +179,16 @@ public protocol MetadataEngine: AnyObject, Sendable {
     func readChunks(_ chunks: [(Ino, UInt32)]) throws(FSError) -> [[Slice]]
     /// Many inodes' attributes at once (nil for a missing inode), in the order asked.
     func getattrs(_ inos: [Ino]) throws(FSError) -> [Attr?]
-    /// Appends a slice to chunk `index`, extends the size to at least `minSize`, sets mtime/ctime.
+    /// Appends a slice to chunk `index`, extends the size to at least `minSize`, sets mtime to
+    /// `mtime` (when the data was written) and moves ctime forward to it.
     func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr
     /// Reserves `count` consecutive slice ids; returns the first.
     func newSliceIDs(_ count: Int) throws(FSError) -> UInt64
     /// Files waiting for their data to be deleted.
     func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete]
-    /// Removes the chunk records of a pending delete, returning the slices they held.
-    func finishDelete(_ pending: PendingDelete) throws(FSError) -> [Slice]
+    /// Removes the chunk records of a pending delete, at most `chunkBatch` chunks per call,
+    /// returning the slices they held; `done` once nothing is left (the entry is gone then).
+    func finishDelete(_ pending: PendingDelete) throws(FSError) -> (slices: [Slice], done: Bool)
     /// Slices dropped by truncation whose objects wait to be deleted (removed from the queue).
     func takeDroppedSlices(limit: Int) throws(FSError) -> [Slice]
 
@@ -197,6 +205,14 @@ extension MetadataEngine {
         guard let f = try loadFormat() else {
             throw FSError(EINVAL, "\(displayName) holds no StageFS volume: run 'stagefs format' first")
         }
+        if f.version > VolumeFormat.currentVersion {
+            throw FSError(EINVAL, "volume '\(f.name)' has format version \(f.version), newer than this StageFS knows (\(VolumeFormat.currentVersion)): upgrade stagefs")
+        }
+        if f.version < 2 && displayName.hasPrefix("Redis") {
+            throw FSError(
+                EINVAL,
+                "volume '\(f.name)' was formatted by StageFS 0.1, whose Redis layout has no chunk index (format version 1): format a new volume and copy the data over")
+        }
         return f
     }
 }
@@ -210,6 +226,18 @@ public func openMetadata(_ url: MetaURL, create: Bool = false) throws(FSError) -
         return try RedisMetadata(host: host, port: port, db: db, user: user, password: password)
     }
 }
+
+/// The most chunks one metadata step drops (a truncate or the deletion of a file's records
+/// goes on in further steps): no step's work grows with a file's size.
+package let chunkBatch = 1000
+
+/// How many ancestors a cross-directory rename of a directory checks at most (the walk that
+/// refuses moving a directory into itself).
+package let maxRenameDepth = 4096
+
+/// Extended attributes one inode may have (ext4 fits its attributes in one block; a new
+/// attribute beyond this fails with `ENOSPC` as it does there).
+package let maxXattrsPerInode = 1024
 
 /// Checks a name for create-like operations.
 func validateName(_ name: [UInt8]) throws(FSError) {

@@ -90,7 +90,7 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         return try VolumeFormat.decode(text)
     }
 
-    package func initialize(_ format: VolumeFormat, force: Bool) throws(FSError) {
+    package func initialize(_ format: VolumeFormat, force: Bool, rootMode: UInt16) throws(FSError) {
         var record = format
         if let old = try loadFormat() {
             let diff = format.differences(from: old)
@@ -103,7 +103,7 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
             record.uuid = old.uuid
             record.createdAt = old.createdAt
         }
-        _ = try run("initialize", .root, [record.encoded()])
+        _ = try run("initialize", .root, [record.encoded(), rootMode & 0o7777])
     }
 
     package func statfs() throws(FSError) -> StatFS {
@@ -137,7 +137,11 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     }
 
     package func closeSession(_ sid: UInt64) throws(FSError) {
-        _ = try run("closeSession", .root, [sid])
+        // Bounded steps: a session may hold very many open files and locks.
+        var cursor = "0"
+        while cursor != "done" {
+            cursor = try run("closeSession", .root, [sid, cursor]).first?.text ?? "done"
+        }
     }
 
     package func listSessions() throws(FSError) -> [SessionInfo] {
@@ -181,14 +185,18 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     }
 
     package func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest) throws(FSError) -> Attr {
-        let r = try run(
-            "setattr", cred,
-            [
-                ino, req.mask.rawValue, req.mode, req.uid, req.gid, req.size,
-                req.atime.sec, req.atime.nsec, req.mtime.sec, req.mtime.nsec, req.ctime.sec, req.ctime.nsec,
-                req.viaHandle ? 1 : 0, chunkSize,
-            ])
-        return try decodeAttr(r.first)
+        if req.mask.contains(.size) && req.size > maxFileSize { throw FSError(EFBIG, "file too large (the largest is 1 PiB)") }
+        // A cut that drops many chunks takes several bounded steps (see the script).
+        while true {
+            let r = try run(
+                "setattr", cred,
+                [
+                    ino, req.mask.rawValue, req.mode, req.uid, req.gid, req.size,
+                    req.atime.sec, req.atime.nsec, req.mtime.sec, req.mtime.nsec, req.ctime.sec, req.ctime.nsec,
+                    req.viaHandle ? 1 : 0, chunkSize,
+                ])
+            if r.dropFirst().first?.int != 1 { return try decodeAttr(r.first) }
+        }
     }
 
     package func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError) {
@@ -224,20 +232,22 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         return r
     }
 
-    package func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
+    package func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
         if name == [UInt8(ascii: ".")] { throw FSError.invalid }
         if name == [UInt8(ascii: "."), UInt8(ascii: ".")] { throw FSError.notEmpty }
         if name.count > maxNameLength { throw FSError.nameTooLong }
-        _ = try run("rmdir", cred, [parent, name])
+        let r = try run("rmdir", cred, [parent, name])
+        return RemovedName(ino: inoOf(r.first), attr: try decodeAttr(r.dropFirst().first), freed: true)
     }
 
-    package func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], _ flags: RenameFlags) throws(FSError) -> RemovedName?
+    package func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], _ flags: RenameFlags) throws(FSError) -> RenameResult
     {
         if flags.contains(.whiteout) { throw FSError.notSupported }
         if flags.contains(.exchange) && flags.contains(.noReplace) { throw FSError.invalid }
         try validateName(dn)
         if sn.isEmpty || sn.count > maxNameLength { throw FSError.notFound }
-        return try removed(try run("rename", cred, [sp, sn, dp, dn, flags.rawValue]))
+        let r = try run("rename", cred, [sp, sn, dp, dn, flags.rawValue])
+        return RenameResult(moved: inoOf(r.dropFirst(3).first), other: inoOf(r.dropFirst(4).first), removed: try removed(r))
     }
 
     package func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
@@ -348,8 +358,9 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         }
     }
 
-    package func finishDelete(_ pending: PendingDelete) throws(FSError) -> [Slice] {
-        Slice.decodeAll(try run("finishDelete", .root, [pending.ino, pending.size, pending.chunkCount]).first?.bytes ?? [])
+    package func finishDelete(_ pending: PendingDelete) throws(FSError) -> (slices: [Slice], done: Bool) {
+        let r = try run("finishDelete", .root, [pending.ino, pending.size])
+        return (Slice.decodeAll(r.first?.bytes ?? []), r.dropFirst().first?.int == 1)
     }
 
     package func takeDroppedSlices(limit: Int) throws(FSError) -> [Slice] {

@@ -4,7 +4,8 @@
 ///
 /// Keys: `i<ino>` packed attributes (see `Attr.encode`), `d<ino>` hash name -> packed (ino, type),
 /// `z<ino>` sorted set name -> readdir position, `s<ino>` symlink target, `x<ino>` xattr hash,
-/// `c<ino>_<chunk>` slice records, `o<ino>` hash session -> opens, `so<sid>` hash ino -> opens,
+/// `c<ino>_<chunk>` slice records, `k<ino>` sorted set of the chunk indexes that have records
+/// (so truncation and deletion cost what was written, not the size), `o<ino>` hash session -> opens, `so<sid>` hash ino -> opens,
 /// `lk<kind><ino>` lock tables, `sl<sid>` set of "ino:kind", counters, `delfiles`, `delslices`,
 /// `sessions`, `sessionInfos`, `setting`.
 ///
@@ -15,7 +16,7 @@ enum RedisScripts {
         local ATTR = '>BI2I4I4I4I8i8I4i8I4i8I4I4I8'
         local ENT = '>I8B'
         local EPERM, ENOENT, EACCES, EEXIST, ENOTDIR, EISDIR, EINVAL = 1, 2, 13, 17, 20, 21, 22
-        local EMLINK, ERANGE, ENOTEMPTY, ENODATA, EOPNOTSUPP = 31, 34, 39, 61, 95
+        local EMLINK, ERANGE, ENOTEMPTY, ENODATA, EOPNOTSUPP, ENOSPC, ELOOP = 31, 34, 39, 61, 95, 28, 40
         local band, bor, bnot, rshift = bit.band, bit.bor, bit.bnot, bit.rshift
         local cuid, cgid = tonumber(ARGV[1]), tonumber(ARGV[2])
         local groups = {}
@@ -53,6 +54,19 @@ enum RedisScripts {
           return cuid == dir.uid or cuid == child.uid
         end
         local function touch(a) a.ms = nows; a.mn = nown; a.cs = nows; a.cn = nown end
+        -- Posix.modeAfterWrite / modeAfterChown
+        local function modeafterwrite(a)
+          if cuid == 0 or a.type ~= 1 then return a.mode end
+          local kill = 2048
+          if band(a.mode, 1024) ~= 0 and (band(a.mode, 8) ~= 0 or not ingroup(a.gid)) then kill = kill + 1024 end
+          return band(a.mode, bnot(kill))
+        end
+        local function modeafterchown(a)
+          if a.type == 2 then return a.mode end
+          local kill = 2048
+          if band(a.mode, 1024) ~= 0 and (band(a.mode, 8) ~= 0 or (cuid ~= 0 and not ingroup(a.gid))) then kill = kill + 1024 end
+          return band(a.mode, bnot(kill))
+        end
         local function align4k(n) return math.floor((n + 4095) / 4096) * 4096 end
         local function getentry(parent, name)
           local v = redis.call('HGET', key('d', parent), name)
@@ -76,6 +90,40 @@ enum RedisScripts {
           redis.call('DECR', 'usedInodes')
           redis.call('DECRBY', 'usedSpace', align4k(a.size))
         end
+        local CHUNKBATCH = 1000
+        local function chunkkey(ino, idx) return key('c', ino) .. '_' .. string.format('%d', idx) end
+        -- cuts or extends a regular file's chunk records (objects of dropped slices queued),
+        -- dropping at most CHUNKBATCH chunks, the highest first (TxnMetadata.truncateStep);
+        -- returns false when more remain (the size is then the start of the lowest dropped)
+        local function truncate(ino, a, new, csize)
+          local old = a.size
+          local size = new
+          if new < old then
+            local first = math.floor((new + csize - 1) / csize)
+            local gone = redis.call('ZREVRANGEBYSCORE', key('k', ino), '+inf', first, 'LIMIT', 0, CHUNKBATCH)
+            for _, idx in ipairs(gone) do
+              local k = chunkkey(ino, tonumber(idx))
+              local blob = redis.call('GET', k)
+              if blob then
+                redis.call('RPUSH', 'delslices', blob)
+                redis.call('DEL', k)
+              end
+              redis.call('ZREM', key('k', ino), idx)
+            end
+            if #gone == CHUNKBATCH then
+              size = math.max(new, tonumber(gone[#gone]) * csize)
+            end
+            local pos = new % csize
+            if size == new and pos ~= 0 then
+              local idx = math.floor(new / csize)
+              redis.call('APPEND', chunkkey(ino, idx), struct.pack('>I4I8I4I4I4', pos, 0, 0, 0, csize - pos))
+              redis.call('ZADD', key('k', ino), idx, idx)
+            end
+          end
+          redis.call('INCRBY', 'usedSpace', align4k(size) - align4k(old))
+          a.size = size
+          return size == new
+        end
         local function isopen(ino) return redis.call('EXISTS', key('o', ino)) == 1 end
         -- drops one link of a non-directory; returns the new attributes and whether it was freed
         local function droplink(ino, a)
@@ -88,16 +136,16 @@ enum RedisScripts {
           putattr(ino, a)
           return a, 0
         end
+        -- whether ino is anc or below it; nil when deeper than 4096 levels (TxnMetadata.isWithin)
         local function iswithin(ino, anc)
-          local hops = 0
-          while true do
+          for _ = 0, 4096 do
             if ino == anc then return true end
-            if ino == 1 or hops > 100000 then return false end
+            if ino == 1 then return false end
             local a = getattr(ino)
             if not a then return false end
             ino = a.parent
-            hops = hops + 1
           end
+          return nil
         end
         local function freeifunused(ino)
           local a = getattr(ino)
@@ -200,7 +248,7 @@ enum RedisScripts {
         return {0, ino, packattr(na), freed}
         """#
 
-    /// ARGV 6 parent, 7 name -> {0}
+    /// ARGV 6 parent, 7 name -> {0, ino, attr as left}
     static let rmdir = #"""
         local parent, name = tonumber(ARGV[6]), ARGV[7]
         local pa, ino, t, a = removable(parent, name)
@@ -215,10 +263,13 @@ enum RedisScripts {
         putattr(parent, pa)
         redis.call('DECR', 'usedInodes')
         redis.call('DECRBY', 'usedSpace', align4k(a.size))
-        return {0}
+        a.nlink = 0
+        a.cs, a.cn = nows, nown
+        return {0, ino, packattr(a)}
         """#
 
-    /// ARGV 6 src parent, 7 src name, 8 dst parent, 9 dst name, 10 flags -> {0, removed ino, attr, freed}
+    /// ARGV 6 src parent, 7 src name, 8 dst parent, 9 dst name, 10 flags
+    /// -> {0, removed ino, attr, freed, moved ino, destination's former ino}
     static let rename = #"""
         local sp, sn, dp, dn = tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8]), ARGV[9]
         local exchange, noreplace = band(tonumber(ARGV[10]), 2) ~= 0, band(tonumber(ARGV[10]), 1) ~= 0
@@ -240,7 +291,7 @@ enum RedisScripts {
         if not stickyok(spa, sa) then return {EPERM} end
         local dino, dt = getentry(dp, dn)
         if dino then
-          if dino == sino then return {0, 0, '', 0} end
+          if dino == sino then return {0, 0, '', 0, sino, sino} end
           if noreplace then return {EEXIST} end
           local da = load(dino)
           if not da then return {ENOENT} end
@@ -251,14 +302,18 @@ enum RedisScripts {
             if dt == 2 and redis.call('HLEN', key('d', dino)) > 0 then return {ENOTEMPTY} end
           elseif dt == 2 and sp ~= dp then
             if not mayaccess(da, 2) then return {EACCES} end
-            if iswithin(sp, dino) then return {EINVAL} end
+            local w = iswithin(sp, dino)
+            if w == nil then return {ELOOP} end
+            if w then return {EINVAL} end
           end
         elseif exchange then
           return {ENOENT}
         end
         if st == 2 and sp ~= dp then
           if not mayaccess(sa, 2) then return {EACCES} end
-          if iswithin(dp, sino) then return {EINVAL} end
+          local w = iswithin(dp, sino)
+          if w == nil then return {ELOOP} end
+          if w then return {EINVAL} end
         end
         local rino, rattr, rfreed = 0, '', 0
         if exchange then
@@ -301,7 +356,7 @@ enum RedisScripts {
         for ino, _ in pairs(dirty) do
           if attrs[ino] then putattr(ino, attrs[ino]) end
         end
-        return {0, rino, rattr, rfreed}
+        return {0, rino, rattr, rfreed, sino, dino or 0}
         """#
 
     /// ARGV 6 ino, 7 parent, 8 name -> {0, attr}
@@ -326,13 +381,17 @@ enum RedisScripts {
         """#
 
     /// ARGV 6 ino, 7 mask, 8 mode, 9 uid, 10 gid, 11 size, 12-17 atime/mtime/ctime (sec, nsec),
-    /// 18 via handle (0/1), 19 chunk size -> {0, attr}
+    /// 18 via handle (0/1), 19 chunk size -> {0, attr, more}. The rules of `SetAttrRules`;
+    /// `more` = 1: a truncate stopped after one bounded step, run the request again.
     static let setattr = #"""
         local ino, mask = tonumber(ARGV[6]), tonumber(ARGV[7])
-        local MODE, UID, GID, SIZE, ATIME, MTIME, ATIMENOW, MTIMENOW, CTIME = 1, 2, 4, 8, 16, 32, 128, 256, 1024
+        local MODE, UID, GID, SIZE, ATIME, MTIME, ATIMENOW, MTIMENOW, CTIME, KILLPRIV = 1, 2, 4, 8, 16, 32, 128, 256, 1024, 1048576
+        local viahandle = ARGV[18] == '1'
         local a = getattr(ino)
         if not a then return {ENOENT} end
+        local oldmode = a.mode
         local owner = cuid == 0 or cuid == a.uid
+        if band(mask, bnot(CTIME)) == 0 then a.mode = modeafterwrite(a) end
         if band(mask, UID + GID) ~= 0 then
           local nu, ng = a.uid, a.gid
           if band(mask, UID) ~= 0 then nu = tonumber(ARGV[9]) end
@@ -341,44 +400,27 @@ enum RedisScripts {
             if band(mask, UID) ~= 0 and not (cuid == a.uid and nu == a.uid) then return {EPERM} end
             if band(mask, GID) ~= 0 and not (cuid == a.uid and (ingroup(ng) or ng == a.gid)) then return {EPERM} end
           end
-          if a.type ~= 2 then
-            a.mode = band(a.mode, bnot(2048))
-            if band(a.mode, 8) ~= 0 then a.mode = band(a.mode, bnot(1024)) end
-          end
+          local nm = modeafterchown(a)
+          if nm ~= a.mode and not owner then return {EPERM} end
+          a.mode = nm
           a.uid, a.gid = nu, ng
         end
         if band(mask, MODE) ~= 0 then
-          if not owner then return {EPERM} end
           local m = band(tonumber(ARGV[8]), 4095)
+          -- a non-owner may only drop set-user-ID/set-group-ID bits (SetAttrRules)
+          if not owner and not (m ~= a.mode and band(m, bnot(a.mode)) == 0 and band(bit.bxor(a.mode, m), bnot(3072)) == 0) then return {EPERM} end
           if cuid ~= 0 and not ingroup(a.gid) then m = band(m, bnot(1024)) end
           a.mode = m
         end
+        local touch = false
         if band(mask, SIZE) ~= 0 then
           if a.type == 2 then return {EISDIR} end
           if a.type ~= 1 then return {EINVAL} end
-          if ARGV[18] ~= '1' and not mayaccess(a, 2) then return {EACCES} end
-          local new, old, csize = tonumber(ARGV[11]), a.size, tonumber(ARGV[19])
-          if new < old then
-            local first = math.floor((new + csize - 1) / csize)
-            local last = math.floor((old - 1) / csize)
-            for idx = first, last do
-              local k = key('c', ino) .. '_' .. string.format('%d', idx)
-              local blob = redis.call('GET', k)
-              if blob then
-                redis.call('RPUSH', 'delslices', blob)
-                redis.call('DEL', k)
-              end
-            end
-            local pos = new % csize
-            if pos ~= 0 then
-              local k = key('c', ino) .. '_' .. string.format('%d', math.floor(new / csize))
-              redis.call('APPEND', k, struct.pack('>I4I8I4I4I4', pos, 0, 0, 0, csize - pos))
-            end
-          end
-          redis.call('INCRBY', 'usedSpace', align4k(new) - align4k(old))
-          a.size = new
-          a.ms, a.mn = nows, nown
+          if not viahandle and not mayaccess(a, 2) then return {EACCES} end
+          a.mode = modeafterwrite(a)
+          touch = true
         end
+        if band(mask, KILLPRIV) ~= 0 then a.mode = modeafterwrite(a) end
         if band(mask, ATIME + MTIME + ATIMENOW + MTIMENOW) ~= 0 then
           local explicit = (band(mask, ATIME) ~= 0 and band(mask, ATIMENOW) == 0) or (band(mask, MTIME) ~= 0 and band(mask, MTIMENOW) == 0)
           if not owner then
@@ -390,10 +432,18 @@ enum RedisScripts {
           if band(mask, MTIMENOW) ~= 0 then a.ms, a.mn = nows, nown
           elseif band(mask, MTIME) ~= 0 then a.ms, a.mn = tonumber(ARGV[14]), tonumber(ARGV[15]) end
         end
+        local more = 0
+        if band(mask, SIZE) ~= 0 then
+          local new, old = tonumber(ARGV[11]), a.size
+          if new ~= old and not truncate(ino, a, new, tonumber(ARGV[19])) then more = 1 end
+        end
+        if touch and band(mask, MTIME + MTIMENOW) == 0 then a.ms, a.mn = nows, nown end
         if band(mask, CTIME) ~= 0 then a.cs, a.cn = tonumber(ARGV[16]), tonumber(ARGV[17])
+        elseif mask == KILLPRIV then
+          if a.mode ~= oldmode then a.cs, a.cn = nows, nown end
         else a.cs, a.cn = nows, nown end
         putattr(ino, a)
-        return {0, packattr(a)}
+        return {0, packattr(a), more}
         """#
 
     /// ARGV 6 ino, 7 after, 8 limit, 9 plus -> {0, name, cookie, entry, [attr], ...}
@@ -429,29 +479,44 @@ enum RedisScripts {
     /// Shared xattr namespace rules (mirrors xattrReadCheck/xattrWriteCheck).
     static let xattrRules = #"""
         local function startswith(s, p) return string.sub(s, 1, #p) == p end
+        local function xns(name)
+          for _, p in ipairs({'user.', 'trusted.', 'security.', 'system.'}) do
+            if startswith(name, p) then return p end
+          end
+          return nil
+        end
+        local function xhandler(ns, name)
+          if ns == nil or ns == 'system.' then return EOPNOTSUPP end
+          if #name == #ns then return EINVAL end
+          return 0
+        end
         local function xread(a, name)
           if #name == 0 or #name > 255 then return ERANGE end
-          if startswith(name, 'system.') then return EOPNOTSUPP end
-          if startswith(name, 'trusted.') and cuid ~= 0 then return ENODATA end
-          if startswith(name, 'user.') and a.type ~= 1 and a.type ~= 2 then return ENODATA end
-          if not mayaccess(a, 4) then return EACCES end
-          return 0
+          local ns = xns(name)
+          if ns == 'trusted.' then
+            if cuid ~= 0 then return ENODATA end
+          elseif ns == 'user.' then
+            if a.type ~= 1 and a.type ~= 2 then return ENODATA end
+            if not mayaccess(a, 4) then return EACCES end
+          elseif ns == nil then
+            if not mayaccess(a, 4) then return EACCES end
+          end
+          return xhandler(ns, name)
         end
         local function xwrite(a, name)
           if #name == 0 or #name > 255 then return ERANGE end
-          if startswith(name, 'system.') then return EOPNOTSUPP end
-          if startswith(name, 'trusted.') then
+          local ns = xns(name)
+          if ns == 'trusted.' then
             if cuid ~= 0 then return EPERM end
-            return 0
-          end
-          if startswith(name, 'user.') then
+          elseif ns == 'user.' then
             if a.type ~= 1 and a.type ~= 2 then return EPERM end
             if a.type == 2 and band(a.mode, 512) ~= 0 and cuid ~= 0 and cuid ~= a.uid then return EPERM end
-          elseif not startswith(name, 'security.') then
-            return EOPNOTSUPP
+            if not mayaccess(a, 2) then return EACCES end
+          elseif ns == nil then
+            if not mayaccess(a, 2) then return EACCES end
           end
-          if not mayaccess(a, 2) then return EACCES end
-          return 0
+          if ns == 'security.' and cuid ~= 0 then return EPERM end
+          return xhandler(ns, name)
         end
 
         """#
@@ -493,6 +558,7 @@ enum RedisScripts {
             local exists = redis.call('HEXISTS', key('x', ino), name) == 1
             if flag == 1 and exists then return {EEXIST} end
             if flag == 2 and not exists then return {ENODATA} end
+            if not exists and redis.call('HLEN', key('x', ino)) >= 1024 then return {ENOSPC} end
             redis.call('HSET', key('x', ino), name, value)
             a.cs, a.cn = nows, nown
             putattr(ino, a)
@@ -556,31 +622,37 @@ enum RedisScripts {
         if not a then return {ENOENT} end
         if a.type ~= 1 then return {EINVAL} end
         redis.call('APPEND', key('c', ino) .. '_' .. ARGV[7], ARGV[8])
+        redis.call('ZADD', key('k', ino), ARGV[7], ARGV[7])
         local minsize = tonumber(ARGV[9])
         if minsize > a.size then
           redis.call('INCRBY', 'usedSpace', align4k(minsize) - align4k(a.size))
           a.size = minsize
         end
         a.ms, a.mn = tonumber(ARGV[10]), tonumber(ARGV[11])
-        a.cs, a.cn = a.ms, a.mn
+        if a.cs < a.ms or (a.cs == a.ms and a.cn < a.mn) then a.cs, a.cn = a.ms, a.mn end
         putattr(ino, a)
         return {0, packattr(a)}
         """#
 
-    /// ARGV 6 ino, 7 size, 8 chunk count -> {0, slices}
+    /// ARGV 6 ino, 7 size -> {0, slices, done}: drops at most CHUNKBATCH chunks of a deleted
+    /// file; once none is left, its index and its queue entry go too.
     static let finishDelete = #"""
         local ino = tonumber(ARGV[6])
+        local idxs = redis.call('ZRANGE', key('k', ino), 0, CHUNKBATCH - 1)
         local out = {}
-        for idx = 0, tonumber(ARGV[8]) - 1 do
-          local k = key('c', ino) .. '_' .. string.format('%d', idx)
+        for _, idx in ipairs(idxs) do
+          local k = chunkkey(ino, tonumber(idx))
           local blob = redis.call('GET', k)
           if blob then
             out[#out + 1] = blob
             redis.call('DEL', k)
           end
         end
+        if #idxs > 0 then redis.call('ZREMRANGEBYRANK', key('k', ino), 0, #idxs - 1) end
+        if #idxs == CHUNKBATCH then return {0, table.concat(out), 0} end
+        redis.call('DEL', key('k', ino))
         redis.call('ZREM', 'delfiles', string.format('%d:%s', ino, ARGV[7]))
-        return {0, table.concat(out)}
+        return {0, table.concat(out), 1}
         """#
 
     /// ARGV 6 limit -> {0, slices}
@@ -594,18 +666,26 @@ enum RedisScripts {
         return {0, table.concat(out)}
         """#
 
-    /// ARGV 6 sid -> {0}: drops the session's opens (freeing unlinked files) and locks.
+    /// ARGV 6 sid, 7 scan cursor of its opens -> {0, next cursor}: drops a bounded batch of
+    /// the session's opens (freeing unlinked files) and locks. Run again with the cursor it
+    /// gives until that is "done": then the session is gone.
     static let closeSession = #"""
         local sid = ARGV[6]
-        local opens = redis.call('HKEYS', 'so' .. sid)
-        for _, i in ipairs(opens) do
-          local ino = tonumber(i)
-          redis.call('HDEL', key('o', ino), sid)
-          freeifunused(ino)
+        local cursor = ARGV[7]
+        if cursor ~= 'locks' then
+          local r = redis.call('HSCAN', 'so' .. sid, cursor, 'COUNT', CHUNKBATCH)
+          local fields = r[2]
+          for i = 1, #fields, 2 do
+            local ino = tonumber(fields[i])
+            redis.call('HDEL', key('o', ino), sid)
+            redis.call('HDEL', 'so' .. sid, fields[i])
+            freeifunused(ino)
+          end
+          if r[1] ~= '0' then return {0, r[1]} end
         end
-        redis.call('DEL', 'so' .. sid)
         local prefix = struct.pack('>I8', tonumber(sid))
-        for _, m in ipairs(redis.call('SMEMBERS', 'sl' .. sid)) do
+        local members = redis.call('SPOP', 'sl' .. sid, CHUNKBATCH)
+        for _, m in ipairs(members) do
           local ino, kind = string.match(m, '^(%d+):(%d+)$')
           local k = 'lk' .. string.char(tonumber(kind)) .. ino
           local tbl = redis.call('GET', k)
@@ -618,17 +698,18 @@ enum RedisScripts {
             if #kept == 0 then redis.call('DEL', k) else redis.call('SET', k, table.concat(kept)) end
           end
         end
-        redis.call('DEL', 'sl' .. sid)
+        if #members == CHUNKBATCH then return {0, 'locks'} end
+        redis.call('DEL', 'so' .. sid, 'sl' .. sid)
         redis.call('ZREM', 'sessions', sid)
         redis.call('HDEL', 'sessionInfos', sid)
-        return {0}
+        return {0, 'done'}
         """#
 
-    /// ARGV 6 format record -> {0}: writes it and creates the root directory when missing.
+    /// ARGV 6 format record, 7 root mode -> {0}: writes it and creates the root directory when missing.
     static let initialize = #"""
         redis.call('SET', 'setting', ARGV[6])
         if redis.call('EXISTS', 'i1') == 0 then
-          putattr(1, {type=2, mode=511, uid=0, gid=0, nlink=2, size=4096, as=nows, an=nown, ms=nows, mn=nown, cs=nows, cn=nown, rdev=0, parent=1})
+          putattr(1, {type=2, mode=tonumber(ARGV[7]), uid=0, gid=0, nlink=2, size=4096, as=nows, an=nown, ms=nows, mn=nown, cs=nows, cn=nown, rdev=0, parent=1})
           if tonumber(redis.call('GET', 'nextInode') or '0') < 1 then redis.call('SET', 'nextInode', 1) end
           redis.call('INCR', 'usedInodes')
           redis.call('INCRBY', 'usedSpace', 4096)

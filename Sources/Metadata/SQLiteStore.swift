@@ -314,6 +314,15 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
             [.int(Int64(ino)), .int(Int64(index)), .blob(record)])
     }
 
+    package func chunkIndexes(_ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32] {
+        var out: [UInt32] = []
+        try conn.query(
+            "SELECT idx FROM chunk WHERE ino=? AND idx>=? ORDER BY idx \(descending ? "DESC" : "ASC") LIMIT ?",
+            [.int(Int64(ino)), .int(Int64(index)), .int(Int64(limit))]
+        ) { out.append(UInt32(Col.int($0, 0))) }
+        return out
+    }
+
     package func deleteChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
         let blob = try chunk(ino, index)
         if !blob.isEmpty { try conn.query("DELETE FROM chunk WHERE ino=? AND idx=?", [.int(Int64(ino)), .int(Int64(index))]) }
@@ -336,10 +345,16 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         return n
     }
 
-    package func sessionOpens(_ sid: UInt64) throws(FSError) -> [(Ino, Int)] {
+    package func sessionOpens(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, Int)] {
         var out: [(Ino, Int)] = []
-        try conn.query("SELECT ino, count FROM openfile WHERE sid=?", [.int(Int64(sid))]) { out.append((Ino(Col.int($0, 0)), Int(Col.int($0, 1)))) }
+        try conn.query("SELECT ino, count FROM openfile WHERE sid=? LIMIT ?", [.int(Int64(sid)), .int(Int64(limit))]) {
+            out.append((Ino(Col.int($0, 0)), Int(Col.int($0, 1))))
+        }
         return out
+    }
+
+    package func xattrCount(_ ino: Ino) throws(FSError) -> Int {
+        Int(try one("SELECT COUNT(*) FROM xattr WHERE ino=?", [.int(Int64(ino))]) { Col.int($0, 0) } ?? 0)
     }
 
     package func addPendingDelete(_ ino: Ino, _ size: UInt64) throws(FSError) {
@@ -413,9 +428,13 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         }
     }
 
-    package func sessionLocks(_ sid: UInt64) throws(FSError) -> [(Ino, UInt8)] {
+    package func forgetSessionLock(_ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError) {
+        try conn.query("DELETE FROM sessionlock WHERE sid=? AND ino=? AND kind=?", [.int(Int64(sid)), .int(Int64(ino)), .int(Int64(kind))])
+    }
+
+    package func sessionLocks(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, UInt8)] {
         var out: [(Ino, UInt8)] = []
-        try conn.query("SELECT ino, kind FROM sessionlock WHERE sid=?", [.int(Int64(sid))]) {
+        try conn.query("SELECT ino, kind FROM sessionlock WHERE sid=? LIMIT ?", [.int(Int64(sid)), .int(Int64(limit))]) {
             out.append((Ino(Col.int($0, 0)), UInt8(Col.int($0, 1))))
         }
         return out

@@ -40,13 +40,16 @@ package protocol TxnStore: AnyObject, Sendable {
     func appendChunk(_ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError)
     /// Removes a chunk's records, returning them.
     func deleteChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8]
+    /// Indexes of the chunks of `ino` that have records, from `index` on, at most `limit`,
+    /// highest first when `descending`. Its cost follows the chunks it returns, never the size.
+    func chunkIndexes(_ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32]
 
     /// Opens of `ino` by all sessions.
     func openCount(_ ino: Ino) throws(FSError) -> Int
     /// Adds `delta` to the opens of `ino` by `sid`; returns the session's new count.
     func addOpen(_ sid: UInt64, _ ino: Ino, _ delta: Int) throws(FSError) -> Int
-    /// Inodes `sid` has open, with counts.
-    func sessionOpens(_ sid: UInt64) throws(FSError) -> [(Ino, Int)]
+    /// Inodes `sid` has open, with counts (at most `limit`).
+    func sessionOpens(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, Int)]
 
     func addPendingDelete(_ ino: Ino, _ size: UInt64) throws(FSError)
     func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete]
@@ -62,7 +65,12 @@ package protocol TxnStore: AnyObject, Sendable {
     func locks(_ ino: Ino, _ kind: UInt8) throws(FSError) -> [UInt8]
     /// Stores a lock table (empty removes it) and notes that `sid` has locks on `ino`.
     func putLocks(_ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError)
-    func sessionLocks(_ sid: UInt64) throws(FSError) -> [(Ino, UInt8)]
+    /// Lock tables `sid` has entries in (at most `limit`).
+    func sessionLocks(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, UInt8)]
+    /// Forgets that `sid` has entries in a lock table.
+    func forgetSessionLock(_ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError)
+    /// How many extended attributes `ino` has.
+    func xattrCount(_ ino: Ino) throws(FSError) -> Int
 }
 
 /// Attributes loaded in one transaction, changed in place and written back once
@@ -111,7 +119,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         return try VolumeFormat.decode(text)
     }
 
-    package func initialize(_ format: VolumeFormat, force: Bool) throws(FSError) {
+    package func initialize(_ format: VolumeFormat, force: Bool, rootMode: UInt16) throws(FSError) {
         try store.transaction(write: true) { () throws(FSError) in
             if let text = try store.setting("format") {
                 let old = try VolumeFormat.decode(text)
@@ -132,7 +140,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             if try store.attr(rootIno) == nil {
                 let now = Timespec.now()
                 let root = Attr(
-                    type: .directory, mode: 0o777, uid: 0, gid: 0, nlink: 2, size: 4096, atime: now, mtime: now, ctime: now, parent: rootIno)
+                    type: .directory, mode: rootMode & 0o7777, uid: 0, gid: 0, nlink: 2, size: 4096, atime: now, mtime: now, ctime: now,
+                    parent: rootIno)
                 try store.putAttr(rootIno, root)
                 if try store.incr("nextInode", 0) < Int64(rootIno) { _ = try store.incr("nextInode", Int64(rootIno)) }
                 _ = try store.incr("usedInodes", 1)
@@ -172,17 +181,26 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     package func closeSession(_ sid: UInt64) throws(FSError) {
-        try store.transaction(write: true) { () throws(FSError) in
-            for (ino, count) in try store.sessionOpens(sid) {
-                _ = try store.addOpen(sid, ino, -count)
-                try freeIfUnused(ino)
-            }
-            for (ino, kind) in try store.sessionLocks(sid) {
-                if let kept = strippingSession(sid, from: try store.locks(ino, kind)) {
-                    try store.putLocks(ino, kind, kept, sid: 0)
+        // In bounded steps: a session may hold very many open files and locks.
+        while true {
+            let done = try store.transaction(write: true) { () throws(FSError) -> Bool in
+                let opens = try store.sessionOpens(sid, limit: chunkBatch)
+                for (ino, count) in opens {
+                    _ = try store.addOpen(sid, ino, -count)
+                    try freeIfUnused(ino)
                 }
+                let locks = try store.sessionLocks(sid, limit: chunkBatch)
+                for (ino, kind) in locks {
+                    if let kept = strippingSession(sid, from: try store.locks(ino, kind)) {
+                        try store.putLocks(ino, kind, kept, sid: 0)
+                    }
+                    try store.forgetSessionLock(sid, ino, kind)
+                }
+                if opens.count == chunkBatch || locks.count == chunkBatch { return false }
+                try store.deleteSession(sid)
+                return true
             }
-            try store.deleteSession(sid)
+            if done { return }
         }
     }
 
@@ -231,74 +249,51 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     package func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest) throws(FSError) -> Attr {
-        try store.transaction(write: true) { () throws(FSError) in
-            guard var a = try store.attr(ino) else { throw FSError.notFound }
-            let now = Timespec.now()
-            let m = req.mask
-            let owner = cred.isRoot || cred.uid == a.uid
-            if m.contains(.uid) || m.contains(.gid) {
-                let newUid = m.contains(.uid) ? req.uid : a.uid
-                let newGid = m.contains(.gid) ? req.gid : a.gid
-                if !cred.isRoot {
-                    if m.contains(.uid) && !(cred.uid == a.uid && newUid == a.uid) { throw FSError.perm }
-                    if m.contains(.gid) && !(cred.uid == a.uid && (cred.inGroup(newGid) || newGid == a.gid)) { throw FSError.perm }
-                }
-                if a.type != .directory {
-                    a.mode &= ~0o4000
-                    if a.mode & 0o010 != 0 { a.mode &= ~0o2000 }
-                }
-                a.uid = newUid
-                a.gid = newGid
+        if req.mask.contains(.size) && req.size > maxFileSize { throw FSError(EFBIG, "file too large (the largest is 1 PiB)") }
+        // A cut that drops many chunks takes several bounded steps; each step is one
+        // transaction that leaves a valid, shorter file, and repeating the request is harmless.
+        while true {
+            let (a, done) = try store.transaction(write: true) { () throws(FSError) -> (Attr, Bool) in
+                guard var a = try store.attr(ino) else { throw FSError.notFound }
+                let before = a
+                let now = Timespec.now()
+                let touch = try SetAttrRules.apply(req, to: &a, cred, now: now)
+                var done = true
+                if req.mask.contains(.size) && req.size != a.size { done = try truncateStep(ino, &a, to: req.size) }
+                SetAttrRules.finish(req, &a, before, cred, now: now, touch: touch)
+                if a != before { try store.putAttr(ino, a) }
+                return (a, done)
             }
-            if m.contains(.mode) {
-                if !owner { throw FSError.perm }
-                var mode = req.mode & 0o7777
-                if !cred.isRoot && !cred.inGroup(a.gid) { mode &= ~0o2000 }
-                a.mode = mode
-            }
-            if m.contains(.size) {
-                if a.type == .directory { throw FSError.isDir }
-                if a.type != .regular { throw FSError.invalid }
-                if !req.viaHandle { try Posix.check(a, cred, .write) }
-                try truncate(ino, &a, to: req.size)
-                a.mtime = now
-            }
-            if m.contains(.atime) || m.contains(.mtime) || m.contains(.atimeNow) || m.contains(.mtimeNow) {
-                let explicit = (m.contains(.atime) && !m.contains(.atimeNow)) || (m.contains(.mtime) && !m.contains(.mtimeNow))
-                if !owner {
-                    if explicit { throw FSError.perm }
-                    if !Posix.mayAccess(a, cred, .write) { throw FSError.access }
-                }
-                if m.contains(.atimeNow) { a.atime = now } else if m.contains(.atime) { a.atime = req.atime }
-                if m.contains(.mtimeNow) { a.mtime = now } else if m.contains(.mtime) { a.mtime = req.mtime }
-            }
-            a.ctime = m.contains(.ctime) ? req.ctime : now
-            try store.putAttr(ino, a)
-            return a
+            if done { return a }
         }
     }
 
     /// Cuts or extends a regular file inside a transaction (records only; objects of dropped
-    /// slices are queued for deletion).
-    private func truncate(_ ino: Ino, _ a: inout Attr, to newSize: UInt64) throws(FSError) {
+    /// slices are queued for deletion). Drops at most `chunkBatch` chunks, the highest first;
+    /// when more remain it stops with the size at the start of the lowest chunk it dropped and
+    /// returns false.
+    private func truncateStep(_ ino: Ino, _ a: inout Attr, to newSize: UInt64) throws(FSError) -> Bool {
         let old = a.size
+        var size = newSize
         if newSize < old {
             let firstGone = UInt32((newSize + chunkSize - 1) / chunkSize)
-            let last = UInt32((old - 1) / chunkSize)
-            if firstGone <= last {
-                for idx in firstGone...last {
-                    let blob = try store.deleteChunk(ino, idx)
-                    if !blob.isEmpty { try store.pushDroppedSlices(blob) }
-                }
+            let gone = try store.chunkIndexes(ino, from: firstGone, limit: chunkBatch, descending: true)
+            for idx in gone {
+                let blob = try store.deleteChunk(ino, idx)
+                if !blob.isEmpty { try store.pushDroppedSlices(blob) }
+            }
+            if gone.count == chunkBatch, let lowest = gone.last {
+                size = max(newSize, UInt64(lowest) * chunkSize)
             }
             let pos = newSize % chunkSize
-            if pos != 0 {
+            if size == newSize && pos != 0 {
                 let hole = Slice(pos: UInt32(pos), id: 0, size: 0, off: 0, len: UInt32(chunkSize - pos))
                 try store.appendChunk(ino, UInt32(newSize / chunkSize), hole.encoded())
             }
         }
-        _ = try store.incr("usedSpace", align4K(newSize) - align4K(old))
-        a.size = newSize
+        _ = try store.incr("usedSpace", align4K(size) - align4K(old))
+        a.size = size
+        return size == newSize
     }
 
     package func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr) {
@@ -404,10 +399,10 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
-    package func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
+    package func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
         if name == [UInt8(ascii: ".")] { throw FSError.invalid }
         if name == [UInt8(ascii: "."), UInt8(ascii: ".")] { throw FSError.notEmpty }
-        try store.transaction(write: true) { () throws(FSError) in
+        return try store.transaction(write: true) { () throws(FSError) in
             guard var pa = try store.attr(parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, [.write, .execute])
@@ -425,29 +420,34 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             try store.putAttr(parent, pa)
             _ = try store.incr("usedInodes", -1)
             _ = try store.incr("usedSpace", -align4K(a.size))
+            var gone = a
+            gone.nlink = 0
+            gone.ctime = now
+            return RemovedName(ino: ino, attr: gone, freed: true)
         }
     }
 
-    /// Whether `ino` is `ancestor` or lies below it.
+    /// Whether `ino` is `ancestor` or lies below it. The walk up is bounded: a directory
+    /// nested deeper than `maxRenameDepth` levels cannot be a rename's destination parent
+    /// across directories (`ELOOP`).
     private func isWithin(_ ino: Ino, _ ancestor: Ino) throws(FSError) -> Bool {
         var cur = ino
-        var hops = 0
-        while true {
+        for _ in 0...maxRenameDepth {
             if cur == ancestor { return true }
-            if cur == rootIno || hops > 100_000 { return false }
+            if cur == rootIno { return false }
             guard let a = try store.attr(cur) else { return false }
             cur = a.parent
-            hops += 1
         }
+        throw FSError(ELOOP, "directory nested deeper than \(maxRenameDepth) levels")
     }
 
-    package func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], _ flags: RenameFlags) throws(FSError) -> RemovedName?
+    package func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], _ flags: RenameFlags) throws(FSError) -> RenameResult
     {
         if flags.contains(.whiteout) { throw FSError.notSupported }
         if flags.contains(.exchange) && flags.contains(.noReplace) { throw FSError.invalid }
         try validateName(dn)
         if sn.isEmpty || sn.count > maxNameLength { throw FSError.notFound }
-        return try store.transaction(write: true) { () throws(FSError) -> RemovedName? in
+        return try store.transaction(write: true) { () throws(FSError) -> RenameResult in
             var attrs = AttrSet()
             let spa = try attrs.load(store, sp)
             let dpa = try attrs.load(store, dp)
@@ -460,7 +460,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             let dst = try store.entry(dp, dn)
             let exchange = flags.contains(.exchange)
             if let (dino, dt) = dst {
-                if dino == sino { return nil }
+                if dino == sino { return RenameResult(moved: sino, other: sino, removed: nil) }
                 if flags.contains(.noReplace) { throw FSError.exists }
                 let da = try attrs.load(store, dino)
                 if !Posix.stickyAllows(dir: dpa, child: da, cred) { throw FSError.perm }
@@ -529,7 +529,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 $0.ctime = now
             }
             try attrs.flush(store)
-            return removed
+            return RenameResult(moved: sino, other: dst?.0 ?? 0, removed: removed)
         }
     }
 
@@ -603,6 +603,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             let exists = try store.xattr(ino, name) != nil
             if flag == .create && exists { throw FSError.exists }
             if flag == .replace && !exists { throw FSError.noAttr }
+            if !exists, try store.xattrCount(ino) >= maxXattrsPerInode { throw FSError(ENOSPC, "too many extended attributes") }
             try store.putXattr(ino, name, value)
             a.ctime = Timespec.now()
             try store.putAttr(ino, a)
@@ -669,7 +670,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 a.size = minSize
             }
             a.mtime = mtime
-            a.ctime = mtime
+            a.ctime = max(a.ctime, mtime)
             try store.putAttr(ino, a)
             return a
         }
@@ -685,12 +686,14 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         try store.transaction(write: false) { () throws(FSError) in try store.pendingDeletes(limit: limit) }
     }
 
-    package func finishDelete(_ pending: PendingDelete) throws(FSError) -> [Slice] {
+    package func finishDelete(_ pending: PendingDelete) throws(FSError) -> (slices: [Slice], done: Bool) {
         try store.transaction(write: true) { () throws(FSError) in
             var out: [Slice] = []
-            for idx in 0..<pending.chunkCount { out += Slice.decodeAll(try store.deleteChunk(pending.ino, idx)) }
+            let idxs = try store.chunkIndexes(pending.ino, from: 0, limit: chunkBatch, descending: false)
+            for idx in idxs { out += Slice.decodeAll(try store.deleteChunk(pending.ino, idx)) }
+            if idxs.count == chunkBatch { return (out, false) }
             try store.removePendingDelete(pending.ino)
-            return out
+            return (out, true)
         }
     }
 
@@ -720,28 +723,77 @@ func makeStatFS(usedSpace: UInt64, usedInodes: UInt64) -> StatFS {
         totalSpace: total, availSpace: total - usedSpace, usedSpace: usedSpace, usedInodes: usedInodes, availInodes: inodeTotal - usedInodes)
 }
 
-/// Namespace rules for reading an extended attribute.
-func xattrReadCheck(_ a: Attr, _ cred: Credential, _ name: [UInt8]) throws(FSError) {
-    if name.isEmpty || name.count > 255 { throw FSError.range }
-    if name.starts(with: systemPrefix) { throw FSError.notSupported }
-    if name.starts(with: trustedPrefix) && !cred.isRoot { throw FSError.noAttr }
-    if name.starts(with: userPrefix) && a.type != .regular && a.type != .directory { throw FSError.noAttr }
-    try Posix.check(a, cred, .read)
+/// The namespace an extended attribute name falls in.
+enum XattrNamespace {
+    case user, trusted, security, system, unknown
+
+    init(_ name: [UInt8]) {
+        if name.starts(with: userPrefix) {
+            self = .user
+        } else if name.starts(with: trustedPrefix) {
+            self = .trusted
+        } else if name.starts(with: securityPrefix) {
+            self = .security
+        } else if name.starts(with: systemPrefix) {
+            self = .system
+        } else {
+            self = .unknown
+        }
+    }
+
+    var prefixLength: Int {
+        switch self {
+        case .user: return userPrefix.count
+        case .trusted: return trustedPrefix.count
+        case .security: return securityPrefix.count
+        case .system: return systemPrefix.count
+        case .unknown: return 0
+        }
+    }
 }
 
-/// Namespace rules for setting or removing an extended attribute.
+let securityPrefix = Array("security.".utf8)
+
+/// Rules for reading an extended attribute, in the order Linux applies them to ext4: the
+/// name's length (the syscall), `xattr_permission` (security and system names unchecked,
+/// trusted only for root, user only on files and directories, then read permission), then the
+/// handler (an unknown namespace is unsupported, an empty name after the prefix invalid).
+func xattrReadCheck(_ a: Attr, _ cred: Credential, _ name: [UInt8]) throws(FSError) {
+    if name.isEmpty || name.count > 255 { throw FSError.range }
+    let ns = XattrNamespace(name)
+    switch ns {
+    case .security, .system: break
+    case .trusted: if !cred.isRoot { throw FSError.noAttr }
+    case .user:
+        if a.type != .regular && a.type != .directory { throw FSError.noAttr }
+        try Posix.check(a, cred, .read)
+    case .unknown: try Posix.check(a, cred, .read)
+    }
+    try xattrHandlerCheck(ns, name)
+}
+
+/// Rules for setting or removing an extended attribute (as `xattrReadCheck`, plus the
+/// capability module's refusal of security names to non-root callers, and sticky directories
+/// whose user attributes only their owner changes).
 func xattrWriteCheck(_ a: Attr, _ cred: Credential, _ name: [UInt8]) throws(FSError) {
     if name.isEmpty || name.count > 255 { throw FSError.range }
-    if name.starts(with: systemPrefix) { throw FSError.notSupported }
-    if name.starts(with: trustedPrefix) {
-        if !cred.isRoot { throw FSError.perm }
-        return
-    }
-    if name.starts(with: userPrefix) {
+    let ns = XattrNamespace(name)
+    switch ns {
+    case .security, .system: break
+    case .trusted: if !cred.isRoot { throw FSError.perm }
+    case .user:
         if a.type != .regular && a.type != .directory { throw FSError.perm }
         if a.type == .directory && a.mode & 0o1000 != 0 && !cred.isRoot && cred.uid != a.uid { throw FSError.perm }
-    } else if !name.starts(with: Array("security.".utf8)) {
-        throw FSError.notSupported
+        try Posix.check(a, cred, .write)
+    case .unknown: try Posix.check(a, cred, .write)
     }
-    try Posix.check(a, cred, .write)
+    if ns == .security && !cred.isRoot { throw FSError.perm }
+    try xattrHandlerCheck(ns, name)
+}
+
+/// What ext4's handler lookup refuses: namespaces it has no handler for (`system.` holds only
+/// POSIX ACLs, which StageFS does not support) and an empty name after the prefix.
+private func xattrHandlerCheck(_ ns: XattrNamespace, _ name: [UInt8]) throws(FSError) {
+    if ns == .unknown || ns == .system { throw FSError.notSupported }
+    if name.count == ns.prefixLength { throw FSError.invalid }
 }

@@ -61,6 +61,30 @@ public enum Posix {
         if !mayAccess(attr, cred, mask) { throw FSError.access }
     }
 
+    /// The mode after a write or truncate by `cred` (`setattr_should_drop_suidgid`): a caller
+    /// without `CAP_FSETID` (not root) clears set-user-ID, and set-group-ID when the group may
+    /// execute or the caller is not in the file's group. Other types keep their bits.
+    public static func modeAfterWrite(_ attr: Attr, _ cred: Credential) -> UInt16 {
+        if cred.isRoot || attr.type != .regular { return attr.mode }
+        return attr.mode & ~dropped(attr, cred)
+    }
+
+    /// The mode after a chown (any caller, even root: `chown_common`): a non-directory loses
+    /// set-user-ID, and set-group-ID as `modeAfterWrite` says, except that root keeps a
+    /// set-group-ID without group execute.
+    public static func modeAfterChown(_ attr: Attr, _ cred: Credential) -> UInt16 {
+        if attr.type == .directory { return attr.mode }
+        var kill: UInt16 = 0o4000
+        if attr.mode & 0o2000 != 0 && (attr.mode & 0o010 != 0 || (!cred.isRoot && !cred.inGroup(attr.gid))) { kill |= 0o2000 }
+        return attr.mode & ~kill
+    }
+
+    private static func dropped(_ attr: Attr, _ cred: Credential) -> UInt16 {
+        var kill: UInt16 = 0o4000
+        if attr.mode & 0o2000 != 0 && (attr.mode & 0o010 != 0 || !cred.inGroup(attr.gid)) { kill |= 0o2000 }
+        return kill
+    }
+
     /// Whether `cred` may remove or rename `child` from the sticky directory `dir`.
     public static func stickyAllows(dir: Attr, child: Attr, _ cred: Credential) -> Bool {
         if dir.mode & 0o1000 == 0 || cred.isRoot { return true }

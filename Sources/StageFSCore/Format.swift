@@ -29,7 +29,7 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
         name: String, storage: String, bucket: String, accessKey: String? = nil, secretKey: String? = nil,
         blockSizeKiB: Int = 4096, trashDays: Int = 1, uuid: String = randomUUID(), createdAt: Int64 = Timespec.now().sec
     ) {
-        self.version = 1
+        self.version = VolumeFormat.currentVersion
         self.uuid = uuid
         self.name = name
         self.storage = storage
@@ -40,6 +40,10 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
         self.trashDays = trashDays
         self.createdAt = createdAt
     }
+
+    /// The format version this StageFS writes. 2: the Redis engine keeps an index of each
+    /// file's chunks (truncation and deletion in bounded steps).
+    public static let currentVersion = 2
 
     /// Block size in bytes.
     public var blockSize: Int { blockSizeKiB * 1024 }

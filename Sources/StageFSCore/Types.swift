@@ -17,6 +17,10 @@ public let chunkSize: UInt64 = 64 << 20
 /// Longest file name accepted (as ext4).
 public let maxNameLength = 255
 
+/// Largest file size: 1 PiB. A write or truncate beyond it fails with `EFBIG`, as ext4 refuses
+/// sizes beyond its 16 TiB.
+public let maxFileSize: UInt64 = 1 << 50
+
 /// The kinds of inode the file system stores.
 public enum FileType: UInt8, Sendable, CaseIterable {
     case regular = 1
@@ -218,6 +222,10 @@ public struct SetAttrMask: OptionSet, Sendable {
     /// Set mtime to the current time (`UTIME_NOW`).
     public static let mtimeNow = SetAttrMask(rawValue: 1 << 8)
     public static let ctime = SetAttrMask(rawValue: 1 << 10)
+    /// Clear set-user-ID (and set-group-ID when it marks an executable or the caller is not in
+    /// the file's group) unless the caller is root: what a write does (`file_remove_privs`).
+    /// StageFS's own bit, never sent by the kernel.
+    public static let killPriv = SetAttrMask(rawValue: 1 << 20)
 }
 
 /// A setattr request: the mask says which of the values apply.

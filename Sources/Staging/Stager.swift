@@ -440,7 +440,7 @@ public final class Stager: @unchecked Sendable {
         let failedPaths = reports.filter { !$0.errors.isEmpty }.count
         if failedPaths == 0 && report.errors.isEmpty {
             report.status = "ok"
-        } else if failedPaths == reports.count && report.blocksFetched + report.blocksCached == 0 {
+        } else if report.blocksFetched + report.blocksCached == 0 && (failedPaths == reports.count || fatal != nil) {
             report.status = "failed"
         } else {
             report.status = "partial"

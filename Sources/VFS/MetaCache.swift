@@ -5,6 +5,10 @@ import StageFSCore
 /// the same directories again and again — need no metadata round trip. Local changes update or
 /// drop what they touch; other clients' changes show after the TTL (close-to-open still holds:
 /// open always asks the metadata engine).
+///
+/// Attributes are stamped with the data store's change clock as it was before they were read:
+/// once this client commits writes to (or otherwise changes the data of) an inode after that,
+/// its cached attributes are stale and not used.
 final class MetaCache: @unchecked Sendable {
     private struct EntryKey: Hashable {
         var parent: Ino
@@ -15,11 +19,19 @@ final class MetaCache: @unchecked Sendable {
     let entryTTL: UInt64
     let dirEntryTTL: UInt64
     private let lock = ConditionLock()
-    private var attrs: [Ino: (Attr, UInt64)] = [:]
+    private var attrs: [Ino: (Attr, deadline: UInt64, asOf: UInt64)] = [:]
+    /// The data store's change clock, and the clock value of an inode's last data change.
+    private let clock: @Sendable () -> UInt64
+    private let changed: @Sendable (Ino) -> UInt64
     private var entries: [EntryKey: (Ino, UInt64)] = [:]
     private static let limit = 200_000
 
-    init(attrTTL: Double, entryTTL: Double, dirEntryTTL: Double) {
+    init(
+        attrTTL: Double, entryTTL: Double, dirEntryTTL: Double, clock: @escaping @Sendable () -> UInt64,
+        changed: @escaping @Sendable (Ino) -> UInt64
+    ) {
+        self.clock = clock
+        self.changed = changed
         self.attrTTL = UInt64(max(0, attrTTL) * 1e9)
         self.entryTTL = UInt64(max(0, entryTTL) * 1e9)
         self.dirEntryTTL = UInt64(max(0, dirEntryTTL) * 1e9)
@@ -27,25 +39,30 @@ final class MetaCache: @unchecked Sendable {
 
     var enabled: Bool { attrTTL > 0 }
 
+    /// The stamp to pass to `put` for attributes about to be read from metadata.
+    func stamp() -> UInt64 { clock() }
+
     func attr(_ ino: Ino) -> Attr? {
         guard attrTTL > 0 else { return nil }
         let now = Sys.monotonicNanos()
+        let last = changed(ino)
         return lock.withLock {
-            guard let (a, deadline) = attrs[ino] else { return nil }
-            if deadline < now {
+            guard let e = attrs[ino] else { return nil }
+            if e.deadline < now || e.asOf < last {
                 attrs[ino] = nil
                 return nil
             }
-            return a
+            return e.0
         }
     }
 
-    func put(_ ino: Ino, _ a: Attr) {
+    /// Remembers `a`, read from metadata after `stamp()` returned `asOf`.
+    func put(_ ino: Ino, _ a: Attr, asOf: UInt64) {
         guard attrTTL > 0 else { return }
         let deadline = Sys.monotonicNanos() + attrTTL
         lock.withLock {
             if attrs.count > MetaCache.limit { attrs.removeAll(keepingCapacity: true) }
-            attrs[ino] = (a, deadline)
+            attrs[ino] = (a, deadline, asOf)
         }
     }
 
@@ -67,9 +84,9 @@ final class MetaCache: @unchecked Sendable {
         }
     }
 
-    func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ a: Attr) {
+    func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ a: Attr, asOf: UInt64) {
         let ttl = a.type == .directory ? dirEntryTTL : entryTTL
-        put(ino, a)
+        put(ino, a, asOf: asOf)
         guard ttl > 0 else { return }
         let deadline = Sys.monotonicNanos() + ttl
         lock.withLock {

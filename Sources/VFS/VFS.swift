@@ -35,13 +35,17 @@ final class FileHandle: @unchecked Sendable {
     /// File size as of `stamp` (the data store's change stamp of the inode).
     var size: UInt64
     var stamp: UInt64
+    /// The file's mode as this client last saw it: a write by a non-root caller clears
+    /// set-user-ID and set-group-ID bits when it has some.
+    var mode: UInt16
 
-    init(ino: Ino, flags: Int32, writer: FileWriter?, size: UInt64, stamp: UInt64) {
+    init(ino: Ino, flags: Int32, writer: FileWriter?, size: UInt64, stamp: UInt64, mode: UInt16) {
         self.ino = ino
         self.flags = flags
         self.writer = writer
         self.size = size
         self.stamp = stamp
+        self.mode = mode
     }
 }
 
@@ -62,6 +66,14 @@ public final class VFS: @unchecked Sendable {
     private var backgroundRunning = false
     private var deletesPending = false
     private let cache: MetaCache
+    /// How many lookups the kernel holds per inode (FUSE's nlookup): each entry reply adds
+    /// one, FORGET takes them away.
+    private var kernelRefs: [Ino: UInt64] = [:]
+    /// Inodes whose last name went while the kernel still held them and no session had them
+    /// open (a FIFO or device node open in some process, a directory that is someone's working
+    /// directory): their attributes stay here until the kernel forgets them, so fstat, fchmod
+    /// and futimens on them work as on ext4. Nothing else can reach them: they have no name.
+    private var ghosts: [Ino: Attr] = [:]
     /// (mtime, size) of a file when this client last opened it: unchanged means the kernel may
     /// keep its page cache (`keep_cache`).
     private var lastOpened: [Ino: (Timespec, UInt64, UInt64)] = [:]
@@ -70,7 +82,9 @@ public final class VFS: @unchecked Sendable {
         self.meta = meta
         self.data = data
         self.config = config
-        cache = MetaCache(attrTTL: config.attrCache, entryTTL: config.entryCache, dirEntryTTL: config.dirEntryCache)
+        cache = MetaCache(
+            attrTTL: config.attrCache, entryTTL: config.entryCache, dirEntryTTL: config.dirEntryCache,
+            clock: { [data] in data.changeClockNow }, changed: { [data] in data.changeStamp($0) })
     }
 
     // MARK: life cycle
@@ -183,15 +197,63 @@ public final class VFS: @unchecked Sendable {
         if config.readOnly { throw FSError.readOnly }
     }
 
+    // MARK: kernel references
+
+    /// The kernel took a reference to `ino` (an entry reply it accepted).
+    public func remember(_ ino: Ino) {
+        lock.withLock { kernelRefs[ino, default: 0] += 1 }
+    }
+
+    /// FORGET: the kernel dropped `count` references to `ino`.
+    public func forget(_ ino: Ino, _ count: UInt64) {
+        lock.withLock {
+            guard let n = kernelRefs[ino] else { return }
+            if n <= count {
+                kernelRefs[ino] = nil
+                ghosts[ino] = nil
+            } else {
+                kernelRefs[ino] = n - count
+            }
+        }
+    }
+
+    /// Keeps the attributes of an inode that lost its last name while the kernel holds it.
+    private func bury(_ r: RemovedName?) {
+        guard let r, r.freed else { return }
+        lock.withLock { if kernelRefs[r.ino] != nil { ghosts[r.ino] = r.attr } }
+    }
+
+    private func ghost(_ ino: Ino) -> Attr? { lock.withLock { ghosts[ino] } }
+
+    /// setattr on a ghost: the same rules, applied here (no size: it has no data and no name).
+    private func setGhostAttr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest) throws(FSError) -> Attr {
+        guard var a = ghost(ino) else { throw FSError.notFound }
+        if req.mask.contains(.size) { throw FSError.notFound }
+        let before = a
+        let now = Timespec.now()
+        let touch = try SetAttrRules.apply(req, to: &a, cred, now: now)
+        SetAttrRules.finish(req, &a, before, cred, now: now, touch: touch)
+        lock.withLock { if ghosts[ino] != nil { ghosts[ino] = a } }
+        return a
+    }
+
     // MARK: attributes
 
-    /// Attributes with the size of writes still buffered in this client.
+    /// Attributes with the size and modification time of writes still buffered in this client.
     private func overlay(_ ino: Ino, _ a: Attr) -> Attr {
-        guard a.type == .regular, let w = data.writer(ino) else { return a }
+        guard a.type == .regular, let w = data.writer(ino), let (end, written) = w.pending else { return a }
         var a = a
-        let end = w.pendingEnd
         if end > a.size { a.size = end }
+        a.mtime = written
+        if written > a.ctime { a.ctime = written }
         return a
+    }
+
+    /// Records the mode `a` in the open handles of `ino`.
+    private func noteMode(_ ino: Ino, _ a: Attr) {
+        lock.withLock {
+            for h in handles.values where h.ino == ino { h.mode = a.mode }
+        }
     }
 
     public func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
@@ -199,37 +261,45 @@ public final class VFS: @unchecked Sendable {
             try Posix.check(try getattr(parent), cred, .execute)
             return (ino, overlay(ino, a))
         }
+        let t = cache.stamp()
         let (ino, a) = try meta.lookup(cred, parent, name)
-        if name != [UInt8(ascii: ".")] && name != [UInt8(ascii: "."), UInt8(ascii: ".")] { cache.putEntry(parent, name, ino, a) }
+        if name != [UInt8(ascii: ".")] && name != [UInt8(ascii: "."), UInt8(ascii: ".")] { cache.putEntry(parent, name, ino, a, asOf: t) }
         return (ino, overlay(ino, a))
     }
 
     public func getattr(_ ino: Ino) throws(FSError) -> Attr {
         if let a = cache.attr(ino) { return overlay(ino, a) }
+        if let g = ghost(ino) { return g }
+        let t = cache.stamp()
         let a = try meta.getattr(ino)
-        cache.put(ino, a)
+        cache.put(ino, a, asOf: t)
         return overlay(ino, a)
     }
 
     public func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest, fh: UInt64?) throws(FSError) -> Attr {
         try writable()
+        if ghost(ino) != nil { return try setGhostAttr(cred, ino, req) }
         var req = req
-        if req.mask.contains(.size) {
-            // Buffered writes land before the size changes.
+        let times: SetAttrMask = [.atime, .mtime, .atimeNow, .mtimeNow]
+        if req.mask.contains(.size) || !req.mask.isDisjoint(with: times) {
+            // Buffered writes land before the size changes, and before times set explicitly
+            // (`cp -p` sets them on the open file): the later change wins, as on ext4.
             try data.flush(ino)
-            if let fh, let h = handle(fh), h.ino == ino, h.flags & O_ACCMODE != O_RDONLY { req.viaHandle = true }
         }
+        if req.mask.contains(.size), let fh, let h = handle(fh), h.ino == ino, h.flags & O_ACCMODE != O_RDONLY { req.viaHandle = true }
         let a = try meta.setattr(cred, ino, req)
-        cache.put(ino, a)
         if req.mask.contains(.size) {
             data.invalidate(ino)
             wakeDeleter()
         }
-        return a
+        cache.put(ino, a, asOf: cache.stamp())
+        noteMode(ino, a)
+        return overlay(ino, a)
     }
 
     public func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError) {
         if mask.contains(.write) { try writable() }
+        if let g = ghost(ino) { return try Posix.check(g, cred, mask) }
         try meta.access(cred, ino, mask)
     }
 
@@ -245,7 +315,7 @@ public final class VFS: @unchecked Sendable {
     /// Records a new entry in the client cache; the parent's times changed.
     private func created(_ parent: Ino, _ name: [UInt8], _ r: (Ino, Attr)) -> (Ino, Attr) {
         cache.drop(parent)
-        cache.putEntry(parent, name, r.0, r.1)
+        cache.putEntry(parent, name, r.0, r.1, asOf: cache.stamp())
         return r
     }
 
@@ -268,36 +338,36 @@ public final class VFS: @unchecked Sendable {
         cache.dropEntry(parent, name)
         let r = try meta.unlink(cred, parent, name)
         cache.drop(parent, r.ino)
+        bury(r)
         if r.freed { wakeDeleter() }
     }
 
     public func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
         try writable()
         cache.dropEntry(parent, name)
-        try meta.rmdir(cred, parent, name)
-        cache.drop(parent)
+        let r = try meta.rmdir(cred, parent, name)
+        cache.drop(parent, r.ino)
+        bury(r)
     }
 
     public func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], flags: RenameFlags) throws(FSError) {
         try writable()
-        let moved = cache.entry(sp, sn)
         cache.dropEntry(sp, sn)
         cache.dropEntry(dp, dn)
-        defer {
-            cache.drop(sp, dp)
-            if let moved { cache.drop(moved) }
-        }
-        if let r = try meta.rename(cred, sp, sn, dp, dn, flags) {
-            cache.drop(r.ino)
-            if r.freed { wakeDeleter() }
-        }
+        defer { cache.drop(sp, dp) }
+        let r = try meta.rename(cred, sp, sn, dp, dn, flags)
+        // Both inodes' ctime changed.
+        cache.drop(r.moved, r.other)
+        bury(r.removed)
+        if r.removed?.freed == true { wakeDeleter() }
     }
 
     public func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
         try writable()
+        let t = cache.stamp()
         let a = try meta.link(cred, ino, parent, name)
         cache.drop(parent)
-        cache.putEntry(parent, name, ino, a)
+        cache.putEntry(parent, name, ino, a, asOf: t)
         return overlay(ino, a)
     }
 
@@ -309,8 +379,13 @@ public final class VFS: @unchecked Sendable {
 
     /// Checks that `cred` may list `ino`.
     public func opendir(_ cred: Credential, _ ino: Ino) throws(FSError) {
+        if let g = ghost(ino) {
+            guard g.type == .directory else { throw FSError.notDir }
+            return try Posix.check(g, cred, .read)
+        }
+        let t = cache.stamp()
         let a = try meta.getattr(ino)
-        cache.put(ino, a)
+        cache.put(ino, a, asOf: t)
         guard a.type == .directory else { throw FSError.notDir }
         try Posix.check(a, cred, .read)
     }
@@ -318,6 +393,7 @@ public final class VFS: @unchecked Sendable {
     /// Entries from FUSE offset `offset`: 0 starts with ".", 1 with "..", then the engine's
     /// positions shifted by 2. Each entry's `cookie` is the offset to continue after it.
     public func readdir(_ ino: Ino, offset: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
+        if ghost(ino) != nil { return [] }  // a removed directory lists nothing, as on ext4
         var out: [DirEntry] = []
         if offset < 2 {
             let a = try meta.getattr(ino)
@@ -329,11 +405,12 @@ public final class VFS: @unchecked Sendable {
         let after = offset < 2 ? 0 : offset - 2
         // Attributes come in the same round trip: fetch them always, so the lookups and stats
         // that usually follow a listing are answered from the client cache.
+        let t = cache.stamp()
         var entries = try meta.readdir(ino, after: after, limit: limit, plus: plus || cache.enabled)
         for i in entries.indices {
             entries[i].cookie += 2
             if let a = entries[i].attr {
-                cache.putEntry(ino, entries[i].name, entries[i].ino, a)
+                cache.putEntry(ino, entries[i].name, entries[i].ino, a, asOf: t)
                 entries[i].attr = overlay(entries[i].ino, a)
             }
         }
@@ -360,18 +437,34 @@ public final class VFS: @unchecked Sendable {
         let wantsWrite = flags & O_ACCMODE != O_RDONLY || flags & O_TRUNC != 0
         if wantsWrite { try writable() }
         let stampBefore = data.changeStamp(ino)
-        let (a, first) = try meta.open(cred, ino, flags: flags, sid: sid)
-        cache.put(ino, a)
+        var (a, first) = try meta.open(cred, ino, flags: flags, sid: sid)
+        if flags & O_TRUNC != 0 && a.type == .regular {
+            // open(O_TRUNC) (the kernel hands it to us: atomic_o_trunc) empties the file and
+            // updates mtime and ctime, even when it was empty already.
+            do {
+                try data.flush(ino)
+                var req = SetAttrRequest(mask: .size)
+                req.viaHandle = true
+                a = try meta.setattr(cred, ino, req)
+                first = []
+                wakeDeleter()
+            } catch {
+                try? meta.close(ino, sid: sid)
+                throw error
+            }
+            noteMode(ino, a)
+        }
         let keep = lock.withLock { () -> Bool in
             let same = lastOpened[ino].map { $0.0 == a.mtime && $0.1 == a.size && $0.2 == stampBefore } ?? false
             if lastOpened.count > 100_000 { lastOpened.removeAll() }
             return same && !wantsWrite && a.type == .regular && data.writer(ino) == nil
         }
         data.invalidate(ino)
+        cache.put(ino, a, asOf: cache.stamp())
         if let first { data.prime(ino, 0, first) }
         lock.withLock { lastOpened[ino] = (a.mtime, a.size, data.changeStamp(ino)) }
         let w = wantsWrite && a.type == .regular ? data.openWriter(ino) : nil
-        let h = FileHandle(ino: ino, flags: flags, writer: w, size: a.size, stamp: data.changeStamp(ino))
+        let h = FileHandle(ino: ino, flags: flags, writer: w, size: a.size, stamp: data.changeStamp(ino), mode: a.mode)
         return (register(h), overlay(ino, a), keep)
     }
 
@@ -380,7 +473,7 @@ public final class VFS: @unchecked Sendable {
         try writable()
         let (ino, a) = created(parent, name, try meta.create(cred, parent, name, mode, sid: sid))
         let w = data.openWriter(ino)
-        return (ino, a, register(FileHandle(ino: ino, flags: flags, writer: w, size: 0, stamp: data.changeStamp(ino))))
+        return (ino, a, register(FileHandle(ino: ino, flags: flags, writer: w, size: 0, stamp: data.changeStamp(ino), mode: a.mode)))
     }
 
     public func read(_ fh: UInt64, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
@@ -403,10 +496,19 @@ public final class VFS: @unchecked Sendable {
         return try data.read(h.ino, at: offset, into: buffer, fileSize: size, hint: h.readAhead)
     }
 
-    public func write(_ fh: UInt64, at offset: UInt64, _ buffer: UnsafeRawBufferPointer) throws(FSError) -> Int {
+    /// Buffers a write. `caller` gives the writer's credential, asked for only when the file
+    /// has set-user-ID or set-group-ID bits, which a write by anyone but root clears.
+    public func write(
+        _ fh: UInt64, at offset: UInt64, _ buffer: UnsafeRawBufferPointer, uid: UInt32, caller: () -> Credential
+    ) throws(FSError) -> Int {
         guard let h = handle(fh) else { throw FSError.badF }
         guard let w = h.writer else { throw FSError.badF }
-        if offset + UInt64(buffer.count) > UInt64(1) << 50 { throw FSError(EFBIG, "file too large") }
+        if offset + UInt64(buffer.count) > maxFileSize { throw FSError(EFBIG, "file too large (the largest is 1 PiB)") }
+        if uid != 0 && lock.withLock({ h.mode & 0o6000 != 0 }) {
+            let a = try meta.setattr(caller(), h.ino, SetAttrRequest(mask: .killPriv))
+            cache.put(h.ino, a, asOf: cache.stamp())
+            noteMode(h.ino, a)
+        }
         try w.write(buffer, at: offset)
         cache.drop(h.ino)
         return buffer.count
@@ -458,11 +560,13 @@ public final class VFS: @unchecked Sendable {
     public func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
         try writable()
         try meta.setxattr(cred, ino, name, value, flag)
+        cache.drop(ino)
     }
 
     public func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
         try writable()
         try meta.removexattr(cred, ino, name)
+        cache.drop(ino)
     }
 
     // MARK: locks

@@ -48,6 +48,13 @@ struct Format: ParsableCommand {
     @Option(help: "Days deleted files stay in the trash (recorded now; the trash arrives in a later release).")
     var trashDays = 1
 
+    @Option(
+        help: ArgumentHelp(
+            "Mode of the volume's root directory, in octal (owner root).",
+            discussion: "1777 (the default, like /tmp) lets every user create files at the top and only remove their own; 755 keeps the top level to root, who then makes a directory per user or project."
+        ))
+    var rootMode = "1777"
+
     @Flag(help: "Overwrite the settings of an existing volume (data already written keeps its layout).")
     var force = false
 
@@ -62,6 +69,9 @@ struct Format: ParsableCommand {
         }
         if trashDays < 0 { throw ValidationError("--trash-days cannot be negative") }
         if storage == "s3" && bucket == nil { throw ValidationError("--storage s3 needs --bucket http(s)://host:port/bucket") }
+        guard let m = UInt16(rootMode, radix: 8), m <= 0o7777 else {
+            throw ValidationError("invalid --root-mode '\(rootMode)': give octal permission bits such as 1777 or 755")
+        }
     }
 
     func run() throws {
@@ -77,12 +87,12 @@ struct Format: ParsableCommand {
         let meta = try openMetadata(url, create: true)
         if let old = try meta.loadFormat(), old.differences(from: record).isEmpty == false, !force {
             // Refuse before touching the store.
-            try meta.initialize(record, force: false)
+            try meta.initialize(record, force: false, rootMode: 0)
         }
         let store = try openObjectStore(StoreConfig(storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret))
         try store.create()
         try store.check(prefix: name)
-        try meta.initialize(record, force: force)
+        try meta.initialize(record, force: force, rootMode: UInt16(rootMode, radix: 8) ?? 0o1777)
         let f = try meta.requireFormat()
         print("Formatted volume '\(f.name)' (uuid \(f.uuid))")
         print("  metadata: \(url)")

@@ -33,8 +33,15 @@ struct Stage: ParsableCommand {
             cache size, staging stops and says so.
 
             A progress line (files, bytes, rate, ETA) is shown on a terminal; a summary line
-            otherwise. Ctrl-C stops cleanly. Exit status: 0 when every path was staged (or, with
-            --check, is fully cached), 1 when some path failed, 130 when interrupted.
+            otherwise. Ctrl-C stops cleanly.
+
+            Exit status:
+              0    every path was staged (with --check: is fully cached)
+              3    partial: some of it was staged, not all (the messages say which and why)
+              4    failed: nothing was staged (every path failed)
+              1    a runtime failure before staging could start (metadata or store unreachable)
+              2    a usage error
+              130  interrupted (Ctrl-C, SIGTERM)
             """
     )
 
@@ -133,41 +140,17 @@ struct Stage: ParsableCommand {
         } else if let bad = all.first(where: { !$0.hasPrefix("/") }) {
             throw FSError.usage("with --meta, paths are absolute paths inside the volume: '\(bad)'")
         }
-        let url = try MetaURL.parse(metaURL!)
-        let metaEngine = try openMetadata(url)
-        let format = try metaEngine.requireFormat()
         let dirs = cacheDir != nil ? cacheDirectories(cacheDir) : (record?.cacheDirs ?? cacheDirectories(nil))
         let size = cacheSize ?? (cacheDir == nil ? record?.cacheSize : nil) ?? 102400
         if size == 0 { throw FSError.usage("the cache size is 0: there is no cache to stage into") }
-        let cache = try DiskCache(
-            config: DiskCacheConfig(dirs: dirs, capacity: size << 20, freeSpaceRatio: freeSpaceRatio ?? record?.freeSpaceRatio ?? 0.1),
-            volumeUUID: format.uuid)
-        var store: (any ObjectStore)?
-        if !check && !evict {
-            store = try openObjectStore(io.storeConfig(format))
-        }
         let mode: StageMode = check ? .check : (evict ? .evict : .stage)
-        let stager = Stager(meta: metaEngine, store: store, cache: cache, format: format, cred: processCredential(), threads: threads, job: job)
-
-        signal(SIGINT, stageSignal)
-        signal(SIGTERM, stageSignal)
-        let display = ProgressDisplay(progress: stager.progress, enabled: !quiet && isatty(2) == 1)
-        display.start()
-        let result = stager.run(volumePaths, mode: mode)
-        display.stop()
-
+        let result = try runStaging(
+            metaURL: metaURL!, paths: volumePaths, mode: mode, cache: DiskCacheConfig(dirs: dirs, capacity: size << 20, freeSpaceRatio: freeSpaceRatio ?? record?.freeSpaceRatio ?? 0.1),
+            threads: threads, job: job, io: io, progress: !quiet && isatty(2) == 1)
         printSummary(result, shown: all)
-        if let report {
-            let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-            let data = (try? enc.encode(result)) ?? Data()
-            let fd = try Sys.open(report, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-            defer { Sys.close(fd) }
-            let bytes = [UInt8](data)
-            try fsTyped { try bytes.withUnsafeBytes { try Sys.pwrite(fd, $0.baseAddress!, $0.count, 0, path: report) } }
-        }
-        if result.interrupted { throw ExitCode(130) }
-        if result.status != "ok" { throw ExitCode(1) }
+        if let report { try writeReport(result, to: report) }
+        let code = StageExit.of(result)
+        if code != StageExit.ok { throw ExitCode(code) }
     }
 
     /// Maps paths inside one StageFS mount of this node to volume paths.
@@ -225,6 +208,66 @@ struct Stage: ParsableCommand {
 
 private func stageSignal(_ sig: Int32) {
     stagingStopRequested.store(true, ordering: .relaxed)
+}
+
+/// The exit statuses of `stage` and `job prolog` (documented in their --help and the README).
+enum StageExit {
+    static let ok: Int32 = 0
+    static let partial: Int32 = 3
+    static let failed: Int32 = 4
+    static let interrupted: Int32 = 130
+
+    static func of(_ r: StageReport) -> Int32 {
+        if r.interrupted { return interrupted }
+        switch r.status {
+        case "ok": return ok
+        case "partial": return partial
+        default: return failed
+        }
+    }
+}
+
+/// Stages (checks, evicts) volume paths of one volume into a disk cache, with the caller's
+/// credential; SIGINT and SIGTERM stop it cleanly.
+func runStaging(
+    metaURL: String, paths: [String], mode: StageMode, cache config: DiskCacheConfig, threads: Int, job: String?, io: IOOptions,
+    progress: Bool
+) throws(FSError) -> StageReport {
+    let url = try MetaURL.parse(metaURL)
+    let metaEngine = try openMetadata(url)
+    let format = try metaEngine.requireFormat()
+    let cache = try DiskCache(config: config, volumeUUID: format.uuid)
+    var store: (any ObjectStore)?
+    if mode == .stage {
+        store = try openObjectStore(io.storeConfig(format))
+    }
+    let stager = Stager(meta: metaEngine, store: store, cache: cache, format: format, cred: processCredential(), threads: threads, job: job)
+    signal(SIGINT, stageSignal)
+    signal(SIGTERM, stageSignal)
+    let display = ProgressDisplay(progress: stager.progress, enabled: progress)
+    display.start()
+    let result = stager.run(paths, mode: mode)
+    display.stop()
+    return result
+}
+
+/// Writes a staging report as JSON (the caller's permissions apply); without `followLinks`, a
+/// symbolic link at `path` is refused.
+func writeReport(_ result: StageReport, to path: String, followLinks: Bool = true) throws(FSError) {
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    let data = (try? enc.encode(result)) ?? Data()
+    let fd: Int32
+    do {
+        fd = try Sys.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | (followLinks ? 0 : O_NOFOLLOW), 0o644)
+    } catch {
+        if error.code == ELOOP { throw FSError(ELOOP, "\(path) is a symbolic link: remove it") }
+        throw error
+    }
+    defer { Sys.close(fd) }
+    let bytes = [UInt8](data)
+    try fsTyped { try bytes.withUnsafeBytes { try Sys.pwrite(fd, $0.baseAddress!, $0.count, 0, path: path) } }
+    if ftruncate(fd, off_t(bytes.count)) != 0 { throw FSError.errno(errno, "cannot write \(path)") }
 }
 
 /// The calling process's credential (uid, gid, supplementary groups).

@@ -17,7 +17,7 @@ struct StageFS: ParsableCommand {
             Exit codes: 0 success, 1 runtime failure, 2 usage error.
             """,
         version: stageFSVersion,
-        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self, Stage.self, BindConfig.self]
+        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self, Stage.self, BindConfig.self, Job.self]
     )
 }
 

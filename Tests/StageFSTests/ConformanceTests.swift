@@ -42,11 +42,11 @@ struct ConformanceTests {
         #expect(fmt.name == "test")
         #expect(fmt.blockSizeKiB == 4096)
         // Same settings again: accepted, UUID kept.
-        try f.engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: fmt.bucket), force: false)
+        try f.engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: fmt.bucket), force: false, rootMode: 0o777)
         #expect(try f.engine.loadFormat()?.uuid == fmt.uuid)
         // Other settings: refused with a message naming the difference.
         do {
-            try f.engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: fmt.bucket, blockSizeKiB: 1024), force: false)
+            try f.engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: fmt.bucket, blockSizeKiB: 1024), force: false, rootMode: 0o777)
             Issue.record("reformat with another block size was accepted")
         } catch {
             let e = error
@@ -108,15 +108,15 @@ struct ConformanceTests {
         #expect(sa.nlink == 2 && sa.size == 4096 && sa.parent == dir)
         #expect(try m.getattr(dir).nlink == 3)
         _ = try m.mknod(alice, sub, n("f"), .regular, 0o644, rdev: 0, target: nil)
-        expectErrno(ENOTEMPTY) { try m.rmdir(alice, dir, n("sub")) }
+        expectErrno(ENOTEMPTY) { _ = try m.rmdir(alice, dir, n("sub")) }
         expectErrno(EISDIR) { _ = try m.unlink(alice, dir, n("sub")) }
-        expectErrno(ENOTDIR) { try m.rmdir(alice, sub, n("f")) }
+        expectErrno(ENOTDIR) { _ = try m.rmdir(alice, sub, n("f")) }
         let r = try m.unlink(alice, sub, n("f"))
         #expect(r.freed)
-        try m.rmdir(alice, dir, n("sub"))
+        _ = try m.rmdir(alice, dir, n("sub"))
         #expect(try m.getattr(dir).nlink == 2)
         expectErrno(ENOENT) { _ = try m.getattr(sub) }
-        expectErrno(ENOENT) { try m.rmdir(alice, dir, n("sub")) }
+        expectErrno(ENOENT) { _ = try m.rmdir(alice, dir, n("sub")) }
         let (dotdot, _) = try m.lookup(alice, dir, n(".."))
         #expect(dotdot == rootIno)
     }
@@ -151,11 +151,11 @@ struct ConformanceTests {
         let (fa, _) = try m.mknod(alice, d1, n("a"), .regular, 0o644, rdev: 0, target: nil)
         let (fb, _) = try m.mknod(alice, d1, n("b"), .regular, 0o644, rdev: 0, target: nil)
         // Plain rename within a directory.
-        #expect(try m.rename(alice, d1, n("a"), d1, n("a2"), []) == nil)
+        #expect(try m.rename(alice, d1, n("a"), d1, n("a2"), []).removed == nil)
         #expect(try m.lookup(alice, d1, n("a2")).0 == fa)
         expectErrno(ENOENT) { _ = try m.lookup(alice, d1, n("a")) }
         // Replace an existing file: the old one is freed.
-        let replaced = try #require(try m.rename(alice, d1, n("a2"), d1, n("b"), []))
+        let replaced = try #require(try m.rename(alice, d1, n("a2"), d1, n("b"), []).removed)
         #expect(replaced.ino == fb && replaced.freed)
         #expect(try m.lookup(alice, d1, n("b")).0 == fa)
         // Across directories.
@@ -178,7 +178,7 @@ struct ConformanceTests {
         // Directory over an empty directory; over a non-empty one; type mismatches.
         let (e1, _) = try m.mknod(alice, dir, n("e1"), .directory, 0o755, rdev: 0, target: nil)
         let (e2, _) = try m.mknod(alice, dir, n("e2"), .directory, 0o755, rdev: 0, target: nil)
-        let over = try #require(try m.rename(alice, dir, n("e1"), dir, n("e2"), []))
+        let over = try #require(try m.rename(alice, dir, n("e1"), dir, n("e2"), []).removed)
         #expect(over.ino == e2)
         #expect(try m.lookup(alice, dir, n("e2")).0 == e1)
         expectErrno(ENOENT) { _ = try m.getattr(e2) }
@@ -189,7 +189,7 @@ struct ConformanceTests {
         expectErrno(EINVAL) { _ = try m.rename(alice, dir, n("d2"), sub, n("loop"), []) }
         // Same inode under two names: nothing happens.
         _ = try m.link(alice, fa, d1, n("hard"))
-        #expect(try m.rename(alice, d1, n("sub"), d1, n("hard"), []) == nil)
+        #expect(try m.rename(alice, d1, n("sub"), d1, n("hard"), []).removed == nil)
         #expect(try m.lookup(alice, d1, n("sub")).0 == fa)
         #expect(try m.getattr(fa).nlink == 2)
     }
@@ -401,8 +401,8 @@ struct ConformanceTests {
         let s2 = try m.statfs()
         #expect(s2.usedInodes == s0.usedInodes && s2.usedSpace == s0.usedSpace)
         #expect(try m.pendingDeletes(limit: 10) == [PendingDelete(ino: ino, size: 10000)])
-        let slices = try m.finishDelete(PendingDelete(ino: ino, size: 10000))
-        #expect(slices.count == 1)
+        let (slices, done) = try m.finishDelete(PendingDelete(ino: ino, size: 10000))
+        #expect(slices.count == 1 && done)
         #expect(try m.pendingDeletes(limit: 10).isEmpty)
     }
 
@@ -488,5 +488,183 @@ struct ConformanceTests {
         #expect(try other.lookup(alice, rootIno, n("shared")).0 == ino)
         _ = try other.writeSlice(ino, 0, Slice(pos: 0, id: 3, size: 5, off: 0, len: 5), minSize: 5, mtime: .now())
         #expect(try f.engine.getattr(ino).size == 5)
+    }
+}
+
+/// The rules the differential test found missing or wrong, and the bounded steps of work that
+/// grows with a file or a session: every engine must follow them alike.
+@Suite("Metadata rules and bounds", .timeLimit(.minutes(3)))
+struct RulesAndBoundsTests {
+    private func mode(_ m: any MetadataEngine, _ ino: Ino) throws -> UInt16 { try m.getattr(ino).mode }
+
+    private func chmod(_ m: any MetadataEngine, _ who: Credential, _ ino: Ino, _ mode: UInt16) throws {
+        var r = SetAttrRequest(mask: .mode)
+        r.mode = mode
+        _ = try m.setattr(who, ino, r)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func privilegeBits(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, _) = try m.mknod(alice, dir, n("prog"), .regular, 0o644, rdev: 0, target: nil)
+        // A write by anyone but root clears set-user-ID, and set-group-ID of an executable.
+        try chmod(m, alice, ino, 0o6777)
+        _ = try m.setattr(bob, ino, SetAttrRequest(mask: .killPriv))
+        #expect(try mode(m, ino) == 0o777)
+        try chmod(m, alice, ino, 0o4755)
+        _ = try m.setattr(root, ino, SetAttrRequest(mask: .killPriv))
+        #expect(try mode(m, ino) == 0o4755, "root keeps them (CAP_FSETID)")
+        // set-group-ID without group execute stays for a writer in the group, goes otherwise.
+        try chmod(m, alice, ino, 0o2646)
+        _ = try m.setattr(alice, ino, SetAttrRequest(mask: .killPriv))
+        #expect(try mode(m, ino) == 0o2646)
+        _ = try m.setattr(bob, ino, SetAttrRequest(mask: []))
+        #expect(try mode(m, ino) == 0o646, "the kernel's empty setattr after a write by bob")
+        // A truncate clears them, and chown (even by root, even to the same owner) clears set-user-ID.
+        try chmod(m, alice, ino, 0o6755)
+        var trunc = SetAttrRequest(mask: .size)
+        trunc.size = 0
+        _ = try m.setattr(alice, ino, trunc)
+        #expect(try mode(m, ino) == 0o755)
+        try chmod(m, alice, ino, 0o4755)
+        var chown = SetAttrRequest(mask: .uid)
+        chown.uid = alice.uid
+        _ = try m.setattr(root, ino, chown)
+        #expect(try mode(m, ino) == 0o755)
+        // A non-owner may only drop privilege bits (the kernel asks that after a write).
+        try chmod(m, alice, ino, 0o4755)
+        try chmod(m, bob, ino, 0o755)
+        #expect(try mode(m, ino) == 0o755)
+        expectErrno(EPERM) { try chmod(m, bob, ino, 0o755) }
+        expectErrno(EPERM) { try chmod(m, bob, ino, 0o4755) }
+        expectErrno(EPERM) { try chmod(m, bob, ino, 0o700) }
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func truncateTimes(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, a0) = try m.mknod(alice, dir, n("t"), .regular, 0o644, rdev: 0, target: nil)
+        var old = SetAttrRequest(mask: [.mtime, .atime])
+        old.mtime = Timespec(sec: 1000, nsec: 5)
+        old.atime = old.mtime
+        _ = try m.setattr(alice, ino, old)
+        var same = SetAttrRequest(mask: .size)
+        same.size = a0.size
+        let a = try m.setattr(alice, ino, same)
+        #expect(a.mtime.sec > 1000 && a.ctime.sec > 1000, "a truncate to the same size updates mtime and ctime")
+        expectErrno(EFBIG) {
+            var big = SetAttrRequest(mask: .size)
+            big.size = maxFileSize + 1
+            _ = try m.setattr(alice, ino, big)
+        }
+        var max = SetAttrRequest(mask: .size)
+        max.size = maxFileSize
+        #expect(try m.setattr(alice, ino, max).size == maxFileSize)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func truncateAndDeleteInBoundedSteps(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, _) = try m.mknod(alice, dir, n("dense"), .regular, 0o644, rdev: 0, target: nil)
+        let chunks: UInt32 = 2500
+        for i in 0..<chunks {
+            let s = Slice(pos: 0, id: UInt64(i) + 1, size: 10, off: 0, len: 10)
+            _ = try m.writeSlice(ino, i, s, minSize: UInt64(i) * chunkSize + 10, mtime: .now())
+        }
+        // Cutting to 100 bytes takes three bounded steps inside setattr; all records beyond go.
+        var cut = SetAttrRequest(mask: .size)
+        cut.size = 100
+        #expect(try m.setattr(alice, ino, cut).size == 100)
+        #expect(try m.readChunk(ino, 1).isEmpty && m.readChunk(ino, chunks - 1).isEmpty)
+        let first = try m.readChunk(ino, 0)
+        #expect(first.count == 2 && first[1].id == 0 && first[1].pos == 100, "a hole after the new end")
+        var dropped = 0
+        while true {
+            let batch = try m.takeDroppedSlices(limit: 500)
+            if batch.isEmpty { break }
+            dropped += batch.count
+        }
+        #expect(dropped == Int(chunks) - 1)
+        // Deleting a file with many chunks: finishDelete drops at most chunkBatch per call.
+        let (big, _) = try m.mknod(alice, dir, n("big"), .regular, 0o644, rdev: 0, target: nil)
+        for i in 0..<chunks {
+            _ = try m.writeSlice(big, i * 7, Slice(pos: 0, id: UInt64(i) + 9000, size: 1, off: 0, len: 1), minSize: 1, mtime: .now())
+        }
+        _ = try m.unlink(alice, dir, n("big"))
+        let pending = try #require(try m.pendingDeletes(limit: 10).first { $0.ino == big })
+        var calls = 0
+        var freed = 0
+        while true {
+            let (slices, done) = try m.finishDelete(pending)
+            calls += 1
+            freed += slices.count
+            #expect(slices.count <= chunkBatch)
+            if done { break }
+        }
+        #expect(freed == Int(chunks) && calls == 3)
+        #expect(try m.pendingDeletes(limit: 10).allSatisfy { $0.ino != big })
+        // A sparse file of the largest size is deleted at once: nothing was written.
+        let (sparse, _) = try m.mknod(alice, dir, n("sparse"), .regular, 0o644, rdev: 0, target: nil)
+        var max = SetAttrRequest(mask: .size)
+        max.size = maxFileSize
+        _ = try m.setattr(alice, sparse, max)
+        _ = try m.unlink(alice, dir, n("sparse"))
+        let p2 = try #require(try m.pendingDeletes(limit: 10).first { $0.ino == sparse })
+        let (none, done) = try m.finishDelete(p2)
+        #expect(none.isEmpty && done)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func closingASessionWithManyOpenFiles(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let before = try m.statfs().usedInodes
+        let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/m", version: "t"))
+        for i in 0..<2100 {
+            _ = try m.create(alice, dir, n("f\(i)"), 0o644, sid: sid)
+            _ = try m.unlink(alice, dir, n("f\(i)"))
+        }
+        #expect(try m.statfs().usedInodes == before + 2100, "unlinked but open")
+        try m.closeSession(sid)
+        #expect(try m.statfs().usedInodes == before)
+        #expect(try m.listSessions().allSatisfy { $0.sid != sid })
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func extendedAttributeNames(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, _) = try m.mknod(alice, dir, n("x"), .regular, 0o600, rdev: 0, target: nil)
+        expectErrno(EINVAL) { try m.setxattr(alice, ino, n("user."), [1], .any) }
+        expectErrno(EINVAL) { _ = try m.getxattr(alice, ino, n("user.")) }
+        expectErrno(EOPNOTSUPP) { _ = try m.getxattr(alice, ino, n("bogus.x")) }
+        expectErrno(EACCES) { _ = try m.getxattr(bob, ino, n("bogus.x")) }
+        expectErrno(ENODATA) { _ = try m.getxattr(bob, ino, n("security.s")) }
+        expectErrno(EPERM) { try m.setxattr(alice, ino, n("security.s"), [1], .any) }
+        try m.setxattr(root, ino, n("security.s"), [1], .any)
+        for i in 0..<(maxXattrsPerInode - 1) { try m.setxattr(alice, ino, n("user.a\(i)"), [], .any) }
+        expectErrno(ENOSPC) { try m.setxattr(alice, ino, n("user.one-too-many"), [], .any) }
+        try m.setxattr(alice, ino, n("user.a0"), [2], .replace)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func renameWalksABoundedNumberOfAncestors(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let top = try playground(m)
+        _ = try m.mknod(alice, top, n("moved"), .directory, 0o755, rdev: 0, target: nil)
+        var parent = top
+        for _ in 0...maxRenameDepth { (parent, _) = try m.mknod(alice, parent, n("d"), .directory, 0o755, rdev: 0, target: nil) }
+        expectErrno(ELOOP) { _ = try m.rename(alice, top, n("moved"), parent, n("moved"), []) }
+        let (shallow, _) = try m.mknod(alice, top, n("shallow"), .directory, 0o755, rdev: 0, target: nil)
+        _ = try m.rename(alice, top, n("moved"), shallow, n("moved"), [])
     }
 }

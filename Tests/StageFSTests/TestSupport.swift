@@ -109,7 +109,7 @@ final class EngineFixture: @unchecked Sendable {
             url = redis!.url
         }
         engine = try openMetadata(try MetaURL.parse(url), create: true)
-        try engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: dir + "/data"), force: false)
+        try engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: dir + "/data"), force: false, rootMode: 0o777)
     }
 
     /// A second, independent client of the same metadata.

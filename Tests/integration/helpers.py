@@ -13,6 +13,8 @@ import time
 
 USER = "stagefs-t1"
 OTHER = "stagefs-t2"
+# A group both test users belong to (group permissions, set-group-ID directories).
+SHARED_GROUP = "stagefs-tg"
 
 
 def free_port():
@@ -85,14 +87,21 @@ class Redis:
     def __init__(self, workdir):
         self.port = free_port()
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--databases", "64", "--dir", workdir],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--databases", "1000", "--dir", workdir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not wait_port(self.port):
             self.stop()
             raise RuntimeError("redis-server did not start")
 
+        self.next_db = 99
+
     def url(self, db=0):
         return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def new_db(self):
+        """A database number no other test uses (tests that name one use numbers below 64)."""
+        self.next_db += 1
+        return self.next_db
 
     def stop(self):
         self.proc.kill()
@@ -206,3 +215,57 @@ def kill_quietly(pid, sig=signal.SIGKILL):
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def host_setup():
+    """What a normal host has: /dev/fuse usable by all, user_allow_other, and the test users
+    (both also in a shared group)."""
+    os.chmod("/dev/fuse", 0o666)
+    conf = "/etc/fuse.conf"
+    text = open(conf).read() if os.path.exists(conf) else ""
+    if not any(line.strip() == "user_allow_other" for line in text.splitlines()):
+        with open(conf, "a") as f:
+            f.write("\nuser_allow_other\n")
+    ensure_user(USER)
+    ensure_user(OTHER)
+    try:
+        members = grp.getgrnam(SHARED_GROUP).gr_mem
+    except KeyError:
+        subprocess.run(["groupadd", SHARED_GROUP], check=True)
+        members = []
+    for u in (USER, OTHER):
+        if u not in members:
+            subprocess.run(["usermod", "-a", "-G", SHARED_GROUP, u], check=True)
+
+
+class Volume:
+    """A formatted and mounted volume, mounted by the unprivileged test user."""
+
+    def __init__(self, env, kind, meta_url, fmt_args, name):
+        self.env, self.kind, self.meta_url, self.name = env, kind, meta_url, name
+        self.base = env.dir_for(USER, kind)
+        self.fmt_args = fmt_args
+        self.block_size = 4 << 20
+        env.stagefs("format", meta_url, name, *fmt_args)
+        self.mnt = self.mount()
+
+    def mount(self, *extra):
+        mnt = self.env.dir_for(USER, f"mnt-{self.kind}")
+        self.env.stagefs("mount", "-d", self.meta_url, mnt, "-o", "allow_other", "--log", os.path.join(self.base, "mount.log"), *extra)
+        assert is_mounted(mnt)
+        return mnt
+
+    def umount(self, mnt):
+        if is_mounted(mnt):
+            self.env.stagefs("umount", mnt)
+
+    def path(self, *parts):
+        return os.path.join(self.mnt, *parts)
+
+
+def make_volume(env, kind, redis, moto, name):
+    if kind == "sqlite-local":
+        base = env.dir_for(USER, "vol")
+        return Volume(env, kind, f"sqlite3://{base}/meta.db", ["--bucket", f"{base}/data"], name)
+    return Volume(env, kind, redis.url(redis.new_db()), ["--storage", "s3", "--bucket", moto.bucket(f"{name}-bucket"),
+                                            "--access-key", moto.access_key, "--secret-key", moto.secret_key], name)

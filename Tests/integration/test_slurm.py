@@ -37,7 +37,7 @@ class Cluster:
         self.dir = env.dir_for("root", "slurm")
         os.chmod(self.dir, 0o755)
         d = self.dir
-        for sub in ("state", "log", "out", "cache", "mnt"):
+        for sub in ("state", "log", "out", "cache", "mnt", "jobstate"):
             os.makedirs(f"{d}/{sub}", exist_ok=True)
         for k in range(1, nodes + 1):
             os.makedirs(f"{d}/spool/n{k}", exist_ok=True)
@@ -123,7 +123,7 @@ PlugStackConfig={d}/plugstack.conf
             f.write("CgroupPlugin=cgroup/v1\n")
         with open(f"{d}/plugstack.conf", "w") as f:
             f.write(f"required {self.plugin} stagefs={env.bin} volume={self.meta} cache_root={d}/cache "
-                    f"mount_root={d}/mnt timeout=300\n")
+                    f"mount_root={d}/mnt state_dir={d}/jobstate timeout=300\n")
         self.start(["slurmctld", "-D", "-f", self.conf])
         time.sleep(1)
         self.start(["slurmd", "-D", "-f", self.conf, "-N", "n1"])
@@ -221,6 +221,7 @@ def assert_cleaned_up(cluster, jobid):
     assert pins_of(cluster, jobid) == 0, "no pin of the job remains"
     uid = helpers.pwd.getpwnam(USER).pw_uid
     assert not os.path.exists(f"{cluster.dir}/cache/{uid}/jobs/{jobid}")
+    assert not os.path.exists(f"{cluster.dir}/jobstate/{jobid}"), "the status file is gone"
 
 
 JOB = """#!/bin/bash
@@ -306,14 +307,13 @@ def test_shell_prolog_and_epilog(cluster, env):
     conf = f"{cluster.dir}/stagefs.env"
     with open(conf, "w") as f:
         f.write(f"STAGEFS_BIN={env.bin}\nSTAGEFS_VOLUME={cluster.meta}\nSTAGEFS_CACHE_ROOT={cluster.dir}/cache\n"
-                f"STAGEFS_MOUNT_ROOT={cluster.dir}/mnt\nSTAGEFS_TIMEOUT=300\n")
+                f"STAGEFS_MOUNT_ROOT={cluster.dir}/mnt\nSTAGEFS_STATE_DIR={cluster.dir}/jobstate\nSTAGEFS_TIMEOUT=300\n")
     job = "990001"
     base = {**os.environ, "STAGEFS_SLURM_ENV": conf, "SLURM_JOB_ID": job, "SLURM_JOB_USER": USER}
     env_pro = {**base, "SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage": "/datasets/small"}
     p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"], env=env_pro, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    uid = helpers.pwd.getpwnam(USER).pw_uid
-    status = open(f"{cluster.dir}/cache/{uid}/jobs/{job}/status").read()
+    status = open(f"{cluster.dir}/jobstate/{job}").read()
     assert status.startswith("ok\n") and f"mount={cluster.dir}/mnt/{job}" in status
     assert pins_of(cluster, job) > 0
     assert run_as(USER, lambda: sorted(os.listdir(f"{cluster.dir}/mnt/{job}/datasets/small")))[0] == "f0"
@@ -324,7 +324,7 @@ def test_shell_prolog_and_epilog(cluster, env):
     env_bad = {**base, "SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage": "/private"}
     p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"], env=env_bad, capture_output=True, text=True)
     assert p.returncode == 0
-    status = open(f"{cluster.dir}/cache/{uid}/jobs/{job}/status").read()
+    status = open(f"{cluster.dir}/jobstate/{job}").read()
     assert status.startswith("failed\n") and "/private: permission denied" in status
     subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, check=True)
     # A node fault does: the binary is missing.
@@ -333,6 +333,148 @@ def test_shell_prolog_and_epilog(cluster, env):
     p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"], env=env_pro, capture_output=True, text=True)
     assert p.returncode == 1 and "cannot be run" in p.stderr
     subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, check=True)
+
+
+class Victims:
+    """What a planted link points at: a root-owned 0700 directory with a file, and a
+    root-owned 0600 file. They must keep content, owner and mode."""
+
+    def __init__(self, cluster, tag):
+        self.dir = f"{cluster.dir}/victim-{tag}-dir"
+        self.file = f"{cluster.dir}/victim-{tag}-file"
+        os.makedirs(self.dir)
+        with open(f"{self.dir}/keep", "w") as f:
+            f.write("root's own")
+        os.chmod(self.dir, 0o700)
+        with open(self.file, "w") as f:
+            f.write("secret")
+        os.chmod(self.file, 0o600)
+
+    def assert_intact(self):
+        d, f = os.lstat(self.dir), os.lstat(self.file)
+        assert (d.st_uid, d.st_gid, stat_mode(d)) == (0, 0, 0o700), f"{self.dir} changed: {d}"
+        assert os.listdir(self.dir) == ["keep"] and open(f"{self.dir}/keep").read() == "root's own"
+        assert (f.st_uid, f.st_gid, stat_mode(f)) == (0, 0, 0o600), f"{self.file} changed: {f}"
+        assert open(self.file).read() == "secret"
+
+
+def stat_mode(st):
+    return st.st_mode & 0o7777
+
+
+def next_job_id(cluster):
+    """Slurm numbers jobs one after another: run one, the next gets its id + 1."""
+    p = cluster.submit("#!/bin/bash\ntrue\n", name="probe")
+    jobid = p.stdout.strip().split(";")[0]
+    cluster.wait_job(jobid)
+    return int(jobid) + 1
+
+
+def user_jobs_dir(cluster, cache="cache"):
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    jobs = f"{cluster.dir}/{cache}/{uid}/jobs"
+    run_as(USER, os.makedirs, jobs, 0o700, True)
+    return jobs
+
+
+@pytest.mark.parametrize("plant", ["job-dir-link", "report-link", "cache-dir-link"])
+def test_links_planted_for_the_plugin_touch_nothing_of_root(cluster, plant):
+    """A user plants links where root's prolog and epilog work: the job fails with the reason,
+    the node stays idle, and root's files keep content, owner and mode."""
+    v = Victims(cluster, plant)
+    jobs = user_jobs_dir(cluster)
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    userdir = f"{cluster.dir}/cache/{uid}"
+    nxt = next_job_id(cluster)
+    if plant == "job-dir-link":
+        run_as(USER, os.symlink, v.dir, f"{jobs}/{nxt}")
+        expect = f"jobs/{nxt} is a symbolic link"
+    elif plant == "report-link":
+        run_as(USER, os.mkdir, f"{jobs}/{nxt}")
+        for name in ("report.json", "status", "mount.log"):
+            run_as(USER, os.symlink, v.file, f"{jobs}/{nxt}/{name}")
+        expect = "report.json is a symbolic link"
+    else:
+        run_as(USER, os.rename, userdir, userdir + ".moved")
+        run_as(USER, os.symlink, v.dir, userdir)
+        expect = f"{userdir} is a symbolic link or not a directory"
+    try:
+        p = cluster.submit("#!/bin/bash\necho RAN\n", "--storage-stage=/datasets/small", name=f"plant-{plant}")
+        jobid = p.stdout.strip().split(";")[0]
+        assert int(jobid) == nxt, "the planted id was the job's"
+        state = cluster.wait_job(jobid)
+        out, err = cluster.output(f"plant-{plant}", jobid)
+        assert state == "FAILED" and "RAN" not in out, (state, out, err)
+        assert expect in err, err
+        assert cluster.sinfo().split() == ["idle"], "the node is not drained"
+        v.assert_intact()
+    finally:
+        if plant == "cache-dir-link":
+            os.unlink(userdir)
+            os.rename(userdir + ".moved", userdir)
+        helpers.shutil.rmtree(f"{jobs}/{nxt}", ignore_errors=True) if not os.path.islink(f"{jobs}/{nxt}") else os.unlink(f"{jobs}/{nxt}")
+    v.assert_intact()
+
+
+def test_a_job_that_swaps_its_directory_for_a_link_does_not_reach_root(cluster, env):
+    """The job replaces its per-job directory with a link to a root directory before the
+    epilog runs: the epilog (as the user) removes the link, never what it points to."""
+    v = Victims(cluster, "swap")
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    script = (f"#!/bin/bash\nd={cluster.dir}/cache/{uid}/jobs/$SLURM_JOB_ID\n"
+              f"mv $d $d.gone && ln -s {v.dir} $d && echo SWAPPED\n")
+    p = cluster.submit(script, "--storage-stage=/datasets/small", name="swap")
+    jobid = p.stdout.strip().split(";")[0]
+    assert cluster.wait_job(jobid) == "COMPLETED"
+    assert "SWAPPED" in cluster.output("swap", jobid)[0]
+    assert not os.path.lexists(f"{cluster.dir}/cache/{uid}/jobs/{jobid}"), "the link itself is gone"
+    v.assert_intact()
+    run_as(USER, helpers.shutil.rmtree, f"{cluster.dir}/cache/{uid}/jobs/{jobid}.gone")
+
+
+@pytest.mark.parametrize("plant", ["job-dir-link", "report-link", "cache-dir-link"])
+def test_links_planted_for_the_shell_prolog_touch_nothing_of_root(cluster, env, plant):
+    conf = f"{cluster.dir}/stagefs-attack.env"
+    with open(conf, "w") as f:
+        f.write(f"STAGEFS_BIN={env.bin}\nSTAGEFS_VOLUME={cluster.meta}\nSTAGEFS_CACHE_ROOT={cluster.dir}/cache\n"
+                f"STAGEFS_MOUNT_ROOT={cluster.dir}/mnt\nSTAGEFS_STATE_DIR={cluster.dir}/jobstate\nSTAGEFS_TIMEOUT=300\n")
+    v = Victims(cluster, f"sh-{plant}")
+    jobs = user_jobs_dir(cluster)
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    userdir = f"{cluster.dir}/cache/{uid}"
+    job = str(991000 + ["job-dir-link", "report-link", "cache-dir-link"].index(plant))
+    if plant == "job-dir-link":
+        run_as(USER, os.symlink, v.dir, f"{jobs}/{job}")
+    elif plant == "report-link":
+        run_as(USER, os.mkdir, f"{jobs}/{job}")
+        for name in ("report.json", "status", "mount.log"):
+            run_as(USER, os.symlink, v.file, f"{jobs}/{job}/{name}")
+    else:
+        run_as(USER, os.rename, userdir, userdir + ".moved")
+        run_as(USER, os.symlink, v.dir, userdir)
+    base = {**os.environ, "STAGEFS_SLURM_ENV": conf, "SLURM_JOB_ID": job, "SLURM_JOB_USER": USER}
+    try:
+        p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"],
+                           env={**base, "SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage": "/datasets/small"},
+                           capture_output=True, text=True)
+        assert p.returncode == 0, "a user's link is not a node fault: " + p.stderr
+        status = open(f"{cluster.dir}/jobstate/{job}").read()
+        assert status.startswith("failed\n") and "symbolic link" in status, status
+        v.assert_intact()
+        p = subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        v.assert_intact()
+        assert not os.path.exists(f"{cluster.dir}/jobstate/{job}")
+    finally:
+        if plant == "cache-dir-link":
+            os.unlink(userdir)
+            os.rename(userdir + ".moved", userdir)
+        if os.path.lexists(f"{jobs}/{job}"):
+            if os.path.islink(f"{jobs}/{job}"):
+                os.unlink(f"{jobs}/{job}")
+            else:
+                helpers.shutil.rmtree(f"{jobs}/{job}")
+    v.assert_intact()
 
 
 def test_a_node_fault_fails_the_prolog(cluster, env):

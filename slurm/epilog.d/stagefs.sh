@@ -1,12 +1,16 @@
 #!/bin/sh
 # Slurm Epilog companion of prolog.d/stagefs.sh: unmounts the job's mount (lazily, aborting a
-# dead FUSE connection), stops its mount process, releases the job's pins and removes the
-# per-job files. Idempotent: it does nothing harmful where the prolog did not run.
+# dead FUSE connection), stops its mount process, removes the mount directory, and has
+# `stagefs job epilog` release the job's pins and remove its per-job files as the job's user
+# (root removes nothing inside the user's directories). Idempotent: it does nothing harmful
+# where the prolog did not run.
 set -u
 . "${STAGEFS_SLURM_ENV:-/etc/stagefs/slurm.env}"
 JOB=${SLURM_JOB_ID:?}
 USER_NAME=${SLURM_JOB_USER:?}
-UID_N=$(id -u "$USER_NAME" 2>/dev/null) || exit 0
+STATE_DIR=${STAGEFS_STATE_DIR:-/run/stagefs}
+case $JOB in '' | *[!0-9]*) exit 0 ;; esac
+UID_N=$(id -u -- "$USER_NAME" 2>/dev/null) || exit 0
 
 if [ -n "${STAGEFS_MOUNT_ROOT:-}" ]; then
     MNT="$STAGEFS_MOUNT_ROOT/$JOB"
@@ -16,12 +20,16 @@ if [ -n "${STAGEFS_MOUNT_ROOT:-}" ]; then
         fusermount3 -u -z "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true
     fi
     pkill -TERM -u "$UID_N" -f "stagefs mount .*$MNT( |\$)" 2>/dev/null || true
-    sleep 1
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        pgrep -u "$UID_N" -f "stagefs mount .*$MNT( |\$)" >/dev/null 2>&1 || break
+        sleep 0.5
+    done
     pkill -KILL -u "$UID_N" -f "stagefs mount .*$MNT( |\$)" 2>/dev/null || true
-    rmdir "$MNT" 2>/dev/null || true
+    rmdir -- "$MNT" 2>/dev/null || true
 fi
-if [ -x "$STAGEFS_BIN" ] && [ -d "$STAGEFS_CACHE_ROOT/$UID_N" ]; then
-    "$STAGEFS_BIN" stage --release "$JOB" --cache-dir "$STAGEFS_CACHE_ROOT" --as-user "$USER_NAME" >/dev/null 2>&1 || true
+if [ -x "$STAGEFS_BIN" ]; then
+    runuser -u "$USER_NAME" -- "$STAGEFS_BIN" job epilog --job "$JOB" --cache-dir "$STAGEFS_CACHE_ROOT" >/dev/null 2>&1 ||
+        echo "stagefs: job $JOB: cleaning up as $USER_NAME failed" >&2
 fi
-rm -rf "$STAGEFS_CACHE_ROOT/$UID_N/jobs/$JOB"
+rm -f -- "$STATE_DIR/$JOB"
 exit 0

@@ -8,18 +8,26 @@
  *   stagefs=PATH         the stagefs binary (default /usr/local/bin/stagefs)
  *   volume=META-URL      the site's default volume
  *   volume.NAME=META-URL more volumes, named in specs as NAME:/path
- *   cache_root=DIR       node-local cache root (per-user subdirectories)
- *   mount_root=DIR       per-job mounts are made at DIR/<jobid>
+ *   cache_root=DIR       node-local cache root (per-user subdirectories; root-owned, sticky
+ *                        when users may write it)
+ *   mount_root=DIR       per-job mounts are made at DIR/<jobid> (root-owned, not writable by users)
+ *   state_dir=DIR        root-only directory for the per-job status files (default /run/stagefs)
  *   timeout=SECONDS      limit for staging (default 3600)
  *
- * In the job prolog (root, every node of the allocation; PrologFlags=Alloc) the plugin runs
- * `stagefs stage --as-user USER --job JOBID` and, unless --storage-no-mount, mounts the volume
- * as the job's user. User-caused failures go to a per-job status file and fail the job in
- * task_init with the reason on its stderr; only node faults fail the prolog. The epilog
- * unmounts, stops the mount process, releases the job's pins and removes the per-job files.
+ * Root never works in a place a user can write by path. In the job prolog (root, every node of
+ * the allocation; PrologFlags=Alloc) it makes <cache_root>/<uid> and <mount_root>/<jobid>
+ * through directory descriptors opened with O_NOFOLLOW (a link planted there fails the job with
+ * the reason, the node is not drained), then runs `stagefs job prolog` in a child that has
+ * switched to the job's uid, gid and groups: that child does all work in the user's directories
+ * (staging, reports, the job's mount). The child's exit status is the outcome (0 ok, 3 partial,
+ * 4 failed); root writes it with the reasons to <state_dir>/<jobid>, where only root can write,
+ * and task_init fails the job with them. Only node faults (binary missing, cache_root or
+ * state_dir unusable) fail the prolog. The epilog unmounts, stops the mount process, removes
+ * the mount directory through its parent's descriptor and runs `stagefs job epilog` as the user.
  *
- * The plugin does not link Swift: it runs the stagefs binary (fork/exec with a timeout, signals
- * reset in the child, waiting on that pid only). Every symbol but the SPANK entry points is
+ * The plugin does not link Swift: it runs the stagefs binary. Between fork and exec the child
+ * makes only async-signal-safe calls (everything it needs is prepared before the fork); the
+ * parent waits on that pid only, with a time limit. Every symbol but the SPANK entry points is
  * static (a global named like one of sbatch's, such as `opt`, would silently bind to it).
  */
 #define _GNU_SOURCE
@@ -57,6 +65,7 @@ struct volume {
 static char sf_binary[PATH_MAX] = "/usr/local/bin/stagefs";
 static char sf_cache_root[PATH_MAX] = "";
 static char sf_mount_root[PATH_MAX] = "";
+static char sf_state_dir[PATH_MAX] = "/run/stagefs";
 static struct volume sf_volumes[MAX_VOLUMES];
 static int sf_nvolumes = 0;
 static int sf_default_volume = -1;
@@ -120,11 +129,17 @@ static int sf_parse_args(int ac, char **av) {
             }
             memcpy(name, a + 7, n);
             name[n] = 0;
+            if (strpbrk(name, ":=,/ ")) {
+                slurm_error("stagefs: volume name '%s' may not contain ':', '=', ',', '/' or spaces", name);
+                return -1;
+            }
             if (sf_add_volume(name, eq + 1) < 0) return -1;
         } else if (strncmp(a, "cache_root=", 11) == 0) {
             snprintf(sf_cache_root, sizeof(sf_cache_root), "%s", a + 11);
         } else if (strncmp(a, "mount_root=", 11) == 0) {
             snprintf(sf_mount_root, sizeof(sf_mount_root), "%s", a + 11);
+        } else if (strncmp(a, "state_dir=", 10) == 0) {
+            snprintf(sf_state_dir, sizeof(sf_state_dir), "%s", a + 10);
         } else if (strncmp(a, "timeout=", 8) == 0) {
             sf_timeout = atoi(a + 8);
             if (sf_timeout <= 0) sf_timeout = 3600;
@@ -235,7 +250,9 @@ int slurm_spank_init(spank_t sp, int ac, char **av) {
     return 0;
 }
 
-/* ---- helpers for prolog/epilog ---- */
+/* ---- the job and its user ---- */
+
+#define MAX_GROUPS 1024
 
 struct job {
     uint32_t id;
@@ -243,8 +260,10 @@ struct job {
     gid_t gid;
     char user[256];
     char home[PATH_MAX];
-    char dir[PATH_MAX]; /* <cache_root>/<uid>/jobs/<jobid> */
-    char mount[PATH_MAX];
+    gid_t groups[MAX_GROUPS]; /* the user's groups, read before any fork */
+    int ngroups;
+    char jobid[32];
+    char mount[PATH_MAX]; /* <mount_root>/<jobid>, or empty */
 };
 
 static int sf_job(spank_t sp, struct job *j) {
@@ -261,31 +280,112 @@ static int sf_job(spank_t sp, struct job *j) {
     snprintf(j->user, sizeof(j->user), "%s", pw.pw_name);
     snprintf(j->home, sizeof(j->home), "%s", pw.pw_dir);
     if (j->gid == (gid_t)-1) j->gid = pw.pw_gid;
-    snprintf(j->dir, sizeof(j->dir), "%s/%u/jobs/%u", sf_cache_root, (unsigned)j->uid, j->id);
+    j->ngroups = MAX_GROUPS;
+    if (getgrouplist(j->user, j->gid, j->groups, &j->ngroups) < 0) {
+        slurm_error("stagefs: job %u: user %s is in more than %d groups", j->id, j->user, MAX_GROUPS);
+        return -1;
+    }
+    snprintf(j->jobid, sizeof(j->jobid), "%u", j->id);
     if (sf_mount_root[0]) snprintf(j->mount, sizeof(j->mount), "%s/%u", sf_mount_root, j->id);
     return 0;
 }
 
-/* mkdir with owner and mode (existing directories get them too). */
-static int sf_mkdir_owned(const char *path, uid_t uid, gid_t gid, mode_t mode) {
-    if (mkdir(path, mode) != 0 && errno != EEXIST) return -1;
-    if (chown(path, uid, gid) != 0) return -1;
-    return chmod(path, mode);
+/* ---- directories: root works through descriptors, never by a path a user can change ---- */
+
+/* A directory root keeps for the site: owned by root and, when others may write it, sticky
+ * (so nobody removes or replaces what root created there). */
+static int sf_site_dir_ok(const char *path, const char *what, uint32_t jobid) {
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode)) {
+        slurm_error("stagefs: job %u: %s %s is missing", jobid, what, path);
+        return 0;
+    }
+    if (st.st_uid != 0 || ((st.st_mode & 0022) && !(st.st_mode & S_ISVTX))) {
+        slurm_error("stagefs: job %u: %s %s must be owned by root and, if others may write it, sticky (chmod 1777)", jobid, what, path);
+        return 0;
+    }
+    return 1;
 }
 
-static void sf_write_file(const char *path, const char *text, uid_t uid, gid_t gid) {
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0) return;
+/*
+ * Makes <parent>/<name> a directory owned by the job's user with mode 0700, as root, without
+ * following links: mkdirat, then openat(O_NOFOLLOW|O_DIRECTORY), then fchown/fchmod on that
+ * descriptor. An existing entry is accepted only when it is a real directory owned by the user
+ * (or still by root, which users cannot replace in a sticky directory). Returns 0, or -1 with a
+ * reason for the job in `why`.
+ */
+static int sf_prepare_dir(const char *parent, const char *name, const struct job *j, char *why, size_t whylen) {
+    int pfd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (pfd < 0) {
+        snprintf(why, whylen, "stagefs: cannot open %s: %s", parent, strerror(errno));
+        return -1;
+    }
+    if (mkdirat(pfd, name, 0700) != 0 && errno != EEXIST) {
+        snprintf(why, whylen, "stagefs: cannot create %s/%s: %s", parent, name, strerror(errno));
+        close(pfd);
+        return -1;
+    }
+    int fd = openat(pfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    int e = errno;
+    close(pfd);
+    if (fd < 0) {
+        if (e == ELOOP || e == ENOTDIR)
+            snprintf(why, whylen, "stagefs: %s/%s is a symbolic link or not a directory: remove it", parent, name);
+        else
+            snprintf(why, whylen, "stagefs: cannot open %s/%s: %s", parent, name, strerror(e));
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (st.st_uid != j->uid && st.st_uid != 0)) {
+        snprintf(why, whylen, "stagefs: %s/%s belongs to uid %u, not to %s: remove it", parent, name, (unsigned)st.st_uid, j->user);
+        close(fd);
+        return -1;
+    }
+    int rc = 0;
+    if ((st.st_uid != j->uid || st.st_gid != j->gid) && fchown(fd, j->uid, j->gid) != 0) rc = -1;
+    if (rc == 0 && (st.st_mode & 07777) != 0700 && fchmod(fd, 0700) != 0) rc = -1;
+    if (rc != 0) snprintf(why, whylen, "stagefs: cannot hand %s/%s to %s: %s", parent, name, j->user, strerror(errno));
+    close(fd);
+    return rc;
+}
+
+/* Writes the job's status file in state_dir (root's own directory), reporting what failed. */
+static int sf_write_status(uint32_t jobid, const char *text) {
+    if (mkdir(sf_state_dir, 0755) != 0 && errno != EEXIST) {
+        slurm_error("stagefs: job %u: cannot create state_dir %s: %s", jobid, sf_state_dir, strerror(errno));
+        return -1;
+    }
+    if (!sf_site_dir_ok(sf_state_dir, "state_dir", jobid)) return -1;
+    int dfd = open(sf_state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) {
+        slurm_error("stagefs: job %u: cannot open state_dir %s: %s", jobid, sf_state_dir, strerror(errno));
+        return -1;
+    }
+    char name[32];
+    snprintf(name, sizeof(name), "%u", jobid);
+    int fd = openat(dfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    close(dfd);
+    if (fd < 0) {
+        slurm_error("stagefs: job %u: cannot write %s/%s: %s", jobid, sf_state_dir, name, strerror(errno));
+        return -1;
+    }
     size_t n = strlen(text);
     while (n > 0) {
         ssize_t w = write(fd, text, n);
-        if (w <= 0) break;
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+            slurm_error("stagefs: job %u: writing %s/%s failed: %s", jobid, sf_state_dir, name, w < 0 ? strerror(errno) : "short write");
+            close(fd);
+            return -1;
+        }
         text += w;
         n -= (size_t)w;
     }
-    if (fchown(fd, uid, gid) != 0) { /* the job then cannot read it; reported in task_init */
+    if (fchmod(fd, 0644) != 0 || close(fd) != 0) {
+        slurm_error("stagefs: job %u: writing %s/%s failed: %s", jobid, sf_state_dir, name, strerror(errno));
+        return -1;
     }
-    close(fd);
+    return 0;
 }
 
 static int sf_read_file(const char *path, char *buf, size_t len) {
@@ -298,14 +398,24 @@ static int sf_read_file(const char *path, char *buf, size_t len) {
     return (int)n;
 }
 
+/* ---- running stagefs ---- */
+
 /*
  * Runs argv[0] with argv; as the job's user when `as_user`. Output (stdout and stderr) goes to
- * `out` (up to outlen-1 bytes kept). Waits on that child only, at most `timeout` seconds (then
- * kills its process group). Returns the exit status, 124 on timeout, 127 when it could not run.
+ * `out` (up to outlen-1 bytes kept). Everything the child needs is prepared here, before the
+ * fork: between fork and exec it calls only async-signal-safe functions. Waits on that child
+ * only, at most `timeout` seconds (then kills its process group). Returns the exit status, 124
+ * on timeout, 127 when it could not run.
  */
 static int sf_run(char *const argv[], const struct job *j, int as_user, int timeout, char *out, size_t outlen) {
     int pfd[2];
     if (out && outlen) out[0] = 0;
+    char home[PATH_MAX + 8], user[300], path[] = "PATH=/usr/local/bin:/usr/bin:/bin";
+    snprintf(home, sizeof(home), "HOME=%s", as_user ? j->home : "/root");
+    snprintf(user, sizeof(user), "USER=%s", as_user ? j->user : "root");
+    char *envp[] = {path, home, user, NULL};
+    static const char cannot_switch[] = "stagefs: cannot switch to the job's user\n";
+    static const char cannot_run[] = "stagefs: cannot run the stagefs binary\n";
     if (pipe2(pfd, O_CLOEXEC) != 0) return 127;
     pid_t pid = fork();
     if (pid < 0) {
@@ -314,27 +424,28 @@ static int sf_run(char *const argv[], const struct job *j, int as_user, int time
         return 127;
     }
     if (pid == 0) {
-        sigset_t all;
-        sigemptyset(&all);
-        sigprocmask(SIG_SETMASK, &all, NULL);
-        for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
+        /* Async-signal-safe calls only from here to execve. */
+        sigset_t none;
+        sigemptyset(&none);
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof(dfl));
+        dfl.sa_handler = SIG_DFL;
+        for (int s = 1; s < NSIG; s++) sigaction(s, &dfl, NULL);
+        sigprocmask(SIG_SETMASK, &none, NULL);
         setpgid(0, 0);
         dup2(pfd[1], 1);
         dup2(pfd[1], 2);
         int devnull = open("/dev/null", O_RDONLY);
         if (devnull >= 0) dup2(devnull, 0);
-        if (as_user) {
-            if (initgroups(j->user, j->gid) != 0 || setgid(j->gid) != 0 || setuid(j->uid) != 0) {
-                dprintf(2, "stagefs: cannot switch to user %s: %s\n", j->user, strerror(errno));
-                _exit(127);
+        if (as_user && (setgroups((size_t)j->ngroups, j->groups) != 0 || setgid(j->gid) != 0 || setuid(j->uid) != 0 ||
+                        (j->uid != 0 && setuid(0) == 0))) {
+            if (write(2, cannot_switch, sizeof(cannot_switch) - 1) < 0) { /* nothing more to do */
             }
+            _exit(126);
         }
-        char home[PATH_MAX + 8], user[300], path[] = "PATH=/usr/local/bin:/usr/bin:/bin";
-        snprintf(home, sizeof(home), "HOME=%s", as_user ? j->home : "/root");
-        snprintf(user, sizeof(user), "USER=%s", as_user ? j->user : "root");
-        char *envp[] = {path, home, user, NULL};
         execve(argv[0], argv, envp);
-        dprintf(2, "stagefs: cannot run %s: %s\n", argv[0], strerror(errno));
+        if (write(2, cannot_run, sizeof(cannot_run) - 1) < 0) { /* nothing more to do */
+        }
         _exit(127);
     }
     close(pfd[1]);
@@ -377,7 +488,7 @@ static int sf_run(char *const argv[], const struct job *j, int as_user, int time
     return 128 + WTERMSIG(status);
 }
 
-/* Keeps the lines of `text` that start with "stagefs: " (the binary's error lines). */
+/* Keeps the lines of `text` that start with "stagefs: " (the binary's messages, for people). */
 static void sf_lines_prefixed(const char *text, char *dst, size_t len) {
     dst[0] = 0;
     size_t used = 0;
@@ -426,119 +537,100 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av) {
     int warn = spank_option_getopt(sp, &sf_options[1], &policy) == ESPANK_SUCCESS && policy && strcmp(policy, "warn") == 0;
     int no_mount = spank_option_getopt(sp, &sf_options[2], NULL) == ESPANK_SUCCESS;
 
-    struct job j;
+    static struct job j;
     if (sf_job(sp, &j) < 0) {
         slurm_error("stagefs: cannot read the job's id and user");
         return -1;
     }
     /* Node faults: the prolog fails (Slurm drains the node). */
-    struct stat st;
     if (access(sf_binary, X_OK) != 0) {
         slurm_error("stagefs: job %u: the stagefs binary %s cannot be run: %s", j.id, sf_binary, strerror(errno));
         return -1;
     }
-    if (!sf_cache_root[0] || stat(sf_cache_root, &st) != 0 || !S_ISDIR(st.st_mode)) {
-        slurm_error("stagefs: job %u: cache_root %s is missing", j.id, sf_cache_root[0] ? sf_cache_root : "(not set)");
+    if (!sf_cache_root[0]) {
+        slurm_error("stagefs: job %u: cache_root is not set in plugstack.conf", j.id);
         return -1;
     }
-    if (!no_mount && sf_mount_root[0] && (stat(sf_mount_root, &st) != 0 || !S_ISDIR(st.st_mode))) {
-        slurm_error("stagefs: job %u: mount_root %s is missing", j.id, sf_mount_root);
-        return -1;
-    }
-    char userdir[PATH_MAX], jobsdir[PATH_MAX];
-    snprintf(userdir, sizeof(userdir), "%s/%u", sf_cache_root, (unsigned)j.uid);
-    snprintf(jobsdir, sizeof(jobsdir), "%s/jobs", userdir);
-    if (sf_mkdir_owned(userdir, j.uid, j.gid, 0700) != 0 || sf_mkdir_owned(jobsdir, j.uid, j.gid, 0700) != 0 ||
-        sf_mkdir_owned(j.dir, j.uid, j.gid, 0700) != 0) {
-        slurm_error("stagefs: job %u: cannot prepare %s: %s", j.id, j.dir, strerror(errno));
-        return -1;
-    }
+    if (!sf_site_dir_ok(sf_cache_root, "cache_root", j.id)) return -1;
+    if (!no_mount && j.mount[0] && !sf_site_dir_ok(sf_mount_root, "mount_root", j.id)) return -1;
 
-    char status[16384] = "";
-    char reasons[8192] = "";
     const char *state = "ok";
-    struct spec specs[MAX_SPECS];
-    char why[512];
-    int n = sf_parse_specs(value, specs, MAX_SPECS, why, sizeof(why));
-    if (n < 0) {
+    char reasons[8192] = "";
+    char why[PATH_MAX + 256];
+    char uidname[32];
+    snprintf(uidname, sizeof(uidname), "%u", (unsigned)j.uid);
+    int ready = sf_prepare_dir(sf_cache_root, uidname, &j, why, sizeof(why)) == 0;
+    if (!ready) {
         state = "failed";
-        snprintf(reasons, sizeof(reasons), "stagefs: %s\n", why);
-        n = 0;
+        snprintf(reasons, sizeof(reasons), "%s\n", why);
     }
-    /* One stagefs run per volume named. */
-    int any_staged = 0, mount_volume = sf_default_volume;
-    for (int v = 0; v < sf_nvolumes; v++) {
-        char *argv[MAX_SPECS + 20];
-        int a = 0, count = 0;
-        char jobid[32], timeout[32], report[PATH_MAX + 32];
-        snprintf(jobid, sizeof(jobid), "%u", j.id);
+    int mount_ready = 0;
+    if (ready && !no_mount && j.mount[0]) {
+        mount_ready = sf_prepare_dir(sf_mount_root, j.jobid, &j, why, sizeof(why)) == 0;
+        if (!mount_ready) snprintf(reasons + strlen(reasons), sizeof(reasons) - strlen(reasons), "%s\n", why);
+    }
+    if (ready) {
+        /* Everything in the user's directories is done by stagefs, as the user. */
+        static char volargs[MAX_VOLUMES][sizeof(((struct volume *)0)->url) + 80];
+        char *argv[2 * MAX_VOLUMES + 20];
+        int a = 0;
+        char timeout[32];
         snprintf(timeout, sizeof(timeout), "%d", sf_timeout);
-        snprintf(report, sizeof(report), "%s/report%s%s.json", j.dir, sf_volumes[v].name[0] ? "-" : "", sf_volumes[v].name);
         argv[a++] = sf_binary;
-        argv[a++] = "stage";
-        argv[a++] = "--quiet";
-        argv[a++] = "--meta";
-        argv[a++] = sf_volumes[v].url;
+        argv[a++] = "job";
+        argv[a++] = "prolog";
+        argv[a++] = "--job";
+        argv[a++] = j.jobid;
         argv[a++] = "--cache-dir";
         argv[a++] = sf_cache_root;
-        argv[a++] = "--as-user";
-        argv[a++] = j.user;
-        argv[a++] = "--job";
-        argv[a++] = jobid;
-        argv[a++] = "--report";
-        argv[a++] = report;
-        for (int i = 0; i < n; i++)
-            if (specs[i].volume == v) {
-                argv[a++] = specs[i].path;
-                count++;
-            }
+        argv[a++] = "--timeout";
+        argv[a++] = timeout;
+        for (int v = 0; v < sf_nvolumes; v++) {
+            snprintf(volargs[v], sizeof(volargs[v]), "%s=%s", sf_volumes[v].name, sf_volumes[v].url);
+            argv[a++] = "--volume";
+            argv[a++] = volargs[v];
+        }
+        argv[a++] = "--spec";
+        argv[a++] = value;
+        if (mount_ready) {
+            argv[a++] = "--mount-dir";
+            argv[a++] = j.mount;
+        }
         argv[a] = NULL;
-        if (count == 0) continue;
-        if (mount_volume < 0) mount_volume = v;
-        char out[16384];
-        int rc = sf_run(argv, &j, 0, sf_timeout, out, sizeof(out));
+        static char out[16384];
+        int rc = sf_run(argv, &j, 1, sf_timeout + 120, out, sizeof(out));
         char lines[8192];
         sf_lines_prefixed(out, lines, sizeof(lines));
-        if (rc == 0) {
-            any_staged = 1;
-        } else if (rc == 127) {
+        switch (rc) {
+        case 0:
+            break;
+        case 3:
+            state = "partial";
+            break;
+        case 4:
+            state = "failed";
+            break;
+        case 127:
             slurm_error("stagefs: job %u: cannot run %s: %s", j.id, sf_binary, out);
             return -1;
-        } else {
-            if (rc == 124) snprintf(lines + strlen(lines), sizeof(lines) - strlen(lines), "stagefs: staging timed out after %d s\n", sf_timeout);
-            strncat(reasons, lines, sizeof(reasons) - strlen(reasons) - 1);
-            /* Partial when something was staged (the report says so), failed otherwise. */
-            char rep[65536];
-            int partial = sf_read_file(report, rep, sizeof(rep)) > 0 && strstr(rep, "\"status\" : \"partial\"");
-            if (partial) any_staged = 1;
-            state = partial && strcmp(state, "failed") ? "partial" : "failed";
+        case 124:
+            state = "failed";
+            snprintf(lines + strlen(lines), sizeof(lines) - strlen(lines), "stagefs: staging did not end within %d s\n", sf_timeout + 120);
+            break;
+        default:
+            state = "failed";
+            if (!lines[0]) snprintf(lines, sizeof(lines), "stagefs: the job's staging ended with status %d\n", rc);
+            slurm_info("stagefs: job %u: stagefs job prolog exited %d", j.id, rc);
+            break;
         }
+        strncat(reasons, lines, sizeof(reasons) - strlen(reasons) - 1);
     }
-    if (strcmp(state, "ok") != 0 && any_staged && strcmp(state, "failed") == 0) state = "partial";
+    if (!no_mount && j.mount[0] && strcmp(state, "ok") == 0 && !sf_mounted(j.mount)) state = "partial";
 
-    /* The job's mount, made as the job's user. */
-    char mountline[PATH_MAX + 16] = "";
-    if (!no_mount && j.mount[0] && mount_volume >= 0) {
-        if (sf_mkdir_owned(j.mount, j.uid, j.gid, 0700) == 0 && !sf_mounted(j.mount)) {
-            char log[PATH_MAX + 16];
-            snprintf(log, sizeof(log), "%s/mount.log", j.dir);
-            char *argv[] = {sf_binary, "mount", "-d", sf_volumes[mount_volume].url, j.mount, "--cache-dir", sf_cache_root, "--log", log, NULL};
-            char out[8192];
-            int rc = sf_run(argv, &j, 1, 120, out, sizeof(out));
-            if (rc == 0) {
-                snprintf(mountline, sizeof(mountline), "mount=%s\n", j.mount);
-            } else {
-                char lines[4096];
-                sf_lines_prefixed(out, lines, sizeof(lines));
-                strncat(reasons, lines[0] ? lines : "stagefs: the job's mount failed\n", sizeof(reasons) - strlen(reasons) - 1);
-                if (strcmp(state, "ok") == 0) state = "partial";
-            }
-        }
-    }
-    snprintf(status, sizeof(status), "%s\npolicy=%s\n%s%s", state, warn ? "warn" : "fail", mountline, reasons);
-    char path[PATH_MAX + 16];
-    snprintf(path, sizeof(path), "%s/status", j.dir);
-    sf_write_file(path, status, j.uid, j.gid);
+    char status[16384];
+    snprintf(status, sizeof(status), "%s\npolicy=%s\n%s%s%s%s", state, warn ? "warn" : "fail", sf_mounted(j.mount) ? "mount=" : "",
+             sf_mounted(j.mount) ? j.mount : "", sf_mounted(j.mount) ? "\n" : "", reasons);
+    if (sf_write_status(j.id, status) != 0) return -1;
     if (strcmp(state, "ok") != 0) slurm_info("stagefs: job %u: staging %s for %s", j.id, state, j.user);
     return 0;
 }
@@ -549,17 +641,20 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av) {
     if (sf_parse_args(ac, av) < 0) return -1;
     char *value = NULL;
     if (spank_option_getopt(sp, &sf_options[0], &value) != ESPANK_SUCCESS || !value) return 0;
+    char *policy = NULL;
+    int warn_opt = spank_option_getopt(sp, &sf_options[1], &policy) == ESPANK_SUCCESS && policy && strcmp(policy, "warn") == 0;
     uint32_t jobid = 0;
     if (spank_get_item(sp, S_JOB_ID, &jobid) != ESPANK_SUCCESS) return 0;
     char dir[PATH_MAX], path[PATH_MAX + 16], status[16384];
     snprintf(dir, sizeof(dir), "%s/%u/jobs/%u", sf_cache_root, (unsigned)getuid(), jobid);
-    snprintf(path, sizeof(path), "%s/status", dir);
+    snprintf(path, sizeof(path), "%s/%u", sf_state_dir, jobid);
     spank_setenv(sp, "STAGEFS_CACHE_DIR", sf_cache_root, 1);
     if (sf_read_file(path, status, sizeof(status)) < 0) {
-        /* The prolog did not run here (PrologFlags=Alloc missing?) or its file is unreadable. */
+        /* The prolog did not run here (PrologFlags=Alloc missing?) or could not finish. */
         spank_setenv(sp, "STAGEFS_STAGE_STATUS", "none", 1);
-        fprintf(stderr, "stagefs: no staging status for job %u on this node (%s): is PrologFlags=Alloc set?\n", jobid, path);
-        return 0;
+        fprintf(stderr, "stagefs: no staging status for job %u on this node (%s): is PrologFlags=Alloc set? (the slurmd log says more)\n",
+                jobid, path);
+        return warn_opt ? 0 : -1;
     }
     char state[32] = "";
     sscanf(status, "%31s", state);
@@ -589,8 +684,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av) {
         /* The reason lines, as the prolog recorded them. */
         const char *r = strstr(status, "\nstagefs: ");
         fprintf(stderr, "stagefs: staging for job %u %s:\n%s", jobid, state, r ? r + 1 : "(no reason recorded)\n");
-        if (!warn && strcmp(state, "failed") == 0) return -1;
-        if (!warn && strcmp(state, "partial") == 0) return -1;
+        if (!warn) return -1;
     }
     return 0;
 }
@@ -642,7 +736,7 @@ static void sf_abort_connection(const char *mount) {
             if (colon) {
                 char path[128];
                 snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%s/abort", colon + 1);
-                int fd = open(path, O_WRONLY);
+                int fd = open(path, O_WRONLY | O_CLOEXEC);
                 if (fd >= 0) {
                     if (write(fd, "1", 1) < 0) { /* best effort */
                     }
@@ -654,28 +748,17 @@ static void sf_abort_connection(const char *mount) {
     fclose(f);
 }
 
-static void sf_remove_tree(const char *path) {
-    DIR *d = opendir(path);
-    if (!d) {
-        unlink(path);
-        return;
-    }
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        char sub[PATH_MAX];
-        snprintf(sub, sizeof(sub), "%s/%s", path, e->d_name);
-        struct stat st;
-        if (lstat(sub, &st) == 0 && S_ISDIR(st.st_mode)) sf_remove_tree(sub);
-        else unlink(sub);
-    }
-    closedir(d);
-    rmdir(path);
+/* Removes <dir>/<name> (a directory, a file, or a link: never what it points to). */
+static void sf_remove_entry(const char *dir, const char *name) {
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) return;
+    if (unlinkat(dfd, name, AT_REMOVEDIR) != 0 && errno == ENOTDIR) unlinkat(dfd, name, 0);
+    close(dfd);
 }
 
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av) {
     if (sf_parse_args(ac, av) < 0) return 0;
-    struct job j;
+    static struct job j;
     if (sf_job(sp, &j) < 0) return 0;
     if (j.mount[0]) {
         if (sf_mounted(j.mount)) {
@@ -686,16 +769,20 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av) {
             sf_run(argv, &j, 0, 30, out, sizeof(out));
         }
         sf_kill_mount_processes(j.mount, j.uid);
-        rmdir(j.mount);
+        /* The mount directory: removed through mount_root's descriptor (empty directories only). */
+        int dfd = open(sf_mount_root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            unlinkat(dfd, j.jobid, AT_REMOVEDIR);
+            close(dfd);
+        }
     }
     if (sf_cache_root[0] && access(sf_binary, X_OK) == 0) {
-        char jobid[32];
-        snprintf(jobid, sizeof(jobid), "%u", j.id);
-        char *argv[] = {sf_binary, "stage", "--release", jobid, "--cache-dir", sf_cache_root, "--as-user", j.user, NULL};
+        /* Pins and per-job files live in the user's directories: the user's process removes them. */
+        char *argv[] = {sf_binary, "job", "epilog", "--job", j.jobid, "--cache-dir", sf_cache_root, NULL};
         char out[4096];
-        int rc = sf_run(argv, &j, 0, 120, out, sizeof(out));
-        if (rc != 0) slurm_info("stagefs: job %u: releasing pins: %s", j.id, out);
+        int rc = sf_run(argv, &j, 1, 120, out, sizeof(out));
+        if (rc != 0) slurm_info("stagefs: job %u: cleaning up as %s (exit %d): %s", j.id, j.user, rc, out);
     }
-    if (sf_cache_root[0]) sf_remove_tree(j.dir);
+    sf_remove_entry(sf_state_dir, j.jobid);
     return 0;
 }
