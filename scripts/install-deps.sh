@@ -10,7 +10,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-    libfuse3-dev fuse3 libhiredis-dev libcurl4-openssl-dev libsqlite3-dev \
+    libfuse3-dev fuse3 libssl-dev openssl libcurl4-openssl-dev libsqlite3-dev \
     redis-server attr procps util-linux pkg-config ca-certificates \
     slurm-wlm munge libslurm-dev libmunge-dev gcc make \
     environment-modules bubblewrap lua5.3 lua-filesystem lua-json lua-posix lua-term tcl >/dev/null

@@ -219,11 +219,12 @@ extension MetadataEngine {
 
 /// Opens the engine a META-URL names.
 /// `create` allows a new SQLite database file (formatting); otherwise a missing one is an error.
-public func openMetadata(_ url: MetaURL, create: Bool = false) throws(FSError) -> any MetadataEngine {
+/// `retryTimeout`: seconds a Redis call keeps retrying while the server cannot be reached (a
+/// restart, a failover) before it fails with `EIO`; the first contact is not retried.
+public func openMetadata(_ url: MetaURL, create: Bool = false, retryTimeout: Double = 60) throws(FSError) -> any MetadataEngine {
     switch url {
     case .sqlite(let path): return try SQLiteMetadata(path: path, create: create)
-    case .redis(let host, let port, let db, let user, let password):
-        return try RedisMetadata(host: host, port: port, db: db, user: user, password: password)
+    case .redis(let location): return try RedisMetadata(location: location, retryTimeout: retryTimeout)
     }
 }
 

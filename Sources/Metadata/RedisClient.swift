@@ -1,11 +1,11 @@
-import CHiredis
+import COpenSSL
 import StageFSCore
 
 #if canImport(Glibc)
     import Glibc
 #endif
 
-/// A reply from Redis, copied out of hiredis' `redisReply`.
+/// A reply from Redis (RESP2).
 enum RedisReply: Equatable {
     case string([UInt8])
     case integer(Int64)
@@ -41,166 +41,522 @@ enum RedisReply: Equatable {
 
 /// Something that can be sent as one argument of a Redis command.
 protocol RedisArg {
-    var redisBytes: [UInt8] { get }
+    func append(to out: inout [UInt8])
 }
 
-extension String: RedisArg { var redisBytes: [UInt8] { Array(utf8) } }
-extension Array: RedisArg where Element == UInt8 { var redisBytes: [UInt8] { self } }
-extension Int: RedisArg { var redisBytes: [UInt8] { Array(String(self).utf8) } }
-extension Int64: RedisArg { var redisBytes: [UInt8] { Array(String(self).utf8) } }
-extension UInt64: RedisArg { var redisBytes: [UInt8] { Array(String(self).utf8) } }
-extension UInt32: RedisArg { var redisBytes: [UInt8] { Array(String(self).utf8) } }
-extension UInt16: RedisArg { var redisBytes: [UInt8] { Array(String(self).utf8) } }
-extension UInt8: RedisArg { var redisBytes: [UInt8] { Array(String(self).utf8) } }
+extension String: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: utf8) } }
+extension Array: RedisArg where Element == UInt8 { func append(to out: inout [UInt8]) { out.append(contentsOf: self) } }
+extension Int: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
+extension Int64: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
+extension UInt64: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
+extension UInt32: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
+extension UInt16: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
+extension UInt8: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
 
-/// One hiredis connection (`redisContext`), used by one thread at a time.
-final class RedisConnection {
-    private var ctx: UnsafeMutablePointer<redisContext>?
-    let where_: String
+/// Error codes of the Redis transport: `transient` ones (the connection broke, the server is
+/// loading, failing over, or read-only) are retried on a new connection within the pool's
+/// deadline; the request may or may not have been carried out, which the engine's request ids
+/// make harmless.
+extension FSError {
+    static func redisTransient(_ message: String) -> FSError { FSError(ECONNRESET, message) }
+    var isRedisTransient: Bool { code == ECONNRESET }
+}
 
-    /// Connects (`redisConnectWithTimeout`), authenticates and selects the database.
-    init(host: String, port: Int, db: Int, user: String?, password: String?, timeoutMillis: Int) throws(FSError) {
-        where_ = "Redis at \(host):\(port)"
-        guard let c = chiredis_connect(host, Int32(port), timeoutMillis) else {
-            throw FSError(ENOMEM, "cannot reach \(where_): out of memory")
-        }
-        if c.pointee.err != 0 {
-            let msg = withUnsafeBytes(of: c.pointee.errstr) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            redisFree(c)
-            throw FSError(ECONNREFUSED, "cannot reach \(where_): \(msg.lowercased())")
-        }
+/// The TLS settings of a pool (`rediss://`): one OpenSSL context for all its connections.
+final class RedisTLS: @unchecked Sendable {
+    let ctx: OpaquePointer
+    let verify: Bool
+
+    init(_ loc: RedisLocation) throws(FSError) {
+        OPENSSL_init_ssl(0, nil)
+        guard let c = SSL_CTX_new(TLS_client_method()) else { throw FSError(EIO, "cannot set up TLS: \(RedisTLS.lastError())") }
         ctx = c
-        _ = chiredis_set_timeout(c, 30_000)
-        if let password {
-            let args: [any RedisArg] = user.map { ["AUTH", $0, password] } ?? ["AUTH", password]
-            if case .error(let e) = try command(args) { throw FSError(EACCES, "\(where_) refused the password: \(e)") }
+        verify = !loc.tlsInsecure
+        _ = copenssl_min_tls12(c)
+        if let ca = loc.tlsCACert {
+            if SSL_CTX_load_verify_locations(c, ca, nil) != 1 {
+                throw FSError(EINVAL, "cannot use the CA certificate \(ca): \(RedisTLS.lastError())")
+            }
+        } else if SSL_CTX_set_default_verify_paths(c) != 1 {
+            throw FSError(EIO, "cannot load the system's CA certificates: \(RedisTLS.lastError())")
         }
-        if db != 0 {
-            if case .error(let e) = try command(["SELECT", db]) { throw FSError(EINVAL, "\(where_) has no database \(db): \(e)") }
+        if let cert = loc.tlsCert, let key = loc.tlsKey {
+            if SSL_CTX_use_certificate_chain_file(c, cert) != 1 {
+                throw FSError(EINVAL, "cannot use the client certificate \(cert): \(RedisTLS.lastError())")
+            }
+            if SSL_CTX_use_PrivateKey_file(c, key, SSL_FILETYPE_PEM) != 1 {
+                throw FSError(EINVAL, "cannot use the client key \(key): \(RedisTLS.lastError())")
+            }
+        }
+        SSL_CTX_set_verify(c, verify ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, nil)
+    }
+
+    deinit { SSL_CTX_free(ctx) }
+
+    /// The newest OpenSSL error, as text.
+    static func lastError() -> String {
+        let e = ERR_get_error()
+        if e == 0 { return "unknown error" }
+        var buf = [CChar](repeating: 0, count: 256)
+        ERR_error_string_n(e, &buf, 256)
+        return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}
+
+/// One connection to a Redis server (or Sentinel), used by one thread at a time: a socket,
+/// optionally TLS, and a RESP2 reader over a reused buffer.
+final class RedisConnection {
+    private var fd: Int32 = -1
+    private var ssl: OpaquePointer?
+    /// Received bytes not yet parsed are `buf[start..<end]`.
+    private var buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
+    private var start = 0
+    private var end = 0
+    private var out: [UInt8] = []
+    let where_: String
+    /// Set once an I/O error or a protocol error left the connection unusable.
+    private(set) var broken = false
+
+    /// Connects within `timeoutMillis` (TCP, then the TLS handshake); replies may take up to
+    /// `replyTimeoutMillis`.
+    init(_ host: RedisHost, tls: RedisTLS?, timeoutMillis: Int, replyTimeoutMillis: Int, label: String) throws(FSError) {
+        where_ = "\(label) at \(host.text)"
+        out.reserveCapacity(4096)
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var res: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host.host, String(host.port), &hints, &res)
+        if rc != 0 {
+            throw FSError(EHOSTUNREACH, "cannot reach \(where_): \(String(cString: gai_strerror(rc)).lowercased())")
+        }
+        defer { freeaddrinfo(res) }
+        var lastErr: Int32 = ECONNREFUSED
+        var ai = res
+        while let a = ai {
+            let s = socket(a.pointee.ai_family, a.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), a.pointee.ai_protocol)
+            if s >= 0 {
+                if RedisConnection.connect(s, a.pointee.ai_addr, a.pointee.ai_addrlen, timeoutMillis: timeoutMillis, err: &lastErr) {
+                    fd = s
+                    break
+                }
+                Glibc.close(s)
+            } else {
+                lastErr = errno
+            }
+            ai = a.pointee.ai_next
+        }
+        if fd < 0 {
+            let why = lastErr == ETIMEDOUT ? "timed out" : String(cString: strerror(lastErr)).lowercased()
+            throw FSError(lastErr == ETIMEDOUT ? ETIMEDOUT : ECONNREFUSED, "cannot reach \(where_): \(why)")
+        }
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, socklen_t(MemoryLayout<Int32>.size))
+        var tv = timeval(tv_sec: replyTimeoutMillis / 1000, tv_usec: (replyTimeoutMillis % 1000) * 1000)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        if let tls {
+            guard let s = SSL_new(tls.ctx) else { throw FSError(EIO, "cannot set up TLS to \(where_): \(RedisTLS.lastError())") }
+            ssl = s
+            SSL_set_fd(s, fd)
+            _ = copenssl_set_sni(s, host.host)
+            if tls.verify { _ = copenssl_expect_peer(s, host.host) }
+            ERR_clear_error()
+            if SSL_connect(s) != 1 {
+                let verify = SSL_get_verify_result(s)
+                let why =
+                    verify != X509_V_OK
+                    ? "the server's certificate is not trusted (\(String(cString: X509_verify_cert_error_string(verify))))"
+                    : RedisTLS.lastError()
+                throw FSError(EACCES, "TLS handshake with \(where_) failed: \(why)")
+            }
         }
     }
 
     deinit {
-        if let ctx { redisFree(ctx) }
-    }
-
-    private func lostError() -> FSError {
-        guard let c = ctx else { return FSError(EIO, "\(where_): connection closed") }
-        let msg = withUnsafeBytes(of: c.pointee.errstr) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        return FSError(EIO, "lost connection to \(where_): \(msg.isEmpty ? "connection closed" : msg.lowercased())")
-    }
-
-    /// Whether the connection broke (it must then be discarded).
-    var broken: Bool { ctx == nil || ctx!.pointee.err != 0 }
-
-    /// Queues a command without waiting (`redisAppendCommandArgv`).
-    func append(_ args: [any RedisArg]) throws(FSError) {
-        guard let c = ctx else { throw lostError() }
-        let parts = args.map { $0.redisBytes }
-        var ptrs: [UnsafePointer<CChar>?] = []
-        var lens: [Int] = []
-        var storage: [UnsafeMutableRawPointer] = []
-        defer { storage.forEach { $0.deallocate() } }
-        for p in parts {
-            let m = UnsafeMutableRawPointer.allocate(byteCount: max(1, p.count), alignment: 1)
-            p.withUnsafeBytes { if let b = $0.baseAddress { m.copyMemory(from: b, byteCount: p.count) } }
-            storage.append(m)
-            ptrs.append(UnsafePointer(m.assumingMemoryBound(to: CChar.self)))
-            lens.append(p.count)
+        buf.deallocate()
+        if let ssl {
+            SSL_shutdown(ssl)
+            SSL_free(ssl)
         }
-        let rc = ptrs.withUnsafeMutableBufferPointer { pp in
-            lens.withUnsafeBufferPointer { lp in
-                redisAppendCommandArgv(c, Int32(parts.count), pp.baseAddress, lp.baseAddress)
+        if fd >= 0 { Glibc.close(fd) }
+    }
+
+    /// A non-blocking connect bounded by `timeoutMillis`, then back to blocking mode.
+    private static func connect(
+        _ s: Int32, _ addr: UnsafeMutablePointer<sockaddr>?, _ len: socklen_t, timeoutMillis: Int, err: inout Int32
+    ) -> Bool {
+        let flags = fcntl(s, F_GETFL)
+        _ = fcntl(s, F_SETFL, flags | O_NONBLOCK)
+        defer { _ = fcntl(s, F_SETFL, flags) }
+        if Glibc.connect(s, addr, len) == 0 { return true }
+        if errno != EINPROGRESS {
+            err = errno
+            return false
+        }
+        var p = pollfd(fd: s, events: Int16(POLLOUT), revents: 0)
+        let deadline = Sys.monotonicNanos() + UInt64(timeoutMillis) * 1_000_000
+        while true {
+            let left = Int64(deadline) - Int64(Sys.monotonicNanos())
+            if left <= 0 {
+                err = ETIMEDOUT
+                return false
+            }
+            let r = poll(&p, 1, Int32(left / 1_000_000) + 1)
+            if r > 0 { break }
+            if r < 0 && errno != EINTR {
+                err = errno
+                return false
             }
         }
-        if rc != REDIS_OK { throw lostError() }
+        var soErr: Int32 = 0
+        var l = socklen_t(MemoryLayout<Int32>.size)
+        getsockopt(s, SOL_SOCKET, SO_ERROR, &soErr, &l)
+        if soErr != 0 {
+            err = soErr
+            return false
+        }
+        return true
     }
 
-    /// Reads the next reply (`redisGetReply`).
-    func reply() throws(FSError) -> RedisReply {
-        guard let c = ctx else { throw lostError() }
-        var raw: UnsafeMutableRawPointer?
-        if redisGetReply(c, &raw) != REDIS_OK || raw == nil { throw lostError() }
-        let r = raw!.assumingMemoryBound(to: redisReply.self)
-        defer { freeReplyObject(raw) }
-        return RedisConnection.convert(r)
+    private func lost(_ why: String) -> FSError {
+        broken = true
+        return .redisTransient("lost connection to \(where_): \(why)")
     }
 
-    private static func convert(_ r: UnsafeMutablePointer<redisReply>) -> RedisReply {
-        let v = r.pointee
-        switch v.type {
-        case REDIS_REPLY_STRING:
-            return .string(v.str == nil ? [] : Array(UnsafeRawBufferPointer(start: v.str, count: Int(v.len))))
-        case REDIS_REPLY_INTEGER: return .integer(Int64(v.integer))
-        case REDIS_REPLY_NIL: return .null
-        case REDIS_REPLY_STATUS: return .status(v.str == nil ? "" : String(cString: v.str))
-        case REDIS_REPLY_ERROR: return .error(v.str == nil ? "" : String(cString: v.str))
-        case REDIS_REPLY_ARRAY:
-            var out: [RedisReply] = []
-            out.reserveCapacity(Int(v.elements))
-            for i in 0..<Int(v.elements) { out.append(convert(v.element[i]!)) }
-            return .array(out)
-        default: return .null
+    private func ioError(_ n: Int) -> FSError {
+        if let ssl {
+            let e = SSL_get_error(ssl, Int32(n))
+            if e == SSL_ERROR_ZERO_RETURN || n == 0 { return lost("connection closed") }
+            if e == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK) { return lost("no reply in time") }
+            return lost(e == SSL_ERROR_SYSCALL ? String(cString: strerror(errno)).lowercased() : RedisTLS.lastError())
+        }
+        if n == 0 { return lost("connection closed") }
+        if errno == EAGAIN || errno == EWOULDBLOCK { return lost("no reply in time") }
+        return lost(String(cString: strerror(errno)).lowercased())
+    }
+
+    private func sendAll() throws(FSError) {
+        var done = 0
+        while done < out.count {
+            let n = out.withUnsafeBytes { b -> Int in
+                if let ssl { return Int(SSL_write(ssl, b.baseAddress! + done, Int32(b.count - done))) }
+                return Glibc.send(fd, b.baseAddress! + done, b.count - done, Int32(MSG_NOSIGNAL))
+            }
+            if n <= 0 {
+                if n < 0 && ssl == nil && errno == EINTR { continue }
+                throw ioError(n)
+            }
+            done += n
+        }
+        out.removeAll(keepingCapacity: true)
+    }
+
+    /// Reads more bytes into the buffer (at least one), making room first.
+    private func fill() throws(FSError) {
+        if start == end {
+            start = 0
+            end = 0
+        } else if start > 0 && end == buf.count {
+            (buf.baseAddress!).copyMemory(from: buf.baseAddress! + start, byteCount: end - start)
+            end -= start
+            start = 0
+        }
+        if end == buf.count {
+            let bigger = UnsafeMutableRawBufferPointer.allocate(byteCount: buf.count * 2, alignment: 16)
+            bigger.baseAddress!.copyMemory(from: buf.baseAddress!, byteCount: end)
+            buf.deallocate()
+            buf = bigger
+        }
+        while true {
+            let room = buf.count - end
+            let n: Int
+            if let ssl {
+                n = Int(SSL_read(ssl, buf.baseAddress! + end, Int32(room)))
+            } else {
+                n = Glibc.recv(fd, buf.baseAddress! + end, room, 0)
+            }
+            if n > 0 {
+                end += n
+                return
+            }
+            if n < 0 && ssl == nil && errno == EINTR { continue }
+            throw ioError(n)
+        }
+    }
+
+    /// The next line (without CRLF) as a range of the buffer.
+    private func line() throws(FSError) -> Range<Int> {
+        var from = start
+        while true {
+            if end - from >= 2, let cr = memchr(buf.baseAddress! + from, 13, end - from - 1) {
+                let i = buf.baseAddress!.distance(to: cr)
+                if buf[i + 1] == 10 {
+                    let r = start..<i
+                    start = i + 2
+                    return r
+                }
+                from = i + 1
+                continue
+            }
+            let consumed = from - start
+            try fill()
+            from = start + consumed
+        }
+    }
+
+    private func number(_ r: Range<Int>) throws(FSError) -> Int64 {
+        var v: Int64 = 0
+        var neg = false
+        for i in r {
+            let c = buf[i]
+            if c == 45 && i == r.lowerBound {
+                neg = true
+            } else if c >= 48 && c <= 57 {
+                v = v * 10 + Int64(c - 48)
+            } else {
+                throw lost("malformed reply (is this a Redis server?)")
+            }
+        }
+        return neg ? -v : v
+    }
+
+    private func text(_ r: Range<Int>) -> String {
+        String(decoding: UnsafeRawBufferPointer(rebasing: buf[r]), as: UTF8.self)
+    }
+
+    private func parse() throws(FSError) -> RedisReply {
+        let l = try line()
+        guard !l.isEmpty else { throw lost("malformed reply (is this a Redis server?)") }
+        let kind = buf[l.lowerBound]
+        let body = (l.lowerBound + 1)..<l.upperBound
+        switch kind {
+        case 43:  // +
+            return .status(text(body))
+        case 45:  // -
+            return .error(text(body))
+        case 58:  // :
+            return .integer(try number(body))
+        case 36:  // $
+            let n = try number(body)
+            if n < 0 { return .null }
+            let need = Int(n) + 2
+            while end - start < need { try fill() }
+            let bytes = [UInt8](UnsafeRawBufferPointer(rebasing: buf[start..<(start + Int(n))]))
+            start += need
+            return .string(bytes)
+        case 42:  // *
+            let n = try number(body)
+            if n < 0 { return .null }
+            var items: [RedisReply] = []
+            items.reserveCapacity(Int(n))
+            for _ in 0..<n { items.append(try parse()) }
+            return .array(items)
+        default:
+            throw lost("malformed reply (is this a Redis server? it sent '\(text(l.lowerBound..<min(l.upperBound, l.lowerBound + 40))))')")
+        }
+    }
+
+    private static let busy = ["LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN"]
+
+    private func encode(_ args: [any RedisArg]) {
+        out.append(42)
+        out.append(contentsOf: String(args.count).utf8)
+        out.append(contentsOf: [13, 10])
+        var arg: [UInt8] = []
+        for a in args {
+            arg.removeAll(keepingCapacity: true)
+            a.append(to: &arg)
+            out.append(36)
+            out.append(contentsOf: String(arg.count).utf8)
+            out.append(contentsOf: [13, 10])
+            out.append(contentsOf: arg)
+            out.append(contentsOf: [13, 10])
         }
     }
 
     /// Sends one command and waits for its reply.
     func command(_ args: [any RedisArg]) throws(FSError) -> RedisReply {
-        try append(args)
-        return try reply()
+        try pipeline([args])[0]
     }
 
     /// Sends several commands in one round trip and returns their replies in order.
     func pipeline(_ commands: [[any RedisArg]]) throws(FSError) -> [RedisReply] {
-        for c in commands { try append(c) }
-        var out: [RedisReply] = []
-        out.reserveCapacity(commands.count)
-        for _ in commands { out.append(try reply()) }
-        return out
+        if broken { throw lost("connection closed") }
+        for c in commands { encode(c) }
+        try sendAll()
+        var replies: [RedisReply] = []
+        replies.reserveCapacity(commands.count)
+        for _ in commands { replies.append(try parse()) }
+        // A server that is loading, read-only (a demoted master) or failing over: try again later.
+        for r in replies {
+            if case .error(let text) = r, RedisConnection.busy.contains(where: { text.hasPrefix($0) }) {
+                throw FSError.redisTransient("\(where_) answered: \(text)")
+            }
+        }
+        return replies
     }
 }
 
-/// Connections to one Redis server, handed to one thread at a time.
+/// Connections to the Redis master of a volume, handed to one thread at a time. A direct URL
+/// names the server; a Sentinel URL names the master, found through the Sentinels and found
+/// again after a failover. A call whose connection breaks, or that meets a server that is
+/// loading, read-only or failing over, is retried on a new connection with back-off until
+/// `retryTimeout` seconds have passed (then `EIO`): Redis restarts and failovers cost time, not
+/// failed operations. Every idle connection is dropped at such a failure, so none broken by
+/// the same event is used again.
 final class RedisPool: @unchecked Sendable {
-    let host: String
-    let port: Int
-    let db: Int
-    let user: String?
-    let password: String?
+    let location: RedisLocation
+    let displayName: String
+    /// Seconds a call keeps trying while Redis cannot be reached.
+    var retryTimeout: Double = 60
+    private let tls: RedisTLS?
     private let lock = ConditionLock()
     private var idle: [RedisConnection] = []
+    private var master: RedisHost?
+    private var outage: UInt64?
 
-    init(host: String, port: Int, db: Int, user: String?, password: String?) {
-        self.host = host
-        self.port = port
-        self.db = db
-        self.user = user
-        self.password = password
+    init(_ location: RedisLocation) throws(FSError) {
+        self.location = location
+        tls = location.tls ? try RedisTLS(location) : nil
+        if let name = location.masterName {
+            displayName = "Redis master '\(name)' (Sentinels \(location.hosts.map(\.text).joined(separator: ","))) db \(location.db)"
+        } else {
+            displayName = "Redis at \(location.hosts[0].text)/\(location.db)"
+        }
     }
 
-    /// Runs `body` with a connection; a connection that broke is dropped, and the call retried
-    /// once on a fresh one when `idempotent`.
-    func with<T>(idempotent: Bool = true, _ body: (RedisConnection) throws(FSError) -> T) throws(FSError) -> T {
-        var attempts = 0
-        while true {
-            let conn: RedisConnection
-            if let c = lock.withLock({ idle.popLast() }) {
-                conn = c
-            } else {
-                conn = try RedisConnection(host: host, port: port, db: db, user: user, password: password, timeoutMillis: 5000)
+    /// The master's address: the URL's server, or what a Sentinel says now.
+    private func resolveMaster() throws(FSError) -> RedisHost {
+        guard let name = location.masterName else { return location.hosts[0] }
+        if let m = lock.withLock({ master }) { return m }
+        var why: [String] = []
+        let password = getenv("SENTINEL_PASSWORD").map { String(cString: $0) }
+        for s in location.hosts {
+            do throws(FSError) {
+                let c = try RedisConnection(s, tls: tls, timeoutMillis: 2000, replyTimeoutMillis: 2000, label: "Redis Sentinel")
+                if let password, !password.isEmpty {
+                    if case .error(let e) = try c.command(["AUTH", password]) {
+                        throw FSError(EACCES, "Redis Sentinel at \(s.text) refused SENTINEL_PASSWORD: \(e)")
+                    }
+                }
+                let r = try c.command(["SENTINEL", "get-master-addr-by-name", name])
+                let a = r.array
+                guard a.count == 2, let host = a[0].text, let port = a[1].text.flatMap({ Int($0) }) else {
+                    why.append("\(s.text) knows no master '\(name)'")
+                    continue
+                }
+                let m = RedisHost(host, port)
+                lock.withLock { master = m }
+                return m
+            } catch {
+                if error.code == EACCES { throw error }
+                why.append(error.message)
             }
-            do {
-                let r = try body(conn)
-                if !conn.broken { lock.withLock { idle.append(conn) } }
+        }
+        throw .redisTransient("no Sentinel gave the address of master '\(name)': \(why.joined(separator: "; "))")
+    }
+
+    /// A new connection to the master, authenticated, with the database selected.
+    private func connect() throws(FSError) -> RedisConnection {
+        let m = try resolveMaster()
+        let c: RedisConnection
+        do throws(FSError) {
+            c = try RedisConnection(m, tls: tls, timeoutMillis: 5000, replyTimeoutMillis: 30_000, label: "Redis")
+        } catch {
+            if location.masterName != nil { forgetMaster() }
+            throw error
+        }
+        if let password = location.password {
+            let args: [any RedisArg] = location.user.map { ["AUTH", $0, password] } ?? ["AUTH", password]
+            if case .error(let e) = try c.command(args) { throw FSError(EACCES, "\(c.where_) refused the password: \(e)") }
+        }
+        if location.password == nil, case .error(let e) = try c.command(["PING"]), e.hasPrefix("NOAUTH") {
+            throw FSError(EACCES, "\(c.where_) wants a password: give it in the META-URL (redis://:PASSWORD@host:port/db)")
+        }
+        if location.db != 0 {
+            if case .error(let e) = try c.command(["SELECT", location.db]) {
+                throw FSError(EINVAL, "\(c.where_) has no database \(location.db): \(e)")
+            }
+        }
+        if location.masterName != nil {
+            // A Sentinel's answer can be stale for a moment: talk only to a master.
+            let role = try c.command(["ROLE"]).array.first?.text
+            if role != "master" {
+                forgetMaster()
+                throw .redisTransient("\(c.where_) is a \(role ?? "server of unknown role"), not the master (failover in progress)")
+            }
+        }
+        return c
+    }
+
+    private func forgetMaster() { lock.withLock { master = nil } }
+
+    private func idleOrNew() throws(FSError) -> RedisConnection {
+        if let c = lock.withLock({ idle.popLast() }) { return c }
+        return try connect()
+    }
+
+    /// Runs `body` once with a connection (no retry): the first contact of a command, so
+    /// that an unreachable server is reported at once.
+    func once<T>(_ body: (RedisConnection) throws(FSError) -> T) throws(FSError) -> T {
+        let conn = try idleOrNew()
+        let r = try body(conn)
+        if !conn.broken { lock.withLock { idle.append(conn) } }
+        return r
+    }
+
+    /// Runs `body` with a connection, retrying transient failures until the deadline.
+    func with<T>(_ body: (RedisConnection) throws(FSError) -> T) throws(FSError) -> T {
+        let start = Sys.monotonicNanos()
+        var delay = 0.05
+        var attempt = 0
+        while true {
+            attempt += 1
+            var conn: RedisConnection?
+            do throws(FSError) {
+                let c = try idleOrNew()
+                conn = c
+                let r = try body(c)
+                if !c.broken { lock.withLock { idle.append(c) } }
+                if attempt > 1 { recovered() }
                 return r
             } catch {
-                if !conn.broken {
-                    lock.withLock { idle.append(conn) }
+                let transient =
+                    error.isRedisTransient || (conn == nil && (error.code == ECONNREFUSED || error.code == ETIMEDOUT || error.code == EHOSTUNREACH))
+                if !transient {
+                    if let conn, !conn.broken { lock.withLock { idle.append(conn) } }
                     throw error
                 }
-                attempts += 1
-                if !idempotent || attempts > 1 { throw error }
+                // Whatever broke this connection (a restart, a failover) broke the idle ones too.
+                lock.withLock { idle.removeAll() }
+                if location.masterName != nil { forgetMaster() }
+                let waited = Double(Sys.monotonicNanos() - start) / 1e9
+                noteOutage(error)
+                if waited + delay > retryTimeout {
+                    throw FSError(EIO, "\(displayName) unreachable for \(Int(waited.rounded())) s: \(error.message)")
+                }
+                Sys.sleep(seconds: delay)
+                delay = min(delay * 2, 1)
             }
+        }
+    }
+
+    private func noteOutage(_ e: FSError) {
+        let first = lock.withLock { () -> Bool in
+            if outage != nil { return false }
+            outage = Sys.monotonicNanos()
+            return true
+        }
+        if first { Log.warning("\(e.message); retrying for up to \(Int(retryTimeout)) s") }
+    }
+
+    private func recovered() {
+        if let since = lock.withLock({ () -> UInt64? in
+            defer { outage = nil }
+            return outage
+        }) {
+            Log.info("\(displayName) answers again after \(Double(Int(Double(Sys.monotonicNanos() - since) / 1e8)) / 10) s")
         }
     }
 }

@@ -4,22 +4,38 @@ import StageFSCore
     import Glibc
 #endif
 
-/// The shared engine: `redis://host:port/db`. Each operation is one Lua script run with
-/// `EVALSHA` (one round trip, atomic on the server); see `RedisScripts`.
+/// The shared engine: `redis://host:port/db` (or a master found through Sentinels). Each
+/// operation is one Lua script run with `EVALSHA` (one round trip, atomic on the server); see
+/// `RedisScripts`. Calls that meet a broken connection, a restarting or failing-over server are
+/// retried (`RedisPool`); scripts that change anything carry a request id so that a retry after
+/// a lost reply answers the first outcome and is never applied twice.
 package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     private let pool: RedisPool
     package let displayName: String
     private var shas: [String: String] = [:]
+    /// This client's request-id hash (`rq<random>`), request numbers, and slots (one request each).
+    private let requestKey: String
+    private let requestNumbers = Counter()
+    private let slots = RequestSlots()
+    private let waitReplicas: Int
+    private let waitTimeoutMillis: Int
 
-    package init(host: String, port: Int, db: Int, user: String?, password: String?) throws(FSError) {
-        pool = RedisPool(host: host, port: port, db: db, user: user, password: password)
-        displayName = "Redis at \(host):\(port)/\(db)"
-        // Connect now so an unreachable server is reported at once, and load the scripts.
+    package init(location: RedisLocation, retryTimeout: Double = 60) throws(FSError) {
+        pool = try RedisPool(location)
+        pool.retryTimeout = retryTimeout
+        displayName = pool.displayName
+        waitReplicas = location.waitReplicas
+        waitTimeoutMillis = location.waitTimeoutMillis
+        requestKey = "rq" + Sys.randomBytes(8).map { String($0, radix: 16) }.joined()
+        // Connect now (no retry) so an unreachable server is reported at once, and load the scripts.
         var loaded: [String: String] = [:]
-        try pool.with { (c) throws(FSError) in
-            for (name, body) in RedisScripts.all {
-                let reply = try c.command(["SCRIPT", "LOAD", RedisScripts.prelude + body])
+        try pool.once { (c) throws(FSError) in
+            for (name, _) in RedisScripts.all {
+                let reply = try c.command(["SCRIPT", "LOAD", RedisScripts.text(name)])
                 guard let sha = reply.text, case .string = reply else {
+                    if case .error(let e) = reply, e.contains("NOAUTH") || e.contains("WRONGPASS") {
+                        throw FSError(EACCES, "\(displayName) wants a password: \(e)")
+                    }
                     throw FSError(EIO, "\(displayName) refused StageFS's Lua script '\(name)': \(reply)")
                 }
                 loaded[name] = sha
@@ -37,16 +53,34 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     }
 
     /// Runs script `name` with the caller's credential and `args`; returns the reply after the
-    /// status element, or throws the errno the script gave.
-    private func run(_ name: String, _ cred: Credential, _ args: [any RedisArg], idempotent: Bool = false) throws(FSError) -> [RedisReply] {
-        let argv = credArgs(cred) + args
-        let reply = try pool.with(idempotent: idempotent) { (c) throws(FSError) -> RedisReply in
-            var r = try c.command(["EVALSHA", shas[name]!, 0] + argv)
-            if case .error(let e) = r, e.hasPrefix("NOSCRIPT") {
-                let body = RedisScripts.all.first { $0.0 == name }!.1
-                r = try c.command(["EVAL", RedisScripts.prelude + body, 0] + argv)
+    /// status element, or throws the errno the script gave. Retries are safe: the arguments
+    /// (times included) are fixed once, and a changing script carries its request id.
+    private func run(_ name: String, _ cred: Credential, _ args: [any RedisArg]) throws(FSError) -> [RedisReply] {
+        var argv = credArgs(cred) + args
+        var keys: [any RedisArg] = [0]
+        let mutating = RedisScripts.mutating.contains(name)
+        var slot: Int?
+        if mutating {
+            let s = slots.take()
+            slot = s
+            argv.append("\(s):\(requestNumbers.next())")
+            keys = [1, requestKey]
+        }
+        defer { if let slot { slots.give(slot) } }
+        let wait: [[any RedisArg]] = mutating && waitReplicas > 0 ? [["WAIT", waitReplicas, waitTimeoutMillis]] : []
+        let reply = try pool.with { (c) throws(FSError) -> RedisReply in
+            var r = try c.pipeline([["EVALSHA", shas[name]!] + keys + argv] + wait)
+            if case .error(let e) = r[0], e.hasPrefix("NOSCRIPT") {
+                // A restarted or promoted server has no scripts loaded: send the text (it stays cached).
+                r = try c.pipeline([["EVAL", RedisScripts.text(name)] + keys + argv] + wait)
             }
-            return r
+            if !wait.isEmpty, let acked = r[1].int, acked < waitReplicas {
+                throw FSError(
+                    EIO,
+                    "\(displayName): a metadata change reached \(acked) of the \(waitReplicas) replica(s) asked for (wait-replicas) within \(waitTimeoutMillis) ms"
+                )
+            }
+            return r[0]
         }
         if case .error(let e) = reply { throw FSError(EIO, "\(displayName): script \(name) failed: \(e)") }
         let items = reply.array
@@ -71,7 +105,7 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     }
 
     private func cmd(_ args: [any RedisArg]) throws(FSError) -> RedisReply {
-        let r = try pool.with { (c) throws(FSError) in try c.command(args) }
+        let r = try pool.with { (c) throws(FSError) -> RedisReply in try c.command(args) }
         if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(e)") }
         return r
     }
@@ -117,15 +151,13 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
 
     package func newSession(_ info: SessionInfo) throws(FSError) -> UInt64 {
         var info = info
-        guard let sid = try cmd(["INCR", "nextSession"]).int else { throw FSError(EIO, "\(displayName): no session id") }
-        info.sid = UInt64(sid)
-        let now = Timespec.now().sec
-        info.started = now
-        info.heartbeat = now
-        _ = try pool.with { (c) throws(FSError) in
-            try c.pipeline([["ZADD", "sessions", now, info.sid], ["HSET", "sessionInfos", info.sid, encodeSession(info)]])
+        info.started = Timespec.now().sec
+        info.heartbeat = info.started
+        // The session id is the hash field; the record's own sid is filled in when read.
+        guard let sid = try run("newSession", .root, [encodeSession(info)]).first?.int else {
+            throw FSError(EIO, "\(displayName): no session id")
         }
-        return info.sid
+        return UInt64(sid)
     }
 
     package func heartbeat(_ sid: UInt64) throws(FSError) {
@@ -156,7 +188,8 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         var out: [SessionInfo] = []
         let h = r[1].array
         for i in stride(from: 0, to: h.count - 1, by: 2) {
-            guard let text = h[i + 1].text, var info = decodeSession(text) else { continue }
+            guard let text = h[i + 1].text, var info = decodeSession(text), let sid = h[i].int else { continue }
+            info.sid = UInt64(sid)
             if let b = beats[info.sid] { info.heartbeat = b }
             out.append(info)
         }
@@ -174,7 +207,7 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
 
     package func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
         if name.count > maxNameLength { throw FSError.nameTooLong }
-        let r = try run("lookup", cred, [parent, name], idempotent: true)
+        let r = try run("lookup", cred, [parent, name])
         return (inoOf(r.first), try decodeAttr(r.dropFirst().first))
     }
 
@@ -200,7 +233,7 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     }
 
     package func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError) {
-        _ = try run("access", cred, [ino, mask.rawValue], idempotent: true)
+        _ = try run("access", cred, [ino, mask.rawValue])
     }
 
     package func mknod(
@@ -263,7 +296,7 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     }
 
     package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
-        let r = try run("readdir", .root, [ino, cookie, limit, plus ? 1 : 0], idempotent: true)
+        let r = try run("readdir", .root, [ino, cookie, limit, plus ? 1 : 0])
         var out: [DirEntry] = []
         out.reserveCapacity(r.count / 4)
         var i = 0
@@ -284,11 +317,11 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     // MARK: extended attributes
 
     package func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
-        try run("getxattr", cred, [ino, name], idempotent: true).first?.bytes ?? []
+        try run("getxattr", cred, [ino, name]).first?.bytes ?? []
     }
 
     package func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]] {
-        try run("listxattr", cred, [ino], idempotent: true).compactMap { $0.bytes }
+        try run("listxattr", cred, [ino]).compactMap { $0.bytes }
     }
 
     package func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
@@ -373,7 +406,7 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         let key: [UInt8] = Array("lk".utf8) + [kind] + Array(String(ino).utf8)
         // Locks are not on the small-file path: an optimistic WATCH/MULTI transaction is enough.
         for _ in 0..<100 {
-            let done = try pool.with(idempotent: false) { (c) throws(FSError) -> Bool in
+            let done = try pool.with { (c) throws(FSError) -> Bool in
                 _ = try c.command(["WATCH", key, "i\(ino)"])
                 let cur = try c.pipeline([["GET", key], ["EXISTS", "i\(ino)"]])
                 if cur[1].int != 1 {
@@ -402,4 +435,35 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         }
         throw FSError(EAGAIN, "\(displayName): lock table of inode \(ino) kept changing")
     }
+}
+
+/// Hands out request numbers, unique within this client.
+final class Counter: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var value: UInt64 = 0
+
+    func next() -> UInt64 {
+        lock.withLock {
+            value += 1
+            return value
+        }
+    }
+}
+
+/// Small integers, each held by one request (with its retries) at a time: the field of the
+/// request-id hash, so the hash holds as many entries as requests ever ran at once.
+final class RequestSlots: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var free: [Int] = []
+    private var count = 0
+
+    func take() -> Int {
+        lock.withLock {
+            if let s = free.popLast() { return s }
+            count += 1
+            return count
+        }
+    }
+
+    func give(_ s: Int) { lock.withLock { free.append(s) } }
 }

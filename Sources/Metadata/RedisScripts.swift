@@ -11,6 +11,12 @@
 ///
 /// Every script gets ARGV[1..5] = uid, gid, groups ("1,2,3"), now seconds, now nanoseconds,
 /// and answers a table whose first element is 0 or an errno.
+///
+/// Scripts that change anything run once per request even when the client sends it again
+/// after a lost reply: the client passes KEYS[1] = `rq<client id>` and, as the last ARGV,
+/// `<slot>:<request number>` (a slot is held by one request of the client at a time). The
+/// outcome is recorded in that hash with the changes, atomically; a request that finds its own
+/// number there answers the recorded outcome instead of running again (`withRequestID`).
 enum RedisScripts {
     static let prelude = #"""
         local ATTR = '>BI2I4I4I4I8i8I4i8I4i8I4I4I8'
@@ -717,12 +723,58 @@ enum RedisScripts {
         return {0}
         """#
 
+    /// ARGV 6 session info (JSON) -> {0, sid}
+    static let newSession = #"""
+        local sid = redis.call('INCR', 'nextSession')
+        redis.call('ZADD', 'sessions', nows, sid)
+        redis.call('HSET', 'sessionInfos', sid, ARGV[6])
+        return {0, sid}
+        """#
+
+    /// Scripts that change metadata (run with a request id); the others only read.
+    static let mutating: Set<String> = [
+        "mknod", "unlink", "rmdir", "rename", "link", "setattr", "setxattr", "removexattr", "open", "close", "writeSlice",
+        "finishDelete", "takeDropped", "closeSession", "initialize", "newSession",
+    ]
+
+    /// Runs `body` once per request id (see the type's documentation).
+    static func withRequestID(_ body: String) -> String {
+        """
+        local function body()
+        \(body)
+        end
+        local rqkey, rqslot, rqnum = KEYS[1], nil, nil
+        if rqkey then
+          local tag = ARGV[#ARGV]
+          local colon = string.find(tag, ':', 1, true)
+          rqslot, rqnum = string.sub(tag, 1, colon - 1), string.sub(tag, colon + 1)
+          local prev = redis.call('HGET', rqkey, rqslot)
+          if prev then
+            local sep = string.find(prev, ':', 1, true)
+            if string.sub(prev, 1, sep - 1) == rqnum then return cmsgpack.unpack(string.sub(prev, sep + 1)) end
+          end
+        end
+        local result = body()
+        if rqkey then
+          redis.call('HSET', rqkey, rqslot, rqnum .. ':' .. cmsgpack.pack(result))
+          redis.call('PEXPIRE', rqkey, 86400000)
+        end
+        return result
+        """
+    }
+
+    /// The full text of script `name` as loaded into Redis.
+    static func text(_ name: String) -> String {
+        let body = all.first { $0.0 == name }!.1
+        return prelude + (mutating.contains(name) ? withRequestID(body) : body)
+    }
+
     /// Every script by name, for loading.
     static let all: [(String, String)] = [
         ("lookup", lookup), ("mknod", mknod), ("unlink", unlink), ("rmdir", rmdir), ("rename", rename),
         ("link", link), ("setattr", setattr), ("readdir", readdir), ("getxattr", getxattr),
         ("listxattr", listxattr), ("setxattr", setxattr), ("removexattr", removexattr), ("access", access),
         ("open", open), ("close", close), ("writeSlice", writeSlice), ("finishDelete", finishDelete),
-        ("takeDropped", takeDropped), ("closeSession", closeSession), ("initialize", initialize),
+        ("takeDropped", takeDropped), ("closeSession", closeSession), ("initialize", initialize), ("newSession", newSession),
     ]
 }

@@ -89,22 +89,70 @@ public func randomUUID() -> String {
     UUID().uuidString.lowercased()
 }
 
+/// One Redis server or Sentinel address.
+public struct RedisHost: Sendable, Equatable {
+    public var host: String
+    public var port: Int
+
+    public init(_ host: String, _ port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    public var text: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}
+
+/// Where a Redis metadata store is: one server, or a master found through Sentinels.
+public struct RedisLocation: Sendable, Equatable {
+    /// The server (one), or the Sentinels when `masterName` is set.
+    public var hosts: [RedisHost]
+    /// Sentinel mode: the name the Sentinels know the master by.
+    public var masterName: String?
+    public var db: Int
+    public var user: String?
+    public var password: String?
+    /// `rediss://`: TLS to the server (and the Sentinels).
+    public var tls = false
+    /// `tls-ca-cert-file=`: the CA that signed the server's certificate (default: the system's).
+    public var tlsCACert: String?
+    /// `tls-cert-file=`, `tls-key-file=`: a client certificate, when the server asks for one.
+    public var tlsCert: String?
+    public var tlsKey: String?
+    /// `insecure-skip-verify=true`: accept any server certificate (testing only).
+    public var tlsInsecure = false
+    /// `wait-replicas=N`: every metadata commit waits until N replicas have it (Redis WAIT).
+    public var waitReplicas = 0
+    /// `wait-timeout=MS`: how long a commit waits for them (default 5000).
+    public var waitTimeoutMillis = 5000
+
+    public init(hosts: [RedisHost], masterName: String? = nil, db: Int = 0, user: String? = nil, password: String? = nil) {
+        self.hosts = hosts
+        self.masterName = masterName
+        self.db = db
+        self.user = user
+        self.password = password
+    }
+}
+
 /// A parsed META-URL: where the metadata lives.
 public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
     /// `sqlite3:///abs/path.db`
     case sqlite(path: String)
-    /// `redis://[user:pass@]host:port/db`
-    case redis(host: String, port: Int, db: Int, user: String?, password: String?)
+    /// `redis[s]://[[user]:password@]host[:port][/db][?options]`, or with Sentinels
+    /// `redis[s]://[[user]:password@]MASTER_NAME,HOST1[:PORT],HOST2[:PORT][/db]` (port 26379).
+    case redis(RedisLocation)
+
+    static let forms = "sqlite3:///abs/path.db, redis://[[user]:password@]host[:port][/db] or redis://[[user]:password@]MASTER_NAME,SENTINEL[:PORT][,...][/db]"
 
     /// Parses a META-URL; a malformed one is a usage error naming what is wrong.
     public static func parse(_ text: String) throws(FSError) -> MetaURL {
         func bad(_ why: String) -> FSError {
-            FSError.usage("malformed META-URL '\(text)': \(why) (expected sqlite3:///abs/path.db or redis://host:port/db)")
+            FSError.usage("malformed META-URL '\(text)': \(why) (expected \(forms))")
         }
         let parts = text.split(separator: "://", maxSplits: 1, omittingEmptySubsequences: false)
         guard parts.count == 2 else { throw bad("no scheme") }
         let scheme = parts[0].lowercased()
-        let rest = String(parts[1])
+        var rest = String(parts[1])
         switch scheme {
         case "sqlite3", "sqlite":
             guard rest.hasPrefix("/") else { throw bad("the database path must be absolute") }
@@ -112,7 +160,12 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
             if let q = path.firstIndex(of: "?") { path = String(path[..<q]) }
             guard path.count > 1, !path.hasSuffix("/") else { throw bad("no database file named") }
             return .sqlite(path: path)
-        case "redis":
+        case "redis", "rediss":
+            var query = ""
+            if let q = rest.firstIndex(of: "?") {
+                query = String(rest[rest.index(after: q)...])
+                rest = String(rest[..<q])
+            }
             var hostPart = rest
             var db = 0
             if let slash = rest.firstIndex(of: "/") {
@@ -136,17 +189,54 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
                     password = String(auth)
                 }
             }
-            var host = hostPart
-            var port = 6379
-            if let colon = hostPart.lastIndex(of: ":"), !hostPart.hasSuffix("]") {
-                host = String(hostPart[..<colon])
-                let portText = hostPart[hostPart.index(after: colon)...]
-                guard let p = Int(portText), p > 0, p < 65536 else { throw bad("port '\(portText)' is not a number from 1 to 65535") }
-                port = p
+            func hostPort(_ item: Substring, defaultPort: Int) throws(FSError) -> RedisHost {
+                var host = String(item)
+                var port = defaultPort
+                if let colon = item.lastIndex(of: ":"), !item.hasSuffix("]") {
+                    host = String(item[..<colon])
+                    let portText = item[item.index(after: colon)...]
+                    guard let p = Int(portText), p > 0, p < 65536 else { throw bad("port '\(portText)' is not a number from 1 to 65535") }
+                    port = p
+                }
+                if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+                guard !host.isEmpty else { throw bad("no host") }
+                return RedisHost(host, port)
             }
-            if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-            guard !host.isEmpty else { throw bad("no host") }
-            return .redis(host: host, port: port, db: db, user: user, password: password)
+            var loc: RedisLocation
+            let items = hostPart.split(separator: ",", omittingEmptySubsequences: false)
+            if items.count > 1 {
+                let name = String(items[0])
+                guard !name.isEmpty, !name.contains(":") else { throw bad("the first item of a Sentinel URL is the master's name") }
+                var sentinels: [RedisHost] = []
+                for item in items.dropFirst() { sentinels.append(try hostPort(item, defaultPort: 26379)) }
+                loc = RedisLocation(hosts: sentinels, masterName: name, db: db, user: user, password: password)
+            } else {
+                loc = RedisLocation(hosts: [try hostPort(items[0], defaultPort: 6379)], db: db, user: user, password: password)
+            }
+            loc.tls = scheme == "rediss"
+            for pair in query.split(separator: "&") where !pair.isEmpty {
+                let kv = pair.split(separator: "=", maxSplits: 1)
+                let key = String(kv[0])
+                let value = kv.count > 1 ? String(kv[1]) : ""
+                switch key {
+                case "tls-ca-cert-file": loc.tlsCACert = value
+                case "tls-cert-file": loc.tlsCert = value
+                case "tls-key-file": loc.tlsKey = value
+                case "insecure-skip-verify": loc.tlsInsecure = value == "true" || value == "1"
+                case "wait-replicas":
+                    guard let n = Int(value), n >= 0 else { throw bad("wait-replicas '\(value)' is not a number") }
+                    loc.waitReplicas = n
+                case "wait-timeout":
+                    guard let n = Int(value), n > 0 else { throw bad("wait-timeout '\(value)' is not a number of milliseconds") }
+                    loc.waitTimeoutMillis = n
+                default: throw bad("unknown option '\(key)' (known: tls-ca-cert-file, tls-cert-file, tls-key-file, insecure-skip-verify, wait-replicas, wait-timeout)")
+                }
+            }
+            if (loc.tlsCACert != nil || loc.tlsCert != nil || loc.tlsKey != nil || loc.tlsInsecure) && !loc.tls {
+                throw bad("TLS options need the rediss:// scheme")
+            }
+            if (loc.tlsCert == nil) != (loc.tlsKey == nil) { throw bad("tls-cert-file and tls-key-file go together") }
+            return .redis(loc)
         default:
             throw bad("unknown scheme '\(scheme)'")
         }
@@ -156,10 +246,16 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .sqlite(let path): return "sqlite3://\(path)"
-        case .redis(let host, let port, let db, let user, let password):
-            let auth = password == nil ? "" : "\(user ?? ""):****@"
-            let h = host.contains(":") ? "[\(host)]" : host
-            return "redis://\(auth)\(h):\(port)/\(db)"
+        case .redis(let r):
+            let auth = r.password == nil ? "" : "\(r.user ?? ""):****@"
+            let hosts = ((r.masterName.map { [$0] } ?? []) + r.hosts.map(\.text)).joined(separator: ",")
+            var q: [String] = []
+            if let f = r.tlsCACert { q.append("tls-ca-cert-file=\(f)") }
+            if let f = r.tlsCert { q.append("tls-cert-file=\(f)") }
+            if let f = r.tlsKey { q.append("tls-key-file=\(f)") }
+            if r.tlsInsecure { q.append("insecure-skip-verify=true") }
+            if r.waitReplicas > 0 { q.append("wait-replicas=\(r.waitReplicas)") }
+            return "\(r.tls ? "rediss" : "redis")://\(auth)\(hosts)/\(r.db)" + (q.isEmpty ? "" : "?" + q.joined(separator: "&"))
         }
     }
 }

@@ -140,7 +140,7 @@ struct Mount: ParsableCommand {
 
         // Check everything that can be checked before going to the background.
         let url = try MetaURL.parse(metaURL)
-        let meta = try openMetadata(url)
+        let meta = try openMetadata(url, retryTimeout: io.metaTimeout)
         let format = try meta.requireFormat()
         let store = try openObjectStore(io.storeConfig(format, accessKey: accessKey, secretKey: secretKey))
         do {

@@ -206,8 +206,15 @@ struct IOOptions: ParsableArguments {
     @Option(help: "Attempts per object-store request (5xx, throttling and connection errors are retried with back-off).")
     var ioRetries = 6
 
+    @Option(
+        help: ArgumentHelp(
+            "Seconds a Redis metadata operation keeps retrying while the server cannot be reached (a restart, a failover); then it fails with EIO.",
+            discussion: "The mount keeps running meanwhile; a first contact that fails is reported at once."))
+    var metaTimeout: Double = 60
+
     func validate() throws {
         if ioTimeout <= 0 || ioRetries < 1 { throw ValidationError("--io-timeout must be positive and --io-retries at least 1") }
+        if metaTimeout <= 0 { throw ValidationError("--meta-timeout must be positive") }
     }
 
     /// The store settings of a volume with these limits (and keys, when given, instead of the recorded ones).

@@ -234,7 +234,7 @@ func runStaging(
     progress: Bool
 ) throws(FSError) -> StageReport {
     let url = try MetaURL.parse(metaURL)
-    let metaEngine = try openMetadata(url)
+    let metaEngine = try openMetadata(url, retryTimeout: io.metaTimeout)
     let format = try metaEngine.requireFormat()
     let cache = try DiskCache(config: config, volumeUUID: format.uuid)
     var store: (any ObjectStore)?

@@ -7,8 +7,20 @@ import Testing
 struct UnitTests {
     @Test func metaURLs() throws {
         #expect(try MetaURL.parse("sqlite3:///var/lib/x.db") == .sqlite(path: "/var/lib/x.db"))
-        #expect(try MetaURL.parse("redis://127.0.0.1:6380/3") == .redis(host: "127.0.0.1", port: 6380, db: 3, user: nil, password: nil))
-        #expect(try MetaURL.parse("redis://u:p@h/2") == .redis(host: "h", port: 6379, db: 2, user: "u", password: "p"))
+        #expect(try MetaURL.parse("redis://127.0.0.1:6380/3") == .redis(RedisLocation(hosts: [RedisHost("127.0.0.1", 6380)], db: 3)))
+        #expect(try MetaURL.parse("redis://u:p@h/2") == .redis(RedisLocation(hosts: [RedisHost("h", 6379)], db: 2, user: "u", password: "p")))
+        #expect(try MetaURL.parse("redis://:secret@h:7000/1") == .redis(RedisLocation(hosts: [RedisHost("h", 7000)], db: 1, password: "secret")))
+        let sentinel = RedisLocation(
+            hosts: [RedisHost("10.0.0.1", 26379), RedisHost("10.0.0.2", 26380)], masterName: "mymaster", db: 4, password: "pw")
+        #expect(try MetaURL.parse("redis://:pw@mymaster,10.0.0.1,10.0.0.2:26380/4") == .redis(sentinel))
+        var tls = RedisLocation(hosts: [RedisHost("h", 6379)], db: 0)
+        tls.tls = true
+        tls.tlsCACert = "/etc/ca.pem"
+        tls.waitReplicas = 1
+        #expect(try MetaURL.parse("rediss://h/0?tls-ca-cert-file=/etc/ca.pem&wait-replicas=1") == .redis(tls))
+        #expect(throws: FSError.self) { try MetaURL.parse("redis://h/0?tls-ca-cert-file=/x") }
+        #expect(throws: FSError.self) { try MetaURL.parse("redis://h/0?bogus=1") }
+        #expect(throws: FSError.self) { try MetaURL.parse("redis://:7000,h/0") }
         #expect(try MetaURL.parse("redis://:secret@h:1/0").description == "redis://:****@h:1/0")
         for bad in ["redis://h:0/1", "redis://h:x/1", "redis://h/abc", "sqlite3://rel.db", "sqlite3:///dir/", "http://x", "x"] {
             #expect(throws: FSError.self, "\(bad)") { try MetaURL.parse(bad) }

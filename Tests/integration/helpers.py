@@ -34,6 +34,28 @@ def wait_port(port, timeout=30):
     return False
 
 
+def wait_until(pred, timeout, what):
+    """Waits for a condition (checked every 20 ms); fails naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def processes_in(path):
+    """Pids of processes whose working directory is `path`."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.readlink(f"/proc/{pid}/cwd") == path:
+                    out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
 def ensure_user(name):
     try:
         return pwd.getpwnam(name)

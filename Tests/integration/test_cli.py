@@ -162,7 +162,7 @@ def test_umount_force_detaches_a_dead_mount(env, redis):
     env.stagefs("mount", "-d", url, m)
     pid = helpers.mount_pid(m)
     os.kill(pid, signal.SIGKILL)
-    time.sleep(0.3)
+    helpers.wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the killed mount process to be gone")
     with pytest.raises(OSError):
         run_as(USER, os.listdir, m)  # ENOTCONN: the mount is dead
     env.stagefs("umount", "--force", m)
@@ -179,14 +179,14 @@ def test_busy_mount_is_not_unmounted_without_force(env, redis):
     env.stagefs("mount", "-d", url, m)
     holder = subprocess.Popen(["runuser", "-u", USER, "--", "bash", "-c", f"cd {m} && exec sleep 30"], start_new_session=True)
     try:
-        time.sleep(0.3)
+        helpers.wait_until(lambda: helpers.processes_in(m), 10, "a process working in the mount")
         p = env.stagefs("umount", m, check=False)
         one_line_error(p, "still open")
         assert helpers.is_mounted(m)
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
-    time.sleep(0.2)
+    helpers.wait_until(lambda: not helpers.processes_in(m), 10, "the process in the mount to be gone")
     env.stagefs("umount", m)
     assert not helpers.is_mounted(m)
 
@@ -213,7 +213,7 @@ def test_memory_stays_bounded_under_a_10_gib_write(env, redis):
             n = sum(len(fs) for _, _, fs in os.walk(os.path.join(base, "data", "tengig", "chunks")))
             if n == 0:
                 break
-            time.sleep(1)
+            time.sleep(0.2)
         assert n == 0, f"{n} objects left after unlink"
     finally:
         env.stagefs("umount", m)
@@ -329,8 +329,14 @@ def test_a_client_cleaned_up_as_stale_registers_again_and_keeps_its_open_files(e
                 break
             time.sleep(0.3)
         assert new_a, "A registered again under a new session"
+        ino = run_as(USER, os.stat, os.path.join(b, "kept")).st_ino
         run_as(USER, os.unlink, os.path.join(b, "kept"))
-        time.sleep(2)  # B's deleter would have removed the data of an unreferenced file by now
+        # The unlink decides at once whether the inode is freed: A's open (recorded again) keeps
+        # it, so it is not queued for deletion and its record stays.
+        def redis_cli(*args):
+            return subprocess.run(["redis-cli", "-p", str(redis.port), "-n", str(db), *args], capture_output=True, text=True).stdout.strip()
+        assert redis_cli("ZCARD", "delfiles") == "0", "nothing queued for deletion while A holds the file"
+        assert redis_cli("EXISTS", f"i{ino}") == "1", "the inode is kept"
         open(flag, "w").close()
         out, err = holder.communicate(60)
         import hashlib

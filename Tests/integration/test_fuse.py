@@ -348,7 +348,8 @@ if kind == "flock":
 else:
     fcntl.lockf(fd, fcntl.LOCK_EX, 100, 0)
 open(ready, "w").close()
-time.sleep(float(sys.argv[4]))
+while not os.path.exists(sys.argv[4]):  # hold the lock until told to let go
+    time.sleep(0.02)
 """
 
 
@@ -358,7 +359,9 @@ def test_locks_between_two_processes(volume, workdir, kind):
     ready = os.path.join(volume.base, f"ready-{kind}-{os.getpid()}")
     run_as(USER, lambda: open(path, "w").close())
     os.chmod(volume.base, 0o777)
-    holder = subprocess.Popen(["runuser", "-u", USER, "--", "python3", "-c", LOCK_HOLDER, kind, path, ready, "2"])
+    release = ready + ".release"
+    waiting = ready + ".waiting"
+    holder = subprocess.Popen(["runuser", "-u", USER, "--", "python3", "-c", LOCK_HOLDER, kind, path, ready, release])
     try:
         deadline = time.time() + 20
         while not os.path.exists(ready) and time.time() < deadline:
@@ -382,21 +385,30 @@ def test_locks_between_two_processes(volume, workdir, kind):
 
         def wait_lock():
             fd = os.open(path, os.O_RDWR)
-            start = time.time()
+            open(waiting, "w").close()
             if kind == "flock":
                 fcntl.flock(fd, fcntl.LOCK_EX)
             else:
                 fcntl.lockf(fd, fcntl.LOCK_EX, 10, 50)
-            waited = time.time() - start
+            got = time.time()
             os.close(fd)
-            return waited
+            return got
 
-        waited = run_as(USER, wait_lock)
-        assert waited > 0.3, "the blocking lock waited for the holder to exit"
+        import threading
+        result = {}
+        waiter = threading.Thread(target=lambda: result.setdefault("got", run_as(USER, wait_lock)))
+        waiter.start()
+        helpers.wait_until(lambda: os.path.exists(waiting), 20, "the second process to ask for the lock")
+        released = time.time()
+        open(release, "w").close()
+        waiter.join(60)
+        assert result.get("got", 0) >= released, "the blocking lock was granted only after the holder let go"
     finally:
+        open(release, "w").close()
         holder.wait(30)
-        if os.path.exists(ready):
-            os.unlink(ready)
+        for f in (ready, release, waiting):
+            if os.path.exists(f):
+                os.unlink(f)
 
 
 def test_statfs(volume, workdir):

@@ -1,6 +1,7 @@
 """The Redis engine on a shared server: no operation stalls Redis for other tenants."""
 import os
 import socket
+import subprocess
 import threading
 import time
 
@@ -111,3 +112,364 @@ def test_deleting_huge_files_never_stalls_redis(env, redis):
         if probe:
             probe.finish()
         env.stagefs("umount", m)
+
+
+class ReplyDropper:
+    """A TCP proxy in front of Redis that, when armed, lets the next metadata-changing script
+    reach the server and then cuts the connection instead of passing the reply on: the client
+    cannot know whether its request was carried out."""
+
+    # A changing script is sent with one key, the client's request-id hash (rq<id>).
+    MARK = b"\r\n$1\r\n1\r\n$"
+
+    def __init__(self, upstream_port):
+        self.upstream = upstream_port
+        self.port = helpers.free_port()
+        self.armed = threading.Event()
+        self.dropped = 0
+        self.lock = threading.Lock()
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", self.port))
+        self.srv.listen(64)
+        self.stopping = False
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while not self.stopping:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.upstream))
+            state = {"drop": False}
+            threading.Thread(target=self.up, args=(c, u, state), daemon=True).start()
+            threading.Thread(target=self.down, args=(u, c, state), daemon=True).start()
+
+    def up(self, c, u, state):
+        try:
+            while True:
+                b = c.recv(65536)
+                if not b:
+                    break
+                if self.MARK in b and b"\r\nrq" in b and self.armed.is_set():
+                    with self.lock:
+                        if self.armed.is_set():
+                            self.armed.clear()
+                            state["drop"] = True
+                u.sendall(b)
+        except OSError:
+            pass
+        for s in (c, u):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def down(self, u, c, state):
+        try:
+            while True:
+                b = u.recv(65536)
+                if not b:
+                    break
+                if state["drop"]:
+                    with self.lock:
+                        self.dropped += 1
+                    break
+                c.sendall(b)
+        except OSError:
+            pass
+        for s in (c, u):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def stop(self):
+        self.stopping = True
+        self.srv.close()
+
+
+def test_a_lost_reply_is_answered_with_the_first_outcome(env, redis):
+    """Each changing operation's reply is lost once after Redis carried it out: the client
+    sends it again, and gets the first outcome: no EEXIST for its own create, no ENOENT for
+    its own unlink, no second copy of anything."""
+    proxy = ReplyDropper(redis.port)
+    db = redis.new_db()
+    base = env.dir_for(USER, "lost")
+    url = f"redis://127.0.0.1:{proxy.port}/{db}"
+    env.stagefs("format", url, "lostreply", "--bucket", os.path.join(base, "data"))
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"), "--attr-cache", "0", "--entry-cache", "0",
+                "--dir-entry-cache", "0")
+    try:
+        steps = [
+            ("mkdir", lambda: os.mkdir(os.path.join(m, "d"))),
+            ("create", lambda: os.close(os.open(os.path.join(m, "d", "f"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))),
+            ("write", lambda: open(os.path.join(m, "d", "f"), "wb").write(b"x" * 100)),
+            ("link", lambda: os.link(os.path.join(m, "d", "f"), os.path.join(m, "d", "h"))),
+            ("rename", lambda: os.rename(os.path.join(m, "d", "f"), os.path.join(m, "g"))),
+            ("setxattr", lambda: os.setxattr(os.path.join(m, "g"), "user.k", b"v", os.XATTR_CREATE)),
+            ("removexattr", lambda: os.removexattr(os.path.join(m, "g"), "user.k")),
+            ("unlink", lambda: os.unlink(os.path.join(m, "d", "h"))),
+            ("symlink", lambda: os.symlink("g", os.path.join(m, "s"))),
+        ]
+        for name, step in steps:
+            before = proxy.dropped
+            proxy.armed.set()
+            run_as(USER, step)
+            assert proxy.dropped == before + 1, f"{name}: a reply was dropped"
+        tree = run_as(USER, lambda: sorted(os.listdir(m)) + sorted(os.listdir(os.path.join(m, "d"))))
+        assert tree == ["d", "g", "s"], tree
+        st = run_as(USER, os.stat, os.path.join(m, "g"))
+        assert st.st_size == 100 and st.st_nlink == 1
+        assert run_as(USER, os.listxattr, os.path.join(m, "g")) == []
+        assert run_as(USER, os.readlink, os.path.join(m, "s")) == "g"
+        log = open(os.path.join(base, "mount.log")).read()
+        assert "lost connection" in log, "the mount saw the connections cut"
+    finally:
+        env.stagefs("umount", m)
+        proxy.stop()
+
+
+class OwnRedis:
+    """A redis-server of this test's own (AOF on), which the test stops and starts again."""
+
+    def __init__(self, env, *extra):
+        self.port = helpers.free_port()
+        self.dir = env.dir_for("root", "redis")
+        self.extra = list(extra)
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--appendonly", "yes",
+             "--appendfsync", "always", "--save", "", *self.extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert helpers.wait_port(self.port), "redis-server started"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def test_redis_restarts_under_load_cost_no_operation(env):
+    """Three processes create, write, rename and unlink while Redis (AOF on) restarts three
+    times: not one operation fails, and the tree is exactly what the operations made."""
+    r = OwnRedis(env)
+    base = env.dir_for(USER, "restart")
+    url = f"redis://127.0.0.1:{r.port}/1"
+    env.stagefs("format", url, "restarts", "--bucket", os.path.join(base, "data"))
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"))
+    progress = [os.path.join(base, f"progress{w}") for w in range(3)]
+    worker = '''
+import os, sys, time
+m, w, progress, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+d = os.path.join(m, f"w{w}")
+os.mkdir(d)
+errors = 0
+i = 0
+while not os.path.exists(stop) or i < 30:
+    try:
+        p = os.path.join(d, f"f{i}")
+        with open(p, "wb") as f:
+            f.write(b"%d" % i * 1000)
+        os.rename(p, os.path.join(d, f"g{i}"))
+        if i % 3 == 0:
+            os.unlink(os.path.join(d, f"g{i}"))
+        if i % 5 == 0:
+            os.mkdir(os.path.join(d, f"dir{i}"))
+    except OSError as e:
+        errors += 1
+        print(f"worker {w} step {i}: {e}", file=sys.stderr, flush=True)
+    i += 1
+    with open(progress, "w") as f:
+        f.write(str(i))
+print(i, errors)
+'''
+    stop = os.path.join(base, "stop")
+    procs = [subprocess.Popen(["runuser", "-u", USER, "--", "python3", "-c", worker, m, str(w), progress[w], stop],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(3)]
+
+    def steps():
+        return [int(open(p).read() or 0) if os.path.exists(p) else 0 for p in progress]
+
+    try:
+        for restart in range(3):
+            target = [s + 20 for s in steps()]
+            wait_for(lambda: all(a >= b for a, b in zip(steps(), target)), 120, "the workers to make progress")
+            noticed = open(os.path.join(base, "mount.log")).read().count("retrying for up to")
+            r.stop()
+            # Down until an operation of the mount has met the outage and is waiting it out.
+            wait_for(lambda: open(os.path.join(base, "mount.log")).read().count("retrying for up to") > noticed, 60,
+                     "the mount to notice the outage")
+            r.start()
+        target = [s + 20 for s in steps()]
+        wait_for(lambda: all(a >= b for a, b in zip(steps(), target)), 120, "progress after the last restart")
+        open(stop, "w").close()
+        results = [p.communicate(timeout=300) for p in procs]
+        for w, (out, err) in enumerate(results):
+            n, errors = map(int, out.split())
+            assert errors == 0, f"worker {w}: {err}"
+            expected = sorted([f"g{i}" for i in range(n) if i % 3] + [f"dir{i}" for i in range(n) if i % 5 == 0])
+            names = run_as(USER, lambda: sorted(os.listdir(os.path.join(m, f"w{w}"))))
+            assert names == expected, f"worker {w}: {set(names) ^ set(expected)}"
+            for i in (1, n - 1):
+                if i % 3:
+                    assert run_as(USER, lambda: open(os.path.join(m, f"w{w}", f"g{i}"), "rb").read()) == b"%d" % i * 1000
+        log = open(os.path.join(base, "mount.log")).read()
+        assert log.count("answers again") >= 3, "the mount rode out three outages"
+    finally:
+        open(stop, "w").close()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        env.stagefs("umount", m)
+        r.stop()
+
+
+def test_a_password_and_a_port_of_its_own(env):
+    r = OwnRedis(env, "--requirepass", "s3cret")
+    try:
+        base = env.dir_for(USER, "pw")
+        env.stagefs("format", f"redis://:s3cret@127.0.0.1:{r.port}/3", "password", "--bucket", os.path.join(base, "data"))
+        m = env.dir_for(USER, "m")
+        env.stagefs("mount", "-d", f"redis://:s3cret@127.0.0.1:{r.port}/3", m)
+        run_as(USER, lambda: open(os.path.join(m, "x"), "w").write("x"))
+        assert run_as(USER, os.listdir, m) == ["x"]
+        env.stagefs("umount", m)
+        p = env.stagefs("mount", "-d", f"redis://:wrong@127.0.0.1:{r.port}/3", m, check=False)
+        assert p.returncode == 1 and "refused the password" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        p = env.stagefs("status", f"redis://127.0.0.1:{r.port}/3", check=False)
+        assert p.returncode == 1 and "password" in p.stderr, p.stderr
+    finally:
+        r.stop()
+
+
+def test_tls(env, tmp_path):
+    """rediss:// to a TLS-only Redis with a certificate from a CA of the test's own."""
+    d = env.dir_for("root", "tls")
+    os.chmod(d, 0o755)
+
+    def sh(*cmd):
+        subprocess.run(cmd, check=True, capture_output=True, cwd=d)
+
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=stagefs test CA",
+       "-keyout", "ca.key", "-out", "ca.pem")
+    sh("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
+    with open(f"{d}/san.cnf", "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    sh("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+       "-extfile", "san.cnf", "-out", "server.pem")
+    for f in os.listdir(d):
+        os.chmod(f"{d}/{f}", 0o644)
+    port = helpers.free_port()
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--tls-cert-file", f"{d}/server.pem", "--tls-key-file", f"{d}/server.key",
+                             "--tls-ca-cert-file", f"{d}/ca.pem", "--tls-auth-clients", "no", "--dir", d],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert helpers.wait_port(port)
+        url = f"rediss://127.0.0.1:{port}/1?tls-ca-cert-file={d}/ca.pem"
+        base = env.dir_for(USER, "tlsvol")
+        env.stagefs("format", url, "tlsvol", "--bucket", os.path.join(base, "data"))
+        m = env.dir_for(USER, "m")
+        env.stagefs("mount", "-d", url, m)
+        run_as(USER, lambda: open(os.path.join(m, "over-tls"), "w").write("secret"))
+        assert run_as(USER, lambda: open(os.path.join(m, "over-tls")).read()) == "secret"
+        env.stagefs("umount", m)
+        # Without the CA: refused, with the reason.
+        p = env.stagefs("status", f"rediss://127.0.0.1:{port}/1", check=False)
+        assert p.returncode == 1 and "not trusted" in p.stderr, p.stderr
+        # A plain connection to a TLS port: said so.
+        p = env.stagefs("status", f"redis://127.0.0.1:{port}/1", check=False)
+        assert p.returncode == 1 and "stagefs: " in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        assert "Volume" in env.stagefs("status", f"rediss://127.0.0.1:{port}/1?insecure-skip-verify=true").stdout
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sentinel_failover(env):
+    """A master, two replicas and a Sentinel on loopback; the volume's URL names the master
+    through the Sentinel and waits for one replica per commit. The master is killed while a
+    writer keeps creating files: the Sentinel promotes a replica (the other one follows it), the
+    mount follows the new master, no write fails and none is lost."""
+    master = OwnRedis(env)
+    replicas = [OwnRedis(env, "--replicaof", "127.0.0.1", str(master.port)) for _ in range(2)]
+    sport = helpers.free_port()
+    sdir = env.dir_for("root", "sentinel")
+    with open(f"{sdir}/sentinel.conf", "w") as f:
+        f.write(f"port {sport}\nbind 127.0.0.1\ndir {sdir}\n"
+                f"sentinel monitor vol 127.0.0.1 {master.port} 1\n"
+                "sentinel down-after-milliseconds vol 1000\nsentinel failover-timeout vol 5000\n")
+    sentinel = subprocess.Popen(["redis-server", f"{sdir}/sentinel.conf", "--sentinel"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    assert helpers.wait_port(sport)
+    m = None
+    try:
+        def replica_linked():
+            info = subprocess.run(["redis-cli", "-p", str(master.port), "INFO", "replication"], capture_output=True, text=True).stdout
+            return info.count("state=online") == 2
+        wait_for(replica_linked, 30, "the replicas")
+        url = f"redis://vol,127.0.0.1:{sport}/1?wait-replicas=1&wait-timeout=10000"
+        base = env.dir_for(USER, "failover")
+        env.stagefs("format", url, "failover", "--bucket", os.path.join(base, "data"))
+        m = env.dir_for(USER, "m")
+        env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"))
+        progress = os.path.join(base, "progress")
+        stop = os.path.join(base, "stop")
+        writer = subprocess.Popen(["runuser", "-u", USER, "--", "python3", "-c", f'''
+import os, sys
+i = errors = 0
+while not os.path.exists({stop!r}) or i < 10:
+    try:
+        with open(os.path.join({m!r}, f"f{{i}}"), "w") as f:
+            f.write(str(i))
+    except OSError as e:
+        errors += 1
+        print(e, file=sys.stderr, flush=True)
+    i += 1
+    open({progress!r}, "w").write(str(i))
+print(i, errors)
+'''], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def done():
+            return int(open(progress).read() or 0) if os.path.exists(progress) else 0
+        wait_for(lambda: done() >= 20, 60, "writes before the failover")
+        master.proc.kill()
+        master.proc.wait()
+
+        def promoted():
+            out = subprocess.run(["redis-cli", "-p", str(sport), "SENTINEL", "get-master-addr-by-name", "vol"], capture_output=True,
+                                 text=True).stdout.split()
+            return len(out) == 2 and out[1] in [str(r.port) for r in replicas]
+        wait_for(promoted, 60, "the Sentinel to promote the replica")
+        after = done()
+        wait_for(lambda: done() >= after + 20, 60, "writes after the failover")
+        open(stop, "w").close()
+        out, err = writer.communicate(timeout=120)
+        n, errors = map(int, out.split())
+        assert errors == 0, err
+        names = run_as(USER, os.listdir, m)
+        assert sorted(names, key=lambda s: int(s[1:])) == [f"f{i}" for i in range(n)], "every acknowledged file is there"
+        log = open(os.path.join(base, "mount.log")).read()
+        assert "answers again" in log
+    finally:
+        if m and helpers.is_mounted(m):
+            env.stagefs("umount", m)
+        sentinel.kill()
+        sentinel.wait()
+        for r in replicas:
+            r.stop()
+        if master.proc.poll() is None:
+            master.stop()
+
+
+def test_waiting_for_replicas_that_are_not_there_fails_with_the_reason(env, redis):
+    base = env.dir_for(USER, "noreplica")
+    url = f"redis://127.0.0.1:{redis.port}/{redis.new_db()}?wait-replicas=1&wait-timeout=200"
+    p = env.stagefs("format", url, "noreplica", "--bucket", os.path.join(base, "data"), check=False)
+    assert p.returncode == 1 and "reached 0 of the 1 replica(s)" in p.stderr, p.stderr

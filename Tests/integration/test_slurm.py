@@ -125,7 +125,7 @@ PlugStackConfig={d}/plugstack.conf
             f.write(f"required {self.plugin} stagefs={env.bin} volume={self.meta} cache_root={d}/cache "
                     f"mount_root={d}/mnt state_dir={d}/jobstate timeout=300\n")
         self.start(["slurmctld", "-D", "-f", self.conf])
-        time.sleep(1)
+        assert helpers.wait_port(ctld, 30), "slurmctld listens"
         self.start(["slurmd", "-D", "-f", self.conf, "-N", "n1"])
         for k in range(2, nodes + 1):
             self.start(["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -144,9 +144,11 @@ PlugStackConfig={d}/plugstack.conf
                 p.terminate()
                 p.wait(20)
         self.procs = [p for p in self.procs if p.poll() is None]
+        log = f"{self.dir}/log/slurmd-n1.log"
+        started = open(log).read().count(" started") if os.path.exists(log) else 0
         self.start(["slurmd", "-D", "-f", self.conf, "-N", "n1"])
-        wait_for(lambda: self.sinfo().strip() != "", 30)
-        time.sleep(2)
+        # slurmd logs "slurmd version ... started" once it serves (and has read the plugstack).
+        assert wait_for(lambda: os.path.exists(log) and open(log).read().count(" started") > started, 60), "slurmd restarted"
 
     def slurm(self, *cmd, user=USER, check=False):
         return subprocess.run(["runuser", "-u", user, "--", "env", f"SLURM_CONF={self.conf}", *cmd], capture_output=True, text=True)

@@ -170,11 +170,14 @@ def test_a_corrupted_cache_file_is_detected_and_refetched(env, s3vol):
         f.seek(1000)
         f.write(bytes([b[0] ^ 0xFF]))
     m = env.dir_for(USER, "m")
-    env.stagefs("mount", "-d", s3vol.url, m, "--cache-dir", s3vol.cache)
+    log = os.path.join(env.dir_for(USER, "log"), "mount.log")
+    env.stagefs("mount", "-d", s3vol.url, m, "--cache-dir", s3vol.cache, "--log", log)
     try:
         assert read_all(m, s3vol.sums) == s3vol.sums, "the damaged block was not served"
     finally:
         env.stagefs("umount", m)
+    text = open(log).read()
+    assert os.path.basename(victim) in text and "corrupted" in text, "the mount read the damaged cache file and dropped it"
     assert "100.0% cached" in stage(env, s3vol, "/datasets/small", "--check").stdout, "and it was cached again"
 
 
@@ -270,14 +273,23 @@ class RoundTrips:
     scripts are not round trips and are left out)."""
 
     def __init__(self, port):
+        self.port = port
         self.proc = subprocess.Popen(["redis-cli", "-p", str(port), "monitor"], stdout=subprocess.PIPE, text=True)
-        time.sleep(0.3)
+        # MONITOR answers OK once it is attached: only then is every command seen.
+        assert self.proc.stdout.readline().strip() == "OK", "MONITOR attached"
 
     def stop(self):
-        time.sleep(0.3)
+        # A marker command: once MONITOR shows it, it has shown everything sent before.
+        marker = f"stagefs-marker-{os.getpid()}"
+        subprocess.run(["redis-cli", "-p", str(self.port), "ECHO", marker], check=True, capture_output=True)
+        lines = []
+        for line in self.proc.stdout:
+            if marker in line:
+                break
+            lines.append(line)
         self.proc.terminate()
-        out = self.proc.communicate()[0]
-        return [l for l in out.splitlines() if '"' in l and "lua]" not in l]
+        self.proc.communicate()
+        return [l for l in lines if '"' in l and "lua]" not in l]
 
 
 @pytest.mark.parametrize("ttl", ["0", "30"])
