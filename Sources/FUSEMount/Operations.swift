@@ -94,15 +94,37 @@ private func replyAttr(_ req: fuse_req_t?, _ ino: Ino, _ a: Attr) {
     fuse_reply_attr(req, &st, server(req).config.attrTimeout)
 }
 
-/// Runs `body`, replying with its errno when it throws.
+/// Runs `body`, replying with its errno when it throws. An `EIO` is also logged with its
+/// reason (the application sees only the errno).
 @inline(__always)
 private func serve(_ req: fuse_req_t?, _ body: () throws(FSError) -> Void) {
     do {
         try body()
     } catch {
+        if error.code == EIO { ioErrorLog.note(error.message) }
         fuse_reply_err(req, error.code)
     }
 }
+
+/// Logs the reasons of I/O errors, each the same text at most once a second.
+private final class IOErrorLog: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var last = ""
+    private var at: UInt64 = 0
+
+    func note(_ message: String) {
+        let now = Sys.monotonicNanos()
+        let show = lock.withLock { () -> Bool in
+            if message == last && now - at < 1_000_000_000 { return false }
+            last = message
+            at = now
+            return true
+        }
+        if show { Log.error("I/O error: \(message)") }
+    }
+}
+
+private let ioErrorLog = IOErrorLog()
 
 // ATOMIC_O_TRUNC: open(O_TRUNC) reaches `open`, which truncates (VFS.open).
 // HANDLE_KILLPRIV: the kernel leaves clearing set-user-ID/set-group-ID bits to us (a write,

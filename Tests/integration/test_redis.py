@@ -473,3 +473,36 @@ def test_waiting_for_replicas_that_are_not_there_fails_with_the_reason(env, redi
     url = f"redis://127.0.0.1:{redis.port}/{redis.new_db()}?wait-replicas=1&wait-timeout=200"
     p = env.stagefs("format", url, "noreplica", "--bucket", os.path.join(base, "data"), check=False)
     assert p.returncode == 1 and "reached 0 of the 1 replica(s)" in p.stderr, p.stderr
+
+
+def test_an_outage_longer_than_the_limit_fails_operations_not_the_mount(env):
+    r = OwnRedis(env)
+    base = env.dir_for(USER, "outage")
+    url = f"redis://127.0.0.1:{r.port}/1"
+    env.stagefs("format", url, "outage", "--bucket", os.path.join(base, "data"))
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", url, m, "--meta-timeout", "2", "--attr-cache", "0", "--entry-cache", "0", "--dir-entry-cache", "0",
+                "--log", os.path.join(base, "mount.log"))
+    try:
+        pid = helpers.mount_pid(m)
+        r.stop()
+
+        def attempt():
+            t0 = time.monotonic()
+            try:
+                os.mkdir(os.path.join(m, "during"))
+                return ("ok", time.monotonic() - t0)
+            except OSError as e:
+                return (e.errno, time.monotonic() - t0)
+
+        code, took = run_as(USER, attempt)
+        assert code == 5 and 1.5 < took < 30, (code, took)  # EIO once --meta-timeout is spent
+        assert helpers.is_mounted(m) and os.path.exists(f"/proc/{pid}"), "the mount is still there"
+        assert "unreachable for" in open(os.path.join(base, "mount.log")).read()
+        r.start()
+        run_as(USER, os.mkdir, os.path.join(m, "after"))
+        assert run_as(USER, os.listdir, m) == ["after"]
+    finally:
+        env.stagefs("umount", m)
+        if r.proc.poll() is None:
+            r.stop()

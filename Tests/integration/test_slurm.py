@@ -31,7 +31,15 @@ class Cluster:
     node runs in its own, where its own cache and mount directories are bound over the
     configured cache_root and mount_root: node-local storage, as on a real cluster."""
 
-    def __init__(self, env, redis, nodes=1, db=50):
+    def __init__(self, env, redis, nodes=1, db=50, shell_hooks=False):
+        self.procs = []
+        try:
+            self.setup(env, redis, nodes, db, shell_hooks)
+        except BaseException:
+            self.stop()  # never leave daemons behind a cluster that did not come up
+            raise
+
+    def setup(self, env, redis, nodes, db, shell_hooks):
         self.env = env
         self.nodes = nodes
         self.dir = env.dir_for("root", "slurm")
@@ -49,7 +57,6 @@ class Cluster:
         os.chmod(f"{d}/out", 0o1777)
         os.chmod(f"{d}/cache", 0o1777)
         os.chmod(f"{d}/mnt", 0o755)
-        self.procs = []
         # The volume the site stages from.
         self.meta = redis.url(db)
         env.stagefs("format", self.meta, "slurmvol", "--bucket", f"{d}/data", user="root")
@@ -90,6 +97,19 @@ class Cluster:
             for k in range(1, nodes + 1))
         names = ",".join(f"n{k}" for k in range(1, nodes + 1))
         self.conf = f"{d}/slurm.conf"
+        hooks = ""
+        if shell_hooks:
+            # The site's way without the plugin's own prolog/epilog: Prolog=/Epilog= scripts,
+            # settings from stagefs.env (slurmd gives a prolog a bare environment).
+            with open(f"{d}/stagefs.env", "w") as f:
+                f.write(f"STAGEFS_BIN={env.bin}\nSTAGEFS_VOLUME={self.meta}\nSTAGEFS_CACHE_ROOT={d}/cache\n"
+                        f"STAGEFS_MOUNT_ROOT={d}/mnt\nSTAGEFS_STATE_DIR={d}/jobstate\nSTAGEFS_TIMEOUT=300\n")
+            for kind in ("prolog", "epilog"):
+                with open(f"{d}/{kind}.sh", "w") as f:
+                    f.write(f"#!/bin/sh\nenv > {d}/log/{kind}-env-$SLURM_JOB_ID\n"
+                            f"STAGEFS_SLURM_ENV={d}/stagefs.env exec {REPO}/slurm/{kind}.d/stagefs.sh\n")
+                os.chmod(f"{d}/{kind}.sh", 0o755)
+            hooks = f"Prolog={d}/prolog.sh\nEpilog={d}/epilog.sh\n"
         with open(self.conf, "w") as f:
             f.write(f"""ClusterName=stagefs
 SlurmctldHost=localhost(127.0.0.1)
@@ -117,13 +137,13 @@ JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 PlugStackConfig={d}/plugstack.conf
-{node_lines}PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
+{hooks}{node_lines}PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """)
         with open(f"{d}/cgroup.conf", "w") as f:
             f.write("CgroupPlugin=cgroup/v1\n")
         with open(f"{d}/plugstack.conf", "w") as f:
             f.write(f"required {self.plugin} stagefs={env.bin} volume={self.meta} cache_root={d}/cache "
-                    f"mount_root={d}/mnt state_dir={d}/jobstate timeout=300\n")
+                    f"mount_root={d}/mnt state_dir={d}/jobstate timeout=300{' hooks=no' if shell_hooks else ''}\n")
         self.start(["slurmctld", "-D", "-f", self.conf])
         assert helpers.wait_port(ctld, 30), "slurmctld listens"
         self.start(["slurmd", "-D", "-f", self.conf, "-N", "n1"])
@@ -184,6 +204,8 @@ PlugStackConfig={d}/plugstack.conf
         return read("out"), read("err")
 
     def stop(self):
+        if not hasattr(self, "dir"):
+            return
         # Mount processes the epilogs did not get to keep other nodes' namespaces alive.
         subprocess.run(["pkill", "-KILL", "-f", f"stagefs mount .*{self.dir}/mnt/"], capture_output=True)
         for p in reversed(self.procs):
@@ -194,7 +216,7 @@ PlugStackConfig={d}/plugstack.conf
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for m in os.listdir(f"{self.dir}/mnt"):
+        for m in os.listdir(f"{self.dir}/mnt") if os.path.isdir(f"{self.dir}/mnt") else []:
             subprocess.run(["fusermount3", "-uz", f"{self.dir}/mnt/{m}"], capture_output=True)
 
 
@@ -379,11 +401,18 @@ def user_jobs_dir(cluster, cache="cache"):
     return jobs
 
 
+def hooks_cluster(request, hooks):
+    return request.getfixturevalue("cluster" if hooks == "plugin" else "shell_cluster")
+
+
+@pytest.mark.parametrize("hooks", ["plugin", "shell"])
 @pytest.mark.parametrize("plant", ["job-dir-link", "report-link", "cache-dir-link"])
-def test_links_planted_for_the_plugin_touch_nothing_of_root(cluster, plant):
-    """A user plants links where root's prolog and epilog work: the job fails with the reason,
-    the node stays idle, and root's files keep content, owner and mode."""
-    v = Victims(cluster, plant)
+def test_links_planted_for_root_touch_nothing_of_root(request, hooks, plant):
+    """A user plants links where root's prolog and epilog work (the plugin's, or the shell
+    scripts run by slurmd as Prolog=/Epilog=): the job fails with the reason, the node stays
+    idle, and root's files keep content, owner and mode."""
+    cluster = hooks_cluster(request, hooks)
+    v = Victims(cluster, f"{hooks}-{plant}")
     jobs = user_jobs_dir(cluster)
     uid = helpers.pwd.getpwnam(USER).pw_uid
     userdir = f"{cluster.dir}/cache/{uid}"
@@ -401,11 +430,11 @@ def test_links_planted_for_the_plugin_touch_nothing_of_root(cluster, plant):
         run_as(USER, os.symlink, v.dir, userdir)
         expect = f"{userdir} is a symbolic link or not a directory"
     try:
-        p = cluster.submit("#!/bin/bash\necho RAN\n", "--storage-stage=/datasets/small", name=f"plant-{plant}")
+        p = cluster.submit("#!/bin/bash\necho RAN\n", "--storage-stage=/datasets/small", name=f"plant-{hooks}-{plant}")
         jobid = p.stdout.strip().split(";")[0]
         assert int(jobid) == nxt, "the planted id was the job's"
         state = cluster.wait_job(jobid)
-        out, err = cluster.output(f"plant-{plant}", jobid)
+        out, err = cluster.output(f"plant-{hooks}-{plant}", jobid)
         assert state == "FAILED" and "RAN" not in out, (state, out, err)
         assert expect in err, err
         assert cluster.sinfo().split() == ["idle"], "the node is not drained"
@@ -418,65 +447,22 @@ def test_links_planted_for_the_plugin_touch_nothing_of_root(cluster, plant):
     v.assert_intact()
 
 
-def test_a_job_that_swaps_its_directory_for_a_link_does_not_reach_root(cluster, env):
+@pytest.mark.parametrize("hooks", ["plugin", "shell"])
+def test_a_job_that_swaps_its_directory_for_a_link_does_not_reach_root(request, hooks):
     """The job replaces its per-job directory with a link to a root directory before the
     epilog runs: the epilog (as the user) removes the link, never what it points to."""
-    v = Victims(cluster, "swap")
+    cluster = hooks_cluster(request, hooks)
+    v = Victims(cluster, f"swap-{hooks}")
     uid = helpers.pwd.getpwnam(USER).pw_uid
     script = (f"#!/bin/bash\nd={cluster.dir}/cache/{uid}/jobs/$SLURM_JOB_ID\n"
               f"mv $d $d.gone && ln -s {v.dir} $d && echo SWAPPED\n")
-    p = cluster.submit(script, "--storage-stage=/datasets/small", name="swap")
+    p = cluster.submit(script, "--storage-stage=/datasets/small", name=f"swap-{hooks}")
     jobid = p.stdout.strip().split(";")[0]
     assert cluster.wait_job(jobid) == "COMPLETED"
-    assert "SWAPPED" in cluster.output("swap", jobid)[0]
+    assert "SWAPPED" in cluster.output(f"swap-{hooks}", jobid)[0]
     assert not os.path.lexists(f"{cluster.dir}/cache/{uid}/jobs/{jobid}"), "the link itself is gone"
     v.assert_intact()
     run_as(USER, helpers.shutil.rmtree, f"{cluster.dir}/cache/{uid}/jobs/{jobid}.gone")
-
-
-@pytest.mark.parametrize("plant", ["job-dir-link", "report-link", "cache-dir-link"])
-def test_links_planted_for_the_shell_prolog_touch_nothing_of_root(cluster, env, plant):
-    conf = f"{cluster.dir}/stagefs-attack.env"
-    with open(conf, "w") as f:
-        f.write(f"STAGEFS_BIN={env.bin}\nSTAGEFS_VOLUME={cluster.meta}\nSTAGEFS_CACHE_ROOT={cluster.dir}/cache\n"
-                f"STAGEFS_MOUNT_ROOT={cluster.dir}/mnt\nSTAGEFS_STATE_DIR={cluster.dir}/jobstate\nSTAGEFS_TIMEOUT=300\n")
-    v = Victims(cluster, f"sh-{plant}")
-    jobs = user_jobs_dir(cluster)
-    uid = helpers.pwd.getpwnam(USER).pw_uid
-    userdir = f"{cluster.dir}/cache/{uid}"
-    job = str(991000 + ["job-dir-link", "report-link", "cache-dir-link"].index(plant))
-    if plant == "job-dir-link":
-        run_as(USER, os.symlink, v.dir, f"{jobs}/{job}")
-    elif plant == "report-link":
-        run_as(USER, os.mkdir, f"{jobs}/{job}")
-        for name in ("report.json", "status", "mount.log"):
-            run_as(USER, os.symlink, v.file, f"{jobs}/{job}/{name}")
-    else:
-        run_as(USER, os.rename, userdir, userdir + ".moved")
-        run_as(USER, os.symlink, v.dir, userdir)
-    base = {**os.environ, "STAGEFS_SLURM_ENV": conf, "SLURM_JOB_ID": job, "SLURM_JOB_USER": USER}
-    try:
-        p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"],
-                           env={**base, "SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage": "/datasets/small"},
-                           capture_output=True, text=True)
-        assert p.returncode == 0, "a user's link is not a node fault: " + p.stderr
-        status = open(f"{cluster.dir}/jobstate/{job}").read()
-        assert status.startswith("failed\n") and "symbolic link" in status, status
-        v.assert_intact()
-        p = subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
-        v.assert_intact()
-        assert not os.path.exists(f"{cluster.dir}/jobstate/{job}")
-    finally:
-        if plant == "cache-dir-link":
-            os.unlink(userdir)
-            os.rename(userdir + ".moved", userdir)
-        if os.path.lexists(f"{jobs}/{job}"):
-            if os.path.islink(f"{jobs}/{job}"):
-                os.unlink(f"{jobs}/{job}")
-            else:
-                helpers.shutil.rmtree(f"{jobs}/{job}")
-    v.assert_intact()
 
 
 def test_a_node_fault_fails_the_prolog(cluster, env):
@@ -526,3 +512,25 @@ def test_every_node_of_a_job_stages_into_its_own_cache(env, redis):
         assert all(s > 5 << 20 for s in sizes), f"each node's own cache holds the dataset: {sizes}"
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def shell_cluster(env, redis):
+    c = Cluster(env, redis, db=52, shell_hooks=True)
+    yield c
+    c.stop()
+
+
+def test_shell_hooks_under_slurmd(shell_cluster, env):
+    """Prolog=/Epilog= scripts run by slurmd itself (the plugin registers the options only)."""
+    c = shell_cluster
+    script = JOB.format(bin=env.bin, meta=c.meta, sums=f"{c.dir}/small.sha256")
+    p = c.submit(script, "--storage-stage=/datasets/small", name="shell-ok")
+    assert p.returncode == 0, p.stderr
+    jobid = p.stdout.strip().split(";")[0]
+    state = c.wait_job(jobid)
+    out, err = c.output("shell-ok", jobid)
+    assert state == "COMPLETED", (out, err, open(f"{c.dir}/log/prolog-env-{jobid}").read())
+    assert "STATUS=ok" in out and f"MOUNT={c.dir}/mnt/{jobid}" in out
+    assert "/datasets/small: 100.0% cached, 12 of 12 files" in out and out.strip().endswith("12")
+    assert_cleaned_up(c, jobid)

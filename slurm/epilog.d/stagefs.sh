@@ -5,6 +5,9 @@
 # (root removes nothing inside the user's directories). Idempotent: it does nothing harmful
 # where the prolog did not run.
 set -u
+# slurmd gives scripts a bare environment; root's script chooses its own PATH.
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
 . "${STAGEFS_SLURM_ENV:-/etc/stagefs/slurm.env}"
 JOB=${SLURM_JOB_ID:?}
 USER_NAME=${SLURM_JOB_USER:?}

@@ -13,11 +13,15 @@
 # The status goes to $STAGEFS_STATE_DIR/<jobid> (root's own directory). User-caused failures
 # do not fail the prolog (the node is not drained); node faults exit 1.
 set -u
+# slurmd gives scripts a bare environment; root's script chooses its own PATH.
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
 . "${STAGEFS_SLURM_ENV:-/etc/stagefs/slurm.env}"
-SPEC=${SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage:-${SPANK_STAGEFS_STORAGE_STAGE:-${STAGEFS_STAGE:-}}}
+# slurmd gives a prolog the job's options as SPANK_STAGEFS_* (the plugin passes them at submit).
+SPEC=${SPANK_STAGEFS_STORAGE_STAGE:-${SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage:-${STAGEFS_STAGE:-}}}
 [ -n "$SPEC" ] || exit 0
-POLICY=${SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage_policy:-fail}
-NO_MOUNT=${SPANK__SLURM_SPANK_OPTION_stagefs_storage_no_mount+yes}
+POLICY=${SPANK_STAGEFS_STORAGE_STAGE_POLICY:-${SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage_policy:-fail}}
+NO_MOUNT=${SPANK_STAGEFS_NO_MOUNT:-${SPANK__SLURM_SPANK_OPTION_stagefs_storage_no_mount+yes}}
 JOB=${SLURM_JOB_ID:?}
 USER_NAME=${SLURM_JOB_USER:?}
 STATE_DIR=${STAGEFS_STATE_DIR:-/run/stagefs}
@@ -40,7 +44,7 @@ prepare_dir() {
         return 1
     fi
     [ "$(stat -c '%F:%u' -- "$1/$2" 2>/dev/null)" = "directory:$UID_N" ] && return 0
-    REASONS="${REASONS}stagefs: $1/$2 is a symbolic link, not a directory, or not $USER_NAME's: remove it
+    REASONS="${REASONS}stagefs: $1/$2 is a symbolic link or not a directory of $USER_NAME: remove it
 "
     return 1
 }

@@ -13,6 +13,9 @@
  *   mount_root=DIR       per-job mounts are made at DIR/<jobid> (root-owned, not writable by users)
  *   state_dir=DIR        root-only directory for the per-job status files (default /run/stagefs)
  *   timeout=SECONDS      limit for staging (default 3600)
+ *   hooks=no             leave the job prolog/epilog to slurm/prolog.d and epilog.d (Prolog=,
+ *                        Epilog= in slurm.conf); the plugin then only registers the options and
+ *                        sets up the job's environment in task_init
  *
  * Root never works in a place a user can write by path. In the job prolog (root, every node of
  * the allocation; PrologFlags=Alloc) it makes <cache_root>/<uid> and <mount_root>/<jobid>
@@ -66,6 +69,7 @@ static char sf_binary[PATH_MAX] = "/usr/local/bin/stagefs";
 static char sf_cache_root[PATH_MAX] = "";
 static char sf_mount_root[PATH_MAX] = "";
 static char sf_state_dir[PATH_MAX] = "/run/stagefs";
+static int sf_hooks = 1; /* 0: the site runs slurm/prolog.d and epilog.d instead of the plugin's */
 static struct volume sf_volumes[MAX_VOLUMES];
 static int sf_nvolumes = 0;
 static int sf_default_volume = -1;
@@ -138,6 +142,8 @@ static int sf_parse_args(int ac, char **av) {
             snprintf(sf_cache_root, sizeof(sf_cache_root), "%s", a + 11);
         } else if (strncmp(a, "mount_root=", 11) == 0) {
             snprintf(sf_mount_root, sizeof(sf_mount_root), "%s", a + 11);
+        } else if (strcmp(a, "hooks=no") == 0 || strcmp(a, "hooks=yes") == 0) {
+            sf_hooks = a[6] == 'y';
         } else if (strncmp(a, "state_dir=", 10) == 0) {
             snprintf(sf_state_dir, sizeof(sf_state_dir), "%s", a + 10);
         } else if (strncmp(a, "timeout=", 8) == 0) {
@@ -218,6 +224,11 @@ static int sf_parse_specs(const char *text, struct spec *specs, int max, char *w
 
 /* ---- option callbacks (sbatch/salloc/srun: validation at submit time) ---- */
 
+/* The values given at submit time, for the job control environment (init_post_opt). */
+static char sf_given_stage[8192];
+static char sf_given_policy[16];
+static int sf_given_nomount;
+
 static int sf_opt_stage(int val, const char *optarg, int remote) {
     struct spec specs[MAX_SPECS];
     char why[512];
@@ -225,6 +236,7 @@ static int sf_opt_stage(int val, const char *optarg, int remote) {
         slurm_error("stagefs: %s", why);
         return -1;
     }
+    snprintf(sf_given_stage, sizeof(sf_given_stage), "%s", optarg);
     return 0;
 }
 
@@ -233,10 +245,14 @@ static int sf_opt_policy(int val, const char *optarg, int remote) {
         slurm_error("stagefs: --storage-stage-policy takes fail or warn, not '%s'", optarg ? optarg : "");
         return -1;
     }
+    snprintf(sf_given_policy, sizeof(sf_given_policy), "%s", optarg);
     return 0;
 }
 
-static int sf_opt_nomount(int val, const char *optarg, int remote) { return 0; }
+static int sf_opt_nomount(int val, const char *optarg, int remote) {
+    sf_given_nomount = 1;
+    return 0;
+}
 
 int slurm_spank_init(spank_t sp, int ac, char **av) {
     if (sf_parse_args(ac, av) < 0) return -1;
@@ -247,6 +263,25 @@ int slurm_spank_init(spank_t sp, int ac, char **av) {
             return -1;
         }
     }
+    return 0;
+}
+
+/* ---- submit time: hand the options to Prolog=/Epilog= scripts ---- */
+
+/*
+ * In sbatch/salloc (the allocator context), after the options are parsed: put their values in
+ * the job control environment, which Slurm gives the prolog and epilog as SPANK_STAGEFS_*
+ * (slurm/prolog.d reads them; the plugin's own job prolog reads the options directly).
+ */
+int slurm_spank_init_post_opt(spank_t sp, int ac, char **av) {
+    if (spank_context() != S_CTX_ALLOCATOR && spank_context() != S_CTX_LOCAL) return 0;
+    if (!sf_given_stage[0]) return 0;
+    if (spank_job_control_setenv(sp, "STAGEFS_STORAGE_STAGE", sf_given_stage, 1) != ESPANK_SUCCESS) {
+        slurm_error("stagefs: cannot pass --storage-stage to the job's prolog");
+        return -1;
+    }
+    if (sf_given_policy[0]) spank_job_control_setenv(sp, "STAGEFS_STORAGE_STAGE_POLICY", sf_given_policy, 1);
+    if (sf_given_nomount) spank_job_control_setenv(sp, "STAGEFS_NO_MOUNT", "1", 1);
     return 0;
 }
 
@@ -531,6 +566,7 @@ static int sf_mounted(const char *path) {
 int slurm_spank_job_prolog(spank_t sp, int ac, char **av) {
     /* Each entry point gets the plugstack arguments; the prolog runs in its own process. */
     if (sf_parse_args(ac, av) < 0) return -1;
+    if (!sf_hooks) return 0;
     char *value = NULL;
     if (spank_option_getopt(sp, &sf_options[0], &value) != ESPANK_SUCCESS || !value) return 0;
     char *policy = NULL;
@@ -758,6 +794,7 @@ static void sf_remove_entry(const char *dir, const char *name) {
 
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av) {
     if (sf_parse_args(ac, av) < 0) return 0;
+    if (!sf_hooks) return 0;
     static struct job j;
     if (sf_job(sp, &j) < 0) return 0;
     if (j.mount[0]) {
