@@ -140,6 +140,13 @@ public final class DiskCache: @unchecked Sendable {
     @discardableResult
     public static func prepareUserDir(root: String, uid: uid_t, gid: gid_t) throws(FSError) -> String {
         let dir = "\(root)/\(uid)"
+        if getuid() == 0 && uid != 0 {
+            // Root working for a user (stage --as-user): never create or change the cache root
+            // by path (a user may control a path); it must already be a site directory.
+            let fd = try SafeDir.ownedDirectory(in: root, "\(uid)", uid: uid, gid: gid, mode: 0o700)
+            close(fd)
+            return dir
+        }
         if Sys.stat(root) == nil {
             do {
                 try Sys.mkdirs(root, 0o755)
@@ -148,12 +155,6 @@ public final class DiskCache: @unchecked Sendable {
             } catch {
                 throw error.context("cannot create cache directory \(root)")
             }
-        }
-        if getuid() == 0 && uid != 0 {
-            // Root in a directory every user may write: never follow a link planted there.
-            let fd = try SafeDir.ownedDirectory(in: root, "\(uid)", uid: uid, gid: gid, mode: 0o700)
-            close(fd)
-            return dir
         }
         if Sys.stat(dir) == nil {
             if mkdir(dir, 0o700) != 0 && errno != EEXIST {

@@ -13,16 +13,31 @@ public enum SafeDir {
     }
 
     /// Makes (or accepts) `<parentPath>/<name>` as a directory owned by `uid`:`gid` with `mode`,
-    /// as root. `parentPath` is the site's own setting (a root-owned directory, sticky when users
-    /// may write it); `name` must be one path component. A new directory is created owned by root
-    /// and then handed over through its descriptor; an existing one is accepted only when it is
-    /// a real directory (not a link) owned by `uid` or still by root. Returns its descriptor.
+    /// as root. `parentPath` must be a directory (not a link) owned by root and, when others may
+    /// write it, sticky: checked on its descriptor. `name` must be one path component. Another
+    /// user's entry under that name is moved aside; a new directory is created owned by root and
+    /// then handed over through its descriptor; an existing one is accepted only when it is a
+    /// real directory (not a link) owned by `uid` or still by root. Returns its descriptor.
     public static func ownedDirectory(in parentPath: String, _ name: String, uid: uid_t, gid: gid_t, mode: mode_t) throws(FSError) -> Int32 {
         precondition(!name.contains("/") && name != "." && name != "..")
-        let parent = Glibc.open(parentPath, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if parent < 0 { throw FSError.errno(errno, "cannot open \(parentPath)") }
+        let parent = Glibc.open(parentPath, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        if parent < 0 {
+            if errno == ELOOP || errno == ENOTDIR { throw FSError(EPERM, "\(parentPath) is a symbolic link or not a directory") }
+            throw FSError.errno(errno, "cannot open \(parentPath)")
+        }
         defer { Glibc.close(parent) }
+        var pst = Glibc.stat()
+        guard fstat(parent, &pst) == 0, pst.st_uid == 0, pst.st_mode & 0o022 == 0 || pst.st_mode & 0o1000 != 0 else {
+            throw FSError(EPERM, "\(parentPath) must be owned by root and, if others may write it, sticky (chmod 1777)")
+        }
         let path = "\(parentPath)/\(name)"
+        var lst = Glibc.stat()
+        if fstatat(parent, name, &lst, AT_SYMLINK_NOFOLLOW) == 0 && lst.st_uid != uid && lst.st_uid != 0 {
+            // Another user's entry under this user's name: moved aside, never followed.
+            let aside = ".stagefs-moved-\(name)-\(Timespec.now().sec)-uid\(lst.st_uid)"
+            if renameat(parent, name, parent, aside) != 0 { throw FSError.errno(errno, "cannot move \(path) (uid \(lst.st_uid)'s) aside") }
+            Log.warning("moved \(path) (uid \(lst.st_uid)'s) aside to \(parentPath)/\(aside)")
+        }
         if mkdirat(parent, name, 0o700) != 0 && errno != EEXIST { throw FSError.errno(errno, "cannot create \(path)") }
         let fd = open(parent, name)
         if fd < 0 {
@@ -37,8 +52,13 @@ public enum SafeDir {
             Glibc.close(fd)
             throw FSError(EPERM, "\(path) belongs to uid \(st.st_uid), not \(uid): remove it")
         }
-        if st.st_uid != uid || st.st_gid != gid { _ = fchown(fd, uid, gid) }
-        if st.st_mode & 0o7777 != mode { _ = fchmod(fd, mode) }
+        if (st.st_uid != uid || st.st_gid != gid) && fchown(fd, uid, gid) != 0
+            || st.st_mode & 0o7777 != mode && fchmod(fd, mode) != 0
+        {
+            let e = errno
+            Glibc.close(fd)
+            throw FSError.errno(e, "cannot hand \(path) to uid \(uid)")
+        }
         return fd
     }
 

@@ -64,7 +64,7 @@ struct JobProlog: ParsableCommand {
     @OptionGroup var io: IOOptions
 
     func validate() throws {
-        if job.isEmpty || !job.allSatisfy(\.isNumber) { throw ValidationError("--job takes a numeric job id, not '\(job)'") }
+        if job.isEmpty || !job.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) { throw ValidationError("--job takes a numeric job id, not '\(job)'") }
         if timeout <= 0 { throw ValidationError("--timeout must be positive") }
     }
 
@@ -166,7 +166,7 @@ struct JobEpilog: ParsableCommand {
     var cacheDir: String
 
     func validate() throws {
-        if job.isEmpty || !job.allSatisfy(\.isNumber) { throw ValidationError("--job takes a numeric job id, not '\(job)'") }
+        if job.isEmpty || !job.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) { throw ValidationError("--job takes a numeric job id, not '\(job)'") }
     }
 
     func run() throws {

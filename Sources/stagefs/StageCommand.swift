@@ -103,6 +103,9 @@ struct Stage: ParsableCommand {
             for p in paths where !p.hasPrefix("/") { throw ValidationError("with --meta, paths are absolute paths inside the volume: '\(p)'") }
         }
         if let s = cacheSize, s < 0 { throw ValidationError("--cache-size cannot be negative") }
+        if asUser != nil && cacheDir == nil {
+            throw ValidationError("--as-user needs --cache-dir: the site's cache root (root-owned), never a path the user controls")
+        }
     }
 
     func run() throws {

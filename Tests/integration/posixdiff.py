@@ -311,21 +311,22 @@ class Worker:
     def op_access(self, r, root, p, mode):
         return os.access(os.path.join(root, p), mode)
 
-    def op_writefile(self, r, root, p, data):
-        """`echo data > p`: open with O_TRUNC (creating), write, close."""
-        fd = os.open(os.path.join(root, p), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o666)
+    @staticmethod
+    def redirect(path, data, flag):
+        """What a shell redirect does: open (creating) with `flag`, write, close."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | flag | os.O_NONBLOCK, 0o666)
         try:
             return os.write(fd, data)
         finally:
             os.close(fd)
 
+    def op_writefile(self, r, root, p, data):
+        """`echo data > p`."""
+        return self.redirect(os.path.join(root, p), data, os.O_TRUNC)
+
     def op_appendfile(self, r, root, p, data):
         """`echo data >> p`."""
-        fd = os.open(os.path.join(root, p), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o666)
-        try:
-            return os.write(fd, data)
-        finally:
-            os.close(fd)
+        return self.redirect(os.path.join(root, p), data, os.O_APPEND)
 
     def op_readfile(self, r, root, p):
         fd = os.open(os.path.join(root, p), os.O_RDONLY | os.O_NONBLOCK)

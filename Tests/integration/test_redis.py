@@ -51,14 +51,6 @@ def redis_cli(redis, db, *args):
     return subprocess.run(["redis-cli", "-p", str(redis.port), "-n", str(db), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def wait_for(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_deleting_huge_files_never_stalls_redis(env, redis):
     """A file of the largest size and a file with 2,500 written chunks are truncated and
     deleted while another tenant pings the same Redis: its worst reply stays under 100 ms, the
@@ -98,7 +90,7 @@ def test_deleting_huge_files_never_stalls_redis(env, redis):
         run_as(USER, os.unlink, sparse)
         run_as(USER, os.unlink, dense)
         run_as(USER, lambda: os.listdir(m))
-        wait_for(lambda: redis_cli(redis, db, "ZCARD", "delfiles") == "0" and redis_cli(redis, db, "LLEN", "delslices") == "0",
+        helpers.wait_until(lambda: redis_cli(redis, db, "ZCARD", "delfiles") == "0" and redis_cli(redis, db, "LLEN", "delslices") == "0",
                  120, "the background deletion")
         pings = probe.count
         worst = probe.finish()
@@ -160,11 +152,16 @@ class ReplyDropper:
                 u.sendall(b)
         except OSError:
             pass
-        for s in (c, u):
+        self.close(c, u)
+
+    @staticmethod
+    def close(*socks):
+        for s in socks:
             try:
-                s.close()
+                s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            s.close()
 
     def down(self, u, c, state):
         try:
@@ -179,12 +176,7 @@ class ReplyDropper:
                 c.sendall(b)
         except OSError:
             pass
-        for s in (c, u):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
+        self.close(c, u)
 
     def stop(self):
         self.stopping = True
@@ -299,15 +291,15 @@ print(i, errors)
     try:
         for restart in range(3):
             target = [s + 20 for s in steps()]
-            wait_for(lambda: all(a >= b for a, b in zip(steps(), target)), 120, "the workers to make progress")
+            helpers.wait_until(lambda: all(a >= b for a, b in zip(steps(), target)), 120, "the workers to make progress")
             noticed = open(os.path.join(base, "mount.log")).read().count("retrying for up to")
             r.stop()
             # Down until an operation of the mount has met the outage and is waiting it out.
-            wait_for(lambda: open(os.path.join(base, "mount.log")).read().count("retrying for up to") > noticed, 60,
+            helpers.wait_until(lambda: open(os.path.join(base, "mount.log")).read().count("retrying for up to") > noticed, 60,
                      "the mount to notice the outage")
             r.start()
         target = [s + 20 for s in steps()]
-        wait_for(lambda: all(a >= b for a, b in zip(steps(), target)), 120, "progress after the last restart")
+        helpers.wait_until(lambda: all(a >= b for a, b in zip(steps(), target)), 120, "progress after the last restart")
         open(stop, "w").close()
         results = [p.communicate(timeout=300) for p in procs]
         for w, (out, err) in enumerate(results):
@@ -413,7 +405,7 @@ def test_sentinel_failover(env):
         def replica_linked():
             info = subprocess.run(["redis-cli", "-p", str(master.port), "INFO", "replication"], capture_output=True, text=True).stdout
             return info.count("state=online") == 2
-        wait_for(replica_linked, 30, "the replicas")
+        helpers.wait_until(replica_linked, 30, "the replicas")
         url = f"redis://vol,127.0.0.1:{sport}/1?wait-replicas=1&wait-timeout=10000"
         base = env.dir_for(USER, "failover")
         env.stagefs("format", url, "failover", "--bucket", os.path.join(base, "data"))
@@ -438,7 +430,7 @@ print(i, errors)
 
         def done():
             return int(open(progress).read() or 0) if os.path.exists(progress) else 0
-        wait_for(lambda: done() >= 20, 60, "writes before the failover")
+        helpers.wait_until(lambda: done() >= 20, 60, "writes before the failover")
         master.proc.kill()
         master.proc.wait()
 
@@ -446,9 +438,9 @@ print(i, errors)
             out = subprocess.run(["redis-cli", "-p", str(sport), "SENTINEL", "get-master-addr-by-name", "vol"], capture_output=True,
                                  text=True).stdout.split()
             return len(out) == 2 and out[1] in [str(r.port) for r in replicas]
-        wait_for(promoted, 60, "the Sentinel to promote the replica")
+        helpers.wait_until(promoted, 60, "the Sentinel to promote the replica")
         after = done()
-        wait_for(lambda: done() >= after + 20, 60, "writes after the failover")
+        helpers.wait_until(lambda: done() >= after + 20, 60, "writes after the failover")
         open(stop, "w").close()
         out, err = writer.communicate(timeout=120)
         n, errors = map(int, out.split())

@@ -289,7 +289,7 @@ def test_a_job_finds_its_dataset_cached_and_mounted(cluster, env, how):
 def test_a_malformed_spec_is_refused_at_submit(cluster):
     before = subprocess.run(["squeue", "-h"], env={**os.environ, "SLURM_CONF": cluster.conf}, capture_output=True, text=True).stdout
     for spec, why in [("datasets/small", "not an absolute path"), ("nosuch:/x", "unknown volume 'nosuch'"),
-                      ("/a,,/b", "empty item")]:
+                      ("/a,,/b", "empty item"), (",".join(["/" + "d" * 3000] * 3), "longer than 4096 characters")]:
         p = cluster.slurm("sbatch", f"--storage-stage={spec}", "--wrap", "true")
         assert p.returncode != 0 and "stagefs: " in p.stderr and why in p.stderr, (spec, p.stderr)
     p = cluster.slurm("sbatch", "--storage-stage-policy=maybe", "--storage-stage=/datasets/small", "--wrap", "true")
@@ -339,6 +339,9 @@ def test_shell_prolog_and_epilog(cluster, env):
     assert p.returncode == 0, p.stderr
     status = open(f"{cluster.dir}/jobstate/{job}").read()
     assert status.startswith("ok\n") and f"mount={cluster.dir}/mnt/{job}" in status
+    st = os.stat(f"{cluster.dir}/jobstate/{job}")
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    assert (st.st_uid, st.st_mode & 0o777) == (uid, 0o400), "the status is the job user's to read, nobody else's"
     assert pins_of(cluster, job) > 0
     assert run_as(USER, lambda: sorted(os.listdir(f"{cluster.dir}/mnt/{job}/datasets/small")))[0] == "f0"
     p = subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, capture_output=True, text=True)
@@ -351,6 +354,28 @@ def test_shell_prolog_and_epilog(cluster, env):
     status = open(f"{cluster.dir}/jobstate/{job}").read()
     assert status.startswith("failed\n") and "/private: permission denied" in status
     subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, check=True)
+    # A file system mounted over the user's cache directory (a user's FUSE mount could make
+    # root wait forever): the job fails, root does not go in.
+    userdir = f"{cluster.dir}/cache/{uid}"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", userdir], check=True)
+    try:
+        p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"], env=env_pro, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        status = open(f"{cluster.dir}/jobstate/{job}").read()
+        assert status.startswith("failed\n") and "is a mount point" in status, status
+    finally:
+        subprocess.run(["umount", userdir], check=True)
+    subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, check=True)
+    # A mount_root others may write is a node fault (a user could put links there).
+    loose = f"{cluster.dir}/loose-mnt"
+    os.makedirs(loose)
+    os.chmod(loose, 0o1777)
+    with open(conf, "a") as f:
+        f.write(f"STAGEFS_MOUNT_ROOT={loose}\n")
+    p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"], env=env_pro, capture_output=True, text=True)
+    assert p.returncode == 1 and "writable by root alone" in p.stderr, p.stderr
+    with open(conf, "a") as f:
+        f.write(f"STAGEFS_MOUNT_ROOT={cluster.dir}/mnt\n")
     # A node fault does: the binary is missing.
     with open(conf, "a") as f:
         f.write("STAGEFS_BIN=/nonexistent/stagefs\n")
@@ -463,6 +488,34 @@ def test_a_job_that_swaps_its_directory_for_a_link_does_not_reach_root(request, 
     assert not os.path.lexists(f"{cluster.dir}/cache/{uid}/jobs/{jobid}"), "the link itself is gone"
     v.assert_intact()
     run_as(USER, helpers.shutil.rmtree, f"{cluster.dir}/cache/{uid}/jobs/{jobid}.gone")
+
+
+@pytest.mark.parametrize("hooks", ["plugin", "shell"])
+def test_another_users_directory_under_my_name_is_moved_aside(request, hooks):
+    """The cache root is open to all (1777): another user makes a directory named like this
+    user's uid there before this user's first job on the node. The prolog moves it aside and
+    the job runs."""
+    cluster = hooks_cluster(request, hooks)
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    userdir = f"{cluster.dir}/cache/{uid}"
+    saved = f"{cluster.dir}/saved-{uid}-{hooks}"
+    if os.path.exists(userdir):
+        os.rename(userdir, saved)
+    try:
+        run_as(OTHER, os.mkdir, userdir, 0o755)
+        p = cluster.submit("#!/bin/bash\necho RAN\n", "--storage-stage=/datasets/small", name=f"squat-{hooks}")
+        jobid = p.stdout.strip().split(";")[0]
+        assert cluster.wait_job(jobid) == "COMPLETED", cluster.output(f"squat-{hooks}", jobid)
+        assert "RAN" in cluster.output(f"squat-{hooks}", jobid)[0]
+        assert os.stat(userdir).st_uid == uid
+        moved = [n for n in os.listdir(f"{cluster.dir}/cache") if n.startswith(f".stagefs-moved-{uid}-")]
+        assert moved and os.stat(f"{cluster.dir}/cache/{moved[0]}").st_uid == helpers.pwd.getpwnam(OTHER).pw_uid
+        for n in moved:
+            helpers.shutil.rmtree(f"{cluster.dir}/cache/{n}")
+    finally:
+        if os.path.exists(saved):
+            helpers.shutil.rmtree(userdir, ignore_errors=True)
+            os.rename(saved, userdir)
 
 
 def test_a_node_fault_fails_the_prolog(cluster, env):

@@ -215,6 +215,12 @@ def test_users_have_separate_caches_and_as_user_checks_permissions(env, s3vol):
     assert owners == {other_uid}
     p = env.stagefs("stage", "--meta", s3vol.url, "--cache-dir", shared, "--as-user", OTHER, "/private", check=False)
     assert p.returncode == 2 and "needs root" in p.stderr
+    # Root never prepares a cache by a path the user controls.
+    p = env.stagefs("stage", "--meta", s3vol.url, "--as-user", OTHER, "/datasets/small/b", user="root", check=False)
+    assert p.returncode == 2 and "--as-user needs --cache-dir" in p.stderr
+    users = env.dir_for(OTHER, "users-cache")
+    p = env.stagefs("stage", "--meta", s3vol.url, "--cache-dir", users, "--as-user", OTHER, "/datasets/small/b", user="root", check=False)
+    assert p.returncode == 1 and "must be owned by root" in p.stderr, p.stderr
 
 
 def cached_blocks(cache):

@@ -14,14 +14,18 @@ USER_NAME=${SLURM_JOB_USER:?}
 STATE_DIR=${STAGEFS_STATE_DIR:-/run/stagefs}
 case $JOB in '' | *[!0-9]*) exit 0 ;; esac
 UID_N=$(id -u -- "$USER_NAME" 2>/dev/null) || exit 0
+GID_N=$(id -g -- "$USER_NAME")
+HOME_DIR=$(getent passwd "$UID_N" | cut -d: -f6)
 
 if [ -n "${STAGEFS_MOUNT_ROOT:-}" ]; then
+    # mount_root is root's alone (the prolog checks): the user cannot put a link at $MNT.
     MNT="$STAGEFS_MOUNT_ROOT/$JOB"
     DEV=$(awk -v m="$MNT" '$5 == m { print $3 }' /proc/self/mountinfo | head -1)
     if [ -n "$DEV" ]; then
         [ -w "/sys/fs/fuse/connections/${DEV#*:}/abort" ] && echo 1 > "/sys/fs/fuse/connections/${DEV#*:}/abort"
-        fusermount3 -u -z "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true
+        fusermount3 -u -z -- "$MNT" 2>/dev/null || true
     fi
+    # All of the job's mount processes get SIGTERM at once, then 5 s in all, then SIGKILL.
     pkill -TERM -u "$UID_N" -f "stagefs mount .*$MNT( |\$)" 2>/dev/null || true
     for _ in 1 2 3 4 5 6 7 8 9 10; do
         pgrep -u "$UID_N" -f "stagefs mount .*$MNT( |\$)" >/dev/null 2>&1 || break
@@ -31,7 +35,9 @@ if [ -n "${STAGEFS_MOUNT_ROOT:-}" ]; then
     rmdir -- "$MNT" 2>/dev/null || true
 fi
 if [ -x "$STAGEFS_BIN" ]; then
-    runuser -u "$USER_NAME" -- "$STAGEFS_BIN" job epilog --job "$JOB" --cache-dir "$STAGEFS_CACHE_ROOT" >/dev/null 2>&1 ||
+    env -i PATH="$PATH" HOME="$HOME_DIR" USER="$USER_NAME" LOGNAME="$USER_NAME" \
+        setpriv --reuid="$UID_N" --regid="$GID_N" --init-groups -- \
+        "$STAGEFS_BIN" job epilog --job "$JOB" --cache-dir "$STAGEFS_CACHE_ROOT" >/dev/null 2>&1 ||
         echo "stagefs: job $JOB: cleaning up as $USER_NAME failed" >&2
 fi
 rm -f -- "$STATE_DIR/$JOB"

@@ -40,6 +40,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <poll.h>
 #include <pwd.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -48,6 +49,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -59,6 +61,7 @@ SPANK_PLUGIN(stagefs, 1);
 
 #define MAX_VOLUMES 16
 #define MAX_SPECS 64
+#define MAX_SPEC_TEXT 4096 /* the whole --storage-stage value */
 
 struct volume {
     char name[64];
@@ -163,6 +166,10 @@ static int sf_parse_specs(const char *text, struct spec *specs, int max, char *w
     const char *p = text;
     if (!text || !*text) {
         snprintf(why, whylen, "empty --storage-stage");
+        return -1;
+    }
+    if (strlen(text) > MAX_SPEC_TEXT) {
+        snprintf(why, whylen, "--storage-stage is longer than %d characters (use a manifest directory instead)", MAX_SPEC_TEXT);
         return -1;
     }
     while (1) {
@@ -287,7 +294,7 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av) {
 
 /* ---- the job and its user ---- */
 
-#define MAX_GROUPS 1024
+#define MAX_GROUPS 65536 /* NGROUPS_MAX */
 
 struct job {
     uint32_t id;
@@ -295,7 +302,7 @@ struct job {
     gid_t gid;
     char user[256];
     char home[PATH_MAX];
-    gid_t groups[MAX_GROUPS]; /* the user's groups, read before any fork */
+    gid_t *groups; /* the user's groups, read before any fork */
     int ngroups;
     char jobid[32];
     char mount[PATH_MAX]; /* <mount_root>/<jobid>, or empty */
@@ -307,7 +314,7 @@ static int sf_job(spank_t sp, struct job *j) {
     if (spank_get_item(sp, S_JOB_UID, &j->uid) != ESPANK_SUCCESS) return -1;
     if (spank_get_item(sp, S_JOB_GID, &j->gid) != ESPANK_SUCCESS) j->gid = (gid_t)-1;
     struct passwd pw, *res = NULL;
-    char buf[4096];
+    static char buf[1 << 16];
     if (getpwuid_r(j->uid, &pw, buf, sizeof(buf), &res) != 0 || !res) {
         slurm_error("stagefs: job %u: no passwd entry for uid %u", j->id, (unsigned)j->uid);
         return -1;
@@ -315,6 +322,8 @@ static int sf_job(spank_t sp, struct job *j) {
     snprintf(j->user, sizeof(j->user), "%s", pw.pw_name);
     snprintf(j->home, sizeof(j->home), "%s", pw.pw_dir);
     if (j->gid == (gid_t)-1) j->gid = pw.pw_gid;
+    static gid_t groups[MAX_GROUPS];
+    j->groups = groups;
     j->ngroups = MAX_GROUPS;
     if (getgrouplist(j->user, j->gid, j->groups, &j->ngroups) < 0) {
         slurm_error("stagefs: job %u: user %s is in more than %d groups", j->id, j->user, MAX_GROUPS);
@@ -328,11 +337,16 @@ static int sf_job(spank_t sp, struct job *j) {
 /* ---- directories: root works through descriptors, never by a path a user can change ---- */
 
 /* A directory root keeps for the site: owned by root and, when others may write it, sticky
- * (so nobody removes or replaces what root created there). */
-static int sf_site_dir_ok(const char *path, const char *what, uint32_t jobid) {
+ * (so nobody removes or replaces what root created there); with `root_only`, writable by root
+ * alone (mount_root, state_dir: users never create entries there). */
+static int sf_site_dir_ok(const char *path, const char *what, uint32_t jobid, int root_only) {
     struct stat st;
     if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode)) {
         slurm_error("stagefs: job %u: %s %s is missing", jobid, what, path);
+        return 0;
+    }
+    if (root_only && (st.st_uid != 0 || (st.st_mode & 0022))) {
+        slurm_error("stagefs: job %u: %s %s must be owned by root and writable by root alone (chmod 755)", jobid, what, path);
         return 0;
     }
     if (st.st_uid != 0 || ((st.st_mode & 0022) && !(st.st_mode & S_ISVTX))) {
@@ -349,11 +363,33 @@ static int sf_site_dir_ok(const char *path, const char *what, uint32_t jobid) {
  * (or still by root, which users cannot replace in a sticky directory). Returns 0, or -1 with a
  * reason for the job in `why`.
  */
+static int sf_mounted(const char *path);
+
 static int sf_prepare_dir(const char *parent, const char *name, const struct job *j, char *why, size_t whylen) {
-    int pfd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    char full[PATH_MAX + 64];
+    snprintf(full, sizeof(full), "%s/%s", parent, name);
+    if (sf_mounted(full)) {
+        /* A file system mounted there (FUSE by a user) could make root wait forever. */
+        snprintf(why, whylen, "stagefs: %s is a mount point: unmount it", full);
+        return -1;
+    }
+    int pfd = open(parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC); /* the site's own setting */
     if (pfd < 0) {
         snprintf(why, whylen, "stagefs: cannot open %s: %s", parent, strerror(errno));
         return -1;
+    }
+    /* Another user's entry under this user's name (a directory, a link): move it aside. The
+     * user's own link or file stays and fails the job: it is theirs to remove. */
+    struct stat lst;
+    if (fstatat(pfd, name, &lst, AT_SYMLINK_NOFOLLOW) == 0 && lst.st_uid != j->uid && lst.st_uid != 0) {
+        char aside[96];
+        snprintf(aside, sizeof(aside), ".stagefs-moved-%s-%ld-uid%u", name, (long)time(NULL), (unsigned)lst.st_uid);
+        if (renameat(pfd, name, pfd, aside) != 0) {
+            snprintf(why, whylen, "stagefs: %s belongs to uid %u and cannot be moved aside: %s", full, (unsigned)lst.st_uid, strerror(errno));
+            close(pfd);
+            return -1;
+        }
+        slurm_info("stagefs: job %u: moved %s (uid %u's) aside to %s/%s", j->id, full, (unsigned)lst.st_uid, parent, aside);
     }
     if (mkdirat(pfd, name, 0700) != 0 && errno != EEXIST) {
         snprintf(why, whylen, "stagefs: cannot create %s/%s: %s", parent, name, strerror(errno));
@@ -385,12 +421,12 @@ static int sf_prepare_dir(const char *parent, const char *name, const struct job
 }
 
 /* Writes the job's status file in state_dir (root's own directory), reporting what failed. */
-static int sf_write_status(uint32_t jobid, const char *text) {
+static int sf_write_status(uint32_t jobid, uid_t uid, gid_t gid, const char *text) {
     if (mkdir(sf_state_dir, 0755) != 0 && errno != EEXIST) {
         slurm_error("stagefs: job %u: cannot create state_dir %s: %s", jobid, sf_state_dir, strerror(errno));
         return -1;
     }
-    if (!sf_site_dir_ok(sf_state_dir, "state_dir", jobid)) return -1;
+    if (!sf_site_dir_ok(sf_state_dir, "state_dir", jobid, 1)) return -1;
     int dfd = open(sf_state_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd < 0) {
         slurm_error("stagefs: job %u: cannot open state_dir %s: %s", jobid, sf_state_dir, strerror(errno));
@@ -398,7 +434,7 @@ static int sf_write_status(uint32_t jobid, const char *text) {
     }
     char name[32];
     snprintf(name, sizeof(name), "%u", jobid);
-    int fd = openat(dfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+    int fd = openat(dfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
     close(dfd);
     if (fd < 0) {
         slurm_error("stagefs: job %u: cannot write %s/%s: %s", jobid, sf_state_dir, name, strerror(errno));
@@ -416,7 +452,9 @@ static int sf_write_status(uint32_t jobid, const char *text) {
         text += w;
         n -= (size_t)w;
     }
-    if (fchmod(fd, 0644) != 0 || close(fd) != 0) {
+    /* Readable by the job's user only (task_init runs as the user); root's directory, so the
+     * user cannot replace it, and changing it would only change their own job. */
+    if (fchown(fd, uid, gid) != 0 || fchmod(fd, 0400) != 0 || close(fd) != 0) {
         slurm_error("stagefs: job %u: writing %s/%s failed: %s", jobid, sf_state_dir, name, strerror(errno));
         return -1;
     }
@@ -470,8 +508,9 @@ static int sf_run(char *const argv[], const struct job *j, int as_user, int time
         setpgid(0, 0);
         dup2(pfd[1], 1);
         dup2(pfd[1], 2);
-        int devnull = open("/dev/null", O_RDONLY);
+        int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
         if (devnull >= 0) dup2(devnull, 0);
+        syscall(SYS_close_range, 3U, ~0U, 0U); /* no descriptor of root's reaches the user */
         if (as_user && (setgroups((size_t)j->ngroups, j->groups) != 0 || setgid(j->gid) != 0 || setuid(j->uid) != 0 ||
                         (j->uid != 0 && setuid(0) == 0))) {
             if (write(2, cannot_switch, sizeof(cannot_switch) - 1) < 0) { /* nothing more to do */
@@ -587,8 +626,8 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av) {
         slurm_error("stagefs: job %u: cache_root is not set in plugstack.conf", j.id);
         return -1;
     }
-    if (!sf_site_dir_ok(sf_cache_root, "cache_root", j.id)) return -1;
-    if (!no_mount && j.mount[0] && !sf_site_dir_ok(sf_mount_root, "mount_root", j.id)) return -1;
+    if (!sf_site_dir_ok(sf_cache_root, "cache_root", j.id, 0)) return -1;
+    if (!no_mount && j.mount[0] && !sf_site_dir_ok(sf_mount_root, "mount_root", j.id, 1)) return -1;
 
     const char *state = "ok";
     char reasons[8192] = "";
@@ -605,8 +644,15 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av) {
         mount_ready = sf_prepare_dir(sf_mount_root, j.jobid, &j, why, sizeof(why)) == 0;
         if (!mount_ready) snprintf(reasons + strlen(reasons), sizeof(reasons) - strlen(reasons), "%s\n", why);
     }
+    if (ready && strlen(value) > MAX_SPEC_TEXT) {
+        ready = 0;
+        state = "failed";
+        snprintf(reasons + strlen(reasons), sizeof(reasons) - strlen(reasons), "stagefs: --storage-stage is longer than %d characters\n",
+                 MAX_SPEC_TEXT);
+    }
     if (ready) {
-        /* Everything in the user's directories is done by stagefs, as the user. */
+        /* Everything in the user's directories is done by stagefs, as the user. Whatever that
+         * process ends with is the job's outcome: only root's own checks above are node faults. */
         static char volargs[MAX_VOLUMES][sizeof(((struct volume *)0)->url) + 80];
         char *argv[2 * MAX_VOLUMES + 20];
         int a = 0;
@@ -646,9 +692,6 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av) {
         case 4:
             state = "failed";
             break;
-        case 127:
-            slurm_error("stagefs: job %u: cannot run %s: %s", j.id, sf_binary, out);
-            return -1;
         case 124:
             state = "failed";
             snprintf(lines + strlen(lines), sizeof(lines) - strlen(lines), "stagefs: staging did not end within %d s\n", sf_timeout + 120);
@@ -656,7 +699,7 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av) {
         default:
             state = "failed";
             if (!lines[0]) snprintf(lines, sizeof(lines), "stagefs: the job's staging ended with status %d\n", rc);
-            slurm_info("stagefs: job %u: stagefs job prolog exited %d", j.id, rc);
+            slurm_error("stagefs: job %u: stagefs job prolog as %s exited %d: %s", j.id, j.user, rc, out);
             break;
         }
         strncat(reasons, lines, sizeof(reasons) - strlen(reasons) - 1);
@@ -666,7 +709,7 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av) {
     char status[16384];
     snprintf(status, sizeof(status), "%s\npolicy=%s\n%s%s%s%s", state, warn ? "warn" : "fail", sf_mounted(j.mount) ? "mount=" : "",
              sf_mounted(j.mount) ? j.mount : "", sf_mounted(j.mount) ? "\n" : "", reasons);
-    if (sf_write_status(j.id, status) != 0) return -1;
+    if (sf_write_status(j.id, j.uid, j.gid, status) != 0) return -1;
     if (strcmp(state, "ok") != 0) slurm_info("stagefs: job %u: staging %s for %s", j.id, state, j.user);
     return 0;
 }
@@ -727,38 +770,56 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av) {
 
 /* ---- epilog: unmount, stop the mount process, release pins, remove per-job files ---- */
 
+/* Stops the job's mount processes: those of the job's user whose arguments name the mount
+ * after "mount". Each is held by a pidfd from the moment it matched (no pid reuse race), all
+ * get SIGTERM at once, then 5 s in all to exit, then SIGKILL. */
+#define MAX_MOUNT_PROCS 256
 static void sf_kill_mount_processes(const char *mount, uid_t uid) {
+    int fds[MAX_MOUNT_PROCS];
+    int n = 0;
     DIR *d = opendir("/proc");
     struct dirent *e;
-    while (d && (e = readdir(d))) {
+    while (d && (e = readdir(d)) && n < MAX_MOUNT_PROCS) {
         if (!isdigit((unsigned char)e->d_name[0])) continue;
+        pid_t pid = (pid_t)atoi(e->d_name);
+        int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
+        if (pfd < 0) continue;
         char path[300], cmd[8192];
         snprintf(path, sizeof(path), "/proc/%s/cmdline", e->d_name);
         int fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) continue;
-        ssize_t n = read(fd, cmd, sizeof(cmd) - 1);
-        close(fd);
-        if (n <= 0) continue;
-        cmd[n] = 0;
-        /* argv is NUL-separated: look for an argument equal to the mountpoint after "mount". */
-        int saw_mount = 0, match = 0;
-        for (ssize_t i = 0; i < n; i += (ssize_t)strlen(cmd + i) + 1) {
-            if (strcmp(cmd + i, "mount") == 0) saw_mount = 1;
-            else if (saw_mount && strcmp(cmd + i, mount) == 0) match = 1;
-        }
+        ssize_t len = fd >= 0 ? read(fd, cmd, sizeof(cmd) - 1) : -1;
+        if (fd >= 0) close(fd);
         struct stat st;
         snprintf(path, sizeof(path), "/proc/%s", e->d_name);
-        if (match && stat(path, &st) == 0 && st.st_uid == uid) {
-            pid_t pid = (pid_t)atoi(e->d_name);
-            kill(pid, SIGTERM);
-            for (int i = 0; i < 50 && kill(pid, 0) == 0; i++) {
-                struct timespec ts = {0, 100 * 1000 * 1000};
-                nanosleep(&ts, NULL);
+        int match = 0;
+        if (len > 0 && stat(path, &st) == 0 && st.st_uid == uid) {
+            cmd[len] = 0;
+            /* argv is NUL-separated: an argument equal to the mountpoint after "mount". */
+            int saw_mount = 0;
+            for (ssize_t i = 0; i < len; i += (ssize_t)strlen(cmd + i) + 1) {
+                if (strcmp(cmd + i, "mount") == 0) saw_mount = 1;
+                else if (saw_mount && strcmp(cmd + i, mount) == 0) match = 1;
             }
-            kill(pid, SIGKILL);
         }
+        if (match) fds[n++] = pfd;
+        else close(pfd);
     }
     if (d) closedir(d);
+    for (int i = 0; i < n; i++) syscall(SYS_pidfd_send_signal, fds[i], SIGTERM, NULL, 0);
+    for (int waited = 0; waited < 50; waited++) {
+        int alive = 0;
+        for (int i = 0; i < n; i++) {
+            struct pollfd p = {fds[i], POLLIN, 0};
+            if (poll(&p, 1, 0) == 0) alive++; /* a pidfd becomes readable when its process exits */
+        }
+        if (!alive) break;
+        struct timespec ts = {0, 100 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    for (int i = 0; i < n; i++) {
+        syscall(SYS_pidfd_send_signal, fds[i], SIGKILL, NULL, 0);
+        close(fds[i]);
+    }
 }
 
 static void sf_abort_connection(const char *mount) {
