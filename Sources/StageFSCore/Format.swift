@@ -142,7 +142,8 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
     /// `redis[s]://[[user]:password@]MASTER_NAME,HOST1[:PORT],HOST2[:PORT][/db]` (port 26379).
     case redis(RedisLocation)
 
-    static let forms = "sqlite3:///abs/path.db, redis://[[user]:password@]host[:port][/db] or redis://[[user]:password@]MASTER_NAME,SENTINEL[:PORT][,...][/db]"
+    static let forms =
+        "sqlite3:///abs/path.db, redis[s]://[[user]:password@]host[:port][/db][?options] or redis[s]://[[user]:password@]MASTER_NAME,SENTINEL[:PORT][,...][/db]"
 
     /// Parses a META-URL; a malformed one is a usage error naming what is wrong.
     public static func parse(_ text: String) throws(FSError) -> MetaURL {

@@ -23,7 +23,7 @@ struct Format: ParsableCommand {
             """
     )
 
-    @Argument(help: "Metadata store: sqlite3:///abs/path.db or redis://host:port/db.")
+    @Argument(help: "Metadata store: sqlite3:///abs/path.db, redis[s]://[[user]:password@]host[:port][/db] or redis://[[user]:password@]MASTER,SENTINEL[:PORT],...[/db] (see stagefs --help).")
     var metaURL: String
 
     @Argument(help: "Volume name: 3 to 63 characters of a-z, 0-9 and '-'. Object keys start with it.")
@@ -53,7 +53,7 @@ struct Format: ParsableCommand {
             "Mode of the volume's root directory, in octal (owner root).",
             discussion: "1777 (the default, like /tmp) lets every user create files at the top and only remove their own; 755 keeps the top level to root, who then makes a directory per user or project."
         ))
-    var rootMode = "1777"
+    var rootMode: String?
 
     @Flag(help: "Overwrite the settings of an existing volume (data already written keeps its layout).")
     var force = false
@@ -69,8 +69,10 @@ struct Format: ParsableCommand {
         }
         if trashDays < 0 { throw ValidationError("--trash-days cannot be negative") }
         if storage == "s3" && bucket == nil { throw ValidationError("--storage s3 needs --bucket http(s)://host:port/bucket") }
-        guard let m = UInt16(rootMode, radix: 8), m <= 0o7777 else {
-            throw ValidationError("invalid --root-mode '\(rootMode)': give octal permission bits such as 1777 or 755")
+        if let rootMode {
+            guard let m = UInt16(rootMode, radix: 8), m <= 0o7777 else {
+                throw ValidationError("invalid --root-mode '\(rootMode)': give octal permission bits such as 1777 or 755")
+            }
         }
     }
 
@@ -85,14 +87,18 @@ struct Format: ParsableCommand {
             name: name, storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret, blockSizeKiB: blockSize, trashDays: trashDays)
 
         let meta = try openMetadata(url, create: true)
-        if let old = try meta.loadFormat(), old.differences(from: record).isEmpty == false, !force {
+        let existing = try meta.loadFormat()
+        if let old = existing, old.differences(from: record).isEmpty == false, !force {
             // Refuse before touching the store.
             try meta.initialize(record, force: false, rootMode: 0)
         }
         let store = try openObjectStore(StoreConfig(storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret))
         try store.create()
         try store.check(prefix: name)
-        try meta.initialize(record, force: force, rootMode: UInt16(rootMode, radix: 8) ?? 0o1777)
+        try meta.initialize(record, force: force, rootMode: rootMode.flatMap { UInt16($0, radix: 8) } ?? 0o1777)
+        if existing != nil, let rootMode {
+            printError("stagefs: the volume exists: --root-mode \(rootMode) is not applied to its root directory (chmod it in a mount as root)")
+        }
         let f = try meta.requireFormat()
         print("Formatted volume '\(f.name)' (uuid \(f.uuid))")
         print("  metadata: \(url)")

@@ -52,7 +52,7 @@ struct JobProlog: ParsableCommand {
     @Option(help: "What the job asked for: PATH or VOLUME:PATH, comma-separated (the value of --storage-stage). Repeatable.")
     var spec: [String] = []
 
-    @Option(help: "Mount the volume of the first dataset (or the default volume) at this directory, prepared by root.")
+    @Option(help: "Mount the default volume (or, without one, the volume of the first dataset) at this directory, prepared by root.")
     var mountDir: String?
 
     @Option(help: "Seconds staging may take; then it stops and the job fails.")

@@ -11,10 +11,19 @@ struct StageFS: ParsableCommand {
         commandName: "stagefs",
         abstract: "A POSIX file system for HPC and AI clusters: data in object storage, metadata in Redis or SQLite, hot data on node-local cache.",
         discussion: """
-            META-URL names the metadata store: sqlite3:///abs/path/meta.db (embedded, one node) or
-            redis://[user:pass@]host:port/db (shared by many clients).
+            META-URL names the metadata store:
+              sqlite3:///abs/path/meta.db                     embedded, one node
+              redis://[[user]:password@]host[:port][/db]        shared (port 6379, db 0 by default)
+              rediss://host[:port][/db]?tls-ca-cert-file=CA   over TLS (also tls-cert-file=,
+                                                              tls-key-file=, insecure-skip-verify=true)
+              redis://[[user]:password@]MASTER,HOST1[:PORT],HOST2[:PORT][/db]
+                                                              the master the Sentinels name (port
+                                                              26379; SENTINEL_PASSWORD from the
+                                                              environment)
+              ...?wait-replicas=N&wait-timeout=MS             every change waits for N replicas
 
-            Exit codes: 0 success, 1 runtime failure, 2 usage error.
+            Exit codes: 0 success, 1 runtime failure, 2 usage error; `stage` and `job prolog` also
+            3 (partial), 4 (failed) and 130 (interrupted).
             """,
         version: stageFSVersion,
         subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self, Stage.self, BindConfig.self, Job.self]

@@ -347,6 +347,17 @@ def test_shell_prolog_and_epilog(cluster, env):
     p = subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert_cleaned_up(cluster, job)
+    # A named volume (STAGEFS_VOLUMES), named in the spec as NAME:/path.
+    with open(conf, "a") as f:
+        f.write(f"STAGEFS_VOLUMES='site={cluster.meta}'\n")
+    p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"],
+                       env={**base, "SPANK_STAGEFS_STORAGE_STAGE": "site:/datasets/small", "SPANK_STAGEFS_NO_MOUNT": "1"},
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    status = open(f"{cluster.dir}/jobstate/{job}").read()
+    assert status.startswith("ok\n") and "mount=" not in status, status
+    assert os.path.exists(f"{cluster.dir}/cache/{uid}/jobs/{job}/report-site.json")
+    subprocess.run([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, check=True)
     # A user-caused failure does not fail the prolog; the status says why.
     env_bad = {**base, "SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage": "/private"}
     p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"], env=env_bad, capture_output=True, text=True)

@@ -78,6 +78,11 @@ prepare_dir() {
 "
     return 1
 }
+# Named volumes: STAGEFS_VOLUMES="scratch=redis://... models=redis://..." (no spaces in a URL).
+VOLUMES=
+for v in ${STAGEFS_VOLUMES:-}; do
+    case $v in *=*) VOLUMES="$VOLUMES --volume $v" ;; *) echo "stagefs: job $JOB: STAGEFS_VOLUMES item '$v' is not NAME=META-URL" >&2; exit 1 ;; esac
+done
 [ -x "$STAGEFS_BIN" ] || { echo "stagefs: job $JOB: $STAGEFS_BIN cannot be run" >&2; exit 1; }
 site_dir_ok "$STAGEFS_CACHE_ROOT" cache_root || exit 1
 mkdir -p -m 0755 -- "$STATE_DIR" && site_dir_ok "$STATE_DIR" state_dir root-only || exit 1
@@ -101,7 +106,7 @@ elif prepare_dir "$STAGEFS_CACHE_ROOT" "$UID_N"; then
     OUT=$( {
         timeout "$LIMIT" env -i PATH="$PATH" HOME="$HOME_DIR" USER="$USER_NAME" LOGNAME="$USER_NAME" \
             setpriv --reuid="$UID_N" --regid="$GID_N" --init-groups -- "$STAGEFS_BIN" job prolog --job "$JOB" \
-            --cache-dir "$STAGEFS_CACHE_ROOT" --volume "$STAGEFS_VOLUME" --spec "$SPEC" --timeout "${STAGEFS_TIMEOUT:-3600}" \
+            --cache-dir "$STAGEFS_CACHE_ROOT" --volume "$STAGEFS_VOLUME" $VOLUMES --spec "$SPEC" --timeout "${STAGEFS_TIMEOUT:-3600}" \
             ${MNT:+--mount-dir "$MNT"} 2>&1
         echo $? > "$RCFILE"
     } | { head -c 16384; cat > /dev/null; })
