@@ -18,19 +18,20 @@ let package = Package(
         .systemLibrary(name: "CCurl", path: "Sources/CCurl"),
         .systemLibrary(name: "CSQLite3", path: "Sources/CSQLite3"),
         .systemLibrary(name: "CChecksum", path: "Sources/CChecksum"),
-        .target(name: "StageFSCore", dependencies: ["CChecksum"]),
-        .target(name: "Metadata", dependencies: ["StageFSCore", "CSQLite3", "COpenSSL"]),
-        .target(name: "ObjectStorage", dependencies: ["StageFSCore", "CCurl"]),
-        .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "Metadata"]),
-        .target(name: "VFS", dependencies: ["StageFSCore", "Metadata", "DataPath"]),
-        .target(name: "FUSEMount", dependencies: ["StageFSCore", "VFS", "CFuse3"]),
-        .target(name: "Staging", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath"]),
+        .target(name: "StageFSCore", dependencies: ["CChecksum"], exclude: ["README.md"]),
+        .target(name: "Metadata", dependencies: ["StageFSCore", "CSQLite3", "COpenSSL"], exclude: ["README.md"]),
+        .target(name: "ObjectStorage", dependencies: ["StageFSCore", "CCurl"], exclude: ["README.md"]),
+        .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "Metadata"], exclude: ["README.md"]),
+        .target(name: "VFS", dependencies: ["StageFSCore", "Metadata", "DataPath"], exclude: ["README.md"]),
+        .target(name: "FUSEMount", dependencies: ["StageFSCore", "VFS", "CFuse3"], exclude: ["README.md"]),
+        .target(name: "Staging", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath"], exclude: ["README.md"]),
         .executableTarget(
             name: "stagefs",
             dependencies: [
                 "StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS", "FUSEMount", "Staging",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
-            ]
+            ],
+            exclude: ["README.md"]
         ),
         .testTarget(
             name: "StageFSTests",
