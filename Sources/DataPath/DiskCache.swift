@@ -29,6 +29,21 @@ public struct CacheUsage: Sendable, Equatable {
     public var pinnedBytes: Int
 }
 
+/// How much of a cache a set of blocks can have (bytes as stored: blocks with their checksums).
+public struct CacheRoom: Sendable, Equatable {
+    /// The size limit (--cache-size).
+    public var capacity: Int
+    /// A lower limit set by the free-space ratio of the cache's file systems, if there is one.
+    public var fileSystemLimit: Int?
+    /// Bytes pinned by jobs in blocks outside the set.
+    public var pinnedOutside: Int
+    /// Jobs holding pins in this user's cache (at most 20).
+    public var pinningJobs: [String]
+
+    /// Bytes the set can have.
+    public var available: Int { max(0, min(capacity, fileSystemLimit ?? capacity) - pinnedOutside) }
+}
+
 /// Blocks on node-local disk, shared safely by every process of one user on the node (a mount,
 /// `stagefs stage`, a second job).
 ///
@@ -686,6 +701,53 @@ public final class DiskCache: @unchecked Sendable {
             }
             return u
         }
+    }
+
+    /// Marks blocks as just used, so eviction takes other blocks first (staging calls it for the
+    /// blocks of a set that are cached already before fetching the rest).
+    public func markUsed(_ keys: [String]) {
+        let now = Timespec.now().sec
+        for start in stride(from: 0, to: keys.count, by: 500) {
+            try? indexTransaction { () throws(FSError) in
+                for k in keys[start..<min(keys.count, start + 500)] { try index.query("UPDATE blocks SET atime=? WHERE key=?", [.int(now), .text(indexKey(k))]) }
+            }
+        }
+    }
+
+    /// How much of the cache a set of blocks (key, length) can have: the limit from --cache-size
+    /// and from the free-space ratio of the file systems, and what pins of blocks outside the set
+    /// hold.
+    public func room(for blocks: [(String, Int)]) throws(FSError) -> CacheRoom {
+        try flushIndex()
+        var r = CacheRoom(capacity: config.capacity, fileSystemLimit: nil, pinnedOutside: 0, pinningJobs: [])
+        var pinnedTotal = 0
+        var pinnedInSet = 0
+        var used = 0
+        try lock.withLock { () throws(FSError) in
+            used = try usedBytes()
+            try index.query("SELECT COALESCE(SUM(size), 0) FROM blocks WHERE key IN (SELECT key FROM pins)", []) { pinnedTotal = Int(Col.int($0, 0)) }
+            let keys = Array(Set(blocks.map { indexKey($0.0) }))
+            for start in stride(from: 0, to: keys.count, by: 500) {
+                let part = Array(keys[start..<min(keys.count, start + 500)])
+                let sql =
+                    "SELECT COALESCE(SUM(size), 0) FROM blocks WHERE key IN (\(Array(repeating: "?", count: part.count).joined(separator: ","))) AND EXISTS (SELECT 1 FROM pins WHERE pins.key = blocks.key)"
+                try index.query(sql, part.map { .text($0) }) { pinnedInSet += Int(Col.int($0, 0)) }
+            }
+            try index.query("SELECT DISTINCT job FROM pins ORDER BY job LIMIT 20", []) { r.pinningJobs.append(Col.text($0, 0)) }
+        }
+        r.pinnedOutside = max(0, pinnedTotal - pinnedInSet)
+        // Space the file systems can give beyond their free-space ratio, plus what this cache
+        // holds there already (it can evict its own unpinned blocks).
+        var seen = Set<UInt>()
+        var extra = 0
+        for d in userDirs {
+            var s = statvfs()
+            guard statvfs(d, &s) == 0, s.f_blocks > 0, seen.insert(s.f_fsid).inserted else { continue }
+            let keep = Double(s.f_blocks) * config.freeSpaceRatio
+            extra += max(0, Int((Double(s.f_bavail) - keep) * Double(s.f_frsize)))
+        }
+        if used + extra < config.capacity { r.fileSystemLimit = used + extra }
+        return r
     }
 
     private func lowOnSpace() -> Bool {

@@ -56,3 +56,20 @@ public struct ByteReader {
         return v
     }
 }
+
+/// "1.5 GiB" style sizes.
+public func humanBytes(_ n: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    var v = Double(n)
+    var i = 0
+    while v >= 1024 && i < units.count - 1 {
+        v /= 1024
+        i += 1
+    }
+    if i == 0 { return "\(n) B" }
+    let tenths = Int((v * 10).rounded())
+    return "\(tenths / 10).\(tenths % 10) \(units[i])"
+}
+
+/// "1.5 GiB" style sizes of any byte count (negative counts as 0).
+public func humanBytes<T: BinaryInteger>(_ n: T) -> String { humanBytes(n < 0 ? 0 : UInt64(n)) }

@@ -37,6 +37,12 @@ public struct PathReport: Codable, Sendable {
     public var blocksCached = 0
     public var bytesCached: Int64 = 0
     public var filesFullyCached = 0
+    /// After the run: blocks and bytes of the path that are in the cache (what was fetched
+    /// and kept plus what was there already); eviction during the run is accounted for.
+    public var blocksKept = 0
+    public var bytesKept: Int64 = 0
+    /// Blocks not fetched because the cache had no room for them.
+    public var blocksNoRoom = 0
     public var blocksEvicted = 0
     public var blocksPinnedKept = 0
     public var errors: [String] = []
@@ -45,7 +51,7 @@ public struct PathReport: Codable, Sendable {
 
     /// Share of the block bytes in the cache after the run, in percent.
     public var percentCached: Double {
-        blockBytes == 0 ? (errors.isEmpty ? 100 : 0) : Double(bytesCached + bytesFetched) * 100 / Double(blockBytes)
+        blockBytes == 0 ? (errors.isEmpty ? 100 : 0) : Double(bytesKept) * 100 / Double(blockBytes)
     }
 }
 
@@ -60,10 +66,18 @@ public struct StageReport: Codable, Sendable {
     public var blocksFetched = 0
     public var bytesFetched: Int64 = 0
     public var blocksCached = 0
+    /// After the run: files all of whose blocks are in the cache, and the bytes of the set there.
+    public var filesKept = 0
+    public var bytesKept: Int64 = 0
+    /// Bytes of the blocks of every path.
+    public var blockBytes: Int64 = 0
     public var durationSeconds = 0.0
     public var interrupted = false
-    /// `ok` (everything done), `partial` (some paths failed) or `failed` (nothing done).
+    /// `ok` (every block of every path is in the cache), `partial` (some are not: the errors say
+    /// why) or `failed` (nothing is).
     public var status = "ok"
+    /// When the cache could not hold the set: why, and what would fit.
+    public var cacheShortfall: String?
     public var errors: [String] = []
 }
 
@@ -340,6 +354,26 @@ public final class Stager: @unchecked Sendable {
         for (i, n) in blocksLeft.enumerated() where n == 0 { reports[files[i].top].filesFullyCached += 1 }
         // What is cached already, in batches (one index query per 500 packed blocks).
         let present = cache.cached(refs.map { ($0.key, $0.length) })
+        // When the set cannot all stay in the cache, fetch only what fits: fetching more would
+        // evict what this run fetched first.
+        var budget = Int.max
+        var room: CacheRoom?
+        if mode == .stage && !refs.isEmpty {
+            cache.markUsed(refs.indices.filter { present[$0] }.map { refs[$0].key })
+            do {
+                let r = try cache.room(for: refs.map { ($0.key, $0.length) })
+                room = r
+                let need = refs.reduce(0) { $0 + DiskCache.fileSize($1.length) }
+                if need > r.available {
+                    let have = refs.indices.filter { present[$0] }.reduce(0) { $0 + DiskCache.fileSize(refs[$1].length) }
+                    budget = max(0, r.available - have)
+                }
+            } catch {
+                report.errors.append("cannot read the cache index: \(error.message)")
+            }
+        }
+        let reserved = Locked(0)
+        let fetchBudget = budget
         let remaining = Locked(blocksLeft)
         let fileOK = Locked([Bool](repeating: true, count: files.count))
         let next = Locked(0)
@@ -369,6 +403,14 @@ public final class Stager: @unchecked Sendable {
                                 reports[top].bytesCached += Int64(r.length)
                             }
                             if job != nil { toPin.withLock { $0.append(r.key) } }
+                        } else if !reserved.withLock({ used -> Bool in
+                            let size = DiskCache.fileSize(r.length)
+                            if fetchBudget != Int.max && used + size > fetchBudget { return false }
+                            used += size
+                            return true
+                        }) {
+                            ok = false
+                            lock.withLock { reports[top].blocksNoRoom += 1 }
                         } else {
                             do throws(FSError) {
                                 try fetch(r, into: scratch)
@@ -427,20 +469,53 @@ public final class Stager: @unchecked Sendable {
         if let job, !pins.isEmpty {
             do { try cache.pin(pins, job: job) } catch { report.errors.append("pinning for job \(job): \(error.message)") }
         }
+        // What is in the cache now, not what went through it.
+        let kept = mode == .evict ? [] : (mode == .check ? present : cache.cached(refs.map { ($0.key, $0.length) }))
+        if mode != .evict {
+            var missing = [Int](repeating: 0, count: files.count)
+            for (i, r) in refs.enumerated() {
+                let top = files[r.file].top
+                if kept[i] {
+                    reports[top].blocksKept += 1
+                    reports[top].bytesKept += Int64(r.length)
+                } else {
+                    missing[r.file] += 1
+                }
+            }
+            for i in reports.indices { reports[i].filesFullyCached = 0 }
+            for (i, f) in files.enumerated() where missing[i] == 0 { reports[f.top].filesFullyCached += 1 }
+        }
         report.paths = reports
         report.files = files.count
         report.bytes = reports.reduce(0) { $0 + $1.bytes }
+        report.blockBytes = reports.reduce(0) { $0 + $1.blockBytes }
         report.blocksFetched = reports.reduce(0) { $0 + $1.blocksFetched }
         report.bytesFetched = reports.reduce(0) { $0 + $1.bytesFetched }
         report.blocksCached = reports.reduce(0) { $0 + $1.blocksCached }
+        report.filesKept = reports.reduce(0) { $0 + $1.filesFullyCached }
+        report.bytesKept = reports.reduce(0) { $0 + $1.bytesKept }
         report.durationSeconds = Double(Sys.monotonicNanos() - started) / 1e9
         report.interrupted = stagingStopRequested.load(ordering: .relaxed)
         if let fatal { report.errors.append(fatal.message) }
         if report.interrupted { report.errors.append("interrupted") }
+        if mode == .stage && report.bytesKept < report.blockBytes && !report.interrupted {
+            // Blocks missing without a failed fetch to explain them: the cache had no room.
+            let noRoom = reports.contains { $0.blocksNoRoom > 0 } || fatal?.code == ENOSPC
+            let unexplained = fatal == nil && reports.allSatisfy { $0.errors.isEmpty }
+            if noRoom || unexplained {
+                let why = shortfall(room: room, refs: refs)
+                report.cacheShortfall = why
+                report.errors.append(why)
+            }
+        }
         let failedPaths = reports.filter { !$0.errors.isEmpty }.count
+        let nothing =
+            mode == .stage
+            ? report.bytesKept == 0 && (report.blockBytes > 0 || failedPaths == reports.count)
+            : report.blocksFetched + report.blocksCached == 0 && (failedPaths == reports.count || fatal != nil)
         if failedPaths == 0 && report.errors.isEmpty {
             report.status = "ok"
-        } else if report.blocksFetched + report.blocksCached == 0 && (failedPaths == reports.count || fatal != nil) {
+        } else if nothing {
             report.status = "failed"
         } else {
             report.status = "partial"
@@ -449,6 +524,29 @@ public final class Stager: @unchecked Sendable {
             report.status = "partial"
         }
         return report
+    }
+
+    /// Why the set did not stay in the cache, and what would fit.
+    private func shortfall(room: CacheRoom?, refs: [BlockRef]) -> String {
+        let need = refs.reduce(0) { $0 + DiskCache.fileSize($1.length) }
+        let mib = { (n: Int) in (n + (1 << 20) - 1) >> 20 }
+        let dirs = cache.config.dirs.joined(separator: ":")
+        guard let room else { return "not all of the set stayed in the cache in \(dirs)" }
+        let size = humanBytes(need)
+        if let fsLimit = room.fileSystemLimit, fsLimit < need + room.pinnedOutside, fsLimit < room.capacity {
+            return
+                "the cache could not hold the set: it needs \(size) and the file system of \(dirs) has room for \(humanBytes(fsLimit)) of cache while keeping --free-space-ratio \(cache.config.freeSpaceRatio) free\(room.pinnedOutside > 0 ? " (\(humanBytes(room.pinnedOutside)) of it pinned by other jobs)" : ""); \(humanBytes(room.available)) of the set fits: free space there or stage less"
+        }
+        if need > room.capacity {
+            return
+                "the cache is too small for the set: it needs \(size) and --cache-size is \(mib(room.capacity)) MiB (\(humanBytes(room.available)) of the set fits\(room.pinnedOutside > 0 ? ", \(humanBytes(room.pinnedOutside)) being pinned by other jobs" : "")); raise --cache-size to at least \(mib(need + room.pinnedOutside)) or stage less"
+        }
+        if room.pinnedOutside > 0 && need > room.available {
+            let jobs = room.pinningJobs.filter { $0 != job }
+            return
+                "the cache is held by other jobs' pins: the set needs \(size), --cache-size is \(mib(room.capacity)) MiB and \(humanBytes(room.pinnedOutside)) of it is pinned by other jobs\(jobs.isEmpty ? "" : " (\(jobs.joined(separator: ", ")))"); \(humanBytes(room.available)) of the set fits: release finished jobs (stagefs stage --release JOB) or raise --cache-size to at least \(mib(need + room.pinnedOutside))"
+        }
+        return "not all of the set stayed in the cache in \(dirs): other use of the cache evicted blocks while staging (it needs \(size); --cache-size is \(mib(room.capacity)) MiB)"
     }
 
     /// Downloads one block and stores it in the cache (pinned for the job).

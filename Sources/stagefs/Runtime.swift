@@ -147,20 +147,6 @@ extension String {
     }
 }
 
-/// "1.5 GiB" style sizes.
-func humanBytes(_ n: UInt64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
-    var v = Double(n)
-    var i = 0
-    while v >= 1024 && i < units.count - 1 {
-        v /= 1024
-        i += 1
-    }
-    if i == 0 { return "\(n) B" }
-    let tenths = Int((v * 10).rounded())
-    return "\(tenths / 10).\(tenths % 10) \(units[i])"
-}
-
 /// "2026-11-22 20:31:05 UTC" for seconds since the epoch.
 func timeText(_ secs: Int64, nanos: UInt32? = nil) -> String {
     var t = tm()

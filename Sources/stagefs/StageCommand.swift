@@ -29,16 +29,21 @@ struct Stage: ParsableCommand {
             read. Directory trees are listed in parallel, chunk records read in batches, and blocks
             downloaded by --threads workers. Blocks already cached are skipped, so running again
             resumes. With --job, every block of the paths is pinned for that job: eviction leaves
-            it alone until 'stagefs stage --release JOB'. When pinned blocks alone would exceed the
-            cache size, staging stops and says so.
+            it alone until 'stagefs stage --release JOB'.
+
+            The result is what is in the cache at the end, not what went through it. When the set
+            does not fit (--cache-size, the file system's --free-space-ratio, or other jobs' pins),
+            staging fetches what fits and stops there instead of evicting its own blocks; it then
+            says why and what fits, and exits 3.
 
             A progress line (files, bytes, rate, ETA) is shown on a terminal; a summary line
             otherwise. Ctrl-C stops cleanly.
 
             Exit status:
-              0    every path was staged (with --check: is fully cached)
-              3    partial: some of it was staged, not all (the messages say which and why)
-              4    failed: nothing was staged (every path failed)
+              0    every block of every path is in the cache (with --check: the same)
+              3    partial: part of it is in the cache, not all (a path failed, the cache
+                   had no room for the rest, or the run was stopped; the messages say why)
+              4    failed: none of it is in the cache (every path failed, or no room at all)
               1    a runtime failure before staging could start (metadata or store unreachable)
               2    a usage error
               130  interrupted (Ctrl-C, SIGTERM)
@@ -180,20 +185,21 @@ struct Stage: ParsableCommand {
 
     private func printSummary(_ r: StageReport, shown: [String]) {
         for (i, p) in r.paths.enumerated() {
+            // Name paths as the user typed them (a mount path, not the volume path).
             let name = i < shown.count ? shown[i] : p.path
-            for e in p.errors { printError("stagefs: \(e)") }
+            for e in p.errors { printError("stagefs: \(e.hasPrefix(p.path) ? name + e.dropFirst(p.path.count) : e)") }
+            let pct = (p.percentCached * 10).rounded() / 10
             switch r.mode {
             case .check:
-                let pct = (p.percentCached * 10).rounded() / 10
                 print(
-                    "\(name): \(pct)% cached, \(p.filesFullyCached) of \(p.files) files, \(humanBytes(UInt64(p.bytesCached))) of \(humanBytes(UInt64(p.blockBytes)))"
+                    "\(name): \(pct)% cached, \(p.filesFullyCached) of \(p.files) files, \(humanBytes(p.bytesKept)) of \(humanBytes(p.blockBytes))"
                 )
             case .evict:
                 print("\(name): evicted \(p.blocksEvicted) block(s)\(p.blocksPinnedKept > 0 ? ", kept \(p.blocksPinnedKept) pinned by a job" : "")")
             case .stage:
                 if r.paths.count > 1 {
                     print(
-                        "\(name): \(p.files) files, \(humanBytes(UInt64(p.bytes))), \(p.blocksFetched) blocks fetched, \(p.blocksCached) already cached"
+                        "\(name): \(p.filesFullyCached) of \(p.files) files, \(humanBytes(p.bytesKept)) of \(humanBytes(p.blockBytes)) in the cache (\(pct)%), \(p.blocksFetched) blocks fetched, \(p.blocksCached) already cached"
                     )
                 }
             }
@@ -202,8 +208,9 @@ struct Stage: ParsableCommand {
         if r.mode == .stage {
             let rate = r.durationSeconds > 0 ? Double(r.bytesFetched) / r.durationSeconds : 0
             let secs = Double(Int(r.durationSeconds * 10)) / 10
+            let pct = r.blockBytes == 0 ? 100 : (Double(r.bytesKept) * 1000 / Double(r.blockBytes)).rounded() / 10
             print(
-                "staged \(r.files) files (\(humanBytes(UInt64(r.bytes)))) in \(secs) s: \(r.blocksFetched) blocks fetched (\(humanBytes(UInt64(r.bytesFetched))), \(humanBytes(UInt64(rate)))/s), \(r.blocksCached) already cached\(r.job.map { ", pinned for job \($0)" } ?? ""); status \(r.status)"
+                "staged \(r.filesKept) of \(r.files) files, \(humanBytes(r.bytesKept)) of \(humanBytes(r.blockBytes)) in the cache (\(pct)%), in \(secs) s: \(r.blocksFetched) blocks fetched (\(humanBytes(r.bytesFetched)), \(humanBytes(Int(rate)))/s), \(r.blocksCached) already cached\(r.job.map { ", pinned for job \($0)" } ?? ""); status \(r.status)"
             )
         }
     }

@@ -185,16 +185,43 @@ def test_pinned_blocks_survive_eviction_until_released(env, s3vol):
     small = "12"  # MiB; each directory holds about 8.3 MiB
     p = stage(env, s3vol, "/datasets/small/a", "--cache-size", small, "--job", "1001")
     assert "pinned for job 1001" in p.stdout
-    stage(env, s3vol, "/datasets/small/b", "--cache-size", small)
+    # The pins of job 1001 leave room for part of b only: that is what staging says, with exit 3,
+    # and the part it says it kept is what --check finds.
+    p = stage(env, s3vol, "/datasets/small/b", "--cache-size", small, check=False)
+    assert p.returncode == 3 and "status partial" in p.stdout, p.stdout + p.stderr
+    assert "pinned by other jobs (1001)" in p.stderr and "of the set fits" in p.stderr, p.stderr
+    kept = p.stdout.split("files, ")[1].split(" in the cache")[0]
+    check = stage(env, s3vol, "/datasets/small/b", "--check", "--cache-size", small, check=False).stdout
+    assert check.split("files, ")[1].strip() == kept, (p.stdout, check)
     assert "/datasets/small/a: 100.0% cached" in stage(env, s3vol, "/datasets/small/a", "--check", "--cache-size", small).stdout
-    # Pinned data alone would exceed the cache: staging says so and stops.
+    # The same for a job of its own: its pins cannot push out job 1001's.
     p = stage(env, s3vol, "/datasets/small/c", "--cache-size", small, "--job", "1002", check=False)
-    assert p.returncode in (3, 4) and "full of pinned blocks" in p.stderr
+    assert p.returncode == 3 and "pinned by other jobs (1001)" in p.stderr, p.stderr
     assert "released" in env.stagefs("stage", "--release", "1001", "--cache-dir", s3vol.cache).stdout
     p = stage(env, s3vol, "/datasets/small/c", "--cache-size", small, "--job", "1002")
     assert "status ok" in p.stdout
     p = stage(env, s3vol, "/datasets/small/a", "--check", "--cache-size", small, check=False)
     assert "/datasets/small/a: 100.0% cached" not in p.stdout, "released blocks were evicted"
+
+
+def test_a_cache_too_small_for_the_set_is_partial(env, s3vol):
+    """The set (about 25 MiB) does not fit a 12 MiB cache: exit 3, the reason, what fits, and a
+    summary that matches what --check finds afterwards."""
+    rep = os.path.join(env.dir_for(USER, "rep"), "r.json")
+    p = stage(env, s3vol, "/datasets/small", "--cache-size", "12", "--report", rep, check=False)
+    assert p.returncode == 3 and "status partial" in p.stdout, p.stdout + p.stderr
+    assert "the cache is too small for the set: it needs 2" in p.stderr and "raise --cache-size to at least 2" in p.stderr, p.stderr
+    kept = p.stdout.split("files, ")[1].split(" in the cache")[0]
+    check = stage(env, s3vol, "/datasets/small", "--check", "--cache-size", "12", check=False)
+    assert check.returncode == 3 and check.stdout.split("files, ")[1].strip() == kept, (p.stdout, check.stdout)
+    r = report(rep)
+    assert r["status"] == "partial" and "too small" in r["cacheShortfall"]
+    assert 0 < r["bytesKept"] < r["blockBytes"] and r["bytesKept"] <= 12 << 20
+    # What it fetched stayed: it stopped at the cache's size instead of evicting its own blocks.
+    assert r["bytesFetched"] == r["bytesKept"], r
+    # With room, the same command completes.
+    p = stage(env, s3vol, "/datasets/small", "--cache-size", "64")
+    assert "status ok" in p.stdout and "staged 30 of 30 files" in p.stdout
 
 
 def test_users_have_separate_caches_and_as_user_checks_permissions(env, s3vol):
@@ -263,10 +290,14 @@ def test_ctrl_c_stops_cleanly(env, redis):
             os.kill(moto.proc.pid, signal.SIGCONT)
         assert p.returncode == 130, (out, err)
         assert "interrupted" in err
+        # The summary counts what is in the cache, not the size of what it walked.
+        assert "staged 0 of 1 files" in out and "96.0 MiB of 96.0 MiB" not in out, out
+        kept = out.split("files, ")[1].split(" in the cache")[0]
         leftovers = [f for _, _, fs in os.walk(cache) for f in fs if ".tmp" in f]
         assert leftovers == []
         r = env.stagefs("stage", "--meta", url, "--cache-dir", cache, "/big", "--check", check=False)
         assert "% cached" in r.stdout and "100.0% cached" not in r.stdout
+        assert r.stdout.split("files, ")[1].strip() == kept, (out, r.stdout)
         again = env.stagefs("stage", "--meta", url, "--cache-dir", cache, "/big")
         assert "status ok" in again.stdout and ", 0 already cached" not in again.stdout, again.stdout
         assert "100.0% cached" in env.stagefs("stage", "--meta", url, "--cache-dir", cache, "/big", "--check").stdout
@@ -335,4 +366,4 @@ def test_progress_on_a_terminal_summary_otherwise(env, s3vol):
     stage(env, s3vol, "/datasets/small", "--evict")
     piped = stage(env, s3vol, "/datasets/small")
     assert "ETA" not in piped.stdout + piped.stderr
-    assert len(piped.stdout.strip().splitlines()) == 1 and "staged 30 files" in piped.stdout
+    assert len(piped.stdout.strip().splitlines()) == 1 and "staged 30 of 30 files" in piped.stdout
