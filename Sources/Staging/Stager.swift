@@ -539,12 +539,12 @@ public final class Stager: @unchecked Sendable {
         }
         if need > room.capacity {
             return
-                "the cache is too small for the set: it needs \(size) and --cache-size is \(mib(room.capacity)) MiB (\(humanBytes(room.available)) of the set fits\(room.pinnedOutside > 0 ? ", \(humanBytes(room.pinnedOutside)) being pinned by other jobs" : "")); raise --cache-size to at least \(mib(need + room.pinnedOutside)) or stage less"
+                "the cache is too small for the set: it needs \(size) and --cache-size is \(mib(room.capacity)) MiB (\(humanBytes(room.available)) of the set fits\(room.pinnedOutside > 0 ? ", \(humanBytes(room.pinnedOutside)) being pinned by other jobs" : "")); raise --cache-size to at least \(mib(need + room.pinnedOutside)) (MiB) or stage less"
         }
         if room.pinnedOutside > 0 && need > room.available {
             let jobs = room.pinningJobs.filter { $0 != job }
             return
-                "the cache is held by other jobs' pins: the set needs \(size), --cache-size is \(mib(room.capacity)) MiB and \(humanBytes(room.pinnedOutside)) of it is pinned by other jobs\(jobs.isEmpty ? "" : " (\(jobs.joined(separator: ", ")))"); \(humanBytes(room.available)) of the set fits: release finished jobs (stagefs stage --release JOB) or raise --cache-size to at least \(mib(need + room.pinnedOutside))"
+                "the cache is held by other jobs' pins: the set needs \(size), --cache-size is \(mib(room.capacity)) MiB and \(humanBytes(room.pinnedOutside)) of it is pinned by other jobs\(jobs.isEmpty ? "" : " (\(jobs.joined(separator: ", ")))"); \(humanBytes(room.available)) of the set fits: release finished jobs (stagefs stage --release JOB) or raise --cache-size to at least \(mib(need + room.pinnedOutside)) (MiB)"
         }
         return "not all of the set stayed in the cache in \(dirs): other use of the cache evicted blocks while staging (it needs \(size); --cache-size is \(mib(room.capacity)) MiB)"
     }

@@ -23,7 +23,11 @@ struct Mount: ParsableCommand {
             user_allow_other in /etc/fuse.conf unless root), allow_root (root may enter it, as a
             setuid container runtime must), ro (read-only), and other options fusermount3 accepts.
             The kernel checks permissions (default_permissions) and StageFS checks them again with
-            the caller's uid, gid and groups.
+            the caller's uid, gid and groups. A mountpoint with files in it is refused (they would
+            be hidden while mounted) unless -o nonempty.
+
+            The mountpoint may be /dev/fd/N: a /dev/fuse descriptor mounted by a supervisor and
+            passed to this process, as Apptainer's --fusemount does.
 
             Examples:
               stagefs mount -d sqlite3:///var/lib/stagefs/demo.db /mnt/demo
@@ -34,7 +38,12 @@ struct Mount: ParsableCommand {
     @Argument(help: "Metadata store: sqlite3:///abs/path.db, redis[s]://[[user]:password@]host[:port][/db] or redis://[[user]:password@]MASTER,SENTINEL[:PORT],...[/db] (see stagefs --help).")
     var metaURL: String
 
-    @Argument(help: "An existing, empty directory to mount on.")
+    @Argument(
+        help: ArgumentHelp(
+            "An existing, empty directory to mount on (-o nonempty allows one with files), or /dev/fd/N.",
+            discussion:
+                "/dev/fd/N: a /dev/fuse descriptor this process inherited, already mounted by a supervisor (Apptainer's --fusemount, a root helper); the supervisor chose the mount options and unmounts it."
+        ))
     var mountPoint: String
 
     @Flag(name: [.customShort("d"), .customLong("background")], help: "Run in the background; return once the mount is ready.")
@@ -107,35 +116,78 @@ struct Mount: ParsableCommand {
     private var cacheDirs: [String] { cacheDirectories(cacheDir) }
 
     /// Mount options split into kernel options and the ones StageFS handles itself.
-    private var parsedOptions: (fuse: [String], readOnly: Bool, debug: Bool) {
+    private var parsedOptions: (fuse: [String], readOnly: Bool, debug: Bool, nonempty: Bool) {
         var fuse: [String] = []
         var ro = readOnly
         var debug = false
+        var nonempty = false
         for group in options {
             for o in group.split(separator: ",").map(String.init) where !o.isEmpty {
                 switch o {
                 case "ro": ro = true
                 case "rw": ro = false
                 case "debug": debug = true
+                case "nonempty": nonempty = true
                 case "_netdev", "defaults", "auto", "noauto", "user", "nouser", "nofail": continue
                 default: fuse.append(o)
                 }
             }
         }
         if ro { fuse.append("ro") }
-        return (fuse, ro, debug)
+        return (fuse, ro, debug, nonempty)
+    }
+
+    /// N of a `/dev/fd/N` mountpoint.
+    private var premountedFD: Int32? {
+        guard mountPoint.hasPrefix("/dev/fd/"), let n = Int32(mountPoint.dropFirst(8)), n >= 0 else { return nil }
+        return n
+    }
+
+    /// The mountpoint as an absolute path (a `/dev/fd/N` stays as given).
+    private var resolvedMountPoint: String { premountedFD != nil ? mountPoint : absolutePath(mountPoint) }
+
+    /// Checks a `/dev/fd/N` mountpoint: an open descriptor of /dev/fuse.
+    private func checkPremounted(_ fd: Int32) throws(FSError) {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            throw FSError(
+                EBADF, "\(mountPoint): descriptor \(fd) is not open in this process: /dev/fd/N must be a /dev/fuse descriptor passed by the program that mounted it")
+        }
+        guard st.st_mode & S_IFMT == S_IFCHR, let fuse = Sys.stat("/dev/fuse"), st.st_rdev == fuse.st_rdev else {
+            throw FSError(EINVAL, "\(mountPoint): descriptor \(fd) is not /dev/fuse: the program that mounted it must pass its /dev/fuse descriptor")
+        }
+    }
+
+    /// Whether a directory has entries other than . and .. (unreadable ones count as empty:
+    /// fusermount3 decides then).
+    private static func hasEntries(_ path: String) -> String? {
+        guard let d = opendir(path) else { return nil }
+        defer { closedir(d) }
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { return name }
+        }
+        return nil
     }
 
     func run() throws {
         Log.level = verbose >= 2 ? .debug : (verbose == 1 ? .info : .warning)
-        let path = absolutePath(mountPoint)
-        guard let st = Sys.stat(path) else {
-            throw FSError(ENOENT, "mountpoint \(path) does not exist: create the directory first")
-        }
-        guard st.st_mode & S_IFMT == S_IFDIR else { throw FSError(ENOTDIR, "mountpoint \(path) is not a directory") }
-        if MountTable.stagefs(at: path) != nil { throw FSError(EBUSY, "\(path) is already a StageFS mount") }
-        if access(path, W_OK) != 0 && getuid() != 0 {
-            throw FSError(EACCES, "mountpoint \(path) is not writable by uid \(getuid()): fusermount3 refuses to mount there")
+        let path = resolvedMountPoint
+        if let fd = premountedFD {
+            try checkPremounted(fd)
+        } else {
+            guard let st = Sys.stat(path) else {
+                throw FSError(ENOENT, "mountpoint \(path) does not exist: create the directory first")
+            }
+            guard st.st_mode & S_IFMT == S_IFDIR else { throw FSError(ENOTDIR, "mountpoint \(path) is not a directory") }
+            if MountTable.stagefs(at: path) != nil { throw FSError(EBUSY, "\(path) is already a StageFS mount") }
+            if access(path, W_OK) != 0 && getuid() != 0 {
+                throw FSError(EACCES, "mountpoint \(path) is not writable by uid \(getuid()): fusermount3 refuses to mount there")
+            }
+            if !parsedOptions.nonempty, let name = Mount.hasEntries(path) {
+                throw FSError(
+                    ENOTEMPTY, "mountpoint \(path) is not empty (it holds '\(name)'): its files would be hidden while mounted; use an empty directory, or -o nonempty to mount over them")
+            }
         }
 
         // Check everything that can be checked before going to the background.
@@ -168,7 +220,7 @@ struct Mount: ParsableCommand {
 
     /// Goes to the background (with -d) or serves the mount here.
     private func finishMount(url: MetaURL, meta: any MetadataEngine, format: VolumeFormat, store: any ObjectStore) throws {
-        let path = absolutePath(mountPoint)
+        let path = resolvedMountPoint
         if background && readyFD == nil {
             try spawnBackground(path)
             return
@@ -190,7 +242,8 @@ struct Mount: ParsableCommand {
         let pid: pid_t
         do {
             pid = try Spawn.start(
-                executablePath(), args, stdin: .null, stdout: .file(logPath), stderr: .file(logPath), newSession: true, keepFDs: [fds[1]])
+                executablePath(), args, stdin: .null, stdout: .file(logPath), stderr: .file(logPath), newSession: true,
+                keepFDs: [fds[1]] + (premountedFD.map { [$0] } ?? []))
         } catch {
             close(fds[0])
             close(fds[1])
@@ -275,10 +328,12 @@ struct Mount: ParsableCommand {
             throw error
         }
         server.attach(vfs)
-        Runtime.save(
+        if premountedFD == nil {
+            Runtime.save(
             MountRecord(
                 mountPoint: path, metaURL: metaURL, pid: getpid(), volume: format.name, volumeUUID: format.uuid,
                 cacheDirs: disk == nil ? nil : cacheDirs, cacheSize: disk == nil ? 0 : cacheSize, freeSpaceRatio: freeSpaceRatio))
+        }
         Log.info("volume '\(format.name)' mounted at \(path) (session \(vfs.sid))")
         ready("ok")
         let rc = server.run()

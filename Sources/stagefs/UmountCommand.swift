@@ -39,7 +39,10 @@ struct Umount: ParsableCommand {
         if status != 0 {
             let why = output.trimmed
             if why.contains("busy") {
-                throw FSError(EBUSY, "cannot unmount \(path): files are still open (close them, or use --force for a lazy unmount)")
+                if let (pid, name, how) = Umount.holder(of: path) {
+                    throw FSError(EBUSY, "cannot unmount \(path): \(how) of process \(pid) (\(name)) is inside it: \(how.hasPrefix("the working") ? "cd elsewhere in that shell or end it" : "close it or end that process") (or use --force for a lazy unmount)")
+                }
+                throw FSError(EBUSY, "cannot unmount \(path): it is in use (an open file or a working directory inside; close them, or use --force for a lazy unmount)")
             }
             throw FSError(EIO, "cannot unmount \(path): \(why.isEmpty ? "fusermount3 failed" : why)")
         }
@@ -59,6 +62,40 @@ struct Umount: ParsableCommand {
             }
         }
         Runtime.remove(path)
+    }
+
+    /// A process of this node keeping `path` busy (its working directory, root or an open file
+    /// inside), among those whose /proc entries this user may read.
+    static func holder(of path: String) -> (pid_t, String, String)? {
+        let inside = { (p: String) in p == path || p.hasPrefix(path + "/") }
+        let link = { (p: String) -> String? in
+            var buf = [UInt8](repeating: 0, count: Int(PATH_MAX))
+            let n = buf.withUnsafeMutableBytes { readlink(p, $0.baseAddress!.assumingMemoryBound(to: CChar.self), $0.count) }
+            return n > 0 ? String(decoding: buf[0..<n], as: UTF8.self) : nil
+        }
+        guard let d = opendir("/proc") else { return nil }
+        defer { closedir(d) }
+        var found: (pid_t, String, String)?
+        while found == nil, let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard let pid = pid_t(name), pid != getpid() else { continue }
+            let comm = Sys.readFile("/proc/\(pid)/comm").map { String(decoding: $0, as: UTF8.self).trimmed } ?? "?"
+            if let cwd = link("/proc/\(pid)/cwd"), inside(cwd) {
+                found = (pid, comm, "the working directory \(cwd)")
+            } else if let root = link("/proc/\(pid)/root"), root != "/", inside(root) {
+                found = (pid, comm, "the root directory \(root)")
+            } else if let fds = opendir("/proc/\(pid)/fd") {
+                while let f = readdir(fds) {
+                    let fd = withUnsafeBytes(of: f.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                    if let target = link("/proc/\(pid)/fd/\(fd)"), inside(target) {
+                        found = (pid, comm, "the open file \(target)")
+                        break
+                    }
+                }
+                closedir(fds)
+            }
+        }
+        return found
     }
 
     /// Writes to /sys/fs/fuse/connections/<minor>/abort (root only; harmless otherwise).
