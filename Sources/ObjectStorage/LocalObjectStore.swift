@@ -7,21 +7,98 @@ import StageFSCore
 /// Objects as files under a directory (`--storage file`). Writes go to a temporary name, are
 /// flushed to disk (`fdatasync`) and renamed into place, so a reader never sees a torn object and
 /// a block reported written survives a crash of the node.
+///
+/// **Shared buckets.** A bucket directory that has the set-group-ID bit and is group-writable
+/// (what `format --bucket-group GROUP` makes: `root:GROUP 2770`) is shared by the members of its
+/// group: every directory made in it gets the bucket's mode (group-writable, set-group-ID, so the
+/// group is inherited) and every object is made group-readable, whatever the writer's umask. Any
+/// member can then write new objects and delete old ones, which a volume written by several users
+/// needs (one user's file is rewritten, truncated or deleted by another).
 public final class LocalObjectStore: ObjectStore {
     public let root: String
     public var description: String { "directory \(root)" }
+    /// Modes for what this store creates in a shared bucket; nil for a private one.
+    private let shared: (dir: mode_t, file: mode_t)?
 
     public init(root: String) throws(FSError) {
         guard root.hasPrefix("/") else { throw FSError.usage("the bucket of --storage file must be an absolute directory, not '\(root)'") }
         var r = root
         while r.count > 1 && r.hasSuffix("/") { r.removeLast() }
         self.root = r
+        shared = Sys.stat(r).flatMap { LocalObjectStore.sharedModes($0.st_mode) }
+    }
+
+    /// The modes of directories and objects in a bucket of mode `mode`, if it is shared.
+    static func sharedModes(_ mode: mode_t) -> (dir: mode_t, file: mode_t)? {
+        guard mode & S_ISGID != 0, mode & 0o070 == 0o070 else { return nil }
+        return (mode & 0o0777 | 0o2700, 0o640 | mode & 0o004)
+    }
+
+    /// Whether this bucket is shared by its group.
+    public var isShared: Bool { shared != nil }
+
+    /// Makes the directories of `dir` below the bucket; in a shared bucket each gets the shared
+    /// mode.
+    private func makeDirectories(_ dir: String) throws(FSError) {
+        if dir == root || Sys.stat(dir) != nil { return }
+        try makeDirectories(Sys.dirname(of: dir))
+        if Glibc.mkdir(dir, shared?.dir ?? 0o755) != 0 {
+            if errno == EEXIST { return }
+            throw FSError.errno(errno, "cannot create directory \(dir) in \(description)")
+        }
+        // The umask may have taken bits away.
+        if let shared, chmod(dir, shared.dir) != 0 { throw FSError.errno(errno, "cannot open up directory \(dir) to the bucket's group") }
+    }
+
+    /// What keeps this user from writing everywhere in the volume's part of the bucket, if
+    /// anything: the bucket, the volume's directories and the newest chunk directories (at most
+    /// about a thousand are looked at). Nil when all are writable.
+    public func writeProblem(volume: String) -> String? {
+        var dirs = [root, "\(root)/\(volume)", "\(root)/\(volume)/chunks"]
+        let tops = entries("\(root)/\(volume)/chunks").compactMap { UInt64($0) }.sorted()
+        dirs += tops.suffix(500).map { "\(root)/\(volume)/chunks/\($0)" }
+        if let last = tops.last {
+            dirs += entries("\(root)/\(volume)/chunks/\(last)").compactMap { UInt64($0) }.sorted().suffix(500).map { "\(root)/\(volume)/chunks/\(last)/\($0)" }
+        }
+        for d in dirs {
+            guard let st = Sys.stat(d) else { continue }
+            if access(d, W_OK | X_OK) != 0 {
+                let owner = getpwuid(st.st_uid).map { String(cString: $0.pointee.pw_name) } ?? "uid \(st.st_uid)"
+                let group = getgrgid(st.st_gid).map { String(cString: $0.pointee.gr_name) } ?? "gid \(st.st_gid)"
+                return "\(d) is not writable by uid \(getuid()) (owner \(owner), group \(group), mode 0\(String(st.st_mode & 0o7777, radix: 8)))"
+            }
+        }
+        return nil
+    }
+
+    private func entries(_ dir: String) -> [String] {
+        guard let d = opendir(dir) else { return [] }
+        defer { closedir(d) }
+        var out: [String] = []
+        while let e = readdir(d) {
+            out.append(withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) })
+        }
+        return out
     }
 
     private func path(_ key: String) -> String { "\(root)/\(key)" }
 
     public func create() throws(FSError) {
         try Sys.mkdirs(root)
+    }
+
+    /// Makes the bucket directory shared by group `gid` (mode 2770, or 2775 with `othersRead`),
+    /// and gives what is already in it to the group (links are never followed). Returns how many
+    /// entries changed.
+    public static func share(root: String, gid: gid_t, othersRead: Bool = false) throws(FSError) -> Int {
+        try Sys.mkdirs(root)
+        let fd = Glibc.open(root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        if fd < 0 { throw FSError.errno(errno, "cannot open \(root)") }
+        defer { Glibc.close(fd) }
+        let mode: mode_t = othersRead ? 0o2775 : 0o2770
+        if fchown(fd, uid_t.max, gid) != 0 { throw FSError.errno(errno, "cannot give \(root) to gid \(gid)") }
+        if fchmod(fd, mode) != 0 { throw FSError.errno(errno, "cannot change the mode of \(root)") }
+        return try SafeDir.shareTree(root, gid: gid)
     }
 
     public func put(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
@@ -34,10 +111,19 @@ public final class LocalObjectStore: ObjectStore {
             guard Sys.stat(root) != nil else {
                 throw FSError(EIO, "\(description) is missing (is its file system mounted?)")
             }
-            try Sys.mkdirs(Sys.dirname(of: final))
+            try makeDirectories(Sys.dirname(of: final))
+            fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        }
+        // In a shared bucket another member may have just made the directory and not yet opened
+        // it up to the group: a moment later it is.
+        var tries = 0
+        while fd < 0 && errno == EACCES && shared != nil && tries < 50 {
+            tries += 1
+            Sys.sleep(seconds: 0.01)
             fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         }
         if fd < 0 { throw FSError.errno(errno, "cannot write object \(key) in \(description)") }
+        if let shared { _ = fchmod(fd, shared.file) }
         do {
             if let base = data.baseAddress, data.count > 0 { try Sys.pwrite(fd, base, data.count, 0, path: tmp) }
             try Sys.fdatasync(fd, path: tmp)

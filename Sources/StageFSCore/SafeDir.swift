@@ -106,4 +106,66 @@ public enum SafeDir {
             throw FSError.errno(errno, "cannot remove \(path)")
         }
     }
+
+    /// Gives `path` and everything below it to group `gid`, group-writable (directories also
+    /// set-group-ID, so what is created in them keeps the group): what `format --bucket-group`
+    /// does to a `file` bucket. Links are skipped, never followed; every change is made on a
+    /// descriptor opened with `O_NOFOLLOW`. Returns how many entries changed.
+    public static func shareTree(_ path: String, gid: gid_t) throws(FSError) -> Int {
+        let fd = Glibc.open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        if fd < 0 { throw FSError.errno(errno, "cannot open \(path)") }
+        return try shareDirectory(fd, path, gid: gid)
+    }
+
+    /// Shares the open directory `fd` (closed here) and its tree with `gid`.
+    private static func shareDirectory(_ fd: Int32, _ path: String, gid: gid_t) throws(FSError) -> Int {
+        var changed = try share(fd, path, gid: gid, mode: { $0 | 0o2070 })
+        guard let d = fdopendir(fd) else {
+            Glibc.close(fd)
+            throw FSError.errno(errno, "cannot read \(path)")
+        }
+        defer { closedir(d) }
+        var names: [String] = []
+        while let e = readdir(d) {
+            let n = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if n != "." && n != ".." { names.append(n) }
+        }
+        for n in names {
+            let child = openat(dirfd(d), n, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC)
+            if child < 0 { continue }  // a link (ELOOP), gone, or not ours to open: left alone
+            var st = Glibc.stat()
+            guard fstat(child, &st) == 0 else {
+                Glibc.close(child)
+                continue
+            }
+            switch st.st_mode & S_IFMT {
+            case S_IFDIR:
+                changed += try shareDirectory(child, "\(path)/\(n)", gid: gid)
+            case S_IFREG:
+                defer { Glibc.close(child) }
+                changed += try share(child, "\(path)/\(n)", gid: gid, mode: { $0 | 0o040 })
+            default:
+                Glibc.close(child)
+            }
+        }
+        return changed
+    }
+
+    /// Sets the group and mode of one open file; returns 1 when something changed.
+    private static func share(_ fd: Int32, _ path: String, gid: gid_t, mode: (mode_t) -> mode_t) throws(FSError) -> Int {
+        var st = Glibc.stat()
+        guard fstat(fd, &st) == 0 else { throw FSError.errno(errno, "cannot stat \(path)") }
+        var changed = 0
+        if st.st_gid != gid {
+            if fchown(fd, uid_t.max, gid) != 0 { throw FSError.errno(errno, "cannot change the group of \(path)") }
+            changed = 1
+        }
+        let want = mode(st.st_mode & 0o7777)
+        // chown clears the set-group-ID bit of directories for non-root callers: set it after.
+        if want != st.st_mode & 0o7777 || changed == 1 {
+            if fchmod(fd, want) != 0 { throw FSError.errno(errno, "cannot change the mode of \(path)") }
+            changed = 1
+        }
+        return changed
+    }
 }

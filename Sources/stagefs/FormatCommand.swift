@@ -7,6 +7,13 @@ import StageFSCore
     import Glibc
 #endif
 
+/// A group named by name or number.
+func groupID(_ name: String) throws(FSError) -> gid_t {
+    if let g = getgrnam(name) { return g.pointee.gr_gid }
+    if let n = gid_t(name), getgrgid(n) != nil { return n }
+    throw FSError(ENOENT, "no such group '\(name)' (see getent group)")
+}
+
 struct Format: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Create a volume (or check an existing one has the same settings).",
@@ -16,8 +23,16 @@ struct Format: ParsableCommand {
             Formatting an existing volume again with the same settings is harmless; other settings
             are refused.
 
+            A file bucket that several users write (a directory on NFS, Lustre or GPFS) must be
+            shared by a group of theirs: --bucket-group GROUP makes the bucket directory
+            root:GROUP mode 2770 (set-group-ID, group-writable) and gives what is in it to the
+            group; StageFS then creates every directory in it group-writable and every object
+            group-readable, whatever the writer's umask. Run it again to repair a bucket written
+            before it was shared. Without it the bucket belongs to whoever formats it.
+
             Examples:
               stagefs format sqlite3:///var/lib/stagefs/demo.db demo --bucket /var/lib/stagefs/data
+              stagefs format redis://10.0.0.5:6379/1 shared --bucket /lustre/stagefs/shared --bucket-group hpcusers
               stagefs format redis://127.0.0.1:6379/1 datasets --storage s3 \\
                   --bucket http://127.0.0.1:9000/stagefs --access-key KEY --secret-key SECRET
             """
@@ -35,6 +50,10 @@ struct Format: ParsableCommand {
     @Option(
         help: "For file: an absolute directory (default /var/lib/stagefs for root, ~/.stagefs/local otherwise). For s3: http(s)://host:port/bucket.")
     var bucket: String?
+
+    @Option(
+        help: "For file: the group whose members all write the volume; the bucket becomes root:GROUP mode 2770 and what is in it the group's.")
+    var bucketGroup: String?
 
     @Option(help: "S3 access key (default: $AWS_ACCESS_KEY_ID).")
     var accessKey: String?
@@ -68,6 +87,7 @@ struct Format: ParsableCommand {
             throw ValidationError("invalid --block-size \(blockSize): use a power of two from 64 to 16384 (KiB)")
         }
         if trashDays < 0 { throw ValidationError("--trash-days cannot be negative") }
+        if bucketGroup != nil && storage != "file" { throw ValidationError("--bucket-group is for --storage file (a directory)") }
         if storage == "s3" && bucket == nil { throw ValidationError("--storage s3 needs --bucket http(s)://host:port/bucket") }
         if let rootMode {
             guard let m = UInt16(rootMode, radix: 8), m <= 0o7777 else {
@@ -92,6 +112,16 @@ struct Format: ParsableCommand {
             // Refuse before touching the store.
             try meta.initialize(record, force: false, rootMode: 0)
         }
+        var shareNote: String?
+        if let bucketGroup {
+            let gid = try groupID(bucketGroup)
+            do {
+                let n = try LocalObjectStore.share(root: bucketURL, gid: gid)
+                shareNote = "  shared by group \(bucketGroup) (mode 2770)\(n > 1 ? ": \(n - 1) entries given to the group" : "")"
+            } catch {
+                throw error.context("cannot share \(bucketURL) with group \(bucketGroup) (root, or an owner who is in that group, can)")
+            }
+        }
         let store = try openObjectStore(StoreConfig(storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret))
         try store.create()
         try store.check(prefix: name)
@@ -103,6 +133,12 @@ struct Format: ParsableCommand {
         print("Formatted volume '\(f.name)' (uuid \(f.uuid))")
         print("  metadata: \(url)")
         print("  storage:  \(f.storage) \(f.bucket)")
+        if let shareNote { print(shareNote) }
+        if storage == "file", bucketGroup == nil, let local = store as? LocalObjectStore, !local.isShared, getuid() == 0 {
+            printError(
+                "stagefs: note: \(bucketURL) is root's: only root can write this volume's data. For a volume that users write, run this again with --bucket-group GROUP (a group of all of them)"
+            )
+        }
         print("  block size: \(f.blockSizeKiB) KiB, trash days: \(f.trashDays)")
     }
 }

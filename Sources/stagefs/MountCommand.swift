@@ -195,6 +195,9 @@ struct Mount: ParsableCommand {
         let meta = try openMetadata(url, retryTimeout: io.metaTimeout)
         let format = try meta.requireFormat()
         let store = try openObjectStore(io.storeConfig(format, accessKey: accessKey, secretKey: secretKey))
+        if let local = store as? LocalObjectStore, !parsedOptions.readOnly, let problem = local.writeProblem(volume: format.name) {
+            throw FSError(EACCES, "\(problem): this user's writes to the volume would fail; \(sharingHint(local, format))")
+        }
         do {
             if parsedOptions.readOnly {
                 _ = try store.list(prefix: format.name + "/", limit: 1)
@@ -202,20 +205,30 @@ struct Mount: ParsableCommand {
                 try store.check(prefix: format.name)
             }
         } catch {
-            // A shared directory this user may read but not write: reads work, writes will not.
-            if error.code == EACCES && format.storage == "file", (try? store.list(prefix: format.name + "/", limit: 1)) != nil {
-                Log.warning("\(error.message); mounting anyway: writing data will fail")
-                printError("stagefs: warning: \(store.description) is not writable by uid \(getuid()): writing data will fail")
-                return try finishMount(url: url, meta: meta, format: format, store: store)
+            if error.code == EACCES, let local = store as? LocalObjectStore {
+                throw FSError(EACCES, "\(error.message); \(sharingHint(local, format))")
             }
             // Wrong credentials or a missing bucket are the user's to fix; an unreachable store may
             // come back, and data staged in the cache can be read meanwhile.
             if error.code != EIO { throw error }
-            Log.warning("\(error.message); mounting anyway: only cached data is readable until it is back")
+            // Once: on the terminal, and (in the background) in the mount's log, which is its stderr.
             printError("stagefs: warning: \(error.message); only cached data is readable until it is back")
         }
 
         try finishMount(url: url, meta: meta, format: format, store: store)
+    }
+
+    /// What to do about a `file` bucket this user cannot write.
+    private func sharingHint(_ local: LocalObjectStore, _ format: VolumeFormat) -> String {
+        let redacted = (try? MetaURL.parse(metaURL)).map { "\($0)" } ?? "META-URL"
+        let bucketGroup = Sys.stat(local.root).flatMap { getgrgid($0.st_gid) }.map { String(cString: $0.pointee.gr_name) }
+        let group = local.isShared ? bucketGroup ?? "GROUP" : "GROUP"
+        var hint =
+            "for a bucket that several users write, root runs 'stagefs format \(redacted) \(format.name) --bucket \(local.root) --bucket-group \(group)' (it also repairs what was written before); or mount with -o ro to only read"
+        if local.isShared, let st = Sys.stat(local.root), !processCredential().groups.contains(st.st_gid) && getgid() != st.st_gid {
+            hint = "uid \(getuid()) is not in the bucket's group \(group): ask to be added (then log in again); or mount with -o ro to only read"
+        }
+        return hint
     }
 
     /// Goes to the background (with -d) or serves the mount here.

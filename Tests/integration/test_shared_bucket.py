@@ -1,0 +1,124 @@
+"""A `file` bucket shared by several users (a directory on NFS/Lustre/GPFS): `format
+--bucket-group` sets it up, two ordinary users write, rewrite and delete each other's files in
+one volume, and a mount that could not write is refused with what to run."""
+import grp
+import hashlib
+import os
+import pwd
+import subprocess
+
+import helpers
+from helpers import OTHER, SHARED_GROUP, USER, run_as, wait_until
+
+
+def objects(bucket):
+    return {os.path.join(d, f) for d, _, fs in os.walk(bucket) for f in fs if "_" in f}
+
+
+def mount_with_umask(env, user, url, mnt, log, umask="077"):
+    """`stagefs mount -d` as `user` under a strict umask, as a careful user has."""
+    p = subprocess.run(["runuser", "-u", user, "--", "sh", "-c",
+                        f"umask {umask}; exec {env.bin} mount -d {url} {mnt} --log {log} --cache-size 0"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert helpers.is_mounted(mnt)
+
+
+def test_two_users_write_one_volume_on_a_shared_file_bucket(env, redis):
+    url = redis.url(redis.new_db())
+    bucket = os.path.join(env.dir_for("root", "shared"), "bucket")
+    p = env.stagefs("format", url, "sharedb", "--bucket", bucket, "--bucket-group", SHARED_GROUP, user="root")
+    assert f"shared by group {SHARED_GROUP} (mode 2770)" in p.stdout, p.stdout
+    st = os.stat(bucket)
+    assert st.st_uid == 0 and grp.getgrgid(st.st_gid).gr_name == SHARED_GROUP and st.st_mode & 0o7777 == 0o2770
+    logs = env.dir_for("root", "logs")
+    os.chmod(logs, 0o1777)
+    m1, m2 = env.dir_for(USER, "m1"), env.dir_for(OTHER, "m2")
+    mount_with_umask(env, USER, url, m1, os.path.join(logs, "1.log"))
+    mount_with_umask(env, OTHER, url, m2, os.path.join(logs, "2.log"))
+    try:
+        a1 = os.urandom(6 << 20)
+        run_as(USER, os.mkdir, os.path.join(m1, "team"))
+        run_as(USER, os.chmod, os.path.join(m1, "team"), 0o777)
+        run_as(USER, lambda: open(os.path.join(m1, "team", "a"), "wb").write(a1))
+        before = objects(bucket)
+        assert before, "the first user's data is in the bucket"
+        # The second user writes a file of their own, rewrites the first user's file (its old
+        # objects are deleted by the second user's mount) and reads what the first one wrote.
+        b = os.urandom(5 << 20)
+        run_as(OTHER, lambda: open(os.path.join(m2, "team", "b"), "wb").write(b))
+        a2 = os.urandom(3 << 20)
+
+        def rewrite():
+            with open(os.path.join(m2, "team", "a"), "wb") as f:
+                f.write(a2)
+        run_as(USER, os.chmod, os.path.join(m1, "team", "a"), 0o666)
+        run_as(OTHER, rewrite)
+        wait_until(lambda: not (before & objects(bucket)), 60, "the second user's mount to delete the first user's old objects")
+        assert run_as(USER, lambda: hashlib.sha256(open(os.path.join(m1, "team", "b"), "rb").read()).digest()) == hashlib.sha256(b).digest()
+        assert run_as(OTHER, lambda: open(os.path.join(m2, "team", "a"), "rb").read()) == a2
+        run_as(USER, os.unlink, os.path.join(m1, "team", "b"))
+        # Every directory and object belongs to the group, group-writable or -readable.
+        for d, dirs, files in os.walk(bucket):
+            for n in dirs:
+                s = os.stat(os.path.join(d, n))
+                assert grp.getgrgid(s.st_gid).gr_name == SHARED_GROUP and s.st_mode & 0o2070 == 0o2070, (d, n, oct(s.st_mode))
+            for n in files:
+                s = os.stat(os.path.join(d, n))
+                assert grp.getgrgid(s.st_gid).gr_name == SHARED_GROUP and s.st_mode & 0o040, (d, n, oct(s.st_mode))
+    finally:
+        for m, u in ((m1, USER), (m2, OTHER)):
+            env.stagefs("umount", m, user=u, check=False)
+    for log in ("1.log", "2.log"):
+        text = open(os.path.join(logs, log)).read()
+        assert "Permission denied" not in text and "EIO" not in text, text
+
+
+def test_a_bucket_written_before_it_was_shared_is_refused_then_repaired(env, redis):
+    """The issue's case: the first user's writes made directories only they can write; the second
+    user's mount is refused with what to run; `format --bucket-group` as root repairs it."""
+    url = redis.url(redis.new_db())
+    bucket = os.path.join(env.dir_for(USER, "private"), "bucket")
+    env.stagefs("format", url, "unshared", "--bucket", bucket)
+    m1, m2 = env.dir_for(USER, "m1"), env.dir_for(OTHER, "m2")
+    env.stagefs("mount", "-d", url, m1, "--cache-size", "0")
+    try:
+        run_as(USER, lambda: open(os.path.join(m1, "a"), "wb").write(os.urandom(1 << 20)))
+        run_as(USER, os.chmod, os.path.join(m1, "a"), 0o666)
+    finally:
+        env.stagefs("umount", m1)
+    os.chmod(os.path.dirname(bucket), 0o755)
+    p = env.stagefs("mount", "-d", url, m2, "--cache-size", "0", user=OTHER, check=False)
+    assert p.returncode == 1 and not helpers.is_mounted(m2), p.stderr
+    assert f"{bucket} is not writable by uid {pwd.getpwnam(OTHER).pw_uid}" in p.stderr, p.stderr
+    assert "--bucket-group" in p.stderr and "-o ro" in p.stderr, p.stderr
+    # Reading only is fine.
+    env.stagefs("mount", "-d", url, m2, "--cache-size", "0", "-o", "ro", user=OTHER)
+    try:
+        assert len(run_as(OTHER, lambda: open(os.path.join(m2, "a"), "rb").read())) == 1 << 20
+    finally:
+        env.stagefs("umount", m2, user=OTHER)
+    # A planted link in the bucket is not followed by root's repair.
+    victim = env.dir_for("root", "victim")
+    os.chmod(victim, 0o700)
+    run_as(USER, os.symlink, victim, os.path.join(bucket, "unshared", "link"))
+    p = env.stagefs("format", url, "unshared", "--bucket", bucket, "--bucket-group", SHARED_GROUP, user="root")
+    assert "entries given to the group" in p.stdout
+    vs = os.stat(victim)
+    assert vs.st_gid == 0 and vs.st_mode & 0o7777 == 0o700, "the link's target was left alone"
+    env.stagefs("mount", "-d", url, m2, "--cache-size", "0", user=OTHER)
+    try:
+        before = objects(bucket)
+        run_as(OTHER, lambda: open(os.path.join(m2, "a"), "wb").write(b"rewritten by the second user\n"))
+        wait_until(lambda: not (before & objects(bucket)), 60, "the old objects of the first user to be deleted")
+    finally:
+        env.stagefs("umount", m2, user=OTHER)
+
+
+def test_root_format_without_a_group_says_how_to_share(env, redis):
+    url = redis.url(redis.new_db())
+    bucket = os.path.join(env.dir_for("root", "rootonly"), "bucket")
+    p = env.stagefs("format", url, "rootonly", "--bucket", bucket, user="root")
+    assert "only root can write this volume's data" in p.stderr and "--bucket-group GROUP" in p.stderr, p.stderr
+    p = env.stagefs("format", url, "rootonly", "--bucket", bucket, "--bucket-group", "no-such-group-x", user="root", check=False)
+    assert p.returncode == 1 and "no such group 'no-such-group-x'" in p.stderr, p.stderr
