@@ -40,7 +40,7 @@ struct Umount: ParsableCommand {
             let why = output.trimmed
             if why.contains("busy") {
                 if let (pid, name, how) = Umount.holder(of: path) {
-                    throw FSError(EBUSY, "cannot unmount \(path): \(how) of process \(pid) (\(name)) is inside it: \(how.hasPrefix("the working") ? "cd elsewhere in that shell or end it" : "close it or end that process") (or use --force for a lazy unmount)")
+                    throw FSError(EBUSY, "cannot unmount \(path): \(how) of process \(pid) (\(name)) is inside it: \(how.hasPrefix("the working") ? "leave it (cd elsewhere) or end that process" : "close it or end that process") (or use --force for a lazy unmount)")
                 }
                 throw FSError(EBUSY, "cannot unmount \(path): it is in use (an open file or a working directory inside; close them, or use --force for a lazy unmount)")
             }

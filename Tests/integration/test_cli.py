@@ -181,7 +181,7 @@ def test_busy_mount_is_not_unmounted_without_force(env, redis):
     try:
         helpers.wait_until(lambda: helpers.processes_in(m), 10, "a process working in the mount")
         p = env.stagefs("umount", m, check=False)
-        one_line_error(p, "still open")
+        one_line_error(p, f"the working directory {m} of process")
         assert helpers.is_mounted(m)
     finally:
         os.killpg(holder.pid, signal.SIGKILL)

@@ -59,7 +59,7 @@ class Cluster:
         os.chmod(f"{d}/mnt", 0o755)
         # The volume the site stages from.
         self.meta = redis.url(db)
-        env.stagefs("format", self.meta, "slurmvol", "--bucket", f"{d}/data", user="root")
+        env.stagefs("format", self.meta, "slurmvol", "--bucket", f"{d}/data", "--bucket-group", helpers.SHARED_GROUP, user="root")
         rootmnt = f"{d}/rootmnt"
         os.makedirs(rootmnt)
         env.stagefs("mount", "-d", self.meta, rootmnt, "--cache-size", "0", user="root")

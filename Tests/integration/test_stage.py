@@ -127,6 +127,9 @@ def test_paths_inside_a_mount_and_a_manifest(env, s3vol):
         assert f"{m}/datasets/small/a: 100.0% cached" in p.stdout
         assert f"{m}/datasets/small/c: 0.0% cached" in p.stdout
         assert p.returncode == 3
+        # A path that does not exist is named as it was typed, not as the volume path.
+        p = env.stagefs("stage", f"{m}/datasets/small/a", f"{m}/datasets/nope", check=False)
+        assert p.returncode == 3 and f"stagefs: {m}/datasets/nope: no such file or directory" in p.stderr, p.stderr
     finally:
         env.stagefs("umount", m)
 
