@@ -45,6 +45,10 @@ enum Main {
         } catch {
             let code = StageFS.exitCode(for: error)
             if code == .success { StageFS.exit(withError: error) }
+            if let mistyped = unknownSubcommand(Array(CommandLine.arguments.dropFirst())) {
+                printError("stagefs: \(mistyped)")
+                exit(2)
+            }
             let text = StageFS.fullMessage(for: error)
             printError((text.hasPrefix("Error: ") ? "stagefs: " + text.dropFirst(7) : "stagefs: " + text) + "\n")
             if !text.contains("Usage:") && !text.contains("--help") { printError("See 'stagefs --help'.\n") }
@@ -55,5 +59,32 @@ enum Main {
     static func fail(_ e: FSError) -> Never {
         printError("stagefs: \(e.message)\n")
         exit(e.isUsage ? 2 : 1)
+    }
+
+    /// For arguments that did not parse: the message for a word where a subcommand belongs
+    /// that names none ("stagefs moutn", "stagefs job prolgo"), with the likely one.
+    static func unknownSubcommand(_ args: [String]) -> String? {
+        var command: ParsableCommand.Type = StageFS.self
+        var path = ["stagefs"]
+        // `stagefs help job prolog` names subcommands too.
+        var rest = args.first == "help" ? args.dropFirst() : args[...]
+        while let word = rest.first {
+            let subcommands = command.configuration.subcommands
+            if subcommands.isEmpty || word.hasPrefix("-") { return nil }
+            if let next = subcommands.first(where: { $0._commandName == word || $0.configuration.aliases.contains(word) }) {
+                command = next
+                path.append(word)
+                rest = rest.dropFirst()
+                continue
+            }
+            let names = subcommands.map { $0._commandName }
+            let prefix = path.dropFirst().map { $0 + " " }.joined()
+            let guesses = closestMatches(to: word, in: names).map { "'\(prefix)\($0)'" }
+            let hint =
+                guesses.isEmpty
+                ? "the commands are \(names.joined(separator: ", "))" : "did you mean \(guesses.joined(separator: " or "))?"
+            return "unknown command '\(prefix)\(word)': \(hint) (see '\(path.joined(separator: " ")) --help')"
+        }
+        return nil
     }
 }

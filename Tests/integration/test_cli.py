@@ -2,7 +2,9 @@
 share a Redis volume, SIGTERM and umount flush, memory stays bounded."""
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -273,6 +275,16 @@ def test_read_only_mount_refuses_writes(env, redis):
             assert e.value.errno == 30  # EROFS
     finally:
         env.stagefs("umount", m)
+
+
+def test_a_mistyped_command_gets_a_suggestion(env):
+    for args, typed, meant in [(["moutn", "redis://h/1", "/mnt"], "moutn", "mount"), (["stauts"], "stauts", "status"),
+                               (["job", "prolgo", "--job", "1"], "job prolgo", "job prolog"), (["bind"], "bind", "bind-config")]:
+        p = env.stagefs(*args, check=False)
+        one_line_error(p, f"unknown command '{typed}': did you mean '{meant}'?")
+        assert p.returncode == 2
+    p = env.stagefs("frobnicate", check=False)
+    one_line_error(p, "unknown command 'frobnicate'", "format, mount, umount")
 
 
 def test_every_command_explains_itself(env):
