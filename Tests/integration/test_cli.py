@@ -39,7 +39,7 @@ def test_unreachable_redis(env, mnt):
     assert p.returncode == 1
     assert not helpers.is_mounted(mnt)
     p = env.stagefs("format", f"redis://127.0.0.1:{port}/1", "vol", check=False)
-    one_line_error(p, "cannot reach Redis")
+    one_line_error(p, "cannot reach Redis", f"127.0.0.1:{port}", "connection refused", "redis-server running")
 
 
 def test_unformatted_volume(env, redis, mnt):
@@ -55,6 +55,37 @@ def test_missing_mountpoint(env, redis):
     p = env.stagefs("mount", "-d", redis.url(14), "/nonexistent/mountpoint", check=False)
     one_line_error(p, "/nonexistent/mountpoint", "does not exist")
     assert not helpers.is_mounted("/nonexistent/mountpoint")
+
+
+def test_a_port_that_is_not_redis_says_so(env, mnt):
+    port = helpers.free_port()
+    http = subprocess.Popen(["python3", "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert helpers.wait_port(port)
+        for args in (["status", f"redis://127.0.0.1:{port}/1"], ["mount", "-d", f"redis://127.0.0.1:{port}/1", mnt]):
+            p = env.stagefs(*args, check=False)
+            one_line_error(p, f"127.0.0.1:{port} is not a Redis server (it answered '<!DOCTYPE HTML>')", "META-URL")
+            assert p.returncode == 1
+        assert not helpers.is_mounted(mnt)
+    finally:
+        http.kill()
+        http.wait()
+    # A port that accepts and closes at once (a TLS-only Redis port does that to plain text).
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def close_one():
+            conn, _ = listener.accept()
+            conn.close()
+
+        t = threading.Thread(target=close_one, daemon=True)
+        t.start()
+        p = env.stagefs("status", f"redis://127.0.0.1:{port}/1", check=False)
+        t.join(10)
+    one_line_error(p, f"127.0.0.1:{port} closed the connection without answering", "rediss://")
 
 
 def test_malformed_meta_url_is_a_usage_error(env, mnt):
