@@ -57,6 +57,23 @@ def test_missing_mountpoint(env, redis):
     assert not helpers.is_mounted("/nonexistent/mountpoint")
 
 
+def test_a_mistyped_meta_url_says_what_was_meant(env, mnt):
+    forms = ("sqlite3:///abs/path.db", "redis://[[user]:password@]host[:port][/db]", "rediss://", "MASTER,SENTINEL")
+    for bad, meant in [("redis:/127.0.0.1:6379/1", "redis://127.0.0.1:6379/1"), ("redis//127.0.0.1", "redis://127.0.0.1"),
+                       ("redis:127.0.0.1:6379", "redis://127.0.0.1:6379"), ("sqlite3:/var/lib/x.db", "sqlite3:///var/lib/x.db"),
+                       ("sqlite3://var/lib/x.db", "sqlite3:///var/lib/x.db"), ("127.0.0.1:6379/1", "redis://127.0.0.1:6379/1"),
+                       ("redsi://h:6379/0", "redis://h:6379/0")]:
+        p = env.stagefs("mount", bad, mnt, check=False)
+        one_line_error(p, f"malformed META-URL '{bad}'", f"did you mean '{meant}'?", *forms)
+        assert p.returncode == 2, (bad, p.stderr)
+    p = env.stagefs("status", "redis://h:6379:1", check=False)
+    one_line_error(p, "more than one ':'", "host:port/db")
+    # A password in a URL that does not parse is not echoed.
+    p = env.stagefs("status", "redis:/:hunter2@h/0", check=False)
+    one_line_error(p, "did you mean 'redis://:****@h/0'?")
+    assert "hunter2" not in p.stderr
+
+
 def test_a_port_that_is_not_redis_says_so(env, mnt):
     port = helpers.free_port()
     http = subprocess.Popen(["python3", "-m", "http.server", "--bind", "127.0.0.1", str(port)],
