@@ -76,6 +76,22 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
         return out
     }
 
+    /// The refusal to format `store`, which holds `old`, again with these other settings: what
+    /// differs, and what `stagefs format --force` would do about it.
+    public func reformatRefused(existing old: VolumeFormat, in store: String) -> FSError {
+        let diff = differences(from: old).joined(separator: ", ")
+        // Object keys start with the name, live in the bucket, and are cut at the block size.
+        let movesData = name != old.name || storage != old.storage || bucket != old.bucket || blockSizeKiB != old.blockSizeKiB
+        let force =
+            movesData
+            ? "; --force keeps the directory tree and the uuid but moves no data, so the contents of files already written become unreadable"
+            : " (files and data stay as they are)"
+        return FSError(
+            EEXIST,
+            "\(store) already holds volume '\(old.name)' with other settings (\(diff)): format it with the same settings, or add --force to overwrite them\(force)"
+        )
+    }
+
     /// The record as shown to users: secrets masked.
     public var masked: VolumeFormat {
         var copy = self

@@ -55,7 +55,11 @@ struct Format: ParsableCommand {
         ))
     var rootMode: String?
 
-    @Flag(help: "Overwrite the settings of an existing volume (data already written keeps its layout).")
+    @Flag(
+        help: ArgumentHelp(
+            "Overwrite the settings of an existing volume.",
+            discussion: "Its files and uuid stay, but no data is moved: files already written under another name, storage, bucket or block size become unreadable."
+        ))
     var force = false
 
     func validate() throws {

@@ -137,7 +137,12 @@ def test_reformat_with_other_settings_is_refused(env, redis):
     env.stagefs("format", redis.url(12), "refmt", "--bucket", bucket)
     env.stagefs("format", redis.url(12), "refmt", "--bucket", bucket)  # same settings: fine
     p = env.stagefs("format", redis.url(12), "refmt", "--bucket", bucket, "--block-size", "1024", check=False)
-    one_line_error(p, "block size", "refusing")
+    # The differences, and what --force would do about them.
+    one_line_error(p, "volume 'refmt'", "block size 4096 KiB -> 1024 KiB", "--force", "moves no data", "unreadable")
+    assert p.returncode == 1
+    assert "Block size:  4096 KiB" in env.stagefs("status", redis.url(12)).stdout
+    env.stagefs("format", redis.url(12), "refmt", "--bucket", bucket, "--block-size", "1024", "--force")
+    assert "Block size:  1024 KiB" in env.stagefs("status", redis.url(12)).stdout
 
 
 def test_two_mounts_of_one_redis_volume(env, redis, moto):
