@@ -11,19 +11,22 @@ struct Format: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Create a volume (or check an existing one has the same settings).",
         discussion: """
-            Writes the volume's format record into the metadata store, creates the root directory
-            and checks the object store by writing, reading back and deleting a probe object.
-            Formatting an existing volume again with the same settings is harmless; other settings
-            are refused.
+            Writes the volume's format record into the metadata store, creates the root directory \
+            and checks the object store by writing, reading back and deleting a probe object. \
+            Formatting an existing volume again with the same settings is harmless; other settings \
+            are refused unless --force, which records them but moves no data: files already written \
+            under another name, storage, bucket or block size become unreadable.
 
             Examples:
-              stagefs format sqlite3:///var/lib/stagefs/demo.db demo --bucket /var/lib/stagefs/data
-              stagefs format redis://127.0.0.1:6379/1 datasets --storage s3 \\
-                  --bucket http://127.0.0.1:9000/stagefs --access-key KEY --secret-key SECRET
+              stagefs format sqlite3:///var/lib/stagefs/demo.db demo \\
+                  --bucket /var/lib/stagefs/data
+              stagefs format redis://127.0.0.1:6379/1 datasets \\
+                  --storage s3 --bucket http://127.0.0.1:9000/stagefs \\
+                  --access-key KEY --secret-key SECRET
             """
     )
 
-    @Argument(help: "Metadata store: sqlite3:///abs/path.db, redis[s]://[[user]:password@]host[:port][/db] or redis://[[user]:password@]MASTER,SENTINEL[:PORT],...[/db] (see stagefs --help).")
+    @Argument(help: metaURLHelp)
     var metaURL: String
 
     @Argument(help: "Volume name: 3 to 63 characters of a-z, 0-9 and '-'. Object keys start with it.")

@@ -340,6 +340,25 @@ def test_a_mistyped_command_gets_a_suggestion(env):
     one_line_error(p, "unknown command 'frobnicate'", "format, mount, umount")
 
 
+HELP_COMMANDS = ([], ["format"], ["mount"], ["umount"], ["status"], ["info"], ["stage"], ["bind-config"], ["job"], ["job", "prolog"],
+                 ["job", "epilog"])
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_help_fits_the_terminal_without_ragged_lines(env, width):
+    for cmd in HELP_COMMANDS:
+        p = subprocess.run([env.bin, *cmd, "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": str(width)})
+        assert p.returncode == 0, (cmd, p.stderr)
+        lines = p.stdout.splitlines()
+        assert "USAGE: stagefs" in p.stdout
+        for line in lines:
+            assert len(line) <= width, (cmd, width, line)
+        # A paragraph line ends where the next word would not have fit: no line broken by hand.
+        for a, b in zip(lines, lines[1:]):
+            if a and b and not a[0].isspace() and not b[0].isspace() and not a.endswith(":"):
+                assert len(a) + 1 + len(b.split()[0]) >= width, (cmd, width, a, b)
+
+
 def test_every_command_explains_itself(env):
     for cmd in ([], ["format"], ["mount"], ["umount"], ["status"], ["info"]):
         p = env.stagefs(*cmd, "--help")
