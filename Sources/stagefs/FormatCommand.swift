@@ -48,8 +48,10 @@ struct Format: ParsableCommand {
     @Option(help: "Block size in KiB: a power of two from 64 to 16384.")
     var blockSize = 4096
 
-    @Option(help: "Days deleted files stay in the trash (recorded now; the trash arrives in a later release).")
-    var trashDays = 1
+    /// Recorded in the format record for the trash to come; hidden until there is one (a
+    /// volume keeps the value it was formatted with when this is not given).
+    @Option(help: .hidden)
+    var trashDays: Int?
 
     @Option(
         help: ArgumentHelp(
@@ -74,7 +76,7 @@ struct Format: ParsableCommand {
         if blockSize < 64 || blockSize > 16384 || blockSize & (blockSize - 1) != 0 {
             throw ValidationError("invalid --block-size \(blockSize): use a power of two from 64 to 16384 (KiB)")
         }
-        if trashDays < 0 { throw ValidationError("--trash-days cannot be negative") }
+        if let trashDays, trashDays < 0 { throw ValidationError("--trash-days cannot be negative") }
         if storage == "s3" && bucket == nil { throw ValidationError("--storage s3 needs --bucket http(s)://host:port/bucket") }
         if let rootMode {
             guard let m = UInt16(rootMode, radix: 8), m <= 0o7777 else {
@@ -90,11 +92,11 @@ struct Format: ParsableCommand {
         if storage == "file" { bucketURL = absolutePath(bucketURL) }
         let key = storage == "s3" ? (accessKey ?? env("AWS_ACCESS_KEY_ID")) : nil
         let secret = storage == "s3" ? (secretKey ?? env("AWS_SECRET_ACCESS_KEY")) : nil
-        let record = VolumeFormat(
-            name: name, storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret, blockSizeKiB: blockSize, trashDays: trashDays)
-
         let meta = try openMetadata(url, create: true)
         let existing = try meta.loadFormat()
+        let record = VolumeFormat(
+            name: name, storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret, blockSizeKiB: blockSize,
+            trashDays: trashDays ?? existing?.trashDays ?? 1)
         if let old = existing, old.differences(from: record).isEmpty == false, !force {
             // Refuse before touching the store.
             try meta.initialize(record, force: false, rootMode: 0)
@@ -110,6 +112,6 @@ struct Format: ParsableCommand {
         print("Formatted volume '\(f.name)' (uuid \(f.uuid))")
         print("  metadata: \(url)")
         print("  storage:  \(f.storage) \(f.bucket)")
-        print("  block size: \(f.blockSizeKiB) KiB, trash days: \(f.trashDays)")
+        print("  block size: \(f.blockSizeKiB) KiB")
     }
 }

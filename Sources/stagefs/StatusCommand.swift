@@ -24,7 +24,6 @@ struct Status: ParsableCommand {
         print("Storage:     \(f.storage) \(f.bucket)")
         if let k = f.accessKey { print("Access key:  \(k)") }
         print("Block size:  \(f.blockSizeKiB) KiB")
-        print("Trash days:  \(f.trashDays)")
         print("Created:     \(timeText(f.createdAt))")
         print("Used:        \(humanBytes(usage.usedSpace)) in \(usage.usedInodes) inodes")
         print("Sessions:    \(sessions.count)")

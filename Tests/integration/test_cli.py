@@ -359,6 +359,20 @@ def test_help_fits_the_terminal_without_ragged_lines(env, width):
                 assert len(a) + 1 + len(b.split()[0]) >= width, (cmd, width, a, b)
 
 
+def test_status_shows_only_what_exists(env):
+    base = env.dir_for(USER, "plainvol")
+    url = f"sqlite3://{base}/meta.db"
+    # --trash-days is hidden until there is a trash, but still accepted (and recorded).
+    env.stagefs("format", url, "plainvol", "--bucket", f"{base}/data", "--trash-days", "3")
+    out = env.stagefs("status", url).stdout
+    assert "Volume:      plainvol" in out and "Block size:" in out
+    assert "trash" not in out.lower()
+    assert "trash" not in env.stagefs("format", "--help").stdout.lower()
+    # Formatting again without it keeps the recorded value instead of refusing a difference.
+    p = env.stagefs("format", url, "plainvol", "--bucket", f"{base}/data")
+    assert "trash" not in p.stdout.lower()
+
+
 def test_every_command_explains_itself(env):
     for cmd in ([], ["format"], ["mount"], ["umount"], ["status"], ["info"]):
         p = env.stagefs(*cmd, "--help")
