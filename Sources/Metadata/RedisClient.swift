@@ -114,13 +114,23 @@ final class RedisConnection {
     private var end = 0
     private var out: [UInt8] = []
     let where_: String
+    /// `host:port` and what should answer there ("a Redis server", "a Redis Sentinel").
+    private let address: String
+    private let kind: String
     /// Set once an I/O error or a protocol error left the connection unusable.
     private(set) var broken = false
+    /// Whether a reply has come back yet: until then, bytes that are not RESP, or a close
+    /// without a word, mean something else listens on the port.
+    private var answered = false
+    /// Set when the peer closed the connection.
+    private var peerClosed = false
 
     /// Connects within `timeoutMillis` (TCP, then the TLS handshake); replies may take up to
     /// `replyTimeoutMillis`.
     init(_ host: RedisHost, tls: RedisTLS?, timeoutMillis: Int, replyTimeoutMillis: Int, label: String) throws(FSError) {
         where_ = "\(label) at \(host.text)"
+        address = host.text
+        kind = label == "Redis" ? "a Redis server" : "a \(label)"
         out.reserveCapacity(4096)
         var hints = addrinfo()
         hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
@@ -146,7 +156,13 @@ final class RedisConnection {
             ai = a.pointee.ai_next
         }
         if fd < 0 {
-            let why = lastErr == ETIMEDOUT ? "timed out" : String(cString: strerror(lastErr)).lowercased()
+            let why: String
+            switch lastErr {
+            case ETIMEDOUT: why = "timed out"
+            case ECONNREFUSED:
+                why = "connection refused (nothing listens there: is \(label == "Redis" ? "redis-server" : "the Sentinel") running, on that port?)"
+            default: why = String(cString: strerror(lastErr)).lowercased()
+            }
             throw FSError(lastErr == ETIMEDOUT ? ETIMEDOUT : ECONNREFUSED, "cannot reach \(where_): \(why)")
         }
         var one: Int32 = 1
@@ -167,7 +183,7 @@ final class RedisConnection {
                 let why =
                     verify != X509_V_OK
                     ? "the server's certificate is not trusted (\(String(cString: X509_verify_cert_error_string(verify))))"
-                    : RedisTLS.lastError()
+                    : "\(RedisTLS.lastError()) (is it a TLS port? a plain one takes redis://)"
                 throw FSError(EACCES, "TLS handshake with \(where_) failed: \(why)")
             }
         }
@@ -224,14 +240,49 @@ final class RedisConnection {
         return .redisTransient("lost connection to \(where_): \(why)")
     }
 
+    /// Before the first reply is parsed: RESP replies start with one of `+ - : $ *`. An HTTP,
+    /// SSH or TLS port answers otherwise or closes at once, and waiting for a RESP line there
+    /// would end in a puzzling "connection closed".
+    private func checkFirstReply() throws(FSError) {
+        if start == end {
+            do throws(FSError) {
+                try fill()
+            } catch {
+                guard peerClosed else { throw error }
+                // Transient all the same: a Redis server shutting down may close a new connection.
+                throw .redisTransient(
+                    "\(address) closed the connection without answering: it is not \(kind), or one that wants TLS (use rediss://)")
+            }
+        }
+        if [43, 45, 58, 36, 42].contains(buf[start]) { return }
+        broken = true
+        if end - start >= 2 && (buf[start] == 0x15 || buf[start] == 0x16) && buf[start + 1] == 3 {
+            throw FSError(EPROTO, "\(address) answered in TLS: use rediss:// for it")
+        }
+        let head = UnsafeRawBufferPointer(rebasing: buf[start..<min(end, start + 60)])
+        let line = head.prefix { $0 != 13 && $0 != 10 }
+        let printable = line.allSatisfy { $0 >= 32 && $0 < 127 }
+        let shown =
+            printable && !line.isEmpty
+            ? "'\(String(decoding: line.prefix(40), as: UTF8.self))\(line.count > 40 ? "..." : "")'"
+            : "bytes \(head.prefix(8).map { String($0, radix: 16) }.joined(separator: " "))"
+        throw FSError(EPROTO, "\(address) is not \(kind) (it answered \(shown)): check the host and port in the META-URL")
+    }
+
     private func ioError(_ n: Int) -> FSError {
         if let ssl {
             let e = SSL_get_error(ssl, Int32(n))
-            if e == SSL_ERROR_ZERO_RETURN || n == 0 { return lost("connection closed") }
+            if e == SSL_ERROR_ZERO_RETURN || n == 0 {
+                peerClosed = true
+                return lost("connection closed")
+            }
             if e == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK) { return lost("no reply in time") }
             return lost(e == SSL_ERROR_SYSCALL ? String(cString: strerror(errno)).lowercased() : RedisTLS.lastError())
         }
-        if n == 0 { return lost("connection closed") }
+        if n == 0 || errno == ECONNRESET {
+            peerClosed = true
+            return lost(n == 0 ? "connection closed" : "connection reset by peer")
+        }
         if errno == EAGAIN || errno == EWOULDBLOCK { return lost("no reply in time") }
         return lost(String(cString: strerror(errno)).lowercased())
     }
@@ -387,7 +438,9 @@ final class RedisConnection {
         try sendAll()
         var replies: [RedisReply] = []
         replies.reserveCapacity(commands.count)
+        if !answered { try checkFirstReply() }
         for _ in commands { replies.append(try parse()) }
+        answered = true
         // A server that is loading, read-only (a demoted master) or failing over: try again later.
         for r in replies {
             if case .error(let text) = r, RedisConnection.busy.contains(where: { text.hasPrefix($0) }) {

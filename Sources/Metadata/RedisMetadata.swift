@@ -127,12 +127,8 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     package func initialize(_ format: VolumeFormat, force: Bool, rootMode: UInt16) throws(FSError) {
         var record = format
         if let old = try loadFormat() {
-            let diff = format.differences(from: old)
-            if !diff.isEmpty && !force {
-                throw FSError(
-                    EEXIST,
-                    "\(displayName) already holds volume '\(old.name)' with other settings (\(diff.joined(separator: ", "))); refusing to format it again"
-                )
+            if !force && !format.differences(from: old).isEmpty {
+                throw format.reformatRefused(existing: old, in: displayName)
             }
             record.uuid = old.uuid
             record.createdAt = old.createdAt

@@ -123,12 +123,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         try store.transaction(write: true) { () throws(FSError) in
             if let text = try store.setting("format") {
                 let old = try VolumeFormat.decode(text)
-                let diff = format.differences(from: old)
-                if !diff.isEmpty && !force {
-                    throw FSError(
-                        EEXIST,
-                        "\(displayName) already holds volume '\(old.name)' with other settings (\(diff.joined(separator: ", "))); refusing to format it again"
-                    )
+                if !force && !format.differences(from: old).isEmpty {
+                    throw format.reformatRefused(existing: old, in: displayName)
                 }
                 var kept = format
                 kept.uuid = old.uuid

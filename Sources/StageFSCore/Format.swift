@@ -76,6 +76,22 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
         return out
     }
 
+    /// The refusal to format `store`, which holds `old`, again with these other settings: what
+    /// differs, and what `stagefs format --force` would do about it.
+    public func reformatRefused(existing old: VolumeFormat, in store: String) -> FSError {
+        let diff = differences(from: old).joined(separator: ", ")
+        // Object keys start with the name, live in the bucket, and are cut at the block size.
+        let movesData = name != old.name || storage != old.storage || bucket != old.bucket || blockSizeKiB != old.blockSizeKiB
+        let force =
+            movesData
+            ? "; --force keeps the directory tree and the uuid but moves no data, so the contents of files already written become unreadable"
+            : " (files and data stay as they are)"
+        return FSError(
+            EEXIST,
+            "\(store) already holds volume '\(old.name)' with other settings (\(diff)): format it with the same settings, or add --force to overwrite them\(force)"
+        )
+    }
+
     /// The record as shown to users: secrets masked.
     public var masked: VolumeFormat {
         var copy = self
@@ -142,21 +158,50 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
     /// `redis[s]://[[user]:password@]MASTER_NAME,HOST1[:PORT],HOST2[:PORT][/db]` (port 26379).
     case redis(RedisLocation)
 
-    static let forms =
-        "sqlite3:///abs/path.db, redis[s]://[[user]:password@]host[:port][/db][?options] or redis[s]://[[user]:password@]MASTER_NAME,SENTINEL[:PORT][,...][/db]"
+    /// The accepted forms, as a malformed META-URL's message lists them.
+    package static let forms =
+        "sqlite3:///abs/path.db, redis://[[user]:password@]host[:port][/db], rediss://... (TLS) or redis://[[user]:password@]MASTER,SENTINEL[:PORT][,...][/db] (Sentinels)"
 
-    /// Parses a META-URL; a malformed one is a usage error naming what is wrong.
+    /// Longest first, so "rediss:/x" is not read as "redis" and "s:/x".
+    private static let schemes = ["sqlite3", "sqlite", "rediss", "redis"]
+
+    /// Parses a META-URL; a malformed one is a usage error naming what is wrong, what was
+    /// probably meant, and the accepted forms.
     public static func parse(_ text: String) throws(FSError) -> MetaURL {
-        func bad(_ why: String) -> FSError {
-            FSError.usage("malformed META-URL '\(text)': \(why) (expected \(forms))")
+        func bad(_ why: String, meant: String? = nil) -> FSError {
+            let guess = meant.map { " (did you mean '\(masked($0))'?)" } ?? ""
+            return FSError.usage("malformed META-URL '\(masked(text))': \(why)\(guess). Accepted forms: \(forms)")
         }
         let parts = text.split(separator: "://", maxSplits: 1, omittingEmptySubsequences: false)
-        guard parts.count == 2 else { throw bad("no scheme") }
+        guard parts.count == 2 else {
+            // "redis:/host", "redis//host", "redis:host", "sqlite3:/abs/x.db": the separator is off.
+            let lower = text.lowercased()
+            for s in schemes where lower.hasPrefix(s) {
+                let tail = text.dropFirst(s.count)
+                guard tail.first == ":" || tail.first == "/" else { continue }
+                let body = String((tail.first == ":" ? tail.dropFirst() : tail).drop { $0 == "/" })
+                if s.hasPrefix("sqlite") {
+                    let why = "'://' and an absolute path must follow '\(s)'"
+                    throw bad(why, meant: tail.contains("/") ? "\(s):///\(body)" : nil)
+                }
+                guard !body.isEmpty else { throw bad("no host") }
+                throw bad("'://' must follow '\(s)'", meant: "\(s)://\(body)")
+            }
+            if text.hasPrefix("/") { throw bad("no scheme", meant: "sqlite3://\(text)") }
+            if let c = text.firstIndex(of: ":"), !text[..<c].isEmpty, !text[..<c].contains("/"),
+                Int(text[text.index(after: c)...].prefix { $0 != "/" }) != nil
+            {
+                throw bad("no scheme", meant: "redis://\(text)")
+            }
+            throw bad("no scheme")
+        }
         let scheme = parts[0].lowercased()
         var rest = String(parts[1])
         switch scheme {
         case "sqlite3", "sqlite":
-            guard rest.hasPrefix("/") else { throw bad("the database path must be absolute") }
+            guard rest.hasPrefix("/") else {
+                throw bad("the database path must be absolute, three slashes in all", meant: rest.isEmpty ? nil : "\(scheme):///\(rest)")
+            }
             var path = rest
             if let q = path.firstIndex(of: "?") { path = String(path[..<q]) }
             guard path.count > 1, !path.hasSuffix("/") else { throw bad("no database file named") }
@@ -199,7 +244,11 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
                     guard let p = Int(portText), p > 0, p < 65536 else { throw bad("port '\(portText)' is not a number from 1 to 65535") }
                     port = p
                 }
-                if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+                if host.hasPrefix("[") && host.hasSuffix("]") {
+                    host = String(host.dropFirst().dropLast())
+                } else if host.contains(":") {
+                    throw bad("'\(item)' has more than one ':' (host:port/db; an IPv6 address goes in brackets: [::1]:6379)")
+                }
                 guard !host.isEmpty else { throw bad("no host") }
                 return RedisHost(host, port)
             }
@@ -239,8 +288,20 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
             if (loc.tlsCert == nil) != (loc.tlsKey == nil) { throw bad("tls-cert-file and tls-key-file go together") }
             return .redis(loc)
         default:
-            throw bad("unknown scheme '\(scheme)'")
+            let meant = closestMatches(to: scheme, in: ["sqlite3", "redis", "rediss"]).first.map { "\($0)://\(rest)" }
+            throw bad("unknown scheme '\(scheme)'", meant: meant)
         }
+    }
+
+    /// `text` with the password of its `[user]:password@` part replaced by `****` (for messages
+    /// about a URL that may not parse).
+    package static func masked(_ text: String) -> String {
+        guard let at = text.lastIndex(of: "@"), let colon = text.firstIndex(of: ":"), colon < at else { return text }
+        let authStart = text[text.index(after: colon)...].firstIndex { $0 != ":" && $0 != "/" } ?? at
+        guard authStart < at else { return text }
+        let auth = text[authStart..<at]
+        let user = auth.firstIndex(of: ":").map { String(auth[..<$0]) + ":" } ?? ""
+        return String(text[..<authStart]) + user + "****" + String(text[at...])
     }
 
     /// The URL with any password removed, for messages and `status`.

@@ -10,18 +10,24 @@ struct BindConfig: ParsableCommand {
         commandName: "bind-config",
         abstract: "Print Apptainer/Singularity bind options for StageFS mounts and caches.",
         discussion: """
-            Without paths: the current job's mount and cache ($STAGEFS_MOUNT, and your directory
-            under $STAGEFS_CACHE_DIR), or else your StageFS mounts on this node and their caches.
+            Without paths: the current job's mount and cache ($STAGEFS_MOUNT, and your directory \
+            under $STAGEFS_CACHE_DIR), or else your StageFS mounts on this node and their caches. \
             Paths keep the same place inside the container.
 
             Formats:
-              env    src[:dest[:ro]] list for APPTAINER_BIND (comma-separated)
-                       export APPTAINER_BIND=$(stagefs bind-config --format env)
-              args   -B options          eval apptainer exec $(stagefs bind-config --format args) image.sif cmd
+              env    a src[:dest[:ro]] list for APPTAINER_BIND (comma-separated)
+              args   -B options for apptainer exec
               mount  --mount options (CSV-quoted, so paths may hold ',' and ':')
-                       eval apptainer exec $(stagefs bind-config --format mount) image.sif cmd
               conf   'bind path = ...' lines for apptainer.conf (admins)
+
             The env and args formats cannot carry paths with ',' or ':'; use --format mount.
+
+            Examples:
+              export APPTAINER_BIND=$(stagefs bind-config --format env)
+              eval apptainer exec \\
+                  $(stagefs bind-config --format args) image.sif cmd
+              eval apptainer exec \\
+                  $(stagefs bind-config --format mount) image.sif cmd
             """
     )
 

@@ -18,10 +18,11 @@ struct Format: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Create a volume (or check an existing one has the same settings).",
         discussion: """
-            Writes the volume's format record into the metadata store, creates the root directory
-            and checks the object store by writing, reading back and deleting a probe object.
-            Formatting an existing volume again with the same settings is harmless; other settings
-            are refused.
+            Writes the volume's format record into the metadata store, creates the root directory \
+            and checks the object store by writing, reading back and deleting a probe object. \
+            Formatting an existing volume again with the same settings is harmless; other settings \
+            are refused unless --force, which records them but moves no data: files already written \
+            under another name, storage, bucket or block size become unreadable.
 
             A file bucket that several users write (a directory on NFS, Lustre or GPFS) must be
             shared by a group of theirs: --bucket-group GROUP makes the bucket directory
@@ -31,14 +32,17 @@ struct Format: ParsableCommand {
             before it was shared. Without it the bucket belongs to whoever formats it.
 
             Examples:
-              stagefs format sqlite3:///var/lib/stagefs/demo.db demo --bucket /var/lib/stagefs/data
-              stagefs format redis://10.0.0.5:6379/1 shared --bucket /lustre/stagefs/shared --bucket-group hpcusers
-              stagefs format redis://127.0.0.1:6379/1 datasets --storage s3 \\
-                  --bucket http://127.0.0.1:9000/stagefs --access-key KEY --secret-key SECRET
+              stagefs format sqlite3:///var/lib/stagefs/demo.db demo \\
+                  --bucket /var/lib/stagefs/data
+              stagefs format redis://10.0.0.5:6379/1 shared \\
+                  --bucket /lustre/stagefs/shared --bucket-group hpcusers
+              stagefs format redis://127.0.0.1:6379/1 datasets \\
+                  --storage s3 --bucket http://127.0.0.1:9000/stagefs \\
+                  --access-key KEY --secret-key SECRET
             """
     )
 
-    @Argument(help: "Metadata store: sqlite3:///abs/path.db, redis[s]://[[user]:password@]host[:port][/db] or redis://[[user]:password@]MASTER,SENTINEL[:PORT],...[/db] (see stagefs --help).")
+    @Argument(help: metaURLHelp)
     var metaURL: String
 
     @Argument(help: "Volume name: 3 to 63 characters of a-z, 0-9 and '-'. Object keys start with it.")
@@ -64,8 +68,10 @@ struct Format: ParsableCommand {
     @Option(help: "Block size in KiB: a power of two from 64 to 16384.")
     var blockSize = 4096
 
-    @Option(help: "Days deleted files stay in the trash (recorded now; the trash arrives in a later release).")
-    var trashDays = 1
+    /// Recorded in the format record for the trash to come; hidden until there is one (a
+    /// volume keeps the value it was formatted with when this is not given).
+    @Option(help: .hidden)
+    var trashDays: Int?
 
     @Option(
         help: ArgumentHelp(
@@ -74,7 +80,11 @@ struct Format: ParsableCommand {
         ))
     var rootMode: String?
 
-    @Flag(help: "Overwrite the settings of an existing volume (data already written keeps its layout).")
+    @Flag(
+        help: ArgumentHelp(
+            "Overwrite the settings of an existing volume.",
+            discussion: "Its files and uuid stay, but no data is moved: files already written under another name, storage, bucket or block size become unreadable."
+        ))
     var force = false
 
     func validate() throws {
@@ -86,7 +96,7 @@ struct Format: ParsableCommand {
         if blockSize < 64 || blockSize > 16384 || blockSize & (blockSize - 1) != 0 {
             throw ValidationError("invalid --block-size \(blockSize): use a power of two from 64 to 16384 (KiB)")
         }
-        if trashDays < 0 { throw ValidationError("--trash-days cannot be negative") }
+        if let trashDays, trashDays < 0 { throw ValidationError("--trash-days cannot be negative") }
         if bucketGroup != nil && storage != "file" { throw ValidationError("--bucket-group is for --storage file (a directory)") }
         if storage == "s3" && bucket == nil { throw ValidationError("--storage s3 needs --bucket http(s)://host:port/bucket") }
         if let rootMode {
@@ -103,11 +113,11 @@ struct Format: ParsableCommand {
         if storage == "file" { bucketURL = absolutePath(bucketURL) }
         let key = storage == "s3" ? (accessKey ?? env("AWS_ACCESS_KEY_ID")) : nil
         let secret = storage == "s3" ? (secretKey ?? env("AWS_SECRET_ACCESS_KEY")) : nil
-        let record = VolumeFormat(
-            name: name, storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret, blockSizeKiB: blockSize, trashDays: trashDays)
-
         let meta = try openMetadata(url, create: true)
         let existing = try meta.loadFormat()
+        let record = VolumeFormat(
+            name: name, storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret, blockSizeKiB: blockSize,
+            trashDays: trashDays ?? existing?.trashDays ?? 1)
         if let old = existing, old.differences(from: record).isEmpty == false, !force {
             // Refuse before touching the store.
             try meta.initialize(record, force: false, rootMode: 0)
@@ -139,6 +149,6 @@ struct Format: ParsableCommand {
                 "stagefs: note: \(bucketURL) is root's: only root can write this volume's data. For a volume that users write, run this again with --bucket-group GROUP (a group of all of them)"
             )
         }
-        print("  block size: \(f.blockSizeKiB) KiB, trash days: \(f.trashDays)")
+        print("  block size: \(f.blockSizeKiB) KiB")
     }
 }

@@ -35,7 +35,7 @@ struct Mount: ParsableCommand {
             """
     )
 
-    @Argument(help: "Metadata store: sqlite3:///abs/path.db, redis[s]://[[user]:password@]host[:port][/db] or redis://[[user]:password@]MASTER,SENTINEL[:PORT],...[/db] (see stagefs --help).")
+    @Argument(help: metaURLHelp)
     var metaURL: String
 
     @Argument(

@@ -12,18 +12,19 @@ struct StageFS: ParsableCommand {
         abstract: "A POSIX file system for HPC and AI clusters: data in object storage, metadata in Redis or SQLite, hot data on node-local cache.",
         discussion: """
             META-URL names the metadata store:
-              sqlite3:///abs/path/meta.db                     embedded, one node
-              redis://[[user]:password@]host[:port][/db]        shared (port 6379, db 0 by default)
-              rediss://host[:port][/db]?tls-ca-cert-file=CA   over TLS (also tls-cert-file=,
-                                                              tls-key-file=, insecure-skip-verify=true)
-              redis://[[user]:password@]MASTER,HOST1[:PORT],HOST2[:PORT][/db]
-                                                              the master the Sentinels name (port
-                                                              26379; SENTINEL_PASSWORD from the
-                                                              environment)
-              ...?wait-replicas=N&wait-timeout=MS             every change waits for N replicas
+              sqlite3:///abs/path/meta.db
+                  embedded, one node
+              redis://[[user]:password@]host[:port][/db]
+                  shared (port 6379, db 0 by default)
+              rediss://host[:port][/db]?tls-ca-cert-file=CA
+                  over TLS (also tls-cert-file=, tls-key-file=, insecure-skip-verify=true)
+              redis://[[user]:password@]MASTER,HOST[:PORT],...[/db]
+                  the master the Sentinels name (their port is 26379 by default; SENTINEL_PASSWORD from the environment)
+              ...?wait-replicas=N&wait-timeout=MS
+                  every change waits for N replicas
 
-            Exit codes: 0 success, 1 runtime failure, 2 usage error; `stage` and `job prolog` also
-            3 (partial), 4 (failed) and 130 (interrupted).
+            Exit codes: 0 success, 1 runtime failure, 2 usage error; `stage` and `job prolog` \
+            also 3 (partial), 4 (failed) and 130 (interrupted).
             """,
         version: stageFSVersion,
         subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self, Stage.self, BindConfig.self, Job.self]
@@ -44,9 +45,22 @@ enum Main {
             exit(e.rawValue)
         } catch {
             let code = StageFS.exitCode(for: error)
-            if code == .success { StageFS.exit(withError: error) }
+            if code == .success {
+                // --help, help, --version.
+                print(HelpLayout.help(for: error, width: HelpLayout.width))
+                exit(0)
+            }
+            if let mistyped = unknownSubcommand(Array(CommandLine.arguments.dropFirst())) {
+                printError("stagefs: \(mistyped)")
+                exit(2)
+            }
             let text = StageFS.fullMessage(for: error)
-            printError((text.hasPrefix("Error: ") ? "stagefs: " + text.dropFirst(7) : "stagefs: " + text) + "\n")
+            let width = HelpLayout.width
+            let lines = text.split(separator: "\n", omittingEmptySubsequences: false).flatMap { line in
+                line.hasPrefix("Usage: ") ? HelpLayout.synopsis(String(line), width: width) : [String(line)]
+            }
+            let message = lines.joined(separator: "\n")
+            printError((message.hasPrefix("Error: ") ? "stagefs: " + message.dropFirst(7) : "stagefs: " + message) + "\n")
             if !text.contains("Usage:") && !text.contains("--help") { printError("See 'stagefs --help'.\n") }
             exit(2)
         }
@@ -55,5 +69,32 @@ enum Main {
     static func fail(_ e: FSError) -> Never {
         printError("stagefs: \(e.message)\n")
         exit(e.isUsage ? 2 : 1)
+    }
+
+    /// For arguments that did not parse: the message for a word where a subcommand belongs
+    /// that names none ("stagefs moutn", "stagefs job prolgo"), with the likely one.
+    static func unknownSubcommand(_ args: [String]) -> String? {
+        var command: ParsableCommand.Type = StageFS.self
+        var path = ["stagefs"]
+        // `stagefs help job prolog` names subcommands too.
+        var rest = args.first == "help" ? args.dropFirst() : args[...]
+        while let word = rest.first {
+            let subcommands = command.configuration.subcommands
+            if subcommands.isEmpty || word.hasPrefix("-") { return nil }
+            if let next = subcommands.first(where: { $0._commandName == word || $0.configuration.aliases.contains(word) }) {
+                command = next
+                path.append(word)
+                rest = rest.dropFirst()
+                continue
+            }
+            let names = subcommands.map { $0._commandName }
+            let prefix = path.dropFirst().map { $0 + " " }.joined()
+            let guesses = closestMatches(to: word, in: names).map { "'\(prefix)\($0)'" }
+            let hint =
+                guesses.isEmpty
+                ? "the commands are \(names.joined(separator: ", "))" : "did you mean \(guesses.joined(separator: " or "))?"
+            return "unknown command '\(prefix)\(word)': \(hint) (see '\(path.joined(separator: " ")) --help')"
+        }
+        return nil
     }
 }

@@ -8,7 +8,7 @@ struct Status: ParsableCommand {
         discussion: "Secrets are not shown. Sessions whose heartbeat is older than a minute are marked stale."
     )
 
-    @Argument(help: "Metadata store: sqlite3:///abs/path.db, redis[s]://[[user]:password@]host[:port][/db] or redis://[[user]:password@]MASTER,SENTINEL[:PORT],...[/db] (see stagefs --help).")
+    @Argument(help: metaURLHelp)
     var metaURL: String
 
     func run() throws {
@@ -24,7 +24,6 @@ struct Status: ParsableCommand {
         print("Storage:     \(f.storage) \(f.bucket)")
         if let k = f.accessKey { print("Access key:  \(k)") }
         print("Block size:  \(f.blockSizeKiB) KiB")
-        print("Trash days:  \(f.trashDays)")
         print("Created:     \(timeText(f.createdAt))")
         print("Used:        \(humanBytes(usage.usedSpace)) in \(usage.usedInodes) inodes")
         print("Sessions:    \(sessions.count)")

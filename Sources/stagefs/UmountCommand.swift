@@ -9,7 +9,7 @@ struct Umount: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Unmount a StageFS mount and wait for its process to flush and exit.",
         discussion: """
-            A busy mount (files still open) is not unmounted unless --force: then it is detached
+            A busy mount (files still open) is not unmounted unless --force: then it is detached \
             lazily, its FUSE connection aborted when root, and its mount process stopped.
             """
     )

@@ -2,7 +2,9 @@
 share a Redis volume, SIGTERM and umount flush, memory stays bounded."""
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -37,7 +39,7 @@ def test_unreachable_redis(env, mnt):
     assert p.returncode == 1
     assert not helpers.is_mounted(mnt)
     p = env.stagefs("format", f"redis://127.0.0.1:{port}/1", "vol", check=False)
-    one_line_error(p, "cannot reach Redis")
+    one_line_error(p, "cannot reach Redis", f"127.0.0.1:{port}", "connection refused", "redis-server running")
 
 
 def test_unformatted_volume(env, redis, mnt):
@@ -53,6 +55,54 @@ def test_missing_mountpoint(env, redis):
     p = env.stagefs("mount", "-d", redis.url(14), "/nonexistent/mountpoint", check=False)
     one_line_error(p, "/nonexistent/mountpoint", "does not exist")
     assert not helpers.is_mounted("/nonexistent/mountpoint")
+
+
+def test_a_mistyped_meta_url_says_what_was_meant(env, mnt):
+    forms = ("sqlite3:///abs/path.db", "redis://[[user]:password@]host[:port][/db]", "rediss://", "MASTER,SENTINEL")
+    for bad, meant in [("redis:/127.0.0.1:6379/1", "redis://127.0.0.1:6379/1"), ("redis//127.0.0.1", "redis://127.0.0.1"),
+                       ("redis:127.0.0.1:6379", "redis://127.0.0.1:6379"), ("sqlite3:/var/lib/x.db", "sqlite3:///var/lib/x.db"),
+                       ("sqlite3://var/lib/x.db", "sqlite3:///var/lib/x.db"), ("127.0.0.1:6379/1", "redis://127.0.0.1:6379/1"),
+                       ("redsi://h:6379/0", "redis://h:6379/0")]:
+        p = env.stagefs("mount", bad, mnt, check=False)
+        one_line_error(p, f"malformed META-URL '{bad}'", f"did you mean '{meant}'?", *forms)
+        assert p.returncode == 2, (bad, p.stderr)
+    p = env.stagefs("status", "redis://h:6379:1", check=False)
+    one_line_error(p, "more than one ':'", "host:port/db")
+    # A password in a URL that does not parse is not echoed.
+    p = env.stagefs("status", "redis:/:hunter2@h/0", check=False)
+    one_line_error(p, "did you mean 'redis://:****@h/0'?")
+    assert "hunter2" not in p.stderr
+
+
+def test_a_port_that_is_not_redis_says_so(env, mnt):
+    port = helpers.free_port()
+    http = subprocess.Popen(["python3", "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert helpers.wait_port(port)
+        for args in (["status", f"redis://127.0.0.1:{port}/1"], ["mount", "-d", f"redis://127.0.0.1:{port}/1", mnt]):
+            p = env.stagefs(*args, check=False)
+            one_line_error(p, f"127.0.0.1:{port} is not a Redis server (it answered '<!DOCTYPE HTML>')", "META-URL")
+            assert p.returncode == 1
+        assert not helpers.is_mounted(mnt)
+    finally:
+        http.kill()
+        http.wait()
+    # A port that accepts and closes at once (a TLS-only Redis port does that to plain text).
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def close_one():
+            conn, _ = listener.accept()
+            conn.close()
+
+        t = threading.Thread(target=close_one, daemon=True)
+        t.start()
+        p = env.stagefs("status", f"redis://127.0.0.1:{port}/1", check=False)
+        t.join(10)
+    one_line_error(p, f"127.0.0.1:{port} closed the connection without answering", "rediss://")
 
 
 def test_malformed_meta_url_is_a_usage_error(env, mnt):
@@ -87,7 +137,12 @@ def test_reformat_with_other_settings_is_refused(env, redis):
     env.stagefs("format", redis.url(12), "refmt", "--bucket", bucket)
     env.stagefs("format", redis.url(12), "refmt", "--bucket", bucket)  # same settings: fine
     p = env.stagefs("format", redis.url(12), "refmt", "--bucket", bucket, "--block-size", "1024", check=False)
-    one_line_error(p, "block size", "refusing")
+    # The differences, and what --force would do about them.
+    one_line_error(p, "volume 'refmt'", "block size 4096 KiB -> 1024 KiB", "--force", "moves no data", "unreadable")
+    assert p.returncode == 1
+    assert "Block size:  4096 KiB" in env.stagefs("status", redis.url(12)).stdout
+    env.stagefs("format", redis.url(12), "refmt", "--bucket", bucket, "--block-size", "1024", "--force")
+    assert "Block size:  1024 KiB" in env.stagefs("status", redis.url(12)).stdout
 
 
 def test_two_mounts_of_one_redis_volume(env, redis, moto):
@@ -273,6 +328,49 @@ def test_read_only_mount_refuses_writes(env, redis):
             assert e.value.errno == 30  # EROFS
     finally:
         env.stagefs("umount", m)
+
+
+def test_a_mistyped_command_gets_a_suggestion(env):
+    for args, typed, meant in [(["moutn", "redis://h/1", "/mnt"], "moutn", "mount"), (["stauts"], "stauts", "status"),
+                               (["job", "prolgo", "--job", "1"], "job prolgo", "job prolog"), (["bind"], "bind", "bind-config")]:
+        p = env.stagefs(*args, check=False)
+        one_line_error(p, f"unknown command '{typed}': did you mean '{meant}'?")
+        assert p.returncode == 2
+    p = env.stagefs("frobnicate", check=False)
+    one_line_error(p, "unknown command 'frobnicate'", "format, mount, umount")
+
+
+HELP_COMMANDS = ([], ["format"], ["mount"], ["umount"], ["status"], ["info"], ["stage"], ["bind-config"], ["job"], ["job", "prolog"],
+                 ["job", "epilog"])
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_help_fits_the_terminal_without_ragged_lines(env, width):
+    for cmd in HELP_COMMANDS:
+        p = subprocess.run([env.bin, *cmd, "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": str(width)})
+        assert p.returncode == 0, (cmd, p.stderr)
+        lines = p.stdout.splitlines()
+        assert "USAGE: stagefs" in p.stdout
+        for line in lines:
+            assert len(line) <= width, (cmd, width, line)
+        # A paragraph line ends where the next word would not have fit: no line broken by hand.
+        for a, b in zip(lines, lines[1:]):
+            if a and b and not a[0].isspace() and not b[0].isspace() and not a.endswith(":"):
+                assert len(a) + 1 + len(b.split()[0]) >= width, (cmd, width, a, b)
+
+
+def test_status_shows_only_what_exists(env):
+    base = env.dir_for(USER, "plainvol")
+    url = f"sqlite3://{base}/meta.db"
+    # --trash-days is hidden until there is a trash, but still accepted (and recorded).
+    env.stagefs("format", url, "plainvol", "--bucket", f"{base}/data", "--trash-days", "3")
+    out = env.stagefs("status", url).stdout
+    assert "Volume:      plainvol" in out and "Block size:" in out
+    assert "trash" not in out.lower()
+    assert "trash" not in env.stagefs("format", "--help").stdout.lower()
+    # Formatting again without it keeps the recorded value instead of refusing a difference.
+    p = env.stagefs("format", url, "plainvol", "--bucket", f"{base}/data")
+    assert "trash" not in p.stdout.lower()
 
 
 def test_every_command_explains_itself(env):
