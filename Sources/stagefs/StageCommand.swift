@@ -210,7 +210,7 @@ struct Stage: ParsableCommand {
             let secs = Double(Int(r.durationSeconds * 10)) / 10
             let pct = r.blockBytes == 0 ? 100 : (Double(r.bytesKept) * 1000 / Double(r.blockBytes)).rounded() / 10
             print(
-                "staged \(r.filesKept) of \(r.files) files, \(humanBytes(r.bytesKept)) of \(humanBytes(r.blockBytes)) in the cache (\(pct)%), in \(secs) s: \(r.blocksFetched) blocks fetched (\(humanBytes(r.bytesFetched)), \(humanBytes(Int(rate)))/s), \(r.blocksCached) already cached\(r.job.map { ", pinned for job \($0)" } ?? ""); status \(r.status)"
+                "staged \(r.filesKept) of \(r.files) files, \(humanBytes(r.bytesKept)) of \(humanBytes(r.blockBytes)) in the cache\(r.blockBytes > 0 ? " (\(pct)%)" : ""), in \(secs) s: \(r.blocksFetched) blocks fetched (\(humanBytes(r.bytesFetched)), \(humanBytes(Int(rate)))/s), \(r.blocksCached) already cached\(r.job.map { ", pinned for job \($0)" } ?? ""); status \(r.status)"
             )
         }
     }
