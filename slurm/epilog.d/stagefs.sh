@@ -5,10 +5,12 @@
 # (root removes nothing inside the user's directories). Idempotent: it does nothing harmful
 # where the prolog did not run.
 set -u
-# slurmd gives scripts a bare environment; root's script chooses its own PATH.
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# slurmd gives scripts a bare environment; root's script chooses its own PATH (make install
+# writes its prefix for @PREFIX@).
+PATH=@PREFIX@/sbin:@PREFIX@/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 . "${STAGEFS_SLURM_ENV:-/etc/stagefs/slurm.env}"
+: "${STAGEFS_BIN:=@PREFIX@/bin/stagefs}"
 JOB=${SLURM_JOB_ID:?}
 USER_NAME=${SLURM_JOB_USER:?}
 STATE_DIR=${STAGEFS_STATE_DIR:-/run/stagefs}

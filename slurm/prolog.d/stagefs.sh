@@ -14,10 +14,12 @@
 # goes to $STAGEFS_STATE_DIR/<jobid> (root's own directory), readable by the job's user only.
 # User-caused failures do not fail the prolog (the node is not drained); node faults exit 1.
 set -u
-# slurmd gives scripts a bare environment; root's script chooses its own PATH.
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# slurmd gives scripts a bare environment; root's script chooses its own PATH (make install
+# writes its prefix for @PREFIX@).
+PATH=@PREFIX@/sbin:@PREFIX@/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 . "${STAGEFS_SLURM_ENV:-/etc/stagefs/slurm.env}"
+: "${STAGEFS_BIN:=@PREFIX@/bin/stagefs}"
 # slurmd gives a prolog the job's options as SPANK_STAGEFS_* (the plugin passes them at submit).
 SPEC=${SPANK_STAGEFS_STORAGE_STAGE:-${SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage:-${STAGEFS_STAGE:-}}}
 [ -n "$SPEC" ] || exit 0
