@@ -340,10 +340,18 @@ public final class Stager: @unchecked Sendable {
         for (i, n) in blocksLeft.enumerated() where n == 0 { reports[files[i].top].filesFullyCached += 1 }
         // What is cached already, in batches (one index query per 500 packed blocks).
         let present = cache.cached(refs.map { ($0.key, $0.length) })
+        // Blocks already cached are pinned before anything is downloaded: otherwise the
+        // evictions that make room for the downloads could drop them first (and pins beyond
+        // the cache size are found now, not after the downloads).
+        if mode == .stage, let job {
+            let keys = zip(refs, present).filter { $0.1 }.map { $0.0.key }
+            if !keys.isEmpty {
+                do { try cache.pin(keys, job: job) } catch { lock.withLock { fatal = error } }
+            }
+        }
         let remaining = Locked(blocksLeft)
         let fileOK = Locked([Bool](repeating: true, count: files.count))
         let next = Locked(0)
-        let toPin = Locked([String]())
         let pool = WorkerPool(name: "stage", threads: threads)
         let group = WaitGroup()
         for _ in 0..<threads {
@@ -368,7 +376,6 @@ public final class Stager: @unchecked Sendable {
                                 reports[top].blocksCached += 1
                                 reports[top].bytesCached += Int64(r.length)
                             }
-                            if job != nil { toPin.withLock { $0.append(r.key) } }
                         } else {
                             do throws(FSError) {
                                 try fetch(r, into: scratch)
@@ -422,10 +429,6 @@ public final class Stager: @unchecked Sendable {
             try cache.flushIndex()
         } catch {
             lock.withLock { if fatal == nil { fatal = error } }
-        }
-        let pins = toPin.current
-        if let job, !pins.isEmpty {
-            do { try cache.pin(pins, job: job) } catch { report.errors.append("pinning for job \(job): \(error.message)") }
         }
         report.paths = reports
         report.files = files.count
