@@ -180,7 +180,9 @@ struct CacheGC: ParsableCommand {
             var parts: [String] = []
             if r.purged {
                 let last = r.lastUse == 0 ? "no block in it" : "last used \(ago(now - r.lastUse)) ago"
-                parts.append("no process or mount on this node and \(last): \(dryRun ? "would remove" : "removed") its cache, \(would) \(humanBytes(UInt64(r.freed)))")
+                parts.append(
+                    "no process or mount on this node and \(last): \(dryRun ? "would remove" : "removed") its cache, \(would) \(humanBytes(UInt64(r.freed)))"
+                )
             } else if r.freed > 0 {
                 parts.append("\(would) \(humanBytes(UInt64(r.freed))) (\(r.freedBlocks) least recently used block(s))")
             } else {
@@ -190,7 +192,8 @@ struct CacheGC: ParsableCommand {
                 parts.append("kept \(humanBytes(UInt64(r.pinned))) pinned by job(s) \(r.jobs.joined(separator: ", "))")
             }
             if r.logs > 0 {
-                parts.append("\(dryRun ? "would remove" : "removed") the logs of \(r.logs) job(s) ended over \(Setting.durationText(keepLogs.seconds)) ago")
+                parts.append(
+                    "\(dryRun ? "would remove" : "removed") the logs of \(r.logs) job(s) ended over \(Setting.durationText(keepLogs.seconds)) ago")
             }
             print("\(userName(uid)): \(parts.joined(separator: "; "))")
         }
@@ -426,7 +429,10 @@ struct GCUserReport {
     }
 
     var lines: [String] {
-        var out = ["gc bytes \(bytes)", "gc pinned \(pinned)", "gc lastuse \(lastUse)", "gc freed \(freed)", "gc freedblocks \(freedBlocks)", "gc logs \(logs)"]
+        var out = [
+            "gc bytes \(bytes)", "gc pinned \(pinned)", "gc lastuse \(lastUse)", "gc freed \(freed)", "gc freedblocks \(freedBlocks)",
+            "gc logs \(logs)",
+        ]
         if !jobs.isEmpty { out.append("gc jobs \(jobs.joined(separator: ","))") }
         out += buckets.map { "gc bucket \($0.0) \($0.1)" }
         return out

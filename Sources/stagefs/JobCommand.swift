@@ -63,7 +63,9 @@ struct JobProlog: ParsableCommand {
     @Option(
         help: ArgumentHelp(
             "FUSE options of the job's mount, comma-separated: \(Setting.jobMountOptions.joined(separator: ", ")) (the plugin's mount_options=).",
-            discussion: "allow_root lets a setuid-mode container runtime enter the mount; both need user_allow_other in /etc/fuse.conf. Any other option is refused."))
+            discussion:
+                "allow_root lets a setuid-mode container runtime enter the mount; both need user_allow_other in /etc/fuse.conf. Any other option is refused."
+        ))
     var mountOptions = ""
 
     @Option(help: "MiB of this node's cache the job's user may fill: staging and the job's mount (the plugin's cache_size=).")
@@ -297,7 +299,8 @@ func stopJobMount(_ mnt: String, job: String, timeout: Int) -> [String] {
     let secs = Double((Sys.monotonicNanos() - started) / 1_000_000) / 1000
     let names = pids.map(String.init).joined(separator: ", ")
     if left.isEmpty {
-        said.append("job \(job): unmounted \(mnt); its mount process flushed and exited in \(secs) s (pid \(names); write errors, if any, are in its log)")
+        said.append(
+            "job \(job): unmounted \(mnt); its mount process flushed and exited in \(secs) s (pid \(names); write errors, if any, are in its log)")
     } else {
         for p in left where MountTable.serves(p, mnt) { kill(p, SIGKILL) }
         said.append(

@@ -287,6 +287,7 @@ struct Mount: ParsableCommand {
         Log.info("unmounting \(path) (loop ended with \(rc)): flushing buffered writes")
         vfs.stop()
         Runtime.remove(path)
-        Log.info("unmounted \(path): buffered writes flushed and the session closed in \(Double((Sys.monotonicNanos() - started) / 1_000_000) / 1000) s")
+        Log.info(
+            "unmounted \(path): buffered writes flushed and the session closed in \(Double((Sys.monotonicNanos() - started) / 1_000_000) / 1000) s")
     }
 }
