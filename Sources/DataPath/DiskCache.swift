@@ -642,7 +642,9 @@ public final class DiskCache: @unchecked Sendable {
 
     // MARK: pins
 
-    /// Pins already cached blocks for `job`.
+    /// Pins already cached blocks for `job`, then evicts unpinned blocks to stay within the
+    /// size limit. Throws `ENOSPC` when pinned blocks alone exceed it (the pins stay recorded
+    /// until the job releases them).
     public func pin(_ keys: [String], job: String) throws(FSError) {
         for batch in stride(from: 0, to: keys.count, by: 500) {
             try indexTransaction { () throws(FSError) in
@@ -651,6 +653,7 @@ public final class DiskCache: @unchecked Sendable {
                 }
             }
         }
+        try evict(checkSpace: false)
     }
 
     /// Releases every pin of `job` (all volumes); returns how many blocks it had pinned.
@@ -798,6 +801,85 @@ public final class DiskCache: @unchecked Sendable {
             )
         }
         return (victims.filter { $0.2 == 0 }.map { $0.0 }, try deadPacks(Array(packLive.keys)))
+    }
+
+    // MARK: garbage collection (stagefs cache gc)
+
+    /// Bytes of unpinned blocks by last use, in buckets of `bucket` seconds, oldest first: what
+    /// eviction in least-recently-used order frees, and when those blocks were last used.
+    public func unpinnedByLastUse(bucket: Int64) throws(FSError) -> [(since: Int64, bytes: Int)] {
+        try flushIndex()
+        var out: [(since: Int64, bytes: Int)] = []
+        try lock.withLock { () throws(FSError) in
+            try index.query(
+                """
+                SELECT atime / ?1 * ?1 AS b, SUM(size) FROM blocks
+                WHERE NOT EXISTS (SELECT 1 FROM pins WHERE pins.key = blocks.key) GROUP BY b ORDER BY b
+                """, [.int(bucket)]
+            ) { out.append((Col.int($0, 0), Int(Col.int($0, 1)))) }
+        }
+        return out
+    }
+
+    /// The last use of any block (seconds since the epoch); 0 for an empty cache.
+    public func lastUse() throws(FSError) -> Int64 {
+        try flushIndex()
+        var t: Int64 = 0
+        try lock.withLock { () throws(FSError) in
+            try index.query("SELECT COALESCE(MAX(atime), 0) FROM blocks", []) { t = Col.int($0, 0) }
+        }
+        return t
+    }
+
+    /// Evicts unpinned blocks last used before `before` (seconds since the epoch), least
+    /// recently used first, until `limit` bytes are freed; pinned blocks are never touched. With
+    /// `dryRun` only counts. Returns the bytes and blocks (as the index counts them; a pack file
+    /// goes once none of its blocks is left).
+    public func evict(usedBefore before: Int64, limit: Int, dryRun: Bool) throws(FSError) -> (bytes: Int, blocks: Int) {
+        try flushIndex()
+        let unpinnedBefore = """
+            SELECT key, size, pack FROM blocks WHERE atime < ?
+            AND NOT EXISTS (SELECT 1 FROM pins WHERE pins.key = blocks.key) ORDER BY atime
+            """
+        var bytes = 0
+        var blocks = 0
+        if dryRun {
+            try lock.withLock { () throws(FSError) in
+                try index.query(unpinnedBefore, [.int(before)]) { row in
+                    if bytes < limit {
+                        bytes += Int(Col.int(row, 1))
+                        blocks += 1
+                    }
+                }
+            }
+            return (bytes, blocks)
+        }
+        while bytes < limit {
+            let (gone, n, freed) = try indexTransaction { () throws(FSError) -> (([String], [(Int64, String)]), Int, Int) in
+                var victims: [(String, Int, Int64)] = []
+                var freed = 0
+                try index.query(unpinnedBefore + " LIMIT 5000", [.int(before)]) { row in
+                    if bytes + freed < limit {
+                        victims.append((Col.text(row, 0), Int(Col.int(row, 1)), Col.int(row, 2)))
+                        freed += Int(Col.int(row, 1))
+                    }
+                }
+                var packLive: [Int64: Int] = [:]
+                for (k, size, pack) in victims {
+                    try index.query("DELETE FROM blocks WHERE key=?", [.text(k)])
+                    if pack != 0 { packLive[pack, default: 0] += size }
+                }
+                for (pack, size) in packLive { try index.query("UPDATE packs SET live=live-? WHERE id=?", [.int(Int64(size)), .int(pack)]) }
+                try addUsed(-freed)
+                let files = victims.filter { $0.2 == 0 }.map { $0.0 }
+                return ((files, try deadPacks(Array(packLive.keys))), victims.count, freed)
+            }
+            if n == 0 { break }
+            unlinkGone(gone)
+            bytes += freed
+            blocks += n
+        }
+        return (bytes, blocks)
     }
 
     /// Indexes block files found on disk (first use of a cache directory with blocks in it);

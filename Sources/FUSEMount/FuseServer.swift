@@ -69,13 +69,20 @@ public final class FuseServer: @unchecked Sendable {
         session = se
     }
 
-    /// Serves requests until unmounted or signalled (SIGTERM, SIGINT, SIGHUP), then unmounts.
+    /// Serves requests until unmounted or signalled (SIGTERM, SIGINT, SIGHUP), then unmounts;
+    /// from then on those signals are ignored, so the flush that follows runs to its end.
     public func run() -> Int32 {
         guard let se = session, attached != nil else { return -1 }
         let rc = withExtendedLifetime(self) { () -> Int32 in
             _ = fuse_set_signal_handlers(se)
             let rc = cfuse3_session_loop_mt(se, config.maxIdleThreads)
             fuse_remove_signal_handlers(se)
+            // The loop has ended and buffered writes are flushed next: a further SIGTERM (an
+            // epilog that asks every mount process of a job to finish) must not cut that short.
+            // SIGKILL still stops the process at once.
+            signal(SIGTERM, SIG_IGN)
+            signal(SIGINT, SIG_IGN)
+            signal(SIGHUP, SIG_IGN)
             return rc
         }
         fuse_session_unmount(se)

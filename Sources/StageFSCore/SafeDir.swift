@@ -63,21 +63,50 @@ public enum SafeDir {
     }
 
     /// Removes `path` and everything below it; a symbolic link anywhere in it is removed, never
-    /// followed. A missing path is not an error.
-    public static func removeTree(_ path: String) throws(FSError) {
+    /// followed. A missing path is not an error. Returns the bytes of the regular files removed.
+    @discardableResult
+    public static func removeTree(_ path: String) throws(FSError) -> Int {
         let parentPath = Sys.dirname(of: path)
         let name = String(path.split(separator: "/").last ?? "")
-        if name.isEmpty { return }
+        if name.isEmpty { return 0 }
         let parent = Glibc.open(parentPath, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if parent < 0 {
-            if errno == ENOENT { return }
+            if errno == ENOENT { return 0 }
             throw FSError.errno(errno, "cannot open \(parentPath)")
         }
         defer { Glibc.close(parent) }
-        try removeEntry(parent, name, path)
+        var bytes = 0
+        try removeEntry(parent, name, path, &bytes)
+        return bytes
     }
 
-    private static func removeEntry(_ dir: Int32, _ name: String, _ path: String) throws(FSError) {
+    /// Removes the entry `name` of the open directory `dir` and everything below it, as
+    /// `removeTree` does; returns the bytes of the regular files removed.
+    @discardableResult
+    public static func removeTree(in dir: Int32, _ name: String, path: String) throws(FSError) -> Int {
+        var bytes = 0
+        try removeEntry(dir, name, path, &bytes)
+        return bytes
+    }
+
+    /// The names in an open directory (without `.` and `..`); `dir` stays open.
+    public static func names(_ dir: Int32) -> [String] {
+        let fd = dup(dir)
+        guard fd >= 0, let d = fdopendir(fd) else {
+            if fd >= 0 { Glibc.close(fd) }
+            return []
+        }
+        defer { closedir(d) }
+        rewinddir(d)
+        var names: [String] = []
+        while let e = readdir(d) {
+            let n = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if n != "." && n != ".." { names.append(n) }
+        }
+        return names
+    }
+
+    private static func removeEntry(_ dir: Int32, _ name: String, _ path: String, _ bytes: inout Int) throws(FSError) {
         var st = Glibc.stat()
         if fstatat(dir, name, &st, AT_SYMLINK_NOFOLLOW) != 0 {
             if errno == ENOENT { return }
@@ -97,13 +126,15 @@ public enum SafeDir {
             }
             var first: FSError?
             for n in names {
-                do { try removeEntry(dirfd(d), n, "\(path)/\(n)") } catch { first = first ?? error }
+                do { try removeEntry(dirfd(d), n, "\(path)/\(n)", &bytes) } catch { first = first ?? error }
             }
             closedir(d)
             if let first { throw first }
             if unlinkat(dir, name, AT_REMOVEDIR) != 0 && errno != ENOENT { throw FSError.errno(errno, "cannot remove \(path)") }
-        } else if unlinkat(dir, name, 0) != 0 && errno != ENOENT {
-            throw FSError.errno(errno, "cannot remove \(path)")
+        } else if unlinkat(dir, name, 0) != 0 {
+            if errno != ENOENT { throw FSError.errno(errno, "cannot remove \(path)") }
+        } else if st.st_mode & S_IFMT == S_IFREG {
+            bytes += Int(st.st_size)
         }
     }
 

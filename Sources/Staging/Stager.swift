@@ -354,6 +354,15 @@ public final class Stager: @unchecked Sendable {
         for (i, n) in blocksLeft.enumerated() where n == 0 { reports[files[i].top].filesFullyCached += 1 }
         // What is cached already, in batches (one index query per 500 packed blocks).
         let present = cache.cached(refs.map { ($0.key, $0.length) })
+        // Blocks already cached are pinned before anything is downloaded: otherwise the
+        // evictions that make room for the downloads could drop them first (and pins beyond
+        // the cache size are found now, not after the downloads).
+        if mode == .stage, let job {
+            let keys = zip(refs, present).filter { $0.1 }.map { $0.0.key }
+            if !keys.isEmpty {
+                do { try cache.pin(keys, job: job) } catch { lock.withLock { fatal = error } }
+            }
+        }
         // When the set cannot all stay in the cache, fetch only what fits: fetching more would
         // evict what this run fetched first.
         var budget = Int.max
@@ -377,7 +386,6 @@ public final class Stager: @unchecked Sendable {
         let remaining = Locked(blocksLeft)
         let fileOK = Locked([Bool](repeating: true, count: files.count))
         let next = Locked(0)
-        let toPin = Locked([String]())
         let pool = WorkerPool(name: "stage", threads: threads)
         let group = WaitGroup()
         for _ in 0..<threads {
@@ -402,7 +410,6 @@ public final class Stager: @unchecked Sendable {
                                 reports[top].blocksCached += 1
                                 reports[top].bytesCached += Int64(r.length)
                             }
-                            if job != nil { toPin.withLock { $0.append(r.key) } }
                         } else if !reserved.withLock({ used -> Bool in
                             let size = DiskCache.fileSize(r.length)
                             if fetchBudget != Int.max && used + size > fetchBudget { return false }
@@ -464,10 +471,6 @@ public final class Stager: @unchecked Sendable {
             try cache.flushIndex()
         } catch {
             lock.withLock { if fatal == nil { fatal = error } }
-        }
-        let pins = toPin.current
-        if let job, !pins.isEmpty {
-            do { try cache.pin(pins, job: job) } catch { report.errors.append("pinning for job \(job): \(error.message)") }
         }
         // What is in the cache now, not what went through it.
         let kept = mode == .evict ? [] : (mode == .check ? present : cache.cached(refs.map { ($0.key, $0.length) }))

@@ -28,14 +28,19 @@ struct JobProlog: ParsableCommand {
         commandName: "prolog",
         abstract: "Stage a job's datasets into this node's cache (pinned for the job) and mount the volume for it.",
         discussion: """
-            Writes the staging report(s) into <cache-dir>/<uid>/jobs/<job>/ (report.json for the
-            default volume, report-NAME.json for a named one) with the mount's log beside them.
+            Writes the staging report(s) into <log-dir>/<uid>/jobs/<job>/ (report.json
+            for the default volume, report-NAME.json for a named one) with the
+            mount's log beside them; --log-dir is the cache root unless the site
+            set log_root=. The job's staging and mount use --cache-size and
+            --free-space-ratio; the mount gets --mount-options. Logs of this user's
+            jobs that ended more than --keep-logs ago are removed.
 
             Exit status:
               0  every dataset staged (and the volume mounted, when asked)
               3  partial: some staged, or the mount failed
-              4  failed: nothing staged (the messages say why: a missing path, no permission,
-                 a timeout, a directory that cannot be used)
+              4  failed: nothing staged (the messages say why: a missing path, no
+                 permission, a timeout, a directory that cannot be used, a mount
+                 option that is not allowed)
               1  a runtime failure; 2 a usage error
             """
     )
@@ -55,6 +60,26 @@ struct JobProlog: ParsableCommand {
     @Option(help: "Mount the default volume (or, without one, the volume of the first dataset) at this directory, prepared by root.")
     var mountDir: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "FUSE options of the job's mount, comma-separated: \(Setting.jobMountOptions.joined(separator: ", ")) (the plugin's mount_options=).",
+            discussion:
+                "allow_root lets a setuid-mode container runtime enter the mount; both need user_allow_other in /etc/fuse.conf. Any other option is refused."
+        ))
+    var mountOptions = ""
+
+    @Option(help: "MiB of this node's cache the job's user may fill: staging and the job's mount (the plugin's cache_size=).")
+    var cacheSize = 102400
+
+    @Option(help: "Fraction of the cache file system kept free; least recently used unpinned blocks are evicted to keep it (free_space_ratio=).")
+    var freeSpaceRatio = 0.1
+
+    @Option(help: "Where the job's reports and logs go: <log-dir>/<uid>/jobs/<job>/ (default: --cache-dir; the plugin's log_root=).")
+    var logDir: String?
+
+    @Option(help: "How long the logs of ended jobs are kept: expired ones of this user are removed here (7d, 12h, 0 keeps none; keep_logs=).")
+    var keepLogs = DurationArg(seconds: 7 * 86400)
+
     @Option(help: "Seconds staging may take; then it stops and the job fails.")
     var timeout = 3600
 
@@ -66,6 +91,8 @@ struct JobProlog: ParsableCommand {
     func validate() throws {
         if job.isEmpty || !job.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) { throw ValidationError("--job takes a numeric job id, not '\(job)'") }
         if timeout <= 0 { throw ValidationError("--timeout must be positive") }
+        if cacheSize <= 0 { throw ValidationError("--cache-size must be positive (MiB): a job's datasets are staged into the cache") }
+        if freeSpaceRatio < 0 || freeSpaceRatio >= 1 { throw ValidationError("--free-space-ratio must be from 0 to below 1") }
     }
 
     func run() throws {
@@ -74,13 +101,24 @@ struct JobProlog: ParsableCommand {
             let (name, url) = splitVolume(v)
             volumes[name] = url
         }
-        let dir: String
+        let fuseOptions: [String]
         do {
-            dir = try jobDirectory(cacheDir: cacheDir, job: job, create: true)
+            fuseOptions = try Setting.jobMountOptions(mountOptions)
         } catch {
             printError("stagefs: \(error.message)")
             throw ExitCode(StageExit.failed)
         }
+        let cache = DiskCacheConfig(dirs: [cacheDir], capacity: cacheSize << 20, freeSpaceRatio: freeSpaceRatio)
+        let logRoot = logDir ?? cacheDir
+        let dir: String
+        do {
+            dir = try jobDirectory(root: logRoot, job: job, create: true)
+        } catch {
+            printError("stagefs: \(error.message)")
+            throw ExitCode(StageExit.failed)
+        }
+        // Logs of this user's jobs that ended more than --keep-logs ago.
+        JobLogs.expire(jobsDir: Sys.dirname(of: dir), keep: keepLogs.seconds)
         var wanted: [(name: String, path: String)] = []
         var reasons: [String] = []
         for s in spec {
@@ -107,8 +145,7 @@ struct JobProlog: ParsableCommand {
             let result: StageReport
             do {
                 result = try runStaging(
-                    metaURL: volumes[name]!, paths: paths, mode: .stage, cache: DiskCacheConfig(dirs: [cacheDir], capacity: 102400 << 20),
-                    threads: threads, job: job, io: io, progress: false)
+                    metaURL: volumes[name]!, paths: paths, mode: .stage, cache: cache, threads: threads, job: job, io: io, progress: false)
             } catch {
                 printError("stagefs: \(name.isEmpty ? "" : "volume \(name): ")\(error.message)")
                 incomplete += 1
@@ -137,8 +174,12 @@ struct JobProlog: ParsableCommand {
         if let mountDir {
             let name = volumes[""] != nil ? "" : (order.first ?? "")
             if let url = volumes[name] {
-                let (rc, out) = try Spawn.run(
-                    selfExecutable(), ["mount", "-d", url, mountDir, "--cache-dir", cacheDir, "--log", "\(dir)/mount.log"])
+                var args = [
+                    "mount", "-d", url, mountDir, "--cache-dir", cacheDir, "--cache-size", "\(cacheSize)",
+                    "--free-space-ratio", "\(freeSpaceRatio)", "--log", "\(dir)/mount.log",
+                ]
+                if !fuseOptions.isEmpty { args += ["-o", fuseOptions.joined(separator: ",")] }
+                let (rc, out) = try Spawn.run(selfExecutable(), args)
                 if rc != 0 {
                     mountFailed = true
                     let lines = out.split(separator: "\n").filter { $0.hasPrefix("stagefs: ") }
@@ -155,8 +196,17 @@ struct JobProlog: ParsableCommand {
 struct JobEpilog: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "epilog",
-        abstract: "Release a job's pins on this node and remove its per-job files.",
-        discussion: "Idempotent: nothing to do is not an error. Exit status 0, or 1 when something could not be removed."
+        abstract: "End a job on this node: flush and stop its mount, release its pins, keep its logs for a while.",
+        discussion: """
+            With --mount-dir, the job's mount is detached (lazily: a process left
+            behind may still hold a file) and its mount process is asked to flush
+            buffered writes and exit (SIGTERM); it gets --flush-timeout seconds,
+            then it is killed. What happened goes to standard error and to
+            epilog.log in the job's directory, which is kept with the reports and
+            the mount log for --keep-logs (0: removed now); logs of this user's
+            jobs that ended longer ago are removed. Idempotent: nothing to do is
+            not an error. Exit status 0, or 1 when something could not be done.
+            """
     )
 
     @Option(help: "The Slurm job id.")
@@ -165,24 +215,192 @@ struct JobEpilog: ParsableCommand {
     @Option(help: "The node's cache root.")
     var cacheDir: String
 
+    @Option(help: "The job's mount directory: unmounted, its mount process given --flush-timeout to flush and exit.")
+    var mountDir: String?
+
+    @Option(help: "Seconds the job's mount process may take to flush buffered writes and exit before it is killed (flush_timeout=).")
+    var flushTimeout = DurationArg(seconds: 60)
+
+    @Option(help: "Where the job's reports and logs are: <log-dir>/<uid>/jobs/<job>/ (default: --cache-dir).")
+    var logDir: String?
+
+    @Option(help: "How long the job's reports and logs are kept (7d, 12h, 0 removes them now; keep_logs=).")
+    var keepLogs = DurationArg(seconds: 7 * 86400)
+
     func validate() throws {
         if job.isEmpty || !job.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) { throw ValidationError("--job takes a numeric job id, not '\(job)'") }
+        if flushTimeout.seconds <= 0 { throw ValidationError("--flush-timeout must be positive") }
     }
 
     func run() throws {
+        let userLogs = "\(logDir ?? cacheDir)/\(getuid())"
+        let dir = "\(userLogs)/jobs/\(job)"
+        var failed = false
+        var said: [String] = []
+        if let mountDir {
+            said = stopJobMount(mountDir, job: job, timeout: flushTimeout.seconds)
+            said.forEach { printError("stagefs: \($0)") }
+        }
         let user = "\(cacheDir)/\(getuid())"
         if Sys.stat("\(user)/index.db") != nil {
-            let cache = try DiskCache(config: DiskCacheConfig(dirs: [cacheDir], capacity: 102400 << 20), volumeUUID: nil)
-            _ = try cache.release(job: job)
+            do {
+                let cache = try DiskCache(config: DiskCacheConfig(dirs: [cacheDir], capacity: 102400 << 20), volumeUUID: nil)
+                let n = try cache.release(job: job)
+                if n > 0 { said.append("job \(job): released \(n) pinned block(s)") }
+            } catch {
+                printError("stagefs: job \(job): cannot release the pins: \(error.message)")
+                failed = true
+            }
         }
-        try SafeDir.removeTree("\(user)/jobs/\(job)")
+        do {
+            if keepLogs.seconds == 0 {
+                try SafeDir.removeTree(dir)
+            } else if try JobLogs.markEnded(dir: dir, log: said, keep: keepLogs.seconds) == false {
+                // Not a directory of this user (a link the job put there): removed, not followed.
+                try SafeDir.removeTree(dir)
+            }
+        } catch {
+            printError("stagefs: job \(job): \(error.message)")
+            failed = true
+        }
+        JobLogs.expire(jobsDir: "\(userLogs)/jobs", keep: keepLogs.seconds)
+        if failed { throw ExitCode(1) }
     }
 }
 
-/// `<cache-dir>/<uid>/jobs/<job>` of the calling user; with `create`, made (0700) when missing.
-/// `<cache-dir>/<uid>` must exist and be the caller's (root made it, or an earlier job did).
-func jobDirectory(cacheDir: String, job: String, create: Bool) throws(FSError) -> String {
-    let user = "\(cacheDir)/\(getuid())"
+/// Stops a job's mount at its end, giving it time to flush: a lazy unmount (the job is over;
+/// a process it left behind may still hold a file open), then SIGTERM to its mount processes
+/// (each flushes buffered writes and exits; a process already on its way out ignores it), up
+/// to `timeout` seconds for them to exit, then SIGKILL. Returns lines saying what happened.
+/// Runs as the job's user: only that user's processes are signalled.
+func stopJobMount(_ mnt: String, job: String, timeout: Int) -> [String] {
+    var said: [String] = []
+    let pids = MountTable.processes(serving: mnt)
+    if MountTable.stagefs(at: mnt) != nil {
+        if let fusermount = Spawn.which("fusermount3") ?? Spawn.which("/bin/fusermount3"),
+            let (rc, out) = try? Spawn.run(fusermount, ["-u", "-z", mnt]), rc != 0
+        {
+            said.append("job \(job): cannot unmount \(mnt): \(out.trimmed.isEmpty ? "fusermount3 failed" : out.trimmed)")
+        }
+    }
+    if pids.isEmpty {
+        if !said.isEmpty { said.append("job \(job): no mount process serves \(mnt)") }
+        return said
+    }
+    let started = Sys.monotonicNanos()
+    for p in pids { kill(p, SIGTERM) }
+    let deadline = started + UInt64(timeout) * 1_000_000_000
+    var left = pids
+    while true {
+        left = left.filter { MountTable.serves($0, mnt) }
+        if left.isEmpty || Sys.monotonicNanos() >= deadline { break }
+        Sys.sleep(seconds: 0.05)
+    }
+    let secs = Double((Sys.monotonicNanos() - started) / 1_000_000) / 1000
+    let names = pids.map(String.init).joined(separator: ", ")
+    if left.isEmpty {
+        said.append(
+            "job \(job): unmounted \(mnt); its mount process flushed and exited in \(secs) s (pid \(names); write errors, if any, are in its log)")
+    } else {
+        for p in left where MountTable.serves(p, mnt) { kill(p, SIGKILL) }
+        said.append(
+            "job \(job): the mount at \(mnt) did not finish flushing within \(timeout) s (flush_timeout): killed pid \(left.map(String.init).joined(separator: ", ")); writes it still buffered are lost"
+        )
+    }
+    return said
+}
+
+/// What a job leaves for people to read after it ended (its reports, the mount log, the
+/// epilog's log) in `<log root>/<uid>/jobs/<job>/`, kept for a while and then removed by the
+/// user's next job prolog or epilog on the node, or by `stagefs cache gc`.
+enum JobLogs {
+    /// A file in the job's directory holding the time the job ended (seconds since the epoch).
+    static let endedMark = "ended"
+
+    /// Writes `lines` to the job's epilog.log and marks the job ended now. Returns false when
+    /// `dir` is not a real directory of the caller (a link is never followed into).
+    static func markEnded(dir: String, log lines: [String], keep: Int) throws(FSError) -> Bool {
+        let parent = Glibc.open(Sys.dirname(of: dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if parent < 0 {
+            if errno == ENOENT { return true }
+            throw FSError.errno(errno, "cannot open \(Sys.dirname(of: dir))")
+        }
+        defer { close(parent) }
+        let name = String(dir.split(separator: "/").last ?? "")
+        var st = Glibc.stat()
+        if fstatat(parent, name, &st, AT_SYMLINK_NOFOLLOW) != 0 { return true }
+        guard st.st_mode & S_IFMT == S_IFDIR, st.st_uid == getuid() else { return false }
+        let fd = SafeDir.open(parent, name)
+        if fd < 0 { return false }
+        defer { close(fd) }
+        let now = Timespec.now().sec
+        var text = lines.map { "\(timeText(now)) \($0)\n" }.joined()
+        text += "\(timeText(now)) job ended; this directory is kept until \(timeText(now + Int64(keep))) (keep_logs=\(Setting.durationText(keep)))\n"
+        try writeAt(fd, "epilog.log", text, append: true, path: "\(dir)/epilog.log")
+        try writeAt(fd, endedMark, "\(now)\n", append: false, path: "\(dir)/\(endedMark)")
+        return true
+    }
+
+    /// Removes this user's job directories in `jobsDir` whose job ended more than `keep`
+    /// seconds ago (and, with `unmarked`, those never marked ended whose directory has not
+    /// changed for that long: jobs of a node that went down before their epilog). Links are
+    /// removed, never followed. Returns the names removed (or, with `dryRun`, to remove).
+    @discardableResult
+    static func expire(jobsDir: String, keep: Int, unmarked: Bool = false, dryRun: Bool = false) -> [String] {
+        let jobs = Glibc.open(jobsDir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        if jobs < 0 { return [] }
+        defer { close(jobs) }
+        let now = Timespec.now().sec
+        var removed: [String] = []
+        for name in SafeDir.names(jobs) where name.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) {
+            var st = Glibc.stat()
+            guard fstatat(jobs, name, &st, AT_SYMLINK_NOFOLLOW) == 0, st.st_mode & S_IFMT == S_IFDIR else { continue }
+            let fd = SafeDir.open(jobs, name)
+            if fd < 0 { continue }
+            let ended = readNumber(fd, endedMark)
+            close(fd)
+            let since = ended ?? (unmarked ? Int64(st.st_mtim.tv_sec) : nil)
+            guard let since, since + Int64(keep) <= now else { continue }
+            if !dryRun {
+                do { try SafeDir.removeTree(in: jobs, name, path: "\(jobsDir)/\(name)") } catch {
+                    printError("stagefs: cannot remove expired job logs \(jobsDir)/\(name): \(error.message)")
+                    continue
+                }
+            }
+            removed.append(name)
+        }
+        return removed
+    }
+
+    /// The number in the small file `name` of the open directory `dir` (not following a link).
+    private static func readNumber(_ dir: Int32, _ name: String) -> Int64? {
+        let fd = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        if fd < 0 { return nil }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 32)
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, 31) }
+        guard n > 0 else { return nil }
+        return Int64(String(decoding: buf[0..<n], as: UTF8.self).trimmed)
+    }
+
+    /// Writes `text` to `name` in the open directory `dir`, refusing a link there.
+    private static func writeAt(_ dir: Int32, _ name: String, _ text: String, append: Bool, path: String) throws(FSError) {
+        let fd = openat(dir, name, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC | (append ? O_APPEND : O_TRUNC), 0o644)
+        if fd < 0 {
+            if errno == ELOOP { throw FSError(ELOOP, "\(path) is a symbolic link: remove it") }
+            throw FSError.errno(errno, "cannot write \(path)")
+        }
+        defer { close(fd) }
+        let bytes = Array(text.utf8)
+        try fsTyped { try bytes.withUnsafeBytes { try Sys.writeAll(fd, [$0], path: path) } }
+    }
+}
+
+/// `<root>/<uid>/jobs/<job>` of the calling user (`root`: the log root, by default the cache
+/// root); with `create`, made (0700) when missing. `<root>/<uid>` must exist and be the
+/// caller's (root made it, or an earlier job did).
+func jobDirectory(root: String, job: String, create: Bool) throws(FSError) -> String {
+    let user = "\(root)/\(getuid())"
     guard let st = Sys.stat(user), st.st_mode & S_IFMT == S_IFDIR, st.st_uid == getuid() else {
         throw FSError(EPERM, "\(user) is not a directory of yours: the prolog prepares it; remove whatever is there")
     }

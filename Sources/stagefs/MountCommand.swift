@@ -17,7 +17,8 @@ struct Mount: ParsableCommand {
             Without -d the command serves the mount until it is unmounted (stagefs umount, or
             fusermount3 -u) or receives SIGTERM/SIGINT; buffered data is flushed first either way.
             With -d it returns once the mount is ready, or fails with the reason; the mount then
-            runs in the background and logs to --log.
+            runs in the background and logs to --log. While it flushes at the end, further
+            SIGTERM/SIGINT are ignored (SIGKILL stops it at once, losing what was not flushed).
 
             -o takes FUSE mount options: allow_other (other users may enter the mount; needs
             user_allow_other in /etc/fuse.conf unless root), allow_root (root may enter it, as a
@@ -350,8 +351,11 @@ struct Mount: ParsableCommand {
         Log.info("volume '\(format.name)' mounted at \(path) (session \(vfs.sid))")
         ready("ok")
         let rc = server.run()
-        Log.info("unmounting \(path) (loop ended with \(rc))")
+        let started = Sys.monotonicNanos()
+        Log.info("unmounting \(path) (loop ended with \(rc)): flushing buffered writes")
         vfs.stop()
         Runtime.remove(path)
+        Log.info(
+            "unmounted \(path): buffered writes flushed and the session closed in \(Double((Sys.monotonicNanos() - started) / 1_000_000) / 1000) s")
     }
 }

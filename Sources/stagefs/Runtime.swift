@@ -106,6 +106,43 @@ enum MountTable {
             .max { $0.mountPoint.count < $1.mountPoint.count }
     }
 
+    /// This user's processes serving a mount at `path`: `stagefs ... mount ... <path> ...` (the
+    /// arguments after "mount" name it), found through /proc.
+    static func processes(serving path: String) -> [pid_t] {
+        guard let d = opendir("/proc") else { return [] }
+        defer { closedir(d) }
+        var out: [pid_t] = []
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard let pid = pid_t(name), pid != getpid() else { continue }
+            if serves(pid, path) { out.append(pid) }
+        }
+        return out
+    }
+
+    /// Whether `pid` is a live process of this user serving a mount at `path` (false once it
+    /// has exited, also while it is a zombie: its command line is then empty).
+    static func serves(_ pid: pid_t, _ path: String) -> Bool {
+        guard let st = Sys.stat("/proc/\(pid)"), st.st_uid == getuid(), let cmd = Sys.readFile("/proc/\(pid)/cmdline") else { return false }
+        let args = cmd.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        guard let m = args.firstIndex(of: "mount") else { return false }
+        return args[(m + 1)...].contains(path)
+    }
+
+    /// Users with a StageFS mount in this namespace (FUSE records the mounting user as user_id=).
+    static func stagefsUsers() -> Set<uid_t> {
+        guard let bytes = Sys.readFile("/proc/self/mountinfo") else { return [] }
+        var out: Set<uid_t> = []
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            let parts = line.split(separator: " ")
+            guard let dash = parts.firstIndex(of: "-"), parts.count > dash + 3, parts[dash + 1] == "fuse.stagefs" else { continue }
+            for o in parts[dash + 3].split(separator: ",") where o.hasPrefix("user_id=") {
+                if let u = uid_t(o.dropFirst(8)) { out.insert(u) }
+            }
+        }
+        return out
+    }
+
     /// mountinfo escapes space, tab, newline and backslash as octal.
     static func unescape(_ s: String) -> String {
         guard s.contains("\\") else { return s }

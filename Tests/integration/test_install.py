@@ -4,6 +4,7 @@ real binds in bwrap (bubblewrap) namespaces."""
 import csv
 import os
 import shlex
+import shutil
 import subprocess
 
 import pytest
@@ -19,21 +20,48 @@ LMOD = "/opt/stagefs-test/lmod/usr/share/lmod/lmod/libexec/lmod"
 def prefix(env):
     p = env.dir_for("root", "prefix")
     os.chmod(p, 0o755)
-    r = subprocess.run(["make", "-s", "-C", REPO, "install", f"PREFIX={p}", f"BIN={os.path.abspath(env.bin)}"], capture_output=True, text=True)
+    r = make_install("install", f"PREFIX={p}", f"BIN={os.path.abspath(env.bin)}")
     assert r.returncode == 0, r.stderr
     yield p
     subprocess.run(["make", "-s", "-C", REPO, "uninstall", f"PREFIX={p}"], capture_output=True)
 
 
+def make_install(*args):
+    """`make install` of the binary the tests run (BIN=...): nothing is built (the plugin is
+    made only when missing), so the install is quick and races no build."""
+    return subprocess.run(["make", "-s", "-C", REPO, *args], capture_output=True, text=True)
+
+
+# Installed files that name paths of the install (templates with @PREFIX@).
+TEMPLATED = ["lib/systemd/system/stagefs@.service", "share/stagefs/modulefiles/fs-client/0.1.0",
+             "share/stagefs/slurm/plugstack.conf.d/stagefs.conf", "share/stagefs/slurm/slurm.conf.snippet",
+             "share/stagefs/slurm/stagefs.env", "share/stagefs/slurm/prolog.d/stagefs.sh",
+             "share/stagefs/slurm/epilog.d/stagefs.sh"]
+
+
+def installed_text_files(root):
+    """Every installed file that is text (no NUL byte), relative to `root`."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            data = open(path, "rb").read()
+            if b"\0" not in data:
+                out[os.path.relpath(path, root)] = data.decode()
+    return out
+
+
 def test_install_layout_and_uninstall_leaves_nothing(env):
     p = env.dir_for("root", "prefix-roundtrip")
-    r = subprocess.run(["make", "-s", "-C", REPO, "install", f"PREFIX={p}", f"BIN={os.path.abspath(env.bin)}"], capture_output=True, text=True)
+    r = make_install("install", f"PREFIX={p}", f"BIN={os.path.abspath(env.bin)}")
     assert r.returncode == 0, r.stderr
+    assert "Build" not in r.stdout + r.stderr, "nothing was built"
     for f in ["bin/stagefs", "sbin/mount.stagefs", "lib/stagefs/spank_stagefs.so", "lib/systemd/system/stagefs@.service",
               "share/stagefs/modulefiles/fs-client/0.1.0", "share/stagefs/modulefiles/fs-client/.version",
               "share/stagefs/singularity/README.md", "share/stagefs/singularity/apptainer.conf.snippet",
               "share/stagefs/slurm/README.md", "share/stagefs/slurm/prolog.d/stagefs.sh", "share/stagefs/slurm/epilog.d/stagefs.sh",
-              "share/stagefs/slurm/plugstack.conf.d/stagefs.conf", "share/stagefs/slurm/slurm.conf.snippet"]:
+              "share/stagefs/slurm/plugstack.conf.d/stagefs.conf", "share/stagefs/slurm/slurm.conf.snippet",
+              "share/stagefs/slurm/stagefs.env"]:
         assert os.path.exists(os.path.join(p, f)), f
     assert f"{p}/bin/stagefs" in open(f"{p}/lib/systemd/system/stagefs@.service").read()
     assert f"set prefix      {p}" in open(f"{p}/share/stagefs/modulefiles/fs-client/0.1.0").read()
@@ -41,6 +69,71 @@ def test_install_layout_and_uninstall_leaves_nothing(env):
     r = subprocess.run(["make", "-s", "-C", REPO, "uninstall", f"PREFIX={p}"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert os.listdir(p) == [], os.listdir(p)
+
+
+def test_installed_files_name_the_prefix_they_were_installed_in(env):
+    """After `make install PREFIX=<dir>` the plugstack line, the slurm.conf snippet, stagefs.env,
+    the modulefile, the systemd unit and the scripts name <dir>; no installed text file names
+    /usr/local (the default prefix) or an @PREFIX@ left over."""
+    p = env.dir_for("root", "prefix-opt")
+    r = make_install("install", f"PREFIX={p}", f"BIN={os.path.abspath(env.bin)}")
+    assert r.returncode == 0, r.stderr
+    try:
+        texts = installed_text_files(p)
+        for f in TEMPLATED:
+            assert p in texts[f], f"{f} names {p}"
+        for f, text in texts.items():
+            assert "/usr/local" not in text, f"{f} still names /usr/local"
+            assert "@PREFIX@" not in text, f"{f} has an unreplaced @PREFIX@"
+        conf = texts["share/stagefs/slurm/plugstack.conf.d/stagefs.conf"]
+        line = next(l for l in conf.splitlines() if l.startswith("required "))
+        assert line.split()[1] == f"{p}/lib/stagefs/spank_stagefs.so" and os.path.exists(line.split()[1])
+        assert f"stagefs={p}/bin/stagefs" in line.split()
+        assert f"include {p}/share/stagefs/slurm/plugstack.conf.d/stagefs.conf" in conf, "the include line to copy"
+        env_file = texts["share/stagefs/slurm/stagefs.env"]
+        assert f"STAGEFS_BIN={p}/bin/stagefs" in env_file.splitlines()
+        snippet = texts["share/stagefs/slurm/slurm.conf.snippet"]
+        assert f"#Prolog={p}/share/stagefs/slurm/prolog.d/stagefs.sh" in snippet
+        assert os.path.exists(f"{p}/share/stagefs/slurm/prolog.d/stagefs.sh")
+        # The installed scripts are valid sh and still executable.
+        for kind in ("prolog", "epilog"):
+            script = f"{p}/share/stagefs/slurm/{kind}.d/stagefs.sh"
+            assert os.access(script, os.X_OK)
+            assert subprocess.run(["sh", "-n", script]).returncode == 0
+        # The unit, linked the way the README says for a prefix systemd does not read.
+        sysroot = env.dir_for("root", "sysroot")
+        unit = f"{p}/lib/systemd/system/stagefs@.service"
+        os.makedirs(f"{sysroot}/etc/systemd/system")
+        os.makedirs(os.path.dirname(f"{sysroot}{unit}"))
+        shutil.copy(unit, f"{sysroot}{unit}")
+        r = subprocess.run(["systemctl", f"--root={sysroot}", "link", unit], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run(["systemctl", f"--root={sysroot}", "enable", "stagefs@mnt-data"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert os.readlink(f"{sysroot}/etc/systemd/system/stagefs@mnt-data.service") == unit
+    finally:
+        make_install("uninstall", f"PREFIX={p}")
+
+
+def test_a_packagers_install_lands_under_destdir_and_names_prefix_only(env):
+    destdir = env.dir_for("root", "pkg")
+    r = make_install("install", f"DESTDIR={destdir}", "PREFIX=/usr", f"BIN={os.path.abspath(env.bin)}")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(destdir)) == ["usr"], "every file lands under DESTDIR/PREFIX"
+    for f in ["bin/stagefs", "lib/stagefs/spank_stagefs.so", *TEMPLATED]:
+        assert os.path.exists(f"{destdir}/usr/{f}"), f
+    texts = installed_text_files(destdir)
+    assert texts
+    for f, text in texts.items():
+        assert destdir not in text, f"{f} names DESTDIR"
+        assert "/usr/local" not in text and "@PREFIX@" not in text, f
+    for f in TEMPLATED:
+        assert "/usr" in texts[f"usr/{f}"], f
+    assert "ExecStart=/usr/bin/stagefs mount" in texts["usr/lib/systemd/system/stagefs@.service"]
+    assert "systemctl link" not in r.stdout, "/usr/lib/systemd/system is where systemd looks"
+    r = make_install("uninstall", f"DESTDIR={destdir}", "PREFIX=/usr")
+    assert r.returncode == 0, r.stderr
+    assert [d for d, _, files in os.walk(destdir) if files] == [], "uninstall removes every file"
 
 
 MODULE_SCRIPT = r"""

@@ -1,6 +1,7 @@
 """Slurm end to end: a local cluster (munged, slurmctld, slurmd on loopback ports, a temporary
 configuration with the built SPANK plugin in its plugstack) stages jobs' datasets before they
 start and gives them a mount; the shell prolog/epilog do the same for sites that prefer them."""
+import json
 import os
 import shutil
 import signal
@@ -141,9 +142,14 @@ PlugStackConfig={d}/plugstack.conf
 """)
         with open(f"{d}/cgroup.conf", "w") as f:
             f.write("CgroupPlugin=cgroup/v1\n")
-        with open(f"{d}/plugstack.conf", "w") as f:
+        # plugstack.conf names the plugin's file with an include line, as the README says.
+        os.makedirs(f"{d}/plugstack.conf.d")
+        self.plugstack = f"{d}/plugstack.conf.d/stagefs.conf"
+        with open(self.plugstack, "w") as f:
             f.write(f"required {self.plugin} stagefs={env.bin} volume={self.meta} cache_root={d}/cache "
                     f"mount_root={d}/mnt state_dir={d}/jobstate timeout=300{' hooks=no' if shell_hooks else ''}\n")
+        with open(f"{d}/plugstack.conf", "w") as f:
+            f.write(f"include {self.plugstack}\n")
         self.start(["slurmctld", "-D", "-f", self.conf])
         assert helpers.wait_port(ctld, 30), "slurmctld listens"
         self.start(["slurmd", "-D", "-f", self.conf, "-N", "n1"])
@@ -244,7 +250,11 @@ def assert_cleaned_up(cluster, jobid):
     assert procs == "", "no process of the job remains"
     assert pins_of(cluster, jobid) == 0, "no pin of the job remains"
     uid = helpers.pwd.getpwnam(USER).pw_uid
-    assert not os.path.exists(f"{cluster.dir}/cache/{uid}/jobs/{jobid}")
+    jobdir = f"{cluster.dir}/cache/{uid}/jobs/{jobid}"
+    if os.path.lexists(jobdir):
+        # Kept for keep_logs (7 days by default) with what happened in it, marked ended.
+        assert os.path.isdir(jobdir) and not os.path.islink(jobdir)
+        assert os.path.exists(f"{jobdir}/ended") and os.path.exists(f"{jobdir}/epilog.log"), os.listdir(jobdir)
     assert not os.path.exists(f"{cluster.dir}/jobstate/{jobid}"), "the status file is gone"
 
 
@@ -531,7 +541,7 @@ def test_another_users_directory_under_my_name_is_moved_aside(request, hooks):
 
 def test_a_node_fault_fails_the_prolog(cluster, env):
     """A missing stagefs binary is the node's fault: the prolog fails and Slurm drains the node."""
-    conf = f"{cluster.dir}/plugstack.conf"
+    conf = cluster.plugstack
     good = open(conf).read()
     with open(conf, "w") as f:
         f.write(good.replace(f"stagefs={env.bin}", "stagefs=/nonexistent/stagefs"))
@@ -598,3 +608,350 @@ def test_shell_hooks_under_slurmd(shell_cluster, env):
     assert "STATUS=ok" in out and f"MOUNT={c.dir}/mnt/{jobid}" in out
     assert "/datasets/small: 100.0% cached, 12 of 12 files" in out and out.strip().endswith("12")
     assert_cleaned_up(c, jobid)
+
+
+# ---- Site settings: mount options, the job's cache size, kept logs, flushing at the end, gc ----
+
+GC_USER = "stagefs-gc"  # a user of no other test: gc judges users by their processes on the node
+
+
+def job_id(p):
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def wait_output(cluster, name, jobid, text, timeout=120):
+    helpers.wait_until(lambda: text in cluster.output(name, jobid)[0], timeout, f"'{text}' in the output of job {jobid}")
+
+
+def mount_options_of(path):
+    """The per-mount and the super-block options of the mount at `path` (mountinfo)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if parts[4] == path:
+                dash = parts.index("-")
+                return set(parts[5].split(",")) | set(parts[dash + 3].split(","))
+    return None
+
+
+def cmdline_of_mount(path):
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"mount" in args and path.encode() in args:
+                return [a.decode() for a in args if a]
+    return None
+
+
+def cache_check(cluster, env, path, user=USER):
+    return env.stagefs("stage", "--meta", cluster.meta, "--cache-dir", f"{cluster.dir}/cache", path, "--check", user=user, check=False).stdout
+
+
+@pytest.fixture(scope="module")
+def gc_user():
+    return helpers.ensure_user(GC_USER)
+
+
+def test_cache_gc_frees_stale_caches_keeps_pinned_blocks_and_follows_no_link(cluster, env, gc_user):
+    """`stagefs cache gc` as root: the cache of a user with no process on the node and unused
+    for longer than --older-than goes; a running job's pinned blocks stay while the user's
+    unpinned blocks are evicted for a free-space target; links users planted in the cache root
+    and in their cache directories are never followed (root's files keep content and mode)."""
+    d = cluster.dir
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    v = Victims(cluster, "gc")
+    # A user long gone: blocks last used 10 days ago, a link to root's files among them.
+    gcdir = f"{d}/cache/{gc_user.pw_uid}"
+    env.stagefs("stage", "--meta", cluster.meta, "--cache-dir", f"{d}/cache", "/datasets/small", user=GC_USER)
+    run_as(GC_USER, lambda: sqlite3.connect(f"{gcdir}/index.db").execute("UPDATE blocks SET atime = atime - 864000").connection.commit())
+    run_as(GC_USER, os.symlink, v.dir, f"{gcdir}/planted-dir")
+    run_as(GC_USER, os.symlink, v.file, f"{gcdir}/planted-file")
+    # A link named like a user in the shared cache root.
+    planted_root = f"{d}/cache/4242424"
+    run_as(USER, os.symlink, v.dir, planted_root)
+    # This user: unpinned blocks (f0..f10), and a running job with f11 pinned.
+    env.stagefs("stage", "--meta", cluster.meta, "--cache-dir", f"{d}/cache", *[f"/datasets/small/f{i}" for i in range(11)])
+    run_as(USER, os.symlink, v.dir, f"{d}/cache/{uid}/planted-dir")
+    release = f"{d}/out/gc-release"
+    p = cluster.submit(f"#!/bin/bash\necho READY\nwhile [ ! -e {release} ]; do sleep 0.2; done\n",
+                       "--storage-stage=/datasets/small/f11", "--storage-no-mount", name="gc-pinned")
+    jobid = job_id(p)
+    try:
+        wait_output(cluster, "gc-pinned", jobid, "READY")
+        assert pins_of(cluster, jobid) > 0
+        args = ["cache", "gc", "--cache-dir", f"{d}/cache", "--older-than", "7d", "--free-space-ratio", "0.999"]
+        dry = env.stagefs(*args, "--dry-run", user="root")
+        assert f"uid {gc_user.pw_uid} ({GC_USER}): no process or mount on this node and last used 10 day(s) ago: would remove" in dry.stdout, dry.stdout
+        assert os.path.exists(f"{gcdir}/index.db"), "a dry run changes nothing"
+        dry = env.stagefs("cache", "gc", "--cache-dir", f"{d}/cache", "--target", "1000000T", "--dry-run", user="root").stdout
+        mine = next(l for l in dry.splitlines() if l.startswith(f"uid {uid} ({USER}): "))
+        assert "would free" in mine and f"pinned by job(s) {jobid}" in mine, dry
+        assert "100.0% cached" in cache_check(cluster, env, "/datasets/small/f1")
+        out = env.stagefs(*args, user="root").stdout
+        assert f"uid {gc_user.pw_uid} ({GC_USER}): no process or mount on this node and last used 10 day(s) ago: removed its cache, freed 5." in out, out
+        mine = next(l for l in out.splitlines() if l.startswith(f"uid {uid} ({USER}): "))
+        assert "least recently used block(s)" in mine and f"pinned by job(s) {jobid}" in mine, mine
+        assert f"skipped {planted_root}: a symbolic link or not a directory owned by uid 4242424 (not followed)" in out, out
+        assert not os.path.lexists(gcdir), "the stale user's cache is gone"
+        assert os.path.islink(planted_root), "root left the planted link alone"
+        v.assert_intact()
+        assert "100.0% cached" in cache_check(cluster, env, "/datasets/small/f11"), "the running job's pinned blocks stay"
+        assert "0.0% cached" in cache_check(cluster, env, "/datasets/small/f1"), "unpinned blocks were evicted"
+        assert pins_of(cluster, jobid) > 0
+    finally:
+        open(release, "w").close()
+        os.unlink(planted_root)
+        if os.path.lexists(f"{d}/cache/{uid}/planted-dir"):
+            os.unlink(f"{d}/cache/{uid}/planted-dir")
+    assert cluster.wait_job(jobid) == "COMPLETED"
+    os.unlink(release)
+    v.assert_intact()
+
+
+# The settings the next tests run with: on the plugin's plugstack line, or in stagefs.env.
+PLUGIN_SETTINGS = "mount_options=allow_root cache_size=5 free_space_ratio=0.05 keep_logs=3s flush_timeout=30 log_root={d}/logs"
+SHELL_SETTINGS = ("STAGEFS_MOUNT_OPTIONS=allow_root\nSTAGEFS_CACHE_SIZE=5\nSTAGEFS_FREE_SPACE_RATIO=0.05\n"
+                  "STAGEFS_KEEP_LOGS=3s\nSTAGEFS_FLUSH_TIMEOUT=30\n")
+
+
+@pytest.fixture(scope="module")
+def plugin_settings(cluster):
+    """The plugin cluster with the settings (slurmd restarted once; put back at the end)."""
+    d = cluster.dir
+    os.makedirs(f"{d}/logs", exist_ok=True)
+    os.chmod(f"{d}/logs", 0o1777)
+    good = open(cluster.plugstack).read()
+    with open(cluster.plugstack, "w") as f:
+        f.write(good.rstrip("\n") + " " + PLUGIN_SETTINGS.format(d=d) + "\n")
+    cluster.restart_slurmd()
+    yield cluster, f"{d}/logs"
+    with open(cluster.plugstack, "w") as f:
+        f.write(good)
+    cluster.restart_slurmd()
+
+
+@pytest.fixture(scope="module")
+def shell_settings(shell_cluster):
+    conf = f"{shell_cluster.dir}/stagefs.env"
+    good = open(conf).read()
+    with open(conf, "a") as f:
+        f.write(SHELL_SETTINGS)
+    yield shell_cluster, f"{shell_cluster.dir}/cache"
+    with open(conf, "w") as f:
+        f.write(good)
+
+
+def configured(request, hooks):
+    return request.getfixturevalue("plugin_settings" if hooks == "plugin" else "shell_settings")
+
+
+def test_a_bad_mount_option_is_refused_with_its_name(env, cluster):
+    p = env.stagefs("job", "prolog", "--job", "1", "--cache-dir", f"{cluster.dir}/cache", "--mount-options", "allow_root,suid",
+                    "--spec", "/x", check=False)
+    assert p.returncode == 4 and "stagefs: mount option 'suid' is not allowed for a job's mount (allowed: allow_root" in p.stderr, p.stderr
+    # The plugin refuses it when it loads: sbatch says why and queues nothing.
+    conf = f"{cluster.dir}/plugstack-bad.conf"
+    with open(conf, "w") as f:
+        f.write(open(cluster.plugstack).read().rstrip("\n") + " mount_options=dev\n")
+    os.chmod(conf, 0o644)
+    slurm_conf = f"{cluster.dir}/slurm-bad.conf"
+    with open(slurm_conf, "w") as f:
+        f.write(open(cluster.conf).read().replace(f"PlugStackConfig={cluster.dir}/plugstack.conf", f"PlugStackConfig={conf}"))
+    os.chmod(slurm_conf, 0o644)
+    p = subprocess.run(["runuser", "-u", USER, "--", "env", f"SLURM_CONF={slurm_conf}", "sbatch", "--storage-stage=/datasets/small",
+                        "--wrap", "true"], capture_output=True, text=True)
+    assert p.returncode != 0 and "stagefs: mount option 'dev' in mount_options= is not allowed" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("hooks", ["plugin", "shell"])
+def test_job_settings_reach_the_mount_and_the_cache(request, env, hooks):
+    """mount_options=allow_root reaches the job's mount (root may enter it, another user may
+    not), and the job's cache is cache_size MiB: a dataset larger than that fails the job
+    with the size named."""
+    c, logs = configured(request, hooks)
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    release = f"{c.dir}/out/settings-release-{hooks}"
+    script = (f"#!/bin/bash\necho REPORT=$STAGEFS_STAGE_REPORT\necho READY\n"
+              f"while [ ! -e {release} ]; do sleep 0.2; done\n")
+    name = f"settings-{hooks}"
+    jobid = job_id(c.submit(script, "--storage-stage=/datasets/small/f1,/datasets/small/f2", name=name))
+    mnt = f"{c.dir}/mnt/{jobid}"
+    try:
+        wait_output(c, name, jobid, "READY")
+        opts = mount_options_of(mnt)
+        assert opts is not None and "allow_other" in opts, f"the kernel lets others reach the mount (libfuse checks allow_root): {opts}"
+        args = cmdline_of_mount(mnt)
+        assert args and "-o" in args and args[args.index("-o") + 1] == "allow_root", args
+        assert args[args.index("--cache-size") + 1] == "5" and args[args.index("--free-space-ratio") + 1] == "0.05", args
+        assert sorted(os.listdir(f"{mnt}/datasets/small"))[:2] == ["f0", "f1"], "root may enter the job's mount"
+        with pytest.raises(PermissionError):
+            run_as(OTHER, os.listdir, mnt)
+        out = c.output(name, jobid)[0]
+        assert f"REPORT={logs}/{uid}/jobs/{jobid}/report.json" in out, out
+        assert os.path.exists(f"{logs}/{uid}/jobs/{jobid}/report.json") and os.path.exists(f"{logs}/{uid}/jobs/{jobid}/mount.log")
+    finally:
+        open(release, "w").close()
+    assert c.wait_job(jobid) == "COMPLETED"
+    os.unlink(release)
+    # The whole dataset (5.5 MiB) does not fit a 5 MiB cache.
+    name = f"toobig-{hooks}"
+    jobid = job_id(c.submit("#!/bin/bash\necho RAN\n", "--storage-stage=/datasets/small", "--storage-no-mount", name=name))
+    state = c.wait_job(jobid)
+    out, err = c.output(name, jobid)
+    assert state == "FAILED" and "RAN" not in out and f"exceed --cache-size {5 << 20} bytes" in err, (state, out, err)
+
+
+@pytest.mark.parametrize("hooks", ["plugin", "shell"])
+def test_a_failed_jobs_report_and_logs_are_kept_then_expire(request, env, hooks):
+    """The epilog keeps the report, the mount log and its own log for keep_logs (3 s here);
+    the user's next job on the node removes them once that time has passed."""
+    c, logs = configured(request, hooks)
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    name = f"kept-{hooks}"
+    jobid = job_id(c.submit("#!/bin/bash\necho FAILING\nexit 3\n", "--storage-stage=/datasets/small/f1", name=name))
+    assert c.wait_job(jobid) == "FAILED"
+    jobdir = f"{logs}/{uid}/jobs/{jobid}"
+    helpers.wait_until(lambda: os.path.exists(f"{jobdir}/ended"), 30, "the epilog to mark the job ended")
+    assert sorted(os.listdir(jobdir)) == ["ended", "epilog.log", "mount.log", "report.json"], os.listdir(jobdir)
+    assert json.load(open(f"{jobdir}/report.json"))["status"] == "ok"
+    epilog = open(f"{jobdir}/epilog.log").read()
+    assert f"unmounted {c.dir}/mnt/{jobid}; its mount process flushed and exited in" in epilog, epilog
+    assert "kept until" in epilog and "keep_logs=3s" in epilog
+    assert "unmounted" in open(f"{jobdir}/mount.log").read()
+    ended = int(open(f"{jobdir}/ended").read())
+    helpers.wait_until(lambda: time.time() > ended + 3, 10, "keep_logs to pass")
+    nxt = job_id(c.submit("#!/bin/bash\ntrue\n", "--storage-stage=/datasets/small/f1", "--storage-no-mount", name=f"after-{hooks}"))
+    assert c.wait_job(nxt) == "COMPLETED"
+    assert not os.path.exists(jobdir), "the next job's prolog or epilog removed the expired logs"
+
+
+FILES = 200
+RECORD = 4096
+WRITER = r"""
+import os, sys, time
+top, progress, files, record = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+os.mkdir(top)
+fds = [os.open(f"{top}/f{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for i in range(files)]
+rounds = 0
+while True:
+    try:
+        for i, fd in enumerate(fds):
+            os.write(fd, (b"%08d" % rounds) * (record // 8))
+    except OSError:
+        break
+    rounds += 1
+    with open(progress + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {rounds}\n")
+    os.rename(progress + ".tmp", progress)
+"""
+
+
+@pytest.mark.parametrize("hooks", ["plugin", "shell"])
+def test_the_epilog_lets_the_mount_flush_a_jobs_buffered_writes(request, env, hooks):
+    """A process the job left behind still writes to a file in the job's mount when the job
+    ends (the mount holds the last seconds of it in its write buffer). The epilog unmounts
+    and lets the mount process flush before anything is killed: every write that returned is
+    in the volume afterwards."""
+    c, logs = configured(request, hooks)
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    subprocess.run(["chown", "-R", USER, f"{c.dir}/data"], check=True)  # jobs may write to the volume
+    writer = f"{c.dir}/out/writer.py"
+    with open(writer, "w") as f:
+        f.write(WRITER)
+    progress = f"{c.dir}/out/progress-{hooks}"
+    name = f"flush-{hooks}"
+    top = f"/flush-{hooks}-{os.urandom(3).hex()}"
+    script = (f"#!/bin/bash\nsetsid python3 {writer} $STAGEFS_MOUNT{top} {progress} {FILES} {RECORD} </dev/null >/dev/null 2>&1 &\n"
+              f"while [ ! -e {progress} ] || [ $(cut -d' ' -f2 {progress}) -lt 3 ]; do sleep 0.05; done\necho WRITING\n")
+    jobid = job_id(c.submit(script, "--storage-stage=/datasets/small/f1", name=name))
+    assert c.wait_job(jobid) == "COMPLETED"
+    assert "WRITING" in c.output(name, jobid)[0]
+    pid, rounds = map(int, open(progress).read().split())
+    helpers.wait_until(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", 60,
+                       "the writer to stop once the mount is gone")
+    helpers.kill_quietly(pid)
+    pid, rounds = map(int, open(progress).read().split())
+    os.unlink(progress)
+    assert rounds >= 3
+    # The volume, read through a fresh mount: every write that returned is there.
+    look = env.dir_for("root", "look")
+    env.stagefs("mount", "-d", c.meta, look, "--cache-size", "0", user="root")
+    try:
+        short = []
+        for i in range(FILES):
+            data = open(f"{look}{top}/f{i}", "rb").read()
+            if len(data) < rounds * RECORD or any(data[r * RECORD:r * RECORD + 8] != b"%08d" % r for r in range(rounds)):
+                short.append((i, len(data)))
+    finally:
+        env.stagefs("umount", look, user="root")
+    jobdir = f"{logs}/{uid}/jobs/{jobid}"
+    epilog, mount_log = open(f"{jobdir}/epilog.log").read(), open(f"{jobdir}/mount.log").read()
+    assert not short, f"{len(short)} of {FILES} files lack writes that returned ({rounds} rounds): {short[:5]}\n{epilog}\n{mount_log}"
+    assert "its mount process flushed and exited" in epilog, epilog
+    assert "ERROR" not in mount_log, mount_log
+
+
+def test_the_epilog_waits_for_a_slow_flush_up_to_flush_timeout(cluster, env, redis, moto):
+    """The object store stalls while the job's mount flushes at the job's end (moto stopped
+    with SIGSTOP): the epilog (the shell script, as slurmd runs it; the plugin runs the same
+    `stagefs job epilog`) waits past the old 5 s for the flush instead of killing the mount,
+    and the writes reach the store once it answers again. With a short flush_timeout it kills
+    the mount at that limit and says so."""
+    d = cluster.dir
+    meta = redis.url(redis.new_db())
+    env.stagefs("format", meta, "stallvol", "--storage", "s3", "--bucket", moto.bucket("stall-bucket"),
+                "--access-key", moto.access_key, "--secret-key", moto.secret_key, user="root")
+    conf = f"{d}/stall.env"
+    with open(conf, "w") as f:
+        f.write(f"STAGEFS_BIN={env.bin}\nSTAGEFS_VOLUME={meta}\nSTAGEFS_CACHE_ROOT={d}/cache\nSTAGEFS_MOUNT_ROOT={d}/mnt\n"
+                f"STAGEFS_STATE_DIR={d}/jobstate\nSTAGEFS_TIMEOUT=300\n")
+    writer = f"{d}/out/writer.py"
+    with open(writer, "w") as f:
+        f.write(WRITER)
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    for job, flush in (("990101", 30), ("990102", 1)):
+        base = {**os.environ, "STAGEFS_SLURM_ENV": conf, "SLURM_JOB_ID": job, "SLURM_JOB_USER": USER, "STAGEFS_FLUSH_TIMEOUT": str(flush)}
+        p = subprocess.run([f"{REPO}/slurm/prolog.d/stagefs.sh"], env={**base, "SPANK_STAGEFS_STORAGE_STAGE": "/"}, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        mnt = f"{d}/mnt/{job}"
+        assert open(f"{d}/jobstate/{job}").read().startswith("ok\n") and helpers.is_mounted(mnt)
+        progress = f"{d}/out/progress-{job}"
+        w = subprocess.Popen(["runuser", "-u", USER, "--", "python3", writer, f"{mnt}/out-{job}", progress, "50", "4096"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        helpers.wait_until(lambda: os.path.exists(progress) and int(open(progress).read().split()[1]) >= 2, 60, "the writer to write")
+        os.kill(moto.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            epilog = subprocess.Popen([f"{REPO}/slurm/epilog.d/stagefs.sh"], env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if flush > 5:
+                helpers.wait_until(lambda: not helpers.is_mounted(mnt), 30, "the epilog to detach the mount")
+                # Past the 5 s after which the old epilog killed the mount.
+                helpers.wait_until(lambda: time.monotonic() > started + 6, 10, "6 s to pass")
+                assert epilog.poll() is None, "the epilog still waits for the flush"
+                assert subprocess.run(["pgrep", "-f", f"stagefs mount .*{mnt}"], capture_output=True).returncode == 0, "the mount process runs"
+            os.kill(moto.proc.pid, signal.SIGCONT) if flush > 5 else None
+            _, err = epilog.communicate(timeout=120)
+        finally:
+            os.kill(moto.proc.pid, signal.SIGCONT)
+        assert epilog.returncode == 0, err
+        w.wait(60)
+        rounds = int(open(progress).read().split()[1])
+        os.unlink(progress)
+        assert not helpers.is_mounted(mnt) and not os.path.exists(mnt)
+        assert subprocess.run(["pgrep", "-f", f"stagefs mount .*{mnt}"], capture_output=True).returncode != 0, "no mount process is left"
+        if flush > 5:
+            assert f"unmounted {mnt}; its mount process flushed and exited in" in err, err
+            look = env.dir_for("root", "look")
+            env.stagefs("mount", "-d", meta, look, "--cache-size", "0", user="root")
+            try:
+                sizes = [os.path.getsize(f"{look}/out-{job}/f{i}") for i in range(50)]
+            finally:
+                env.stagefs("umount", look, user="root")
+            assert all(s >= rounds * 4096 for s in sizes), f"every write that returned reached the store: {sizes} < {rounds * 4096}"
+        else:
+            assert f"the mount at {mnt} did not finish flushing within 1 s (flush_timeout): killed pid" in err, err
+        assert "flush" in open(f"{d}/cache/{uid}/jobs/{job}/epilog.log").read()

@@ -14,10 +14,12 @@
 # goes to $STAGEFS_STATE_DIR/<jobid> (root's own directory), readable by the job's user only.
 # User-caused failures do not fail the prolog (the node is not drained); node faults exit 1.
 set -u
-# slurmd gives scripts a bare environment; root's script chooses its own PATH.
-PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# slurmd gives scripts a bare environment; root's script chooses its own PATH (make install
+# writes its prefix for @PREFIX@).
+PATH=@PREFIX@/sbin:@PREFIX@/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 . "${STAGEFS_SLURM_ENV:-/etc/stagefs/slurm.env}"
+: "${STAGEFS_BIN:=@PREFIX@/bin/stagefs}"
 # slurmd gives a prolog the job's options as SPANK_STAGEFS_* (the plugin passes them at submit).
 SPEC=${SPANK_STAGEFS_STORAGE_STAGE:-${SPANK__SLURM_SPANK_OPTION_stagefs_storage_stage:-${STAGEFS_STAGE:-}}}
 [ -n "$SPEC" ] || exit 0
@@ -85,6 +87,15 @@ for v in ${STAGEFS_VOLUMES:-}; do
 done
 [ -x "$STAGEFS_BIN" ] || { echo "stagefs: job $JOB: $STAGEFS_BIN cannot be run" >&2; exit 1; }
 site_dir_ok "$STAGEFS_CACHE_ROOT" cache_root || exit 1
+# Job settings (stagefs.env): checked by `stagefs job prolog`, which refuses a mount option
+# outside its safe list (the job then fails with the reason).
+LOG_ROOT=${STAGEFS_LOG_ROOT:-$STAGEFS_CACHE_ROOT}
+[ "$LOG_ROOT" = "$STAGEFS_CACHE_ROOT" ] || site_dir_ok "$LOG_ROOT" log_root || exit 1
+# (as arguments of `stagefs job prolog`, each one word whatever it holds)
+set -- --keep-logs "${STAGEFS_KEEP_LOGS:-7d}" --log-dir "$LOG_ROOT"
+[ -n "${STAGEFS_CACHE_SIZE:-}" ] && set -- "$@" --cache-size "$STAGEFS_CACHE_SIZE"
+[ -n "${STAGEFS_FREE_SPACE_RATIO:-}" ] && set -- "$@" --free-space-ratio "$STAGEFS_FREE_SPACE_RATIO"
+[ -n "${STAGEFS_MOUNT_OPTIONS:-}" ] && set -- "$@" --mount-options "$STAGEFS_MOUNT_OPTIONS"
 mkdir -p -m 0755 -- "$STATE_DIR" && site_dir_ok "$STATE_DIR" state_dir root-only || exit 1
 MNT=
 if [ -z "$NO_MOUNT" ] && [ -n "${STAGEFS_MOUNT_ROOT:-}" ]; then
@@ -98,7 +109,7 @@ LIMIT=$((${STAGEFS_TIMEOUT:-3600} + 120))
 if [ "${#SPEC}" -gt 4096 ]; then
     REASONS="stagefs: --storage-stage is longer than 4096 characters
 "
-elif prepare_dir "$STAGEFS_CACHE_ROOT" "$UID_N"; then
+elif prepare_dir "$STAGEFS_CACHE_ROOT" "$UID_N" && { [ "$LOG_ROOT" = "$STAGEFS_CACHE_ROOT" ] || prepare_dir "$LOG_ROOT" "$UID_N"; }; then
     [ -n "$MNT" ] && ! prepare_dir "$STAGEFS_MOUNT_ROOT" "$JOB" && MNT=
     # As the job's user (its uid, gid and groups, a clean environment). Of what it prints, the
     # first 16 KiB are kept (the first reasons matter) and the rest is read and dropped.
@@ -107,7 +118,7 @@ elif prepare_dir "$STAGEFS_CACHE_ROOT" "$UID_N"; then
         timeout "$LIMIT" env -i PATH="$PATH" HOME="$HOME_DIR" USER="$USER_NAME" LOGNAME="$USER_NAME" \
             setpriv --reuid="$UID_N" --regid="$GID_N" --init-groups -- "$STAGEFS_BIN" job prolog --job "$JOB" \
             --cache-dir "$STAGEFS_CACHE_ROOT" --volume "$STAGEFS_VOLUME" $VOLUMES --spec "$SPEC" --timeout "${STAGEFS_TIMEOUT:-3600}" \
-            ${MNT:+--mount-dir "$MNT"} 2>&1
+            "$@" ${MNT:+--mount-dir "$MNT"} 2>&1
         echo $? > "$RCFILE"
     } | { head -c 16384; cat > /dev/null; })
     RC=$(cat -- "$RCFILE" 2>/dev/null)

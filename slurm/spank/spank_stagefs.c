@@ -13,6 +13,15 @@
  *   mount_root=DIR       per-job mounts are made at DIR/<jobid> (root-owned, not writable by users)
  *   state_dir=DIR        root-only directory for the per-job status files (default /run/stagefs)
  *   timeout=SECONDS      limit for staging (default 3600)
+ *   mount_options=OPTS   FUSE options of the job's mount, from a safe list (allow_root for
+ *                        setuid-mode container runtimes, allow_other, ro, noatime, noexec,
+ *                        nosuid, nodev); anything else is refused when the plugin loads
+ *   cache_size=MIB       MiB of the node's cache a job's user may fill (default 102400)
+ *   free_space_ratio=R   fraction of the cache file system kept free (default 0.1)
+ *   log_root=DIR         job reports and logs go to DIR/<uid>/jobs/<jobid>/ (default cache_root)
+ *   keep_logs=DURATION   how long those are kept after the job (default 7d; 0: removed at once)
+ *   flush_timeout=DURATION  time the job's mount gets to flush buffered writes and exit at the
+ *                        end of the job before it is killed (default 60s)
  *   hooks=no             leave the job prolog/epilog to slurm/prolog.d and epilog.d (Prolog=,
  *                        Epilog= in slurm.conf); the plugin then only registers the options and
  *                        sets up the job's environment in task_init
@@ -24,9 +33,12 @@
  * switched to the job's uid, gid and groups: that child does all work in the user's directories
  * (staging, reports, the job's mount). The child's exit status is the outcome (0 ok, 3 partial,
  * 4 failed); root writes it with the reasons to <state_dir>/<jobid>, where only root can write,
- * and task_init fails the job with them. Only node faults (binary missing, cache_root or
- * state_dir unusable) fail the prolog. The epilog unmounts, stops the mount process, removes
- * the mount directory through its parent's descriptor and runs `stagefs job epilog` as the user.
+ * and task_init fails the job with them. Only node faults (binary missing, cache_root,
+ * log_root or state_dir unusable) fail the prolog. The epilog runs `stagefs job epilog` as the
+ * user (it detaches the job's mount, gives the mount process flush_timeout to flush buffered
+ * writes and exit, then kills it; releases the pins; keeps the job's logs for keep_logs), then
+ * aborts and kills whatever is left of the mount as root and removes the mount directory
+ * through its parent's descriptor.
  *
  * The plugin does not link Swift: it runs the stagefs binary. Between fork and exec the child
  * makes only async-signal-safe calls (everything it needs is prepared before the fork); the
@@ -77,6 +89,12 @@ static struct volume sf_volumes[MAX_VOLUMES];
 static int sf_nvolumes = 0;
 static int sf_default_volume = -1;
 static int sf_timeout = 3600;
+static char sf_mount_options[256] = "";
+static char sf_cache_size[32] = "";       /* MiB, as given; empty: stagefs's default */
+static char sf_free_space_ratio[32] = ""; /* as given; empty: stagefs's default */
+static char sf_log_root[PATH_MAX] = "";   /* empty: cache_root */
+static char sf_keep_logs[32] = "7d";
+static int sf_flush_timeout = 60;
 
 /* What a job asked for (parsed from the option's value). */
 struct spec {
@@ -116,6 +134,55 @@ static int sf_add_volume(const char *name, const char *url) {
     return sf_nvolumes++;
 }
 
+/* FUSE options a job's mount may be given: what container runtimes and other users need, and
+ * options that only take rights away. The same list as `stagefs job prolog --mount-options`. */
+static const char *const sf_safe_mount_options[] = {"allow_root", "allow_other", "ro", "noatime", "noexec", "nosuid", "nodev", NULL};
+
+static int sf_check_mount_options(const char *text) {
+    char copy[sizeof(sf_mount_options)];
+    if (strlen(text) >= sizeof(copy)) {
+        slurm_error("stagefs: mount_options= is longer than %zu characters", sizeof(copy) - 1);
+        return -1;
+    }
+    snprintf(copy, sizeof(copy), "%s", text);
+    int root = 0, other = 0;
+    char *save = NULL;
+    for (char *o = strtok_r(copy, ",", &save); o; o = strtok_r(NULL, ",", &save)) {
+        int ok = 0;
+        for (int i = 0; sf_safe_mount_options[i]; i++)
+            if (strcmp(o, sf_safe_mount_options[i]) == 0) ok = 1;
+        if (!ok) {
+            slurm_error("stagefs: mount option '%s' in mount_options= is not allowed for a job's mount (allowed: allow_root, allow_other, "
+                        "ro, noatime, noexec, nosuid, nodev)",
+                        o);
+            return -1;
+        }
+        root |= strcmp(o, "allow_root") == 0;
+        other |= strcmp(o, "allow_other") == 0;
+    }
+    if (root && other) {
+        slurm_error("stagefs: mount_options= allow_root and allow_other exclude each other: allow_other already lets root in");
+        return -1;
+    }
+    return 0;
+}
+
+/* Seconds of "N", "Ns", "Nm", "Nh" or "Nd"; -1 when it is not one. */
+static long sf_duration(const char *text) {
+    char *end = NULL;
+    if (!isdigit((unsigned char)text[0])) return -1;
+    errno = 0;
+    long n = strtol(text, &end, 10);
+    if (errno || n < 0 || n > 100L * 365 * 86400) return -1;
+    long unit = 1;
+    if (*end == 's') unit = 1, end++;
+    else if (*end == 'm') unit = 60, end++;
+    else if (*end == 'h') unit = 3600, end++;
+    else if (*end == 'd') unit = 86400, end++;
+    if (*end) return -1;
+    return n * unit;
+}
+
 static int sf_parse_args(int ac, char **av) {
     sf_nvolumes = 0;
     sf_default_volume = -1;
@@ -152,6 +219,44 @@ static int sf_parse_args(int ac, char **av) {
         } else if (strncmp(a, "timeout=", 8) == 0) {
             sf_timeout = atoi(a + 8);
             if (sf_timeout <= 0) sf_timeout = 3600;
+        } else if (strncmp(a, "mount_options=", 14) == 0) {
+            if (sf_check_mount_options(a + 14) < 0) return -1;
+            snprintf(sf_mount_options, sizeof(sf_mount_options), "%s", a + 14);
+        } else if (strncmp(a, "cache_size=", 11) == 0) {
+            char *end = NULL;
+            long mib = strtol(a + 11, &end, 10);
+            if (!isdigit((unsigned char)a[11]) || *end || mib <= 0 || strlen(a + 11) >= sizeof(sf_cache_size)) {
+                slurm_error("stagefs: cache_size= takes a positive number of MiB, not '%s'", a + 11);
+                return -1;
+            }
+            snprintf(sf_cache_size, sizeof(sf_cache_size), "%ld", mib);
+        } else if (strncmp(a, "free_space_ratio=", 17) == 0) {
+            char *end = NULL;
+            double r = strtod(a + 17, &end);
+            if (end == a + 17 || *end || !(r >= 0 && r < 1) || strlen(a + 17) >= sizeof(sf_free_space_ratio)) {
+                slurm_error("stagefs: free_space_ratio= takes a fraction from 0 to below 1, not '%s'", a + 17);
+                return -1;
+            }
+            snprintf(sf_free_space_ratio, sizeof(sf_free_space_ratio), "%s", a + 17);
+        } else if (strncmp(a, "log_root=", 9) == 0) {
+            if (a[9] != '/') {
+                slurm_error("stagefs: log_root= takes an absolute directory, not '%s'", a + 9);
+                return -1;
+            }
+            snprintf(sf_log_root, sizeof(sf_log_root), "%s", a + 9);
+        } else if (strncmp(a, "keep_logs=", 10) == 0) {
+            if (sf_duration(a + 10) < 0 || strlen(a + 10) >= sizeof(sf_keep_logs)) {
+                slurm_error("stagefs: keep_logs= takes a duration such as 7d, 12h, 30m, 90s or 0, not '%s'", a + 10);
+                return -1;
+            }
+            snprintf(sf_keep_logs, sizeof(sf_keep_logs), "%s", a + 10);
+        } else if (strncmp(a, "flush_timeout=", 14) == 0) {
+            long t = sf_duration(a + 14);
+            if (t <= 0 || t > 86400) {
+                slurm_error("stagefs: flush_timeout= takes a duration from 1s to 1d such as 60 or 5m, not '%s'", a + 14);
+                return -1;
+            }
+            sf_flush_timeout = (int)t;
         } else {
             slurm_error("stagefs: unknown plugstack argument '%s'", a);
             return -1;
@@ -627,6 +732,8 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av) {
         return -1;
     }
     if (!sf_site_dir_ok(sf_cache_root, "cache_root", j.id, 0)) return -1;
+    int own_log_root = sf_log_root[0] && strcmp(sf_log_root, sf_cache_root) != 0;
+    if (own_log_root && !sf_site_dir_ok(sf_log_root, "log_root", j.id, 0)) return -1;
     if (!no_mount && j.mount[0] && !sf_site_dir_ok(sf_mount_root, "mount_root", j.id, 1)) return -1;
 
     const char *state = "ok";
@@ -635,6 +742,7 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av) {
     char uidname[32];
     snprintf(uidname, sizeof(uidname), "%u", (unsigned)j.uid);
     int ready = sf_prepare_dir(sf_cache_root, uidname, &j, why, sizeof(why)) == 0;
+    if (ready && own_log_root) ready = sf_prepare_dir(sf_log_root, uidname, &j, why, sizeof(why)) == 0;
     if (!ready) {
         state = "failed";
         snprintf(reasons, sizeof(reasons), "%s\n", why);
@@ -654,7 +762,7 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av) {
         /* Everything in the user's directories is done by stagefs, as the user. Whatever that
          * process ends with is the job's outcome: only root's own checks above are node faults. */
         static char volargs[MAX_VOLUMES][sizeof(((struct volume *)0)->url) + 80];
-        char *argv[2 * MAX_VOLUMES + 20];
+        char *argv[2 * MAX_VOLUMES + 32];
         int a = 0;
         char timeout[32];
         snprintf(timeout, sizeof(timeout), "%d", sf_timeout);
@@ -667,6 +775,24 @@ int slurm_spank_job_prolog(spank_t sp, int ac, char **av) {
         argv[a++] = sf_cache_root;
         argv[a++] = "--timeout";
         argv[a++] = timeout;
+        argv[a++] = "--keep-logs";
+        argv[a++] = sf_keep_logs;
+        if (sf_log_root[0]) {
+            argv[a++] = "--log-dir";
+            argv[a++] = sf_log_root;
+        }
+        if (sf_cache_size[0]) {
+            argv[a++] = "--cache-size";
+            argv[a++] = sf_cache_size;
+        }
+        if (sf_free_space_ratio[0]) {
+            argv[a++] = "--free-space-ratio";
+            argv[a++] = sf_free_space_ratio;
+        }
+        if (sf_mount_options[0]) {
+            argv[a++] = "--mount-options";
+            argv[a++] = sf_mount_options;
+        }
         for (int v = 0; v < sf_nvolumes; v++) {
             snprintf(volargs[v], sizeof(volargs[v]), "%s=%s", sf_volumes[v].name, sf_volumes[v].url);
             argv[a++] = "--volume";
@@ -725,7 +851,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av) {
     uint32_t jobid = 0;
     if (spank_get_item(sp, S_JOB_ID, &jobid) != ESPANK_SUCCESS) return 0;
     char dir[PATH_MAX], path[PATH_MAX + 16], status[16384];
-    snprintf(dir, sizeof(dir), "%s/%u/jobs/%u", sf_cache_root, (unsigned)getuid(), jobid);
+    snprintf(dir, sizeof(dir), "%s/%u/jobs/%u", sf_log_root[0] ? sf_log_root : sf_cache_root, (unsigned)getuid(), jobid);
     snprintf(path, sizeof(path), "%s/%u", sf_state_dir, jobid);
     spank_setenv(sp, "STAGEFS_CACHE_DIR", sf_cache_root, 1);
     if (sf_read_file(path, status, sizeof(status)) < 0) {
@@ -774,7 +900,7 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av) {
  * after "mount". Each is held by a pidfd from the moment it matched (no pid reuse race), all
  * get SIGTERM at once, then 5 s in all to exit, then SIGKILL. */
 #define MAX_MOUNT_PROCS 256
-static void sf_kill_mount_processes(const char *mount, uid_t uid) {
+static int sf_kill_mount_processes(const char *mount, uid_t uid) {
     int fds[MAX_MOUNT_PROCS];
     int n = 0;
     DIR *d = opendir("/proc");
@@ -820,6 +946,7 @@ static void sf_kill_mount_processes(const char *mount, uid_t uid) {
         syscall(SYS_pidfd_send_signal, fds[i], SIGKILL, NULL, 0);
         close(fds[i]);
     }
+    return n;
 }
 
 static void sf_abort_connection(const char *mount) {
@@ -858,28 +985,60 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av) {
     if (!sf_hooks) return 0;
     static struct job j;
     if (sf_job(sp, &j) < 0) return 0;
+    if (sf_cache_root[0] && access(sf_binary, X_OK) == 0) {
+        /* As the user: the job's mount is detached and its process gets flush_timeout to flush
+         * buffered writes and exit (then it is killed); pins are released; the job's logs are
+         * marked ended and kept for keep_logs, older ones removed. */
+        char flush[32];
+        snprintf(flush, sizeof(flush), "%d", sf_flush_timeout);
+        char *argv[24];
+        int a = 0;
+        argv[a++] = sf_binary;
+        argv[a++] = "job";
+        argv[a++] = "epilog";
+        argv[a++] = "--job";
+        argv[a++] = j.jobid;
+        argv[a++] = "--cache-dir";
+        argv[a++] = sf_cache_root;
+        argv[a++] = "--keep-logs";
+        argv[a++] = sf_keep_logs;
+        argv[a++] = "--flush-timeout";
+        argv[a++] = flush;
+        if (sf_log_root[0]) {
+            argv[a++] = "--log-dir";
+            argv[a++] = sf_log_root;
+        }
+        if (j.mount[0]) {
+            argv[a++] = "--mount-dir";
+            argv[a++] = j.mount;
+        }
+        argv[a] = NULL;
+        static char out[8192];
+        int rc = sf_run(argv, &j, 1, sf_flush_timeout + 60, out, sizeof(out));
+        char lines[8192];
+        sf_lines_prefixed(out, lines, sizeof(lines));
+        char *save = NULL;
+        for (char *line = strtok_r(lines, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) slurm_info("%s", line);
+        if (rc != 0) slurm_info("stagefs: job %u: the epilog as %s exited %d", j.id, j.user, rc);
+    }
     if (j.mount[0]) {
+        /* What the user's epilog could not end: root aborts the connection and kills. */
         if (sf_mounted(j.mount)) {
             char *argv[] = {"/bin/fusermount3", "-u", "-z", j.mount, NULL};
             char out[1024];
             if (access(argv[0], X_OK) != 0) argv[0] = "/usr/bin/fusermount3";
+            slurm_info("stagefs: job %u: %s is still mounted after the job's epilog: aborting its FUSE connection", j.id, j.mount);
             sf_abort_connection(j.mount);
             sf_run(argv, &j, 0, 30, out, sizeof(out));
         }
-        sf_kill_mount_processes(j.mount, j.uid);
+        int n = sf_kill_mount_processes(j.mount, j.uid);
+        if (n > 0) slurm_info("stagefs: job %u: stopped %d mount process(es) of %s left after the job's epilog", j.id, n, j.mount);
         /* The mount directory: removed through mount_root's descriptor (empty directories only). */
         int dfd = open(sf_mount_root, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (dfd >= 0) {
             unlinkat(dfd, j.jobid, AT_REMOVEDIR);
             close(dfd);
         }
-    }
-    if (sf_cache_root[0] && access(sf_binary, X_OK) == 0) {
-        /* Pins and per-job files live in the user's directories: the user's process removes them. */
-        char *argv[] = {sf_binary, "job", "epilog", "--job", j.jobid, "--cache-dir", sf_cache_root, NULL};
-        char out[4096];
-        int rc = sf_run(argv, &j, 1, 120, out, sizeof(out));
-        if (rc != 0) slurm_info("stagefs: job %u: cleaning up as %s (exit %d): %s", j.id, j.user, rc, out);
     }
     sf_remove_entry(sf_state_dir, j.jobid);
     return 0;
