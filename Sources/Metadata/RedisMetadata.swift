@@ -100,6 +100,8 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         case EPERM: return .perm
         case ENODATA: return .noAttr
         case EINVAL: return .invalid
+        case ENAMETOOLONG: return .nameTooLong
+        case EIO: return .damagedEntry
         default: return FSError.errno(code)
         }
     }
@@ -125,15 +127,27 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     }
 
     package func initialize(_ format: VolumeFormat, force: Bool, rootMode: UInt16) throws(FSError) {
-        var record = format
-        if let old = try loadFormat() {
-            if !force && !format.differences(from: old).isEmpty {
-                throw format.reformatRefused(existing: old, in: displayName)
+        // Check and write as one step: the script refuses when the record changed after it was
+        // read (another format at the same time), and the check runs again.
+        for _ in 0..<20 {
+            let text = try cmd(["GET", "setting"]).text
+            var record = format
+            if let text {
+                let old = try VolumeFormat.decode(text)
+                if !force && !format.differences(from: old).isEmpty {
+                    throw format.reformatRefused(existing: old, in: displayName)
+                }
+                record.uuid = old.uuid
+                record.createdAt = old.createdAt
             }
-            record.uuid = old.uuid
-            record.createdAt = old.createdAt
+            do {
+                _ = try run("initialize", .root, [record.encoded(), rootMode & 0o7777, text ?? ""])
+                return
+            } catch {
+                if error.code != EAGAIN { throw error }
+            }
         }
-        _ = try run("initialize", .root, [record.encoded(), rootMode & 0o7777])
+        throw FSError(EAGAIN, "\(displayName) is being formatted by another client at the same time; try again")
     }
 
     package func statfs() throws(FSError) -> StatFS {
@@ -202,7 +216,6 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     // MARK: namespace
 
     package func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
-        if name.count > maxNameLength { throw FSError.nameTooLong }
         let r = try run("lookup", cred, [parent, name])
         return (inoOf(r.first), try decodeAttr(r.dropFirst().first))
     }
@@ -256,7 +269,6 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     }
 
     package func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
-        if name.count > maxNameLength { throw FSError.nameTooLong }
         guard let r = try removed(try run("unlink", cred, [parent, name])) else { throw FSError.notFound }
         return r
     }
@@ -264,7 +276,6 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     package func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
         if name == [UInt8(ascii: ".")] { throw FSError.invalid }
         if name == [UInt8(ascii: "."), UInt8(ascii: ".")] { throw FSError.notEmpty }
-        if name.count > maxNameLength { throw FSError.nameTooLong }
         let r = try run("rmdir", cred, [parent, name])
         return RemovedName(ino: inoOf(r.first), attr: try decodeAttr(r.dropFirst().first), freed: true)
     }

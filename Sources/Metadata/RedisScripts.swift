@@ -23,6 +23,7 @@ enum RedisScripts {
         local ENT = '>I8B'
         local EPERM, ENOENT, EACCES, EEXIST, ENOTDIR, EISDIR, EINVAL = 1, 2, 13, 17, 20, 21, 22
         local EMLINK, ERANGE, ENOTEMPTY, ENODATA, EOPNOTSUPP, ENOSPC, ELOOP = 31, 34, 39, 61, 95, 28, 40
+        local EIO, ENAMETOOLONG, EAGAIN = 5, 36, 11
         local band, bor, bnot, rshift = bit.band, bit.bor, bit.bnot, bit.rshift
         local cuid, cgid = tonumber(ARGV[1]), tonumber(ARGV[2])
         local groups = {}
@@ -168,11 +169,13 @@ enum RedisScripts {
           local pa, err = dirof(parent)
           if not pa then return nil, err end
           if not mayaccess(pa, 3) then return nil, EACCES end
+          if #name > 255 then return nil, ENAMETOOLONG end
           local ino, t = getentry(parent, name)
           if not ino then return nil, ENOENT end
           local a = getattr(ino)
           if not a then return nil, ENOENT end
-          if t == 2 and a.type ~= 2 or t ~= 2 and a.type == 2 then return nil, ENOENT end
+          -- An entry whose type is not its inode's: damaged metadata, not a missing name.
+          if t == 2 and a.type ~= 2 or t ~= 2 and a.type == 2 then return nil, EIO end
           return pa, ino, t, a
         end
 
@@ -185,6 +188,7 @@ enum RedisScripts {
         if not pa then return {err} end
         if not mayaccess(pa, 1) then return {EACCES} end
         if name == '.' then return {0, parent, packattr(pa)} end
+        if #name > 255 then return {ENAMETOOLONG} end
         if name == '..' then
           local p = pa.parent
           if p == 0 then p = 1 end
@@ -712,7 +716,10 @@ enum RedisScripts {
         """#
 
     /// ARGV 6 format record, 7 root mode -> {0}: writes it and creates the root directory when missing.
+    /// ARGV 6 format record, 7 root mode, 8 the record the client checked ('' for none): a
+    /// record changed since is answered EAGAIN and the client checks again.
     static let initialize = #"""
+        if (redis.call('GET', 'setting') or '') ~= ARGV[8] then return {EAGAIN} end
         redis.call('SET', 'setting', ARGV[6])
         if redis.call('EXISTS', 'i1') == 0 then
           putattr(1, {type=2, mode=tonumber(ARGV[7]), uid=0, gid=0, nlink=2, size=4096, as=nows, an=nown, ms=nows, mn=nown, cs=nows, cn=nown, rdev=0, parent=1})

@@ -379,9 +379,11 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             let pa = try attrs.load(store, parent)
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, [.write, .execute])
+            if name.count > maxNameLength { throw FSError.nameTooLong }
             guard let (ino, type) = try store.entry(parent, name) else { throw FSError.notFound }
-            if type == .directory { throw FSError.isDir }
             let a = try attrs.load(store, ino)
+            if (type == .directory) != (a.type == .directory) { throw FSError.damagedEntry }
+            if type == .directory { throw FSError.isDir }
             if !Posix.stickyAllows(dir: pa, child: a, cred) { throw FSError.perm }
             let now = Timespec.now()
             try store.deleteEntry(parent, name)
@@ -402,9 +404,11 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             guard var pa = try store.attr(parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, [.write, .execute])
+            if name.count > maxNameLength { throw FSError.nameTooLong }
             guard let (ino, type) = try store.entry(parent, name) else { throw FSError.notFound }
-            if type != .directory { throw FSError.notDir }
             guard let a = try store.attr(ino) else { throw FSError.notFound }
+            if (type == .directory) != (a.type == .directory) { throw FSError.damagedEntry }
+            if type != .directory { throw FSError.notDir }
             if !Posix.stickyAllows(dir: pa, child: a, cred) { throw FSError.perm }
             if try store.hasEntries(ino) { throw FSError.notEmpty }
             let now = Timespec.now()

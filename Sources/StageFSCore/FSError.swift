@@ -47,6 +47,8 @@ public struct FSError: Error, CustomStringConvertible, Equatable, Sendable {
     public static let range = FSError(ERANGE, "result too large")
     public static let nameTooLong = FSError(ENAMETOOLONG, "file name too long")
     public static let io = FSError(EIO, "input/output error")
+    /// A directory entry whose type is not its inode's: damaged metadata, reported as such.
+    public static let damagedEntry = FSError(EIO, "damaged metadata: the directory entry's type is not its inode's")
     public static let again = FSError(EAGAIN, "resource temporarily unavailable")
     public static let loop = FSError(ELOOP, "too many levels of symbolic links")
     public static let xdev = FSError(EXDEV, "cross-device link")

@@ -58,6 +58,58 @@ struct ConformanceTests {
         #expect(rootAttr.nlink == 2)
     }
 
+    /// Where the engines once disagreed (issue 10): the order of the name-length and permission
+    /// checks, names over 255 bytes in unlink/rmdir, an entry whose type is not its inode's, and
+    /// two formats at the same time.
+    @Test(arguments: EngineKind.allCases)
+    func enginesAgreeWhereTheyOnceDiffered(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let long = [UInt8](repeating: 97, count: 256)
+        let dir = try playground(m)
+        // Search permission is checked before the name's length, as the kernel's lookup does.
+        let closed = try playground(m, "closed", mode: 0o700)
+        expectErrno(EACCES) { _ = try m.lookup(alice, closed, long) }
+        expectErrno(ENAMETOOLONG) { _ = try m.lookup(alice, dir, long) }
+        expectErrno(EACCES) { _ = try m.unlink(alice, closed, long) }
+        expectErrno(EACCES) { _ = try m.rmdir(alice, closed, long) }
+        expectErrno(ENAMETOOLONG) { _ = try m.unlink(alice, dir, long) }
+        expectErrno(ENAMETOOLONG) { _ = try m.rmdir(alice, dir, long) }
+        // An entry that says directory for a regular file (and the reverse) is damage: EIO,
+        // not a missing name, and nothing is removed.
+        _ = try m.mknod(alice, dir, n("file"), .regular, 0o644, rdev: 0, target: nil)
+        _ = try m.mknod(alice, dir, n("sub"), .directory, 0o755, rdev: 0, target: nil)
+        try f.corruptEntryType(dir, "file", .directory)
+        try f.corruptEntryType(dir, "sub", .regular)
+        expectErrno(EIO) { _ = try m.rmdir(alice, dir, n("file")) }
+        expectErrno(EIO) { _ = try m.unlink(alice, dir, n("file")) }
+        expectErrno(EIO) { _ = try m.unlink(alice, dir, n("sub")) }
+        expectErrno(EIO) { _ = try m.rmdir(alice, dir, n("sub")) }
+        #expect(try names(m, dir) == ["file", "sub"])
+        // Two formats of one fresh volume at the same time with different settings: exactly
+        // one wins, the other is refused.
+        for round in 0..<8 {
+            let url = f.freshURL(round)
+            let a = try openMetadata(try MetaURL.parse(url), create: true)
+            let b = try openMetadata(try MetaURL.parse(url), create: true)
+            let wins = Locked(0)
+            let refused = Locked(0)
+            let group = DispatchGroup()
+            for (engine, kib) in [(a, 4096), (b, 1024)] {
+                DispatchQueue.global().async(group: group) {
+                    do {
+                        try engine.initialize(VolumeFormat(name: "race", storage: "file", bucket: "/tmp/race", blockSizeKiB: kib), force: false, rootMode: 0o777)
+                        wins.withLock { $0 += 1 }
+                    } catch {
+                        if (error as? FSError)?.code == EEXIST { refused.withLock { $0 += 1 } }
+                    }
+                }
+            }
+            group.wait()
+            #expect(wins.current == 1 && refused.current == 1, "round \(round): \(wins.current) formats won, \(refused.current) refused")
+        }
+    }
+
     @Test(arguments: EngineKind.allCases)
     func createLookupGetattr(kind: EngineKind) throws {
         let f = try EngineFixture(kind)

@@ -115,6 +115,27 @@ final class EngineFixture: @unchecked Sendable {
         try engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: dir + "/data"), force: false, rootMode: 0o777)
     }
 
+    /// Damages an entry on purpose: records `type` for `name` in `parent` whatever its inode is.
+    func corruptEntryType(_ parent: Ino, _ name: String, _ type: FileType) throws {
+        switch kind {
+        case .sqlite:
+            let db = try SQLiteConnection(path: "\(dir)/meta.db", create: false)
+            try db.query("UPDATE edge SET type=? WHERE parent=? AND name=?", [.int(Int64(type.rawValue)), .int(Int64(parent)), .blob(Array(name.utf8))])
+        case .redis:
+            let script = "local ino = struct.unpack('>I8B', redis.call('HGET', KEYS[1], ARGV[1])) redis.call('HSET', KEYS[1], ARGV[1], struct.pack('>I8B', ino, tonumber(ARGV[2])))"
+            let (rc, out) = try Spawn.run("/usr/bin/redis-cli", ["-p", "\(redis!.port)", "EVAL", script, "1", "d\(parent)", name, "\(type.rawValue)"])
+            if rc != 0 || out.contains("ERR") { throw TestFailure("redis-cli: \(out)") }
+        }
+    }
+
+    /// Another, unformatted database of the same kind (its own file, or another Redis db).
+    func freshURL(_ n: Int) -> String {
+        switch kind {
+        case .sqlite: return "sqlite3://\(dir)/fresh\(n).db"
+        case .redis: return "redis://127.0.0.1:\(redis!.port)/\(n + 1)"
+        }
+    }
+
     /// A second, independent client of the same metadata.
     func reopen() throws -> any MetadataEngine {
         try openMetadata(try MetaURL.parse(url))
