@@ -19,9 +19,11 @@ let package = Package(
         .systemLibrary(name: "CSQLite3", path: "Sources/CSQLite3"),
         .systemLibrary(name: "CChecksum", path: "Sources/CChecksum"),
         .target(name: "StageFSCore", dependencies: ["CChecksum"], exclude: ["README.md"]),
-        .target(name: "Metadata", dependencies: ["StageFSCore", "CSQLite3", "COpenSSL"], exclude: ["README.md"]),
+        .target(name: "SQLiteKit", dependencies: ["StageFSCore", "CSQLite3"], exclude: ["README.md"]),
+        .target(name: "Metadata", dependencies: ["StageFSCore", "SQLiteKit", "CSQLite3", "COpenSSL"], exclude: ["README.md"]),
         .target(name: "ObjectStorage", dependencies: ["StageFSCore", "CCurl"], exclude: ["README.md"]),
-        .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "Metadata"], exclude: ["README.md"]),
+        // The data path talks to the object store only; slice commits come from the VFS layer.
+        .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "SQLiteKit"], exclude: ["README.md"]),
         .target(name: "VFS", dependencies: ["StageFSCore", "Metadata", "DataPath"], exclude: ["README.md"]),
         .target(name: "FUSEMount", dependencies: ["StageFSCore", "VFS", "CFuse3"], exclude: ["README.md"]),
         .target(name: "Staging", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath"], exclude: ["README.md"]),
@@ -35,7 +37,7 @@ let package = Package(
         ),
         .testTarget(
             name: "StageFSTests",
-            dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS", "Staging"]
+            dependencies: ["StageFSCore", "SQLiteKit", "Metadata", "ObjectStorage", "DataPath", "VFS", "Staging"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -1,4 +1,3 @@
-import Metadata
 import ObjectStorage
 import StageFSCore
 
@@ -30,7 +29,8 @@ struct ChunkView {
 /// The data path of one client: write buffers, uploads, reads with read-ahead, the memory block
 /// cache, and deletion of objects that metadata no longer references.
 public final class DataStore: @unchecked Sendable {
-    public let meta: any MetadataEngine
+    /// Chunk records, slice commits and ids, from the layer above.
+    public let ledger: any SliceLedger
     public let store: any ObjectStore
     public let layout: Layout
     public let config: DataConfig
@@ -50,8 +50,8 @@ public final class DataStore: @unchecked Sendable {
     private var changeClock: UInt64 = 0
     private var changesFloor: UInt64 = 0
 
-    public init(meta: any MetadataEngine, store: any ObjectStore, format: VolumeFormat, config: DataConfig = DataConfig(), disk: DiskCache? = nil) {
-        self.meta = meta
+    public init(ledger: any SliceLedger, store: any ObjectStore, format: VolumeFormat, config: DataConfig = DataConfig(), disk: DiskCache? = nil) {
+        self.ledger = ledger
         self.store = store
         self.config = config
         layout = Layout(volume: format.name, blockSize: format.blockSize)
@@ -61,7 +61,7 @@ public final class DataStore: @unchecked Sendable {
         cache = MemoryCache(limit: config.memoryCacheSize)
         self.disk = disk
         fetcher = BlockFetcher(store: store, cache: cache, disk: disk, threads: config.downloadThreads)
-        ids = SliceIDs(meta: meta)
+        ids = SliceIDs(ledger: ledger)
     }
 
     // MARK: writers
@@ -145,7 +145,7 @@ public final class DataStore: @unchecked Sendable {
 
     private func view(_ ino: Ino, _ index: UInt32) throws(FSError) -> ChunkView {
         if let v = lock.withLock({ views[ino]?[index] }) { return v }
-        let v = ChunkView(segments: buildView(try meta.readChunk(ino, index)))
+        let v = ChunkView(segments: buildView(try ledger.readChunk(ino, index)))
         lock.withLock {
             if views.count > 10_000 { views.removeAll() }
             views[ino, default: [:]][index] = v
@@ -287,27 +287,11 @@ public final class DataStore: @unchecked Sendable {
 
     // MARK: deletion
 
-    /// Deletes the objects of files whose last link went away and of slices cut off by
-    /// truncation. Returns how many objects were deleted.
+    /// Deletes the objects of a slice nothing references any more (the layer above finds them:
+    /// files whose last link went away, slices cut off by truncation), from the caches too.
+    /// Returns how many objects were deleted.
     @discardableResult
-    public func cleanDeleted(limit: Int = 1000) -> Int {
-        var count = 0
-        do {
-            for pd in try meta.pendingDeletes(limit: limit) {
-                while true {
-                    let (slices, done) = try meta.finishDelete(pd)
-                    for s in slices { count += deleteObjects(s) }
-                    if done { break }
-                }
-            }
-            for s in try meta.takeDroppedSlices(limit: limit) { count += deleteObjects(s) }
-        } catch {
-            Log.warning("deleting unreferenced data: \(error.message)")
-        }
-        return count
-    }
-
-    private func deleteObjects(_ s: Slice) -> Int {
+    public func deleteObjects(_ s: Slice) -> Int {
         var n = 0
         for key in layout.keys(of: s) {
             cache.remove(key)

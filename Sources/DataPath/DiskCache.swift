@@ -1,4 +1,4 @@
-import Metadata
+import SQLiteKit
 import StageFSCore
 
 #if canImport(Glibc)

@@ -1,4 +1,3 @@
-import Metadata
 import StageFSCore
 
 #if canImport(Glibc)

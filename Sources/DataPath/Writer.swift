@@ -1,4 +1,3 @@
-import Metadata
 import ObjectStorage
 import StageFSCore
 
@@ -249,7 +248,7 @@ public final class FileWriter: @unchecked Sendable {
                 lock.unlock()
                 var err: FSError?
                 do {
-                    _ = try data.meta.writeSlice(ino, s.chunk, slice, minSize: minSize, mtime: mtime)
+                    try data.ledger.writeSlice(ino, s.chunk, slice, minSize: minSize, mtime: mtime)
                 } catch {
                     err = error
                 }
@@ -278,19 +277,19 @@ public final class FileWriter: @unchecked Sendable {
     }
 }
 
-/// Hands out slice ids reserved from metadata in batches.
+/// Hands out slice ids reserved from the ledger in batches.
 final class SliceIDs: @unchecked Sendable {
-    private let meta: any MetadataEngine
+    private let ledger: any SliceLedger
     private let lock = ConditionLock()
     private var nextID: UInt64 = 0
     private var last: UInt64 = 0
 
-    init(meta: any MetadataEngine) { self.meta = meta }
+    init(ledger: any SliceLedger) { self.ledger = ledger }
 
     func next() throws(FSError) -> UInt64 {
         try lock.withLock { () throws(FSError) -> UInt64 in
             if nextID == 0 || nextID > last {
-                let first = try meta.newSliceIDs(256)
+                let first = try ledger.newSliceIDs(256)
                 nextID = first
                 last = first + 255
             }

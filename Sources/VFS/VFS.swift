@@ -115,11 +115,32 @@ public final class VFS: @unchecked Sendable {
         }
         let open = lock.withLock { handles.values.map { $0.ino } }
         for ino in open { try? meta.close(ino, sid: sid) }
-        data.cleanDeleted()
+        cleanDeleted()
         if sid != 0 {
             do { try meta.closeSession(sid) } catch { Log.warning("closing session \(sid): \(error.message)") }
         }
         data.shutdown()
+    }
+
+    /// Deletes the objects of files whose last link went away and of slices cut off by
+    /// truncation: metadata says which (in bounded steps), the data path deletes them. Returns
+    /// how many objects were deleted.
+    @discardableResult
+    public func cleanDeleted(limit: Int = 1000) -> Int {
+        var count = 0
+        do {
+            for pd in try meta.pendingDeletes(limit: limit) {
+                while true {
+                    let (slices, done) = try meta.finishDelete(pd)
+                    for s in slices { count += data.deleteObjects(s) }
+                    if done { break }
+                }
+            }
+            for s in try meta.takeDroppedSlices(limit: limit) { count += data.deleteObjects(s) }
+        } catch {
+            Log.warning("deleting unreferenced data: \(error.message)")
+        }
+        return count
     }
 
     fileprivate func background() {
@@ -155,7 +176,7 @@ public final class VFS: @unchecked Sendable {
             }
             if !config.readOnly && (deletes || Double(now - lastClean) / 1e9 >= 10) {
                 lastClean = now
-                data.cleanDeleted()
+                cleanDeleted()
             }
         }
         lock.withLock {

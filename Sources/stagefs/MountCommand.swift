@@ -324,7 +324,7 @@ struct Mount: ParsableCommand {
                 Log.warning("\(error.message); running without a disk cache")
             }
         }
-        let data = DataStore(meta: meta, store: store, format: format, config: dc, disk: disk)
+        let data = DataStore(ledger: MetadataLedger(meta), store: store, format: format, config: dc, disk: disk)
         var vc = VFSConfig()
         vc.readOnly = opts.readOnly
         vc.heartbeat = heartbeat

@@ -1,5 +1,6 @@
 import Foundation
 import Metadata
+import SQLiteKit
 import StageFSCore
 import Testing
 
