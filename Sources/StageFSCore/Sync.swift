@@ -1,3 +1,5 @@
+import Synchronization
+
 #if canImport(Glibc)
     import Glibc
 #endif
@@ -55,20 +57,20 @@ public final class ConditionLock: @unchecked Sendable {
     public func broadcast() { pthread_cond_broadcast(cond) }
 }
 
-/// A value guarded by a lock, for state shared between threads.
-public final class Locked<Value>: @unchecked Sendable {
-    private let lock = ConditionLock()
-    private var value: Value
+/// A value guarded by the standard library's `Mutex`, in a class so closures running on several
+/// threads can share it.
+public final class Locked<Value>: Sendable {
+    private let mutex: Mutex<Value>
 
-    public init(_ value: Value) { self.value = value }
+    public init(_ value: consuming sending Value) { mutex = Mutex(value) }
 
     @inline(__always)
-    public func withLock<T, E: Error>(_ body: (inout Value) throws(E) -> T) throws(E) -> T {
-        lock.lock()
-        defer { lock.unlock() }
-        return try body(&value)
+    public func withLock<T, E: Error>(_ body: (inout sending Value) throws(E) -> sending T) throws(E) -> sending T {
+        try mutex.withLock(body)
     }
+}
 
+extension Locked where Value: Sendable {
     public var current: Value { withLock { $0 } }
 }
 
