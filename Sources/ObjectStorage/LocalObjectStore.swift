@@ -50,10 +50,10 @@ public final class LocalObjectStore: ObjectStore {
         if let shared, chmod(dir, shared.dir) != 0 { throw FSError.errno(errno, "cannot open up directory \(dir) to the bucket's group") }
     }
 
-    /// What keeps this user from writing everywhere in the volume's part of the bucket, if
-    /// anything: the bucket, the volume's directories and the newest chunk directories (at most
-    /// about a thousand are looked at). Nil when all are writable.
-    public func writeProblem(volume: String) -> String? {
+    /// What keeps this user from writing (or, with `write: false`, reading) everywhere in the
+    /// volume's part of the bucket, if anything: the bucket, the volume's directories and the
+    /// newest chunk directories (at most about a thousand are looked at). Nil when all are fine.
+    public func accessProblem(volume: String, write: Bool = true) -> String? {
         var dirs = [root, "\(root)/\(volume)", "\(root)/\(volume)/chunks"]
         let tops = entries("\(root)/\(volume)/chunks").compactMap { UInt64($0) }.sorted()
         dirs += tops.suffix(500).map { "\(root)/\(volume)/chunks/\($0)" }
@@ -62,10 +62,10 @@ public final class LocalObjectStore: ObjectStore {
         }
         for d in dirs {
             guard let st = Sys.stat(d) else { continue }
-            if access(d, W_OK | X_OK) != 0 {
+            if access(d, (write ? W_OK : R_OK) | X_OK) != 0 {
                 let owner = getpwuid(st.st_uid).map { String(cString: $0.pointee.pw_name) } ?? "uid \(st.st_uid)"
                 let group = getgrgid(st.st_gid).map { String(cString: $0.pointee.gr_name) } ?? "gid \(st.st_gid)"
-                return "\(d) is not writable by uid \(getuid()) (owner \(owner), group \(group), mode 0\(String(st.st_mode & 0o7777, radix: 8)))"
+                return "\(d) is not \(write ? "writable" : "readable") by uid \(getuid()) (owner \(owner), group \(group), mode 0\(String(st.st_mode & 0o7777, radix: 8)))"
             }
         }
         return nil

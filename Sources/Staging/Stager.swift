@@ -506,7 +506,7 @@ public final class Stager: @unchecked Sendable {
             let noRoom = reports.contains { $0.blocksNoRoom > 0 } || fatal?.code == ENOSPC
             let unexplained = fatal == nil && reports.allSatisfy { $0.errors.isEmpty }
             if noRoom || unexplained {
-                let why = shortfall(room: room, refs: refs)
+                let why = shortfall(room: room, refs: refs, kept: report.bytesKept)
                 report.cacheShortfall = why
                 report.errors.append(why)
             }
@@ -530,7 +530,7 @@ public final class Stager: @unchecked Sendable {
     }
 
     /// Why the set did not stay in the cache, and what would fit.
-    private func shortfall(room: CacheRoom?, refs: [BlockRef]) -> String {
+    private func shortfall(room: CacheRoom?, refs: [BlockRef], kept: Int64) -> String {
         let need = refs.reduce(0) { $0 + DiskCache.fileSize($1.length) }
         let mib = { (n: Int) in (n + (1 << 20) - 1) >> 20 }
         let dirs = cache.config.dirs.joined(separator: ":")
@@ -538,16 +538,16 @@ public final class Stager: @unchecked Sendable {
         let size = humanBytes(need)
         if let fsLimit = room.fileSystemLimit, fsLimit < need + room.pinnedOutside, fsLimit < room.capacity {
             return
-                "the cache could not hold the set: it needs \(size) and the file system of \(dirs) has room for \(humanBytes(fsLimit)) of cache while keeping --free-space-ratio \(cache.config.freeSpaceRatio) free\(room.pinnedOutside > 0 ? " (\(humanBytes(room.pinnedOutside)) of it pinned by other jobs)" : ""); \(humanBytes(room.available)) of the set fits: free space there or stage less"
+                "the cache could not hold the set: it needs \(size) and the file system of \(dirs) has room for \(humanBytes(fsLimit)) of cache while keeping --free-space-ratio \(cache.config.freeSpaceRatio) free\(room.pinnedOutside > 0 ? " (\(humanBytes(room.pinnedOutside)) of it pinned by other jobs)" : ""); \(humanBytes(kept)) of the set is in it: free space there or stage less"
         }
         if need > room.capacity {
             return
-                "the cache is too small for the set: it needs \(size) and --cache-size is \(mib(room.capacity)) MiB (\(humanBytes(room.available)) of the set fits\(room.pinnedOutside > 0 ? ", \(humanBytes(room.pinnedOutside)) being pinned by other jobs" : "")); raise --cache-size to at least \(mib(need + room.pinnedOutside)) (MiB) or stage less"
+                "the cache is too small for the set: it needs \(size) and --cache-size is \(mib(room.capacity)) MiB (\(humanBytes(kept)) of the set is in it\(room.pinnedOutside > 0 ? ", \(humanBytes(room.pinnedOutside)) being pinned by other jobs" : "")); raise --cache-size to at least \(mib(need + room.pinnedOutside)) (MiB) or stage less"
         }
         if room.pinnedOutside > 0 && need > room.available {
             let jobs = room.pinningJobs.filter { $0 != job }
             return
-                "the cache is held by other jobs' pins: the set needs \(size), --cache-size is \(mib(room.capacity)) MiB and \(humanBytes(room.pinnedOutside)) of it is pinned by other jobs\(jobs.isEmpty ? "" : " (\(jobs.joined(separator: ", ")))"); \(humanBytes(room.available)) of the set fits: release finished jobs (stagefs stage --release JOB) or raise --cache-size to at least \(mib(need + room.pinnedOutside)) (MiB)"
+                "the cache is held by other jobs' pins: the set needs \(size), --cache-size is \(mib(room.capacity)) MiB and \(humanBytes(room.pinnedOutside)) of it is pinned by other jobs\(jobs.isEmpty ? "" : " (\(jobs.joined(separator: ", ")))"); \(humanBytes(kept)) of the set is in it: release finished jobs (stagefs stage --release JOB) or raise --cache-size to at least \(mib(need + room.pinnedOutside)) (MiB)"
         }
         return "not all of the set stayed in the cache in \(dirs): other use of the cache evicted blocks while staging (it needs \(size); --cache-size is \(mib(room.capacity)) MiB)"
     }

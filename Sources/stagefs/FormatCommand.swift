@@ -27,9 +27,11 @@ struct Format: ParsableCommand {
             A file bucket that several users write (a directory on NFS, Lustre or GPFS) must be
             shared by a group of theirs: --bucket-group GROUP makes the bucket directory
             root:GROUP mode 2770 (set-group-ID, group-writable) and gives what is in it to the
-            group; StageFS then creates every directory in it group-writable and every object
-            group-readable, whatever the writer's umask. Run it again to repair a bucket written
-            before it was shared. Without it the bucket belongs to whoever formats it.
+            group; StageFS then creates every directory in it group-writable and set-group-ID and
+            every object group-readable, whatever the writer's umask. Formatting the volume again
+            with --bucket-group is accepted (it is not one of the settings compared) and repairs
+            a bucket written before it was shared. Without it the bucket belongs to whoever
+            formats it. The bucket directory may be new; its parent must exist.
 
             Examples:
               stagefs format sqlite3:///var/lib/stagefs/demo.db demo \\
@@ -121,6 +123,12 @@ struct Format: ParsableCommand {
         if let old = existing, old.differences(from: record).isEmpty == false, !force {
             // Refuse before touching the store.
             try meta.initialize(record, force: false, rootMode: 0)
+        }
+        // A bucket named on a shared file system that is not mounted here must not end up on the
+        // local disk: the bucket directory may be new, its parent must exist.
+        if storage == "file", bucket != nil, Sys.stat(bucketURL) == nil, Sys.stat(Sys.dirname(of: bucketURL)) == nil {
+            throw FSError(
+                ENOENT, "the parent of the bucket directory \(bucketURL) does not exist: is its file system mounted on this node? (create \(Sys.dirname(of: bucketURL)) first if it is meant to be new)")
         }
         var shareNote: String?
         if let bucketGroup {

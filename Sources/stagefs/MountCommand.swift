@@ -196,8 +196,14 @@ struct Mount: ParsableCommand {
         let meta = try openMetadata(url, retryTimeout: io.metaTimeout)
         let format = try meta.requireFormat()
         let store = try openObjectStore(io.storeConfig(format, accessKey: accessKey, secretKey: secretKey))
-        if let local = store as? LocalObjectStore, !parsedOptions.readOnly, let problem = local.writeProblem(volume: format.name) {
-            throw FSError(EACCES, "\(problem): this user's writes to the volume would fail; \(sharingHint(local, format))")
+        if let local = store as? LocalObjectStore {
+            let ro = parsedOptions.readOnly
+            if let problem = local.accessProblem(volume: format.name, write: false) {
+                throw FSError(EACCES, "\(problem): this user cannot read the volume's data; \(sharingHint(local, format, readable: false))")
+            }
+            if !ro, let problem = local.accessProblem(volume: format.name) {
+                throw FSError(EACCES, "\(problem): this user's writes to the volume would fail; \(sharingHint(local, format, readable: true))")
+            }
         }
         do {
             if parsedOptions.readOnly {
@@ -207,7 +213,7 @@ struct Mount: ParsableCommand {
             }
         } catch {
             if error.code == EACCES, let local = store as? LocalObjectStore {
-                throw FSError(EACCES, "\(error.message); \(sharingHint(local, format))")
+                throw FSError(EACCES, "\(error.message); \(sharingHint(local, format, readable: true))")
             }
             // Wrong credentials or a missing bucket are the user's to fix; an unreachable store may
             // come back, and data staged in the cache can be read meanwhile.
@@ -220,16 +226,16 @@ struct Mount: ParsableCommand {
     }
 
     /// What to do about a `file` bucket this user cannot write.
-    private func sharingHint(_ local: LocalObjectStore, _ format: VolumeFormat) -> String {
+    private func sharingHint(_ local: LocalObjectStore, _ format: VolumeFormat, readable: Bool) -> String {
         let redacted = (try? MetaURL.parse(metaURL)).map { "\($0)" } ?? "META-URL"
         let bucketGroup = Sys.stat(local.root).flatMap { getgrgid($0.st_gid) }.map { String(cString: $0.pointee.gr_name) }
         let group = local.isShared ? bucketGroup ?? "GROUP" : "GROUP"
-        var hint =
-            "for a bucket that several users write, root runs 'stagefs format \(redacted) \(format.name) --bucket \(local.root) --bucket-group \(group)' (it also repairs what was written before); or mount with -o ro to only read"
+        let readOnly = readable ? "; or mount with -o ro to only read" : ""
         if local.isShared, let st = Sys.stat(local.root), !processCredential().groups.contains(st.st_gid) && getgid() != st.st_gid {
-            hint = "uid \(getuid()) is not in the bucket's group \(group): ask to be added (then log in again); or mount with -o ro to only read"
+            return "uid \(getuid()) is not in the bucket's group \(group): ask to be added (then log in again)\(readOnly)"
         }
-        return hint
+        return
+            "for a bucket that several users use, root runs 'stagefs format \(redacted) \(format.name) --bucket \(local.root) --bucket-group \(group)' (it also repairs what was written before)\(readOnly)"
     }
 
     /// Goes to the background (with -d) or serves the mount here.

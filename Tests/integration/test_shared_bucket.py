@@ -122,3 +122,27 @@ def test_root_format_without_a_group_says_how_to_share(env, redis):
     assert "only root can write this volume's data" in p.stderr and "--bucket-group GROUP" in p.stderr, p.stderr
     p = env.stagefs("format", url, "rootonly", "--bucket", bucket, "--bucket-group", "no-such-group-x", user="root", check=False)
     assert p.returncode == 1 and "no such group 'no-such-group-x'" in p.stderr, p.stderr
+
+
+def test_a_user_outside_the_group_is_refused_even_read_only(env, redis):
+    """A non-member can read no block of a 2770 bucket: the mount is refused, -o ro included,
+    and the message does not suggest -o ro."""
+    outsider = "stagefs-nogroup"
+    helpers.ensure_user(outsider)
+    url = redis.url(redis.new_db())
+    bucket = os.path.join(env.dir_for("root", "members"), "bucket")
+    env.stagefs("format", url, "members", "--bucket", bucket, "--bucket-group", SHARED_GROUP, user="root")
+    m = env.dir_for(outsider, "m")
+    for extra in ([], ["-o", "ro"]):
+        p = env.stagefs("mount", "-d", url, m, "--cache-size", "0", *extra, user=outsider, check=False)
+        assert p.returncode == 1 and not helpers.is_mounted(m), p.stderr
+        assert f"{bucket} is not readable by uid {pwd.getpwnam(outsider).pw_uid}" in p.stderr, p.stderr
+        assert f"is not in the bucket's group {SHARED_GROUP}: ask to be added" in p.stderr and "-o ro" not in p.stderr, p.stderr
+
+
+def test_format_refuses_a_bucket_whose_parent_is_missing(env, redis):
+    """A bucket on a shared file system that is not mounted here must not land on local disk."""
+    missing = os.path.join(env.root, "not-mounted", "stagefs", "bucket")
+    p = env.stagefs("format", redis.url(redis.new_db()), "nomount", "--bucket", missing, user="root", check=False)
+    assert p.returncode == 1 and "does not exist: is its file system mounted on this node?" in p.stderr, p.stderr
+    assert not os.path.exists(os.path.dirname(missing))

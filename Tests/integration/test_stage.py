@@ -192,7 +192,7 @@ def test_pinned_blocks_survive_eviction_until_released(env, s3vol):
     # and the part it says it kept is what --check finds.
     p = stage(env, s3vol, "/datasets/small/b", "--cache-size", small, check=False)
     assert p.returncode == 3 and "status partial" in p.stdout, p.stdout + p.stderr
-    assert "pinned by other jobs (1001)" in p.stderr and "of the set fits" in p.stderr, p.stderr
+    assert "pinned by other jobs (1001)" in p.stderr and "of the set is in it" in p.stderr, p.stderr
     kept = p.stdout.split("files, ")[1].split(" in the cache")[0]
     check = stage(env, s3vol, "/datasets/small/b", "--check", "--cache-size", small, check=False).stdout
     assert check.split("files, ")[1].strip() == kept, (p.stdout, check)
