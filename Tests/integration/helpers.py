@@ -202,7 +202,19 @@ class Env:
         return p
 
     def cleanup(self):
+        # A test that failed half-way may leave a mount behind: detach every mount under the
+        # scratch area and end its process before removing it.
+        with open("/proc/self/mountinfo") as f:
+            left = [mountinfo_unescape(line.split()[4]) for line in f]
+        for path in sorted((p for p in left if p.startswith(self.root + "/")), key=len, reverse=True):
+            subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
+        subprocess.run(["pkill", "-f", f"{self.bin} mount"], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def mountinfo_unescape(field):
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    return field.encode().decode("unicode_escape") if "\\" in field else field
 
 
 def is_mounted(path):
