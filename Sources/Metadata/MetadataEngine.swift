@@ -224,8 +224,22 @@ extension MetadataEngine {
 public func openMetadata(_ url: MetaURL, create: Bool = false, retryTimeout: Double = 60) throws(FSError) -> any MetadataEngine {
     switch url {
     case .sqlite(let path): return try SQLiteMetadata(path: path, create: create)
-    case .redis(let location): return try RedisMetadata(location: location, retryTimeout: retryTimeout)
+    case .redis(let location):
+        switch try redisEngine(location) {
+        case .lua: return try RedisMetadata(location: location, retryTimeout: retryTimeout)
+        case .txn: return try RedisTxnMetadata(location: location, retryTimeout: retryTimeout)
+        }
     }
+}
+
+/// The engine for a Redis volume: the META-URL's `engine=`, else `STAGEFS_REDIS_ENGINE`, else Lua.
+func redisEngine(_ location: RedisLocation) throws(FSError) -> RedisEngineKind {
+    if let e = location.engine { return e }
+    guard let v = getenv(RedisEngineKind.environmentVariable).map({ String(cString: $0) }), !v.isEmpty else { return .lua }
+    guard let e = RedisEngineKind(rawValue: v) else {
+        throw FSError.usage("\(RedisEngineKind.environmentVariable)='\(v)' is not 'lua' or 'txn'")
+    }
+    return e
 }
 
 /// The most chunks one metadata step drops (a truncate or the deletion of a file's records

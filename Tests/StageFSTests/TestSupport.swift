@@ -87,8 +87,9 @@ func makeTempDir(_ tag: String) throws -> String {
 }
 
 /// The engines the conformance suite runs against.
+/// `redisTxn` is the Redis engine on optimistic transactions (`engine=txn`).
 enum EngineKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
-    case sqlite, redis
+    case sqlite, redis, redisTxn
     var testDescription: String { rawValue }
 }
 
@@ -110,8 +111,12 @@ final class EngineFixture: @unchecked Sendable {
         case .redis:
             redis = try RedisServer()
             url = redis!.url
+        case .redisTxn:
+            redis = try RedisServer()
+            url = redis!.url + "?engine=txn"
         }
         engine = try openMetadata(try MetaURL.parse(url), create: true)
+        if (kind == .redisTxn) != (engine is RedisTxnMetadata) { throw TestFailure("\(url) opened \(type(of: engine))") }
         try engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: dir + "/data"), force: false, rootMode: 0o777)
     }
 
