@@ -402,6 +402,9 @@ extension RedisTxnStore {
         return String(decoding: out, as: UTF8.self)
     }
 
+    /// `digest` of a GET or HGET reply: `value`, or nil for a missing one.
+    package static func digest(value: [UInt8]?) -> String { digest(value.map { .string($0) } ?? .null) }
+
     static func canonical(_ r: RedisReply, into out: inout [UInt8]) {
         switch r {
         case .null: out.append(UInt8(ascii: "N"))

@@ -5,7 +5,7 @@
 /// A reply is compared in a canonical form: nil `N`, integer `I<n>`, string `S<bytes>`, array
 /// `A<count>:` then each element as `<length>:<canonical>`; the commit compares the SHA-1 of
 /// that form with the one the client computed from what it read (`RedisTxnStore.digest`).
-enum RedisTxnScripts {
+package enum RedisTxnScripts {
     /// Shared by both scripts: the canonical form of a reply.
     static let canon = #"""
         local function canon(v)
@@ -34,7 +34,7 @@ enum RedisTxnScripts {
     /// inode it names holds: {entry, attributes, HLEN of its opens, HLEN of its entries} ({nil}
     /// when missing; those keys follow from the entry, under the same hash tag);
     /// `D zkeyindex dkeyindex after limit` a page of a directory: {names and positions, entries}.
-    static let read =
+    package static let read =
         canon + #"""
             local READ = {GET = true, HGET = true, HLEN = true, HMGET = true, HKEYS = true, HGETALL = true,
               HRANDFIELD = true, ZRANGE = true, ZRANGEBYSCORE = true, ZREVRANGEBYSCORE = true, ZSCORE = true,
@@ -90,7 +90,7 @@ enum RedisTxnScripts {
     /// Everything is validated before the first write (kinds of keys, numbers, arity), so a
     /// refusal or a runtime error leaves nothing half done; `#!lua` makes Redis refuse the whole
     /// script up front when it is out of memory.
-    static let commit =
+    package static let commit =
         "#!lua\n" + canon + #"""
             local CHECK = {GET = true, HGET = true, HLEN = true, HKEYS = true, ZRANGE = true, ZRANGEBYSCORE = true,
               ZREVRANGEBYSCORE = true, ZSCORE = true, SCARD = true, SISMEMBER = true, LRANGE = true}

@@ -91,6 +91,8 @@ package struct RedisTxnStats: Sendable, Equatable {
     package var replays = 0
     /// Transactions run again with fresh reads because a cached read led to an error.
     package var refreshes = 0
+    /// Round trips that reserved ids (inode numbers and readdir positions come 1000 at a time).
+    package var reservations = 0
 }
 
 /// The Redis `TxnStore`: optimistic transactions, so that `TxnMetadata` (the one copy of the
@@ -273,6 +275,8 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
                 }
                 i += 2
             }
+            // What it read fresh is the newest this client knows, except what changed since.
+            cache.record(t, committed: false)
             cache.noteChanged(seen)
             return .conflict(seen.map { $0.0.key })
         default:
@@ -378,6 +382,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     }
 
     package func reserveIDs(_ counter: String, _ count: Int) throws(FSError) -> UInt64 {
+        self.count { $0.reservations += 1 }
         guard let last = try command(["INCRBY", keys.counter(counter), count]).int else { throw FSError(EIO, "\(displayName): no \(counter) ids") }
         return UInt64(last - Int64(count) + 1)
     }
