@@ -131,10 +131,11 @@ final class RedisTxn {
                     fromCache = true
                 }
                 if let v = results[c] {
-                    if let ino = RedisTxnStore.entryIno(v) {
+                    // What removing or replacing the entry reads: a directory's entries, a
+                    // file's opens.
+                    if let ino = RedisTxnStore.entryIno(v), case .string(let e) = v {
                         want(.get(store.keys.attr(ino)))
-                        want(.hlen(store.keys.opens(ino)))
-                        want(.hlen(store.keys.entries(ino)))
+                        want(e[8] == FileType.directory.rawValue ? .hlen(store.keys.entries(ino)) : .hlen(store.keys.opens(ino)))
                     }
                 } else if !asked.contains(c) {
                     asked.insert(c)

@@ -46,12 +46,17 @@ final class RedisTxnCache: @unchecked Sendable {
             if entries.count > capacity { entries.removeAll(keepingCapacity: true) }
             for c in t.order where c.cacheable { Self.note(&entries, c, t.results[c]!) }
             guard committed else { return }
+            // A new inode has no records yet: what the next operations on it read (a regular
+            // file's first chunk and opens, a directory's entries) is known without asking.
+            let k = t.store.keys
             for ino in t.newInodes {
-                let k = t.store.keys
-                entries[k.chunk(ino, 0)] = Entry(value: .null)
-                entries[k.symlink(ino)] = Entry(value: .null)
-                for h in [k.opens(ino), k.xattrs(ino), k.entries(ino)] { entries[h] = .empty }
-                for kind in [LockKind.posix, LockKind.flock] { entries[k.locks(ino, kind)] = Entry(value: .null) }
+                guard case .set(let a)? = t.writes[k.attr(ino)]?.string, let type = a.first else { continue }
+                if type == FileType.directory.rawValue {
+                    entries[k.entries(ino)] = .empty
+                } else {
+                    entries[k.chunk(ino, 0)] = Entry(value: .null)
+                    entries[k.opens(ino)] = .empty
+                }
             }
             for k in t.writeOrder { Self.apply(&entries, k, t.writes[k]!) }
         }

@@ -63,10 +63,10 @@ package enum RedisTxnScripts {
               elseif op == 'D' then
                 local names = redis.call('ZRANGEBYSCORE', KEYS[tonumber(ARGV[i + 1])], '(' .. ARGV[i + 3], '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[i + 4]))
                 local ents = {}
-                if #names > 0 then
+                for j = 1, #names, 1000 do
                   local fields = {}
-                  for j = 1, #names, 2 do fields[#fields + 1] = names[j] end
-                  ents = redis.call('HMGET', KEYS[tonumber(ARGV[i + 2])], unpack(fields))
+                  for m = j, math.min(#names, j + 999), 2 do fields[#fields + 1] = names[m] end
+                  for _, v in ipairs(redis.call('HMGET', KEYS[tonumber(ARGV[i + 2])], unpack(fields))) do ents[#ents + 1] = v end
                 end
                 out[#out + 1] = {names, ents}
                 i = i + 5

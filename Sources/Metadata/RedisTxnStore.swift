@@ -185,7 +185,9 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             if attempt > maxAttempts {
                 let names = Set(changed).sorted().prefix(5).joined(separator: ", ")
                 throw FSError(
-                    EIO, "\(displayName): a metadata change gave up after \(maxAttempts) attempts: other clients kept changing \(names) (contention)")
+                    EIO,
+                    "\(displayName): a metadata change gave up after \(maxAttempts) attempts: other clients kept changing \(names.isEmpty ? "what it read" : names) (contention)"
+                )
             }
             let t = RedisTxn(store: self, write: write, useCache: useCache)
             let result: T

@@ -204,6 +204,43 @@ struct RedisTxnTests {
         #expect(stdout.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "no tagged key in a Lua volume: \(stdout)")
     }
 
+    @Test func manyWritersInOneDirectoryAllSucceed() throws {
+        let f = try TxnFixture()
+        let clients = [f.meta, try f.client(), try f.client()]
+        let (dir, _) = try f.meta.mknod(alice, rootIno, n("shared"), .directory, 0o777, rdev: 0, target: nil)
+        let perThread = 60
+        let threads = 4
+        let failures = Locked<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: clients.count * threads) { i in
+            let m = clients[i % clients.count]
+            for j in 0..<perThread {
+                do {
+                    let (ino, _) = try m.mknod(alice, dir, n("f\(i)-\(j)"), .regular, 0o644, rdev: 0, target: nil)
+                    if j % 3 == 0 { _ = try m.unlink(alice, dir, n("f\(i)-\(j)")) } else {
+                        _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now())
+                    }
+                } catch {
+                    failures.withLock { $0.append("\(error)") }
+                }
+            }
+        }
+        #expect(failures.withLock { $0 }.isEmpty, "\(failures.withLock { $0 }.prefix(3))")
+        var names: [String] = []
+        var cookie: UInt64 = 0
+        while true {
+            let page = try f.meta.readdir(dir, after: cookie, limit: 100, plus: false)
+            if page.isEmpty { break }
+            names += page.map(\.nameString)
+            cookie = page.last!.cookie
+        }
+        let expected = clients.count * threads * (perThread - (perThread + 2) / 3)
+        #expect(names.count == expected && Set(names).count == expected)
+        #expect(try f.meta.getattr(dir).nlink == 2)
+        let conflicts = clients.map { $0.store.stats.conflicts }.reduce(0, +)
+        let commits = clients.map { $0.store.stats.commits }.reduce(0, +)
+        print("shared directory: \(commits) commits, \(conflicts) conflicts")
+    }
+
     /// Round trips per operation (read batches plus commits; the ids reserved 1000 at a time
     /// are left out). Cold: a new client that has seen nothing; warm: a client that did what
     /// the kernel does first (a lookup before a create, a create before the write, a lookup
