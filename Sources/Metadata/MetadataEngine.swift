@@ -101,8 +101,8 @@ public struct RemovedName: Sendable, Equatable {
 }
 
 /// The metadata engine: an atomic, permission-checking POSIX namespace plus the chunk records
-/// of files, sessions and locks. `SQLiteMetadata` and `RedisMetadata` implement it with the same
-/// semantics; the conformance suite runs against both.
+/// of files, sessions and locks. `SQLiteMetadata`, `RedisTxnMetadata` (both `TxnMetadata`) and
+/// `RedisMetadata` implement it with the same semantics; the conformance suite runs against all.
 ///
 /// Methods block (they run on FUSE or worker threads, never on the Swift concurrency pool).
 /// Every method throws `FSError` with the errno ext4 would give.
@@ -206,12 +206,15 @@ extension MetadataEngine {
             throw FSError(EINVAL, "\(displayName) holds no StageFS volume: run 'stagefs format' first")
         }
         if f.version > VolumeFormat.currentVersion {
-            throw FSError(EINVAL, "volume '\(f.name)' has format version \(f.version), newer than this StageFS knows (\(VolumeFormat.currentVersion)): upgrade stagefs")
+            throw FSError(
+                EINVAL,
+                "volume '\(f.name)' has format version \(f.version), newer than this StageFS knows (\(VolumeFormat.currentVersion)): upgrade stagefs")
         }
         if f.version < 2 && displayName.hasPrefix("Redis") {
             throw FSError(
                 EINVAL,
-                "volume '\(f.name)' was formatted by StageFS 0.1, whose Redis layout has no chunk index (format version 1): format a new volume and copy the data over")
+                "volume '\(f.name)' was formatted by StageFS 0.1, whose Redis layout has no chunk index (format version 1): format a new volume and copy the data over"
+            )
         }
         return f
     }

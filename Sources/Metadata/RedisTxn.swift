@@ -274,10 +274,12 @@ final class RedisTxn {
 
     private func change(_ k: String, _ body: (inout KeyWrites) throws(FSError) -> Void) throws(FSError) {
         if !write { throw store.bug("a write to \(k) in a read-only transaction") }
-        var w = writes[k] ?? {
-            writeOrder.append(k)
-            return KeyWrites()
-        }()
+        var w =
+            writes[k]
+            ?? {
+                writeOrder.append(k)
+                return KeyWrites()
+            }()
         try body(&w)
         writes[k] = w
     }

@@ -143,8 +143,9 @@ private struct AttrSet {
     }
 }
 
-/// The POSIX semantics of StageFS over any `TxnStore` (SQLite today). `RedisMetadata` implements
-/// the same rules in Lua; the conformance suite holds both to them.
+/// The POSIX semantics of StageFS over any `TxnStore` (`SQLiteStore`, `RedisTxnStore`).
+/// `RedisMetadata` still implements the same rules in Lua; the conformance suite holds every
+/// engine to them.
 package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package let store: S
 

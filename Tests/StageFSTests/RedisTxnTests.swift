@@ -161,12 +161,18 @@ struct RedisTxnTests {
         #expect(try f.cli(["EXISTS", "{0}b"]) == ["0"])
         // A write that would fail halfway (INCRBY of a non-number after a SET): refused before the SET.
         let ok = RedisTxnStore.digest(value: Array("old".utf8))
-        let r2 = try f.cli(["EVALSHA", sha, "3", "{0}rqT", "{0}a", "{0}n", "1:2", "1", "GET", "2", "0", ok, "SET", "2", "1", "new", "INCRBY", "3", "1", "5"])
+        let r2 = try f.cli([
+            "EVALSHA", sha, "3", "{0}rqT", "{0}a", "{0}n", "1:2", "1", "GET", "2", "0", ok, "SET", "2", "1", "new", "INCRBY", "3", "1", "5",
+        ])
         #expect(r2.joined().contains("refused"), "\(r2)")
         #expect(try f.cli(["GET", "{0}a"]) == ["old"])
         // Applied once; the same request again is answered from the record.
-        let r3 = try f.cli(["EVALSHA", sha, "3", "{0}rqT", "{0}a", "{0}c", "1:3", "1", "GET", "2", "0", ok, "SET", "2", "1", "new", "INCRBY", "3", "1", "5"])
-        let r4 = try f.cli(["EVALSHA", sha, "3", "{0}rqT", "{0}a", "{0}c", "1:3", "1", "GET", "2", "0", ok, "SET", "2", "1", "new", "INCRBY", "3", "1", "5"])
+        let r3 = try f.cli([
+            "EVALSHA", sha, "3", "{0}rqT", "{0}a", "{0}c", "1:3", "1", "GET", "2", "0", ok, "SET", "2", "1", "new", "INCRBY", "3", "1", "5",
+        ])
+        let r4 = try f.cli([
+            "EVALSHA", sha, "3", "{0}rqT", "{0}a", "{0}c", "1:3", "1", "GET", "2", "0", ok, "SET", "2", "1", "new", "INCRBY", "3", "1", "5",
+        ])
         #expect(r3 == ["0"] && r4 == ["1"])
         #expect(try f.cli(["GET", "{0}c"]) == ["5"])
     }
@@ -216,7 +222,9 @@ struct RedisTxnTests {
             for j in 0..<perThread {
                 do {
                     let (ino, _) = try m.mknod(alice, dir, n("f\(i)-\(j)"), .regular, 0o644, rdev: 0, target: nil)
-                    if j % 3 == 0 { _ = try m.unlink(alice, dir, n("f\(i)-\(j)")) } else {
+                    if j % 3 == 0 {
+                        _ = try m.unlink(alice, dir, n("f\(i)-\(j)"))
+                    } else {
                         _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now())
                     }
                 } catch {
