@@ -341,8 +341,31 @@ final class RedisTxn {
 
     // MARK: commit
 
-    /// The commit's keys and arguments (see `RedisTxnScripts.commit`), and the checks in the
-    /// order sent.
+    /// Fields of an encoded attribute record (see `Attr.encode`): mtime and ctime, which a
+    /// change of a directory may write alone; what such a change leaves as it is; and what its
+    /// commit checks (all but the times).
+    static let touchFields: [Range<Int>] = [35..<47, 47..<59]
+    static let keptFields: [Range<Int>] = [0..<35, 59..<Attr.encodedSize]
+    static let checkedFields: [Range<Int>] = [0..<23, 59..<Attr.encodedSize]
+
+    /// For a directory's attributes that this transaction read and either left alone or changed
+    /// only in mtime and ctime (what a create, unlink, rename or link does to its parents): the
+    /// fields it changed. The rules never decide anything from a directory's times in a write
+    /// transaction (`TxnStore`), so the commit checks the record without them and writes just
+    /// those fields: clients creating and removing files in one directory do not conflict over
+    /// its times. nil: the record is checked and written whole.
+    private func changedTimes(_ c: ReadCmd) -> [Range<Int>]? {
+        guard c.cmd == "GET", store.keys.isAttr(c.key), case .string(let base)? = results[c], base.count == Attr.encodedSize,
+            base[0] == FileType.directory.rawValue
+        else { return nil }
+        guard let w = writes[c.key] else { return [] }
+        guard !w.cleared, w.fields.isEmpty, w.ops.isEmpty, case .set(let new)? = w.string, new.count == base.count else { return nil }
+        for r in Self.keptFields where !base[r].elementsEqual(new[r]) { return nil }
+        return Self.touchFields.filter { !base[$0].elementsEqual(new[$0]) }
+    }
+
+    /// The commit's keys and arguments (see `RedisTxnScripts.commit`), and the read each check
+    /// sent stands for, in order.
     func commitArguments(requestKey: String, tag: String) -> (keys: [String], argv: [any RedisArg], checks: [ReadCmd]) {
         var keys = [requestKey]
         var index: [String: Int] = [requestKey: 1]
@@ -352,19 +375,35 @@ final class RedisTxn {
             index[k] = keys.count
             return keys.count
         }
-        let checks = order
-        var argv: [any RedisArg] = [tag, checks.count]
-        argv.reserveCapacity(2 + checks.count * 5 + writes.count * 5)
-        for c in checks {
-            argv.append(c.cmd)
-            argv.append(idx(c.key))
-            argv.append(c.args.count)
-            for a in c.args { argv.append(a) }
-            argv.append(RedisTxnStore.digest(results[c]!))
+        var sent: [ReadCmd] = []
+        var checks: [any RedisArg] = []
+        checks.reserveCapacity(order.count * 5)
+        var timesOnly: [String: [Range<Int>]] = [:]
+        for c in order {
+            if let changed = changedTimes(c), case .string(let base)? = results[c] {
+                timesOnly[c.key] = changed
+                for r in Self.checkedFields {
+                    checks += ["GETRANGE", idx(c.key), 2, r.lowerBound, r.upperBound - 1, RedisTxnStore.digest(.string(Array(base[r])))]
+                    sent.append(c)
+                }
+                continue
+            }
+            checks.append(c.cmd)
+            checks.append(idx(c.key))
+            checks.append(c.args.count)
+            for a in c.args { checks.append(a) }
+            checks.append(RedisTxnStore.digest(results[c]!))
+            sent.append(c)
         }
+        var argv: [any RedisArg] = [tag, sent.count] + checks
+        argv.reserveCapacity(argv.count + writes.count * 5)
         for k in writeOrder {
             let w = writes[k]!
             let i = idx(k)
+            if let changed = timesOnly[k], case .set(let v)? = w.string {
+                for r in changed { argv += ["SETRANGE", i, 2, r.lowerBound, Array(v[r])] }
+                continue
+            }
             if w.cleared { argv += ["DEL", i, 0] }
             switch w.string {
             case .set(let v)?: argv += ["SET", i, 1, v]
@@ -384,7 +423,7 @@ final class RedisTxn {
                 for a in o.args { argv.append(a) }
             }
         }
-        return (keys, argv, checks)
+        return (keys, argv, sent)
     }
 }
 

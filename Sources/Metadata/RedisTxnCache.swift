@@ -23,7 +23,9 @@ final class RedisTxnCache: @unchecked Sendable {
 
     private let lock = ConditionLock()
     private var entries: [String: Entry] = [:]
-    /// Keys kept at most; the cache starts over when it would hold more.
+    /// Keys and hash fields added since the cache last started over (an upper bound of what it holds).
+    private var items = 0
+    /// Keys and fields kept at most; the cache starts over when it holds more.
     let capacity: Int
 
     init(capacity: Int) { self.capacity = capacity }
@@ -43,7 +45,12 @@ final class RedisTxnCache: @unchecked Sendable {
     /// Applies what a transaction saw and, when it committed, what it wrote.
     func record(_ t: RedisTxn, committed: Bool) {
         lock.withLock {
-            if entries.count > capacity { entries.removeAll(keepingCapacity: true) }
+            if items > capacity {
+                entries.removeAll()
+                items = 0
+            }
+            items += t.order.count + t.writeOrder.count + t.newInodes.count
+            for w in t.writes.values { items += w.fields.count }
             for c in t.order where c.cacheable { Self.note(&entries, c, t.results[c]!) }
             guard committed else { return }
             // A new inode has no records yet: what the next operations on it read (a regular
@@ -65,6 +72,7 @@ final class RedisTxnCache: @unchecked Sendable {
     /// Replies seen by a commit that found them changed.
     func noteChanged(_ changed: [(ReadCmd, RedisReply?)]) {
         lock.withLock {
+            items += changed.count
             for (c, r) in changed {
                 if let r, c.cacheable {
                     Self.note(&entries, c, r)
@@ -75,7 +83,12 @@ final class RedisTxnCache: @unchecked Sendable {
         }
     }
 
-    func removeAll() { lock.withLock { entries.removeAll() } }
+    func removeAll() {
+        lock.withLock {
+            entries.removeAll()
+            items = 0
+        }
+    }
 
     private static func note(_ entries: inout [String: Entry], _ c: ReadCmd, _ r: RedisReply) {
         var e = entries[c.key] ?? Entry()

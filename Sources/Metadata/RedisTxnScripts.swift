@@ -92,12 +92,12 @@ package enum RedisTxnScripts {
     /// script up front when it is out of memory.
     package static let commit =
         "#!lua\n" + canon + #"""
-            local CHECK = {GET = true, HGET = true, HLEN = true, HKEYS = true, ZRANGE = true, ZRANGEBYSCORE = true,
-              ZREVRANGEBYSCORE = true, ZSCORE = true, SCARD = true, SISMEMBER = true, LRANGE = true}
-            local KIND = {SET = 'string', DEL = '', APPEND = 'string', INCRBY = 'string', HSET = 'hash', HDEL = 'hash',
-              HINCRBY = 'hash', ZADD = 'zset', ZREM = 'zset', RPUSH = 'list', LTRIM = 'list', SADD = 'set', SREM = 'set'}
-            local ARITY = {SET = 1, DEL = 0, APPEND = 1, INCRBY = 1, HSET = 2, HDEL = 1, HINCRBY = 2, ZADD = 2, ZREM = 1,
-              RPUSH = 1, LTRIM = 2, SADD = 1, SREM = 1}
+            local CHECK = {GET = true, GETRANGE = true, HGET = true, HLEN = true, HKEYS = true, ZRANGE = true,
+              ZRANGEBYSCORE = true, ZREVRANGEBYSCORE = true, ZSCORE = true, SCARD = true, SISMEMBER = true, LRANGE = true}
+            local KIND = {SET = 'string', SETRANGE = 'string', DEL = '', APPEND = 'string', INCRBY = 'string', HSET = 'hash',
+              HDEL = 'hash', HINCRBY = 'hash', ZADD = 'zset', ZREM = 'zset', RPUSH = 'list', LTRIM = 'list', SADD = 'set', SREM = 'set'}
+            local ARITY = {SET = 1, SETRANGE = 2, DEL = 0, APPEND = 1, INCRBY = 1, HSET = 2, HDEL = 1, HINCRBY = 2, ZADD = 2,
+              ZREM = 1, RPUSH = 1, LTRIM = 2, SADD = 1, SREM = 1}
             local function refuse(why) return redis.error_reply('STAGEFS commit refused: ' .. why) end
             local function isint(s) return type(s) == 'string' and #s <= 18 and string.match(s, '^%-?%d+$') ~= nil end
             local rq, tag = KEYS[1], ARGV[1]
@@ -152,6 +152,9 @@ package enum RedisTxnScripts {
                   if cur and not isint(cur) then return refuse(k .. ' holds no counter in that field') end
                 elseif cmd == 'ZADD' then
                   if not tonumber(ARGV[i + 3]) then return refuse('ZADD ' .. k .. ': bad score') end
+                elseif cmd == 'SETRANGE' then
+                  local off = tonumber(ARGV[i + 3])
+                  if not isint(ARGV[i + 3]) or off < 0 or off + #ARGV[i + 4] > 536870912 then return refuse('SETRANGE ' .. k) end
                 elseif cmd == 'LTRIM' then
                   if not isint(ARGV[i + 3]) or not isint(ARGV[i + 4]) then return refuse('LTRIM ' .. k) end
                 elseif cmd == 'APPEND' then

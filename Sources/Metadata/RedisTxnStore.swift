@@ -14,6 +14,11 @@ struct RedisKeys: Sendable {
     var setting: String { prefix + "setting" }
     func counter(_ name: String) -> String { prefix + name }
     func attr(_ ino: Ino) -> String { "\(prefix)i\(ino)" }
+    /// Whether `key` is an attribute record (`attr`).
+    func isAttr(_ key: String) -> Bool {
+        key.hasPrefix(prefix + "i") && key.utf8.dropFirst(prefix.utf8.count + 1).allSatisfy { $0 >= 48 && $0 <= 57 }
+            && key.utf8.count > prefix.utf8.count + 1
+    }
     /// Directory hash: name -> packed (ino, type).
     func entries(_ dir: Ino) -> String { "\(prefix)d\(dir)" }
     /// Directory sorted set: name -> readdir position.
@@ -350,6 +355,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             case .xattrCount(let ino): ops.append(.cmd(.hlen(keys.xattrs(ino))))
             case .locks(let ino, let kind): ops.append(.cmd(.get(keys.locks(ino, kind))))
             case .symlink(let ino): ops.append(.cmd(.get(keys.symlink(ino))))
+            case .counter(let name): ops.append(.cmd(.get(keys.counter(name))))
             case .entries(let dir, let after, let limit):
                 ops.append(.page(positions: keys.positions(dir), entries: keys.entries(dir), after: after, limit: limit))
             }

@@ -9,7 +9,10 @@ import StageFSCore
 /// transaction is made atomic: SQLite takes a lock (`SQLiteStore`); Redis reads optimistically
 /// and commits with one check-and-apply step, running the body again when something it read
 /// changed meanwhile (`RedisTxnStore`). So a body may run more than once: it must change nothing
-/// but the store.
+/// but the store. And a write transaction never decides anything from a directory's atime, mtime
+/// or ctime (it may set them): a store may check a directory's record without them and write
+/// only the times a transaction changed, so that clients creating files in one directory do not
+/// conflict over its times.
 package protocol TxnStore: AnyObject, Sendable {
     var displayName: String { get }
     /// Runs `body` in one transaction. A call inside another transaction of the same store on
@@ -107,6 +110,7 @@ package enum TxnRead: Sendable {
     case symlink(Ino)
     /// A page of a directory (`TxnStore.entries`).
     case entries(Ino, after: UInt64, limit: Int)
+    case counter(String)
 }
 
 extension TxnStore {
@@ -189,6 +193,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func statfs() throws(FSError) -> StatFS {
         try store.transaction(write: false) { () throws(FSError) in
+            try store.prefetch([.counter("usedSpace"), .counter("usedInodes")])
             let used = UInt64(max(0, try store.counter("usedSpace")))
             let inodes = UInt64(max(0, try store.counter("usedInodes")))
             return makeStatFS(usedSpace: used, usedInodes: inodes)

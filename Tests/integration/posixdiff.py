@@ -30,6 +30,16 @@ import struct
 import sys
 import time
 
+# An absolute symlink target outside both trees (normally missing).
+DANGLING = "/nonexistent-stagefs"
+
+
+def remove_dangling():
+    try:
+        os.unlink(DANGLING)
+    except (FileNotFoundError, IsADirectoryError):
+        pass
+
 CHUNK = 64 << 20
 OLD_TIME_LIMIT = 1_600_000_000  # explicit times are set before this; "now" is after it
 SLOTS = 4
@@ -490,7 +500,7 @@ class Generator:
         if kind == "link":
             return ("link", p(), p())
         if kind == "symlink":
-            target = rng.choice(["a", "b", "dd/c", "/nonexistent-stagefs", "t" * 4095, "x" * 255, "c"])
+            target = rng.choice(["a", "b", "dd/c", DANGLING, "t" * 4095, "x" * 255, "c"])
             return ("symlink", target, p())
         if kind == "chmod":
             return ("chmod", p(), self.mode())
@@ -617,8 +627,12 @@ class Driver:
     def close(self):
         for w in self.workers.values():
             w.stop()
+        remove_dangling()
 
     def run(self, seed, length=40):
+        # A write as root through the dangling absolute symlink target creates it on the host,
+        # where the oracle and the mount would then share it: start every sequence without it.
+        remove_dangling()
         base = f"s{seed}"
         gen = Generator(seed, base, self.users, self.block)
         gen.shared_gid = gen_shared = self.shared_gid
