@@ -199,8 +199,10 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             do {
                 result = try t.run(body)
             } catch {
-                // An error that came from what this client remembered, or from reads taken in
-                // several round trips, is confirmed before it is given.
+                // An error of the rules that came from what this client remembered, or from
+                // reads taken in several round trips, is confirmed before it is given (an I/O
+                // error is not: Redis was unreachable for the whole retry time already).
+                if error.code == EIO { throw error }
                 if t.fromCache {
                     count { $0.refreshes += 1 }
                     useCache = false
