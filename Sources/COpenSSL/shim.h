@@ -1,7 +1,9 @@
 #ifndef COPENSSL_SHIM_H
 #define COPENSSL_SHIM_H
-/* OpenSSL (Debian's libssl) for rediss:// connections; only the Metadata module imports it. */
+/* OpenSSL (Debian's libssl) for rediss:// connections and SHA-1 (the Redis commit checks);
+   only the Metadata module imports it. */
 #include <openssl/err.h>
+#include <openssl/sha.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 

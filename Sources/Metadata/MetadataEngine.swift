@@ -43,8 +43,8 @@ public struct RemovedName: Sendable, Equatable {
 }
 
 /// The metadata engine: an atomic, permission-checking POSIX namespace plus the chunk records
-/// of files, sessions and locks. `SQLiteMetadata` and `RedisMetadata` implement it with the same
-/// semantics; the conformance suite runs against both.
+/// of files, sessions and locks. `SQLiteMetadata`, `RedisTxnMetadata` (both `TxnMetadata`) and
+/// `RedisMetadata` implement it with the same semantics; the conformance suite runs against all.
 ///
 /// Methods block (they run on FUSE or worker threads, never on the Swift concurrency pool).
 /// Every method throws `FSError` with the errno ext4 would give.
@@ -148,12 +148,15 @@ extension MetadataEngine {
             throw FSError(EINVAL, "\(displayName) holds no StageFS volume: run 'stagefs format' first")
         }
         if f.version > VolumeFormat.currentVersion {
-            throw FSError(EINVAL, "volume '\(f.name)' has format version \(f.version), newer than this StageFS knows (\(VolumeFormat.currentVersion)): upgrade stagefs")
+            throw FSError(
+                EINVAL,
+                "volume '\(f.name)' has format version \(f.version), newer than this StageFS knows (\(VolumeFormat.currentVersion)): upgrade stagefs")
         }
         if f.version < 2 && displayName.hasPrefix("Redis") {
             throw FSError(
                 EINVAL,
-                "volume '\(f.name)' was formatted by StageFS 0.1, whose Redis layout has no chunk index (format version 1): format a new volume and copy the data over")
+                "volume '\(f.name)' was formatted by StageFS 0.1, whose Redis layout has no chunk index (format version 1): format a new volume and copy the data over"
+            )
         }
         return f
     }
@@ -166,8 +169,22 @@ extension MetadataEngine {
 public func openMetadata(_ url: MetaURL, create: Bool = false, retryTimeout: Double = 60) throws(FSError) -> any MetadataEngine {
     switch url {
     case .sqlite(let path): return try SQLiteMetadata(path: path, create: create)
-    case .redis(let location): return try RedisMetadata(location: location, retryTimeout: retryTimeout)
+    case .redis(let location):
+        switch try redisEngine(location) {
+        case .lua: return try RedisMetadata(location: location, retryTimeout: retryTimeout)
+        case .txn: return try RedisTxnMetadata(location: location, retryTimeout: retryTimeout)
+        }
     }
+}
+
+/// The engine for a Redis volume: the META-URL's `engine=`, else `STAGEFS_REDIS_ENGINE`, else Lua.
+func redisEngine(_ location: RedisLocation) throws(FSError) -> RedisEngineKind {
+    if let e = location.engine { return e }
+    guard let v = getenv(RedisEngineKind.environmentVariable).map({ String(cString: $0) }), !v.isEmpty else { return .lua }
+    guard let e = RedisEngineKind(rawValue: v) else {
+        throw FSError.usage("\(RedisEngineKind.environmentVariable)='\(v)' is not 'lua' or 'txn'")
+    }
+    return e
 }
 
 /// The most chunks one metadata step drops (a truncate or the deletion of a file's records

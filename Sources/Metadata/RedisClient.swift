@@ -426,6 +426,9 @@ final class RedisConnection {
         }
     }
 
+    /// Marks the connection unusable, so the pool drops it instead of using it again.
+    func abandon() { broken = true }
+
     /// Sends one command and waits for its reply.
     func command(_ args: [any RedisArg]) throws(FSError) -> RedisReply {
         try pipeline([args])[0]

@@ -122,7 +122,16 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
     // MARK: volume
 
     package func loadFormat() throws(FSError) -> VolumeFormat? {
-        guard let text = try cmd(["GET", "setting"]).text else { return nil }
+        guard let text = try cmd(["GET", "setting"]).text else {
+            let tagged = "{\(pool.location.db)}setting"
+            if try cmd(["EXISTS", tagged]).int == 1 {
+                throw FSError(
+                    EINVAL,
+                    "\(displayName) holds a volume of the transactional Redis engine (its keys start with the hash tag {\(pool.location.db)}): open it with engine=txn in the META-URL or \(RedisEngineKind.environmentVariable)=txn"
+                )
+            }
+            return nil
+        }
         return try VolumeFormat.decode(text)
     }
 

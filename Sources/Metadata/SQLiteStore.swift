@@ -77,7 +77,18 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         try conn.query("INSERT OR REPLACE INTO setting(k, v) VALUES(?, ?)", [.text(key), .text(value)])
     }
 
-    package func incr(_ counter: String, _ delta: Int64) throws(FSError) -> Int64 {
+    package func counter(_ name: String) throws(FSError) -> Int64 { try incr(name, 0) }
+
+    package func add(_ counter: String, _ delta: Int64) throws(FSError) { _ = try incr(counter, delta) }
+
+    package func reserveIDs(_ counter: String, _ count: Int) throws(FSError) -> UInt64 {
+        try transaction(write: true) { () throws(FSError) in UInt64(try incr(counter, Int64(count)) - Int64(count) + 1) }
+    }
+
+    package func newInode() throws(FSError) -> Ino { Ino(try incr("nextInode", 1)) }
+
+    /// Adds `delta` to a named counter and returns the new value (missing counters are 0).
+    private func incr(_ counter: String, _ delta: Int64) throws(FSError) -> Int64 {
         if delta == 0 {
             return try one("SELECT value FROM counter WHERE name=?", [.text(counter)]) { Col.int($0, 0) } ?? 0
         }
@@ -190,11 +201,19 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         return blob
     }
 
-    package func openCount(_ ino: Ino) throws(FSError) -> Int {
-        Int(try one("SELECT COALESCE(SUM(count), 0) FROM openfile WHERE ino=?", [.int(Int64(ino))]) { Col.int($0, 0) } ?? 0)
+    package func isOpen(_ ino: Ino) throws(FSError) -> Bool {
+        try one("SELECT 1 FROM openfile WHERE ino=? LIMIT 1", [.int(Int64(ino))]) { _ in true } ?? false
     }
 
-    package func addOpen(_ sid: UInt64, _ ino: Ino, _ delta: Int) throws(FSError) -> Int {
+    package func addOpen(_ sid: UInt64, _ ino: Ino) throws(FSError) {
+        _ = try changeOpens(sid, ino, 1)
+    }
+
+    package func dropOpens(_ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int {
+        try changeOpens(sid, ino, -count)
+    }
+
+    private func changeOpens(_ sid: UInt64, _ ino: Ino, _ delta: Int) throws(FSError) -> Int {
         let args: [SQLValue] = [.int(Int64(sid)), .int(Int64(ino))]
         let cur = Int(try one("SELECT count FROM openfile WHERE sid=? AND ino=?", args) { Col.int($0, 0) } ?? 0)
         let n = max(0, cur + delta)
@@ -231,8 +250,8 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         return out
     }
 
-    package func removePendingDelete(_ ino: Ino) throws(FSError) {
-        try conn.query("DELETE FROM delfile WHERE ino=?", [.int(Int64(ino))])
+    package func removePendingDelete(_ pending: PendingDelete) throws(FSError) {
+        try conn.query("DELETE FROM delfile WHERE ino=?", [.int(Int64(pending.ino))])
     }
 
     package func pushDroppedSlices(_ records: [UInt8]) throws(FSError) {

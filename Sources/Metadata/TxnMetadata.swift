@@ -5,16 +5,35 @@ import StageFSCore
 #endif
 
 /// Storage primitives of a transactional metadata store. `TxnMetadata` runs all POSIX logic
-/// over them inside `transaction`, so a store only says how rows are kept.
+/// over them inside `transaction`, so a store only says how rows are kept and how a
+/// transaction is made atomic: SQLite takes a lock (`SQLiteStore`); Redis reads optimistically
+/// and commits with one check-and-apply step, running the body again when something it read
+/// changed meanwhile (`RedisTxnStore`). So a body may run more than once: it must change nothing
+/// but the store. And a write transaction never decides anything from a directory's atime, mtime
+/// or ctime (it may set them): a store may check a directory's record without them and write
+/// only the times a transaction changed, so that clients creating files in one directory do not
+/// conflict over its times.
 package protocol TxnStore: AnyObject, Sendable {
     var displayName: String { get }
-    /// Runs `body` in one transaction (a write transaction takes the write lock first).
+    /// Runs `body` in one transaction. A call inside another transaction of the same store on
+    /// the same thread joins it.
     func transaction<T>(write: Bool, _ body: () throws(FSError) -> T) throws(FSError) -> T
+    /// Says what the transaction is about to read, so that a store with round trips fetches it
+    /// all at once. Only a hint: reads not named still work, names not read cost nothing more.
+    func prefetch(_ reads: [TxnRead]) throws(FSError)
 
     func setting(_ key: String) throws(FSError) -> String?
     func setSetting(_ key: String, _ value: String) throws(FSError)
-    /// Adds `delta` to a named counter and returns the new value (missing counters are 0).
-    func incr(_ counter: String, _ delta: Int64) throws(FSError) -> Int64
+    /// The value of a named counter (0 when missing).
+    func counter(_ name: String) throws(FSError) -> Int64
+    /// Adds `delta` to a named counter without reading it, so that transactions adding to the
+    /// same counter do not conflict.
+    func add(_ counter: String, _ delta: Int64) throws(FSError)
+    /// Reserves `count` consecutive ids of `counter` and returns the first. Not part of any
+    /// transaction: ids are never given back.
+    func reserveIDs(_ counter: String, _ count: Int) throws(FSError) -> UInt64
+    /// A new inode number (a store with round trips hands them out from batches it reserved).
+    func newInode() throws(FSError) -> Ino
 
     func attr(_ ino: Ino) throws(FSError) -> Attr?
     func putAttr(_ ino: Ino, _ attr: Attr) throws(FSError)
@@ -44,16 +63,18 @@ package protocol TxnStore: AnyObject, Sendable {
     /// highest first when `descending`. Its cost follows the chunks it returns, never the size.
     func chunkIndexes(_ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32]
 
-    /// Opens of `ino` by all sessions.
-    func openCount(_ ino: Ino) throws(FSError) -> Int
-    /// Adds `delta` to the opens of `ino` by `sid`; returns the session's new count.
-    func addOpen(_ sid: UInt64, _ ino: Ino, _ delta: Int) throws(FSError) -> Int
+    /// Whether any session has `ino` open.
+    func isOpen(_ ino: Ino) throws(FSError) -> Bool
+    /// Records one more open of `ino` by `sid` (without reading the count).
+    func addOpen(_ sid: UInt64, _ ino: Ino) throws(FSError)
+    /// Drops `count` opens of `ino` by `sid` (at most all it has); returns how many it keeps.
+    func dropOpens(_ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int
     /// Inodes `sid` has open, with counts (at most `limit`).
     func sessionOpens(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, Int)]
 
     func addPendingDelete(_ ino: Ino, _ size: UInt64) throws(FSError)
     func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete]
-    func removePendingDelete(_ ino: Ino) throws(FSError)
+    func removePendingDelete(_ pending: PendingDelete) throws(FSError)
     func pushDroppedSlices(_ records: [UInt8]) throws(FSError)
     func takeDroppedSlices(limit: Int) throws(FSError) -> [UInt8]
 
@@ -71,6 +92,29 @@ package protocol TxnStore: AnyObject, Sendable {
     func forgetSessionLock(_ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError)
     /// How many extended attributes `ino` has.
     func xattrCount(_ ino: Ino) throws(FSError) -> Int
+}
+
+/// What a transaction is about to read (`TxnStore.prefetch`).
+package enum TxnRead: Sendable {
+    case attr(Ino)
+    /// An entry and, when it exists, what the inode it names holds: attributes, opens, entries.
+    case entry(Ino, [UInt8])
+    case chunk(Ino, UInt32)
+    /// The opens of `ino` by session `sid`.
+    case opens(sid: UInt64, Ino)
+    case isOpen(Ino)
+    case hasEntries(Ino)
+    case xattr(Ino, [UInt8])
+    case xattrCount(Ino)
+    case locks(Ino, UInt8)
+    case symlink(Ino)
+    /// A page of a directory (`TxnStore.entries`).
+    case entries(Ino, after: UInt64, limit: Int)
+    case counter(String)
+}
+
+extension TxnStore {
+    package func prefetch(_ reads: [TxnRead]) throws(FSError) {}
 }
 
 /// Attributes loaded in one transaction, changed in place and written back once
@@ -103,8 +147,9 @@ private struct AttrSet {
     }
 }
 
-/// The POSIX semantics of StageFS over any `TxnStore` (SQLite today). `RedisMetadata` implements
-/// the same rules in Lua; the conformance suite holds both to them.
+/// The POSIX semantics of StageFS over any `TxnStore` (`SQLiteStore`, `RedisTxnStore`).
+/// `RedisMetadata` still implements the same rules in Lua; the conformance suite holds every
+/// engine to them.
 package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package let store: S
 
@@ -139,17 +184,18 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                     type: .directory, mode: rootMode & 0o7777, uid: 0, gid: 0, nlink: 2, size: 4096, atime: now, mtime: now, ctime: now,
                     parent: rootIno)
                 try store.putAttr(rootIno, root)
-                if try store.incr("nextInode", 0) < Int64(rootIno) { _ = try store.incr("nextInode", Int64(rootIno)) }
-                _ = try store.incr("usedInodes", 1)
-                _ = try store.incr("usedSpace", 4096)
+                if try store.counter("nextInode") < Int64(rootIno) { try store.add("nextInode", Int64(rootIno)) }
+                try store.add("usedInodes", 1)
+                try store.add("usedSpace", 4096)
             }
         }
     }
 
     package func statfs() throws(FSError) -> StatFS {
         try store.transaction(write: false) { () throws(FSError) in
-            let used = UInt64(max(0, try store.incr("usedSpace", 0)))
-            let inodes = UInt64(max(0, try store.incr("usedInodes", 0)))
+            try store.prefetch([.counter("usedSpace"), .counter("usedInodes")])
+            let used = UInt64(max(0, try store.counter("usedSpace")))
+            let inodes = UInt64(max(0, try store.counter("usedInodes")))
             return makeStatFS(usedSpace: used, usedInodes: inodes)
         }
     }
@@ -159,7 +205,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func newSession(_ info: SessionInfo) throws(FSError) -> UInt64 {
         try store.transaction(write: true) { () throws(FSError) in
             var info = info
-            info.sid = UInt64(try store.incr("nextSession", 1))
+            info.sid = try store.reserveIDs("nextSession", 1)
             let now = Timespec.now().sec
             info.started = now
             info.heartbeat = now
@@ -181,11 +227,13 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         while true {
             let done = try store.transaction(write: true) { () throws(FSError) -> Bool in
                 let opens = try store.sessionOpens(sid, limit: chunkBatch)
+                try store.prefetch(opens.flatMap { (ino, _) in [.opens(sid: sid, ino), .attr(ino), .isOpen(ino)] })
                 for (ino, count) in opens {
-                    _ = try store.addOpen(sid, ino, -count)
+                    _ = try store.dropOpens(sid, ino, count)
                     try freeIfUnused(ino)
                 }
                 let locks = try store.sessionLocks(sid, limit: chunkBatch)
+                try store.prefetch(locks.map { .locks($0.0, $0.1) })
                 for (ino, kind) in locks {
                     if let kept = strippingSession(sid, from: try store.locks(ino, kind)) {
                         try store.putLocks(ino, kind, kept, sid: 0)
@@ -218,6 +266,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
         try store.transaction(write: false) { () throws(FSError) in
+            try store.prefetch([.attr(parent), .entry(parent, name)])
             guard let pa = try store.attr(parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, .execute)
@@ -274,6 +323,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         if newSize < old {
             let firstGone = UInt32((newSize + chunkSize - 1) / chunkSize)
             let gone = try store.chunkIndexes(ino, from: firstGone, limit: chunkBatch, descending: true)
+            try store.prefetch(gone.map { .chunk(ino, $0) })
             for idx in gone {
                 let blob = try store.deleteChunk(ino, idx)
                 if !blob.isEmpty { try store.pushDroppedSlices(blob) }
@@ -287,7 +337,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 try store.appendChunk(ino, UInt32(newSize / chunkSize), hole.encoded())
             }
         }
-        _ = try store.incr("usedSpace", align4K(size) - align4K(old))
+        try store.add("usedSpace", align4K(size) - align4K(old))
         a.size = size
         return size == newSize
     }
@@ -295,7 +345,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr) {
         try store.transaction(write: true) { () throws(FSError) in
             let (ino, a) = try mknod(cred, parent, name, .regular, mode, rdev: 0, target: nil)
-            _ = try store.addOpen(sid, ino, 1)
+            try store.addOpen(sid, ino)
             return (ino, a)
         }
     }
@@ -308,12 +358,13 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         try validateName(name)
         if type == .symlink && (target == nil || target!.isEmpty || target!.count > 4095) { throw FSError.invalid }
         return try store.transaction(write: true) { () throws(FSError) in
+            try store.prefetch([.attr(parent), .entry(parent, name)])
             guard var pa = try store.attr(parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, [.write, .execute])
             if pa.nlink == 0 { throw FSError.notFound }
             if try store.entry(parent, name) != nil { throw FSError.exists }
-            let ino = Ino(try store.incr("nextInode", 1))
+            let ino = try store.newInode()
             let now = Timespec.now()
             var perm = mode & 0o7777
             var gid = cred.gid
@@ -337,8 +388,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             pa.ctime = now
             if type == .directory { pa.nlink += 1 }
             try store.putAttr(parent, pa)
-            _ = try store.incr("usedInodes", 1)
-            _ = try store.incr("usedSpace", align4K(size))
+            try store.add("usedInodes", 1)
+            try store.add("usedSpace", align4K(size))
             return (ino, a)
         }
     }
@@ -346,7 +397,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     /// Frees an inode that has no links and no opens left; returns whether it did.
     @discardableResult
     private func freeIfUnused(_ ino: Ino) throws(FSError) -> Bool {
-        guard let a = try store.attr(ino), a.nlink == 0, try store.openCount(ino) == 0 else { return false }
+        guard let a = try store.attr(ino), a.nlink == 0, try !store.isOpen(ino) else { return false }
         try freeInode(ino, a)
         return true
     }
@@ -354,8 +405,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     private func freeInode(_ ino: Ino, _ a: Attr) throws(FSError) {
         try store.deleteInode(ino)
         if a.type == .regular && a.size > 0 { try store.addPendingDelete(ino, a.size) }
-        _ = try store.incr("usedInodes", -1)
-        _ = try store.incr("usedSpace", -align4K(a.size))
+        try store.add("usedInodes", -1)
+        try store.add("usedSpace", -align4K(a.size))
     }
 
     /// Drops one link of a non-directory inside a transaction.
@@ -363,8 +414,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         var a = try attrs.load(store, ino)
         a.nlink -= 1
         a.ctime = now
-        let opens = try store.openCount(ino)
-        if a.nlink == 0 && opens == 0 {
+        if a.nlink == 0, try !store.isOpen(ino) {
             attrs.forget(ino)
             try freeInode(ino, a)
             return RemovedName(ino: ino, attr: a, freed: true)
@@ -375,6 +425,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
         try store.transaction(write: true) { () throws(FSError) in
+            try store.prefetch([.attr(parent), .entry(parent, name)])
             var attrs = AttrSet()
             let pa = try attrs.load(store, parent)
             guard pa.type == .directory else { throw FSError.notDir }
@@ -401,6 +452,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         if name == [UInt8(ascii: ".")] { throw FSError.invalid }
         if name == [UInt8(ascii: "."), UInt8(ascii: ".")] { throw FSError.notEmpty }
         return try store.transaction(write: true) { () throws(FSError) in
+            try store.prefetch([.attr(parent), .entry(parent, name)])
             guard var pa = try store.attr(parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, [.write, .execute])
@@ -418,8 +470,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             pa.mtime = now
             pa.ctime = now
             try store.putAttr(parent, pa)
-            _ = try store.incr("usedInodes", -1)
-            _ = try store.incr("usedSpace", -align4K(a.size))
+            try store.add("usedInodes", -1)
+            try store.add("usedSpace", -align4K(a.size))
             var gone = a
             gone.nlink = 0
             gone.ctime = now
@@ -448,6 +500,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         try validateName(dn)
         if sn.isEmpty || sn.count > maxNameLength { throw FSError.notFound }
         return try store.transaction(write: true) { () throws(FSError) -> RenameResult in
+            try store.prefetch([.attr(sp), .attr(dp), .entry(sp, sn), .entry(dp, dn)])
             var attrs = AttrSet()
             let spa = try attrs.load(store, sp)
             let dpa = try attrs.load(store, dp)
@@ -504,8 +557,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                         attrs.forget(dino)
                         try store.deleteInode(dino)
                         try attrs.update(store, dp) { $0.nlink -= 1 }
-                        _ = try store.incr("usedInodes", -1)
-                        _ = try store.incr("usedSpace", -align4K(da.size))
+                        try store.add("usedInodes", -1)
+                        try store.add("usedSpace", -align4K(da.size))
                         removed = RemovedName(ino: dino, attr: da, freed: true)
                     } else {
                         removed = try dropLink(dino, &attrs, now: now)
@@ -536,6 +589,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
         try validateName(name)
         return try store.transaction(write: true) { () throws(FSError) in
+            try store.prefetch([.attr(parent), .attr(ino), .entry(parent, name)])
             guard var pa = try store.attr(parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, [.write, .execute])
@@ -558,6 +612,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
         try store.transaction(write: false) { () throws(FSError) in
+            try store.prefetch([.attr(ino), .symlink(ino)])
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             guard a.type == .symlink, let t = try store.symlinkTarget(ino) else { throw FSError.invalid }
             return t
@@ -566,10 +621,12 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
         try store.transaction(write: false) { () throws(FSError) in
+            try store.prefetch([.attr(ino), .entries(ino, after: cookie, limit: limit)])
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             guard a.type == .directory else { throw FSError.notDir }
             var out = try store.entries(ino, after: cookie, limit: limit)
             if plus {
+                try store.prefetch(out.map { .attr($0.ino) })
                 for i in out.indices { out[i].attr = try store.attr(out[i].ino) }
                 out.removeAll { $0.attr == nil }
             }
@@ -581,6 +638,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
         try store.transaction(write: false) { () throws(FSError) in
+            try store.prefetch([.attr(ino), .xattr(ino, name)])
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             try xattrReadCheck(a, cred, name)
             guard let v = try store.xattr(ino, name) else { throw FSError.noAttr }
@@ -598,6 +656,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
         if value.count > 65536 { throw FSError(E2BIG, "attribute value too large") }
         try store.transaction(write: true) { () throws(FSError) in
+            try store.prefetch([.attr(ino), .xattr(ino, name), .xattrCount(ino)])
             guard var a = try store.attr(ino) else { throw FSError.notFound }
             try xattrWriteCheck(a, cred, name)
             let exists = try store.xattr(ino, name) != nil
@@ -612,6 +671,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
         try store.transaction(write: true) { () throws(FSError) in
+            try store.prefetch([.attr(ino), .xattr(ino, name)])
             guard var a = try store.attr(ino) else { throw FSError.notFound }
             try xattrWriteCheck(a, cred, name)
             guard try store.xattr(ino, name) != nil else { throw FSError.noAttr }
@@ -625,18 +685,20 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?) {
         try store.transaction(write: true) { () throws(FSError) in
+            try store.prefetch([.attr(ino), .chunk(ino, 0)])
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             let mask = accessMask(openFlags: flags)
             if a.type == .directory && mask.contains(.write) { throw FSError.isDir }
             try Posix.check(a, cred, mask)
-            _ = try store.addOpen(sid, ino, 1)
+            try store.addOpen(sid, ino)
             return (a, a.type == .regular ? Slice.decodeAll(try store.chunk(ino, 0)) : nil)
         }
     }
 
     package func close(_ ino: Ino, sid: UInt64) throws(FSError) {
         try store.transaction(write: true) { () throws(FSError) in
-            if try store.addOpen(sid, ino, -1) <= 0 { try freeIfUnused(ino) }
+            try store.prefetch([.opens(sid: sid, ino), .attr(ino), .isOpen(ino)])
+            if try store.dropOpens(sid, ino, 1) == 0 { try freeIfUnused(ino) }
         }
     }
 
@@ -647,7 +709,12 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func readChunks(_ chunks: [(Ino, UInt32)]) throws(FSError) -> [[Slice]] {
         try store.transaction(write: false) { () throws(FSError) in
             var out: [[Slice]] = []
-            for (ino, idx) in chunks { out.append(Slice.decodeAll(try store.chunk(ino, idx))) }
+            out.reserveCapacity(chunks.count)
+            for start in stride(from: 0, to: chunks.count, by: chunkBatch) {
+                let part = chunks[start..<min(chunks.count, start + chunkBatch)]
+                try store.prefetch(part.map { .chunk($0.0, $0.1) })
+                for (ino, idx) in part { out.append(Slice.decodeAll(try store.chunk(ino, idx))) }
+            }
             return out
         }
     }
@@ -655,7 +722,12 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func getattrs(_ inos: [Ino]) throws(FSError) -> [Attr?] {
         try store.transaction(write: false) { () throws(FSError) in
             var out: [Attr?] = []
-            for ino in inos { out.append(try store.attr(ino)) }
+            out.reserveCapacity(inos.count)
+            for start in stride(from: 0, to: inos.count, by: chunkBatch) {
+                let part = inos[start..<min(inos.count, start + chunkBatch)]
+                try store.prefetch(part.map { .attr($0) })
+                for ino in part { out.append(try store.attr(ino)) }
+            }
             return out
         }
     }
@@ -666,7 +738,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             guard a.type == .regular else { throw FSError.invalid }
             try store.appendChunk(ino, index, slice.encoded())
             if minSize > a.size {
-                _ = try store.incr("usedSpace", align4K(minSize) - align4K(a.size))
+                try store.add("usedSpace", align4K(minSize) - align4K(a.size))
                 a.size = minSize
             }
             a.mtime = mtime
@@ -677,9 +749,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     package func newSliceIDs(_ count: Int) throws(FSError) -> UInt64 {
-        try store.transaction(write: true) { () throws(FSError) in
-            UInt64(try store.incr("nextSlice", Int64(count)) - Int64(count) + 1)
-        }
+        try store.reserveIDs("nextSlice", count)
     }
 
     package func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete] {
@@ -690,9 +760,10 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         try store.transaction(write: true) { () throws(FSError) in
             var out: [Slice] = []
             let idxs = try store.chunkIndexes(pending.ino, from: 0, limit: chunkBatch, descending: false)
+            try store.prefetch(idxs.map { .chunk(pending.ino, $0) })
             for idx in idxs { out += Slice.decodeAll(try store.deleteChunk(pending.ino, idx)) }
             if idxs.count == chunkBatch { return (out, false) }
-            try store.removePendingDelete(pending.ino)
+            try store.removePendingDelete(pending)
             return (out, true)
         }
     }
@@ -705,6 +776,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func updateLocks(_ ino: Ino, kind: UInt8, sid: UInt64, _ body: ([UInt8]) throws(FSError) -> [UInt8]?) throws(FSError) {
         try store.transaction(write: true) { () throws(FSError) in
+            try store.prefetch([.attr(ino), .locks(ino, kind)])
             guard try store.attr(ino) != nil else { throw FSError.notFound }
             if let table = try body(try store.locks(ino, kind)) { try store.putLocks(ino, kind, table, sid: sid) }
         }

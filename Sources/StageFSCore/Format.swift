@@ -118,6 +118,15 @@ public struct RedisHost: Sendable, Equatable {
     public var text: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
 }
 
+/// Which engine serves a Redis volume: `lua` runs one server-side script per operation (the
+/// default); `txn` runs the shared Swift rules over optimistic transactions.
+public enum RedisEngineKind: String, Sendable, Equatable {
+    case lua, txn
+
+    /// The environment variable that picks the engine when the META-URL does not.
+    public static let environmentVariable = "STAGEFS_REDIS_ENGINE"
+}
+
 /// Where a Redis metadata store is: one server, or a master found through Sentinels.
 public struct RedisLocation: Sendable, Equatable {
     /// The server (one), or the Sentinels when `masterName` is set.
@@ -140,6 +149,8 @@ public struct RedisLocation: Sendable, Equatable {
     public var waitReplicas = 0
     /// `wait-timeout=MS`: how long a commit waits for them (default 5000).
     public var waitTimeoutMillis = 5000
+    /// `engine=lua|txn`; nil leaves the choice to `STAGEFS_REDIS_ENGINE` (default `lua`).
+    public var engine: RedisEngineKind?
 
     public init(hosts: [RedisHost], masterName: String? = nil, db: Int = 0, user: String? = nil, password: String? = nil) {
         self.hosts = hosts
@@ -279,7 +290,13 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
                 case "wait-timeout":
                     guard let n = Int(value), n > 0 else { throw bad("wait-timeout '\(value)' is not a number of milliseconds") }
                     loc.waitTimeoutMillis = n
-                default: throw bad("unknown option '\(key)' (known: tls-ca-cert-file, tls-cert-file, tls-key-file, insecure-skip-verify, wait-replicas, wait-timeout)")
+                case "engine":
+                    guard let e = RedisEngineKind(rawValue: value) else { throw bad("engine '\(value)' is not 'lua' or 'txn'") }
+                    loc.engine = e
+                default:
+                    throw bad(
+                        "unknown option '\(key)' (known: tls-ca-cert-file, tls-cert-file, tls-key-file, insecure-skip-verify, wait-replicas, wait-timeout, engine)"
+                    )
                 }
             }
             if (loc.tlsCACert != nil || loc.tlsCert != nil || loc.tlsKey != nil || loc.tlsInsecure) && !loc.tls {
@@ -317,6 +334,7 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
             if let f = r.tlsKey { q.append("tls-key-file=\(f)") }
             if r.tlsInsecure { q.append("insecure-skip-verify=true") }
             if r.waitReplicas > 0 { q.append("wait-replicas=\(r.waitReplicas)") }
+            if let e = r.engine { q.append("engine=\(e.rawValue)") }
             return "\(r.tls ? "rediss" : "redis")://\(auth)\(hosts)/\(r.db)" + (q.isEmpty ? "" : "?" + q.joined(separator: "&"))
         }
     }

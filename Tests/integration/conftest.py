@@ -39,7 +39,12 @@ def moto():
     m.stop()
 
 
-@pytest.fixture(scope="module", params=["sqlite-local", "redis-s3"])
+# Volume kinds the volume tests run on (STAGEFS_IT_VOLUMES, comma-separated, to pick some):
+# SQLite with a local directory, Redis with S3 on the Lua engine and on the transactional one.
+VOLUME_KINDS = os.environ.get("STAGEFS_IT_VOLUMES", "sqlite-local,redis-s3,redis-txn-s3").split(",")
+
+
+@pytest.fixture(scope="module", params=VOLUME_KINDS)
 def volume(request, env, redis, moto):
     v = helpers.make_volume(env, request.param, redis, moto, f"it-{request.param}-{request.module.__name__.replace('_', '-')}"[:60])
     yield v

@@ -13,6 +13,8 @@ Replay one sequence (it sets up Redis/moto/mounts itself, like the tests):
     python3 Tests/integration/posixdiff.py --engine sqlite --seed 1234 --verbose
 Run many (what `make fuzz` does):
     python3 Tests/integration/posixdiff.py --engine both --count 2000
+Engines: sqlite, redis (the Lua engine), redis-txn (the transactional engine, engine=txn),
+both (sqlite and redis) or all three.
 """
 import argparse
 import ctypes
@@ -27,6 +29,16 @@ import stat
 import struct
 import sys
 import time
+
+# An absolute symlink target outside both trees (normally missing).
+DANGLING = "/nonexistent-stagefs"
+
+
+def remove_dangling():
+    try:
+        os.unlink(DANGLING)
+    except (FileNotFoundError, IsADirectoryError):
+        pass
 
 CHUNK = 64 << 20
 OLD_TIME_LIMIT = 1_600_000_000  # explicit times are set before this; "now" is after it
@@ -488,7 +500,7 @@ class Generator:
         if kind == "link":
             return ("link", p(), p())
         if kind == "symlink":
-            target = rng.choice(["a", "b", "dd/c", "/nonexistent-stagefs", "t" * 4095, "x" * 255, "c"])
+            target = rng.choice(["a", "b", "dd/c", DANGLING, "t" * 4095, "x" * 255, "c"])
             return ("symlink", target, p())
         if kind == "chmod":
             return ("chmod", p(), self.mode())
@@ -615,8 +627,12 @@ class Driver:
     def close(self):
         for w in self.workers.values():
             w.stop()
+        remove_dangling()
 
     def run(self, seed, length=40):
+        # A write as root through the dangling absolute symlink target creates it on the host,
+        # where the oracle and the mount would then share it: start every sequence without it.
+        remove_dangling()
         base = f"s{seed}"
         gen = Generator(seed, base, self.users, self.block)
         gen.shared_gid = gen_shared = self.shared_gid
@@ -703,7 +719,7 @@ class Driver:
         lines = [f"seed {seed}: {what}", "  operations (user, op):"]
         for i, (u, op) in enumerate(history[-25:], start=max(0, len(history) - 25)):
             lines.append(f"    [{i}] {u} {describe(op)}")
-        lines.append(f"  replay: python3 Tests/integration/posixdiff.py --seed {seed} --engine <sqlite|redis> --verbose")
+        lines.append(f"  replay: python3 Tests/integration/posixdiff.py --seed {seed} --engine <sqlite|redis|redis-txn> --verbose")
         return "\n".join(lines)
 
 
@@ -720,7 +736,7 @@ def tree_diff(ta, tb):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", choices=["sqlite", "redis", "both"], default="both")
+    ap.add_argument("--engine", choices=["sqlite", "redis", "redis-txn", "both", "all"], default="both")
     ap.add_argument("--seed", type=int, help="run this one sequence")
     ap.add_argument("--count", type=int, default=200, help="sequences per engine (default 200)")
     ap.add_argument("--start", type=int, help="first seed (default: random)")
@@ -738,13 +754,14 @@ def main():
     redis = moto = None
     failures = 0
     try:
-        engines = ["sqlite", "redis"] if args.engine == "both" else [args.engine]
+        engines = {"both": ["sqlite", "redis"], "all": ["sqlite", "redis", "redis-txn"]}.get(args.engine, [args.engine])
         seeds = [args.seed] if args.seed is not None else None
         start = args.start if args.start is not None else random.randrange(1, 1 << 30)
         for engine in engines:
-            if engine == "redis" and redis is None:
+            if engine.startswith("redis") and redis is None:
                 redis, moto = helpers.Redis(env.root), helpers.Moto()
-            vol = helpers.make_volume(env, "sqlite-local" if engine == "sqlite" else "redis-s3", redis, moto, f"diff-{engine}")
+            kind = {"sqlite": "sqlite-local", "redis": "redis-s3", "redis-txn": "redis-txn-s3"}[engine]
+            vol = helpers.make_volume(env, kind, redis, moto, f"diff-{engine}")
             oracle = env.dir_for("root", "oracle")
             os.chmod(oracle, 0o777)
             d = Driver(oracle, vol.mnt, [helpers.USER, helpers.OTHER], helpers.SHARED_GROUP, vol.block_size, verbose=args.verbose)

@@ -1,12 +1,27 @@
 """The Redis engine on a shared server: no operation stalls Redis for other tenants."""
 import os
+import re
 import socket
 import subprocess
 import threading
 import time
 
+import pytest
+
 import helpers
 from helpers import USER, run_as
+
+# The Lua engine (one script per operation) and the transactional one (engine=txn), whose
+# keys carry the hash tag {db}.
+ENGINES = ["lua", "txn"]
+
+
+def engine_url(url, engine):
+    return url + ("?engine=txn" if engine == "txn" else "")
+
+
+def key_prefix(engine, db):
+    return "{%d}" % db if engine == "txn" else ""
 
 
 class LatencyProbe:
@@ -51,13 +66,15 @@ def redis_cli(redis, db, *args):
     return subprocess.run(["redis-cli", "-p", str(redis.port), "-n", str(db), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_deleting_huge_files_never_stalls_redis(env, redis):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_deleting_huge_files_never_stalls_redis(env, redis, engine):
     """A file of the largest size and a file with 2,500 written chunks are truncated and
     deleted while another tenant pings the same Redis: its worst reply stays under 100 ms, the
     mount keeps answering, and every chunk record goes."""
     db = redis.new_db()
     base = env.dir_for(USER, "huge")
-    url = redis.url(db)
+    url = engine_url(redis.url(db), engine)
+    p = key_prefix(engine, db)
     env.stagefs("format", url, "huge", "--bucket", os.path.join(base, "data"))
     m = env.dir_for(USER, "m")
     env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"))
@@ -75,7 +92,7 @@ def test_deleting_huge_files_never_stalls_redis(env, redis):
             os.close(fd)
 
         run_as(USER, make)
-        assert int(redis_cli(redis, db, "EVAL", "return #redis.call('KEYS', 'c*')", "0")) >= 2500
+        assert int(redis_cli(redis, db, "EVAL", f"return #redis.call('KEYS', '{p}c*')", "0")) >= 2500
         probe = LatencyProbe(redis.port, redis.new_db())
         answers = []
 
@@ -90,12 +107,12 @@ def test_deleting_huge_files_never_stalls_redis(env, redis):
         run_as(USER, os.unlink, sparse)
         run_as(USER, os.unlink, dense)
         run_as(USER, lambda: os.listdir(m))
-        helpers.wait_until(lambda: redis_cli(redis, db, "ZCARD", "delfiles") == "0" and redis_cli(redis, db, "LLEN", "delslices") == "0",
+        helpers.wait_until(lambda: redis_cli(redis, db, "ZCARD", p + "delfiles") == "0" and redis_cli(redis, db, "LLEN", p + "delslices") == "0",
                  120, "the background deletion")
         pings = probe.count
         worst = probe.finish()
         probe = None
-        left = int(redis_cli(redis, db, "EVAL", "return #redis.call('KEYS', 'c*') + #redis.call('KEYS', 'k*')", "0"))
+        left = int(redis_cli(redis, db, "EVAL", f"return #redis.call('KEYS', '{p}c*') + #redis.call('KEYS', '{p}k*')", "0"))
         assert left == 0, f"{left} chunk records left"
         assert worst < 0.1, f"another tenant waited {worst * 1000:.0f} ms for Redis"
         assert max(answers) < 5
@@ -111,8 +128,11 @@ class ReplyDropper:
     reach the server and then cuts the connection instead of passing the reply on: the client
     cannot know whether its request was carried out."""
 
-    # A changing script is sent with one key, the client's request-id hash (rq<id>).
+    # A changing script of the Lua engine is sent with one key, the client's request-id hash
+    # (rq<id>); a commit of the transactional engine has that hash ({db}rq<id>) as its first
+    # key and a request id "<slot>:<number>" as its first argument.
     MARK = b"\r\n$1\r\n1\r\n$"
+    TXN_MARK = re.compile(rb"\r\n\{\d+\}rq[0-9a-f]+\r\n(?:\$\d+\r\n[^\r]*\r\n)*?\$\d+\r\n\d+:\d+\r\n")
 
     def __init__(self, upstream_port):
         self.upstream = upstream_port
@@ -144,7 +164,8 @@ class ReplyDropper:
                 b = c.recv(65536)
                 if not b:
                     break
-                if self.MARK in b and b"\r\nrq" in b and self.armed.is_set():
+                changing = (self.MARK in b and b"\r\nrq" in b) or self.TXN_MARK.search(b)
+                if changing and self.armed.is_set():
                     with self.lock:
                         if self.armed.is_set():
                             self.armed.clear()
@@ -183,14 +204,15 @@ class ReplyDropper:
         self.srv.close()
 
 
-def test_a_lost_reply_is_answered_with_the_first_outcome(env, redis):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_lost_reply_is_answered_with_the_first_outcome(env, redis, engine):
     """Each changing operation's reply is lost once after Redis carried it out: the client
     sends it again, and gets the first outcome: no EEXIST for its own create, no ENOENT for
     its own unlink, no second copy of anything."""
     proxy = ReplyDropper(redis.port)
     db = redis.new_db()
     base = env.dir_for(USER, "lost")
-    url = f"redis://127.0.0.1:{proxy.port}/{db}"
+    url = engine_url(f"redis://127.0.0.1:{proxy.port}/{db}", engine)
     env.stagefs("format", url, "lostreply", "--bucket", os.path.join(base, "data"))
     m = env.dir_for(USER, "m")
     env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"), "--attr-cache", "0", "--entry-cache", "0",
@@ -246,12 +268,13 @@ class OwnRedis:
         self.proc.wait(30)
 
 
-def test_redis_restarts_under_load_cost_no_operation(env):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_redis_restarts_under_load_cost_no_operation(env, engine):
     """Three processes create, write, rename and unlink while Redis (AOF on) restarts three
     times: not one operation fails, and the tree is exactly what the operations made."""
     r = OwnRedis(env)
     base = env.dir_for(USER, "restart")
-    url = f"redis://127.0.0.1:{r.port}/1"
+    url = engine_url(f"redis://127.0.0.1:{r.port}/1", engine)
     env.stagefs("format", url, "restarts", "--bucket", os.path.join(base, "data"))
     m = env.dir_for(USER, "m")
     env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"))

@@ -1,0 +1,483 @@
+import COpenSSL
+import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// One read command of a transaction: the reply is what the transaction saw, and the commit
+/// runs the command again to check that the reply is still the same.
+struct ReadCmd: Hashable {
+    let cmd: String
+    let key: String
+    let args: [[UInt8]]
+
+    static func get(_ k: String) -> ReadCmd { ReadCmd(cmd: "GET", key: k, args: []) }
+    static func hget(_ k: String, _ field: [UInt8]) -> ReadCmd { ReadCmd(cmd: "HGET", key: k, args: [field]) }
+    static func hlen(_ k: String) -> ReadCmd { ReadCmd(cmd: "HLEN", key: k, args: []) }
+    static func scard(_ k: String) -> ReadCmd { ReadCmd(cmd: "SCARD", key: k, args: []) }
+    static func sismember(_ k: String, _ m: [UInt8]) -> ReadCmd { ReadCmd(cmd: "SISMEMBER", key: k, args: [m]) }
+    static func zscore(_ k: String, _ m: [UInt8]) -> ReadCmd { ReadCmd(cmd: "ZSCORE", key: k, args: [m]) }
+    static func hkeys(_ k: String) -> ReadCmd { ReadCmd(cmd: "HKEYS", key: k, args: []) }
+    static func lrange(_ k: String, count: Int) -> ReadCmd { ReadCmd(cmd: "LRANGE", key: k, args: [Array("0".utf8), Array(String(count - 1).utf8)]) }
+    static func zrange(_ k: String, count: Int) -> ReadCmd { ReadCmd(cmd: "ZRANGE", key: k, args: [Array("0".utf8), Array(String(count - 1).utf8)]) }
+    /// At most `limit` members of a sorted set whose scores are `min` or more, the lowest first
+    /// (`descending`: the highest first).
+    static func zrangeByScore(_ k: String, from min: String, limit: Int, descending: Bool) -> ReadCmd {
+        let bounds = descending ? ["+inf", min] : [min, "+inf"]
+        return ReadCmd(
+            cmd: descending ? "ZREVRANGEBYSCORE" : "ZRANGEBYSCORE", key: k,
+            args: (bounds + ["LIMIT", "0", String(limit)]).map { Array($0.utf8) })
+    }
+    /// A page of a directory's positions (what the read script's `D` operation runs).
+    static func page(_ z: String, after: UInt64, limit: Int) -> ReadCmd {
+        ReadCmd(cmd: "ZRANGEBYSCORE", key: z, args: ["(\(after)", "+inf", "WITHSCORES", "LIMIT", "0", String(limit)].map { Array($0.utf8) })
+    }
+
+    /// Whether a commit can run it again and expect the same reply (random picks cannot; the
+    /// commit's script lists the commands it checks).
+    var checkable: Bool { cmd != "HRANDFIELD" && cmd != "SRANDMEMBER" && cmd != "HGETALL" }
+    /// Whether the client cache keeps its reply.
+    var cacheable: Bool { cmd == "GET" || cmd == "HGET" || cmd == "HLEN" }
+    var argv: [any RedisArg] { [cmd, key] + args.map { $0 as any RedisArg } }
+}
+
+/// One element of a read batch (see `RedisTxnScripts.read`).
+enum ReadOp {
+    case cmd(ReadCmd)
+    /// An entry of directory hash `dir` and what the inode it names holds.
+    case entry(dir: String, name: [UInt8])
+    /// A page of a directory: positions in `positions`, entries in `entries`.
+    case page(positions: String, entries: String, after: UInt64, limit: Int)
+}
+
+/// What a transaction changes in one key, reduced to its net effect (the commit sends that).
+struct KeyWrites {
+    enum StringWrite {
+        case set([UInt8])
+        case append([UInt8])
+        case incr(Int64)
+    }
+    enum FieldWrite: Equatable {
+        case set([UInt8])
+        case deleted
+        case incr(Int64)
+    }
+    /// The key is deleted first.
+    var cleared = false
+    var string: StringWrite?
+    var fields: [[UInt8]: FieldWrite] = [:]
+    var fieldOrder: [[UInt8]] = []
+    /// Sorted-set, set and list changes, in order.
+    var ops: [(cmd: String, args: [[UInt8]])] = []
+
+    var touchesFields: Bool { cleared || !fields.isEmpty }
+}
+
+/// The state of one attempt of a transaction of `RedisTxnStore`: what it read (each read is a
+/// check of the commit), the writes it buffered, and how it got its reads. Used by one thread.
+final class RedisTxn {
+    unowned let store: RedisTxnStore
+    var write: Bool
+    /// Whether reads may come from the client cache (write transactions: the commit checks them).
+    let useCache: Bool
+    /// Replies of the checkable reads, the first one seen for each command.
+    private(set) var results: [ReadCmd: RedisReply] = [:]
+    private(set) var order: [ReadCmd] = []
+    private(set) var fromCache = false
+    /// Round trips taken for reads.
+    private(set) var batches = 0
+    private(set) var writes: [String: KeyWrites] = [:]
+    private(set) var writeOrder: [String] = []
+    /// Inode numbers this transaction gave out (their keys are known to be empty).
+    var newInodes: [Ino] = []
+
+    init(store: RedisTxnStore, write: Bool, useCache: Bool) {
+        self.store = store
+        self.write = write
+        self.useCache = useCache
+    }
+
+    private func remember(_ c: ReadCmd, _ r: RedisReply) {
+        guard c.checkable, results[c] == nil else { return }
+        results[c] = r
+        order.append(c)
+    }
+
+    // MARK: reads
+
+    /// Fetches, in one round trip, the operations whose replies are not known yet (from this
+    /// transaction or, when allowed, from the client cache).
+    func load(_ wanted: [ReadOp]) throws(FSError) {
+        var ops: [ReadOp] = []
+        var asked = Set<ReadCmd>()
+        func want(_ c: ReadCmd) {
+            if results[c] != nil || asked.contains(c) { return }
+            if useCache && c.cacheable, let v = store.cache.lookup(c) {
+                remember(c, v)
+                fromCache = true
+                return
+            }
+            asked.insert(c)
+            ops.append(.cmd(c))
+        }
+        for w in wanted {
+            switch w {
+            case .cmd(let c): want(c)
+            case .entry(let dir, let name):
+                let c = ReadCmd.hget(dir, name)
+                if results[c] == nil && useCache, let v = store.cache.lookup(c) {
+                    remember(c, v)
+                    fromCache = true
+                }
+                if let v = results[c] {
+                    // What removing or replacing the entry reads: a directory's entries, a
+                    // file's opens.
+                    if let ino = RedisTxnStore.entryIno(v), case .string(let e) = v {
+                        want(.get(store.keys.attr(ino)))
+                        want(e[8] == FileType.directory.rawValue ? .hlen(store.keys.entries(ino)) : .hlen(store.keys.opens(ino)))
+                    }
+                } else if !asked.contains(c) {
+                    asked.insert(c)
+                    ops.append(w)
+                }
+            case .page(let z, _, let after, let limit):
+                if results[.page(z, after: after, limit: limit)] == nil { ops.append(w) }
+            }
+        }
+        if ops.isEmpty { return }
+        let replies = try store.fetch(ops)
+        batches += 1
+        for (op, r) in zip(ops, replies) {
+            switch op {
+            case .cmd(let c): remember(c, r)
+            case .entry(let dir, let name):
+                let a = r.array
+                let v = a.first ?? .null
+                remember(.hget(dir, name), v)
+                if a.count == 4, let ino = RedisTxnStore.entryIno(v) {
+                    remember(.get(store.keys.attr(ino)), a[1])
+                    remember(.hlen(store.keys.opens(ino)), a[2])
+                    remember(.hlen(store.keys.entries(ino)), a[3])
+                }
+            case .page(let z, let d, let after, let limit):
+                let a = r.array
+                let names = a.first ?? .array([])
+                remember(.page(z, after: after, limit: limit), names)
+                let ents = a.count > 1 ? a[1].array : []
+                let items = names.array
+                for i in stride(from: 0, to: items.count - 1, by: 2) where i / 2 < ents.count {
+                    if let n = items[i].bytes { remember(.hget(d, n), ents[i / 2]) }
+                }
+            }
+        }
+    }
+
+    /// The reply of `c` in this transaction.
+    func value(_ c: ReadCmd) throws(FSError) -> RedisReply {
+        if let r = results[c] { return r }
+        try load([.cmd(c)])
+        guard let r = results[c] else { throw store.bug("no reply for \(c.cmd) \(c.key)") }
+        return r
+    }
+
+    /// A read of a whole key (a range, a count): it must come before this transaction's own
+    /// writes to that key, which it would not see.
+    func scan(_ c: ReadCmd) throws(FSError) -> RedisReply {
+        if writes[c.key] != nil { throw store.bug("\(c.cmd) \(c.key) after writing it in the same transaction") }
+        return try value(c)
+    }
+
+    /// Up to `count` fields of a hash, picked by the server, and whether that is all of them.
+    /// Checked as the hash's length and each field's value.
+    func someFields(_ k: String, _ count: Int) throws(FSError) -> [([UInt8], [UInt8])] {
+        if writes[k] != nil { throw store.bug("HRANDFIELD \(k) after writing it in the same transaction") }
+        let r = try store.fetch([
+            .cmd(.hlen(k)), .cmd(ReadCmd(cmd: "HRANDFIELD", key: k, args: [Array(String(count).utf8), Array("WITHVALUES".utf8)])),
+        ])
+        batches += 1
+        remember(.hlen(k), r[0])
+        var out: [([UInt8], [UInt8])] = []
+        let a = r[1].array
+        for i in stride(from: 0, to: a.count - 1, by: 2) {
+            guard let f = a[i].bytes, let v = a[i + 1].bytes else { continue }
+            remember(.hget(k, f), .string(v))
+            out.append((f, v))
+        }
+        return out
+    }
+
+    /// Up to `count` members of a set, picked by the server; checked as the set's size and
+    /// each member's presence.
+    func someMembers(_ k: String, _ count: Int) throws(FSError) -> [[UInt8]] {
+        if writes[k] != nil { throw store.bug("SRANDMEMBER \(k) after writing it in the same transaction") }
+        let r = try store.fetch([.cmd(.scard(k)), .cmd(ReadCmd(cmd: "SRANDMEMBER", key: k, args: [Array(String(count).utf8)]))])
+        batches += 1
+        remember(.scard(k), r[0])
+        let members = r[1].array.compactMap { $0.bytes }
+        for m in members { remember(.sismember(k, m), .integer(1)) }
+        return members
+    }
+
+    /// A whole read that cannot be checked (read-only transactions only).
+    func unchecked(_ c: ReadCmd) throws(FSError) -> RedisReply {
+        if write { throw store.bug("\(c.cmd) \(c.key) in a write transaction cannot be checked") }
+        let r = try store.fetch([.cmd(c)])
+        batches += 1
+        return r[0]
+    }
+
+    /// GET with this transaction's own writes applied.
+    func string(_ k: String) throws(FSError) -> [UInt8]? {
+        let w = writes[k]
+        switch w?.string {
+        case .set(let v)?: return v
+        case .append(let a)?: return (try value(.get(k)).bytes ?? []) + a
+        case .incr(let n)?: return Array(String((try value(.get(k)).int ?? 0) + n).utf8)
+        case nil:
+            if w?.cleared == true { return nil }
+            let r = try value(.get(k))
+            return r == .null ? nil : r.bytes
+        }
+    }
+
+    /// HGET with this transaction's own writes applied.
+    func field(_ k: String, _ f: [UInt8]) throws(FSError) -> [UInt8]? {
+        let w = writes[k]
+        switch w?.fields[f] {
+        case .set(let v)?: return v
+        case .deleted?: return nil
+        case .incr(let n)?: return Array(String((try value(.hget(k, f)).int ?? 0) + n).utf8)
+        case nil:
+            if w?.cleared == true { return nil }
+            let r = try value(.hget(k, f))
+            return r == .null ? nil : r.bytes
+        }
+    }
+
+    /// HLEN with this transaction's own writes applied: the length read, and for each field
+    /// written whether it was there before.
+    func hashLength(_ k: String) throws(FSError) -> Int64 {
+        guard let w = writes[k], w.touchesFields else { return try value(.hlen(k)).int ?? 0 }
+        if w.cleared { return Int64(w.fields.values.filter { $0 != .deleted }.count) }
+        try load([.cmd(.hlen(k))] + w.fieldOrder.map { .cmd(.hget(k, $0)) })
+        var n = try value(.hlen(k)).int ?? 0
+        for f in w.fieldOrder {
+            let before = try value(.hget(k, f)) != .null
+            let after = w.fields[f] != .deleted
+            n += (after ? 1 : 0) - (before ? 1 : 0)
+        }
+        return n
+    }
+
+    // MARK: writes
+
+    private func change(_ k: String, _ body: (inout KeyWrites) throws(FSError) -> Void) throws(FSError) {
+        if !write { throw store.bug("a write to \(k) in a read-only transaction") }
+        var w =
+            writes[k]
+            ?? {
+                writeOrder.append(k)
+                return KeyWrites()
+            }()
+        try body(&w)
+        writes[k] = w
+    }
+
+    func set(_ k: String, _ v: [UInt8]) throws(FSError) { try change(k) { $0.string = .set(v) } }
+
+    func del(_ k: String) throws(FSError) { try change(k) { $0 = KeyWrites(cleared: true) } }
+
+    func append(_ k: String, _ a: [UInt8]) throws(FSError) {
+        try change(k) { (w) throws(FSError) in
+            switch w.string {
+            case .set(let v)?: w.string = .set(v + a)
+            case .append(let b)?: w.string = .append(b + a)
+            case .incr?: throw store.bug("APPEND to counter \(k)")
+            case nil: w.string = w.cleared ? .set(a) : .append(a)
+            }
+        }
+    }
+
+    func incr(_ k: String, _ n: Int64) throws(FSError) {
+        try change(k) { (w) throws(FSError) in
+            switch w.string {
+            case .set(let v)?: w.string = .set(Array(String((Int64(String(decoding: v, as: UTF8.self)) ?? 0) + n).utf8))
+            case .incr(let m)?: w.string = .incr(m + n)
+            case .append?: throw store.bug("INCRBY of appended \(k)")
+            case nil: w.string = w.cleared ? .set(Array(String(n).utf8)) : .incr(n)
+            }
+        }
+    }
+
+    private func setField(_ w: inout KeyWrites, _ f: [UInt8], _ v: KeyWrites.FieldWrite) {
+        if w.fields[f] == nil { w.fieldOrder.append(f) }
+        w.fields[f] = v
+    }
+
+    func hset(_ k: String, _ f: [UInt8], _ v: [UInt8]) throws(FSError) { try change(k) { setField(&$0, f, .set(v)) } }
+
+    func hdel(_ k: String, _ f: [UInt8]) throws(FSError) { try change(k) { setField(&$0, f, .deleted) } }
+
+    func hincr(_ k: String, _ f: [UInt8], _ n: Int64) throws(FSError) {
+        try change(k) { (w) throws(FSError) in
+            let next: KeyWrites.FieldWrite
+            switch w.fields[f] {
+            case .set(let v)?: next = .set(Array(String((Int64(String(decoding: v, as: UTF8.self)) ?? 0) + n).utf8))
+            case .deleted?: next = .set(Array(String(n).utf8))
+            case .incr(let m)?: next = .incr(m + n)
+            case nil: next = w.cleared ? .set(Array(String(n).utf8)) : .incr(n)
+            }
+            setField(&w, f, next)
+        }
+    }
+
+    /// A sorted-set, set or list change (ZADD, ZREM, SADD, SREM, RPUSH, LTRIM).
+    func op(_ cmd: String, _ k: String, _ args: [[UInt8]]) throws(FSError) {
+        try change(k) { $0.ops.append((cmd, args)) }
+    }
+
+    var hasWrites: Bool { !writes.isEmpty }
+
+    // MARK: commit
+
+    /// Fields of an encoded attribute record (see `Attr.encode`): mtime and ctime, which a
+    /// change of a directory may write alone; what such a change leaves as it is; and what its
+    /// commit checks (all but the times).
+    static let touchFields: [Range<Int>] = [35..<47, 47..<59]
+    static let keptFields: [Range<Int>] = [0..<35, 59..<Attr.encodedSize]
+    static let checkedFields: [Range<Int>] = [0..<23, 59..<Attr.encodedSize]
+
+    /// For a directory's attributes that this transaction read and either left alone or changed
+    /// only in mtime and ctime (what a create, unlink, rename or link does to its parents): the
+    /// fields it changed. The rules never decide anything from a directory's times in a write
+    /// transaction (`TxnStore`), so the commit checks the record without them and writes just
+    /// those fields: clients creating and removing files in one directory do not conflict over
+    /// its times. nil: the record is checked and written whole.
+    private func changedTimes(_ c: ReadCmd) -> [Range<Int>]? {
+        guard c.cmd == "GET", store.keys.isAttr(c.key), case .string(let base)? = results[c], base.count == Attr.encodedSize,
+            base[0] == FileType.directory.rawValue
+        else { return nil }
+        guard let w = writes[c.key] else { return [] }
+        guard !w.cleared, w.fields.isEmpty, w.ops.isEmpty, case .set(let new)? = w.string, new.count == base.count else { return nil }
+        for r in Self.keptFields where !base[r].elementsEqual(new[r]) { return nil }
+        return Self.touchFields.filter { !base[$0].elementsEqual(new[$0]) }
+    }
+
+    /// The commit's keys and arguments (see `RedisTxnScripts.commit`), and the read each check
+    /// sent stands for, in order.
+    func commitArguments(requestKey: String, tag: String) -> (keys: [String], argv: [any RedisArg], checks: [ReadCmd]) {
+        var keys = [requestKey]
+        var index: [String: Int] = [requestKey: 1]
+        func idx(_ k: String) -> Int {
+            if let i = index[k] { return i }
+            keys.append(k)
+            index[k] = keys.count
+            return keys.count
+        }
+        var sent: [ReadCmd] = []
+        var checks: [any RedisArg] = []
+        checks.reserveCapacity(order.count * 5)
+        var timesOnly: [String: [Range<Int>]] = [:]
+        for c in order {
+            if let changed = changedTimes(c), case .string(let base)? = results[c] {
+                timesOnly[c.key] = changed
+                for r in Self.checkedFields {
+                    checks += ["GETRANGE", idx(c.key), 2, r.lowerBound, r.upperBound - 1, RedisTxnStore.digest(.string(Array(base[r])))]
+                    sent.append(c)
+                }
+                continue
+            }
+            checks.append(c.cmd)
+            checks.append(idx(c.key))
+            checks.append(c.args.count)
+            for a in c.args { checks.append(a) }
+            checks.append(RedisTxnStore.digest(results[c]!))
+            sent.append(c)
+        }
+        var argv: [any RedisArg] = [tag, sent.count] + checks
+        argv.reserveCapacity(argv.count + writes.count * 5)
+        for k in writeOrder {
+            let w = writes[k]!
+            let i = idx(k)
+            if let changed = timesOnly[k], case .set(let v)? = w.string {
+                for r in changed { argv += ["SETRANGE", i, 2, r.lowerBound, Array(v[r])] }
+                continue
+            }
+            if w.cleared { argv += ["DEL", i, 0] }
+            switch w.string {
+            case .set(let v)?: argv += ["SET", i, 1, v]
+            case .append(let a)?: argv += ["APPEND", i, 1, a]
+            case .incr(let n)?: argv += ["INCRBY", i, 1, n]
+            case nil: break
+            }
+            for f in w.fieldOrder {
+                switch w.fields[f]! {
+                case .set(let v): argv += ["HSET", i, 2, f, v]
+                case .deleted: argv += ["HDEL", i, 1, f]
+                case .incr(let n): argv += ["HINCRBY", i, 2, f, n]
+                }
+            }
+            for o in w.ops {
+                argv += [o.cmd, i, o.args.count]
+                for a in o.args { argv.append(a) }
+            }
+        }
+        return (keys, argv, sent)
+    }
+}
+
+extension RedisTxnStore {
+    /// The SHA-1 (lowercase hex) of a reply's canonical form, as `redis.sha1hex(canon(r))`.
+    static func digest(_ r: RedisReply) -> String {
+        var bytes: [UInt8] = []
+        canonical(r, into: &bytes)
+        var md = [UInt8](repeating: 0, count: 20)
+        bytes.withUnsafeBufferPointer { b in _ = SHA1(b.baseAddress, b.count, &md) }
+        let hex = Array("0123456789abcdef".utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(40)
+        for byte in md {
+            out.append(hex[Int(byte >> 4)])
+            out.append(hex[Int(byte & 15)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// `digest` of a GET or HGET reply: `value`, or nil for a missing one.
+    package static func digest(value: [UInt8]?) -> String { digest(value.map { .string($0) } ?? .null) }
+
+    static func canonical(_ r: RedisReply, into out: inout [UInt8]) {
+        switch r {
+        case .null: out.append(UInt8(ascii: "N"))
+        case .integer(let n):
+            out.append(UInt8(ascii: "I"))
+            out += Array(String(n).utf8)
+        case .string(let b):
+            out.append(UInt8(ascii: "S"))
+            out += b
+        case .status(let s):
+            out.append(UInt8(ascii: "S"))
+            out += Array(s.utf8)
+        case .error(let e):
+            out.append(UInt8(ascii: "E"))
+            out += Array(e.utf8)
+        case .array(let items):
+            out.append(UInt8(ascii: "A"))
+            out += Array("\(items.count):".utf8)
+            for item in items {
+                var c: [UInt8] = []
+                canonical(item, into: &c)
+                out += Array("\(c.count):".utf8)
+                out += c
+            }
+        }
+    }
+
+    /// The inode an encoded entry (`>I8B`) names.
+    static func entryIno(_ r: RedisReply) -> Ino? {
+        guard case .string(let b) = r, b.count >= 9 else { return nil }
+        var rd = ByteReader(b)
+        return rd.u64()
+    }
+}

@@ -1,0 +1,155 @@
+import StageFSCore
+
+/// What this client last saw of keys and hash fields (GET, HGET, HLEN replies), kept so that a
+/// write transaction can start from it without a read round trip. Never trusted: every value
+/// taken from here is a read of the transaction and checked by its commit, so a stale one costs
+/// a retry, never a wrong result. Read-only transactions do not use it.
+final class RedisTxnCache: @unchecked Sendable {
+    struct Entry {
+        /// The string value (`.null`: known missing; nil: unknown).
+        var value: RedisReply?
+        /// The hash's length, when known.
+        var len: Int64?
+        /// Hash fields (`.null`: known missing).
+        var fields: [[UInt8]: RedisReply] = [:]
+        /// `fields` lists every field the hash has (a new or deleted key).
+        var complete = false
+
+        static let empty = Entry(value: .null, len: 0, fields: [:], complete: true)
+
+        func field(_ f: [UInt8]) -> RedisReply? { fields[f] ?? (complete ? .null : nil) }
+        var length: Int64? { len ?? (complete ? Int64(fields.values.filter { $0 != .null }.count) : nil) }
+    }
+
+    private let lock = ConditionLock()
+    private var entries: [String: Entry] = [:]
+    /// Keys and hash fields added since the cache last started over (an upper bound of what it holds).
+    private var items = 0
+    /// Keys and fields kept at most; the cache starts over when it holds more.
+    let capacity: Int
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    func lookup(_ c: ReadCmd) -> RedisReply? {
+        lock.withLock { () -> RedisReply? in
+            guard let e = entries[c.key] else { return nil }
+            switch c.cmd {
+            case "GET": return e.value
+            case "HGET": return e.field(c.args[0])
+            case "HLEN": return e.length.map { .integer($0) }
+            default: return nil
+            }
+        }
+    }
+
+    /// Applies what a transaction saw and, when it committed, what it wrote.
+    func record(_ t: RedisTxn, committed: Bool) {
+        lock.withLock {
+            if items > capacity {
+                entries.removeAll()
+                items = 0
+            }
+            items += t.order.count + t.writeOrder.count + t.newInodes.count
+            for w in t.writes.values { items += w.fields.count }
+            for c in t.order where c.cacheable { Self.note(&entries, c, t.results[c]!) }
+            guard committed else { return }
+            // A new inode has no records yet: what the next operations on it read (a regular
+            // file's first chunk and opens, a directory's entries) is known without asking.
+            let k = t.store.keys
+            for ino in t.newInodes {
+                guard case .set(let a)? = t.writes[k.attr(ino)]?.string, let type = a.first else { continue }
+                if type == FileType.directory.rawValue {
+                    entries[k.entries(ino)] = .empty
+                } else {
+                    entries[k.chunk(ino, 0)] = Entry(value: .null)
+                    entries[k.opens(ino)] = .empty
+                }
+            }
+            for k in t.writeOrder { Self.apply(&entries, k, t.writes[k]!) }
+        }
+    }
+
+    /// Replies seen by a commit that found them changed.
+    func noteChanged(_ changed: [(ReadCmd, RedisReply?)]) {
+        lock.withLock {
+            items += changed.count
+            for (c, r) in changed {
+                if let r, c.cacheable {
+                    Self.note(&entries, c, r)
+                } else {
+                    entries[c.key] = nil
+                }
+            }
+        }
+    }
+
+    func removeAll() {
+        lock.withLock {
+            entries.removeAll()
+            items = 0
+        }
+    }
+
+    private static func note(_ entries: inout [String: Entry], _ c: ReadCmd, _ r: RedisReply) {
+        var e = entries[c.key] ?? Entry()
+        switch c.cmd {
+        case "GET": e.value = r
+        case "HGET":
+            let f = c.args[0]
+            if let old = e.field(f), (old == .null) != (r == .null) {
+                // The field came or went since: the length and completeness are no longer known.
+                e.len = nil
+                e.complete = false
+            }
+            e.fields[f] = r
+        case "HLEN":
+            guard let n = r.int else { return }
+            if e.complete && e.length != n { e.complete = false }
+            e.len = n
+        default: return
+        }
+        entries[c.key] = e
+    }
+
+    private static func apply(_ entries: inout [String: Entry], _ k: String, _ w: KeyWrites) {
+        var e = w.cleared ? Entry.empty : (entries[k] ?? Entry())
+        switch w.string {
+        case .set(let v)?: e.value = .string(v)
+        case .append(let a)?:
+            switch e.value {
+            case .string(let b)?: e.value = .string(b + a)
+            case .null?: e.value = .string(a)
+            default: e.value = nil
+            }
+        case .incr(let n)?:
+            switch e.value {
+            case .null?: e.value = .string(Array(String(n).utf8))
+            case let v?: e.value = v.int.map { .string(Array(String($0 + n).utf8)) }
+            case nil: break
+            }
+        case nil: break
+        }
+        if !w.fields.isEmpty {
+            var len = e.length
+            for f in w.fieldOrder {
+                let before = e.field(f)
+                var after: RedisReply?
+                switch w.fields[f]! {
+                case .set(let v): after = .string(v)
+                case .deleted: after = .null
+                case .incr(let n):
+                    if let b = before { after = b == .null ? .string(Array(String(n).utf8)) : b.int.map { .string(Array(String($0 + n).utf8)) } }
+                }
+                if let l = len, let b = before {
+                    len = l + (w.fields[f]! == .deleted ? 0 : 1) - (b == .null ? 0 : 1)
+                } else {
+                    len = nil
+                }
+                e.fields[f] = after
+            }
+            e.len = len
+            if len == nil { e.complete = false }
+        }
+        entries[k] = e
+    }
+}

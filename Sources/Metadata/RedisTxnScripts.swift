@@ -1,0 +1,180 @@
+/// The two server-side scripts of `RedisTxnStore`. Neither knows a file-system rule: `read`
+/// runs a batch of read commands atomically (one round trip), `commit` checks that what a
+/// transaction read is unchanged and applies its writes, or answers which reads changed.
+///
+/// A reply is compared in a canonical form: nil `N`, integer `I<n>`, string `S<bytes>`, array
+/// `A<count>:` then each element as `<length>:<canonical>`; the commit compares the SHA-1 of
+/// that form with the one the client computed from what it read (`RedisTxnStore.digest`).
+package enum RedisTxnScripts {
+    /// Shared by both scripts: the canonical form of a reply.
+    static let canon = #"""
+        local function canon(v)
+          if v == false or v == nil then return 'N' end
+          local t = type(v)
+          if t == 'number' then return 'I' .. string.format('%d', v) end
+          if t == 'string' then return 'S' .. v end
+          if t == 'table' and v.ok == nil and v.err == nil then
+            local parts = {'A', tostring(#v), ':'}
+            for i = 1, #v do
+              local c = canon(v[i])
+              parts[#parts + 1] = tostring(#c)
+              parts[#parts + 1] = ':'
+              parts[#parts + 1] = c
+            end
+            return table.concat(parts)
+          end
+          error('STAGEFS: a reply of unexpected kind')
+        end
+
+        """#
+
+    /// ARGV[1] the volume's key prefix, then operations, each answered by one element:
+    /// `C cmd keyindex nargs args...` one read command (the list below);
+    /// `E keyindex name` an entry of directory hash KEYS[keyindex] and, when it exists, what the
+    /// inode it names holds: {entry, attributes, HLEN of its opens, HLEN of its entries} ({nil}
+    /// when missing; those keys follow from the entry, under the same hash tag);
+    /// `D zkeyindex dkeyindex after limit` a page of a directory: {names and positions, entries}.
+    package static let read =
+        canon + #"""
+            local READ = {GET = true, HGET = true, HLEN = true, HMGET = true, HKEYS = true, HGETALL = true,
+              HRANDFIELD = true, ZRANGE = true, ZRANGEBYSCORE = true, ZREVRANGEBYSCORE = true, ZSCORE = true,
+              SCARD = true, SISMEMBER = true, SRANDMEMBER = true, LRANGE = true}
+            local P = ARGV[1]
+            local out = {}
+            local i = 2
+            while i <= #ARGV do
+              local op = ARGV[i]
+              if op == 'C' then
+                local cmd, k, n = ARGV[i + 1], KEYS[tonumber(ARGV[i + 2])], tonumber(ARGV[i + 3])
+                if not READ[cmd] or not k or not n then return redis.error_reply('STAGEFS read: bad operation at ' .. i) end
+                local r = redis.call(cmd, k, unpack(ARGV, i + 4, i + 3 + n))
+                if cmd == 'HKEYS' then table.sort(r) end
+                out[#out + 1] = r
+                i = i + 4 + n
+              elseif op == 'E' then
+                local v = redis.call('HGET', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2])
+                if v then
+                  local ino = string.format('%d', struct.unpack('>I8', v))
+                  out[#out + 1] = {v, redis.call('GET', P .. 'i' .. ino), redis.call('HLEN', P .. 'o' .. ino), redis.call('HLEN', P .. 'd' .. ino)}
+                else
+                  out[#out + 1] = {false}
+                end
+                i = i + 3
+              elseif op == 'D' then
+                local names = redis.call('ZRANGEBYSCORE', KEYS[tonumber(ARGV[i + 1])], '(' .. ARGV[i + 3], '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[i + 4]))
+                local ents = {}
+                for j = 1, #names, 1000 do
+                  local fields = {}
+                  for m = j, math.min(#names, j + 999), 2 do fields[#fields + 1] = names[m] end
+                  for _, v in ipairs(redis.call('HMGET', KEYS[tonumber(ARGV[i + 2])], unpack(fields))) do ents[#ents + 1] = v end
+                end
+                out[#out + 1] = {names, ents}
+                i = i + 5
+              else
+                return redis.error_reply('STAGEFS read: bad operation at ' .. i)
+              end
+            end
+            return out
+            """#
+
+    /// KEYS[1] the client's request-id hash, KEYS[2...] every key the transaction read or writes.
+    /// ARGV[1] `<slot>:<request number>` (empty: run without a request id), ARGV[2] the number
+    /// of checks, then the checks `cmd keyindex nargs args... sha1` (a read command and the
+    /// SHA-1 of the canonical form of its reply when the client read it), then the writes
+    /// `cmd keyindex nargs args...`.
+    ///
+    /// Answers {0}: applied; {1}: applied before (the request id is recorded, this is a resend);
+    /// {2, check, value, ...}: not applied, these checks failed (the value is the reply now for
+    /// GET, HGET and HLEN of at most 4 KiB; the check's number is negative when it is left out).
+    ///
+    /// Everything is validated before the first write (kinds of keys, numbers, arity), so a
+    /// refusal or a runtime error leaves nothing half done; `#!lua` makes Redis refuse the whole
+    /// script up front when it is out of memory.
+    package static let commit =
+        "#!lua\n" + canon + #"""
+            local CHECK = {GET = true, GETRANGE = true, HGET = true, HLEN = true, HKEYS = true, ZRANGE = true,
+              ZRANGEBYSCORE = true, ZREVRANGEBYSCORE = true, ZSCORE = true, SCARD = true, SISMEMBER = true, LRANGE = true}
+            local KIND = {SET = 'string', SETRANGE = 'string', DEL = '', APPEND = 'string', INCRBY = 'string', HSET = 'hash',
+              HDEL = 'hash', HINCRBY = 'hash', ZADD = 'zset', ZREM = 'zset', RPUSH = 'list', LTRIM = 'list', SADD = 'set', SREM = 'set'}
+            local ARITY = {SET = 1, SETRANGE = 2, DEL = 0, APPEND = 1, INCRBY = 1, HSET = 2, HDEL = 1, HINCRBY = 2, ZADD = 2,
+              ZREM = 1, RPUSH = 1, LTRIM = 2, SADD = 1, SREM = 1}
+            local function refuse(why) return redis.error_reply('STAGEFS commit refused: ' .. why) end
+            local function isint(s) return type(s) == 'string' and #s <= 18 and string.match(s, '^%-?%d+$') ~= nil end
+            local rq, tag = KEYS[1], ARGV[1]
+            local slot, num
+            if tag ~= '' then
+              slot, num = string.match(tag, '^(%d+):(%d+)$')
+              if not slot then return refuse('bad request id') end
+              if redis.call('HGET', rq, slot) == num then return {1} end
+            end
+            local nchecks = tonumber(ARGV[2])
+            if not nchecks then return refuse('bad number of checks') end
+            local i = 3
+            local failed = {2}
+            for c = 1, nchecks do
+              local cmd, ki, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+              if not CHECK[cmd] or not ki or not KEYS[ki] or not n or i + 3 + n > #ARGV then return refuse('bad check ' .. c) end
+              local r = redis.call(cmd, KEYS[ki], unpack(ARGV, i + 3, i + 2 + n))
+              if cmd == 'HKEYS' then table.sort(r) end
+              if redis.sha1hex(canon(r)) ~= ARGV[i + 3 + n] then
+                if (cmd == 'GET' or cmd == 'HGET' or cmd == 'HLEN') and (type(r) ~= 'string' or #r <= 4096) then
+                  failed[#failed + 1] = c
+                  failed[#failed + 1] = r
+                else
+                  failed[#failed + 1] = -c
+                  failed[#failed + 1] = false
+                end
+              end
+              i = i + 4 + n
+            end
+            if #failed > 1 then return failed end
+            local kinds, deleted, written, writes = {}, {}, {}, {}
+            while i <= #ARGV do
+              local cmd, ki, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+              local want = KIND[cmd]
+              if not want or not ki or ki < 2 or not KEYS[ki] or n ~= ARITY[cmd] or i + 2 + n > #ARGV then
+                return refuse('bad write at argument ' .. i)
+              end
+              local k = KEYS[ki]
+              if kinds[k] == nil then kinds[k] = redis.call('TYPE', k).ok end
+              if cmd == 'DEL' then
+                kinds[k] = 'none'
+                deleted[k] = true
+              else
+                if kinds[k] ~= 'none' and kinds[k] ~= want then return refuse(cmd .. ' on ' .. k .. ', which holds a ' .. kinds[k]) end
+                if cmd == 'INCRBY' then
+                  if not isint(ARGV[i + 3]) or written[k] then return refuse('INCRBY ' .. k) end
+                  local cur = redis.call('GET', k)
+                  if cur and not isint(cur) then return refuse(k .. ' holds no counter') end
+                elseif cmd == 'HINCRBY' then
+                  if not isint(ARGV[i + 4]) or deleted[k] or written[k .. '\0' .. ARGV[i + 3]] then return refuse('HINCRBY ' .. k) end
+                  local cur = redis.call('HGET', k, ARGV[i + 3])
+                  if cur and not isint(cur) then return refuse(k .. ' holds no counter in that field') end
+                elseif cmd == 'ZADD' then
+                  if not tonumber(ARGV[i + 3]) then return refuse('ZADD ' .. k .. ': bad score') end
+                elseif cmd == 'SETRANGE' then
+                  local off = tonumber(ARGV[i + 3])
+                  if not isint(ARGV[i + 3]) or off < 0 or off + #ARGV[i + 4] > 536870912 then return refuse('SETRANGE ' .. k) end
+                elseif cmd == 'LTRIM' then
+                  if not isint(ARGV[i + 3]) or not isint(ARGV[i + 4]) then return refuse('LTRIM ' .. k) end
+                elseif cmd == 'APPEND' then
+                  if redis.call('STRLEN', k) + #ARGV[i + 3] > 536870912 then return refuse(k .. ' would grow past 512 MiB') end
+                end
+                kinds[k] = want
+                if n == 2 then written[k .. '\0' .. ARGV[i + 3]] = true end
+              end
+              written[k] = true
+              writes[#writes + 1] = i
+              i = i + 3 + n
+            end
+            if i ~= #ARGV + 1 then return refuse('trailing arguments') end
+            for _, j in ipairs(writes) do
+              redis.call(ARGV[j], KEYS[tonumber(ARGV[j + 1])], unpack(ARGV, j + 3, j + 2 + tonumber(ARGV[j + 2])))
+            end
+            if slot then
+              redis.call('HSET', rq, slot, num)
+              redis.call('PEXPIRE', rq, 86400000)
+            end
+            return {0}
+            """#
+}

@@ -1,0 +1,676 @@
+import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// Key names of one volume in Redis: the layout of the Lua engine (`RedisScripts`), each name
+/// behind the volume's prefix. A volume formatted by this engine puts the hash tag `{<db>}` in
+/// front of every key, so that all of them fall in one slot of a Redis Cluster; a volume that
+/// the Lua engine formatted keeps its names without a prefix.
+struct RedisKeys: Sendable {
+    let prefix: String
+
+    var setting: String { prefix + "setting" }
+    func counter(_ name: String) -> String { prefix + name }
+    func attr(_ ino: Ino) -> String { "\(prefix)i\(ino)" }
+    /// Whether `key` is an attribute record (`attr`).
+    func isAttr(_ key: String) -> Bool {
+        key.hasPrefix(prefix + "i") && key.utf8.dropFirst(prefix.utf8.count + 1).allSatisfy { $0 >= 48 && $0 <= 57 }
+            && key.utf8.count > prefix.utf8.count + 1
+    }
+    /// Directory hash: name -> packed (ino, type).
+    func entries(_ dir: Ino) -> String { "\(prefix)d\(dir)" }
+    /// Directory sorted set: name -> readdir position.
+    func positions(_ dir: Ino) -> String { "\(prefix)z\(dir)" }
+    func symlink(_ ino: Ino) -> String { "\(prefix)s\(ino)" }
+    func xattrs(_ ino: Ino) -> String { "\(prefix)x\(ino)" }
+    func chunk(_ ino: Ino, _ index: UInt32) -> String { "\(prefix)c\(ino)_\(index)" }
+    /// Sorted set of the chunk indexes of `ino` that have records.
+    func chunkIndex(_ ino: Ino) -> String { "\(prefix)k\(ino)" }
+    /// Hash: session -> opens of `ino`.
+    func opens(_ ino: Ino) -> String { "\(prefix)o\(ino)" }
+    /// Hash: inode -> opens by session `sid`.
+    func sessionOpens(_ sid: UInt64) -> String { "\(prefix)so\(sid)" }
+    func locks(_ ino: Ino, _ kind: UInt8) -> String { "\(prefix)lk\(Character(UnicodeScalar(kind)))\(ino)" }
+    /// Set of "ino:kind" lock tables session `sid` has records in.
+    func sessionLocks(_ sid: UInt64) -> String { "\(prefix)sl\(sid)" }
+    var sessions: String { prefix + "sessions" }
+    var sessionInfos: String { prefix + "sessionInfos" }
+    var delfiles: String { prefix + "delfiles" }
+    var delslices: String { prefix + "delslices" }
+    func requests(_ client: String) -> String { "\(prefix)rq\(client)" }
+}
+
+/// Numbers handed out from ranges reserved ahead (one `INCRBY` per `size` numbers).
+final class IDBatch: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var next: UInt64 = 0
+    private var end: UInt64 = 0
+    let size: Int
+
+    init(size: Int) { self.size = size }
+
+    func take(_ reserve: (Int) throws(FSError) -> UInt64) throws(FSError) -> UInt64 {
+        lock.lock()
+        defer { lock.unlock() }
+        if next == end {
+            next = try reserve(size)
+            end = next + UInt64(size)
+        }
+        defer { next += 1 }
+        return next
+    }
+}
+
+/// Test seams: a step run before each commit is sent, and commit replies to lose.
+package final class RedisTxnHooks: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var before: (() -> Void)?
+    private var lose = 0
+
+    /// Runs before each commit of the store is sent (another client may change keys here).
+    package func setBeforeCommit(_ body: (() -> Void)?) { lock.withLock { before = body } }
+    /// The next `n` commits reach the server and are applied, but their replies are dropped as
+    /// if the connection broke; the client sends them again.
+    package func loseCommitReplies(_ n: Int) { lock.withLock { lose = n } }
+
+    func beforeCommit() -> (() -> Void)? { lock.withLock { before } }
+    func takeLostReply() -> Bool {
+        lock.withLock {
+            if lose == 0 { return false }
+            lose -= 1
+            return true
+        }
+    }
+}
+
+/// What the store did, for tests and for counting round trips.
+package struct RedisTxnStats: Sendable, Equatable {
+    /// Read round trips (a batch of reads, or one read).
+    package var reads = 0
+    /// Commits sent (each one round trip), conflicts among them, and resends answered from the
+    /// request-id record.
+    package var commits = 0
+    package var conflicts = 0
+    package var replays = 0
+    /// Transactions run again with fresh reads because a cached read led to an error.
+    package var refreshes = 0
+    /// Round trips that reserved ids (inode numbers and readdir positions come 1000 at a time).
+    package var reservations = 0
+}
+
+/// The Redis `TxnStore`: optimistic transactions, so that `TxnMetadata` (the one copy of the
+/// POSIX rules) runs on Redis with no operation-specific script.
+///
+/// A transaction reads through batches of reads (`RedisTxnScripts.read`, one round trip, atomic
+/// on the server), or, in a write transaction, from what this client last saw
+/// (`RedisTxnCache`); it buffers its writes; and it commits with `RedisTxnScripts.commit`, which
+/// checks every reply the transaction read (absent values included) and applies all writes
+/// atomically, or answers which reads changed. Then the body runs again with the new values
+/// (a bounded number of times, with back-off; then `EIO` naming the keys). Every key a commit
+/// touches is one of its script KEYS. Inode numbers and readdir positions come from ranges this
+/// client reserved ahead, never from inside a commit. A commit carries a request id, so one sent
+/// again after a lost reply answers that it was applied instead of applying it twice.
+package final class RedisTxnStore: TxnStore, @unchecked Sendable {
+    let pool: RedisPool
+    package let displayName: String
+    let keys: RedisKeys
+    let cache: RedisTxnCache
+    package let hooks = RedisTxnHooks()
+    private var readSha = ""
+    private var commitSha = ""
+    private let requestKey: String
+    private let requestNumbers = Counter()
+    private let slots = RequestSlots()
+    private let waitReplicas: Int
+    private let waitTimeoutMillis: Int
+    private let inodes = IDBatch(size: 1000)
+    private let cookies = IDBatch(size: 1000)
+    /// Threads whose transactions conflict on the same key take turns (one lock per stripe).
+    private let stripes = (0..<64).map { _ in ConditionLock() }
+    private let statsLock = ConditionLock()
+    private var counts = RedisTxnStats()
+    /// Attempts of one transaction before it fails with `EIO`.
+    package var maxAttempts = 50
+
+    package init(location: RedisLocation, retryTimeout: Double = 60, cacheCapacity: Int = 100_000) throws(FSError) {
+        pool = try RedisPool(location)
+        pool.retryTimeout = retryTimeout
+        displayName = pool.displayName
+        waitReplicas = location.waitReplicas
+        waitTimeoutMillis = location.waitTimeoutMillis
+        cache = RedisTxnCache(capacity: cacheCapacity)
+        let client = Sys.randomBytes(8).map { String($0, radix: 16) }.joined()
+        // Connect now (no retry) so an unreachable server is reported at once; load the scripts
+        // and find the layout: a volume of the Lua engine keeps its names.
+        var shas: [String] = []
+        var legacy = false
+        let name = pool.displayName
+        try pool.once { (c) throws(FSError) in
+            for text in [RedisTxnScripts.read, RedisTxnScripts.commit] {
+                let reply = try c.command(["SCRIPT", "LOAD", text])
+                guard case .string = reply, let sha = reply.text else {
+                    if case .error(let e) = reply, e.contains("NOAUTH") || e.contains("WRONGPASS") {
+                        throw FSError(EACCES, "\(name) wants a password: \(e)")
+                    }
+                    throw FSError(EIO, "\(name) refused StageFS's transaction script (Redis 7 or later is needed): \(reply)")
+                }
+                shas.append(sha)
+            }
+            legacy = try c.command(["EXISTS", "setting"]).int == 1
+        }
+        readSha = shas[0]
+        commitSha = shas[1]
+        keys = RedisKeys(prefix: legacy ? "" : "{\(location.db)}")
+        requestKey = keys.requests(client)
+    }
+
+    /// What the store did so far.
+    package var stats: RedisTxnStats { statsLock.withLock { counts } }
+
+    private func count(_ body: (inout RedisTxnStats) -> Void) { statsLock.withLock { body(&counts) } }
+
+    func bug(_ what: String) -> FSError { FSError(EIO, "\(displayName): internal error in a metadata transaction: \(what)") }
+
+    // MARK: transactions
+
+    package func transaction<T>(write: Bool, _ body: () throws(FSError) -> T) throws(FSError) -> T {
+        if let t = RedisTxn.current, t.store === self {
+            if write { t.write = true }
+            return try body()
+        }
+        var attempt = 0
+        var useCache = write
+        var stripe: ConditionLock?
+        defer { stripe?.unlock() }
+        var changed: [String] = []
+        while true {
+            attempt += 1
+            if attempt > maxAttempts {
+                let names = Set(changed).sorted().prefix(5).joined(separator: ", ")
+                throw FSError(
+                    EIO,
+                    "\(displayName): a metadata change gave up after \(maxAttempts) attempts: other clients kept changing \(names.isEmpty ? "what it read" : names) (contention)"
+                )
+            }
+            let t = RedisTxn(store: self, write: write, useCache: useCache)
+            let result: T
+            do {
+                result = try t.run(body)
+            } catch {
+                // An error of the rules that came from what this client remembered, or from
+                // reads taken in several round trips, is confirmed before it is given (an I/O
+                // error is not: Redis was unreachable for the whole retry time already).
+                if error.code == EIO { throw error }
+                if t.fromCache {
+                    count { $0.refreshes += 1 }
+                    useCache = false
+                    continue
+                }
+                if t.write && t.batches > 1, case .conflict(let c) = try commit(t, checksOnly: true) {
+                    changed = c
+                    continue
+                }
+                cache.record(t, committed: false)
+                throw error
+            }
+            if !t.hasWrites && (!t.write || (!t.fromCache && t.batches <= 1)) {
+                cache.record(t, committed: false)
+                return result
+            }
+            switch try commit(t, checksOnly: !t.hasWrites) {
+            case .applied:
+                cache.record(t, committed: true)
+                return result
+            case .conflict(let c):
+                changed = c
+                if stripe == nil, let first = c.first {
+                    let s = stripes[Int(UInt(bitPattern: first.hashValue) % UInt(stripes.count))]
+                    s.lock()
+                    stripe = s
+                }
+                if attempt > 2 { Sys.sleep(seconds: Double.random(in: 0...min(0.05, 0.0005 * Double(1 << min(attempt - 2, 10))))) }
+            }
+        }
+    }
+
+    enum Outcome {
+        case applied
+        case conflict([String])
+    }
+
+    /// Sends the commit of `t` (only its checks when `checksOnly`).
+    private func commit(_ t: RedisTxn, checksOnly: Bool) throws(FSError) -> Outcome {
+        hooks.beforeCommit()?()
+        let slot = checksOnly ? nil : slots.take()
+        defer { if let slot { slots.give(slot) } }
+        let tag = slot.map { "\($0):\(requestNumbers.next())" } ?? ""
+        let (keys, argv, checks) = t.commitArguments(requestKey: requestKey, tag: tag)
+        let wait: [[any RedisArg]] = !checksOnly && waitReplicas > 0 ? [["WAIT", waitReplicas, waitTimeoutMillis]] : []
+        let head: [any RedisArg] = [keys.count] + keys.map { $0 as any RedisArg }
+        count { $0.commits += 1 }
+        let reply = try pool.with { (c) throws(FSError) -> RedisReply in
+            var r = try c.pipeline([["EVALSHA", commitSha] + head + argv] + wait)
+            if case .error(let e) = r[0], e.hasPrefix("NOSCRIPT") {
+                r = try c.pipeline([["EVAL", RedisTxnScripts.commit] + head + argv] + wait)
+            }
+            if hooks.takeLostReply() {
+                c.abandon()
+                throw .redisTransient("\(displayName): the reply to a commit was lost (test)")
+            }
+            if !wait.isEmpty, let acked = r[1].int, acked < waitReplicas {
+                throw FSError(
+                    EIO,
+                    "\(displayName): a metadata change reached \(acked) of the \(waitReplicas) replica(s) asked for (wait-replicas) within \(waitTimeoutMillis) ms"
+                )
+            }
+            return r[0]
+        }
+        if case .error(let e) = reply { throw FSError(EIO, "\(displayName): metadata commit failed: \(e)") }
+        let items = reply.array
+        switch items.first?.int {
+        case 0: return .applied
+        case 1:
+            count { $0.replays += 1 }
+            return .applied
+        case 2:
+            count { $0.conflicts += 1 }
+            var seen: [(ReadCmd, RedisReply?)] = []
+            var i = 1
+            while i + 1 < items.count {
+                if let n = items[i].int, n != 0, Int(n.magnitude) <= checks.count {
+                    seen.append((checks[Int(n.magnitude) - 1], n > 0 ? items[i + 1] : nil))
+                }
+                i += 2
+            }
+            // What it read fresh is the newest this client knows, except what changed since.
+            cache.record(t, committed: false)
+            cache.noteChanged(seen)
+            return .conflict(seen.map { $0.0.key })
+        default:
+            throw FSError(EIO, "\(displayName): unexpected reply to a metadata commit: \(reply)")
+        }
+    }
+
+    /// Runs a batch of reads in one round trip (one command, or the read script).
+    func fetch(_ ops: [ReadOp]) throws(FSError) -> [RedisReply] {
+        count { $0.reads += 1 }
+        if ops.count == 1, case .cmd(let c) = ops[0] {
+            let r = try pool.with { (conn) throws(FSError) in try conn.command(c.argv) }
+            if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(c.cmd) \(c.key): \(e)") }
+            return [r]
+        }
+        var names: [String] = []
+        var index: [String: Int] = [:]
+        func idx(_ k: String) -> Int {
+            if let i = index[k] { return i }
+            names.append(k)
+            index[k] = names.count
+            return names.count
+        }
+        var argv: [any RedisArg] = [keys.prefix]
+        for op in ops {
+            switch op {
+            case .cmd(let c):
+                argv += ["C", c.cmd, idx(c.key), c.args.count]
+                for a in c.args { argv.append(a) }
+            case .entry(let dir, let name): argv += ["E", idx(dir), name]
+            case .page(let z, let d, let after, let limit): argv += ["D", idx(z), idx(d), after, limit]
+            }
+        }
+        let head: [any RedisArg] = [names.count] + names.map { $0 as any RedisArg }
+        let reply = try pool.with { (c) throws(FSError) -> RedisReply in
+            let r = try c.command(["EVALSHA", readSha] + head + argv)
+            if case .error(let e) = r, e.hasPrefix("NOSCRIPT") { return try c.command(["EVAL", RedisTxnScripts.read] + head + argv) }
+            return r
+        }
+        if case .error(let e) = reply { throw FSError(EIO, "\(displayName): metadata read failed: \(e)") }
+        let items = reply.array
+        guard items.count == ops.count else { throw FSError(EIO, "\(displayName): metadata read gave \(items.count) replies for \(ops.count)") }
+        return items
+    }
+
+    private func command(_ args: [any RedisArg]) throws(FSError) -> RedisReply {
+        let r = try pool.with { (c) throws(FSError) -> RedisReply in try c.command(args) }
+        if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(e)") }
+        return r
+    }
+
+    private func txn() throws(FSError) -> RedisTxn {
+        guard let t = RedisTxn.current, t.store === self else { throw bug("a metadata access outside a transaction") }
+        return t
+    }
+
+    package func prefetch(_ reads: [TxnRead]) throws(FSError) {
+        let t = try txn()
+        var ops: [ReadOp] = []
+        for r in reads {
+            switch r {
+            case .attr(let ino): ops.append(.cmd(.get(keys.attr(ino))))
+            case .entry(let dir, let name): ops.append(.entry(dir: keys.entries(dir), name: name))
+            case .chunk(let ino, let idx): ops.append(.cmd(.get(keys.chunk(ino, idx))))
+            case .opens(let sid, let ino): ops.append(.cmd(.hget(keys.opens(ino), Array(String(sid).utf8))))
+            case .isOpen(let ino): ops.append(.cmd(.hlen(keys.opens(ino))))
+            case .hasEntries(let ino): ops.append(.cmd(.hlen(keys.entries(ino))))
+            case .xattr(let ino, let name): ops.append(.cmd(.hget(keys.xattrs(ino), name)))
+            case .xattrCount(let ino): ops.append(.cmd(.hlen(keys.xattrs(ino))))
+            case .locks(let ino, let kind): ops.append(.cmd(.get(keys.locks(ino, kind))))
+            case .symlink(let ino): ops.append(.cmd(.get(keys.symlink(ino))))
+            case .counter(let name): ops.append(.cmd(.get(keys.counter(name))))
+            case .entries(let dir, let after, let limit):
+                ops.append(.page(positions: keys.positions(dir), entries: keys.entries(dir), after: after, limit: limit))
+            }
+        }
+        // A key this transaction already wrote is read through its writes, not fetched.
+        ops.removeAll {
+            if case .cmd(let c) = $0 { return t.writes[c.key] != nil }
+            return false
+        }
+        try t.load(ops)
+    }
+
+    // MARK: settings, counters, ids
+
+    private func settingKey(_ key: String) -> String { key == "format" ? keys.setting : keys.counter("setting_" + key) }
+
+    package func setting(_ key: String) throws(FSError) -> String? {
+        try txn().string(settingKey(key)).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    package func setSetting(_ key: String, _ value: String) throws(FSError) {
+        try txn().set(settingKey(key), Array(value.utf8))
+    }
+
+    package func counter(_ name: String) throws(FSError) -> Int64 {
+        guard let v = try txn().string(keys.counter(name)) else { return 0 }
+        return Int64(String(decoding: v, as: UTF8.self)) ?? 0
+    }
+
+    package func add(_ counter: String, _ delta: Int64) throws(FSError) {
+        if delta != 0 { try txn().incr(keys.counter(counter), delta) }
+    }
+
+    package func reserveIDs(_ counter: String, _ count: Int) throws(FSError) -> UInt64 {
+        self.count { $0.reservations += 1 }
+        guard let last = try command(["INCRBY", keys.counter(counter), count]).int else { throw FSError(EIO, "\(displayName): no \(counter) ids") }
+        return UInt64(last - Int64(count) + 1)
+    }
+
+    package func newInode() throws(FSError) -> Ino {
+        let t = try txn()
+        let ino = try inodes.take { (n) throws(FSError) in try reserveIDs("nextInode", n) }
+        t.newInodes.append(ino)
+        return ino
+    }
+
+    // MARK: inodes and entries
+
+    package func attr(_ ino: Ino) throws(FSError) -> Attr? {
+        guard let b = try txn().string(keys.attr(ino)) else { return nil }
+        guard let a = Attr(decoding: b) else { throw FSError(EIO, "\(displayName): inode \(ino) has a corrupt record") }
+        return a
+    }
+
+    package func putAttr(_ ino: Ino, _ attr: Attr) throws(FSError) {
+        try txn().set(keys.attr(ino), attr.encode())
+    }
+
+    package func deleteInode(_ ino: Ino) throws(FSError) {
+        let t = try txn()
+        try t.del(keys.attr(ino))
+        try t.del(keys.symlink(ino))
+        try t.del(keys.xattrs(ino))
+    }
+
+    package func entry(_ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, FileType)? {
+        guard let v = try txn().field(keys.entries(parent), name), v.count >= 9 else { return nil }
+        var r = ByteReader(v)
+        let ino = r.u64()
+        return (ino, FileType(rawValue: r.u8()) ?? .regular)
+    }
+
+    package func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ type: FileType) throws(FSError) {
+        let t = try txn()
+        var w = ByteWriter(capacity: 9)
+        w.u64(ino)
+        w.u8(type.rawValue)
+        let cookie = try cookies.take { (n) throws(FSError) in try reserveIDs("nextCookie", n) }
+        try t.hset(keys.entries(parent), name, w.bytes)
+        try t.op("ZADD", keys.positions(parent), [Array(String(cookie).utf8), name])
+    }
+
+    package func deleteEntry(_ parent: Ino, _ name: [UInt8]) throws(FSError) {
+        let t = try txn()
+        try t.hdel(keys.entries(parent), name)
+        try t.op("ZREM", keys.positions(parent), [name])
+    }
+
+    package func hasEntries(_ parent: Ino) throws(FSError) -> Bool {
+        try txn().hashLength(keys.entries(parent)) > 0
+    }
+
+    package func entries(_ parent: Ino, after cookie: UInt64, limit: Int) throws(FSError) -> [DirEntry] {
+        let t = try txn()
+        let z = keys.positions(parent)
+        let d = keys.entries(parent)
+        if t.writes[z] != nil || t.writes[d] != nil { throw bug("reading directory \(parent) after changing it in the same transaction") }
+        try t.load([.page(positions: z, entries: d, after: cookie, limit: limit)])
+        let names = try t.value(.page(z, after: cookie, limit: limit)).array
+        var out: [DirEntry] = []
+        out.reserveCapacity(names.count / 2)
+        for i in stride(from: 0, to: names.count - 1, by: 2) {
+            guard let name = names[i].bytes, let pos = names[i + 1].text.flatMap({ Double($0) }) else { continue }
+            guard let v = try t.field(d, name), v.count >= 9 else { continue }
+            var r = ByteReader(v)
+            let ino = r.u64()
+            out.append(DirEntry(name: name, ino: ino, type: FileType(rawValue: r.u8()) ?? .regular, cookie: UInt64(pos)))
+        }
+        return out
+    }
+
+    package func symlinkTarget(_ ino: Ino) throws(FSError) -> [UInt8]? { try txn().string(keys.symlink(ino)) }
+
+    package func putSymlinkTarget(_ ino: Ino, _ target: [UInt8]) throws(FSError) { try txn().set(keys.symlink(ino), target) }
+
+    // MARK: extended attributes
+
+    package func xattr(_ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]? { try txn().field(keys.xattrs(ino), name) }
+
+    package func putXattr(_ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError) { try txn().hset(keys.xattrs(ino), name, value) }
+
+    package func deleteXattr(_ ino: Ino, _ name: [UInt8]) throws(FSError) { try txn().hdel(keys.xattrs(ino), name) }
+
+    package func xattrNames(_ ino: Ino) throws(FSError) -> [[UInt8]] {
+        try txn().scan(.hkeys(keys.xattrs(ino))).array.compactMap { $0.bytes }.sorted { $0.lexicographicallyPrecedes($1) }
+    }
+
+    package func xattrCount(_ ino: Ino) throws(FSError) -> Int { Int(try txn().hashLength(keys.xattrs(ino))) }
+
+    // MARK: chunks
+
+    package func chunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] { try txn().string(keys.chunk(ino, index)) ?? [] }
+
+    package func appendChunk(_ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
+        let t = try txn()
+        let idx = Array(String(index).utf8)
+        try t.append(keys.chunk(ino, index), record)
+        try t.op("ZADD", keys.chunkIndex(ino), [idx, idx])
+    }
+
+    package func deleteChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
+        let t = try txn()
+        let k = keys.chunk(ino, index)
+        let blob = try t.string(k) ?? []
+        if !blob.isEmpty { try t.del(k) }
+        try t.op("ZREM", keys.chunkIndex(ino), [Array(String(index).utf8)])
+        return blob
+    }
+
+    package func chunkIndexes(_ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32] {
+        let c = ReadCmd.zrangeByScore(keys.chunkIndex(ino), from: String(index), limit: limit, descending: descending)
+        return try txn().scan(c).array.compactMap { $0.text.flatMap { UInt32($0) } }
+    }
+
+    // MARK: opens
+
+    package func isOpen(_ ino: Ino) throws(FSError) -> Bool { try txn().hashLength(keys.opens(ino)) > 0 }
+
+    package func addOpen(_ sid: UInt64, _ ino: Ino) throws(FSError) {
+        let t = try txn()
+        try t.hincr(keys.opens(ino), Array(String(sid).utf8), 1)
+        try t.hincr(keys.sessionOpens(sid), Array(String(ino).utf8), 1)
+    }
+
+    package func dropOpens(_ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int {
+        let t = try txn()
+        let s = Array(String(sid).utf8)
+        let i = Array(String(ino).utf8)
+        let cur = try t.field(keys.opens(ino), s).flatMap { Int(String(decoding: $0, as: UTF8.self)) } ?? 0
+        let left = max(0, cur - count)
+        if left == 0 {
+            try t.hdel(keys.opens(ino), s)
+            try t.hdel(keys.sessionOpens(sid), i)
+        } else {
+            try t.hset(keys.opens(ino), s, Array(String(left).utf8))
+            try t.hset(keys.sessionOpens(sid), i, Array(String(left).utf8))
+        }
+        return left
+    }
+
+    package func sessionOpens(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, Int)] {
+        try txn().someFields(keys.sessionOpens(sid), limit).compactMap { (f, v) -> (Ino, Int)? in
+            guard let ino = Ino(String(decoding: f, as: UTF8.self)), let n = Int(String(decoding: v, as: UTF8.self)) else { return nil }
+            return (ino, n)
+        }
+    }
+
+    // MARK: deletion queues
+
+    package func addPendingDelete(_ ino: Ino, _ size: UInt64) throws(FSError) {
+        try txn().op("ZADD", keys.delfiles, [Array(String(Timespec.now().sec).utf8), Array("\(ino):\(size)".utf8)])
+    }
+
+    package func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete] {
+        try txn().scan(.zrange(keys.delfiles, count: limit)).array.compactMap { r -> PendingDelete? in
+            guard let t = r.text else { return nil }
+            let parts = t.split(separator: ":")
+            guard parts.count == 2, let ino = UInt64(parts[0]), let size = UInt64(parts[1]) else { return nil }
+            return PendingDelete(ino: ino, size: size)
+        }
+    }
+
+    package func removePendingDelete(_ pending: PendingDelete) throws(FSError) {
+        try txn().op("ZREM", keys.delfiles, [Array("\(pending.ino):\(pending.size)".utf8)])
+    }
+
+    package func pushDroppedSlices(_ records: [UInt8]) throws(FSError) {
+        try txn().op("RPUSH", keys.delslices, [records])
+    }
+
+    package func takeDroppedSlices(limit: Int) throws(FSError) -> [UInt8] {
+        let t = try txn()
+        let items = try t.scan(.lrange(keys.delslices, count: limit)).array
+        if items.isEmpty { return [] }
+        try t.op("LTRIM", keys.delslices, [Array(String(items.count).utf8), Array("-1".utf8)])
+        return items.flatMap { $0.bytes ?? [] }
+    }
+
+    // MARK: sessions
+
+    package func session(_ sid: UInt64) throws(FSError) -> SessionInfo? {
+        let t = try txn()
+        let s = Array(String(sid).utf8)
+        try t.load([.cmd(.hget(keys.sessionInfos, s)), .cmd(.zscore(keys.sessions, s))])
+        guard let text = try t.field(keys.sessionInfos, s), var info = decodeSession(String(decoding: text, as: UTF8.self)) else { return nil }
+        info.sid = sid
+        if let beat = try t.value(.zscore(keys.sessions, s)).text.flatMap({ Double($0) }) { info.heartbeat = Int64(beat) }
+        return info
+    }
+
+    package func putSession(_ info: SessionInfo) throws(FSError) {
+        let t = try txn()
+        let s = Array(String(info.sid).utf8)
+        try t.op("ZADD", keys.sessions, [Array(String(info.heartbeat).utf8), s])
+        try t.hset(keys.sessionInfos, s, Array(encodeSession(info).utf8))
+    }
+
+    package func deleteSession(_ sid: UInt64) throws(FSError) {
+        let t = try txn()
+        let s = Array(String(sid).utf8)
+        try t.op("ZREM", keys.sessions, [s])
+        try t.hdel(keys.sessionInfos, s)
+        try t.del(keys.sessionLocks(sid))
+        try t.del(keys.sessionOpens(sid))
+    }
+
+    package func sessions() throws(FSError) -> [SessionInfo] {
+        let t = try txn()
+        let z = try t.unchecked(ReadCmd(cmd: "ZRANGE", key: keys.sessions, args: ["0", "-1", "WITHSCORES"].map { Array($0.utf8) })).array
+        let h = try t.unchecked(ReadCmd(cmd: "HGETALL", key: keys.sessionInfos, args: [])).array
+        var beats: [UInt64: Int64] = [:]
+        for i in stride(from: 0, to: z.count - 1, by: 2) {
+            if let sid = z[i].int, let b = z[i + 1].text.flatMap({ Double($0) }) { beats[UInt64(sid)] = Int64(b) }
+        }
+        var out: [SessionInfo] = []
+        for i in stride(from: 0, to: h.count - 1, by: 2) {
+            guard let sid = h[i].int, let text = h[i + 1].text, var info = decodeSession(text) else { continue }
+            info.sid = UInt64(sid)
+            if let b = beats[info.sid] { info.heartbeat = b }
+            out.append(info)
+        }
+        return out.sorted { $0.sid < $1.sid }
+    }
+
+    // MARK: locks
+
+    package func locks(_ ino: Ino, _ kind: UInt8) throws(FSError) -> [UInt8] { try txn().string(keys.locks(ino, kind)) ?? [] }
+
+    package func putLocks(_ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError) {
+        let t = try txn()
+        if table.isEmpty { try t.del(keys.locks(ino, kind)) } else { try t.set(keys.locks(ino, kind), table) }
+        if sid != 0 { try t.op("SADD", keys.sessionLocks(sid), [Array("\(ino):\(kind)".utf8)]) }
+    }
+
+    package func sessionLocks(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, UInt8)] {
+        try txn().someMembers(keys.sessionLocks(sid), limit).compactMap { m -> (Ino, UInt8)? in
+            let parts = String(decoding: m, as: UTF8.self).split(separator: ":")
+            guard parts.count == 2, let ino = Ino(parts[0]), let kind = UInt8(parts[1]) else { return nil }
+            return (ino, kind)
+        }
+    }
+
+    package func forgetSessionLock(_ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError) {
+        try txn().op("SREM", keys.sessionLocks(sid), [Array("\(ino):\(kind)".utf8)])
+    }
+}
+
+/// The thread's transaction (one per thread at a time; a nested call joins it).
+private let currentTxnKey: pthread_key_t = {
+    var k = pthread_key_t()
+    pthread_key_create(&k, nil)
+    return k
+}()
+
+extension RedisTxn {
+    static var current: RedisTxn? {
+        pthread_getspecific(currentTxnKey).map { Unmanaged<RedisTxn>.fromOpaque($0).takeUnretainedValue() }
+    }
+
+    /// Runs `body` as the thread's transaction.
+    func run<T>(_ body: () throws(FSError) -> T) throws(FSError) -> T {
+        let previous = pthread_getspecific(currentTxnKey)
+        pthread_setspecific(currentTxnKey, Unmanaged.passUnretained(self).toOpaque())
+        defer { pthread_setspecific(currentTxnKey, previous) }
+        return try body()
+    }
+}
+
+/// The shared engine on optimistic transactions: `redis://...?engine=txn`.
+package typealias RedisTxnMetadata = TxnMetadata<RedisTxnStore>
+
+extension TxnMetadata where S == RedisTxnStore {
+    package convenience init(location: RedisLocation, retryTimeout: Double = 60) throws(FSError) {
+        self.init(store: try RedisTxnStore(location: location, retryTimeout: retryTimeout))
+    }
+}
