@@ -33,7 +33,8 @@ package enum RedisTxnScripts {
     /// `E keyindex name` an entry of directory hash KEYS[keyindex] and, when it exists, what the
     /// inode it names holds: {entry, attributes, HLEN of its opens, HLEN of its entries} ({nil}
     /// when missing; those keys follow from the entry, under the same hash tag);
-    /// `D zkeyindex dkeyindex after limit` a page of a directory: {names and positions, entries}.
+    /// `D zkeyindex dkeyindex after limit plus` a page of a directory: {names and positions,
+    /// entries, and with `plus` = 1 the attributes of the inodes they name}.
     package static let read =
         canon + #"""
             local READ = {GET = true, HGET = true, HLEN = true, HMGET = true, HKEYS = true, HGETALL = true,
@@ -68,8 +69,15 @@ package enum RedisTxnScripts {
                   for m = j, math.min(#names, j + 999), 2 do fields[#fields + 1] = names[m] end
                   for _, v in ipairs(redis.call('HMGET', KEYS[tonumber(ARGV[i + 2])], unpack(fields))) do ents[#ents + 1] = v end
                 end
-                out[#out + 1] = {names, ents}
-                i = i + 5
+                local attrs = {}
+                if ARGV[i + 5] == '1' then
+                  for j = 1, #ents do
+                    local v = ents[j]
+                    attrs[j] = v and redis.call('GET', P .. 'i' .. string.format('%d', struct.unpack('>I8', v))) or false
+                  end
+                end
+                out[#out + 1] = {names, ents, attrs}
+                i = i + 6
               else
                 return redis.error_reply('STAGEFS read: bad operation at ' .. i)
               end

@@ -328,6 +328,10 @@ struct RedisTxnTests {
         (c, csid) = try fresh()
         cold["getattr"] = try trips(c.store) { _ = try c.getattr(ino) }
         (c, csid) = try fresh()
+        var listed: [DirEntry] = []
+        let readdirPlus = try trips(c.store) { listed = try c.readdir(dir, after: 0, limit: 100, plus: true) }
+        #expect(readdirPlus == 1 && listed.count == 1 && listed[0].attr?.size == 4096, "a page of a directory with attributes in one round trip")
+        (c, csid) = try fresh()
         cold["open"] = try trips(c.store) { _ = try c.open(alice, ino, flags: O_RDONLY, sid: csid) }
         cold["close"] = try trips(c.store) { try c.close(ino, sid: csid) }
         (c, csid) = try fresh()
