@@ -193,8 +193,8 @@ final class RedisTxn {
         return try value(c)
     }
 
-    /// Up to `count` fields of a hash, picked by the server, and whether that is all of them.
-    /// Checked as the hash's length and each field's value.
+    /// Up to `count` fields of a hash with their values, picked by the server (all of them when
+    /// it has no more). Checked as the hash's length and each field's value.
     func someFields(_ k: String, _ count: Int) throws(FSError) -> [([UInt8], [UInt8])] {
         if writes[k] != nil { throw store.bug("HRANDFIELD \(k) after writing it in the same transaction") }
         let r = try store.fetch([
