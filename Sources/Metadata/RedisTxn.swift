@@ -48,7 +48,8 @@ enum ReadOp {
     /// An entry of directory hash `dir` and what the inode it names holds.
     case entry(dir: String, name: [UInt8])
     /// A page of a directory: positions in `positions`, entries in `entries`.
-    case page(positions: String, entries: String, after: UInt64, limit: Int)
+    /// `plus`: with the attributes of the inodes they name.
+    case page(positions: String, entries: String, after: UInt64, limit: Int, plus: Bool)
 }
 
 /// What a transaction changes in one key, reduced to its net effect (the commit sends that).
@@ -141,7 +142,7 @@ final class RedisTxn {
                     asked.insert(c)
                     ops.append(w)
                 }
-            case .page(let z, _, let after, let limit):
+            case .page(let z, _, let after, let limit, _):
                 if results[.page(z, after: after, limit: limit)] == nil { ops.append(w) }
             }
         }
@@ -160,14 +161,18 @@ final class RedisTxn {
                     remember(.hlen(store.keys.opens(ino)), a[2])
                     remember(.hlen(store.keys.entries(ino)), a[3])
                 }
-            case .page(let z, let d, let after, let limit):
+            case .page(let z, let d, let after, let limit, _):
                 let a = r.array
                 let names = a.first ?? .array([])
                 remember(.page(z, after: after, limit: limit), names)
                 let ents = a.count > 1 ? a[1].array : []
+                let attrs = a.count > 2 ? a[2].array : []
                 let items = names.array
                 for i in stride(from: 0, to: items.count - 1, by: 2) where i / 2 < ents.count {
                     if let n = items[i].bytes { remember(.hget(d, n), ents[i / 2]) }
+                    if i / 2 < attrs.count, let ino = RedisTxnStore.entryIno(ents[i / 2]) {
+                        remember(.get(store.keys.attr(ino)), attrs[i / 2])
+                    }
                 }
             }
         }
@@ -188,8 +193,8 @@ final class RedisTxn {
         return try value(c)
     }
 
-    /// Up to `count` fields of a hash, picked by the server, and whether that is all of them.
-    /// Checked as the hash's length and each field's value.
+    /// Up to `count` fields of a hash with their values, picked by the server (all of them when
+    /// it has no more). Checked as the hash's length and each field's value.
     func someFields(_ k: String, _ count: Int) throws(FSError) -> [([UInt8], [UInt8])] {
         if writes[k] != nil { throw store.bug("HRANDFIELD \(k) after writing it in the same transaction") }
         let r = try store.fetch([

@@ -8,7 +8,7 @@ final class RedisTxnCache: @unchecked Sendable {
     struct Entry {
         /// The string value (`.null`: known missing; nil: unknown).
         var value: RedisReply?
-        /// The hash's length, when known.
+        /// The hash's length, when known (always when `complete`).
         var len: Int64?
         /// Hash fields (`.null`: known missing).
         var fields: [[UInt8]: RedisReply] = [:]
@@ -18,7 +18,7 @@ final class RedisTxnCache: @unchecked Sendable {
         static let empty = Entry(value: .null, len: 0, fields: [:], complete: true)
 
         func field(_ f: [UInt8]) -> RedisReply? { fields[f] ?? (complete ? .null : nil) }
-        var length: Int64? { len ?? (complete ? Int64(fields.values.filter { $0 != .null }.count) : nil) }
+        var length: Int64? { len }
     }
 
     private let lock = ConditionLock()
@@ -90,8 +90,15 @@ final class RedisTxnCache: @unchecked Sendable {
         }
     }
 
+    // Both change an entry in place (`entries[key, default:]`): a copy of it would copy its
+    // fields, which for a large directory made every operation cost its size.
+
     private static func note(_ entries: inout [String: Entry], _ c: ReadCmd, _ r: RedisReply) {
-        var e = entries[c.key] ?? Entry()
+        guard c.cmd == "GET" || c.cmd == "HGET" || (c.cmd == "HLEN" && r.int != nil) else { return }
+        note(&entries[c.key, default: Entry()], c, r)
+    }
+
+    private static func note(_ e: inout Entry, _ c: ReadCmd, _ r: RedisReply) {
         switch c.cmd {
         case "GET": e.value = r
         case "HGET":
@@ -108,11 +115,14 @@ final class RedisTxnCache: @unchecked Sendable {
             e.len = n
         default: return
         }
-        entries[c.key] = e
     }
 
     private static func apply(_ entries: inout [String: Entry], _ k: String, _ w: KeyWrites) {
-        var e = w.cleared ? Entry.empty : (entries[k] ?? Entry())
+        if w.cleared { entries[k] = .empty }
+        apply(&entries[k, default: Entry()], w)
+    }
+
+    private static func apply(_ e: inout Entry, _ w: KeyWrites) {
         switch w.string {
         case .set(let v)?: e.value = .string(v)
         case .append(let a)?:
@@ -150,6 +160,5 @@ final class RedisTxnCache: @unchecked Sendable {
             e.len = len
             if len == nil { e.complete = false }
         }
-        entries[k] = e
     }
 }

@@ -33,7 +33,8 @@ package enum RedisTxnScripts {
     /// `E keyindex name` an entry of directory hash KEYS[keyindex] and, when it exists, what the
     /// inode it names holds: {entry, attributes, HLEN of its opens, HLEN of its entries} ({nil}
     /// when missing; those keys follow from the entry, under the same hash tag);
-    /// `D zkeyindex dkeyindex after limit` a page of a directory: {names and positions, entries}.
+    /// `D zkeyindex dkeyindex after limit plus` a page of a directory: {names and positions,
+    /// entries, and with `plus` = 1 the attributes of the inodes they name}.
     package static let read =
         canon + #"""
             local READ = {GET = true, HGET = true, HLEN = true, HMGET = true, HKEYS = true, HGETALL = true,
@@ -68,8 +69,15 @@ package enum RedisTxnScripts {
                   for m = j, math.min(#names, j + 999), 2 do fields[#fields + 1] = names[m] end
                   for _, v in ipairs(redis.call('HMGET', KEYS[tonumber(ARGV[i + 2])], unpack(fields))) do ents[#ents + 1] = v end
                 end
-                out[#out + 1] = {names, ents}
-                i = i + 5
+                local attrs = {}
+                if ARGV[i + 5] == '1' then
+                  for j = 1, #ents do
+                    local v = ents[j]
+                    attrs[j] = v and redis.call('GET', P .. 'i' .. string.format('%d', struct.unpack('>I8', v))) or false
+                  end
+                end
+                out[#out + 1] = {names, ents, attrs}
+                i = i + 6
               else
                 return redis.error_reply('STAGEFS read: bad operation at ' .. i)
               end
@@ -92,8 +100,9 @@ package enum RedisTxnScripts {
     /// script up front when it is out of memory.
     package static let commit =
         "#!lua\n" + canon + #"""
-            local CHECK = {GET = true, GETRANGE = true, HGET = true, HLEN = true, HKEYS = true, ZRANGE = true,
-              ZRANGEBYSCORE = true, ZREVRANGEBYSCORE = true, ZSCORE = true, SCARD = true, SISMEMBER = true, LRANGE = true}
+            -- The read commands a check may run, each with the kind of key it reads.
+            local CHECK = {GET = 'string', GETRANGE = 'string', HGET = 'hash', HLEN = 'hash', HKEYS = 'hash', ZRANGE = 'zset',
+              ZRANGEBYSCORE = 'zset', ZREVRANGEBYSCORE = 'zset', ZSCORE = 'zset', SCARD = 'set', SISMEMBER = 'set', LRANGE = 'list'}
             local KIND = {SET = 'string', SETRANGE = 'string', DEL = '', APPEND = 'string', INCRBY = 'string', HSET = 'hash',
               HDEL = 'hash', HINCRBY = 'hash', ZADD = 'zset', ZREM = 'zset', RPUSH = 'list', LTRIM = 'list', SADD = 'set', SREM = 'set'}
             local ARITY = {SET = 1, SETRANGE = 2, DEL = 0, APPEND = 1, INCRBY = 1, HSET = 2, HDEL = 1, HINCRBY = 2, ZADD = 2,
@@ -109,12 +118,17 @@ package enum RedisTxnScripts {
             end
             local nchecks = tonumber(ARGV[2])
             if not nchecks then return refuse('bad number of checks') end
+            -- The kind of each key as far as this commit knows it: from a check (a key of
+            -- another kind would have stopped the script there), from the read that validates a
+            -- write (GET, HGET and STRLEN fail on another kind too), else from TYPE.
+            local kinds, deleted, written, writes = {}, {}, {}, {}
             local i = 3
             local failed = {2}
             for c = 1, nchecks do
               local cmd, ki, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
               if not CHECK[cmd] or not ki or not KEYS[ki] or not n or i + 3 + n > #ARGV then return refuse('bad check ' .. c) end
               local r = redis.call(cmd, KEYS[ki], unpack(ARGV, i + 3, i + 2 + n))
+              kinds[KEYS[ki]] = kinds[KEYS[ki]] or CHECK[cmd]
               if cmd == 'HKEYS' then table.sort(r) end
               if redis.sha1hex(canon(r)) ~= ARGV[i + 3 + n] then
                 if (cmd == 'GET' or cmd == 'HGET' or cmd == 'HLEN') and (type(r) ~= 'string' or #r <= 4096) then
@@ -128,7 +142,6 @@ package enum RedisTxnScripts {
               i = i + 4 + n
             end
             if #failed > 1 then return failed end
-            local kinds, deleted, written, writes = {}, {}, {}, {}
             while i <= #ARGV do
               local cmd, ki, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
               local want = KIND[cmd]
@@ -136,30 +149,34 @@ package enum RedisTxnScripts {
                 return refuse('bad write at argument ' .. i)
               end
               local k = KEYS[ki]
-              if kinds[k] == nil then kinds[k] = redis.call('TYPE', k).ok end
               if cmd == 'DEL' then
                 kinds[k] = 'none'
                 deleted[k] = true
+              elseif cmd == 'SET' then
+                kinds[k] = 'string'
               else
-                if kinds[k] ~= 'none' and kinds[k] ~= want then return refuse(cmd .. ' on ' .. k .. ', which holds a ' .. kinds[k]) end
                 if cmd == 'INCRBY' then
                   if not isint(ARGV[i + 3]) or written[k] then return refuse('INCRBY ' .. k) end
                   local cur = redis.call('GET', k)
                   if cur and not isint(cur) then return refuse(k .. ' holds no counter') end
+                  kinds[k] = kinds[k] or 'string'
                 elseif cmd == 'HINCRBY' then
                   if not isint(ARGV[i + 4]) or deleted[k] or written[k .. '\0' .. ARGV[i + 3]] then return refuse('HINCRBY ' .. k) end
                   local cur = redis.call('HGET', k, ARGV[i + 3])
                   if cur and not isint(cur) then return refuse(k .. ' holds no counter in that field') end
+                  kinds[k] = kinds[k] or 'hash'
+                elseif cmd == 'APPEND' or cmd == 'SETRANGE' then
+                  local off = cmd == 'APPEND' and 0 or tonumber(ARGV[i + 3])
+                  if cmd == 'SETRANGE' and (not isint(ARGV[i + 3]) or off < 0) then return refuse('SETRANGE ' .. k) end
+                  if redis.call('STRLEN', k) + off + #ARGV[i + 2 + n] > 536870912 then return refuse(k .. ' would grow past 512 MiB') end
+                  kinds[k] = kinds[k] or 'string'
                 elseif cmd == 'ZADD' then
                   if not tonumber(ARGV[i + 3]) then return refuse('ZADD ' .. k .. ': bad score') end
-                elseif cmd == 'SETRANGE' then
-                  local off = tonumber(ARGV[i + 3])
-                  if not isint(ARGV[i + 3]) or off < 0 or off + #ARGV[i + 4] > 536870912 then return refuse('SETRANGE ' .. k) end
                 elseif cmd == 'LTRIM' then
                   if not isint(ARGV[i + 3]) or not isint(ARGV[i + 4]) then return refuse('LTRIM ' .. k) end
-                elseif cmd == 'APPEND' then
-                  if redis.call('STRLEN', k) + #ARGV[i + 3] > 536870912 then return refuse(k .. ' would grow past 512 MiB') end
                 end
+                if kinds[k] == nil then kinds[k] = redis.call('TYPE', k).ok end
+                if kinds[k] ~= 'none' and kinds[k] ~= want then return refuse(cmd .. ' on ' .. k .. ', which holds a ' .. kinds[k]) end
                 kinds[k] = want
                 if n == 2 then written[k .. '\0' .. ARGV[i + 3]] = true end
               end

@@ -316,7 +316,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
                 argv += ["C", c.cmd, idx(c.key), c.args.count]
                 for a in c.args { argv.append(a) }
             case .entry(let dir, let name): argv += ["E", idx(dir), name]
-            case .page(let z, let d, let after, let limit): argv += ["D", idx(z), idx(d), after, limit]
+            case .page(let z, let d, let after, let limit, let plus): argv += ["D", idx(z), idx(d), after, limit, plus ? 1 : 0]
             }
         }
         let head: [any RedisArg] = [names.count] + names.map { $0 as any RedisArg }
@@ -358,8 +358,8 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             case .locks(let ino, let kind): ops.append(.cmd(.get(keys.locks(ino, kind))))
             case .symlink(let ino): ops.append(.cmd(.get(keys.symlink(ino))))
             case .counter(let name): ops.append(.cmd(.get(keys.counter(name))))
-            case .entries(let dir, let after, let limit):
-                ops.append(.page(positions: keys.positions(dir), entries: keys.entries(dir), after: after, limit: limit))
+            case .entries(let dir, let after, let limit, let plus):
+                ops.append(.page(positions: keys.positions(dir), entries: keys.entries(dir), after: after, limit: limit, plus: plus))
             }
         }
         // A key this transaction already wrote is read through its writes, not fetched.
@@ -455,7 +455,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         let z = keys.positions(parent)
         let d = keys.entries(parent)
         if t.writes[z] != nil || t.writes[d] != nil { throw bug("reading directory \(parent) after changing it in the same transaction") }
-        try t.load([.page(positions: z, entries: d, after: cookie, limit: limit)])
+        try t.load([.page(positions: z, entries: d, after: cookie, limit: limit, plus: false)])
         let names = try t.value(.page(z, after: cookie, limit: limit)).array
         var out: [DirEntry] = []
         out.reserveCapacity(names.count / 2)

@@ -108,8 +108,8 @@ package enum TxnRead: Sendable {
     case xattrCount(Ino)
     case locks(Ino, UInt8)
     case symlink(Ino)
-    /// A page of a directory (`TxnStore.entries`).
-    case entries(Ino, after: UInt64, limit: Int)
+    /// A page of a directory (`TxnStore.entries`); `plus`: with the attributes of its inodes.
+    case entries(Ino, after: UInt64, limit: Int, plus: Bool)
     case counter(String)
 }
 
@@ -621,7 +621,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
         try store.transaction(write: false) { () throws(FSError) in
-            try store.prefetch([.attr(ino), .entries(ino, after: cookie, limit: limit)])
+            try store.prefetch([.attr(ino), .entries(ino, after: cookie, limit: limit, plus: plus)])
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             guard a.type == .directory else { throw FSError.notDir }
             var out = try store.entries(ino, after: cookie, limit: limit)

@@ -166,6 +166,10 @@ struct RedisTxnTests {
         ])
         #expect(r2.joined().contains("refused"), "\(r2)")
         #expect(try f.cli(["GET", "{0}a"]) == ["old"])
+        // A write to a key of another kind (a hash field of a string), after a SET: refused first.
+        let r2b = try f.cli(["EVALSHA", sha, "3", "{0}rqT", "{0}b", "{0}a", "1:2", "0", "SET", "2", "1", "new", "HSET", "3", "2", "f", "v"])
+        #expect(r2b.joined().contains("refused"), "\(r2b)")
+        #expect(try f.cli(["EXISTS", "{0}b"]) == ["0"])
         // Applied once; the same request again is answered from the record.
         let r3 = try f.cli([
             "EVALSHA", sha, "3", "{0}rqT", "{0}a", "{0}c", "1:3", "1", "GET", "2", "0", ok, "SET", "2", "1", "new", "INCRBY", "3", "1", "5",
@@ -323,6 +327,10 @@ struct RedisTxnTests {
         cold["lookup"] = try trips(c.store) { _ = try c.lookup(alice, dir, n("a")) }
         (c, csid) = try fresh()
         cold["getattr"] = try trips(c.store) { _ = try c.getattr(ino) }
+        (c, csid) = try fresh()
+        var listed: [DirEntry] = []
+        let readdirPlus = try trips(c.store) { listed = try c.readdir(dir, after: 0, limit: 100, plus: true) }
+        #expect(readdirPlus == 1 && listed.count == 1 && listed[0].attr?.size == 4096, "a page of a directory with attributes in one round trip")
         (c, csid) = try fresh()
         cold["open"] = try trips(c.store) { _ = try c.open(alice, ino, flags: O_RDONLY, sid: csid) }
         cold["close"] = try trips(c.store) { try c.close(ino, sid: csid) }
