@@ -279,14 +279,9 @@ final class RedisTxn {
 
     private func change(_ k: String, _ body: (inout KeyWrites) throws(FSError) -> Void) throws(FSError) {
         if !write { throw store.bug("a write to \(k) in a read-only transaction") }
-        var w =
-            writes[k]
-            ?? {
-                writeOrder.append(k)
-                return KeyWrites()
-            }()
-        try body(&w)
-        writes[k] = w
+        if writes[k] == nil { writeOrder.append(k) }
+        // In place: a copy would copy the key's fields.
+        try body(&writes[k, default: KeyWrites()])
     }
 
     func set(_ k: String, _ v: [UInt8]) throws(FSError) { try change(k) { $0.string = .set(v) } }

@@ -23,13 +23,31 @@ struct EngineBench {
                 let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/m", version: "t"))
                 let (dir, _) = try m.mknod(who, rootIno, Array("d".utf8), .directory, 0o777, rdev: 0, target: nil)
                 var line = "\(kind) round \(round):"
+                let serverPid = f.redis!.pid
+                func serverCPU() -> Double {
+                    guard let text = try? String(contentsOfFile: "/proc/\(serverPid)/stat", encoding: .utf8),
+                        let tail = text.split(separator: ")").last
+                    else { return 0 }
+                    let fields = tail.split(separator: " ")
+                    return (Double(fields[11]) ?? 0) / 100 + (Double(fields[12]) ?? 0) / 100
+                }
+                let store = (m as? RedisTxnMetadata)?.store
                 func phase(_ name: String, _ body: (Int) throws -> Void) rethrows {
+                    let st0 = store?.stats
                     let c0 = cpu()
+                    let s0 = serverCPU()
                     let t0 = Date()
                     for i in 0..<n { try body(i) }
                     let wall = Date().timeIntervalSince(t0) / Double(n) * 1e6
                     let c = (cpu() - c0) / Double(n) * 1e6
-                    line += " \(name) \(Int(wall)) us wall \(Int(c)) us cpu;"
+                    let sc = (serverCPU() - s0) / Double(n) * 1e6
+                    line += " \(name) \(Int(wall)) us wall, cpu \(Int(c)) client + \(Int(sc)) server"
+                    if let st0, let st1 = store?.stats {
+                        let per = { (x: Int) in String(format: "%.2f", Double(x) / Double(n)) }
+                        line +=
+                            " (reads \(per(st1.reads - st0.reads)), commits \(per(st1.commits - st0.commits)), conflicts \(per(st1.conflicts - st0.conflicts)), refreshes \(per(st1.refreshes - st0.refreshes)))"
+                    }
+                    line += ";"
                 }
                 var inos: [Ino] = []
                 try phase("create+write+close") { i in
