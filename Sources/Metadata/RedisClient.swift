@@ -41,17 +41,107 @@ enum RedisReply: Equatable {
 
 /// Something that can be sent as one argument of a Redis command.
 protocol RedisArg {
-    func append(to out: inout [UInt8])
+    /// Appends the argument as a RESP bulk string (`$<length>\r\n<bytes>\r\n`).
+    func appendBulk(to out: inout [UInt8])
 }
 
-extension String: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: utf8) } }
-extension Array: RedisArg where Element == UInt8 { func append(to out: inout [UInt8]) { out.append(contentsOf: self) } }
-extension Int: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
-extension Int64: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
-extension UInt64: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
-extension UInt32: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
-extension UInt16: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
-extension UInt8: RedisArg { func append(to out: inout [UInt8]) { out.append(contentsOf: String(self).utf8) } }
+/// RESP encoding without intermediate strings: the commit of a transaction sends many small
+/// arguments, and formatting each number through `String` cost more than the rest of the
+/// encoding (measured with perf on the engine bench).
+enum RESP {
+    /// How many decimal digits `v` has.
+    @inline(__always)
+    static func digits(_ v: UInt64) -> Int {
+        var n = 1
+        var t = v
+        while t >= 10 {
+            t /= 10
+            n += 1
+        }
+        return n
+    }
+
+    static func appendDecimal(_ v: UInt64, to out: inout [UInt8]) {
+        let n = digits(v)
+        let end = out.count + n
+        out.append(contentsOf: repeatElement(48, count: n))
+        var x = v
+        var i = end - 1
+        while x > 0 {
+            out[i] = 48 + UInt8(x % 10)
+            x /= 10
+            i -= 1
+        }
+    }
+
+    @inline(__always)
+    static func crlf(_ out: inout [UInt8]) {
+        out.append(13)
+        out.append(10)
+    }
+
+    static func appendBulk<C: Collection<UInt8>>(_ bytes: C, count: Int, to out: inout [UInt8]) {
+        out.append(36)
+        appendDecimal(UInt64(count), to: &out)
+        crlf(&out)
+        out.append(contentsOf: bytes)
+        crlf(&out)
+    }
+
+    static func appendBulk(_ v: Int64, to out: inout [UInt8]) {
+        out.append(36)
+        appendDecimal(UInt64(digits(v.magnitude) + (v < 0 ? 1 : 0)), to: &out)
+        crlf(&out)
+        if v < 0 { out.append(45) }
+        appendDecimal(v.magnitude, to: &out)
+        crlf(&out)
+    }
+
+    static func appendBulk(_ v: UInt64, to out: inout [UInt8]) {
+        out.append(36)
+        appendDecimal(UInt64(digits(v)), to: &out)
+        crlf(&out)
+        appendDecimal(v, to: &out)
+        crlf(&out)
+    }
+}
+
+/// A command encoded while it is built, without an array of arguments in between (for the
+/// commits and read batches of `RedisTxnStore`, which have many arguments).
+struct RedisCommand {
+    private(set) var body: [UInt8] = []
+    private(set) var count = 0
+
+    init(capacity: Int = 256) { body.reserveCapacity(capacity) }
+
+    init(_ args: [any RedisArg]) {
+        body.reserveCapacity(args.count * 16)
+        for a in args { add(a) }
+    }
+
+    mutating func add<A: RedisArg>(_ a: A) {
+        a.appendBulk(to: &body)
+        count += 1
+    }
+
+    mutating func add(contentsOf other: RedisCommand) {
+        body += other.body
+        count += other.count
+    }
+}
+
+extension String: RedisArg {
+    func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(utf8, count: utf8.count, to: &out) }
+}
+extension Array: RedisArg where Element == UInt8 {
+    func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(self, count: count, to: &out) }
+}
+extension Int: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(Int64(self), to: &out) } }
+extension Int64: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(self, to: &out) } }
+extension UInt64: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(self, to: &out) } }
+extension UInt32: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(UInt64(self), to: &out) } }
+extension UInt16: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(UInt64(self), to: &out) } }
+extension UInt8: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(UInt64(self), to: &out) } }
 
 /// Error codes of the Redis transport: `transient` ones (the connection broke, the server is
 /// loading, failing over, or read-only) are retried on a new connection within the pool's
@@ -410,20 +500,11 @@ final class RedisConnection {
 
     private static let busy = ["LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN"]
 
-    private func encode(_ args: [any RedisArg]) {
+    private func encode(_ c: RedisCommand) {
         out.append(42)
-        out.append(contentsOf: String(args.count).utf8)
-        out.append(contentsOf: [13, 10])
-        var arg: [UInt8] = []
-        for a in args {
-            arg.removeAll(keepingCapacity: true)
-            a.append(to: &arg)
-            out.append(36)
-            out.append(contentsOf: String(arg.count).utf8)
-            out.append(contentsOf: [13, 10])
-            out.append(contentsOf: arg)
-            out.append(contentsOf: [13, 10])
-        }
+        RESP.appendDecimal(UInt64(c.count), to: &out)
+        RESP.crlf(&out)
+        out += c.body
     }
 
     /// Marks the connection unusable, so the pool drops it instead of using it again.
@@ -436,6 +517,11 @@ final class RedisConnection {
 
     /// Sends several commands in one round trip and returns their replies in order.
     func pipeline(_ commands: [[any RedisArg]]) throws(FSError) -> [RedisReply] {
+        try pipeline(commands.map { RedisCommand($0) })
+    }
+
+    /// Sends encoded commands in one round trip and returns their replies in order.
+    func pipeline(_ commands: [RedisCommand]) throws(FSError) -> [RedisReply] {
         if broken { throw lost("connection closed") }
         for c in commands { encode(c) }
         try sendAll()

@@ -279,14 +279,9 @@ final class RedisTxn {
 
     private func change(_ k: String, _ body: (inout KeyWrites) throws(FSError) -> Void) throws(FSError) {
         if !write { throw store.bug("a write to \(k) in a read-only transaction") }
-        var w =
-            writes[k]
-            ?? {
-                writeOrder.append(k)
-                return KeyWrites()
-            }()
-        try body(&w)
-        writes[k] = w
+        if writes[k] == nil { writeOrder.append(k) }
+        // In place: a copy would copy the key's fields.
+        try body(&writes[k, default: KeyWrites()])
     }
 
     func set(_ k: String, _ v: [UInt8]) throws(FSError) { try change(k) { $0.string = .set(v) } }
@@ -369,9 +364,9 @@ final class RedisTxn {
         return Self.touchFields.filter { !base[$0].elementsEqual(new[$0]) }
     }
 
-    /// The commit's keys and arguments (see `RedisTxnScripts.commit`), and the read each check
-    /// sent stands for, in order.
-    func commitArguments(requestKey: String, tag: String) -> (keys: [String], argv: [any RedisArg], checks: [ReadCmd]) {
+    /// The commit's keys and arguments (see `RedisTxnScripts.commit`: the key count, the keys,
+    /// the arguments), and the read each check sent stands for, in order.
+    func commitArguments(requestKey: String, tag: String) -> (args: RedisCommand, checks: [ReadCmd]) {
         var keys = [requestKey]
         var index: [String: Int] = [requestKey: 1]
         func idx(_ k: String) -> Int {
@@ -381,54 +376,72 @@ final class RedisTxn {
             return keys.count
         }
         var sent: [ReadCmd] = []
-        var checks: [any RedisArg] = []
-        checks.reserveCapacity(order.count * 5)
+        var checks = RedisCommand(capacity: order.count * 64)
         var timesOnly: [String: [Range<Int>]] = [:]
         for c in order {
             if let changed = changedTimes(c), case .string(let base)? = results[c] {
                 timesOnly[c.key] = changed
                 for r in Self.checkedFields {
-                    checks += ["GETRANGE", idx(c.key), 2, r.lowerBound, r.upperBound - 1, RedisTxnStore.digest(.string(Array(base[r])))]
+                    checks.add("GETRANGE")
+                    checks.add(idx(c.key))
+                    checks.add(2)
+                    checks.add(r.lowerBound)
+                    checks.add(r.upperBound - 1)
+                    checks.add(RedisTxnStore.digest(.string(Array(base[r]))))
                     sent.append(c)
                 }
                 continue
             }
-            checks.append(c.cmd)
-            checks.append(idx(c.key))
-            checks.append(c.args.count)
-            for a in c.args { checks.append(a) }
-            checks.append(RedisTxnStore.digest(results[c]!))
+            checks.add(c.cmd)
+            checks.add(idx(c.key))
+            checks.add(c.args.count)
+            for a in c.args { checks.add(a) }
+            checks.add(RedisTxnStore.digest(results[c]!))
             sent.append(c)
         }
-        var argv: [any RedisArg] = [tag, sent.count] + checks
-        argv.reserveCapacity(argv.count + writes.count * 5)
+        var w = RedisCommand(capacity: writes.count * 64)
+        func write(_ cmd: String, _ i: Int, _ args: [UInt8]...) {
+            w.add(cmd)
+            w.add(i)
+            w.add(args.count)
+            for a in args { w.add(a) }
+        }
         for k in writeOrder {
-            let w = writes[k]!
+            let kw = writes[k]!
             let i = idx(k)
-            if let changed = timesOnly[k], case .set(let v)? = w.string {
-                for r in changed { argv += ["SETRANGE", i, 2, r.lowerBound, Array(v[r])] }
+            if let changed = timesOnly[k], case .set(let v)? = kw.string {
+                for r in changed { write("SETRANGE", i, Array(String(r.lowerBound).utf8), Array(v[r])) }
                 continue
             }
-            if w.cleared { argv += ["DEL", i, 0] }
-            switch w.string {
-            case .set(let v)?: argv += ["SET", i, 1, v]
-            case .append(let a)?: argv += ["APPEND", i, 1, a]
-            case .incr(let n)?: argv += ["INCRBY", i, 1, n]
+            if kw.cleared { write("DEL", i) }
+            switch kw.string {
+            case .set(let v)?: write("SET", i, v)
+            case .append(let a)?: write("APPEND", i, a)
+            case .incr(let n)?: write("INCRBY", i, Array(String(n).utf8))
             case nil: break
             }
-            for f in w.fieldOrder {
-                switch w.fields[f]! {
-                case .set(let v): argv += ["HSET", i, 2, f, v]
-                case .deleted: argv += ["HDEL", i, 1, f]
-                case .incr(let n): argv += ["HINCRBY", i, 2, f, n]
+            for f in kw.fieldOrder {
+                switch kw.fields[f]! {
+                case .set(let v): write("HSET", i, f, v)
+                case .deleted: write("HDEL", i, f)
+                case .incr(let n): write("HINCRBY", i, f, Array(String(n).utf8))
                 }
             }
-            for o in w.ops {
-                argv += [o.cmd, i, o.args.count]
-                for a in o.args { argv.append(a) }
+            for o in kw.ops {
+                w.add(o.cmd)
+                w.add(i)
+                w.add(o.args.count)
+                for a in o.args { w.add(a) }
             }
         }
-        return (keys, argv, sent)
+        var args = RedisCommand(capacity: 64 + keys.count * 16 + checks.body.count + w.body.count)
+        args.add(keys.count)
+        for k in keys { args.add(k) }
+        args.add(tag)
+        args.add(sent.count)
+        args.add(contentsOf: checks)
+        args.add(contentsOf: w)
+        return (args, sent)
     }
 }
 

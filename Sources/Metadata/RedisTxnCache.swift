@@ -23,8 +23,8 @@ final class RedisTxnCache: @unchecked Sendable {
 
     private let lock = ConditionLock()
     private var entries: [String: Entry] = [:]
-    /// Keys and hash fields added since the cache last started over (an upper bound of what it holds).
-    private var items = 0
+    /// Hash fields added since the cache last started over (with the keys, a bound of what it holds).
+    private var fieldsAdded = 0
     /// Keys and fields kept at most; the cache starts over when it holds more.
     let capacity: Int
 
@@ -45,13 +45,11 @@ final class RedisTxnCache: @unchecked Sendable {
     /// Applies what a transaction saw and, when it committed, what it wrote.
     func record(_ t: RedisTxn, committed: Bool) {
         lock.withLock {
-            if items > capacity {
+            if entries.count + fieldsAdded > capacity {
                 entries.removeAll()
-                items = 0
+                fieldsAdded = 0
             }
-            items += t.order.count + t.writeOrder.count + t.newInodes.count
-            for w in t.writes.values { items += w.fields.count }
-            for c in t.order where c.cacheable { Self.note(&entries, c, t.results[c]!) }
+            for c in t.order where c.cacheable { Self.note(&entries, c, t.results[c]!, &fieldsAdded) }
             guard committed else { return }
             // A new inode has no records yet: what the next operations on it read (a regular
             // file's first chunk and opens, a directory's entries) is known without asking.
@@ -65,17 +63,16 @@ final class RedisTxnCache: @unchecked Sendable {
                     entries[k.opens(ino)] = .empty
                 }
             }
-            for k in t.writeOrder { Self.apply(&entries, k, t.writes[k]!) }
+            for k in t.writeOrder { Self.apply(&entries, k, t.writes[k]!, &fieldsAdded) }
         }
     }
 
     /// Replies seen by a commit that found them changed.
     func noteChanged(_ changed: [(ReadCmd, RedisReply?)]) {
         lock.withLock {
-            items += changed.count
             for (c, r) in changed {
                 if let r, c.cacheable {
-                    Self.note(&entries, c, r)
+                    Self.note(&entries, c, r, &fieldsAdded)
                 } else {
                     entries[c.key] = nil
                 }
@@ -86,19 +83,19 @@ final class RedisTxnCache: @unchecked Sendable {
     func removeAll() {
         lock.withLock {
             entries.removeAll()
-            items = 0
+            fieldsAdded = 0
         }
     }
 
     // Both change an entry in place (`entries[key, default:]`): a copy of it would copy its
     // fields, which for a large directory made every operation cost its size.
 
-    private static func note(_ entries: inout [String: Entry], _ c: ReadCmd, _ r: RedisReply) {
+    private static func note(_ entries: inout [String: Entry], _ c: ReadCmd, _ r: RedisReply, _ added: inout Int) {
         guard c.cmd == "GET" || c.cmd == "HGET" || (c.cmd == "HLEN" && r.int != nil) else { return }
-        note(&entries[c.key, default: Entry()], c, r)
+        note(&entries[c.key, default: Entry()], c, r, &added)
     }
 
-    private static func note(_ e: inout Entry, _ c: ReadCmd, _ r: RedisReply) {
+    private static func note(_ e: inout Entry, _ c: ReadCmd, _ r: RedisReply, _ added: inout Int) {
         switch c.cmd {
         case "GET": e.value = r
         case "HGET":
@@ -108,7 +105,7 @@ final class RedisTxnCache: @unchecked Sendable {
                 e.len = nil
                 e.complete = false
             }
-            e.fields[f] = r
+            if e.fields.updateValue(r, forKey: f) == nil { added += 1 }
         case "HLEN":
             guard let n = r.int else { return }
             if e.complete && e.length != n { e.complete = false }
@@ -117,12 +114,12 @@ final class RedisTxnCache: @unchecked Sendable {
         }
     }
 
-    private static func apply(_ entries: inout [String: Entry], _ k: String, _ w: KeyWrites) {
+    private static func apply(_ entries: inout [String: Entry], _ k: String, _ w: KeyWrites, _ added: inout Int) {
         if w.cleared { entries[k] = .empty }
-        apply(&entries[k, default: Entry()], w)
+        apply(&entries[k, default: Entry()], w, &added)
     }
 
-    private static func apply(_ e: inout Entry, _ w: KeyWrites) {
+    private static func apply(_ e: inout Entry, _ w: KeyWrites, _ added: inout Int) {
         switch w.string {
         case .set(let v)?: e.value = .string(v)
         case .append(let a)?:
@@ -155,7 +152,11 @@ final class RedisTxnCache: @unchecked Sendable {
                 } else {
                     len = nil
                 }
-                e.fields[f] = after
+                if let after {
+                    if e.fields.updateValue(after, forKey: f) == nil { added += 1 }
+                } else {
+                    e.fields[f] = nil
+                }
             }
             e.len = len
             if len == nil { e.complete = false }

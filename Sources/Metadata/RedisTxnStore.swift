@@ -246,14 +246,21 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         let slot = checksOnly ? nil : slots.take()
         defer { if let slot { slots.give(slot) } }
         let tag = slot.map { "\($0):\(requestNumbers.next())" } ?? ""
-        let (keys, argv, checks) = t.commitArguments(requestKey: requestKey, tag: tag)
-        let wait: [[any RedisArg]] = !checksOnly && waitReplicas > 0 ? [["WAIT", waitReplicas, waitTimeoutMillis]] : []
-        let head: [any RedisArg] = [keys.count] + keys.map { $0 as any RedisArg }
+        let (args, checks) = t.commitArguments(requestKey: requestKey, tag: tag)
+        let wait = !checksOnly && waitReplicas > 0 ? [RedisCommand(["WAIT", waitReplicas, waitTimeoutMillis])] : []
+        var call = RedisCommand(capacity: args.body.count + 64)
+        call.add("EVALSHA")
+        call.add(commitSha)
+        call.add(contentsOf: args)
         count { $0.commits += 1 }
         let reply = try pool.with { (c) throws(FSError) -> RedisReply in
-            var r = try c.pipeline([["EVALSHA", commitSha] + head + argv] + wait)
+            var r = try c.pipeline([call] + wait)
             if case .error(let e) = r[0], e.hasPrefix("NOSCRIPT") {
-                r = try c.pipeline([["EVAL", RedisTxnScripts.commit] + head + argv] + wait)
+                var text = RedisCommand(capacity: args.body.count + RedisTxnScripts.commit.utf8.count + 64)
+                text.add("EVAL")
+                text.add(RedisTxnScripts.commit)
+                text.add(contentsOf: args)
+                r = try c.pipeline([text] + wait)
             }
             if hooks.takeLostReply() {
                 c.abandon()
@@ -309,20 +316,41 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             index[k] = names.count
             return names.count
         }
-        var argv: [any RedisArg] = [keys.prefix]
+        var argv = RedisCommand(capacity: ops.count * 48)
+        argv.add(keys.prefix)
         for op in ops {
             switch op {
             case .cmd(let c):
-                argv += ["C", c.cmd, idx(c.key), c.args.count]
-                for a in c.args { argv.append(a) }
-            case .entry(let dir, let name): argv += ["E", idx(dir), name]
-            case .page(let z, let d, let after, let limit, let plus): argv += ["D", idx(z), idx(d), after, limit, plus ? 1 : 0]
+                argv.add("C")
+                argv.add(c.cmd)
+                argv.add(idx(c.key))
+                argv.add(c.args.count)
+                for a in c.args { argv.add(a) }
+            case .entry(let dir, let name):
+                argv.add("E")
+                argv.add(idx(dir))
+                argv.add(name)
+            case .page(let z, let d, let after, let limit, let plus):
+                argv.add("D")
+                argv.add(idx(z))
+                argv.add(idx(d))
+                argv.add(after)
+                argv.add(limit)
+                argv.add(plus ? 1 : 0)
             }
         }
-        let head: [any RedisArg] = [names.count] + names.map { $0 as any RedisArg }
+        func call(_ verb: String, _ script: String) -> RedisCommand {
+            var c = RedisCommand(capacity: argv.body.count + names.count * 16 + script.utf8.count + 32)
+            c.add(verb)
+            c.add(script)
+            c.add(names.count)
+            for n in names { c.add(n) }
+            c.add(contentsOf: argv)
+            return c
+        }
         let reply = try pool.with { (c) throws(FSError) -> RedisReply in
-            let r = try c.command(["EVALSHA", readSha] + head + argv)
-            if case .error(let e) = r, e.hasPrefix("NOSCRIPT") { return try c.command(["EVAL", RedisTxnScripts.read] + head + argv) }
+            let r = try c.pipeline([call("EVALSHA", readSha)])[0]
+            if case .error(let e) = r, e.hasPrefix("NOSCRIPT") { return try c.pipeline([call("EVAL", RedisTxnScripts.read)])[0] }
             return r
         }
         if case .error(let e) = reply { throw FSError(EIO, "\(displayName): metadata read failed: \(e)") }

@@ -99,7 +99,7 @@ final class EngineFixture: @unchecked Sendable {
     let kind: EngineKind
     let engine: any MetadataEngine
     let url: String
-    private let redis: RedisServer?
+    let redis: RedisServer?
     private let dir: String
 
     init(_ kind: EngineKind) throws {
