@@ -114,7 +114,8 @@ public protocol MetadataEngine: AnyObject, Sendable {
     /// reading a small file needs no further metadata round trip.
     func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?)
     /// Drops one open of `ino` by `sid`; a file unlinked meanwhile is freed at its last close.
-    func close(_ ino: Ino, sid: UInt64) throws(FSError)
+    /// Returns whether it freed the file (its data then waits in `pendingDeletes`).
+    @discardableResult func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool
     /// The slice records of chunk `index`, oldest first.
     func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice]
     /// Many chunks at once (one pipelined round trip on Redis), in the order asked.

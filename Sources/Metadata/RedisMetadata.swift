@@ -357,8 +357,9 @@ package final class RedisMetadata: MetadataEngine, @unchecked Sendable {
         return (a, r.count > 1 ? Slice.decodeAll(r[1].bytes ?? []) : nil)
     }
 
-    package func close(_ ino: Ino, sid: UInt64) throws(FSError) {
+    @discardableResult package func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool {
         _ = try run("close", .root, [ino, sid])
+        return true
     }
 
     package func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice] {

@@ -29,6 +29,11 @@ struct ReadCmd: Hashable {
             cmd: descending ? "ZREVRANGEBYSCORE" : "ZRANGEBYSCORE", key: k,
             args: (bounds + ["LIMIT", "0", String(limit)]).map { Array($0.utf8) })
     }
+    /// The indexes of a file's chunks from `from` on, the lowest first (what the read script's
+    /// `K` operation runs).
+    static func chunkList(_ k: String, from: UInt32, limit: Int) -> ReadCmd {
+        zrangeByScore(k, from: String(from), limit: limit, descending: false)
+    }
     /// A page of a directory's positions (what the read script's `D` operation runs).
     static func page(_ z: String, after: UInt64, limit: Int) -> ReadCmd {
         ReadCmd(cmd: "ZRANGEBYSCORE", key: z, args: ["(\(after)", "+inf", "WITHSCORES", "LIMIT", "0", String(limit)].map { Array($0.utf8) })
@@ -50,6 +55,9 @@ enum ReadOp {
     /// A page of a directory: positions in `positions`, entries in `entries`.
     /// `plus`: with the attributes of the inodes they name.
     case page(positions: String, entries: String, after: UInt64, limit: Int, plus: Bool)
+    /// The indexes of a file's chunks from `from` on (sorted set `index`, at most `limit`) and
+    /// the records of those chunks.
+    case chunks(index: String, ino: Ino, from: UInt32, limit: Int)
 }
 
 /// What a transaction changes in one key, reduced to its net effect (the commit sends that).
@@ -92,6 +100,8 @@ final class RedisTxn {
     private(set) var writeOrder: [String] = []
     /// Inode numbers this transaction gave out (their keys are known to be empty).
     var newInodes: [Ino] = []
+    /// Reads sent after the commit, unchecked, each with what takes its reply.
+    var trailing: [(ReadCmd, (RedisReply) -> Void)] = []
 
     init(store: RedisTxnStore, write: Bool, useCache: Bool) {
         self.store = store
@@ -144,6 +154,8 @@ final class RedisTxn {
                 }
             case .page(let z, _, let after, let limit, _):
                 if results[.page(z, after: after, limit: limit)] == nil { ops.append(w) }
+            case .chunks(let index, _, let from, let limit):
+                if results[.chunkList(index, from: from, limit: limit)] == nil { ops.append(w) }
             }
         }
         if ops.isEmpty { return }
@@ -173,6 +185,14 @@ final class RedisTxn {
                     if i / 2 < attrs.count, let ino = RedisTxnStore.entryIno(ents[i / 2]) {
                         remember(.get(store.keys.attr(ino)), attrs[i / 2])
                     }
+                }
+            case .chunks(let index, let ino, let from, let limit):
+                let a = r.array
+                let names = a.first ?? .array([])
+                remember(.chunkList(index, from: from, limit: limit), names)
+                let records = a.count > 1 ? a[1].array : []
+                for (n, v) in zip(names.array, records) {
+                    if let i = n.text.flatMap({ UInt32($0) }) { remember(.get(store.keys.chunk(ino, i)), v) }
                 }
             }
         }

@@ -34,7 +34,9 @@ package enum RedisTxnScripts {
     /// inode it names holds: {entry, attributes, HLEN of its opens, HLEN of its entries} ({nil}
     /// when missing; those keys follow from the entry, under the same hash tag);
     /// `D zkeyindex dkeyindex after limit plus` a page of a directory: {names and positions,
-    /// entries, and with `plus` = 1 the attributes of the inodes they name}.
+    /// entries, and with `plus` = 1 the attributes of the inodes they name};
+    /// `K zkeyindex ino from limit` the indexes of a file's chunks from `from` on (at most
+    /// `limit`) with the records of those chunks: {indexes, records}.
     package static let read =
         canon + #"""
             local READ = {GET = true, HGET = true, HLEN = true, HMGET = true, HKEYS = true, HGETALL = true,
@@ -78,6 +80,13 @@ package enum RedisTxnScripts {
                 end
                 out[#out + 1] = {names, ents, attrs}
                 i = i + 6
+              elseif op == 'K' then
+                local names = redis.call('ZRANGEBYSCORE', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 3], '+inf', 'LIMIT', 0, tonumber(ARGV[i + 4]))
+                local records = {}
+                local prefix = P .. 'c' .. ARGV[i + 2] .. '_'
+                for j = 1, #names do records[j] = redis.call('GET', prefix .. names[j]) end
+                out[#out + 1] = {names, records}
+                i = i + 5
               else
                 return redis.error_reply('STAGEFS read: bad operation at ' .. i)
               end

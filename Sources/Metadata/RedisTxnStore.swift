@@ -217,6 +217,9 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             }
             if !t.hasWrites && (!t.write || (!t.fromCache && t.batches <= 1)) {
                 cache.record(t, committed: false)
+                if !t.trailing.isEmpty {
+                    for ((_, got), r) in zip(t.trailing, try fetch(t.trailing.map { .cmd($0.0) })) { got(r) }
+                }
                 return result
             }
             switch try commit(t, checksOnly: !t.hasWrites) {
@@ -247,13 +250,19 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         defer { if let slot { slots.give(slot) } }
         let tag = slot.map { "\($0):\(requestNumbers.next())" } ?? ""
         let (args, checks) = t.commitArguments(requestKey: requestKey, tag: tag)
-        let wait = !checksOnly && waitReplicas > 0 ? [RedisCommand(["WAIT", waitReplicas, waitTimeoutMillis])] : []
+        var wait = !checksOnly && waitReplicas > 0 ? [RedisCommand(["WAIT", waitReplicas, waitTimeoutMillis])] : []
+        // Reads after the commit, in the same round trip (what they give counts only when the
+        // commit applied).
+        let trailing = checksOnly ? [] : t.trailing
+        wait += trailing.map { RedisCommand($0.0.argv) }
         var call = RedisCommand(capacity: args.body.count + 64)
         call.add("EVALSHA")
         call.add(commitSha)
         call.add(contentsOf: args)
         count { $0.commits += 1 }
+        var after: [((RedisReply) -> Void, RedisReply)] = []
         let reply = try pool.with { (c) throws(FSError) -> RedisReply in
+            after.removeAll()
             var r = try c.pipeline([call] + wait)
             if case .error(let e) = r[0], e.hasPrefix("NOSCRIPT") {
                 var text = RedisCommand(capacity: args.body.count + RedisTxnScripts.commit.utf8.count + 64)
@@ -266,21 +275,26 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
                 c.abandon()
                 throw .redisTransient("\(displayName): the reply to a commit was lost (test)")
             }
-            if !wait.isEmpty, let acked = r[1].int, acked < waitReplicas {
+            if !checksOnly && waitReplicas > 0, let acked = r[1].int, acked < waitReplicas {
                 throw FSError(
                     EIO,
                     "\(displayName): a metadata change reached \(acked) of the \(waitReplicas) replica(s) asked for (wait-replicas) within \(waitTimeoutMillis) ms"
                 )
             }
+            for (i, (_, got)) in trailing.enumerated() { after.append((got, r[r.count - trailing.count + i])) }
             return r[0]
         }
         if case .error(let e) = reply { throw FSError(EIO, "\(displayName): metadata commit failed: \(e)") }
         let items = reply.array
+        func applied() -> Outcome {
+            for (got, r) in after { got(r) }
+            return .applied
+        }
         switch items.first?.int {
-        case 0: return .applied
+        case 0: return applied()
         case 1:
             count { $0.replays += 1 }
-            return .applied
+            return applied()
         case 2:
             count { $0.conflicts += 1 }
             var seen: [(ReadCmd, RedisReply?)] = []
@@ -337,6 +351,12 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
                 argv.add(after)
                 argv.add(limit)
                 argv.add(plus ? 1 : 0)
+            case .chunks(let index, let ino, let from, let limit):
+                argv.add("K")
+                argv.add(idx(index))
+                argv.add(ino)
+                argv.add(Int(from))
+                argv.add(limit)
             }
         }
         func call(_ verb: String, _ script: String) -> RedisCommand {
@@ -378,6 +398,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             case .attr(let ino): ops.append(.cmd(.get(keys.attr(ino))))
             case .entry(let dir, let name): ops.append(.entry(dir: keys.entries(dir), name: name))
             case .chunk(let ino, let idx): ops.append(.cmd(.get(keys.chunk(ino, idx))))
+            case .chunkList(let ino, let from, let limit): ops.append(.chunks(index: keys.chunkIndex(ino), ino: ino, from: from, limit: limit))
             case .opens(let sid, let ino): ops.append(.cmd(.hget(keys.opens(ino), Array(String(sid).utf8))))
             case .isOpen(let ino): ops.append(.cmd(.hlen(keys.opens(ino))))
             case .hasEntries(let ino): ops.append(.cmd(.hlen(keys.entries(ino))))
@@ -392,8 +413,11 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         }
         // A key this transaction already wrote is read through its writes, not fetched.
         ops.removeAll {
-            if case .cmd(let c) = $0 { return t.writes[c.key] != nil }
-            return false
+            switch $0 {
+            case .cmd(let c): return t.writes[c.key] != nil
+            case .chunks(let index, _, _, _): return t.writes[index] != nil
+            default: return false
+            }
         }
         try t.load(ops)
     }
@@ -518,6 +542,12 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     // MARK: chunks
 
     package func chunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] { try txn().string(keys.chunk(ino, index)) ?? [] }
+
+    package func chunkAfterCommit(_ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
+        let t = try txn()
+        if !t.write { return got(try chunk(ino, index)) }
+        t.trailing.append((.get(keys.chunk(ino, index)), { got($0.bytes ?? []) }))
+    }
 
     package func appendChunk(_ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
         let t = try txn()

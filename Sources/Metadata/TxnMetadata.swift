@@ -21,6 +21,11 @@ package protocol TxnStore: AnyObject, Sendable {
     /// Says what the transaction is about to read, so that a store with round trips fetches it
     /// all at once. Only a hint: reads not named still work, names not read cost nothing more.
     func prefetch(_ reads: [TxnRead]) throws(FSError)
+    /// Reads chunk `index` of `ino` as it is once this transaction has committed, unchecked (a
+    /// snapshot for the caller, as a read just after the transaction would give), and hands
+    /// the record to `got` before the transaction returns. A store with round trips sends the
+    /// read together with the commit.
+    func chunkAfterCommit(_ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError)
 
     func setting(_ key: String) throws(FSError) -> String?
     func setSetting(_ key: String, _ value: String) throws(FSError)
@@ -100,6 +105,9 @@ package enum TxnRead: Sendable {
     /// An entry and, when it exists, what the inode it names holds: attributes, opens, entries.
     case entry(Ino, [UInt8])
     case chunk(Ino, UInt32)
+    /// The indexes of a file's chunks from `from` on (at most `limit`, the lowest first) and
+    /// their records.
+    case chunkList(Ino, from: UInt32, limit: Int)
     /// The opens of `ino` by session `sid`.
     case opens(sid: UInt64, Ino)
     case isOpen(Ino)
@@ -115,6 +123,9 @@ package enum TxnRead: Sendable {
 
 extension TxnStore {
     package func prefetch(_ reads: [TxnRead]) throws(FSError) {}
+    package func chunkAfterCommit(_ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
+        got(try chunk(ino, index))
+    }
 }
 
 /// Attributes loaded in one transaction, changed in place and written back once
@@ -684,21 +695,27 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     // MARK: file data
 
     package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?) {
-        try store.transaction(write: true) { () throws(FSError) in
-            try store.prefetch([.attr(ino), .chunk(ino, 0)])
+        let first = Box<[Slice]>()
+        let a = try store.transaction(write: true) { () throws(FSError) -> Attr in
+            try store.prefetch([.attr(ino)])
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             let mask = accessMask(openFlags: flags)
             if a.type == .directory && mask.contains(.write) { throw FSError.isDir }
             try Posix.check(a, cred, mask)
             try store.addOpen(sid, ino)
-            return (a, a.type == .regular ? Slice.decodeAll(try store.chunk(ino, 0)) : nil)
+            // The first chunk's slices come with the commit: reading a small file needs no
+            // further round trip.
+            if a.type == .regular { try store.chunkAfterCommit(ino, 0) { first.value = Slice.decodeAll($0) } }
+            return a
         }
+        return (a, a.type == .regular ? first.value ?? [] : nil)
     }
 
-    package func close(_ ino: Ino, sid: UInt64) throws(FSError) {
-        try store.transaction(write: true) { () throws(FSError) in
+    @discardableResult package func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool {
+        try store.transaction(write: true) { () throws(FSError) -> Bool in
             try store.prefetch([.opens(sid: sid, ino), .attr(ino), .isOpen(ino)])
-            if try store.dropOpens(sid, ino, 1) == 0 { try freeIfUnused(ino) }
+            if try store.dropOpens(sid, ino, 1) > 0 { return false }
+            return try freeIfUnused(ino)
         }
     }
 
@@ -759,6 +776,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func finishDelete(_ pending: PendingDelete) throws(FSError) -> (slices: [Slice], done: Bool) {
         try store.transaction(write: true) { () throws(FSError) in
             var out: [Slice] = []
+            try store.prefetch([.chunkList(pending.ino, from: 0, limit: chunkBatch)])
             let idxs = try store.chunkIndexes(pending.ino, from: 0, limit: chunkBatch, descending: false)
             try store.prefetch(idxs.map { .chunk(pending.ino, $0) })
             for idx in idxs { out += Slice.decodeAll(try store.deleteChunk(pending.ino, idx)) }
@@ -868,4 +886,9 @@ func xattrWriteCheck(_ a: Attr, _ cred: Credential, _ name: [UInt8]) throws(FSEr
 private func xattrHandlerCheck(_ ns: XattrNamespace, _ name: [UInt8]) throws(FSError) {
     if ns == .unknown || ns == .system { throw FSError.notSupported }
     if name.count == ns.prefixLength { throw FSError.invalid }
+}
+
+/// A value set by a closure that outlives the call that made it (one thread).
+final class Box<T> {
+    var value: T?
 }

@@ -64,7 +64,8 @@ public final class VFS: @unchecked Sendable {
     private var nextHandle: UInt64 = 1
     private var stopping = false
     private var backgroundRunning = false
-    private var deletesPending = false
+    /// What the deleter was woken for.
+    private var deletesPending: Deletions = []
     private let cache: MetaCache
     /// How many lookups the kernel holds per inode (FUSE's nlookup): each entry reply adds
     /// one, FORGET takes them away.
@@ -126,17 +127,21 @@ public final class VFS: @unchecked Sendable {
     /// truncation: metadata says which (in bounded steps), the data path deletes them. Returns
     /// how many objects were deleted.
     @discardableResult
-    public func cleanDeleted(limit: Int = 1000) -> Int {
+    public func cleanDeleted(_ what: Deletions = .all, limit: Int = 1000) -> Int {
         var count = 0
         do {
-            for pd in try meta.pendingDeletes(limit: limit) {
-                while true {
-                    let (slices, done) = try meta.finishDelete(pd)
-                    for s in slices { count += data.deleteObjects(s) }
-                    if done { break }
+            if what.contains(.files) {
+                for pd in try meta.pendingDeletes(limit: limit) {
+                    while true {
+                        let (slices, done) = try meta.finishDelete(pd)
+                        for s in slices { count += data.deleteObjects(s) }
+                        if done { break }
+                    }
                 }
             }
-            for s in try meta.takeDroppedSlices(limit: limit) { count += data.deleteObjects(s) }
+            if what.contains(.slices) {
+                for s in try meta.takeDroppedSlices(limit: limit) { count += data.deleteObjects(s) }
+            }
         } catch {
             Log.warning("deleting unreferenced data: \(error.message)")
         }
@@ -147,10 +152,10 @@ public final class VFS: @unchecked Sendable {
         var lastBeat = Sys.monotonicNanos()
         var lastClean = lastBeat
         while true {
-            let (stop, deletes) = lock.withLock { () -> (Bool, Bool) in
-                if !stopping && !deletesPending { lock.wait(seconds: 1) }
+            let (stop, deletes) = lock.withLock { () -> (Bool, Deletions) in
+                if !stopping && deletesPending.isEmpty { lock.wait(seconds: 1) }
                 let d = deletesPending
-                deletesPending = false
+                deletesPending = []
                 return (stopping, d)
             }
             if stop { break }
@@ -174,9 +179,15 @@ public final class VFS: @unchecked Sendable {
                     Log.warning("cleaning stale sessions: \(error.message)")
                 }
             }
-            if !config.readOnly && (deletes || Double(now - lastClean) / 1e9 >= 10) {
-                lastClean = now
-                cleanDeleted()
+            if !config.readOnly {
+                // Now and then everything (other clients' leftovers, a crash's), else what
+                // this client's own changes left.
+                if Double(now - lastClean) / 1e9 >= 10 {
+                    lastClean = now
+                    cleanDeleted()
+                } else if !deletes.isEmpty {
+                    cleanDeleted(deletes)
+                }
             }
         }
         lock.withLock {
@@ -207,9 +218,9 @@ public final class VFS: @unchecked Sendable {
         }
     }
 
-    private func wakeDeleter() {
+    private func wakeDeleter(_ what: Deletions) {
         lock.withLock {
-            deletesPending = true
+            deletesPending.formUnion(what)
             lock.broadcast()
         }
     }
@@ -311,7 +322,7 @@ public final class VFS: @unchecked Sendable {
         let a = try meta.setattr(cred, ino, req)
         if req.mask.contains(.size) {
             data.invalidate(ino)
-            wakeDeleter()
+            wakeDeleter(.slices)
         }
         cache.put(ino, a, asOf: cache.stamp())
         noteMode(ino, a)
@@ -360,7 +371,7 @@ public final class VFS: @unchecked Sendable {
         let r = try meta.unlink(cred, parent, name)
         cache.drop(parent, r.ino)
         bury(r)
-        if r.freed { wakeDeleter() }
+        if r.freed { wakeDeleter(.files) }
     }
 
     public func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
@@ -380,7 +391,7 @@ public final class VFS: @unchecked Sendable {
         // Both inodes' ctime changed.
         cache.drop(r.moved, r.other)
         bury(r.removed)
-        if r.removed?.freed == true { wakeDeleter() }
+        if r.removed?.freed == true { wakeDeleter(.files) }
     }
 
     public func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
@@ -468,7 +479,7 @@ public final class VFS: @unchecked Sendable {
                 req.viaHandle = true
                 a = try meta.setattr(cred, ino, req)
                 first = []
-                wakeDeleter()
+                wakeDeleter(.slices)
             } catch {
                 try? meta.close(ino, sid: sid)
                 throw error
@@ -564,8 +575,11 @@ public final class VFS: @unchecked Sendable {
         if let owner = h.flockOwner {
             try? meta.flock(h.ino, sid: sid, owner: owner, pid: 0, type: .unlock)
         }
-        do { try meta.close(h.ino, sid: sid) } catch { Log.warning("closing inode \(h.ino): \(error.message)") }
-        wakeDeleter()
+        do {
+            if try meta.close(h.ino, sid: sid) { wakeDeleter(.files) }
+        } catch {
+            Log.warning("closing inode \(h.ino): \(error.message)")
+        }
     }
 
     // MARK: extended attributes
@@ -637,4 +651,13 @@ private func vfsBackgroundMain(_ ctx: UnsafeMutableRawPointer?) -> UnsafeMutable
     let vfs = Unmanaged<VFS>.fromOpaque(ctx!).takeRetainedValue()
     vfs.background()
     return nil
+}
+
+/// What waits for deletion: files whose last link and open went away, slices cut off by truncation.
+public struct Deletions: OptionSet, Sendable {
+    public let rawValue: Int
+    public init(rawValue: Int) { self.rawValue = rawValue }
+    public static let files = Deletions(rawValue: 1)
+    public static let slices = Deletions(rawValue: 2)
+    public static let all: Deletions = [.files, .slices]
 }

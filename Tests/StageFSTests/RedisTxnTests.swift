@@ -311,10 +311,23 @@ struct RedisTxnTests {
         warm["close"] = try trips(f.store) { try m.close(ino, sid: sid) }
         warm["lookup"] = try trips(f.store) { _ = try m.lookup(alice, dir, n("a")) }
         warm["getattr"] = try trips(f.store) { _ = try m.getattr(ino) }
-        warm["open"] = try trips(f.store) { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) }
+        var first: [Slice]?
+        warm["open"] = try trips(f.store) { first = try m.open(alice, ino, flags: O_RDONLY, sid: sid).1 }
+        #expect(first == [Slice(pos: 0, id: 5, size: 4096, off: 0, len: 4096)], "open brings the first chunk's slices")
         try m.close(ino, sid: sid)
         _ = try m.create(alice, dir, n("b"), 0o644, sid: sid)
         warm["unlink"] = try trips(f.store) { _ = try m.unlink(alice, dir, n("b")) }
+        // A deleted file's chunks, listed with their records in one read, removed in one commit.
+        let (big, _) = try m.create(alice, dir, n("big"), 0o644, sid: sid)
+        for i in 0..<3 {
+            _ = try m.writeSlice(big, UInt32(i), Slice(pos: 0, id: UInt64(10 + i), size: 7, off: 0, len: 7), minSize: UInt64(i) * chunkSize + 7, mtime: .now())
+        }
+        try m.close(big, sid: sid)
+        _ = try m.unlink(alice, dir, n("big"))
+        let pending = try #require(try m.pendingDeletes(limit: 10).first { $0.ino == big })
+        var finished: (slices: [Slice], done: Bool) = ([], false)
+        let finish = try trips(f.store) { finished = try m.finishDelete(pending) }
+        #expect(finish == 2 && finished.done && finished.slices.map(\.id).sorted() == [10, 11, 12], "finishing a delete: \(finish) round trips")
 
         var cold: [String: Int] = [:]
         func fresh() throws -> (RedisTxnMetadata, UInt64) {
@@ -332,7 +345,8 @@ struct RedisTxnTests {
         let readdirPlus = try trips(c.store) { listed = try c.readdir(dir, after: 0, limit: 100, plus: true) }
         #expect(readdirPlus == 1 && listed.count == 1 && listed[0].attr?.size == 4096, "a page of a directory with attributes in one round trip")
         (c, csid) = try fresh()
-        cold["open"] = try trips(c.store) { _ = try c.open(alice, ino, flags: O_RDONLY, sid: csid) }
+        cold["open"] = try trips(c.store) { first = try c.open(alice, ino, flags: O_RDONLY, sid: csid).1 }
+        #expect(first == [Slice(pos: 0, id: 5, size: 4096, off: 0, len: 4096)])
         cold["close"] = try trips(c.store) { try c.close(ino, sid: csid) }
         (c, csid) = try fresh()
         cold["write-slice commit"] = try trips(c.store) {
