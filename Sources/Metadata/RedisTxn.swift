@@ -407,7 +407,7 @@ final class RedisTxn {
                     checks.add(2)
                     checks.add(r.lowerBound)
                     checks.add(r.upperBound - 1)
-                    checks.add(RedisTxnStore.digest(.string(Array(base[r]))))
+                    checks.add(RedisTxnStore.expectation(.string(Array(base[r]))))
                     sent.append(c)
                 }
                 continue
@@ -416,7 +416,7 @@ final class RedisTxn {
             checks.add(idx(c.key))
             checks.add(c.args.count)
             for a in c.args { checks.add(a) }
-            checks.add(RedisTxnStore.digest(results[c]!))
+            checks.add(RedisTxnStore.expectation(results[c]!))
             sent.append(c)
         }
         var w = RedisCommand(capacity: writes.count * 64)
@@ -466,12 +466,15 @@ final class RedisTxn {
 }
 
 extension RedisTxnStore {
-    /// The SHA-1 (lowercase hex) of a reply's canonical form, as `redis.sha1hex(canon(r))`.
-    static func digest(_ r: RedisReply) -> String {
-        var bytes: [UInt8] = []
+    /// What a check expects of a reply: `=` and the reply's canonical form when that is at most
+    /// `inlineLimit` bytes (the commit compares it as it is), else the SHA-1 (lowercase hex) of
+    /// the canonical form, as `redis.sha1hex(canon(r))`.
+    static func expectation(_ r: RedisReply) -> [UInt8] {
+        var bytes: [UInt8] = [UInt8(ascii: "=")]
         canonical(r, into: &bytes)
+        if bytes.count <= inlineLimit + 1 { return bytes }
         var md = [UInt8](repeating: 0, count: 20)
-        bytes.withUnsafeBufferPointer { b in _ = SHA1(b.baseAddress, b.count, &md) }
+        bytes.withUnsafeBufferPointer { b in _ = SHA1(b.baseAddress! + 1, b.count - 1, &md) }
         let hex = Array("0123456789abcdef".utf8)
         var out: [UInt8] = []
         out.reserveCapacity(40)
@@ -479,11 +482,14 @@ extension RedisTxnStore {
             out.append(hex[Int(byte >> 4)])
             out.append(hex[Int(byte & 15)])
         }
-        return String(decoding: out, as: UTF8.self)
+        return out
     }
 
-    /// `digest` of a GET or HGET reply: `value`, or nil for a missing one.
-    package static func digest(value: [UInt8]?) -> String { digest(value.map { .string($0) } ?? .null) }
+    /// The longest canonical form a check sends as it is.
+    static let inlineLimit = 256
+
+    /// `expectation` of a GET or HGET reply: `value`, or nil for a missing one.
+    package static func expectation(value: [UInt8]?) -> [UInt8] { expectation(value.map { .string($0) } ?? .null) }
 
     static func canonical(_ r: RedisReply, into out: inout [UInt8]) {
         switch r {

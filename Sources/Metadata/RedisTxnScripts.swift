@@ -3,8 +3,8 @@
 /// transaction read is unchanged and applies its writes, or answers which reads changed.
 ///
 /// A reply is compared in a canonical form: nil `N`, integer `I<n>`, string `S<bytes>`, array
-/// `A<count>:` then each element as `<length>:<canonical>`; the commit compares the SHA-1 of
-/// that form with the one the client computed from what it read (`RedisTxnStore.digest`).
+/// `A<count>:` then each element as `<length>:<canonical>`. The client sends `=` and that form
+/// when it is short, else its SHA-1 (`RedisTxnStore.expectation`); the commit compares.
 package enum RedisTxnScripts {
     /// Shared by both scripts: the canonical form of a reply.
     static let canon = #"""
@@ -96,8 +96,9 @@ package enum RedisTxnScripts {
 
     /// KEYS[1] the client's request-id hash, KEYS[2...] every key the transaction read or writes.
     /// ARGV[1] `<slot>:<request number>` (empty: run without a request id), ARGV[2] the number
-    /// of checks, then the checks `cmd keyindex nargs args... sha1` (a read command and the
-    /// SHA-1 of the canonical form of its reply when the client read it), then the writes
+    /// of checks, then the checks `cmd keyindex nargs args... expected` (a read command and
+    /// `=` with the canonical form of its reply when the client read it, or that form's SHA-1),
+    /// then the writes
     /// `cmd keyindex nargs args...`.
     ///
     /// Answers {0}: applied; {1}: applied before (the request id is recorded, this is a resend);
@@ -139,7 +140,10 @@ package enum RedisTxnScripts {
               local r = redis.call(cmd, KEYS[ki], unpack(ARGV, i + 3, i + 2 + n))
               kinds[KEYS[ki]] = kinds[KEYS[ki]] or CHECK[cmd]
               if cmd == 'HKEYS' then table.sort(r) end
-              if redis.sha1hex(canon(r)) ~= ARGV[i + 3 + n] then
+              local want, form = ARGV[i + 3 + n], canon(r)
+              local same
+              if string.byte(want, 1) == 61 then same = #want == #form + 1 and string.sub(want, 2) == form else same = redis.sha1hex(form) == want end
+              if not same then
                 if (cmd == 'GET' or cmd == 'HGET' or cmd == 'HLEN') and (type(r) ~= 'string' or #r <= 4096) then
                   failed[#failed + 1] = c
                   failed[#failed + 1] = r

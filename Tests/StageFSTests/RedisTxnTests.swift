@@ -155,12 +155,24 @@ struct RedisTxnTests {
         _ = try f.cli(["SET", "{0}n", "not a number"])
         let sha = try f.cli(["SCRIPT", "LOAD", RedisTxnScripts.commit]).first ?? ""
         // A check that fails: nothing is written, the reply names check 1 and its value now.
-        let stale = RedisTxnStore.digest(value: Array("older".utf8))
+        let stale = String(decoding: RedisTxnStore.expectation(value: Array("older".utf8)), as: UTF8.self)
         let r1 = try f.cli(["EVALSHA", sha, "3", "{0}rqT", "{0}a", "{0}b", "1:1", "1", "GET", "2", "0", stale, "SET", "3", "1", "new"])
         #expect(r1 == ["2", "1", "old"])
         #expect(try f.cli(["EXISTS", "{0}b"]) == ["0"])
+        // A long value is checked by its SHA-1: a different one fails, the same one passes.
+        let long = String(repeating: "x", count: 400)
+        _ = try f.cli(["SET", "{0}long", long])
+        let longOld = String(decoding: RedisTxnStore.expectation(value: Array(String(repeating: "y", count: 400).utf8)), as: UTF8.self)
+        let longNow = String(decoding: RedisTxnStore.expectation(value: Array(long.utf8)), as: UTF8.self)
+        #expect(longNow.count == 40 && longOld != longNow)
+        let r1b = try f.cli(["EVALSHA", sha, "3", "{0}rqT", "{0}long", "{0}b", "", "1", "GET", "2", "0", longOld, "SET", "3", "1", "new"])
+        #expect(r1b == ["2", "1", long], "a long value that changed: \(r1b)")
+        #expect(try f.cli(["EXISTS", "{0}b"]) == ["0"])
+        let r1c = try f.cli(["EVALSHA", sha, "3", "{0}rqT", "{0}long", "{0}b", "", "1", "GET", "2", "0", longNow, "SET", "3", "1", "new"])
+        #expect(r1c == ["0"], "\(r1c)")
+        _ = try f.cli(["DEL", "{0}b"])
         // A write that would fail halfway (INCRBY of a non-number after a SET): refused before the SET.
-        let ok = RedisTxnStore.digest(value: Array("old".utf8))
+        let ok = String(decoding: RedisTxnStore.expectation(value: Array("old".utf8)), as: UTF8.self)
         let r2 = try f.cli([
             "EVALSHA", sha, "3", "{0}rqT", "{0}a", "{0}n", "1:2", "1", "GET", "2", "0", ok, "SET", "2", "1", "new", "INCRBY", "3", "1", "5",
         ])
