@@ -720,3 +720,460 @@ struct RulesAndBoundsTests {
         _ = try m.rename(alice, top, n("moved"), shallow, n("moved"), [])
     }
 }
+
+/// A third user: in alice's group (1000), owner of nothing the tests make unless said.
+private let carol = Credential(uid: 1002, gid: 1000, groups: [1000])
+
+/// The errno paths of the rules (`TxnMetadata`, `SetAttrRules`, `validateName`, the xattr
+/// checks, and the Lua scripts that repeat them) that the differential test against ext4
+/// drives, each asserted with the errno ext4 gives at the engine's interface, and with what a
+/// refused call must leave as it was.
+@Suite("Metadata errno paths", .timeLimit(.minutes(2)))
+struct ErrnoPathTests {
+    private func session(_ m: any MetadataEngine) throws -> UInt64 {
+        try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/m", version: "t"))
+    }
+
+    private func ino(_ m: any MetadataEngine, _ dir: Ino, _ name: String) throws -> Ino {
+        try m.lookup(root, dir, n(name)).0
+    }
+
+    /// ENAMETOOLONG for a 256-byte name from every call that makes a name; 255 bytes is the
+    /// longest accepted. "." and ".." always exist (EEXIST); rmdir of "." is EINVAL, of ".."
+    /// ENOTEMPTY (`do_rmdir`).
+    @Test(arguments: EngineKind.allCases)
+    func nameLengthAndDotNames(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let sid = try session(m)
+        let long = [UInt8](repeating: 97, count: 256)
+        let (file, _) = try m.mknod(alice, dir, n("file"), .regular, 0o644, rdev: 0, target: nil)
+        let (sub, _) = try m.mknod(alice, dir, n("sub"), .directory, 0o755, rdev: 0, target: nil)
+        let inodes = try m.statfs().usedInodes
+        expectErrno(ENAMETOOLONG, "create") { _ = try m.create(alice, dir, long, 0o644, sid: sid) }
+        expectErrno(ENAMETOOLONG, "mkdir") { _ = try m.mknod(alice, dir, long, .directory, 0o755, rdev: 0, target: nil) }
+        expectErrno(ENAMETOOLONG, "symlink") { _ = try m.mknod(alice, dir, long, .symlink, 0o777, rdev: 0, target: n("file")) }
+        expectErrno(ENAMETOOLONG, "mkfifo") { _ = try m.mknod(alice, dir, long, .fifo, 0o644, rdev: 0, target: nil) }
+        expectErrno(ENAMETOOLONG, "link") { _ = try m.link(alice, file, dir, long) }
+        expectErrno(ENAMETOOLONG, "rename") { _ = try m.rename(alice, dir, n("file"), dir, long, []) }
+        expectErrno(ENAMETOOLONG, "rename dir") { _ = try m.rename(alice, dir, n("sub"), dir, long, []) }
+        expectErrno(ENAMETOOLONG, "rename noreplace") { _ = try m.rename(alice, dir, n("file"), dir, long, .noReplace) }
+        expectErrno(ENAMETOOLONG, "lookup") { _ = try m.lookup(root, dir, long) }
+        #expect(try names(m, dir) == ["file", "sub"])
+        #expect(try m.statfs().usedInodes == inodes, "no inode left behind")
+        #expect(try m.getattr(file).nlink == 1)
+        #expect(try m.getattr(dir).nlink == 3)
+
+        // 255 bytes: accepted by each, and found again.
+        let l255 = [UInt8](repeating: 98, count: 255)
+        let r255 = [UInt8](repeating: 99, count: 255)
+        _ = try m.link(alice, file, dir, l255)
+        #expect(try m.lookup(alice, dir, l255).0 == file)
+        _ = try m.rename(alice, dir, l255, dir, r255, [])
+        #expect(try m.lookup(alice, dir, r255).0 == file)
+        _ = try m.unlink(alice, dir, r255)
+        _ = try m.mknod(alice, dir, l255, .directory, 0o755, rdev: 0, target: nil)
+        _ = try m.rmdir(alice, dir, l255)
+        // A symlink target of 4095 bytes (PATH_MAX less its NUL) is kept whole.
+        let target = [UInt8](repeating: 116, count: 4095)
+        let (sl, sla) = try m.mknod(alice, dir, l255, .symlink, 0o777, rdev: 0, target: target)
+        #expect(sla.size == 4095)
+        #expect(try m.readlink(sl) == target)
+        _ = try m.unlink(alice, dir, l255)
+        let (c, _) = try m.create(alice, dir, l255, 0o644, sid: sid)
+        _ = try m.unlink(alice, dir, l255)
+        try m.close(c, sid: sid)
+
+        // "." and "..": never created (filename_create), whoever asks.
+        for dot in [n("."), n("..")] {
+            for who in [alice, root] {
+                expectErrno(EEXIST, "mkdir \(dot.count)") { _ = try m.mknod(who, sub, dot, .directory, 0o755, rdev: 0, target: nil) }
+                expectErrno(EEXIST, "create \(dot.count)") { _ = try m.create(who, sub, dot, 0o644, sid: sid) }
+                expectErrno(EEXIST, "symlink \(dot.count)") { _ = try m.mknod(who, sub, dot, .symlink, 0o777, rdev: 0, target: n("x")) }
+                expectErrno(EEXIST, "mkfifo \(dot.count)") { _ = try m.mknod(who, sub, dot, .fifo, 0o644, rdev: 0, target: nil) }
+                expectErrno(EEXIST, "link \(dot.count)") { _ = try m.link(who, file, sub, dot) }
+            }
+        }
+        for who in [alice, root] {
+            expectErrno(EINVAL, "rmdir .") { _ = try m.rmdir(who, sub, n(".")) }
+            expectErrno(ENOTEMPTY, "rmdir ..") { _ = try m.rmdir(who, sub, n("..")) }
+        }
+        #expect(try names(m, sub).isEmpty)
+        #expect(try names(m, dir) == ["file", "sub"])
+        #expect(try m.getattr(sub).nlink == 2 && m.getattr(dir).nlink == 3 && m.getattr(file).nlink == 1)
+        #expect(try m.statfs().usedInodes == inodes)
+    }
+
+    /// EEXIST from every call that makes a name when the name is taken, whatever the type of
+    /// what has it; the existing entry is untouched and no inode is left behind.
+    @Test(arguments: EngineKind.allCases)
+    func takenNamesAreEEXIST(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let sid = try session(m)
+        let (src, _) = try m.mknod(alice, dir, n("src"), .regular, 0o644, rdev: 0, target: nil)
+        var taken: [String: Ino] = [:]
+        taken["f"] = try m.mknod(alice, dir, n("f"), .regular, 0o644, rdev: 0, target: nil).0
+        taken["d"] = try m.mknod(alice, dir, n("d"), .directory, 0o755, rdev: 0, target: nil).0
+        taken["l"] = try m.mknod(alice, dir, n("l"), .symlink, 0o777, rdev: 0, target: n("d")).0
+        taken["p"] = try m.mknod(alice, dir, n("p"), .fifo, 0o644, rdev: 0, target: nil).0
+        let inodes = try m.statfs().usedInodes
+        for (name, _) in taken {
+            for who in [alice, root] {
+                expectErrno(EEXIST, "create (O_EXCL) over \(name)") { _ = try m.create(who, dir, n(name), 0o644, sid: sid) }
+                expectErrno(EEXIST, "mknod over \(name)") { _ = try m.mknod(who, dir, n(name), .regular, 0o644, rdev: 0, target: nil) }
+                expectErrno(EEXIST, "mkdir over \(name)") { _ = try m.mknod(who, dir, n(name), .directory, 0o755, rdev: 0, target: nil) }
+                expectErrno(EEXIST, "symlink over \(name)") { _ = try m.mknod(who, dir, n(name), .symlink, 0o777, rdev: 0, target: n("x")) }
+                expectErrno(EEXIST, "mkfifo over \(name)") { _ = try m.mknod(who, dir, n(name), .fifo, 0o644, rdev: 0, target: nil) }
+                expectErrno(EEXIST, "link over \(name)") { _ = try m.link(who, src, dir, n(name)) }
+                expectErrno(EEXIST, "rename noreplace over \(name)") { _ = try m.rename(who, dir, n("src"), dir, n(name), .noReplace) }
+            }
+        }
+        for (name, i) in taken { #expect(try ino(m, dir, name) == i, "\(name) still names its inode") }
+        #expect(try ino(m, dir, "src") == src)
+        #expect(try m.getattr(src).nlink == 1)
+        #expect(try m.getattr(taken["f"]!).nlink == 1)
+        #expect(try m.getattr(dir).nlink == 3)
+        #expect(try m.statfs().usedInodes == inodes, "no inode left behind")
+        #expect(try names(m, dir) == ["d", "f", "l", "p", "src"])
+    }
+
+    /// ENOENT for a name that is not there or a directory removed meanwhile (`IS_DEADDIR`), for
+    /// linking an inode with no links left (`vfs_link`); ENOTDIR where a directory is needed.
+    @Test(arguments: EngineKind.allCases)
+    func missingAndWrongTypeOperands(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let sid = try session(m)
+        let (file, _) = try m.mknod(alice, dir, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        let (gone, _) = try m.mknod(alice, dir, n("gone"), .directory, 0o777, rdev: 0, target: nil)
+        _ = try m.mknod(alice, dir, n("sl"), .symlink, 0o777, rdev: 0, target: n("gone"))
+        _ = try m.rmdir(alice, dir, n("gone"))
+        // A removed directory (a process's working directory): nothing is found or made in it.
+        expectErrno(ENOENT, "lookup") { _ = try m.lookup(alice, gone, n("x")) }
+        expectErrno(ENOENT, "create") { _ = try m.create(alice, gone, n("x"), 0o644, sid: sid) }
+        expectErrno(ENOENT, "mknod") { _ = try m.mknod(alice, gone, n("x"), .regular, 0o644, rdev: 0, target: nil) }
+        expectErrno(ENOENT, "mkdir") { _ = try m.mknod(alice, gone, n("x"), .directory, 0o755, rdev: 0, target: nil) }
+        expectErrno(ENOENT, "symlink") { _ = try m.mknod(alice, gone, n("x"), .symlink, 0o777, rdev: 0, target: n("f")) }
+        expectErrno(ENOENT, "link") { _ = try m.link(alice, file, gone, n("x")) }
+        expectErrno(ENOENT, "readdir") { _ = try m.readdir(gone, after: 0, limit: 10, plus: false) }
+        #expect(try m.getattr(file).nlink == 1)
+        // Names that are not there.
+        expectErrno(ENOENT, "unlink") { _ = try m.unlink(alice, dir, n("missing")) }
+        expectErrno(ENOENT, "rename") { _ = try m.rename(alice, dir, n("missing"), dir, n("x"), []) }
+        expectErrno(ENOENT, "rename noreplace") { _ = try m.rename(alice, dir, n("missing"), dir, n("x"), .noReplace) }
+        expectErrno(ENOENT, "rename exchange") { _ = try m.rename(alice, dir, n("missing"), dir, n("f"), .exchange) }
+        // A regular file (or a symlink) where a directory is needed.
+        expectErrno(ENOTDIR, "unlink in a file") { _ = try m.unlink(alice, file, n("x")) }
+        expectErrno(ENOTDIR, "rmdir in a file") { _ = try m.rmdir(alice, file, n("x")) }
+        expectErrno(ENOTDIR, "link into a file") { _ = try m.link(alice, file, file, n("x")) }
+        expectErrno(ENOTDIR, "rename out of a file") { _ = try m.rename(alice, file, n("x"), dir, n("y"), []) }
+        expectErrno(ENOTDIR, "rename into a file") { _ = try m.rename(alice, dir, n("f"), file, n("y"), []) }
+        expectErrno(ENOTDIR, "readdir of a file") { _ = try m.readdir(file, after: 0, limit: 10, plus: false) }
+        expectErrno(ENOTDIR, "rmdir of a symlink") { _ = try m.rmdir(alice, dir, n("sl")) }
+        #expect(try names(m, dir) == ["f", "sl"])
+        // An unlinked file still open cannot get a name again.
+        let (tmp, _) = try m.create(alice, dir, n("tmp"), 0o644, sid: sid)
+        _ = try m.unlink(alice, dir, n("tmp"))
+        expectErrno(ENOENT, "link of an unlinked inode") { _ = try m.link(alice, tmp, dir, n("back")) }
+        expectErrno(ENOENT) { _ = try m.lookup(alice, dir, n("back")) }
+        #expect(try m.getattr(tmp).nlink == 0)
+        try m.close(tmp, sid: sid)
+        expectErrno(ENOENT, "link of a freed inode") { _ = try m.link(alice, tmp, dir, n("back")) }
+        #expect(try names(m, dir) == ["f", "sl"])
+    }
+
+    /// rename's refusals beyond the type rules: EACCES without write permission on either
+    /// directory (`may_delete`/`may_create`) or, for a directory that changes parent, on itself
+    /// (its ".." changes; both sides of an exchange); EINVAL for RENAME_EXCHANGE with
+    /// RENAME_NOREPLACE and for an exchange with an ancestor of the source; ENOTEMPTY for a
+    /// rename onto one. Nothing moves.
+    @Test(arguments: EngineKind.allCases)
+    func renameRefusals(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (priv, _) = try m.mknod(alice, dir, n("priv"), .directory, 0o755, rdev: 0, target: nil)
+        let (pf, _) = try m.mknod(alice, priv, n("pf"), .regular, 0o666, rdev: 0, target: nil)
+        let (bf, _) = try m.mknod(bob, dir, n("bf"), .regular, 0o644, rdev: 0, target: nil)
+        expectErrno(EACCES, "out of a directory bob cannot write") { _ = try m.rename(bob, priv, n("pf"), dir, n("taken"), []) }
+        expectErrno(EACCES, "into it") { _ = try m.rename(bob, dir, n("bf"), priv, n("bf"), []) }
+        expectErrno(EACCES, "over a file in it") { _ = try m.rename(bob, dir, n("bf"), priv, n("pf"), []) }
+        expectErrno(EACCES, "exchange with a file in it") { _ = try m.rename(bob, dir, n("bf"), priv, n("pf"), .exchange) }
+        expectErrno(EACCES, "within it") { _ = try m.rename(bob, priv, n("pf"), priv, n("pf2"), []) }
+        expectErrno(EACCES, "a link into it") { _ = try m.link(bob, bf, priv, n("bf")) }
+        #expect(try names(m, priv) == ["pf"] && ino(m, priv, "pf") == pf && ino(m, dir, "bf") == bf)
+        #expect(try m.getattr(bf).nlink == 1)
+        // Root may.
+        _ = try m.rename(root, priv, n("pf"), priv, n("pf2"), [])
+        _ = try m.rename(root, priv, n("pf2"), priv, n("pf"), [])
+
+        // A directory moving to another parent needs write permission on itself, even its owner's.
+        let (other, _) = try m.mknod(bob, dir, n("other"), .directory, 0o777, rdev: 0, target: nil)
+        let (ro, _) = try m.mknod(bob, dir, n("ro"), .directory, 0o555, rdev: 0, target: nil)
+        expectErrno(EACCES, "read-only directory to another parent") { _ = try m.rename(bob, dir, n("ro"), other, n("ro"), []) }
+        #expect(try ino(m, dir, "ro") == ro && m.getattr(ro).parent == dir)
+        #expect(try m.getattr(dir).nlink == 5 && m.getattr(other).nlink == 2)
+        _ = try m.rename(bob, dir, n("ro"), dir, n("ro2"), [])  // same parent: ".." does not change
+        _ = try m.rename(root, dir, n("ro2"), other, n("ro"), [])
+        #expect(try m.getattr(ro).parent == other && m.getattr(other).nlink == 3)
+        // An exchange with someone else's directory in another parent: EACCES on that directory.
+        let (adir, _) = try m.mknod(alice, dir, n("adir"), .directory, 0o755, rdev: 0, target: nil)
+        let (bf2, _) = try m.mknod(bob, other, n("bf2"), .regular, 0o644, rdev: 0, target: nil)
+        expectErrno(EACCES, "exchange with alice's directory") { _ = try m.rename(bob, other, n("bf2"), dir, n("adir"), .exchange) }
+        #expect(try ino(m, dir, "adir") == adir && ino(m, other, "bf2") == bf2 && m.getattr(adir).parent == dir)
+        _ = try m.rename(alice, dir, n("adir"), dir, n("bf"), .exchange)  // same parent: allowed
+        #expect(try ino(m, dir, "bf") == adir && ino(m, dir, "adir") == bf)
+        _ = try m.rename(alice, dir, n("adir"), dir, n("bf"), .exchange)
+
+        // RENAME_EXCHANGE with RENAME_NOREPLACE.
+        expectErrno(EINVAL, "exchange and noreplace") { _ = try m.rename(alice, dir, n("adir"), dir, n("bf"), [.exchange, .noReplace]) }
+        // An ancestor of the source as destination: EINVAL for an exchange, ENOTEMPTY otherwise.
+        let (a, _) = try m.mknod(alice, dir, n("A"), .directory, 0o755, rdev: 0, target: nil)
+        let (b, _) = try m.mknod(alice, a, n("B"), .directory, 0o755, rdev: 0, target: nil)
+        let (fb, _) = try m.mknod(alice, b, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        expectErrno(EINVAL, "exchange a file with its grandparent") { _ = try m.rename(alice, b, n("f"), dir, n("A"), .exchange) }
+        expectErrno(EINVAL, "exchange a directory with its parent") { _ = try m.rename(alice, a, n("B"), dir, n("A"), .exchange) }
+        expectErrno(ENOTEMPTY, "a directory onto its parent") { _ = try m.rename(alice, a, n("B"), dir, n("A"), []) }
+        expectErrno(EINVAL, "a directory into itself") { _ = try m.rename(alice, dir, n("A"), a, n("A"), []) }
+        #expect(try names(m, a) == ["B"] && names(m, b) == ["f"])
+        #expect(try ino(m, dir, "A") == a && ino(m, a, "B") == b && ino(m, b, "f") == fb)
+        #expect(try m.getattr(b).parent == a && m.getattr(a).parent == dir && m.getattr(a).nlink == 3)
+    }
+
+    /// A sticky directory: only the entry's owner, the directory's owner and root remove or
+    /// rename an entry (EPERM, checked before ENOTEMPTY), for directories as for files.
+    @Test(arguments: EngineKind.allCases)
+    func stickyDirectoryRemovalsAndRenames(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let tmp = try playground(m, "tmp", mode: 0o1777)
+        let (full, _) = try m.mknod(alice, tmp, n("full"), .directory, 0o777, rdev: 0, target: nil)
+        _ = try m.mknod(alice, full, n("inside"), .regular, 0o666, rdev: 0, target: nil)
+        let (empty, _) = try m.mknod(alice, tmp, n("empty"), .directory, 0o777, rdev: 0, target: nil)
+        let (bd, _) = try m.mknod(bob, tmp, n("bd"), .directory, 0o777, rdev: 0, target: nil)
+        expectErrno(EPERM, "rmdir of alice's empty directory") { _ = try m.rmdir(bob, tmp, n("empty")) }
+        expectErrno(EPERM, "rmdir of a non-empty one: sticky first") { _ = try m.rmdir(bob, tmp, n("full")) }
+        expectErrno(EPERM, "rename of alice's directory") { _ = try m.rename(bob, tmp, n("empty"), tmp, n("mine"), []) }
+        expectErrno(EPERM, "rename over it") { _ = try m.rename(bob, tmp, n("bd"), tmp, n("empty"), []) }
+        expectErrno(EPERM, "rename over a non-empty one: sticky first") { _ = try m.rename(bob, tmp, n("bd"), tmp, n("full"), []) }
+        expectErrno(EPERM, "exchange with it") { _ = try m.rename(bob, tmp, n("bd"), tmp, n("empty"), .exchange) }
+        #expect(try names(m, tmp) == ["bd", "empty", "full"])
+        #expect(try ino(m, tmp, "empty") == empty && ino(m, tmp, "full") == full && ino(m, tmp, "bd") == bd)
+        #expect(try m.getattr(tmp).nlink == 5)
+        _ = try m.rmdir(alice, tmp, n("empty"))
+        _ = try m.rmdir(root, tmp, n("bd"))
+
+        // The directory's owner: alice's sticky directory, where bob and carol keep things.
+        let (share, _) = try m.mknod(alice, tmp, n("share"), .directory, 0o1777, rdev: 0, target: nil)
+        _ = try m.mknod(bob, share, n("bf"), .regular, 0o666, rdev: 0, target: nil)
+        _ = try m.mknod(bob, share, n("bg"), .regular, 0o666, rdev: 0, target: nil)
+        _ = try m.mknod(bob, share, n("bsub"), .directory, 0o777, rdev: 0, target: nil)
+        _ = try m.mknod(carol, share, n("cf"), .regular, 0o666, rdev: 0, target: nil)
+        expectErrno(EPERM, "carol unlinks bob's file") { _ = try m.unlink(carol, share, n("bf")) }
+        expectErrno(EPERM, "carol renames it") { _ = try m.rename(carol, share, n("bf"), share, n("cf2"), []) }
+        expectErrno(EPERM, "carol renames hers over it") { _ = try m.rename(carol, share, n("cf"), share, n("bf"), []) }
+        expectErrno(EPERM, "carol removes bob's directory") { _ = try m.rmdir(carol, share, n("bsub")) }
+        expectErrno(EPERM, "bob unlinks carol's file") { _ = try m.unlink(bob, share, n("cf")) }
+        #expect(try names(m, share) == ["bf", "bg", "bsub", "cf"])
+        _ = try m.rename(alice, share, n("bf"), share, n("bf2"), [])
+        _ = try m.rename(alice, share, n("cf"), share, n("bf2"), [])
+        #expect(try names(m, share) == ["bf2", "bg", "bsub"])
+        #expect(try m.unlink(alice, share, n("bf2")).freed)
+        _ = try m.rmdir(alice, share, n("bsub"))
+        _ = try m.rename(root, share, n("bg"), tmp, n("bg"), [])
+        #expect(try names(m, share).isEmpty)
+    }
+
+    /// setattr's refusals: truncation of a directory (EISDIR) or of another non-regular file
+    /// (EINVAL) before any permission, of a file without write permission (EACCES) unless
+    /// through an open file; chown/chgrp by anyone but the owner (EPERM) even to what the file
+    /// has; explicit times by a non-owner (EPERM) even beside "now". Nothing changes.
+    @Test(arguments: EngineKind.allCases)
+    func setattrRefusals(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (fifo, _) = try m.mknod(alice, dir, n("fifo"), .fifo, 0o600, rdev: 0, target: nil)
+        let (d, _) = try m.mknod(alice, dir, n("d"), .directory, 0o700, rdev: 0, target: nil)
+        var trunc = SetAttrRequest(mask: .size)
+        trunc.size = 10
+        for who in [alice, bob, root] {
+            expectErrno(EISDIR, "truncate a directory") { _ = try m.setattr(who, d, trunc) }
+            expectErrno(EINVAL, "truncate a fifo") { _ = try m.setattr(who, fifo, trunc) }
+        }
+        #expect(try m.getattr(fifo).size == 0)
+
+        let (ro, _) = try m.mknod(alice, dir, n("ro"), .regular, 0o444, rdev: 0, target: nil)
+        expectErrno(EACCES, "owner without write permission") { _ = try m.setattr(alice, ro, trunc) }
+        expectErrno(EACCES, "other without write permission") { _ = try m.setattr(bob, ro, trunc) }
+        #expect(try m.getattr(ro).size == 0)
+        var viaFd = trunc
+        viaFd.viaHandle = true
+        #expect(try m.setattr(alice, ro, viaFd).size == 10, "ftruncate: permission was checked at open")
+        trunc.size = 20
+        #expect(try m.setattr(root, ro, trunc).size == 20)
+
+        let (file, _) = try m.mknod(alice, dir, n("f"), .regular, 0o666, rdev: 0, target: nil)
+        let before = try m.getattr(file)
+        var chown = SetAttrRequest(mask: .uid)
+        chown.uid = alice.uid
+        expectErrno(EPERM, "chown by a non-owner to the owner it has") { _ = try m.setattr(bob, file, chown) }
+        var chgrp = SetAttrRequest(mask: .gid)
+        chgrp.gid = bob.gid
+        expectErrno(EPERM, "chgrp by a non-owner to a group of his") { _ = try m.setattr(bob, file, chgrp) }
+        chgrp.gid = before.gid
+        expectErrno(EPERM, "chgrp by a non-owner to the group it has") { _ = try m.setattr(bob, file, chgrp) }
+        expectErrno(EPERM, "chgrp by a group member who is not the owner") { _ = try m.setattr(carol, file, chgrp) }
+        var both = SetAttrRequest(mask: [.uid, .gid])
+        both.uid = bob.uid
+        both.gid = bob.gid
+        expectErrno(EPERM, "chown and chgrp by the owner to another user") { _ = try m.setattr(alice, file, both) }
+        var mixed = SetAttrRequest(mask: [.atime, .mtime, .atimeNow])
+        mixed.mtime = Timespec(sec: 1000, nsec: 0)
+        expectErrno(EPERM, "an explicit mtime beside atime now, by a writer who is not the owner") { _ = try m.setattr(bob, file, mixed) }
+        var onlyM = SetAttrRequest(mask: .mtime)
+        onlyM.mtime = Timespec(sec: 1000, nsec: 0)
+        expectErrno(EPERM, "an explicit mtime alone") { _ = try m.setattr(bob, file, onlyM) }
+        var chmod = SetAttrRequest(mask: .mode)
+        chmod.mode = 0o666
+        expectErrno(EPERM, "chmod by a non-owner, even to the mode it has") { _ = try m.setattr(bob, file, chmod) }
+        let after = try m.getattr(file)
+        #expect(after.uid == before.uid && after.gid == before.gid && after.mode == before.mode)
+        #expect(after.mtime == before.mtime && after.atime == before.atime && after.ctime == before.ctime)
+        // What the owner and root may: chown to himself, "now" without write permission,
+        // explicit times on anyone's file.
+        #expect(try m.setattr(alice, file, chown).uid == alice.uid)
+        let touch = SetAttrRequest(mask: [.atime, .mtime, .atimeNow, .mtimeNow])
+        _ = try m.setattr(alice, ro, touch)
+        #expect(try m.setattr(root, file, mixed).mtime == Timespec(sec: 1000, nsec: 0))
+        #expect(try m.setattr(root, file, both).uid == bob.uid)
+    }
+
+    /// Extended attributes: the name's length (ERANGE, first), the value's size (E2BIG), the
+    /// user namespace only on regular files and directories (ENODATA to read, EPERM to change,
+    /// even for root), trusted for root only (ENODATA/EPERM), read/write permission for user
+    /// names (EACCES), a sticky directory's user names changed by its owner only (EPERM).
+    @Test(arguments: EngineKind.allCases)
+    func extendedAttributeRefusals(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (file, _) = try m.mknod(alice, dir, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        let (fifo, _) = try m.mknod(alice, dir, n("fifo"), .fifo, 0o666, rdev: 0, target: nil)
+        let (sl, _) = try m.mknod(alice, dir, n("sl"), .symlink, 0o777, rdev: 0, target: n("f"))
+        let long = n("user.") + [UInt8](repeating: 120, count: 251)
+        let longest = n("user.") + [UInt8](repeating: 121, count: 250)
+        for who in [alice, root] {
+            expectErrno(ERANGE, "set, 256-byte name") { try m.setxattr(who, file, long, [1], .any) }
+            expectErrno(ERANGE, "get, 256-byte name") { _ = try m.getxattr(who, file, long) }
+            expectErrno(ERANGE, "remove, 256-byte name") { try m.removexattr(who, file, long) }
+            expectErrno(ERANGE, "set, empty name") { try m.setxattr(who, file, [], [1], .any) }
+            expectErrno(ERANGE, "get, empty name") { _ = try m.getxattr(who, file, []) }
+            expectErrno(ERANGE, "remove, empty name") { try m.removexattr(who, file, []) }
+        }
+        try m.setxattr(alice, file, longest, [1], .create)
+        #expect(try m.getxattr(alice, file, longest) == [1])
+        expectErrno(E2BIG, "a value over 64 KiB") { try m.setxattr(alice, file, n("user.big"), [UInt8](repeating: 0, count: 65537), .any) }
+        expectErrno(E2BIG, "replacing with one") { try m.setxattr(alice, file, longest, [UInt8](repeating: 0, count: 65537), .any) }
+        expectErrno(ENODATA) { _ = try m.getxattr(alice, file, n("user.big")) }
+        #expect(try m.getxattr(alice, file, longest) == [1])
+
+        // user.* only on regular files and directories, whoever asks; other namespaces anywhere.
+        for (what, ino) in [("fifo", fifo), ("symlink", sl)] {
+            for who in [alice, root] {
+                expectErrno(EPERM, "set user.* on a \(what)") { try m.setxattr(who, ino, n("user.a"), [1], .any) }
+                expectErrno(ENODATA, "get user.* on a \(what)") { _ = try m.getxattr(who, ino, n("user.a")) }
+                expectErrno(EPERM, "remove user.* on a \(what)") { try m.removexattr(who, ino, n("user.a")) }
+                expectErrno(EPERM, "set user. on a \(what): the type before the empty name") { try m.setxattr(who, ino, n("user."), [1], .any) }
+            }
+            try m.setxattr(root, ino, n("trusted.t"), [2], .any)
+            try m.setxattr(root, ino, n("security.s"), [3], .any)
+            #expect(try m.listxattr(root, ino) == [n("security.s"), n("trusted.t")])
+            #expect(try m.listxattr(alice, ino) == [n("security.s")])
+        }
+
+        // trusted.* is root's: others read ENODATA (it exists) and change EPERM.
+        try m.setxattr(root, file, n("trusted.t"), [7], .any)
+        for who in [alice, bob] {
+            expectErrno(ENODATA, "get trusted.*") { _ = try m.getxattr(who, file, n("trusted.t")) }
+            expectErrno(EPERM, "replace trusted.*") { try m.setxattr(who, file, n("trusted.t"), [8], .replace) }
+            expectErrno(EPERM, "remove trusted.*") { try m.removexattr(who, file, n("trusted.t")) }
+        }
+        #expect(try m.getxattr(root, file, n("trusted.t")) == [7])
+        try m.removexattr(root, file, n("trusted.t"))
+        expectErrno(ENODATA) { _ = try m.getxattr(root, file, n("trusted.t")) }
+        expectErrno(ENODATA, "remove a missing one") { try m.removexattr(root, file, n("trusted.t")) }
+
+        // user.* needs read permission to read and write permission to change.
+        let (priv, _) = try m.mknod(alice, dir, n("priv"), .regular, 0o600, rdev: 0, target: nil)
+        try m.setxattr(alice, priv, n("user.a"), [1], .any)
+        expectErrno(EACCES, "get without read permission") { _ = try m.getxattr(bob, priv, n("user.a")) }
+        expectErrno(EACCES, "remove without write permission") { try m.removexattr(bob, priv, n("user.a")) }
+        expectErrno(EACCES, "XATTR_CREATE without write permission") { try m.setxattr(bob, file, n("user.b"), [1], .create) }
+        #expect(try m.getxattr(root, priv, n("user.a")) == [1])
+        #expect(try m.listxattr(bob, priv) == [n("user.a")], "listing asks no permission")
+
+        // A sticky directory's user.* names: its owner's and root's to change, even where
+        // others may write.
+        let (sd, _) = try m.mknod(alice, dir, n("sd"), .directory, 0o1777, rdev: 0, target: nil)
+        expectErrno(EPERM, "set on a sticky directory not his") { try m.setxattr(bob, sd, n("user.s"), [1], .any) }
+        try m.setxattr(alice, sd, n("user.s"), [1], .any)
+        try m.setxattr(root, sd, n("user.r"), [2], .any)
+        expectErrno(EPERM, "remove on a sticky directory not his") { try m.removexattr(bob, sd, n("user.s")) }
+        #expect(try m.getxattr(bob, sd, n("user.s")) == [1], "reading needs only read permission")
+        let (od, _) = try m.mknod(alice, dir, n("od"), .directory, 0o777, rdev: 0, target: nil)
+        try m.setxattr(bob, od, n("user.s"), [1], .any)
+        #expect(try m.listxattr(alice, sd) == [n("user.r"), n("user.s")])
+    }
+
+    /// open and access: O_TRUNC asks for write permission even read-only (EACCES); a directory
+    /// opened for writing is EISDIR, for root too and before any permission; the owner's bits
+    /// apply to the owner and the group's to a member even when "other" would allow more; root
+    /// executes only what some x bit marks executable.
+    @Test(arguments: EngineKind.allCases)
+    func openAndAccessRefusals(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let sid = try session(m)
+        let (ro, _) = try m.mknod(alice, dir, n("ro"), .regular, 0o444, rdev: 0, target: nil)
+        expectErrno(EACCES, "O_RDONLY|O_TRUNC on a read-only file") { _ = try m.open(alice, ro, flags: O_RDONLY | O_TRUNC, sid: sid) }
+        expectErrno(EACCES, "O_WRONLY") { _ = try m.open(bob, ro, flags: O_WRONLY, sid: sid) }
+        expectErrno(EACCES, "O_RDWR") { _ = try m.open(bob, ro, flags: O_RDWR, sid: sid) }
+        _ = try m.open(bob, ro, flags: O_RDONLY, sid: sid)
+        try m.close(ro, sid: sid)
+        _ = try m.open(root, ro, flags: O_RDWR | O_TRUNC, sid: sid)
+        try m.close(ro, sid: sid)
+        // A directory for writing: EISDIR before permission (may_open), whoever asks.
+        let (adir, _) = try m.mknod(alice, dir, n("adir"), .directory, 0o755, rdev: 0, target: nil)
+        for who in [alice, bob, root] {
+            expectErrno(EISDIR, "a directory for writing") { _ = try m.open(who, adir, flags: O_WRONLY, sid: sid) }
+            expectErrno(EISDIR, "a directory for reading and writing") { _ = try m.open(who, adir, flags: O_RDWR, sid: sid) }
+        }
+
+        // Permission classes: the owner gets the owner's bits, a group member the group's.
+        let (odd, _) = try m.mknod(alice, dir, n("odd"), .regular, 0o077, rdev: 0, target: nil)
+        expectErrno(EACCES, "owner, owner bits ---") { try m.access(alice, odd, .read) }
+        expectErrno(EACCES, "owner opens") { _ = try m.open(alice, odd, flags: O_RDONLY, sid: sid) }
+        try m.access(carol, odd, [.read, .write, .execute])
+        try m.access(bob, odd, [.read, .write, .execute])
+        let (grp, _) = try m.mknod(alice, dir, n("grp"), .regular, 0o607, rdev: 0, target: nil)
+        expectErrno(EACCES, "group member, group bits ---") { try m.access(carol, grp, .read) }
+        try m.access(bob, grp, .read)
+        // Root: read and write anything, execute only with some x bit (any directory).
+        let (plain, _) = try m.mknod(alice, dir, n("plain"), .regular, 0o000, rdev: 0, target: nil)
+        let (script, _) = try m.mknod(alice, dir, n("script"), .regular, 0o001, rdev: 0, target: nil)
+        let (closed, _) = try m.mknod(alice, dir, n("closed"), .directory, 0o000, rdev: 0, target: nil)
+        try m.access(root, plain, [.read, .write])
+        expectErrno(EACCES, "root executes a file without x") { try m.access(root, plain, .execute) }
+        try m.access(root, script, [.read, .write, .execute])
+        try m.access(root, closed, [.read, .write, .execute])
+        expectErrno(EACCES) { try m.access(alice, closed, .execute) }
+        expectErrno(EACCES, "alice searches her closed directory") { _ = try m.lookup(alice, closed, n("x")) }
+        expectErrno(ENOENT, "root searches it") { _ = try m.lookup(root, closed, n("x")) }
+    }
+}
