@@ -132,6 +132,10 @@ public protocol MetadataEngine: AnyObject, Sendable {
     /// Removes the chunk records of a pending delete, at most `chunkBatch` chunks per call,
     /// returning the slices they held; `done` once nothing is left (the entry is gone then).
     func finishDelete(_ pending: PendingDelete) throws(FSError) -> (slices: [Slice], done: Bool)
+    /// Removes the chunk records of up to `limit` pending deletes in one step (at most
+    /// `chunkBatch` chunks in all), returning the slices they held; `more` when files may be
+    /// left. What a deleter runs: on Redis one read and one commit for a batch of small files.
+    func finishDeletes(limit: Int) throws(FSError) -> (slices: [Slice], more: Bool)
     /// Slices dropped by truncation whose objects wait to be deleted (removed from the queue).
     func takeDroppedSlices(limit: Int) throws(FSError) -> [Slice]
 
@@ -170,22 +174,8 @@ extension MetadataEngine {
 public func openMetadata(_ url: MetaURL, create: Bool = false, retryTimeout: Double = 60) throws(FSError) -> any MetadataEngine {
     switch url {
     case .sqlite(let path): return try SQLiteMetadata(path: path, create: create)
-    case .redis(let location):
-        switch try redisEngine(location) {
-        case .lua: return try RedisMetadata(location: location, retryTimeout: retryTimeout)
-        case .txn: return try RedisTxnMetadata(location: location, retryTimeout: retryTimeout)
-        }
+    case .redis(let location): return try RedisTxnMetadata(location: location, retryTimeout: retryTimeout)
     }
-}
-
-/// The engine for a Redis volume: the META-URL's `engine=`, else `STAGEFS_REDIS_ENGINE`, else Lua.
-func redisEngine(_ location: RedisLocation) throws(FSError) -> RedisEngineKind {
-    if let e = location.engine { return e }
-    guard let v = getenv(RedisEngineKind.environmentVariable).map({ String(cString: $0) }), !v.isEmpty else { return .lua }
-    guard let e = RedisEngineKind(rawValue: v) else {
-        throw FSError.usage("\(RedisEngineKind.environmentVariable)='\(v)' is not 'lua' or 'txn'")
-    }
-    return e
 }
 
 /// The most chunks one metadata step drops (a truncate or the deletion of a file's records

@@ -58,6 +58,10 @@ enum ReadOp {
     /// The indexes of a file's chunks from `from` on (sorted set `index`, at most `limit`) and
     /// the records of those chunks.
     case chunks(index: String, ino: Ino, from: UInt32, limit: Int)
+    /// The first `limit` members of the pending-delete set `queue` and, for the file each
+    /// names, its chunk indexes with their records, `chunks` in all (the first file may take
+    /// them all).
+    case pending(queue: String, limit: Int, chunks: Int)
 }
 
 /// What a transaction changes in one key, reduced to its net effect (the commit sends that).
@@ -156,6 +160,8 @@ final class RedisTxn {
                 if results[.page(z, after: after, limit: limit)] == nil { ops.append(w) }
             case .chunks(let index, _, let from, let limit):
                 if results[.chunkList(index, from: from, limit: limit)] == nil { ops.append(w) }
+            case .pending(let queue, let limit, _):
+                if results[.zrange(queue, count: limit)] == nil { ops.append(w) }
             }
         }
         if ops.isEmpty { return }
@@ -187,14 +193,30 @@ final class RedisTxn {
                     }
                 }
             case .chunks(let index, let ino, let from, let limit):
+                rememberChunks(r, index: index, ino: ino, from: from, limit: limit)
+            case .pending(let queue, let limit, let chunks):
                 let a = r.array
-                let names = a.first ?? .array([])
-                remember(.chunkList(index, from: from, limit: limit), names)
-                let records = a.count > 1 ? a[1].array : []
-                for (n, v) in zip(names.array, records) {
-                    if let i = n.text.flatMap({ UInt32($0) }) { remember(.get(store.keys.chunk(ino, i)), v) }
+                let members = a.first ?? .array([])
+                remember(.zrange(queue, count: limit), members)
+                let lists = a.count > 1 ? a[1].array : []
+                var budget = chunks
+                for (m, list) in zip(members.array, lists) {
+                    guard budget > 0, let ino = m.text.flatMap({ $0.split(separator: ":").first }).flatMap({ Ino($0) }) else { break }
+                    rememberChunks(list, index: store.keys.chunkIndex(ino), ino: ino, from: 0, limit: budget)
+                    budget -= list.array.first?.array.count ?? 0
                 }
             }
+        }
+    }
+
+    /// A reply of the read script's `K` operation: {indexes, records}.
+    private func rememberChunks(_ r: RedisReply, index: String, ino: Ino, from: UInt32, limit: Int) {
+        let a = r.array
+        let names = a.first ?? .array([])
+        remember(.chunkList(index, from: from, limit: limit), names)
+        let records = a.count > 1 ? a[1].array : []
+        for (n, v) in zip(names.array, records) {
+            if let i = n.text.flatMap({ UInt32($0) }) { remember(.get(store.keys.chunk(ino, i)), v) }
         }
     }
 

@@ -36,13 +36,23 @@ package enum RedisTxnScripts {
     /// `D zkeyindex dkeyindex after limit plus` a page of a directory: {names and positions,
     /// entries, and with `plus` = 1 the attributes of the inodes they name};
     /// `K zkeyindex ino from limit` the indexes of a file's chunks from `from` on (at most
-    /// `limit`) with the records of those chunks: {indexes, records}.
+    /// `limit`) with the records of those chunks: {indexes, records};
+    /// `Q zkeyindex limit budget` the first `limit` pending deletes (members `ino:size`) and,
+    /// for the files in order, what `K` gives for as many chunks as the budget has left:
+    /// {members, {K reply...}} (the lists stop where the budget does).
     package static let read =
         canon + #"""
             local READ = {GET = true, HGET = true, HLEN = true, HMGET = true, HKEYS = true, HGETALL = true,
               HRANDFIELD = true, ZRANGE = true, ZRANGEBYSCORE = true, ZREVRANGEBYSCORE = true, ZSCORE = true,
               SCARD = true, SISMEMBER = true, SRANDMEMBER = true, LRANGE = true}
             local P = ARGV[1]
+            -- A file's chunk indexes from `from` on (sorted set `z`, at most `limit`) and their records.
+            local function chunks(z, ino, from, limit)
+              local names = redis.call('ZRANGEBYSCORE', z, from, '+inf', 'LIMIT', 0, tonumber(limit))
+              local records = {}
+              for j = 1, #names do records[j] = redis.call('GET', P .. 'c' .. ino .. '_' .. names[j]) end
+              return {names, records}
+            end
             local out = {}
             local i = 2
             while i <= #ARGV do
@@ -81,12 +91,20 @@ package enum RedisTxnScripts {
                 out[#out + 1] = {names, ents, attrs}
                 i = i + 6
               elseif op == 'K' then
-                local names = redis.call('ZRANGEBYSCORE', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 3], '+inf', 'LIMIT', 0, tonumber(ARGV[i + 4]))
-                local records = {}
-                local prefix = P .. 'c' .. ARGV[i + 2] .. '_'
-                for j = 1, #names do records[j] = redis.call('GET', prefix .. names[j]) end
-                out[#out + 1] = {names, records}
+                out[#out + 1] = chunks(KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])
                 i = i + 5
+              elseif op == 'Q' then
+                local members = redis.call('ZRANGE', KEYS[tonumber(ARGV[i + 1])], 0, tonumber(ARGV[i + 2]) - 1)
+                local lists = {}
+                local budget = tonumber(ARGV[i + 3])
+                for j = 1, #members do
+                  local ino = string.match(members[j], '^(%d+):')
+                  if not ino or budget <= 0 then break end
+                  lists[j] = chunks(P .. 'k' .. ino, ino, '0', budget)
+                  budget = budget - #lists[j][1]
+                end
+                out[#out + 1] = {members, lists}
+                i = i + 4
               else
                 return redis.error_reply('STAGEFS read: bad operation at ' .. i)
               end

@@ -357,6 +357,11 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
                 argv.add(ino)
                 argv.add(Int(from))
                 argv.add(limit)
+            case .pending(let queue, let limit, let chunks):
+                argv.add("Q")
+                argv.add(idx(queue))
+                argv.add(limit)
+                argv.add(chunks)
             }
         }
         func call(_ verb: String, _ script: String) -> RedisCommand {
@@ -399,6 +404,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             case .entry(let dir, let name): ops.append(.entry(dir: keys.entries(dir), name: name))
             case .chunk(let ino, let idx): ops.append(.cmd(.get(keys.chunk(ino, idx))))
             case .chunkList(let ino, let from, let limit): ops.append(.chunks(index: keys.chunkIndex(ino), ino: ino, from: from, limit: limit))
+            case .pendingDeletes(let limit, let chunks): ops.append(.pending(queue: keys.delfiles, limit: limit, chunks: chunks))
             case .opens(let sid, let ino): ops.append(.cmd(.hget(keys.opens(ino), Array(String(sid).utf8))))
             case .isOpen(let ino): ops.append(.cmd(.hlen(keys.opens(ino))))
             case .hasEntries(let ino): ops.append(.cmd(.hlen(keys.entries(ino))))
@@ -416,6 +422,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             switch $0 {
             case .cmd(let c): return t.writes[c.key] != nil
             case .chunks(let index, _, _, _): return t.writes[index] != nil
+            case .pending(let queue, _, _): return t.writes[queue] != nil
             default: return false
             }
         }
@@ -731,4 +738,35 @@ extension TxnMetadata where S == RedisTxnStore {
     package convenience init(location: RedisLocation, retryTimeout: Double = 60) throws(FSError) {
         self.init(store: try RedisTxnStore(location: location, retryTimeout: retryTimeout))
     }
+}
+
+/// Hands out request numbers, unique within this client.
+final class Counter: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var value: UInt64 = 0
+
+    func next() -> UInt64 {
+        lock.withLock {
+            value += 1
+            return value
+        }
+    }
+}
+
+/// Small integers, each held by one request (with its retries) at a time: the field of the
+/// request-id hash, so the hash holds as many entries as requests ever ran at once.
+final class RequestSlots: @unchecked Sendable {
+    private let lock = ConditionLock()
+    private var free: [Int] = []
+    private var count = 0
+
+    func take() -> Int {
+        lock.withLock {
+            if let s = free.popLast() { return s }
+            count += 1
+            return count
+        }
+    }
+
+    func give(_ s: Int) { lock.withLock { free.append(s) } }
 }

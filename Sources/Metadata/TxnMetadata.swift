@@ -108,6 +108,9 @@ package enum TxnRead: Sendable {
     /// The indexes of a file's chunks from `from` on (at most `limit`, the lowest first) and
     /// their records.
     case chunkList(Ino, from: UInt32, limit: Int)
+    /// The first `limit` pending deletes and, for the files in order, their chunk indexes with
+    /// the records, `chunks` in all.
+    case pendingDeletes(limit: Int, chunks: Int)
     /// The opens of `ino` by session `sid`.
     case opens(sid: UInt64, Ino)
     case isOpen(Ino)
@@ -783,6 +786,25 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             if idxs.count == chunkBatch { return (out, false) }
             try store.removePendingDelete(pending)
             return (out, true)
+        }
+    }
+
+    package func finishDeletes(limit: Int) throws(FSError) -> (slices: [Slice], more: Bool) {
+        try store.transaction(write: true) { () throws(FSError) -> ([Slice], Bool) in
+            try store.prefetch([.pendingDeletes(limit: limit, chunks: chunkBatch)])
+            let pending = try store.pendingDeletes(limit: limit)
+            var out: [Slice] = []
+            var budget = chunkBatch
+            for p in pending {
+                // The files share the budget in order (what the prefetch read).
+                let idxs = try store.chunkIndexes(p.ino, from: 0, limit: budget, descending: false)
+                try store.prefetch(idxs.map { .chunk(p.ino, $0) })
+                for idx in idxs { out += Slice.decodeAll(try store.deleteChunk(p.ino, idx)) }
+                if idxs.count == budget { return (out, true) }
+                budget -= idxs.count
+                try store.removePendingDelete(p)
+            }
+            return (out, pending.count == limit)
         }
     }
 

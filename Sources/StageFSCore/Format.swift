@@ -118,15 +118,6 @@ public struct RedisHost: Sendable, Equatable {
     public var text: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
 }
 
-/// Which engine serves a Redis volume: `lua` runs one server-side script per operation (the
-/// default); `txn` runs the shared Swift rules over optimistic transactions.
-public enum RedisEngineKind: String, Sendable, Equatable {
-    case lua, txn
-
-    /// The environment variable that picks the engine when the META-URL does not.
-    public static let environmentVariable = "STAGEFS_REDIS_ENGINE"
-}
-
 /// Where a Redis metadata store is: one server, or a master found through Sentinels.
 public struct RedisLocation: Sendable, Equatable {
     /// The server (one), or the Sentinels when `masterName` is set.
@@ -149,8 +140,6 @@ public struct RedisLocation: Sendable, Equatable {
     public var waitReplicas = 0
     /// `wait-timeout=MS`: how long a commit waits for them (default 5000).
     public var waitTimeoutMillis = 5000
-    /// `engine=lua|txn`; nil leaves the choice to `STAGEFS_REDIS_ENGINE` (default `lua`).
-    public var engine: RedisEngineKind?
 
     public init(hosts: [RedisHost], masterName: String? = nil, db: Int = 0, user: String? = nil, password: String? = nil) {
         self.hosts = hosts
@@ -291,11 +280,13 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
                     guard let n = Int(value), n > 0 else { throw bad("wait-timeout '\(value)' is not a number of milliseconds") }
                     loc.waitTimeoutMillis = n
                 case "engine":
-                    guard let e = RedisEngineKind(rawValue: value) else { throw bad("engine '\(value)' is not 'lua' or 'txn'") }
-                    loc.engine = e
+                    // `engine=txn` (which picked this engine while there were two) still reads.
+                    guard value == "txn" else {
+                        throw bad("engine '\(value)': there is one Redis engine now (the transactional one); leave engine= out")
+                    }
                 default:
                     throw bad(
-                        "unknown option '\(key)' (known: tls-ca-cert-file, tls-cert-file, tls-key-file, insecure-skip-verify, wait-replicas, wait-timeout, engine)"
+                        "unknown option '\(key)' (known: tls-ca-cert-file, tls-cert-file, tls-key-file, insecure-skip-verify, wait-replicas, wait-timeout)"
                     )
                 }
             }
@@ -334,7 +325,6 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
             if let f = r.tlsKey { q.append("tls-key-file=\(f)") }
             if r.tlsInsecure { q.append("insecure-skip-verify=true") }
             if r.waitReplicas > 0 { q.append("wait-replicas=\(r.waitReplicas)") }
-            if let e = r.engine { q.append("engine=\(e.rawValue)") }
             return "\(r.tls ? "rediss" : "redis")://\(auth)\(hosts)/\(r.db)" + (q.isEmpty ? "" : "?" + q.joined(separator: "&"))
         }
     }

@@ -131,12 +131,11 @@ public final class VFS: @unchecked Sendable {
         var count = 0
         do {
             if what.contains(.files) {
-                for pd in try meta.pendingDeletes(limit: limit) {
-                    while true {
-                        let (slices, done) = try meta.finishDelete(pd)
-                        for s in slices { count += data.deleteObjects(s) }
-                        if done { break }
-                    }
+                // Bounded: `limit` steps of up to 100 files each.
+                for _ in 0..<limit {
+                    let (slices, more) = try meta.finishDeletes(limit: min(limit, 100))
+                    for s in slices { count += data.deleteObjects(s) }
+                    if !more { break }
                 }
             }
             if what.contains(.slices) {
@@ -154,6 +153,15 @@ public final class VFS: @unchecked Sendable {
         while true {
             let (stop, deletes) = lock.withLock { () -> (Bool, Deletions) in
                 if !stopping && deletesPending.isEmpty { lock.wait(seconds: 1) }
+                if !stopping && !deletesPending.isEmpty {
+                    // Gathers what a burst of removals leaves (one step deletes many files).
+                    let until = Sys.monotonicNanos() + Self.deleteDelayNanos
+                    while !stopping {
+                        let now = Sys.monotonicNanos()
+                        if now >= until { break }
+                        lock.wait(seconds: Double(until - now) / 1e9)
+                    }
+                }
                 let d = deletesPending
                 deletesPending = []
                 return (stopping, d)
@@ -217,6 +225,9 @@ public final class VFS: @unchecked Sendable {
             Log.error("session \(old) is gone and registering again failed: \(error.message)")
         }
     }
+
+    /// How long the deleter waits after a removal for more to come.
+    static let deleteDelayNanos: UInt64 = 100_000_000
 
     private func wakeDeleter(_ what: Deletions) {
         lock.withLock {

@@ -3,7 +3,7 @@ import Metadata
 import StageFSCore
 import Testing
 
-/// Client CPU and wall time per metadata operation of each Redis engine, without FUSE or data.
+/// Client CPU and wall time per metadata operation of the Redis engine, without FUSE or data.
 /// Runs only with STAGEFS_ENGINE_BENCH=N (operations per kind): `swift test -c release --filter EngineBench`.
 @Suite("Engine bench", .enabled(if: ProcessInfo.processInfo.environment["STAGEFS_ENGINE_BENCH"] != nil))
 struct EngineBench {
@@ -16,8 +16,7 @@ struct EngineBench {
             return Double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + Double(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6
         }
         for round in 0..<2 {
-            let only = ProcessInfo.processInfo.environment["STAGEFS_ENGINE_BENCH_KIND"].flatMap { EngineKind(rawValue: $0) }
-            for kind in [EngineKind.redis, EngineKind.redisTxn] where only == nil || only == kind {
+            for kind in [EngineKind.redis] {
                 let f = try EngineFixture(kind)
                 let m = f.engine
                 let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/m", version: "t"))

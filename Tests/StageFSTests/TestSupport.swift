@@ -88,9 +88,8 @@ func makeTempDir(_ tag: String) throws -> String {
 }
 
 /// The engines the conformance suite runs against.
-/// `redisTxn` is the Redis engine on optimistic transactions (`engine=txn`).
 enum EngineKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
-    case sqlite, redis, redisTxn
+    case sqlite, redis
     var testDescription: String { rawValue }
 }
 
@@ -112,12 +111,8 @@ final class EngineFixture: @unchecked Sendable {
         case .redis:
             redis = try RedisServer()
             url = redis!.url
-        case .redisTxn:
-            redis = try RedisServer()
-            url = redis!.url + "?engine=txn"
         }
         engine = try openMetadata(try MetaURL.parse(url), create: true)
-        if (kind == .redisTxn) != (engine is RedisTxnMetadata) { throw TestFailure("\(url) opened \(type(of: engine))") }
         try engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: dir + "/data"), force: false, rootMode: 0o777)
     }
 
@@ -127,9 +122,9 @@ final class EngineFixture: @unchecked Sendable {
         case .sqlite:
             let db = try SQLiteConnection(path: "\(dir)/meta.db", create: false)
             try db.query("UPDATE edge SET type=? WHERE parent=? AND name=?", [.int(Int64(type.rawValue)), .int(Int64(parent)), .blob(Array(name.utf8))])
-        case .redis, .redisTxn:
-            // The transactional engine puts its volume's keys behind the hash tag {<db>}.
-            let key = (kind == .redisTxn ? "{0}" : "") + "d\(parent)"
+        case .redis:
+            // A volume's keys are behind the hash tag {<db>}.
+            let key = "{0}d\(parent)"
             let script = "local ino = struct.unpack('>I8B', redis.call('HGET', KEYS[1], ARGV[1])) redis.call('HSET', KEYS[1], ARGV[1], struct.pack('>I8B', ino, tonumber(ARGV[2])))"
             let (rc, out) = try Spawn.run("/usr/bin/redis-cli", ["-p", "\(redis!.port)", "EVAL", script, "1", key, name, "\(type.rawValue)"])
             if rc != 0 || out.contains("ERR") { throw TestFailure("redis-cli: \(out)") }
@@ -141,7 +136,6 @@ final class EngineFixture: @unchecked Sendable {
         switch kind {
         case .sqlite: return "sqlite3://\(dir)/fresh\(n).db"
         case .redis: return "redis://127.0.0.1:\(redis!.port)/\(n + 1)"
-        case .redisTxn: return "redis://127.0.0.1:\(redis!.port)/\(n + 1)?engine=txn"
         }
     }
 

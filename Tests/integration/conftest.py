@@ -40,8 +40,8 @@ def moto():
 
 
 # Volume kinds the volume tests run on (STAGEFS_IT_VOLUMES, comma-separated, to pick some):
-# SQLite with a local directory, Redis with S3 on the Lua engine and on the transactional one.
-VOLUME_KINDS = os.environ.get("STAGEFS_IT_VOLUMES", "sqlite-local,redis-s3,redis-txn-s3").split(",")
+# SQLite with a local directory, Redis with S3.
+VOLUME_KINDS = os.environ.get("STAGEFS_IT_VOLUMES", "sqlite-local,redis-s3").split(",")
 
 
 @pytest.fixture(scope="module", params=VOLUME_KINDS)

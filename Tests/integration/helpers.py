@@ -298,10 +298,10 @@ class Volume:
 
 
 def make_volume(env, kind, redis, moto, name):
-    """kind: sqlite-local, redis-s3 (the Lua engine) or redis-txn-s3 (the transactional engine)."""
+    """kind: sqlite-local or redis-s3."""
     if kind == "sqlite-local":
         base = env.dir_for(USER, "vol")
         return Volume(env, kind, f"sqlite3://{base}/meta.db", ["--bucket", f"{base}/data"], name)
-    url = redis.url(redis.new_db()) + ("?engine=txn" if kind == "redis-txn-s3" else "")
+    url = redis.url(redis.new_db())
     return Volume(env, kind, url, ["--storage", "s3", "--bucket", moto.bucket(f"{name}-bucket"),
                                             "--access-key", moto.access_key, "--secret-key", moto.secret_key], name)

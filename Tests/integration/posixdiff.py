@@ -13,8 +13,7 @@ Replay one sequence (it sets up Redis/moto/mounts itself, like the tests):
     python3 Tests/integration/posixdiff.py --engine sqlite --seed 1234 --verbose
 Run many (what `make fuzz` does):
     python3 Tests/integration/posixdiff.py --engine both --count 2000
-Engines: sqlite, redis (the Lua engine), redis-txn (the transactional engine, engine=txn),
-both (sqlite and redis) or all three.
+Engines: sqlite, redis, or both.
 """
 import argparse
 import ctypes
@@ -719,7 +718,7 @@ class Driver:
         lines = [f"seed {seed}: {what}", "  operations (user, op):"]
         for i, (u, op) in enumerate(history[-25:], start=max(0, len(history) - 25)):
             lines.append(f"    [{i}] {u} {describe(op)}")
-        lines.append(f"  replay: python3 Tests/integration/posixdiff.py --seed {seed} --engine <sqlite|redis|redis-txn> --verbose")
+        lines.append(f"  replay: python3 Tests/integration/posixdiff.py --seed {seed} --engine <sqlite|redis> --verbose")
         return "\n".join(lines)
 
 
@@ -736,7 +735,7 @@ def tree_diff(ta, tb):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", choices=["sqlite", "redis", "redis-txn", "both", "all"], default="both")
+    ap.add_argument("--engine", choices=["sqlite", "redis", "both"], default="both")
     ap.add_argument("--seed", type=int, help="run this one sequence")
     ap.add_argument("--count", type=int, default=200, help="sequences per engine (default 200)")
     ap.add_argument("--start", type=int, help="first seed (default: random)")
@@ -754,13 +753,13 @@ def main():
     redis = moto = None
     failures = 0
     try:
-        engines = {"both": ["sqlite", "redis"], "all": ["sqlite", "redis", "redis-txn"]}.get(args.engine, [args.engine])
+        engines = ["sqlite", "redis"] if args.engine == "both" else [args.engine]
         seeds = [args.seed] if args.seed is not None else None
         start = args.start if args.start is not None else random.randrange(1, 1 << 30)
         for engine in engines:
             if engine.startswith("redis") and redis is None:
                 redis, moto = helpers.Redis(env.root), helpers.Moto()
-            kind = {"sqlite": "sqlite-local", "redis": "redis-s3", "redis-txn": "redis-txn-s3"}[engine]
+            kind = {"sqlite": "sqlite-local", "redis": "redis-s3"}[engine]
             vol = helpers.make_volume(env, kind, redis, moto, f"diff-{engine}")
             oracle = env.dir_for("root", "oracle")
             os.chmod(oracle, 0o777)

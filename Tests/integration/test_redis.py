@@ -11,17 +11,10 @@ import pytest
 import helpers
 from helpers import USER, run_as
 
-# The Lua engine (one script per operation) and the transactional one (engine=txn), whose
-# keys carry the hash tag {db}.
-ENGINES = ["lua", "txn"]
 
-
-def engine_url(url, engine):
-    return url + ("?engine=txn" if engine == "txn" else "")
-
-
-def key_prefix(engine, db):
-    return "{%d}" % db if engine == "txn" else ""
+def key_prefix(db):
+    """A volume's keys carry the hash tag {db}."""
+    return "{%d}" % db
 
 
 class LatencyProbe:
@@ -66,15 +59,14 @@ def redis_cli(redis, db, *args):
     return subprocess.run(["redis-cli", "-p", str(redis.port), "-n", str(db), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_deleting_huge_files_never_stalls_redis(env, redis, engine):
+def test_deleting_huge_files_never_stalls_redis(env, redis):
     """A file of the largest size and a file with 2,500 written chunks are truncated and
     deleted while another tenant pings the same Redis: its worst reply stays under 100 ms, the
     mount keeps answering, and every chunk record goes."""
     db = redis.new_db()
     base = env.dir_for(USER, "huge")
-    url = engine_url(redis.url(db), engine)
-    p = key_prefix(engine, db)
+    url = redis.url(db)
+    p = key_prefix(db)
     env.stagefs("format", url, "huge", "--bucket", os.path.join(base, "data"))
     m = env.dir_for(USER, "m")
     env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"))
@@ -128,10 +120,8 @@ class ReplyDropper:
     reach the server and then cuts the connection instead of passing the reply on: the client
     cannot know whether its request was carried out."""
 
-    # A changing script of the Lua engine is sent with one key, the client's request-id hash
-    # (rq<id>); a commit of the transactional engine has that hash ({db}rq<id>) as its first
-    # key and a request id "<slot>:<number>" as its first argument.
-    MARK = b"\r\n$1\r\n1\r\n$"
+    # A commit has the client's request-id hash ({db}rq<id>) as its first key and a request id
+    # "<slot>:<number>" as its first argument.
     TXN_MARK = re.compile(rb"\r\n\{\d+\}rq[0-9a-f]+\r\n(?:\$\d+\r\n[^\r]*\r\n)*?\$\d+\r\n\d+:\d+\r\n")
 
     def __init__(self, upstream_port):
@@ -164,7 +154,7 @@ class ReplyDropper:
                 b = c.recv(65536)
                 if not b:
                     break
-                changing = (self.MARK in b and b"\r\nrq" in b) or self.TXN_MARK.search(b)
+                changing = self.TXN_MARK.search(b)
                 if changing and self.armed.is_set():
                     with self.lock:
                         if self.armed.is_set():
@@ -204,15 +194,14 @@ class ReplyDropper:
         self.srv.close()
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_a_lost_reply_is_answered_with_the_first_outcome(env, redis, engine):
+def test_a_lost_reply_is_answered_with_the_first_outcome(env, redis):
     """Each changing operation's reply is lost once after Redis carried it out: the client
     sends it again, and gets the first outcome: no EEXIST for its own create, no ENOENT for
     its own unlink, no second copy of anything."""
     proxy = ReplyDropper(redis.port)
     db = redis.new_db()
     base = env.dir_for(USER, "lost")
-    url = engine_url(f"redis://127.0.0.1:{proxy.port}/{db}", engine)
+    url = f"redis://127.0.0.1:{proxy.port}/{db}"
     env.stagefs("format", url, "lostreply", "--bucket", os.path.join(base, "data"))
     m = env.dir_for(USER, "m")
     env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"), "--attr-cache", "0", "--entry-cache", "0",
@@ -268,13 +257,12 @@ class OwnRedis:
         self.proc.wait(30)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_redis_restarts_under_load_cost_no_operation(env, engine):
+def test_redis_restarts_under_load_cost_no_operation(env):
     """Three processes create, write, rename and unlink while Redis (AOF on) restarts three
     times: not one operation fails, and the tree is exactly what the operations made."""
     r = OwnRedis(env)
     base = env.dir_for(USER, "restart")
-    url = engine_url(f"redis://127.0.0.1:{r.port}/1", engine)
+    url = f"redis://127.0.0.1:{r.port}/1"
     env.stagefs("format", url, "restarts", "--bucket", os.path.join(base, "data"))
     m = env.dir_for(USER, "m")
     env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"))
