@@ -76,6 +76,10 @@ public protocol MetadataEngine: AnyObject, Sendable {
     // MARK: namespace
     func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr)
     func getattr(_ ino: Ino) throws(FSError) -> Attr
+    /// What this client last knew of `ino`'s attributes, without asking the server: right
+    /// after its own change, exactly what that change committed. nil when it knows nothing
+    /// (or keeps nothing: SQLite). For a cache that accepts other clients' changes showing late.
+    func recentAttr(_ ino: Ino) -> Attr?
     /// Changes attributes with the ownership and permission rules of ext4; a size change truncates.
     func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest) throws(FSError) -> Attr
     /// Checks access(2)-style permission for `mask`.

@@ -471,6 +471,11 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return a
     }
 
+    package func recentAttr(_ ino: Ino) -> Attr? {
+        guard case .string(let b)? = cache.lookup(.get(keys.attr(ino))) else { return nil }
+        return Attr(decoding: b)
+    }
+
     package func putAttr(_ ino: Ino, _ attr: Attr) throws(FSError) {
         try txn().set(keys.attr(ino), attr.encode())
     }

@@ -26,6 +26,8 @@ package protocol TxnStore: AnyObject, Sendable {
     /// the record to `got` before the transaction returns. A store with round trips sends the
     /// read together with the commit.
     func chunkAfterCommit(_ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError)
+    /// `MetadataEngine.recentAttr`, outside any transaction.
+    func recentAttr(_ ino: Ino) -> Attr?
 
     func setting(_ key: String) throws(FSError) -> String?
     func setSetting(_ key: String, _ value: String) throws(FSError)
@@ -129,6 +131,7 @@ extension TxnStore {
     package func chunkAfterCommit(_ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
         got(try chunk(ino, index))
     }
+    package func recentAttr(_ ino: Ino) -> Attr? { nil }
 }
 
 /// Attributes loaded in one transaction, changed in place and written back once
@@ -295,6 +298,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             return (ino, a)
         }
     }
+
+    package func recentAttr(_ ino: Ino) -> Attr? { store.recentAttr(ino) }
 
     package func getattr(_ ino: Ino) throws(FSError) -> Attr {
         try store.transaction(write: false) { () throws(FSError) in

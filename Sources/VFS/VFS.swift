@@ -357,9 +357,21 @@ public final class VFS: @unchecked Sendable {
 
     /// Records a new entry in the client cache; the parent's times changed.
     private func created(_ parent: Ino, _ name: [UInt8], _ r: (Ino, Attr)) -> (Ino, Attr) {
-        cache.drop(parent)
+        changedDirectory(parent)
         cache.putEntry(parent, name, r.0, r.1, asOf: cache.stamp())
+        noCapability(r.0)
         return r
+    }
+
+    /// After this client changed directory `dir` (an entry came or went): its attributes as
+    /// the change left them when the engine knows them without a round trip (the kernel asks
+    /// for them next), else forgotten.
+    private func changedDirectory(_ dir: Ino) {
+        if let a = meta.recentAttr(dir), a.type == .directory {
+            cache.put(dir, a, asOf: cache.stamp())
+        } else {
+            cache.drop(dir)
+        }
     }
 
     public func mkdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16) throws(FSError) -> (Ino, Attr) {
@@ -380,7 +392,8 @@ public final class VFS: @unchecked Sendable {
         try writable()
         cache.dropEntry(parent, name)
         let r = try meta.unlink(cred, parent, name)
-        cache.drop(parent, r.ino)
+        cache.drop(r.ino)
+        changedDirectory(parent)
         bury(r)
         if r.freed { wakeDeleter(.files) }
     }
@@ -389,7 +402,8 @@ public final class VFS: @unchecked Sendable {
         try writable()
         cache.dropEntry(parent, name)
         let r = try meta.rmdir(cred, parent, name)
-        cache.drop(parent, r.ino)
+        cache.drop(r.ino)
+        changedDirectory(parent)
         bury(r)
     }
 
@@ -397,8 +411,15 @@ public final class VFS: @unchecked Sendable {
         try writable()
         cache.dropEntry(sp, sn)
         cache.dropEntry(dp, dn)
-        defer { cache.drop(sp, dp) }
-        let r = try meta.rename(cred, sp, sn, dp, dn, flags)
+        let r: RenameResult
+        do {
+            r = try meta.rename(cred, sp, sn, dp, dn, flags)
+        } catch {
+            cache.drop(sp, dp)
+            throw error
+        }
+        changedDirectory(sp)
+        if dp != sp { changedDirectory(dp) }
         // Both inodes' ctime changed.
         cache.drop(r.moved, r.other)
         bury(r.removed)
@@ -409,7 +430,7 @@ public final class VFS: @unchecked Sendable {
         try writable()
         let t = cache.stamp()
         let a = try meta.link(cred, ino, parent, name)
-        cache.drop(parent)
+        changedDirectory(parent)
         cache.putEntry(parent, name, ino, a, asOf: t)
         return overlay(ino, a)
     }
@@ -596,7 +617,16 @@ public final class VFS: @unchecked Sendable {
     // MARK: extended attributes
 
     public func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
-        try meta.getxattr(cred, ino, name)
+        // The kernel asks for security.capability before every write to a file (to drop it):
+        // that it is absent is remembered like an attribute (no permission decides it).
+        let isCapability = name == capabilityName
+        if isCapability && capabilityAbsent(ino) { throw FSError.noAttr }
+        do {
+            return try meta.getxattr(cred, ino, name)
+        } catch {
+            if isCapability && error.code == ENODATA { noCapability(ino) }
+            throw error
+        }
     }
 
     public func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]] {
@@ -605,15 +635,41 @@ public final class VFS: @unchecked Sendable {
 
     public func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
         try writable()
+        forgetCapability(ino)
         try meta.setxattr(cred, ino, name, value, flag)
         cache.drop(ino)
     }
 
     public func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
         try writable()
+        forgetCapability(ino)
         try meta.removexattr(cred, ino, name)
         cache.drop(ino)
     }
+
+    /// Inodes known to have no security.capability, each until a deadline (the attribute
+    /// cache's timeout): created by this client, or asked about lately.
+    private let capabilities = Locked<[Ino: UInt64]>([:])
+
+    private func noCapability(_ ino: Ino) {
+        guard cache.attrTTL > 0 else { return }
+        let deadline = Sys.monotonicNanos() + cache.attrTTL
+        capabilities.withLock {
+            if $0.count > 100_000 { $0.removeAll(keepingCapacity: true) }
+            $0[ino] = deadline
+        }
+    }
+
+    private func capabilityAbsent(_ ino: Ino) -> Bool {
+        let now = Sys.monotonicNanos()
+        return capabilities.withLock { (known) -> Bool in
+            guard let d = known[ino] else { return false }
+            if d < now { known[ino] = nil }
+            return d >= now
+        }
+    }
+
+    private func forgetCapability(_ ino: Ino) { _ = capabilities.withLock { $0.removeValue(forKey: ino) } }
 
     // MARK: locks
 
@@ -672,3 +728,5 @@ public struct Deletions: OptionSet, Sendable {
     public static let slices = Deletions(rawValue: 2)
     public static let all: Deletions = [.files, .slices]
 }
+
+private let capabilityName = Array("security.capability".utf8)

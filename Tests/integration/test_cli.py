@@ -411,7 +411,7 @@ def test_a_client_cleaned_up_as_stale_registers_again_and_keeps_its_open_files(e
         pid_a = helpers.mount_pid(a)
         os.kill(pid_a, signal.SIGSTOP)
         try:
-            subprocess.run(["redis-cli", "-p", str(redis.port), "-n", str(db), "ZADD", "sessions", "1", sid_a], check=True, capture_output=True)
+            subprocess.run(["redis-cli", "-p", str(redis.port), "-n", str(db), "ZADD", "{%d}sessions" % db, "1", sid_a], check=True, capture_output=True)
             deadline = time.time() + 30
             while sid_a in sessions() and time.time() < deadline:
                 time.sleep(0.2)
@@ -433,8 +433,8 @@ def test_a_client_cleaned_up_as_stale_registers_again_and_keeps_its_open_files(e
         # it, so it is not queued for deletion and its record stays.
         def redis_cli(*args):
             return subprocess.run(["redis-cli", "-p", str(redis.port), "-n", str(db), *args], capture_output=True, text=True).stdout.strip()
-        assert redis_cli("ZCARD", "delfiles") == "0", "nothing queued for deletion while A holds the file"
-        assert redis_cli("EXISTS", f"i{ino}") == "1", "the inode is kept"
+        assert redis_cli("ZCARD", "{%d}delfiles" % db) == "0", "nothing queued for deletion while A holds the file"
+        assert redis_cli("EXISTS", f"{{{db}}}i{ino}") == "1", "the inode is kept"
         open(flag, "w").close()
         out, err = holder.communicate(60)
         import hashlib
