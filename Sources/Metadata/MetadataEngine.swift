@@ -43,8 +43,8 @@ public struct RemovedName: Sendable, Equatable {
 }
 
 /// The metadata engine: an atomic, permission-checking POSIX namespace plus the chunk records
-/// of files, sessions and locks. `SQLiteMetadata`, `RedisTxnMetadata` (both `TxnMetadata`) and
-/// `RedisMetadata` implement it with the same semantics; the conformance suite runs against all.
+/// of files, sessions and locks. `SQLiteMetadata` and `RedisTxnMetadata` (both `TxnMetadata`)
+/// implement it; the conformance suite runs against both.
 ///
 /// Methods block (they run on FUSE or worker threads, never on the Swift concurrency pool).
 /// Every method throws `FSError` with the errno ext4 would give.

@@ -4,10 +4,10 @@ import StageFSCore
     import Glibc
 #endif
 
-/// Key names of one volume in Redis: the layout of the Lua engine (`RedisScripts`), each name
-/// behind the volume's prefix. A volume formatted by this engine puts the hash tag `{<db>}` in
-/// front of every key, so that all of them fall in one slot of a Redis Cluster; a volume that
-/// the Lua engine formatted keeps its names without a prefix.
+/// Key names of one volume in Redis, each behind the volume's prefix. A volume formatted now puts
+/// the hash tag `{<db>}` in front of every key, so that all of them fall in one slot of a Redis
+/// Cluster; a volume formatted before the tag (by the script engine of earlier versions, same
+/// names) keeps its names without a prefix.
 struct RedisKeys: Sendable {
     let prefix: String
 
@@ -143,7 +143,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         cache = RedisTxnCache(capacity: cacheCapacity)
         let client = Sys.randomBytes(8).map { String($0, radix: 16) }.joined()
         // Connect now (no retry) so an unreachable server is reported at once; load the scripts
-        // and find the layout: a volume of the Lua engine keeps its names.
+        // and find the layout: a volume formatted before the hash tag keeps its names.
         var shas: [String] = []
         var legacy = false
         let name = pool.displayName

@@ -164,9 +164,8 @@ private struct AttrSet {
     }
 }
 
-/// The POSIX semantics of StageFS over any `TxnStore` (`SQLiteStore`, `RedisTxnStore`).
-/// `RedisMetadata` still implements the same rules in Lua; the conformance suite holds every
-/// engine to them.
+/// The POSIX semantics of StageFS over any `TxnStore` (`SQLiteStore`, `RedisTxnStore`): the one
+/// place the file-system rules live; the conformance suite holds every engine to them.
 package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package let store: S
 
@@ -692,7 +691,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         try store.transaction(write: true) { () throws(FSError) in
             try store.prefetch([.attr(ino), .xattr(ino, name)])
             guard var a = try store.attr(ino) else { throw FSError.notFound }
-            try xattrWriteCheck(a, cred, name)
+            try xattrWriteCheck(a, cred, name, removing: true)
             guard try store.xattr(ino, name) != nil else { throw FSError.noAttr }
             try store.deleteXattr(ino, name)
             a.ctime = Timespec.now()
@@ -892,7 +891,12 @@ func xattrReadCheck(_ a: Attr, _ cred: Credential, _ name: [UInt8]) throws(FSErr
 /// Rules for setting or removing an extended attribute (as `xattrReadCheck`, plus the
 /// capability module's refusal of security names to non-root callers, and sticky directories
 /// whose user attributes only their owner changes).
-func xattrWriteCheck(_ a: Attr, _ cred: Credential, _ name: [UInt8]) throws(FSError) {
+///
+/// One exception: the owner or a writer of a file may remove its security.capability. The
+/// kernel does that itself, with the writer's credentials, when a file with a capability is
+/// written, truncated or given away (ext4 drops it then); a removexattr call of a process
+/// without CAP_SETFCAP is refused by the kernel before it reaches a file system.
+func xattrWriteCheck(_ a: Attr, _ cred: Credential, _ name: [UInt8], removing: Bool = false) throws(FSError) {
     if name.isEmpty || name.count > 255 { throw FSError.range }
     let ns = XattrNamespace(name)
     switch ns {
@@ -904,9 +908,14 @@ func xattrWriteCheck(_ a: Attr, _ cred: Credential, _ name: [UInt8]) throws(FSEr
         try Posix.check(a, cred, .write)
     case .unknown: try Posix.check(a, cred, .write)
     }
-    if ns == .security && !cred.isRoot { throw FSError.perm }
+    if ns == .security && !cred.isRoot {
+        let killpriv = removing && name == capabilityXattr && a.type == .regular && (cred.uid == a.uid || Posix.mayAccess(a, cred, .write))
+        if !killpriv { throw FSError.perm }
+    }
     try xattrHandlerCheck(ns, name)
 }
+
+let capabilityXattr = Array("security.capability".utf8)
 
 /// What ext4's handler lookup refuses: namespaces it has no handler for (`system.` holds only
 /// POSIX ACLs, which StageFS does not support) and an empty name after the prefix.

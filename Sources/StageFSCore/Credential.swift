@@ -33,8 +33,7 @@ public struct AccessMask: OptionSet, Sendable {
     public static let read = AccessMask(rawValue: 4)
 }
 
-/// The POSIX permission rules both metadata engines follow (the Redis engine's Lua scripts
-/// repeat them; the conformance suite proves the two agree).
+/// The POSIX permission rules the metadata engines follow (`TxnMetadata`, for both).
 public enum Posix {
     /// Whether `cred` may access an inode with `attr` for `mask` (generic_permission in Linux).
     public static func mayAccess(_ attr: Attr, _ cred: Credential, _ mask: AccessMask) -> Bool {

@@ -129,8 +129,8 @@ public struct Attr: Sendable, Equatable {
     /// Size of the fixed binary encoding (see `encode()`).
     public static let encodedSize = 71
 
-    /// A fixed 71-byte big-endian encoding, shared by the Redis engine's Lua scripts
-    /// (`struct.pack(">BI2I4I4I4I8i8I4i8I4i8I4I4I8", ...)`).
+    /// A fixed 71-byte big-endian encoding (as `struct.pack(">BI2I4I4I4I8i8I4i8I4i8I4I4I8", ...)`
+    /// in Redis Lua; volumes written by earlier versions' scripts read the same).
     public func encode() -> [UInt8] {
         var w = ByteWriter(capacity: Attr.encodedSize)
         w.u8(type.rawValue)

@@ -725,7 +725,7 @@ struct RulesAndBoundsTests {
 private let carol = Credential(uid: 1002, gid: 1000, groups: [1000])
 
 /// The errno paths of the rules (`TxnMetadata`, `SetAttrRules`, `validateName`, the xattr
-/// checks, and the Lua scripts that repeat them) that the differential test against ext4
+/// checks) that the differential test against ext4
 /// drives, each asserted with the errno ext4 gives at the engine's interface, and with what a
 /// refused call must leave as it was.
 @Suite("Metadata errno paths", .timeLimit(.minutes(2)))
@@ -1051,6 +1051,31 @@ struct ErrnoPathTests {
         _ = try m.setattr(alice, ro, touch)
         #expect(try m.setattr(root, file, mixed).mtime == Timespec(sec: 1000, nsec: 0))
         #expect(try m.setattr(root, file, both).uid == bob.uid)
+    }
+
+    /// security.capability: only root sets it; the owner or a writer of the file may remove it
+    /// (the kernel does, with the writer's credentials, when a file with a capability is
+    /// written; a removexattr call without CAP_SETFCAP never gets past the kernel); a user who
+    /// may not write it may not.
+    @Test(arguments: EngineKind.allCases)
+    func aWriterMayDropACapability(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let cap: [UInt8] = [1, 0, 0, 2, 0, 0x20, 0, 0] + Array(repeating: 0, count: 12)
+        let (owned, _) = try m.mknod(alice, dir, n("owned"), .regular, 0o444, rdev: 0, target: nil)
+        let (shared, _) = try m.mknod(bob, dir, n("shared"), .regular, 0o666, rdev: 0, target: nil)
+        let (closed, _) = try m.mknod(bob, dir, n("closed"), .regular, 0o644, rdev: 0, target: nil)
+        for ino in [owned, shared, closed] {
+            expectErrno(EPERM) { try m.setxattr(alice, ino, n("security.capability"), cap, .any) }
+            try m.setxattr(root, ino, n("security.capability"), cap, .any)
+        }
+        expectErrno(EPERM) { try m.removexattr(alice, closed, n("security.capability")) }
+        #expect(try m.getxattr(root, closed, n("security.capability")) == cap)
+        expectErrno(EPERM) { try m.removexattr(alice, shared, n("security.other")) }
+        try m.removexattr(alice, owned, n("security.capability"))
+        try m.removexattr(alice, shared, n("security.capability"))
+        for ino in [owned, shared] { expectErrno(ENODATA) { _ = try m.getxattr(root, ino, n("security.capability")) } }
     }
 
     /// Extended attributes: the name's length (ERANGE, first), the value's size (E2BIG), the

@@ -325,6 +325,18 @@ struct RedisTxnTests {
         try m.close(ino, sid: sid)
         _ = try m.create(alice, dir, n("b"), 0o644, sid: sid)
         warm["unlink"] = try trips(f.store) { _ = try m.unlink(alice, dir, n("b")) }
+        // Elsewhere (the directory above is listed below).
+        let (other, _) = try m.mknod(alice, rootIno, n("o"), .directory, 0o777, rdev: 0, target: nil)
+        _ = try? m.lookup(alice, other, n("m"))
+        warm["mkdir"] = try trips(f.store) { _ = try m.mknod(alice, other, n("m"), .directory, 0o755, rdev: 0, target: nil) }
+        _ = try? m.lookup(alice, other, n("l"))
+        warm["link"] = try trips(f.store) { _ = try m.link(alice, ino, other, n("l")) }
+        _ = try? m.lookup(alice, other, n("r"))
+        warm["rename"] = try trips(f.store) { _ = try m.rename(alice, other, n("l"), other, n("r"), []) }
+        warm["chmod"] = try trips(f.store) { try chmod(m, ino, 0o640) }
+        try m.setxattr(alice, ino, n("user.k"), n("v"), .any)
+        warm["setxattr"] = try trips(f.store) { try m.setxattr(alice, ino, n("user.k"), n("v2"), .any) }
+        warm["getxattr"] = try trips(f.store) { _ = try m.getxattr(alice, ino, n("user.k")) }
         // A deleted file's chunks, listed with their records in one read, removed in one commit.
         let (big, _) = try m.create(alice, dir, n("big"), 0o644, sid: sid)
         for i in 0..<3 {
@@ -364,6 +376,18 @@ struct RedisTxnTests {
         cold["create"] = try trips(c.store) { _ = try c.create(alice, dir, n("e"), 0o644, sid: csid) }
         (c, csid) = try fresh()
         cold["unlink"] = try trips(c.store) { _ = try c.unlink(alice, dir, n("e")) }
+        (c, csid) = try fresh()
+        cold["mkdir"] = try trips(c.store) { _ = try c.mknod(alice, other, n("m2"), .directory, 0o755, rdev: 0, target: nil) }
+        (c, csid) = try fresh()
+        cold["link"] = try trips(c.store) { _ = try c.link(alice, ino, other, n("l2")) }
+        (c, csid) = try fresh()
+        cold["rename"] = try trips(c.store) { _ = try c.rename(alice, other, n("l2"), other, n("r2"), []) }
+        (c, csid) = try fresh()
+        cold["chmod"] = try trips(c.store) { try chmod(c, ino, 0o644) }
+        (c, csid) = try fresh()
+        cold["setxattr"] = try trips(c.store) { try c.setxattr(alice, ino, n("user.k"), n("w"), .any) }
+        (c, csid) = try fresh()
+        cold["getxattr"] = try trips(c.store) { _ = try c.getxattr(alice, ino, n("user.k")) }
         // A client whose cached directory is stale (other clients created files there since):
         // they changed only its times, which the commit does not check.
         let stale = try trips(f.store) { _ = try m.create(alice, dir, n("s"), 0o644, sid: sid) }

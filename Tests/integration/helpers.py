@@ -305,3 +305,27 @@ def make_volume(env, kind, redis, moto, name):
     url = redis.url(redis.new_db())
     return Volume(env, kind, url, ["--storage", "s3", "--bucket", moto.bucket(f"{name}-bucket"),
                                             "--access-key", moto.access_key, "--secret-key", moto.secret_key], name)
+
+
+class RoundTrips:
+    """Counts the commands clients send to Redis (MONITOR lines; commands run inside the
+    scripts are not round trips and are left out)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.proc = subprocess.Popen(["redis-cli", "-p", str(port), "monitor"], stdout=subprocess.PIPE, text=True)
+        # MONITOR answers OK once it is attached: only then is every command seen.
+        assert self.proc.stdout.readline().strip() == "OK", "MONITOR attached"
+
+    def stop(self):
+        # A marker command: once MONITOR shows it, it has shown everything sent before.
+        marker = f"stagefs-marker-{os.getpid()}"
+        subprocess.run(["redis-cli", "-p", str(self.port), "ECHO", marker], check=True, capture_output=True)
+        lines = []
+        for line in self.proc.stdout:
+            if marker in line:
+                break
+            lines.append(line)
+        self.proc.terminate()
+        self.proc.communicate()
+        return [l for l in lines if '"' in l and "lua]" not in l]

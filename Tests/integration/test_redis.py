@@ -509,3 +509,100 @@ def test_an_outage_longer_than_the_limit_fails_operations_not_the_mount(env):
         env.stagefs("umount", m)
         if r.proc.poll() is None:
             r.stop()
+
+
+def test_round_trips_per_file_on_a_mount(env, redis):
+    """What the README's table says a mount costs per small file, as upper bounds (kernel
+    caches may save more): create+write+close 4 round trips, stat 1, open+read+close 3 (and a
+    read sent with the open's commit), unlink 2, the deleter's batches included."""
+    db = redis.new_db()
+    url = redis.url(db)
+    base = env.dir_for(USER, "rt")
+    env.stagefs("format", url, "roundtrips", "--bucket", os.path.join(base, "data"))
+    m = env.dir_for(USER, "m")
+    env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"))
+    n = 200
+    d = os.path.join(m, "d")
+    try:
+        run_as(USER, os.mkdir, d)
+
+        def create():
+            for i in range(n):
+                with open(os.path.join(d, f"f{i}"), "wb") as f:
+                    f.write(b"x" * 4096)
+
+        def stat():
+            for i in range(n):
+                os.stat(os.path.join(d, f"f{i}"))
+
+        def read():
+            for i in range(n):
+                with open(os.path.join(d, f"f{i}"), "rb") as f:
+                    assert f.read() == b"x" * 4096
+
+        def unlink():
+            for i in range(n):
+                os.unlink(os.path.join(d, f"f{i}"))
+
+        def gone():
+            return redis_cli(redis, db, "ZCARD", "{%d}delfiles" % db) == "0"
+
+        counts = {}
+        for name, fn, most in [("create", create, 4), ("stat", stat, 1), ("read", read, 4), ("unlink", unlink, 2.1)]:
+            counter = helpers.RoundTrips(redis.port)
+            run_as(USER, fn)
+            if name == "unlink":
+                helpers.wait_until(gone, 30, "the deleter finished")
+            ours = [c for c in counter.stop() if f"[{db} " in c and '"ZCARD"' not in c]
+            counts[name] = len(ours) / n
+            print(f"{name}: {counts[name]:.2f} commands per file")
+            # A few more: heartbeats, id ranges (every 1000 inodes), the deleter's last step.
+            assert len(ours) <= most * n + n // 10, f"{name}: {len(ours)} commands for {n} files"
+        assert run_as(USER, os.listdir, d) == []
+    finally:
+        env.stagefs("umount", m)
+
+
+def test_a_capability_goes_when_a_user_writes_as_on_ext4(env, redis):
+    """The kernel asks for security.capability before each write to drop it; the mount
+    remembers its absence like an attribute, but a capability set since is seen and dropped,
+    as ext4 drops it (checked through a second client, which remembers nothing)."""
+    # A version-2 capability: cap_net_raw, permitted and effective.
+    cap = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+    db = redis.new_db()
+    url = redis.url(db)
+    base = env.dir_for(USER, "cap")
+    env.stagefs("format", url, "capability", "--bucket", os.path.join(base, "data"))
+    m1, m2 = env.dir_for(USER, "m1"), env.dir_for(USER, "m2")
+    # Root sets the capability (allow_root lets it into the user's mounts).
+    env.stagefs("mount", "-d", url, m1, "-o", "allow_root", "--log", os.path.join(base, "m1.log"))
+    env.stagefs("mount", "-d", url, m2, "-o", "allow_root", "--log", os.path.join(base, "m2.log"))
+    oracle = env.dir_for(USER, "ext4")
+    try:
+        results = []
+        for root in (oracle, m1):
+            f = os.path.join(root, "tool")
+
+            def write(data):
+                with open(f, "ab") as h:
+                    h.write(data)
+
+            run_as(USER, write, b"first")  # the mount now knows: no capability
+            os.chmod(f, 0o666)
+            os.setxattr(f, "security.capability", cap)
+            assert os.getxattr(f, "security.capability") == cap
+            run_as(USER, write, b"second")
+            try:
+                results.append(os.getxattr(f, "security.capability"))
+            except OSError as e:
+                results.append(e.errno)
+        assert results[0] == results[1], f"ext4: {results[0]}, StageFS: {results[1]}"
+        # The other client reads the metadata itself.
+        try:
+            other = os.getxattr(os.path.join(m2, "tool"), "security.capability")
+        except OSError as e:
+            other = e.errno
+        assert other == results[0]
+    finally:
+        env.stagefs("umount", m1)
+        env.stagefs("umount", m2)

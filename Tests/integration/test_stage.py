@@ -308,30 +308,6 @@ def test_ctrl_c_stops_cleanly(env, redis):
         moto.stop()
 
 
-class RoundTrips:
-    """Counts the commands clients send to Redis (MONITOR lines; commands run inside Lua
-    scripts are not round trips and are left out)."""
-
-    def __init__(self, port):
-        self.port = port
-        self.proc = subprocess.Popen(["redis-cli", "-p", str(port), "monitor"], stdout=subprocess.PIPE, text=True)
-        # MONITOR answers OK once it is attached: only then is every command seen.
-        assert self.proc.stdout.readline().strip() == "OK", "MONITOR attached"
-
-    def stop(self):
-        # A marker command: once MONITOR shows it, it has shown everything sent before.
-        marker = f"stagefs-marker-{os.getpid()}"
-        subprocess.run(["redis-cli", "-p", str(self.port), "ECHO", marker], check=True, capture_output=True)
-        lines = []
-        for line in self.proc.stdout:
-            if marker in line:
-                break
-            lines.append(line)
-        self.proc.terminate()
-        self.proc.communicate()
-        return [l for l in lines if '"' in l and "lua]" not in l]
-
-
 @pytest.mark.parametrize("ttl", ["0", "30"])
 def test_metadata_cache_saves_round_trips(env, redis, ttl):
     url = redis.url(41 + int(ttl == "30"))
@@ -349,7 +325,7 @@ def test_metadata_cache_saves_round_trips(env, redis, ttl):
                     os.stat(os.path.join(m, n))
             return len(names)
 
-        counter = RoundTrips(redis.port)
+        counter = helpers.RoundTrips(redis.port)
         assert run_as(USER, list_then_stat) == 200
         calls = len([c for c in counter.stop() if "ZADD" not in c])  # heartbeats aside
         if ttl == "0":
