@@ -498,7 +498,9 @@ final class RedisConnection {
         }
     }
 
-    private static let busy = ["LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN"]
+    /// Replies that mean "not now, not here": loading, read-only (a demoted master), failing
+    /// over, and a cluster whose slot moved or is moving (the pool asks again where it is).
+    private static let busy = ["LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "MOVED", "ASK", "CLUSTERDOWN"]
 
     private func encode(_ c: RedisCommand) {
         out.append(42)
@@ -555,7 +557,11 @@ final class RedisPool: @unchecked Sendable {
     private let tls: RedisTLS?
     private let lock = ConditionLock()
     private var idle: [RedisConnection] = []
+    /// The server to talk to once found: the master a Sentinel named, or the Redis Cluster node
+    /// serving the volume's slot.
     private var master: RedisHost?
+    /// Whether the server is a Redis Cluster node (learned at the first connection).
+    private var cluster: Bool?
     private var outage: UInt64?
 
     init(_ location: RedisLocation) throws(FSError) {
@@ -568,9 +574,10 @@ final class RedisPool: @unchecked Sendable {
         }
     }
 
-    /// The master's address: the URL's server, or what a Sentinel says now.
+    /// The master's address: what a Sentinel says now, the cluster node found serving the
+    /// volume's slot, or the URL's server.
     private func resolveMaster() throws(FSError) -> RedisHost {
-        guard let name = location.masterName else { return location.hosts[0] }
+        guard let name = location.masterName else { return lock.withLock { master } ?? location.hosts[0] }
         if let m = lock.withLock({ master }) { return m }
         var why: [String] = []
         let password = getenv("SENTINEL_PASSWORD").map { String(cString: $0) }
@@ -599,14 +606,67 @@ final class RedisPool: @unchecked Sendable {
         throw .redisTransient("no Sentinel gave the address of master '\(name)': \(why.joined(separator: "; "))")
     }
 
-    /// A new connection to the master, authenticated, with the database selected.
+    /// A new connection to the master, authenticated, with the database selected (on a Redis
+    /// Cluster: to the node serving the volume's slot; the database number is then only the
+    /// volume's hash tag, as a cluster has database 0 alone).
     private func connect() throws(FSError) -> RedisConnection {
-        let m = try resolveMaster()
+        var m = try resolveMaster()
+        for _ in 0..<3 {
+            let c = try open(m)
+            guard try isCluster(c) else { return try prepare(c) }
+            let owner = try slotOwner(c, asked: m)
+            if owner == m { return c }
+            lock.withLock { master = owner }
+            m = owner
+        }
+        throw .redisTransient("\(displayName): the cluster's slot \(volumeSlot) keeps moving")
+    }
+
+    /// Whether the server is a Redis Cluster node (known after the first connection).
+    var isCluster: Bool { lock.withLock { cluster ?? false } }
+
+    /// The slot of the volume's hash tag `{DB}` in a Redis Cluster (CRC-16/XMODEM of the tag's
+    /// content, modulo 16384).
+    var volumeSlot: Int {
+        var crc: UInt16 = 0
+        for b in String(location.db).utf8 {
+            crc ^= UInt16(b) << 8
+            for _ in 0..<8 { crc = crc & 0x8000 != 0 ? (crc << 1) ^ 0x1021 : crc << 1 }
+        }
+        return Int(crc & 0x3FFF)
+    }
+
+    private func isCluster(_ c: RedisConnection) throws(FSError) -> Bool {
+        if let known = lock.withLock({ cluster }) { return known }
+        let info = try c.command(["INFO", "cluster"]).text ?? ""
+        let yes = info.contains("cluster_enabled:1")
+        if yes && location.masterName != nil {
+            throw FSError(EINVAL, "\(c.where_) is a Redis Cluster node: name a node of it (redis://HOST:PORT/N), not Sentinels")
+        }
+        lock.withLock { cluster = yes }
+        return yes
+    }
+
+    /// The cluster node serving the volume's slot, as `CLUSTER SLOTS` on `c` says.
+    private func slotOwner(_ c: RedisConnection, asked: RedisHost) throws(FSError) -> RedisHost {
+        let slot = volumeSlot
+        for range in try c.command(["CLUSTER", "SLOTS"]).array {
+            let r = range.array
+            guard r.count >= 3, let lo = r[0].int, let hi = r[1].int, lo <= slot, slot <= hi else { continue }
+            let node = r[2].array
+            guard node.count >= 2, let port = node[1].int else { break }
+            let host = node[0].text ?? ""
+            return RedisHost(host.isEmpty || host == "?" ? asked.host : host, Int(port))
+        }
+        throw .redisTransient("\(c.where_): no cluster node serves slot \(slot) (the volume's) yet")
+    }
+
+    private func open(_ m: RedisHost) throws(FSError) -> RedisConnection {
         let c: RedisConnection
         do throws(FSError) {
             c = try RedisConnection(m, tls: tls, timeoutMillis: 5000, replyTimeoutMillis: 30_000, label: "Redis")
         } catch {
-            if location.masterName != nil { forgetMaster() }
+            forgetMaster()
             throw error
         }
         if let password = location.password {
@@ -616,6 +676,12 @@ final class RedisPool: @unchecked Sendable {
         if location.password == nil, case .error(let e) = try c.command(["PING"]), e.hasPrefix("NOAUTH") {
             throw FSError(EACCES, "\(c.where_) wants a password: give it in the META-URL (redis://:PASSWORD@host:port/db)")
         }
+        return c
+    }
+
+    /// A connection to a server that is no cluster node: the database selected, and for a
+    /// Sentinel URL the role checked.
+    private func prepare(_ c: RedisConnection) throws(FSError) -> RedisConnection {
         if location.db != 0 {
             if case .error(let e) = try c.command(["SELECT", location.db]) {
                 throw FSError(EINVAL, "\(c.where_) has no database \(location.db): \(e)")
@@ -672,7 +738,7 @@ final class RedisPool: @unchecked Sendable {
                 }
                 // Whatever broke this connection (a restart, a failover) broke the idle ones too.
                 lock.withLock { idle.removeAll() }
-                if location.masterName != nil { forgetMaster() }
+                forgetMaster()
                 let waited = Double(Sys.monotonicNanos() - start) / 1e9
                 noteOutage(error)
                 if waited + delay > retryTimeout {

@@ -147,6 +147,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         var shas: [String] = []
         var legacy = false
         let name = pool.displayName
+        let pool = self.pool
         try pool.once { (c) throws(FSError) in
             for text in [RedisTxnScripts.read, RedisTxnScripts.commit] {
                 let reply = try c.command(["SCRIPT", "LOAD", text])
@@ -158,7 +159,8 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
                 }
                 shas.append(sha)
             }
-            legacy = try c.command(["EXISTS", "setting"]).int == 1
+            // (A cluster's volume is always tagged: an untagged name lives in another slot.)
+            if !pool.isCluster { legacy = try c.command(["EXISTS", "setting"]).int == 1 }
         }
         readSha = shas[0]
         commitSha = shas[1]

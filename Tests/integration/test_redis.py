@@ -606,3 +606,81 @@ def test_a_capability_goes_when_a_user_writes_as_on_ext4(env, redis):
     finally:
         env.stagefs("umount", m1)
         env.stagefs("umount", m2)
+
+
+def test_a_volume_runs_on_a_redis_cluster(env):
+    """Three cluster nodes on loopback. The URL names a node that does not serve the volume's
+    slot: the client finds the one that does, and every key of the volume lands there (one
+    slot, the hash tag {DB}). The slot then moves to another node under the mount, which finds
+    it again and goes on."""
+    nodes = [OwnRedis(env, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000")
+             for _ in range(3)]
+
+    def cli(n, *args):
+        return subprocess.run(["redis-cli", "-p", str(n.port), *map(str, args)], capture_output=True, text=True, check=True).stdout.strip()
+
+    base = env.dir_for(USER, "cluster")
+    m = env.dir_for(USER, "m")
+    try:
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes], "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, text=True)
+        helpers.wait_until(lambda: all("cluster_state:ok" in cli(n, "CLUSTER", "INFO") for n in nodes), 30, "the cluster is up")
+        db = 1
+        slot = int(cli(nodes[0], "CLUSTER", "KEYSLOT", "{%d}" % db))
+
+        def serves(n):
+            for line in cli(n, "CLUSTER", "NODES").splitlines():
+                f = line.split()
+                if "myself" in f[2]:
+                    for r in f[8:]:
+                        lo, _, hi = r.partition("-")
+                        if not r.startswith("[") and int(lo) <= slot <= int(hi or lo):
+                            return True
+            return False
+
+        owner = next(n for n in nodes if serves(n))
+        others = [n for n in nodes if n is not owner]
+        url = f"redis://127.0.0.1:{others[0].port}/{db}"
+        env.stagefs("format", url, "clustered", "--bucket", os.path.join(base, "data"))
+        env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"))
+
+        def write(names):
+            os.makedirs(os.path.join(m, "d"), exist_ok=True)
+            for name in names:
+                with open(os.path.join(m, "d", name), "w") as f:
+                    f.write(name * 100)
+
+        def check(names):
+            return sorted(os.listdir(os.path.join(m, "d"))) == sorted(names) and all(
+                open(os.path.join(m, "d", n)).read() == n * 100 for n in names)
+
+        first = [f"a{i}" for i in range(50)]
+        run_as(USER, write, first)
+        assert run_as(USER, check, first)
+        keys = cli(owner, "KEYS", "*").split()
+        assert keys and all(k.startswith("{%d}" % db) for k in keys), keys[:10]
+        assert all(cli(n, "DBSIZE") == "0" for n in others), "no key of the volume on the other nodes"
+
+        # Move the slot to another node, as a resharding does.
+        target = others[1]
+        tid, oid = cli(target, "CLUSTER", "MYID"), cli(owner, "CLUSTER", "MYID")
+        cli(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", oid)
+        cli(owner, "CLUSTER", "SETSLOT", slot, "MIGRATING", tid)
+        while True:
+            batch = cli(owner, "CLUSTER", "GETKEYSINSLOT", slot, 100).split()
+            if not batch:
+                break
+            cli(owner, "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *batch)
+        for n in nodes:
+            cli(n, "CLUSTER", "SETSLOT", slot, "NODE", tid)
+        assert cli(owner, "DBSIZE") == "0" and int(cli(target, "DBSIZE")) > 0
+
+        second = [f"b{i}" for i in range(50)]
+        run_as(USER, write, second)
+        assert run_as(USER, check, first + second), "the mount went on after the slot moved"
+        assert cli(owner, "DBSIZE") == "0", "nothing written to the node that gave the slot away"
+    finally:
+        if helpers.is_mounted(m):
+            env.stagefs("umount", m)
+        for n in nodes:
+            n.stop()
