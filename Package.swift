@@ -10,7 +10,9 @@ let package = Package(
         .executable(name: "stagefs", targets: ["stagefs"])
     ],
     dependencies: [
-        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2")
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        // The logging API (our handler writes the lines; see StageFSCore/Log.swift).
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         .systemLibrary(name: "CFuse3", path: "Sources/CFuse3"),
@@ -18,7 +20,7 @@ let package = Package(
         .systemLibrary(name: "CCurl", path: "Sources/CCurl"),
         .systemLibrary(name: "CSQLite3", path: "Sources/CSQLite3"),
         .systemLibrary(name: "CChecksum", path: "Sources/CChecksum"),
-        .target(name: "StageFSCore", dependencies: ["CChecksum"], exclude: ["README.md"]),
+        .target(name: "StageFSCore", dependencies: ["CChecksum", .product(name: "Logging", package: "swift-log")], exclude: ["README.md"]),
         .target(name: "SQLiteKit", dependencies: ["StageFSCore", "CSQLite3"], exclude: ["README.md"]),
         .target(name: "Metadata", dependencies: ["StageFSCore", "SQLiteKit", "CSQLite3", "COpenSSL"], exclude: ["README.md"]),
         .target(name: "ObjectStorage", dependencies: ["StageFSCore", "CCurl"], exclude: ["README.md"]),
