@@ -534,7 +534,8 @@ final class RedisConnection {
         answered = true
         // A server that is loading, read-only (a demoted master) or failing over: try again later.
         for r in replies {
-            if case .error(let text) = r, RedisConnection.busy.contains(where: { text.hasPrefix($0) }) {
+            // (A read script following a key whose slot moves mid-resharding is refused too.)
+            if case .error(let text) = r, RedisConnection.busy.contains(where: { text.hasPrefix($0) }) || text.contains("non local key") {
                 throw FSError.redisTransient("\(where_) answered: \(text)")
             }
         }

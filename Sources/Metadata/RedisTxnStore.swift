@@ -182,6 +182,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             if write { t.write = true }
             return try body()
         }
+        if write { RedisTxn.lastCommitted = nil }
         var attempt = 0
         var useCache = write
         var stripe: ConditionLock?
@@ -227,6 +228,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             switch try commit(t, checksOnly: !t.hasWrites) {
             case .applied:
                 cache.record(t, committed: true)
+                RedisTxn.lastCommitted = t.writtenAttrs()
                 return result
             case .conflict(let c):
                 changed = c
@@ -474,7 +476,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     }
 
     package func recentAttr(_ ino: Ino) -> Attr? {
-        guard case .string(let b)? = cache.lookup(.get(keys.attr(ino))) else { return nil }
+        guard let b = RedisTxn.lastCommitted?[keys.attr(ino)] else { return nil }
         return Attr(decoding: b)
     }
 
@@ -714,6 +716,38 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     package func forgetSessionLock(_ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError) {
         try txn().op("SREM", keys.sessionLocks(sid), [Array("\(ino):\(kind)".utf8)])
+    }
+}
+
+/// The attribute records the thread's last committed transaction wrote (whole, as they are on
+/// the server right after it): what `recentAttr` answers.
+private let lastCommittedKey: pthread_key_t = {
+    var k = pthread_key_t()
+    pthread_key_create(&k) { p in if let p { Unmanaged<AttrRecords>.fromOpaque(p).release() } }
+    return k
+}()
+
+final class AttrRecords {
+    let records: [String: [UInt8]]
+    init(_ records: [String: [UInt8]]) { self.records = records }
+}
+
+extension RedisTxn {
+    static var lastCommitted: [String: [UInt8]]? {
+        get { pthread_getspecific(lastCommittedKey).map { Unmanaged<AttrRecords>.fromOpaque($0).takeUnretainedValue().records } }
+        set {
+            if let old = pthread_getspecific(lastCommittedKey) { Unmanaged<AttrRecords>.fromOpaque(old).release() }
+            pthread_setspecific(lastCommittedKey, newValue.map { Unmanaged.passRetained(AttrRecords($0)).toOpaque() })
+        }
+    }
+
+    /// The attribute records this transaction sets whole.
+    func writtenAttrs() -> [String: [UInt8]] {
+        var out: [String: [UInt8]] = [:]
+        for (k, w) in writes where store.keys.isAttr(k) {
+            if case .set(let v)? = w.string { out[k] = v }
+        }
+        return out
     }
 }
 

@@ -715,7 +715,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             if a.type == .regular { try store.chunkAfterCommit(ino, 0) { first.value = Slice.decodeAll($0) } }
             return a
         }
-        return (a, a.type == .regular ? first.value ?? [] : nil)
+        // nil (not delivered: no commit was sent) leaves the first chunk to be read.
+        return (a, a.type == .regular ? first.value : nil)
     }
 
     @discardableResult package func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool {

@@ -95,6 +95,43 @@ final class MetaCache: @unchecked Sendable {
         }
     }
 
+    /// Changes of a directory by this client now under way, and how many began (see
+    /// `beginChange`).
+    private var changing: [Ino: (inFlight: Int, began: UInt64)] = [:]
+
+    /// A change of directory `dir` by this client begins (an entry is added or removed).
+    /// Returns what `endChange` needs.
+    func beginChange(_ dir: Ino) -> (began: UInt64, alone: Bool) {
+        lock.withLock {
+            var e = changing[dir] ?? (0, 0)
+            let alone = e.inFlight == 0
+            e.inFlight += 1
+            e.began &+= 1
+            changing[dir] = e
+            return (e.began, alone)
+        }
+    }
+
+    /// The change ended; `after` is the directory's attributes as its commit left them (nil:
+    /// not known, or it failed). They are kept only when no other change of the directory by
+    /// this client overlapped this one (then they are the newest this client made); otherwise
+    /// the directory's attributes are forgotten and read again.
+    func endChange(_ dir: Ino, _ token: (began: UInt64, alone: Bool), after: Attr?) {
+        let deadline = Sys.monotonicNanos() + attrTTL
+        let asOf = clock()
+        lock.withLock {
+            guard var e = changing[dir] else { return }
+            e.inFlight -= 1
+            let overlapped = !token.alone || e.began != token.began
+            changing[dir] = e.inFlight == 0 ? nil : e
+            if let after, !overlapped, attrTTL > 0 {
+                attrs[dir] = (after, deadline, asOf)
+            } else {
+                attrs[dir] = nil
+            }
+        }
+    }
+
     func dropEntry(_ parent: Ino, _ name: [UInt8]) {
         lock.withLock { entries[EntryKey(parent: parent, name: name)] = nil }
     }

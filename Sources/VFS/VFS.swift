@@ -131,11 +131,17 @@ public final class VFS: @unchecked Sendable {
         var count = 0
         do {
             if what.contains(.files) {
-                // Bounded: `limit` steps of up to 100 files each.
+                // Bounded: `limit` steps of up to 100 files each, and about two seconds (the
+                // background thread also keeps the session alive): the rest in the next round.
+                let start = Sys.monotonicNanos()
                 for _ in 0..<limit {
                     let (slices, more) = try meta.finishDeletes(limit: min(limit, 100))
                     for s in slices { count += data.deleteObjects(s) }
                     if !more { break }
+                    if Sys.monotonicNanos() - start > 2_000_000_000 {
+                        lock.withLock { deletesPending.formUnion(.files) }
+                        break
+                    }
                 }
             }
             if what.contains(.slices) {
@@ -352,36 +358,44 @@ public final class VFS: @unchecked Sendable {
         _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32
     ) throws(FSError) -> (Ino, Attr) {
         try writable()
-        return created(parent, name, try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: nil))
+        return created(parent, name, try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: nil) })
     }
 
-    /// Records a new entry in the client cache; the parent's times changed.
+    /// Records a new entry in the client cache.
     private func created(_ parent: Ino, _ name: [UInt8], _ r: (Ino, Attr)) -> (Ino, Attr) {
-        changedDirectory(parent)
         cache.putEntry(parent, name, r.0, r.1, asOf: cache.stamp())
         noCapability(r.0)
         return r
     }
 
-    /// After this client changed directory `dir` (an entry came or went): its attributes as
-    /// the change left them when the engine knows them without a round trip (the kernel asks
-    /// for them next), else forgotten.
-    private func changedDirectory(_ dir: Ino) {
-        if let a = meta.recentAttr(dir), a.type == .directory {
-            cache.put(dir, a, asOf: cache.stamp())
-        } else {
-            cache.drop(dir)
+    /// Runs a change of directories `dirs` by this client (entries come or go). Then the kernel
+    /// asks for their attributes: they are kept as the change's own commit left them when the
+    /// engine knows that without a round trip and no other change of theirs by this client
+    /// overlapped (`MetaCache.endChange`), else read again.
+    private func changing<T>(_ dirs: [Ino], _ body: () throws(FSError) -> T) throws(FSError) -> T {
+        let unique = dirs.count > 1 && dirs[0] == dirs[1] ? [dirs[0]] : dirs
+        let tokens = unique.map { cache.beginChange($0) }
+        do {
+            let r = try body()
+            for (d, t) in zip(unique, tokens) {
+                let a = meta.recentAttr(d)
+                cache.endChange(d, t, after: a?.type == .directory ? a : nil)
+            }
+            return r
+        } catch {
+            for (d, t) in zip(unique, tokens) { cache.endChange(d, t, after: nil) }
+            throw error
         }
     }
 
     public func mkdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16) throws(FSError) -> (Ino, Attr) {
         try writable()
-        return created(parent, name, try meta.mknod(cred, parent, name, .directory, mode, rdev: 0, target: nil))
+        return created(parent, name, try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, .directory, mode, rdev: 0, target: nil) })
     }
 
     public func symlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8], target: [UInt8]) throws(FSError) -> (Ino, Attr) {
         try writable()
-        return created(parent, name, try meta.mknod(cred, parent, name, .symlink, 0o777, rdev: 0, target: target))
+        return created(parent, name, try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, .symlink, 0o777, rdev: 0, target: target) })
     }
 
     public func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
@@ -391,9 +405,8 @@ public final class VFS: @unchecked Sendable {
     public func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
         try writable()
         cache.dropEntry(parent, name)
-        let r = try meta.unlink(cred, parent, name)
+        let r = try changing([parent]) { () throws(FSError) in try meta.unlink(cred, parent, name) }
         cache.drop(r.ino)
-        changedDirectory(parent)
         bury(r)
         if r.freed { wakeDeleter(.files) }
     }
@@ -401,9 +414,8 @@ public final class VFS: @unchecked Sendable {
     public func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
         try writable()
         cache.dropEntry(parent, name)
-        let r = try meta.rmdir(cred, parent, name)
+        let r = try changing([parent]) { () throws(FSError) in try meta.rmdir(cred, parent, name) }
         cache.drop(r.ino)
-        changedDirectory(parent)
         bury(r)
     }
 
@@ -411,15 +423,7 @@ public final class VFS: @unchecked Sendable {
         try writable()
         cache.dropEntry(sp, sn)
         cache.dropEntry(dp, dn)
-        let r: RenameResult
-        do {
-            r = try meta.rename(cred, sp, sn, dp, dn, flags)
-        } catch {
-            cache.drop(sp, dp)
-            throw error
-        }
-        changedDirectory(sp)
-        if dp != sp { changedDirectory(dp) }
+        let r = try changing([sp, dp]) { () throws(FSError) in try meta.rename(cred, sp, sn, dp, dn, flags) }
         // Both inodes' ctime changed.
         cache.drop(r.moved, r.other)
         bury(r.removed)
@@ -429,8 +433,7 @@ public final class VFS: @unchecked Sendable {
     public func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
         try writable()
         let t = cache.stamp()
-        let a = try meta.link(cred, ino, parent, name)
-        changedDirectory(parent)
+        let a = try changing([parent]) { () throws(FSError) in try meta.link(cred, ino, parent, name) }
         cache.putEntry(parent, name, ino, a, asOf: t)
         return overlay(ino, a)
     }
@@ -535,7 +538,7 @@ public final class VFS: @unchecked Sendable {
     /// Creates and opens a regular file.
     public func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, flags: Int32) throws(FSError) -> (Ino, Attr, UInt64) {
         try writable()
-        let (ino, a) = created(parent, name, try meta.create(cred, parent, name, mode, sid: sid))
+        let (ino, a) = created(parent, name, try changing([parent]) { () throws(FSError) in try meta.create(cred, parent, name, mode, sid: sid) })
         let w = data.openWriter(ino)
         return (ino, a, register(FileHandle(ino: ino, flags: flags, writer: w, size: 0, stamp: data.changeStamp(ino), mode: a.mode)))
     }
@@ -621,10 +624,11 @@ public final class VFS: @unchecked Sendable {
         // that it is absent is remembered like an attribute (no permission decides it).
         let isCapability = name == capabilityName
         if isCapability && capabilityAbsent(ino) { throw FSError.noAttr }
+        let epoch = capabilities.withLock { $0.epoch }
         do {
             return try meta.getxattr(cred, ino, name)
         } catch {
-            if isCapability && error.code == ENODATA { noCapability(ino) }
+            if isCapability && error.code == ENODATA { noCapability(ino, ifUnchangedSince: epoch) }
             throw error
         }
     }
@@ -636,6 +640,7 @@ public final class VFS: @unchecked Sendable {
     public func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
         try writable()
         forgetCapability(ino)
+        defer { forgetCapability(ino) }
         try meta.setxattr(cred, ino, name, value, flag)
         cache.drop(ino)
     }
@@ -643,33 +648,42 @@ public final class VFS: @unchecked Sendable {
     public func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
         try writable()
         forgetCapability(ino)
+        defer { forgetCapability(ino) }
         try meta.removexattr(cred, ino, name)
         cache.drop(ino)
     }
 
     /// Inodes known to have no security.capability, each until a deadline (the attribute
-    /// cache's timeout): created by this client, or asked about lately.
-    private let capabilities = Locked<[Ino: UInt64]>([:])
+    /// cache's timeout): created by this client, or asked about lately. `epoch` counts this
+    /// client's extended-attribute changes: an answer read while one was under way is not kept.
+    private let capabilities = Locked<(known: [Ino: UInt64], epoch: UInt64)>(([:], 0))
 
-    private func noCapability(_ ino: Ino) {
+    private func noCapability(_ ino: Ino, ifUnchangedSince epoch: UInt64? = nil) {
         guard cache.attrTTL > 0 else { return }
         let deadline = Sys.monotonicNanos() + cache.attrTTL
         capabilities.withLock {
-            if $0.count > 100_000 { $0.removeAll(keepingCapacity: true) }
-            $0[ino] = deadline
+            if let epoch, $0.epoch != epoch { return }
+            if $0.known.count > 100_000 { $0.known.removeAll(keepingCapacity: true) }
+            $0.known[ino] = deadline
         }
     }
 
     private func capabilityAbsent(_ ino: Ino) -> Bool {
         let now = Sys.monotonicNanos()
-        return capabilities.withLock { (known) -> Bool in
-            guard let d = known[ino] else { return false }
-            if d < now { known[ino] = nil }
+        return capabilities.withLock { (c) -> Bool in
+            guard let d = c.known[ino] else { return false }
+            if d < now { c.known[ino] = nil }
             return d >= now
         }
     }
 
-    private func forgetCapability(_ ino: Ino) { _ = capabilities.withLock { $0.removeValue(forKey: ino) } }
+    /// Called before and after each extended-attribute change of this client.
+    private func forgetCapability(_ ino: Ino) {
+        capabilities.withLock {
+            $0.known[ino] = nil
+            $0.epoch &+= 1
+        }
+    }
 
     // MARK: locks
 
