@@ -613,8 +613,10 @@ def test_a_volume_runs_on_a_redis_cluster(env):
     slot: the client finds the one that does, and every key of the volume lands there (one
     slot, the hash tag {DB}). The slot then moves to another node under the mount, which finds
     it again and goes on."""
-    nodes = [OwnRedis(env, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000")
-             for _ in range(3)]
+    # The cluster bus port is given (by default it is the port + 10000, past 65535 for a high
+    # free port).
+    nodes = [OwnRedis(env, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+                      "--cluster-port", str(helpers.free_port())) for _ in range(3)]
 
     def cli(n, *args):
         return subprocess.run(["redis-cli", "-p", str(n.port), *map(str, args)], capture_output=True, text=True, check=True).stdout.strip()
