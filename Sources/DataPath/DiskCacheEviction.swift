@@ -144,30 +144,41 @@ extension DiskCache {
         let over = used - config.capacity
         let need = spaceLow ? max(over, used / 10) : over
         guard need > 0 else { return ([], []) }
-        var victims: [(String, Int, Int64)] = []
-        var freed = 0
-        try index.query(
-            "SELECT key, size, pack FROM blocks WHERE NOT EXISTS (SELECT 1 FROM pins WHERE pins.key = blocks.key) ORDER BY atime LIMIT 5000", []
-        ) { row in
-            if freed < need {
-                victims.append((Col.text(row, 0), Int(Col.int(row, 1)), Col.int(row, 2)))
-                freed += Int(Col.int(row, 1))
-            }
-        }
-        var packLive: [Int64: Int] = [:]
-        for (k, size, pack) in victims {
-            try index.query("DELETE FROM blocks WHERE key=?", [.text(k)])
-            if pack != 0 { packLive[pack, default: 0] += size }
-        }
-        for (pack, size) in packLive { try index.query("UPDATE packs SET live=live-? WHERE id=?", [.int(Int64(size)), .int(pack)]) }
-        try addUsed(-freed)
+        let (gone, _, freed) = try dropBlocks(
+            "SELECT key, size, pack FROM blocks WHERE NOT EXISTS (SELECT 1 FROM pins WHERE pins.key = blocks.key) ORDER BY atime LIMIT 5000", [],
+            upTo: need)
         if freed < over {
             throw FSError(
                 ENOSPC,
                 "the cache in \(config.dirs.joined(separator: ":")) is full of pinned blocks: \(used - freed) bytes held by jobs' pins exceed --cache-size \(config.capacity) bytes; release a job (stagefs stage --release JOB) or raise --cache-size"
             )
         }
-        return (victims.filter { $0.2 == 0 }.map { $0.0 }, try deadPacks(Array(packLive.keys)))
+        return gone
+    }
+
+    /// Inside an index transaction: drops the blocks `select` lists (key, size, pack), in its
+    /// order, until `budget` bytes are dropped. Returns the index keys of block files and the
+    /// packs left empty (to unlink), how many blocks went and their bytes.
+    private func dropBlocks(_ select: String, _ args: [SQLValue], upTo budget: Int) throws(FSError) -> (
+        gone: ([String], [(Int64, String)]), count: Int, freed: Int
+    ) {
+        var victims: [(key: String, size: Int, pack: Int64)] = []
+        var freed = 0
+        try index.query(select, args) { row in
+            if freed < budget {
+                victims.append((Col.text(row, 0), Int(Col.int(row, 1)), Col.int(row, 2)))
+                freed += Int(Col.int(row, 1))
+            }
+        }
+        var packLive: [Int64: Int] = [:]
+        for v in victims {
+            try index.query("DELETE FROM blocks WHERE key=?", [.text(v.key)])
+            if v.pack != 0 { packLive[v.pack, default: 0] += v.size }
+        }
+        for (pack, size) in packLive { try index.query("UPDATE packs SET live=live-? WHERE id=?", [.int(Int64(size)), .int(pack)]) }
+        try addUsed(-freed)
+        let files = victims.filter { $0.pack == 0 }.map(\.key)
+        return ((files, try deadPacks(Array(packLive.keys))), victims.count, freed)
     }
 
     // MARK: garbage collection (stagefs cache gc)
@@ -222,24 +233,8 @@ extension DiskCache {
             return (bytes, blocks)
         }
         while bytes < limit {
-            let (gone, n, freed) = try indexTransaction { () throws(FSError) -> (([String], [(Int64, String)]), Int, Int) in
-                var victims: [(String, Int, Int64)] = []
-                var freed = 0
-                try index.query(unpinnedBefore + " LIMIT 5000", [.int(before)]) { row in
-                    if bytes + freed < limit {
-                        victims.append((Col.text(row, 0), Int(Col.int(row, 1)), Col.int(row, 2)))
-                        freed += Int(Col.int(row, 1))
-                    }
-                }
-                var packLive: [Int64: Int] = [:]
-                for (k, size, pack) in victims {
-                    try index.query("DELETE FROM blocks WHERE key=?", [.text(k)])
-                    if pack != 0 { packLive[pack, default: 0] += size }
-                }
-                for (pack, size) in packLive { try index.query("UPDATE packs SET live=live-? WHERE id=?", [.int(Int64(size)), .int(pack)]) }
-                try addUsed(-freed)
-                let files = victims.filter { $0.2 == 0 }.map { $0.0 }
-                return ((files, try deadPacks(Array(packLive.keys))), victims.count, freed)
+            let (gone, n, freed) = try indexTransaction { () throws(FSError) in
+                try dropBlocks(unpinnedBefore + " LIMIT 5000", [.int(before)], upTo: limit - bytes)
             }
             if n == 0 { break }
             unlinkGone(gone)

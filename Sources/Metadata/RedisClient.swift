@@ -614,7 +614,7 @@ final class RedisPool: @unchecked Sendable {
         var m = try resolveMaster()
         for _ in 0..<3 {
             let c = try open(m)
-            guard try isCluster(c) else { return try prepare(c) }
+            guard try learnCluster(c) else { return try prepare(c) }
             let owner = try slotOwner(c, asked: m)
             if owner == m { return c }
             lock.withLock { master = owner }
@@ -637,7 +637,8 @@ final class RedisPool: @unchecked Sendable {
         return Int(crc & 0x3FFF)
     }
 
-    private func isCluster(_ c: RedisConnection) throws(FSError) -> Bool {
+    /// Whether `c`'s server is a cluster node (asked once).
+    private func learnCluster(_ c: RedisConnection) throws(FSError) -> Bool {
         if let known = lock.withLock({ cluster }) { return known }
         let info = try c.command(["INFO", "cluster"]).text ?? ""
         let yes = info.contains("cluster_enabled:1")

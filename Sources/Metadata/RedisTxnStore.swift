@@ -228,7 +228,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             switch try commit(t, checksOnly: !t.hasWrites) {
             case .applied:
                 cache.record(t, committed: true)
-                RedisTxn.lastCommitted = t.writtenAttrs()
+                RedisTxn.lastCommitted = CommittedWrites(t)
                 return result
             case .conflict(let c):
                 changed = c
@@ -476,7 +476,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     }
 
     package func recentAttr(_ ino: Ino) -> Attr? {
-        guard let b = RedisTxn.lastCommitted?[keys.attr(ino)] else { return nil }
+        guard let c = RedisTxn.lastCommitted, c.store === self, case .set(let b)? = c.writes[keys.attr(ino)]?.string else { return nil }
         return Attr(decoding: b)
     }
 
@@ -719,35 +719,30 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     }
 }
 
-/// The attribute records the thread's last committed transaction wrote (whole, as they are on
-/// the server right after it): what `recentAttr` answers.
+/// The writes of the thread's last committed transaction: the attribute records it set whole
+/// are as they are on the server right after it (what `recentAttr` answers).
+final class CommittedWrites {
+    weak var store: RedisTxnStore?
+    let writes: [String: KeyWrites]
+    init(_ t: RedisTxn) {
+        store = t.store
+        writes = t.writes
+    }
+}
+
 private let lastCommittedKey: pthread_key_t = {
     var k = pthread_key_t()
-    pthread_key_create(&k) { p in if let p { Unmanaged<AttrRecords>.fromOpaque(p).release() } }
+    pthread_key_create(&k) { p in if let p { Unmanaged<CommittedWrites>.fromOpaque(p).release() } }
     return k
 }()
 
-final class AttrRecords {
-    let records: [String: [UInt8]]
-    init(_ records: [String: [UInt8]]) { self.records = records }
-}
-
 extension RedisTxn {
-    static var lastCommitted: [String: [UInt8]]? {
-        get { pthread_getspecific(lastCommittedKey).map { Unmanaged<AttrRecords>.fromOpaque($0).takeUnretainedValue().records } }
+    static var lastCommitted: CommittedWrites? {
+        get { pthread_getspecific(lastCommittedKey).map { Unmanaged<CommittedWrites>.fromOpaque($0).takeUnretainedValue() } }
         set {
-            if let old = pthread_getspecific(lastCommittedKey) { Unmanaged<AttrRecords>.fromOpaque(old).release() }
-            pthread_setspecific(lastCommittedKey, newValue.map { Unmanaged.passRetained(AttrRecords($0)).toOpaque() })
+            if let old = pthread_getspecific(lastCommittedKey) { Unmanaged<CommittedWrites>.fromOpaque(old).release() }
+            pthread_setspecific(lastCommittedKey, newValue.map { Unmanaged.passRetained($0).toOpaque() })
         }
-    }
-
-    /// The attribute records this transaction sets whole.
-    func writtenAttrs() -> [String: [UInt8]] {
-        var out: [String: [UInt8]] = [:]
-        for (k, w) in writes where store.keys.isAttr(k) {
-            if case .set(let v)? = w.string { out[k] = v }
-        }
-        return out
     }
 }
 

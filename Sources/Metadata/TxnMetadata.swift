@@ -702,7 +702,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     // MARK: file data
 
     package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?) {
-        let first = Box<[Slice]>()
+        var first: [Slice]?
         let a = try store.transaction(write: true) { () throws(FSError) -> Attr in
             try store.prefetch([.attr(ino)])
             guard let a = try store.attr(ino) else { throw FSError.notFound }
@@ -712,11 +712,11 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             try store.addOpen(sid, ino)
             // The first chunk's slices come with the commit: reading a small file needs no
             // further round trip.
-            if a.type == .regular { try store.chunkAfterCommit(ino, 0) { first.value = Slice.decodeAll($0) } }
+            if a.type == .regular { try store.chunkAfterCommit(ino, 0) { first = Slice.decodeAll($0) } }
             return a
         }
         // nil (not delivered: no commit was sent) leaves the first chunk to be read.
-        return (a, a.type == .regular ? first.value : nil)
+        return (a, a.type == .regular ? first : nil)
     }
 
     @discardableResult package func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool {
@@ -923,9 +923,4 @@ let capabilityXattr = Array("security.capability".utf8)
 private func xattrHandlerCheck(_ ns: XattrNamespace, _ name: [UInt8]) throws(FSError) {
     if ns == .unknown || ns == .system { throw FSError.notSupported }
     if name.count == ns.prefixLength { throw FSError.invalid }
-}
-
-/// A value set by a closure that outlives the call that made it (one thread).
-final class Box<T> {
-    var value: T?
 }
