@@ -8,60 +8,114 @@ import StageFSCore
 /// One read command of a transaction: the reply is what the transaction saw, and the commit
 /// runs the command again to check that the reply is still the same.
 struct ReadCmd: Hashable {
-    let cmd: String
-    let key: String
+    enum Verb: UInt8 {
+        case get, hget, hlen, scard, sismember, zscore, hkeys, lrange, zrange, zrangeByScore, zrevrangeByScore, hrandfield, srandmember, hgetall
+
+        var name: String {
+            switch self {
+            case .get: "GET"
+            case .hget: "HGET"
+            case .hlen: "HLEN"
+            case .scard: "SCARD"
+            case .sismember: "SISMEMBER"
+            case .zscore: "ZSCORE"
+            case .hkeys: "HKEYS"
+            case .lrange: "LRANGE"
+            case .zrange: "ZRANGE"
+            case .zrangeByScore: "ZRANGEBYSCORE"
+            case .zrevrangeByScore: "ZREVRANGEBYSCORE"
+            case .hrandfield: "HRANDFIELD"
+            case .srandmember: "SRANDMEMBER"
+            case .hgetall: "HGETALL"
+            }
+        }
+    }
+    let verb: Verb
+    let key: RKey
     let args: [[UInt8]]
 
-    static func get(_ k: String) -> ReadCmd { ReadCmd(cmd: "GET", key: k, args: []) }
-    static func hget(_ k: String, _ field: [UInt8]) -> ReadCmd { ReadCmd(cmd: "HGET", key: k, args: [field]) }
-    static func hlen(_ k: String) -> ReadCmd { ReadCmd(cmd: "HLEN", key: k, args: []) }
-    static func scard(_ k: String) -> ReadCmd { ReadCmd(cmd: "SCARD", key: k, args: []) }
-    static func sismember(_ k: String, _ m: [UInt8]) -> ReadCmd { ReadCmd(cmd: "SISMEMBER", key: k, args: [m]) }
-    static func zscore(_ k: String, _ m: [UInt8]) -> ReadCmd { ReadCmd(cmd: "ZSCORE", key: k, args: [m]) }
-    static func hkeys(_ k: String) -> ReadCmd { ReadCmd(cmd: "HKEYS", key: k, args: []) }
-    static func lrange(_ k: String, count: Int) -> ReadCmd { ReadCmd(cmd: "LRANGE", key: k, args: [Array("0".utf8), Array(String(count - 1).utf8)]) }
-    static func zrange(_ k: String, count: Int) -> ReadCmd { ReadCmd(cmd: "ZRANGE", key: k, args: [Array("0".utf8), Array(String(count - 1).utf8)]) }
+    init(_ verb: Verb, _ key: RKey, _ args: [[UInt8]] = []) {
+        self.verb = verb
+        self.key = key
+        self.args = args
+    }
+
+    static func == (a: ReadCmd, b: ReadCmd) -> Bool { a.verb == b.verb && a.key == b.key && a.args == b.args }
+
+    // The arguments hashed as whole byte strings (an array of bytes hashes byte by byte).
+    func hash(into h: inout Hasher) {
+        h.combine(key)
+        h.combine(verb.rawValue)
+        for a in args { a.withUnsafeBytes { h.combine(bytes: $0) } }
+    }
+
+    var cmd: String { verb.name }
+
+    static func get(_ k: RKey) -> ReadCmd { ReadCmd(.get, k) }
+    static func hget(_ k: RKey, _ field: [UInt8]) -> ReadCmd { ReadCmd(.hget, k, [field]) }
+    static func hlen(_ k: RKey) -> ReadCmd { ReadCmd(.hlen, k) }
+    static func scard(_ k: RKey) -> ReadCmd { ReadCmd(.scard, k) }
+    static func sismember(_ k: RKey, _ m: [UInt8]) -> ReadCmd { ReadCmd(.sismember, k, [m]) }
+    static func zscore(_ k: RKey, _ m: [UInt8]) -> ReadCmd { ReadCmd(.zscore, k, [m]) }
+    static func hkeys(_ k: RKey) -> ReadCmd { ReadCmd(.hkeys, k) }
+    static func lrange(_ k: RKey, count: Int) -> ReadCmd { ReadCmd(.lrange, k, [Array("0".utf8), Array(String(count - 1).utf8)]) }
+    static func zrange(_ k: RKey, count: Int) -> ReadCmd { ReadCmd(.zrange, k, [Array("0".utf8), Array(String(count - 1).utf8)]) }
     /// At most `limit` members of a sorted set whose scores are `min` or more, the lowest first
     /// (`descending`: the highest first).
-    static func zrangeByScore(_ k: String, from min: String, limit: Int, descending: Bool) -> ReadCmd {
+    static func zrangeByScore(_ k: RKey, from min: String, limit: Int, descending: Bool) -> ReadCmd {
         let bounds = descending ? ["+inf", min] : [min, "+inf"]
-        return ReadCmd(
-            cmd: descending ? "ZREVRANGEBYSCORE" : "ZRANGEBYSCORE", key: k,
-            args: (bounds + ["LIMIT", "0", String(limit)]).map { Array($0.utf8) })
+        return ReadCmd(descending ? .zrevrangeByScore : .zrangeByScore, k, (bounds + ["LIMIT", "0", String(limit)]).map { Array($0.utf8) })
     }
     /// The indexes of a file's chunks from `from` on, the lowest first (what the read script's
     /// `K` operation runs).
-    static func chunkList(_ k: String, from: UInt32, limit: Int) -> ReadCmd {
+    static func chunkList(_ k: RKey, from: UInt32, limit: Int) -> ReadCmd {
         zrangeByScore(k, from: String(from), limit: limit, descending: false)
     }
     /// A page of a directory's positions (what the read script's `D` operation runs).
-    static func page(_ z: String, after: UInt64, limit: Int) -> ReadCmd {
-        ReadCmd(cmd: "ZRANGEBYSCORE", key: z, args: ["(\(after)", "+inf", "WITHSCORES", "LIMIT", "0", String(limit)].map { Array($0.utf8) })
+    static func page(_ z: RKey, after: UInt64, limit: Int) -> ReadCmd {
+        ReadCmd(.zrangeByScore, z, ["(\(after)", "+inf", "WITHSCORES", "LIMIT", "0", String(limit)].map { Array($0.utf8) })
     }
 
     /// Whether a commit can run it again and expect the same reply (random picks cannot; the
     /// commit's script lists the commands it checks).
-    var checkable: Bool { cmd != "HRANDFIELD" && cmd != "SRANDMEMBER" && cmd != "HGETALL" }
+    var checkable: Bool { verb != .hrandfield && verb != .srandmember && verb != .hgetall }
     /// Whether the client cache keeps its reply.
-    var cacheable: Bool { cmd == "GET" || cmd == "HGET" || cmd == "HLEN" }
-    var argv: [any RedisArg] { [cmd, key] + args.map { $0 as any RedisArg } }
+    var cacheable: Bool { verb == .get || verb == .hget || verb == .hlen }
+
+    /// The command as sent, with the key's name in `keys`.
+    func command(_ keys: RedisKeys) -> RedisCommand {
+        var c = RedisCommand(capacity: 64)
+        c.add(cmd)
+        keys.append(key, to: &c)
+        for a in args { c.add(a) }
+        return c
+    }
+}
+
+/// A hash field's name as a dictionary key: hashed as one byte string (an array of bytes hashes
+/// byte by byte).
+struct Field: Hashable {
+    let bytes: [UInt8]
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+    static func == (a: Field, b: Field) -> Bool { a.bytes == b.bytes }
+    func hash(into h: inout Hasher) { bytes.withUnsafeBytes { h.combine(bytes: $0) } }
 }
 
 /// One element of a read batch (see `RedisTxnScripts.read`).
 enum ReadOp {
     case cmd(ReadCmd)
     /// An entry of directory hash `dir` and what the inode it names holds.
-    case entry(dir: String, name: [UInt8])
+    case entry(dir: RKey, name: [UInt8])
     /// A page of a directory: positions in `positions`, entries in `entries`.
     /// `plus`: with the attributes of the inodes they name.
-    case page(positions: String, entries: String, after: UInt64, limit: Int, plus: Bool)
+    case page(positions: RKey, entries: RKey, after: UInt64, limit: Int, plus: Bool)
     /// The indexes of a file's chunks from `from` on (sorted set `index`, at most `limit`) and
     /// the records of those chunks.
-    case chunks(index: String, ino: Ino, from: UInt32, limit: Int)
+    case chunks(index: RKey, ino: Ino, from: UInt32, limit: Int)
     /// The first `limit` members of the pending-delete set `queue` and, for the file each
     /// names, its chunk indexes with their records, `chunks` in all (the first file may take
     /// them all).
-    case pending(queue: String, limit: Int, chunks: Int)
+    case pending(queue: RKey, limit: Int, chunks: Int)
 }
 
 /// What a transaction changes in one key, reduced to its net effect (the commit sends that).
@@ -79,7 +133,7 @@ struct KeyWrites {
     /// The key is deleted first.
     var cleared = false
     var string: StringWrite?
-    var fields: [[UInt8]: FieldWrite] = [:]
+    var fields: [Field: FieldWrite] = [:]
     var fieldOrder: [[UInt8]] = []
     /// Sorted-set, set and list changes, in order.
     var ops: [(cmd: String, args: [[UInt8]])] = []
@@ -100,8 +154,8 @@ final class RedisTxn {
     private(set) var fromCache = false
     /// Round trips taken for reads.
     private(set) var batches = 0
-    private(set) var writes: [String: KeyWrites] = [:]
-    private(set) var writeOrder: [String] = []
+    private(set) var writes: [RKey: KeyWrites] = [:]
+    private(set) var writeOrder: [RKey] = []
     /// Inode numbers this transaction gave out (their keys are known to be empty).
     var newInodes: [Ino] = []
     /// Reads sent after the commit, unchecked, each with what takes its reply.
@@ -125,7 +179,8 @@ final class RedisTxn {
     /// transaction or, when allowed, from the client cache).
     func load(_ wanted: [ReadOp]) throws(FSError) {
         var ops: [ReadOp] = []
-        var asked = Set<ReadCmd>()
+        // (A batch has a few commands: a list is cheaper than a set.)
+        var asked: [ReadCmd] = []
         func want(_ c: ReadCmd) {
             if results[c] != nil || asked.contains(c) { return }
             if useCache && c.cacheable, let v = store.cache.lookup(c) {
@@ -133,7 +188,7 @@ final class RedisTxn {
                 fromCache = true
                 return
             }
-            asked.insert(c)
+            asked.append(c)
             ops.append(.cmd(c))
         }
         for w in wanted {
@@ -153,7 +208,7 @@ final class RedisTxn {
                         want(e[8] == FileType.directory.rawValue ? .hlen(store.keys.entries(ino)) : .hlen(store.keys.opens(ino)))
                     }
                 } else if !asked.contains(c) {
-                    asked.insert(c)
+                    asked.append(c)
                     ops.append(w)
                 }
             case .page(let z, _, let after, let limit, _):
@@ -210,7 +265,7 @@ final class RedisTxn {
     }
 
     /// A reply of the read script's `K` operation: {indexes, records}.
-    private func rememberChunks(_ r: RedisReply, index: String, ino: Ino, from: UInt32, limit: Int) {
+    private func rememberChunks(_ r: RedisReply, index: RKey, ino: Ino, from: UInt32, limit: Int) {
         let a = r.array
         let names = a.first ?? .array([])
         remember(.chunkList(index, from: from, limit: limit), names)
@@ -224,23 +279,23 @@ final class RedisTxn {
     func value(_ c: ReadCmd) throws(FSError) -> RedisReply {
         if let r = results[c] { return r }
         try load([.cmd(c)])
-        guard let r = results[c] else { throw store.bug("no reply for \(c.cmd) \(c.key)") }
+        guard let r = results[c] else { throw store.bug("no reply for \(c.cmd) \(store.keys.name(c.key))") }
         return r
     }
 
     /// A read of a whole key (a range, a count): it must come before this transaction's own
     /// writes to that key, which it would not see.
     func scan(_ c: ReadCmd) throws(FSError) -> RedisReply {
-        if writes[c.key] != nil { throw store.bug("\(c.cmd) \(c.key) after writing it in the same transaction") }
+        if writes[c.key] != nil { throw store.bug("\(c.cmd) \(store.keys.name(c.key)) after writing it in the same transaction") }
         return try value(c)
     }
 
     /// Up to `count` fields of a hash with their values, picked by the server (all of them when
     /// it has no more). Checked as the hash's length and each field's value.
-    func someFields(_ k: String, _ count: Int) throws(FSError) -> [([UInt8], [UInt8])] {
-        if writes[k] != nil { throw store.bug("HRANDFIELD \(k) after writing it in the same transaction") }
+    func someFields(_ k: RKey, _ count: Int) throws(FSError) -> [([UInt8], [UInt8])] {
+        if writes[k] != nil { throw store.bug("HRANDFIELD \(store.keys.name(k)) after writing it in the same transaction") }
         let r = try store.fetch([
-            .cmd(.hlen(k)), .cmd(ReadCmd(cmd: "HRANDFIELD", key: k, args: [Array(String(count).utf8), Array("WITHVALUES".utf8)])),
+            .cmd(.hlen(k)), .cmd(ReadCmd(.hrandfield, k, [Array(String(count).utf8), Array("WITHVALUES".utf8)])),
         ])
         batches += 1
         remember(.hlen(k), r[0])
@@ -256,9 +311,9 @@ final class RedisTxn {
 
     /// Up to `count` members of a set, picked by the server; checked as the set's size and
     /// each member's presence.
-    func someMembers(_ k: String, _ count: Int) throws(FSError) -> [[UInt8]] {
-        if writes[k] != nil { throw store.bug("SRANDMEMBER \(k) after writing it in the same transaction") }
-        let r = try store.fetch([.cmd(.scard(k)), .cmd(ReadCmd(cmd: "SRANDMEMBER", key: k, args: [Array(String(count).utf8)]))])
+    func someMembers(_ k: RKey, _ count: Int) throws(FSError) -> [[UInt8]] {
+        if writes[k] != nil { throw store.bug("SRANDMEMBER \(store.keys.name(k)) after writing it in the same transaction") }
+        let r = try store.fetch([.cmd(.scard(k)), .cmd(ReadCmd(.srandmember, k, [Array(String(count).utf8)]))])
         batches += 1
         remember(.scard(k), r[0])
         let members = r[1].array.compactMap { $0.bytes }
@@ -268,14 +323,14 @@ final class RedisTxn {
 
     /// A whole read that cannot be checked (read-only transactions only).
     func unchecked(_ c: ReadCmd) throws(FSError) -> RedisReply {
-        if write { throw store.bug("\(c.cmd) \(c.key) in a write transaction cannot be checked") }
+        if write { throw store.bug("\(c.cmd) \(store.keys.name(c.key)) in a write transaction cannot be checked") }
         let r = try store.fetch([.cmd(c)])
         batches += 1
         return r[0]
     }
 
     /// GET with this transaction's own writes applied.
-    func string(_ k: String) throws(FSError) -> [UInt8]? {
+    func string(_ k: RKey) throws(FSError) -> [UInt8]? {
         let w = writes[k]
         switch w?.string {
         case .set(let v)?: return v
@@ -289,9 +344,9 @@ final class RedisTxn {
     }
 
     /// HGET with this transaction's own writes applied.
-    func field(_ k: String, _ f: [UInt8]) throws(FSError) -> [UInt8]? {
+    func field(_ k: RKey, _ f: [UInt8]) throws(FSError) -> [UInt8]? {
         let w = writes[k]
-        switch w?.fields[f] {
+        switch w?.fields[Field(f)] {
         case .set(let v)?: return v
         case .deleted?: return nil
         case .incr(let n)?: return Array(String((try value(.hget(k, f)).int ?? 0) + n).utf8)
@@ -304,14 +359,14 @@ final class RedisTxn {
 
     /// HLEN with this transaction's own writes applied: the length read, and for each field
     /// written whether it was there before.
-    func hashLength(_ k: String) throws(FSError) -> Int64 {
+    func hashLength(_ k: RKey) throws(FSError) -> Int64 {
         guard let w = writes[k], w.touchesFields else { return try value(.hlen(k)).int ?? 0 }
         if w.cleared { return Int64(w.fields.values.filter { $0 != .deleted }.count) }
         try load([.cmd(.hlen(k))] + w.fieldOrder.map { .cmd(.hget(k, $0)) })
         var n = try value(.hlen(k)).int ?? 0
         for f in w.fieldOrder {
             let before = try value(.hget(k, f)) != .null
-            let after = w.fields[f] != .deleted
+            let after = w.fields[Field(f)] != .deleted
             n += (after ? 1 : 0) - (before ? 1 : 0)
         }
         return n
@@ -319,52 +374,51 @@ final class RedisTxn {
 
     // MARK: writes
 
-    private func change(_ k: String, _ body: (inout KeyWrites) throws(FSError) -> Void) throws(FSError) {
-        if !write { throw store.bug("a write to \(k) in a read-only transaction") }
+    private func change(_ k: RKey, _ body: (inout KeyWrites) throws(FSError) -> Void) throws(FSError) {
+        if !write { throw store.bug("a write to \(store.keys.name(k)) in a read-only transaction") }
         if writes[k] == nil { writeOrder.append(k) }
         // In place: a copy would copy the key's fields.
         try body(&writes[k, default: KeyWrites()])
     }
 
-    func set(_ k: String, _ v: [UInt8]) throws(FSError) { try change(k) { $0.string = .set(v) } }
+    func set(_ k: RKey, _ v: [UInt8]) throws(FSError) { try change(k) { $0.string = .set(v) } }
 
-    func del(_ k: String) throws(FSError) { try change(k) { $0 = KeyWrites(cleared: true) } }
+    func del(_ k: RKey) throws(FSError) { try change(k) { $0 = KeyWrites(cleared: true) } }
 
-    func append(_ k: String, _ a: [UInt8]) throws(FSError) {
+    func append(_ k: RKey, _ a: [UInt8]) throws(FSError) {
         try change(k) { (w) throws(FSError) in
             switch w.string {
             case .set(let v)?: w.string = .set(v + a)
             case .append(let b)?: w.string = .append(b + a)
-            case .incr?: throw store.bug("APPEND to counter \(k)")
+            case .incr?: throw store.bug("APPEND to counter \(store.keys.name(k))")
             case nil: w.string = w.cleared ? .set(a) : .append(a)
             }
         }
     }
 
-    func incr(_ k: String, _ n: Int64) throws(FSError) {
+    func incr(_ k: RKey, _ n: Int64) throws(FSError) {
         try change(k) { (w) throws(FSError) in
             switch w.string {
             case .set(let v)?: w.string = .set(Array(String((Int64(String(decoding: v, as: UTF8.self)) ?? 0) + n).utf8))
             case .incr(let m)?: w.string = .incr(m + n)
-            case .append?: throw store.bug("INCRBY of appended \(k)")
+            case .append?: throw store.bug("INCRBY of appended \(store.keys.name(k))")
             case nil: w.string = w.cleared ? .set(Array(String(n).utf8)) : .incr(n)
             }
         }
     }
 
     private func setField(_ w: inout KeyWrites, _ f: [UInt8], _ v: KeyWrites.FieldWrite) {
-        if w.fields[f] == nil { w.fieldOrder.append(f) }
-        w.fields[f] = v
+        if w.fields.updateValue(v, forKey: Field(f)) == nil { w.fieldOrder.append(f) }
     }
 
-    func hset(_ k: String, _ f: [UInt8], _ v: [UInt8]) throws(FSError) { try change(k) { setField(&$0, f, .set(v)) } }
+    func hset(_ k: RKey, _ f: [UInt8], _ v: [UInt8]) throws(FSError) { try change(k) { setField(&$0, f, .set(v)) } }
 
-    func hdel(_ k: String, _ f: [UInt8]) throws(FSError) { try change(k) { setField(&$0, f, .deleted) } }
+    func hdel(_ k: RKey, _ f: [UInt8]) throws(FSError) { try change(k) { setField(&$0, f, .deleted) } }
 
-    func hincr(_ k: String, _ f: [UInt8], _ n: Int64) throws(FSError) {
+    func hincr(_ k: RKey, _ f: [UInt8], _ n: Int64) throws(FSError) {
         try change(k) { (w) throws(FSError) in
             let next: KeyWrites.FieldWrite
-            switch w.fields[f] {
+            switch w.fields[Field(f)] {
             case .set(let v)?: next = .set(Array(String((Int64(String(decoding: v, as: UTF8.self)) ?? 0) + n).utf8))
             case .deleted?: next = .set(Array(String(n).utf8))
             case .incr(let m)?: next = .incr(m + n)
@@ -375,7 +429,7 @@ final class RedisTxn {
     }
 
     /// A sorted-set, set or list change (ZADD, ZREM, SADD, SREM, RPUSH, LTRIM).
-    func op(_ cmd: String, _ k: String, _ args: [[UInt8]]) throws(FSError) {
+    func op(_ cmd: String, _ k: RKey, _ args: [[UInt8]]) throws(FSError) {
         try change(k) { $0.ops.append((cmd, args)) }
     }
 
@@ -397,7 +451,7 @@ final class RedisTxn {
     /// those fields: clients creating and removing files in one directory do not conflict over
     /// its times. nil: the record is checked and written whole.
     private func changedTimes(_ c: ReadCmd) -> [Range<Int>]? {
-        guard c.cmd == "GET", store.keys.isAttr(c.key), case .string(let base)? = results[c], base.count == Attr.encodedSize,
+        guard c.verb == .get, c.key.kind == .attr, case .string(let base)? = results[c], base.count == Attr.encodedSize,
             base[0] == FileType.directory.rawValue
         else { return nil }
         guard let w = writes[c.key] else { return [] }
@@ -408,10 +462,10 @@ final class RedisTxn {
 
     /// The commit's keys and arguments (see `RedisTxnScripts.commit`: the key count, the keys,
     /// the arguments), and the read each check sent stands for, in order.
-    func commitArguments(requestKey: String, tag: String) -> (args: RedisCommand, checks: [ReadCmd]) {
+    func commitArguments(requestKey: RKey, tag: String) -> (args: RedisCommand, checks: [ReadCmd]) {
         var keys = [requestKey]
-        var index: [String: Int] = [requestKey: 1]
-        func idx(_ k: String) -> Int {
+        var index: [RKey: Int] = [requestKey: 1]
+        func idx(_ k: RKey) -> Int {
             if let i = index[k] { return i }
             keys.append(k)
             index[k] = keys.count
@@ -419,7 +473,7 @@ final class RedisTxn {
         }
         var sent: [ReadCmd] = []
         var checks = RedisCommand(capacity: order.count * 64)
-        var timesOnly: [String: [Range<Int>]] = [:]
+        var timesOnly: [RKey: [Range<Int>]] = [:]
         for c in order {
             if let changed = changedTimes(c), case .string(let base)? = results[c] {
                 timesOnly[c.key] = changed
@@ -463,7 +517,7 @@ final class RedisTxn {
             case nil: break
             }
             for f in kw.fieldOrder {
-                switch kw.fields[f]! {
+                switch kw.fields[Field(f)]! {
                 case .set(let v): write("HSET", i, f, v)
                 case .deleted: write("HDEL", i, f)
                 case .incr(let n): write("HINCRBY", i, f, Array(String(n).utf8))
@@ -478,7 +532,7 @@ final class RedisTxn {
         }
         var args = RedisCommand(capacity: 64 + keys.count * 16 + checks.body.count + w.body.count)
         args.add(keys.count)
-        for k in keys { args.add(k) }
+        for k in keys { store.keys.append(k, to: &args) }
         args.add(tag)
         args.add(sent.count)
         args.add(contentsOf: checks)

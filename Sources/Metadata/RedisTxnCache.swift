@@ -11,18 +11,18 @@ final class RedisTxnCache: @unchecked Sendable {
         /// The hash's length, when known (always when `complete`).
         var len: Int64?
         /// Hash fields (`.null`: known missing).
-        var fields: [[UInt8]: RedisReply] = [:]
+        var fields: [Field: RedisReply] = [:]
         /// `fields` lists every field the hash has (a new or deleted key).
         var complete = false
 
         static let empty = Entry(value: .null, len: 0, fields: [:], complete: true)
 
-        func field(_ f: [UInt8]) -> RedisReply? { fields[f] ?? (complete ? .null : nil) }
+        func field(_ f: Field) -> RedisReply? { fields[f] ?? (complete ? .null : nil) }
         var length: Int64? { len }
     }
 
     private let lock = ConditionLock()
-    private var entries: [String: Entry] = [:]
+    private var entries: [RKey: Entry] = [:]
     /// Hash fields added since the cache last started over (with the keys, a bound of what it holds).
     private var fieldsAdded = 0
     /// Keys and fields kept at most; the cache starts over when it holds more.
@@ -33,10 +33,10 @@ final class RedisTxnCache: @unchecked Sendable {
     func lookup(_ c: ReadCmd) -> RedisReply? {
         lock.withLock { () -> RedisReply? in
             guard let e = entries[c.key] else { return nil }
-            switch c.cmd {
-            case "GET": return e.value
-            case "HGET": return e.field(c.args[0])
-            case "HLEN": return e.length.map { .integer($0) }
+            switch c.verb {
+            case .get: return e.value
+            case .hget: return e.field(Field(c.args[0]))
+            case .hlen: return e.length.map { .integer($0) }
             default: return nil
             }
         }
@@ -90,23 +90,23 @@ final class RedisTxnCache: @unchecked Sendable {
     // Both change an entry in place (`entries[key, default:]`): a copy of it would copy its
     // fields, which for a large directory made every operation cost its size.
 
-    private static func note(_ entries: inout [String: Entry], _ c: ReadCmd, _ r: RedisReply, _ added: inout Int) {
-        guard c.cmd == "GET" || c.cmd == "HGET" || (c.cmd == "HLEN" && r.int != nil) else { return }
+    private static func note(_ entries: inout [RKey: Entry], _ c: ReadCmd, _ r: RedisReply, _ added: inout Int) {
+        guard c.verb == .get || c.verb == .hget || (c.verb == .hlen && r.int != nil) else { return }
         note(&entries[c.key, default: Entry()], c, r, &added)
     }
 
     private static func note(_ e: inout Entry, _ c: ReadCmd, _ r: RedisReply, _ added: inout Int) {
-        switch c.cmd {
-        case "GET": e.value = r
-        case "HGET":
-            let f = c.args[0]
+        switch c.verb {
+        case .get: e.value = r
+        case .hget:
+            let f = Field(c.args[0])
             if let old = e.field(f), (old == .null) != (r == .null) {
                 // The field came or went since: the length and completeness are no longer known.
                 e.len = nil
                 e.complete = false
             }
             if e.fields.updateValue(r, forKey: f) == nil { added += 1 }
-        case "HLEN":
+        case .hlen:
             guard let n = r.int else { return }
             if e.complete && e.length != n { e.complete = false }
             e.len = n
@@ -114,7 +114,7 @@ final class RedisTxnCache: @unchecked Sendable {
         }
     }
 
-    private static func apply(_ entries: inout [String: Entry], _ k: String, _ w: KeyWrites, _ added: inout Int) {
+    private static func apply(_ entries: inout [RKey: Entry], _ k: RKey, _ w: KeyWrites, _ added: inout Int) {
         if w.cleared { entries[k] = .empty }
         apply(&entries[k, default: Entry()], w, &added)
     }
@@ -138,7 +138,8 @@ final class RedisTxnCache: @unchecked Sendable {
         }
         if !w.fields.isEmpty {
             var len = e.length
-            for f in w.fieldOrder {
+            for name in w.fieldOrder {
+                let f = Field(name)
                 let before = e.field(f)
                 var after: RedisReply?
                 switch w.fields[f]! {

@@ -4,6 +4,42 @@ import StageFSCore
     import Glibc
 #endif
 
+/// A key of one volume, without the volume's prefix. The transaction layer keeps its reads,
+/// writes and client cache by key, so a key is a few numbers that hash and compare as numbers;
+/// its name is written only into the commands sent (`RedisKeys.append`).
+struct RKey: Hashable, Sendable {
+    enum Kind: UInt8 {
+        case named, attr, entries, positions, symlink, xattrs, chunk, chunkIndex, opens, sessionOpens, locks, sessionLocks
+    }
+    let kind: Kind
+    let id: UInt64
+    let sub: UInt32
+    /// The name of a `named` key (empty for the others).
+    let name: String
+
+    init(_ kind: Kind, _ id: UInt64, _ sub: UInt32 = 0) {
+        self.kind = kind
+        self.id = id
+        self.sub = sub
+        name = ""
+    }
+
+    init(named: String) {
+        kind = .named
+        id = 0
+        sub = 0
+        name = named
+    }
+
+    static func == (a: RKey, b: RKey) -> Bool { a.kind == b.kind && a.id == b.id && a.sub == b.sub && a.name == b.name }
+
+    func hash(into h: inout Hasher) {
+        h.combine(id)
+        h.combine(UInt64(sub) << 8 | UInt64(kind.rawValue))
+        if kind == .named { h.combine(name) }
+    }
+}
+
 /// Key names of one volume in Redis, each behind the volume's prefix. A volume formatted now puts
 /// the hash tag `{<db>}` in front of every key, so that all of them fall in one slot of a Redis
 /// Cluster; a volume formatted before the tag (by the script engine of earlier versions, same
@@ -11,35 +47,97 @@ import StageFSCore
 struct RedisKeys: Sendable {
     let prefix: String
 
-    var setting: String { prefix + "setting" }
-    func counter(_ name: String) -> String { prefix + name }
-    func attr(_ ino: Ino) -> String { "\(prefix)i\(ino)" }
-    /// Whether `key` is an attribute record (`attr`).
-    func isAttr(_ key: String) -> Bool {
-        key.hasPrefix(prefix + "i") && key.utf8.dropFirst(prefix.utf8.count + 1).allSatisfy { $0 >= 48 && $0 <= 57 }
-            && key.utf8.count > prefix.utf8.count + 1
-    }
+    var setting: RKey { RKey(named: "setting") }
+    func counter(_ name: String) -> RKey { RKey(named: name) }
+    func attr(_ ino: Ino) -> RKey { RKey(.attr, ino) }
     /// Directory hash: name -> packed (ino, type).
-    func entries(_ dir: Ino) -> String { "\(prefix)d\(dir)" }
+    func entries(_ dir: Ino) -> RKey { RKey(.entries, dir) }
     /// Directory sorted set: name -> readdir position.
-    func positions(_ dir: Ino) -> String { "\(prefix)z\(dir)" }
-    func symlink(_ ino: Ino) -> String { "\(prefix)s\(ino)" }
-    func xattrs(_ ino: Ino) -> String { "\(prefix)x\(ino)" }
-    func chunk(_ ino: Ino, _ index: UInt32) -> String { "\(prefix)c\(ino)_\(index)" }
+    func positions(_ dir: Ino) -> RKey { RKey(.positions, dir) }
+    func symlink(_ ino: Ino) -> RKey { RKey(.symlink, ino) }
+    func xattrs(_ ino: Ino) -> RKey { RKey(.xattrs, ino) }
+    func chunk(_ ino: Ino, _ index: UInt32) -> RKey { RKey(.chunk, ino, index) }
     /// Sorted set of the chunk indexes of `ino` that have records.
-    func chunkIndex(_ ino: Ino) -> String { "\(prefix)k\(ino)" }
+    func chunkIndex(_ ino: Ino) -> RKey { RKey(.chunkIndex, ino) }
     /// Hash: session -> opens of `ino`.
-    func opens(_ ino: Ino) -> String { "\(prefix)o\(ino)" }
+    func opens(_ ino: Ino) -> RKey { RKey(.opens, ino) }
     /// Hash: inode -> opens by session `sid`.
-    func sessionOpens(_ sid: UInt64) -> String { "\(prefix)so\(sid)" }
-    func locks(_ ino: Ino, _ kind: UInt8) -> String { "\(prefix)lk\(Character(UnicodeScalar(kind)))\(ino)" }
+    func sessionOpens(_ sid: UInt64) -> RKey { RKey(.sessionOpens, sid) }
+    func locks(_ ino: Ino, _ kind: UInt8) -> RKey { RKey(.locks, ino, UInt32(kind)) }
     /// Set of "ino:kind" lock tables session `sid` has records in.
-    func sessionLocks(_ sid: UInt64) -> String { "\(prefix)sl\(sid)" }
-    var sessions: String { prefix + "sessions" }
-    var sessionInfos: String { prefix + "sessionInfos" }
-    var delfiles: String { prefix + "delfiles" }
-    var delslices: String { prefix + "delslices" }
-    func requests(_ client: String) -> String { "\(prefix)rq\(client)" }
+    func sessionLocks(_ sid: UInt64) -> RKey { RKey(.sessionLocks, sid) }
+    var sessions: RKey { RKey(named: "sessions") }
+    var sessionInfos: RKey { RKey(named: "sessionInfos") }
+    var delfiles: RKey { RKey(named: "delfiles") }
+    var delslices: RKey { RKey(named: "delslices") }
+    func requests(_ client: String) -> RKey { RKey(named: "rq" + client) }
+
+    /// The letters in front of a key's numbers (up to three; 0: none).
+    private static func letters(_ k: RKey) -> (UInt8, UInt8, UInt8) {
+        func l(_ a: Unicode.Scalar, _ b: Unicode.Scalar? = nil) -> (UInt8, UInt8, UInt8) { (UInt8(ascii: a), b.map { UInt8(ascii: $0) } ?? 0, 0) }
+        switch k.kind {
+        case .named: return (0, 0, 0)
+        case .attr: return l("i")
+        case .entries: return l("d")
+        case .positions: return l("z")
+        case .symlink: return l("s")
+        case .xattrs: return l("x")
+        case .chunk: return l("c")
+        case .chunkIndex: return l("k")
+        case .opens: return l("o")
+        case .sessionOpens: return l("s", "o")
+        case .locks: return (UInt8(ascii: "l"), UInt8(ascii: "k"), UInt8(truncatingIfNeeded: k.sub))
+        case .sessionLocks: return l("s", "l")
+        }
+    }
+
+    private func arg(_ k: RKey) -> KeyArg { KeyArg(prefix: prefix, letters: Self.letters(k), id: k.id, sub: k.kind == .chunk ? k.sub : nil) }
+
+    /// The key's name in Redis.
+    func name(_ k: RKey) -> String {
+        if k.kind == .named { return prefix + k.name }
+        var out: [UInt8] = []
+        arg(k).appendName(to: &out)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Appends the key's name to a command as one argument, without building a `String`.
+    func append(_ k: RKey, to c: inout RedisCommand) {
+        if k.kind == .named { c.add(prefix + k.name) } else { c.add(arg(k)) }
+    }
+}
+
+/// A key's name as a RESP argument: prefix, letters, the number, and `_sub`.
+private struct KeyArg: RedisArg {
+    let prefix: String
+    let letters: (UInt8, UInt8, UInt8)
+    let id: UInt64
+    let sub: UInt32?
+
+    var count: Int {
+        prefix.utf8.count + (letters.0 == 0 ? 0 : 1) + (letters.1 == 0 ? 0 : 1) + (letters.2 == 0 ? 0 : 1) + RESP.digits(id)
+            + (sub.map { 1 + RESP.digits(UInt64($0)) } ?? 0)
+    }
+
+    func appendName(to out: inout [UInt8]) {
+        out.append(contentsOf: prefix.utf8)
+        if letters.0 != 0 { out.append(letters.0) }
+        if letters.1 != 0 { out.append(letters.1) }
+        if letters.2 != 0 { out.append(letters.2) }
+        RESP.appendDecimal(id, to: &out)
+        if let sub {
+            out.append(UInt8(ascii: "_"))
+            RESP.appendDecimal(UInt64(sub), to: &out)
+        }
+    }
+
+    func appendBulk(to out: inout [UInt8]) {
+        out.append(36)
+        RESP.appendDecimal(UInt64(count), to: &out)
+        RESP.crlf(&out)
+        appendName(to: &out)
+        RESP.crlf(&out)
+    }
 }
 
 /// Numbers handed out from ranges reserved ahead (one `INCRBY` per `size` numbers).
@@ -120,7 +218,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     package let hooks = RedisTxnHooks()
     private var readSha = ""
     private var commitSha = ""
-    private let requestKey: String
+    private let requestKey: RKey
     private let requestNumbers = Counter()
     private let slots = RequestSlots()
     private let waitReplicas: Int
@@ -187,11 +285,11 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         var useCache = write
         var stripe: ConditionLock?
         defer { stripe?.unlock() }
-        var changed: [String] = []
+        var changed: [RKey] = []
         while true {
             attempt += 1
             if attempt > maxAttempts {
-                let names = Set(changed).sorted().prefix(5).joined(separator: ", ")
+                let names = Set(changed.map { keys.name($0) }).sorted().prefix(5).joined(separator: ", ")
                 throw FSError(
                     EIO,
                     "\(displayName): a metadata change gave up after \(maxAttempts) attempts: other clients kept changing \(names.isEmpty ? "what it read" : names) (contention)"
@@ -244,7 +342,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     enum Outcome {
         case applied
-        case conflict([String])
+        case conflict([RKey])
     }
 
     /// Sends the commit of `t` (only its checks when `checksOnly`).
@@ -258,7 +356,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         // Reads after the commit, in the same round trip (what they give counts only when the
         // commit applied).
         let trailing = checksOnly ? [] : t.trailing
-        wait += trailing.map { RedisCommand($0.0.argv) }
+        wait += trailing.map { $0.0.command(keys) }
         var call = RedisCommand(capacity: args.body.count + 64)
         call.add("EVALSHA")
         call.add(commitSha)
@@ -322,13 +420,13 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     func fetch(_ ops: [ReadOp]) throws(FSError) -> [RedisReply] {
         count { $0.reads += 1 }
         if ops.count == 1, case .cmd(let c) = ops[0] {
-            let r = try pool.with { (conn) throws(FSError) in try conn.command(c.argv) }
-            if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(c.cmd) \(c.key): \(e)") }
+            let r = try pool.with { (conn) throws(FSError) in try conn.pipeline([c.command(keys)])[0] }
+            if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(c.cmd) \(keys.name(c.key)): \(e)") }
             return [r]
         }
-        var names: [String] = []
-        var index: [String: Int] = [:]
-        func idx(_ k: String) -> Int {
+        var names: [RKey] = []
+        var index: [RKey: Int] = [:]
+        func idx(_ k: RKey) -> Int {
             if let i = index[k] { return i }
             names.append(k)
             index[k] = names.count
@@ -373,7 +471,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             c.add(verb)
             c.add(script)
             c.add(names.count)
-            for n in names { c.add(n) }
+            for n in names { keys.append(n, to: &c) }
             c.add(contentsOf: argv)
             return c
         }
@@ -435,7 +533,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     // MARK: settings, counters, ids
 
-    private func settingKey(_ key: String) -> String { key == "format" ? keys.setting : keys.counter("setting_" + key) }
+    private func settingKey(_ key: String) -> RKey { key == "format" ? keys.setting : keys.counter("setting_" + key) }
 
     package func setting(_ key: String) throws(FSError) -> String? {
         try txn().string(settingKey(key)).map { String(decoding: $0, as: UTF8.self) }
@@ -456,7 +554,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     package func reserveIDs(_ counter: String, _ count: Int) throws(FSError) -> UInt64 {
         self.count { $0.reservations += 1 }
-        guard let last = try command(["INCRBY", keys.counter(counter), count]).int else { throw FSError(EIO, "\(displayName): no \(counter) ids") }
+        guard let last = try command(["INCRBY", keys.name(keys.counter(counter)), count]).int else { throw FSError(EIO, "\(displayName): no \(counter) ids") }
         return UInt64(last - Int64(count) + 1)
     }
 
@@ -680,8 +778,8 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     package func sessions() throws(FSError) -> [SessionInfo] {
         let t = try txn()
-        let z = try t.unchecked(ReadCmd(cmd: "ZRANGE", key: keys.sessions, args: ["0", "-1", "WITHSCORES"].map { Array($0.utf8) })).array
-        let h = try t.unchecked(ReadCmd(cmd: "HGETALL", key: keys.sessionInfos, args: [])).array
+        let z = try t.unchecked(ReadCmd(.zrange, keys.sessions, ["0", "-1", "WITHSCORES"].map { Array($0.utf8) })).array
+        let h = try t.unchecked(ReadCmd(.hgetall, keys.sessionInfos)).array
         var beats: [UInt64: Int64] = [:]
         for i in stride(from: 0, to: z.count - 1, by: 2) {
             if let sid = z[i].int, let b = z[i + 1].text.flatMap({ Double($0) }) { beats[UInt64(sid)] = Int64(b) }
@@ -723,7 +821,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 /// are as they are on the server right after it (what `recentAttr` answers).
 final class CommittedWrites {
     weak var store: RedisTxnStore?
-    let writes: [String: KeyWrites]
+    let writes: [RKey: KeyWrites]
     init(_ t: RedisTxn) {
         store = t.store
         writes = t.writes

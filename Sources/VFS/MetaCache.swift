@@ -13,6 +13,12 @@ final class MetaCache: @unchecked Sendable {
     private struct EntryKey: Hashable {
         var parent: Ino
         var name: [UInt8]
+
+        // The name hashed as one byte string (an array of bytes hashes byte by byte).
+        func hash(into h: inout Hasher) {
+            h.combine(parent)
+            name.withUnsafeBytes { h.combine(bytes: $0) }
+        }
     }
 
     let attrTTL: UInt64

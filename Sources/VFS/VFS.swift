@@ -115,7 +115,7 @@ public final class VFS: @unchecked Sendable {
             while backgroundRunning { lock.wait(seconds: 1) }
         }
         let open = lock.withLock { handles.values.map { $0.ino } }
-        for ino in open { try? meta.close(ino, sid: sid) }
+        for ino in open { _ = try? meta.close(ino, sid: sid) }
         cleanDeleted()
         if sid != 0 {
             do { try meta.closeSession(sid) } catch { Log.warning("closing session \(sid): \(error.message)") }
@@ -516,7 +516,7 @@ public final class VFS: @unchecked Sendable {
                 first = []
                 wakeDeleter(.slices)
             } catch {
-                try? meta.close(ino, sid: sid)
+                _ = try? meta.close(ino, sid: sid)
                 throw error
             }
             noteMode(ino, a)
