@@ -32,31 +32,52 @@ struct ReadCmd: Hashable {
     }
     let verb: Verb
     let key: RKey
+    /// The argument of a one-argument command (a field, a member): most reads have none or
+    /// one, and this keeps them from allocating a list.
+    let arg: [UInt8]?
+    /// The arguments of the others.
     let args: [[UInt8]]
 
     init(_ verb: Verb, _ key: RKey, _ args: [[UInt8]] = []) {
         self.verb = verb
         self.key = key
+        self.arg = nil
         self.args = args
     }
 
-    static func == (a: ReadCmd, b: ReadCmd) -> Bool { a.verb == b.verb && a.key == b.key && a.args == b.args }
+    init(_ verb: Verb, _ key: RKey, arg: [UInt8]) {
+        self.verb = verb
+        self.key = key
+        self.arg = arg
+        self.args = []
+    }
+
+    static func == (a: ReadCmd, b: ReadCmd) -> Bool { a.verb == b.verb && a.key == b.key && a.arg == b.arg && a.args == b.args }
 
     // The arguments hashed as whole byte strings (an array of bytes hashes byte by byte).
     func hash(into h: inout Hasher) {
         h.combine(key)
         h.combine(verb.rawValue)
+        arg?.withUnsafeBytes { h.combine(bytes: $0) }
         for a in args { a.withUnsafeBytes { h.combine(bytes: $0) } }
+    }
+
+    var argCount: Int { (arg == nil ? 0 : 1) + args.count }
+
+    /// Appends the arguments to a command.
+    func appendArgs(to c: inout RedisCommand) {
+        if let arg { c.add(arg) }
+        for a in args { c.add(a) }
     }
 
     var cmd: String { verb.name }
 
     static func get(_ k: RKey) -> ReadCmd { ReadCmd(.get, k) }
-    static func hget(_ k: RKey, _ field: [UInt8]) -> ReadCmd { ReadCmd(.hget, k, [field]) }
+    static func hget(_ k: RKey, _ field: [UInt8]) -> ReadCmd { ReadCmd(.hget, k, arg: field) }
     static func hlen(_ k: RKey) -> ReadCmd { ReadCmd(.hlen, k) }
     static func scard(_ k: RKey) -> ReadCmd { ReadCmd(.scard, k) }
-    static func sismember(_ k: RKey, _ m: [UInt8]) -> ReadCmd { ReadCmd(.sismember, k, [m]) }
-    static func zscore(_ k: RKey, _ m: [UInt8]) -> ReadCmd { ReadCmd(.zscore, k, [m]) }
+    static func sismember(_ k: RKey, _ m: [UInt8]) -> ReadCmd { ReadCmd(.sismember, k, arg: m) }
+    static func zscore(_ k: RKey, _ m: [UInt8]) -> ReadCmd { ReadCmd(.zscore, k, arg: m) }
     static func hkeys(_ k: RKey) -> ReadCmd { ReadCmd(.hkeys, k) }
     static func lrange(_ k: RKey, count: Int) -> ReadCmd { ReadCmd(.lrange, k, [Array("0".utf8), Array(String(count - 1).utf8)]) }
     static func zrange(_ k: RKey, count: Int) -> ReadCmd { ReadCmd(.zrange, k, [Array("0".utf8), Array(String(count - 1).utf8)]) }
@@ -87,7 +108,7 @@ struct ReadCmd: Hashable {
         var c = RedisCommand(capacity: 64)
         c.add(cmd)
         keys.append(key, to: &c)
-        for a in args { c.add(a) }
+        appendArgs(to: &c)
         return c
     }
 }
@@ -144,13 +165,17 @@ struct KeyWrites {
 /// The state of one attempt of a transaction of `RedisTxnStore`: what it read (each read is a
 /// check of the commit), the writes it buffered, and how it got its reads. Used by one thread.
 final class RedisTxn {
-    unowned let store: RedisTxnStore
+    // (unowned(unsafe): a transaction lives only inside its store's `transaction` call, and a
+    // checked reference cost an atomic operation on every use.)
+    unowned(unsafe) let store: RedisTxnStore
     var write: Bool
     /// Whether reads may come from the client cache (write transactions: the commit checks them).
     let useCache: Bool
     /// Replies of the checkable reads, the first one seen for each command.
     private(set) var results: [ReadCmd: RedisReply] = [:]
-    private(set) var order: [ReadCmd] = []
+    /// The same reads in the order made, each with its reply and whether that came from the
+    /// client cache (which needs no telling again).
+    private(set) var reads: [(cmd: ReadCmd, reply: RedisReply, cached: Bool)] = []
     private(set) var fromCache = false
     /// Round trips taken for reads.
     private(set) var batches = 0
@@ -165,12 +190,15 @@ final class RedisTxn {
         self.store = store
         self.write = write
         self.useCache = useCache
+        // (Most transactions read a few keys: one allocation each instead of growing.)
+        results.reserveCapacity(8)
+        reads.reserveCapacity(8)
     }
 
-    private func remember(_ c: ReadCmd, _ r: RedisReply) {
+    private func remember(_ c: ReadCmd, _ r: RedisReply, cached: Bool = false) {
         guard c.checkable, results[c] == nil else { return }
         results[c] = r
-        order.append(c)
+        reads.append((c, r, cached))
     }
 
     // MARK: reads
@@ -184,7 +212,7 @@ final class RedisTxn {
         func want(_ c: ReadCmd) {
             if results[c] != nil || asked.contains(c) { return }
             if useCache && c.cacheable, let v = store.cache.lookup(c) {
-                remember(c, v)
+                remember(c, v, cached: true)
                 fromCache = true
                 return
             }
@@ -197,7 +225,7 @@ final class RedisTxn {
             case .entry(let dir, let name):
                 let c = ReadCmd.hget(dir, name)
                 if results[c] == nil && useCache, let v = store.cache.lookup(c) {
-                    remember(c, v)
+                    remember(c, v, cached: true)
                     fromCache = true
                 }
                 if let v = results[c] {
@@ -460,52 +488,64 @@ final class RedisTxn {
         return Self.touchFields.filter { !base[$0].elementsEqual(new[$0]) }
     }
 
-    /// The commit's keys and arguments (see `RedisTxnScripts.commit`: the key count, the keys,
-    /// the arguments), and the read each check sent stands for, in order.
-    func commitArguments(requestKey: RKey, tag: String) -> (args: RedisCommand, checks: [ReadCmd]) {
-        var keys = [requestKey]
-        var index: [RKey: Int] = [requestKey: 1]
-        func idx(_ k: RKey) -> Int {
-            if let i = index[k] { return i }
-            keys.append(k)
-            index[k] = keys.count
-            return keys.count
+    /// The commit as one command (see `RedisTxnScripts.commit`): `verb` and `script` (EVALSHA
+    /// and the SHA, or EVAL and the text), the key count, the keys, the request tag, the checks
+    /// and the writes; and the read each check stands for, in order.
+    func commitCommand(_ verb: String, _ script: String, requestKey: RKey, tag: String) -> (RedisCommand, [ReadCmd]) {
+        // The keys first (checks and writes name them by position), each once.
+        var keys = KeyList(requestKey)
+        var times: [[Range<Int>]?] = []
+        times.reserveCapacity(reads.count)
+        var checkCount = 0
+        for (c, _, _) in reads {
+            let t = changedTimes(c)
+            times.append(t)
+            checkCount += t == nil ? 1 : Self.checkedFields.count
+            keys.position(c.key)
         }
+        for k in writeOrder { keys.position(k) }
+        var cmd = RedisCommand(capacity: 128 + keys.list.count * 24 + reads.count * 48 + writes.count * 128)
+        cmd.add(verb)
+        cmd.add(script)
+        cmd.add(keys.list.count)
+        for k in keys.list { store.keys.append(k, to: &cmd) }
+        cmd.add(tag)
+        cmd.add(checkCount)
         var sent: [ReadCmd] = []
-        var checks = RedisCommand(capacity: order.count * 64)
+        sent.reserveCapacity(checkCount)
         var timesOnly: [RKey: [Range<Int>]] = [:]
-        for c in order {
-            if let changed = changedTimes(c), case .string(let base)? = results[c] {
+        for ((c, reply, _), changed) in zip(reads, times) {
+            let i = keys.position(c.key)
+            if let changed, case .string(let base) = reply {
                 timesOnly[c.key] = changed
                 for r in Self.checkedFields {
-                    checks.add("GETRANGE")
-                    checks.add(idx(c.key))
-                    checks.add(2)
-                    checks.add(r.lowerBound)
-                    checks.add(r.upperBound - 1)
-                    checks.add(RedisTxnStore.expectation(.string(Array(base[r]))))
+                    cmd.add("GETRANGE")
+                    cmd.add(i)
+                    cmd.add(2)
+                    cmd.add(r.lowerBound)
+                    cmd.add(r.upperBound - 1)
+                    cmd.add(RedisTxnStore.expectation(.string(Array(base[r]))))
                     sent.append(c)
                 }
                 continue
             }
-            checks.add(c.cmd)
-            checks.add(idx(c.key))
-            checks.add(c.args.count)
-            for a in c.args { checks.add(a) }
-            checks.add(RedisTxnStore.expectation(results[c]!))
+            cmd.add(c.cmd)
+            cmd.add(i)
+            cmd.add(c.argCount)
+            c.appendArgs(to: &cmd)
+            cmd.add(RedisTxnStore.expectation(reply))
             sent.append(c)
         }
-        var w = RedisCommand(capacity: writes.count * 64)
-        func write(_ cmd: String, _ i: Int, _ args: [UInt8]...) {
-            w.add(cmd)
-            w.add(i)
-            w.add(args.count)
-            for a in args { w.add(a) }
+        func write(_ name: String, _ i: Int, _ args: [UInt8]...) {
+            cmd.add(name)
+            cmd.add(i)
+            cmd.add(args.count)
+            for a in args { cmd.add(a) }
         }
         for k in writeOrder {
             let kw = writes[k]!
-            let i = idx(k)
-            if let changed = timesOnly[k], case .set(let v)? = kw.string {
+            let i = keys.position(k)
+            if !timesOnly.isEmpty, let changed = timesOnly[k], case .set(let v)? = kw.string {
                 for r in changed { write("SETRANGE", i, Array(String(r.lowerBound).utf8), Array(v[r])) }
                 continue
             }
@@ -524,20 +564,42 @@ final class RedisTxn {
                 }
             }
             for o in kw.ops {
-                w.add(o.cmd)
-                w.add(i)
-                w.add(o.args.count)
-                for a in o.args { w.add(a) }
+                cmd.add(o.cmd)
+                cmd.add(i)
+                cmd.add(o.args.count)
+                for a in o.args { cmd.add(a) }
             }
         }
-        var args = RedisCommand(capacity: 64 + keys.count * 16 + checks.body.count + w.body.count)
-        args.add(keys.count)
-        for k in keys { store.keys.append(k, to: &args) }
-        args.add(tag)
-        args.add(sent.count)
-        args.add(contentsOf: checks)
-        args.add(contentsOf: w)
-        return (args, sent)
+        return (cmd, sent)
+    }
+}
+
+/// The keys of a command that names them by position (1, 2, ...), each once, in the order
+/// first asked for. A short list is searched; a long one gets an index.
+struct KeyList {
+    private(set) var list: [RKey] = []
+    private var index: [RKey: Int] = [:]
+
+    init() { list.reserveCapacity(16) }
+
+    init(_ first: RKey) {
+        self.init()
+        list.append(first)
+    }
+
+    /// The position of `k`, added if new.
+    @discardableResult
+    mutating func position(_ k: RKey) -> Int {
+        if index.isEmpty {
+            if let i = list.firstIndex(of: k) { return i + 1 }
+            list.append(k)
+            if list.count > 16 { for (i, x) in list.enumerated() { index[x] = i + 1 } }
+            return list.count
+        }
+        if let i = index[k] { return i }
+        list.append(k)
+        index[k] = list.count
+        return list.count
     }
 }
 

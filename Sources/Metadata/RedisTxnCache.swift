@@ -35,7 +35,7 @@ final class RedisTxnCache: @unchecked Sendable {
             guard let e = entries[c.key] else { return nil }
             switch c.verb {
             case .get: return e.value
-            case .hget: return e.field(Field(c.args[0]))
+            case .hget: return e.field(Field(c.arg ?? []))
             case .hlen: return e.length.map { .integer($0) }
             default: return nil
             }
@@ -49,7 +49,7 @@ final class RedisTxnCache: @unchecked Sendable {
                 entries.removeAll()
                 fieldsAdded = 0
             }
-            for c in t.order where c.cacheable { Self.note(&entries, c, t.results[c]!, &fieldsAdded) }
+            for (c, r, cached) in t.reads where c.cacheable && !cached { Self.note(&entries, c, r, &fieldsAdded) }
             guard committed else { return }
             // A new inode has no records yet: what the next operations on it read (a regular
             // file's first chunk and opens, a directory's entries) is known without asking.
@@ -99,7 +99,7 @@ final class RedisTxnCache: @unchecked Sendable {
         switch c.verb {
         case .get: e.value = r
         case .hget:
-            let f = Field(c.args[0])
+            let f = Field(c.arg ?? [])
             if let old = e.field(f), (old == .null) != (r == .null) {
                 // The field came or went since: the length and completeness are no longer known.
                 e.len = nil

@@ -216,6 +216,8 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     let keys: RedisKeys
     let cache: RedisTxnCache
     package let hooks = RedisTxnHooks()
+    /// This store's number among the stores of the process (`CommittedWrites`).
+    let serial = storeSerials.next()
     private var readSha = ""
     private var commitSha = ""
     private let requestKey: RKey
@@ -351,27 +353,19 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         let slot = checksOnly ? nil : slots.take()
         defer { if let slot { slots.give(slot) } }
         let tag = slot.map { "\($0):\(requestNumbers.next())" } ?? ""
-        let (args, checks) = t.commitArguments(requestKey: requestKey, tag: tag)
+        let (call, checks) = t.commitCommand("EVALSHA", commitSha, requestKey: requestKey, tag: tag)
         var wait = !checksOnly && waitReplicas > 0 ? [RedisCommand(["WAIT", waitReplicas, waitTimeoutMillis])] : []
         // Reads after the commit, in the same round trip (what they give counts only when the
         // commit applied).
         let trailing = checksOnly ? [] : t.trailing
         wait += trailing.map { $0.0.command(keys) }
-        var call = RedisCommand(capacity: args.body.count + 64)
-        call.add("EVALSHA")
-        call.add(commitSha)
-        call.add(contentsOf: args)
         count { $0.commits += 1 }
         var after: [((RedisReply) -> Void, RedisReply)] = []
         let reply = try pool.with { (c) throws(FSError) -> RedisReply in
             after.removeAll()
             var r = try c.pipeline([call] + wait)
             if case .error(let e) = r[0], e.hasPrefix("NOSCRIPT") {
-                var text = RedisCommand(capacity: args.body.count + RedisTxnScripts.commit.utf8.count + 64)
-                text.add("EVAL")
-                text.add(RedisTxnScripts.commit)
-                text.add(contentsOf: args)
-                r = try c.pipeline([text] + wait)
+                r = try c.pipeline([t.commitCommand("EVAL", RedisTxnScripts.commit, requestKey: requestKey, tag: tag).0] + wait)
             }
             if hooks.takeLostReply() {
                 c.abandon()
@@ -424,14 +418,8 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(c.cmd) \(keys.name(c.key)): \(e)") }
             return [r]
         }
-        var names: [RKey] = []
-        var index: [RKey: Int] = [:]
-        func idx(_ k: RKey) -> Int {
-            if let i = index[k] { return i }
-            names.append(k)
-            index[k] = names.count
-            return names.count
-        }
+        var names = KeyList()
+        func idx(_ k: RKey) -> Int { names.position(k) }
         var argv = RedisCommand(capacity: ops.count * 48)
         argv.add(keys.prefix)
         for op in ops {
@@ -440,8 +428,8 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
                 argv.add("C")
                 argv.add(c.cmd)
                 argv.add(idx(c.key))
-                argv.add(c.args.count)
-                for a in c.args { argv.add(a) }
+                argv.add(c.argCount)
+                c.appendArgs(to: &argv)
             case .entry(let dir, let name):
                 argv.add("E")
                 argv.add(idx(dir))
@@ -467,11 +455,11 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             }
         }
         func call(_ verb: String, _ script: String) -> RedisCommand {
-            var c = RedisCommand(capacity: argv.body.count + names.count * 16 + script.utf8.count + 32)
+            var c = RedisCommand(capacity: argv.body.count + names.list.count * 24 + script.utf8.count + 32)
             c.add(verb)
             c.add(script)
-            c.add(names.count)
-            for n in names { keys.append(n, to: &c) }
+            c.add(names.list.count)
+            for n in names.list { keys.append(n, to: &c) }
             c.add(contentsOf: argv)
             return c
         }
@@ -574,7 +562,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     }
 
     package func recentAttr(_ ino: Ino) -> Attr? {
-        guard let c = RedisTxn.lastCommitted, c.store === self, case .set(let b)? = c.writes[keys.attr(ino)]?.string else { return nil }
+        guard let c = RedisTxn.lastCommitted, c.store == serial, case .set(let b)? = c.writes[keys.attr(ino)]?.string else { return nil }
         return Attr(decoding: b)
     }
 
@@ -820,13 +808,18 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 /// The writes of the thread's last committed transaction: the attribute records it set whole
 /// are as they are on the server right after it (what `recentAttr` answers).
 final class CommittedWrites {
-    weak var store: RedisTxnStore?
+    /// The store's `serial` (not a weak reference: one of those would move the store's reference
+    /// counts to a side table and make every retain of it slower).
+    let store: UInt64
     let writes: [RKey: KeyWrites]
     init(_ t: RedisTxn) {
-        store = t.store
+        store = t.store.serial
         writes = t.writes
     }
 }
+
+/// Gives each store a number of its own.
+private let storeSerials = Counter()
 
 private let lastCommittedKey: pthread_key_t = {
     var k = pthread_key_t()
