@@ -25,7 +25,7 @@ juicefs format "$JFS_META" jfscompare --storage file --bucket "$WORK/jfs-data/" 
 "$NEW" mount -d "$NEW_META" "$WORK/new" --cache-size 0 --log "$WORK/new.log" >/dev/null
 juicefs mount -d "$JFS_META" "$WORK/jfs" --cache-size 0 --no-usage-report --log "$WORK/jfs.log" >/dev/null 2>&1
 
-run() { python3 "$HERE/bench.py" --mount "$1" --size-mib 1 --files "$FILES" --dirs "$DIRS" --phase small --tag "$2"; }
+run() { settle; python3 "$HERE/bench.py" --mount "$1" --size-mib 1 --files "$FILES" --dirs "$DIRS" --phase small --tag "$2"; }
 O="["; N="["; J="["
 r=1
 while [ "$r" -le "$ROUNDS" ]; do

@@ -25,7 +25,7 @@ rss_kib() { ps -o rss= -p "$1" | tr -d ' '; }
 sfs_pid() { pgrep -f "stagefs mount .*$WORK/sfs" | head -1; }
 jfs_pid() { pgrep -f "juicefs mount .*$WORK/jfs" | tail -1; }
 
-run() { python3 "$HERE/bench.py" --mount "$1" --size-mib "$SIZE_MIB" --files "$FILES" --dirs "$DIRS" --phase "$2" ${3:+--tag "$3"}; }
+run() { settle; python3 "$HERE/bench.py" --mount "$1" --size-mib "$SIZE_MIB" --files "$FILES" --dirs "$DIRS" --phase "$2" ${3:+--tag "$3"}; }
 
 mount_sfs; mount_jfs
 S_W=$(run "$WORK/sfs" write); J_W=$(run "$WORK/jfs" write)

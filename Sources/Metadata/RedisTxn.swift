@@ -257,10 +257,15 @@ final class RedisTxn {
                 let a = r.array
                 let v = a.first ?? .null
                 remember(.hget(dir, name), v)
-                if a.count == 4, let ino = RedisTxnStore.entryIno(v) {
+                if a.count == 4, let ino = RedisTxnStore.entryIno(v), case .string(let e) = v {
                     remember(.get(store.keys.attr(ino)), a[1])
-                    remember(.hlen(store.keys.opens(ino)), a[2])
-                    remember(.hlen(store.keys.entries(ino)), a[3])
+                    // What a change of the entry reads (as `want` above): a directory's entries,
+                    // a file's opens; the other count is not kept (or checked).
+                    if e[8] == FileType.directory.rawValue {
+                        remember(.hlen(store.keys.entries(ino)), a[3])
+                    } else {
+                        remember(.hlen(store.keys.opens(ino)), a[2])
+                    }
                 }
             case .page(let z, let d, let after, let limit, _):
                 let a = r.array

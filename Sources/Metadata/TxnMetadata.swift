@@ -230,6 +230,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func heartbeat(_ sid: UInt64) throws(FSError) {
         try store.transaction(write: true) { () throws(FSError) in
             guard var info = try store.session(sid) else { throw FSError(ENOENT, "session \(sid) is gone (cleaned up as stale)") }
@@ -280,6 +281,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     // MARK: namespace
 
+    @_specialize(where S == RedisTxnStore)
     package func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
         try store.transaction(write: false) { () throws(FSError) in
             try store.prefetch([.attr(parent), .entry(parent, name)])
@@ -300,6 +302,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func recentAttr(_ ino: Ino) -> Attr? { store.recentAttr(ino) }
 
+    @_specialize(where S == RedisTxnStore)
     package func getattr(_ ino: Ino) throws(FSError) -> Attr {
         try store.transaction(write: false) { () throws(FSError) in
             guard let a = try store.attr(ino) else { throw FSError.notFound }
@@ -307,10 +310,12 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError) {
         try Posix.check(try getattr(ino), cred, mask)
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest) throws(FSError) -> Attr {
         if req.mask.contains(.size) && req.size > maxFileSize { throw FSError(EFBIG, "file too large (the largest is 1 PiB)") }
         // A cut that drops many chunks takes several bounded steps; each step is one
@@ -360,6 +365,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         return size == newSize
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr) {
         try store.transaction(write: true) { () throws(FSError) in
             let (ino, a) = try mknod(cred, parent, name, .regular, mode, rdev: 0, target: nil)
@@ -368,6 +374,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func mknod(
         _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?
     )
@@ -441,6 +448,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         return RemovedName(ino: ino, attr: a, freed: false)
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
         try store.transaction(write: true) { () throws(FSError) in
             try store.prefetch([.attr(parent), .entry(parent, name)])
@@ -466,6 +474,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
         if name == [UInt8(ascii: ".")] { throw FSError.invalid }
         if name == [UInt8(ascii: "."), UInt8(ascii: ".")] { throw FSError.notEmpty }
@@ -511,6 +520,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         throw FSError(ELOOP, "directory nested deeper than \(maxRenameDepth) levels")
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], _ flags: RenameFlags) throws(FSError) -> RenameResult
     {
         if flags.contains(.whiteout) { throw FSError.notSupported }
@@ -604,6 +614,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
         try validateName(name)
         return try store.transaction(write: true) { () throws(FSError) in
@@ -637,6 +648,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
         try store.transaction(write: false) { () throws(FSError) in
             try store.prefetch([.attr(ino), .entries(ino, after: cookie, limit: limit, plus: plus)])
@@ -654,6 +666,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     // MARK: extended attributes
 
+    @_specialize(where S == RedisTxnStore)
     package func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
         try store.transaction(write: false) { () throws(FSError) in
             try store.prefetch([.attr(ino), .xattr(ino, name)])
@@ -701,6 +714,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     // MARK: file data
 
+    @_specialize(where S == RedisTxnStore)
     package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?) {
         var first: [Slice]?
         let a = try store.transaction(write: true) { () throws(FSError) -> Attr in
@@ -719,6 +733,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         return (a, a.type == .regular ? first : nil)
     }
 
+    @_specialize(where S == RedisTxnStore)
     @discardableResult package func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool {
         try store.transaction(write: true) { () throws(FSError) -> Bool in
             try store.prefetch([.opens(sid: sid, ino), .attr(ino), .isOpen(ino)])
@@ -727,10 +742,12 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice] {
         try store.transaction(write: false) { () throws(FSError) in Slice.decodeAll(try store.chunk(ino, index)) }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func readChunks(_ chunks: [(Ino, UInt32)]) throws(FSError) -> [[Slice]] {
         try store.transaction(write: false) { () throws(FSError) in
             var out: [[Slice]] = []
@@ -744,6 +761,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func getattrs(_ inos: [Ino]) throws(FSError) -> [Attr?] {
         try store.transaction(write: false) { () throws(FSError) in
             var out: [Attr?] = []
@@ -757,6 +775,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr {
         try store.transaction(write: true) { () throws(FSError) in
             guard var a = try store.attr(ino) else { throw FSError.notFound }
@@ -794,6 +813,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func finishDeletes(limit: Int) throws(FSError) -> (slices: [Slice], more: Bool) {
         try store.transaction(write: true) { () throws(FSError) -> ([Slice], Bool) in
             try store.prefetch([.pendingDeletes(limit: limit, chunks: chunkBatch)])
@@ -813,6 +833,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    @_specialize(where S == RedisTxnStore)
     package func takeDroppedSlices(limit: Int) throws(FSError) -> [Slice] {
         try store.transaction(write: true) { () throws(FSError) in Slice.decodeAll(try store.takeDroppedSlices(limit: limit)) }
     }

@@ -53,11 +53,9 @@ final class MetaCache: @unchecked Sendable {
         let now = Sys.monotonicNanos()
         let last = changed(ino)
         return lock.withLock {
-            guard let e = attrs[ino] else { return nil }
-            if e.deadline < now || e.asOf < last {
-                attrs[ino] = nil
-                return nil
-            }
+            // (An expired record stays until overwritten or the cache starts over: removing
+            // a key from a large dictionary moves its neighbours and cost more than the lookup.)
+            guard let e = attrs[ino], e.deadline >= now, e.asOf >= last else { return nil }
             return e.0
         }
     }
@@ -73,7 +71,7 @@ final class MetaCache: @unchecked Sendable {
     }
 
     func drop(_ inos: Ino...) {
-        lock.withLock { for i in inos { attrs[i] = nil } }
+        lock.withLock { for i in inos { attrs[i]?.deadline = 0 } }
     }
 
     func entry(_ parent: Ino, _ name: [UInt8]) -> Ino? {
@@ -81,11 +79,7 @@ final class MetaCache: @unchecked Sendable {
         let now = Sys.monotonicNanos()
         let k = EntryKey(parent: parent, name: name)
         return lock.withLock {
-            guard let (ino, deadline) = entries[k] else { return nil }
-            if deadline < now {
-                entries[k] = nil
-                return nil
-            }
+            guard let (ino, deadline) = entries[k], deadline >= now else { return nil }
             return ino
         }
     }
@@ -133,12 +127,12 @@ final class MetaCache: @unchecked Sendable {
             if let after, !overlapped, attrTTL > 0 {
                 attrs[dir] = (after, deadline, asOf)
             } else {
-                attrs[dir] = nil
+                attrs[dir]?.deadline = 0
             }
         }
     }
 
     func dropEntry(_ parent: Ino, _ name: [UInt8]) {
-        lock.withLock { entries[EntryKey(parent: parent, name: name)] = nil }
+        lock.withLock { entries[EntryKey(parent: parent, name: name)]?.1 = 0 }
     }
 }

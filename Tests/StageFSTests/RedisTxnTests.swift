@@ -199,8 +199,13 @@ struct RedisTxnTests {
         let (ino, _) = try f.meta.create(alice, rootIno, n("f"), 0o644, sid: sid)
         _ = try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now())
         try f.meta.setxattr(alice, ino, n("user.k"), n("v"), .any)
+        try f.meta.updateLocks(ino, kind: UInt8(ascii: "f"), sid: sid) { _ in [1, 2, 3] }
         let keys = try f.cli(["KEYS", "*"])
         #expect(!keys.isEmpty && keys.allSatisfy { $0.hasPrefix("{0}") }, "\(keys)")
+        // The names are a stored format (the script engine of earlier versions wrote the same).
+        for k in ["{0}i\(ino)", "{0}c\(ino)_0", "{0}k\(ino)", "{0}x\(ino)", "{0}d1", "{0}z1", "{0}o\(ino)", "{0}so\(sid)", "{0}lkf\(ino)", "{0}sl\(sid)", "{0}setting"] {
+            #expect(keys.contains(k), "\(k) in \(keys)")
+        }
 
         // A volume formatted before volumes had a hash tag (the same names without it, as the
         // script engine of earlier versions wrote them): used as it is, and kept untagged.
