@@ -1,8 +1,10 @@
 #!/bin/sh
 # Two StageFS builds (before and after a change) and JuiceFS 1.4.2 on the same redis-server
 # (three databases) and the same kind of bucket: the small-file rounds of run.sh, interleaved
-# (old, new, JuiceFS, then again), so that a machine whose speed drifts treats all three alike.
-# Prints medians, each build's ratio to JuiceFS, and new/old.
+# (old, new, JuiceFS, then new, old, JuiceFS, ...), so that a machine whose speed drifts treats
+# all three alike.
+# Prints medians, each build's ratio to JuiceFS, new/old, and new/old of each round with their
+# median (the paired figure). Before each run the machine is left to settle (lib.sh).
 #   bench/compare.sh OLD_STAGEFS NEW_STAGEFS
 # Environment: FILES (per round, default 10000), DIRS (100), ROUNDS (default 5).
 set -eu
@@ -30,7 +32,13 @@ O="["; N="["; J="["
 r=1
 while [ "$r" -le "$ROUNDS" ]; do
     [ "$r" -gt 1 ] && { O="$O,"; N="$N,"; J="$J,"; }
-    O="$O$(run "$WORK/old" "round$r")"; N="$N$(run "$WORK/new" "round$r")"; J="$J$(run "$WORK/jfs" "round$r")"
+    # Old and new take turns at going first.
+    if [ $((r % 2)) -eq 1 ]; then
+        O="$O$(run "$WORK/old" "round$r")"; N="$N$(run "$WORK/new" "round$r")"
+    else
+        N="$N$(run "$WORK/new" "round$r")"; O="$O$(run "$WORK/old" "round$r")"
+    fi
+    J="$J$(run "$WORK/jfs" "round$r")"
     r=$((r + 1))
 done
 O="$O]"; N="$N]"; J="$J]"
@@ -42,9 +50,12 @@ files, rounds = sys.argv[4], sys.argv[5]
 med = lambda rs, k: statistics.median(r[k] for r in rs)
 rows = [("4 KiB file create+write+close", "create_per_s"), ("stat", "stat_per_s"),
         ("4 KiB file open+read+close", "read_per_s"), ("unlink", "unlink_per_s")]
-print(f"| files/s ({files} per round, median of {rounds}) | old | new | JuiceFS 1.4.2 | old/JuiceFS | new/JuiceFS | new/old |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+print(f"| files/s ({files} per round, median of {rounds}) | old | new | JuiceFS 1.4.2 | old/JuiceFS | new/JuiceFS | new/old | new/old per round (median) |")
+print("|---|---:|---:|---:|---:|---:|---:|---|")
 for label, k in rows:
     a, b, c = med(o, k), med(n, k), med(j, k)
-    print(f"| {label} | {a:.1f} | {b:.1f} | {c:.1f} | {a / c:.2f} | {b / c:.2f} | {b / a:.2f} |")
+    # Each round's old and new ran back to back: their ratio is the paired figure.
+    per = [x[k] / y[k] for x, y in zip(n, o)]
+    rounds_text = " ".join(f"{r:.2f}" for r in per)
+    print(f"| {label} | {a:.1f} | {b:.1f} | {c:.1f} | {a / c:.2f} | {b / c:.2f} | {b / a:.2f} | {rounds_text} ({statistics.median(per):.2f}) |")
 PY
