@@ -31,8 +31,9 @@ package enum RedisTxnScripts {
     /// ARGV[1] the volume's key prefix, then operations, each answered by one element:
     /// `C cmd keyindex nargs args...` one read command (the list below);
     /// `E keyindex name` an entry of directory hash KEYS[keyindex] and, when it exists, what the
-    /// inode it names holds: {entry, attributes, HLEN of its opens, HLEN of its entries} ({nil}
-    /// when missing; those keys follow from the entry, under the same hash tag);
+    /// inode it names holds: {entry, attributes, HLEN of its opens, HLEN of its entries}, the
+    /// count its type does not have left nil ({nil} when missing; those keys follow from the
+    /// entry, under the same hash tag);
     /// `D zkeyindex dkeyindex after limit plus` a page of a directory: {names and positions,
     /// entries, and with `plus` = 1 the attributes of the inodes they name};
     /// `K zkeyindex ino from limit` the indexes of a file's chunks from `from` on (at most
@@ -68,7 +69,13 @@ package enum RedisTxnScripts {
                 local v = redis.call('HGET', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2])
                 if v then
                   local ino = string.format('%d', struct.unpack('>I8', v))
-                  out[#out + 1] = {v, redis.call('GET', P .. 'i' .. ino), redis.call('HLEN', P .. 'o' .. ino), redis.call('HLEN', P .. 'd' .. ino)}
+                  -- (The entry's 9th byte is its type: 2 a directory, which has entries; other
+                  -- inodes have opens.)
+                  if string.byte(v, 9) == 2 then
+                    out[#out + 1] = {v, redis.call('GET', P .. 'i' .. ino), false, redis.call('HLEN', P .. 'd' .. ino)}
+                  else
+                    out[#out + 1] = {v, redis.call('GET', P .. 'i' .. ino), redis.call('HLEN', P .. 'o' .. ino), false}
+                  end
                 else
                   out[#out + 1] = {false}
                 end
