@@ -42,31 +42,15 @@ final class RedisTxnCache: @unchecked Sendable {
         }
     }
 
-    /// The replies of read-only transactions noted last, each as it still is in `entries`: the
-    /// same reply seen again (a directory's attributes, read by every lookup in it) is not
-    /// looked up in the large dictionary again. A note of the same key drops them, any other
-    /// change of `entries` empties the list.
-    private var recent: [(ReadCmd, RedisReply)] = []
-    private static let recentCount = 8
-
     /// Applies what a transaction saw and, when it committed, what it wrote.
     func record(_ t: RedisTxn, committed: Bool) {
         lock.withLock {
             if entries.count + fieldsAdded > capacity {
                 entries.removeAll()
                 fieldsAdded = 0
-                recent.removeAll()
             }
-            for (c, r, cached) in t.reads where c.cacheable && !cached {
-                if recent.contains(where: { $0.0 == c && $0.1 == r }) { continue }
-                Self.note(&entries, c, r, &fieldsAdded)
-                if !recent.isEmpty { recent.removeAll { $0.0.key == c.key } }
-                if committed { continue }
-                if recent.count == Self.recentCount { recent.removeFirst() }
-                recent.append((c, r))
-            }
+            for (c, r, cached) in t.reads where c.cacheable && !cached { Self.note(&entries, c, r, &fieldsAdded) }
             guard committed else { return }
-            recent.removeAll(keepingCapacity: true)
             // A new inode has no records yet: what the next operations on it read (a regular
             // file's first chunk and opens, a directory's entries) is known without asking.
             let k = t.store.keys
@@ -86,7 +70,6 @@ final class RedisTxnCache: @unchecked Sendable {
     /// Replies seen by a commit that found them changed.
     func noteChanged(_ changed: [(ReadCmd, RedisReply?)]) {
         lock.withLock {
-            recent.removeAll(keepingCapacity: true)
             for (c, r) in changed {
                 if let r, c.cacheable {
                     Self.note(&entries, c, r, &fieldsAdded)
@@ -99,7 +82,6 @@ final class RedisTxnCache: @unchecked Sendable {
 
     func removeAll() {
         lock.withLock {
-            recent.removeAll(keepingCapacity: true)
             entries.removeAll()
             fieldsAdded = 0
         }
