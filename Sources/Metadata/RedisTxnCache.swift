@@ -100,12 +100,20 @@ final class RedisTxnCache: @unchecked Sendable {
         case .get: e.value = r
         case .hget:
             let f = Field(c.arg ?? [])
-            if let old = e.field(f), (old == .null) != (r == .null) {
+            // (Found once: the lookup of a large hash's field is a cache miss.)
+            let i = e.fields.index(forKey: f)
+            let old = i.map { e.fields.values[$0] } ?? (e.complete ? .null : nil)
+            if let old, (old == .null) != (r == .null) {
                 // The field came or went since: the length and completeness are no longer known.
                 e.len = nil
                 e.complete = false
             }
-            if e.fields.updateValue(r, forKey: f) == nil { added += 1 }
+            if let i {
+                e.fields.values[i] = r
+            } else {
+                e.fields[f] = r
+                added += 1
+            }
         case .hlen:
             guard let n = r.int else { return }
             if e.complete && e.length != n { e.complete = false }

@@ -1,4 +1,5 @@
 import StageFSCore
+import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -12,32 +13,46 @@ struct RKey: Hashable, Sendable {
         case named, attr, entries, positions, symlink, xattrs, chunk, chunkIndex, opens, sessionOpens, locks, sessionLocks
     }
     let kind: Kind
+    /// The inode, session or chunk number; for a `named` key, the number of its name
+    /// (`KeyNames`), which lives only in this process.
     let id: UInt64
     let sub: UInt32
-    /// The name of a `named` key (empty for the others).
-    let name: String
 
     init(_ kind: Kind, _ id: UInt64, _ sub: UInt32 = 0) {
         self.kind = kind
         self.id = id
         self.sub = sub
-        name = ""
     }
 
-    init(named: String) {
-        kind = .named
-        id = 0
-        sub = 0
-        name = named
-    }
+    init(named: String) { self.init(.named, KeyNames.number(named)) }
 
-    static func == (a: RKey, b: RKey) -> Bool { a.kind == b.kind && a.id == b.id && a.sub == b.sub && a.name == b.name }
+    /// The name of a `named` key (empty for the others).
+    var name: String { kind == .named ? KeyNames.name(id) : "" }
+
+    static func == (a: RKey, b: RKey) -> Bool { a.kind == b.kind && a.id == b.id && a.sub == b.sub }
 
     func hash(into h: inout Hasher) {
         h.combine(id)
         h.combine(UInt64(sub) << 8 | UInt64(kind.rawValue))
-        if kind == .named { h.combine(name) }
     }
+}
+
+/// The names of `named` keys (counters, settings, queues, a client's requests), each given a
+/// number the first time it is used, so that every `RKey` is plain numbers: copied without
+/// reference counting, compared and hashed as integers. A process uses a few dozen names.
+enum KeyNames {
+    private static let table = Mutex<(numbers: [String: UInt64], names: [String])>(([:], []))
+
+    static func number(_ name: String) -> UInt64 {
+        table.withLock { t in
+            if let n = t.numbers[name] { return n }
+            t.names.append(name)
+            t.numbers[name] = UInt64(t.names.count - 1)
+            return UInt64(t.names.count - 1)
+        }
+    }
+
+    static func name(_ number: UInt64) -> String { table.withLock { $0.names[Int(number)] } }
 }
 
 /// Key names of one volume in Redis, each behind the volume's prefix. A volume formatted now puts
@@ -47,7 +62,9 @@ struct RKey: Hashable, Sendable {
 struct RedisKeys: Sendable {
     let prefix: String
 
-    var setting: RKey { RKey(named: "setting") }
+    // (Each of these keys is made once: making a named key looks its name up.)
+    var setting: RKey { Self.setting }
+    private static let setting = RKey(named: "setting")
     func counter(_ name: String) -> RKey { RKey(named: name) }
     func attr(_ ino: Ino) -> RKey { RKey(.attr, ino) }
     /// Directory hash: name -> packed (ino, type).
@@ -66,10 +83,14 @@ struct RedisKeys: Sendable {
     func locks(_ ino: Ino, _ kind: UInt8) -> RKey { RKey(.locks, ino, UInt32(kind)) }
     /// Set of "ino:kind" lock tables session `sid` has records in.
     func sessionLocks(_ sid: UInt64) -> RKey { RKey(.sessionLocks, sid) }
-    var sessions: RKey { RKey(named: "sessions") }
-    var sessionInfos: RKey { RKey(named: "sessionInfos") }
-    var delfiles: RKey { RKey(named: "delfiles") }
-    var delslices: RKey { RKey(named: "delslices") }
+    var sessions: RKey { Self.sessions }
+    var sessionInfos: RKey { Self.sessionInfos }
+    var delfiles: RKey { Self.delfiles }
+    var delslices: RKey { Self.delslices }
+    private static let sessions = RKey(named: "sessions")
+    private static let sessionInfos = RKey(named: "sessionInfos")
+    private static let delfiles = RKey(named: "delfiles")
+    private static let delslices = RKey(named: "delslices")
     func requests(_ client: String) -> RKey { RKey(named: "rq" + client) }
 
     /// The letters in front of a key's numbers (up to three; 0: none).
