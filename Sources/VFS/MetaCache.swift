@@ -9,7 +9,7 @@ import StageFSCore
 /// Attributes are stamped with the data store's change clock as it was before they were read:
 /// once this client commits writes to (or otherwise changes the data of) an inode after that,
 /// its cached attributes are stale and not used.
-final class MetaCache: @unchecked Sendable {
+package final class MetaCache: @unchecked Sendable {
     private struct EntryKey: Hashable {
         var parent: Ino
         var name: [UInt8]
@@ -31,8 +31,12 @@ final class MetaCache: @unchecked Sendable {
     private let changed: @Sendable (Ino) -> UInt64
     private var entries: [EntryKey: (Ino, UInt64)] = [:]
     private static let limit = 200_000
+    /// Sizes at which the expired records are next swept out of `attrs` and `entries`.
+    private var attrSweep = MetaCache.firstSweep
+    private var entrySweep = MetaCache.firstSweep
+    private static let firstSweep = 4096
 
-    init(
+    package init(
         attrTTL: Double, entryTTL: Double, dirEntryTTL: Double, clock: @escaping @Sendable () -> UInt64,
         changed: @escaping @Sendable (Ino) -> UInt64
     ) {
@@ -48,24 +52,25 @@ final class MetaCache: @unchecked Sendable {
     /// The stamp to pass to `put` for attributes about to be read from metadata.
     func stamp() -> UInt64 { clock() }
 
-    func attr(_ ino: Ino) -> Attr? {
+    package func attr(_ ino: Ino) -> Attr? {
         guard attrTTL > 0 else { return nil }
         let now = Sys.monotonicNanos()
         let last = changed(ino)
         return lock.withLock {
-            // (An expired record stays until overwritten or the cache starts over: removing
-            // a key from a large dictionary moves its neighbours and cost more than the lookup.)
+            // (An expired record stays until overwritten or swept out by `put`: removing one
+            // key from a large dictionary moves its neighbours and cost more than the lookup.)
             guard let e = attrs[ino], e.deadline >= now, e.asOf >= last else { return nil }
             return e.0
         }
     }
 
     /// Remembers `a`, read from metadata after `stamp()` returned `asOf`.
-    func put(_ ino: Ino, _ a: Attr, asOf: UInt64) {
+    package func put(_ ino: Ino, _ a: Attr, asOf: UInt64) {
         guard attrTTL > 0 else { return }
-        let deadline = Sys.monotonicNanos() + attrTTL
+        let now = Sys.monotonicNanos()
+        let deadline = now + attrTTL
         lock.withLock {
-            if attrs.count > MetaCache.limit { attrs.removeAll(keepingCapacity: true) }
+            if attrs.count >= attrSweep { attrSweep = Self.sweep(&attrs, now) { $0.deadline } }
             attrs[ino] = (a, deadline, asOf)
         }
     }
@@ -74,7 +79,7 @@ final class MetaCache: @unchecked Sendable {
         lock.withLock { for i in inos { attrs[i]?.deadline = 0 } }
     }
 
-    func entry(_ parent: Ino, _ name: [UInt8]) -> Ino? {
+    package func entry(_ parent: Ino, _ name: [UInt8]) -> Ino? {
         guard entryTTL > 0 || dirEntryTTL > 0 else { return nil }
         let now = Sys.monotonicNanos()
         let k = EntryKey(parent: parent, name: name)
@@ -84,15 +89,30 @@ final class MetaCache: @unchecked Sendable {
         }
     }
 
-    func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ a: Attr, asOf: UInt64) {
+    package func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ a: Attr, asOf: UInt64) {
         let ttl = a.type == .directory ? dirEntryTTL : entryTTL
         put(ino, a, asOf: asOf)
         guard ttl > 0 else { return }
-        let deadline = Sys.monotonicNanos() + ttl
+        let now = Sys.monotonicNanos()
+        let deadline = now + ttl
         lock.withLock {
-            if entries.count > MetaCache.limit { entries.removeAll(keepingCapacity: true) }
+            if entries.count >= entrySweep { entrySweep = Self.sweep(&entries, now) { $0.1 } }
             entries[EntryKey(parent: parent, name: name)] = (ino, deadline)
         }
+    }
+
+    /// How many records the tables hold, expired ones included (for tests).
+    package var sizes: (attrs: Int, entries: Int) { lock.withLock { (attrs.count, entries.count) } }
+
+    /// Keeps the records of `table` still valid at `now`, in a table of their size (without
+    /// sweeps, expired and dropped records piled up across a long run, and a large table makes
+    /// every access a cache miss); none when more than half of `limit` are. Returns the size
+    /// for the next sweep: twice what stayed (at most `limit`), so the work is a constant per
+    /// record put.
+    private static func sweep<K, V>(_ table: inout [K: V], _ now: UInt64, deadline: (V) -> UInt64) -> Int {
+        table = table.filter { deadline($0.value) >= now }
+        if table.count > limit / 2 { table = [:] }
+        return min(limit, max(firstSweep, 2 * table.count))
     }
 
     /// Changes of a directory by this client now under way, and how many began (see

@@ -2,6 +2,7 @@ import DataPath
 import Metadata
 import StageFSCore
 import Testing
+import VFS
 
 @Suite("Units")
 struct UnitTests {
@@ -62,6 +63,28 @@ struct UnitTests {
         #expect(l.key(slice: 1_234_567, index: 2, length: 100) == "vol/chunks/1/1234/1234567_2_100")
         let keys = l.keys(of: Slice(pos: 0, id: 9, size: UInt32((4 << 20) * 2 + 5), off: 0, len: 1))
         #expect(keys == ["vol/chunks/0/0/9_0_4194304", "vol/chunks/0/0/9_1_4194304", "vol/chunks/0/0/9_2_5"])
+    }
+
+    /// The attribute and entry cache sweeps out expired records as new ones come: a long run
+    /// kept every record it ever saw, and a large table slowed every lookup. Records still
+    /// valid survive the sweeps.
+    @Test func metadataCacheSweepsExpiredRecords() {
+        let a = Attr(type: .regular, mode: 0o644, uid: 1, gid: 1, atime: .now(), mtime: .now(), ctime: .now())
+        let names = (0..<10_000).map { Array("f\($0)".utf8) }
+        let lasting = MetaCache(attrTTL: 600, entryTTL: 600, dirEntryTTL: 600, clock: { 0 }, changed: { _ in 0 })
+        for (i, n) in names.enumerated() { lasting.putEntry(1, n, Ino(i + 2), a, asOf: 0) }
+        #expect(lasting.sizes == (10_000, 10_000))
+        #expect(names.indices.allSatisfy { lasting.attr(Ino($0 + 2)) == a && lasting.entry(1, names[$0]) == Ino($0 + 2) })
+
+        let brief = MetaCache(attrTTL: 0.01, entryTTL: 0.01, dirEntryTTL: 0.01, clock: { 0 }, changed: { _ in 0 })
+        for (i, n) in names.enumerated() { brief.putEntry(1, n, Ino(i + 2), a, asOf: 0) }
+        // Wait until every one of them has expired.
+        let expired = Sys.monotonicNanos() + 10_000_000
+        while Sys.monotonicNanos() <= expired {}
+        for (i, n) in names.enumerated() { brief.putEntry(2, n, Ino(i + 20_000), a, asOf: 0) }
+        // Without sweeps both tables would hold all 20,000 records.
+        #expect(brief.sizes.attrs <= 10_000 && brief.sizes.entries <= 10_000, "\(brief.sizes)")
+        #expect(brief.attr(2) == nil && brief.entry(1, names[0]) == nil)
     }
 
     @Test func posixAccessRules() {
