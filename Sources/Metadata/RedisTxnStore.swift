@@ -62,9 +62,8 @@ enum KeyNames {
 struct RedisKeys: Sendable {
     let prefix: String
 
-    // (Each of these keys is made once: making a named key looks its name up.)
-    var setting: RKey { Self.setting }
-    private static let setting = RKey(named: "setting")
+    // (The fixed named keys are made once per store: making a named key looks its name up.)
+    let setting = RKey(named: "setting")
     func counter(_ name: String) -> RKey { RKey(named: name) }
     func attr(_ ino: Ino) -> RKey { RKey(.attr, ino) }
     /// Directory hash: name -> packed (ino, type).
@@ -83,14 +82,10 @@ struct RedisKeys: Sendable {
     func locks(_ ino: Ino, _ kind: UInt8) -> RKey { RKey(.locks, ino, UInt32(kind)) }
     /// Set of "ino:kind" lock tables session `sid` has records in.
     func sessionLocks(_ sid: UInt64) -> RKey { RKey(.sessionLocks, sid) }
-    var sessions: RKey { Self.sessions }
-    var sessionInfos: RKey { Self.sessionInfos }
-    var delfiles: RKey { Self.delfiles }
-    var delslices: RKey { Self.delslices }
-    private static let sessions = RKey(named: "sessions")
-    private static let sessionInfos = RKey(named: "sessionInfos")
-    private static let delfiles = RKey(named: "delfiles")
-    private static let delslices = RKey(named: "delslices")
+    let sessions = RKey(named: "sessions")
+    let sessionInfos = RKey(named: "sessionInfos")
+    let delfiles = RKey(named: "delfiles")
+    let delslices = RKey(named: "delslices")
     func requests(_ client: String) -> RKey { RKey(named: "rq" + client) }
 
     /// The letters in front of a key's numbers (up to three; 0: none).
