@@ -175,7 +175,7 @@ final class RedisTxn {
     private(set) var results: [ReadCmd: RedisReply] = [:]
     /// The same reads in the order made, each with its reply and whether that came from the
     /// client cache (which needs no telling again).
-    private(set) var reads: [(cmd: ReadCmd, reply: RedisReply, cached: Bool)] = []
+    private(set) var reads: RedisTxnCache.Reads = []
     private(set) var fromCache = false
     /// Round trips taken for reads.
     private(set) var batches = 0

@@ -4,7 +4,14 @@ import StageFSCore
 /// write transaction can start from it without a read round trip. Never trusted: every value
 /// taken from here is a read of the transaction and checked by its commit, so a stale one costs
 /// a retry, never a wrong result. Read-only transactions do not use it.
+///
+/// What a transaction that wrote nothing saw is noted only when the cache is next asked or
+/// changed: most lookups and stats are followed by nothing that asks it, and noting each one
+/// was a third of a lookup's CPU in the mount. Of those reads only the newest `pendingLimit`
+/// wait (at least one transaction's); a dropped one costs a later transaction a read.
 final class RedisTxnCache: @unchecked Sendable {
+    typealias Reads = [(cmd: ReadCmd, reply: RedisReply, cached: Bool)]
+
     struct Entry {
         /// The string value (`.null`: known missing; nil: unknown).
         var value: RedisReply?
@@ -27,11 +34,23 @@ final class RedisTxnCache: @unchecked Sendable {
     private var fieldsAdded = 0
     /// Keys and fields kept at most; the cache starts over when it holds more.
     let capacity: Int
+    /// Reads of transactions that wrote nothing, oldest first, not noted yet.
+    private var pending: [Reads] = []
+    private var pendingReads = 0
+    /// Reads that wait to be noted at most (the newest transaction's always wait).
+    let pendingLimit: Int
 
-    init(capacity: Int) { self.capacity = capacity }
+    init(capacity: Int, pendingLimit: Int = 4096) {
+        self.capacity = capacity
+        self.pendingLimit = pendingLimit
+    }
+
+    /// Keys held and reads waiting to be noted.
+    var sizes: (keys: Int, pending: Int) { lock.withLock { (entries.count, pendingReads) } }
 
     func lookup(_ c: ReadCmd) -> RedisReply? {
         lock.withLock { () -> RedisReply? in
+            notePending()
             guard let e = entries[c.key] else { return nil }
             switch c.verb {
             case .get: return e.value
@@ -45,12 +64,12 @@ final class RedisTxnCache: @unchecked Sendable {
     /// Applies what a transaction saw and, when it committed, what it wrote.
     func record(_ t: RedisTxn, committed: Bool) {
         lock.withLock {
-            if entries.count + fieldsAdded > capacity {
-                entries.removeAll()
-                fieldsAdded = 0
+            guard committed else {
+                wait(t.reads)
+                return
             }
-            for (c, r, cached) in t.reads where c.cacheable && !cached { Self.note(&entries, c, r, &fieldsAdded) }
-            guard committed else { return }
+            notePending()
+            note(t.reads)
             // A new inode has no records yet: what the next operations on it read (a regular
             // file's first chunk and opens, a directory's entries) is known without asking.
             let k = t.store.keys
@@ -70,6 +89,7 @@ final class RedisTxnCache: @unchecked Sendable {
     /// Replies seen by a commit that found them changed.
     func noteChanged(_ changed: [(ReadCmd, RedisReply?)]) {
         lock.withLock {
+            notePending()
             for (c, r) in changed {
                 if let r, c.cacheable {
                     Self.note(&entries, c, r, &fieldsAdded)
@@ -84,7 +104,41 @@ final class RedisTxnCache: @unchecked Sendable {
         lock.withLock {
             entries.removeAll()
             fieldsAdded = 0
+            pending.removeAll()
+            pendingReads = 0
         }
+    }
+
+    // The three below run under the lock.
+
+    /// Keeps `reads` to be noted later, dropping the oldest waiting past `pendingLimit`.
+    private func wait(_ reads: Reads) {
+        if reads.isEmpty { return }
+        pending.append(reads)
+        pendingReads += reads.count
+        guard pendingReads > pendingLimit, pending.count > 1 else { return }
+        // Down to half the limit at once, so that dropping costs a constant per read kept.
+        var drop = 0
+        while drop < pending.count - 1 && pendingReads > pendingLimit / 2 {
+            pendingReads -= pending[drop].count
+            drop += 1
+        }
+        pending.removeFirst(drop)
+    }
+
+    private func notePending() {
+        if pending.isEmpty { return }
+        for reads in pending { note(reads) }
+        pending.removeAll(keepingCapacity: true)
+        pendingReads = 0
+    }
+
+    private func note(_ reads: Reads) {
+        if entries.count + fieldsAdded > capacity {
+            entries.removeAll()
+            fieldsAdded = 0
+        }
+        for (c, r, cached) in reads where c.cacheable && !cached { Self.note(&entries, c, r, &fieldsAdded) }
     }
 
     // Both change an entry in place (`entries[key, default:]`): a copy of it would copy its

@@ -287,6 +287,9 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     /// What the store did so far.
     package var stats: RedisTxnStats { statsLock.withLock { counts } }
 
+    /// Keys and hash fields the client cache holds, and reads waiting to be noted in it.
+    package var cacheSizes: (keys: Int, pending: Int) { cache.sizes }
+
     private func count(_ body: (inout RedisTxnStats) -> Void) { statsLock.withLock { body(&counts) } }
 
     func bug(_ what: String) -> FSError { FSError(EIO, "\(displayName): internal error in a metadata transaction: \(what)") }

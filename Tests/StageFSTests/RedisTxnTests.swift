@@ -403,4 +403,41 @@ struct RedisTxnTests {
         for (k, v) in cold { #expect(v <= (k.hasPrefix("lookup") || k == "getattr" ? 1 : 2), "\(k) cold: \(v)") }
         #expect(stale == 1)
     }
+
+    /// What a lookup saw waits to be noted in the client cache until a transaction asks it (the
+    /// open after the lookup still takes one round trip), and only the newest reads wait.
+    @Test func lookupsAreNotedWhenAskedForAndFewWait() throws {
+        let f = try TxnFixture()
+        let m = f.meta
+        let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/m", version: "t"))
+        let (dir, _) = try m.mknod(alice, rootIno, n("d"), .directory, 0o777, rdev: 0, target: nil)
+        let (ino, _) = try m.create(alice, dir, n("a"), 0o644, sid: sid)
+        try m.close(ino, sid: sid)
+        func trips(_ body: () throws -> Void) rethrows -> Int {
+            let a = f.store.stats
+            try body()
+            let b = f.store.stats
+            return (b.reads - a.reads) + (b.commits - a.commits)
+        }
+        let before = f.store.cacheSizes
+        _ = try m.lookup(alice, dir, n("a"))
+        let looked = f.store.cacheSizes
+        #expect(looked.keys == before.keys && looked.pending > before.pending, "a lookup's reads wait: \(before) then \(looked)")
+        #expect(try trips { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) } == 1, "the open after a lookup")
+        #expect(f.store.cacheSizes.pending == 0)
+        try m.close(ino, sid: sid)
+
+        let limit = 4096
+        for i in 0..<(limit + 1000) {
+            expectErrno(ENOENT) { _ = try m.lookup(alice, dir, n("missing\(i)")) }
+            let p = f.store.cacheSizes.pending
+            if p > limit {
+                Issue.record("\(p) reads wait after \(i + 1) lookups")
+                break
+            }
+        }
+        #expect(f.store.cacheSizes.pending > 0)
+        _ = try m.lookup(alice, dir, n("a"))
+        #expect(try trips { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) } == 1, "the open after a lookup, after many")
+    }
 }
