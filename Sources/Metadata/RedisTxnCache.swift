@@ -64,11 +64,13 @@ final class RedisTxnCache: @unchecked Sendable {
 
     /// Applies what a transaction saw and, when it committed, what it wrote.
     func record(_ t: RedisTxn, committed: Bool) {
+        guard committed else {
+            // (What this drops is freed here, after the lock is let go.)
+            let dropped = lock.withLock { wait(t.reads) }
+            _ = dropped
+            return
+        }
         lock.withLock {
-            guard committed else {
-                wait(t.reads)
-                return
-            }
             notePending()
             note(t.reads)
             // A new inode has no records yet: what the next operations on it read (a regular
@@ -113,18 +115,21 @@ final class RedisTxnCache: @unchecked Sendable {
     // The three below run under the lock.
 
     /// Keeps `reads` to be noted later, dropping the oldest waiting past `pendingLimit`.
-    private func wait(_ reads: Reads) {
-        if reads.isEmpty { return }
+    /// Returns the list before the drop, for the caller to free outside the lock.
+    private func wait(_ reads: Reads) -> [Reads] {
+        if reads.isEmpty { return [] }
         pending.append(reads)
         pendingReads += reads.count
-        guard pendingReads > pendingLimit, pending.count > 1 else { return }
+        guard pendingReads > pendingLimit, pending.count > 1 else { return [] }
         // Down to half the limit at once, so that dropping costs a constant per read kept.
         var drop = 0
         while drop < pending.count - 1 && pendingReads > pendingLimit / 2 {
             pendingReads -= pending[drop].count
             drop += 1
         }
-        pending.removeFirst(drop)
+        let before = pending
+        pending = Array(before[drop...])
+        return before
     }
 
     private func notePending() {

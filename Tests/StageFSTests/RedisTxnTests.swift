@@ -404,27 +404,52 @@ struct RedisTxnTests {
         #expect(stale == 1)
     }
 
-    /// What a lookup saw waits to be noted in the client cache until a transaction asks it (the
-    /// open after the lookup still takes one round trip), and only the newest reads wait.
+    /// What a lookup saw waits to be noted in the client cache until a transaction asks it, and
+    /// is noted then; only the newest reads wait. Another client changes the file first, so a
+    /// cache that missed the lookup's reads would hand the next change an old attribute record
+    /// and its commit would conflict.
     @Test func lookupsAreNotedWhenAskedForAndFewWait() throws {
         let f = try TxnFixture()
         let m = f.meta
+        let other = try f.client()
         let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/m", version: "t"))
         let (dir, _) = try m.mknod(alice, rootIno, n("d"), .directory, 0o777, rdev: 0, target: nil)
         let (ino, _) = try m.create(alice, dir, n("a"), 0o644, sid: sid)
         try m.close(ino, sid: sid)
-        func trips(_ body: () throws -> Void) rethrows -> Int {
+        /// Round trips and conflicts of `body` on this client.
+        func cost(_ body: () throws -> Void) rethrows -> (trips: Int, conflicts: Int) {
             let a = f.store.stats
             try body()
             let b = f.store.stats
-            return (b.reads - a.reads) + (b.commits - a.commits)
+            return ((b.reads - a.reads) + (b.commits - a.commits), b.conflicts - a.conflicts)
         }
+        /// The other client changes the file; this one looks it up and opens it.
+        func lookupAndOpen(mode: UInt16) throws -> (trips: Int, conflicts: Int) {
+            try chmod(other, ino, mode)
+            _ = try m.lookup(alice, dir, n("a"))
+            let c = try cost { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) }
+            try m.close(ino, sid: sid)
+            return c
+        }
+
+        try chmod(other, ino, 0o640)
         let before = f.store.cacheSizes
         _ = try m.lookup(alice, dir, n("a"))
         let looked = f.store.cacheSizes
-        #expect(looked.keys == before.keys && looked.pending > before.pending, "a lookup's reads wait: \(before) then \(looked)")
-        #expect(try trips { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) } == 1, "the open after a lookup")
+        #expect(looked.pending > before.pending, "a lookup's reads wait: \(before) then \(looked)")
+        let open = try cost { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) }
+        #expect(open.trips == 1 && open.conflicts == 0, "the open after a lookup: \(open)")
         #expect(f.store.cacheSizes.pending == 0)
+        try m.close(ino, sid: sid)
+
+        // A change of this client's own after a lookup starts from what the lookup saw, and the
+        // open after it finds what the change wrote.
+        try chmod(other, ino, 0o604)
+        _ = try m.lookup(alice, dir, n("a"))
+        let change = try cost { try chmod(m, ino, 0o644) }
+        #expect(change.trips == 1 && change.conflicts == 0, "a chmod after a lookup: \(change)")
+        let afterChange = try cost { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) }
+        #expect(afterChange.trips == 1 && afterChange.conflicts == 0, "the open after a lookup and a chmod: \(afterChange)")
         try m.close(ino, sid: sid)
 
         let limit = 4096
@@ -437,7 +462,7 @@ struct RedisTxnTests {
             }
         }
         #expect(f.store.cacheSizes.pending > 0)
-        _ = try m.lookup(alice, dir, n("a"))
-        #expect(try trips { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) } == 1, "the open after a lookup, after many")
+        let last = try lookupAndOpen(mode: 0o600)
+        #expect(last.trips == 1 && last.conflicts == 0, "the open after a lookup, after many: \(last)")
     }
 }
