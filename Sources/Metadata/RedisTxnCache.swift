@@ -39,12 +39,9 @@ final class RedisTxnCache: @unchecked Sendable {
     private var pending: [Reads] = []
     private var pendingReads = 0
     /// Reads that wait to be noted at most (the newest transaction's always wait).
-    let pendingLimit: Int
+    let pendingLimit = 4096
 
-    init(capacity: Int, pendingLimit: Int = 4096) {
-        self.capacity = capacity
-        self.pendingLimit = pendingLimit
-    }
+    init(capacity: Int) { self.capacity = capacity }
 
     /// Keys held and reads waiting to be noted.
     var sizes: (keys: Int, pending: Int) { lock.withLock { (entries.count, pendingReads) } }

@@ -33,6 +33,14 @@ private final class TxnFixture: @unchecked Sendable {
     }
 }
 
+/// Round trips (read batches plus commits) and conflicts of `body` on the client of store `s`.
+private func cost(_ s: RedisTxnStore, _ body: () throws -> Void) rethrows -> (trips: Int, conflicts: Int) {
+    let a = s.stats
+    try body()
+    let b = s.stats
+    return ((b.reads - a.reads) + (b.commits - a.commits), b.conflicts - a.conflicts)
+}
+
 private func chmod(_ m: any MetadataEngine, _ ino: Ino, _ mode: UInt16) throws {
     var r = SetAttrRequest(mask: .mode)
     r.mode = mode
@@ -308,12 +316,7 @@ struct RedisTxnTests {
         let m = f.meta
         let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/m", version: "t"))
         let (dir, _) = try m.mknod(alice, rootIno, n("d"), .directory, 0o777, rdev: 0, target: nil)
-        func trips(_ s: RedisTxnStore, _ body: () throws -> Void) rethrows -> Int {
-            let a = s.stats
-            try body()
-            let b = s.stats
-            return (b.reads - a.reads) + (b.commits - a.commits)
-        }
+        func trips(_ s: RedisTxnStore, _ body: () throws -> Void) rethrows -> Int { try cost(s, body).trips }
         var warm: [String: Int] = [:]
         warm["lookup (missing)"] = trips(f.store) { expectErrno(ENOENT) { _ = try m.lookup(alice, dir, n("a")) } }
         warm["create"] = try trips(f.store) { _ = try m.create(alice, dir, n("a"), 0o644, sid: sid) }
@@ -416,18 +419,11 @@ struct RedisTxnTests {
         let (dir, _) = try m.mknod(alice, rootIno, n("d"), .directory, 0o777, rdev: 0, target: nil)
         let (ino, _) = try m.create(alice, dir, n("a"), 0o644, sid: sid)
         try m.close(ino, sid: sid)
-        /// Round trips and conflicts of `body` on this client.
-        func cost(_ body: () throws -> Void) rethrows -> (trips: Int, conflicts: Int) {
-            let a = f.store.stats
-            try body()
-            let b = f.store.stats
-            return ((b.reads - a.reads) + (b.commits - a.commits), b.conflicts - a.conflicts)
-        }
         /// The other client changes the file; this one looks it up and opens it.
         func lookupAndOpen(mode: UInt16) throws -> (trips: Int, conflicts: Int) {
             try chmod(other, ino, mode)
             _ = try m.lookup(alice, dir, n("a"))
-            let c = try cost { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) }
+            let c = try cost(f.store) { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) }
             try m.close(ino, sid: sid)
             return c
         }
@@ -437,7 +433,7 @@ struct RedisTxnTests {
         _ = try m.lookup(alice, dir, n("a"))
         let looked = f.store.cacheSizes
         #expect(looked.pending > before.pending, "a lookup's reads wait: \(before) then \(looked)")
-        let open = try cost { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) }
+        let open = try cost(f.store) { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) }
         #expect(open.trips == 1 && open.conflicts == 0, "the open after a lookup: \(open)")
         #expect(f.store.cacheSizes.pending == 0)
         try m.close(ino, sid: sid)
@@ -446,9 +442,9 @@ struct RedisTxnTests {
         // open after it finds what the change wrote.
         try chmod(other, ino, 0o604)
         _ = try m.lookup(alice, dir, n("a"))
-        let change = try cost { try chmod(m, ino, 0o644) }
+        let change = try cost(f.store) { try chmod(m, ino, 0o644) }
         #expect(change.trips == 1 && change.conflicts == 0, "a chmod after a lookup: \(change)")
-        let afterChange = try cost { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) }
+        let afterChange = try cost(f.store) { _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid) }
         #expect(afterChange.trips == 1 && afterChange.conflicts == 0, "the open after a lookup and a chmod: \(afterChange)")
         try m.close(ino, sid: sid)
 
