@@ -234,6 +234,8 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
                 } else {
                     password = String(auth)
                 }
+                // `user:@host` (how a mount record names a URL whose password it does not keep).
+                if password?.isEmpty == true { password = nil }
             }
             func hostPort(_ item: Substring, defaultPort: Int) throws(FSError) -> RedisHost {
                 var host = String(item)
@@ -313,11 +315,30 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
     }
 
     /// The URL with any password removed, for messages and `status`.
-    public var description: String {
+    public var description: String { text(auth: { r in r.password == nil ? "" : "\(r.user ?? ""):****@" }) }
+
+    /// The URL without its password, parseable again (a user name stays, as `user:@`): what a
+    /// mount record keeps. The password then comes from `META_PASSWORD` or `META_PASSWORD_FILE`.
+    public var withoutPassword: String { text(auth: { r in r.user.map { "\($0):@" } ?? "" }) }
+
+    /// Whether the URL carries a password.
+    public var hasPassword: Bool {
+        if case .redis(let r) = self { return r.password != nil }
+        return false
+    }
+
+    /// This URL with `password` in place of the one it has (or has not).
+    public func with(password: String) -> MetaURL {
+        guard case .redis(var r) = self else { return self }
+        r.password = password
+        return .redis(r)
+    }
+
+    private func text(auth: (RedisLocation) -> String) -> String {
         switch self {
         case .sqlite(let path): return "sqlite3://\(path)"
         case .redis(let r):
-            let auth = r.password == nil ? "" : "\(r.user ?? ""):****@"
+            let auth = auth(r)
             let hosts = ((r.masterName.map { [$0] } ?? []) + r.hosts.map(\.text)).joined(separator: ",")
             var q: [String] = []
             if let f = r.tlsCACert { q.append("tls-ca-cert-file=\(f)") }

@@ -111,7 +111,7 @@ struct Format: ParsableCommand {
     func run() throws {
         let url = try MetaURL.parse(metaURL)
         let env = { (n: String) in getenv(n).map { String(cString: $0) } }
-        var bucketURL = bucket ?? (getuid() == 0 ? "/var/lib/stagefs" : "\(env("HOME") ?? "/tmp")/.stagefs/local")
+        var bucketURL = bucket ?? (getuid() == 0 ? "/var/lib/stagefs" : "\(homeDirectory())/.stagefs/local")
         if storage == "file" { bucketURL = absolutePath(bucketURL) }
         let key = storage == "s3" ? (accessKey ?? env("AWS_ACCESS_KEY_ID")) : nil
         let secret = storage == "s3" ? (secretKey ?? env("AWS_SECRET_ACCESS_KEY")) : nil

@@ -46,7 +46,7 @@ struct Info: ParsableCommand {
         guard let record = Runtime.load(mount.mountPoint) else {
             throw FSError(ENOENT, "no record of the mount at \(mount.mountPoint) for uid \(getuid()) (was it mounted by another user?)")
         }
-        let meta = try openMetadata(try MetaURL.parse(record.metaURL))
+        let meta = try openMetadata(try record.metadataURL())
         let format = try meta.requireFormat()
         let layout = Layout(volume: format.name, blockSize: format.blockSize)
         let ino = Ino(st.st_ino)

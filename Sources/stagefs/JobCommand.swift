@@ -145,7 +145,7 @@ struct JobProlog: ParsableCommand {
             let result: StageReport
             do {
                 result = try runStaging(
-                    metaURL: volumes[name]!, paths: paths, mode: .stage, cache: cache, threads: threads, job: job, io: io, progress: false)
+                    metaURL: try MetaURL.parse(volumes[name]!), paths: paths, mode: .stage, cache: cache, threads: threads, job: job, io: io, progress: false)
             } catch {
                 printError("stagefs: \(name.isEmpty ? "" : "volume \(name): ")\(error.message)")
                 incomplete += 1
@@ -275,7 +275,7 @@ struct JobEpilog: ParsableCommand {
 /// Runs as the job's user: only that user's processes are signalled.
 func stopJobMount(_ mnt: String, job: String, timeout: Int) -> [String] {
     var said: [String] = []
-    let pids = MountTable.processes(serving: mnt)
+    let processes = MountProcess.all(serving: mnt)
     if MountTable.stagefs(at: mnt) != nil {
         if let fusermount = Spawn.which("fusermount3") ?? Spawn.which("/bin/fusermount3"),
             let (rc, out) = try? Spawn.run(fusermount, ["-u", "-z", mnt]), rc != 0
@@ -283,28 +283,28 @@ func stopJobMount(_ mnt: String, job: String, timeout: Int) -> [String] {
             said.append("job \(job): cannot unmount \(mnt): \(out.trimmed.isEmpty ? "fusermount3 failed" : out.trimmed)")
         }
     }
-    if pids.isEmpty {
+    if processes.isEmpty {
         if !said.isEmpty { said.append("job \(job): no mount process serves \(mnt)") }
         return said
     }
     let started = Sys.monotonicNanos()
-    for p in pids { kill(p, SIGTERM) }
+    for p in processes { p.signal(SIGTERM) }
     let deadline = started + UInt64(timeout) * 1_000_000_000
-    var left = pids
+    var left = processes
     while true {
-        left = left.filter { MountTable.serves($0, mnt) }
+        left = left.filter { !$0.exited }
         if left.isEmpty || Sys.monotonicNanos() >= deadline { break }
-        Sys.sleep(seconds: 0.05)
+        _ = left[0].waitExit(seconds: min(Double(deadline - Sys.monotonicNanos()) / 1e9, 0.05))
     }
     let secs = Double((Sys.monotonicNanos() - started) / 1_000_000) / 1000
-    let names = pids.map(String.init).joined(separator: ", ")
+    let names = processes.map { String($0.pid) }.joined(separator: ", ")
     if left.isEmpty {
         said.append(
             "job \(job): unmounted \(mnt); its mount process flushed and exited in \(secs) s (pid \(names); write errors, if any, are in its log)")
     } else {
-        for p in left where MountTable.serves(p, mnt) { kill(p, SIGKILL) }
+        for p in left { p.signal(SIGKILL) }
         said.append(
-            "job \(job): the mount at \(mnt) did not finish flushing within \(timeout) s (flush_timeout): killed pid \(left.map(String.init).joined(separator: ", ")); writes it still buffered are lost"
+            "job \(job): the mount at \(mnt) did not finish flushing within \(timeout) s (flush_timeout): killed pid \(left.map { String($0.pid) }.joined(separator: ", ")); writes it still buffered are lost"
         )
     }
     return said

@@ -253,8 +253,7 @@ struct Mount: ParsableCommand {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw FSError.errno(errno, "pipe") }
         _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
-        let home = getenv("HOME").map { String(cString: $0) } ?? "/tmp"
-        let logPath = log ?? (getuid() == 0 ? "/var/log/stagefs.log" : "\(home)/.stagefs/stagefs.log")
+        let logPath = log ?? (getuid() == 0 ? "/var/log/stagefs.log" : "\(homeDirectory())/.stagefs/stagefs.log")
         try Sys.mkdirs(Sys.dirname(of: logPath), 0o755)
         var args = Array(CommandLine.arguments.dropFirst()).filter { $0 != "-d" && $0 != "--background" }
         args += ["--ready-fd", "\(fds[1])"]
@@ -351,8 +350,9 @@ struct Mount: ParsableCommand {
         if premountedFD == nil {
             Runtime.save(
             MountRecord(
-                mountPoint: path, metaURL: metaURL, pid: getpid(), volume: format.name, volumeUUID: format.uuid,
-                cacheDirs: disk == nil ? nil : cacheDirs, cacheSize: disk == nil ? 0 : cacheSize, freeSpaceRatio: freeSpaceRatio))
+                mountPoint: path, metaURL: url.withoutPassword, pid: getpid(), volume: format.name, volumeUUID: format.uuid,
+                cacheDirs: disk == nil ? nil : cacheDirs, cacheSize: disk == nil ? 0 : cacheSize, freeSpaceRatio: freeSpaceRatio,
+                passwordNeeded: url.hasPassword))
         }
         Log.info("volume '\(format.name)' mounted at \(path) (session \(vfs.sid))")
         ready("ok")

@@ -11,9 +11,11 @@ import StageFSCore
     import Foundation
 #endif
 
-/// What a running mount records about itself, so `umount` and `info` can find it.
+/// What a running mount records about itself, so `umount`, `info`, `stage` and `bind-config`
+/// can find it. It holds no secret: the META-URL is kept without its password.
 struct MountRecord: Codable {
     var mountPoint: String
+    /// The META-URL without its password (`MetaURL.withoutPassword`).
     var metaURL: String
     var pid: Int32
     var volume: String
@@ -22,52 +24,219 @@ struct MountRecord: Codable {
     var cacheDirs: [String]?
     var cacheSize: Int?
     var freeSpaceRatio: Double?
+    /// Whether the mount was given a password, which is not kept here.
+    var passwordNeeded: Bool?
+
+    /// The mount's META-URL, with the password from `META_PASSWORD`/`META_PASSWORD_FILE` when
+    /// the mount had one.
+    func metadataURL() throws(FSError) -> MetaURL {
+        let url = try MetaURL.parse(metaURL)
+        guard passwordNeeded == true, !url.hasPassword else { return url }
+        guard let password = try environmentPassword() else {
+            throw FSError(
+                EACCES,
+                "the mount at \(mountPoint) was given a metadata password, which mount records do not keep: set META_PASSWORD (or META_PASSWORD_FILE) for this command, or give --meta META-URL"
+            )
+        }
+        return url.with(password: password)
+    }
 }
 
-/// Per-user runtime records of this node's mounts: `$XDG_RUNTIME_DIR/stagefs` or
-/// `/tmp/stagefs-<uid>` (mode 0700).
-enum Runtime {
-    static var dir: String {
-        if let x = getenv("XDG_RUNTIME_DIR").map({ String(cString: $0) }), !x.isEmpty, access(x, W_OK) == 0 {
-            return "\(x)/stagefs"
-        }
-        return "/tmp/stagefs-\(getuid())"
+/// A password from `META_PASSWORD`, or from the file `META_PASSWORD_FILE` names (its first
+/// line); nil when neither is set.
+func environmentPassword() throws(FSError) -> String? {
+    if let p = getenv("META_PASSWORD").map({ String(cString: $0) }), !p.isEmpty { return p }
+    guard let file = getenv("META_PASSWORD_FILE").map({ String(cString: $0) }), !file.isEmpty else { return nil }
+    let fd = Glibc.open(file, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC)
+    if fd < 0 { throw FSError.errno(errno, "cannot read META_PASSWORD_FILE \(file)") }
+    defer { Glibc.close(fd) }
+    var st = stat()
+    guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_size <= 4096 else {
+        throw FSError(EINVAL, "META_PASSWORD_FILE \(file) is not a regular file of at most 4 KiB")
     }
+    var buf = [UInt8](repeating: 0, count: 4096)
+    let n = try Sys.pread(fd, &buf, buf.count, 0, path: file)
+    let line = buf[0..<n].split(separator: 10, omittingEmptySubsequences: false).first ?? []
+    let password = String(decoding: line, as: UTF8.self).trimmed
+    return password.isEmpty ? nil : password
+}
 
-    static func recordPath(_ mountPoint: String) -> String {
-        var name = ""
-        for c in mountPoint.utf8 {
-            if (c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c == 45 || c == 46 {
-                name.unicodeScalars.append(Unicode.Scalar(c))
-            } else {
-                name += "_"
+/// Per-user records of this node's mounts, one file per mountpoint, in a directory only the
+/// user can write: `$XDG_RUNTIME_DIR/stagefs`, else `/run/stagefs` for root and
+/// `/run/user/<uid>/stagefs` for others, else `~/.stagefs/run/<host>`. Each base must be the
+/// user's own (root's `/run`) and not writable by others; every directory below it is made or
+/// opened without following a link and taken only when `fstat` shows it is the user's (the
+/// last one mode 0700). Records are written under a new name (`O_EXCL`) and renamed into place,
+/// and read only when they are regular files of the user, so nothing another user made (a link,
+/// a FIFO, a file of theirs) is ever written through or trusted. Never a name in /tmp that
+/// another user could make first.
+enum Runtime {
+    /// The largest record read (one is a few hundred bytes).
+    static let maxRecordBytes = 65536
+
+    /// The candidate directories, as (base, components below it), in order.
+    private static var candidates: [(base: String, names: [String])] {
+        let uid = getuid()
+        var out: [(String, [String])] = []
+        if let x = getenv("XDG_RUNTIME_DIR").map({ String(cString: $0) }), x.hasPrefix("/") { out.append((x, ["stagefs"])) }
+        if uid == 0 {
+            out.append(("/run", ["stagefs"]))
+        } else {
+            out.append(("/run/user/\(uid)", ["stagefs"]))
+            let home = getpwuid(uid).map { String(cString: $0.pointee.pw_dir) } ?? homeDirectory()
+            if home.hasPrefix("/") {
+                var host = ""
+                for c in Sys.hostname().utf8.prefix(64) {
+                    host.unicodeScalars.append(Unicode.Scalar(isNameByte(c) ? c : 95))
+                }
+                out.append((home, [".stagefs", "run", host.isEmpty || host.hasPrefix(".") ? "node" : host]))
             }
         }
-        return "\(dir)/\(name).json"
+        return out
+    }
+
+    private static func isNameByte(_ c: UInt8) -> Bool {
+        (c >= 48 && c <= 57) || (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || c == 45 || c == 46
+    }
+
+    /// Opens (with `create`, makes) the first usable record directory; its descriptor and path.
+    /// Why each candidate was refused goes to the debug log.
+    static func directory(create: Bool) -> (fd: Int32, path: String)? {
+        let uid = getuid()
+        for c in candidates {
+            let base = Glibc.open(c.base, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            if base < 0 { continue }
+            var st = stat()
+            // The base: the user's own (root's for root), and nobody else may write it.
+            guard fstat(base, &st) == 0, st.st_uid == uid, st.st_mode & 0o022 == 0 else {
+                Log.debug("mount records: \(c.base) is not uid \(uid)'s alone; not used")
+                Glibc.close(base)
+                continue
+            }
+            var fd = base
+            var path = c.base
+            for (i, name) in c.names.enumerated() {
+                path += "/\(name)"
+                if create && mkdirat(fd, name, 0o700) != 0 && errno != EEXIST {
+                    Log.debug("mount records: cannot create \(path): \(String(cString: strerror(errno)))")
+                }
+                let next = SafeDir.open(fd, name)
+                Glibc.close(fd)
+                fd = next
+                if fd < 0 { break }
+                guard fstat(fd, &st) == 0, st.st_uid == uid else {
+                    Log.warning("mount records: \(path) belongs to uid \(st.st_uid), not \(uid): not used (remove it)")
+                    Glibc.close(fd)
+                    fd = -1
+                    break
+                }
+                let last = i == c.names.count - 1
+                if last && st.st_mode & 0o077 != 0 && fchmod(fd, 0o700) != 0 {
+                    Glibc.close(fd)
+                    fd = -1
+                    break
+                }
+            }
+            if fd >= 0 { return (fd, path) }
+            if !create { continue }
+        }
+        return nil
+    }
+
+    /// The record's file name for a mountpoint.
+    static func recordName(_ mountPoint: String) -> String {
+        var name = ""
+        for c in mountPoint.utf8 {
+            if isNameByte(c) { name.unicodeScalars.append(Unicode.Scalar(c)) } else { name += "_" }
+        }
+        // Names are at most 255 bytes: a long mountpoint keeps its end and a hash of the whole.
+        if name.utf8.count > 200 {
+            name = "\(String(CRC32C.checksum(Array(mountPoint.utf8)), radix: 16))-\(name.suffix(180))"
+        }
+        return "\(name).json"
     }
 
     static func save(_ r: MountRecord) {
-        do {
-            try Sys.mkdirs(dir, 0o700)
-            _ = chmod(dir, 0o700)
-            let data = try JSONEncoder().encode(r)
-            let path = recordPath(r.mountPoint)
-            let fd = try Sys.open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-            defer { Sys.close(fd) }
-            let bytes = [UInt8](data)
-            try fsTyped { try bytes.withUnsafeBytes { try Sys.pwrite(fd, $0.baseAddress!, $0.count, 0) } }
-        } catch {
-            Log.warning("cannot record the mount in \(dir): \(error)")
+        guard let (dir, path) = directory(create: true) else {
+            Log.warning("cannot record the mount at \(r.mountPoint): no directory of uid \(getuid()) alone to keep it in (set XDG_RUNTIME_DIR)")
+            return
+        }
+        defer { Glibc.close(dir) }
+        let name = recordName(r.mountPoint)
+        let tmp = ".\(name).\(getpid()).tmp"
+        guard let bytes = try? JSONEncoder().encode(r) else { return }
+        _ = unlinkat(dir, tmp, 0)
+        let fd = openat(dir, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        if fd < 0 {
+            Log.warning("cannot record the mount in \(path): \(String(cString: strerror(errno)))")
+            return
+        }
+        let written = bytes.withUnsafeBytes { b in (try? Sys.pwrite(fd, b.baseAddress!, b.count, 0, path: "\(path)/\(tmp)")) != nil }
+        Glibc.close(fd)
+        if !written || renameat(dir, tmp, dir, name) != 0 {
+            Log.warning("cannot record the mount in \(path): \(String(cString: strerror(errno)))")
+            _ = unlinkat(dir, tmp, 0)
         }
     }
 
+    /// The record of the mount at `mountPoint`: a regular file of this user, at most
+    /// `maxRecordBytes`, in the first record directory that has one.
     static func load(_ mountPoint: String) -> MountRecord? {
-        guard let bytes = Sys.readFile(recordPath(mountPoint)) else { return nil }
-        return try? JSONDecoder().decode(MountRecord.self, from: Data(bytes))
+        guard let (dir, _) = directory(create: false) else { return nil }
+        defer { Glibc.close(dir) }
+        let fd = openat(dir, recordName(mountPoint), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC)
+        if fd < 0 { return nil }
+        defer { Glibc.close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_uid == getuid(), st.st_size <= maxRecordBytes else { return nil }
+        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
+        guard let n = try? Sys.pread(fd, &bytes, bytes.count, 0), n == bytes.count,
+            let r = try? JSONDecoder().decode(MountRecord.self, from: Data(bytes)), r.mountPoint == mountPoint
+        else { return nil }
+        return r
     }
 
     static func remove(_ mountPoint: String) {
-        try? Sys.unlinkIfPresent(recordPath(mountPoint))
+        guard let (dir, _) = directory(create: false) else { return }
+        _ = unlinkat(dir, recordName(mountPoint), 0)
+        Glibc.close(dir)
+    }
+}
+
+/// The process serving a StageFS mount, held by a pidfd once it is shown to be one: all its
+/// uids are the caller's, it runs a program named `stagefs`, and its arguments are `mount ...`
+/// naming the mountpoint. Only such a process is ever signalled.
+enum MountProcess {
+    /// `pid` held, when it is this user's mount process for `path`.
+    static func verified(_ pid: pid_t, serving path: String) -> ProcessHandle? {
+        guard let p = ProcessHandle(pid) else { return nil }
+        let uid = getuid()
+        let ok = p.check { pid in
+            guard let ids = ProcFacts.uids(pid), ids.allSatisfy({ $0 == uid }),
+                let exe = ProcFacts.executable(pid), exe.split(separator: "/").last == "stagefs"
+            else { return false }
+            return MountTable.argumentsServe(ProcFacts.arguments(pid), cwd: ProcFacts.workingDirectory(pid), path)
+        }
+        return ok ? p : nil
+    }
+
+    /// This user's processes serving a mount at `path`, held; found through /proc.
+    static func all(serving path: String) -> [ProcessHandle] {
+        guard let d = opendir("/proc") else { return [] }
+        defer { closedir(d) }
+        var out: [ProcessHandle] = []
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard let pid = pid_t(name), pid != getpid(), let p = verified(pid, serving: path) else { continue }
+            out.append(p)
+        }
+        return out
+    }
+
+    /// The mount process for `path`: the record's pid when it is one, else one found in /proc.
+    static func find(serving path: String, recorded: pid_t?) -> ProcessHandle? {
+        if let pid = recorded, let p = verified(pid, serving: path) { return p }
+        return all(serving: path).first
     }
 }
 
@@ -106,27 +275,25 @@ enum MountTable {
             .max { $0.mountPoint.count < $1.mountPoint.count }
     }
 
-    /// This user's processes serving a mount at `path`: `stagefs ... mount ... <path> ...` (the
-    /// arguments after "mount" name it), found through /proc.
-    static func processes(serving path: String) -> [pid_t] {
-        guard let d = opendir("/proc") else { return [] }
-        defer { closedir(d) }
-        var out: [pid_t] = []
-        while let e = readdir(d) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            guard let pid = pid_t(name), pid != getpid() else { continue }
-            if serves(pid, path) { out.append(pid) }
+    /// Whether a command line is `... mount ... PATH ...` for `path`; a relative argument counts
+    /// from the process's working directory `cwd`.
+    static func argumentsServe(_ args: [String], cwd: String?, _ path: String) -> Bool {
+        guard let m = args.firstIndex(of: "mount") else { return false }
+        return args[(m + 1)...].contains { a in
+            if a == path { return true }
+            guard !a.hasPrefix("/"), !a.hasPrefix("-"), let cwd else { return false }
+            return normalized("\(cwd)/\(a)") == path
         }
-        return out
     }
 
-    /// Whether `pid` is a live process of this user serving a mount at `path` (false once it
-    /// has exited, also while it is a zombie: its command line is then empty).
-    static func serves(_ pid: pid_t, _ path: String) -> Bool {
-        guard let st = Sys.stat("/proc/\(pid)"), st.st_uid == getuid(), let cmd = Sys.readFile("/proc/\(pid)/cmdline") else { return false }
-        let args = cmd.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
-        guard let m = args.firstIndex(of: "mount") else { return false }
-        return args[(m + 1)...].contains(path)
+    /// `path` with `.`, `..`, empty components and a trailing slash taken out (no links resolved).
+    static func normalized(_ path: String) -> String {
+        var parts: [Substring] = []
+        for c in path.split(separator: "/") {
+            if c == "." { continue }
+            if c == ".." { _ = parts.popLast() } else { parts.append(c) }
+        }
+        return "/" + parts.joined(separator: "/")
     }
 
     /// Users with a StageFS mount in this namespace (FUSE records the mounting user as user_id=).
@@ -211,11 +378,20 @@ func executablePath() -> String {
     return n > 0 ? String(decoding: buf[0..<n], as: UTF8.self) : "/proc/self/exe"
 }
 
+/// The user's home directory: `$HOME`, else the password database's (under `env -i`), else
+/// `/nonexistent`. Never a directory in /tmp, where another user could have made the names
+/// that follow (`.stagefs/cache`, `.stagefs/stagefs.log`) first.
+func homeDirectory() -> String {
+    if let h = getenv("HOME").map({ String(cString: $0) }), h.hasPrefix("/") { return h }
+    if let pw = getpwuid(getuid()), let dir = Optional(String(cString: pw.pointee.pw_dir)), dir.hasPrefix("/") { return dir }
+    return "/nonexistent"
+}
+
 /// Cache directories from a colon-separated option, `~` expanded, or the default:
 /// `$STAGEFS_CACHE_ROOT` (set by `module load fs-client`), else `~/.stagefs/cache`, or
 /// `/var/cache/stagefs` for root.
 func cacheDirectories(_ option: String?) -> [String] {
-    let home = getenv("HOME").map { String(cString: $0) } ?? "/tmp"
+    let home = homeDirectory()
     let site = getenv("STAGEFS_CACHE_ROOT").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
     guard let option = option ?? site else { return [getuid() == 0 ? "/var/cache/stagefs" : "\(home)/.stagefs/cache"] }
     return option.split(separator: ":").map { $0.hasPrefix("~") ? home + $0.dropFirst() : String($0) }

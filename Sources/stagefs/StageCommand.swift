@@ -139,13 +139,18 @@ struct Stage: ParsableCommand {
         if all.isEmpty { throw FSError.usage("the manifest \(manifest ?? "") names no paths") }
 
         // Where the volume and the cache are: from --meta, or from the mount the paths are in.
-        var metaURL = meta
         var volumePaths = all
         var record: MountRecord?
-        if meta == nil {
-            (record, volumePaths) = try mountPaths(all)
-            metaURL = record!.metaURL
-        } else if let bad = all.first(where: { !$0.hasPrefix("/") }) {
+        let metaURL: MetaURL
+        if let meta {
+            metaURL = try MetaURL.parse(meta)
+        } else {
+            let r: MountRecord
+            (r, volumePaths) = try mountPaths(all)
+            record = r
+            metaURL = try r.metadataURL()
+        }
+        if meta != nil, let bad = all.first(where: { !$0.hasPrefix("/") }) {
             throw FSError.usage("with --meta, paths are absolute paths inside the volume: '\(bad)'")
         }
         let dirs = cacheDir != nil ? cacheDirectories(cacheDir) : (record?.cacheDirs ?? cacheDirectories(nil))
@@ -153,7 +158,7 @@ struct Stage: ParsableCommand {
         if size == 0 { throw FSError.usage("the cache size is 0: there is no cache to stage into") }
         let mode: StageMode = check ? .check : (evict ? .evict : .stage)
         let result = try runStaging(
-            metaURL: metaURL!, paths: volumePaths, mode: mode, cache: DiskCacheConfig(dirs: dirs, capacity: size << 20, freeSpaceRatio: freeSpaceRatio ?? record?.freeSpaceRatio ?? 0.1),
+            metaURL: metaURL, paths: volumePaths, mode: mode, cache: DiskCacheConfig(dirs: dirs, capacity: size << 20, freeSpaceRatio: freeSpaceRatio ?? record?.freeSpaceRatio ?? 0.1),
             threads: threads, job: job, io: io, progress: !quiet && isatty(2) == 1)
         printSummary(result, shown: all)
         if let report { try writeReport(result, to: report) }
@@ -240,10 +245,9 @@ enum StageExit {
 /// Stages (checks, evicts) volume paths of one volume into a disk cache, with the caller's
 /// credential; SIGINT and SIGTERM stop it cleanly.
 func runStaging(
-    metaURL: String, paths: [String], mode: StageMode, cache config: DiskCacheConfig, threads: Int, job: String?, io: IOOptions,
+    metaURL url: MetaURL, paths: [String], mode: StageMode, cache config: DiskCacheConfig, threads: Int, job: String?, io: IOOptions,
     progress: Bool
 ) throws(FSError) -> StageReport {
-    let url = try MetaURL.parse(metaURL)
     let metaEngine = try openMetadata(url, retryTimeout: io.metaTimeout)
     let format = try metaEngine.requireFormat()
     let cache = try DiskCache(config: config, volumeUUID: format.uuid)

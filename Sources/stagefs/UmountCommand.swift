@@ -31,7 +31,9 @@ struct Umount: ParsableCommand {
         guard let info = MountTable.stagefs(at: path) else {
             throw FSError(EINVAL, "\(path) is not a StageFS mount")
         }
-        let record = Runtime.load(path)
+        // The mount process, held before the unmount so that its exit can be awaited: the
+        // record's pid only when it is shown to be this user's mount process for the path.
+        let process = MountProcess.find(serving: path, recorded: Runtime.load(path)?.pid)
         guard let fusermount = Spawn.which("fusermount3") ?? Spawn.which("/bin/fusermount3") else {
             throw FSError(ENOENT, "fusermount3 is not installed (Debian package fuse3)")
         }
@@ -48,17 +50,13 @@ struct Umount: ParsableCommand {
         }
         if force {
             abortConnection(device: info.device)
-            if let pid = record?.pid, kill(pid, 0) == 0 { kill(pid, SIGTERM) }
+            process?.signal(SIGTERM)
         }
-        if let pid = record?.pid {
-            let deadline = Sys.monotonicNanos() + UInt64(wait * 1e9)
-            while kill(pid, 0) == 0 && Sys.monotonicNanos() < deadline { Sys.sleep(seconds: 0.05) }
-            if kill(pid, 0) == 0 {
-                if force {
-                    kill(pid, SIGKILL)
-                } else {
-                    throw FSError(ETIMEDOUT, "\(path) is unmounted but its process \(pid) is still flushing after \(Int(wait)) s")
-                }
+        if let process, !process.waitExit(seconds: wait) {
+            if force {
+                process.signal(SIGKILL)
+            } else {
+                throw FSError(ETIMEDOUT, "\(path) is unmounted but its process \(process.pid) is still flushing after \(Int(wait)) s")
             }
         }
         Runtime.remove(path)

@@ -26,6 +26,14 @@ struct UnitTests {
         #expect(throws: FSError.self) { try MetaURL.parse("redis://h/0?engine=lua") }
         #expect(throws: FSError.self) { try MetaURL.parse("redis://:7000,h/0") }
         #expect(try MetaURL.parse("redis://:secret@h:1/0").description == "redis://:****@h:1/0")
+        // What a mount record keeps: no password, parseable again, a user name kept.
+        let plain = try MetaURL.parse("redis://:secret@h:1/0")
+        #expect(plain.withoutPassword == "redis://h:1/0" && plain.hasPassword)
+        #expect(try MetaURL.parse(plain.withoutPassword) == .redis(RedisLocation(hosts: [RedisHost("h", 1)], db: 0)))
+        let named = try MetaURL.parse("redis://alice:secret@m,s1,s2/3")
+        #expect(named.withoutPassword == "redis://alice:@m,s1:26379,s2:26379/3")
+        let back = try MetaURL.parse(named.withoutPassword)
+        #expect(!back.hasPassword && back.with(password: "secret") == named)
         for bad in ["redis://h:0/1", "redis://h:x/1", "redis://h/abc", "sqlite3://rel.db", "sqlite3:///dir/", "http://x", "x"] {
             #expect(throws: FSError.self, "\(bad)") { try MetaURL.parse(bad) }
         }

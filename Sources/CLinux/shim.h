@@ -1,0 +1,41 @@
+#ifndef CLINUX_SHIM_H
+#define CLINUX_SHIM_H
+/* Linux system calls that glibc's Swift module does not export (no wrapper in its headers, or
+   only through the variadic syscall(2), which Swift cannot call). Each returns -1 and sets errno
+   on failure, as the system call does. */
+#include <signal.h>
+#include <sys/syscall.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+/* pidfd_open(2): a descriptor that refers to process `pid` for as long as it is open, even after
+   the number is reused; it becomes readable when the process exits. */
+static inline int clinux_pidfd_open(pid_t pid) {
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+/* pidfd_send_signal(2): `sig` to the process the descriptor refers to (0 checks it is alive). */
+static inline int clinux_pidfd_send_signal(int pidfd, int sig) {
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, (void *)0, 0);
+}
+/* O_PATH (glibc defines it only with _GNU_SOURCE): a descriptor that names a directory for the
+   *at calls without opening it for reading. */
+#ifndef O_PATH
+#define O_PATH 010000000
+#endif
+static inline int clinux_o_path(void) { return O_PATH; }
+
+/* openat2(2) with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS: `path` relative
+   to `dirfd`, refused (EXDEV, ELOOP) when it would leave that directory or meet a symbolic link
+   anywhere. ENOSYS before Linux 5.6. */
+#include <linux/openat2.h>
+#include <string.h>
+static inline int clinux_open_beneath(int dirfd, const char *path, int flags, unsigned mode) {
+    struct open_how how;
+    memset(&how, 0, sizeof(how));
+    how.flags = (unsigned long long)flags;
+    how.mode = (flags & O_CREAT) ? mode : 0;
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
+}
+#endif
