@@ -37,19 +37,6 @@ public final class LocalObjectStore: ObjectStore {
     /// Whether this bucket is shared by its group.
     public var isShared: Bool { shared != nil }
 
-    /// Makes the directories of `dir` below the bucket; in a shared bucket each gets the shared
-    /// mode.
-    private func makeDirectories(_ dir: String) throws(FSError) {
-        if dir == root || Sys.stat(dir) != nil { return }
-        try makeDirectories(Sys.dirname(of: dir))
-        if Glibc.mkdir(dir, shared?.dir ?? 0o755) != 0 {
-            if errno == EEXIST { return }
-            throw FSError.errno(errno, "cannot create directory \(dir) in \(description)")
-        }
-        // The umask may have taken bits away.
-        if let shared, chmod(dir, shared.dir) != 0 { throw FSError.errno(errno, "cannot open up directory \(dir) to the bucket's group") }
-    }
-
     /// What keeps this user from writing (or, with `write: false`, reading) everywhere in the
     /// volume's part of the bucket, if anything: the bucket, the volume's directories and the
     /// newest chunk directories (at most about a thousand are looked at). Nil when all are fine.
@@ -81,8 +68,6 @@ public final class LocalObjectStore: ObjectStore {
         return out
     }
 
-    private func path(_ key: String) -> String { "\(root)/\(key)" }
-
     public func create() throws(FSError) {
         try Sys.mkdirs(root)
     }
@@ -101,59 +86,144 @@ public final class LocalObjectStore: ObjectStore {
         return try SafeDir.shareTree(root, gid: gid)
     }
 
-    public func put(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
-        let final = path(key)
-        let tmp = "\(final).tmp\(Sys.pid)-\(Sys.monotonicNanos() % 1_000_000_007)"
-        var fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        if fd < 0 && errno == ENOENT {
-            // Subdirectories are made as needed, the bucket directory itself never: a missing
-            // one is more likely an unmounted shared file system than an empty bucket.
-            guard Sys.stat(root) != nil else {
-                throw FSError(EIO, "\(description) is missing (is its file system mounted?)")
-            }
-            try makeDirectories(Sys.dirname(of: final))
-            fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    // Every object and directory is reached from a descriptor of the bucket directory without
+    // following a symbolic link (`Sys.openBeneath`, `O_NOFOLLOW`) and checked to be a regular file
+    // before it is read: in a shared bucket every member of the group can write, and a link or
+    // a FIFO one of them planted under a block's name must not make another user's (or root's)
+    // mount read, create, change or delete anything outside the bucket, nor hang on a read.
+
+    /// The bucket directory, opened (a link to it is followed: the admin chose it).
+    private func openRoot() throws(FSError) -> Int32 {
+        let fd = Glibc.open(root, Sys.O_PATH | O_DIRECTORY | O_CLOEXEC)
+        if fd < 0 {
+            if errno == ENOENT { throw FSError(EIO, "\(description) is missing (is its file system mounted?)") }
+            throw FSError.errno(errno, "cannot open \(description)")
         }
+        return fd
+    }
+
+    /// A key's directory part and name.
+    private static func split(_ key: String) -> (dir: String, name: String) {
+        guard let slash = key.lastIndex(of: "/") else { return ("", key) }
+        return (String(key[..<slash]), String(key[key.index(after: slash)...]))
+    }
+
+    /// What an open below the bucket that failed with `e` means.
+    private func failure(_ e: Int32, _ what: String) -> FSError {
+        if e == ELOOP || e == EXDEV || e == ENOTDIR {
+            return FSError(EIO, "\(what) in \(description): a symbolic link or another file is in its place (refused; remove it)")
+        }
+        return FSError(e == ENOENT ? ENOENT : (e == EACCES ? EACCES : EIO), "\(what) in \(description): \(String(cString: strerror(e)))")
+    }
+
+    /// The directory `dir` below the bucket (an `O_PATH` descriptor), made when missing with
+    /// `create`: each new directory gets the bucket's shared mode through its own descriptor.
+    /// A directory that cannot be opened is `-errno` (`-ENOENT` when missing).
+    private func openDirectory(_ rootFD: Int32, _ dir: String, create: Bool) throws(FSError) -> Int32 {
+        let fd = dir.isEmpty ? Glibc.openat(rootFD, ".", Sys.O_PATH | O_DIRECTORY | O_CLOEXEC) : Sys.openBeneath(rootFD, dir, Sys.O_PATH | O_DIRECTORY)
+        if fd >= 0 || errno != ENOENT || !create { return fd >= 0 ? fd : -Int32(errno) }
+        let parts = dir.split(separator: "/").map(String.init)
+        if parts.contains(where: { $0 == "." || $0 == ".." }) { throw failure(EXDEV, "directory \(dir)") }
+        var cur = Glibc.openat(rootFD, ".", Sys.O_PATH | O_DIRECTORY | O_CLOEXEC)
+        var path = ""
+        for part in parts {
+            path += path.isEmpty ? part : "/\(part)"
+            let made = mkdirat(cur, part, shared?.dir ?? 0o755) == 0
+            if !made && errno != EEXIST {
+                let e = errno
+                Glibc.close(cur)
+                throw FSError.errno(e, "cannot create directory \(root)/\(path) in \(description)")
+            }
+            let next = Glibc.openat(cur, part, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+            let e = errno
+            Glibc.close(cur)
+            if next < 0 { throw failure(e == ENOTDIR ? ELOOP : e, "directory \(path)") }
+            // The umask may have taken bits away from a directory made here.
+            if made, let shared, fchmod(next, shared.dir) != 0 {
+                let e = errno
+                Glibc.close(next)
+                throw FSError.errno(e, "cannot open up directory \(root)/\(path) to the bucket's group")
+            }
+            cur = next
+        }
+        return cur
+    }
+
+    public func put(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
+        let rootFD = try openRoot()
+        defer { Glibc.close(rootFD) }
+        let (dir, name) = LocalObjectStore.split(key)
+        // Subdirectories are made as needed, the bucket directory itself never: a missing one is
+        // more likely an unmounted shared file system than an empty bucket.
+        let dirFD = try openDirectory(rootFD, dir, create: true)
+        if dirFD < 0 { throw failure(-dirFD, "cannot write object \(key)") }
+        defer { Glibc.close(dirFD) }
+        let tmp = "\(name).tmp\(Sys.pid)-\(Sys.monotonicNanos() % 1_000_000_007)"
+        let flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC
+        var fd = Glibc.openat(dirFD, tmp, flags, 0o644)
         // In a shared bucket another member may have just made the directory and not yet opened
         // it up to the group: a moment later it is.
         var tries = 0
         while fd < 0 && errno == EACCES && shared != nil && tries < 50 {
             tries += 1
             Sys.sleep(seconds: 0.01)
-            fd = Glibc.open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            fd = Glibc.openat(dirFD, tmp, flags, 0o644)
         }
-        if fd < 0 { throw FSError.errno(errno, "cannot write object \(key) in \(description)") }
+        if fd < 0 { throw failure(errno, "cannot write object \(key)") }
         if let shared { _ = fchmod(fd, shared.file) }
-        do {
-            if let base = data.baseAddress, data.count > 0 { try Sys.pwrite(fd, base, data.count, 0, path: tmp) }
-            try Sys.fdatasync(fd, path: tmp)
+        do throws(FSError) {
+            if let base = data.baseAddress, data.count > 0 { try Sys.pwrite(fd, base, data.count, 0, path: "\(root)/\(dir)/\(tmp)") }
+            try Sys.fdatasync(fd, path: "\(root)/\(dir)/\(tmp)")
             Sys.close(fd)
-            try Sys.rename(tmp, final)
+            if renameat(dirFD, tmp, dirFD, name) != 0 { throw FSError.errno(errno, "rename \(tmp) to \(name)") }
         } catch {
             Sys.close(fd)
-            try? Sys.unlinkIfPresent(tmp)
+            _ = unlinkat(dirFD, tmp, 0)
             throw error.context("cannot write object \(key) in \(description)")
         }
     }
 
     public func get(_ key: String, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
-        let fd = Glibc.open(path(key), O_RDONLY | O_CLOEXEC)
-        if fd < 0 {
-            let e = errno
-            if e == ENOENT && Sys.stat(root) == nil { throw FSError(EIO, "\(description) is missing (is its file system mounted?)") }
-            throw FSError(e == ENOENT ? ENOENT : EIO, "object \(key) in \(description): \(String(cString: strerror(e)))")
-        }
+        let rootFD = try openRoot()
+        defer { Glibc.close(rootFD) }
+        let fd = Sys.openBeneath(rootFD, key, O_RDONLY | O_NONBLOCK | O_NOCTTY)
+        if fd < 0 { throw failure(errno, "object \(key)") }
         defer { Sys.close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else { throw failure(ELOOP, "object \(key)") }
         guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }
-        return try Sys.pread(fd, base, buffer.count, Int64(offset), path: path(key))
+        return try Sys.pread(fd, base, buffer.count, Int64(offset), path: "\(root)/\(key)")
     }
 
     public func delete(_ key: String) throws(FSError) {
-        try Sys.unlinkIfPresent(path(key))
+        let rootFD = try openRoot()
+        defer { Glibc.close(rootFD) }
+        let (dir, name) = LocalObjectStore.split(key)
+        let dirFD = try openDirectory(rootFD, dir, create: false)
+        if dirFD < 0 {
+            if -dirFD == ENOENT { return }
+            throw failure(-dirFD, "cannot delete object \(key)")
+        }
+        defer { Glibc.close(dirFD) }
+        if unlinkat(dirFD, name, 0) != 0 && errno != ENOENT { throw FSError.errno(errno, "cannot delete object \(key) in \(description)") }
     }
 
     public func head(_ key: String) throws(FSError) -> Int? {
-        guard let st = Sys.stat(path(key)) else { return nil }
+        let rootFD = try openRoot()
+        defer { Glibc.close(rootFD) }
+        let (dir, name) = LocalObjectStore.split(key)
+        let dirFD = try openDirectory(rootFD, dir, create: false)
+        if dirFD < 0 {
+            if -dirFD == ENOENT { return nil }
+            throw failure(-dirFD, "object \(key)")
+        }
+        defer { Glibc.close(dirFD) }
+        var st = stat()
+        if fstatat(dirFD, name, &st, AT_SYMLINK_NOFOLLOW) != 0 {
+            if errno == ENOENT { return nil }
+            throw failure(errno, "object \(key)")
+        }
+        guard st.st_mode & S_IFMT == S_IFREG else { throw failure(ELOOP, "object \(key)") }
         return Int(st.st_size)
     }
 
@@ -177,10 +247,12 @@ public final class LocalObjectStore: ObjectStore {
             // Descend only where the prefix can still match.
             if !(key.hasPrefix(prefix) || prefix.hasPrefix(key)) { continue }
             let full = "\(dir)/\(name)"
-            guard let st = Sys.stat(full) else { continue }
+            var st = stat()
+            // Links are not objects, and a linked directory is not walked into.
+            guard lstat(full, &st) == 0 else { continue }
             if st.st_mode & S_IFMT == S_IFDIR {
                 walk(full, rel: key, prefix: prefix, limit: limit, into: &out)
-            } else if key.hasPrefix(prefix) {
+            } else if st.st_mode & S_IFMT == S_IFREG && key.hasPrefix(prefix) {
                 out.append(ObjectInfo(key: key, size: Int(st.st_size)))
             }
         }

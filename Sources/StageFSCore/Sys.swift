@@ -1,3 +1,5 @@
+import CLinux
+
 #if canImport(Glibc)
     import Glibc
 #endif
@@ -98,6 +100,42 @@ public enum Sys {
         let parent = dirname(of: path)
         if parent != path { try mkdirs(parent, mode) }
         if Glibc.mkdir(path, mode) != 0 && errno != EEXIST { throw FSError.errno(errno, "create directory \(path)") }
+    }
+
+    /// `O_PATH`: a descriptor naming a directory for the `*at` calls, without read permission.
+    public static let O_PATH = clinux_o_path()
+
+    /// `openat2(2)` of the relative `path` below the open directory `dir`, never following a
+    /// symbolic link in any of its components nor leaving `dir` (through `..` or an absolute
+    /// path): what is opened is really there, whoever else may write in the tree. Returns the
+    /// descriptor, or -1 with errno (`ELOOP` for a link, `EXDEV` for an escape). Before Linux
+    /// 5.6 (no openat2), the same by a walk of `O_NOFOLLOW` opens.
+    public static func openBeneath(_ dir: Int32, _ path: String, _ flags: Int32, _ mode: mode_t = 0o644) -> Int32 {
+        while true {
+            let fd = clinux_open_beneath(dir, path, flags | O_CLOEXEC, UInt32(mode))
+            if fd >= 0 { return fd }
+            if errno == EINTR || errno == EAGAIN { continue }
+            if errno != ENOSYS { return -1 }
+            break
+        }
+        let parts = path.split(separator: "/").map(String.init)
+        if path.hasPrefix("/") || parts.contains("..") {
+            errno = EXDEV
+            return -1
+        }
+        var cur = dir
+        for (i, part) in parts.enumerated() {
+            let last = i == parts.count - 1
+            let fd = Glibc.openat(cur, part, last ? flags | O_NOFOLLOW | O_CLOEXEC : Sys.O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC, mode)
+            let e = errno
+            if cur != dir { Glibc.close(cur) }
+            if fd < 0 {
+                errno = e == ENOTDIR && !last ? ELOOP : e
+                return -1
+            }
+            cur = fd
+        }
+        return cur == dir ? Glibc.openat(dir, ".", flags | O_CLOEXEC, mode) : cur
     }
 
     /// `stat(2)`, nil when the path does not exist.

@@ -47,6 +47,47 @@ struct ObjectStoreTests {
         withExtendedLifetime(moto) {}
     }
 
+    /// What another member of a shared bucket could plant under a block's name or directory
+    /// (a link to a file or directory outside, a FIFO) is refused, never followed: nothing
+    /// outside the bucket is read, created, changed or removed, and nothing hangs.
+    @Test func plantedLinksAndFIFOsInABucketAreNeverFollowed() throws {
+        let dir = try makeTempDir("planted")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let outside = dir + "/outside"
+        try FileManager.default.createDirectory(atPath: outside, withIntermediateDirectories: true)
+        try Array("secret\n".utf8).withUnsafeBytes { b in
+            let fd = open(outside + "/secret", O_WRONLY | O_CREAT, 0o600)
+            _ = write(fd, b.baseAddress, b.count)
+            close(fd)
+        }
+        let bucket = dir + "/bucket"
+        let store = try openObjectStore(StoreConfig(storage: "file", bucket: bucket))
+        try store.create()
+        try store.put("vol/chunks/0/0/1_0_3", bytes: [1, 2, 3])
+        // A block replaced by a link to a file outside; a FIFO in place of another.
+        #expect(unlink(bucket + "/vol/chunks/0/0/1_0_3") == 0 && symlink(outside + "/secret", bucket + "/vol/chunks/0/0/1_0_3") == 0)
+        #expect(mkfifo(bucket + "/vol/chunks/0/0/2_0_3", 0o644) == 0)
+        expectErrno(EIO) { _ = try store.getAll("vol/chunks/0/0/1_0_3", size: 3) }
+        expectErrno(EIO) { _ = try store.head("vol/chunks/0/0/1_0_3") }
+        expectErrno(EIO) { _ = try store.getAll("vol/chunks/0/0/2_0_3", size: 3) }
+        #expect(try store.list(prefix: "vol/", limit: 10).isEmpty)
+        // A chunk directory replaced by a link to a directory outside.
+        #expect(symlink(outside, bucket + "/vol/chunks/5") == 0)
+        expectErrno(EIO) { try store.put("vol/chunks/5/5000/5000000_0_3", bytes: [1, 2, 3]) }
+        expectErrno(EIO) { try store.put("vol/chunks/5/secret", bytes: [1, 2, 3]) }
+        expectErrno(EIO) { _ = try store.getAll("vol/chunks/5/secret", size: 7) }
+        expectErrno(EIO) { try store.delete("vol/chunks/5/secret") }
+        expectErrno(EIO) { try store.put("vol/../outside/new", bytes: [1]) }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: outside) == ["secret"])
+        #expect(FileManager.default.contents(atPath: outside + "/secret") == Data("secret\n".utf8))
+        // Deleting the planted block removes the link, not what it names.
+        try store.delete("vol/chunks/0/0/1_0_3")
+        #expect(FileManager.default.contents(atPath: outside + "/secret") == Data("secret\n".utf8))
+        // The rest of the bucket still works.
+        try store.put("vol/chunks/0/0/3_0_2", bytes: [7, 8])
+        #expect(try store.getAll("vol/chunks/0/0/3_0_2", size: 2) == [7, 8])
+    }
+
     @Test func wrongSecretIsAClearError() throws {
         let moto = try MotoServer(auth: true)
         let good = try openObjectStore(

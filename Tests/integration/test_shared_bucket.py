@@ -146,3 +146,59 @@ def test_format_refuses_a_bucket_whose_parent_is_missing(env, redis):
     p = env.stagefs("format", redis.url(redis.new_db()), "nomount", "--bucket", missing, user="root", check=False)
     assert p.returncode == 1 and "does not exist: is its file system mounted on this node?" in p.stderr, p.stderr
     assert not os.path.exists(os.path.dirname(missing))
+
+
+def test_a_member_cannot_make_root_s_mount_read_through_a_planted_link(env, redis):
+    """A node-wide mount by root of a volume on a shared bucket, entered by users (allow_other).
+    A member of the bucket's group replaces the object of their own file with a link to a root
+    0600 file, and a chunk directory with a link to a root directory: reading the file through
+    root's mount fails with EIO instead of handing over root's file, and root's writes never
+    land in the linked directory."""
+    url = redis.url(redis.new_db())
+    bucket = os.path.join(env.dir_for("root", "sharedlink"), "bucket")
+    env.stagefs("format", url, "sharedlink", "--bucket", bucket, "--bucket-group", SHARED_GROUP, user="root")
+    secret_dir = env.dir_for("root", "rootonly")
+    os.chmod(secret_dir, 0o700)
+    secret = os.path.join(secret_dir, "shadow")
+    with open(secret, "w") as f:
+        f.write("root-secret-line\n" * 64)
+    os.chmod(secret, 0o600)
+    logs = env.dir_for("root", "linklogs")
+    os.chmod(logs, 0o1777)
+    mine = env.dir_for(USER, "mine")
+    mount_with_umask(env, USER, url, mine, os.path.join(logs, "u.log"))
+    root_mnt = env.dir_for("root", "rootmnt")
+    p = env.stagefs("mount", "-d", url, root_mnt, "-o", "allow_other", "--cache-size", "0", "--memory-cache-size", "0",
+                    "--log", os.path.join(logs, "root.log"), user="root", check=False)
+    assert p.returncode == 0, p.stderr
+    try:
+        run_as(USER, lambda: open(os.path.join(mine, "f"), "wb").write(b"m" * 1000))
+        (obj,) = objects(bucket)
+        run_as(USER, os.unlink, obj)
+        run_as(USER, os.symlink, secret, obj)
+
+        def read_through_root():
+            try:
+                return open(os.path.join(root_mnt, "f"), "rb").read()
+            except OSError as e:
+                return e.errno
+        got = run_as(USER, read_through_root)
+        assert not (isinstance(got, bytes) and b"root-secret" in got), "root's mount read the planted link's target"
+        assert got == 5, got  # EIO
+        # A chunk directory of the next slices replaced by a link to root's directory.
+        chunks = os.path.join(bucket, "sharedlink", "chunks")
+        for top in os.listdir(chunks):
+            run_as(USER, subprocess.run, ["rm", "-rf", os.path.join(chunks, top)], check=True)
+        for top in range(0, 64):
+            run_as(USER, os.symlink, secret_dir, os.path.join(chunks, str(top)))
+        data = os.urandom(1 << 20)
+        try:
+            run_as(USER, lambda: open(os.path.join(root_mnt, "g"), "wb").write(data))
+        except OSError:
+            pass
+        assert os.listdir(secret_dir) == ["shadow"], os.listdir(secret_dir)
+        assert open(secret).read() == "root-secret-line\n" * 64
+    finally:
+        for m in (root_mnt, mine):
+            if helpers.is_mounted(m):
+                env.stagefs("umount", m, "--force", user="root" if m == root_mnt else USER, check=False)
