@@ -71,16 +71,11 @@ def umount(env, user, mnt, *extra):
     return None
 
 
-def test_a_planted_link_in_a_premade_tmp_directory_is_never_written_through(env):
-    """The attacker makes /tmp/stagefs-<victim uid> (0777) first and plants links named after the
-    victim's next mount; the victim mounts (as a job's mount runs: env -i) and stages through the
-    mount. The file the link names is untouched, nothing is written into the attacker's directory,
-    and the victim's umount, info and stage find the real record."""
-    victim = pwd.getpwnam(USER)
-    url, base = sqlite_volume(env, USER, "planted")
-    mnt = env.dir_for(USER, "m")
-    precious = os.path.join(env.dir_for(USER, "home"), "bashrc")
-    run_as(USER, lambda: open(precious, "w").write("# the victim's own\n"))
+def plant_in_tmp(env, victim, mnt, text):
+    """A file of the victim's holding `text`; the attacker's 0777 /tmp/stagefs-<victim uid> with
+    a link to it named after the victim's record for `mnt`. Returns (file, directory)."""
+    precious = os.path.join(env.dir_for(USER, "home"), "precious")
+    run_as(USER, lambda: open(precious, "w").write(text))
     squat = f"/tmp/stagefs-{victim.pw_uid}"
     subprocess.run(["rm", "-rf", squat], check=True)
 
@@ -90,6 +85,18 @@ def test_a_planted_link_in_a_premade_tmp_directory_is_never_written_through(env)
         os.symlink(precious, os.path.join(squat, record_name(mnt)))
 
     run_as(OTHER, plant)
+    return precious, squat
+
+
+def test_a_planted_link_in_a_premade_tmp_directory_is_never_written_through(env):
+    """The attacker makes /tmp/stagefs-<victim uid> (0777) first and plants links named after the
+    victim's next mount; the victim mounts (as a job's mount runs: env -i) and stages through the
+    mount. The file the link names is untouched, nothing is written into the attacker's directory,
+    and the victim's umount, info and stage find the real record."""
+    victim = pwd.getpwnam(USER)
+    url, base = sqlite_volume(env, USER, "planted")
+    mnt = env.dir_for(USER, "m")
+    precious, squat = plant_in_tmp(env, victim, mnt, "# the victim's own\n")
     try:
         mount(env, USER, url, base, mnt)
         assert open(precious).read() == "# the victim's own\n", "the planted link was written through"
@@ -124,17 +131,7 @@ def test_the_job_prolog_mount_writes_no_record_through_a_planted_link(env):
     os.mkdir(os.path.join(cache, str(victim.pw_uid)), 0o700)  # what the hook prepares as root
     os.chown(os.path.join(cache, str(victim.pw_uid)), victim.pw_uid, victim.pw_gid)
     mnt = env.dir_for(USER, "jobm")
-    precious = os.path.join(env.dir_for(USER, "home"), "profile")
-    run_as(USER, lambda: open(precious, "w").write("keep\n"))
-    squat = f"/tmp/stagefs-{victim.pw_uid}"
-    subprocess.run(["rm", "-rf", squat], check=True)
-
-    def plant():
-        os.mkdir(squat)
-        os.chmod(squat, 0o777)
-        os.symlink(precious, os.path.join(squat, record_name(mnt)))
-
-    run_as(OTHER, plant)
+    precious, squat = plant_in_tmp(env, victim, mnt, "keep\n")
     try:
         p = cli(env, USER, "job", "prolog", "--job", "4242", "--cache-dir", cache, "--volume", url, "--mount-dir", mnt)
         assert p.returncode == 0, p.stderr
