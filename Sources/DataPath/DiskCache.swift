@@ -111,6 +111,8 @@ public final class DiskCache: @unchecked Sendable {
         var dirs: [String] = []
         for root in config.dirs {
             let dir = try DiskCache.prepareUserDir(root: root, uid: getuid(), gid: getgid())
+            // Paths below `dir` are safe to use as they are: it is checked to be this user's
+            // own 0700 directory in a root that no other user can rename it out of.
             if let volumeUUID { try Sys.mkdirs("\(dir)/\(volumeUUID)/packs", 0o700) }
             dirs.append(dir)
         }
@@ -150,40 +152,61 @@ public final class DiskCache: @unchecked Sendable {
         }
     }
 
-    /// Makes `<root>/<uid>` exist with mode 0700 and owner `uid`; refuses one owned by someone
-    /// else. As root (preparing a cache for a user), creates and hands it over.
+    /// Makes `<root>/<uid>` a real directory owned by `uid` with mode 0700, by a walk on
+    /// descriptors (`SafeDir.ownedDirectory`): a link there is never followed, and nothing is
+    /// created, chowned or chmodded by path. The cache root must be owned by root (or by the
+    /// caller) and sticky if others may write it, so once `<root>/<uid>` is checked nobody but
+    /// its user and root can rename or replace it: that is why the rest of the cache (volume
+    /// directories, `index.db`, temporary, block and pack files) uses plain paths below it.
+    ///
+    /// As root, another user's entry under that name (a directory made first, a planted link,
+    /// a file) is moved aside and a fresh directory made in its place; an ordinary user cannot
+    /// move it out of a sticky root, so that gets an error naming the entry's owner. A missing
+    /// cache root is created, by root with mode 1777 (each user can make their own directory
+    /// in it, like /tmp); root preparing another user's cache never creates the root.
     @discardableResult
     public static func prepareUserDir(root: String, uid: uid_t, gid: gid_t) throws(FSError) -> String {
         let dir = "\(root)/\(uid)"
-        if getuid() == 0 && uid != 0 {
-            // Root working for a user (stage --as-user): never create or change the cache root
-            // by path (a user may control a path); it must already be a site directory.
-            let fd = try SafeDir.ownedDirectory(in: root, "\(uid)", uid: uid, gid: gid, mode: 0o700)
-            close(fd)
-            return dir
-        }
-        if Sys.stat(root) == nil {
-            do {
-                try Sys.mkdirs(root, 0o755)
-                // A root-made shared cache root lets each user make their own directory, like /tmp.
-                if getuid() == 0 { _ = chmod(root, 0o1777) }
-            } catch {
-                throw error.context("cannot create cache directory \(root)")
-            }
-        }
-        if Sys.stat(dir) == nil {
-            if mkdir(dir, 0o700) != 0 && errno != EEXIST {
-                throw FSError.errno(errno, "cannot create cache directory \(dir)")
-            }
-        }
-        guard let st = Sys.stat(dir), st.st_mode & S_IFMT == S_IFDIR else {
-            throw FSError(ENOTDIR, "cache directory \(dir) is not a directory")
-        }
-        if st.st_uid != uid {
-            throw FSError(EPERM, "cache directory \(dir) belongs to uid \(st.st_uid), not \(uid); remove it or pick another --cache-dir")
-        }
-        if st.st_mode & 0o077 != 0 { _ = chmod(dir, 0o700) }
+        if getuid() != 0 || uid == 0 { try makeRoot(root) }
+        let fd = try SafeDir.ownedDirectory(in: trustedRoot(root), "\(uid)", uid: uid, gid: gid, mode: 0o700)
+        close(fd)
         return dir
+    }
+
+    /// Creates a missing cache root (and its parents) as the caller; one root creates is made
+    /// mode 1777 through its descriptor, after checking it is root's directory.
+    private static func makeRoot(_ root: String) throws(FSError) {
+        var st = Glibc.stat()
+        if lstat(root, &st) == 0 { return }
+        if errno != ENOENT { throw FSError.errno(errno, "cannot use cache directory \(root)") }
+        do {
+            try Sys.mkdirs(Sys.dirname(of: root), 0o755)
+        } catch {
+            throw error.context("cannot create cache directory \(root)")
+        }
+        if mkdir(root, 0o755) != 0 {
+            if errno == EEXIST { return }
+            throw FSError.errno(errno, "cannot create cache directory \(root)")
+        }
+        guard getuid() == 0 else { return }
+        let fd = Glibc.open(root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        if fd < 0 { throw FSError.errno(errno, "cannot open cache directory \(root)") }
+        defer { close(fd) }
+        if fstat(fd, &st) == 0 && st.st_uid == 0 && fchmod(fd, 0o1777) != 0 {
+            throw FSError.errno(errno, "cannot make cache directory \(root) mode 1777")
+        }
+    }
+
+    /// The cache root to open: itself, or where it points when it is a symbolic link made by
+    /// root or by the caller (a site's `/var/cache/stagefs` on another disk, a user's cache
+    /// moved out of a small home). A link anyone else made is left for `SafeDir` to refuse.
+    private static func trustedRoot(_ root: String) -> String {
+        var st = Glibc.stat()
+        guard lstat(root, &st) == 0, st.st_mode & S_IFMT == S_IFLNK, st.st_uid == 0 || st.st_uid == geteuid(),
+            let real = realpath(root, nil)
+        else { return root }
+        defer { free(real) }
+        return String(cString: real)
     }
 
     // MARK: names

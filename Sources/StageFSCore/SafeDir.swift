@@ -13,13 +13,22 @@ public enum SafeDir {
     }
 
     /// Makes (or accepts) `<parentPath>/<name>` as a directory owned by `uid`:`gid` with `mode`,
-    /// as root. `parentPath` must be a directory (not a link) owned by root and, when others may
-    /// write it, sticky: checked on its descriptor. `name` must be one path component. Another
-    /// user's entry under that name is moved aside; a new directory is created owned by root and
-    /// then handed over through its descriptor; an existing one is accepted only when it is a
-    /// real directory (not a link) owned by `uid` or still by root. Returns its descriptor.
+    /// without following a link or changing anything by path. `parentPath` must be a directory
+    /// (not a link) owned by root (or, for an ordinary caller, by the caller) and, when others
+    /// may write it, sticky: checked on its descriptor, so nobody else can rename or replace the
+    /// entry afterwards. `name` must be one path component.
+    ///
+    /// Another user's entry under that name (a directory, a link, a file) is, for root, moved
+    /// aside and replaced; an ordinary caller cannot move another user's entry out of a sticky
+    /// directory, so it gets an error naming the entry's owner and what to do. A link or file of
+    /// `uid`'s own (or root's) is refused, never followed. A new directory is created with
+    /// `mkdirat` and checked on its `O_NOFOLLOW` descriptor; as root it is created owned by root
+    /// and then handed over with `fchown`; an existing one is accepted only when it is a real
+    /// directory owned by `uid` (or, for root, still by root). The mode is set with `fchmod` on
+    /// that descriptor, never by path. Returns the descriptor.
     public static func ownedDirectory(in parentPath: String, _ name: String, uid: uid_t, gid: gid_t, mode: mode_t) throws(FSError) -> Int32 {
         precondition(!name.contains("/") && name != "." && name != "..")
+        let me = geteuid()
         let parent = Glibc.open(parentPath, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
         if parent < 0 {
             if errno == ELOOP || errno == ENOTDIR { throw FSError(EPERM, "\(parentPath) is a symbolic link or not a directory") }
@@ -27,16 +36,25 @@ public enum SafeDir {
         }
         defer { Glibc.close(parent) }
         var pst = Glibc.stat()
-        guard fstat(parent, &pst) == 0, pst.st_uid == 0, pst.st_mode & 0o022 == 0 || pst.st_mode & 0o1000 != 0 else {
-            throw FSError(EPERM, "\(parentPath) must be owned by root and, if others may write it, sticky (chmod 1777)")
+        guard fstat(parent, &pst) == 0, pst.st_uid == 0 || pst.st_uid == me, pst.st_mode & 0o022 == 0 || pst.st_mode & 0o1000 != 0 else {
+            let owner = me == 0 ? "root" : "root or by you"
+            throw FSError(EPERM, "\(parentPath) must be owned by \(owner) and, if others may write it, sticky (chmod 1777)")
         }
         let path = "\(parentPath)/\(name)"
         var lst = Glibc.stat()
         if fstatat(parent, name, &lst, AT_SYMLINK_NOFOLLOW) == 0 && lst.st_uid != uid && lst.st_uid != 0 {
+            let what = lst.st_mode & S_IFMT == S_IFLNK ? "a symbolic link" : lst.st_mode & S_IFMT == S_IFDIR ? "a directory" : "a file"
+            guard me == 0 else {
+                // An ordinary user cannot move another user's entry out of a sticky directory.
+                throw FSError(
+                    EPERM,
+                    "\(path) is \(what) of \(userText(lst.st_uid)), not yours (uid \(uid)): someone else made it in this shared directory; ask them or root to remove it, or use another directory"
+                )
+            }
             // Another user's entry under this user's name: moved aside, never followed.
             let aside = ".stagefs-moved-\(name)-\(Timespec.now().sec)-uid\(lst.st_uid)"
-            if renameat(parent, name, parent, aside) != 0 { throw FSError.errno(errno, "cannot move \(path) (uid \(lst.st_uid)'s) aside") }
-            Log.warning("moved \(path) (uid \(lst.st_uid)'s) aside to \(parentPath)/\(aside)")
+            if renameat(parent, name, parent, aside) != 0 { throw FSError.errno(errno, "cannot move \(path) (\(userText(lst.st_uid))'s) aside") }
+            Log.warning("moved \(path) (\(what) of \(userText(lst.st_uid))) aside to \(parentPath)/\(aside)")
         }
         if mkdirat(parent, name, 0o700) != 0 && errno != EEXIST { throw FSError.errno(errno, "cannot create \(path)") }
         let fd = open(parent, name)
@@ -48,9 +66,9 @@ public enum SafeDir {
             throw FSError.errno(e, "cannot open \(path)")
         }
         var st = Glibc.stat()
-        if fstat(fd, &st) != 0 || (st.st_uid != uid && st.st_uid != 0) {
+        if fstat(fd, &st) != 0 || (st.st_uid != uid && !(me == 0 && st.st_uid == 0)) {
             Glibc.close(fd)
-            throw FSError(EPERM, "\(path) belongs to uid \(st.st_uid), not \(uid): remove it")
+            throw FSError(EPERM, "\(path) belongs to \(userText(st.st_uid)), not to uid \(uid): \(me == 0 ? "remove it" : "ask root to remove it")")
         }
         if (st.st_uid != uid || st.st_gid != gid) && fchown(fd, uid, gid) != 0
             || st.st_mode & 0o7777 != mode && fchmod(fd, mode) != 0
@@ -60,6 +78,21 @@ public enum SafeDir {
             throw FSError.errno(e, "cannot hand \(path) to uid \(uid)")
         }
         return fd
+    }
+
+    /// `uid N (name)`, or `uid N` when the user database has no name for it.
+    public static func userText(_ uid: uid_t) -> String {
+        var pw = passwd()
+        var result: UnsafeMutablePointer<passwd>?
+        var buf = [CChar](repeating: 0, count: 4096)
+        return buf.withUnsafeMutableBufferPointer { b in
+            guard let base = b.baseAddress, getpwuid_r(uid, &pw, base, b.count, &result) == 0, let entry = result,
+                let name = entry.pointee.pw_name
+            else {
+                return "uid \(uid)"
+            }
+            return "uid \(uid) (\(String(cString: name)))"
+        }
     }
 
     /// Removes `path` and everything below it; a symbolic link anywhere in it is removed, never

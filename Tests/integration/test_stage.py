@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import time
 
@@ -251,6 +252,114 @@ def test_users_have_separate_caches_and_as_user_checks_permissions(env, s3vol):
     users = env.dir_for(OTHER, "users-cache")
     p = env.stagefs("stage", "--meta", s3vol.url, "--cache-dir", users, "--as-user", OTHER, "/datasets/small/b", user="root", check=False)
     assert p.returncode == 1 and "must be owned by root" in p.stderr, p.stderr
+
+
+@pytest.fixture
+def smallvol(env):
+    """A SQLite volume with a local-directory bucket holding one 300 KB file, /f."""
+    base = env.dir_for(USER, "smallvol")
+    url = f"sqlite3://{base}/meta.db"
+    env.stagefs("format", url, "small", "--bucket", f"{base}/data")
+    m = env.dir_for(USER, "smallmnt")
+    env.stagefs("mount", "-d", url, m, "--cache-size", "0")
+    run_as(USER, lambda: open(os.path.join(m, "f"), "wb").write(os.urandom(300_000)))
+    env.stagefs("umount", m)
+    return url
+
+
+@pytest.fixture
+def links_followed_anywhere():
+    """fs.protected_symlinks=0, as on nodes that turned it off: root then follows a link that
+    another user planted in a sticky directory, which is the attack to show."""
+    path = "/proc/sys/fs/protected_symlinks"
+    with open(path) as f:
+        old = f.read().strip()
+    subprocess.run(["sysctl", "-q", "-w", "fs.protected_symlinks=0"], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["sysctl", "-q", "-w", f"fs.protected_symlinks={old}"], check=True)
+
+
+def shared_cache_root(env):
+    """A site cache root as root makes it: root's, mode 1777 like /tmp."""
+    shared = env.dir_for("root", "shared-cache")
+    os.chmod(shared, 0o1777)
+    return shared
+
+
+def moved_aside(shared, name):
+    return [n for n in os.listdir(shared) if n.startswith(f".stagefs-moved-{name}-")]
+
+
+def test_a_squatted_uid_directory_is_moved_aside_by_root(env, smallvol):
+    shared = shared_cache_root(env)
+    other = helpers.pwd.getpwnam(OTHER).pw_uid
+    # OTHER makes root's directory first, open to everyone: root's cache goes elsewhere.
+    squat = os.path.join(shared, "0")
+    run_as(OTHER, os.mkdir, squat)
+    run_as(OTHER, os.chmod, squat, 0o777)
+    p = env.stagefs("stage", "--meta", smallvol, "--cache-dir", shared, "/f", user="root", check=False)
+    assert p.returncode == 0 and "status ok" in p.stdout, p.stderr
+    st = os.lstat(squat)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700
+    assert any(f.endswith("_300000") for _, _, fs in os.walk(squat) for f in fs)
+    aside = moved_aside(shared, "0")
+    assert len(aside) == 1, os.listdir(shared)
+    assert os.lstat(os.path.join(shared, aside[0])).st_uid == other
+    assert os.listdir(os.path.join(shared, aside[0])) == []
+
+
+def test_a_squatted_uid_directory_is_refused_to_a_user_naming_its_owner(env, smallvol):
+    shared = shared_cache_root(env)
+    other = helpers.pwd.getpwnam(OTHER).pw_uid
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    # OTHER makes USER's directory first: an ordinary user cannot move it out of a sticky root,
+    # so USER is told whose it is and what to do, and nothing of USER's goes into it.
+    squat = os.path.join(shared, str(uid))
+    run_as(OTHER, os.mkdir, squat)
+    run_as(OTHER, os.chmod, squat, 0o777)
+    p = env.stagefs("stage", "--meta", smallvol, "--cache-dir", shared, "/f", check=False)
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert f"{squat} is a directory of uid {other} ({OTHER}), not yours" in p.stderr, p.stderr
+    assert "ask them or root to remove it" in p.stderr and "Fatal error" not in p.stderr
+    assert os.listdir(squat) == [] and os.stat(squat).st_uid == other
+
+
+def test_a_linked_uid_directory_is_moved_aside_by_root_and_never_followed(env, smallvol, links_followed_anywhere):
+    shared = shared_cache_root(env)
+    other = helpers.pwd.getpwnam(OTHER).pw_uid
+    # OTHER plants root's name as a link to a directory of root's: root must neither chmod it
+    # nor write its cache into it; the link is moved aside and a real directory made.
+    target = env.dir_for("root", "root-only")
+    os.chmod(target, 0o755)
+    link = os.path.join(shared, "0")
+    run_as(OTHER, os.symlink, target, link)
+    p = env.stagefs("stage", "--meta", smallvol, "--cache-dir", shared, "/f", user="root", check=False)
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o755 and os.listdir(target) == []
+    assert p.returncode == 0 and "status ok" in p.stdout, p.stderr
+    st = os.lstat(link)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700
+    aside = moved_aside(shared, "0")
+    assert len(aside) == 1, os.listdir(shared)
+    assert os.path.islink(os.path.join(shared, aside[0])) and os.lstat(os.path.join(shared, aside[0])).st_uid == other
+
+
+def test_a_linked_uid_directory_is_refused_to_a_user_and_not_followed(env, smallvol, links_followed_anywhere):
+    shared = shared_cache_root(env)
+    other = helpers.pwd.getpwnam(OTHER).pw_uid
+    uid = helpers.pwd.getpwnam(USER).pw_uid
+    # OTHER plants USER's name as a link to a directory of USER's (one USER shares with a team):
+    # USER's stage refuses it, naming its owner, and leaves that directory as it was.
+    mine = env.dir_for(USER, "team-share")
+    os.chmod(mine, 0o755)
+    link = os.path.join(shared, str(uid))
+    run_as(OTHER, os.symlink, mine, link)
+    p = env.stagefs("stage", "--meta", smallvol, "--cache-dir", shared, "/f", check=False)
+    assert stat.S_IMODE(os.stat(mine).st_mode) == 0o755 and os.listdir(mine) == []
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert f"{link} is a symbolic link of uid {other} ({OTHER}), not yours" in p.stderr, p.stderr
+    assert os.path.islink(link)
 
 
 def cached_blocks(cache):
