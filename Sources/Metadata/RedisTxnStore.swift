@@ -432,7 +432,9 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     /// Runs a batch of reads in one round trip (one command, or the read script).
     func fetch(_ ops: [ReadOp]) throws(FSError) -> [RedisReply] {
         count { $0.reads += 1 }
-        if ops.count == 1, case .cmd(let c) = ops[0] {
+        // (HKEYS goes through the read script, which sorts it as a commit's check does: a hash
+        // kept as a hash table lists its fields in no fixed order.)
+        if ops.count == 1, case .cmd(let c) = ops[0], c.verb != .hkeys {
             let r = try pool.with { (conn) throws(FSError) in try conn.pipeline([c.command(keys)])[0] }
             if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(c.cmd) \(keys.name(c.key)): \(e)") }
             return [r]
