@@ -94,19 +94,23 @@ private func replyAttr(_ req: fuse_req_t?, _ ino: Ino, _ a: Attr) {
     fuse_reply_attr(req, &st, server(req).config.attrTimeout)
 }
 
-/// Runs `body`, replying with its errno when it throws. An `EIO` is also logged with its
-/// reason (the application sees only the errno).
+/// Runs `body`, replying with its errno when it throws. An `EIO`, or an error marked `logged`,
+/// is also logged with its reason (the application sees only the errno).
 @inline(__always)
 private func serve(_ req: fuse_req_t?, _ body: () throws(FSError) -> Void) {
     do {
         try body()
     } catch {
-        if error.code == EIO { ioErrorLog.note(error.message) }
+        if error.code == EIO {
+            ioErrorLog.note("I/O error: \(error.message)")
+        } else if error.logged {
+            ioErrorLog.note("\(String(cString: strerror(error.code))): \(error.message)")
+        }
         fuse_reply_err(req, error.code)
     }
 }
 
-/// Logs the reasons of I/O errors, each the same text at most once a second.
+/// Logs the reasons of I/O (and `logged`) errors, each the same text at most once a second.
 private final class IOErrorLog: @unchecked Sendable {
     private let lock = ConditionLock()
     private var last = ""
@@ -120,7 +124,7 @@ private final class IOErrorLog: @unchecked Sendable {
             at = now
             return true
         }
-        if show { Log.error("I/O error: \(message)") }
+        if show { Log.error(message) }
     }
 }
 

@@ -194,6 +194,12 @@ package let maxRenameDepth = 4096
 /// attribute beyond this fails with `ENOSPC` as it does there).
 package let maxXattrsPerInode = 1024
 
+/// Bytes of names and values all extended attributes of one inode may take together: a
+/// setxattr that would grow them past it fails with `ENOSPC`, as on ext4 once an inode's
+/// attributes no longer fit its 4 KiB block. It bounds what one inode costs the shared metadata
+/// store (a value of the largest size the syscall allows, 64 KiB, does not fit with its name).
+package let maxXattrBytesPerInode = 65536
+
 /// Checks a name for create-like operations.
 func validateName(_ name: [UInt8]) throws(FSError) {
     if name.isEmpty || name.contains(0) || name.contains(UInt8(ascii: "/")) { throw FSError.invalid }

@@ -9,13 +9,15 @@ import StageFSCore
 /// runs the command again to check that the reply is still the same.
 struct ReadCmd: Hashable {
     enum Verb: UInt8 {
-        case get, hget, hlen, scard, sismember, zscore, hkeys, lrange, zrange, zrangeByScore, zrevrangeByScore, hrandfield, srandmember, hgetall
+        case get, hget, hlen, hstrlen, scard, sismember, zscore, hkeys, lrange, zrange, zrangeByScore, zrevrangeByScore, hrandfield, srandmember
+        case hgetall
 
         var name: String {
             switch self {
             case .get: "GET"
             case .hget: "HGET"
             case .hlen: "HLEN"
+            case .hstrlen: "HSTRLEN"
             case .scard: "SCARD"
             case .sismember: "SISMEMBER"
             case .zscore: "ZSCORE"
@@ -75,6 +77,7 @@ struct ReadCmd: Hashable {
     static func get(_ k: RKey) -> ReadCmd { ReadCmd(.get, k) }
     static func hget(_ k: RKey, _ field: [UInt8]) -> ReadCmd { ReadCmd(.hget, k, arg: field) }
     static func hlen(_ k: RKey) -> ReadCmd { ReadCmd(.hlen, k) }
+    static func hstrlen(_ k: RKey, _ field: [UInt8]) -> ReadCmd { ReadCmd(.hstrlen, k, arg: field) }
     static func scard(_ k: RKey) -> ReadCmd { ReadCmd(.scard, k) }
     static func sismember(_ k: RKey, _ m: [UInt8]) -> ReadCmd { ReadCmd(.sismember, k, arg: m) }
     static func zscore(_ k: RKey, _ m: [UInt8]) -> ReadCmd { ReadCmd(.zscore, k, arg: m) }

@@ -43,7 +43,7 @@ package enum RedisTxnScripts {
     /// {members, {K reply...}} (the lists stop where the budget does).
     package static let read =
         canon + #"""
-            local READ = {GET = true, HGET = true, HLEN = true, HMGET = true, HKEYS = true, HGETALL = true,
+            local READ = {GET = true, HGET = true, HLEN = true, HSTRLEN = true, HMGET = true, HKEYS = true, HGETALL = true,
               HRANDFIELD = true, ZRANGE = true, ZRANGEBYSCORE = true, ZREVRANGEBYSCORE = true, ZSCORE = true,
               SCARD = true, SISMEMBER = true, SRANDMEMBER = true, LRANGE = true}
             local P = ARGV[1]
@@ -136,7 +136,7 @@ package enum RedisTxnScripts {
     package static let commit =
         "#!lua\n" + canon + #"""
             -- The read commands a check may run, each with the kind of key it reads.
-            local CHECK = {GET = 'string', GETRANGE = 'string', HGET = 'hash', HLEN = 'hash', HKEYS = 'hash', ZRANGE = 'zset',
+            local CHECK = {GET = 'string', GETRANGE = 'string', HGET = 'hash', HLEN = 'hash', HSTRLEN = 'hash', HKEYS = 'hash', ZRANGE = 'zset',
               ZRANGEBYSCORE = 'zset', ZREVRANGEBYSCORE = 'zset', ZSCORE = 'zset', SCARD = 'set', SISMEMBER = 'set', LRANGE = 'list'}
             local KIND = {SET = 'string', SETRANGE = 'string', DEL = '', APPEND = 'string', INCRBY = 'string', HSET = 'hash',
               HDEL = 'hash', HINCRBY = 'hash', ZADD = 'zset', ZREM = 'zset', RPUSH = 'list', LTRIM = 'list', SADD = 'set', SREM = 'set'}

@@ -10,7 +10,7 @@ import Synchronization
 /// its name is written only into the commands sent (`RedisKeys.append`).
 struct RKey: Hashable, Sendable {
     enum Kind: UInt8 {
-        case named, attr, entries, positions, symlink, xattrs, chunk, chunkIndex, opens, sessionOpens, locks, sessionLocks
+        case named, attr, entries, positions, symlink, xattrs, xattrBytes, chunk, chunkIndex, opens, sessionOpens, locks, sessionLocks
     }
     let kind: Kind
     /// The inode, session or chunk number; for a `named` key, the number of its name
@@ -72,6 +72,8 @@ struct RedisKeys: Sendable {
     func positions(_ dir: Ino) -> RKey { RKey(.positions, dir) }
     func symlink(_ ino: Ino) -> RKey { RKey(.symlink, ino) }
     func xattrs(_ ino: Ino) -> RKey { RKey(.xattrs, ino) }
+    /// String: the bytes of names and values in `xattrs(ino)` (`TxnStore.xattrBytes`).
+    func xattrBytes(_ ino: Ino) -> RKey { RKey(.xattrBytes, ino) }
     func chunk(_ ino: Ino, _ index: UInt32) -> RKey { RKey(.chunk, ino, index) }
     /// Sorted set of the chunk indexes of `ino` that have records.
     func chunkIndex(_ ino: Ino) -> RKey { RKey(.chunkIndex, ino) }
@@ -98,6 +100,7 @@ struct RedisKeys: Sendable {
         case .positions: return l("z")
         case .symlink: return l("s")
         case .xattrs: return l("x")
+        case .xattrBytes: return l("x", "b")
         case .chunk: return l("c")
         case .chunkIndex: return l("k")
         case .opens: return l("o")
@@ -292,6 +295,17 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     private func count(_ body: (inout RedisTxnStats) -> Void) { statsLock.withLock { body(&counts) } }
 
+    /// The error for an error reply to `what`. A server out of memory (`maxmemory` reached)
+    /// refuses every change: `ENOSPC`, the metadata store being full, logged by the mount.
+    func replyError(_ e: String, _ what: String) -> FSError {
+        guard e.hasPrefix("OOM") else { return FSError(EIO, "\(displayName): \(what) failed: \(e)") }
+        var err = FSError(
+            ENOSPC,
+            "\(displayName) is out of memory (maxmemory reached) and refused \(what): free memory or raise maxmemory (Redis: \(e))")
+        err.logged = true
+        return err
+    }
+
     func bug(_ what: String) -> FSError { FSError(EIO, "\(displayName): internal error in a metadata transaction: \(what)") }
 
     // MARK: transactions
@@ -399,7 +413,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             for (i, (_, got)) in trailing.enumerated() { after.append((got, r[r.count - trailing.count + i])) }
             return r[0]
         }
-        if case .error(let e) = reply { throw FSError(EIO, "\(displayName): metadata commit failed: \(e)") }
+        if case .error(let e) = reply { throw replyError(e, "a metadata change") }
         let items = reply.array
         func applied() -> Outcome {
             for (got, r) in after { got(r) }
@@ -432,7 +446,9 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     /// Runs a batch of reads in one round trip (one command, or the read script).
     func fetch(_ ops: [ReadOp]) throws(FSError) -> [RedisReply] {
         count { $0.reads += 1 }
-        if ops.count == 1, case .cmd(let c) = ops[0] {
+        // (HKEYS goes through the read script, which sorts it as a commit's check does: a hash
+        // kept as a hash table lists its fields in no fixed order.)
+        if ops.count == 1, case .cmd(let c) = ops[0], c.verb != .hkeys {
             let r = try pool.with { (conn) throws(FSError) in try conn.pipeline([c.command(keys)])[0] }
             if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(c.cmd) \(keys.name(c.key)): \(e)") }
             return [r]
@@ -487,7 +503,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             if case .error(let e) = r, e.hasPrefix("NOSCRIPT") { return try c.pipeline([call("EVAL", RedisTxnScripts.read)])[0] }
             return r
         }
-        if case .error(let e) = reply { throw FSError(EIO, "\(displayName): metadata read failed: \(e)") }
+        if case .error(let e) = reply { throw replyError(e, "a metadata read") }
         let items = reply.array
         guard items.count == ops.count else { throw FSError(EIO, "\(displayName): metadata read gave \(items.count) replies for \(ops.count)") }
         return items
@@ -495,7 +511,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     private func command(_ args: [any RedisArg]) throws(FSError) -> RedisReply {
         let r = try pool.with { (c) throws(FSError) -> RedisReply in try c.command(args) }
-        if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(e)") }
+        if case .error(let e) = r { throw replyError(e, "\(args.first.map { "\($0)" } ?? "a command")") }
         return r
     }
 
@@ -519,6 +535,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             case .hasEntries(let ino): ops.append(.cmd(.hlen(keys.entries(ino))))
             case .xattr(let ino, let name): ops.append(.cmd(.hget(keys.xattrs(ino), name)))
             case .xattrCount(let ino): ops.append(.cmd(.hlen(keys.xattrs(ino))))
+            case .xattrBytes(let ino): ops.append(.cmd(.get(keys.xattrBytes(ino))))
             case .locks(let ino, let kind): ops.append(.cmd(.get(keys.locks(ino, kind))))
             case .symlink(let ino): ops.append(.cmd(.get(keys.symlink(ino))))
             case .counter(let name): ops.append(.cmd(.get(keys.counter(name))))
@@ -594,6 +611,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         try t.del(keys.attr(ino))
         try t.del(keys.symlink(ino))
         try t.del(keys.xattrs(ino))
+        try t.del(keys.xattrBytes(ino))
     }
 
     package func entry(_ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, FileType)? {
@@ -659,6 +677,30 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     }
 
     package func xattrCount(_ ino: Ino) throws(FSError) -> Int { Int(try txn().hashLength(keys.xattrs(ino))) }
+
+    package func xattrBytes(_ ino: Ino) throws(FSError) -> Int? {
+        guard let v = try txn().string(keys.xattrBytes(ino)) else { return nil }
+        guard let n = Int(String(decoding: v, as: UTF8.self)), n >= 0 else {
+            throw FSError(EIO, "\(displayName): inode \(ino) has a corrupt extended-attribute total")
+        }
+        return n
+    }
+
+    package func putXattrBytes(_ ino: Ino, _ bytes: Int?) throws(FSError) {
+        let t = try txn()
+        if let bytes { try t.set(keys.xattrBytes(ino), Array(String(bytes).utf8)) } else { try t.del(keys.xattrBytes(ino)) }
+    }
+
+    /// The names (HKEYS), then every value's length (HSTRLEN) in one more round trip.
+    package func sumXattrBytes(_ ino: Ino) throws(FSError) -> Int {
+        let t = try txn()
+        let k = keys.xattrs(ino)
+        let names = try t.scan(.hkeys(k)).array.compactMap { $0.bytes }
+        try t.load(names.map { .cmd(.hstrlen(k, $0)) })
+        var total = 0
+        for n in names { total += n.count + Int(try t.value(.hstrlen(k, n)).int ?? 0) }
+        return total
+    }
 
     // MARK: chunks
 

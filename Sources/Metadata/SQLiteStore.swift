@@ -36,6 +36,7 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
             CREATE TABLE IF NOT EXISTS symlink(ino INTEGER PRIMARY KEY, target BLOB NOT NULL);
             CREATE TABLE IF NOT EXISTS xattr(ino INTEGER NOT NULL, name BLOB NOT NULL, value BLOB NOT NULL,
                 PRIMARY KEY(ino, name)) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS xattrbytes(ino INTEGER PRIMARY KEY, bytes INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS chunk(ino INTEGER NOT NULL, idx INTEGER NOT NULL, slices BLOB NOT NULL,
                 PRIMARY KEY(ino, idx)) WITHOUT ROWID;
             CREATE TABLE IF NOT EXISTS openfile(sid INTEGER NOT NULL, ino INTEGER NOT NULL, count INTEGER NOT NULL,
@@ -113,6 +114,7 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         try conn.query("DELETE FROM node WHERE ino=?", [i])
         try conn.query("DELETE FROM symlink WHERE ino=?", [i])
         try conn.query("DELETE FROM xattr WHERE ino=?", [i])
+        try conn.query("DELETE FROM xattrbytes WHERE ino=?", [i])
     }
 
     package func entry(_ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, FileType)? {
@@ -168,6 +170,23 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
 
     package func deleteXattr(_ ino: Ino, _ name: [UInt8]) throws(FSError) {
         try conn.query("DELETE FROM xattr WHERE ino=? AND name=?", [.int(Int64(ino)), .blob(name)])
+    }
+
+    package func xattrBytes(_ ino: Ino) throws(FSError) -> Int? {
+        try one("SELECT bytes FROM xattrbytes WHERE ino=?", [.int(Int64(ino))]) { Int(Col.int($0, 0)) }
+    }
+
+    package func putXattrBytes(_ ino: Ino, _ bytes: Int?) throws(FSError) {
+        if let bytes {
+            try conn.query("INSERT OR REPLACE INTO xattrbytes(ino, bytes) VALUES(?, ?)", [.int(Int64(ino)), .int(Int64(bytes))])
+        } else {
+            try conn.query("DELETE FROM xattrbytes WHERE ino=?", [.int(Int64(ino))])
+        }
+    }
+
+    package func sumXattrBytes(_ ino: Ino) throws(FSError) -> Int {
+        // (length() of a blob reads its size, not its overflow pages.)
+        Int(try one("SELECT COALESCE(SUM(length(name) + length(value)), 0) FROM xattr WHERE ino=?", [.int(Int64(ino))]) { Col.int($0, 0) } ?? 0)
     }
 
     package func xattrNames(_ ino: Ino) throws(FSError) -> [[UInt8]] {

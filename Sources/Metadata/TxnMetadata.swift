@@ -61,6 +61,15 @@ package protocol TxnStore: AnyObject, Sendable {
     func putXattr(_ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError)
     func deleteXattr(_ ino: Ino, _ name: [UInt8]) throws(FSError)
     func xattrNames(_ ino: Ino) throws(FSError) -> [[UInt8]]
+    /// Bytes of names and values of `ino`'s extended attributes as last stored with
+    /// `putXattrBytes`; nil when never stored (an inode without attributes, or one whose
+    /// attributes were set before the total was kept).
+    func xattrBytes(_ ino: Ino) throws(FSError) -> Int?
+    /// Stores that total (nil removes it). `deleteInode` removes it too.
+    func putXattrBytes(_ ino: Ino, _ bytes: Int?) throws(FSError)
+    /// The same total summed from the attributes themselves, without reading their values
+    /// (at most `maxXattrsPerInode` of them): for an inode whose total was never stored.
+    func sumXattrBytes(_ ino: Ino) throws(FSError) -> Int
 
     func chunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8]
     func appendChunk(_ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError)
@@ -119,6 +128,7 @@ package enum TxnRead: Sendable {
     case hasEntries(Ino)
     case xattr(Ino, [UInt8])
     case xattrCount(Ino)
+    case xattrBytes(Ino)
     case locks(Ino, UInt8)
     case symlink(Ino)
     /// A page of a directory (`TxnStore.entries`); `plus`: with the attributes of its inodes.
@@ -413,6 +423,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             pa.ctime = now
             if type == .directory { pa.nlink += 1 }
             try store.putAttr(parent, pa)
+            // Quotas (not built yet) charge the inode to its owner here (issue 18).
             try store.add("usedInodes", 1)
             try store.add("usedSpace", align4K(size))
             return (ino, a)
@@ -428,6 +439,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     private func freeInode(_ ino: Ino, _ a: Attr) throws(FSError) {
+        // Quotas (not built yet) give the owner back the inode and its attribute bytes
+        // (`store.xattrBytes`, read before the delete) here, as rmdir must.
         try store.deleteInode(ino)
         if a.type == .regular && a.size > 0 { try store.addPendingDelete(ino, a.size) }
         try store.add("usedInodes", -1)
@@ -684,17 +697,36 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    /// setxattr(2). Past `maxXattrsPerInode` attributes or `maxXattrBytesPerInode` bytes of
+    /// names and values an inode's attributes cannot grow (`ENOSPC`); replacing a value with
+    /// one no larger, and removing, always work. The total is kept beside the attributes, so
+    /// the check reads no other attribute.
     package func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
         if value.count > 65536 { throw FSError(E2BIG, "attribute value too large") }
         try store.transaction(write: true) { () throws(FSError) in
-            try store.prefetch([.attr(ino), .xattr(ino, name), .xattrCount(ino)])
+            try store.prefetch([.attr(ino), .xattr(ino, name), .xattrCount(ino), .xattrBytes(ino)])
             guard var a = try store.attr(ino) else { throw FSError.notFound }
             try xattrWriteCheck(a, cred, name)
-            let exists = try store.xattr(ino, name) != nil
-            if flag == .create && exists { throw FSError.exists }
-            if flag == .replace && !exists { throw FSError.noAttr }
-            if !exists, try store.xattrCount(ino) >= maxXattrsPerInode { throw FSError(ENOSPC, "too many extended attributes") }
+            let old = try store.xattr(ino, name)
+            if flag == .create && old != nil { throw FSError.exists }
+            if flag == .replace && old == nil { throw FSError.noAttr }
+            if old == nil, try store.xattrCount(ino) >= maxXattrsPerInode {
+                throw FSError(ENOSPC, "inode \(ino) has \(maxXattrsPerInode) extended attributes, the most one may have")
+            }
+            let stored = try store.xattrBytes(ino)
+            var total = 0
+            if let stored { total = stored } else if try store.xattrCount(ino) > 0 { total = try store.sumXattrBytes(ino) }
+            let next = total - (old.map { name.count + $0.count } ?? 0) + name.count + value.count
+            if next > maxXattrBytesPerInode && next > total {
+                throw FSError(
+                    ENOSPC,
+                    "extended attributes of inode \(ino) would take \(next) bytes, more than the \(maxXattrBytesPerInode) one inode may hold")
+            }
+            // Quotas (not built yet) charge `next - total` bytes to the owner (`a.uid`, `a.gid`)
+            // here, as `create` and `mkdir` will charge an inode: a bound per user, beside this
+            // bound per inode.
             try store.putXattr(ino, name, value)
+            if next != stored { try store.putXattrBytes(ino, next) }
             a.ctime = Timespec.now()
             try store.putAttr(ino, a)
         }
@@ -702,11 +734,17 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
         try store.transaction(write: true) { () throws(FSError) in
-            try store.prefetch([.attr(ino), .xattr(ino, name)])
+            try store.prefetch([.attr(ino), .xattr(ino, name), .xattrBytes(ino)])
             guard var a = try store.attr(ino) else { throw FSError.notFound }
             try xattrWriteCheck(a, cred, name, removing: true)
-            guard try store.xattr(ino, name) != nil else { throw FSError.noAttr }
+            guard let old = try store.xattr(ino, name) else { throw FSError.noAttr }
             try store.deleteXattr(ino, name)
+            // (A total never stored stays so: the next setxattr sums it. Names are never empty,
+            // so 0 means no attribute is left.)
+            if let total = try store.xattrBytes(ino) {
+                let next = total - name.count - old.count
+                try store.putXattrBytes(ino, next > 0 ? next : nil)
+            }
             a.ctime = Timespec.now()
             try store.putAttr(ino, a)
         }

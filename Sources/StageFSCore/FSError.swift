@@ -13,6 +13,9 @@ public struct FSError: Error, CustomStringConvertible, Equatable, Sendable {
     public var message: String
     /// True for errors in what the user typed (exit code 2).
     public var isUsage: Bool
+    /// A fault of the system, not of the call (a metadata server out of memory): a mount logs
+    /// its message, as it does for every `EIO`, since the application sees only the errno.
+    public var logged = false
 
     public init(_ code: Int32, _ message: String, usage: Bool = false) {
         self.code = code
@@ -64,7 +67,9 @@ public struct FSError: Error, CustomStringConvertible, Equatable, Sendable {
 extension FSError {
     /// The same error with `context` put in front of its message.
     public func context(_ context: String) -> FSError {
-        FSError(code, "\(context): \(message)", usage: isUsage)
+        var e = FSError(code, "\(context): \(message)", usage: isUsage)
+        e.logged = logged
+        return e
     }
 }
 

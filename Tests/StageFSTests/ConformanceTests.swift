@@ -707,6 +707,78 @@ struct RulesAndBoundsTests {
         try m.setxattr(alice, ino, n("user.a0"), [2], .replace)
     }
 
+    /// An inode's attributes take at most `maxXattrBytesPerInode` bytes of names and values
+    /// (issue 18: a user filled the shared Redis through them): growing past it is `ENOSPC`, for
+    /// root too, and changes nothing; a value no larger and a removal always work, and the room
+    /// a removal frees is usable again. Each inode has its own bound; a deleted inode leaves no
+    /// total behind.
+    @Test(arguments: EngineKind.allCases)
+    func extendedAttributeBytesAreBounded(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, _) = try m.mknod(alice, dir, n("x"), .regular, 0o600, rdev: 0, target: nil)
+        func bytes(_ count: Int, _ b: UInt8) -> [UInt8] { [UInt8](repeating: b, count: count) }
+        // The largest value the syscall allows does not fit with its name (one byte more: E2BIG).
+        expectErrno(ENOSPC) { try m.setxattr(alice, ino, n("user.v"), bytes(65536, 1), .any) }
+        expectErrno(E2BIG) { try m.setxattr(alice, ino, n("user.v"), bytes(65537, 1), .any) }
+        #expect(try m.listxattr(alice, ino).isEmpty)
+        // Exactly the bound fits ("user.a" and "user.b": 6 bytes each).
+        try m.setxattr(alice, ino, n("user.a"), bytes(40000, 1), .any)
+        try m.setxattr(alice, ino, n("user.b"), bytes(maxXattrBytesPerInode - 40000 - 12, 2), .any)
+        expectErrno(ENOSPC) { try m.setxattr(alice, ino, n("user.c"), [], .any) }
+        expectErrno(ENOSPC) { try m.setxattr(alice, ino, n("user.a"), bytes(40001, 3), .replace) }
+        expectErrno(ENOSPC) { try m.setxattr(root, ino, n("trusted.t"), [], .any) }
+        #expect(try m.getxattr(alice, ino, n("user.a")) == bytes(40000, 1))
+        #expect(try m.listxattr(root, ino) == [n("user.a"), n("user.b")])
+        // A value of the same size, or smaller, always fits; what it frees is usable.
+        try m.setxattr(alice, ino, n("user.a"), bytes(40000, 4), .replace)
+        try m.setxattr(alice, ino, n("user.a"), bytes(30000, 5), .any)
+        try m.setxattr(alice, ino, n("user.c"), bytes(10000 - 6, 6), .create)
+        expectErrno(ENOSPC) { try m.setxattr(alice, ino, n("user.d"), [], .any) }
+        try m.removexattr(alice, ino, n("user.b"))
+        // Left: user.a 30006, user.c 10000.
+        try m.setxattr(alice, ino, n("user.d"), bytes(maxXattrBytesPerInode - 40006 - 6, 7), .any)
+        expectErrno(ENOSPC) { try m.setxattr(alice, ino, n("user.e"), [], .any) }
+        for name in ["user.a", "user.c", "user.d"] { try m.removexattr(alice, ino, n(name)) }
+        #expect(try f.storedXattrTotals() == 0, "no attribute left, no total kept")
+        try m.setxattr(alice, ino, n("user.e"), bytes(maxXattrBytesPerInode - 6, 8), .any)
+        // Another inode has its own bound.
+        let (other, _) = try m.mknod(alice, dir, n("y"), .regular, 0o600, rdev: 0, target: nil)
+        try m.setxattr(alice, other, n("user.e"), bytes(maxXattrBytesPerInode - 6, 9), .any)
+        #expect(try f.storedXattrTotals() == 2)
+        _ = try m.unlink(alice, dir, n("x"))
+        _ = try m.unlink(alice, dir, n("y"))
+        #expect(try f.storedXattrTotals() == 0, "deleted inodes keep no total")
+    }
+
+    /// Attributes set before the total was kept (an older volume): the total is summed once from
+    /// the attributes themselves, and an inode already past the bound can shrink but not grow.
+    @Test(arguments: EngineKind.allCases)
+    func extendedAttributeBytesOfAnOlderVolume(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let (ino, _) = try m.mknod(alice, dir, n("x"), .regular, 0o600, rdev: 0, target: nil)
+        // 2 x (7 + 40000) = 80014 bytes, past the bound.
+        try f.putXattrsWithoutTotal(ino, [("user.l1", 40000), ("user.l2", 40000)])
+        #expect(try m.listxattr(alice, ino) == [n("user.l1"), n("user.l2")])
+        expectErrno(ENOSPC) { try m.setxattr(alice, ino, n("user.new"), [], .any) }
+        expectErrno(ENOSPC) { try m.setxattr(alice, ino, n("user.l1"), [UInt8](repeating: 1, count: 40001), .replace) }
+        try m.setxattr(alice, ino, n("user.l1"), [1], .replace)
+        // Now 8 + 40007: what is left is counted to the byte.
+        let room = maxXattrBytesPerInode - 40015 - 8
+        expectErrno(ENOSPC) { try m.setxattr(alice, ino, n("user.new"), [UInt8](repeating: 2, count: room + 1), .any) }
+        try m.setxattr(alice, ino, n("user.new"), [UInt8](repeating: 2, count: room), .any)
+        expectErrno(ENOSPC) { try m.setxattr(alice, ino, n("user.z"), [], .any) }
+        // A removal where no total is stored leaves it to be summed the next time.
+        let (b, _) = try m.mknod(alice, dir, n("b"), .regular, 0o600, rdev: 0, target: nil)
+        try f.putXattrsWithoutTotal(b, [("user.p", 100), ("user.q", 65000)])
+        try m.removexattr(alice, b, n("user.q"))
+        expectErrno(ENOSPC) { try m.setxattr(alice, b, n("user.r"), [UInt8](repeating: 3, count: maxXattrBytesPerInode - 106 - 5), .any) }
+        try m.setxattr(alice, b, n("user.r"), [UInt8](repeating: 3, count: maxXattrBytesPerInode - 106 - 6), .any)
+    }
+
     @Test(arguments: EngineKind.allCases)
     func renameWalksABoundedNumberOfAncestors(kind: EngineKind) throws {
         let f = try EngineFixture(kind)

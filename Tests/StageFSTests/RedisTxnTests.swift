@@ -211,7 +211,11 @@ struct RedisTxnTests {
         let keys = try f.cli(["KEYS", "*"])
         #expect(!keys.isEmpty && keys.allSatisfy { $0.hasPrefix("{0}") }, "\(keys)")
         // The names are a stored format (the script engine of earlier versions wrote the same).
-        for k in ["{0}i\(ino)", "{0}c\(ino)_0", "{0}k\(ino)", "{0}x\(ino)", "{0}d1", "{0}z1", "{0}o\(ino)", "{0}so\(sid)", "{0}lkf\(ino)", "{0}sl\(sid)", "{0}setting"] {
+        let expected = [
+            "{0}i\(ino)", "{0}c\(ino)_0", "{0}k\(ino)", "{0}x\(ino)", "{0}xb\(ino)", "{0}d1", "{0}z1", "{0}o\(ino)", "{0}so\(sid)", "{0}lkf\(ino)",
+            "{0}sl\(sid)", "{0}setting",
+        ]
+        for k in expected {
             #expect(keys.contains(k), "\(k) in \(keys)")
         }
 

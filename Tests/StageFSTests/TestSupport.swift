@@ -131,6 +131,41 @@ final class EngineFixture: @unchecked Sendable {
         }
     }
 
+    /// Stores extended attributes of `ino` (name, value size) as a volume formatted before the
+    /// per-inode total was kept did: the attributes alone, no total.
+    func putXattrsWithoutTotal(_ ino: Ino, _ attrs: [(String, Int)]) throws {
+        switch kind {
+        case .sqlite:
+            let db = try SQLiteConnection(path: "\(dir)/meta.db", create: false)
+            for (name, size) in attrs {
+                try db.query(
+                    "INSERT OR REPLACE INTO xattr(ino, name, value) VALUES(?, ?, ?)",
+                    [.int(Int64(ino)), .blob(Array(name.utf8)), .blob([UInt8](repeating: 118, count: size))])
+            }
+        case .redis:
+            let script = "return redis.call('HSET', KEYS[1], ARGV[1], string.rep('v', tonumber(ARGV[2])))"
+            for (name, size) in attrs {
+                let (rc, out) = try Spawn.run("/usr/bin/redis-cli", ["-p", "\(redis!.port)", "EVAL", script, "1", "{0}x\(ino)", name, "\(size)"])
+                if rc != 0 || out.contains("ERR") { throw TestFailure("redis-cli: \(out)") }
+            }
+        }
+    }
+
+    /// How many inodes have an extended-attribute total stored.
+    func storedXattrTotals() throws -> Int {
+        switch kind {
+        case .sqlite:
+            let db = try SQLiteConnection(path: "\(dir)/meta.db", create: false)
+            var n = 0
+            try db.query("SELECT COUNT(*) FROM xattrbytes", []) { n = Int(Col.int($0, 0)) }
+            return n
+        case .redis:
+            let (rc, out) = try Spawn.run("/usr/bin/redis-cli", ["-p", "\(redis!.port)", "EVAL", "return #redis.call('KEYS', '{0}xb*')", "0"])
+            guard rc == 0, let n = Int(out.trimmingCharacters(in: .whitespacesAndNewlines)) else { throw TestFailure("redis-cli: \(out)") }
+            return n
+        }
+    }
+
     /// Another, unformatted database of the same kind (its own file, or another Redis db).
     func freshURL(_ n: Int) -> String {
         switch kind {

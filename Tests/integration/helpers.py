@@ -106,10 +106,12 @@ def run_as(user, fn, *args, **kwargs):
 
 
 class Redis:
-    def __init__(self, workdir):
+    def __init__(self, workdir, *extra):
+        """extra: more redis-server options (`--maxmemory`, ...)."""
         self.port = free_port()
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--databases", "1000", "--dir", workdir],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--databases", "1000", "--dir", workdir,
+             *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not wait_port(self.port):
             self.stop()

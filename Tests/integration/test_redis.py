@@ -9,7 +9,7 @@ import time
 import pytest
 
 import helpers
-from helpers import USER, run_as
+from helpers import OTHER, USER, run_as
 
 
 def key_prefix(db):
@@ -719,3 +719,133 @@ for i in range(0, 40, 2):
     finally:
         env.stagefs("umount", m1)
         env.stagefs("umount", m2)
+
+
+def used_memory(redis):
+    """Redis's used_memory (INFO memory), what maxmemory is compared with."""
+    info = subprocess.run(["redis-cli", "-p", str(redis.port), "INFO", "memory"], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"^used_memory:(\d+)", info, re.M).group(1))
+
+
+def test_an_attribute_flood_is_refused_early_and_redis_stays_usable(env):
+    """Issue 18, finding 3: a user writes 64 MiB of extended attributes over two files (512
+    attributes of 65,472 bytes each) on a shared Redis run as the README says (maxmemory,
+    noeviction; 48 MiB here, below the flood). Each file takes one, about 64 KiB of names and
+    values, and every attribute after it is refused with ENOSPC; Redis grows by little; another
+    user's volume on the same server (mkdir, write, cat) keeps working."""
+    import errno
+    r = helpers.Redis(env.root, "--maxmemory", "48mb", "--maxmemory-policy", "noeviction")
+    m1 = env.dir_for(USER, "flood")
+    m2 = env.dir_for(OTHER, "victim")
+    mounted = []
+    try:
+        b1, b2 = env.dir_for(USER, "flood-vol"), env.dir_for(OTHER, "victim-vol")
+        env.stagefs("format", r.url(1), "flood", "--bucket", os.path.join(b1, "data"))
+        env.stagefs("format", r.url(2), "victim", "--bucket", os.path.join(b2, "data"), user=OTHER)
+        env.stagefs("mount", "-d", r.url(1), m1, "--log", os.path.join(b1, "mount.log"))
+        mounted.append((m1, USER))
+        env.stagefs("mount", "-d", r.url(2), m2, "--log", os.path.join(b2, "mount.log"), user=OTHER)
+        mounted.append((m2, OTHER))
+
+        def victim(tag):
+            """The other user's everyday work; returns what failed."""
+            failed = []
+            for what, step in (("mkdir", lambda: os.mkdir(os.path.join(m2, f"d-{tag}"))),
+                               ("write", lambda: open(os.path.join(m2, f"f-{tag}"), "wb").write(b"data " * 1000)),
+                               ("cat", lambda: open(os.path.join(m2, f"f-{tag}"), "rb").read() == b"data " * 1000 or 1 / 0)):
+                try:
+                    step()
+                except Exception as e:  # noqa: BLE001 - reported below
+                    failed.append(f"{what}: {e!r}")
+            return failed
+
+        assert run_as(OTHER, victim, "before") == []
+        before = used_memory(r)
+        value = b"v" * 65472
+
+        def flood():
+            out = []
+            for name in ("a", "b"):
+                path = os.path.join(m1, name)
+                open(path, "wb").close()
+                accepted, errnos = [], []
+                for i in range(512):
+                    try:
+                        os.setxattr(path, f"user.flood{i:04d}", value)
+                        accepted.append(i)
+                    except OSError as e:
+                        errnos.append(e.errno)
+                out.append((accepted, errnos))
+            return out
+
+        t0 = time.monotonic()
+        results = run_as(USER, flood)
+        took = time.monotonic() - t0
+        after = used_memory(r)
+        failed = run_as(OTHER, victim, "after")
+        grown = after - before
+        print(f"flood of {2 * 512 * len(value) / 2**20:.0f} MiB in {took:.1f} s: accepted per file "
+              f"{[len(a) for a, _ in results]}, refusals {[sorted(set(e)) for _, e in results]}; "
+              f"used_memory {before / 2**20:.2f} MiB -> {after / 2**20:.2f} MiB (+{grown / 2**10:.0f} KiB); victim: {failed or 'all worked'}")
+        for accepted, errnos in results:
+            assert accepted == [0], f"accepted attributes {accepted[:5]}... ({len(accepted)}): past 64 KiB per inode"
+            assert set(errnos) == {errno.ENOSPC} and len(errnos) == 511, f"refusals: {sorted(set(errnos))}"
+        assert grown < 2 << 20, f"Redis grew by {grown} bytes"
+        assert failed == [], f"the other user's volume: {failed}"
+        assert run_as(USER, lambda: len(os.getxattr(os.path.join(m1, "a"), "user.flood0000"))) == len(value)
+    finally:
+        for m, u in mounted:
+            env.stagefs("umount", m, user=u, check=False)
+        r.stop()
+
+
+def test_a_full_redis_refuses_changes_with_enospc_and_says_why(env):
+    """What users see once Redis reaches maxmemory (noeviction; the README's Redis memory
+    paragraph): every metadata change, opening and removing a file included, fails with ENOSPC
+    (not EIO), the mount log names the cause, stat, listing and reading what is open still work,
+    and all works again once Redis has room."""
+    import errno
+    r = helpers.Redis(env.root, "--maxmemory-policy", "noeviction")
+    m = env.dir_for(USER, "full")
+    base = env.dir_for(USER, "full-vol")
+    log = os.path.join(base, "mount.log")
+    url = r.url(1)
+    env.stagefs("format", url, "full", "--bucket", os.path.join(base, "data"))
+    env.stagefs("mount", "-d", url, m, "--log", log, "--attr-cache", "0", "--entry-cache", "0", "--dir-entry-cache", "0")
+    try:
+        path = os.path.join(m, "f")
+        run_as(USER, lambda: open(path, "wb").write(b"kept\n"))
+
+        def when_full():
+            fd = os.open(path, os.O_RDONLY)
+            subprocess.run(["redis-cli", "-p", str(r.port), "CONFIG", "SET", "maxmemory", "1"], check=True, capture_output=True)
+            seen = {"read open file": os.pread(fd, 100, 0)}
+            os.close(fd)
+            for what, step in (("mkdir", lambda: os.mkdir(os.path.join(m, "d"))),
+                               ("create", lambda: open(os.path.join(m, "g"), "wb").close()),
+                               ("cat", lambda: open(path, "rb").read()),
+                               ("setxattr", lambda: os.setxattr(path, "user.x", b"1")),
+                               ("rm", lambda: os.unlink(path))):
+                try:
+                    step()
+                    seen[what] = "ok"
+                except OSError as e:
+                    seen[what] = errno.errorcode.get(e.errno, e.errno)
+            seen["stat"] = os.stat(path).st_size
+            seen["ls"] = sorted(os.listdir(m))
+            return seen
+
+        seen = run_as(USER, when_full)
+        print(f"with Redis full: {seen}")
+        changes = ("mkdir", "create", "cat", "setxattr", "rm")
+        assert {k: seen[k] for k in changes} == dict.fromkeys(changes, "ENOSPC"), seen
+        assert seen["stat"] == 5 and seen["ls"] == ["f"] and seen["read open file"] == b"kept\n", seen
+        text = open(log).read()
+        assert "out of memory (maxmemory reached)" in text, text[-2000:]
+        print("\n".join(line for line in text.splitlines() if "maxmemory reached" in line))
+        subprocess.run(["redis-cli", "-p", str(r.port), "CONFIG", "SET", "maxmemory", "0"], check=True, capture_output=True)
+        run_as(USER, os.mkdir, os.path.join(m, "d"))
+        assert run_as(USER, lambda: open(path, "rb").read()) == b"kept\n"
+    finally:
+        env.stagefs("umount", m, check=False)
+        r.stop()
