@@ -337,7 +337,9 @@ struct CacheGC: ParsableCommand {
             for name in SafeDir.names(fd) {
                 guard let uid = uid_t(name), String(uid) == name else { continue }
                 if let m = mounted[name] {
-                    skipped.append("\(root)/\(name): a file system is mounted at \(m) (gc never enters another file system)")
+                    // The mount point's path is the user's choice: shown escaped (one line, bounded).
+                    skipped.append(
+                        "\(root)/\(name): a file system is mounted at \(GCUserReport.printable(m, max: 300)) (gc never enters another file system)")
                     excluded.insert(uid)
                     continue
                 }

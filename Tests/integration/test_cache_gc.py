@@ -196,3 +196,33 @@ def test_a_forged_pin_name_steers_nothing_and_is_refused_at_stage(env, users):
     assert index_rows(root, vuid, "SELECT DISTINCT job FROM pins") == [("Job_1.a-" + "b" * 56,)]
     r = subprocess.run([env.bin, "job", "epilog", "--job", "1\n2", "--cache-dir", root], capture_output=True, text=True)
     assert r.returncode == 2 and "job id" in r.stderr, r.stderr
+
+
+def test_a_forged_index_cannot_spare_other_users_blocks(env, users):
+    """A user adds rows for blocks they do not have to their own index, all used long ago and as
+    large as the file system: their report makes the least-recently-used cutoff fall before
+    every real block. Root measures the file system itself afterwards, finds it still short of
+    the target, and asks every user for an equal share: the other user's blocks are evicted."""
+    root = cache_root(env)
+    fuid, vuid = users[FORGER].pw_uid, users[VICTIM].pw_uid
+    furl = volume_with_data(env, FORGER, size=1 << 20)
+    stage(env, FORGER, furl, root)
+    vurl = volume_with_data(env, VICTIM)
+    stage(env, VICTIM, vurl, root)
+    st = os.statvfs(root)
+    size = st.f_blocks * st.f_frsize
+
+    def forge():
+        with sqlite3.connect(f"{root}/{fuid}/index.db") as db:
+            for i in range(20):
+                db.execute("INSERT INTO blocks(key, size, atime) VALUES(?, ?, 60)", (f"fakevol/fake-{i}", size // 25))
+            # The usage counter too, so that the report is consistent (and within bounds).
+            db.execute("UPDATE stats SET v = v + ? WHERE k = 'used'", (20 * (size // 25),))
+    run_as(FORGER, forge)
+
+    p, _ = gc(env, root, "--older-than", "365d", "--free-space-ratio", "0.999", timeout=120)
+    out = p.stdout
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    mine = next(l for l in out.splitlines() if l.startswith(f"uid {vuid} ({VICTIM}): "))
+    assert "least recently used block(s)" in mine, out
+    assert index_rows(root, vuid, "SELECT COUNT(*) FROM blocks")[0][0] == 0, "the victim's unpinned blocks were evicted"
