@@ -111,7 +111,9 @@ public enum Spawn {
         if let failure = outcome.failure { throw failure }
         guard let status = outcome.status else {
             let name = path.split(separator: "/").last.map(String.init) ?? path
-            throw FSError(ETIMEDOUT, "\(name) did not finish within \(Int(timeout ?? 0)) s: killed\(outcome.abandoned ? " (it did not exit even then: left behind)" : "")")
+            throw FSError(
+                ETIMEDOUT,
+                "\(name) did not finish within \(Int(timeout ?? 0)) s: killed\(outcome.abandoned ? " (it did not exit even then: left behind)" : "")")
         }
         return (status, String(decoding: outcome.output, as: UTF8.self))
     }

@@ -164,7 +164,7 @@ struct CacheGC: ParsableCommand {
             }
             // The purge: it frees at most what the inspection found.
             guard var mine = reports[uid] else { return nil }
-            if let why = bounds.problem(freed: r, atMost: mine.bytes) {
+            if let why = bounds.problem(freed: &r, atMost: mine.bytes) {
                 print("stagefs: \(userName(uid)): its purge step reported \(why)")
                 failed = true
                 return nil
@@ -187,7 +187,9 @@ struct CacheGC: ParsableCommand {
         }
         if need > 0 {
             var buckets: [Int64: Int] = [:]
-            for r in reports.values where !r.purged { for b in r.buckets { buckets[b.since, default: 0] = GCBounds.add(buckets[b.since, default: 0], b.bytes) } }
+            for r in reports.values where !r.purged {
+                for b in r.buckets { buckets[b.since, default: 0] = GCBounds.add(buckets[b.since, default: 0], b.bytes) }
+            }
             var sum = 0
             var cutoff: Int64?
             for t in buckets.keys.sorted() {
@@ -215,7 +217,10 @@ struct CacheGC: ParsableCommand {
                 let staying = users.filter { reports[$0].map { !$0.purged } ?? false }
                 if staying.isEmpty { break }
                 let share = short / staying.count + 1
-                failed = evictRound(staying.map { ($0, "evict", Int64.max, share) }, gids: gids, bounds: bounds, reports: &reports, totalFreed: &totalFreed) || failed
+                failed =
+                    evictRound(
+                        staying.map { ($0, "evict", Int64.max, share) }, gids: gids, bounds: bounds, reports: &reports, totalFreed: &totalFreed)
+                    || failed
                 let after = bytesToFree()
                 if after >= short { break }
                 short = after
@@ -282,8 +287,8 @@ struct CacheGC: ParsableCommand {
             case .failure(let why):
                 print("stagefs: \(userName(uid)): skipped: \(why.text)")
                 failed = true
-            case .success(let e):
-                if let why = bounds.problem(freed: e, atMost: limits[uid] ?? 0) {
+            case .success(var e):
+                if let why = bounds.problem(freed: &e, atMost: limits[uid] ?? 0) {
                     print("stagefs: \(userName(uid)): its evict step reported \(why)")
                     failed = true
                 } else if var r = got[uid] {
@@ -402,7 +407,8 @@ struct CacheGC: ParsableCommand {
                 let result: Result<GCUserReport, GCStepFailure>
                 do {
                     result = .success(
-                        try CacheGC.perform(step, roots: roots, logRoot: logRoot, keepLogs: keepLogs.seconds, before: before, limit: limit, dryRun: dryRun))
+                        try CacheGC.perform(
+                            step, roots: roots, logRoot: logRoot, keepLogs: keepLogs.seconds, before: before, limit: limit, dryRun: dryRun))
                 } catch {
                     result = .failure(GCStepFailure("the \(step) step failed: \(error.message)"))
                 }
@@ -550,7 +556,10 @@ struct CacheGC: ParsableCommand {
                 var buckets = try cache.unpinnedByLastUse(bucket: CacheGC.bucket).map { GCUserReport.Bucket(since: $0.since, bytes: $0.bytes) }
                 if buckets.count > GCBounds.maxBuckets {
                     let rest = buckets[(GCBounds.maxBuckets - 1)...].reduce(0) { GCBounds.add($0, $1.bytes) }
-                    buckets = Array(buckets.prefix(GCBounds.maxBuckets - 1)) + [GCUserReport.Bucket(since: buckets[GCBounds.maxBuckets - 1].since, bytes: rest)]
+                    buckets =
+                        Array(buckets.prefix(GCBounds.maxBuckets - 1)) + [
+                            GCUserReport.Bucket(since: buckets[GCBounds.maxBuckets - 1].since, bytes: rest)
+                        ]
                 }
                 r.buckets = buckets
             }
@@ -684,7 +693,9 @@ struct GCBounds {
     func problem(inspect r: inout GCUserReport) -> String? {
         func within(_ v: Int, _ hi: Int) -> Bool { v >= 0 && v <= hi }
         if !within(r.bytes, fileSystems) { return "\(r.bytes) bytes in use, more than its file systems hold (\(fileSystems))" }
-        if !within(r.pinned, r.bytes) { return "\(r.pinned) pinned bytes of \(r.bytes)" }
+        // The counts come from separate queries of an index the user's mount may be changing:
+        // each is bounded by the file systems, not by the others.
+        if !within(r.pinned, fileSystems) { return "\(r.pinned) pinned bytes, more than its file systems hold (\(fileSystems))" }
         if r.freed != 0 || r.freedBlocks != 0 || r.purged { return "freeing bytes while only inspecting" }
         if !within(r.logs, GCBounds.maxLogs) { return "\(r.logs) expired job logs" }
         if r.jobs.count > GCBounds.maxJobs || !r.jobs.allSatisfy(JobID.isValid) { return "a job id that is not valid or too many jobs" }
@@ -695,20 +706,29 @@ struct GCBounds {
         var sum = 0
         var previous = Int64.min
         for b in r.buckets {
-            if b.since <= previous || b.since < 0 || b.since > now + 86400 || b.bytes < 0 { return "buckets of last use out of order or out of range" }
+            if b.since <= previous || b.since < 0 || b.since > now + 86400 || b.bytes < 0 {
+                return "buckets of last use out of order or out of range"
+            }
             previous = b.since
             sum = GCBounds.add(sum, b.bytes)
-            if sum > r.bytes - r.pinned { return "more unpinned bytes by last use than unpinned bytes (\(r.bytes - r.pinned))" }
+            if sum > fileSystems { return "more unpinned bytes by last use than its file systems hold (\(fileSystems))" }
         }
         return nil
     }
 
-    /// What is wrong with the report of a step that frees (purge, evict); nil when it freed at
-    /// most `atMost` bytes and did nothing else.
-    func problem(freed r: GCUserReport, atMost: Int) -> String? {
-        if r.freed < 0 || r.freed > atMost { return "\(r.freed) bytes freed, more than \(atMost)" }
-        if r.freedBlocks < 0 || r.freedBlocks > r.freed { return "\(r.freedBlocks) blocks freed in \(r.freed) bytes" }
-        if r.logs < 0 || r.logs > GCBounds.maxLogs { return "\(r.logs) expired job logs" }
+    /// What is wrong with the report of a step that frees (purge, evict); nil when its numbers
+    /// are not negative, and then what it freed is taken as at most `atMost` bytes (what it was
+    /// asked for, or what the inspection found, plus one block: eviction ends with the block
+    /// that reaches its limit) and at most one block per byte.
+    func problem(freed r: inout GCUserReport, atMost: Int) -> String? {
+        if r.freed < 0 || r.freedBlocks < 0 || r.logs < 0 { return "a negative count" }
+        r.freed = min(r.freed, GCBounds.add(atMost, GCBounds.maxBlock))
+        r.freedBlocks = min(r.freedBlocks, r.freed)
+        r.logs = min(r.logs, GCBounds.maxLogs)
         return nil
     }
+
+    /// The most the last block an eviction takes can add past its limit: more than any block
+    /// with its checksums (`format --block-size` allows at most 16 MiB).
+    static let maxBlock = 65 << 20
 }

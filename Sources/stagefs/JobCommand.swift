@@ -295,7 +295,8 @@ func stopJobMount(_ mnt: String, job: String, timeout: Int) -> [String] {
     let pids = MountTable.processes(serving: mnt)
     if MountTable.stagefs(at: mnt) != nil {
         if let fusermount = Spawn.which("fusermount3") ?? Spawn.which("/bin/fusermount3"),
-            case let (rc, out) = (try? Spawn.run(fusermount, ["-u", "-z", mnt], timeout: 60)) ?? (1, "fusermount3 did not finish within 60 s"), rc != 0
+            case let (rc, out) = (try? Spawn.run(fusermount, ["-u", "-z", mnt], timeout: 60)) ?? (1, "fusermount3 did not finish within 60 s"),
+            rc != 0
         {
             said.append("job \(job): cannot unmount \(mnt): \(out.trimmed.isEmpty ? "fusermount3 failed" : out.trimmed)")
         }
