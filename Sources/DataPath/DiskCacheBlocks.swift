@@ -176,9 +176,10 @@ extension DiskCache {
     /// Stores a block, pinned for `job` if given: blocks over 64 KiB as files (temporary name,
     /// checksums, rename), smaller ones appended to this process's pack file. Index entries are
     /// written in batches (`flushIndex`), and older blocks evicted then. Throws `ENOSPC` when
-    /// pinned blocks alone leave no room (the batch is then not kept).
+    /// pinned blocks alone leave no room (the batch is then not kept). `job` must be a valid job id.
     public func put(_ key: String, _ data: UnsafeRawBufferPointer, pin job: String? = nil) throws(FSError) {
         guard config.capacity > 0 else { return }
+        if let job, let why = JobID.problem(job) { throw FSError(EINVAL, why) }
         let size = DiskCache.fileSize(data.count)
         if size > config.capacity { throw FSError(ENOSPC, "a block of \(data.count) bytes does not fit a cache of \(config.capacity) bytes") }
         var file: String?

@@ -11,8 +11,9 @@ extension DiskCache {
 
     /// Pins already cached blocks for `job`, then evicts unpinned blocks to stay within the
     /// size limit. Throws `ENOSPC` when pinned blocks alone exceed it (the pins stay recorded
-    /// until the job releases them).
+    /// until the job releases them). `job` must be a valid job id (`JobID`).
     public func pin(_ keys: [String], job: String) throws(FSError) {
+        if let why = JobID.problem(job) { throw FSError(EINVAL, why) }
         for batch in stride(from: 0, to: keys.count, by: 500) {
             try indexTransaction { () throws(FSError) in
                 for k in keys[batch..<min(keys.count, batch + 500)] {
@@ -25,19 +26,25 @@ extension DiskCache {
 
     /// Releases every pin of `job` (all volumes); returns how many blocks it had pinned.
     public func release(job: String) throws(FSError) -> Int {
-        try indexTransaction { () throws(FSError) -> Int in
+        if let why = JobID.problem(job) { throw FSError(EINVAL, why) }
+        return try indexTransaction { () throws(FSError) -> Int in
             try index.query("DELETE FROM pins WHERE job=?", [.text(job)])
             return index.changes
         }
     }
 
-    /// Jobs holding pins, with their pinned block counts.
-    public func jobs() throws(FSError) -> [(String, Int)] {
+    /// Jobs holding pins, with their pinned block counts, and how many pins name no valid job id
+    /// (an index its user edited: those names are never returned, their pins still count).
+    public func jobs() throws(FSError) -> (jobs: [(String, Int)], invalid: Int) {
         var out: [(String, Int)] = []
+        var invalid = 0
         try lock.withLock { () throws(FSError) in
-            try index.query("SELECT job, COUNT(*) FROM pins GROUP BY job ORDER BY job", []) { out.append((Col.text($0, 0), Int(Col.int($0, 1)))) }
+            try index.query("SELECT job, COUNT(*) FROM pins GROUP BY job ORDER BY job", []) {
+                let name = Col.text($0, 0)
+                if JobID.isValid(name) { out.append((name, Int(Col.int($0, 1)))) } else { invalid += 1 }
+            }
         }
-        return out
+        return (out, invalid)
     }
 
     // MARK: usage and eviction
@@ -103,7 +110,10 @@ extension DiskCache {
                     "SELECT COALESCE(SUM(size), 0) FROM blocks WHERE key IN (\(Array(repeating: "?", count: part.count).joined(separator: ","))) AND EXISTS (SELECT 1 FROM pins WHERE pins.key = blocks.key)"
                 try index.query(sql, part.map { .text($0) }) { pinnedInSet += Int(Col.int($0, 0)) }
             }
-            try index.query("SELECT DISTINCT job FROM pins ORDER BY job LIMIT 20", []) { r.pinningJobs.append(Col.text($0, 0)) }
+            try index.query("SELECT DISTINCT job FROM pins ORDER BY job LIMIT 20", []) {
+                let name = Col.text($0, 0)
+                r.pinningJobs.append(JobID.isValid(name) ? name : JobID.escaped(name))
+            }
         }
         r.pinnedOutside = max(0, pinnedTotal - pinnedInSet)
         // Space the file systems can give beyond their free-space ratio, plus what this cache

@@ -89,7 +89,7 @@ struct JobProlog: ParsableCommand {
     @OptionGroup var io: IOOptions
 
     func validate() throws {
-        if job.isEmpty || !job.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) { throw ValidationError("--job takes a numeric job id, not '\(job)'") }
+        if let why = JobCommandRules.jobProblem(job) { throw ValidationError(why) }
         if timeout <= 0 { throw ValidationError("--timeout must be positive") }
         if cacheSize <= 0 { throw ValidationError("--cache-size must be positive (MiB): a job's datasets are staged into the cache") }
         if freeSpaceRatio < 0 || freeSpaceRatio >= 1 { throw ValidationError("--free-space-ratio must be from 0 to below 1") }
@@ -179,7 +179,14 @@ struct JobProlog: ParsableCommand {
                     "--free-space-ratio", "\(freeSpaceRatio)", "--log", "\(dir)/mount.log",
                 ]
                 if !fuseOptions.isEmpty { args += ["-o", fuseOptions.joined(separator: ",")] }
-                let (rc, out) = try Spawn.run(selfExecutable(), args)
+                // A mount that is not ready in 5 minutes is killed (the hook must not wait forever).
+                let rc: Int32
+                let out: String
+                do {
+                    (rc, out) = try Spawn.run(selfExecutable(), args, timeout: 300)
+                } catch {
+                    (rc, out) = (1, "stagefs: the job's mount at \(mountDir): \(error.message)")
+                }
                 if rc != 0 {
                     mountFailed = true
                     let lines = out.split(separator: "\n").filter { $0.hasPrefix("stagefs: ") }
@@ -228,7 +235,7 @@ struct JobEpilog: ParsableCommand {
     var keepLogs = DurationArg(seconds: 7 * 86400)
 
     func validate() throws {
-        if job.isEmpty || !job.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) { throw ValidationError("--job takes a numeric job id, not '\(job)'") }
+        if let why = JobCommandRules.jobProblem(job) { throw ValidationError(why) }
         if flushTimeout.seconds <= 0 { throw ValidationError("--flush-timeout must be positive") }
     }
 
@@ -268,6 +275,16 @@ struct JobEpilog: ParsableCommand {
     }
 }
 
+enum JobCommandRules {
+    /// Why `job` cannot be the hooks' job id: a Slurm job id is numeric, and it names the job's
+    /// directory; like every job id, at most `JobID.maxLength` characters.
+    static func jobProblem(_ job: String) -> String? {
+        if let why = JobID.problem(job) { return "--job takes a numeric job id: \(why)" }
+        if !job.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) { return "--job takes a numeric job id, not \(JobID.escaped(job))" }
+        return nil
+    }
+}
+
 /// Stops a job's mount at its end, giving it time to flush: a lazy unmount (the job is over;
 /// a process it left behind may still hold a file open), then SIGTERM to its mount processes
 /// (each flushes buffered writes and exits; a process already on its way out ignores it), up
@@ -278,7 +295,8 @@ func stopJobMount(_ mnt: String, job: String, timeout: Int) -> [String] {
     let processes = MountProcess.all(serving: mnt)
     if MountTable.stagefs(at: mnt) != nil {
         if let fusermount = Spawn.which("fusermount3") ?? Spawn.which("/bin/fusermount3"),
-            let (rc, out) = try? Spawn.run(fusermount, ["-u", "-z", mnt]), rc != 0
+            case let (rc, out) = (try? Spawn.run(fusermount, ["-u", "-z", mnt], timeout: 60)) ?? (1, "fusermount3 did not finish within 60 s"),
+            rc != 0
         {
             said.append("job \(job): cannot unmount \(mnt): \(out.trimmed.isEmpty ? "fusermount3 failed" : out.trimmed)")
         }
@@ -372,11 +390,15 @@ enum JobLogs {
         return removed
     }
 
-    /// The number in the small file `name` of the open directory `dir` (not following a link).
+    /// The number in the small regular file `name` of the open directory `dir` (not following a
+    /// link, never waiting on a FIFO).
     private static func readNumber(_ dir: Int32, _ name: String) -> Int64? {
-        let fd = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        // Non-blocking: a FIFO planted there must not make this wait for a writer.
+        let fd = openat(dir, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
         if fd < 0 { return nil }
         defer { close(fd) }
+        var st = Glibc.stat()
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else { return nil }
         var buf = [UInt8](repeating: 0, count: 32)
         let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, 31) }
         guard n > 0 else { return nil }

@@ -103,7 +103,7 @@ struct Stage: ParsableCommand {
             throw ValidationError("name at least one path (or --manifest FILE, or --release JOB)")
         }
         if threads < 1 || threads > 1024 { throw ValidationError("--threads must be from 1 to 1024") }
-        if let j = job ?? release, j.isEmpty || j.contains("/") { throw ValidationError("invalid job id '\(j)'") }
+        if let j = job ?? release, let why = JobID.problem(j) { throw ValidationError("--\(job != nil ? "job" : "release") takes a job id: \(why)") }
         if meta != nil {
             for p in paths where !p.hasPrefix("/") { throw ValidationError("with --meta, paths are absolute paths inside the volume: '\(p)'") }
         }

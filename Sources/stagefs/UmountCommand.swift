@@ -37,7 +37,7 @@ struct Umount: ParsableCommand {
         guard let fusermount = Spawn.which("fusermount3") ?? Spawn.which("/bin/fusermount3") else {
             throw FSError(ENOENT, "fusermount3 is not installed (Debian package fuse3)")
         }
-        let (status, output) = try Spawn.run(fusermount, force ? ["-u", "-z", path] : ["-u", path])
+        let (status, output) = try Spawn.run(fusermount, force ? ["-u", "-z", path] : ["-u", path], timeout: 60)
         if status != 0 {
             let why = output.trimmed
             if why.contains("busy") {

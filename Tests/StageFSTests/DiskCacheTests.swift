@@ -116,7 +116,13 @@ struct DiskCacheTests {
             #expect(e.code == ENOSPC)
             #expect(e.message.contains("pinned"))
         }
-        #expect(try c.jobs().map { $0.0 } == ["job1", "job2"])
+        #expect(try c.jobs().jobs.map { $0.0 } == ["job1", "job2"])
+        // Job ids are [0-9A-Za-z._-]{1,64}: anything else is refused by pin, put and release.
+        for bad in ["x\ngc bucket 0 1", "", String(repeating: "j", count: 65), "a/b", "job 1"] {
+            #expect(throws: FSError.self, "\(bad)") { try c.pin(["k/p1"], job: bad) }
+            #expect(throws: FSError.self, "\(bad)") { try put(c, "k/bad", block(size, 9), pin: bad) }
+            #expect(throws: FSError.self, "\(bad)") { try c.release(job: bad) }
+        }
         #expect(try c.release(job: "job1") == 2)
         for i in 0..<3 { try put(c, "k/v\(i)", block(size, UInt8(30 + i))) }
         #expect(!c.contains("k/p1", length: size) || !c.contains("k/p2", length: size), "released blocks can be evicted")
