@@ -1,10 +1,14 @@
 import ArgumentParser
 import DataPath
-import Foundation
 import StageFSCore
 
 #if canImport(Glibc)
     import Glibc
+#endif
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
 #endif
 
 /// `stagefs cache ...`: the node's block cache as a whole.
@@ -348,7 +352,7 @@ struct CacheGC: ParsableCommand {
                     excluded.insert(uid)
                     continue
                 }
-                let e = openat(fd, name, CacheGC.oPath | O_NOFOLLOW | O_CLOEXEC)
+                let e = openat(fd, name, Sys.O_PATH | O_NOFOLLOW | O_CLOEXEC)
                 if e < 0 { continue }
                 defer { close(e) }
                 guard CacheGC.mountID(e) == rootMount else {
@@ -378,16 +382,12 @@ struct CacheGC: ParsableCommand {
         return (users, skipped)
     }
 
-    /// `O_PATH` (a _GNU_SOURCE name; the same value on every Linux architecture but alpha,
-    /// sparc and parisc): a descriptor that names the entry without opening it.
-    static let oPath: Int32 = 0o10000000
-
     /// The mount id of an open descriptor (`mnt_id:` in /proc/self/fdinfo): asks nothing of the
     /// file system the descriptor is on.
     static func mountID(_ fd: Int32) -> Int? {
         guard let bytes = Sys.readFile("/proc/self/fdinfo/\(fd)") else { return nil }
         for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") where line.hasPrefix("mnt_id:") {
-            return Int(line.dropFirst(7).trimmingCharacters(in: .whitespaces))
+            return Int(String(line.dropFirst(7)).trimmed)
         }
         return nil
     }
