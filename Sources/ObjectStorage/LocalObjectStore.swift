@@ -116,33 +116,36 @@ public final class LocalObjectStore: ObjectStore {
         return FSError(e == ENOENT ? ENOENT : (e == EACCES ? EACCES : EIO), "\(what) in \(description): \(String(cString: strerror(e)))")
     }
 
-    /// The directory `dir` below the bucket (an `O_PATH` descriptor), made when missing with
-    /// `create`: each new directory gets the bucket's shared mode through its own descriptor.
-    /// A directory that cannot be opened is `-errno` (`-ENOENT` when missing).
-    private func openDirectory(_ rootFD: Int32, _ dir: String, create: Bool) throws(FSError) -> Int32 {
+    /// The directory `dir` below the bucket (a descriptor for the `*at` calls), made when
+    /// missing with `create`: each new directory gets the bucket's shared mode through its own
+    /// descriptor. A directory that cannot be opened or made is `-errno` (`-ENOENT` when
+    /// missing, `-ELOOP` for a link in the way).
+    private func openDirectory(_ rootFD: Int32, _ dir: String, create: Bool) -> Int32 {
         let fd = dir.isEmpty ? Glibc.openat(rootFD, ".", Sys.O_PATH | O_DIRECTORY | O_CLOEXEC) : Sys.openBeneath(rootFD, dir, Sys.O_PATH | O_DIRECTORY)
-        if fd >= 0 || errno != ENOENT || !create { return fd >= 0 ? fd : -Int32(errno) }
+        if fd >= 0 { return fd }
+        if errno != ENOENT || !create { return -errno }
         let parts = dir.split(separator: "/").map(String.init)
-        if parts.contains(where: { $0 == "." || $0 == ".." }) { throw failure(EXDEV, "directory \(dir)") }
+        if parts.contains(where: { $0 == "." || $0 == ".." }) { return -EXDEV }
         var cur = Glibc.openat(rootFD, ".", Sys.O_PATH | O_DIRECTORY | O_CLOEXEC)
-        var path = ""
+        if cur < 0 { return -errno }
         for part in parts {
-            path += path.isEmpty ? part : "/\(part)"
             let made = mkdirat(cur, part, shared?.dir ?? 0o755) == 0
             if !made && errno != EEXIST {
                 let e = errno
                 Glibc.close(cur)
-                throw FSError.errno(e, "cannot create directory \(root)/\(path) in \(description)")
+                return -e
             }
-            let next = Glibc.openat(cur, part, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+            // A directory made here is opened to set its mode; one that was there only to be
+            // walked through (which needs no read permission).
+            let next = Glibc.openat(cur, part, (made ? O_RDONLY : Sys.O_PATH) | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
             let e = errno
             Glibc.close(cur)
-            if next < 0 { throw failure(e == ENOTDIR ? ELOOP : e, "directory \(path)") }
+            if next < 0 { return -(e == ENOTDIR ? ELOOP : e) }
             // The umask may have taken bits away from a directory made here.
             if made, let shared, fchmod(next, shared.dir) != 0 {
                 let e = errno
                 Glibc.close(next)
-                throw FSError.errno(e, "cannot open up directory \(root)/\(path) to the bucket's group")
+                return -e
             }
             cur = next
         }
@@ -153,33 +156,44 @@ public final class LocalObjectStore: ObjectStore {
         let rootFD = try openRoot()
         defer { Glibc.close(rootFD) }
         let (dir, name) = LocalObjectStore.split(key)
-        // Subdirectories are made as needed, the bucket directory itself never: a missing one is
-        // more likely an unmounted shared file system than an empty bucket.
-        let dirFD = try openDirectory(rootFD, dir, create: true)
-        if dirFD < 0 { throw failure(-dirFD, "cannot write object \(key)") }
-        defer { Glibc.close(dirFD) }
         let tmp = "\(name).tmp\(Sys.pid)-\(Sys.monotonicNanos() % 1_000_000_007)"
         let flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC
-        var fd = Glibc.openat(dirFD, tmp, flags, 0o644)
-        // In a shared bucket another member may have just made the directory and not yet opened
-        // it up to the group: a moment later it is.
-        var tries = 0
-        while fd < 0 && errno == EACCES && shared != nil && tries < 50 {
-            tries += 1
-            Sys.sleep(seconds: 0.01)
-            fd = Glibc.openat(dirFD, tmp, flags, 0o644)
+        // Subdirectories are made as needed, the bucket directory itself never (a missing one is
+        // more likely an unmounted shared file system than an empty bucket). In a shared bucket
+        // another member may have just made a directory on the way and not yet opened it up to
+        // the group: a moment later it is.
+        var dirFD: Int32 = -1
+        var fd: Int32 = -1
+        var e: Int32 = 0
+        for attempt in 0...50 {
+            if attempt > 0 { Sys.sleep(seconds: 0.01) }
+            dirFD = openDirectory(rootFD, dir, create: true)
+            if dirFD >= 0 {
+                fd = Glibc.openat(dirFD, tmp, flags, 0o644)
+                if fd >= 0 { break }
+                e = errno
+                Glibc.close(dirFD)
+                dirFD = -1
+            } else {
+                e = -dirFD
+            }
+            if e != EACCES || shared == nil { break }
         }
-        if fd < 0 { throw failure(errno, "cannot write object \(key)") }
+        if fd < 0 { throw failure(e, "cannot write object \(key)") }
+        defer { Glibc.close(dirFD) }
         if let shared { _ = fchmod(fd, shared.file) }
         do throws(FSError) {
+            defer { Sys.close(fd) }
             if let base = data.baseAddress, data.count > 0 { try Sys.pwrite(fd, base, data.count, 0, path: "\(root)/\(dir)/\(tmp)") }
             try Sys.fdatasync(fd, path: "\(root)/\(dir)/\(tmp)")
-            Sys.close(fd)
-            if renameat(dirFD, tmp, dirFD, name) != 0 { throw FSError.errno(errno, "rename \(tmp) to \(name)") }
         } catch {
-            Sys.close(fd)
             _ = unlinkat(dirFD, tmp, 0)
             throw error.context("cannot write object \(key) in \(description)")
+        }
+        if renameat(dirFD, tmp, dirFD, name) != 0 {
+            let e = FSError.errno(errno, "rename \(tmp) to \(name)")
+            _ = unlinkat(dirFD, tmp, 0)
+            throw e.context("cannot write object \(key) in \(description)")
         }
     }
 
@@ -199,7 +213,7 @@ public final class LocalObjectStore: ObjectStore {
         let rootFD = try openRoot()
         defer { Glibc.close(rootFD) }
         let (dir, name) = LocalObjectStore.split(key)
-        let dirFD = try openDirectory(rootFD, dir, create: false)
+        let dirFD = openDirectory(rootFD, dir, create: false)
         if dirFD < 0 {
             if -dirFD == ENOENT { return }
             throw failure(-dirFD, "cannot delete object \(key)")
@@ -212,7 +226,7 @@ public final class LocalObjectStore: ObjectStore {
         let rootFD = try openRoot()
         defer { Glibc.close(rootFD) }
         let (dir, name) = LocalObjectStore.split(key)
-        let dirFD = try openDirectory(rootFD, dir, create: false)
+        let dirFD = openDirectory(rootFD, dir, create: false)
         if dirFD < 0 {
             if -dirFD == ENOENT { return nil }
             throw failure(-dirFD, "object \(key)")

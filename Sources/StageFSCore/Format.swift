@@ -346,6 +346,7 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
             if let f = r.tlsKey { q.append("tls-key-file=\(f)") }
             if r.tlsInsecure { q.append("insecure-skip-verify=true") }
             if r.waitReplicas > 0 { q.append("wait-replicas=\(r.waitReplicas)") }
+            if r.waitTimeoutMillis != RedisLocation(hosts: []).waitTimeoutMillis { q.append("wait-timeout=\(r.waitTimeoutMillis)") }
             return "\(r.tls ? "rediss" : "redis")://\(auth)\(hosts)/\(r.db)" + (q.isEmpty ? "" : "?" + q.joined(separator: "&"))
         }
     }

@@ -83,6 +83,21 @@ public enum ProcFacts {
         return args
     }
 
+    /// When it started, in clock ticks since boot (field 22 of `stat`): with the pid, what names
+    /// one process for good.
+    public static func startTime(_ pid: pid_t) -> UInt64? {
+        guard let bytes = Sys.readFile("/proc/\(pid)/stat"), let close = bytes.lastIndex(of: UInt8(ascii: ")")) else { return nil }
+        // After "pid (comm)": state is field 3, so start time is the 20th field after the ')'.
+        let fields = bytes[(close + 1)...].split(separator: UInt8(ascii: " "))
+        return fields.count > 19 ? UInt64(String(decoding: fields[19], as: UTF8.self)) : nil
+    }
+
+    /// The inode of its mount namespace (`ns/mnt`): processes of one namespace see one mount table.
+    public static func mountNamespace(_ pid: pid_t) -> UInt64? {
+        var st = stat()
+        return stat("/proc/\(pid)/ns/mnt", &st) == 0 ? UInt64(st.st_ino) : nil
+    }
+
     /// Its working directory.
     public static func workingDirectory(_ pid: pid_t) -> String? { readLink("/proc/\(pid)/cwd") }
 

@@ -108,14 +108,17 @@ public enum Sys {
     /// `openat2(2)` of the relative `path` below the open directory `dir`, never following a
     /// symbolic link in any of its components nor leaving `dir` (through `..` or an absolute
     /// path): what is opened is really there, whoever else may write in the tree. Returns the
-    /// descriptor, or -1 with errno (`ELOOP` for a link, `EXDEV` for an escape). Before Linux
-    /// 5.6 (no openat2), the same by a walk of `O_NOFOLLOW` opens.
+    /// descriptor, or -1 with errno (`ELOOP` for a link, `EXDEV` for an escape); `EAGAIN` (a
+    /// lease on the file, with `O_NONBLOCK`) is returned, never retried in a loop. Before Linux
+    /// 5.6 (no openat2), or where a seccomp filter refuses it, the same by a walk of
+    /// `O_NOFOLLOW` opens.
     public static func openBeneath(_ dir: Int32, _ path: String, _ flags: Int32, _ mode: mode_t = 0o644) -> Int32 {
         while true {
             let fd = clinux_open_beneath(dir, path, flags | O_CLOEXEC, UInt32(mode))
             if fd >= 0 { return fd }
-            if errno == EINTR || errno == EAGAIN { continue }
-            if errno != ENOSYS { return -1 }
+            if errno == EINTR { continue }
+            // ENOSYS before Linux 5.6; EPERM where a seccomp filter refuses the call.
+            if errno != ENOSYS && errno != EPERM { return -1 }
             break
         }
         let parts = path.split(separator: "/").map(String.init)

@@ -311,8 +311,9 @@ func stopJobMount(_ mnt: String, job: String, timeout: Int) -> [String] {
     var left = processes
     while true {
         left = left.filter { !$0.exited }
-        if left.isEmpty || Sys.monotonicNanos() >= deadline { break }
-        _ = left[0].waitExit(seconds: min(Double(deadline - Sys.monotonicNanos()) / 1e9, 0.05))
+        let now = Sys.monotonicNanos()
+        if left.isEmpty || now >= deadline { break }
+        _ = left[0].waitExit(seconds: min(Double(deadline - now) / 1e9, 0.05))
     }
     let secs = Double((Sys.monotonicNanos() - started) / 1_000_000) / 1000
     let names = processes.map { String($0.pid) }.joined(separator: ", ")

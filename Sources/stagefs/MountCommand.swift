@@ -352,7 +352,7 @@ struct Mount: ParsableCommand {
             MountRecord(
                 mountPoint: path, metaURL: url.withoutPassword, pid: getpid(), volume: format.name, volumeUUID: format.uuid,
                 cacheDirs: disk == nil ? nil : cacheDirs, cacheSize: disk == nil ? 0 : cacheSize, freeSpaceRatio: freeSpaceRatio,
-                passwordNeeded: url.hasPassword))
+                passwordNeeded: url.hasPassword, startTime: ProcFacts.startTime(getpid())))
         }
         Log.info("volume '\(format.name)' mounted at \(path) (session \(vfs.sid))")
         ready("ok")
@@ -360,7 +360,7 @@ struct Mount: ParsableCommand {
         let started = Sys.monotonicNanos()
         Log.info("unmounting \(path) (loop ended with \(rc)): flushing buffered writes")
         vfs.stop()
-        Runtime.remove(path)
+        Runtime.remove(path, pid: getpid())
         Log.info(
             "unmounted \(path): buffered writes flushed and the session closed in \(Double((Sys.monotonicNanos() - started) / 1_000_000) / 1000) s")
     }

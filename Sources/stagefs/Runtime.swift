@@ -26,6 +26,8 @@ struct MountRecord: Codable {
     var freeSpaceRatio: Double?
     /// Whether the mount was given a password, which is not kept here.
     var passwordNeeded: Bool?
+    /// When the mount process started (`ProcFacts.startTime`): with `pid`, names it for good.
+    var startTime: UInt64?
 
     /// The mount's META-URL, with the password from `META_PASSWORD`/`META_PASSWORD_FILE` when
     /// the mount had one.
@@ -101,9 +103,10 @@ enum Runtime {
 
     /// Opens (with `create`, makes) the first usable record directory; its descriptor and path.
     /// Why each candidate was refused goes to the debug log.
-    static func directory(create: Bool) -> (fd: Int32, path: String)? {
+    static func directory(create: Bool, only: Int? = nil) -> (fd: Int32, path: String)? {
         let uid = getuid()
-        for c in candidates {
+        let all = candidates
+        for c in only.map({ [all[$0]] }) ?? all {
             let base = Glibc.open(c.base, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
             if base < 0 { continue }
             var st = stat()
@@ -143,17 +146,17 @@ enum Runtime {
         return nil
     }
 
-    /// The record's file name for a mountpoint.
+    /// The record's file name for a mountpoint: its readable part and a hash of the whole path
+    /// (FNV-1a, 64 bits), so that `/a/b_c` and `/a/b/c` get records of their own.
     static func recordName(_ mountPoint: String) -> String {
         var name = ""
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         for c in mountPoint.utf8 {
+            hash = (hash ^ UInt64(c)) &* 0x100_0000_01b3
             if isNameByte(c) { name.unicodeScalars.append(Unicode.Scalar(c)) } else { name += "_" }
         }
-        // Names are at most 255 bytes: a long mountpoint keeps its end and a hash of the whole.
-        if name.utf8.count > 200 {
-            name = "\(String(CRC32C.checksum(Array(mountPoint.utf8)), radix: 16))-\(name.suffix(180))"
-        }
-        return "\(name).json"
+        let hex = String(hash, radix: 16)
+        return "\(name.suffix(180))-\(String(repeating: "0", count: 16 - hex.count))\(hex).json"
     }
 
     static func save(_ r: MountRecord) {
@@ -180,10 +183,34 @@ enum Runtime {
     }
 
     /// The record of the mount at `mountPoint`: a regular file of this user, at most
-    /// `maxRecordBytes`, in the first record directory that has one.
+    /// `maxRecordBytes`, naming that mountpoint, in the first record directory that has one.
     static func load(_ mountPoint: String) -> MountRecord? {
-        guard let (dir, _) = directory(create: false) else { return nil }
-        defer { Glibc.close(dir) }
+        for dir in directories() {
+            defer { Glibc.close(dir) }
+            if let r = read(dir, mountPoint) { return r }
+        }
+        return nil
+    }
+
+    /// Removes the record of the mount at `mountPoint` (only of the mount process `pid`, when
+    /// given), wherever it is.
+    static func remove(_ mountPoint: String, pid: pid_t? = nil) {
+        for dir in directories() {
+            defer { Glibc.close(dir) }
+            if let r = read(dir, mountPoint), pid == nil || r.pid == pid { _ = unlinkat(dir, recordName(mountPoint), 0) }
+        }
+    }
+
+    /// Every existing record directory, opened with the checks of `directory`.
+    private static func directories() -> [Int32] {
+        var out: [Int32] = []
+        for c in candidates.indices {
+            if let (fd, _) = directory(create: false, only: c) { out.append(fd) }
+        }
+        return out
+    }
+
+    private static func read(_ dir: Int32, _ mountPoint: String) -> MountRecord? {
         let fd = openat(dir, recordName(mountPoint), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC)
         if fd < 0 { return nil }
         defer { Glibc.close(fd) }
@@ -195,26 +222,25 @@ enum Runtime {
         else { return nil }
         return r
     }
-
-    static func remove(_ mountPoint: String) {
-        guard let (dir, _) = directory(create: false) else { return }
-        _ = unlinkat(dir, recordName(mountPoint), 0)
-        Glibc.close(dir)
-    }
 }
 
 /// The process serving a StageFS mount, held by a pidfd once it is shown to be one: all its
 /// uids are the caller's, it runs a program named `stagefs`, and its arguments are `mount ...`
 /// naming the mountpoint. Only such a process is ever signalled.
 enum MountProcess {
-    /// `pid` held, when it is this user's mount process for `path`.
-    static func verified(_ pid: pid_t, serving path: String) -> ProcessHandle? {
+    /// `pid` held, when it is this user's mount process for `path` in this mount namespace:
+    /// with `started` (from the mount's own record), the process that started then; without, one
+    /// whose arguments name `path`.
+    static func verified(_ pid: pid_t, serving path: String, started: UInt64? = nil) -> ProcessHandle? {
         guard let p = ProcessHandle(pid) else { return nil }
         let uid = getuid()
+        let namespace = ProcFacts.mountNamespace(getpid())
         let ok = p.check { pid in
             guard let ids = ProcFacts.uids(pid), ids.allSatisfy({ $0 == uid }),
-                let exe = ProcFacts.executable(pid), exe.split(separator: "/").last == "stagefs"
+                let exe = ProcFacts.executable(pid), exe.split(separator: "/").last == "stagefs",
+                namespace != nil, ProcFacts.mountNamespace(pid) == namespace
             else { return false }
+            if let started { return ProcFacts.startTime(pid) == started }
             return MountTable.argumentsServe(ProcFacts.arguments(pid), cwd: ProcFacts.workingDirectory(pid), path)
         }
         return ok ? p : nil
@@ -233,9 +259,10 @@ enum MountProcess {
         return out
     }
 
-    /// The mount process for `path`: the record's pid when it is one, else one found in /proc.
-    static func find(serving path: String, recorded: pid_t?) -> ProcessHandle? {
-        if let pid = recorded, let p = verified(pid, serving: path) { return p }
+    /// The mount process for `path`: the one its record names (pid and start time), else one
+    /// found in /proc.
+    static func find(serving path: String, record: MountRecord?) -> ProcessHandle? {
+        if let r = record, let started = r.startTime, let p = verified(r.pid, serving: path, started: started) { return p }
         return all(serving: path).first
     }
 }
@@ -281,7 +308,8 @@ enum MountTable {
         guard let m = args.firstIndex(of: "mount") else { return false }
         return args[(m + 1)...].contains { a in
             if a == path { return true }
-            guard !a.hasPrefix("/"), !a.hasPrefix("-"), let cwd else { return false }
+            if a.hasPrefix("/") { return normalized(a) == path }
+            guard !a.hasPrefix("-"), let cwd else { return false }
             return normalized("\(cwd)/\(a)") == path
         }
     }

@@ -33,7 +33,7 @@ struct Umount: ParsableCommand {
         }
         // The mount process, held before the unmount so that its exit can be awaited: the
         // record's pid only when it is shown to be this user's mount process for the path.
-        let process = MountProcess.find(serving: path, recorded: Runtime.load(path)?.pid)
+        let process = MountProcess.find(serving: path, record: Runtime.load(path))
         guard let fusermount = Spawn.which("fusermount3") ?? Spawn.which("/bin/fusermount3") else {
             throw FSError(ENOENT, "fusermount3 is not installed (Debian package fuse3)")
         }

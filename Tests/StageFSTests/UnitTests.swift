@@ -32,6 +32,8 @@ struct UnitTests {
         #expect(try MetaURL.parse(plain.withoutPassword) == .redis(RedisLocation(hosts: [RedisHost("h", 1)], db: 0)))
         let named = try MetaURL.parse("redis://alice:secret@m,s1,s2/3")
         #expect(named.withoutPassword == "redis://alice:@m,s1:26379,s2:26379/3")
+        let waits = try MetaURL.parse("rediss://:pw@h/2?wait-replicas=1&wait-timeout=2500")
+        #expect(try MetaURL.parse(waits.withoutPassword).with(password: "pw") == waits)
         let back = try MetaURL.parse(named.withoutPassword)
         #expect(!back.hasPassword && back.with(password: "secret") == named)
         for bad in ["redis://h:0/1", "redis://h:x/1", "redis://h/abc", "sqlite3://rel.db", "sqlite3:///dir/", "http://x", "x"] {

@@ -24,6 +24,16 @@ from helpers import OTHER, USER, is_mounted, run_as, wait_until
 
 
 def record_name(mnt):
+    """The CLI's name for the record of `mnt`: its readable part and FNV-1a 64 of the path."""
+    h = 0xcbf29ce484222325
+    for b in mnt.encode():
+        h = ((h ^ b) * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
+    readable = "".join(chr(b) if chr(b).isascii() and (chr(b).isalnum() or chr(b) in "-.") else "_" for b in mnt.encode())
+    return f"{readable[-180:]}-{h:016x}.json"
+
+
+def old_record_name(mnt):
+    """Where the code before issue 18 put it (/tmp/stagefs-<uid>/NAME): the attacks plant there."""
     return "".join(c if c.isascii() and (c.isalnum() or c in "-.") else "_" for c in mnt) + ".json"
 
 
@@ -82,7 +92,7 @@ def plant_in_tmp(env, victim, mnt, text):
     def plant():
         os.mkdir(squat)
         os.chmod(squat, 0o777)
-        os.symlink(precious, os.path.join(squat, record_name(mnt)))
+        os.symlink(precious, os.path.join(squat, old_record_name(mnt)))
 
     run_as(OTHER, plant)
     return precious, squat
@@ -100,7 +110,7 @@ def test_a_planted_link_in_a_premade_tmp_directory_is_never_written_through(env)
     try:
         mount(env, USER, url, base, mnt)
         assert open(precious).read() == "# the victim's own\n", "the planted link was written through"
-        assert os.listdir(squat) == [record_name(mnt)], os.listdir(squat)
+        assert os.listdir(squat) == [old_record_name(mnt)], os.listdir(squat)
         rec = find_record(USER, mnt)
         assert rec and os.stat(os.path.dirname(rec)).st_uid == victim.pw_uid, rec
         assert os.stat(os.path.dirname(rec)).st_mode & 0o777 == 0o700
@@ -158,7 +168,8 @@ def test_root_keeps_no_record_in_a_directory_another_user_owns(env):
         f.write("root:only\n")
     os.chmod(secret, 0o600)
     evil = env.dir_for(OTHER, "evil")
-    run_as(OTHER, os.symlink, secret, os.path.join(evil, record_name(mnt)))
+    for name in (record_name(mnt), old_record_name(mnt)):
+        run_as(OTHER, os.symlink, secret, os.path.join(evil, name))
     os.makedirs("/run/stagefs", mode=0o700, exist_ok=True)
     os.makedirs("/tmp/stagefs-0", mode=0o700, exist_ok=True)
     script = f"""set -e
@@ -173,7 +184,7 @@ env -i PATH=/usr/bin:/bin {env.bin} umount {mnt}
     try:
         assert open(secret).read() == "root:only\n", "root's mount wrote its record through the attacker's link"
         assert p.returncode == 0, p.stderr
-        assert os.listdir(evil) == [record_name(mnt)]
+        assert sorted(os.listdir(evil)) == sorted([record_name(mnt), old_record_name(mnt)])
     finally:
         subprocess.run(["pkill", "-f", f"{env.bin} mount -d {url}"], capture_output=True)
 
@@ -190,9 +201,9 @@ def test_a_forged_pid_is_never_signalled(env):
         mount_pid = helpers.mount_pid(mnt)
         assert mount_pid
         forged = {"mountPoint": mnt, "metaURL": url, "pid": bystander.pid, "volume": "forged"}
-        for d in ("/tmp/stagefs-0", "/run/stagefs"):
+        for d, name in (("/tmp/stagefs-0", old_record_name(mnt)), ("/run/stagefs", record_name(mnt))):
             os.makedirs(d, mode=0o700, exist_ok=True)
-            with open(os.path.join(d, record_name(mnt)), "w") as f:
+            with open(os.path.join(d, name), "w") as f:
                 json.dump(forged, f)
         p = umount(env, "root", mnt, "--force")
         assert p.returncode == 0, p.stderr
@@ -204,9 +215,9 @@ def test_a_forged_pid_is_never_signalled(env):
         bystander.kill()
         bystander.wait()
         umount(env, "root", mnt, "--force")
-        for d in ("/tmp/stagefs-0", "/run/stagefs"):
+        for d, name in (("/tmp/stagefs-0", old_record_name(mnt)), ("/run/stagefs", record_name(mnt))):
             try:
-                os.unlink(os.path.join(d, record_name(mnt)))
+                os.unlink(os.path.join(d, name))
             except FileNotFoundError:
                 pass
 
@@ -219,7 +230,7 @@ def test_a_fifo_in_place_of_a_record_hangs_nothing(env):
     mnt = env.dir_for(USER, "fifo-m")
     squat = f"/tmp/stagefs-{victim.pw_uid}"
     subprocess.run(["rm", "-rf", squat], check=True)
-    run_as(OTHER, lambda: (os.mkdir(squat), os.chmod(squat, 0o777), os.mkfifo(os.path.join(squat, record_name(mnt)), 0o666)))
+    run_as(OTHER, lambda: (os.mkdir(squat), os.chmod(squat, 0o777), os.mkfifo(os.path.join(squat, old_record_name(mnt)), 0o666)))
     try:
         try:
             mount(env, USER, url, base, mnt)
@@ -273,3 +284,54 @@ def test_a_record_holds_no_password_and_stage_asks_for_it(env):
         umount(env, USER, mnt, "--force")
         srv.kill()
         srv.wait()
+
+
+def test_records_of_similar_paths_and_of_a_later_login_are_found(env):
+    """Two mountpoints whose names differ only in '/' against '_' get a record each; a record
+    written by a job's mount (no /run/user/<uid>) is still found once a login has made
+    /run/user/<uid>; a mount made through a link or with a trailing slash is still waited for
+    by umount of its real path."""
+    pw = pwd.getpwnam(USER)
+    url, base = sqlite_volume(env, USER, "similar")
+    top = env.dir_for(USER, "sim")
+    a, b = os.path.join(top, "c_d"), os.path.join(top, "c", "d")
+    run_as(USER, lambda: (os.mkdir(a), os.makedirs(b)))
+    runtime = f"/run/user/{pw.pw_uid}"
+    made_runtime = False
+    try:
+        mount(env, USER, url, base, a)
+        mount(env, USER, url, base, b)
+        for m in (a, b):
+            p = cli(env, USER, "info", m)
+            assert p.returncode == 0, p.stderr
+        # A login session makes /run/user/<uid> after the job's mounts recorded themselves.
+        if not os.path.exists(runtime):
+            os.makedirs(runtime, mode=0o700)
+            os.chown(runtime, pw.pw_uid, pw.pw_gid)
+            made_runtime = True
+        run_as(USER, os.mkdir, os.path.join(runtime, "stagefs"), 0o700)
+        p = cli(env, USER, "info", a)
+        assert p.returncode == 0, p.stderr
+        for m in (a, b):
+            pid = helpers.mount_pid(m)
+            p = umount(env, USER, m)
+            assert p.returncode == 0 and not is_mounted(m), p.stderr
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/cmdline").read() == "", "umount waited for its process"
+        # Mounted through a link and with a trailing slash: umount of the real path waits too.
+        link = os.path.join(top, "via")
+        run_as(USER, os.symlink, top, link)
+        for given in (os.path.join(link, "c_d"), a + "/"):
+            p = cli(env, USER, "mount", "-d", url, given, "--cache-dir", f"{base}/cache", "--log", f"{base}/mount.log")
+            assert p.returncode == 0 and is_mounted(a), p.stderr
+            pid = helpers.mount_pid(given)
+            p = umount(env, USER, a)
+            assert p.returncode == 0 and not is_mounted(a), p.stderr
+            assert pid and (not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/cmdline").read() == ""), \
+                f"umount of {a} waited for the process mounted as {given}"
+    finally:
+        for m in (a, b):
+            umount(env, USER, m, "--force")
+        if made_runtime:
+            subprocess.run(["rm", "-rf", runtime])
+        else:
+            subprocess.run(["rm", "-rf", os.path.join(runtime, "stagefs")])

@@ -202,3 +202,29 @@ def test_a_member_cannot_make_root_s_mount_read_through_a_planted_link(env, redi
         for m in (root_mnt, mine):
             if helpers.is_mounted(m):
                 env.stagefs("umount", m, "--force", user="root" if m == root_mnt else USER, check=False)
+
+
+def test_a_write_waits_for_a_directory_another_member_is_opening_up(env, redis):
+    """Another member's mount has just made a chunk directory under umask 077 and not yet opened
+    it up to the group: a write that needs to pass through it waits the moment and succeeds."""
+    import threading
+    url = redis.url(redis.new_db())
+    bucket = os.path.join(env.dir_for("root", "sharedwait"), "bucket")
+    env.stagefs("format", url, "sharedwait", "--bucket", bucket, "--bucket-group", SHARED_GROUP, user="root")
+    logs = env.dir_for("root", "waitlogs")
+    os.chmod(logs, 0o1777)
+    m2 = env.dir_for(OTHER, "wait-m2")
+    mount_with_umask(env, OTHER, url, m2, os.path.join(logs, "2.log"))
+    try:
+        chunks = os.path.join(bucket, "sharedwait", "chunks")
+        top = os.path.join(chunks, "0")
+        run_as(USER, lambda: (os.makedirs(chunks, exist_ok=True), os.mkdir(top), os.chmod(top, 0o2700)))
+        opener = threading.Timer(0.3, lambda: run_as(USER, os.chmod, top, 0o2770))
+        opener.start()
+        data = os.urandom(5000)
+        run_as(OTHER, lambda: open(os.path.join(m2, "w"), "wb").write(data))
+        opener.join()
+        assert run_as(OTHER, lambda: open(os.path.join(m2, "w"), "rb").read()) == data
+    finally:
+        if helpers.is_mounted(m2):
+            env.stagefs("umount", m2, "--force", user=OTHER, check=False)
