@@ -157,17 +157,24 @@ def test_a_user_whose_gc_step_hangs_is_killed_at_the_deadline_and_skipped(env, u
     assert stat.S_ISFIFO(os.lstat(f"{root}/{uid}/jobs/123/ended").st_mode), "the user's files were left alone"
 
 
-def test_a_forged_pin_name_steers_nothing_and_is_refused_at_stage(env, users):
-    """A user inserts a pin whose name holds newlines and report lines (`gc bucket 0 ...`) into
-    their own index: root's gc still evicts the other user's least recently used blocks for the
-    free-space target, reports the forged pin without its name, and `stage --job` refuses such a
-    name (exit status 2), as does every job id outside [0-9A-Za-z._-]{1,64}."""
+def forger_and_victim(env, users):
+    """A cache root where the forger and the victim each staged a volume of their own:
+    (root, forger's uid, victim's uid, victim's META-URL)."""
     root = cache_root(env)
     fuid, vuid = users[FORGER].pw_uid, users[VICTIM].pw_uid
     furl = volume_with_data(env, FORGER, size=1 << 20)
     stage(env, FORGER, furl, root)
     vurl = volume_with_data(env, VICTIM)
     stage(env, VICTIM, vurl, root)
+    return root, fuid, vuid, vurl
+
+
+def test_a_forged_pin_name_steers_nothing_and_is_refused_at_stage(env, users):
+    """A user inserts a pin whose name holds newlines and report lines (`gc bucket 0 ...`) into
+    their own index: root's gc still evicts the other user's least recently used blocks for the
+    free-space target, reports the forged pin without its name, and `stage --job` refuses such a
+    name (exit status 2), as does every job id outside [0-9A-Za-z._-]{1,64}."""
+    root, fuid, vuid, vurl = forger_and_victim(env, users)
     assert index_rows(root, vuid, "SELECT COUNT(*) FROM blocks")[0][0] > 0
 
     def forge():
@@ -203,12 +210,7 @@ def test_a_forged_index_cannot_spare_other_users_blocks(env, users):
     large as the file system: their report makes the least-recently-used cutoff fall before
     every real block. Root measures the file system itself afterwards, finds it still short of
     the target, and asks every user for an equal share: the other user's blocks are evicted."""
-    root = cache_root(env)
-    fuid, vuid = users[FORGER].pw_uid, users[VICTIM].pw_uid
-    furl = volume_with_data(env, FORGER, size=1 << 20)
-    stage(env, FORGER, furl, root)
-    vurl = volume_with_data(env, VICTIM)
-    stage(env, VICTIM, vurl, root)
+    root, fuid, vuid, vurl = forger_and_victim(env, users)
     st = os.statvfs(root)
     size = st.f_blocks * st.f_frsize
 
