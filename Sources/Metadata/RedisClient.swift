@@ -676,7 +676,7 @@ final class RedisPool: @unchecked Sendable {
             if case .error(let e) = try c.command(args) { throw FSError(EACCES, "\(c.where_) refused the password: \(e)") }
         }
         if location.password == nil, case .error(let e) = try c.command(["PING"]), e.hasPrefix("NOAUTH") {
-            throw FSError(EACCES, "\(c.where_) wants a password: give it in the META-URL (redis://:PASSWORD@host:port/db)")
+            throw FSError(EACCES, "\(c.where_) wants a password: set META_PASSWORD (or META_PASSWORD_FILE, a file holding it) for this command, or give it in the META-URL (redis://:PASSWORD@host:port/db, which ps shows until it is hidden)")
         }
         return c
     }

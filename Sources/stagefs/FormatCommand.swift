@@ -109,7 +109,7 @@ struct Format: ParsableCommand {
     }
 
     func run() throws {
-        let url = try MetaURL.parse(metaURL)
+        let url = try metaURLArgument(metaURL)
         let env = { (n: String) in getenv(n).map { String(cString: $0) } }
         var bucketURL = bucket ?? (getuid() == 0 ? "/var/lib/stagefs" : "\(homeDirectory())/.stagefs/local")
         if storage == "file" { bucketURL = absolutePath(bucketURL) }

@@ -145,7 +145,7 @@ struct JobProlog: ParsableCommand {
             let result: StageReport
             do {
                 result = try runStaging(
-                    metaURL: try MetaURL.parse(volumes[name]!), paths: paths, mode: .stage, cache: cache, threads: threads, job: job, io: io, progress: false)
+                    metaURL: try metaURLArgument(volumes[name]!), paths: paths, mode: .stage, cache: cache, threads: threads, job: job, io: io, progress: false)
             } catch {
                 printError("stagefs: \(name.isEmpty ? "" : "volume \(name): ")\(error.message)")
                 incomplete += 1
@@ -174,8 +174,10 @@ struct JobProlog: ParsableCommand {
         if let mountDir {
             let name = volumes[""] != nil ? "" : (order.first ?? "")
             if let url = volumes[name] {
+                // The password reaches the mount through its environment, never its arguments.
+                let parsed = try? metaURLArgument(url)
                 var args = [
-                    "mount", "-d", url, mountDir, "--cache-dir", cacheDir, "--cache-size", "\(cacheSize)",
+                    "mount", "-d", parsed?.withoutPassword ?? url, mountDir, "--cache-dir", cacheDir, "--cache-size", "\(cacheSize)",
                     "--free-space-ratio", "\(freeSpaceRatio)", "--log", "\(dir)/mount.log",
                 ]
                 if !fuseOptions.isEmpty { args += ["-o", fuseOptions.joined(separator: ",")] }
@@ -183,7 +185,7 @@ struct JobProlog: ParsableCommand {
                 let rc: Int32
                 let out: String
                 do {
-                    (rc, out) = try Spawn.run(selfExecutable(), args, timeout: 300)
+                    (rc, out) = try Spawn.run(selfExecutable(), args, env: parsed.flatMap { Secrets.childEnvironment(for: $0) }, timeout: 300)
                 } catch {
                     (rc, out) = (1, "stagefs: the job's mount at \(mountDir): \(error.message)")
                 }

@@ -103,6 +103,19 @@ struct Mount: ParsableCommand {
     @Option(help: .hidden)
     var readyFD: Int32?
 
+    /// Set by `-d` for the process it starts: the `--secret-key` is in its environment
+    /// (`Mount.secretKeyVariable`), not its arguments.
+    @Flag(help: .hidden)
+    var secretKeyInEnvironment = false
+
+    static let secretKeyVariable = "STAGEFS_MOUNT_SECRET_KEY"
+
+    /// The S3 secret key given to this mount, if any.
+    private var givenSecretKey: String? {
+        if secretKeyInEnvironment { return getenv(Mount.secretKeyVariable).map { String(cString: $0) } }
+        return secretKey
+    }
+
     func validate() throws {
         if attrCache < 0 || entryCache < 0 || dirEntryCache < 0 { throw ValidationError("cache timeouts cannot be negative") }
         if bufferSize < 16 { throw ValidationError("--buffer-size must be at least 16 (MiB)") }
@@ -192,10 +205,10 @@ struct Mount: ParsableCommand {
         }
 
         // Check everything that can be checked before going to the background.
-        let url = try MetaURL.parse(metaURL)
+        let url = try metaURLArgument(metaURL)
         let meta = try openMetadata(url, retryTimeout: io.metaTimeout)
         let format = try meta.requireFormat()
-        let store = try openObjectStore(io.storeConfig(format, accessKey: accessKey, secretKey: secretKey))
+        let store = try openObjectStore(io.storeConfig(format, accessKey: accessKey, secretKey: givenSecretKey))
         if let local = store as? LocalObjectStore {
             let ro = parsedOptions.readOnly
             if let problem = local.accessProblem(volume: format.name, write: false) {
@@ -242,26 +255,46 @@ struct Mount: ParsableCommand {
     private func finishMount(url: MetaURL, meta: any MetadataEngine, format: VolumeFormat, store: any ObjectStore) throws {
         let path = resolvedMountPoint
         if background && readyFD == nil {
-            try spawnBackground(path)
+            try spawnBackground(path, url)
             return
         }
         try serve(path: path, url: url, meta: meta, format: format, store: store)
     }
 
     /// Starts this command again in its own session without -d and waits for its readiness line.
-    private func spawnBackground(_ path: String) throws {
+    private func spawnBackground(_ path: String, _ url: MetaURL) throws {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw FSError.errno(errno, "pipe") }
         _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
         let logPath = log ?? (getuid() == 0 ? "/var/log/stagefs.log" : "\(homeDirectory())/.stagefs/stagefs.log")
         try Sys.mkdirs(Sys.dirname(of: logPath), 0o755)
         var args = Array(CommandLine.arguments.dropFirst()).filter { $0 != "-d" && $0 != "--background" }
+        // Secrets go to the mount process through its environment, never its arguments (which
+        // every user of the node can read): the META-URL without its password, the password as
+        // META_PASSWORD, a --secret-key as Mount.secretKeyVariable.
+        var env = Secrets.childEnvironment(for: url)
+        if url.hasPassword, let i = args.firstIndex(of: metaURL) { args[i] = url.withoutPassword }
+        if let key = secretKey {
+            var kept: [String] = []
+            var skip = false
+            for a in args {
+                if skip {
+                    skip = false
+                } else if a == "--secret-key" {
+                    skip = true
+                } else if !a.hasPrefix("--secret-key=") {
+                    kept.append(a)
+                }
+            }
+            args = kept + ["--secret-key-in-environment"]
+            env = (env ?? Spawn.currentEnvironment()).filter { !$0.hasPrefix(Mount.secretKeyVariable + "=") } + ["\(Mount.secretKeyVariable)=\(key)"]
+        }
         args += ["--ready-fd", "\(fds[1])"]
         if verbose == 0 { args.append("--verbose") }
         let pid: pid_t
         do {
             pid = try Spawn.start(
-                executablePath(), args, stdin: .null, stdout: .file(logPath), stderr: .file(logPath), newSession: true,
+                executablePath(), args, env: env, stdin: .null, stdout: .file(logPath), stderr: .file(logPath), newSession: true,
                 keepFDs: [fds[1]] + (premountedFD.map { [$0] } ?? []))
         } catch {
             close(fds[0])

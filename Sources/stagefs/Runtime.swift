@@ -44,6 +44,67 @@ struct MountRecord: Codable {
     }
 }
 
+/// A META-URL given on the command line: its password, when it has none, from `META_PASSWORD`
+/// or `META_PASSWORD_FILE` (the way to pass one: a password in the URL shows in `ps` until
+/// `Secrets.blankArguments` hides it).
+func metaURLArgument(_ text: String) throws(FSError) -> MetaURL {
+    let url = try MetaURL.parse(text)
+    guard case .redis = url, !url.hasPassword, let password = try environmentPassword() else { return url }
+    return url.with(password: password)
+}
+
+/// The command line's secrets: passwords of META-URLs in the process's arguments.
+enum Secrets {
+    /// Overwrites, in place, the password of every redis:// or rediss:// URL among this
+    /// process's arguments, and the value of `--secret-key`, with `*`, so that `ps` and /proc/PID/cmdline (which read the process's
+    /// own argument memory) no longer show it. Call once at start, after `CommandLine.arguments`
+    /// was read: it keeps the arguments as they were given.
+    static func blankArguments() {
+        var secretNext = false
+        for i in 1..<Int(CommandLine.argc) {
+            guard let arg = CommandLine.unsafeArgv[i] else { continue }
+            let n = strlen(arg)
+            let bytes = UnsafeMutableBufferPointer(start: UnsafeMutableRawPointer(arg).assumingMemoryBound(to: UInt8.self), count: n)
+            let text = Array(bytes)
+            var hide: Range<Int>?
+            if secretNext {
+                hide = 0..<n
+            } else if text.starts(with: Array("--secret-key=".utf8)) {
+                hide = 13..<n
+            } else {
+                hide = passwordRange(text)
+            }
+            secretNext = text == Array("--secret-key".utf8)
+            if let hide { for j in hide { bytes[j] = UInt8(ascii: "*") } }
+        }
+    }
+
+    /// Where the password of a Redis URL in `arg` is (the URL may follow `NAME=` or `--meta=`),
+    /// as `MetaURL.parse` finds it: between the first ':' and the last '@' of the part before
+    /// the first '/' or '?' after "://".
+    static func passwordRange(_ arg: [UInt8]) -> Range<Int>? {
+        let sep = Array("://".utf8)
+        guard let s = (0...max(arg.count - sep.count, 0)).first(where: { arg.count >= sep.count && Array(arg[$0..<$0 + sep.count]) == sep }) else {
+            return nil
+        }
+        let scheme = String(decoding: arg[..<s], as: UTF8.self).lowercased()
+        guard scheme.hasSuffix("redis") || scheme.hasSuffix("rediss") else { return nil }
+        let start = s + sep.count
+        let end = arg[start...].firstIndex { $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: "?") } ?? arg.count
+        guard let at = arg[start..<end].lastIndex(of: UInt8(ascii: "@")) else { return nil }
+        let from = arg[start..<at].firstIndex(of: UInt8(ascii: ":")).map { $0 + 1 } ?? start
+        return from < at ? from..<at : nil
+    }
+
+    /// The environment for a child that gets `url`'s password through it (`META_PASSWORD`)
+    /// rather than its arguments; nil (inherit) when the URL has none.
+    static func childEnvironment(for url: MetaURL) -> [String]? {
+        guard case .redis(let r) = url, let password = r.password else { return nil }
+        return Spawn.currentEnvironment().filter { !$0.hasPrefix("META_PASSWORD=") && !$0.hasPrefix("META_PASSWORD_FILE=") }
+            + ["META_PASSWORD=\(password)"]
+    }
+}
+
 /// A password from `META_PASSWORD`, or from the file `META_PASSWORD_FILE` names (its first
 /// line); nil when neither is set.
 func environmentPassword() throws(FSError) -> String? {

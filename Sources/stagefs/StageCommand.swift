@@ -143,7 +143,7 @@ struct Stage: ParsableCommand {
         var record: MountRecord?
         let metaURL: MetaURL
         if let meta {
-            metaURL = try MetaURL.parse(meta)
+            metaURL = try metaURLArgument(meta)
         } else {
             let r: MountRecord
             (r, volumePaths) = try mountPaths(all)

@@ -23,6 +23,11 @@ struct StageFS: ParsableCommand {
               ...?wait-replicas=N&wait-timeout=MS
                   every change waits for N replicas
 
+            A Redis password is best given as META_PASSWORD, or in a file named by
+            META_PASSWORD_FILE, with a URL that has none: one given in the URL is hidden from
+            the process's arguments (ps) as soon as the command starts, and a mount passes it
+            to its background process through the environment, never its arguments.
+
             Exit codes: 0 success, 1 runtime failure, 2 usage error; `stage` and `job prolog` \
             also 3 (partial), 4 (failed) and 130 (interrupted).
             """,
@@ -35,6 +40,9 @@ struct StageFS: ParsableCommand {
 @main
 enum Main {
     static func main() {
+        // The arguments as given, kept before a password in them is hidden from `ps`.
+        _ = CommandLine.arguments
+        Secrets.blankArguments()
         do {
             var command = try StageFS.parseAsRoot()
             try command.run()

@@ -12,7 +12,7 @@ struct Status: ParsableCommand {
     var metaURL: String
 
     func run() throws {
-        let url = try MetaURL.parse(metaURL)
+        let url = try metaURLArgument(metaURL)
         let meta = try openMetadata(url)
         let f = try meta.requireFormat()
         let usage = try meta.statfs()

@@ -335,3 +335,78 @@ def test_records_of_similar_paths_and_of_a_later_login_are_found(env):
             subprocess.run(["rm", "-rf", runtime])
         else:
             subprocess.run(["rm", "-rf", os.path.join(runtime, "stagefs")])
+
+
+def processes_showing(secret):
+    """Pids whose command line (what `ps` shows any user) holds `secret`."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if secret.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                    out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+def test_no_password_in_any_command_line(env):
+    """A Redis password reaches no process's arguments: a root mount made with a password URL
+    and an S3 secret key (-d: its mount process gets them through its environment), a
+    foreground mount (its own arguments hidden at once), a job's mount; META_PASSWORD and
+    META_PASSWORD_FILE give the password to a URL without one."""
+    password = "hunter3-argv"
+    port = helpers.free_port()
+    workdir = env.dir_for("root", "redis-argv")
+    srv = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                            "--requirepass", password, "--dir", workdir], stdout=subprocess.DEVNULL)
+    assert helpers.wait_port(port)
+    url = f"redis://:{password}@127.0.0.1:{port}/1"
+    plain = f"redis://127.0.0.1:{port}/1"
+    base = env.dir_for(USER, "argvvol")
+    p = cli(env, USER, "format", url, "argvvol", "--bucket", f"{base}/data")
+    assert p.returncode == 0, p.stderr
+    root_mnt, fg_mnt, job_mnt = env.dir_for("root", "argv-r"), env.dir_for("root", "argv-f"), env.dir_for(USER, "argv-j")
+    fg = None
+    try:
+        cache = env.dir_for("root", "argv-cache")
+        os.chmod(cache, 0o1777)
+        uid_dir = os.path.join(cache, str(pwd.getpwnam(USER).pw_uid))
+        os.mkdir(uid_dir, 0o700)
+        os.chown(uid_dir, pwd.getpwnam(USER).pw_uid, pwd.getpwnam(USER).pw_gid)
+        p = cli(env, USER, "job", "prolog", "--job", "4343", "--cache-dir", cache, "--volume", url, "--mount-dir", job_mnt)
+        assert p.returncode == 0 and is_mounted(job_mnt), p.stderr
+        assert processes_showing(password) == [], "a job's mount process shows the password"
+        run_as(USER, lambda: open(os.path.join(job_mnt, "f"), "w").write("through the password-less arguments\n"))
+
+        p = cli(env, "root", "mount", "-d", url, root_mnt, "--cache-size", "0", "--log", f"{workdir}/r.log",
+                "--secret-key", "s3-secret-argv")
+        assert p.returncode == 0 and is_mounted(root_mnt), p.stderr
+        assert processes_showing(password) == [] and processes_showing("s3-secret-argv") == []
+        ps = subprocess.run(["ps", "-ewwo", "args"], capture_output=True, text=True).stdout
+        assert password not in ps and f"stagefs mount {plain} {root_mnt}" in ps, ps
+        assert open(os.path.join(root_mnt, "f")).read() == "through the password-less arguments\n"
+
+        fg = subprocess.Popen([env.bin, "mount", url, fg_mnt, "--cache-size", "0", "--log", f"{workdir}/f.log"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: is_mounted(fg_mnt), 30, "the foreground mount")
+        shown = open(f"/proc/{fg.pid}/cmdline", "rb").read().decode()
+        assert password not in shown and "redis://:" + "*" * len(password) + "@" in shown, shown
+        assert open(os.path.join(fg_mnt, "f")).read() == "through the password-less arguments\n"
+
+        p = cli(env, USER, "status", plain)
+        assert p.returncode == 1 and "META_PASSWORD" in p.stderr and password not in p.stderr, p.stderr
+        p = cli(env, USER, "status", plain, extra_env=(f"META_PASSWORD={password}",))
+        assert p.returncode == 0 and "argvvol" in p.stdout and password not in p.stdout, p.stderr
+        pwfile = os.path.join(base, "pw")
+        run_as(USER, lambda: open(pwfile, "w").write(password + "\n"))
+        p = cli(env, USER, "status", plain, extra_env=(f"META_PASSWORD_FILE={pwfile}",))
+        assert p.returncode == 0 and "argvvol" in p.stdout, p.stderr
+    finally:
+        umount(env, USER, job_mnt, "--force")
+        umount(env, "root", fg_mnt, "--force")
+        umount(env, "root", root_mnt, "--force")
+        if fg:
+            fg.wait(timeout=60)
+        srv.kill()
+        srv.wait()
