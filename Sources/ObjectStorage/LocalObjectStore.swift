@@ -45,14 +45,17 @@ public final class LocalObjectStore: ObjectStore {
         let tops = entries("\(root)/\(volume)/chunks").compactMap { UInt64($0) }.sorted()
         dirs += tops.suffix(500).map { "\(root)/\(volume)/chunks/\($0)" }
         if let last = tops.last {
-            dirs += entries("\(root)/\(volume)/chunks/\(last)").compactMap { UInt64($0) }.sorted().suffix(500).map { "\(root)/\(volume)/chunks/\(last)/\($0)" }
+            dirs += entries("\(root)/\(volume)/chunks/\(last)").compactMap { UInt64($0) }.sorted().suffix(500).map {
+                "\(root)/\(volume)/chunks/\(last)/\($0)"
+            }
         }
         for d in dirs {
             guard let st = Sys.stat(d) else { continue }
             if access(d, (write ? W_OK : R_OK) | X_OK) != 0 {
                 let owner = getpwuid(st.st_uid).map { String(cString: $0.pointee.pw_name) } ?? "uid \(st.st_uid)"
                 let group = getgrgid(st.st_gid).map { String(cString: $0.pointee.gr_name) } ?? "gid \(st.st_gid)"
-                return "\(d) is not \(write ? "writable" : "readable") by uid \(getuid()) (owner \(owner), group \(group), mode 0\(String(st.st_mode & 0o7777, radix: 8)))"
+                return
+                    "\(d) is not \(write ? "writable" : "readable") by uid \(getuid()) (owner \(owner), group \(group), mode 0\(String(st.st_mode & 0o7777, radix: 8)))"
             }
         }
         return nil
@@ -121,7 +124,8 @@ public final class LocalObjectStore: ObjectStore {
     /// descriptor. A directory that cannot be opened or made is `-errno` (`-ENOENT` when
     /// missing, `-ELOOP` for a link in the way).
     private func openDirectory(_ rootFD: Int32, _ dir: String, create: Bool) -> Int32 {
-        let fd = dir.isEmpty ? Glibc.openat(rootFD, ".", Sys.O_PATH | O_DIRECTORY | O_CLOEXEC) : Sys.openBeneath(rootFD, dir, Sys.O_PATH | O_DIRECTORY)
+        let fd =
+            dir.isEmpty ? Glibc.openat(rootFD, ".", Sys.O_PATH | O_DIRECTORY | O_CLOEXEC) : Sys.openBeneath(rootFD, dir, Sys.O_PATH | O_DIRECTORY)
         if fd >= 0 { return fd }
         if errno != ENOENT || !create { return -errno }
         let parts = dir.split(separator: "/").map(String.init)

@@ -145,7 +145,8 @@ struct JobProlog: ParsableCommand {
             let result: StageReport
             do {
                 result = try runStaging(
-                    metaURL: try metaURLArgument(volumes[name]!), paths: paths, mode: .stage, cache: cache, threads: threads, job: job, io: io, progress: false)
+                    metaURL: try metaURLArgument(volumes[name]!), paths: paths, mode: .stage, cache: cache, threads: threads, job: job, io: io,
+                    progress: false)
             } catch {
                 printError("stagefs: \(name.isEmpty ? "" : "volume \(name): ")\(error.message)")
                 incomplete += 1

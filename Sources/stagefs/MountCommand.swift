@@ -165,7 +165,9 @@ struct Mount: ParsableCommand {
         var st = stat()
         guard fstat(fd, &st) == 0 else {
             throw FSError(
-                EBADF, "\(mountPoint): descriptor \(fd) is not open in this process: /dev/fd/N must be a /dev/fuse descriptor passed by the program that mounted it")
+                EBADF,
+                "\(mountPoint): descriptor \(fd) is not open in this process: /dev/fd/N must be a /dev/fuse descriptor passed by the program that mounted it"
+            )
         }
         guard st.st_mode & S_IFMT == S_IFCHR, let fuse = Sys.stat("/dev/fuse"), st.st_rdev == fuse.st_rdev else {
             throw FSError(EINVAL, "\(mountPoint): descriptor \(fd) is not /dev/fuse: the program that mounted it must pass its /dev/fuse descriptor")
@@ -200,7 +202,9 @@ struct Mount: ParsableCommand {
             }
             if !parsedOptions.nonempty, let name = Mount.hasEntries(path) {
                 throw FSError(
-                    ENOTEMPTY, "mountpoint \(path) is not empty (it holds '\(name)'): its files would be hidden while mounted; use an empty directory, or -o nonempty to mount over them")
+                    ENOTEMPTY,
+                    "mountpoint \(path) is not empty (it holds '\(name)'): its files would be hidden while mounted; use an empty directory, or -o nonempty to mount over them"
+                )
             }
         }
 
@@ -382,10 +386,10 @@ struct Mount: ParsableCommand {
         server.attach(vfs)
         if premountedFD == nil {
             Runtime.save(
-            MountRecord(
-                mountPoint: path, metaURL: url.withoutPassword, pid: getpid(), volume: format.name, volumeUUID: format.uuid,
-                cacheDirs: disk == nil ? nil : cacheDirs, cacheSize: disk == nil ? 0 : cacheSize, freeSpaceRatio: freeSpaceRatio,
-                passwordNeeded: url.hasPassword, startTime: ProcFacts.startTime(getpid())))
+                MountRecord(
+                    mountPoint: path, metaURL: url.withoutPassword, pid: getpid(), volume: format.name, volumeUUID: format.uuid,
+                    cacheDirs: disk == nil ? nil : cacheDirs, cacheSize: disk == nil ? 0 : cacheSize, freeSpaceRatio: freeSpaceRatio,
+                    passwordNeeded: url.hasPassword, startTime: ProcFacts.startTime(getpid())))
         }
         Log.info("volume '\(format.name)' mounted at \(path) (session \(vfs.sid))")
         ready("ok")

@@ -42,9 +42,15 @@ struct Umount: ParsableCommand {
             let why = output.trimmed
             if why.contains("busy") {
                 if let (pid, name, how) = Umount.holder(of: path) {
-                    throw FSError(EBUSY, "cannot unmount \(path): \(how) of process \(pid) (\(name)) is inside it: \(how.hasPrefix("the working") ? "leave it (cd elsewhere) or end that process" : "close it or end that process") (or use --force for a lazy unmount)")
+                    throw FSError(
+                        EBUSY,
+                        "cannot unmount \(path): \(how) of process \(pid) (\(name)) is inside it: \(how.hasPrefix("the working") ? "leave it (cd elsewhere) or end that process" : "close it or end that process") (or use --force for a lazy unmount)"
+                    )
                 }
-                throw FSError(EBUSY, "cannot unmount \(path): it is in use (an open file or a working directory inside; close them, or use --force for a lazy unmount)")
+                throw FSError(
+                    EBUSY,
+                    "cannot unmount \(path): it is in use (an open file or a working directory inside; close them, or use --force for a lazy unmount)"
+                )
             }
             throw FSError(EIO, "cannot unmount \(path): \(why.isEmpty ? "fusermount3 failed" : why)")
         }
