@@ -213,28 +213,27 @@ public final class LocalObjectStore: ObjectStore {
         return try Sys.pread(fd, base, buffer.count, Int64(offset), path: "\(root)/\(key)")
     }
 
-    public func delete(_ key: String) throws(FSError) {
+    /// The open directory of `key` (to close) and its name there; nil when that directory is missing.
+    private func parent(of key: String, _ what: String) throws(FSError) -> (fd: Int32, name: String)? {
         let rootFD = try openRoot()
         defer { Glibc.close(rootFD) }
         let (dir, name) = LocalObjectStore.split(key)
-        let dirFD = openDirectory(rootFD, dir, create: false)
-        if dirFD < 0 {
-            if -dirFD == ENOENT { return }
-            throw failure(-dirFD, "cannot delete object \(key)")
+        let fd = openDirectory(rootFD, dir, create: false)
+        if fd < 0 {
+            if -fd == ENOENT { return nil }
+            throw failure(-fd, what)
         }
+        return (fd, name)
+    }
+
+    public func delete(_ key: String) throws(FSError) {
+        guard let (dirFD, name) = try parent(of: key, "cannot delete object \(key)") else { return }
         defer { Glibc.close(dirFD) }
         if unlinkat(dirFD, name, 0) != 0 && errno != ENOENT { throw FSError.errno(errno, "cannot delete object \(key) in \(description)") }
     }
 
     public func head(_ key: String) throws(FSError) -> Int? {
-        let rootFD = try openRoot()
-        defer { Glibc.close(rootFD) }
-        let (dir, name) = LocalObjectStore.split(key)
-        let dirFD = openDirectory(rootFD, dir, create: false)
-        if dirFD < 0 {
-            if -dirFD == ENOENT { return nil }
-            throw failure(-dirFD, "object \(key)")
-        }
+        guard let (dirFD, name) = try parent(of: key, "object \(key)") else { return nil }
         defer { Glibc.close(dirFD) }
         var st = stat()
         if fstatat(dirFD, name, &st, AT_SYMLINK_NOFOLLOW) != 0 {

@@ -291,7 +291,7 @@ struct Mount: ParsableCommand {
                 }
             }
             args = kept + ["--secret-key-in-environment"]
-            env = (env ?? Spawn.currentEnvironment()).filter { !$0.hasPrefix(Mount.secretKeyVariable + "=") } + ["\(Mount.secretKeyVariable)=\(key)"]
+            env = Secrets.environment(env ?? Spawn.currentEnvironment(), setting: Mount.secretKeyVariable, to: key)
         }
         args += ["--ready-fd", "\(fds[1])"]
         if verbose == 0 { args.append("--verbose") }

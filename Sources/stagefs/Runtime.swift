@@ -32,15 +32,17 @@ struct MountRecord: Codable {
     /// The mount's META-URL, with the password from `META_PASSWORD`/`META_PASSWORD_FILE` when
     /// the mount had one.
     func metadataURL() throws(FSError) -> MetaURL {
-        let url = try MetaURL.parse(metaURL)
-        guard passwordNeeded == true, !url.hasPassword else { return url }
-        guard let password = try environmentPassword() else {
+        // The environment's password only for a mount that had one (a server without a
+        // password refuses AUTH).
+        guard passwordNeeded == true else { return try MetaURL.parse(metaURL) }
+        let url = try metaURLArgument(metaURL)
+        if !url.hasPassword {
             throw FSError(
                 EACCES,
                 "the mount at \(mountPoint) was given a metadata password, which mount records do not keep: set META_PASSWORD (or META_PASSWORD_FILE) for this command, or give --meta META-URL"
             )
         }
-        return url.with(password: password)
+        return url
     }
 }
 
@@ -100,8 +102,13 @@ enum Secrets {
     /// rather than its arguments; nil (inherit) when the URL has none.
     static func childEnvironment(for url: MetaURL) -> [String]? {
         guard case .redis(let r) = url, let password = r.password else { return nil }
-        return Spawn.currentEnvironment().filter { !$0.hasPrefix("META_PASSWORD=") && !$0.hasPrefix("META_PASSWORD_FILE=") }
-            + ["META_PASSWORD=\(password)"]
+        return environment(Spawn.currentEnvironment(), setting: "META_PASSWORD", to: password, dropping: ["META_PASSWORD_FILE"])
+    }
+
+    /// `env` with `name` set to `value` (any earlier value, and the variables `dropping`, taken out).
+    static func environment(_ env: [String], setting name: String, to value: String, dropping: [String] = []) -> [String] {
+        let gone = ([name] + dropping).map { $0 + "=" }
+        return env.filter { v in !gone.contains { v.hasPrefix($0) } } + ["\(name)=\(value)"]
     }
 }
 
@@ -163,48 +170,48 @@ enum Runtime {
     }
 
     /// Opens (with `create`, makes) the first usable record directory; its descriptor and path.
-    /// Why each candidate was refused goes to the debug log.
-    static func directory(create: Bool, only: Int? = nil) -> (fd: Int32, path: String)? {
-        let uid = getuid()
-        let all = candidates
-        for c in only.map({ [all[$0]] }) ?? all {
-            let base = Glibc.open(c.base, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-            if base < 0 { continue }
-            var st = stat()
-            // The base: the user's own (root's for root), and nobody else may write it.
-            guard fstat(base, &st) == 0, st.st_uid == uid, st.st_mode & 0o022 == 0 else {
-                Log.debug("mount records: \(c.base) is not uid \(uid)'s alone; not used")
-                Glibc.close(base)
-                continue
-            }
-            var fd = base
-            var path = c.base
-            for (i, name) in c.names.enumerated() {
-                path += "/\(name)"
-                if create && mkdirat(fd, name, 0o700) != 0 && errno != EEXIST {
-                    Log.debug("mount records: cannot create \(path): \(String(cString: strerror(errno)))")
-                }
-                let next = SafeDir.open(fd, name)
-                Glibc.close(fd)
-                fd = next
-                if fd < 0 { break }
-                guard fstat(fd, &st) == 0, st.st_uid == uid else {
-                    Log.warning("mount records: \(path) belongs to uid \(st.st_uid), not \(uid): not used (remove it)")
-                    Glibc.close(fd)
-                    fd = -1
-                    break
-                }
-                let last = i == c.names.count - 1
-                if last && st.st_mode & 0o077 != 0 && fchmod(fd, 0o700) != 0 {
-                    Glibc.close(fd)
-                    fd = -1
-                    break
-                }
-            }
-            if fd >= 0 { return (fd, path) }
-            if !create { continue }
+    static func directory(create: Bool) -> (fd: Int32, path: String)? {
+        for c in candidates {
+            if let d = open(c, create: create) { return d }
         }
         return nil
+    }
+
+    /// Opens (with `create`, makes) one candidate directory, or nil when it is not usable (why
+    /// goes to the log).
+    private static func open(_ c: (base: String, names: [String]), create: Bool) -> (fd: Int32, path: String)? {
+        let uid = getuid()
+        let base = Glibc.open(c.base, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if base < 0 { return nil }
+        var st = stat()
+        // The base: the user's own (root's for root), and nobody else may write it.
+        guard fstat(base, &st) == 0, st.st_uid == uid, st.st_mode & 0o022 == 0 else {
+            Log.debug("mount records: \(c.base) is not uid \(uid)'s alone; not used")
+            Glibc.close(base)
+            return nil
+        }
+        var fd = base
+        var path = c.base
+        for (i, name) in c.names.enumerated() {
+            path += "/\(name)"
+            if create && mkdirat(fd, name, 0o700) != 0 && errno != EEXIST {
+                Log.debug("mount records: cannot create \(path): \(String(cString: strerror(errno)))")
+            }
+            let next = SafeDir.open(fd, name)
+            Glibc.close(fd)
+            if next < 0 { return nil }
+            fd = next
+            guard fstat(fd, &st) == 0, st.st_uid == uid else {
+                Log.warning("mount records: \(path) belongs to uid \(st.st_uid), not \(uid): not used (remove it)")
+                Glibc.close(fd)
+                return nil
+            }
+            if i == c.names.count - 1 && st.st_mode & 0o077 != 0 && fchmod(fd, 0o700) != 0 {
+                Glibc.close(fd)
+                return nil
+            }
+        }
+        return (fd, path)
     }
 
     /// The record's file name for a mountpoint: its readable part and a hash of the whole path
@@ -264,11 +271,7 @@ enum Runtime {
 
     /// Every existing record directory, opened with the checks of `directory`.
     private static func directories() -> [Int32] {
-        var out: [Int32] = []
-        for c in candidates.indices {
-            if let (fd, _) = directory(create: false, only: c) { out.append(fd) }
-        }
-        return out
+        candidates.compactMap { open($0, create: false)?.fd }
     }
 
     private static func read(_ dir: Int32, _ mountPoint: String) -> MountRecord? {
