@@ -29,18 +29,20 @@ let package = Package(
         .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "SQLiteKit"], exclude: ["README.md"]),
         .target(name: "VFS", dependencies: ["StageFSCore", "Metadata", "DataPath"], exclude: ["README.md"]),
         .target(name: "FUSEMount", dependencies: ["StageFSCore", "VFS", "CFuse3"], exclude: ["README.md"]),
+        // The multi-tenant gateway (server) and the engine and store of a client that talks to one.
+        .target(name: "Gateway", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath"], exclude: ["README.md"]),
         .target(name: "Staging", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath"], exclude: ["README.md"]),
         .executableTarget(
             name: "stagefs",
             dependencies: [
-                "StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS", "FUSEMount", "Staging",
+                "StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS", "FUSEMount", "Staging", "Gateway",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             exclude: ["README.md"]
         ),
         .testTarget(
             name: "StageFSTests",
-            dependencies: ["StageFSCore", "SQLiteKit", "Metadata", "ObjectStorage", "DataPath", "VFS", "Staging"]
+            dependencies: ["StageFSCore", "SQLiteKit", "Metadata", "ObjectStorage", "DataPath", "VFS", "Staging", "Gateway"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -38,4 +38,25 @@ static inline int clinux_open_beneath(int dirfd, const char *path, int flags, un
     how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
     return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
 }
+
+/* SO_PEERCRED (struct ucred needs _GNU_SOURCE): the pid, uid and gid the kernel recorded for
+   the other end of a Unix socket when it connected. 0 on success. */
+#include <sys/socket.h>
+static inline int clinux_peer_credential(int fd, pid_t *pid, uid_t *uid, gid_t *gid) {
+    struct { pid_t pid; uid_t uid; gid_t gid; } c;
+    socklen_t len = sizeof(c);
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c, &len) != 0) return -1;
+    *pid = c.pid;
+    *uid = c.uid;
+    *gid = c.gid;
+    return 0;
+}
+
+/* accept4(2) with SOCK_CLOEXEC. */
+static inline int clinux_accept_cloexec(int fd) {
+    return (int)syscall(SYS_accept4, fd, (void *)0, (void *)0, SOCK_CLOEXEC);
+}
+
+/* POLLRDHUP (glibc defines it only with _GNU_SOURCE): the other end shut down its writing. */
+static inline short clinux_pollrdhup(void) { return 0x2000; }
 #endif

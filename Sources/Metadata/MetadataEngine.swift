@@ -32,6 +32,12 @@ public struct RenameResult: Sendable, Equatable {
     public var moved: Ino
     public var other: Ino
     public var removed: RemovedName?
+
+    package init(moved: Ino, other: Ino, removed: RemovedName?) {
+        self.moved = moved
+        self.other = other
+        self.removed = removed
+    }
 }
 
 /// What an unlink (or a rename that replaced a file) did to the inode it removed a name of.
@@ -40,6 +46,12 @@ public struct RemovedName: Sendable, Equatable {
     public var attr: Attr
     /// The inode has no links left and nobody has it open: its data is queued for deletion.
     public var freed: Bool
+
+    package init(ino: Ino, attr: Attr, freed: Bool) {
+        self.ino = ino
+        self.attr = attr
+        self.freed = freed
+    }
 }
 
 /// The metadata engine: an atomic, permission-checking POSIX namespace plus the chunk records
@@ -148,6 +160,13 @@ public protocol MetadataEngine: AnyObject, Sendable {
     /// 'f' for flock). `body` gets the current encoded table and returns the new one (nil: unchanged)
     /// and a result; `sid` is recorded so a dead session's locks can be dropped.
     func updateLocks(_ ino: Ino, kind: UInt8, sid: UInt64, _ body: ([UInt8]) throws(FSError) -> [UInt8]?) throws(FSError)
+    /// `F_GETLK`: the first lock of another owner that conflicts with `type` on `start...end`.
+    /// (The engines share one implementation over `updateLocks`; a gateway's client asks its gateway.)
+    func getlk(_ ino: Ino, sid: UInt64, owner: UInt64, type: LockType, start: UInt64, end: UInt64) throws(FSError) -> LockRange?
+    /// `F_SETLK`: takes, changes or releases (`.unlock`) a record lock; `EAGAIN` on conflict.
+    func setlk(_ ino: Ino, sid: UInt64, owner: UInt64, pid: UInt32, type: LockType, start: UInt64, end: UInt64) throws(FSError)
+    /// `flock(2)`: shared (`.read`), exclusive (`.write`) or unlock; `EAGAIN` on conflict.
+    func flock(_ ino: Ino, sid: UInt64, owner: UInt64, pid: UInt32, type: LockType) throws(FSError)
 }
 
 extension MetadataEngine {
@@ -179,6 +198,7 @@ public func openMetadata(_ url: MetaURL, create: Bool = false, retryTimeout: Dou
     switch url {
     case .sqlite(let path): return try SQLiteMetadata(path: path, create: create)
     case .redis(let location): return try RedisTxnMetadata(location: location, retryTimeout: retryTimeout)
+    case .gateway: throw FSError.usage("\(url) names a gateway: this command needs the volume's own META-URL (an admin's)")
     }
 }
 

@@ -983,3 +983,34 @@ private func xattrHandlerCheck(_ ns: XattrNamespace, _ name: [UInt8]) throws(FSE
     if ns == .unknown || ns == .system { throw FSError.notSupported }
     if name.count == ns.prefixLength { throw FSError.invalid }
 }
+
+/// The volume's own secrets that only servers of the volume (gateways) read: they live in the
+/// metadata store, which in a multi-tenant set-up no user reaches.
+package protocol VolumeSecrets: AnyObject, Sendable {
+    /// The secret `name` (`bytes` random bytes), created by the first caller when missing; every
+    /// later caller, of any process, gets the same bytes.
+    func volumeSecret(_ name: String, bytes: Int) throws(FSError) -> [UInt8]
+}
+
+extension TxnMetadata: VolumeSecrets {
+    package func volumeSecret(_ name: String, bytes: Int) throws(FSError) -> [UInt8] {
+        let fresh = Sys.randomBytes(bytes).map { String($0, radix: 16).leftPadded(2) }.joined()
+        let text = try store.transaction(write: true) { () throws(FSError) -> String in
+            if let t = try store.setting("secret_" + name) { return t }
+            try store.setSetting("secret_" + name, fresh)
+            return fresh
+        }
+        var out: [UInt8] = []
+        var i = text.startIndex
+        while i < text.endIndex, let j = text.index(i, offsetBy: 2, limitedBy: text.endIndex), let b = UInt8(text[i..<j], radix: 16) {
+            out.append(b)
+            i = j
+        }
+        guard out.count == bytes else { throw FSError(EIO, "damaged metadata: the volume's secret '\(name)' is not \(bytes) hex bytes") }
+        return out
+    }
+}
+
+extension String {
+    fileprivate func leftPadded(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
+}

@@ -151,19 +151,29 @@ public struct RedisLocation: Sendable, Equatable {
 }
 
 /// A parsed META-URL: where the metadata lives.
+/// Where a gateway listens.
+public enum GatewayAddress: Sendable, Equatable {
+    case unix(path: String)
+    case tcp(host: String, port: Int)
+}
+
 public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
     /// `sqlite3:///abs/path.db`
     case sqlite(path: String)
     /// `redis[s]://[[user]:password@]host[:port][/db][?options]`, or with Sentinels
     /// `redis[s]://[[user]:password@]MASTER_NAME,HOST1[:PORT],HOST2[:PORT][/db]` (port 26379).
     case redis(RedisLocation)
+    /// A volume served by a `stagefs gateway`: `stagefs+unix:///run/stagefs/NAME.sock` (its
+    /// Unix socket on this node) or `stagefs://HOST:PORT` (over TCP, with MUNGE). No secret in
+    /// either: the gateway knows who calls from the kernel or from MUNGE.
+    case gateway(GatewayAddress)
 
     /// The accepted forms, as a malformed META-URL's message lists them.
     package static let forms =
-        "sqlite3:///abs/path.db, redis://[[user]:password@]host[:port][/db], rediss://... (TLS) or redis://[[user]:password@]MASTER,SENTINEL[:PORT][,...][/db] (Sentinels)"
+        "sqlite3:///abs/path.db, redis://[[user]:password@]host[:port][/db], rediss://... (TLS), redis://[[user]:password@]MASTER,SENTINEL[:PORT][,...][/db] (Sentinels), stagefs+unix:///path/to/gateway.sock or stagefs://HOST:PORT (a gateway)"
 
     /// Longest first, so "rediss:/x" is not read as "redis" and "s:/x".
-    private static let schemes = ["sqlite3", "sqlite", "rediss", "redis"]
+    private static let schemes = ["stagefs+unix", "stagefs", "sqlite3", "sqlite", "rediss", "redis"]
 
     /// Parses a META-URL; a malformed one is a usage error naming what is wrong, what was
     /// probably meant, and the accepted forms.
@@ -206,6 +216,22 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
             if let q = path.firstIndex(of: "?") { path = String(path[..<q]) }
             guard path.count > 1, !path.hasSuffix("/") else { throw bad("no database file named") }
             return .sqlite(path: path)
+        case "stagefs+unix":
+            guard rest.hasPrefix("/") else {
+                throw bad("the gateway's socket path must be absolute, three slashes in all", meant: rest.isEmpty ? nil : "\(scheme):///\(rest)")
+            }
+            guard rest.count > 1, !rest.hasSuffix("/"), !rest.contains("?"), !rest.contains("@") else { throw bad("no socket file named") }
+            return .gateway(.unix(path: rest))
+        case "stagefs":
+            if rest.contains("@") { throw bad("a gateway URL holds no user or password: the gateway knows who calls") }
+            let hp = rest.hasSuffix("/") ? String(rest.dropLast()) : rest
+            guard let colon = hp.lastIndex(of: ":"), let port = Int(hp[hp.index(after: colon)...]), port > 0, port < 65536 else {
+                throw bad("a gateway over TCP is HOST:PORT", meant: rest.hasPrefix("/") ? "stagefs+unix://\(rest)" : nil)
+            }
+            var host = String(hp[..<colon])
+            if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+            guard !host.isEmpty, !host.contains("/") else { throw bad("no host") }
+            return .gateway(.tcp(host: host, port: port))
         case "redis", "rediss":
             var query = ""
             if let q = rest.firstIndex(of: "?") {
@@ -298,7 +324,7 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
             if (loc.tlsCert == nil) != (loc.tlsKey == nil) { throw bad("tls-cert-file and tls-key-file go together") }
             return .redis(loc)
         default:
-            let meant = closestMatches(to: scheme, in: ["sqlite3", "redis", "rediss"]).first.map { "\($0)://\(rest)" }
+            let meant = closestMatches(to: scheme, in: ["sqlite3", "redis", "rediss", "stagefs", "stagefs+unix"]).first.map { "\($0)://\(rest)" }
             throw bad("unknown scheme '\(scheme)'", meant: meant)
         }
     }
@@ -337,6 +363,8 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
     private func text(auth: (RedisLocation) -> String) -> String {
         switch self {
         case .sqlite(let path): return "sqlite3://\(path)"
+        case .gateway(.unix(let path)): return "stagefs+unix://\(path)"
+        case .gateway(.tcp(let host, let port)): return "stagefs://\(host.contains(":") ? "[\(host)]" : host):\(port)"
         case .redis(let r):
             let auth = auth(r)
             let hosts = ((r.masterName.map { [$0] } ?? []) + r.hosts.map(\.text)).joined(separator: ",")

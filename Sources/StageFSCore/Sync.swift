@@ -223,3 +223,40 @@ public final class ByteBudget: @unchecked Sendable {
 
     public var inUse: Int { lock.withLock { used } }
 }
+
+/// A detached thread of its own (not the Swift concurrency pool) for work that blocks, such as
+/// serving one connection.
+public enum DetachedThread {
+    /// The closure a thread runs, passed to it retained; the thread releases it.
+    private final class Body: Sendable {
+        let run: @Sendable () -> Void
+        init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+    }
+
+    /// Starts `body` on a new thread with a `stackSize`-byte stack; false when no thread could be made.
+    @discardableResult
+    public static func start(stackSize: Int = 1 << 20, _ body: @escaping @Sendable () -> Void) -> Bool {
+        var tid = pthread_t()
+        let ctx = Unmanaged.passRetained(Body(body)).toOpaque()
+        var attr = pthread_attr_t()
+        pthread_attr_init(&attr)
+        pthread_attr_setstacksize(&attr, stackSize)
+        let rc = pthread_create(&tid, &attr, detachedThreadMain, ctx)
+        pthread_attr_destroy(&attr)
+        if rc != 0 {
+            Unmanaged<Body>.fromOpaque(ctx).release()
+            return false
+        }
+        pthread_detach(tid)
+        return true
+    }
+
+    fileprivate static func run(_ ctx: UnsafeMutableRawPointer) {
+        Unmanaged<Body>.fromOpaque(ctx).takeRetainedValue().run()
+    }
+}
+
+private func detachedThreadMain(_ ctx: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
+    if let ctx { DetachedThread.run(ctx) }
+    return nil
+}

@@ -102,6 +102,22 @@ public enum Sys {
         if Glibc.mkdir(path, mode) != 0 && errno != EEXIST { throw FSError.errno(errno, "create directory \(path)") }
     }
 
+    /// `accept4(fd, NULL, NULL, SOCK_CLOEXEC)`: -1 and errno on failure.
+    public static func acceptCloexec(_ fd: Int32) -> Int32 { clinux_accept_cloexec(fd) }
+
+    /// `SO_PEERCRED`: who the kernel says is at the other end of a Unix socket (as it was at
+    /// connect time), or nil with errno set.
+    public static func peerCredential(_ fd: Int32) -> (pid: pid_t, uid: uid_t, gid: gid_t)? {
+        var pid: pid_t = 0
+        var uid: uid_t = 0
+        var gid: gid_t = 0
+        guard clinux_peer_credential(fd, &pid, &uid, &gid) == 0 else { return nil }
+        return (pid, uid, gid)
+    }
+
+    /// `POLLRDHUP`: the other end of a stream shut down its writing.
+    public static let POLLRDHUP = clinux_pollrdhup()
+
     /// `O_PATH`: a descriptor naming a directory for the `*at` calls, without read permission.
     public static let O_PATH = clinux_o_path()
 

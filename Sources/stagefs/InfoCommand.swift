@@ -46,10 +46,16 @@ struct Info: ParsableCommand {
         guard let record = Runtime.load(mount.mountPoint) else {
             throw FSError(ENOENT, "no record of the mount at \(mount.mountPoint) for uid \(getuid()) (was it mounted by another user?)")
         }
-        let meta = try openMetadata(try record.metadataURL())
+        let meta = try openEngine(try record.metadataURL())
         let format = try meta.requireFormat()
         let layout = Layout(volume: format.name, blockSize: format.blockSize)
-        let ino = Ino(st.st_ino)
+        var ino = Ino(st.st_ino)
+        if throughGateway(meta) {
+            // A gateway answers only for inodes reached through lookups, as this user.
+            ino = rootIno
+            let inside = path.dropFirst(mount.mountPoint == "/" ? 0 : mount.mountPoint.count)
+            for part in inside.split(separator: "/") { ino = try meta.lookup(processCredential(), ino, Array(part.utf8)).0 }
+        }
         let a = try meta.getattr(ino)
         print("\(path):")
         print("  inode:  \(ino)")

@@ -210,9 +210,9 @@ struct Mount: ParsableCommand {
 
         // Check everything that can be checked before going to the background.
         let url = try metaURLArgument(metaURL)
-        let meta = try openMetadata(url, retryTimeout: io.metaTimeout)
+        let meta = try openEngine(url, retryTimeout: io.metaTimeout)
         let format = try meta.requireFormat()
-        let store = try openObjectStore(io.storeConfig(format, accessKey: accessKey, secretKey: givenSecretKey))
+        let store = try openStore(meta, io.storeConfig(format, accessKey: accessKey, secretKey: givenSecretKey))
         if let local = store as? LocalObjectStore {
             let ro = parsedOptions.readOnly
             if let problem = local.accessProblem(volume: format.name, write: false) {
@@ -222,6 +222,16 @@ struct Mount: ParsableCommand {
                 throw FSError(EACCES, "\(problem): this user's writes to the volume would fail; \(sharingHint(local, format, readable: true))")
             }
         }
+        // Through a gateway the gateway checked its bucket; the user has nothing to probe with.
+        if !throughGateway(meta) {
+            try probe(store, format)
+        }
+
+        try finishMount(url: url, meta: meta, format: format, store: store)
+    }
+
+    /// Proves the bucket works for this user before going to the background.
+    private func probe(_ store: any ObjectStore, _ format: VolumeFormat) throws(FSError) {
         do {
             if parsedOptions.readOnly {
                 _ = try store.list(prefix: format.name + "/", limit: 1)
@@ -238,8 +248,6 @@ struct Mount: ParsableCommand {
             // Once: on the terminal, and (in the background) in the mount's log, which is its stderr.
             printError("stagefs: warning: \(error.message); only cached data is readable until it is back")
         }
-
-        try finishMount(url: url, meta: meta, format: format, store: store)
     }
 
     /// What to do about a `file` bucket this user cannot write.

@@ -248,12 +248,12 @@ func runStaging(
     metaURL url: MetaURL, paths: [String], mode: StageMode, cache config: DiskCacheConfig, threads: Int, job: String?, io: IOOptions,
     progress: Bool
 ) throws(FSError) -> StageReport {
-    let metaEngine = try openMetadata(url, retryTimeout: io.metaTimeout)
+    let metaEngine = try openEngine(url, retryTimeout: io.metaTimeout)
     let format = try metaEngine.requireFormat()
     let cache = try DiskCache(config: config, volumeUUID: format.uuid)
     var store: (any ObjectStore)?
     if mode == .stage {
-        store = try openObjectStore(io.storeConfig(format))
+        store = try openStore(metaEngine, io.storeConfig(format))
     }
     let stager = Stager(meta: metaEngine, store: store, cache: cache, format: format, cred: processCredential(), threads: threads, job: job)
     signal(SIGINT, stageSignal)

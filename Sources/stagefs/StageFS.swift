@@ -32,7 +32,7 @@ struct StageFS: ParsableCommand {
             also 3 (partial), 4 (failed) and 130 (interrupted).
             """,
         version: stageFSVersion,
-        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self, Stage.self, Cache.self, BindConfig.self, Job.self]
+        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self, Stage.self, Cache.self, BindConfig.self, Job.self, GatewayCmd.self]
     )
 }
 

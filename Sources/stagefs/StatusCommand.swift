@@ -13,7 +13,7 @@ struct Status: ParsableCommand {
 
     func run() throws {
         let url = try metaURLArgument(metaURL)
-        let meta = try openMetadata(url)
+        let meta = try openEngine(url)
         let f = try meta.requireFormat()
         let usage = try meta.statfs()
         let sessions = try meta.listSessions()

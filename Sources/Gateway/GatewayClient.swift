@@ -1,0 +1,186 @@
+import Metadata
+import StageFSCore
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// A client's connections to a gateway: a pool of sockets, each carrying one request at a time
+/// (so the threads of a mount ask in parallel). A connection found dead while idle (the gateway
+/// restarted) is replaced before a request goes on it; while the gateway cannot be reached,
+/// requests wait up to `retryTimeout` seconds, then fail with `EIO`.
+package final class GatewayClient: Sendable {
+    package let address: GatewayAddress
+    package let retryTimeout: Double
+    /// The volume the gateway serves (from its hello).
+    package let volume: String
+    private let idle = Mutex<[Int32]>([])
+    private let nextID = Atomic<UInt64>(1)
+
+    /// Connects once (a first contact that fails is reported at once, with the reason).
+    package init(_ address: GatewayAddress, retryTimeout: Double = 60) throws(FSError) {
+        self.address = address
+        self.retryTimeout = retryTimeout
+        let (fd, volume) = try Self.connect(address, timeout: retryTimeout)
+        self.volume = volume
+        idle.withLock { $0.append(fd) }
+    }
+
+    deinit {
+        for fd in idle.withLock({ $0 }) { close(fd) }
+    }
+
+    package var description: String { "gateway at \(MetaURL.gateway(address))" }
+
+    /// Sends a request and returns the reader of its reply's results (after the status). An
+    /// error reply is thrown as the gateway's errno and message. `tail` goes after the fields
+    /// without being copied into them (a block's bytes).
+    ///
+    /// `onBehalf`: the caller a root client acts for (a root mount with `allow_other`); the
+    /// gateway honours it only from a root peer, and a user's client sends none.
+    package func call(
+        _ op: Op, onBehalf: Credential? = nil, tail: UnsafeRawBufferPointer? = nil, _ fields: (inout WireWriter) -> Void = { _ in }
+    ) throws(FSError) -> WireReader {
+        let id = nextID.add(1, ordering: .relaxed).oldValue
+        var w = WireWriter()
+        w.u64(id)
+        w.u16(op.rawValue)
+        w.credential(onBehalf)
+        fields(&w)
+        let body = w.bytes
+        let deadline = Sys.monotonicNanos() + UInt64(retryTimeout * 1e9)
+        var attempt = 0
+        while true {
+            var fd: Int32 = -1
+            var sent = false
+            do {
+                fd = try take()
+                if let tail {
+                    try FrameIO.send(fd, body, tail: tail)
+                } else {
+                    try FrameIO.send(fd, body)
+                }
+                sent = true
+                guard let reply = try FrameIO.receive(fd) else { throw FSError(ECONNRESET, "the gateway closed the connection") }
+                var r = WireReader(reply)
+                let rid = try r.u64()
+                let status = try r.i32()
+                guard rid == id || rid == 0 else { throw Wire.malformed("a reply to request \(rid) where \(id) was asked") }
+                if status != 0 {
+                    let message = (try? r.string(max: 4096)) ?? "error \(status)"
+                    // The gateway ends a connection after a protocol error; others keep it.
+                    if status == EPROTO { close(fd) } else { give(fd) }
+                    throw GatewayReply(error: FSError(status, message))
+                }
+                give(fd)
+                return r
+            } catch let e as GatewayReply {
+                throw e.error
+            } catch {
+                if fd >= 0 { close(fd) }
+                let e = error as? FSError ?? FSError.io
+                // Only a request the gateway cannot have acted on is sent again, or one that
+                // changes nothing; a change whose reply was lost is reported (EIO).
+                if sent && !op.isRead { throw FSError(EIO, "\(description): the connection broke before the reply (\(e.message))") }
+                if e.code == EPROTO { throw e }
+                attempt += 1
+                if Sys.monotonicNanos() > deadline {
+                    throw FSError(EIO, "\(description) could not be reached for \(Int(retryTimeout)) s: \(e.message)")
+                }
+                Sys.sleep(seconds: min(1.0, 0.05 * Double(attempt)))
+            }
+        }
+    }
+
+    /// An idle connection that is still alive, or a new one.
+    private func take() throws(FSError) -> Int32 {
+        while let fd = idle.withLock({ $0.popLast() }) {
+            // Idle, nothing may be readable: readable or hung up means the gateway went away.
+            var p = pollfd(fd: fd, events: Int16(POLLIN) | Sys.POLLRDHUP, revents: 0)
+            if poll(&p, 1, 0) == 0 { return fd }
+            close(fd)
+        }
+        return try Self.connect(address, timeout: retryTimeout).fd
+    }
+
+    private func give(_ fd: Int32) {
+        let keep = idle.withLock { list -> Bool in
+            guard list.count < 64 else { return false }
+            list.append(fd)
+            return true
+        }
+        if !keep { close(fd) }
+    }
+
+    /// A new connection that has said hello.
+    private static func connect(_ address: GatewayAddress, timeout: Double) throws(FSError) -> (fd: Int32, volume: String) {
+        let fd: Int32
+        switch address {
+        case .unix(let path): fd = try connectUnix(path)
+        case .tcp(let host, let port):
+            throw FSError(EPROTONOSUPPORT, "gateway over TCP (\(host):\(port)) is not available yet: use its Unix socket on the node")
+        }
+        var tv = timeval(tv_sec: Int(max(1, timeout)), tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        do throws(FSError) {
+            var w = WireWriter()
+            w.u64(0)
+            w.u16(Op.hello.rawValue)
+            w.data(Wire.magic)
+            w.u16(Wire.version)
+            try FrameIO.send(fd, w.bytes)
+            guard let reply = try FrameIO.receive(fd) else { throw FSError(ECONNRESET, "the gateway closed the connection at hello") }
+            var r = WireReader(reply)
+            _ = try r.u64()
+            let status = try r.i32()
+            if status != 0 { throw FSError(status, "gateway at \(MetaURL.gateway(address)): \(try r.string(max: 4096))") }
+            _ = try r.u16()
+            return (fd, try r.string(max: 1024))
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    private static func connectUnix(_ path: String) throws(FSError) -> Int32 {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw FSError.usage("socket path \(path) is too long (at most 107 bytes)") }
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, b) in bytes.enumerated() { p[i] = b }
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw FSError.errno(errno, "socket") }
+        let rc = withUnsafePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if rc != 0 {
+            let e = errno
+            close(fd)
+            let why = e == ENOENT || e == ECONNREFUSED ? " (is 'stagefs gateway' running?)" : ""
+            throw FSError(e == ENOENT ? ECONNREFUSED : e, "cannot reach the gateway at \(path): \(String(cString: strerror(e)))\(why)")
+        }
+        return fd
+    }
+}
+
+/// An error reply, kept apart from the connection's own faults while a call unwinds.
+private struct GatewayReply: Error {
+    let error: FSError
+}
+
+extension Op {
+    /// Operations that change nothing, so sending one again after a lost reply is harmless.
+    var isRead: Bool {
+        switch self {
+        case .hello, .loadFormat, .statfs, .listSessions, .lookup, .getattr, .access, .readlink, .readdir, .getattrs, .getxattr,
+            .listxattr, .readChunks, .getBlock, .getlk, .newSliceIDs:
+            return true
+        default:
+            return false
+        }
+    }
+}

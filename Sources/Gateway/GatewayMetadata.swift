@@ -1,0 +1,458 @@
+import Metadata
+import StageFSCore
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// The metadata engine of a client that reaches its volume through a gateway: every operation
+/// is one request, and the gateway runs the POSIX rules as the caller the kernel names. The
+/// tags the gateway hands out with what it answers (`Grants`) are kept here and sent back with
+/// the requests that need them; the caller's credential is not sent (the gateway would ignore it).
+package final class GatewayMetadata: MetadataEngine {
+    package let client: GatewayClient
+    let tags: GatewayTags
+
+    private let ownUID = geteuid()
+    private let actsForOthers = geteuid() == 0
+
+    package init(client: GatewayClient) {
+        self.client = client
+        self.tags = GatewayTags()
+    }
+
+    package var displayName: String { client.description }
+
+    /// Whom a request is for. A root client (a root mount with `allow_other`, serving every user
+    /// of the node) names its caller, which the gateway honours from root. A user's client acts
+    /// as that user, and root through `allow_root` with the user's rights; any other caller is
+    /// refused here, since the gateway would take it for the mount's user.
+    private func who(_ cred: Credential) throws(FSError) -> Credential? {
+        if actsForOthers { return cred }
+        if cred.uid == ownUID || cred.uid == 0 { return nil }
+        throw FSError(EACCES, "this mount reaches its volume through a gateway as uid \(ownUID): uid \(cred.uid) mounts the volume itself")
+    }
+
+    // MARK: volume
+
+    package func loadFormat() throws(FSError) -> VolumeFormat? {
+        var r = try client.call(.loadFormat)
+        return try VolumeFormat.decode(try r.string(max: 1 << 16))
+    }
+
+    package func initialize(_ format: VolumeFormat, force: Bool, rootMode: UInt16) throws(FSError) {
+        throw FSError(EPERM, "a volume is formatted through its own META-URL, not through a gateway")
+    }
+
+    package func statfs() throws(FSError) -> StatFS {
+        var r = try client.call(.statfs)
+        return try r.statfs()
+    }
+
+    // MARK: sessions
+
+    package func newSession(_ info: SessionInfo) throws(FSError) -> UInt64 {
+        var r = try client.call(.newSession) { $0.session(info) }
+        let sid = try r.u64()
+        tags.sessions.withLock { $0[sid] = try? r.u64() }
+        return sid
+    }
+
+    package func heartbeat(_ sid: UInt64) throws(FSError) {
+        _ = try client.call(.heartbeat) { [tags] in tags.session(&$0, sid) }
+    }
+
+    package func closeSession(_ sid: UInt64) throws(FSError) {
+        _ = try client.call(.closeSession) { [tags] in tags.session(&$0, sid) }
+    }
+
+    package func listSessions() throws(FSError) -> [SessionInfo] {
+        var r = try client.call(.listSessions)
+        let n = try r.count(max: 1 << 20, itemSize: 8)
+        var out: [SessionInfo] = []
+        for _ in 0..<n { out.append(try r.session()) }
+        return out
+    }
+
+    /// The gateway ends stale sessions itself.
+    package func cleanStaleSessions(age: Int64) throws(FSError) -> Int { 0 }
+
+    // MARK: namespace
+
+    package func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
+        var r = try client.call(.lookup, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, parent)
+            $0.data(name)
+        }
+        return try tags.entry(&r)
+    }
+
+    package func getattr(_ ino: Ino) throws(FSError) -> Attr {
+        var r = try client.call(.getattr) { [tags] in tags.ref(&$0, ino) }
+        return try r.attr()
+    }
+
+    package func recentAttr(_ ino: Ino) -> Attr? { nil }
+
+    package func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest) throws(FSError) -> Attr {
+        var r = try client.call(.setattr, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, ino)
+            $0.setattr(req)
+            $0.u64(tags.writes.withLock { $0[ino] } ?? 0)
+        }
+        return try r.attr()
+    }
+
+    package func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError) {
+        _ = try client.call(.access, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, ino)
+            $0.u32(mask.rawValue)
+        }
+    }
+
+    package func mknod(
+        _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?
+    ) throws(FSError) -> (Ino, Attr) {
+        var r = try client.call(.mknod, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, parent)
+            $0.data(name)
+            $0.u8(type.rawValue)
+            $0.u16(mode)
+            $0.u32(rdev)
+            $0.bool(target != nil)
+            if let target { $0.data(target) }
+        }
+        return try tags.entry(&r)
+    }
+
+    package func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr) {
+        var r = try client.call(.create, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, parent)
+            $0.data(name)
+            $0.u16(mode)
+            tags.session(&$0, sid)
+        }
+        let (ino, a) = try tags.entry(&r)
+        try tags.opened(&r, ino)
+        return (ino, a)
+    }
+
+    package func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
+        try removing(.unlink, cred, parent, name)
+    }
+
+    package func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
+        try removing(.rmdir, cred, parent, name)
+    }
+
+    private func removing(_ op: Op, _ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
+        var r = try client.call(op, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, parent)
+            $0.data(name)
+        }
+        return try r.removed()
+    }
+
+    package func rename(
+        _ cred: Credential, _ srcParent: Ino, _ srcName: [UInt8], _ dstParent: Ino, _ dstName: [UInt8], _ flags: RenameFlags
+    ) throws(FSError) -> RenameResult {
+        var r = try client.call(.rename, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, srcParent)
+            $0.data(srcName)
+            tags.ref(&$0, dstParent)
+            $0.data(dstName)
+            $0.u32(flags.rawValue)
+        }
+        let moved = try r.u64()
+        let other = try r.u64()
+        let otherTag = try r.u64()
+        if other != 0 { tags.inodes.withLock { $0[other] = otherTag } }
+        let removed = try r.bool() ? try r.removed() : nil
+        return RenameResult(moved: moved, other: other, removed: removed)
+    }
+
+    package func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
+        var r = try client.call(.link, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, ino)
+            tags.ref(&$0, parent)
+            $0.data(name)
+        }
+        return try r.attr()
+    }
+
+    package func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
+        var r = try client.call(.readlink) { [tags] in tags.ref(&$0, ino) }
+        return try r.data(max: 4096)
+    }
+
+    package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
+        var r = try client.call(.readdir) { [tags] in
+            tags.ref(&$0, ino)
+            $0.u64(cookie)
+            $0.u32(UInt32(min(max(limit, 1), Wire.maxBatch)))
+            $0.bool(plus)
+        }
+        let n = try r.count(max: Wire.maxBatch, itemSize: 30)
+        var out: [DirEntry] = []
+        out.reserveCapacity(n)
+        var found: [(Ino, UInt64)] = []
+        found.reserveCapacity(n)
+        for _ in 0..<n {
+            let name = try r.name()
+            let child = try r.u64()
+            found.append((child, try r.u64()))
+            guard let type = FileType(rawValue: try r.u8()) else { throw Wire.malformed("an unknown file type") }
+            let pos = try r.u64()
+            let a = try r.bool() ? try r.attr() : nil
+            out.append(DirEntry(name: name, ino: child, type: type, cookie: pos, attr: a))
+        }
+        tags.inodes.withLock { t in
+            for (i, tag) in found { t[i] = tag }
+        }
+        return out
+    }
+
+    // MARK: extended attributes
+
+    package func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
+        var r = try client.call(.getxattr, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, ino)
+            $0.data(name)
+        }
+        return try r.data(max: 65536)
+    }
+
+    package func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]] {
+        var r = try client.call(.listxattr, onBehalf: try who(cred)) { [tags] in tags.ref(&$0, ino) }
+        let n = try r.count(max: 1 << 16, itemSize: 4)
+        var out: [[UInt8]] = []
+        for _ in 0..<n { out.append(try r.data(max: 256)) }
+        return out
+    }
+
+    package func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
+        _ = try client.call(.setxattr, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, ino)
+            $0.data(name)
+            $0.data(value)
+            $0.u32(flag.rawValue)
+        }
+    }
+
+    package func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
+        _ = try client.call(.removexattr, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, ino)
+            $0.data(name)
+        }
+    }
+
+    // MARK: file data
+
+    package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?) {
+        var r = try client.call(.open, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, ino)
+            $0.i32(flags)
+            tags.session(&$0, sid)
+        }
+        let a = try r.attr()
+        try tags.opened(&r, ino)
+        let slices = try r.bool() ? try tags.chunk(&r) : nil
+        return (a, slices)
+    }
+
+    package func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool {
+        var r = try client.call(.close) { [tags] in
+            tags.ref(&$0, ino)
+            tags.session(&$0, sid)
+        }
+        return try r.bool()
+    }
+
+    package func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice] {
+        try readChunks([(ino, index)])[0]
+    }
+
+    package func readChunks(_ chunks: [(Ino, UInt32)]) throws(FSError) -> [[Slice]] {
+        var out: [[Slice]] = []
+        out.reserveCapacity(chunks.count)
+        var start = 0
+        while start < chunks.count {
+            let part = chunks[start..<min(chunks.count, start + 512)]
+            var r = try client.call(.readChunks) { [tags] in
+                $0.u32(UInt32(part.count))
+                for (ino, index) in part {
+                    tags.ref(&$0, ino)
+                    $0.u32(index)
+                    $0.u64(tags.reads.withLock { $0[ino] } ?? 0)
+                }
+            }
+            for _ in part { out.append(try tags.chunk(&r)) }
+            start += part.count
+        }
+        return out
+    }
+
+    package func getattrs(_ inos: [Ino]) throws(FSError) -> [Attr?] {
+        var out: [Attr?] = []
+        out.reserveCapacity(inos.count)
+        var start = 0
+        while start < inos.count {
+            let part = inos[start..<min(inos.count, start + Wire.maxBatch)]
+            var r = try client.call(.getattrs) { [tags] in
+                $0.u32(UInt32(part.count))
+                for ino in part { tags.ref(&$0, ino) }
+            }
+            for _ in part { out.append(try r.bool() ? try r.attr() : nil) }
+            start += part.count
+        }
+        return out
+    }
+
+    package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr {
+        guard let range = tags.range(of: slice.id) else { throw FSError(EIO, "slice \(slice.id) was not allocated by this client's gateway") }
+        var r = try client.call(.writeSlice) { [tags] in
+            tags.ref(&$0, ino)
+            $0.u32(index)
+            var w = ByteWriter(capacity: Slice.encodedSize)
+            slice.encode(into: &w)
+            $0.w.raw(w.bytes)
+            $0.u64(minSize)
+            $0.time(mtime)
+            $0.u64(tags.writes.withLock { $0[ino] } ?? 0)
+            $0.u64(range.first)
+            $0.u64(range.count)
+            $0.u64(range.tag)
+        }
+        return try r.attr()
+    }
+
+    package func newSliceIDs(_ count: Int) throws(FSError) -> UInt64 {
+        var r = try client.call(.newSliceIDs) { $0.u32(UInt32(count)) }
+        let first = try r.u64()
+        tags.addRange(SliceRange(first: first, count: UInt64(count), tag: try r.u64()))
+        return first
+    }
+
+    /// The gateway deletes unreferenced data itself: a client has nothing to do.
+    package func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete] { [] }
+    package func finishDelete(_ pending: PendingDelete) throws(FSError) -> (slices: [Slice], done: Bool) { ([], true) }
+    package func finishDeletes(limit: Int) throws(FSError) -> (slices: [Slice], more: Bool) { ([], false) }
+    package func takeDroppedSlices(limit: Int) throws(FSError) -> [Slice] { [] }
+
+    // MARK: locks
+
+    package func updateLocks(_ ino: Ino, kind: UInt8, sid: UInt64, _ body: ([UInt8]) throws(FSError) -> [UInt8]?) throws(FSError) {
+        throw FSError(ENOSYS, "lock tables are changed by the gateway")
+    }
+
+    package func getlk(_ ino: Ino, sid: UInt64, owner: UInt64, type: LockType, start: UInt64, end: UInt64) throws(FSError) -> LockRange? {
+        var r = try lock(.getlk, ino, sid, owner, 0, type, start, end)
+        return try r.lockRange()
+    }
+
+    package func setlk(_ ino: Ino, sid: UInt64, owner: UInt64, pid: UInt32, type: LockType, start: UInt64, end: UInt64) throws(FSError) {
+        _ = try lock(.setlk, ino, sid, owner, pid, type, start, end)
+    }
+
+    package func flock(_ ino: Ino, sid: UInt64, owner: UInt64, pid: UInt32, type: LockType) throws(FSError) {
+        _ = try lock(.flock, ino, sid, owner, pid, type, 0, UInt64.max)
+    }
+
+    private func lock(
+        _ op: Op, _ ino: Ino, _ sid: UInt64, _ owner: UInt64, _ pid: UInt32, _ type: LockType, _ start: UInt64, _ end: UInt64
+    ) throws(FSError) -> WireReader {
+        try client.call(op) { [tags] in
+            tags.ref(&$0, ino)
+            tags.session(&$0, sid)
+            $0.u64(owner)
+            $0.u32(pid)
+            $0.u32(type.rawValue)
+            $0.u64(start)
+            $0.u64(end)
+        }
+    }
+}
+
+/// A range of slice ids the gateway allocated to this client, with its tag.
+struct SliceRange: Sendable {
+    let first: UInt64
+    let count: UInt64
+    let tag: UInt64
+}
+
+/// The tags a client holds (its own process's memory: what it reached).
+final class GatewayTags: Sendable {
+    let inodes = Mutex<[Ino: UInt64]>([:])
+    let reads = Mutex<[Ino: UInt64]>([:])
+    let writes = Mutex<[Ino: UInt64]>([:])
+    let sessions = Mutex<[UInt64: UInt64]>([:])
+    /// Slice id → tag, in two generations: a lookup moves a tag to the newer one, and when the
+    /// newer one is full the older is dropped, so tags in use stay and the table stays bounded.
+    private let blocks = Mutex<(new: [UInt64: UInt64], old: [UInt64: UInt64])>(([:], [:]))
+    private let ranges = Mutex<[SliceRange]>([])
+    static let blockGeneration = 1 << 20
+
+    func ref(_ w: inout WireWriter, _ ino: Ino) {
+        w.ref(ino, ino == rootIno ? 0 : inodes.withLock { $0[ino] } ?? 0)
+    }
+
+    func session(_ w: inout WireWriter, _ sid: UInt64) {
+        w.u64(sid)
+        w.u64(sessions.withLock { $0[sid] } ?? 0)
+    }
+
+    /// An inode, its tag and attributes.
+    func entry(_ r: inout WireReader) throws(FSError) -> (Ino, Attr) {
+        let ino = try r.u64()
+        let tag = try r.u64()
+        inodes.withLock { $0[ino] = tag }
+        return (ino, try r.attr())
+    }
+
+    /// The read and write tags of a file just opened (0: not granted).
+    func opened(_ r: inout WireReader, _ ino: Ino) throws(FSError) {
+        let read = try r.u64()
+        let write = try r.u64()
+        if read != 0 { reads.withLock { $0[ino] = read } }
+        if write != 0 { writes.withLock { $0[ino] = write } }
+    }
+
+    /// A chunk's slices and their block tags.
+    func chunk(_ r: inout WireReader) throws(FSError) -> [Slice] {
+        let slices = try r.slices()
+        var got: [(UInt64, UInt64)] = []
+        got.reserveCapacity(slices.count)
+        for s in slices { got.append((s.id, try r.u64())) }
+        blocks.withLock { b in
+            for (id, tag) in got where id != 0 {
+                if b.new.count >= Self.blockGeneration {
+                    b.old = b.new
+                    b.new = [:]
+                }
+                b.new[id] = tag
+            }
+        }
+        return slices
+    }
+
+    func blockTag(_ id: UInt64) -> UInt64? {
+        blocks.withLock { b in
+            if let t = b.new[id] { return t }
+            guard let t = b.old[id] else { return nil }
+            b.new[id] = t
+            return t
+        }
+    }
+
+    func addRange(_ r: SliceRange) {
+        ranges.withLock { list in
+            list.append(r)
+            if list.count > 4096 { list.removeFirst(list.count - 4096) }
+        }
+    }
+
+    func range(of id: UInt64) -> SliceRange? {
+        ranges.withLock { list in list.last { id >= $0.first && id - $0.first < $0.count } }
+    }
+}

@@ -1,0 +1,68 @@
+import Metadata
+import ObjectStorage
+import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// The object store of a client behind a gateway: blocks go through the gateway, which holds the
+/// bucket's keys. A block is fetched with the tag its slice came with (so only blocks of files
+/// the user may read) and stored only under a slice id the gateway allocated to the user, once
+/// (blocks are never overwritten). Listing and deleting are the gateway's.
+package final class GatewayObjectStore: ObjectStore {
+    let meta: GatewayMetadata
+
+    package init(meta: GatewayMetadata) { self.meta = meta }
+
+    package var description: String { "the bucket behind the \(meta.client.description)" }
+
+    package func put(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
+        guard let id = Self.sliceID(key), let range = meta.tags.range(of: id) else {
+            throw FSError(EACCES, "\(key): not a block of a slice this client was given")
+        }
+        _ = try meta.client.call(.putBlock, tail: data) {
+            $0.string(key)
+            $0.u64(range.first)
+            $0.u64(range.count)
+            $0.u64(range.tag)
+            $0.u32(UInt32(data.count))
+        }
+    }
+
+    package func get(_ key: String, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
+        guard let id = Self.sliceID(key), let tag = meta.tags.blockTag(id) else {
+            throw FSError(EACCES, "\(key): this client holds no right to read it (its chunk was not read through the gateway)")
+        }
+        var r = try meta.client.call(.getBlock) {
+            $0.string(key)
+            $0.u32(UInt32(offset))
+            $0.u32(UInt32(min(buffer.count, Int(UInt32.max))))
+            $0.u64(tag)
+        }
+        let n = min(r.remaining, buffer.count)
+        let bytes = try r.raw(n)
+        bytes.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: n) }
+        return n
+    }
+
+    package func delete(_ key: String) throws(FSError) {
+        throw FSError(EPERM, "objects are deleted by the gateway")
+    }
+
+    package func head(_ key: String) throws(FSError) -> Int? {
+        throw FSError(EPERM, "the gateway does not answer for objects by name")
+    }
+
+    package func list(prefix: String, limit: Int) throws(FSError) -> [ObjectInfo] {
+        throw FSError(EPERM, "the gateway does not list the bucket")
+    }
+
+    package func create() throws(FSError) {}
+
+    /// The slice id of a block key `<volume>/chunks/a/b/<id>_<index>_<length>`.
+    static func sliceID(_ key: String) -> UInt64? {
+        guard let name = key.split(separator: "/").last, let id = name.split(separator: "_").first else { return nil }
+        return UInt64(id)
+    }
+}

@@ -1,0 +1,708 @@
+import DataPath
+import Metadata
+import ObjectStorage
+import StageFSCore
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// Limits of a gateway (see README.md).
+package struct GatewayLimits: Sendable {
+    /// Connections at once, in all.
+    package var connections = 1024
+    /// Connections at once of one uid.
+    package var connectionsPerUser = 128
+    /// Seconds a started frame may take to arrive in full, and a reply to be taken.
+    package var frameSeconds = 30
+    /// Bytes of frames being read or answered at once, in all (a block is up to 16 MiB).
+    package var frameBytes = 512 << 20
+    /// The same for one uid: a user who stalls many half-sent frames waits on their own budget.
+    package var frameBytesPerUser = 64 << 20
+    /// Seconds the supplementary groups of a uid are kept after an NSS lookup.
+    package var groupSeconds = 30.0
+
+    package init() {}
+}
+
+/// `stagefs gateway`: holds the volume's secrets and does every metadata operation and object
+/// access for the users of a node, each as the credential the kernel gives for its connection
+/// (`SO_PEERCRED`) and the groups NSS gives for that uid. What a user reached through checks is
+/// proven by tags (`Grants`), so a request naming an inode, a slice or a session the user never
+/// reached is refused.
+package final class GatewayServer: Sendable {
+    let meta: any MetadataEngine
+    let store: any ObjectStore
+    let format: VolumeFormat
+    let layout: Layout
+    let grants: Grants
+    let limits: GatewayLimits
+    private let groups: GroupCache
+    private let frames: ByteBudget
+    private let userFrames = Mutex<[UInt32: (budget: ByteBudget, connections: Int)]>([:])
+    private let counts = Mutex<(all: Int, byUID: [UInt32: Int])>((0, [:]))
+    private let deleter = ConditionLock()
+    private let deletesWanted = Atomic<Bool>(false)
+
+    package init(meta: any MetadataEngine, store: any ObjectStore, format: VolumeFormat, limits: GatewayLimits = GatewayLimits()) throws(FSError) {
+        guard let secrets = meta as? any VolumeSecrets else { throw FSError(EINVAL, "\(meta.displayName) cannot keep a gateway's key") }
+        self.meta = meta
+        self.store = store
+        self.format = format
+        self.layout = Layout(volume: format.name, blockSize: format.blockSize)
+        self.grants = Grants(key: try secrets.volumeSecret("gateway", bytes: 32))
+        self.limits = limits
+        self.groups = GroupCache(seconds: limits.groupSeconds)
+        self.frames = ByteBudget(limit: limits.frameBytes)
+    }
+
+    // MARK: serving
+
+    /// Listens on a Unix socket at `path` (mode 0666: every local user may connect; the kernel
+    /// says who they are) and serves until the process ends. A stale socket file is replaced;
+    /// anything else at `path` is refused.
+    package func serve(unixSocket path: String) throws(FSError) {
+        let fd = try listenUnix(path)
+        startBackground()
+        Log.warning("gateway for volume '\(format.name)' listening on \(path)")
+        while true {
+            let c = Sys.acceptCloexec(fd)
+            if c < 0 {
+                if errno == EINTR || errno == ECONNABORTED { continue }
+                if errno == EMFILE || errno == ENFILE {
+                    Log.warning("gateway: out of file descriptors; waiting before accepting more connections")
+                    Sys.sleep(seconds: 0.1)
+                    continue
+                }
+                throw FSError.errno(errno, "accepting on \(path)")
+            }
+            guard let cred = Sys.peerCredential(c) else {
+                Log.warning("gateway: no peer credential on a connection: \(String(cString: strerror(errno)))")
+                close(c)
+                continue
+            }
+            let peer = Peer(uid: cred.uid, gid: cred.gid, pid: UInt32(bitPattern: cred.pid))
+            if !admit(peer.uid) {
+                refuse(c, FSError(EAGAIN, "the gateway serves its limit of connections (\(limits.connectionsPerUser) per user, \(limits.connections) in all)"))
+                continue
+            }
+            let started = DetachedThread.start { [self] in
+                serveConnection(c, peer)
+                leave(peer.uid)
+            }
+            if !started {
+                leave(peer.uid)
+                refuse(c, FSError(EAGAIN, "the gateway could not start a thread for the connection"))
+            }
+        }
+    }
+
+    private func listenUnix(_ path: String) throws(FSError) -> Int32 {
+        var st = Glibc.stat()
+        if lstat(path, &st) == 0 {
+            guard st.st_mode & S_IFMT == S_IFSOCK else { throw FSError(EEXIST, "\(path) exists and is not a socket: remove it or pick another --socket") }
+            unlink(path)
+        }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw FSError.usage("socket path \(path) is too long (at most 107 bytes)") }
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, b) in bytes.enumerated() { p[i] = b }
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw FSError.errno(errno, "socket") }
+        let rc = withUnsafePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else {
+            let e = errno
+            close(fd)
+            throw FSError.errno(e, "binding \(path)")
+        }
+        // Every user connects; who they are comes from the kernel.
+        guard chmod(path, 0o666) == 0, listen(fd, 256) == 0 else {
+            let e = errno
+            close(fd)
+            throw FSError.errno(e, "listening on \(path)")
+        }
+        return fd
+    }
+
+    private func admit(_ uid: UInt32) -> Bool {
+        counts.withLock { c in
+            if c.all >= limits.connections || c.byUID[uid, default: 0] >= limits.connectionsPerUser { return false }
+            c.all += 1
+            c.byUID[uid, default: 0] += 1
+            return true
+        }
+    }
+
+    private func leave(_ uid: UInt32) {
+        counts.withLock { c in
+            c.all -= 1
+            c.byUID[uid, default: 1] -= 1
+            if c.byUID[uid] == 0 { c.byUID[uid] = nil }
+        }
+    }
+
+    /// The frame budgets a connection of `uid` counts against: its user's and the gateway's.
+    private func budgets(_ uid: UInt32) -> [ByteBudget] {
+        let user = userFrames.withLock { u -> ByteBudget in
+            if let b = u[uid] {
+                u[uid]!.connections += 1
+                return b.budget
+            }
+            let b = ByteBudget(limit: limits.frameBytesPerUser)
+            u[uid] = (b, 1)
+            return b
+        }
+        return [user, frames]
+    }
+
+    private func releaseBudgets(_ uid: UInt32) {
+        userFrames.withLock { u in
+            u[uid]?.connections -= 1
+            if u[uid]?.connections == 0 { u[uid] = nil }
+        }
+    }
+
+    private func refuse(_ fd: Int32, _ e: FSError) {
+        setTimeouts(fd)
+        if let body = try? FrameIO.receive(fd, maxFrame: 4096) {
+            var r = WireReader(body)
+            try? FrameIO.send(fd, Reply.error((try? r.u64()) ?? 0, e))
+        }
+        close(fd)
+    }
+
+    private func setTimeouts(_ fd: Int32) {
+        var tv = timeval(tv_sec: limits.frameSeconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// One connection, on its own thread: requests are answered in order. A malformed frame gets
+    /// an error reply and the connection ends (its stream can no longer be trusted).
+    private func serveConnection(_ fd: Int32, _ peer: Peer) {
+        let budgets = budgets(peer.uid)
+        defer {
+            releaseBudgets(peer.uid)
+            close(fd)
+        }
+        setTimeouts(fd)
+        var helloDone = false
+        let who = "uid \(peer.uid) (pid \(peer.pid))"
+        while true {
+            let body: [UInt8]
+            do {
+                guard let b = try receive(fd, budgets) else { return }
+                body = b
+            } catch {
+                Log.warning("gateway: connection of \(who): \(error.message); closing it")
+                try? FrameIO.send(fd, Reply.error(0, error))
+                return
+            }
+            defer { if body.count > 65536 { for b in budgets { b.release(body.count) } } }
+            var r = WireReader(body)
+            var id: UInt64 = 0
+            var out: WireWriter
+            var tail: Buffer?
+            do throws(FSError) {
+                id = try r.u64()
+                let raw = try r.u16()
+                guard let op = Op(rawValue: raw) else { throw FSError(EPROTO, "unknown operation \(raw) (this gateway speaks protocol \(Wire.version))") }
+                if !helloDone {
+                    guard op == .hello else { throw FSError(EPROTO, "the first request of a connection must be hello") }
+                    out = try hello(id, &r)
+                    helloDone = true
+                } else {
+                    let onBehalf = try r.credential()
+                    // Root on this node may act for its callers (a root mount with allow_other);
+                    // anyone else acts as itself whatever the request says.
+                    let cred = peer.uid == 0 ? onBehalf ?? peer.credential(groups) : peer.credential(groups)
+                    out = Reply.ok(id)
+                    tail = try handle(op, cred, holder: peer.uid, &r, &out)
+                }
+            } catch {
+                if error.code == EPROTO || error.logged || error.code == EIO {
+                    Log.warning("gateway: request of \(who): \(error.message)")
+                }
+                do { try FrameIO.send(fd, Reply.error(id, error)) } catch { return }
+                if error.code == EPROTO { return }
+                continue
+            }
+            do {
+                if let tail {
+                    try FrameIO.send(fd, out.bytes, tail: tail.bytes)
+                } else {
+                    try FrameIO.send(fd, out.bytes)
+                }
+            } catch {
+                Log.warning("gateway: answering \(who): \(error.message); closing the connection")
+                return
+            }
+        }
+    }
+
+    /// Reads one frame, counting big ones against the gateway's frame budget (released by the caller).
+    private func receive(_ fd: Int32, _ budgets: [ByteBudget]) throws(FSError) -> [UInt8]? {
+        // Idle between requests as long as the client likes; a started frame must finish in time.
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        while poll(&p, 1, -1) < 0 && errno == EINTR {}
+        return try FrameIO.receive(fd, budgets: budgets)
+    }
+
+    private func hello(_ id: UInt64, _ r: inout WireReader) throws(FSError) -> WireWriter {
+        let magic = try r.data(max: 64)
+        guard magic == Wire.magic else { throw FSError(EPROTO, "not a StageFS gateway client") }
+        let version = try r.u16()
+        guard version == Wire.version else {
+            throw FSError(
+                EPROTO,
+                "this gateway speaks protocol \(Wire.version) and the client protocol \(version): use the same StageFS version on clients and gateway")
+        }
+        var w = Reply.ok(id)
+        w.u16(Wire.version)
+        w.string(format.name)
+        return w
+    }
+
+    // MARK: requests
+
+    /// Answers one request into `w`; returns the bytes of a block when the reply carries one.
+    ///
+    /// `cred` is whom the checks are for; `holder` the uid of the connection's process, for whom
+    /// tags are made and checked (what a root mount reached, it reached for all its callers).
+    private func handle(_ op: Op, _ cred: Credential, holder uid: UInt32, _ r: inout WireReader, _ w: inout WireWriter) throws(FSError) -> Buffer? {
+        switch op {
+        case .hello:
+            throw FSError(EPROTO, "hello twice")
+        case .loadFormat:
+            try r.end()
+            guard var f = try meta.loadFormat() else { throw FSError(EIO, "the gateway's volume is not formatted") }
+            f.accessKey = nil
+            f.secretKey = nil
+            w.string(f.encoded())
+        case .statfs:
+            try r.end()
+            w.statfs(try meta.statfs())
+        case .newSession:
+            var info = try r.session()
+            try r.end()
+            info.pid = Int32(bitPattern: cred.pid)
+            let sid = try meta.newSession(info)
+            w.u64(sid)
+            w.u64(grants.tag(.session, sid, uid: uid))
+        case .heartbeat:
+            let sid = try session(&r, uid)
+            try r.end()
+            try meta.heartbeat(sid)
+        case .closeSession:
+            let sid = try session(&r, uid)
+            try r.end()
+            try meta.closeSession(sid)
+            wakeDeleter()
+        case .listSessions:
+            try r.end()
+            let all = try meta.listSessions()
+            w.u32(UInt32(all.count))
+            for s in all { w.session(s) }
+        case .lookup:
+            let parent = try ino(&r, uid)
+            let name = try r.name()
+            try r.end()
+            let (ino, a) = try meta.lookup(cred, parent, name)
+            entry(&w, ino, a, uid)
+        case .getattr:
+            let ino = try ino(&r, uid)
+            try r.end()
+            w.attr(try meta.getattr(ino))
+        case .setattr:
+            let ino = try ino(&r, uid)
+            var req = try r.setattr()
+            let writeTag = try r.u64()
+            try r.end()
+            // Truncation through an open file skips the permission check: only for the opener.
+            if req.viaHandle && !grants.check(writeTag, .write, ino, uid: uid) { req.viaHandle = false }
+            w.attr(try meta.setattr(cred, ino, req))
+            if req.mask.contains(.size) { wakeDeleter() }
+        case .access:
+            let ino = try ino(&r, uid)
+            let mask = AccessMask(rawValue: try r.u32() & 7)
+            try r.end()
+            try meta.access(cred, ino, mask)
+        case .mknod:
+            let parent = try ino(&r, uid)
+            let name = try r.name()
+            guard let type = FileType(rawValue: try r.u8()) else { throw Wire.malformed("an unknown file type") }
+            let mode = try r.u16()
+            let rdev = try r.u32()
+            let target: [UInt8]? = try r.bool() ? try r.data(max: 4096) : nil
+            try r.end()
+            let (ino, a) = try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: target)
+            entry(&w, ino, a, uid)
+        case .create:
+            let parent = try ino(&r, uid)
+            let name = try r.name()
+            let mode = try r.u16()
+            let sid = try session(&r, uid)
+            try r.end()
+            let (ino, a) = try meta.create(cred, parent, name, mode, sid: sid)
+            entry(&w, ino, a, uid)
+            w.u64(grants.tag(.read, ino, uid: uid))
+            w.u64(grants.tag(.write, ino, uid: uid))
+        case .unlink, .rmdir:
+            let parent = try ino(&r, uid)
+            let name = try r.name()
+            try r.end()
+            let removed = op == .unlink ? try meta.unlink(cred, parent, name) : try meta.rmdir(cred, parent, name)
+            w.removed(removed)
+            if removed.freed { wakeDeleter() }
+        case .rename:
+            let sp = try ino(&r, uid)
+            let sn = try r.name()
+            let dp = try ino(&r, uid)
+            let dn = try r.name()
+            let flags = RenameFlags(rawValue: try r.u32())
+            try r.end()
+            let res = try meta.rename(cred, sp, sn, dp, dn, flags)
+            w.u64(res.moved)
+            w.u64(res.other)
+            w.u64(res.other == 0 ? 0 : grants.tag(.inode, res.other, uid: uid))
+            w.bool(res.removed != nil)
+            if let removed = res.removed {
+                w.removed(removed)
+                if removed.freed { wakeDeleter() }
+            }
+        case .link:
+            let ino = try ino(&r, uid)
+            let parent = try self.ino(&r, uid)
+            let name = try r.name()
+            try r.end()
+            w.attr(try meta.link(cred, ino, parent, name))
+        case .readlink:
+            let ino = try ino(&r, uid)
+            try r.end()
+            w.data(try meta.readlink(ino))
+        case .readdir:
+            let ino = try ino(&r, uid)
+            let cookie = try r.u64()
+            let limit = Int(try r.u32())
+            let plus = try r.bool()
+            try r.end()
+            guard limit > 0 && limit <= Wire.maxBatch else { throw Wire.malformed("readdir of \(limit) entries (at most \(Wire.maxBatch))") }
+            // What opendir checks on a kernel's file system, at each step here: the gateway keeps
+            // no open directories.
+            try Posix.check(try meta.getattr(ino), cred, .read)
+            let entries = try meta.readdir(ino, after: cookie, limit: limit, plus: plus)
+            w.u32(UInt32(entries.count))
+            for e in entries {
+                w.data(e.name)
+                w.u64(e.ino)
+                w.u64(grants.tag(.inode, e.ino, uid: uid))
+                w.u8(e.type.rawValue)
+                w.u64(e.cookie)
+                w.bool(e.attr != nil)
+                if let a = e.attr { w.attr(a) }
+            }
+        case .getattrs:
+            let n = try r.count(max: Wire.maxBatch, itemSize: 16)
+            var inos: [Ino] = []
+            inos.reserveCapacity(n)
+            for _ in 0..<n { inos.append(try ino(&r, uid)) }
+            try r.end()
+            let attrs = try meta.getattrs(inos)
+            for a in attrs {
+                w.bool(a != nil)
+                if let a { w.attr(a) }
+            }
+        case .getxattr:
+            let ino = try ino(&r, uid)
+            let name = try r.data(max: 256)
+            try r.end()
+            w.data(try meta.getxattr(cred, ino, name))
+        case .listxattr:
+            let ino = try ino(&r, uid)
+            try r.end()
+            let names = try meta.listxattr(cred, ino)
+            w.u32(UInt32(names.count))
+            for n in names { w.data(n) }
+        case .setxattr:
+            let ino = try ino(&r, uid)
+            let name = try r.data(max: 256)
+            let value = try r.data(max: 65536)
+            guard let flag = XattrFlag(rawValue: try r.u32()) else { throw Wire.malformed("an unknown setxattr flag") }
+            try r.end()
+            try meta.setxattr(cred, ino, name, value, flag)
+        case .removexattr:
+            let ino = try ino(&r, uid)
+            let name = try r.data(max: 256)
+            try r.end()
+            try meta.removexattr(cred, ino, name)
+        case .open:
+            let ino = try ino(&r, uid)
+            let flags = try r.i32()
+            let sid = try session(&r, uid)
+            try r.end()
+            let (a, slices) = try meta.open(cred, ino, flags: flags, sid: sid)
+            let mask = accessMask(flags)
+            w.attr(a)
+            w.u64(mask.contains(.read) ? grants.tag(.read, ino, uid: uid) : 0)
+            w.u64(mask.contains(.write) ? grants.tag(.write, ino, uid: uid) : 0)
+            w.bool(slices != nil && mask.contains(.read))
+            if let slices, mask.contains(.read) { chunk(&w, slices, uid) }
+        case .close:
+            let ino = try ino(&r, uid)
+            let sid = try session(&r, uid)
+            try r.end()
+            let freed = try meta.close(ino, sid: sid)
+            w.bool(freed)
+            if freed { wakeDeleter() }
+        case .readChunks:
+            let n = try r.count(max: Wire.maxBatch, itemSize: 28)
+            var asks: [(Ino, UInt32)] = []
+            var unproven: [Ino] = []
+            asks.reserveCapacity(n)
+            for _ in 0..<n {
+                let ino = try ino(&r, uid)
+                let index = try r.u32()
+                let readTag = try r.u64()
+                asks.append((ino, index))
+                // A file opened for reading keeps its reader's right; otherwise the caller must
+                // be allowed to read it now (staging reads chunks without opening).
+                if !grants.check(readTag, .read, ino, uid: uid) { unproven.append(ino) }
+            }
+            try r.end()
+            if !unproven.isEmpty {
+                let attrs = try meta.getattrs(unproven)
+                for a in attrs {
+                    guard let a else { throw FSError.notFound }
+                    guard a.type == .regular else { throw FSError.invalid }
+                    try Posix.check(a, cred, .read)
+                }
+            }
+            for s in try meta.readChunks(asks) { chunk(&w, s, uid) }
+        case .writeSlice:
+            let ino = try ino(&r, uid)
+            let index = try r.u32()
+            let s = Slice(pos: try r.u32(), id: try r.u64(), size: try r.u32(), off: try r.u32(), len: try r.u32())
+            let minSize = try r.u64()
+            let mtime = try r.time()
+            let writeTag = try r.u64()
+            let first = try r.u64()
+            let count = try r.u64()
+            let rangeTag = try r.u64()
+            try r.end()
+            guard grants.check(writeTag, .write, ino, uid: uid) else { throw FSError(EBADF, "inode \(ino) is not open for writing by uid \(uid)") }
+            try ownSlice(s.id, first, count, rangeTag, uid)
+            let end = UInt64(index) * chunkSize + UInt64(s.pos) + UInt64(s.len)
+            guard s.len > 0, UInt64(s.off) + UInt64(s.len) <= UInt64(s.size), UInt64(s.pos) + UInt64(s.len) <= chunkSize,
+                end <= maxFileSize, minSize <= maxFileSize
+            else { throw FSError(EINVAL, "a slice record outside its chunk or its slice") }
+            w.attr(try meta.writeSlice(ino, index, s, minSize: minSize, mtime: mtime))
+        case .newSliceIDs:
+            let count = Int(try r.u32())
+            try r.end()
+            guard count > 0 && count <= 4096 else { throw Wire.malformed("\(count) slice ids asked (1 to 4096)") }
+            let first = try meta.newSliceIDs(count)
+            w.u64(first)
+            w.u64(grants.tag(.slices, first, UInt64(count), uid: uid))
+        case .getlk, .setlk, .flock:
+            let ino = try ino(&r, uid)
+            let sid = try session(&r, uid)
+            let owner = try r.u64()
+            let pid = try r.u32()
+            let type = try r.lockType()
+            let start = try r.u64()
+            let end = try r.u64()
+            try r.end()
+            switch op {
+            case .getlk: w.lockRange(try meta.getlk(ino, sid: sid, owner: owner, type: type, start: start, end: end))
+            case .setlk: try meta.setlk(ino, sid: sid, owner: owner, pid: pid, type: type, start: start, end: end)
+            default: try meta.flock(ino, sid: sid, owner: owner, pid: pid, type: type)
+            }
+        case .getBlock:
+            let key = try r.string(max: 1024)
+            let offset = Int(try r.u32())
+            let length = Int(try r.u32())
+            let tag = try r.u64()
+            try r.end()
+            let b = try block(key)
+            guard grants.check(tag, .block, b.id, uid: uid) else { throw FSError(EACCES, "uid \(uid) may not read the blocks of slice \(b.id)") }
+            guard offset <= b.length, length <= b.length - offset else { throw FSError(EINVAL, "a read past the end of block \(key)") }
+            // (The reply's bytes count against the gateway's budget while they are read.)
+            frames.acquire(length)
+            let buf = Buffer(capacity: length)
+            defer { frames.release(length) }
+            buf.count = try store.get(key, offset: offset, into: UnsafeMutableRawBufferPointer(start: buf.base, count: length))
+            return buf
+        case .putBlock:
+            let key = try r.string(max: 1024)
+            let first = try r.u64()
+            let count = try r.u64()
+            let tag = try r.u64()
+            let n = Int(try r.u32())
+            let b = try block(key)
+            try ownSlice(b.id, first, count, tag, uid)
+            guard n == b.length, r.remaining == n else { throw FSError(EINVAL, "block \(key) must be \(b.length) bytes") }
+            // Blocks are immutable: a user writes only new ones, never one that exists.
+            if try store.head(key) != nil { throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten") }
+            let data = try r.raw(n)
+            try store.put(key, bytes: data)
+        }
+        return nil
+    }
+
+    // MARK: checks
+
+    /// An inode a request names: root, or one whose tag proves this uid reached it.
+    private func ino(_ r: inout WireReader, _ uid: UInt32) throws(FSError) -> Ino {
+        let ino = try r.u64()
+        let tag = try r.u64()
+        if ino == rootIno || grants.check(tag, .inode, ino, uid: uid) { return ino }
+        Log.warning("gateway: uid \(uid) named inode \(ino) without having reached it")
+        throw FSError(EACCES, "inode \(ino) was not reached by uid \(uid) through a lookup")
+    }
+
+    private func session(_ r: inout WireReader, _ uid: UInt32) throws(FSError) -> UInt64 {
+        let sid = try r.u64()
+        let tag = try r.u64()
+        guard grants.check(tag, .session, sid, uid: uid) else { throw FSError(EACCES, "session \(sid) is not one of uid \(uid)") }
+        return sid
+    }
+
+    private func ownSlice(_ id: UInt64, _ first: UInt64, _ count: UInt64, _ tag: UInt64, _ uid: UInt32) throws(FSError) {
+        guard grants.check(tag, .slices, first, count, uid: uid), id >= first, id - first < count else {
+            throw FSError(EACCES, "slice \(id) was not allocated to uid \(uid)")
+        }
+    }
+
+    /// The slice, index and length a block key names; only the exact form `Layout.key` makes.
+    private func block(_ key: String) throws(FSError) -> (id: UInt64, index: Int, length: Int) {
+        let name = key.split(separator: "/").last.map(String.init) ?? ""
+        let parts = name.split(separator: "_")
+        guard parts.count == 3, let id = UInt64(parts[0]), let index = Int(parts[1]), let length = Int(parts[2]),
+            id > 0, index >= 0, index < Int(chunkSize) / layout.blockSize + 1, length > 0, length <= layout.blockSize,
+            layout.key(slice: id, index: index, length: length) == key
+        else { throw FSError(EINVAL, "'\(key.prefix(200))' is not a block of volume '\(format.name)'") }
+        return (id, index, length)
+    }
+
+    private func entry(_ w: inout WireWriter, _ ino: Ino, _ a: Attr, _ uid: UInt32) {
+        w.u64(ino)
+        w.u64(grants.tag(.inode, ino, uid: uid))
+        w.attr(a)
+    }
+
+    /// A chunk's slices and, for each, the tag that lets this uid fetch its blocks.
+    private func chunk(_ w: inout WireWriter, _ slices: [Slice], _ uid: UInt32) {
+        w.slices(slices)
+        for s in slices { w.u64(s.id == 0 ? 0 : grants.tag(.block, s.id, uid: uid)) }
+    }
+
+    private func accessMask(_ flags: Int32) -> AccessMask {
+        var mask: AccessMask
+        switch flags & O_ACCMODE {
+        case O_RDONLY: mask = .read
+        case O_WRONLY: mask = .write
+        default: mask = [.read, .write]
+        }
+        if flags & O_TRUNC != 0 { mask.insert(.write) }
+        return mask
+    }
+
+    // MARK: background
+
+    /// The gateway deletes what nobody references any more (users never delete objects) and
+    /// ends the sessions of clients that went silent.
+    private func startBackground() {
+        DetachedThread.start { [self] () -> Void in
+            var lastStale = Sys.monotonicNanos()
+            while true {
+                deleter.withLock { _ = deleter.wait(seconds: 2) }
+                deletesWanted.store(false, ordering: .relaxed)
+                cleanDeleted()
+                if Sys.monotonicNanos() - lastStale > 30_000_000_000 {
+                    lastStale = Sys.monotonicNanos()
+                    do throws(FSError) {
+                        let n = try meta.cleanStaleSessions(age: 300)
+                        if n > 0 { Log.info("gateway: cleaned up \(n) stale session(s)") }
+                    } catch {
+                        Log.warning("gateway: cleaning stale sessions: \(error.message)")
+                    }
+                }
+            }
+        }
+    }
+
+    private func wakeDeleter() {
+        if !deletesWanted.exchange(true, ordering: .relaxed) { deleter.withLock { deleter.signal() } }
+    }
+
+    /// In bounded steps: at most about two seconds, the rest in the next round.
+    private func cleanDeleted() {
+        let start = Sys.monotonicNanos()
+        do {
+            while Sys.monotonicNanos() - start < 2_000_000_000 {
+                let (slices, more) = try meta.finishDeletes(limit: 100)
+                for s in slices { deleteObjects(s) }
+                if !more { break }
+            }
+            for s in try meta.takeDroppedSlices(limit: 1000) { deleteObjects(s) }
+        } catch {
+            Log.warning("gateway: deleting unreferenced data: \(error.message)")
+        }
+    }
+
+    private func deleteObjects(_ s: Slice) {
+        for key in layout.keys(of: s) {
+            do { try store.delete(key) } catch { Log.warning("gateway: could not delete \(key): \(error.message)") }
+        }
+    }
+}
+
+/// Who is at the other end of a connection, as the kernel says.
+struct Peer: Sendable {
+    let uid: UInt32
+    let gid: UInt32
+    let pid: UInt32
+
+    func credential(_ groups: GroupCache) -> Credential {
+        Credential(uid: uid, gid: gid, groups: groups.groups(uid: uid, gid: gid), pid: pid)
+    }
+}
+
+/// Supplementary groups of a uid from this node's NSS (`getgrouplist`), kept briefly.
+final class GroupCache: Sendable {
+    private let seconds: Double
+    private let cache = Mutex<[UInt32: (gid: UInt32, groups: [UInt32], at: UInt64)]>([:])
+
+    init(seconds: Double) { self.seconds = seconds }
+
+    func groups(uid: UInt32, gid: UInt32) -> [UInt32] {
+        let now = Sys.monotonicNanos()
+        if let hit = cache.withLock({ $0[uid] }), hit.gid == gid, Double(now - hit.at) / 1e9 < seconds { return hit.groups }
+        let found = Self.lookup(uid: uid, gid: gid)
+        cache.withLock { c in
+            if c.count > 65536 { c.removeAll() }
+            c[uid] = (gid, found, now)
+        }
+        return found
+    }
+
+    private static func lookup(uid: UInt32, gid: UInt32) -> [UInt32] {
+        var pw = passwd()
+        var result: UnsafeMutablePointer<passwd>?
+        var buf = [CChar](repeating: 0, count: 16384)
+        guard getpwuid_r(uid, &pw, &buf, buf.count, &result) == 0, result != nil, let name = pw.pw_name else { return [] }
+        var n: Int32 = 64
+        while true {
+            var list = [gid_t](repeating: 0, count: Int(n))
+            let before = n
+            if getgrouplist(name, gid, &list, &n) >= 0 { return Array(list[0..<Int(n)]).filter { $0 != gid } }
+            if n <= before || n > 65536 { return [] }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+import Metadata
+import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// The gateway's wire format (documented in README.md): length-prefixed frames, each a request
+/// or its reply, big-endian integers.
+///
+/// A frame is `u32 length` and `length` bytes of body, at most `maxFrame`. A request body is
+/// `u64 request id`, `u16 op` and the op's fields; a reply body is `u64 request id`, `i32 status`
+/// (0 or an errno), then the op's results, or for an error its message.
+package enum Wire {
+    /// The protocol this StageFS speaks; the first request of a connection (`hello`) names it.
+    package static let version: UInt16 = 1
+    /// What the first request starts with, so a stray client is told what it reached.
+    package static let magic = Array("stagefs-gateway".utf8)
+    /// The largest frame: a block of the largest block size (16 MiB) and its fields.
+    package static let maxFrame = (16 << 20) + 4096
+    /// The most supplementary groups a credential carries (Linux's NGROUPS_MAX is 65536; NSS
+    /// setups rarely give more than a few hundred).
+    package static let maxGroups = 4096
+    /// The most entries one readdir, getattrs or readChunks request may ask for.
+    package static let maxBatch = 4096
+}
+
+/// The operations a client asks of a gateway.
+package enum Op: UInt16, Sendable {
+    case hello = 1
+    case loadFormat = 2
+    case statfs = 3
+    case newSession = 4
+    case heartbeat = 5
+    case closeSession = 6
+    case listSessions = 7
+    case lookup = 10
+    case getattr = 11
+    case setattr = 12
+    case access = 13
+    case mknod = 14
+    case create = 15
+    case unlink = 16
+    case rmdir = 17
+    case rename = 18
+    case link = 19
+    case readlink = 20
+    case readdir = 21
+    case getattrs = 22
+    case getxattr = 30
+    case listxattr = 31
+    case setxattr = 32
+    case removexattr = 33
+    case open = 40
+    case close = 41
+    case readChunks = 43
+    case writeSlice = 44
+    case newSliceIDs = 45
+    case getlk = 50
+    case setlk = 51
+    case flock = 52
+    case getBlock = 60
+    case putBlock = 61
+}
+
+/// Builds a frame body.
+package struct WireWriter {
+    package var w: ByteWriter
+
+    package init(capacity: Int = 128) { w = ByteWriter(capacity: capacity) }
+
+    package var bytes: [UInt8] { w.bytes }
+
+    package mutating func u8(_ v: UInt8) { w.u8(v) }
+    package mutating func u16(_ v: UInt16) { w.u16(v) }
+    package mutating func u32(_ v: UInt32) { w.u32(v) }
+    package mutating func i32(_ v: Int32) { w.u32(UInt32(bitPattern: v)) }
+    package mutating func u64(_ v: UInt64) { w.u64(v) }
+    package mutating func i64(_ v: Int64) { w.i64(v) }
+    package mutating func bool(_ v: Bool) { w.u8(v ? 1 : 0) }
+    /// A byte string: `u32 length` and the bytes.
+    package mutating func data<C: Collection<UInt8>>(_ v: C) {
+        w.u32(UInt32(v.count))
+        w.raw(v)
+    }
+    package mutating func string(_ v: String) { data(Array(v.utf8)) }
+    package mutating func time(_ t: Timespec) {
+        w.i64(t.sec)
+        w.u32(t.nsec)
+    }
+    package mutating func attr(_ a: Attr) { w.raw(a.encode()) }
+    package mutating func slices(_ s: [Slice]) {
+        w.u32(UInt32(s.count))
+        for x in s { x.encode(into: &w) }
+    }
+}
+
+/// Reads a frame body; any field that runs past the end, or a length beyond its bound, is a
+/// malformed frame (`EPROTO`), never a crash or a large allocation.
+package struct WireReader {
+    private var r: ByteReader
+
+    package init(_ bytes: [UInt8], offset: Int = 0) { r = ByteReader(bytes, offset: offset) }
+
+    package var remaining: Int { r.remaining }
+
+    private func need(_ n: Int) throws(FSError) {
+        if r.remaining < n { throw Wire.malformed("a field runs past the end of the frame") }
+    }
+
+    package mutating func u8() throws(FSError) -> UInt8 {
+        try need(1)
+        return r.u8()
+    }
+    package mutating func u16() throws(FSError) -> UInt16 {
+        try need(2)
+        return r.u16()
+    }
+    package mutating func u32() throws(FSError) -> UInt32 {
+        try need(4)
+        return r.u32()
+    }
+    package mutating func i32() throws(FSError) -> Int32 { Int32(bitPattern: try u32()) }
+    package mutating func u64() throws(FSError) -> UInt64 {
+        try need(8)
+        return r.u64()
+    }
+    package mutating func i64() throws(FSError) -> Int64 {
+        try need(8)
+        return r.i64()
+    }
+    package mutating func bool() throws(FSError) -> Bool { try u8() != 0 }
+    /// A byte string of at most `max` bytes.
+    package mutating func data(max: Int) throws(FSError) -> [UInt8] {
+        let n = Int(try u32())
+        if n > max { throw Wire.malformed("a field of \(n) bytes exceeds its limit of \(max)") }
+        try need(n)
+        return r.raw(n)
+    }
+    package mutating func string(max: Int = 4096) throws(FSError) -> String { String(decoding: try data(max: max), as: UTF8.self) }
+    package mutating func name() throws(FSError) -> [UInt8] { try data(max: maxNameLength + 1) }
+    package mutating func time() throws(FSError) -> Timespec { Timespec(sec: try i64(), nsec: try u32()) }
+    package mutating func attr() throws(FSError) -> Attr {
+        try need(Attr.encodedSize)
+        guard let a = Attr(decoding: r.raw(Attr.encodedSize)) else { throw Wire.malformed("an attribute record of an unknown file type") }
+        return a
+    }
+    /// A count of at most `max` items, each at least `itemSize` bytes long.
+    package mutating func count(max: Int, itemSize: Int) throws(FSError) -> Int {
+        let n = Int(try u32())
+        if n > max { throw Wire.malformed("a list of \(n) items exceeds its limit of \(max)") }
+        try need(n * itemSize)
+        return n
+    }
+    package mutating func slices() throws(FSError) -> [Slice] {
+        let n = try count(max: 1 << 20, itemSize: Slice.encodedSize)
+        var out: [Slice] = []
+        out.reserveCapacity(n)
+        for _ in 0..<n {
+            out.append(Slice(pos: try u32(), id: try u64(), size: try u32(), off: try u32(), len: try u32()))
+        }
+        return out
+    }
+    package mutating func raw(_ n: Int) throws(FSError) -> [UInt8] {
+        try need(n)
+        return r.raw(n)
+    }
+    /// The frame must end here.
+    package func end() throws(FSError) {
+        if r.remaining != 0 { throw Wire.malformed("\(r.remaining) bytes follow the last field") }
+    }
+}
+
+extension Wire {
+    package static func malformed(_ why: String) -> FSError { FSError(EPROTO, "malformed gateway frame: \(why)") }
+}
+
+/// Blocking frame I/O on a socket.
+package enum FrameIO {
+    /// Writes one frame (the length prefix and `body`), all of it.
+    package static func send(_ fd: Int32, _ body: [UInt8]) throws(FSError) {
+        var head = ByteWriter(capacity: 4)
+        head.u32(UInt32(body.count))
+        let h = head.bytes
+        try fsTyped { try h.withUnsafeBytes { hp in try body.withUnsafeBytes { bp in try writeAll(fd, [hp, bp]) } } }
+    }
+
+    /// Writes one frame whose body is `head` followed by `tail` (a block's bytes), without
+    /// joining them.
+    package static func send(_ fd: Int32, _ head: [UInt8], tail: UnsafeRawBufferPointer) throws(FSError) {
+        var len = ByteWriter(capacity: 4)
+        len.u32(UInt32(head.count + tail.count))
+        let l = len.bytes
+        try fsTyped { try l.withUnsafeBytes { lp in try head.withUnsafeBytes { hp in try writeAll(fd, [lp, hp, tail]) } } }
+    }
+
+    private static func writeAll(_ fd: Int32, _ parts: [UnsafeRawBufferPointer]) throws(FSError) {
+        for p in parts where p.count > 0 {
+            var off = 0
+            while off < p.count {
+                let n = Glibc.send(fd, p.baseAddress! + off, p.count - off, Int32(MSG_NOSIGNAL))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw FSError.errno(errno == EAGAIN ? ETIMEDOUT : errno, "gateway connection")
+                }
+                off += n
+            }
+        }
+    }
+
+    /// Reads one frame's body; nil at a clean end of the stream (before any byte of a frame).
+    /// A length beyond `maxFrame` is refused before anything is allocated.
+    /// A body of more than 64 KiB is counted against each of `budgets` first (waiting while one
+    /// is spent); the caller releases them once done with the body.
+    package static func receive(_ fd: Int32, maxFrame: Int = Wire.maxFrame, budgets: [ByteBudget] = []) throws(FSError) -> [UInt8]? {
+        var head = [UInt8](repeating: 0, count: 4)
+        let got = try fsTyped { try head.withUnsafeMutableBytes { p in try readFull(fd, p, allowEOF: true) } }
+        if !got { return nil }
+        var hr = ByteReader(head)
+        let n = Int(hr.u32())
+        if n > maxFrame { throw Wire.malformed("a frame of \(n) bytes (the limit is \(maxFrame))") }
+        let counted = n > 65536
+        if counted { for b in budgets { b.acquire(n) } }
+        var body = [UInt8](repeating: 0, count: n)
+        do throws(FSError) {
+            if n > 0 {
+                _ = try fsTyped { try body.withUnsafeMutableBytes { p in try readFull(fd, p, allowEOF: false) } }
+            }
+        } catch {
+            if counted { for b in budgets { b.release(n) } }
+            throw error
+        }
+        return body
+    }
+
+    /// Fills `p`; false when the stream ended before its first byte and `allowEOF`.
+    private static func readFull(_ fd: Int32, _ p: UnsafeMutableRawBufferPointer, allowEOF: Bool) throws(FSError) -> Bool {
+        var off = 0
+        while off < p.count {
+            let n = recv(fd, p.baseAddress! + off, p.count - off, 0)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw FSError.errno(errno == EAGAIN ? ETIMEDOUT : errno, "gateway connection")
+            }
+            if n == 0 {
+                if off == 0 && allowEOF { return false }
+                throw FSError(ECONNRESET, "gateway connection closed in the middle of a frame")
+            }
+            off += n
+        }
+        return true
+    }
+}
+
+/// The reply to a request: `u64 id`, `i32 status`, then results or an error message.
+package enum Reply {
+    package static func ok(_ id: UInt64) -> WireWriter {
+        var w = WireWriter()
+        w.u64(id)
+        w.i32(0)
+        return w
+    }
+
+    package static func error(_ id: UInt64, _ e: FSError) -> [UInt8] {
+        var w = WireWriter()
+        w.u64(id)
+        w.i32(e.code == 0 ? EIO : e.code)
+        w.string(String(e.message.prefix(1000)))
+        return w.bytes
+    }
+}

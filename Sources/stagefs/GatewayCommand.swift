@@ -1,0 +1,127 @@
+import ArgumentParser
+import Gateway
+import Metadata
+import ObjectStorage
+import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+struct GatewayCmd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gateway",
+        abstract: "Serve a volume to the users of this node without giving them its secrets.",
+        discussion: """
+            Runs in the foreground as root or a service account (systemd: stagefs-gateway@NAME). It alone holds the
+            Redis password and the bucket's keys, read from --config (KEY=VALUE lines: META_URL=redis://:PASSWORD@host:6379/1,
+            optionally META_PASSWORD=, ACCESS_KEY=, SECRET_KEY=; the file must be the gateway user's and not readable by
+            others) or from the environment (META_URL, META_PASSWORD, META_PASSWORD_FILE), never from arguments.
+
+            Users mount, stage and ask status with the URL stagefs+unix://SOCKET; the gateway knows each caller from the
+            kernel (SO_PEERCRED) and its groups from this node's NSS, and runs every operation with that credential.
+            Users never delete objects: the gateway deletes what nothing references.
+            """
+    )
+
+    @Option(help: ArgumentHelp("Settings file (KEY=VALUE lines) with the volume's META-URL and secrets.", valueName: "FILE"))
+    var config: String?
+
+    @Option(help: ArgumentHelp("Unix socket to serve (mode 0666) [default: /run/stagefs/VOLUME.sock].", valueName: "PATH"))
+    var socket: String?
+
+    @Option(help: "Connections at once, in all.")
+    var maxConnections = 1024
+
+    @Option(help: "Connections at once of one user.")
+    var maxConnectionsPerUser = 128
+
+    @OptionGroup var io: IOOptions
+
+    @Flag(name: .shortAndLong, help: "Log each refused request and more (repeat for debug).")
+    var verbose: Int
+
+    func validate() throws {
+        if maxConnections < 1 || maxConnectionsPerUser < 1 { throw ValidationError("--max-connections and --max-connections-per-user must be at least 1") }
+    }
+
+    func run() throws {
+        Log.level = verbose >= 2 ? .debug : (verbose == 1 ? .info : .warning)
+        let settings = try config.map { (path) throws(FSError) in try GatewaySettings.read(path) } ?? [:]
+        func value(_ key: String) -> String? {
+            if let v = settings[key], !v.isEmpty { return v }
+            return getenv(key).map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+        }
+        guard let text = value("META_URL") else {
+            throw FSError.usage("no META-URL: put META_URL=redis://... in the --config file (or set META_URL in the gateway's environment)")
+        }
+        var url = try MetaURL.parse(text)
+        if case .gateway = url { throw FSError.usage("META_URL names a gateway; a gateway needs the volume's own META-URL") }
+        if !url.hasPassword, let p = settings["META_PASSWORD"], !p.isEmpty {
+            url = url.with(password: p)
+        } else if !url.hasPassword, case .redis = url, let p = try environmentPassword() {
+            url = url.with(password: p)
+        }
+        let meta = try openMetadata(url, retryTimeout: io.metaTimeout)
+        let format = try meta.requireFormat()
+        let store = try openObjectStore(io.storeConfig(format, accessKey: value("ACCESS_KEY"), secretKey: value("SECRET_KEY")))
+        if let local = store as? LocalObjectStore {
+            // Users reach blocks only through the gateway: the directory must be closed to them.
+            guard let st = Sys.stat(local.root), st.st_uid == geteuid(), st.st_mode & 0o077 == 0 else {
+                throw FSError(
+                    EACCES,
+                    "the bucket \(local.root) must belong to the gateway's user (uid \(geteuid())) with mode 0700, or users could read every block without the gateway: chown \(geteuid()) \(local.root) && chmod 700 \(local.root)"
+                )
+            }
+        }
+        try store.check(prefix: format.name)
+        var limits = GatewayLimits()
+        limits.connections = maxConnections
+        limits.connectionsPerUser = maxConnectionsPerUser
+        let server = try GatewayServer(meta: meta, store: store, format: format, limits: limits)
+        let path = socket ?? "/run/stagefs/\(format.name).sock"
+        try Sys.mkdirs(Sys.dirname(of: path), 0o755)
+        printError("stagefs: gateway for volume '\(format.name)' (\(url)) serving stagefs+unix://\(path)")
+        try server.serve(unixSocket: path)
+    }
+}
+
+/// The gateway's settings file: `KEY=VALUE` lines (`#` comments, blank lines, optional quotes),
+/// refused unless it is a regular file of the gateway's user that no one else may read or write.
+enum GatewaySettings {
+    static func read(_ path: String) throws(FSError) -> [String: String] {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC)
+        if fd < 0 { throw FSError.errno(errno, "cannot read the gateway's settings \(path)") }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_size <= 65536 else {
+            throw FSError(EINVAL, "\(path) is not a regular file of at most 64 KiB")
+        }
+        guard st.st_uid == geteuid() else {
+            throw FSError(EACCES, "\(path) belongs to uid \(st.st_uid), not to the gateway's user (uid \(geteuid())): it holds the volume's secrets")
+        }
+        guard st.st_mode & 0o077 == 0 else {
+            throw FSError(
+                EACCES, "\(path) has mode 0\(String(st.st_mode & 0o777, radix: 8)): it holds the volume's secrets, so others must have no access (chmod 600 \(path))")
+        }
+        var buf = [UInt8](repeating: 0, count: Int(st.st_size))
+        let n = try Sys.pread(fd, &buf, buf.count, 0, path: path)
+        var out: [String: String] = [:]
+        for raw in buf[0..<n].split(separator: 10) {
+            let line = String(decoding: raw, as: UTF8.self).trimmed
+            if line.isEmpty || line.hasPrefix("#") { continue }
+            guard let eq = line.firstIndex(of: "=") else { throw FSError(EINVAL, "\(path): a line without '=' (KEY=VALUE lines)") }
+            let key = String(line[..<eq]).trimmed.replacingPrefix("export ", with: "")
+            var value = String(line[line.index(after: eq)...]).trimmed
+            if value.count >= 2, let f = value.first, f == "\"" || f == "'", value.last == f { value = String(value.dropFirst().dropLast()) }
+            out[key] = value
+        }
+        return out
+    }
+}
+
+extension String {
+    fileprivate func replacingPrefix(_ prefix: String, with other: String) -> String {
+        hasPrefix(prefix) ? other + dropFirst(prefix.count) : self
+    }
+}

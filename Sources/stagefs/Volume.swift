@@ -1,0 +1,23 @@
+import Gateway
+import Metadata
+import ObjectStorage
+import StageFSCore
+
+/// The metadata engine a META-URL names: the volume's own (Redis, SQLite), or a gateway's
+/// client for `stagefs+unix://` and `stagefs://` URLs.
+func openEngine(_ url: MetaURL, retryTimeout: Double = 60) throws(FSError) -> any MetadataEngine {
+    if case .gateway(let address) = url {
+        return GatewayMetadata(client: try GatewayClient(address, retryTimeout: retryTimeout))
+    }
+    return try openMetadata(url, retryTimeout: retryTimeout)
+}
+
+/// The object store of a volume opened with `openEngine`: through the gateway when the engine
+/// is a gateway's (the user holds no key), else the bucket itself.
+func openStore(_ meta: any MetadataEngine, _ config: StoreConfig) throws(FSError) -> any ObjectStore {
+    if let g = meta as? GatewayMetadata { return GatewayObjectStore(meta: g) }
+    return try openObjectStore(config)
+}
+
+/// Whether the engine reaches its volume through a gateway.
+func throughGateway(_ meta: any MetadataEngine) -> Bool { meta is GatewayMetadata }
