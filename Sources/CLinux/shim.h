@@ -38,4 +38,11 @@ static inline int clinux_open_beneath(int dirfd, const char *path, int flags, un
     how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
     return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
 }
+
+/* getrandom(2) (<sys/random.h>, which Swift's Glibc module leaves out): `len` random bytes from
+   the kernel's pool into `buf`; the count written, or -1 and errno. */
+#include <sys/random.h>
+static inline long clinux_getrandom(void *buf, unsigned long len) {
+    return (long)getrandom(buf, len, 0);
+}
 #endif
