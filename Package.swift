@@ -21,6 +21,7 @@ let package = Package(
         .systemLibrary(name: "CSQLite3", path: "Sources/CSQLite3"),
         .systemLibrary(name: "CChecksum", path: "Sources/CChecksum"),
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
+        .systemLibrary(name: "CMunge", path: "Sources/CMunge"),
         .target(name: "StageFSCore", dependencies: ["CChecksum", "CLinux", .product(name: "Logging", package: "swift-log")], exclude: ["README.md"]),
         .target(name: "SQLiteKit", dependencies: ["StageFSCore", "CSQLite3"], exclude: ["README.md"]),
         .target(name: "Metadata", dependencies: ["StageFSCore", "SQLiteKit", "CSQLite3", "COpenSSL"], exclude: ["README.md"]),
