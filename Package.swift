@@ -30,6 +30,8 @@ let package = Package(
         .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "SQLiteKit"], exclude: ["README.md"]),
         .target(name: "VFS", dependencies: ["StageFSCore", "Metadata", "DataPath"], exclude: ["README.md"]),
         .target(name: "FUSEMount", dependencies: ["StageFSCore", "VFS", "CFuse3"], exclude: ["README.md"]),
+        // MUNGE credentials for the gateway's TCP connections (the gateway will depend on it).
+        .target(name: "MungeAuth", dependencies: ["StageFSCore", "CMunge"], exclude: ["README.md"]),
         .target(name: "Staging", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath"], exclude: ["README.md"]),
         .executableTarget(
             name: "stagefs",
