@@ -43,7 +43,7 @@ let package = Package(
         ),
         .testTarget(
             name: "StageFSTests",
-            dependencies: ["StageFSCore", "SQLiteKit", "Metadata", "ObjectStorage", "DataPath", "VFS", "Staging"]
+            dependencies: ["StageFSCore", "SQLiteKit", "Metadata", "ObjectStorage", "DataPath", "VFS", "Staging", "MungeAuth"]
         ),
     ],
     swiftLanguageModes: [.v6]
