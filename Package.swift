@@ -21,6 +21,7 @@ let package = Package(
         .systemLibrary(name: "CSQLite3", path: "Sources/CSQLite3"),
         .systemLibrary(name: "CChecksum", path: "Sources/CChecksum"),
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
+        .systemLibrary(name: "CMunge", path: "Sources/CMunge"),
         .target(name: "StageFSCore", dependencies: ["CChecksum", "CLinux", .product(name: "Logging", package: "swift-log")], exclude: ["README.md"]),
         .target(name: "SQLiteKit", dependencies: ["StageFSCore", "CSQLite3"], exclude: ["README.md"]),
         .target(name: "Metadata", dependencies: ["StageFSCore", "SQLiteKit", "CSQLite3", "COpenSSL"], exclude: ["README.md"]),
@@ -29,8 +30,10 @@ let package = Package(
         .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "SQLiteKit"], exclude: ["README.md"]),
         .target(name: "VFS", dependencies: ["StageFSCore", "Metadata", "DataPath"], exclude: ["README.md"]),
         .target(name: "FUSEMount", dependencies: ["StageFSCore", "VFS", "CFuse3"], exclude: ["README.md"]),
+        // MUNGE credentials for the gateway's TCP connections.
+        .target(name: "MungeAuth", dependencies: ["StageFSCore", "CMunge"], exclude: ["README.md"]),
         // The multi-tenant gateway (server) and the engine and store of a client that talks to one.
-        .target(name: "Gateway", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath"], exclude: ["README.md"]),
+        .target(name: "Gateway", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath", "MungeAuth"], exclude: ["README.md"]),
         .target(name: "Staging", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath"], exclude: ["README.md"]),
         .executableTarget(
             name: "stagefs",
@@ -42,7 +45,7 @@ let package = Package(
         ),
         .testTarget(
             name: "StageFSTests",
-            dependencies: ["StageFSCore", "SQLiteKit", "Metadata", "ObjectStorage", "DataPath", "VFS", "Staging", "Gateway"]
+            dependencies: ["StageFSCore", "SQLiteKit", "Metadata", "ObjectStorage", "DataPath", "VFS", "Staging", "Gateway", "MungeAuth"]
         ),
     ],
     swiftLanguageModes: [.v6]

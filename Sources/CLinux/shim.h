@@ -59,4 +59,11 @@ static inline int clinux_accept_cloexec(int fd) {
 
 /* POLLRDHUP (glibc defines it only with _GNU_SOURCE): the other end shut down its writing. */
 static inline short clinux_pollrdhup(void) { return 0x2000; }
+
+/* getrandom(2) (<sys/random.h>, which Swift's Glibc module leaves out): `len` random bytes from
+   the kernel's pool into `buf`; the count written, or -1 and errno. */
+#include <sys/random.h>
+static inline long clinux_getrandom(void *buf, unsigned long len) {
+    return (long)getrandom(buf, len, 0);
+}
 #endif

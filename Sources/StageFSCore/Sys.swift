@@ -232,6 +232,18 @@ public enum Sys {
         }
         return out
     }
+
+    /// `getrandom(2)`: `n` bytes from the kernel's pool, or an error (never zeros, unlike
+    /// `randomBytes`): for secrets such as a connection's nonce. Blocks only until the pool is
+    /// first seeded at boot.
+    public static func secureRandom(_ n: Int) throws(FSError) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: n)
+        var done = 0
+        while done < n {
+            done += try retrying("getrandom") { out.withUnsafeMutableBytes { clinux_getrandom($0.baseAddress! + done, UInt(n - done)) } }
+        }
+        return out
+    }
 }
 
 /// `stat(2)`, outside `Sys` where the name is taken.
