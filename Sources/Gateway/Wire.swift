@@ -138,7 +138,13 @@ package struct WireReader {
         return r.raw(n)
     }
     package mutating func string(max: Int = 4096) throws(FSError) -> String { String(decoding: try data(max: max), as: UTF8.self) }
-    package mutating func name() throws(FSError) -> [UInt8] { try data(max: maxNameLength + 1) }
+    /// A file name: one longer than a name may be is `ENAMETOOLONG`, as the engines answer it
+    /// (the kernel hands such names on: a symlink's target followed as a path).
+    package mutating func name() throws(FSError) -> [UInt8] {
+        let n = try data(max: Wire.maxFrame)
+        if n.count > maxNameLength { throw FSError.nameTooLong }
+        return n
+    }
     package mutating func time() throws(FSError) -> Timespec { Timespec(sec: try i64(), nsec: try u32()) }
     package mutating func attr() throws(FSError) -> Attr {
         try need(Attr.encodedSize)

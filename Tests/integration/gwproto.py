@@ -1,0 +1,130 @@
+"""A raw client of the gateway's protocol (Sources/Gateway/README.md), for tests that act as a
+hostile user: it sends whatever it likes, frame by frame."""
+import socket
+import struct
+
+VERSION = 1
+MAGIC = b"stagefs-gateway"
+
+OPS = dict(hello=1, loadFormat=2, statfs=3, newSession=4, heartbeat=5, closeSession=6, listSessions=7, lookup=10, getattr=11,
+           setattr=12, access=13, mknod=14, create=15, unlink=16, rmdir=17, rename=18, link=19, readlink=20, readdir=21, getattrs=22,
+           getxattr=30, listxattr=31, setxattr=32, removexattr=33, open=40, close=41, readChunks=43, writeSlice=44,
+           newSliceIDs=45, getlk=50, setlk=51, flock=52, getBlock=60, putBlock=61)
+
+ATTR = struct.Struct(">BHIIIQqIqIqIIQ")  # 71 bytes: type, mode, uid, gid, nlink, size, 3 times, rdev, parent
+
+
+def data(b):
+    return struct.pack(">I", len(b)) + b
+
+
+def ref(ino, tag=0):
+    return struct.pack(">QQ", ino, tag)
+
+
+def attr(b, off=0):
+    f = ATTR.unpack_from(b, off)
+    return dict(type=f[0], mode=f[1], uid=f[2], gid=f[3], nlink=f[4], size=f[5], parent=f[13])
+
+
+class GatewayError(Exception):
+    def __init__(self, status, message):
+        super().__init__(f"errno {status}: {message}")
+        self.errno, self.message = status, message
+
+
+class Raw:
+    def __init__(self, path, hello=True, timeout=20):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.settimeout(timeout)
+        self.s.connect(path)
+        self.next = 1
+        if hello:
+            self.hello()
+
+    def close(self):
+        self.s.close()
+
+    def send_raw(self, b):
+        self.s.sendall(b)
+
+    def frame(self, body):
+        self.send_raw(struct.pack(">I", len(body)) + body)
+
+    def recv(self):
+        """(request id, status, rest); raises EOFError when the gateway closed the connection."""
+        head = self._recvn(4)
+        (n,) = struct.unpack(">I", head)
+        body = self._recvn(n)
+        rid, status = struct.unpack(">Qi", body[:12])
+        return rid, status, body[12:]
+
+    def _recvn(self, n):
+        out = b""
+        while len(out) < n:
+            b = self.s.recv(n - len(out))
+            if not b:
+                raise EOFError("the gateway closed the connection")
+            out += b
+        return out
+
+    def hello(self, version=VERSION, magic=MAGIC):
+        self.frame(struct.pack(">QH", 0, OPS["hello"]) + data(magic) + struct.pack(">H", version))
+        _, status, rest = self.recv()
+        if status:
+            raise GatewayError(status, rest[4:].decode(errors="replace"))
+        return rest
+
+    def call(self, op, fields=b"", on_behalf=None):
+        """Sends `op` with `fields` (and, when given, a (uid, gid, groups) to act for); returns
+        the reply's results or raises GatewayError."""
+        rid = self.next
+        self.next += 1
+        cred = b"\0"
+        if on_behalf:
+            uid, gid, groups = on_behalf
+            cred = b"\1" + struct.pack(">IIIH", uid, gid, 0, len(groups)) + b"".join(struct.pack(">I", g) for g in groups)
+        self.frame(struct.pack(">QH", rid, OPS[op]) + cred + fields)
+        got, status, rest = self.recv()
+        if status:
+            raise GatewayError(status, rest[4:].decode(errors="replace"))
+        assert got == rid, (got, rid)
+        return rest
+
+    # The operations the tests use.
+    def new_session(self):
+        fields = struct.pack(">Q", 0) + data(b"raw") + struct.pack(">i", 1) + data(b"") + data(b"raw") + struct.pack(">qq", 0, 0)
+        rest = self.call("newSession", fields)
+        return struct.unpack(">QQ", rest[:16])
+
+    def lookup(self, parent, tag, name, **kw):
+        rest = self.call("lookup", ref(parent, tag) + data(name), **kw)
+        ino, t = struct.unpack(">QQ", rest[:16])
+        return ino, t, attr(rest, 16)
+
+    def getattr(self, ino, tag):
+        return attr(self.call("getattr", ref(ino, tag)))
+
+    def create(self, parent, tag, name, mode, sid, sid_tag, **kw):
+        rest = self.call("create", ref(parent, tag) + data(name) + struct.pack(">HQQ", mode, sid, sid_tag), **kw)
+        ino, t = struct.unpack(">QQ", rest[:16])
+        return ino, t, attr(rest, 16)
+
+    def read_chunks(self, ino, tag, index=0, read_tag=0):
+        return self.call("readChunks", struct.pack(">I", 1) + ref(ino, tag) + struct.pack(">IQ", index, read_tag))
+
+    def get_block(self, key, length, tag, offset=0):
+        return self.call("getBlock", data(key.encode()) + struct.pack(">IIQ", offset, length, tag))
+
+    def new_slice_ids(self, count):
+        return struct.unpack(">QQ", self.call("newSliceIDs", struct.pack(">I", count))[:16])
+
+    def put_block(self, key, first, count, tag, payload):
+        return self.call("putBlock", data(key.encode()) + struct.pack(">QQQI", first, count, tag, len(payload)) + payload)
+
+    def chown(self, ino, tag, uid, gid):
+        fields = ref(ino, tag) + struct.pack(">IHIIQ", 0b110, 0, uid, gid, 0) + struct.pack(">qIqIqI", 0, 0, 0, 0, 0, 0) + b"\0" + struct.pack(">Q", 0)
+        return attr(self.call("setattr", fields))
+
+    def heartbeat(self, sid, tag):
+        return self.call("heartbeat", struct.pack(">QQ", sid, tag))

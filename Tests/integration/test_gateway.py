@@ -1,0 +1,471 @@
+"""The multi-tenant gateway (issue 19): a real `stagefs gateway` holding a Redis password (the
+server runs with requirepass) and a bucket's keys, two ordinary users mounting through its Unix
+socket, and a raw client of the protocol (gwproto.py) playing the hostile user. Every claim is
+checked as the second user would try to break it."""
+import errno
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+import gwproto
+import helpers
+from helpers import OTHER, USER, run_as, wait_until
+
+
+class Gateway:
+    """A `stagefs gateway` for one volume; the settings file (0600, root's) holds its secrets."""
+
+    def __init__(self, env, meta_url, socket_path, *extra):
+        self.env, self.socket = env, socket_path
+        self.dir = env.dir_for("root", "gw")
+        os.chmod(self.dir, 0o700)
+        self.config = os.path.join(self.dir, "gw.conf")
+        fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, f"# the volume's secrets\nMETA_URL={meta_url}\n".encode())
+        os.close(fd)
+        self.extra = extra
+        self.log = os.path.join(self.dir, "gateway.log")
+        self.proc = None
+        self.start()
+
+    def start(self):
+        logf = open(self.log, "a")
+        self.proc = subprocess.Popen([self.env.bin, "gateway", "--config", self.config, "--socket", self.socket, *self.extra],
+                                     stdout=logf, stderr=logf, env={"PATH": os.environ["PATH"]})
+        logf.close()
+
+        def up():
+            assert self.proc.poll() is None, open(self.log).read()
+            try:
+                gwproto.Raw(self.socket).close()
+                return True
+            except OSError:
+                return False
+        wait_until(up, 30, "the gateway to serve its socket")
+
+    def stop(self, sig=signal.SIGKILL):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait()
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    @property
+    def url(self):
+        return f"stagefs+unix://{self.socket}"
+
+    def rss_kib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+
+PASSWORD = "pw-" + os.urandom(12).hex()
+S3_SECRET = "s3secret-" + os.urandom(12).hex()
+S3_KEY = "s3key-" + os.urandom(6).hex()
+
+
+@pytest.fixture(scope="module")
+def site(env, moto):
+    """Redis with a password, a `file` volume and an S3 volume, a gateway for each."""
+    r = helpers.Redis(env.root, "--requirepass", PASSWORD)
+    secret_url = f"redis://:{PASSWORD}@127.0.0.1:{r.port}"
+    base = env.dir_for("root", "site")
+    bucket = os.path.join(base, "bucket")
+    env.stagefs("format", f"{secret_url}/1", "gwfile", "--bucket", bucket, user="root")
+    os.chmod(bucket, 0o700)
+    env.stagefs("format", f"{secret_url}/2", "gws3", "--storage", "s3", "--bucket", moto.bucket("gws3"), "--access-key", S3_KEY,
+                "--secret-key", S3_SECRET, user="root")
+    sockets = env.dir_for("root", "run")
+    os.chmod(sockets, 0o755)
+    gf = Gateway(env, f"{secret_url}/1", os.path.join(sockets, "gwfile.sock"))
+    gs = Gateway(env, f"{secret_url}/2", os.path.join(sockets, "gws3.sock"))
+    logs = env.dir_for("root", "logs")
+    os.chmod(logs, 0o1777)
+    s = dict(redis=r, file=gf, s3=gs, bucket=bucket, logs=logs, mounts=[])
+    yield s
+    for m in s["mounts"]:
+        if helpers.is_mounted(m):
+            subprocess.run(["fusermount3", "-u", "-z", m], capture_output=True)
+    gf.stop()
+    gs.stop()
+    r.stop()
+
+
+def mount(env, site, user, gw, *extra):
+    mnt = env.dir_for(user, f"gm-{user}")
+    log = os.path.join(site["logs"], f"{os.path.basename(mnt)}.log")
+    env.stagefs("mount", "-d", gw.url, mnt, "--log", log, *extra, user=user)
+    assert helpers.is_mounted(mnt)
+    site["mounts"].append(mnt)
+    return mnt
+
+
+def errno_of(fn, *args):
+    try:
+        fn(*args)
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def private_tree(root):
+    """As USER: a 0700 directory holding a 0600 file and a directory USER owns, 0777."""
+    def make():
+        os.mkdir(os.path.join(root, "a"), 0o700)
+        with open(os.path.join(root, "a", "f"), "w") as f:
+            f.write("A's secret\n")
+        os.chmod(os.path.join(root, "a", "f"), 0o600)
+        os.mkdir(os.path.join(root, "open"), 0o777)
+        os.chmod(os.path.join(root, "open"), 0o777)
+        with open(os.path.join(root, "open", "g"), "w") as f:
+            f.write("A's file in an open directory\n")
+        os.chmod(os.path.join(root, "open", "g"), 0o600)
+    run_as(USER, make)
+
+
+def attempts(root):
+    """What the second user tries on the first user's files; errno of each."""
+    f, g = os.path.join(root, "a", "f"), os.path.join(root, "open", "g")
+    return {
+        "read": errno_of(lambda: open(f).read()),
+        "read-open-dir": errno_of(lambda: open(g).read()),
+        "chmod": errno_of(os.chmod, g, 0o666),
+        "chown": errno_of(os.chown, g, os.getuid(), -1),
+        "rename": errno_of(os.rename, f, os.path.join(root, "open", "stolen")),
+        "truncate": errno_of(os.truncate, g, 0),
+        "unlink": errno_of(os.unlink, f),
+        "setxattr": errno_of(os.setxattr, g, "user.x", b"1"),
+        "list": errno_of(os.listdir, os.path.join(root, "a")),
+    }
+
+
+def test_each_user_gets_what_ext4_gives_on_the_others_files(env, site):
+    """User B, mounted through the gateway, cannot read, chmod, chown, rename, truncate, unlink
+    or setxattr user A's 0600 file in a 0700 directory, and gets the errno ext4 gives."""
+    a = mount(env, site, USER, site["file"])
+    b = mount(env, site, OTHER, site["file"])
+    oracle = env.dir_for("root", "oracle")
+    os.chmod(oracle, 0o777)
+    private_tree(a)
+    private_tree(oracle)
+    want = run_as(OTHER, attempts, oracle)
+    got = run_as(OTHER, attempts, b)
+    assert got == want, (got, want)
+    assert want["read"] == errno.EACCES and want["chown"] == errno.EPERM
+    # And A still has their file, untouched.
+    assert run_as(USER, lambda: open(os.path.join(a, "a", "f")).read()) == "A's secret\n"
+    # Files each one makes are theirs.
+    run_as(OTHER, lambda: open(os.path.join(b, "open", "bfile"), "w").write("b"))
+    st = run_as(USER, os.stat, os.path.join(a, "open", "bfile"))
+    assert st.st_uid == helpers.pwd.getpwnam(OTHER).pw_uid
+
+
+def test_differential_through_a_root_mount_of_the_gateway(env, site):
+    """The differential test (two users and root against ext4) through a root mount with
+    allow_other: the gateway honours the callers a root client names."""
+    import posixdiff
+    mnt = env.dir_for("root", "gm-root")
+    env.stagefs("mount", "-d", site["file"].url, mnt, "-o", "allow_other", "--log", os.path.join(site["logs"], "root.log"), user="root")
+    site["mounts"].append(mnt)
+    top = os.path.join(mnt, "diff")
+    os.mkdir(top)
+    os.chmod(top, 0o777)
+    oracle = env.dir_for("root", "oracle-gw")
+    os.chmod(oracle, 0o777)
+    d = posixdiff.Driver(oracle, top, [USER, OTHER], helpers.SHARED_GROUP, 4 << 20)
+    failures = []
+    n = int(os.environ.get("STAGEFS_GW_DIFF_SEQUENCES", "60"))
+    try:
+        for seed in range(1, n + 1):
+            try:
+                d.run(seed, 40)
+            except posixdiff.Mismatch as e:
+                failures.append(str(e))
+                if len(failures) >= 3:
+                    break
+    finally:
+        d.close()
+    assert not failures, "\n\n".join(failures)
+    assert d.ops_run >= n * 40
+
+
+def memory_holds(pid, needles):
+    """Which of `needles` (bytes) appear anywhere in the readable memory of `pid` (read as root
+    through /proc/PID/mem), its command line or its environment."""
+    found = set()
+    for name in ("cmdline", "environ"):
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            blob = f.read()
+        found |= {n for n in needles if n in blob}
+    overlap = max(len(n) for n in needles)
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            addr, perms = line.split()[:2]
+            if not perms.startswith("r"):
+                continue
+            lo, hi = (int(x, 16) for x in addr.split("-"))
+            tail = b""
+            pos = lo
+            while pos < hi:
+                n = min(16 << 20, hi - pos)
+                try:
+                    mem.seek(pos)
+                    blob = mem.read(n)
+                except (OSError, ValueError, OverflowError):
+                    break
+                found |= {x for x in needles if x in tail + blob}
+                tail = blob[-overlap:]
+                pos += n
+    return found
+
+
+def test_no_secret_reaches_a_user_mount(env, site):
+    """B's mount of an S3 volume through the gateway: its memory (read as root through
+    /proc/PID/mem), arguments and environment hold neither the Redis password nor the S3 keys;
+    the gateway's memory does (so the search works); no file B can read holds them."""
+    mnt = mount(env, site, OTHER, site["s3"])
+    payload = os.urandom(5 << 20)
+    run_as(OTHER, lambda: open(os.path.join(mnt, "data"), "wb").write(payload))
+    assert run_as(OTHER, lambda: open(os.path.join(mnt, "data"), "rb").read()) == payload
+    needles = {PASSWORD.encode(), S3_SECRET.encode(), S3_KEY.encode()}
+    pid = helpers.mount_pid(mnt)
+    assert pid, "the mount's process"
+    assert memory_holds(pid, needles) == set()
+    assert memory_holds(site["s3"].proc.pid, {PASSWORD.encode(), S3_SECRET.encode()}) == {PASSWORD.encode(), S3_SECRET.encode()}
+    # Files: the gateway's settings are root's 0600; status shows no key or password.
+    assert run_as(OTHER, errno_of, lambda: open(site["s3"].config).read()) == errno.EACCES
+    out = env.stagefs("status", site["s3"].url, user=OTHER).stdout
+    assert "gws3" in out and PASSWORD not in out and S3_SECRET not in out and S3_KEY not in out, out
+    for d, _, files in os.walk(f"/home/{OTHER}"):
+        for name in files:
+            p = os.path.join(d, name)
+            try:
+                blob = run_as(OTHER, lambda: open(p, "rb").read())
+            except OSError:
+                continue
+            assert PASSWORD.encode() not in blob and S3_SECRET.encode() not in blob, p
+
+
+def a_private_file(env, site):
+    """A's mount, a 0600 file in a 0700 directory, its inode number and the keys of its blocks."""
+    a = mount(env, site, USER, site["file"])
+    name = f"p{os.urandom(3).hex()}"
+
+    def make():
+        os.mkdir(os.path.join(a, name), 0o700)
+        with open(os.path.join(a, name, "f"), "wb") as f:
+            f.write(os.urandom(300000))
+        os.chmod(os.path.join(a, name, "f"), 0o600)
+        return os.stat(os.path.join(a, name, "f")).st_ino, os.stat(os.path.join(a, name)).st_ino
+    ino, dino = run_as(USER, make)
+    keys = sorted(os.path.relpath(os.path.join(d, f), site["bucket"]) for d, _, fs in os.walk(site["bucket"]) for f in fs)
+    return a, name, ino, dino, keys
+
+
+def test_a_raw_client_reaches_nothing_it_was_not_given(env, site):
+    """B speaks the protocol directly: naming A's inodes, sessions, blocks or slice ids it
+    was never given is refused; a uid sent in a request changes nothing."""
+    _, name, ino, dino, keys = a_private_file(env, site)
+    sock = site["file"].socket
+
+    def attack():
+        c = gwproto.Raw(sock)
+        out = {}
+
+        def code(fn, *args):
+            try:
+                fn(*args)
+                return 0
+            except gwproto.GatewayError as e:
+                return e.errno
+        # An inode never looked up: refused whatever tag is guessed.
+        out["getattr"] = code(c.getattr, ino, 0)
+        out["getattr-guess"] = code(c.getattr, ino, 0x1234567890ABCDEF)
+        out["readchunks"] = code(c.read_chunks, ino, 0)
+        # The path: the directory is found (search in the root is allowed), the file not.
+        d, dtag, _ = c.lookup(1, 0, name.encode())
+        out["lookup-in-0700"] = code(c.lookup, d, dtag, b"f")
+        # Blocks of A's file: no tag, a guessed tag; the bucket itself is not B's.
+        out["blocks"] = [code(c.get_block, k, 4096, 0) for k in keys]
+        out["block-guess"] = code(c.get_block, keys[-1], 4096, 42)
+        # B's own slice ids let B write new blocks, never one of A's, never twice.
+        first, stag = c.new_slice_ids(8)
+        out["put-other"] = code(c.put_block, keys[-1], first, 8, stag, b"x" * int(keys[-1].rsplit("_", 1)[1]))
+        mine = f"gwfile/chunks/{first // 1000000}/{first // 1000}/{first}_0_5"
+        out["put-own"] = code(c.put_block, mine, first, 8, stag, b"hello")
+        out["put-own-again"] = code(c.put_block, mine, first, 8, stag, b"HELLO")
+        out["put-forged-range"] = code(c.put_block, mine.replace(f"{first}_", f"{first + 100}_"), first + 100, 8, stag, b"hello")
+        # A's session (1): heartbeats and closes need its tag.
+        out["session"] = code(c.heartbeat, 1, 0)
+        # A create that says "I am uid 0 / uid A": the file is B's, and chown to A is refused.
+        sid, sid_tag = c.new_session()
+        fino, ftag, a_ = c.create(1, 0, f"b{os.urandom(3).hex()}".encode(), 0o644, sid, sid_tag,
+                                  on_behalf=(0, 0, [0]))
+        out["owner"] = a_["uid"]
+        out["chown"] = code(c.chown, fino, ftag, helpers.pwd.getpwnam(USER).pw_uid, helpers.pwd.getpwnam(USER).pw_gid)
+        c.close()
+        out["bucket"] = errno_of(os.listdir, site["bucket"])
+        return out
+
+    out = run_as(OTHER, attack)
+    assert out["getattr"] == errno.EACCES and out["getattr-guess"] == errno.EACCES and out["readchunks"] == errno.EACCES, out
+    assert out["lookup-in-0700"] == errno.EACCES, out
+    assert out["blocks"] and set(out["blocks"]) == {errno.EACCES} and out["block-guess"] == errno.EACCES, out
+    assert out["put-other"] == errno.EACCES and out["put-own"] == 0 and out["put-own-again"] == errno.EEXIST, out
+    assert out["put-forged-range"] == errno.EACCES, out
+    assert out["session"] == errno.EACCES, out
+    assert out["owner"] == helpers.pwd.getpwnam(OTHER).pw_uid and out["chown"] == errno.EPERM, out
+    assert out["bucket"] == errno.EACCES, out
+    log = open(site["file"].log).read()
+    assert f"named inode {ino} without having reached it" in log, log[-2000:]
+
+
+def test_malformed_frames_get_errors_and_nobody_else_waits(env, site):
+    """Truncated frames, a 4 GiB length, unknown ops, garbage, a wrong version and a flood of
+    stalled half-sent frames: each gets an error reply (or the connection ends), the gateway's
+    memory stays bounded and another user's operations keep their pace."""
+    a = mount(env, site, USER, site["file"])
+    gw = site["file"]
+    sock = gw.socket
+    rss0 = gw.rss_kib()
+
+    def answers(send):
+        c = gwproto.Raw(sock, hello=False)
+        try:
+            send(c)
+            return c.recv()[1]
+        except EOFError:
+            return "closed"
+        finally:
+            c.close()
+
+    hello = struct.pack(">QH", 0, 1) + gwproto.data(gwproto.MAGIC) + struct.pack(">H", 1)
+
+    def hello_then(body):
+        def send(c):
+            c.frame(hello)
+            assert c.recv()[1] == 0
+            c.send_raw(body)
+        return send
+    results = {
+        "4GiB": answers(lambda c: c.send_raw(struct.pack(">I", 0xFFFFFFFF) + b"x" * 100)),
+        "4GiB-after-hello": answers(hello_then(struct.pack(">I", 0xFFFFFFF0))),
+        "unknown-op": answers(hello_then(struct.pack(">IQH", 11, 7, 999) + b"\0")),
+        "garbage": answers(lambda c: c.send_raw(struct.pack(">I", 40) + os.urandom(40))),
+        "no-hello": answers(lambda c: c.frame(struct.pack(">QHB", 5, gwproto.OPS["getattr"], 0) + gwproto.ref(1))),
+        "short-field": answers(hello_then(struct.pack(">IQHB", 11 + 3, 9, gwproto.OPS["getattr"], 0) + b"\0\0\0")),
+    }
+    for k, v in results.items():
+        assert v == errno.EPROTO, (k, v, results)
+    try:
+        gwproto.Raw(sock, hello=False).hello(version=99)
+        raise AssertionError("a client of another protocol version was served")
+    except gwproto.GatewayError as e:
+        assert e.errno == errno.EPROTO and "protocol 1" in e.message and "protocol 99" in e.message, e.message
+    # A truncated frame: the length says 100, 10 bytes come, then the client goes.
+    c = gwproto.Raw(sock)
+    c.send_raw(struct.pack(">I", 100) + b"0123456789")
+    c.close()
+
+    # B opens many connections, each starting a 16 MiB frame and sending 8 MiB of it, then
+    # stalls; meanwhile A writes and stats.
+    stalled = []
+
+    def stall():
+        # Past B's own budget the gateway stops reading B's frames: those sends block, which
+        # is the point (they time out here).
+        for _ in range(12):
+            s = gwproto.Raw(sock, timeout=1)
+            try:
+                s.send_raw(struct.pack(">I", 16 << 20) + b"\0" * (8 << 20))
+            except OSError:
+                pass
+            stalled.append(s)
+    t = threading.Thread(target=lambda: run_as(OTHER, lambda: (stall(), time.sleep(8))))
+    t.start()
+    time.sleep(2)
+    worst = 0.0
+    data = os.urandom(9 << 20)
+    t0 = time.time()
+    run_as(USER, lambda: open(os.path.join(a, "during-attack"), "wb").write(data))
+    write_s = time.time() - t0
+    for _ in range(50):
+        t1 = time.time()
+        run_as(USER, os.stat, os.path.join(a, "during-attack"))
+        worst = max(worst, time.time() - t1)
+    rss = gw.rss_kib()
+    t.join()
+    assert run_as(USER, lambda: open(os.path.join(a, "during-attack"), "rb").read()) == data
+    assert write_s < 10 and worst < 1.0, (write_s, worst)
+    # The stalled user holds at most its own budget (64 MiB), not 12 x 8 MiB.
+    assert rss - rss0 < 160 * 1024, (rss0, rss)
+    assert gw.proc.poll() is None
+
+
+def test_a_restarted_gateway_costs_an_idle_mount_nothing(env, site):
+    """A gateway killed and started again three times: the mount, idle meanwhile, goes on; an
+    operation made while the gateway is away waits for it and succeeds."""
+    a = mount(env, site, USER, site["file"])
+    gw = site["file"]
+    run_as(USER, lambda: open(os.path.join(a, "before"), "w").write("x" * 1000))
+    for i in range(3):
+        gw.restart()
+        run_as(USER, lambda: open(os.path.join(a, f"after-{i}"), "w").write(str(i)))
+        assert run_as(USER, lambda: open(os.path.join(a, "before")).read()) == "x" * 1000
+    gw.stop()
+    box = {}
+
+    def during():
+        box["r"] = run_as(USER, lambda: (open(os.path.join(a, "while-away"), "w").write("w"), sorted(os.listdir(a)))[1])
+    t = threading.Thread(target=during)
+    t.start()
+    time.sleep(2)
+    assert t.is_alive(), "the operation waits for the gateway"
+    gw.start()
+    t.join(60)
+    assert "after-2" in box.get("r", []) and "while-away" in box["r"], box
+
+
+def test_a_user_stages_through_the_gateway_only_what_they_may_read(env, site):
+    a, name, _, _, _ = a_private_file(env, site)
+    run_as(USER, lambda: open(os.path.join(a, "shared.dat"), "wb").write(os.urandom(1 << 20)))
+    run_as(USER, os.chmod, os.path.join(a, "shared.dat"), 0o644)
+    cache_a, cache_b = env.dir_for(USER, "cache"), env.dir_for(OTHER, "cache")
+    url = site["file"].url
+    p = env.stagefs("stage", "--meta", url, "--cache-dir", cache_a, f"/{name}/f", "/shared.dat", user=USER, check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = env.stagefs("stage", "--meta", url, "--cache-dir", cache_b, f"/{name}/f", "/shared.dat", user=OTHER, check=False)
+    assert p.returncode == 3 and "permission denied" in (p.stdout + p.stderr).lower(), p.stdout + p.stderr
+    cached_b = [f for _, _, fs in os.walk(cache_b) for f in fs if "_" in f]
+    assert cached_b, "B staged the file B may read"
+
+
+def test_the_gateway_refuses_settings_or_a_bucket_others_can_read(env, site):
+    gw = site["file"]
+    conf = os.path.join(env.dir_for("root", "badconf"), "gw.conf")
+    with open(conf, "w") as f:
+        f.write(open(gw.config).read())
+    os.chmod(conf, 0o644)
+    p = subprocess.run([env.bin, "gateway", "--config", conf, "--socket", conf + ".sock"], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "chmod 600" in p.stderr, p.stderr
+    os.chmod(conf, 0o600)
+    os.chmod(site["bucket"], 0o755)
+    try:
+        p = subprocess.run([env.bin, "gateway", "--config", conf, "--socket", conf + ".sock"], capture_output=True, text=True, timeout=60)
+        assert p.returncode != 0 and "mode 0700" in p.stderr, p.stderr
+    finally:
+        os.chmod(site["bucket"], 0o700)
+    # Nothing of the secret in its messages.
+    assert PASSWORD not in p.stderr
