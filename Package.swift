@@ -25,7 +25,7 @@ let package = Package(
         .target(name: "StageFSCore", dependencies: ["CChecksum", "CLinux", .product(name: "Logging", package: "swift-log")], exclude: ["README.md"]),
         .target(name: "SQLiteKit", dependencies: ["StageFSCore", "CSQLite3"], exclude: ["README.md"]),
         .target(name: "Metadata", dependencies: ["StageFSCore", "SQLiteKit", "CSQLite3", "COpenSSL"], exclude: ["README.md"]),
-        .target(name: "ObjectStorage", dependencies: ["StageFSCore", "CCurl"], exclude: ["README.md"]),
+        .target(name: "ObjectStorage", dependencies: ["StageFSCore", "CCurl", "COpenSSL"], exclude: ["README.md"]),
         // The data path talks to the object store only; slice commits come from the VFS layer.
         .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "SQLiteKit"], exclude: ["README.md"]),
         .target(name: "VFS", dependencies: ["StageFSCore", "Metadata", "DataPath"], exclude: ["README.md"]),

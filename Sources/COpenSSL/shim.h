@@ -1,8 +1,12 @@
 #ifndef COPENSSL_SHIM_H
 #define COPENSSL_SHIM_H
-/* OpenSSL (Debian's libssl) for rediss:// connections and SHA-1 (the Redis commit checks);
-   only the Metadata module imports it. */
+/* OpenSSL (Debian's libssl) for rediss:// connections, SHA-1 (the Redis commit checks) and SHA-256
+   (the gateway's tags) in the Metadata module, and SHA-256/HMAC-SHA256 for the S3 pre-signer in the
+   ObjectStorage module. */
+#include <limits.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <openssl/sha.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
@@ -15,5 +19,16 @@ static inline int copenssl_expect_peer(SSL *ssl, const char *host) {
     X509_VERIFY_PARAM *p = SSL_get0_param(ssl);
     if (X509_VERIFY_PARAM_set1_ip_asc(p, host) == 1) return 1;
     return X509_VERIFY_PARAM_set1_host(p, host, 0);
+}
+/* SHA-256 of `len` bytes at `data` into `out` (32 bytes); 1 on success, 0 on failure. */
+static inline int copenssl_sha256(const void *data, size_t len, unsigned char *out) {
+    unsigned int n = 0;
+    return EVP_Digest(data, len, out, &n, EVP_sha256(), NULL) == 1 && n == 32;
+}
+/* HMAC-SHA256 of `len` bytes at `data` under `key` into `out` (32 bytes); 1 on success, 0 on failure. */
+static inline int copenssl_hmac_sha256(const void *key, size_t keylen, const void *data, size_t len, unsigned char *out) {
+    unsigned int n = 0;
+    if (keylen > INT_MAX) return 0;
+    return HMAC(EVP_sha256(), key, (int)keylen, data, len, out, &n) != NULL && n == 32;
 }
 #endif

@@ -1,7 +1,7 @@
 import COpenSSL
 
-/// SHA-256 and HMAC-SHA-256 through OpenSSL (this module owns the OpenSSL shim): for keyed
-/// tags the gateway hands out.
+/// SHA-256 and HMAC-SHA-256 through OpenSSL (this module and ObjectStorage, for its S3
+/// pre-signer, import the OpenSSL shim): for keyed tags the gateway hands out.
 package enum Digest {
     /// SHA-256 of `data` (OpenSSL's one-shot `SHA256`).
     package static func sha256(_ data: [UInt8]) -> [UInt8] {

@@ -54,10 +54,11 @@ private func transferRead(_ ptr: UnsafeMutablePointer<CChar>?, _ size: Int, _ co
 /// handles reused from a pool, timeouts, and retries with back-off and jitter on 5xx, throttling
 /// and connection errors.
 public final class S3ObjectStore: ObjectStore, @unchecked Sendable {
-    /// Base URL of the bucket, ending without a slash (path style or virtual-host style).
-    let base: String
-    let bucketName: String
-    let endpoint: String
+    /// The bucket's URL, split (path style or virtual-host style).
+    let bucket: S3BucketURL
+    /// Base URL of the bucket, ending without a slash.
+    var base: String { bucket.base }
+    var endpoint: String { bucket.endpoint }
     let region: String
     let credentials: String?
     let config: StoreConfig
@@ -68,36 +69,10 @@ public final class S3ObjectStore: ObjectStore, @unchecked Sendable {
     public init(_ config: StoreConfig) throws(FSError) {
         _ = curlReady
         self.config = config
-        let url = config.bucket
-        guard let schemeEnd = url.firstRange(of: "://"), url.hasPrefix("http://") || url.hasPrefix("https://") else {
-            throw FSError.usage("malformed S3 bucket URL '\(url)' (expected http(s)://host:port/bucket)")
-        }
-        let scheme = String(url[..<schemeEnd.lowerBound])
-        var rest = String(url[schemeEnd.upperBound...])
-        while rest.hasSuffix("/") { rest.removeLast() }
-        if let slash = rest.firstIndex(of: "/") {
-            // Path style: http://host:port/bucket
-            let host = String(rest[..<slash])
-            bucketName = String(rest[rest.index(after: slash)...])
-            guard !host.isEmpty, !bucketName.isEmpty, !bucketName.contains("/") else {
-                throw FSError.usage("malformed S3 bucket URL '\(url)' (expected http(s)://host:port/bucket)")
-            }
-            endpoint = "\(scheme)://\(host)"
-            base = "\(endpoint)/\(bucketName)"
-        } else {
-            // Virtual-host style: http://bucket.host:port
-            guard let dot = rest.firstIndex(of: ".") else {
-                throw FSError.usage("malformed S3 bucket URL '\(url)': no bucket name (expected http(s)://host:port/bucket or http(s)://bucket.host)")
-            }
-            bucketName = String(rest[..<dot])
-            endpoint = "\(scheme)://\(rest[rest.index(after: dot)...])"
-            base = "\(scheme)://\(rest)"
-        }
-        region = getenv("AWS_REGION").map { String(cString: $0) } ?? "us-east-1"
-        let key = config.accessKey ?? getenv("AWS_ACCESS_KEY_ID").map { String(cString: $0) }
-        let secret = config.secretKey ?? getenv("AWS_SECRET_ACCESS_KEY").map { String(cString: $0) }
-        credentials = key.flatMap { k in secret.map { "\(k):\($0)" } }
-        description = "S3 bucket \(base)"
+        bucket = try S3BucketURL(config.bucket)
+        region = defaultS3Region()
+        credentials = s3Credentials(config).map { "\($0.accessKey):\($0.secretKey)" }
+        description = "S3 bucket \(bucket.base)"
     }
 
     deinit {
@@ -115,21 +90,6 @@ public final class S3ObjectStore: ObjectStore, @unchecked Sendable {
 
     private func giveBack(_ h: UnsafeMutableRawPointer) {
         lock.withLock { idle.append(h) }
-    }
-
-    private static func escape(_ key: String) -> String {
-        var out = ""
-        for b in key.utf8 {
-            switch b {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
-                UInt8(ascii: "-"), UInt8(ascii: "_"), UInt8(ascii: "."), UInt8(ascii: "~"), UInt8(ascii: "/"):
-                out.unicodeScalars.append(Unicode.Scalar(b))
-            default:
-                let hex = Array("0123456789ABCDEF".utf8)
-                out += "%" + String(decoding: [hex[Int(b >> 4)], hex[Int(b & 15)]], as: UTF8.self)
-            }
-        }
-        return out
     }
 
     struct Response {
@@ -231,26 +191,26 @@ public final class S3ObjectStore: ObjectStore, @unchecked Sendable {
     }
 
     public func put(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
-        let r = try request("PUT", url: "\(base)/\(S3ObjectStore.escape(key))", upload: data, what: "put \(key)")
+        let r = try request("PUT", url: bucket.objectURL(key), upload: data, what: "put \(key)")
         if r.status / 100 != 2 { throw failure(r, "put \(key)") }
     }
 
     public func get(_ key: String, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
         if buffer.count == 0 { return 0 }
         let range = "Range: bytes=\(offset)-\(offset + buffer.count - 1)"
-        let r = try request("GET", url: "\(base)/\(S3ObjectStore.escape(key))", headers: [range], dest: buffer, what: "get \(key)")
+        let r = try request("GET", url: bucket.objectURL(key), headers: [range], dest: buffer, what: "get \(key)")
         if r.status == 416 { return 0 }
         if r.status / 100 != 2 { throw failure(r, "get \(key)") }
         return r.received
     }
 
     public func delete(_ key: String) throws(FSError) {
-        let r = try request("DELETE", url: "\(base)/\(S3ObjectStore.escape(key))", what: "delete \(key)")
+        let r = try request("DELETE", url: bucket.objectURL(key), what: "delete \(key)")
         if r.status / 100 != 2 && r.status != 404 { throw failure(r, "delete \(key)") }
     }
 
     public func head(_ key: String) throws(FSError) -> Int? {
-        let r = try request("HEAD", url: "\(base)/\(S3ObjectStore.escape(key))", what: "head \(key)")
+        let r = try request("HEAD", url: bucket.objectURL(key), what: "head \(key)")
         if r.status == 404 { return nil }
         if r.status / 100 != 2 { throw failure(r, "head \(key)") }
         return r.contentLength
@@ -260,8 +220,8 @@ public final class S3ObjectStore: ObjectStore, @unchecked Sendable {
         var out: [ObjectInfo] = []
         var token: String?
         repeat {
-            var url = "\(base)?list-type=2&max-keys=\(min(1000, limit - out.count))&prefix=\(S3ObjectStore.escape(prefix).replacingSlashes())"
-            if let token { url += "&continuation-token=\(S3ObjectStore.escape(token).replacingSlashes())" }
+            var url = "\(base)?list-type=2&max-keys=\(min(1000, limit - out.count))&prefix=\(S3BucketURL.uriEncode(prefix, keepSlash: false))"
+            if let token { url += "&continuation-token=\(S3BucketURL.uriEncode(token, keepSlash: false))" }
             let r = try request("GET", url: url, what: "list \(prefix)")
             if r.status / 100 != 2 { throw failure(r, "list \(prefix)") }
             let text = String(decoding: r.body, as: UTF8.self)
@@ -272,14 +232,6 @@ public final class S3ObjectStore: ObjectStore, @unchecked Sendable {
             }
             token = xmlValue(text, "IsTruncated") == "true" ? xmlValue(text, "NextContinuationToken") : nil
         } while token != nil && out.count < limit
-        return out
-    }
-}
-
-extension String {
-    fileprivate func replacingSlashes() -> String {
-        var out = ""
-        for c in self { out += c == "/" ? "%2F" : String(c) }
         return out
     }
 }
