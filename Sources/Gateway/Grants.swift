@@ -1,4 +1,5 @@
 import Metadata
+import ObjectStorage
 import StageFSCore
 
 #if canImport(Glibc)
@@ -29,20 +30,25 @@ package struct Grants: Sendable {
 
     package init(key: [UInt8]) { self.key = key }
 
+    /// The tag of these values (0, which no check accepts, should OpenSSL fail).
     package func tag(_ kind: Kind, _ a: UInt64, _ b: UInt64 = 0, uid: UInt32) -> UInt64 {
+        mac(kind, a, b, uid) ?? 0
+    }
+
+    private func mac(_ kind: Kind, _ a: UInt64, _ b: UInt64, _ uid: UInt32) -> UInt64? {
         var w = ByteWriter(capacity: 21)
         w.u8(kind.rawValue)
         w.u64(a)
         w.u64(b)
         w.u32(uid)
-        let mac = Digest.hmacSHA256(key: key, w.bytes)
+        guard let mac = try? Digest.hmacSHA256(key: key, w.bytes) else { return nil }
         var r = ByteReader(mac)
         return r.u64()
     }
 
     /// Whether `tag` is the one for these values (the comparison takes the same time either way).
     package func check(_ tag: UInt64, _ kind: Kind, _ a: UInt64, _ b: UInt64 = 0, uid: UInt32) -> Bool {
-        let want = self.tag(kind, a, b, uid: uid)
+        guard let want = mac(kind, a, b, uid) else { return false }
         return (want ^ tag) == 0
     }
 }
