@@ -68,6 +68,7 @@ install: $(BIN) $(SPANK)
 	install -m 0755 scripts/mount.stagefs $(DESTDIR)$(PREFIX)/sbin/mount.stagefs
 	install -m 0755 $(SPANK) $(DESTDIR)$(PREFIX)/lib/stagefs/spank_stagefs.so
 	$(TEMPLATE) systemd/stagefs@.service > $(UNIT_DIR)/stagefs@.service
+	$(TEMPLATE) systemd/stagefs-gateway@.service > $(UNIT_DIR)/stagefs-gateway@.service
 	install -d $(SHARE)/modulefiles/fs-client $(SHARE)/singularity $(SHARE)/slurm/prolog.d $(SHARE)/slurm/epilog.d $(SHARE)/slurm/plugstack.conf.d
 	$(TEMPLATE) modulefiles/fs-client/0.1.0 > $(SHARE)/modulefiles/fs-client/0.1.0
 	install -m 0644 modulefiles/fs-client/.version $(SHARE)/modulefiles/fs-client/.version
@@ -78,7 +79,7 @@ install: $(BIN) $(SPANK)
 	$(TEMPLATE) slurm/plugstack.conf.d/stagefs.conf > $(SHARE)/slurm/plugstack.conf.d/stagefs.conf
 	$(TEMPLATE) slurm/prolog.d/stagefs.sh > $(SHARE)/slurm/prolog.d/stagefs.sh
 	$(TEMPLATE) slurm/epilog.d/stagefs.sh > $(SHARE)/slurm/epilog.d/stagefs.sh
-	chmod 0644 $(UNIT_DIR)/stagefs@.service $(SHARE)/modulefiles/fs-client/0.1.0 $(SHARE)/slurm/slurm.conf.snippet \
+	chmod 0644 $(UNIT_DIR)/stagefs@.service $(UNIT_DIR)/stagefs-gateway@.service $(SHARE)/modulefiles/fs-client/0.1.0 $(SHARE)/slurm/slurm.conf.snippet \
 		$(SHARE)/slurm/stagefs.env $(SHARE)/slurm/plugstack.conf.d/stagefs.conf
 	chmod 0755 $(SHARE)/slurm/prolog.d/stagefs.sh $(SHARE)/slurm/epilog.d/stagefs.sh
 	@case "$(SYSTEMD_UNIT_DIR)" in /etc/systemd/system|/usr/lib/systemd/system|/lib/systemd/system|/usr/local/lib/systemd/system) ;; \
@@ -86,7 +87,7 @@ install: $(BIN) $(SPANK)
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/stagefs $(DESTDIR)$(PREFIX)/sbin/mount.stagefs
-	rm -f $(DESTDIR)$(PREFIX)/lib/stagefs/spank_stagefs.so $(UNIT_DIR)/stagefs@.service
+	rm -f $(DESTDIR)$(PREFIX)/lib/stagefs/spank_stagefs.so $(UNIT_DIR)/stagefs@.service $(UNIT_DIR)/stagefs-gateway@.service
 	rm -rf $(SHARE)
 	-rmdir $(DESTDIR)$(PREFIX)/lib/stagefs $(DESTDIR)$(PREFIX)/lib/systemd/system $(DESTDIR)$(PREFIX)/lib/systemd \
 		$(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/share 2>/dev/null

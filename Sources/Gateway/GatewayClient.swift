@@ -148,7 +148,9 @@ package final class GatewayClient: Sendable {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw FSError.usage("socket path \(path) is too long (at most 107 bytes)") }
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            throw FSError.usage("socket path \(path) is too long (at most 107 bytes)")
+        }
         withUnsafeMutableBytes(of: &addr.sun_path) { p in
             for (i, b) in bytes.enumerated() { p[i] = b }
         }

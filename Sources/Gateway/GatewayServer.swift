@@ -84,7 +84,10 @@ package final class GatewayServer: Sendable {
             }
             let peer = Peer(uid: cred.uid, gid: cred.gid, pid: UInt32(bitPattern: cred.pid))
             if !admit(peer.uid) {
-                refuse(c, FSError(EAGAIN, "the gateway serves its limit of connections (\(limits.connectionsPerUser) per user, \(limits.connections) in all)"))
+                refuse(
+                    c,
+                    FSError(
+                        EAGAIN, "the gateway serves its limit of connections (\(limits.connectionsPerUser) per user, \(limits.connections) in all)"))
                 continue
             }
             let started = DetachedThread.start { [self] in
@@ -101,13 +104,17 @@ package final class GatewayServer: Sendable {
     private func listenUnix(_ path: String) throws(FSError) -> Int32 {
         var st = Glibc.stat()
         if lstat(path, &st) == 0 {
-            guard st.st_mode & S_IFMT == S_IFSOCK else { throw FSError(EEXIST, "\(path) exists and is not a socket: remove it or pick another --socket") }
+            guard st.st_mode & S_IFMT == S_IFSOCK else {
+                throw FSError(EEXIST, "\(path) exists and is not a socket: remove it or pick another --socket")
+            }
             unlink(path)
         }
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw FSError.usage("socket path \(path) is too long (at most 107 bytes)") }
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            throw FSError.usage("socket path \(path) is too long (at most 107 bytes)")
+        }
         withUnsafeMutableBytes(of: &addr.sun_path) { p in
             for (i, b) in bytes.enumerated() { p[i] = b }
         }
@@ -212,7 +219,9 @@ package final class GatewayServer: Sendable {
             do throws(FSError) {
                 id = try r.u64()
                 let raw = try r.u16()
-                guard let op = Op(rawValue: raw) else { throw FSError(EPROTO, "unknown operation \(raw) (this gateway speaks protocol \(Wire.version))") }
+                guard let op = Op(rawValue: raw) else {
+                    throw FSError(EPROTO, "unknown operation \(raw) (this gateway speaks protocol \(Wire.version))")
+                }
                 if !helloDone {
                     guard op == .hello else { throw FSError(EPROTO, "the first request of a connection must be hello") }
                     out = try hello(id, &r)
@@ -261,7 +270,8 @@ package final class GatewayServer: Sendable {
         guard version == Wire.version else {
             throw FSError(
                 EPROTO,
-                "this gateway speaks protocol \(Wire.version) and the client protocol \(version): use the same StageFS version on clients and gateway")
+                "this gateway speaks protocol \(Wire.version) and the client protocol \(version): use the same StageFS version on clients and gateway"
+            )
         }
         var w = Reply.ok(id)
         w.u16(Wire.version)

@@ -42,7 +42,9 @@ struct GatewayCmd: ParsableCommand {
     var verbose: Int
 
     func validate() throws {
-        if maxConnections < 1 || maxConnectionsPerUser < 1 { throw ValidationError("--max-connections and --max-connections-per-user must be at least 1") }
+        if maxConnections < 1 || maxConnectionsPerUser < 1 {
+            throw ValidationError("--max-connections and --max-connections-per-user must be at least 1")
+        }
     }
 
     func run() throws {
@@ -102,7 +104,9 @@ enum GatewaySettings {
         }
         guard st.st_mode & 0o077 == 0 else {
             throw FSError(
-                EACCES, "\(path) has mode 0\(String(st.st_mode & 0o777, radix: 8)): it holds the volume's secrets, so others must have no access (chmod 600 \(path))")
+                EACCES,
+                "\(path) has mode 0\(String(st.st_mode & 0o777, radix: 8)): it holds the volume's secrets, so others must have no access (chmod 600 \(path))"
+            )
         }
         var buf = [UInt8](repeating: 0, count: Int(st.st_size))
         let n = try Sys.pread(fd, &buf, buf.count, 0, path: path)

@@ -33,7 +33,7 @@ def make_install(*args):
 
 
 # Installed files that name paths of the install (templates with @PREFIX@).
-TEMPLATED = ["lib/systemd/system/stagefs@.service", "share/stagefs/modulefiles/fs-client/0.1.0",
+TEMPLATED = ["lib/systemd/system/stagefs@.service", "lib/systemd/system/stagefs-gateway@.service", "share/stagefs/modulefiles/fs-client/0.1.0",
              "share/stagefs/slurm/plugstack.conf.d/stagefs.conf", "share/stagefs/slurm/slurm.conf.snippet",
              "share/stagefs/slurm/stagefs.env", "share/stagefs/slurm/prolog.d/stagefs.sh",
              "share/stagefs/slurm/epilog.d/stagefs.sh"]
@@ -57,6 +57,7 @@ def test_install_layout_and_uninstall_leaves_nothing(env):
     assert r.returncode == 0, r.stderr
     assert "Build" not in r.stdout + r.stderr, "nothing was built"
     for f in ["bin/stagefs", "sbin/mount.stagefs", "lib/stagefs/spank_stagefs.so", "lib/systemd/system/stagefs@.service",
+              "lib/systemd/system/stagefs-gateway@.service",
               "share/stagefs/modulefiles/fs-client/0.1.0", "share/stagefs/modulefiles/fs-client/.version",
               "share/stagefs/singularity/README.md", "share/stagefs/singularity/apptainer.conf.snippet",
               "share/stagefs/slurm/README.md", "share/stagefs/slurm/prolog.d/stagefs.sh", "share/stagefs/slurm/epilog.d/stagefs.sh",
@@ -64,6 +65,7 @@ def test_install_layout_and_uninstall_leaves_nothing(env):
               "share/stagefs/slurm/stagefs.env"]:
         assert os.path.exists(os.path.join(p, f)), f
     assert f"{p}/bin/stagefs" in open(f"{p}/lib/systemd/system/stagefs@.service").read()
+    assert f"ExecStart={p}/bin/stagefs gateway --config /etc/stagefs/%i.conf" in open(f"{p}/lib/systemd/system/stagefs-gateway@.service").read()
     assert f"set prefix      {p}" in open(f"{p}/share/stagefs/modulefiles/fs-client/0.1.0").read()
     assert subprocess.run([f"{p}/bin/stagefs", "--version"], capture_output=True, text=True).stdout.strip()
     r = subprocess.run(["make", "-s", "-C", REPO, "uninstall", f"PREFIX={p}"], capture_output=True, text=True)
