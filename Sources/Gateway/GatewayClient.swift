@@ -62,11 +62,17 @@ package final class GatewayClient: Sendable {
                     try FrameIO.send(fd, body)
                 }
                 sent = true
-                guard let reply = try FrameIO.receive(fd) else { throw FSError(ECONNRESET, "the gateway closed the connection") }
+                guard let reply = try FrameIO.receive(fd) else { throw FSError(EIO, "the gateway closed the connection without answering") }
                 var r = WireReader(reply)
                 let rid = try r.u64()
                 let status = try r.i32()
                 guard rid == id || rid == 0 else { throw Wire.malformed("a reply to request \(rid) where \(id) was asked") }
+                if status == ESHUTDOWN {
+                    // A gateway that is stopping carried nothing out: ask the next one.
+                    close(fd)
+                    fd = -1
+                    throw FSError(ESHUTDOWN, "the gateway is restarting")
+                }
                 if status != 0 {
                     let message = (try? r.string(max: 4096)) ?? "error \(status)"
                     // The gateway ends a connection after a protocol error; others keep it.
@@ -81,8 +87,15 @@ package final class GatewayClient: Sendable {
                 if fd >= 0 { close(fd) }
                 let e = error as? FSError ?? FSError.io
                 // Only a request the gateway cannot have acted on is sent again, or one that
-                // changes nothing; a change whose reply was lost is reported (EIO).
-                if sent && !op.isRead { throw FSError(EIO, "\(description): the connection broke before the reply (\(e.message))") }
+                // changes nothing; a change whose reply was lost is reported (EIO). Not acted
+                // on: refused as the gateway stops (ESHUTDOWN), or never read: a Unix socket
+                // closed with unread data tells its peer ECONNRESET, and a gateway closes a
+                // connection only between requests (a gateway killed while it works on one
+                // leaves nothing unread: EOF, an unknown outcome).
+                let unread = e.code == ESHUTDOWN || e.code == ECONNRESET || e.code == EPIPE
+                if sent && !op.isRead && !unread {
+                    throw FSError(EIO, "\(description): the connection broke before the reply (\(e.message))")
+                }
                 if e.code == EPROTO { throw e }
                 attempt += 1
                 if Sys.monotonicNanos() > deadline {

@@ -59,14 +59,35 @@ package final class GatewayServer: Sendable {
 
     // MARK: serving
 
+    /// Set (by the CLI's SIGTERM and SIGINT handler) to stop: the gateway accepts no more
+    /// connections, answers the request each connection is serving, answers any later one with
+    /// `ESHUTDOWN` (not carried out: the client sends it again, to the next gateway), closes
+    /// idle connections, and `serve` returns. So a restart costs a client no operation.
+    package static let stopRequested = Atomic<Bool>(false)
+
+    private var stopping: Bool { Self.stopRequested.load(ordering: .relaxed) }
+
     /// Listens on a Unix socket at `path` (mode 0666: every local user may connect; the kernel
-    /// says who they are) and serves until the process ends. A stale socket file is replaced;
+    /// says who they are) and serves until `stopRequested`. A stale socket file is replaced;
     /// anything else at `path` is refused.
     package func serve(unixSocket path: String) throws(FSError) {
         let fd = try listenUnix(path)
+        var bound = Glibc.stat()
+        _ = lstat(path, &bound)
         startBackground()
         Log.warning("gateway for volume '\(format.name)' listening on \(path)")
+        defer {
+            close(fd)
+            // The socket file goes unless a newer gateway has made its own there.
+            var now = Glibc.stat()
+            if lstat(path, &now) == 0 && now.st_ino == bound.st_ino { unlink(path) }
+            drain()
+        }
         while true {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&p, 1, 250)
+            if stopping { return }
+            if ready <= 0 { continue }
             let c = Sys.acceptCloexec(fd)
             if c < 0 {
                 if errno == EINTR || errno == ECONNABORTED { continue }
@@ -135,6 +156,14 @@ package final class GatewayServer: Sendable {
             throw FSError.errno(e, "listening on \(path)")
         }
         return fd
+    }
+
+    /// Waits (at most 30 s) for every connection to be answered and closed.
+    private func drain() {
+        let until = Sys.monotonicNanos() + 30_000_000_000
+        while counts.withLock({ $0.all }) > 0 && Sys.monotonicNanos() < until { Sys.sleep(seconds: 0.02) }
+        let left = counts.withLock { $0.all }
+        if left > 0 { Log.warning("gateway: stopping with \(left) connection(s) still busy after 30 s") }
     }
 
     private func admit(_ uid: UInt32) -> Bool {
@@ -222,6 +251,7 @@ package final class GatewayServer: Sendable {
                 guard let op = Op(rawValue: raw) else {
                     throw FSError(EPROTO, "unknown operation \(raw) (this gateway speaks protocol \(Wire.version))")
                 }
+                if stopping { throw FSError(ESHUTDOWN, "the gateway is restarting; the request was not carried out") }
                 if !helloDone {
                     guard op == .hello else { throw FSError(EPROTO, "the first request of a connection must be hello") }
                     out = try hello(id, &r)
@@ -239,7 +269,7 @@ package final class GatewayServer: Sendable {
                     Log.warning("gateway: request of \(who): \(error.message)")
                 }
                 do { try FrameIO.send(fd, Reply.error(id, error)) } catch { return }
-                if error.code == EPROTO { return }
+                if error.code == EPROTO || error.code == ESHUTDOWN { return }
                 continue
             }
             do {
@@ -257,9 +287,14 @@ package final class GatewayServer: Sendable {
 
     /// Reads one frame, counting big ones against the gateway's frame budget (released by the caller).
     private func receive(_ fd: Int32, _ budgets: [ByteBudget]) throws(FSError) -> [UInt8]? {
-        // Idle between requests as long as the client likes; a started frame must finish in time.
+        // Idle between requests as long as the client likes (until the gateway stops); a started
+        // frame must finish in time.
         var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        while poll(&p, 1, -1) < 0 && errno == EINTR {}
+        while true {
+            let r = poll(&p, 1, 250)
+            if r > 0 || (r < 0 && errno != EINTR) { break }
+            if stopping { return nil }
+        }
         return try FrameIO.receive(fd, budgets: budgets)
     }
 

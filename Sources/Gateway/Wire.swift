@@ -250,7 +250,7 @@ package enum FrameIO {
             }
             if n == 0 {
                 if off == 0 && allowEOF { return false }
-                throw FSError(ECONNRESET, "gateway connection closed in the middle of a frame")
+                throw FSError(EIO, "gateway connection closed in the middle of a frame")
             }
             off += n
         }

@@ -84,8 +84,16 @@ struct GatewayCmd: ParsableCommand {
         let path = socket ?? "/run/stagefs/\(format.name).sock"
         try Sys.mkdirs(Sys.dirname(of: path), 0o755)
         printError("stagefs: gateway for volume '\(format.name)' (\(url)) serving stagefs+unix://\(path)")
+        signal(SIGTERM, gatewaySignal)
+        signal(SIGINT, gatewaySignal)
         try server.serve(unixSocket: path)
+        printError("stagefs: gateway for volume '\(format.name)' stopped")
     }
+}
+
+/// SIGTERM, SIGINT: stop after answering what has arrived (`GatewayServer.stopRequested`).
+private func gatewaySignal(_ sig: Int32) {
+    GatewayServer.stopRequested.store(true, ordering: .relaxed)
 }
 
 /// The gateway's settings file: `KEY=VALUE` lines (`#` comments, blank lines, optional quotes),

@@ -438,6 +438,77 @@ def test_a_restarted_gateway_costs_an_idle_mount_nothing(env, site):
     assert "after-2" in box.get("r", []) and "while-away" in box["r"], box
 
 
+def churn(root, stop_file, tag):
+    """Creates, writes, renames and unlinks files under `root` until `stop_file` exists; returns
+    (what the tree must hold, the operations that failed)."""
+    import random
+    rnd = random.Random(tag)
+    model, failed, i = {}, [], 0
+    os.makedirs(root, exist_ok=True)
+    while not os.path.exists(stop_file) or i < 50:
+        i += 1
+        try:
+            k = rnd.random()
+            if k < 0.5 or not model:
+                name, body = f"f{i}", os.urandom(rnd.choice([10, 5000, 70000]))
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(body)
+                model[name] = body
+            elif k < 0.7:
+                old = rnd.choice(sorted(model))
+                new = f"r{i}"
+                os.rename(os.path.join(root, old), os.path.join(root, new))
+                model[new] = model.pop(old)
+            elif k < 0.85:
+                old = rnd.choice(sorted(model))
+                os.unlink(os.path.join(root, old))
+                del model[old]
+            else:
+                old = rnd.choice(sorted(model))
+                with open(os.path.join(root, old), "ab") as f:
+                    f.write(b"+")
+                model[old] += b"+"
+        except OSError as e:
+            failed.append(f"op {i}: {e}")
+    return model, failed
+
+
+def tree(root):
+    return {n: open(os.path.join(root, n), "rb").read() for n in os.listdir(root)}
+
+
+def test_gateway_restarts_under_load_fail_no_operation(env, site):
+    """Two users create, write, rename, append and unlink through their mounts while the gateway
+    is restarted three times (SIGTERM, as systemd restarts it): no operation fails, and each
+    tree is exactly what its user did."""
+    a = mount(env, site, USER, site["file"])
+    b = mount(env, site, OTHER, site["file"])
+    gw = site["file"]
+    stop_file = os.path.join(env.dir_for("root", "stop"), "stop")
+    results = {}
+
+    def worker(user, root, tag):
+        results[user] = run_as(user, churn, root, stop_file, tag)
+    da, db = os.path.join(a, "churn-a"), os.path.join(b, "churn-b")
+    threads = [threading.Thread(target=worker, args=(USER, da, 1)), threading.Thread(target=worker, args=(OTHER, db, 2))]
+    for t in threads:
+        t.start()
+    for _ in range(3):
+        time.sleep(1.5)
+        gw.stop(signal.SIGTERM)
+        gw.start()
+    time.sleep(1.5)
+    open(stop_file, "w").close()
+    for t in threads:
+        t.join(120)
+    for user, root in ((USER, da), (OTHER, db)):
+        model, failed = results[user]
+        assert failed == [], failed[:5]
+        assert len(model) > 5
+        assert run_as(user, tree, root) == model
+    assert "stopped" in open(gw.log).read()
+
+
 def test_a_user_stages_through_the_gateway_only_what_they_may_read(env, site):
     a, name, _, _, _ = a_private_file(env, site)
     run_as(USER, lambda: open(os.path.join(a, "shared.dat"), "wb").write(os.urandom(1 << 20)))
