@@ -5,6 +5,18 @@ import ArgumentParser
 #endif
 
 /// The help of a META-URL argument (every form is in `stagefs --help`).
+/// The first argument of `mount`: the META-URL, left out when `STAGEFS_VOLUME` names it.
+let volumeOrFirstHelp = ArgumentHelp(
+    "Metadata store (every form: stagefs --help); leave it out to use $STAGEFS_VOLUME ('module load fs-client' sets it).",
+    valueName: "meta-url")
+
+/// The volume `STAGEFS_VOLUME` names (the `fs-client` module sets it): the META-URL of `mount`,
+/// `stage` and `status` when none is given.
+func defaultVolume() -> String? {
+    guard let v = getenv("STAGEFS_VOLUME").map({ String(cString: $0) }), !v.isEmpty else { return nil }
+    return v
+}
+
 let metaURLHelp = ArgumentHelp(
     "Metadata store: sqlite3:///abs/path.db or redis://host[:port][/db] (every form: stagefs --help).", valueName: "meta-url")
 

@@ -36,16 +36,21 @@ struct Mount: ParsableCommand {
             """
     )
 
-    @Argument(help: metaURLHelp)
-    var metaURL: String
+    @Argument(help: volumeOrFirstHelp)
+    var volumeArgument: String
 
     @Argument(
         help: ArgumentHelp(
             "An existing, empty directory to mount on (-o nonempty allows one with files), or /dev/fd/N.",
             discussion:
-                "/dev/fd/N: a /dev/fuse descriptor this process inherited, already mounted by a supervisor (Apptainer's --fusemount, a root helper); the supervisor chose the mount options and unmounts it."
+                "/dev/fd/N: a /dev/fuse descriptor this process inherited, already mounted by a supervisor (Apptainer's --fusemount, a root helper); the supervisor chose the mount options and unmounts it.",
+            valueName: "mountpoint"
         ))
-    var mountPoint: String
+    var mountPointArgument: String?
+
+    /// The META-URL: the first argument, or `STAGEFS_VOLUME` when only the mountpoint is given.
+    var metaURL: String { mountPointArgument == nil ? defaultVolume() ?? "" : volumeArgument }
+    var mountPoint: String { mountPointArgument ?? volumeArgument }
 
     @Flag(name: [.customShort("d"), .customLong("background")], help: "Run in the background; return once the mount is ready.")
     var background = false
@@ -117,6 +122,9 @@ struct Mount: ParsableCommand {
     }
 
     func validate() throws {
+        if mountPointArgument == nil && defaultVolume() == nil {
+            throw ValidationError("give the volume's META-URL before the mountpoint, or set STAGEFS_VOLUME ('module load fs-client' sets it)")
+        }
         if attrCache < 0 || entryCache < 0 || dirEntryCache < 0 { throw ValidationError("cache timeouts cannot be negative") }
         if bufferSize < 16 { throw ValidationError("--buffer-size must be at least 16 (MiB)") }
         if heartbeat <= 0 { throw ValidationError("--heartbeat must be positive") }

@@ -53,7 +53,9 @@ struct Stage: ParsableCommand {
     @Argument(help: "Files or directories to stage: inside a StageFS mount, or inside the volume with --meta.")
     var paths: [String] = []
 
-    @Option(help: "Metadata store of the volume (paths are then volume paths such as /datasets/x).")
+    @Option(
+        help:
+            "Metadata store of the volume (paths are then volume paths such as /datasets/x); paths outside any mount use $STAGEFS_VOLUME when it is set.")
     var meta: String?
 
     @Option(help: "Cache directories, colon-separated (default: the mount's, or ~/.stagefs/cache; /var/cache/stagefs for root).")
@@ -142,6 +144,8 @@ struct Stage: ParsableCommand {
         var volumePaths = all
         var record: MountRecord?
         let metaURL: MetaURL
+        // Paths outside any mount are volume paths of $STAGEFS_VOLUME when it is set.
+        let meta = self.meta ?? (all.contains { MountTable.containing(absolutePath($0)) != nil } ? nil : defaultVolume())
         if let meta {
             metaURL = try metaURLArgument(meta)
         } else {

@@ -8,11 +8,14 @@ struct Status: ParsableCommand {
         discussion: "Secrets are not shown. Sessions whose heartbeat is older than a minute are marked stale."
     )
 
-    @Argument(help: metaURLHelp)
-    var metaURL: String
+    @Argument(help: volumeOrFirstHelp)
+    var metaURL: String?
 
     func run() throws {
-        let url = try metaURLArgument(metaURL)
+        guard let text = metaURL ?? defaultVolume() else {
+            throw ValidationError("give the volume's META-URL, or set STAGEFS_VOLUME ('module load fs-client' sets it)")
+        }
+        let url = try metaURLArgument(text)
         let meta = try openEngine(url)
         let f = try meta.requireFormat()
         let usage = try meta.statfs()

@@ -331,3 +331,57 @@ class RoundTrips:
         self.proc.terminate()
         self.proc.communicate()
         return [l for l in lines if '"' in l and "lua]" not in l]
+
+
+class Gateway:
+    """A `stagefs gateway` for one volume; the settings file (0600, root's) holds its secrets."""
+
+    def __init__(self, env, meta_url, socket_path, *extra):
+        self.env, self.socket = env, socket_path
+        self.dir = env.dir_for("root", "gw")
+        os.chmod(self.dir, 0o700)
+        self.config = os.path.join(self.dir, "gw.conf")
+        fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, f"# the volume's secrets\nMETA_URL={meta_url}\n".encode())
+        os.close(fd)
+        self.extra = extra
+        self.log = os.path.join(self.dir, "gateway.log")
+        self.proc = None
+        self.start()
+
+    def start(self):
+        logf = open(self.log, "a")
+        self.proc = subprocess.Popen([self.env.bin, "gateway", "--config", self.config, "--socket", self.socket, *self.extra],
+                                     stdout=logf, stderr=logf, env={"PATH": os.environ["PATH"]})
+        logf.close()
+
+        def up():
+            assert self.proc.poll() is None, open(self.log).read()
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(self.socket)
+                s.close()
+                return True
+            except OSError:
+                return False
+        wait_until(up, 30, "the gateway to serve its socket")
+
+    def stop(self, sig=signal.SIGKILL):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait()
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    @property
+    def url(self):
+        return f"stagefs+unix://{self.socket}"
+
+    def rss_kib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0

@@ -16,59 +16,7 @@ import pytest
 
 import gwproto
 import helpers
-from helpers import OTHER, USER, run_as, wait_until
-
-
-class Gateway:
-    """A `stagefs gateway` for one volume; the settings file (0600, root's) holds its secrets."""
-
-    def __init__(self, env, meta_url, socket_path, *extra):
-        self.env, self.socket = env, socket_path
-        self.dir = env.dir_for("root", "gw")
-        os.chmod(self.dir, 0o700)
-        self.config = os.path.join(self.dir, "gw.conf")
-        fd = os.open(self.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, f"# the volume's secrets\nMETA_URL={meta_url}\n".encode())
-        os.close(fd)
-        self.extra = extra
-        self.log = os.path.join(self.dir, "gateway.log")
-        self.proc = None
-        self.start()
-
-    def start(self):
-        logf = open(self.log, "a")
-        self.proc = subprocess.Popen([self.env.bin, "gateway", "--config", self.config, "--socket", self.socket, *self.extra],
-                                     stdout=logf, stderr=logf, env={"PATH": os.environ["PATH"]})
-        logf.close()
-
-        def up():
-            assert self.proc.poll() is None, open(self.log).read()
-            try:
-                gwproto.Raw(self.socket).close()
-                return True
-            except OSError:
-                return False
-        wait_until(up, 30, "the gateway to serve its socket")
-
-    def stop(self, sig=signal.SIGKILL):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait()
-
-    def restart(self):
-        self.stop()
-        self.start()
-
-    @property
-    def url(self):
-        return f"stagefs+unix://{self.socket}"
-
-    def rss_kib(self):
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        return 0
+from helpers import OTHER, USER, Gateway, run_as, wait_until
 
 
 PASSWORD = "pw-" + os.urandom(12).hex()
@@ -540,3 +488,24 @@ def test_the_gateway_refuses_settings_or_a_bucket_others_can_read(env, site):
         os.chmod(site["bucket"], 0o700)
     # Nothing of the secret in its messages.
     assert PASSWORD not in p.stderr
+
+
+def test_the_modules_volume_is_the_default_url(env, site):
+    """`module load fs-client` sets STAGEFS_VOLUME (a gateway URL): mount DIR and status need no URL."""
+    mnt = env.dir_for(USER, "gm-default")
+    cache = env.dir_for(USER, "gm-default-cache")
+    log = os.path.join(site["logs"], "default.log")
+
+    def run(*args, volume=site["file"].url):
+        e = {"PATH": os.environ["PATH"], "HOME": f"/home/{USER}"}
+        if volume:
+            e["STAGEFS_VOLUME"] = volume
+        return subprocess.run(["runuser", "-u", USER, "--", env.bin, *args], capture_output=True, text=True, env=e, timeout=120)
+    p = run("mount", "-d", mnt, "--cache-dir", cache, "--log", log)
+    assert p.returncode == 0 and helpers.is_mounted(mnt), p.stderr
+    site["mounts"].append(mnt)
+    p = run("status")
+    assert p.returncode == 0 and "gwfile" in p.stdout, p.stdout + p.stderr
+    p = run("mount", "-d", env.dir_for(USER, "gm-none"), volume=None)
+    assert p.returncode == 2 and "STAGEFS_VOLUME" in p.stderr, p.stderr
+

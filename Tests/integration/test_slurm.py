@@ -32,15 +32,18 @@ class Cluster:
     node runs in its own, where its own cache and mount directories are bound over the
     configured cache_root and mount_root: node-local storage, as on a real cluster."""
 
-    def __init__(self, env, redis, nodes=1, db=50, shell_hooks=False):
+    def __init__(self, env, redis, nodes=1, db=50, shell_hooks=False, gateway=None):
+        """gateway: the volume's own META-URL (with its password); the cluster then runs a
+        gateway and every job setting names only the gateway's URL."""
         self.procs = []
+        self.gateway = None
         try:
-            self.setup(env, redis, nodes, db, shell_hooks)
+            self.setup(env, redis, nodes, db, shell_hooks, gateway)
         except BaseException:
             self.stop()  # never leave daemons behind a cluster that did not come up
             raise
 
-    def setup(self, env, redis, nodes, db, shell_hooks):
+    def setup(self, env, redis, nodes, db, shell_hooks, gateway):
         self.env = env
         self.nodes = nodes
         self.dir = env.dir_for("root", "slurm")
@@ -59,8 +62,13 @@ class Cluster:
         os.chmod(f"{d}/cache", 0o1777)
         os.chmod(f"{d}/mnt", 0o755)
         # The volume the site stages from.
-        self.meta = redis.url(db)
-        env.stagefs("format", self.meta, "slurmvol", "--bucket", f"{d}/data", "--bucket-group", helpers.SHARED_GROUP, user="root")
+        self.meta = gateway or redis.url(db)
+        if gateway:
+            # The bucket is the gateway's alone.
+            env.stagefs("format", self.meta, "slurmvol", "--bucket", f"{d}/data", user="root")
+            os.chmod(f"{d}/data", 0o700)
+        else:
+            env.stagefs("format", self.meta, "slurmvol", "--bucket", f"{d}/data", "--bucket-group", helpers.SHARED_GROUP, user="root")
         rootmnt = f"{d}/rootmnt"
         os.makedirs(rootmnt)
         env.stagefs("mount", "-d", self.meta, rootmnt, "--cache-size", "0", user="root")
@@ -77,6 +85,9 @@ class Cluster:
             f.write("root only")
         os.chmod(f"{rootmnt}/private", 0o700)
         env.stagefs("umount", rootmnt, user="root")
+        if gateway:
+            self.gateway = helpers.Gateway(env, gateway, f"{d}/gw.sock")
+            self.meta = self.gateway.url
         with open(f"{d}/small.sha256", "w") as f:
             for name, s in sorted(self.sums.items()):
                 f.write(f"{s}  {name}\n")
@@ -210,6 +221,8 @@ PlugStackConfig={d}/plugstack.conf
         return read("out"), read("err")
 
     def stop(self):
+        if self.gateway:
+            self.gateway.stop()
         if not hasattr(self, "dir"):
             return
         # Mount processes the epilogs did not get to keep other nodes' namespaces alive.
@@ -958,3 +971,39 @@ def test_the_epilog_waits_for_a_slow_flush_up_to_flush_timeout(cluster, env, red
         else:
             assert f"the mount at {mnt} did not finish flushing within 1 s (flush_timeout): killed pid" in err, err
         assert "flush" in open(f"{d}/cache/{uid}/jobs/{job}/epilog.log").read()
+
+
+@pytest.fixture(scope="module")
+def gateway_cluster(env):
+    password = "slurm-pw-" + os.urandom(8).hex()
+    r = helpers.Redis(env.root, "--requirepass", password)
+    c = Cluster(env, r, gateway=f"redis://:{password}@127.0.0.1:{r.port}/3")
+    c.password = password
+    yield c
+    c.stop()
+    r.stop()
+
+
+def test_a_job_stages_and_mounts_through_the_gateway(gateway_cluster, env):
+    """plugstack.conf names only the gateway: the job's staging and mount run as the job's user
+    through it, no file the user reads and no process's command line holds the password, and a
+    dataset the user may not read fails the job with the reason."""
+    c = gateway_cluster
+    assert c.password not in open(c.plugstack).read() and "stagefs+unix://" in open(c.plugstack).read()
+    script = JOB.format(bin=env.bin, meta=c.meta, sums=f"{c.dir}/small.sha256") + "ps -ww -eo args > $HOME/ps-during-job.txt\n"
+    p = c.submit(script, "--storage-stage=/datasets/small", name="gw-ok")
+    assert p.returncode == 0, p.stderr
+    jobid = p.stdout.strip().split(";")[0]
+    state = c.wait_job(jobid)
+    out, err = c.output("gw-ok", jobid)
+    assert state == "COMPLETED", (out, err)
+    assert "/datasets/small: 100.0% cached, 12 of 12 files" in out and out.strip().endswith("12"), (out, err)
+    ps = run_as(USER, lambda: open(os.path.expanduser("~/ps-during-job.txt")).read())
+    assert f"mount {c.meta} {c.dir}/mnt/{jobid}" in ps and c.password not in ps, ps
+    assert_cleaned_up(c, jobid)
+    p = c.submit("#!/bin/bash\necho ran\n", "--storage-stage=/private/secret", name="gw-denied")
+    jobid = p.stdout.strip().split(";")[0]
+    assert c.wait_job(jobid) == "FAILED"
+    out, err = c.output("gw-denied", jobid)
+    assert "ran" not in out and "permission denied" in err.lower(), (out, err)
+

@@ -80,7 +80,7 @@ prepare_dir() {
 "
     return 1
 }
-# Named volumes: STAGEFS_VOLUMES="scratch=redis://... models=redis://..." (no spaces in a URL).
+# Named volumes: STAGEFS_VOLUMES="scratch=stagefs+unix:///run/stagefs/scratch.sock models=..." (no spaces in a URL).
 VOLUMES=
 for v in ${STAGEFS_VOLUMES:-}; do
     case $v in *=*) VOLUMES="$VOLUMES --volume $v" ;; *) echo "stagefs: job $JOB: STAGEFS_VOLUMES item '$v' is not NAME=META-URL" >&2; exit 1 ;; esac
