@@ -66,4 +66,49 @@ static inline short clinux_pollrdhup(void) { return 0x2000; }
 static inline long clinux_getrandom(void *buf, unsigned long len) {
     return (long)getrandom(buf, len, 0);
 }
+/* SCM_RIGHTS (the CMSG_* macros are not callable from Swift): sends `len` bytes with descriptor
+   `fd` attached (a copy of it arrives at the peer); the count sent, or -1 and errno. */
+static inline long clinux_send_fd(int sock, const void *buf, unsigned long len, int fd) {
+    struct iovec iov = { (void *)buf, len };
+    union { struct cmsghdr h; char space[CMSG_SPACE(sizeof(int))]; } ctl;
+    memset(&ctl, 0, sizeof(ctl));
+    struct msghdr m;
+    memset(&m, 0, sizeof(m));
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = ctl.space;
+    m.msg_controllen = sizeof(ctl.space);
+    struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    return (long)sendmsg(sock, &m, MSG_NOSIGNAL);
+}
+
+/* Receives up to `len` bytes and, when one came with them, a descriptor (close-on-exec) into
+   `*fd` (-1 when none; any further ones are closed). The count, 0 at the end, or -1 and errno. */
+static inline long clinux_recv_fd(int sock, void *buf, unsigned long len, int *fd) {
+    struct iovec iov = { buf, len };
+    union { struct cmsghdr h; char space[CMSG_SPACE(sizeof(int) * 4)]; } ctl;
+    struct msghdr m;
+    memset(&m, 0, sizeof(m));
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = ctl.space;
+    m.msg_controllen = sizeof(ctl.space);
+    *fd = -1;
+    long n = (long)recvmsg(sock, &m, MSG_CMSG_CLOEXEC);
+    if (n < 0) return n;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        for (int i = 0; i < count; i++) {
+            int got;
+            memcpy(&got, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+            if (*fd < 0) *fd = got; else close(got);
+        }
+    }
+    return n;
+}
 #endif

@@ -15,6 +15,8 @@ package final class GatewayClient: Sendable {
     package let retryTimeout: Double
     /// The volume the gateway serves (from its hello).
     package let volume: String
+    /// The gateway passes descriptors of block files (a `file` bucket, over its Unix socket).
+    package let blockDescriptors: Bool
     private let idle = Mutex<[Int32]>([])
     private let nextID = Atomic<UInt64>(1)
 
@@ -22,8 +24,9 @@ package final class GatewayClient: Sendable {
     package init(_ address: GatewayAddress, retryTimeout: Double = 60) throws(FSError) {
         self.address = address
         self.retryTimeout = retryTimeout
-        let (fd, volume) = try Self.connect(address, timeout: retryTimeout)
+        let (fd, volume, flags) = try Self.connect(address, timeout: retryTimeout)
         self.volume = volume
+        self.blockDescriptors = flags & 1 != 0
         idle.withLock { $0.append(fd) }
     }
 
@@ -41,6 +44,21 @@ package final class GatewayClient: Sendable {
     /// gateway honours it only from a root peer, and a user's client sends none.
     package func call(
         _ op: Op, onBehalf: Credential? = nil, tail: UnsafeRawBufferPointer? = nil, _ fields: (inout WireWriter) -> Void = { _ in }
+    ) throws(FSError) -> WireReader {
+        try call(op, onBehalf: onBehalf, tail: tail, passed: nil, fields)
+    }
+
+    /// `call`, taking the descriptor the reply carries (`openBlock`): the caller closes it.
+    package func callForDescriptor(_ op: Op, _ fields: (inout WireWriter) -> Void) throws(FSError) -> (WireReader, Int32) {
+        var passed: Int32 = -1
+        let r = try withUnsafeMutablePointer(to: &passed) { (p) throws(FSError) in try call(op, onBehalf: nil, tail: nil, passed: p, fields) }
+        guard passed >= 0 else { throw FSError(EIO, "\(description) sent no descriptor with the block") }
+        return (r, passed)
+    }
+
+    private func call(
+        _ op: Op, onBehalf: Credential?, tail: UnsafeRawBufferPointer?, passed: UnsafeMutablePointer<Int32>?,
+        _ fields: (inout WireWriter) -> Void
     ) throws(FSError) -> WireReader {
         let id = nextID.add(1, ordering: .relaxed).oldValue
         var w = WireWriter()
@@ -62,7 +80,7 @@ package final class GatewayClient: Sendable {
                     try FrameIO.send(fd, body)
                 }
                 sent = true
-                guard let reply = try FrameIO.receive(fd) else { throw FSError(EIO, "the gateway closed the connection without answering") }
+                guard let reply = try FrameIO.receive(fd, passed: passed) else { throw FSError(EIO, "the gateway closed the connection without answering") }
                 var r = WireReader(reply)
                 let rid = try r.u64()
                 let status = try r.i32()
@@ -127,7 +145,7 @@ package final class GatewayClient: Sendable {
     }
 
     /// A new connection that has said hello.
-    private static func connect(_ address: GatewayAddress, timeout: Double) throws(FSError) -> (fd: Int32, volume: String) {
+    private static func connect(_ address: GatewayAddress, timeout: Double) throws(FSError) -> (fd: Int32, volume: String, flags: UInt8) {
         let fd: Int32
         switch address {
         case .unix(let path): fd = try connectUnix(path)
@@ -150,7 +168,8 @@ package final class GatewayClient: Sendable {
             let status = try r.i32()
             if status != 0 { throw FSError(status, "gateway at \(MetaURL.gateway(address)): \(try r.string(max: 4096))") }
             _ = try r.u16()
-            return (fd, try r.string(max: 1024))
+            let volume = try r.string(max: 1024)
+            return (fd, volume, r.remaining > 0 ? try r.u8() : 0)
         } catch {
             close(fd)
             throw error

@@ -34,6 +34,16 @@ package final class GatewayObjectStore: ObjectStore {
         guard let id = Self.sliceID(key), let tag = meta.tags.blockTag(id) else {
             throw FSError(EACCES, "\(key): this client holds no right to read it (its chunk was not read through the gateway)")
         }
+        if meta.client.blockDescriptors {
+            // The block's file itself: read here, nothing copied through the gateway.
+            let (_, fd) = try meta.client.callForDescriptor(.openBlock) {
+                $0.string(key)
+                $0.u64(tag)
+            }
+            defer { Sys.close(fd) }
+            guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }
+            return try Sys.pread(fd, base, buffer.count, Int64(offset), path: key)
+        }
         var r = try meta.client.call(.getBlock) {
             $0.string(key)
             $0.u32(UInt32(offset))

@@ -245,6 +245,7 @@ package final class GatewayServer: Sendable {
             var id: UInt64 = 0
             var out: WireWriter
             var tail: Buffer?
+            var passing: Int32 = -1
             do throws(FSError) {
                 id = try r.u64()
                 let raw = try r.u16()
@@ -262,7 +263,11 @@ package final class GatewayServer: Sendable {
                     // anyone else acts as itself whatever the request says.
                     let cred = peer.uid == 0 ? onBehalf ?? peer.credential(groups) : peer.credential(groups)
                     out = Reply.ok(id)
-                    tail = try handle(op, cred, holder: peer.uid, &r, &out)
+                    if op == .openBlock {
+                        passing = try openBlock(cred, holder: peer.uid, &r, &out)
+                    } else {
+                        tail = try handle(op, cred, holder: peer.uid, &r, &out)
+                    }
                 }
             } catch {
                 if error.code == EPROTO || error.logged || error.code == EIO {
@@ -273,7 +278,10 @@ package final class GatewayServer: Sendable {
                 continue
             }
             do {
-                if let tail {
+                if passing >= 0 {
+                    defer { close(passing) }
+                    try FrameIO.send(fd, out.bytes, passing: passing)
+                } else if let tail {
                     try FrameIO.send(fd, out.bytes, tail: tail.bytes)
                 } else {
                     try FrameIO.send(fd, out.bytes)
@@ -311,6 +319,8 @@ package final class GatewayServer: Sendable {
         var w = Reply.ok(id)
         w.u16(Wire.version)
         w.string(format.name)
+        // Bit 0: blocks of this `file` bucket come as descriptors (openBlock).
+        w.u8(store is LocalObjectStore ? 1 : 0)
         return w
     }
 
@@ -324,6 +334,8 @@ package final class GatewayServer: Sendable {
         switch op {
         case .hello:
             throw FSError(EPROTO, "hello twice")
+        case .openBlock:
+            throw FSError(EPROTO, "openBlock answered elsewhere")
         case .loadFormat:
             try r.end()
             guard var f = try meta.loadFormat() else { throw FSError(EIO, "the gateway's volume is not formatted") }
@@ -598,6 +610,20 @@ package final class GatewayServer: Sendable {
             try store.put(key, bytes: data)
         }
         return nil
+    }
+
+    /// A read-only descriptor of a block's file (a `file` bucket, Unix socket): the client reads
+    /// the bytes itself, with no copy through the gateway. Returns the descriptor to pass.
+    private func openBlock(_ cred: Credential, holder uid: UInt32, _ r: inout WireReader, _ w: inout WireWriter) throws(FSError) -> Int32 {
+        let key = try r.string(max: 1024)
+        let tag = try r.u64()
+        try r.end()
+        guard let local = store as? LocalObjectStore else { throw FSError(EOPNOTSUPP, "blocks of this bucket are not files") }
+        let b = try block(key)
+        guard grants.check(tag, .block, b.id, uid: uid) else { throw FSError(EACCES, "uid \(uid) may not read the blocks of slice \(b.id)") }
+        let fd = try local.openForReading(key)
+        w.u32(UInt32(b.length))
+        return fd
     }
 
     // MARK: checks

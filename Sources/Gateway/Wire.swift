@@ -61,6 +61,8 @@ package enum Op: UInt16, Sendable {
     case flock = 52
     case getBlock = 60
     case putBlock = 61
+    /// A descriptor of the block's file, passed over the Unix socket (`SCM_RIGHTS`).
+    case openBlock = 62
 }
 
 /// Builds a frame body.
@@ -200,6 +202,21 @@ package enum FrameIO {
         try fsTyped { try l.withUnsafeBytes { lp in try head.withUnsafeBytes { hp in try writeAll(fd, [lp, hp, tail]) } } }
     }
 
+    /// Writes one frame with descriptor `passing` attached to its first bytes (`SCM_RIGHTS`).
+    package static func send(_ fd: Int32, _ body: [UInt8], passing: Int32) throws(FSError) {
+        var w = ByteWriter(capacity: 4 + body.count)
+        w.u32(UInt32(body.count))
+        w.raw(body)
+        let frame = w.bytes
+        let first = frame.withUnsafeBytes { p in
+            var n: Int
+            repeat { n = Sys.send(fd, p, passing: passing) } while n < 0 && errno == EINTR
+            return n
+        }
+        if first < 0 { throw FSError.errno(errno == EAGAIN ? ETIMEDOUT : errno, "gateway connection") }
+        try fsTyped { try frame.withUnsafeBytes { p in try writeAll(fd, [UnsafeRawBufferPointer(rebasing: p[first...])]) } }
+    }
+
     private static func writeAll(_ fd: Int32, _ parts: [UnsafeRawBufferPointer]) throws(FSError) {
         for p in parts where p.count > 0 {
             var off = 0
@@ -218,9 +235,14 @@ package enum FrameIO {
     /// A length beyond `maxFrame` is refused before anything is allocated.
     /// A body of more than 64 KiB is counted against each of `budgets` first (waiting while one
     /// is spent); the caller releases them once done with the body.
-    package static func receive(_ fd: Int32, maxFrame: Int = Wire.maxFrame, budgets: [ByteBudget] = []) throws(FSError) -> [UInt8]? {
+    ///
+    /// `passed`: where a descriptor that came with the frame goes (-1 when none came); without
+    /// it, a descriptor sent along is dropped by the kernel.
+    package static func receive(
+        _ fd: Int32, maxFrame: Int = Wire.maxFrame, budgets: [ByteBudget] = [], passed: UnsafeMutablePointer<Int32>? = nil
+    ) throws(FSError) -> [UInt8]? {
         var head = [UInt8](repeating: 0, count: 4)
-        let got = try fsTyped { try head.withUnsafeMutableBytes { p in try readFull(fd, p, allowEOF: true) } }
+        let got = try fsTyped { try head.withUnsafeMutableBytes { p in try readFull(fd, p, allowEOF: true, passed: passed) } }
         if !got { return nil }
         var hr = ByteReader(head)
         let n = Int(hr.u32())
@@ -240,10 +262,18 @@ package enum FrameIO {
     }
 
     /// Fills `p`; false when the stream ended before its first byte and `allowEOF`.
-    private static func readFull(_ fd: Int32, _ p: UnsafeMutableRawBufferPointer, allowEOF: Bool) throws(FSError) -> Bool {
+    private static func readFull(
+        _ fd: Int32, _ p: UnsafeMutableRawBufferPointer, allowEOF: Bool, passed: UnsafeMutablePointer<Int32>? = nil
+    ) throws(FSError) -> Bool {
         var off = 0
         while off < p.count {
-            let n = recv(fd, p.baseAddress! + off, p.count - off, 0)
+            let n: Int
+            if let passed, off == 0 {
+                // The descriptor travels with the frame's first bytes.
+                n = Sys.receive(fd, UnsafeMutableRawBufferPointer(rebasing: p[off...]), passed: &passed.pointee)
+            } else {
+                n = recv(fd, p.baseAddress! + off, p.count - off, 0)
+            }
             if n < 0 {
                 if errno == EINTR { continue }
                 throw FSError.errno(errno == EAGAIN ? ETIMEDOUT : errno, "gateway connection")

@@ -202,15 +202,25 @@ public final class LocalObjectStore: ObjectStore {
     }
 
     public func get(_ key: String, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
+        let fd = try openForReading(key)
+        defer { Sys.close(fd) }
+        guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }
+        return try Sys.pread(fd, base, buffer.count, Int64(offset), path: "\(root)/\(key)")
+    }
+
+    /// A read-only, close-on-exec descriptor of the object's file (a regular file beneath the
+    /// root, reached through no link), for the caller to read or to pass on; the caller closes it.
+    package func openForReading(_ key: String) throws(FSError) -> Int32 {
         let rootFD = try openRoot()
         defer { Glibc.close(rootFD) }
         let fd = Sys.openBeneath(rootFD, key, O_RDONLY | O_NONBLOCK | O_NOCTTY)
         if fd < 0 { throw failure(errno, "object \(key)") }
-        defer { Sys.close(fd) }
         var st = stat()
-        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else { throw failure(ELOOP, "object \(key)") }
-        guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }
-        return try Sys.pread(fd, base, buffer.count, Int64(offset), path: "\(root)/\(key)")
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFREG else {
+            Sys.close(fd)
+            throw failure(ELOOP, "object \(key)")
+        }
+        return fd
     }
 
     /// The open directory of `key` (to close) and its name there; nil when that directory is missing.

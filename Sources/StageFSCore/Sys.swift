@@ -115,6 +115,18 @@ public enum Sys {
         return (pid, uid, gid)
     }
 
+    /// `sendmsg` of `buffer` with descriptor `passing` attached (`SCM_RIGHTS`): the bytes sent,
+    /// or -1 and errno.
+    public static func send(_ sock: Int32, _ buffer: UnsafeRawBufferPointer, passing fd: Int32) -> Int {
+        clinux_send_fd(sock, buffer.baseAddress, UInt(buffer.count), fd)
+    }
+
+    /// `recvmsg` into `buffer`, taking a descriptor passed with the bytes (`SCM_RIGHTS`,
+    /// close-on-exec) into `fd` (-1 when none): the bytes received, 0 at the end, or -1 and errno.
+    public static func receive(_ sock: Int32, _ buffer: UnsafeMutableRawBufferPointer, passed fd: inout Int32) -> Int {
+        clinux_recv_fd(sock, buffer.baseAddress, UInt(buffer.count), &fd)
+    }
+
     /// `POLLRDHUP`: the other end of a stream shut down its writing.
     public static let POLLRDHUP = clinux_pollrdhup()
 

@@ -1,5 +1,6 @@
 """A raw client of the gateway's protocol (Sources/Gateway/README.md), for tests that act as a
 hostile user: it sends whatever it likes, frame by frame."""
+import os
 import socket
 import struct
 
@@ -9,7 +10,7 @@ MAGIC = b"stagefs-gateway"
 OPS = dict(hello=1, loadFormat=2, statfs=3, newSession=4, heartbeat=5, closeSession=6, listSessions=7, lookup=10, getattr=11,
            setattr=12, access=13, mknod=14, create=15, unlink=16, rmdir=17, rename=18, link=19, readlink=20, readdir=21, getattrs=22,
            getxattr=30, listxattr=31, setxattr=32, removexattr=33, open=40, close=41, readChunks=43, writeSlice=44,
-           newSliceIDs=45, getlk=50, setlk=51, flock=52, getBlock=60, putBlock=61)
+           newSliceIDs=45, getlk=50, setlk=51, flock=52, getBlock=60, putBlock=61, openBlock=62)
 
 ATTR = struct.Struct(">BHIIIQqIqIqIIQ")  # 71 bytes: type, mode, uid, gid, nlink, size, 3 times, rdev, parent
 
@@ -128,3 +129,34 @@ class Raw:
 
     def heartbeat(self, sid, tag):
         return self.call("heartbeat", struct.pack(">QQ", sid, tag))
+
+    def open(self, ino, tag, flags, sid, sid_tag):
+        """(attr, first chunk's [(slice id, size, block tag)])"""
+        rest = self.call("open", ref(ino, tag) + struct.pack(">iQQ", flags, sid, sid_tag))
+        a = attr(rest)
+        off = 71 + 16
+        slices = []
+        if rest[off]:
+            (n,) = struct.unpack_from(">I", rest, off + 1)
+            recs = [struct.unpack_from(">IQIII", rest, off + 5 + 24 * i) for i in range(n)]
+            tags = struct.unpack_from(f">{n}Q", rest, off + 5 + 24 * n)
+            slices = [(r[1], r[2], t) for r, t in zip(recs, tags)]
+        return a, slices
+
+    def open_block(self, key, tag):
+        """A descriptor of the block's file, or GatewayError."""
+        rid = self.next
+        self.next += 1
+        self.frame(struct.pack(">QH", rid, OPS["openBlock"]) + b"\0" + data(key.encode()) + struct.pack(">Q", tag))
+        head, fds, _, _ = socket.recv_fds(self.s, 4, 4)
+        head += self._recvn(4 - len(head))
+        (n,) = struct.unpack(">I", head)
+        body = self._recvn(n)
+        _, status = struct.unpack(">Qi", body[:12])
+        if status:
+            for fd in fds:
+                os.close(fd)
+            raise GatewayError(status, body[16:].decode(errors="replace"))
+        assert len(fds) == 1, fds
+        return fds[0]
+

@@ -248,6 +248,7 @@ def test_a_raw_client_reaches_nothing_it_was_not_given(env, site):
         # Blocks of A's file: no tag, a guessed tag; the bucket itself is not B's.
         out["blocks"] = [code(c.get_block, k, 4096, 0) for k in keys]
         out["block-guess"] = code(c.get_block, keys[-1], 4096, 42)
+        out["descriptors"] = [code(c.open_block, k, 0) for k in keys]
         # B's own slice ids let B write new blocks, never one of A's, never twice.
         first, stag = c.new_slice_ids(8)
         out["put-other"] = code(c.put_block, keys[-1], first, 8, stag, b"x" * int(keys[-1].rsplit("_", 1)[1]))
@@ -271,6 +272,7 @@ def test_a_raw_client_reaches_nothing_it_was_not_given(env, site):
     assert out["getattr"] == errno.EACCES and out["getattr-guess"] == errno.EACCES and out["readchunks"] == errno.EACCES, out
     assert out["lookup-in-0700"] == errno.EACCES, out
     assert out["blocks"] and set(out["blocks"]) == {errno.EACCES} and out["block-guess"] == errno.EACCES, out
+    assert set(out["descriptors"]) == {errno.EACCES}, out
     assert out["put-other"] == errno.EACCES and out["put-own"] == 0 and out["put-own-again"] == errno.EEXIST, out
     assert out["put-forged-range"] == errno.EACCES, out
     assert out["session"] == errno.EACCES, out
@@ -508,4 +510,34 @@ def test_the_modules_volume_is_the_default_url(env, site):
     assert p.returncode == 0 and "gwfile" in p.stdout, p.stdout + p.stderr
     p = run("mount", "-d", env.dir_for(USER, "gm-none"), volume=None)
     assert p.returncode == 2 and "STAGEFS_VOLUME" in p.stderr, p.stderr
+
+
+def test_blocks_of_a_file_bucket_come_as_read_only_descriptors(env, site):
+    """Through the Unix socket a reader gets a descriptor of the block's file (no copy through
+    the gateway): it reads, it cannot write; a mount's reads use it."""
+    b = mount(env, site, OTHER, site["file"])
+    payload = os.urandom(6 << 20)
+    run_as(OTHER, lambda: open(os.path.join(b, "own"), "wb").write(payload))
+
+    def probe():
+        c = gwproto.Raw(site["file"].socket)
+        sid, sid_tag = c.new_session()
+        ino, tag, _ = c.lookup(1, 0, b"own")
+        _, slices = c.open(ino, tag, os.O_RDONLY, sid, sid_tag)
+        sid_, size, btag = slices[0]
+        key = f"gwfile/chunks/{sid_ // 1000000}/{sid_ // 1000}/{sid_}_0_{min(size, 4 << 20)}"
+        fd = c.open_block(key, btag)
+        try:
+            head = os.pread(fd, 64, 0)
+            try:
+                os.pwrite(fd, b"overwrite", 0)
+                wrote = True
+            except OSError as e:
+                wrote = e.errno
+        finally:
+            os.close(fd)
+        return head, wrote
+    head, wrote = run_as(OTHER, probe)
+    assert head == payload[:64] and wrote == errno.EBADF, (head[:8], wrote)
+    assert run_as(OTHER, lambda: open(os.path.join(b, "own"), "rb").read()) == payload
 
