@@ -298,7 +298,9 @@ package final class GatewayServer: Sendable {
         return try FrameIO.receive(fd, budgets: budgets)
     }
 
-    private func hello(_ id: UInt64, _ r: inout WireReader) throws(FSError) -> WireWriter {
+    /// The reply to hello: the protocol, the volume's name and `nonce` (a TCP connection's, for
+    /// its MUNGE credential; empty on the Unix socket).
+    func hello(_ id: UInt64, _ r: inout WireReader, nonce: [UInt8] = []) throws(FSError) -> WireWriter {
         let magic = try r.data(max: 64)
         guard magic == Wire.magic else { throw FSError(EPROTO, "not a StageFS gateway client") }
         let version = try r.u16()
@@ -311,6 +313,7 @@ package final class GatewayServer: Sendable {
         var w = Reply.ok(id)
         w.u16(Wire.version)
         w.string(format.name)
+        w.data(nonce)
         return w
     }
 
@@ -322,8 +325,8 @@ package final class GatewayServer: Sendable {
     /// tags are made and checked (what a root mount reached, it reached for all its callers).
     private func handle(_ op: Op, _ cred: Credential, holder uid: UInt32, _ r: inout WireReader, _ w: inout WireWriter) throws(FSError) -> Buffer? {
         switch op {
-        case .hello:
-            throw FSError(EPROTO, "hello twice")
+        case .hello, .auth:
+            throw FSError(EPROTO, "\(op) out of place: a connection starts with hello, then (over TCP only) auth")
         case .loadFormat:
             try r.end()
             guard var f = try meta.loadFormat() else { throw FSError(EIO, "the gateway's volume is not formatted") }
