@@ -89,18 +89,13 @@ extension GatewayServer {
         var id: UInt64 = 0
         do throws(FSError) {
             guard var r = try request(fd, deadline, &id, first: true) else { return nil }
-            let op = try r.u16()
-            guard op == Op.hello.rawValue else { throw FSError(EPROTO, "the first request of a connection must be hello") }
+            let first = try r.u16()
+            guard first == Op.hello.rawValue else { throw outOfTurn(first, due: .hello) }
             try FrameIO.send(fd, try hello(id, &r, nonce: nonce).bytes)
 
-            guard var a = try request(fd, deadline, &id, first: false) else {
-                throw FSError(ECONNRESET, "the client closed the connection before auth")
-            }
-            let raw = try a.u16()
-            guard raw == Op.auth.rawValue else {
-                let name = Op(rawValue: raw).map { "\($0)" } ?? "operation \(raw)"
-                throw FSError(EACCES, "\(name) before auth: a TCP connection must authenticate with a MUNGE credential first")
-            }
+            guard var a = try request(fd, deadline, &id, first: false) else { return nil }
+            let second = try a.u16()
+            guard second == Op.auth.rawValue else { throw outOfTurn(second, due: .auth) }
             let text = try a.string(max: maxCredential)
             try a.end()
             guard !text.isEmpty else { throw FSError(EACCES, "no MUNGE credential in auth") }
@@ -135,6 +130,16 @@ extension GatewayServer {
         var r = WireReader(body)
         id = try r.u64()
         return r
+    }
+
+    /// Why a request other than the one `due` is refused: an operation of the protocol before
+    /// auth is not allowed (`EACCES`); anything else breaks the protocol (`EPROTO`).
+    private func outOfTurn(_ raw: UInt16, due: Op) -> FSError {
+        guard let op = Op(rawValue: raw) else { return FSError(EPROTO, "unknown operation \(raw) (this gateway speaks protocol \(Wire.version))") }
+        if op == .hello || op == .auth {
+            return FSError(EPROTO, due == .hello ? "the first request of a connection must be hello" : "hello twice")
+        }
+        return FSError(EACCES, "\(op) before auth: a TCP connection must authenticate with a MUNGE credential first")
     }
 
     /// Who a credential says the client is: its uid and gid (never anything else the client

@@ -104,11 +104,20 @@ package enum TCP {
     }
 
     /// TCP_NODELAY (a request is one small write, its reply awaited at once) and keep-alives
-    /// (a peer that vanished is noticed).
+    /// after a minute of silence, every 10 s, 6 unanswered: a peer whose node vanished is
+    /// noticed in about two minutes (Linux's defaults take over two hours), so its connections
+    /// stop counting against its user's limit.
     package static func tune(_ fd: Int32) {
+        let size = socklen_t(MemoryLayout<Int32>.size)
         var one: Int32 = 1
-        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
-        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, socklen_t(MemoryLayout<Int32>.size))
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, size)
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, size)
+        var idle: Int32 = 60
+        var interval: Int32 = 10
+        var count: Int32 = 6
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPIDLE, &idle, size)
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPINTVL, &interval, size)
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_KEEPCNT, &count, size)
     }
 
     /// `HOST:PORT` of the other end of a connected socket (numeric), for the log.
