@@ -261,7 +261,7 @@ def test_credentials_not_made_for_this_connection_are_refused(env, site):
     """A raw client (running as root, its credentials stagefs-t2's): a good credential is
     accepted and its uid is the one served; the same credential on a second connection
     (replay), one made for another connection's nonce, an expired one, garbage, an empty one
-    and none at all (a request before auth) are each refused with the reason, logged once, and
+    and none at all (a request before auth, after hello or without it) are each refused with the reason, logged once, and
     the connection closed."""
     gw, munged = site["gw"], site["munged"]
     t2 = uid_of(OTHER)
@@ -303,6 +303,9 @@ def test_credentials_not_made_for_this_connection_are_refused(env, site):
     g = RawTCP(gw.port)
     results["none"] = refused(g.getattr, 1, 0)
     assert g.closed()
+    h = RawTCP(gw.port, hello=False)
+    results["none-before-hello"] = refused(h.getattr, 1, 0)
+    assert h.closed()
 
     assert {k: v[0] for k, v in results.items()} == {k: errno.EACCES for k in results}, results
     assert "replayed" in results["replayed"][1], results
@@ -310,13 +313,14 @@ def test_credentials_not_made_for_this_connection_are_refused(env, site):
     assert "expired" in results["expired"][1], results
     assert "invalid" in results["garbage"][1], results
     assert "no MUNGE credential" in results["empty"][1], results
-    assert "getattr before auth" in results["none"][1], results
+    assert "getattr before auth" in results["none"][1] and "getattr before auth" in results["none-before-hello"][1], results
     # One log line for each refusal, naming the reason.
     wait_until(lambda: gw.log_text().count("refused TCP connection") - before >= len(results), 5, "the refusals in the log")
     lines = [l for l in gw.log_text().splitlines() if "refused TCP connection from 127.0.0.1:" in l][before:]
     assert len(lines) == len(results), lines
-    for word in ("replayed", "another connection", "expired", "invalid", "no MUNGE credential", "getattr before auth"):
-        assert sum(word in l for l in lines) == 1, (word, lines)
+    for word, n in (("replayed", 1), ("another connection", 1), ("expired", 1), ("invalid", 1), ("no MUNGE credential", 1),
+                    ("getattr before auth", 2)):
+        assert sum(word in l for l in lines) == n, (word, lines)
 
 
 def test_root_over_tcp_is_nobody_unless_trusted(env, site):
