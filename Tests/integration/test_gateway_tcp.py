@@ -6,6 +6,7 @@ expired or none at all; root acts as nobody unless the gateway trusts it."""
 import errno
 import os
 import pwd
+import signal
 import socket
 import struct
 import subprocess
@@ -393,3 +394,19 @@ def test_client_errors_name_the_address_and_cause_and_the_gateway_survives(env, 
         assert g.proc.poll() is None
         out = stagefs(env, site, "status", url, user=USER).stdout
         assert "gwtcp" in out and PASSWORD not in out, out
+
+
+def test_sigterm_stops_every_listener(env, site):
+    """SIGTERM: the gateway serving TCP and a Unix socket closes an idle authenticated TCP
+    connection, removes its socket file and exits 0 (after the tests above: it ran to the end)."""
+    gw = site["gw"]
+    c = RawTCP(gw.port, timeout=10)
+    c.auth(site["munged"].credential(binding(c.nonce), user=USER))
+    assert os.path.exists(gw.socket)
+    gw.proc.send_signal(signal.SIGTERM)
+    assert c.closed()
+    assert gw.proc.wait(timeout=30) == 0, gw.log_text()[-2000:]
+    assert not os.path.exists(gw.socket)
+    assert "stopped" in gw.log_text()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", gw.port), timeout=2).close()
