@@ -1,4 +1,5 @@
 import Metadata
+import MungeAuth
 import StageFSCore
 import Synchronization
 
@@ -9,10 +10,13 @@ import Synchronization
 /// A client's connections to a gateway: a pool of sockets, each carrying one request at a time
 /// (so the threads of a mount ask in parallel). A connection found dead while idle (the gateway
 /// restarted) is replaced before a request goes on it; while the gateway cannot be reached,
-/// requests wait up to `retryTimeout` seconds, then fail with `EIO`.
+/// requests wait up to `retryTimeout` seconds, then fail with `EIO`. Over TCP each connection
+/// authenticates itself with a MUNGE credential made for it (README.md, "TCP and MUNGE").
 package final class GatewayClient: Sendable {
     package let address: GatewayAddress
     package let retryTimeout: Double
+    /// The munged that makes this client's credentials (TCP only).
+    let munge: MungeContext
     /// The volume the gateway serves (from its hello).
     package let volume: String
     /// The gateway passes descriptors of block files (a `file` bucket, over its Unix socket).
@@ -21,10 +25,12 @@ package final class GatewayClient: Sendable {
     private let nextID = Atomic<UInt64>(1)
 
     /// Connects once (a first contact that fails is reported at once, with the reason).
-    package init(_ address: GatewayAddress, retryTimeout: Double = 60) throws(FSError) {
+    /// `mungeSocket`: munged's socket for TCP (nil: libmunge's default).
+    package init(_ address: GatewayAddress, retryTimeout: Double = 60, mungeSocket: String? = nil) throws(FSError) {
         self.address = address
         self.retryTimeout = retryTimeout
-        let (fd, volume, flags) = try Self.connect(address, timeout: retryTimeout)
+        self.munge = MungeContext(socket: mungeSocket)
+        let (fd, volume, flags) = try Self.connect(address, timeout: retryTimeout, munge: munge)
         self.volume = volume
         self.blockDescriptors = flags & 1 != 0
         idle.withLock { $0.append(fd) }
@@ -110,11 +116,15 @@ package final class GatewayClient: Sendable {
                 // closed with unread data tells its peer ECONNRESET, and a gateway closes a
                 // connection only between requests (a gateway killed while it works on one
                 // leaves nothing unread: EOF, an unknown outcome).
-                let unread = e.code == ESHUTDOWN || e.code == ECONNRESET || e.code == EPIPE
+                // (Over TCP a reset may follow a request carried out: a crashed host, a dropped
+                // connection; only the gateway's own refusal is safe there.)
+                var unread = e.code == ESHUTDOWN
+                if case .unix = address, e.code == ECONNRESET || e.code == EPIPE { unread = true }
                 if sent && !op.isRead && !unread {
                     throw FSError(EIO, "\(description): the connection broke before the reply (\(e.message))")
                 }
-                if e.code == EPROTO { throw e }
+                // A protocol error or a refused credential will not go away by asking again.
+                if e.code == EPROTO || e.code == EACCES { throw e }
                 attempt += 1
                 if Sys.monotonicNanos() > deadline {
                     throw FSError(EIO, "\(description) could not be reached for \(Int(retryTimeout)) s: \(e.message)")
@@ -132,7 +142,7 @@ package final class GatewayClient: Sendable {
             if poll(&p, 1, 0) == 0 { return fd }
             close(fd)
         }
-        return try Self.connect(address, timeout: retryTimeout).fd
+        return try Self.connect(address, timeout: retryTimeout, munge: munge).fd
     }
 
     private func give(_ fd: Int32) {
@@ -144,13 +154,15 @@ package final class GatewayClient: Sendable {
         if !keep { close(fd) }
     }
 
-    /// A new connection that has said hello.
-    private static func connect(_ address: GatewayAddress, timeout: Double) throws(FSError) -> (fd: Int32, volume: String, flags: UInt8) {
+    /// A new connection that has said hello (and over TCP, authenticated), with the gateway's
+    /// flags (bit 0: blocks come as descriptors).
+    private static func connect(
+        _ address: GatewayAddress, timeout: Double, munge: MungeContext
+    ) throws(FSError) -> (fd: Int32, volume: String, flags: UInt8) {
         let fd: Int32
         switch address {
         case .unix(let path): fd = try connectUnix(path)
-        case .tcp(let host, let port):
-            throw FSError(EPROTONOSUPPORT, "gateway over TCP (\(host):\(port)) is not available yet: use its Unix socket on the node")
+        case .tcp(let host, let port): fd = try TCP.connect(host: host, port: port, timeout: min(max(1, timeout), 10))
         }
         var tv = timeval(tv_sec: Int(max(1, timeout)), tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
@@ -169,11 +181,39 @@ package final class GatewayClient: Sendable {
             if status != 0 { throw FSError(status, "gateway at \(MetaURL.gateway(address)): \(try r.string(max: 4096))") }
             _ = try r.u16()
             let volume = try r.string(max: 1024)
-            return (fd, volume, r.remaining > 0 ? try r.u8() : 0)
+            let nonce = try r.data(max: 64)
+            let flags = try r.u8()
+            if case .tcp = address { try authenticate(fd, address, nonce: nonce, munge: munge) }
+            return (fd, volume, flags)
         } catch {
             close(fd)
             throw error
         }
+    }
+
+    /// `auth`: a MUNGE credential of this process for the connection's `nonce`. The gateway
+    /// takes the uid and gid from it and answers with the ones it will act as.
+    private static func authenticate(_ fd: Int32, _ address: GatewayAddress, nonce: [UInt8], munge: MungeContext) throws(FSError) {
+        let gateway = "gateway at \(MetaURL.gateway(address))"
+        guard nonce.count == ConnectionBinding.nonceLength else {
+            throw FSError(EPROTO, "the \(gateway) sent no connection nonce at hello: it is no StageFS gateway serving TCP, or of another version")
+        }
+        let credential: String
+        do throws(FSError) {
+            credential = try munge.encode(payload: ConnectionBinding.payload(nonce: nonce), ttl: 60)
+        } catch {
+            throw FSError(error.code, "cannot authenticate to the \(gateway): \(error.message)")
+        }
+        var w = WireWriter()
+        w.u64(0)
+        w.u16(Op.auth.rawValue)
+        w.string(credential)
+        try FrameIO.send(fd, w.bytes)
+        guard let reply = try FrameIO.receive(fd) else { throw FSError(ECONNRESET, "the \(gateway) closed the connection at auth") }
+        var r = WireReader(reply)
+        _ = try r.u64()
+        let status = try r.i32()
+        if status != 0 { throw FSError(status, "the \(gateway) refused the connection: \(try r.string(max: 4096))") }
     }
 
     private static func connectUnix(_ path: String) throws(FSError) -> Int32 {

@@ -1,5 +1,6 @@
 import DataPath
 import Metadata
+import MungeAuth
 import ObjectStorage
 import StageFSCore
 import Synchronization
@@ -22,6 +23,11 @@ package struct GatewayLimits: Sendable {
     package var frameBytesPerUser = 64 << 20
     /// Seconds the supplementary groups of a uid are kept after an NSS lookup.
     package var groupSeconds = 30.0
+    /// Seconds a TCP connection has from its accept to a successful `auth`; then it is closed.
+    package var authSeconds = 10.0
+    /// TCP connections at once that have not yet authenticated (counted apart from the others,
+    /// which they cannot crowd out).
+    package var unauthenticated = 64
 
     package init() {}
 }
@@ -44,8 +50,16 @@ package final class GatewayServer: Sendable {
     private let counts = Mutex<(all: Int, byUID: [UInt32: Int])>((0, [:]))
     private let deleter = ConditionLock()
     private let deletesWanted = Atomic<Bool>(false)
+    /// How TCP connections authenticate (GatewayTCP.swift).
+    let tcp: GatewayTCPOptions
+    let munge: MungeContext
+    /// TCP connections accepted and not yet authenticated.
+    let authenticating = Mutex<Int>(0)
 
-    package init(meta: any MetadataEngine, store: any ObjectStore, format: VolumeFormat, limits: GatewayLimits = GatewayLimits()) throws(FSError) {
+    package init(
+        meta: any MetadataEngine, store: any ObjectStore, format: VolumeFormat, limits: GatewayLimits = GatewayLimits(),
+        tcp: GatewayTCPOptions = GatewayTCPOptions()
+    ) throws(FSError) {
         guard let secrets = meta as? any VolumeSecrets else { throw FSError(EINVAL, "\(meta.displayName) cannot keep a gateway's key") }
         self.meta = meta
         self.store = store
@@ -55,6 +69,8 @@ package final class GatewayServer: Sendable {
         self.limits = limits
         self.groups = GroupCache(seconds: limits.groupSeconds)
         self.frames = ByteBudget(limit: limits.frameBytes)
+        self.tcp = tcp
+        self.munge = MungeContext(socket: tcp.mungeSocket)
     }
 
     // MARK: serving
@@ -67,28 +83,75 @@ package final class GatewayServer: Sendable {
 
     private var stopping: Bool { Self.stopRequested.load(ordering: .relaxed) }
 
-    /// Listens on a Unix socket at `path` (mode 0666: every local user may connect; the kernel
-    /// says who they are) and serves until `stopRequested`. A stale socket file is replaced;
-    /// anything else at `path` is refused.
-    package func serve(unixSocket path: String) throws(FSError) {
-        let fd = try listenUnix(path)
+    /// Serves the Unix socket at `unixSocket` (mode 0666: every local user may connect; the
+    /// kernel says who they are) and each TCP address in `tcp` (clients prove who they are with
+    /// MUNGE, see GatewayTCP.swift), each listener's accept loop on a thread of its own, until
+    /// `stopRequested`; a listener that fails stops the others, and its error is thrown. A stale
+    /// socket file is replaced; anything else at the path is refused.
+    package func serve(unixSocket path: String?, tcp addresses: [TCPAddress] = []) throws(FSError) {
+        var listeners: [Listener] = []
+        do throws(FSError) {
+            if let path { listeners.append(Listener(fd: try listenUnix(path), tcp: false, label: path)) }
+            for a in addresses {
+                for l in try TCP.listen(a) { listeners.append(Listener(fd: l.fd, tcp: true, label: l.label)) }
+            }
+        } catch {
+            for l in listeners { close(l.fd) }
+            throw error
+        }
+        guard !listeners.isEmpty else { throw FSError.usage("the gateway has nothing to listen on") }
         var bound = Glibc.stat()
-        _ = lstat(path, &bound)
+        if let path { _ = lstat(path, &bound) }
+        if listeners.contains(where: \.tcp) { checkMunge() }
         startBackground()
-        Log.warning("gateway for volume '\(format.name)' listening on \(path)")
         defer {
-            close(fd)
+            for l in listeners { close(l.fd) }
             // The socket file goes unless a newer gateway has made its own there.
             var now = Glibc.stat()
-            if lstat(path, &now) == 0 && now.st_ino == bound.st_ino { unlink(path) }
+            if let path, lstat(path, &now) == 0 && now.st_ino == bound.st_ino { unlink(path) }
             drain()
         }
+        let ended = ConditionLock()
+        let state = Mutex<(running: Int, failure: FSError?)>((listeners.count, nil))
+        for l in listeners {
+            Log.warning("gateway for volume '\(format.name)' listening on \(l.tcp ? "TCP " : "")\(l.label)")
+            let started = DetachedThread.start { [self] in
+                let e = acceptLoop(l)
+                if e != nil { Self.stopRequested.store(true, ordering: .relaxed) }
+                state.withLock { $0 = ($0.running - 1, $0.failure ?? e) }
+                ended.withLock { ended.signal() }
+            }
+            if !started {
+                Self.stopRequested.store(true, ordering: .relaxed)
+                let e = FSError(EAGAIN, "the gateway could not start a thread to accept on \(l.label)")
+                state.withLock { $0 = ($0.running - 1, $0.failure ?? e) }
+            }
+        }
+        let failure = ended.withLock { () -> FSError? in
+            while true {
+                let s = state.withLock { $0 }
+                if s.running == 0 { return s.failure }
+                ended.wait()
+            }
+        }
+        if let failure { throw failure }
+    }
+
+    /// A listening socket and what it serves.
+    struct Listener: Sendable {
+        let fd: Int32
+        let tcp: Bool
+        let label: String
+    }
+
+    /// Accepts connections on `l` until the gateway stops (nil) or accepting fails for good (why).
+    private func acceptLoop(_ l: Listener) -> FSError? {
         while true {
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            var p = pollfd(fd: l.fd, events: Int16(POLLIN), revents: 0)
             let ready = poll(&p, 1, 250)
-            if stopping { return }
+            if stopping { return nil }
             if ready <= 0 { continue }
-            let c = Sys.acceptCloexec(fd)
+            let c = Sys.acceptCloexec(l.fd)
             if c < 0 {
                 if errno == EINTR || errno == ECONNABORTED { continue }
                 if errno == EMFILE || errno == ENFILE {
@@ -96,29 +159,38 @@ package final class GatewayServer: Sendable {
                     Sys.sleep(seconds: 0.1)
                     continue
                 }
-                throw FSError.errno(errno, "accepting on \(path)")
+                return FSError.errno(errno, "accepting on \(l.label)")
             }
-            guard let cred = Sys.peerCredential(c) else {
-                Log.warning("gateway: no peer credential on a connection: \(String(cString: strerror(errno)))")
-                close(c)
-                continue
+            if l.tcp {
+                startTCPConnection(c)
+            } else {
+                startUnixConnection(c)
             }
-            let peer = Peer(uid: cred.uid, gid: cred.gid, pid: UInt32(bitPattern: cred.pid))
-            if !admit(peer.uid) {
-                refuse(
-                    c,
-                    FSError(
-                        EAGAIN, "the gateway serves its limit of connections (\(limits.connectionsPerUser) per user, \(limits.connections) in all)"))
-                continue
-            }
-            let started = DetachedThread.start { [self] in
-                serveConnection(c, peer)
-                leave(peer.uid)
-            }
-            if !started {
-                leave(peer.uid)
-                refuse(c, FSError(EAGAIN, "the gateway could not start a thread for the connection"))
-            }
+        }
+    }
+
+    /// A new connection on the Unix socket: its peer is who the kernel says.
+    private func startUnixConnection(_ c: Int32) {
+        guard let cred = Sys.peerCredential(c) else {
+            Log.warning("gateway: no peer credential on a connection: \(String(cString: strerror(errno)))")
+            close(c)
+            return
+        }
+        let peer = Peer(uid: cred.uid, gid: cred.gid, pid: UInt32(bitPattern: cred.pid))
+        if !admit(peer.uid) {
+            refuse(
+                c,
+                FSError(
+                    EAGAIN, "the gateway serves its limit of connections (\(limits.connectionsPerUser) per user, \(limits.connections) in all)"))
+            return
+        }
+        let started = DetachedThread.start { [self] in
+            serveConnection(c, peer)
+            leave(peer.uid)
+        }
+        if !started {
+            leave(peer.uid)
+            refuse(c, FSError(EAGAIN, "the gateway could not start a thread for the connection"))
         }
     }
 
@@ -166,7 +238,7 @@ package final class GatewayServer: Sendable {
         if left > 0 { Log.warning("gateway: stopping with \(left) connection(s) still busy after 30 s") }
     }
 
-    private func admit(_ uid: UInt32) -> Bool {
+    func admit(_ uid: UInt32) -> Bool {
         counts.withLock { c in
             if c.all >= limits.connections || c.byUID[uid, default: 0] >= limits.connectionsPerUser { return false }
             c.all += 1
@@ -175,7 +247,7 @@ package final class GatewayServer: Sendable {
         }
     }
 
-    private func leave(_ uid: UInt32) {
+    func leave(_ uid: UInt32) {
         counts.withLock { c in
             c.all -= 1
             c.byUID[uid, default: 1] -= 1
@@ -204,32 +276,33 @@ package final class GatewayServer: Sendable {
         }
     }
 
+    /// Answers a connection that will not be served with `e` (as the reply to its hello, which
+    /// is not waited for: the accept loop must never wait on a client) and closes it.
     private func refuse(_ fd: Int32, _ e: FSError) {
-        setTimeouts(fd)
-        if let body = try? FrameIO.receive(fd, maxFrame: 4096) {
-            var r = WireReader(body)
-            try? FrameIO.send(fd, Reply.error((try? r.u64()) ?? 0, e))
-        }
+        var tv = timeval(tv_sec: 1, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        try? FrameIO.send(fd, Reply.error(0, e))
         close(fd)
     }
 
-    private func setTimeouts(_ fd: Int32) {
+    func setTimeouts(_ fd: Int32) {
         var tv = timeval(tv_sec: limits.frameSeconds, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
     /// One connection, on its own thread: requests are answered in order. A malformed frame gets
-    /// an error reply and the connection ends (its stream can no longer be trusted).
-    private func serveConnection(_ fd: Int32, _ peer: Peer) {
+    /// an error reply and the connection ends (its stream can no longer be trusted). `helloDone`:
+    /// the connection's handshake was done already (TCP: hello and auth).
+    func serveConnection(_ fd: Int32, _ peer: Peer, helloDone: Bool = false) {
         let budgets = budgets(peer.uid)
         defer {
             releaseBudgets(peer.uid)
             close(fd)
         }
         setTimeouts(fd)
-        var helloDone = false
-        let who = "uid \(peer.uid) (pid \(peer.pid))"
+        var helloDone = helloDone
+        let who = peer.description
         while true {
             let body: [UInt8]
             do {
@@ -260,7 +333,8 @@ package final class GatewayServer: Sendable {
                 } else {
                     let onBehalf = try r.credential()
                     // Root on this node may act for its callers (a root mount with allow_other);
-                    // anyone else acts as itself whatever the request says.
+                    // anyone else acts as itself whatever the request says. (Over TCP root is
+                    // squashed to nobody before it gets here unless the gateway trusts it.)
                     let cred = peer.uid == 0 ? onBehalf ?? peer.credential(groups) : peer.credential(groups)
                     out = Reply.ok(id)
                     if op == .openBlock {
@@ -306,7 +380,9 @@ package final class GatewayServer: Sendable {
         return try FrameIO.receive(fd, budgets: budgets)
     }
 
-    private func hello(_ id: UInt64, _ r: inout WireReader) throws(FSError) -> WireWriter {
+    /// The reply to hello: the protocol, the volume's name and `nonce` (a TCP connection's, for
+    /// its MUNGE credential; empty on the Unix socket).
+    func hello(_ id: UInt64, _ r: inout WireReader, nonce: [UInt8] = []) throws(FSError) -> WireWriter {
         let magic = try r.data(max: 64)
         guard magic == Wire.magic else { throw FSError(EPROTO, "not a StageFS gateway client") }
         let version = try r.u16()
@@ -319,8 +395,10 @@ package final class GatewayServer: Sendable {
         var w = Reply.ok(id)
         w.u16(Wire.version)
         w.string(format.name)
-        // Bit 0: blocks of this `file` bucket come as descriptors (openBlock).
-        w.u8(store is LocalObjectStore ? 1 : 0)
+        w.data(nonce)
+        // Bit 0: blocks of this `file` bucket come as descriptors (openBlock; over the Unix
+        // socket, the connections without a nonce).
+        w.u8(store is LocalObjectStore && nonce.isEmpty ? 1 : 0)
         return w
     }
 
@@ -332,8 +410,8 @@ package final class GatewayServer: Sendable {
     /// tags are made and checked (what a root mount reached, it reached for all its callers).
     private func handle(_ op: Op, _ cred: Credential, holder uid: UInt32, _ r: inout WireReader, _ w: inout WireWriter) throws(FSError) -> Buffer? {
         switch op {
-        case .hello:
-            throw FSError(EPROTO, "hello twice")
+        case .hello, .auth:
+            throw FSError(EPROTO, "\(op) out of place: a connection starts with hello, then (over TCP only) auth")
         case .openBlock:
             throw FSError(EPROTO, "openBlock answered elsewhere")
         case .loadFormat:
@@ -348,7 +426,8 @@ package final class GatewayServer: Sendable {
         case .newSession:
             var info = try r.session()
             try r.end()
-            info.pid = Int32(bitPattern: cred.pid)
+            // The kernel's pid on the Unix socket; over TCP there is none, the client's stays.
+            if cred.pid != 0 { info.pid = Int32(bitPattern: cred.pid) }
             let sid = try meta.newSession(info)
             w.u64(sid)
             w.u64(grants.tag(.session, sid, uid: uid))
@@ -734,15 +813,21 @@ package final class GatewayServer: Sendable {
     }
 }
 
-/// Who is at the other end of a connection, as the kernel says.
-struct Peer: Sendable {
+/// Who is at the other end of a connection, as the kernel says (or over TCP, its MUNGE credential).
+struct Peer: Sendable, CustomStringConvertible {
     let uid: UInt32
     let gid: UInt32
     let pid: UInt32
+    /// Whether its supplementary groups come from NSS; false for a squashed root (none).
+    var nssGroups = true
+    /// `HOST:PORT` of a TCP peer; nil on the Unix socket.
+    var address: String? = nil
 
     func credential(_ groups: GroupCache) -> Credential {
-        Credential(uid: uid, gid: gid, groups: groups.groups(uid: uid, gid: gid), pid: pid)
+        Credential(uid: uid, gid: gid, groups: nssGroups ? groups.groups(uid: uid, gid: gid) : [], pid: pid)
     }
+
+    var description: String { address.map { "uid \(uid) from \($0)" } ?? "uid \(uid) (pid \(pid))" }
 }
 
 /// Supplementary groups of a uid from this node's NSS (`getgrouplist`), kept briefly.
@@ -767,7 +852,10 @@ final class GroupCache: Sendable {
         var pw = passwd()
         var result: UnsafeMutablePointer<passwd>?
         var buf = [CChar](repeating: 0, count: 16384)
-        guard getpwuid_r(uid, &pw, &buf, buf.count, &result) == 0, result != nil, let name = pw.pw_name else { return [] }
+        guard getpwuid_r(uid, &pw, &buf, buf.count, &result) == 0, result != nil, let name = pw.pw_name else {
+            Log.info("gateway: uid \(uid) is unknown to this node's NSS: it acts with no supplementary groups")
+            return []
+        }
         var n: Int32 = 64
         while true {
             var list = [gid_t](repeating: 0, count: Int(n))

@@ -34,6 +34,8 @@ package enum Op: UInt16, Sendable {
     case heartbeat = 5
     case closeSession = 6
     case listSessions = 7
+    /// Over TCP, right after hello: the client's MUNGE credential for this connection's nonce.
+    case auth = 8
     case lookup = 10
     case getattr = 11
     case setattr = 12
@@ -234,15 +236,20 @@ package enum FrameIO {
     /// Reads one frame's body; nil at a clean end of the stream (before any byte of a frame).
     /// A length beyond `maxFrame` is refused before anything is allocated.
     /// A body of more than 64 KiB is counted against each of `budgets` first (waiting while one
-    /// is spent); the caller releases them once done with the body.
+    /// is spent); the caller releases them once done with the body. With a `deadline`
+    /// (`Sys.monotonicNanos()`), the whole frame must have arrived by then (`ETIMEDOUT`),
+    /// however slowly its bytes trickle in.
     ///
     /// `passed`: where a descriptor that came with the frame goes (-1 when none came); without
     /// it, a descriptor sent along is dropped by the kernel.
     package static func receive(
-        _ fd: Int32, maxFrame: Int = Wire.maxFrame, budgets: [ByteBudget] = [], passed: UnsafeMutablePointer<Int32>? = nil
+        _ fd: Int32, maxFrame: Int = Wire.maxFrame, budgets: [ByteBudget] = [], deadline: UInt64? = nil,
+        passed: UnsafeMutablePointer<Int32>? = nil
     ) throws(FSError) -> [UInt8]? {
         var head = [UInt8](repeating: 0, count: 4)
-        let got = try fsTyped { try head.withUnsafeMutableBytes { p in try readFull(fd, p, allowEOF: true, passed: passed) } }
+        let got = try fsTyped {
+            try head.withUnsafeMutableBytes { p in try readFull(fd, p, allowEOF: true, deadline: deadline, passed: passed) }
+        }
         if !got { return nil }
         var hr = ByteReader(head)
         let n = Int(hr.u32())
@@ -252,7 +259,7 @@ package enum FrameIO {
         var body = [UInt8](repeating: 0, count: n)
         do throws(FSError) {
             if n > 0 {
-                _ = try fsTyped { try body.withUnsafeMutableBytes { p in try readFull(fd, p, allowEOF: false) } }
+                _ = try fsTyped { try body.withUnsafeMutableBytes { p in try readFull(fd, p, allowEOF: false, deadline: deadline) } }
             }
         } catch {
             if counted { for b in budgets { b.release(n) } }
@@ -263,10 +270,11 @@ package enum FrameIO {
 
     /// Fills `p`; false when the stream ended before its first byte and `allowEOF`.
     private static func readFull(
-        _ fd: Int32, _ p: UnsafeMutableRawBufferPointer, allowEOF: Bool, passed: UnsafeMutablePointer<Int32>? = nil
+        _ fd: Int32, _ p: UnsafeMutableRawBufferPointer, allowEOF: Bool, deadline: UInt64?, passed: UnsafeMutablePointer<Int32>? = nil
     ) throws(FSError) -> Bool {
         var off = 0
         while off < p.count {
+            if let deadline { try waitReadable(fd, until: deadline) }
             let n: Int
             if let passed, off == 0 {
                 // The descriptor travels with the frame's first bytes.
@@ -285,6 +293,20 @@ package enum FrameIO {
             off += n
         }
         return true
+    }
+
+    /// Waits until `fd` has bytes to read (or an end of stream), throwing `ETIMEDOUT` once the
+    /// monotonic clock passes `deadline`.
+    private static func waitReadable(_ fd: Int32, until deadline: UInt64) throws(FSError) {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        while true {
+            let now = Sys.monotonicNanos()
+            if now >= deadline { throw FSError(ETIMEDOUT, "the peer did not send in time") }
+            let ms = Int32(min((deadline - now) / 1_000_000 + 1, 60_000))
+            let n = poll(&p, 1, ms)
+            if n > 0 { return }
+            if n < 0 && errno != EINTR { throw FSError.errno(errno, "gateway connection") }
+        }
     }
 }
 

@@ -21,20 +21,47 @@ struct GatewayCmd: ParsableCommand {
             Users mount, stage and ask status with the URL stagefs+unix://SOCKET; the gateway knows each caller from the
             kernel (SO_PEERCRED) and its groups from this node's NSS, and runs every operation with that credential.
             Users never delete objects: the gateway deletes what nothing references.
+
+            With --listen HOST:PORT it also serves other nodes over TCP (stagefs://HOST:PORT): each connection proves its
+            user with a MUNGE credential made for that connection (munged on both nodes, with the site's key); groups come
+            from this node's NSS. Root over TCP acts as nobody (uid and gid 65534, no groups) unless --trust-root. A
+            connection that has not authenticated within --auth-timeout seconds is closed. Given --listen alone, the
+            gateway serves TCP only; add --socket to serve the Unix socket as well. Clients reach munged at libmunge's
+            default socket, or at STAGEFS_MUNGE_SOCKET.
             """
     )
 
     @Option(help: ArgumentHelp("Settings file (KEY=VALUE lines) with the volume's META-URL and secrets.", valueName: "FILE"))
     var config: String?
 
-    @Option(help: ArgumentHelp("Unix socket to serve (mode 0666) [default: /run/stagefs/VOLUME.sock].", valueName: "PATH"))
+    @Option(
+        help: ArgumentHelp(
+            "Unix socket to serve (mode 0666) [default: /run/stagefs/VOLUME.sock, unless only --listen is given].", valueName: "PATH"))
     var socket: String?
+
+    @Option(
+        help: ArgumentHelp(
+            "Serve TCP on HOST:PORT too ([IPv6]:PORT; 0.0.0.0:PORT for every IPv4 address); clients authenticate with MUNGE. May be repeated.",
+            valueName: "HOST:PORT"))
+    var listen: [String] = []
+
+    @Flag(help: "Over TCP, let a root credential act as root and for its callers (a root mount with allow_other) instead of as nobody.")
+    var trustRoot = false
+
+    @Option(help: ArgumentHelp("munged's socket, to check TCP clients' credentials [default: libmunge's].", valueName: "PATH"))
+    var mungeSocket: String?
 
     @Option(help: "Connections at once, in all.")
     var maxConnections = 1024
 
     @Option(help: "Connections at once of one user.")
     var maxConnectionsPerUser = 128
+
+    @Option(help: ArgumentHelp("Seconds a TCP connection has to authenticate before it is closed.", valueName: "SECONDS"))
+    var authTimeout: Double = 10
+
+    @Option(help: "TCP connections at once that have not authenticated yet (counted apart from the limits above).")
+    var maxUnauthenticated = 64
 
     @OptionGroup var io: IOOptions
 
@@ -45,6 +72,10 @@ struct GatewayCmd: ParsableCommand {
         if maxConnections < 1 || maxConnectionsPerUser < 1 {
             throw ValidationError("--max-connections and --max-connections-per-user must be at least 1")
         }
+        if authTimeout <= 0 || maxUnauthenticated < 1 {
+            throw ValidationError("--auth-timeout must be positive and --max-unauthenticated at least 1")
+        }
+        for l in listen { _ = try TCPAddress.parse(l) }
     }
 
     func run() throws {
@@ -80,13 +111,19 @@ struct GatewayCmd: ParsableCommand {
         var limits = GatewayLimits()
         limits.connections = maxConnections
         limits.connectionsPerUser = maxConnectionsPerUser
-        let server = try GatewayServer(meta: meta, store: store, format: format, limits: limits)
-        let path = socket ?? "/run/stagefs/\(format.name).sock"
-        try Sys.mkdirs(Sys.dirname(of: path), 0o755)
-        printError("stagefs: gateway for volume '\(format.name)' (\(url)) serving stagefs+unix://\(path)")
+        limits.authSeconds = authTimeout
+        limits.unauthenticated = maxUnauthenticated
+        let tcp = GatewayTCPOptions(mungeSocket: mungeSocket, trustRoot: trustRoot)
+        let server = try GatewayServer(meta: meta, store: store, format: format, limits: limits, tcp: tcp)
+        let addresses = try listen.map { (l) throws(FSError) in try TCPAddress.parse(l) }
+        let path = socket ?? (addresses.isEmpty ? "/run/stagefs/\(format.name).sock" : nil)
+        if let path { try Sys.mkdirs(Sys.dirname(of: path), 0o755) }
+        let urls = (path.map { ["stagefs+unix://\($0)"] } ?? []) + addresses.map { "\(MetaURL.gateway(.tcp(host: $0.host, port: $0.port)))" }
+        let root = addresses.isEmpty ? "" : trustRoot ? " (root over TCP trusted)" : " (root over TCP acts as nobody)"
+        printError("stagefs: gateway for volume '\(format.name)' (\(url)) serving \(urls.joined(separator: " and "))\(root)")
         signal(SIGTERM, gatewaySignal)
         signal(SIGINT, gatewaySignal)
-        try server.serve(unixSocket: path)
+        try server.serve(unixSocket: path, tcp: addresses)
         printError("stagefs: gateway for volume '\(format.name)' stopped")
     }
 }
