@@ -7,9 +7,9 @@ import StageFSCore
 
 /// SHA-256 and HMAC-SHA256 through OpenSSL's libcrypto (`EVP_Digest`, `HMAC`): the one place
 /// where ObjectStorage hands OpenSSL a pointer.
-package enum Digest {
+enum Digest {
     /// The SHA-256 of `data` (32 bytes).
-    package static func sha256(_ data: [UInt8]) throws(FSError) -> [UInt8] {
+    static func sha256(_ data: [UInt8]) throws(FSError) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: 32)
         let ok = withBytes(data) { d in
             out.withUnsafeMutableBufferPointer { copenssl_sha256(d.baseAddress, d.count, $0.baseAddress) }
@@ -19,7 +19,7 @@ package enum Digest {
     }
 
     /// The HMAC-SHA256 of `data` under `key` (32 bytes).
-    package static func hmacSHA256(key: [UInt8], _ data: [UInt8]) throws(FSError) -> [UInt8] {
+    static func hmacSHA256(key: [UInt8], _ data: [UInt8]) throws(FSError) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: 32)
         let ok = withBytes(key) { k in
             withBytes(data) { d in
@@ -31,7 +31,7 @@ package enum Digest {
     }
 
     /// `bytes` in lower-case hexadecimal.
-    package static func hex(_ bytes: [UInt8]) -> String {
+    static func hex(_ bytes: [UInt8]) -> String {
         let digits = Array("0123456789abcdef".utf8)
         var out: [UInt8] = []
         out.reserveCapacity(bytes.count * 2)

@@ -68,6 +68,14 @@ struct GatewayWireTests {
         #expect(code(g.bytes) { (r) throws(FSError) in _ = try r.credential() } == EPROTO)
     }
 
+    /// The reference vector of the SipHash paper (appendix A): key 00..0f, message 00..0e.
+    @Test func sipHashMatchesTheReferenceVector() {
+        let out = SipHash24.hash(0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908, words: [0x0706_0504_0302_0100, 0x000e_0d0c_0b0a_0908], byteCount: 15)
+        #expect(out == 0xa129_ca61_49be_45e5)
+        let empty = SipHash24.hash(0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908, words: [], byteCount: 0)
+        #expect(empty == 0x726f_db47_dd0e_0e31)
+    }
+
     @Test func tagsAreBoundToKindNumbersUidAndKey() {
         let g = Grants(key: Array(repeating: 1, count: 32))
         let t = g.tag(.inode, 42, uid: 1000)
