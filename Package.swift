@@ -24,7 +24,9 @@ let package = Package(
         .systemLibrary(name: "CMunge", path: "Sources/CMunge"),
         .target(name: "StageFSCore", dependencies: ["CChecksum", "CLinux", .product(name: "Logging", package: "swift-log")], exclude: ["README.md"]),
         .target(name: "SQLiteKit", dependencies: ["StageFSCore", "CSQLite3"], exclude: ["README.md"]),
-        .target(name: "Metadata", dependencies: ["StageFSCore", "SQLiteKit", "CSQLite3", "COpenSSL"], exclude: ["README.md"]),
+        // The Redis wire client (RESP, TLS, Sentinel, Cluster, the pool and its retries); no file-system rules.
+        .target(name: "RedisWire", dependencies: ["StageFSCore", "COpenSSL"], exclude: ["README.md"]),
+        .target(name: "Metadata", dependencies: ["StageFSCore", "SQLiteKit", "CSQLite3", "RedisWire"], exclude: ["README.md"]),
         .target(name: "ObjectStorage", dependencies: ["StageFSCore", "CCurl", "COpenSSL"], exclude: ["README.md"]),
         // The data path talks to the object store only; slice commits come from the VFS layer.
         .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "SQLiteKit"], exclude: ["README.md"]),

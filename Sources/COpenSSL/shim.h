@@ -1,7 +1,7 @@
 #ifndef COPENSSL_SHIM_H
 #define COPENSSL_SHIM_H
 /* OpenSSL (Debian's libssl) for rediss:// connections and SHA-1 (the Redis commit checks) in the
-   Metadata module, and SHA-256/HMAC-SHA256 in the ObjectStorage module (the S3 pre-signer). */
+   RedisWire module, and SHA-256/HMAC-SHA256 in the ObjectStorage module (the S3 pre-signer). */
 #include <limits.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>

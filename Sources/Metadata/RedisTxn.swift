@@ -1,4 +1,4 @@
-import COpenSSL
+import RedisWire
 import StageFSCore
 
 #if canImport(Glibc)
@@ -619,16 +619,7 @@ extension RedisTxnStore {
         var bytes: [UInt8] = [UInt8(ascii: "=")]
         canonical(r, into: &bytes)
         if bytes.count <= inlineLimit + 1 { return bytes }
-        var md = [UInt8](repeating: 0, count: 20)
-        bytes.withUnsafeBufferPointer { b in _ = SHA1(b.baseAddress! + 1, b.count - 1, &md) }
-        let hex = Array("0123456789abcdef".utf8)
-        var out: [UInt8] = []
-        out.reserveCapacity(40)
-        for byte in md {
-            out.append(hex[Int(byte >> 4)])
-            out.append(hex[Int(byte & 15)])
-        }
-        return out
+        return RedisSHA1.hex(bytes[1...])
     }
 
     /// The longest canonical form a check sends as it is.

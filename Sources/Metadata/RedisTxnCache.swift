@@ -1,3 +1,4 @@
+import RedisWire
 import StageFSCore
 
 /// What this client last saw of keys and hash fields (GET, HGET, HLEN replies), kept so that a

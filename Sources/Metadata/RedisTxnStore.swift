@@ -1,3 +1,4 @@
+import RedisWire
 import StageFSCore
 import Synchronization
 
@@ -254,8 +255,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     package var maxAttempts = 50
 
     package init(location: RedisLocation, retryTimeout: Double = 60, cacheCapacity: Int = 100_000) throws(FSError) {
-        pool = try RedisPool(location)
-        pool.retryTimeout = retryTimeout
+        pool = try RedisPool(location, retryTimeout: retryTimeout)
         displayName = pool.displayName
         waitReplicas = location.waitReplicas
         waitTimeoutMillis = location.waitTimeoutMillis
@@ -578,7 +578,9 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     package func reserveIDs(_ counter: String, _ count: Int) throws(FSError) -> UInt64 {
         self.count { $0.reservations += 1 }
-        guard let last = try command(["INCRBY", keys.name(keys.counter(counter)), count]).int else { throw FSError(EIO, "\(displayName): no \(counter) ids") }
+        guard let last = try command(["INCRBY", keys.name(keys.counter(counter)), count]).int else {
+            throw FSError(EIO, "\(displayName): no \(counter) ids")
+        }
         return UInt64(last - Int64(count) + 1)
     }
 

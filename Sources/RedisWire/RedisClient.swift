@@ -6,7 +6,7 @@ import StageFSCore
 #endif
 
 /// A reply from Redis (RESP2).
-enum RedisReply: Equatable {
+package enum RedisReply: Equatable {
     case string([UInt8])
     case integer(Int64)
     case array([RedisReply])
@@ -14,7 +14,7 @@ enum RedisReply: Equatable {
     case status(String)
     case error(String)
 
-    var bytes: [UInt8]? {
+    package var bytes: [UInt8]? {
         switch self {
         case .string(let b): return b
         case .status(let s): return Array(s.utf8)
@@ -23,7 +23,7 @@ enum RedisReply: Equatable {
         }
     }
 
-    var int: Int64? {
+    package var int: Int64? {
         switch self {
         case .integer(let i): return i
         case .string(let b): return Int64(String(decoding: b, as: UTF8.self))
@@ -31,16 +31,16 @@ enum RedisReply: Equatable {
         }
     }
 
-    var array: [RedisReply] {
+    package var array: [RedisReply] {
         if case .array(let a) = self { return a }
         return []
     }
 
-    var text: String? { bytes.map { String(decoding: $0, as: UTF8.self) } }
+    package var text: String? { bytes.map { String(decoding: $0, as: UTF8.self) } }
 }
 
 /// Something that can be sent as one argument of a Redis command.
-protocol RedisArg {
+package protocol RedisArg {
     /// Appends the argument as a RESP bulk string (`$<length>\r\n<bytes>\r\n`).
     func appendBulk(to out: inout [UInt8])
 }
@@ -48,10 +48,10 @@ protocol RedisArg {
 /// RESP encoding without intermediate strings: the commit of a transaction sends many small
 /// arguments, and formatting each number through `String` cost more than the rest of the
 /// encoding (measured with perf on the engine bench).
-enum RESP {
+package enum RESP {
     /// How many decimal digits `v` has.
     @inline(__always)
-    static func digits(_ v: UInt64) -> Int {
+    package static func digits(_ v: UInt64) -> Int {
         var n = 1
         var t = v
         while t >= 10 {
@@ -61,7 +61,7 @@ enum RESP {
         return n
     }
 
-    static func appendDecimal(_ v: UInt64, to out: inout [UInt8]) {
+    package static func appendDecimal(_ v: UInt64, to out: inout [UInt8]) {
         let n = digits(v)
         let end = out.count + n
         out.append(contentsOf: repeatElement(48, count: n))
@@ -75,7 +75,7 @@ enum RESP {
     }
 
     @inline(__always)
-    static func crlf(_ out: inout [UInt8]) {
+    package static func crlf(_ out: inout [UInt8]) {
         out.append(13)
         out.append(10)
     }
@@ -108,51 +108,56 @@ enum RESP {
 
 /// A command encoded while it is built, without an array of arguments in between (for the
 /// commits and read batches of `RedisTxnStore`, which have many arguments).
-struct RedisCommand {
-    private(set) var body: [UInt8] = []
-    private(set) var count = 0
+package struct RedisCommand {
+    package private(set) var body: [UInt8] = []
+    package private(set) var count = 0
 
-    init(capacity: Int = 256) { body.reserveCapacity(capacity) }
+    package init(capacity: Int = 256) { body.reserveCapacity(capacity) }
 
-    init(_ args: [any RedisArg]) {
+    package init(_ args: [any RedisArg]) {
         body.reserveCapacity(args.count * 16)
         for a in args { add(a) }
     }
 
-    mutating func add<A: RedisArg>(_ a: A) {
+    package mutating func add<A: RedisArg>(_ a: A) {
         a.appendBulk(to: &body)
         count += 1
     }
 
-    mutating func add(contentsOf other: RedisCommand) {
+    package mutating func add(contentsOf other: RedisCommand) {
         body += other.body
         count += other.count
     }
 }
 
 extension String: RedisArg {
-    func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(utf8, count: utf8.count, to: &out) }
+    package func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(utf8, count: utf8.count, to: &out) }
 }
 extension Array: RedisArg where Element == UInt8 {
-    func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(self, count: count, to: &out) }
+    package func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(self, count: count, to: &out) }
 }
-extension Int: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(Int64(self), to: &out) } }
-extension Int64: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(self, to: &out) } }
-extension UInt64: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(self, to: &out) } }
-extension UInt32: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(UInt64(self), to: &out) } }
-extension UInt16: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(UInt64(self), to: &out) } }
-extension UInt8: RedisArg { func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(UInt64(self), to: &out) } }
+extension Int: RedisArg { package func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(Int64(self), to: &out) } }
+extension Int64: RedisArg { package func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(self, to: &out) } }
+extension UInt64: RedisArg { package func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(self, to: &out) } }
+extension UInt32: RedisArg { package func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(UInt64(self), to: &out) } }
+extension UInt16: RedisArg { package func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(UInt64(self), to: &out) } }
+extension UInt8: RedisArg { package func appendBulk(to out: inout [UInt8]) { RESP.appendBulk(UInt64(self), to: &out) } }
 
 /// Error codes of the Redis transport: `transient` ones (the connection broke, the server is
 /// loading, failing over, or read-only) are retried on a new connection within the pool's
 /// deadline; the request may or may not have been carried out, which the engine's request ids
 /// make harmless.
 extension FSError {
-    static func redisTransient(_ message: String) -> FSError { FSError(ECONNRESET, message) }
-    var isRedisTransient: Bool { code == ECONNRESET }
+    package static func redisTransient(_ message: String) -> FSError { FSError(ECONNRESET, message) }
+    package var isRedisTransient: Bool { code == ECONNRESET }
 }
 
 /// The TLS settings of a pool (`rediss://`): one OpenSSL context for all its connections.
+///
+/// `@unchecked Sendable` because it holds an OpenSSL pointer, which the compiler cannot check.
+/// Safe: the context is configured in `init` only; after that its threads only make `SSL`
+/// objects from it (`SSL_new`), which OpenSSL allows concurrently, and each of those holds a
+/// reference of its own, so `SSL_CTX_free` in `deinit` never frees a context still in use.
 final class RedisTLS: @unchecked Sendable {
     let ctx: OpaquePointer
     let verify: Bool
@@ -195,7 +200,7 @@ final class RedisTLS: @unchecked Sendable {
 
 /// One connection to a Redis server (or Sentinel), used by one thread at a time: a socket,
 /// optionally TLS, and a RESP2 reader over a reused buffer.
-final class RedisConnection {
+package final class RedisConnection {
     private var fd: Int32 = -1
     private var ssl: OpaquePointer?
     /// Received bytes not yet parsed are `buf[start..<end]`.
@@ -510,10 +515,10 @@ final class RedisConnection {
     }
 
     /// Marks the connection unusable, so the pool drops it instead of using it again.
-    func abandon() { broken = true }
+    package func abandon() { broken = true }
 
     /// Sends one command and waits for its reply.
-    func command(_ args: [any RedisArg]) throws(FSError) -> RedisReply {
+    package func command(_ args: [any RedisArg]) throws(FSError) -> RedisReply {
         try pipeline([args])[0]
     }
 
@@ -523,7 +528,7 @@ final class RedisConnection {
     }
 
     /// Sends encoded commands in one round trip and returns their replies in order.
-    func pipeline(_ commands: [RedisCommand]) throws(FSError) -> [RedisReply] {
+    package func pipeline(_ commands: [RedisCommand]) throws(FSError) -> [RedisReply] {
         if broken { throw lost("connection closed") }
         for c in commands { encode(c) }
         try sendAll()
@@ -550,11 +555,16 @@ final class RedisConnection {
 /// `retryTimeout` seconds have passed (then `EIO`): Redis restarts and failovers cost time, not
 /// failed operations. Every idle connection is dropped at such a failure, so none broken by
 /// the same event is used again.
-final class RedisPool: @unchecked Sendable {
+///
+/// `@unchecked Sendable` because of its mutable state, which the compiler cannot check: `idle`,
+/// `master`, `cluster` and `outage` are read and written under `lock` only, and the rest is
+/// `let`. A connection (not `Sendable`) is out of `idle` while one call uses it, so no two
+/// threads use one at a time.
+package final class RedisPool: @unchecked Sendable {
     let location: RedisLocation
-    let displayName: String
+    package let displayName: String
     /// Seconds a call keeps trying while Redis cannot be reached.
-    var retryTimeout: Double = 60
+    let retryTimeout: Double
     private let tls: RedisTLS?
     private let lock = ConditionLock()
     private var idle: [RedisConnection] = []
@@ -565,8 +575,11 @@ final class RedisPool: @unchecked Sendable {
     private var cluster: Bool?
     private var outage: UInt64?
 
-    init(_ location: RedisLocation) throws(FSError) {
+    /// A pool for `location`; a call keeps trying for `retryTimeout` seconds while Redis cannot
+    /// be reached.
+    package init(_ location: RedisLocation, retryTimeout: Double = 60) throws(FSError) {
         self.location = location
+        self.retryTimeout = retryTimeout
         tls = location.tls ? try RedisTLS(location) : nil
         if let name = location.masterName {
             displayName = "Redis master '\(name)' (Sentinels \(location.hosts.map(\.text).joined(separator: ","))) db \(location.db)"
@@ -624,7 +637,7 @@ final class RedisPool: @unchecked Sendable {
     }
 
     /// Whether the server is a Redis Cluster node (known after the first connection).
-    var isCluster: Bool { lock.withLock { cluster ?? false } }
+    package var isCluster: Bool { lock.withLock { cluster ?? false } }
 
     /// The slot of the volume's hash tag `{DB}` in a Redis Cluster (CRC-16/XMODEM of the tag's
     /// content, modulo 16384).
@@ -676,7 +689,10 @@ final class RedisPool: @unchecked Sendable {
             if case .error(let e) = try c.command(args) { throw FSError(EACCES, "\(c.where_) refused the password: \(e)") }
         }
         if location.password == nil, case .error(let e) = try c.command(["PING"]), e.hasPrefix("NOAUTH") {
-            throw FSError(EACCES, "\(c.where_) wants a password: set META_PASSWORD (or META_PASSWORD_FILE, a file holding it) for this command, or give it in the META-URL (redis://:PASSWORD@host:port/db, which ps shows until it is hidden)")
+            throw FSError(
+                EACCES,
+                "\(c.where_) wants a password: set META_PASSWORD (or META_PASSWORD_FILE, a file holding it) for this command, or give it in the META-URL (redis://:PASSWORD@host:port/db, which ps shows until it is hidden)"
+            )
         }
         return c
     }
@@ -709,7 +725,7 @@ final class RedisPool: @unchecked Sendable {
 
     /// Runs `body` once with a connection (no retry): the first contact of a command, so
     /// that an unreachable server is reported at once.
-    func once<T>(_ body: (RedisConnection) throws(FSError) -> T) throws(FSError) -> T {
+    package func once<T>(_ body: (RedisConnection) throws(FSError) -> T) throws(FSError) -> T {
         let conn = try idleOrNew()
         let r = try body(conn)
         if !conn.broken { lock.withLock { idle.append(conn) } }
@@ -717,7 +733,7 @@ final class RedisPool: @unchecked Sendable {
     }
 
     /// Runs `body` with a connection, retrying transient failures until the deadline.
-    func with<T>(_ body: (RedisConnection) throws(FSError) -> T) throws(FSError) -> T {
+    package func with<T>(_ body: (RedisConnection) throws(FSError) -> T) throws(FSError) -> T {
         let start = Sys.monotonicNanos()
         var delay = 0.05
         var attempt = 0
