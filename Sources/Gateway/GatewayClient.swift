@@ -56,9 +56,17 @@ package final class GatewayClient: Sendable {
 
     /// `call`, taking the descriptor the reply carries (`openBlock`): the caller closes it.
     package func callForDescriptor(_ op: Op, _ fields: (inout WireWriter) -> Void) throws(FSError) -> (WireReader, Int32) {
-        var passed: Int32 = -1
-        let r = try withUnsafeMutablePointer(to: &passed) { (p) throws(FSError) in try call(op, onBehalf: nil, tail: nil, passed: p, fields) }
+        let (r, passed) = try callTakingDescriptor(op, onBehalf: nil, fields)
         guard passed >= 0 else { throw FSError(EIO, "\(description) sent no descriptor with the block") }
+        return (r, passed)
+    }
+
+    /// `call`, taking a descriptor when the reply carries one (-1 when not): the caller closes it.
+    package func callTakingDescriptor(
+        _ op: Op, onBehalf: Credential?, _ fields: (inout WireWriter) -> Void
+    ) throws(FSError) -> (WireReader, Int32) {
+        var passed: Int32 = -1
+        let r = try withUnsafeMutablePointer(to: &passed) { (p) throws(FSError) in try call(op, onBehalf: onBehalf, tail: nil, passed: p, fields) }
         return (r, passed)
     }
 

@@ -250,15 +250,26 @@ package final class GatewayMetadata: MetadataEngine {
     // MARK: file data
 
     package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?) {
-        var r = try client.call(.open, onBehalf: try who(cred)) { [tags] in
+        var (r, fd) = try client.callTakingDescriptor(.open, onBehalf: try who(cred)) { [tags] in
             tags.ref(&$0, ino)
             $0.i32(flags)
             tags.session(&$0, sid)
         }
-        let a = try r.attr()
-        try tags.opened(&r, ino)
-        let slices = try r.bool() ? try tags.chunk(&r) : nil
-        return (a, slices)
+        do throws(FSError) {
+            let a = try r.attr()
+            try tags.opened(&r, ino)
+            let slices = try r.bool() ? try tags.chunk(&r) : nil
+            if r.remaining > 0, try r.bool() {
+                let key = try r.string(max: 1024)
+                if fd >= 0 { tags.stash(key, fd) }
+                fd = -1
+            }
+            if fd >= 0 { Sys.close(fd) }
+            return (a, slices)
+        } catch {
+            if fd >= 0 { Sys.close(fd) }
+            throw error
+        }
     }
 
     package func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool {
@@ -311,6 +322,7 @@ package final class GatewayMetadata: MetadataEngine {
 
     package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr {
         guard let range = tags.range(of: slice.id) else { throw FSError(EIO, "slice \(slice.id) was not allocated by this client's gateway") }
+        let pending = tags.takePending(slice.id)
         var r = try client.call(.writeSlice) { [tags] in
             tags.ref(&$0, ino)
             $0.u32(index)
@@ -323,6 +335,11 @@ package final class GatewayMetadata: MetadataEngine {
             $0.u64(range.first)
             $0.u64(range.count)
             $0.u64(range.tag)
+            $0.u32(UInt32(pending.count))
+            for p in pending {
+                $0.string(p.key)
+                $0.data(p.data)
+            }
         }
         return try r.attr()
     }
@@ -434,6 +451,53 @@ final class GatewayTags: Sendable {
             }
         }
         return slices
+    }
+
+    /// Small blocks written but not yet sent: each goes with its slice's commit (`writeSlice`),
+    /// one request for both. At most 16 MiB wait; past that a block is sent at once.
+    private let pending = Mutex<(blocks: [UInt64: [(key: String, data: [UInt8])]], bytes: Int)>(([:], 0))
+    static let pendingBlockMax = 256 << 10
+    static let pendingBytesMax = 16 << 20
+
+    /// Keeps a small block of slice `id` for its commit; false when it must be sent now.
+    func holdForCommit(_ id: UInt64, _ key: String, _ data: UnsafeRawBufferPointer) -> Bool {
+        guard data.count <= Self.pendingBlockMax else { return false }
+        return pending.withLock { p in
+            guard p.bytes + data.count <= Self.pendingBytesMax, p.blocks[id, default: []].count < 4 else { return false }
+            p.blocks[id, default: []].append((key, Array(data)))
+            p.bytes += data.count
+            return true
+        }
+    }
+
+    func takePending(_ id: UInt64) -> [(key: String, data: [UInt8])] {
+        pending.withLock { p in
+            guard let list = p.blocks.removeValue(forKey: id) else { return [] }
+            p.bytes -= list.reduce(0) { $0 + $1.data.count }
+            return list
+        }
+    }
+
+    /// Descriptors of blocks that came with an open, until read (at most 64: the oldest go).
+    private let stashed = Mutex<[(key: String, fd: Int32)]>([])
+
+    func stash(_ key: String, _ fd: Int32) {
+        let old = stashed.withLock { list -> [Int32] in
+            list.append((key, fd))
+            guard list.count > 64 else { return [] }
+            let gone = list.prefix(list.count - 64).map(\.fd)
+            list.removeFirst(list.count - 64)
+            return gone
+        }
+        for f in old { Sys.close(f) }
+    }
+
+    /// The stashed descriptor of `key`, taken (the caller closes it).
+    func takeStashed(_ key: String) -> Int32? {
+        stashed.withLock { list in
+            guard let i = list.lastIndex(where: { $0.key == key }) else { return nil }
+            return list.remove(at: i).fd
+        }
     }
 
     func blockTag(_ id: UInt64) -> UInt64? {

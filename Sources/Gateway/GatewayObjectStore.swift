@@ -21,6 +21,10 @@ package final class GatewayObjectStore: ObjectStore {
         guard let id = Self.sliceID(key), let range = meta.tags.range(of: id) else {
             throw FSError(EACCES, "\(key): not a block of a slice this client was given")
         }
+        // A small block goes with its slice's commit: one request for a small file's data and
+        // its record. (Its slice is committed only after every block of it is stored: the
+        // writer commits once the uploads are done.)
+        if meta.tags.holdForCommit(id, key, data) { return }
         _ = try meta.client.call(.putBlock, tail: data) {
             $0.string(key)
             $0.u64(range.first)
@@ -33,6 +37,12 @@ package final class GatewayObjectStore: ObjectStore {
     package func get(_ key: String, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
         guard let id = Self.sliceID(key), let tag = meta.tags.blockTag(id) else {
             throw FSError(EACCES, "\(key): this client holds no right to read it (its chunk was not read through the gateway)")
+        }
+        if let fd = meta.tags.takeStashed(key) {
+            // It came with the file's open.
+            defer { Sys.close(fd) }
+            guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }
+            return try Sys.pread(fd, base, buffer.count, Int64(offset), path: key)
         }
         if meta.client.blockDescriptors {
             // The block's file itself: read here, nothing copied through the gateway.

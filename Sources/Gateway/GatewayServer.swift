@@ -301,6 +301,8 @@ package final class GatewayServer: Sendable {
             close(fd)
         }
         setTimeouts(fd)
+        // Descriptors travel only over the Unix socket (whose connections start before hello).
+        let descriptors = store is LocalObjectStore && !helloDone
         var helloDone = helloDone
         let who = peer.description
         while true {
@@ -338,9 +340,12 @@ package final class GatewayServer: Sendable {
                     let cred = peer.uid == 0 ? onBehalf ?? peer.credential(groups) : peer.credential(groups)
                     out = Reply.ok(id)
                     if op == .openBlock {
+                        guard descriptors else { throw FSError(EOPNOTSUPP, "blocks come as descriptors only over the Unix socket") }
                         passing = try openBlock(cred, holder: peer.uid, &r, &out)
                     } else {
-                        tail = try handle(op, cred, holder: peer.uid, &r, &out)
+                        tail = try withUnsafeMutablePointer(to: &passing) { (p) throws(FSError) in
+                            try handle(op, cred, holder: peer.uid, &r, &out, passing: descriptors ? p : nil)
+                        }
                     }
                 }
             } catch {
@@ -408,7 +413,11 @@ package final class GatewayServer: Sendable {
     ///
     /// `cred` is whom the checks are for; `holder` the uid of the connection's process, for whom
     /// tags are made and checked (what a root mount reached, it reached for all its callers).
-    private func handle(_ op: Op, _ cred: Credential, holder uid: UInt32, _ r: inout WireReader, _ w: inout WireWriter) throws(FSError) -> Buffer? {
+    /// `passing`: where to put a descriptor for the reply to carry (nil: none may be passed).
+    private func handle(
+        _ op: Op, _ cred: Credential, holder uid: UInt32, _ r: inout WireReader, _ w: inout WireWriter,
+        passing: UnsafeMutablePointer<Int32>? = nil
+    ) throws(FSError) -> Buffer? {
         switch op {
         case .hello, .auth:
             throw FSError(EPROTO, "\(op) out of place: a connection starts with hello, then (over TCP only) auth")
@@ -589,6 +598,21 @@ package final class GatewayServer: Sendable {
             w.u64(mask.contains(.write) ? grants.tag(.write, ino, uid: uid) : 0)
             w.bool(slices != nil && mask.contains(.read))
             if let slices, mask.contains(.read) { chunk(&w, slices, uid) }
+            // A file of one block written at once: its block comes with the reply, so reading
+            // it takes no further request (open and the block in one round trip).
+            var sent = false
+            if let passing, mask.contains(.read), let s = slices, s.count == 1, let only = s.first, only.id != 0, only.off == 0,
+                only.len == only.size, UInt64(only.len) == a.size, Int(only.size) <= layout.blockSize, let local = store as? LocalObjectStore
+            {
+                let key = layout.key(slice: only.id, index: 0, length: Int(only.size))
+                if let fd = try? local.openForReading(key) {
+                    passing.pointee = fd
+                    sent = true
+                    w.bool(true)
+                    w.string(key)
+                }
+            }
+            if !sent { w.bool(false) }
         case .close:
             let ino = try ino(&r, uid)
             let sid = try session(&r, uid)
@@ -630,6 +654,11 @@ package final class GatewayServer: Sendable {
             let first = try r.u64()
             let count = try r.u64()
             let rangeTag = try r.u64()
+            // Small blocks of the slice that come along (a small file: its one block and its
+            // commit in one request), stored before the slice is committed.
+            let n = try r.count(max: 4, itemSize: 8)
+            var blocks: [(key: String, data: [UInt8])] = []
+            for _ in 0..<n { blocks.append((try r.string(max: 1024), try r.data(max: layout.blockSize))) }
             try r.end()
             guard grants.check(writeTag, .write, ino, uid: uid) else { throw FSError(EBADF, "inode \(ino) is not open for writing by uid \(uid)") }
             try ownSlice(s.id, first, count, rangeTag, uid)
@@ -637,6 +666,11 @@ package final class GatewayServer: Sendable {
             guard s.len > 0, UInt64(s.off) + UInt64(s.len) <= UInt64(s.size), UInt64(s.pos) + UInt64(s.len) <= chunkSize,
                 end <= maxFileSize, minSize <= maxFileSize
             else { throw FSError(EINVAL, "a slice record outside its chunk or its slice") }
+            for (key, data) in blocks {
+                let b = try block(key)
+                guard b.id == s.id else { throw FSError(EINVAL, "block \(key) is not of slice \(s.id)") }
+                try storeNewBlock(key, b.length, data)
+            }
             w.attr(try meta.writeSlice(ino, index, s, minSize: minSize, mtime: mtime))
         case .newSliceIDs:
             let count = Int(try r.u32())
@@ -682,11 +716,8 @@ package final class GatewayServer: Sendable {
             let n = Int(try r.u32())
             let b = try block(key)
             try ownSlice(b.id, first, count, tag, uid)
-            guard n == b.length, r.remaining == n else { throw FSError(EINVAL, "block \(key) must be \(b.length) bytes") }
-            // Blocks are immutable: a user writes only new ones, never one that exists.
-            if try store.head(key) != nil { throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten") }
-            let data = try r.raw(n)
-            try store.put(key, bytes: data)
+            guard r.remaining == n else { throw FSError(EINVAL, "block \(key) must be \(b.length) bytes") }
+            try storeNewBlock(key, b.length, try r.raw(n))
         }
         return nil
     }
@@ -703,6 +734,14 @@ package final class GatewayServer: Sendable {
         let fd = try local.openForReading(key)
         w.u32(UInt32(b.length))
         return fd
+    }
+
+    /// Stores a block a user wrote: of the length its key names, and only when it does not
+    /// exist (blocks are immutable: a user writes new ones, never over one).
+    private func storeNewBlock(_ key: String, _ length: Int, _ data: [UInt8]) throws(FSError) {
+        guard data.count == length else { throw FSError(EINVAL, "block \(key) must be \(length) bytes") }
+        if try store.head(key) != nil { throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten") }
+        try store.put(key, bytes: data)
     }
 
     // MARK: checks
