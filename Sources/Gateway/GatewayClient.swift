@@ -21,6 +21,8 @@ package final class GatewayClient: Sendable {
     package let volume: String
     /// The gateway passes descriptors of block files (a `file` bucket, over its Unix socket).
     package let blockDescriptors: Bool
+    /// The gateway signs URLs from which blocks are read (an S3 bucket).
+    package let blockURLs: Bool
     private let idle = Mutex<[Int32]>([])
     private let nextID = Atomic<UInt64>(1)
 
@@ -33,6 +35,7 @@ package final class GatewayClient: Sendable {
         let (fd, volume, flags) = try Self.connect(address, timeout: retryTimeout, munge: munge)
         self.volume = volume
         self.blockDescriptors = flags & 1 != 0
+        self.blockURLs = flags & 2 != 0
         idle.withLock { $0.append(fd) }
     }
 
@@ -262,7 +265,7 @@ extension Op {
     var isRead: Bool {
         switch self {
         case .hello, .loadFormat, .statfs, .listSessions, .lookup, .getattr, .access, .readlink, .readdir, .getattrs, .getxattr,
-            .listxattr, .readChunks, .getBlock, .getlk, .newSliceIDs:
+            .listxattr, .readChunks, .getBlock, .getlk, .newSliceIDs, .openBlock, .presignBlock:
             return true
         default:
             return false

@@ -12,8 +12,13 @@ import StageFSCore
 /// (blocks are never overwritten). Listing and deleting are the gateway's.
 package final class GatewayObjectStore: ObjectStore {
     let meta: GatewayMetadata
+    /// Reads pre-signed URLs of an S3 bucket (holding no key).
+    let urls: S3ObjectStore?
 
-    package init(meta: GatewayMetadata) { self.meta = meta }
+    package init(meta: GatewayMetadata, format: VolumeFormat) throws(FSError) {
+        self.meta = meta
+        urls = meta.client.blockURLs ? try S3ObjectStore(StoreConfig(storage: "s3", bucket: format.bucket)) : nil
+    }
 
     package var description: String { "the bucket behind the \(meta.client.description)" }
 
@@ -43,6 +48,15 @@ package final class GatewayObjectStore: ObjectStore {
             defer { Sys.close(fd) }
             guard let base = buffer.baseAddress, buffer.count > 0 else { return 0 }
             return try Sys.pread(fd, base, buffer.count, Int64(offset), path: key)
+        }
+        if let urls {
+            // Straight from the bucket, with a URL the gateway signed for this block.
+            var r = try meta.client.call(.presignBlock) {
+                $0.string(key)
+                $0.u64(tag)
+            }
+            let url = try r.string(max: 8192)
+            return try urls.get(presigned: url, key: key, offset: offset, into: buffer)
         }
         if meta.client.blockDescriptors {
             // The block's file itself: read here, nothing copied through the gateway.

@@ -56,11 +56,18 @@ package final class GatewayServer: Sendable {
     /// TCP connections accepted and not yet authenticated.
     let authenticating = Mutex<Int>(0)
 
+    /// Signs the URLs from which users read blocks of an S3 bucket (nil: blocks travel through
+    /// the gateway).
+    let presigner: S3Presigner?
+    /// Seconds a pre-signed URL stays valid.
+    static let presignSeconds = 300
+
     package init(
         meta: any MetadataEngine, store: any ObjectStore, format: VolumeFormat, limits: GatewayLimits = GatewayLimits(),
-        tcp: GatewayTCPOptions = GatewayTCPOptions()
+        tcp: GatewayTCPOptions = GatewayTCPOptions(), presigner: S3Presigner? = nil
     ) throws(FSError) {
         guard let secrets = meta as? any VolumeSecrets else { throw FSError(EINVAL, "\(meta.displayName) cannot keep a gateway's key") }
+        self.presigner = presigner
         self.meta = meta
         self.store = store
         self.format = format
@@ -402,8 +409,8 @@ package final class GatewayServer: Sendable {
         w.string(format.name)
         w.data(nonce)
         // Bit 0: blocks of this `file` bucket come as descriptors (openBlock; over the Unix
-        // socket, the connections without a nonce).
-        w.u8(store is LocalObjectStore && nonce.isEmpty ? 1 : 0)
+        // socket, the connections without a nonce). Bit 1: blocks are read from pre-signed URLs.
+        w.u8((store is LocalObjectStore && nonce.isEmpty ? 1 : 0) | (presigner != nil ? 2 : 0))
         return w
     }
 
@@ -708,6 +715,18 @@ package final class GatewayServer: Sendable {
             defer { frames.release(length) }
             buf.count = try store.get(key, offset: offset, into: UnsafeMutableRawBufferPointer(start: buf.base, count: length))
             return buf
+        case .presignBlock:
+            // A URL from which the caller reads one block, for a few minutes: only for a holder
+            // of the slice's block tag. (New blocks go through putBlock, so that each is written
+            // once: a signed PUT could be sent again while it is valid.)
+            let key = try r.string(max: 1024)
+            let tag = try r.u64()
+            try r.end()
+            guard let presigner else { throw FSError(EOPNOTSUPP, "blocks of this bucket are not read from URLs") }
+            let b = try block(key)
+            guard grants.check(tag, .block, b.id, uid: uid) else { throw FSError(EACCES, "uid \(uid) may not read the blocks of slice \(b.id)") }
+            w.string(try presigner.presign(method: "GET", key: key, expires: Self.presignSeconds))
+            w.u32(UInt32(Self.presignSeconds))
         case .putBlock:
             let key = try r.string(max: 1024)
             let first = try r.u64()

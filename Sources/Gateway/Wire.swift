@@ -65,6 +65,8 @@ package enum Op: UInt16, Sendable {
     case putBlock = 61
     /// A descriptor of the block's file, passed over the Unix socket (`SCM_RIGHTS`).
     case openBlock = 62
+    /// A pre-signed URL from which to read a block of an S3 bucket.
+    case presignBlock = 63
 }
 
 /// Builds a frame body.

@@ -100,9 +100,11 @@ public final class S3ObjectStore: ObjectStore, @unchecked Sendable {
     }
 
     /// One HTTP exchange with retries. `dest` receives a 2xx body; other bodies are kept for messages.
+    ///
+    /// `presigned`: the URL carries its own signature (`S3Presigner`): nothing is signed here.
     private func request(
         _ method: String, url: String, headers: [String] = [], upload: UnsafeRawBufferPointer? = nil,
-        dest: UnsafeMutableRawBufferPointer? = nil, what: String
+        dest: UnsafeMutableRawBufferPointer? = nil, what: String, presigned: Bool = false
     ) throws(FSError) -> Response {
         var attempt = 0
         while true {
@@ -112,7 +114,7 @@ public final class S3ObjectStore: ObjectStore, @unchecked Sendable {
             t.upload = upload
             t.dest = dest
             var list: UnsafeMutablePointer<curl_slist>?
-            for hd in headers + ["x-amz-content-sha256: UNSIGNED-PAYLOAD"] { list = curl_slist_append(list, hd) }
+            for hd in headers + (presigned ? [] : ["x-amz-content-sha256: UNSIGNED-PAYLOAD"]) { list = curl_slist_append(list, hd) }
             let ctx = Unmanaged.passUnretained(t).toOpaque()
             _ = ccurl_setopt_string(h, CURLOPT_URL, url)
             _ = ccurl_setopt_long(h, CURLOPT_NOSIGNAL, 1)
@@ -123,7 +125,7 @@ public final class S3ObjectStore: ObjectStore, @unchecked Sendable {
             _ = ccurl_setopt_slist(h, CURLOPT_HTTPHEADER, list)
             _ = ccurl_setopt_datafn(h, CURLOPT_WRITEFUNCTION, transferWrite)
             _ = ccurl_setopt_ptr(h, CURLOPT_WRITEDATA, ctx)
-            if let credentials {
+            if let credentials, !presigned {
                 _ = ccurl_setopt_string(h, CURLOPT_AWS_SIGV4, "aws:amz:\(region):s3")
                 _ = ccurl_setopt_string(h, CURLOPT_USERPWD, credentials)
             }
@@ -199,6 +201,16 @@ public final class S3ObjectStore: ObjectStore, @unchecked Sendable {
         if buffer.count == 0 { return 0 }
         let range = "Range: bytes=\(offset)-\(offset + buffer.count - 1)"
         let r = try request("GET", url: bucket.objectURL(key), headers: [range], dest: buffer, what: "get \(key)")
+        if r.status == 416 { return 0 }
+        if r.status / 100 != 2 { throw failure(r, "get \(key)") }
+        return r.received
+    }
+
+    /// Reads from a pre-signed GET URL of `key` (no keys needed here): as `get`.
+    package func get(presigned url: String, key: String, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
+        if buffer.count == 0 { return 0 }
+        let range = "Range: bytes=\(offset)-\(offset + buffer.count - 1)"
+        let r = try request("GET", url: url, headers: [range], dest: buffer, what: "get \(key)", presigned: true)
         if r.status == 416 { return 0 }
         if r.status / 100 != 2 { throw failure(r, "get \(key)") }
         return r.received

@@ -97,7 +97,10 @@ struct GatewayCmd: ParsableCommand {
         }
         let meta = try openMetadata(url, retryTimeout: io.metaTimeout)
         let format = try meta.requireFormat()
-        let store = try openObjectStore(io.storeConfig(format, accessKey: value("ACCESS_KEY"), secretKey: value("SECRET_KEY")))
+        let storeConfig = io.storeConfig(format, accessKey: value("ACCESS_KEY"), secretKey: value("SECRET_KEY"))
+        let store = try openObjectStore(storeConfig)
+        // Users read S3 blocks from URLs the gateway signs for them.
+        let presigner = storeConfig.storage == "s3" ? try S3Presigner(storeConfig) : nil
         if let local = store as? LocalObjectStore {
             // Users reach blocks only through the gateway: the directory must be closed to them.
             guard let st = Sys.stat(local.root), st.st_uid == geteuid(), st.st_mode & 0o077 == 0 else {
@@ -114,7 +117,7 @@ struct GatewayCmd: ParsableCommand {
         limits.authSeconds = authTimeout
         limits.unauthenticated = maxUnauthenticated
         let tcp = GatewayTCPOptions(mungeSocket: mungeSocket, trustRoot: trustRoot)
-        let server = try GatewayServer(meta: meta, store: store, format: format, limits: limits, tcp: tcp)
+        let server = try GatewayServer(meta: meta, store: store, format: format, limits: limits, tcp: tcp, presigner: presigner)
         let addresses = try listen.map { (l) throws(FSError) in try TCPAddress.parse(l) }
         let path = socket ?? (addresses.isEmpty ? "/run/stagefs/\(format.name).sock" : nil)
         if let path { try Sys.mkdirs(Sys.dirname(of: path), 0o755) }

@@ -183,11 +183,14 @@ def test_no_secret_reaches_a_user_mount(env, site):
     """B's mount of an S3 volume through the gateway: its memory (read as root through
     /proc/PID/mem), arguments and environment hold neither the Redis password nor the S3 keys;
     the gateway's memory does (so the search works); no file B can read holds them."""
-    mnt = mount(env, site, OTHER, site["s3"])
+    mnt = mount(env, site, OTHER, site["s3"], "--cache-size", "0")
     payload = os.urandom(5 << 20)
     run_as(OTHER, lambda: open(os.path.join(mnt, "data"), "wb").write(payload))
+    # Read cold, from URLs the gateway signs (they name the access key id, which is no secret).
+    env.stagefs("umount", mnt, user=OTHER)
+    env.stagefs("mount", "-d", site["s3"].url, mnt, "--cache-size", "0", "--log", os.path.join(site["logs"], "cold.log"), user=OTHER)
     assert run_as(OTHER, lambda: open(os.path.join(mnt, "data"), "rb").read()) == payload
-    needles = {PASSWORD.encode(), S3_SECRET.encode(), S3_KEY.encode()}
+    needles = {PASSWORD.encode(), S3_SECRET.encode()}
     pid = helpers.mount_pid(mnt)
     assert pid, "the mount's process"
     assert memory_holds(pid, needles) == set()
@@ -195,7 +198,7 @@ def test_no_secret_reaches_a_user_mount(env, site):
     # Files: the gateway's settings are root's 0600; status shows no key or password.
     assert run_as(OTHER, errno_of, lambda: open(site["s3"].config).read()) == errno.EACCES
     out = env.stagefs("status", site["s3"].url, user=OTHER).stdout
-    assert "gws3" in out and PASSWORD not in out and S3_SECRET not in out and S3_KEY not in out, out
+    assert "gws3" in out and PASSWORD not in out and S3_SECRET not in out, out
     for d, _, files in os.walk(f"/home/{OTHER}"):
         for name in files:
             p = os.path.join(d, name)
@@ -609,3 +612,41 @@ def test_data_through_the_gateway_matches_a_local_copy(env, site, bucket):
     env.stagefs("umount", mnt)
     env.stagefs("mount", "-d", gw.url, mnt, "--cache-size", "0", "--log", os.path.join(site["logs"], f"integrity-{bucket}.log"))
     assert run_as(USER, compare) == []
+
+
+def test_s3_blocks_are_read_from_urls_signed_for_their_readers(env, site):
+    """Behind an S3 gateway a reader gets a short-lived pre-signed URL for exactly the block it
+    holds a tag for, and reads the bucket itself; another user's block gets no URL."""
+    import urllib.request
+    a = mount(env, site, USER, site["s3"])
+    secret = os.urandom(5000)
+    run_as(USER, lambda: (os.mkdir(os.path.join(a, "p3"), 0o700), open(os.path.join(a, "p3", "f"), "wb").write(secret)))
+    pub = os.urandom(7000)
+    run_as(USER, lambda: open(os.path.join(a, "pub3"), "wb").write(pub))
+    run_as(USER, os.chmod, os.path.join(a, "pub3"), 0o644)
+    a_ino = run_as(USER, lambda: os.stat(os.path.join(a, "p3", "f")).st_ino)
+
+    def probe():
+        c = gwproto.Raw(site["s3"].socket)
+        sid, sid_tag = c.new_session()
+        ino, tag, _ = c.lookup(1, 0, b"pub3")
+        _, slices = c.open(ino, tag, os.O_RDONLY, sid, sid_tag)
+        sid_, size, btag = slices[0]
+        key = f"gws3/chunks/{sid_ // 1000000}/{sid_ // 1000}/{sid_}_0_{size}"
+        url = c.presign_block(key, btag)
+        body = urllib.request.urlopen(url, timeout=20).read()
+        try:
+            c.presign_block(key.replace(f"/{sid_}_", f"/{sid_ - 1}_"), btag)
+            other = 0
+        except gwproto.GatewayError as e:
+            other = e.errno
+        try:
+            c.read_chunks(a_ino, 0)
+            hidden = 0
+        except gwproto.GatewayError as e:
+            hidden = e.errno
+        return url, body, other, hidden
+    url, body, other, hidden = run_as(OTHER, probe)
+    assert body == pub and "X-Amz-Signature=" in url and "X-Amz-Expires=300" in url and S3_SECRET not in url, url
+    assert other == errno.EACCES and hidden == errno.EACCES
+
