@@ -38,22 +38,7 @@ i=0; while [ ! -S "$WORK/gw.sock" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)
 
 mount_direct() { "$BIN" mount -d "redis://127.0.0.1:$PORT/1" "$WORK/direct" --cache-size 0 --log "$WORK/direct.log" >/dev/null; }
 mount_gw() { env -u META_PASSWORD "$BIN" mount -d "stagefs+unix://$WORK/gw.sock" "$WORK/gw" --cache-size 0 --log "$WORK/gw-mount.log" >/dev/null; }
-# Waits until the machine is idle (as bench/lib.sh does).
-settle() {
-    python3 - <<'PY'
-import time
-def snap():
-    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    return sum(v), v[3] + v[4]
-deadline = time.time() + 60
-while time.time() < deadline:
-    t0, i0 = snap()
-    time.sleep(1)
-    t1, i1 = snap()
-    if (i1 - i0) / max(1, t1 - t0) > 0.9:
-        break
-PY
-}
+. "$HERE/settle.sh"
 run() { settle; python3 "$HERE/bench.py" --mount "$1" --size-mib "$SIZE_MIB" --files "$FILES" --dirs "$DIRS" --phase "$2" ${3:+--tag "$3"}; }
 
 D="["; G="["

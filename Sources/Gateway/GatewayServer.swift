@@ -209,17 +209,8 @@ package final class GatewayServer: Sendable {
             }
             unlink(path)
         }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
-            throw FSError.usage("socket path \(path) is too long (at most 107 bytes)")
-        }
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in
-            for (i, b) in bytes.enumerated() { p[i] = b }
-        }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw FSError.errno(errno, "socket") }
+        var addr = try UnixSocket.address(path)
+        let fd = try UnixSocket.make()
         let rc = withUnsafePointer(to: &addr) { p in
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
@@ -599,7 +590,7 @@ package final class GatewayServer: Sendable {
             let sid = try session(&r, uid)
             try r.end()
             let (a, slices) = try meta.open(cred, ino, flags: flags, sid: sid)
-            let mask = accessMask(flags)
+            let mask = accessMask(openFlags: flags)
             w.attr(a)
             w.u64(mask.contains(.read) ? grants.tag(.read, ino, uid: uid) : 0)
             w.u64(mask.contains(.write) ? grants.tag(.write, ino, uid: uid) : 0)
@@ -808,17 +799,6 @@ package final class GatewayServer: Sendable {
     private func chunk(_ w: inout WireWriter, _ slices: [Slice], _ uid: UInt32) {
         w.slices(slices)
         for s in slices { w.u64(s.id == 0 ? 0 : grants.tag(.block, s.id, uid: uid)) }
-    }
-
-    private func accessMask(_ flags: Int32) -> AccessMask {
-        var mask: AccessMask
-        switch flags & O_ACCMODE {
-        case O_RDONLY: mask = .read
-        case O_WRONLY: mask = .write
-        default: mask = [.read, .write]
-        }
-        if flags & O_TRUNC != 0 { mask.insert(.write) }
-        return mask
     }
 
     // MARK: background

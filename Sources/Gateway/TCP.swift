@@ -88,7 +88,7 @@ package enum TCP {
                 lastErr = errno
                 continue
             }
-            if connect(fd, a.pointee.ai_addr, a.pointee.ai_addrlen, timeout: timeout, err: &lastErr) {
+            if Sys.connect(fd, a.pointee.ai_addr, a.pointee.ai_addrlen, seconds: timeout, err: &lastErr) {
                 tune(fd)
                 return fd
             }
@@ -159,42 +159,5 @@ package enum TCP {
             throw FSError(EHOSTUNREACH, "cannot resolve \(what): \(why.lowercased())")
         }
         return res
-    }
-
-    /// A non-blocking connect bounded by `timeout` seconds, then back to blocking mode.
-    private static func connect(
-        _ s: Int32, _ addr: UnsafeMutablePointer<sockaddr>?, _ len: socklen_t, timeout: Double, err: inout Int32
-    ) -> Bool {
-        let flags = fcntl(s, F_GETFL)
-        _ = fcntl(s, F_SETFL, flags | O_NONBLOCK)
-        defer { _ = fcntl(s, F_SETFL, flags) }
-        if Glibc.connect(s, addr, len) == 0 { return true }
-        if errno != EINPROGRESS {
-            err = errno
-            return false
-        }
-        var p = pollfd(fd: s, events: Int16(POLLOUT), revents: 0)
-        let deadline = Sys.monotonicNanos() + UInt64(max(0.1, timeout) * 1e9)
-        while true {
-            let now = Sys.monotonicNanos()
-            if now >= deadline {
-                err = ETIMEDOUT
-                return false
-            }
-            let r = poll(&p, 1, Int32(min((deadline - now) / 1_000_000 + 1, 60_000)))
-            if r > 0 { break }
-            if r < 0 && errno != EINTR {
-                err = errno
-                return false
-            }
-        }
-        var soErr: Int32 = 0
-        var l = socklen_t(MemoryLayout<Int32>.size)
-        getsockopt(s, SOL_SOCKET, SO_ERROR, &soErr, &l)
-        if soErr != 0 {
-            err = soErr
-            return false
-        }
-        return true
     }
 }

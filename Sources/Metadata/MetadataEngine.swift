@@ -232,7 +232,7 @@ func validateName(_ name: [UInt8]) throws(FSError) {
 func align4K(_ size: UInt64) -> Int64 { Int64((size + 4095) & ~4095) }
 
 /// Which access the open flags ask for.
-func accessMask(openFlags flags: Int32) -> AccessMask {
+package func accessMask(openFlags flags: Int32) -> AccessMask {
     var mask: AccessMask = []
     switch flags & O_ACCMODE {
     case O_RDONLY: mask = .read

@@ -240,7 +240,7 @@ package final class RedisConnection {
         while let a = ai {
             let s = socket(a.pointee.ai_family, a.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), a.pointee.ai_protocol)
             if s >= 0 {
-                if RedisConnection.connect(s, a.pointee.ai_addr, a.pointee.ai_addrlen, timeoutMillis: timeoutMillis, err: &lastErr) {
+                if Sys.connect(s, a.pointee.ai_addr, a.pointee.ai_addrlen, seconds: Double(timeoutMillis) / 1000, err: &lastErr) {
                     fd = s
                     break
                 }
@@ -291,43 +291,6 @@ package final class RedisConnection {
             SSL_free(ssl)
         }
         if fd >= 0 { Glibc.close(fd) }
-    }
-
-    /// A non-blocking connect bounded by `timeoutMillis`, then back to blocking mode.
-    private static func connect(
-        _ s: Int32, _ addr: UnsafeMutablePointer<sockaddr>?, _ len: socklen_t, timeoutMillis: Int, err: inout Int32
-    ) -> Bool {
-        let flags = fcntl(s, F_GETFL)
-        _ = fcntl(s, F_SETFL, flags | O_NONBLOCK)
-        defer { _ = fcntl(s, F_SETFL, flags) }
-        if Glibc.connect(s, addr, len) == 0 { return true }
-        if errno != EINPROGRESS {
-            err = errno
-            return false
-        }
-        var p = pollfd(fd: s, events: Int16(POLLOUT), revents: 0)
-        let deadline = Sys.monotonicNanos() + UInt64(timeoutMillis) * 1_000_000
-        while true {
-            let left = Int64(deadline) - Int64(Sys.monotonicNanos())
-            if left <= 0 {
-                err = ETIMEDOUT
-                return false
-            }
-            let r = poll(&p, 1, Int32(left / 1_000_000) + 1)
-            if r > 0 { break }
-            if r < 0 && errno != EINTR {
-                err = errno
-                return false
-            }
-        }
-        var soErr: Int32 = 0
-        var l = socklen_t(MemoryLayout<Int32>.size)
-        getsockopt(s, SOL_SOCKET, SO_ERROR, &soErr, &l)
-        if soErr != 0 {
-            err = soErr
-            return false
-        }
-        return true
     }
 
     private func lost(_ why: String) -> FSError {

@@ -102,6 +102,45 @@ public enum Sys {
         if Glibc.mkdir(path, mode) != 0 && errno != EEXIST { throw FSError.errno(errno, "create directory \(path)") }
     }
 
+    /// `connect(2)` bounded by `seconds`: non-blocking, waited for with `poll`, its outcome from
+    /// `SO_ERROR`; the socket is back in blocking mode afterwards. False with `err` set on failure
+    /// (`ETIMEDOUT` when the time ran out).
+    public static func connect(
+        _ s: Int32, _ addr: UnsafeMutablePointer<sockaddr>?, _ len: socklen_t, seconds: Double, err: inout Int32
+    ) -> Bool {
+        let flags = fcntl(s, F_GETFL)
+        _ = fcntl(s, F_SETFL, flags | O_NONBLOCK)
+        defer { _ = fcntl(s, F_SETFL, flags) }
+        if Glibc.connect(s, addr, len) == 0 { return true }
+        if errno != EINPROGRESS {
+            err = errno
+            return false
+        }
+        var p = pollfd(fd: s, events: Int16(POLLOUT), revents: 0)
+        let deadline = monotonicNanos() + UInt64(max(0.001, seconds) * 1e9)
+        while true {
+            let now = monotonicNanos()
+            if now >= deadline {
+                err = ETIMEDOUT
+                return false
+            }
+            let r = poll(&p, 1, Int32(min((deadline - now) / 1_000_000 + 1, 60_000)))
+            if r > 0 { break }
+            if r < 0 && errno != EINTR {
+                err = errno
+                return false
+            }
+        }
+        var soErr: Int32 = 0
+        var l = socklen_t(MemoryLayout<Int32>.size)
+        getsockopt(s, SOL_SOCKET, SO_ERROR, &soErr, &l)
+        if soErr != 0 {
+            err = soErr
+            return false
+        }
+        return true
+    }
+
     /// `accept4(fd, NULL, NULL, SOCK_CLOEXEC)`: -1 and errno on failure.
     public static func acceptCloexec(_ fd: Int32) -> Int32 { clinux_accept_cloexec(fd) }
 

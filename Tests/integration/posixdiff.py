@@ -528,6 +528,23 @@ class Generator:
         raise AssertionError(kind)
 
 
+def run_seeds(driver, seeds, length, max_failures=3):
+    """Runs the sequences of `seeds` (the driver is closed at the end); the mismatches found,
+    stopping at `max_failures`."""
+    failures = []
+    try:
+        for seed in seeds:
+            try:
+                driver.run(seed, length)
+            except Mismatch as e:
+                failures.append(str(e))
+                if len(failures) >= max_failures:
+                    break
+    finally:
+        driver.close()
+    return failures
+
+
 class Mismatch(AssertionError):
     pass
 

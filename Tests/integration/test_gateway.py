@@ -133,18 +133,8 @@ def test_differential_through_a_root_mount_of_the_gateway(env, site):
     oracle = env.dir_for("root", "oracle-gw")
     os.chmod(oracle, 0o777)
     d = posixdiff.Driver(oracle, top, [USER, OTHER], helpers.SHARED_GROUP, 4 << 20)
-    failures = []
     n = int(os.environ.get("STAGEFS_GW_DIFF_SEQUENCES", "60"))
-    try:
-        for seed in range(1, n + 1):
-            try:
-                d.run(seed, 40)
-            except posixdiff.Mismatch as e:
-                failures.append(str(e))
-                if len(failures) >= 3:
-                    break
-    finally:
-        d.close()
+    failures = posixdiff.run_seeds(d, range(1, n + 1), 40)
     assert not failures, "\n\n".join(failures)
     assert d.ops_run >= n * 40
 

@@ -23,17 +23,7 @@ def test_same_results_as_the_kernel_file_system(env, volume):
     oracle = env.dir_for("root", f"oracle-{volume.kind}")
     os.chmod(oracle, 0o777)
     d = posixdiff.Driver(oracle, volume.mnt, [USER, OTHER], SHARED_GROUP, volume.block_size)
-    failures = []
-    try:
-        for seed in range(1, SEQUENCES + 1):
-            try:
-                d.run(seed, 40)
-            except posixdiff.Mismatch as e:
-                failures.append(str(e))
-                if len(failures) >= 3:
-                    break
-    finally:
-        d.close()
+    failures = posixdiff.run_seeds(d, range(1, SEQUENCES + 1), 40)
     print(f"{volume.kind}: {SEQUENCES} sequences, {d.ops_run} operations")
     assert not failures, "\n\n".join(failures)
     assert d.ops_run >= SEQUENCES * 40
