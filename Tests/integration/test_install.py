@@ -181,7 +181,7 @@ def test_module_load_and_unload(prefix, tool):
     assert p.returncode == 0, out
     assert "VERSION=0.1.0" in out
     assert f"WHICH={prefix}/bin/stagefs" in out
-    assert "VOLUME=redis://" in out and "CACHE=/local/stagefs/cache" in out and "MOUNTROOT=/local/stagefs/mnt" in out
+    assert "VOLUME=stagefs+unix:///run/stagefs/data.sock" in out and "CACHE=/local/stagefs/cache" in out and "MOUNTROOT=/local/stagefs/mnt" in out
     assert "A=/site/data,/local/stagefs/cache,/local/stagefs/mnt" in out, "appended to what was there, comma-separated"
     assert "S=/local/stagefs/cache,/local/stagefs/mnt" in out
     for marker in ("PATH_RESTORED", "A_RESTORED", "S_RESTORED", "VOLUME_UNSET"):
