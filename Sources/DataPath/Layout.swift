@@ -88,6 +88,8 @@ public final class Buffer: @unchecked Sendable {
     public private(set) var base: UnsafeMutableRawPointer
     public private(set) var capacity: Int
     public var count: Int
+    /// Bytes of a budget this buffer holds, for whoever releases them with it.
+    public var budgeted = 0
     private static let mapThreshold = 64 << 10
 
     public init(capacity: Int) {

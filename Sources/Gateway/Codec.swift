@@ -35,6 +35,7 @@ extension WireWriter {
         string(s.version)
         i64(s.started)
         i64(s.heartbeat)
+        u32(s.uid ?? UInt32.max)
     }
 
     package mutating func setattr(_ r: SetAttrRequest) {
@@ -92,7 +93,10 @@ extension WireReader {
         let pid = try i32()
         let mp = try string(max: 4096)
         let version = try string(max: 64)
-        return SessionInfo(sid: sid, hostname: host, pid: pid, mountPoint: mp, version: version, started: try i64(), heartbeat: try i64())
+        var s = SessionInfo(sid: sid, hostname: host, pid: pid, mountPoint: mp, version: version, started: try i64(), heartbeat: try i64())
+        let uid = try u32()
+        s.uid = uid == UInt32.max ? nil : uid
+        return s
     }
 
     package mutating func setattr() throws(FSError) -> SetAttrRequest {

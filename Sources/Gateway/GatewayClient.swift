@@ -97,7 +97,9 @@ package final class GatewayClient: Sendable {
                     try FrameIO.send(fd, body)
                 }
                 sent = true
-                guard let reply = try FrameIO.receive(fd, passed: passed) else { throw FSError(EIO, "the gateway closed the connection without answering") }
+                guard let reply = try FrameIO.receive(fd, passed: passed) else {
+                    throw FSError(EIO, "the gateway closed the connection without answering")
+                }
                 var r = WireReader(reply)
                 let rid = try r.u64()
                 let status = try r.i32()

@@ -298,8 +298,11 @@ package final class GatewayMetadata: MetadataEngine {
                     $0.u64(tags.reads.withLock { $0[ino] } ?? 0)
                 }
             }
-            for _ in part { out.append(try tags.chunk(&r)) }
-            start += part.count
+            // The gateway answers as many as fit in one reply (at least one).
+            let answered = Int(try r.u32())
+            guard answered >= 1 && answered <= part.count else { throw Wire.malformed("\(answered) chunks answered of \(part.count)") }
+            for _ in 0..<answered { out.append(try tags.chunk(&r)) }
+            start += answered
         }
         return out
     }
@@ -387,6 +390,8 @@ package final class GatewayMetadata: MetadataEngine {
             $0.u32(type.rawValue)
             $0.u64(start)
             $0.u64(end)
+            $0.u64(tags.reads.withLock { $0[ino] } ?? 0)
+            $0.u64(tags.writes.withLock { $0[ino] } ?? 0)
         }
     }
 }

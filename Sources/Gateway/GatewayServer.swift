@@ -61,6 +61,9 @@ package final class GatewayServer: Sendable {
     let presigner: S3Presigner?
     /// Seconds a pre-signed URL stays valid.
     static let presignSeconds = 300
+    /// Sessions one uid may hold on one host, and in all.
+    static let maxSessionsPerUserHost = 256
+    static let maxSessionsPerUser = 16384
 
     package init(
         meta: any MetadataEngine, store: any ObjectStore, format: VolumeFormat, limits: GatewayLimits = GatewayLimits(),
@@ -342,7 +345,7 @@ package final class GatewayServer: Sendable {
                         passing = try openBlock(cred, holder: peer.uid, &r, &out)
                     } else {
                         tail = try withUnsafeMutablePointer(to: &passing) { (p) throws(FSError) in
-                            try handle(op, cred, holder: peer.uid, &r, &out, passing: descriptors ? p : nil)
+                            try handle(op, cred, holder: peer.uid, &r, &out, passing: descriptors ? p : nil, budgets: budgets)
                         }
                     }
                 }
@@ -354,14 +357,17 @@ package final class GatewayServer: Sendable {
                 if error.code == EPROTO || error.code == ESHUTDOWN { return }
                 continue
             }
+            // A reply is sent within the frame time in all, however slowly the client reads.
+            let deadline = Sys.monotonicNanos() + UInt64(limits.frameSeconds) * 1_000_000_000
             do {
                 if passing >= 0 {
                     defer { close(passing) }
                     try FrameIO.send(fd, out.bytes, passing: passing)
                 } else if let tail {
-                    try FrameIO.send(fd, out.bytes, tail: tail.bytes)
+                    defer { for b in budgets { b.release(tail.budgeted) } }
+                    try FrameIO.send(fd, out.bytes, tail: tail.bytes, deadline: deadline)
                 } else {
-                    try FrameIO.send(fd, out.bytes)
+                    try FrameIO.send(fd, out.bytes, deadline: deadline)
                 }
             } catch {
                 Log.warning("gateway: answering \(who): \(error.message); closing the connection")
@@ -380,7 +386,7 @@ package final class GatewayServer: Sendable {
             if r > 0 || (r < 0 && errno != EINTR) { break }
             if stopping { return nil }
         }
-        return try FrameIO.receive(fd, budgets: budgets)
+        return try FrameIO.receive(fd, budgets: budgets, deadline: Sys.monotonicNanos() + UInt64(limits.frameSeconds) * 1_000_000_000)
     }
 
     /// The reply to hello: the protocol, the volume's name and `nonce` (a TCP connection's, for
@@ -414,7 +420,7 @@ package final class GatewayServer: Sendable {
     /// `passing`: where to put a descriptor for the reply to carry (nil: none may be passed).
     private func handle(
         _ op: Op, _ cred: Credential, holder uid: UInt32, _ r: inout WireReader, _ w: inout WireWriter,
-        passing: UnsafeMutablePointer<Int32>? = nil
+        passing: UnsafeMutablePointer<Int32>? = nil, budgets: [ByteBudget] = []
     ) throws(FSError) -> Buffer? {
         switch op {
         case .hello, .auth:
@@ -433,8 +439,21 @@ package final class GatewayServer: Sendable {
         case .newSession:
             var info = try r.session()
             try r.end()
-            // The kernel's pid on the Unix socket; over TCP there is none, the client's stays.
-            if cred.pid != 0 { info.pid = Int32(bitPattern: cred.pid) }
+            // The kernel's pid on the Unix socket (where the host is this one); over TCP there is
+            // none, the client's stays.
+            if cred.pid != 0 {
+                info.pid = Int32(bitPattern: cred.pid)
+                info.hostname = Sys.hostname()
+            }
+            info.uid = cred.uid
+            // Bounded per user and host, so that no user fills the metadata with sessions.
+            let mine = try meta.listSessions().filter { $0.uid == cred.uid }
+            if mine.count >= Self.maxSessionsPerUser || mine.filter({ $0.hostname == info.hostname }).count >= Self.maxSessionsPerUserHost {
+                throw FSError(
+                    EAGAIN,
+                    "uid \(cred.uid) has \(mine.count) sessions (at most \(Self.maxSessionsPerUserHost) on one host, \(Self.maxSessionsPerUser) in all): unmount some"
+                )
+            }
             let sid = try meta.newSession(info)
             w.u64(sid)
             w.u64(grants.tag(.session, sid, uid: uid))
@@ -449,9 +468,16 @@ package final class GatewayServer: Sendable {
             wakeDeleter()
         case .listSessions:
             try r.end()
-            let all = try meta.listSessions()
-            w.u32(UInt32(all.count))
-            for s in all { w.session(s) }
+            // A user sees their own sessions (hosts, mountpoints, pids are theirs to know); root all.
+            let all = try meta.listSessions().filter { cred.isRoot || $0.uid == cred.uid }
+            let countAt = w.bytes.count
+            w.u32(0)
+            var n: UInt32 = 0
+            for s in all where w.bytes.count < Wire.maxReply {
+                w.session(s)
+                n += 1
+            }
+            w.set(u32: n, at: countAt)
         case .lookup:
             let parent = try ino(&r, uid)
             let name = try r.name()
@@ -467,8 +493,20 @@ package final class GatewayServer: Sendable {
             var req = try r.setattr()
             let writeTag = try r.u64()
             try r.end()
+            let opened = grants.check(writeTag, .write, ino, uid: uid)
             // Truncation through an open file skips the permission check: only for the opener.
-            if req.viaHandle && !grants.check(writeTag, .write, ino, uid: uid) { req.viaHandle = false }
+            if req.viaHandle && !opened { req.viaHandle = false }
+            if !cred.isRoot {
+                // A time of change is the gateway's to set, never a user's.
+                req.mask.remove(.ctime)
+                // Dropping privilege bits of a file one does not own is what a write does: only
+                // for a writer (an opener for writing, or one who may write it now).
+                let drops = req.mask.contains(.mode) || req.mask.contains(.killPriv) || req.mask.isEmpty
+                if drops && !opened {
+                    let a = try meta.getattr(ino)
+                    if a.uid != cred.uid && !Posix.mayAccess(a, cred, .write) { throw FSError.perm }
+                }
+            }
             w.attr(try meta.setattr(cred, ino, req))
             if req.mask.contains(.size) { wakeDeleter() }
         case .access:
@@ -484,6 +522,8 @@ package final class GatewayServer: Sendable {
             let rdev = try r.u32()
             let target: [UInt8]? = try r.bool() ? try r.data(max: 4096) : nil
             try r.end()
+            // Device nodes need CAP_MKNOD, which the kernel checks before a mount hears of it.
+            if (type == .blockDevice || type == .charDevice) && !cred.isRoot { throw FSError.perm }
             let (ino, a) = try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: target)
             entry(&w, ino, a, uid)
         case .create:
@@ -524,6 +564,15 @@ package final class GatewayServer: Sendable {
             let parent = try self.ino(&r, uid)
             let name = try r.name()
             try r.end()
+            // What Linux's fs.protected_hardlinks checks before a link reaches a file system:
+            // only the owner, or one who may read and write the file, links it.
+            if !cred.isRoot {
+                let a = try meta.getattr(ino)
+                let special = a.type == .regular && (a.mode & 0o4000 != 0 || (a.mode & 0o2010 == 0o2010))
+                if a.uid != cred.uid && (a.type != .regular || special || !Posix.mayAccess(a, cred, [.read, .write])) {
+                    throw FSError.perm
+                }
+            }
             w.attr(try meta.link(cred, ino, parent, name))
         case .readlink:
             let ino = try ino(&r, uid)
@@ -538,13 +587,17 @@ package final class GatewayServer: Sendable {
             guard limit > 0 && limit <= Wire.maxBatch else { throw Wire.malformed("readdir of \(limit) entries (at most \(Wire.maxBatch))") }
             // What opendir checks on a kernel's file system, at each step here: the gateway keeps
             // no open directories.
-            try Posix.check(try meta.getattr(ino), cred, .read)
-            let entries = try meta.readdir(ino, after: cookie, limit: limit, plus: plus)
+            let dir = try meta.getattr(ino)
+            try Posix.check(dir, cred, .read)
+            // Without search permission a directory lists names and types only, as on ext4: no
+            // attributes, and no tags (the entries cannot be looked up).
+            let search = Posix.mayAccess(dir, cred, .execute)
+            let entries = try meta.readdir(ino, after: cookie, limit: limit, plus: plus && search)
             w.u32(UInt32(entries.count))
             for e in entries {
                 w.data(e.name)
                 w.u64(e.ino)
-                w.u64(grants.tag(.inode, e.ino, uid: uid))
+                w.u64(search ? grants.tag(.inode, e.ino, uid: uid) : 0)
                 w.u8(e.type.rawValue)
                 w.u64(e.cookie)
                 w.bool(e.attr != nil)
@@ -633,6 +686,10 @@ package final class GatewayServer: Sendable {
                 if !grants.check(readTag, .read, ino, uid: uid) { unproven.append(ino) }
             }
             try r.end()
+            var seen = Set<UInt64>()
+            for (ino, index) in asks where !seen.insert(ino &* 0x1_0000_0001 ^ UInt64(index)).inserted {
+                throw FSError(EINVAL, "chunk \(index) of inode \(ino) asked twice in one request")
+            }
             if !unproven.isEmpty {
                 let attrs = try meta.getattrs(unproven)
                 for a in attrs {
@@ -641,7 +698,29 @@ package final class GatewayServer: Sendable {
                     try Posix.check(a, cred, .read)
                 }
             }
-            for s in try meta.readChunks(asks) { chunk(&w, s, uid) }
+            // The answer stays within a frame: chunks are read 16 at a time and answered while
+            // they fit; `u32 answered` says how many (the client asks for the rest again).
+            let countAt = w.bytes.count
+            w.u32(0)
+            var answered = 0
+            var start = 0
+            fill: while start < asks.count {
+                let part = Array(asks[start..<min(asks.count, start + 16)])
+                for s in try meta.readChunks(part) {
+                    let size = 4 + s.count * (Slice.encodedSize + 8)
+                    if w.bytes.count + size > Wire.maxReply {
+                        if answered == 0 {
+                            throw FSError(
+                                EFBIG, "chunk \(asks[0].1) of inode \(asks[0].0) holds \(s.count) slice records, more than one answer may carry")
+                        }
+                        break fill
+                    }
+                    chunk(&w, s, uid)
+                    answered += 1
+                }
+                start += part.count
+            }
+            w.set(u32: UInt32(answered), at: countAt)
         case .writeSlice:
             let ino = try ino(&r, uid)
             let index = try r.u32()
@@ -685,7 +764,21 @@ package final class GatewayServer: Sendable {
             let type = try r.lockType()
             let start = try r.u64()
             let end = try r.u64()
+            let readTag = try r.u64()
+            let writeTag = try r.u64()
             try r.end()
+            // A lock is taken through an open file: a read lock needs it open for reading, a
+            // write lock for writing, flock either; releasing needs nothing.
+            let canRead = grants.check(readTag, .read, ino, uid: uid)
+            let canWrite = grants.check(writeTag, .write, ino, uid: uid)
+            let needed: Bool
+            switch (op, type) {
+            case (_, .unlock): needed = true
+            case (.flock, _), (.getlk, _): needed = canRead || canWrite
+            case (_, .read): needed = canRead
+            default: needed = canWrite
+            }
+            if !needed { throw FSError(EBADF, "inode \(ino) is not open for a lock of that kind by uid \(uid)") }
             switch op {
             case .getlk: w.lockRange(try meta.getlk(ino, sid: sid, owner: owner, type: type, start: start, end: end))
             case .setlk: try meta.setlk(ino, sid: sid, owner: owner, pid: pid, type: type, start: start, end: end)
@@ -700,11 +793,17 @@ package final class GatewayServer: Sendable {
             let b = try block(key)
             guard grants.check(tag, .block, b.id, uid: uid) else { throw FSError(EACCES, "uid \(uid) may not read the blocks of slice \(b.id)") }
             guard offset <= b.length, length <= b.length - offset else { throw FSError(EINVAL, "a read past the end of block \(key)") }
-            // (The reply's bytes count against the gateway's budget while they are read.)
-            frames.acquire(length)
+            // The reply's bytes count against the caller's and the gateway's budgets until they
+            // are sent (the caller of `handle` releases them).
+            for b in budgets { b.acquire(length) }
             let buf = Buffer(capacity: length)
-            defer { frames.release(length) }
-            buf.count = try store.get(key, offset: offset, into: UnsafeMutableRawBufferPointer(start: buf.base, count: length))
+            buf.budgeted = length
+            do {
+                buf.count = try store.get(key, offset: offset, into: UnsafeMutableRawBufferPointer(start: buf.base, count: length))
+            } catch {
+                for b in budgets { b.release(length) }
+                throw error
+            }
             return buf
         case .presignBlock:
             // A URL from which the caller reads one block, for a few minutes: only for a holder

@@ -18,6 +18,9 @@ package enum Wire {
     package static let magic = Array("stagefs-gateway".utf8)
     /// The largest frame: a block of the largest block size (16 MiB) and its fields.
     package static let maxFrame = (16 << 20) + 4096
+    /// The largest reply a gateway builds from records (chunks, entries, sessions): the rest is
+    /// asked for again.
+    package static let maxReply = 8 << 20
     /// The most supplementary groups a credential carries (Linux's NGROUPS_MAX is 65536; NSS
     /// setups rarely give more than a few hundred).
     package static let maxGroups = 4096
@@ -78,6 +81,7 @@ package struct WireWriter {
     package var bytes: [UInt8] { w.bytes }
 
     package mutating func u8(_ v: UInt8) { w.u8(v) }
+    package mutating func set(u32 v: UInt32, at offset: Int) { w.set(u32: v, at: offset) }
     package mutating func u16(_ v: UInt16) { w.u16(v) }
     package mutating func u32(_ v: UInt32) { w.u32(v) }
     package mutating func i32(_ v: Int32) { w.u32(UInt32(bitPattern: v)) }
@@ -214,20 +218,25 @@ enum UnixSocket {
 /// Blocking frame I/O on a socket.
 package enum FrameIO {
     /// Writes one frame (the length prefix and `body`), all of it.
-    package static func send(_ fd: Int32, _ body: [UInt8]) throws(FSError) {
+    /// With a `deadline` (`Sys.monotonicNanos()`), all of it must be sent by then (`ETIMEDOUT`).
+    package static func send(_ fd: Int32, _ body: [UInt8], deadline: UInt64? = nil) throws(FSError) {
+        guard body.count <= Wire.maxFrame else { throw FSError(E2BIG, "a frame of \(body.count) bytes (the limit is \(Wire.maxFrame))") }
         var head = ByteWriter(capacity: 4)
         head.u32(UInt32(body.count))
         let h = head.bytes
-        try fsTyped { try h.withUnsafeBytes { hp in try body.withUnsafeBytes { bp in try writeAll(fd, [hp, bp]) } } }
+        try fsTyped { try h.withUnsafeBytes { hp in try body.withUnsafeBytes { bp in try writeAll(fd, [hp, bp], deadline: deadline) } } }
     }
 
     /// Writes one frame whose body is `head` followed by `tail` (a block's bytes), without
     /// joining them.
-    package static func send(_ fd: Int32, _ head: [UInt8], tail: UnsafeRawBufferPointer) throws(FSError) {
+    package static func send(_ fd: Int32, _ head: [UInt8], tail: UnsafeRawBufferPointer, deadline: UInt64? = nil) throws(FSError) {
+        guard head.count + tail.count <= Wire.maxFrame else {
+            throw FSError(E2BIG, "a frame of \(head.count + tail.count) bytes (the limit is \(Wire.maxFrame))")
+        }
         var len = ByteWriter(capacity: 4)
         len.u32(UInt32(head.count + tail.count))
         let l = len.bytes
-        try fsTyped { try l.withUnsafeBytes { lp in try head.withUnsafeBytes { hp in try writeAll(fd, [lp, hp, tail]) } } }
+        try fsTyped { try l.withUnsafeBytes { lp in try head.withUnsafeBytes { hp in try writeAll(fd, [lp, hp, tail], deadline: deadline) } } }
     }
 
     /// Writes one frame with descriptor `passing` attached to its first bytes (`SCM_RIGHTS`).
@@ -245,10 +254,11 @@ package enum FrameIO {
         try fsTyped { try frame.withUnsafeBytes { p in try writeAll(fd, [UnsafeRawBufferPointer(rebasing: p[first...])]) } }
     }
 
-    private static func writeAll(_ fd: Int32, _ parts: [UnsafeRawBufferPointer]) throws(FSError) {
+    private static func writeAll(_ fd: Int32, _ parts: [UnsafeRawBufferPointer], deadline: UInt64? = nil) throws(FSError) {
         for p in parts where p.count > 0 {
             var off = 0
             while off < p.count {
+                if let deadline { try waitWritable(fd, until: deadline) }
                 let n = Glibc.send(fd, p.baseAddress! + off, p.count - off, Int32(MSG_NOSIGNAL))
                 if n < 0 {
                     if errno == EINTR { continue }
@@ -324,10 +334,19 @@ package enum FrameIO {
     /// Waits until `fd` has bytes to read (or an end of stream), throwing `ETIMEDOUT` once the
     /// monotonic clock passes `deadline`.
     private static func waitReadable(_ fd: Int32, until deadline: UInt64) throws(FSError) {
-        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        try wait(fd, Int16(POLLIN), until: deadline, "the peer did not send in time")
+    }
+
+    /// Waits until `fd` takes more bytes, throwing `ETIMEDOUT` once `deadline` passes.
+    private static func waitWritable(_ fd: Int32, until deadline: UInt64) throws(FSError) {
+        try wait(fd, Int16(POLLOUT), until: deadline, "the peer did not take the reply in time")
+    }
+
+    private static func wait(_ fd: Int32, _ events: Int16, until deadline: UInt64, _ why: String) throws(FSError) {
+        var p = pollfd(fd: fd, events: events, revents: 0)
         while true {
             let now = Sys.monotonicNanos()
-            if now >= deadline { throw FSError(ETIMEDOUT, "the peer did not send in time") }
+            if now >= deadline { throw FSError(ETIMEDOUT, why) }
             let ms = Int32(min((deadline - now) / 1_000_000 + 1, 60_000))
             let n = poll(&p, 1, ms)
             if n > 0 { return }

@@ -43,6 +43,10 @@ struct LockRecord: Equatable {
     func sameOwner(_ sid: UInt64, _ owner: UInt64) -> Bool { self.sid == sid && self.owner == owner }
 }
 
+/// Lock records one file's table may hold (of each kind): every lock operation reads and writes
+/// the whole table, so it must stay small; past it a new lock fails with `ENOLCK`.
+package let maxLocksPerInode = 4096
+
 /// Lock kinds in the engine's lock tables.
 enum LockKind {
     static let posix = UInt8(ascii: "p")
@@ -86,6 +90,7 @@ extension MetadataEngine {
                 if r.end > end { out.append(LockRecord(sid: r.sid, owner: r.owner, pid: r.pid, type: r.type, start: end + 1, end: r.end)) }
             }
             if type != .unlock {
+                if out.count >= maxLocksPerInode { throw FSError(ENOLCK, "inode \(ino) holds \(out.count) locks, the most one file may have") }
                 out.append(LockRecord(sid: sid, owner: owner, pid: pid, type: type, start: start, end: end))
                 changed = true
             }
@@ -106,6 +111,7 @@ extension MetadataEngine {
             recs.removeAll { $0.sameOwner(sid, owner) }
             if type == .unlock && recs.count == before { return nil }
             if type != .unlock {
+                if recs.count >= maxLocksPerInode { throw FSError(ENOLCK, "inode \(ino) holds \(recs.count) locks, the most one file may have") }
                 recs.append(LockRecord(sid: sid, owner: owner, pid: pid, type: type, start: 0, end: UInt64.max))
             }
             return LockRecord.encodeAll(recs)

@@ -14,6 +14,8 @@ public struct SessionInfo: Sendable, Codable, Equatable {
     /// Seconds since the epoch of the session start and of its last heartbeat.
     public var started: Int64
     public var heartbeat: Int64
+    /// Whose session it is, as a gateway authenticated it (nil: a direct client, unchecked).
+    public var uid: UInt32?
 
     public init(sid: UInt64 = 0, hostname: String, pid: Int32, mountPoint: String, version: String, started: Int64 = 0, heartbeat: Int64 = 0) {
         self.sid = sid

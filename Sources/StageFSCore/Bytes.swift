@@ -14,6 +14,11 @@ public struct ByteWriter {
     public mutating func i64(_ v: Int64) { append(UInt64(bitPattern: v), 8) }
     public mutating func raw<C: Collection<UInt8>>(_ v: C) { bytes.append(contentsOf: v) }
 
+    /// Overwrites 4 bytes written before at `offset` (a count known only later).
+    public mutating func set(u32 v: UInt32, at offset: Int) {
+        for i in 0..<4 { bytes[offset + i] = UInt8(truncatingIfNeeded: v >> UInt32(24 - 8 * i)) }
+    }
+
     private mutating func append(_ v: UInt64, _ n: Int) {
         var shift = (n - 1) * 8
         while shift >= 0 {

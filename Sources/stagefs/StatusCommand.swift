@@ -33,9 +33,23 @@ struct Status: ParsableCommand {
         for s in sessions {
             let age = now - s.heartbeat
             let state = age > 60 ? "stale, last heartbeat \(age) s ago" : "alive"
+            // What a client said of itself, shown without its control characters.
             print(
-                "  \(s.sid): \(s.hostname) pid \(s.pid) \(s.mountPoint.isEmpty ? "(no mount)" : s.mountPoint) version \(s.version), since \(timeText(s.started)), \(state)"
+                "  \(s.sid): \(printable(s.hostname)) pid \(s.pid) \(s.mountPoint.isEmpty ? "(no mount)" : printable(s.mountPoint)) version \(printable(s.version)), since \(timeText(s.started)), \(state)"
             )
         }
     }
+}
+
+/// `text` with control characters shown as `\u{..}` escapes (nothing a terminal acts on).
+func printable(_ text: String) -> String {
+    var out = ""
+    for u in text.unicodeScalars {
+        if u.value < 0x20 || (u.value >= 0x7f && u.value < 0xa0) {
+            out += "\\u{\(String(u.value, radix: 16))}"
+        } else {
+            out.unicodeScalars.append(u)
+        }
+    }
+    return out
 }

@@ -30,8 +30,11 @@ def attr(b, off=0):
 
 class GatewayError(Exception):
     def __init__(self, status, message):
-        super().__init__(f"errno {status}: {message}")
+        super().__init__(status, message)  # both, so that it pickles (run_as sends it back)
         self.errno, self.message = status, message
+
+    def __str__(self):
+        return f"errno {self.errno}: {self.message}"
 
 
 class Raw:
@@ -94,7 +97,7 @@ class Raw:
 
     # The operations the tests use.
     def new_session(self):
-        fields = struct.pack(">Q", 0) + data(b"raw") + struct.pack(">i", 1) + data(b"") + data(b"raw") + struct.pack(">qq", 0, 0)
+        fields = struct.pack(">Q", 0) + data(b"raw") + struct.pack(">i", 1) + data(b"") + data(b"raw") + struct.pack(">qqI", 0, 0, 0xFFFFFFFF)
         rest = self.call("newSession", fields)
         return struct.unpack(">QQ", rest[:16])
 

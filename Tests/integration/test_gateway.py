@@ -640,3 +640,105 @@ def test_s3_blocks_are_read_from_urls_signed_for_their_readers(env, site):
     assert body == pub and "X-Amz-Signature=" in url and "X-Amz-Expires=300" in url and S3_SECRET not in url, url
     assert other == errno.EACCES and hidden == errno.EACCES
 
+
+
+def test_requests_no_kernel_would_send_are_refused(env, site):
+    """What a raw client can say that a kernel never would (the review of the gateway found each):
+    a set-user-ID bit dropped or a ctime set on another's file, a device node, a lock on a file
+    not open, tags from a directory one may not search, a hard link to another's file, chunks
+    asked twice, a flood of sessions, and other users' sessions listed."""
+    a = mount(env, site, USER, site["file"])
+    name = f"r{os.urandom(3).hex()}"
+
+    def make():
+        top = os.path.join(a, name)
+        os.mkdir(top, 0o755)
+        with open(os.path.join(top, "tool"), "w") as f:
+            f.write("x")
+        os.chmod(os.path.join(top, "tool"), 0o6755)
+        with open(os.path.join(top, "secret"), "w") as f:
+            f.write("s")
+        os.chmod(os.path.join(top, "secret"), 0o600)
+        os.mkdir(os.path.join(top, "listonly"), 0o704)
+        os.chmod(os.path.join(top, "listonly"), 0o704)
+        with open(os.path.join(top, "listonly", "report"), "w") as f:
+            f.write("r")
+        return os.stat(os.path.join(top, "tool")).st_ctime_ns
+    ctime0 = run_as(USER, make)
+    uid_a = helpers.pwd.getpwnam(USER).pw_uid
+
+    def attack():
+        c = gwproto.Raw(site["file"].socket)
+        out = {}
+
+        def code(fn, *args):
+            try:
+                fn(*args)
+                return 0
+            except gwproto.GatewayError as e:
+                return e.errno
+        top, ttag, _ = c.lookup(1, 0, name.encode())
+        tool, tooltag, _ = c.lookup(top, ttag, b"tool")
+        secret, stag, _ = c.lookup(top, ttag, b"secret")
+        setattr_fields = lambda mask, ctime: (gwproto.ref(tool, tooltag) + struct.pack(">IHIIQ", mask, 0, 0, 0, 0)
+                                              + struct.pack(">qIqIqI", 0, 0, 0, 0, ctime, 0) + b"\0" + struct.pack(">Q", 0))
+        out["ctime"] = code(c.call, "setattr", setattr_fields(1 << 10, 123456789))
+        out["killpriv"] = code(c.call, "setattr", setattr_fields(1 << 20, 0))
+        out["empty"] = code(c.call, "setattr", setattr_fields(0, 0))
+        dev = gwproto.ref(top, ttag) + gwproto.data(b"disk") + struct.pack(">BHI", 5, 0o666, 0x800) + b"\0"
+        out["mknod-dev"] = code(c.call, "mknod", dev)
+        sid, sid_tag = c.new_session()
+        lock = gwproto.ref(secret, stag) + struct.pack(">QQQIIQQQQ", sid, sid_tag, 7, 1, 1, 0, 10, 0, 0)
+        out["setlk"] = code(c.call, "setlk", lock)
+        lo, lotag, _ = c.lookup(top, ttag, b"listonly")
+        rest = c.call("readdir", gwproto.ref(lo, lotag) + struct.pack(">QIB", 0, 100, 1))
+        (n,) = struct.unpack_from(">I", rest)
+        off, tags = 4, []
+        for _ in range(n):
+            (ln,) = struct.unpack_from(">I", rest, off)
+            off += 4 + ln
+            ino, tag = struct.unpack_from(">QQ", rest, off)
+            off += 16 + 1 + 8
+            has = rest[off]
+            off += 1 + (71 if has else 0)
+            tags.append((ino, tag, has))
+        out["readdir"] = tags
+        out["link"] = code(c.call, "link", gwproto.ref(secret, stag) + gwproto.ref(top, ttag) + gwproto.data(b"stolen"))
+        out["twice"] = code(c.call, "readChunks", struct.pack(">I", 2) + (gwproto.ref(secret, stag) + struct.pack(">IQ", 0, 0)) * 2)
+        made, refused = 0, 0
+        for _ in range(300):
+            try:
+                c.new_session()
+                made += 1
+            except gwproto.GatewayError as e:
+                refused = e.errno
+                break
+        out["sessions"] = (made, refused)
+        rest = c.call("listSessions")
+        (n,) = struct.unpack_from(">I", rest)
+        off, uids = 4, []
+        for _ in range(n):
+            off += 8
+            for _ in range(3):
+                (ln,) = struct.unpack_from(">I", rest, off)
+                off += 4 + ln + (4 if _ == 0 else 0)  # host, then pid; mountpoint; version
+            off += 16
+            uids.append(struct.unpack_from(">I", rest, off)[0])
+            off += 4
+        out["listed"] = uids
+        c.close()
+        return out
+    out = run_as(OTHER, attack)
+    assert out["ctime"] == errno.EPERM and out["killpriv"] == errno.EPERM and out["empty"] == errno.EPERM, out
+    st = run_as(USER, os.stat, os.path.join(a, name, "tool"))
+    assert st.st_mode & 0o7777 == 0o6755 and st.st_ctime_ns == ctime0, (oct(st.st_mode), st.st_ctime_ns, ctime0)
+    assert out["mknod-dev"] == errno.EPERM and out["setlk"] == errno.EBADF, out
+    assert out["readdir"] and all(tag == 0 and not has for _, tag, has in out["readdir"]), out["readdir"]
+    assert out["link"] == errno.EPERM and out["twice"] == errno.EINVAL, out
+    made, refused = out["sessions"]
+    assert refused == errno.EAGAIN and made < 300, out["sessions"]
+    listed = out["listed"]
+    assert made + 1 <= len(listed) <= 256 and set(listed) == {helpers.pwd.getpwnam(OTHER).pw_uid}, (made, listed[:5])
+    # Root sees every session; A's mount is among them.
+    p = env.stagefs("status", site["file"].url, user="root")
+    assert p.stdout.count("\n  ") >= len(listed) + 1, p.stdout[-500:]
