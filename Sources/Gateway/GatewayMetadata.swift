@@ -55,7 +55,9 @@ package final class GatewayMetadata: MetadataEngine {
     package func newSession(_ info: SessionInfo) throws(FSError) -> UInt64 {
         var r = try client.call(.newSession) { $0.session(info) }
         let sid = try r.u64()
-        tags.sessions.withLock { $0[sid] = try? r.u64() }
+        let tag = try r.u64()
+        tags.sessions.withLock { $0[sid] = tag }
+        tags.current.withLock { $0 = sid }
         return sid
     }
 
@@ -100,6 +102,7 @@ package final class GatewayMetadata: MetadataEngine {
             tags.ref(&$0, ino)
             $0.setattr(req)
             $0.u64(tags.writes.withLock { $0[ino] } ?? 0)
+            tags.currentSession(&$0)
         }
         return try r.attr()
     }
@@ -291,6 +294,7 @@ package final class GatewayMetadata: MetadataEngine {
         while start < chunks.count {
             let part = chunks[start..<min(chunks.count, start + 512)]
             var r = try client.call(.readChunks) { [tags] in
+                tags.currentSession(&$0)
                 $0.u32(UInt32(part.count))
                 for (ino, index) in part {
                     tags.ref(&$0, ino)
@@ -338,6 +342,7 @@ package final class GatewayMetadata: MetadataEngine {
             $0.u64(range.first)
             $0.u64(range.count)
             $0.u64(range.tag)
+            tags.currentSession(&$0)
             $0.u32(UInt32(pending.count))
             for p in pending {
                 $0.string(p.key)
@@ -409,6 +414,13 @@ final class GatewayTags: Sendable {
     let reads = Mutex<[Ino: UInt64]>([:])
     let writes = Mutex<[Ino: UInt64]>([:])
     let sessions = Mutex<[UInt64: UInt64]>([:])
+    /// The session this client registered last (the mount's), named with the requests whose
+    /// rights come from its opens.
+    let current = Mutex<UInt64>(0)
+
+    func currentSession(_ w: inout WireWriter) {
+        session(&w, current.withLock { $0 })
+    }
     /// Slice id → tag, in two generations: a lookup moves a tag to the newer one, and when the
     /// newer one is full the older is dropped, so tags in use stay and the table stays bounded.
     private let blocks = Mutex<(new: [UInt64: UInt64], old: [UInt64: UInt64])>(([:], [:]))

@@ -46,6 +46,8 @@ package final class GatewayServer: Sendable {
     let limits: GatewayLimits
     private let groups: GroupCache
     private let frames: ByteBudget
+    /// The files each session holds open through this gateway.
+    private let opens = OpenTable()
     private let userFrames = Mutex<[UInt32: (budget: ByteBudget, connections: Int)]>([:])
     private let counts = Mutex<(all: Int, byUID: [UInt32: Int])>((0, [:]))
     private let deleter = ConditionLock()
@@ -465,6 +467,7 @@ package final class GatewayServer: Sendable {
             let sid = try session(&r, uid)
             try r.end()
             try meta.closeSession(sid)
+            opens.drop(sid)
             wakeDeleter()
         case .listSessions:
             try r.end()
@@ -492,8 +495,9 @@ package final class GatewayServer: Sendable {
             let ino = try ino(&r, uid)
             var req = try r.setattr()
             let writeTag = try r.u64()
+            let (sid, sidOK) = try sessionIfAny(&r, uid)
             try r.end()
-            let opened = grants.check(writeTag, .write, ino, uid: uid)
+            let opened = sidOK ? try holds(sid, ino, write: true, tag: writeTag, uid) : false
             // Truncation through an open file skips the permission check: only for the opener.
             if req.viaHandle && !opened { req.viaHandle = false }
             if !cred.isRoot {
@@ -533,6 +537,7 @@ package final class GatewayServer: Sendable {
             let sid = try session(&r, uid)
             try r.end()
             let (ino, a) = try meta.create(cred, parent, name, mode, sid: sid)
+            opens.opened(sid, ino, read: true, write: true)
             entry(&w, ino, a, uid)
             w.u64(grants.tag(.read, ino, uid: uid))
             w.u64(grants.tag(.write, ino, uid: uid))
@@ -644,6 +649,7 @@ package final class GatewayServer: Sendable {
             try r.end()
             let (a, slices) = try meta.open(cred, ino, flags: flags, sid: sid)
             let mask = accessMask(openFlags: flags)
+            opens.opened(sid, ino, read: mask.contains(.read), write: mask.contains(.write))
             w.attr(a)
             w.u64(mask.contains(.read) ? grants.tag(.read, ino, uid: uid) : 0)
             w.u64(mask.contains(.write) ? grants.tag(.write, ino, uid: uid) : 0)
@@ -669,9 +675,11 @@ package final class GatewayServer: Sendable {
             let sid = try session(&r, uid)
             try r.end()
             let freed = try meta.close(ino, sid: sid)
+            opens.closed(sid, ino)
             w.bool(freed)
             if freed { wakeDeleter() }
         case .readChunks:
+            let (sid, sidOK) = try sessionIfAny(&r, uid)
             let n = try r.count(max: Wire.maxBatch, itemSize: 28)
             var asks: [(Ino, UInt32)] = []
             var unproven: [Ino] = []
@@ -681,9 +689,9 @@ package final class GatewayServer: Sendable {
                 let index = try r.u32()
                 let readTag = try r.u64()
                 asks.append((ino, index))
-                // A file opened for reading keeps its reader's right; otherwise the caller must
-                // be allowed to read it now (staging reads chunks without opening).
-                if !grants.check(readTag, .read, ino, uid: uid) { unproven.append(ino) }
+                // A file this session holds open for reading keeps its reader's right; otherwise
+                // the caller must be allowed to read it now (staging reads chunks without opening).
+                if !(sidOK ? try holds(sid, ino, write: false, tag: readTag, uid) : false) { unproven.append(ino) }
             }
             try r.end()
             var seen = Set<UInt64>()
@@ -731,13 +739,16 @@ package final class GatewayServer: Sendable {
             let first = try r.u64()
             let count = try r.u64()
             let rangeTag = try r.u64()
+            let (sid, sidOK) = try sessionIfAny(&r, uid)
             // Small blocks of the slice that come along (a small file: its one block and its
             // commit in one request), stored before the slice is committed.
             let n = try r.count(max: 4, itemSize: 8)
             var blocks: [(key: String, data: [UInt8])] = []
             for _ in 0..<n { blocks.append((try r.string(max: 1024), try r.data(max: layout.blockSize))) }
             try r.end()
-            guard grants.check(writeTag, .write, ino, uid: uid) else { throw FSError(EBADF, "inode \(ino) is not open for writing by uid \(uid)") }
+            guard sidOK, try holds(sid, ino, write: true, tag: writeTag, uid) else {
+                throw FSError(EBADF, "inode \(ino) is not open for writing in session \(sid) of uid \(uid)")
+            }
             try ownSlice(s.id, first, count, rangeTag, uid)
             let end = UInt64(index) * chunkSize + UInt64(s.pos) + UInt64(s.len)
             guard s.len > 0, UInt64(s.off) + UInt64(s.len) <= UInt64(s.size), UInt64(s.pos) + UInt64(s.len) <= chunkSize,
@@ -769,8 +780,8 @@ package final class GatewayServer: Sendable {
             try r.end()
             // A lock is taken through an open file: a read lock needs it open for reading, a
             // write lock for writing, flock either; releasing needs nothing.
-            let canRead = grants.check(readTag, .read, ino, uid: uid)
-            let canWrite = grants.check(writeTag, .write, ino, uid: uid)
+            let canRead = try holds(sid, ino, write: false, tag: readTag, uid)
+            let canWrite = try holds(sid, ino, write: true, tag: writeTag, uid)
             let needed: Bool
             switch (op, type) {
             case (_, .unlock): needed = true
@@ -871,6 +882,24 @@ package final class GatewayServer: Sendable {
         return sid
     }
 
+    /// A session a request names, when it names one (0: none): the id and whether its tag is right.
+    private func sessionIfAny(_ r: inout WireReader, _ uid: UInt32) throws(FSError) -> (UInt64, Bool) {
+        let sid = try r.u64()
+        let tag = try r.u64()
+        return (sid, sid != 0 && grants.check(tag, .session, sid, uid: uid))
+    }
+
+    /// Whether session `sid` holds `ino` open for writing (or for reading): the tag of that
+    /// open, and the open still held: known here from the opens and closes this gateway saw, or
+    /// (after a restart, or through another gateway) from the engine's open table.
+    private func holds(_ sid: UInt64, _ ino: Ino, write: Bool, tag: UInt64, _ uid: UInt32) throws(FSError) -> Bool {
+        guard grants.check(tag, write ? .write : .read, ino, uid: uid) else { return false }
+        if let known = opens.holds(sid, ino, write: write) { return known }
+        guard let checks = meta as? any OpenChecks, try checks.holdsOpen(sid, ino) else { return false }
+        opens.opened(sid, ino, read: !write, write: write)
+        return true
+    }
+
     private func ownSlice(_ id: UInt64, _ first: UInt64, _ count: UInt64, _ tag: UInt64, _ uid: UInt32) throws(FSError) {
         guard grants.check(tag, .slices, first, count, uid: uid), id >= first, id - first < count else {
             throw FSError(EACCES, "slice \(id) was not allocated to uid \(uid)")
@@ -916,6 +945,7 @@ package final class GatewayServer: Sendable {
                     do throws(FSError) {
                         let n = try meta.cleanStaleSessions(age: 300)
                         if n > 0 { Log.info("gateway: cleaned up \(n) stale session(s)") }
+                        opens.keep(only: Set(try meta.listSessions().map(\.sid)))
                     } catch {
                         Log.warning("gateway: cleaning stale sessions: \(error.message)")
                     }
@@ -1002,3 +1032,69 @@ final class GroupCache: Sendable {
         }
     }
 }
+
+/// Which files each session holds open, as this gateway saw them opened and closed: so that the
+/// right a read or write tag proves ends with the open (a tag alone outlives it). At most
+/// `limit` entries; past it nothing more is noted and checks ask the engine.
+final class OpenTable: Sendable {
+    private struct Entry {
+        var count: Int
+        var read: Bool
+        var write: Bool
+    }
+    private let table = Mutex<(sessions: [UInt64: [Ino: Entry]], entries: Int)>(([:], 0))
+    static let limit = 4_000_000
+
+    func opened(_ sid: UInt64, _ ino: Ino, read: Bool, write: Bool) {
+        table.withLock { t in
+            if var e = t.sessions[sid]?[ino] {
+                e.count += 1
+                e.read = e.read || read
+                e.write = e.write || write
+                t.sessions[sid]![ino] = e
+            } else if t.entries < Self.limit {
+                t.sessions[sid, default: [:]][ino] = Entry(count: 1, read: read, write: write)
+                t.entries += 1
+            }
+        }
+    }
+
+    func closed(_ sid: UInt64, _ ino: Ino) {
+        table.withLock { t in
+            guard var e = t.sessions[sid]?[ino] else { return }
+            e.count -= 1
+            if e.count > 0 {
+                t.sessions[sid]![ino] = e
+                return
+            }
+            t.sessions[sid]![ino] = nil
+            t.entries -= 1
+            if t.sessions[sid]!.isEmpty { t.sessions[sid] = nil }
+        }
+    }
+
+    /// Whether the session holds `ino` open so; nil when this gateway knows nothing of it.
+    func holds(_ sid: UInt64, _ ino: Ino, write: Bool) -> Bool? {
+        table.withLock { t in
+            guard let e = t.sessions[sid]?[ino] else { return nil }
+            return write ? e.write : e.read
+        }
+    }
+
+    func drop(_ sid: UInt64) {
+        table.withLock { t in
+            if let s = t.sessions.removeValue(forKey: sid) { t.entries -= s.count }
+        }
+    }
+
+    /// Forgets sessions that no longer exist (ended elsewhere, or cleaned up as stale).
+    func keep(only live: Set<UInt64>) {
+        table.withLock { t in
+            for sid in t.sessions.keys where !live.contains(sid) {
+                t.entries -= t.sessions[sid]!.count
+                t.sessions[sid] = nil
+            }
+        }
+    }
+}
+

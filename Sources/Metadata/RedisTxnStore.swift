@@ -739,6 +739,10 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     package func isOpen(_ ino: Ino) throws(FSError) -> Bool { try txn().hashLength(keys.opens(ino)) > 0 }
 
+    package func openCount(_ sid: UInt64, _ ino: Ino) throws(FSError) -> Int {
+        try txn().field(keys.opens(ino), Array(String(sid).utf8)).flatMap { Int(String(decoding: $0, as: UTF8.self)) } ?? 0
+    }
+
     package func addOpen(_ sid: UInt64, _ ino: Ino) throws(FSError) {
         let t = try txn()
         try t.hincr(keys.opens(ino), Array(String(sid).utf8), 1)

@@ -228,6 +228,10 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         _ = try changeOpens(sid, ino, 1)
     }
 
+    package func openCount(_ sid: UInt64, _ ino: Ino) throws(FSError) -> Int {
+        Int(try one("SELECT count FROM openfile WHERE sid=? AND ino=?", [.int(Int64(sid)), .int(Int64(ino))]) { Col.int($0, 0) } ?? 0)
+    }
+
     package func dropOpens(_ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int {
         try changeOpens(sid, ino, -count)
     }

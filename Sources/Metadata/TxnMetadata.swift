@@ -81,6 +81,8 @@ package protocol TxnStore: AnyObject, Sendable {
 
     /// Whether any session has `ino` open.
     func isOpen(_ ino: Ino) throws(FSError) -> Bool
+    /// How many opens of `ino` session `sid` holds.
+    func openCount(_ sid: UInt64, _ ino: Ino) throws(FSError) -> Int
     /// Records one more open of `ino` by `sid` (without reading the count).
     func addOpen(_ sid: UInt64, _ ino: Ino) throws(FSError)
     /// Drops `count` opens of `ino` by `sid` (at most all it has); returns how many it keeps.
@@ -990,6 +992,18 @@ package protocol VolumeSecrets: AnyObject, Sendable {
     /// The secret `name` (`bytes` random bytes), created by the first caller when missing; every
     /// later caller, of any process, gets the same bytes.
     func volumeSecret(_ name: String, bytes: Int) throws(FSError) -> [UInt8]
+}
+
+/// What a gateway asks of an engine beyond `MetadataEngine`.
+extension TxnMetadata: OpenChecks {
+    package func holdsOpen(_ sid: UInt64, _ ino: Ino) throws(FSError) -> Bool {
+        try store.transaction(write: false) { () throws(FSError) in try store.openCount(sid, ino) > 0 }
+    }
+}
+
+/// Whether a session holds a file open, as the engine records it.
+package protocol OpenChecks: AnyObject, Sendable {
+    func holdsOpen(_ sid: UInt64, _ ino: Ino) throws(FSError) -> Bool
 }
 
 extension TxnMetadata: VolumeSecrets {

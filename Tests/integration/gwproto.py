@@ -114,8 +114,8 @@ class Raw:
         ino, t = struct.unpack(">QQ", rest[:16])
         return ino, t, attr(rest, 16)
 
-    def read_chunks(self, ino, tag, index=0, read_tag=0):
-        return self.call("readChunks", struct.pack(">I", 1) + ref(ino, tag) + struct.pack(">IQ", index, read_tag))
+    def read_chunks(self, ino, tag, index=0, read_tag=0, sid=0, sid_tag=0):
+        return self.call("readChunks", struct.pack(">QQI", sid, sid_tag, 1) + ref(ino, tag) + struct.pack(">IQ", index, read_tag))
 
     def get_block(self, key, length, tag, offset=0):
         return self.call("getBlock", data(key.encode()) + struct.pack(">IIQ", offset, length, tag))
@@ -127,7 +127,7 @@ class Raw:
         return self.call("putBlock", data(key.encode()) + struct.pack(">QQQI", first, count, tag, len(payload)) + payload)
 
     def chown(self, ino, tag, uid, gid):
-        fields = ref(ino, tag) + struct.pack(">IHIIQ", 0b110, 0, uid, gid, 0) + struct.pack(">qIqIqI", 0, 0, 0, 0, 0, 0) + b"\0" + struct.pack(">Q", 0)
+        fields = ref(ino, tag) + struct.pack(">IHIIQ", 0b110, 0, uid, gid, 0) + struct.pack(">qIqIqI", 0, 0, 0, 0, 0, 0) + b"\0" + struct.pack(">QQQ", 0, 0, 0)
         return attr(self.call("setattr", fields))
 
     def heartbeat(self, sid, tag):

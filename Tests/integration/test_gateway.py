@@ -681,7 +681,7 @@ def test_requests_no_kernel_would_send_are_refused(env, site):
         tool, tooltag, _ = c.lookup(top, ttag, b"tool")
         secret, stag, _ = c.lookup(top, ttag, b"secret")
         setattr_fields = lambda mask, ctime: (gwproto.ref(tool, tooltag) + struct.pack(">IHIIQ", mask, 0, 0, 0, 0)
-                                              + struct.pack(">qIqIqI", 0, 0, 0, 0, ctime, 0) + b"\0" + struct.pack(">Q", 0))
+                                              + struct.pack(">qIqIqI", 0, 0, 0, 0, ctime, 0) + b"\0" + struct.pack(">QQQ", 0, 0, 0))
         out["ctime"] = code(c.call, "setattr", setattr_fields(1 << 10, 123456789))
         out["killpriv"] = code(c.call, "setattr", setattr_fields(1 << 20, 0))
         out["empty"] = code(c.call, "setattr", setattr_fields(0, 0))
@@ -704,11 +704,11 @@ def test_requests_no_kernel_would_send_are_refused(env, site):
             tags.append((ino, tag, has))
         out["readdir"] = tags
         out["link"] = code(c.call, "link", gwproto.ref(secret, stag) + gwproto.ref(top, ttag) + gwproto.data(b"stolen"))
-        out["twice"] = code(c.call, "readChunks", struct.pack(">I", 2) + (gwproto.ref(secret, stag) + struct.pack(">IQ", 0, 0)) * 2)
-        made, refused = 0, 0
+        out["twice"] = code(c.call, "readChunks", struct.pack(">QQI", 0, 0, 2) + (gwproto.ref(secret, stag) + struct.pack(">IQ", 0, 0)) * 2)
+        made, refused, mine = 0, 0, []
         for _ in range(300):
             try:
-                c.new_session()
+                mine.append(c.new_session())
                 made += 1
             except gwproto.GatewayError as e:
                 refused = e.errno
@@ -726,6 +726,8 @@ def test_requests_no_kernel_would_send_are_refused(env, site):
             uids.append(struct.unpack_from(">I", rest, off)[0])
             off += 4
         out["listed"] = uids
+        for s, t in mine:
+            c.call("closeSession", struct.pack(">QQ", s, t))
         c.close()
         return out
     out = run_as(OTHER, attack)
@@ -741,4 +743,52 @@ def test_requests_no_kernel_would_send_are_refused(env, site):
     assert made + 1 <= len(listed) <= 256 and set(listed) == {helpers.pwd.getpwnam(OTHER).pw_uid}, (made, listed[:5])
     # Root sees every session; A's mount is among them.
     p = env.stagefs("status", site["file"].url, user="root")
-    assert p.stdout.count("\n  ") >= len(listed) + 1, p.stdout[-500:]
+    assert a in p.stdout and "version raw" in p.stdout, p.stdout[-500:]
+    # B sees B's own only.
+    p = env.stagefs("status", site["file"].url, user=OTHER)
+    assert a not in p.stdout and "version raw" in p.stdout, p.stdout[-500:]
+
+
+def test_the_right_of_an_open_ends_with_it(env, site):
+    """B opens A's 0666 file for reading and writing, closes it; A makes it 0600. B's tags from
+    that open no longer read, write or truncate it: the right ends with the open."""
+    a = mount(env, site, USER, site["file"])
+    name = f"s{os.urandom(3).hex()}"
+    run_as(USER, lambda: (open(os.path.join(a, name), "w").write("shared\n"), os.chmod(os.path.join(a, name), 0o666)))
+
+    def phase1():
+        c = gwproto.Raw(site["file"].socket)
+        sid, sid_tag = c.new_session()
+        ino, tag, _ = c.lookup(1, 0, name.encode())
+        rest = c.call("open", gwproto.ref(ino, tag) + struct.pack(">iQQ", os.O_RDWR, sid, sid_tag))
+        read_tag, write_tag = struct.unpack_from(">QQ", rest, 71)
+        ok = c.read_chunks(ino, tag, 0, read_tag, sid, sid_tag) is not None
+        c.call("close", gwproto.ref(ino, tag) + struct.pack(">QQ", sid, sid_tag))
+        return sid, sid_tag, ino, tag, read_tag, write_tag, ok
+    sid, sid_tag, ino, tag, read_tag, write_tag, ok = run_as(OTHER, phase1)
+    assert ok
+    run_as(USER, os.chmod, os.path.join(a, name), 0o600)
+
+    def phase2():
+        c = gwproto.Raw(site["file"].socket)
+        out = {}
+
+        def code(fn, *args):
+            try:
+                fn(*args)
+                return 0
+            except gwproto.GatewayError as e:
+                return e.errno
+        out["read"] = code(c.read_chunks, ino, tag, 0, read_tag, sid, sid_tag)
+        first, rtag = c.new_slice_ids(1)
+        ws = (gwproto.ref(ino, tag) + struct.pack(">I", 0) + struct.pack(">IQIII", 0, first, 5, 0, 5) + struct.pack(">QqI", 5, 0, 0)
+              + struct.pack(">QQQQ", write_tag, first, 1, rtag) + struct.pack(">QQ", sid, sid_tag) + struct.pack(">I", 0))
+        out["write"] = code(c.call, "writeSlice", ws)
+        trunc = (gwproto.ref(ino, tag) + struct.pack(">IHIIQ", 1 << 3, 0, 0, 0, 1) + struct.pack(">qIqIqI", 0, 0, 0, 0, 0, 0) + b"\1"
+                 + struct.pack(">QQQ", write_tag, sid, sid_tag))
+        out["truncate"] = code(c.call, "setattr", trunc)
+        return out
+    out = run_as(OTHER, phase2)
+    assert out == {"read": errno.EACCES, "write": errno.EBADF, "truncate": errno.EACCES}, out
+    assert run_as(USER, lambda: open(os.path.join(a, name)).read()) == "shared\n"
+
