@@ -219,10 +219,12 @@ public final class VFS: @unchecked Sendable {
             let info = SessionInfo(hostname: Sys.hostname(), pid: getpid(), mountPoint: config.mountPoint, version: config.version)
             let id = try meta.newSession(info)
             session.withLock { $0 = id }
-            let open = lock.withLock { handles.values.map { $0.ino } }
+            // Each open again as it was (for reading, writing or both): through a gateway the
+            // right to write comes from an open for writing held by the session.
+            let open = lock.withLock { handles.values.map { ($0.ino, $0.flags & O_ACCMODE) } }
             var lost = 0
-            for ino in open {
-                do { _ = try meta.open(.root, ino, flags: O_RDONLY, sid: id) } catch { lost += 1 }
+            for (ino, mode) in open {
+                do { _ = try meta.open(.root, ino, flags: mode, sid: id) } catch { lost += 1 }
             }
             Log.warning(
                 "session \(old) had been cleaned up as stale; registered again as session \(id) with \(open.count - lost) open file(s)"
