@@ -37,6 +37,15 @@ class GatewayError(Exception):
         return f"errno {self.errno}: {self.message}"
 
 
+def code(fn, *args):
+    """The errno of a call that the gateway refuses, 0 when it answers."""
+    try:
+        fn(*args)
+        return 0
+    except GatewayError as e:
+        return e.errno
+
+
 class Raw:
     def __init__(self, path, hello=True, timeout=20):
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

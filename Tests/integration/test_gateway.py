@@ -225,12 +225,7 @@ def test_a_raw_client_reaches_nothing_it_was_not_given(env, site):
         c = gwproto.Raw(sock)
         out = {}
 
-        def code(fn, *args):
-            try:
-                fn(*args)
-                return 0
-            except gwproto.GatewayError as e:
-                return e.errno
+        code = gwproto.code
         # An inode never looked up: refused whatever tag is guessed.
         out["getattr"] = code(c.getattr, ino, 0)
         out["getattr-guess"] = code(c.getattr, ino, 0x1234567890ABCDEF)
@@ -671,12 +666,7 @@ def test_requests_no_kernel_would_send_are_refused(env, site):
         c = gwproto.Raw(site["file"].socket)
         out = {}
 
-        def code(fn, *args):
-            try:
-                fn(*args)
-                return 0
-            except gwproto.GatewayError as e:
-                return e.errno
+        code = gwproto.code
         top, ttag, _ = c.lookup(1, 0, name.encode())
         tool, tooltag, _ = c.lookup(top, ttag, b"tool")
         secret, stag, _ = c.lookup(top, ttag, b"secret")
@@ -773,12 +763,7 @@ def test_the_right_of_an_open_ends_with_it(env, site):
         c = gwproto.Raw(site["file"].socket)
         out = {}
 
-        def code(fn, *args):
-            try:
-                fn(*args)
-                return 0
-            except gwproto.GatewayError as e:
-                return e.errno
+        code = gwproto.code
         out["read"] = code(c.read_chunks, ino, tag, 0, read_tag, sid, sid_tag)
         first, rtag = c.new_slice_ids(1)
         ws = (gwproto.ref(ino, tag) + struct.pack(">I", 0) + struct.pack(">IQIII", 0, first, 5, 0, 5) + struct.pack(">QqI", 5, 0, 0)
