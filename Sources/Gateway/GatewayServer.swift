@@ -497,7 +497,7 @@ package final class GatewayServer: Sendable {
             let writeTag = try r.u64()
             let (sid, sidOK) = try sessionIfAny(&r, uid)
             try r.end()
-            let opened = sidOK ? try holds(sid, ino, write: true, tag: writeTag, uid) : false
+            let opened = sidOK ? try holds(sid, ino, write: true, tag: writeTag, cred, holder: uid) : false
             // Truncation through an open file skips the permission check: only for the opener.
             if req.viaHandle && !opened { req.viaHandle = false }
             if !cred.isRoot {
@@ -691,7 +691,8 @@ package final class GatewayServer: Sendable {
                 asks.append((ino, index))
                 // A file this session holds open for reading keeps its reader's right; otherwise
                 // the caller must be allowed to read it now (staging reads chunks without opening).
-                if !(sidOK ? try holds(sid, ino, write: false, tag: readTag, uid) : false) { unproven.append(ino) }
+                // (Only what this gateway saw: otherwise the permission check below decides.)
+                if !(sidOK ? try holds(sid, ino, write: false, tag: readTag, cred, holder: uid, engine: false) : false) { unproven.append(ino) }
             }
             try r.end()
             var seen = Set<UInt64>()
@@ -734,7 +735,7 @@ package final class GatewayServer: Sendable {
             let index = try r.u32()
             let s = Slice(pos: try r.u32(), id: try r.u64(), size: try r.u32(), off: try r.u32(), len: try r.u32())
             let minSize = try r.u64()
-            let mtime = try r.time()
+            var mtime = try r.time()
             let writeTag = try r.u64()
             let first = try r.u64()
             let count = try r.u64()
@@ -746,7 +747,7 @@ package final class GatewayServer: Sendable {
             var blocks: [(key: String, data: [UInt8])] = []
             for _ in 0..<n { blocks.append((try r.string(max: 1024), try r.data(max: layout.blockSize))) }
             try r.end()
-            guard sidOK, try holds(sid, ino, write: true, tag: writeTag, uid) else {
+            guard sidOK, try holds(sid, ino, write: true, tag: writeTag, cred, holder: uid) else {
                 throw FSError(EBADF, "inode \(ino) is not open for writing in session \(sid) of uid \(uid)")
             }
             try ownSlice(s.id, first, count, rangeTag, uid)
@@ -759,6 +760,11 @@ package final class GatewayServer: Sendable {
                 guard b.id == s.id else { throw FSError(EINVAL, "block \(key) is not of slice \(s.id)") }
                 try storeNewBlock(key, b.length, data)
             }
+            // The time of the write, as the client saw it: never later than now, and (but for
+            // root) at most an hour before it (a slow upload), not any time a user likes.
+            let now = Timespec.now()
+            if mtime > now { mtime = now }
+            if !cred.isRoot && mtime.sec < now.sec - 3600 { mtime = now }
             w.attr(try meta.writeSlice(ino, index, s, minSize: minSize, mtime: mtime))
         case .newSliceIDs:
             let count = Int(try r.u32())
@@ -780,8 +786,8 @@ package final class GatewayServer: Sendable {
             try r.end()
             // A lock is taken through an open file: a read lock needs it open for reading, a
             // write lock for writing, flock either; releasing needs nothing.
-            let canRead = try holds(sid, ino, write: false, tag: readTag, uid)
-            let canWrite = try holds(sid, ino, write: true, tag: writeTag, uid)
+            let canRead = try holds(sid, ino, write: false, tag: readTag, cred, holder: uid)
+            let canWrite = try holds(sid, ino, write: true, tag: writeTag, cred, holder: uid)
             let needed: Bool
             switch (op, type) {
             case (_, .unlock): needed = true
@@ -892,12 +898,21 @@ package final class GatewayServer: Sendable {
     /// Whether session `sid` holds `ino` open for writing (or for reading): the tag of that
     /// open, and the open still held: known here from the opens and closes this gateway saw, or
     /// (after a restart, or through another gateway) from the engine's open table.
-    private func holds(_ sid: UInt64, _ ino: Ino, write: Bool, tag: UInt64, _ uid: UInt32) throws(FSError) -> Bool {
+    ///
+    /// The engine records that a session holds a file open, not for what; so when this gateway
+    /// did not see the open (it restarted, or the open went through another gateway) the right
+    /// needs the permission now as well: an open for writing outlives a chmod only while the
+    /// gateway that saw it runs. (Nothing is noted from such an answer: each is asked again.)
+    /// `engine: false`: only what this gateway saw (the caller falls back to a permission check).
+    private func holds(
+        _ sid: UInt64, _ ino: Ino, write: Bool, tag: UInt64, _ cred: Credential, holder uid: UInt32, engine: Bool = true
+    ) throws(FSError) -> Bool {
         guard grants.check(tag, write ? .write : .read, ino, uid: uid) else { return false }
         if let known = opens.holds(sid, ino, write: write) { return known }
-        guard let checks = meta as? any OpenChecks, try checks.holdsOpen(sid, ino) else { return false }
-        opens.opened(sid, ino, read: !write, write: write)
-        return true
+        guard engine, let checks = meta as? any OpenChecks else { return false }
+        let (count, attr) = try checks.openState(sid, ino)
+        guard count > 0, let attr else { return false }
+        return Posix.mayAccess(attr, cred, write ? .write : .read)
     }
 
     private func ownSlice(_ id: UInt64, _ first: UInt64, _ count: UInt64, _ tag: UInt64, _ uid: UInt32) throws(FSError) {
@@ -1097,4 +1112,3 @@ final class OpenTable: Sendable {
         }
     }
 }
-

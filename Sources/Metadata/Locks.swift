@@ -47,6 +47,18 @@ struct LockRecord: Equatable {
 /// the whole table, so it must stay small; past it a new lock fails with `ENOLCK`.
 package let maxLocksPerInode = 4096
 
+/// Lock records one session may hold in one file's table: so that no client fills a table
+/// others need (a session holds at most this many, the table `maxLocksPerInode`).
+package let maxLocksPerSession = 256
+
+/// `ENOLCK` when one more lock of session `sid` would not fit in a table holding `recs`.
+func checkLockRoom(_ recs: [LockRecord], _ sid: UInt64, _ ino: Ino) throws(FSError) {
+    if recs.count >= maxLocksPerInode { throw FSError(ENOLCK, "inode \(ino) holds \(recs.count) locks, the most one file may have") }
+    if recs.lazy.filter({ $0.sid == sid }).count >= maxLocksPerSession {
+        throw FSError(ENOLCK, "session \(sid) holds \(maxLocksPerSession) locks on inode \(ino), the most one session may hold on a file")
+    }
+}
+
 /// Lock kinds in the engine's lock tables.
 enum LockKind {
     static let posix = UInt8(ascii: "p")
@@ -90,7 +102,7 @@ extension MetadataEngine {
                 if r.end > end { out.append(LockRecord(sid: r.sid, owner: r.owner, pid: r.pid, type: r.type, start: end + 1, end: r.end)) }
             }
             if type != .unlock {
-                if out.count >= maxLocksPerInode { throw FSError(ENOLCK, "inode \(ino) holds \(out.count) locks, the most one file may have") }
+                try checkLockRoom(out, sid, ino)
                 out.append(LockRecord(sid: sid, owner: owner, pid: pid, type: type, start: start, end: end))
                 changed = true
             }
@@ -111,7 +123,7 @@ extension MetadataEngine {
             recs.removeAll { $0.sameOwner(sid, owner) }
             if type == .unlock && recs.count == before { return nil }
             if type != .unlock {
-                if recs.count >= maxLocksPerInode { throw FSError(ENOLCK, "inode \(ino) holds \(recs.count) locks, the most one file may have") }
+                try checkLockRoom(recs, sid, ino)
                 recs.append(LockRecord(sid: sid, owner: owner, pid: pid, type: type, start: 0, end: UInt64.max))
             }
             return LockRecord.encodeAll(recs)

@@ -996,14 +996,18 @@ package protocol VolumeSecrets: AnyObject, Sendable {
 
 /// What a gateway asks of an engine beyond `MetadataEngine`.
 extension TxnMetadata: OpenChecks {
-    package func holdsOpen(_ sid: UInt64, _ ino: Ino) throws(FSError) -> Bool {
-        try store.transaction(write: false) { () throws(FSError) in try store.openCount(sid, ino) > 0 }
+    package func openState(_ sid: UInt64, _ ino: Ino) throws(FSError) -> (opens: Int, attr: Attr?) {
+        try store.transaction(write: false) { () throws(FSError) in
+            try store.prefetch([.attr(ino)])
+            return (try store.openCount(sid, ino), try store.attr(ino))
+        }
     }
 }
 
-/// Whether a session holds a file open, as the engine records it.
+/// Whether a session holds a file open, as the engine records it (which does not say for what:
+/// reading, writing), and the file's attributes, in one read.
 package protocol OpenChecks: AnyObject, Sendable {
-    func holdsOpen(_ sid: UInt64, _ ino: Ino) throws(FSError) -> Bool
+    func openState(_ sid: UInt64, _ ino: Ino) throws(FSError) -> (opens: Int, attr: Attr?)
 }
 
 extension TxnMetadata: VolumeSecrets {

@@ -777,3 +777,65 @@ def test_the_right_of_an_open_ends_with_it(env, site):
     assert out == {"read": errno.EACCES, "write": errno.EBADF, "truncate": errno.EACCES}, out
     assert run_as(USER, lambda: open(os.path.join(a, name)).read()) == "shared\n"
 
+
+
+def test_opens_survive_a_gateway_restart_and_old_rights_do_not(env, site):
+    """A file a user holds open for writing goes on being written, synced and locked across a
+    gateway restart; another user's write right from an earlier open does not come back with
+    the restart (a read-only open held meanwhile, the file made 0644)."""
+    import fcntl
+    a = mount(env, site, USER, site["file"])
+    gw = site["file"]
+    name = f"o{os.urandom(3).hex()}"
+    run_as(USER, lambda: (open(os.path.join(a, name), "w").write("0123456789"), os.chmod(os.path.join(a, name), 0o666)))
+    ready, go, done = (os.path.join(env.dir_for("root", "sync"), n) for n in ("ready", "go", "done"))
+    os.chmod(os.path.dirname(ready), 0o777)
+
+    def holder():
+        fd = os.open(os.path.join(a, name), os.O_RDWR)
+        os.pwrite(fd, b"AB", 0)
+        os.fsync(fd)
+        open(ready, "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.05)
+        os.pwrite(fd, b"CD", 2)
+        os.fsync(fd)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        os.ftruncate(fd, 6)
+        os.close(fd)
+        return open(os.path.join(a, name), "rb").read()
+
+    def attacker_before():
+        c = gwproto.Raw(gw.socket)
+        sid, sid_tag = c.new_session()
+        ino, tag, _ = c.lookup(1, 0, name.encode())
+        rest = c.call("open", gwproto.ref(ino, tag) + struct.pack(">iQQ", os.O_RDWR, sid, sid_tag))
+        write_tag = struct.unpack_from(">QQ", rest, 71)[1]
+        c.call("close", gwproto.ref(ino, tag) + struct.pack(">QQ", sid, sid_tag))
+        return sid, sid_tag, ino, tag, write_tag
+    sid, sid_tag, ino, tag, write_tag = run_as(OTHER, attacker_before)
+    run_as(USER, os.chmod, os.path.join(a, name), 0o644)
+    box = {}
+    t = threading.Thread(target=lambda: box.update(r=run_as(USER, holder)))
+    t.start()
+    wait_until(lambda: os.path.exists(ready), 30, "the holder's first write")
+
+    def attacker_after(phase):
+        c = gwproto.Raw(gw.socket)
+        if phase == 1:
+            c.call("open", gwproto.ref(ino, tag) + struct.pack(">iQQ", os.O_RDONLY, sid, sid_tag))  # held open
+            return None
+        first, rtag = c.new_slice_ids(1)
+        ws = (gwproto.ref(ino, tag) + struct.pack(">I", 0) + struct.pack(">IQIII", 0, first, 5, 0, 5) + struct.pack(">QqI", 5, 0, 0)
+              + struct.pack(">QQQQ", write_tag, first, 1, rtag) + struct.pack(">QQ", sid, sid_tag) + struct.pack(">I", 0))
+        trunc = (gwproto.ref(ino, tag) + struct.pack(">IHIIQ", 1 << 3, 0, 0, 0, 1) + struct.pack(">qIqIqI", 0, 0, 0, 0, 0, 0) + b"\1"
+                 + struct.pack(">QQQ", write_tag, sid, sid_tag))
+        return gwproto.code(c.call, "writeSlice", ws), gwproto.code(c.call, "setattr", trunc)
+    run_as(OTHER, attacker_after, 1)
+    gw.stop(signal.SIGTERM)
+    gw.start()
+    open(go, "w").close()
+    t.join(120)
+    assert box.get("r") == b"ABCD45", box
+    assert run_as(OTHER, attacker_after, 2) == (errno.EBADF, errno.EACCES)
+    assert run_as(USER, lambda: open(os.path.join(a, name), "rb").read()) == b"ABCD45"
