@@ -258,10 +258,14 @@ package enum FrameIO {
         for p in parts where p.count > 0 {
             var off = 0
             while off < p.count {
-                if let deadline { try waitWritable(fd, until: deadline) }
-                let n = Glibc.send(fd, p.baseAddress! + off, p.count - off, Int32(MSG_NOSIGNAL))
+                // What fits is sent at once; only a wait for room is bounded by the deadline.
+                let n = Glibc.send(fd, p.baseAddress! + off, p.count - off, Int32(MSG_NOSIGNAL) | (deadline != nil ? Int32(MSG_DONTWAIT) : 0))
                 if n < 0 {
                     if errno == EINTR { continue }
+                    if let deadline, errno == EAGAIN || errno == EWOULDBLOCK {
+                        try waitWritable(fd, until: deadline)
+                        continue
+                    }
                     throw FSError.errno(errno == EAGAIN ? ETIMEDOUT : errno, "gateway connection")
                 }
                 off += n
@@ -310,11 +314,18 @@ package enum FrameIO {
     ) throws(FSError) -> Bool {
         var off = 0
         while off < p.count {
-            if let deadline { try waitReadable(fd, until: deadline) }
             let n: Int
             if let passed, off == 0 {
+                if let deadline { try waitReadable(fd, until: deadline) }
                 // The descriptor travels with the frame's first bytes.
                 n = Sys.receive(fd, UnsafeMutableRawBufferPointer(rebasing: p[off...]), passed: &passed.pointee)
+            } else if let deadline {
+                // What has arrived is taken at once; only a wait is bounded by the deadline.
+                n = recv(fd, p.baseAddress! + off, p.count - off, Int32(MSG_DONTWAIT))
+                if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    try waitReadable(fd, until: deadline)
+                    continue
+                }
             } else {
                 n = recv(fd, p.baseAddress! + off, p.count - off, 0)
             }
