@@ -48,6 +48,13 @@ package final class GatewayServer: Sendable {
     private let frames: ByteBudget
     /// The files each session holds open through this gateway.
     private let opens = OpenTable()
+    /// Locks that make a step of the engine and the gateway's note of it one (per session and
+    /// file, per user for new sessions), striped.
+    private let stripes = (0..<64).map { _ in ConditionLock() }
+
+    private func stripe(_ a: UInt64, _ b: UInt64) -> ConditionLock {
+        stripes[Int((a &* 0x9E37_79B9_7F4A_7C15 ^ b) % UInt64(stripes.count))]
+    }
     private let userFrames = Mutex<[UInt32: (budget: ByteBudget, connections: Int)]>([:])
     private let counts = Mutex<(all: Int, byUID: [UInt32: Int])>((0, [:]))
     private let deleter = ConditionLock()
@@ -347,7 +354,9 @@ package final class GatewayServer: Sendable {
                         passing = try openBlock(cred, holder: peer.uid, &r, &out)
                     } else {
                         tail = try withUnsafeMutablePointer(to: &passing) { (p) throws(FSError) in
-                            try handle(op, cred, holder: peer.uid, &r, &out, passing: descriptors ? p : nil, budgets: budgets)
+                            try handle(
+                                op, cred, holder: peer.uid, &r, &out, passing: descriptors ? p : nil, budgets: budgets,
+                                peerHost: peer.address.map(Self.hostOf))
                         }
                     }
                 }
@@ -420,9 +429,11 @@ package final class GatewayServer: Sendable {
     /// `cred` is whom the checks are for; `holder` the uid of the connection's process, for whom
     /// tags are made and checked (what a root mount reached, it reached for all its callers).
     /// `passing`: where to put a descriptor for the reply to carry (nil: none may be passed).
+    ///
+    /// `peerHost`: the address of a TCP peer (nil on the Unix socket).
     private func handle(
         _ op: Op, _ cred: Credential, holder uid: UInt32, _ r: inout WireReader, _ w: inout WireWriter,
-        passing: UnsafeMutablePointer<Int32>? = nil, budgets: [ByteBudget] = []
+        passing: UnsafeMutablePointer<Int32>? = nil, budgets: [ByteBudget] = [], peerHost: String? = nil
     ) throws(FSError) -> Buffer? {
         switch op {
         case .hello, .auth:
@@ -442,21 +453,26 @@ package final class GatewayServer: Sendable {
             var info = try r.session()
             try r.end()
             // The kernel's pid on the Unix socket (where the host is this one); over TCP there is
-            // none, the client's stays.
+            // none, the client's stays, and the host is the peer's address.
             if cred.pid != 0 {
                 info.pid = Int32(bitPattern: cred.pid)
                 info.hostname = Sys.hostname()
+            } else if let peerHost {
+                info.hostname = peerHost
             }
             info.uid = cred.uid
-            // Bounded per user and host, so that no user fills the metadata with sessions.
-            let mine = try meta.listSessions().filter { $0.uid == cred.uid }
-            if mine.count >= Self.maxSessionsPerUser || mine.filter({ $0.hostname == info.hostname }).count >= Self.maxSessionsPerUserHost {
-                throw FSError(
-                    EAGAIN,
-                    "uid \(cred.uid) has \(mine.count) sessions (at most \(Self.maxSessionsPerUserHost) on one host, \(Self.maxSessionsPerUser) in all): unmount some"
-                )
+            // Bounded per user and host, so that no user fills the metadata with sessions (one
+            // at a time per user, so that parallel requests cannot pass the bound).
+            let sid = try stripe(UInt64(cred.uid), 0).withLock { () throws(FSError) -> UInt64 in
+                let mine = try meta.listSessions().filter { $0.uid == cred.uid }
+                if mine.count >= Self.maxSessionsPerUser || mine.filter({ $0.hostname == info.hostname }).count >= Self.maxSessionsPerUserHost {
+                    throw FSError(
+                        EAGAIN,
+                        "uid \(cred.uid) has \(mine.count) sessions (at most \(Self.maxSessionsPerUserHost) on one host, \(Self.maxSessionsPerUser) in all): unmount some"
+                    )
+                }
+                return try meta.newSession(info)
             }
-            let sid = try meta.newSession(info)
             w.u64(sid)
             w.u64(grants.tag(.session, sid, uid: uid))
         case .heartbeat:
@@ -647,9 +663,14 @@ package final class GatewayServer: Sendable {
             let flags = try r.i32()
             let sid = try session(&r, uid)
             try r.end()
-            let (a, slices) = try meta.open(cred, ino, flags: flags, sid: sid)
             let mask = accessMask(openFlags: flags)
-            opens.opened(sid, ino, read: mask.contains(.read), write: mask.contains(.write))
+            // The engine's open and the gateway's note of it go together (a close of the same
+            // file by the same session waits), so the two never disagree.
+            let (a, slices) = try stripe(sid, ino).withLock { () throws(FSError) in
+                let r = try meta.open(cred, ino, flags: flags, sid: sid)
+                opens.opened(sid, ino, read: mask.contains(.read), write: mask.contains(.write))
+                return r
+            }
             w.attr(a)
             w.u64(mask.contains(.read) ? grants.tag(.read, ino, uid: uid) : 0)
             w.u64(mask.contains(.write) ? grants.tag(.write, ino, uid: uid) : 0)
@@ -674,8 +695,11 @@ package final class GatewayServer: Sendable {
             let ino = try ino(&r, uid)
             let sid = try session(&r, uid)
             try r.end()
-            let freed = try meta.close(ino, sid: sid)
-            opens.closed(sid, ino)
+            let freed = try stripe(sid, ino).withLock { () throws(FSError) in
+                let f = try meta.close(ino, sid: sid)
+                opens.closed(sid, ino)
+                return f
+            }
             w.bool(freed)
             if freed { wakeDeleter() }
         case .readChunks:
@@ -913,6 +937,13 @@ package final class GatewayServer: Sendable {
         let (count, attr) = try checks.openState(sid, ino)
         guard count > 0, let attr else { return false }
         return Posix.mayAccess(attr, cred, write ? .write : .read)
+    }
+
+    /// The host of `HOST:PORT` (`[v6]:PORT` too).
+    static func hostOf(_ address: String) -> String {
+        guard let colon = address.lastIndex(of: ":") else { return address }
+        let host = address[..<colon]
+        return String(host.hasPrefix("[") && host.hasSuffix("]") ? host.dropFirst().dropLast() : host)
     }
 
     private func ownSlice(_ id: UInt64, _ first: UInt64, _ count: UInt64, _ tag: UInt64, _ uid: UInt32) throws(FSError) {

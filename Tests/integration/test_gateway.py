@@ -839,3 +839,40 @@ def test_opens_survive_a_gateway_restart_and_old_rights_do_not(env, site):
     assert box.get("r") == b"ABCD45", box
     assert run_as(OTHER, attacker_after, 2) == (errno.EBADF, errno.EACCES)
     assert run_as(USER, lambda: open(os.path.join(a, name), "rb").read()) == b"ABCD45"
+
+
+def test_parallel_sessions_stay_within_the_bound(env, site):
+    """Eight connections of one user asking for sessions at once never pass the bound of 256 per
+    user and host."""
+    def flood():
+        made = []
+
+        def worker(_):
+            c = gwproto.Raw(site["file"].socket)
+            mine = []
+            try:
+                for _ in range(80):
+                    mine.append(c.new_session())
+            except gwproto.GatewayError as e:
+                assert e.errno == errno.EAGAIN, e
+            return c, mine
+        results = [None] * 8
+
+        def run(i):
+            results[i] = worker(i)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        c = results[0][0]
+        rest = c.call("listSessions")
+        (n,) = struct.unpack_from(">I", rest)
+        for conn, mine in results:
+            made += mine
+            for s, t in mine:
+                conn.call("closeSession", struct.pack(">QQ", s, t))
+            conn.close()
+        return len(made), n
+    made, listed = run_as(OTHER, flood)
+    assert 200 <= made and listed <= 256, (made, listed)
