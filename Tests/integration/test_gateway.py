@@ -876,3 +876,23 @@ def test_parallel_sessions_stay_within_the_bound(env, site):
         return len(made), n
     made, listed = run_as(OTHER, flood)
     assert 200 <= made and listed <= 256, (made, listed)
+
+
+def test_a_mount_fails_operations_with_eio_while_the_gateway_is_away_and_goes_on(env, site):
+    """Past --meta-timeout without its gateway a mount answers EIO, stays mounted and alive, and
+    works again once the gateway is back."""
+    gw = site["file"]
+    a = mount(env, site, USER, gw, "--meta-timeout", "3")
+    run_as(USER, lambda: open(os.path.join(a, "before-outage"), "w").write("x"))
+    pid = helpers.mount_pid(a)
+    gw.stop()
+    try:
+        t0 = time.time()
+        got = run_as(USER, errno_of, lambda: open(os.path.join(a, f"during-{os.urandom(3).hex()}"), "w").write("y"))
+        waited = time.time() - t0
+    finally:
+        gw.start()
+    assert got == errno.EIO and 2.5 <= waited < 30, (got, waited)
+    assert helpers.is_mounted(a) and pid and os.path.exists(f"/proc/{pid}")
+    run_as(USER, lambda: open(os.path.join(a, "after-outage"), "w").write("z"))
+    assert run_as(USER, lambda: sorted(n for n in os.listdir(a) if n.endswith("outage"))) == ["after-outage", "before-outage"]
