@@ -167,7 +167,7 @@ struct KeyWrites {
 
 /// The state of one attempt of a transaction of `RedisTxnStore`: what it read (each read is a
 /// check of the commit), the writes it buffered, and how it got its reads. Used by one thread.
-final class RedisTxn {
+package final class RedisTxn {
     // (unowned(unsafe): a transaction lives only inside its store's `transaction` call, and a
     // checked reference cost an atomic operation on every use.)
     unowned(unsafe) let store: RedisTxnStore

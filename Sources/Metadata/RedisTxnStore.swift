@@ -310,10 +310,12 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     // MARK: transactions
 
-    package func transaction<T>(write: Bool, _ body: () throws(FSError) -> T) throws(FSError) -> T {
+    package typealias Txn = RedisTxn
+
+    package func transaction<T>(write: Bool, _ body: (RedisTxn) throws(FSError) -> T) throws(FSError) -> T {
         if let t = RedisTxn.current, t.store === self {
             if write { t.write = true }
-            return try body()
+            return try body(t)
         }
         if write { RedisTxn.lastCommitted = nil }
         var attempt = 0
@@ -917,11 +919,11 @@ extension RedisTxn {
     }
 
     /// Runs `body` as the thread's transaction.
-    func run<T>(_ body: () throws(FSError) -> T) throws(FSError) -> T {
+    func run<T>(_ body: (RedisTxn) throws(FSError) -> T) throws(FSError) -> T {
         let previous = pthread_getspecific(currentTxnKey)
         pthread_setspecific(currentTxnKey, Unmanaged.passUnretained(self).toOpaque())
         defer { pthread_setspecific(currentTxnKey, previous) }
-        return try body()
+        return try body(self)
     }
 }
 

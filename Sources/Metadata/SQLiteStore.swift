@@ -11,6 +11,12 @@ import StageFSCore
     import Foundation
 #endif
 
+/// A transaction of `SQLiteStore`: the store's connection is in a transaction, and this
+/// value says so to the calls made in it (only `SQLiteStore.transaction` makes one).
+package struct SQLiteTxn {
+    fileprivate init() {}
+}
+
 /// The embedded metadata store: one SQLite database file in WAL mode, safe for several
 /// processes on one node (SQLite's file locks) and serialized within a process.
 package final class SQLiteStore: TxnStore, @unchecked Sendable {
@@ -52,16 +58,18 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
             """)
     }
 
-    package func transaction<T>(write: Bool, _ body: () throws(FSError) -> T) throws(FSError) -> T {
+    package typealias Txn = SQLiteTxn
+
+    package func transaction<T>(write: Bool, _ body: (SQLiteTxn) throws(FSError) -> T) throws(FSError) -> T {
         let me = pthread_self()
-        if let o = owner, pthread_equal(o, me) != 0 { return try body() }
+        if let o = owner, pthread_equal(o, me) != 0 { return try body(SQLiteTxn()) }
         lock.lock()
         owner = me
         defer {
             owner = nil
             lock.unlock()
         }
-        return try conn.transaction(write: write, body)
+        return try conn.transaction(write: write) { () throws(FSError) in try body(SQLiteTxn()) }
     }
 
     private func one<T>(_ sql: String, _ args: [SQLValue], _ read: (OpaquePointer) -> T) throws(FSError) -> T? {
@@ -83,7 +91,7 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
     package func add(_ counter: String, _ delta: Int64) throws(FSError) { _ = try incr(counter, delta) }
 
     package func reserveIDs(_ counter: String, _ count: Int) throws(FSError) -> UInt64 {
-        try transaction(write: true) { () throws(FSError) in UInt64(try incr(counter, Int64(count)) - Int64(count) + 1) }
+        try transaction(write: true) { (tx) throws(FSError) in UInt64(try incr(counter, Int64(count)) - Int64(count) + 1) }
     }
 
     package func newInode() throws(FSError) -> Ino { Ino(try incr("nextInode", 1)) }

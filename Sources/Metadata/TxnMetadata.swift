@@ -15,9 +15,13 @@ import StageFSCore
 /// conflict over its times.
 package protocol TxnStore: AnyObject, Sendable {
     var displayName: String { get }
-    /// Runs `body` in one transaction. A call inside another transaction of the same store on
-    /// the same thread joins it.
-    func transaction<T>(write: Bool, _ body: () throws(FSError) -> T) throws(FSError) -> T
+    /// One transaction, as a value: the body of `transaction` is given it, and a nested call
+    /// that should be part of the same transaction is passed it (nothing about a transaction
+    /// is found through the thread).
+    associatedtype Txn
+    /// Runs `body` in one transaction, handing it the transaction. A call inside another
+    /// transaction of the same store on the same thread joins it.
+    func transaction<T>(write: Bool, _ body: (Txn) throws(FSError) -> T) throws(FSError) -> T
     /// Says what the transaction is about to read, so that a store with round trips fetches it
     /// all at once. Only a hint: reads not named still work, names not read cost nothing more.
     func prefetch(_ reads: [TxnRead]) throws(FSError)
@@ -188,12 +192,12 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     // MARK: volume
 
     package func loadFormat() throws(FSError) -> VolumeFormat? {
-        guard let text = try store.transaction(write: false, { () throws(FSError) in try store.setting("format") }) else { return nil }
+        guard let text = try store.transaction(write: false, { (tx) throws(FSError) in try store.setting("format") }) else { return nil }
         return try VolumeFormat.decode(text)
     }
 
     package func initialize(_ format: VolumeFormat, force: Bool, rootMode: UInt16) throws(FSError) {
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             if let text = try store.setting("format") {
                 let old = try VolumeFormat.decode(text)
                 if !force && !format.differences(from: old).isEmpty {
@@ -220,7 +224,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     package func statfs() throws(FSError) -> StatFS {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             try store.prefetch([.counter("usedSpace"), .counter("usedInodes")])
             let used = UInt64(max(0, try store.counter("usedSpace")))
             let inodes = UInt64(max(0, try store.counter("usedInodes")))
@@ -231,7 +235,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     // MARK: sessions
 
     package func newSession(_ info: SessionInfo) throws(FSError) -> UInt64 {
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             var info = info
             info.sid = try store.reserveIDs("nextSession", 1)
             let now = Timespec.now().sec
@@ -244,7 +248,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func heartbeat(_ sid: UInt64) throws(FSError) {
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             guard var info = try store.session(sid) else { throw FSError(ENOENT, "session \(sid) is gone (cleaned up as stale)") }
             info.heartbeat = Timespec.now().sec
             try store.putSession(info)
@@ -254,7 +258,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func closeSession(_ sid: UInt64) throws(FSError) {
         // In bounded steps: a session may hold very many open files and locks.
         while true {
-            let done = try store.transaction(write: true) { () throws(FSError) -> Bool in
+            let done = try store.transaction(write: true) { (tx) throws(FSError) -> Bool in
                 let opens = try store.sessionOpens(sid, limit: chunkBatch)
                 try store.prefetch(opens.flatMap { (ino, _) in [.opens(sid: sid, ino), .attr(ino), .isOpen(ino)] })
                 for (ino, count) in opens {
@@ -278,7 +282,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     package func listSessions() throws(FSError) -> [SessionInfo] {
-        try store.transaction(write: false) { () throws(FSError) in try store.sessions() }
+        try store.transaction(write: false) { (tx) throws(FSError) in try store.sessions() }
     }
 
     package func cleanStaleSessions(age: Int64) throws(FSError) -> Int {
@@ -295,7 +299,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             try store.prefetch([.attr(parent), .entry(parent, name)])
             guard let pa = try store.attr(parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
@@ -316,7 +320,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func getattr(_ ino: Ino) throws(FSError) -> Attr {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             return a
         }
@@ -333,7 +337,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         // A cut that drops many chunks takes several bounded steps; each step is one
         // transaction that leaves a valid, shorter file, and repeating the request is harmless.
         while true {
-            let (a, done) = try store.transaction(write: true) { () throws(FSError) -> (Attr, Bool) in
+            let (a, done) = try store.transaction(write: true) { (tx) throws(FSError) -> (Attr, Bool) in
                 guard var a = try store.attr(ino) else { throw FSError.notFound }
                 let before = a
                 let now = Timespec.now()
@@ -379,7 +383,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr) {
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             let (ino, a) = try mknod(cred, parent, name, .regular, mode, rdev: 0, target: nil)
             try store.addOpen(sid, ino)
             return (ino, a)
@@ -394,7 +398,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     {
         try validateName(name)
         if type == .symlink && (target == nil || target!.isEmpty || target!.count > 4095) { throw FSError.invalid }
-        return try store.transaction(write: true) { () throws(FSError) in
+        return try store.transaction(write: true) { (tx) throws(FSError) in
             try store.prefetch([.attr(parent), .entry(parent, name)])
             guard var pa = try store.attr(parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
@@ -465,7 +469,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             try store.prefetch([.attr(parent), .entry(parent, name)])
             var attrs = AttrSet()
             let pa = try attrs.load(store, parent)
@@ -493,7 +497,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
         if name == [UInt8(ascii: ".")] { throw FSError.invalid }
         if name == [UInt8(ascii: "."), UInt8(ascii: ".")] { throw FSError.notEmpty }
-        return try store.transaction(write: true) { () throws(FSError) in
+        return try store.transaction(write: true) { (tx) throws(FSError) in
             try store.prefetch([.attr(parent), .entry(parent, name)])
             guard var pa = try store.attr(parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
@@ -542,7 +546,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         if flags.contains(.exchange) && flags.contains(.noReplace) { throw FSError.invalid }
         try validateName(dn)
         if sn.isEmpty || sn.count > maxNameLength { throw FSError.notFound }
-        return try store.transaction(write: true) { () throws(FSError) -> RenameResult in
+        return try store.transaction(write: true) { (tx) throws(FSError) -> RenameResult in
             try store.prefetch([.attr(sp), .attr(dp), .entry(sp, sn), .entry(dp, dn)])
             var attrs = AttrSet()
             let spa = try attrs.load(store, sp)
@@ -632,7 +636,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     @_specialize(where S == RedisTxnStore)
     package func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
         try validateName(name)
-        return try store.transaction(write: true) { () throws(FSError) in
+        return try store.transaction(write: true) { (tx) throws(FSError) in
             try store.prefetch([.attr(parent), .attr(ino), .entry(parent, name)])
             guard var pa = try store.attr(parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
@@ -655,7 +659,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     package func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             try store.prefetch([.attr(ino), .symlink(ino)])
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             guard a.type == .symlink, let t = try store.symlinkTarget(ino) else { throw FSError.invalid }
@@ -665,7 +669,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             try store.prefetch([.attr(ino), .entries(ino, after: cookie, limit: limit, plus: plus)])
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             guard a.type == .directory else { throw FSError.notDir }
@@ -683,7 +687,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             try store.prefetch([.attr(ino), .xattr(ino, name)])
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             try xattrReadCheck(a, cred, name)
@@ -693,7 +697,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     package func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]] {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             guard try store.attr(ino) != nil else { throw FSError.notFound }
             return try store.xattrNames(ino).filter { cred.isRoot || !$0.starts(with: trustedPrefix) }
         }
@@ -705,7 +709,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     /// the check reads no other attribute.
     package func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
         if value.count > 65536 { throw FSError(E2BIG, "attribute value too large") }
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             try store.prefetch([.attr(ino), .xattr(ino, name), .xattrCount(ino), .xattrBytes(ino)])
             guard var a = try store.attr(ino) else { throw FSError.notFound }
             try xattrWriteCheck(a, cred, name)
@@ -735,7 +739,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     package func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             try store.prefetch([.attr(ino), .xattr(ino, name), .xattrBytes(ino)])
             guard var a = try store.attr(ino) else { throw FSError.notFound }
             try xattrWriteCheck(a, cred, name, removing: true)
@@ -757,7 +761,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     @_specialize(where S == RedisTxnStore)
     package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?) {
         var first: [Slice]?
-        let a = try store.transaction(write: true) { () throws(FSError) -> Attr in
+        let a = try store.transaction(write: true) { (tx) throws(FSError) -> Attr in
             try store.prefetch([.attr(ino)])
             guard let a = try store.attr(ino) else { throw FSError.notFound }
             let mask = accessMask(openFlags: flags)
@@ -775,7 +779,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     @discardableResult package func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool {
-        try store.transaction(write: true) { () throws(FSError) -> Bool in
+        try store.transaction(write: true) { (tx) throws(FSError) -> Bool in
             try store.prefetch([.opens(sid: sid, ino), .attr(ino), .isOpen(ino)])
             if try store.dropOpens(sid, ino, 1) > 0 { return false }
             return try freeIfUnused(ino)
@@ -784,12 +788,12 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice] {
-        try store.transaction(write: false) { () throws(FSError) in Slice.decodeAll(try store.chunk(ino, index)) }
+        try store.transaction(write: false) { (tx) throws(FSError) in Slice.decodeAll(try store.chunk(ino, index)) }
     }
 
     @_specialize(where S == RedisTxnStore)
     package func readChunks(_ chunks: [(Ino, UInt32)]) throws(FSError) -> [[Slice]] {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             var out: [[Slice]] = []
             out.reserveCapacity(chunks.count)
             for start in stride(from: 0, to: chunks.count, by: chunkBatch) {
@@ -803,7 +807,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func getattrs(_ inos: [Ino]) throws(FSError) -> [Attr?] {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             var out: [Attr?] = []
             out.reserveCapacity(inos.count)
             for start in stride(from: 0, to: inos.count, by: chunkBatch) {
@@ -817,7 +821,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr {
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             guard var a = try store.attr(ino) else { throw FSError.notFound }
             guard a.type == .regular else { throw FSError.invalid }
             try store.appendChunk(ino, index, slice.encoded())
@@ -837,11 +841,11 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     package func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete] {
-        try store.transaction(write: false) { () throws(FSError) in try store.pendingDeletes(limit: limit) }
+        try store.transaction(write: false) { (tx) throws(FSError) in try store.pendingDeletes(limit: limit) }
     }
 
     package func finishDelete(_ pending: PendingDelete) throws(FSError) -> (slices: [Slice], done: Bool) {
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             var out: [Slice] = []
             try store.prefetch([.chunkList(pending.ino, from: 0, limit: chunkBatch)])
             let idxs = try store.chunkIndexes(pending.ino, from: 0, limit: chunkBatch, descending: false)
@@ -855,7 +859,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func finishDeletes(limit: Int) throws(FSError) -> (slices: [Slice], more: Bool) {
-        try store.transaction(write: true) { () throws(FSError) -> ([Slice], Bool) in
+        try store.transaction(write: true) { (tx) throws(FSError) -> ([Slice], Bool) in
             try store.prefetch([.pendingDeletes(limit: limit, chunks: chunkBatch)])
             let pending = try store.pendingDeletes(limit: limit)
             var out: [Slice] = []
@@ -875,13 +879,13 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func takeDroppedSlices(limit: Int) throws(FSError) -> [Slice] {
-        try store.transaction(write: true) { () throws(FSError) in Slice.decodeAll(try store.takeDroppedSlices(limit: limit)) }
+        try store.transaction(write: true) { (tx) throws(FSError) in Slice.decodeAll(try store.takeDroppedSlices(limit: limit)) }
     }
 
     // MARK: locks
 
     package func updateLocks(_ ino: Ino, kind: UInt8, sid: UInt64, _ body: ([UInt8]) throws(FSError) -> [UInt8]?) throws(FSError) {
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             try store.prefetch([.attr(ino), .locks(ino, kind)])
             guard try store.attr(ino) != nil else { throw FSError.notFound }
             if let table = try body(try store.locks(ino, kind)) { try store.putLocks(ino, kind, table, sid: sid) }
@@ -997,7 +1001,7 @@ package protocol VolumeSecrets: AnyObject, Sendable {
 /// What a gateway asks of an engine beyond `MetadataEngine`.
 extension TxnMetadata: OpenChecks {
     package func openState(_ sid: UInt64, _ ino: Ino) throws(FSError) -> (opens: Int, attr: Attr?) {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             try store.prefetch([.attr(ino)])
             return (try store.openCount(sid, ino), try store.attr(ino))
         }
@@ -1013,7 +1017,7 @@ package protocol OpenChecks: AnyObject, Sendable {
 extension TxnMetadata: VolumeSecrets {
     package func volumeSecret(_ name: String, bytes: Int) throws(FSError) -> [UInt8] {
         let fresh = Sys.randomBytes(bytes).map { String($0, radix: 16).leftPadded(2) }.joined()
-        let text = try store.transaction(write: true) { () throws(FSError) -> String in
+        let text = try store.transaction(write: true) { (tx) throws(FSError) -> String in
             if let t = try store.setting("secret_" + name) { return t }
             try store.setSetting("secret_" + name, fresh)
             return fresh

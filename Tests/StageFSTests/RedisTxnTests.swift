@@ -79,7 +79,7 @@ struct RedisTxnTests {
         let other = try f.client()
         let (ino, a0) = try f.meta.mknod(alice, rootIno, n("f"), .regular, 0o644, rdev: 0, target: nil)
         let bump = { (s: RedisTxnStore) throws(FSError) in
-            try s.transaction(write: true) { () throws(FSError) in
+            try s.transaction(write: true) { (tx) throws(FSError) in
                 guard var a = try s.attr(ino) else { throw FSError.notFound }
                 a.nlink += 1
                 try s.putAttr(ino, a)
