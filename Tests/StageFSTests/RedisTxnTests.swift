@@ -80,9 +80,9 @@ struct RedisTxnTests {
         let (ino, a0) = try f.meta.mknod(alice, rootIno, n("f"), .regular, 0o644, rdev: 0, target: nil)
         let bump = { (s: RedisTxnStore) throws(FSError) in
             try s.transaction(write: true) { (tx) throws(FSError) in
-                guard var a = try s.attr(ino) else { throw FSError.notFound }
+                guard var a = try s.attr(tx, ino) else { throw FSError.notFound }
                 a.nlink += 1
-                try s.putAttr(ino, a)
+                try s.putAttr(tx, ino, a)
             }
         }
         var rounds = 0
