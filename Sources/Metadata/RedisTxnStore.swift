@@ -313,10 +313,6 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     package typealias Txn = RedisTxn
 
     package func transaction<T>(write: Bool, _ body: (RedisTxn) throws(FSError) -> T) throws(FSError) -> T {
-        if let t = RedisTxn.current, t.store === self {
-            if write { t.write = true }
-            return try body(t)
-        }
         if write { RedisTxn.lastCommitted = nil }
         var attempt = 0
         var useCache = write
@@ -335,7 +331,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             let t = RedisTxn(store: self, write: write, useCache: useCache)
             let result: T
             do {
-                result = try t.run(body)
+                result = try body(t)
             } catch {
                 // An error of the rules that came from what this client remembered, or from
                 // reads taken in several round trips, is confirmed before it is given (an I/O
@@ -872,6 +868,11 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
 /// The writes of the thread's last committed transaction: the attribute records it set whole
 /// are as they are on the server right after it (what `recentAttr` answers).
+///
+/// Not transaction state: nothing in a transaction reads it. It is kept per thread (below)
+/// because `recentAttr` answers "what did the change this caller just made commit", and the
+/// caller (`VFS.changing`) asks on the thread that ran the change, right after it returns;
+/// one slot in the store would answer with whichever thread committed last.
 final class CommittedWrites {
     /// The store's `serial` (not a weak reference: one of those would move the store's reference
     /// counts to a side table and make every retain of it slower).
@@ -899,27 +900,6 @@ extension RedisTxn {
             if let old = pthread_getspecific(lastCommittedKey) { Unmanaged<CommittedWrites>.fromOpaque(old).release() }
             pthread_setspecific(lastCommittedKey, newValue.map { Unmanaged.passRetained($0).toOpaque() })
         }
-    }
-}
-
-/// The thread's transaction (one per thread at a time; a nested call joins it).
-private let currentTxnKey: pthread_key_t = {
-    var k = pthread_key_t()
-    pthread_key_create(&k, nil)
-    return k
-}()
-
-extension RedisTxn {
-    static var current: RedisTxn? {
-        pthread_getspecific(currentTxnKey).map { Unmanaged<RedisTxn>.fromOpaque($0).takeUnretainedValue() }
-    }
-
-    /// Runs `body` as the thread's transaction.
-    func run<T>(_ body: (RedisTxn) throws(FSError) -> T) throws(FSError) -> T {
-        let previous = pthread_getspecific(currentTxnKey)
-        pthread_setspecific(currentTxnKey, Unmanaged.passUnretained(self).toOpaque())
-        defer { pthread_setspecific(currentTxnKey, previous) }
-        return try body(self)
     }
 }
 

@@ -22,7 +22,6 @@ package struct SQLiteTxn {
 package final class SQLiteStore: TxnStore, @unchecked Sendable {
     private let conn: SQLiteConnection
     private let lock = ConditionLock()
-    private var owner: pthread_t?
     package let displayName: String
 
     package init(path: String, create: Bool) throws(FSError) {
@@ -61,14 +60,8 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
     package typealias Txn = SQLiteTxn
 
     package func transaction<T>(write: Bool, _ body: (SQLiteTxn) throws(FSError) -> T) throws(FSError) -> T {
-        let me = pthread_self()
-        if let o = owner, pthread_equal(o, me) != 0 { return try body(SQLiteTxn()) }
         lock.lock()
-        owner = me
-        defer {
-            owner = nil
-            lock.unlock()
-        }
+        defer { lock.unlock() }
         return try conn.transaction(write: write) { () throws(FSError) in try body(SQLiteTxn()) }
     }
 
@@ -91,7 +84,10 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
     package func add(_ tx: SQLiteTxn, _ counter: String, _ delta: Int64) throws(FSError) { _ = try incr(counter, delta) }
 
     package func reserveIDs(_ tx: SQLiteTxn?, _ counter: String, _ count: Int) throws(FSError) -> UInt64 {
-        try transaction(write: true) { (tx) throws(FSError) in UInt64(try incr(counter, Int64(count)) - Int64(count) + 1) }
+        // Ids are taken in the caller's transaction when there is one (one of this store's
+        // transactions waits for another to end).
+        if tx != nil { return UInt64(try incr(counter, Int64(count)) - Int64(count) + 1) }
+        return try transaction(write: true) { (_) throws(FSError) in UInt64(try incr(counter, Int64(count)) - Int64(count) + 1) }
     }
 
     package func newInode(_ tx: SQLiteTxn) throws(FSError) -> Ino { Ino(try incr("nextInode", 1)) }

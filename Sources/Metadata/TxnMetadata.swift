@@ -15,12 +15,13 @@ import StageFSCore
 /// conflict over its times.
 package protocol TxnStore: AnyObject, Sendable {
     var displayName: String { get }
-    /// One transaction, as a value: the body of `transaction` is given it, and a nested call
-    /// that should be part of the same transaction is passed it (nothing about a transaction
-    /// is found through the thread).
+    /// One transaction, as a value: the body of `transaction` is given it, and every call that
+    /// is part of it is passed it (nothing about a transaction is found through the thread, so
+    /// any thread can run one).
     associatedtype Txn
-    /// Runs `body` in one transaction, handing it the transaction. A call inside another
-    /// transaction of the same store on the same thread joins it.
+    /// Runs `body` in one transaction, handing it the transaction. A call inside `body` that is
+    /// to be part of it is passed that value; `body` must not start another transaction of the
+    /// same store (it would be a separate one, and SQLite's would wait for this one to end).
     func transaction<T>(write: Bool, _ body: (Txn) throws(FSError) -> T) throws(FSError) -> T
     /// Says what the transaction is about to read, so that a store with round trips fetches it
     /// all at once. Only a hint: reads not named still work, names not read cost nothing more.
@@ -385,7 +386,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     @_specialize(where S == RedisTxnStore)
     package func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr) {
         try store.transaction(write: true) { (tx) throws(FSError) in
-            let (ino, a) = try mknod(cred, parent, name, .regular, mode, rdev: 0, target: nil)
+            try validateName(name)
+            let (ino, a) = try makeNode(tx, cred, parent, name, .regular, mode, rdev: 0, target: nil)
             try store.addOpen(tx, sid, ino)
             return (ino, a)
         }
@@ -400,41 +402,50 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         try validateName(name)
         if type == .symlink && (target == nil || target!.isEmpty || target!.count > 4095) { throw FSError.invalid }
         return try store.transaction(write: true) { (tx) throws(FSError) in
-            try store.prefetch(tx, [.attr(parent), .entry(parent, name)])
-            guard var pa = try store.attr(tx, parent) else { throw FSError.notFound }
-            guard pa.type == .directory else { throw FSError.notDir }
-            try Posix.check(pa, cred, [.write, .execute])
-            if pa.nlink == 0 { throw FSError.notFound }
-            if try store.entry(tx, parent, name) != nil { throw FSError.exists }
-            let ino = try store.newInode(tx)
-            let now = Timespec.now()
-            var perm = mode & 0o7777
-            var gid = cred.gid
-            if pa.mode & 0o2000 != 0 {
-                gid = pa.gid
-                if type == .directory {
-                    perm |= 0o2000
-                } else if perm & 0o2010 == 0o2010 && !cred.isRoot && !cred.inGroup(gid) {
-                    perm &= ~0o2000
-                }
-            }
-            let size: UInt64 = type == .directory ? 4096 : (type == .symlink ? UInt64(target!.count) : 0)
-            let a = Attr(
-                type: type, mode: perm, uid: cred.uid, gid: gid, nlink: type == .directory ? 2 : 1, size: size,
-                atime: now, mtime: now, ctime: now, rdev: type == .blockDevice || type == .charDevice ? rdev : 0,
-                parent: type == .directory ? parent : 0)
-            try store.putAttr(tx, ino, a)
-            if type == .symlink { try store.putSymlinkTarget(tx, ino, target!) }
-            try store.putEntry(tx, parent, name, ino, type)
-            pa.mtime = now
-            pa.ctime = now
-            if type == .directory { pa.nlink += 1 }
-            try store.putAttr(tx, parent, pa)
-            // Quotas (not built yet) charge the inode to its owner here (issue 18).
-            try store.add(tx, "usedInodes", 1)
-            try store.add(tx, "usedSpace", align4K(size))
-            return (ino, a)
+            try makeNode(tx, cred, parent, name, type, mode, rdev: rdev, target: target)
         }
+    }
+
+    /// mknod(2) in the transaction `tx`, its name and target already checked.
+    private func makeNode(
+        _ tx: S.Txn, _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?
+    )
+        throws(FSError) -> (Ino, Attr)
+    {
+        try store.prefetch(tx, [.attr(parent), .entry(parent, name)])
+        guard var pa = try store.attr(tx, parent) else { throw FSError.notFound }
+        guard pa.type == .directory else { throw FSError.notDir }
+        try Posix.check(pa, cred, [.write, .execute])
+        if pa.nlink == 0 { throw FSError.notFound }
+        if try store.entry(tx, parent, name) != nil { throw FSError.exists }
+        let ino = try store.newInode(tx)
+        let now = Timespec.now()
+        var perm = mode & 0o7777
+        var gid = cred.gid
+        if pa.mode & 0o2000 != 0 {
+            gid = pa.gid
+            if type == .directory {
+                perm |= 0o2000
+            } else if perm & 0o2010 == 0o2010 && !cred.isRoot && !cred.inGroup(gid) {
+                perm &= ~0o2000
+            }
+        }
+        let size: UInt64 = type == .directory ? 4096 : (type == .symlink ? UInt64(target!.count) : 0)
+        let a = Attr(
+            type: type, mode: perm, uid: cred.uid, gid: gid, nlink: type == .directory ? 2 : 1, size: size,
+            atime: now, mtime: now, ctime: now, rdev: type == .blockDevice || type == .charDevice ? rdev : 0,
+            parent: type == .directory ? parent : 0)
+        try store.putAttr(tx, ino, a)
+        if type == .symlink { try store.putSymlinkTarget(tx, ino, target!) }
+        try store.putEntry(tx, parent, name, ino, type)
+        pa.mtime = now
+        pa.ctime = now
+        if type == .directory { pa.nlink += 1 }
+        try store.putAttr(tx, parent, pa)
+        // Quotas (not built yet) charge the inode to its owner here (issue 18).
+        try store.add(tx, "usedInodes", 1)
+        try store.add(tx, "usedSpace", align4K(size))
+        return (ino, a)
     }
 
     /// Frees an inode that has no links and no opens left; returns whether it did.

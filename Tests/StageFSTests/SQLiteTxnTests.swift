@@ -58,13 +58,14 @@ struct SQLiteTxnTests {
         #expect(n == String(2 * rounds))
     }
 
-    @Test func aNestedCallJoinsTheTransaction() throws {
+    @Test func aCallGivenTheTransactionIsPartOfIt() throws {
         let (m, _) = try volume()
         let s = m.store
+        func inner(_ tx: SQLiteTxn) throws(FSError) { try s.setSetting(tx, "inner", "1") }
         #expect(throws: FSError.self) {
             try s.transaction(write: true) { (tx) throws(FSError) in
                 try s.setSetting(tx, "outer", "1")
-                try s.transaction(write: true) { (tx) throws(FSError) in try s.setSetting(tx, "inner", "1") }
+                try inner(tx)
                 throw FSError.invalid
             }
         }
