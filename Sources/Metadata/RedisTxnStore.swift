@@ -514,8 +514,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     }
 
 
-    package func prefetch(_ tx: RedisTxn, _ reads: [TxnRead]) throws(FSError) {
-        let t = tx
+    package func prefetch(_ t: RedisTxn, _ reads: [TxnRead]) throws(FSError) {
         var ops: [ReadOp] = []
         for r in reads {
             switch r {
@@ -578,8 +577,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return UInt64(last - Int64(count) + 1)
     }
 
-    package func newInode(_ tx: RedisTxn) throws(FSError) -> Ino {
-        let t = tx
+    package func newInode(_ t: RedisTxn) throws(FSError) -> Ino {
         let ino = try inodes.take { (n) throws(FSError) in try reserveIDs(nil, "nextInode", n) }
         t.newInodes.append(ino)
         return ino
@@ -602,8 +600,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         try tx.set(keys.attr(ino), attr.encode())
     }
 
-    package func deleteInode(_ tx: RedisTxn, _ ino: Ino) throws(FSError) {
-        let t = tx
+    package func deleteInode(_ t: RedisTxn, _ ino: Ino) throws(FSError) {
         try t.del(keys.attr(ino))
         try t.del(keys.symlink(ino))
         try t.del(keys.xattrs(ino))
@@ -617,8 +614,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return (ino, FileType(rawValue: r.u8()) ?? .regular)
     }
 
-    package func putEntry(_ tx: RedisTxn, _ parent: Ino, _ name: [UInt8], _ ino: Ino, _ type: FileType) throws(FSError) {
-        let t = tx
+    package func putEntry(_ t: RedisTxn, _ parent: Ino, _ name: [UInt8], _ ino: Ino, _ type: FileType) throws(FSError) {
         var w = ByteWriter(capacity: 9)
         w.u64(ino)
         w.u8(type.rawValue)
@@ -627,8 +623,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         try t.op("ZADD", keys.positions(parent), [Array(String(cookie).utf8), name])
     }
 
-    package func deleteEntry(_ tx: RedisTxn, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
-        let t = tx
+    package func deleteEntry(_ t: RedisTxn, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
         try t.hdel(keys.entries(parent), name)
         try t.op("ZREM", keys.positions(parent), [name])
     }
@@ -637,8 +632,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         try tx.hashLength(keys.entries(parent)) > 0
     }
 
-    package func entries(_ tx: RedisTxn, _ parent: Ino, after cookie: UInt64, limit: Int) throws(FSError) -> [DirEntry] {
-        let t = tx
+    package func entries(_ t: RedisTxn, _ parent: Ino, after cookie: UInt64, limit: Int) throws(FSError) -> [DirEntry] {
         let z = keys.positions(parent)
         let d = keys.entries(parent)
         if t.writes[z] != nil || t.writes[d] != nil { throw bug("reading directory \(parent) after changing it in the same transaction") }
@@ -682,14 +676,12 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return n
     }
 
-    package func putXattrBytes(_ tx: RedisTxn, _ ino: Ino, _ bytes: Int?) throws(FSError) {
-        let t = tx
+    package func putXattrBytes(_ t: RedisTxn, _ ino: Ino, _ bytes: Int?) throws(FSError) {
         if let bytes { try t.set(keys.xattrBytes(ino), Array(String(bytes).utf8)) } else { try t.del(keys.xattrBytes(ino)) }
     }
 
     /// The names (HKEYS), then every value's length (HSTRLEN) in one more round trip.
-    package func sumXattrBytes(_ tx: RedisTxn, _ ino: Ino) throws(FSError) -> Int {
-        let t = tx
+    package func sumXattrBytes(_ t: RedisTxn, _ ino: Ino) throws(FSError) -> Int {
         let k = keys.xattrs(ino)
         let names = try t.scan(.hkeys(k)).array.compactMap { $0.bytes }
         try t.load(names.map { .cmd(.hstrlen(k, $0)) })
@@ -702,21 +694,18 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     package func chunk(_ tx: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] { try tx.string(keys.chunk(ino, index)) ?? [] }
 
-    package func chunkAfterCommit(_ tx: RedisTxn, _ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
-        let t = tx
-        if !t.write { return got(try chunk(tx, ino, index)) }
+    package func chunkAfterCommit(_ t: RedisTxn, _ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
+        if !t.write { return got(try chunk(t, ino, index)) }
         t.trailing.append((.get(keys.chunk(ino, index)), { got($0.bytes ?? []) }))
     }
 
-    package func appendChunk(_ tx: RedisTxn, _ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
-        let t = tx
+    package func appendChunk(_ t: RedisTxn, _ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
         let idx = Array(String(index).utf8)
         try t.append(keys.chunk(ino, index), record)
         try t.op("ZADD", keys.chunkIndex(ino), [idx, idx])
     }
 
-    package func deleteChunk(_ tx: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
-        let t = tx
+    package func deleteChunk(_ t: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
         let k = keys.chunk(ino, index)
         let blob = try t.string(k) ?? []
         if !blob.isEmpty { try t.del(k) }
@@ -737,14 +726,12 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         try tx.field(keys.opens(ino), Array(String(sid).utf8)).flatMap { Int(String(decoding: $0, as: UTF8.self)) } ?? 0
     }
 
-    package func addOpen(_ tx: RedisTxn, _ sid: UInt64, _ ino: Ino) throws(FSError) {
-        let t = tx
+    package func addOpen(_ t: RedisTxn, _ sid: UInt64, _ ino: Ino) throws(FSError) {
         try t.hincr(keys.opens(ino), Array(String(sid).utf8), 1)
         try t.hincr(keys.sessionOpens(sid), Array(String(ino).utf8), 1)
     }
 
-    package func dropOpens(_ tx: RedisTxn, _ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int {
-        let t = tx
+    package func dropOpens(_ t: RedisTxn, _ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int {
         let s = Array(String(sid).utf8)
         let i = Array(String(ino).utf8)
         let cur = try t.field(keys.opens(ino), s).flatMap { Int(String(decoding: $0, as: UTF8.self)) } ?? 0
@@ -789,8 +776,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         try tx.op("RPUSH", keys.delslices, [records])
     }
 
-    package func takeDroppedSlices(_ tx: RedisTxn, limit: Int) throws(FSError) -> [UInt8] {
-        let t = tx
+    package func takeDroppedSlices(_ t: RedisTxn, limit: Int) throws(FSError) -> [UInt8] {
         let items = try t.scan(.lrange(keys.delslices, count: limit)).array
         if items.isEmpty { return [] }
         try t.op("LTRIM", keys.delslices, [Array(String(items.count).utf8), Array("-1".utf8)])
@@ -799,8 +785,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     // MARK: sessions
 
-    package func session(_ tx: RedisTxn, _ sid: UInt64) throws(FSError) -> SessionInfo? {
-        let t = tx
+    package func session(_ t: RedisTxn, _ sid: UInt64) throws(FSError) -> SessionInfo? {
         let s = Array(String(sid).utf8)
         try t.load([.cmd(.hget(keys.sessionInfos, s)), .cmd(.zscore(keys.sessions, s))])
         guard let text = try t.field(keys.sessionInfos, s), var info = decodeSession(String(decoding: text, as: UTF8.self)) else { return nil }
@@ -809,15 +794,13 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return info
     }
 
-    package func putSession(_ tx: RedisTxn, _ info: SessionInfo) throws(FSError) {
-        let t = tx
+    package func putSession(_ t: RedisTxn, _ info: SessionInfo) throws(FSError) {
         let s = Array(String(info.sid).utf8)
         try t.op("ZADD", keys.sessions, [Array(String(info.heartbeat).utf8), s])
         try t.hset(keys.sessionInfos, s, Array(encodeSession(info).utf8))
     }
 
-    package func deleteSession(_ tx: RedisTxn, _ sid: UInt64) throws(FSError) {
-        let t = tx
+    package func deleteSession(_ t: RedisTxn, _ sid: UInt64) throws(FSError) {
         let s = Array(String(sid).utf8)
         try t.op("ZREM", keys.sessions, [s])
         try t.hdel(keys.sessionInfos, s)
@@ -825,8 +808,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         try t.del(keys.sessionOpens(sid))
     }
 
-    package func sessions(_ tx: RedisTxn) throws(FSError) -> [SessionInfo] {
-        let t = tx
+    package func sessions(_ t: RedisTxn) throws(FSError) -> [SessionInfo] {
         let z = try t.unchecked(ReadCmd(.zrange, keys.sessions, ["0", "-1", "WITHSCORES"].map { Array($0.utf8) })).array
         let h = try t.unchecked(ReadCmd(.hgetall, keys.sessionInfos)).array
         var beats: [UInt64: Int64] = [:]
@@ -847,8 +829,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     package func locks(_ tx: RedisTxn, _ ino: Ino, _ kind: UInt8) throws(FSError) -> [UInt8] { try tx.string(keys.locks(ino, kind)) ?? [] }
 
-    package func putLocks(_ tx: RedisTxn, _ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError) {
-        let t = tx
+    package func putLocks(_ t: RedisTxn, _ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError) {
         if table.isEmpty { try t.del(keys.locks(ino, kind)) } else { try t.set(keys.locks(ino, kind), table) }
         if sid != 0 { try t.op("SADD", keys.sessionLocks(sid), [Array("\(ino):\(kind)".utf8)]) }
     }
