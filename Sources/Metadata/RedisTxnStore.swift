@@ -513,7 +513,6 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return r
     }
 
-
     package func prefetch(_ t: RedisTxn, _ reads: [TxnRead]) throws(FSError) {
         var ops: [ReadOp] = []
         for r in reads {
@@ -658,7 +657,9 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     package func xattr(_ tx: RedisTxn, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]? { try tx.field(keys.xattrs(ino), name) }
 
-    package func putXattr(_ tx: RedisTxn, _ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError) { try tx.hset(keys.xattrs(ino), name, value) }
+    package func putXattr(_ tx: RedisTxn, _ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError) {
+        try tx.hset(keys.xattrs(ino), name, value)
+    }
 
     package func deleteXattr(_ tx: RedisTxn, _ ino: Ino, _ name: [UInt8]) throws(FSError) { try tx.hdel(keys.xattrs(ino), name) }
 
