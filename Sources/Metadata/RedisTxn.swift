@@ -166,8 +166,10 @@ struct KeyWrites {
 }
 
 /// The state of one attempt of a transaction of `RedisTxnStore`: what it read (each read is a
-/// check of the commit), the writes it buffered, and how it got its reads. Used by one thread.
-final class RedisTxn {
+/// check of the commit), the writes it buffered, and how it got its reads. It is the
+/// transaction's value (`TxnStore.Txn`): `RedisTxnStore.transaction` hands it to its body, and
+/// every read and write of the transaction is passed it. Used by one thread at a time.
+package final class RedisTxn {
     // (unowned(unsafe): a transaction lives only inside its store's `transaction` call, and a
     // checked reference cost an atomic operation on every use.)
     unowned(unsafe) let store: RedisTxnStore

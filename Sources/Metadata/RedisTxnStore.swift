@@ -310,11 +310,9 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     // MARK: transactions
 
-    package func transaction<T>(write: Bool, _ body: () throws(FSError) -> T) throws(FSError) -> T {
-        if let t = RedisTxn.current, t.store === self {
-            if write { t.write = true }
-            return try body()
-        }
+    package typealias Txn = RedisTxn
+
+    package func transaction<T>(write: Bool, _ body: (RedisTxn) throws(FSError) -> T) throws(FSError) -> T {
         if write { RedisTxn.lastCommitted = nil }
         var attempt = 0
         var useCache = write
@@ -333,7 +331,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
             let t = RedisTxn(store: self, write: write, useCache: useCache)
             let result: T
             do {
-                result = try t.run(body)
+                result = try body(t)
             } catch {
                 // An error of the rules that came from what this client remembered, or from
                 // reads taken in several round trips, is confirmed before it is given (an I/O
@@ -515,13 +513,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return r
     }
 
-    private func txn() throws(FSError) -> RedisTxn {
-        guard let t = RedisTxn.current, t.store === self else { throw bug("a metadata access outside a transaction") }
-        return t
-    }
-
-    package func prefetch(_ reads: [TxnRead]) throws(FSError) {
-        let t = try txn()
+    package func prefetch(_ t: RedisTxn, _ reads: [TxnRead]) throws(FSError) {
         var ops: [ReadOp] = []
         for r in reads {
             switch r {
@@ -559,24 +551,24 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     private func settingKey(_ key: String) -> RKey { key == "format" ? keys.setting : keys.counter("setting_" + key) }
 
-    package func setting(_ key: String) throws(FSError) -> String? {
-        try txn().string(settingKey(key)).map { String(decoding: $0, as: UTF8.self) }
+    package func setting(_ tx: RedisTxn, _ key: String) throws(FSError) -> String? {
+        try tx.string(settingKey(key)).map { String(decoding: $0, as: UTF8.self) }
     }
 
-    package func setSetting(_ key: String, _ value: String) throws(FSError) {
-        try txn().set(settingKey(key), Array(value.utf8))
+    package func setSetting(_ tx: RedisTxn, _ key: String, _ value: String) throws(FSError) {
+        try tx.set(settingKey(key), Array(value.utf8))
     }
 
-    package func counter(_ name: String) throws(FSError) -> Int64 {
-        guard let v = try txn().string(keys.counter(name)) else { return 0 }
+    package func counter(_ tx: RedisTxn, _ name: String) throws(FSError) -> Int64 {
+        guard let v = try tx.string(keys.counter(name)) else { return 0 }
         return Int64(String(decoding: v, as: UTF8.self)) ?? 0
     }
 
-    package func add(_ counter: String, _ delta: Int64) throws(FSError) {
-        if delta != 0 { try txn().incr(keys.counter(counter), delta) }
+    package func add(_ tx: RedisTxn, _ counter: String, _ delta: Int64) throws(FSError) {
+        if delta != 0 { try tx.incr(keys.counter(counter), delta) }
     }
 
-    package func reserveIDs(_ counter: String, _ count: Int) throws(FSError) -> UInt64 {
+    package func reserveIDs(_ tx: RedisTxn?, _ counter: String, _ count: Int) throws(FSError) -> UInt64 {
         self.count { $0.reservations += 1 }
         guard let last = try command(["INCRBY", keys.name(keys.counter(counter)), count]).int else {
             throw FSError(EIO, "\(displayName): no \(counter) ids")
@@ -584,17 +576,16 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return UInt64(last - Int64(count) + 1)
     }
 
-    package func newInode() throws(FSError) -> Ino {
-        let t = try txn()
-        let ino = try inodes.take { (n) throws(FSError) in try reserveIDs("nextInode", n) }
+    package func newInode(_ t: RedisTxn) throws(FSError) -> Ino {
+        let ino = try inodes.take { (n) throws(FSError) in try reserveIDs(nil, "nextInode", n) }
         t.newInodes.append(ino)
         return ino
     }
 
     // MARK: inodes and entries
 
-    package func attr(_ ino: Ino) throws(FSError) -> Attr? {
-        guard let b = try txn().string(keys.attr(ino)) else { return nil }
+    package func attr(_ tx: RedisTxn, _ ino: Ino) throws(FSError) -> Attr? {
+        guard let b = try tx.string(keys.attr(ino)) else { return nil }
         guard let a = Attr(decoding: b) else { throw FSError(EIO, "\(displayName): inode \(ino) has a corrupt record") }
         return a
     }
@@ -604,47 +595,43 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return Attr(decoding: b)
     }
 
-    package func putAttr(_ ino: Ino, _ attr: Attr) throws(FSError) {
-        try txn().set(keys.attr(ino), attr.encode())
+    package func putAttr(_ tx: RedisTxn, _ ino: Ino, _ attr: Attr) throws(FSError) {
+        try tx.set(keys.attr(ino), attr.encode())
     }
 
-    package func deleteInode(_ ino: Ino) throws(FSError) {
-        let t = try txn()
+    package func deleteInode(_ t: RedisTxn, _ ino: Ino) throws(FSError) {
         try t.del(keys.attr(ino))
         try t.del(keys.symlink(ino))
         try t.del(keys.xattrs(ino))
         try t.del(keys.xattrBytes(ino))
     }
 
-    package func entry(_ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, FileType)? {
-        guard let v = try txn().field(keys.entries(parent), name), v.count >= 9 else { return nil }
+    package func entry(_ tx: RedisTxn, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, FileType)? {
+        guard let v = try tx.field(keys.entries(parent), name), v.count >= 9 else { return nil }
         var r = ByteReader(v)
         let ino = r.u64()
         return (ino, FileType(rawValue: r.u8()) ?? .regular)
     }
 
-    package func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ type: FileType) throws(FSError) {
-        let t = try txn()
+    package func putEntry(_ t: RedisTxn, _ parent: Ino, _ name: [UInt8], _ ino: Ino, _ type: FileType) throws(FSError) {
         var w = ByteWriter(capacity: 9)
         w.u64(ino)
         w.u8(type.rawValue)
-        let cookie = try cookies.take { (n) throws(FSError) in try reserveIDs("nextCookie", n) }
+        let cookie = try cookies.take { (n) throws(FSError) in try reserveIDs(nil, "nextCookie", n) }
         try t.hset(keys.entries(parent), name, w.bytes)
         try t.op("ZADD", keys.positions(parent), [Array(String(cookie).utf8), name])
     }
 
-    package func deleteEntry(_ parent: Ino, _ name: [UInt8]) throws(FSError) {
-        let t = try txn()
+    package func deleteEntry(_ t: RedisTxn, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
         try t.hdel(keys.entries(parent), name)
         try t.op("ZREM", keys.positions(parent), [name])
     }
 
-    package func hasEntries(_ parent: Ino) throws(FSError) -> Bool {
-        try txn().hashLength(keys.entries(parent)) > 0
+    package func hasEntries(_ tx: RedisTxn, _ parent: Ino) throws(FSError) -> Bool {
+        try tx.hashLength(keys.entries(parent)) > 0
     }
 
-    package func entries(_ parent: Ino, after cookie: UInt64, limit: Int) throws(FSError) -> [DirEntry] {
-        let t = try txn()
+    package func entries(_ t: RedisTxn, _ parent: Ino, after cookie: UInt64, limit: Int) throws(FSError) -> [DirEntry] {
         let z = keys.positions(parent)
         let d = keys.entries(parent)
         if t.writes[z] != nil || t.writes[d] != nil { throw bug("reading directory \(parent) after changing it in the same transaction") }
@@ -662,40 +649,40 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return out
     }
 
-    package func symlinkTarget(_ ino: Ino) throws(FSError) -> [UInt8]? { try txn().string(keys.symlink(ino)) }
+    package func symlinkTarget(_ tx: RedisTxn, _ ino: Ino) throws(FSError) -> [UInt8]? { try tx.string(keys.symlink(ino)) }
 
-    package func putSymlinkTarget(_ ino: Ino, _ target: [UInt8]) throws(FSError) { try txn().set(keys.symlink(ino), target) }
+    package func putSymlinkTarget(_ tx: RedisTxn, _ ino: Ino, _ target: [UInt8]) throws(FSError) { try tx.set(keys.symlink(ino), target) }
 
     // MARK: extended attributes
 
-    package func xattr(_ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]? { try txn().field(keys.xattrs(ino), name) }
+    package func xattr(_ tx: RedisTxn, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]? { try tx.field(keys.xattrs(ino), name) }
 
-    package func putXattr(_ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError) { try txn().hset(keys.xattrs(ino), name, value) }
-
-    package func deleteXattr(_ ino: Ino, _ name: [UInt8]) throws(FSError) { try txn().hdel(keys.xattrs(ino), name) }
-
-    package func xattrNames(_ ino: Ino) throws(FSError) -> [[UInt8]] {
-        try txn().scan(.hkeys(keys.xattrs(ino))).array.compactMap { $0.bytes }.sorted { $0.lexicographicallyPrecedes($1) }
+    package func putXattr(_ tx: RedisTxn, _ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError) {
+        try tx.hset(keys.xattrs(ino), name, value)
     }
 
-    package func xattrCount(_ ino: Ino) throws(FSError) -> Int { Int(try txn().hashLength(keys.xattrs(ino))) }
+    package func deleteXattr(_ tx: RedisTxn, _ ino: Ino, _ name: [UInt8]) throws(FSError) { try tx.hdel(keys.xattrs(ino), name) }
 
-    package func xattrBytes(_ ino: Ino) throws(FSError) -> Int? {
-        guard let v = try txn().string(keys.xattrBytes(ino)) else { return nil }
+    package func xattrNames(_ tx: RedisTxn, _ ino: Ino) throws(FSError) -> [[UInt8]] {
+        try tx.scan(.hkeys(keys.xattrs(ino))).array.compactMap { $0.bytes }.sorted { $0.lexicographicallyPrecedes($1) }
+    }
+
+    package func xattrCount(_ tx: RedisTxn, _ ino: Ino) throws(FSError) -> Int { Int(try tx.hashLength(keys.xattrs(ino))) }
+
+    package func xattrBytes(_ tx: RedisTxn, _ ino: Ino) throws(FSError) -> Int? {
+        guard let v = try tx.string(keys.xattrBytes(ino)) else { return nil }
         guard let n = Int(String(decoding: v, as: UTF8.self)), n >= 0 else {
             throw FSError(EIO, "\(displayName): inode \(ino) has a corrupt extended-attribute total")
         }
         return n
     }
 
-    package func putXattrBytes(_ ino: Ino, _ bytes: Int?) throws(FSError) {
-        let t = try txn()
+    package func putXattrBytes(_ t: RedisTxn, _ ino: Ino, _ bytes: Int?) throws(FSError) {
         if let bytes { try t.set(keys.xattrBytes(ino), Array(String(bytes).utf8)) } else { try t.del(keys.xattrBytes(ino)) }
     }
 
     /// The names (HKEYS), then every value's length (HSTRLEN) in one more round trip.
-    package func sumXattrBytes(_ ino: Ino) throws(FSError) -> Int {
-        let t = try txn()
+    package func sumXattrBytes(_ t: RedisTxn, _ ino: Ino) throws(FSError) -> Int {
         let k = keys.xattrs(ino)
         let names = try t.scan(.hkeys(k)).array.compactMap { $0.bytes }
         try t.load(names.map { .cmd(.hstrlen(k, $0)) })
@@ -706,23 +693,20 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     // MARK: chunks
 
-    package func chunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] { try txn().string(keys.chunk(ino, index)) ?? [] }
+    package func chunk(_ tx: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] { try tx.string(keys.chunk(ino, index)) ?? [] }
 
-    package func chunkAfterCommit(_ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
-        let t = try txn()
-        if !t.write { return got(try chunk(ino, index)) }
+    package func chunkAfterCommit(_ t: RedisTxn, _ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
+        if !t.write { return got(try chunk(t, ino, index)) }
         t.trailing.append((.get(keys.chunk(ino, index)), { got($0.bytes ?? []) }))
     }
 
-    package func appendChunk(_ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
-        let t = try txn()
+    package func appendChunk(_ t: RedisTxn, _ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
         let idx = Array(String(index).utf8)
         try t.append(keys.chunk(ino, index), record)
         try t.op("ZADD", keys.chunkIndex(ino), [idx, idx])
     }
 
-    package func deleteChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
-        let t = try txn()
+    package func deleteChunk(_ t: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
         let k = keys.chunk(ino, index)
         let blob = try t.string(k) ?? []
         if !blob.isEmpty { try t.del(k) }
@@ -730,27 +714,25 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return blob
     }
 
-    package func chunkIndexes(_ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32] {
+    package func chunkIndexes(_ tx: RedisTxn, _ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32] {
         let c = ReadCmd.zrangeByScore(keys.chunkIndex(ino), from: String(index), limit: limit, descending: descending)
-        return try txn().scan(c).array.compactMap { $0.text.flatMap { UInt32($0) } }
+        return try tx.scan(c).array.compactMap { $0.text.flatMap { UInt32($0) } }
     }
 
     // MARK: opens
 
-    package func isOpen(_ ino: Ino) throws(FSError) -> Bool { try txn().hashLength(keys.opens(ino)) > 0 }
+    package func isOpen(_ tx: RedisTxn, _ ino: Ino) throws(FSError) -> Bool { try tx.hashLength(keys.opens(ino)) > 0 }
 
-    package func openCount(_ sid: UInt64, _ ino: Ino) throws(FSError) -> Int {
-        try txn().field(keys.opens(ino), Array(String(sid).utf8)).flatMap { Int(String(decoding: $0, as: UTF8.self)) } ?? 0
+    package func openCount(_ tx: RedisTxn, _ sid: UInt64, _ ino: Ino) throws(FSError) -> Int {
+        try tx.field(keys.opens(ino), Array(String(sid).utf8)).flatMap { Int(String(decoding: $0, as: UTF8.self)) } ?? 0
     }
 
-    package func addOpen(_ sid: UInt64, _ ino: Ino) throws(FSError) {
-        let t = try txn()
+    package func addOpen(_ t: RedisTxn, _ sid: UInt64, _ ino: Ino) throws(FSError) {
         try t.hincr(keys.opens(ino), Array(String(sid).utf8), 1)
         try t.hincr(keys.sessionOpens(sid), Array(String(ino).utf8), 1)
     }
 
-    package func dropOpens(_ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int {
-        let t = try txn()
+    package func dropOpens(_ t: RedisTxn, _ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int {
         let s = Array(String(sid).utf8)
         let i = Array(String(ino).utf8)
         let cur = try t.field(keys.opens(ino), s).flatMap { Int(String(decoding: $0, as: UTF8.self)) } ?? 0
@@ -765,8 +747,8 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return left
     }
 
-    package func sessionOpens(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, Int)] {
-        try txn().someFields(keys.sessionOpens(sid), limit).compactMap { (f, v) -> (Ino, Int)? in
+    package func sessionOpens(_ tx: RedisTxn, _ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, Int)] {
+        try tx.someFields(keys.sessionOpens(sid), limit).compactMap { (f, v) -> (Ino, Int)? in
             guard let ino = Ino(String(decoding: f, as: UTF8.self)), let n = Int(String(decoding: v, as: UTF8.self)) else { return nil }
             return (ino, n)
         }
@@ -774,12 +756,12 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     // MARK: deletion queues
 
-    package func addPendingDelete(_ ino: Ino, _ size: UInt64) throws(FSError) {
-        try txn().op("ZADD", keys.delfiles, [Array(String(Timespec.now().sec).utf8), Array("\(ino):\(size)".utf8)])
+    package func addPendingDelete(_ tx: RedisTxn, _ ino: Ino, _ size: UInt64) throws(FSError) {
+        try tx.op("ZADD", keys.delfiles, [Array(String(Timespec.now().sec).utf8), Array("\(ino):\(size)".utf8)])
     }
 
-    package func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete] {
-        try txn().scan(.zrange(keys.delfiles, count: limit)).array.compactMap { r -> PendingDelete? in
+    package func pendingDeletes(_ tx: RedisTxn, limit: Int) throws(FSError) -> [PendingDelete] {
+        try tx.scan(.zrange(keys.delfiles, count: limit)).array.compactMap { r -> PendingDelete? in
             guard let t = r.text else { return nil }
             let parts = t.split(separator: ":")
             guard parts.count == 2, let ino = UInt64(parts[0]), let size = UInt64(parts[1]) else { return nil }
@@ -787,16 +769,15 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         }
     }
 
-    package func removePendingDelete(_ pending: PendingDelete) throws(FSError) {
-        try txn().op("ZREM", keys.delfiles, [Array("\(pending.ino):\(pending.size)".utf8)])
+    package func removePendingDelete(_ tx: RedisTxn, _ pending: PendingDelete) throws(FSError) {
+        try tx.op("ZREM", keys.delfiles, [Array("\(pending.ino):\(pending.size)".utf8)])
     }
 
-    package func pushDroppedSlices(_ records: [UInt8]) throws(FSError) {
-        try txn().op("RPUSH", keys.delslices, [records])
+    package func pushDroppedSlices(_ tx: RedisTxn, _ records: [UInt8]) throws(FSError) {
+        try tx.op("RPUSH", keys.delslices, [records])
     }
 
-    package func takeDroppedSlices(limit: Int) throws(FSError) -> [UInt8] {
-        let t = try txn()
+    package func takeDroppedSlices(_ t: RedisTxn, limit: Int) throws(FSError) -> [UInt8] {
         let items = try t.scan(.lrange(keys.delslices, count: limit)).array
         if items.isEmpty { return [] }
         try t.op("LTRIM", keys.delslices, [Array(String(items.count).utf8), Array("-1".utf8)])
@@ -805,8 +786,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     // MARK: sessions
 
-    package func session(_ sid: UInt64) throws(FSError) -> SessionInfo? {
-        let t = try txn()
+    package func session(_ t: RedisTxn, _ sid: UInt64) throws(FSError) -> SessionInfo? {
         let s = Array(String(sid).utf8)
         try t.load([.cmd(.hget(keys.sessionInfos, s)), .cmd(.zscore(keys.sessions, s))])
         guard let text = try t.field(keys.sessionInfos, s), var info = decodeSession(String(decoding: text, as: UTF8.self)) else { return nil }
@@ -815,15 +795,13 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         return info
     }
 
-    package func putSession(_ info: SessionInfo) throws(FSError) {
-        let t = try txn()
+    package func putSession(_ t: RedisTxn, _ info: SessionInfo) throws(FSError) {
         let s = Array(String(info.sid).utf8)
         try t.op("ZADD", keys.sessions, [Array(String(info.heartbeat).utf8), s])
         try t.hset(keys.sessionInfos, s, Array(encodeSession(info).utf8))
     }
 
-    package func deleteSession(_ sid: UInt64) throws(FSError) {
-        let t = try txn()
+    package func deleteSession(_ t: RedisTxn, _ sid: UInt64) throws(FSError) {
         let s = Array(String(sid).utf8)
         try t.op("ZREM", keys.sessions, [s])
         try t.hdel(keys.sessionInfos, s)
@@ -831,8 +809,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         try t.del(keys.sessionOpens(sid))
     }
 
-    package func sessions() throws(FSError) -> [SessionInfo] {
-        let t = try txn()
+    package func sessions(_ t: RedisTxn) throws(FSError) -> [SessionInfo] {
         let z = try t.unchecked(ReadCmd(.zrange, keys.sessions, ["0", "-1", "WITHSCORES"].map { Array($0.utf8) })).array
         let h = try t.unchecked(ReadCmd(.hgetall, keys.sessionInfos)).array
         var beats: [UInt64: Int64] = [:]
@@ -851,29 +828,33 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     // MARK: locks
 
-    package func locks(_ ino: Ino, _ kind: UInt8) throws(FSError) -> [UInt8] { try txn().string(keys.locks(ino, kind)) ?? [] }
+    package func locks(_ tx: RedisTxn, _ ino: Ino, _ kind: UInt8) throws(FSError) -> [UInt8] { try tx.string(keys.locks(ino, kind)) ?? [] }
 
-    package func putLocks(_ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError) {
-        let t = try txn()
+    package func putLocks(_ t: RedisTxn, _ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError) {
         if table.isEmpty { try t.del(keys.locks(ino, kind)) } else { try t.set(keys.locks(ino, kind), table) }
         if sid != 0 { try t.op("SADD", keys.sessionLocks(sid), [Array("\(ino):\(kind)".utf8)]) }
     }
 
-    package func sessionLocks(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, UInt8)] {
-        try txn().someMembers(keys.sessionLocks(sid), limit).compactMap { m -> (Ino, UInt8)? in
+    package func sessionLocks(_ tx: RedisTxn, _ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, UInt8)] {
+        try tx.someMembers(keys.sessionLocks(sid), limit).compactMap { m -> (Ino, UInt8)? in
             let parts = String(decoding: m, as: UTF8.self).split(separator: ":")
             guard parts.count == 2, let ino = Ino(parts[0]), let kind = UInt8(parts[1]) else { return nil }
             return (ino, kind)
         }
     }
 
-    package func forgetSessionLock(_ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError) {
-        try txn().op("SREM", keys.sessionLocks(sid), [Array("\(ino):\(kind)".utf8)])
+    package func forgetSessionLock(_ tx: RedisTxn, _ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError) {
+        try tx.op("SREM", keys.sessionLocks(sid), [Array("\(ino):\(kind)".utf8)])
     }
 }
 
 /// The writes of the thread's last committed transaction: the attribute records it set whole
 /// are as they are on the server right after it (what `recentAttr` answers).
+///
+/// Not transaction state: nothing in a transaction reads it. It is kept per thread (below)
+/// because `recentAttr` answers "what did the change this caller just made commit", and the
+/// caller (`VFS.changing`) asks on the thread that ran the change, right after it returns;
+/// one slot in the store would answer with whichever thread committed last.
 final class CommittedWrites {
     /// The store's `serial` (not a weak reference: one of those would move the store's reference
     /// counts to a side table and make every retain of it slower).
@@ -901,27 +882,6 @@ extension RedisTxn {
             if let old = pthread_getspecific(lastCommittedKey) { Unmanaged<CommittedWrites>.fromOpaque(old).release() }
             pthread_setspecific(lastCommittedKey, newValue.map { Unmanaged.passRetained($0).toOpaque() })
         }
-    }
-}
-
-/// The thread's transaction (one per thread at a time; a nested call joins it).
-private let currentTxnKey: pthread_key_t = {
-    var k = pthread_key_t()
-    pthread_key_create(&k, nil)
-    return k
-}()
-
-extension RedisTxn {
-    static var current: RedisTxn? {
-        pthread_getspecific(currentTxnKey).map { Unmanaged<RedisTxn>.fromOpaque($0).takeUnretainedValue() }
-    }
-
-    /// Runs `body` as the thread's transaction.
-    func run<T>(_ body: () throws(FSError) -> T) throws(FSError) -> T {
-        let previous = pthread_getspecific(currentTxnKey)
-        pthread_setspecific(currentTxnKey, Unmanaged.passUnretained(self).toOpaque())
-        defer { pthread_setspecific(currentTxnKey, previous) }
-        return try body()
     }
 }
 

@@ -11,12 +11,17 @@ import StageFSCore
     import Foundation
 #endif
 
+/// A transaction of `SQLiteStore`: the store's connection is in a transaction, and this
+/// value says so to the calls made in it (only `SQLiteStore.transaction` makes one).
+package struct SQLiteTxn {
+    fileprivate init() {}
+}
+
 /// The embedded metadata store: one SQLite database file in WAL mode, safe for several
 /// processes on one node (SQLite's file locks) and serialized within a process.
 package final class SQLiteStore: TxnStore, @unchecked Sendable {
     private let conn: SQLiteConnection
     private let lock = ConditionLock()
-    private var owner: pthread_t?
     package let displayName: String
 
     package init(path: String, create: Bool) throws(FSError) {
@@ -52,16 +57,12 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
             """)
     }
 
-    package func transaction<T>(write: Bool, _ body: () throws(FSError) -> T) throws(FSError) -> T {
-        let me = pthread_self()
-        if let o = owner, pthread_equal(o, me) != 0 { return try body() }
+    package typealias Txn = SQLiteTxn
+
+    package func transaction<T>(write: Bool, _ body: (SQLiteTxn) throws(FSError) -> T) throws(FSError) -> T {
         lock.lock()
-        owner = me
-        defer {
-            owner = nil
-            lock.unlock()
-        }
-        return try conn.transaction(write: write, body)
+        defer { lock.unlock() }
+        return try conn.transaction(write: write) { () throws(FSError) in try body(SQLiteTxn()) }
     }
 
     private func one<T>(_ sql: String, _ args: [SQLValue], _ read: (OpaquePointer) -> T) throws(FSError) -> T? {
@@ -70,23 +71,26 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         return out
     }
 
-    package func setting(_ key: String) throws(FSError) -> String? {
+    package func setting(_ tx: SQLiteTxn, _ key: String) throws(FSError) -> String? {
         try one("SELECT v FROM setting WHERE k=?", [.text(key)]) { Col.text($0, 0) }
     }
 
-    package func setSetting(_ key: String, _ value: String) throws(FSError) {
+    package func setSetting(_ tx: SQLiteTxn, _ key: String, _ value: String) throws(FSError) {
         try conn.query("INSERT OR REPLACE INTO setting(k, v) VALUES(?, ?)", [.text(key), .text(value)])
     }
 
-    package func counter(_ name: String) throws(FSError) -> Int64 { try incr(name, 0) }
+    package func counter(_ tx: SQLiteTxn, _ name: String) throws(FSError) -> Int64 { try incr(name, 0) }
 
-    package func add(_ counter: String, _ delta: Int64) throws(FSError) { _ = try incr(counter, delta) }
+    package func add(_ tx: SQLiteTxn, _ counter: String, _ delta: Int64) throws(FSError) { _ = try incr(counter, delta) }
 
-    package func reserveIDs(_ counter: String, _ count: Int) throws(FSError) -> UInt64 {
-        try transaction(write: true) { () throws(FSError) in UInt64(try incr(counter, Int64(count)) - Int64(count) + 1) }
+    package func reserveIDs(_ tx: SQLiteTxn?, _ counter: String, _ count: Int) throws(FSError) -> UInt64 {
+        // Ids are taken in the caller's transaction when there is one (one of this store's
+        // transactions waits for another to end).
+        if tx != nil { return UInt64(try incr(counter, Int64(count)) - Int64(count) + 1) }
+        return try transaction(write: true) { (_) throws(FSError) in UInt64(try incr(counter, Int64(count)) - Int64(count) + 1) }
     }
 
-    package func newInode() throws(FSError) -> Ino { Ino(try incr("nextInode", 1)) }
+    package func newInode(_ tx: SQLiteTxn) throws(FSError) -> Ino { Ino(try incr("nextInode", 1)) }
 
     /// Adds `delta` to a named counter and returns the new value (missing counters are 0).
     private func incr(_ counter: String, _ delta: Int64) throws(FSError) -> Int64 {
@@ -99,17 +103,17 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         ) { Col.int($0, 0) } ?? 0
     }
 
-    package func attr(_ ino: Ino) throws(FSError) -> Attr? {
+    package func attr(_ tx: SQLiteTxn, _ ino: Ino) throws(FSError) -> Attr? {
         guard let b = try one("SELECT attr FROM node WHERE ino=?", [.int(Int64(ino))], { Col.blob($0, 0) }) else { return nil }
         guard let a = Attr(decoding: b) else { throw FSError(EIO, "\(displayName): inode \(ino) has a corrupt record") }
         return a
     }
 
-    package func putAttr(_ ino: Ino, _ attr: Attr) throws(FSError) {
+    package func putAttr(_ tx: SQLiteTxn, _ ino: Ino, _ attr: Attr) throws(FSError) {
         try conn.query("INSERT OR REPLACE INTO node(ino, attr) VALUES(?, ?)", [.int(Int64(ino)), .blob(attr.encode())])
     }
 
-    package func deleteInode(_ ino: Ino) throws(FSError) {
+    package func deleteInode(_ tx: SQLiteTxn, _ ino: Ino) throws(FSError) {
         let i = SQLValue.int(Int64(ino))
         try conn.query("DELETE FROM node WHERE ino=?", [i])
         try conn.query("DELETE FROM symlink WHERE ino=?", [i])
@@ -117,28 +121,28 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         try conn.query("DELETE FROM xattrbytes WHERE ino=?", [i])
     }
 
-    package func entry(_ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, FileType)? {
+    package func entry(_ tx: SQLiteTxn, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, FileType)? {
         try one("SELECT ino, type FROM edge WHERE parent=? AND name=?", [.int(Int64(parent)), .blob(name)]) {
             (Ino(Col.int($0, 0)), FileType(rawValue: UInt8(Col.int($0, 1))) ?? .regular)
         }
     }
 
-    package func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ type: FileType) throws(FSError) {
-        try deleteEntry(parent, name)
+    package func putEntry(_ tx: SQLiteTxn, _ parent: Ino, _ name: [UInt8], _ ino: Ino, _ type: FileType) throws(FSError) {
+        try deleteEntry(tx, parent, name)
         try conn.query(
             "INSERT INTO edge(parent, name, ino, type) VALUES(?, ?, ?, ?)",
             [.int(Int64(parent)), .blob(name), .int(Int64(ino)), .int(Int64(type.rawValue))])
     }
 
-    package func deleteEntry(_ parent: Ino, _ name: [UInt8]) throws(FSError) {
+    package func deleteEntry(_ tx: SQLiteTxn, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
         try conn.query("DELETE FROM edge WHERE parent=? AND name=?", [.int(Int64(parent)), .blob(name)])
     }
 
-    package func hasEntries(_ parent: Ino) throws(FSError) -> Bool {
+    package func hasEntries(_ tx: SQLiteTxn, _ parent: Ino) throws(FSError) -> Bool {
         try one("SELECT 1 FROM edge WHERE parent=? LIMIT 1", [.int(Int64(parent))]) { _ in true } ?? false
     }
 
-    package func entries(_ parent: Ino, after cookie: UInt64, limit: Int) throws(FSError) -> [DirEntry] {
+    package func entries(_ tx: SQLiteTxn, _ parent: Ino, after cookie: UInt64, limit: Int) throws(FSError) -> [DirEntry] {
         var out: [DirEntry] = []
         try conn.query(
             "SELECT cookie, name, ino, type FROM edge WHERE parent=? AND cookie>? ORDER BY cookie LIMIT ?",
@@ -152,31 +156,31 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         return out
     }
 
-    package func symlinkTarget(_ ino: Ino) throws(FSError) -> [UInt8]? {
+    package func symlinkTarget(_ tx: SQLiteTxn, _ ino: Ino) throws(FSError) -> [UInt8]? {
         try one("SELECT target FROM symlink WHERE ino=?", [.int(Int64(ino))]) { Col.blob($0, 0) }
     }
 
-    package func putSymlinkTarget(_ ino: Ino, _ target: [UInt8]) throws(FSError) {
+    package func putSymlinkTarget(_ tx: SQLiteTxn, _ ino: Ino, _ target: [UInt8]) throws(FSError) {
         try conn.query("INSERT OR REPLACE INTO symlink(ino, target) VALUES(?, ?)", [.int(Int64(ino)), .blob(target)])
     }
 
-    package func xattr(_ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]? {
+    package func xattr(_ tx: SQLiteTxn, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]? {
         try one("SELECT value FROM xattr WHERE ino=? AND name=?", [.int(Int64(ino)), .blob(name)]) { Col.blob($0, 0) }
     }
 
-    package func putXattr(_ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError) {
+    package func putXattr(_ tx: SQLiteTxn, _ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError) {
         try conn.query("INSERT OR REPLACE INTO xattr(ino, name, value) VALUES(?, ?, ?)", [.int(Int64(ino)), .blob(name), .blob(value)])
     }
 
-    package func deleteXattr(_ ino: Ino, _ name: [UInt8]) throws(FSError) {
+    package func deleteXattr(_ tx: SQLiteTxn, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
         try conn.query("DELETE FROM xattr WHERE ino=? AND name=?", [.int(Int64(ino)), .blob(name)])
     }
 
-    package func xattrBytes(_ ino: Ino) throws(FSError) -> Int? {
+    package func xattrBytes(_ tx: SQLiteTxn, _ ino: Ino) throws(FSError) -> Int? {
         try one("SELECT bytes FROM xattrbytes WHERE ino=?", [.int(Int64(ino))]) { Int(Col.int($0, 0)) }
     }
 
-    package func putXattrBytes(_ ino: Ino, _ bytes: Int?) throws(FSError) {
+    package func putXattrBytes(_ tx: SQLiteTxn, _ ino: Ino, _ bytes: Int?) throws(FSError) {
         if let bytes {
             try conn.query("INSERT OR REPLACE INTO xattrbytes(ino, bytes) VALUES(?, ?)", [.int(Int64(ino)), .int(Int64(bytes))])
         } else {
@@ -184,28 +188,28 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         }
     }
 
-    package func sumXattrBytes(_ ino: Ino) throws(FSError) -> Int {
+    package func sumXattrBytes(_ tx: SQLiteTxn, _ ino: Ino) throws(FSError) -> Int {
         // (length() of a blob reads its size, not its overflow pages.)
         Int(try one("SELECT COALESCE(SUM(length(name) + length(value)), 0) FROM xattr WHERE ino=?", [.int(Int64(ino))]) { Col.int($0, 0) } ?? 0)
     }
 
-    package func xattrNames(_ ino: Ino) throws(FSError) -> [[UInt8]] {
+    package func xattrNames(_ tx: SQLiteTxn, _ ino: Ino) throws(FSError) -> [[UInt8]] {
         var out: [[UInt8]] = []
         try conn.query("SELECT name FROM xattr WHERE ino=? ORDER BY name", [.int(Int64(ino))]) { out.append(Col.blob($0, 0)) }
         return out
     }
 
-    package func chunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
+    package func chunk(_ tx: SQLiteTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
         try one("SELECT slices FROM chunk WHERE ino=? AND idx=?", [.int(Int64(ino)), .int(Int64(index))]) { Col.blob($0, 0) } ?? []
     }
 
-    package func appendChunk(_ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
+    package func appendChunk(_ tx: SQLiteTxn, _ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
         try conn.query(
             "INSERT INTO chunk(ino, idx, slices) VALUES(?, ?, ?) ON CONFLICT(ino, idx) DO UPDATE SET slices=slices||excluded.slices",
             [.int(Int64(ino)), .int(Int64(index)), .blob(record)])
     }
 
-    package func chunkIndexes(_ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32] {
+    package func chunkIndexes(_ tx: SQLiteTxn, _ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32] {
         var out: [UInt32] = []
         try conn.query(
             "SELECT idx FROM chunk WHERE ino=? AND idx>=? ORDER BY idx \(descending ? "DESC" : "ASC") LIMIT ?",
@@ -214,25 +218,25 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         return out
     }
 
-    package func deleteChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
-        let blob = try chunk(ino, index)
+    package func deleteChunk(_ tx: SQLiteTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
+        let blob = try chunk(tx, ino, index)
         if !blob.isEmpty { try conn.query("DELETE FROM chunk WHERE ino=? AND idx=?", [.int(Int64(ino)), .int(Int64(index))]) }
         return blob
     }
 
-    package func isOpen(_ ino: Ino) throws(FSError) -> Bool {
+    package func isOpen(_ tx: SQLiteTxn, _ ino: Ino) throws(FSError) -> Bool {
         try one("SELECT 1 FROM openfile WHERE ino=? LIMIT 1", [.int(Int64(ino))]) { _ in true } ?? false
     }
 
-    package func addOpen(_ sid: UInt64, _ ino: Ino) throws(FSError) {
+    package func addOpen(_ tx: SQLiteTxn, _ sid: UInt64, _ ino: Ino) throws(FSError) {
         _ = try changeOpens(sid, ino, 1)
     }
 
-    package func openCount(_ sid: UInt64, _ ino: Ino) throws(FSError) -> Int {
+    package func openCount(_ tx: SQLiteTxn, _ sid: UInt64, _ ino: Ino) throws(FSError) -> Int {
         Int(try one("SELECT count FROM openfile WHERE sid=? AND ino=?", [.int(Int64(sid)), .int(Int64(ino))]) { Col.int($0, 0) } ?? 0)
     }
 
-    package func dropOpens(_ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int {
+    package func dropOpens(_ tx: SQLiteTxn, _ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int {
         try changeOpens(sid, ino, -count)
     }
 
@@ -248,7 +252,7 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         return n
     }
 
-    package func sessionOpens(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, Int)] {
+    package func sessionOpens(_ tx: SQLiteTxn, _ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, Int)] {
         var out: [(Ino, Int)] = []
         try conn.query("SELECT ino, count FROM openfile WHERE sid=? LIMIT ?", [.int(Int64(sid)), .int(Int64(limit))]) {
             out.append((Ino(Col.int($0, 0)), Int(Col.int($0, 1))))
@@ -256,16 +260,16 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         return out
     }
 
-    package func xattrCount(_ ino: Ino) throws(FSError) -> Int {
+    package func xattrCount(_ tx: SQLiteTxn, _ ino: Ino) throws(FSError) -> Int {
         Int(try one("SELECT COUNT(*) FROM xattr WHERE ino=?", [.int(Int64(ino))]) { Col.int($0, 0) } ?? 0)
     }
 
-    package func addPendingDelete(_ ino: Ino, _ size: UInt64) throws(FSError) {
+    package func addPendingDelete(_ tx: SQLiteTxn, _ ino: Ino, _ size: UInt64) throws(FSError) {
         try conn.query(
             "INSERT OR REPLACE INTO delfile(ino, size, at) VALUES(?, ?, ?)", [.int(Int64(ino)), .int(Int64(size)), .int(Timespec.now().sec)])
     }
 
-    package func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete] {
+    package func pendingDeletes(_ tx: SQLiteTxn, limit: Int) throws(FSError) -> [PendingDelete] {
         var out: [PendingDelete] = []
         try conn.query("SELECT ino, size FROM delfile ORDER BY at LIMIT ?", [.int(Int64(limit))]) {
             out.append(PendingDelete(ino: Ino(Col.int($0, 0)), size: UInt64(Col.int($0, 1))))
@@ -273,15 +277,15 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         return out
     }
 
-    package func removePendingDelete(_ pending: PendingDelete) throws(FSError) {
+    package func removePendingDelete(_ tx: SQLiteTxn, _ pending: PendingDelete) throws(FSError) {
         try conn.query("DELETE FROM delfile WHERE ino=?", [.int(Int64(pending.ino))])
     }
 
-    package func pushDroppedSlices(_ records: [UInt8]) throws(FSError) {
+    package func pushDroppedSlices(_ tx: SQLiteTxn, _ records: [UInt8]) throws(FSError) {
         try conn.query("INSERT INTO delslices(slices) VALUES(?)", [.blob(records)])
     }
 
-    package func takeDroppedSlices(limit: Int) throws(FSError) -> [UInt8] {
+    package func takeDroppedSlices(_ tx: SQLiteTxn, limit: Int) throws(FSError) -> [UInt8] {
         var out: [UInt8] = []
         var ids: [Int64] = []
         try conn.query("SELECT id, slices FROM delslices ORDER BY id LIMIT ?", [.int(Int64(limit))]) {
@@ -292,34 +296,34 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         return out
     }
 
-    package func session(_ sid: UInt64) throws(FSError) -> SessionInfo? {
+    package func session(_ tx: SQLiteTxn, _ sid: UInt64) throws(FSError) -> SessionInfo? {
         guard let text = try one("SELECT info FROM session WHERE sid=?", [.int(Int64(sid))], { Col.text($0, 0) }) else { return nil }
         return decodeSession(text)
     }
 
-    package func putSession(_ info: SessionInfo) throws(FSError) {
+    package func putSession(_ tx: SQLiteTxn, _ info: SessionInfo) throws(FSError) {
         try conn.query(
             "INSERT OR REPLACE INTO session(sid, heartbeat, info) VALUES(?, ?, ?)",
             [.int(Int64(info.sid)), .int(info.heartbeat), .text(encodeSession(info))])
     }
 
-    package func deleteSession(_ sid: UInt64) throws(FSError) {
+    package func deleteSession(_ tx: SQLiteTxn, _ sid: UInt64) throws(FSError) {
         try conn.query("DELETE FROM session WHERE sid=?", [.int(Int64(sid))])
         try conn.query("DELETE FROM sessionlock WHERE sid=?", [.int(Int64(sid))])
         try conn.query("DELETE FROM openfile WHERE sid=?", [.int(Int64(sid))])
     }
 
-    package func sessions() throws(FSError) -> [SessionInfo] {
+    package func sessions(_ tx: SQLiteTxn) throws(FSError) -> [SessionInfo] {
         var out: [SessionInfo] = []
         try conn.query("SELECT info FROM session ORDER BY sid", []) { if let s = decodeSession(Col.text($0, 0)) { out.append(s) } }
         return out
     }
 
-    package func locks(_ ino: Ino, _ kind: UInt8) throws(FSError) -> [UInt8] {
+    package func locks(_ tx: SQLiteTxn, _ ino: Ino, _ kind: UInt8) throws(FSError) -> [UInt8] {
         try one("SELECT tbl FROM locks WHERE ino=? AND kind=?", [.int(Int64(ino)), .int(Int64(kind))]) { Col.blob($0, 0) } ?? []
     }
 
-    package func putLocks(_ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError) {
+    package func putLocks(_ tx: SQLiteTxn, _ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError) {
         let key: [SQLValue] = [.int(Int64(ino)), .int(Int64(kind))]
         if table.isEmpty {
             try conn.query("DELETE FROM locks WHERE ino=? AND kind=?", key)
@@ -331,11 +335,11 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         }
     }
 
-    package func forgetSessionLock(_ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError) {
+    package func forgetSessionLock(_ tx: SQLiteTxn, _ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError) {
         try conn.query("DELETE FROM sessionlock WHERE sid=? AND ino=? AND kind=?", [.int(Int64(sid)), .int(Int64(ino)), .int(Int64(kind))])
     }
 
-    package func sessionLocks(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, UInt8)] {
+    package func sessionLocks(_ tx: SQLiteTxn, _ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, UInt8)] {
         var out: [(Ino, UInt8)] = []
         try conn.query("SELECT ino, kind FROM sessionlock WHERE sid=? LIMIT ?", [.int(Int64(sid)), .int(Int64(limit))]) {
             out.append((Ino(Col.int($0, 0)), UInt8(Col.int($0, 1))))

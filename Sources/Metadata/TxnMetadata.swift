@@ -15,101 +15,107 @@ import StageFSCore
 /// conflict over its times.
 package protocol TxnStore: AnyObject, Sendable {
     var displayName: String { get }
-    /// Runs `body` in one transaction. A call inside another transaction of the same store on
-    /// the same thread joins it.
-    func transaction<T>(write: Bool, _ body: () throws(FSError) -> T) throws(FSError) -> T
+    /// One transaction, as a value: the body of `transaction` is given it, and every call that
+    /// is part of it is passed it (nothing about a transaction is found through the thread, so
+    /// any thread can run one).
+    associatedtype Txn
+    /// Runs `body` in one transaction, handing it the transaction. A call inside `body` that is
+    /// to be part of it is passed that value; `body` must not start another transaction of the
+    /// same store (it would be a separate one, and SQLite's would wait for this one to end).
+    func transaction<T>(write: Bool, _ body: (Txn) throws(FSError) -> T) throws(FSError) -> T
     /// Says what the transaction is about to read, so that a store with round trips fetches it
     /// all at once. Only a hint: reads not named still work, names not read cost nothing more.
-    func prefetch(_ reads: [TxnRead]) throws(FSError)
+    func prefetch(_ tx: Txn, _ reads: [TxnRead]) throws(FSError)
     /// Reads chunk `index` of `ino` as it is once this transaction has committed, unchecked (a
     /// snapshot for the caller, as a read just after the transaction would give), and hands
     /// the record to `got` before the transaction returns. A store with round trips sends the
     /// read together with the commit.
-    func chunkAfterCommit(_ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError)
+    func chunkAfterCommit(_ tx: Txn, _ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError)
     /// `MetadataEngine.recentAttr`, outside any transaction.
     func recentAttr(_ ino: Ino) -> Attr?
 
-    func setting(_ key: String) throws(FSError) -> String?
-    func setSetting(_ key: String, _ value: String) throws(FSError)
+    func setting(_ tx: Txn, _ key: String) throws(FSError) -> String?
+    func setSetting(_ tx: Txn, _ key: String, _ value: String) throws(FSError)
     /// The value of a named counter (0 when missing).
-    func counter(_ name: String) throws(FSError) -> Int64
+    func counter(_ tx: Txn, _ name: String) throws(FSError) -> Int64
     /// Adds `delta` to a named counter without reading it, so that transactions adding to the
     /// same counter do not conflict.
-    func add(_ counter: String, _ delta: Int64) throws(FSError)
+    func add(_ tx: Txn, _ counter: String, _ delta: Int64) throws(FSError)
     /// Reserves `count` consecutive ids of `counter` and returns the first. Not part of any
-    /// transaction: ids are never given back.
-    func reserveIDs(_ counter: String, _ count: Int) throws(FSError) -> UInt64
+    /// transaction: ids are never given back. `tx` is the transaction the call is made in, if
+    /// any (a store that takes the ids inside it must not start another).
+    func reserveIDs(_ tx: Txn?, _ counter: String, _ count: Int) throws(FSError) -> UInt64
     /// A new inode number (a store with round trips hands them out from batches it reserved).
-    func newInode() throws(FSError) -> Ino
+    func newInode(_ tx: Txn) throws(FSError) -> Ino
 
-    func attr(_ ino: Ino) throws(FSError) -> Attr?
-    func putAttr(_ ino: Ino, _ attr: Attr) throws(FSError)
+    func attr(_ tx: Txn, _ ino: Ino) throws(FSError) -> Attr?
+    func putAttr(_ tx: Txn, _ ino: Ino, _ attr: Attr) throws(FSError)
     /// Removes an inode's attributes, symlink target and extended attributes.
-    func deleteInode(_ ino: Ino) throws(FSError)
+    func deleteInode(_ tx: Txn, _ ino: Ino) throws(FSError)
 
-    func entry(_ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, FileType)?
+    func entry(_ tx: Txn, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, FileType)?
     /// Adds or replaces an entry; it gets a new readdir position after all existing ones.
-    func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ type: FileType) throws(FSError)
-    func deleteEntry(_ parent: Ino, _ name: [UInt8]) throws(FSError)
-    func hasEntries(_ parent: Ino) throws(FSError) -> Bool
-    func entries(_ parent: Ino, after cookie: UInt64, limit: Int) throws(FSError) -> [DirEntry]
+    func putEntry(_ tx: Txn, _ parent: Ino, _ name: [UInt8], _ ino: Ino, _ type: FileType) throws(FSError)
+    func deleteEntry(_ tx: Txn, _ parent: Ino, _ name: [UInt8]) throws(FSError)
+    func hasEntries(_ tx: Txn, _ parent: Ino) throws(FSError) -> Bool
+    func entries(_ tx: Txn, _ parent: Ino, after cookie: UInt64, limit: Int) throws(FSError) -> [DirEntry]
 
-    func symlinkTarget(_ ino: Ino) throws(FSError) -> [UInt8]?
-    func putSymlinkTarget(_ ino: Ino, _ target: [UInt8]) throws(FSError)
+    func symlinkTarget(_ tx: Txn, _ ino: Ino) throws(FSError) -> [UInt8]?
+    func putSymlinkTarget(_ tx: Txn, _ ino: Ino, _ target: [UInt8]) throws(FSError)
 
-    func xattr(_ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]?
-    func putXattr(_ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError)
-    func deleteXattr(_ ino: Ino, _ name: [UInt8]) throws(FSError)
-    func xattrNames(_ ino: Ino) throws(FSError) -> [[UInt8]]
+    func xattr(_ tx: Txn, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]?
+    func putXattr(_ tx: Txn, _ ino: Ino, _ name: [UInt8], _ value: [UInt8]) throws(FSError)
+    func deleteXattr(_ tx: Txn, _ ino: Ino, _ name: [UInt8]) throws(FSError)
+    func xattrNames(_ tx: Txn, _ ino: Ino) throws(FSError) -> [[UInt8]]
     /// Bytes of names and values of `ino`'s extended attributes as last stored with
     /// `putXattrBytes`; nil when never stored (an inode without attributes, or one whose
     /// attributes were set before the total was kept).
-    func xattrBytes(_ ino: Ino) throws(FSError) -> Int?
+    func xattrBytes(_ tx: Txn, _ ino: Ino) throws(FSError) -> Int?
     /// Stores that total (nil removes it). `deleteInode` removes it too.
-    func putXattrBytes(_ ino: Ino, _ bytes: Int?) throws(FSError)
+    func putXattrBytes(_ tx: Txn, _ ino: Ino, _ bytes: Int?) throws(FSError)
     /// The same total summed from the attributes themselves, without reading their values
     /// (at most `maxXattrsPerInode` of them): for an inode whose total was never stored.
-    func sumXattrBytes(_ ino: Ino) throws(FSError) -> Int
+    func sumXattrBytes(_ tx: Txn, _ ino: Ino) throws(FSError) -> Int
 
-    func chunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8]
-    func appendChunk(_ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError)
+    func chunk(_ tx: Txn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8]
+    func appendChunk(_ tx: Txn, _ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError)
     /// Removes a chunk's records, returning them.
-    func deleteChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8]
+    func deleteChunk(_ tx: Txn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8]
     /// Indexes of the chunks of `ino` that have records, from `index` on, at most `limit`,
     /// highest first when `descending`. Its cost follows the chunks it returns, never the size.
-    func chunkIndexes(_ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32]
+    func chunkIndexes(_ tx: Txn, _ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32]
 
     /// Whether any session has `ino` open.
-    func isOpen(_ ino: Ino) throws(FSError) -> Bool
+    func isOpen(_ tx: Txn, _ ino: Ino) throws(FSError) -> Bool
     /// How many opens of `ino` session `sid` holds.
-    func openCount(_ sid: UInt64, _ ino: Ino) throws(FSError) -> Int
+    func openCount(_ tx: Txn, _ sid: UInt64, _ ino: Ino) throws(FSError) -> Int
     /// Records one more open of `ino` by `sid` (without reading the count).
-    func addOpen(_ sid: UInt64, _ ino: Ino) throws(FSError)
+    func addOpen(_ tx: Txn, _ sid: UInt64, _ ino: Ino) throws(FSError)
     /// Drops `count` opens of `ino` by `sid` (at most all it has); returns how many it keeps.
-    func dropOpens(_ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int
+    func dropOpens(_ tx: Txn, _ sid: UInt64, _ ino: Ino, _ count: Int) throws(FSError) -> Int
     /// Inodes `sid` has open, with counts (at most `limit`).
-    func sessionOpens(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, Int)]
+    func sessionOpens(_ tx: Txn, _ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, Int)]
 
-    func addPendingDelete(_ ino: Ino, _ size: UInt64) throws(FSError)
-    func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete]
-    func removePendingDelete(_ pending: PendingDelete) throws(FSError)
-    func pushDroppedSlices(_ records: [UInt8]) throws(FSError)
-    func takeDroppedSlices(limit: Int) throws(FSError) -> [UInt8]
+    func addPendingDelete(_ tx: Txn, _ ino: Ino, _ size: UInt64) throws(FSError)
+    func pendingDeletes(_ tx: Txn, limit: Int) throws(FSError) -> [PendingDelete]
+    func removePendingDelete(_ tx: Txn, _ pending: PendingDelete) throws(FSError)
+    func pushDroppedSlices(_ tx: Txn, _ records: [UInt8]) throws(FSError)
+    func takeDroppedSlices(_ tx: Txn, limit: Int) throws(FSError) -> [UInt8]
 
-    func session(_ sid: UInt64) throws(FSError) -> SessionInfo?
-    func putSession(_ info: SessionInfo) throws(FSError)
-    func deleteSession(_ sid: UInt64) throws(FSError)
-    func sessions() throws(FSError) -> [SessionInfo]
+    func session(_ tx: Txn, _ sid: UInt64) throws(FSError) -> SessionInfo?
+    func putSession(_ tx: Txn, _ info: SessionInfo) throws(FSError)
+    func deleteSession(_ tx: Txn, _ sid: UInt64) throws(FSError)
+    func sessions(_ tx: Txn) throws(FSError) -> [SessionInfo]
 
-    func locks(_ ino: Ino, _ kind: UInt8) throws(FSError) -> [UInt8]
+    func locks(_ tx: Txn, _ ino: Ino, _ kind: UInt8) throws(FSError) -> [UInt8]
     /// Stores a lock table (empty removes it) and notes that `sid` has locks on `ino`.
-    func putLocks(_ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError)
+    func putLocks(_ tx: Txn, _ ino: Ino, _ kind: UInt8, _ table: [UInt8], sid: UInt64) throws(FSError)
     /// Lock tables `sid` has entries in (at most `limit`).
-    func sessionLocks(_ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, UInt8)]
+    func sessionLocks(_ tx: Txn, _ sid: UInt64, limit: Int) throws(FSError) -> [(Ino, UInt8)]
     /// Forgets that `sid` has entries in a lock table.
-    func forgetSessionLock(_ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError)
+    func forgetSessionLock(_ tx: Txn, _ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError)
     /// How many extended attributes `ino` has.
-    func xattrCount(_ ino: Ino) throws(FSError) -> Int
+    func xattrCount(_ tx: Txn, _ ino: Ino) throws(FSError) -> Int
 }
 
 /// What a transaction is about to read (`TxnStore.prefetch`).
@@ -139,9 +145,9 @@ package enum TxnRead: Sendable {
 }
 
 extension TxnStore {
-    package func prefetch(_ reads: [TxnRead]) throws(FSError) {}
-    package func chunkAfterCommit(_ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
-        got(try chunk(ino, index))
+    package func prefetch(_ tx: Txn, _ reads: [TxnRead]) throws(FSError) {}
+    package func chunkAfterCommit(_ tx: Txn, _ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
+        got(try chunk(tx, ino, index))
     }
     package func recentAttr(_ ino: Ino) -> Attr? { nil }
 }
@@ -152,15 +158,15 @@ private struct AttrSet {
     var attrs: [Ino: Attr] = [:]
     var dirty: Set<Ino> = []
 
-    mutating func load(_ s: some TxnStore, _ ino: Ino) throws(FSError) -> Attr {
+    mutating func load<S: TxnStore>(_ s: S, _ tx: S.Txn, _ ino: Ino) throws(FSError) -> Attr {
         if let a = attrs[ino] { return a }
-        guard let a = try s.attr(ino) else { throw FSError.notFound }
+        guard let a = try s.attr(tx, ino) else { throw FSError.notFound }
         attrs[ino] = a
         return a
     }
 
-    mutating func update(_ s: some TxnStore, _ ino: Ino, _ body: (inout Attr) -> Void) throws(FSError) {
-        var a = try load(s, ino)
+    mutating func update<S: TxnStore>(_ s: S, _ tx: S.Txn, _ ino: Ino, _ body: (inout Attr) -> Void) throws(FSError) {
+        var a = try load(s, tx, ino)
         body(&a)
         attrs[ino] = a
         dirty.insert(ino)
@@ -171,8 +177,8 @@ private struct AttrSet {
         dirty.remove(ino)
     }
 
-    func flush(_ s: some TxnStore) throws(FSError) {
-        for ino in dirty { try s.putAttr(ino, attrs[ino]!) }
+    func flush<S: TxnStore>(_ s: S, _ tx: S.Txn) throws(FSError) {
+        for ino in dirty { try s.putAttr(tx, ino, attrs[ino]!) }
     }
 }
 
@@ -188,13 +194,13 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     // MARK: volume
 
     package func loadFormat() throws(FSError) -> VolumeFormat? {
-        guard let text = try store.transaction(write: false, { () throws(FSError) in try store.setting("format") }) else { return nil }
+        guard let text = try store.transaction(write: false, { (tx) throws(FSError) in try store.setting(tx, "format") }) else { return nil }
         return try VolumeFormat.decode(text)
     }
 
     package func initialize(_ format: VolumeFormat, force: Bool, rootMode: UInt16) throws(FSError) {
-        try store.transaction(write: true) { () throws(FSError) in
-            if let text = try store.setting("format") {
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            if let text = try store.setting(tx, "format") {
                 let old = try VolumeFormat.decode(text)
                 if !force && !format.differences(from: old).isEmpty {
                     throw format.reformatRefused(existing: old, in: displayName)
@@ -202,28 +208,28 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 var kept = format
                 kept.uuid = old.uuid
                 kept.createdAt = old.createdAt
-                try store.setSetting("format", kept.encoded())
+                try store.setSetting(tx, "format", kept.encoded())
             } else {
-                try store.setSetting("format", format.encoded())
+                try store.setSetting(tx, "format", format.encoded())
             }
-            if try store.attr(rootIno) == nil {
+            if try store.attr(tx, rootIno) == nil {
                 let now = Timespec.now()
                 let root = Attr(
                     type: .directory, mode: rootMode & 0o7777, uid: 0, gid: 0, nlink: 2, size: 4096, atime: now, mtime: now, ctime: now,
                     parent: rootIno)
-                try store.putAttr(rootIno, root)
-                if try store.counter("nextInode") < Int64(rootIno) { try store.add("nextInode", Int64(rootIno)) }
-                try store.add("usedInodes", 1)
-                try store.add("usedSpace", 4096)
+                try store.putAttr(tx, rootIno, root)
+                if try store.counter(tx, "nextInode") < Int64(rootIno) { try store.add(tx, "nextInode", Int64(rootIno)) }
+                try store.add(tx, "usedInodes", 1)
+                try store.add(tx, "usedSpace", 4096)
             }
         }
     }
 
     package func statfs() throws(FSError) -> StatFS {
-        try store.transaction(write: false) { () throws(FSError) in
-            try store.prefetch([.counter("usedSpace"), .counter("usedInodes")])
-            let used = UInt64(max(0, try store.counter("usedSpace")))
-            let inodes = UInt64(max(0, try store.counter("usedInodes")))
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.counter("usedSpace"), .counter("usedInodes")])
+            let used = UInt64(max(0, try store.counter(tx, "usedSpace")))
+            let inodes = UInt64(max(0, try store.counter(tx, "usedInodes")))
             return makeStatFS(usedSpace: used, usedInodes: inodes)
         }
     }
@@ -231,46 +237,46 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     // MARK: sessions
 
     package func newSession(_ info: SessionInfo) throws(FSError) -> UInt64 {
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             var info = info
-            info.sid = try store.reserveIDs("nextSession", 1)
+            info.sid = try store.reserveIDs(tx, "nextSession", 1)
             let now = Timespec.now().sec
             info.started = now
             info.heartbeat = now
-            try store.putSession(info)
+            try store.putSession(tx, info)
             return info.sid
         }
     }
 
     @_specialize(where S == RedisTxnStore)
     package func heartbeat(_ sid: UInt64) throws(FSError) {
-        try store.transaction(write: true) { () throws(FSError) in
-            guard var info = try store.session(sid) else { throw FSError(ENOENT, "session \(sid) is gone (cleaned up as stale)") }
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            guard var info = try store.session(tx, sid) else { throw FSError(ENOENT, "session \(sid) is gone (cleaned up as stale)") }
             info.heartbeat = Timespec.now().sec
-            try store.putSession(info)
+            try store.putSession(tx, info)
         }
     }
 
     package func closeSession(_ sid: UInt64) throws(FSError) {
         // In bounded steps: a session may hold very many open files and locks.
         while true {
-            let done = try store.transaction(write: true) { () throws(FSError) -> Bool in
-                let opens = try store.sessionOpens(sid, limit: chunkBatch)
-                try store.prefetch(opens.flatMap { (ino, _) in [.opens(sid: sid, ino), .attr(ino), .isOpen(ino)] })
+            let done = try store.transaction(write: true) { (tx) throws(FSError) -> Bool in
+                let opens = try store.sessionOpens(tx, sid, limit: chunkBatch)
+                try store.prefetch(tx, opens.flatMap { (ino, _) in [.opens(sid: sid, ino), .attr(ino), .isOpen(ino)] })
                 for (ino, count) in opens {
-                    _ = try store.dropOpens(sid, ino, count)
-                    try freeIfUnused(ino)
+                    _ = try store.dropOpens(tx, sid, ino, count)
+                    try freeIfUnused(tx, ino)
                 }
-                let locks = try store.sessionLocks(sid, limit: chunkBatch)
-                try store.prefetch(locks.map { .locks($0.0, $0.1) })
+                let locks = try store.sessionLocks(tx, sid, limit: chunkBatch)
+                try store.prefetch(tx, locks.map { .locks($0.0, $0.1) })
                 for (ino, kind) in locks {
-                    if let kept = strippingSession(sid, from: try store.locks(ino, kind)) {
-                        try store.putLocks(ino, kind, kept, sid: 0)
+                    if let kept = strippingSession(sid, from: try store.locks(tx, ino, kind)) {
+                        try store.putLocks(tx, ino, kind, kept, sid: 0)
                     }
-                    try store.forgetSessionLock(sid, ino, kind)
+                    try store.forgetSessionLock(tx, sid, ino, kind)
                 }
                 if opens.count == chunkBatch || locks.count == chunkBatch { return false }
-                try store.deleteSession(sid)
+                try store.deleteSession(tx, sid)
                 return true
             }
             if done { return }
@@ -278,7 +284,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     package func listSessions() throws(FSError) -> [SessionInfo] {
-        try store.transaction(write: false) { () throws(FSError) in try store.sessions() }
+        try store.transaction(write: false) { (tx) throws(FSError) in try store.sessions(tx) }
     }
 
     package func cleanStaleSessions(age: Int64) throws(FSError) -> Int {
@@ -295,19 +301,19 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
-        try store.transaction(write: false) { () throws(FSError) in
-            try store.prefetch([.attr(parent), .entry(parent, name)])
-            guard let pa = try store.attr(parent) else { throw FSError.notFound }
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.attr(parent), .entry(parent, name)])
+            guard let pa = try store.attr(tx, parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, .execute)
             if name == [UInt8(ascii: ".")] { return (parent, pa) }
             if name == [UInt8(ascii: "."), UInt8(ascii: ".")] {
                 let p = pa.parent == 0 ? rootIno : pa.parent
-                guard let ppa = try store.attr(p) else { throw FSError.notFound }
+                guard let ppa = try store.attr(tx, p) else { throw FSError.notFound }
                 return (p, ppa)
             }
             if name.count > maxNameLength { throw FSError.nameTooLong }
-            guard let (ino, _) = try store.entry(parent, name), let a = try store.attr(ino) else { throw FSError.notFound }
+            guard let (ino, _) = try store.entry(tx, parent, name), let a = try store.attr(tx, ino) else { throw FSError.notFound }
             return (ino, a)
         }
     }
@@ -316,8 +322,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func getattr(_ ino: Ino) throws(FSError) -> Attr {
-        try store.transaction(write: false) { () throws(FSError) in
-            guard let a = try store.attr(ino) else { throw FSError.notFound }
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            guard let a = try store.attr(tx, ino) else { throw FSError.notFound }
             return a
         }
     }
@@ -333,15 +339,15 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         // A cut that drops many chunks takes several bounded steps; each step is one
         // transaction that leaves a valid, shorter file, and repeating the request is harmless.
         while true {
-            let (a, done) = try store.transaction(write: true) { () throws(FSError) -> (Attr, Bool) in
-                guard var a = try store.attr(ino) else { throw FSError.notFound }
+            let (a, done) = try store.transaction(write: true) { (tx) throws(FSError) -> (Attr, Bool) in
+                guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
                 let before = a
                 let now = Timespec.now()
                 let touch = try SetAttrRules.apply(req, to: &a, cred, now: now)
                 var done = true
-                if req.mask.contains(.size) && req.size != a.size { done = try truncateStep(ino, &a, to: req.size) }
+                if req.mask.contains(.size) && req.size != a.size { done = try truncateStep(tx, ino, &a, to: req.size) }
                 SetAttrRules.finish(req, &a, before, cred, now: now, touch: touch)
-                if a != before { try store.putAttr(ino, a) }
+                if a != before { try store.putAttr(tx, ino, a) }
                 return (a, done)
             }
             if done { return a }
@@ -352,16 +358,16 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     /// slices are queued for deletion). Drops at most `chunkBatch` chunks, the highest first;
     /// when more remain it stops with the size at the start of the lowest chunk it dropped and
     /// returns false.
-    private func truncateStep(_ ino: Ino, _ a: inout Attr, to newSize: UInt64) throws(FSError) -> Bool {
+    private func truncateStep(_ tx: S.Txn, _ ino: Ino, _ a: inout Attr, to newSize: UInt64) throws(FSError) -> Bool {
         let old = a.size
         var size = newSize
         if newSize < old {
             let firstGone = UInt32((newSize + chunkSize - 1) / chunkSize)
-            let gone = try store.chunkIndexes(ino, from: firstGone, limit: chunkBatch, descending: true)
-            try store.prefetch(gone.map { .chunk(ino, $0) })
+            let gone = try store.chunkIndexes(tx, ino, from: firstGone, limit: chunkBatch, descending: true)
+            try store.prefetch(tx, gone.map { .chunk(ino, $0) })
             for idx in gone {
-                let blob = try store.deleteChunk(ino, idx)
-                if !blob.isEmpty { try store.pushDroppedSlices(blob) }
+                let blob = try store.deleteChunk(tx, ino, idx)
+                if !blob.isEmpty { try store.pushDroppedSlices(tx, blob) }
             }
             if gone.count == chunkBatch, let lowest = gone.last {
                 size = max(newSize, UInt64(lowest) * chunkSize)
@@ -369,19 +375,20 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             let pos = newSize % chunkSize
             if size == newSize && pos != 0 {
                 let hole = Slice(pos: UInt32(pos), id: 0, size: 0, off: 0, len: UInt32(chunkSize - pos))
-                try store.appendChunk(ino, UInt32(newSize / chunkSize), hole.encoded())
+                try store.appendChunk(tx, ino, UInt32(newSize / chunkSize), hole.encoded())
             }
         }
-        try store.add("usedSpace", align4K(size) - align4K(old))
+        try store.add(tx, "usedSpace", align4K(size) - align4K(old))
         a.size = size
         return size == newSize
     }
 
     @_specialize(where S == RedisTxnStore)
     package func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr) {
-        try store.transaction(write: true) { () throws(FSError) in
-            let (ino, a) = try mknod(cred, parent, name, .regular, mode, rdev: 0, target: nil)
-            try store.addOpen(sid, ino)
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            try validateName(name)
+            let (ino, a) = try makeNode(tx, cred, parent, name, .regular, mode, rdev: 0, target: nil)
+            try store.addOpen(tx, sid, ino)
             return (ino, a)
         }
     }
@@ -394,97 +401,106 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     {
         try validateName(name)
         if type == .symlink && (target == nil || target!.isEmpty || target!.count > 4095) { throw FSError.invalid }
-        return try store.transaction(write: true) { () throws(FSError) in
-            try store.prefetch([.attr(parent), .entry(parent, name)])
-            guard var pa = try store.attr(parent) else { throw FSError.notFound }
-            guard pa.type == .directory else { throw FSError.notDir }
-            try Posix.check(pa, cred, [.write, .execute])
-            if pa.nlink == 0 { throw FSError.notFound }
-            if try store.entry(parent, name) != nil { throw FSError.exists }
-            let ino = try store.newInode()
-            let now = Timespec.now()
-            var perm = mode & 0o7777
-            var gid = cred.gid
-            if pa.mode & 0o2000 != 0 {
-                gid = pa.gid
-                if type == .directory {
-                    perm |= 0o2000
-                } else if perm & 0o2010 == 0o2010 && !cred.isRoot && !cred.inGroup(gid) {
-                    perm &= ~0o2000
-                }
-            }
-            let size: UInt64 = type == .directory ? 4096 : (type == .symlink ? UInt64(target!.count) : 0)
-            let a = Attr(
-                type: type, mode: perm, uid: cred.uid, gid: gid, nlink: type == .directory ? 2 : 1, size: size,
-                atime: now, mtime: now, ctime: now, rdev: type == .blockDevice || type == .charDevice ? rdev : 0,
-                parent: type == .directory ? parent : 0)
-            try store.putAttr(ino, a)
-            if type == .symlink { try store.putSymlinkTarget(ino, target!) }
-            try store.putEntry(parent, name, ino, type)
-            pa.mtime = now
-            pa.ctime = now
-            if type == .directory { pa.nlink += 1 }
-            try store.putAttr(parent, pa)
-            // Quotas (not built yet) charge the inode to its owner here (issue 18).
-            try store.add("usedInodes", 1)
-            try store.add("usedSpace", align4K(size))
-            return (ino, a)
+        return try store.transaction(write: true) { (tx) throws(FSError) in
+            try makeNode(tx, cred, parent, name, type, mode, rdev: rdev, target: target)
         }
+    }
+
+    /// mknod(2) in the transaction `tx`, its name and target already checked.
+    private func makeNode(
+        _ tx: S.Txn, _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?
+    )
+        throws(FSError) -> (Ino, Attr)
+    {
+        try store.prefetch(tx, [.attr(parent), .entry(parent, name)])
+        guard var pa = try store.attr(tx, parent) else { throw FSError.notFound }
+        guard pa.type == .directory else { throw FSError.notDir }
+        try Posix.check(pa, cred, [.write, .execute])
+        if pa.nlink == 0 { throw FSError.notFound }
+        if try store.entry(tx, parent, name) != nil { throw FSError.exists }
+        let ino = try store.newInode(tx)
+        let now = Timespec.now()
+        var perm = mode & 0o7777
+        var gid = cred.gid
+        if pa.mode & 0o2000 != 0 {
+            gid = pa.gid
+            if type == .directory {
+                perm |= 0o2000
+            } else if perm & 0o2010 == 0o2010 && !cred.isRoot && !cred.inGroup(gid) {
+                perm &= ~0o2000
+            }
+        }
+        let size: UInt64 = type == .directory ? 4096 : (type == .symlink ? UInt64(target!.count) : 0)
+        let a = Attr(
+            type: type, mode: perm, uid: cred.uid, gid: gid, nlink: type == .directory ? 2 : 1, size: size,
+            atime: now, mtime: now, ctime: now, rdev: type == .blockDevice || type == .charDevice ? rdev : 0,
+            parent: type == .directory ? parent : 0)
+        try store.putAttr(tx, ino, a)
+        if type == .symlink { try store.putSymlinkTarget(tx, ino, target!) }
+        try store.putEntry(tx, parent, name, ino, type)
+        pa.mtime = now
+        pa.ctime = now
+        if type == .directory { pa.nlink += 1 }
+        try store.putAttr(tx, parent, pa)
+        // Quotas (not built yet) charge the inode to its owner here (issue 18).
+        try store.add(tx, "usedInodes", 1)
+        try store.add(tx, "usedSpace", align4K(size))
+        return (ino, a)
     }
 
     /// Frees an inode that has no links and no opens left; returns whether it did.
     @discardableResult
-    private func freeIfUnused(_ ino: Ino) throws(FSError) -> Bool {
-        guard let a = try store.attr(ino), a.nlink == 0, try !store.isOpen(ino) else { return false }
-        try freeInode(ino, a)
+    private func freeIfUnused(_ tx: S.Txn, _ ino: Ino) throws(FSError) -> Bool {
+        guard let a = try store.attr(tx, ino), a.nlink == 0, try !store.isOpen(tx, ino) else { return false }
+        try freeInode(tx, ino, a)
         return true
     }
 
-    private func freeInode(_ ino: Ino, _ a: Attr) throws(FSError) {
+    private func freeInode(_ tx: S.Txn, _ ino: Ino, _ a: Attr) throws(FSError) {
         // Quotas (not built yet) give the owner back the inode and its attribute bytes
         // (`store.xattrBytes`, read before the delete) here, as rmdir must.
-        try store.deleteInode(ino)
-        if a.type == .regular && a.size > 0 { try store.addPendingDelete(ino, a.size) }
-        try store.add("usedInodes", -1)
-        try store.add("usedSpace", -align4K(a.size))
+        try store.deleteInode(tx, ino)
+        if a.type == .regular && a.size > 0 { try store.addPendingDelete(tx, ino, a.size) }
+        try store.add(tx, "usedInodes", -1)
+        try store.add(tx, "usedSpace", -align4K(a.size))
     }
 
     /// Drops one link of a non-directory inside a transaction.
-    private func dropLink(_ ino: Ino, _ attrs: inout AttrSet, now: Timespec) throws(FSError) -> RemovedName {
-        var a = try attrs.load(store, ino)
+    private func dropLink(_ tx: S.Txn, _ ino: Ino, _ attrs: inout AttrSet, now: Timespec) throws(FSError) -> RemovedName {
+        var a = try attrs.load(store, tx, ino)
         a.nlink -= 1
         a.ctime = now
-        if a.nlink == 0, try !store.isOpen(ino) {
+        if a.nlink == 0, try !store.isOpen(tx, ino) {
             attrs.forget(ino)
-            try freeInode(ino, a)
+            try freeInode(tx, ino, a)
             return RemovedName(ino: ino, attr: a, freed: true)
         }
-        try attrs.update(store, ino) { $0 = a }
+        try attrs.update(store, tx, ino) { $0 = a }
         return RemovedName(ino: ino, attr: a, freed: false)
     }
 
     @_specialize(where S == RedisTxnStore)
     package func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
-        try store.transaction(write: true) { () throws(FSError) in
-            try store.prefetch([.attr(parent), .entry(parent, name)])
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.attr(parent), .entry(parent, name)])
             var attrs = AttrSet()
-            let pa = try attrs.load(store, parent)
+            let pa = try attrs.load(store, tx, parent)
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, [.write, .execute])
             if name.count > maxNameLength { throw FSError.nameTooLong }
-            guard let (ino, type) = try store.entry(parent, name) else { throw FSError.notFound }
-            let a = try attrs.load(store, ino)
+            guard let (ino, type) = try store.entry(tx, parent, name) else { throw FSError.notFound }
+            let a = try attrs.load(store, tx, ino)
             if (type == .directory) != (a.type == .directory) { throw FSError.damagedEntry }
             if type == .directory { throw FSError.isDir }
             if !Posix.stickyAllows(dir: pa, child: a, cred) { throw FSError.perm }
             let now = Timespec.now()
-            try store.deleteEntry(parent, name)
-            try attrs.update(store, parent) {
+            try store.deleteEntry(tx, parent, name)
+            try attrs.update(store, tx, parent) {
                 $0.mtime = now
                 $0.ctime = now
             }
-            let removed = try dropLink(ino, &attrs, now: now)
-            try attrs.flush(store)
+            let removed = try dropLink(tx, ino, &attrs, now: now)
+            try attrs.flush(store, tx)
             return removed
         }
     }
@@ -493,27 +509,27 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
         if name == [UInt8(ascii: ".")] { throw FSError.invalid }
         if name == [UInt8(ascii: "."), UInt8(ascii: ".")] { throw FSError.notEmpty }
-        return try store.transaction(write: true) { () throws(FSError) in
-            try store.prefetch([.attr(parent), .entry(parent, name)])
-            guard var pa = try store.attr(parent) else { throw FSError.notFound }
+        return try store.transaction(write: true) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.attr(parent), .entry(parent, name)])
+            guard var pa = try store.attr(tx, parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, [.write, .execute])
             if name.count > maxNameLength { throw FSError.nameTooLong }
-            guard let (ino, type) = try store.entry(parent, name) else { throw FSError.notFound }
-            guard let a = try store.attr(ino) else { throw FSError.notFound }
+            guard let (ino, type) = try store.entry(tx, parent, name) else { throw FSError.notFound }
+            guard let a = try store.attr(tx, ino) else { throw FSError.notFound }
             if (type == .directory) != (a.type == .directory) { throw FSError.damagedEntry }
             if type != .directory { throw FSError.notDir }
             if !Posix.stickyAllows(dir: pa, child: a, cred) { throw FSError.perm }
-            if try store.hasEntries(ino) { throw FSError.notEmpty }
+            if try store.hasEntries(tx, ino) { throw FSError.notEmpty }
             let now = Timespec.now()
-            try store.deleteEntry(parent, name)
-            try store.deleteInode(ino)
+            try store.deleteEntry(tx, parent, name)
+            try store.deleteInode(tx, ino)
             pa.nlink -= 1
             pa.mtime = now
             pa.ctime = now
-            try store.putAttr(parent, pa)
-            try store.add("usedInodes", -1)
-            try store.add("usedSpace", -align4K(a.size))
+            try store.putAttr(tx, parent, pa)
+            try store.add(tx, "usedInodes", -1)
+            try store.add(tx, "usedSpace", -align4K(a.size))
             var gone = a
             gone.nlink = 0
             gone.ctime = now
@@ -524,12 +540,12 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     /// Whether `ino` is `ancestor` or lies below it. The walk up is bounded: a directory
     /// nested deeper than `maxRenameDepth` levels cannot be a rename's destination parent
     /// across directories (`ELOOP`).
-    private func isWithin(_ ino: Ino, _ ancestor: Ino) throws(FSError) -> Bool {
+    private func isWithin(_ tx: S.Txn, _ ino: Ino, _ ancestor: Ino) throws(FSError) -> Bool {
         var cur = ino
         for _ in 0...maxRenameDepth {
             if cur == ancestor { return true }
             if cur == rootIno { return false }
-            guard let a = try store.attr(cur) else { return false }
+            guard let a = try store.attr(tx, cur) else { return false }
             cur = a.parent
         }
         throw FSError(ELOOP, "directory nested deeper than \(maxRenameDepth) levels")
@@ -542,89 +558,89 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         if flags.contains(.exchange) && flags.contains(.noReplace) { throw FSError.invalid }
         try validateName(dn)
         if sn.isEmpty || sn.count > maxNameLength { throw FSError.notFound }
-        return try store.transaction(write: true) { () throws(FSError) -> RenameResult in
-            try store.prefetch([.attr(sp), .attr(dp), .entry(sp, sn), .entry(dp, dn)])
+        return try store.transaction(write: true) { (tx) throws(FSError) -> RenameResult in
+            try store.prefetch(tx, [.attr(sp), .attr(dp), .entry(sp, sn), .entry(dp, dn)])
             var attrs = AttrSet()
-            let spa = try attrs.load(store, sp)
-            let dpa = try attrs.load(store, dp)
+            let spa = try attrs.load(store, tx, sp)
+            let dpa = try attrs.load(store, tx, dp)
             guard spa.type == .directory, dpa.type == .directory else { throw FSError.notDir }
             try Posix.check(spa, cred, [.write, .execute])
             try Posix.check(dpa, cred, [.write, .execute])
-            guard let (sino, st) = try store.entry(sp, sn) else { throw FSError.notFound }
-            let sa = try attrs.load(store, sino)
+            guard let (sino, st) = try store.entry(tx, sp, sn) else { throw FSError.notFound }
+            let sa = try attrs.load(store, tx, sino)
             if !Posix.stickyAllows(dir: spa, child: sa, cred) { throw FSError.perm }
-            let dst = try store.entry(dp, dn)
+            let dst = try store.entry(tx, dp, dn)
             let exchange = flags.contains(.exchange)
             if let (dino, dt) = dst {
                 if dino == sino { return RenameResult(moved: sino, other: sino, removed: nil) }
                 if flags.contains(.noReplace) { throw FSError.exists }
-                let da = try attrs.load(store, dino)
+                let da = try attrs.load(store, tx, dino)
                 if !Posix.stickyAllows(dir: dpa, child: da, cred) { throw FSError.perm }
                 if !exchange {
                     if st == .directory && dt != .directory { throw FSError.notDir }
                     if st != .directory && dt == .directory { throw FSError.isDir }
-                    if dt == .directory, try store.hasEntries(dino) { throw FSError.notEmpty }
+                    if dt == .directory, try store.hasEntries(tx, dino) { throw FSError.notEmpty }
                 } else if dt == .directory && sp != dp {
                     try Posix.check(da, cred, .write)
-                    if try isWithin(sp, dino) { throw FSError.invalid }
+                    if try isWithin(tx, sp, dino) { throw FSError.invalid }
                 }
             } else if exchange {
                 throw FSError.notFound
             }
             if st == .directory && sp != dp {
                 try Posix.check(sa, cred, .write)
-                if try isWithin(dp, sino) { throw FSError.invalid }
+                if try isWithin(tx, dp, sino) { throw FSError.invalid }
             }
             let now = Timespec.now()
             var removed: RemovedName?
             if exchange, let (dino, dt) = dst {
-                try store.putEntry(sp, sn, dino, dt)
-                try store.putEntry(dp, dn, sino, st)
+                try store.putEntry(tx, sp, sn, dino, dt)
+                try store.putEntry(tx, dp, dn, sino, st)
                 if sp != dp {
                     if st == .directory {
-                        try attrs.update(store, sino) { $0.parent = dp }
-                        try attrs.update(store, sp) { $0.nlink -= 1 }
-                        try attrs.update(store, dp) { $0.nlink += 1 }
+                        try attrs.update(store, tx, sino) { $0.parent = dp }
+                        try attrs.update(store, tx, sp) { $0.nlink -= 1 }
+                        try attrs.update(store, tx, dp) { $0.nlink += 1 }
                     }
                     if dt == .directory {
-                        try attrs.update(store, dino) { $0.parent = sp }
-                        try attrs.update(store, dp) { $0.nlink -= 1 }
-                        try attrs.update(store, sp) { $0.nlink += 1 }
+                        try attrs.update(store, tx, dino) { $0.parent = sp }
+                        try attrs.update(store, tx, dp) { $0.nlink -= 1 }
+                        try attrs.update(store, tx, sp) { $0.nlink += 1 }
                     }
                 }
-                try attrs.update(store, dino) { $0.ctime = now }
+                try attrs.update(store, tx, dino) { $0.ctime = now }
             } else {
                 if let (dino, dt) = dst {
                     if dt == .directory {
-                        let da = try attrs.load(store, dino)
+                        let da = try attrs.load(store, tx, dino)
                         attrs.forget(dino)
-                        try store.deleteInode(dino)
-                        try attrs.update(store, dp) { $0.nlink -= 1 }
-                        try store.add("usedInodes", -1)
-                        try store.add("usedSpace", -align4K(da.size))
+                        try store.deleteInode(tx, dino)
+                        try attrs.update(store, tx, dp) { $0.nlink -= 1 }
+                        try store.add(tx, "usedInodes", -1)
+                        try store.add(tx, "usedSpace", -align4K(da.size))
                         removed = RemovedName(ino: dino, attr: da, freed: true)
                     } else {
-                        removed = try dropLink(dino, &attrs, now: now)
+                        removed = try dropLink(tx, dino, &attrs, now: now)
                     }
                 }
-                try store.deleteEntry(sp, sn)
-                try store.putEntry(dp, dn, sino, st)
+                try store.deleteEntry(tx, sp, sn)
+                try store.putEntry(tx, dp, dn, sino, st)
                 if st == .directory && sp != dp {
-                    try attrs.update(store, sino) { $0.parent = dp }
-                    try attrs.update(store, sp) { $0.nlink -= 1 }
-                    try attrs.update(store, dp) { $0.nlink += 1 }
+                    try attrs.update(store, tx, sino) { $0.parent = dp }
+                    try attrs.update(store, tx, sp) { $0.nlink -= 1 }
+                    try attrs.update(store, tx, dp) { $0.nlink += 1 }
                 }
             }
-            try attrs.update(store, sino) { $0.ctime = now }
-            try attrs.update(store, sp) {
+            try attrs.update(store, tx, sino) { $0.ctime = now }
+            try attrs.update(store, tx, sp) {
                 $0.mtime = now
                 $0.ctime = now
             }
-            try attrs.update(store, dp) {
+            try attrs.update(store, tx, dp) {
                 $0.mtime = now
                 $0.ctime = now
             }
-            try attrs.flush(store)
+            try attrs.flush(store, tx)
             return RenameResult(moved: sino, other: dst?.0 ?? 0, removed: removed)
         }
     }
@@ -632,47 +648,47 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     @_specialize(where S == RedisTxnStore)
     package func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
         try validateName(name)
-        return try store.transaction(write: true) { () throws(FSError) in
-            try store.prefetch([.attr(parent), .attr(ino), .entry(parent, name)])
-            guard var pa = try store.attr(parent) else { throw FSError.notFound }
+        return try store.transaction(write: true) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.attr(parent), .attr(ino), .entry(parent, name)])
+            guard var pa = try store.attr(tx, parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, [.write, .execute])
-            guard var a = try store.attr(ino) else { throw FSError.notFound }
+            guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
             if a.type == .directory { throw FSError.perm }
             if a.nlink == 0 { throw FSError.notFound }
             if a.nlink >= 65000 { throw FSError.mlink }
-            if try store.entry(parent, name) != nil { throw FSError.exists }
+            if try store.entry(tx, parent, name) != nil { throw FSError.exists }
             let now = Timespec.now()
-            try store.putEntry(parent, name, ino, a.type)
+            try store.putEntry(tx, parent, name, ino, a.type)
             a.nlink += 1
             a.ctime = now
-            try store.putAttr(ino, a)
+            try store.putAttr(tx, ino, a)
             pa.mtime = now
             pa.ctime = now
-            try store.putAttr(parent, pa)
+            try store.putAttr(tx, parent, pa)
             return a
         }
     }
 
     package func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
-        try store.transaction(write: false) { () throws(FSError) in
-            try store.prefetch([.attr(ino), .symlink(ino)])
-            guard let a = try store.attr(ino) else { throw FSError.notFound }
-            guard a.type == .symlink, let t = try store.symlinkTarget(ino) else { throw FSError.invalid }
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.attr(ino), .symlink(ino)])
+            guard let a = try store.attr(tx, ino) else { throw FSError.notFound }
+            guard a.type == .symlink, let t = try store.symlinkTarget(tx, ino) else { throw FSError.invalid }
             return t
         }
     }
 
     @_specialize(where S == RedisTxnStore)
     package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
-        try store.transaction(write: false) { () throws(FSError) in
-            try store.prefetch([.attr(ino), .entries(ino, after: cookie, limit: limit, plus: plus)])
-            guard let a = try store.attr(ino) else { throw FSError.notFound }
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.attr(ino), .entries(ino, after: cookie, limit: limit, plus: plus)])
+            guard let a = try store.attr(tx, ino) else { throw FSError.notFound }
             guard a.type == .directory else { throw FSError.notDir }
-            var out = try store.entries(ino, after: cookie, limit: limit)
+            var out = try store.entries(tx, ino, after: cookie, limit: limit)
             if plus {
-                try store.prefetch(out.map { .attr($0.ino) })
-                for i in out.indices { out[i].attr = try store.attr(out[i].ino) }
+                try store.prefetch(tx, out.map { .attr($0.ino) })
+                for i in out.indices { out[i].attr = try store.attr(tx, out[i].ino) }
                 out.removeAll { $0.attr == nil }
             }
             return out
@@ -683,19 +699,19 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
-        try store.transaction(write: false) { () throws(FSError) in
-            try store.prefetch([.attr(ino), .xattr(ino, name)])
-            guard let a = try store.attr(ino) else { throw FSError.notFound }
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.attr(ino), .xattr(ino, name)])
+            guard let a = try store.attr(tx, ino) else { throw FSError.notFound }
             try xattrReadCheck(a, cred, name)
-            guard let v = try store.xattr(ino, name) else { throw FSError.noAttr }
+            guard let v = try store.xattr(tx, ino, name) else { throw FSError.noAttr }
             return v
         }
     }
 
     package func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]] {
-        try store.transaction(write: false) { () throws(FSError) in
-            guard try store.attr(ino) != nil else { throw FSError.notFound }
-            return try store.xattrNames(ino).filter { cred.isRoot || !$0.starts(with: trustedPrefix) }
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            guard try store.attr(tx, ino) != nil else { throw FSError.notFound }
+            return try store.xattrNames(tx, ino).filter { cred.isRoot || !$0.starts(with: trustedPrefix) }
         }
     }
 
@@ -705,19 +721,19 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     /// the check reads no other attribute.
     package func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
         if value.count > 65536 { throw FSError(E2BIG, "attribute value too large") }
-        try store.transaction(write: true) { () throws(FSError) in
-            try store.prefetch([.attr(ino), .xattr(ino, name), .xattrCount(ino), .xattrBytes(ino)])
-            guard var a = try store.attr(ino) else { throw FSError.notFound }
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.attr(ino), .xattr(ino, name), .xattrCount(ino), .xattrBytes(ino)])
+            guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
             try xattrWriteCheck(a, cred, name)
-            let old = try store.xattr(ino, name)
+            let old = try store.xattr(tx, ino, name)
             if flag == .create && old != nil { throw FSError.exists }
             if flag == .replace && old == nil { throw FSError.noAttr }
-            if old == nil, try store.xattrCount(ino) >= maxXattrsPerInode {
+            if old == nil, try store.xattrCount(tx, ino) >= maxXattrsPerInode {
                 throw FSError(ENOSPC, "inode \(ino) has \(maxXattrsPerInode) extended attributes, the most one may have")
             }
-            let stored = try store.xattrBytes(ino)
+            let stored = try store.xattrBytes(tx, ino)
             var total = 0
-            if let stored { total = stored } else if try store.xattrCount(ino) > 0 { total = try store.sumXattrBytes(ino) }
+            if let stored { total = stored } else if try store.xattrCount(tx, ino) > 0 { total = try store.sumXattrBytes(tx, ino) }
             let next = total - (old.map { name.count + $0.count } ?? 0) + name.count + value.count
             if next > maxXattrBytesPerInode && next > total {
                 throw FSError(
@@ -727,28 +743,28 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             // Quotas (not built yet) charge `next - total` bytes to the owner (`a.uid`, `a.gid`)
             // here, as `create` and `mkdir` will charge an inode: a bound per user, beside this
             // bound per inode.
-            try store.putXattr(ino, name, value)
-            if next != stored { try store.putXattrBytes(ino, next) }
+            try store.putXattr(tx, ino, name, value)
+            if next != stored { try store.putXattrBytes(tx, ino, next) }
             a.ctime = Timespec.now()
-            try store.putAttr(ino, a)
+            try store.putAttr(tx, ino, a)
         }
     }
 
     package func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
-        try store.transaction(write: true) { () throws(FSError) in
-            try store.prefetch([.attr(ino), .xattr(ino, name), .xattrBytes(ino)])
-            guard var a = try store.attr(ino) else { throw FSError.notFound }
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.attr(ino), .xattr(ino, name), .xattrBytes(ino)])
+            guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
             try xattrWriteCheck(a, cred, name, removing: true)
-            guard let old = try store.xattr(ino, name) else { throw FSError.noAttr }
-            try store.deleteXattr(ino, name)
+            guard let old = try store.xattr(tx, ino, name) else { throw FSError.noAttr }
+            try store.deleteXattr(tx, ino, name)
             // (A total never stored stays so: the next setxattr sums it. Names are never empty,
             // so 0 means no attribute is left.)
-            if let total = try store.xattrBytes(ino) {
+            if let total = try store.xattrBytes(tx, ino) {
                 let next = total - name.count - old.count
-                try store.putXattrBytes(ino, next > 0 ? next : nil)
+                try store.putXattrBytes(tx, ino, next > 0 ? next : nil)
             }
             a.ctime = Timespec.now()
-            try store.putAttr(ino, a)
+            try store.putAttr(tx, ino, a)
         }
     }
 
@@ -757,16 +773,16 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     @_specialize(where S == RedisTxnStore)
     package func open(_ cred: Credential, _ ino: Ino, flags: Int32, sid: UInt64) throws(FSError) -> (Attr, [Slice]?) {
         var first: [Slice]?
-        let a = try store.transaction(write: true) { () throws(FSError) -> Attr in
-            try store.prefetch([.attr(ino)])
-            guard let a = try store.attr(ino) else { throw FSError.notFound }
+        let a = try store.transaction(write: true) { (tx) throws(FSError) -> Attr in
+            try store.prefetch(tx, [.attr(ino)])
+            guard let a = try store.attr(tx, ino) else { throw FSError.notFound }
             let mask = accessMask(openFlags: flags)
             if a.type == .directory && mask.contains(.write) { throw FSError.isDir }
             try Posix.check(a, cred, mask)
-            try store.addOpen(sid, ino)
+            try store.addOpen(tx, sid, ino)
             // The first chunk's slices come with the commit: reading a small file needs no
             // further round trip.
-            if a.type == .regular { try store.chunkAfterCommit(ino, 0) { first = Slice.decodeAll($0) } }
+            if a.type == .regular { try store.chunkAfterCommit(tx, ino, 0) { first = Slice.decodeAll($0) } }
             return a
         }
         // nil (not delivered: no commit was sent) leaves the first chunk to be read.
@@ -775,27 +791,27 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     @discardableResult package func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool {
-        try store.transaction(write: true) { () throws(FSError) -> Bool in
-            try store.prefetch([.opens(sid: sid, ino), .attr(ino), .isOpen(ino)])
-            if try store.dropOpens(sid, ino, 1) > 0 { return false }
-            return try freeIfUnused(ino)
+        try store.transaction(write: true) { (tx) throws(FSError) -> Bool in
+            try store.prefetch(tx, [.opens(sid: sid, ino), .attr(ino), .isOpen(ino)])
+            if try store.dropOpens(tx, sid, ino, 1) > 0 { return false }
+            return try freeIfUnused(tx, ino)
         }
     }
 
     @_specialize(where S == RedisTxnStore)
     package func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice] {
-        try store.transaction(write: false) { () throws(FSError) in Slice.decodeAll(try store.chunk(ino, index)) }
+        try store.transaction(write: false) { (tx) throws(FSError) in Slice.decodeAll(try store.chunk(tx, ino, index)) }
     }
 
     @_specialize(where S == RedisTxnStore)
     package func readChunks(_ chunks: [(Ino, UInt32)]) throws(FSError) -> [[Slice]] {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             var out: [[Slice]] = []
             out.reserveCapacity(chunks.count)
             for start in stride(from: 0, to: chunks.count, by: chunkBatch) {
                 let part = chunks[start..<min(chunks.count, start + chunkBatch)]
-                try store.prefetch(part.map { .chunk($0.0, $0.1) })
-                for (ino, idx) in part { out.append(Slice.decodeAll(try store.chunk(ino, idx))) }
+                try store.prefetch(tx, part.map { .chunk($0.0, $0.1) })
+                for (ino, idx) in part { out.append(Slice.decodeAll(try store.chunk(tx, ino, idx))) }
             }
             return out
         }
@@ -803,13 +819,13 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func getattrs(_ inos: [Ino]) throws(FSError) -> [Attr?] {
-        try store.transaction(write: false) { () throws(FSError) in
+        try store.transaction(write: false) { (tx) throws(FSError) in
             var out: [Attr?] = []
             out.reserveCapacity(inos.count)
             for start in stride(from: 0, to: inos.count, by: chunkBatch) {
                 let part = inos[start..<min(inos.count, start + chunkBatch)]
-                try store.prefetch(part.map { .attr($0) })
-                for ino in part { out.append(try store.attr(ino)) }
+                try store.prefetch(tx, part.map { .attr($0) })
+                for ino in part { out.append(try store.attr(tx, ino)) }
             }
             return out
         }
@@ -817,57 +833,57 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr {
-        try store.transaction(write: true) { () throws(FSError) in
-            guard var a = try store.attr(ino) else { throw FSError.notFound }
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
             guard a.type == .regular else { throw FSError.invalid }
-            try store.appendChunk(ino, index, slice.encoded())
+            try store.appendChunk(tx, ino, index, slice.encoded())
             if minSize > a.size {
-                try store.add("usedSpace", align4K(minSize) - align4K(a.size))
+                try store.add(tx, "usedSpace", align4K(minSize) - align4K(a.size))
                 a.size = minSize
             }
             a.mtime = mtime
             a.ctime = max(a.ctime, mtime)
-            try store.putAttr(ino, a)
+            try store.putAttr(tx, ino, a)
             return a
         }
     }
 
     package func newSliceIDs(_ count: Int) throws(FSError) -> UInt64 {
-        try store.reserveIDs("nextSlice", count)
+        try store.reserveIDs(nil, "nextSlice", count)
     }
 
     package func pendingDeletes(limit: Int) throws(FSError) -> [PendingDelete] {
-        try store.transaction(write: false) { () throws(FSError) in try store.pendingDeletes(limit: limit) }
+        try store.transaction(write: false) { (tx) throws(FSError) in try store.pendingDeletes(tx, limit: limit) }
     }
 
     package func finishDelete(_ pending: PendingDelete) throws(FSError) -> (slices: [Slice], done: Bool) {
-        try store.transaction(write: true) { () throws(FSError) in
+        try store.transaction(write: true) { (tx) throws(FSError) in
             var out: [Slice] = []
-            try store.prefetch([.chunkList(pending.ino, from: 0, limit: chunkBatch)])
-            let idxs = try store.chunkIndexes(pending.ino, from: 0, limit: chunkBatch, descending: false)
-            try store.prefetch(idxs.map { .chunk(pending.ino, $0) })
-            for idx in idxs { out += Slice.decodeAll(try store.deleteChunk(pending.ino, idx)) }
+            try store.prefetch(tx, [.chunkList(pending.ino, from: 0, limit: chunkBatch)])
+            let idxs = try store.chunkIndexes(tx, pending.ino, from: 0, limit: chunkBatch, descending: false)
+            try store.prefetch(tx, idxs.map { .chunk(pending.ino, $0) })
+            for idx in idxs { out += Slice.decodeAll(try store.deleteChunk(tx, pending.ino, idx)) }
             if idxs.count == chunkBatch { return (out, false) }
-            try store.removePendingDelete(pending)
+            try store.removePendingDelete(tx, pending)
             return (out, true)
         }
     }
 
     @_specialize(where S == RedisTxnStore)
     package func finishDeletes(limit: Int) throws(FSError) -> (slices: [Slice], more: Bool) {
-        try store.transaction(write: true) { () throws(FSError) -> ([Slice], Bool) in
-            try store.prefetch([.pendingDeletes(limit: limit, chunks: chunkBatch)])
-            let pending = try store.pendingDeletes(limit: limit)
+        try store.transaction(write: true) { (tx) throws(FSError) -> ([Slice], Bool) in
+            try store.prefetch(tx, [.pendingDeletes(limit: limit, chunks: chunkBatch)])
+            let pending = try store.pendingDeletes(tx, limit: limit)
             var out: [Slice] = []
             var budget = chunkBatch
             for p in pending {
                 // The files share the budget in order (what the prefetch read).
-                let idxs = try store.chunkIndexes(p.ino, from: 0, limit: budget, descending: false)
-                try store.prefetch(idxs.map { .chunk(p.ino, $0) })
-                for idx in idxs { out += Slice.decodeAll(try store.deleteChunk(p.ino, idx)) }
+                let idxs = try store.chunkIndexes(tx, p.ino, from: 0, limit: budget, descending: false)
+                try store.prefetch(tx, idxs.map { .chunk(p.ino, $0) })
+                for idx in idxs { out += Slice.decodeAll(try store.deleteChunk(tx, p.ino, idx)) }
                 if idxs.count == budget { return (out, true) }
                 budget -= idxs.count
-                try store.removePendingDelete(p)
+                try store.removePendingDelete(tx, p)
             }
             return (out, pending.count == limit)
         }
@@ -875,16 +891,16 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func takeDroppedSlices(limit: Int) throws(FSError) -> [Slice] {
-        try store.transaction(write: true) { () throws(FSError) in Slice.decodeAll(try store.takeDroppedSlices(limit: limit)) }
+        try store.transaction(write: true) { (tx) throws(FSError) in Slice.decodeAll(try store.takeDroppedSlices(tx, limit: limit)) }
     }
 
     // MARK: locks
 
     package func updateLocks(_ ino: Ino, kind: UInt8, sid: UInt64, _ body: ([UInt8]) throws(FSError) -> [UInt8]?) throws(FSError) {
-        try store.transaction(write: true) { () throws(FSError) in
-            try store.prefetch([.attr(ino), .locks(ino, kind)])
-            guard try store.attr(ino) != nil else { throw FSError.notFound }
-            if let table = try body(try store.locks(ino, kind)) { try store.putLocks(ino, kind, table, sid: sid) }
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.attr(ino), .locks(ino, kind)])
+            guard try store.attr(tx, ino) != nil else { throw FSError.notFound }
+            if let table = try body(try store.locks(tx, ino, kind)) { try store.putLocks(tx, ino, kind, table, sid: sid) }
         }
     }
 }
@@ -997,9 +1013,9 @@ package protocol VolumeSecrets: AnyObject, Sendable {
 /// What a gateway asks of an engine beyond `MetadataEngine`.
 extension TxnMetadata: OpenChecks {
     package func openState(_ sid: UInt64, _ ino: Ino) throws(FSError) -> (opens: Int, attr: Attr?) {
-        try store.transaction(write: false) { () throws(FSError) in
-            try store.prefetch([.attr(ino)])
-            return (try store.openCount(sid, ino), try store.attr(ino))
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.attr(ino)])
+            return (try store.openCount(tx, sid, ino), try store.attr(tx, ino))
         }
     }
 }
@@ -1013,9 +1029,9 @@ package protocol OpenChecks: AnyObject, Sendable {
 extension TxnMetadata: VolumeSecrets {
     package func volumeSecret(_ name: String, bytes: Int) throws(FSError) -> [UInt8] {
         let fresh = Sys.randomBytes(bytes).map { String($0, radix: 16).leftPadded(2) }.joined()
-        let text = try store.transaction(write: true) { () throws(FSError) -> String in
-            if let t = try store.setting("secret_" + name) { return t }
-            try store.setSetting("secret_" + name, fresh)
+        let text = try store.transaction(write: true) { (tx) throws(FSError) -> String in
+            if let t = try store.setting(tx, "secret_" + name) { return t }
+            try store.setSetting(tx, "secret_" + name, fresh)
             return fresh
         }
         var out: [UInt8] = []

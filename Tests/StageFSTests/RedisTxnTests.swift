@@ -79,10 +79,10 @@ struct RedisTxnTests {
         let other = try f.client()
         let (ino, a0) = try f.meta.mknod(alice, rootIno, n("f"), .regular, 0o644, rdev: 0, target: nil)
         let bump = { (s: RedisTxnStore) throws(FSError) in
-            try s.transaction(write: true) { () throws(FSError) in
-                guard var a = try s.attr(ino) else { throw FSError.notFound }
+            try s.transaction(write: true) { (tx) throws(FSError) in
+                guard var a = try s.attr(tx, ino) else { throw FSError.notFound }
                 a.nlink += 1
-                try s.putAttr(ino, a)
+                try s.putAttr(tx, ino, a)
             }
         }
         var rounds = 0
@@ -95,6 +95,31 @@ struct RedisTxnTests {
         // Three increments by the other client between read and commit, then this one.
         #expect(try f.meta.getattr(ino).nlink == a0.nlink + 4)
         #expect(f.store.stats.conflicts == 3)
+    }
+
+    @Test func aTransactionIsAValueAnotherThreadCanUse() throws {
+        let f = try TxnFixture()
+        let (ino, a0) = try f.meta.mknod(alice, rootIno, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        let s = f.store
+        try s.transaction(write: true) { (tx) throws(FSError) in
+            // Its reads and writes are made on another thread: nothing of the transaction is
+            // found through the thread that started it.
+            let box = TxnBox(tx)
+            let done = DispatchSemaphore(value: 0)
+            DispatchQueue.global().async {
+                do throws(FSError) {
+                    guard var a = try s.attr(box.tx, ino) else { throw FSError.notFound }
+                    a.nlink += 1
+                    try s.putAttr(box.tx, ino, a)
+                } catch {
+                    box.error = error
+                }
+                done.signal()
+            }
+            done.wait()
+            if let e = box.error { throw e }
+        }
+        #expect(try f.meta.getattr(ino).nlink == a0.nlink + 1)
     }
 
     @Test func aCommitWhoseReplyIsLostIsAppliedOnce() throws {
@@ -465,4 +490,12 @@ struct RedisTxnTests {
         let last = try lookupAndOpen(mode: 0o600)
         #expect(last.trips == 1 && last.conflicts == 0, "the open after a lookup, after many: \(last)")
     }
+}
+
+/// A transaction handed to one other thread while the thread that made the box waits on a
+/// semaphore: the two never touch it at once (the wait orders their accesses).
+private final class TxnBox: @unchecked Sendable {
+    let tx: RedisTxn
+    var error: FSError?
+    init(_ tx: RedisTxn) { self.tx = tx }
 }

@@ -19,13 +19,13 @@ struct SQLiteTxnTests {
         let (m, _) = try volume()
         let s = m.store
         #expect(throws: FSError.self) {
-            try s.transaction(write: true) { () throws(FSError) in
-                try s.setSetting("a", "1")
-                try s.add("usedInodes", 5)
+            try s.transaction(write: true) { (tx) throws(FSError) in
+                try s.setSetting(tx, "a", "1")
+                try s.add(tx, "usedInodes", 5)
                 throw FSError.perm
             }
         }
-        let (a, used) = try s.transaction(write: false) { () throws(FSError) in (try s.setting("a"), try s.counter("usedInodes")) }
+        let (a, used) = try s.transaction(write: false) { (tx) throws(FSError) in (try s.setting(tx, "a"), try s.counter(tx, "usedInodes")) }
         #expect(a == nil)
         #expect(used == 1, "only the root directory")
     }
@@ -34,7 +34,7 @@ struct SQLiteTxnTests {
         let (m, dir) = try volume()
         let other = try SQLiteMetadata(path: dir + "/meta.db")
         let rounds = 300
-        try m.store.transaction(write: true) { () throws(FSError) in try m.store.setSetting("n", "0") }
+        try m.store.transaction(write: true) { (tx) throws(FSError) in try m.store.setSetting(tx, "n", "0") }
         // Read, then write what was read plus one: a lost update would leave less than 2 * rounds.
         let failures = Locked(0)
         let group = DispatchGroup()
@@ -42,9 +42,9 @@ struct SQLiteTxnTests {
             DispatchQueue.global().async(group: group) {
                 for _ in 0..<rounds {
                     do {
-                        try s.transaction(write: true) { () throws(FSError) in
-                            let n = Int(try s.setting("n") ?? "") ?? -1_000_000
-                            try s.setSetting("n", String(n + 1))
+                        try s.transaction(write: true) { (tx) throws(FSError) in
+                            let n = Int(try s.setting(tx, "n") ?? "") ?? -1_000_000
+                            try s.setSetting(tx, "n", String(n + 1))
                         }
                     } catch {
                         failures.withLock { $0 += 1 }
@@ -54,21 +54,22 @@ struct SQLiteTxnTests {
         }
         #expect(group.wait(timeout: .now() + 90) == .success)
         #expect(failures.current == 0)
-        let n = try m.store.transaction(write: false) { () throws(FSError) in try m.store.setting("n") }
+        let n = try m.store.transaction(write: false) { (tx) throws(FSError) in try m.store.setting(tx, "n") }
         #expect(n == String(2 * rounds))
     }
 
-    @Test func aNestedCallJoinsTheTransaction() throws {
+    @Test func aCallGivenTheTransactionIsPartOfIt() throws {
         let (m, _) = try volume()
         let s = m.store
+        func inner(_ tx: SQLiteTxn) throws(FSError) { try s.setSetting(tx, "inner", "1") }
         #expect(throws: FSError.self) {
-            try s.transaction(write: true) { () throws(FSError) in
-                try s.setSetting("outer", "1")
-                try s.transaction(write: true) { () throws(FSError) in try s.setSetting("inner", "1") }
+            try s.transaction(write: true) { (tx) throws(FSError) in
+                try s.setSetting(tx, "outer", "1")
+                try inner(tx)
                 throw FSError.invalid
             }
         }
-        let (outer, inner) = try s.transaction(write: false) { () throws(FSError) in (try s.setting("outer"), try s.setting("inner")) }
+        let (outer, inner) = try s.transaction(write: false) { (tx) throws(FSError) in (try s.setting(tx, "outer"), try s.setting(tx, "inner")) }
         #expect(outer == nil && inner == nil, "the inner writes went with the outer transaction")
     }
 }
