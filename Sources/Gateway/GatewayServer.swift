@@ -133,7 +133,7 @@ package final class GatewayServer: Sendable {
         let ended = ConditionLock()
         let state = Mutex<(running: Int, failure: FSError?)>((listeners.count, nil))
         for l in listeners {
-            Log.warning("gateway for volume '\(format.name)' listening on \(l.tcp ? "TCP " : "")\(l.label)")
+            Log.info("gateway for volume '\(format.name)' listening on \(l.tcp ? "TCP " : "")\(l.label)")
             let started = DetachedThread.start { [self] in
                 let e = acceptLoop(l)
                 if e != nil { Self.stopRequested.store(true, ordering: .relaxed) }

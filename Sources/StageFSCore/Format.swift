@@ -190,12 +190,14 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
                 let tail = text.dropFirst(s.count)
                 guard tail.first == ":" || tail.first == "/" else { continue }
                 let body = String((tail.first == ":" ? tail.dropFirst() : tail).drop { $0 == "/" })
-                if s.hasPrefix("sqlite") {
+                if s.hasPrefix("sqlite") || s == "stagefs+unix" {
                     let why = "'://' and an absolute path must follow '\(s)'"
                     throw bad(why, meant: tail.contains("/") ? "\(s):///\(body)" : nil)
                 }
                 guard !body.isEmpty else { throw bad("no host") }
-                throw bad("'://' must follow '\(s)'", meant: "\(s)://\(body)")
+                // A gateway over TCP is always HOST:PORT.
+                let port = s == "stagefs" && !body.contains(":") ? ":PORT" : ""
+                throw bad("'://' must follow '\(s)'", meant: "\(s)://\(body)\(port)")
             }
             if text.hasPrefix("/") { throw bad("no scheme", meant: "sqlite3://\(text)") }
             if let c = text.firstIndex(of: ":"), !text[..<c].isEmpty, !text[..<c].contains("/"),

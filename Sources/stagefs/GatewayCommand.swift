@@ -18,7 +18,7 @@ struct GatewayCmd: ParsableCommand {
             optionally META_PASSWORD=, ACCESS_KEY=, SECRET_KEY=; the file must be the gateway user's and not readable by
             others) or from the environment (META_URL, META_PASSWORD, META_PASSWORD_FILE), never from arguments.
 
-            Users mount, stage and ask status with the URL stagefs+unix://SOCKET; the gateway knows each caller from the
+            Users mount, stage and ask status with the URL stagefs+unix:///path/to/NAME.sock; the gateway knows each caller from the
             kernel (SO_PEERCRED) and its groups from this node's NSS, and runs every operation with that credential.
             Users never delete objects: the gateway deletes what nothing references.
 

@@ -18,7 +18,8 @@ func defaultVolume() -> String? {
 }
 
 let metaURLHelp = ArgumentHelp(
-    "Metadata store: sqlite3:///abs/path.db or redis://host[:port][/db] (every form: stagefs --help).", valueName: "meta-url")
+    "Metadata store: sqlite3:///abs/path.db, redis://host[:port][/db] or a gateway's stagefs+unix:///path/NAME.sock (every form: stagefs --help).",
+    valueName: "meta-url")
 
 /// Lays `--help` text out at the terminal's width.
 ///

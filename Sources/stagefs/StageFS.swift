@@ -22,6 +22,10 @@ struct StageFS: ParsableCommand {
                   the master the Sentinels name (their port is 26379 by default; SENTINEL_PASSWORD from the environment)
               ...?wait-replicas=N&wait-timeout=MS
                   every change waits for N replicas
+              stagefs+unix:///run/stagefs/NAME.sock
+                  a volume through this node's gateway (no secret; README "Multi-tenant clusters")
+              stagefs://HOST:PORT
+                  a volume through a gateway over TCP (MUNGE proves who you are)
 
             A Redis password is best given as META_PASSWORD, or in a file named by
             META_PASSWORD_FILE, with a URL that has none: one given in the URL is hidden from

@@ -62,7 +62,10 @@ def test_a_mistyped_meta_url_says_what_was_meant(env, mnt):
     for bad, meant in [("redis:/127.0.0.1:6379/1", "redis://127.0.0.1:6379/1"), ("redis//127.0.0.1", "redis://127.0.0.1"),
                        ("redis:127.0.0.1:6379", "redis://127.0.0.1:6379"), ("sqlite3:/var/lib/x.db", "sqlite3:///var/lib/x.db"),
                        ("sqlite3://var/lib/x.db", "sqlite3:///var/lib/x.db"), ("127.0.0.1:6379/1", "redis://127.0.0.1:6379/1"),
-                       ("redsi://h:6379/0", "redis://h:6379/0")]:
+                       ("redsi://h:6379/0", "redis://h:6379/0"),
+                       ("stagefs+unix:/run/stagefs/v.sock", "stagefs+unix:///run/stagefs/v.sock"),
+                       ("stagefs+unix://run/stagefs/v.sock", "stagefs+unix:///run/stagefs/v.sock"),
+                       ("stagefs:/gw1", "stagefs://gw1:PORT"), ("stagefs:/gw1:7000", "stagefs://gw1:7000")]:
         p = env.stagefs("mount", bad, mnt, check=False)
         one_line_error(p, f"malformed META-URL '{bad}'", f"did you mean '{meant}'?", *forms)
         assert p.returncode == 2, (bad, p.stderr)
