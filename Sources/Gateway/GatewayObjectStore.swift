@@ -15,9 +15,10 @@ package final class GatewayObjectStore: ObjectStore {
     /// Reads pre-signed URLs of an S3 bucket (holding no key).
     let urls: S3ObjectStore?
 
-    package init(meta: GatewayMetadata, format: VolumeFormat) throws(FSError) {
+    /// `bucket`: the volume's bucket URL (from its format record, which the caller has read).
+    package init(meta: GatewayMetadata, bucket: String) throws(FSError) {
         self.meta = meta
-        urls = meta.client.blockURLs ? try S3ObjectStore(StoreConfig(storage: "s3", bucket: format.bucket)) : nil
+        urls = meta.client.blockURLs ? try S3ObjectStore(StoreConfig(storage: "s3", bucket: bucket)) : nil
     }
 
     package var description: String { "the bucket behind the \(meta.client.description)" }

@@ -719,8 +719,8 @@ package final class GatewayServer: Sendable {
                 if !(sidOK ? try holds(sid, ino, write: false, tag: readTag, cred, holder: uid, engine: false) : false) { unproven.append(ino) }
             }
             try r.end()
-            var seen = Set<UInt64>()
-            for (ino, index) in asks where !seen.insert(ino &* 0x1_0000_0001 ^ UInt64(index)).inserted {
+            var seen = Set<ChunkID>()
+            for (ino, index) in asks where !seen.insert(ChunkID(ino: ino, index: index)).inserted {
                 throw FSError(EINVAL, "chunk \(index) of inode \(ino) asked twice in one request")
             }
             if !unproven.isEmpty {
@@ -1142,4 +1142,10 @@ final class OpenTable: Sendable {
             }
         }
     }
+}
+
+/// One chunk of one file, as a set member.
+private struct ChunkID: Hashable {
+    let ino: Ino
+    let index: UInt32
 }

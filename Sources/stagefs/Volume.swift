@@ -21,7 +21,7 @@ func openEngine(_ url: MetaURL, retryTimeout: Double = 60) throws(FSError) -> an
 /// The object store of a volume opened with `openEngine`: through the gateway when the engine
 /// is a gateway's (the user holds no key), else the bucket itself.
 func openStore(_ meta: any MetadataEngine, _ config: StoreConfig) throws(FSError) -> any ObjectStore {
-    if let g = meta as? GatewayMetadata { return try GatewayObjectStore(meta: g, format: try g.requireFormat()) }
+    if let g = meta as? GatewayMetadata { return try GatewayObjectStore(meta: g, bucket: config.bucket) }
     return try openObjectStore(config)
 }
 

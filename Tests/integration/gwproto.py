@@ -177,3 +177,16 @@ class Raw:
         (n,) = struct.unpack_from(">I", rest)
         return rest[4:4 + n].decode()
 
+
+def write_slice_fields(ino, tag, slice_id, length, write_tag, first, rtag, sid, sid_tag):
+    """A writeSlice of `length` bytes at offset 0 of chunk 0 from slice `slice_id` (of the range
+    `first`, 1 count, tagged `rtag`), under session `sid`, with no block along."""
+    return (ref(ino, tag) + struct.pack(">I", 0) + struct.pack(">IQIII", 0, slice_id, length, 0, length) + struct.pack(">QqI", length, 0, 0)
+            + struct.pack(">QQQQ", write_tag, first, 1, rtag) + struct.pack(">QQ", sid, sid_tag) + struct.pack(">I", 0))
+
+
+def truncate_fields(ino, tag, size, write_tag, sid, sid_tag):
+    """A setattr of the size through an open file (viaHandle) under session `sid`."""
+    return (ref(ino, tag) + struct.pack(">IHIIQ", 1 << 3, 0, 0, 0, size) + struct.pack(">qIqIqI", 0, 0, 0, 0, 0, 0) + b"\1"
+            + struct.pack(">QQQ", write_tag, sid, sid_tag))
+

@@ -766,12 +766,8 @@ def test_the_right_of_an_open_ends_with_it(env, site):
         code = gwproto.code
         out["read"] = code(c.read_chunks, ino, tag, 0, read_tag, sid, sid_tag)
         first, rtag = c.new_slice_ids(1)
-        ws = (gwproto.ref(ino, tag) + struct.pack(">I", 0) + struct.pack(">IQIII", 0, first, 5, 0, 5) + struct.pack(">QqI", 5, 0, 0)
-              + struct.pack(">QQQQ", write_tag, first, 1, rtag) + struct.pack(">QQ", sid, sid_tag) + struct.pack(">I", 0))
-        out["write"] = code(c.call, "writeSlice", ws)
-        trunc = (gwproto.ref(ino, tag) + struct.pack(">IHIIQ", 1 << 3, 0, 0, 0, 1) + struct.pack(">qIqIqI", 0, 0, 0, 0, 0, 0) + b"\1"
-                 + struct.pack(">QQQ", write_tag, sid, sid_tag))
-        out["truncate"] = code(c.call, "setattr", trunc)
+        out["write"] = code(c.call, "writeSlice", gwproto.write_slice_fields(ino, tag, first, 5, write_tag, first, rtag, sid, sid_tag))
+        out["truncate"] = code(c.call, "setattr", gwproto.truncate_fields(ino, tag, 1, write_tag, sid, sid_tag))
         return out
     out = run_as(OTHER, phase2)
     assert out == {"read": errno.EACCES, "write": errno.EBADF, "truncate": errno.EACCES}, out
@@ -826,11 +822,8 @@ def test_opens_survive_a_gateway_restart_and_old_rights_do_not(env, site):
             c.call("open", gwproto.ref(ino, tag) + struct.pack(">iQQ", os.O_RDONLY, sid, sid_tag))  # held open
             return None
         first, rtag = c.new_slice_ids(1)
-        ws = (gwproto.ref(ino, tag) + struct.pack(">I", 0) + struct.pack(">IQIII", 0, first, 5, 0, 5) + struct.pack(">QqI", 5, 0, 0)
-              + struct.pack(">QQQQ", write_tag, first, 1, rtag) + struct.pack(">QQ", sid, sid_tag) + struct.pack(">I", 0))
-        trunc = (gwproto.ref(ino, tag) + struct.pack(">IHIIQ", 1 << 3, 0, 0, 0, 1) + struct.pack(">qIqIqI", 0, 0, 0, 0, 0, 0) + b"\1"
-                 + struct.pack(">QQQ", write_tag, sid, sid_tag))
-        return gwproto.code(c.call, "writeSlice", ws), gwproto.code(c.call, "setattr", trunc)
+        return (gwproto.code(c.call, "writeSlice", gwproto.write_slice_fields(ino, tag, first, 5, write_tag, first, rtag, sid, sid_tag)),
+                gwproto.code(c.call, "setattr", gwproto.truncate_fields(ino, tag, 1, write_tag, sid, sid_tag)))
     run_as(OTHER, attacker_after, 1)
     gw.stop(signal.SIGTERM)
     gw.start()
