@@ -130,3 +130,60 @@ extension WireReader {
         return LockRange(type: try lockType(), start: try u64(), end: try u64(), pid: try u32())
     }
 }
+
+/// What a request carries after its credential block so that sending it again is safe
+/// (README.md, "Request ids"): `u8 flags` (bit 0: an id follows; bit 1: sent again after the
+/// connection broke before its reply), then, with an id, `u64 session`, `u64 session tag`,
+/// `u32 slot`, `u64 number`.
+package struct RequestMark: Sendable, Equatable {
+    package var resend = false
+    package var id: ID?
+
+    package struct ID: Sendable, Equatable {
+        package var session: UInt64
+        package var sessionTag: UInt64
+        package var slot: UInt32
+        package var number: UInt64
+
+        package init(session: UInt64, sessionTag: UInt64, slot: UInt32, number: UInt64) {
+            self.session = session
+            self.sessionTag = sessionTag
+            self.slot = slot
+            self.number = number
+        }
+    }
+
+    package init(resend: Bool = false, id: ID? = nil) {
+        self.resend = resend
+        self.id = id
+    }
+
+    /// Slots a client may number its requests in (the records of a session stay this small).
+    package static let slots: UInt32 = 1024
+}
+
+extension WireWriter {
+    package mutating func mark(_ m: RequestMark) {
+        u8((m.id != nil ? 1 : 0) | (m.resend ? 2 : 0))
+        guard let id = m.id else { return }
+        u64(id.session)
+        u64(id.sessionTag)
+        u32(id.slot)
+        u64(id.number)
+    }
+}
+
+extension WireReader {
+    package mutating func mark() throws(FSError) -> RequestMark {
+        let flags = try u8()
+        guard flags & ~3 == 0 else { throw Wire.malformed("unknown request flags \(flags)") }
+        var m = RequestMark(resend: flags & 2 != 0)
+        if flags & 1 != 0 {
+            m.id = RequestMark.ID(session: try u64(), sessionTag: try u64(), slot: try u32(), number: try u64())
+            guard m.id!.slot < RequestMark.slots, m.id!.number > 0 else {
+                throw Wire.malformed("request slot \(m.id!.slot) (below \(RequestMark.slots)) or number 0")
+            }
+        }
+        return m
+    }
+}

@@ -25,6 +25,12 @@ package final class GatewayClient: Sendable {
     package let blockURLs: Bool
     private let idle = Mutex<[Int32]>([])
     private let nextID = Atomic<UInt64>(1)
+    /// The session (and its tag) whose records the ids of this client's changes go in (nil
+    /// before the mount's session starts: its changes carry no id).
+    package let session = Mutex<(sid: UInt64, tag: UInt64)?>(nil)
+    /// Slots of the changes in flight, and the number of the last change.
+    private let slots = Mutex<(free: [UInt32], used: UInt32)>(([], 0))
+    private let nextNumber = Atomic<UInt64>(1)
 
     /// Connects once (a first contact that fails is reported at once, with the reason).
     /// `mungeSocket`: munged's socket for TCP (nil: libmunge's default).
@@ -82,8 +88,17 @@ package final class GatewayClient: Sendable {
         w.u64(id)
         w.u16(op.rawValue)
         w.credential(onBehalf)
+        // A change carries an id (its session's, a slot and a number), so that one sent again
+        // after the connection broke is found carried out instead of being done twice.
+        var mark = RequestMark()
+        if op.carriesRequestID, let s = session.withLock({ $0 }), let slot = takeSlot() {
+            mark.id = RequestMark.ID(session: s.sid, sessionTag: s.tag, slot: slot, number: nextNumber.add(1, ordering: .relaxed).oldValue)
+        }
+        defer { if let m = mark.id { giveSlot(m.slot) } }
+        let flagsAt = w.bytes.count
+        w.mark(mark)
         fields(&w)
-        let body = w.bytes
+        var body = w.bytes
         let deadline = Sys.monotonicNanos() + UInt64(retryTimeout * 1e9)
         var attempt = 0
         while true {
@@ -133,8 +148,13 @@ package final class GatewayClient: Sendable {
                 // connection; only the gateway's own refusal is safe there.)
                 var unread = e.code == ESHUTDOWN
                 if case .unix = address, e.code == ECONNRESET || e.code == EPIPE { unread = true }
-                if sent && !op.isRead && !unread {
-                    throw FSError(EIO, "\(description): the connection broke before the reply (\(e.message))")
+                if sent && !unread {
+                    // Sent again, marked so: a change with an id is answered from its record if
+                    // it was carried out (README.md, "Request ids").
+                    guard op.isRead || op.isIdempotent || mark.id != nil else {
+                        throw FSError(EIO, "\(description): the connection broke before the reply (\(e.message))")
+                    }
+                    body[flagsAt] |= 2
                 }
                 // A protocol error or a refused credential will not go away by asking again.
                 if e.code == EPROTO || e.code == EACCES { throw e }
@@ -146,6 +166,17 @@ package final class GatewayClient: Sendable {
             }
         }
     }
+
+    private func takeSlot() -> UInt32? {
+        slots.withLock { s -> UInt32? in
+            if let f = s.free.popLast() { return f }
+            guard s.used < RequestMark.slots else { return nil }
+            s.used += 1
+            return s.used - 1
+        }
+    }
+
+    private func giveSlot(_ slot: UInt32) { slots.withLock { $0.free.append(slot) } }
 
     /// An idle connection that is still alive, or a new one.
     private func take() throws(FSError) -> Int32 {
@@ -254,6 +285,25 @@ private struct GatewayReply: Error {
 }
 
 extension Op {
+    /// Changes that carry a request id (when the client has a session): sent again after a
+    /// lost reply, they are answered from their record if they were carried out.
+    var carriesRequestID: Bool {
+        switch self {
+        case .setattr, .mknod, .create, .unlink, .rmdir, .rename, .link, .setxattr, .removexattr, .open, .close, .writeSlice: return true
+        default: return false
+        }
+    }
+
+    /// Changes that leave the same state when done twice (a lock set or released again by its
+    /// owner, a heartbeat, a session ended again, a block the gateway finds already written
+    /// with the same bytes when told the request is sent again).
+    var isIdempotent: Bool {
+        switch self {
+        case .heartbeat, .closeSession, .setlk, .flock, .putBlock: return true
+        default: return false
+        }
+    }
+
     /// Operations that change nothing, so sending one again after a lost reply is harmless.
     var isRead: Bool {
         switch self {

@@ -58,6 +58,8 @@ package final class GatewayMetadata: MetadataEngine {
         let tag = try r.u64()
         tags.sessions.withLock { $0[sid] = tag }
         tags.current.withLock { $0 = sid }
+        // The mount's changes now carry ids kept in its session's records.
+        client.session.withLock { $0 = (sid, tag) }
         return sid
     }
 
@@ -66,6 +68,7 @@ package final class GatewayMetadata: MetadataEngine {
     }
 
     package func closeSession(_ sid: UInt64) throws(FSError) {
+        client.session.withLock { if $0?.sid == sid { $0 = nil } }
         _ = try client.call(.closeSession) { [tags] in tags.session(&$0, sid) }
     }
 

@@ -344,6 +344,10 @@ package final class GatewayServer: Sendable {
                     helloDone = true
                 } else {
                     let onBehalf = try r.credential()
+                    let mark = try r.mark()
+                    if let m = mark.id, !grants.check(m.sessionTag, .session, m.session, uid: peer.uid) {
+                        throw FSError(EACCES, "session \(m.session) is not one of uid \(peer.uid)")
+                    }
                     // Root on this node may act for its callers (a root mount with allow_other);
                     // anyone else acts as itself whatever the request says. (Over TCP root is
                     // squashed to nobody before it gets here unless the gateway trusts it.)
@@ -355,7 +359,7 @@ package final class GatewayServer: Sendable {
                     } else {
                         tail = try withUnsafeMutablePointer(to: &passing) { (p) throws(FSError) in
                             try handle(
-                                op, cred, holder: peer.uid, &r, &out, passing: descriptors ? p : nil, budgets: budgets,
+                                op, cred, holder: peer.uid, &r, &out, mark: mark, passing: descriptors ? p : nil, budgets: budgets,
                                 peerHost: peer.address.map(Self.hostOf))
                         }
                     }
@@ -432,7 +436,7 @@ package final class GatewayServer: Sendable {
     ///
     /// `peerHost`: the address of a TCP peer (nil on the Unix socket).
     private func handle(
-        _ op: Op, _ cred: Credential, holder uid: UInt32, _ r: inout WireReader, _ w: inout WireWriter,
+        _ op: Op, _ cred: Credential, holder uid: UInt32, _ r: inout WireReader, _ w: inout WireWriter, mark: RequestMark = RequestMark(),
         passing: UnsafeMutablePointer<Int32>? = nil, budgets: [ByteBudget] = [], peerHost: String? = nil
     ) throws(FSError) -> Buffer? {
         switch op {
@@ -527,7 +531,10 @@ package final class GatewayServer: Sendable {
                     if a.uid != cred.uid && !Posix.mayAccess(a, cred, .write) { throw FSError.perm }
                 }
             }
-            w.attr(try meta.setattr(cred, ino, req))
+            // (A long truncation is several steps: the last one is the change its id records.)
+            let save: (Any) -> [UInt8]? = { ($0 as? (Attr, Bool)).flatMap { $0.1 ? Results.attr($0.0) : nil } }
+            w.attr(
+                try once(mark, save: save, load: { (r) throws(FSError) in try r.attr() }) { () throws(FSError) in try meta.setattr(cred, ino, req) })
             if req.mask.contains(.size) { wakeDeleter() }
         case .access:
             let ino = try ino(&r, uid)
@@ -544,7 +551,9 @@ package final class GatewayServer: Sendable {
             try r.end()
             // Device nodes need CAP_MKNOD, which the kernel checks before a mount hears of it.
             if (type == .blockDevice || type == .charDevice) && !cred.isRoot { throw FSError.perm }
-            let (ino, a) = try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: target)
+            let (ino, a) = try once(mark, save: Results.saveEntry, load: Results.entry) { () throws(FSError) in
+                try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: target)
+            }
             entry(&w, ino, a, uid)
         case .create:
             let parent = try ino(&r, uid)
@@ -552,8 +561,12 @@ package final class GatewayServer: Sendable {
             let mode = try r.u16()
             let sid = try session(&r, uid)
             try r.end()
-            let (ino, a) = try meta.create(cred, parent, name, mode, sid: sid)
-            opens.opened(sid, ino, read: true, write: true)
+            let ((ino, a), replayed) = try answer(mark, save: Results.saveEntry, load: Results.entry) { () throws(FSError) in
+                try meta.create(cred, parent, name, mode, sid: sid)
+            }
+            // An answer from a record notes no open here: a right found only in the engine's
+            // open table needs the permission now too (a replay grants nothing new).
+            if !replayed { opens.opened(sid, ino, read: true, write: true) }
             entry(&w, ino, a, uid)
             w.u64(grants.tag(.read, ino, uid: uid))
             w.u64(grants.tag(.write, ino, uid: uid))
@@ -561,7 +574,10 @@ package final class GatewayServer: Sendable {
             let parent = try ino(&r, uid)
             let name = try r.name()
             try r.end()
-            let removed = op == .unlink ? try meta.unlink(cred, parent, name) : try meta.rmdir(cred, parent, name)
+            let save: (Any) -> [UInt8]? = { ($0 as? RemovedName).map(Results.removed) }
+            let removed = try once(mark, save: save, load: { (r) throws(FSError) in try r.removed() }) { () throws(FSError) in
+                op == .unlink ? try meta.unlink(cred, parent, name) : try meta.rmdir(cred, parent, name)
+            }
             w.removed(removed)
             if removed.freed { wakeDeleter() }
         case .rename:
@@ -571,7 +587,9 @@ package final class GatewayServer: Sendable {
             let dn = try r.name()
             let flags = RenameFlags(rawValue: try r.u32())
             try r.end()
-            let res = try meta.rename(cred, sp, sn, dp, dn, flags)
+            let res = try once(mark, save: { ($0 as? RenameResult).map(Results.rename) }, load: Results.rename) { () throws(FSError) in
+                try meta.rename(cred, sp, sn, dp, dn, flags)
+            }
             w.u64(res.moved)
             w.u64(res.other)
             w.u64(res.other == 0 ? 0 : grants.tag(.inode, res.other, uid: uid))
@@ -594,7 +612,10 @@ package final class GatewayServer: Sendable {
                     throw FSError.perm
                 }
             }
-            w.attr(try meta.link(cred, ino, parent, name))
+            w.attr(
+                try once(mark, save: { ($0 as? Attr).map(Results.attr) }, load: { (r) throws(FSError) in try r.attr() }) { () throws(FSError) in
+                    try meta.link(cred, ino, parent, name)
+                })
         case .readlink:
             let ino = try ino(&r, uid)
             try r.end()
@@ -652,12 +673,12 @@ package final class GatewayServer: Sendable {
             let value = try r.data(max: 65536)
             guard let flag = XattrFlag(rawValue: try r.u32()) else { throw Wire.malformed("an unknown setxattr flag") }
             try r.end()
-            try meta.setxattr(cred, ino, name, value, flag)
+            try once(mark, save: { _ in [] }, load: { _ in () }) { () throws(FSError) in try meta.setxattr(cred, ino, name, value, flag) }
         case .removexattr:
             let ino = try ino(&r, uid)
             let name = try r.data(max: 256)
             try r.end()
-            try meta.removexattr(cred, ino, name)
+            try once(mark, save: { _ in [] }, load: { _ in () }) { () throws(FSError) in try meta.removexattr(cred, ino, name) }
         case .open:
             let ino = try ino(&r, uid)
             let flags = try r.i32()
@@ -667,8 +688,12 @@ package final class GatewayServer: Sendable {
             // The engine's open and the gateway's note of it go together (a close of the same
             // file by the same session waits), so the two never disagree.
             let (a, slices) = try stripe(sid, ino).withLock { () throws(FSError) in
-                let r = try meta.open(cred, ino, flags: flags, sid: sid)
-                opens.opened(sid, ino, read: mask.contains(.read), write: mask.contains(.write))
+                // (Its transaction's result is the attributes; the first chunk comes after the
+                // commit, so an open answered from its record leaves that chunk to the client.)
+                let save: (Any) -> [UInt8]? = { ($0 as? Attr).map(Results.attr) }
+                let load = { (r: inout WireReader) throws(FSError) -> (Attr, [Slice]?) in (try r.attr(), nil) }
+                let (r, replayed) = try answer(mark, save: save, load: load) { () throws(FSError) in try meta.open(cred, ino, flags: flags, sid: sid) }
+                if !replayed { opens.opened(sid, ino, read: mask.contains(.read), write: mask.contains(.write)) }
                 return r
             }
             w.attr(a)
@@ -696,7 +721,9 @@ package final class GatewayServer: Sendable {
             let sid = try session(&r, uid)
             try r.end()
             let freed = try stripe(sid, ino).withLock { () throws(FSError) in
-                let f = try meta.close(ino, sid: sid)
+                let f = try once(mark, save: { ($0 as? Bool).map { [$0 ? 1 : 0] } }, load: { (r) throws(FSError) in try r.bool() }) {
+                    () throws(FSError) in try meta.close(ino, sid: sid)
+                }
                 opens.closed(sid, ino)
                 return f
             }
@@ -782,14 +809,17 @@ package final class GatewayServer: Sendable {
             for (key, data) in blocks {
                 let b = try block(key)
                 guard b.id == s.id else { throw FSError(EINVAL, "block \(key) is not of slice \(s.id)") }
-                try storeNewBlock(key, b.length, data)
+                try storeNewBlock(key, b.length, data, resend: mark.resend)
             }
             // The time of the write, as the client saw it: never later than now, and (but for
             // root) at most an hour before it (a slow upload), not any time a user likes.
             let now = Timespec.now()
             if mtime > now { mtime = now }
             if !cred.isRoot && mtime.sec < now.sec - 3600 { mtime = now }
-            w.attr(try meta.writeSlice(ino, index, s, minSize: minSize, mtime: mtime))
+            w.attr(
+                try once(mark, save: { ($0 as? Attr).map(Results.attr) }, load: { (r) throws(FSError) in try r.attr() }) { () throws(FSError) in
+                    try meta.writeSlice(ino, index, s, minSize: minSize, mtime: mtime)
+                })
         case .newSliceIDs:
             let count = Int(try r.u32())
             try r.end()
@@ -867,7 +897,7 @@ package final class GatewayServer: Sendable {
             let b = try block(key)
             try ownSlice(b.id, first, count, tag, uid)
             guard r.remaining == n else { throw FSError(EINVAL, "block \(key) must be \(b.length) bytes") }
-            try storeNewBlock(key, b.length, try r.raw(n))
+            try storeNewBlock(key, b.length, try r.raw(n), resend: mark.resend)
         }
         return nil
     }
@@ -888,10 +918,52 @@ package final class GatewayServer: Sendable {
 
     /// Stores a block a user wrote: of the length its key names, and only when it does not
     /// exist (blocks are immutable: a user writes new ones, never over one).
-    private func storeNewBlock(_ key: String, _ length: Int, _ data: [UInt8]) throws(FSError) {
+    /// Writes a new block, once. A request sent again (its first sending may have written the
+    /// block before the connection broke) finds it done when the block holds the same bytes.
+    private func storeNewBlock(_ key: String, _ length: Int, _ data: [UInt8], resend: Bool) throws(FSError) {
         guard data.count == length else { throw FSError(EINVAL, "block \(key) must be \(length) bytes") }
-        if try store.head(key) != nil { throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten") }
+        if try store.head(key) != nil {
+            if resend, try store.getAll(key, size: length) == data { return }
+            throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten")
+        }
         try store.put(key, bytes: data)
+    }
+
+    /// The engine's part of a change request. One with an id records it with its change (and
+    /// the change's result, `save`); one sent again whose first sending was carried out is
+    /// answered with that sending's result (`load`) instead of being done twice. Without an id,
+    /// or on an engine that keeps no records (SQLite), `body` just runs.
+    private func once<T>(
+        _ mark: RequestMark, save: @escaping (Any) -> [UInt8]?, load: (inout WireReader) throws(FSError) -> T,
+        _ body: () throws(FSError) -> T
+    ) throws(FSError) -> T {
+        try answer(mark, save: save, load: load, body).result
+    }
+
+    /// `once`, saying whether the result came from the record (`replayed`): a client may send
+    /// an old request of its session again at any time, so an answer from a record must grant
+    /// no right the caller does not hold now.
+    private func answer<T>(
+        _ mark: RequestMark, save: @escaping (Any) -> [UInt8]?, load: (inout WireReader) throws(FSError) -> T,
+        _ body: () throws(FSError) -> T
+    ) throws(FSError) -> (result: T, replayed: Bool) {
+        guard let m = mark.id, let records = meta as? any RequestRecords else { return (try body(), false) }
+        let id = RequestID(session: m.session, slot: m.slot, number: m.number)
+        func saved() throws(FSError) -> T? {
+            guard let bytes = try records.carriedOut(id) else { return nil }
+            var r = WireReader(bytes)
+            do { return try load(&r) } catch { throw FSError(EIO, "\(id) was carried out, but its result was not kept") }
+        }
+        if mark.resend, let t = try saved() { return (t, true) }
+        do {
+            return (try records.recording(id, save: save, body), false)
+        } catch {
+            // Carried out by another sending meanwhile (found by the commit), or, for a request
+            // sent again, an error its first sending explains (an exclusive create finding the
+            // file that sending made): the first sending's result answers.
+            if error.code == EALREADY || mark.resend, let t = try saved() { return (t, true) }
+            throw error
+        }
     }
 
     // MARK: checks
@@ -1148,4 +1220,38 @@ final class OpenTable: Sendable {
 private struct ChunkID: Hashable {
     let ino: Ino
     let index: UInt32
+}
+
+/// How the results of changes are kept with their request ids (`GatewayServer.once`).
+enum Results {
+    static func attr(_ a: Attr) -> [UInt8] { a.encode() }
+
+    static func saveEntry(_ v: Any) -> [UInt8]? {
+        guard let (ino, a) = v as? (Ino, Attr) else { return nil }
+        var w = WireWriter()
+        w.u64(ino)
+        w.attr(a)
+        return w.bytes
+    }
+
+    static func entry(_ r: inout WireReader) throws(FSError) -> (Ino, Attr) { (try r.u64(), try r.attr()) }
+
+    static func removed(_ x: RemovedName) -> [UInt8] {
+        var w = WireWriter()
+        w.removed(x)
+        return w.bytes
+    }
+
+    static func rename(_ x: RenameResult) -> [UInt8] {
+        var w = WireWriter()
+        w.u64(x.moved)
+        w.u64(x.other)
+        w.bool(x.removed != nil)
+        if let removed = x.removed { w.removed(removed) }
+        return w.bytes
+    }
+
+    static func rename(_ r: inout WireReader) throws(FSError) -> RenameResult {
+        RenameResult(moved: try r.u64(), other: try r.u64(), removed: try r.bool() ? try r.removed() : nil)
+    }
 }

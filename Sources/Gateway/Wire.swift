@@ -13,7 +13,7 @@ import StageFSCore
 /// (0 or an errno), then the op's results, or for an error its message.
 package enum Wire {
     /// The protocol this StageFS speaks; the first request of a connection (`hello`) names it.
-    package static let version: UInt16 = 1
+    package static let version: UInt16 = 2
     /// What the first request starts with, so a stray client is told what it reached.
     package static let magic = Array("stagefs-gateway".utf8)
     /// The largest frame: a block of the largest block size (16 MiB) and its fields.

@@ -124,7 +124,8 @@ package enum RedisTxnScripts {
     /// of checks, then the checks `cmd keyindex nargs args... expected` (a read command and
     /// `=` with the canonical form of its reply when the client read it, or that form's SHA-1),
     /// then the writes
-    /// `cmd keyindex nargs args...`.
+    /// `cmd keyindex nargs args...` (none on KEYS[1] but `HSET KEYS[1] r<slot> result`: what an
+    /// outside request saves with its id, `RequestRecords`).
     ///
     /// Answers {0}: applied; {1}: applied before (the request id is recorded, this is a resend);
     /// {2, check, value, ...}: not applied, these checks failed (the value is the reply now for
@@ -183,7 +184,9 @@ package enum RedisTxnScripts {
             while i <= #ARGV do
               local cmd, ki, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
               local want = KIND[cmd]
-              if not want or not ki or ki < 2 or not KEYS[ki] or n ~= ARITY[cmd] or i + 2 + n > #ARGV then
+              -- KEYS[1] (the request ids) takes one write: the result saved with this request.
+              local saving = ki == 1 and cmd == 'HSET' and slot and ARGV[i + 3] == 'r' .. slot
+              if not want or not ki or (ki < 2 and not saving) or not KEYS[ki] or n ~= ARITY[cmd] or i + 2 + n > #ARGV then
                 return refuse('bad write at argument ' .. i)
               end
               local k = KEYS[ki]

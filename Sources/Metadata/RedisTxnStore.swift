@@ -11,7 +11,8 @@ import Synchronization
 /// its name is written only into the commands sent (`RedisKeys.append`).
 struct RKey: Hashable, Sendable {
     enum Kind: UInt8 {
-        case named, attr, entries, positions, symlink, xattrs, xattrBytes, chunk, chunkIndex, opens, sessionOpens, locks, sessionLocks
+        case named, attr, entries, positions, symlink, xattrs, xattrBytes, chunk, chunkIndex, opens, sessionOpens, locks, sessionLocks,
+            sessionRequests
     }
     let kind: Kind
     /// The inode, session or chunk number; for a `named` key, the number of its name
@@ -90,6 +91,9 @@ struct RedisKeys: Sendable {
     let delfiles = RKey(named: "delfiles")
     let delslices = RKey(named: "delslices")
     func requests(_ client: String) -> RKey { RKey(named: "rq" + client) }
+    /// Hash: the request ids (and saved results) of a gateway client's session `sid`
+    /// (`RequestRecords`; "rqs" never begins one of this client's own, whose names are hex).
+    func sessionRequests(_ sid: UInt64) -> RKey { RKey(.sessionRequests, sid) }
 
     /// The letters in front of a key's numbers (up to three; 0: none).
     private static func letters(_ k: RKey) -> (UInt8, UInt8, UInt8) {
@@ -108,6 +112,7 @@ struct RedisKeys: Sendable {
         case .sessionOpens: return l("s", "o")
         case .locks: return (UInt8(ascii: "l"), UInt8(ascii: "k"), UInt8(truncatingIfNeeded: k.sub))
         case .sessionLocks: return l("s", "l")
+        case .sessionRequests: return (UInt8(ascii: "r"), UInt8(ascii: "q"), UInt8(ascii: "s"))
         }
     }
 
@@ -230,7 +235,7 @@ package struct RedisTxnStats: Sendable, Equatable {
 /// touches is one of its script KEYS. Inode numbers and readdir positions come from ranges this
 /// client reserved ahead, never from inside a commit. A commit carries a request id, so one sent
 /// again after a lost reply answers that it was applied instead of applying it twice.
-package final class RedisTxnStore: TxnStore, @unchecked Sendable {
+package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     let pool: RedisPool
     package let displayName: String
     let keys: RedisKeys
@@ -314,6 +319,8 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
 
     package func transaction<T>(write: Bool, _ body: (RedisTxn) throws(FSError) -> T) throws(FSError) -> T {
         if write { RedisTxn.lastCommitted = nil }
+        // The outside request (a gateway's client) whose change this may be (`RequestRecords`).
+        let outside = write ? ActiveRequest.pending : nil
         var attempt = 0
         var useCache = write
         var stripe: ConditionLock?
@@ -356,8 +363,17 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
                 }
                 return result
             }
-            switch try commit(t, checksOnly: !t.hasWrites) {
+            // The request's id (and its saved result) goes with the commit that is its change.
+            var recorded: RequestID?
+            if let outside, t.hasWrites, let saved = outside.save(result) {
+                recorded = outside.id
+                if !saved.isEmpty && saved.count <= 65536 {
+                    try t.hset(keys.sessionRequests(outside.id.session), Array("r\(outside.id.slot)".utf8), saved)
+                }
+            }
+            switch try commit(t, checksOnly: !t.hasWrites, outside: recorded) {
             case .applied:
+                if recorded != nil { outside?.taken = true }
                 cache.record(t, committed: true)
                 RedisTxn.lastCommitted = CommittedWrites(t)
                 return result
@@ -379,12 +395,21 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
     }
 
     /// Sends the commit of `t` (only its checks when `checksOnly`).
-    private func commit(_ t: RedisTxn, checksOnly: Bool) throws(FSError) -> Outcome {
+    /// `outside`: the request id the commit records instead of one of this client's own.
+    private func commit(_ t: RedisTxn, checksOnly: Bool, outside: RequestID? = nil) throws(FSError) -> Outcome {
         hooks.beforeCommit()?()
-        let slot = checksOnly ? nil : slots.take()
+        let slot = checksOnly || outside != nil ? nil : slots.take()
         defer { if let slot { slots.give(slot) } }
-        let tag = slot.map { "\($0):\(requestNumbers.next())" } ?? ""
+        var tag = slot.map { "\($0):\(requestNumbers.next())" } ?? ""
+        var requestKey = self.requestKey
+        if let outside, !checksOnly {
+            tag = "\(outside.slot):\(outside.number)"
+            requestKey = keys.sessionRequests(outside.session)
+        }
         let (call, checks) = t.commitCommand("EVALSHA", commitSha, requestKey: requestKey, tag: tag)
+        // Times the commit was sent: a first sending answered "applied before" was applied by
+        // another attempt of an outside request (its result is that attempt's).
+        var sends = 0
         var wait = !checksOnly && waitReplicas > 0 ? [RedisCommand(["WAIT", waitReplicas, waitTimeoutMillis])] : []
         // Reads after the commit, in the same round trip (what they give counts only when the
         // commit applied).
@@ -394,6 +419,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         var after: [((RedisReply) -> Void, RedisReply)] = []
         let reply = try pool.with { (c) throws(FSError) -> RedisReply in
             after.removeAll()
+            sends += 1
             var r = try c.pipeline([call] + wait)
             if case .error(let e) = r[0], e.hasPrefix("NOSCRIPT") {
                 r = try c.pipeline([t.commitCommand("EVAL", RedisTxnScripts.commit, requestKey: requestKey, tag: tag).0] + wait)
@@ -421,6 +447,10 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         case 0: return applied()
         case 1:
             count { $0.replays += 1 }
+            if outside != nil && sends == 1 {
+                cache.record(t, committed: false)
+                throw FSError.carriedOut
+            }
             return applied()
         case 2:
             count { $0.conflicts += 1 }
@@ -439,6 +469,19 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         default:
             throw FSError(EIO, "\(displayName): unexpected reply to a metadata commit: \(reply)")
         }
+    }
+
+    /// Whether outside request `r` was committed, and the result it saved (see `RequestRecords`).
+    package func carriedOut(_ r: RequestID) throws(FSError) -> [UInt8]? {
+        let key = keys.sessionRequests(r.session)
+        let reply = try pool.with { (c) throws(FSError) in
+            try c.pipeline([RedisCommand(["HMGET", keys.name(key), "\(r.slot)", "r\(r.slot)"])])[0]
+        }
+        if case .error(let e) = reply { throw replyError(e, "a request-id lookup") }
+        let items = reply.array
+        guard items.count == 2, items[0].text == "\(r.number)" else { return nil }
+        if case .string(let b) = items[1] { return b }
+        return []
     }
 
     /// Runs a batch of reads in one round trip (one command, or the read script).
@@ -807,6 +850,7 @@ package final class RedisTxnStore: TxnStore, @unchecked Sendable {
         try t.hdel(keys.sessionInfos, s)
         try t.del(keys.sessionLocks(sid))
         try t.del(keys.sessionOpens(sid))
+        try t.del(keys.sessionRequests(sid))
     }
 
     package func sessions(_ t: RedisTxn) throws(FSError) -> [SessionInfo] {

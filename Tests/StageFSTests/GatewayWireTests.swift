@@ -66,6 +66,25 @@ struct GatewayWireTests {
         g.u32(1)
         g.u16(UInt16(Wire.maxGroups + 1))
         #expect(code(g.bytes) { (r) throws(FSError) in _ = try r.credential() } == EPROTO)
+        // Request marks: unknown flags, a slot past the bound, number 0.
+        #expect(code([4]) { (r) throws(FSError) in _ = try r.mark() } == EPROTO)
+        for (slot, number) in [(RequestMark.slots, UInt64(1)), (0, 0)] {
+            var m = WireWriter()
+            m.mark(RequestMark(id: RequestMark.ID(session: 1, sessionTag: 2, slot: slot, number: number)))
+            #expect(code(m.bytes) { (r) throws(FSError) in _ = try r.mark() } == EPROTO)
+        }
+    }
+
+    @Test func requestMarksRoundTrip() throws {
+        for m in [
+            RequestMark(), RequestMark(resend: true), RequestMark(resend: true, id: RequestMark.ID(session: 9, sessionTag: 8, slot: 7, number: 6)),
+        ] {
+            var w = WireWriter()
+            w.mark(m)
+            var r = WireReader(w.bytes)
+            #expect(try r.mark() == m)
+            try r.end()
+        }
     }
 
     /// The reference vector of the SipHash paper (appendix A): key 00..0f, message 00..0e.

@@ -143,6 +143,49 @@ struct RedisTxnTests {
         #expect(try f.meta.pendingDeletes(limit: 10).contains { $0.ino == ino })
     }
 
+    @Test func anOutsideRequestIDRecordsItsChangeOnceWithItsResult() throws {
+        let f = try TxnFixture()
+        let sid = try f.meta.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/m", version: "t"))
+        let id = RequestID(session: sid, slot: 3, number: 7)
+        let save: (Any) -> [UInt8]? = { v in (v as? (Ino, Attr)).map { withUnsafeBytes(of: $0.0.bigEndian) { Array($0) } } }
+        #expect(try f.meta.carriedOut(id) == nil)
+        let (ino, _) = try f.meta.recording(id, save: save) { () throws(FSError) in try f.meta.create(alice, rootIno, n("r"), 0o644, sid: sid) }
+        #expect(try f.meta.carriedOut(id) == withUnsafeBytes(of: ino.bigEndian) { Array($0) }, "recorded with its result")
+        // A second attempt of the same request whose body gets to its commit (another client:
+        // e.g. a gateway after a restart) is refused there, unapplied.
+        let other = try f.client()
+        let ws = Slice(pos: 0, id: 9, size: 10, off: 0, len: 10)
+        let wid = RequestID(session: sid, slot: 4, number: 8)
+        _ = try f.meta.recording(wid, save: { _ in [] }) { () throws(FSError) in try f.meta.writeSlice(ino, 0, ws, minSize: 10, mtime: .now()) }
+        #expect(try other.carriedOut(wid) == [], "recorded, nothing saved")
+        let used = try f.meta.statfs().usedSpace
+        expectErrno(EALREADY) {
+            _ = try other.recording(wid, save: { _ in [] }) { () throws(FSError) in try other.writeSlice(ino, 0, ws, minSize: 10, mtime: .now()) }
+        }
+        #expect(try f.meta.readChunk(ino, 0).count == 1, "appended once")
+        #expect(try f.meta.statfs().usedSpace == used)
+        // A transaction the save function declines (nil) is not the request's change: it
+        // commits without the id, which a later one takes.
+        let lid = RequestID(session: sid, slot: 5, number: 9)
+        var calls = 0
+        _ = try f.meta.recording(
+            lid,
+            save: { _ in
+                calls += 1; return calls == 1 ? nil : [1]
+            }
+        ) { () throws(FSError) -> Void in
+            try f.meta.setxattr(alice, ino, n("user.a"), n("1"), .any)
+            try f.meta.setxattr(alice, ino, n("user.b"), n("2"), .any)
+        }
+        #expect(try f.meta.carriedOut(lid) == [1])
+        #expect(try f.meta.getxattr(alice, ino, n("user.a")) == n("1"))
+        // A slot moved on to a later number no longer answers for the earlier one; the records
+        // go with the session.
+        #expect(try f.meta.carriedOut(RequestID(session: sid, slot: 3, number: 6)) == nil)
+        try f.meta.closeSession(sid)
+        #expect(try f.meta.carriedOut(id) == nil)
+    }
+
     @Test func retriesAreBoundedAndNameTheContention() throws {
         let f = try TxnFixture()
         let other = try f.client()
@@ -377,7 +420,8 @@ struct RedisTxnTests {
         // A deleted file's chunks, listed with their records in one read, removed in one commit.
         let (big, _) = try m.create(alice, dir, n("big"), 0o644, sid: sid)
         for i in 0..<3 {
-            _ = try m.writeSlice(big, UInt32(i), Slice(pos: 0, id: UInt64(10 + i), size: 7, off: 0, len: 7), minSize: UInt64(i) * chunkSize + 7, mtime: .now())
+            _ = try m.writeSlice(
+                big, UInt32(i), Slice(pos: 0, id: UInt64(10 + i), size: 7, off: 0, len: 7), minSize: UInt64(i) * chunkSize + 7, mtime: .now())
         }
         try m.close(big, sid: sid)
         _ = try m.unlink(alice, dir, n("big"))

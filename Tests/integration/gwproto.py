@@ -4,7 +4,7 @@ import os
 import socket
 import struct
 
-VERSION = 1
+VERSION = 2
 MAGIC = b"stagefs-gateway"
 
 OPS = dict(hello=1, loadFormat=2, statfs=3, newSession=4, heartbeat=5, closeSession=6, listSessions=7, lookup=10, getattr=11,
@@ -17,6 +17,12 @@ ATTR = struct.Struct(">BHIIIQqIqIqIIQ")  # 71 bytes: type, mode, uid, gid, nlink
 
 def data(b):
     return struct.pack(">I", len(b)) + b
+
+
+def mark(sid=0, sid_tag=0, slot=0, number=0, resend=False):
+    """A request mark: with a number, a request id (the session's, a slot, the number)."""
+    flags = (1 if number else 0) | (2 if resend else 0)
+    return bytes([flags]) + (struct.pack(">QQIQ", sid, sid_tag, slot, number) if number else b"")
 
 
 def ref(ino, tag=0):
@@ -88,16 +94,16 @@ class Raw:
             raise GatewayError(status, rest[4:].decode(errors="replace"))
         return rest
 
-    def call(self, op, fields=b"", on_behalf=None):
-        """Sends `op` with `fields` (and, when given, a (uid, gid, groups) to act for); returns
-        the reply's results or raises GatewayError."""
+    def call(self, op, fields=b"", on_behalf=None, mark=b"\0"):
+        """Sends `op` with `fields` (and, when given, a (uid, gid, groups) to act for, and the
+        request mark: see `mark`); returns the reply's results or raises GatewayError."""
         rid = self.next
         self.next += 1
         cred = b"\0"
         if on_behalf:
             uid, gid, groups = on_behalf
             cred = b"\1" + struct.pack(">IIIH", uid, gid, 0, len(groups)) + b"".join(struct.pack(">I", g) for g in groups)
-        self.frame(struct.pack(">QH", rid, OPS[op]) + cred + fields)
+        self.frame(struct.pack(">QH", rid, OPS[op]) + cred + mark + fields)
         got, status, rest = self.recv()
         if status:
             raise GatewayError(status, rest[4:].decode(errors="replace"))
@@ -159,7 +165,7 @@ class Raw:
         """A descriptor of the block's file, or GatewayError."""
         rid = self.next
         self.next += 1
-        self.frame(struct.pack(">QH", rid, OPS["openBlock"]) + b"\0" + data(key.encode()) + struct.pack(">Q", tag))
+        self.frame(struct.pack(">QH", rid, OPS["openBlock"]) + b"\0\0" + data(key.encode()) + struct.pack(">Q", tag))
         head, fds, _, _ = socket.recv_fds(self.s, 4, 4)
         head += self._recvn(4 - len(head))
         (n,) = struct.unpack(">I", head)

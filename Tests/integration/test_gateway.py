@@ -289,7 +289,7 @@ def test_malformed_frames_get_errors_and_nobody_else_waits(env, site):
         finally:
             c.close()
 
-    hello = struct.pack(">QH", 0, 1) + gwproto.data(gwproto.MAGIC) + struct.pack(">H", 1)
+    hello = struct.pack(">QH", 0, 1) + gwproto.data(gwproto.MAGIC) + struct.pack(">H", gwproto.VERSION)
 
     def hello_then(body):
         def send(c):
@@ -311,7 +311,7 @@ def test_malformed_frames_get_errors_and_nobody_else_waits(env, site):
         gwproto.Raw(sock, hello=False).hello(version=99)
         raise AssertionError("a client of another protocol version was served")
     except gwproto.GatewayError as e:
-        assert e.errno == errno.EPROTO and "protocol 1" in e.message and "protocol 99" in e.message, e.message
+        assert e.errno == errno.EPROTO and f"protocol {gwproto.VERSION}" in e.message and "protocol 99" in e.message, e.message
     # A truncated frame: the length says 100, 10 bytes come, then the client goes.
     c = gwproto.Raw(sock)
     c.send_raw(struct.pack(">I", 100) + b"0123456789")
@@ -415,10 +415,12 @@ def tree(root):
     return {n: open(os.path.join(root, n), "rb").read() for n in os.listdir(root)}
 
 
-def test_gateway_restarts_under_load_fail_no_operation(env, site):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+def test_gateway_restarts_under_load_fail_no_operation(env, site, sig):
     """Two users create, write, rename, append and unlink through their mounts while the gateway
-    is restarted three times (SIGTERM, as systemd restarts it): no operation fails, and each
-    tree is exactly what its user did."""
+    is restarted three times (SIGTERM, as systemd restarts it; or SIGKILL, killed whatever it
+    was doing: changes it carried out are answered from their request ids' records): no
+    operation fails, and each tree is exactly what its user did."""
     a = mount(env, site, USER, site["file"])
     b = mount(env, site, OTHER, site["file"])
     gw = site["file"]
@@ -431,9 +433,9 @@ def test_gateway_restarts_under_load_fail_no_operation(env, site):
     threads = [threading.Thread(target=worker, args=(USER, da, 1)), threading.Thread(target=worker, args=(OTHER, db, 2))]
     for t in threads:
         t.start()
-    for _ in range(3):
+    for _ in range(3 if sig == signal.SIGTERM else 6):
         time.sleep(1.5)
-        gw.stop(signal.SIGTERM)
+        gw.stop(sig)
         gw.start()
     time.sleep(1.5)
     open(stop_file, "w").close()
@@ -444,7 +446,90 @@ def test_gateway_restarts_under_load_fail_no_operation(env, site):
         assert failed == [], failed[:5]
         assert len(model) > 5
         assert run_as(user, tree, root) == model
-    assert "stopped" in open(gw.log).read()
+    if sig == signal.SIGTERM:
+        assert "stopped" in open(gw.log).read()
+
+
+def test_a_change_sent_again_is_answered_from_its_record(env, site):
+    """A change carries a request id (the client's session, a slot, a number). Sent again after
+    a lost reply (a gateway killed after its commit, a broken connection), it is answered with
+    what its first sending did, not done twice; a session's records are its owner's alone."""
+    sock = site["file"].socket
+
+    def client():
+        c = gwproto.Raw(sock)
+        sid, stag = c.new_session()
+
+        def m(slot, n, resend=True):
+            return gwproto.mark(sid, stag, slot, n, resend)
+        out = {}
+        name = f"rq{os.urandom(3).hex()}".encode()
+        create = gwproto.ref(1, 0) + gwproto.data(name) + struct.pack(">HQQ", 0o644, sid, stag)
+        first = c.call("create", create, mark=m(0, 1, False))
+        ino, itag = struct.unpack_from(">QQ", first)
+        wtag = struct.unpack_from(">Q", first, 16 + 71 + 8)[0]
+        # The same request again: the first sending's answer, not EEXIST.
+        out["create"] = c.call("create", create, mark=m(0, 1)) == first
+        # A new number in that slot is a new request.
+        out["create-new"] = gwproto.code(lambda: c.call("create", create, mark=m(0, 2, False)))
+        # A slice committed twice is one slice record.
+        sl, rtag = c.new_slice_ids(1)
+        ws = gwproto.write_slice_fields(ino, itag, sl, 5, wtag, sl, rtag, sid, stag)
+        w1 = c.call("writeSlice", ws, mark=m(1, 3, False))
+        # (Not flagged as sent again, it is found at its commit.)
+        out["write"] = [c.call("writeSlice", ws, mark=m(1, 3)) == w1, c.call("writeSlice", ws, mark=m(1, 3, False)) == w1]
+        out["slices"] = struct.unpack_from(">I", c.read_chunks(ino, itag, 0, 0, sid, stag), 4)[0]
+        # Opened a second time, then one close sent twice: still open once, so an unlink
+        # frees nothing yet; the last close frees it.
+        openf = gwproto.ref(ino, itag) + struct.pack(">iQQ", os.O_RDONLY, sid, stag)
+        c.call("open", openf, mark=m(2, 4, False))
+        out["open"] = len(c.call("open", openf, mark=m(2, 4))) > 71
+        close = gwproto.ref(ino, itag) + struct.pack(">QQ", sid, stag)
+        out["close"] = [c.call("close", close, mark=m(3, 5, False)), c.call("close", close, mark=m(3, 5))]
+        unlink = gwproto.ref(1, 0) + gwproto.data(name)
+        u1 = c.call("unlink", unlink, mark=m(4, 6, False))
+        out["unlink-freed"] = u1[-1]
+        # Unlinked twice: the first answer again, not ENOENT.
+        out["unlink"] = c.call("unlink", unlink, mark=m(4, 6)) == u1
+        out["last-close-frees"] = c.call("close", close, mark=m(3, 7, False))
+        # A directory made twice, a rename done twice.
+        d = f"rqd{os.urandom(3).hex()}".encode()
+        mkdir = gwproto.ref(1, 0) + gwproto.data(d) + struct.pack(">BHI", 2, 0o755, 0) + b"\0"
+        k1 = c.call("mknod", mkdir, mark=m(5, 8, False))
+        out["mkdir"] = c.call("mknod", mkdir, mark=m(5, 8)) == k1
+        ren = gwproto.ref(1, 0) + gwproto.data(d) + gwproto.ref(1, 0) + gwproto.data(d + b"-moved") + struct.pack(">I", 0)
+        r1 = c.call("rename", ren, mark=m(6, 9, False))
+        out["rename"] = c.call("rename", ren, mark=m(6, 9)) == r1
+        out["renamed"] = gwproto.code(c.lookup, 1, 0, d + b"-moved")
+        # An answer from a record grants nothing the caller does not hold now: an old create
+        # sent again after its close and a chmod to 0444 gets its answer, whose write tag
+        # writes nothing.
+        name2 = f"rq{os.urandom(3).hex()}".encode()
+        create2 = gwproto.ref(1, 0) + gwproto.data(name2) + struct.pack(">HQQ", 0o644, sid, stag)
+        ino2, itag2 = struct.unpack_from(">QQ", c.call("create", create2, mark=m(7, 20, False)))
+        c.call("close", gwproto.ref(ino2, itag2) + struct.pack(">QQ", sid, stag), mark=m(8, 21, False))
+        chmod = gwproto.ref(ino2, itag2) + struct.pack(">IHIIQ", 1, 0o444, 0, 0, 0) + struct.pack(">qIqIqI", 0, 0, 0, 0, 0, 0) + b"\0" + struct.pack(">QQQ", 0, 0, 0)
+        c.call("setattr", chmod, mark=m(9, 22, False))
+        replay = c.call("create", create2, mark=m(7, 20))
+        wtag2 = struct.unpack_from(">Q", replay, 16 + 71 + 8)[0]
+        sl2, rtag2 = c.new_slice_ids(1)
+        out["replayed-write"] = gwproto.code(lambda: c.call("writeSlice", gwproto.write_slice_fields(ino2, itag2, sl2, 5, wtag2, sl2, rtag2, sid, stag)))
+        c.close()
+        return out, (sid, stag, create)
+    out, (sid, stag, create) = run_as(USER, client)
+    assert out["create"] and out["create-new"] == errno.EEXIST, out
+    assert out["write"] == [True, True] and out["slices"] == 1, out
+    assert out["open"] and out["close"] == [b"\0", b"\0"], out
+    assert out["unlink-freed"] == 0 and out["unlink"] and out["last-close-frees"] == b"\1", out
+    assert out["mkdir"] and out["rename"] and out["renamed"] == 0, out
+    assert out["replayed-write"] == errno.EBADF, out
+
+    # Another user cannot name A's session in a request id: neither to be answered from A's
+    # records nor to leave records there.
+    def other():
+        c = gwproto.Raw(sock)
+        return gwproto.code(lambda: c.call("create", create, mark=gwproto.mark(sid, stag, 0, 1, True)))
+    assert run_as(OTHER, other) == errno.EACCES
 
 
 def test_a_user_stages_through_the_gateway_only_what_they_may_read(env, site):
