@@ -407,9 +407,6 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             requestKey = keys.sessionRequests(outside.session)
         }
         let (call, checks) = t.commitCommand("EVALSHA", commitSha, requestKey: requestKey, tag: tag)
-        // Times the commit was sent: a first sending answered "applied before" was applied by
-        // another attempt of an outside request (its result is that attempt's).
-        var sends = 0
         var wait = !checksOnly && waitReplicas > 0 ? [RedisCommand(["WAIT", waitReplicas, waitTimeoutMillis])] : []
         // Reads after the commit, in the same round trip (what they give counts only when the
         // commit applied).
@@ -419,7 +416,6 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         var after: [((RedisReply) -> Void, RedisReply)] = []
         let reply = try pool.with { (c) throws(FSError) -> RedisReply in
             after.removeAll()
-            sends += 1
             var r = try c.pipeline([call] + wait)
             if case .error(let e) = r[0], e.hasPrefix("NOSCRIPT") {
                 r = try c.pipeline([t.commitCommand("EVAL", RedisTxnScripts.commit, requestKey: requestKey, tag: tag).0] + wait)
@@ -447,7 +443,10 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         case 0: return applied()
         case 1:
             count { $0.replays += 1 }
-            if outside != nil && sends == 1 {
+            // An outside request found recorded was applied by this commit sent before (a
+            // lost reply) or by another attempt of the request (a gateway since killed): the
+            // result saved with whichever applied is the answer, not this attempt's.
+            if outside != nil {
                 cache.record(t, committed: false)
                 throw FSError.carriedOut
             }

@@ -39,8 +39,9 @@ package protocol RequestRecords {
     /// `save` is given the result of each write transaction of the operation before it commits
     /// and says whether it is the change: nil, not (e.g. a step of a long truncation, which a
     /// later one finishes); bytes, it is, and they are saved with it (empty or over 64 KiB:
-    /// nothing saved). A commit that finds `r` recorded already, on its first sending, throws
-    /// `FSError.carriedOut`: another attempt of the same request was committed meanwhile.
+    /// nothing saved). A commit that finds `r` recorded already throws `FSError.carriedOut`:
+    /// an earlier sending of it, or another attempt of the request, was committed, and the
+    /// result saved then (`carriedOut`) is the answer.
     func recording<T>(_ r: RequestID, save: @escaping (Any) -> [UInt8]?, _ body: () throws(FSError) -> T) throws(FSError) -> T
 }
 

@@ -179,6 +179,14 @@ struct RedisTxnTests {
         }
         #expect(try f.meta.carriedOut(lid) == [1])
         #expect(try f.meta.getxattr(alice, ino, n("user.a")) == n("1"))
+        // Its own commit whose reply was lost: the resend finds the record, and the answer is
+        // the result saved with the commit that applied.
+        f.store.hooks.loseCommitReplies(1)
+        let cid = RequestID(session: sid, slot: 6, number: 10)
+        expectErrno(EALREADY) {
+            _ = try f.meta.recording(cid, save: save) { () throws(FSError) in try f.meta.create(alice, rootIno, n("lost"), 0o644, sid: sid) }
+        }
+        #expect(try f.meta.carriedOut(cid) == withUnsafeBytes(of: try f.meta.lookup(alice, rootIno, n("lost")).0.bigEndian) { Array($0) })
         // A slot moved on to a later number no longer answers for the earlier one; the records
         // go with the session.
         #expect(try f.meta.carriedOut(RequestID(session: sid, slot: 3, number: 6)) == nil)
