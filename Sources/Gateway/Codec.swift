@@ -138,6 +138,9 @@ extension WireReader {
 package struct RequestMark: Sendable, Equatable {
     package var resend = false
     package var id: ID?
+    /// The gateway's keyed digest of the request (`Grants.digest`; not on the wire): a record
+    /// answers only the request that made it.
+    package var digest: UInt64 = 0
 
     package struct ID: Sendable, Equatable {
         package var session: UInt64

@@ -343,8 +343,18 @@ package final class GatewayServer: Sendable {
                     out = try hello(id, &r)
                     helloDone = true
                 } else {
+                    let credentialAt = body.count - r.remaining
                     let onBehalf = try r.credential()
-                    let mark = try r.mark()
+                    let markAt = body.count - r.remaining
+                    var mark = try r.mark()
+                    if mark.id != nil {
+                        let fieldsAt = body.count - r.remaining
+                        mark.digest = body.withUnsafeBytes { b in
+                            grants.digest(
+                                raw, uid: peer.uid, credential: UnsafeRawBufferPointer(rebasing: b[credentialAt..<markAt]),
+                                fields: UnsafeRawBufferPointer(rebasing: b[fieldsAt...]))
+                        }
+                    }
                     if let m = mark.id, !grants.check(m.sessionTag, .session, m.session, uid: peer.uid) {
                         throw FSError(EACCES, "session \(m.session) is not one of uid \(peer.uid)")
                     }
@@ -692,7 +702,8 @@ package final class GatewayServer: Sendable {
                 // commit, so an open answered from its record leaves that chunk to the client.)
                 let save: (Any) -> [UInt8]? = { ($0 as? Attr).map(Results.attr) }
                 let load = { (r: inout WireReader) throws(FSError) -> (Attr, [Slice]?) in (try r.attr(), nil) }
-                let (r, replayed) = try answer(mark, save: save, load: load) { () throws(FSError) in try meta.open(cred, ino, flags: flags, sid: sid) }
+                let (r, replayed) = try answer(mark, save: save, load: load) { () throws(FSError) in try meta.open(cred, ino, flags: flags, sid: sid)
+                }
                 if !replayed { opens.opened(sid, ino, read: mask.contains(.read), write: mask.contains(.write)) }
                 return r
             }
@@ -721,10 +732,12 @@ package final class GatewayServer: Sendable {
             let sid = try session(&r, uid)
             try r.end()
             let freed = try stripe(sid, ino).withLock { () throws(FSError) in
-                let f = try once(mark, save: { ($0 as? Bool).map { [$0 ? 1 : 0] } }, load: { (r) throws(FSError) in try r.bool() }) {
+                let (f, replayed) = try answer(mark, save: { ($0 as? Bool).map { [$0 ? 1 : 0] } }, load: { (r) throws(FSError) in try r.bool() }) {
                     () throws(FSError) in try meta.close(ino, sid: sid)
                 }
-                opens.closed(sid, ino)
+                // (A close answered from its record had its note dropped by its first sending;
+                // the session may hold the file open again since.)
+                if !replayed { opens.closed(sid, ino) }
                 return f
             }
             w.bool(freed)
@@ -949,9 +962,15 @@ package final class GatewayServer: Sendable {
     ) throws(FSError) -> (result: T, replayed: Bool) {
         guard let m = mark.id, let records = meta as? any RequestRecords else { return (try body(), false) }
         let id = RequestID(session: m.session, slot: m.slot, number: m.number)
+        // A record holds the request's digest, then the result: it answers only a request with
+        // the same op, caller and fields (never, say, a rename sent with an open's id).
+        let digest = withUnsafeBytes(of: mark.digest.bigEndian) { Array($0) }
+        let save: (Any) -> [UInt8]? = { v in save(v).map { digest + $0 } }
         func saved() throws(FSError) -> T? {
             guard let bytes = try records.carriedOut(id) else { return nil }
-            var r = WireReader(bytes)
+            guard bytes.count >= 8 else { throw FSError(EIO, "\(id) was carried out, but its result was not kept") }
+            guard bytes.prefix(8).elementsEqual(digest) else { throw FSError(EINVAL, "\(id) names another request") }
+            var r = WireReader(Array(bytes.dropFirst(8)))
             do { return try load(&r) } catch { throw FSError(EIO, "\(id) was carried out, but its result was not kept") }
         }
         if mark.resend, let t = try saved() { return (t, true) }

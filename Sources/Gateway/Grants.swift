@@ -42,6 +42,13 @@ package struct Grants: Sendable {
         SipHash24.hash(k0, k1, words: [UInt64(kind.rawValue) | UInt64(uid) << 32, a, b], byteCount: 24)
     }
 
+    /// A keyed digest of a request: its op, the caller's uid, its credential block and its
+    /// fields (what a request id's record is bound to, so it answers only that request).
+    package func digest(_ op: UInt16, uid: UInt32, credential: UnsafeRawBufferPointer, fields: UnsafeRawBufferPointer) -> UInt64 {
+        let head = SipHash24.hash(k0, k1, first: UInt64(op) | UInt64(uid) << 32, bytes: credential)
+        return SipHash24.hash(k0, k1, first: head, bytes: fields)
+    }
+
     /// Whether `tag` is the one for these values (the comparison takes the same time either way).
     package func check(_ tag: UInt64, _ kind: Kind, _ a: UInt64, _ b: UInt64 = 0, uid: UInt32) -> Bool {
         (self.tag(kind, a, b, uid: uid) ^ tag) == 0
@@ -51,6 +58,25 @@ package struct Grants: Sendable {
 /// SipHash-2-4 (Aumasson and Bernstein, 2012) of a message of whole little-endian 64-bit words.
 package enum SipHash24 {
     package static func hash(_ k0: UInt64, _ k1: UInt64, words: [UInt64], byteCount: Int) -> UInt64 {
+        hash(k0, k1, byteCount: byteCount) { words[$0] }
+    }
+
+    /// Of the word `first` and then `bytes` (little-endian words), read in place.
+    package static func hash(_ k0: UInt64, _ k1: UInt64, first: UInt64, bytes: UnsafeRawBufferPointer) -> UInt64 {
+        hash(k0, k1, byteCount: 8 + bytes.count) { i in
+            if i == 0 { return first }
+            let off = (i - 1) * 8
+            if off + 8 <= bytes.count { return UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: off, as: UInt64.self)) }
+            var w: UInt64 = 0
+            for j in 0..<(bytes.count - off) { w |= UInt64(bytes[off + j]) << UInt64(8 * j) }
+            return w
+        }
+    }
+
+    /// SipHash-2-4 of `byteCount` bytes given as little-endian words (`word(i)`, the last one
+    /// partial).
+    @inline(__always)
+    private static func hash(_ k0: UInt64, _ k1: UInt64, byteCount: Int, word: (Int) -> UInt64) -> UInt64 {
         var v0: UInt64 = 0x736f_6d65_7073_6575 ^ k0
         var v1: UInt64 = 0x646f_7261_6e64_6f6d ^ k1
         var v2: UInt64 = 0x6c79_6765_6e65_7261 ^ k0
@@ -78,11 +104,11 @@ package enum SipHash24 {
             v0 ^= m
         }
         let whole = byteCount / 8
-        for i in 0..<whole { compress(words[i]) }
+        for i in 0..<whole { compress(word(i)) }
         // The last word: the remaining bytes and the length's low byte on top.
         var last = UInt64(byteCount & 0xff) << 56
         let rest = byteCount % 8
-        if rest > 0 { last |= words[whole] & ((1 << UInt64(rest * 8)) - 1) }
+        if rest > 0 { last |= word(whole) & ((1 << UInt64(rest * 8)) - 1) }
         compress(last)
         v2 ^= 0xff
         round()

@@ -120,14 +120,17 @@ package enum RedisTxnScripts {
             """#
 
     /// KEYS[1] the client's request-id hash, KEYS[2...] every key the transaction read or writes.
-    /// ARGV[1] `<slot>:<request number>` (empty: run without a request id), ARGV[2] the number
+    /// ARGV[1] `<slot>:<request number>`, with `:m` after an outside request's (empty: run without a request id), ARGV[2] the number
     /// of checks, then the checks `cmd keyindex nargs args... expected` (a read command and
     /// `=` with the canonical form of its reply when the client read it, or that form's SHA-1),
     /// then the writes
     /// `cmd keyindex nargs args...` (none on KEYS[1] but `HSET KEYS[1] r<slot> result`: what an
     /// outside request saves with its id, `RequestRecords`).
     ///
+    /// An outside request's id (`RequestRecords`) ends in `:m`: its numbers only grow in a slot.
+    ///
     /// Answers {0}: applied; {1}: applied before (the request id is recorded, this is a resend);
+    /// {3}: not applied, a later outside request of the slot is recorded;
     /// {2, check, value, ...}: not applied, these checks failed (the value is the reply now for
     /// GET, HGET and HLEN of at most 4 KiB; the check's number is negative when it is left out).
     ///
@@ -148,9 +151,14 @@ package enum RedisTxnScripts {
             local rq, tag = KEYS[1], ARGV[1]
             local slot, num
             if tag ~= '' then
-              slot, num = string.match(tag, '^(%d+):(%d+)$')
+              local growing
+              slot, num, growing = string.match(tag, '^(%d+):(%d+)(:?m?)$')
               if not slot then return refuse('bad request id') end
-              if redis.call('HGET', rq, slot) == num then return {1} end
+              local cur = redis.call('HGET', rq, slot)
+              if cur == num then return {1} end
+              -- An outside request's numbers only grow in a slot: one arriving after a later
+              -- one (compared as digit strings: they may pass a double's precision) is stale.
+              if growing == ':m' and cur and (#cur > #num or (#cur == #num and cur > num)) then return {3} end
             end
             local nchecks = tonumber(ARGV[2])
             if not nchecks then return refuse('bad number of checks') end

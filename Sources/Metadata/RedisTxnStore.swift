@@ -367,9 +367,8 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             var recorded: RequestID?
             if let outside, t.hasWrites, let saved = outside.save(result) {
                 recorded = outside.id
-                if !saved.isEmpty && saved.count <= 65536 {
-                    try t.hset(keys.sessionRequests(outside.id.session), Array("r\(outside.id.slot)".utf8), saved)
-                }
+                // (Always written: an earlier request's result in the slot must not remain.)
+                try t.hset(keys.sessionRequests(outside.id.session), Array("r\(outside.id.slot)".utf8), saved.count <= 65536 ? saved : [])
             }
             switch try commit(t, checksOnly: !t.hasWrites, outside: recorded) {
             case .applied:
@@ -403,7 +402,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         var tag = slot.map { "\($0):\(requestNumbers.next())" } ?? ""
         var requestKey = self.requestKey
         if let outside, !checksOnly {
-            tag = "\(outside.slot):\(outside.number)"
+            tag = "\(outside.slot):\(outside.number):m"
             requestKey = keys.sessionRequests(outside.session)
         }
         let (call, checks) = t.commitCommand("EVALSHA", commitSha, requestKey: requestKey, tag: tag)
@@ -451,6 +450,11 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
                 throw FSError.carriedOut
             }
             return applied()
+        case 3:
+            // A later request of the same slot is recorded: this one came late (its client
+            // gave up on it) and is not applied.
+            cache.record(t, committed: false)
+            throw FSError(ESTALE, "\(displayName): \(outside.map { "\($0)" } ?? "a request") came after a later one of its slot")
         case 2:
             count { $0.conflicts += 1 }
             var seen: [(ReadCmd, RedisReply?)] = []

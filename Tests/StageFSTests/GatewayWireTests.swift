@@ -93,6 +93,12 @@ struct GatewayWireTests {
         #expect(out == 0xa129_ca61_49be_45e5)
         let empty = SipHash24.hash(0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908, words: [], byteCount: 0)
         #expect(empty == 0x726f_db47_dd0e_0e31)
+        // Read in place from bytes after a first word: the same function.
+        let message = (8..<15).map { UInt8($0) }
+        let inPlace = message.withUnsafeBytes {
+            SipHash24.hash(0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908, first: 0x0706_0504_0302_0100, bytes: $0)
+        }
+        #expect(inPlace == 0xa129_ca61_49be_45e5)
     }
 
     @Test func tagsAreBoundToKindNumbersUidAndKey() {

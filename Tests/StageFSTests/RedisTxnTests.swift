@@ -187,6 +187,30 @@ struct RedisTxnTests {
             _ = try f.meta.recording(cid, save: save) { () throws(FSError) in try f.meta.create(alice, rootIno, n("lost"), 0o644, sid: sid) }
         }
         #expect(try f.meta.carriedOut(cid) == withUnsafeBytes(of: try f.meta.lookup(alice, rootIno, n("lost")).0.bigEndian) { Array($0) })
+        // Another sending of a request committed while this one's connection broke before its
+        // commit went out: the record (that sending's result) answers, never this attempt's.
+        let other2 = try f.client()
+        let xid = RequestID(session: sid, slot: 7, number: 11)
+        var fired = false
+        f.store.hooks.setBeforeCommit {
+            if fired { return }
+            fired = true
+            _ = try? other2.recording(xid, save: save) { () throws(FSError) in try other2.create(alice, rootIno, n("x"), 0o644, sid: sid) }
+            _ = try? f.cli(["CLIENT", "KILL", "TYPE", "normal"])
+        }
+        expectErrno(EALREADY) {
+            _ = try f.meta.recording(xid, save: save) { () throws(FSError) in try f.meta.create(alice, rootIno, n("x"), 0o644, sid: sid) }
+        }
+        f.store.hooks.setBeforeCommit(nil)
+        #expect(fired)
+        #expect(try f.meta.carriedOut(xid) == withUnsafeBytes(of: try f.meta.lookup(alice, rootIno, n("x")).0.bigEndian) { Array($0) })
+        // An older number arriving after a later one of its slot is not applied.
+        expectErrno(ESTALE) {
+            _ = try f.meta.recording(RequestID(session: sid, slot: 7, number: 2), save: save) { () throws(FSError) in
+                try f.meta.create(alice, rootIno, n("z"), 0o644, sid: sid)
+            }
+        }
+        expectErrno(ENOENT) { _ = try f.meta.lookup(alice, rootIno, n("z")) }
         // A slot moved on to a later number no longer answers for the earlier one; the records
         // go with the session.
         #expect(try f.meta.carriedOut(RequestID(session: sid, slot: 3, number: 6)) == nil)

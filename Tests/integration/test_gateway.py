@@ -532,6 +532,115 @@ def test_a_change_sent_again_is_answered_from_its_record(env, site):
     assert run_as(OTHER, other) == errno.EACCES
 
 
+def test_a_record_answers_only_the_request_that_made_it(env, site):
+    """A request id's record is bound to its request (op, caller, fields): B cannot send a
+    rename "again" with the id of an open of a shared directory, whose saved attributes would
+    read as the rename's result and name (with a fresh tag) an inode B never reached."""
+    sock = site["file"].socket
+    # The admin (root) makes a shared, world-writable directory, as /tmp is: root:root 1777.
+    c = gwproto.Raw(sock)
+    shared = f"shared{os.urandom(3).hex()}".encode()
+    c.call("mknod", gwproto.ref(1, 0) + gwproto.data(shared) + struct.pack(">BHI", 2, 0o1777, 0) + b"\0")
+    c.close()
+
+    # USER: a 0700 directory holding 0644 files (safe: nobody can search the directory); one of
+    # them, whose inode number is a multiple of 256, holds a secret.
+    def victim():
+        c = gwproto.Raw(sock)
+        sid, stag = c.new_session()
+        d = f"priv{os.urandom(3).hex()}".encode()
+        rest = c.call("mknod", gwproto.ref(1, 0) + gwproto.data(d) + struct.pack(">BHI", 2, 0o700, 0) + b"\0")
+        dino, dtag = struct.unpack_from(">QQ", rest)
+        for i in range(600):
+            rest = c.call("create", gwproto.ref(dino, dtag) + gwproto.data(b"f%d" % i) + struct.pack(">HQQ", 0o644, sid, stag))
+            ino, itag = struct.unpack_from(">QQ", rest)
+            wtag = struct.unpack_from(">Q", rest, 16 + 71 + 8)[0]
+            if ino % 256 == 0 and ino >= 512:
+                break
+        first, rtag = c.new_slice_ids(1)
+        key = f"gwfile/chunks/{first // 1000000}/{first // 1000}/{first}_0_6"
+        c.put_block(key, first, 1, rtag, b"SECRET")
+        c.call("writeSlice", gwproto.write_slice_fields(ino, itag, first, 6, wtag, first, rtag, sid, stag))
+        return ino
+    target = run_as(USER, victim)
+    assert target % 256 == 0
+
+    def attack():
+        c = gwproto.Raw(sock)
+        out = {"before": gwproto.code(c.getattr, target, 0)}
+        sid, stag = c.new_session()
+        s, st, _ = c.lookup(1, 0, shared)
+        # Subdirectories of the shared directory set its link count to target / 256.
+        for i in range(target // 256 - 2):
+            c.call("mknod", gwproto.ref(s, st) + gwproto.data(b"d%d" % i) + struct.pack(">BHI", 2, 0o755, 0) + b"\0")
+        # An open of the shared directory records its attributes (gid 0, nlink) under an id ...
+        c.call("open", gwproto.ref(s, st) + struct.pack(">iQQ", os.O_RDONLY, sid, stag), mark=gwproto.mark(sid, stag, 0, 1))
+        # ... which a "rename sent again" with that id reads as (moved, other, ...): the gateway
+        # signs an inode tag for `other` = bytes 8..16 of the attributes = nlink << 8.
+        ren = gwproto.ref(1, 0) + gwproto.data(b"nothing") + gwproto.ref(1, 0) + gwproto.data(b"nothing2") + struct.pack(">I", 0)
+        out["refused"] = gwproto.code(lambda: c.call("rename", ren, mark=gwproto.mark(sid, stag, 0, 1, resend=True)))
+        if out["refused"]:
+            return out
+        rest = c.call("rename", ren, mark=gwproto.mark(sid, stag, 0, 1, resend=True))
+        moved, other, otag = struct.unpack_from(">QQQ", rest)
+        out["other"] = other
+        out["getattr"] = c.getattr(other, otag)
+        a, slices = c.open(other, otag, os.O_RDONLY, sid, stag)
+        out["data"] = [c.get_block(f"gwfile/chunks/{i // 1000000}/{i // 1000}/{i}_0_{n}", n, t) for i, n, t in slices]
+        return out
+    out = run_as(OTHER, attack)
+    assert out["before"] == errno.EACCES
+    # (Without records bound to their request: other == target, data == [b"SECRET"].)
+    assert out["refused"] == errno.EINVAL, out
+
+
+def test_a_late_older_request_in_a_slot_is_not_applied(env, site):
+    """A client frees a slot when it gives up on a request (EIO after its retry time) though a
+    gateway may still hold it: that older request, arriving after a newer one of the slot, is
+    refused (ESTALE), so the newer one's record stays and its resend is not done twice."""
+    sock = site["file"].socket
+
+    def client():
+        c = gwproto.Raw(sock)
+        sid, stag = c.new_session()
+        rest = c.call("create", gwproto.ref(1, 0) + gwproto.data(f"late{os.urandom(3).hex()}".encode()) + struct.pack(">HQQ", 0o644, sid, stag))
+        ino, itag = struct.unpack_from(">QQ", rest)
+        wtag = struct.unpack_from(">Q", rest, 16 + 71 + 8)[0]
+        first, rtag = c.new_slice_ids(2)
+        new = gwproto.write_slice_fields(ino, itag, first, 5, wtag, first, rtag, sid, stag).replace(struct.pack(">QQQQ", wtag, first, 1, rtag), struct.pack(">QQQQ", wtag, first, 2, rtag))
+        old = gwproto.write_slice_fields(ino, itag, first + 1, 5, wtag, first, rtag, sid, stag).replace(struct.pack(">QQQQ", wtag, first, 1, rtag), struct.pack(">QQQQ", wtag, first, 2, rtag))
+        c.call("writeSlice", new, mark=gwproto.mark(sid, stag, 1, 10))
+        stale = gwproto.code(lambda: c.call("writeSlice", old, mark=gwproto.mark(sid, stag, 1, 3)))   # the late, older request
+        c.call("writeSlice", new, mark=gwproto.mark(sid, stag, 1, 10, resend=True))  # reply of 10 lost
+        return stale, struct.unpack_from(">I", c.read_chunks(ino, itag, 0, 0, sid, stag), 4)[0]
+    stale, slices = run_as(USER, client)
+    assert stale == errno.ESTALE and slices == 1, (stale, slices)
+
+
+def test_a_close_answered_from_its_record_keeps_the_other_open(env, site):
+    """A file open twice for writing, one close sent again and answered from its record: the
+    other open still writes after a chmod to 0444 (the gateway's note of it stays)."""
+    sock = site["file"].socket
+
+    def client(replay):
+        c = gwproto.Raw(sock)
+        sid, stag = c.new_session()
+        rest = c.call("create", gwproto.ref(1, 0) + gwproto.data(f"cl{os.urandom(3).hex()}".encode()) + struct.pack(">HQQ", 0o644, sid, stag))
+        ino, itag = struct.unpack_from(">QQ", rest)
+        wtag = struct.unpack_from(">Q", rest, 16 + 71 + 8)[0]
+        c.call("open", gwproto.ref(ino, itag) + struct.pack(">iQQ", os.O_WRONLY, sid, stag), mark=gwproto.mark(sid, stag, 2, 4))
+        close = gwproto.ref(ino, itag) + struct.pack(">QQ", sid, stag)
+        c.call("close", close, mark=gwproto.mark(sid, stag, 3, 5))
+        if replay:
+            c.call("close", close, mark=gwproto.mark(sid, stag, 3, 5, resend=True))  # reply of the close lost
+        chmod = gwproto.ref(ino, itag) + struct.pack(">IHIIQ", 1, 0o444, 0, 0, 0) + struct.pack(">qIqIqI", 0, 0, 0, 0, 0, 0) + b"\0" + struct.pack(">QQQ", 0, 0, 0)
+        c.call("setattr", chmod)
+        first, rtag = c.new_slice_ids(1)
+        return gwproto.code(lambda: c.call("writeSlice", gwproto.write_slice_fields(ino, itag, first, 5, wtag, first, rtag, sid, stag)))
+    assert run_as(USER, client, False) == 0
+    assert run_as(USER, client, True) == 0, "the open still held lost its right to write"
+
+
 def test_a_user_stages_through_the_gateway_only_what_they_may_read(env, site):
     a, name, _, _, _ = a_private_file(env, site)
     run_as(USER, lambda: open(os.path.join(a, "shared.dat"), "wb").write(os.urandom(1 << 20)))
