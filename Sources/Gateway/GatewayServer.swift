@@ -981,6 +981,8 @@ package final class GatewayServer: Sendable {
             // sent again, an error its first sending explains (an exclusive create finding the
             // file that sending made): the first sending's result answers.
             if error.code == EALREADY || mark.resend, let t = try saved() { return (t, true) }
+            // (Carried out, but its record went meanwhile: with its session.)
+            if error.code == EALREADY { throw FSError(EIO, "\(id) was carried out, but its record is gone (its session ended)") }
             throw error
         }
     }
