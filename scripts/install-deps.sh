@@ -1,7 +1,8 @@
 #!/bin/sh
 # Installs what StageFS needs to build and test on Debian 12: the C libraries, FUSE, Redis, Slurm
-# and munge (the SPANK plugin and its end-to-end test) and the Python tools (moto's S3 server,
-# pytest, boto3). The benchmarks install JuiceFS themselves.
+# and munge (the SPANK plugin and its end-to-end test), Ceph's radosgw with a monitor and an OSD
+# and faketime (an S3 server that checks pre-signed URLs, and URLs signed in the past) and the
+# Python tools (moto's S3 server, pytest, boto3). The benchmarks install JuiceFS themselves.
 set -eu
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps.sh: run as root (it uses apt-get and pip)" >&2
@@ -13,7 +14,8 @@ apt-get install -y -qq --no-install-recommends \
     libfuse3-dev fuse3 libssl-dev openssl libcurl4-openssl-dev libsqlite3-dev \
     redis-server attr procps util-linux pkg-config ca-certificates \
     slurm-wlm munge libslurm-dev libmunge-dev gcc make \
-    environment-modules bubblewrap lua5.3 lua-filesystem lua-json lua-posix lua-term tcl >/dev/null
+    environment-modules bubblewrap lua5.3 lua-filesystem lua-json lua-posix lua-term tcl \
+    radosgw ceph-mon ceph-osd faketime >/dev/null
 # Lmod conflicts with environment-modules as a package: unpack it beside it for the tests.
 LMOD_DIR=/opt/stagefs-test/lmod
 if [ ! -x "$LMOD_DIR/usr/share/lmod/lmod/libexec/lmod" ]; then

@@ -39,6 +39,13 @@ def moto():
     m.stop()
 
 
+@pytest.fixture(scope="module")
+def radosgw():
+    g = helpers.Radosgw()
+    yield g
+    g.stop()
+
+
 # Volume kinds the volume tests run on (STAGEFS_IT_VOLUMES, comma-separated, to pick some):
 # SQLite with a local directory, Redis with S3.
 VOLUME_KINDS = os.environ.get("STAGEFS_IT_VOLUMES", "sqlite-local,redis-s3").split(",")

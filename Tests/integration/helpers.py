@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 
 USER = "stagefs-t1"
 OTHER = "stagefs-t2"
@@ -168,6 +169,108 @@ class Moto:
     def stop(self):
         self.proc.kill()
         self.proc.wait()
+
+
+class Radosgw:
+    """Ceph's S3 gateway (radosgw, Debian's packages) on loopback: a one-node cluster made for the
+    test (a monitor, one OSD keeping its objects in memory, no cephx between them), a user with
+    these keys. Unlike moto it checks what a request is signed with, pre-signed URLs included: a
+    signature that does not match and a URL past its X-Amz-Expires are refused (403)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="stagefs-rgw-")
+        self.port, mon_port = free_port(), free_port()
+        self.access_key, self.secret_key = "RGW" + os.urandom(8).hex().upper(), os.urandom(20).hex()
+        self.procs = []
+        d = self.dir
+        for sub in ("mon", "osd", "rgw"):
+            os.mkdir(os.path.join(d, sub))
+        fsid = str(uuid.uuid4())
+        self.conf = os.path.join(d, "ceph.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"""[global]
+fsid = {fsid}
+mon_host = v2:127.0.0.1:{mon_port}
+public_addr = 127.0.0.1
+auth_cluster_required = none
+auth_service_required = none
+auth_client_required = none
+ms_mon_client_mode = crc
+ms_client_mode = crc
+keyring = /dev/null
+osd_pool_default_size = 1
+osd_pool_default_min_size = 1
+mon_allow_pool_size_one = true
+osd_pool_default_pg_num = 8
+osd_pool_default_pgp_num = 8
+osd_pool_default_pg_autoscale_mode = off
+osd_crush_chooseleaf_type = 0
+osd_objectstore = memstore
+memstore_device_bytes = 1073741824
+run_dir = {d}
+admin_socket = {d}/$name.asok
+log_file = {d}/$name.log
+mon_data = {d}/mon
+osd_data = {d}/osd
+rgw_data = {d}/rgw
+rgw_frontends = beast endpoint=127.0.0.1:{self.port}
+""")
+        try:
+            subprocess.run(["monmaptool", "--create", "--add", "a", f"v2:127.0.0.1:{mon_port}", "--fsid", fsid, f"{d}/monmap"],
+                           check=True, capture_output=True)
+            self._run("ceph-mon", "--mkfs", "-i", "a", "--monmap", f"{d}/monmap")
+            self._daemon("ceph-mon", "-i", "a")
+            osd_uuid = str(uuid.uuid4())
+            self._run("ceph", "--connect-timeout", "30", "osd", "create", osd_uuid)
+            self._run("ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid)
+            self._daemon("ceph-osd", "-i", "0")
+            self._daemon("radosgw", "-n", "client.rgw")
+            if not wait_port(self.port, 60):
+                raise RuntimeError("radosgw did not start:\n" + self.logs())
+            self._run("radosgw-admin", "-n", "client.rgw", "user", "create", "--uid", "stagefs", "--display-name", "stagefs",
+                      "--access-key", self.access_key, "--secret-key", self.secret_key)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _run(self, *cmd):
+        p = subprocess.run([cmd[0], "-c", self.conf, *cmd[1:]], capture_output=True, text=True, timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()}\n{self.logs()}")
+
+    def logs(self):
+        """The last lines of each daemon's log (they go when stop() removes the directory)."""
+        out = []
+        for name in sorted(os.listdir(self.dir)):
+            if name.endswith(".log"):
+                with open(os.path.join(self.dir, name), errors="replace") as f:
+                    out.append(f"--- {name}\n" + "".join(f.readlines()[-15:]))
+        return "\n".join(out)
+
+    def _daemon(self, *cmd):
+        # -f: in the foreground, so that stop() ends exactly the processes started here.
+        self.procs.append(subprocess.Popen([cmd[0], "-f", "-c", self.conf, *cmd[1:]],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def bucket(self, name):
+        return f"{self.endpoint}/{name}"
+
+    def requests(self):
+        """The requests radosgw answered so far, as its log has them: `"GET /bucket/key?query
+        HTTP/1.1" 200 ...`."""
+        with open(os.path.join(self.dir, "client.rgw.log"), errors="replace") as f:
+            return [line.split(" beast: ", 1)[1] for line in f if " beast: " in line]
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.kill()
+            p.wait()
+        self.procs = []
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Env:
@@ -347,12 +450,15 @@ class Gateway:
         self.extra = extra
         self.log = os.path.join(self.dir, "gateway.log")
         self.proc = None
+        # A command the next start() runs the gateway under (`faketime -f -600`: signing in the
+        # past) and more environment for it.
+        self.wrapper, self.environment = [], {}
         self.start()
 
     def start(self):
         logf = open(self.log, "a")
-        self.proc = subprocess.Popen([self.env.bin, "gateway", "--config", self.config, "--socket", self.socket, *self.extra],
-                                     stdout=logf, stderr=logf, env={"PATH": os.environ["PATH"]})
+        self.proc = subprocess.Popen([*self.wrapper, self.env.bin, "gateway", "--config", self.config, "--socket", self.socket,
+                                      *self.extra], stdout=logf, stderr=logf, env={"PATH": os.environ["PATH"], **self.environment})
         logf.close()
 
         def up():
@@ -368,7 +474,13 @@ class Gateway:
 
     def stop(self, sig=signal.SIGKILL):
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            if self.wrapper:
+                # The gateway is the wrapper's child; the wrapper ends (and cleans up) after it.
+                with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                    for pid in f.read().split():
+                        os.kill(int(pid), sig)
+            else:
+                self.proc.send_signal(sig)
             self.proc.wait()
 
     def restart(self):
