@@ -63,7 +63,8 @@ enum Secrets {
     /// was read: it keeps the arguments as they were given.
     static func blankArguments() {
         var secretNext = false
-        for i in 1..<Int(CommandLine.argc) {
+        // (A process started with an empty argv has argc 0.)
+        for i in 1..<max(1, Int(CommandLine.argc)) {
             guard let arg = CommandLine.unsafeArgv[i] else { continue }
             let n = strlen(arg)
             let bytes = UnsafeMutableBufferPointer(start: UnsafeMutableRawPointer(arg).assumingMemoryBound(to: UInt8.self), count: n)
