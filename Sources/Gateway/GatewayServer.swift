@@ -890,6 +890,16 @@ package final class GatewayServer: Sendable {
     /// exist (blocks are immutable: a user writes new ones, never over one).
     private func storeNewBlock(_ key: String, _ length: Int, _ data: [UInt8]) throws(FSError) {
         guard data.count == length else { throw FSError(EINVAL, "block \(key) must be \(length) bytes") }
+        if let local = store as? LocalObjectStore {
+            // The check and the rename into place in one step, one walk to the block's directory.
+            do throws(FSError) {
+                try fsTyped { try data.withUnsafeBytes { try local.putNew(key, $0) } }
+            } catch {
+                if error.code == EEXIST { throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten") }
+                throw error
+            }
+            return
+        }
         if try store.head(key) != nil { throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten") }
         try store.put(key, bytes: data)
     }
