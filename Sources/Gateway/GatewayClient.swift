@@ -147,6 +147,63 @@ package final class GatewayClient: Sendable {
         }
     }
 
+    /// Sends requests of `op`, each with its fields, on one connection back to back, then reads
+    /// their replies (a gateway answers a connection's requests in order): one wake-up of the
+    /// gateway for them all. For changes whose loss costs little (closes): returns each one's
+    /// error (nil: done). Those a stopping gateway refused (`ESHUTDOWN`: from the first, it
+    /// carried none out) go again one by one through `call`, to the next gateway; a connection
+    /// that breaks leaves the rest unknown (`EIO`), not sent again.
+    package func pipeline(_ op: Op, _ requests: [(inout WireWriter) -> Void]) -> [FSError?] {
+        var out = [FSError?](repeating: nil, count: requests.count)
+        guard !requests.isEmpty else { return out }
+        var ids: [UInt64] = []
+        var bodies: [[UInt8]] = []
+        for fields in requests {
+            let id = nextID.add(1, ordering: .relaxed).oldValue
+            var w = WireWriter()
+            w.u64(id)
+            w.u16(op.rawValue)
+            w.credential(nil)
+            fields(&w)
+            ids.append(id)
+            bodies.append(w.bytes)
+        }
+        var fd: Int32 = -1
+        var answered = 0
+        var refused: Range<Int> = 0..<0
+        do throws(FSError) {
+            fd = try take()
+            try FrameIO.send(fd, frames: bodies)
+            while answered < bodies.count {
+                guard let reply = try FrameIO.receive(fd) else { throw FSError(EIO, "the gateway closed the connection without answering") }
+                var r = WireReader(reply)
+                let rid = try r.u64()
+                let status = try r.i32()
+                guard rid == ids[answered] else { throw Wire.malformed("a reply to request \(rid) where \(ids[answered]) was asked") }
+                if status == ESHUTDOWN {
+                    refused = answered..<bodies.count
+                    break
+                }
+                if status != 0 {
+                    out[answered] = FSError(status, (try? r.string(max: 4096)) ?? "error \(status)")
+                    // The gateway ends a connection after a protocol error.
+                    if status == EPROTO { throw FSError(EPROTO, "the gateway ended the connection") }
+                }
+                answered += 1
+            }
+            if refused.isEmpty { give(fd) } else { close(fd) }
+        } catch {
+            if fd >= 0 { close(fd) }
+            for i in answered..<bodies.count where out[i] == nil {
+                out[i] = FSError(EIO, "\(description): the connection broke before the reply (\(error.message))")
+            }
+        }
+        for i in refused {
+            do throws(FSError) { _ = try call(op, requests[i]) } catch { out[i] = error }
+        }
+        return out
+    }
+
     /// An idle connection that is still alive, or a new one.
     private func take() throws(FSError) -> Int32 {
         while let fd = idle.withLock({ $0.popLast() }) {

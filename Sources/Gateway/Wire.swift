@@ -239,6 +239,19 @@ package enum FrameIO {
         try fsTyped { try l.withUnsafeBytes { lp in try head.withUnsafeBytes { hp in try writeAll(fd, [lp, hp, tail], deadline: deadline) } } }
     }
 
+    /// Writes frames of bodies `bodies` back to back, in one piece (requests a gateway answers
+    /// in order).
+    package static func send(_ fd: Int32, frames bodies: [[UInt8]]) throws(FSError) {
+        var w = ByteWriter(capacity: bodies.reduce(0) { $0 + 4 + $1.count })
+        for body in bodies {
+            guard body.count <= Wire.maxFrame else { throw FSError(E2BIG, "a frame of \(body.count) bytes (the limit is \(Wire.maxFrame))") }
+            w.u32(UInt32(body.count))
+            w.raw(body)
+        }
+        let all = w.bytes
+        try fsTyped { try all.withUnsafeBytes { p in try writeAll(fd, [p]) } }
+    }
+
     /// Writes one frame with descriptor `passing` attached to its first bytes (`SCM_RIGHTS`).
     package static func send(_ fd: Int32, _ body: [UInt8], passing: Int32) throws(FSError) {
         var w = ByteWriter(capacity: 4 + body.count)
