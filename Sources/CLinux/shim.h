@@ -57,6 +57,12 @@ static inline int clinux_accept_cloexec(int fd) {
     return (int)syscall(SYS_accept4, fd, (void *)0, (void *)0, SOCK_CLOEXEC);
 }
 
+/* renameat2(2) with RENAME_NOREPLACE: renames only when `newpath` does not exist (EEXIST
+   otherwise), in one step. EINVAL where the file system does not support it, ENOSYS before 3.15. */
+static inline int clinux_rename_noreplace(int olddirfd, const char *oldpath, int newdirfd, const char *newpath) {
+    return (int)syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, 1u /* RENAME_NOREPLACE */);
+}
+
 /* POLLRDHUP (glibc defines it only with _GNU_SOURCE): the other end shut down its writing. */
 static inline short clinux_pollrdhup(void) { return 0x2000; }
 

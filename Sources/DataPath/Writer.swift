@@ -158,6 +158,25 @@ public final class FileWriter: @unchecked Sendable {
             }
         }
         let key = data.layout.key(slice: s.id, index: index, length: b.count)
+        // A block the store keeps for its slice's commit (a gateway's small block, sent with the
+        // commit) is kept at once: no upload thread to wake and wait for.
+        if data.store.holdForCommit(key, UnsafeRawBufferPointer(start: b.base, count: b.count)) {
+            s.blocks[index] = nil
+            if let disk = data.disk {
+                // Written blocks are cached too (below), off the writer's way.
+                data.uploads.submit { [data] in
+                    do throws(FSError) {
+                        try disk.put(key, UnsafeRawBufferPointer(start: b.base, count: b.count))
+                    } catch {
+                        Log.warning("not cached: \(error.message)")
+                    }
+                    data.budget.release(b.capacity)
+                }
+            } else {
+                data.budget.release(b.capacity)
+            }
+            return
+        }
         s.pendingUploads += 1
         data.uploads.submit { [self] in
             var err: FSError?
@@ -187,8 +206,9 @@ public final class FileWriter: @unchecked Sendable {
         }
     }
 
-    /// Stops writes into `s` and uploads its last block (lock held).
-    private func freeze(_ s: SliceWriter) {
+    /// Stops writes into `s` and uploads its last block (lock held). `kick`: have a background
+    /// thread commit it once its blocks are stored (false: the caller commits, as flush does).
+    private func freeze(_ s: SliceWriter, kick: Bool = true) {
         guard !s.frozen else { return }
         s.frozen = true
         let bs = data.layout.blockSize
@@ -197,7 +217,7 @@ public final class FileWriter: @unchecked Sendable {
             upload(s, block: s.sealed)
             s.sealed += 1
         }
-        if s.pendingUploads == 0 { data.background.submit { [self] in try? commitReady(wait: false) } }
+        if kick && s.pendingUploads == 0 { data.background.submit { [self] in try? commitReady(wait: false) } }
     }
 
     /// Freezes every slice (background flush of idle data).
@@ -266,7 +286,7 @@ public final class FileWriter: @unchecked Sendable {
 
     /// Uploads and commits everything written so far: data is durable when this returns.
     public func flush() throws(FSError) {
-        lock.withLock { slices.forEach { freeze($0) } }
+        lock.withLock { slices.forEach { freeze($0, kick: false) } }
         try commitReady(wait: true)
         let e: FSError? = lock.withLock {
             let e = firstError

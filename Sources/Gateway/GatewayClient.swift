@@ -83,22 +83,51 @@ package final class GatewayClient: Sendable {
         _ op: Op, onBehalf: Credential?, tail: UnsafeRawBufferPointer?, passed: UnsafeMutablePointer<Int32>?,
         _ fields: (inout WireWriter) -> Void
     ) throws(FSError) -> WireReader {
+        var request = prepare(op, onBehalf: onBehalf, fields)
+        defer { release(request) }
+        return try exchange(&request, op, tail: tail, passed: passed)
+    }
+
+    /// A request's body, ready to be sent (again).
+    struct Prepared {
+        let id: UInt64
+        var body: [UInt8]
+        /// Where the request mark's flags are in `body`.
+        let flagsAt: Int
+        let mark: RequestMark
+
+        /// The request went out on a connection that broke before its reply: marked as sent
+        /// again, so the gateway looks for its record first.
+        mutating func markSentAgain() { body[flagsAt] |= 2 }
+    }
+
+    /// Builds a request. A change carries an id (its session's, a slot and a number), so that
+    /// one sent again after the connection broke is found carried out instead of being done
+    /// twice; its slot is held until `release`.
+    private func prepare(_ op: Op, onBehalf: Credential?, _ fields: (inout WireWriter) -> Void) -> Prepared {
         let id = nextID.add(1, ordering: .relaxed).oldValue
         var w = WireWriter()
         w.u64(id)
         w.u16(op.rawValue)
         w.credential(onBehalf)
-        // A change carries an id (its session's, a slot and a number), so that one sent again
-        // after the connection broke is found carried out instead of being done twice.
         var mark = RequestMark()
         if op.carriesRequestID, let s = session.withLock({ $0 }), let slot = takeSlot() {
             mark.id = RequestMark.ID(session: s.sid, sessionTag: s.tag, slot: slot, number: nextNumber.add(1, ordering: .relaxed).oldValue)
         }
-        defer { if let m = mark.id { giveSlot(m.slot) } }
         let flagsAt = w.bytes.count
         w.mark(mark)
         fields(&w)
-        var body = w.bytes
+        return Prepared(id: id, body: w.bytes, flagsAt: flagsAt, mark: mark)
+    }
+
+    private func release(_ p: Prepared) { if let m = p.mark.id { giveSlot(m.slot) } }
+
+    /// Sends a prepared request and returns the reader of its reply's results, sending it again
+    /// (to the next gateway, after a restart) while that is safe, for up to `retryTimeout`.
+    private func exchange(
+        _ request: inout Prepared, _ op: Op, tail: UnsafeRawBufferPointer?, passed: UnsafeMutablePointer<Int32>?
+    ) throws(FSError) -> WireReader {
+        let id = request.id
         let deadline = Sys.monotonicNanos() + UInt64(retryTimeout * 1e9)
         var attempt = 0
         while true {
@@ -107,9 +136,9 @@ package final class GatewayClient: Sendable {
             do {
                 fd = try take()
                 if let tail {
-                    try FrameIO.send(fd, body, tail: tail)
+                    try FrameIO.send(fd, request.body, tail: tail)
                 } else {
-                    try FrameIO.send(fd, body)
+                    try FrameIO.send(fd, request.body)
                 }
                 sent = true
                 guard let reply = try FrameIO.receive(fd, passed: passed) else {
@@ -139,11 +168,11 @@ package final class GatewayClient: Sendable {
                 if fd >= 0 { close(fd) }
                 let e = error as? FSError ?? FSError.io
                 // Only a request the gateway cannot have acted on is sent again, or one that
-                // changes nothing; a change whose reply was lost is reported (EIO). Not acted
-                // on: refused as the gateway stops (ESHUTDOWN), or never read: a Unix socket
-                // closed with unread data tells its peer ECONNRESET, and a gateway closes a
-                // connection only between requests (a gateway killed while it works on one
-                // leaves nothing unread: EOF, an unknown outcome).
+                // changes nothing, or one with an id; another change whose reply was lost is
+                // reported (EIO). Not acted on: refused as the gateway stops (ESHUTDOWN), or
+                // never read: a Unix socket closed with unread data tells its peer ECONNRESET,
+                // and a gateway closes a connection only between requests (a gateway killed
+                // while it works on one leaves nothing unread: EOF, an unknown outcome).
                 // (Over TCP a reset may follow a request carried out: a crashed host, a dropped
                 // connection; only the gateway's own refusal is safe there.)
                 var unread = e.code == ESHUTDOWN
@@ -151,10 +180,10 @@ package final class GatewayClient: Sendable {
                 if sent && !unread {
                     // Sent again, marked so: a change with an id is answered from its record if
                     // it was carried out (README.md, "Request ids").
-                    guard op.isRead || op.isIdempotent || mark.id != nil else {
+                    guard op.isRead || op.isIdempotent || request.mark.id != nil else {
                         throw FSError(EIO, "\(description): the connection broke before the reply (\(e.message))")
                     }
-                    body[flagsAt] |= 2
+                    request.markSentAgain()
                 }
                 // A protocol error or a refused credential will not go away by asking again.
                 if e.code == EPROTO || e.code == EACCES { throw e }
@@ -177,6 +206,51 @@ package final class GatewayClient: Sendable {
     }
 
     private func giveSlot(_ slot: UInt32) { slots.withLock { $0.free.append(slot) } }
+
+    /// Sends requests of `op`, each with its fields, on one connection back to back, then reads
+    /// their replies (a gateway answers a connection's requests in order): one wake-up of the
+    /// gateway for them all. For changes nobody waits on (closes): returns each one's error
+    /// (nil: done). Those the connection did not answer (a stopping gateway refused them, or it
+    /// broke) go again one by one, as `call` sends a request again: with their ids, so that one
+    /// carried out already is answered from its record.
+    package func pipeline(_ op: Op, _ requests: [(inout WireWriter) -> Void]) -> [FSError?] {
+        var out = [FSError?](repeating: nil, count: requests.count)
+        guard !requests.isEmpty else { return out }
+        var prepared = requests.map { prepare(op, onBehalf: nil, $0) }
+        defer { for p in prepared { release(p) } }
+        var fd: Int32 = -1
+        var answered = 0
+        var sent = false
+        do throws(FSError) {
+            fd = try take()
+            try FrameIO.send(fd, frames: prepared.map(\.body))
+            sent = true
+            while answered < prepared.count {
+                guard let reply = try FrameIO.receive(fd) else { throw FSError(EIO, "the gateway closed the connection without answering") }
+                var r = WireReader(reply)
+                let rid = try r.u64()
+                let status = try r.i32()
+                guard rid == prepared[answered].id else { throw Wire.malformed("a reply to request \(rid) where \(prepared[answered].id) was asked") }
+                // A stopping gateway refuses this one and every later one, carrying none out.
+                if status == ESHUTDOWN { throw FSError(ESHUTDOWN, "the gateway is restarting") }
+                if status != 0 {
+                    out[answered] = FSError(status, (try? r.string(max: 4096)) ?? "error \(status)")
+                    // The gateway ends a connection after a protocol error.
+                    if status == EPROTO { throw FSError(EPROTO, "the gateway ended the connection") }
+                }
+                answered += 1
+            }
+            give(fd)
+        } catch {
+            if fd >= 0 { close(fd) }
+            let refused = error.code == ESHUTDOWN
+            for i in answered..<prepared.count where out[i] == nil {
+                if sent && !refused { prepared[i].markSentAgain() }
+                do throws(FSError) { _ = try exchange(&prepared[i], op, tail: nil, passed: nil) } catch { out[i] = error }
+            }
+        }
+        return out
+    }
 
     /// An idle connection that is still alive, or a new one.
     private func take() throws(FSError) -> Int32 {

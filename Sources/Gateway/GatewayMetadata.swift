@@ -17,9 +17,13 @@ package final class GatewayMetadata: MetadataEngine {
     private let ownUID = geteuid()
     private let actsForOthers = geteuid() == 0
 
+    /// Last closes of open files, sent a moment late, many at once.
+    let closer: GatewayCloser
+
     package init(client: GatewayClient) {
         self.client = client
         self.tags = GatewayTags()
+        self.closer = GatewayCloser(client: client, tags: tags)
     }
 
     package var displayName: String { client.description }
@@ -68,6 +72,8 @@ package final class GatewayMetadata: MetadataEngine {
     }
 
     package func closeSession(_ sid: UInt64) throws(FSError) {
+        // The session's files are closed first (a closed session's opens go with it anyway).
+        closer.drain()
         client.session.withLock { if $0?.sid == sid { $0 = nil } }
         _ = try client.call(.closeSession) { [tags] in tags.session(&$0, sid) }
     }
@@ -278,12 +284,11 @@ package final class GatewayMetadata: MetadataEngine {
         }
     }
 
+    /// The last close of an open file goes a moment later with others (`GatewayCloser`); the
+    /// gateway, which deletes what an unlinked file leaves, sees whether it freed one.
     package func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool {
-        var r = try client.call(.close) { [tags] in
-            tags.ref(&$0, ino)
-            tags.session(&$0, sid)
-        }
-        return try r.bool()
+        closer.add(ino, sid)
+        return false
     }
 
     package func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice] {
@@ -400,6 +405,123 @@ package final class GatewayMetadata: MetadataEngine {
             $0.u64(end)
             $0.u64(tags.reads.withLock { $0[ino] } ?? 0)
             $0.u64(tags.writes.withLock { $0[ino] } ?? 0)
+        }
+    }
+}
+
+/// Last closes of open files, sent a moment late and many at once. Nothing waits for a close
+/// (the kernel answers a release without waiting, and a close has nothing to tell), and sent one
+/// by one, each wakes the gateway and its Redis while the next operations need them: a close
+/// waits at most `delay` (or until `batch` wait), then the waiting ones go on one connection back
+/// to back, answered in order (`GatewayClient.pipeline`): one wake-up of the gateway for them all.
+/// Ending a session sends its waiting closes first.
+///
+/// A delayed close gives a client nothing it could not take anyway (it may keep a file open as
+/// long as it likes): the rights the open gave end, and an unlinked file is freed, `delay` later.
+/// The close of a file opened again meanwhile still balances its open (opens are counted).
+final class GatewayCloser: @unchecked Sendable {
+    // @unchecked: every mutable field is guarded by `lock` (a ConditionLock, on which the sending
+    // thread waits for closes and for their time).
+    private let client: GatewayClient
+    private let tags: GatewayTags
+    private let lock = ConditionLock()
+    private var waiting: [(ino: Ino, sid: UInt64)] = []
+    /// When the oldest waiting close came.
+    private var since: UInt64 = 0
+    /// Whether the sending thread runs (it ends after a second with nothing to send).
+    private var running = false
+    /// Batches taken and not yet answered.
+    private var sending = 0
+    static let delay = 0.005
+    static let batch = 64
+
+    init(client: GatewayClient, tags: GatewayTags) {
+        self.client = client
+        self.tags = tags
+    }
+
+    func add(_ ino: Ino, _ sid: UInt64) {
+        let start = lock.withLock { () -> Bool in
+            if waiting.isEmpty {
+                since = Sys.monotonicNanos()
+                lock.signal()
+            }
+            waiting.append((ino, sid))
+            if waiting.count >= Self.batch { lock.signal() }
+            if running { return false }
+            running = true
+            return true
+        }
+        if start && !DetachedThread.start({ [self] in run() }) {
+            lock.withLock { running = false }
+            drain()
+        }
+    }
+
+    private func run() {
+        while let batch = next() {
+            send(batch)
+            lock.withLock {
+                sending -= 1
+                lock.broadcast()
+            }
+        }
+    }
+
+    /// The next batch once it is due; nil (and the thread ends) after a second with none.
+    private func next() -> [(ino: Ino, sid: UInt64)]? {
+        lock.withLock {
+            let idle = Sys.monotonicNanos()
+            while true {
+                if waiting.isEmpty {
+                    if Sys.monotonicNanos() - idle > 1_000_000_000 {
+                        running = false
+                        return nil
+                    }
+                    lock.wait(seconds: 1)
+                    continue
+                }
+                let age = Double(Sys.monotonicNanos() - since) / 1e9
+                if waiting.count >= Self.batch || age >= Self.delay { break }
+                lock.wait(seconds: Self.delay - age)
+            }
+            let batch = Array(waiting.prefix(Self.batch))
+            waiting.removeFirst(batch.count)
+            sending += 1
+            return batch
+        }
+    }
+
+    /// Sends every waiting close now and waits for those under way.
+    func drain() {
+        let all = lock.withLock { () -> [(ino: Ino, sid: UInt64)] in
+            let all = waiting
+            waiting = []
+            sending += 1
+            return all
+        }
+        for start in stride(from: 0, to: all.count, by: Self.batch) {
+            send(Array(all[start..<min(all.count, start + Self.batch)]))
+        }
+        lock.withLock {
+            sending -= 1
+            lock.broadcast()
+            while sending > 0 { lock.wait() }
+        }
+    }
+
+    private func send(_ batch: [(ino: Ino, sid: UInt64)]) {
+        let tags = tags
+        let outcomes = client.pipeline(
+            .close,
+            batch.map { c in
+                { (w: inout WireWriter) in
+                    tags.ref(&w, c.ino)
+                    tags.session(&w, c.sid)
+                }
+            })
+        for (c, e) in zip(batch, outcomes) {
+            if let e { Log.warning("closing inode \(c.ino): \(e.message)") }
         }
     }
 }

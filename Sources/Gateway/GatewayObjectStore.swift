@@ -40,6 +40,11 @@ package final class GatewayObjectStore: ObjectStore {
         }
     }
 
+    package func holdForCommit(_ key: String, _ data: UnsafeRawBufferPointer) -> Bool {
+        guard let id = Self.sliceID(key), meta.tags.range(of: id) != nil else { return false }
+        return meta.tags.holdForCommit(id, key, data)
+    }
+
     package func get(_ key: String, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
         guard let id = Self.sliceID(key), let tag = meta.tags.blockTag(id) else {
             throw FSError(EACCES, "\(key): this client holds no right to read it (its chunk was not read through the gateway)")

@@ -930,13 +930,27 @@ package final class GatewayServer: Sendable {
     }
 
     /// Stores a block a user wrote: of the length its key names, and only when it does not
-    /// exist (blocks are immutable: a user writes new ones, never over one).
-    /// Writes a new block, once. A request sent again (its first sending may have written the
-    /// block before the connection broke) finds it done when the block holds the same bytes.
+    /// exist (blocks are immutable: a user writes new ones, never over one). A request sent again
+    /// (its first sending may have written the block before the connection broke) finds it done
+    /// when the block holds the same bytes.
     private func storeNewBlock(_ key: String, _ length: Int, _ data: [UInt8], resend: Bool) throws(FSError) {
         guard data.count == length else { throw FSError(EINVAL, "block \(key) must be \(length) bytes") }
+        func sameBytes() throws(FSError) -> Bool { resend ? try store.getAll(key, size: length) == data : false }
+        if let local = store as? LocalObjectStore {
+            // The check and the rename into place in one step, one walk to the block's directory.
+            do throws(FSError) {
+                try fsTyped { try data.withUnsafeBytes { try local.putNew(key, $0) } }
+            } catch {
+                if error.code == EEXIST {
+                    if try sameBytes() { return }
+                    throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten")
+                }
+                throw error
+            }
+            return
+        }
         if try store.head(key) != nil {
-            if resend, try store.getAll(key, size: length) == data { return }
+            if try sameBytes() { return }
             throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten")
         }
         try store.put(key, bytes: data)

@@ -239,6 +239,19 @@ package enum FrameIO {
         try fsTyped { try l.withUnsafeBytes { lp in try head.withUnsafeBytes { hp in try writeAll(fd, [lp, hp, tail], deadline: deadline) } } }
     }
 
+    /// Writes frames of bodies `bodies` back to back, in one piece (requests a gateway answers
+    /// in order).
+    package static func send(_ fd: Int32, frames bodies: [[UInt8]]) throws(FSError) {
+        var w = ByteWriter(capacity: bodies.reduce(0) { $0 + 4 + $1.count })
+        for body in bodies {
+            guard body.count <= Wire.maxFrame else { throw FSError(E2BIG, "a frame of \(body.count) bytes (the limit is \(Wire.maxFrame))") }
+            w.u32(UInt32(body.count))
+            w.raw(body)
+        }
+        let all = w.bytes
+        try fsTyped { try all.withUnsafeBytes { p in try writeAll(fd, [p]) } }
+    }
+
     /// Writes one frame with descriptor `passing` attached to its first bytes (`SCM_RIGHTS`).
     package static func send(_ fd: Int32, _ body: [UInt8], passing: Int32) throws(FSError) {
         var w = ByteWriter(capacity: 4 + body.count)
@@ -254,21 +267,39 @@ package enum FrameIO {
         try fsTyped { try frame.withUnsafeBytes { p in try writeAll(fd, [UnsafeRawBufferPointer(rebasing: p[first...])]) } }
     }
 
+    /// Sends `parts` in order, all of them, with as few `sendmsg` calls as the socket allows:
+    /// a frame goes out in one piece, so the peer wakes once for it (not once for its length and
+    /// again for its body).
     private static func writeAll(_ fd: Int32, _ parts: [UnsafeRawBufferPointer], deadline: UInt64? = nil) throws(FSError) {
-        for p in parts where p.count > 0 {
-            var off = 0
-            while off < p.count {
-                // What fits is sent at once; only a wait for room is bounded by the deadline.
-                let n = Glibc.send(fd, p.baseAddress! + off, p.count - off, Int32(MSG_NOSIGNAL) | (deadline != nil ? Int32(MSG_DONTWAIT) : 0))
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    if let deadline, errno == EAGAIN || errno == EWOULDBLOCK {
-                        try waitWritable(fd, until: deadline)
-                        continue
-                    }
-                    throw FSError.errno(errno == EAGAIN ? ETIMEDOUT : errno, "gateway connection")
+        var iov = parts.compactMap { p in p.count > 0 ? iovec(iov_base: UnsafeMutableRawPointer(mutating: p.baseAddress!), iov_len: p.count) : nil }
+        let flags = Int32(MSG_NOSIGNAL) | (deadline != nil ? Int32(MSG_DONTWAIT) : 0)
+        var first = 0
+        while first < iov.count {
+            // What fits is sent at once; only a wait for room is bounded by the deadline.
+            let n = iov.withUnsafeMutableBufferPointer { b -> Int in
+                var msg = msghdr()
+                msg.msg_iov = b.baseAddress! + first
+                msg.msg_iovlen = b.count - first
+                return sendmsg(fd, &msg, flags)
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                if let deadline, errno == EAGAIN || errno == EWOULDBLOCK {
+                    try waitWritable(fd, until: deadline)
+                    continue
                 }
-                off += n
+                throw FSError.errno(errno == EAGAIN ? ETIMEDOUT : errno, "gateway connection")
+            }
+            var left = n
+            while left > 0 && first < iov.count {
+                if iov[first].iov_len <= left {
+                    left -= iov[first].iov_len
+                    first += 1
+                } else {
+                    iov[first].iov_base += left
+                    iov[first].iov_len -= left
+                    left = 0
+                }
             }
         }
     }

@@ -157,6 +157,18 @@ public final class LocalObjectStore: ObjectStore {
     }
 
     public func put(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
+        try put(key, data, exclusive: false)
+    }
+
+    /// Stores `key` only when it does not exist (`EEXIST` otherwise, and nothing changes): the
+    /// existence check and the rename into place are one step (`RENAME_NOREPLACE`; where the
+    /// file system lacks it, a check just before the rename), and take no second walk to the
+    /// key's directory.
+    package func putNew(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
+        try put(key, data, exclusive: true)
+    }
+
+    private func put(_ key: String, _ data: UnsafeRawBufferPointer, exclusive: Bool) throws(FSError) {
         let rootFD = try openRoot()
         defer { Glibc.close(rootFD) }
         let (dir, name) = LocalObjectStore.split(key)
@@ -185,6 +197,19 @@ public final class LocalObjectStore: ObjectStore {
         }
         if fd < 0 { throw failure(e, "cannot write object \(key)") }
         defer { Glibc.close(dirFD) }
+        if exclusive {
+            // Refused before anything is written when it exists already (the rename below
+            // refuses it again, in one step with the rename, should it appear meanwhile).
+            var st = stat()
+            let found = fstatat(dirFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0
+            let e = errno
+            if found || e != ENOENT {
+                Sys.close(fd)
+                _ = unlinkat(dirFD, tmp, 0)
+                if found { throw FSError(EEXIST, "object \(key) exists in \(description)") }
+                throw failure(e, "object \(key)")
+            }
+        }
         if let shared { _ = fchmod(fd, shared.file) }
         do throws(FSError) {
             defer { Sys.close(fd) }
@@ -194,7 +219,23 @@ public final class LocalObjectStore: ObjectStore {
             _ = unlinkat(dirFD, tmp, 0)
             throw error.context("cannot write object \(key) in \(description)")
         }
-        if renameat(dirFD, tmp, dirFD, name) != 0 {
+        if exclusive {
+            var rc = Sys.renameNoReplace(dirFD, tmp, dirFD, name)
+            if rc != 0 && (errno == EINVAL || errno == ENOSYS) {
+                var st = stat()
+                if fstatat(dirFD, name, &st, AT_SYMLINK_NOFOLLOW) == 0 {
+                    errno = EEXIST
+                } else {
+                    rc = renameat(dirFD, tmp, dirFD, name)
+                }
+            }
+            if rc != 0 {
+                let e = errno
+                _ = unlinkat(dirFD, tmp, 0)
+                if e == EEXIST { throw FSError(EEXIST, "object \(key) exists in \(description)") }
+                throw FSError.errno(e, "rename \(tmp) to \(name)").context("cannot write object \(key) in \(description)")
+            }
+        } else if renameat(dirFD, tmp, dirFD, name) != 0 {
             let e = FSError.errno(errno, "rename \(tmp) to \(name)")
             _ = unlinkat(dirFD, tmp, 0)
             throw e.context("cannot write object \(key) in \(description)")

@@ -32,9 +32,17 @@ public protocol ObjectStore: AnyObject, Sendable {
     func list(prefix: String, limit: Int) throws(FSError) -> [ObjectInfo]
     /// Creates the bucket or directory if it does not exist.
     func create() throws(FSError)
+    /// Keeps a copy of a small block of a slice not yet committed, to go out with that slice's
+    /// commit, when this store does so (a gateway's: one request for a small file's block and
+    /// its record); false: the block is to be `put`. Does no I/O, so a writer calls it in place
+    /// rather than on an upload thread. The block is durable once its slice's commit returns.
+    func holdForCommit(_ key: String, _ data: UnsafeRawBufferPointer) -> Bool
 }
 
 extension ObjectStore {
+    /// Stores do not hold blocks back unless they say so.
+    public func holdForCommit(_ key: String, _ data: UnsafeRawBufferPointer) -> Bool { false }
+
     /// Stores a byte array.
     public func put(_ key: String, bytes: [UInt8]) throws(FSError) {
         try fsTyped { try bytes.withUnsafeBytes { try put(key, $0) } }
