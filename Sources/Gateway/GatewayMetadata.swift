@@ -15,6 +15,7 @@ package final class GatewayMetadata: MetadataEngine {
     let tags: GatewayTags
 
     private let ownUID = geteuid()
+    private let recentDirs = PerThread<RecentDirs>()
     private let actsForOthers = geteuid() == 0
 
     /// Last closes of open files, sent a moment late, many at once.
@@ -104,7 +105,24 @@ package final class GatewayMetadata: MetadataEngine {
         return try r.attr()
     }
 
-    package func recentAttr(_ ino: Ino) -> Attr? { nil }
+    /// The directories' attributes the last change of this thread left (the gateway sends them
+    /// with the change's reply), for the kernel's next question.
+    package func recentAttr(_ ino: Ino) -> Attr? { recentDirs.value?.attrs[ino] }
+
+    /// Reads the changed directories' attributes that end a change's reply, for `recentAttr`.
+    private func noteDirs(_ r: inout WireReader) throws(FSError) {
+        let n = try r.u8()
+        var attrs: [Ino: Attr] = [:]
+        for _ in 0..<n { attrs[try r.u64()] = try r.attr() }
+        recentDirs.value = RecentDirs(attrs)
+    }
+
+    /// Runs a change of directories: what an earlier change of this thread left is forgotten
+    /// first (a change that fails leaves nothing).
+    private func changing<T>(_ body: () throws(FSError) -> T) throws(FSError) -> T {
+        recentDirs.value = nil
+        return try body()
+    }
 
     package func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest) throws(FSError) -> Attr {
         var r = try client.call(.setattr, onBehalf: try who(cred)) { [tags] in
@@ -126,28 +144,35 @@ package final class GatewayMetadata: MetadataEngine {
     package func mknod(
         _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32, target: [UInt8]?
     ) throws(FSError) -> (Ino, Attr) {
-        var r = try client.call(.mknod, onBehalf: try who(cred)) { [tags] in
-            tags.ref(&$0, parent)
-            $0.data(name)
-            $0.u8(type.rawValue)
-            $0.u16(mode)
-            $0.u32(rdev)
-            $0.bool(target != nil)
-            if let target { $0.data(target) }
+        try changing { () throws(FSError) in
+            var r = try client.call(.mknod, onBehalf: try who(cred)) { [tags] in
+                tags.ref(&$0, parent)
+                $0.data(name)
+                $0.u8(type.rawValue)
+                $0.u16(mode)
+                $0.u32(rdev)
+                $0.bool(target != nil)
+                if let target { $0.data(target) }
+            }
+            let e = try tags.entry(&r)
+            try noteDirs(&r)
+            return e
         }
-        return try tags.entry(&r)
     }
 
     package func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, sid: UInt64) throws(FSError) -> (Ino, Attr) {
-        var r = try client.call(.create, onBehalf: try who(cred)) { [tags] in
-            tags.ref(&$0, parent)
-            $0.data(name)
-            $0.u16(mode)
-            tags.session(&$0, sid)
+        try changing { () throws(FSError) in
+            var r = try client.call(.create, onBehalf: try who(cred)) { [tags] in
+                tags.ref(&$0, parent)
+                $0.data(name)
+                $0.u16(mode)
+                tags.session(&$0, sid)
+            }
+            let (ino, a) = try tags.entry(&r)
+            try tags.opened(&r, ino)
+            try noteDirs(&r)
+            return (ino, a)
         }
-        let (ino, a) = try tags.entry(&r)
-        try tags.opened(&r, ino)
-        return (ino, a)
     }
 
     package func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
@@ -159,38 +184,49 @@ package final class GatewayMetadata: MetadataEngine {
     }
 
     private func removing(_ op: Op, _ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
-        var r = try client.call(op, onBehalf: try who(cred)) { [tags] in
-            tags.ref(&$0, parent)
-            $0.data(name)
+        try changing { () throws(FSError) in
+            var r = try client.call(op, onBehalf: try who(cred)) { [tags] in
+                tags.ref(&$0, parent)
+                $0.data(name)
+            }
+            let removed = try r.removed()
+            try noteDirs(&r)
+            return removed
         }
-        return try r.removed()
     }
 
     package func rename(
         _ cred: Credential, _ srcParent: Ino, _ srcName: [UInt8], _ dstParent: Ino, _ dstName: [UInt8], _ flags: RenameFlags
     ) throws(FSError) -> RenameResult {
-        var r = try client.call(.rename, onBehalf: try who(cred)) { [tags] in
-            tags.ref(&$0, srcParent)
-            $0.data(srcName)
-            tags.ref(&$0, dstParent)
-            $0.data(dstName)
-            $0.u32(flags.rawValue)
+        try changing { () throws(FSError) in
+            var r = try client.call(.rename, onBehalf: try who(cred)) { [tags] in
+                tags.ref(&$0, srcParent)
+                $0.data(srcName)
+                tags.ref(&$0, dstParent)
+                $0.data(dstName)
+                $0.u32(flags.rawValue)
+            }
+            let moved = try r.u64()
+            let other = try r.u64()
+            let otherTag = try r.u64()
+            if other != 0 { tags.inodes.withLock { $0[other] = otherTag } }
+            let removed = try r.bool() ? try r.removed() : nil
+            try noteDirs(&r)
+            return RenameResult(moved: moved, other: other, removed: removed)
         }
-        let moved = try r.u64()
-        let other = try r.u64()
-        let otherTag = try r.u64()
-        if other != 0 { tags.inodes.withLock { $0[other] = otherTag } }
-        let removed = try r.bool() ? try r.removed() : nil
-        return RenameResult(moved: moved, other: other, removed: removed)
     }
 
     package func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
-        var r = try client.call(.link, onBehalf: try who(cred)) { [tags] in
-            tags.ref(&$0, ino)
-            tags.ref(&$0, parent)
-            $0.data(name)
+        try changing { () throws(FSError) in
+            var r = try client.call(.link, onBehalf: try who(cred)) { [tags] in
+                tags.ref(&$0, ino)
+                tags.ref(&$0, parent)
+                $0.data(name)
+            }
+            let a = try r.attr()
+            try noteDirs(&r)
+            return a
         }
-        return try r.attr()
     }
 
     package func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
@@ -661,4 +697,10 @@ final class GatewayTags: Sendable {
     func range(of id: UInt64) -> SliceRange? {
         ranges.withLock { list in list.last { id >= $0.first && id - $0.first < $0.count } }
     }
+}
+
+/// What a change left of its directories' attributes, kept per thread (`GatewayMetadata.recentAttr`).
+final class RecentDirs {
+    let attrs: [Ino: Attr]
+    init(_ attrs: [Ino: Attr]) { self.attrs = attrs }
 }

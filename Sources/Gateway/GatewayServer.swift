@@ -561,10 +561,11 @@ package final class GatewayServer: Sendable {
             try r.end()
             // Device nodes need CAP_MKNOD, which the kernel checks before a mount hears of it.
             if (type == .blockDevice || type == .charDevice) && !cred.isRoot { throw FSError.perm }
-            let (ino, a) = try once(mark, save: Results.saveEntry, load: Results.entry) { () throws(FSError) in
+            let ((ino, a), replayed) = try answer(mark, save: Results.saveEntry, load: Results.entry) { () throws(FSError) in
                 try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: target)
             }
             entry(&w, ino, a, uid)
+            changedDirs(&w, [parent], replayed: replayed)
         case .create:
             let parent = try ino(&r, uid)
             let name = try r.name()
@@ -580,15 +581,17 @@ package final class GatewayServer: Sendable {
             entry(&w, ino, a, uid)
             w.u64(grants.tag(.read, ino, uid: uid))
             w.u64(grants.tag(.write, ino, uid: uid))
+            changedDirs(&w, [parent], replayed: replayed)
         case .unlink, .rmdir:
             let parent = try ino(&r, uid)
             let name = try r.name()
             try r.end()
             let save: (Any) -> [UInt8]? = { ($0 as? RemovedName).map(Results.removed) }
-            let removed = try once(mark, save: save, load: { (r) throws(FSError) in try r.removed() }) { () throws(FSError) in
+            let (removed, replayed) = try answer(mark, save: save, load: { (r) throws(FSError) in try r.removed() }) { () throws(FSError) in
                 op == .unlink ? try meta.unlink(cred, parent, name) : try meta.rmdir(cred, parent, name)
             }
             w.removed(removed)
+            changedDirs(&w, [parent], replayed: replayed)
             if removed.freed { wakeDeleter() }
         case .rename:
             let sp = try ino(&r, uid)
@@ -597,8 +600,8 @@ package final class GatewayServer: Sendable {
             let dn = try r.name()
             let flags = RenameFlags(rawValue: try r.u32())
             try r.end()
-            let res = try once(mark, save: { ($0 as? RenameResult).map(Results.rename) }, load: Results.rename) { () throws(FSError) in
-                try meta.rename(cred, sp, sn, dp, dn, flags)
+            let (res, replayed) = try answer(mark, save: { ($0 as? RenameResult).map(Results.rename) }, load: Results.rename) {
+                () throws(FSError) in try meta.rename(cred, sp, sn, dp, dn, flags)
             }
             w.u64(res.moved)
             w.u64(res.other)
@@ -608,6 +611,7 @@ package final class GatewayServer: Sendable {
                 w.removed(removed)
                 if removed.freed { wakeDeleter() }
             }
+            changedDirs(&w, [sp, dp], replayed: replayed)
         case .link:
             let ino = try ino(&r, uid)
             let parent = try self.ino(&r, uid)
@@ -622,10 +626,11 @@ package final class GatewayServer: Sendable {
                     throw FSError.perm
                 }
             }
-            w.attr(
-                try once(mark, save: { ($0 as? Attr).map(Results.attr) }, load: { (r) throws(FSError) in try r.attr() }) { () throws(FSError) in
-                    try meta.link(cred, ino, parent, name)
-                })
+            let (a, replayed) = try answer(mark, save: { ($0 as? Attr).map(Results.attr) }, load: { (r) throws(FSError) in try r.attr() }) {
+                () throws(FSError) in try meta.link(cred, ino, parent, name)
+            }
+            w.attr(a)
+            changedDirs(&w, [parent], replayed: replayed)
         case .readlink:
             let ino = try ino(&r, uid)
             try r.end()
@@ -954,6 +959,24 @@ package final class GatewayServer: Sendable {
             throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten")
         }
         try store.put(key, bytes: data)
+    }
+
+    /// The attributes of directories `dirs` as the change just committed on this thread left
+    /// them (`u8 count`, then `u64 ino` and the attributes each): the kernel asks for them next,
+    /// and the client answers from these instead of asking again (as a direct mount answers
+    /// from its own commit). None for an answer from a record.
+    private func changedDirs(_ w: inout WireWriter, _ dirs: [Ino], replayed: Bool) {
+        var found: [(Ino, Attr)] = []
+        if !replayed {
+            for d in dirs where !found.contains(where: { $0.0 == d }) {
+                if let a = meta.recentAttr(d), a.type == .directory { found.append((d, a)) }
+            }
+        }
+        w.u8(UInt8(found.count))
+        for (d, a) in found {
+            w.u64(d)
+            w.attr(a)
+        }
     }
 
     /// The engine's part of a change request. One with an id records it with its change (and

@@ -916,19 +916,12 @@ final class CommittedWrites {
 /// Gives each store a number of its own.
 private let storeSerials = Counter()
 
-private let lastCommittedKey: pthread_key_t = {
-    var k = pthread_key_t()
-    pthread_key_create(&k) { p in if let p { Unmanaged<CommittedWrites>.fromOpaque(p).release() } }
-    return k
-}()
+private let lastCommittedOfThread = PerThread<CommittedWrites>()
 
 extension RedisTxn {
     static var lastCommitted: CommittedWrites? {
-        get { pthread_getspecific(lastCommittedKey).map { Unmanaged<CommittedWrites>.fromOpaque($0).takeUnretainedValue() } }
-        set {
-            if let old = pthread_getspecific(lastCommittedKey) { Unmanaged<CommittedWrites>.fromOpaque(old).release() }
-            pthread_setspecific(lastCommittedKey, newValue.map { Unmanaged.passRetained($0).toOpaque() })
-        }
+        get { lastCommittedOfThread.value }
+        set { lastCommittedOfThread.value = newValue }
     }
 }
 

@@ -78,11 +78,8 @@ final class ActiveRequest {
     }
 
     static var current: ActiveRequest? {
-        get { pthread_getspecific(activeRequestKey).map { Unmanaged<ActiveRequest>.fromOpaque($0).takeUnretainedValue() } }
-        set {
-            if let old = pthread_getspecific(activeRequestKey) { Unmanaged<ActiveRequest>.fromOpaque(old).release() }
-            pthread_setspecific(activeRequestKey, newValue.map { Unmanaged.passRetained($0).toOpaque() })
-        }
+        get { activeRequestOfThread.value }
+        set { activeRequestOfThread.value = newValue }
     }
 
     /// The request of the operation on this thread, while no commit has recorded it.
@@ -92,8 +89,4 @@ final class ActiveRequest {
     }
 }
 
-private let activeRequestKey: pthread_key_t = {
-    var k = pthread_key_t()
-    pthread_key_create(&k) { p in if let p { Unmanaged<ActiveRequest>.fromOpaque(p).release() } }
-    return k
-}()
+private let activeRequestOfThread = PerThread<ActiveRequest>()

@@ -468,8 +468,9 @@ def test_a_change_sent_again_is_answered_from_its_record(env, site):
         first = c.call("create", create, mark=m(0, 1, False))
         ino, itag = struct.unpack_from(">QQ", first)
         wtag = struct.unpack_from(">Q", first, 16 + 71 + 8)[0]
-        # The same request again: the first sending's answer, not EEXIST.
-        out["create"] = c.call("create", create, mark=m(0, 1)) == first
+        # The same request again: the first sending's answer, not EEXIST. (Answers compared
+        # without the changed directories' attributes at their ends, which only a change sends.)
+        out["create"] = c.call("create", create, mark=m(0, 1))[:103] == first[:103]
         # A new number in that slot is a new request.
         out["create-new"] = gwproto.code(lambda: c.call("create", create, mark=m(0, 2, False)))
         # A slice committed twice is one slice record.
@@ -488,18 +489,18 @@ def test_a_change_sent_again_is_answered_from_its_record(env, site):
         out["close"] = [c.call("close", close, mark=m(3, 5, False)), c.call("close", close, mark=m(3, 5))]
         unlink = gwproto.ref(1, 0) + gwproto.data(name)
         u1 = c.call("unlink", unlink, mark=m(4, 6, False))
-        out["unlink-freed"] = u1[-1]
+        out["unlink-freed"] = u1[79]
         # Unlinked twice: the first answer again, not ENOENT.
-        out["unlink"] = c.call("unlink", unlink, mark=m(4, 6)) == u1
+        out["unlink"] = c.call("unlink", unlink, mark=m(4, 6))[:80] == u1[:80]
         out["last-close-frees"] = c.call("close", close, mark=m(3, 7, False))
         # A directory made twice, a rename done twice.
         d = f"rqd{os.urandom(3).hex()}".encode()
         mkdir = gwproto.ref(1, 0) + gwproto.data(d) + struct.pack(">BHI", 2, 0o755, 0) + b"\0"
         k1 = c.call("mknod", mkdir, mark=m(5, 8, False))
-        out["mkdir"] = c.call("mknod", mkdir, mark=m(5, 8)) == k1
+        out["mkdir"] = c.call("mknod", mkdir, mark=m(5, 8))[:87] == k1[:87]
         ren = gwproto.ref(1, 0) + gwproto.data(d) + gwproto.ref(1, 0) + gwproto.data(d + b"-moved") + struct.pack(">I", 0)
         r1 = c.call("rename", ren, mark=m(6, 9, False))
-        out["rename"] = c.call("rename", ren, mark=m(6, 9)) == r1
+        out["rename"] = c.call("rename", ren, mark=m(6, 9))[:25] == r1[:25]
         out["renamed"] = gwproto.code(c.lookup, 1, 0, d + b"-moved")
         # An answer from a record grants nothing the caller does not hold now: an old create
         # sent again after its close and a chmod to 0444 gets its answer, whose write tag
