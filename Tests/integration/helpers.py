@@ -133,7 +133,18 @@ class Redis:
         self.proc.wait()
 
 
-class Moto:
+class S3Server:
+    """An S3 endpoint on loopback at `self.port`."""
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def bucket(self, name):
+        return f"{self.endpoint}/{name}"
+
+
+class Moto(S3Server):
     """moto_server on loopback. With auth, signatures are checked and keys of an IAM user
     with an s3:* policy are created."""
 
@@ -159,19 +170,12 @@ class Moto:
             key = iam.create_access_key(UserName="stagefs")["AccessKey"]
             self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
 
-    @property
-    def endpoint(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def bucket(self, name):
-        return f"{self.endpoint}/{name}"
-
     def stop(self):
         self.proc.kill()
         self.proc.wait()
 
 
-class Radosgw:
+class Radosgw(S3Server):
     """Ceph's S3 gateway (radosgw, Debian's packages) on loopback: a one-node cluster made for the
     test (a monitor, one OSD keeping its objects in memory, no cephx between them), a user with
     these keys. Unlike moto it checks what a request is signed with, pre-signed URLs included: a
@@ -251,13 +255,6 @@ rgw_frontends = beast endpoint=127.0.0.1:{self.port}
         # -f: in the foreground, so that stop() ends exactly the processes started here.
         self.procs.append(subprocess.Popen([cmd[0], "-f", "-c", self.conf, *cmd[1:]],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-
-    @property
-    def endpoint(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def bucket(self, name):
-        return f"{self.endpoint}/{name}"
 
     def requests(self):
         """The requests radosgw answered so far, as its log has them: `"GET /bucket/key?query
