@@ -4,7 +4,8 @@
 # Prints figures and ratios (gateway / direct; above 1 means the gateway is faster).
 #   bench/gateway.sh [path/to/stagefs]
 # Environment: SIZE_MIB (big file, default 512), FILES (small files per round, default 5000),
-# DIRS (50), ROUNDS (rounds of every figure, alternating, default 3; medians are reported).
+# DIRS (50), ROUNDS (rounds of every figure, alternating, default 3; medians are reported),
+# BENCH_DIR (where the buckets and sockets go, default /tmp; /dev/shm takes the disk out).
 set -eu
 BIN=$(readlink -f "${1:-.build/release/stagefs}")
 SIZE_MIB=${SIZE_MIB:-512}
@@ -12,7 +13,7 @@ FILES=${FILES:-5000}
 DIRS=${DIRS:-50}
 ROUNDS=${ROUNDS:-3}
 HERE=$(cd "$(dirname "$0")" && pwd)
-WORK=$(mktemp -d /tmp/stagefs-gwbench-XXXXXX)
+WORK=$(mktemp -d "${BENCH_DIR:-/tmp}/stagefs-gwbench-XXXXXX")
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 PW=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
 redis-server --port "$PORT" --bind 127.0.0.1 --requirepass "$PW" --save "" --appendonly no --dir "$WORK" --daemonize yes --pidfile "$WORK/redis.pid" >/dev/null
