@@ -27,10 +27,8 @@ package final class GatewayObjectStore: ObjectStore {
         guard let id = Self.sliceID(key), let range = meta.tags.range(of: id) else {
             throw FSError(EACCES, "\(key): not a block of a slice this client was given")
         }
-        // A small block goes with its slice's commit: one request for a small file's data and
-        // its record. (Its slice is committed only after every block of it is stored: the
-        // writer commits once the uploads are done.)
-        if meta.tags.holdForCommit(id, key, data) { return }
+        // (A small block the writer could hold for its slice's commit never comes here:
+        // `holdForCommit` took it.)
         _ = try meta.client.call(.putBlock, tail: data) {
             $0.string(key)
             $0.u64(range.first)
@@ -40,6 +38,8 @@ package final class GatewayObjectStore: ObjectStore {
         }
     }
 
+    /// A small block goes with its slice's commit: one request for a small file's data and its
+    /// record.
     package func holdForCommit(_ key: String, _ data: UnsafeRawBufferPointer) -> Bool {
         guard let id = Self.sliceID(key), meta.tags.range(of: id) != nil else { return false }
         return meta.tags.holdForCommit(id, key, data)

@@ -166,12 +166,13 @@ public enum Sys {
         clinux_recv_fd(sock, buffer.baseAddress, UInt(buffer.count), &fd)
     }
 
-    /// `POLLRDHUP`: the other end of a stream shut down its writing.
     /// `renameat2(RENAME_NOREPLACE)`: 0, or -1 with errno (`EEXIST` when `new` exists; `EINVAL`
     /// or `ENOSYS` where it is not supported).
     public static func renameNoReplace(_ oldDir: Int32, _ old: String, _ newDir: Int32, _ new: String) -> Int32 {
         clinux_rename_noreplace(oldDir, old, newDir, new)
     }
+
+    /// `POLLRDHUP`: the other end of a stream shut down its writing.
     public static let POLLRDHUP = clinux_pollrdhup()
 
     /// `O_PATH`: a descriptor naming a directory for the `*at` calls, without read permission.

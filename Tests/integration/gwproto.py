@@ -44,11 +44,11 @@ class GatewayError(Exception):
 
 
 def code(fn, *args):
-    """The errno of a call that the gateway refuses, 0 when it answers."""
+    """The errno of a call that the gateway (or the kernel) refuses, 0 when it answers."""
     try:
         fn(*args)
         return 0
-    except GatewayError as e:
+    except (GatewayError, OSError) as e:
         return e.errno
 
 

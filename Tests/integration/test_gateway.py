@@ -60,14 +60,6 @@ def mount(env, site, user, gw, *extra):
     return mnt
 
 
-def errno_of(fn, *args):
-    try:
-        fn(*args)
-        return 0
-    except OSError as e:
-        return e.errno
-
-
 def private_tree(root):
     """As USER: a 0700 directory holding a 0600 file and a directory USER owns, 0777."""
     def make():
@@ -87,15 +79,15 @@ def attempts(root):
     """What the second user tries on the first user's files; errno of each."""
     f, g = os.path.join(root, "a", "f"), os.path.join(root, "open", "g")
     return {
-        "read": errno_of(lambda: open(f).read()),
-        "read-open-dir": errno_of(lambda: open(g).read()),
-        "chmod": errno_of(os.chmod, g, 0o666),
-        "chown": errno_of(os.chown, g, os.getuid(), -1),
-        "rename": errno_of(os.rename, f, os.path.join(root, "open", "stolen")),
-        "truncate": errno_of(os.truncate, g, 0),
-        "unlink": errno_of(os.unlink, f),
-        "setxattr": errno_of(os.setxattr, g, "user.x", b"1"),
-        "list": errno_of(os.listdir, os.path.join(root, "a")),
+        "read": gwproto.code(lambda: open(f).read()),
+        "read-open-dir": gwproto.code(lambda: open(g).read()),
+        "chmod": gwproto.code(os.chmod, g, 0o666),
+        "chown": gwproto.code(os.chown, g, os.getuid(), -1),
+        "rename": gwproto.code(os.rename, f, os.path.join(root, "open", "stolen")),
+        "truncate": gwproto.code(os.truncate, g, 0),
+        "unlink": gwproto.code(os.unlink, f),
+        "setxattr": gwproto.code(os.setxattr, g, "user.x", b"1"),
+        "list": gwproto.code(os.listdir, os.path.join(root, "a")),
     }
 
 
@@ -186,7 +178,7 @@ def test_no_secret_reaches_a_user_mount(env, site):
     assert memory_holds(pid, needles) == set()
     assert memory_holds(site["s3"].proc.pid, {PASSWORD.encode(), S3_SECRET.encode()}) == {PASSWORD.encode(), S3_SECRET.encode()}
     # Files: the gateway's settings are root's 0600; status shows no key or password.
-    assert run_as(OTHER, errno_of, lambda: open(site["s3"].config).read()) == errno.EACCES
+    assert run_as(OTHER, gwproto.code, lambda: open(site["s3"].config).read()) == errno.EACCES
     out = env.stagefs("status", site["s3"].url, user=OTHER).stdout
     assert "gws3" in out and PASSWORD not in out and S3_SECRET not in out, out
     for d, _, files in os.walk(f"/home/{OTHER}"):
@@ -253,7 +245,7 @@ def test_a_raw_client_reaches_nothing_it_was_not_given(env, site):
         out["owner"] = a_["uid"]
         out["chown"] = code(c.chown, fino, ftag, helpers.pwd.getpwnam(USER).pw_uid, helpers.pwd.getpwnam(USER).pw_gid)
         c.close()
-        out["bucket"] = errno_of(os.listdir, site["bucket"])
+        out["bucket"] = gwproto.code(os.listdir, site["bucket"])
         return out
 
     out = run_as(OTHER, attack)
@@ -1076,7 +1068,7 @@ def test_a_mount_fails_operations_with_eio_while_the_gateway_is_away_and_goes_on
     gw.stop()
     try:
         t0 = time.time()
-        got = run_as(USER, errno_of, lambda: open(os.path.join(a, f"during-{os.urandom(3).hex()}"), "w").write("y"))
+        got = run_as(USER, gwproto.code, lambda: open(os.path.join(a, f"during-{os.urandom(3).hex()}"), "w").write("y"))
         waited = time.time() - t0
     finally:
         gw.start()
