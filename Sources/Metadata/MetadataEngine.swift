@@ -196,10 +196,12 @@ extension MetadataEngine {
 /// `create` allows a new SQLite database file (formatting); otherwise a missing one is an error.
 /// `retryTimeout`: seconds a Redis call keeps retrying while the server cannot be reached (a
 /// restart, a failover) before it fails with `EIO`; the first contact is not retried.
-public func openMetadata(_ url: MetaURL, create: Bool = false, retryTimeout: Double = 60) throws(FSError) -> any MetadataEngine {
+/// `tracking` (Redis): a client cache kept coherent by Redis's client tracking answers lookups
+/// and getattr (`RedisTxnCache`).
+public func openMetadata(_ url: MetaURL, create: Bool = false, retryTimeout: Double = 60, tracking: Bool = false) throws(FSError) -> any MetadataEngine {
     switch url {
     case .sqlite(let path): return try SQLiteMetadata(path: path, create: create)
-    case .redis(let location): return try RedisTxnMetadata(location: location, retryTimeout: retryTimeout)
+    case .redis(let location): return try RedisTxnMetadata(location: location, retryTimeout: retryTimeout, tracking: tracking)
     case .gateway: throw FSError.usage("\(url) names a gateway: this command needs the volume's own META-URL (an admin's)")
     }
 }

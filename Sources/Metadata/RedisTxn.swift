@@ -176,6 +176,16 @@ package final class RedisTxn {
     var write: Bool
     /// Whether reads may come from the client cache (write transactions: the commit checks them).
     let useCache: Bool
+    /// Whether reads may come from what the client cache trusts (read-only transactions, with
+    /// client tracking).
+    let useTrusted: Bool
+    /// When it began, for what the cache may trust of what it learns.
+    let stamp: RedisTxnCache.Stamp
+    /// Whether every read of this (read-only) transaction was tracked in its stamp's generation.
+    var readsTracked = true
+    /// What the commit read again, tracked, of the attributes and entries it wrote (and of a new
+    /// directory's entries), in the same round trip (`RedisTxnStore.commit`).
+    var reread: [(ReadCmd, RedisReply)] = []
     /// Replies of the checkable reads, the first one seen for each command.
     private(set) var results: [ReadCmd: RedisReply] = [:]
     /// The same reads in the order made, each with its reply and whether that came from the
@@ -195,6 +205,8 @@ package final class RedisTxn {
         self.store = store
         self.write = write
         self.useCache = useCache
+        useTrusted = !write && store.cache.tracking
+        stamp = store.cache.stamp()
         // (Most transactions read a few keys: one allocation each instead of growing.)
         results.reserveCapacity(8)
         reads.reserveCapacity(8)
@@ -221,6 +233,10 @@ package final class RedisTxn {
                 fromCache = true
                 return
             }
+            if useTrusted && c.cacheable, let v = store.cache.lookupTrusted(c) {
+                remember(c, v, cached: true)
+                return
+            }
             asked.append(c)
             ops.append(.cmd(c))
         }
@@ -233,12 +249,17 @@ package final class RedisTxn {
                     remember(c, v, cached: true)
                     fromCache = true
                 }
+                if results[c] == nil && useTrusted, let v = store.cache.lookupTrusted(c) {
+                    remember(c, v, cached: true)
+                }
                 if let v = results[c] {
                     // What removing or replacing the entry reads: a directory's entries, a
-                    // file's opens.
+                    // file's opens (a read-only transaction changes nothing: the attributes).
                     if let ino = RedisTxnStore.entryIno(v), case .string(let e) = v {
                         want(.get(store.keys.attr(ino)))
-                        want(e[8] == FileType.directory.rawValue ? .hlen(store.keys.entries(ino)) : .hlen(store.keys.opens(ino)))
+                        if write {
+                            want(e[8] == FileType.directory.rawValue ? .hlen(store.keys.entries(ino)) : .hlen(store.keys.opens(ino)))
+                        }
                     }
                 } else if !asked.contains(c) {
                     asked.append(c)
@@ -253,7 +274,8 @@ package final class RedisTxn {
             }
         }
         if ops.isEmpty { return }
-        let replies = try store.fetch(ops)
+        let (replies, tracked) = try store.fetch(ops, track: useTrusted)
+        if !useTrusted || tracked == nil || tracked != stamp.generation { readsTracked = false }
         batches += 1
         for (op, r) in zip(ops, replies) {
             switch op {
@@ -336,6 +358,7 @@ package final class RedisTxn {
             .cmd(.hlen(k)), .cmd(ReadCmd(.hrandfield, k, [Array(String(count).utf8), Array("WITHVALUES".utf8)])),
         ])
         batches += 1
+        readsTracked = false
         remember(.hlen(k), r[0])
         var out: [([UInt8], [UInt8])] = []
         let a = r[1].array
@@ -353,6 +376,7 @@ package final class RedisTxn {
         if writes[k] != nil { throw store.bug("SRANDMEMBER \(store.keys.name(k)) after writing it in the same transaction") }
         let r = try store.fetch([.cmd(.scard(k)), .cmd(ReadCmd(.srandmember, k, [Array(String(count).utf8)]))])
         batches += 1
+        readsTracked = false
         remember(.scard(k), r[0])
         let members = r[1].array.compactMap { $0.bytes }
         for m in members { remember(.sismember(k, m), .integer(1)) }
@@ -501,7 +525,8 @@ package final class RedisTxn {
     /// The commit as one command (see `RedisTxnScripts.commit`): `verb` and `script` (EVALSHA
     /// and the SHA, or EVAL and the text), the key count, the keys, the request tag, the checks
     /// and the writes; and the read each check stands for, in order.
-    func commitCommand(_ verb: String, _ script: String, requestKey: RKey, tag: String) -> (RedisCommand, [ReadCmd]) {
+    /// `checksOnly`: the checks alone (nothing is written).
+    func commitCommand(_ verb: String, _ script: String, requestKey: RKey, tag: String, checksOnly: Bool = false) -> (RedisCommand, [ReadCmd]) {
         // The keys first (checks and writes name them by position), each once.
         var keys = KeyList(requestKey)
         var times: [[Range<Int>]?] = []
@@ -513,6 +538,7 @@ package final class RedisTxn {
             checkCount += t == nil ? 1 : Self.checkedFields.count
             keys.position(c.key)
         }
+        let writeOrder = checksOnly ? [] : self.writeOrder
         for k in writeOrder { keys.position(k) }
         var cmd = RedisCommand(capacity: 128 + keys.list.count * 24 + reads.count * 48 + writes.count * 128)
         cmd.add(verb)

@@ -2,16 +2,25 @@ import RedisWire
 import StageFSCore
 
 /// What this client last saw of keys and hash fields (GET, HGET, HLEN replies), kept so that a
-/// write transaction can start from it without a read round trip. Never trusted: every value
-/// taken from here is a read of the transaction and checked by its commit, so a stale one costs
-/// a retry, never a wrong result. Read-only transactions do not use it.
+/// write transaction can start from it without a read round trip. Every value a write
+/// transaction takes from here is a read of it and checked by its commit, so a stale one costs
+/// a retry, never a wrong result.
+///
+/// With client tracking (`RedisPool.startTracking`, the gateway's default), attributes and
+/// directory entries are also *trusted*: read-only transactions (lookup, getattr) answer from
+/// them without a round trip. An entry is trusted when all it holds was read, or written by a
+/// commit that read it again, through a tracked connection of the current generation, and no
+/// invalidation of its key arrived since the transaction that learnt it began; an invalidation
+/// drops the entry. Trusted entries answer only while the listener has heard from the server
+/// within the last second, so a change by another client is seen once its invalidation arrives
+/// (in a network partition: after at most a second).
 ///
 /// What a transaction that wrote nothing saw is noted only when the cache is next asked or
 /// changed: most lookups and stats are followed by nothing that asks it, and noting each one
 /// took about a fifth of the mount's user CPU per lookup. Of those reads only the newest
 /// `pendingLimit` wait (at least one transaction's); a dropped one costs a later transaction a
 /// read.
-final class RedisTxnCache: @unchecked Sendable {
+final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
     typealias Reads = [(cmd: ReadCmd, reply: RedisReply, cached: Bool)]
 
     struct Entry {
@@ -23,6 +32,8 @@ final class RedisTxnCache: @unchecked Sendable {
         var fields: [Field: RedisReply] = [:]
         /// `fields` lists every field the hash has (a new or deleted key).
         var complete = false
+        /// Read-only transactions may answer from it (see above).
+        var trusted = false
 
         static let empty = Entry(value: .null, len: 0, fields: [:], complete: true)
 
@@ -37,12 +48,81 @@ final class RedisTxnCache: @unchecked Sendable {
     /// Keys and fields kept at most; the cache starts over when it holds more.
     let capacity: Int
     /// Reads of transactions that wrote nothing, oldest first, not noted yet.
-    private var pending: [Reads] = []
+    /// (Each with its transaction's stamp, and whether its reads were tracked.)
+    private var pending: [(Reads, Stamp, Bool)] = []
     private var pendingReads = 0
     /// Reads that wait to be noted at most (the newest transaction's always wait).
     let pendingLimit = 4096
 
-    init(capacity: Int) { self.capacity = capacity }
+    // Client tracking, under `lock`.
+    /// Whether this cache is told of changes (`RedisInvalidationSink`).
+    let tracking: Bool
+    /// The volume's key prefix (to read invalidated keys' names).
+    private let prefix: [UInt8]
+    /// The tracking generation whose reads can be trusted; nil while tracking is down.
+    private var generation: UInt64?
+    /// When the listener last heard from the server.
+    private var heardAt: UInt64 = 0
+    /// Invalidations of trackable keys so far.
+    private var invalidations: UInt64 = 0
+    /// The number of the newest invalidation of each key among the last `recentLimit`.
+    private var invalidatedAt: [RKey: UInt64] = [:]
+    private var recent: [(key: RKey, number: UInt64)] = []
+    private var recentNext = 0
+    /// Invalidations forgotten are numbered `forgotten` or less: a stamp older cannot be trusted.
+    private var forgotten: UInt64 = 0
+    let recentLimit = 65536
+
+    /// When a transaction began, as far as trust goes: the generation then and the number of
+    /// invalidations heard.
+    struct Stamp {
+        let generation: UInt64?
+        let invalidations: UInt64
+        static let none = Stamp(generation: nil, invalidations: 0)
+    }
+
+    /// The pool whose listener brings the invalidations (`invalidationsArriving`).
+    private let pool: RedisPool?
+
+    init(capacity: Int, tracking: Bool = false, prefix: String = "", pool: RedisPool? = nil) {
+        self.capacity = capacity
+        self.tracking = tracking
+        self.prefix = Array(prefix.utf8)
+        self.pool = pool
+    }
+
+    /// The kinds of keys trusted (what lookups and getattr read).
+    static func trackable(_ k: RKey) -> Bool { k.kind == .attr || k.kind == .entries }
+
+    /// Whether trusted entries answer now (tracking up, the listener heard lately).
+    var live: Bool { lock.withLock { generation != nil && Sys.monotonicNanos() &- heardAt < 1_000_000_000 } }
+
+    func stamp() -> Stamp {
+        guard tracking else { return .none }
+        return lock.withLock { Stamp(generation: generation, invalidations: invalidations) }
+    }
+
+    /// Under the lock: whether what a transaction stamped `s` learnt of `k` can be trusted.
+    private func trusts(_ k: RKey, _ s: Stamp) -> Bool {
+        guard let g = generation, s.generation == g, s.invalidations >= forgotten, Self.trackable(k) else { return false }
+        return (invalidatedAt[k] ?? 0) <= s.invalidations
+    }
+
+    /// A trusted reply to `c` (for a read-only transaction), nil when there is none.
+    func lookupTrusted(_ c: ReadCmd) -> RedisReply? {
+        if let pool, pool.invalidationsArriving { return nil }
+        return lock.withLock { () -> RedisReply? in
+            guard generation != nil, Sys.monotonicNanos() &- heardAt < 1_000_000_000 else { return nil }
+            notePending()
+            guard let e = entries[c.key], e.trusted else { return nil }
+            switch c.verb {
+            case .get: return e.value
+            case .hget: return e.field(Field(c.arg ?? []))
+            case .hlen: return e.length.map { .integer($0) }
+            default: return nil
+            }
+        }
+    }
 
     /// Keys held and reads waiting to be noted.
     var sizes: (keys: Int, pending: Int) { lock.withLock { (entries.count, pendingReads) } }
@@ -64,13 +144,22 @@ final class RedisTxnCache: @unchecked Sendable {
     func record(_ t: RedisTxn, committed: Bool) {
         guard committed else {
             // (What this drops is freed here, after the lock is let go.)
-            let dropped = lock.withLock { wait(t.reads) }
+            let dropped = lock.withLock { wait(t.reads, t.stamp, tracked: t.useTrusted && t.readsTracked) }
             _ = dropped
             return
         }
         lock.withLock {
             notePending()
-            note(t.reads)
+            // (A write transaction's reads are not tracked.)
+            note(t.reads, t.stamp, tracked: false)
+            // What was trusted of the keys written no longer is (another commit of this client
+            // may be recorded later or earlier than it ran); what the commit read again is.
+            var fresh: [RKey: Bool] = [:]
+            if tracking {
+                for (c, _) in t.reread where fresh[c.key] == nil { fresh[c.key] = trusts(c.key, t.stamp) }
+                for k in t.writeOrder where Self.trackable(k) { forgetLocked(k) }
+                for k in fresh.keys { forgetLocked(k) }
+            }
             // A new inode has no records yet: what the next operations on it read (a regular
             // file's first chunk and opens, a directory's entries) is known without asking.
             let k = t.store.keys
@@ -83,8 +172,25 @@ final class RedisTxnCache: @unchecked Sendable {
                     entries[k.opens(ino)] = .empty
                 }
             }
-            for k in t.writeOrder { Self.apply(&entries, k, t.writes[k]!, &fieldsAdded) }
+            for key in t.writeOrder { Self.apply(&entries, key, t.writes[key]!, &fieldsAdded) }
+            for (c, r) in t.reread { note(c, r, trusted: fresh[c.key] ?? false) }
         }
+    }
+
+    /// A commit of `t` may have been applied without its reply: nothing is trusted of the keys
+    /// it writes, and no read begun before is.
+    func forget(_ t: RedisTxn) {
+        guard tracking else { return }
+        lock.withLock {
+            notePending()
+            for k in t.writeOrder where Self.trackable(k) { forgetLocked(k) }
+        }
+    }
+
+    /// Under the lock: drops `k` and counts it invalidated now.
+    private func forgetLocked(_ k: RKey) {
+        entries[k] = nil
+        invalidate(k)
     }
 
     /// Replies seen by a commit that found them changed.
@@ -93,7 +199,7 @@ final class RedisTxnCache: @unchecked Sendable {
             notePending()
             for (c, r) in changed {
                 if let r, c.cacheable {
-                    Self.note(&entries, c, r, &fieldsAdded)
+                    note(c, r, trusted: false)
                 } else {
                     entries[c.key] = nil
                 }
@@ -114,15 +220,15 @@ final class RedisTxnCache: @unchecked Sendable {
 
     /// Keeps `reads` to be noted later, dropping the oldest waiting past `pendingLimit`.
     /// Returns the list before the drop, for the caller to free outside the lock.
-    private func wait(_ reads: Reads) -> [Reads] {
+    private func wait(_ reads: Reads, _ stamp: Stamp, tracked: Bool) -> [(Reads, Stamp, Bool)] {
         if reads.isEmpty { return [] }
-        pending.append(reads)
+        pending.append((reads, stamp, tracked))
         pendingReads += reads.count
         guard pendingReads > pendingLimit, pending.count > 1 else { return [] }
         // Down to half the limit at once, so that dropping costs a constant per read kept.
         var drop = 0
         while drop < pending.count - 1 && pendingReads > pendingLimit / 2 {
-            pendingReads -= pending[drop].count
+            pendingReads -= pending[drop].0.count
             drop += 1
         }
         let before = pending
@@ -132,26 +238,94 @@ final class RedisTxnCache: @unchecked Sendable {
 
     private func notePending() {
         if pending.isEmpty { return }
-        for reads in pending { note(reads) }
+        for (reads, stamp, tracked) in pending { note(reads, stamp, tracked: tracked) }
         pending.removeAll(keepingCapacity: true)
         pendingReads = 0
     }
 
-    private func note(_ reads: Reads) {
+    /// Notes a transaction's reads (`tracked`: all of them tracked in its stamp's generation).
+    private func note(_ reads: Reads, _ stamp: Stamp, tracked: Bool) {
         if entries.count + fieldsAdded > capacity {
             entries.removeAll()
             fieldsAdded = 0
         }
-        for (c, r, cached) in reads where c.cacheable && !cached { Self.note(&entries, c, r, &fieldsAdded) }
+        for (c, r, cached) in reads where c.cacheable && !cached { note(c, r, trusted: tracked && trusts(c.key, stamp)) }
     }
 
-    // Both change an entry in place (`entries[key, default:]`): a copy of it would copy its
-    // fields, which for a large directory made every operation cost its size.
-
-    private static func note(_ entries: inout [RKey: Entry], _ c: ReadCmd, _ r: RedisReply, _ added: inout Int) {
+    /// Notes one reply: a trusted one into a trusted entry (an untrusted entry is dropped
+    /// first), an untrusted one making its entry untrusted.
+    private func note(_ c: ReadCmd, _ r: RedisReply, trusted: Bool) {
         guard c.verb == .get || c.verb == .hget || (c.verb == .hlen && r.int != nil) else { return }
-        note(&entries[c.key, default: Entry()], c, r, &added)
+        let trusted = tracking && trusted
+        if trusted, let e = entries[c.key], !e.trusted { entries[c.key] = nil }
+        Self.note(&entries[c.key, default: Entry(trusted: trusted)], c, r, &fieldsAdded)
+        if tracking && !trusted { entries[c.key]?.trusted = false }
     }
+
+    // MARK: invalidations (`RedisInvalidationSink`)
+
+    func trackingChanged(_ generation: UInt64?) {
+        lock.withLock {
+            self.generation = generation
+            // Nothing trusted before is covered now.
+            for i in entries.indices where entries.values[i].trusted { entries.values[i].trusted = false }
+        }
+    }
+
+    func heard() { lock.withLock { heardAt = Sys.monotonicNanos() } }
+
+    func invalidated(_ names: [[UInt8]]?) {
+        lock.withLock {
+            notePending()
+            guard let names else {
+                // Everything (a flush): no stamp before now is trusted.
+                invalidations += 1
+                forgotten = invalidations
+                entries.removeAll()
+                fieldsAdded = 0
+                return
+            }
+            for n in names {
+                guard let k = key(n) else { continue }
+                forgetLocked(k)
+            }
+        }
+    }
+
+    /// Under the lock: counts `k` invalidated now (a read of it begun before is not trusted).
+    private func invalidate(_ k: RKey) {
+        invalidations += 1
+        if recent.count < recentLimit {
+            recent.append((k, invalidations))
+        } else {
+            let old = recent[recentNext]
+            forgotten = max(forgotten, old.number)
+            if invalidatedAt[old.key] == old.number { invalidatedAt[old.key] = nil }
+            recent[recentNext] = (k, invalidations)
+            recentNext = (recentNext + 1) % recentLimit
+        }
+        invalidatedAt[k] = invalidations
+    }
+
+    /// The trackable key a Redis key name is (`RedisKeys`: prefix, `i` or `d`, the number).
+    private func key(_ name: [UInt8]) -> RKey? {
+        guard name.count > prefix.count + 1, name.starts(with: prefix) else { return nil }
+        let kind: RKey.Kind
+        switch name[prefix.count] {
+        case UInt8(ascii: "i"): kind = .attr
+        case UInt8(ascii: "d"): kind = .entries
+        default: return nil
+        }
+        var n: UInt64 = 0
+        for b in name[(prefix.count + 1)...] {
+            guard b >= 48 && b <= 57, n < UInt64.max / 10 else { return nil }
+            n = n * 10 + UInt64(b - 48)
+        }
+        return RKey(kind, n)
+    }
+
+    // These change an entry in place (`entries[key, default:]`): a copy of it would copy its
+    // fields, which for a large directory made every operation cost its size.
 
     private static func note(_ e: inout Entry, _ c: ReadCmd, _ r: RedisReply, _ added: inout Int) {
         switch c.verb {
@@ -176,6 +350,11 @@ final class RedisTxnCache: @unchecked Sendable {
             guard let n = r.int else { return }
             if e.complete && e.length != n { e.complete = false }
             e.len = n
+            // An empty hash: every field is known missing.
+            if n == 0 {
+                e.fields = [:]
+                e.complete = true
+            }
         default: return
         }
     }

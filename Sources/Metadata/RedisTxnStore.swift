@@ -259,12 +259,13 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     /// Attempts of one transaction before it fails with `EIO`.
     package var maxAttempts = 50
 
-    package init(location: RedisLocation, retryTimeout: Double = 60, cacheCapacity: Int = 100_000) throws(FSError) {
+    /// `tracking`: keep the client cache coherent with Redis's client tracking, so that lookups
+    /// and getattr answer from it (`RedisTxnCache`; not on a Redis Cluster).
+    package init(location: RedisLocation, retryTimeout: Double = 60, cacheCapacity: Int = 100_000, tracking: Bool = false) throws(FSError) {
         pool = try RedisPool(location, retryTimeout: retryTimeout)
         displayName = pool.displayName
         waitReplicas = location.waitReplicas
         waitTimeoutMillis = location.waitTimeoutMillis
-        cache = RedisTxnCache(capacity: cacheCapacity)
         let client = Sys.randomBytes(8).map { String($0, radix: 16) }.joined()
         // Connect now (no retry) so an unreachable server is reported at once; load the scripts
         // and find the layout: a volume formatted before the hash tag keeps its names.
@@ -290,10 +291,18 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         commitSha = shas[1]
         keys = RedisKeys(prefix: legacy ? "" : "{\(location.db)}")
         requestKey = keys.requests(client)
+        let tracked = tracking && !pool.isCluster
+        cache = RedisTxnCache(capacity: cacheCapacity, tracking: tracked, prefix: keys.prefix, pool: tracked ? pool : nil)
+        if tracked { pool.startTracking(cache) }
     }
+
+    deinit { pool.stopTracking() }
 
     /// What the store did so far.
     package var stats: RedisTxnStats { statsLock.withLock { counts } }
+
+    /// Whether the client cache answers lookups and getattr now (client tracking up).
+    package var trackingLive: Bool { cache.tracking && cache.live }
 
     /// Keys and hash fields the client cache holds, and reads waiting to be noted in it.
     package var cacheSizes: (keys: Int, pending: Int) { cache.sizes }
@@ -370,7 +379,16 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
                 // (Always written: an earlier request's result in the slot must not remain.)
                 try t.hset(keys.sessionRequests(outside.id.session), Array("r\(outside.id.slot)".utf8), saved.count <= 65536 ? saved : [])
             }
-            switch try commit(t, checksOnly: !t.hasWrites, outside: recorded) {
+            let outcome: Outcome
+            do {
+                outcome = try commit(t, checksOnly: !t.hasWrites, outside: recorded)
+            } catch {
+                // The commit may have been applied (a reply lost for good, too few replicas):
+                // what the cache knows of its keys no longer stands.
+                cache.forget(t)
+                throw error
+            }
+            switch outcome {
             case .applied:
                 if recorded != nil { outside?.taken = true }
                 cache.record(t, committed: true)
@@ -393,6 +411,44 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         case conflict([RKey])
     }
 
+    /// A read after a commit of what it wrote (`commit`): the command, and the reads its reply
+    /// answers.
+    struct Reread {
+        let command: RedisCommand
+        let replies: (RedisReply) -> [(ReadCmd, RedisReply)]
+    }
+
+    /// The rereads of `t`'s trackable writes: its attributes in one `MGET`, each directory's
+    /// entries written in an `HMGET` of those names, each new directory's entries as `HLEN`.
+    private func rereads(_ t: RedisTxn) -> [Reread] {
+        var out: [Reread] = []
+        let attrs = t.writeOrder.filter { $0.kind == .attr }
+        if !attrs.isEmpty {
+            var c = RedisCommand(capacity: 16 + attrs.count * 24)
+            c.add("MGET")
+            for k in attrs { keys.append(k, to: &c) }
+            out.append(Reread(command: c) { r in zip(attrs, r.array).map { (.get($0), $1) } })
+        }
+        for k in t.writeOrder where k.kind == .entries {
+            let names = t.writes[k]!.fieldOrder
+            guard !names.isEmpty else { continue }
+            var c = RedisCommand(capacity: 16 + names.count * 24)
+            c.add("HMGET")
+            keys.append(k, to: &c)
+            for n in names { c.add(n) }
+            out.append(Reread(command: c) { r in zip(names, r.array).map { (.hget(k, $0), $1) } })
+        }
+        for ino in t.newInodes where t.writes[keys.entries(ino)] == nil {
+            guard case .set(let a)? = t.writes[keys.attr(ino)]?.string, a.first == FileType.directory.rawValue else { continue }
+            let k = keys.entries(ino)
+            var c = RedisCommand(capacity: 40)
+            c.add("HLEN")
+            keys.append(k, to: &c)
+            out.append(Reread(command: c) { r in r.int == nil ? [] : [(.hlen(k), r)] })
+        }
+        return out
+    }
+
     /// Sends the commit of `t` (only its checks when `checksOnly`).
     /// `outside`: the request id the commit records instead of one of this client's own.
     private func commit(_ t: RedisTxn, checksOnly: Bool, outside: RequestID? = nil) throws(FSError) -> Outcome {
@@ -405,19 +461,33 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             tag = "\(outside.slot):\(outside.number):m"
             requestKey = keys.sessionRequests(outside.session)
         }
-        let (call, checks) = t.commitCommand("EVALSHA", commitSha, requestKey: requestKey, tag: tag)
+        let (call, checks) = t.commitCommand("EVALSHA", commitSha, requestKey: requestKey, tag: tag, checksOnly: checksOnly)
         var wait = !checksOnly && waitReplicas > 0 ? [RedisCommand(["WAIT", waitReplicas, waitTimeoutMillis])] : []
         // Reads after the commit, in the same round trip (what they give counts only when the
         // commit applied).
         let trailing = checksOnly ? [] : t.trailing
         wait += trailing.map { $0.0.command(keys) }
+        // With client tracking: the attributes and entries written read again, tracked (a
+        // connection's own write ends its tracking of a key), each after `CLIENT CACHING yes`.
+        let reread = !checksOnly && t.stamp.generation != nil ? rereads(t) : []
         count { $0.commits += 1 }
         var after: [((RedisReply) -> Void, RedisReply)] = []
         let reply = try pool.with { (c) throws(FSError) -> RedisReply in
             after.removeAll()
-            var r = try c.pipeline([call] + wait)
+            t.reread = []
+            let again = !reread.isEmpty && c.trackingGeneration == t.stamp.generation
+            let rereadCommands = again ? reread.flatMap { [RedisCommand(["CLIENT", "CACHING", "yes"]), $0.command] } : []
+            var r = try c.pipeline([call] + wait + rereadCommands)
             if case .error(let e) = r[0], e.hasPrefix("NOSCRIPT") {
-                r = try c.pipeline([t.commitCommand("EVAL", RedisTxnScripts.commit, requestKey: requestKey, tag: tag).0] + wait)
+                r = try c.pipeline([t.commitCommand("EVAL", RedisTxnScripts.commit, requestKey: requestKey, tag: tag, checksOnly: checksOnly).0] + wait + rereadCommands)
+            }
+            if again {
+                let base = 1 + wait.count
+                for (i, rr) in reread.enumerated() {
+                    guard case .status = r[base + 2 * i] else { continue }
+                    t.reread += rr.replies(r[base + 2 * i + 1])
+                }
+                r.removeLast(rereadCommands.count)
             }
             if hooks.takeLostReply() {
                 c.abandon()
@@ -488,14 +558,27 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     }
 
     /// Runs a batch of reads in one round trip (one command, or the read script).
-    func fetch(_ ops: [ReadOp]) throws(FSError) -> [RedisReply] {
+    func fetch(_ ops: [ReadOp]) throws(FSError) -> [RedisReply] { try fetch(ops, track: false).replies }
+
+    /// Sends `cmd` on `conn`, tracked when `track` and the connection is (`CLIENT CACHING yes`
+    /// first): the reply, and the tracking generation its keys are tracked in (nil: not).
+    static func send(_ conn: RedisConnection, _ cmd: RedisCommand, track: Bool) throws(FSError) -> (RedisReply, UInt64?) {
+        guard track, let g = conn.trackingGeneration else { return (try conn.pipeline([cmd])[0], nil) }
+        let r = try conn.pipeline([RedisCommand(["CLIENT", "CACHING", "yes"]), cmd])
+        if case .status = r[0] { return (r[1], g) }
+        return (r[1], nil)
+    }
+
+    /// The same; `track`: with client tracking, the keys read are tracked (`tracked`: in which
+    /// generation; nil when they are not).
+    func fetch(_ ops: [ReadOp], track: Bool) throws(FSError) -> (replies: [RedisReply], tracked: UInt64?) {
         count { $0.reads += 1 }
         // (HKEYS goes through the read script, which sorts it as a commit's check does: a hash
         // kept as a hash table lists its fields in no fixed order.)
         if ops.count == 1, case .cmd(let c) = ops[0], c.verb != .hkeys {
-            let r = try pool.with { (conn) throws(FSError) in try conn.pipeline([c.command(keys)])[0] }
+            let (r, g) = try pool.with { (conn) throws(FSError) in try Self.send(conn, c.command(keys), track: track) }
             if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(c.cmd) \(keys.name(c.key)): \(e)") }
-            return [r]
+            return ([r], g)
         }
         var names = KeyList()
         func idx(_ k: RKey) -> Int { names.position(k) }
@@ -542,15 +625,15 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             c.add(contentsOf: argv)
             return c
         }
-        let reply = try pool.with { (c) throws(FSError) -> RedisReply in
-            let r = try c.pipeline([call("EVALSHA", readSha)])[0]
-            if case .error(let e) = r, e.hasPrefix("NOSCRIPT") { return try c.pipeline([call("EVAL", RedisTxnScripts.read)])[0] }
+        let (reply, tracked) = try pool.with { (c) throws(FSError) -> (RedisReply, UInt64?) in
+            let r = try Self.send(c, call("EVALSHA", readSha), track: track)
+            if case .error(let e) = r.0, e.hasPrefix("NOSCRIPT") { return try Self.send(c, call("EVAL", RedisTxnScripts.read), track: track) }
             return r
         }
         if case .error(let e) = reply { throw replyError(e, "a metadata read") }
         let items = reply.array
         guard items.count == ops.count else { throw FSError(EIO, "\(displayName): metadata read gave \(items.count) replies for \(ops.count)") }
-        return items
+        return (items, tracked)
     }
 
     private func command(_ args: [any RedisArg]) throws(FSError) -> RedisReply {
@@ -929,8 +1012,8 @@ extension RedisTxn {
 package typealias RedisTxnMetadata = TxnMetadata<RedisTxnStore>
 
 extension TxnMetadata where S == RedisTxnStore {
-    package convenience init(location: RedisLocation, retryTimeout: Double = 60) throws(FSError) {
-        self.init(store: try RedisTxnStore(location: location, retryTimeout: retryTimeout))
+    package convenience init(location: RedisLocation, retryTimeout: Double = 60, tracking: Bool = false) throws(FSError) {
+        self.init(store: try RedisTxnStore(location: location, retryTimeout: retryTimeout, tracking: tracking))
     }
 }
 

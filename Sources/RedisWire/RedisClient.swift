@@ -1,5 +1,6 @@
 import COpenSSL
 import StageFSCore
+import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -219,6 +220,11 @@ package final class RedisConnection {
     private var answered = false
     /// Set when the peer closed the connection.
     private var peerClosed = false
+    /// The client-tracking generation this connection's reads are tracked in (`RedisPool`), nil
+    /// when they are not.
+    package internal(set) var trackingGeneration: UInt64?
+    /// The socket, for `RedisPool`'s listener to be woken from another thread.
+    var socketNumber: Int32 { fd }
 
     /// Connects within `timeoutMillis` (TCP, then the TLS handshake); replies may take up to
     /// `replyTimeoutMillis`.
@@ -480,6 +486,29 @@ package final class RedisConnection {
     /// Marks the connection unusable, so the pool drops it instead of using it again.
     package func abandon() { broken = true }
 
+    /// Sends commands without waiting for replies (on a subscribed connection).
+    func send(_ commands: [RedisCommand]) throws(FSError) {
+        if broken { throw lost("connection closed") }
+        for c in commands { encode(c) }
+        try sendAll()
+    }
+
+    /// Whether a reply is there to read, or arrives within `millis` milliseconds.
+    func waitReadable(millis: Int32) -> Bool {
+        if start < end { return true }
+        if let ssl, SSL_pending(ssl) > 0 { return true }
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return Glibc.poll(&p, 1, millis) > 0
+    }
+
+    /// The next reply that arrives (a subscribed connection's messages).
+    func nextReply() throws(FSError) -> RedisReply {
+        if broken { throw lost("connection closed") }
+        let r = try parse()
+        answered = true
+        return r
+    }
+
     /// Sends one command and waits for its reply.
     package func command(_ args: [any RedisArg]) throws(FSError) -> RedisReply {
         try pipeline([args])[0]
@@ -529,8 +558,18 @@ package final class RedisPool: @unchecked Sendable {
     /// Seconds a call keeps trying while Redis cannot be reached.
     let retryTimeout: Double
     private let tls: RedisTLS?
-    private let lock = ConditionLock()
+    let lock = ConditionLock()
     private var idle: [RedisConnection] = []
+    // Client tracking (RedisTracking.swift), all under `lock`.
+    weak var trackingSink: (any RedisInvalidationSink)?
+    /// The listening connection while it listens.
+    var trackingListener: TrackingListener?
+    var trackingGeneration: UInt64 = 0
+    /// Client ids of the connections tracked in the current generation.
+    var trackedClients: [Int64] = []
+    var trackingStopped = false
+    /// Set while the listener reads and applies what arrived (`invalidationsArriving`).
+    let listenerBusy = Atomic<Bool>(false)
     /// The server to talk to once found: the master a Sentinel named, or the Redis Cluster node
     /// serving the volume's slot.
     private var master: RedisHost?
@@ -586,7 +625,7 @@ package final class RedisPool: @unchecked Sendable {
     /// A new connection to the master, authenticated, with the database selected (on a Redis
     /// Cluster: to the node serving the volume's slot; the database number is then only the
     /// volume's hash tag, as a cluster has database 0 alone).
-    private func connect() throws(FSError) -> RedisConnection {
+    func connect() throws(FSError) -> RedisConnection {
         var m = try resolveMaster()
         for _ in 0..<3 {
             let c = try open(m)
@@ -682,16 +721,39 @@ package final class RedisPool: @unchecked Sendable {
     private func forgetMaster() { lock.withLock { master = nil } }
 
     private func idleOrNew() throws(FSError) -> RedisConnection {
-        if let c = lock.withLock({ idle.popLast() }) { return c }
-        return try connect()
+        // While tracking listens, only connections tracked in its generation are handed out
+        // (the others are dropped: their reads are tracked for a listener that is gone).
+        while let c = lock.withLock({ () -> RedisConnection? in
+            while let c = idle.popLast() {
+                if let l = trackingListener, c.trackingGeneration != l.generation { continue }
+                return c
+            }
+            return nil
+        }) {
+            return c
+        }
+        let c = try connect()
+        if let listener = lock.withLock({ trackingListener }) { try track(c, listener) }
+        return c
+    }
+
+    /// A connection that will not be used again: what it tracked is tracked no longer.
+    private func dropped(_ c: RedisConnection) {
+        if let g = c.trackingGeneration { trackingLost(g, "a tracked connection broke") }
     }
 
     /// Runs `body` once with a connection (no retry): the first contact of a command, so
     /// that an unreachable server is reported at once.
     package func once<T>(_ body: (RedisConnection) throws(FSError) -> T) throws(FSError) -> T {
         let conn = try idleOrNew()
-        let r = try body(conn)
-        if !conn.broken { lock.withLock { idle.append(conn) } }
+        let r: T
+        do throws(FSError) {
+            r = try body(conn)
+        } catch {
+            if conn.broken { dropped(conn) }
+            throw error
+        }
+        if !conn.broken { lock.withLock { idle.append(conn) } } else { dropped(conn) }
         return r
     }
 
@@ -707,19 +769,25 @@ package final class RedisPool: @unchecked Sendable {
                 let c = try idleOrNew()
                 conn = c
                 let r = try body(c)
-                if !c.broken { lock.withLock { idle.append(c) } }
+                if !c.broken { lock.withLock { idle.append(c) } } else { dropped(c) }
                 if attempt > 1 { recovered() }
                 return r
             } catch {
                 let transient =
                     error.isRedisTransient || (conn == nil && (error.code == ECONNREFUSED || error.code == ETIMEDOUT || error.code == EHOSTUNREACH))
                 if !transient {
-                    if let conn, !conn.broken { lock.withLock { idle.append(conn) } }
+                    if let conn { if !conn.broken { lock.withLock { idle.append(conn) } } else { dropped(conn) } }
                     throw error
                 }
-                // Whatever broke this connection (a restart, a failover) broke the idle ones too.
-                lock.withLock { idle.removeAll() }
+                // Whatever broke this connection (a restart, a failover) broke the idle ones too,
+                // and the listener's (it connects again, to the master found again).
+                let before = lock.withLock { () -> [RedisConnection] in
+                    defer { idle.removeAll() }
+                    return idle
+                }
+                for c in before + (conn.map { [$0] } ?? []) { dropped(c) }
                 forgetMaster()
+                wakeListener()
                 let waited = Double(Sys.monotonicNanos() - start) / 1e9
                 noteOutage(error)
                 if waited + delay > retryTimeout {

@@ -63,6 +63,12 @@ struct GatewayCmd: ParsableCommand {
     @Option(help: "TCP connections at once that have not authenticated yet (counted apart from the limits above).")
     var maxUnauthenticated = 64
 
+    @Flag(
+        help: ArgumentHelp(
+            "Answer lookups and stats of what the gateway read before from its cache, kept coherent by Redis's client tracking (another client's change is seen once Redis's invalidation arrives; not on a Redis Cluster)."
+        ))
+    var trackedCache = false
+
     @OptionGroup var io: IOOptions
 
     @Flag(name: .shortAndLong, help: "Log each refused request and more (repeat for debug).")
@@ -95,7 +101,7 @@ struct GatewayCmd: ParsableCommand {
         } else if !url.hasPassword, case .redis = url, let p = try environmentPassword() {
             url = url.with(password: p)
         }
-        let meta = try openMetadata(url, retryTimeout: io.metaTimeout)
+        let meta = try openMetadata(url, retryTimeout: io.metaTimeout, tracking: trackedCache)
         let format = try meta.requireFormat()
         let storeConfig = io.storeConfig(format, accessKey: value("ACCESS_KEY"), secretKey: value("SECRET_KEY"))
         let store = try openObjectStore(storeConfig)

@@ -99,6 +99,12 @@ struct Mount: ParsableCommand {
 
     @OptionGroup var io: IOOptions
 
+    @Flag(
+        help: ArgumentHelp(
+            "Redis volumes: answer lookups and stats from the mount's cache, kept coherent by Redis's client tracking (Redis keeps a record of the keys each such mount read). A gateway does this by default."
+        ))
+    var trackedCache = false
+
     @Option(help: "Seconds between session heartbeats.")
     var heartbeat: Double = 10
 
@@ -218,7 +224,7 @@ struct Mount: ParsableCommand {
 
         // Check everything that can be checked before going to the background.
         let url = try metaURLArgument(metaURL)
-        let meta = try openEngine(url, retryTimeout: io.metaTimeout)
+        let meta = try openEngine(url, retryTimeout: io.metaTimeout, tracking: trackedCache)
         let format = try meta.requireFormat()
         let store = try openStore(meta, io.storeConfig(format, accessKey: accessKey, secretKey: givenSecretKey))
         if let local = store as? LocalObjectStore {

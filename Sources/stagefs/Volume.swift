@@ -9,13 +9,14 @@ import StageFSCore
 
 /// The metadata engine a META-URL names: the volume's own (Redis, SQLite), or a gateway's
 /// client for `stagefs+unix://` and `stagefs://` URLs.
-func openEngine(_ url: MetaURL, retryTimeout: Double = 60) throws(FSError) -> any MetadataEngine {
+/// `tracking`: a Redis engine's cache kept coherent by client tracking (`openMetadata`).
+func openEngine(_ url: MetaURL, retryTimeout: Double = 60, tracking: Bool = false) throws(FSError) -> any MetadataEngine {
     if case .gateway(let address) = url {
         // Over TCP the client's credentials come from munged: STAGEFS_MUNGE_SOCKET or libmunge's default socket.
         let mungeSocket = getenv("STAGEFS_MUNGE_SOCKET").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
         return GatewayMetadata(client: try GatewayClient(address, retryTimeout: retryTimeout, mungeSocket: mungeSocket))
     }
-    return try openMetadata(url, retryTimeout: retryTimeout)
+    return try openMetadata(url, retryTimeout: retryTimeout, tracking: tracking)
 }
 
 /// The object store of a volume opened with `openEngine`: through the gateway when the engine

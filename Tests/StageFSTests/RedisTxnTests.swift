@@ -568,6 +568,128 @@ struct RedisTxnTests {
     }
 }
 
+/// Whether `body` holds within `seconds` (asked every millisecond).
+private func within(_ seconds: Double, _ body: () throws -> Bool) rethrows -> Bool {
+    let end = Date().addingTimeInterval(seconds)
+    while Date() < end {
+        if try body() { return true }
+        usleep(1000)
+    }
+    return try body()
+}
+
+/// The client cache kept coherent by Redis's client tracking (the gateway's): lookups and
+/// getattr answer without a round trip, and another client's change is seen once its
+/// invalidation arrives, never an older value after a newer one, and nothing is trusted once
+/// what tracks it is gone.
+@Suite("Redis client tracking", .timeLimit(.minutes(2)))
+struct RedisTrackingTests {
+    private func tracked(_ f: TxnFixture) throws -> RedisTxnMetadata {
+        let t = try #require(try openMetadata(try MetaURL.parse(f.url), tracking: true) as? RedisTxnMetadata)
+        #expect(within(5) { t.store.trackingLive }, "tracking starts")
+        return t
+    }
+
+    private func mode(_ m: any MetadataEngine, _ ino: Ino) throws -> UInt16 { try m.getattr(ino).mode & 0o7777 }
+
+    @Test func lookupsAndStatsAnswerFromTheCacheAndSeeOtherClientsChanges() throws {
+        let f = try TxnFixture()
+        let t = try tracked(f)
+        let other = f.meta
+        let (dir, _) = try t.mknod(alice, rootIno, n("d"), .directory, 0o777, rdev: 0, target: nil)
+        let (ino, _) = try t.mknod(alice, dir, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        let (empty, _) = try t.mknod(alice, rootIno, n("e"), .directory, 0o777, rdev: 0, target: nil)
+        // What this client wrote, and a new directory's (empty) entries, answer without asking.
+        var found: (Ino, UInt16) = (0, 0)
+        let own = try cost(t.store) {
+            found = (try t.lookup(alice, dir, n("f")).0, try mode(t, ino))
+            expectErrno(ENOENT) { _ = try t.lookup(alice, empty, n("missing")) }
+        }
+        #expect(found == (ino, 0o644))
+        #expect(own.trips == 0, "lookups and getattr of what this client wrote: \(own.trips) round trips")
+        // Another client's change: seen once the invalidation arrives.
+        try chmod(other, ino, 0o600)
+        #expect(try within(2) { try mode(t, ino) == 0o600 }, "another client's chmod is seen")
+        _ = try other.mknod(alice, dir, n("missing"), .regular, 0o644, rdev: 0, target: nil)
+        #expect(try within(2) { (try? t.lookup(alice, dir, n("missing"))) != nil }, "another client's create is seen")
+        _ = try other.unlink(alice, dir, n("f"))
+        #expect(try within(2) { (try? t.lookup(alice, dir, n("f"))) == nil }, "another client's unlink is seen")
+        // What was read once answers again without asking.
+        _ = try t.lookup(alice, dir, n("missing"))
+        let again = try cost(t.store) { _ = try t.lookup(alice, dir, n("missing")) }
+        #expect(again.trips == 0, "a lookup read before: \(again.trips) round trips")
+        // An untracked client keeps asking.
+        let plain = try cost(other.store) { _ = try other.getattr(dir) }
+        #expect(plain.trips == 1)
+    }
+
+    @Test func aChangeSeenIsNeverFollowedByAnOlderValue() throws {
+        let f = try TxnFixture()
+        let t = try tracked(f)
+        let other = f.meta
+        let (ino, _) = try t.mknod(alice, rootIno, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        // The other client changes the mode over and over while this one reads it from two
+        // threads: each new mode is seen within the bound, and once seen, no older one again.
+        let modes: [UInt16] = (0..<150).map { UInt16(0o200 + $0) }
+        let index = Dictionary(uniqueKeysWithValues: modes.enumerated().map { ($1, $0) })
+        let seen = Locked<Int>(-1)
+        let stop = Locked(false)
+        let errors = Locked<[String]>([])
+        let group = DispatchGroup()
+        for _ in 0..<2 {
+            DispatchQueue.global().async(group: group) {
+                var newest = -1
+                while !stop.current {
+                    let before = seen.current
+                    guard let m = try? self.mode(t, ino) else { continue }
+                    let after = seen.current
+                    let i = index[m] ?? -1
+                    // Set last (or the one before, while its invalidation travels; or the next,
+                    // set but not published yet), and never older than one read before.
+                    if before >= 0 && (i < before - 1 || i > after + 1) {
+                        errors.withLock { $0.append("read mode #\(i) while #\(before)...#\(after) were set") }
+                    }
+                    if i < newest { errors.withLock { $0.append("read mode #\(i) after reading #\(newest)") } }
+                    newest = max(newest, i)
+                }
+            }
+        }
+        for (i, m) in modes.enumerated() {
+            try chmod(other, ino, m)
+            seen.withLock { $0 = i }
+            #expect(try within(2) { try mode(t, ino) == m }, "mode #\(i) is seen")
+        }
+        stop.withLock { $0 = true }
+        group.wait()
+        #expect(errors.current.isEmpty, "\(errors.current.prefix(5))")
+        #expect(t.store.stats.reads < modes.count * 20, "reads came from the cache: \(t.store.stats.reads) round trips")
+    }
+
+    @Test func nothingIsTrustedOnceTheListenerOrATrackedConnectionIsGone() throws {
+        let f = try TxnFixture()
+        let t = try tracked(f)
+        let other = f.meta
+        let (ino, _) = try t.mknod(alice, rootIno, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        #expect(try cost(t.store) { _ = try t.getattr(ino) }.trips == 0)
+        // The listener's connection is killed: nothing it would have heard is missed.
+        _ = try f.cli(["CLIENT", "KILL", "TYPE", "pubsub"])
+        try chmod(other, ino, 0o600)
+        #expect(try within(2) { try mode(t, ino) == 0o600 }, "a change while the listener was away is seen")
+        #expect(within(5) { t.store.trackingLive }, "tracking comes back")
+        _ = try t.getattr(ino)
+        #expect(try within(2) { try cost(t.store) { _ = try t.getattr(ino) }.trips == 0 }, "and the cache answers again")
+        // The server closes this client's tracked connections (an idle timeout, a kill): what
+        // they tracked would never be invalidated, so nothing read through them is trusted.
+        _ = try f.cli(["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+        try chmod(other, ino, 0o640)
+        #expect(try within(4) { try mode(t, ino) == 0o640 }, "a change after the tracked connections were closed is seen")
+        // A flush of the database drops everything.
+        _ = try t.getattr(ino)
+        _ = try f.cli(["FLUSHALL"])
+        #expect(try within(2) { (try? t.getattr(ino)) == nil }, "a flushed volume's inode is gone")
+    }
+}
+
 /// A transaction handed to one other thread while the thread that made the box waits on a
 /// semaphore: the two never touch it at once (the wait orders their accesses).
 private final class TxnBox: @unchecked Sendable {

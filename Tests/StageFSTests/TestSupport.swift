@@ -90,6 +90,8 @@ func makeTempDir(_ tag: String) throws -> String {
 /// The engines the conformance suite runs against.
 enum EngineKind: String, CaseIterable, CustomTestStringConvertible, Sendable {
     case sqlite, redis
+    /// Redis with the client cache kept by client tracking (the gateway's).
+    case redisTracked
     var testDescription: String { rawValue }
 }
 
@@ -108,11 +110,11 @@ final class EngineFixture: @unchecked Sendable {
         case .sqlite:
             redis = nil
             url = "sqlite3://\(dir)/meta.db"
-        case .redis:
+        case .redis, .redisTracked:
             redis = try RedisServer()
             url = redis!.url
         }
-        engine = try openMetadata(try MetaURL.parse(url), create: true)
+        engine = try openMetadata(try MetaURL.parse(url), create: true, tracking: kind == .redisTracked)
         try engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: dir + "/data"), force: false, rootMode: 0o777)
     }
 
@@ -122,7 +124,7 @@ final class EngineFixture: @unchecked Sendable {
         case .sqlite:
             let db = try SQLiteConnection(path: "\(dir)/meta.db", create: false)
             try db.query("UPDATE edge SET type=? WHERE parent=? AND name=?", [.int(Int64(type.rawValue)), .int(Int64(parent)), .blob(Array(name.utf8))])
-        case .redis:
+        case .redis, .redisTracked:
             // A volume's keys are behind the hash tag {<db>}.
             let key = "{0}d\(parent)"
             let script = "local ino = struct.unpack('>I8B', redis.call('HGET', KEYS[1], ARGV[1])) redis.call('HSET', KEYS[1], ARGV[1], struct.pack('>I8B', ino, tonumber(ARGV[2])))"
@@ -142,7 +144,7 @@ final class EngineFixture: @unchecked Sendable {
                     "INSERT OR REPLACE INTO xattr(ino, name, value) VALUES(?, ?, ?)",
                     [.int(Int64(ino)), .blob(Array(name.utf8)), .blob([UInt8](repeating: 118, count: size))])
             }
-        case .redis:
+        case .redis, .redisTracked:
             let script = "return redis.call('HSET', KEYS[1], ARGV[1], string.rep('v', tonumber(ARGV[2])))"
             for (name, size) in attrs {
                 let (rc, out) = try Spawn.run("/usr/bin/redis-cli", ["-p", "\(redis!.port)", "EVAL", script, "1", "{0}x\(ino)", name, "\(size)"])
@@ -159,7 +161,7 @@ final class EngineFixture: @unchecked Sendable {
             var n = 0
             try db.query("SELECT COUNT(*) FROM xattrbytes", []) { n = Int(Col.int($0, 0)) }
             return n
-        case .redis:
+        case .redis, .redisTracked:
             let (rc, out) = try Spawn.run("/usr/bin/redis-cli", ["-p", "\(redis!.port)", "EVAL", "return #redis.call('KEYS', '{0}xb*')", "0"])
             guard rc == 0, let n = Int(out.trimmingCharacters(in: .whitespacesAndNewlines)) else { throw TestFailure("redis-cli: \(out)") }
             return n
@@ -170,7 +172,7 @@ final class EngineFixture: @unchecked Sendable {
     func freshURL(_ n: Int) -> String {
         switch kind {
         case .sqlite: return "sqlite3://\(dir)/fresh\(n).db"
-        case .redis: return "redis://127.0.0.1:\(redis!.port)/\(n + 1)"
+        case .redis, .redisTracked: return "redis://127.0.0.1:\(redis!.port)/\(n + 1)"
         }
     }
 

@@ -91,6 +91,82 @@ def attempts(root):
     }
 
 
+def redis_reads(site):
+    """Read scripts and plain reads the site's Redis ran since the last call (counts reset)."""
+    cli = ["redis-cli", "-p", str(site["redis"].port), "-a", PASSWORD, "--no-auth-warning"]
+    out = subprocess.run(cli + ["INFO", "commandstats"], capture_output=True, text=True, check=True).stdout
+    subprocess.run(cli + ["CONFIG", "RESETSTAT"], capture_output=True, check=True)
+    calls = {m.group(1): int(m.group(2)) for m in re.finditer(r"cmdstat_(\w+):calls=(\d+)", out)}
+    return sum(calls.get(c, 0) for c in ("evalsha", "eval", "get", "hget", "hlen"))
+
+
+def test_the_gateways_cache_answers_stats_and_sees_other_clients_changes(env, site):
+    """With --tracked-cache the gateway answers lookups and stats from its cache, kept by Redis's client tracking:
+    stats of files it knows cost Redis nothing, and a change made by another client of the
+    volume (a direct mount) is seen through the gateway at once after Redis's invalidation, in
+    both directions (both mounts without kernel caches, so every stat reaches its engine)."""
+    nocache = ("--attr-cache", "0", "--entry-cache", "0", "--dir-entry-cache", "0")
+    tracked = Gateway(env, f"redis://:{PASSWORD}@127.0.0.1:{site['redis'].port}/1",
+                      os.path.join(os.path.dirname(site["file"].socket), "tracked.sock"), "--tracked-cache")
+    try:
+        tracked_gateway_sees_other_clients(env, site, tracked, nocache)
+    finally:
+        tracked.stop()
+
+
+def tracked_gateway_sees_other_clients(env, site, tracked, nocache):
+    gw = mount(env, site, USER, tracked, *nocache)
+    direct = env.dir_for("root", "direct-of-gwfile")
+    env.stagefs("mount", "-d", f"redis://:{PASSWORD}@127.0.0.1:{site['redis'].port}/1", direct, "--log",
+                os.path.join(site["logs"], "direct-of-gwfile.log"), *nocache, user="root")
+    site["mounts"].append(direct)
+    base = "coherent"
+
+    def make():
+        os.mkdir(os.path.join(gw, base))
+        for i in range(50):
+            with open(os.path.join(gw, base, f"f{i}"), "w") as f:
+                f.write("x" * i)
+    run_as(USER, make)
+
+    def stats():
+        return [os.stat(os.path.join(gw, base, f"f{i}")).st_size for i in range(50)]
+    assert run_as(USER, stats) == list(range(50))
+    redis_reads(site)
+    for _ in range(3):
+        assert run_as(USER, stats) == list(range(50))
+    reads = redis_reads(site)
+    assert reads <= 5, f"150 stats through the gateway of files it knows cost Redis {reads} reads"
+
+    # The direct mount (another client of Redis) changes what the gateway holds.
+    d = os.path.join(direct, base)
+    os.chmod(os.path.join(d, "f1"), 0o600)
+    with open(os.path.join(d, "f2"), "a") as f:
+        f.write("more")
+    os.rename(os.path.join(d, "f3"), os.path.join(d, "g3"))
+    os.unlink(os.path.join(d, "f4"))
+    with open(os.path.join(d, "new"), "w") as f:
+        f.write("n")
+
+    def seen():
+        def look():
+            def st(name):
+                try:
+                    return os.stat(os.path.join(gw, base, name))
+                except FileNotFoundError:
+                    return None
+            f1, f2, f3, g3, f4, new = (st(x) for x in ("f1", "f2", "f3", "g3", "f4", "new"))
+            return (f1.st_mode & 0o777 == 0o600 and f2.st_size == 6 and f3 is None and g3 is not None and f4 is None
+                    and new is not None and new.st_size == 1)
+        return run_as(USER, look)
+    wait_until(seen, 2, "the direct mount's changes seen through the gateway")
+    # And the other way: what the gateway changes, the direct mount sees.
+    run_as(USER, lambda: os.chmod(os.path.join(gw, base, "f5"), 0o640))
+    wait_until(lambda: os.stat(os.path.join(d, "f5")).st_mode & 0o777 == 0o640, 2, "the gateway's chmod seen directly")
+    subprocess.run(["fusermount3", "-u", direct], check=True)
+    subprocess.run(["fusermount3", "-u", gw], check=True)
+
+
 def test_each_user_gets_what_ext4_gives_on_the_others_files(env, site):
     """User B, mounted through the gateway, cannot read, chmod, chown, rename, truncate, unlink
     or setxattr user A's 0600 file in a 0700 directory, and gets the errno ext4 gives."""

@@ -1,0 +1,223 @@
+import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// What learns which keys other clients changed (the metadata store's client cache), from
+/// Redis's client tracking (`RedisPool.startTracking`).
+package protocol RedisInvalidationSink: AnyObject, Sendable {
+    /// Tracking starts a new generation (nil: it is down). Nothing learnt before is covered any
+    /// more: no invalidation of it will come. Called under the pool's lock, so that no
+    /// connection of the new generation is handed out before the sink knows of it.
+    func trackingChanged(_ generation: UInt64?)
+    /// Keys some client changed (nil: all of them, as after `FLUSHDB`).
+    func invalidated(_ keys: [[UInt8]]?)
+    /// The listener heard from the server: every invalidation sent before now has arrived.
+    func heard()
+}
+
+/// The connection that hears invalidations, while it listens.
+struct TrackingListener {
+    let id: Int64
+    /// Its client name (random): a tracked connection checks that the client it redirects to
+    /// is this one, on the same server.
+    let name: String
+    let generation: UInt64
+    let fd: Int32
+
+    func next(_ generation: UInt64) -> TrackingListener { TrackingListener(id: id, name: name, generation: generation, fd: fd) }
+}
+
+/// Redis's client tracking for the connections of a pool (Redis 6 and later, not on a Redis
+/// Cluster): one connection of its own listens (subscribed to `__redis__:invalidate`), and every
+/// connection the pool hands out has `CLIENT TRACKING on REDIRECT <listener> OPTIN NOLOOP`:
+/// the keys of a command sent right after `CLIENT CACHING yes` (`RedisConnection.tracked`) are
+/// tracked, and the server tells the listener when another client (or another connection)
+/// changes one of them.
+///
+/// The generation changes whenever something read may no longer be tracked: the listener
+/// (re)connects or is lost, a tracked connection breaks or is closed by the server (checked
+/// every 2 s with `CLIENT LIST ID`). The listener pings after 200 ms of silence and gives up
+/// after 1 s without an answer.
+extension RedisPool {
+    /// Starts tracking on a thread of its own, telling `sink`; until `stopTracking`.
+    package func startTracking(_ sink: any RedisInvalidationSink) {
+        lock.withLock { trackingSink = sink }
+        DetachedThread.start { [self] in listen(sink) }
+    }
+
+    /// Stops tracking; the listener ends within 200 ms.
+    package func stopTracking() {
+        lock.withLock {
+            trackingStopped = true
+            if let l = trackingListener { Glibc.shutdown(l.fd, Int32(SHUT_RDWR)) }
+        }
+    }
+
+    /// Whether invalidations have arrived that the listener has not applied yet (bytes wait on
+    /// its socket, or it is applying them): a reader does not trust the cache meanwhile. So a
+    /// change whose invalidation reached this node before the read is never missed, even if
+    /// the listener thread has not run since.
+    package var invalidationsArriving: Bool {
+        if listenerBusy.load(ordering: .sequentiallyConsistent) { return true }
+        let waiting = lock.withLock { () -> Int32 in
+            guard let l = trackingListener else { return 0 }
+            var n: Int32 = 0
+            return ioctl(l.fd, UInt(FIONREAD), &n) == 0 ? n : 1
+        }
+        return waiting > 0 || listenerBusy.load(ordering: .sequentiallyConsistent)
+    }
+
+    /// Wakes the listener to connect again (the master may have changed).
+    func wakeListener() {
+        lock.withLock {
+            if let l = trackingListener { Glibc.shutdown(l.fd, Int32(SHUT_RDWR)) }
+        }
+    }
+
+    /// Turns tracking on for `c`, redirected to `listener`, once sure the listener is a client
+    /// of the same server (after a failover, its number may be another client's there).
+    func track(_ c: RedisConnection, _ listener: TrackingListener) throws(FSError) {
+        let r = try c.pipeline([
+            RedisCommand(["CLIENT", "ID"]), RedisCommand(["CLIENT", "LIST", "ID", listener.id]),
+        ])
+        let same = (r[1].text ?? "").split(separator: " ").contains { $0 == "name=\(listener.name)" }
+        guard let id = r[0].int, same else {
+            // Not this server's client: nothing read in this generation is covered.
+            trackingLost(listener.generation, "the listener is not a client of this server", wake: true)
+            return
+        }
+        let on = try c.command(["CLIENT", "TRACKING", "on", "REDIRECT", listener.id, "OPTIN", "NOLOOP"])
+        guard case .status = on else {
+            trackingLost(listener.generation, "CLIENT TRACKING was refused: \(on)", wake: true)
+            return
+        }
+        let current = lock.withLock { () -> Bool in
+            guard trackingListener?.generation == listener.generation else { return false }
+            trackedClients.append(id)
+            return true
+        }
+        if current { c.trackingGeneration = listener.generation }
+    }
+
+    /// Starts a new generation, if `generation` is still the current one. `wake`: make the
+    /// listener connect again too.
+    func trackingLost(_ generation: UInt64, _ why: String, wake: Bool = false) {
+        let changed = lock.withLock { () -> Bool in
+            guard let l = trackingListener, l.generation == generation else { return false }
+            trackingGeneration += 1
+            trackingListener = l.next(trackingGeneration)
+            trackedClients = []
+            trackingSink?.trackingChanged(trackingGeneration)
+            if wake { Glibc.shutdown(l.fd, Int32(SHUT_RDWR)) }
+            return true
+        }
+        if changed { Log.debug("\(displayName): client tracking starts over: \(why)") }
+    }
+
+    private var trackingShouldStop: Bool { lock.withLock { trackingStopped } }
+
+    private func listen(_ sink: any RedisInvalidationSink) {
+        var delay = 0.05
+        var warned = false
+        while !trackingShouldStop {
+            do throws(FSError) {
+                if isCluster { return }
+                let conn = try connect()
+                try withExtendedLifetime(conn) { () throws(FSError) in
+                    let name = "stagefs-invalidations-" + Sys.randomBytes(8).map { String($0, radix: 16) }.joined()
+                    let setup = try conn.pipeline([RedisCommand(["CLIENT", "SETNAME", name]), RedisCommand(["CLIENT", "ID"])])
+                    guard case .status = setup[0], let id = setup[1].int else {
+                        throw FSError(EIO, "CLIENT SETNAME/ID answered \(setup)")
+                    }
+                    let r = try conn.command(["SUBSCRIBE", "__redis__:invalidate"])
+                    guard r.array.first?.text == "subscribe" else { throw FSError(EIO, "SUBSCRIBE __redis__:invalidate answered \(r)") }
+                    let started = lock.withLock { () -> Bool in
+                        if trackingStopped { return false }
+                        trackingGeneration += 1
+                        trackingListener = TrackingListener(id: id, name: name, generation: trackingGeneration, fd: conn.socketNumber)
+                        trackedClients = []
+                        sink.trackingChanged(trackingGeneration)
+                        return true
+                    }
+                    guard started else { return }
+                    sink.heard()
+                    if warned {
+                        Log.info("\(displayName): the client cache hears of changes again")
+                        warned = false
+                    }
+                    delay = 0.05
+                    defer { listenerGone(sink) }
+                    try serve(conn, sink)
+                }
+            } catch {
+                if !warned {
+                    Log.warning("\(displayName): the client cache hears of no changes (\(error.message)); reads go to Redis until it does")
+                    warned = true
+                }
+            }
+            Sys.sleep(seconds: delay)
+            delay = min(delay * 2, 1)
+        }
+    }
+
+    /// The listener stopped listening (before its connection closes, so no one shuts its
+    /// socket down once the number may be another file's).
+    private func listenerGone(_ sink: any RedisInvalidationSink) {
+        lock.withLock {
+            guard trackingListener != nil else { return }
+            trackingGeneration += 1
+            trackingListener = nil
+            trackedClients = []
+            sink.trackingChanged(nil)
+        }
+    }
+
+    /// Reads invalidations until the connection fails or tracking stops.
+    private func serve(_ conn: RedisConnection, _ sink: any RedisInvalidationSink) throws(FSError) {
+        var lastHeard = Sys.monotonicNanos()
+        var lastCheck = lastHeard
+        var pinged = false
+        while !trackingShouldStop {
+            let now = Sys.monotonicNanos()
+            if conn.waitReadable(millis: 200) {
+                // Busy before the bytes leave the socket, until all that arrived is applied.
+                listenerBusy.store(true, ordering: .sequentiallyConsistent)
+                defer { listenerBusy.store(false, ordering: .sequentiallyConsistent) }
+                repeat {
+                    let m = try conn.nextReply()
+                    let a = m.array
+                    if a.count == 3, a[0].text == "message" {
+                        switch a[2] {
+                        case .array(let keys): sink.invalidated(keys.compactMap(\.bytes))
+                        default: sink.invalidated(nil)
+                        }
+                    }
+                } while conn.waitReadable(millis: 0)
+                lastHeard = Sys.monotonicNanos()
+                pinged = false
+                sink.heard()
+            } else if now - lastHeard > 1_000_000_000 {
+                throw .redisTransient("\(displayName): no answer to PING on the tracking connection in 1 s")
+            } else if !pinged {
+                try conn.send([RedisCommand(["PING"])])
+                pinged = true
+            }
+            if now - lastCheck > 2_000_000_000 {
+                lastCheck = now
+                try checkTracked()
+            }
+        }
+    }
+
+    /// Starts a new generation if a tracked connection is no longer the server's (closed for
+    /// idling past its `timeout`, or killed).
+    private func checkTracked() throws(FSError) {
+        let (ids, generation) = lock.withLock { (trackedClients, trackingListener?.generation) }
+        guard !ids.isEmpty, let generation else { return }
+        let r = try once { (c) throws(FSError) in try c.command(["CLIENT", "LIST", "ID"] + ids.map { $0 as any RedisArg }) }
+        let found = r.text?.split(separator: "\n").count ?? 0
+        if found < ids.count { trackingLost(generation, "\(ids.count - found) tracked connection(s) closed by the server") }
+    }
+}
