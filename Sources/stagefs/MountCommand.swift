@@ -101,7 +101,7 @@ struct Mount: ParsableCommand {
 
     @Flag(
         help: ArgumentHelp(
-            "Redis volumes: answer lookups and stats from the mount's cache, kept coherent by Redis's client tracking (Redis keeps a record of the keys each such mount read). A gateway does this by default."
+            "Redis volumes: answer lookups and stats of what the mount read before from its cache, kept coherent by Redis's client tracking (Redis keeps a record of the keys each such mount read; as stagefs gateway --tracked-cache)."
         ))
     var trackedCache = false
 
