@@ -5,7 +5,8 @@
 #   bench/gateway.sh [path/to/stagefs]
 # Environment: SIZE_MIB (big file, default 512), FILES (small files per round, default 5000),
 # DIRS (50), ROUNDS (rounds of every figure, alternating, default 3; medians are reported),
-# BENCH_DIR (where the buckets and sockets go, default /tmp; /dev/shm takes the disk out).
+# BENCH_DIR (where the buckets and sockets go, default /tmp; /dev/shm takes the disk out),
+# GATEWAY_ARGS (more options of the gateway, e.g. --tracked-cache).
 set -eu
 BIN=$(readlink -f "${1:-.build/release/stagefs}")
 SIZE_MIB=${SIZE_MIB:-512}
@@ -33,7 +34,8 @@ export META_PASSWORD="$PW"
 chmod 700 "$WORK/gw-data"
 printf 'META_URL=redis://:%s@127.0.0.1:%s/2\n' "$PW" "$PORT" > "$WORK/gw.conf"
 chmod 600 "$WORK/gw.conf"
-env -u META_PASSWORD "$BIN" gateway --config "$WORK/gw.conf" --socket "$WORK/gw.sock" 2>"$WORK/gw.log" &
+# shellcheck disable=SC2086
+env -u META_PASSWORD "$BIN" gateway --config "$WORK/gw.conf" --socket "$WORK/gw.sock" ${GATEWAY_ARGS:-} 2>"$WORK/gw.log" &
 GW_PID=$!
 i=0; while [ ! -S "$WORK/gw.sock" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 

@@ -152,13 +152,15 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
             notePending()
             // (A write transaction's reads are not tracked.)
             note(t.reads, t.stamp, tracked: false)
-            // What was trusted of the keys written no longer is (another commit of this client
-            // may be recorded later or earlier than it ran); what the commit read again is.
+            // The keys written: what the commit read again (tracked, in its MULTI) is
+            // trusted, and what it wrote on top of a trusted entry. Each counts as invalidated
+            // now, so that what another transaction read before, or committed before and
+            // records later, is not trusted.
             var fresh: [RKey: Bool] = [:]
             if tracking {
                 for (c, _) in t.reread where fresh[c.key] == nil { fresh[c.key] = trusts(c.key, t.stamp) }
-                for k in t.writeOrder where Self.trackable(k) { forgetLocked(k) }
-                for k in fresh.keys { forgetLocked(k) }
+                for k in t.writeOrder where Self.trackable(k) && fresh[k] == nil { fresh[k] = false }
+                for k in fresh.keys { invalidate(k) }
             }
             // A new inode has no records yet: what the next operations on it read (a regular
             // file's first chunk and opens, a directory's entries) is known without asking.
@@ -166,13 +168,27 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
             for ino in t.newInodes {
                 guard case .set(let a)? = t.writes[k.attr(ino)]?.string, let type = a.first else { continue }
                 if type == FileType.directory.rawValue {
-                    entries[k.entries(ino)] = .empty
+                    var e = Entry.empty
+                    e.trusted = fresh[k.entries(ino)] ?? false
+                    entries[k.entries(ino)] = e
                 } else {
                     entries[k.chunk(ino, 0)] = Entry(value: .null)
                     entries[k.opens(ino)] = .empty
                 }
             }
-            for key in t.writeOrder { Self.apply(&entries, key, t.writes[key]!, &fieldsAdded) }
+            for key in t.writeOrder {
+                let w = t.writes[key]!
+                guard tracking, let ok = fresh[key] else {
+                    Self.apply(&entries, key, w, &fieldsAdded)
+                    continue
+                }
+                // (Only the flag is read: a copy of the entry would make the change below copy
+                // a large directory's fields.)
+                let before = entries[key]?.trusted
+                let whole = w.cleared || { if case .set? = w.string { return w.fields.isEmpty && w.ops.isEmpty } else { return false } }()
+                Self.apply(&entries, key, w, &fieldsAdded)
+                entries[key]?.trusted = ok && (before ?? true || whole)
+            }
             for (c, r) in t.reread { note(c, r, trusted: fresh[c.key] ?? false) }
         }
     }

@@ -467,27 +467,36 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         // commit applied).
         let trailing = checksOnly ? [] : t.trailing
         wait += trailing.map { $0.0.command(keys) }
-        // With client tracking: the attributes and entries written read again, tracked (a
-        // connection's own write ends its tracking of a key), each after `CLIENT CACHING yes`.
-        let reread = !checksOnly && t.stamp.generation != nil ? rereads(t) : []
+        // With client tracking: the attributes and entries written are read again in the same
+        // MULTI as the commit, tracked (`CLIENT CACHING yes` before them; the commit's own
+        // reads stay untracked): a connection's own write ends its tracking of a key without
+        // a word (NOLOOP), and nothing may change between the commit and the read.
+        let reread = !checksOnly && cache.tracking ? rereads(t) : []
         count { $0.commits += 1 }
         var after: [((RedisReply) -> Void, RedisReply)] = []
-        let reply = try pool.with { (c) throws(FSError) -> RedisReply in
+        let reply = try pool.with(tracking: !reread.isEmpty) { (c) throws(FSError) -> RedisReply in
             after.removeAll()
             t.reread = []
-            let again = !reread.isEmpty && c.trackingGeneration == t.stamp.generation
-            let rereadCommands = again ? reread.flatMap { [RedisCommand(["CLIENT", "CACHING", "yes"]), $0.command] } : []
-            var r = try c.pipeline([call] + wait + rereadCommands)
-            if case .error(let e) = r[0], e.hasPrefix("NOSCRIPT") {
-                r = try c.pipeline([t.commitCommand("EVAL", RedisTxnScripts.commit, requestKey: requestKey, tag: tag, checksOnly: checksOnly).0] + wait + rereadCommands)
-            }
-            if again {
-                let base = 1 + wait.count
-                for (i, rr) in reread.enumerated() {
-                    guard case .status = r[base + 2 * i] else { continue }
-                    t.reread += rr.replies(r[base + 2 * i + 1])
+            let again = !reread.isEmpty && c.trackingGeneration != nil
+            func send(_ commit: RedisCommand) throws(FSError) -> [RedisReply] {
+                guard again else { return try c.pipeline([commit] + wait) }
+                let block = [RedisCommand(["MULTI"]), commit, RedisCommand(["CLIENT", "CACHING", "yes"])] + reread.map(\.command) + [RedisCommand(["EXEC"])]
+                let r = try c.pipeline(block + wait)
+                let exec = block.count - 1
+                guard case .array(let done) = r[exec], done.count == 2 + reread.count else {
+                    // Refused as queued (out of memory, a bad command): that error is the reply.
+                    let refused = r[1..<exec].first { if case .error = $0 { return true } else { return false } }
+                    return [refused ?? r[exec]] + r[(exec + 1)...]
                 }
-                r.removeLast(rereadCommands.count)
+                t.reread = []
+                if c.trackingGeneration == t.stamp.generation, case .status = done[1] {
+                    for (i, rr) in reread.enumerated() { t.reread += rr.replies(done[2 + i]) }
+                }
+                return [done[0]] + r[(exec + 1)...]
+            }
+            var r = try send(call)
+            if case .error(let e) = r[0], e.hasPrefix("NOSCRIPT") {
+                r = try send(t.commitCommand("EVAL", RedisTxnScripts.commit, requestKey: requestKey, tag: tag, checksOnly: checksOnly).0)
             }
             if hooks.takeLostReply() {
                 c.abandon()
@@ -576,7 +585,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         // (HKEYS goes through the read script, which sorts it as a commit's check does: a hash
         // kept as a hash table lists its fields in no fixed order.)
         if ops.count == 1, case .cmd(let c) = ops[0], c.verb != .hkeys {
-            let (r, g) = try pool.with { (conn) throws(FSError) in try Self.send(conn, c.command(keys), track: track) }
+            let (r, g) = try pool.with(tracking: track) { (conn) throws(FSError) in try Self.send(conn, c.command(keys), track: track) }
             if case .error(let e) = r { throw FSError(EIO, "\(displayName): \(c.cmd) \(keys.name(c.key)): \(e)") }
             return ([r], g)
         }
@@ -625,7 +634,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             c.add(contentsOf: argv)
             return c
         }
-        let (reply, tracked) = try pool.with { (c) throws(FSError) -> (RedisReply, UInt64?) in
+        let (reply, tracked) = try pool.with(tracking: track) { (c) throws(FSError) -> (RedisReply, UInt64?) in
             let r = try Self.send(c, call("EVALSHA", readSha), track: track)
             if case .error(let e) = r.0, e.hasPrefix("NOSCRIPT") { return try Self.send(c, call("EVAL", RedisTxnScripts.read), track: track) }
             return r

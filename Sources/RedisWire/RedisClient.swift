@@ -567,6 +567,10 @@ package final class RedisPool: @unchecked Sendable {
     var trackingGeneration: UInt64 = 0
     /// Client ids of the connections tracked in the current generation.
     var trackedClients: [Int64] = []
+    /// The one tracked connection (reads and commits that want tracking take it when it is
+    /// free; the others use untracked connections), and whether a call has it.
+    var trackedConnection: RedisConnection?
+    var trackedInUse = false
     var trackingStopped = false
     /// Set while the listener reads and applies what arrived (`invalidationsArriving`).
     let listenerBusy = Atomic<Bool>(false)
@@ -721,20 +725,66 @@ package final class RedisPool: @unchecked Sendable {
     private func forgetMaster() { lock.withLock { master = nil } }
 
     private func idleOrNew() throws(FSError) -> RedisConnection {
-        // While tracking listens, only connections tracked in its generation are handed out
-        // (the others are dropped: their reads are tracked for a listener that is gone).
-        while let c = lock.withLock({ () -> RedisConnection? in
-            while let c = idle.popLast() {
-                if let l = trackingListener, c.trackingGeneration != l.generation { continue }
-                return c
+        if let c = lock.withLock({ idle.popLast() }) { return c }
+        return try connect()
+    }
+
+    /// A connection for a call that wants tracking: the tracked one when no other call has it
+    /// (made when missing), else an untracked one.
+    private func trackedOrOther() throws(FSError) -> RedisConnection {
+        enum Take {
+            case tracked(RedisConnection)
+            case make(TrackingListener)
+            case other
+        }
+        let take = lock.withLock { () -> Take in
+            guard let l = trackingListener, !trackedInUse else { return .other }
+            trackedInUse = true
+            if let t = trackedConnection, t.trackingGeneration == l.generation { return .tracked(t) }
+            trackedConnection = nil
+            return .make(l)
+        }
+        switch take {
+        case .tracked(let c): return c
+        case .other: return try idleOrNew()
+        case .make(let l):
+            let c: RedisConnection
+            do throws(FSError) {
+                c = try connect()
+                try track(c, l)
+            } catch {
+                lock.withLock { trackedInUse = false }
+                throw error
             }
-            return nil
-        }) {
+            let kept = lock.withLock { () -> Bool in
+                guard c.trackingGeneration != nil, trackingListener?.generation == c.trackingGeneration else {
+                    trackedInUse = false
+                    return false
+                }
+                trackedConnection = c
+                return true
+            }
+            if kept { return c }
+            // (Tracking was refused or its generation ended: used once, untracked in effect,
+            // and closed.)
+            c.abandon()
             return c
         }
-        let c = try connect()
-        if let listener = lock.withLock({ trackingListener }) { try track(c, listener) }
-        return c
+    }
+
+    /// Gives a connection back after a call.
+    private func release(_ c: RedisConnection) {
+        let isTracked = lock.withLock { () -> Bool in
+            guard c === trackedConnection else { return false }
+            trackedInUse = false
+            if c.broken { trackedConnection = nil }
+            return true
+        }
+        if c.broken {
+            dropped(c)
+        } else if !isTracked {
+            lock.withLock { idle.append(c) }
+        }
     }
 
     /// A connection that will not be used again: what it tracked is tracked no longer.
@@ -750,15 +800,17 @@ package final class RedisPool: @unchecked Sendable {
         do throws(FSError) {
             r = try body(conn)
         } catch {
-            if conn.broken { dropped(conn) }
+            release(conn)
             throw error
         }
-        if !conn.broken { lock.withLock { idle.append(conn) } } else { dropped(conn) }
+        release(conn)
         return r
     }
 
     /// Runs `body` with a connection, retrying transient failures until the deadline.
-    package func with<T>(_ body: (RedisConnection) throws(FSError) -> T) throws(FSError) -> T {
+    /// `tracking`: with the tracked connection when tracking listens and no other call has it
+    /// (`RedisConnection.trackingGeneration` says which the body got).
+    package func with<T>(tracking: Bool = false, _ body: (RedisConnection) throws(FSError) -> T) throws(FSError) -> T {
         let start = Sys.monotonicNanos()
         var delay = 0.05
         var attempt = 0
@@ -766,26 +818,30 @@ package final class RedisPool: @unchecked Sendable {
             attempt += 1
             var conn: RedisConnection?
             do throws(FSError) {
-                let c = try idleOrNew()
+                let c = try tracking ? trackedOrOther() : idleOrNew()
                 conn = c
                 let r = try body(c)
-                if !c.broken { lock.withLock { idle.append(c) } } else { dropped(c) }
+                release(c)
                 if attempt > 1 { recovered() }
                 return r
             } catch {
                 let transient =
                     error.isRedisTransient || (conn == nil && (error.code == ECONNREFUSED || error.code == ETIMEDOUT || error.code == EHOSTUNREACH))
                 if !transient {
-                    if let conn { if !conn.broken { lock.withLock { idle.append(conn) } } else { dropped(conn) } }
+                    if let conn { release(conn) }
                     throw error
                 }
                 // Whatever broke this connection (a restart, a failover) broke the idle ones too,
                 // and the listener's (it connects again, to the master found again).
+                if let conn {
+                    conn.abandon()
+                    release(conn)
+                }
                 let before = lock.withLock { () -> [RedisConnection] in
                     defer { idle.removeAll() }
                     return idle
                 }
-                for c in before + (conn.map { [$0] } ?? []) { dropped(c) }
+                for c in before { dropped(c) }
                 forgetMaster()
                 wakeListener()
                 let waited = Double(Sys.monotonicNanos() - start) / 1e9

@@ -29,12 +29,15 @@ struct TrackingListener {
     func next(_ generation: UInt64) -> TrackingListener { TrackingListener(id: id, name: name, generation: generation, fd: fd) }
 }
 
-/// Redis's client tracking for the connections of a pool (Redis 6 and later, not on a Redis
-/// Cluster): one connection of its own listens (subscribed to `__redis__:invalidate`), and every
-/// connection the pool hands out has `CLIENT TRACKING on REDIRECT <listener> OPTIN NOLOOP`:
-/// the keys of a command sent right after `CLIENT CACHING yes` (`RedisConnection.tracked`) are
-/// tracked, and the server tells the listener when another client (or another connection)
-/// changes one of them.
+/// Redis's client tracking for a pool (Redis 6 and later, not on a Redis Cluster): one
+/// connection of its own listens (subscribed to `__redis__:invalidate`), and one connection of
+/// the pool is tracked, with `CLIENT TRACKING on REDIRECT <listener> OPTIN NOLOOP`: the keys of
+/// a command sent on it right after `CLIENT CACHING yes` are tracked, and the server tells the
+/// listener when any other connection changes one of them (its own changes it does not: a
+/// commit on it reads what it wrote again, tracked, in the same MULTI). Calls that want
+/// tracking take that connection when it is free (`with(tracking:)`) and an untracked one
+/// otherwise, so that everything trusted is tracked by one client and this client's own
+/// writes through it drop nothing.
 ///
 /// The generation changes whenever something read may no longer be tracked: the listener
 /// (re)connects or is lost, a tracked connection breaks or is closed by the server (checked

@@ -64,10 +64,11 @@ struct GatewayCmd: ParsableCommand {
     var maxUnauthenticated = 64
 
     @Flag(
+        inversion: .prefixedNo,
         help: ArgumentHelp(
-            "Answer lookups and stats of what the gateway read before from its cache, kept coherent by Redis's client tracking (another client's change is seen once Redis's invalidation arrives; not on a Redis Cluster)."
+            "Answer lookups and stats of what the gateway read or wrote before from its cache, kept coherent by Redis's client tracking (another client's change is seen once Redis's invalidation arrives; not on a Redis Cluster)."
         ))
-    var trackedCache = false
+    var trackedCache = true
 
     @OptionGroup var io: IOOptions
 

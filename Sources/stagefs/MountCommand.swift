@@ -101,7 +101,7 @@ struct Mount: ParsableCommand {
 
     @Flag(
         help: ArgumentHelp(
-            "Redis volumes: answer lookups and stats of what the mount read before from its cache, kept coherent by Redis's client tracking (Redis keeps a record of the keys each such mount read; as stagefs gateway --tracked-cache)."
+            "Redis volumes: answer lookups and stats of what the mount read or wrote before from its cache, kept coherent by Redis's client tracking (Redis keeps a record of the keys each such mount read; what a gateway does by default)."
         ))
     var trackedCache = false
 

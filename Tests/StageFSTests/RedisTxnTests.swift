@@ -604,6 +604,8 @@ struct RedisTrackingTests {
         let own = try cost(t.store) {
             found = (try t.lookup(alice, dir, n("f")).0, try mode(t, ino))
             expectErrno(ENOENT) { _ = try t.lookup(alice, empty, n("missing")) }
+            expectErrno(ENOENT) { _ = try t.lookup(alice, dir, n("missing")) }
+            _ = try t.getattr(dir)
         }
         #expect(found == (ino, 0o644))
         #expect(own.trips == 0, "lookups and getattr of what this client wrote: \(own.trips) round trips")
