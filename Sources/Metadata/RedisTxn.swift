@@ -212,10 +212,15 @@ package final class RedisTxn {
         reads.reserveCapacity(8)
     }
 
-    private func remember(_ c: ReadCmd, _ r: RedisReply, cached: Bool = false) {
+    /// Keys read under names the read script computed (not among the script's declared keys):
+    /// Redis tracks only a script's declared keys (`OPTIN`), so what they held is not trusted.
+    private(set) var computedKeys: Set<RKey> = []
+
+    private func remember(_ c: ReadCmd, _ r: RedisReply, cached: Bool = false, computed: Bool = false) {
         guard c.checkable, results[c] == nil else { return }
         results[c] = r
         reads.append((c, r, cached))
+        if computed && useTrusted { computedKeys.insert(c.key) }
     }
 
     // MARK: reads
@@ -285,13 +290,13 @@ package final class RedisTxn {
                 let v = a.first ?? .null
                 remember(.hget(dir, name), v)
                 if a.count == 4, let ino = RedisTxnStore.entryIno(v), case .string(let e) = v {
-                    remember(.get(store.keys.attr(ino)), a[1])
+                    remember(.get(store.keys.attr(ino)), a[1], computed: true)
                     // What a change of the entry reads (as `want` above): a directory's entries,
                     // a file's opens; the other count is not kept (or checked).
                     if e[8] == FileType.directory.rawValue {
-                        remember(.hlen(store.keys.entries(ino)), a[3])
+                        remember(.hlen(store.keys.entries(ino)), a[3], computed: true)
                     } else {
-                        remember(.hlen(store.keys.opens(ino)), a[2])
+                        remember(.hlen(store.keys.opens(ino)), a[2], computed: true)
                     }
                 }
             case .page(let z, let d, let after, let limit, _):
@@ -304,7 +309,7 @@ package final class RedisTxn {
                 for i in stride(from: 0, to: items.count - 1, by: 2) where i / 2 < ents.count {
                     if let n = items[i].bytes { remember(.hget(d, n), ents[i / 2]) }
                     if i / 2 < attrs.count, let ino = RedisTxnStore.entryIno(ents[i / 2]) {
-                        remember(.get(store.keys.attr(ino)), attrs[i / 2])
+                        remember(.get(store.keys.attr(ino)), attrs[i / 2], computed: true)
                     }
                 }
             case .chunks(let index, let ino, let from, let limit):
@@ -331,7 +336,7 @@ package final class RedisTxn {
         remember(.chunkList(index, from: from, limit: limit), names)
         let records = a.count > 1 ? a[1].array : []
         for (n, v) in zip(names.array, records) {
-            if let i = n.text.flatMap({ UInt32($0) }) { remember(.get(store.keys.chunk(ino, i)), v) }
+            if let i = n.text.flatMap({ UInt32($0) }) { remember(.get(store.keys.chunk(ino, i)), v, computed: true) }
         }
     }
 

@@ -49,7 +49,7 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
     let capacity: Int
     /// Reads of transactions that wrote nothing, oldest first, not noted yet.
     /// (Each with its transaction's stamp, and whether its reads were tracked.)
-    private var pending: [(Reads, Stamp, Bool)] = []
+    private var pending: [(Reads, Stamp, Bool, Set<RKey>)] = []
     private var pendingReads = 0
     /// Reads that wait to be noted at most (the newest transaction's always wait).
     let pendingLimit = 4096
@@ -144,7 +144,7 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
     func record(_ t: RedisTxn, committed: Bool) {
         guard committed else {
             // (What this drops is freed here, after the lock is let go.)
-            let dropped = lock.withLock { wait(t.reads, t.stamp, tracked: t.useTrusted && t.readsTracked) }
+            let dropped = lock.withLock { wait(t.reads, t.stamp, tracked: t.useTrusted && t.readsTracked, computed: t.computedKeys) }
             _ = dropped
             return
         }
@@ -236,9 +236,9 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
 
     /// Keeps `reads` to be noted later, dropping the oldest waiting past `pendingLimit`.
     /// Returns the list before the drop, for the caller to free outside the lock.
-    private func wait(_ reads: Reads, _ stamp: Stamp, tracked: Bool) -> [(Reads, Stamp, Bool)] {
+    private func wait(_ reads: Reads, _ stamp: Stamp, tracked: Bool, computed: Set<RKey>) -> [(Reads, Stamp, Bool, Set<RKey>)] {
         if reads.isEmpty { return [] }
-        pending.append((reads, stamp, tracked))
+        pending.append((reads, stamp, tracked, computed))
         pendingReads += reads.count
         guard pendingReads > pendingLimit, pending.count > 1 else { return [] }
         // Down to half the limit at once, so that dropping costs a constant per read kept.
@@ -254,18 +254,21 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
 
     private func notePending() {
         if pending.isEmpty { return }
-        for (reads, stamp, tracked) in pending { note(reads, stamp, tracked: tracked) }
+        for (reads, stamp, tracked, computed) in pending { note(reads, stamp, tracked: tracked, computed: computed) }
         pending.removeAll(keepingCapacity: true)
         pendingReads = 0
     }
 
     /// Notes a transaction's reads (`tracked`: all of them tracked in its stamp's generation).
-    private func note(_ reads: Reads, _ stamp: Stamp, tracked: Bool) {
+    /// (`computed`: keys among them that were not tracked.)
+    private func note(_ reads: Reads, _ stamp: Stamp, tracked: Bool, computed: Set<RKey> = []) {
         if entries.count + fieldsAdded > capacity {
             entries.removeAll()
             fieldsAdded = 0
         }
-        for (c, r, cached) in reads where c.cacheable && !cached { note(c, r, trusted: tracked && trusts(c.key, stamp)) }
+        for (c, r, cached) in reads where c.cacheable && !cached {
+            note(c, r, trusted: tracked && !computed.contains(c.key) && trusts(c.key, stamp))
+        }
     }
 
     /// Notes one reply: a trusted one into a trusted entry (an untrusted entry is dropped

@@ -571,6 +571,8 @@ package final class RedisPool: @unchecked Sendable {
     /// free; the others use untracked connections), and whether a call has it.
     var trackedConnection: RedisConnection?
     var trackedInUse = false
+    /// The listener was woken on purpose (`wakeListener`).
+    var listenerWoken = false
     var trackingStopped = false
     /// Set while the listener reads and applies what arrived (`invalidationsArriving`).
     let listenerBusy = Atomic<Bool>(false)

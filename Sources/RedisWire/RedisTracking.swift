@@ -75,7 +75,9 @@ extension RedisPool {
     /// Wakes the listener to connect again (the master may have changed).
     func wakeListener() {
         lock.withLock {
-            if let l = trackingListener { Glibc.shutdown(l.fd, Int32(SHUT_RDWR)) }
+            guard let l = trackingListener else { return }
+            listenerWoken = true
+            Glibc.shutdown(l.fd, Int32(SHUT_RDWR))
         }
     }
 
@@ -155,7 +157,12 @@ extension RedisPool {
                     try serve(conn, sink)
                 }
             } catch {
-                if !warned {
+                // (Woken on purpose, to connect again: nothing to say.)
+                let woken = lock.withLock { () -> Bool in
+                    defer { listenerWoken = false }
+                    return listenerWoken
+                }
+                if !warned && !woken {
                     Log.warning("\(displayName): the client cache hears of no changes (\(error.message)); reads go to Redis until it does")
                     warned = true
                 }

@@ -616,10 +616,13 @@ struct RedisTrackingTests {
         #expect(try within(2) { (try? t.lookup(alice, dir, n("missing"))) != nil }, "another client's create is seen")
         _ = try other.unlink(alice, dir, n("f"))
         #expect(try within(2) { (try? t.lookup(alice, dir, n("f"))) == nil }, "another client's unlink is seen")
-        // What was read once answers again without asking.
+        // What was read before answers again without asking (a lookup's entry at once; the
+        // attributes its read script found under a computed name are not tracked, so the
+        // next lookup reads them again, tracked).
         _ = try t.lookup(alice, dir, n("missing"))
+        let second = try cost(t.store) { _ = try t.lookup(alice, dir, n("missing")) }
         let again = try cost(t.store) { _ = try t.lookup(alice, dir, n("missing")) }
-        #expect(again.trips == 0, "a lookup read before: \(again.trips) round trips")
+        #expect(second.trips <= 1 && again.trips == 0, "lookups read before: \(second.trips), then \(again.trips) round trips")
         // An untracked client keeps asking.
         let plain = try cost(other.store) { _ = try other.getattr(dir) }
         #expect(plain.trips == 1)
@@ -665,6 +668,64 @@ struct RedisTrackingTests {
         group.wait()
         #expect(errors.current.isEmpty, "\(errors.current.prefix(5))")
         #expect(t.store.stats.reads < modes.count * 20, "reads came from the cache: \(t.store.stats.reads) round trips")
+    }
+
+    /// Random changes by two tracked clients and an untracked one in one directory, some with
+    /// their commit's reply lost, while a thread keeps the first client's tracked connection
+    /// busy (so its own changes go through untracked connections too): after each change,
+    /// every tracked client's view of the directory becomes the untracked client's (the truth)
+    /// within the bound, and the trusted cache did answer.
+    @Test func randomChangesBySeveralClientsAreSeenByEveryTrackedOne() throws {
+        let f = try TxnFixture()
+        let a = try tracked(f)
+        let b = try tracked(f)
+        let truth = f.meta
+        let (dir, _) = try a.mknod(alice, rootIno, n("d"), .directory, 0o777, rdev: 0, target: nil)
+        let names = (0..<6).map { "n\($0)" }
+        func view(_ m: RedisTxnMetadata) -> [String] {
+            names.map { name in
+                guard let (ino, attr) = try? m.lookup(alice, dir, n(name)) else { return "-" }
+                return "\(ino):\(String(attr.mode & 0o777, radix: 8)):\(attr.type)"
+            }
+        }
+        let stop = Locked(false)
+        let busy = DispatchGroup()
+        DispatchQueue.global().async(group: busy) {
+            while !stop.current { _ = try? a.getattr(dir) }
+        }
+        var rng = SystemRandomNumberGenerator()
+        for step in 0..<300 {
+            let actor = [a, b, truth].randomElement(using: &rng)!
+            if Int.random(in: 0..<10, using: &rng) == 0 { actor.store.hooks.loseCommitReplies(1) }
+            let x = n(names.randomElement(using: &rng)!)
+            let y = n(names.randomElement(using: &rng)!)
+            switch Int.random(in: 0..<5, using: &rng) {
+            case 0: _ = try? actor.mknod(alice, dir, x, .regular, 0o644, rdev: 0, target: nil)
+            case 1: _ = try? actor.mknod(alice, dir, x, .directory, 0o755, rdev: 0, target: nil)
+            case 2:
+                if (try? actor.unlink(alice, dir, x)) == nil { _ = try? actor.rmdir(alice, dir, x) }
+            case 3:
+                if let (ino, _) = try? actor.lookup(alice, dir, x) {
+                    var r = SetAttrRequest(mask: .mode)
+                    r.mode = UInt16.random(in: 0o400...0o777, using: &rng)
+                    _ = try? actor.setattr(alice, ino, r)
+                }
+            default: _ = try? actor.rename(alice, dir, x, dir, y, [])
+            }
+            actor.store.hooks.loseCommitReplies(0)
+            let want = view(truth)
+            for (label, m) in [("a", a), ("b", b)] {
+                let ok = within(2) { view(m) == want }
+                #expect(ok, "step \(step): client \(label) sees \(view(m)), the volume holds \(want)")
+                if !ok { break }
+            }
+        }
+        stop.withLock { $0 = true }
+        busy.wait()
+        _ = view(b)
+        _ = view(b)
+        let hits = try cost(b.store) { _ = view(b) }
+        #expect(hits.trips == 0, "a view read just before answers from the cache: \(hits.trips) round trips")
     }
 
     @Test func nothingIsTrustedOnceTheListenerOrATrackedConnectionIsGone() throws {
