@@ -189,7 +189,7 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
                 Self.apply(&entries, key, w, &fieldsAdded)
                 entries[key]?.trusted = ok && (before ?? true || whole)
             }
-            for (c, r) in t.reread { note(c, r, trusted: fresh[c.key] ?? false) }
+            for (c, r) in t.reread { note(c, r, trusted: fresh[c.key] ?? false, replacing: true) }
         }
     }
 
@@ -273,9 +273,24 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
 
     /// Notes one reply: a trusted one into a trusted entry (an untrusted entry is dropped
     /// first), an untrusted one making its entry untrusted.
-    private func note(_ c: ReadCmd, _ r: RedisReply, trusted: Bool) {
+    /// `replacing`: a commit's reread, newer than what the entry holds; otherwise a trusted
+    /// reply that disagrees with a trusted entry drops it (two reads noted in the other order
+    /// than they ran, the invalidation between them still on its way).
+    private func note(_ c: ReadCmd, _ r: RedisReply, trusted: Bool, replacing: Bool = false) {
         guard c.verb == .get || c.verb == .hget || (c.verb == .hlen && r.int != nil) else { return }
         let trusted = tracking && trusted
+        if trusted, !replacing, let e = entries[c.key], e.trusted {
+            let known: RedisReply? =
+                switch c.verb {
+                case .get: e.value
+                case .hget: e.field(Field(c.arg ?? []))
+                default: e.length.map { .integer($0) }
+                }
+            if let known, known != r {
+                entries[c.key] = nil
+                return
+            }
+        }
         if trusted, let e = entries[c.key], !e.trusted { entries[c.key] = nil }
         Self.note(&entries[c.key, default: Entry(trusted: trusted)], c, r, &fieldsAdded)
         if tracking && !trusted { entries[c.key]?.trusted = false }

@@ -479,6 +479,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             t.reread = []
             let again = !reread.isEmpty && c.trackingGeneration != nil
             func send(_ commit: RedisCommand) throws(FSError) -> [RedisReply] {
+                t.reread = []
                 guard again else { return try c.pipeline([commit] + wait) }
                 let block = [RedisCommand(["MULTI"]), commit, RedisCommand(["CLIENT", "CACHING", "yes"])] + reread.map(\.command) + [RedisCommand(["EXEC"])]
                 let r = try c.pipeline(block + wait)

@@ -573,6 +573,9 @@ package final class RedisPool: @unchecked Sendable {
     var trackedInUse = false
     /// The listener was woken on purpose (`wakeListener`).
     var listenerWoken = false
+    /// Tracking was refused: no tracked connection is made before then (`pauseTracking`).
+    var trackingPausedUntil: UInt64 = 0
+    var trackingPauseSaid = false
     var trackingStopped = false
     /// Set while the listener reads and applies what arrived (`invalidationsArriving`).
     let listenerBusy = Atomic<Bool>(false)
@@ -740,7 +743,7 @@ package final class RedisPool: @unchecked Sendable {
             case other
         }
         let take = lock.withLock { () -> Take in
-            guard let l = trackingListener, !trackedInUse else { return .other }
+            guard let l = trackingListener, !trackedInUse, Sys.monotonicNanos() >= trackingPausedUntil else { return .other }
             trackedInUse = true
             if let t = trackedConnection, t.trackingGeneration == l.generation { return .tracked(t) }
             trackedConnection = nil
@@ -767,10 +770,8 @@ package final class RedisPool: @unchecked Sendable {
                 return true
             }
             if kept { return c }
-            // (Tracking was refused or its generation ended: used once, untracked in effect,
-            // and closed.)
-            c.abandon()
-            return c
+            // (Tracking was refused or its generation ended: closed, and an untracked one used.)
+            return try idleOrNew()
         }
     }
 

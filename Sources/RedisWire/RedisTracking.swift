@@ -62,12 +62,18 @@ extension RedisPool {
     /// its socket, or it is applying them): a reader does not trust the cache meanwhile. So a
     /// change whose invalidation reached this node before the read is never missed, even if
     /// the listener thread has not run since.
+    /// (It also notices a tracked connection that Redis closed: `trackedConnectionEnded`.)
     package var invalidationsArriving: Bool {
         if listenerBusy.load(ordering: .sequentiallyConsistent) { return true }
-        let waiting = lock.withLock { () -> Int32 in
-            guard let l = trackingListener else { return 0 }
+        let (waiting, ended) = lock.withLock { () -> (Int32, UInt64?) in
+            guard let l = trackingListener else { return (0, nil) }
             var n: Int32 = 0
-            return ioctl(l.fd, UInt(FIONREAD), &n) == 0 ? n : 1
+            let waiting = ioctl(l.fd, UInt(FIONREAD), &n) == 0 ? n : 1
+            return (waiting, endedLocked(l))
+        }
+        if let ended {
+            trackingLost(ended, "the tracked connection was closed by the server")
+            return true
         }
         return waiting > 0 || listenerBusy.load(ordering: .sequentiallyConsistent)
     }
@@ -78,7 +84,18 @@ extension RedisPool {
             guard let l = trackingListener else { return }
             listenerWoken = true
             Glibc.shutdown(l.fd, Int32(SHUT_RDWR))
+            // Nothing is trusted from now on, not once the listener thread runs.
+            downLocked()
         }
+    }
+
+    /// Under the lock: tracking is down (the listener no longer counts).
+    private func downLocked() {
+        guard trackingListener != nil else { return }
+        trackingGeneration += 1
+        trackingListener = nil
+        trackedClients = []
+        trackingSink?.trackingChanged(nil)
     }
 
     /// Turns tracking on for `c`, redirected to `listener`, once sure the listener is a client
@@ -87,15 +104,23 @@ extension RedisPool {
         let r = try c.pipeline([
             RedisCommand(["CLIENT", "ID"]), RedisCommand(["CLIENT", "LIST", "ID", listener.id]),
         ])
+        if case .error(let e) = r[1] {
+            pauseTracking("CLIENT LIST was refused: \(e)")
+            return
+        }
         let same = (r[1].text ?? "").split(separator: " ").contains { $0 == "name=\(listener.name)" }
         guard let id = r[0].int, same else {
             // Not this server's client: nothing read in this generation is covered.
             trackingLost(listener.generation, "the listener is not a client of this server", wake: true)
             return
         }
-        let on = try c.command(["CLIENT", "TRACKING", "on", "REDIRECT", listener.id, "OPTIN", "NOLOOP"])
+        let on = try c.pipeline([
+            RedisCommand(["CLIENT", "TRACKING", "on", "REDIRECT", listener.id, "OPTIN", "NOLOOP"]),
+            // (So that Redis does not close it to save memory, which would end its tracking.)
+            RedisCommand(["CLIENT", "NO-EVICT", "on"]),
+        ])[0]
         guard case .status = on else {
-            trackingLost(listener.generation, "CLIENT TRACKING was refused: \(on)", wake: true)
+            pauseTracking("CLIENT TRACKING was refused: \(on)")
             return
         }
         let current = lock.withLock { () -> Bool in
@@ -106,16 +131,48 @@ extension RedisPool {
         if current { c.trackingGeneration = listener.generation }
     }
 
+    /// Tracking refused (an ACL, a proxy): no tracked connection for a minute, said once.
+    private func pauseTracking(_ why: String) {
+        let first = lock.withLock { () -> Bool in
+            trackingPausedUntil = Sys.monotonicNanos() + 60_000_000_000
+            defer { trackingPauseSaid = true }
+            return !trackingPauseSaid
+        }
+        if first { Log.warning("\(displayName): the client cache cannot track what it reads (\(why)); reads go to Redis (asked again every minute)") }
+    }
+
+    /// Whether the tracked connection, free, has something to read: unasked, that is its end
+    /// (Redis closed it: what it tracked is no longer tracked). Starts a new generation then.
+    func trackedConnectionEnded() -> Bool {
+        guard let g = lock.withLock({ trackingListener.flatMap { endedLocked($0) } }) else { return false }
+        trackingLost(g, "the tracked connection was closed by the server")
+        return true
+    }
+
+    /// Under the lock: the generation to end when the free tracked connection has something
+    /// to read.
+    private func endedLocked(_ l: TrackingListener) -> UInt64? {
+        guard !trackedInUse, let t = trackedConnection, t.trackingGeneration == l.generation else { return nil }
+        var p = pollfd(fd: t.socketNumber, events: Int16(POLLIN) | Int16(truncatingIfNeeded: Sys.POLLRDHUP), revents: 0)
+        return Glibc.poll(&p, 1, 0) > 0 ? l.generation : nil
+    }
+
     /// Starts a new generation, if `generation` is still the current one. `wake`: make the
     /// listener connect again too.
     func trackingLost(_ generation: UInt64, _ why: String, wake: Bool = false) {
         let changed = lock.withLock { () -> Bool in
             guard let l = trackingListener, l.generation == generation else { return false }
+            if wake {
+                // The listener connects again; until then nothing is trusted.
+                listenerWoken = true
+                Glibc.shutdown(l.fd, Int32(SHUT_RDWR))
+                downLocked()
+                return true
+            }
             trackingGeneration += 1
             trackingListener = l.next(trackingGeneration)
             trackedClients = []
             trackingSink?.trackingChanged(trackingGeneration)
-            if wake { Glibc.shutdown(l.fd, Int32(SHUT_RDWR)) }
             return true
         }
         if changed { Log.debug("\(displayName): client tracking starts over: \(why)") }
@@ -175,13 +232,7 @@ extension RedisPool {
     /// The listener stopped listening (before its connection closes, so no one shuts its
     /// socket down once the number may be another file's).
     private func listenerGone(_ sink: any RedisInvalidationSink) {
-        lock.withLock {
-            guard trackingListener != nil else { return }
-            trackingGeneration += 1
-            trackingListener = nil
-            trackedClients = []
-            sink.trackingChanged(nil)
-        }
+        lock.withLock { downLocked() }
     }
 
     /// Reads invalidations until the connection fails or tracking stops.
@@ -214,6 +265,7 @@ extension RedisPool {
                 try conn.send([RedisCommand(["PING"])])
                 pinged = true
             }
+            _ = trackedConnectionEnded()
             if now - lastCheck > 2_000_000_000 {
                 lastCheck = now
                 try checkTracked()

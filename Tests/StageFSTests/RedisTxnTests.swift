@@ -745,7 +745,7 @@ struct RedisTrackingTests {
         // they tracked would never be invalidated, so nothing read through them is trusted.
         _ = try f.cli(["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
         try chmod(other, ino, 0o640)
-        #expect(try within(4) { try mode(t, ino) == 0o640 }, "a change after the tracked connections were closed is seen")
+        #expect(try within(2) { try mode(t, ino) == 0o640 }, "a change after the tracked connections were closed is seen")
         // A flush of the database drops everything.
         _ = try t.getattr(ino)
         _ = try f.cli(["FLUSHALL"])
