@@ -257,15 +257,19 @@ class OwnRedis:
         self.proc.wait(30)
 
 
-def test_redis_restarts_under_load_cost_no_operation(env):
+@pytest.mark.parametrize("cache", ["plain", "tracked"])
+def test_redis_restarts_under_load_cost_no_operation(env, cache):
     """Three processes create, write, rename and unlink while Redis (AOF on) restarts three
-    times: not one operation fails, and the tree is exactly what the operations made."""
+    times: not one operation fails, and the tree is exactly what the operations made. Also with
+    the cache kept by client tracking (`--tracked-cache`): each restart ends what it trusted, and
+    every name made or removed is looked up as it is."""
     r = OwnRedis(env)
-    base = env.dir_for(USER, "restart")
+    base = env.dir_for(USER, f"restart-{cache}")
     url = f"redis://127.0.0.1:{r.port}/1"
     env.stagefs("format", url, "restarts", "--bucket", os.path.join(base, "data"))
-    m = env.dir_for(USER, "m")
-    env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"))
+    m = env.dir_for(USER, f"m-{cache}")
+    extra = ["--tracked-cache"] if cache == "tracked" else []
+    env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"), *extra)
     progress = [os.path.join(base, f"progress{w}") for w in range(3)]
     worker = '''
 import os, sys, time
@@ -319,6 +323,14 @@ print(i, errors)
             expected = sorted([f"g{i}" for i in range(n) if i % 3] + [f"dir{i}" for i in range(n) if i % 5 == 0])
             names = run_as(USER, lambda: sorted(os.listdir(os.path.join(m, f"w{w}"))))
             assert names == expected, f"worker {w}: {set(names) ^ set(expected)}"
+
+            def looked_up():
+                d = os.path.join(m, f"w{w}")
+                present = [x for x in expected if not os.path.exists(os.path.join(d, x))]
+                gone = [x for x in (f"g{i}" for i in range(0, n, 3)) if os.path.exists(os.path.join(d, x))]
+                gone += [x for x in (f"f{i}" for i in range(n)) if os.path.exists(os.path.join(d, x))]
+                return present, gone
+            assert run_as(USER, looked_up) == ([], []), f"worker {w}: names looked up otherwise than listed"
             for i in (1, n - 1):
                 if i % 3:
                     assert run_as(USER, lambda: open(os.path.join(m, f"w{w}", f"g{i}"), "rb").read()) == b"%d" % i * 1000
