@@ -214,13 +214,20 @@ package final class RedisTxn {
 
     /// Keys read under names the read script computed (not among the script's declared keys):
     /// Redis tracks only a script's declared keys (`OPTIN`), so what they held is not trusted.
-    private(set) var computedKeys: Set<RKey> = []
+    private(set) var computedKeys: [RKey] = []
+    /// `RedisTxnCache.arriving`, asked at the first trusted lookup.
+    private var arriving: Bool?
+
+    private func trusted(_ c: ReadCmd) -> RedisReply? {
+        if arriving == nil { arriving = store.cache.arriving }
+        return store.cache.lookupTrusted(c, arriving: arriving!)
+    }
 
     private func remember(_ c: ReadCmd, _ r: RedisReply, cached: Bool = false, computed: Bool = false) {
         guard c.checkable, results[c] == nil else { return }
         results[c] = r
         reads.append((c, r, cached))
-        if computed && useTrusted { computedKeys.insert(c.key) }
+        if computed && useTrusted && !computedKeys.contains(c.key) { computedKeys.append(c.key) }
     }
 
     // MARK: reads
@@ -238,7 +245,7 @@ package final class RedisTxn {
                 fromCache = true
                 return
             }
-            if useTrusted && c.cacheable, let v = store.cache.lookupTrusted(c) {
+            if useTrusted && c.cacheable, let v = trusted(c) {
                 remember(c, v, cached: true)
                 return
             }
@@ -254,7 +261,7 @@ package final class RedisTxn {
                     remember(c, v, cached: true)
                     fromCache = true
                 }
-                if results[c] == nil && useTrusted, let v = store.cache.lookupTrusted(c) {
+                if results[c] == nil && useTrusted, let v = trusted(c) {
                     remember(c, v, cached: true)
                 }
                 if let v = results[c] {

@@ -49,7 +49,7 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
     let capacity: Int
     /// Reads of transactions that wrote nothing, oldest first, not noted yet.
     /// (Each with its transaction's stamp, and whether its reads were tracked.)
-    private var pending: [(Reads, Stamp, Bool, Set<RKey>)] = []
+    private var pending: [(Reads, Stamp, Bool, [RKey])] = []
     private var pendingReads = 0
     /// Reads that wait to be noted at most (the newest transaction's always wait).
     let pendingLimit = 4096
@@ -109,8 +109,9 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
     }
 
     /// A trusted reply to `c` (for a read-only transaction), nil when there is none.
-    func lookupTrusted(_ c: ReadCmd) -> RedisReply? {
-        if let pool, pool.invalidationsArriving { return nil }
+    /// (`arriving`: `invalidationsArriving`, asked once per transaction.)
+    func lookupTrusted(_ c: ReadCmd, arriving: Bool) -> RedisReply? {
+        if arriving { return nil }
         return lock.withLock { () -> RedisReply? in
             guard generation != nil, Sys.monotonicNanos() &- heardAt < 1_000_000_000 else { return nil }
             notePending()
@@ -156,11 +157,13 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
             // trusted, and what it wrote on top of a trusted entry. Each counts as invalidated
             // now, so that what another transaction read before, or committed before and
             // records later, is not trusted.
-            var fresh: [RKey: Bool] = [:]
+            // (A few keys: a list.)
+            var fresh: [(key: RKey, ok: Bool)] = []
+            func freshness(_ k: RKey) -> Bool? { fresh.first { $0.key == k }?.ok }
             if tracking {
-                for (c, _) in t.reread where fresh[c.key] == nil { fresh[c.key] = trusts(c.key, t.stamp) }
-                for k in t.writeOrder where Self.trackable(k) && fresh[k] == nil { fresh[k] = false }
-                for k in fresh.keys { invalidate(k) }
+                for (c, _) in t.reread where freshness(c.key) == nil { fresh.append((c.key, trusts(c.key, t.stamp))) }
+                for k in t.writeOrder where Self.trackable(k) && freshness(k) == nil { fresh.append((k, false)) }
+                for f in fresh { invalidate(f.key) }
             }
             // A new inode has no records yet: what the next operations on it read (a regular
             // file's first chunk and opens, a directory's entries) is known without asking.
@@ -169,7 +172,7 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
                 guard case .set(let a)? = t.writes[k.attr(ino)]?.string, let type = a.first else { continue }
                 if type == FileType.directory.rawValue {
                     var e = Entry.empty
-                    e.trusted = fresh[k.entries(ino)] ?? false
+                    e.trusted = freshness(k.entries(ino)) ?? false
                     entries[k.entries(ino)] = e
                 } else {
                     entries[k.chunk(ino, 0)] = Entry(value: .null)
@@ -178,7 +181,7 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
             }
             for key in t.writeOrder {
                 let w = t.writes[key]!
-                guard tracking, let ok = fresh[key] else {
+                guard tracking, let ok = freshness(key) else {
                     Self.apply(&entries, key, w, &fieldsAdded)
                     continue
                 }
@@ -189,9 +192,12 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
                 Self.apply(&entries, key, w, &fieldsAdded)
                 entries[key]?.trusted = ok && (before ?? true || whole)
             }
-            for (c, r) in t.reread { note(c, r, trusted: fresh[c.key] ?? false, replacing: true) }
+            for (c, r) in t.reread { note(c, r, trusted: freshness(c.key) ?? false, replacing: true) }
         }
     }
+
+    /// Whether invalidations wait to be applied (no trusted answer meanwhile).
+    var arriving: Bool { pool?.invalidationsArriving ?? false }
 
     /// A commit of `t` may have been applied without its reply: nothing is trusted of the keys
     /// it writes, and no read begun before is.
@@ -236,7 +242,7 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
 
     /// Keeps `reads` to be noted later, dropping the oldest waiting past `pendingLimit`.
     /// Returns the list before the drop, for the caller to free outside the lock.
-    private func wait(_ reads: Reads, _ stamp: Stamp, tracked: Bool, computed: Set<RKey>) -> [(Reads, Stamp, Bool, Set<RKey>)] {
+    private func wait(_ reads: Reads, _ stamp: Stamp, tracked: Bool, computed: [RKey]) -> [(Reads, Stamp, Bool, [RKey])] {
         if reads.isEmpty { return [] }
         pending.append((reads, stamp, tracked, computed))
         pendingReads += reads.count
@@ -261,7 +267,7 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
 
     /// Notes a transaction's reads (`tracked`: all of them tracked in its stamp's generation).
     /// (`computed`: keys among them that were not tracked.)
-    private func note(_ reads: Reads, _ stamp: Stamp, tracked: Bool, computed: Set<RKey> = []) {
+    private func note(_ reads: Reads, _ stamp: Stamp, tracked: Bool, computed: [RKey] = []) {
         if entries.count + fieldsAdded > capacity {
             entries.removeAll()
             fieldsAdded = 0

@@ -9,6 +9,15 @@ import Testing
 
 @Suite("Gateway frames and tags")
 struct GatewayWireTests {
+    @Test func blockKeysNameTheirSlice() {
+        #expect(GatewayObjectStore.sliceID("vol/chunks/0/1/1234_0_4096") == 1234)
+        #expect(GatewayObjectStore.sliceID("1234_5_6") == 1234)
+        #expect(GatewayObjectStore.sliceID("vol/chunks/0/1/99") == 99)
+        for bad in ["vol/chunks/0/1/_0_4096", "vol/chunks/0/1/12a_0_1", "vol/", "", "vol/chunks/0/1/99999999999999999999_0_1"] {
+            #expect(GatewayObjectStore.sliceID(bad) == nil, "\(bad)")
+        }
+    }
+
     @Test func fieldsRoundTrip() throws {
         var w = WireWriter()
         w.u64(7)
