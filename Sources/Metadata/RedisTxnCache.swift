@@ -95,7 +95,9 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
     static func trackable(_ k: RKey) -> Bool { k.kind == .attr || k.kind == .entries }
 
     /// Whether trusted entries answer now (tracking up, the listener heard lately).
-    var live: Bool { lock.withLock { generation != nil && Sys.monotonicNanos() &- heardAt < 1_000_000_000 } }
+    var live: Bool { lock.withLock { liveLocked } }
+
+    private var liveLocked: Bool { generation != nil && Sys.monotonicNanos() &- heardAt < 1_000_000_000 }
 
     func stamp() -> Stamp {
         guard tracking else { return .none }
@@ -113,7 +115,7 @@ final class RedisTxnCache: RedisInvalidationSink, @unchecked Sendable {
     func lookupTrusted(_ c: ReadCmd, arriving: Bool) -> RedisReply? {
         if arriving { return nil }
         return lock.withLock { () -> RedisReply? in
-            guard generation != nil, Sys.monotonicNanos() &- heardAt < 1_000_000_000 else { return nil }
+            guard liveLocked else { return nil }
             notePending()
             guard let e = entries[c.key], e.trusted else { return nil }
             switch c.verb {

@@ -476,7 +476,6 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         var after: [((RedisReply) -> Void, RedisReply)] = []
         let reply = try pool.with(tracking: !reread.isEmpty) { (c) throws(FSError) -> RedisReply in
             after.removeAll()
-            t.reread = []
             let again = !reread.isEmpty && c.trackingGeneration != nil
             func send(_ commit: RedisCommand) throws(FSError) -> [RedisReply] {
                 t.reread = []
@@ -489,7 +488,6 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
                     let refused = r[1..<exec].first { if case .error = $0 { return true } else { return false } }
                     return [refused ?? r[exec]] + r[(exec + 1)...]
                 }
-                t.reread = []
                 if c.trackingGeneration == t.stamp.generation, case .status = done[1] {
                     for (i, rr) in reread.enumerated() { t.reread += rr.replies(done[2 + i]) }
                 }

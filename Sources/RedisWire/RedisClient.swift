@@ -565,8 +565,6 @@ package final class RedisPool: @unchecked Sendable {
     /// The listening connection while it listens.
     var trackingListener: TrackingListener?
     var trackingGeneration: UInt64 = 0
-    /// Client ids of the connections tracked in the current generation.
-    var trackedClients: [Int64] = []
     /// The one tracked connection (reads and commits that want tracking take it when it is
     /// free; the others use untracked connections), and whether a call has it.
     var trackedConnection: RedisConnection?
@@ -799,15 +797,8 @@ package final class RedisPool: @unchecked Sendable {
     /// that an unreachable server is reported at once.
     package func once<T>(_ body: (RedisConnection) throws(FSError) -> T) throws(FSError) -> T {
         let conn = try idleOrNew()
-        let r: T
-        do throws(FSError) {
-            r = try body(conn)
-        } catch {
-            release(conn)
-            throw error
-        }
-        release(conn)
-        return r
+        defer { release(conn) }
+        return try body(conn)
     }
 
     /// Runs `body` with a connection, retrying transient failures until the deadline.
@@ -840,11 +831,8 @@ package final class RedisPool: @unchecked Sendable {
                     conn.abandon()
                     release(conn)
                 }
-                let before = lock.withLock { () -> [RedisConnection] in
-                    defer { idle.removeAll() }
-                    return idle
-                }
-                for c in before { dropped(c) }
+                // (Idle connections are never tracked: the tracked one stays out of `idle`.)
+                lock.withLock { idle.removeAll() }
                 forgetMaster()
                 wakeListener()
                 let waited = Double(Sys.monotonicNanos() - start) / 1e9

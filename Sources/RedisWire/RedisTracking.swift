@@ -40,9 +40,9 @@ struct TrackingListener {
 /// writes through it drop nothing.
 ///
 /// The generation changes whenever something read may no longer be tracked: the listener
-/// (re)connects or is lost, a tracked connection breaks or is closed by the server (checked
-/// every 2 s with `CLIENT LIST ID`). The listener pings after 200 ms of silence and gives up
-/// after 1 s without an answer.
+/// (re)connects or is lost, the tracked connection breaks or is closed by the server (its
+/// socket, polled while it is free, before each trusted answer: `invalidationsArriving`). The
+/// listener pings after 200 ms of silence and gives up after 1 s without an answer.
 extension RedisPool {
     /// Starts tracking on a thread of its own, telling `sink`; until `stopTracking`.
     package func startTracking(_ sink: any RedisInvalidationSink) {
@@ -81,35 +81,39 @@ extension RedisPool {
     /// Wakes the listener to connect again (the master may have changed).
     func wakeListener() {
         lock.withLock {
-            guard let l = trackingListener else { return }
-            listenerWoken = true
-            Glibc.shutdown(l.fd, Int32(SHUT_RDWR))
-            // Nothing is trusted from now on, not once the listener thread runs.
-            downLocked()
+            if let l = trackingListener { wakeLocked(l) }
         }
+    }
+
+    /// Under the lock: makes listener `l` connect again; nothing is trusted from now on, not
+    /// once the listener thread runs.
+    private func wakeLocked(_ l: TrackingListener) {
+        listenerWoken = true
+        Glibc.shutdown(l.fd, Int32(SHUT_RDWR))
+        downLocked()
     }
 
     /// Under the lock: tracking is down (the listener no longer counts).
     private func downLocked() {
-        guard trackingListener != nil else { return }
+        if trackingListener != nil { newGenerationLocked { _ in nil } }
+    }
+
+    /// Under the lock: starts a generation, listened to by `listener(generation)` (nil: down).
+    private func newGenerationLocked(_ listener: (UInt64) -> TrackingListener?) {
         trackingGeneration += 1
-        trackingListener = nil
-        trackedClients = []
-        trackingSink?.trackingChanged(nil)
+        trackingListener = listener(trackingGeneration)
+        trackingSink?.trackingChanged(trackingListener?.generation)
     }
 
     /// Turns tracking on for `c`, redirected to `listener`, once sure the listener is a client
     /// of the same server (after a failover, its number may be another client's there).
     func track(_ c: RedisConnection, _ listener: TrackingListener) throws(FSError) {
-        let r = try c.pipeline([
-            RedisCommand(["CLIENT", "ID"]), RedisCommand(["CLIENT", "LIST", "ID", listener.id]),
-        ])
-        if case .error(let e) = r[1] {
+        let r = try c.command(["CLIENT", "LIST", "ID", listener.id])
+        if case .error(let e) = r {
             pauseTracking("CLIENT LIST was refused: \(e)")
             return
         }
-        let same = (r[1].text ?? "").split(separator: " ").contains { $0 == "name=\(listener.name)" }
-        guard let id = r[0].int, same else {
+        guard (r.text ?? "").split(separator: " ").contains(where: { $0 == "name=\(listener.name)" }) else {
             // Not this server's client: nothing read in this generation is covered.
             trackingLost(listener.generation, "the listener is not a client of this server", wake: true)
             return
@@ -123,12 +127,7 @@ extension RedisPool {
             pauseTracking("CLIENT TRACKING was refused: \(on)")
             return
         }
-        let current = lock.withLock { () -> Bool in
-            guard trackingListener?.generation == listener.generation else { return false }
-            trackedClients.append(id)
-            return true
-        }
-        if current { c.trackingGeneration = listener.generation }
+        if lock.withLock({ trackingListener?.generation == listener.generation }) { c.trackingGeneration = listener.generation }
     }
 
     /// Tracking refused (an ACL, a proxy): no tracked connection for a minute, said once.
@@ -141,16 +140,8 @@ extension RedisPool {
         if first { Log.warning("\(displayName): the client cache cannot track what it reads (\(why)); reads go to Redis (asked again every minute)") }
     }
 
-    /// Whether the tracked connection, free, has something to read: unasked, that is its end
-    /// (Redis closed it: what it tracked is no longer tracked). Starts a new generation then.
-    func trackedConnectionEnded() -> Bool {
-        guard let g = lock.withLock({ trackingListener.flatMap { endedLocked($0) } }) else { return false }
-        trackingLost(g, "the tracked connection was closed by the server")
-        return true
-    }
-
-    /// Under the lock: the generation to end when the free tracked connection has something
-    /// to read.
+    /// Under the lock: the generation to end when the tracked connection, free, has something
+    /// to read: unasked, that is its end (Redis closed it: what it tracked is no longer tracked).
     private func endedLocked(_ l: TrackingListener) -> UInt64? {
         guard !trackedInUse, let t = trackedConnection, t.trackingGeneration == l.generation else { return nil }
         var p = pollfd(fd: t.socketNumber, events: Int16(POLLIN) | Int16(truncatingIfNeeded: Sys.POLLRDHUP), revents: 0)
@@ -162,17 +153,7 @@ extension RedisPool {
     func trackingLost(_ generation: UInt64, _ why: String, wake: Bool = false) {
         let changed = lock.withLock { () -> Bool in
             guard let l = trackingListener, l.generation == generation else { return false }
-            if wake {
-                // The listener connects again; until then nothing is trusted.
-                listenerWoken = true
-                Glibc.shutdown(l.fd, Int32(SHUT_RDWR))
-                downLocked()
-                return true
-            }
-            trackingGeneration += 1
-            trackingListener = l.next(trackingGeneration)
-            trackedClients = []
-            trackingSink?.trackingChanged(trackingGeneration)
+            if wake { wakeLocked(l) } else { newGenerationLocked { l.next($0) } }
             return true
         }
         if changed { Log.debug("\(displayName): client tracking starts over: \(why)") }
@@ -197,10 +178,7 @@ extension RedisPool {
                     guard r.array.first?.text == "subscribe" else { throw FSError(EIO, "SUBSCRIBE __redis__:invalidate answered \(r)") }
                     let started = lock.withLock { () -> Bool in
                         if trackingStopped { return false }
-                        trackingGeneration += 1
-                        trackingListener = TrackingListener(id: id, name: name, generation: trackingGeneration, fd: conn.socketNumber)
-                        trackedClients = []
-                        sink.trackingChanged(trackingGeneration)
+                        newGenerationLocked { TrackingListener(id: id, name: name, generation: $0, fd: conn.socketNumber) }
                         return true
                     }
                     guard started else { return }
@@ -210,7 +188,9 @@ extension RedisPool {
                         warned = false
                     }
                     delay = 0.05
-                    defer { listenerGone(sink) }
+                    // (Down before the connection closes, so that no one shuts its socket down once
+                    // the number may be another file's.)
+                    defer { lock.withLock { downLocked() } }
                     try serve(conn, sink)
                 }
             } catch {
@@ -229,16 +209,9 @@ extension RedisPool {
         }
     }
 
-    /// The listener stopped listening (before its connection closes, so no one shuts its
-    /// socket down once the number may be another file's).
-    private func listenerGone(_ sink: any RedisInvalidationSink) {
-        lock.withLock { downLocked() }
-    }
-
     /// Reads invalidations until the connection fails or tracking stops.
     private func serve(_ conn: RedisConnection, _ sink: any RedisInvalidationSink) throws(FSError) {
         var lastHeard = Sys.monotonicNanos()
-        var lastCheck = lastHeard
         var pinged = false
         while !trackingShouldStop {
             let now = Sys.monotonicNanos()
@@ -265,21 +238,6 @@ extension RedisPool {
                 try conn.send([RedisCommand(["PING"])])
                 pinged = true
             }
-            _ = trackedConnectionEnded()
-            if now - lastCheck > 2_000_000_000 {
-                lastCheck = now
-                try checkTracked()
-            }
         }
-    }
-
-    /// Starts a new generation if a tracked connection is no longer the server's (closed for
-    /// idling past its `timeout`, or killed).
-    private func checkTracked() throws(FSError) {
-        let (ids, generation) = lock.withLock { (trackedClients, trackingListener?.generation) }
-        guard !ids.isEmpty, let generation else { return }
-        let r = try once { (c) throws(FSError) in try c.command(["CLIENT", "LIST", "ID"] + ids.map { $0 as any RedisArg }) }
-        let found = r.text?.split(separator: "\n").count ?? 0
-        if found < ids.count { trackingLost(generation, "\(ids.count - found) tracked connection(s) closed by the server") }
     }
 }
