@@ -207,51 +207,6 @@ package final class GatewayClient: Sendable {
 
     private func giveSlot(_ slot: UInt32) { slots.withLock { $0.free.append(slot) } }
 
-    /// Sends requests of `op`, each with its fields, on one connection back to back, then reads
-    /// their replies (a gateway answers a connection's requests in order): one wake-up of the
-    /// gateway for them all. For changes nobody waits on (closes): returns each one's error
-    /// (nil: done). Those the connection did not answer (a stopping gateway refused them, or it
-    /// broke) go again one by one, as `call` sends a request again: with their ids, so that one
-    /// carried out already is answered from its record.
-    package func pipeline(_ op: Op, _ requests: [(inout WireWriter) -> Void]) -> [FSError?] {
-        var out = [FSError?](repeating: nil, count: requests.count)
-        guard !requests.isEmpty else { return out }
-        var prepared = requests.map { prepare(op, onBehalf: nil, $0) }
-        defer { for p in prepared { release(p) } }
-        var fd: Int32 = -1
-        var answered = 0
-        var sent = false
-        do throws(FSError) {
-            fd = try take()
-            try FrameIO.send(fd, frames: prepared.map(\.body))
-            sent = true
-            while answered < prepared.count {
-                guard let reply = try FrameIO.receive(fd) else { throw FSError(EIO, "the gateway closed the connection without answering") }
-                var r = WireReader(reply)
-                let rid = try r.u64()
-                let status = try r.i32()
-                guard rid == prepared[answered].id else { throw Wire.malformed("a reply to request \(rid) where \(prepared[answered].id) was asked") }
-                // A stopping gateway refuses this one and every later one, carrying none out.
-                if status == ESHUTDOWN { throw FSError(ESHUTDOWN, "the gateway is restarting") }
-                if status != 0 {
-                    out[answered] = FSError(status, (try? r.string(max: 4096)) ?? "error \(status)")
-                    // The gateway ends a connection after a protocol error.
-                    if status == EPROTO { throw FSError(EPROTO, "the gateway ended the connection") }
-                }
-                answered += 1
-            }
-            give(fd)
-        } catch {
-            if fd >= 0 { close(fd) }
-            let refused = error.code == ESHUTDOWN
-            for i in answered..<prepared.count where out[i] == nil {
-                if sent && !refused { prepared[i].markSentAgain() }
-                do throws(FSError) { _ = try exchange(&prepared[i], op, tail: nil, passed: nil) } catch { out[i] = error }
-            }
-        }
-        return out
-    }
-
     /// An idle connection that is still alive, or a new one.
     private func take() throws(FSError) -> Int32 {
         while let fd = idle.withLock({ $0.popLast() }) {
@@ -363,7 +318,7 @@ extension Op {
     /// lost reply, they are answered from their record if they were carried out.
     var carriesRequestID: Bool {
         switch self {
-        case .setattr, .mknod, .create, .unlink, .rmdir, .rename, .link, .setxattr, .removexattr, .open, .close, .writeSlice: return true
+        case .setattr, .mknod, .create, .unlink, .rmdir, .rename, .link, .setxattr, .removexattr, .open, .close, .closes, .writeSlice: return true
         default: return false
         }
     }

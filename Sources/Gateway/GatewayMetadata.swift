@@ -448,8 +448,8 @@ package final class GatewayMetadata: MetadataEngine {
 /// Last closes of open files, sent a moment late and many at once. Nothing waits for a close
 /// (the kernel answers a release without waiting, and a close has nothing to tell), and sent one
 /// by one, each wakes the gateway and its Redis while the next operations need them: a close
-/// waits at most `delay` (or until `batch` wait), then the waiting ones go on one connection back
-/// to back, answered in order (`GatewayClient.pipeline`): one wake-up of the gateway for them all.
+/// waits at most `delay` (or until `batch` wait), then the waiting ones go in one request
+/// (`closes`), which the gateway carries out in one commit.
 /// Ending a session sends its waiting closes first.
 ///
 /// A delayed close gives a client nothing it could not take anyway (it may keep a file open as
@@ -548,16 +548,32 @@ final class GatewayCloser: @unchecked Sendable {
 
     private func send(_ batch: [(ino: Ino, sid: UInt64)]) {
         let tags = tags
-        let outcomes = client.pipeline(
-            .close,
-            batch.map { c in
-                { (w: inout WireWriter) in
-                    tags.ref(&w, c.ino)
-                    tags.session(&w, c.sid)
+        do throws(FSError) {
+            var r = try client.call(.closes) {
+                $0.u32(UInt32(batch.count))
+                for c in batch {
+                    tags.ref(&$0, c.ino)
+                    tags.session(&$0, c.sid)
                 }
-            })
-        for (c, e) in zip(batch, outcomes) {
-            if let e { Log.warning("closing inode \(c.ino): \(e.message)") }
+            }
+            for _ in batch { _ = try r.bool() }
+        } catch {
+            // A batch refused whole (one of its files, say) goes again one by one, so that the
+            // others are closed still; one the gateway could not be asked is lost for all.
+            guard batch.count > 1 && error.code != EIO else {
+                Log.warning("closing \(batch.count) file(s) (inode \(batch[0].ino)\(batch.count > 1 ? " and others" : "")): \(error.message)")
+                return
+            }
+            for c in batch {
+                do throws(FSError) {
+                    _ = try client.call(.close) {
+                        tags.ref(&$0, c.ino)
+                        tags.session(&$0, c.sid)
+                    }
+                } catch {
+                    Log.warning("closing inode \(c.ino): \(error.message)")
+                }
+            }
         }
     }
 }

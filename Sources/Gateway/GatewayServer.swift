@@ -52,9 +52,8 @@ package final class GatewayServer: Sendable {
     /// file, per user for new sessions), striped.
     private let stripes = (0..<64).map { _ in ConditionLock() }
 
-    private func stripe(_ a: UInt64, _ b: UInt64) -> ConditionLock {
-        stripes[Int((a &* 0x9E37_79B9_7F4A_7C15 ^ b) % UInt64(stripes.count))]
-    }
+    private func stripe(_ a: UInt64, _ b: UInt64) -> ConditionLock { stripes[stripeIndex(a, b)] }
+    private func stripeIndex(_ a: UInt64, _ b: UInt64) -> Int { Int((a &* 0x9E37_79B9_7F4A_7C15 ^ b) % UInt64(stripes.count)) }
     private let userFrames = Mutex<[UInt32: (budget: ByteBudget, connections: Int)]>([:])
     private let counts = Mutex<(all: Int, byUID: [UInt32: Int])>((0, [:]))
     private let deleter = ConditionLock()
@@ -747,6 +746,28 @@ package final class GatewayServer: Sendable {
             }
             w.bool(freed)
             if freed { wakeDeleter() }
+        case .closes:
+            let n = try r.count(max: Wire.maxCloses, itemSize: 32)
+            var closes: [(ino: Ino, sid: UInt64)] = []
+            closes.reserveCapacity(n)
+            for _ in 0..<n { closes.append((try ino(&r, uid), try session(&r, uid))) }
+            try r.end()
+            // Each file's stripe, as for one close; taken in one order (no two batches wait on
+            // each other).
+            let held = Set(closes.map { stripeIndex($0.sid, $0.ino) }).sorted()
+            for i in held { stripes[i].lock() }
+            defer { for i in held.reversed() { stripes[i].unlock() } }
+            let (freed, replayed) = try answer(
+                mark, save: { ($0 as? [Bool]).map { $0.map { $0 ? 1 : 0 } } },
+                load: { (r) throws(FSError) -> [Bool] in
+                    var out: [Bool] = []
+                    for _ in 0..<n { out.append(try r.bool()) }
+                    return out
+                }
+            ) { () throws(FSError) in try meta.close(closes) }
+            if !replayed { for c in closes { opens.closed(c.sid, c.ino) } }
+            for f in freed { w.bool(f) }
+            if freed.contains(true) { wakeDeleter() }
         case .readChunks:
             let (sid, sidOK) = try sessionIfAny(&r, uid)
             let n = try r.count(max: Wire.maxBatch, itemSize: 28)

@@ -13,7 +13,7 @@ import StageFSCore
 /// (0 or an errno), then the op's results, or for an error its message.
 package enum Wire {
     /// The protocol this StageFS speaks; the first request of a connection (`hello`) names it.
-    package static let version: UInt16 = 2
+    package static let version: UInt16 = 3
     /// What the first request starts with, so a stray client is told what it reached.
     package static let magic = Array("stagefs-gateway".utf8)
     /// The largest frame: a block of the largest block size (16 MiB) and its fields.
@@ -26,6 +26,8 @@ package enum Wire {
     package static let maxGroups = 4096
     /// The most entries one readdir, getattrs or readChunks request may ask for.
     package static let maxBatch = 4096
+    /// The most closes one `closes` request carries (one commit: kept small).
+    package static let maxCloses = 256
 }
 
 /// The operations a client asks of a gateway.
@@ -58,6 +60,8 @@ package enum Op: UInt16, Sendable {
     case removexattr = 33
     case open = 40
     case close = 41
+    /// Many closes in one request (and one commit): a client's batch of last closes.
+    case closes = 42
     case readChunks = 43
     case writeSlice = 44
     case newSliceIDs = 45

@@ -134,6 +134,9 @@ public protocol MetadataEngine: AnyObject, Sendable {
     /// Drops one open of `ino` by `sid`; a file unlinked meanwhile is freed at its last close.
     /// Returns whether it freed the file (its data then waits in `pendingDeletes`).
     @discardableResult func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool
+    /// Many closes at once (one commit on the transactional engines), each as `close`: whether
+    /// each freed its file, in the order given.
+    func close(_ closes: [(ino: Ino, sid: UInt64)]) throws(FSError) -> [Bool]
     /// The slice records of chunk `index`, oldest first.
     func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice]
     /// Many chunks at once (one pipelined round trip on Redis), in the order asked.
@@ -172,6 +175,12 @@ public protocol MetadataEngine: AnyObject, Sendable {
 }
 
 extension MetadataEngine {
+    package func close(_ closes: [(ino: Ino, sid: UInt64)]) throws(FSError) -> [Bool] {
+        var freed: [Bool] = []
+        for c in closes { freed.append(try close(c.ino, sid: c.sid)) }
+        return freed
+    }
+
     /// The volume's format record; a clear error when the store was never formatted.
     public func requireFormat() throws(FSError) -> VolumeFormat {
         guard let f = try loadFormat() else {

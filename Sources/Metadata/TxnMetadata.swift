@@ -798,6 +798,30 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    /// One transaction for them all: the closes of one file by one session are counted
+    /// together, and a file is freed (once) when the last of them leaves it unlinked and closed.
+    @_specialize(where S == RedisTxnStore)
+    package func close(_ closes: [(ino: Ino, sid: UInt64)]) throws(FSError) -> [Bool] {
+        if closes.isEmpty { return [] }
+        var counts: [(ino: Ino, sid: UInt64, n: Int)] = []
+        for c in closes {
+            if let i = counts.firstIndex(where: { $0.ino == c.ino && $0.sid == c.sid }) {
+                counts[i].n += 1
+            } else {
+                counts.append((c.ino, c.sid, 1))
+            }
+        }
+        // (The transaction's result is the answer: a gateway saves it with the request's id.)
+        return try store.transaction(write: true) { (tx) throws(FSError) -> [Bool] in
+            try store.prefetch(tx, counts.flatMap { c -> [TxnRead] in [.opens(sid: c.sid, c.ino), .attr(c.ino), .isOpen(c.ino)] })
+            var closed: [Ino] = []
+            for c in counts where try store.dropOpens(tx, c.sid, c.ino, c.n) == 0 && !closed.contains(c.ino) { closed.append(c.ino) }
+            var freed = Set<Ino>()
+            for ino in closed where try freeIfUnused(tx, ino) { freed.insert(ino) }
+            return closes.map { freed.contains($0.ino) }
+        }
+    }
+
     @_specialize(where S == RedisTxnStore)
     package func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice] {
         try store.transaction(write: false) { (tx) throws(FSError) in Slice.decodeAll(try store.chunk(tx, ino, index)) }

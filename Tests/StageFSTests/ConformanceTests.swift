@@ -502,6 +502,37 @@ struct ConformanceTests {
         expectErrno(EISDIR) { _ = try m.open(bob, dir, flags: O_WRONLY, sid: sid) }
     }
 
+    /// Many closes in one call (a gateway's batch) count as the same closes one by one: a file
+    /// closed twice in the batch is freed once, one still open elsewhere or linked is kept.
+    @Test(arguments: EngineKind.allCases)
+    func closesInOneCall(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let dir = try playground(m)
+        let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/mnt", version: "t"))
+        let other = try m.newSession(SessionInfo(hostname: "h2", pid: 2, mountPoint: "/mnt2", version: "t"))
+        let (twice, _) = try m.create(alice, dir, n("twice"), 0o644, sid: sid)
+        _ = try m.writeSlice(twice, 0, Slice(pos: 0, id: 9, size: 10, off: 0, len: 10), minSize: 10, mtime: .now())
+        _ = try m.open(alice, twice, flags: O_RDONLY, sid: sid)
+        let (kept, _) = try m.create(alice, dir, n("kept"), 0o644, sid: sid)
+        let (shared, _) = try m.create(alice, dir, n("shared"), 0o644, sid: sid)
+        _ = try m.open(alice, shared, flags: O_RDONLY, sid: other)
+        let (once, _) = try m.create(alice, dir, n("once"), 0o644, sid: sid)
+        _ = try m.open(alice, once, flags: O_RDONLY, sid: sid)
+        for name in ["twice", "shared", "once"] { _ = try m.unlink(alice, dir, n(name)) }
+        let freed = try m.close([(twice, sid), (kept, sid), (shared, sid), (once, sid), (twice, sid)])
+        #expect(freed == [true, false, false, false, true])
+        expectErrno(ENOENT) { _ = try m.getattr(twice) }
+        #expect(try m.pendingDeletes(limit: 10).map { $0.ino } == [twice], "freed once, its data queued once")
+        #expect(try m.getattr(kept).nlink == 1)
+        #expect(try m.getattr(shared).nlink == 0, "still open in another session")
+        #expect(try m.getattr(once).nlink == 0, "opened twice, closed once")
+        #expect(try m.close([(shared, other), (once, sid)]) == [true, true])
+        expectErrno(ENOENT) { _ = try m.getattr(shared) }
+        expectErrno(ENOENT) { _ = try m.getattr(once) }
+        #expect(try m.close([]) == [])
+    }
+
     @Test(arguments: EngineKind.allCases)
     func recordLocksAndFlock(kind: EngineKind) throws {
         let f = try EngineFixture(kind)

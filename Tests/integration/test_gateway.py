@@ -710,6 +710,47 @@ def test_a_close_answered_from_its_record_keeps_the_other_open(env, site):
     assert run_as(USER, client, True) == 0, "the open still held lost its right to write"
 
 
+def test_closes_in_one_request_sent_again_are_not_done_twice(env, site):
+    """A mount's last closes go many in one request (one commit). Sent again after a lost reply,
+    the batch is answered from its record: a file opened twice and closed once in it stays open
+    (it still writes after a chmod to 0444) and an unlinked file closed in it was freed once (a
+    second carrying out would answer "not freed"); the next close ends the right to write."""
+    sock = site["file"].socket
+
+    def client():
+        c = gwproto.Raw(sock)
+        sid, stag = c.new_session()
+        tag = os.urandom(3).hex()
+
+        def make(name):
+            rest = c.call("create", gwproto.ref(1, 0) + gwproto.data(name) + struct.pack(">HQQ", 0o644, sid, stag))
+            ino, itag = struct.unpack_from(">QQ", rest)
+            return ino, itag, struct.unpack_from(">Q", rest, 16 + 71 + 8)[0]
+        a, atag, awtag = make(f"ba{tag}".encode())
+        b, btag, _ = make(f"bb{tag}".encode())
+        c.call("open", gwproto.ref(a, atag) + struct.pack(">iQQ", os.O_WRONLY, sid, stag))
+        c.call("unlink", gwproto.ref(1, 0) + gwproto.data(f"bb{tag}".encode()))
+
+        def closes(*files):
+            return struct.pack(">I", len(files)) + b"".join(gwproto.ref(i, t) + struct.pack(">QQ", sid, stag) for i, t in files)
+        batch = closes((a, atag), (b, btag))
+        first = c.call("closes", batch, mark=gwproto.mark(sid, stag, 3, 5))
+        again = c.call("closes", batch, mark=gwproto.mark(sid, stag, 3, 5, resend=True))
+        chmod = gwproto.ref(a, atag) + struct.pack(">IHIIQ", 1, 0o444, 0, 0, 0) + struct.pack(">qIqIqI", 0, 0, 0, 0, 0, 0) + b"\0" + struct.pack(">QQQ", 0, 0, 0)
+        c.call("setattr", chmod)
+
+        def write():
+            f, rtag = c.new_slice_ids(1)
+            return gwproto.code(lambda: c.call("writeSlice", gwproto.write_slice_fields(a, atag, f, 5, awtag, f, rtag, sid, stag)))
+        still = write()
+        last = c.call("closes", closes((a, atag)), mark=gwproto.mark(sid, stag, 3, 6))
+        return first, again, still, last, write()
+    first, again, still, last, after = run_as(USER, client)
+    assert first == again == b"\0\1", (first, again)
+    assert still == 0, "the open still held lost its right to write"
+    assert last == b"\0" and after == errno.EBADF, (last, after)
+
+
 def test_a_user_stages_through_the_gateway_only_what_they_may_read(env, site):
     a, name, _, _, _ = a_private_file(env, site)
     run_as(USER, lambda: open(os.path.join(a, "shared.dat"), "wb").write(os.urandom(1 << 20)))
