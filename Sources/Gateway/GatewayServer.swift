@@ -1157,14 +1157,8 @@ package final class GatewayServer: Sendable {
 
     /// In bounded steps: at most about two seconds, the rest in the next round.
     private func cleanDeleted() {
-        let start = Sys.monotonicNanos()
         do {
-            while Sys.monotonicNanos() - start < 2_000_000_000 {
-                let (slices, more) = try meta.finishDeletes(limit: 100)
-                for s in slices { deleteObjects(s) }
-                if !more { break }
-            }
-            for s in try meta.takeDroppedSlices(limit: 1000) { deleteObjects(s) }
+            if !(try meta.collectDeleted { deleteObjects($0) }).isEmpty { wakeDeleter() }
         } catch {
             Log.warning("gateway: deleting unreferenced data: \(error.message)")
         }

@@ -174,7 +174,40 @@ public protocol MetadataEngine: AnyObject, Sendable {
     func flock(_ ino: Ino, sid: UInt64, owner: UInt64, pid: UInt32, type: LockType) throws(FSError)
 }
 
+/// What waits for deletion: files whose last link and open went away, slices cut off by truncation.
+public struct Deletions: OptionSet, Sendable {
+    public let rawValue: Int
+    public init(rawValue: Int) { self.rawValue = rawValue }
+    public static let files = Deletions(rawValue: 1)
+    public static let slices = Deletions(rawValue: 2)
+    public static let all: Deletions = [.files, .slices]
+}
+
 extension MetadataEngine {
+    /// Takes what nothing references any more off the deletion queues, in bounded steps, and
+    /// hands each slice whose objects are to go to `delete`: files (`what` has `.files`) up to
+    /// 100 per step, at most `limit` steps and about `seconds`; then up to `limit` slices cut off
+    /// by truncation. Returns what was left for a later round (files, when time ran out).
+    package func collectDeleted(_ what: Deletions = .all, limit: Int = 1000, seconds: Double = 2, _ delete: (Slice) -> Void) throws(FSError) -> Deletions {
+        var left: Deletions = []
+        if what.contains(.files) {
+            let start = Sys.monotonicNanos()
+            for _ in 0..<limit {
+                let (slices, more) = try finishDeletes(limit: min(limit, 100))
+                for s in slices { delete(s) }
+                if !more { break }
+                if Double(Sys.monotonicNanos() - start) / 1e9 > seconds {
+                    left.insert(.files)
+                    break
+                }
+            }
+        }
+        if what.contains(.slices) {
+            for s in try takeDroppedSlices(limit: limit) { delete(s) }
+        }
+        return left
+    }
+
     package func close(_ closes: [(ino: Ino, sid: UInt64)]) throws(FSError) -> [Bool] {
         var freed: [Bool] = []
         for c in closes { freed.append(try close(c.ino, sid: c.sid)) }

@@ -23,61 +23,21 @@ public struct VFSConfig: Sendable {
     public init() {}
 }
 
-/// An open file.
-final class FileHandle: @unchecked Sendable {
-    let ino: Ino
-    let flags: Int32
-    let writer: FileWriter?
-    let readAhead = ReadAhead()
-    /// Lock owners that took POSIX locks through this handle (released on flush).
-    var posixOwners: Set<UInt64> = []
-    var flockOwner: UInt64?
-    /// File size as of `stamp` (the data store's change stamp of the inode).
-    var size: UInt64
-    var stamp: UInt64
-    /// The file's mode as this client last saw it: a write by a non-root caller clears
-    /// set-user-ID and set-group-ID bits when it has some.
-    var mode: UInt16
-
-    init(ino: Ino, flags: Int32, writer: FileWriter?, size: UInt64, stamp: UInt64, mode: UInt16) {
-        self.ino = ino
-        self.flags = flags
-        self.writer = writer
-        self.size = size
-        self.stamp = stamp
-        self.mode = mode
-    }
-}
-
 /// POSIX semantics for one client: metadata operations with the caller's credential, open
 /// files with write buffers and read-ahead, sessions with heartbeats, locks, and background
 /// flushing and deletion. The FUSE adapter and (later) staging call it.
-public final class VFS: @unchecked Sendable {
+public final class VFS: Sendable {
     public let meta: any MetadataEngine
     public let data: DataStore
     public let config: VFSConfig
-    private let session = Locked<UInt64>(0)
+    private let session: SessionKeeper
     /// This client's session id (it changes if the session had to be registered again).
-    public var sid: UInt64 { session.current }
-    private let lock = ConditionLock()
-    private var handles: [UInt64: FileHandle] = [:]
-    private var nextHandle: UInt64 = 1
-    private var stopping = false
-    private var backgroundRunning = false
-    /// What the deleter was woken for.
-    private var deletesPending: Deletions = []
+    public var sid: UInt64 { session.sid }
+    private let files = OpenFiles()
+    private let kernel = KernelInodes()
+    private let capabilities: Capabilities
+    private let background: Background
     private let cache: MetaCache
-    /// How many lookups the kernel holds per inode (FUSE's nlookup): each entry reply adds
-    /// one, FORGET takes them away.
-    private var kernelRefs: [Ino: UInt64] = [:]
-    /// Inodes whose last name went while the kernel still held them and no session had them
-    /// open (a FIFO or device node open in some process, a directory that is someone's working
-    /// directory): their attributes stay here until the kernel forgets them, so fstat, fchmod
-    /// and futimens on them work as on ext4. Nothing else can reach them: they have no name.
-    private var ghosts: [Ino: Attr] = [:]
-    /// (mtime, size) of a file when this client last opened it: unchanged means the kernel may
-    /// keep its page cache (`keep_cache`).
-    private var lastOpened: [Ino: (Timespec, UInt64, UInt64)] = [:]
 
     public init(meta: any MetadataEngine, data: DataStore, config: VFSConfig) {
         self.meta = meta
@@ -86,37 +46,30 @@ public final class VFS: @unchecked Sendable {
         cache = MetaCache(
             attrTTL: config.attrCache, entryTTL: config.entryCache, dirEntryTTL: config.dirEntryCache,
             clock: { [data] in data.changeClockNow }, changed: { [data] in data.changeStamp($0) })
+        capabilities = Capabilities(ttl: cache.attrTTL)
+        session = SessionKeeper(meta: meta, timeout: config.sessionTimeout) { [config] in
+            SessionInfo(hostname: Sys.hostname(), pid: getpid(), mountPoint: config.mountPoint, version: config.version)
+        }
+        background = Background(
+            meta: meta, data: data, session: session, heartbeat: config.heartbeat, readOnly: config.readOnly
+        ) { [files] in files.all.map { ($0.ino, $0.flags & O_ACCMODE) } }
     }
 
     // MARK: life cycle
 
     /// Registers the session and starts the background thread (heartbeats, flushes, deletions).
     public func start() throws(FSError) {
-        let info = SessionInfo(hostname: Sys.hostname(), pid: getpid(), mountPoint: config.mountPoint, version: config.version)
-        let id = try meta.newSession(info)
-        session.withLock { $0 = id }
-        lock.withLock { backgroundRunning = true }
-        let ctx = Unmanaged.passRetained(self).toOpaque()
-        var tid = pthread_t()
-        if pthread_create(&tid, nil, vfsBackgroundMain, ctx) != 0 {
-            Unmanaged<VFS>.fromOpaque(ctx).release()
-            lock.withLock { backgroundRunning = false }
-        } else {
-            pthread_detach(tid)
-        }
+        try session.register()
+        background.start()
     }
 
     /// Flushes all buffered writes, ends the session and stops the background thread.
     public func stop() {
         do { try data.flushAll() } catch { Log.error("flushing buffered writes at unmount: \(error.message)") }
-        lock.withLock {
-            stopping = true
-            lock.broadcast()
-            while backgroundRunning { lock.wait(seconds: 1) }
-        }
-        let open = lock.withLock { handles.values.map { $0.ino } }
-        for ino in open { _ = try? meta.close(ino, sid: sid) }
-        cleanDeleted()
+        background.stop()
+        let open = files.all.map(\.ino)
+        if !open.isEmpty { _ = try? meta.close(open.map { ($0, sid) }) }
+        background.cleanDeleted()
         if sid != 0 {
             do { try meta.closeSession(sid) } catch { Log.warning("closing session \(sid): \(error.message)") }
         }
@@ -124,125 +77,11 @@ public final class VFS: @unchecked Sendable {
     }
 
     /// Deletes the objects of files whose last link went away and of slices cut off by
-    /// truncation: metadata says which (in bounded steps), the data path deletes them. Returns
-    /// how many objects were deleted.
+    /// truncation (in bounded steps). Returns how many objects were deleted.
     @discardableResult
-    public func cleanDeleted(_ what: Deletions = .all, limit: Int = 1000) -> Int {
-        var count = 0
-        do {
-            if what.contains(.files) {
-                // Bounded: `limit` steps of up to 100 files each, and about two seconds (the
-                // background thread also keeps the session alive): the rest in the next round.
-                let start = Sys.monotonicNanos()
-                for _ in 0..<limit {
-                    let (slices, more) = try meta.finishDeletes(limit: min(limit, 100))
-                    for s in slices { count += data.deleteObjects(s) }
-                    if !more { break }
-                    if Sys.monotonicNanos() - start > 2_000_000_000 {
-                        lock.withLock { deletesPending.formUnion(.files) }
-                        break
-                    }
-                }
-            }
-            if what.contains(.slices) {
-                for s in try meta.takeDroppedSlices(limit: limit) { count += data.deleteObjects(s) }
-            }
-        } catch {
-            Log.warning("deleting unreferenced data: \(error.message)")
-        }
-        return count
-    }
+    public func cleanDeleted(_ what: Deletions = .all, limit: Int = 1000) -> Int { background.cleanDeleted(what, limit: limit) }
 
-    fileprivate func background() {
-        var lastBeat = Sys.monotonicNanos()
-        var lastClean = lastBeat
-        while true {
-            let (stop, deletes) = lock.withLock { () -> (Bool, Deletions) in
-                if !stopping && deletesPending.isEmpty { lock.wait(seconds: 1) }
-                if !stopping && !deletesPending.isEmpty {
-                    // Gathers what a burst of removals leaves (one step deletes many files).
-                    let until = Sys.monotonicNanos() + Self.deleteDelayNanos
-                    while !stopping {
-                        let now = Sys.monotonicNanos()
-                        if now >= until { break }
-                        lock.wait(seconds: Double(until - now) / 1e9)
-                    }
-                }
-                let d = deletesPending
-                deletesPending = []
-                return (stopping, d)
-            }
-            if stop { break }
-            data.flushIdle()
-            let now = Sys.monotonicNanos()
-            if Double(now - lastBeat) / 1e9 >= config.heartbeat {
-                lastBeat = now
-                do {
-                    try meta.heartbeat(sid)
-                } catch {
-                    if error.code == ENOENT {
-                        reregister()
-                    } else {
-                        Log.error("session heartbeat: \(error.message)")
-                    }
-                }
-                do {
-                    let n = try meta.cleanStaleSessions(age: config.sessionTimeout)
-                    if n > 0 { Log.info("cleaned up \(n) stale session(s)") }
-                } catch {
-                    Log.warning("cleaning stale sessions: \(error.message)")
-                }
-            }
-            if !config.readOnly {
-                // Now and then everything (other clients' leftovers, a crash's), else what
-                // this client's own changes left.
-                if Double(now - lastClean) / 1e9 >= 10 {
-                    lastClean = now
-                    cleanDeleted()
-                } else if !deletes.isEmpty {
-                    cleanDeleted(deletes)
-                }
-            }
-        }
-        lock.withLock {
-            backgroundRunning = false
-            lock.broadcast()
-        }
-    }
-
-    /// Another client cleaned this session up as stale (this one was silent too long, e.g.
-    /// suspended or cut off): register again and record the open files again, so files unlinked
-    /// meanwhile by others stay readable here until closed. Locks held before are gone.
-    private func reregister() {
-        let old = sid
-        do {
-            let info = SessionInfo(hostname: Sys.hostname(), pid: getpid(), mountPoint: config.mountPoint, version: config.version)
-            let id = try meta.newSession(info)
-            session.withLock { $0 = id }
-            // Each open again as it was (for reading, writing or both): through a gateway the
-            // right to write comes from an open for writing held by the session.
-            let open = lock.withLock { handles.values.map { ($0.ino, $0.flags & O_ACCMODE) } }
-            var lost = 0
-            for (ino, mode) in open {
-                do { _ = try meta.open(.root, ino, flags: mode, sid: id) } catch { lost += 1 }
-            }
-            Log.warning(
-                "session \(old) had been cleaned up as stale; registered again as session \(id) with \(open.count - lost) open file(s)"
-                    + (lost > 0 ? ", \(lost) already gone" : "") + "; locks held before are released")
-        } catch {
-            Log.error("session \(old) is gone and registering again failed: \(error.message)")
-        }
-    }
-
-    /// How long the deleter waits after a removal for more to come.
-    static let deleteDelayNanos: UInt64 = 100_000_000
-
-    private func wakeDeleter(_ what: Deletions) {
-        lock.withLock {
-            deletesPending.formUnion(what)
-            lock.broadcast()
-        }
-    }
+    private func wakeDeleter(_ what: Deletions) { background.wake(what) }
 
     private func writable() throws(FSError) {
         if config.readOnly { throw FSError.readOnly }
@@ -251,42 +90,14 @@ public final class VFS: @unchecked Sendable {
     // MARK: kernel references
 
     /// The kernel took a reference to `ino` (an entry reply it accepted).
-    public func remember(_ ino: Ino) {
-        lock.withLock { kernelRefs[ino, default: 0] += 1 }
-    }
+    public func remember(_ ino: Ino) { kernel.remember(ino) }
 
     /// FORGET: the kernel dropped `count` references to `ino`.
-    public func forget(_ ino: Ino, _ count: UInt64) {
-        lock.withLock {
-            guard let n = kernelRefs[ino] else { return }
-            if n <= count {
-                kernelRefs[ino] = nil
-                ghosts[ino] = nil
-            } else {
-                kernelRefs[ino] = n - count
-            }
-        }
-    }
+    public func forget(_ ino: Ino, _ count: UInt64) { kernel.forget(ino, count) }
 
-    /// Keeps the attributes of an inode that lost its last name while the kernel holds it.
-    private func bury(_ r: RemovedName?) {
-        guard let r, r.freed else { return }
-        lock.withLock { if kernelRefs[r.ino] != nil { ghosts[r.ino] = r.attr } }
-    }
+    private func bury(_ r: RemovedName?) { kernel.bury(r) }
 
-    private func ghost(_ ino: Ino) -> Attr? { lock.withLock { ghosts[ino] } }
-
-    /// setattr on a ghost: the same rules, applied here (no size: it has no data and no name).
-    private func setGhostAttr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest) throws(FSError) -> Attr {
-        guard var a = ghost(ino) else { throw FSError.notFound }
-        if req.mask.contains(.size) { throw FSError.notFound }
-        let before = a
-        let now = Timespec.now()
-        let touch = try SetAttrRules.apply(req, to: &a, cred, now: now)
-        SetAttrRules.finish(req, &a, before, cred, now: now, touch: touch)
-        lock.withLock { if ghosts[ino] != nil { ghosts[ino] = a } }
-        return a
-    }
+    private func ghost(_ ino: Ino) -> Attr? { kernel.ghost(ino) }
 
     // MARK: attributes
 
@@ -301,11 +112,7 @@ public final class VFS: @unchecked Sendable {
     }
 
     /// Records the mode `a` in the open handles of `ino`.
-    private func noteMode(_ ino: Ino, _ a: Attr) {
-        lock.withLock {
-            for h in handles.values where h.ino == ino { h.mode = a.mode }
-        }
-    }
+    private func noteMode(_ ino: Ino, _ a: Attr) { files.noteMode(ino, a) }
 
     public func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
         if let ino = cache.entry(parent, name), let a = cache.attr(ino) {
@@ -329,7 +136,7 @@ public final class VFS: @unchecked Sendable {
 
     public func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest, fh: UInt64?) throws(FSError) -> Attr {
         try writable()
-        if ghost(ino) != nil { return try setGhostAttr(cred, ino, req) }
+        if ghost(ino) != nil { return try kernel.setattr(cred, ino, req) }
         var req = req
         let times: SetAttrMask = [.atime, .mtime, .atimeNow, .mtimeNow]
         if req.mask.contains(.size) || !req.mask.isDisjoint(with: times) {
@@ -337,7 +144,7 @@ public final class VFS: @unchecked Sendable {
             // (`cp -p` sets them on the open file): the later change wins, as on ext4.
             try data.flush(ino)
         }
-        if req.mask.contains(.size), let fh, let h = handle(fh), h.ino == ino, h.flags & O_ACCMODE != O_RDONLY { req.viaHandle = true }
+        if req.mask.contains(.size), let fh, let h = handle(fh), h.ino == ino, h.writable { req.viaHandle = true }
         let a = try meta.setattr(cred, ino, req)
         if req.mask.contains(.size) {
             data.invalidate(ino)
@@ -366,7 +173,7 @@ public final class VFS: @unchecked Sendable {
     /// Records a new entry in the client cache.
     private func created(_ parent: Ino, _ name: [UInt8], _ r: (Ino, Attr)) -> (Ino, Attr) {
         cache.putEntry(parent, name, r.0, r.1, asOf: cache.stamp())
-        noCapability(r.0)
+        capabilities.absent(r.0)
         return r
     }
 
@@ -488,16 +295,9 @@ public final class VFS: @unchecked Sendable {
 
     // MARK: files
 
-    private func handle(_ fh: UInt64) -> FileHandle? { lock.withLock { handles[fh] } }
+    private func handle(_ fh: UInt64) -> FileHandle? { files.get(fh) }
 
-    private func register(_ h: FileHandle) -> UInt64 {
-        lock.withLock {
-            let fh = nextHandle
-            nextHandle += 1
-            handles[fh] = h
-            return fh
-        }
-    }
+    private func register(_ h: FileHandle) -> UInt64 { files.add(h) }
 
     /// Opens `ino`; close-to-open: cached chunk views are dropped so other clients' writes show.
     /// `keepCache` says the file is unchanged since this client last opened it, so the kernel
@@ -523,15 +323,11 @@ public final class VFS: @unchecked Sendable {
             }
             noteMode(ino, a)
         }
-        let keep = lock.withLock { () -> Bool in
-            let same = lastOpened[ino].map { $0.0 == a.mtime && $0.1 == a.size && $0.2 == stampBefore } ?? false
-            if lastOpened.count > 100_000 { lastOpened.removeAll() }
-            return same && !wantsWrite && a.type == .regular && data.writer(ino) == nil
-        }
+        let keep = files.unchanged(ino, a, stamp: stampBefore) && !wantsWrite && a.type == .regular && data.writer(ino) == nil
         data.invalidate(ino)
         cache.put(ino, a, asOf: cache.stamp())
         if let first { data.prime(ino, 0, first) }
-        lock.withLock { lastOpened[ino] = (a.mtime, a.size, data.changeStamp(ino)) }
+        files.opened(ino, a, stamp: data.changeStamp(ino))
         let w = wantsWrite && a.type == .regular ? data.openWriter(ino) : nil
         let h = FileHandle(ino: ino, flags: flags, writer: w, size: a.size, stamp: data.changeStamp(ino), mode: a.mode)
         return (register(h), overlay(ino, a), keep)
@@ -551,15 +347,15 @@ public final class VFS: @unchecked Sendable {
         if let w = data.writer(h.ino), w.hasPending { try w.flush() }
         // The size from open holds until this client changes the file (close-to-open for others).
         let stamp = data.changeStamp(h.ino)
-        let known: UInt64? = lock.withLock { h.stamp == stamp ? h.size : nil }
+        let known: UInt64? = h.state.withLock { $0.stamp == stamp ? $0.size : nil }
         let size: UInt64
         if let known {
             size = known
         } else {
             size = try meta.getattr(h.ino).size
-            lock.withLock {
-                h.size = size
-                h.stamp = stamp
+            h.state.withLock {
+                $0.size = size
+                $0.stamp = stamp
             }
         }
         return try data.read(h.ino, at: offset, into: buffer, fileSize: size, hint: h.readAhead)
@@ -573,7 +369,7 @@ public final class VFS: @unchecked Sendable {
         guard let h = handle(fh) else { throw FSError.badF }
         guard let w = h.writer else { throw FSError.badF }
         if offset + UInt64(buffer.count) > maxFileSize { throw FSError(EFBIG, "file too large (the largest is 1 PiB)") }
-        if uid != 0 && lock.withLock({ h.mode & 0o6000 != 0 }) {
+        if uid != 0 && h.state.withLock({ $0.mode & 0o6000 != 0 }) {
             let a = try meta.setattr(caller(), h.ino, SetAttrRequest(mask: .killPriv))
             cache.put(h.ino, a, asOf: cache.stamp())
             noteMode(h.ino, a)
@@ -590,7 +386,7 @@ public final class VFS: @unchecked Sendable {
         if let w = h.writer {
             do { try w.flush() } catch { err = error }
         }
-        let owned = lock.withLock { h.posixOwners.remove(owner) != nil }
+        let owned = h.state.withLock { $0.posixOwners.remove(owner) != nil }
         if owned {
             try? meta.setlk(h.ino, sid: sid, owner: owner, pid: 0, type: .unlock, start: 0, end: .max)
         }
@@ -604,12 +400,12 @@ public final class VFS: @unchecked Sendable {
 
     /// The last close of an open file description.
     public func release(_ fh: UInt64) {
-        guard let h = lock.withLock({ handles.removeValue(forKey: fh) }) else { return }
+        guard let h = files.remove(fh) else { return }
         if let w = h.writer {
             do { try w.flush() } catch { Log.error("writing inode \(h.ino) at close: \(error.message)") }
             data.releaseWriter(w)
         }
-        if let owner = h.flockOwner {
+        if let owner = h.state.withLock({ $0.flockOwner }) {
             try? meta.flock(h.ino, sid: sid, owner: owner, pid: 0, type: .unlock)
         }
         do {
@@ -624,13 +420,13 @@ public final class VFS: @unchecked Sendable {
     public func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
         // The kernel asks for security.capability before every write to a file (to drop it):
         // that it is absent is remembered like an attribute (no permission decides it).
-        let isCapability = name == capabilityName
-        if isCapability && capabilityAbsent(ino) { throw FSError.noAttr }
-        let epoch = capabilities.withLock { $0.epoch }
+        let isCapability = name == Capabilities.name
+        if isCapability && capabilities.isAbsent(ino) { throw FSError.noAttr }
+        let epoch = capabilities.epoch
         do {
             return try meta.getxattr(cred, ino, name)
         } catch {
-            if isCapability && error.code == ENODATA { noCapability(ino, ifUnchangedSince: epoch) }
+            if isCapability && error.code == ENODATA { capabilities.absent(ino, ifUnchangedSince: epoch) }
             throw error
         }
     }
@@ -641,50 +437,18 @@ public final class VFS: @unchecked Sendable {
 
     public func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
         try writable()
-        forgetCapability(ino)
-        defer { forgetCapability(ino) }
+        capabilities.forget(ino)
+        defer { capabilities.forget(ino) }
         try meta.setxattr(cred, ino, name, value, flag)
         cache.drop(ino)
     }
 
     public func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
         try writable()
-        forgetCapability(ino)
-        defer { forgetCapability(ino) }
+        capabilities.forget(ino)
+        defer { capabilities.forget(ino) }
         try meta.removexattr(cred, ino, name)
         cache.drop(ino)
-    }
-
-    /// Inodes known to have no security.capability, each until a deadline (the attribute
-    /// cache's timeout): created by this client, or asked about lately. `epoch` counts this
-    /// client's extended-attribute changes: an answer read while one was under way is not kept.
-    private let capabilities = Locked<(known: [Ino: UInt64], epoch: UInt64)>(([:], 0))
-
-    private func noCapability(_ ino: Ino, ifUnchangedSince epoch: UInt64? = nil) {
-        guard cache.attrTTL > 0 else { return }
-        let deadline = Sys.monotonicNanos() + cache.attrTTL
-        capabilities.withLock {
-            if let epoch, $0.epoch != epoch { return }
-            if $0.known.count > 100_000 { $0.known.removeAll(keepingCapacity: true) }
-            $0.known[ino] = deadline
-        }
-    }
-
-    private func capabilityAbsent(_ ino: Ino) -> Bool {
-        let now = Sys.monotonicNanos()
-        return capabilities.withLock { (c) -> Bool in
-            guard let d = c.known[ino] else { return false }
-            if d < now { c.known[ino] = nil }
-            return d >= now
-        }
-    }
-
-    /// Called before and after each extended-attribute change of this client.
-    private func forgetCapability(_ ino: Ino) {
-        capabilities.withLock {
-            $0.known[ino] = nil
-            $0.epoch &+= 1
-        }
     }
 
     // MARK: locks
@@ -699,7 +463,7 @@ public final class VFS: @unchecked Sendable {
         _ fh: UInt64, owner: UInt64, pid: UInt32, type: LockType, start: UInt64, end: UInt64, wait: Bool, interrupted: () -> Bool
     ) throws(FSError) {
         guard let h = handle(fh) else { throw FSError.badF }
-        if type != .unlock { lock.withLock { _ = h.posixOwners.insert(owner) } }
+        if type != .unlock { h.state.withLock { _ = $0.posixOwners.insert(owner) } }
         try retrying(wait: wait, interrupted: interrupted) { () throws(FSError) in
             try meta.setlk(h.ino, sid: sid, owner: owner, pid: pid, type: type, start: start, end: end)
         }
@@ -708,7 +472,7 @@ public final class VFS: @unchecked Sendable {
     /// `flock(2)`; with `wait`, retries until granted or interrupted.
     public func flock(_ fh: UInt64, owner: UInt64, pid: UInt32, type: LockType, wait: Bool, interrupted: () -> Bool) throws(FSError) {
         guard let h = handle(fh) else { throw FSError.badF }
-        lock.withLock { h.flockOwner = type == .unlock ? nil : owner }
+        h.state.withLock { $0.flockOwner = type == .unlock ? nil : owner }
         try retrying(wait: wait, interrupted: interrupted) { () throws(FSError) in
             try meta.flock(h.ino, sid: sid, owner: owner, pid: pid, type: type)
         }
@@ -729,20 +493,3 @@ public final class VFS: @unchecked Sendable {
         }
     }
 }
-
-private func vfsBackgroundMain(_ ctx: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
-    let vfs = Unmanaged<VFS>.fromOpaque(ctx!).takeRetainedValue()
-    vfs.background()
-    return nil
-}
-
-/// What waits for deletion: files whose last link and open went away, slices cut off by truncation.
-public struct Deletions: OptionSet, Sendable {
-    public let rawValue: Int
-    public init(rawValue: Int) { self.rawValue = rawValue }
-    public static let files = Deletions(rawValue: 1)
-    public static let slices = Deletions(rawValue: 2)
-    public static let all: Deletions = [.files, .slices]
-}
-
-private let capabilityName = Array("security.capability".utf8)
