@@ -91,6 +91,12 @@ public final class FuseServer: @unchecked Sendable {
         return rc
     }
 
+    /// Drops what the kernel keeps of `ino` (its attributes and every cached page), so the next
+    /// read and stat ask the mount. Called from a request's handler, while the loop runs.
+    func forgetKernelCache(_ ino: Ino) {
+        if let se = session { _ = fuse_lowlevel_notify_inval_inode(se, ino, 0, 0) }
+    }
+
     /// Asks the loop to stop (from another thread).
     public func exit() {
         if let se = session { fuse_session_exit(se) }

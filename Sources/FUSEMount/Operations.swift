@@ -516,6 +516,7 @@ private func ll_setlk(
         try server(req).vfs.setlk(
             fi.pointee.fh, owner: fi.pointee.lock_owner, pid: UInt32(bitPattern: lock.pointee.l_pid), type: lockType(lock.pointee.l_type),
             start: start, end: end, wait: sleep != 0, interrupted: { fuse_req_interrupted(req) != 0 })
+        if lockType(lock.pointee.l_type) != .unlock { server(req).forgetKernelCache(ino) }
         fuse_reply_err(req, 0)
     }
 }
@@ -527,6 +528,7 @@ private func ll_flock(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutable
         try server(req).vfs.flock(
             fi.pointee.fh, owner: fi.pointee.lock_owner, pid: UInt32(bitPattern: fuse_req_ctx(req)!.pointee.pid), type: type,
             wait: op & LOCK_NB == 0, interrupted: { fuse_req_interrupted(req) != 0 })
+        if type != .unlock { server(req).forgetKernelCache(ino) }
         fuse_reply_err(req, 0)
     }
 }

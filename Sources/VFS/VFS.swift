@@ -125,11 +125,26 @@ public final class VFS: Sendable {
         return (ino, overlay(ino, a))
     }
 
+    /// Runs an operation on inode `ino`, which the kernel named by a handle it holds: when the
+    /// inode is gone (another client removed it), the answer is `ESTALE`, and nothing cached
+    /// of it is kept. The kernel then looks the path up again and retries (open, stat and the
+    /// other calls on a path do, once), where `ENOENT` would end an `open(O_CREAT)` of a name
+    /// that exists again, made anew by another client.
+    private func current<T>(_ ino: Ino, _ body: () throws(FSError) -> T) throws(FSError) -> T {
+        do {
+            return try body()
+        } catch {
+            guard error.code == ENOENT else { throw error }
+            cache.drop(ino)
+            throw FSError(ESTALE, "inode \(ino) is gone (removed by another client)")
+        }
+    }
+
     public func getattr(_ ino: Ino) throws(FSError) -> Attr {
         if let a = cache.attr(ino) { return overlay(ino, a) }
         if let g = ghost(ino) { return g }
         let t = cache.stamp()
-        let a = try meta.getattr(ino)
+        let a = try current(ino) { () throws(FSError) in try meta.getattr(ino) }
         cache.put(ino, a, asOf: t)
         return overlay(ino, a)
     }
@@ -145,7 +160,7 @@ public final class VFS: Sendable {
             try data.flush(ino)
         }
         if req.mask.contains(.size), let fh, let h = handle(fh), h.ino == ino, h.writable { req.viaHandle = true }
-        let a = try meta.setattr(cred, ino, req)
+        let a = try current(ino) { () throws(FSError) in try meta.setattr(cred, ino, req) }
         if req.mask.contains(.size) {
             data.invalidate(ino)
             wakeDeleter(.slices)
@@ -158,7 +173,7 @@ public final class VFS: Sendable {
     public func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError) {
         if mask.contains(.write) { try writable() }
         if let g = ghost(ino) { return try Posix.check(g, cred, mask) }
-        try meta.access(cred, ino, mask)
+        try current(ino) { () throws(FSError) in try meta.access(cred, ino, mask) }
     }
 
     // MARK: namespace
@@ -208,7 +223,7 @@ public final class VFS: Sendable {
     }
 
     public func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
-        try meta.readlink(ino)
+        try current(ino) { () throws(FSError) in try meta.readlink(ino) }
     }
 
     public func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
@@ -260,7 +275,7 @@ public final class VFS: Sendable {
             return try Posix.check(g, cred, .read)
         }
         let t = cache.stamp()
-        let a = try meta.getattr(ino)
+        let a = try current(ino) { () throws(FSError) in try meta.getattr(ino) }
         cache.put(ino, a, asOf: t)
         guard a.type == .directory else { throw FSError.notDir }
         try Posix.check(a, cred, .read)
@@ -272,7 +287,7 @@ public final class VFS: Sendable {
         if ghost(ino) != nil { return [] }  // a removed directory lists nothing, as on ext4
         var out: [DirEntry] = []
         if offset < 2 {
-            let a = try meta.getattr(ino)
+            let a = try current(ino) { () throws(FSError) in try meta.getattr(ino) }
             if offset == 0 { out.append(DirEntry(name: [UInt8(ascii: ".")], ino: ino, type: .directory, cookie: 1, attr: plus ? a : nil)) }
             let parent = a.parent == 0 ? rootIno : a.parent
             let pa = plus ? try? meta.getattr(parent) : nil
@@ -306,7 +321,7 @@ public final class VFS: Sendable {
         let wantsWrite = flags & O_ACCMODE != O_RDONLY || flags & O_TRUNC != 0
         if wantsWrite { try writable() }
         let stampBefore = data.changeStamp(ino)
-        var (a, first) = try meta.open(cred, ino, flags: flags, sid: sid)
+        var (a, first) = try current(ino) { () throws(FSError) in try meta.open(cred, ino, flags: flags, sid: sid) }
         if flags & O_TRUNC != 0 && a.type == .regular {
             // open(O_TRUNC) (the kernel hands it to us: atomic_o_trunc) empties the file and
             // updates mtime and ctime, even when it was empty already.
@@ -424,7 +439,7 @@ public final class VFS: Sendable {
         if isCapability && capabilities.isAbsent(ino) { throw FSError.noAttr }
         let epoch = capabilities.epoch
         do {
-            return try meta.getxattr(cred, ino, name)
+            return try current(ino) { () throws(FSError) in try meta.getxattr(cred, ino, name) }
         } catch {
             if isCapability && error.code == ENODATA { capabilities.absent(ino, ifUnchangedSince: epoch) }
             throw error
@@ -432,14 +447,14 @@ public final class VFS: Sendable {
     }
 
     public func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]] {
-        try meta.listxattr(cred, ino)
+        try current(ino) { () throws(FSError) in try meta.listxattr(cred, ino) }
     }
 
     public func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
         try writable()
         capabilities.forget(ino)
         defer { capabilities.forget(ino) }
-        try meta.setxattr(cred, ino, name, value, flag)
+        try current(ino) { () throws(FSError) in try meta.setxattr(cred, ino, name, value, flag) }
         cache.drop(ino)
     }
 
@@ -447,7 +462,7 @@ public final class VFS: Sendable {
         try writable()
         capabilities.forget(ino)
         defer { capabilities.forget(ino) }
-        try meta.removexattr(cred, ino, name)
+        try current(ino) { () throws(FSError) in try meta.removexattr(cred, ino, name) }
         cache.drop(ino)
     }
 
@@ -459,23 +474,37 @@ public final class VFS: Sendable {
     }
 
     /// `F_SETLK` / `F_SETLKW`: with `wait`, retries until granted or `interrupted()` says stop.
+    /// Locks order writers on several clients, as NFS clients make them: this client's buffered
+    /// writes are committed before it lets a lock go, and what it keeps of the file goes when
+    /// it takes one (the caller drops the kernel's pages and attributes too).
     public func setlk(
         _ fh: UInt64, owner: UInt64, pid: UInt32, type: LockType, start: UInt64, end: UInt64, wait: Bool, interrupted: () -> Bool
     ) throws(FSError) {
         guard let h = handle(fh) else { throw FSError.badF }
-        if type != .unlock { h.state.withLock { _ = $0.posixOwners.insert(owner) } }
+        if type == .unlock { try data.flush(h.ino) } else { h.state.withLock { _ = $0.posixOwners.insert(owner) } }
         try retrying(wait: wait, interrupted: interrupted) { () throws(FSError) in
             try meta.setlk(h.ino, sid: sid, owner: owner, pid: pid, type: type, start: start, end: end)
         }
+        if type != .unlock { lockTaken(h.ino) }
     }
 
-    /// `flock(2)`; with `wait`, retries until granted or interrupted.
+    /// `flock(2)`; with `wait`, retries until granted or interrupted. Writes and caches as for `setlk`.
     public func flock(_ fh: UInt64, owner: UInt64, pid: UInt32, type: LockType, wait: Bool, interrupted: () -> Bool) throws(FSError) {
         guard let h = handle(fh) else { throw FSError.badF }
+        if type == .unlock { try data.flush(h.ino) }
         h.state.withLock { $0.flockOwner = type == .unlock ? nil : owner }
         try retrying(wait: wait, interrupted: interrupted) { () throws(FSError) in
             try meta.flock(h.ino, sid: sid, owner: owner, pid: pid, type: type)
         }
+        if type != .unlock { lockTaken(h.ino) }
+    }
+
+    /// A lock was taken on `ino`: another client may have written the file under it before, so
+    /// nothing this client remembers of its data, size or attributes is used again (SQLite
+    /// reads its database's first page right after taking its lock).
+    private func lockTaken(_ ino: Ino) {
+        cache.drop(ino)
+        data.invalidate(ino)
     }
 
     private func retrying(wait: Bool, interrupted: () -> Bool, _ body: () throws(FSError) -> Void) throws(FSError) {
