@@ -60,7 +60,7 @@ public final class FuseServer: @unchecked Sendable {
         FuseLog.reset()
         let ctx = Unmanaged.passUnretained(self).toOpaque()
         guard let se = fuse_session_new(args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, ctx) else {
-            throw FSError(EINVAL, "cannot set up the FUSE session: \(FuseLog.last ?? "invalid mount options \(opts.joined(separator: ","))")")
+            throw FSError(EINVAL, "cannot mount: \(FuseLog.last ?? "invalid mount options \(opts.joined(separator: ","))")")
         }
         if fuse_session_mount(se, mountPoint) != 0 {
             fuse_session_destroy(se)
@@ -114,19 +114,51 @@ public final class FuseServer: @unchecked Sendable {
 /// Captures libfuse's log lines so that mount failures can be reported in one clear line.
 enum FuseLog {
     nonisolated(unsafe) private static var lastMessage: String?
+    /// A line libfuse is still writing in pieces (it logs some messages a word at a time).
+    nonisolated(unsafe) private static var partial = ""
     private static let lock = ConditionLock()
 
     static func install() {
         fuse_set_log_func(fuseLogLine)
     }
 
-    static func reset() { lock.withLock { lastMessage = nil } }
+    static func reset() {
+        lock.withLock {
+            lastMessage = nil
+            partial = ""
+        }
+    }
 
-    static var last: String? { lock.withLock { lastMessage } }
+    /// The last whole line libfuse logged (or what it has written of one).
+    static var last: String? { lock.withLock { lastMessage ?? (partial.isEmpty ? nil : Self.readable(partial)) } }
 
-    fileprivate static func record(_ s: String) {
-        lock.withLock { lastMessage = s }
-        Log.info("libfuse: \(s)")
+    fileprivate static func record(_ piece: String) {
+        let line = lock.withLock { () -> String? in
+            partial += piece
+            guard partial.hasSuffix("\n") else { return nil }
+            var s = partial
+            partial = ""
+            while s.hasSuffix("\n") { s.removeLast() }
+            s = readable(s)
+            lastMessage = s
+            return s
+        }
+        if let line { Log.info("libfuse: \(line)") }
+    }
+
+    /// libfuse's wording, made to name what the user typed.
+    static func readable(_ line: String) -> String {
+        var s = line
+        if s.hasPrefix("fuse: ") { s.removeFirst(6) }
+        // "unknown option(s): `-o bogusopt'"
+        let unknown = "unknown option(s): `"
+        if s.hasPrefix(unknown) {
+            var opts = String(s.dropFirst(unknown.count))
+            if opts.hasSuffix("'") { opts.removeLast() }
+            let names = opts.split(separator: " ").filter { $0 != "-o" }.flatMap { $0.split(separator: ",") }.map(String.init)
+            return "unknown mount option\(names.count == 1 ? "" : "s") \(names.map { "'\($0)'" }.joined(separator: ", ")) (see 'stagefs mount --help' and mount.fuse3(8) for the options)"
+        }
+        return s
     }
 }
 
@@ -134,8 +166,5 @@ private func fuseLogLine(_ level: fuse_log_level, _ fmt: UnsafePointer<CChar>?, 
     guard let fmt, let ap else { return }
     var buf = [CChar](repeating: 0, count: 1024)
     _ = vsnprintf(&buf, 1024, fmt, ap)
-    var s = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    while s.hasSuffix("\n") { s.removeLast() }
-    if s.hasPrefix("fuse: ") { s.removeFirst(6) }
-    FuseLog.record(s)
+    FuseLog.record(String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
 }

@@ -1025,6 +1025,30 @@ extension TxnMetadata where S == RedisTxnStore {
     }
 }
 
+/// An engine whose server may keep the metadata only in memory.
+package protocol DurabilityCheck: AnyObject, Sendable {
+    /// Why the metadata may be lost on a restart of its server, or nil when it is kept (or the
+    /// server would not say).
+    func durabilityWarning() -> String?
+}
+
+extension TxnMetadata: DurabilityCheck where S == RedisTxnStore {
+    /// A Redis that neither appends to an AOF nor saves snapshots loses everything when it
+    /// restarts. (A server that refuses `CONFIG GET`, a managed one, is not second-guessed.)
+    package func durabilityWarning() -> String? {
+        guard
+            let (aof, save) = try? store.pool.with({ (c) throws(FSError) -> (Bool, String?) in
+                let info = try c.command(["INFO", "persistence"]).text ?? ""
+                let reply = try c.command(["CONFIG", "GET", "save"]).array
+                return (info.contains("aof_enabled:1"), reply.count == 2 ? reply[1].text : nil)
+            })
+        else { return nil }
+        guard !aof, let save, save.allSatisfy({ $0 == " " }) else { return nil }
+        return "\(store.displayName) neither appends to an AOF nor saves snapshots (appendonly no, save \"\"): "
+            + "a restart of Redis loses the volume's metadata, and with it every file; set appendonly yes in its configuration"
+    }
+}
+
 /// Hands out request numbers, unique within this client.
 final class Counter: @unchecked Sendable {
     private let lock = ConditionLock()

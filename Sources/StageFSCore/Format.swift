@@ -212,7 +212,7 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
         switch scheme {
         case "sqlite3", "sqlite":
             guard rest.hasPrefix("/") else {
-                throw bad("the database path must be absolute, three slashes in all", meant: rest.isEmpty ? nil : "\(scheme):///\(rest)")
+                throw bad("the database path must be absolute, three slashes in all", meant: rest.isEmpty ? nil : "\(scheme)://\(meantPath(rest))")
             }
             var path = rest
             if let q = path.firstIndex(of: "?") { path = String(path[..<q]) }
@@ -220,7 +220,7 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
             return .sqlite(path: path)
         case "stagefs+unix":
             guard rest.hasPrefix("/") else {
-                throw bad("the gateway's socket path must be absolute, three slashes in all", meant: rest.isEmpty ? nil : "\(scheme):///\(rest)")
+                throw bad("the gateway's socket path must be absolute, three slashes in all", meant: rest.isEmpty ? nil : "\(scheme)://\(meantPath(rest))")
             }
             guard rest.count > 1, !rest.hasSuffix("/"), !rest.contains("?"), !rest.contains("@") else { throw bad("no socket file named") }
             return .gateway(.unix(path: rest))
@@ -380,4 +380,12 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
             return "\(r.tls ? "rediss" : "redis")://\(auth)\(hosts)/\(r.db)" + (q.isEmpty ? "" : "?" + q.joined(separator: "&"))
         }
     }
+}
+
+/// The absolute path a relative one in a URL most likely meant: a slash forgotten before a
+/// directory that exists at the root (`var/lib/x.db`), else a file of the working directory
+/// (`relative.db`).
+private func meantPath(_ rest: String) -> String {
+    if let first = rest.split(separator: "/").first, rest.contains("/"), Sys.stat("/" + first) != nil { return "/" + rest }
+    return absolutePath(rest)
 }

@@ -307,3 +307,16 @@ public enum Sys {
 private func statPath(_ path: String, _ st: inout Glibc.stat) -> Int32 {
     stat(path, &st)
 }
+
+/// `p` as an absolute path: resolved when it exists, else joined to the working directory.
+public func absolutePath(_ p: String) -> String {
+    if let r = realpath(p, nil) {
+        defer { free(r) }
+        return String(cString: r)
+    }
+    if p.hasPrefix("/") { return p }
+    var buf = [CChar](repeating: 0, count: Int(PATH_MAX))
+    guard getcwd(&buf, buf.count) != nil else { return p }
+    let cwd = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    return cwd == "/" ? "/\(p)" : "\(cwd)/\(p)"
+}

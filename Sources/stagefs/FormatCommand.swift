@@ -109,6 +109,11 @@ struct Format: ParsableCommand {
     }
 
     func run() throws {
+        if storage == "file", let bucket, !bucket.hasPrefix("/") {
+            throw FSError.usage(
+                "--bucket takes an absolute directory for --storage file (every client and the gateway find the data by that path): did you mean --bucket \(absolutePath(bucket))?"
+            )
+        }
         let url = try metaURLArgument(metaURL)
         let env = { (n: String) in getenv(n).map { String(cString: $0) } }
         var bucketURL = bucket ?? (getuid() == 0 ? "/var/lib/stagefs" : "\(homeDirectory())/.stagefs/local")
@@ -116,6 +121,7 @@ struct Format: ParsableCommand {
         let key = storage == "s3" ? (accessKey ?? env("AWS_ACCESS_KEY_ID")) : nil
         let secret = storage == "s3" ? (secretKey ?? env("AWS_SECRET_ACCESS_KEY")) : nil
         let meta = try openMetadata(url, create: true)
+        warnIfVolatile(meta)
         let existing = try meta.loadFormat()
         let record = VolumeFormat(
             name: name, storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret, blockSizeKiB: blockSize,

@@ -103,6 +103,7 @@ struct GatewayCmd: ParsableCommand {
             url = url.with(password: p)
         }
         let meta = try openMetadata(url, retryTimeout: io.metaTimeout, tracking: trackedCache)
+        warnIfVolatile(meta)
         let format = try meta.requireFormat()
         let storeConfig = io.storeConfig(format, accessKey: value("ACCESS_KEY"), secretKey: value("SECRET_KEY"))
         let store = try openObjectStore(storeConfig)

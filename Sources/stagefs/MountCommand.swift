@@ -27,6 +27,11 @@ struct Mount: ParsableCommand {
             the caller's uid, gid and groups. A mountpoint with files in it is refused (they would
             be hidden while mounted) unless -o nonempty.
 
+            A mount made by root gets allow_other unless -o noallow_other: a root mount (a
+            systemd unit, /etc/fstab) is the node's mount for every user, and each user still
+            gets only what the permissions give them (both checks above use the caller's own
+            identity). Without it only root could enter it.
+
             The mountpoint may be /dev/fd/N: a /dev/fuse descriptor mounted by a supervisor and
             passed to this process, as Apptainer's --fusemount does.
 
@@ -149,6 +154,7 @@ struct Mount: ParsableCommand {
         var ro = readOnly
         var debug = false
         var nonempty = false
+        var othersAllowed = getuid() == 0 && premountedFD == nil
         for group in options {
             for o in group.split(separator: ",").map(String.init) where !o.isEmpty {
                 switch o {
@@ -156,11 +162,17 @@ struct Mount: ParsableCommand {
                 case "rw": ro = false
                 case "debug": debug = true
                 case "nonempty": nonempty = true
+                case "noallow_other": othersAllowed = false
+                case "allow_other", "allow_root":
+                    othersAllowed = false
+                    fuse.append(o)
                 case "_netdev", "defaults", "auto", "noauto", "user", "nouser", "nofail": continue
                 default: fuse.append(o)
                 }
             }
         }
+        // A root mount is the node's mount for every user (see the help).
+        if othersAllowed { fuse.append("allow_other") }
         if ro { fuse.append("ro") }
         return (fuse, ro, debug, nonempty)
     }
@@ -201,6 +213,9 @@ struct Mount: ParsableCommand {
     }
 
     func run() throws {
+        if let second = mountPointArgument, second.contains("://") && !volumeArgument.contains("://") {
+            throw FSError.usage("the META-URL comes first, then the mountpoint: stagefs mount \(second) \(volumeArgument)")
+        }
         Log.level = verbose >= 2 ? .debug : (verbose == 1 ? .info : .warning)
         let path = resolvedMountPoint
         if let fd = premountedFD {
@@ -225,6 +240,7 @@ struct Mount: ParsableCommand {
         // Check everything that can be checked before going to the background.
         let url = try metaURLArgument(metaURL)
         let meta = try openEngine(url, retryTimeout: io.metaTimeout, tracking: trackedCache)
+        warnIfVolatile(meta)
         let format = try meta.requireFormat()
         let store = try openStore(meta, io.storeConfig(format, accessKey: accessKey, secretKey: givenSecretKey))
         if let local = store as? LocalObjectStore {
@@ -337,7 +353,13 @@ struct Mount: ParsableCommand {
             got += buf[0..<n]
         }
         close(fds[0])
-        let line = String(decoding: got, as: UTF8.self).trimmed
+        // Warnings of the mount process (one a line), then "ok" or "error: REASON".
+        var lines = String(decoding: got, as: UTF8.self).split(separator: "\n").map { String($0).trimmed }
+        while let w = lines.first, w.hasPrefix("warning: ") {
+            printError("stagefs: \(w)")
+            lines.removeFirst()
+        }
+        let line = lines.joined(separator: " ")
         if line.hasPrefix("ok") {
             print("stagefs: mounted at \(path) (pid \(pid), log \(logPath))")
             return
@@ -374,6 +396,7 @@ struct Mount: ParsableCommand {
         dc.bufferSize = bufferSize << 20
         dc.memoryCacheSize = memoryCacheSize << 20
         var disk: DiskCache?
+        var warnings: [String] = []
         if cacheSize > 0 {
             do {
                 disk = try DiskCache(
@@ -384,8 +407,11 @@ struct Mount: ParsableCommand {
                     ready("error: \(error.message)")
                     throw error
                 }
-                // The default location is a convenience: without it the mount still works.
-                Log.warning("\(error.message); running without a disk cache")
+                // The default location is a convenience: without it the mount still works, and
+                // the user hears of it on the terminal (not only in the log).
+                let why = "\(error.message); running without a disk cache (blocks are kept in memory only): give --cache-dir DIR, or --cache-size 0 to mean it"
+                Log.warning(why)
+                warnings.append(why)
             }
         }
         let data = DataStore(ledger: MetadataLedger(meta), store: store, format: format, config: dc, disk: disk)
@@ -414,7 +440,10 @@ struct Mount: ParsableCommand {
                     passwordNeeded: url.hasPassword, startTime: ProcFacts.startTime(getpid())))
         }
         Log.info("volume '\(format.name)' mounted at \(path) (session \(vfs.sid))")
-        ready("ok")
+        if readyFD == nil {
+            for w in warnings { printError("stagefs: warning: \(w)") }
+        }
+        ready((warnings.map { "warning: " + $0.split(separator: "\n").joined(separator: " ") } + ["ok"]).joined(separator: "\n"))
         let rc = server.run()
         let started = Sys.monotonicNanos()
         Log.info("unmounting \(path) (loop ended with \(rc)): flushing buffered writes")

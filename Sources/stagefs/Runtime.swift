@@ -422,19 +422,6 @@ enum MountTable {
     }
 }
 
-/// An absolute, normalized form of a path (symlinks resolved when it exists).
-func absolutePath(_ p: String) -> String {
-    if let r = realpath(p, nil) {
-        defer { free(r) }
-        return String(cString: r)
-    }
-    if p.hasPrefix("/") { return p }
-    var buf = [CChar](repeating: 0, count: Int(PATH_MAX))
-    guard getcwd(&buf, buf.count) != nil else { return p }
-    let cwd = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    return cwd == "/" ? "/\(p)" : "\(cwd)/\(p)"
-}
-
 extension String {
     /// Without leading and trailing white space.
     var trimmed: String {

@@ -161,6 +161,8 @@ struct Stage: ParsableCommand {
         let size = cacheSize ?? (cacheDir == nil ? record?.cacheSize : nil) ?? 102400
         if size == 0 { throw FSError.usage("the cache size is 0: there is no cache to stage into") }
         let mode: StageMode = check ? .check : (evict ? .evict : .stage)
+        // Found now, not after everything was fetched.
+        if let report, let problem = unwritable(report) { throw FSError(EACCES, "cannot write the report to \(report): \(problem)") }
         let result = try runStaging(
             metaURL: metaURL, paths: volumePaths, mode: mode, cache: DiskCacheConfig(dirs: dirs, capacity: size << 20, freeSpaceRatio: freeSpaceRatio ?? record?.freeSpaceRatio ?? 0.1),
             threads: threads, job: job, io: io, progress: !quiet && isatty(2) == 1)
@@ -258,6 +260,13 @@ func runStaging(
     var store: (any ObjectStore)?
     if mode == .stage {
         store = try openStore(metaEngine, io.storeConfig(format))
+        // One line up front, not one per file, when this user cannot read the bucket at all.
+        if let local = store as? LocalObjectStore, let problem = local.accessProblem(volume: format.name, write: false) {
+            throw FSError(
+                EACCES,
+                "\(problem): this user cannot read the volume's data, so nothing can be staged; a bucket that several users read belongs to a group of theirs (stagefs format --bucket-group GROUP): ask to be added"
+            )
+        }
     }
     let stager = Stager(meta: metaEngine, store: store, cache: cache, format: format, cred: processCredential(), threads: threads, job: job)
     signal(SIGINT, stageSignal)
@@ -286,6 +295,18 @@ func writeReport(_ result: StageReport, to path: String, followLinks: Bool = tru
     let bytes = [UInt8](data)
     try fsTyped { try bytes.withUnsafeBytes { try Sys.pwrite(fd, $0.baseAddress!, $0.count, 0, path: path) } }
     if ftruncate(fd, off_t(bytes.count)) != 0 { throw FSError.errno(errno, "cannot write \(path)") }
+}
+
+/// Why this process could not write a file at `path` (nil: it could): an existing file must be
+/// writable, a new one needs a writable directory.
+func unwritable(_ path: String) -> String? {
+    if let st = Sys.stat(path) {
+        if st.st_mode & S_IFMT == S_IFDIR { return "it is a directory" }
+        return access(path, W_OK) == 0 ? nil : String(cString: strerror(errno))
+    }
+    let dir = Sys.dirname(of: absolutePath(path))
+    guard Sys.stat(dir) != nil else { return "its directory \(dir) does not exist" }
+    return access(dir, W_OK | X_OK) == 0 ? nil : "its directory \(dir) is not writable by uid \(getuid())"
 }
 
 /// The calling process's credential (uid, gid, supplementary groups).

@@ -102,9 +102,13 @@ enum Main {
             let names = subcommands.map { $0._commandName }
             let prefix = path.dropFirst().map { $0 + " " }.joined()
             let guesses = closestMatches(to: word, in: names).map { "'\(prefix)\($0)'" }
-            let hint =
+            var hint =
                 guesses.isEmpty
                 ? "the commands are \(names.joined(separator: ", "))" : "did you mean \(guesses.joined(separator: " or "))?"
+            // What users of other file systems type first.
+            if path.count == 1 && word == "gc" {
+                hint = "a node's cache of blocks is cleaned by 'stagefs cache gc'"
+            }
             return "unknown command '\(prefix)\(word)': \(hint) (see '\(path.joined(separator: " ")) --help')"
         }
         return nil

@@ -28,7 +28,7 @@ struct Status: ParsableCommand {
         if let k = f.accessKey { print("Access key:  \(k)") }
         print("Block size:  \(f.blockSizeKiB) KiB")
         print("Created:     \(timeText(f.createdAt))")
-        print("Used:        \(humanBytes(usage.usedSpace)) in \(usage.usedInodes) inodes")
+        print("Used:        \(humanBytes(usage.usedSpace)) in \(usage.usedInodes) inode\(usage.usedInodes == 1 ? "" : "s")")
         print("Sessions:    \(sessions.count)")
         for s in sessions {
             let age = now - s.heartbeat

@@ -26,5 +26,11 @@ func openStore(_ meta: any MetadataEngine, _ config: StoreConfig) throws(FSError
     return try openObjectStore(config)
 }
 
+/// Says on the terminal when the engine's server keeps the metadata only in memory (a Redis
+/// with neither AOF nor snapshots: JuiceFS warns of it too).
+func warnIfVolatile(_ meta: any MetadataEngine) {
+    if let w = (meta as? DurabilityCheck)?.durabilityWarning() { printError("stagefs: warning: \(w)") }
+}
+
 /// Whether the engine reaches its volume through a gateway.
 func throughGateway(_ meta: any MetadataEngine) -> Bool { meta is GatewayMetadata }

@@ -7,9 +7,17 @@ import Testing
 /// `RedisTxnTests` drives the Redis one: all or nothing, no lost update between two
 /// connections to one database (two processes of a node), and a nested call that joins.
 @Suite("SQLite transactions", .timeLimit(.minutes(2)))
-struct SQLiteTxnTests {
+final class SQLiteTxnTests {
+    /// The directories this test made (a suite instance runs one test), removed after it.
+    private var dirs: [String] = []
+
+    deinit {
+        for d in dirs { try? FileManager.default.removeItem(atPath: d) }
+    }
+
     private func volume() throws -> (SQLiteMetadata, String) {
         let dir = try makeTempDir("sqltxn")
+        dirs.append(dir)
         let m = try SQLiteMetadata(path: dir + "/meta.db", create: true)
         try m.initialize(VolumeFormat(name: "sqltxn", storage: "file", bucket: dir + "/data"), force: false, rootMode: 0o777)
         return (m, dir)

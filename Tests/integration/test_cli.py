@@ -448,3 +448,75 @@ def test_a_client_cleaned_up_as_stale_registers_again_and_keeps_its_open_files(e
             holder.wait()
         env.stagefs("umount", a)
         env.stagefs("umount", b)
+
+
+def test_what_a_new_user_stumbled_on(env, redis, mnt, tmp_path):
+    """Each of these was met by a new user on an earlier main: now one clear line each."""
+    base = env.dir_for(USER, "newuser")
+    url = f"sqlite3://{base}/meta.db"
+    env.stagefs("format", url, "newuser", "--bucket", f"{base}/data")
+    # An unknown -o option is named whole, not in libfuse's pieces.
+    p = env.stagefs("mount", "-d", url, mnt, "-o", "bogusopt", check=False)
+    err = one_line_error(p, "unknown mount option 'bogusopt'", "stagefs mount --help")
+    assert "`" not in err and not helpers.is_mounted(mnt)
+    # Swapped arguments.
+    p = env.stagefs("mount", mnt, url, check=False)
+    one_line_error(p, "the META-URL comes first, then the mountpoint", f"stagefs mount {url} {mnt}")
+    assert p.returncode == 2
+    # A relative --bucket is refused, with the absolute one it would have been.
+    p = env.stagefs("format", f"sqlite3://{base}/other.db", "other", "--bucket", "relative-bucket", check=False)
+    one_line_error(p, "--bucket takes an absolute directory", "did you mean --bucket /")
+    assert p.returncode == 2
+    # sqlite3://relative.db means a file here, not in /.
+    p = subprocess.run([env.bin, "status", "sqlite3://relative.db"], cwd=tmp_path, capture_output=True, text=True)
+    one_line_error(p, f"did you mean 'sqlite3://{tmp_path}/relative.db'?")
+    # `gc` is a node cache's.
+    one_line_error(env.stagefs("gc", check=False), "unknown command 'gc'", "stagefs cache gc")
+    # One inode, not "1 inodes".
+    assert "in 1 inode\n" in env.stagefs("status", url).stdout
+    # A Redis that keeps nothing on disk (the tests' own) is named as such.
+    p = env.stagefs("format", redis.url(redis.new_db()), "volatile", "--bucket", f"{base}/vdata")
+    assert "neither appends to an AOF nor saves snapshots" in p.stderr and "appendonly yes" in p.stderr, p.stderr
+    # The modulefile's cache root on a node without it: said on the terminal, the mount still made.
+    p = subprocess.run(["runuser", "-u", USER, "--", "env", "STAGEFS_CACHE_ROOT=/nonexistent-site/cache", env.bin, "mount", "-d", url, mnt],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "stagefs: warning: " in p.stderr and "running without a disk cache" in p.stderr and "/nonexistent-site/cache" in p.stderr, p.stderr
+    try:
+        run_as(USER, lambda: [open(os.path.join(mnt, f"f{i}"), "w").write("x" * 100) for i in range(3)])
+    finally:
+        env.stagefs("umount", mnt)
+    # stage: an unwritable --report is found before anything is fetched.
+    cache = env.dir_for(USER, "nucache")
+    p = env.stagefs("stage", "--meta", url, "/", "--cache-dir", cache, "--report", "/nonexistent-dir/r.json", check=False)
+    one_line_error(p, "cannot write the report to /nonexistent-dir/r.json")
+    assert not any(files for _, _, files in os.walk(cache)), "nothing was staged"
+    # stage by a user who cannot read the bucket at all: one line, not one per file.
+    st = os.stat(f"{base}/data")
+    os.chown(f"{base}/data", 0, 0)
+    os.chmod(f"{base}/data", 0o700)
+    try:
+        p = env.stagefs("stage", "--meta", url, "/", "--cache-dir", cache, check=False)
+        one_line_error(p, f"{base}/data is not readable by uid", "nothing can be staged")
+    finally:
+        os.chown(f"{base}/data", st.st_uid, st.st_gid)
+        os.chmod(f"{base}/data", st.st_mode & 0o7777)
+
+
+def test_a_root_mount_is_every_users(env, mnt):
+    """A mount made by root gets allow_other (each user still gets what permissions give);
+    -o noallow_other keeps it root's alone."""
+    base = env.dir_for("root", "rootvol")
+    url = f"sqlite3://{base}/meta.db"
+    env.stagefs("format", url, "rootvol", "--bucket", f"{base}/data", user="root")
+    for opts, reachable in (([], True), (["-o", "noallow_other"], False)):
+        env.stagefs("mount", "-d", url, mnt, *opts, user="root")
+        try:
+            def look():
+                try:
+                    return sorted(os.listdir(mnt)) is not None
+                except PermissionError:
+                    return False
+            assert run_as(USER, look) is reachable, opts
+        finally:
+            env.stagefs("umount", mnt, user="root")
