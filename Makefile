@@ -31,10 +31,12 @@ integration-test: build
 
 test: deps build unit-test integration-test
 
-# Thousands of differential POSIX sequences with random seeds (make test runs 300 fixed ones).
+# Thousands of differential POSIX sequences with random seeds (make test runs 300 fixed ones), then
+# data-integrity sequences against a model (datafuzz.py; make test runs 3 fixed ones).
 FUZZ_COUNT ?= 3000
 fuzz: build
 	python3 Tests/integration/posixdiff.py --engine both --count $(FUZZ_COUNT) --length 60 --stagefs-bin $(BIN)
+	python3 Tests/integration/datafuzz.py --count $$(( $(FUZZ_COUNT) / 20 )) --steps 200 --stagefs-bin $(BIN)
 
 demo: deps build
 	./scripts/demo.sh $(BIN)

@@ -327,6 +327,17 @@ private func ll_write(
     }
 }
 
+private func ll_fallocate(
+    _ req: fuse_req_t?, _ ino: fuse_ino_t, _ mode: Int32, _ offset: off_t, _ length: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?
+) {
+    serve(req) { () throws(FSError) in
+        guard let fi else { throw FSError.badF }
+        guard offset >= 0, length > 0 else { throw FSError.invalid }
+        _ = try server(req).vfs.fallocate(credential(req), fi.pointee.fh, mode: mode, offset: UInt64(offset), length: UInt64(length))
+        fuse_reply_err(req, 0)
+    }
+}
+
 private func ll_flush(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     serve(req) { () throws(FSError) in
         guard let fi else { throw FSError.badF }
@@ -555,6 +566,7 @@ func fillOperations(_ ops: inout fuse_lowlevel_ops) {
     ops.read = ll_read
     ops.write = ll_write
     ops.flush = ll_flush
+    ops.fallocate = ll_fallocate
     ops.release = ll_release
     ops.fsync = ll_fsync
     ops.opendir = ll_opendir

@@ -318,7 +318,8 @@ extension Op {
     /// lost reply, they are answered from their record if they were carried out.
     var carriesRequestID: Bool {
         switch self {
-        case .setattr, .mknod, .create, .unlink, .rmdir, .rename, .link, .setxattr, .removexattr, .open, .close, .closes, .writeSlice: return true
+        case .setattr, .mknod, .create, .unlink, .rmdir, .rename, .link, .setxattr, .removexattr, .open, .close, .closes, .writeSlice, .fallocate:
+            return true
         default: return false
         }
     }

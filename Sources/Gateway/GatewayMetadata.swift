@@ -396,6 +396,18 @@ package final class GatewayMetadata: MetadataEngine {
         return try r.attr()
     }
 
+    package func fallocate(_ cred: Credential, _ ino: Ino, zero: Bool, keepSize: Bool, offset: UInt64, length: UInt64) throws(FSError) -> Attr {
+        var r = try client.call(.fallocate, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, ino)
+            $0.u8((zero ? 1 : 0) | (keepSize ? 2 : 0))
+            $0.u64(offset)
+            $0.u64(length)
+            $0.u64(tags.writes.withLock { $0[ino] } ?? 0)
+            tags.currentSession(&$0)
+        }
+        return try r.attr()
+    }
+
     package func newSliceIDs(_ count: Int) throws(FSError) -> UInt64 {
         var r = try client.call(.newSliceIDs) { $0.u32(UInt32(count)) }
         let first = try r.u64()

@@ -859,6 +859,23 @@ package final class GatewayServer: Sendable {
                 try once(mark, save: { ($0 as? Attr).map(Results.attr) }, load: { (r) throws(FSError) in try r.attr() }) { () throws(FSError) in
                     try meta.writeSlice(ino, index, s, minSize: minSize, mtime: mtime)
                 })
+        case .fallocate:
+            let ino = try ino(&r, uid)
+            let flags = try r.u8()
+            let offset = try r.u64()
+            let length = try r.u64()
+            let writeTag = try r.u64()
+            let (sid, sidOK) = try sessionIfAny(&r, uid)
+            try r.end()
+            guard sidOK, try holds(sid, ino, write: true, tag: writeTag, cred, holder: uid) else {
+                throw FSError(EBADF, "inode \(ino) is not open for writing in session \(sid) of uid \(uid)")
+            }
+            // (A range over many chunks is several steps: the last one is the change its id records.)
+            let save: (Any) -> [UInt8]? = { ($0 as? (Attr, Bool)).flatMap { $0.1 ? Results.attr($0.0) : nil } }
+            w.attr(
+                try once(mark, save: save, load: { (r) throws(FSError) in try r.attr() }) { () throws(FSError) in
+                    try meta.fallocate(cred, ino, zero: flags & 1 != 0, keepSize: flags & 2 != 0, offset: offset, length: length)
+                })
         case .newSliceIDs:
             let count = Int(try r.u32())
             try r.end()

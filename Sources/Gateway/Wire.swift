@@ -65,6 +65,8 @@ package enum Op: UInt16, Sendable {
     case readChunks = 43
     case writeSlice = 44
     case newSliceIDs = 45
+    /// fallocate(2) through a file the session holds open for writing.
+    case fallocate = 46
     case getlk = 50
     case setlk = 51
     case flock = 52

@@ -146,6 +146,9 @@ public protocol MetadataEngine: AnyObject, Sendable {
     /// Appends a slice to chunk `index`, extends the size to at least `minSize`, sets mtime to
     /// `mtime` (when the data was written) and moves ctime forward to it.
     func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr
+    /// fallocate(2) of a file open for writing (`TxnMetadata.fallocate`): `zero` for
+    /// `FALLOC_FL_PUNCH_HOLE` and `FALLOC_FL_ZERO_RANGE`, `keepSize` for `FALLOC_FL_KEEP_SIZE`.
+    func fallocate(_ cred: Credential, _ ino: Ino, zero: Bool, keepSize: Bool, offset: UInt64, length: UInt64) throws(FSError) -> Attr
     /// Reserves `count` consecutive slice ids; returns the first.
     func newSliceIDs(_ count: Int) throws(FSError) -> UInt64
     /// Files waiting for their data to be deleted.

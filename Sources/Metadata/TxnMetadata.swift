@@ -354,6 +354,54 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    /// fallocate(2) on a regular file open for writing. Nothing is reserved in an object store,
+    /// so allocating (mode 0) only grows the size, and `keepSize` allocates nothing; `zero`
+    /// (`FALLOC_FL_PUNCH_HOLE`, `FALLOC_FL_ZERO_RANGE`) makes `offset..<offset+length` read
+    /// zeros: one zero slice in each chunk of the range that holds data (beyond the size
+    /// nothing needs it). The size grows to the range's end unless `keepSize`; mtime and ctime
+    /// become now, and privilege bits go as a write drops them. A range over many chunks takes
+    /// several bounded steps (each zeroes at most `chunkBatch` chunks; the last one changes the
+    /// size and times), so repeating the call is harmless.
+    @_specialize(where S == RedisTxnStore)
+    package func fallocate(_ cred: Credential, _ ino: Ino, zero: Bool, keepSize: Bool, offset: UInt64, length: UInt64) throws(FSError) -> Attr {
+        guard length > 0 else { throw FSError.invalid }
+        let (end, over) = offset.addingReportingOverflow(length)
+        if over || (!keepSize && end > maxFileSize) { throw FSError(EFBIG, "file too large (the largest is 1 PiB)") }
+        var next = UInt32(offset / chunkSize)
+        while true {
+            let (a, done) = try store.transaction(write: true) { (tx) throws(FSError) -> (Attr, Bool) in
+                guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
+                guard a.type == .regular else { throw a.type == .directory ? FSError.isDir : FSError(ENODEV, "fallocate needs a regular file") }
+                let zeroEnd = min(end, a.size)
+                if zero && offset < zeroEnd {
+                    let last = UInt32((zeroEnd - 1) / chunkSize)
+                    let held = try store.chunkIndexes(tx, ino, from: next, limit: chunkBatch, descending: false)
+                    for idx in held where idx <= last {
+                        let start = max(offset, UInt64(idx) * chunkSize) - UInt64(idx) * chunkSize
+                        let stop = min(zeroEnd, UInt64(idx + 1) * chunkSize) - UInt64(idx) * chunkSize
+                        let hole = Slice(pos: UInt32(start), id: 0, size: 0, off: 0, len: UInt32(stop - start))
+                        try store.appendChunk(tx, ino, idx, hole.encoded())
+                    }
+                    if held.count == chunkBatch, let high = held.last, high < last {
+                        next = high + 1
+                        return (a, false)
+                    }
+                }
+                if !keepSize && end > a.size {
+                    try store.add(tx, "usedSpace", align4K(end) - align4K(a.size))
+                    a.size = end
+                }
+                let now = Timespec.now()
+                a.mode = Posix.modeAfterWrite(a, cred)
+                a.mtime = now
+                a.ctime = now
+                try store.putAttr(tx, ino, a)
+                return (a, true)
+            }
+            if done { return a }
+        }
+    }
+
     /// Cuts or extends a regular file inside a transaction (records only; objects of dropped
     /// slices are queued for deletion). Drops at most `chunkBatch` chunks, the highest first;
     /// when more remain it stops with the size at the start of the lowest chunk it dropped and

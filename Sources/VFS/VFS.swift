@@ -394,6 +394,29 @@ public final class VFS: Sendable {
         return buffer.count
     }
 
+    /// fallocate(2) through an open file: modes 0, `FALLOC_FL_KEEP_SIZE`, `FALLOC_FL_PUNCH_HOLE`
+    /// (with `KEEP_SIZE`, as the kernel requires) and `FALLOC_FL_ZERO_RANGE`, each with or without
+    /// `KEEP_SIZE` (`TxnMetadata.fallocate`); others `EOPNOTSUPP`. Buffered writes land first.
+    public func fallocate(_ cred: Credential, _ fh: UInt64, mode: Int32, offset: UInt64, length: UInt64) throws(FSError) -> Attr {
+        guard let h = handle(fh) else { throw FSError.badF }
+        guard h.writer != nil else { throw FSError.badF }
+        let keep = mode & Falloc.keepSize != 0
+        let punch = mode & Falloc.punchHole != 0
+        let zero = mode & Falloc.zeroRange != 0
+        guard mode & ~(Falloc.keepSize | Falloc.punchHole | Falloc.zeroRange) == 0, !(punch && zero), !punch || keep else {
+            throw FSError(EOPNOTSUPP, "fallocate mode \(mode) is not supported (0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE are)")
+        }
+        try writable()
+        try data.flush(h.ino)
+        let a = try current(h.ino) { () throws(FSError) in
+            try meta.fallocate(cred, h.ino, zero: punch || zero, keepSize: keep, offset: offset, length: length)
+        }
+        data.invalidate(h.ino)
+        cache.put(h.ino, a, asOf: cache.stamp())
+        noteMode(h.ino, a)
+        return a
+    }
+
     /// close(2) of one descriptor: data is durable when this returns; POSIX locks of `owner` go.
     public func flush(_ fh: UInt64, owner: UInt64) throws(FSError) {
         guard let h = handle(fh) else { throw FSError.badF }
@@ -521,4 +544,11 @@ public final class VFS: Sendable {
             }
         }
     }
+}
+
+/// fallocate(2)'s mode bits (linux/falloc.h).
+public enum Falloc {
+    public static let keepSize: Int32 = 0x01
+    public static let punchHole: Int32 = 0x02
+    public static let zeroRange: Int32 = 0x10
 }

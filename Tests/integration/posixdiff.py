@@ -20,6 +20,7 @@ import ctypes
 import errno
 import grp
 import hashlib
+import mmap
 import os
 import pickle
 import pwd
@@ -47,6 +48,16 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 AT_FDCWD = -100
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+def fallocate(fd, mode, off, length):
+    if _libc.fallocate(fd, mode, off, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
 
 
 def renameat2(src, dst, flags):
@@ -259,6 +270,68 @@ class Worker:
     def op_truncate(self, r, root, p, size):
         os.truncate(os.path.join(root, p), size)
 
+    def op_fallocate(self, r, root, slot, mode, off, length):
+        fallocate(self.fd(r, slot), mode, off, length)
+
+    def op_copyrange(self, r, root, slot, dst_slot, off, dst_off, n):
+        return os.copy_file_range(self.fd(r, slot), self.fd(r, dst_slot), n, off, dst_off)
+
+    # The same through paths (opened and closed by the operation), so that they meet files
+    # more often than the descriptor slots do.
+    def op_fallocatep(self, r, root, p, mode, off, length):
+        fd = os.open(os.path.join(root, p), os.O_RDWR | os.O_NONBLOCK)
+        try:
+            fallocate(fd, mode, off, length)
+        finally:
+            os.close(fd)
+
+    def op_copyrangep(self, r, root, src, dst, off, dst_off, n):
+        fi = os.open(os.path.join(root, src), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            fo = os.open(os.path.join(root, dst), os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK, 0o644)
+            try:
+                return os.copy_file_range(fi, fo, n, off, dst_off)
+            finally:
+                os.close(fo)
+        finally:
+            os.close(fi)
+
+    def op_mmapp(self, r, root, p, off, data):
+        fd = os.open(os.path.join(root, p), os.O_RDWR | os.O_NONBLOCK)
+        try:
+            self.fds[(r, "m")] = fd
+            return self.op_mmapwrite(r, root, "m", off, data)
+        finally:
+            del self.fds[(r, "m")]
+            os.close(fd)
+
+    def mapped(self, r, slot, writable):
+        """A shared mapping of the whole file (None for an empty or non-regular one)."""
+        fd = self.fd(r, slot)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return None, 0
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, prot), st.st_size
+
+    def op_mmapwrite(self, r, root, slot, off, data):
+        m, size = self.mapped(r, slot, True)
+        if m is None:
+            return "nothing mapped"
+        n = max(0, min(len(data), size - off))
+        m[off:off + n] = data[:n]
+        m.flush()
+        m.close()
+        return n
+
+    def op_mmapread(self, r, root, slot, off, n):
+        m, size = self.mapped(r, slot, False)
+        if m is None:
+            return "nothing mapped"
+        out = digest(m[off:off + n])
+        m.close()
+        return out
+
     def op_mkdir(self, r, root, p, mode):
         os.mkdir(os.path.join(root, p), mode)
 
@@ -369,14 +442,15 @@ class Worker:
             os.close(fd)
 
 
-FD_OPS = {"close", "pwrite", "write", "pread", "read", "lseek", "ftruncate", "fstat", "fsync", "futimens", "fchmod"}
+FD_OPS = {"close", "pwrite", "write", "pread", "read", "lseek", "ftruncate", "fstat", "fsync", "futimens", "fchmod", "fallocate",
+          "copyrange", "mmapwrite", "mmapread"}
 # Operation -> positions (after the name) of its path arguments.
 PATH_ARGS = {
     "open": (1,), "truncate": (0,), "mkdir": (0,), "rmdir": (0,), "unlink": (0,), "rename": (0, 1),
     "link": (0, 1), "symlink": (1,), "readlink": (0,), "mkfifo": (0,), "chmod": (0,), "chown": (0,),
     "utime": (0,), "stat": (0,), "lstat": (0,), "listdir": (0,), "setxattr": (0,), "getxattr": (0,),
     "listxattr": (0,), "removexattr": (0,), "access": (0,), "writefile": (0,), "appendfile": (0,),
-    "readfile": (0,), "copyp": (1,),
+    "readfile": (0,), "copyp": (1,), "fallocatep": (0,), "copyrangep": (0, 1), "mmapp": (0,),
 }
 
 
@@ -453,12 +527,12 @@ class Generator:
              "fchmod", "truncate", "mkdir", "rmdir", "unlink", "rename", "link", "symlink", "readlink",
              "mkfifo", "chmod", "chown", "utime", "stat", "lstat", "listdir", "setxattr", "getxattr",
              "listxattr", "removexattr", "access", "writefile", "appendfile", "readfile", "umask", "lseek",
-             "copyp"],
+             "copyp", "fallocate", "copyrange", "mmapwrite", "mmapread", "fallocatep", "copyrangep", "mmapp"],
             weights=[10, 5, 10, 6, 4, 2, 3, 3, 1, 2,
                      1, 3, 6, 3, 4, 6, 3, 3, 1,
                      1, 4, 2, 2, 3, 2, 2, 3, 2,
                      1, 2, 2, 6, 3, 3, 1, 1,
-                     2])[0]
+                     2, 2, 2, 1, 1, 4, 4, 3])[0]
         slot = rng.randrange(SLOTS)
         if kind == "open":
             acc = rng.choice([os.O_RDONLY, os.O_WRONLY, os.O_RDWR, os.O_RDWR])
@@ -482,6 +556,26 @@ class Generator:
             return ("lseek", slot, self.offset(), rng.choice([os.SEEK_SET, os.SEEK_CUR, os.SEEK_END]))
         if kind == "ftruncate":
             return ("ftruncate", slot, self.size())
+        if kind == "fallocate":
+            mode = rng.choice([0, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE, FALLOC_ZERO_RANGE,
+                               FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE])
+            return ("fallocate", slot, mode, self.offset(), rng.choice([0, 1, 100, 4096, 70_000, self.block + 3, CHUNK + 5]))
+        if kind == "copyrange":
+            return ("copyrange", slot, rng.randrange(SLOTS), self.offset(), self.offset(), rng.choice([0, 1, 100, 5000, 70_000, self.block + 7]))
+        if kind == "fallocatep":
+            q = p()
+            mode = rng.choice([0, FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE, FALLOC_ZERO_RANGE, FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE])
+            return ("fallocatep", q, mode, self.offset(q), rng.choice([1, 100, 4096, 70_000, self.block + 3, CHUNK + 5]))
+        if kind == "copyrangep":
+            q = p()
+            return ("copyrangep", q, p(), self.offset(q), self.offset(), rng.choice([1, 100, 5000, 70_000, self.block + 7, 3 * self.block]))
+        if kind == "mmapp":
+            q = p()
+            return ("mmapp", q, self.offset(q), self.data()[:200_000])
+        if kind == "mmapwrite":
+            return ("mmapwrite", slot, self.offset(), self.data()[:70_000])
+        if kind == "mmapread":
+            return ("mmapread", slot, self.offset(), rng.choice([1, 100, 4096, 70_000]))
         if kind == "futimens":
             return ("futimens", slot, self.times())
         if kind == "fchmod":

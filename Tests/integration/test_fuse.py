@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import datafuzz
 import helpers
 from helpers import OTHER, USER, run_as
 
@@ -91,6 +92,15 @@ def test_random_overwrites_match_a_local_copy(volume, workdir):
     assert os.stat(path).st_size == size
     assert run_as(USER, sha256_file, path) == want
     os.unlink(local)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_data_matches_a_model_under_writes_truncates_fallocate_copies_and_mmap(volume, workdir, seed):
+    """datafuzz.py: random writes, truncates, fallocate (each mode), copy_file_range and shared
+    mmap writes on three files, checked byte for byte against a model (`make fuzz` runs more)."""
+    d = os.path.join(workdir, f"fuzz{seed}")
+    run_as(USER, os.mkdir, d)
+    run_as(USER, datafuzz.run, d, seed, 120)
 
 
 def test_truncate_down_and_up(volume, workdir):
