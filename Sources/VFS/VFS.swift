@@ -19,6 +19,8 @@ public struct VFSConfig: Sendable {
     public var attrCache: Double = 1
     public var entryCache: Double = 1
     public var dirEntryCache: Double = 1
+    /// The directory the mount shows as its root (`mount --subdir`): the volume's root by default.
+    public var top: Ino = rootIno
 
     public init() {}
 }
@@ -38,6 +40,16 @@ public final class VFS: Sendable {
     private let capabilities: Capabilities
     private let background: Background
     private let cache: MetaCache
+
+    // The kernel's root inode (1) is the mount's top directory: the volume's root, or with
+    // `--subdir` that directory, whose ".." is itself. Nothing outside it is ever named to the
+    // kernel (no hard links of directories; "." and ".." are mapped here).
+
+    /// The volume's inode for an inode number the kernel sent.
+    private func inVolume(_ ino: Ino) -> Ino { ino == rootIno ? config.top : ino }
+
+    /// The number the kernel knows a volume inode by.
+    private func forKernel(_ ino: Ino) -> Ino { ino == config.top ? rootIno : ino }
 
     public init(meta: any MetadataEngine, data: DataStore, config: VFSConfig) {
         self.meta = meta
@@ -90,10 +102,10 @@ public final class VFS: Sendable {
     // MARK: kernel references
 
     /// The kernel took a reference to `ino` (an entry reply it accepted).
-    public func remember(_ ino: Ino) { kernel.remember(ino) }
+    public func remember(_ ino: Ino) { kernel.remember(inVolume(ino)) }
 
     /// FORGET: the kernel dropped `count` references to `ino`.
-    public func forget(_ ino: Ino, _ count: UInt64) { kernel.forget(ino, count) }
+    public func forget(_ ino: Ino, _ count: UInt64) { kernel.forget(inVolume(ino), count) }
 
     private func bury(_ r: RemovedName?) { kernel.bury(r) }
 
@@ -115,14 +127,22 @@ public final class VFS: Sendable {
     private func noteMode(_ ino: Ino, _ a: Attr) { files.noteMode(ino, a) }
 
     public func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
+        let parent = inVolume(parent)
+        let dots = name == [UInt8(ascii: ".")] || name == [UInt8(ascii: "."), UInt8(ascii: ".")]
+        // ".." of the mount's top is the top itself (the kernel resolves ".." itself; this is
+        // for a lookup it sends anyway).
+        if dots && parent == config.top {
+            try Posix.check(try getattr(rootIno), cred, .execute)
+            return (rootIno, try getattr(rootIno))
+        }
         if let ino = cache.entry(parent, name), let a = cache.attr(ino) {
             try Posix.check(try getattr(parent), cred, .execute)
-            return (ino, overlay(ino, a))
+            return (forKernel(ino), overlay(ino, a))
         }
         let t = cache.stamp()
         let (ino, a) = try meta.lookup(cred, parent, name)
-        if name != [UInt8(ascii: ".")] && name != [UInt8(ascii: "."), UInt8(ascii: ".")] { cache.putEntry(parent, name, ino, a, asOf: t) }
-        return (ino, overlay(ino, a))
+        if !dots { cache.putEntry(parent, name, ino, a, asOf: t) }
+        return (forKernel(ino), overlay(ino, a))
     }
 
     /// Runs an operation on inode `ino`, which the kernel named by a handle it holds: when the
@@ -141,6 +161,7 @@ public final class VFS: Sendable {
     }
 
     public func getattr(_ ino: Ino) throws(FSError) -> Attr {
+        let ino = inVolume(ino)
         if let a = cache.attr(ino) { return overlay(ino, a) }
         if let g = ghost(ino) { return g }
         let t = cache.stamp()
@@ -150,6 +171,7 @@ public final class VFS: Sendable {
     }
 
     public func setattr(_ cred: Credential, _ ino: Ino, _ req: SetAttrRequest, fh: UInt64?) throws(FSError) -> Attr {
+        let ino = inVolume(ino)
         try writable()
         if ghost(ino) != nil { return try kernel.setattr(cred, ino, req) }
         var req = req
@@ -171,6 +193,7 @@ public final class VFS: Sendable {
     }
 
     public func access(_ cred: Credential, _ ino: Ino, _ mask: AccessMask) throws(FSError) {
+        let ino = inVolume(ino)
         if mask.contains(.write) { try writable() }
         if let g = ghost(ino) { return try Posix.check(g, cred, mask) }
         try current(ino) { () throws(FSError) in try meta.access(cred, ino, mask) }
@@ -181,6 +204,7 @@ public final class VFS: Sendable {
     public func mknod(
         _ cred: Credential, _ parent: Ino, _ name: [UInt8], _ type: FileType, _ mode: UInt16, rdev: UInt32
     ) throws(FSError) -> (Ino, Attr) {
+        let parent = inVolume(parent)
         try writable()
         return created(parent, name, try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: nil) })
     }
@@ -213,20 +237,24 @@ public final class VFS: Sendable {
     }
 
     public func mkdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16) throws(FSError) -> (Ino, Attr) {
+        let parent = inVolume(parent)
         try writable()
         return created(parent, name, try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, .directory, mode, rdev: 0, target: nil) })
     }
 
     public func symlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8], target: [UInt8]) throws(FSError) -> (Ino, Attr) {
+        let parent = inVolume(parent)
         try writable()
         return created(parent, name, try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, .symlink, 0o777, rdev: 0, target: target) })
     }
 
     public func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {
-        try current(ino) { () throws(FSError) in try meta.readlink(ino) }
+        let ino = inVolume(ino)
+        return try current(ino) { () throws(FSError) in try meta.readlink(ino) }
     }
 
     public func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
+        let parent = inVolume(parent)
         try writable()
         cache.dropEntry(parent, name)
         let r = try changing([parent]) { () throws(FSError) in try meta.unlink(cred, parent, name) }
@@ -236,6 +264,7 @@ public final class VFS: Sendable {
     }
 
     public func rmdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) {
+        let parent = inVolume(parent)
         try writable()
         cache.dropEntry(parent, name)
         let r = try changing([parent]) { () throws(FSError) in try meta.rmdir(cred, parent, name) }
@@ -244,6 +273,8 @@ public final class VFS: Sendable {
     }
 
     public func rename(_ cred: Credential, _ sp: Ino, _ sn: [UInt8], _ dp: Ino, _ dn: [UInt8], flags: RenameFlags) throws(FSError) {
+        let sp = inVolume(sp)
+        let dp = inVolume(dp)
         try writable()
         cache.dropEntry(sp, sn)
         cache.dropEntry(dp, dn)
@@ -255,6 +286,8 @@ public final class VFS: Sendable {
     }
 
     public func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
+        let ino = inVolume(ino)
+        let parent = inVolume(parent)
         try writable()
         let t = cache.stamp()
         let a = try changing([parent]) { () throws(FSError) in try meta.link(cred, ino, parent, name) }
@@ -270,6 +303,7 @@ public final class VFS: Sendable {
 
     /// Checks that `cred` may list `ino`.
     public func opendir(_ cred: Credential, _ ino: Ino) throws(FSError) {
+        let ino = inVolume(ino)
         if let g = ghost(ino) {
             guard g.type == .directory else { throw FSError.notDir }
             return try Posix.check(g, cred, .read)
@@ -284,14 +318,16 @@ public final class VFS: Sendable {
     /// Entries from FUSE offset `offset`: 0 starts with ".", 1 with "..", then the engine's
     /// positions shifted by 2. Each entry's `cookie` is the offset to continue after it.
     public func readdir(_ ino: Ino, offset: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
+        let ino = inVolume(ino)
         if ghost(ino) != nil { return [] }  // a removed directory lists nothing, as on ext4
         var out: [DirEntry] = []
         if offset < 2 {
             let a = try current(ino) { () throws(FSError) in try meta.getattr(ino) }
-            if offset == 0 { out.append(DirEntry(name: [UInt8(ascii: ".")], ino: ino, type: .directory, cookie: 1, attr: plus ? a : nil)) }
-            let parent = a.parent == 0 ? rootIno : a.parent
+            if offset == 0 { out.append(DirEntry(name: [UInt8(ascii: ".")], ino: forKernel(ino), type: .directory, cookie: 1, attr: plus ? a : nil)) }
+            // (The mount's top is its own parent.)
+            let parent = ino == config.top ? ino : (a.parent == 0 ? rootIno : a.parent)
             let pa = plus ? try? meta.getattr(parent) : nil
-            out.append(DirEntry(name: [UInt8(ascii: "."), UInt8(ascii: ".")], ino: parent, type: .directory, cookie: 2, attr: pa))
+            out.append(DirEntry(name: [UInt8(ascii: "."), UInt8(ascii: ".")], ino: forKernel(parent), type: .directory, cookie: 2, attr: pa))
         }
         let after = offset < 2 ? 0 : offset - 2
         // Attributes come in the same round trip: fetch them always, so the lookups and stats
@@ -318,6 +354,7 @@ public final class VFS: Sendable {
     /// `keepCache` says the file is unchanged since this client last opened it, so the kernel
     /// may keep the pages it has.
     public func open(_ cred: Credential, _ ino: Ino, flags: Int32) throws(FSError) -> (UInt64, Attr, keepCache: Bool) {
+        let ino = inVolume(ino)
         let wantsWrite = flags & O_ACCMODE != O_RDONLY || flags & O_TRUNC != 0
         if wantsWrite { try writable() }
         let stampBefore = data.changeStamp(ino)
@@ -350,6 +387,7 @@ public final class VFS: Sendable {
 
     /// Creates and opens a regular file.
     public func create(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16, flags: Int32) throws(FSError) -> (Ino, Attr, UInt64) {
+        let parent = inVolume(parent)
         try writable()
         let (ino, a) = created(parent, name, try changing([parent]) { () throws(FSError) in try meta.create(cred, parent, name, mode, sid: sid) })
         let w = data.openWriter(ino)
@@ -456,6 +494,7 @@ public final class VFS: Sendable {
     // MARK: extended attributes
 
     public func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
+        let ino = inVolume(ino)
         // The kernel asks for security.capability before every write to a file (to drop it):
         // that it is absent is remembered like an attribute (no permission decides it).
         let isCapability = name == Capabilities.name
@@ -470,10 +509,12 @@ public final class VFS: Sendable {
     }
 
     public func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]] {
-        try current(ino) { () throws(FSError) in try meta.listxattr(cred, ino) }
+        let ino = inVolume(ino)
+        return try current(ino) { () throws(FSError) in try meta.listxattr(cred, ino) }
     }
 
     public func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
+        let ino = inVolume(ino)
         try writable()
         capabilities.forget(ino)
         defer { capabilities.forget(ino) }
@@ -482,6 +523,7 @@ public final class VFS: Sendable {
     }
 
     public func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
+        let ino = inVolume(ino)
         try writable()
         capabilities.forget(ino)
         defer { capabilities.forget(ino) }

@@ -50,11 +50,10 @@ struct Info: ParsableCommand {
         let format = try meta.requireFormat()
         let layout = Layout(volume: format.name, blockSize: format.blockSize)
         var ino = Ino(st.st_ino)
-        if throughGateway(meta) {
-            // A gateway answers only for inodes reached through lookups, as this user.
-            ino = rootIno
-            let inside = path.dropFirst(mount.mountPoint == "/" ? 0 : mount.mountPoint.count)
-            for part in inside.split(separator: "/") { ino = try meta.lookup(processCredential(), ino, Array(part.utf8)).0 }
+        if throughGateway(meta) || (ino == rootIno && record.subdir != nil) {
+            // A gateway answers only for inodes reached through lookups, as this user; the
+            // root of a --subdir mount is that directory.
+            ino = try lookupPath(meta, record.volumePath(path), processCredential(), what: path).0
         }
         let a = try meta.getattr(ino)
         print("\(path):")

@@ -110,6 +110,14 @@ struct Mount: ParsableCommand {
         ))
     var trackedCache = false
 
+    @Option(
+        help: ArgumentHelp(
+            "Show only this directory of the volume (a path inside it, such as /team-a): the mount's root is that directory, and its '..' is itself.",
+            discussion:
+                "A view, not a wall: what a user may read and change is decided by permissions (and, through a gateway, by the gateway), as in the whole volume.",
+            valueName: "dir"))
+    var subdir: String?
+
     @Option(help: "Seconds between session heartbeats.")
     var heartbeat: Double = 10
 
@@ -242,6 +250,7 @@ struct Mount: ParsableCommand {
         let meta = try openEngine(url, retryTimeout: io.metaTimeout, tracking: trackedCache)
         warnIfVolatile(meta)
         let format = try meta.requireFormat()
+        let top = try subdirTop(meta)
         let store = try openStore(meta, io.storeConfig(format, accessKey: accessKey, secretKey: givenSecretKey))
         if let local = store as? LocalObjectStore {
             let ro = parsedOptions.readOnly
@@ -257,7 +266,17 @@ struct Mount: ParsableCommand {
             try probe(store, format)
         }
 
-        try finishMount(url: url, meta: meta, format: format, store: store)
+        try finishMount(url: url, meta: meta, format: format, store: store, top: top)
+    }
+
+    /// The inode of `--subdir` (a directory this user may enter), or the volume's root.
+    private func subdirTop(_ meta: any MetadataEngine) throws(FSError) -> Ino {
+        guard let subdir else { return rootIno }
+        guard subdir.hasPrefix("/") else { throw FSError.usage("--subdir takes a path inside the volume from its root, such as /\(subdir)") }
+        let (ino, a) = try lookupPath(meta, subdir, processCredential(), what: "--subdir \(subdir)")
+        guard a.type == .directory else { throw FSError(ENOTDIR, "--subdir \(subdir) is not a directory") }
+        try Posix.check(a, processCredential(), .execute)
+        return ino
     }
 
     /// Proves the bucket works for this user before going to the background.
@@ -294,13 +313,13 @@ struct Mount: ParsableCommand {
     }
 
     /// Goes to the background (with -d) or serves the mount here.
-    private func finishMount(url: MetaURL, meta: any MetadataEngine, format: VolumeFormat, store: any ObjectStore) throws {
+    private func finishMount(url: MetaURL, meta: any MetadataEngine, format: VolumeFormat, store: any ObjectStore, top: Ino) throws {
         let path = resolvedMountPoint
         if background && readyFD == nil {
             try spawnBackground(path, url)
             return
         }
-        try serve(path: path, url: url, meta: meta, format: format, store: store)
+        try serve(path: path, url: url, meta: meta, format: format, store: store, top: top)
     }
 
     /// Starts this command again in its own session without -d and waits for its readiness line.
@@ -376,7 +395,7 @@ struct Mount: ParsableCommand {
         close(fd)
     }
 
-    private func serve(path: String, url: MetaURL, meta: any MetadataEngine, format: VolumeFormat, store: any ObjectStore) throws {
+    private func serve(path: String, url: MetaURL, meta: any MetadataEngine, format: VolumeFormat, store: any ObjectStore, top: Ino) throws {
         let opts = parsedOptions
         var fc = FuseConfig()
         fc.attrTimeout = attrCache
@@ -423,6 +442,7 @@ struct Mount: ParsableCommand {
         vc.dirEntryCache = dirEntryCache
         vc.mountPoint = path
         vc.version = stageFSVersion
+        vc.top = top
         let vfs = VFS(meta: meta, data: data, config: vc)
         do {
             try vfs.start()
@@ -437,7 +457,7 @@ struct Mount: ParsableCommand {
                 MountRecord(
                     mountPoint: path, metaURL: url.withoutPassword, pid: getpid(), volume: format.name, volumeUUID: format.uuid,
                     cacheDirs: disk == nil ? nil : cacheDirs, cacheSize: disk == nil ? 0 : cacheSize, freeSpaceRatio: freeSpaceRatio,
-                    passwordNeeded: url.hasPassword, startTime: ProcFacts.startTime(getpid())))
+                    passwordNeeded: url.hasPassword, startTime: ProcFacts.startTime(getpid()), subdir: subdir))
         }
         Log.info("volume '\(format.name)' mounted at \(path) (session \(vfs.sid))")
         if readyFD == nil {

@@ -28,6 +28,16 @@ struct MountRecord: Codable {
     var passwordNeeded: Bool?
     /// When the mount process started (`ProcFacts.startTime`): with `pid`, names it for good.
     var startTime: UInt64?
+    /// The directory of the volume the mount shows (`--subdir`); nil: the whole volume.
+    var subdir: String?
+
+    /// The volume path of `path`, a path inside this mount.
+    func volumePath(_ path: String) -> String {
+        let rel = path == mountPoint ? "" : String(path.dropFirst(mountPoint == "/" ? 0 : mountPoint.count))
+        let top = subdir.map { $0 == "/" ? "" : $0 } ?? ""
+        let joined = top + rel
+        return joined.isEmpty ? "/" : joined
+    }
 
     /// The mount's META-URL, with the password from `META_PASSWORD`/`META_PASSWORD_FILE` when
     /// the mount had one.

@@ -188,8 +188,7 @@ struct Stage: ParsableCommand {
                 throw FSError.usage("the paths are in two mounts (\(prev.mountPoint), \(r.mountPoint)); stage them separately")
             }
             record = r
-            let rel = abs == m.mountPoint ? "/" : String(abs.dropFirst(m.mountPoint == "/" ? 0 : m.mountPoint.count))
-            out.append(rel)
+            out.append(r.volumePath(abs))
         }
         return (record!, out)
     }

@@ -34,3 +34,23 @@ func warnIfVolatile(_ meta: any MetadataEngine) {
 
 /// Whether the engine reaches its volume through a gateway.
 func throughGateway(_ meta: any MetadataEngine) -> Bool { meta is GatewayMetadata }
+
+/// The inode at `path` (absolute, inside the volume), looked up step by step as `cred`, so a
+/// gateway answers for it later and permissions apply as to any walk. `what` names the path in
+/// errors ("--subdir /a/b").
+func lookupPath(_ meta: any MetadataEngine, _ path: String, _ cred: Credential, what: String) throws(FSError) -> (Ino, Attr) {
+    var ino = rootIno
+    var a = try meta.getattr(rootIno)
+    var walked = ""
+    for part in path.split(separator: "/") where part != "." {
+        if part == ".." { throw FSError.usage("\(what): name the directory without '..'") }
+        walked += "/" + part
+        do {
+            (ino, a) = try meta.lookup(cred, ino, Array(part.utf8))
+        } catch {
+            if error.code == ENOENT { throw FSError(ENOENT, "\(what): \(walked) does not exist in the volume") }
+            throw FSError(error.code, "\(what): \(walked): \(error.message)")
+        }
+    }
+    return (ino, a)
+}
