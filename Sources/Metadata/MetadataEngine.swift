@@ -149,6 +149,9 @@ public protocol MetadataEngine: AnyObject, Sendable {
     /// fallocate(2) of a file open for writing (`TxnMetadata.fallocate`): `zero` for
     /// `FALLOC_FL_PUNCH_HOLE` and `FALLOC_FL_ZERO_RANGE`, `keepSize` for `FALLOC_FL_KEEP_SIZE`.
     func fallocate(_ cred: Credential, _ ino: Ino, zero: Bool, keepSize: Bool, offset: UInt64, length: UInt64) throws(FSError) -> Attr
+    /// One bounded step of purging expired trash by the client holding the trash lease
+    /// (`TxnMetadata.purgeExpiredTrash`); 0 where another does it (a gateway's clients).
+    func purgeExpiredTrash(holder: UInt64, limit: Int) throws(FSError) -> Int
     /// Reserves `count` consecutive slice ids; returns the first.
     func newSliceIDs(_ count: Int) throws(FSError) -> UInt64
     /// Files waiting for their data to be deleted.
@@ -210,6 +213,8 @@ extension MetadataEngine {
         }
         return left
     }
+
+    package func purgeExpiredTrash(holder: UInt64, limit: Int) throws(FSError) -> Int { 0 }
 
     package func close(_ closes: [(ino: Ino, sid: UInt64)]) throws(FSError) -> [Bool] {
         var freed: [Bool] = []

@@ -154,9 +154,15 @@ extension TxnStore {
 
 /// Attributes loaded in one transaction, changed in place and written back once
 /// (so a rename within one directory updates that directory once).
-private struct AttrSet {
+struct AttrSet {
     var attrs: [Ino: Attr] = [:]
     var dirty: Set<Ino> = []
+
+    /// A new inode's attributes (or all of them replaced).
+    mutating func put(_ ino: Ino, _ a: Attr) {
+        attrs[ino] = a
+        dirty.insert(ino)
+    }
 
     mutating func load<S: TxnStore>(_ s: S, _ tx: S.Txn, _ ino: Ino) throws(FSError) -> Attr {
         if let a = attrs[ino] { return a }
@@ -186,6 +192,8 @@ private struct AttrSet {
 /// place the file-system rules live; the conformance suite holds every engine to them.
 package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package let store: S
+    /// The format record's trash days and when they were read (`trashDays()`).
+    let trashSetting = Locked<(Int, UInt64)?>(nil)
 
     package init(store: S) { self.store = store }
 
@@ -195,7 +203,10 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     package func loadFormat() throws(FSError) -> VolumeFormat? {
         guard let text = try store.transaction(write: false, { (tx) throws(FSError) in try store.setting(tx, "format") }) else { return nil }
-        return try VolumeFormat.decode(text)
+        let f = try VolumeFormat.decode(text)
+        // (Every client reads it at its start: the trash's setting comes with it.)
+        trashSetting.withLock { $0 = (f.trashDays, Sys.monotonicNanos()) }
+        return f
     }
 
     package func initialize(_ format: VolumeFormat, force: Bool, rootMode: UInt16) throws(FSError) {
@@ -223,6 +234,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 try store.add(tx, "usedSpace", 4096)
             }
         }
+        trashSetting.withLock { $0 = (format.trashDays, Sys.monotonicNanos()) }
     }
 
     package func statfs() throws(FSError) -> StatFS {
@@ -460,6 +472,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     )
         throws(FSError) -> (Ino, Attr)
     {
+        try reserved(parent, name)
+        if Trash.isTrash(parent) { throw Self.trashIsClosed }
         try store.prefetch(tx, [.attr(parent), .entry(parent, name)])
         guard var pa = try store.attr(tx, parent) else { throw FSError.notFound }
         guard pa.type == .directory else { throw FSError.notDir }
@@ -496,10 +510,18 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         return (ino, a)
     }
 
-    /// Frees an inode that has no links and no opens left; returns whether it did.
+    /// Names nobody makes: `.trash` at the volume's root (the trash's), anything in the trash.
+    func reserved(_ parent: Ino, _ name: [UInt8]) throws(FSError) {
+        if parent == rootIno && name == Trash.name { throw FSError(EPERM, "'.trash' at the volume's root is the trash's") }
+    }
+
+    static var trashIsClosed: FSError { FSError(EPERM, "nothing is made in or moved into the trash but by deleting") }
+
+    /// Frees an inode that has no links and no opens left (and is not in the trash); returns
+    /// whether it did.
     @discardableResult
-    private func freeIfUnused(_ tx: S.Txn, _ ino: Ino) throws(FSError) -> Bool {
-        guard let a = try store.attr(tx, ino), a.nlink == 0, try !store.isOpen(tx, ino) else { return false }
+    func freeIfUnused(_ tx: S.Txn, _ ino: Ino) throws(FSError) -> Bool {
+        guard let a = try store.attr(tx, ino), a.nlink == 0, !Trash.isTrash(a.parent), try !store.isOpen(tx, ino) else { return false }
         try freeInode(tx, ino, a)
         return true
     }
@@ -513,11 +535,32 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         try store.add(tx, "usedSpace", -align4K(a.size))
     }
 
-    /// Drops one link of a non-directory inside a transaction.
-    private func dropLink(_ tx: S.Txn, _ ino: Ino, _ attrs: inout AttrSet, now: Timespec) throws(FSError) -> RemovedName {
+    /// Drops one link of a non-directory inside a transaction: the name `name` of `parent`.
+    /// `trash`: the volume keeps a trash, where a regular file whose last link this is goes
+    /// (`putInTrash`) instead of being freed.
+    private func dropLink(_ tx: S.Txn, _ ino: Ino, _ attrs: inout AttrSet, now: Timespec, parent: Ino, name: [UInt8], trash: Bool)
+        throws(FSError) -> RemovedName
+    {
         var a = try attrs.load(store, tx, ino)
+        if Trash.isTrash(parent) && a.nlink == 0 {
+            // A file of the trash deleted there (by root): for good.
+            try leftTrash(tx, a)
+            a.parent = 0
+            a.ctime = now
+            if try !store.isOpen(tx, ino) {
+                attrs.forget(ino)
+                try freeInode(tx, ino, a)
+                return RemovedName(ino: ino, attr: a, freed: true)
+            }
+            try attrs.update(store, tx, ino) { $0 = a }
+            return RemovedName(ino: ino, attr: a, freed: false)
+        }
         a.nlink -= 1
         a.ctime = now
+        if a.nlink == 0 && trash && a.type == .regular && !Trash.isTrash(parent), try putInTrash(tx, ino, &a, &attrs, from: parent, name: name, now: now) {
+            try attrs.update(store, tx, ino) { $0 = a }
+            return RemovedName(ino: ino, attr: a, freed: false)
+        }
         if a.nlink == 0, try !store.isOpen(tx, ino) {
             attrs.forget(ino)
             try freeInode(tx, ino, a)
@@ -529,7 +572,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     package func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
-        try store.transaction(write: true) { (tx) throws(FSError) in
+        let trash = try trashDays() > 0
+        return try store.transaction(write: true) { (tx) throws(FSError) in
             try store.prefetch(tx, [.attr(parent), .entry(parent, name)])
             var attrs = AttrSet()
             let pa = try attrs.load(store, tx, parent)
@@ -547,7 +591,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 $0.mtime = now
                 $0.ctime = now
             }
-            let removed = try dropLink(tx, ino, &attrs, now: now)
+            let removed = try dropLink(tx, ino, &attrs, now: now, parent: parent, name: name, trash: trash)
             try attrs.flush(store, tx)
             return removed
         }
@@ -606,6 +650,9 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         if flags.contains(.exchange) && flags.contains(.noReplace) { throw FSError.invalid }
         try validateName(dn)
         if sn.isEmpty || sn.count > maxNameLength { throw FSError.notFound }
+        try reserved(dp, dn)
+        if Trash.isTrash(dp) && !(Trash.isTrash(sp) && sp == dp) { throw Self.trashIsClosed }
+        let trash = try trashDays() > 0
         return try store.transaction(write: true) { (tx) throws(FSError) -> RenameResult in
             try store.prefetch(tx, [.attr(sp), .attr(dp), .entry(sp, sn), .entry(dp, dn)])
             var attrs = AttrSet()
@@ -619,6 +666,9 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             if !Posix.stickyAllows(dir: spa, child: sa, cred) { throw FSError.perm }
             let dst = try store.entry(tx, dp, dn)
             let exchange = flags.contains(.exchange)
+            // The trash's directories stay where they are; a trashed file leaves only by a
+            // rename out of it (a restore) or within its own directory.
+            if Trash.isTrash(sino) || (exchange && (Trash.isTrash(sp) || Trash.isTrash(dp))) { throw Self.trashIsClosed }
             if let (dino, dt) = dst {
                 if dino == sino { return RenameResult(moved: sino, other: sino, removed: nil) }
                 if flags.contains(.noReplace) { throw FSError.exists }
@@ -668,11 +718,19 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                         try store.add(tx, "usedSpace", -align4K(da.size))
                         removed = RemovedName(ino: dino, attr: da, freed: true)
                     } else {
-                        removed = try dropLink(tx, dino, &attrs, now: now)
+                        removed = try dropLink(tx, dino, &attrs, now: now, parent: dp, name: dn, trash: trash)
                     }
                 }
                 try store.deleteEntry(tx, sp, sn)
                 try store.putEntry(tx, dp, dn, sino, st)
+                if Trash.isTrash(sp) && sp != dp && sa.nlink == 0 {
+                    // Restored by hand (root's mv out of the trash): a link again.
+                    try leftTrash(tx, sa)
+                    try attrs.update(store, tx, sino) {
+                        $0.nlink = 1
+                        $0.parent = dp
+                    }
+                }
                 if st == .directory && sp != dp {
                     try attrs.update(store, tx, sino) { $0.parent = dp }
                     try attrs.update(store, tx, sp) { $0.nlink -= 1 }
@@ -696,6 +754,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     @_specialize(where S == RedisTxnStore)
     package func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr {
         try validateName(name)
+        try reserved(parent, name)
+        if Trash.isTrash(parent) { throw Self.trashIsClosed }
         return try store.transaction(write: true) { (tx) throws(FSError) in
             try store.prefetch(tx, [.attr(parent), .attr(ino), .entry(parent, name)])
             guard var pa = try store.attr(tx, parent) else { throw FSError.notFound }

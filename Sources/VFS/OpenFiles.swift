@@ -59,6 +59,9 @@ final class OpenFiles: Sendable {
 
     var all: [FileHandle] { table.withLock { Array($0.handles.values) } }
 
+    /// Whether this client holds `ino` open.
+    func holds(_ ino: Ino) -> Bool { table.withLock { t in t.handles.values.contains { $0.ino == ino } } }
+
     /// Records the mode `a` in the open handles of `ino`.
     func noteMode(_ ino: Ino, _ a: Attr) {
         for h in table.withLock({ t in t.handles.values.filter { $0.ino == ino } }) { h.state.withLock { $0.mode = a.mode } }

@@ -45,11 +45,22 @@ public final class VFS: Sendable {
     // `--subdir` that directory, whose ".." is itself. Nothing outside it is ever named to the
     // kernel (no hard links of directories; "." and ".." are mapped here).
 
-    /// The volume's inode for an inode number the kernel sent.
-    private func inVolume(_ ino: Ino) -> Ino { ino == rootIno ? config.top : ino }
+    //
+    // A file in the trash is named to the kernel through the trash by another number, its
+    // inode plus 2^62 (inodes stay below 2^53): the kernel keeps one inode per number, and a
+    // name another client removed, still in this kernel's entry cache, must not reach the
+    // trashed file as if it were still named (`named`), while the trash's own entry must.
 
-    /// The number the kernel knows a volume inode by.
-    private func forKernel(_ ino: Ino) -> Ino { ino == config.top ? rootIno : ino }
+    static let trashAlias: Ino = 1 << 62
+
+    /// The volume's inode for an inode number the kernel sent.
+    private func inVolume(_ ino: Ino) -> Ino { ino == rootIno ? config.top : ino & ~Self.trashAlias }
+
+    /// The number the kernel knows a volume inode by (`inTrash`: named by an entry of the trash).
+    private func forKernel(_ ino: Ino, inTrash: Bool = false) -> Ino { ino == config.top ? rootIno : (inTrash ? ino | Self.trashAlias : ino) }
+
+    /// Whether the kernel named a file through the trash (`forKernel(_:inTrash:)`).
+    private func viaTrash(_ kernelIno: Ino) -> Bool { kernelIno != rootIno && kernelIno & Self.trashAlias != 0 }
 
     public init(meta: any MetadataEngine, data: DataStore, config: VFSConfig) {
         self.meta = meta
@@ -135,14 +146,15 @@ public final class VFS: Sendable {
             try Posix.check(try getattr(rootIno), cred, .execute)
             return (rootIno, try getattr(rootIno))
         }
+        let inTrash = Trash.isTrash(parent)
         if let ino = cache.entry(parent, name), let a = cache.attr(ino) {
             try Posix.check(try getattr(parent), cred, .execute)
-            return (forKernel(ino), overlay(ino, a))
+            return (forKernel(ino, inTrash: inTrash && a.type == .regular), overlay(ino, a))
         }
         let t = cache.stamp()
         let (ino, a) = try meta.lookup(cred, parent, name)
         if !dots { cache.putEntry(parent, name, ino, a, asOf: t) }
-        return (forKernel(ino), overlay(ino, a))
+        return (forKernel(ino, inTrash: inTrash && a.type == .regular), overlay(ino, a))
     }
 
     /// Runs an operation on inode `ino`, which the kernel named by a handle it holds: when the
@@ -160,12 +172,28 @@ public final class VFS: Sendable {
         }
     }
 
+    /// A file the kernel named by a name it keeps (its entry cache) that has no name left: the
+    /// last one went on another client (the file waits in the trash, or another client holds
+    /// it open). The kernel's entry is stale: `ESTALE` makes it look the path up again, so
+    /// another client's new file of that name is found. A file this client holds open answers
+    /// on (a descriptor of a deleted file reads on, and fstat says link count 0, as on ext4).
+    private func named(_ ino: Ino, _ a: Attr) throws(FSError) {
+        guard a.nlink == 0, a.type != .directory, !files.holds(ino) else { return }
+        cache.drop(ino)
+        throw FSError(ESTALE, "inode \(ino) has no name left (removed by another client)")
+    }
+
     public func getattr(_ ino: Ino) throws(FSError) -> Attr {
+        let trashed = viaTrash(ino)
         let ino = inVolume(ino)
-        if let a = cache.attr(ino) { return overlay(ino, a) }
+        if let a = cache.attr(ino) {
+            if !trashed { try named(ino, a) }
+            return overlay(ino, a)
+        }
         if let g = ghost(ino) { return g }
         let t = cache.stamp()
         let a = try current(ino) { () throws(FSError) in try meta.getattr(ino) }
+        if !trashed { try named(ino, a) }
         cache.put(ino, a, asOf: t)
         return overlay(ino, a)
     }
@@ -334,11 +362,14 @@ public final class VFS: Sendable {
         // that usually follow a listing are answered from the client cache.
         let t = cache.stamp()
         var entries = try meta.readdir(ino, after: after, limit: limit, plus: plus || cache.enabled)
+        let inTrash = Trash.isTrash(ino)
         for i in entries.indices {
             entries[i].cookie += 2
+            let real = entries[i].ino
+            if inTrash && entries[i].type == .regular { entries[i].ino = forKernel(real, inTrash: true) }
             if let a = entries[i].attr {
-                cache.putEntry(ino, entries[i].name, entries[i].ino, a, asOf: t)
-                entries[i].attr = overlay(entries[i].ino, a)
+                cache.putEntry(ino, entries[i].name, real, a, asOf: t)
+                entries[i].attr = overlay(real, a)
             }
         }
         return out + entries
@@ -354,11 +385,16 @@ public final class VFS: Sendable {
     /// `keepCache` says the file is unchanged since this client last opened it, so the kernel
     /// may keep the pages it has.
     public func open(_ cred: Credential, _ ino: Ino, flags: Int32) throws(FSError) -> (UInt64, Attr, keepCache: Bool) {
+        let trashed = viaTrash(ino)
         let ino = inVolume(ino)
         let wantsWrite = flags & O_ACCMODE != O_RDONLY || flags & O_TRUNC != 0
         if wantsWrite { try writable() }
         let stampBefore = data.changeStamp(ino)
         var (a, first) = try current(ino) { () throws(FSError) in try meta.open(cred, ino, flags: flags, sid: sid) }
+        if !trashed && a.nlink == 0 && a.type != .directory && !files.holds(ino) {
+            _ = try? meta.close(ino, sid: sid)
+            try named(ino, a)
+        }
         if flags & O_TRUNC != 0 && a.type == .regular {
             // open(O_TRUNC) (the kernel hands it to us: atomic_o_trunc) empties the file and
             // updates mtime and ctime, even when it was empty already.

@@ -70,9 +70,13 @@ struct Format: ParsableCommand {
     @Option(help: "Block size in KiB: a power of two from 64 to 16384.")
     var blockSize = 4096
 
-    /// Recorded in the format record for the trash to come; hidden until there is one (a
-    /// volume keeps the value it was formatted with when this is not given).
-    @Option(help: .hidden)
+    /// A volume keeps the value it was formatted with when this is not given.
+    @Option(
+        help: ArgumentHelp(
+            "Days deleted files wait in the volume's trash (/.trash) before they are purged (default 1; 0: no trash).",
+            discussion:
+                "A regular file whose last name goes (rm, a rename over it) waits there; 'stagefs trash' lists, restores and purges. Its space stays counted until it is purged. Another value on a formatted volume needs --force (files stay; mounts follow within a minute).",
+            valueName: "days"))
     var trashDays: Int?
 
     @Option(

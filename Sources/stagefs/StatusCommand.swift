@@ -29,6 +29,13 @@ struct Status: ParsableCommand {
         print("Block size:  \(f.blockSizeKiB) KiB")
         print("Created:     \(timeText(f.createdAt))")
         print("Used:        \(humanBytes(usage.usedSpace)) in \(usage.usedInodes) inode\(usage.usedInodes == 1 ? "" : "s")")
+        if let t = meta as? any TrashAdmin {
+            let (inodes, bytes) = try t.trashUsage()
+            let kept = f.trashDays == 0 ? "off" : "deleted files kept \(f.trashDays) day\(f.trashDays == 1 ? "" : "s")"
+            print("Trash:       \(kept); holds \(inodes) file\(inodes == 1 ? "" : "s"), \(humanBytes(UInt64(bytes))) (counted in Used until purged)")
+        } else if f.trashDays > 0 {
+            print("Trash:       deleted files kept \(f.trashDays) day\(f.trashDays == 1 ? "" : "s")")
+        }
         print("Sessions:    \(sessions.count)")
         for s in sessions {
             let age = now - s.heartbeat

@@ -42,7 +42,7 @@ struct ConformanceTests {
         #expect(fmt.name == "test")
         #expect(fmt.blockSizeKiB == 4096)
         // Same settings again: accepted, UUID kept.
-        try f.engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: fmt.bucket), force: false, rootMode: 0o777)
+        try f.engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: fmt.bucket, trashDays: 0), force: false, rootMode: 0o777)
         #expect(try f.engine.loadFormat()?.uuid == fmt.uuid)
         // Other settings: refused with a message naming the difference.
         do {
@@ -1309,5 +1309,172 @@ struct ErrnoPathTests {
         expectErrno(EACCES) { try m.access(alice, closed, .execute) }
         expectErrno(EACCES, "alice searches her closed directory") { _ = try m.lookup(alice, closed, n("x")) }
         expectErrno(ENOENT, "root searches it") { _ = try m.lookup(root, closed, n("x")) }
+    }
+}
+
+/// The trash (`format --trash-days N`): what POSIX sees does not change; deleted regular files
+/// wait in `/.trash/<hour>/<uid>/` with link count 0 until restored or purged.
+@Suite("Trash")
+struct TrashTests {
+    private func usage(_ m: any MetadataEngine) throws -> (Int64, Int64) { try (m as! any TrashAdmin).trashUsage() }
+
+    /// The files in the trash: (inode, owner, entry name, where it came from).
+    private func listed(_ m: any MetadataEngine) throws -> [TrashEntry] {
+        let t = m as! any TrashAdmin
+        var out: [TrashEntry] = []
+        for (hour, _) in try t.trashHours(limit: 100) {
+            for (dir, _) in try t.trashOwnerDirs(hour, limit: 100) { out += try t.trashEntries(in: dir, after: 0, limit: 1000).entries }
+        }
+        return out
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func deletedFilesWaitInTheTrashWithTheirLinkCountsAsWithout(kind: EngineKind) throws {
+        let f = try EngineFixture(kind, trash: 1)
+        let m = f.engine
+        let dir = try playground(m)
+        let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/mnt", version: "t"))
+        let inodesBefore = try m.statfs().usedInodes
+        // The last link of a regular file: into the trash, link count 0, not freed.
+        let (a, _) = try m.mknod(alice, dir, n("a"), .regular, 0o644, rdev: 0, target: nil)
+        _ = try m.writeSlice(a, 0, Slice(pos: 0, id: 11, size: 5000, off: 0, len: 5000), minSize: 5000, mtime: .now())
+        let r = try m.unlink(alice, dir, n("a"))
+        #expect(!r.freed && r.attr.nlink == 0)
+        #expect(try m.getattr(a).nlink == 0)
+        #expect(try m.pendingDeletes(limit: 10).isEmpty)
+        expectErrno(ENOENT) { _ = try m.lookup(alice, dir, n("a")) }
+        let trash = try m.lookup(.root, rootIno, n(".trash"))
+        #expect(trash.0 == Trash.root && trash.1.mode & 0o777 == 0o555)
+        var l = try listed(m)
+        #expect(l.map(\.ino) == [a] && l[0].entryName == n("\(a)-a") && l[0].origin == Trash.Origin(parent: dir, deleted: l[0].origin!.deleted, name: n("a")))
+        #expect(try usage(m) == (1, 8192))
+        #expect(try m.statfs().usedInodes == inodesBefore + 4, "the file and the trash's three directories stay counted")
+        // One of two links: no trash, the other link stays with link count 1; the last one: trash.
+        let (b, _) = try m.mknod(alice, dir, n("b"), .regular, 0o644, rdev: 0, target: nil)
+        _ = try m.link(alice, b, dir, n("b2"))
+        #expect(try m.unlink(alice, dir, n("b")).attr.nlink == 1)
+        #expect(try m.getattr(b).nlink == 1)
+        #expect(try listed(m).count == 1)
+        _ = try m.unlink(alice, dir, n("b2"))
+        #expect(try listed(m).map(\.ino).sorted() == [a, b].sorted())
+        // A rename over one of two links drops that link only; over the last, the file goes to the trash.
+        let (c, _) = try m.mknod(alice, dir, n("c"), .regular, 0o644, rdev: 0, target: nil)
+        _ = try m.link(alice, c, dir, n("c2"))
+        _ = try m.mknod(alice, dir, n("x"), .regular, 0o644, rdev: 0, target: nil)
+        let over = try m.rename(alice, dir, n("x"), dir, n("c"), [])
+        #expect(over.removed?.attr.nlink == 1 && !(over.removed!.freed))
+        #expect(try m.getattr(c).nlink == 1)
+        #expect(try listed(m).count == 2)
+        _ = try m.mknod(alice, dir, n("y"), .regular, 0o644, rdev: 0, target: nil)
+        _ = try m.rename(alice, dir, n("y"), dir, n("c2"), [])
+        #expect(try listed(m).contains { $0.ino == c })
+        #expect(try m.getattr(c).nlink == 0)
+        // Open when deleted: in the trash, and its last close frees nothing.
+        let (d, _) = try m.create(alice, dir, n("d"), 0o644, sid: sid)
+        _ = try m.unlink(alice, dir, n("d"))
+        #expect(!(try m.close(d, sid: sid)))
+        #expect(try m.getattr(d).nlink == 0)
+        #expect(try listed(m).contains { $0.ino == d })
+        // Not regular files: freed as without a trash.
+        _ = try m.mknod(alice, dir, n("s"), .symlink, 0o777, rdev: 0, target: n("t"))
+        #expect(try m.unlink(alice, dir, n("s")).freed)
+        #expect(try listed(m).count == 4)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func restoreAndPurge(kind: EngineKind) throws {
+        let f = try EngineFixture(kind, trash: 1)
+        let m = f.engine
+        let t = m as! any TrashAdmin
+        let dir = try playground(m)
+        let (a, _) = try m.mknod(alice, dir, n("a"), .regular, 0o644, rdev: 0, target: nil)
+        _ = try m.writeSlice(a, 0, Slice(pos: 0, id: 12, size: 100, off: 0, len: 100), minSize: 100, mtime: .now())
+        _ = try m.unlink(alice, dir, n("a"))
+        // Only root, or the owner when allowed (a gateway's caller); never over an existing name.
+        expectErrno(EPERM) { _ = try t.restoreTrashed(bob, a, to: nil, ownerMayRestore: true) }
+        expectErrno(EPERM) { _ = try t.restoreTrashed(alice, a, to: nil, ownerMayRestore: false) }
+        _ = try m.mknod(alice, dir, n("a"), .regular, 0o644, rdev: 0, target: nil)
+        expectErrno(EEXIST) { _ = try t.restoreTrashed(alice, a, to: nil, ownerMayRestore: true) }
+        _ = try m.unlink(alice, dir, n("a"))
+        #expect(try listed(m).count == 2)
+        #expect(try t.restoreTrashed(alice, a, to: nil, ownerMayRestore: true) == (dir, n("a")))
+        let back = try m.lookup(alice, dir, n("a"))
+        #expect(back.0 == a && back.1.nlink == 1 && back.1.size == 100 && back.1.parent == dir)
+        #expect(try m.readChunk(a, 0) == [Slice(pos: 0, id: 12, size: 100, off: 0, len: 100)])
+        #expect(try listed(m).count == 1)
+        #expect(try usage(m) == (1, 0))
+        // Purged: freed, its data queued for deletion (the empty one has none).
+        let left = try listed(m)[0]
+        expectErrno(EPERM) { _ = try t.purgeTrashed(alice, left.ino, ownerMayPurge: false) }
+        #expect(try t.purgeTrashed(.root, left.ino, ownerMayPurge: false))
+        expectErrno(ENOENT) { _ = try m.getattr(left.ino) }
+        #expect(try listed(m).isEmpty)
+        #expect(try usage(m) == (0, 0))
+        // Deleted again and purged: its data is queued.
+        _ = try m.unlink(alice, dir, n("a"))
+        #expect(try t.purgeTrashed(.root, a, ownerMayPurge: false))
+        #expect(try m.pendingDeletes(limit: 10).map(\.ino) == [a])
+        // Empty directories of the trash go.
+        let hours = try t.trashHours(limit: 10)
+        for (h, _) in hours {
+            for (o, _) in try t.trashOwnerDirs(h, limit: 10) { try t.removeEmptyTrashDir(o) }
+            try t.removeEmptyTrashDir(h)
+        }
+        #expect(try t.trashHours(limit: 10).isEmpty)
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func nothingIsMadeInTheTrashAndItsNameIsReserved(kind: EngineKind) throws {
+        let f = try EngineFixture(kind, trash: 1)
+        let m = f.engine
+        let dir = try playground(m)
+        expectErrno(EPERM) { _ = try m.mknod(alice, rootIno, n(".trash"), .directory, 0o777, rdev: 0, target: nil) }
+        _ = try m.mknod(alice, dir, n("a"), .regular, 0o644, rdev: 0, target: nil)
+        _ = try m.mknod(alice, dir, n("k"), .regular, 0o644, rdev: 0, target: nil)
+        expectErrno(EPERM) { _ = try m.rename(alice, dir, n("k"), rootIno, n(".trash"), []) }
+        _ = try m.unlink(alice, dir, n("a"))
+        let l = try listed(m)
+        let owner = l[0].dir
+        expectErrno(EPERM) { _ = try m.mknod(.root, owner, n("new"), .regular, 0o644, rdev: 0, target: nil) }
+        expectErrno(EPERM) { _ = try m.mknod(.root, Trash.root, n("new"), .directory, 0o755, rdev: 0, target: nil) }
+        expectErrno(EPERM) { _ = try m.rename(.root, dir, n("k"), owner, n("k"), []) }
+        let k = try m.lookup(alice, dir, n("k")).0
+        expectErrno(EPERM) { _ = try m.link(.root, k, owner, n("k")) }
+        expectErrno(EPERM) { _ = try m.rename(.root, rootIno, n(".trash"), dir, n("t"), []) }
+        // Root deleting in the trash deletes for good; root moving a file out restores it.
+        _ = try m.unlink(alice, dir, n("k"))
+        let kEntry = try listed(m).first { $0.ino == k }!
+        _ = try m.rename(.root, owner, kEntry.entryName, dir, n("k-back"), [])
+        #expect(try m.lookup(alice, dir, n("k-back")).1.nlink == 1)
+        #expect(try m.unlink(.root, owner, l[0].entryName).freed)
+        #expect(try listed(m).isEmpty)
+        #expect(try usage(m) == (0, 0))
+    }
+
+    @Test(arguments: EngineKind.allCases)
+    func expiredTrashIsPurgedByOneLeaseHolder(kind: EngineKind) throws {
+        let f = try EngineFixture(kind, trash: 1)
+        let m = f.engine
+        let dir = try playground(m)
+        for i in 0..<5 {
+            _ = try m.mknod(alice, dir, n("f\(i)"), .regular, 0o644, rdev: 0, target: nil)
+            _ = try m.unlink(alice, dir, n("f\(i)"))
+        }
+        // Nothing has expired yet.
+        #expect(try m.purgeExpiredTrash(holder: 1, limit: 100) == 0)
+        #expect(try listed(m).count == 5)
+        // With the trash turned off, everything in it expires; holder 1 holds the lease.
+        let fmt = try #require(try m.loadFormat())
+        var off = fmt
+        off.trashDays = 0
+        try m.initialize(off, force: true, rootMode: 0o777)
+        let other = try f.reopen()
+        _ = try other.loadFormat()
+        #expect(try other.purgeExpiredTrash(holder: 2, limit: 100) == 0, "another client holds the lease")
+        #expect(try m.purgeExpiredTrash(holder: 1, limit: 2) == 2, "bounded steps")
+        #expect(try m.purgeExpiredTrash(holder: 1, limit: 100) == 3)
+        #expect(try listed(m).isEmpty)
+        #expect(try (m as! any TrashAdmin).trashHours(limit: 10).isEmpty)
+        #expect(try other.purgeExpiredTrash(holder: 2, limit: 100) == 0)
     }
 }

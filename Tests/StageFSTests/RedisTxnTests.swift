@@ -17,7 +17,7 @@ private final class TxnFixture: @unchecked Sendable {
         redis = try RedisServer()
         url = redis.url
         meta = try #require(try openMetadata(try MetaURL.parse(url), create: true) as? RedisTxnMetadata)
-        try meta.initialize(VolumeFormat(name: "txn", storage: "file", bucket: "/tmp/none"), force: false, rootMode: 0o777)
+        try meta.initialize(VolumeFormat(name: "txn", storage: "file", bucket: "/tmp/none", trashDays: 0), force: false, rootMode: 0o777)
     }
 
     /// Another client of the same volume.
@@ -463,8 +463,10 @@ struct RedisTxnTests {
         #expect(finish == 2 && finished.done && finished.slices.map(\.id).sorted() == [10, 11, 12], "finishing a delete: \(finish) round trips")
 
         var cold: [String: Int] = [:]
+        // A new client, as a mount starts: it reads the format record and registers a session.
         func fresh() throws -> (RedisTxnMetadata, UInt64) {
             let c = try f.client()
+            _ = try c.loadFormat()
             return (c, try c.newSession(SessionInfo(hostname: "h", pid: 2, mountPoint: "/m", version: "t")))
         }
         var (c, csid) = try fresh()

@@ -103,7 +103,8 @@ final class EngineFixture: @unchecked Sendable {
     let redis: RedisServer?
     private let dir: String
 
-    init(_ kind: EngineKind) throws {
+    /// `trash`: days the volume keeps deleted files (0, no trash, unless a test is about it).
+    init(_ kind: EngineKind, trash: Int = 0) throws {
         self.kind = kind
         dir = try makeTempDir("meta")
         switch kind {
@@ -115,7 +116,7 @@ final class EngineFixture: @unchecked Sendable {
             url = redis!.url
         }
         engine = try openMetadata(try MetaURL.parse(url), create: true, tracking: kind == .redisTracked)
-        try engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: dir + "/data"), force: false, rootMode: 0o777)
+        try engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: dir + "/data", trashDays: trash), force: false, rootMode: 0o777)
     }
 
     /// Damages an entry on purpose: records `type` for `name` in `parent` whatever its inode is.

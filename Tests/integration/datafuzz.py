@@ -183,13 +183,10 @@ def main():
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--stagefs-bin", default=".build/release/stagefs")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("datafuzz: run as root (it mounts as the test user)")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import helpers
 
-    helpers.host_setup()
-    env = helpers.Env(os.path.abspath(args.stagefs_bin))
+    env = helpers.standalone(args.stagefs_bin, "datafuzz")
     redis = moto = None
     failures = 0
     start = args.start if args.start is not None else random.randrange(1, 1 << 30)
@@ -210,11 +207,7 @@ def main():
                 vol.umount(vol.mnt)
             print(f"{kind}: {args.count} sequences from seed {start}, {failures} failed so far", flush=True)
     finally:
-        if redis:
-            redis.stop()
-        if moto:
-            moto.stop()
-        env.cleanup()
+        helpers.stop_all(env, redis, moto)
     sys.exit(1 if failures else 0)
 
 

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -372,6 +373,23 @@ def host_setup():
     for u in (USER, OTHER):
         if u not in members:
             subprocess.run(["usermod", "-a", "-G", SHARED_GROUP, u], check=True)
+
+
+def standalone(binary, who):
+    """For a test script run by hand (posixdiff.py, datafuzz.py): checks it runs as root, sets
+    the host up and returns an Env over `binary` (the caller cleans it up)."""
+    if os.geteuid() != 0:
+        sys.exit(f"{who}: run as root (it mounts as the test users and switches between them)")
+    host_setup()
+    return Env(os.path.abspath(binary))
+
+
+def stop_all(env, *servers):
+    """Stops what a test script started (None for what it did not) and cleans `env` up."""
+    for s in servers:
+        if s:
+            s.stop()
+    env.cleanup()
 
 
 class Volume:

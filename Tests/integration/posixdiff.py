@@ -854,13 +854,10 @@ def main():
     ap.add_argument("--stagefs-bin", default=".build/release/stagefs")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("posixdiff: run as root (it mounts as the test users and switches between them)")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import helpers
 
-    helpers.host_setup()
-    env = helpers.Env(os.path.abspath(args.stagefs_bin))
+    env = helpers.standalone(args.stagefs_bin, "posixdiff")
     redis = moto = None
     failures = 0
     try:
@@ -893,11 +890,7 @@ def main():
             print(f"{engine}: {n} sequences from seed {seeds[0] if seeds else start}, {d.ops_run} operations, "
                   f"{failures - before} failed, {time.time() - t0:.0f} s", flush=True)
     finally:
-        if redis:
-            redis.stop()
-        if moto:
-            moto.stop()
-        env.cleanup()
+        helpers.stop_all(env, redis, moto)
     sys.exit(1 if failures else 0)
 
 

@@ -252,7 +252,7 @@ def test_busy_mount_is_not_unmounted_without_force(env, redis):
 def test_memory_stays_bounded_under_a_10_gib_write(env, redis):
     url = redis.url(7)
     base = env.dir_for(USER, "big")
-    env.stagefs("format", url, "tengig", "--bucket", os.path.join(base, "data"))
+    env.stagefs("format", url, "tengig", "--bucket", os.path.join(base, "data"), "--trash-days", "0")
     m = env.dir_for(USER, "m")
     env.stagefs("mount", "-d", url, m, "--buffer-size", "64", "--memory-cache-size", "64")
     try:
@@ -365,15 +365,17 @@ def test_help_fits_the_terminal_without_ragged_lines(env, width):
 def test_status_shows_only_what_exists(env):
     base = env.dir_for(USER, "plainvol")
     url = f"sqlite3://{base}/meta.db"
-    # --trash-days is hidden until there is a trash, but still accepted (and recorded).
     env.stagefs("format", url, "plainvol", "--bucket", f"{base}/data", "--trash-days", "3")
     out = env.stagefs("status", url).stdout
     assert "Volume:      plainvol" in out and "Block size:" in out
-    assert "trash" not in out.lower()
-    assert "trash" not in env.stagefs("format", "--help").stdout.lower()
+    assert "Access key" not in out
+    assert "Trash:       deleted files kept 3 days; holds 0 files, 0 B" in out, out
+    assert "--trash-days" in env.stagefs("format", "--help").stdout
     # Formatting again without it keeps the recorded value instead of refusing a difference.
-    p = env.stagefs("format", url, "plainvol", "--bucket", f"{base}/data")
-    assert "trash" not in p.stdout.lower()
+    env.stagefs("format", url, "plainvol", "--bucket", f"{base}/data")
+    assert "kept 3 days" in env.stagefs("status", url).stdout
+    env.stagefs("format", url, "plainvol", "--bucket", f"{base}/data", "--trash-days", "0", "--force")
+    assert "Trash:       off" in env.stagefs("status", url).stdout
 
 
 def test_every_command_explains_itself(env):

@@ -31,7 +31,9 @@ def site(env, moto):
     secret_url = f"redis://:{PASSWORD}@127.0.0.1:{r.port}"
     base = env.dir_for("root", "site")
     bucket = os.path.join(base, "bucket")
-    env.stagefs("format", f"{secret_url}/1", "gwfile", "--bucket", bucket, user="root")
+    # (The file volume keeps no trash, so that the request-id tests see files freed; the S3
+    # volume keeps the default one.)
+    env.stagefs("format", f"{secret_url}/1", "gwfile", "--bucket", bucket, "--trash-days", "0", user="root")
     os.chmod(bucket, 0o700)
     env.stagefs("format", f"{secret_url}/2", "gws3", "--storage", "s3", "--bucket", moto.bucket("gws3"), "--access-key", S3_KEY,
                 "--secret-key", S3_SECRET, user="root")
@@ -1193,3 +1195,35 @@ def test_a_mount_fails_operations_with_eio_while_the_gateway_is_away_and_goes_on
     assert helpers.is_mounted(a) and pid and os.path.exists(f"/proc/{pid}")
     run_as(USER, lambda: open(os.path.join(a, "after-outage"), "w").write("z"))
     assert run_as(USER, lambda: sorted(n for n in os.listdir(a) if n.endswith("outage"))) == ["after-outage", "before-outage"]
+
+
+def test_deleted_files_wait_in_the_trash_through_a_gateway(env, site):
+    """Through a gateway (the S3 volume keeps the default trash): a user's deleted file waits in
+    /.trash/<hour>/<uid>/, where its owner reads it and another user cannot look."""
+    a = mount(env, site, USER, site["s3"])
+    d = os.path.join(a, f"tr{os.urandom(3).hex()}")
+    payload = os.urandom(100_000)
+
+    def make_and_remove():
+        os.mkdir(d)
+        with open(os.path.join(d, "gone"), "wb") as f:
+            f.write(payload)
+        os.unlink(os.path.join(d, "gone"))
+        uid = os.getuid()
+        found = []
+        for hour in os.listdir(os.path.join(a, ".trash")):
+            own = os.path.join(a, ".trash", hour, str(uid))
+            if os.path.isdir(own):
+                found += [os.path.join(own, n) for n in os.listdir(own) if n.endswith("-gone")]
+        return found, [open(p, "rb").read() == payload for p in found]
+    found, same = run_as(USER, make_and_remove)
+    assert len(found) >= 1 and all(same), (found, same)
+    b = mount(env, site, OTHER, site["s3"])
+
+    def other_looks():
+        try:
+            os.listdir(os.path.dirname(found[0].replace(a, b, 1)))
+            return "listed"
+        except PermissionError:
+            return "refused"
+    assert run_as(OTHER, other_looks) == "refused"

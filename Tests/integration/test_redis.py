@@ -67,7 +67,7 @@ def test_deleting_huge_files_never_stalls_redis(env, redis):
     base = env.dir_for(USER, "huge")
     url = redis.url(db)
     p = key_prefix(db)
-    env.stagefs("format", url, "huge", "--bucket", os.path.join(base, "data"))
+    env.stagefs("format", url, "huge", "--bucket", os.path.join(base, "data"), "--trash-days", "0")
     m = env.dir_for(USER, "m")
     env.stagefs("mount", "-d", url, m, "--log", os.path.join(base, "mount.log"))
     probe = None

@@ -1,0 +1,384 @@
+import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// The trash: `/.trash/<YYYY-MM-DD-HH>/<uid>/<ino>-<name>`, directories whose inode numbers
+/// are from 2^52 up (`.trash` itself is 2^52; the others count up from there, their own
+/// counter): the inodes of files count up from 1 and never get there, and every number stays
+/// below 2^53, which Redis's Lua (doubles) holds exactly.
+/// - `.trash` itself, root's, mode 0555;
+/// - an hour's directory (UTC), root's, mode 0555;
+/// - in it one directory per owner of what was deleted in that hour, named by the uid, the
+///   owner's, mode 0500 (the owner and root may list and read it; nobody writes in it through
+///   a mount but root).
+///
+/// A regular file whose last link goes (unlink, or a rename over it) while the volume keeps a
+/// trash (`format --trash-days N`, N > 0) is not freed: it gets an entry in its owner's
+/// directory of this hour, keeps link count 0 (an open descriptor's fstat says 0, as on ext4:
+/// a trash entry is not a link), and its target record says where it came from (parent inode,
+/// time, name). What POSIX programs see elsewhere does not change.
+package enum Trash {
+    static let base: Ino = 1 << 52
+    /// `.trash`.
+    package static let root: Ino = base
+    package static let name = Array(".trash".utf8)
+
+    /// Whether `ino` is one of the trash's directories (a file whose parent is one is in the trash).
+    package static func isTrash(_ ino: Ino) -> Bool { ino >= base && ino < base << 1 }
+
+    /// The hour since the epoch an hour directory's name says (nil: not such a name).
+    package static func hour(named name: [UInt8]) -> Int64? {
+        let parts = String(decoding: name, as: UTF8.self).split(separator: "-")
+        guard parts.count == 4, let y = Int32(parts[0]), let mo = Int32(parts[1]), let d = Int32(parts[2]), let h = Int32(parts[3]) else { return nil }
+        var t = tm()
+        t.tm_year = y - 1900
+        t.tm_mon = mo - 1
+        t.tm_mday = d
+        t.tm_hour = h
+        return Int64(timegm(&t)) / 3600
+    }
+
+    /// `YYYY-MM-DD-HH` (UTC) of an hour since the epoch.
+    package static func hourName(_ hour: Int64) -> [UInt8] {
+        var secs = time_t(hour * 3600)
+        var t = tm()
+        gmtime_r(&secs, &t)
+        func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
+        return Array("\(t.tm_year + 1900)-\(two(t.tm_mon + 1))-\(two(t.tm_mday))-\(two(t.tm_hour))".utf8)
+    }
+
+    /// The name of a trashed file's entry: its inode and (as much as fits 255 bytes of) its name.
+    static func entryName(_ ino: Ino, _ name: [UInt8]) -> [UInt8] {
+        let prefix = Array("\(ino)-".utf8)
+        var keep = name.prefix(maxNameLength - prefix.count)
+        // Not cut inside a UTF-8 sequence.
+        while keep.count < name.count, let last = keep.last, last & 0xC0 == 0x80 || last & 0xC0 == 0xC0 {
+            keep = keep.dropLast()
+            if last & 0xC0 == 0xC0 { break }
+        }
+        return prefix + keep
+    }
+
+    /// Where a trashed file came from, as its target record holds it.
+    package struct Origin: Sendable, Equatable {
+        package var parent: Ino
+        package var deleted: Int64
+        package var name: [UInt8]
+
+        package init(parent: Ino, deleted: Int64, name: [UInt8]) {
+            self.parent = parent
+            self.deleted = deleted
+            self.name = name
+        }
+
+        func encoded() -> [UInt8] { Array("\(parent)\n\(deleted)\n".utf8) + name }
+
+        static func decode(_ b: [UInt8]) -> Origin? {
+            let parts = b.split(separator: UInt8(ascii: "\n"), maxSplits: 2, omittingEmptySubsequences: false)
+            guard parts.count == 3, let p = Ino(String(decoding: parts[0], as: UTF8.self)),
+                let d = Int64(String(decoding: parts[1], as: UTF8.self))
+            else { return nil }
+            return Origin(parent: p, deleted: d, name: Array(parts[2]))
+        }
+    }
+}
+
+/// One file in the trash, as `trashEntries` lists it.
+package struct TrashEntry: Sendable, Equatable {
+    package var ino: Ino
+    /// Its owner's directory of the hour it was deleted in, and its entry's name there.
+    package var dir: Ino
+    package var entryName: [UInt8]
+    package var attr: Attr
+    package var origin: Trash.Origin?
+}
+
+/// Seconds between purge steps of a client's trash purger and between reads of the trash's
+/// setting: 60, or `STAGEFS_TRASH_INTERVAL` (tests).
+package let trashInterval: Double = {
+    guard let v = getenv("STAGEFS_TRASH_INTERVAL").flatMap({ Double(String(cString: $0)) }), v > 0 else { return 60 }
+    return v
+}()
+
+extension TxnMetadata {
+    static var trashSettingNanos: UInt64 { UInt64(trashInterval * 1e9) }
+
+    /// How many days the volume keeps deleted files (0: no trash), from its format record,
+    /// read again at most once a minute.
+    func trashDays() throws(FSError) -> Int {
+        let now = Sys.monotonicNanos()
+        if let (days, at) = trashSetting.withLock({ $0 }), now - at < Self.trashSettingNanos { return days }
+        guard let f = try loadFormat() else {
+            trashSetting.withLock { $0 = (0, now) }
+            return 0
+        }
+        return f.trashDays
+    }
+
+    /// Puts `ino` (a regular file whose last link just went: `a`, link count 0) into its
+    /// owner's trash directory of this hour, making the directories it needs. Returns false
+    /// (the caller frees it as without a trash) when the volume's root holds a `.trash` that is
+    /// not the trash (a user's, made before there was one).
+    func putInTrash(_ tx: S.Txn, _ ino: Ino, _ a: inout Attr, _ attrs: inout AttrSet, from parent: Ino, name: [UInt8], now: Timespec)
+        throws(FSError) -> Bool
+    {
+        let hourName = Trash.hourName(now.sec / 3600)
+        let uidName = Array(String(a.uid).utf8)
+        try store.prefetch(tx, [.attr(Trash.root), .entry(rootIno, Trash.name), .entry(Trash.root, hourName)])
+        func dir(_ mode: UInt16, uid: UInt32, gid: UInt32, parent: Ino) -> Attr {
+            Attr(type: .directory, mode: mode, uid: uid, gid: gid, nlink: 2, size: 4096, atime: now, mtime: now, ctime: now, parent: parent)
+        }
+        /// The directory `name` of `parent`, made (`attr`) when missing.
+        func subdir(_ parent: Ino, _ name: [UInt8], _ attr: Attr) throws(FSError) -> Ino {
+            if let (d, _) = try store.entry(tx, parent, name), Trash.isTrash(d) { return d }
+            let d = Trash.base + 1 + (try store.reserveIDs(tx, "nextTrashInode", 1))
+            var made = attr
+            made.parent = parent
+            attrs.put(d, made)
+            try store.putEntry(tx, parent, name, d, .directory)
+            try attrs.update(store, tx, parent) {
+                $0.nlink += 1
+                $0.mtime = now
+                $0.ctime = now
+            }
+            try store.add(tx, "usedInodes", 1)
+            try store.add(tx, "usedSpace", 4096)
+            return d
+        }
+        if try store.attr(tx, Trash.root) == nil {
+            if try store.entry(tx, rootIno, Trash.name) != nil { return false }
+            attrs.put(Trash.root, dir(0o555, uid: 0, gid: 0, parent: rootIno))
+            try store.putEntry(tx, rootIno, Trash.name, Trash.root, .directory)
+            try attrs.update(store, tx, rootIno) { $0.nlink += 1 }
+            try store.add(tx, "usedInodes", 1)
+            try store.add(tx, "usedSpace", 4096)
+        }
+        let hourIno = try subdir(Trash.root, hourName, dir(0o555, uid: 0, gid: 0, parent: Trash.root))
+        let ownerIno = try subdir(hourIno, uidName, dir(0o500, uid: a.uid, gid: a.gid, parent: hourIno))
+        try store.putEntry(tx, ownerIno, Trash.entryName(ino, name), ino, .regular)
+        try attrs.update(store, tx, ownerIno) {
+            $0.mtime = now
+            $0.ctime = now
+        }
+        try store.putSymlinkTarget(tx, ino, Trash.Origin(parent: parent, deleted: now.sec, name: name).encoded())
+        a.parent = ownerIno
+        try store.add(tx, "trashInodes", 1)
+        try store.add(tx, "trashSpace", align4K(a.size))
+        return true
+    }
+
+    /// A trashed file leaves the trash (restored, or purged): the counters say so.
+    func leftTrash(_ tx: S.Txn, _ a: Attr) throws(FSError) {
+        try store.add(tx, "trashInodes", -1)
+        try store.add(tx, "trashSpace", -align4K(a.size))
+    }
+
+    // MARK: what admins and owners do
+
+    /// How many files the trash holds and their bytes (kept counted in `df` until purged).
+    package func trashUsage() throws(FSError) -> (inodes: Int64, bytes: Int64) {
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            try store.prefetch(tx, [.counter("trashInodes"), .counter("trashSpace")])
+            return (max(0, try store.counter(tx, "trashInodes")), max(0, try store.counter(tx, "trashSpace")))
+        }
+    }
+
+    /// The trash's hour directories (inode, hour since the epoch), oldest first (at most `limit`).
+    package func trashHours(limit: Int = 10_000) throws(FSError) -> [(Ino, Int64)] {
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            guard try store.attr(tx, Trash.root) != nil else { return [] }
+            return try store.entries(tx, Trash.root, after: 0, limit: limit).compactMap { e -> (Ino, Int64)? in
+                guard Trash.isTrash(e.ino), let h = Trash.hour(named: e.name) else { return nil }
+                return (e.ino, h)
+            }.sorted { $0.1 < $1.1 }
+        }
+    }
+
+    /// Files of the trash in hour directory `hourDir` (of owner `uid` only, when given), from
+    /// position `after` of the owner directory `dir` on, at most `limit`: one step of a listing.
+    package func trashEntries(in ownerDir: Ino, after: UInt64, limit: Int) throws(FSError) -> (entries: [TrashEntry], next: UInt64?) {
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            let page = try store.entries(tx, ownerDir, after: after, limit: limit)
+            try store.prefetch(tx, page.flatMap { [.attr($0.ino), .symlink($0.ino)] })
+            var out: [TrashEntry] = []
+            for e in page {
+                guard let a = try store.attr(tx, e.ino), a.parent == ownerDir else { continue }
+                out.append(TrashEntry(ino: e.ino, dir: ownerDir, entryName: e.name, attr: a, origin: try store.symlinkTarget(tx, e.ino).flatMap(Trash.Origin.decode)))
+            }
+            return (out, page.count == limit ? page.last?.cookie : nil)
+        }
+    }
+
+    /// The owner directories of an hour directory (at most `limit`).
+    package func trashOwnerDirs(_ hourDir: Ino, limit: Int = 100_000) throws(FSError) -> [(Ino, UInt32)] {
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            try store.entries(tx, hourDir, after: 0, limit: limit).compactMap { e -> (Ino, UInt32)? in
+                guard Trash.isTrash(e.ino), let uid = UInt32(String(decoding: e.name, as: UTF8.self)) else { return nil }
+                return (e.ino, uid)
+            }
+        }
+    }
+
+    /// Deletes trashed file `ino` for good (its data is queued for deletion once nobody has it
+    /// open). `cred` must be root or (`ownerMayPurge`) its owner.
+    @discardableResult
+    package func purgeTrashed(_ cred: Credential, _ ino: Ino, ownerMayPurge: Bool = false) throws(FSError) -> Bool {
+        try store.transaction(write: true) { (tx) throws(FSError) -> Bool in
+            try store.prefetch(tx, [.attr(ino), .isOpen(ino)])
+            guard let a = try store.attr(tx, ino), a.nlink == 0, Trash.isTrash(a.parent) else {
+                throw FSError(ENOENT, "inode \(ino) is not in the trash")
+            }
+            if !cred.isRoot && !(ownerMayPurge && cred.uid == a.uid) { throw FSError(EPERM, "only root (or, through a gateway, its owner) purges a file from the trash") }
+            guard let entry = try trashEntryName(tx, ino, a) else { throw FSError.damagedEntry }
+            try store.deleteEntry(tx, a.parent, entry)
+            try leftTrash(tx, a)
+            var gone = a
+            gone.parent = 0
+            try store.putAttr(tx, ino, gone)
+            return try freeIfUnused(tx, ino)
+        }
+    }
+
+    /// Puts trashed file `ino` back where it came from, or in directory `to` (with its old name),
+    /// refusing to replace anything. `cred` must be root or (`ownerMayRestore`) its owner, and
+    /// may write the directory. Returns the directory and the name it got.
+    package func restoreTrashed(_ cred: Credential, _ ino: Ino, to: Ino? = nil, ownerMayRestore: Bool = false) throws(FSError) -> (Ino, [UInt8]) {
+        try store.transaction(write: true) { (tx) throws(FSError) -> (Ino, [UInt8]) in
+            try store.prefetch(tx, [.attr(ino), .symlink(ino)])
+            guard var a = try store.attr(tx, ino), a.nlink == 0, Trash.isTrash(a.parent) else {
+                throw FSError(ENOENT, "inode \(ino) is not in the trash")
+            }
+            if !cred.isRoot && !(ownerMayRestore && cred.uid == a.uid) {
+                throw FSError(EPERM, "only root (or, through a gateway, its owner) restores a file from the trash")
+            }
+            guard let origin = try store.symlinkTarget(tx, ino).flatMap(Trash.Origin.decode) else {
+                throw FSError(EIO, "inode \(ino) in the trash does not say where it came from: restore it with a directory to put it in")
+            }
+            let dir = to ?? origin.parent
+            guard var pa = try store.attr(tx, dir), pa.type == .directory, pa.nlink > 0 else {
+                throw FSError(ENOENT, "the directory inode \(ino) came from (inode \(dir)) is gone: restore it into another directory")
+            }
+            if Trash.isTrash(dir) { throw FSError(EPERM, "a file is restored out of the trash, not into it") }
+            try Posix.check(pa, cred, [.write, .execute])
+            if try store.entry(tx, dir, origin.name) != nil {
+                throw FSError(EEXIST, "'\(String(decoding: origin.name, as: UTF8.self))' exists in the directory (inode \(dir)): restore into another directory")
+            }
+            guard let entry = try trashEntryName(tx, ino, a) else { throw FSError.damagedEntry }
+            let now = Timespec.now()
+            try store.deleteEntry(tx, a.parent, entry)
+            try store.putEntry(tx, dir, origin.name, ino, .regular)
+            try leftTrash(tx, a)
+            a.nlink = 1
+            a.parent = dir
+            a.ctime = now
+            try store.putAttr(tx, ino, a)
+            pa.mtime = now
+            pa.ctime = now
+            try store.putAttr(tx, dir, pa)
+            return (dir, origin.name)
+        }
+    }
+
+    /// The name of `ino`'s entry in its trash directory.
+    private func trashEntryName(_ tx: S.Txn, _ ino: Ino, _ a: Attr) throws(FSError) -> [UInt8]? {
+        if let o = try store.symlinkTarget(tx, ino).flatMap(Trash.Origin.decode) {
+            let name = Trash.entryName(ino, o.name)
+            if let (e, _) = try store.entry(tx, a.parent, name), e == ino { return name }
+        }
+        // Renamed inside the trash by root: look for it (an owner's directory of one hour).
+        var after: UInt64 = 0
+        while true {
+            let page = try store.entries(tx, a.parent, after: after, limit: 1000)
+            if let e = page.first(where: { $0.ino == ino }) { return e.name }
+            guard page.count == 1000, let last = page.last else { return nil }
+            after = last.cookie
+        }
+    }
+
+    /// Removes an empty directory of the trash (an hour's or an owner's), as purging does.
+    package func removeEmptyTrashDir(_ dir: Ino) throws(FSError) {
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            guard Trash.isTrash(dir), dir != Trash.root, let a = try store.attr(tx, dir), a.type == .directory else { return }
+            if try store.hasEntries(tx, dir) { return }
+            // Its name: an owner's directory is named by the uid; an hour's, found in `.trash`.
+            var name: [UInt8]? = nil
+            if a.parent != Trash.root {
+                name = Array(String(a.uid).utf8)
+            } else {
+                var after: UInt64 = 0
+                while name == nil {
+                    let page = try store.entries(tx, Trash.root, after: after, limit: 1000)
+                    name = page.first { $0.ino == dir }?.name
+                    guard page.count == 1000, let last = page.last else { break }
+                    after = last.cookie
+                }
+            }
+            guard let name, let (e, _) = try store.entry(tx, a.parent, name), e == dir else { return }
+            try store.deleteEntry(tx, a.parent, name)
+            try store.deleteInode(tx, dir)
+            if var pa = try store.attr(tx, a.parent) {
+                pa.nlink -= 1
+                try store.putAttr(tx, a.parent, pa)
+            }
+            try store.add(tx, "usedInodes", -1)
+            try store.add(tx, "usedSpace", -4096)
+        }
+    }
+}
+
+extension TxnMetadata {
+    /// One bounded step of purging the trash: files deleted more than the volume's trash days
+    /// ago (all of them once the trash is turned off), at most `limit`, by the client that holds
+    /// the trash lease. `holder` names the client (its session); the lease is taken when free or
+    /// expired, held two minutes and renewed by each step, so two clients never purge at once.
+    /// Returns how many files were purged (0 too when another client holds the lease).
+    package func purgeExpiredTrash(holder: UInt64, limit: Int = 100) throws(FSError) -> Int {
+        let days = try trashDays()
+        let now = Timespec.now().sec
+        let mine = try store.transaction(write: true) { (tx) throws(FSError) -> Bool in
+            if let v = try store.setting(tx, "trashLease") {
+                let parts = v.split(separator: " ")
+                if parts.count == 2, let who = UInt64(parts[0]), let until = Int64(parts[1]), who != holder && until > now { return false }
+            }
+            try store.setSetting(tx, "trashLease", "\(holder) \(now + 120)")
+            return true
+        }
+        guard mine else { return 0 }
+        // Hours wholly older than the cut-off expire.
+        let cutoff = (now - Int64(days) * 86400) / 3600
+        var purged = 0
+        for (hourDir, hour) in try trashHours(limit: 1000) where hour < cutoff || days == 0 {
+            for (ownerDir, _) in try trashOwnerDirs(hourDir, limit: 1000) {
+                let (entries, more) = try trashEntries(in: ownerDir, after: 0, limit: limit - purged)
+                for e in entries {
+                    do {
+                        try purgeTrashed(.root, e.ino)
+                        purged += 1
+                    } catch {
+                        // (Purged by someone else meanwhile: an admin's `trash purge`.)
+                        if error.code != ENOENT { throw error }
+                    }
+                }
+                if more == nil { try removeEmptyTrashDir(ownerDir) }
+                if purged >= limit { return purged }
+            }
+            if try trashOwnerDirs(hourDir, limit: 1).isEmpty { try removeEmptyTrashDir(hourDir) }
+        }
+        return purged
+    }
+}
+
+/// What the trash commands ask of an engine (`stagefs trash`): the transactional engines.
+package protocol TrashAdmin: AnyObject, Sendable {
+    func trashUsage() throws(FSError) -> (inodes: Int64, bytes: Int64)
+    func trashHours(limit: Int) throws(FSError) -> [(Ino, Int64)]
+    func trashOwnerDirs(_ hourDir: Ino, limit: Int) throws(FSError) -> [(Ino, UInt32)]
+    func trashEntries(in ownerDir: Ino, after: UInt64, limit: Int) throws(FSError) -> (entries: [TrashEntry], next: UInt64?)
+    func purgeTrashed(_ cred: Credential, _ ino: Ino, ownerMayPurge: Bool) throws(FSError) -> Bool
+    func restoreTrashed(_ cred: Credential, _ ino: Ino, to: Ino?, ownerMayRestore: Bool) throws(FSError) -> (Ino, [UInt8])
+    func removeEmptyTrashDir(_ dir: Ino) throws(FSError)
+}
+
+extension TxnMetadata: TrashAdmin {}

@@ -1,0 +1,264 @@
+import ArgumentParser
+import Metadata
+import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// `stagefs trash list|restore|purge`.
+struct TrashCmd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "trash",
+        abstract: "List, restore or purge what the volume's trash holds (format --trash-days N keeps deleted files N days).",
+        discussion: """
+            A file whose last name goes (rm, or a rename over it) waits in /.trash/<YYYY-MM-DD-HH>/<uid>/
+            at the volume's root (its owner may list and read it there), then is purged by one of
+            the volume's clients once N days have passed. Only root restores or purges early.
+
+            A PATH is an entry as seen under a mount's .trash (or a directory there: an hour's or
+            an owner's); without one, list shows the whole trash (--meta names the volume, else
+            STAGEFS_VOLUME).
+
+            Examples:
+              stagefs trash list --meta redis://10.0.0.5:6379/1
+              stagefs trash restore /mnt/vol/.trash/2026-12-06-12/1000/57-results.csv
+              stagefs trash restore --to /mnt/vol/recovered /mnt/vol/.trash/2026-12-06-12/1000
+              stagefs trash purge --older-than 12h --meta redis://10.0.0.5:6379/1
+            """,
+        subcommands: [List.self, Restore.self, Purge.self]
+    )
+
+    struct Where: ParsableArguments {
+        @Option(help: "The volume's META-URL (default: the mount the paths are in, or STAGEFS_VOLUME).")
+        var meta: String?
+
+        @Argument(help: "Entries under a mount's .trash, or directories there.")
+        var paths: [String] = []
+    }
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List files in the trash: when deleted, owner, size, where from.")
+        @OptionGroup var at: Where
+
+        func run() throws {
+            let v = try TrashVolume(at)
+            var n = 0
+            try v.each { e in
+                n += 1
+                let when = e.origin.map { timeText($0.deleted) } ?? "?"
+                print("\(when)  uid \(e.attr.uid)  \(humanBytes(e.attr.size))  \(v.originPath(e))  (inode \(e.ino))")
+            }
+            let (inodes, bytes) = try v.admin.trashUsage()
+            print("\(n) file\(n == 1 ? "" : "s") listed; the trash holds \(inodes) file\(inodes == 1 ? "" : "s"), \(humanBytes(UInt64(bytes)))")
+        }
+    }
+
+    struct Restore: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Put files of the trash back where they were (refusing to replace anything), or into --to DIR.")
+        @OptionGroup var at: Where
+        @Option(help: "A directory (in a mount of the volume) to restore into instead, keeping the names.")
+        var to: String?
+
+        func validate() throws {
+            if at.paths.isEmpty { throw ValidationError("name the entries (or directories) of the trash to restore") }
+        }
+
+        func run() throws {
+            let v = try TrashVolume(at)
+            let dir = try to.map { (d) throws(FSError) -> Ino in try v.inode(of: d) }
+            var failed = 0
+            try v.each { e in
+                do {
+                    let (d, name) = try v.admin.restoreTrashed(processCredential(), e.ino, to: dir, ownerMayRestore: false)
+                    print("restored \(v.path(d, name))")
+                } catch {
+                    failed += 1
+                    printError("stagefs: \(v.originPath(e)) (inode \(e.ino)): \((error as? FSError)?.message ?? "\(error)")")
+                }
+            }
+            if failed > 0 { throw ExitCode(1) }
+        }
+    }
+
+    struct Purge: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Delete files of the trash for good (root only).")
+        @OptionGroup var at: Where
+        @Option(help: "Only files deleted longer ago than this (30m, 12h, 3d; a plain number is hours).")
+        var olderThan: String?
+
+        func validate() throws {
+            if let o = olderThan, TrashCmd.seconds(o) == nil { throw ValidationError("--older-than takes a duration such as 30m, 12h or 3d") }
+        }
+
+        func run() throws {
+            let v = try TrashVolume(at)
+            let cutoff = olderThan.flatMap(TrashCmd.seconds).map { Timespec.now().sec - $0 }
+            var n = 0
+            try v.each { e in
+                if let cutoff, (e.origin?.deleted ?? 0) > cutoff { return }
+                try v.admin.purgeTrashed(processCredential(), e.ino, ownerMayPurge: false)
+                n += 1
+            }
+            try v.dropEmptyDirs()
+            print("purged \(n) file\(n == 1 ? "" : "s")")
+        }
+    }
+
+    /// Seconds in "30m", "12h", "3d", "90s" (a plain number: hours).
+    static func seconds(_ s: String) -> Int64? {
+        guard let last = s.last else { return nil }
+        let units: [Character: Int64] = ["s": 1, "m": 60, "h": 3600, "d": 86400]
+        if let u = units[last], let v = Int64(s.dropLast()), v >= 0 { return v * u }
+        if let v = Int64(s), v >= 0 { return v * 3600 }
+        return nil
+    }
+}
+
+/// The volume a trash command works on, and the entries its paths name.
+struct TrashVolume {
+    let meta: any MetadataEngine
+    let admin: any TrashAdmin
+    /// Inodes the paths named (entries, or trash directories); empty: the whole trash.
+    let named: [Ino]
+    let mountPoint: String?
+
+    init(_ at: TrashCmd.Where) throws {
+        // The mount the paths are in (all in one), and the volume: --meta, that mount's, or
+        // STAGEFS_VOLUME.
+        var mount: String?
+        for p in at.paths {
+            guard let m = MountTable.containing(absolutePath(p))?.mountPoint else {
+                throw FSError.usage("\(p) is not in a StageFS mount of this node: name entries under a mount's .trash")
+            }
+            if let prev = mount, prev != m { throw FSError.usage("the paths are in two mounts (\(prev), \(m)); name one mount's") }
+            mount = m
+        }
+        let url: MetaURL
+        if let m = at.meta {
+            url = try metaURLArgument(m)
+        } else if let mount {
+            guard let r = Runtime.load(mount) else {
+                throw FSError(ENOENT, "no record of the mount at \(mount) for uid \(getuid()): give --meta META-URL")
+            }
+            url = try r.metadataURL()
+        } else if let v = defaultVolume() {
+            url = try metaURLArgument(v)
+        } else {
+            throw FSError.usage("name the volume: --meta META-URL, a path in a mount of it, or STAGEFS_VOLUME")
+        }
+        if case .gateway = url {
+            throw FSError(EOPNOTSUPP, "the trash commands do not work through a gateway yet: an admin runs them with the volume's META-URL")
+        }
+        meta = try openEngine(url)
+        _ = try meta.requireFormat()
+        guard let a = meta as? any TrashAdmin else { throw FSError(EOPNOTSUPP, "\(meta.displayName) keeps no trash") }
+        admin = a
+        mountPoint = mount
+        var inodes: [Ino] = []
+        for p in at.paths {
+            var st = stat()
+            guard lstat(absolutePath(p), &st) == 0 else { throw FSError.errno(errno, p) }
+            // (A mount names a trashed file by its inode plus 2^62.)
+            let ino = Ino(st.st_ino) & ~(1 << 62)
+            guard Trash.isTrash(ino) || st.st_nlink == 0 else { throw FSError(EINVAL, "\(p) is not in the trash (.trash at the volume's root)") }
+            inodes.append(ino)
+        }
+        named = inodes
+    }
+
+    /// Calls `body` for each trashed file the paths name (all of them without paths).
+    func each(_ body: (TrashEntry) throws -> Void) throws {
+        let dirs = named.isEmpty ? [Trash.root] : named
+        for d in dirs {
+            if d == Trash.root {
+                for (h, _) in try admin.trashHours(limit: 100_000) { try eachIn(hour: h, body) }
+            } else if Trash.isTrash(d) {
+                // An hour's directory is in `.trash`; an owner's, in an hour's.
+                if try meta.getattr(d).parent == Trash.root { try eachIn(hour: d, body) } else { try eachIn(owner: d, body) }
+            } else {
+                let a = try meta.getattr(d)
+                guard Trash.isTrash(a.parent) else { throw FSError(EINVAL, "inode \(d) is not in the trash") }
+                var after: UInt64 = 0
+                while true {
+                    let (page, next) = try admin.trashEntries(in: a.parent, after: after, limit: 1000)
+                    if let e = page.first(where: { $0.ino == d }) {
+                        try body(e)
+                        break
+                    }
+                    guard let next else { throw FSError(ENOENT, "inode \(d) is no longer in the trash") }
+                    after = next
+                }
+            }
+        }
+    }
+
+    private func eachIn(hour: Ino, _ body: (TrashEntry) throws -> Void) throws {
+        for (o, _) in try admin.trashOwnerDirs(hour, limit: 100_000) { try eachIn(owner: o, body) }
+    }
+
+    private func eachIn(owner: Ino, _ body: (TrashEntry) throws -> Void) throws {
+        // Pages taken before the body changes them: restore and purge remove what they see.
+        var all: [TrashEntry] = []
+        var after: UInt64 = 0
+        while true {
+            let (page, next) = try admin.trashEntries(in: owner, after: after, limit: 1000)
+            all += page
+            guard let next else { break }
+            after = next
+        }
+        for e in all { try body(e) }
+    }
+
+    /// Removes the trash's directories that are empty now.
+    func dropEmptyDirs() throws {
+        for (h, _) in try admin.trashHours(limit: 100_000) {
+            for (o, _) in try admin.trashOwnerDirs(h, limit: 100_000) { try admin.removeEmptyTrashDir(o) }
+            try admin.removeEmptyTrashDir(h)
+        }
+    }
+
+    /// The inode of a directory given as a path in the mount.
+    func inode(of path: String) throws(FSError) -> Ino {
+        var st = stat()
+        guard lstat(absolutePath(path), &st) == 0 else { throw FSError.errno(errno, path) }
+        guard st.st_mode & S_IFMT == S_IFDIR else { throw FSError(ENOTDIR, "\(path) is not a directory") }
+        guard MountTable.containing(absolutePath(path))?.mountPoint == mountPoint else {
+            throw FSError.usage("--to must be a directory in the same mount as the trash paths")
+        }
+        return Ino(st.st_ino)
+    }
+
+    /// Where an entry came from, as a path from the volume's root when its directory is still there.
+    func originPath(_ e: TrashEntry) -> String {
+        guard let o = e.origin else { return "(origin unknown)" }
+        return path(o.parent, o.name)
+    }
+
+    /// `name` in directory `dir`, as a path (the walk up stops after 4,096 levels).
+    func path(_ dir: Ino, _ name: [UInt8]) -> String {
+        var parts = [String(decoding: name, as: UTF8.self)]
+        var cur = dir
+        for _ in 0..<4096 where cur != rootIno {
+            guard let a = try? meta.getattr(cur), a.type == .directory, let parentEntries = try? parentName(cur, a.parent) else {
+                return "(a directory that is gone: inode \(dir))/" + parts.reversed().joined(separator: "/")
+            }
+            parts.append(parentEntries)
+            cur = a.parent
+        }
+        return (mountPoint ?? "") + "/" + parts.reversed().joined(separator: "/")
+    }
+
+    /// The name of directory `ino` in `parent` (a listing of `parent` until it is found).
+    private func parentName(_ ino: Ino, _ parent: Ino) throws(FSError) -> String {
+        var after: UInt64 = 0
+        for _ in 0..<1000 {
+            let page = try meta.readdir(parent, after: after, limit: 1000, plus: false)
+            if let e = page.first(where: { $0.ino == ino }) { return e.nameString }
+            guard page.count == 1000, let last = page.last else { break }
+            after = last.cookie
+        }
+        throw FSError.notFound
+    }
+}
