@@ -350,20 +350,71 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         if req.mask.contains(.size) && req.size > maxFileSize { throw FSError(EFBIG, "file too large (the largest is 1 PiB)") }
         // A cut that drops many chunks takes several bounded steps; each step is one
         // transaction that leaves a valid, shorter file, and repeating the request is harmless.
+        // A cut to zero of a file with data, while the volume keeps a trash, moves its chunks
+        // to a copy in the trash instead (`trashContentStep`), made by the first step.
+        let trash = req.mask.contains(.size) && req.size == 0 ? try trashDays() > 0 : false
+        var copy: Ino? = nil
         while true {
-            let (a, done) = try store.transaction(write: true) { (tx) throws(FSError) -> (Attr, Bool) in
+            let (a, done, made) = try store.transaction(write: true) { (tx) throws(FSError) -> (Attr, Bool, Ino?) in
                 guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
                 let before = a
                 let now = Timespec.now()
                 let touch = try SetAttrRules.apply(req, to: &a, cred, now: now)
                 var done = true
-                if req.mask.contains(.size) && req.size != a.size { done = try truncateStep(tx, ino, &a, to: req.size) }
+                var made = copy
+                if req.mask.contains(.size) && req.size != a.size {
+                    if trash && req.size == 0 && a.type == .regular && !Trash.isTrash(a.parent) {
+                        (made, done) = try trashContentStep(tx, ino, &a, copy: copy, now: now)
+                    } else {
+                        done = try truncateStep(tx, ino, &a, to: req.size)
+                    }
+                }
                 SetAttrRules.finish(req, &a, before, cred, now: now, touch: touch)
                 if a != before { try store.putAttr(tx, ino, a) }
-                return (a, done)
+                return (a, done, made)
             }
+            // (Only once its transaction committed: a retried one made nothing.)
+            copy = made
             if done { return a }
         }
+    }
+
+    /// One step of cutting regular file `ino` (`a`, with data) to zero while the volume keeps a
+    /// trash: the first step makes a copy in the trash (a new inode with the file's attributes,
+    /// size and times, named `<copy>-<ino>.before-truncate` there); each step moves at most
+    /// `chunkBatch` of the file's chunks to it, the highest first, leaving the file shorter;
+    /// the last leaves it empty. Nothing is queued for deletion: the data moved. Returns the
+    /// copy and whether the file is empty. (No trash there, a user's `.trash` at the root: an
+    /// ordinary cut.)
+    private func trashContentStep(_ tx: S.Txn, _ ino: Ino, _ a: inout Attr, copy: Ino?, now: Timespec) throws(FSError) -> (Ino?, Bool) {
+        var target = copy
+        if target == nil {
+            let t = try store.newInode(tx)
+            var ta = a
+            ta.nlink = 0
+            ta.ctime = now
+            var attrs = AttrSet()
+            guard try putInTrash(tx, t, &ta, &attrs, from: a.parent, name: Array("\(ino).before-truncate".utf8), now: now) else {
+                return (nil, try truncateStep(tx, ino, &a, to: 0))
+            }
+            attrs.put(t, ta)
+            try attrs.flush(store, tx)
+            try store.add(tx, "usedInodes", 1)
+            try store.add(tx, "usedSpace", align4K(ta.size))
+            target = t
+        }
+        let gone = try store.chunkIndexes(tx, ino, from: 0, limit: chunkBatch, descending: true)
+        try store.prefetch(tx, gone.map { .chunk(ino, $0) })
+        for idx in gone {
+            let blob = try store.deleteChunk(tx, ino, idx)
+            if !blob.isEmpty { try store.appendChunk(tx, target!, idx, blob) }
+        }
+        // More below the lowest moved: the file ends there until the next step.
+        var size: UInt64 = 0
+        if gone.count == chunkBatch, let lowest = gone.last { size = min(a.size, UInt64(lowest) * chunkSize) }
+        try store.add(tx, "usedSpace", align4K(size) - align4K(a.size))
+        a.size = size
+        return (target, size == 0)
     }
 
     /// fallocate(2) on a regular file open for writing. Nothing is reserved in an object store,

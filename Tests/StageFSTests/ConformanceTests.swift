@@ -1478,3 +1478,45 @@ struct TrashTests {
         #expect(try other.purgeExpiredTrash(holder: 2, limit: 100) == 0)
     }
 }
+
+extension TrashTests {
+    /// A file cut to zero (truncate, O_TRUNC) while the volume keeps a trash: its old content
+    /// moves to a copy in the trash, in bounded steps for a file of many chunks; the file is
+    /// empty, and nothing is queued for deletion.
+    @Test(arguments: EngineKind.allCases)
+    func aFileCutToZeroLeavesItsContentInTheTrash(kind: EngineKind) throws {
+        let f = try EngineFixture(kind, trash: 1)
+        let m = f.engine
+        let t = m as! any TrashAdmin
+        let dir = try playground(m)
+        let (ino, _) = try m.mknod(alice, dir, n("big"), .regular, 0o644, rdev: 0, target: nil)
+        let chunks = UInt32(chunkBatch + 5)
+        for i in 0..<chunks {
+            _ = try m.writeSlice(ino, i, Slice(pos: 0, id: 100 + UInt64(i), size: 10, off: 0, len: 10), minSize: UInt64(i) * chunkSize + 10, mtime: .now())
+        }
+        let size = try m.getattr(ino).size
+        let used = try m.statfs().usedSpace
+        var req = SetAttrRequest(mask: .size)
+        req.size = 0
+        let a = try m.setattr(alice, ino, req)
+        #expect(a.size == 0 && a.nlink == 1)
+        #expect(try m.readChunk(ino, 0).isEmpty)
+        #expect(try m.readChunk(ino, chunks - 1).isEmpty)
+        #expect(try m.takeDroppedSlices(limit: 10).isEmpty)
+        #expect(try m.pendingDeletes(limit: 10).isEmpty)
+        let copies = try listed(m)
+        #expect(copies.count == 1)
+        let c = copies[0]
+        #expect(c.attr.size == size && c.attr.nlink == 0 && c.origin?.name == n("\(ino).before-truncate"))
+        for i in [UInt32(0), chunks / 2, chunks - 1] {
+            #expect(try m.readChunk(c.ino, i) == [Slice(pos: 0, id: 100 + UInt64(i), size: 10, off: 0, len: 10)])
+        }
+        #expect(try m.statfs().usedSpace == used + 4096 * 3, "the copy stays counted (and the trash's three directories)")
+        // An empty file cut again: nothing to keep.
+        _ = try m.setattr(alice, ino, req)
+        #expect(try listed(m).count == 1)
+        // Purged: the old content's slices are queued once.
+        #expect(try t.purgeTrashed(.root, c.ino, ownerMayPurge: false))
+        #expect(try m.pendingDeletes(limit: 10).map(\.ino) == [c.ino])
+    }
+}

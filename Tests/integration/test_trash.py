@@ -98,6 +98,16 @@ def test_an_overwritten_files_old_content_waits_in_the_trash(volume, workdir):
     assert run_as(USER, overwrite) == "version 2\n"
     olds = [e for e in trash_entries(volume.mnt) if e.endswith("-conf")]
     assert len(olds) == 1 and open(olds[0]).read() == "version 1\n"
+    # Cut by O_TRUNC (a shell's `>`): the content before waits as <inode>.before-truncate.
+    ino = os.stat(path).st_ino
+
+    def truncate_by_open():
+        with open(path, "w") as f:
+            f.write("version 3\n")
+        return open(path).read()
+    assert run_as(USER, truncate_by_open) == "version 3\n"
+    cut = [e for e in trash_entries(volume.mnt) if e.endswith(f"-{ino}.before-truncate")]
+    assert len(cut) == 1 and open(cut[0]).read() == "version 2\n", trash_entries(volume.mnt)
     # An open file deleted keeps reading, with link count 0, as without a trash.
 
     def open_and_remove():
@@ -107,7 +117,7 @@ def test_an_overwritten_files_old_content_waits_in_the_trash(volume, workdir):
         data = os.pread(fd, 100, 0)
         os.close(fd)
         return st.st_nlink, data
-    assert run_as(USER, open_and_remove) == (0, b"version 2\n")
+    assert run_as(USER, open_and_remove) == (0, b"version 3\n")
 
 
 def test_purge_and_status(volume, workdir):
