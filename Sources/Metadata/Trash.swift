@@ -63,24 +63,30 @@ package enum Trash {
 
     /// Where a trashed file came from, as its target record holds it.
     package struct Origin: Sendable, Equatable {
+        /// The directory it was in; 0 for the content of a file cut to zero (where that file's
+        /// names are is not known: it is restored into a directory given).
         package var parent: Ino
         package var deleted: Int64
         package var name: [UInt8]
+        /// The bytes counted in `trashSpace` when it came (its size may change in the trash
+        /// through a descriptor still open, or root's writes).
+        package var counted: Int64 = 0
 
-        package init(parent: Ino, deleted: Int64, name: [UInt8]) {
+        package init(parent: Ino, deleted: Int64, name: [UInt8], counted: Int64 = 0) {
             self.parent = parent
             self.deleted = deleted
             self.name = name
+            self.counted = counted
         }
 
-        func encoded() -> [UInt8] { Array("\(parent)\n\(deleted)\n".utf8) + name }
+        func encoded() -> [UInt8] { Array("\(parent)\n\(deleted)\n\(counted)\n".utf8) + name }
 
         static func decode(_ b: [UInt8]) -> Origin? {
-            let parts = b.split(separator: UInt8(ascii: "\n"), maxSplits: 2, omittingEmptySubsequences: false)
-            guard parts.count == 3, let p = Ino(String(decoding: parts[0], as: UTF8.self)),
-                let d = Int64(String(decoding: parts[1], as: UTF8.self))
+            let parts = b.split(separator: UInt8(ascii: "\n"), maxSplits: 3, omittingEmptySubsequences: false)
+            guard parts.count == 4, let p = Ino(String(decoding: parts[0], as: UTF8.self)),
+                let d = Int64(String(decoding: parts[1], as: UTF8.self)), let c = Int64(String(decoding: parts[2], as: UTF8.self))
             else { return nil }
-            return Origin(parent: p, deleted: d, name: Array(parts[2]))
+            return Origin(parent: p, deleted: d, name: Array(parts[3]), counted: c)
         }
     }
 }
@@ -109,7 +115,8 @@ extension TxnMetadata {
     /// read again at most once a minute.
     func trashDays() throws(FSError) -> Int {
         let now = Sys.monotonicNanos()
-        if let (days, at) = trashSetting.withLock({ $0 }), now - at < Self.trashSettingNanos { return days }
+        // (Another thread may have read it after `now`: a later `at` is fresh too.)
+        if let (days, at) = trashSetting.withLock({ $0 }), at >= now || now - at < Self.trashSettingNanos { return days }
         guard let f = try loadFormat() else {
             trashSetting.withLock { $0 = (0, now) }
             return 0
@@ -121,11 +128,15 @@ extension TxnMetadata {
     /// owner's trash directory of this hour, making the directories it needs. Returns false
     /// (the caller frees it as without a trash) when the volume's root holds a `.trash` that is
     /// not the trash (a user's, made before there was one).
-    func putInTrash(_ tx: S.Txn, _ ino: Ino, _ a: inout Attr, _ attrs: inout AttrSet, from parent: Ino, name: [UInt8], now: Timespec)
+    func putInTrash(
+        _ tx: S.Txn, _ ino: Ino, _ a: inout Attr, _ attrs: inout AttrSet, from parent: Ino, name: [UInt8], by deleter: Credential, now: Timespec
+    )
         throws(FSError) -> Bool
     {
         let hourName = Trash.hourName(now.sec / 3600)
-        let uidName = Array(String(a.uid).utf8)
+        // Filed under who deleted it (who could reach it there), never its owner (who may not
+        // have been able to reach the directory it was in).
+        let uidName = Array(String(deleter.uid).utf8)
         try store.prefetch(tx, [.attr(Trash.root), .entry(rootIno, Trash.name), .entry(Trash.root, hourName)])
         func dir(_ mode: UInt16, uid: UInt32, gid: UInt32, parent: Ino) -> Attr {
             Attr(type: .directory, mode: mode, uid: uid, gid: gid, nlink: 2, size: 4096, atime: now, mtime: now, ctime: now, parent: parent)
@@ -156,23 +167,25 @@ extension TxnMetadata {
             try store.add(tx, "usedSpace", 4096)
         }
         let hourIno = try subdir(Trash.root, hourName, dir(0o555, uid: 0, gid: 0, parent: Trash.root))
-        let ownerIno = try subdir(hourIno, uidName, dir(0o500, uid: a.uid, gid: a.gid, parent: hourIno))
+        let ownerIno = try subdir(hourIno, uidName, dir(0o500, uid: deleter.uid, gid: deleter.gid, parent: hourIno))
         try store.putEntry(tx, ownerIno, Trash.entryName(ino, name), ino, .regular)
         try attrs.update(store, tx, ownerIno) {
             $0.mtime = now
             $0.ctime = now
         }
-        try store.putSymlinkTarget(tx, ino, Trash.Origin(parent: parent, deleted: now.sec, name: name).encoded())
+        try store.putSymlinkTarget(tx, ino, Trash.Origin(parent: parent, deleted: now.sec, name: name, counted: align4K(a.size)).encoded())
         a.parent = ownerIno
         try store.add(tx, "trashInodes", 1)
         try store.add(tx, "trashSpace", align4K(a.size))
         return true
     }
 
-    /// A trashed file leaves the trash (restored, or purged): the counters say so.
-    func leftTrash(_ tx: S.Txn, _ a: Attr) throws(FSError) {
+    /// A trashed file leaves the trash (restored, or purged): the counters take back what its
+    /// coming added.
+    func leftTrash(_ tx: S.Txn, _ ino: Ino) throws(FSError) {
+        let counted = try store.symlinkTarget(tx, ino).flatMap(Trash.Origin.decode)?.counted ?? 0
         try store.add(tx, "trashInodes", -1)
-        try store.add(tx, "trashSpace", -align4K(a.size))
+        try store.add(tx, "trashSpace", -counted)
     }
 
     // MARK: what admins and owners do
@@ -233,7 +246,7 @@ extension TxnMetadata {
             if !cred.isRoot && !(ownerMayPurge && cred.uid == a.uid) { throw FSError(EPERM, "only root (or, through a gateway, its owner) purges a file from the trash") }
             guard let entry = try trashEntryName(tx, ino, a) else { throw FSError.damagedEntry }
             try store.deleteEntry(tx, a.parent, entry)
-            try leftTrash(tx, a)
+            try leftTrash(tx, ino)
             var gone = a
             gone.parent = 0
             try store.putAttr(tx, ino, gone)
@@ -256,6 +269,9 @@ extension TxnMetadata {
             guard let origin = try store.symlinkTarget(tx, ino).flatMap(Trash.Origin.decode) else {
                 throw FSError(EIO, "inode \(ino) in the trash does not say where it came from: restore it with a directory to put it in")
             }
+            if to == nil && origin.parent == 0 {
+                throw FSError(EINVAL, "inode \(ino) is the content of a file cut to zero: restore it into a directory given (--to DIR)")
+            }
             let dir = to ?? origin.parent
             guard var pa = try store.attr(tx, dir), pa.type == .directory, pa.nlink > 0 else {
                 throw FSError(ENOENT, "the directory inode \(ino) came from (inode \(dir)) is gone: restore it into another directory")
@@ -269,9 +285,9 @@ extension TxnMetadata {
             let now = Timespec.now()
             try store.deleteEntry(tx, a.parent, entry)
             try store.putEntry(tx, dir, origin.name, ino, .regular)
-            try leftTrash(tx, a)
+            try leftTrash(tx, ino)
             a.nlink = 1
-            a.parent = dir
+            a.parent = 0
             a.ctime = now
             try store.putAttr(tx, ino, a)
             pa.mtime = now

@@ -357,14 +357,15 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         while true {
             let (a, done, made) = try store.transaction(write: true) { (tx) throws(FSError) -> (Attr, Bool, Ino?) in
                 guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
+                if Trash.isTrash(ino) && !cred.isRoot { throw Self.trashIsRoots }
                 let before = a
                 let now = Timespec.now()
                 let touch = try SetAttrRules.apply(req, to: &a, cred, now: now)
                 var done = true
                 var made = copy
                 if req.mask.contains(.size) && req.size != a.size {
-                    if trash && req.size == 0 && a.type == .regular && !Trash.isTrash(a.parent) {
-                        (made, done) = try trashContentStep(tx, ino, &a, copy: copy, now: now)
+                    if trash && req.size == 0 && a.type == .regular && a.nlink > 0 && !Trash.isTrash(a.parent) {
+                        (made, done) = try trashContentStep(tx, ino, &a, copy: copy, by: cred, now: now)
                     } else {
                         done = try truncateStep(tx, ino, &a, to: req.size)
                     }
@@ -386,7 +387,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     /// the last leaves it empty. Nothing is queued for deletion: the data moved. Returns the
     /// copy and whether the file is empty. (No trash there, a user's `.trash` at the root: an
     /// ordinary cut.)
-    private func trashContentStep(_ tx: S.Txn, _ ino: Ino, _ a: inout Attr, copy: Ino?, now: Timespec) throws(FSError) -> (Ino?, Bool) {
+    private func trashContentStep(_ tx: S.Txn, _ ino: Ino, _ a: inout Attr, copy: Ino?, by cred: Credential, now: Timespec) throws(FSError) -> (Ino?, Bool) {
         var target = copy
         if target == nil {
             let t = try store.newInode(tx)
@@ -394,7 +395,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             ta.nlink = 0
             ta.ctime = now
             var attrs = AttrSet()
-            guard try putInTrash(tx, t, &ta, &attrs, from: a.parent, name: Array("\(ino).before-truncate".utf8), now: now) else {
+            // (Where the file's names are is not known here: restored into a directory given.)
+            guard try putInTrash(tx, t, &ta, &attrs, from: 0, name: Array("\(ino).before-truncate".utf8), by: cred, now: now) else {
                 return (nil, try truncateStep(tx, ino, &a, to: 0))
             }
             attrs.put(t, ta)
@@ -567,6 +569,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     static var trashIsClosed: FSError { FSError(EPERM, "nothing is made in or moved into the trash but by deleting") }
+    static var trashIsRoots: FSError { FSError(EPERM, "only root changes the trash ('stagefs trash' restores and purges)") }
 
     /// Frees an inode that has no links and no opens left (and is not in the trash); returns
     /// whether it did.
@@ -589,13 +592,15 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     /// Drops one link of a non-directory inside a transaction: the name `name` of `parent`.
     /// `trash`: the volume keeps a trash, where a regular file whose last link this is goes
     /// (`putInTrash`) instead of being freed.
-    private func dropLink(_ tx: S.Txn, _ ino: Ino, _ attrs: inout AttrSet, now: Timespec, parent: Ino, name: [UInt8], trash: Bool)
+    private func dropLink(
+        _ tx: S.Txn, _ ino: Ino, _ attrs: inout AttrSet, now: Timespec, parent: Ino, name: [UInt8], trash: Bool, by cred: Credential
+    )
         throws(FSError) -> RemovedName
     {
         var a = try attrs.load(store, tx, ino)
         if Trash.isTrash(parent) && a.nlink == 0 {
             // A file of the trash deleted there (by root): for good.
-            try leftTrash(tx, a)
+            try leftTrash(tx, ino)
             a.parent = 0
             a.ctime = now
             if try !store.isOpen(tx, ino) {
@@ -608,7 +613,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
         a.nlink -= 1
         a.ctime = now
-        if a.nlink == 0 && trash && a.type == .regular && !Trash.isTrash(parent), try putInTrash(tx, ino, &a, &attrs, from: parent, name: name, now: now) {
+        if a.nlink == 0 && trash && a.type == .regular && !Trash.isTrash(parent), try putInTrash(tx, ino, &a, &attrs, from: parent, name: name, by: cred, now: now) {
             try attrs.update(store, tx, ino) { $0 = a }
             return RemovedName(ino: ino, attr: a, freed: false)
         }
@@ -635,6 +640,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             let a = try attrs.load(store, tx, ino)
             if (type == .directory) != (a.type == .directory) { throw FSError.damagedEntry }
             if type == .directory { throw FSError.isDir }
+            if Trash.isTrash(parent) && !cred.isRoot { throw Self.trashIsRoots }
             if !Posix.stickyAllows(dir: pa, child: a, cred) { throw FSError.perm }
             let now = Timespec.now()
             try store.deleteEntry(tx, parent, name)
@@ -642,7 +648,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 $0.mtime = now
                 $0.ctime = now
             }
-            let removed = try dropLink(tx, ino, &attrs, now: now, parent: parent, name: name, trash: trash)
+            let removed = try dropLink(tx, ino, &attrs, now: now, parent: parent, name: name, trash: trash, by: cred)
             try attrs.flush(store, tx)
             return removed
         }
@@ -703,6 +709,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         if sn.isEmpty || sn.count > maxNameLength { throw FSError.notFound }
         try reserved(dp, dn)
         if Trash.isTrash(dp) && !(Trash.isTrash(sp) && sp == dp) { throw Self.trashIsClosed }
+        if Trash.isTrash(sp) && !cred.isRoot { throw Self.trashIsRoots }
         let trash = try trashDays() > 0
         return try store.transaction(write: true) { (tx) throws(FSError) -> RenameResult in
             try store.prefetch(tx, [.attr(sp), .attr(dp), .entry(sp, sn), .entry(dp, dn)])
@@ -769,17 +776,17 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                         try store.add(tx, "usedSpace", -align4K(da.size))
                         removed = RemovedName(ino: dino, attr: da, freed: true)
                     } else {
-                        removed = try dropLink(tx, dino, &attrs, now: now, parent: dp, name: dn, trash: trash)
+                        removed = try dropLink(tx, dino, &attrs, now: now, parent: dp, name: dn, trash: trash, by: cred)
                     }
                 }
                 try store.deleteEntry(tx, sp, sn)
                 try store.putEntry(tx, dp, dn, sino, st)
                 if Trash.isTrash(sp) && sp != dp && sa.nlink == 0 {
                     // Restored by hand (root's mv out of the trash): a link again.
-                    try leftTrash(tx, sa)
+                    try leftTrash(tx, sino)
                     try attrs.update(store, tx, sino) {
                         $0.nlink = 1
-                        $0.parent = dp
+                        $0.parent = 0
                     }
                 }
                 if st == .directory && sp != dp {

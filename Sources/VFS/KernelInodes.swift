@@ -8,7 +8,10 @@ import StageFSCore
 /// until the kernel forgets it, so fstat, fchmod and futimens on it work as on ext4. Nothing
 /// else can reach them: they have no name.
 final class KernelInodes: Sendable {
-    private let state = Locked<(refs: [Ino: UInt64], ghosts: [Ino: Attr])>(([:], [:]))
+    /// `unnamed`: files whose last name this client removed while they stayed (in the trash,
+    /// or open elsewhere): the kernel may still ask for them (an `O_PATH` descriptor), and they
+    /// answer, as on ext4, until it forgets them.
+    private let state = Locked<(refs: [Ino: UInt64], ghosts: [Ino: Attr], unnamed: Set<Ino>)>(([:], [:], []))
 
     /// The kernel took a reference to `ino` (an entry reply it accepted).
     func remember(_ ino: Ino) { state.withLock { $0.refs[ino, default: 0] += 1 } }
@@ -20,17 +23,25 @@ final class KernelInodes: Sendable {
             if n <= count {
                 s.refs[ino] = nil
                 s.ghosts[ino] = nil
+                s.unnamed.remove(ino)
             } else {
                 s.refs[ino] = n - count
             }
         }
     }
 
-    /// Keeps the attributes of an inode that lost its last name while the kernel holds it.
+    /// Keeps the attributes of an inode that lost its last name while the kernel holds it (or,
+    /// when it stays, that this client removed that name).
     func bury(_ r: RemovedName?) {
-        guard let r, r.freed else { return }
-        state.withLock { s in if s.refs[r.ino] != nil { s.ghosts[r.ino] = r.attr } }
+        guard let r, r.attr.nlink == 0 else { return }
+        state.withLock { s in
+            guard s.refs[r.ino] != nil else { return }
+            if r.freed { s.ghosts[r.ino] = r.attr } else { s.unnamed.insert(r.ino) }
+        }
     }
+
+    /// Whether this client removed the last name of `ino` while the kernel held it.
+    func unnamedHere(_ ino: Ino) -> Bool { state.withLock { $0.unnamed.contains(ino) } }
 
     func ghost(_ ino: Ino) -> Attr? { state.withLock { $0.ghosts[ino] } }
 

@@ -178,7 +178,7 @@ public final class VFS: Sendable {
     /// another client's new file of that name is found. A file this client holds open answers
     /// on (a descriptor of a deleted file reads on, and fstat says link count 0, as on ext4).
     private func named(_ ino: Ino, _ a: Attr) throws(FSError) {
-        guard a.nlink == 0, a.type != .directory, !files.holds(ino) else { return }
+        guard a.nlink == 0, a.type != .directory, !files.holds(ino), !kernel.unnamedHere(ino) else { return }
         cache.drop(ino)
         throw FSError(ESTALE, "inode \(ino) has no name left (removed by another client)")
     }
@@ -186,14 +186,15 @@ public final class VFS: Sendable {
     public func getattr(_ ino: Ino) throws(FSError) -> Attr {
         let trashed = viaTrash(ino)
         let ino = inVolume(ino)
+        // (The trash's number stands only while the file is there: after a restore it is named.)
         if let a = cache.attr(ino) {
-            if !trashed { try named(ino, a) }
+            if !trashed || !Trash.isTrash(a.parent) { try named(ino, a) }
             return overlay(ino, a)
         }
         if let g = ghost(ino) { return g }
         let t = cache.stamp()
         let a = try current(ino) { () throws(FSError) in try meta.getattr(ino) }
-        if !trashed { try named(ino, a) }
+        if !trashed || !Trash.isTrash(a.parent) { try named(ino, a) }
         cache.put(ino, a, asOf: t)
         return overlay(ino, a)
     }
@@ -391,7 +392,7 @@ public final class VFS: Sendable {
         if wantsWrite { try writable() }
         let stampBefore = data.changeStamp(ino)
         var (a, first) = try current(ino) { () throws(FSError) in try meta.open(cred, ino, flags: flags, sid: sid) }
-        if !trashed && a.nlink == 0 && a.type != .directory && !files.holds(ino) {
+        if (!trashed || !Trash.isTrash(a.parent)) && a.nlink == 0 && a.type != .directory && !files.holds(ino) && !kernel.unnamedHere(ino) {
             _ = try? meta.close(ino, sid: sid)
             try named(ino, a)
         }
@@ -582,22 +583,36 @@ public final class VFS: Sendable {
         _ fh: UInt64, owner: UInt64, pid: UInt32, type: LockType, start: UInt64, end: UInt64, wait: Bool, interrupted: () -> Bool
     ) throws(FSError) {
         guard let h = handle(fh) else { throw FSError.badF }
-        if type == .unlock { try data.flush(h.ino) } else { h.state.withLock { _ = $0.posixOwners.insert(owner) } }
+        // (A flush that fails still lets the lock go; its error is the answer.)
+        let unflushed = type == .unlock ? flushed(h.ino) : nil
+        if type != .unlock { h.state.withLock { _ = $0.posixOwners.insert(owner) } }
         try retrying(wait: wait, interrupted: interrupted) { () throws(FSError) in
             try meta.setlk(h.ino, sid: sid, owner: owner, pid: pid, type: type, start: start, end: end)
         }
         if type != .unlock { lockTaken(h.ino) }
+        if let unflushed { throw unflushed }
     }
 
     /// `flock(2)`; with `wait`, retries until granted or interrupted. Writes and caches as for `setlk`.
     public func flock(_ fh: UInt64, owner: UInt64, pid: UInt32, type: LockType, wait: Bool, interrupted: () -> Bool) throws(FSError) {
         guard let h = handle(fh) else { throw FSError.badF }
-        if type == .unlock { try data.flush(h.ino) }
+        let unflushed = type == .unlock ? flushed(h.ino) : nil
         h.state.withLock { $0.flockOwner = type == .unlock ? nil : owner }
         try retrying(wait: wait, interrupted: interrupted) { () throws(FSError) in
             try meta.flock(h.ino, sid: sid, owner: owner, pid: pid, type: type)
         }
         if type != .unlock { lockTaken(h.ino) }
+        if let unflushed { throw unflushed }
+    }
+
+    /// Commits the buffered writes of `ino`; the error, if that failed.
+    private func flushed(_ ino: Ino) -> FSError? {
+        do {
+            try data.flush(ino)
+            return nil
+        } catch {
+            return error
+        }
     }
 
     /// A lock was taken on `ino`: another client may have written the file under it before, so

@@ -47,7 +47,8 @@ struct TrashCmd: ParsableCommand {
             try v.each { e in
                 n += 1
                 let when = e.origin.map { timeText($0.deleted) } ?? "?"
-                print("\(when)  uid \(e.attr.uid)  \(humanBytes(e.attr.size))  \(v.originPath(e))  (inode \(e.ino))")
+                // (Names shown without their control characters: a name is anyone's choice.)
+                print("\(when)  uid \(e.attr.uid)  \(humanBytes(e.attr.size))  \(printable(v.originPath(e)))  (inode \(e.ino))")
             }
             let (inodes, bytes) = try v.admin.trashUsage()
             print("\(n) file\(n == 1 ? "" : "s") listed; the trash holds \(inodes) file\(inodes == 1 ? "" : "s"), \(humanBytes(UInt64(bytes)))")
@@ -72,10 +73,10 @@ struct TrashCmd: ParsableCommand {
             try v.each { e in
                 do {
                     let (d, name) = try v.admin.restoreTrashed(processCredential(), e.ino, to: dir, ownerMayRestore: false)
-                    print("restored \(v.path(d, name))")
+                    print("restored \(printable(v.path(d, name)))")
                 } catch {
                     failed += 1
-                    printError("stagefs: \(v.originPath(e)) (inode \(e.ino)): \((error as? FSError)?.message ?? "\(error)")")
+                    printError("stagefs: \(printable(v.originPath(e))) (inode \(e.ino)): \((error as? FSError)?.message ?? "\(error)")")
                 }
             }
             if failed > 0 { throw ExitCode(1) }
@@ -156,13 +157,17 @@ struct TrashVolume {
         guard let a = meta as? any TrashAdmin else { throw FSError(EOPNOTSUPP, "\(meta.displayName) keeps no trash") }
         admin = a
         mountPoint = mount
+        // What a path names is asked of the engine, by its names from the volume's root: a
+        // mount's inode numbers (another user's FUSE mount could make them up) are not used.
+        let record = mount.flatMap { Runtime.load($0) }
         var inodes: [Ino] = []
         for p in at.paths {
-            var st = stat()
-            guard lstat(absolutePath(p), &st) == 0 else { throw FSError.errno(errno, p) }
-            // (A mount names a trashed file by its inode plus 2^62.)
-            let ino = Ino(st.st_ino) & ~(1 << 62)
-            guard Trash.isTrash(ino) || st.st_nlink == 0 else { throw FSError(EINVAL, "\(p) is not in the trash (.trash at the volume's root)") }
+            let abs = absolutePath(p)
+            let volumePath = record?.volumePath(abs) ?? String(abs.dropFirst(mount == "/" ? 0 : mount!.count))
+            let (ino, a) = try lookupPath(meta, volumePath.isEmpty ? "/" : volumePath, processCredential(), what: p)
+            guard Trash.isTrash(ino) || (a.nlink == 0 && Trash.isTrash(a.parent)) else {
+                throw FSError(EINVAL, "\(p) is not in the trash (.trash at the volume's root)")
+            }
             inodes.append(ino)
         }
         named = inodes
@@ -221,18 +226,20 @@ struct TrashVolume {
 
     /// The inode of a directory given as a path in the mount.
     func inode(of path: String) throws(FSError) -> Ino {
-        var st = stat()
-        guard lstat(absolutePath(path), &st) == 0 else { throw FSError.errno(errno, path) }
-        guard st.st_mode & S_IFMT == S_IFDIR else { throw FSError(ENOTDIR, "\(path) is not a directory") }
-        guard MountTable.containing(absolutePath(path))?.mountPoint == mountPoint else {
+        let abs = absolutePath(path)
+        guard let m = mountPoint, MountTable.containing(abs)?.mountPoint == m else {
             throw FSError.usage("--to must be a directory in the same mount as the trash paths")
         }
-        return Ino(st.st_ino)
+        let volumePath = Runtime.load(m)?.volumePath(abs) ?? String(abs.dropFirst(m == "/" ? 0 : m.count))
+        let (ino, a) = try lookupPath(meta, volumePath.isEmpty ? "/" : volumePath, processCredential(), what: "--to \(path)")
+        guard a.type == .directory else { throw FSError(ENOTDIR, "\(path) is not a directory") }
+        return ino
     }
 
     /// Where an entry came from, as a path from the volume's root when its directory is still there.
     func originPath(_ e: TrashEntry) -> String {
         guard let o = e.origin else { return "(origin unknown)" }
+        if o.parent == 0 { return "(the content of a file cut to zero: \(String(decoding: o.name, as: UTF8.self)))" }
         return path(o.parent, o.name)
     }
 
