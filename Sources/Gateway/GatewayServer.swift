@@ -1150,25 +1150,14 @@ package final class GatewayServer: Sendable {
     private func startBackground() {
         DetachedThread.start { [self] () -> Void in
             var lastStale = Sys.monotonicNanos()
-            let interval = UInt64(trashInterval * 1e9)
-            var nextPurge = lastStale + interval
+            var purger = TrashPurger(now: lastStale)
             // The trash lease's holder name of this gateway.
             let holder = UInt64.random(in: 1 << 63..<UInt64.max)
             while true {
                 deleter.withLock { _ = deleter.wait(seconds: 2) }
                 deletesWanted.store(false, ordering: .relaxed)
                 cleanDeleted()
-                if Sys.monotonicNanos() >= nextPurge {
-                    var full = false
-                    do throws(FSError) {
-                        let n = try meta.purgeExpiredTrash(holder: holder, limit: 100)
-                        if n > 0 { Log.info("gateway: purged \(n) expired file(s) from the trash") }
-                        full = n >= 100
-                    } catch {
-                        Log.warning("gateway: purging the trash: \(error.message)")
-                    }
-                    nextPurge = Sys.monotonicNanos() + (full ? min(interval, 1_000_000_000) : interval)
-                }
+                purger.runIfDue(meta, holder: holder, who: "gateway: ")
                 if Sys.monotonicNanos() - lastStale > 30_000_000_000 {
                     lastStale = Sys.monotonicNanos()
                     do throws(FSError) {

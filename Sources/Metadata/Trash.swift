@@ -141,30 +141,30 @@ extension TxnMetadata {
         func dir(_ mode: UInt16, uid: UInt32, gid: UInt32, parent: Ino) -> Attr {
             Attr(type: .directory, mode: mode, uid: uid, gid: gid, nlink: 2, size: 4096, atime: now, mtime: now, ctime: now, parent: parent)
         }
+        /// Makes directory `d` (`attr`), named `name` in `parent`.
+        func make(_ d: Ino, _ parent: Ino, _ name: [UInt8], _ attr: Attr, touchParent: Bool = true) throws(FSError) {
+            attrs.put(d, attr)
+            try store.putEntry(tx, parent, name, d, .directory)
+            try attrs.update(store, tx, parent) {
+                $0.nlink += 1
+                if touchParent {
+                    $0.mtime = now
+                    $0.ctime = now
+                }
+            }
+            try store.add(tx, "usedInodes", 1)
+            try store.add(tx, "usedSpace", 4096)
+        }
         /// The directory `name` of `parent`, made (`attr`) when missing.
         func subdir(_ parent: Ino, _ name: [UInt8], _ attr: Attr) throws(FSError) -> Ino {
             if let (d, _) = try store.entry(tx, parent, name), Trash.isTrash(d) { return d }
             let d = Trash.base + 1 + (try store.reserveIDs(tx, "nextTrashInode", 1))
-            var made = attr
-            made.parent = parent
-            attrs.put(d, made)
-            try store.putEntry(tx, parent, name, d, .directory)
-            try attrs.update(store, tx, parent) {
-                $0.nlink += 1
-                $0.mtime = now
-                $0.ctime = now
-            }
-            try store.add(tx, "usedInodes", 1)
-            try store.add(tx, "usedSpace", 4096)
+            try make(d, parent, name, attr)
             return d
         }
         if try store.attr(tx, Trash.root) == nil {
             if try store.entry(tx, rootIno, Trash.name) != nil { return false }
-            attrs.put(Trash.root, dir(0o555, uid: 0, gid: 0, parent: rootIno))
-            try store.putEntry(tx, rootIno, Trash.name, Trash.root, .directory)
-            try attrs.update(store, tx, rootIno) { $0.nlink += 1 }
-            try store.add(tx, "usedInodes", 1)
-            try store.add(tx, "usedSpace", 4096)
+            try make(Trash.root, rootIno, Trash.name, dir(0o555, uid: 0, gid: 0, parent: rootIno), touchParent: false)
         }
         let hourIno = try subdir(Trash.root, hourName, dir(0o555, uid: 0, gid: 0, parent: Trash.root))
         let ownerIno = try subdir(hourIno, uidName, dir(0o500, uid: deleter.uid, gid: deleter.gid, parent: hourIno))
@@ -209,8 +209,8 @@ extension TxnMetadata {
         }
     }
 
-    /// Files of the trash in hour directory `hourDir` (of owner `uid` only, when given), from
-    /// position `after` of the owner directory `dir` on, at most `limit`: one step of a listing.
+    /// Files of the trash in owner directory `ownerDir` (one uid's of one hour), from position
+    /// `after` on, at most `limit`: one step of a listing (`next`: where the next one starts).
     package func trashEntries(in ownerDir: Ino, after: UInt64, limit: Int) throws(FSError) -> (entries: [TrashEntry], next: UInt64?) {
         try store.transaction(write: false) { (tx) throws(FSError) in
             let page = try store.entries(tx, ownerDir, after: after, limit: limit)
@@ -304,9 +304,15 @@ extension TxnMetadata {
             if let (e, _) = try store.entry(tx, a.parent, name), e == ino { return name }
         }
         // Renamed inside the trash by root: look for it (an owner's directory of one hour).
+        return try entryNaming(tx, ino, in: a.parent)
+    }
+
+    /// The name of `ino`'s entry in directory `dir`, looked for page by page (a directory of the
+    /// trash: one hour's owners, one owner's files of an hour).
+    private func entryNaming(_ tx: S.Txn, _ ino: Ino, in dir: Ino) throws(FSError) -> [UInt8]? {
         var after: UInt64 = 0
         while true {
-            let page = try store.entries(tx, a.parent, after: after, limit: 1000)
+            let page = try store.entries(tx, dir, after: after, limit: 1000)
             if let e = page.first(where: { $0.ino == ino }) { return e.name }
             guard page.count == 1000, let last = page.last else { return nil }
             after = last.cookie
@@ -319,18 +325,7 @@ extension TxnMetadata {
             guard Trash.isTrash(dir), dir != Trash.root, let a = try store.attr(tx, dir), a.type == .directory else { return }
             if try store.hasEntries(tx, dir) { return }
             // Its name: an owner's directory is named by the uid; an hour's, found in `.trash`.
-            var name: [UInt8]? = nil
-            if a.parent != Trash.root {
-                name = Array(String(a.uid).utf8)
-            } else {
-                var after: UInt64 = 0
-                while name == nil {
-                    let page = try store.entries(tx, Trash.root, after: after, limit: 1000)
-                    name = page.first { $0.ino == dir }?.name
-                    guard page.count == 1000, let last = page.last else { break }
-                    after = last.cookie
-                }
-            }
+            let name = a.parent != Trash.root ? Array(String(a.uid).utf8) : try entryNaming(tx, dir, in: Trash.root)
             guard let name, let (e, _) = try store.entry(tx, a.parent, name), e == dir else { return }
             try store.deleteEntry(tx, a.parent, name)
             try store.deleteInode(tx, dir)
@@ -383,6 +378,32 @@ extension TxnMetadata {
             if try trashOwnerDirs(hourDir, limit: 1).isEmpty { try removeEmptyTrashDir(hourDir) }
         }
         return purged
+    }
+}
+
+/// When a client's background thread purges expired trash, and the step it runs: mounts and
+/// gateways alike. A step a minute (`trashInterval`), one a second while full steps come back.
+package struct TrashPurger {
+    private var next: UInt64
+    static let step = 100
+
+    /// The first step comes one interval after `now`.
+    package init(now: UInt64 = Sys.monotonicNanos()) { next = now + UInt64(trashInterval * 1e9) }
+
+    /// Runs a step when one is due, as lease holder `holder`; `who` starts its log lines.
+    package mutating func runIfDue(_ meta: any MetadataEngine, holder: UInt64, who: String = "") {
+        let now = Sys.monotonicNanos()
+        guard now >= next else { return }
+        let interval = UInt64(trashInterval * 1e9)
+        var full = false
+        do {
+            let n = try meta.purgeExpiredTrash(holder: holder, limit: Self.step)
+            if n > 0 { Log.info("\(who)purged \(n) expired file(s) from the trash") }
+            full = n >= Self.step
+        } catch {
+            Log.warning("\(who)purging the trash: \(error.message)")
+        }
+        next = Sys.monotonicNanos() + (full ? min(interval, 1_000_000_000) : interval)
     }
 }
 

@@ -143,28 +143,10 @@ final class Background: @unchecked Sendable {
         return count
     }
 
-    /// One step of purging expired trash (when this client holds the trash lease); true when it
-    /// purged a full step (more may be waiting).
-    private func purgeTrash() -> Bool {
-        do {
-            let n = try meta.purgeExpiredTrash(holder: session.sid, limit: Self.purgeStep)
-            if n > 0 { Log.info("purged \(n) expired file(s) from the trash") }
-            return n >= Self.purgeStep
-        } catch {
-            Log.warning("purging the trash: \(error.message)")
-            return false
-        }
-    }
-
-    static let purgeStep = 100
-
     private func run() {
         var lastBeat = Sys.monotonicNanos()
         var lastClean = lastBeat
-        // The first purge a minute after the start, then every minute (every second while
-        // full steps come back); `trashInterval` in tests.
-        let interval = UInt64(trashInterval * 1e9)
-        var nextPurge = lastBeat + interval
+        var purger = TrashPurger(now: lastBeat)
         while true {
             let (stop, deletes) = lock.withLock { () -> (Bool, Deletions) in
                 if !stopping && pending.isEmpty { lock.wait(seconds: 1) }
@@ -188,9 +170,7 @@ final class Background: @unchecked Sendable {
                 lastBeat = now
                 session.beat(open: open)
             }
-            if !readOnly && now >= nextPurge {
-                nextPurge = Sys.monotonicNanos() + (purgeTrash() ? min(interval, 1_000_000_000) : interval)
-            }
+            if !readOnly { purger.runIfDue(meta, holder: session.sid) }
             if !readOnly {
                 if Double(now - lastClean) / 1e9 >= 10 {
                     lastClean = now
