@@ -162,9 +162,7 @@ struct TrashVolume {
         let record = mount.flatMap { Runtime.load($0) }
         var inodes: [Ino] = []
         for p in at.paths {
-            let abs = absolutePath(p)
-            let volumePath = record?.volumePath(abs) ?? String(abs.dropFirst(mount == "/" ? 0 : mount!.count))
-            let (ino, a) = try lookupPath(meta, volumePath.isEmpty ? "/" : volumePath, processCredential(), what: p)
+            let (ino, a) = try lookupPath(meta, Self.volumePath(absolutePath(p), mount!, record), processCredential(), what: p)
             guard Trash.isTrash(ino) || (a.nlink == 0 && Trash.isTrash(a.parent)) else {
                 throw FSError(EINVAL, "\(p) is not in the trash (.trash at the volume's root)")
             }
@@ -230,10 +228,16 @@ struct TrashVolume {
         guard let m = mountPoint, MountTable.containing(abs)?.mountPoint == m else {
             throw FSError.usage("--to must be a directory in the same mount as the trash paths")
         }
-        let volumePath = Runtime.load(m)?.volumePath(abs) ?? String(abs.dropFirst(m == "/" ? 0 : m.count))
-        let (ino, a) = try lookupPath(meta, volumePath.isEmpty ? "/" : volumePath, processCredential(), what: "--to \(path)")
+        let (ino, a) = try lookupPath(meta, Self.volumePath(abs, m, Runtime.load(m)), processCredential(), what: "--to \(path)")
         guard a.type == .directory else { throw FSError(ENOTDIR, "\(path) is not a directory") }
         return ino
+    }
+
+    /// The volume path of `abs` in mount `mount`: by its record (which knows a `--subdir`), or
+    /// for another user's mount (root's `--meta`), as a mount of the whole volume.
+    private static func volumePath(_ abs: String, _ mount: String, _ record: MountRecord?) -> String {
+        let r = record ?? MountRecord(mountPoint: mount, metaURL: "", pid: 0, volume: "")
+        return r.volumePath(abs)
     }
 
     /// Where an entry came from, as a path from the volume's root when its directory is still there.
