@@ -422,7 +422,7 @@ private func ll_fsyncdir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int3
 
 private func ll_statfs(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
     serve(req) { () throws(FSError) in
-        let f = try server(req).vfs.statfs()
+        let f = try server(req).vfs.statfs(Ino(ino))
         var st = statvfs()
         st.f_bsize = 4096
         st.f_frsize = 4096

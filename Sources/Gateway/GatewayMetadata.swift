@@ -371,7 +371,8 @@ package final class GatewayMetadata: MetadataEngine {
         return out
     }
 
-    package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr {
+    package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec, sid: UInt64) throws(FSError) -> Attr {
+        // (The gateway takes the session from the connection.)
         guard let range = tags.range(of: slice.id) else { throw FSError(EIO, "slice \(slice.id) was not allocated by this client's gateway") }
         let pending = tags.takePending(slice.id)
         var r = try client.call(.writeSlice) { [tags] in

@@ -857,7 +857,7 @@ package final class GatewayServer: Sendable {
             if !cred.isRoot && mtime.sec < now.sec - 3600 { mtime = now }
             w.attr(
                 try once(mark, save: { ($0 as? Attr).map(Results.attr) }, load: { (r) throws(FSError) in try r.attr() }) { () throws(FSError) in
-                    try meta.writeSlice(ino, index, s, minSize: minSize, mtime: mtime)
+                    try meta.writeSlice(ino, index, s, minSize: minSize, mtime: mtime, sid: sid)
                 })
         case .fallocate:
             let ino = try ino(&r, uid)

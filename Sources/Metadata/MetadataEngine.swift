@@ -74,6 +74,19 @@ public protocol MetadataEngine: AnyObject, Sendable {
     func initialize(_ format: VolumeFormat, force: Bool, rootMode: UInt16) throws(FSError)
     /// Space and inode usage.
     func statfs() throws(FSError) -> StatFS
+    /// As `df` in directory `ino` shows them: the innermost directory quota's with a limit that
+    /// counts it, else the volume's.
+    func statfs(_ ino: Ino) throws(FSError) -> StatFS
+
+    // MARK: quotas
+    /// Whether the volume has quotas (read again at most every `quotaInterval` seconds): a
+    /// client reserves space ahead of its writes only then.
+    func hasQuotas() throws(FSError) -> Bool
+    /// Charges `bytes` to the quotas of `ino` ahead of writes that session `sid` buffers
+    /// (`EDQUOT` when they do not fit); the session's commits of `ino` use it up, the rest goes
+    /// back with `releaseSpace` or when the session ends. False: no quota counts the file.
+    func reserveSpace(_ ino: Ino, sid: UInt64, bytes: Int64) throws(FSError) -> Bool
+    func releaseSpace(_ ino: Ino, sid: UInt64) throws(FSError)
 
     // MARK: sessions
     /// Registers a client; returns its session id.
@@ -144,8 +157,9 @@ public protocol MetadataEngine: AnyObject, Sendable {
     /// Many inodes' attributes at once (nil for a missing inode), in the order asked.
     func getattrs(_ inos: [Ino]) throws(FSError) -> [Attr?]
     /// Appends a slice to chunk `index`, extends the size to at least `minSize`, sets mtime to
-    /// `mtime` (when the data was written) and moves ctime forward to it.
-    func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr
+    /// `mtime` (when the data was written) and moves ctime forward to it. A growth uses what
+    /// session `sid` reserved for the file first; the rest is checked against its quotas.
+    func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec, sid: UInt64) throws(FSError) -> Attr
     /// fallocate(2) of a file open for writing (`TxnMetadata.fallocate`): `zero` for
     /// `FALLOC_FL_PUNCH_HOLE` and `FALLOC_FL_ZERO_RANGE`, `keepSize` for `FALLOC_FL_KEEP_SIZE`.
     func fallocate(_ cred: Credential, _ ino: Ino, zero: Bool, keepSize: Bool, offset: UInt64, length: UInt64) throws(FSError) -> Attr
@@ -215,6 +229,11 @@ extension MetadataEngine {
     }
 
     package func purgeExpiredTrash(holder: UInt64, limit: Int) throws(FSError) -> Int { 0 }
+
+    public func statfs(_ ino: Ino) throws(FSError) -> StatFS { try statfs() }
+    public func hasQuotas() throws(FSError) -> Bool { false }
+    public func reserveSpace(_ ino: Ino, sid: UInt64, bytes: Int64) throws(FSError) -> Bool { false }
+    public func releaseSpace(_ ino: Ino, sid: UInt64) throws(FSError) {}
 
     package func close(_ closes: [(ino: Ino, sid: UInt64)]) throws(FSError) -> [Bool] {
         var freed: [Bool] = []

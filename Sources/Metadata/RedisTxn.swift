@@ -11,6 +11,9 @@ struct ReadCmd: Hashable {
     enum Verb: UInt8 {
         case get, hget, hlen, hstrlen, scard, sismember, zscore, hkeys, lrange, zrange, zrangeByScore, zrevrangeByScore, hrandfield, srandmember
         case hgetall
+        /// Not a Redis command: whether a counter is at most the argument (`RedisTxn.atMost`),
+        /// which the commit script checks as that comparison.
+        case atMost
 
         var name: String {
             switch self {
@@ -29,6 +32,7 @@ struct ReadCmd: Hashable {
             case .hrandfield: "HRANDFIELD"
             case .srandmember: "SRANDMEMBER"
             case .hgetall: "HGETALL"
+            case .atMost: "ATMOST"
             }
         }
     }
@@ -393,6 +397,27 @@ package final class RedisTxn {
         let members = r[1].array.compactMap { $0.bytes }
         for m in members { remember(.sismember(k, m), .integer(1)) }
         return members
+    }
+
+    /// Whether the counter `k` is at most `max` (`TxnStore.atMost`): read now, and checked by
+    /// the commit as that comparison alone, so that transactions adding to the counter while it
+    /// stays true do not conflict. Asked before this transaction adds to `k` itself.
+    func atMost(_ k: RKey, _ max: Int64) throws(FSError) -> Bool {
+        if writes[k] != nil { throw store.bug("ATMOST \(store.keys.name(k)) after writing it in the same transaction") }
+        let c = ReadCmd(.atMost, k, arg: Array(String(max).utf8))
+        if let r = results[c] { return r.int == 1 }
+        let now: RedisReply
+        if let r = results[.get(k)] {
+            now = r
+        } else {
+            // (Not remembered as a GET: the commit checks the comparison, not the value.)
+            now = try store.fetch([.cmd(.get(k))])[0]
+            batches += 1
+            readsTracked = false
+        }
+        let ok = (now.int ?? 0) <= max
+        remember(c, .integer(ok ? 1 : 0))
+        return ok
     }
 
     /// A whole read that cannot be checked (read-only transactions only).

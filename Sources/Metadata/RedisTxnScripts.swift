@@ -123,7 +123,8 @@ package enum RedisTxnScripts {
     /// ARGV[1] `<slot>:<request number>`, with `:m` after an outside request's (empty: run without a request id), ARGV[2] the number
     /// of checks, then the checks `cmd keyindex nargs args... expected` (a read command and
     /// `=` with the canonical form of its reply when the client read it, or that form's SHA-1),
-    /// then the writes
+    /// (`ATMOST keyindex 1 max`, not a Redis command, checks that the counter the key holds is
+    /// at most `max`: its reply is 1 or 0), then the writes
     /// `cmd keyindex nargs args...` (none on KEYS[1] but `HSET KEYS[1] r<slot> result`: what an
     /// outside request saves with its id, `RequestRecords`).
     ///
@@ -141,7 +142,8 @@ package enum RedisTxnScripts {
         "#!lua\n" + canon + #"""
             -- The read commands a check may run, each with the kind of key it reads.
             local CHECK = {GET = 'string', GETRANGE = 'string', HGET = 'hash', HLEN = 'hash', HSTRLEN = 'hash', HKEYS = 'hash', ZRANGE = 'zset',
-              ZRANGEBYSCORE = 'zset', ZREVRANGEBYSCORE = 'zset', ZSCORE = 'zset', SCARD = 'set', SISMEMBER = 'set', LRANGE = 'list'}
+              ZRANGEBYSCORE = 'zset', ZREVRANGEBYSCORE = 'zset', ZSCORE = 'zset', SCARD = 'set', SISMEMBER = 'set', LRANGE = 'list',
+              ATMOST = 'string'}
             local KIND = {SET = 'string', SETRANGE = 'string', DEL = '', APPEND = 'string', INCRBY = 'string', HSET = 'hash',
               HDEL = 'hash', HINCRBY = 'hash', ZADD = 'zset', ZREM = 'zset', RPUSH = 'list', LTRIM = 'list', SADD = 'set', SREM = 'set'}
             local ARITY = {SET = 1, SETRANGE = 2, DEL = 0, APPEND = 1, INCRBY = 1, HSET = 2, HDEL = 1, HINCRBY = 2, ZADD = 2,
@@ -171,7 +173,14 @@ package enum RedisTxnScripts {
             for c = 1, nchecks do
               local cmd, ki, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
               if not CHECK[cmd] or not ki or not KEYS[ki] or not n or i + 3 + n > #ARGV then return refuse('bad check ' .. c) end
-              local r = redis.call(cmd, KEYS[ki], unpack(ARGV, i + 3, i + 2 + n))
+              local r
+              if cmd == 'ATMOST' then
+                -- Not a command: 1 when the counter is at most the argument, else 0.
+                if n ~= 1 or not isint(ARGV[i + 3]) then return refuse('bad check ' .. c) end
+                r = ((tonumber(redis.call('GET', KEYS[ki])) or 0) <= tonumber(ARGV[i + 3])) and 1 or 0
+              else
+                r = redis.call(cmd, KEYS[ki], unpack(ARGV, i + 3, i + 2 + n))
+              end
               kinds[KEYS[ki]] = kinds[KEYS[ki]] or CHECK[cmd]
               if cmd == 'HKEYS' then table.sort(r) end
               local want, form = ARGV[i + 3 + n], canon(r)

@@ -668,6 +668,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             case .locks(let ino, let kind): ops.append(.cmd(.get(keys.locks(ino, kind))))
             case .symlink(let ino): ops.append(.cmd(.get(keys.symlink(ino))))
             case .counter(let name): ops.append(.cmd(.get(keys.counter(name))))
+            case .setting(let name): ops.append(.cmd(.get(settingKey(name))))
             case .entries(let dir, let after, let limit, let plus):
                 ops.append(.page(positions: keys.positions(dir), entries: keys.entries(dir), after: after, limit: limit, plus: plus))
             }
@@ -703,6 +704,10 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
 
     package func add(_ tx: RedisTxn, _ counter: String, _ delta: Int64) throws(FSError) {
         if delta != 0 { try tx.incr(keys.counter(counter), delta) }
+    }
+
+    package func atMost(_ tx: RedisTxn, _ counter: String, _ max: Int64) throws(FSError) -> Bool {
+        try tx.atMost(keys.counter(counter), max)
     }
 
     package func reserveIDs(_ tx: RedisTxn?, _ counter: String, _ count: Int) throws(FSError) -> UInt64 {

@@ -83,6 +83,8 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
 
     package func add(_ tx: SQLiteTxn, _ counter: String, _ delta: Int64) throws(FSError) { _ = try incr(counter, delta) }
 
+    package func atMost(_ tx: SQLiteTxn, _ counter: String, _ max: Int64) throws(FSError) -> Bool { try incr(counter, 0) <= max }
+
     package func reserveIDs(_ tx: SQLiteTxn?, _ counter: String, _ count: Int) throws(FSError) -> UInt64 {
         // Ids are taken in the caller's transaction when there is one (one of this store's
         // transactions waits for another to end).

@@ -71,22 +71,39 @@ package enum Trash {
         /// The bytes counted in `trashSpace` when it came (its size may change in the trash
         /// through a descriptor still open, or root's writes).
         package var counted: Int64 = 0
+        /// The directory quotas it counted in when it came (`quotaKeys`): it counts there
+        /// until it leaves the trash.
+        package var quotaDirs: [Ino] = []
 
-        package init(parent: Ino, deleted: Int64, name: [UInt8], counted: Int64 = 0) {
+        package init(parent: Ino, deleted: Int64, name: [UInt8], counted: Int64 = 0, quotaDirs: [Ino] = []) {
             self.parent = parent
             self.deleted = deleted
             self.name = name
             self.counted = counted
+            self.quotaDirs = quotaDirs
         }
 
-        func encoded() -> [UInt8] { Array("\(parent)\n\(deleted)\n\(counted)\n".utf8) + name }
+        /// `parent\ndeleted\ncounted[:dir,dir...]\nname`.
+        func encoded() -> [UInt8] {
+            let dirs = quotaDirs.isEmpty ? "" : ":" + quotaDirs.map { String($0) }.joined(separator: ",")
+            return Array("\(parent)\n\(deleted)\n\(counted)\(dirs)\n".utf8) + name
+        }
 
         static func decode(_ b: [UInt8]) -> Origin? {
             let parts = b.split(separator: UInt8(ascii: "\n"), maxSplits: 3, omittingEmptySubsequences: false)
             guard parts.count == 4, let p = Ino(String(decoding: parts[0], as: UTF8.self)),
-                let d = Int64(String(decoding: parts[1], as: UTF8.self)), let c = Int64(String(decoding: parts[2], as: UTF8.self))
+                let d = Int64(String(decoding: parts[1], as: UTF8.self))
             else { return nil }
-            return Origin(parent: p, deleted: d, name: Array(parts[3]), counted: c)
+            let third = String(decoding: parts[2], as: UTF8.self).split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+            guard let c = Int64(third[0]) else { return nil }
+            var dirs: [Ino] = []
+            if third.count == 2 {
+                for part in third[1].split(separator: ",") {
+                    guard let i = Ino(part) else { return nil }
+                    dirs.append(i)
+                }
+            }
+            return Origin(parent: p, deleted: d, name: Array(parts[3]), counted: c, quotaDirs: dirs)
         }
     }
 }
@@ -128,8 +145,10 @@ extension TxnMetadata {
     /// owner's trash directory of this hour, making the directories it needs. Returns false
     /// (the caller frees it as without a trash) when the volume's root holds a `.trash` that is
     /// not the trash (a user's, made before there was one).
+    /// `keys`: the quotas it counts in (`quotaKeys`), where it goes on counting, as trash.
     func putInTrash(
-        _ tx: S.Txn, _ ino: Ino, _ a: inout Attr, _ attrs: inout AttrSet, from parent: Ino, name: [UInt8], by deleter: Credential, now: Timespec
+        _ tx: S.Txn, _ ino: Ino, _ a: inout Attr, _ attrs: inout AttrSet, from parent: Ino, name: [UInt8], by deleter: Credential, now: Timespec,
+        keys: [String]
     )
         throws(FSError) -> Bool
     {
@@ -173,19 +192,30 @@ extension TxnMetadata {
             $0.mtime = now
             $0.ctime = now
         }
-        try store.putSymlinkTarget(tx, ino, Trash.Origin(parent: parent, deleted: now.sec, name: name, counted: align4K(a.size)).encoded())
+        let dirs = keys.compactMap { k -> Ino? in k.first == "d" ? Ino(k.dropFirst()) : nil }
+        let origin = Trash.Origin(parent: parent, deleted: now.sec, name: name, counted: align4K(a.size), quotaDirs: dirs)
+        try store.putSymlinkTarget(tx, ino, origin.encoded())
         a.parent = ownerIno
         try store.add(tx, "trashInodes", 1)
         try store.add(tx, "trashSpace", align4K(a.size))
+        try addTrashToQuotas(tx, keys, space: align4K(a.size), inodes: 1)
         return true
     }
 
-    /// A trashed file leaves the trash (restored, or purged): the counters take back what its
-    /// coming added.
-    func leftTrash(_ tx: S.Txn, _ ino: Ino) throws(FSError) {
+    /// Trashed file `ino` (`a`) leaves the trash (restored, or purged) for home `newHome`: the
+    /// counters take back what its coming added, and its usage moves from the quotas of where
+    /// it was deleted to those of its new home (unchecked: root's work, or a purge).
+    func leftTrash(_ tx: S.Txn, _ ino: Ino, _ a: Attr, to newHome: Ino) throws(FSError) {
         let counted = try store.symlinkTarget(tx, ino).flatMap(Trash.Origin.decode)?.counted ?? 0
         try store.add(tx, "trashInodes", -1)
         try store.add(tx, "trashSpace", -counted)
+        let kinds = try quotaKinds(tx)
+        if kinds.isEmpty { return }
+        let old = try quotaKeys(tx, ino, a, kinds: kinds)
+        try addTrashToQuotas(tx, old, space: -counted, inodes: -1)
+        var moved = a
+        moved.parent = newHome
+        try moveUsage(tx, from: old, to: try quotaKeys(tx, ino, moved, kinds: kinds), space: align4K(a.size), inodes: 1, enforce: false)
     }
 
     // MARK: what admins and owners do
@@ -246,9 +276,9 @@ extension TxnMetadata {
             if !cred.isRoot && !(ownerMayPurge && cred.uid == a.uid) { throw FSError(EPERM, "only root (or, through a gateway, its owner) purges a file from the trash") }
             guard let entry = try trashEntryName(tx, ino, a) else { throw FSError.damagedEntry }
             try store.deleteEntry(tx, a.parent, entry)
-            try leftTrash(tx, ino)
+            try leftTrash(tx, ino, a, to: rootIno)
             var gone = a
-            gone.parent = 0
+            gone.parent = rootIno
             try store.putAttr(tx, ino, gone)
             return try freeIfUnused(tx, ino)
         }
@@ -285,9 +315,9 @@ extension TxnMetadata {
             let now = Timespec.now()
             try store.deleteEntry(tx, a.parent, entry)
             try store.putEntry(tx, dir, origin.name, ino, .regular)
-            try leftTrash(tx, ino)
+            try leftTrash(tx, ino, a, to: dir)
             a.nlink = 1
-            a.parent = 0
+            a.parent = dir
             a.ctime = now
             try store.putAttr(tx, ino, a)
             pa.mtime = now

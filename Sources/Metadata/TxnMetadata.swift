@@ -41,6 +41,10 @@ package protocol TxnStore: AnyObject, Sendable {
     /// Adds `delta` to a named counter without reading it, so that transactions adding to the
     /// same counter do not conflict.
     func add(_ tx: Txn, _ counter: String, _ delta: Int64) throws(FSError)
+    /// Whether a named counter is at most `max` (missing: 0), as a read the commit checks as
+    /// that comparison alone: transactions that add to the counter while it stays true do not
+    /// conflict (quotas: writers into one quota). Asked before the transaction adds to it.
+    func atMost(_ tx: Txn, _ counter: String, _ max: Int64) throws(FSError) -> Bool
     /// Reserves `count` consecutive ids of `counter` and returns the first. Not part of any
     /// transaction: ids are never given back. `tx` is the transaction the call is made in, if
     /// any (a store that takes the ids inside it must not start another).
@@ -142,6 +146,7 @@ package enum TxnRead: Sendable {
     /// A page of a directory (`TxnStore.entries`); `plus`: with the attributes of its inodes.
     case entries(Ino, after: UInt64, limit: Int, plus: Bool)
     case counter(String)
+    case setting(String)
 }
 
 extension TxnStore {
@@ -194,6 +199,10 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package let store: S
     /// The format record's trash days and when they were read (`trashDays()`).
     let trashSetting = Locked<(Int, UInt64)?>(nil)
+    /// Space reserved for buffered writes, by session and file (`reserveSpace`).
+    let reservations = Locked<[ReservationKey: Reservation]>([:])
+    /// Whether the volume has quotas and when that was read (`hasQuotas`).
+    let quotaSetting = Locked<(Bool, UInt64)?>(nil)
 
     package init(store: S) { self.store = store }
 
@@ -270,6 +279,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     package func closeSession(_ sid: UInt64) throws(FSError) {
+        try releaseSpace(sid: sid)
         // In bounded steps: a session may hold very many open files and locks.
         while true {
             let done = try store.transaction(write: true) { (tx) throws(FSError) -> Bool in
@@ -356,18 +366,27 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         var copy: Ino? = nil
         while true {
             let (a, done, made) = try store.transaction(write: true) { (tx) throws(FSError) -> (Attr, Bool, Ino?) in
+                try store.prefetch(tx, [.attr(ino), quotaKindsRead])
                 guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
                 if Trash.isTrash(ino) && !cred.isRoot { throw Self.trashIsRoots }
                 let before = a
                 let now = Timespec.now()
                 let touch = try SetAttrRules.apply(req, to: &a, cred, now: now)
+                let kinds = try quotaKinds(tx)
+                if !kinds.isEmpty && (a.uid != before.uid || a.gid != before.gid) {
+                    // A new owner's quotas take it (checked but for root, as ext4 lets root).
+                    try moveUsage(
+                        tx, from: try quotaKeys(tx, ino, before, kinds: kinds), to: try quotaKeys(tx, ino, a, kinds: kinds),
+                        space: align4K(a.size), inodes: 1, enforce: !cred.isRoot)
+                }
                 var done = true
                 var made = copy
                 if req.mask.contains(.size) && req.size != a.size {
+                    let keys = try quotaKeys(tx, ino, a, kinds: kinds)
                     if trash && req.size == 0 && a.type == .regular && a.nlink > 0 && !Trash.isTrash(a.parent) {
-                        (made, done) = try trashContentStep(tx, ino, &a, copy: copy, by: cred, now: now)
+                        (made, done) = try trashContentStep(tx, ino, &a, copy: copy, by: cred, now: now, keys: keys)
                     } else {
-                        done = try truncateStep(tx, ino, &a, to: req.size)
+                        done = try truncateStep(tx, ino, &a, to: req.size, keys: keys)
                     }
                 }
                 SetAttrRules.finish(req, &a, before, cred, now: now, touch: touch)
@@ -387,7 +406,9 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     /// the last leaves it empty. Nothing is queued for deletion: the data moved. Returns the
     /// copy and whether the file is empty. (No trash there, a user's `.trash` at the root: an
     /// ordinary cut.)
-    private func trashContentStep(_ tx: S.Txn, _ ino: Ino, _ a: inout Attr, copy: Ino?, by cred: Credential, now: Timespec) throws(FSError) -> (Ino?, Bool) {
+    private func trashContentStep(
+        _ tx: S.Txn, _ ino: Ino, _ a: inout Attr, copy: Ino?, by cred: Credential, now: Timespec, keys: [String]
+    ) throws(FSError) -> (Ino?, Bool) {
         var target = copy
         if target == nil {
             let t = try store.newInode(tx)
@@ -396,13 +417,13 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             ta.ctime = now
             var attrs = AttrSet()
             // (Where the file's names are is not known here: restored into a directory given.)
-            guard try putInTrash(tx, t, &ta, &attrs, from: 0, name: Array("\(ino).before-truncate".utf8), by: cred, now: now) else {
-                return (nil, try truncateStep(tx, ino, &a, to: 0))
+            guard try putInTrash(tx, t, &ta, &attrs, from: 0, name: Array("\(ino).before-truncate".utf8), by: cred, now: now, keys: keys) else {
+                return (nil, try truncateStep(tx, ino, &a, to: 0, keys: keys))
             }
             attrs.put(t, ta)
             try attrs.flush(store, tx)
-            try store.add(tx, "usedInodes", 1)
-            try store.add(tx, "usedSpace", align4K(ta.size))
+            // (Counted where the file counts: the space moves to it below, step by step.)
+            try account(tx, keys, space: align4K(ta.size), inodes: 1, enforce: false)
             target = t
         }
         let gone = try store.chunkIndexes(tx, ino, from: 0, limit: chunkBatch, descending: true)
@@ -414,7 +435,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         // More below the lowest moved: the file ends there until the next step.
         var size: UInt64 = 0
         if gone.count == chunkBatch, let lowest = gone.last { size = min(a.size, UInt64(lowest) * chunkSize) }
-        try store.add(tx, "usedSpace", align4K(size) - align4K(a.size))
+        try account(tx, keys, space: align4K(size) - align4K(a.size), inodes: 0, enforce: false)
         a.size = size
         return (target, size == 0)
     }
@@ -435,6 +456,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         var next = UInt32(offset / chunkSize)
         while true {
             let (a, done) = try store.transaction(write: true) { (tx) throws(FSError) -> (Attr, Bool) in
+                try store.prefetch(tx, [.attr(ino), quotaKindsRead])
                 guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
                 guard a.type == .regular else { throw a.type == .directory ? FSError.isDir : FSError(ENODEV, "fallocate needs a regular file") }
                 let zeroEnd = min(end, a.size)
@@ -453,7 +475,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                     }
                 }
                 if !keepSize && end > a.size {
-                    try store.add(tx, "usedSpace", align4K(end) - align4K(a.size))
+                    try account(tx, try quotaKeys(tx, ino, a), space: align4K(end) - align4K(a.size), inodes: 0, enforce: true)
                     a.size = end
                 }
                 let now = Timespec.now()
@@ -471,7 +493,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     /// slices are queued for deletion). Drops at most `chunkBatch` chunks, the highest first;
     /// when more remain it stops with the size at the start of the lowest chunk it dropped and
     /// returns false.
-    private func truncateStep(_ tx: S.Txn, _ ino: Ino, _ a: inout Attr, to newSize: UInt64) throws(FSError) -> Bool {
+    /// `keys`: the quotas the file counts in (a growth is checked against them).
+    private func truncateStep(_ tx: S.Txn, _ ino: Ino, _ a: inout Attr, to newSize: UInt64, keys: [String]) throws(FSError) -> Bool {
         let old = a.size
         var size = newSize
         if newSize < old {
@@ -491,7 +514,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 try store.appendChunk(tx, ino, UInt32(newSize / chunkSize), hole.encoded())
             }
         }
-        try store.add(tx, "usedSpace", align4K(size) - align4K(old))
+        let delta = align4K(size) - align4K(old)
+        try account(tx, keys, space: delta, inodes: 0, enforce: delta > 0)
         a.size = size
         return size == newSize
     }
@@ -527,7 +551,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     {
         try reserved(parent, name)
         if Trash.isTrash(parent) { throw Self.trashIsClosed }
-        try store.prefetch(tx, [.attr(parent), .entry(parent, name)])
+        try store.prefetch(tx, [.attr(parent), .entry(parent, name), quotaKindsRead])
         guard var pa = try store.attr(tx, parent) else { throw FSError.notFound }
         guard pa.type == .directory else { throw FSError.notDir }
         try Posix.check(pa, cred, [.write, .execute])
@@ -549,7 +573,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         let a = Attr(
             type: type, mode: perm, uid: cred.uid, gid: gid, nlink: type == .directory ? 2 : 1, size: size,
             atime: now, mtime: now, ctime: now, rdev: type == .blockDevice || type == .charDevice ? rdev : 0,
-            parent: type == .directory ? parent : 0)
+            parent: parent)
         try store.putAttr(tx, ino, a)
         if type == .symlink { try store.putSymlinkTarget(tx, ino, target!) }
         try store.putEntry(tx, parent, name, ino, type)
@@ -557,9 +581,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         pa.ctime = now
         if type == .directory { pa.nlink += 1 }
         try store.putAttr(tx, parent, pa)
-        // Quotas (not built yet) charge the inode to its owner here (issue 18).
-        try store.add(tx, "usedInodes", 1)
-        try store.add(tx, "usedSpace", align4K(size))
+        try account(tx, try quotaKeys(tx, ino, a), space: align4K(size), inodes: 1, enforce: true)
         return (ino, a)
     }
 
@@ -581,12 +603,11 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     private func freeInode(_ tx: S.Txn, _ ino: Ino, _ a: Attr) throws(FSError) {
-        // Quotas (not built yet) give the owner back the inode and its attribute bytes
-        // (`store.xattrBytes`, read before the delete) here, as rmdir must.
+        // (Its quotas are found before its records go: a trashed file's origin is one.)
+        let keys = try quotaKeys(tx, ino, a)
         try store.deleteInode(tx, ino)
         if a.type == .regular && a.size > 0 { try store.addPendingDelete(tx, ino, a.size) }
-        try store.add(tx, "usedInodes", -1)
-        try store.add(tx, "usedSpace", -align4K(a.size))
+        try account(tx, keys, space: -align4K(a.size), inodes: -1, enforce: false)
     }
 
     /// Drops one link of a non-directory inside a transaction: the name `name` of `parent`.
@@ -600,8 +621,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         var a = try attrs.load(store, tx, ino)
         if Trash.isTrash(parent) && a.nlink == 0 {
             // A file of the trash deleted there (by root): for good.
-            try leftTrash(tx, ino)
-            a.parent = 0
+            try leftTrash(tx, ino, a, to: rootIno)
+            a.parent = rootIno
             a.ctime = now
             if try !store.isOpen(tx, ino) {
                 attrs.forget(ino)
@@ -613,9 +634,18 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
         a.nlink -= 1
         a.ctime = now
-        if a.nlink == 0 && trash && a.type == .regular && !Trash.isTrash(parent), try putInTrash(tx, ino, &a, &attrs, from: parent, name: name, by: cred, now: now) {
+        if a.nlink == 0 && trash && a.type == .regular && !Trash.isTrash(parent),
+            try putInTrash(tx, ino, &a, &attrs, from: parent, name: name, by: cred, now: now, keys: try quotaKeys(tx, ino, a))
+        {
             try attrs.update(store, tx, ino) { $0 = a }
             return RemovedName(ino: ino, attr: a, freed: false)
+        }
+        if a.nlink > 0 && a.parent == parent {
+            // The name it was made with goes: its home becomes the innermost quota directory
+            // there, where its other names are too (see `Quota.swift`).
+            let kinds = try quotaKinds(tx)
+            let inner = kinds.contains("d") ? try dirQuotas(tx, from: parent).first.flatMap { Ino($0.dropFirst()) } : nil
+            a.parent = inner ?? rootIno
         }
         if a.nlink == 0, try !store.isOpen(tx, ino) {
             attrs.forget(ino)
@@ -630,7 +660,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func unlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> RemovedName {
         let trash = try trashDays() > 0
         return try store.transaction(write: true) { (tx) throws(FSError) in
-            try store.prefetch(tx, [.attr(parent), .entry(parent, name)])
+            try store.prefetch(tx, [.attr(parent), .entry(parent, name), quotaKindsRead])
             var attrs = AttrSet()
             let pa = try attrs.load(store, tx, parent)
             guard pa.type == .directory else { throw FSError.notDir }
@@ -659,7 +689,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         if name == [UInt8(ascii: ".")] { throw FSError.invalid }
         if name == [UInt8(ascii: "."), UInt8(ascii: ".")] { throw FSError.notEmpty }
         return try store.transaction(write: true) { (tx) throws(FSError) in
-            try store.prefetch(tx, [.attr(parent), .entry(parent, name)])
+            try store.prefetch(tx, [.attr(parent), .entry(parent, name), quotaKindsRead])
             guard var pa = try store.attr(tx, parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, [.write, .execute])
@@ -672,13 +702,11 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             if try store.hasEntries(tx, ino) { throw FSError.notEmpty }
             let now = Timespec.now()
             try store.deleteEntry(tx, parent, name)
-            try store.deleteInode(tx, ino)
+            try removeDirectory(tx, ino, a)
             pa.nlink -= 1
             pa.mtime = now
             pa.ctime = now
             try store.putAttr(tx, parent, pa)
-            try store.add(tx, "usedInodes", -1)
-            try store.add(tx, "usedSpace", -align4K(a.size))
             var gone = a
             gone.nlink = 0
             gone.ctime = now
@@ -686,10 +714,18 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    /// Removes empty directory `ino`'s records (its entry is gone), its quota with it.
+    private func removeDirectory(_ tx: S.Txn, _ ino: Ino, _ a: Attr) throws(FSError) {
+        let keys = try quotaKeys(tx, ino, a)
+        try store.deleteInode(tx, ino)
+        try account(tx, keys, space: -align4K(a.size), inodes: -1, enforce: false)
+        if keys.contains("d\(ino)") { try dropQuota(tx, "d\(ino)") }
+    }
+
     /// Whether `ino` is `ancestor` or lies below it. The walk up is bounded: a directory
     /// nested deeper than `maxRenameDepth` levels cannot be a rename's destination parent
     /// across directories (`ELOOP`).
-    private func isWithin(_ tx: S.Txn, _ ino: Ino, _ ancestor: Ino) throws(FSError) -> Bool {
+    func isWithin(_ tx: S.Txn, _ ino: Ino, _ ancestor: Ino) throws(FSError) -> Bool {
         var cur = ino
         for _ in 0...maxRenameDepth {
             if cur == ancestor { return true }
@@ -712,7 +748,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         if Trash.isTrash(sp) && !cred.isRoot { throw Self.trashIsRoots }
         let trash = try trashDays() > 0
         return try store.transaction(write: true) { (tx) throws(FSError) -> RenameResult in
-            try store.prefetch(tx, [.attr(sp), .attr(dp), .entry(sp, sn), .entry(dp, dn)])
+            try store.prefetch(tx, [.attr(sp), .attr(dp), .entry(sp, sn), .entry(dp, dn), quotaKindsRead])
             var attrs = AttrSet()
             let spa = try attrs.load(store, tx, sp)
             let dpa = try attrs.load(store, tx, dp)
@@ -747,6 +783,14 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 try Posix.check(sa, cred, .write)
                 if try isWithin(tx, dp, sino) { throw FSError.invalid }
             }
+            // Usage moves with what changes directory quotas (or the rename is refused).
+            let kinds = sp != dp && !Trash.isTrash(sp) ? try quotaKinds(tx) : ""
+            if kinds.contains("d") {
+                let from = try dirQuotas(tx, from: sp)
+                let to = try dirQuotas(tx, from: dp)
+                try moveAcrossQuotas(tx, sino, sa, from: from, to: to)
+                if exchange, let (dino, _) = dst { try moveAcrossQuotas(tx, dino, try attrs.load(store, tx, dino), from: to, to: from) }
+            }
             let now = Timespec.now()
             var removed: RemovedName?
             if exchange, let (dino, dt) = dst {
@@ -757,11 +801,15 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                         try attrs.update(store, tx, sino) { $0.parent = dp }
                         try attrs.update(store, tx, sp) { $0.nlink -= 1 }
                         try attrs.update(store, tx, dp) { $0.nlink += 1 }
+                    } else if sa.nlink == 1 {
+                        try attrs.update(store, tx, sino) { $0.parent = dp }
                     }
                     if dt == .directory {
                         try attrs.update(store, tx, dino) { $0.parent = sp }
                         try attrs.update(store, tx, dp) { $0.nlink -= 1 }
                         try attrs.update(store, tx, sp) { $0.nlink += 1 }
+                    } else if try attrs.load(store, tx, dino).nlink == 1 {
+                        try attrs.update(store, tx, dino) { $0.parent = sp }
                     }
                 }
                 try attrs.update(store, tx, dino) { $0.ctime = now }
@@ -770,10 +818,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                     if dt == .directory {
                         let da = try attrs.load(store, tx, dino)
                         attrs.forget(dino)
-                        try store.deleteInode(tx, dino)
+                        try removeDirectory(tx, dino, da)
                         try attrs.update(store, tx, dp) { $0.nlink -= 1 }
-                        try store.add(tx, "usedInodes", -1)
-                        try store.add(tx, "usedSpace", -align4K(da.size))
                         removed = RemovedName(ino: dino, attr: da, freed: true)
                     } else {
                         removed = try dropLink(tx, dino, &attrs, now: now, parent: dp, name: dn, trash: trash, by: cred)
@@ -783,16 +829,18 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 try store.putEntry(tx, dp, dn, sino, st)
                 if Trash.isTrash(sp) && sp != dp && sa.nlink == 0 {
                     // Restored by hand (root's mv out of the trash): a link again.
-                    try leftTrash(tx, sino)
+                    try leftTrash(tx, sino, sa, to: dp)
                     try attrs.update(store, tx, sino) {
                         $0.nlink = 1
-                        $0.parent = 0
+                        $0.parent = dp
                     }
                 }
                 if st == .directory && sp != dp {
                     try attrs.update(store, tx, sino) { $0.parent = dp }
                     try attrs.update(store, tx, sp) { $0.nlink -= 1 }
                     try attrs.update(store, tx, dp) { $0.nlink += 1 }
+                } else if st != .directory && sp != dp && sa.nlink == 1 {
+                    try attrs.update(store, tx, sino) { $0.parent = dp }
                 }
             }
             try attrs.update(store, tx, sino) { $0.ctime = now }
@@ -815,7 +863,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         try reserved(parent, name)
         if Trash.isTrash(parent) { throw Self.trashIsClosed }
         return try store.transaction(write: true) { (tx) throws(FSError) in
-            try store.prefetch(tx, [.attr(parent), .attr(ino), .entry(parent, name)])
+            try store.prefetch(tx, [.attr(parent), .attr(ino), .entry(parent, name), quotaKindsRead])
             guard var pa = try store.attr(tx, parent) else { throw FSError.notFound }
             guard pa.type == .directory else { throw FSError.notDir }
             try Posix.check(pa, cred, [.write, .execute])
@@ -824,6 +872,9 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             if a.nlink == 0 { throw FSError.notFound }
             if a.nlink >= 65000 { throw FSError.mlink }
             if try store.entry(tx, parent, name) != nil { throw FSError.exists }
+            if try quotaKinds(tx).contains("d"), try dirQuotas(tx, from: home(a)) != dirQuotas(tx, from: parent) {
+                throw FSError(EXDEV, "a hard link stays within the directory quotas of its file")
+            }
             let now = Timespec.now()
             try store.putEntry(tx, parent, name, ino, a.type)
             a.nlink += 1
@@ -1021,20 +1072,41 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         }
     }
 
+    /// A growth of the file uses what session `sid` reserved for it (`reserveSpace`) first;
+    /// the rest is checked against its quotas.
     @_specialize(where S == RedisTxnStore)
-    package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) -> Attr {
-        try store.transaction(write: true) { (tx) throws(FSError) in
-            guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
-            guard a.type == .regular else { throw FSError.invalid }
-            try store.appendChunk(tx, ino, index, slice.encoded())
-            if minSize > a.size {
-                try store.add(tx, "usedSpace", align4K(minSize) - align4K(a.size))
-                a.size = minSize
+    package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec, sid: UInt64) throws(FSError) -> Attr {
+        let claimed = claimReservation(sid, ino)
+        do {
+            let (a, used) = try store.transaction(write: true) { (tx) throws(FSError) -> (Attr, Int64) in
+                try store.prefetch(tx, [.attr(ino), quotaKindsRead])
+                guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
+                guard a.type == .regular else { throw FSError.invalid }
+                try store.appendChunk(tx, ino, index, slice.encoded())
+                var used: Int64 = 0
+                if minSize > a.size {
+                    let growth = align4K(minSize) - align4K(a.size)
+                    let keys = try quotaKeys(tx, ino, a)
+                    try store.add(tx, "usedSpace", growth)
+                    if let claimed { used = min(growth, claimed.bytes) }
+                    if !keys.isEmpty || used > 0 {
+                        try addToQuotas(tx, keys.map { ($0, growth, 0) } + (claimed?.keys ?? []).map { ($0, -used, 0) }, enforce: true)
+                    }
+                    a.size = minSize
+                }
+                a.mtime = mtime
+                a.ctime = max(a.ctime, mtime)
+                try store.putAttr(tx, ino, a)
+                return (a, used)
             }
-            a.mtime = mtime
-            a.ctime = max(a.ctime, mtime)
-            try store.putAttr(tx, ino, a)
+            if var claimed {
+                claimed.bytes -= used
+                returnReservation(sid, ino, claimed)
+            }
             return a
+        } catch {
+            if let claimed { returnReservation(sid, ino, claimed) }
+            throw error
         }
     }
 

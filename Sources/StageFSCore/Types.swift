@@ -100,7 +100,9 @@ public struct Attr: Sendable, Equatable {
     public var ctime: Timespec
     /// Device number of block and character devices.
     public var rdev: UInt32
-    /// The parent directory of a directory (0 for other types).
+    /// The parent directory of a directory; of another inode, its home, the directory whose
+    /// quotas it counts in (0: the root, made before homes were kept), or the trash's directory
+    /// it is in.
     public var parent: Ino
 
     public init(

@@ -6,13 +6,19 @@ import StageFSCore
 /// data path never depends on metadata.
 public final class MetadataLedger: SliceLedger {
     public let meta: any MetadataEngine
+    /// The session commits are made in (what it reserved of quotas they use): set by the VFS.
+    private let session = Locked<(@Sendable () -> UInt64)?>(nil)
 
     public init(_ meta: any MetadataEngine) { self.meta = meta }
+
+    /// Says which session commits are made in.
+    func bind(session sid: @escaping @Sendable () -> UInt64) { session.withLock { $0 = sid } }
 
     public func readChunk(_ ino: Ino, _ index: UInt32) throws(FSError) -> [Slice] { try meta.readChunk(ino, index) }
 
     public func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec) throws(FSError) {
-        _ = try meta.writeSlice(ino, index, slice, minSize: minSize, mtime: mtime)
+        let sid = session.withLock { $0 }?() ?? 0
+        _ = try meta.writeSlice(ino, index, slice, minSize: minSize, mtime: mtime, sid: sid)
     }
 
     public func newSliceIDs(_ count: Int) throws(FSError) -> UInt64 { try meta.newSliceIDs(count) }

@@ -37,6 +37,7 @@ public final class VFS: Sendable {
     public var sid: UInt64 { session.sid }
     private let files = OpenFiles()
     private let kernel = KernelInodes()
+    private let reservations = Reservations()
     private let capabilities: Capabilities
     private let background: Background
     private let cache: MetaCache
@@ -76,6 +77,7 @@ public final class VFS: Sendable {
         background = Background(
             meta: meta, data: data, session: session, heartbeat: config.heartbeat, readOnly: config.readOnly
         ) { [files] in files.all.map { ($0.ino, $0.flags & O_ACCMODE) } }
+        (data.ledger as? MetadataLedger)?.bind { [session] in session.sid }
     }
 
     // MARK: life cycle
@@ -215,6 +217,8 @@ public final class VFS: Sendable {
         if req.mask.contains(.size) {
             data.invalidate(ino)
             wakeDeleter(.slices)
+            // (What was reserved ahead counted from the old size: the next write reserves anew.)
+            reservations.release(meta, sid: sid, ino)
         }
         cache.put(ino, a, asOf: cache.stamp())
         noteMode(ino, a)
@@ -324,8 +328,9 @@ public final class VFS: Sendable {
         return overlay(ino, a)
     }
 
-    public func statfs() throws(FSError) -> StatFS {
-        try meta.statfs()
+    /// `df` of the file system, as seen from directory `ino`: a directory quota's figures there.
+    public func statfs(_ ino: Ino) throws(FSError) -> StatFS {
+        try meta.statfs(inVolume(ino))
     }
 
     // MARK: directories
@@ -464,6 +469,9 @@ public final class VFS: Sendable {
             cache.put(h.ino, a, asOf: cache.stamp())
             noteMode(h.ino, a)
         }
+        try reservations.beforeWrite(meta, sid: sid, h.ino, end: offset + UInt64(buffer.count)) { () throws(FSError) in
+            try meta.getattr(h.ino).size
+        }
         try w.write(buffer, at: offset)
         cache.drop(h.ino)
         return buffer.count
@@ -487,6 +495,7 @@ public final class VFS: Sendable {
             try meta.fallocate(cred, h.ino, zero: punch || zero, keepSize: keep, offset: offset, length: length)
         }
         data.invalidate(h.ino)
+        reservations.release(meta, sid: sid, h.ino)
         cache.put(h.ino, a, asOf: cache.stamp())
         noteMode(h.ino, a)
         return a
@@ -517,6 +526,7 @@ public final class VFS: Sendable {
         if let w = h.writer {
             do { try w.flush() } catch { Log.error("writing inode \(h.ino) at close: \(error.message)") }
             data.releaseWriter(w)
+            if data.writer(h.ino) == nil { reservations.release(meta, sid: sid, h.ino) }
         }
         if let owner = h.state.withLock({ $0.flockOwner }) {
             try? meta.flock(h.ino, sid: sid, owner: owner, pid: 0, type: .unlock)

@@ -247,29 +247,10 @@ struct TrashVolume {
         return path(o.parent, o.name)
     }
 
-    /// `name` in directory `dir`, as a path (the walk up stops after 4,096 levels).
+    /// `name` in directory `dir`, as a path in the mount.
     func path(_ dir: Ino, _ name: [UInt8]) -> String {
-        var parts = [String(decoding: name, as: UTF8.self)]
-        var cur = dir
-        for _ in 0..<4096 where cur != rootIno {
-            guard let a = try? meta.getattr(cur), a.type == .directory, let parentEntries = try? parentName(cur, a.parent) else {
-                return "(a directory that is gone: inode \(dir))/" + parts.reversed().joined(separator: "/")
-            }
-            parts.append(parentEntries)
-            cur = a.parent
-        }
-        return (mountPoint ?? "") + "/" + parts.reversed().joined(separator: "/")
-    }
-
-    /// The name of directory `ino` in `parent` (a listing of `parent` until it is found).
-    private func parentName(_ ino: Ino, _ parent: Ino) throws(FSError) -> String {
-        var after: UInt64 = 0
-        for _ in 0..<1000 {
-            let page = try meta.readdir(parent, after: after, limit: 1000, plus: false)
-            if let e = page.first(where: { $0.ino == ino }) { return e.nameString }
-            guard page.count == 1000, let last = page.last else { break }
-            after = last.cookie
-        }
-        throw FSError.notFound
+        let n = String(decoding: name, as: UTF8.self)
+        guard let d = directoryPath(meta, dir) else { return "(a directory that is gone: inode \(dir))/" + n }
+        return (mountPoint ?? "") + (d == "/" ? "" : d) + "/" + n
     }
 }

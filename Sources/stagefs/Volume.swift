@@ -54,3 +54,29 @@ func lookupPath(_ meta: any MetadataEngine, _ path: String, _ cred: Credential, 
     }
     return (ino, a)
 }
+
+/// The path of directory `dir` from the volume's root ("/" for the root); nil when it is gone
+/// (the walk up stops after 4,096 levels, and looks for each name a page at a time).
+func directoryPath(_ meta: any MetadataEngine, _ dir: Ino) -> String? {
+    var parts: [String] = []
+    var cur = dir
+    for _ in 0..<4096 where cur != rootIno {
+        guard let a = try? meta.getattr(cur), a.type == .directory else { return nil }
+        let parent = a.parent == 0 ? rootIno : a.parent
+        var found: String?
+        var after: UInt64 = 0
+        for _ in 0..<1000 {
+            guard let page = try? meta.readdir(parent, after: after, limit: 1000, plus: false) else { return nil }
+            if let e = page.first(where: { $0.ino == cur }) {
+                found = e.nameString
+                break
+            }
+            guard page.count == 1000, let last = page.last else { break }
+            after = last.cookie
+        }
+        guard let found else { return nil }
+        parts.append(found)
+        cur = parent
+    }
+    return "/" + parts.reversed().joined(separator: "/")
+}

@@ -423,10 +423,10 @@ struct ConformanceTests {
         let id = try m.newSliceIDs(10)
         #expect(try m.newSliceIDs(1) == id + 10)
         let s0 = Slice(pos: 0, id: id, size: 1000, off: 0, len: 1000)
-        let a = try m.writeSlice(ino, 0, s0, minSize: 1000, mtime: Timespec(sec: 5, nsec: 6))
+        let a = try m.writeSlice(ino, 0, s0, minSize: 1000, mtime: Timespec(sec: 5, nsec: 6), sid: 0)
         #expect(a.size == 1000 && a.mtime == Timespec(sec: 5, nsec: 6))
         let s1 = Slice(pos: 100, id: id + 1, size: 50, off: 0, len: 50)
-        _ = try m.writeSlice(ino, 0, s1, minSize: 150, mtime: Timespec.now())
+        _ = try m.writeSlice(ino, 0, s1, minSize: 150, mtime: Timespec.now(), sid: 0)
         #expect(try m.readChunk(ino, 0) == [s0, s1])
         #expect(try m.readChunks([(ino, 0), (ino, 5), (ino, 0)]) == [[s0, s1], [], [s0, s1]])
         #expect(try m.getattrs([ino, 999_999, dir]).map { $0?.type } == [.regular, nil, .directory])
@@ -434,7 +434,7 @@ struct ConformanceTests {
         // A file spanning two chunks, truncated into the first: the second chunk is dropped
         // and a hole hides the tail of the first.
         let s2 = Slice(pos: 0, id: id + 2, size: 10, off: 0, len: 10)
-        _ = try m.writeSlice(ino, 1, s2, minSize: chunkSize + 10, mtime: Timespec.now())
+        _ = try m.writeSlice(ino, 1, s2, minSize: chunkSize + 10, mtime: Timespec.now(), sid: 0)
         var trunc = SetAttrRequest(mask: .size)
         trunc.size = 500
         #expect(try m.setattr(alice, ino, trunc).size == 500)
@@ -455,7 +455,7 @@ struct ConformanceTests {
         let m = f.engine
         let s0 = try m.statfs()
         let (ino, _) = try m.mknod(alice, rootIno, n("f"), .regular, 0o644, rdev: 0, target: nil)
-        _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 10000, off: 0, len: 10000), minSize: 10000, mtime: .now())
+        _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 10000, off: 0, len: 10000), minSize: 10000, mtime: .now(), sid: 0)
         let s1 = try m.statfs()
         #expect(s1.usedInodes == s0.usedInodes + 1)
         #expect(s1.usedSpace == s0.usedSpace + 12288)
@@ -477,7 +477,7 @@ struct ConformanceTests {
         let dir = try playground(m)
         let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/mnt", version: "t"))
         let (ino, _) = try m.mknod(alice, dir, n("f"), .regular, 0o644, rdev: 0, target: nil)
-        _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 7, size: 10, off: 0, len: 10), minSize: 10, mtime: .now())
+        _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 7, size: 10, off: 0, len: 10), minSize: 10, mtime: .now(), sid: 0)
         let (_, first) = try m.open(alice, ino, flags: O_RDONLY, sid: sid)
         #expect(first == [Slice(pos: 0, id: 7, size: 10, off: 0, len: 10)], "open returns the first chunk's slices")
         _ = try m.open(alice, ino, flags: O_RDONLY, sid: sid)
@@ -525,7 +525,7 @@ struct ConformanceTests {
         let sid = try m.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/mnt", version: "t"))
         let other = try m.newSession(SessionInfo(hostname: "h2", pid: 2, mountPoint: "/mnt2", version: "t"))
         let (twice, _) = try m.create(alice, dir, n("twice"), 0o644, sid: sid)
-        _ = try m.writeSlice(twice, 0, Slice(pos: 0, id: 9, size: 10, off: 0, len: 10), minSize: 10, mtime: .now())
+        _ = try m.writeSlice(twice, 0, Slice(pos: 0, id: 9, size: 10, off: 0, len: 10), minSize: 10, mtime: .now(), sid: 0)
         _ = try m.open(alice, twice, flags: O_RDONLY, sid: sid)
         let (kept, _) = try m.create(alice, dir, n("kept"), 0o644, sid: sid)
         let (shared, _) = try m.create(alice, dir, n("shared"), 0o644, sid: sid)
@@ -582,7 +582,7 @@ struct ConformanceTests {
         let other = try f.reopen()
         let (ino, _) = try f.engine.mknod(alice, rootIno, n("shared"), .regular, 0o644, rdev: 0, target: nil)
         #expect(try other.lookup(alice, rootIno, n("shared")).0 == ino)
-        _ = try other.writeSlice(ino, 0, Slice(pos: 0, id: 3, size: 5, off: 0, len: 5), minSize: 5, mtime: .now())
+        _ = try other.writeSlice(ino, 0, Slice(pos: 0, id: 3, size: 5, off: 0, len: 5), minSize: 5, mtime: .now(), sid: 0)
         // (A tracked cache sees another client's change once Redis's invalidation arrives:
         // Redis may send it just after its reply to the writer.)
         #expect(try seenSoon(kind) { try f.engine.getattr(ino).size == 5 })
@@ -673,7 +673,7 @@ struct RulesAndBoundsTests {
         let chunks: UInt32 = 2500
         for i in 0..<chunks {
             let s = Slice(pos: 0, id: UInt64(i) + 1, size: 10, off: 0, len: 10)
-            _ = try m.writeSlice(ino, i, s, minSize: UInt64(i) * chunkSize + 10, mtime: .now())
+            _ = try m.writeSlice(ino, i, s, minSize: UInt64(i) * chunkSize + 10, mtime: .now(), sid: 0)
         }
         // Cutting to 100 bytes takes three bounded steps inside setattr; all records beyond go.
         var cut = SetAttrRequest(mask: .size)
@@ -692,7 +692,7 @@ struct RulesAndBoundsTests {
         // Deleting a file with many chunks: finishDelete drops at most chunkBatch per call.
         let (big, _) = try m.mknod(alice, dir, n("big"), .regular, 0o644, rdev: 0, target: nil)
         for i in 0..<chunks {
-            _ = try m.writeSlice(big, i * 7, Slice(pos: 0, id: UInt64(i) + 9000, size: 1, off: 0, len: 1), minSize: 1, mtime: .now())
+            _ = try m.writeSlice(big, i * 7, Slice(pos: 0, id: UInt64(i) + 9000, size: 1, off: 0, len: 1), minSize: 1, mtime: .now(), sid: 0)
         }
         _ = try m.unlink(alice, dir, n("big"))
         let pending = try #require(try m.pendingDeletes(limit: 10).first { $0.ino == big })
@@ -1346,7 +1346,7 @@ struct TrashTests {
         let inodesBefore = try m.statfs().usedInodes
         // The last link of a regular file: into the trash, link count 0, not freed.
         let (a, _) = try m.mknod(alice, dir, n("a"), .regular, 0o644, rdev: 0, target: nil)
-        _ = try m.writeSlice(a, 0, Slice(pos: 0, id: 11, size: 5000, off: 0, len: 5000), minSize: 5000, mtime: .now())
+        _ = try m.writeSlice(a, 0, Slice(pos: 0, id: 11, size: 5000, off: 0, len: 5000), minSize: 5000, mtime: .now(), sid: 0)
         let r = try m.unlink(alice, dir, n("a"))
         #expect(!r.freed && r.attr.nlink == 0)
         #expect(try m.getattr(a).nlink == 0)
@@ -1406,7 +1406,7 @@ struct TrashTests {
         let (g, _) = try m.create(alice, dir, n("g"), 0o644, sid: sid)
         _ = try m.unlink(alice, dir, n("g"))
         let before = try usage(m)
-        _ = try m.writeSlice(g, 0, Slice(pos: 0, id: 77, size: 50_000, off: 0, len: 50_000), minSize: 50_000, mtime: .now())
+        _ = try m.writeSlice(g, 0, Slice(pos: 0, id: 77, size: 50_000, off: 0, len: 50_000), minSize: 50_000, mtime: .now(), sid: 0)
         #expect(try (m as! any TrashAdmin).purgeTrashed(.root, g, ownerMayPurge: false) == false, "still open")
         #expect(try usage(m) == (before.0 - 1, before.1))
     }
@@ -1418,7 +1418,7 @@ struct TrashTests {
         let t = m as! any TrashAdmin
         let dir = try playground(m)
         let (a, _) = try m.mknod(alice, dir, n("a"), .regular, 0o644, rdev: 0, target: nil)
-        _ = try m.writeSlice(a, 0, Slice(pos: 0, id: 12, size: 100, off: 0, len: 100), minSize: 100, mtime: .now())
+        _ = try m.writeSlice(a, 0, Slice(pos: 0, id: 12, size: 100, off: 0, len: 100), minSize: 100, mtime: .now(), sid: 0)
         _ = try m.unlink(alice, dir, n("a"))
         // Only root, or the owner when allowed (a gateway's caller); never over an existing name.
         expectErrno(EPERM) { _ = try t.restoreTrashed(bob, a, to: nil, ownerMayRestore: true) }
@@ -1522,7 +1522,7 @@ extension TrashTests {
         let (ino, _) = try m.mknod(alice, dir, n("big"), .regular, 0o644, rdev: 0, target: nil)
         let chunks = UInt32(chunkBatch + 5)
         for i in 0..<chunks {
-            _ = try m.writeSlice(ino, i, Slice(pos: 0, id: 100 + UInt64(i), size: 10, off: 0, len: 10), minSize: UInt64(i) * chunkSize + 10, mtime: .now())
+            _ = try m.writeSlice(ino, i, Slice(pos: 0, id: 100 + UInt64(i), size: 10, off: 0, len: 10), minSize: UInt64(i) * chunkSize + 10, mtime: .now(), sid: 0)
         }
         let size = try m.getattr(ino).size
         let used = try m.statfs().usedSpace

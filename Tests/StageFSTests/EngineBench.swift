@@ -53,7 +53,7 @@ struct EngineBench {
                     let name = Array("f\(i)".utf8)
                     _ = try? m.lookup(who, dir, name)
                     let (ino, _) = try m.create(who, dir, name, 0o644, sid: sid)
-                    _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: UInt64(i + 1), size: 4096, off: 0, len: 4096), minSize: 4096, mtime: .now())
+                    _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: UInt64(i + 1), size: 4096, off: 0, len: 4096), minSize: 4096, mtime: .now(), sid: 0)
                     try m.close(ino, sid: sid)
                     inos.append(ino)
                 }

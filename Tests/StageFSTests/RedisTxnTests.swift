@@ -63,7 +63,7 @@ struct RedisTxnTests {
             try? chmod(other, ino, 0o600)
         }
         let before = f.store.stats
-        let a = try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 7, size: 100, off: 0, len: 100), minSize: 100, mtime: .now())
+        let a = try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 7, size: 100, off: 0, len: 100), minSize: 100, mtime: .now(), sid: 0)
         f.store.hooks.setBeforeCommit(nil)
         #expect(meddled)
         #expect(a.size == 100 && a.mode == 0o600, "the retry saw the other client's change and kept it")
@@ -132,7 +132,7 @@ struct RedisTxnTests {
         #expect(try f.meta.lookup(alice, rootIno, n("once")).0 == ino)
         #expect(try f.meta.statfs().usedInodes == used.usedInodes + 1, "counted once")
         f.store.hooks.loseCommitReplies(1)
-        _ = try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 9, size: 10, off: 0, len: 10), minSize: 10, mtime: .now())
+        _ = try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 9, size: 10, off: 0, len: 10), minSize: 10, mtime: .now(), sid: 0)
         #expect(f.store.stats.replays == 2)
         #expect(try f.meta.readChunk(ino, 0).count == 1, "appended once")
         #expect(try f.meta.statfs().usedSpace == used.usedSpace + 4096)
@@ -156,11 +156,11 @@ struct RedisTxnTests {
         let other = try f.client()
         let ws = Slice(pos: 0, id: 9, size: 10, off: 0, len: 10)
         let wid = RequestID(session: sid, slot: 4, number: 8)
-        _ = try f.meta.recording(wid, save: { _ in [] }) { () throws(FSError) in try f.meta.writeSlice(ino, 0, ws, minSize: 10, mtime: .now()) }
+        _ = try f.meta.recording(wid, save: { _ in [] }) { () throws(FSError) in try f.meta.writeSlice(ino, 0, ws, minSize: 10, mtime: .now(), sid: 0) }
         #expect(try other.carriedOut(wid) == [], "recorded, nothing saved")
         let used = try f.meta.statfs().usedSpace
         expectErrno(EALREADY) {
-            _ = try other.recording(wid, save: { _ in [] }) { () throws(FSError) in try other.writeSlice(ino, 0, ws, minSize: 10, mtime: .now()) }
+            _ = try other.recording(wid, save: { _ in [] }) { () throws(FSError) in try other.writeSlice(ino, 0, ws, minSize: 10, mtime: .now(), sid: 0) }
         }
         #expect(try f.meta.readChunk(ino, 0).count == 1, "appended once")
         #expect(try f.meta.statfs().usedSpace == used)
@@ -230,7 +230,7 @@ struct RedisTxnTests {
         }
         let before = f.store.stats.commits
         do {
-            _ = try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now())
+            _ = try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now(), sid: 0)
             Issue.record("a transaction that always conflicts succeeded")
         } catch {
             #expect(error.code == EIO)
@@ -239,7 +239,7 @@ struct RedisTxnTests {
         #expect(f.store.stats.commits - before == 4)
         #expect(try other.readChunk(ino, 0).isEmpty, "nothing applied")
         f.store.hooks.setBeforeCommit(nil)
-        #expect(try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now()).size == 1)
+        #expect(try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now(), sid: 0).size == 1)
     }
 
     @Test func aStaleCachedReadNeverCausesAnError() throws {
@@ -305,7 +305,7 @@ struct RedisTxnTests {
         let f = try TxnFixture()
         let sid = try f.meta.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/m", version: "t"))
         let (ino, _) = try f.meta.create(alice, rootIno, n("f"), 0o644, sid: sid)
-        _ = try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now())
+        _ = try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now(), sid: 0)
         try f.meta.setxattr(alice, ino, n("user.k"), n("v"), .any)
         try f.meta.updateLocks(ino, kind: UInt8(ascii: "f"), sid: sid) { _ in [1, 2, 3] }
         let keys = try f.cli(["KEYS", "*"])
@@ -387,7 +387,7 @@ struct RedisTxnTests {
                     if j % 3 == 0 {
                         _ = try m.unlink(alice, dir, n("f\(i)-\(j)"))
                     } else {
-                        _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now())
+                        _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now(), sid: 0)
                     }
                 } catch {
                     failures.withLock { $0.append("\(error)") }
@@ -426,7 +426,7 @@ struct RedisTxnTests {
         warm["create"] = try trips(f.store) { _ = try m.create(alice, dir, n("a"), 0o644, sid: sid) }
         let ino = try m.lookup(alice, dir, n("a")).0
         warm["write-slice commit"] = try trips(f.store) {
-            _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 5, size: 4096, off: 0, len: 4096), minSize: 4096, mtime: .now())
+            _ = try m.writeSlice(ino, 0, Slice(pos: 0, id: 5, size: 4096, off: 0, len: 4096), minSize: 4096, mtime: .now(), sid: 0)
         }
         warm["close"] = try trips(f.store) { try m.close(ino, sid: sid) }
         warm["lookup"] = try trips(f.store) { _ = try m.lookup(alice, dir, n("a")) }
@@ -453,7 +453,7 @@ struct RedisTxnTests {
         let (big, _) = try m.create(alice, dir, n("big"), 0o644, sid: sid)
         for i in 0..<3 {
             _ = try m.writeSlice(
-                big, UInt32(i), Slice(pos: 0, id: UInt64(10 + i), size: 7, off: 0, len: 7), minSize: UInt64(i) * chunkSize + 7, mtime: .now())
+                big, UInt32(i), Slice(pos: 0, id: UInt64(10 + i), size: 7, off: 0, len: 7), minSize: UInt64(i) * chunkSize + 7, mtime: .now(), sid: 0)
         }
         try m.close(big, sid: sid)
         _ = try m.unlink(alice, dir, n("big"))
@@ -485,7 +485,7 @@ struct RedisTxnTests {
         cold["close"] = try trips(c.store) { try c.close(ino, sid: csid) }
         (c, csid) = try fresh()
         cold["write-slice commit"] = try trips(c.store) {
-            _ = try c.writeSlice(ino, 0, Slice(pos: 0, id: 6, size: 1, off: 0, len: 1), minSize: 1, mtime: .now())
+            _ = try c.writeSlice(ino, 0, Slice(pos: 0, id: 6, size: 1, off: 0, len: 1), minSize: 1, mtime: .now(), sid: 0)
         }
         (c, csid) = try fresh()
         cold["create"] = try trips(c.store) { _ = try c.create(alice, dir, n("e"), 0o644, sid: csid) }
