@@ -35,51 +35,6 @@ public struct Layout: Sendable {
     }
 }
 
-/// A run of bytes of a chunk as readers see it: `len` bytes at `pos` come from offset `off` of
-/// slice `id` (size `size`), or are zeros when `id` is 0.
-public struct Segment: Sendable, Equatable {
-    public var pos: UInt32
-    public var len: UInt32
-    public var id: UInt64
-    public var size: UInt32
-    public var off: UInt32
-
-    public init(pos: UInt32, len: UInt32, id: UInt64, size: UInt32, off: UInt32) {
-        self.pos = pos
-        self.len = len
-        self.id = id
-        self.size = size
-        self.off = off
-    }
-}
-
-/// Builds the visible segments of a chunk from its slice records, newest winning.
-public func buildView(_ slices: [Slice]) -> [Segment] {
-    var view: [Segment] = []
-    for s in slices where s.len > 0 {
-        let start = s.pos
-        let end = s.pos + s.len
-        var next: [Segment] = []
-        next.reserveCapacity(view.count + 2)
-        for g in view {
-            let gEnd = g.pos + g.len
-            if gEnd <= start || g.pos >= end {
-                next.append(g)
-                continue
-            }
-            if g.pos < start {
-                next.append(Segment(pos: g.pos, len: start - g.pos, id: g.id, size: g.size, off: g.off))
-            }
-            if gEnd > end {
-                next.append(Segment(pos: end, len: gEnd - end, id: g.id, size: g.size, off: g.off + (end - g.pos)))
-            }
-        }
-        next.append(Segment(pos: start, len: s.len, id: s.id, size: s.size, off: s.off))
-        next.sort { $0.pos < $1.pos }
-        view = next
-    }
-    return view
-}
 
 /// A buffer with a fixed address, freed with its owner (no copy-on-write surprises). Buffers of
 /// 64 KiB and more are mapped from the kernel and unmapped when freed, so memory held by

@@ -293,7 +293,8 @@ public final class FileWriter: @unchecked Sendable {
             firstError = nil
             return e
         }
-        if let e { throw FSError(EIO, "writing inode \(ino) failed: \(e.message)") }
+        // (A quota or the volume full keeps its errno: the writer hears why, as from ext4.)
+        if let e { throw FSError(e.code == EDQUOT || e.code == ENOSPC ? e.code : EIO, "writing inode \(ino) failed: \(e.message)") }
     }
 }
 

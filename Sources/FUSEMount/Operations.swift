@@ -338,6 +338,19 @@ private func ll_fallocate(
     }
 }
 
+private func ll_copy_file_range(
+    _ req: fuse_req_t?, _ inoIn: fuse_ino_t, _ offIn: off_t, _ fiIn: UnsafeMutablePointer<fuse_file_info>?, _ inoOut: fuse_ino_t,
+    _ offOut: off_t, _ fiOut: UnsafeMutablePointer<fuse_file_info>?, _ len: Int, _ flags: Int32
+) {
+    serve(req) { () throws(FSError) in
+        guard let fiIn, let fiOut else { throw FSError.badF }
+        guard offIn >= 0, offOut >= 0 else { throw FSError.invalid }
+        let n = try server(req).vfs.copyFileRange(
+            credential(req), fiIn.pointee.fh, offIn: UInt64(offIn), fiOut.pointee.fh, offOut: UInt64(offOut), length: UInt64(len), flags: flags)
+        fuse_reply_write(req, n)
+    }
+}
+
 private func ll_flush(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     serve(req) { () throws(FSError) in
         guard let fi else { throw FSError.badF }
@@ -567,6 +580,7 @@ func fillOperations(_ ops: inout fuse_lowlevel_ops) {
     ops.write = ll_write
     ops.flush = ll_flush
     ops.fallocate = ll_fallocate
+    ops.copy_file_range = ll_copy_file_range
     ops.release = ll_release
     ops.fsync = ll_fsync
     ops.opendir = ll_opendir

@@ -13,6 +13,8 @@ import Synchronization
 package final class GatewayMetadata: MetadataEngine {
     package let client: GatewayClient
     let tags: GatewayTags
+    /// Whether the volume has quotas, and when the gateway said so (`hasQuotas`).
+    private let quotaFlag = Locked<(Bool, UInt64)?>(nil)
 
     private let ownUID = geteuid()
     private let recentDirs = PerThread<RecentDirs>()
@@ -50,9 +52,40 @@ package final class GatewayMetadata: MetadataEngine {
         throw FSError(EPERM, "a volume is formatted through its own META-URL, not through a gateway")
     }
 
-    package func statfs() throws(FSError) -> StatFS {
-        var r = try client.call(.statfs)
+    package func statfs() throws(FSError) -> StatFS { try statfs(rootIno) }
+
+    package func statfs(_ ino: Ino) throws(FSError) -> StatFS {
+        var r = try client.call(.statfs) { [tags] in tags.ref(&$0, ino) }
         return try r.statfs()
+    }
+
+    // MARK: quotas
+
+    package func hasQuotas() throws(FSError) -> Bool {
+        let now = Sys.monotonicNanos()
+        if let (has, at) = quotaFlag.withLock({ $0 }), at >= now || now - at < UInt64(quotaInterval * 1e9) { return has }
+        var r = try client.call(.hasQuotas)
+        let has = try r.bool()
+        quotaFlag.withLock { $0 = (has, now) }
+        return has
+    }
+
+    package func reserveSpace(_ ino: Ino, sid: UInt64, bytes: Int64) throws(FSError) -> Bool {
+        var r = try client.call(.reserveSpace) { [tags] in
+            tags.ref(&$0, ino)
+            $0.i64(bytes)
+            $0.u64(tags.writes.withLock { $0[ino] } ?? 0)
+            tags.currentSession(&$0)
+        }
+        return try r.bool()
+    }
+
+    package func releaseSpace(_ ino: Ino, sid: UInt64) throws(FSError) {
+        _ = try client.call(.releaseSpace) { [tags] in
+            tags.ref(&$0, ino)
+            $0.u64(tags.writes.withLock { $0[ino] } ?? 0)
+            tags.currentSession(&$0)
+        }
     }
 
     // MARK: sessions
@@ -395,6 +428,20 @@ package final class GatewayMetadata: MetadataEngine {
             }
         }
         return try r.attr()
+    }
+
+    package func copyRange(_ cred: Credential, src: Ino, srcOff: UInt64, dst: Ino, dstOff: UInt64, length: UInt64) throws(FSError) -> (UInt64, Attr) {
+        var r = try client.call(.copyRange, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, src)
+            $0.u64(srcOff)
+            $0.u64(tags.reads.withLock { $0[src] } ?? 0)
+            tags.ref(&$0, dst)
+            $0.u64(dstOff)
+            $0.u64(length)
+            $0.u64(tags.writes.withLock { $0[dst] } ?? 0)
+            tags.currentSession(&$0)
+        }
+        return (try r.u64(), try r.attr())
     }
 
     package func fallocate(_ cred: Credential, _ ino: Ino, zero: Bool, keepSize: Bool, offset: UInt64, length: UInt64) throws(FSError) -> Attr {

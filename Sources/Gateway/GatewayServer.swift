@@ -460,8 +460,48 @@ package final class GatewayServer: Sendable {
             f.secretKey = nil
             w.string(f.encoded())
         case .statfs:
+            // (A directory the client reached: df there shows the quota that counts it.)
+            let at = try ino(&r, uid)
             try r.end()
-            w.statfs(try meta.statfs())
+            w.statfs(try meta.statfs(at))
+        case .hasQuotas:
+            try r.end()
+            w.bool(try meta.hasQuotas())
+        case .copyRange:
+            let src = try ino(&r, uid)
+            let srcOff = try r.u64()
+            let readTag = try r.u64()
+            let dst = try ino(&r, uid)
+            let dstOff = try r.u64()
+            let length = try r.u64()
+            let writeTag = try r.u64()
+            let (sid, sidOK) = try sessionIfAny(&r, uid)
+            try r.end()
+            guard sidOK, try holds(sid, src, write: false, tag: readTag, cred, holder: uid) else {
+                throw FSError(EBADF, "inode \(src) is not open for reading in session \(sid) of uid \(uid)")
+            }
+            guard try holds(sid, dst, write: true, tag: writeTag, cred, holder: uid) else {
+                throw FSError(EBADF, "inode \(dst) is not open for writing in session \(sid) of uid \(uid)")
+            }
+            let (n, a) = try meta.copyRange(cred, src: src, srcOff: srcOff, dst: dst, dstOff: dstOff, length: length)
+            w.u64(n)
+            w.attr(a)
+        case .reserveSpace, .releaseSpace:
+            let ino = try ino(&r, uid)
+            let bytes = op == .reserveSpace ? try r.i64() : 0
+            let writeTag = try r.u64()
+            let (sid, sidOK) = try sessionIfAny(&r, uid)
+            try r.end()
+            guard sidOK, try holds(sid, ino, write: true, tag: writeTag, cred, holder: uid) else {
+                throw FSError(EBADF, "inode \(ino) is not open for writing in session \(sid) of uid \(uid)")
+            }
+            if op == .reserveSpace {
+                // (A step at a time: what one request may hold of a quota is bounded.)
+                guard bytes > 0 && bytes <= 1 << 30 else { throw Wire.malformed("\(bytes) bytes to reserve (1 to 1 GiB)") }
+                w.bool(try meta.reserveSpace(ino, sid: sid, bytes: bytes))
+            } else {
+                try meta.releaseSpace(ino, sid: sid)
+            }
         case .newSession:
             var info = try r.session()
             try r.end()

@@ -13,7 +13,7 @@ import StageFSCore
 /// (0 or an errno), then the op's results, or for an error its message.
 package enum Wire {
     /// The protocol this StageFS speaks; the first request of a connection (`hello`) names it.
-    package static let version: UInt16 = 3
+    package static let version: UInt16 = 4
     /// What the first request starts with, so a stray client is told what it reached.
     package static let magic = Array("stagefs-gateway".utf8)
     /// The largest frame: a block of the largest block size (16 MiB) and its fields.
@@ -67,6 +67,15 @@ package enum Op: UInt16, Sendable {
     case newSliceIDs = 45
     /// fallocate(2) through a file the session holds open for writing.
     case fallocate = 46
+    /// Quota space reserved ahead of buffered writes of a file the session holds open for
+    /// writing, and given back (`MetadataEngine.reserveSpace`).
+    case reserveSpace = 47
+    case releaseSpace = 48
+    /// Whether the volume has quotas.
+    case hasQuotas = 9
+    /// copy_file_range(2) from a file the session holds open for reading to one it holds open
+    /// for writing (slices shared, no bytes copied).
+    case copyRange = 49
     case getlk = 50
     case setlk = 51
     case flock = 52

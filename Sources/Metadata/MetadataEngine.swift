@@ -163,6 +163,10 @@ public protocol MetadataEngine: AnyObject, Sendable {
     /// fallocate(2) of a file open for writing (`TxnMetadata.fallocate`): `zero` for
     /// `FALLOC_FL_PUNCH_HOLE` and `FALLOC_FL_ZERO_RANGE`, `keepSize` for `FALLOC_FL_KEEP_SIZE`.
     func fallocate(_ cred: Credential, _ ino: Ino, zero: Bool, keepSize: Bool, offset: UInt64, length: UInt64) throws(FSError) -> Attr
+    /// copy_file_range(2) between files of the volume, one bounded step, sharing the source's
+    /// slices instead of copying bytes (`TxnMetadata.copyRange`): the bytes copied (0 at the
+    /// source's end) and the destination's attributes.
+    func copyRange(_ cred: Credential, src: Ino, srcOff: UInt64, dst: Ino, dstOff: UInt64, length: UInt64) throws(FSError) -> (UInt64, Attr)
     /// One bounded step of purging expired trash by the client holding the trash lease
     /// (`TxnMetadata.purgeExpiredTrash`); 0 where another does it (a gateway's clients).
     func purgeExpiredTrash(holder: UInt64, limit: Int) throws(FSError) -> Int

@@ -185,9 +185,23 @@ extension TxnMetadata {
     /// Adds a change to the volume's usage and to that of quotas `keys`. With `enforce`, a
     /// growth past a quota's limit fails with `EDQUOT` (and the transaction changes nothing).
     func account(_ tx: S.Txn, _ keys: [String], space: Int64, inodes: Int64, enforce: Bool) throws(FSError) {
+        try addToVolume(tx, space: space, inodes: inodes, enforce: enforce)
+        if !keys.isEmpty { try addToQuotas(tx, keys.map { ($0, space, inodes) }, enforce: enforce) }
+    }
+
+    /// Adds to the volume's usage; with `enforce`, a growth past its capacity or inode limit
+    /// (`format --capacity`, `--inodes`) fails with `ENOSPC`.
+    func addToVolume(_ tx: S.Txn, space: Int64, inodes: Int64, enforce: Bool) throws(FSError) {
+        if enforce && (space > 0 || inodes > 0), let f = try recentFormat() {
+            if space > 0, let cap = f.capacity, try !store.atMost(tx, "usedSpace", Int64(clamping: cap) - space) {
+                throw FSError(ENOSPC, "the volume is full (its capacity is \(humanBytes(cap)))")
+            }
+            if inodes > 0, let limit = f.inodes, try !store.atMost(tx, "usedInodes", Int64(clamping: limit) - inodes) {
+                throw FSError(ENOSPC, "the volume has no inodes left (its limit is \(limit))")
+            }
+        }
         try store.add(tx, "usedSpace", space)
         try store.add(tx, "usedInodes", inodes)
-        if !keys.isEmpty { try addToQuotas(tx, keys.map { ($0, space, inodes) }, enforce: enforce) }
     }
 
     /// Adds usage to quotas, the changes of one quota added up first; with `enforce`, each

@@ -90,6 +90,8 @@ struct RedisKeys: Sendable {
     let sessionInfos = RKey(named: "sessionInfos")
     let delfiles = RKey(named: "delfiles")
     let delslices = RKey(named: "delslices")
+    /// Hash: slice id (decimal) -> its references beyond the first record (`TxnStore.sliceRefs`).
+    let sliceRefs = RKey(named: "sliceRefs")
     func requests(_ client: String) -> RKey { RKey(named: "rq" + client) }
     /// Hash: the request ids (and saved results) of a gateway client's session `sid`
     /// (`RequestRecords`; "rqs" never begins one of this client's own, whose names are hex).
@@ -669,6 +671,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             case .symlink(let ino): ops.append(.cmd(.get(keys.symlink(ino))))
             case .counter(let name): ops.append(.cmd(.get(keys.counter(name))))
             case .setting(let name): ops.append(.cmd(.get(settingKey(name))))
+            case .sliceRefs(let id): ops.append(.cmd(.hget(keys.sliceRefs, Array(String(id).utf8))))
             case .entries(let dir, let after, let limit, let plus):
                 ops.append(.page(positions: keys.positions(dir), entries: keys.entries(dir), after: after, limit: limit, plus: plus))
             }
@@ -917,6 +920,21 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
 
     package func pushDroppedSlices(_ tx: RedisTxn, _ records: [UInt8]) throws(FSError) {
         try tx.op("RPUSH", keys.delslices, [records])
+    }
+
+    package func sliceRefs(_ tx: RedisTxn, _ id: UInt64) throws(FSError) -> Int64 {
+        guard let v = try tx.field(keys.sliceRefs, Array(String(id).utf8)) else { return 0 }
+        return Int64(String(decoding: v, as: UTF8.self)) ?? 0
+    }
+
+    package func addSliceRefs(_ tx: RedisTxn, _ id: UInt64, _ delta: Int64) throws(FSError) {
+        let f = Array(String(id).utf8)
+        if delta > 0 {
+            try tx.hincr(keys.sliceRefs, f, delta)
+        } else if delta < 0 {
+            let now = try sliceRefs(tx, id) + delta
+            if now <= 0 { try tx.hdel(keys.sliceRefs, f) } else { try tx.hincr(keys.sliceRefs, f, delta) }
+        }
     }
 
     package func takeDroppedSlices(_ t: RedisTxn, limit: Int) throws(FSError) -> [UInt8] {

@@ -49,6 +49,7 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
             CREATE INDEX IF NOT EXISTS openfile_ino ON openfile(ino);
             CREATE TABLE IF NOT EXISTS delfile(ino INTEGER PRIMARY KEY, size INTEGER NOT NULL, at INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS delslices(id INTEGER PRIMARY KEY AUTOINCREMENT, slices BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS sliceref(id INTEGER PRIMARY KEY, refs INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS session(sid INTEGER PRIMARY KEY, heartbeat INTEGER NOT NULL, info TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS locks(ino INTEGER NOT NULL, kind INTEGER NOT NULL, tbl BLOB NOT NULL,
                 PRIMARY KEY(ino, kind)) WITHOUT ROWID;
@@ -285,6 +286,17 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
 
     package func pushDroppedSlices(_ tx: SQLiteTxn, _ records: [UInt8]) throws(FSError) {
         try conn.query("INSERT INTO delslices(slices) VALUES(?)", [.blob(records)])
+    }
+
+    package func sliceRefs(_ tx: SQLiteTxn, _ id: UInt64) throws(FSError) -> Int64 {
+        try one("SELECT refs FROM sliceref WHERE id=?", [.int(Int64(bitPattern: id))]) { Col.int($0, 0) } ?? 0
+    }
+
+    package func addSliceRefs(_ tx: SQLiteTxn, _ id: UInt64, _ delta: Int64) throws(FSError) {
+        try conn.query(
+            "INSERT INTO sliceref(id, refs) VALUES(?, ?) ON CONFLICT(id) DO UPDATE SET refs=refs+excluded.refs",
+            [.int(Int64(bitPattern: id)), .int(delta)])
+        try conn.query("DELETE FROM sliceref WHERE id=? AND refs<=0", [.int(Int64(bitPattern: id))])
     }
 
     package func takeDroppedSlices(_ tx: SQLiteTxn, limit: Int) throws(FSError) -> [UInt8] {

@@ -126,20 +126,23 @@ package let trashInterval: Double = {
 }()
 
 extension TxnMetadata {
-    static var trashSettingNanos: UInt64 { UInt64(trashInterval * 1e9) }
+    static var formatNanos: UInt64 { UInt64(trashInterval * 1e9) }
 
-    /// How many days the volume keeps deleted files (0: no trash), from its format record,
-    /// read again at most once a minute.
-    func trashDays() throws(FSError) -> Int {
+    /// The format record as read at most a minute ago (`trashInterval`): what it says of the
+    /// trash and the volume's limits reaches every client within that.
+    func recentFormat() throws(FSError) -> VolumeFormat? {
         let now = Sys.monotonicNanos()
         // (Another thread may have read it after `now`: a later `at` is fresh too.)
-        if let (days, at) = trashSetting.withLock({ $0 }), at >= now || now - at < Self.trashSettingNanos { return days }
+        if let (f, at) = formatSetting.withLock({ $0 }), at >= now || now - at < Self.formatNanos { return f }
         guard let f = try loadFormat() else {
-            trashSetting.withLock { $0 = (0, now) }
-            return 0
+            formatSetting.withLock { $0 = (nil, now) }
+            return nil
         }
-        return f.trashDays
+        return f
     }
+
+    /// How many days the volume keeps deleted files (0: no trash).
+    func trashDays() throws(FSError) -> Int { try recentFormat()?.trashDays ?? 0 }
 
     /// Puts `ino` (a regular file whose last link just went: `a`, link count 0) into its
     /// owner's trash directory of this hour, making the directories it needs. Returns false

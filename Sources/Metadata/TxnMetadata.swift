@@ -104,6 +104,11 @@ package protocol TxnStore: AnyObject, Sendable {
     func pendingDeletes(_ tx: Txn, limit: Int) throws(FSError) -> [PendingDelete]
     func removePendingDelete(_ tx: Txn, _ pending: PendingDelete) throws(FSError)
     func pushDroppedSlices(_ tx: Txn, _ records: [UInt8]) throws(FSError)
+    /// References of slice `id` beyond the first record that names it (clones, copied ranges):
+    /// 0 when none (most slices: no record is kept for them).
+    func sliceRefs(_ tx: Txn, _ id: UInt64) throws(FSError) -> Int64
+    /// Adds to them (without reading: more references); a count that reaches 0 is removed.
+    func addSliceRefs(_ tx: Txn, _ id: UInt64, _ delta: Int64) throws(FSError)
     func takeDroppedSlices(_ tx: Txn, limit: Int) throws(FSError) -> [UInt8]
 
     func session(_ tx: Txn, _ sid: UInt64) throws(FSError) -> SessionInfo?
@@ -147,6 +152,7 @@ package enum TxnRead: Sendable {
     case entries(Ino, after: UInt64, limit: Int, plus: Bool)
     case counter(String)
     case setting(String)
+    case sliceRefs(UInt64)
 }
 
 extension TxnStore {
@@ -197,8 +203,8 @@ struct AttrSet {
 /// place the file-system rules live; the conformance suite holds every engine to them.
 package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package let store: S
-    /// The format record's trash days and when they were read (`trashDays()`).
-    let trashSetting = Locked<(Int, UInt64)?>(nil)
+    /// The format record (nil: none) and when it was read (`recentFormat()`).
+    let formatSetting = Locked<(VolumeFormat?, UInt64)?>(nil)
     /// Space reserved for buffered writes, by session and file (`reserveSpace`).
     let reservations = Locked<[ReservationKey: Reservation]>([:])
     /// Whether the volume has quotas and when that was read (`hasQuotas`).
@@ -214,7 +220,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         guard let text = try store.transaction(write: false, { (tx) throws(FSError) in try store.setting(tx, "format") }) else { return nil }
         let f = try VolumeFormat.decode(text)
         // (Every client reads it at its start: the trash's setting comes with it.)
-        trashSetting.withLock { $0 = (f.trashDays, Sys.monotonicNanos()) }
+        formatSetting.withLock { $0 = (f, Sys.monotonicNanos()) }
         return f
     }
 
@@ -243,7 +249,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 try store.add(tx, "usedSpace", 4096)
             }
         }
-        trashSetting.withLock { $0 = (format.trashDays, Sys.monotonicNanos()) }
+        formatSetting.withLock { $0 = (format, Sys.monotonicNanos()) }
     }
 
     package func statfs() throws(FSError) -> StatFS {
@@ -251,7 +257,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             try store.prefetch(tx, [.counter("usedSpace"), .counter("usedInodes")])
             let used = UInt64(max(0, try store.counter(tx, "usedSpace")))
             let inodes = UInt64(max(0, try store.counter(tx, "usedInodes")))
-            return makeStatFS(usedSpace: used, usedInodes: inodes)
+            let f = try recentFormat()
+            return makeStatFS(usedSpace: used, usedInodes: inodes, capacity: f?.capacity ?? 0, inodeLimit: f?.inodes ?? 0)
         }
     }
 
@@ -1077,17 +1084,20 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     @_specialize(where S == RedisTxnStore)
     package func writeSlice(_ ino: Ino, _ index: UInt32, _ slice: Slice, minSize: UInt64, mtime: Timespec, sid: UInt64) throws(FSError) -> Attr {
         let claimed = claimReservation(sid, ino)
+        // (What a run of the body used: the committed run's is the last. The transaction's
+        // result is the attributes alone: a gateway saves them with the request's id.)
+        var used: Int64 = 0
         do {
-            let (a, used) = try store.transaction(write: true) { (tx) throws(FSError) -> (Attr, Int64) in
+            let a = try store.transaction(write: true) { (tx) throws(FSError) -> Attr in
                 try store.prefetch(tx, [.attr(ino), quotaKindsRead])
                 guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
                 guard a.type == .regular else { throw FSError.invalid }
                 try store.appendChunk(tx, ino, index, slice.encoded())
-                var used: Int64 = 0
+                used = 0
                 if minSize > a.size {
                     let growth = align4K(minSize) - align4K(a.size)
                     let keys = try quotaKeys(tx, ino, a)
-                    try store.add(tx, "usedSpace", growth)
+                    try addToVolume(tx, space: growth, inodes: 0, enforce: true)
                     if let claimed { used = min(growth, claimed.bytes) }
                     if !keys.isEmpty || used > 0 {
                         try addToQuotas(tx, keys.map { ($0, growth, 0) } + (claimed?.keys ?? []).map { ($0, -used, 0) }, enforce: true)
@@ -1097,7 +1107,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 a.mtime = mtime
                 a.ctime = max(a.ctime, mtime)
                 try store.putAttr(tx, ino, a)
-                return (a, used)
+                return a
             }
             if var claimed {
                 claimed.bytes -= used
@@ -1125,6 +1135,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             let idxs = try store.chunkIndexes(tx, pending.ino, from: 0, limit: chunkBatch, descending: false)
             try store.prefetch(tx, idxs.map { .chunk(pending.ino, $0) })
             for idx in idxs { out += Slice.decodeAll(try store.deleteChunk(tx, pending.ino, idx)) }
+            out = try unreferenced(tx, out)
             if idxs.count == chunkBatch { return (out, false) }
             try store.removePendingDelete(tx, pending)
             return (out, true)
@@ -1143,17 +1154,19 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 let idxs = try store.chunkIndexes(tx, p.ino, from: 0, limit: budget, descending: false)
                 try store.prefetch(tx, idxs.map { .chunk(p.ino, $0) })
                 for idx in idxs { out += Slice.decodeAll(try store.deleteChunk(tx, p.ino, idx)) }
-                if idxs.count == budget { return (out, true) }
+                if idxs.count == budget { return (try unreferenced(tx, out), true) }
                 budget -= idxs.count
                 try store.removePendingDelete(tx, p)
             }
-            return (out, pending.count == limit)
+            return (try unreferenced(tx, out), pending.count == limit)
         }
     }
 
     @_specialize(where S == RedisTxnStore)
     package func takeDroppedSlices(limit: Int) throws(FSError) -> [Slice] {
-        try store.transaction(write: true) { (tx) throws(FSError) in Slice.decodeAll(try store.takeDroppedSlices(tx, limit: limit)) }
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            try unreferenced(tx, Slice.decodeAll(try store.takeDroppedSlices(tx, limit: limit)))
+        }
     }
 
     // MARK: locks
@@ -1171,10 +1184,11 @@ let trustedPrefix = Array("trusted.".utf8)
 let userPrefix = Array("user.".utf8)
 let systemPrefix = Array("system.".utf8)
 
-/// The statfs figures for a volume with no capacity limit (1 PiB shown, like JuiceFS).
-func makeStatFS(usedSpace: UInt64, usedInodes: UInt64) -> StatFS {
-    let total = max(UInt64(1) << 50, usedSpace)
-    let inodeTotal = max(UInt64(10_000_000_000), usedInodes)
+/// The statfs figures of a volume: its capacity and inode limit, or without them 1 PiB and 10
+/// billion inodes (like JuiceFS).
+func makeStatFS(usedSpace: UInt64, usedInodes: UInt64, capacity: UInt64 = 0, inodeLimit: UInt64 = 0) -> StatFS {
+    let total = max(capacity > 0 ? capacity : UInt64(1) << 50, usedSpace)
+    let inodeTotal = max(inodeLimit > 0 ? inodeLimit : UInt64(10_000_000_000), usedInodes)
     return StatFS(
         totalSpace: total, availSpace: total - usedSpace, usedSpace: usedSpace, usedInodes: usedInodes, availInodes: inodeTotal - usedInodes)
 }

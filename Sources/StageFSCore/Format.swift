@@ -22,12 +22,17 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
     /// Block size in KiB (default 4096).
     public var blockSizeKiB: Int
     public var trashDays: Int
+    /// The volume's capacity in bytes and its inode limit (nil or 0: none): a change past them
+    /// fails with `ENOSPC`, and `df` shows them.
+    public var capacity: UInt64?
+    public var inodes: UInt64?
     /// Seconds since the epoch.
     public var createdAt: Int64
 
     public init(
         name: String, storage: String, bucket: String, accessKey: String? = nil, secretKey: String? = nil,
-        blockSizeKiB: Int = 4096, trashDays: Int = 1, uuid: String = randomUUID(), createdAt: Int64 = Timespec.now().sec
+        blockSizeKiB: Int = 4096, trashDays: Int = 1, capacity: UInt64? = nil, inodes: UInt64? = nil, uuid: String = randomUUID(),
+        createdAt: Int64 = Timespec.now().sec
     ) {
         self.version = VolumeFormat.currentVersion
         self.uuid = uuid
@@ -38,6 +43,8 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
         self.secretKey = secretKey
         self.blockSizeKiB = blockSizeKiB
         self.trashDays = trashDays
+        self.capacity = capacity == 0 ? nil : capacity
+        self.inodes = inodes == 0 ? nil : inodes
         self.createdAt = createdAt
     }
 
@@ -73,6 +80,8 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
         if bucket != other.bucket { out.append("bucket \(other.bucket) -> \(bucket)") }
         if blockSizeKiB != other.blockSizeKiB { out.append("block size \(other.blockSizeKiB) KiB -> \(blockSizeKiB) KiB") }
         if trashDays != other.trashDays { out.append("trash days \(other.trashDays) -> \(trashDays)") }
+        if (capacity ?? 0) != (other.capacity ?? 0) { out.append("capacity \(other.capacity ?? 0) -> \(capacity ?? 0) bytes") }
+        if (inodes ?? 0) != (other.inodes ?? 0) { out.append("inodes \(other.inodes ?? 0) -> \(inodes ?? 0)") }
         return out
     }
 

@@ -501,6 +501,27 @@ public final class VFS: Sendable {
         return a
     }
 
+    /// copy_file_range(2) between two open files of this mount: the source's slices are recorded
+    /// in the destination (`MetadataEngine.copyRange`), no byte is read or stored; buffered
+    /// writes of both land first. One bounded step: a long copy returns a short count and the
+    /// caller (the kernel's, `cp`'s loop) goes on.
+    public func copyFileRange(
+        _ cred: Credential, _ fhIn: UInt64, offIn: UInt64, _ fhOut: UInt64, offOut: UInt64, length: UInt64, flags: Int32
+    ) throws(FSError) -> Int {
+        guard flags == 0 else { throw FSError.invalid }
+        guard let hi = handle(fhIn), let ho = handle(fhOut) else { throw FSError.badF }
+        guard hi.flags & O_ACCMODE != O_WRONLY, ho.writable, ho.flags & O_APPEND == 0 else { throw FSError.badF }
+        try writable()
+        try data.flush(hi.ino)
+        if ho.ino != hi.ino { try data.flush(ho.ino) }
+        let (n, a) = try meta.copyRange(cred, src: hi.ino, srcOff: offIn, dst: ho.ino, dstOff: offOut, length: min(length, UInt64(Int.max)))
+        data.invalidate(ho.ino)
+        reservations.release(meta, sid: sid, ho.ino)
+        cache.put(ho.ino, a, asOf: cache.stamp())
+        noteMode(ho.ino, a)
+        return Int(n)
+    }
+
     /// close(2) of one descriptor: data is durable when this returns; POSIX locks of `owner` go.
     public func flush(_ fh: UInt64, owner: UInt64) throws(FSError) {
         guard let h = handle(fh) else { throw FSError.badF }

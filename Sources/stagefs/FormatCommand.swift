@@ -79,6 +79,17 @@ struct Format: ParsableCommand {
             valueName: "days"))
     var trashDays: Int?
 
+    /// A volume keeps the value it was formatted with when this is not given.
+    @Option(
+        help: ArgumentHelp(
+            "The volume's capacity, SIZE (10G, 1T, 500M; a plain number is GiB; 0: none, the default).",
+            discussion: "Writes past it fail with ENOSPC and df shows it. Another value on a formatted volume needs --force (files stay).",
+            valueName: "size"))
+    var capacity: String?
+
+    @Option(help: ArgumentHelp("The most inodes the volume holds (0: no limit, the default).", valueName: "n"))
+    var inodes: UInt64?
+
     @Option(
         help: ArgumentHelp(
             "Mode of the volume's root directory, in octal (owner root).",
@@ -103,6 +114,7 @@ struct Format: ParsableCommand {
             throw ValidationError("invalid --block-size \(blockSize): use a power of two from 64 to 16384 (KiB)")
         }
         if let trashDays, trashDays < 0 { throw ValidationError("--trash-days cannot be negative") }
+        if let c = capacity, parseSize(c) == nil { throw ValidationError("--capacity takes a size such as 500M, 10G or 1T (a plain number is GiB)") }
         if bucketGroup != nil && storage != "file" { throw ValidationError("--bucket-group is for --storage file (a directory)") }
         if storage == "s3" && bucket == nil { throw ValidationError("--storage s3 needs --bucket http(s)://host:port/bucket") }
         if let rootMode {
@@ -129,7 +141,8 @@ struct Format: ParsableCommand {
         let existing = try meta.loadFormat()
         let record = VolumeFormat(
             name: name, storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret, blockSizeKiB: blockSize,
-            trashDays: trashDays ?? existing?.trashDays ?? 1)
+            trashDays: trashDays ?? existing?.trashDays ?? 1, capacity: capacity.flatMap(parseSize) ?? existing?.capacity,
+            inodes: inodes ?? existing?.inodes)
         if let old = existing, old.differences(from: record).isEmpty == false, !force {
             // Refuse before touching the store.
             try meta.initialize(record, force: false, rootMode: 0)

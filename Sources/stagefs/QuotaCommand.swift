@@ -181,23 +181,26 @@ struct QuotaCmd: ParsableCommand {
 
     static let header = "QUOTA                                  CAPACITY     USED          INODES       IUSED        TRASH"
 
-    /// Bytes in "10M", "10MiB", "2G", "1T", "512K" (binary units); a plain number is GiB.
-    static func bytes(_ s: String) -> UInt64? {
-        var t = s.uppercased()
-        if t.hasSuffix("IB") { t.removeLast(2) } else if t.hasSuffix("B") && t.count > 1 && !t.dropLast().allSatisfy(\.isNumber) { t.removeLast() }
-        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50]
-        var unit: UInt64 = 1 << 30
-        if let last = t.last, let u = units[last] {
-            unit = u
-            t.removeLast()
-        } else if t.hasSuffix("B") {
-            unit = 1
-            t.removeLast()
-        }
-        guard let n = UInt64(t) else { return nil }
-        let (v, over) = n.multipliedReportingOverflow(by: unit)
-        return over ? nil : v
+    static func bytes(_ s: String) -> UInt64? { parseSize(s) }
+}
+
+/// Bytes in "10M", "10MiB", "2G", "1T", "512K", "4096B" (binary units: M is 2^20 bytes); a
+/// plain number is GiB, as JuiceFS reads quota and volume capacities.
+func parseSize(_ s: String) -> UInt64? {
+    var t = s.uppercased()
+    if t.hasSuffix("IB") { t.removeLast(2) }
+    let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50]
+    var unit: UInt64 = 1 << 30
+    if let last = t.last, let u = units[last] {
+        unit = u
+        t.removeLast()
+    } else if t.hasSuffix("B") {
+        unit = 1
+        t.removeLast()
     }
+    guard let n = UInt64(t) else { return nil }
+    let (v, over) = n.multipliedReportingOverflow(by: unit)
+    return over ? nil : v
 }
 
 /// The volume a quota command works on.

@@ -29,6 +29,9 @@ struct Status: ParsableCommand {
         print("Block size:  \(f.blockSizeKiB) KiB")
         print("Created:     \(timeText(f.createdAt))")
         print("Used:        \(humanBytes(usage.usedSpace)) in \(usage.usedInodes) inode\(usage.usedInodes == 1 ? "" : "s")")
+        if f.capacity != nil || f.inodes != nil {
+            print("Capacity:    \(f.capacity.map(humanBytes) ?? "no limit"), \(f.inodes.map { "\($0) inodes" } ?? "no inode limit")")
+        }
         if let t = meta as? any TrashAdmin {
             let (inodes, bytes) = try t.trashUsage()
             let kept = f.trashDays == 0 ? "off" : "deleted files kept \(f.trashDays) day\(f.trashDays == 1 ? "" : "s")"

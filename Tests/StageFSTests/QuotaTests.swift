@@ -217,6 +217,26 @@ struct QuotaTests {
     }
 
     @Test(arguments: EngineKind.allCases)
+    func theVolumesCapacityAndInodeLimitAnswerENOSPC(kind: EngineKind) throws {
+        let f = try EngineFixture(kind)
+        let m = f.engine
+        let used = try m.statfs()
+        var format = try m.requireFormat()
+        format.capacity = used.usedSpace + (64 << 10)
+        format.inodes = used.usedInodes + 3
+        try m.initialize(format, force: true, rootMode: 0o777)
+        #expect(try m.statfs().totalSpace == used.usedSpace + (64 << 10))
+        #expect(try m.statfs().usedInodes + (try m.statfs().availInodes) == used.usedInodes + 3)
+        let a = try file(m, alice, rootIno, "a", 60_000)
+        expectErrno(ENOSPC) { _ = try m.writeSlice(a, 0, Slice(pos: 0, id: 9, size: 8192, off: 60_000, len: 8192), minSize: 68_192, mtime: .now(), sid: 0) }
+        _ = try file(m, alice, rootIno, "b", 0)
+        _ = try file(m, alice, rootIno, "c", 0)
+        expectErrno(ENOSPC) { _ = try file(m, alice, rootIno, "d", 0) }
+        _ = try m.unlink(alice, rootIno, n("c"))
+        _ = try file(m, alice, rootIno, "d", 0)
+    }
+
+    @Test(arguments: EngineKind.allCases)
     func checkFindsAndRepairsDrift(kind: EngineKind) throws {
         let f = try EngineFixture(kind)
         let m = f.engine as! TxnMetadataTesting

@@ -417,14 +417,15 @@ class Volume:
         return os.path.join(self.mnt, *parts)
 
 
-def make_volume(env, kind, redis, moto, name):
-    """kind: sqlite-local or redis-s3."""
+def make_volume(env, kind, redis, moto, name, trash_days=None):
+    """kind: sqlite-local or redis-s3; `trash_days`: format --trash-days (default: the format's)."""
+    more = [] if trash_days is None else ["--trash-days", str(trash_days)]
     if kind == "sqlite-local":
         base = env.dir_for(USER, "vol")
-        return Volume(env, kind, f"sqlite3://{base}/meta.db", ["--bucket", f"{base}/data"], name)
+        return Volume(env, kind, f"sqlite3://{base}/meta.db", ["--bucket", f"{base}/data", *more], name)
     url = redis.url(redis.new_db())
     return Volume(env, kind, url, ["--storage", "s3", "--bucket", moto.bucket(f"{name}-bucket"),
-                                            "--access-key", moto.access_key, "--secret-key", moto.secret_key], name)
+                                            "--access-key", moto.access_key, "--secret-key", moto.secret_key, *more], name)
 
 
 class RoundTrips:
@@ -451,6 +452,11 @@ class RoundTrips:
         return [l for l in lines if '"' in l and "lua]" not in l]
 
 
+def passed_on():
+    """What a test module sets in the environment for the servers it starts too."""
+    return {k: os.environ[k] for k in ("STAGEFS_QUOTA_INTERVAL",) if k in os.environ}
+
+
 class Gateway:
     """A `stagefs gateway` for one volume; the settings file (0600, root's) holds its secrets."""
 
@@ -473,7 +479,7 @@ class Gateway:
     def start(self):
         logf = open(self.log, "a")
         self.proc = subprocess.Popen([*self.wrapper, self.env.bin, "gateway", "--config", self.config, "--socket", self.socket,
-                                      *self.extra], stdout=logf, stderr=logf, env={"PATH": os.environ["PATH"], **self.environment})
+                                      *self.extra], stdout=logf, stderr=logf, env={"PATH": os.environ["PATH"], **passed_on(), **self.environment})
         logf.close()
 
         def up():

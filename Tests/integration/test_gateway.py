@@ -39,6 +39,9 @@ def site(env, moto):
                 "--secret-key", S3_SECRET, user="root")
     sockets = env.dir_for("root", "run")
     os.chmod(sockets, 0o755)
+    # Gateways and mounts ask whether the volume has quotas every 0.2 s (5 s by default), so
+    # that a quota set by a test holds at the next write.
+    os.environ["STAGEFS_QUOTA_INTERVAL"] = "0.2"
     gf = Gateway(env, f"{secret_url}/1", os.path.join(sockets, "gwfile.sock"))
     gs = Gateway(env, f"{secret_url}/2", os.path.join(sockets, "gws3.sock"))
     logs = env.dir_for("root", "logs")
@@ -51,6 +54,7 @@ def site(env, moto):
     gf.stop()
     gs.stop()
     r.stop()
+    del os.environ["STAGEFS_QUOTA_INTERVAL"]
 
 
 def mount(env, site, user, gw, *extra):
@@ -1227,3 +1231,33 @@ def test_deleted_files_wait_in_the_trash_through_a_gateway(env, site):
         except PermissionError:
             return "refused"
     assert run_as(OTHER, other_looks) == "refused"
+
+
+def test_a_quota_holds_through_a_gateway_at_the_write_that_crosses_it(env, site):
+    """An admin's directory quota (set with the volume's META-URL) holds for a user mounting
+    through the gateway: EDQUOT at the write() that crosses it, nothing accepted is lost, and df
+    in the directory shows the quota."""
+    a = mount(env, site, USER, site["file"])
+    name = f"gq{os.urandom(3).hex()}"
+    d = os.path.join(a, name)
+    run_as(USER, os.mkdir, d)
+    url = f"redis://:{PASSWORD}@127.0.0.1:{site['redis'].port}/1"
+    env.stagefs("quota", "set", url, "--path", "/" + name, "--capacity", "3M", user="root")
+    try:
+        def fill():
+            block = os.urandom(1 << 20)
+            f = open(os.path.join(d, "big"), "wb", buffering=0)
+            n, err = 0, 0
+            for _ in range(5):
+                try:
+                    n += f.write(block)
+                except OSError as e:
+                    err = e.errno
+                    break
+            f.close()
+            st = os.statvfs(d)
+            return n, err, os.path.getsize(os.path.join(d, "big")), st.f_blocks * st.f_frsize
+        n, err, size, total = run_as(USER, fill)
+        assert (n, err, size, total) == (2 << 20, errno.EDQUOT, 2 << 20, 3 << 20)
+    finally:
+        env.stagefs("quota", "delete", url, "--path", "/" + name, user="root")
