@@ -192,7 +192,7 @@ extension TxnMetadata {
     /// Adds to the volume's usage; with `enforce`, a growth past its capacity or inode limit
     /// (`format --capacity`, `--inodes`) fails with `ENOSPC`.
     func addToVolume(_ tx: S.Txn, space: Int64, inodes: Int64, enforce: Bool) throws(FSError) {
-        if enforce && (space > 0 || inodes > 0), let f = try recentFormat() {
+        if enforce && (space > 0 || inodes > 0), let f = try recentFormat(tx) {
             if space > 0, let cap = f.capacity, try !store.atMost(tx, "usedSpace", Int64(clamping: cap) - space) {
                 throw FSError(ENOSPC, "the volume is full (its capacity is \(humanBytes(cap)))")
             }

@@ -130,14 +130,19 @@ extension TxnMetadata {
 
     /// The format record as read at most a minute ago (`trashInterval`): what it says of the
     /// trash and the volume's limits reaches every client within that.
-    func recentFormat() throws(FSError) -> VolumeFormat? {
+    /// `tx`: the transaction the caller is in, if any (the record is then read in it: a store
+    /// may not start a transaction inside another).
+    func recentFormat(_ tx: S.Txn? = nil) throws(FSError) -> VolumeFormat? {
         let now = Sys.monotonicNanos()
         // (Another thread may have read it after `now`: a later `at` is fresh too.)
         if let (f, at) = formatSetting.withLock({ $0 }), at >= now || now - at < Self.formatNanos { return f }
-        guard let f = try loadFormat() else {
-            formatSetting.withLock { $0 = (nil, now) }
-            return nil
+        var f: VolumeFormat?
+        if let tx {
+            f = try store.setting(tx, "format").map { (t) throws(FSError) in try VolumeFormat.decode(t) }
+        } else {
+            f = try loadFormat()
         }
+        formatSetting.withLock { $0 = (f, now) }
         return f
     }
 

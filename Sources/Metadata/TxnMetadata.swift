@@ -257,7 +257,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             try store.prefetch(tx, [.counter("usedSpace"), .counter("usedInodes")])
             let used = UInt64(max(0, try store.counter(tx, "usedSpace")))
             let inodes = UInt64(max(0, try store.counter(tx, "usedInodes")))
-            let f = try recentFormat()
+            let f = try recentFormat(tx)
             return makeStatFS(usedSpace: used, usedInodes: inodes, capacity: f?.capacity ?? 0, inodeLimit: f?.inodes ?? 0)
         }
     }
@@ -1131,7 +1131,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func finishDelete(_ pending: PendingDelete) throws(FSError) -> (slices: [Slice], done: Bool) {
         try store.transaction(write: true) { (tx) throws(FSError) in
             var out: [Slice] = []
-            try store.prefetch(tx, [.chunkList(pending.ino, from: 0, limit: chunkBatch)])
+            try store.prefetch(tx, [.chunkList(pending.ino, from: 0, limit: chunkBatch), .setting("slicesShared")])
             let idxs = try store.chunkIndexes(tx, pending.ino, from: 0, limit: chunkBatch, descending: false)
             try store.prefetch(tx, idxs.map { .chunk(pending.ino, $0) })
             for idx in idxs { out += Slice.decodeAll(try store.deleteChunk(tx, pending.ino, idx)) }
@@ -1145,7 +1145,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     @_specialize(where S == RedisTxnStore)
     package func finishDeletes(limit: Int) throws(FSError) -> (slices: [Slice], more: Bool) {
         try store.transaction(write: true) { (tx) throws(FSError) -> ([Slice], Bool) in
-            try store.prefetch(tx, [.pendingDeletes(limit: limit, chunks: chunkBatch)])
+            try store.prefetch(tx, [.pendingDeletes(limit: limit, chunks: chunkBatch), .setting("slicesShared")])
             let pending = try store.pendingDeletes(tx, limit: limit)
             var out: [Slice] = []
             var budget = chunkBatch
