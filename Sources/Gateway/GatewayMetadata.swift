@@ -10,7 +10,7 @@ import Synchronization
 /// is one request, and the gateway runs the POSIX rules as the caller the kernel names. The
 /// tags the gateway hands out with what it answers (`Grants`) are kept here and sent back with
 /// the requests that need them; the caller's credential is not sent (the gateway would ignore it).
-package final class GatewayMetadata: MetadataEngine {
+package final class GatewayMetadata: MetadataEngine, CloneAdmin {
     package let client: GatewayClient
     let tags: GatewayTags
     /// Whether the volume has quotas, and when the gateway said so (`hasQuotas`).
@@ -426,6 +426,45 @@ package final class GatewayMetadata: MetadataEngine {
                 $0.string(p.key)
                 $0.data(p.data)
             }
+        }
+        return try r.attr()
+    }
+
+    // MARK: clones
+
+    package func cloneFile(
+        _ cred: Credential, src: Ino, parent: Ino, name: [UInt8], preserve: Bool, umask: UInt16
+    ) throws(FSError) -> (ino: Ino, attr: Attr, next: UInt32?) {
+        var r = try client.call(.cloneFile, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, src)
+            tags.ref(&$0, parent)
+            $0.data(name)
+            $0.bool(preserve)
+            $0.u16(umask)
+        }
+        let (ino, a) = try tags.entry(&r)
+        let more = try r.bool()
+        let next = try r.u32()
+        return (ino, a, more ? next : nil)
+    }
+
+    package func cloneChunks(_ cred: Credential, src: Ino, dst: Ino, from: UInt32) throws(FSError) -> UInt32? {
+        var r = try client.call(.cloneChunks, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, src)
+            tags.ref(&$0, dst)
+            $0.u32(from)
+        }
+        let more = try r.bool()
+        let next = try r.u32()
+        return more ? next : nil
+    }
+
+    package func cloneFinish(_ cred: Credential, src: Ino, dst: Ino, preserve: Bool, umask: UInt16) throws(FSError) -> Attr {
+        var r = try client.call(.cloneFinish, onBehalf: try who(cred)) { [tags] in
+            tags.ref(&$0, src)
+            tags.ref(&$0, dst)
+            $0.bool(preserve)
+            $0.u16(umask)
         }
         return try r.attr()
     }

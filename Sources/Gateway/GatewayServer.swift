@@ -486,6 +486,35 @@ package final class GatewayServer: Sendable {
             let (n, a) = try meta.copyRange(cred, src: src, srcOff: srcOff, dst: dst, dstOff: dstOff, length: length)
             w.u64(n)
             w.attr(a)
+        case .cloneFile:
+            let src = try ino(&r, uid)
+            let parent = try ino(&r, uid)
+            let name = try r.name()
+            let preserve = try r.bool()
+            let umask = try r.u16()
+            try r.end()
+            guard let admin = meta as? any CloneAdmin else { throw FSError.notSupported }
+            let (ino, a, next) = try admin.cloneFile(cred, src: src, parent: parent, name: name, preserve: preserve, umask: umask)
+            entry(&w, ino, a, uid)
+            w.bool(next != nil)
+            w.u32(next ?? 0)
+        case .cloneChunks:
+            let src = try ino(&r, uid)
+            let dst = try ino(&r, uid)
+            let from = try r.u32()
+            try r.end()
+            guard let admin = meta as? any CloneAdmin else { throw FSError.notSupported }
+            let next = try admin.cloneChunks(cred, src: src, dst: dst, from: from)
+            w.bool(next != nil)
+            w.u32(next ?? 0)
+        case .cloneFinish:
+            let src = try ino(&r, uid)
+            let dst = try ino(&r, uid)
+            let preserve = try r.bool()
+            let umask = try r.u16()
+            try r.end()
+            guard let admin = meta as? any CloneAdmin else { throw FSError.notSupported }
+            w.attr(try admin.cloneFinish(cred, src: src, dst: dst, preserve: preserve, umask: umask))
         case .reserveSpace, .releaseSpace:
             let ino = try ino(&r, uid)
             let bytes = op == .reserveSpace ? try r.i64() : 0

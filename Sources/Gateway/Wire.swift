@@ -76,6 +76,11 @@ package enum Op: UInt16, Sendable {
     /// copy_file_range(2) from a file the session holds open for reading to one it holds open
     /// for writing (slices shared, no bytes copied).
     case copyRange = 49
+    /// `stagefs clone`'s steps (`CloneAdmin`), as the caller: permissions are checked by the
+    /// engine with the connection's credential.
+    case cloneFile = 70
+    case cloneChunks = 71
+    case cloneFinish = 72
     case getlk = 50
     case setlk = 51
     case flock = 52

@@ -227,6 +227,12 @@ public enum Sys {
         return String(path[..<slash])
     }
 
+    /// The last part of `path` (after its last slash).
+    public static func basename(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return path }
+        return String(path[path.index(after: slash)...])
+    }
+
     /// Reads a whole small file (nil when it cannot be read).
     public static func readFile(_ path: String) -> [UInt8]? {
         guard let fd = try? open(path, O_RDONLY) else { return nil }

@@ -1261,3 +1261,28 @@ def test_a_quota_holds_through_a_gateway_at_the_write_that_crosses_it(env, site)
         assert (n, err, size, total) == (2 << 20, errno.EDQUOT, 2 << 20, 3 << 20)
     finally:
         env.stagefs("quota", "delete", url, "--path", "/" + name, user="root")
+
+
+def test_clones_and_cp_through_a_gateway_store_nothing_and_check_the_caller(env, site):
+    """Through the gateway: `stagefs clone` and `cp` (copy_file_range) add no block to the bucket
+    and read back equal; the second user cannot clone what they cannot read."""
+    a = mount(env, site, USER, site["file"])
+    b = mount(env, site, OTHER, site["file"])
+    name = f"cl{os.urandom(3).hex()}"
+    d = os.path.join(a, name)
+    payload = os.urandom(9 << 20)
+
+    def make():
+        os.mkdir(d, 0o755)
+        with open(os.path.join(d, "f"), "wb") as f:
+            f.write(payload)
+        os.chmod(os.path.join(d, "f"), 0o600)
+    run_as(USER, make)
+    blocks = lambda: sum(len(fs) for _, _, fs in os.walk(site["bucket"]))  # noqa: E731
+    before = blocks()
+    env.stagefs("clone", os.path.join(d, "f"), os.path.join(d, "g"), user=USER)
+    subprocess.run(["runuser", "-u", USER, "--", "cp", os.path.join(d, "f"), os.path.join(d, "h")], check=True)
+    assert blocks() == before
+    assert run_as(USER, lambda: [open(os.path.join(d, n), "rb").read() == payload for n in "fgh"]) == [True] * 3
+    p = env.stagefs("clone", os.path.join(b, name, "f"), os.path.join(b, "stolen"), user=OTHER, check=False)
+    assert p.returncode == 1 and "permission denied" in p.stderr.lower(), p.stderr
