@@ -10,7 +10,7 @@ import Synchronization
 /// is one request, and the gateway runs the POSIX rules as the caller the kernel names. The
 /// tags the gateway hands out with what it answers (`Grants`) are kept here and sent back with
 /// the requests that need them; the caller's credential is not sent (the gateway would ignore it).
-package final class GatewayMetadata: MetadataEngine, CloneAdmin {
+package final class GatewayMetadata: MetadataEngine, CloneAdmin, TrashAdmin {
     package let client: GatewayClient
     let tags: GatewayTags
     /// Whether the volume has quotas, and when the gateway said so (`hasQuotas`).
@@ -428,6 +428,72 @@ package final class GatewayMetadata: MetadataEngine, CloneAdmin {
             }
         }
         return try r.attr()
+    }
+
+    // MARK: the trash
+
+    private func trash(_ what: TrashOp, _ fields: (inout WireWriter) -> Void = { _ in }) throws(FSError) -> WireReader {
+        try client.call(.trash) {
+            $0.u8(what.rawValue)
+            fields(&$0)
+        }
+    }
+
+    package func trashUsage() throws(FSError) -> (inodes: Int64, bytes: Int64) {
+        var r = try trash(.usage)
+        return (try r.i64(), try r.i64())
+    }
+
+    package func trashHours(limit: Int) throws(FSError) -> [(Ino, Int64)] {
+        var r = try trash(.hours)
+        var out: [(Ino, Int64)] = []
+        for _ in 0..<(try r.count(max: 100_000, itemSize: 16)) { out.append((try r.u64(), try r.i64())) }
+        return Array(out.prefix(limit))
+    }
+
+    package func trashOwnerDirs(_ hourDir: Ino, limit: Int) throws(FSError) -> [(Ino, UInt32)] {
+        var r = try trash(.ownerDirs) { $0.u64(hourDir) }
+        var out: [(Ino, UInt32)] = []
+        for _ in 0..<(try r.count(max: 100_000, itemSize: 12)) { out.append((try r.u64(), try r.u32())) }
+        return Array(out.prefix(limit))
+    }
+
+    package func trashEntries(in ownerDir: Ino, after: UInt64, limit: Int) throws(FSError) -> (entries: [TrashEntry], next: UInt64?) {
+        var r = try trash(.entries) {
+            $0.u64(ownerDir)
+            $0.u64(after)
+            $0.u32(UInt32(min(max(limit, 1), 1000)))
+        }
+        var out: [TrashEntry] = []
+        for _ in 0..<(try r.count(max: 1000, itemSize: 16)) {
+            let ino = try r.u64()
+            let dir = try r.u64()
+            let name = try r.data(max: 4096)
+            let a = try r.attr()
+            let origin = try r.bool() ? Trash.Origin.decode(try r.data(max: 1 << 16)) : nil
+            out.append(TrashEntry(ino: ino, dir: dir, entryName: name, attr: a, origin: origin))
+        }
+        let more = try r.bool()
+        let next = try r.u64()
+        return (out, more ? next : nil)
+    }
+
+    package func purgeTrashed(_ cred: Credential, _ ino: Ino, ownerMayPurge: Bool) throws(FSError) -> Bool {
+        var r = try trash(.purge) { $0.u64(ino) }
+        return try r.bool()
+    }
+
+    package func restoreTrashed(_ cred: Credential, _ ino: Ino, to: Ino?, ownerMayRestore: Bool) throws(FSError) -> (Ino, [UInt8]) {
+        var r = try trash(.restore) { [tags] in
+            $0.u64(ino)
+            $0.bool(to != nil)
+            if let to { tags.ref(&$0, to) }
+        }
+        return (try r.u64(), try r.data(max: 4096))
+    }
+
+    package func removeEmptyTrashDir(_ dir: Ino) throws(FSError) {
+        _ = try trash(.removeEmptyDir) { $0.u64(dir) }
     }
 
     // MARK: clones

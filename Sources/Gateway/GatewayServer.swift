@@ -515,6 +515,8 @@ package final class GatewayServer: Sendable {
             try r.end()
             guard let admin = meta as? any CloneAdmin else { throw FSError.notSupported }
             w.attr(try admin.cloneFinish(cred, src: src, dst: dst, preserve: preserve, umask: umask))
+        case .trash:
+            try trashRequest(&r, &w, cred)
         case .reserveSpace, .releaseSpace:
             let ino = try ino(&r, uid)
             let bytes = op == .reserveSpace ? try r.i64() : 0
@@ -1198,6 +1200,77 @@ package final class GatewayServer: Sendable {
             layout.key(slice: id, index: index, length: length) == key
         else { throw FSError(EINVAL, "'\(key.prefix(200))' is not a block of volume '\(format.name)'") }
         return (id, index, length)
+    }
+
+    /// `stagefs trash` through the gateway: anyone lists the trash's hours and owners (mode 0555
+    /// through a mount too), an owner's files only that owner (and root); a file's owner
+    /// restores and purges it, as root does (`ownerMayRestore`, `ownerMayPurge`).
+    private func trashRequest(_ r: inout WireReader, _ w: inout WireWriter, _ cred: Credential) throws(FSError) {
+        guard let admin = meta as? any TrashAdmin else { throw FSError.notSupported }
+        guard let what = TrashOp(rawValue: try r.u8()) else { throw Wire.malformed("an unknown trash request") }
+        switch what {
+        case .usage:
+            try r.end()
+            let (inodes, bytes) = try admin.trashUsage()
+            w.i64(inodes)
+            w.i64(bytes)
+        case .hours:
+            try r.end()
+            let hours = try admin.trashHours(limit: 100_000)
+            w.u32(UInt32(hours.count))
+            for (ino, hour) in hours {
+                w.u64(ino)
+                w.i64(hour)
+            }
+        case .ownerDirs:
+            let hour = try r.u64()
+            try r.end()
+            guard Trash.isTrash(hour) else { throw FSError(EINVAL, "inode \(hour) is not one of the trash's directories") }
+            let dirs = try admin.trashOwnerDirs(hour, limit: 100_000)
+            w.u32(UInt32(dirs.count))
+            for (ino, uid) in dirs {
+                w.u64(ino)
+                w.u32(uid)
+            }
+        case .entries:
+            let dir = try r.u64()
+            let after = try r.u64()
+            let limit = Int(try r.u32())
+            try r.end()
+            guard Trash.isTrash(dir), limit > 0 && limit <= 1000 else { throw FSError(EINVAL, "a trash listing of inode \(dir), \(limit) entries") }
+            let a = try meta.getattr(dir)
+            guard cred.isRoot || Posix.mayAccess(a, cred, [.read, .execute]) else {
+                throw FSError(EACCES, "the trash's files of uid \(a.uid) are theirs to list")
+            }
+            let (entries, next) = try admin.trashEntries(in: dir, after: after, limit: limit)
+            w.u32(UInt32(entries.count))
+            for e in entries {
+                w.u64(e.ino)
+                w.u64(e.dir)
+                w.data(e.entryName)
+                w.attr(e.attr)
+                w.bool(e.origin != nil)
+                if let o = e.origin { w.data(o.encoded()) }
+            }
+            w.bool(next != nil)
+            w.u64(next ?? 0)
+        case .purge:
+            let ino = try r.u64()
+            try r.end()
+            w.bool(try admin.purgeTrashed(cred, ino, ownerMayPurge: true))
+        case .restore:
+            let ino = try r.u64()
+            let to: Ino? = try r.bool() ? try self.ino(&r, cred.uid) : nil
+            try r.end()
+            let (dir, name) = try admin.restoreTrashed(cred, ino, to: to, ownerMayRestore: true)
+            w.u64(dir)
+            w.data(name)
+        case .removeEmptyDir:
+            // (Only an empty directory of the trash goes: harmless for anyone to ask.)
+            let dir = try r.u64()
+            try r.end()
+            try admin.removeEmptyTrashDir(dir)
+        }
     }
 
     private func entry(_ w: inout WireWriter, _ ino: Ino, _ a: Attr, _ uid: UInt32) {

@@ -81,6 +81,8 @@ package enum Op: UInt16, Sendable {
     case cloneFile = 70
     case cloneChunks = 71
     case cloneFinish = 72
+    /// `stagefs trash` (`TrashAdmin`): `u8` what, then its fields (`TrashOp`).
+    case trash = 73
     case getlk = 50
     case setlk = 51
     case flock = 52
@@ -90,6 +92,11 @@ package enum Op: UInt16, Sendable {
     case openBlock = 62
     /// A pre-signed URL from which to read a block of an S3 bucket.
     case presignBlock = 63
+}
+
+/// What a `trash` request asks.
+package enum TrashOp: UInt8, Sendable {
+    case usage = 0, hours = 1, ownerDirs = 2, entries = 3, purge = 4, restore = 5, removeEmptyDir = 6
 }
 
 /// Builds a frame body.

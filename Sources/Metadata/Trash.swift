@@ -84,12 +84,12 @@ package enum Trash {
         }
 
         /// `parent\ndeleted\ncounted[:dir,dir...]\nname`.
-        func encoded() -> [UInt8] {
+        package func encoded() -> [UInt8] {
             let dirs = quotaDirs.isEmpty ? "" : ":" + quotaDirs.map { String($0) }.joined(separator: ",")
             return Array("\(parent)\n\(deleted)\n\(counted)\(dirs)\n".utf8) + name
         }
 
-        static func decode(_ b: [UInt8]) -> Origin? {
+        package static func decode(_ b: [UInt8]) -> Origin? {
             let parts = b.split(separator: UInt8(ascii: "\n"), maxSplits: 3, omittingEmptySubsequences: false)
             guard parts.count == 4, let p = Ino(String(decoding: parts[0], as: UTF8.self)),
                 let d = Int64(String(decoding: parts[1], as: UTF8.self))
@@ -116,6 +116,14 @@ package struct TrashEntry: Sendable, Equatable {
     package var entryName: [UInt8]
     package var attr: Attr
     package var origin: Trash.Origin?
+
+    package init(ino: Ino, dir: Ino, entryName: [UInt8], attr: Attr, origin: Trash.Origin?) {
+        self.ino = ino
+        self.dir = dir
+        self.entryName = entryName
+        self.attr = attr
+        self.origin = origin
+    }
 }
 
 /// Seconds between purge steps of a client's trash purger and between reads of the trash's

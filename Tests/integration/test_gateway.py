@@ -1231,6 +1231,36 @@ def test_deleted_files_wait_in_the_trash_through_a_gateway(env, site):
         except PermissionError:
             return "refused"
     assert run_as(OTHER, other_looks) == "refused"
+    # Through the gateway each user lists, restores and purges their own deleted files only.
+    entry_b = found[0].replace(a, b, 1)
+    p = env.stagefs("trash", "restore", entry_b, user=OTHER, check=False)
+    assert p.returncode == 1 and "permission denied" in p.stderr, p.stderr
+    # A raw client naming the file's inode gets no further.
+    ino = int(os.path.basename(found[0]).split("-")[0])
+
+    def raw_restore():
+        c = gwproto.Raw(site["s3"].socket)
+        return [gwproto.code(lambda: c.call("trash", struct.pack(">BQB", 5, ino, 0))),
+                gwproto.code(lambda: c.call("trash", struct.pack(">BQ", 4, ino)))]
+    assert run_as(OTHER, raw_restore) == [errno.EPERM, errno.EPERM]
+    p = env.stagefs("trash", "list", os.path.join(b, ".trash"), user=OTHER)
+    assert "-gone" not in p.stdout and "gone" not in p.stdout.replace("files", ""), p.stdout
+    p = env.stagefs("trash", "list", found[0], user=USER)
+    assert "gone" in p.stdout and "uid" in p.stdout, p.stdout
+    p = env.stagefs("trash", "restore", found[0], user=USER)
+    assert p.stdout.startswith("restored "), p.stdout
+    assert run_as(USER, lambda: open(os.path.join(d, "gone"), "rb").read() == payload)
+
+    def remove_again():
+        os.unlink(os.path.join(d, "gone"))
+        uid = os.getuid()
+        return [os.path.join(a, ".trash", h, str(uid), n) for h in os.listdir(os.path.join(a, ".trash"))
+                if os.path.isdir(os.path.join(a, ".trash", h, str(uid)))
+                for n in os.listdir(os.path.join(a, ".trash", h, str(uid))) if n.endswith("-gone")]
+    again = run_as(USER, remove_again)
+    assert len(again) == 1, again
+    p = env.stagefs("trash", "purge", *again, user=USER)
+    assert p.stdout.startswith("purged 1 file"), p.stdout
 
 
 def test_a_quota_holds_through_a_gateway_at_the_write_that_crosses_it(env, site):
