@@ -103,15 +103,7 @@ extension TxnMetadata {
             }
             for dc in order { try appendShared(tx, dst, dc, pieces[dc]!) }
             try noteShared(tx)
-            if end > da.size {
-                try account(tx, try quotaKeys(tx, dst, da), space: align4K(end) - align4K(da.size), inodes: 0, enforce: true)
-                da.size = end
-            }
-            let now = Timespec.now()
-            da.mode = Posix.modeAfterWrite(da, cred)
-            da.mtime = now
-            da.ctime = now
-            try store.putAttr(tx, dst, da)
+            try wrote(tx, dst, &da, upTo: end, by: cred)
             return (n, da)
         }
     }

@@ -397,10 +397,7 @@ extension TxnMetadata {
                 var list = try quotaList(tx)
                 list.append(key)
                 try putQuotaList(tx, list)
-                for c in ["space", "inodes", "tspace", "tinodes"] {
-                    let name = "q_\(key)_\(c)"
-                    try store.add(tx, name, -(try store.counter(tx, name)))
-                }
+                try zeroUsage(tx, key)
             }
             return !existed
         }
@@ -421,6 +418,11 @@ extension TxnMetadata {
     func dropQuota(_ tx: S.Txn, _ key: String) throws(FSError) {
         try store.setSetting(tx, "quota_" + key, "")
         try putQuotaList(tx, try quotaList(tx).filter { $0 != key })
+        try zeroUsage(tx, key)
+    }
+
+    /// Sets quota `key`'s usage records to 0 (one set anew, or gone).
+    private func zeroUsage(_ tx: S.Txn, _ key: String) throws(FSError) {
         for c in ["space", "inodes", "tspace", "tinodes"] {
             let name = "q_\(key)_\(c)"
             try store.add(tx, name, -(try store.counter(tx, name)))

@@ -481,19 +481,26 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                         return (a, false)
                     }
                 }
-                if !keepSize && end > a.size {
-                    try account(tx, try quotaKeys(tx, ino, a), space: align4K(end) - align4K(a.size), inodes: 0, enforce: true)
-                    a.size = end
-                }
-                let now = Timespec.now()
-                a.mode = Posix.modeAfterWrite(a, cred)
-                a.mtime = now
-                a.ctime = now
-                try store.putAttr(tx, ino, a)
+                try wrote(tx, ino, &a, upTo: keepSize ? nil : end, by: cred)
                 return (a, true)
             }
             if done { return a }
         }
+    }
+
+    /// What a change of a file's bytes ending at `end` (nil: the size stays) does to its record:
+    /// it grows to `end` (counted, and checked against quotas and the volume's limits), loses
+    /// privilege bits as a write by `cred` does, gets mtime and ctime now, and is written.
+    func wrote(_ tx: S.Txn, _ ino: Ino, _ a: inout Attr, upTo end: UInt64?, by cred: Credential) throws(FSError) {
+        if let end, end > a.size {
+            try account(tx, try quotaKeys(tx, ino, a), space: align4K(end) - align4K(a.size), inodes: 0, enforce: true)
+            a.size = end
+        }
+        let now = Timespec.now()
+        a.mode = Posix.modeAfterWrite(a, cred)
+        a.mtime = now
+        a.ctime = now
+        try store.putAttr(tx, ino, a)
     }
 
     /// Cuts or extends a regular file inside a transaction (records only; objects of dropped

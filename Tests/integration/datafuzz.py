@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Data-integrity fuzz: random writes, truncates, fallocate (allocate, keep size, punch holes,
-zero ranges), copy_file_range (within a file and between files), shared mmap writes, closes
-and reopens on a few files of a mount, every read and, after each sequence, every file
+zero ranges), copy_file_range (within a file and between files), `stagefs clone` of one file
+over another (given the binary), shared mmap writes, closes and reopens on a few files of a mount, every read and, after each sequence, every file
 checked byte for byte against a model kept in memory (bytearrays: what POSIX says the files
 hold). Sizes cross the 4 MiB block and the 64 MiB chunk, and holes are sparse.
 
@@ -13,6 +13,7 @@ import ctypes
 import mmap
 import os
 import random
+import subprocess
 import sys
 
 BLOCK = 4 << 20
@@ -67,8 +68,9 @@ def lengths(rng):
     return rng.choice([1, 13, 4096, 65537, BLOCK - 1, BLOCK + 5, rng.randrange(1, 300_000)])
 
 
-def run(root, seed, steps=120, big=True):
-    """One sequence in directory `root`; raises AssertionError on the first difference."""
+def run(root, seed, steps=120, big=True, clone_bin=None):
+    """One sequence in directory `root`; raises AssertionError on the first difference.
+    `clone_bin`: the stagefs binary, to clone files with (no clones without it)."""
     rng = random.Random(seed)
     model = Model()
     names = [f"f{i}" for i in range(3)]
@@ -96,8 +98,8 @@ def run(root, seed, steps=120, big=True):
         n = rng.choice(names)
         f = fd(n)
         size = len(model.files[n])
-        kind = rng.choices(["write", "truncate", "falloc", "punch", "zero", "copy", "mmap", "read", "reopen"],
-                           weights=[8, 2, 2, 3, 3, 4, 2, 3, 2])[0]
+        kind = rng.choices(["write", "truncate", "falloc", "punch", "zero", "copy", "mmap", "read", "reopen", "clone"],
+                           weights=[8, 2, 2, 3, 3, 4, 2, 3, 2, 2 if clone_bin else 0])[0]
         if kind == "write":
             off, data = offsets(rng, size), rng.randbytes(lengths(rng))
             if not big:
@@ -156,6 +158,19 @@ def run(root, seed, steps=120, big=True):
             m.close()
             model.write(n, off, data)
             what = f"mmap write {n} at {off}, {len(data)} bytes"
+        elif kind == "clone":
+            # A clone of another file (its writes made durable first: a clone reads what was
+            # committed) renamed over this one; later writes to either change only that one.
+            src = rng.choice([x for x in names if x != n])
+            os.fsync(fd(src))
+            os.close(fds.pop(n))
+            tmp = path(n) + ".clone"
+            p = subprocess.run([clone_bin, "clone", path(src), tmp], capture_output=True, text=True)
+            if p.returncode != 0:
+                raise AssertionError(f"seed {seed}: stagefs clone {src} failed: {p.stderr.strip()}")
+            os.rename(tmp, path(n))
+            model.files[n] = bytearray(model.files[src])
+            what = f"clone {src} over {n}"
         elif kind == "read":
             off, length = offsets(rng, size), lengths(rng)
             got = os.pread(f, length, off)
@@ -199,7 +214,7 @@ def main():
                     d = vol.path(f"s{seed}")
                     helpers.run_as(helpers.USER, os.mkdir, d)
                     try:
-                        helpers.run_as(helpers.USER, run, d, seed, args.steps)
+                        helpers.run_as(helpers.USER, run, d, seed, args.steps, True, env.bin)
                     except AssertionError as e:
                         failures += 1
                         print(f"{kind}: {e}\n", flush=True)

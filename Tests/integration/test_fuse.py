@@ -96,11 +96,12 @@ def test_random_overwrites_match_a_local_copy(volume, workdir):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_data_matches_a_model_under_writes_truncates_fallocate_copies_and_mmap(volume, workdir, seed):
-    """datafuzz.py: random writes, truncates, fallocate (each mode), copy_file_range and shared
-    mmap writes on three files, checked byte for byte against a model (`make fuzz` runs more)."""
+    """datafuzz.py: random writes, truncates, fallocate (each mode), copy_file_range, clones and
+    shared mmap writes on three files, checked byte for byte against a model (`make fuzz` runs
+    more)."""
     d = os.path.join(workdir, f"fuzz{seed}")
     run_as(USER, os.mkdir, d)
-    run_as(USER, datafuzz.run, d, seed, 120)
+    run_as(USER, datafuzz.run, d, seed, 120, True, volume.env.bin)
 
 
 def test_truncate_down_and_up(volume, workdir):
