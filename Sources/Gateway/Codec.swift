@@ -166,6 +166,28 @@ package struct RequestMark: Sendable, Equatable {
 }
 
 extension WireWriter {
+    package mutating func quota(_ q: QuotaInfo) {
+        string(q.target.key)
+        u64(q.limits.capacity)
+        u64(q.limits.inodes)
+        i64(q.usage.space)
+        i64(q.usage.inodes)
+        i64(q.usage.trashSpace)
+        i64(q.usage.trashInodes)
+    }
+}
+
+extension WireReader {
+    package mutating func quota() throws(FSError) -> QuotaInfo {
+        let key = try string(max: 64)
+        guard let t = QuotaTarget(key: key) else { throw Wire.malformed("a quota named '\(key)'") }
+        let limits = QuotaLimits(capacity: try u64(), inodes: try u64())
+        let usage = QuotaUsage(space: try i64(), inodes: try i64(), trashSpace: try i64(), trashInodes: try i64())
+        return QuotaInfo(target: t, limits: limits, usage: usage)
+    }
+}
+
+extension WireWriter {
     package mutating func mark(_ m: RequestMark) {
         u8((m.id != nil ? 1 : 0) | (m.resend ? 2 : 0))
         guard let id = m.id else { return }

@@ -10,7 +10,7 @@ import Synchronization
 /// is one request, and the gateway runs the POSIX rules as the caller the kernel names. The
 /// tags the gateway hands out with what it answers (`Grants`) are kept here and sent back with
 /// the requests that need them; the caller's credential is not sent (the gateway would ignore it).
-package final class GatewayMetadata: MetadataEngine, CloneAdmin, TrashAdmin {
+package final class GatewayMetadata: MetadataEngine, CloneAdmin, TrashAdmin, QuotaAdmin {
     package let client: GatewayClient
     let tags: GatewayTags
     /// Whether the volume has quotas, and when the gateway said so (`hasQuotas`).
@@ -494,6 +494,31 @@ package final class GatewayMetadata: MetadataEngine, CloneAdmin, TrashAdmin {
 
     package func removeEmptyTrashDir(_ dir: Ino) throws(FSError) {
         _ = try trash(.removeEmptyDir) { $0.u64(dir) }
+    }
+
+    // MARK: quotas (reading)
+
+    package func quota(_ target: QuotaTarget) throws(FSError) -> QuotaInfo? {
+        var r = try client.call(.quota) {
+            $0.u8(0)
+            $0.string(target.key)
+        }
+        return try r.count(max: 1, itemSize: 8) == 1 ? try r.quota() : nil
+    }
+
+    package func quotas() throws(FSError) -> [QuotaInfo] {
+        var r = try client.call(.quota) { $0.u8(1) }
+        var out: [QuotaInfo] = []
+        for _ in 0..<(try r.count(max: 1 << 20, itemSize: 8)) { out.append(try r.quota()) }
+        return out
+    }
+
+    package func setQuota(_ target: QuotaTarget, _ limits: QuotaLimits) throws(FSError) -> QuotaInfo { throw Self.quotaAdmin }
+    package func deleteQuota(_ target: QuotaTarget) throws(FSError) { throw Self.quotaAdmin }
+    package func checkQuota(_ target: QuotaTarget, repair: Bool, progress: (Int) -> Void) throws(FSError) -> QuotaCheck { throw Self.quotaAdmin }
+
+    static var quotaAdmin: FSError {
+        FSError(EPERM, "quotas are set, deleted and checked with the volume's META-URL (an admin's), not through a gateway")
     }
 
     // MARK: clones

@@ -517,6 +517,23 @@ package final class GatewayServer: Sendable {
             w.attr(try admin.cloneFinish(cred, src: src, dst: dst, preserve: preserve, umask: umask))
         case .trash:
             try trashRequest(&r, &w, cred)
+        case .quota:
+            guard let admin = meta as? any QuotaAdmin else { throw FSError.notSupported }
+            let what = try r.u8()
+            var list: [QuotaInfo] = []
+            if what == 0 {
+                let key = try r.string(max: 64)
+                try r.end()
+                guard let t = QuotaTarget(key: key) else { throw Wire.malformed("a quota named '\(key)'") }
+                if let q = try admin.quota(t) { list = [q] }
+            } else if what == 1 {
+                try r.end()
+                list = try admin.quotas()
+            } else {
+                throw Wire.malformed("an unknown quota request")
+            }
+            w.u32(UInt32(list.count))
+            for q in list { w.quota(q) }
         case .reserveSpace, .releaseSpace:
             let ino = try ino(&r, uid)
             let bytes = op == .reserveSpace ? try r.i64() : 0

@@ -83,6 +83,9 @@ package enum Op: UInt16, Sendable {
     case cloneFinish = 72
     /// `stagefs trash` (`TrashAdmin`): `u8` what, then its fields (`TrashOp`).
     case trash = 73
+    /// `stagefs quota get|list` (`u8` 0 and a quota, or 1): what anyone may read, as df shows.
+    /// Setting, deleting and checking quotas takes the volume's META-URL (a check walks the tree).
+    case quota = 74
     case getlk = 50
     case setlk = 51
     case flock = 52

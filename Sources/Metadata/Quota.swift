@@ -90,6 +90,12 @@ package struct QuotaInfo: Sendable, Equatable {
     package var target: QuotaTarget
     package var limits: QuotaLimits
     package var usage: QuotaUsage
+
+    package init(target: QuotaTarget, limits: QuotaLimits, usage: QuotaUsage) {
+        self.target = target
+        self.limits = limits
+        self.usage = usage
+    }
 }
 
 /// What `checkQuota` found.

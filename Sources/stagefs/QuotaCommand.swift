@@ -25,7 +25,8 @@ struct QuotaCmd: ParsableCommand {
 
             SIZE has a unit: 512K, 10M or 10MiB, 2G, 1T (all binary: M is 2^20 bytes); a plain
             number is GiB, as in JuiceFS. 0 means no limit. --path is a directory of the volume,
-            from its root (/team1), or a path in a mount of it on this node.
+            from its root (/team1), or a path in a mount of it on this node. Through a gateway URL
+            anyone may get and list quotas; set, delete and check take the volume's META-URL.
 
             Examples:
               stagefs quota set redis://10.0.0.5:6379/1 --path /team1 --capacity 10T --inodes 50000000
@@ -212,11 +213,7 @@ struct QuotaVolume {
         guard let text = which.metaURL ?? defaultVolume() else {
             throw FSError.usage("name the volume: its META-URL, or STAGEFS_VOLUME")
         }
-        let url = try metaURLArgument(text)
-        if case .gateway = url {
-            throw FSError(EOPNOTSUPP, "the quota commands do not work through a gateway yet: an admin runs them with the volume's META-URL")
-        }
-        meta = try openEngine(url)
+        meta = try openEngine(try metaURLArgument(text))
         _ = try meta.requireFormat()
         guard let a = meta as? any QuotaAdmin else { throw FSError(EOPNOTSUPP, "\(meta.displayName) keeps no quotas") }
         admin = a

@@ -10,7 +10,7 @@ MAGIC = b"stagefs-gateway"
 OPS = dict(hello=1, loadFormat=2, statfs=3, newSession=4, heartbeat=5, closeSession=6, listSessions=7, lookup=10, getattr=11,
            setattr=12, access=13, mknod=14, create=15, unlink=16, rmdir=17, rename=18, link=19, readlink=20, readdir=21, getattrs=22,
            getxattr=30, listxattr=31, setxattr=32, removexattr=33, open=40, close=41, closes=42, readChunks=43, writeSlice=44,
-           newSliceIDs=45, fallocate=46, reserveSpace=47, releaseSpace=48, hasQuotas=9, copyRange=49, cloneFile=70, cloneChunks=71, cloneFinish=72, trash=73, getlk=50, setlk=51, flock=52, getBlock=60, putBlock=61, openBlock=62, presignBlock=63)
+           newSliceIDs=45, fallocate=46, reserveSpace=47, releaseSpace=48, hasQuotas=9, copyRange=49, cloneFile=70, cloneChunks=71, cloneFinish=72, trash=73, quota=74, getlk=50, setlk=51, flock=52, getBlock=60, putBlock=61, openBlock=62, presignBlock=63)
 
 ATTR = struct.Struct(">BHIIIQqIqIqIIQ")  # 71 bytes: type, mode, uid, gid, nlink, size, 3 times, rdev, parent
 

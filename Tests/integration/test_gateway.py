@@ -1289,6 +1289,11 @@ def test_a_quota_holds_through_a_gateway_at_the_write_that_crosses_it(env, site)
             return n, err, os.path.getsize(os.path.join(d, "big")), st.f_blocks * st.f_frsize
         n, err, size, total = run_as(USER, fill)
         assert (n, err, size, total) == (2 << 20, errno.EDQUOT, 2 << 20, 3 << 20)
+        # Users read quotas through the gateway; setting them takes the volume's META-URL.
+        out = env.stagefs("quota", "get", site["file"].url, "--path", "/" + name, user=USER).stdout
+        assert f"/{name} (inode" in out and "3.0 MiB" in out, out
+        p = env.stagefs("quota", "set", site["file"].url, "--path", "/" + name, "--capacity", "1T", user=USER, check=False)
+        assert p.returncode == 1 and "META-URL" in p.stderr, p.stderr
     finally:
         env.stagefs("quota", "delete", url, "--path", "/" + name, user="root")
 
