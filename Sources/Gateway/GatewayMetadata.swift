@@ -64,8 +64,7 @@ package final class GatewayMetadata: MetadataEngine, CloneAdmin, TrashAdmin, Quo
     package func hasQuotas() throws(FSError) -> Bool {
         let now = Sys.monotonicNanos()
         if let (has, at) = quotaFlag.withLock({ $0 }), at >= now || now - at < UInt64(quotaInterval * 1e9) { return has }
-        var r = try client.call(.hasQuotas)
-        let has = try r.bool()
+        let has = try quotasExist()
         quotaFlag.withLock { $0 = (has, now) }
         return has
     }
@@ -511,6 +510,11 @@ package final class GatewayMetadata: MetadataEngine, CloneAdmin, TrashAdmin, Quo
         var out: [QuotaInfo] = []
         for _ in 0..<(try r.count(max: 1 << 20, itemSize: 8)) { out.append(try r.quota()) }
         return out
+    }
+
+    package func quotasExist() throws(FSError) -> Bool {
+        var r = try client.call(.hasQuotas)
+        return try r.bool()
     }
 
     package func setQuota(_ target: QuotaTarget, _ limits: QuotaLimits) throws(FSError) -> QuotaInfo { throw Self.quotaAdmin }

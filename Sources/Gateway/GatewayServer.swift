@@ -466,7 +466,8 @@ package final class GatewayServer: Sendable {
             w.statfs(try meta.statfs(at))
         case .hasQuotas:
             try r.end()
-            w.bool(try meta.hasQuotas())
+            // (Read now: the client keeps the answer for a while itself.)
+            if let admin = meta as? any QuotaAdmin { w.bool(try admin.quotasExist()) } else { w.bool(try meta.hasQuotas()) }
         case .copyRange:
             let src = try ino(&r, uid)
             let srcOff = try r.u64()
@@ -618,8 +619,9 @@ package final class GatewayServer: Sendable {
             // Truncation through an open file skips the permission check: only for the opener.
             if req.viaHandle && !opened { req.viaHandle = false }
             if !cred.isRoot {
-                // A time of change is the gateway's to set, never a user's.
-                req.mask.remove(.ctime)
+                // A time of change is the gateway's to set (now), never a user's. (The kernel
+                // sends one alone for chown(-1, -1), which changes ctime and nothing else.)
+                if req.mask.contains(.ctime) { req.ctime = Timespec.now() }
                 // Dropping privilege bits of a file one does not own is what a write does: only
                 // for a writer (an opener for writing, or one who may write it now).
                 let drops = req.mask.contains(.mode) || req.mask.contains(.killPriv) || req.mask.isEmpty

@@ -290,9 +290,15 @@ extension TxnMetadata {
     package func hasQuotas() throws(FSError) -> Bool {
         let now = Sys.monotonicNanos()
         if let (has, at) = quotaSetting.withLock({ $0 }), at >= now || now - at < UInt64(quotaInterval * 1e9) { return has }
-        let has = try store.transaction(write: false) { (tx) throws(FSError) in try !quotaKinds(tx).isEmpty }
+        let has = try quotasExist()
         quotaSetting.withLock { $0 = (has, now) }
         return has
+    }
+
+    /// Whether the volume has quotas, read now (what a gateway answers its clients, who keep
+    /// the answer `quotaInterval` seconds themselves).
+    package func quotasExist() throws(FSError) -> Bool {
+        try store.transaction(write: false) { (tx) throws(FSError) in try !quotaKinds(tx).isEmpty }
     }
 
     /// Space reserved for data a client buffers (`reserveSpace`), by session and file; kept by
@@ -640,6 +646,7 @@ extension TxnMetadata {
 
 /// What the quota commands ask of an engine (`stagefs quota`): the transactional engines.
 package protocol QuotaAdmin: AnyObject, Sendable {
+    func quotasExist() throws(FSError) -> Bool
     func setQuota(_ target: QuotaTarget, _ limits: QuotaLimits) throws(FSError) -> QuotaInfo
     func deleteQuota(_ target: QuotaTarget) throws(FSError)
     func quota(_ target: QuotaTarget) throws(FSError) -> QuotaInfo?

@@ -99,7 +99,7 @@ struct TrashCmd: ParsableCommand {
             var n = 0
             try v.each { e in
                 if let cutoff, (e.origin?.deleted ?? 0) > cutoff { return }
-                try v.admin.purgeTrashed(processCredential(), e.ino, ownerMayPurge: false)
+                _ = try v.admin.purgeTrashed(processCredential(), e.ino, ownerMayPurge: false)
                 n += 1
             }
             try v.dropEmptyDirs()
@@ -208,7 +208,7 @@ struct TrashVolume {
                 got = try admin.trashEntries(in: owner, after: after, limit: 1000)
             } catch {
                 // (Through a gateway a user sees their own part of the trash: others' are skipped.)
-                if throughGateway(meta) && (error as? FSError)?.code == EACCES { return }
+                if throughGateway(meta) && error.code == EACCES { return }
                 throw error
             }
             let (page, next) = got
