@@ -533,6 +533,17 @@ package final class GatewayServer: Sendable {
             } else {
                 throw Wire.malformed("an unknown quota request")
             }
+            // Other users' and groups' usage is root's to see (as with Linux quotas).
+            if !cred.isRoot {
+                list = list.filter {
+                    switch $0.target {
+                    case .dir: true
+                    case .user(let u): u == cred.uid
+                    case .group(let g): cred.inGroup(g)
+                    }
+                }
+            }
+
             w.u32(UInt32(list.count))
             for q in list { w.quota(q) }
         case .reserveSpace, .releaseSpace:
@@ -623,11 +634,15 @@ package final class GatewayServer: Sendable {
                 // sends one alone for chown(-1, -1), which changes ctime and nothing else.)
                 if req.mask.contains(.ctime) { req.ctime = Timespec.now() }
                 // Dropping privilege bits of a file one does not own is what a write does: only
-                // for a writer (an opener for writing, or one who may write it now).
-                let drops = req.mask.contains(.mode) || req.mask.contains(.killPriv) || req.mask.isEmpty
+                // for a writer (an opener for writing, or one who may write it now). A request
+                // with no field but ctime drops them too (chown(-1, -1)): refused so when the
+                // file has any, as ext4 refuses it, and harmless when it has none.
+                let empty = req.mask.subtracting(.ctime).isEmpty
+                let drops = req.mask.contains(.mode) || req.mask.contains(.killPriv) || empty
                 if drops && !opened {
                     let a = try meta.getattr(ino)
-                    if a.uid != cred.uid && !Posix.mayAccess(a, cred, .write) { throw FSError.perm }
+                    let bits = a.mode & 0o6000 != 0 || req.mask.contains(.mode)
+                    if a.uid != cred.uid && !Posix.mayAccess(a, cred, .write) && bits { throw FSError.perm }
                 }
             }
             // (A long truncation is several steps: the last one is the change its id records.)

@@ -12,6 +12,14 @@ package let copyStepChunks: UInt64 = 64
 /// records' worth of chunks.
 package let cloneStepChunks = 256
 
+/// The most slice records one copied range reads from a source chunk or adds in all: beyond,
+/// `copyRange` answers `EXDEV` and the kernel copies the bytes instead (no step's work grows
+/// with how fragmented a file is, and sharing never multiplies records without bound).
+package let maxSharedRecords = 4096
+
+/// The most slice records one clone step copies (it always copies at least one chunk).
+package let cloneStepRecords = 65536
+
 /// Shared slices: a clone or a copied range records a source's slices again instead of copying
 /// bytes. Each record of a slice beyond the first is a reference (`TxnStore.sliceRefs`); when a
 /// record goes (a deletion, a cut), a slice with references loses one instead of its objects
@@ -35,6 +43,10 @@ extension TxnMetadata {
             }
         }
         return out
+    }
+
+    static var tooFragmented: FSError {
+        FSError(EXDEV, "the range is too fragmented to share its slices: its bytes are copied instead")
     }
 
     /// Records that slices are shared (once).
@@ -66,6 +78,7 @@ extension TxnMetadata {
                 throw sa.type == .directory || da.type == .directory ? FSError.isDir : FSError.invalid
             }
             if srcOff >= sa.size || length == 0 { return (0, da) }
+            if dstOff >= maxFileSize { throw FSError(EFBIG, "file too large (the largest is 1 PiB)") }
             var n = min(length, sa.size - srcOff)
             let stepEnd = (dstOff / chunkSize + copyStepChunks) * chunkSize
             n = min(n, stepEnd - dstOff)
@@ -77,7 +90,13 @@ extension TxnMetadata {
             let last = UInt32((srcOff + n - 1) / chunkSize)
             try store.prefetch(tx, (first...last).map { .chunk(src, $0) })
             var views: [UInt32: [Segment]] = [:]
-            for i in first...last { views[i] = buildView(Slice.decodeAll(try store.chunk(tx, src, i))) }
+            for i in first...last {
+                let records = Slice.decodeAll(try store.chunk(tx, src, i))
+                // A chunk of very many records is not shared (its view would cost too much to
+                // build, and sharing would multiply its records): the caller copies its bytes.
+                if records.count > maxSharedRecords { throw Self.tooFragmented }
+                views[i] = buildView(records)
+            }
             var pieces: [UInt32: [Slice]] = [:]
             var order: [UInt32] = []
             var done: UInt64 = 0
@@ -101,6 +120,7 @@ extension TxnMetadata {
                 pieces[dc, default: []] += recs
                 done += UInt64(take)
             }
+            if pieces.values.reduce(0, { $0 + $1.count }) > maxSharedRecords { throw Self.tooFragmented }
             for dc in order { try appendShared(tx, dst, dc, pieces[dc]!) }
             try noteShared(tx)
             try wrote(tx, dst, &da, upTo: end, by: cred)
@@ -142,14 +162,14 @@ extension TxnMetadata {
             var next: UInt32? = nil
             if sa.type == .regular {
                 let idxs = try store.chunkIndexes(tx, src, from: 0, limit: cloneStepChunks, descending: false)
-                try copyChunks(tx, src, ino, idxs)
-                if idxs.count == cloneStepChunks, let high = idxs.last {
-                    next = high + 1
-                    a.mode = 0
-                }
+                next = try copyChunks(tx, src, ino, idxs)
+                if next != nil { a.mode = 0 }
             } else if sa.type == .symlink {
                 guard let t = try store.symlinkTarget(tx, src) else { throw FSError.invalid }
                 try store.putSymlinkTarget(tx, ino, t)
+            } else if (sa.type == .blockDevice || sa.type == .charDevice) && !cred.isRoot {
+                // (Making a device node takes CAP_MKNOD, as mknod does.)
+                throw FSError.perm
             }
             try store.putAttr(tx, ino, a)
             try store.putEntry(tx, parent, name, ino, a.type)
@@ -175,9 +195,7 @@ extension TxnMetadata {
             if try !store.chunkIndexes(tx, dst, from: from, limit: 1, descending: false).isEmpty {
                 throw FSError(EINVAL, "inode \(dst) already has chunks from index \(from)")
             }
-            try copyChunks(tx, src, dst, idxs)
-            if idxs.count == cloneStepChunks, let high = idxs.last { return high + 1 }
-            return nil
+            return try copyChunks(tx, src, dst, idxs)
         }
     }
 
@@ -226,12 +244,25 @@ extension TxnMetadata {
         return a
     }
 
-    /// Copies the records of chunks `idxs` of `src` to `dst` (each slice gaining a reference).
-    private func copyChunks(_ tx: S.Txn, _ src: Ino, _ dst: Ino, _ idxs: [UInt32]) throws(FSError) {
-        if idxs.isEmpty { return }
+    /// Copies the records of chunks `idxs` of `src` to `dst` (each slice gaining a reference),
+    /// in order, stopping after the chunk that takes the step past `cloneStepRecords` records.
+    /// Returns the index the next step starts from: nil when none is left (`idxs` is the
+    /// whole rest of the file when it holds fewer than `cloneStepChunks` indexes).
+    private func copyChunks(_ tx: S.Txn, _ src: Ino, _ dst: Ino, _ idxs: [UInt32]) throws(FSError) -> UInt32? {
+        if idxs.isEmpty { return nil }
         try store.prefetch(tx, idxs.map { .chunk(src, $0) })
-        for i in idxs { try appendShared(tx, dst, i, Slice.decodeAll(try store.chunk(tx, src, i))) }
+        var records = 0
+        for (k, i) in idxs.enumerated() {
+            let slices = Slice.decodeAll(try store.chunk(tx, src, i))
+            try appendShared(tx, dst, i, slices)
+            records += slices.count
+            if records >= cloneStepRecords && k + 1 < idxs.count {
+                try noteShared(tx)
+                return idxs[k + 1]
+            }
+        }
         try noteShared(tx)
+        return idxs.count == cloneStepChunks ? idxs.last! + 1 : nil
     }
 }
 

@@ -319,6 +319,11 @@ extension TxnMetadata {
     /// (nothing is reserved; the caller need not ask again while it has it open).
     package func reserveSpace(_ ino: Ino, sid: UInt64, bytes: Int64) throws(FSError) -> Bool {
         if bytes <= 0 { return true }
+        // (What one file's writer holds is bounded: a client buffers far less.)
+        let held = reservations.withLock { $0[ReservationKey(sid: sid, ino: ino)]?.bytes ?? 0 }
+        if held + bytes > Self.maxReservation {
+            throw FSError(EINVAL, "session \(sid) would hold more than \(humanBytes(Self.maxReservation)) reserved for inode \(ino)")
+        }
         let keys = try store.transaction(write: true) { (tx) throws(FSError) -> [String] in
             let kinds = try quotaKinds(tx)
             if kinds.isEmpty { return [] }
@@ -343,6 +348,9 @@ extension TxnMetadata {
         if let stale { try giveBack(stale) }
         return true
     }
+
+    /// The most one session may hold reserved for one file.
+    static var maxReservation: Int64 { 4 << 30 }
 
     /// Gives back what session `sid` still has reserved for `ino`.
     package func releaseSpace(_ ino: Ino, sid: UInt64) throws(FSError) {

@@ -220,8 +220,9 @@ extension TxnMetadata {
 
     /// Trashed file `ino` (`a`) leaves the trash (restored, or purged) for home `newHome`: the
     /// counters take back what its coming added, and its usage moves from the quotas of where
-    /// it was deleted to those of its new home (unchecked: root's work, or a purge).
-    func leftTrash(_ tx: S.Txn, _ ino: Ino, _ a: Attr, to newHome: Ino) throws(FSError) {
+    /// it was deleted to those of its new home.
+    /// `enforce`: the quotas it comes into are checked (a user's restore through a gateway).
+    func leftTrash(_ tx: S.Txn, _ ino: Ino, _ a: Attr, to newHome: Ino, enforce: Bool = false) throws(FSError) {
         let counted = try store.symlinkTarget(tx, ino).flatMap(Trash.Origin.decode)?.counted ?? 0
         try store.add(tx, "trashInodes", -1)
         try store.add(tx, "trashSpace", -counted)
@@ -231,7 +232,7 @@ extension TxnMetadata {
         try addTrashToQuotas(tx, old, space: -counted, inodes: -1)
         var moved = a
         moved.parent = newHome
-        try moveUsage(tx, from: old, to: try quotaKeys(tx, ino, moved, kinds: kinds), space: align4K(a.size), inodes: 1, enforce: false)
+        try moveUsage(tx, from: old, to: try quotaKeys(tx, ino, moved, kinds: kinds), space: align4K(a.size), inodes: 1, enforce: enforce)
     }
 
     // MARK: what admins and owners do
@@ -331,7 +332,7 @@ extension TxnMetadata {
             let now = Timespec.now()
             try store.deleteEntry(tx, a.parent, entry)
             try store.putEntry(tx, dir, origin.name, ino, .regular)
-            try leftTrash(tx, ino, a, to: dir)
+            try leftTrash(tx, ino, a, to: dir, enforce: !cred.isRoot)
             a.nlink = 1
             a.parent = dir
             a.ctime = now

@@ -1022,11 +1022,16 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
 
     @_specialize(where S == RedisTxnStore)
     @discardableResult package func close(_ ino: Ino, sid: UInt64) throws(FSError) -> Bool {
-        try store.transaction(write: true) { (tx) throws(FSError) -> Bool in
+        var last = false
+        let freed = try store.transaction(write: true) { (tx) throws(FSError) -> Bool in
             try store.prefetch(tx, [.opens(sid: sid, ino), .attr(ino), .isOpen(ino)])
-            if try store.dropOpens(tx, sid, ino, 1) > 0 { return false }
+            last = try store.dropOpens(tx, sid, ino, 1) == 0
+            if !last { return false }
             return try freeIfUnused(tx, ino)
         }
+        // (The session's last open of it: what it reserved for its writes goes back.)
+        if last { try? releaseSpace(ino, sid: sid) }
+        return freed
     }
 
     /// One transaction for them all: the closes of one file by one session are counted
@@ -1042,15 +1047,26 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 counts.append((c.ino, c.sid, 1))
             }
         }
+        // (The sessions' last opens of files, as the committed run found them.)
+        var lastCloses: [(Ino, UInt64)] = []
         // (The transaction's result is the answer: a gateway saves it with the request's id.)
-        return try store.transaction(write: true) { (tx) throws(FSError) -> [Bool] in
+        let result = try store.transaction(write: true) { (tx) throws(FSError) -> [Bool] in
             try store.prefetch(tx, counts.flatMap { c -> [TxnRead] in [.opens(sid: c.sid, c.ino), .attr(c.ino), .isOpen(c.ino)] })
             var closed: [Ino] = []
-            for c in counts where try store.dropOpens(tx, c.sid, c.ino, c.n) == 0 && !closed.contains(c.ino) { closed.append(c.ino) }
+            lastCloses = []
+            for c in counts where try store.dropOpens(tx, c.sid, c.ino, c.n) == 0 {
+                lastCloses.append((c.ino, c.sid))
+                if !closed.contains(c.ino) { closed.append(c.ino) }
+            }
             var freed = Set<Ino>()
             for ino in closed where try freeIfUnused(tx, ino) { freed.insert(ino) }
             return closes.map { freed.contains($0.ino) }
         }
+        // (A session's last open of a file: what it reserved for its writes goes back.)
+        if !reservations.withLock({ $0.isEmpty }) {
+            for (ino, sid) in lastCloses { try? releaseSpace(ino, sid: sid) }
+        }
+        return result
     }
 
     @_specialize(where S == RedisTxnStore)

@@ -76,6 +76,16 @@ struct CloneTests {
         let (c2, _) = try m.copyRange(alice, src: src, srcOff: chunkSize + 100, dst: src, dstOff: 2 * chunkSize - 200, length: 400)
         #expect(c2 == 400)
         #expect(same(try map(m, src, (2 * chunkSize - 200)..<(2 * chunkSize + 200)), try map(m, src, (chunkSize + 100)..<(chunkSize + 500))))
+        // An offset near 2^64 is EFBIG, never an overflow; a range of too many records is not
+        // shared (EXDEV: the kernel copies its bytes), so copies never multiply records unbounded.
+        expectErrno(EFBIG) { _ = try m.copyRange(alice, src: src, srcOff: 0, dst: dst, dstOff: UInt64.max - 1, length: 10) }
+        let (frag, _) = try m.mknod(alice, rootIno, n("frag"), .regular, 0o644, rdev: 0, target: nil)
+        for i in 0..<UInt32(maxSharedRecords + 1) {
+            _ = try m.writeSlice(frag, 0, Slice(pos: i * 2, id: 500 + UInt64(i), size: 1, off: 0, len: 1), minSize: UInt64(i) * 2 + 1, mtime: .now(), sid: 0)
+        }
+        expectErrno(EXDEV) { _ = try m.copyRange(alice, src: frag, srcOff: 0, dst: dst, dstOff: 0, length: 100) }
+        _ = try m.unlink(alice, rootIno, n("frag"))
+        _ = try collected(m)
         // Deleting the source frees nothing the destination reads; deleting both frees each once.
         _ = try m.unlink(alice, rootIno, n("src"))
         let first = try collected(m)
@@ -120,6 +130,9 @@ struct CloneTests {
         let lc = try t.cloneFile(alice, src: l, parent: dir, name: n("link"), preserve: false, umask: 0o022)
         #expect(try m.readlink(lc.ino) == n("big"))
         expectErrno(EEXIST) { _ = try t.cloneFile(alice, src: small, parent: dir, name: n("small"), preserve: false, umask: 0) }
+        // A device node is made anew only by root (CAP_MKNOD), clone or not.
+        let (dev, _) = try m.mknod(Credential.root, rootIno, n("null"), .charDevice, 0o666, rdev: 0x103, target: nil)
+        expectErrno(EPERM) { _ = try t.cloneFile(alice, src: dev, parent: dir, name: n("null"), preserve: false, umask: 0) }
         // Deleting both frees each slice once.
         for name in ["big", "small"] { _ = try m.unlink(alice, rootIno, n(name)) }
         let first = try collected(m)

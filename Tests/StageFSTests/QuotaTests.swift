@@ -207,6 +207,11 @@ struct QuotaTests {
         #expect(try usage(m, .dir(q)).space == base + (64 << 10))
         try m.releaseSpace(ino, sid: sid)
         #expect(try usage(m, .dir(q)).space == base + align4K(60_000))
+        // The session's last close of a file gives back what it reserved for it.
+        #expect(try m.reserveSpace(ino, sid: sid, bytes: 4096))
+        #expect(try usage(m, .dir(q)).space == base + align4K(60_000) + 4096)
+        _ = try m.close(ino, sid: sid)
+        #expect(try usage(m, .dir(q)).space == base + align4K(60_000))
         // A session's end gives back what it reserved.
         #expect(try m.reserveSpace(other, sid: sid, bytes: 8192))
         try m.closeSession(sid)
