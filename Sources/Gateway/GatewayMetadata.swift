@@ -14,7 +14,7 @@ package final class GatewayMetadata: MetadataEngine, CloneAdmin, TrashAdmin, Quo
     package let client: GatewayClient
     let tags: GatewayTags
     /// Whether the volume has quotas, and when the gateway said so (`hasQuotas`).
-    private let quotaFlag = Locked<(Bool, UInt64)?>(nil)
+    private let quotaFlag = QuotaFlag()
 
     private let ownUID = geteuid()
     private let recentDirs = PerThread<RecentDirs>()
@@ -61,13 +61,7 @@ package final class GatewayMetadata: MetadataEngine, CloneAdmin, TrashAdmin, Quo
 
     // MARK: quotas
 
-    package func hasQuotas() throws(FSError) -> Bool {
-        let now = Sys.monotonicNanos()
-        if let (has, at) = quotaFlag.withLock({ $0 }), at >= now || now - at < UInt64(quotaInterval * 1e9) { return has }
-        let has = try quotasExist()
-        quotaFlag.withLock { $0 = (has, now) }
-        return has
-    }
+    package func hasQuotas() throws(FSError) -> Bool { try quotaFlag.answer { () throws(FSError) in try quotasExist() } }
 
     package func reserveSpace(_ ino: Ino, sid: UInt64, bytes: Int64) throws(FSError) -> Bool {
         var r = try client.call(.reserveSpace) { [tags] in

@@ -306,7 +306,7 @@ func validateName(_ name: [UInt8]) throws(FSError) {
 
 /// Space an inode's size accounts for in statfs (4 KiB granules).
 @inline(__always)
-func align4K(_ size: UInt64) -> Int64 { Int64((size + 4095) & ~4095) }
+package func align4K(_ size: UInt64) -> Int64 { Int64((size + 4095) & ~4095) }
 
 /// Which access the open flags ask for.
 package func accessMask(openFlags flags: Int32) -> AccessMask {

@@ -12,6 +12,23 @@ package let quotaInterval: Double = {
     return v
 }()
 
+/// Whether the volume has quotas, as last asked, kept `quotaInterval` seconds (an engine's
+/// `hasQuotas`, and a gateway client's).
+package final class QuotaFlag: Sendable {
+    private let state = Locked<(Bool, UInt64)?>(nil)
+
+    package init() {}
+
+    package func answer(_ ask: () throws(FSError) -> Bool) throws(FSError) -> Bool {
+        let now = Sys.monotonicNanos()
+        // (Another thread may have asked after `now`: a later time is fresh too.)
+        if let (has, at) = state.withLock({ $0 }), at >= now || now - at < UInt64(quotaInterval * 1e9) { return has }
+        let has = try ask()
+        state.withLock { $0 = (has, now) }
+        return has
+    }
+}
+
 /// What a quota limits: a directory's tree, a user's files or a group's.
 package enum QuotaTarget: Hashable, Sendable, CustomStringConvertible {
     case dir(Ino)
@@ -287,13 +304,7 @@ extension TxnMetadata {
     // MARK: reservations
 
     /// Whether the volume has quotas, read again at most every `quotaInterval` seconds.
-    package func hasQuotas() throws(FSError) -> Bool {
-        let now = Sys.monotonicNanos()
-        if let (has, at) = quotaSetting.withLock({ $0 }), at >= now || now - at < UInt64(quotaInterval * 1e9) { return has }
-        let has = try quotasExist()
-        quotaSetting.withLock { $0 = (has, now) }
-        return has
-    }
+    package func hasQuotas() throws(FSError) -> Bool { try quotaSetting.answer { () throws(FSError) in try quotasExist() } }
 
     /// Whether the volume has quotas, read now (what a gateway answers its clients, who keep
     /// the answer `quotaInterval` seconds themselves).

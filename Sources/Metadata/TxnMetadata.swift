@@ -208,7 +208,7 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     /// Space reserved for buffered writes, by session and file (`reserveSpace`).
     let reservations = Locked<[ReservationKey: Reservation]>([:])
     /// Whether the volume has quotas and when that was read (`hasQuotas`).
-    let quotaSetting = Locked<(Bool, UInt64)?>(nil)
+    let quotaSetting = QuotaFlag()
 
     package init(store: S) { self.store = store }
 

@@ -30,8 +30,8 @@ final class Reservations: Sendable {
             ends.withLock { $0[ino] = max($0[ino] ?? 0, base) }
             return
         }
-        let from = UInt64(align(base))
-        let need = align(end) - Int64(from)
+        let from = UInt64(align4K(base))
+        let need = align4K(end) - Int64(from)
         var granted = need + Self.step
         do {
             if try !meta.reserveSpace(ino, sid: sid, bytes: granted) {
@@ -55,6 +55,4 @@ final class Reservations: Sendable {
         guard ends.withLock({ $0.removeValue(forKey: ino) }) != nil else { return }
         do { try meta.releaseSpace(ino, sid: sid) } catch { Log.warning("giving back quota reserved for inode \(ino): \(error.message)") }
     }
-
-    private func align(_ n: UInt64) -> Int64 { Int64((n + 4095) & ~4095) }
 }

@@ -67,14 +67,14 @@ struct QuotaCmd: ParsableCommand {
         func validate() throws {
             try which.requireOne()
             if capacity == nil && inodes == nil { throw ValidationError("give --capacity SIZE, --inodes N or both") }
-            if let c = capacity, QuotaCmd.bytes(c) == nil { throw ValidationError("--capacity takes a size such as 10M, 2G or 1T (a plain number is GiB)") }
+            if let c = capacity, parseSize(c) == nil { throw ValidationError("--capacity takes a size such as 10M, 2G or 1T (a plain number is GiB)") }
         }
 
         func run() throws {
             let v = try QuotaVolume(which)
             let target = try v.target(which)
             var limits = try v.admin.quota(target)?.limits ?? QuotaLimits()
-            if let c = capacity { limits.capacity = QuotaCmd.bytes(c)! }
+            if let c = capacity { limits.capacity = parseSize(c)! }
             if let i = inodes { limits.inodes = i }
             let q = try v.admin.setQuota(target, limits)
             print(QuotaCmd.header)
@@ -182,7 +182,6 @@ struct QuotaCmd: ParsableCommand {
 
     static let header = "QUOTA                                  CAPACITY     USED          INODES       IUSED        TRASH"
 
-    static func bytes(_ s: String) -> UInt64? { parseSize(s) }
 }
 
 /// Bytes in "10M", "10MiB", "2G", "1T", "512K", "4096B" (binary units: M is 2^20 bytes); a

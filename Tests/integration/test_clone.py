@@ -2,7 +2,6 @@
 and a cp of one, add no object to the bucket; writes to either side change only that side;
 deleting both removes every object exactly once; a tree clones whole, and an interrupted clone
 leaves nothing; permissions are the caller's."""
-import errno
 import hashlib
 import os
 import signal
@@ -12,7 +11,7 @@ import time
 import pytest
 
 import helpers
-from helpers import OTHER, USER, run_as, wait_until
+from helpers import USER, run_as, wait_until
 
 MiB = 1 << 20
 

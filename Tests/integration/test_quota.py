@@ -47,18 +47,6 @@ def qdir(v, name):
     return path
 
 
-def used(v, name):
-    """(space, inodes) of the quota of /name, from `quota get`."""
-    out = quota(v, "get", "--path", "/" + name).stdout.splitlines()[1]
-    return out
-
-
-def usage_numbers(v, flag, value):
-    """Usage of a quota as the engine records it, through `quota check` (exact numbers)."""
-    p = quota(v, "check", flag, value, check=False)
-    return p
-
-
 def write_until_full(path, total, chunk=MiB, mode="wb"):
     """Writes `total` bytes in `chunk`s; returns (bytes accepted, errno of the failing write
     or 0, errno of close or 0)."""
