@@ -22,11 +22,15 @@ let package = Package(
         .systemLibrary(name: "CChecksum", path: "Sources/CChecksum"),
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
         .systemLibrary(name: "CMunge", path: "Sources/CMunge"),
+        .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
+        .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .target(name: "StageFSCore", dependencies: ["CChecksum", "CLinux", .product(name: "Logging", package: "swift-log")], exclude: ["README.md"]),
         .target(name: "SQLiteKit", dependencies: ["StageFSCore", "CSQLite3"], exclude: ["README.md"]),
         // The Redis wire client (RESP, TLS, Sentinel, Cluster, the pool and its retries); no file-system rules.
         .target(name: "RedisWire", dependencies: ["StageFSCore", "COpenSSL"], exclude: ["README.md"]),
         .target(name: "Metadata", dependencies: ["StageFSCore", "SQLiteKit", "CSQLite3", "RedisWire"], exclude: ["README.md"]),
+        // Compression: gzip and zstd streams (metadata dumps).
+        .target(name: "Compress", dependencies: ["StageFSCore", "CZstd", "CZlib"], exclude: ["README.md"]),
         .target(name: "ObjectStorage", dependencies: ["StageFSCore", "CCurl", "COpenSSL"], exclude: ["README.md"]),
         // The data path talks to the object store only; slice commits come from the VFS layer.
         .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "SQLiteKit"], exclude: ["README.md"]),
@@ -40,14 +44,14 @@ let package = Package(
         .executableTarget(
             name: "stagefs",
             dependencies: [
-                "StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS", "FUSEMount", "Staging", "Gateway",
+                "StageFSCore", "Metadata", "ObjectStorage", "DataPath", "VFS", "FUSEMount", "Staging", "Gateway", "Compress",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             exclude: ["README.md"]
         ),
         .testTarget(
             name: "StageFSTests",
-            dependencies: ["StageFSCore", "SQLiteKit", "Metadata", "ObjectStorage", "DataPath", "VFS", "Staging", "Gateway", "MungeAuth"]
+            dependencies: ["StageFSCore", "SQLiteKit", "Metadata", "ObjectStorage", "DataPath", "VFS", "Staging", "Gateway", "MungeAuth", "Compress"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -15,7 +15,7 @@ apt-get install -y -qq --no-install-recommends \
     redis-server attr procps util-linux pkg-config ca-certificates \
     slurm-wlm munge libslurm-dev libmunge-dev gcc make \
     environment-modules bubblewrap lua5.3 lua-filesystem lua-json lua-posix lua-term tcl \
-    radosgw ceph-mon ceph-osd faketime >/dev/null
+    radosgw ceph-mon ceph-osd faketime libzstd-dev liblz4-dev zlib1g-dev >/dev/null
 # Lmod conflicts with environment-modules as a package: unpack it beside it for the tests.
 LMOD_DIR=/opt/stagefs-test/lmod
 if [ ! -x "$LMOD_DIR/usr/share/lmod/lmod/libexec/lmod" ]; then

@@ -86,6 +86,8 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
 
     package func atMost(_ tx: SQLiteTxn, _ counter: String, _ max: Int64) throws(FSError) -> Bool { try incr(counter, 0) <= max }
 
+    package var snapshotReads: Bool { true }
+
     package func reserveIDs(_ tx: SQLiteTxn?, _ counter: String, _ count: Int) throws(FSError) -> UInt64 {
         // Ids are taken in the caller's transaction when there is one (one of this store's
         // transactions waits for another to end).

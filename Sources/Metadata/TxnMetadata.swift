@@ -15,6 +15,9 @@ import StageFSCore
 /// conflict over its times.
 package protocol TxnStore: AnyObject, Sendable {
     var displayName: String { get }
+    /// Whether one read transaction sees one consistent state however long it runs (SQLite's
+    /// snapshot in WAL mode, which writers do not wait for): a dump reads everything in one.
+    var snapshotReads: Bool { get }
     /// One transaction, as a value: the body of `transaction` is given it, and every call that
     /// is part of it is passed it (nothing about a transaction is found through the thread, so
     /// any thread can run one).
@@ -156,6 +159,7 @@ package enum TxnRead: Sendable {
 }
 
 extension TxnStore {
+    package var snapshotReads: Bool { false }
     package func prefetch(_ tx: Txn, _ reads: [TxnRead]) throws(FSError) {}
     package func chunkAfterCommit(_ tx: Txn, _ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
         got(try chunk(tx, ino, index))

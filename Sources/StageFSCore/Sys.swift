@@ -40,6 +40,11 @@ public enum Sys {
         return done
     }
 
+    /// `read(2)` at the file's current offset: the bytes read, 0 at its end.
+    public static func read(_ fd: Int32, _ buf: UnsafeMutableRawBufferPointer, path: String = "file") throws(FSError) -> Int {
+        try retrying("read \(path)") { Glibc.read(fd, buf.baseAddress, buf.count) }
+    }
+
     /// `pwrite(2)` of all `count` bytes.
     public static func pwrite(_ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int, _ offset: Int64, path: String = "file") throws(FSError) {
         var done = 0
