@@ -347,6 +347,8 @@ extension TxnMetadata {
 package protocol DumpAdmin: AnyObject, Sendable {
     func dump(into sink: ByteSink, keepSecrets: Bool, progress: @escaping (DumpStats) -> Void) throws(FSError) -> DumpStats
     func load(from reader: JSONReader, secretKey: String?, progress: @escaping (DumpStats) -> Void) throws(FSError) -> DumpStats
+    func takeBackupLease(holder: UInt64, interval: Int64, seconds: Int64) throws(FSError) -> Bool
+    func finishBackup(holder: UInt64, at: Int64?) throws(FSError)
 }
 
 extension TxnMetadata: DumpAdmin {}

@@ -121,6 +121,14 @@ struct Mount: ParsableCommand {
     @Option(help: "Seconds between session heartbeats.")
     var heartbeat: Double = 10
 
+    @Option(
+        help: ArgumentHelp(
+            "Back up the volume's metadata into its bucket this often (1h when not given; 0: never).",
+            discussion:
+                "One mount of the volume at a time takes the backup (a lease in the metadata); see 'stagefs backup --help'. Without this option a volume whose dump would take more than a quarter of the hour is skipped, with a line in the log; given, it is backed up whatever its size. Mounts through a gateway and read-only mounts take none.",
+            valueName: "duration"))
+    var backupMeta: DurationArg?
+
     @Flag(name: .shortAndLong, help: "Log more (info level); twice for debug.")
     var verbose: Int
 
@@ -464,9 +472,17 @@ struct Mount: ParsableCommand {
             for w in warnings { printError("stagefs: warning: \(w)") }
         }
         ready((warnings.map { "warning: " + $0.split(separator: "\n").joined(separator: " ") } + ["ok"]).joined(separator: "\n"))
+        var backups: MetaBackupRunner?
+        let every = backupMeta?.seconds ?? 3600
+        if every > 0 && !opts.readOnly, let admin = meta as? any DumpAdmin {
+            backups = MetaBackupRunner(
+                admin: admin, meta: meta, store: store, volume: format.name, interval: every, explicit: backupMeta != nil, holder: { vfs.sid })
+            backups?.start()
+        }
         let rc = server.run()
         let started = Sys.monotonicNanos()
         Log.info("unmounting \(path) (loop ended with \(rc)): flushing buffered writes")
+        backups?.stop()
         vfs.stop()
         Runtime.remove(path, pid: getpid())
         Log.info(

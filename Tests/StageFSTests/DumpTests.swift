@@ -222,6 +222,39 @@ struct DumpTests {
         return try t.store.transaction(write: false) { (tx) throws(FSError) in try t.store.sliceRefs(tx, id) }
     }
 
+    @Test func backupsAreNamedByTheirTimeAndThinnedHourlyDailyWeekly() throws {
+        let t: Int64 = 1_796_579_623  // 2026-12-06 17:53:43 UTC
+        #expect(Backups.name(at: t) == "dump-20261206-175343.json.zst")
+        #expect(Backups.time(of: Backups.name(at: t)) == t)
+        for bad in ["dump-20261306-175343.json.zst", "dump-2026120-175343.json.zst", "dump-20261206-175343.json.gz", "x"] {
+            #expect(Backups.time(of: bad) == nil)
+        }
+        // A backup every 20 minutes for 60 days, thinned after each as a mount does.
+        let start: Int64 = 1_790_000_000
+        var kept: [Int64] = []
+        var now = start
+        while now < start + 60 * 86400 {
+            kept.append(now)
+            let gone = Set(Backups.thinned(kept, now: now))
+            kept.removeAll { gone.contains($0) }
+            now += 1200
+        }
+        now -= 1200
+        #expect(kept.last == now, "the newest stays")
+        let day = kept.filter { now - $0 < 86400 && $0 != now }
+        let week = kept.filter { now - $0 >= 86400 && now - $0 < 7 * 86400 }
+        let older = kept.filter { now - $0 >= 7 * 86400 }
+        #expect(Set(day.map { $0 / 3600 }).count == day.count && day.count >= 23 && day.count <= 24, "one an hour for a day: \(day.count)")
+        #expect(Set(week.map { $0 / 86400 }).count == week.count && week.count >= 6 && week.count <= 7, "one a day for a week: \(week.count)")
+        #expect(Set(older.map { $0 / (7 * 86400) }).count == older.count && older.count >= 7 && older.count <= 9, "one a week after: \(older.count)")
+        // Too big for the default hour: a dump of more than 15 minutes (45 million inodes).
+        #expect(Backups.tooBig(inodes: 1_000_000, interval: 3600) == nil)
+        #expect(Backups.tooBig(inodes: 50_000_000, interval: 3600) != nil)
+        #expect(Backups.tooBig(inodes: 1_000_000, interval: 60) != nil)
+        // Each kept one is the first of its slot among those ever taken.
+        for t in day { #expect(t % 3600 < 1200) }
+    }
+
     @Test func aLoadRefusesAnEngineInUseAndDumpsThatAreNotWhole() throws {
         let f = try EngineFixture(.sqlite)
         _ = try populate(f.engine)

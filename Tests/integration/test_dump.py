@@ -288,3 +288,79 @@ print(p.stderr, file=sys.stderr)
     assert "dumped 1001001 inodes" in probe.stderr, probe.stderr
     print(f"1M files: load {load_secs:.1f} s, dump {float(secs):.1f} s, dump peak RSS {int(rss_kib) / 1024:.1f} MiB")
     assert int(rss_kib) < 500 * 1024, f"the dump's peak RSS is {rss_kib} KiB"
+
+
+def put_object(v, moto, key, data):
+    bucket = v.fmt_args[v.fmt_args.index("--bucket") + 1]
+    if v.kind == "sqlite-local":
+        path = os.path.join(bucket, key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chown(path, helpers.pwd.getpwnam(USER).pw_uid, -1)
+        return
+    import boto3
+    s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1", aws_access_key_id=moto.access_key,
+                      aws_secret_access_key=moto.secret_key)
+    s3.put_object(Bucket=bucket.rstrip("/").rsplit("/", 1)[1], Key=key, Body=data)
+
+
+def backups(env, v):
+    p = env.stagefs("backup", "list", v.meta_url, user="root")
+    return [line.split()[0] for line in p.stdout.splitlines()[1:]]
+
+
+def backup_times(log):
+    """The times of the backups a mount's log says it took."""
+    out = []
+    for line in open(log).read().splitlines():
+        m = re.search(r"metadata backup \S+/meta/dump-(\d{8}-\d{6})\.json\.zst", line)
+        if m:
+            out.append(time.mktime(time.strptime(m.group(1), "%Y%m%d-%H%M%S")))
+    return out
+
+
+def test_backups_appear_on_schedule_one_mount_at_a_time_thin_and_restore(env, redis, moto, kind):
+    v = helpers.make_volume(env, kind, redis, moto, f"it-backup-{kind}", trash_days=0)
+    v.umount(v.mnt)
+    logs = [os.path.join(v.base, f"backup-{i}.log") for i in range(2)]
+    mounts = [v.mount("--backup-meta", "2s", "--log", logs[0])]
+    run_as(USER, os.makedirs, f"{mounts[0]}/data/sub")
+    for i in range(20):
+        run_as(USER, lambda i=i: open(f"{mounts[0]}/data/sub/f{i}", "wb").write(os.urandom(1000 * i)))
+    written = time.time()
+    helpers.wait_until(lambda: any(t > written for t in backup_times(logs[0])), 60, "a backup after the writes")
+    # Two old backups of one week, a month ago: thinning keeps the first.
+    old = int(time.time()) - 30 * 86400
+    old -= old % (7 * 86400) - 3600
+    names = [time.strftime("dump-%Y%m%d-%H%M%S.json.zst", time.gmtime(t)) for t in (old, old + 86400)]
+    for n in names:
+        put_object(v, moto, f"{v.name}/meta/{n}", b"old")
+    # A second mount of the volume, backing up as often: a lease makes it one backup at a time.
+    mounts.append(v.mount("--backup-meta", "2s", "--log", logs[1]))
+    helpers.wait_until(lambda: names[1] not in backups(env, v), 60, "thinning of the old backups")
+    listed = backups(env, v)
+    assert names[0] in listed and names[1] not in listed, listed
+    helpers.wait_until(lambda: len(backup_times(logs[0])) + len(backup_times(logs[1])) >= 6, 60, "more backups")
+    for m in mounts:
+        v.umount(m)
+    times = sorted(backup_times(logs[0]) + backup_times(logs[1]))
+    assert all(b - a >= 2 for a, b in zip(times, times[1:])), f"one backup every 2 s at most, by both mounts: {times}"
+    # The latest backup, restored into an empty engine of the other kind, is the volume.
+    v.meta_url_original = v.meta_url
+    v.mnt = v.mount()
+    before = snapshot(f"{v.mnt}/data")
+    v.umount(v.mnt)
+    target = other_engine(env, kind, redis)
+    env_vars = {} if kind == "sqlite-local" else {"AWS_SECRET_ACCESS_KEY": moto.secret_key}
+    p = subprocess.run([env.bin, "backup", "restore", v.meta_url, "latest", "--to", target], capture_output=True, text=True,
+                       env={**os.environ, **env_vars}, timeout=120)
+    assert p.returncode == 0 and "from backup dump-" in p.stderr, p.stderr
+    if target.startswith("sqlite3://"):
+        d = os.path.dirname(target[len("sqlite3://"):])
+        for f in [d] + [os.path.join(d, x) for x in os.listdir(d)]:
+            os.chown(f, helpers.pwd.getpwnam(USER).pw_uid, -1)
+    v.meta_url = target
+    v.mnt = v.mount()
+    assert snapshot(f"{v.mnt}/data") == before
+    v.umount(v.mnt)
