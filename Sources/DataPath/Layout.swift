@@ -27,6 +27,23 @@ public struct Layout: Sendable {
         min(blockSize, Int(sliceSize) - index * blockSize)
     }
 
+    /// The slice id of a block key `<volume>/chunks/a/b/<id>_<index>_<length>`.
+    public static func sliceID(ofKey key: String) -> UInt64? {
+        // (Read from the bytes: splitting the string cost a few percent of a mount's CPU per
+        // small file.)
+        let u = key.utf8
+        let start = u.lastIndex(of: UInt8(ascii: "/")).map { u.index(after: $0) } ?? u.startIndex
+        var id: UInt64 = 0
+        var digits = 0
+        for b in u[start...] {
+            if b == UInt8(ascii: "_") { break }
+            guard b >= 48 && b <= 57, digits < 19 else { return nil }
+            id = id * 10 + UInt64(b - 48)
+            digits += 1
+        }
+        return digits > 0 ? id : nil
+    }
+
     /// Every block key of a slice (for deletion).
     public func keys(of slice: Slice) -> [String] {
         guard slice.id != 0, slice.size > 0 else { return [] }

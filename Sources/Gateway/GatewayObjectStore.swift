@@ -1,4 +1,5 @@
 import Metadata
+import DataPath
 import ObjectStorage
 import StageFSCore
 
@@ -94,26 +95,12 @@ package final class GatewayObjectStore: ObjectStore {
         throw FSError(EPERM, "the gateway does not answer for objects by name")
     }
 
-    package func list(prefix: String, limit: Int) throws(FSError) -> [ObjectInfo] {
+    package func list(prefix: String, after: String?, limit: Int) throws(FSError) -> [ObjectInfo] {
         throw FSError(EPERM, "the gateway does not list the bucket")
     }
 
     package func create() throws(FSError) {}
 
-    /// The slice id of a block key `<volume>/chunks/a/b/<id>_<index>_<length>`.
-    package static func sliceID(_ key: String) -> UInt64? {
-        // (Read from the bytes: splitting the string cost a few percent of a mount's CPU per
-        // small file.)
-        let u = key.utf8
-        let start = u.lastIndex(of: UInt8(ascii: "/")).map { u.index(after: $0) } ?? u.startIndex
-        var id: UInt64 = 0
-        var digits = 0
-        for b in u[start...] {
-            if b == UInt8(ascii: "_") { break }
-            guard b >= 48 && b <= 57, digits < 19 else { return nil }
-            id = id * 10 + UInt64(b - 48)
-            digits += 1
-        }
-        return digits > 0 ? id : nil
-    }
+    /// The slice id of a block key (`Layout.sliceID`).
+    package static func sliceID(_ key: String) -> UInt64? { Layout.sliceID(ofKey: key) }
 }

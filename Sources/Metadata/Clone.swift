@@ -63,6 +63,16 @@ extension TxnMetadata {
             if r.id != 0 { try store.addSliceRefs(tx, r.id, 1) }
         }
         try store.appendChunk(tx, ino, index, w.bytes)
+        try keepIfGC(tx, records.map(\.id))
+    }
+
+    /// While a gc scans (the setting `gcRunning`), slices recorded again in another inode are
+    /// noted for it to keep: its scan may have read the new place before and the old one after
+    /// the records left it (a clone, then the source purged).
+    func keepIfGC(_ tx: S.Txn, _ ids: [UInt64]) throws(FSError) {
+        let ids = ids.filter { $0 != 0 }
+        if ids.isEmpty { return }
+        if let g = try store.setting(tx, "gcRunning"), let (_, until) = gcLease(g), until > Timespec.now().sec { try store.keepForGC(tx, ids) }
     }
 
     /// copy_file_range(2) within the volume, one bounded step: `dst` at `dstOff` comes to read
@@ -72,7 +82,7 @@ extension TxnMetadata {
     /// end) and the destination's attributes. Overlapping ranges of one file are `EINVAL`.
     package func copyRange(_ cred: Credential, src: Ino, srcOff: UInt64, dst: Ino, dstOff: UInt64, length: UInt64) throws(FSError) -> (UInt64, Attr) {
         try store.transaction(write: true) { (tx) throws(FSError) -> (UInt64, Attr) in
-            try store.prefetch(tx, [.attr(src), .attr(dst), quotaKindsRead, .setting("slicesShared")])
+            try store.prefetch(tx, [.attr(src), .attr(dst), quotaKindsRead, .setting("slicesShared"), .setting("gcRunning")])
             guard let sa = try store.attr(tx, src), var da = try store.attr(tx, dst) else { throw FSError.notFound }
             guard sa.type == .regular, da.type == .regular else {
                 throw sa.type == .directory || da.type == .directory ? FSError.isDir : FSError.invalid

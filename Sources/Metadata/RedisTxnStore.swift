@@ -92,6 +92,8 @@ struct RedisKeys: Sendable {
     let delslices = RKey(named: "delslices")
     /// Hash: slice id (decimal) -> its references beyond the first record (`TxnStore.sliceRefs`).
     let sliceRefs = RKey(named: "sliceRefs")
+    /// Hash: slice id (decimal) -> 1, the slices a gc keeps (`TxnStore.keepForGC`).
+    let gcKeep = RKey(named: "gcKeep")
     func requests(_ client: String) -> RKey { RKey(named: "rq" + client) }
     /// Hash: the request ids (and saved results) of a gateway client's session `sid`
     /// (`RequestRecords`; "rqs" never begins one of this client's own, whose names are hex).
@@ -812,6 +814,27 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         try tx.scan(.hkeys(keys.xattrs(ino))).array.compactMap { $0.bytes }.sorted { $0.lexicographicallyPrecedes($1) }
     }
 
+    package func scanInodes(_ tx: RedisTxn, cursor: UInt64, limit: Int) throws(FSError) -> (inodes: [(Ino, Attr)], next: UInt64?) {
+        let r = try command(["SCAN", String(cursor), "MATCH", keys.prefix + "i[0-9]*", "COUNT", String(limit)]).array
+        guard r.count == 2, let next = r[0].bytes.flatMap({ UInt64(String(decoding: $0, as: UTF8.self)) }) else {
+            throw FSError(EIO, "\(displayName): an unexpected reply to SCAN")
+        }
+        let names = r[1].array.compactMap { $0.bytes }
+        let start = keys.prefix.utf8.count + 1
+        var inos: [Ino] = []
+        for n in names where n.count > start {
+            if let ino = Ino(String(decoding: n[start...], as: UTF8.self)) { inos.append(ino) }
+        }
+        var out: [(Ino, Attr)] = []
+        if !inos.isEmpty {
+            let values = try command(["MGET"] + inos.map { keys.name(keys.attr($0)) }).array
+            for (ino, v) in zip(inos, values) {
+                if let b = v.bytes, let a = Attr(decoding: b) { out.append((ino, a)) }
+            }
+        }
+        return (out, next == 0 ? nil : next)
+    }
+
     package func xattrCount(_ tx: RedisTxn, _ ino: Ino) throws(FSError) -> Int { Int(try tx.hashLength(keys.xattrs(ino))) }
 
     package func xattrBytes(_ tx: RedisTxn, _ ino: Ino) throws(FSError) -> Int? {
@@ -925,6 +948,19 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     package func sliceRefs(_ tx: RedisTxn, _ id: UInt64) throws(FSError) -> Int64 {
         guard let v = try tx.field(keys.sliceRefs, Array(String(id).utf8)) else { return 0 }
         return Int64(String(decoding: v, as: UTF8.self)) ?? 0
+    }
+
+    package func keepForGC(_ tx: RedisTxn, _ ids: [UInt64]) throws(FSError) {
+        for id in ids { try tx.hset(keys.gcKeep, Array(String(id).utf8), [UInt8(ascii: "1")]) }
+    }
+
+    package func keptForGC(_ tx: RedisTxn, _ id: UInt64) throws(FSError) -> Bool {
+        try tx.field(keys.gcKeep, Array(String(id).utf8)) != nil
+    }
+
+    package func clearKeptForGC() throws(FSError) {
+        // (UNLINK frees a large hash in the background.)
+        _ = try command(["UNLINK", keys.name(keys.gcKeep)])
     }
 
     package func addSliceRefs(_ tx: RedisTxn, _ id: UInt64, _ delta: Int64) throws(FSError) {

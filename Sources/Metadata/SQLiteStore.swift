@@ -50,6 +50,7 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
             CREATE TABLE IF NOT EXISTS delfile(ino INTEGER PRIMARY KEY, size INTEGER NOT NULL, at INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS delslices(id INTEGER PRIMARY KEY AUTOINCREMENT, slices BLOB NOT NULL);
             CREATE TABLE IF NOT EXISTS sliceref(id INTEGER PRIMARY KEY, refs INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS gckeep(id INTEGER PRIMARY KEY);
             CREATE TABLE IF NOT EXISTS session(sid INTEGER PRIMARY KEY, heartbeat INTEGER NOT NULL, info TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS locks(ino INTEGER NOT NULL, kind INTEGER NOT NULL, tbl BLOB NOT NULL,
                 PRIMARY KEY(ino, kind)) WITHOUT ROWID;
@@ -85,6 +86,26 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
     package func add(_ tx: SQLiteTxn, _ counter: String, _ delta: Int64) throws(FSError) { _ = try incr(counter, delta) }
 
     package func atMost(_ tx: SQLiteTxn, _ counter: String, _ max: Int64) throws(FSError) -> Bool { try incr(counter, 0) <= max }
+
+    package func scanInodes(_ tx: SQLiteTxn, cursor: UInt64, limit: Int) throws(FSError) -> (inodes: [(Ino, Attr)], next: UInt64?) {
+        var out: [(Ino, Attr)] = []
+        try conn.query("SELECT ino, attr FROM node WHERE ino > ? ORDER BY ino LIMIT ?", [.int(Int64(bitPattern: cursor)), .int(Int64(limit))]) {
+            if let a = Attr(decoding: Col.blob($0, 1)) { out.append((UInt64(Col.int($0, 0)), a)) }
+        }
+        return (out, out.count < limit ? nil : out.last!.0)
+    }
+
+    package func keepForGC(_ tx: SQLiteTxn, _ ids: [UInt64]) throws(FSError) {
+        for id in ids { try conn.query("INSERT OR IGNORE INTO gckeep(id) VALUES(?)", [.int(Int64(bitPattern: id))]) }
+    }
+
+    package func keptForGC(_ tx: SQLiteTxn, _ id: UInt64) throws(FSError) -> Bool {
+        try one("SELECT 1 FROM gckeep WHERE id=?", [.int(Int64(bitPattern: id))]) { _ in true } ?? false
+    }
+
+    package func clearKeptForGC() throws(FSError) {
+        try transaction(write: true) { (_) throws(FSError) in try conn.query("DELETE FROM gckeep", []) }
+    }
 
     package var snapshotReads: Bool { true }
 

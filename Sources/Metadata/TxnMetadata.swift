@@ -128,6 +128,17 @@ package protocol TxnStore: AnyObject, Sendable {
     func forgetSessionLock(_ tx: Txn, _ sid: UInt64, _ ino: Ino, _ kind: UInt8) throws(FSError)
     /// How many extended attributes `ino` has.
     func xattrCount(_ tx: Txn, _ ino: Ino) throws(FSError) -> Int
+    /// Every inode with attributes, a page (about `limit`) at a time: `cursor` 0 to start, the
+    /// `next` of the page before to go on, nil at the end. Unchecked reads outside the
+    /// transaction's view (fsck and gc take what they find as a hint and confirm): an inode
+    /// present throughout is returned at least once (Redis's SCAN may return one twice), one
+    /// made or removed meanwhile may be or not.
+    func scanInodes(_ tx: Txn, cursor: UInt64, limit: Int) throws(FSError) -> (inodes: [(Ino, Attr)], next: UInt64?)
+    /// Notes slices recorded again elsewhere while a gc scans (`gcRunning`): gc keeps them.
+    func keepForGC(_ tx: Txn, _ ids: [UInt64]) throws(FSError)
+    func keptForGC(_ tx: Txn, _ id: UInt64) throws(FSError) -> Bool
+    /// Forgets them all (a gc's end), outside any transaction.
+    func clearKeptForGC() throws(FSError)
 }
 
 /// What a transaction is about to read (`TxnStore.prefetch`).
@@ -441,7 +452,10 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         try store.prefetch(tx, gone.map { .chunk(ino, $0) })
         for idx in gone {
             let blob = try store.deleteChunk(tx, ino, idx)
-            if !blob.isEmpty { try store.appendChunk(tx, target!, idx, blob) }
+            if !blob.isEmpty {
+                try store.appendChunk(tx, target!, idx, blob)
+                try keepIfGC(tx, Slice.decodeAll(blob).map(\.id))
+            }
         }
         // More below the lowest moved: the file ends there until the next step.
         var size: UInt64 = 0

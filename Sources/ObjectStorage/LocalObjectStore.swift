@@ -295,33 +295,39 @@ public final class LocalObjectStore: ObjectStore {
         return Int(st.st_size)
     }
 
-    public func list(prefix: String, limit: Int) throws(FSError) -> [ObjectInfo] {
+    public func list(prefix: String, after: String?, limit: Int) throws(FSError) -> [ObjectInfo] {
         var out: [ObjectInfo] = []
-        walk(root, rel: "", prefix: prefix, limit: limit, into: &out)
-        return out.sorted { $0.key < $1.key }.prefix(limit).map { $0 }
+        walk(root, rel: "", prefix: prefix, after: after, limit: limit, into: &out)
+        return out
     }
 
-    private func walk(_ dir: String, rel: String, prefix: String, limit: Int, into out: inout [ObjectInfo]) {
-        guard let d = opendir(dir) else { return }
+    /// Collects objects in key order (a directory's names sorted as their keys sort: a
+    /// directory as its name and "/"), stopping at `limit`; subtrees wholly at or before
+    /// `after` are not entered.
+    private func walk(_ dir: String, rel: String, prefix: String, after: String?, limit: Int, into out: inout [ObjectInfo]) {
+        guard out.count < limit, let d = opendir(dir) else { return }
         defer { closedir(d) }
-        var names: [String] = []
+        var items: [(sortKey: String, name: String, st: stat)] = []
         while let e = readdir(d) {
             let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
             if name == "." || name == ".." || name.contains(".tmp") { continue }
-            names.append(name)
-        }
-        for name in names.sorted() {
             let key = rel.isEmpty ? name : "\(rel)/\(name)"
             // Descend only where the prefix can still match.
             if !(key.hasPrefix(prefix) || prefix.hasPrefix(key)) { continue }
-            let full = "\(dir)/\(name)"
             var st = stat()
             // Links are not objects, and a linked directory is not walked into.
-            guard lstat(full, &st) == 0 else { continue }
+            guard lstat("\(dir)/\(name)", &st) == 0 else { continue }
+            let isDir = st.st_mode & S_IFMT == S_IFDIR
+            if let after, !after.hasPrefix(key + "/"), (isDir ? key + "/" : key) <= after { continue }
+            items.append((isDir ? name + "/" : name, name, st))
+        }
+        for (_, name, st) in items.sorted(by: { Array($0.sortKey.utf8).lexicographicallyPrecedes(Array($1.sortKey.utf8)) }) {
+            if out.count >= limit { return }
+            let key = rel.isEmpty ? name : "\(rel)/\(name)"
             if st.st_mode & S_IFMT == S_IFDIR {
-                walk(full, rel: key, prefix: prefix, limit: limit, into: &out)
+                walk("\(dir)/\(name)", rel: key, prefix: prefix, after: after, limit: limit, into: &out)
             } else if st.st_mode & S_IFMT == S_IFREG && key.hasPrefix(prefix) {
-                out.append(ObjectInfo(key: key, size: Int(st.st_size)))
+                out.append(ObjectInfo(key: key, size: Int(st.st_size), modified: Int64(st.st_mtim.tv_sec)))
             }
         }
     }

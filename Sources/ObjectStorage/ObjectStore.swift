@@ -8,9 +8,12 @@ import StageFSCore
 public struct ObjectInfo: Sendable, Equatable {
     public var key: String
     public var size: Int
-    public init(key: String, size: Int) {
+    /// When the object was last written, in seconds since the epoch (nil: the store did not say).
+    public var modified: Int64?
+    public init(key: String, size: Int, modified: Int64? = nil) {
         self.key = key
         self.size = size
+        self.modified = modified
     }
 }
 
@@ -28,8 +31,9 @@ public protocol ObjectStore: AnyObject, Sendable {
     func delete(_ key: String) throws(FSError)
     /// The object's size, or nil when it does not exist.
     func head(_ key: String) throws(FSError) -> Int?
-    /// Objects whose keys start with `prefix`, in key order.
-    func list(prefix: String, limit: Int) throws(FSError) -> [ObjectInfo]
+    /// Objects whose keys start with `prefix` and sort after `after` (nil: from the first), in
+    /// key order, at most `limit`: a page of a listing (the next starts after its last key).
+    func list(prefix: String, after: String?, limit: Int) throws(FSError) -> [ObjectInfo]
     /// Creates the bucket or directory if it does not exist.
     func create() throws(FSError)
     /// Keeps a copy of a small block of a slice not yet committed, to go out with that slice's
@@ -40,6 +44,9 @@ public protocol ObjectStore: AnyObject, Sendable {
 }
 
 extension ObjectStore {
+    /// The first `limit` objects whose keys start with `prefix`, in key order.
+    public func list(prefix: String, limit: Int) throws(FSError) -> [ObjectInfo] { try list(prefix: prefix, after: nil, limit: limit) }
+
     /// Stores do not hold blocks back unless they say so.
     public func holdForCommit(_ key: String, _ data: UnsafeRawBufferPointer) -> Bool { false }
 

@@ -228,24 +228,46 @@ public final class S3ObjectStore: ObjectStore, @unchecked Sendable {
         return r.contentLength
     }
 
-    public func list(prefix: String, limit: Int) throws(FSError) -> [ObjectInfo] {
+    public func list(prefix: String, after: String?, limit: Int) throws(FSError) -> [ObjectInfo] {
         var out: [ObjectInfo] = []
         var token: String?
         repeat {
             var url = "\(base)?list-type=2&max-keys=\(min(1000, limit - out.count))&prefix=\(S3BucketURL.uriEncode(prefix, keepSlash: false))"
-            if let token { url += "&continuation-token=\(S3BucketURL.uriEncode(token, keepSlash: false))" }
+            if let token {
+                url += "&continuation-token=\(S3BucketURL.uriEncode(token, keepSlash: false))"
+            } else if let after {
+                url += "&start-after=\(S3BucketURL.uriEncode(after, keepSlash: false))"
+            }
             let r = try request("GET", url: url, what: "list \(prefix)")
             if r.status / 100 != 2 { throw failure(r, "list \(prefix)") }
             let text = String(decoding: r.body, as: UTF8.self)
             for item in xmlBlocks(text, "Contents") {
                 if let k = xmlValue(item, "Key"), let s = xmlValue(item, "Size").flatMap({ Int($0) }) {
-                    out.append(ObjectInfo(key: k, size: s))
+                    out.append(ObjectInfo(key: k, size: s, modified: xmlValue(item, "LastModified").flatMap(iso8601Seconds)))
                 }
             }
             token = xmlValue(text, "IsTruncated") == "true" ? xmlValue(text, "NextContinuationToken") : nil
         } while token != nil && out.count < limit
         return out
     }
+}
+
+/// Seconds since the epoch of an S3 time (`2026-12-06T18:04:03.000Z`); nil when malformed.
+func iso8601Seconds(_ s: String) -> Int64? {
+    let b = Array(s.utf8)
+    guard b.count >= 19, b[4] == UInt8(ascii: "-"), b[10] == UInt8(ascii: "T") else { return nil }
+    func num(_ r: Range<Int>) -> Int32? { Int32(String(decoding: b[r], as: UTF8.self)) }
+    guard let y = num(0..<4), let mo = num(5..<7), let d = num(8..<10), let h = num(11..<13), let mi = num(14..<16), let sec = num(17..<19) else {
+        return nil
+    }
+    var t = tm()
+    t.tm_year = y - 1900
+    t.tm_mon = mo - 1
+    t.tm_mday = d
+    t.tm_hour = h
+    t.tm_min = mi
+    t.tm_sec = sec
+    return Int64(timegm(&t))
 }
 
 /// The unescaped text of the first `<tag>...</tag>` in `xml`.

@@ -75,7 +75,10 @@ final class MetaBackupRunner: @unchecked Sendable {
     private let explicit: Bool
     private let holder: @Sendable () -> UInt64
 
-    init(admin: any DumpAdmin, meta: any MetadataEngine, store: any ObjectStore, volume: String, interval: Int, explicit: Bool, holder: @escaping @Sendable () -> UInt64) {
+    init(
+        admin: any DumpAdmin, meta: any MetadataEngine, store: any ObjectStore, volume: String, interval: Int, explicit: Bool,
+        holder: @escaping @Sendable () -> UInt64
+    ) {
         self.admin = admin
         self.meta = meta
         self.store = store
@@ -128,7 +131,9 @@ final class MetaBackupRunner: @unchecked Sendable {
                     let (key, bytes, stats) = try takeBackup(admin, store, volume: volume, at: at) { [self] in lock.withLock { stopping } }
                     try admin.finishBackup(holder: h, at: at)
                     let gone = try thinBackups(store, volume: volume, now: at)
-                    Log.info("metadata backup \(key): \(stats.inodes) inodes, \(humanBytes(UInt64(bytes)))" + (gone > 0 ? "; \(gone) older backup(s) thinned out" : ""))
+                    Log.info(
+                        "metadata backup \(key): \(stats.inodes) inodes, \(humanBytes(UInt64(bytes)))"
+                            + (gone > 0 ? "; \(gone) older backup(s) thinned out" : ""))
                 } catch {
                     try? admin.finishBackup(holder: h, at: nil)
                     if error.code != ECANCELED { Log.error("metadata backup failed: \(error.message)") }
@@ -209,8 +214,11 @@ struct BackupCmd: ParsableCommand {
         guard let text = metaURL ?? defaultVolume() else { throw FSError.usage("name the volume: its META-URL, or --bucket URL --volume NAME") }
         let meta = try openEngine(try metaURLArgument(text))
         let format = try meta.requireFormat()
-        guard let admin = meta as? any DumpAdmin else { throw FSError.usage("\(text) names a gateway: backups take the volume's own META-URL (an admin's)") }
-        let store = try openObjectStore(StoreConfig(storage: format.storage, bucket: format.bucket, accessKey: format.accessKey, secretKey: format.secretKey))
+        guard let admin = meta as? any DumpAdmin else {
+            throw FSError.usage("\(text) names a gateway: backups take the volume's own META-URL (an admin's)")
+        }
+        let store = try openObjectStore(
+            StoreConfig(storage: format.storage, bucket: format.bucket, accessKey: format.accessKey, secretKey: format.secretKey))
         return (store, format.name, admin)
     }
 
@@ -249,7 +257,9 @@ struct BackupCmd: ParsableCommand {
             let (key, bytes, stats) = try takeBackup(admin, store, volume: volume, at: at)
             try admin.finishBackup(holder: 0, at: at)
             let gone = try thinBackups(store, volume: volume, now: at)
-            printError("stagefs: backup \(key): \(stats.inodes) inodes, \(humanBytes(UInt64(bytes)))" + (gone > 0 ? "; \(gone) older backup(s) thinned out" : ""))
+            printError(
+                "stagefs: backup \(key): \(stats.inodes) inodes, \(humanBytes(UInt64(bytes)))"
+                    + (gone > 0 ? "; \(gone) older backup(s) thinned out" : ""))
         }
     }
 
@@ -260,7 +270,10 @@ struct BackupCmd: ParsableCommand {
                 stagefs backup restore META-URL BACKUP --to TARGET-META-URL
                 stagefs backup restore --bucket URL [--storage s3] --volume NAME BACKUP --to TARGET-META-URL
                 """)
-        @Argument(help: ArgumentHelp("[META-URL] BACKUP: the volume (unless --bucket), and a backup's name from 'backup list' or latest.", valueName: "meta-url-and-backup"))
+        @Argument(
+            help: ArgumentHelp(
+                "[META-URL] BACKUP: the volume (unless --bucket), and a backup's name from 'backup list' or latest.", valueName: "meta-url-and-backup"
+            ))
         var words: [String] = []
         @Option(help: "The volume's bucket, when its metadata is lost (a directory, or http(s)://host:port/bucket).")
         var bucket: String?
@@ -274,7 +287,8 @@ struct BackupCmd: ParsableCommand {
         func validate() throws {
             let need = bucket == nil && defaultVolume() == nil ? 2 : 1
             if words.count < need || words.count > 2 {
-                throw ValidationError(bucket == nil ? "give META-URL BACKUP (or --bucket URL --volume NAME BACKUP)" : "with --bucket give only BACKUP")
+                throw ValidationError(
+                    bucket == nil ? "give META-URL BACKUP (or --bucket URL --volume NAME BACKUP)" : "with --bucket give only BACKUP")
             }
             if bucket != nil && words.count != 1 { throw ValidationError("with --bucket give only BACKUP") }
         }

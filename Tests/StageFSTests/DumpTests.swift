@@ -113,7 +113,9 @@ struct DumpTests {
     /// slices over two chunks, a hard link, a symlink, a fifo, a device, extended attributes
     /// (one binary), a name that is not UTF-8, a file in the trash, a quota, a copied range
     /// sharing slices.
-    private func populate(_ m: any MetadataEngine) throws -> Ino {
+    static func populate(_ m: any MetadataEngine) throws -> Ino {
+        // (Slices below get fixed ids: reserved first, as writers do.)
+        _ = try m.newSliceIDs(100)
         let (d1, _) = try m.mknod(alice, rootIno, n("d1"), .directory, 0o750, rdev: 0, target: nil)
         let (d2, _) = try m.mknod(alice, d1, n("d2"), .directory, 0o700, rdev: 0, target: nil)
         let (f, _) = try m.mknod(alice, d1, n("f"), .regular, 0o640, rdev: 0, target: nil)
@@ -184,7 +186,7 @@ struct DumpTests {
         let f = try EngineFixture(from, trash: 1)
         let redis = from == .redis ? f : try EngineFixture(.redis)
         let m = f.engine
-        let d1 = try populate(m)
+        let d1 = try DumpTests.populate(m)
         let sink = BytesSink()
         let dumped = try (m as! any DumpAdmin).dump(into: sink, keepSecrets: false, progress: { _ in })
         #expect(dumped.inodes == 13 && dumped.directories == 6 && dumped.slices == 8)
@@ -257,7 +259,7 @@ struct DumpTests {
 
     @Test func aLoadRefusesAnEngineInUseAndDumpsThatAreNotWhole() throws {
         let f = try EngineFixture(.sqlite)
-        _ = try populate(f.engine)
+        _ = try DumpTests.populate(f.engine)
         let sink = BytesSink()
         _ = try (f.engine as! any DumpAdmin).dump(into: sink, keepSecrets: false, progress: { _ in })
         // Into a volume: refused, nothing written.

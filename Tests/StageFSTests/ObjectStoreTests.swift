@@ -39,6 +39,23 @@ struct ObjectStoreTests {
         #expect(try store.head("vol/missing") == nil)
         #expect(try store.list(prefix: "vol/", limit: 100).map { $0.key } == ["vol/chunks/0/0/1_0_1048593", "vol/chunks/0/0/2_0_3"])
         #expect(try store.list(prefix: "vol/", limit: 100).last?.size == 3)
+        #expect(try store.list(prefix: "vol/", limit: 100).allSatisfy { abs(($0.modified ?? 0) - Timespec.now().sec) < 120 }, "listings say when")
+        // Pages: each starts after the last key of the one before, in key order across
+        // directories (a directory sorts as its name and "/": "0/" after "0-x" and "0.y").
+        for k in ["vol/chunks/0/1/1001_0_3", "vol/chunks/0/10/10000_0_3", "vol/chunks/0-x", "vol/chunks/0.y", "vol/chunks/1/1000/1000000_0_3"] {
+            try store.put(k, bytes: [1, 2, 3])
+        }
+        let all = try store.list(prefix: "vol/chunks/", limit: 100).map(\.key)
+        #expect(all == all.sorted { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) } && all.count == 7, "\(all)")
+        var paged: [String] = []
+        var after: String?
+        while true {
+            let page = try store.list(prefix: "vol/chunks/", after: after, limit: 2)
+            paged += page.map(\.key)
+            guard page.count == 2 else { break }
+            after = page.last!.key
+        }
+        #expect(paged == all)
         expectErrno(ENOENT) { _ = try store.getAll("vol/missing", size: 10) }
         try store.delete("vol/chunks/0/0/2_0_3")
         try store.delete("vol/chunks/0/0/2_0_3")  // twice is fine

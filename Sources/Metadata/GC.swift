@@ -1,0 +1,144 @@
+import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// What a gc's scan found: every slice id any inode records, and the id counter when the scan
+/// began (ids above it were handed out later, to writes the scan may not have seen).
+package struct GCScan {
+    package var referenced = SparseBitmap()
+    package var nextSlice: UInt64 = 0
+    package var inodes = 0
+    package var files = 0
+    package var slices = 0
+    package init() {}
+}
+
+/// Seconds a gc's lease (`gcRunning` = `<holder> <unix seconds it ends>`) runs; the gc renews
+/// it as it goes, and stops if it ever ran out (clones would no longer be noted for it).
+package let gcLeaseSeconds: Int64 = 600
+
+extension TxnMetadata {
+    /// Starts a gc: takes the lease `gcRunning` unless another gc holds one that runs, and
+    /// forgets slices kept for an earlier one. From now until `endGC`, a slice recorded again in
+    /// another inode (a clone, a copied range, a file cut to zero into the trash) is noted
+    /// (`keptForGC`).
+    package func beginGC(holder: String) throws(FSError) {
+        let now = Timespec.now().sec
+        try store.clearKeptForGC()
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            if let g = try store.setting(tx, "gcRunning"), let (h, until) = gcLease(g), h != holder, until > now {
+                throw FSError(EBUSY, "another gc (\(h)) is running on this volume until \(until - now) s from now")
+            }
+            try store.setSetting(tx, "gcRunning", "\(holder) \(now + gcLeaseSeconds)")
+        }
+    }
+
+    /// Renews the lease; fails when it ran out or another took it (then what the scan read can
+    /// no longer be trusted: clones went unnoted).
+    package func renewGC(holder: String) throws(FSError) {
+        let now = Timespec.now().sec
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            guard let g = try store.setting(tx, "gcRunning"), let (h, until) = gcLease(g), h == holder, until > now else {
+                throw FSError(
+                    ETIMEDOUT,
+                    "the gc's lease on the volume ran out (the gc was stopped for over \(gcLeaseSeconds) s): nothing is deleted; run it again")
+            }
+            try store.setSetting(tx, "gcRunning", "\(holder) \(now + gcLeaseSeconds)")
+        }
+    }
+
+    package func endGC(holder: String) throws(FSError) {
+        try store.transaction(write: true) { (tx) throws(FSError) in
+            if let g = try store.setting(tx, "gcRunning"), let (h, _) = gcLease(g), h == holder { try store.setSetting(tx, "gcRunning", "") }
+        }
+        try store.clearKeptForGC()
+    }
+
+    func gcLease(_ text: String) -> (String, Int64)? {
+        let parts = text.split(separator: " ")
+        guard parts.count == 2, let until = Int64(parts[1]) else { return nil }
+        return (String(parts[0]), until)
+    }
+
+    /// Every slice id recorded by any inode (in the tree, the trash, open after unlink), read in
+    /// bounded steps (`scanInodes`, the chunks of a page of files at a time). Call after
+    /// `beginGC`; `renew` is called between steps.
+    package func scanSlices(renew: () throws(FSError) -> Void, progress: (GCScan) -> Void) throws(FSError) -> GCScan {
+        var scan = GCScan()
+        scan.nextSlice = UInt64(max(0, try store.transaction(write: false) { (tx) throws(FSError) in try store.counter(tx, "nextSlice") }))
+        var cursor: UInt64 = 0
+        var lastRenew = Sys.monotonicNanos()
+        while true {
+            var page: [(Ino, Attr)] = []
+            var next: UInt64?
+            var long: [Ino] = []
+            var ids: [UInt64] = []
+            try store.transaction(write: false) { (tx) throws(FSError) in
+                (page, next) = try store.scanInodes(tx, cursor: cursor, limit: 1000)
+                long = []
+                ids = []
+                let files = page.filter { $0.1.type == .regular }.map(\.0)
+                try store.prefetch(tx, files.map { .chunkList($0, from: 0, limit: dumpFirstChunks) })
+                for ino in files {
+                    let idxs = try store.chunkIndexes(tx, ino, from: 0, limit: dumpFirstChunks, descending: false)
+                    for idx in idxs { ids += Slice.decodeAll(try store.chunk(tx, ino, idx)).map(\.id) }
+                    if idxs.count == dumpFirstChunks { long.append(ino) }
+                }
+            }
+            for ino in long { ids += try slicesOf(ino, from: UInt32(dumpFirstChunks)).map(\.id) }
+            for id in ids where id != 0 {
+                _ = try scan.referenced.insert(id)
+                scan.slices += 1
+            }
+            scan.inodes += page.count
+            scan.files += page.filter { $0.1.type == .regular }.count
+            progress(scan)
+            if Sys.monotonicNanos() - lastRenew > 60_000_000_000 {
+                try renew()
+                lastRenew = Sys.monotonicNanos()
+            }
+            guard let n = next else { break }
+            cursor = n
+        }
+        return scan
+    }
+
+    /// The slices of `ino`'s chunks from `from` on, `chunkBatch` chunks a step (a long file's
+    /// after the first few, which came with its page).
+    func slicesOf(_ ino: Ino, from start: UInt32) throws(FSError) -> [Slice] {
+        var out: [Slice] = []
+        var from = start
+        while true {
+            var idxs: [UInt32] = []
+            try store.transaction(write: false) { (tx) throws(FSError) in
+                try store.prefetch(tx, [.chunkList(ino, from: from, limit: chunkBatch)])
+                idxs = try store.chunkIndexes(tx, ino, from: from, limit: chunkBatch, descending: false)
+                for idx in idxs { out += Slice.decodeAll(try store.chunk(tx, ino, idx)) }
+            }
+            if idxs.count < chunkBatch || idxs.last! == UInt32.max { return out }
+            from = idxs.last! + 1
+        }
+    }
+
+    /// Which of `ids` were noted while the gc ran (`keepIfGC`).
+    package func keptForGC(_ ids: [UInt64]) throws(FSError) -> Set<UInt64> {
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            var out = Set<UInt64>()
+            for id in ids where try store.keptForGC(tx, id) { out.insert(id) }
+            return out
+        }
+    }
+}
+
+/// What `stagefs gc` asks of an engine (the volume's own, never a gateway's client).
+package protocol GCAdmin: AnyObject, Sendable {
+    func beginGC(holder: String) throws(FSError)
+    func renewGC(holder: String) throws(FSError)
+    func endGC(holder: String) throws(FSError)
+    func scanSlices(renew: () throws(FSError) -> Void, progress: (GCScan) -> Void) throws(FSError) -> GCScan
+    func keptForGC(_ ids: [UInt64]) throws(FSError) -> Set<UInt64>
+}
+
+extension TxnMetadata: GCAdmin {}
