@@ -1,0 +1,211 @@
+"""stagefs fsck and gc through real mounts: fsck is clean on a healthy volume, finds injected
+damage and a mount killed with SIGKILL mid-write, and is clean after --repair; gc finds a
+planted orphan block and deletes only it; gc --delete run again and again while a writer
+writes, clones are made and the trash is purged deletes nothing that anything references."""
+import glob
+import hashlib
+import os
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+import helpers
+from helpers import USER, run_as
+from test_dump import object_count, populate, put_object
+
+MiB = 1 << 20
+
+
+def pytest_generate_tests(metafunc):
+    if "kind" in metafunc.fixturenames:
+        from conftest import VOLUME_KINDS
+        metafunc.parametrize("kind", VOLUME_KINDS)
+
+
+def fsck(env, v, *args):
+    return env.stagefs("fsck", v.meta_url, *args, user="root", check=False, timeout=300)
+
+
+def gc(env, v, *args):
+    return env.stagefs("gc", v.meta_url, *args, user="root", check=False, timeout=300)
+
+
+def keys(v, moto):
+    bucket = v.fmt_args[v.fmt_args.index("--bucket") + 1]
+    if v.kind == "sqlite-local":
+        return {os.path.relpath(p, bucket) for p in glob.glob(f"{bucket}/{v.name}/chunks/**/*_*", recursive=True)}
+    import boto3
+    s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1", aws_access_key_id=moto.access_key,
+                      aws_secret_access_key=moto.secret_key)
+    out = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket.rstrip("/").rsplit("/", 1)[1], Prefix=f"{v.name}/chunks/"):
+        out |= {o["Key"] for o in page.get("Contents", [])}
+    return out
+
+
+def test_fsck_is_clean_on_a_healthy_volume_and_repairs_a_mount_killed_mid_write(env, redis, moto, kind):
+    v = helpers.make_volume(env, kind, redis, moto, f"it-fsck-{kind}", trash_days=1)
+    populate(v)
+    quota_set = time.time()
+    p = fsck(env, v, "--check-objects")
+    assert p.returncode == 0 and "0 problem(s)" in p.stderr, p.stdout + p.stderr
+    # A writer into the quota directory (the mount reserves quota ahead of its writes) that
+    # also holds a file it unlinked; the mount is killed under it.
+    m = v.mnt
+    writer = subprocess.Popen(["runuser", "-u", USER, "--", "/usr/bin/python3", "-c", f"""
+import os, time
+held = open({m!r} + '/quota/held', 'wb')
+held.write(os.urandom(300000)); held.flush()
+os.unlink({m!r} + '/quota/held')
+with open({m!r} + '/quota/stream', 'wb') as f:
+    while True:
+        f.write(os.urandom(1 << 20))
+        f.flush()
+        time.sleep(0.05)
+"""], stderr=subprocess.DEVNULL)
+    # (A mount learns that the volume has quotas within 5 s, then reserves ahead of its writes.)
+    helpers.wait_until(lambda: os.path.exists(f"{m}/quota/stream") and os.stat(f"{m}/quota/stream").st_size > 8 * MiB
+                       and time.time() - quota_set > 6, 60, "the writer writes into the quota")
+    pid = helpers.mount_pid(m)
+    helpers.kill_quietly(pid)
+    subprocess.run(["fusermount3", "-u", "-z", m], capture_output=True)
+    writer.kill()
+    writer.wait()
+    time.sleep(2)
+    p = fsck(env, v, "--stale-after", "1s")
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "has been silent" in p.stdout, p.stdout
+    assert "the quota of directory inode" in p.stdout, p.stdout
+    p = fsck(env, v, "--stale-after", "1s", "--repair")
+    assert "repaired" in p.stderr, p.stderr
+    p = fsck(env, v, "--stale-after", "1s", "--check-objects")
+    assert p.returncode == 0 and "0 problem(s)" in p.stderr, p.stdout + p.stderr
+    # What the killed mount uploaded and never committed is gc's (if anything).
+    gc(env, v, "--delete", "--older-than", "1s")
+    v.mnt = v.mount()
+    assert run_as(USER, lambda: len(open(f"{v.mnt}/proj/data/big.bin", "rb").read())) == 9 * MiB + 123
+    v.umount(v.mnt)
+
+
+def test_fsck_reports_and_repairs_injected_damage(env, redis, moto):
+    v = helpers.make_volume(env, "sqlite-local", redis, moto, "it-fsck-damage", trash_days=0)
+    m = v.mnt
+    run_as(USER, os.makedirs, f"{m}/d")
+    for name in ("a", "b", "c"):
+        run_as(USER, lambda name=name: open(f"{m}/d/{name}", "w").write(name))
+    ino_a, ino_b = os.stat(f"{m}/d/a").st_ino, os.stat(f"{m}/d/b").st_ino
+    v.umount(m)
+    db = sqlite3.connect(v.meta_url[len("sqlite3://"):])
+    db.execute("DELETE FROM node WHERE ino=?", (ino_a,))  # a name of a gone inode
+    attr = bytearray(db.execute("SELECT attr FROM node WHERE ino=?", (ino_b,)).fetchone()[0])
+    attr[11:15] = (5).to_bytes(4, "big")  # link count 5 (type, mode, uid, gid come first)
+    db.execute("UPDATE node SET attr=? WHERE ino=?", (bytes(attr), ino_b))
+    db.commit()
+    db.close()
+    p = fsck(env, v)
+    assert p.returncode == 3, p.stderr
+    assert f"/d/a names inode {ino_a}, which does not exist" in p.stdout, p.stdout
+    assert f"inode {ino_b} has link count 5, but 1 name(s)" in p.stdout, p.stdout
+    assert "run again with --repair" in p.stderr
+    p = fsck(env, v, "--repair")
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = fsck(env, v)
+    assert p.returncode == 0 and "0 problem(s)" in p.stderr, p.stdout + p.stderr
+    v.mnt = v.mount()
+    assert sorted(os.listdir(f"{v.mnt}/d")) == ["b", "c"] and os.stat(f"{v.mnt}/d/b").st_nlink == 1
+    v.umount(v.mnt)
+
+
+def test_gc_finds_a_planted_orphan_and_deletes_only_it(env, redis, moto, kind):
+    v = helpers.make_volume(env, kind, redis, moto, f"it-gc-{kind}", trash_days=0)
+    m = v.mnt
+    run_as(USER, os.makedirs, f"{m}/g")
+    data = {f"f{i}": os.urandom(100_000 + i) for i in range(5)}
+    for name, b in data.items():
+        run_as(USER, lambda name=name, b=b: open(f"{m}/g/{name}", "wb").write(b))
+    # A block whose file is gone but whose deletion failed: its slice id is below the counter
+    # and nothing records it.
+    run_as(USER, lambda: open(f"{m}/g/doomed", "wb").write(b"x" * 5000))
+    info = env.stagefs("info", f"{m}/g/doomed").stdout
+    doomed = next(w for w in info.split() if "/chunks/" in w)
+    run_as(USER, os.unlink, f"{m}/g/doomed")
+    helpers.wait_until(lambda: doomed not in keys(v, moto), 60, "the deleter removes the file's block")
+    before = keys(v, moto)
+    put_object(v, moto, doomed, b"x" * 5000)
+    time.sleep(2)
+    p = gc(env, v, "--older-than", "1s")
+    assert p.returncode == 0 and f"leaked {doomed}" in p.stdout and "1 leaked" in p.stderr, p.stdout + p.stderr
+    assert doomed in keys(v, moto), "without --delete nothing goes"
+    p = gc(env, v, "--delete", "--older-than", "1s")
+    assert f"deleted {doomed}" in p.stdout and "1 deleted" in p.stderr, p.stdout + p.stderr
+    assert keys(v, moto) == before
+    # A block newer than the window stays.
+    put_object(v, moto, doomed, b"x" * 5000)
+    p = gc(env, v, "--delete")
+    assert "0 leaked" in p.stderr and doomed in keys(v, moto), p.stderr
+    for name, b in data.items():
+        assert run_as(USER, lambda name=name: open(f"{m}/g/{name}", "rb").read()) == b
+    v.umount(m)
+
+
+def test_gc_delete_during_writes_clones_and_trash_purges_deletes_nothing_referenced(env, redis, moto, kind):
+    v = helpers.make_volume(env, kind, redis, moto, f"it-gclive-{kind}", trash_days=1)
+    m = v.mnt
+    run_as(USER, os.makedirs, f"{m}/old")
+    run_as(USER, os.makedirs, f"{m}/new")
+
+    def content(name):
+        return hashlib.sha256(name.encode()).digest() * (2000 + len(name) * 97)
+
+    for i in range(12):
+        run_as(USER, lambda i=i: open(f"{m}/old/f{i}", "wb").write(content(f"f{i}")))
+    # Blocks whose deletion failed, for gc to find among the rest: files deleted and purged,
+    # their blocks put back.
+    doomed = []
+    for i in range(3):
+        run_as(USER, lambda i=i: open(f"{m}/old/doomed{i}", "wb").write(content(f"doomed{i}")))
+        doomed += [w for w in env.stagefs("info", f"{m}/old/doomed{i}").stdout.split() if "/chunks/" in w]
+        run_as(USER, os.unlink, f"{m}/old/doomed{i}")
+    for t in glob.glob(f"{m}/.trash/*/*/*-doomed*"):
+        env.stagefs("trash", "purge", "--meta", v.meta_url, t, user="root")
+    helpers.wait_until(lambda: not set(doomed) & keys(v, moto), 60, "the deleter removes the purged files' blocks")
+    for k in doomed:
+        put_object(v, moto, k, b"lost")
+    # Old enough for gc's window by the time it runs.
+    window = 8
+    time.sleep(window + 1)
+    activity = subprocess.Popen(["runuser", "-u", USER, "--", "/usr/bin/python3", "-c", f"""
+import hashlib, os, subprocess, sys, time
+m, bin = {m!r}, {env.bin!r}
+def content(name):
+    return hashlib.sha256(name.encode()).digest() * (2000 + len(name) * 97)
+for i in range(12):
+    subprocess.run([bin, 'clone', f'{{m}}/old/f{{i}}', f'{{m}}/new/c{{i}}'], check=True, capture_output=True)
+    os.unlink(f'{{m}}/old/f{{i}}')
+    with open(f'{{m}}/new/w{{i}}', 'wb') as f:
+        f.write(content(f'w{{i}}'))
+    time.sleep(0.3)
+"""])
+    purged = 0
+    runs = 0
+    deleted = 0
+    while activity.poll() is None or runs < 2:
+        p = gc(env, v, "--delete", "--older-than", f"{window}s")
+        assert p.returncode == 0, p.stderr
+        deleted += sum(1 for line in p.stdout.splitlines() if line.startswith("deleted "))
+        runs += 1
+        # Purge what was deleted into the trash (the clones keep the data).
+        for t in glob.glob(f"{m}/.trash/*/*/*"):
+            if env.stagefs("trash", "purge", "--meta", v.meta_url, t, user="root", check=False).returncode == 0:
+                purged += 1
+    assert activity.wait() == 0
+    assert purged >= 12 and runs >= 2
+    assert deleted == len(doomed) and not set(doomed) & keys(v, moto), "the planted blocks, and only they, went"
+    for i in range(12):
+        assert run_as(USER, lambda i=i: open(f"{m}/new/c{i}", "rb").read()) == content(f"f{i}"), f"clone c{i}"
+        assert run_as(USER, lambda i=i: open(f"{m}/new/w{i}", "rb").read()) == content(f"w{i}"), f"file w{i}"
+    v.umount(m)
+    p = fsck(env, v, "--check-objects")
+    assert "is missing from the bucket" not in p.stdout, p.stdout
