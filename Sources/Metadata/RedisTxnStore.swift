@@ -958,6 +958,20 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         try tx.field(keys.gcKeep, Array(String(id).utf8)) != nil
     }
 
+    package func wipe() throws(FSError) {
+        // Every key of the volume (its prefix; a volume without one owns the database), 1,000
+        // a step, then the settings key last (the volume is gone once it is).
+        var cursor = "0"
+        repeat {
+            let r = try command(["SCAN", cursor, "MATCH", keys.prefix + "*", "COUNT", "1000"]).array
+            guard r.count == 2, let next = r[0].bytes else { throw FSError(EIO, "\(displayName): an unexpected reply to SCAN") }
+            let names = r[1].array.compactMap { $0.bytes }.filter { $0 != Array(keys.name(keys.setting).utf8) }
+            if !names.isEmpty { _ = try command(["UNLINK"] + names.map { String(decoding: $0, as: UTF8.self) }) }
+            cursor = String(decoding: next, as: UTF8.self)
+        } while cursor != "0"
+        _ = try command(["UNLINK", keys.name(keys.setting)])
+    }
+
     package func clearKeptForGC() throws(FSError) {
         // (UNLINK frees a large hash in the background.)
         _ = try command(["UNLINK", keys.name(keys.gcKeep)])

@@ -107,6 +107,16 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
         try transaction(write: true) { (_) throws(FSError) in try conn.query("DELETE FROM gckeep", []) }
     }
 
+    package func wipe() throws(FSError) {
+        let tables = [
+            "setting", "counter", "node", "edge", "symlink", "xattr", "xattrbytes", "chunk", "openfile", "delfile", "delslices", "sliceref", "gckeep",
+            "session", "locks", "sessionlock",
+        ]
+        try transaction(write: true) { (_) throws(FSError) in
+            for t in tables { try conn.query("DELETE FROM \(t)", []) }
+        }
+    }
+
     package var snapshotReads: Bool { true }
 
     package func reserveIDs(_ tx: SQLiteTxn?, _ counter: String, _ count: Int) throws(FSError) -> UInt64 {

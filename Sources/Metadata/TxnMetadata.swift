@@ -139,6 +139,9 @@ package protocol TxnStore: AnyObject, Sendable {
     func keptForGC(_ tx: Txn, _ id: UInt64) throws(FSError) -> Bool
     /// Forgets them all (a gc's end), outside any transaction.
     func clearKeptForGC() throws(FSError)
+    /// Removes every record of the volume (`stagefs destroy`), in bounded steps, outside any
+    /// transaction.
+    func wipe() throws(FSError)
 }
 
 /// What a transaction is about to read (`TxnStore.prefetch`).

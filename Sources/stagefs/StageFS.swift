@@ -36,7 +36,7 @@ struct StageFS: ParsableCommand {
             also 3 (partial), 4 (failed) and 130 (interrupted).
             """,
         version: stageFSVersion,
-        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self, Stage.self, Cache.self, TrashCmd.self, QuotaCmd.self, CloneCmd.self, DumpCmd.self, LoadCmd.self, BackupCmd.self, FsckCmd.self, GCCmd.self, BindConfig.self, Job.self, GatewayCmd.self]
+        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self, Stage.self, Cache.self, TrashCmd.self, QuotaCmd.self, CloneCmd.self, DumpCmd.self, LoadCmd.self, BackupCmd.self, FsckCmd.self, GCCmd.self, ConfigCmd.self, DestroyCmd.self, BindConfig.self, Job.self, GatewayCmd.self]
     )
 }
 
@@ -102,13 +102,9 @@ enum Main {
             let names = subcommands.map { $0._commandName }
             let prefix = path.dropFirst().map { $0 + " " }.joined()
             let guesses = closestMatches(to: word, in: names).map { "'\(prefix)\($0)'" }
-            var hint =
+            let hint =
                 guesses.isEmpty
                 ? "the commands are \(names.joined(separator: ", "))" : "did you mean \(guesses.joined(separator: " or "))?"
-            // What users of other file systems type first.
-            if path.count == 1 && word == "gc" {
-                hint = "a node's cache of blocks is cleaned by 'stagefs cache gc'"
-            }
             return "unknown command '\(prefix)\(word)': \(hint) (see '\(path.joined(separator: " ")) --help')"
         }
         return nil
