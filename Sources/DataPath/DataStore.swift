@@ -143,14 +143,29 @@ public final class DataStore: @unchecked Sendable {
         lock.withLock { max(changes[ino] ?? 0, changesFloor) }
     }
 
+    /// Told of every chunk whose records this client reads, with their number (a compactor's
+    /// hint: many records make slow reads).
+    private let fragmentWatch = Locked<(@Sendable (Ino, UInt32, Int) -> Void)?>(nil)
+
+    public func watchFragments(_ f: @escaping @Sendable (Ino, UInt32, Int) -> Void) { fragmentWatch.withLock { $0 = f } }
+
     private func view(_ ino: Ino, _ index: UInt32) throws(FSError) -> ChunkView {
         if let v = lock.withLock({ views[ino]?[index] }) { return v }
-        let v = ChunkView(segments: buildView(try ledger.readChunk(ino, index)))
+        let records = try ledger.readChunk(ino, index)
+        if records.count > 1, let watch = fragmentWatch.withLock({ $0 }) { watch(ino, index, records.count) }
+        let v = ChunkView(segments: buildView(records))
         lock.withLock {
             if views.count > 10_000 { views.removeAll() }
             views[ino, default: [:]][index] = v
         }
         return v
+    }
+
+    /// Bytes an upload worker reads. @unchecked: the caller waits for every worker before the
+    /// memory goes (`storeSlice` waits on its group).
+    private struct BytesRef: @unchecked Sendable {
+        let bytes: UnsafeRawBufferPointer
+        init(_ b: UnsafeRawBufferPointer) { bytes = b }
     }
 
     /// One piece of a read: `len` bytes from offset `off` of block `index` of slice `id` to `dest`.
@@ -167,9 +182,22 @@ public final class DataStore: @unchecked Sendable {
     public func read(
         _ ino: Ino, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, fileSize: UInt64, hint: ReadAhead? = nil
     ) throws(FSError) -> Int {
+        do {
+            return try readOnce(ino, at: offset, into: buffer, fileSize: fileSize, hint: hint)
+        } catch {
+            // A block gone under a view kept here: another client compacted or cut the file
+            // since. Read its records again once.
+            guard error.code == EIO else { throw error }
+            invalidate(ino)
+            return try readOnce(ino, at: offset, into: buffer, fileSize: fileSize, hint: hint)
+        }
+    }
+
+    private func readOnce(
+        _ ino: Ino, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, fileSize: UInt64, hint: ReadAhead?
+    ) throws(FSError) -> Int {
         if offset >= fileSize || buffer.count == 0 { return 0 }
         let total = Int(min(UInt64(buffer.count), fileSize - offset))
-        let bs = layout.blockSize
         var pieces: [Piece] = []
         var done = 0
         while done < total {
@@ -177,44 +205,10 @@ public final class DataStore: @unchecked Sendable {
             let chunk = UInt32(off / chunkSize)
             let posInChunk = UInt32(off % chunkSize)
             let n = min(total - done, Int(chunkSize) - Int(posInChunk))
-            let v = try view(ino, chunk)
-            var cursor = posInChunk
-            let end = posInChunk + UInt32(n)
-            for seg in v.segments where seg.pos + seg.len > cursor && seg.pos < end {
-                if seg.pos > cursor {
-                    // Gap before this segment: a hole.
-                    buffer.baseAddress!.advanced(by: done + Int(cursor - posInChunk)).initializeMemory(
-                        as: UInt8.self, repeating: 0, count: Int(seg.pos - cursor))
-                    cursor = seg.pos
-                }
-                let segEnd = min(seg.pos + seg.len, end)
-                let dest = buffer.baseAddress!.advanced(by: done + Int(cursor - posInChunk))
-                if seg.id == 0 {
-                    dest.initializeMemory(as: UInt8.self, repeating: 0, count: Int(segEnd - cursor))
-                } else {
-                    var sliceOff = Int(seg.off) + Int(cursor - seg.pos)
-                    var left = Int(segEnd - cursor)
-                    var d = dest
-                    while left > 0 {
-                        let bi = sliceOff / bs
-                        let bo = sliceOff % bs
-                        let blen = layout.blockLength(sliceSize: seg.size, index: bi)
-                        let take = min(left, blen - bo)
-                        if take <= 0 { throw FSError(EIO, "inode \(ino): a slice record points past its slice") }
-                        pieces.append(Piece(key: layout.key(slice: seg.id, index: bi, length: blen), blockLen: blen, off: bo, len: take, dest: d))
-                        d += take
-                        sliceOff += take
-                        left -= take
-                    }
-                }
-                cursor = segEnd
-            }
-            if cursor < end {
-                buffer.baseAddress!.advanced(by: done + Int(cursor - posInChunk)).initializeMemory(
-                    as: UInt8.self, repeating: 0, count: Int(end - cursor))
-            }
+            try plan(try view(ino, chunk).segments, ino: ino, from: posInChunk, count: n, into: buffer.baseAddress! + done, &pieces)
             done += n
         }
+        let bs = layout.blockSize
         let sequential = hint?.observe(offset: offset, length: total) ?? false
         try fetchPieces(pieces, wholeBlocks: sequential || total >= bs / 4)
         // Read ahead when a sequential reader enters another block (not on every request).
@@ -222,6 +216,81 @@ public final class DataStore: @unchecked Sendable {
             readAhead(ino, after: offset + UInt64(total), fileSize: fileSize, blocks: hint.window(max: config.readAheadBlocks))
         }
         return total
+    }
+
+    /// Reads `count` bytes from `start` of a chunk whose records make `segments` (a compactor's
+    /// snapshot, not this client's view), whole blocks at a time.
+    public func read(segments: [Segment], from start: UInt32, count: Int, into dest: UnsafeMutableRawPointer) throws(FSError) {
+        var pieces: [Piece] = []
+        try plan(segments, ino: 0, from: start, count: count, into: dest, &pieces)
+        try fetchPieces(pieces, wholeBlocks: true)
+    }
+
+    /// Fills the holes of `count` bytes from `start` of a chunk of `segments` at `dest` with
+    /// zeros and adds the pieces to fetch for the rest.
+    private func plan(
+        _ segments: [Segment], ino: Ino, from posInChunk: UInt32, count n: Int, into base: UnsafeMutableRawPointer, _ pieces: inout [Piece]
+    ) throws(FSError) {
+        let bs = layout.blockSize
+        var cursor = posInChunk
+        let end = posInChunk + UInt32(n)
+        for seg in segments where seg.pos + seg.len > cursor && seg.pos < end {
+            if seg.pos > cursor {
+                // Gap before this segment: a hole.
+                (base + Int(cursor - posInChunk)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(seg.pos - cursor))
+                cursor = seg.pos
+            }
+            let segEnd = min(seg.pos + seg.len, end)
+            let dest = base + Int(cursor - posInChunk)
+            if seg.id == 0 {
+                dest.initializeMemory(as: UInt8.self, repeating: 0, count: Int(segEnd - cursor))
+            } else {
+                var sliceOff = Int(seg.off) + Int(cursor - seg.pos)
+                var left = Int(segEnd - cursor)
+                var d = dest
+                while left > 0 {
+                    let bi = sliceOff / bs
+                    let bo = sliceOff % bs
+                    let blen = layout.blockLength(sliceSize: seg.size, index: bi)
+                    let take = min(left, blen - bo)
+                    if take <= 0 { throw FSError(EIO, "inode \(ino): a slice record points past its slice") }
+                    pieces.append(Piece(key: layout.key(slice: seg.id, index: bi, length: blen), blockLen: blen, off: bo, len: take, dest: d))
+                    d += take
+                    sliceOff += take
+                    left -= take
+                }
+            }
+            cursor = segEnd
+        }
+        if cursor < end {
+            (base + Int(cursor - posInChunk)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(end - cursor))
+        }
+    }
+
+    /// Stores a new slice's bytes as its blocks (a compactor's merged slice), in parallel.
+    public func storeSlice(_ id: UInt64, _ data: UnsafeRawBufferPointer) throws(FSError) {
+        let bs = layout.blockSize
+        let group = WaitGroup()
+        var at = 0
+        var index = 0
+        while at < data.count {
+            let len = min(bs, data.count - at)
+            let key = layout.key(slice: id, index: index, length: len)
+            let part = BytesRef(UnsafeRawBufferPointer(rebasing: data[at..<at + len]))
+            let work: @Sendable () -> Void = { [store] in
+                do throws(FSError) {
+                    try store.put(key, part.bytes)
+                    group.done()
+                } catch {
+                    group.done(error)
+                }
+            }
+            group.add()
+            fetcher.pool.submit(work)
+            at += len
+            index += 1
+        }
+        try group.wait()
     }
 
     private func fetchPieces(_ pieces: [Piece], wholeBlocks: Bool) throws(FSError) {

@@ -41,6 +41,8 @@ public final class VFS: Sendable {
     private let capabilities: Capabilities
     private let background: Background
     private let cache: MetaCache
+    /// Compacts chunks fragmented by many writes (nil: read-only, or through a gateway).
+    private let compactor: Compactor?
 
     // The kernel's root inode (1) is the mount's top directory: the volume's root, or with
     // `--subdir` that directory, whose ".." is itself. Nothing outside it is ever named to the
@@ -78,6 +80,14 @@ public final class VFS: Sendable {
             meta: meta, data: data, session: session, heartbeat: config.heartbeat, readOnly: config.readOnly
         ) { [files] in files.all.map { ($0.ino, $0.flags & O_ACCMODE) } }
         (data.ledger as? MetadataLedger)?.bind { [session] in session.sid }
+        if !config.readOnly, let admin = meta as? any CompactAdmin {
+            let c = Compactor(admin: admin, meta: meta, data: data) { [background] in background.wake(.slices) }
+            compactor = c
+            data.watchFragments { [c] ino, index, n in c.hint(ino, index, records: n) }
+            (data.ledger as? MetadataLedger)?.onCommit { [c] ino, index in c.noteCommit(ino, index) }
+        } else {
+            compactor = nil
+        }
     }
 
     // MARK: life cycle
@@ -86,10 +96,12 @@ public final class VFS: Sendable {
     public func start() throws(FSError) {
         try session.register()
         background.start()
+        compactor?.start()
     }
 
     /// Flushes all buffered writes, ends the session and stops the background thread.
     public func stop() {
+        compactor?.stop()
         do { try data.flushAll() } catch { Log.error("flushing buffered writes at unmount: \(error.message)") }
         background.stop()
         let open = files.all.map(\.ino)

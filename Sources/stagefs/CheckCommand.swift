@@ -3,6 +3,7 @@ import DataPath
 import Metadata
 import ObjectStorage
 import StageFSCore
+import VFS
 
 #if canImport(Glibc)
     import Glibc
@@ -133,6 +134,12 @@ struct GCCmd: ParsableCommand {
             come). A listing or read error stops it; nothing is deleted after one. One gc runs
             on a volume at a time.
 
+            --compact first merges the chunks of files fragmented by many writes or overwrites
+            (--min-slices records or more) into one slice each, as mounts do by themselves for
+            chunks of 100 records: reads get faster and the small objects are replaced by one.
+            Each chunk is changed only if nothing wrote to it meanwhile, and each old slice is
+            released once (deleted here, unless a clone still shares it).
+
             Examples:
               stagefs gc redis://10.0.0.5:6379/1
               stagefs gc redis://10.0.0.5:6379/1 --delete
@@ -148,9 +155,20 @@ struct GCCmd: ParsableCommand {
     @Option(help: "Leave objects newer than this (uploads whose commit may still come).")
     var olderThan = DurationArg(seconds: 3600)
 
+    @Flag(help: "Compact fragmented files first.")
+    var compact = false
+
+    @Option(help: "With --compact: chunks of at least this many slice records are compacted.")
+    var minSlices = 20
+
+    func validate() throws {
+        if minSlices < 2 { throw ValidationError("--min-slices takes 2 or more") }
+    }
+
     func run() throws {
         let (meta, format, store) = try adminVolume(metaURL, what: "gc")
         guard let admin = meta as? any GCAdmin else { throw FSError(EOPNOTSUPP, "\(meta.displayName) cannot be collected") }
+        if compact { try compactAll(meta, format, store) }
         if olderThan.seconds < 600 {
             printError(
                 "stagefs: warning: --older-than \(Setting.durationText(olderThan.seconds)) may delete blocks a writer uploaded and has not committed yet"
@@ -226,5 +244,38 @@ struct GCCmd: ParsableCommand {
             "stagefs: gc of volume '\(format.name)': \(scan.inodes) inodes and \(scan.slices) slice records read, \(listed) objects listed; \(leakedCount) leaked (\(humanBytes(UInt64(leakedBytes))))"
                 + (delete ? ", \(deleted) deleted" : leakedCount > 0 ? "; run again with --delete to delete them" : "")
                 + (kept > 0 ? "; \(kept) kept for clones made meanwhile" : "") + " in \(secs) s")
+    }
+}
+
+extension GCCmd {
+    /// `--compact`: every chunk of `--min-slices` records or more, merged (`Compactor`); then
+    /// the slices it released deleted.
+    func compactAll(_ meta: any MetadataEngine, _ format: VolumeFormat, _ store: any ObjectStore) throws {
+        guard let admin = meta as? any CompactAdmin else { throw FSError(EOPNOTSUPP, "\(meta.displayName) cannot compact") }
+        let data = DataStore(ledger: MetadataLedger(meta), store: store, format: format)
+        defer { data.shutdown() }
+        let compactor = Compactor(admin: admin, meta: meta, data: data)
+        var chunks = 0
+        var before = 0
+        var after = 0
+        var changed = 0
+        let start = Sys.monotonicNanos()
+        try admin.fragmentedChunks(minRecords: minSlices) { (ino, index, _) throws(FSError) in
+            if let (b, a) = try compactor.compact(ino, index) {
+                chunks += 1
+                before += b
+                after += a
+            } else {
+                changed += 1
+            }
+            if isatty(2) != 0 { printError("\rstagefs: compacted \(chunks) chunks...", newline: false) }
+        }
+        if isatty(2) != 0 { printError("\r\u{1B}[K", newline: false) }
+        var objects = 0
+        _ = try meta.collectDeleted(.slices, limit: 100_000, seconds: 600) { objects += data.deleteObjects($0) }
+        let secs = (Double(Sys.monotonicNanos() - start) / 1e8).rounded() / 10
+        printError(
+            "stagefs: compacted \(chunks) chunk(s) of volume '\(format.name)': \(before) slice records into \(after), \(objects) old object(s) deleted in \(secs) s"
+                + (changed > 0 ? "; \(changed) chunk(s) changed meanwhile were left" : ""))
     }
 }

@@ -106,15 +106,20 @@ struct ConfigCmd: ParsableCommand {
         }
         if want.trashDays == 0 && format.trashDays > 0 { matters.append("the trash goes off: deleted files are gone at once") }
         let usage = try meta.statfs()
-        if let c = want.capacity, c < usage.usedSpace { matters.append("the capacity \(humanBytes(c)) is below what the volume uses (\(humanBytes(usage.usedSpace))): writes fail until it shrinks") }
+        if let c = want.capacity, c < usage.usedSpace {
+            matters.append(
+                "the capacity \(humanBytes(c)) is below what the volume uses (\(humanBytes(usage.usedSpace))): writes fail until it shrinks")
+        }
         if let i = want.inodes, i < usage.usedInodes { matters.append("the inode limit \(i) is below the inodes in use (\(usage.usedInodes))") }
         for c in changes { printError("stagefs: \(c)") }
         if !matters.isEmpty {
             for m in matters { printError("stagefs: note: \(m)") }
             try confirm("change volume '\(format.name)'", yes: yes)
         }
-        if want.bucket != format.bucket || want.storage != format.storage || want.accessKey != format.accessKey || want.secretKey != format.secretKey {
-            let store = try openObjectStore(StoreConfig(storage: want.storage, bucket: want.bucket, accessKey: want.accessKey, secretKey: want.secretKey))
+        if want.bucket != format.bucket || want.storage != format.storage || want.accessKey != format.accessKey || want.secretKey != format.secretKey
+        {
+            let store = try openObjectStore(
+                StoreConfig(storage: want.storage, bucket: want.bucket, accessKey: want.accessKey, secretKey: want.secretKey))
             try store.check(prefix: want.name)
         }
         let wanted = want
@@ -201,6 +206,8 @@ struct DestroyCmd: ParsableCommand {
         }
         if tty { printError("\r\u{1B}[K", newline: false) }
         try admin.wipe()
-        printError("stagefs: volume '\(format.name)' destroyed: \(deleted) objects (\(humanBytes(UInt64(bytes)))) and its metadata in \(meta.displayName) deleted")
+        printError(
+            "stagefs: volume '\(format.name)' destroyed: \(deleted) objects (\(humanBytes(UInt64(bytes)))) and its metadata in \(meta.displayName) deleted"
+        )
     }
 }

@@ -68,9 +68,10 @@ def lengths(rng):
     return rng.choice([1, 13, 4096, 65537, BLOCK - 1, BLOCK + 5, rng.randrange(1, 300_000)])
 
 
-def run(root, seed, steps=120, big=True, clone_bin=None):
+def run(root, seed, steps=120, big=True, clone_bin=None, meta_url=None):
     """One sequence in directory `root`; raises AssertionError on the first difference.
-    `clone_bin`: the stagefs binary, to clone files with (no clones without it)."""
+    `clone_bin`: the stagefs binary, to clone files with (no clones without it); `meta_url`:
+    the volume's, to compact its fragmented files with `stagefs gc --compact` (none without)."""
     rng = random.Random(seed)
     model = Model()
     names = [f"f{i}" for i in range(3)]
@@ -98,8 +99,8 @@ def run(root, seed, steps=120, big=True, clone_bin=None):
         n = rng.choice(names)
         f = fd(n)
         size = len(model.files[n])
-        kind = rng.choices(["write", "truncate", "falloc", "punch", "zero", "copy", "mmap", "read", "reopen", "clone"],
-                           weights=[8, 2, 2, 3, 3, 4, 2, 3, 2, 2 if clone_bin else 0])[0]
+        kind = rng.choices(["write", "truncate", "falloc", "punch", "zero", "copy", "mmap", "read", "reopen", "clone", "compact"],
+                           weights=[8, 2, 2, 3, 3, 4, 2, 3, 2, 2 if clone_bin else 0, 1 if meta_url else 0])[0]
         if kind == "write":
             off, data = offsets(rng, size), rng.randbytes(lengths(rng))
             if not big:
@@ -171,6 +172,16 @@ def run(root, seed, steps=120, big=True, clone_bin=None):
             os.rename(tmp, path(n))
             model.files[n] = bytearray(model.files[src])
             what = f"clone {src} over {n}"
+        elif kind == "compact":
+            # Every file's chunks of two slices or more merged into one, by another process,
+            # while the files stay open here (writes made durable first: it compacts what was
+            # committed).
+            for x in list(fds):
+                os.fsync(fds[x])
+            p = subprocess.run([clone_bin, "gc", meta_url, "--compact", "--min-slices", "2"], capture_output=True, text=True)
+            if p.returncode != 0:
+                raise AssertionError(f"seed {seed}: stagefs gc --compact failed: {p.stderr.strip()}")
+            what = "gc --compact"
         elif kind == "read":
             off, length = offsets(rng, size), lengths(rng)
             got = os.pread(f, length, off)
@@ -214,7 +225,7 @@ def main():
                     d = vol.path(f"s{seed}")
                     helpers.run_as(helpers.USER, os.mkdir, d)
                     try:
-                        helpers.run_as(helpers.USER, run, d, seed, args.steps, True, env.bin)
+                        helpers.run_as(helpers.USER, run, d, seed, args.steps, True, env.bin, vol.meta_url)
                     except AssertionError as e:
                         failures += 1
                         print(f"{kind}: {e}\n", flush=True)

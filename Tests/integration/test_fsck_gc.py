@@ -209,3 +209,61 @@ for i in range(12):
     v.umount(m)
     p = fsck(env, v, "--check-objects")
     assert "is missing from the bucket" not in p.stdout, p.stdout
+
+
+def slices_of(env, path):
+    """The slice records of a file, as `stagefs info` lists them."""
+    out = env.stagefs("info", path).stdout
+    return sum(int(line.split(":")[1].split()[0]) for line in out.splitlines() if line.strip().startswith("chunk ") and "slice(s)" in line)
+
+
+def test_a_mount_compacts_a_chunk_of_many_appends_and_gc_compacts_overwrites(env, redis, moto, kind):
+    v = helpers.make_volume(env, kind, redis, moto, f"it-compact-{kind}", trash_days=0)
+    m = v.mnt
+    before = len(keys(v, moto))
+
+    def appends():
+        fd = os.open(f"{m}/log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        for i in range(1000):
+            os.write(fd, bytes([65 + i % 26]))
+            os.fsync(fd)
+        os.close(fd)
+    run_as(USER, appends)
+    want = bytes(65 + i % 26 for i in range(1000))
+    # The mount merges a chunk once it has 100 records, and deletes what it replaced.
+    helpers.wait_until(lambda: len(keys(v, moto)) <= before + 100, 60, "the appends' objects merged")
+    assert slices_of(env, f"{m}/log") < 100
+    t = time.time()
+    assert run_as(USER, lambda: open(f"{m}/log", "rb").read()) == want
+    print(f"compacted 1,000 appends: a cold read of the file took {(time.time() - t) * 1000:.1f} ms")
+
+    # 1,000 overwrites at random places of a 3 MiB file, each made durable.
+    import random
+    rng = random.Random(7)
+    model = bytearray(os.urandom(3 << 20))
+    run_as(USER, lambda: open(f"{m}/over", "wb").write(model))
+
+    def overwrite():
+        fd = os.open(f"{m}/over", os.O_WRONLY)
+        for _ in range(1000):
+            off, data = rng.randrange(0, len(model) - 5000), os.urandom(rng.randrange(1, 5000))
+            os.pwrite(fd, data, off)
+            model[off:off + len(data)] = data
+            os.fsync(fd)
+        os.close(fd)
+        return model
+    # (run_as runs it in a child: the model comes back from there.)
+    model = run_as(USER, overwrite)
+    v.umount(m)
+    v.mnt = m = v.mount()
+    many = slices_of(env, f"{m}/over")
+    assert many > 1
+    assert run_as(USER, lambda: open(f"{m}/over", "rb").read()) == bytes(model), "before gc --compact"
+    p = env.stagefs("gc", v.meta_url, "--compact", "--min-slices", "2", user="root", timeout=300)
+    assert "compacted" in p.stderr, p.stderr
+    assert slices_of(env, f"{m}/over") == 1 < many
+    assert run_as(USER, lambda: open(f"{m}/over", "rb").read()) == bytes(model)
+    assert run_as(USER, lambda: open(f"{m}/log", "rb").read()) == want
+    v.umount(m)
+    p = fsck(env, v, "--check-objects")
+    assert p.returncode == 0, p.stdout + p.stderr

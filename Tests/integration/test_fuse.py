@@ -101,7 +101,7 @@ def test_data_matches_a_model_under_writes_truncates_fallocate_copies_and_mmap(v
     more)."""
     d = os.path.join(workdir, f"fuzz{seed}")
     run_as(USER, os.mkdir, d)
-    run_as(USER, datafuzz.run, d, seed, 120, True, volume.env.bin)
+    run_as(USER, datafuzz.run, d, seed, 120, True, volume.env.bin, volume.meta_url)
 
 
 def test_truncate_down_and_up(volume, workdir):

@@ -1,0 +1,133 @@
+import DataPath
+import Metadata
+import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// Compaction of chunks fragmented by many small writes or overwrites: the chunk's bytes as its
+/// records make them are read (whole blocks), written as one new slice, and the records
+/// replaced by it in one metadata transaction that checks they did not change
+/// (`compactChunk`); the old slices are released once each. Runs on its own thread for a
+/// mount (chunks it was told of: `hint`), or in the caller for `stagefs gc --compact`.
+package final class Compactor: @unchecked Sendable {
+    // @unchecked: `queue`, `queued`, `stopping` and `running` are guarded by `lock` (the thread
+    // waits on it for work).
+    private let lock = ConditionLock()
+    private var queue: [(Ino, UInt32)] = []
+    private var queued = Set<ChunkKey>()
+    private var stopping = false
+    private var running = false
+    private let admin: any CompactAdmin
+    private let meta: any MetadataEngine
+    private let data: DataStore
+    /// Told when a compaction released slices (a mount wakes its deleter).
+    private let released: @Sendable () -> Void
+
+    private struct ChunkKey: Hashable {
+        let ino: Ino
+        let index: UInt32
+    }
+
+    package init(admin: any CompactAdmin, meta: any MetadataEngine, data: DataStore, released: @escaping @Sendable () -> Void = {}) {
+        self.admin = admin
+        self.meta = meta
+        self.data = data
+        self.released = released
+    }
+
+    package func start() {
+        lock.withLock { running = true }
+        if !DetachedThread.start({ [self] in run() }) { lock.withLock { running = false } }
+    }
+
+    package func stop() {
+        lock.withLock {
+            stopping = true
+            queue.removeAll()
+            lock.broadcast()
+            while running { lock.wait(seconds: 1) }
+        }
+    }
+
+    /// Slices this client committed to each chunk since it was last queued (at most 10,000
+    /// chunks are counted).
+    private var commits: [ChunkKey: Int] = [:]
+
+    /// This client committed a slice to chunk `index` of `ino`: after `compactThreshold` of
+    /// them the chunk is queued.
+    package func noteCommit(_ ino: Ino, _ index: UInt32) {
+        let k = ChunkKey(ino: ino, index: index)
+        let n = lock.withLock { () -> Int in
+            if commits.count > 10_000 { commits.removeAll() }
+            commits[k, default: 0] += 1
+            let n = commits[k]!
+            if n >= compactThreshold { commits[k] = nil }
+            return n
+        }
+        if n >= compactThreshold { hint(ino, index, records: n) }
+    }
+
+    /// A chunk seen with `records` slice records: queued when that is many (at most 1,000 wait).
+    package func hint(_ ino: Ino, _ index: UInt32, records: Int) {
+        guard records >= compactThreshold else { return }
+        lock.withLock {
+            guard !stopping, queue.count < 1000, queued.insert(ChunkKey(ino: ino, index: index)).inserted else { return }
+            queue.append((ino, index))
+            lock.broadcast()
+        }
+    }
+
+    private func run() {
+        while true {
+            let next = lock.withLock { () -> (Ino, UInt32)? in
+                while !stopping && queue.isEmpty { lock.wait(seconds: 5) }
+                if stopping { return nil }
+                let n = queue.removeFirst()
+                queued.remove(ChunkKey(ino: n.0, index: n.1))
+                return n
+            }
+            guard let (ino, index) = next else { break }
+            do {
+                if let (before, after) = try compact(ino, index) {
+                    Log.info("compacted chunk \(index) of inode \(ino): \(before) slice records into \(after)")
+                }
+            } catch {
+                if error.code != ENOENT { Log.warning("compacting chunk \(index) of inode \(ino): \(error.message)") }
+            }
+        }
+        lock.withLock {
+            running = false
+            lock.broadcast()
+        }
+    }
+
+    /// Compacts chunk `index` of `ino` now. Returns the records before and after, or nil when
+    /// there was nothing to do or the chunk changed meanwhile (then nothing changed).
+    package func compact(_ ino: Ino, _ index: UInt32) throws(FSError) -> (Int, Int)? {
+        let old = try meta.readChunk(ino, index)
+        guard old.count >= 2 else { return nil }
+        let segments = buildView(old)
+        guard let first = segments.first, let last = segments.last else { return nil }
+        let start = first.pos
+        let length = Int(last.pos + last.len - start)
+        var bytes = [UInt8](repeating: 0, count: length)
+        try bytes.withUnsafeMutableBufferPointer { (b) throws(FSError) -> Void in
+            try data.read(segments: segments, from: start, count: length, into: UnsafeMutableRawPointer(b.baseAddress!))
+        }
+        var merged = Slice(pos: start, id: 0, size: 0, off: 0, len: UInt32(length))
+        if bytes.contains(where: { $0 != 0 }) {
+            merged.id = try meta.newSliceIDs(1)
+            merged.size = UInt32(length)
+            try bytes.withUnsafeBufferPointer { (b) throws(FSError) -> Void in try data.storeSlice(merged.id, UnsafeRawBufferPointer(b)) }
+        }
+        guard try admin.compactChunk(ino, index, old: old, merged: merged) else {
+            if merged.id != 0 { data.deleteObjects(merged) }
+            return nil
+        }
+        data.invalidate(ino)
+        released()
+        return (old.count, 1)
+    }
+}
