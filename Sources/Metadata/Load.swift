@@ -69,15 +69,7 @@ extension TxnMetadata {
     ) throws(FSError)
         -> DumpStats
     {
-        let occupied = try store.transaction(write: false) { (tx) throws(FSError) -> Bool in
-            if try store.setting(tx, "format") != nil { return true }
-            return try store.attr(tx, rootIno) != nil
-        }
-        if occupied {
-            throw FSError(
-                EEXIST,
-                "\(displayName) is not empty: a dump loads only into an engine that holds no volume (a new SQLite file, an empty Redis database)")
-        }
+        try requireEmptyForLoad()
         try reader.beginObject()
         guard try reader.nextKey() == "stagefs_dump" else { throw FSError(EINVAL, "not a StageFS dump (it does not start with \"stagefs_dump\")") }
         let head = try reader.value()
@@ -129,14 +121,37 @@ extension TxnMetadata {
             }
         }
         guard try reader.atEnd() else { throw FSError(EINVAL, "the dump has text after its end") }
-        guard var f = format else { throw FSError(EINVAL, "the dump has no format record") }
+        guard let f = format else { throw FSError(EINVAL, "the dump has no format record") }
         guard let summary, summary["inodes"]?.int64 == Int64(state.stats.inodes), summary["entries"]?.int64 == Int64(state.stats.entries) else {
             throw FSError(
                 EINVAL, "the dump is incomplete: its summary does not match the \(state.stats.inodes) records read (a dump that was cut short)")
         }
+        try finishLoad(&state, format: f, counters: counters, quotas: quotas, gatewaySecret: gatewaySecret, secretKey: secretKey)
+        progress(state.stats)
+        return state.stats
+    }
+
+    /// Refuses an engine that holds a volume (a load makes one from nothing).
+    func requireEmptyForLoad() throws(FSError) {
+        let occupied = try store.transaction(write: false) { (tx) throws(FSError) -> Bool in
+            if try store.setting(tx, "format") != nil { return true }
+            return try store.attr(tx, rootIno) != nil
+        }
+        if occupied {
+            throw FSError(EEXIST, "\(displayName) is not empty: a dump loads only into an engine that holds no volume (a new SQLite file, an empty Redis database)")
+        }
+    }
+
+    /// What every load does once its records are in: link counts from the names found, slice
+    /// references, counters past every number used, the format record (last but for quotas),
+    /// then the quotas (each counts what it holds).
+    func finishLoad(
+        _ state: inout LoadState, format: VolumeFormat, counters: [String: Int64], quotas: [(QuotaTarget, QuotaLimits)], gatewaySecret: String?,
+        secretKey: String?
+    ) throws(FSError) {
+        var f = format
         guard state.recorded.contains(rootIno) else { throw FSError(EINVAL, "the dump has no root directory") }
         try apply(&state)
-
         // Link counts the names found say, where they differ from the records'.
         for (ino, n) in state.recordedLinks where state.names.count(ino) != n && state.names.count(ino) > 0 {
             state.add(.fileLinks(ino, state.names.count(ino)))
@@ -175,12 +190,10 @@ extension TxnMetadata {
             if case .dir(let ino) = target, !state.directories.contains(ino) { continue }
             _ = try setQuota(target, limits)
         }
-        progress(state.stats)
-        return state.stats
     }
 
     /// Takes one record of the dump: checks it and adds its changes to the batch.
-    private func take(_ v: JSONValue, _ s: inout LoadState) throws(FSError) {
+    func take(_ v: JSONValue, _ s: inout LoadState) throws(FSError) {
         if let ino = v["i"]?.uint64 {
             try takeInode(ino, v, &s)
         } else if let dir = v["e"]?.uint64 {
@@ -301,7 +314,7 @@ extension TxnMetadata {
     }
 
     /// Writes the batch in one transaction.
-    private func apply(_ s: inout LoadState) throws(FSError) {
+    func apply(_ s: inout LoadState) throws(FSError) {
         if s.pending.isEmpty { return }
         let batch = s.pending
         try store.transaction(write: true) { (tx) throws(FSError) in

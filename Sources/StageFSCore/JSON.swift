@@ -149,7 +149,7 @@ public enum JSONText {
         s.withUTF8Buffer { out.append(contentsOf: $0) }
     }
 
-    static func validUTF8(_ b: [UInt8]) -> Bool {
+    public static func validUTF8(_ b: [UInt8]) -> Bool {
         var it = b.makeIterator()
         var decoder = UTF8()
         while true {
@@ -350,6 +350,29 @@ public final class JSONReader {
         let v = try parse(depth: 0)
         budget = Int.max
         return v
+    }
+
+    /// Skips the next value whole, in bounded memory however large it is (objects and arrays
+    /// are walked, not kept; a string or number still has the value limit).
+    public func skipValue(depth: Int = 0) throws(FSError) {
+        if depth > 4096 { throw fail("nested deeper than 4096 levels") }
+        try skipSpace()
+        switch try peek() {
+        case UInt8(ascii: "{"):
+            try beginObject()
+            while try nextKey() != nil { try skipValue(depth: depth + 1) }
+        case UInt8(ascii: "["):
+            try beginArray()
+            while try nextElement() { try skipValue(depth: depth + 1) }
+        default:
+            _ = try value()
+        }
+    }
+
+    /// Whether the next value is an object (without reading it).
+    public func nextIsObject() throws(FSError) -> Bool {
+        try skipSpace()
+        return try peek() == UInt8(ascii: "{")
     }
 
     /// Whether only white space is left.

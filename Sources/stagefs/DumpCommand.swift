@@ -112,9 +112,16 @@ struct LoadCmd: ParsableCommand {
             A dump without the S3 secret key takes it from AWS_SECRET_ACCESS_KEY when set;
             otherwise mounts need --secret-key.
 
+            --from-juicefs DUMP takes the JSON output of 'juicefs dump' (1.4) instead and makes a
+            StageFS volume over the same bucket and the same objects, copying no data (README:
+            "Moving from JuiceFS"). A volume that cannot be read as it is (compressed or
+            encrypted blocks, a hash prefix or shards in its keys, POSIX ACLs, another storage)
+            is refused with the reason.
+
             Examples:
               stagefs load redis://10.0.0.6:6379/1 /backup/vol-2026-12-06.json.zst
               stagefs dump sqlite3:///var/lib/stagefs/vol.db - | stagefs load redis://10.0.0.6:6379/1 -
+              stagefs load --from-juicefs jfs-dump.json redis://10.0.0.6:6379/2
             """
     )
 
@@ -122,19 +129,33 @@ struct LoadCmd: ParsableCommand {
     var metaURL: String
 
     @Argument(help: "The dump ('-': standard input).")
-    var file: String
+    var file: String?
+
+    @Option(help: "A JuiceFS dump to take over ('-': standard input).")
+    var fromJuicefs: String?
+
+    func validate() throws {
+        if (file == nil) == (fromJuicefs == nil) { throw ValidationError("give the dump: FILE, or --from-juicefs DUMP") }
+    }
 
     func run() throws {
         let meta = try openMetadata(try metaURLArgument(metaURL), create: true)
-        guard let admin = meta as? any DumpAdmin else { throw FSError(EOPNOTSUPP, "\(meta.displayName) cannot load a dump") }
-        let fd = file == "-" ? 0 : try Sys.open(file, O_RDONLY)
+        guard let admin = meta as? any DumpAdmin, let jfs = meta as? any JuiceFSLoadAdmin else {
+            throw FSError(EOPNOTSUPP, "\(meta.displayName) cannot load a dump")
+        }
+        let path = fromJuicefs ?? file!
+        let fd = path == "-" ? 0 : try Sys.open(path, O_RDONLY)
         defer { if fd != 0 { Sys.close(fd) } }
-        let (source, _) = try decodingSniffed(FileSource(fd: fd, path: file == "-" ? "standard input" : file))
+        let (source, _) = try decodingSniffed(FileSource(fd: fd, path: path == "-" ? "standard input" : path))
         let secret = getenv("AWS_SECRET_ACCESS_KEY").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
         let progress = Progress(verb: "loaded")
         let start = Sys.monotonicNanos()
-        let stats = try admin.load(from: JSONReader(source), secretKey: secret, progress: progress.show)
+        let stats =
+            fromJuicefs != nil
+            ? try jfs.loadJuiceFS(from: JSONReader(source), secretKey: secret, progress: progress.show)
+            : try admin.load(from: JSONReader(source), secretKey: secret, progress: progress.show)
         progress.done(stats, seconds: Double(Sys.monotonicNanos() - start) / 1e9, to: meta.displayName)
+        for n in stats.notes { printError("stagefs: note: \(n)") }
         if let f = try meta.loadFormat(), f.storage == "s3", f.secretKey == nil {
             printError("stagefs: note: the dump holds no S3 secret key: mount with --secret-key (or load with AWS_SECRET_ACCESS_KEY set)")
         }

@@ -257,6 +257,46 @@ struct DumpTests {
         for t in day { #expect(t % 3600 < 1200) }
     }
 
+    @Test func aJuiceFSDumpLoadsWithItsEscapesAndHardLinksAndWhatCannotBeReadIsRefused() throws {
+        let setting = #""Setting": {"Name": "jv", "UUID": "u-1", "Storage": "file", "Bucket": "/data/", "BlockSize": 4096, "Compression": "none", "TrashDays": 0}"#
+        func attr(_ ino: Int, _ type: String, nlink: Int = 1, length: Int = 0) -> String {
+            #"{"inode":\#(ino),"type":"\#(type)","mode":420,"uid":5,"gid":6,"atime":1,"mtime":2,"ctime":3,"mtimensec":7,"nlink":\#(nlink),"length":\#(length)}"#
+        }
+        let tree = """
+            {\(setting), "Counters": {"nextInodes": 10, "nextChunk": 50},
+            "FSTree": {"attr": \(attr(1, "directory", nlink: 3)), "entries": {
+              "d": {"attr": \(attr(2, "directory")), "entries": {
+                "a%FFb%25": {"attr": \(attr(3, "regular", nlink: 2, length: 10)), "xattrs": [{"name": "user.k", "value": "v%00"}], "chunks": [{"index": 0, "slices": [{"id": 40, "size": 10, "len": 10}]}]},
+                "link": {"attr": \(attr(3, "regular", nlink: 2, length: 10)), "chunks": [{"index": 0, "slices": [{"id": 40, "size": 10, "len": 10}]}]},
+                "s": {"attr": \(attr(4, "symlink")), "symlink": "a%25b"}
+              }}
+            }}}
+            """
+        let e = try openMetadata(try MetaURL.parse("sqlite3://\(try makeTempDir("jfs"))/meta.db"), create: true)
+        let stats = try (e as! any JuiceFSLoadAdmin).loadJuiceFS(from: JSONReader(BytesSource(n(tree))), secretKey: nil, progress: { _ in })
+        #expect(stats.inodes == 4 && stats.entries == 4)
+        let (d, _) = try e.lookup(.root, rootIno, n("d"))
+        let (f, a) = try e.lookup(.root, d, [0x61, 0xff, 0x62, 0x25])
+        #expect(f == 3 && a.nlink == 2 && a.size == 10 && a.uid == 5 && a.mtime == Timespec(sec: 2, nsec: 7))
+        #expect(try e.lookup(.root, d, n("link")).0 == 3)
+        #expect(try e.getxattr(.root, f, n("user.k")) == [0x76, 0])
+        #expect(try e.readlink(try e.lookup(.root, d, n("s")).0) == n("a%b"))
+        #expect(try e.readChunk(f, 0) == [Slice(pos: 0, id: 40, size: 10, off: 0, len: 10)])
+        #expect(try e.requireFormat().name == "jv" && e.requireFormat().bucket == "/data" && e.newSliceIDs(1) > 50)
+        // What StageFS cannot read as it is: refused, nothing made.
+        for (bad, why) in [
+            (#""Compression": "none""#, #""Compression": "zstd""#), (#""TrashDays": 0"#, #""TrashDays": 0, "EncryptKey": "k""#),
+            (#""TrashDays": 0"#, #""TrashDays": 0, "HashPrefix": true"#), (#""Storage": "file""#, #""Storage": "oss""#),
+        ] {
+            let e2 = try openMetadata(try MetaURL.parse("sqlite3://\(try makeTempDir("jfs"))/meta.db"), create: true)
+            expectErrno(EOPNOTSUPP, "\(why)") {
+                _ = try (e2 as! any JuiceFSLoadAdmin).loadJuiceFS(
+                    from: JSONReader(BytesSource(n(tree.replacingOccurrences(of: bad, with: why)))), secretKey: nil, progress: { _ in })
+            }
+            #expect(try e2.loadFormat() == nil)
+        }
+    }
+
     @Test func aLoadRefusesAnEngineInUseAndDumpsThatAreNotWhole() throws {
         let f = try EngineFixture(.sqlite)
         _ = try DumpTests.populate(f.engine)
