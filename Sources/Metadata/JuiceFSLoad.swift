@@ -16,7 +16,9 @@ extension TxnMetadata {
     /// hash prefix or shards in the object keys, POSIX ACLs, a storage StageFS does not speak.
     /// Files in JuiceFS's trash come into StageFS's (as deleted by their owner); directories
     /// there are left out (`DumpStats.notes` says how many).
-    package func loadJuiceFS(from r: JSONReader, secretKey: String? = nil, progress: @escaping (DumpStats) -> Void = { _ in }) throws(FSError)
+    package func loadJuiceFS(
+        from r: JSONReader, secretKey: String? = nil, progress: @escaping (DumpStats) -> Void = { _ in }
+    ) throws(FSError)
         -> DumpStats
     {
         try requireEmptyForLoad()
@@ -38,7 +40,8 @@ extension TxnMetadata {
                 for (id, q) in members {
                     let limits = QuotaLimits(capacity: UInt64(max(0, q["maxSpace"]?.int64 ?? 0)), inodes: UInt64(max(0, q["maxInodes"]?.int64 ?? 0)))
                     let target: QuotaTarget? =
-                        key == "Quotas" ? Ino(id).map { .dir($0) } : key == "UserQuotas" ? UInt32(id).map { .user($0) } : UInt32(id).map { .group($0) }
+                        key == "Quotas"
+                        ? Ino(id).map { .dir($0) } : key == "UserQuotas" ? UInt32(id).map { .user($0) } : UInt32(id).map { .group($0) }
                     guard let target else { throw FSError(EINVAL, "the JuiceFS dump has a quota of '\(id)'") }
                     if limits.capacity > 0 || limits.inodes > 0 { quotas.append((target, limits)) }
                 }
@@ -72,7 +75,8 @@ extension TxnMetadata {
             FSError(EOPNOTSUPP, "JuiceFS volume '\(name)' cannot be taken over without copying its data: \(why)")
         }
         if let comp = s["Compression"]?.string, !comp.isEmpty, comp != "none" {
-            throw refuse("its blocks are compressed (\(comp)), which StageFS does not read; copy it instead (juicefs sync, or cp through both mounts)")
+            throw refuse(
+                "its blocks are compressed (\(comp)), which StageFS does not read; copy it instead (juicefs sync, or cp through both mounts)")
         }
         if let key = s["EncryptKey"]?.string, !key.isEmpty { throw refuse("its blocks are encrypted") }
         if s["HashPrefix"]?.bool == true { throw refuse("its object keys have a hash prefix (format --hash-prefix)") }
@@ -208,13 +212,23 @@ struct JuiceFSConverter<S: TxnStore> {
         m.append(("p", .uint(parent)))
         if let xs = xattrs?.array, !xs.isEmpty {
             m.append(
-                ("x", .array(xs.map { x in .array([Self.bytesValue(Self.unescape(x["name"]?.string ?? "")), Self.bytesValue(Self.unescape(x["value"]?.string ?? ""))]) })))
+                (
+                    "x",
+                    .array(
+                        xs.map { x in
+                            .array([
+                                Self.bytesValue(Self.unescape(x["name"]?.string ?? "")), Self.bytesValue(Self.unescape(x["value"]?.string ?? "")),
+                            ])
+                        })
+                ))
         }
         if let t = target ?? link { m.append(("l", Self.bytesValue(t))) }
         if let cs = chunks?.array, !cs.isEmpty {
             var list: [JSONValue] = []
             for c in cs {
-                guard let idx = c["index"]?.uint64, let slices = c["slices"]?.array else { throw FSError(EINVAL, "inode \(ino) has a malformed chunk in the JuiceFS dump") }
+                guard let idx = c["index"]?.uint64, let slices = c["slices"]?.array else {
+                    throw FSError(EINVAL, "inode \(ino) has a malformed chunk in the JuiceFS dump")
+                }
                 list.append(
                     .array([
                         .uint(idx),
@@ -256,7 +270,9 @@ struct JuiceFSConverter<S: TxnStore> {
             case "posix_acl_access", "posix_acl_default":
                 throw FSError(EOPNOTSUPP, "JuiceFS inode \(ino) has a POSIX ACL, which StageFS does not keep")
             case "entries":
-                guard type == .directory, !recorded else { throw FSError(EINVAL, "the JuiceFS dump has entries under inode \(ino), not a new directory") }
+                guard type == .directory, !recorded else {
+                    throw FSError(EINVAL, "the JuiceFS dump has entries under inode \(ino), not a new directory")
+                }
                 try record(attr, ino: ino, type: type, parent: isRoot ? rootIno : parent, xattrs: xattrs, symlink: nil, chunks: nil)
                 recorded = true
                 try directory(r, ino, depth: depth)
@@ -365,7 +381,9 @@ struct JuiceFSConverter<S: TxnStore> {
             try r.beginObject()
             while let name = try r.nextKey() {
                 try r.beginObject()
-                guard try r.nextKey() == "attr" else { throw FSError(EINVAL, "the JuiceFS dump has a trash entry whose attributes do not come first") }
+                guard try r.nextKey() == "attr" else {
+                    throw FSError(EINVAL, "the JuiceFS dump has a trash entry whose attributes do not come first")
+                }
                 let attr = try r.value()
                 guard let ino = attr["inode"]?.uint64, ino > 0, ino < Trash.base, attr["type"]?.string == "regular", !state.recorded.contains(ino)
                 else {
@@ -379,7 +397,8 @@ struct JuiceFSConverter<S: TxnStore> {
                     switch f {
                     case "xattrs": xattrs = try r.value()
                     case "chunks": chunks = try r.value()
-                    case "posix_acl_access", "posix_acl_default": throw FSError(EOPNOTSUPP, "JuiceFS inode \(ino) has a POSIX ACL, which StageFS does not keep")
+                    case "posix_acl_access", "posix_acl_default":
+                        throw FSError(EOPNOTSUPP, "JuiceFS inode \(ino) has a POSIX ACL, which StageFS does not keep")
                     default: try r.skipValue()
                     }
                 }
@@ -397,7 +416,8 @@ struct JuiceFSConverter<S: TxnStore> {
                 let home = owners[uid]!.ino
                 let size = attr["length"]?.uint64 ?? 0
                 let origin = Trash.Origin(parent: origParent, deleted: deleted, name: origName, counted: align4K(size))
-                try record(attr, ino: ino, type: .regular, parent: home, xattrs: xattrs, symlink: nil, chunks: chunks, nlink: 0, target: origin.encoded())
+                try record(
+                    attr, ino: ino, type: .regular, parent: home, xattrs: xattrs, symlink: nil, chunks: chunks, nlink: 0, target: origin.encoded())
                 owners[uid]!.names.append(.array([Self.bytesValue(Trash.entryName(ino, origName)), .uint(ino), .string("f")]))
                 if owners[uid]!.names.count == dumpPage {
                     try take([("e", .uint(home)), ("n", .array(owners[uid]!.names))])

@@ -258,7 +258,8 @@ struct DumpTests {
     }
 
     @Test func aJuiceFSDumpLoadsWithItsEscapesAndHardLinksAndWhatCannotBeReadIsRefused() throws {
-        let setting = #""Setting": {"Name": "jv", "UUID": "u-1", "Storage": "file", "Bucket": "/data/", "BlockSize": 4096, "Compression": "none", "TrashDays": 0}"#
+        let setting =
+            #""Setting": {"Name": "jv", "UUID": "u-1", "Storage": "file", "Bucket": "/data/", "BlockSize": 4096, "Compression": "none", "TrashDays": 0}"#
         func attr(_ ino: Int, _ type: String, nlink: Int = 1, length: Int = 0) -> String {
             #"{"inode":\#(ino),"type":"\#(type)","mode":420,"uid":5,"gid":6,"atime":1,"mtime":2,"ctime":3,"mtimensec":7,"nlink":\#(nlink),"length":\#(length)}"#
         }
