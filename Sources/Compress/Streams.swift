@@ -75,10 +75,8 @@ final class GzipEncoder: ByteSink {
     init(_ sink: ByteSink) throws(FSError) {
         self.sink = sink
         z.initialize(to: z_stream())
-        guard czlib_deflate_init_gzip(z, 6) == Z_OK else {
-            z.deallocate()
-            throw FSError(ENOMEM, "cannot start a gzip encoder")
-        }
+        // (On failure deinit frees `z`: every stored property is set by then.)
+        guard czlib_deflate_init_gzip(z, 6) == Z_OK else { throw FSError(ENOMEM, "cannot start a gzip encoder") }
     }
 
     deinit {
@@ -132,11 +130,8 @@ final class GzipDecoder: ByteSource {
     init(_ source: ByteSource) throws(FSError) {
         self.source = source
         z.initialize(to: z_stream())
-        guard czlib_inflate_init_gzip(z) == Z_OK else {
-            z.deallocate()
-            input.deallocate()
-            throw FSError(ENOMEM, "cannot start a gzip decoder")
-        }
+        // (On failure deinit frees `z` and `input`: every stored property is set by then.)
+        guard czlib_inflate_init_gzip(z) == Z_OK else { throw FSError(ENOMEM, "cannot start a gzip decoder") }
     }
 
     deinit {

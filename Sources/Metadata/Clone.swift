@@ -72,7 +72,8 @@ extension TxnMetadata {
     func keepIfGC(_ tx: S.Txn, _ ids: [UInt64]) throws(FSError) {
         let ids = ids.filter { $0 != 0 }
         if ids.isEmpty { return }
-        if let g = try store.setting(tx, "gcRunning"), let (_, until) = gcLease(g), until > Timespec.now().sec { try store.keepForGC(tx, ids) }
+        // (Whatever this client's clock says of the lease: the gc itself stops if it ran out.)
+        if let g = try store.setting(tx, "gcRunning"), let (holder, _) = gcLease(g) { try store.keepForGC(tx, holder: holder, ids) }
     }
 
     /// copy_file_range(2) within the volume, one bounded step: `dst` at `dstOff` comes to read

@@ -28,6 +28,9 @@ package struct FsckReport: Sendable {
     package var problems: [String] = []
     package var count = 0
     package var repaired = 0
+    /// Problems left unrepaired because clients were connected (repairs that count what may
+    /// change while it is counted: link counts, usage, quotas, references going down).
+    package var deferred = 0
     package var directories = 0
     package var inodes = 0
     package var slicesChecked = 0
@@ -65,9 +68,14 @@ extension TxnMetadata {
         var reached = SparseBitmap()
         let now = Timespec.now().sec
         let whole = o.top == nil
+        var live = 0
         if whole {
             // Stale sessions first: ending them frees what they held open after its unlink.
-            for s in try listSessions() where s.heartbeat < now - o.staleAge {
+            for s in try listSessions() {
+                guard s.heartbeat < now - o.staleAge else {
+                    live += 1
+                    continue
+                }
                 r.problem(
                     "session \(s.sid) (\(s.hostname), pid \(s.pid), \(s.mountPoint)) has been silent for \(now - s.heartbeat) s: its client is gone")
                 if o.repair {
@@ -75,7 +83,12 @@ extension TxnMetadata {
                     r.repaired += 1
                 }
             }
+        } else {
+            live = try listSessions().filter { $0.heartbeat >= now - o.staleAge }.count
         }
+        // What is counted across many steps changes under connected clients: such repairs wait
+        // for a quiet volume.
+        let quiet = live == 0
         // The tree.
         let top = o.top ?? rootIno
         _ = try reached.insert(top)
@@ -122,7 +135,7 @@ extension TxnMetadata {
                         if !Trash.isTrash(dir) { try names.add(e.ino) }
                     }
                 }
-                if o.repair { try apply(repairs, &r) }
+                if o.repair { try apply(repairs, &r, quiet: quiet) }
                 r.inodes += page.count
                 o.progress(r)
                 guard let last = page.last, page.count == dumpPage else { break }
@@ -131,7 +144,7 @@ extension TxnMetadata {
             r.directories += 1
             if let a = dirAttr, a.nlink != 2 + subdirs {
                 r.problem("directory \(path) (inode \(dir)) has link count \(a.nlink), but \(2 + subdirs) by its subdirectories")
-                if o.repair { try apply([.links(ino: dir, nlink: 2 + subdirs)], &r) }
+                if o.repair { try apply([.links(ino: dir, nlink: 2 + subdirs)], &r, quiet: quiet) }
             }
         }
         guard whole else { return r }
@@ -216,7 +229,7 @@ extension TxnMetadata {
                     }
                 }
             }
-            if o.repair { try apply(repairs, &r) }
+            if o.repair { try apply(repairs, &r, quiet: quiet) }
             o.progress(r)
             guard let n = next else { break }
             cursor = n
@@ -242,7 +255,11 @@ extension TxnMetadata {
             let refs = try store.transaction(write: false) { (tx) throws(FSError) in try store.sliceRefs(tx, id) }
             if refs != Int64(n) - 1 {
                 r.problem("slice \(id) has \(n) records but \(refs) reference(s) counted beyond the first")
-                if o.repair {
+                // (Fewer references than records would let its objects go while a record is
+                // left: raised at once; lowered only on a quiet volume.)
+                if o.repair && !quiet && refs > Int64(n) - 1 {
+                    r.deferred += 1
+                } else if o.repair {
                     try store.transaction(write: true) { (tx) throws(FSError) in
                         try store.addSliceRefs(tx, id, Int64(n) - 1 - (try store.sliceRefs(tx, id)))
                     }
@@ -257,7 +274,9 @@ extension TxnMetadata {
             let recorded = try store.transaction(write: false) { (tx) throws(FSError) in try store.counter(tx, name) }
             if recorded != value {
                 r.problem("the counter \(name) says \(recorded), the inodes add up to \(value)")
-                if o.repair {
+                if o.repair && !quiet {
+                    r.deferred += 1
+                } else if o.repair {
                     try store.transaction(write: true) { (tx) throws(FSError) in try store.add(tx, name, value - recorded) }
                     r.repaired += 1
                 }
@@ -266,12 +285,12 @@ extension TxnMetadata {
 
         // Quotas.
         for q in try quotas() {
-            let c = try checkQuota(q.target, repair: o.repair)
+            let c = try checkQuota(q.target, repair: o.repair && quiet)
             if c.recorded != c.counted {
                 r.problem(
                     "\(q.target) records \(c.recorded.space) bytes and \(c.recorded.inodes) inodes, its tree holds \(c.counted.space) bytes and \(c.counted.inodes) inodes"
                 )
-                if o.repair { r.repaired += 1 }
+                if o.repair && quiet { r.repaired += 1 } else if o.repair { r.deferred += 1 }
             }
         }
         return r
@@ -288,8 +307,16 @@ extension TxnMetadata {
         }
     }
 
-    private func apply(_ repairs: [FsckRepair], _ r: inout FsckReport) throws(FSError) {
+    private func apply(_ repairs: [FsckRepair], _ r: inout FsckReport, quiet: Bool) throws(FSError) {
         for rep in repairs {
+            switch rep {
+            case .links, .parent, .lostFound:
+                if !quiet {
+                    r.deferred += 1
+                    continue
+                }
+            default: break
+            }
             let done = try store.transaction(write: true) { (tx) throws(FSError) -> Bool in
                 switch rep {
                 case .dropEntry(let dir, let name, let ino):

@@ -26,13 +26,16 @@ extension TxnMetadata {
     /// (`keptForGC`).
     package func beginGC(holder: String) throws(FSError) {
         let now = Timespec.now().sec
-        try store.clearKeptForGC()
-        try store.transaction(write: true) { (tx) throws(FSError) in
-            if let g = try store.setting(tx, "gcRunning"), let (h, until) = gcLease(g), h != holder, until > now {
+        let before = try store.transaction(write: true) { (tx) throws(FSError) -> String? in
+            let old = try store.setting(tx, "gcRunning").flatMap { gcLease($0) }
+            if let (h, until) = old, h != holder, until > now {
                 throw FSError(EBUSY, "another gc (\(h)) is running on this volume until \(until - now) s from now")
             }
             try store.setSetting(tx, "gcRunning", "\(holder) \(now + gcLeaseSeconds)")
+            return old?.0
         }
+        // What a gc that stopped without ending noted is of no use to anyone now.
+        if let old = before, old != holder { try store.clearKeptForGC(holder: old) }
     }
 
     /// Renews the lease; fails when it ran out or another took it (then what the scan read can
@@ -49,11 +52,14 @@ extension TxnMetadata {
         }
     }
 
+    /// Ends gc `holder`: its lease and what was noted for it (another's, if it took over, stay).
     package func endGC(holder: String) throws(FSError) {
-        try store.transaction(write: true) { (tx) throws(FSError) in
-            if let g = try store.setting(tx, "gcRunning"), let (h, _) = gcLease(g), h == holder { try store.setSetting(tx, "gcRunning", "") }
+        let mine = try store.transaction(write: true) { (tx) throws(FSError) -> Bool in
+            guard let g = try store.setting(tx, "gcRunning"), let (h, _) = gcLease(g), h == holder else { return false }
+            try store.setSetting(tx, "gcRunning", "")
+            return true
         }
-        try store.clearKeptForGC()
+        if mine { try store.clearKeptForGC(holder: holder) }
     }
 
     func gcLease(_ text: String) -> (String, Int64)? {
@@ -123,10 +129,10 @@ extension TxnMetadata {
     }
 
     /// Which of `ids` were noted while the gc ran (`keepIfGC`).
-    package func keptForGC(_ ids: [UInt64]) throws(FSError) -> Set<UInt64> {
+    package func keptForGC(holder: String, _ ids: [UInt64]) throws(FSError) -> Set<UInt64> {
         try store.transaction(write: false) { (tx) throws(FSError) in
             var out = Set<UInt64>()
-            for id in ids where try store.keptForGC(tx, id) { out.insert(id) }
+            for id in ids where try store.keptForGC(tx, holder: holder, id) { out.insert(id) }
             return out
         }
     }
@@ -138,7 +144,7 @@ package protocol GCAdmin: AnyObject, Sendable {
     func renewGC(holder: String) throws(FSError)
     func endGC(holder: String) throws(FSError)
     func scanSlices(renew: () throws(FSError) -> Void, progress: (GCScan) -> Void) throws(FSError) -> GCScan
-    func keptForGC(_ ids: [UInt64]) throws(FSError) -> Set<UInt64>
+    func keptForGC(holder: String, _ ids: [UInt64]) throws(FSError) -> Set<UInt64>
 }
 
 extension TxnMetadata: GCAdmin {}

@@ -39,6 +39,8 @@ struct LoadState {
     /// where that is not 1.
     var names = MultiCounter()
     var recordedLinks: [Ino: UInt32] = [:]
+    /// Directories named so far (each has one name).
+    var named = SparseBitmap()
     /// Records of each slice id (more than one: shared by a clone or a copied range).
     var slices = MultiCounter()
     var usedSpace: Int64 = 0
@@ -138,7 +140,9 @@ extension TxnMetadata {
             return try store.attr(tx, rootIno) != nil
         }
         if occupied {
-            throw FSError(EEXIST, "\(displayName) is not empty: a dump loads only into an engine that holds no volume (a new SQLite file, an empty Redis database)")
+            throw FSError(
+                EEXIST,
+                "\(displayName) is not empty: a dump loads only into an engine that holds no volume (a new SQLite file, an empty Redis database)")
         }
     }
 
@@ -172,10 +176,16 @@ extension TxnMetadata {
         let st = state
         try store.transaction(write: true) { (tx) throws(FSError) in
             // Past every number in use, whatever the counters said when they were read.
-            try store.add(tx, "nextInode", max(counters["nextInode"] ?? 0, Int64(st.maxInode)))
-            try store.add(tx, "nextSlice", max(counters["nextSlice"] ?? 0, Int64(st.maxSlice)))
+            // (Inode numbers stay below the trash's, 2^52; slice ids below 2^62.)
+            let nextInode = max(counters["nextInode"] ?? 0, Int64(st.maxInode))
+            let nextSlice = max(counters["nextSlice"] ?? 0, Int64(st.maxSlice))
+            guard nextInode < Int64(Trash.base) - 1_000_000, nextSlice < Int64(1) << 62 else {
+                throw FSError(EINVAL, "the dump's counters are out of range (next inode \(nextInode), next slice \(nextSlice))")
+            }
+            try store.add(tx, "nextInode", nextInode)
+            try store.add(tx, "nextSlice", nextSlice)
             let trashIDs = st.maxTrashInode > Trash.base ? Int64(st.maxTrashInode - Trash.base - 1) : 0
-            try store.add(tx, "nextTrashInode", max(counters["nextTrashInode"] ?? 0, trashIDs))
+            try store.add(tx, "nextTrashInode", min(max(counters["nextTrashInode"] ?? 0, trashIDs), Int64(Trash.base) - 1))
             try store.add(tx, "usedSpace", st.usedSpace)
             try store.add(tx, "usedInodes", st.usedInodes)
             try store.add(tx, "trashSpace", st.trashSpace)
@@ -207,7 +217,15 @@ extension TxnMetadata {
                     throw FSError(EINVAL, "the dump has an invalid name in directory inode \(dir): \(String(decoding: name, as: UTF8.self))")
                 }
                 guard s.recorded.contains(ino) else { throw FSError(EINVAL, "the dump names inode \(ino) before its record") }
-                if t != .directory && !Trash.isTrash(dir) { try s.names.add(ino) }
+                guard (t == .directory) == s.directories.contains(ino) else {
+                    throw FSError(EINVAL, "the dump names inode \(ino) as a \(t) in directory inode \(dir), but its record says otherwise")
+                }
+                if t == .directory {
+                    // A directory has one name (and the root none).
+                    guard ino != rootIno, try s.named.insert(ino) else { throw FSError(EINVAL, "the dump names directory inode \(ino) twice") }
+                } else if !Trash.isTrash(dir) {
+                    try s.names.add(ino)
+                }
                 list.append((name, ino, t))
             }
             s.stats.entries += list.count
@@ -298,7 +316,8 @@ extension TxnMetadata {
             var w = ByteWriter(capacity: slices.count * Slice.encodedSize)
             for sl in slices {
                 guard let pos = sl[0]?.uint64, let id = sl[1]?.uint64, let size = sl[2]?.uint64, let off = sl[3]?.uint64, let len = sl[4]?.uint64,
-                    pos + len <= chunkSize, size <= chunkSize, off + len <= size || id == 0
+                    pos <= chunkSize, size <= chunkSize, off <= chunkSize, len <= chunkSize, id < 1 << 62,
+                    pos + len <= chunkSize, off + len <= size || (id == 0 && size == 0)
                 else { throw FSError(EINVAL, "inode \(ino) has a malformed slice in chunk \(idx) of the dump") }
                 Slice(pos: UInt32(pos), id: id, size: UInt32(size), off: UInt32(off), len: UInt32(len)).encode(into: &w)
                 if id != 0 {

@@ -92,8 +92,8 @@ struct RedisKeys: Sendable {
     let delslices = RKey(named: "delslices")
     /// Hash: slice id (decimal) -> its references beyond the first record (`TxnStore.sliceRefs`).
     let sliceRefs = RKey(named: "sliceRefs")
-    /// Hash: slice id (decimal) -> 1, the slices a gc keeps (`TxnStore.keepForGC`).
-    let gcKeep = RKey(named: "gcKeep")
+    /// Hash: slice id (decimal) -> 1, the slices gc `holder` keeps (`TxnStore.keepForGC`).
+    func gcKept(_ holder: String) -> RKey { RKey(named: "gcKept_" + holder) }
     func requests(_ client: String) -> RKey { RKey(named: "rq" + client) }
     /// Hash: the request ids (and saved results) of a gateway client's session `sid`
     /// (`RequestRecords`; "rqs" never begins one of this client's own, whose names are hex).
@@ -829,7 +829,10 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         if !inos.isEmpty {
             let values = try command(["MGET"] + inos.map { keys.name(keys.attr($0)) }).array
             for (ino, v) in zip(inos, values) {
-                if let b = v.bytes, let a = Attr(decoding: b) { out.append((ino, a)) }
+                guard let b = v.bytes else { continue }  // (gone since SCAN saw it)
+                // (A record that cannot be read is no reason to take its slices for unreferenced.)
+                guard let a = Attr(decoding: b) else { throw FSError(EIO, "\(displayName): inode \(ino) has a corrupt record") }
+                out.append((ino, a))
             }
         }
         return (out, next == 0 ? nil : next)
@@ -950,12 +953,12 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         return Int64(String(decoding: v, as: UTF8.self)) ?? 0
     }
 
-    package func keepForGC(_ tx: RedisTxn, _ ids: [UInt64]) throws(FSError) {
-        for id in ids { try tx.hset(keys.gcKeep, Array(String(id).utf8), [UInt8(ascii: "1")]) }
+    package func keepForGC(_ tx: RedisTxn, holder: String, _ ids: [UInt64]) throws(FSError) {
+        for id in ids { try tx.hset(keys.gcKept(holder), Array(String(id).utf8), [UInt8(ascii: "1")]) }
     }
 
-    package func keptForGC(_ tx: RedisTxn, _ id: UInt64) throws(FSError) -> Bool {
-        try tx.field(keys.gcKeep, Array(String(id).utf8)) != nil
+    package func keptForGC(_ tx: RedisTxn, holder: String, _ id: UInt64) throws(FSError) -> Bool {
+        try tx.field(keys.gcKept(holder), Array(String(id).utf8)) != nil
     }
 
     package func wipe() throws(FSError) {
@@ -972,9 +975,9 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         _ = try command(["UNLINK", keys.name(keys.setting)])
     }
 
-    package func clearKeptForGC() throws(FSError) {
+    package func clearKeptForGC(holder: String) throws(FSError) {
         // (UNLINK frees a large hash in the background.)
-        _ = try command(["UNLINK", keys.name(keys.gcKeep)])
+        _ = try command(["UNLINK", keys.name(keys.gcKept(holder))])
     }
 
     package func addSliceRefs(_ tx: RedisTxn, _ id: UInt64, _ delta: Int64) throws(FSError) {

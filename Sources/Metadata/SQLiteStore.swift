@@ -50,7 +50,7 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
             CREATE TABLE IF NOT EXISTS delfile(ino INTEGER PRIMARY KEY, size INTEGER NOT NULL, at INTEGER NOT NULL);
             CREATE TABLE IF NOT EXISTS delslices(id INTEGER PRIMARY KEY AUTOINCREMENT, slices BLOB NOT NULL);
             CREATE TABLE IF NOT EXISTS sliceref(id INTEGER PRIMARY KEY, refs INTEGER NOT NULL);
-            CREATE TABLE IF NOT EXISTS gckeep(id INTEGER PRIMARY KEY);
+            CREATE TABLE IF NOT EXISTS gc_kept(holder TEXT NOT NULL, id INTEGER NOT NULL, PRIMARY KEY(holder, id));
             CREATE TABLE IF NOT EXISTS session(sid INTEGER PRIMARY KEY, heartbeat INTEGER NOT NULL, info TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS locks(ino INTEGER NOT NULL, kind INTEGER NOT NULL, tbl BLOB NOT NULL,
                 PRIMARY KEY(ino, kind)) WITHOUT ROWID;
@@ -89,27 +89,30 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
 
     package func scanInodes(_ tx: SQLiteTxn, cursor: UInt64, limit: Int) throws(FSError) -> (inodes: [(Ino, Attr)], next: UInt64?) {
         var out: [(Ino, Attr)] = []
+        var bad: UInt64?
         try conn.query("SELECT ino, attr FROM node WHERE ino > ? ORDER BY ino LIMIT ?", [.int(Int64(bitPattern: cursor)), .int(Int64(limit))]) {
-            if let a = Attr(decoding: Col.blob($0, 1)) { out.append((UInt64(Col.int($0, 0)), a)) }
+            if let a = Attr(decoding: Col.blob($0, 1)) { out.append((UInt64(Col.int($0, 0)), a)) } else { bad = UInt64(Col.int($0, 0)) }
         }
+        // (A record that cannot be read is no reason to take its slices for unreferenced.)
+        if let bad { throw FSError(EIO, "\(displayName): inode \(bad) has a corrupt record") }
         return (out, out.count < limit ? nil : out.last!.0)
     }
 
-    package func keepForGC(_ tx: SQLiteTxn, _ ids: [UInt64]) throws(FSError) {
-        for id in ids { try conn.query("INSERT OR IGNORE INTO gckeep(id) VALUES(?)", [.int(Int64(bitPattern: id))]) }
+    package func keepForGC(_ tx: SQLiteTxn, holder: String, _ ids: [UInt64]) throws(FSError) {
+        for id in ids { try conn.query("INSERT OR IGNORE INTO gc_kept(holder, id) VALUES(?, ?)", [.text(holder), .int(Int64(bitPattern: id))]) }
     }
 
-    package func keptForGC(_ tx: SQLiteTxn, _ id: UInt64) throws(FSError) -> Bool {
-        try one("SELECT 1 FROM gckeep WHERE id=?", [.int(Int64(bitPattern: id))]) { _ in true } ?? false
+    package func keptForGC(_ tx: SQLiteTxn, holder: String, _ id: UInt64) throws(FSError) -> Bool {
+        try one("SELECT 1 FROM gc_kept WHERE holder=? AND id=?", [.text(holder), .int(Int64(bitPattern: id))]) { _ in true } ?? false
     }
 
-    package func clearKeptForGC() throws(FSError) {
-        try transaction(write: true) { (_) throws(FSError) in try conn.query("DELETE FROM gckeep", []) }
+    package func clearKeptForGC(holder: String) throws(FSError) {
+        try transaction(write: true) { (_) throws(FSError) in try conn.query("DELETE FROM gc_kept WHERE holder=?", [.text(holder)]) }
     }
 
     package func wipe() throws(FSError) {
         let tables = [
-            "setting", "counter", "node", "edge", "symlink", "xattr", "xattrbytes", "chunk", "openfile", "delfile", "delslices", "sliceref", "gckeep",
+            "setting", "counter", "node", "edge", "symlink", "xattr", "xattrbytes", "chunk", "openfile", "delfile", "delslices", "sliceref", "gc_kept",
             "session", "locks", "sessionlock",
         ]
         try transaction(write: true) { (_) throws(FSError) in

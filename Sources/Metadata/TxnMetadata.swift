@@ -134,11 +134,11 @@ package protocol TxnStore: AnyObject, Sendable {
     /// present throughout is returned at least once (Redis's SCAN may return one twice), one
     /// made or removed meanwhile may be or not.
     func scanInodes(_ tx: Txn, cursor: UInt64, limit: Int) throws(FSError) -> (inodes: [(Ino, Attr)], next: UInt64?)
-    /// Notes slices recorded again elsewhere while a gc scans (`gcRunning`): gc keeps them.
-    func keepForGC(_ tx: Txn, _ ids: [UInt64]) throws(FSError)
-    func keptForGC(_ tx: Txn, _ id: UInt64) throws(FSError) -> Bool
-    /// Forgets them all (a gc's end), outside any transaction.
-    func clearKeptForGC() throws(FSError)
+    /// Notes slices recorded again elsewhere while gc `holder` scans (`gcRunning`): it keeps them.
+    func keepForGC(_ tx: Txn, holder: String, _ ids: [UInt64]) throws(FSError)
+    func keptForGC(_ tx: Txn, holder: String, _ id: UInt64) throws(FSError) -> Bool
+    /// Forgets what was noted for `holder` (its end, or a crashed one's), outside any transaction.
+    func clearKeptForGC(holder: String) throws(FSError)
     /// Removes every record of the volume (`stagefs destroy`), in bounded steps, outside any
     /// transaction.
     func wipe() throws(FSError)

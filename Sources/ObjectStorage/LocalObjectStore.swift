@@ -295,6 +295,13 @@ public final class LocalObjectStore: ObjectStore {
         return Int(st.st_size)
     }
 
+    /// Whether a file name is `put`'s temporary one (`<name>.tmp<pid>-<n>`).
+    static func isTemporary(_ name: String) -> Bool {
+        guard let r = name.ranges(of: ".tmp").last else { return false }
+        let parts = name[r.upperBound...].split(separator: "-", omittingEmptySubsequences: false)
+        return parts.count == 2 && parts.allSatisfy { !$0.isEmpty && $0.utf8.allSatisfy { $0 >= 48 && $0 <= 57 } }
+    }
+
     public func list(prefix: String, after: String?, limit: Int) throws(FSError) -> [ObjectInfo] {
         var out: [ObjectInfo] = []
         walk(root, rel: "", prefix: prefix, after: after, limit: limit, into: &out)
@@ -310,7 +317,7 @@ public final class LocalObjectStore: ObjectStore {
         var items: [(sortKey: String, name: String, st: stat)] = []
         while let e = readdir(d) {
             let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if name == "." || name == ".." || name.contains(".tmp") { continue }
+            if name == "." || name == ".." { continue }
             let key = rel.isEmpty ? name : "\(rel)/\(name)"
             // Descend only where the prefix can still match.
             if !(key.hasPrefix(prefix) || prefix.hasPrefix(key)) { continue }
@@ -318,6 +325,8 @@ public final class LocalObjectStore: ObjectStore {
             // Links are not objects, and a linked directory is not walked into.
             guard lstat("\(dir)/\(name)", &st) == 0 else { continue }
             let isDir = st.st_mode & S_IFMT == S_IFDIR
+            // An object being written (`put`'s "<name>.tmp<pid>-<n>") is not one yet.
+            if !isDir && LocalObjectStore.isTemporary(name) { continue }
             if let after, !after.hasPrefix(key + "/"), (isDir ? key + "/" : key) <= after { continue }
             items.append((isDir ? name + "/" : name, name, st))
         }

@@ -120,7 +120,7 @@ public enum JSONText {
         case .bool(let b): out.append(contentsOf: Array((b ? "true" : "false").utf8))
         case .int(let i): number(i, into: &out)
         case .uint(let u): number(u, into: &out)
-        case .double(let d): out.append(contentsOf: Array("\(d)".utf8))
+        case .double(let d): out.append(contentsOf: Array((d.isFinite ? "\(d)" : "null").utf8))
         case .string(let s): string(s, into: &out)
         case .array(let a):
             out.append(UInt8(ascii: "["))

@@ -51,22 +51,35 @@ package final class Compactor: @unchecked Sendable {
         }
     }
 
-    /// Slices this client committed to each chunk since it was last queued (at most 10,000
-    /// chunks are counted).
-    private var commits: [ChunkKey: Int] = [:]
+    /// Slices this client committed to each chunk since it was last queued, and how many it
+    /// takes to queue it (at most 10,000 chunks are counted).
+    private var commits: [ChunkKey: (count: Int, next: Int)] = [:]
 
-    /// This client committed a slice to chunk `index` of `ino`: after `compactThreshold` of
-    /// them the chunk is queued.
+    /// This client committed a slice to chunk `index` of `ino`: after `compactThreshold` of them
+    /// the chunk is queued; once compacted, after one more per 64 KiB of what the compaction
+    /// wrote (a chunk appended to in large writes is rewritten about once per its size of new
+    /// data, not every hundred appends; one of tiny appends every hundred).
     package func noteCommit(_ ino: Ino, _ index: UInt32) {
         let k = ChunkKey(ino: ino, index: index)
-        let n = lock.withLock { () -> Int in
+        let n = lock.withLock { () -> Int? in
             if commits.count > 10_000 { commits.removeAll() }
-            commits[k, default: 0] += 1
-            let n = commits[k]!
-            if n >= compactThreshold { commits[k] = nil }
+            var c = commits[k] ?? (0, compactThreshold)
+            c.count += 1
+            defer { commits[k] = c }
+            guard c.count >= c.next else { return nil }
+            let n = c.count
+            c.count = 0
             return n
         }
-        if n >= compactThreshold { hint(ino, index, records: n) }
+        if let n { hint(ino, index, records: n) }
+    }
+
+    /// After a compaction that wrote `bytes`: the commits it takes to queue the chunk again.
+    private func compacted(_ ino: Ino, _ index: UInt32, bytes: Int) {
+        lock.withLock {
+            let k = ChunkKey(ino: ino, index: index)
+            commits[k] = (commits[k]?.count ?? 0, max(compactThreshold, bytes >> 16))
+        }
     }
 
     /// A chunk seen with `records` slice records: queued when that is many (at most 1,000 wait).
@@ -109,23 +122,36 @@ package final class Compactor: @unchecked Sendable {
         let old = try meta.readChunk(ino, index)
         guard old.count >= 2 else { return nil }
         let segments = buildView(old)
-        guard let first = segments.first, let last = segments.last else { return nil }
+        // Holes before the first data and after the last read as zeros without a record: the
+        // merged slice spans the data only (a chunk cut to zero is not stored as zeros).
+        let filled = segments.filter { $0.id != 0 }
+        guard let first = filled.first, let last = filled.last else { return try compactHoles(ino, index, old) }
         let start = first.pos
         let length = Int(last.pos + last.len - start)
         var bytes = [UInt8](repeating: 0, count: length)
         try bytes.withUnsafeMutableBufferPointer { (b) throws(FSError) -> Void in
-            try data.read(segments: segments, from: start, count: length, into: UnsafeMutableRawPointer(b.baseAddress!))
+            try self.data.read(segments: segments, from: start, count: length, into: UnsafeMutableRawPointer(b.baseAddress!))
         }
         var merged = Slice(pos: start, id: 0, size: 0, off: 0, len: UInt32(length))
         if bytes.contains(where: { $0 != 0 }) {
             merged.id = try meta.newSliceIDs(1)
             merged.size = UInt32(length)
-            try bytes.withUnsafeBufferPointer { (b) throws(FSError) -> Void in try data.storeSlice(merged.id, UnsafeRawBufferPointer(b)) }
+            try bytes.withUnsafeBufferPointer { (b) throws(FSError) -> Void in try self.data.storeSlice(merged.id, UnsafeRawBufferPointer(b)) }
         }
         guard try admin.compactChunk(ino, index, old: old, merged: merged) else {
-            if merged.id != 0 { data.deleteObjects(merged) }
+            if merged.id != 0 { self.data.deleteObjects(merged) }
             return nil
         }
+        self.data.invalidate(ino)
+        compacted(ino, index, bytes: length)
+        released()
+        return (old.count, 1)
+    }
+
+    /// A chunk whose records hold no data (holes only): one hole record over what they cover.
+    private func compactHoles(_ ino: Ino, _ index: UInt32, _ old: [Slice]) throws(FSError) -> (Int, Int)? {
+        guard let start = old.map(\.pos).min(), let end = old.map({ $0.pos + $0.len }).max(), end > start else { return nil }
+        guard try admin.compactChunk(ino, index, old: old, merged: Slice(pos: start, id: 0, size: 0, off: 0, len: end - start)) else { return nil }
         data.invalidate(ino)
         released()
         return (old.count, 1)

@@ -39,8 +39,9 @@ struct FsckCmd: ParsableCommand {
             an inode no directory names given a name in /lost+found (#INODE), stale sessions
             ended (what they held open after its unlink is freed), counters and quotas set to what
             the inodes add up to. Missing objects cannot be repaired: the lines name the inodes.
-            On a volume in use, counters and quotas change while they are counted: repair them
-            when writers are quiet.
+            While clients are connected (a session with a heartbeat within --stale-after), what
+            changes while it is counted (link counts, parents, /lost+found, usage, quotas,
+            references going down) is reported, not repaired: unmount first.
 
             --path checks one directory's tree only (entries, link counts, parents).
             Works in bounded steps; progress on a terminal. Exit status: 0 clean (or all
@@ -111,7 +112,10 @@ struct FsckCmd: ParsableCommand {
         let objects = r.slicesChecked > 0 ? ", the objects of \(r.slicesChecked) slice(s) checked" : ""
         printError(
             "stagefs: fsck of volume '\(format.name)'\(path.map { " (\($0))" } ?? ""): \(r.count) problem(s)\(repair ? ", \(r.repaired) repaired" : "") in \(r.directories) directories\(objects), \(secs) s"
-                + (r.count > 0 && !repair ? "; run again with --repair to fix them" : ""))
+                + (r.count > 0 && !repair ? "; run again with --repair to fix them" : "")
+                + (r.deferred > 0
+                    ? "; \(r.deferred) left unrepaired while clients are connected (link counts, usage, quotas, references: they change while counted): repair them with the volume unmounted"
+                    : ""))
         if r.count > 0 && (!repair || r.repaired < r.count) { throw ExitCode(3) }
     }
 }
@@ -166,6 +170,9 @@ struct GCCmd: ParsableCommand {
     }
 
     func run() throws {
+        if metaURL == nil && defaultVolume() == nil {
+            throw FSError.usage("name the volume: its META-URL, or STAGEFS_VOLUME (a node's cache of blocks is cleaned by 'stagefs cache gc')")
+        }
         let (meta, format, store) = try adminVolume(metaURL, what: "gc")
         guard let admin = meta as? any GCAdmin else { throw FSError(EOPNOTSUPP, "\(meta.displayName) cannot be collected") }
         if compact { try compactAll(meta, format, store) }
@@ -174,7 +181,10 @@ struct GCCmd: ParsableCommand {
                 "stagefs: warning: --older-than \(Setting.durationText(olderThan.seconds)) may delete blocks a writer uploaded and has not committed yet"
             )
         }
-        let holder = "\(Sys.hostname()):\(getpid())"
+        let holder = "\(Sys.hostname()):\(getpid()):\(Timespec.now().sec)"
+        // Blocks written from now on may belong to writes the scan does not see: only older
+        // ones are candidates, by the store's own clock (a probe object says what it is).
+        let cutoff = try storeNow(store, format) - Int64(olderThan.seconds)
         try admin.beginGC(holder: holder)
         defer { try? admin.endGC(holder: holder) }
         let tty = isatty(2) != 0
@@ -190,7 +200,6 @@ struct GCCmd: ParsableCommand {
             show("read \(s.inodes) inodes, \(s.slices) slice records...")
         }
         let prefix = format.name + "/chunks/"
-        let now = Timespec.now().sec
         var after: String?
         var listed = 0
         var leaked: [(key: String, size: Int)] = []
@@ -206,11 +215,11 @@ struct GCCmd: ParsableCommand {
             for o in page {
                 guard let id = Layout.sliceID(ofKey: o.key), id != 0 else { continue }
                 if scan.referenced.contains(id) || id > scan.nextSlice { continue }
-                guard let m = o.modified, now - m >= Int64(olderThan.seconds) else { continue }
+                guard let m = o.modified, m < cutoff else { continue }
                 candidates.append((o, id))
             }
             if !candidates.isEmpty {
-                let keep = try admin.keptForGC(Array(Set(candidates.map(\.1))))
+                let keep = try admin.keptForGC(holder: holder, Array(Set(candidates.map(\.1))))
                 kept += candidates.filter { keep.contains($0.1) }.count
                 candidates.removeAll { keep.contains($0.1) }
             }
@@ -245,6 +254,16 @@ struct GCCmd: ParsableCommand {
                 + (delete ? ", \(deleted) deleted" : leakedCount > 0 ? "; run again with --delete to delete them" : "")
                 + (kept > 0 ? "; \(kept) kept for clones made meanwhile" : "") + " in \(secs) s")
     }
+}
+
+/// The store's time now: the modification time it gives a probe object (this node's clock
+/// when it gives none).
+func storeNow(_ store: any ObjectStore, _ format: VolumeFormat) throws(FSError) -> Int64 {
+    let key = "\(format.name)/meta/clock-probe-\(Sys.hostname())-\(getpid())"
+    try store.put(key, bytes: [0])
+    defer { try? store.delete(key) }
+    let found = try store.list(prefix: key, limit: 1).first { $0.key == key }
+    return found?.modified ?? Timespec.now().sec
 }
 
 extension GCCmd {

@@ -201,7 +201,8 @@ struct DestroyCmd: ParsableCommand {
                 bytes += o.size
             }
             if tty { printError("\rstagefs: deleted \(deleted) objects (\(humanBytes(UInt64(bytes))))...", newline: false) }
-            guard let last = page.last?.key, page.count == 1000 else { break }
+            // (Until a listing comes back empty: a short page is not proof of the end.)
+            guard let last = page.last?.key else { break }
             after = last
         }
         if tty { printError("\r\u{1B}[K", newline: false) }

@@ -139,6 +139,8 @@ struct LoadCmd: ParsableCommand {
     }
 
     func run() throws {
+        // A SQLite file made here holds the volume's keys: its owner's alone.
+        umask(0o077)
         let meta = try openMetadata(try metaURLArgument(metaURL), create: true)
         guard let admin = meta as? any DumpAdmin, let jfs = meta as? any JuiceFSLoadAdmin else {
             throw FSError(EOPNOTSUPP, "\(meta.displayName) cannot load a dump")
@@ -152,8 +154,8 @@ struct LoadCmd: ParsableCommand {
         let start = Sys.monotonicNanos()
         let stats =
             fromJuicefs != nil
-            ? try jfs.loadJuiceFS(from: JSONReader(source), secretKey: secret, progress: progress.show)
-            : try admin.load(from: JSONReader(source), secretKey: secret, progress: progress.show)
+            ? try jfs.loadJuiceFS(from: JSONReader(source, maxValueBytes: 16 << 20), secretKey: secret, progress: progress.show)
+            : try admin.load(from: JSONReader(source, maxValueBytes: 16 << 20), secretKey: secret, progress: progress.show)
         progress.done(stats, seconds: Double(Sys.monotonicNanos() - start) / 1e9, to: meta.displayName)
         for n in stats.notes { printError("stagefs: note: \(n)") }
         if let f = try meta.loadFormat(), f.storage == "s3", f.secretKey == nil {

@@ -28,6 +28,9 @@ struct GatewayCmd: ParsableCommand {
             connection that has not authenticated within --auth-timeout seconds is closed. Given --listen alone, the
             gateway serves TCP only; add --socket to serve the Unix socket as well. Clients reach munged at libmunge's
             default socket, or at STAGEFS_MUNGE_SOCKET.
+
+            Like a mount, the gateway backs the volume's metadata up into its bucket every --backup-meta (1h; 0 never; one
+            gateway or mount at a time): users mounting through it take none (see 'stagefs backup --help').
             """
     )
 
@@ -69,6 +72,9 @@ struct GatewayCmd: ParsableCommand {
             "Answer lookups and stats of what the gateway read or wrote before from its cache, kept coherent by Redis's client tracking (another client's change is seen once Redis's invalidation arrives; not on a Redis Cluster)."
         ))
     var trackedCache = true
+
+    @Option(help: ArgumentHelp("Back up the volume's metadata into its bucket this often (1h when not given; 0: never).", valueName: "duration"))
+    var backupMeta: DurationArg?
 
     @OptionGroup var io: IOOptions
 
@@ -134,6 +140,16 @@ struct GatewayCmd: ParsableCommand {
         printError("stagefs: gateway for volume '\(format.name)' (\(url)) serving \(urls.joined(separator: " and "))\(root)")
         signal(SIGTERM, gatewaySignal)
         signal(SIGINT, gatewaySignal)
+        var backups: MetaBackupRunner?
+        let every = backupMeta?.seconds ?? 3600
+        if every > 0, let admin = meta as? any DumpAdmin {
+            // (Its lease holder: a number of its own, as a mount's is its session.)
+            let holder = UInt64.random(in: 1 << 62..<UInt64.max)
+            backups = MetaBackupRunner(
+                admin: admin, meta: meta, store: store, volume: format.name, interval: every, explicit: backupMeta != nil, holder: { holder })
+            backups?.start()
+        }
+        defer { backups?.stop() }
         try server.serve(unixSocket: path, tcp: addresses)
         printError("stagefs: gateway for volume '\(format.name)' stopped")
     }

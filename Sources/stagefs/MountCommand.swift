@@ -436,7 +436,8 @@ struct Mount: ParsableCommand {
                 }
                 // The default location is a convenience: without it the mount still works, and
                 // the user hears of it on the terminal (not only in the log).
-                let why = "\(error.message); running without a disk cache (blocks are kept in memory only): give --cache-dir DIR, or --cache-size 0 to mean it"
+                let why =
+                    "\(error.message); running without a disk cache (blocks are kept in memory only): give --cache-dir DIR, or --cache-size 0 to mean it"
                 Log.warning(why)
                 warnings.append(why)
             }
@@ -474,10 +475,16 @@ struct Mount: ParsableCommand {
         ready((warnings.map { "warning: " + $0.split(separator: "\n").joined(separator: " ") } + ["ok"]).joined(separator: "\n"))
         var backups: MetaBackupRunner?
         let every = backupMeta?.seconds ?? 3600
-        if every > 0 && !opts.readOnly, let admin = meta as? any DumpAdmin {
-            backups = MetaBackupRunner(
-                admin: admin, meta: meta, store: store, volume: format.name, interval: every, explicit: backupMeta != nil, holder: { vfs.sid })
-            backups?.start()
+        if every > 0 && !opts.readOnly, meta is any DumpAdmin {
+            // A SQLite dump reads one snapshot in one transaction: on a connection of its own,
+            // so that the mount's operations never wait for it.
+            var own: any MetadataEngine = meta
+            if case .sqlite = url, let e = try? openMetadata(url) { own = e }
+            if let admin = own as? any DumpAdmin {
+                backups = MetaBackupRunner(
+                    admin: admin, meta: own, store: store, volume: format.name, interval: every, explicit: backupMeta != nil, holder: { vfs.sid })
+                backups?.start()
+            }
         }
         let rc = server.run()
         let started = Sys.monotonicNanos()

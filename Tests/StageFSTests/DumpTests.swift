@@ -337,6 +337,20 @@ struct DumpTests {
         try refused(text.replacingOccurrences(of: "[\"d1\",", with: "[\"a/b\","), "holding a name with a slash")
         try refused(text.replacingOccurrences(of: "\"version\":1", with: "\"version\":9"), "of a newer version")
         try refused(String(text.prefix(text.count / 2)), "cut in the middle")
+        // Numbers past what fits: refused, never a trap.
+        try refused(
+            text.replacingOccurrences(of: "[[0,11,5000,0,5000]", with: "[[0,0,0,4294967296,10],[0,11,5000,0,5000]"), "holding a hole past 2^32")
+        try refused(
+            text.replacingOccurrences(of: "[[0,11,5000,0,5000]", with: "[[18446744073709551615,11,5000,0,5000]"), "holding a position past 2^64")
+        try refused(
+            text.replacingOccurrences(of: "[[0,11,5000,0,5000]", with: "[[0,18446744073709551615,5000,0,5000]"), "holding a slice id past 2^63")
+        // A directory named twice, or named as a file.
+        var twiceNamed = lines
+        twiceNamed.insert(",{\"e\":1,\"n\":[[\"again\",2,\"d\"]]}", at: entries + 1)
+        try refused(twiceNamed.joined(separator: "\n"), "naming a directory twice")
+        var asFile = lines
+        asFile.insert(",{\"e\":1,\"n\":[[\"as-file\",2,\"f\"]]}", at: entries + 1)
+        try refused(asFile.joined(separator: "\n"), "naming a directory as a file")
     }
 }
 

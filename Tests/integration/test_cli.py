@@ -472,8 +472,8 @@ def test_what_a_new_user_stumbled_on(env, redis, mnt, tmp_path):
     # sqlite3://relative.db means a file here, not in /.
     p = subprocess.run([env.bin, "status", "sqlite3://relative.db"], cwd=tmp_path, capture_output=True, text=True)
     one_line_error(p, f"did you mean 'sqlite3://{tmp_path}/relative.db'?")
-    # `gc` is a node cache's.
-    one_line_error(env.stagefs("gc", check=False), "unknown command 'gc'", "stagefs cache gc")
+    # `gc` is a volume's; a node's cache has its own.
+    one_line_error(env.stagefs("gc", check=False), "name the volume", "stagefs cache gc")
     # One inode, not "1 inodes".
     assert "in 1 inode\n" in env.stagefs("status", url).stdout
     # A Redis that keeps nothing on disk (the tests' own) is named as such.
