@@ -31,22 +31,17 @@ package enum Trash {
     /// The hour since the epoch an hour directory's name says (nil: not such a name).
     package static func hour(named name: [UInt8]) -> Int64? {
         let parts = String(decoding: name, as: UTF8.self).split(separator: "-")
-        guard parts.count == 4, let y = Int32(parts[0]), let mo = Int32(parts[1]), let d = Int32(parts[2]), let h = Int32(parts[3]) else { return nil }
-        var t = tm()
-        t.tm_year = y - 1900
-        t.tm_mon = mo - 1
-        t.tm_mday = d
-        t.tm_hour = h
-        return Int64(timegm(&t)) / 3600
+        guard parts.count == 4, let y = Int32(parts[0]), let mo = Int32(parts[1]), let d = Int32(parts[2]), let h = Int32(parts[3]),
+            let u = UTCTime(year: y, month: mo, day: d, hour: h)
+        else { return nil }
+        return u.seconds / 3600
     }
 
     /// `YYYY-MM-DD-HH` (UTC) of an hour since the epoch.
     package static func hourName(_ hour: Int64) -> [UInt8] {
-        var secs = time_t(hour * 3600)
-        var t = tm()
-        gmtime_r(&secs, &t)
-        func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
-        return Array("\(t.tm_year + 1900)-\(two(t.tm_mon + 1))-\(two(t.tm_mday))-\(two(t.tm_hour))".utf8)
+        let u = UTCTime(hour * 3600)
+        let two = UTCTime.two
+        return Array("\(u.year)-\(two(u.month))-\(two(u.day))-\(two(u.hour))".utf8)
     }
 
     /// The name of a trashed file's entry: its inode and (as much as fits 255 bytes of) its name.
@@ -265,7 +260,10 @@ extension TxnMetadata {
             var out: [TrashEntry] = []
             for e in page {
                 guard let a = try store.attr(tx, e.ino), a.parent == ownerDir else { continue }
-                out.append(TrashEntry(ino: e.ino, dir: ownerDir, entryName: e.name, attr: a, origin: try store.symlinkTarget(tx, e.ino).flatMap(Trash.Origin.decode)))
+                out.append(
+                    TrashEntry(
+                        ino: e.ino, dir: ownerDir, entryName: e.name, attr: a, origin: try store.symlinkTarget(tx, e.ino).flatMap(Trash.Origin.decode)
+                    ))
             }
             return (out, page.count == limit ? page.last?.cookie : nil)
         }
@@ -290,7 +288,9 @@ extension TxnMetadata {
             guard let a = try store.attr(tx, ino), a.nlink == 0, Trash.isTrash(a.parent) else {
                 throw FSError(ENOENT, "inode \(ino) is not in the trash")
             }
-            if !cred.isRoot && !(ownerMayPurge && cred.uid == a.uid) { throw FSError(EPERM, "only root (or, through a gateway, its owner) purges a file from the trash") }
+            if !cred.isRoot && !(ownerMayPurge && cred.uid == a.uid) {
+                throw FSError(EPERM, "only root (or, through a gateway, its owner) purges a file from the trash")
+            }
             guard let entry = try trashEntryName(tx, ino, a) else { throw FSError.damagedEntry }
             try store.deleteEntry(tx, a.parent, entry)
             try leftTrash(tx, ino, a, to: rootIno)
@@ -326,7 +326,9 @@ extension TxnMetadata {
             if Trash.isTrash(dir) { throw FSError(EPERM, "a file is restored out of the trash, not into it") }
             try Posix.check(pa, cred, [.write, .execute])
             if try store.entry(tx, dir, origin.name) != nil {
-                throw FSError(EEXIST, "'\(String(decoding: origin.name, as: UTF8.self))' exists in the directory (inode \(dir)): restore into another directory")
+                throw FSError(
+                    EEXIST, "'\(String(decoding: origin.name, as: UTF8.self))' exists in the directory (inode \(dir)): restore into another directory"
+                )
             }
             guard let entry = try trashEntryName(tx, ino, a) else { throw FSError.damagedEntry }
             let now = Timespec.now()

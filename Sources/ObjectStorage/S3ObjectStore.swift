@@ -257,17 +257,10 @@ func iso8601Seconds(_ s: String) -> Int64? {
     let b = Array(s.utf8)
     guard b.count >= 19, b[4] == UInt8(ascii: "-"), b[10] == UInt8(ascii: "T") else { return nil }
     func num(_ r: Range<Int>) -> Int32? { Int32(String(decoding: b[r], as: UTF8.self)) }
-    guard let y = num(0..<4), let mo = num(5..<7), let d = num(8..<10), let h = num(11..<13), let mi = num(14..<16), let sec = num(17..<19) else {
-        return nil
-    }
-    var t = tm()
-    t.tm_year = y - 1900
-    t.tm_mon = mo - 1
-    t.tm_mday = d
-    t.tm_hour = h
-    t.tm_min = mi
-    t.tm_sec = sec
-    return Int64(timegm(&t))
+    guard let y = num(0..<4), let mo = num(5..<7), let d = num(8..<10), let h = num(11..<13), let mi = num(14..<16), let sec = num(17..<19),
+        let u = UTCTime(year: y, month: mo, day: d, hour: h, minute: mi, second: sec)
+    else { return nil }
+    return u.seconds
 }
 
 /// The unescaped text of the first `<tag>...</tag>` in `xml`.

@@ -260,3 +260,48 @@ private func detachedThreadMain(_ ctx: UnsafeMutableRawPointer?) -> UnsafeMutabl
     if let ctx { DetachedThread.run(ctx) }
     return nil
 }
+
+/// The life of a background thread (a mount's deleter, compactor or backup runner): started
+/// once, asked to stop, waited for. Its lock also guards what the owner keeps beside it (work
+/// queued, flags), so that the thread waits on it for work or for its time.
+public final class ThreadLife: @unchecked Sendable {
+    // @unchecked: `stopping` and `running` are only read or written with `lock` held.
+    public let lock = ConditionLock()
+    private var _stopping = false
+    private var running = false
+
+    public init() {}
+
+    /// Whether `stop` was asked (read with `lock` held).
+    public var stopping: Bool { _stopping }
+
+    /// Runs `body` on a thread of its own; `stop` waits for it to return.
+    public func start(_ body: @escaping @Sendable () -> Void) {
+        lock.withLock { running = true }
+        let started = DetachedThread.start { [self] in
+            body()
+            lock.withLock {
+                running = false
+                lock.broadcast()
+            }
+        }
+        if !started { lock.withLock { running = false } }
+    }
+
+    /// Asks the thread to stop (`also` runs first, with the lock held: work queued dropped)
+    /// and waits until it has.
+    public func stop(_ also: () -> Void = {}) {
+        lock.withLock {
+            _stopping = true
+            also()
+            lock.broadcast()
+            while running { lock.wait(seconds: 1) }
+        }
+    }
+
+    /// Waits up to `seconds` unless stopping; returns whether stopping (with `lock` held).
+    public func pause(seconds: Double) -> Bool {
+        if !_stopping { lock.wait(seconds: seconds) }
+        return _stopping
+    }
+}

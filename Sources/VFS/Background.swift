@@ -78,11 +78,10 @@ final class SessionKeeper: Sendable {
 /// `deleteDelayNanos` and deletes them in one go, and every 10 s it deletes everything
 /// waiting (other clients' leftovers, a crash's).
 final class Background: @unchecked Sendable {
-    // @unchecked: the mutable fields are guarded by `lock` (a ConditionLock, on which the
-    // thread waits for work and for its time).
-    private let lock = ConditionLock()
-    private var stopping = false
-    private var running = false
+    // @unchecked: `pending` is guarded by `life.lock` (on which the thread waits for work and
+    // for its time).
+    private let life = ThreadLife()
+    private var lock: ConditionLock { life.lock }
     /// What the deleter was woken for.
     private var pending: Deletions = []
     private let meta: any MetadataEngine
@@ -107,19 +106,10 @@ final class Background: @unchecked Sendable {
         self.open = open
     }
 
-    func start() {
-        lock.withLock { running = true }
-        if !DetachedThread.start({ [self] in run() }) { lock.withLock { running = false } }
-    }
+    func start() { life.start { [self] in run() } }
 
     /// Stops the thread and waits for it.
-    func stop() {
-        lock.withLock {
-            stopping = true
-            lock.broadcast()
-            while running { lock.wait(seconds: 1) }
-        }
-    }
+    func stop() { life.stop() }
 
     func wake(_ what: Deletions) {
         lock.withLock {
@@ -149,11 +139,11 @@ final class Background: @unchecked Sendable {
         var purger = TrashPurger(now: lastBeat)
         while true {
             let (stop, deletes) = lock.withLock { () -> (Bool, Deletions) in
-                if !stopping && pending.isEmpty { lock.wait(seconds: 1) }
-                if !stopping && !pending.isEmpty {
+                if pending.isEmpty { _ = life.pause(seconds: 1) }
+                if !life.stopping && !pending.isEmpty {
                     // Gathers what a burst of removals leaves (one step deletes many files).
                     let until = Sys.monotonicNanos() + Self.deleteDelayNanos
-                    while !stopping {
+                    while !life.stopping {
                         let now = Sys.monotonicNanos()
                         if now >= until { break }
                         lock.wait(seconds: Double(until - now) / 1e9)
@@ -161,7 +151,7 @@ final class Background: @unchecked Sendable {
                 }
                 let d = pending
                 pending = []
-                return (stopping, d)
+                return (life.stopping, d)
             }
             if stop { break }
             data.flushIdle()
@@ -179,10 +169,6 @@ final class Background: @unchecked Sendable {
                     cleanDeleted(deletes)
                 }
             }
-        }
-        lock.withLock {
-            running = false
-            lock.broadcast()
         }
     }
 }

@@ -12,13 +12,12 @@ import StageFSCore
 /// (`compactChunk`); the old slices are released once each. Runs on its own thread for a
 /// mount (chunks it was told of: `hint`), or in the caller for `stagefs gc --compact`.
 package final class Compactor: @unchecked Sendable {
-    // @unchecked: `queue`, `queued`, `stopping` and `running` are guarded by `lock` (the thread
-    // waits on it for work).
-    private let lock = ConditionLock()
+    // @unchecked: `queue`, `queued` and `commits` are guarded by `life.lock` (the thread waits
+    // on it for work).
+    private let life = ThreadLife()
+    private var lock: ConditionLock { life.lock }
     private var queue: [(Ino, UInt32)] = []
     private var queued = Set<ChunkKey>()
-    private var stopping = false
-    private var running = false
     private let admin: any CompactAdmin
     private let meta: any MetadataEngine
     private let data: DataStore
@@ -37,19 +36,9 @@ package final class Compactor: @unchecked Sendable {
         self.released = released
     }
 
-    package func start() {
-        lock.withLock { running = true }
-        if !DetachedThread.start({ [self] in run() }) { lock.withLock { running = false } }
-    }
+    package func start() { life.start { [self] in run() } }
 
-    package func stop() {
-        lock.withLock {
-            stopping = true
-            queue.removeAll()
-            lock.broadcast()
-            while running { lock.wait(seconds: 1) }
-        }
-    }
+    package func stop() { life.stop { queue.removeAll() } }
 
     /// Slices this client committed to each chunk since it was last queued, and how many it
     /// takes to queue it (at most 10,000 chunks are counted).
@@ -86,7 +75,7 @@ package final class Compactor: @unchecked Sendable {
     package func hint(_ ino: Ino, _ index: UInt32, records: Int) {
         guard records >= compactThreshold else { return }
         lock.withLock {
-            guard !stopping, queue.count < 1000, queued.insert(ChunkKey(ino: ino, index: index)).inserted else { return }
+            guard !life.stopping, queue.count < 1000, queued.insert(ChunkKey(ino: ino, index: index)).inserted else { return }
             queue.append((ino, index))
             lock.broadcast()
         }
@@ -95,8 +84,8 @@ package final class Compactor: @unchecked Sendable {
     private func run() {
         while true {
             let next = lock.withLock { () -> (Ino, UInt32)? in
-                while !stopping && queue.isEmpty { lock.wait(seconds: 5) }
-                if stopping { return nil }
+                while queue.isEmpty { if life.pause(seconds: 5) { return nil } }
+                if life.stopping { return nil }
                 let n = queue.removeFirst()
                 queued.remove(ChunkKey(ino: n.0, index: n.1))
                 return n
@@ -109,10 +98,6 @@ package final class Compactor: @unchecked Sendable {
             } catch {
                 if error.code != ENOENT { Log.warning("compacting chunk \(index) of inode \(ino): \(error.message)") }
             }
-        }
-        lock.withLock {
-            running = false
-            lock.broadcast()
         }
     }
 

@@ -62,11 +62,8 @@ func thinBackups(_ store: any ObjectStore, volume: String, now: Int64) throws(FS
 /// A mount's automatic backups (`mount --backup-meta`): a thread that, every so often, takes the
 /// volume's backup lease when a backup is due and no other client holds it, dumps into the
 /// bucket and thins the old ones.
-final class MetaBackupRunner: @unchecked Sendable {
-    // @unchecked: `stopping` is guarded by `lock` (the thread waits on it between checks).
-    private let lock = ConditionLock()
-    private var stopping = false
-    private var running = false
+final class MetaBackupRunner: Sendable {
+    private let life = ThreadLife()
     private let admin: any DumpAdmin
     private let meta: any MetadataEngine
     private let store: any ObjectStore
@@ -88,29 +85,16 @@ final class MetaBackupRunner: @unchecked Sendable {
         self.holder = holder
     }
 
-    func start() {
-        lock.withLock { running = true }
-        if !DetachedThread.start({ [self] in run() }) { lock.withLock { running = false } }
-    }
+    func start() { life.start { [self] in run() } }
 
-    func stop() {
-        lock.withLock {
-            stopping = true
-            lock.broadcast()
-            while running { lock.wait(seconds: 1) }
-        }
-    }
+    func stop() { life.stop() }
 
     private func run() {
         // Checked at least every minute (more often for short intervals).
         let every = Double(min(60, max(1, interval / 2)))
         var skipped = false
         while true {
-            let stop = lock.withLock { () -> Bool in
-                if !stopping { lock.wait(seconds: every) }
-                return stopping
-            }
-            if stop { break }
+            if life.lock.withLock({ life.pause(seconds: every) }) { break }
             do {
                 if !explicit {
                     let inodes = try meta.statfs().usedInodes
@@ -128,7 +112,7 @@ final class MetaBackupRunner: @unchecked Sendable {
                 guard try admin.takeBackupLease(holder: h, interval: Int64(interval), seconds: Int64(max(3600, interval))) else { continue }
                 let at = Timespec.now().sec
                 do {
-                    let (key, bytes, stats) = try takeBackup(admin, store, volume: volume, at: at) { [self] in lock.withLock { stopping } }
+                    let (key, bytes, stats) = try takeBackup(admin, store, volume: volume, at: at) { [life] in life.lock.withLock { life.stopping } }
                     try admin.finishBackup(holder: h, at: at)
                     let gone = try thinBackups(store, volume: volume, now: at)
                     Log.info(
@@ -142,11 +126,23 @@ final class MetaBackupRunner: @unchecked Sendable {
                 Log.warning("metadata backup: \(error.message)")
             }
         }
-        lock.withLock {
-            running = false
-            lock.broadcast()
-        }
     }
+}
+
+/// The backup runner of a mount or a gateway for its volume (nil: `every` is 0, or the engine
+/// is a gateway's client). A SQLite dump reads one snapshot in one transaction: on a
+/// connection of its own, so that the client's operations never wait for it.
+func startBackups(
+    url: MetaURL, meta: any MetadataEngine, store: any ObjectStore, volume: String, every: Int, explicit: Bool,
+    holder: @escaping @Sendable () -> UInt64
+) -> MetaBackupRunner? {
+    guard every > 0, meta is any DumpAdmin else { return nil }
+    var own: any MetadataEngine = meta
+    if case .sqlite = url, let e = try? openMetadata(url) { own = e }
+    guard let admin = own as? any DumpAdmin else { return nil }
+    let r = MetaBackupRunner(admin: admin, meta: own, store: store, volume: volume, interval: every, explicit: explicit, holder: holder)
+    r.start()
+    return r
 }
 
 /// `stagefs backup list|restore|now`.
@@ -174,39 +170,29 @@ struct BackupCmd: ParsableCommand {
         subcommands: [List.self, Now.self, Restore.self]
     )
 
-    struct Source: ParsableArguments {
-        @Argument(help: "The volume's META-URL (default: STAGEFS_VOLUME).")
-        var metaURL: String?
-
+    /// The bucket of a volume whose metadata is lost.
+    struct BucketOptions: ParsableArguments {
         @Option(help: "The volume's bucket, when its metadata is lost (a directory, or http(s)://host:port/bucket).")
         var bucket: String?
         @Option(help: "The bucket's storage with --bucket: file or s3.")
         var storage: String = "file"
         @Option(help: "The volume's name with --bucket.")
         var volume: String?
+    }
 
-        init() {}
-
-        init(metaURL: String?, bucket: String?, storage: String, volume: String?) {
-            self.metaURL = metaURL
-            self.bucket = bucket
-            self.storage = storage
-            self.volume = volume
+    /// The volume's bucket and name, from --bucket or else from META-URL; its engine too when
+    /// META-URL names one.
+    static func open(_ metaURL: String?, _ b: BucketOptions) throws -> (store: any ObjectStore, volume: String, meta: (any MetadataEngine)?) {
+        if let bucket = b.bucket {
+            guard let volume = b.volume else { throw FSError.usage("--bucket needs --volume NAME (the name given at format)") }
+            guard b.storage == "file" || b.storage == "s3" else { throw FSError.usage("--storage takes file or s3") }
+            let env = { (n: String) in getenv(n).map { String(cString: $0) } }
+            let store = try openObjectStore(
+                StoreConfig(storage: b.storage, bucket: bucket, accessKey: env("AWS_ACCESS_KEY_ID"), secretKey: env("AWS_SECRET_ACCESS_KEY")))
+            return (store, volume, nil)
         }
-
-        /// The volume's bucket and name; its engine too when META-URL names one.
-        func open() throws -> (store: any ObjectStore, volume: String, meta: (any MetadataEngine)?) {
-            if let bucket {
-                guard let volume else { throw FSError.usage("--bucket needs --volume NAME (the name given at format)") }
-                guard storage == "file" || storage == "s3" else { throw FSError.usage("--storage takes file or s3") }
-                let env = { (n: String) in getenv(n).map { String(cString: $0) } }
-                let store = try openObjectStore(
-                    StoreConfig(storage: storage, bucket: bucket, accessKey: env("AWS_ACCESS_KEY_ID"), secretKey: env("AWS_SECRET_ACCESS_KEY")))
-                return (store, volume, nil)
-            }
-            let (store, volume, admin) = try BackupCmd.volume(metaURL)
-            return (store, volume, admin as? any MetadataEngine)
-        }
+        let (store, volume, admin) = try BackupCmd.volume(metaURL)
+        return (store, volume, admin as? any MetadataEngine)
     }
 
     /// The volume META-URL names (or STAGEFS_VOLUME): its bucket, its name and its engine.
@@ -224,10 +210,12 @@ struct BackupCmd: ParsableCommand {
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(abstract: "The backups in the bucket, oldest first.")
-        @OptionGroup var source: Source
+        @Argument(help: "The volume's META-URL (default: STAGEFS_VOLUME).")
+        var metaURL: String?
+        @OptionGroup var lost: BucketOptions
 
         func run() throws {
-            let (store, volume, _) = try source.open()
+            let (store, volume, _) = try BackupCmd.open(metaURL, lost)
             let all = try listBackups(store, volume: volume)
             if all.isEmpty {
                 printError("stagefs: no backups of volume '\(volume)' in \(store.description)")
@@ -235,12 +223,7 @@ struct BackupCmd: ParsableCommand {
             }
             print("BACKUP                                 TAKEN (UTC)           SIZE")
             for b in all {
-                var tt = time_t(b.time)
-                var tmv = tm()
-                gmtime_r(&tt, &tmv)
-                var buf = [CChar](repeating: 0, count: 32)
-                strftime(&buf, 32, "%Y-%m-%d %H:%M:%S", &tmv)
-                let taken = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                let taken = String(timeText(b.time).dropLast(4))
                 print(b.name + String(repeating: " ", count: max(1, 39 - b.name.count)) + taken + "   " + humanBytes(UInt64(b.size)))
             }
         }
@@ -275,28 +258,22 @@ struct BackupCmd: ParsableCommand {
                 "[META-URL] BACKUP: the volume (unless --bucket), and a backup's name from 'backup list' or latest.", valueName: "meta-url-and-backup"
             ))
         var words: [String] = []
-        @Option(help: "The volume's bucket, when its metadata is lost (a directory, or http(s)://host:port/bucket).")
-        var bucket: String?
-        @Option(help: "The bucket's storage with --bucket: file or s3.")
-        var storage: String = "file"
-        @Option(help: "The volume's name with --bucket.")
-        var volume: String?
+        @OptionGroup var lost: BucketOptions
         @Option(help: "The META-URL of an empty engine to load it into.")
         var to: String
 
         func validate() throws {
-            let need = bucket == nil && defaultVolume() == nil ? 2 : 1
+            let need = lost.bucket == nil && defaultVolume() == nil ? 2 : 1
             if words.count < need || words.count > 2 {
                 throw ValidationError(
-                    bucket == nil ? "give META-URL BACKUP (or --bucket URL --volume NAME BACKUP)" : "with --bucket give only BACKUP")
+                    lost.bucket == nil ? "give META-URL BACKUP (or --bucket URL --volume NAME BACKUP)" : "with --bucket give only BACKUP")
             }
-            if bucket != nil && words.count != 1 { throw ValidationError("with --bucket give only BACKUP") }
+            if lost.bucket != nil && words.count != 1 { throw ValidationError("with --bucket give only BACKUP") }
         }
 
         func run() throws {
-            let source = Source(metaURL: words.count == 2 ? words[0] : nil, bucket: bucket, storage: storage, volume: volume)
             let backup = words.last!
-            let (store, volume, _) = try source.open()
+            let (store, volume, _) = try BackupCmd.open(words.count == 2 ? words[0] : nil, lost)
             let all = try listBackups(store, volume: volume)
             guard let pick = backup == "latest" ? all.last : all.first(where: { $0.name == backup }) else {
                 throw FSError(ENOENT, "no backup '\(backup)' of volume '\(volume)' in \(store.description): see 'stagefs backup list'")

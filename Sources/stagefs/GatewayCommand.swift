@@ -140,15 +140,11 @@ struct GatewayCmd: ParsableCommand {
         printError("stagefs: gateway for volume '\(format.name)' (\(url)) serving \(urls.joined(separator: " and "))\(root)")
         signal(SIGTERM, gatewaySignal)
         signal(SIGINT, gatewaySignal)
-        var backups: MetaBackupRunner?
-        let every = backupMeta?.seconds ?? 3600
-        if every > 0, let admin = meta as? any DumpAdmin {
-            // (Its lease holder: a number of its own, as a mount's is its session.)
-            let holder = UInt64.random(in: 1 << 62..<UInt64.max)
-            backups = MetaBackupRunner(
-                admin: admin, meta: meta, store: store, volume: format.name, interval: every, explicit: backupMeta != nil, holder: { holder })
-            backups?.start()
-        }
+        // (Its lease holder: a number of its own, as a mount's is its session.)
+        let holder = UInt64.random(in: 1 << 62..<UInt64.max)
+        let backups = startBackups(
+            url: url, meta: meta, store: store, volume: format.name, every: backupMeta?.seconds ?? 3600, explicit: backupMeta != nil,
+            holder: { holder })
         defer { backups?.stop() }
         try server.serve(unixSocket: path, tcp: addresses)
         printError("stagefs: gateway for volume '\(format.name)' stopped")

@@ -473,19 +473,12 @@ struct Mount: ParsableCommand {
             for w in warnings { printError("stagefs: warning: \(w)") }
         }
         ready((warnings.map { "warning: " + $0.split(separator: "\n").joined(separator: " ") } + ["ok"]).joined(separator: "\n"))
-        var backups: MetaBackupRunner?
-        let every = backupMeta?.seconds ?? 3600
-        if every > 0 && !opts.readOnly, meta is any DumpAdmin {
-            // A SQLite dump reads one snapshot in one transaction: on a connection of its own,
-            // so that the mount's operations never wait for it.
-            var own: any MetadataEngine = meta
-            if case .sqlite = url, let e = try? openMetadata(url) { own = e }
-            if let admin = own as? any DumpAdmin {
-                backups = MetaBackupRunner(
-                    admin: admin, meta: own, store: store, volume: format.name, interval: every, explicit: backupMeta != nil, holder: { vfs.sid })
-                backups?.start()
-            }
-        }
+        let backups =
+            opts.readOnly
+            ? nil
+            : startBackups(
+                url: url, meta: meta, store: store, volume: format.name, every: backupMeta?.seconds ?? 3600, explicit: backupMeta != nil,
+                holder: { vfs.sid })
         let rc = server.run()
         let started = Sys.monotonicNanos()
         Log.info("unmounting \(path) (loop ended with \(rc)): flushing buffered writes")

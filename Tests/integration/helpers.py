@@ -144,6 +144,27 @@ class S3Server:
     def bucket(self, name):
         return f"{self.endpoint}/{name}"
 
+    def client(self):
+        """A boto3 S3 client of this endpoint with its keys."""
+        import boto3
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key)
+
+
+def bucket_keys(local, bucket, s3server, prefix=""):
+    """The keys of a bucket under `prefix`, as it lists them: a `file` bucket's directory
+    (`local`) or an S3 bucket URL of `s3server`."""
+    if local:
+        return {k for k in (os.path.relpath(os.path.join(d, f), bucket) for d, _, fs in os.walk(bucket) for f in fs) if k.startswith(prefix)}
+    name = bucket.rstrip("/").rsplit("/", 1)[1]
+    pages = s3server.client().get_paginator("list_objects_v2").paginate(Bucket=name, Prefix=prefix)
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
+def volume_keys(v, s3server, prefix=""):
+    """The keys of a `Volume`'s bucket under `prefix`."""
+    return bucket_keys(v.kind == "sqlite-local", v.fmt_args[v.fmt_args.index("--bucket") + 1], s3server, prefix)
+
 
 class Moto(S3Server):
     """moto_server on loopback. With auth, signatures are checked and keys of an IAM user

@@ -31,18 +31,8 @@ def pytest_generate_tests(metafunc):
 
 
 def object_keys(v):
-    """The keys of the volume's bucket, as the bucket lists them."""
-    bucket = v.fmt_args[v.fmt_args.index("--bucket") + 1]
-    if v.kind == "sqlite-local":
-        return {os.path.relpath(os.path.join(d, f), bucket) for d, _, fs in os.walk(bucket) for f in fs if "_" in f}
-    import boto3
-    s3 = boto3.client("s3", endpoint_url=v.moto.endpoint, region_name="us-east-1", aws_access_key_id=v.moto.access_key,
-                      aws_secret_access_key=v.moto.secret_key)
-    name = bucket.rstrip("/").rsplit("/", 1)[1]
-    keys = set()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name):
-        keys |= {o["Key"] for o in page.get("Contents", []) if "_" in o["Key"]}
-    return keys
+    """The block keys of the volume's bucket, as the bucket lists them."""
+    return {k for k in helpers.volume_keys(v, v.moto) if "_" in k.rsplit("/", 1)[-1]}
 
 
 def sha(path):

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -71,14 +72,7 @@ def snapshot(root):
 
 
 def object_count(v, moto):
-    bucket = v.fmt_args[v.fmt_args.index("--bucket") + 1]
-    if v.kind == "sqlite-local":
-        return sum(len(fs) for _, _, fs in os.walk(bucket))
-    import boto3
-    s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1", aws_access_key_id=moto.access_key,
-                      aws_secret_access_key=moto.secret_key)
-    name = bucket.rstrip("/").rsplit("/", 1)[1]
-    return sum(len(p.get("Contents", [])) for p in s3.get_paginator("list_objects_v2").paginate(Bucket=name))
+    return len(helpers.volume_keys(v, moto))
 
 
 def populate(v):
@@ -299,10 +293,7 @@ def put_object(v, moto, key, data):
             f.write(data)
         os.chown(path, helpers.pwd.getpwnam(USER).pw_uid, -1)
         return
-    import boto3
-    s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1", aws_access_key_id=moto.access_key,
-                      aws_secret_access_key=moto.secret_key)
-    s3.put_object(Bucket=bucket.rstrip("/").rsplit("/", 1)[1], Key=key, Body=data)
+    moto.client().put_object(Bucket=bucket.rstrip("/").rsplit("/", 1)[1], Key=key, Body=data)
 
 
 def backups(env, v):
@@ -364,3 +355,22 @@ def test_backups_appear_on_schedule_one_mount_at_a_time_thin_and_restore(env, re
     v.mnt = v.mount()
     assert snapshot(f"{v.mnt}/data") == before
     v.umount(v.mnt)
+
+
+def test_a_gateway_backs_its_volume_up_for_its_clients(env, redis, moto, kind):
+    """Users mounting through a gateway take no backups; the gateway does (--backup-meta)."""
+    v = helpers.make_volume(env, kind, redis, moto, f"it-gwbackup-{kind}", trash_days=0)
+    run_as(USER, lambda: open(f"{v.mnt}/f", "w").write("through the gateway's backups\n"))
+    v.umount(v.mnt)
+    if kind == "sqlite-local":
+        # (The gateway's bucket is its own: 0700, root's.)
+        bucket = v.fmt_args[v.fmt_args.index("--bucket") + 1]
+        for d, ds, fs in os.walk(bucket):
+            for x in [d] + [os.path.join(d, f) for f in fs]:
+                os.chown(x, 0, 0)
+        os.chmod(bucket, 0o700)
+    gw = helpers.Gateway(env, v.meta_url, os.path.join(env.dir_for("root", "gwsock"), "gw.sock"), "--backup-meta", "2s")
+    try:
+        helpers.wait_until(lambda: len(backups(env, v)) >= 1, 30, "a backup by the gateway")
+    finally:
+        gw.stop(signal.SIGTERM)

@@ -33,16 +33,8 @@ def gc(env, v, *args):
 
 
 def keys(v, moto):
-    bucket = v.fmt_args[v.fmt_args.index("--bucket") + 1]
-    if v.kind == "sqlite-local":
-        return {os.path.relpath(p, bucket) for p in glob.glob(f"{bucket}/{v.name}/chunks/**/*_*", recursive=True)}
-    import boto3
-    s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1", aws_access_key_id=moto.access_key,
-                      aws_secret_access_key=moto.secret_key)
-    out = set()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket.rstrip("/").rsplit("/", 1)[1], Prefix=f"{v.name}/chunks/"):
-        out |= {o["Key"] for o in page.get("Contents", [])}
-    return out
+    """The block keys of the volume's bucket."""
+    return helpers.volume_keys(v, moto, f"{v.name}/chunks/")
 
 
 def test_fsck_is_clean_on_a_healthy_volume_and_repairs_a_mount_killed_mid_write(env, redis, moto, kind):

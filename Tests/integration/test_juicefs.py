@@ -33,13 +33,7 @@ def jfs(*args, check=True):
 
 
 def bucket_keys(kind, bucket, moto):
-    if kind == "file":
-        return {os.path.relpath(os.path.join(d, f), bucket) for d, _, fs in os.walk(bucket) for f in fs}
-    import boto3
-    s3 = boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1", aws_access_key_id=moto.access_key,
-                      aws_secret_access_key=moto.secret_key)
-    name = bucket.rstrip("/").rsplit("/", 1)[1]
-    return {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name) for o in page.get("Contents", [])}
+    return helpers.bucket_keys(kind == "file", bucket, moto)
 
 
 @pytest.mark.parametrize("kind", ["file", "s3"])
@@ -52,9 +46,7 @@ def test_a_juicefs_volume_is_taken_over_without_copying_data(env, redis, moto, k
         target = f"sqlite3://{env.dir_for('root', 'jfs-meta')}/meta.db"
     else:
         bucket = moto.bucket(f"{name}-bucket")
-        import boto3
-        boto3.client("s3", endpoint_url=moto.endpoint, region_name="us-east-1", aws_access_key_id=moto.access_key,
-                     aws_secret_access_key=moto.secret_key).create_bucket(Bucket=f"{name}-bucket")
+        moto.client().create_bucket(Bucket=f"{name}-bucket")
         jfs("format", jmeta, name, "--storage", "minio", "--bucket", bucket, "--access-key", moto.access_key,
             "--secret-key", moto.secret_key, "--trash-days", "1", "--no-update")
         target = redis.url(redis.new_db())
