@@ -278,16 +278,8 @@ struct BackupCmd: ParsableCommand {
             guard let pick = backup == "latest" ? all.last : all.first(where: { $0.name == backup }) else {
                 throw FSError(ENOENT, "no backup '\(backup)' of volume '\(volume)' in \(store.description): see 'stagefs backup list'")
             }
-            // A SQLite file made here holds the volume's keys: its owner's alone.
-            umask(0o077)
-            let target = try openMetadata(try metaURLArgument(to), create: true)
-            guard let admin = target as? any DumpAdmin else { throw FSError(EOPNOTSUPP, "\(target.displayName) cannot load a dump") }
             let input = try StreamCodec.zstd.decoding(ObjectSource(store, key: Backups.prefix(volume: volume) + pick.name))
-            let secret = getenv("AWS_SECRET_ACCESS_KEY").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
-            let progress = Progress(verb: "loaded")
-            let start = Sys.monotonicNanos()
-            let stats = try admin.load(from: JSONReader(input, maxValueBytes: 16 << 20), secretKey: secret, progress: progress.show)
-            progress.done(stats, seconds: Double(Sys.monotonicNanos() - start) / 1e9, to: target.displayName + " from backup " + pick.name)
+            try loadDump(input, into: to, juiceFS: false, what: " from backup " + pick.name)
         }
     }
 }

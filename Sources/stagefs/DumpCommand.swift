@@ -139,28 +139,36 @@ struct LoadCmd: ParsableCommand {
     }
 
     func run() throws {
-        // A SQLite file made here holds the volume's keys: its owner's alone.
-        umask(0o077)
-        let meta = try openMetadata(try metaURLArgument(metaURL), create: true)
-        guard let admin = meta as? any DumpAdmin, let jfs = meta as? any JuiceFSLoadAdmin else {
-            throw FSError(EOPNOTSUPP, "\(meta.displayName) cannot load a dump")
-        }
         let path = fromJuicefs ?? file!
         let fd = path == "-" ? 0 : try Sys.open(path, O_RDONLY)
         defer { if fd != 0 { Sys.close(fd) } }
         let (source, _) = try decodingSniffed(FileSource(fd: fd, path: path == "-" ? "standard input" : path))
-        let secret = getenv("AWS_SECRET_ACCESS_KEY").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
-        let progress = Progress(verb: "loaded")
-        let start = Sys.monotonicNanos()
-        let stats =
-            fromJuicefs != nil
-            ? try jfs.loadJuiceFS(from: JSONReader(source, maxValueBytes: 16 << 20), secretKey: secret, progress: progress.show)
-            : try admin.load(from: JSONReader(source, maxValueBytes: 16 << 20), secretKey: secret, progress: progress.show)
-        progress.done(stats, seconds: Double(Sys.monotonicNanos() - start) / 1e9, to: meta.displayName)
-        for n in stats.notes { printError("stagefs: note: \(n)") }
-        if let f = try meta.loadFormat(), f.storage == "s3", f.secretKey == nil {
-            printError("stagefs: note: the dump holds no S3 secret key: mount with --secret-key (or load with AWS_SECRET_ACCESS_KEY set)")
-        }
+        try loadDump(source, into: metaURL, juiceFS: fromJuicefs != nil, what: "")
+    }
+}
+
+/// Loads a dump (`juiceFS`: JuiceFS's) from `source` into the empty engine `target` names,
+/// with progress on a terminal and a summary line naming `what` it came from. The S3 secret key,
+/// when the dump has none, comes from `AWS_SECRET_ACCESS_KEY`.
+func loadDump(_ source: ByteSource, into target: String, juiceFS: Bool, what: String) throws {
+    // A SQLite file made here holds the volume's keys: its owner's alone.
+    umask(0o077)
+    let meta = try openMetadata(try metaURLArgument(target), create: true)
+    guard let admin = meta as? any DumpAdmin, let jfs = meta as? any JuiceFSLoadAdmin else {
+        throw FSError(EOPNOTSUPP, "\(meta.displayName) cannot load a dump")
+    }
+    let secret = getenv("AWS_SECRET_ACCESS_KEY").map { String(cString: $0) }.flatMap { $0.isEmpty ? nil : $0 }
+    let progress = Progress(verb: "loaded")
+    let start = Sys.monotonicNanos()
+    let reader = JSONReader(source, maxValueBytes: 16 << 20)
+    let stats =
+        juiceFS
+        ? try jfs.loadJuiceFS(from: reader, secretKey: secret, progress: progress.show)
+        : try admin.load(from: reader, secretKey: secret, progress: progress.show)
+    progress.done(stats, seconds: Double(Sys.monotonicNanos() - start) / 1e9, to: meta.displayName + what)
+    for n in stats.notes { printError("stagefs: note: \(n)") }
+    if let f = try meta.loadFormat(), f.storage == "s3", f.secretKey == nil {
+        printError("stagefs: note: the dump holds no S3 secret key: mount with --secret-key (or load with AWS_SECRET_ACCESS_KEY set)")
     }
 }
 
