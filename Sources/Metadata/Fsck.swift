@@ -161,38 +161,23 @@ extension TxnMetadata {
         var sampler = UInt64(truncatingIfNeeded: Timespec.now().nsec) | 1
         var cursor: UInt64 = 0
         while true {
-            var page: [(Ino, Attr)] = []
-            var next: UInt64?
-            var chunks: [Ino: [Slice]] = [:]
             var origins: [Ino: Trash.Origin] = [:]
             var open = Set<Ino>()
-            var long: [Ino] = []
-            try store.transaction(write: false) { (tx) throws(FSError) in
-                (page, next) = try store.scanInodes(tx, cursor: cursor, limit: 1000)
-                (chunks, origins, open) = ([:], [:], [])
-                var reads: [TxnRead] = []
-                for (ino, a) in page where a.type == .regular {
-                    reads.append(.chunkList(ino, from: 0, limit: dumpFirstChunks))
-                    if Trash.isTrash(a.parent) { reads.append(.symlink(ino)) }
-                    if a.nlink == 0 { reads.append(.isOpen(ino)) }
-                }
-                try store.prefetch(tx, reads)
-                long = []
-                for (ino, a) in page where a.type == .regular {
-                    var list: [Slice] = []
-                    let idxs = try store.chunkIndexes(tx, ino, from: 0, limit: dumpFirstChunks, descending: false)
-                    for idx in idxs { list += Slice.decodeAll(try store.chunk(tx, ino, idx)) }
-                    if idxs.count == dumpFirstChunks { long.append(ino) }
-                    chunks[ino] = list
+            let page = try inodePage(
+                cursor: cursor,
+                extra: { ino, a in
+                    a.type != .regular ? [] : (Trash.isTrash(a.parent) ? [.symlink(ino)] : []) + (a.nlink == 0 ? [.isOpen(ino)] : [])
+                },
+                more: { (tx, ino, a) throws(FSError) in
+                    guard a.type == .regular else { return }
                     if Trash.isTrash(a.parent), let t = try store.symlinkTarget(tx, ino), let origin = Trash.Origin.decode(t) {
                         origins[ino] = origin
                     }
                     if a.nlink == 0, try store.isOpen(tx, ino) { open.insert(ino) }
-                }
-            }
-            for ino in long { chunks[ino, default: []] += try slicesOf(ino, from: UInt32(dumpFirstChunks)) }
+                })
+            let chunks = page.slices
             var repairs: [FsckRepair] = []
-            for (ino, a) in page {
+            for (ino, a) in page.inodes {
                 // (Redis's SCAN may return an inode twice.)
                 guard try scanned.insert(ino) else { continue }
                 if !Trash.isTrash(ino) { maxInode = max(maxInode, ino) }
@@ -231,7 +216,7 @@ extension TxnMetadata {
             }
             if o.repair { try apply(repairs, &r, quiet: quiet) }
             o.progress(r)
-            guard let n = next else { break }
+            guard let n = page.next else { break }
             cursor = n
         }
 
@@ -251,9 +236,17 @@ extension TxnMetadata {
         }
 
         // Shared slices' references: records beyond the first.
-        for (id, n) in records.more {
-            let refs = try store.transaction(write: false) { (tx) throws(FSError) in try store.sliceRefs(tx, id) }
-            if refs != Int64(n) - 1 {
+        // (Read 1,000 a step: one round trip each on Redis, not one a slice.)
+        let shared = Array(records.more)
+        for start in stride(from: 0, to: shared.count, by: 1000) {
+            let part = shared[start..<min(start + 1000, shared.count)]
+            let counted = try store.transaction(write: false) { (tx) throws(FSError) -> [Int64] in
+                try store.prefetch(tx, part.map { .sliceRefs($0.key) })
+                var out: [Int64] = []
+                for (id, _) in part { out.append(try store.sliceRefs(tx, id)) }
+                return out
+            }
+            for ((id, n), refs) in zip(part, counted) where refs != Int64(n) - 1 {
                 r.problem("slice \(id) has \(n) records but \(refs) reference(s) counted beyond the first")
                 // (Fewer references than records would let its objects go while a record is
                 // left: raised at once; lowered only on a quiet volume.)
@@ -269,8 +262,8 @@ extension TxnMetadata {
         }
 
         // The usage counters (exact on a quiet volume; changes during the check show here).
-        let counted: [(String, Int64)] = [("usedSpace", space), ("usedInodes", inodes), ("trashSpace", trashSpace), ("trashInodes", trashInodes)]
-        for (name, value) in counted {
+        let totals: [(String, Int64)] = [("usedSpace", space), ("usedInodes", inodes), ("trashSpace", trashSpace), ("trashInodes", trashInodes)]
+        for (name, value) in totals {
             let recorded = try store.transaction(write: false) { (tx) throws(FSError) in try store.counter(tx, name) }
             if recorded != value {
                 r.problem("the counter \(name) says \(recorded), the inodes add up to \(value)")

@@ -15,6 +15,13 @@ package struct GCScan {
     package init() {}
 }
 
+/// A page of the inode scan: the inodes, each regular file's slices, where the next page starts.
+struct InodePage {
+    var inodes: [(Ino, Attr)] = []
+    var slices: [Ino: [Slice]] = [:]
+    var next: UInt64?
+}
+
 /// Seconds a gc's lease (`gcRunning` = `<holder> <unix seconds it ends>`) runs; the gc renews
 /// it as it goes, and stops if it ever ran out (clones would no longer be noted for it).
 package let gcLeaseSeconds: Int64 = 600
@@ -77,38 +84,58 @@ extension TxnMetadata {
         var cursor: UInt64 = 0
         var lastRenew = Sys.monotonicNanos()
         while true {
-            var page: [(Ino, Attr)] = []
-            var next: UInt64?
-            var long: [Ino] = []
-            var ids: [UInt64] = []
-            try store.transaction(write: false) { (tx) throws(FSError) in
-                (page, next) = try store.scanInodes(tx, cursor: cursor, limit: 1000)
-                long = []
-                ids = []
-                let files = page.filter { $0.1.type == .regular }.map(\.0)
-                try store.prefetch(tx, files.map { .chunkList($0, from: 0, limit: dumpFirstChunks) })
-                for ino in files {
-                    let idxs = try store.chunkIndexes(tx, ino, from: 0, limit: dumpFirstChunks, descending: false)
-                    for idx in idxs { ids += Slice.decodeAll(try store.chunk(tx, ino, idx)).map(\.id) }
-                    if idxs.count == dumpFirstChunks { long.append(ino) }
+            let page = try inodePage(cursor: cursor)
+            for list in page.slices.values {
+                for s in list where s.id != 0 {
+                    _ = try scan.referenced.insert(s.id)
+                    scan.slices += 1
                 }
             }
-            for ino in long { ids += try slicesOf(ino, from: UInt32(dumpFirstChunks)).map(\.id) }
-            for id in ids where id != 0 {
-                _ = try scan.referenced.insert(id)
-                scan.slices += 1
-            }
-            scan.inodes += page.count
-            scan.files += page.filter { $0.1.type == .regular }.count
+            scan.inodes += page.inodes.count
+            scan.files += page.slices.count
             progress(scan)
             if Sys.monotonicNanos() - lastRenew > 60_000_000_000 {
                 try renew()
                 lastRenew = Sys.monotonicNanos()
             }
-            guard let n = next else { break }
+            guard let n = page.next else { break }
             cursor = n
         }
         return scan
+    }
+
+    /// One page of the inode scan (`scanInodes`, about 1,000) with the slices of each regular
+    /// file, read in one transaction (a long file's beyond its first `dumpFirstChunks` chunks in
+    /// further steps). `extra` names more reads of an inode, which `more` makes in the same
+    /// transaction (fsck's link targets and opens).
+    func inodePage(
+        cursor: UInt64, extra: (Ino, Attr) -> [TxnRead] = { _, _ in [] }, more: (S.Txn, Ino, Attr) throws(FSError) -> Void = { _, _, _ in }
+    ) throws(FSError) -> InodePage {
+        var page = InodePage()
+        var long: [Ino] = []
+        try store.transaction(write: false) { (tx) throws(FSError) in
+            page = InodePage()
+            long = []
+            (page.inodes, page.next) = try store.scanInodes(tx, cursor: cursor, limit: 1000)
+            var reads: [TxnRead] = []
+            for (ino, a) in page.inodes {
+                if a.type == .regular { reads.append(.chunkList(ino, from: 0, limit: dumpFirstChunks)) }
+                reads += extra(ino, a)
+            }
+            try store.prefetch(tx, reads)
+            for (ino, a) in page.inodes {
+                if a.type == .regular {
+                    var list: [Slice] = []
+                    let idxs = try store.chunkIndexes(tx, ino, from: 0, limit: dumpFirstChunks, descending: false)
+                    for idx in idxs { list += Slice.decodeAll(try store.chunk(tx, ino, idx)) }
+                    if idxs.count == dumpFirstChunks { long.append(ino) }
+                    page.slices[ino] = list
+                }
+                try more(tx, ino, a)
+            }
+        }
+        for ino in long { page.slices[ino, default: []] += try slicesOf(ino, from: UInt32(dumpFirstChunks)) }
+        return page
     }
 
     /// The slices of `ino`'s chunks from `from` on, `chunkBatch` chunks a step (a long file's
