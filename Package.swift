@@ -24,23 +24,24 @@ let package = Package(
         .systemLibrary(name: "CMunge", path: "Sources/CMunge"),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd"),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
+        .systemLibrary(name: "CLZ4", path: "Sources/CLZ4"),
         .target(name: "StageFSCore", dependencies: ["CChecksum", "CLinux", .product(name: "Logging", package: "swift-log")], exclude: ["README.md"]),
         .target(name: "SQLiteKit", dependencies: ["StageFSCore", "CSQLite3"], exclude: ["README.md"]),
         // The Redis wire client (RESP, TLS, Sentinel, Cluster, the pool and its retries); no file-system rules.
         .target(name: "RedisWire", dependencies: ["StageFSCore", "COpenSSL"], exclude: ["README.md"]),
         .target(name: "Metadata", dependencies: ["StageFSCore", "SQLiteKit", "CSQLite3", "RedisWire"], exclude: ["README.md"]),
-        // Compression: gzip and zstd streams (metadata dumps).
-        .target(name: "Compress", dependencies: ["StageFSCore", "CZstd", "CZlib"], exclude: ["README.md"]),
+        // Compression: gzip and zstd streams (metadata dumps), LZ4 and zstd blocks (data).
+        .target(name: "Compress", dependencies: ["StageFSCore", "CZstd", "CZlib", "CLZ4"], exclude: ["README.md"]),
         .target(name: "ObjectStorage", dependencies: ["StageFSCore", "CCurl", "COpenSSL"], exclude: ["README.md"]),
         // The data path talks to the object store only; slice commits come from the VFS layer.
-        .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "SQLiteKit"], exclude: ["README.md"]),
+        .target(name: "DataPath", dependencies: ["StageFSCore", "ObjectStorage", "SQLiteKit", "Compress"], exclude: ["README.md"]),
         .target(name: "VFS", dependencies: ["StageFSCore", "Metadata", "DataPath"], exclude: ["README.md"]),
         .target(name: "FUSEMount", dependencies: ["StageFSCore", "VFS", "CFuse3"], exclude: ["README.md"]),
         // MUNGE credentials for the gateway's TCP connections.
         .target(name: "MungeAuth", dependencies: ["StageFSCore", "CMunge"], exclude: ["README.md"]),
         // The multi-tenant gateway (server) and the engine and store of a client that talks to one.
-        .target(name: "Gateway", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath", "MungeAuth"], exclude: ["README.md"]),
-        .target(name: "Staging", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath"], exclude: ["README.md"]),
+        .target(name: "Gateway", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath", "MungeAuth", "Compress"], exclude: ["README.md"]),
+        .target(name: "Staging", dependencies: ["StageFSCore", "Metadata", "ObjectStorage", "DataPath", "Compress"], exclude: ["README.md"]),
         .executableTarget(
             name: "stagefs",
             dependencies: [

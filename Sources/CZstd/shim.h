@@ -1,6 +1,6 @@
 #ifndef CZSTD_SHIM_H
 #define CZSTD_SHIM_H
-/* libzstd (Debian's libzstd-dev): Zstandard streams (metadata dumps) and, later, block
+/* libzstd (Debian's libzstd-dev): Zstandard streams (metadata dumps) and data blocks
    compression. Only the Compress module imports it. */
 #include <zstd.h>
 #endif

@@ -1,3 +1,4 @@
+import Compress
 import ObjectStorage
 import StageFSCore
 
@@ -37,10 +38,10 @@ public final class DataStore: @unchecked Sendable {
     let budget: ByteBudget
     let uploads: WorkerPool
     let background: WorkerPool
-    let cache: MemoryCache
-    let fetcher: BlockFetcher
+    /// The volume's blocks: keys, codec, the memory and disk caches, the store.
+    public let blocks: BlockStore
     /// The node-local block cache, if configured.
-    public let disk: DiskCache?
+    public var disk: DiskCache? { blocks.disk }
     let ids: SliceIDs
     private let lock = ConditionLock()
     private var writers: [Ino: FileWriter] = [:]
@@ -58,9 +59,10 @@ public final class DataStore: @unchecked Sendable {
         budget = ByteBudget(limit: config.bufferSize)
         uploads = WorkerPool(name: "upload", threads: config.uploadThreads)
         background = WorkerPool(name: "background", threads: 2)
-        cache = MemoryCache(limit: config.memoryCacheSize)
-        self.disk = disk
-        fetcher = BlockFetcher(store: store, cache: cache, disk: disk, threads: config.downloadThreads)
+        // (`requireFormat` refused a codec this build does not know.)
+        blocks = BlockStore(
+            layout: layout, codec: BlockCodec(rawValue: format.compressionName) ?? .none, store: store,
+            memory: MemoryCache(limit: config.memoryCacheSize), disk: disk, threads: config.downloadThreads)
         ids = SliceIDs(ledger: ledger)
     }
 
@@ -161,17 +163,9 @@ public final class DataStore: @unchecked Sendable {
         return v
     }
 
-    /// Bytes an upload worker reads. @unchecked: the caller waits for every worker before the
-    /// memory goes (`storeSlice` waits on its group).
-    private struct BytesRef: @unchecked Sendable {
-        let bytes: UnsafeRawBufferPointer
-        init(_ b: UnsafeRawBufferPointer) { bytes = b }
-    }
-
-    /// One piece of a read: `len` bytes from offset `off` of block `index` of slice `id` to `dest`.
+    /// One piece of a read: `len` bytes from offset `off` of a block to `dest`.
     private struct Piece: @unchecked Sendable {
-        var key: String
-        var blockLen: Int
+        var block: Block
         var off: Int
         var len: Int
         var dest: UnsafeMutableRawPointer
@@ -245,20 +239,11 @@ public final class DataStore: @unchecked Sendable {
             if seg.id == 0 {
                 dest.initializeMemory(as: UInt8.self, repeating: 0, count: Int(segEnd - cursor))
             } else {
-                var sliceOff = Int(seg.off) + Int(cursor - seg.pos)
-                var left = Int(segEnd - cursor)
-                var d = dest
-                while left > 0 {
-                    let bi = sliceOff / bs
-                    let bo = sliceOff % bs
-                    let blen = layout.blockLength(sliceSize: seg.size, index: bi)
-                    let take = min(left, blen - bo)
-                    if take <= 0 { throw FSError(EIO, "inode \(ino): a slice record points past its slice") }
-                    pieces.append(Piece(key: layout.key(slice: seg.id, index: bi, length: blen), blockLen: blen, off: bo, len: take, dest: d))
-                    d += take
-                    sliceOff += take
-                    left -= take
+                let want = Int(segEnd - cursor)
+                let covered = layout.forEachBlock(slice: seg.id, size: seg.size, from: Int(seg.off) + Int(cursor - seg.pos), count: want) {
+                    b, inBlock, done, take in pieces.append(Piece(block: b, off: inBlock, len: take, dest: dest + done))
                 }
+                if covered < want { throw FSError(EIO, "inode \(ino): a slice record points past its slice") }
             }
             cursor = segEnd
         }
@@ -268,36 +253,13 @@ public final class DataStore: @unchecked Sendable {
     }
 
     /// Stores a new slice's bytes as its blocks (a compactor's merged slice), in parallel.
-    public func storeSlice(_ id: UInt64, _ data: UnsafeRawBufferPointer) throws(FSError) {
-        let bs = layout.blockSize
-        let group = WaitGroup()
-        var at = 0
-        var index = 0
-        while at < data.count {
-            let len = min(bs, data.count - at)
-            let key = layout.key(slice: id, index: index, length: len)
-            let part = BytesRef(UnsafeRawBufferPointer(rebasing: data[at..<at + len]))
-            let work: @Sendable () -> Void = { [store] in
-                do throws(FSError) {
-                    try store.put(key, part.bytes)
-                    group.done()
-                } catch {
-                    group.done(error)
-                }
-            }
-            group.add()
-            fetcher.pool.submit(work)
-            at += len
-            index += 1
-        }
-        try group.wait()
-    }
+    public func storeSlice(_ id: UInt64, _ data: UnsafeRawBufferPointer) throws(FSError) { try blocks.putSlice(id, data) }
 
     private func fetchPieces(_ pieces: [Piece], wholeBlocks: Bool) throws(FSError) {
         if pieces.isEmpty { return }
         var missing: [Piece] = []
         for p in pieces {
-            if let b = cache.get(p.key) {
+            if let b = blocks.cached(p.block) {
                 p.dest.copyMemory(from: b.base + p.off, byteCount: p.len)
             } else {
                 missing.append(p)
@@ -309,13 +271,12 @@ public final class DataStore: @unchecked Sendable {
         for p in missing {
             let work: @Sendable () -> Void = { [self] in
                 do throws(FSError) {
-                    if wholeBlocks || p.len * 4 >= p.blockLen {
-                        let b = try fetcher.fetch(p.key, length: p.blockLen)
+                    if wholeBlocks || p.len * 4 >= p.block.length {
+                        let b = try blocks.fetch(p.block)
                         p.dest.copyMemory(from: b.base + p.off, byteCount: p.len)
                     } else {
-                        try fetcher.readRange(
-                            p.key, length: p.blockLen, offset: p.off, into: UnsafeMutableRawBufferPointer(start: p.dest, count: p.len))
-                        fetcher.prefetch(p.key, length: p.blockLen)
+                        try blocks.read(p.block, offset: p.off, into: UnsafeMutableRawBufferPointer(start: p.dest, count: p.len))
+                        blocks.prefetch(p.block)
                     }
                     group.done()
                 } catch {
@@ -323,7 +284,7 @@ public final class DataStore: @unchecked Sendable {
                 }
             }
             group.add()
-            if one { work() } else { fetcher.pool.submit(work) }
+            if one { work() } else { blocks.pool.submit(work) }
         }
         try group.wait()
     }
@@ -342,12 +303,15 @@ public final class DataStore: @unchecked Sendable {
                 continue
             }
             if seg.id != 0 {
-                let sliceOff = Int(seg.off) + Int(inChunk - seg.pos)
-                let bi = sliceOff / layout.blockSize
-                let blen = layout.blockLength(sliceSize: seg.size, index: bi)
-                fetcher.prefetch(layout.key(slice: seg.id, index: bi, length: blen), length: blen)
+                // The block this position lies in; the next position is past it.
+                var step = 0
+                layout.forEachBlock(slice: seg.id, size: seg.size, from: Int(seg.off) + Int(inChunk - seg.pos), count: 1) { b, inBlock, _, _ in
+                    self.blocks.prefetch(b)
+                    step = b.length - inBlock
+                }
+                if step == 0 { return }
                 queued += 1
-                pos += UInt64(blen - sliceOff % layout.blockSize)
+                pos += UInt64(step)
             } else {
                 pos += UInt64(seg.pos + seg.len - inChunk)
             }
@@ -360,20 +324,7 @@ public final class DataStore: @unchecked Sendable {
     /// files whose last link went away, slices cut off by truncation), from the caches too.
     /// Returns how many objects were deleted.
     @discardableResult
-    public func deleteObjects(_ s: Slice) -> Int {
-        var n = 0
-        for key in layout.keys(of: s) {
-            cache.remove(key)
-            disk?.remove(key)
-            do {
-                try store.delete(key)
-                n += 1
-            } catch {
-                Log.warning("could not delete \(key): \(error.message)")
-            }
-        }
-        return n
-    }
+    public func deleteObjects(_ s: Slice) -> Int { blocks.delete(s) }
 
     /// Bytes of written data waiting to be uploaded.
     public var bufferedBytes: Int { budget.inUse }
@@ -383,7 +334,7 @@ public final class DataStore: @unchecked Sendable {
         do { try disk?.flushIndex() } catch { Log.warning("cache index: \(error.message)") }
         uploads.shutdown()
         background.shutdown()
-        fetcher.pool.shutdown()
+        blocks.shutdown()
     }
 }
 

@@ -73,6 +73,8 @@ public final class DiskCache: @unchecked Sendable {
     struct Location: Equatable {
         var pack: Int64
         var off: Int64
+        /// The bytes of the block (as stored).
+        var length: Int = 0
     }
 
     struct Pending {
@@ -236,4 +238,13 @@ public final class DiskCache: @unchecked Sendable {
     /// Bytes a block of `length` takes on disk: with its checksum trailer in a file, or with its
     /// checksum in a pack.
     public static func fileSize(_ length: Int) -> Int { packed(length) ? length + 4 : length + 4 * pieces(length) + 8 }
+
+    /// The block length a block file of `size` bytes holds (its data, a checksum per piece, the
+    /// count and the magic number), or nil when no length gives that size.
+    static func blockLength(fileSize size: Int) -> Int? {
+        guard size > packedLimit + 12 else { return nil }
+        let n = (size - 8 + pieceSize + 3) / (pieceSize + 4)
+        let length = size - 8 - 4 * n
+        return length > packedLimit && pieces(length) == n ? length : nil
+    }
 }

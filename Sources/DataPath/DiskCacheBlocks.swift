@@ -16,7 +16,9 @@ extension DiskCache {
         return lock.withLock { () -> Location? in
             if let l = pendingLocations[ik] { return l }
             var loc: Location?
-            try? index.query("SELECT pack, off FROM blocks WHERE key=?", [.text(ik)]) { loc = Location(pack: Col.int($0, 0), off: Col.int($0, 1)) }
+            try? index.query("SELECT pack, off, size FROM blocks WHERE key=? AND pack > 0", [.text(ik)]) {
+                loc = Location(pack: Col.int($0, 0), off: Col.int($0, 1), length: Int(Col.int($0, 2)) - 4)
+            }
             return loc
         }
     }
@@ -36,21 +38,25 @@ extension DiskCache {
     }
 
     /// Whether a block is cached (packed blocks: indexed; others: a complete file exists).
-    public func contains(_ key: String, length: Int) -> Bool {
-        if DiskCache.packed(length) { return location(key) != nil }
+    /// `length`: the block's stored length when the caller knows it (else the cache finds it).
+    public func contains(_ key: String, length: Int? = nil) -> Bool {
+        if let length, DiskCache.packed(length) { return location(key) != nil }
+        if length == nil && location(key) != nil { return true }
         guard let st = Sys.stat(path(key)) else { return false }
+        guard let length else { return DiskCache.blockLength(fileSize: Int(st.st_size)) != nil }
         return Int(st.st_size) == DiskCache.fileSize(length)
     }
 
-    /// Which of `blocks` (key, length) are cached, with one index query per 500 packed blocks.
-    public func cached(_ blocks: [(String, Int)]) -> [Bool] {
+    /// Which of `blocks` (key, stored length if known) are cached, with one index query per 500
+    /// packed (or possibly packed) blocks.
+    public func cached(_ blocks: [(String, Int?)]) -> [Bool] {
         var out = [Bool](repeating: false, count: blocks.count)
         var packedAt: [String: [Int]] = [:]
         for (i, (key, length)) in blocks.enumerated() {
-            if DiskCache.packed(length) {
-                packedAt[indexKey(key), default: []].append(i)
-            } else {
+            if let length, !DiskCache.packed(length) {
                 out[i] = contains(key, length: length)
+            } else {
+                packedAt[indexKey(key), default: []].append(i)
             }
         }
         let keys = Array(packedAt.keys)
@@ -58,29 +64,35 @@ extension DiskCache {
             for k in keys where pendingLocations[k] != nil { for i in packedAt[k]! { out[i] = true } }
             for start in stride(from: 0, to: keys.count, by: 500) {
                 let part = Array(keys[start..<min(keys.count, start + 500)])
-                let sql = "SELECT key FROM blocks WHERE key IN (\(Array(repeating: "?", count: part.count).joined(separator: ",")))"
+                let sql = "SELECT key FROM blocks WHERE pack > 0 AND key IN (\(Array(repeating: "?", count: part.count).joined(separator: ",")))"
                 try? index.query(sql, part.map { .text($0) }) { row in
                     for i in packedAt[Col.text(row, 0)] ?? [] { out[i] = true }
                 }
             }
         }
+        // A block of unknown length not packed may be a file.
+        for (i, (key, length)) in blocks.enumerated() where !out[i] && length == nil { out[i] = contains(key) }
         return out
     }
 
     // MARK: reads
 
-    /// Opens the cache file of `key` if it has the size a block of `length` gives.
-    func openChecked(_ key: String, length: Int) -> Int32? {
+    /// Opens the cache file of `key` if it has the size a block of `length` gives (or, not
+    /// given, the size of some block); returns it and the block's length.
+    func openChecked(_ key: String, length: Int?) -> (fd: Int32, length: Int)? {
         let fd = Glibc.open(path(key), O_RDONLY | O_CLOEXEC)
         if fd < 0 { return nil }
         var st = Glibc.stat()
-        if fstat(fd, &st) != 0 || Int(st.st_size) != DiskCache.fileSize(length) {
-            Log.warning("cache file \(path(key)) has \(st.st_size) bytes, expected \(DiskCache.fileSize(length)); dropping it")
+        let found = fstat(fd, &st) == 0 ? DiskCache.blockLength(fileSize: Int(st.st_size)) : nil
+        guard let found, length == nil || found == length else {
+            Log.warning(
+                "cache file \(path(key)) has \(st.st_size) bytes, \(length.map { "expected \(DiskCache.fileSize($0))" } ?? "the size of no block"); dropping it"
+            )
             Sys.close(fd)
             remove(key)
             return nil
         }
-        return fd
+        return (fd, found)
     }
 
     /// Reads the checksums of pieces `first...last` from a block file's trailer.
@@ -92,9 +104,10 @@ extension DiskCache {
         return sums.map { UInt32(littleEndian: $0) }
     }
 
-    /// A packed block with its checksum verified, into `dest` (which holds `length` bytes).
-    func readPacked(_ key: String, length: Int, into dest: UnsafeMutableRawPointer) -> Bool {
-        guard let loc = location(key), let fd = readFD(loc.pack) else { return false }
+    /// A packed block with its checksum verified, into `dest` (which holds `loc.length` bytes).
+    func readPacked(_ key: String, _ loc: Location, into dest: UnsafeMutableRawPointer) -> Bool {
+        let length = loc.length
+        guard length >= 0, let fd = readFD(loc.pack) else { return false }
         let tmp = UnsafeMutableRawPointer.allocate(byteCount: length + 4, alignment: 16)
         defer { tmp.deallocate() }
         guard let n = try? Sys.pread(fd, tmp, length + 4, loc.off), n == length + 4 else {
@@ -113,16 +126,24 @@ extension DiskCache {
     }
 
     /// The whole block, verified, or nil (missing or damaged; a damaged block is removed).
-    public func get(_ key: String, length: Int) -> Buffer? {
-        let buf = Buffer(capacity: max(length, 1))
-        if DiskCache.packed(length) {
-            guard readPacked(key, length: length, into: buf.base) else { return nil }
-            buf.count = length
+    /// `length`: the block's stored length when the caller knows it (a block of another length
+    /// is dropped); else the cache's own record of it.
+    public func get(_ key: String, length: Int? = nil) -> Buffer? {
+        if length.map(DiskCache.packed) ?? true, let loc = location(key) {
+            if let length, loc.length != length {
+                remove(key)
+                return nil
+            }
+            let buf = Buffer(capacity: max(loc.length, 1))
+            guard readPacked(key, loc, into: buf.base) else { return nil }
+            buf.count = loc.length
             touch(key)
             return buf
         }
-        guard let fd = openChecked(key, length: length) else { return nil }
+        if let length, DiskCache.packed(length) { return nil }
+        guard let (fd, length) = openChecked(key, length: length) else { return nil }
         defer { Sys.close(fd) }
+        let buf = Buffer(capacity: max(length, 1))
         guard let n = try? Sys.pread(fd, buf.base, length, 0), n == length,
             let sums = checksums(fd, length: length, first: 0, last: DiskCache.pieces(length) - 1),
             verify(buf.base, length: length, firstPiece: 0, sums: sums, key: key)
@@ -132,8 +153,8 @@ extension DiskCache {
         return buf
     }
 
-    /// Bytes `offset..<offset+dest.count` of a cached block into `dest`, verified; false when
-    /// the block is not cached (or was damaged and has been removed).
+    /// Bytes `offset..<offset+dest.count` of a cached block of `length` bytes into `dest`,
+    /// verified; false when the block is not cached (or was damaged and has been removed).
     public func read(_ key: String, length: Int, offset: Int, into dest: UnsafeMutableRawBufferPointer) -> Bool {
         guard dest.count > 0 else { return true }
         if DiskCache.packed(length) {
@@ -141,7 +162,7 @@ extension DiskCache {
             dest.baseAddress!.copyMemory(from: b.base + offset, byteCount: dest.count)
             return true
         }
-        guard let fd = openChecked(key, length: length) else { return false }
+        guard let (fd, _) = openChecked(key, length: length) else { return false }
         defer { Sys.close(fd) }
         let first = offset / DiskCache.pieceSize
         let last = (offset + dest.count - 1) / DiskCache.pieceSize
@@ -186,6 +207,7 @@ extension DiskCache {
         var loc = Location(pack: 0, off: 0)
         if DiskCache.packed(data.count) {
             loc = try append(data)
+            loc.length = data.count
         } else {
             // Callers put blocks they found missing; a racing writer's copy is replaced whole.
             file = path(key)

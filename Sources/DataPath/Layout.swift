@@ -44,14 +44,49 @@ public struct Layout: Sendable {
         return digits > 0 ? id : nil
     }
 
-    /// Every block key of a slice (for deletion).
-    public func keys(of slice: Slice) -> [String] {
+    /// The slice id, index and length a block key's last part `<id>_<index>_<length>` names.
+    public static func parts(ofKey key: String) -> (id: UInt64, index: Int, length: Int)? {
+        let name = key.split(separator: "/").last ?? ""
+        let p = name.split(separator: "_", omittingEmptySubsequences: false)
+        guard p.count == 3, p.allSatisfy({ $0.count <= 19 }), let id = UInt64(p[0]), let index = Int(p[1]), let length = Int(p[2]) else {
+            return nil
+        }
+        return (id, index, length)
+    }
+
+    /// Every block of a slice (for deletion and checks).
+    public func blocks(of slice: Slice) -> [Block] {
         guard slice.id != 0, slice.size > 0 else { return [] }
-        let count = (Int(slice.size) + blockSize - 1) / blockSize
-        return (0..<count).map { key(slice: slice.id, index: $0, length: blockLength(sliceSize: slice.size, index: $0)) }
+        var out: [Block] = []
+        forEachBlock(slice: slice.id, size: slice.size, from: 0, count: Int(slice.size)) { b, _, _, _ in out.append(b) }
+        return out
+    }
+
+    /// Every block key of a slice.
+    public func keys(of slice: Slice) -> [String] { blocks(of: slice).map(\.key) }
+
+    /// The blocks that bytes `from..<from+count` of slice `id` (of `size` bytes) lie in, in
+    /// order: `body(block, offset in the block, bytes of the range before it, bytes taken from
+    /// it)`. The one place a range of a slice becomes blocks (reads, read-ahead, staging,
+    /// stores). Stops at the slice's end; returns the bytes of the range it covered.
+    @discardableResult
+    public func forEachBlock<E: Error>(
+        slice id: UInt64, size: UInt32, from: Int, count: Int, _ body: (Block, Int, Int, Int) throws(E) -> Void
+    ) throws(E) -> Int {
+        var off = from
+        var done = 0
+        while done < count && off < Int(size) {
+            let index = off / blockSize
+            let inBlock = off % blockSize
+            let length = blockLength(sliceSize: size, index: index)
+            let take = min(count - done, length - inBlock)
+            try body(Block(key: key(slice: id, index: index, length: length), length: length), inBlock, done, take)
+            off += take
+            done += take
+        }
+        return done
     }
 }
-
 
 /// A buffer with a fixed address, freed with its owner (no copy-on-write surprises). Buffers of
 /// 64 KiB and more are mapped from the kernel and unmapped when freed, so memory held by

@@ -157,22 +157,24 @@ public final class FileWriter: @unchecked Sendable {
                 return
             }
         }
-        let key = data.layout.key(slice: s.id, index: index, length: b.count)
+        let blocks = data.blocks
+        let block = Block(key: data.layout.key(slice: s.id, index: index, length: b.count), length: b.count)
+        let written = UnsafeRawBufferPointer(start: b.base, count: b.count)
         // A block the store keeps for its slice's commit (a gateway's small block, sent with the
-        // commit) is kept at once: no upload thread to wake and wait for.
-        if data.store.holdForCommit(key, UnsafeRawBufferPointer(start: b.base, count: b.count)) {
+        // commit) is kept at once: no upload thread to wake and wait for. (Only a small block:
+        // compressing it here holds the file's lock a moment.)
+        if data.store.isProxy && b.count <= 256 << 10,
+            case .success(let encoded) = Result(catching: { () throws(FSError) in try blocks.encode(written) }),
+            blocks.holdForCommit(block, stored: encoded?.bytes ?? written)
+        {
             s.blocks[index] = nil
-            if let disk = data.disk {
-                // Written blocks are cached too (below), off the writer's way.
-                data.uploads.submit { [data] in
-                    do throws(FSError) {
-                        try disk.put(key, UnsafeRawBufferPointer(start: b.base, count: b.count))
-                    } catch {
-                        Log.warning("not cached: \(error.message)")
-                    }
-                    data.budget.release(b.capacity)
-                }
-            } else {
+            guard blocks.disk != nil else {
+                data.budget.release(b.capacity)
+                return
+            }
+            // Written blocks are cached too (below), off the writer's way.
+            data.uploads.submit { [data] in
+                blocks.cache(block, stored: encoded?.bytes ?? UnsafeRawBufferPointer(start: b.base, count: b.count))
                 data.budget.release(b.capacity)
             }
             return
@@ -181,18 +183,11 @@ public final class FileWriter: @unchecked Sendable {
         data.uploads.submit { [self] in
             var err: FSError?
             do throws(FSError) {
-                try data.store.put(key, UnsafeRawBufferPointer(start: b.base, count: b.count))
                 // Written blocks are cached too: reading back what was just written stays local.
-                if let disk = data.disk {
-                    do throws(FSError) {
-                        try disk.put(key, UnsafeRawBufferPointer(start: b.base, count: b.count))
-                    } catch {
-                        Log.warning("not cached: \(error.message)")
-                    }
-                }
+                try blocks.put(block, written: UnsafeRawBufferPointer(start: b.base, count: b.count))
             } catch {
                 err = error
-                Log.error("upload of \(key) failed: \(error.message)")
+                Log.error("upload of \(block.key) failed: \(error.message)")
             }
             let freed = b.capacity
             lock.withLock {

@@ -1,5 +1,5 @@
-import Metadata
 import DataPath
+import Metadata
 import ObjectStorage
 import StageFSCore
 
@@ -23,6 +23,8 @@ package final class GatewayObjectStore: ObjectStore {
     }
 
     package var description: String { "the bucket behind the \(meta.client.description)" }
+
+    package var isProxy: Bool { true }
 
     package func put(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError) {
         guard let id = Self.sliceID(key), let range = meta.tags.range(of: id) else {

@@ -1,3 +1,4 @@
+import Compress
 import DataPath
 import Metadata
 import MungeAuth
@@ -42,6 +43,9 @@ package final class GatewayServer: Sendable {
     let store: any ObjectStore
     let format: VolumeFormat
     let layout: Layout
+    /// The volume's blocks in the bucket: what the gateway stores for its clients and deletes,
+    /// counted.
+    let blocks: BlockStore
     let grants: Grants
     let limits: GatewayLimits
     private let groups: GroupCache
@@ -83,6 +87,9 @@ package final class GatewayServer: Sendable {
         self.store = store
         self.format = format
         self.layout = Layout(volume: format.name, blockSize: format.blockSize)
+        blocks = BlockStore(
+            layout: layout, codec: BlockCodec(rawValue: format.compressionName) ?? .none, store: store, memory: MemoryCache(limit: 0),
+            disk: nil, threads: 1)
         self.grants = Grants(key: try secrets.volumeSecret("gateway", bytes: 32))
         self.limits = limits
         self.groups = GroupCache(seconds: limits.groupSeconds)
@@ -940,7 +947,7 @@ package final class GatewayServer: Sendable {
             // commit in one request), stored before the slice is committed.
             let n = try r.count(max: 4, itemSize: 8)
             var blocks: [(key: String, data: [UInt8])] = []
-            for _ in 0..<n { blocks.append((try r.string(max: 1024), try r.data(max: layout.blockSize))) }
+            for _ in 0..<n { blocks.append((try r.string(max: 1024), try r.data(max: self.blocks.storedBound(layout.blockSize)))) }
             try r.end()
             guard sidOK, try holds(sid, ino, write: true, tag: writeTag, cred, holder: uid) else {
                 throw FSError(EBADF, "inode \(ino) is not open for writing in session \(sid) of uid \(uid)")
@@ -1024,7 +1031,9 @@ package final class GatewayServer: Sendable {
             try r.end()
             let b = try block(key)
             guard grants.check(tag, .block, b.id, uid: uid) else { throw FSError(EACCES, "uid \(uid) may not read the blocks of slice \(b.id)") }
-            guard offset <= b.length, length <= b.length - offset else { throw FSError(EINVAL, "a read past the end of block \(key)") }
+            // (A compressed block may take a few bytes more than its length.)
+            let stored = blocks.storedBound(b.length)
+            guard offset <= stored, length <= stored - offset else { throw FSError(EINVAL, "a read past the end of block \(key)") }
             // The reply's bytes count against the caller's and the gateway's budgets until they
             // are sent (the caller of `handle` releases them).
             for b in budgets { b.acquire(length) }
@@ -1057,7 +1066,7 @@ package final class GatewayServer: Sendable {
             let n = Int(try r.u32())
             let b = try block(key)
             try ownSlice(b.id, first, count, tag, uid)
-            guard r.remaining == n else { throw FSError(EINVAL, "block \(key) must be \(b.length) bytes") }
+            guard r.remaining == n else { throw FSError(EINVAL, "block \(key) says \(n) bytes and sends \(r.remaining)") }
             try storeNewBlock(key, b.length, try r.raw(n), resend: mark.resend)
         }
         return nil
@@ -1082,12 +1091,21 @@ package final class GatewayServer: Sendable {
     /// (its first sending may have written the block before the connection broke) finds it done
     /// when the block holds the same bytes.
     private func storeNewBlock(_ key: String, _ length: Int, _ data: [UInt8], resend: Bool) throws(FSError) {
-        guard data.count == length else { throw FSError(EINVAL, "block \(key) must be \(length) bytes") }
-        func sameBytes() throws(FSError) -> Bool { resend ? try store.getAll(key, size: length) == data : false }
+        // Stored as the client encoded it: a compressed block takes at most the codec's bound
+        // (a block that does not decompress is the writer's own file's loss, read as EIO).
+        if blocks.codec == .none {
+            guard data.count == length else { throw FSError(EINVAL, "block \(key) must be \(length) bytes") }
+        } else {
+            guard data.count > 0, data.count <= blocks.storedBound(length) else {
+                throw FSError(EINVAL, "block \(key) must take 1 to \(blocks.storedBound(length)) bytes compressed with \(blocks.codec.rawValue)")
+            }
+        }
+        func sameBytes() throws(FSError) -> Bool { resend ? try store.getAll(key, size: blocks.storedBound(length)) == data : false }
         if let local = store as? LocalObjectStore {
             // The check and the rename into place in one step, one walk to the block's directory.
             do throws(FSError) {
                 try fsTyped { try data.withUnsafeBytes { try local.putNew(key, $0) } }
+                blocks.countStored(length: length, stored: data.count)
             } catch {
                 if error.code == EEXIST {
                     if try sameBytes() { return }
@@ -1102,6 +1120,7 @@ package final class GatewayServer: Sendable {
             throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten")
         }
         try store.put(key, bytes: data)
+        blocks.countStored(length: length, stored: data.count)
     }
 
     /// The attributes of directories `dirs` as the change just committed on this thread left
@@ -1227,10 +1246,8 @@ package final class GatewayServer: Sendable {
 
     /// The slice, index and length a block key names; only the exact form `Layout.key` makes.
     private func block(_ key: String) throws(FSError) -> (id: UInt64, index: Int, length: Int) {
-        let name = key.split(separator: "/").last.map(String.init) ?? ""
-        let parts = name.split(separator: "_")
-        guard parts.count == 3, let id = UInt64(parts[0]), let index = Int(parts[1]), let length = Int(parts[2]),
-            id > 0, index >= 0, index < Int(chunkSize) / layout.blockSize + 1, length > 0, length <= layout.blockSize,
+        guard let (id, index, length) = Layout.parts(ofKey: key), id > 0, index >= 0, index < Int(chunkSize) / layout.blockSize + 1, length > 0,
+            length <= layout.blockSize,
             layout.key(slice: id, index: index, length: length) == key
         else { throw FSError(EINVAL, "'\(key.prefix(200))' is not a block of volume '\(format.name)'") }
         return (id, index, length)
@@ -1333,6 +1350,7 @@ package final class GatewayServer: Sendable {
                 deleter.withLock { _ = deleter.wait(seconds: 2) }
                 deletesWanted.store(false, ordering: .relaxed)
                 cleanDeleted()
+                recordStored()
                 purger.runIfDue(meta, holder: holder, who: "gateway: ")
                 if Sys.monotonicNanos() - lastStale > 30_000_000_000 {
                     lastStale = Sys.monotonicNanos()
@@ -1355,16 +1373,15 @@ package final class GatewayServer: Sendable {
     /// In bounded steps: at most about two seconds, the rest in the next round.
     private func cleanDeleted() {
         do {
-            if !(try meta.collectDeleted { deleteObjects($0) }).isEmpty { wakeDeleter() }
+            if !(try meta.collectDeleted { blocks.delete($0) }).isEmpty { wakeDeleter() }
         } catch {
             Log.warning("gateway: deleting unreferenced data: \(error.message)")
         }
     }
 
-    private func deleteObjects(_ s: Slice) {
-        for key in layout.keys(of: s) {
-            do { try store.delete(key) } catch { Log.warning("gateway: could not delete \(key): \(error.message)") }
-        }
+    /// Adds what the gateway stored and deleted to the volume's counters.
+    private func recordStored() {
+        blocks.recordCounts { (c) throws(FSError) in try meta.recordStored(blockBytes: c.blockBytes, storedBytes: c.storedBytes) }
     }
 }
 

@@ -211,7 +211,9 @@ struct DumpWalk<S: TxnStore> {
         try step { (tx) throws(FSError) in
             counters = []
             quotas = []
-            for name in ["nextInode", "nextSlice", "nextTrashInode", "usedSpace", "usedInodes", "trashSpace", "trashInodes"] {
+            for name in ["nextInode", "nextSlice", "nextTrashInode", "usedSpace", "usedInodes", "trashSpace", "trashInodes"]
+                + TxnMetadata<S>.storedCounters
+            {
                 counters.append((name, try store.counter(tx, name)))
             }
             for key in try meta.quotaList(tx) {

@@ -12,8 +12,9 @@ extension TxnMetadata {
     /// and objects: JuiceFS and StageFS name blocks alike (`<volume>/chunks/<id/10^6>/<id/10^3>/
     /// <id>_<index>_<length>`), so slices are carried over as they are. Read in one pass in
     /// bounded memory (a directory's tree is walked as it comes, each file whole), checked and
-    /// written by the same code as `load`. Refused with the reason: compression, encryption, a
-    /// hash prefix or shards in the object keys, POSIX ACLs, a storage StageFS does not speak.
+    /// written by the same code as `load`; compressed volumes (lz4, zstd) stay compressed.
+    /// Refused with the reason: encryption, a hash prefix or shards in the object keys, POSIX
+    /// ACLs, a storage StageFS does not speak.
     /// Files in JuiceFS's trash come into StageFS's (as deleted by their owner); directories
     /// there are left out (`DumpStats.notes` says how many).
     package func loadJuiceFS(
@@ -74,9 +75,12 @@ extension TxnMetadata {
         func refuse(_ why: String) -> FSError {
             FSError(EOPNOTSUPP, "JuiceFS volume '\(name)' cannot be taken over without copying its data: \(why)")
         }
-        if let comp = s["Compression"]?.string, !comp.isEmpty, comp != "none" {
+        // JuiceFS compresses each block whole as StageFS does: an LZ4 block, or a zstd frame.
+        let comp = (s["Compression"]?.string ?? "").lowercased()
+        guard ["", "none", "lz4", "zstd"].contains(comp) else {
             throw refuse(
-                "its blocks are compressed (\(comp)), which StageFS does not read; copy it instead (juicefs sync, or cp through both mounts)")
+                "its blocks are compressed with '\(comp.prefix(40))', which StageFS does not read; copy it instead (juicefs sync, or cp through both mounts)"
+            )
         }
         if let key = s["EncryptKey"]?.string, !key.isEmpty { throw refuse("its blocks are encrypted") }
         if s["HashPrefix"]?.bool == true { throw refuse("its object keys have a hash prefix (format --hash-prefix)") }
@@ -103,7 +107,7 @@ extension TxnMetadata {
         return VolumeFormat(
             name: name, storage: ours, bucket: bucket, accessKey: ours == "s3" ? access : nil, secretKey: ours == "s3" ? (secret ?? secretKey) : nil,
             blockSizeKiB: Int(blockSize), trashDays: Int(s["TrashDays"]?.int64 ?? 1), capacity: s["Capacity"]?.uint64, inodes: s["Inodes"]?.uint64,
-            uuid: uuid)
+            uuid: uuid, compression: comp.isEmpty ? nil : comp)
     }
 }
 

@@ -190,6 +190,10 @@ extension TxnMetadata {
             try store.add(tx, "usedInodes", st.usedInodes)
             try store.add(tx, "trashSpace", st.trashSpace)
             try store.add(tx, "trashInodes", st.trashInodes)
+            // What the bucket held when the dump was taken (a restore over the same bucket).
+            if (counters["storedCounted"] ?? 0) > 0 {
+                for name in Self.storedCounters { try store.add(tx, name, counters[name] ?? 0) }
+            }
             if shared { try store.setSetting(tx, "slicesShared", "1") }
             if let s = gatewaySecret { try store.setSetting(tx, "secret_gateway", s) }
             try store.setSetting(tx, "format", f.encoded())

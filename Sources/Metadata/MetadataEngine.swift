@@ -212,7 +212,9 @@ extension MetadataEngine {
     /// hands each slice whose objects are to go to `delete`: files (`what` has `.files`) up to
     /// 100 per step, at most `limit` steps and about `seconds`; then up to `limit` slices cut off
     /// by truncation. Returns what was left for a later round (files, when time ran out).
-    package func collectDeleted(_ what: Deletions = .all, limit: Int = 1000, seconds: Double = 2, _ delete: (Slice) -> Void) throws(FSError) -> Deletions {
+    package func collectDeleted(
+        _ what: Deletions = .all, limit: Int = 1000, seconds: Double = 2, _ delete: (Slice) -> Void
+    ) throws(FSError) -> Deletions {
         var left: Deletions = []
         if what.contains(.files) {
             let start = Sys.monotonicNanos()
@@ -255,6 +257,12 @@ extension MetadataEngine {
                 EINVAL,
                 "volume '\(f.name)' has format version \(f.version), newer than this StageFS knows (\(VolumeFormat.currentVersion)): upgrade stagefs")
         }
+        if !["none", "lz4", "zstd"].contains(f.compressionName) {
+            throw FSError(
+                EINVAL,
+                "volume '\(f.name)' stores its blocks compressed with '\(f.compressionName.prefix(40))', which this StageFS does not know: upgrade stagefs"
+            )
+        }
         if f.version < 2 && displayName.hasPrefix("Redis") {
             throw FSError(
                 EINVAL,
@@ -271,7 +279,9 @@ extension MetadataEngine {
 /// restart, a failover) before it fails with `EIO`; the first contact is not retried.
 /// `tracking` (Redis): a client cache kept coherent by Redis's client tracking answers lookups
 /// and getattr (`RedisTxnCache`).
-public func openMetadata(_ url: MetaURL, create: Bool = false, retryTimeout: Double = 60, tracking: Bool = false) throws(FSError) -> any MetadataEngine {
+public func openMetadata(
+    _ url: MetaURL, create: Bool = false, retryTimeout: Double = 60, tracking: Bool = false
+) throws(FSError) -> any MetadataEngine {
     switch url {
     case .sqlite(let path): return try SQLiteMetadata(path: path, create: create)
     case .redis(let location): return try RedisTxnMetadata(location: location, retryTimeout: retryTimeout, tracking: tracking)

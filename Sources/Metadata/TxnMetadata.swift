@@ -265,6 +265,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 if try store.counter(tx, "nextInode") < Int64(rootIno) { try store.add(tx, "nextInode", Int64(rootIno)) }
                 try store.add(tx, "usedInodes", 1)
                 try store.add(tx, "usedSpace", 4096)
+                // A new volume's bytes in the bucket are counted from its first block.
+                if try store.counter(tx, "storedCounted") == 0 { try store.add(tx, "storedCounted", 1) }
             }
         }
         formatSetting.withLock { $0 = (format, Sys.monotonicNanos()) }

@@ -41,6 +41,9 @@ public protocol ObjectStore: AnyObject, Sendable {
     /// its record); false: the block is to be `put`. Does no I/O, so a writer calls it in place
     /// rather than on an upload thread. The block is durable once its slice's commit returns.
     func holdForCommit(_ key: String, _ data: UnsafeRawBufferPointer) -> Bool
+    /// Whether another process stores and deletes the objects for this one (a gateway's
+    /// client): that process counts the bytes the bucket holds, not this one.
+    var isProxy: Bool { get }
 }
 
 extension ObjectStore {
@@ -49,6 +52,8 @@ extension ObjectStore {
 
     /// Stores do not hold blocks back unless they say so.
     public func holdForCommit(_ key: String, _ data: UnsafeRawBufferPointer) -> Bool { false }
+
+    public var isProxy: Bool { false }
 
     /// Stores a byte array.
     public func put(_ key: String, bytes: [UInt8]) throws(FSError) {

@@ -28,13 +28,18 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
     public var inodes: UInt64?
     /// Seconds since the epoch.
     public var createdAt: Int64
+    /// How blocks are compressed: `lz4`, `zstd`, or none (nil or `none`). Fixed at format.
+    public var compression: String?
 
     public init(
         name: String, storage: String, bucket: String, accessKey: String? = nil, secretKey: String? = nil,
         blockSizeKiB: Int = 4096, trashDays: Int = 1, capacity: UInt64? = nil, inodes: UInt64? = nil, uuid: String = randomUUID(),
-        createdAt: Int64 = Timespec.now().sec
+        createdAt: Int64 = Timespec.now().sec, compression: String? = nil
     ) {
-        self.version = VolumeFormat.currentVersion
+        let compressed = compression != nil && compression != "none"
+        // (A volume of compressed blocks needs a StageFS that knows it: version 3.)
+        self.version = compressed ? VolumeFormat.currentVersion : 2
+        self.compression = compressed ? compression : nil
         self.uuid = uuid
         self.name = name
         self.storage = storage
@@ -48,9 +53,13 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
         self.createdAt = createdAt
     }
 
-    /// The format version this StageFS writes. 2: the Redis engine keeps an index of each
-    /// file's chunks (truncation and deletion in bounded steps).
-    public static let currentVersion = 2
+    /// The newest format version this StageFS writes. 2: the Redis engine keeps an index of
+    /// each file's chunks (truncation and deletion in bounded steps). 3: blocks may be
+    /// compressed (`compression`); volumes without compression stay at 2.
+    public static let currentVersion = 3
+
+    /// The compression named, `none` when there is none.
+    public var compressionName: String { compression ?? "none" }
 
     /// Block size in bytes.
     public var blockSize: Int { blockSizeKiB * 1024 }
@@ -82,6 +91,7 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
         if trashDays != other.trashDays { out.append("trash days \(other.trashDays) -> \(trashDays)") }
         if (capacity ?? 0) != (other.capacity ?? 0) { out.append("capacity \(other.capacity ?? 0) -> \(capacity ?? 0) bytes") }
         if (inodes ?? 0) != (other.inodes ?? 0) { out.append("inodes \(other.inodes ?? 0) -> \(inodes ?? 0)") }
+        if compressionName != other.compressionName { out.append("compression \(other.compressionName) -> \(compressionName)") }
         return out
     }
 
@@ -90,7 +100,9 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
     public func reformatRefused(existing old: VolumeFormat, in store: String) -> FSError {
         let diff = differences(from: old).joined(separator: ", ")
         // Object keys start with the name, live in the bucket, and are cut at the block size.
-        let movesData = name != old.name || storage != old.storage || bucket != old.bucket || blockSizeKiB != old.blockSizeKiB
+        let movesData =
+            name != old.name || storage != old.storage || bucket != old.bucket || blockSizeKiB != old.blockSizeKiB
+            || compressionName != old.compressionName
         let force =
             movesData
             ? "; --force keeps the directory tree and the uuid but moves no data, so the contents of files already written become unreadable"
@@ -229,7 +241,8 @@ public enum MetaURL: Sendable, Equatable, CustomStringConvertible {
             return .sqlite(path: path)
         case "stagefs+unix":
             guard rest.hasPrefix("/") else {
-                throw bad("the gateway's socket path must be absolute, three slashes in all", meant: rest.isEmpty ? nil : "\(scheme)://\(meantPath(rest))")
+                throw bad(
+                    "the gateway's socket path must be absolute, three slashes in all", meant: rest.isEmpty ? nil : "\(scheme)://\(meantPath(rest))")
             }
             guard rest.count > 1, !rest.hasSuffix("/"), !rest.contains("?"), !rest.contains("@") else { throw bad("no socket file named") }
             return .gateway(.unix(path: rest))

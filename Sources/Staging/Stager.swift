@@ -1,3 +1,4 @@
+import Compress
 import DataPath
 import Metadata
 import ObjectStorage
@@ -136,8 +137,12 @@ struct BlockRef {
 public final class Stager: @unchecked Sendable {
     let meta: any MetadataEngine
     let store: (any ObjectStore)?
+    /// The volume's blocks in `store` (what a fetch downloads and checks).
+    let blocks: BlockStore?
     let cache: DiskCache
     let layout: Layout
+    /// The stored length of a block, when its key says it (no compression).
+    let knownLength: (BlockRef) -> Int?
     let cred: Credential
     let threads: Int
     let job: String?
@@ -152,11 +157,17 @@ public final class Stager: @unchecked Sendable {
         self.meta = meta
         self.store = store
         self.cache = cache
-        layout = Layout(volume: format.name, blockSize: format.blockSize)
+        let layout = Layout(volume: format.name, blockSize: format.blockSize)
+        self.layout = layout
+        let codec = BlockCodec(rawValue: format.compressionName) ?? .none
+        blocks = store.map { BlockStore(layout: layout, codec: codec, store: $0, memory: MemoryCache(limit: 0), disk: nil, threads: 1) }
+        knownLength = codec == .none ? { $0.length } : { _ in nil }
         self.cred = cred
         self.threads = max(1, threads)
         self.job = job
     }
+
+    deinit { blocks?.shutdown() }
 
     private func fail(_ top: Int, _ message: String) {
         lock.withLock { reports[top].errors.append(message) }
@@ -309,15 +320,9 @@ public final class Stager: @unchecked Sendable {
                     let chunkStart = UInt64(idx) * chunkSize
                     let limit = UInt32(min(chunkSize, f.size - chunkStart))
                     for seg in buildView(slices) where seg.id != 0 && seg.pos < limit {
-                        let segEnd = min(seg.pos + seg.len, limit)
-                        var off = Int(seg.off)
-                        let last = Int(seg.off) + Int(segEnd - seg.pos) - 1
-                        while off <= last {
-                            let bi = off / layout.blockSize
-                            let blen = layout.blockLength(sliceSize: seg.size, index: bi)
-                            let key = layout.key(slice: seg.id, index: bi, length: blen)
-                            if seen.insert(key).inserted { out.append(BlockRef(key: key, length: blen, file: owners[i])) }
-                            off = (bi + 1) * layout.blockSize
+                        let count = Int(min(seg.pos + seg.len, limit) - seg.pos)
+                        layout.forEachBlock(slice: seg.id, size: seg.size, from: Int(seg.off), count: count) { b, _, _, _ in
+                            if seen.insert(b.key).inserted { out.append(BlockRef(key: b.key, length: b.length, file: owners[i])) }
                         }
                     }
                 }
@@ -353,7 +358,7 @@ public final class Stager: @unchecked Sendable {
         progress.add(done: 0, fetched: 0, filesFinished: blocksLeft.filter { $0 == 0 }.count)
         for (i, n) in blocksLeft.enumerated() where n == 0 { reports[files[i].top].filesFullyCached += 1 }
         // What is cached already, in batches (one index query per 500 packed blocks).
-        let present = cache.cached(refs.map { ($0.key, $0.length) })
+        let present = cache.cached(refs.map { ($0.key, knownLength($0)) })
         // Blocks already cached are pinned before anything is downloaded: otherwise the
         // evictions that make room for the downloads could drop them first (and pins beyond
         // the cache size are found now, not after the downloads).
@@ -473,7 +478,7 @@ public final class Stager: @unchecked Sendable {
             lock.withLock { if fatal == nil { fatal = error } }
         }
         // What is in the cache now, not what went through it.
-        let kept = mode == .evict ? [] : (mode == .check ? present : cache.cached(refs.map { ($0.key, $0.length) }))
+        let kept = mode == .evict ? [] : (mode == .check ? present : cache.cached(refs.map { ($0.key, knownLength($0)) }))
         if mode != .evict {
             var missing = [Int](repeating: 0, count: files.count)
             for (i, r) in refs.enumerated() {
@@ -549,22 +554,13 @@ public final class Stager: @unchecked Sendable {
             return
                 "the cache is held by other jobs' pins: the set needs \(size), --cache-size is \(mib(room.capacity)) MiB and \(humanBytes(room.pinnedOutside)) of it is pinned by other jobs\(jobs.isEmpty ? "" : " (\(jobs.joined(separator: ", ")))"); \(humanBytes(kept)) of the set is in it: release finished jobs (stagefs stage --release JOB) or raise --cache-size to at least \(mib(need + room.pinnedOutside)) (MiB)"
         }
-        return "not all of the set stayed in the cache in \(dirs): other use of the cache evicted blocks while staging (it needs \(size); --cache-size is \(mib(room.capacity)) MiB)"
+        return
+            "not all of the set stayed in the cache in \(dirs): other use of the cache evicted blocks while staging (it needs \(size); --cache-size is \(mib(room.capacity)) MiB)"
     }
 
-    /// Downloads one block and stores it in the cache (pinned for the job).
+    /// Downloads one block and stores it in the cache as the store holds it (pinned for the job).
     private func fetch(_ r: BlockRef, into buf: Buffer) throws(FSError) {
-        guard let store else { throw FSError(EINVAL, "no object store to fetch from") }
-        buf.reserve(r.length)
-        let n: Int
-        do {
-            n = try store.get(r.key, offset: 0, into: UnsafeMutableRawBufferPointer(start: buf.base, count: r.length))
-        } catch {
-            if error.code == ENOENT { throw FSError(EIO, "block \(r.key) is missing from \(store.description)") }
-            throw error
-        }
-        if n != r.length { throw FSError(EIO, "block \(r.key) in \(store.description) has \(n) bytes, expected \(r.length)") }
-        buf.count = n
-        try cache.put(r.key, buf.bytes, pin: job)
+        guard let blocks else { throw FSError(EINVAL, "no object store to fetch from") }
+        try cache.put(r.key, try blocks.download(Block(key: r.key, length: r.length), into: buf), pin: job)
     }
 }

@@ -133,9 +133,15 @@ final class Background: @unchecked Sendable {
         return count
     }
 
+    /// Adds what this client stored and deleted to the volume's counters.
+    func recordStored() {
+        data.blocks.recordCounts { (c) throws(FSError) in try meta.recordStored(blockBytes: c.blockBytes, storedBytes: c.storedBytes) }
+    }
+
     private func run() {
         var lastBeat = Sys.monotonicNanos()
         var lastClean = lastBeat
+        var lastCount = lastBeat
         var purger = TrashPurger(now: lastBeat)
         while true {
             let (stop, deletes) = lock.withLock { () -> (Bool, Deletions) in
@@ -156,6 +162,10 @@ final class Background: @unchecked Sendable {
             if stop { break }
             data.flushIdle()
             let now = Sys.monotonicNanos()
+            if Double(now - lastCount) / 1e9 >= 5 {
+                lastCount = now
+                recordStored()
+            }
             if Double(now - lastBeat) / 1e9 >= heartbeat {
                 lastBeat = now
                 session.beat(open: open)

@@ -107,6 +107,7 @@ public final class VFS: Sendable {
         let open = files.all.map(\.ino)
         if !open.isEmpty { _ = try? meta.close(open.map { ($0, sid) }) }
         background.cleanDeleted()
+        background.recordStored()
         if sid != 0 {
             do { try meta.closeSession(sid) } catch { Log.warning("closing session \(sid): \(error.message)") }
         }
@@ -251,7 +252,8 @@ public final class VFS: Sendable {
     ) throws(FSError) -> (Ino, Attr) {
         let parent = inVolume(parent)
         try writable()
-        return created(parent, name, try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: nil) })
+        return created(
+            parent, name, try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, type, mode, rdev: rdev, target: nil) })
     }
 
     /// Records a new entry in the client cache.
@@ -284,13 +286,16 @@ public final class VFS: Sendable {
     public func mkdir(_ cred: Credential, _ parent: Ino, _ name: [UInt8], _ mode: UInt16) throws(FSError) -> (Ino, Attr) {
         let parent = inVolume(parent)
         try writable()
-        return created(parent, name, try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, .directory, mode, rdev: 0, target: nil) })
+        return created(
+            parent, name, try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, .directory, mode, rdev: 0, target: nil) })
     }
 
     public func symlink(_ cred: Credential, _ parent: Ino, _ name: [UInt8], target: [UInt8]) throws(FSError) -> (Ino, Attr) {
         let parent = inVolume(parent)
         try writable()
-        return created(parent, name, try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, .symlink, 0o777, rdev: 0, target: target) })
+        return created(
+            parent, name,
+            try changing([parent]) { () throws(FSError) in try meta.mknod(cred, parent, name, .symlink, 0o777, rdev: 0, target: target) })
     }
 
     public func readlink(_ ino: Ino) throws(FSError) -> [UInt8] {

@@ -208,9 +208,17 @@ struct GCCmd: ParsableCommand {
         var deleted = 0
         var kept = 0
         var lastRenew = Sys.monotonicNanos()
+        // What the bucket holds, as listed (the volume's counters, where not counted yet).
+        var listedCounts = (blockBytes: Int64(0), storedBytes: Int64(0))
+        var deletedCounts = (blockBytes: Int64(0), storedBytes: Int64(0))
         while true {
             let page = try store.list(prefix: prefix, after: after, limit: 1000)
             listed += page.count
+            for o in page {
+                guard let p = Layout.parts(ofKey: o.key) else { continue }
+                listedCounts.blockBytes += Int64(p.length)
+                listedCounts.storedBytes += Int64(o.size)
+            }
             var candidates: [(ObjectInfo, UInt64)] = []
             for o in page {
                 guard let id = Layout.sliceID(ofKey: o.key), id != 0 else { continue }
@@ -239,6 +247,8 @@ struct GCCmd: ParsableCommand {
                 if delete {
                     try store.delete(o.key)
                     deleted += 1
+                    deletedCounts.blockBytes += Int64(Layout.parts(ofKey: o.key)?.length ?? 0)
+                    deletedCounts.storedBytes += Int64(o.size)
                 }
             }
             show("listed \(listed) objects, \(leakedCount) leaked...")
@@ -246,6 +256,17 @@ struct GCCmd: ParsableCommand {
             after = lastKey
         }
         if tty { printError("\r\u{1B}[K", newline: false) }
+        if let counter = meta as? any StoredBytesAdmin {
+            if try counter.storedCounts() == nil {
+                // (Writers storing meanwhile are in the listing or not: off by what they stored.)
+                try counter.setStored(
+                    blockBytes: listedCounts.blockBytes - deletedCounts.blockBytes, storedBytes: listedCounts.storedBytes - deletedCounts.storedBytes)
+            } else if deleted > 0 {
+                try counter.addStored(blockBytes: -deletedCounts.blockBytes, storedBytes: -deletedCounts.storedBytes)
+            }
+        }
+        let left = (blockBytes: listedCounts.blockBytes - deletedCounts.blockBytes, storedBytes: listedCounts.storedBytes - deletedCounts.storedBytes)
+        print("bucket: \(storedText(left))")
         for l in leaked { print("\(delete ? "deleted" : "leaked") \(l.key) (\(humanBytes(UInt64(l.size))))") }
         if leakedCount > leaked.count { print("... and \(leakedCount - leaked.count) more") }
         let secs = (Double(Sys.monotonicNanos() - start) / 1e8).rounded() / 10
@@ -272,7 +293,10 @@ extension GCCmd {
     func compactAll(_ meta: any MetadataEngine, _ format: VolumeFormat, _ store: any ObjectStore) throws {
         guard let admin = meta as? any CompactAdmin else { throw FSError(EOPNOTSUPP, "\(meta.displayName) cannot compact") }
         let data = DataStore(ledger: MetadataLedger(meta), store: store, format: format)
-        defer { data.shutdown() }
+        defer {
+            data.blocks.recordCounts { (c) throws(FSError) in try meta.recordStored(blockBytes: c.blockBytes, storedBytes: c.storedBytes) }
+            data.shutdown()
+        }
         let compactor = Compactor(admin: admin, meta: meta, data: data)
         var chunks = 0
         var before = 0

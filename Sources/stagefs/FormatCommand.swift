@@ -1,4 +1,5 @@
 import ArgumentParser
+import Compress
 import Metadata
 import ObjectStorage
 import StageFSCore
@@ -90,17 +91,28 @@ struct Format: ParsableCommand {
     @Option(help: ArgumentHelp("The most inodes the volume holds (0: no limit, the default).", valueName: "n"))
     var inodes: UInt64?
 
+    /// A volume keeps the value it was formatted with when this is not given.
+    @Option(
+        help: ArgumentHelp(
+            "How blocks are stored: none (the default), lz4 or zstd.",
+            discussion:
+                "Each block is compressed whole by the client that writes it and read back whole (lz4: fast; zstd: smaller). Fixed once the volume is formatted; 'stagefs status' shows the bytes stored beside the bytes written.",
+            valueName: "codec"))
+    var compress: String?
+
     @Option(
         help: ArgumentHelp(
             "Mode of the volume's root directory, in octal (owner root).",
-            discussion: "1777 (the default, like /tmp) lets every user create files at the top and only remove their own; 755 keeps the top level to root, who then makes a directory per user or project."
+            discussion:
+                "1777 (the default, like /tmp) lets every user create files at the top and only remove their own; 755 keeps the top level to root, who then makes a directory per user or project."
         ))
     var rootMode: String?
 
     @Flag(
         help: ArgumentHelp(
             "Overwrite the settings of an existing volume.",
-            discussion: "Its files and uuid stay, but no data is moved: files already written under another name, storage, bucket or block size become unreadable."
+            discussion:
+                "Its files and uuid stay, but no data is moved: files already written under another name, storage, bucket or block size become unreadable."
         ))
     var force = false
 
@@ -114,6 +126,7 @@ struct Format: ParsableCommand {
             throw ValidationError("invalid --block-size \(blockSize): use a power of two from 64 to 16384 (KiB)")
         }
         if let trashDays, trashDays < 0 { throw ValidationError("--trash-days cannot be negative") }
+        if let c = compress, BlockCodec(rawValue: c) == nil { throw ValidationError("unknown --compress '\(c)': use none, lz4 or zstd") }
         if let c = capacity, parseSize(c) == nil { throw ValidationError("--capacity takes a size such as 500M, 10G or 1T (a plain number is GiB)") }
         if bucketGroup != nil && storage != "file" { throw ValidationError("--bucket-group is for --storage file (a directory)") }
         if storage == "s3" && bucket == nil { throw ValidationError("--storage s3 needs --bucket http(s)://host:port/bucket") }
@@ -142,7 +155,7 @@ struct Format: ParsableCommand {
         let record = VolumeFormat(
             name: name, storage: storage, bucket: bucketURL, accessKey: key, secretKey: secret, blockSizeKiB: blockSize,
             trashDays: trashDays ?? existing?.trashDays ?? 1, capacity: capacity.flatMap(parseSize) ?? existing?.capacity,
-            inodes: inodes ?? existing?.inodes)
+            inodes: inodes ?? existing?.inodes, compression: compress ?? existing?.compression)
         if let old = existing, old.differences(from: record).isEmpty == false, !force {
             // Refuse before touching the store.
             try meta.initialize(record, force: false, rootMode: 0)
@@ -151,7 +164,9 @@ struct Format: ParsableCommand {
         // local disk: the bucket directory may be new, its parent must exist.
         if storage == "file", bucket != nil, Sys.stat(bucketURL) == nil, Sys.stat(Sys.dirname(of: bucketURL)) == nil {
             throw FSError(
-                ENOENT, "the parent of the bucket directory \(bucketURL) does not exist: is its file system mounted on this node? (create \(Sys.dirname(of: bucketURL)) first if it is meant to be new)")
+                ENOENT,
+                "the parent of the bucket directory \(bucketURL) does not exist: is its file system mounted on this node? (create \(Sys.dirname(of: bucketURL)) first if it is meant to be new)"
+            )
         }
         var shareNote: String?
         if let bucketGroup {
@@ -181,5 +196,6 @@ struct Format: ParsableCommand {
             )
         }
         print("  block size: \(f.blockSizeKiB) KiB")
+        if f.compression != nil { print("  compression: \(f.compressionName)") }
     }
 }

@@ -27,8 +27,12 @@ struct Status: ParsableCommand {
         print("Storage:     \(f.storage) \(f.bucket)")
         if let k = f.accessKey { print("Access key:  \(k)") }
         print("Block size:  \(f.blockSizeKiB) KiB")
+        print("Compression: \(f.compressionName)")
         print("Created:     \(timeText(f.createdAt))")
         print("Used:        \(humanBytes(usage.usedSpace)) in \(usage.usedInodes) inode\(usage.usedInodes == 1 ? "" : "s")")
+        if let admin = meta as? any StoredBytesAdmin {
+            print("Stored:      \(storedText(try admin.storedCounts()))")
+        }
         if f.capacity != nil || f.inodes != nil {
             print("Capacity:    \(f.capacity.map(humanBytes) ?? "no limit"), \(f.inodes.map { "\($0) inodes" } ?? "no inode limit")")
         }
@@ -62,4 +66,11 @@ func printable(_ text: String) -> String {
         }
     }
     return out
+}
+
+/// The bytes the bucket holds for the blocks, and the blocks' own bytes (status, gc).
+func storedText(_ counts: (blockBytes: Int64, storedBytes: Int64)?) -> String {
+    guard let c = counts else { return "not counted on this volume yet ('stagefs gc' lists the bucket and counts it)" }
+    let ratio = c.storedBytes > 0 ? "\((Double(c.blockBytes) / Double(c.storedBytes) * 100).rounded() / 100)" : "-"
+    return "\(humanBytes(UInt64(c.storedBytes))) in the bucket for \(humanBytes(UInt64(c.blockBytes))) of blocks (\(ratio):1)"
 }

@@ -284,9 +284,15 @@ struct DumpTests {
         #expect(try e.readlink(try e.lookup(.root, d, n("s")).0) == n("a%b"))
         #expect(try e.readChunk(f, 0) == [Slice(pos: 0, id: 40, size: 10, off: 0, len: 10)])
         #expect(try e.requireFormat().name == "jv" && e.requireFormat().bucket == "/data" && e.newSliceIDs(1) > 50)
+        // A compressed one stays compressed (JuiceFS compresses blocks whole, as StageFS does).
+        let e3 = try openMetadata(try MetaURL.parse("sqlite3://\(try makeTempDir("jfs"))/meta.db"), create: true)
+        _ = try (e3 as! any JuiceFSLoadAdmin).loadJuiceFS(
+            from: JSONReader(BytesSource(n(tree.replacingOccurrences(of: #""Compression": "none""#, with: #""Compression": "lz4""#)))),
+            secretKey: nil, progress: { _ in })
+        #expect(try e3.requireFormat().compression == "lz4" && e3.requireFormat().version == 3)
         // What StageFS cannot read as it is: refused, nothing made.
         for (bad, why) in [
-            (#""Compression": "none""#, #""Compression": "zstd""#), (#""TrashDays": 0"#, #""TrashDays": 0, "EncryptKey": "k""#),
+            (#""Compression": "none""#, #""Compression": "snappy""#), (#""TrashDays": 0"#, #""TrashDays": 0, "EncryptKey": "k""#),
             (#""TrashDays": 0"#, #""TrashDays": 0, "HashPrefix": true"#), (#""Storage": "file""#, #""Storage": "oss""#),
         ] {
             let e2 = try openMetadata(try MetaURL.parse("sqlite3://\(try makeTempDir("jfs"))/meta.db"), create: true)

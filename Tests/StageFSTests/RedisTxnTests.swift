@@ -623,8 +623,12 @@ struct RedisTrackingTests {
         // next lookup reads them again, tracked).
         _ = try t.lookup(alice, dir, n("missing"))
         let second = try cost(t.store) { _ = try t.lookup(alice, dir, n("missing")) }
-        let again = try cost(t.store) { _ = try t.lookup(alice, dir, n("missing")) }
-        #expect(second.trips <= 1 && again.trips == 0, "lookups read before: \(second.trips), then \(again.trips) round trips")
+        #expect(second.trips <= 1, "a lookup read before: \(second.trips) round trips")
+        // (An invalidation of the other client's changes above may still be on its way and drop
+        // the entry once more: the cached answer holds once they are all in.)
+        #expect(
+            try within(2) { try cost(t.store) { _ = try t.lookup(alice, dir, n("missing")) }.trips == 0 },
+            "a lookup read before answers without a round trip")
         // An untracked client keeps asking.
         let plain = try cost(other.store) { _ = try other.getattr(dir) }
         #expect(plain.trips == 1)

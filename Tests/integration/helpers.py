@@ -438,9 +438,10 @@ class Volume:
         return os.path.join(self.mnt, *parts)
 
 
-def make_volume(env, kind, redis, moto, name, trash_days=None):
-    """kind: sqlite-local or redis-s3; `trash_days`: format --trash-days (default: the format's)."""
-    more = [] if trash_days is None else ["--trash-days", str(trash_days)]
+def make_volume(env, kind, redis, moto, name, trash_days=None, more=()):
+    """kind: sqlite-local or redis-s3; `trash_days`: format --trash-days (default: the format's);
+    `more`: other format options."""
+    more = list(more) + ([] if trash_days is None else ["--trash-days", str(trash_days)])
     if kind == "sqlite-local":
         base = env.dir_for(USER, "vol")
         return Volume(env, kind, f"sqlite3://{base}/meta.db", ["--bucket", f"{base}/data", *more], name)

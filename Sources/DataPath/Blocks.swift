@@ -1,0 +1,346 @@
+import Compress
+import ObjectStorage
+import StageFSCore
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// One block of a slice: its object key (which names the slice, the block's index and its
+/// length) and its length before any compression.
+public struct Block: Sendable, Hashable {
+    public let key: String
+    public let length: Int
+
+    public init(key: String, length: Int) {
+        self.key = key
+        self.length = length
+    }
+}
+
+/// The blocks of a volume and where they are kept: the one place that knows a block's key, its
+/// codec and its tiers (the memory cache, the node's disk cache, the object store). Readers get
+/// a block's bytes as written; what the tiers below memory hold is what the object store holds
+/// (compressed on a compressed volume). One download per block at a time however many readers
+/// want it (later askers wait for the first).
+public final class BlockStore: @unchecked Sendable {
+    private final class Pending: @unchecked Sendable {
+        var done = false
+        var result: Result<Buffer, FSError>?
+    }
+
+    public let layout: Layout
+    public let codec: BlockCodec
+    public let store: any ObjectStore
+    public let disk: DiskCache?
+    let memory: MemoryCache
+    let pool: WorkerPool
+    private let lock = ConditionLock()
+    // (@unchecked: `inflight` is guarded by `lock`; the rest is immutable or thread-safe.)
+    private var inflight: [String: Pending] = [:]
+    /// Bytes of blocks stored and deleted by this process, and the bytes the store holds for
+    /// them, not yet added to the volume's counters (`takeCounts`).
+    private let counts = Locked(StoredCounts())
+
+    public init(layout: Layout, codec: BlockCodec, store: any ObjectStore, memory: MemoryCache, disk: DiskCache?, threads: Int) {
+        self.layout = layout
+        self.codec = codec
+        self.store = store
+        self.memory = memory
+        self.disk = disk
+        pool = WorkerPool(name: "download", threads: threads)
+    }
+
+    // MARK: names
+
+    /// Block `index` of slice `id`, which holds `size` bytes.
+    public func block(slice id: UInt64, index: Int, sliceSize: UInt32) -> Block {
+        let length = layout.blockLength(sliceSize: sliceSize, index: index)
+        return Block(key: layout.key(slice: id, index: index, length: length), length: length)
+    }
+
+    /// The most bytes the store may hold for a block of `length` bytes.
+    public func storedBound(_ length: Int) -> Int { codec.storedBound(length) }
+
+    // MARK: reads
+
+    /// The block if it is in memory.
+    func cached(_ b: Block) -> Buffer? { memory.get(b.key) }
+
+    /// The whole block, from memory, the disk cache or the store (kept in memory, and on disk
+    /// as stored); waits for it.
+    public func fetch(_ b: Block) throws(FSError) -> Buffer {
+        if let buf = memory.get(b.key) { return buf }
+        let (pending, mine) = lock.withLock { () -> (Pending, Bool) in
+            if let p = inflight[b.key] { return (p, false) }
+            let p = Pending()
+            inflight[b.key] = p
+            return (p, true)
+        }
+        if mine { download(b, pending) }
+        return try lock.withLock { () throws(FSError) -> Buffer in
+            while !pending.done { lock.wait() }
+            return try pending.result!.get()
+        }
+    }
+
+    /// Starts fetching the block in the background unless it is in memory or on its way.
+    public func prefetch(_ b: Block) {
+        if memory.contains(b.key) { return }
+        let pending: Pending? = lock.withLock {
+            if inflight[b.key] != nil { return nil }
+            let p = Pending()
+            inflight[b.key] = p
+            return p
+        }
+        guard let pending else { return }
+        pool.submit { [self] in download(b, pending) }
+    }
+
+    /// Bytes `offset..<offset+dest.count` of the block (small random reads): a ranged read of
+    /// the disk cache or the store where the store holds the bytes as written, else the whole
+    /// block (a compressed block is read whole).
+    public func read(_ b: Block, offset: Int, into dest: UnsafeMutableRawBufferPointer) throws(FSError) {
+        guard codec == .none else {
+            let buf = try fetch(b)
+            dest.baseAddress!.copyMemory(from: buf.base + offset, byteCount: dest.count)
+            return
+        }
+        if let disk, disk.read(b.key, length: b.length, offset: offset, into: dest) { return }
+        let n = try get(b, offset: offset, into: dest)
+        if n != dest.count { throw FSError(EIO, "block \(b.key) in \(store.description) is shorter than its name says") }
+    }
+
+    /// The block as the store holds it, into `scratch` (grown as needed): what staging puts in
+    /// the disk cache. Checked as a reader would check it.
+    public func download(_ b: Block, into scratch: Buffer) throws(FSError) -> UnsafeRawBufferPointer {
+        let bound = storedBound(b.length)
+        scratch.reserve(bound)
+        let n = try get(b, offset: 0, into: UnsafeMutableRawBufferPointer(start: scratch.base, count: bound))
+        scratch.count = n
+        try check(b, UnsafeRawBufferPointer(start: scratch.base, count: n))
+        return scratch.bytes
+    }
+
+    /// A stored block's bytes as written, into a new buffer.
+    func decoded(_ b: Block, _ stored: UnsafeRawBufferPointer) throws(FSError) -> Buffer {
+        let buf = Buffer(capacity: b.length)
+        try codec.decompress(stored, into: UnsafeMutableRawBufferPointer(start: buf.base, count: b.length), what: "block \(b.key)")
+        buf.count = b.length
+        return buf
+    }
+
+    /// Whether stored bytes make the block (a compressed one: decompresses; else its length).
+    private func check(_ b: Block, _ stored: UnsafeRawBufferPointer) throws(FSError) {
+        if codec == .none {
+            if stored.count != b.length {
+                throw FSError(EIO, "block \(b.key) in \(store.description) has \(stored.count) bytes, expected \(b.length)")
+            }
+        } else {
+            _ = try decoded(b, stored)
+        }
+    }
+
+    /// A ranged get of the stored bytes; a missing block is `EIO` that says so.
+    private func get(_ b: Block, offset: Int, into dest: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
+        do {
+            return try store.get(b.key, offset: offset, into: dest)
+        } catch {
+            let e = error.code == ENOENT ? FSError(EIO, "block \(b.key) is missing from \(store.description)") : FSError(EIO, error.message)
+            Log.error(e.message)
+            throw e
+        }
+    }
+
+    private func download(_ b: Block, _ pending: Pending) {
+        if let disk, let stored = disk.get(b.key, length: codec == .none ? b.length : nil) {
+            do throws(FSError) {
+                let buf = codec == .none ? stored : try decoded(b, stored.bytes)
+                memory.put(b.key, buf)
+                finish(b.key, pending, .success(buf))
+                return
+            } catch {
+                Log.warning("cached \(error.message); dropping it")
+                disk.remove(b.key)
+            }
+        }
+        let bound = storedBound(b.length)
+        let raw = Buffer(capacity: bound)
+        var result: Result<Buffer, FSError>
+        do throws(FSError) {
+            raw.count = try get(b, offset: 0, into: UnsafeMutableRawBufferPointer(start: raw.base, count: bound))
+            let buf: Buffer
+            if codec == .none {
+                if raw.count != b.length {
+                    throw FSError(EIO, "block \(b.key) in \(store.description) has \(raw.count) bytes, expected \(b.length)")
+                }
+                buf = raw
+            } else {
+                buf = try decoded(b, raw.bytes)
+            }
+            memory.put(b.key, buf)
+            result = .success(buf)
+        } catch {
+            Log.error(error.message)
+            result = .failure(FSError(EIO, error.message))
+        }
+        finish(b.key, pending, result)
+        if case .success = result, let disk {
+            do { try disk.put(b.key, raw.bytes) } catch { Log.warning("not cached: \(error.message)") }
+        }
+    }
+
+    private func finish(_ key: String, _ pending: Pending, _ result: Result<Buffer, FSError>) {
+        lock.withLock {
+            pending.result = result
+            pending.done = true
+            inflight[key] = nil
+            lock.broadcast()
+        }
+    }
+
+    // MARK: writes
+
+    /// The block's bytes as the store is to hold them, compressed into a new buffer; nil when
+    /// the store holds `data` itself (no compression).
+    public func encode(_ data: UnsafeRawBufferPointer) throws(FSError) -> Buffer? {
+        if codec == .none { return nil }
+        let out = Buffer(capacity: storedBound(data.count))
+        out.count = try codec.compress(data, into: UnsafeMutableRawBufferPointer(start: out.base, count: out.capacity))
+        return out
+    }
+
+    /// Encodes and stores a block written, in the store and then in the disk cache.
+    public func put(_ b: Block, written: UnsafeRawBufferPointer) throws(FSError) {
+        let encoded = try encode(written)
+        try withExtendedLifetime(encoded) { () throws(FSError) in try put(b, stored: encoded?.bytes ?? written) }
+    }
+
+    /// Stores a block written (encoded by `encode`) in the store and then in the disk cache.
+    public func put(_ b: Block, stored: UnsafeRawBufferPointer) throws(FSError) {
+        try store.put(b.key, stored)
+        counted(b.length, stored.count)
+        cache(b, stored: stored)
+    }
+
+    /// Hands a small block to a store that sends it with its slice's commit (a gateway's):
+    /// true when it took it (and the disk cache has it too).
+    public func holdForCommit(_ b: Block, stored: UnsafeRawBufferPointer) -> Bool {
+        store.holdForCommit(b.key, stored)
+    }
+
+    /// Puts a block written in the disk cache (reading back what was just written stays local).
+    public func cache(_ b: Block, stored: UnsafeRawBufferPointer) {
+        guard let disk else { return }
+        do { try disk.put(b.key, stored) } catch { Log.warning("not cached: \(error.message)") }
+    }
+
+    /// Encodes and stores a slice's bytes as its blocks, in parallel (a compactor's merged slice).
+    public func putSlice(_ id: UInt64, _ data: UnsafeRawBufferPointer) throws(FSError) {
+        let group = WaitGroup()
+        layout.forEachBlock(slice: id, size: UInt32(data.count), from: 0, count: data.count) { b, _, at, _ in
+            let part = BytesRef(UnsafeRawBufferPointer(rebasing: data[at..<at + b.length]))
+            group.add()
+            pool.submit { [self] in
+                do throws(FSError) {
+                    try put(b, written: part.bytes)
+                    group.done()
+                } catch {
+                    group.done(error)
+                }
+            }
+        }
+        try group.wait()
+    }
+
+    // MARK: deletion
+
+    /// Deletes the blocks of a slice nothing references any more, from the caches too.
+    /// Returns how many objects were deleted.
+    @discardableResult
+    public func delete(_ s: Slice) -> Int {
+        var n = 0
+        for b in layout.blocks(of: s) {
+            memory.remove(b.key)
+            // A compressed block's size is asked before it goes (the counters subtract it; one
+            // already gone was subtracted when it went, one whose size cannot be had is not).
+            var size: Int? = b.length
+            if codec != .none && counting {
+                do { size = try store.head(b.key) } catch { size = nil }
+            }
+            disk?.remove(b.key)
+            do {
+                try store.delete(b.key)
+                if let size { counted(-b.length, -size) }
+                n += 1
+            } catch {
+                Log.warning("could not delete \(b.key): \(error.message)")
+            }
+        }
+        return n
+    }
+
+    // MARK: counting
+
+    /// Whether this process stores and deletes blocks itself (a gateway's client does not: the
+    /// gateway counts what it stores for it).
+    var counting: Bool { !store.isProxy }
+
+    func counted(_ length: Int, _ stored: Int) {
+        guard counting else { return }
+        counts.withLock {
+            $0.blockBytes += Int64(length)
+            $0.storedBytes += Int64(stored)
+        }
+    }
+
+    /// What this process stored and deleted since the last call, for the volume's counters.
+    public func takeCounts() -> StoredCounts {
+        counts.withLock {
+            let c = $0
+            $0 = StoredCounts()
+            return c
+        }
+    }
+
+    /// Hands what this process stored and deleted since the last call to `record` (which adds
+    /// it to the volume's counters); kept for the next call if that fails.
+    public func recordCounts(_ record: (StoredCounts) throws(FSError) -> Void) {
+        let c = takeCounts()
+        guard !c.isZero else { return }
+        do {
+            try record(c)
+        } catch {
+            Log.warning("counting the bytes stored: \(error.message)")
+            counts.withLock {
+                $0.blockBytes += c.blockBytes
+                $0.storedBytes += c.storedBytes
+            }
+        }
+    }
+
+    /// Counts a block another process asked this one to store (a gateway's client's).
+    public func countStored(length: Int, stored: Int) { counted(length, stored) }
+
+    /// Stops the download threads once their queue drains.
+    public func shutdown() { pool.shutdown() }
+}
+
+/// Bytes of blocks (as written) and the bytes the object store holds for them.
+public struct StoredCounts: Sendable, Equatable {
+    public var blockBytes: Int64 = 0
+    public var storedBytes: Int64 = 0
+
+    public init(blockBytes: Int64 = 0, storedBytes: Int64 = 0) {
+        self.blockBytes = blockBytes
+        self.storedBytes = storedBytes
+    }
+
+    public var isZero: Bool { blockBytes == 0 && storedBytes == 0 }
+}
+
+/// Bytes a worker reads. @unchecked: the caller waits for every worker before the memory goes.
+struct BytesRef: @unchecked Sendable {
+    let bytes: UnsafeRawBufferPointer
+    init(_ b: UnsafeRawBufferPointer) { bytes = b }
+}

@@ -1,0 +1,139 @@
+import Compress
+import DataPath
+import Foundation
+import ObjectStorage
+import StageFSCore
+import Testing
+
+private func textBlock(_ n: Int) -> [UInt8] {
+    var out: [UInt8] = []
+    var i = 0
+    while out.count < n {
+        out += Array("line \(i) of some compressible text\n".utf8)
+        i += 1
+    }
+    return Array(out.prefix(n))
+}
+
+private func noise(_ n: Int, seed: UInt64) -> [UInt8] {
+    var x = seed | 1
+    return (0..<n).map { _ in
+        x ^= x << 13
+        x ^= x >> 7
+        x ^= x << 17
+        return UInt8(truncatingIfNeeded: x)
+    }
+}
+
+private func compress(_ c: BlockCodec, _ src: [UInt8]) throws -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: c.storedBound(src.count))
+    let n = try src.withUnsafeBytes { s in try out.withUnsafeMutableBytes { try c.compress(s, into: $0) } }
+    return Array(out.prefix(n))
+}
+
+private func decompress(_ c: BlockCodec, _ src: [UInt8], length: Int) throws -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: length)
+    try src.withUnsafeBytes { s in try out.withUnsafeMutableBytes { try c.decompress(s, into: $0, what: "block") } }
+    return out
+}
+
+@Suite("Blocks and codecs", .timeLimit(.minutes(2)))
+struct BlockTests {
+    @Test(arguments: BlockCodec.allCases)
+    func codecsRoundTripAndRefuseDamage(codec: BlockCodec) throws {
+        for src in [textBlock(4 << 20), noise(1 << 20, seed: 3), textBlock(1), textBlock(70_000)] {
+            let stored = try compress(codec, src)
+            #expect(stored.count <= codec.storedBound(src.count))
+            if codec != .none && src.count > 1000 && src[0] == UInt8(ascii: "l") { #expect(stored.count < src.count / 3) }
+            #expect(try decompress(codec, stored, length: src.count) == src)
+            // Another length than the key names: an error, never a write past the buffer.
+            #expect(throws: FSError.self) { _ = try decompress(codec, stored, length: src.count - 1) }
+            if codec != .none {
+                #expect(throws: FSError.self) { _ = try decompress(codec, stored, length: src.count + 1) }
+            }
+        }
+        guard codec != .none else { return }
+        // Damage: cut short, or bytes flipped (zstd checks its frame; LZ4 may decode garbage of
+        // the right length, which the disk cache's and the store's own checks catch).
+        let stored = try compress(codec, textBlock(200_000))
+        #expect(throws: FSError.self) { _ = try decompress(codec, Array(stored.prefix(stored.count / 2)), length: 200_000) }
+        #expect(throws: FSError.self) { _ = try decompress(codec, [], length: 200_000) }
+        #expect(throws: FSError.self) { _ = try decompress(codec, noise(5000, seed: 9), length: 200_000) }
+        #expect(try BlockCodec.named("ZSTD") == .zstd)
+        #expect(throws: FSError.self) { _ = try BlockCodec.named("brotli") }
+    }
+
+    @Test func diskCacheFindsTheLengthOfWhatItHolds() throws {
+        let dir = try makeTempDir("cache")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let c = try DiskCache(config: DiskCacheConfig(dirs: [dir], capacity: 64 << 20), volumeUUID: "vol")
+        // A block of 4 MiB stored in 30,000 bytes (packed: small) and one in 300,000 (a file).
+        let small = noise(30_000, seed: 1)
+        let large = noise(300_000, seed: 2)
+        let k1 = "v/chunks/0/0/1_0_4194304"
+        let k2 = "v/chunks/0/0/2_0_4194304"
+        try small.withUnsafeBytes { try c.put(k1, $0) }
+        try large.withUnsafeBytes { try c.put(k2, $0) }
+        for flush in [false, true] {
+            if flush { try c.flushIndex() }
+            #expect(c.get(k1).map { Array($0.bytes) } == small)
+            #expect(c.get(k2).map { Array($0.bytes) } == large)
+            #expect(c.cached([(k1, nil), (k2, nil), ("v/chunks/0/0/3_0_4194304", nil)]) == [true, true, false])
+            #expect(c.contains(k1) && c.contains(k2))
+        }
+        // A torn file is dropped, not served under another length.
+        truncate(c.path(k2), 250_000)
+        #expect(c.get(k2) == nil)
+        #expect(!c.contains(k2))
+    }
+
+    @Test(arguments: BlockCodec.allCases)
+    func blockStoreStoresEncodedAndReadsRanges(codec: BlockCodec) throws {
+        let dir = try makeTempDir("blocks")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = try openObjectStore(StoreConfig(storage: "file", bucket: dir + "/bucket"))
+        try store.create()
+        let disk = try DiskCache(config: DiskCacheConfig(dirs: [dir + "/cache"], capacity: 64 << 20), volumeUUID: "vol")
+        let layout = Layout(volume: "v", blockSize: 1 << 20)
+        let blocks = BlockStore(layout: layout, codec: codec, store: store, memory: MemoryCache(limit: 8 << 20), disk: disk, threads: 2)
+        defer { blocks.shutdown() }
+        let data = textBlock(2 << 20 + 5000)  // two whole blocks and a short one
+        try data.withUnsafeBytes { try blocks.putSlice(7, $0) }
+        let slice = Slice(pos: 0, id: 7, size: UInt32(data.count), off: 0, len: UInt32(data.count))
+        let all = layout.blocks(of: slice)
+        #expect(all.map(\.length) == [1 << 20, 1 << 20, 5000])
+        let sizes = try all.map { try store.head($0.key) ?? -1 }
+        if codec == .none { #expect(sizes == [1 << 20, 1 << 20, 5000]) } else { #expect(sizes.allSatisfy { $0 > 0 && $0 < 1 << 18 }) }
+        // What the disk cache holds is what the store holds.
+        for b in all { #expect(disk.get(b.key).map { Array($0.bytes) } == (try store.getAll(b.key, size: 2 << 20))) }
+        // Ranged reads (from the cache, then from the store once the cache lost them).
+        for pass in 0..<2 {
+            if pass == 1 { for b in all { disk.remove(b.key) } }
+            var rng = SystemRandomNumberGenerator()
+            for _ in 0..<50 {
+                let bi = Int.random(in: 0..<3, using: &rng)
+                let b = all[bi]
+                let off = Int.random(in: 0..<b.length, using: &rng)
+                let n = Int.random(in: 1...(b.length - off), using: &rng)
+                var out = [UInt8](repeating: 0, count: n)
+                try out.withUnsafeMutableBytes { try blocks.read(b, offset: off, into: $0) }
+                #expect(out == Array(data[(bi << 20) + off..<(bi << 20) + off + n]))
+            }
+        }
+        // Counted: what was stored, and deleted again.
+        let counts = blocks.takeCounts()
+        #expect(counts.blockBytes == Int64(data.count))
+        #expect(counts.storedBytes == Int64(sizes.reduce(0, +)))
+        #expect(blocks.delete(slice) == 3)
+        #expect(blocks.takeCounts() == StoredCounts(blockBytes: -Int64(data.count), storedBytes: -Int64(sizes.reduce(0, +))))
+        #expect(try store.list(prefix: "v/", limit: 10).isEmpty)
+        // A damaged stored block is an error that names it, never other bytes.
+        if codec == .zstd {
+            try data.withUnsafeBytes { try blocks.putSlice(8, UnsafeRawBufferPointer(rebasing: $0[0..<5000])) }
+            let b = layout.blocks(of: Slice(pos: 0, id: 8, size: 5000, off: 0, len: 5000))[0]
+            disk.remove(b.key)
+            try store.put(b.key, bytes: [0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3])
+            #expect(throws: FSError.self) { _ = try blocks.fetch(b) }
+        }
+    }
+}
