@@ -80,6 +80,32 @@ public enum BlockCodec: String, Sendable, CaseIterable, Codable {
         }
     }
 
+    /// Checks that stored bytes make a block of `length` bytes without keeping it: a zstd
+    /// frame's header says its size (one frame, all the bytes); an LZ4 block has none and is
+    /// decompressed (into a scratch buffer of `length` bytes, freed before this returns).
+    public func check(_ src: UnsafeRawBufferPointer, length: Int, what: String) throws(FSError) {
+        switch self {
+        case .none:
+            guard src.count == length else { throw FSError(EINVAL, "\(what) must be \(length) bytes") }
+        case .zstd:
+            guard src.count > 0, src.count <= storedBound(length), let from = src.baseAddress,
+                ZSTD_findFrameCompressedSize(from, src.count) == src.count,
+                ZSTD_getFrameContentSize(from, src.count) == UInt64(length)
+            else { throw FSError(EINVAL, "\(what) is not one zstd frame of \(length) bytes") }
+        case .lz4:
+            guard src.count > 0, src.count <= storedBound(length) else {
+                throw FSError(EINVAL, "\(what) must take 1 to \(storedBound(length)) bytes compressed with lz4")
+            }
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: max(length, 1), alignment: 16)
+            defer { scratch.deallocate() }
+            do {
+                try decompress(src, into: UnsafeMutableRawBufferPointer(rebasing: scratch[0..<length]), what: what)
+            } catch {
+                throw FSError(EINVAL, error.message)
+            }
+        }
+    }
+
     /// The codec a format record or a command line names (`none`, `lz4`, `zstd`; any case).
     public static func named(_ text: String) throws(FSError) -> BlockCodec {
         guard let c = BlockCodec(rawValue: text.lowercased()) else {

@@ -153,7 +153,7 @@ public final class BlockStore: @unchecked Sendable {
     }
 
     private func download(_ b: Block, _ pending: Pending) {
-        if let disk, let stored = disk.get(b.key, length: codec == .none ? b.length : nil) {
+        if let disk, let stored = disk.get(b.key, length: codec == .none ? b.length : nil, atMost: storedBound(b.length)) {
             do throws(FSError) {
                 let buf = codec == .none ? stored : try decoded(b, stored.bytes)
                 memory.put(b.key, buf)
@@ -263,7 +263,8 @@ public final class BlockStore: @unchecked Sendable {
         for b in layout.blocks(of: s) {
             memory.remove(b.key)
             // A compressed block's size is asked before it goes (the counters subtract it; one
-            // already gone was subtracted when it went, one whose size cannot be had is not).
+            // the store no longer has is not subtracted, nor one whose size cannot be had; an
+            // uncompressed block's is its length). Each slice comes to one process to delete.
             var size: Int? = b.length
             if codec != .none && counting {
                 do { size = try store.head(b.key) } catch { size = nil }

@@ -71,7 +71,9 @@ extension DiskCache {
             }
         }
         // A block of unknown length not packed may be a file.
-        for (i, (key, length)) in blocks.enumerated() where !out[i] && length == nil { out[i] = contains(key) }
+        for (i, (key, length)) in blocks.enumerated() where !out[i] && length == nil {
+            out[i] = Sys.stat(path(key)).map { DiskCache.blockLength(fileSize: Int($0.st_size)) != nil } ?? false
+        }
         return out
     }
 
@@ -127,10 +129,15 @@ extension DiskCache {
 
     /// The whole block, verified, or nil (missing or damaged; a damaged block is removed).
     /// `length`: the block's stored length when the caller knows it (a block of another length
-    /// is dropped); else the cache's own record of it.
-    public func get(_ key: String, length: Int? = nil) -> Buffer? {
+    /// is dropped); else the cache's own record of it, at most `atMost` (a longer one is
+    /// dropped unread).
+    public func get(_ key: String, length: Int? = nil, atMost: Int = Int.max) -> Buffer? {
         if length.map(DiskCache.packed) ?? true, let loc = location(key) {
             if let length, loc.length != length {
+                remove(key)
+                return nil
+            }
+            if loc.length > atMost {
                 remove(key)
                 return nil
             }
@@ -143,6 +150,11 @@ extension DiskCache {
         if let length, DiskCache.packed(length) { return nil }
         guard let (fd, length) = openChecked(key, length: length) else { return nil }
         defer { Sys.close(fd) }
+        if length > atMost {
+            Log.warning("cache file \(path(key)) holds \(length) bytes, more than its block can take (\(atMost)); dropping it")
+            remove(key)
+            return nil
+        }
         let buf = Buffer(capacity: max(length, 1))
         guard let n = try? Sys.pread(fd, buf.base, length, 0), n == length,
             let sums = checksums(fd, length: length, first: 0, last: DiskCache.pieces(length) - 1),

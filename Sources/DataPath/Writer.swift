@@ -162,29 +162,43 @@ public final class FileWriter: @unchecked Sendable {
         let written = UnsafeRawBufferPointer(start: b.base, count: b.count)
         // A block the store keeps for its slice's commit (a gateway's small block, sent with the
         // commit) is kept at once: no upload thread to wake and wait for. (Only a small block:
-        // compressing it here holds the file's lock a moment.)
-        if data.store.isProxy && b.count <= 256 << 10,
-            case .success(let encoded) = Result(catching: { () throws(FSError) in try blocks.encode(written) }),
-            blocks.holdForCommit(block, stored: encoded?.bytes ?? written)
-        {
+        // compressing it here holds the file's lock a moment. Encoded once: an upload of a block
+        // the store did not keep takes it as it is.)
+        var encoded: Buffer?
+        var encodedHere = false
+        if data.store.isProxy && b.count <= 256 << 10 {
+            do {
+                encoded = try blocks.encode(written)
+                encodedHere = true
+            } catch {
+                // (The upload below tries again and reports it.)
+            }
+        }
+        if encodedHere, blocks.holdForCommit(block, stored: encoded?.bytes ?? written) {
             s.blocks[index] = nil
             guard blocks.disk != nil else {
                 data.budget.release(b.capacity)
                 return
             }
             // Written blocks are cached too (below), off the writer's way.
+            let held = encoded
             data.uploads.submit { [data] in
-                blocks.cache(block, stored: encoded?.bytes ?? UnsafeRawBufferPointer(start: b.base, count: b.count))
+                blocks.cache(block, stored: held?.bytes ?? UnsafeRawBufferPointer(start: b.base, count: b.count))
                 data.budget.release(b.capacity)
             }
             return
         }
+        let pre = encoded
         s.pendingUploads += 1
         data.uploads.submit { [self] in
             var err: FSError?
             do throws(FSError) {
                 // Written blocks are cached too: reading back what was just written stays local.
-                try blocks.put(block, written: UnsafeRawBufferPointer(start: b.base, count: b.count))
+                if let pre {
+                    try blocks.put(block, stored: pre.bytes)
+                } else {
+                    try blocks.put(block, written: UnsafeRawBufferPointer(start: b.base, count: b.count))
+                }
             } catch {
                 err = error
                 Log.error("upload of \(block.key) failed: \(error.message)")

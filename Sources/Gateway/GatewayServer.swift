@@ -135,6 +135,8 @@ package final class GatewayServer: Sendable {
             var now = Glibc.stat()
             if let path, lstat(path, &now) == 0 && now.st_ino == bound.st_ino { unlink(path) }
             drain()
+            // What was stored and deleted since the last count.
+            recordStored()
         }
         let ended = ConditionLock()
         let state = Mutex<(running: Int, failure: FSError?)>((listeners.count, nil))
@@ -1091,14 +1093,10 @@ package final class GatewayServer: Sendable {
     /// (its first sending may have written the block before the connection broke) finds it done
     /// when the block holds the same bytes.
     private func storeNewBlock(_ key: String, _ length: Int, _ data: [UInt8], resend: Bool) throws(FSError) {
-        // Stored as the client encoded it: a compressed block takes at most the codec's bound
-        // (a block that does not decompress is the writer's own file's loss, read as EIO).
-        if blocks.codec == .none {
-            guard data.count == length else { throw FSError(EINVAL, "block \(key) must be \(length) bytes") }
-        } else {
-            guard data.count > 0, data.count <= blocks.storedBound(length) else {
-                throw FSError(EINVAL, "block \(key) must take 1 to \(blocks.storedBound(length)) bytes compressed with \(blocks.codec.rawValue)")
-            }
+        // Stored as the client encoded it, once it is shown to make a block of the length its
+        // key names (so the counters hold what the blocks are).
+        try data.withUnsafeBufferPointer { (b) throws(FSError) in
+            try blocks.codec.check(UnsafeRawBufferPointer(b), length: length, what: "block \(key)")
         }
         func sameBytes() throws(FSError) -> Bool { resend ? try store.getAll(key, size: blocks.storedBound(length)) == data : false }
         if let local = store as? LocalObjectStore {

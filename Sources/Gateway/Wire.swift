@@ -16,8 +16,9 @@ package enum Wire {
     package static let version: UInt16 = 4
     /// What the first request starts with, so a stray client is told what it reached.
     package static let magic = Array("stagefs-gateway".utf8)
-    /// The largest frame: a block of the largest block size (16 MiB) and its fields.
-    package static let maxFrame = (16 << 20) + 4096
+    /// The largest frame: a block of the largest block size (16 MiB) as stored (LZ4 may take
+    /// 16 MiB / 255 + 16 bytes more of incompressible data) and its fields.
+    package static let maxFrame = (16 << 20) + (128 << 10)
     /// The largest reply a gateway builds from records (chunks, entries, sessions): the rest is
     /// asked for again.
     package static let maxReply = 8 << 20

@@ -46,6 +46,9 @@ struct BlockTests {
             #expect(stored.count <= codec.storedBound(src.count))
             if codec != .none && src.count > 1000 && src[0] == UInt8(ascii: "l") { #expect(stored.count < src.count / 3) }
             #expect(try decompress(codec, stored, length: src.count) == src)
+            // What a gateway checks before it stores a client's block.
+            try stored.withUnsafeBytes { try codec.check($0, length: src.count, what: "block") }
+            #expect(throws: FSError.self) { try stored.withUnsafeBytes { try codec.check($0, length: src.count + 1, what: "block") } }
             // Another length than the key names: an error, never a write past the buffer.
             #expect(throws: FSError.self) { _ = try decompress(codec, stored, length: src.count - 1) }
             if codec != .none {
@@ -59,6 +62,10 @@ struct BlockTests {
         #expect(throws: FSError.self) { _ = try decompress(codec, Array(stored.prefix(stored.count / 2)), length: 200_000) }
         #expect(throws: FSError.self) { _ = try decompress(codec, [], length: 200_000) }
         #expect(throws: FSError.self) { _ = try decompress(codec, noise(5000, seed: 9), length: 200_000) }
+        #expect(throws: FSError.self) { try noise(5000, seed: 9).withUnsafeBytes { try codec.check($0, length: 200_000, what: "block") } }
+        #expect(throws: FSError.self) {
+            try stored.withUnsafeBytes { try codec.check(UnsafeRawBufferPointer(rebasing: $0.dropLast()), length: 200_000, what: "block") }
+        }
         #expect(try BlockCodec.named("ZSTD") == .zstd)
         #expect(throws: FSError.self) { _ = try BlockCodec.named("brotli") }
     }
@@ -81,6 +88,9 @@ struct BlockTests {
             #expect(c.cached([(k1, nil), (k2, nil), ("v/chunks/0/0/3_0_4194304", nil)]) == [true, true, false])
             #expect(c.contains(k1) && c.contains(k2))
         }
+        // More than its block can take stored: dropped unread.
+        #expect(c.get(k1, atMost: 20_000) == nil)
+        #expect(!c.contains(k1))
         // A torn file is dropped, not served under another length.
         truncate(c.path(k2), 250_000)
         #expect(c.get(k2) == nil)

@@ -3,6 +3,7 @@ data, every byte read back equal (whole files, random ranged reads from a cold m
 fuzzing), the node's disk cache holding the blocks as the bucket holds them, `status` and `gc`
 counting the bytes stored beside the bytes of the blocks, and a gateway's clients reading and
 writing them (the client compresses, the gateway stores what it is sent)."""
+import errno
 import glob
 import hashlib
 import os
@@ -13,6 +14,7 @@ import signal
 import pytest
 
 import datafuzz
+import gwproto
 import helpers
 from helpers import USER, run_as
 
@@ -293,6 +295,19 @@ def test_a_gateway_client_reads_and_writes_a_compressed_volume(env, redis, moto,
         big, sm, part = run_as(USER, read)
         assert big == data and sm == small and part == data[4 * MiB + 17:4 * MiB + 5017]
         env.stagefs("umount", mnt, user=USER)
+
+        def hostile():
+            # Blocks that do not make the length their key names are refused (the counters
+            # hold what the blocks are): garbage, an empty block, more than the codec's bound.
+            c = gwproto.Raw(gw.socket)
+            first, stag = c.new_slice_ids(8)
+            key = lambda length: f"{name}/chunks/{first // 1000000}/{first // 1000}/{first}_0_{length}"
+            out = [gwproto.code(c.put_block, key(4 << 20), first, 8, stag, b"\x28\xb5\x2f\xfd" + os.urandom(100)),
+                   gwproto.code(c.put_block, key(4 << 20), first, 8, stag, b""),
+                   gwproto.code(c.put_block, key(100), first, 8, stag, os.urandom(300))]
+            c.close()
+            return out
+        assert run_as(USER, hostile) == [errno.EINVAL] * 3
     finally:
         if helpers.is_mounted(mnt):
             env.stagefs("umount", mnt, user=USER, check=False)
