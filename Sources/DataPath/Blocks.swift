@@ -36,7 +36,8 @@ public final class BlockStore: @unchecked Sendable {
     let memory: MemoryCache
     let pool: WorkerPool
     private let lock = ConditionLock()
-    // (@unchecked: `inflight` is guarded by `lock`; the rest is immutable or thread-safe.)
+    // (@unchecked: `inflight` and `optionalRunning` are guarded by `lock`; the rest is
+    // immutable or thread-safe.)
     private var inflight: [String: Pending] = [:]
     /// Bytes of blocks stored and deleted by this process, and the bytes the store holds for
     /// them, not yet added to the volume's counters (`takeCounts`).
@@ -85,17 +86,31 @@ public final class BlockStore: @unchecked Sendable {
     }
 
     /// Starts fetching the block in the background unless it is in memory or on its way.
-    public func prefetch(_ b: Block) {
+    /// `optional`: a hunch (a small random read's block may be read again), not a stream's
+    /// read-ahead: dropped while `optionalLimit` such fetches run, so random reads do not turn
+    /// each few KiB asked into a whole block downloaded.
+    public func prefetch(_ b: Block, optional: Bool = false) {
         if memory.contains(b.key) { return }
         let pending: Pending? = lock.withLock {
             if inflight[b.key] != nil { return nil }
+            if optional {
+                if optionalRunning >= Self.optionalLimit { return nil }
+                optionalRunning += 1
+            }
             let p = Pending()
             inflight[b.key] = p
             return p
         }
         guard let pending else { return }
-        pool.submit { [self] in download(b, pending) }
+        pool.submit { [self] in
+            download(b, pending)
+            if optional { lock.withLock { optionalRunning -= 1 } }
+        }
     }
+
+    /// Optional prefetches running (guarded by `lock`), and at most how many.
+    private var optionalRunning = 0
+    static let optionalLimit = 1
 
     /// Bytes `offset..<offset+dest.count` of the block (small random reads): a ranged read of
     /// the disk cache or the store where the store holds the bytes as written, else the whole

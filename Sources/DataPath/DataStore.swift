@@ -276,7 +276,7 @@ public final class DataStore: @unchecked Sendable {
                         p.dest.copyMemory(from: b.base + p.off, byteCount: p.len)
                     } else {
                         try blocks.read(p.block, offset: p.off, into: UnsafeMutableRawBufferPointer(start: p.dest, count: p.len))
-                        blocks.prefetch(p.block)
+                        blocks.prefetch(p.block, optional: true)
                     }
                     group.done()
                 } catch {

@@ -1,5 +1,6 @@
 import CFuse3
 import StageFSCore
+import Synchronization
 import VFS
 
 #if canImport(Glibc)
@@ -69,13 +70,35 @@ public final class FuseServer: @unchecked Sendable {
         session = se
     }
 
+    /// Notes SIGTERM, SIGINT and SIGHUP from now until `run` installs the loop's own handlers:
+    /// one that comes meanwhile (an epilog ending a job the moment its mount was ready) ends the
+    /// loop at once, with the unmount and flush that follow, instead of killing the process.
+    /// (Only signals left to their default action: libfuse installs its handlers only over
+    /// those, and `run` hands them back to it.)
+    public static func noteStopSignals() {
+        notedSignals.withLock { noted in
+            for s in [SIGTERM, SIGINT, SIGHUP] where !noted.contains(s) {
+                var old = sigaction()
+                guard sigaction(s, nil, &old) == 0, old.__sigaction_handler.sa_handler == nil, old.sa_flags & SA_SIGINFO == 0 else { continue }
+                signal(s) { _ in stopSignalled.store(true, ordering: .relaxed) }
+                noted.append(s)
+            }
+        }
+    }
+
     /// Serves requests until unmounted or signalled (SIGTERM, SIGINT, SIGHUP), then unmounts;
     /// from then on those signals are ignored, so the flush that follows runs to its end.
     public func run() -> Int32 {
         guard let se = session, attached != nil else { return -1 }
         let rc = withExtendedLifetime(self) { () -> Int32 in
+            // The signals noted since the mount was ready go back to libfuse's handlers (a
+            // signal after this reaches them, and they end the loop).
+            notedSignals.withLock { noted in
+                for s in noted { signal(s, SIG_DFL) }
+                noted.removeAll()
+            }
             _ = fuse_set_signal_handlers(se)
-            let rc = cfuse3_session_loop_mt(se, config.maxIdleThreads)
+            let rc = stopSignalled.load(ordering: .relaxed) ? 0 : cfuse3_session_loop_mt(se, config.maxIdleThreads)
             fuse_remove_signal_handlers(se)
             // The loop has ended and buffered writes are flushed next: a further SIGTERM (an
             // epilog that asks every mount process of a job to finish) must not cut that short.
@@ -156,7 +179,8 @@ enum FuseLog {
             var opts = String(s.dropFirst(unknown.count))
             if opts.hasSuffix("'") { opts.removeLast() }
             let names = opts.split(separator: " ").filter { $0 != "-o" }.flatMap { $0.split(separator: ",") }.map(String.init)
-            return "unknown mount option\(names.count == 1 ? "" : "s") \(names.map { "'\($0)'" }.joined(separator: ", ")) (see 'stagefs mount --help' and mount.fuse3(8) for the options)"
+            return
+                "unknown mount option\(names.count == 1 ? "" : "s") \(names.map { "'\($0)'" }.joined(separator: ", ")) (see 'stagefs mount --help' and mount.fuse3(8) for the options)"
         }
         return s
     }
@@ -168,3 +192,8 @@ private func fuseLogLine(_ level: fuse_log_level, _ fmt: UnsafePointer<CChar>?, 
     _ = vsnprintf(&buf, 1024, fmt, ap)
     FuseLog.record(String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))
 }
+
+/// Whether a stop signal came before the loop's handlers were installed (`noteStopSignals`),
+/// and which signals it noted.
+private let stopSignalled = Atomic<Bool>(false)
+private let notedSignals = Mutex<[Int32]>([])

@@ -461,6 +461,8 @@ struct Mount: ParsableCommand {
             throw error
         }
         server.attach(vfs)
+        // From here a stop signal ends the mount cleanly, also before the loop runs.
+        FuseServer.noteStopSignals()
         if premountedFD == nil {
             Runtime.save(
                 MountRecord(

@@ -147,3 +147,66 @@ struct BlockTests {
         }
     }
 }
+
+/// A store whose whole-block gets wait until released, counting them (the optional-prefetch test).
+private final class GatedStore: ObjectStore, @unchecked Sendable {
+    // @unchecked: `wholeGets` and `open` are guarded by `lock`; `inner` is thread-safe.
+    let inner: any ObjectStore
+    let lock = ConditionLock()
+    var wholeGets = 0
+    var open = false
+    init(_ inner: any ObjectStore) { self.inner = inner }
+    var description: String { "gated \(inner.description)" }
+    func put(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError) { try inner.put(key, data) }
+    func get(_ key: String, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
+        if offset == 0 && buffer.count >= 1 << 20 {
+            lock.withLock {
+                wholeGets += 1
+                lock.broadcast()
+                while !open { lock.wait() }
+            }
+        }
+        return try inner.get(key, offset: offset, into: buffer)
+    }
+    func delete(_ key: String) throws(FSError) { try inner.delete(key) }
+    func head(_ key: String) throws(FSError) -> Int? { try inner.head(key) }
+    func list(prefix: String, after: String?, limit: Int) throws(FSError) -> [ObjectInfo] {
+        try inner.list(prefix: prefix, after: after, limit: limit)
+    }
+    func create() throws(FSError) { try inner.create() }
+}
+
+@Suite("Prefetching", .timeLimit(.minutes(1)))
+struct PrefetchTests {
+    @Test func smallRandomReadsDoNotEachDownloadTheirBlock() throws {
+        let dir = try makeTempDir("prefetch")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let local = try openObjectStore(StoreConfig(storage: "file", bucket: dir + "/bucket"))
+        try local.create()
+        let store = GatedStore(local)
+        let layout = Layout(volume: "v", blockSize: 1 << 20)
+        let blocks = BlockStore(layout: layout, codec: .none, store: store, memory: MemoryCache(limit: 64 << 20), disk: nil, threads: 8)
+        defer { blocks.shutdown() }
+        let data = noise(8 << 20, seed: 5)
+        try data.withUnsafeBytes { try blocks.putSlice(9, $0) }
+        let all = layout.blocks(of: Slice(pos: 0, id: 9, size: UInt32(data.count), off: 0, len: UInt32(data.count)))
+        // A small read in each of 8 blocks, each followed by its hunch: one whole block is
+        // fetched at a time, the others' hunches dropped; the reads themselves are ranged.
+        for (i, b) in all.enumerated() {
+            var out = [UInt8](repeating: 0, count: 4096)
+            try out.withUnsafeMutableBytes { try blocks.read(b, offset: 1000, into: $0) }
+            #expect(out == Array(data[(i << 20) + 1000..<(i << 20) + 5096]))
+            blocks.prefetch(b, optional: true)
+        }
+        store.lock.withLock { while store.wholeGets < 1 { store.lock.wait() } }
+        // A stream's read-ahead is never dropped.
+        for b in all.suffix(3) { blocks.prefetch(b) }
+        store.lock.withLock { while store.wholeGets < 4 { store.lock.wait() } }
+        #expect(store.lock.withLock { store.wholeGets } == 4)
+        store.lock.withLock {
+            store.open = true
+            store.lock.broadcast()
+        }
+        #expect(try blocks.fetch(all[0]).count == 1 << 20)
+    }
+}

@@ -213,6 +213,23 @@ def test_sigterm_flushes_buffered_data(env, redis):
         env.stagefs("umount", m)
 
 
+def test_sigterm_the_moment_a_mount_is_ready_unmounts_it_cleanly(env, redis):
+    """A job that ends at once: its epilog's SIGTERM can come before the FUSE loop runs (while
+    the mount starts its backups); it still unmounts, flushes and says so, never dies silently."""
+    url = redis.url(redis.new_db())
+    env.stagefs("format", url, "sigready", "--bucket", env.dir_for(USER, "b"))
+    m = env.dir_for(USER, "m")
+    logs = env.dir_for(USER, "logs")
+    for i in range(5):
+        log = os.path.join(logs, f"m{i}.log")
+        env.stagefs("mount", "-d", url, m, "--log", log)
+        pid = helpers.mount_pid(m)
+        os.kill(pid, signal.SIGTERM)
+        helpers.wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 30, "the mount process to exit")
+        assert not helpers.is_mounted(m)
+        assert "unmounted" in open(log).read(), open(log).read()
+
+
 def test_umount_force_detaches_a_dead_mount(env, redis):
     url = redis.url(9)
     env.stagefs("format", url, "deadmount", "--bucket", env.dir_for(USER, "b"))
