@@ -54,12 +54,6 @@ public final class BlockStore: @unchecked Sendable {
 
     // MARK: names
 
-    /// Block `index` of slice `id`, which holds `size` bytes.
-    public func block(slice id: UInt64, index: Int, sliceSize: UInt32) -> Block {
-        let length = layout.blockLength(sliceSize: sliceSize, index: index)
-        return Block(key: layout.key(slice: id, index: index, length: length), length: length)
-    }
-
     /// The most bytes the store may hold for a block of `length` bytes.
     public func storedBound(_ length: Int) -> Int { codec.storedBound(length) }
 
@@ -133,7 +127,7 @@ public final class BlockStore: @unchecked Sendable {
         scratch.reserve(bound)
         let n = try get(b, offset: 0, into: UnsafeMutableRawBufferPointer(start: scratch.base, count: bound))
         scratch.count = n
-        try check(b, UnsafeRawBufferPointer(start: scratch.base, count: n))
+        _ = try written(b, from: scratch)
         return scratch.bytes
     }
 
@@ -145,15 +139,14 @@ public final class BlockStore: @unchecked Sendable {
         return buf
     }
 
-    /// Whether stored bytes make the block (a compressed one: decompresses; else its length).
-    private func check(_ b: Block, _ stored: UnsafeRawBufferPointer) throws(FSError) {
-        if codec == .none {
-            if stored.count != b.length {
-                throw FSError(EIO, "block \(b.key) in \(store.description) has \(stored.count) bytes, expected \(b.length)")
-            }
-        } else {
-            _ = try decoded(b, stored)
+    /// The block's bytes as written from the bytes stored: `stored` itself when they are not
+    /// compressed (of the block's length), else decompressed into a new buffer.
+    private func written(_ b: Block, from stored: Buffer) throws(FSError) -> Buffer {
+        guard codec == .none else { return try decoded(b, stored.bytes) }
+        if stored.count != b.length {
+            throw FSError(EIO, "block \(b.key) in \(store.description) has \(stored.count) bytes, expected \(b.length)")
         }
+        return stored
     }
 
     /// A ranged get of the stored bytes; a missing block is `EIO` that says so.
@@ -170,7 +163,7 @@ public final class BlockStore: @unchecked Sendable {
     private func download(_ b: Block, _ pending: Pending) {
         if let disk, let stored = disk.get(b.key, length: codec == .none ? b.length : nil, atMost: storedBound(b.length)) {
             do throws(FSError) {
-                let buf = codec == .none ? stored : try decoded(b, stored.bytes)
+                let buf = try written(b, from: stored)
                 memory.put(b.key, buf)
                 finish(b.key, pending, .success(buf))
                 return
@@ -184,15 +177,7 @@ public final class BlockStore: @unchecked Sendable {
         var result: Result<Buffer, FSError>
         do throws(FSError) {
             raw.count = try get(b, offset: 0, into: UnsafeMutableRawBufferPointer(start: raw.base, count: bound))
-            let buf: Buffer
-            if codec == .none {
-                if raw.count != b.length {
-                    throw FSError(EIO, "block \(b.key) in \(store.description) has \(raw.count) bytes, expected \(b.length)")
-                }
-                buf = raw
-            } else {
-                buf = try decoded(b, raw.bytes)
-            }
+            let buf = try written(b, from: raw)
             memory.put(b.key, buf)
             result = .success(buf)
         } catch {

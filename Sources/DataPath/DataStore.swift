@@ -225,7 +225,6 @@ public final class DataStore: @unchecked Sendable {
     private func plan(
         _ segments: [Segment], ino: Ino, from posInChunk: UInt32, count n: Int, into base: UnsafeMutableRawPointer, _ pieces: inout [Piece]
     ) throws(FSError) {
-        let bs = layout.blockSize
         var cursor = posInChunk
         let end = posInChunk + UInt32(n)
         for seg in segments where seg.pos + seg.len > cursor && seg.pos < end {
