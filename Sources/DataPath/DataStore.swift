@@ -43,6 +43,8 @@ public final class DataStore: @unchecked Sendable {
     /// The node-local block cache, if configured.
     public var disk: DiskCache? { blocks.disk }
     let ids: SliceIDs
+    /// Blocks waiting for or in upload (`uploadQueue`).
+    let queue = UploadQueue()
     private let lock = ConditionLock()
     private var writers: [Ino: FileWriter] = [:]
     private var views: [Ino: [UInt32: ChunkView]] = [:]
@@ -260,6 +262,7 @@ public final class DataStore: @unchecked Sendable {
         for p in pieces {
             if let b = blocks.cached(p.block) {
                 p.dest.copyMemory(from: b.base + p.off, byteCount: p.len)
+                CacheMetrics.hit(.memory, p.len)
             } else {
                 missing.append(p)
             }
@@ -328,6 +331,10 @@ public final class DataStore: @unchecked Sendable {
     /// Bytes of written data waiting to be uploaded.
     public var bufferedBytes: Int { budget.inUse }
 
+    /// Blocks written and not yet stored: how many, their bytes, and how long the oldest has
+    /// waited (seconds; 0 when none).
+    public var uploadQueue: (blocks: Int, bytes: Int, oldest: Double) { queue.state }
+
     /// Stops the worker threads once their queues drain.
     public func shutdown() {
         do { try disk?.flushIndex() } catch { Log.warning("cache index: \(error.message)") }
@@ -369,5 +376,42 @@ public final class ReadAhead: @unchecked Sendable {
     /// Blocks to read ahead: doubles with each sequential read up to `max`.
     func window(max: Int) -> Int {
         lock.withLock { Swift.min(max, 1 << Swift.min(run, 6)) }
+    }
+}
+
+/// The blocks handed to the upload threads and not yet stored, for the metrics.
+final class UploadQueue: Sendable {
+    private struct State {
+        var next: UInt64 = 0
+        var bytes = 0
+        /// Ticket → (when queued, bytes).
+        var waiting: [UInt64: (at: UInt64, bytes: Int)] = [:]
+    }
+
+    private let state_ = Locked(State())
+
+    func add(_ bytes: Int) -> UInt64 {
+        let now = Sys.monotonicNanos()
+        return state_.withLock {
+            $0.next += 1
+            $0.waiting[$0.next] = (now, bytes)
+            $0.bytes += bytes
+            return $0.next
+        }
+    }
+
+    func remove(_ ticket: UInt64) {
+        state_.withLock {
+            if let w = $0.waiting.removeValue(forKey: ticket) { $0.bytes -= w.bytes }
+        }
+    }
+
+    /// (A scan of the queue, which the write buffer (`--buffer-size`) bounds.)
+    var state: (blocks: Int, bytes: Int, oldest: Double) {
+        let now = Sys.monotonicNanos()
+        return state_.withLock { s in
+            let first = s.waiting.values.map(\.at).min()
+            return (s.waiting.count, s.bytes, first.map { Double(now &- $0) / 1e9 } ?? 0)
+        }
     }
 }

@@ -225,6 +225,7 @@ extension DiskCache {
             file = path(key)
             try writeFile(file!, data)
         }
+        CacheMetrics.diskWrites.increment(by: Int64(data.count))
         let ik = indexKey(key)
         let flushNow = lock.withLock { () -> Bool in
             pending.append(Pending(indexKey: ik, size: size, job: job, file: file, location: loc))

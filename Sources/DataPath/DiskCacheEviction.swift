@@ -86,7 +86,9 @@ extension DiskCache {
         let now = Timespec.now().sec
         for start in stride(from: 0, to: keys.count, by: 500) {
             try? indexTransaction { () throws(FSError) in
-                for k in keys[start..<min(keys.count, start + 500)] { try index.query("UPDATE blocks SET atime=? WHERE key=?", [.int(now), .text(indexKey(k))]) }
+                for k in keys[start..<min(keys.count, start + 500)] {
+                    try index.query("UPDATE blocks SET atime=? WHERE key=?", [.int(now), .text(indexKey(k))])
+                }
             }
         }
     }
@@ -169,7 +171,9 @@ extension DiskCache {
     /// Inside an index transaction: drops the blocks `select` lists (key, size, pack), in its
     /// order, until `budget` bytes are dropped. Returns the index keys of block files and the
     /// packs left empty (to unlink), how many blocks went and their bytes.
-    private func dropBlocks(_ select: String, _ args: [SQLValue], upTo budget: Int) throws(FSError) -> (
+    private func dropBlocks(
+        _ select: String, _ args: [SQLValue], upTo budget: Int
+    ) throws(FSError) -> (
         gone: ([String], [(Int64, String)]), count: Int, freed: Int
     ) {
         var victims: [(key: String, size: Int, pack: Int64)] = []
@@ -187,6 +191,7 @@ extension DiskCache {
         }
         for (pack, size) in packLive { try index.query("UPDATE packs SET live=live-? WHERE id=?", [.int(Int64(size)), .int(pack)]) }
         try addUsed(-freed)
+        CacheMetrics.evictions[CacheMetrics.Level.disk.rawValue].increment(by: Int64(victims.count))
         let files = victims.filter { $0.pack == 0 }.map(\.key)
         return ((files, try deadPacks(Array(packLive.keys))), victims.count, freed)
     }

@@ -105,6 +105,15 @@ extension DiskCache {
         if delta != 0 { try index.query("UPDATE stats SET v=v+? WHERE k='used'", [.int(Int64(delta))]) }
     }
 
+    /// Bytes the cache holds: the index's total and what waits to be added to it (no flush; nil
+    /// when the index cannot be read).
+    public var bytesHeld: Int? {
+        lock.withLock { () -> Int? in
+            guard let used = try? usedBytes() else { return nil }
+            return used + pendingBytes
+        }
+    }
+
     func usedBytes() throws(FSError) -> Int {
         var used = 0
         try index.query("SELECT v FROM stats WHERE k='used'", []) { used = Int(Col.int($0, 0)) }
@@ -168,7 +177,6 @@ extension DiskCache {
         }
         return !pinned
     }
-
 
     /// Indexes block files found on disk (first use of a cache directory with blocks in it);
     /// pack files without an index are unreadable and removed.

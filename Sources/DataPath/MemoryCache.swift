@@ -48,6 +48,7 @@ public final class MemoryCache: @unchecked Sendable {
                 unlink(t)
                 map[t.key] = nil
                 used -= t.block.count
+                CacheMetrics.evictions[CacheMetrics.Level.memory.rawValue].increment()
             }
         }
     }
@@ -62,6 +63,9 @@ public final class MemoryCache: @unchecked Sendable {
     }
 
     public var bytesUsed: Int { lock.withLock { used } }
+
+    /// Blocks held.
+    public var count: Int { lock.withLock { map.count } }
 
     private func unlink(_ n: Node) {
         n.prev?.next = n.next

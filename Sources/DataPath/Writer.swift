@@ -190,7 +190,9 @@ public final class FileWriter: @unchecked Sendable {
         }
         let pre = encoded
         s.pendingUploads += 1
+        let ticket = data.queue.add(b.count)
         data.uploads.submit { [self] in
+            defer { data.queue.remove(ticket) }
             var err: FSError?
             do throws(FSError) {
                 // Written blocks are cached too: reading back what was just written stays local.

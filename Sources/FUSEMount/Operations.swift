@@ -1,4 +1,5 @@
 import CFuse3
+import CoreMetrics
 import StageFSCore
 import VFS
 
@@ -94,10 +95,33 @@ private func replyAttr(_ req: fuse_req_t?, _ ino: Ino, _ a: Attr) {
     fuse_reply_attr(req, &st, server(req).config.attrTimeout)
 }
 
-/// Runs `body`, replying with its errno when it throws. An `EIO`, or an error marked `logged`,
-/// is also logged with its reason (the application sees only the errno).
+/// The operations timed, by the name the metrics give them (`method`).
+enum FuseOp: Int, CaseIterable {
+    case lookup, getattr, setattr, readlink, mknod, mkdir, unlink, rmdir, symlink, rename, link, open, create, read, write
+    case fallocate, copy_file_range, flush, fsync, opendir, readdir, readdirplus, statfs, setxattr, getxattr, listxattr
+    case removexattr, access, getlk, setlk, flock
+}
+
+/// The FUSE layer's metrics (names as JuiceFS's, `juicefs_` becoming `stagefs_`): each
+/// operation's latency by kind, errors answered, and the sizes of reads and writes.
+enum FuseMetrics {
+    static let ops: [CoreMetrics.Timer] = FuseOp.allCases.map {
+        CoreMetrics.Timer(label: "stagefs_fuse_ops_durations_histogram_seconds", dimensions: [("method", "\($0)")])
+    }
+    static let errors: [CoreMetrics.Counter] = FuseOp.allCases.map {
+        CoreMetrics.Counter(label: "stagefs_fuse_errors", dimensions: [("method", "\($0)")])
+    }
+    static let readSizes = Recorder(label: "stagefs_fuse_read_size_bytes")
+    static let writeSizes = Recorder(label: "stagefs_fuse_written_size_bytes")
+}
+
+/// Runs `body`, replying with its errno when it throws, and times it as an `op`. An `EIO`, or
+/// an error marked `logged`, is also logged with its reason (the application sees only the
+/// errno).
 @inline(__always)
-private func serve(_ req: fuse_req_t?, _ body: () throws(FSError) -> Void) {
+private func serve(_ req: fuse_req_t?, _ op: FuseOp, _ body: () throws(FSError) -> Void) {
+    let start = Sys.monotonicNanos()
+    defer { FuseMetrics.ops[op.rawValue].recordNanoseconds(Int64(Sys.monotonicNanos() &- start)) }
     do {
         try body()
     } catch {
@@ -105,6 +129,10 @@ private func serve(_ req: fuse_req_t?, _ body: () throws(FSError) -> Void) {
             ioErrorLog.note("I/O error: \(error.message)")
         } else if error.logged {
             ioErrorLog.note("\(String(cString: strerror(error.code))): \(error.message)")
+        }
+        // (Expected answers are not errors here: a lookup of a name that is not there.)
+        if error.code != ENOENT && error.code != ENODATA && error.code != EAGAIN && error.code != EOPNOTSUPP {
+            FuseMetrics.errors[op.rawValue].increment()
         }
         fuse_reply_err(req, error.code)
     }
@@ -154,7 +182,7 @@ private func ll_destroy(_ userdata: UnsafeMutableRawPointer?) {
 }
 
 private func ll_lookup(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePointer<CChar>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .lookup) { () throws(FSError) in
         let (ino, a) = try server(req).vfs.lookup(credential(req), parent, name(n))
         replyEntry(req, ino, a)
     }
@@ -174,7 +202,7 @@ private func ll_forget_multi(_ req: fuse_req_t?, _ count: Int, _ forgets: Unsafe
 }
 
 private func ll_getattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .getattr) { () throws(FSError) in
         replyAttr(req, ino, try server(req).vfs.getattr(ino))
     }
 }
@@ -182,7 +210,7 @@ private func ll_getattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutab
 private func ll_setattr(
     _ req: fuse_req_t?, _ ino: fuse_ino_t, _ attr: UnsafeMutablePointer<stat>?, _ toSet: Int32, _ fi: UnsafeMutablePointer<fuse_file_info>?
 ) {
-    serve(req) { () throws(FSError) in
+    serve(req, .setattr) { () throws(FSError) in
         guard let st = attr?.pointee else { throw FSError.invalid }
         var r = SetAttrRequest(mask: SetAttrMask(rawValue: UInt32(bitPattern: toSet)))
         r.mode = UInt16(st.st_mode & 0o7777)
@@ -198,7 +226,7 @@ private func ll_setattr(
 }
 
 private func ll_readlink(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
-    serve(req) { () throws(FSError) in
+    serve(req, .readlink) { () throws(FSError) in
         let t = try server(req).vfs.readlink(ino)
         var z = t.map { CChar(bitPattern: $0) }
         z.append(0)
@@ -207,7 +235,7 @@ private func ll_readlink(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
 }
 
 private func ll_mknod(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePointer<CChar>?, _ mode: mode_t, _ rdev: dev_t) {
-    serve(req) { () throws(FSError) in
+    serve(req, .mknod) { () throws(FSError) in
         guard let type = FileType(mode: mode), type != .directory, type != .symlink else { throw FSError.invalid }
         let (ino, a) = try server(req).vfs.mknod(
             credential(req), parent, name(n), type, UInt16(mode & 0o7777), rdev: UInt32(truncatingIfNeeded: rdev))
@@ -216,28 +244,28 @@ private func ll_mknod(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePoint
 }
 
 private func ll_mkdir(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePointer<CChar>?, _ mode: mode_t) {
-    serve(req) { () throws(FSError) in
+    serve(req, .mkdir) { () throws(FSError) in
         let (ino, a) = try server(req).vfs.mkdir(credential(req), parent, name(n), UInt16(mode & 0o7777))
         replyEntry(req, ino, a)
     }
 }
 
 private func ll_unlink(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePointer<CChar>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .unlink) { () throws(FSError) in
         try server(req).vfs.unlink(credential(req), parent, name(n))
         fuse_reply_err(req, 0)
     }
 }
 
 private func ll_rmdir(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePointer<CChar>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .rmdir) { () throws(FSError) in
         try server(req).vfs.rmdir(credential(req), parent, name(n))
         fuse_reply_err(req, 0)
     }
 }
 
 private func ll_symlink(_ req: fuse_req_t?, _ link: UnsafePointer<CChar>?, _ parent: fuse_ino_t, _ n: UnsafePointer<CChar>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .symlink) { () throws(FSError) in
         let (ino, a) = try server(req).vfs.symlink(credential(req), parent, name(n), target: name(link))
         replyEntry(req, ino, a)
     }
@@ -246,21 +274,21 @@ private func ll_symlink(_ req: fuse_req_t?, _ link: UnsafePointer<CChar>?, _ par
 private func ll_rename(
     _ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePointer<CChar>?, _ newParent: fuse_ino_t, _ newName: UnsafePointer<CChar>?, _ flags: UInt32
 ) {
-    serve(req) { () throws(FSError) in
+    serve(req, .rename) { () throws(FSError) in
         try server(req).vfs.rename(credential(req), parent, name(n), newParent, name(newName), flags: RenameFlags(rawValue: flags))
         fuse_reply_err(req, 0)
     }
 }
 
 private func ll_link(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ newParent: fuse_ino_t, _ newName: UnsafePointer<CChar>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .link) { () throws(FSError) in
         let a = try server(req).vfs.link(credential(req), ino, newParent, name(newName))
         replyEntry(req, ino, a)
     }
 }
 
 private func ll_open(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .open) { () throws(FSError) in
         guard let fi else { throw FSError.invalid }
         let (fh, _, keep) = try server(req).vfs.open(credential(req), ino, flags: fi.pointee.flags)
         fi.pointee.fh = fh
@@ -272,7 +300,7 @@ private func ll_open(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutableP
 private func ll_create(
     _ req: fuse_req_t?, _ parent: fuse_ino_t, _ n: UnsafePointer<CChar>?, _ mode: mode_t, _ fi: UnsafeMutablePointer<fuse_file_info>?
 ) {
-    serve(req) { () throws(FSError) in
+    serve(req, .create) { () throws(FSError) in
         guard let fi else { throw FSError.invalid }
         let s = server(req)
         let (ino, a, fh) = try s.vfs.create(credential(req), parent, name(n), UInt16(mode & 0o7777), flags: fi.pointee.flags)
@@ -306,11 +334,12 @@ private final class ReadBuffers: @unchecked Sendable {
 private let readBuffers = ReadBuffers()
 
 private func ll_read(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ off: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .read) { () throws(FSError) in
         guard let fi else { throw FSError.badF }
         let buf = readBuffers.take(size)
         defer { readBuffers.give(buf) }
         let n = try server(req).vfs.read(fi.pointee.fh, at: UInt64(off), into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<size]))
+        FuseMetrics.readSizes.record(n)
         fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)
     }
 }
@@ -318,11 +347,12 @@ private func ll_read(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ off: 
 private func ll_write(
     _ req: fuse_req_t?, _ ino: fuse_ino_t, _ data: UnsafePointer<CChar>?, _ size: Int, _ off: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?
 ) {
-    serve(req) { () throws(FSError) in
+    serve(req, .write) { () throws(FSError) in
         guard let fi, let data else { throw FSError.badF }
         let n = try server(req).vfs.write(
             fi.pointee.fh, at: UInt64(off), UnsafeRawBufferPointer(start: data, count: size), uid: fuse_req_ctx(req)!.pointee.uid,
             caller: { credential(req) })
+        FuseMetrics.writeSizes.record(n)
         fuse_reply_write(req, n)
     }
 }
@@ -330,7 +360,7 @@ private func ll_write(
 private func ll_fallocate(
     _ req: fuse_req_t?, _ ino: fuse_ino_t, _ mode: Int32, _ offset: off_t, _ length: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?
 ) {
-    serve(req) { () throws(FSError) in
+    serve(req, .fallocate) { () throws(FSError) in
         guard let fi else { throw FSError.badF }
         guard offset >= 0, length > 0 else { throw FSError.invalid }
         _ = try server(req).vfs.fallocate(credential(req), fi.pointee.fh, mode: mode, offset: UInt64(offset), length: UInt64(length))
@@ -342,7 +372,7 @@ private func ll_copy_file_range(
     _ req: fuse_req_t?, _ inoIn: fuse_ino_t, _ offIn: off_t, _ fiIn: UnsafeMutablePointer<fuse_file_info>?, _ inoOut: fuse_ino_t,
     _ offOut: off_t, _ fiOut: UnsafeMutablePointer<fuse_file_info>?, _ len: Int, _ flags: Int32
 ) {
-    serve(req) { () throws(FSError) in
+    serve(req, .copy_file_range) { () throws(FSError) in
         guard let fiIn, let fiOut else { throw FSError.badF }
         guard offIn >= 0, offOut >= 0 else { throw FSError.invalid }
         let n = try server(req).vfs.copyFileRange(
@@ -352,7 +382,7 @@ private func ll_copy_file_range(
 }
 
 private func ll_flush(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .flush) { () throws(FSError) in
         guard let fi else { throw FSError.badF }
         try server(req).vfs.flush(fi.pointee.fh, owner: fi.pointee.lock_owner)
         fuse_reply_err(req, 0)
@@ -365,7 +395,7 @@ private func ll_release(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutab
 }
 
 private func ll_fsync(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int32, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .fsync) { () throws(FSError) in
         guard let fi else { throw FSError.badF }
         try server(req).vfs.fsync(fi.pointee.fh)
         fuse_reply_err(req, 0)
@@ -373,7 +403,7 @@ private func ll_fsync(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int32, 
 }
 
 private func ll_opendir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .opendir) { () throws(FSError) in
         try server(req).vfs.opendir(credential(req), ino)
         fi?.pointee.fh = 0
         fuse_reply_open(req, fi)
@@ -381,7 +411,7 @@ private func ll_opendir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutab
 }
 
 private func readdirCommon(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ off: off_t, plus: Bool) {
-    serve(req) { () throws(FSError) in
+    serve(req, plus ? .readdirplus : .readdir) { () throws(FSError) in
         let s = server(req)
         // Roughly how many entries fit: about 32 bytes each (plus ~128 for attributes).
         let limit = max(1, min(1000, size / (plus ? 160 : 32)))
@@ -434,7 +464,7 @@ private func ll_fsyncdir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int3
 }
 
 private func ll_statfs(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
-    serve(req) { () throws(FSError) in
+    serve(req, .statfs) { () throws(FSError) in
         let f = try server(req).vfs.statfs(Ino(ino))
         var st = statvfs()
         st.f_bsize = 4096
@@ -453,7 +483,7 @@ private func ll_statfs(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
 private func ll_setxattr(
     _ req: fuse_req_t?, _ ino: fuse_ino_t, _ n: UnsafePointer<CChar>?, _ value: UnsafePointer<CChar>?, _ size: Int, _ flags: Int32
 ) {
-    serve(req) { () throws(FSError) in
+    serve(req, .setxattr) { () throws(FSError) in
         let v = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
         let flag: XattrFlag = flags & 1 != 0 ? .create : (flags & 2 != 0 ? .replace : .any)
         try server(req).vfs.setxattr(credential(req), ino, name(n), v, flag)
@@ -472,13 +502,13 @@ private func replyXattr(_ req: fuse_req_t?, _ value: [UInt8], _ size: Int) {
 }
 
 private func ll_getxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ n: UnsafePointer<CChar>?, _ size: Int) {
-    serve(req) { () throws(FSError) in
+    serve(req, .getxattr) { () throws(FSError) in
         replyXattr(req, try server(req).vfs.getxattr(credential(req), ino, name(n)), size)
     }
 }
 
 private func ll_listxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int) {
-    serve(req) { () throws(FSError) in
+    serve(req, .listxattr) { () throws(FSError) in
         var out: [UInt8] = []
         for n in try server(req).vfs.listxattr(credential(req), ino) { out += n + [0] }
         replyXattr(req, out, size)
@@ -486,14 +516,14 @@ private func ll_listxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int) {
 }
 
 private func ll_removexattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ n: UnsafePointer<CChar>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .removexattr) { () throws(FSError) in
         try server(req).vfs.removexattr(credential(req), ino, name(n))
         fuse_reply_err(req, 0)
     }
 }
 
 private func ll_access(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ mask: Int32) {
-    serve(req) { () throws(FSError) in
+    serve(req, .access) { () throws(FSError) in
         try server(req).vfs.access(credential(req), ino, AccessMask(rawValue: UInt32(mask & 7)))
         fuse_reply_err(req, 0)
     }
@@ -514,7 +544,7 @@ private func lockRange(_ l: flock) -> (UInt64, UInt64) {
 }
 
 private func ll_getlk(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?, _ lock: UnsafeMutablePointer<flock>?) {
-    serve(req) { () throws(FSError) in
+    serve(req, .getlk) { () throws(FSError) in
         guard let fi, let lock else { throw FSError.invalid }
         let (start, end) = lockRange(lock.pointee)
         var out = lock.pointee
@@ -534,7 +564,7 @@ private func ll_getlk(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutable
 private func ll_setlk(
     _ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?, _ lock: UnsafeMutablePointer<flock>?, _ sleep: Int32
 ) {
-    serve(req) { () throws(FSError) in
+    serve(req, .setlk) { () throws(FSError) in
         guard let fi, let lock else { throw FSError.invalid }
         let (start, end) = lockRange(lock.pointee)
         try server(req).vfs.setlk(
@@ -546,7 +576,7 @@ private func ll_setlk(
 }
 
 private func ll_flock(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?, _ op: Int32) {
-    serve(req) { () throws(FSError) in
+    serve(req, .flock) { () throws(FSError) in
         guard let fi else { throw FSError.invalid }
         let type: LockType = op & LOCK_UN != 0 ? .unlock : (op & LOCK_EX != 0 ? .write : .read)
         try server(req).vfs.flock(

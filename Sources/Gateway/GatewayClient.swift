@@ -83,8 +83,12 @@ package final class GatewayClient: Sendable {
         _ op: Op, onBehalf: Credential?, tail: UnsafeRawBufferPointer?, passed: UnsafeMutablePointer<Int32>?,
         _ fields: (inout WireWriter) -> Void
     ) throws(FSError) -> WireReader {
+        let start = Sys.monotonicNanos()
         var request = prepare(op, onBehalf: onBehalf, fields)
-        defer { release(request) }
+        defer {
+            release(request)
+            GatewayMetrics.client.recordNanoseconds(Int64(Sys.monotonicNanos() &- start))
+        }
         return try exchange(&request, op, tail: tail, passed: passed)
     }
 

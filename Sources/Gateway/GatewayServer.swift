@@ -314,9 +314,11 @@ package final class GatewayServer: Sendable {
     /// the connection's handshake was done already (TCP: hello and auth).
     func serveConnection(_ fd: Int32, _ peer: Peer, helloDone: Bool = false) {
         let budgets = budgets(peer.uid)
+        GatewayMetrics.connections.increment()
         defer {
             releaseBudgets(peer.uid)
             close(fd)
+            GatewayMetrics.connections.decrement()
         }
         setTimeouts(fd)
         // Descriptors travel only over the Unix socket (whose connections start before hello).
@@ -339,12 +341,16 @@ package final class GatewayServer: Sendable {
             var out: WireWriter
             var tail: Buffer?
             var passing: Int32 = -1
+            let start = Sys.monotonicNanos()
+            var timed: Op?
+            defer { if let timed { GatewayMetrics.requests[timed]?.recordNanoseconds(Int64(Sys.monotonicNanos() &- start)) } }
             do throws(FSError) {
                 id = try r.u64()
                 let raw = try r.u16()
                 guard let op = Op(rawValue: raw) else {
                     throw FSError(EPROTO, "unknown operation \(raw) (this gateway speaks protocol \(Wire.version))")
                 }
+                timed = op
                 if stopping { throw FSError(ESHUTDOWN, "the gateway is restarting; the request was not carried out") }
                 if !helloDone {
                     guard op == .hello else { throw FSError(EPROTO, "the first request of a connection must be hello") }
@@ -383,6 +389,7 @@ package final class GatewayServer: Sendable {
                     }
                 }
             } catch {
+                if error.code != ENOENT && error.code != ENODATA { GatewayMetrics.errors.increment() }
                 if error.code == EPROTO || error.logged || error.code == EIO {
                     Log.warning("gateway: request of \(who): \(error.message)")
                 }
@@ -1102,7 +1109,8 @@ package final class GatewayServer: Sendable {
         if let local = store as? LocalObjectStore {
             // The check and the rename into place in one step, one walk to the block's directory.
             do throws(FSError) {
-                try fsTyped { try data.withUnsafeBytes { try local.putNew(key, $0) } }
+                try ObjectMetrics.measure(.put) { () throws(FSError) in try fsTyped { try data.withUnsafeBytes { try local.putNew(key, $0) } } }
+                ObjectMetrics.bytes(.put, data.count)
                 blocks.countStored(length: length, stored: data.count)
             } catch {
                 if error.code == EEXIST {
@@ -1113,11 +1121,12 @@ package final class GatewayServer: Sendable {
             }
             return
         }
-        if try store.head(key) != nil {
+        if try ObjectMetrics.measure(.head, { () throws(FSError) in try store.head(key) }) != nil {
             if try sameBytes() { return }
             throw FSError(EEXIST, "block \(key) exists: blocks are never overwritten")
         }
-        try store.put(key, bytes: data)
+        try ObjectMetrics.measure(.put) { () throws(FSError) in try store.put(key, bytes: data) }
+        ObjectMetrics.bytes(.put, data.count)
         blocks.countStored(length: length, stored: data.count)
     }
 

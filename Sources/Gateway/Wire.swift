@@ -32,7 +32,7 @@ package enum Wire {
 }
 
 /// The operations a client asks of a gateway.
-package enum Op: UInt16, Sendable {
+package enum Op: UInt16, Sendable, CaseIterable {
     case hello = 1
     case loadFormat = 2
     case statfs = 3
@@ -220,30 +220,6 @@ package struct WireReader {
 
 extension Wire {
     package static func malformed(_ why: String) -> FSError { FSError(EPROTO, "malformed gateway frame: \(why)") }
-}
-
-/// The gateway's Unix socket, as both sides make it.
-enum UnixSocket {
-    /// The address of the socket file at `path` (at most 107 bytes).
-    static func address(_ path: String) throws(FSError) -> sockaddr_un {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
-            throw FSError.usage("socket path \(path) is too long (at most 107 bytes)")
-        }
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in
-            for (i, b) in bytes.enumerated() { p[i] = b }
-        }
-        return addr
-    }
-
-    /// A new stream socket, close-on-exec.
-    static func make() throws(FSError) -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw FSError.errno(errno, "socket") }
-        return fd
-    }
 }
 
 /// Blocking frame I/O on a socket.

@@ -1,3 +1,4 @@
+import CoreMetrics
 import RedisWire
 import StageFSCore
 import Synchronization
@@ -332,6 +333,8 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
 
     package func transaction<T>(write: Bool, _ body: (RedisTxn) throws(FSError) -> T) throws(FSError) -> T {
         if write { RedisTxn.lastCommitted = nil }
+        let start = Sys.monotonicNanos()
+        defer { MetaMetrics.transaction(write, since: start) }
         // The outside request (a gateway's client) whose change this may be (`RequestRecords`).
         let outside = write ? ActiveRequest.pending : nil
         var attempt = 0
@@ -359,11 +362,13 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
                 if error.code == EIO { throw error }
                 if t.fromCache {
                     count { $0.refreshes += 1 }
+                    MetaMetrics.restarts.increment()
                     useCache = false
                     continue
                 }
                 if t.write && t.batches > 1, case .conflict(let c) = try commit(t, checksOnly: true) {
                     changed = c
+                    MetaMetrics.restarts.increment()
                     continue
                 }
                 cache.record(t, committed: false)
@@ -400,6 +405,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
                 return result
             case .conflict(let c):
                 changed = c
+                MetaMetrics.restarts.increment()
                 if stripe == nil, let first = c.first {
                     let s = stripes[Int(UInt(bitPattern: first.hashValue) % UInt(stripes.count))]
                     s.lock()
@@ -484,7 +490,8 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             func send(_ commit: RedisCommand) throws(FSError) -> [RedisReply] {
                 t.reread = []
                 guard again else { return try c.pipeline([commit] + wait) }
-                let block = [RedisCommand(["MULTI"]), commit, RedisCommand(["CLIENT", "CACHING", "yes"])] + reread.map(\.command) + [RedisCommand(["EXEC"])]
+                let block =
+                    [RedisCommand(["MULTI"]), commit, RedisCommand(["CLIENT", "CACHING", "yes"])] + reread.map(\.command) + [RedisCommand(["EXEC"])]
                 let r = try c.pipeline(block + wait)
                 let exec = block.count - 1
                 guard case .array(let done) = r[exec], done.count == 2 + reread.count else {

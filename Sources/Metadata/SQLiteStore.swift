@@ -62,8 +62,12 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
     package typealias Txn = SQLiteTxn
 
     package func transaction<T>(write: Bool, _ body: (SQLiteTxn) throws(FSError) -> T) throws(FSError) -> T {
+        let start = Sys.monotonicNanos()
         lock.lock()
-        defer { lock.unlock() }
+        defer {
+            lock.unlock()
+            MetaMetrics.transaction(write, since: start)
+        }
         return try conn.transaction(write: write) { () throws(FSError) in try body(SQLiteTxn()) }
     }
 
@@ -112,7 +116,8 @@ package final class SQLiteStore: TxnStore, @unchecked Sendable {
 
     package func wipe() throws(FSError) {
         let tables = [
-            "setting", "counter", "node", "edge", "symlink", "xattr", "xattrbytes", "chunk", "openfile", "delfile", "delslices", "sliceref", "gc_kept",
+            "setting", "counter", "node", "edge", "symlink", "xattr", "xattrbytes", "chunk", "openfile", "delfile", "delslices", "sliceref",
+            "gc_kept",
             "session", "locks", "sessionlock",
         ]
         try transaction(write: true) { (_) throws(FSError) in

@@ -1,4 +1,5 @@
 import COpenSSL
+import CoreMetrics
 import StageFSCore
 import Synchronization
 
@@ -522,6 +523,8 @@ package final class RedisConnection {
     /// Sends encoded commands in one round trip and returns their replies in order.
     package func pipeline(_ commands: [RedisCommand]) throws(FSError) -> [RedisReply] {
         if broken { throw lost("connection closed") }
+        let start = Sys.monotonicNanos()
+        defer { RedisMetrics.roundTrips.recordNanoseconds(Int64(Sys.monotonicNanos() &- start)) }
         for c in commands { encode(c) }
         try sendAll()
         var replies: [RedisReply] = []
@@ -863,4 +866,10 @@ package final class RedisPool: @unchecked Sendable {
             Log.info("\(displayName) answers again after \(Double(Int(Double(Sys.monotonicNanos() - since) / 1e8)) / 10) s")
         }
     }
+}
+
+/// Round trips to Redis (a pipeline of commands is one), with their latency: what each
+/// metadata operation costs on the network.
+enum RedisMetrics {
+    static let roundTrips = CoreMetrics.Timer(label: "stagefs_redis_round_trip_durations_histogram_seconds")
 }

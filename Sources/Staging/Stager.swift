@@ -1,4 +1,5 @@
 import Compress
+import CoreMetrics
 import DataPath
 import Metadata
 import ObjectStorage
@@ -99,6 +100,8 @@ public final class StageProgress: @unchecked Sendable {
             filesTotal = files
             bytesTotal = bytes
         }
+        StageMetrics.filesTotal.increment(by: Int64(files))
+        StageMetrics.bytesTotal.increment(by: bytes)
     }
 
     func add(done: Int64, fetched: Int64, filesFinished: Int) {
@@ -107,6 +110,9 @@ public final class StageProgress: @unchecked Sendable {
             bytesFetched += fetched
             filesDone += filesFinished
         }
+        StageMetrics.filesDone.increment(by: Int64(filesFinished))
+        StageMetrics.bytesDone.increment(by: done)
+        StageMetrics.bytesFetched.increment(by: fetched)
     }
 
     /// (files done, files, bytes done, bytes, bytes fetched, seconds, phase)
@@ -563,4 +569,14 @@ public final class Stager: @unchecked Sendable {
         guard let blocks else { throw FSError(EINVAL, "no object store to fetch from") }
         try cache.put(r.key, try blocks.download(Block(key: r.key, length: r.length), into: buf), pin: job)
     }
+}
+
+/// Staging's progress as metrics (`stagefs stage --metrics`): files and bytes asked for, done
+/// (in the cache), and fetched from the store to get there.
+enum StageMetrics {
+    static let filesTotal = CoreMetrics.Counter(label: "stagefs_stage_files")
+    static let bytesTotal = CoreMetrics.Counter(label: "stagefs_stage_bytes")
+    static let filesDone = CoreMetrics.Counter(label: "stagefs_stage_files_done")
+    static let bytesDone = CoreMetrics.Counter(label: "stagefs_stage_bytes_done")
+    static let bytesFetched = CoreMetrics.Counter(label: "stagefs_stage_bytes_fetched")
 }

@@ -3,6 +3,7 @@ import Gateway
 import Metadata
 import ObjectStorage
 import StageFSCore
+import Telemetry
 
 #if canImport(Glibc)
     import Glibc
@@ -54,6 +55,12 @@ struct GatewayCmd: ParsableCommand {
     @Option(help: ArgumentHelp("munged's socket, to check TCP clients' credentials [default: libmunge's].", valueName: "PATH"))
     var mungeSocket: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "Serve Prometheus metrics on this address: HOST:PORT, or PORT for 127.0.0.1:PORT (none when not given): requests by operation and their latency, connections, metadata transactions, object requests.",
+            valueName: "address"))
+    var metrics: String?
+
     @Option(help: "Connections at once, in all.")
     var maxConnections = 1024
 
@@ -93,6 +100,9 @@ struct GatewayCmd: ParsableCommand {
 
     func run() throws {
         Log.level = verbose >= 2 ? .debug : (verbose == 1 ? .info : .warning)
+        // Before anything counts: a metric made before this would stay silent.
+        Telemetry.start()
+        let metricsAt = try metricsAddress(metrics)
         let settings = try config.map { (path) throws(FSError) in try GatewaySettings.read(path) } ?? [:]
         func value(_ key: String) -> String? {
             if let v = settings[key], !v.isEmpty { return v }
@@ -133,11 +143,15 @@ struct GatewayCmd: ParsableCommand {
         let tcp = GatewayTCPOptions(mungeSocket: mungeSocket, trustRoot: trustRoot)
         let server = try GatewayServer(meta: meta, store: store, format: format, limits: limits, tcp: tcp, presigner: presigner)
         let addresses = try listen.map { (l) throws(FSError) in try TCPAddress.parse(l) }
+        let (metricsServer, metricsLabels) = try startMetrics(metricsAt)
+        metricsServer.start()
+        defer { metricsServer.stop() }
         let path = socket ?? (addresses.isEmpty ? "/run/stagefs/\(format.name).sock" : nil)
         if let path { try Sys.mkdirs(Sys.dirname(of: path), 0o755) }
         let urls = (path.map { ["stagefs+unix://\($0)"] } ?? []) + addresses.map { "\(MetaURL.gateway(.tcp(host: $0.host, port: $0.port)))" }
         let root = addresses.isEmpty ? "" : trustRoot ? " (root over TCP trusted)" : " (root over TCP acts as nobody)"
         printError("stagefs: gateway for volume '\(format.name)' (\(url)) serving \(urls.joined(separator: " and "))\(root)")
+        if !metricsLabels.isEmpty { printError("stagefs: gateway metrics on http://\(metricsLabels.joined(separator: ", http://"))/metrics") }
         signal(SIGTERM, gatewaySignal)
         signal(SIGINT, gatewaySignal)
         // (Its lease holder: a number of its own, as a mount's is its session.)

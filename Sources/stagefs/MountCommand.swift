@@ -4,6 +4,7 @@ import FUSEMount
 import Metadata
 import ObjectStorage
 import StageFSCore
+import Telemetry
 import VFS
 
 #if canImport(Glibc)
@@ -129,6 +130,14 @@ struct Mount: ParsableCommand {
             valueName: "duration"))
     var backupMeta: DurationArg?
 
+    @Option(
+        help: ArgumentHelp(
+            "Serve Prometheus metrics on this address: HOST:PORT, or PORT for 127.0.0.1:PORT (none when not given).",
+            discussion:
+                "Anyone on the node who can reach the address can read the metrics (counts and latencies, no names or data). Without it, 'stagefs stats MOUNTPOINT' still shows them to the mount's user, through a socket only that user can open.",
+            valueName: "address"))
+    var metrics: String?
+
     @Flag(name: .shortAndLong, help: "Log more (info level); twice for debug.")
     var verbose: Int
 
@@ -233,6 +242,9 @@ struct Mount: ParsableCommand {
             throw FSError.usage("the META-URL comes first, then the mountpoint: stagefs mount \(second) \(volumeArgument)")
         }
         Log.level = verbose >= 2 ? .debug : (verbose == 1 ? .info : .warning)
+        // Before anything counts: a metric made before this would stay silent.
+        Telemetry.start()
+        _ = try metricsAddress(metrics)
         let path = resolvedMountPoint
         if let fd = premountedFD {
             try checkPremounted(fd)
@@ -360,10 +372,19 @@ struct Mount: ParsableCommand {
         }
         args += ["--ready-fd", "\(fds[1])"]
         if verbose == 0 { args.append("--verbose") }
+        // The log is opened here, so that one this user cannot write is named as the cause.
+        let logFD = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        if logFD < 0 {
+            let e = errno
+            close(fds[0])
+            close(fds[1])
+            throw FSError(e, "cannot open the log file \(logPath): \(String(cString: strerror(e))) (give --log FILE where uid \(getuid()) can write)")
+        }
+        defer { close(logFD) }
         let pid: pid_t
         do {
             pid = try Spawn.start(
-                executablePath(), args, env: env, stdin: .null, stdout: .file(logPath), stderr: .file(logPath), newSession: true,
+                executablePath(), args, env: env, stdin: .null, stdout: .fd(logFD), stderr: .fd(logFD), newSession: true,
                 keepFDs: [fds[1]] + (premountedFD.map { [$0] } ?? []))
         } catch {
             close(fds[0])
@@ -405,6 +426,15 @@ struct Mount: ParsableCommand {
 
     private func serve(path: String, url: MetaURL, meta: any MetadataEngine, format: VolumeFormat, store: any ObjectStore, top: Ino) throws {
         let opts = parsedOptions
+        // The metrics port first: one that cannot be had fails the mount before it is made.
+        let metricsServer: MetricsServer
+        let metricsLabels: [String]
+        do {
+            (metricsServer, metricsLabels) = try startMetrics(try metricsAddress(metrics))
+        } catch {
+            ready("error: \(error.message)")
+            throw error
+        }
         var fc = FuseConfig()
         fc.attrTimeout = attrCache
         fc.entryTimeout = entryCache
@@ -463,12 +493,27 @@ struct Mount: ParsableCommand {
         server.attach(vfs)
         // From here a stop signal ends the mount cleanly, also before the loop runs.
         FuseServer.noteStopSignals()
+        registerMountGauges(vfs)
+        var socket: String?
+        if premountedFD == nil, let (dir, dirPath) = Runtime.directory(create: true) {
+            let name = Runtime.socketName(path)
+            do {
+                try metricsServer.listenUnix(dir: dir, name: name, label: "\(dirPath)/\(name)")
+                socket = name
+            } catch {
+                Log.warning("no metrics socket for 'stagefs stats': \(error.message)")
+            }
+            close(dir)
+        }
+        metricsServer.start()
+        if !metricsLabels.isEmpty { Log.info("metrics on http://\(metricsLabels.joined(separator: ", http://"))/metrics") }
         if premountedFD == nil {
             Runtime.save(
                 MountRecord(
                     mountPoint: path, metaURL: url.withoutPassword, pid: getpid(), volume: format.name, volumeUUID: format.uuid,
                     cacheDirs: disk == nil ? nil : cacheDirs, cacheSize: disk == nil ? 0 : cacheSize, freeSpaceRatio: freeSpaceRatio,
-                    passwordNeeded: url.hasPassword, startTime: ProcFacts.startTime(getpid()), subdir: subdir))
+                    passwordNeeded: url.hasPassword, startTime: ProcFacts.startTime(getpid()), subdir: subdir, metricsSocket: socket,
+                    metricsAddress: metricsLabels.first))
         }
         Log.info("volume '\(format.name)' mounted at \(path) (session \(vfs.sid))")
         if readyFD == nil {
@@ -485,6 +530,7 @@ struct Mount: ParsableCommand {
         let started = Sys.monotonicNanos()
         Log.info("unmounting \(path) (loop ended with \(rc)): flushing buffered writes")
         backups?.stop()
+        metricsServer.stop()
         vfs.stop()
         Runtime.remove(path, pid: getpid())
         Log.info(

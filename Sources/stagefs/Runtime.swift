@@ -30,6 +30,10 @@ struct MountRecord: Codable {
     var startTime: UInt64?
     /// The directory of the volume the mount shows (`--subdir`); nil: the whole volume.
     var subdir: String?
+    /// The mount's metrics socket (`stagefs stats`), a name in the record's directory.
+    var metricsSocket: String?
+    /// The metrics port the mount serves (`--metrics`), `HOST:PORT`.
+    var metricsAddress: String?
 
     /// The volume path of `path`, a path inside this mount.
     func volumePath(_ path: String) -> String {
@@ -229,13 +233,22 @@ enum Runtime {
     /// (FNV-1a, 64 bits), so that `/a/b_c` and `/a/b/c` get records of their own.
     static func recordName(_ mountPoint: String) -> String {
         var name = ""
-        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
         for c in mountPoint.utf8 {
-            hash = (hash ^ UInt64(c)) &* 0x100_0000_01b3
             if isNameByte(c) { name.unicodeScalars.append(Unicode.Scalar(c)) } else { name += "_" }
         }
+        return "\(name.suffix(180))-\(hash(mountPoint)).json"
+    }
+
+    /// The name of the metrics socket of the mount at `mountPoint` (beside its record; short,
+    /// as a socket's address is at most 107 bytes).
+    static func socketName(_ mountPoint: String) -> String { "metrics-\(hash(mountPoint)).sock" }
+
+    /// FNV-1a, 64 bits, of the path, as 16 hex digits.
+    private static func hash(_ path: String) -> String {
+        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
+        for c in path.utf8 { hash = (hash ^ UInt64(c)) &* 0x100_0000_01b3 }
         let hex = String(hash, radix: 16)
-        return "\(name.suffix(180))-\(String(repeating: "0", count: 16 - hex.count))\(hex).json"
+        return String(repeating: "0", count: 16 - hex.count) + hex
     }
 
     static func save(_ r: MountRecord) {
@@ -276,8 +289,22 @@ enum Runtime {
     static func remove(_ mountPoint: String, pid: pid_t? = nil) {
         for dir in directories() {
             defer { Glibc.close(dir) }
-            if let r = read(dir, mountPoint), pid == nil || r.pid == pid { _ = unlinkat(dir, recordName(mountPoint), 0) }
+            if let r = read(dir, mountPoint), pid == nil || r.pid == pid {
+                _ = unlinkat(dir, recordName(mountPoint), 0)
+                if let s = r.metricsSocket, s == socketName(mountPoint) { _ = unlinkat(dir, s, 0) }
+            }
         }
+    }
+
+    /// The record of the mount at `mountPoint` with its directory, open (the caller closes it):
+    /// where its metrics socket is.
+    static func loadWithDirectory(_ mountPoint: String) -> (record: MountRecord, dir: Int32, path: String)? {
+        for c in candidates {
+            guard let (dir, path) = open(c, create: false) else { continue }
+            if let r = read(dir, mountPoint) { return (r, dir, path) }
+            Glibc.close(dir)
+        }
+        return nil
     }
 
     /// Every existing record directory, opened with the checks of `directory`.

@@ -55,7 +55,8 @@ struct Stage: ParsableCommand {
 
     @Option(
         help:
-            "Metadata store of the volume (paths are then volume paths such as /datasets/x); paths outside any mount use $STAGEFS_VOLUME when it is set.")
+            "Metadata store of the volume (paths are then volume paths such as /datasets/x); paths outside any mount use $STAGEFS_VOLUME when it is set."
+    )
     var meta: String?
 
     @Option(help: "Cache directories, colon-separated (default: the mount's, or ~/.stagefs/cache; /var/cache/stagefs for root).")
@@ -94,6 +95,12 @@ struct Stage: ParsableCommand {
     @Flag(name: .shortAndLong, help: "No progress display.")
     var quiet = false
 
+    @Option(
+        help: ArgumentHelp(
+            "While staging, serve Prometheus metrics on this address (HOST:PORT, or PORT for 127.0.0.1:PORT): files and bytes asked for, staged and fetched, and the object requests ('stagefs stats HOST:PORT' shows them).",
+            valueName: "address"))
+    var metrics: String?
+
     @OptionGroup var io: IOOptions
 
     func validate() throws {
@@ -116,6 +123,10 @@ struct Stage: ParsableCommand {
     }
 
     func run() throws {
+        // Before anything counts: a metric made before this would stay silent.
+        let (metricsServer, _) = try startMetrics(try metricsAddress(metrics))
+        metricsServer.start()
+        defer { metricsServer.stop() }
         if let asUser {
             // As root: make the user's cache directories (owned by the user), then become the user.
             try becomeUser(asUser) { (uid, gid, home) throws(FSError) in
@@ -164,7 +175,8 @@ struct Stage: ParsableCommand {
         // Found now, not after everything was fetched.
         if let report, let problem = unwritable(report) { throw FSError(EACCES, "cannot write the report to \(report): \(problem)") }
         let result = try runStaging(
-            metaURL: metaURL, paths: volumePaths, mode: mode, cache: DiskCacheConfig(dirs: dirs, capacity: size << 20, freeSpaceRatio: freeSpaceRatio ?? record?.freeSpaceRatio ?? 0.1),
+            metaURL: metaURL, paths: volumePaths, mode: mode,
+            cache: DiskCacheConfig(dirs: dirs, capacity: size << 20, freeSpaceRatio: freeSpaceRatio ?? record?.freeSpaceRatio ?? 0.1),
             threads: threads, job: job, io: io, progress: !quiet && isatty(2) == 1)
         printSummary(result, shown: all)
         if let report { try writeReport(result, to: report) }

@@ -36,7 +36,7 @@ struct StageFS: ParsableCommand {
             also 3 (partial), 4 (failed) and 130 (interrupted).
             """,
         version: stageFSVersion,
-        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self, Stage.self, Cache.self, TrashCmd.self, QuotaCmd.self, CloneCmd.self, DumpCmd.self, LoadCmd.self, BackupCmd.self, FsckCmd.self, GCCmd.self, ConfigCmd.self, DestroyCmd.self, BindConfig.self, Job.self, GatewayCmd.self]
+        subcommands: [Format.self, Mount.self, Umount.self, Status.self, Info.self, Stage.self, Cache.self, TrashCmd.self, QuotaCmd.self, CloneCmd.self, DumpCmd.self, LoadCmd.self, BackupCmd.self, FsckCmd.self, GCCmd.self, ConfigCmd.self, DestroyCmd.self, BindConfig.self, Job.self, GatewayCmd.self, Stats.self]
     )
 }
 

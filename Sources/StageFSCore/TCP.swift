@@ -1,10 +1,11 @@
-import StageFSCore
+import CLinux
 
 #if canImport(Glibc)
     import Glibc
 #endif
 
-/// A TCP address a gateway listens on: `HOST:PORT` (`[IPv6]:PORT` for a literal IPv6 address).
+/// A TCP address to listen on (a gateway's `--listen`, a metrics port): `HOST:PORT`
+/// (`[IPv6]:PORT` for a literal IPv6 address).
 package struct TCPAddress: Sendable, Equatable, CustomStringConvertible {
     package var host: String
     package var port: Int
@@ -14,10 +15,19 @@ package struct TCPAddress: Sendable, Equatable, CustomStringConvertible {
         self.port = port
     }
 
-    /// Parses `HOST:PORT`; a malformed one is a usage error naming the expected form.
-    package static func parse(_ text: String) throws(FSError) -> TCPAddress {
+    /// Parses `HOST:PORT` given to `option`; a malformed one is a usage error naming the
+    /// expected form. With `defaultHost`, a bare `PORT` means that host.
+    package static func parse(
+        _ text: String, option: String = "--listen", defaultHost: String? = nil, example: Int = 7420
+    ) throws(FSError) -> TCPAddress {
         func bad(_ why: String) -> FSError {
-            FSError.usage("--listen '\(text)': \(why) (the form is HOST:PORT, e.g. 0.0.0.0:7420, 127.0.0.1:7420 or [::1]:7420)")
+            FSError.usage(
+                "\(option) '\(text)': \(why) (the form is HOST:PORT, e.g. 0.0.0.0:\(example), 127.0.0.1:\(example) or [::1]:\(example)\(defaultHost == nil ? "" : ", or PORT for \(defaultHost!):PORT"))"
+            )
+        }
+        if let defaultHost, let port = Int(text) {
+            guard port > 0, port < 65536 else { throw bad("the port must be 1 to 65535") }
+            return TCPAddress(host: defaultHost, port: port)
         }
         guard let colon = text.lastIndex(of: ":") else { throw bad("no port") }
         guard let port = Int(text[text.index(after: colon)...]), port > 0, port < 65536 else { throw bad("the port must be 1 to 65535") }
@@ -34,14 +44,14 @@ package struct TCPAddress: Sendable, Equatable, CustomStringConvertible {
     package var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
 }
 
-/// TCP sockets of the gateway and its clients: listening, connecting within a time limit, and
-/// the options both ends set.
+/// TCP sockets of the gateway and its clients (and of metrics ports): listening, connecting
+/// within a time limit, and the options both ends set.
 package enum TCP {
     /// A listening socket for each address `address` resolves to (a name may give IPv4 and IPv6
     /// ones), each with a label `HOST:PORT` for the log. An IPv6 socket takes IPv6 only, so
     /// `[::]:P` and `0.0.0.0:P` may both be given.
-    package static func listen(_ address: TCPAddress) throws(FSError) -> [(fd: Int32, label: String)] {
-        let list = try resolve(address.host, address.port, passive: true, what: "--listen \(address)")
+    package static func listen(_ address: TCPAddress, option: String = "--listen") throws(FSError) -> [(fd: Int32, label: String)] {
+        let list = try resolve(address.host, address.port, passive: true, what: "\(option) \(address)")
         defer { freeaddrinfo(list) }
         var out: [(fd: Int32, label: String)] = []
         var ai: UnsafeMutablePointer<addrinfo>? = list
@@ -69,15 +79,16 @@ package enum TCP {
             }
             out.append((fd, label))
         }
-        if out.isEmpty { throw FSError(EADDRNOTAVAIL, "--listen \(address): no address to listen on") }
+        if out.isEmpty { throw FSError(EADDRNOTAVAIL, "\(option) \(address): no address to listen on") }
         return out
     }
 
     /// A connection to `host:port` (each address it resolves to in turn), each attempt bounded
     /// by `timeout` seconds; the error names the address and the cause.
-    package static func connect(host: String, port: Int, timeout: Double) throws(FSError) -> Int32 {
+    package static func connect(host: String, port: Int, timeout: Double, what: String? = nil) throws(FSError) -> Int32 {
         let name = TCPAddress(host: host, port: port).description
-        let list = try resolve(host, port, passive: false, what: "the gateway at \(name)")
+        let what = what ?? "the gateway at \(name)"
+        let list = try resolve(host, port, passive: false, what: what)
         defer { freeaddrinfo(list) }
         var lastErr: Int32 = ECONNREFUSED
         var ai: UnsafeMutablePointer<addrinfo>? = list
@@ -97,10 +108,13 @@ package enum TCP {
         let why: String
         switch lastErr {
         case ETIMEDOUT: why = "timed out after \(Int(timeout)) s"
-        case ECONNREFUSED: why = "connection refused (is 'stagefs gateway --listen' running there, on that port?)"
+        case ECONNREFUSED:
+            why =
+                what.hasPrefix("the gateway")
+                ? "connection refused (is 'stagefs gateway --listen' running there, on that port?)" : "connection refused"
         default: why = String(cString: strerror(lastErr)).lowercased()
         }
-        throw FSError(lastErr == ETIMEDOUT ? ETIMEDOUT : ECONNREFUSED, "cannot reach the gateway at \(name): \(why)")
+        throw FSError(lastErr == ETIMEDOUT ? ETIMEDOUT : ECONNREFUSED, "cannot reach \(what): \(why)")
     }
 
     /// TCP_NODELAY (a request is one small write, its reply awaited at once) and keep-alives
@@ -159,5 +173,29 @@ package enum TCP {
             throw FSError(EHOSTUNREACH, "cannot resolve \(what): \(why.lowercased())")
         }
         return res
+    }
+}
+
+/// Unix stream sockets (the gateway's, as both sides make it; a mount's metrics socket).
+package enum UnixSocket {
+    /// The address of the socket file at `path` (at most 107 bytes).
+    package static func address(_ path: String) throws(FSError) -> sockaddr_un {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            throw FSError.usage("socket path \(path) is too long (at most 107 bytes)")
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, b) in bytes.enumerated() { p[i] = b }
+        }
+        return addr
+    }
+
+    /// A new stream socket, close-on-exec.
+    package static func make() throws(FSError) -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw FSError.errno(errno, "socket") }
+        return fd
     }
 }
