@@ -5,6 +5,12 @@ package struct Sample: Sendable, Equatable {
     package var name: String
     package var labels: [String: String]
     package var value: Double
+
+    package init(name: String, labels: [String: String], value: Double) {
+        self.name = name
+        self.labels = labels
+        self.value = value
+    }
 }
 
 /// A scrape read back (`stagefs stats`): the samples of Prometheus' text format. Lines that are

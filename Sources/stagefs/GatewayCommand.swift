@@ -143,7 +143,8 @@ struct GatewayCmd: ParsableCommand {
         let tcp = GatewayTCPOptions(mungeSocket: mungeSocket, trustRoot: trustRoot)
         let server = try GatewayServer(meta: meta, store: store, format: format, limits: limits, tcp: tcp, presigner: presigner)
         let addresses = try listen.map { (l) throws(FSError) in try TCPAddress.parse(l) }
-        let (metricsServer, metricsLabels) = try startMetrics(metricsAt)
+        let (metricsServer, metricsLabels, metricsWarning) = try startMetrics(metricsAt)
+        if let metricsWarning { printError("stagefs: warning: \(metricsWarning)") }
         metricsServer.start()
         defer { metricsServer.stop() }
         let path = socket ?? (addresses.isEmpty ? "/run/stagefs/\(format.name).sock" : nil)

@@ -16,12 +16,15 @@ func metricsAddress(_ text: String?) throws(FSError) -> TCPAddress? {
 }
 
 /// Starts metrics for this process and listens on `address` (nil: no port); the labels of
-/// the addresses it listens on. A port that cannot be had is an error naming it.
-func startMetrics(_ address: TCPAddress?) throws(FSError) -> (MetricsServer, [String]) {
+/// the addresses it listens on, and a warning when another process holds the port (it is
+/// tried again until free: a user who takes it first cannot keep a gateway or mount from
+/// starting). An address that cannot be listened on otherwise is an error naming it.
+func startMetrics(_ address: TCPAddress?) throws(FSError) -> (server: MetricsServer, labels: [String], warning: String?) {
     Telemetry.start()
     let server = MetricsServer()
-    guard let address else { return (server, []) }
-    return (server, try server.listen(address, option: "--metrics"))
+    guard let address else { return (server, [], nil) }
+    let (labels, deferred) = try server.listenOrRetry(address, option: "--metrics")
+    return (server, labels, deferred)
 }
 
 /// The gauges of a mount, set from its state before each exposition: the caches' sizes, the
@@ -39,24 +42,31 @@ func registerMountGauges(_ vfs: VFS) {
     let usedSpace = Gauge(label: "stagefs_used_space")
     let usedInodes = Gauge(label: "stagefs_used_inodes")
     let asked = Locked<UInt64>(0)
+    let diskAsked = Locked<UInt64>(0)
     Telemetry.onScrape {
         memoryBytes.record(data.blocks.memory.bytesUsed)
         memoryBlocks.record(data.blocks.memory.count)
-        if let disk = data.disk, let held = disk.bytesHeld { diskBytes.record(held) }
+        // (The disk cache's size is read from its index, at most once a second: scrapes do not
+        // hold the index's lock from the mount's reads.)
+        if let disk = data.disk, due(diskAsked, every: 1_000_000_000), let held = disk.bytesHeld { diskBytes.record(held) }
         buffer.record(data.bufferedBytes)
         let q = data.uploadQueue
         queueBlocks.record(q.blocks)
         queueBytes.record(q.bytes)
         queueAge.record(q.oldest)
-        let now = Sys.monotonicNanos()
-        let due = asked.withLock { (last: inout UInt64) -> Bool in
-            guard last == 0 || now &- last >= 5_000_000_000 else { return false }
-            last = now
-            return true
-        }
-        if due, let s = try? vfs.meta.statfs() {
+        if due(asked, every: 5_000_000_000), let s = try? vfs.meta.statfs() {
             usedSpace.record(Int64(clamping: s.usedSpace))
             usedInodes.record(Int64(clamping: s.usedInodes))
         }
+    }
+}
+
+/// Whether `nanos` have passed since the last time this said yes (and notes now if so).
+private func due(_ last: Locked<UInt64>, every nanos: UInt64) -> Bool {
+    let now = Sys.monotonicNanos()
+    return last.withLock { (t: inout UInt64) -> Bool in
+        guard t == 0 || now &- t >= nanos else { return false }
+        t = now
+        return true
     }
 }

@@ -429,8 +429,9 @@ struct Mount: ParsableCommand {
         // The metrics port first: one that cannot be had fails the mount before it is made.
         let metricsServer: MetricsServer
         let metricsLabels: [String]
+        let metricsWarning: String?
         do {
-            (metricsServer, metricsLabels) = try startMetrics(try metricsAddress(metrics))
+            (metricsServer, metricsLabels, metricsWarning) = try startMetrics(try metricsAddress(metrics))
         } catch {
             ready("error: \(error.message)")
             throw error
@@ -454,6 +455,10 @@ struct Mount: ParsableCommand {
         dc.memoryCacheSize = memoryCacheSize << 20
         var disk: DiskCache?
         var warnings: [String] = []
+        if let metricsWarning {
+            Log.warning(metricsWarning)
+            warnings.append(metricsWarning)
+        }
         if cacheSize > 0 {
             do {
                 disk = try DiskCache(

@@ -124,7 +124,8 @@ struct Stage: ParsableCommand {
 
     func run() throws {
         // Before anything counts: a metric made before this would stay silent.
-        let (metricsServer, _) = try startMetrics(try metricsAddress(metrics))
+        let (metricsServer, _, metricsWarning) = try startMetrics(try metricsAddress(metrics))
+        if let metricsWarning { printError("stagefs: warning: \(metricsWarning)") }
         metricsServer.start()
         defer { metricsServer.stop() }
         if let asUser {

@@ -8,6 +8,7 @@ import pty
 import re
 import select
 import socket
+import struct
 import subprocess
 import time
 import urllib.error
@@ -149,7 +150,7 @@ def test_a_busy_mounts_metrics_parse_and_move(env, redis, moto, kind):
 def test_the_metrics_server_refuses_what_is_not_a_scrape_and_an_idle_client_holds_nothing(env, redis, moto):
     port = helpers.free_port()
     v = helpers.make_volume(env, "sqlite-local", redis, moto, "it-metrics-http")
-    v.mount("--metrics", f"127.0.0.1:{port}")
+    mnt = v.mount("--metrics", f"127.0.0.1:{port}")
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
     assert e.value.code == 404
@@ -169,28 +170,66 @@ def test_the_metrics_server_refuses_what_is_not_a_scrape_and_an_idle_client_hold
                 break
             got += b
         assert got.startswith(b"HTTP/1.1 431"), got[:100]
-    # Clients that connect and say nothing do not stop a scrape.
+    # HEAD: the status and headers, no body.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"HEAD /metrics HTTP/1.0\r\n\r\n")
+        got = b""
+        while b := s.recv(65536):
+            got += b
+        assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"\r\n\r\n"), got[-100:]
+    # Clients that connect and say nothing, or trickle a byte at a time, do not stop a scrape,
+    # nor the mount's user reading it through the socket: each is cut off 2 s after it came.
     idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
     t = time.monotonic()
+    p = env.stagefs("stats", mnt, "--count", "1", "--interval", "0.2", timeout=30)
+    assert "stagefs stats: " in p.stdout and time.monotonic() - t < 5, (p.stdout, time.monotonic() - t)
     m = scrape(port)
     assert value(m, "stagefs_uptime") > 0
     assert time.monotonic() - t < 8, "a scrape waited for idle clients"
-    for s in idle:
+    closed_at = None
+    for b in b"GET /metrics HTTP/1.1\r\nX: y\r\n":
+        try:
+            slow.sendall(bytes([b]))
+            time.sleep(0.3)
+        except OSError:
+            closed_at = time.monotonic()
+            break
+    if closed_at is None:
+        slow.settimeout(5)
+        assert slow.recv(100) == b"", "a client trickling its head is cut off"
+        closed_at = time.monotonic()
+    assert closed_at - t < 8, closed_at - t
+    for s in idle + [slow]:
         s.close()
 
 
-def test_without_metrics_a_mount_listens_on_no_port_and_a_taken_port_fails_the_mount(env, redis, moto):
+def test_without_metrics_a_mount_listens_on_no_port_and_a_taken_port_is_taken_once_free(env, redis, moto):
     v = helpers.make_volume(env, "sqlite-local", redis, moto, "it-metrics-off")
     pid = helpers.mount_pid(v.mnt)
     assert listening_ports(pid) == set()
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        mnt = env.dir_for(USER, "mnt-taken")
-        p = env.stagefs("mount", "-d", v.meta_url, mnt, "--metrics", str(port), "--log", os.path.join(v.base, "taken.log"), check=False)
-        assert p.returncode != 0 and f"127.0.0.1:{port}" in p.stderr and "another process listens there" in p.stderr, p.stderr
-        assert not helpers.is_mounted(mnt)
+    # Another user holds the port first: the mount starts anyway, says so, and serves the
+    # metrics there once the port is free.
+    holder = subprocess.Popen(["runuser", "-u", OTHER, "--", "python3", "-c",
+                               "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1); "
+                               "print(s.getsockname()[1], flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    port = int(holder.stdout.readline())
+    mnt = env.dir_for(USER, "mnt-taken")
+    p = env.stagefs("mount", "-d", v.meta_url, mnt, "--metrics", str(port), "--log", os.path.join(v.base, "taken.log"))
+    assert f"127.0.0.1:{port}" in p.stderr and "another process listens there" in p.stderr and "once it is free" in p.stderr, p.stderr
+    assert helpers.is_mounted(mnt)
+    holder.stdin.close()
+    holder.wait(10)
+
+    def served():
+        try:
+            return value(scrape(port), "stagefs_uptime") > 0
+        except OSError:
+            return False
+    wait_until(served, 30, "the mount to take the freed port")
+    assert port in listening_ports(helpers.mount_pid(mnt))
+    v.umount(mnt)
     p = env.stagefs("mount", "-d", v.meta_url, mnt, "--metrics", "127.0.0.1:99999", check=False)
     assert p.returncode == 2 and "--metrics '127.0.0.1:99999'" in p.stderr and "1 to 65535" in p.stderr, p.stderr
 
@@ -293,5 +332,33 @@ def test_a_gateway_serves_its_own_metrics(env, redis, moto):
         p = env.stagefs("stats", f"127.0.0.1:{port}", "--count", "1", "--interval", "0.2")
         assert re.search(r"^gateway +[0-9.]+ requests/s .* [0-9]+ connections", p.stdout, re.M), p.stdout
         env.stagefs("umount", mnt)
+    finally:
+        gw.stop()
+
+
+def test_clients_that_reset_their_connection_do_not_kill_a_gateway(env):
+    """A gateway of a `file` bucket (nothing there ignores SIGPIPE for it) and a client that
+    resets its connection before the answer goes out: the gateway lives on."""
+    base = env.dir_for("root", "gwfile")
+    os.chmod(base, 0o755)
+    bucket = os.path.join(base, "bucket")
+    os.makedirs(bucket, mode=0o700)
+    url = f"sqlite3://{base}/meta.db"
+    env.stagefs("format", url, "it-metrics-gwf", "--bucket", bucket, user="root")
+    port = helpers.free_port()
+    gw = helpers.Gateway(env, url, os.path.join(base, "gw.sock"), "--metrics", str(port))
+    try:
+        wait_until(lambda: helpers.wait_port(port, 1), 30, "the gateway's metrics port")
+        linger = struct.pack("ii", 1, 0)
+        for request in (b"GET /metrics HTTP/1.1\r\n", b"GET /metrics HTTP/1.1\r\n\r\n", b"x" * 9000):
+            for _ in range(5):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                s.sendall(request)
+                time.sleep(0.05)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                s.close()  # a reset: the server's next send fails
+        time.sleep(0.5)
+        assert gw.proc.poll() is None, open(gw.log).read()[-2000:]
+        assert value(scrape(port), "stagefs_uptime") > 0
     finally:
         gw.stop()
