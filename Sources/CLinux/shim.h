@@ -18,6 +18,16 @@ static inline int clinux_pidfd_open(pid_t pid) {
 static inline int clinux_pidfd_send_signal(int pidfd, int sig) {
     return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, (void *)0, 0);
 }
+/* mremap(2) with MREMAP_MAYMOVE (glibc declares it only with _GNU_SOURCE, and variadic): grows
+   an anonymous mapping, moving its pages rather than copying them when it cannot grow in place.
+   Returns the new address, or (void *)-1 (MAP_FAILED) with errno set. */
+#ifndef MREMAP_MAYMOVE
+#define MREMAP_MAYMOVE 1
+#endif
+static inline void *clinux_mremap_grow(void *p, size_t old, size_t size) {
+    return (void *)syscall(SYS_mremap, p, old, size, MREMAP_MAYMOVE);
+}
+
 /* O_PATH (glibc defines it only with _GNU_SOURCE): a descriptor that names a directory for the
    *at calls without opening it for reading. */
 #ifndef O_PATH

@@ -115,10 +115,16 @@ public final class Buffer: @unchecked Sendable {
         if n >= mapThreshold { Sys.unmap(p, n) } else { p.deallocate() }
     }
 
-    /// Grows to at least `n` bytes, keeping the contents.
+    /// Grows to at least `n` bytes, keeping the contents (a mapped buffer is remapped: its
+    /// pages move, no byte is copied).
     public func reserve(_ n: Int) {
         guard n > capacity else { return }
         let newCap = max(n, capacity * 2)
+        if capacity >= Buffer.mapThreshold {
+            base = Sys.remap(base, from: capacity, to: newCap)
+            capacity = newCap
+            return
+        }
         let nb = Buffer.allocate(newCap)
         nb.copyMemory(from: base, byteCount: count)
         Buffer.free(base, capacity)

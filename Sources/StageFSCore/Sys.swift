@@ -261,6 +261,14 @@ public enum Sys {
         return p
     }
 
+    /// Grows memory from `map` to `bytes`, keeping its contents: the kernel moves its pages
+    /// (no copy) when it cannot grow it in place.
+    public static func remap(_ p: UnsafeMutableRawPointer, from old: Int, to bytes: Int) -> UnsafeMutableRawPointer {
+        let q = clinux_mremap_grow(p, old, bytes)
+        guard let q, q != MAP_FAILED else { fatalError("out of memory: mremap to \(bytes) bytes failed") }
+        return q
+    }
+
     /// Returns memory from `map`.
     public static func unmap(_ p: UnsafeMutableRawPointer, _ bytes: Int) {
         munmap(p, bytes)
