@@ -2,6 +2,7 @@
 #   make demo     install what is needed, build, mount a demo volume and use it
 #   make test     install what is needed, build, run every test
 #   make fuzz     long differential POSIX run against ext4 (random seeds)
+#   make bench    StageFS beside JuiceFS 1.4.2 on this machine, one table (bench/README.md)
 #   make build    release build of the stagefs binary (.build/release/stagefs)
 #   make install  PREFIX=/usr/local by default; DESTDIR= for packages (see install below)
 
@@ -41,8 +42,10 @@ fuzz: build
 demo: deps build
 	./scripts/demo.sh $(BIN)
 
-bench: build
-	./bench/run.sh $(BIN)
+# StageFS beside JuiceFS 1.4.2 (fio, small files, listings, import, tar, staging, memory): one
+# table, medians of 3 alternating rounds (bench/README.md). As root; under 20 minutes on 2 cores.
+bench: deps build
+	python3 bench/suite.py $(BIN)
 
 # Install what `make build` built: `make build && sudo make install PREFIX=/opt/stagefs`.
 # Only what is missing is built here, so that `make install` as root does not run a build that

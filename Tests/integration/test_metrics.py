@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -260,12 +261,18 @@ def run_in_pty(argv, seconds, while_running=None):
 
 def test_stats_shows_live_numbers_under_a_pty_to_the_mounts_user_only(env, redis, moto):
     v = helpers.make_volume(env, "redis-s3", redis, moto, "it-metrics-stats")
+    # A writer while stats runs: bounded, and its whole process group ended after (a loop left
+    # running fills the S3 server's memory).
     writer = subprocess.Popen(
-        ["runuser", "-u", USER, "--", "sh", "-c", f"while :; do dd if=/dev/zero of={v.mnt}/busy bs=1M count=8 status=none conv=fsync; done"])
+        ["runuser", "-u", USER, "--", "sh", "-c", f"for i in $(seq 1 100); do dd if=/dev/zero of={v.mnt}/busy bs=1M count=2 status=none conv=fsync; done"],
+        start_new_session=True)
     try:
         rc, out = run_in_pty(["runuser", "-u", USER, "--", env.bin, "stats", v.mnt, "--interval", "0.5", "--count", "4"], 60)
     finally:
-        writer.kill()
+        try:
+            os.killpg(writer.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         writer.wait()
     assert rc == 0, out
     assert "\x1b[H\x1b[2J" in out, "a terminal gets the screen redrawn"
