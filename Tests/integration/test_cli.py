@@ -351,7 +351,7 @@ def test_read_only_mount_refuses_writes(env, redis):
 
 
 def test_a_mistyped_command_gets_a_suggestion(env):
-    for args, typed, meant in [(["moutn", "redis://h/1", "/mnt"], "moutn", "mount"), (["stauts"], "stauts", "status"),
+    for args, typed, meant in [(["moutn", "redis://h/1", "/mnt"], "moutn", "mount"), (["stauts"], "stauts", "status' or 'stats"),
                                (["job", "prolgo", "--job", "1"], "job prolgo", "job prolog"), (["bind"], "bind", "bind-config")]:
         p = env.stagefs(*args, check=False)
         one_line_error(p, f"unknown command '{typed}': did you mean '{meant}'?")
