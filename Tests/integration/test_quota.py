@@ -216,7 +216,8 @@ def test_check_repair_fixes_injected_drift(qvol):
     key = f"q_d{ino}_space"
     if qvol.meta_url.startswith("sqlite3://"):
         db = qvol.meta_url[len("sqlite3://"):]
-        subprocess.run(["sqlite3", db, f"UPDATE counter SET value=value+777777 WHERE name='{key}'"], check=True)
+        # The mount writes to the database too (heartbeats, counters): wait for its lock.
+        subprocess.run(["sqlite3", "-cmd", ".timeout 15000", db, f"UPDATE counter SET value=value+777777 WHERE name='{key}'"], check=True)
     else:
         port, db = qvol.meta_url.rsplit(":", 1)[1].split("/")
         subprocess.run(["redis-cli", "-p", port, "-n", db, "INCRBY", f"{{{db}}}{key}", "777777"], check=True, capture_output=True)
