@@ -486,6 +486,14 @@ def main():
                 fs.umount()
             table.rows.append((f"Redis memory per 4 KiB file ({memory_n:,} files, {memory_n // memory_dirs:,} per directory; bytes, lower is better)",
                                f"{per['stagefs']:.0f}", f"{per['juicefs']:.0f}", f"{per['juicefs'] / per['stagefs']:.2f}", per))
+    except BaseException:
+        # The mounts' logs outlive a failed run (the work directory goes).
+        kept = tempfile.mkdtemp(prefix="stagefs-bench-logs-")
+        for fs in fss:
+            if os.path.exists(fs.log):
+                shutil.copy(fs.log, os.path.join(kept, f"{fs.kind}.log"))
+        print(f"bench: failed; the mounts' logs are in {kept}", file=sys.stderr)
+        raise
     finally:
         for fs in fss:
             if fs.pid:

@@ -149,14 +149,14 @@ public final class DataStore: @unchecked Sendable {
 
     /// Told of every chunk whose records this client reads, with their number (a compactor's
     /// hint: many records make slow reads).
-    private let fragmentWatch = Locked<(@Sendable (Ino, UInt32, Int) -> Void)?>(nil)
+    private let fragmentWatch = Hook<@Sendable (Ino, UInt32, Int) -> Void>()
 
-    public func watchFragments(_ f: @escaping @Sendable (Ino, UInt32, Int) -> Void) { fragmentWatch.withLock { $0 = f } }
+    public func watchFragments(_ f: @escaping @Sendable (Ino, UInt32, Int) -> Void) { fragmentWatch.set(f) }
 
     private func view(_ ino: Ino, _ index: UInt32) throws(FSError) -> ChunkView {
         if let v = lock.withLock({ views[ino]?[index] }) { return v }
         let records = try ledger.readChunk(ino, index)
-        if records.count > 1, let watch = fragmentWatch.withLock({ $0 }) { watch(ino, index, records.count) }
+        if records.count > 1, let watch = fragmentWatch.current { watch(ino, index, records.count) }
         let v = ChunkView(segments: buildView(records))
         lock.withLock {
             if views.count > 10_000 { views.removeAll() }

@@ -59,6 +59,12 @@ public final class ConditionLock: @unchecked Sendable {
 
 /// A value guarded by the standard library's `Mutex`, in a class so closures running on several
 /// threads can share it.
+///
+/// Never a function (or an optional one) as `Value`: keep it in a `Hook`. `withLock` hands the
+/// value over `inout`, and a function kept in generic storage is re-wrapped on each such
+/// access in a new reabstraction thunk around the previous one, so every call went through
+/// all the wrappers before it: a mount's commit hook made each commit slower than the last and
+/// overflowed an upload thread's stack after some 20,000 files.
 public final class Locked<Value>: Sendable {
     private let mutex: Mutex<Value>
 
@@ -72,6 +78,29 @@ public final class Locked<Value>: Sendable {
 
 extension Locked where Value: Sendable {
     public var current: Value { withLock { $0 } }
+}
+
+/// A function set after its holder is made (a callback a later layer installs) and called from
+/// any thread. It is kept in a class, never re-wrapped: each call goes through the same one
+/// or two thunks however often it is called (see `Locked`).
+public final class Hook<F: Sendable>: Sendable {
+    private final class Box: Sendable {
+        let f: F
+        init(_ f: F) { self.f = f }
+    }
+
+    private let slot = Locked<Box?>(nil)
+
+    public init() {}
+
+    /// Installs `f` in place of what was there.
+    public func set(_ f: F) {
+        let box = Box(f)
+        slot.withLock { $0 = box }
+    }
+
+    /// The function installed, if any.
+    public var current: F? { slot.withLock { $0 }?.f }
 }
 
 /// A fixed set of threads running submitted jobs in order of submission.
