@@ -316,11 +316,13 @@ package final class RedisTxn {
                 remember(.page(z, after: after, limit: limit), names)
                 let ents = a.count > 1 ? a[1].array : []
                 let attrs = a.count > 2 ? a[2].array : []
+                let xattrs = a.count > 3 ? a[3].array : []
                 let items = names.array
                 for i in stride(from: 0, to: items.count - 1, by: 2) where i / 2 < ents.count {
                     if let n = items[i].bytes { remember(.hget(d, n), ents[i / 2]) }
                     if i / 2 < attrs.count, let ino = RedisTxnStore.entryIno(ents[i / 2]) {
                         remember(.get(store.keys.attr(ino)), attrs[i / 2], computed: true)
+                        if i / 2 < xattrs.count { remember(.hlen(store.keys.xattrs(ino)), xattrs[i / 2], computed: true) }
                     }
                 }
             case .chunks(let index, let ino, let from, let limit):

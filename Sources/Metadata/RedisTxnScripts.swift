@@ -35,7 +35,8 @@ package enum RedisTxnScripts {
     /// count its type does not have left nil ({nil} when missing; those keys follow from the
     /// entry, under the same hash tag);
     /// `D zkeyindex dkeyindex after limit plus` a page of a directory: {names and positions,
-    /// entries, and with `plus` = 1 the attributes of the inodes they name};
+    /// entries, and with `plus` = 1 the attributes of the inodes they name and the HLEN of
+    /// their extended attributes};
     /// `K zkeyindex ino from limit` the indexes of a file's chunks from `from` on (at most
     /// `limit`) with the records of those chunks: {indexes, records};
     /// `Q zkeyindex limit budget` the first `limit` pending deletes (members `ino:size`) and,
@@ -89,13 +90,21 @@ package enum RedisTxnScripts {
                   for _, v in ipairs(redis.call('HMGET', KEYS[tonumber(ARGV[i + 2])], unpack(fields))) do ents[#ents + 1] = v end
                 end
                 local attrs = {}
+                local xattrs = {}
                 if ARGV[i + 5] == '1' then
                   for j = 1, #ents do
                     local v = ents[j]
-                    attrs[j] = v and redis.call('GET', P .. 'i' .. string.format('%d', struct.unpack('>I8', v))) or false
+                    if v then
+                      local ino = string.format('%d', struct.unpack('>I8', v))
+                      attrs[j] = redis.call('GET', P .. 'i' .. ino)
+                      xattrs[j] = redis.call('HLEN', P .. 'x' .. ino)
+                    else
+                      attrs[j] = false
+                      xattrs[j] = false
+                    end
                   end
                 end
-                out[#out + 1] = {names, ents, attrs}
+                out[#out + 1] = {names, ents, attrs, xattrs}
                 i = i + 6
               elseif op == 'K' then
                 out[#out + 1] = chunks(KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4])

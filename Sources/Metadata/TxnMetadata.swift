@@ -941,8 +941,13 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
             guard a.type == .directory else { throw FSError.notDir }
             var out = try store.entries(tx, ino, after: cookie, limit: limit)
             if plus {
-                try store.prefetch(tx, out.map { .attr($0.ino) })
-                for i in out.indices { out[i].attr = try store.attr(tx, out[i].ino) }
+                // (Whether each has extended attributes too: a client answers `ls -l`'s
+                // security.selinux of each without a round trip when it has none.)
+                try store.prefetch(tx, out.flatMap { [TxnRead.attr($0.ino), .xattrCount($0.ino)] })
+                for i in out.indices {
+                    out[i].attr = try store.attr(tx, out[i].ino)
+                    out[i].hasXattrs = try store.xattrCount(tx, out[i].ino) > 0
+                }
                 out.removeAll { $0.attr == nil }
             }
             return out

@@ -180,13 +180,16 @@ public struct DirEntry: Sendable, Equatable {
     public var cookie: UInt64
     /// Attributes, when asked for (readdirplus).
     public var attr: Attr?
+    /// Whether the inode has extended attributes, when the engine said (with `attr`).
+    public var hasXattrs: Bool?
 
-    public init(name: [UInt8], ino: Ino, type: FileType, cookie: UInt64, attr: Attr? = nil) {
+    public init(name: [UInt8], ino: Ino, type: FileType, cookie: UInt64, attr: Attr? = nil, hasXattrs: Bool? = nil) {
         self.name = name
         self.ino = ino
         self.type = type
         self.cookie = cookie
         self.attr = attr
+        self.hasXattrs = hasXattrs
     }
 
     public var nameString: String { String(decoding: name, as: UTF8.self) }

@@ -38,7 +38,7 @@ public final class VFS: Sendable {
     private let files = OpenFiles()
     private let kernel = KernelInodes()
     private let reservations = Reservations()
-    private let capabilities: Capabilities
+    private let xattrs: XattrAbsence
     /// Lock waiters of this client, woken by its releases.
     private let lockWaits = LockWaits()
     private let background: Background
@@ -74,7 +74,7 @@ public final class VFS: Sendable {
         cache = MetaCache(
             attrTTL: config.attrCache, entryTTL: config.entryCache, dirEntryTTL: config.dirEntryCache,
             clock: { [data] in data.changeClockNow }, changed: { [data] in data.changeStamp($0) })
-        capabilities = Capabilities(ttl: cache.attrTTL)
+        xattrs = XattrAbsence(ttl: cache.attrTTL)
         session = SessionKeeper(meta: meta, timeout: config.sessionTimeout) { [config] in
             SessionInfo(hostname: Sys.hostname(), pid: getpid(), mountPoint: config.mountPoint, version: config.version)
         }
@@ -261,7 +261,7 @@ public final class VFS: Sendable {
     /// Records a new entry in the client cache.
     private func created(_ parent: Ino, _ name: [UInt8], _ r: (Ino, Attr)) -> (Ino, Attr) {
         cache.putEntry(parent, name, r.0, r.1, asOf: cache.stamp())
-        capabilities.absent(r.0)
+        xattrs.absent(r.0, all: true)
         return r
     }
 
@@ -386,11 +386,13 @@ public final class VFS: Sendable {
         // Attributes come in the same round trip: fetch them always, so the lookups and stats
         // that usually follow a listing are answered from the client cache.
         let t = cache.stamp()
+        let epoch = xattrs.epoch
         var entries = try meta.readdir(ino, after: after, limit: limit, plus: plus || cache.enabled)
         let inTrash = Trash.isTrash(ino)
         for i in entries.indices {
             entries[i].cookie += 2
             let real = entries[i].ino
+            if entries[i].hasXattrs == false { xattrs.absent(real, all: true, ifUnchangedSince: epoch) }
             if inTrash && entries[i].type == .regular { entries[i].ino = forKernel(real, inTrash: true) }
             if let a = entries[i].attr {
                 cache.putEntry(ino, entries[i].name, real, a, asOf: t)
@@ -584,29 +586,30 @@ public final class VFS: Sendable {
 
     public func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8] {
         let ino = inVolume(ino)
-        // The kernel asks for security.capability before every write to a file (to drop it):
-        // that it is absent is remembered like an attribute (no permission decides it).
-        let isCapability = name == Capabilities.name
-        if isCapability && capabilities.isAbsent(ino) { throw FSError.noAttr }
-        let epoch = capabilities.epoch
+        // That a security. name is absent is remembered like an attribute (no permission
+        // decides it): the kernel asks for security.capability before every write, ls -l for
+        // security.selinux of every file.
+        if XattrAbsence.answerable(name) && xattrs.isAbsent(ino, name) { throw FSError.noAttr }
+        let epoch = xattrs.epoch
         do {
             return try current(ino) { () throws(FSError) in try meta.getxattr(cred, ino, name) }
         } catch {
-            if isCapability && error.code == ENODATA { capabilities.absent(ino, ifUnchangedSince: epoch) }
+            if name == XattrAbsence.capability && error.code == ENODATA { xattrs.absent(ino, all: false, ifUnchangedSince: epoch) }
             throw error
         }
     }
 
     public func listxattr(_ cred: Credential, _ ino: Ino) throws(FSError) -> [[UInt8]] {
         let ino = inVolume(ino)
+        if xattrs.isAbsent(ino, nil) { return [] }
         return try current(ino) { () throws(FSError) in try meta.listxattr(cred, ino) }
     }
 
     public func setxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8], _ value: [UInt8], _ flag: XattrFlag) throws(FSError) {
         let ino = inVolume(ino)
         try writable()
-        capabilities.forget(ino)
-        defer { capabilities.forget(ino) }
+        xattrs.forget(ino)
+        defer { xattrs.forget(ino) }
         try current(ino) { () throws(FSError) in try meta.setxattr(cred, ino, name, value, flag) }
         cache.drop(ino)
     }
@@ -614,8 +617,8 @@ public final class VFS: Sendable {
     public func removexattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) {
         let ino = inVolume(ino)
         try writable()
-        capabilities.forget(ino)
-        defer { capabilities.forget(ino) }
+        xattrs.forget(ino)
+        defer { xattrs.forget(ino) }
         try current(ino) { () throws(FSError) in try meta.removexattr(cred, ino, name) }
         cache.drop(ino)
     }

@@ -57,7 +57,8 @@ struct ConformanceTests {
         #expect(try f.engine.loadFormat()?.uuid == fmt.uuid)
         // Other settings: refused with a message naming the difference.
         do {
-            try f.engine.initialize(VolumeFormat(name: "test", storage: "file", bucket: fmt.bucket, blockSizeKiB: 1024), force: false, rootMode: 0o777)
+            try f.engine.initialize(
+                VolumeFormat(name: "test", storage: "file", bucket: fmt.bucket, blockSizeKiB: 1024), force: false, rootMode: 0o777)
             Issue.record("reformat with another block size was accepted")
         } catch {
             let e = error
@@ -109,7 +110,8 @@ struct ConformanceTests {
             for (engine, kib) in [(a, 4096), (b, 1024)] {
                 DispatchQueue.global().async(group: group) {
                     do {
-                        try engine.initialize(VolumeFormat(name: "race", storage: "file", bucket: "/tmp/race", blockSizeKiB: kib), force: false, rootMode: 0o777)
+                        try engine.initialize(
+                            VolumeFormat(name: "race", storage: "file", bucket: "/tmp/race", blockSizeKiB: kib), force: false, rootMode: 0o777)
                         wins.withLock { $0 += 1 }
                     } catch {
                         if (error as? FSError)?.code == EEXIST { refused.withLock { $0 += 1 } }
@@ -280,6 +282,11 @@ struct ConformanceTests {
         }
         let restNames = rest.map { $0.nameString }
         #expect(Set(restNames).count == restNames.count, "no entry twice")
+        // Whether each has extended attributes comes with the attributes (f24 has one).
+        let tagged = try m.lookup(alice, dir, n("f24")).0
+        try m.setxattr(alice, tagged, n("user.tag"), n("v"), .any)
+        let again = try m.readdir(dir, after: 0, limit: 100, plus: true)
+        #expect(again.count == 20 && again.allSatisfy { $0.hasXattrs == ($0.nameString == "f24") }, "hasXattrs of each entry")
         #expect(seen.isDisjoint(with: restNames), "entries already read do not come again")
         for name in unread.dropFirst(5) { #expect(restNames.contains(name), "unchanged entry \(name) still listed") }
         for name in unread.prefix(5) { #expect(!restNames.contains(name), "removed entry \(name) not listed") }
@@ -1522,7 +1529,8 @@ extension TrashTests {
         let (ino, _) = try m.mknod(alice, dir, n("big"), .regular, 0o644, rdev: 0, target: nil)
         let chunks = UInt32(chunkBatch + 5)
         for i in 0..<chunks {
-            _ = try m.writeSlice(ino, i, Slice(pos: 0, id: 100 + UInt64(i), size: 10, off: 0, len: 10), minSize: UInt64(i) * chunkSize + 10, mtime: .now(), sid: 0)
+            _ = try m.writeSlice(
+                ino, i, Slice(pos: 0, id: 100 + UInt64(i), size: 10, off: 0, len: 10), minSize: UInt64(i) * chunkSize + 10, mtime: .now(), sid: 0)
         }
         let size = try m.getattr(ino).size
         let used = try m.statfs().usedSpace

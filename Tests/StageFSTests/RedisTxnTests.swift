@@ -156,11 +156,14 @@ struct RedisTxnTests {
         let other = try f.client()
         let ws = Slice(pos: 0, id: 9, size: 10, off: 0, len: 10)
         let wid = RequestID(session: sid, slot: 4, number: 8)
-        _ = try f.meta.recording(wid, save: { _ in [] }) { () throws(FSError) in try f.meta.writeSlice(ino, 0, ws, minSize: 10, mtime: .now(), sid: 0) }
+        _ = try f.meta.recording(wid, save: { _ in [] }) { () throws(FSError) in try f.meta.writeSlice(ino, 0, ws, minSize: 10, mtime: .now(), sid: 0)
+        }
         #expect(try other.carriedOut(wid) == [], "recorded, nothing saved")
         let used = try f.meta.statfs().usedSpace
         expectErrno(EALREADY) {
-            _ = try other.recording(wid, save: { _ in [] }) { () throws(FSError) in try other.writeSlice(ino, 0, ws, minSize: 10, mtime: .now(), sid: 0) }
+            _ = try other.recording(wid, save: { _ in [] }) { () throws(FSError) in
+                try other.writeSlice(ino, 0, ws, minSize: 10, mtime: .now(), sid: 0)
+            }
         }
         #expect(try f.meta.readChunk(ino, 0).count == 1, "appended once")
         #expect(try f.meta.statfs().usedSpace == used)
@@ -479,6 +482,7 @@ struct RedisTxnTests {
         var listed: [DirEntry] = []
         let readdirPlus = try trips(c.store) { listed = try c.readdir(dir, after: 0, limit: 100, plus: true) }
         #expect(readdirPlus == 1 && listed.count == 1 && listed[0].attr?.size == 4096, "a page of a directory with attributes in one round trip")
+        #expect(listed.first?.hasXattrs == true, "and whether each has extended attributes (user.k)")
         (c, csid) = try fresh()
         cold["open"] = try trips(c.store) { first = try c.open(alice, ino, flags: O_RDONLY, sid: csid).1 }
         #expect(first == [Slice(pos: 0, id: 5, size: 4096, off: 0, len: 4096)])

@@ -3,6 +3,7 @@ format through swift-prometheus, read here with the `prometheus_client` package'
 eye); the counters of a busy mount move by what it did; a mount without --metrics opens no port;
 `stagefs stats` shows live numbers under a pty to the mount's user, and nothing to another user;
 the server answers what is not a scrape with an error and is not held by an idle client."""
+import errno
 import os
 import pty
 import re
@@ -369,3 +370,52 @@ def test_clients_that_reset_their_connection_do_not_kill_a_gateway(env):
         assert value(scrape(port), "stagefs_uptime") > 0
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("kind", ["sqlite-local", "redis-s3"])
+def test_listing_with_attributes_answers_security_names_without_a_round_trip(env, redis, moto, kind):
+    """`ls -l` asks security.selinux of every file: a mount that listed the directory with
+    attributes knows which files have no extended attribute and answers for them itself (the
+    metadata transactions do not grow with the files); a file with an attribute is asked of
+    the engine; another mount's new security attribute shows once the attribute cache's
+    second has passed."""
+    v = helpers.make_volume(env, kind, redis, moto, f"it-xattr-{kind[:5]}")
+    writer = v.mount()
+    d = f"{writer}/many"
+    os.mkdir(d)
+    n = 300
+    for i in range(n):
+        open(f"{d}/f{i}", "w").close()
+    os.setxattr(f"{d}/f7", "user.tag", b"x")
+    port = helpers.free_port()
+    lister = v.mount("--metrics", str(port))
+    txns = "stagefs_transaction_durations_histogram_seconds_count"
+    before = value(scrape(port), txns, kind="read")
+    names = os.listdir(f"{lister}/many")
+    assert len(names) == n
+    missing = 0
+    for name in names:
+        os.lstat(f"{lister}/many/{name}")
+        try:
+            os.getxattr(f"{lister}/many/{name}", "security.selinux", follow_symlinks=False)
+        except OSError as e:
+            assert e.errno == errno.ENODATA, (name, e)
+            missing += 1
+    after = value(scrape(port), txns, kind="read")
+    assert missing == n
+    assert after - before < 40, f"{after - before:.0f} metadata reads for {n} files listed and asked"
+    # The file with an attribute lists it.
+    assert os.listxattr(f"{lister}/many/f7") == ["user.tag"]
+    assert os.listxattr(f"{lister}/many/f8") == []
+    # Root gives f9 a security attribute through the other mount: shown within the cache's time.
+    os.setxattr(f"{writer}/many/f9", "security.stagefs-test", b"v")
+
+    def shown():
+        try:
+            return os.getxattr(f"{lister}/many/f9", "security.stagefs-test") == b"v"
+        except OSError as e:
+            assert e.errno == errno.ENODATA
+            return False
+    wait_until(shown, timeout=10, what="the other mount's security attribute")
+    v.umount(lister)
+    v.umount(writer)
