@@ -36,7 +36,7 @@ public final class BlockStore: @unchecked Sendable {
     public let memory: MemoryCache
     let pool: WorkerPool
     private let lock = ConditionLock()
-    // (@unchecked: `inflight` and `optionalRunning` are guarded by `lock`; the rest is
+    // (@unchecked: `inflight`, `optionalRunning` and `aheadInflight` are guarded by `lock`; the rest is
     // immutable or thread-safe.)
     private var inflight: [String: Pending] = [:]
     /// Bytes of blocks stored and deleted by this process, and the bytes the store holds for
@@ -73,23 +73,41 @@ public final class BlockStore: @unchecked Sendable {
             return (p, true)
         }
         if mine { download(b, pending) }
-        return try lock.withLock { () throws(FSError) -> Buffer in
+        let buf = try lock.withLock { () throws(FSError) -> Buffer in
             while !pending.done { lock.wait() }
             return try pending.result!.get()
         }
+        // (A block read ahead that a reader waited for is read: its bytes no longer count as
+        // read-ahead's.)
+        if !mine { _ = memory.get(b.key) }
+        return buf
     }
 
     /// Starts fetching the block in the background unless it is in memory or on its way.
     /// `optional`: a hunch (a small random read's block may be read again), not a stream's
     /// read-ahead: dropped while `optionalLimit` such fetches run, so random reads do not turn
     /// each few KiB asked into a whole block downloaded.
+    /// A stream's read-ahead (not `optional`) is dropped when the blocks read ahead and not yet
+    /// read, with those on their way, would take more than half the memory cache: several
+    /// streams share it rather than evict each other's blocks before they are read.
     public func prefetch(_ b: Block, optional: Bool = false) {
         if memory.contains(b.key) { return }
+        let bounded = !optional && memory.limit > 0
         let pending: Pending? = lock.withLock {
             if inflight[b.key] != nil { return nil }
             if optional {
                 if optionalRunning >= Self.optionalLimit { return nil }
                 optionalRunning += 1
+            } else if bounded {
+                // (One block ahead always goes, however small the cache. Blocks read ahead long
+                // ago and never read, by a reader that stopped, no longer hold the room.)
+                var ahead = memory.aheadBytes
+                if ahead + aheadInflight > 0 && ahead + aheadInflight + b.length > memory.limit / 2 {
+                    memory.expireAhead(olderThan: Self.aheadLifetime)
+                    ahead = memory.aheadBytes
+                    if ahead + aheadInflight > 0 && ahead + aheadInflight + b.length > memory.limit / 2 { return nil }
+                }
+                aheadInflight += b.length
             }
             let p = Pending()
             inflight[b.key] = p
@@ -97,13 +115,18 @@ public final class BlockStore: @unchecked Sendable {
         }
         guard let pending else { return }
         pool.submit { [self] in
-            download(b, pending)
+            download(b, pending, ahead: bounded)
             if optional { lock.withLock { optionalRunning -= 1 } }
         }
     }
 
-    /// Optional prefetches running (guarded by `lock`), and at most how many.
+    /// Nanoseconds after which a block read ahead and not read stops counting as read-ahead's.
+    static let aheadLifetime: UInt64 = 10_000_000_000
+
+    /// Optional prefetches running, and at most how many; bytes of read-ahead on their way
+    /// (guarded by `lock`).
     private var optionalRunning = 0
+    private var aheadInflight = 0
     static let optionalLimit = 1
 
     /// Bytes `offset..<offset+dest.count` of the block (small random reads): a ranged read of
@@ -166,11 +189,20 @@ public final class BlockStore: @unchecked Sendable {
         }
     }
 
-    private func download(_ b: Block, _ pending: Pending) {
+    /// `ahead`: for a stream's read-ahead (kept in memory as not read yet; its bytes leave
+    /// `aheadInflight` as they enter memory, or fail to).
+    private func download(_ b: Block, _ pending: Pending, ahead: Bool = false) {
+        var landing = ahead
+        func landed() {
+            if landing { lock.withLock { aheadInflight -= b.length } }
+            landing = false
+        }
+        defer { landed() }
         if let disk, let stored = disk.get(b.key, length: codec == .none ? b.length : nil, atMost: storedBound(b.length)) {
             do throws(FSError) {
                 let buf = try written(b, from: stored)
-                memory.put(b.key, buf)
+                landed()
+                memory.put(b.key, buf, ahead: ahead)
                 finish(b.key, pending, .success(buf))
                 CacheMetrics.hit(.disk, b.length)
                 return
@@ -186,12 +218,14 @@ public final class BlockStore: @unchecked Sendable {
         do throws(FSError) {
             raw.count = try get(b, offset: 0, into: UnsafeMutableRawBufferPointer(start: raw.base, count: bound))
             let buf = try written(b, from: raw)
-            memory.put(b.key, buf)
+            landed()
+            memory.put(b.key, buf, ahead: ahead)
             result = .success(buf)
         } catch {
             Log.error(error.message)
             result = .failure(FSError(EIO, error.message))
         }
+        landed()
         finish(b.key, pending, result)
         if case .success = result, let disk {
             do { try disk.put(b.key, raw.bytes) } catch { Log.warning("not cached: \(error.message)") }

@@ -209,4 +209,56 @@ struct PrefetchTests {
         }
         #expect(try blocks.fetch(all[0]).count == 1 << 20)
     }
+
+    /// Several streams reading ahead share half the memory cache: read-ahead beyond it is
+    /// dropped, not let in to evict blocks read ahead that no one has read yet.
+    @Test func readAheadTakesAtMostHalfTheMemoryCache() throws {
+        let dir = try makeTempDir("readahead")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let local = try openObjectStore(StoreConfig(storage: "file", bucket: dir + "/bucket"))
+        try local.create()
+        let store = GatedStore(local)
+        let layout = Layout(volume: "v", blockSize: 1 << 20)
+        let memory = MemoryCache(limit: 4 << 20)
+        let blocks = BlockStore(layout: layout, codec: .none, store: store, memory: memory, disk: nil, threads: 8)
+        defer { blocks.shutdown() }
+        let data = noise(8 << 20, seed: 6)
+        try data.withUnsafeBytes { try blocks.putSlice(10, $0) }
+        let all = layout.blocks(of: Slice(pos: 0, id: 10, size: UInt32(data.count), off: 0, len: UInt32(data.count)))
+        // Blocks on their way count: two of eight are fetched.
+        for b in all { blocks.prefetch(b) }
+        store.lock.withLock { while store.wholeGets < 2 { store.lock.wait() } }
+        store.lock.withLock {
+            store.open = true
+            store.lock.broadcast()
+        }
+        let deadline = Sys.monotonicNanos() + 10_000_000_000
+        while memory.aheadBytes < 2 << 20 && Sys.monotonicNanos() < deadline { Sys.sleep(seconds: 0.01) }
+        #expect(memory.aheadBytes == 2 << 20)
+        #expect(store.lock.withLock { store.wholeGets } == 2, "the other six were dropped")
+        // A block read is no longer read-ahead's: one more fits, then no more.
+        #expect(try Array(blocks.fetch(all[0]).bytes) == Array(data[0..<(1 << 20)]))
+        #expect(memory.aheadBytes == 1 << 20)
+        blocks.prefetch(all[2])
+        blocks.prefetch(all[3])
+        while memory.aheadBytes < 2 << 20 && Sys.monotonicNanos() < deadline { Sys.sleep(seconds: 0.01) }
+        #expect(store.lock.withLock { store.wholeGets } == 3)
+        #expect(memory.contains(all[2].key) && !memory.contains(all[3].key))
+        // Dropped from memory, a block read ahead no longer counts.
+        memory.remove(all[1].key)
+        memory.remove(all[2].key)
+        #expect(memory.aheadBytes == 0)
+        let b7 = Buffer(capacity: 4 << 20)
+        b7.count = 4 << 20
+        memory.put("other", b7)
+        #expect(memory.bytesUsed == 4 << 20 && memory.aheadBytes == 0, "the rest was evicted")
+        // One block ahead always goes, however small the cache (here less than two blocks).
+        let small = MemoryCache(limit: 3 << 19)
+        let few = BlockStore(layout: layout, codec: .none, store: store, memory: small, disk: nil, threads: 2)
+        defer { few.shutdown() }
+        few.prefetch(all[5])
+        few.prefetch(all[6])
+        while small.aheadBytes < 1 << 20 && Sys.monotonicNanos() < deadline { Sys.sleep(seconds: 0.01) }
+        #expect(small.contains(all[5].key) && !small.contains(all[6].key))
+    }
 }
