@@ -28,6 +28,12 @@ static inline void *clinux_mremap_grow(void *p, size_t old, size_t size) {
     return (void *)syscall(SYS_mremap, p, old, size, MREMAP_MAYMOVE);
 }
 
+/* sync_file_range(2) with SYNC_FILE_RANGE_WRITE over the whole file (glibc declares it only with
+   _GNU_SOURCE): starts writeback of the dirty pages and returns without waiting for it. */
+static inline int clinux_start_writeback(int fd) {
+    return (int)syscall(SYS_sync_file_range, fd, (long long)0, (long long)0, 2u /* SYNC_FILE_RANGE_WRITE */);
+}
+
 /* O_PATH (glibc defines it only with _GNU_SOURCE): a descriptor that names a directory for the
    *at calls without opening it for reading. */
 #ifndef O_PATH

@@ -96,13 +96,14 @@ public final class DataStore: @unchecked Sendable {
         if let w = writer(ino) { try w.flush() }
     }
 
-    /// Flushes every writer (unmount, SIGTERM).
+    /// Flushes every writer, and the store (unmount, SIGTERM).
     public func flushAll() throws(FSError) {
         let all = lock.withLock { Array(writers.values) }
         var first: FSError?
         for w in all {
             do { try w.flush() } catch { first = first ?? error }
         }
+        do { try store.sync() } catch { first = first ?? error }
         if let first { throw first }
     }
 
@@ -110,6 +111,7 @@ public final class DataStore: @unchecked Sendable {
     /// nearly full, everything, so writers waiting for buffer space go on.
     public func flushIdle() {
         disk?.flushIndexIfStale()
+        do { try store.sync() } catch { Log.error("flushing blocks to \(store.description): \(error.message)") }
         let all = lock.withLock { Array(writers.values) }
         let pressure = budget.inUse > budget.limit * 3 / 4
         for w in all where pressure || w.oldestAge > config.flushAge {
@@ -253,8 +255,13 @@ public final class DataStore: @unchecked Sendable {
         }
     }
 
-    /// Stores a new slice's bytes as its blocks (a compactor's merged slice), in parallel.
-    public func storeSlice(_ id: UInt64, _ data: UnsafeRawBufferPointer) throws(FSError) { try blocks.putSlice(id, data) }
+    /// Stores a new slice's bytes as its blocks (a compactor's merged slice), in parallel;
+    /// durable when it returns.
+    public func storeSlice(_ id: UInt64, _ data: UnsafeRawBufferPointer) throws(FSError) {
+        try blocks.putSlice(id, data)
+        let slice = Slice(pos: 0, id: id, size: UInt32(data.count), off: 0, len: UInt32(data.count))
+        try store.sync(layout.blocks(of: slice).map(\.key))
+    }
 
     private func fetchPieces(_ pieces: [Piece], wholeBlocks: Bool) throws(FSError) {
         if pieces.isEmpty { return }

@@ -279,6 +279,8 @@ public final class FileWriter: @unchecked Sendable {
                 lock.unlock()
                 var err: FSError?
                 do {
+                    // The slice's blocks are durable before a record names them.
+                    try data.store.sync(data.layout.blocks(of: slice).map(\.key))
                     try data.ledger.writeSlice(ino, s.chunk, slice, minSize: minSize, mtime: mtime)
                 } catch {
                     err = error

@@ -8,19 +8,40 @@ import StageFSCore
 /// flushed to disk (`fdatasync`) and renamed into place, so a reader never sees a torn object and
 /// a block reported written survives a crash of the node.
 ///
+/// **Deferred flushes** (`deferSync`, what a mount uses). A put starts the object's way to
+/// disk and returns; `sync` waits until every object put before it is on disk (with the new
+/// directories on its path). A mount syncs the blocks of each slice before the commit that names them
+/// (so no record names a block the disk may not hold: data is durable when `close` and `fsync`
+/// return, and an object replaced by new data is deleted only after that data's commit), and
+/// every second.
+///
 /// **Shared buckets.** A bucket directory that has the set-group-ID bit and is group-writable
 /// (what `format --bucket-group GROUP` makes: `root:GROUP 2770`) is shared by the members of its
 /// group: every directory made in it gets the bucket's mode (group-writable, set-group-ID, so the
 /// group is inherited) and every object is made group-readable, whatever the writer's umask. Any
 /// member can then write new objects and delete old ones, which a volume written by several users
 /// needs (one user's file is rewritten, truncated or deleted by another).
-public final class LocalObjectStore: ObjectStore {
+public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
     public let root: String
     public var description: String { "directory \(root)" }
     /// Modes for what this store creates in a shared bucket; nil for a private one.
     private let shared: (dir: mode_t, file: mode_t)?
+    /// Whether puts leave their flush to disk to `sync`.
+    public let deferSync: Bool
+    /// Objects put and not yet flushed (`deferSync`), and whether a `sync` is under way.
+    private let pending = ConditionLock()
+    // (@unchecked: `unsynced`, `syncing`, `failed` and `madeIn` are guarded by `pending`.)
+    private var unsynced: [String] = []
+    private var syncing = false
+    /// Objects whose flush failed, until a `sync` that names them reports it.
+    private var failed: [String: FSError] = [:]
+    /// Directories in which a put made a directory since the last `sync`.
+    private var madeIn: Set<String> = []
+    /// Objects put unflushed after which a put syncs them itself.
+    public static let unsyncedLimit = 512
 
-    public init(root: String) throws(FSError) {
+    public init(root: String, deferSync: Bool = false) throws(FSError) {
+        self.deferSync = deferSync
         guard root.hasPrefix("/") else { throw FSError.usage("the bucket of --storage file must be an absolute directory, not '\(root)'") }
         var r = root
         while r.count > 1 && r.hasSuffix("/") { r.removeLast() }
@@ -132,8 +153,12 @@ public final class LocalObjectStore: ObjectStore {
         if parts.contains(where: { $0 == "." || $0 == ".." }) { return -EXDEV }
         var cur = Glibc.openat(rootFD, ".", Sys.O_PATH | O_DIRECTORY | O_CLOEXEC)
         if cur < 0 { return -errno }
+        var path = ""
         for part in parts {
             let made = mkdirat(cur, part, shared?.dir ?? 0o755) == 0
+            // (Its parent's entry for it reaches the disk at the next `sync`.)
+            if made && deferSync { pending.withLock { madeIn.insert(path) } }
+            path = path.isEmpty ? part : "\(path)/\(part)"
             if !made && errno != EEXIST {
                 let e = errno
                 Glibc.close(cur)
@@ -214,7 +239,11 @@ public final class LocalObjectStore: ObjectStore {
         do throws(FSError) {
             defer { Sys.close(fd) }
             if let base = data.baseAddress, data.count > 0 { try Sys.pwrite(fd, base, data.count, 0, path: "\(root)/\(dir)/\(tmp)") }
-            try Sys.fdatasync(fd, path: "\(root)/\(dir)/\(tmp)")
+            if deferSync {
+                Sys.startWriteback(fd)
+            } else {
+                try Sys.fdatasync(fd, path: "\(root)/\(dir)/\(tmp)")
+            }
         } catch {
             _ = unlinkat(dirFD, tmp, 0)
             throw error.context("cannot write object \(key) in \(description)")
@@ -240,6 +269,108 @@ public final class LocalObjectStore: ObjectStore {
             _ = unlinkat(dirFD, tmp, 0)
             throw e.context("cannot write object \(key) in \(description)")
         }
+        if deferSync {
+            let count = pending.withLock {
+                unsynced.append(key)
+                return unsynced.count
+            }
+            if count >= Self.unsyncedLimit {
+                // (A failure is kept for the callers whose objects it was; this one's is stored.)
+                do { try sync() } catch { Log.error(error.message) }
+            }
+        }
+    }
+
+    /// Objects put and not flushed yet.
+    public var unsyncedCount: Int { pending.withLock { unsynced.count } }
+
+    /// Waits until every object put before the call is on disk, with the directory entries
+    /// that lead to it. Objects put by others are flushed in the same batch; a failure is
+    /// thrown to a caller that names the object (`keys`: the objects a commit is about to
+    /// name) even when another caller's batch met it, else to the caller whose batch met it.
+    public func sync(_ keys: [String]) throws(FSError) {
+        guard deferSync else { return }
+        let (batch, dirs) = pending.withLock { () -> ([String], Set<String>) in
+            while syncing { pending.wait() }
+            let batch = unsynced
+            unsynced = []
+            syncing = !batch.isEmpty
+            if batch.isEmpty { return ([], []) }
+            let dirs = madeIn
+            madeIn = []
+            return (batch, dirs)
+        }
+        var batchError: FSError?
+        if !batch.isEmpty {
+            let failures = flush(batch, dirs: dirs)
+            batchError = failures.first?.1
+            pending.withLock {
+                if failed.count + failures.count > 100_000 { failed.removeAll() }
+                for (k, e) in failures { failed[k] = e }
+                syncing = false
+                pending.broadcast()
+            }
+        }
+        if keys.isEmpty {
+            if let batchError { throw batchError }
+            return
+        }
+        let mine = pending.withLock { keys.compactMap { failed.removeValue(forKey: $0) } }
+        if let e = mine.first { throw e }
+    }
+
+    /// Flushes the objects `keys` and the directories `dirs` (where directories were made);
+    /// what failed, by key. (An object's entry in a directory that was there is not flushed
+    /// apart: it was renamed into place before its data was flushed, and a journaling file
+    /// system (ext4, XFS) commits the rename with that flush; the put before deferred flushes
+    /// did not flush it at all.)
+    private func flush(_ keys: [String], dirs made: Set<String>) -> [(String, FSError)] {
+        let rootFD: Int32
+        do { rootFD = try openRoot() } catch { return keys.map { ($0, error) } }
+        defer { Glibc.close(rootFD) }
+        var failures: [(String, FSError)] = []
+        var dirs: [String: [String]] = Dictionary(uniqueKeysWithValues: made.map { ($0, []) })
+        for key in keys {
+            let fd = Sys.openBeneath(rootFD, key, O_RDONLY | O_NOCTTY | O_NONBLOCK)
+            if fd < 0 {
+                // (Deleted since: nothing to flush.)
+                if errno != ENOENT { failures.append((key, failure(errno, "cannot flush object \(key)"))) }
+                continue
+            }
+            var st = stat()
+            if fstat(fd, &st) != 0 || st.st_mode & S_IFMT != S_IFREG {
+                failures.append((key, failure(ELOOP, "cannot flush object \(key)")))
+            } else {
+                do { try Sys.fdatasync(fd, path: "\(root)/\(key)") } catch {
+                    failures.append((key, error.context("cannot flush object \(key) in \(description)")))
+                }
+            }
+            Sys.close(fd)
+            // (Each made directory on the path.)
+            var dir = LocalObjectStore.split(key).dir
+            while true {
+                if made.contains(dir) { dirs[dir]?.append(key) }
+                if dir.isEmpty { break }
+                dir = LocalObjectStore.split(dir).dir
+            }
+        }
+        for (dir, under) in dirs {
+            let fd =
+                dir.isEmpty ? Glibc.openat(rootFD, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC) : Sys.openBeneath(rootFD, dir, O_RDONLY | O_DIRECTORY)
+            var e: FSError?
+            if fd < 0 {
+                e = failure(errno, "cannot flush directory \(dir)")
+            } else {
+                if Glibc.fsync(fd) != 0 { e = failure(errno, "cannot flush directory \(dir)") }
+                Glibc.close(fd)
+            }
+            if let e {
+                failures += under.map { ($0, e) }
+                // (Tried again at the next sync, for objects that come later.)
+                pending.withLock { _ = madeIn.insert(dir) }
+            }
+        }
+        return failures
     }
 
     public func get(_ key: String, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {

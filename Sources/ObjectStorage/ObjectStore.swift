@@ -44,6 +44,10 @@ public protocol ObjectStore: AnyObject, Sendable {
     /// Whether another process stores and deletes the objects for this one (a gateway's
     /// client): that process counts the bytes the bucket holds, not this one.
     var isProxy: Bool { get }
+    /// Waits until every object put before is durable (a directory bucket with `deferSync`;
+    /// other stores' puts are durable when they return); throws if one of `keys` (or, with
+    /// none named, any object of the batch this call flushed) could not be made durable.
+    func sync(_ keys: [String]) throws(FSError)
 }
 
 extension ObjectStore {
@@ -54,6 +58,11 @@ extension ObjectStore {
     public func holdForCommit(_ key: String, _ data: UnsafeRawBufferPointer) -> Bool { false }
 
     public var isProxy: Bool { false }
+
+    public func sync(_ keys: [String]) throws(FSError) {}
+
+    /// `sync` naming no object.
+    public func sync() throws(FSError) { try sync([]) }
 
     /// Stores a byte array.
     public func put(_ key: String, bytes: [UInt8]) throws(FSError) {
@@ -90,6 +99,9 @@ public struct StoreConfig: Sendable {
     public var timeout: Double = 60
     /// Attempts per request for retryable failures (5xx, throttling, connection errors).
     public var maxAttempts: Int = 6
+    /// A directory bucket's puts reach the disk at `sync` (a mount's fsync, every second, and
+    /// before any delete), not each before it returns (`LocalObjectStore`).
+    public var deferSync = false
 
     public init(storage: String, bucket: String, accessKey: String? = nil, secretKey: String? = nil) {
         self.storage = storage
@@ -102,7 +114,7 @@ public struct StoreConfig: Sendable {
 /// Opens the store a volume's settings name.
 public func openObjectStore(_ config: StoreConfig) throws(FSError) -> any ObjectStore {
     switch config.storage {
-    case "file": return try LocalObjectStore(root: config.bucket)
+    case "file": return try LocalObjectStore(root: config.bucket, deferSync: config.deferSync)
     case "s3": return try S3ObjectStore(config)
     default: throw FSError.usage("unknown storage '\(config.storage)' (expected file or s3)")
     }

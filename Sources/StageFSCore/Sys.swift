@@ -84,6 +84,10 @@ public enum Sys {
         _ = try retrying("fdatasync \(path)") { Glibc.fdatasync(fd) }
     }
 
+    /// Starts writing the file's dirty pages to disk without waiting (`sync_file_range` with
+    /// `SYNC_FILE_RANGE_WRITE`): a later `fdatasync` finds them written or on their way.
+    public static func startWriteback(_ fd: Int32) { _ = clinux_start_writeback(fd) }
+
     /// `rename(2)`
     public static func rename(_ from: String, _ to: String) throws(FSError) {
         _ = try retrying("rename \(from) to \(to)") { Glibc.rename(from, to) }

@@ -18,6 +18,7 @@ func takeBackup(
     let stats = try admin.dump(into: try StreamCodec.zstd.encoding(into: sink), keepSecrets: false, progress: { _ in })
     let key = Backups.prefix(volume: volume) + Backups.name(at: at)
     try store.put(key, bytes: sink.bytes)
+    try store.sync([key])
     return (key, sink.bytes.count, stats)
 }
 

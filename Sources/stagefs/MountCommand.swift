@@ -271,7 +271,10 @@ struct Mount: ParsableCommand {
         warnIfVolatile(meta)
         let format = try meta.requireFormat()
         let top = try subdirTop(meta)
-        let store = try openStore(meta, io.storeConfig(format, accessKey: accessKey, secretKey: givenSecretKey))
+        var storeConfig = io.storeConfig(format, accessKey: accessKey, secretKey: givenSecretKey)
+        // (Blocks of a directory bucket reach its disk at fsync and every second, not each at once.)
+        storeConfig.deferSync = true
+        let store = try openStore(meta, storeConfig)
         if let local = store as? LocalObjectStore {
             let ro = parsedOptions.readOnly
             if let problem = local.accessProblem(volume: format.name, write: false) {

@@ -64,6 +64,48 @@ struct ObjectStoreTests {
         withExtendedLifetime(moto) {}
     }
 
+    /// A directory bucket that defers its flushes: objects read back at once, `sync` flushes
+    /// what was put before it, a failure reaches the caller that names the object even when
+    /// another caller's batch met it, and the backlog is bounded.
+    @Test func deferredFlushesAreKeptUntilSync() throws {
+        let dir = try makeTempDir("deferred")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var config = StoreConfig(storage: "file", bucket: dir + "/bucket")
+        config.deferSync = true
+        let store = try #require(try openObjectStore(config) as? LocalObjectStore)
+        try store.create()
+        #expect(store.deferSync)
+        for i in 0..<3 { try store.put("v/chunks/0/\(i)/obj", bytes: Array(repeating: UInt8(i), count: 5000)) }
+        #expect(store.unsyncedCount == 3)
+        #expect(try store.getAll("v/chunks/0/2/obj", size: 5000) == Array(repeating: 2, count: 5000))
+        try store.sync(["v/chunks/0/1/obj"])
+        #expect(store.unsyncedCount == 0, "a sync flushes everything put before it")
+        try store.sync()  // nothing to do
+        // An object deleted before the flush is no error.
+        try store.put("v/chunks/0/9/gone", bytes: [1, 2, 3])
+        try store.delete("v/chunks/0/9/gone")
+        try store.sync(["v/chunks/0/9/gone"])
+        // An object that cannot be flushed (here a FIFO put in its place: fdatasync refuses it)
+        // fails the sync of its owner, once, though a periodic sync's batch met it first.
+        try store.put("v/chunks/0/9/bad", bytes: [1])
+        try store.put("v/chunks/0/9/good", bytes: [2])
+        let bad = dir + "/bucket/v/chunks/0/9/bad"
+        try FileManager.default.removeItem(atPath: bad)
+        #expect(mkfifo(bad, 0o600) == 0)
+        #expect(throws: FSError.self, "the batch's failure goes to the sync that met it") { try store.sync() }
+        try store.sync(["v/chunks/0/9/good"])
+        #expect(throws: FSError.self, "and to the owner of the object") { try store.sync(["v/chunks/0/9/bad"]) }
+        try store.sync(["v/chunks/0/9/bad"])  // reported once
+        for i in 0..<LocalObjectStore.unsyncedLimit - 1 { try store.put("v/many/\(i)", bytes: [1]) }
+        #expect(store.unsyncedCount == LocalObjectStore.unsyncedLimit - 1)
+        try store.put("v/many/last", bytes: [1])
+        #expect(store.unsyncedCount == 0, "a put past the bound flushed the backlog")
+        // Without deferSync each put is flushed before it returns: nothing waits.
+        let plain = try #require(try openObjectStore(StoreConfig(storage: "file", bucket: dir + "/bucket")) as? LocalObjectStore)
+        try plain.put("v/plain", bytes: [1])
+        #expect(plain.unsyncedCount == 0)
+    }
+
     /// What another member of a shared bucket could plant under a block's name or directory
     /// (a link to a file or directory outside, a FIFO) is refused, never followed: nothing
     /// outside the bucket is read, created, changed or removed, and nothing hangs.
