@@ -333,6 +333,10 @@ class Env:
         for path in sorted((p for p in left if p.startswith(self.root + "/")), key=len, reverse=True):
             subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True)
         subprocess.run(["pkill", "-f", f"{self.bin} mount"], capture_output=True)
+        # (STAGEFS_TEST_KEEP=1 keeps the logs, volumes and buckets of a run to look at.)
+        if os.environ.get("STAGEFS_TEST_KEEP"):
+            print(f"kept {self.root}", file=sys.stderr)
+            return
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -456,6 +456,12 @@ def churn(root, stop_file, tag):
     import random
     rnd = random.Random(tag)
     model, failed, i = {}, [], 0
+    # What was done to each name, with when (to tell a failure's story: which operation and
+    # which gateway restart it met).
+    history = {}
+
+    def note(name, what):
+        history.setdefault(name, []).append(f"op {i} {what} at {time.time():.3f}")
     os.makedirs(root, exist_ok=True)
     while not os.path.exists(stop_file) or i < 50:
         i += 1
@@ -466,23 +472,28 @@ def churn(root, stop_file, tag):
                 with open(os.path.join(root, name), "wb") as f:
                     f.write(body)
                 model[name] = body
+                note(name, f"created ({len(body)} bytes)")
             elif k < 0.7:
                 old = rnd.choice(sorted(model))
                 new = f"r{i}"
                 os.rename(os.path.join(root, old), os.path.join(root, new))
                 model[new] = model.pop(old)
+                note(old, f"renamed to {new}")
+                note(new, f"renamed from {old}")
             elif k < 0.85:
                 old = rnd.choice(sorted(model))
                 os.unlink(os.path.join(root, old))
                 del model[old]
+                note(old, "unlinked")
             else:
                 old = rnd.choice(sorted(model))
                 with open(os.path.join(root, old), "ab") as f:
                     f.write(b"+")
                 model[old] += b"+"
+                note(old, "appended")
         except OSError as e:
             failed.append(f"op {i}: {e}")
-    return model, failed
+    return model, failed, history
 
 
 def tree(root):
@@ -507,19 +518,30 @@ def test_gateway_restarts_under_load_fail_no_operation(env, site, sig):
     threads = [threading.Thread(target=worker, args=(USER, da, 1)), threading.Thread(target=worker, args=(OTHER, db, 2))]
     for t in threads:
         t.start()
+    restarts = []
     for _ in range(3 if sig == signal.SIGTERM else 6):
         time.sleep(1.5)
+        t0 = time.time()
         gw.stop(sig)
         gw.start()
+        restarts.append(f"{t0:.3f}-{time.time():.3f}")
     time.sleep(1.5)
     open(stop_file, "w").close()
     for t in threads:
         t.join(120)
     for user, root in ((USER, da), (OTHER, db)):
-        model, failed = results[user]
+        model, failed, history = results[user]
         assert failed == [], failed[:5]
         assert len(model) > 5
-        assert run_as(user, tree, root) == model
+        got = run_as(user, tree, root)
+        if got != model:
+            # The story of each name that differs, the restarts, and the logs' ends.
+            wrong = sorted(n for n in set(got) | set(model) if got.get(n) != model.get(n))
+            logs = [gw.log] + [os.path.join(site["logs"], f) for f in os.listdir(site["logs"])]
+            tails = {p: open(p, errors="replace").read()[-3000:] for p in logs if os.path.exists(p)}
+            pytest.fail(f"{user}'s tree differs at {wrong[:5]} (in the tree: {[n in got for n in wrong[:5]]}, "
+                        f"sizes {[len(got.get(n, b'')) for n in wrong[:5]]}); what was done: "
+                        f"{ {n: history.get(n) for n in wrong[:5]} }; gateway restarts {restarts}; logs: {tails}")
     if sig == signal.SIGTERM:
         assert "stopped" in open(gw.log).read()
 
