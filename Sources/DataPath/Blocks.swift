@@ -253,17 +253,18 @@ public final class BlockStore: @unchecked Sendable {
     }
 
     /// Encodes and stores a block written, in the store and then in the disk cache.
-    public func put(_ b: Block, written: UnsafeRawBufferPointer) throws(FSError) {
+    public func put(_ b: Block, written: UnsafeRawBufferPointer, cache: Bool = true) throws(FSError) {
         let encoded = try encode(written)
-        try withExtendedLifetime(encoded) { () throws(FSError) in try put(b, stored: encoded?.bytes ?? written) }
+        try withExtendedLifetime(encoded) { () throws(FSError) in try put(b, stored: encoded?.bytes ?? written, cache: cache) }
     }
 
-    /// Stores a block written (encoded by `encode`) in the store and then in the disk cache.
-    public func put(_ b: Block, stored: UnsafeRawBufferPointer) throws(FSError) {
+    /// Stores a block written (encoded by `encode`) in the store and then, with `cache`, in the
+    /// disk cache.
+    public func put(_ b: Block, stored: UnsafeRawBufferPointer, cache keep: Bool = true) throws(FSError) {
         try ObjectMetrics.measure(.put) { () throws(FSError) in try store.put(b.key, stored) }
         ObjectMetrics.bytes(.put, stored.count)
         counted(b.length, stored.count)
-        cache(b, stored: stored)
+        if keep { cache(b, stored: stored) }
     }
 
     /// Hands a small block to a store that sends it with its slice's commit (a gateway's):

@@ -18,6 +18,8 @@ public struct DataConfig: Sendable {
     public var readAheadBlocks = 8
     /// Seconds after which buffered writes are committed even without close/fsync.
     public var flushAge = 5.0
+    /// Whether full blocks written are kept in the disk cache too (smaller ones always are).
+    public var cacheLargeWrites = false
 
     public init() {}
 }

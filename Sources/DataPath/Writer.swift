@@ -195,11 +195,14 @@ public final class FileWriter: @unchecked Sendable {
             defer { data.queue.remove(ticket) }
             var err: FSError?
             do throws(FSError) {
-                // Written blocks are cached too: reading back what was just written stays local.
+                // Written blocks smaller than a full one are cached too (reading back a small file
+                // just written stays local); full ones only when asked (a checkpoint would push
+                // out what is being read).
+                let cache = b.count < data.layout.blockSize || data.config.cacheLargeWrites
                 if let pre {
-                    try blocks.put(block, stored: pre.bytes)
+                    try blocks.put(block, stored: pre.bytes, cache: cache)
                 } else {
-                    try blocks.put(block, written: UnsafeRawBufferPointer(start: b.base, count: b.count))
+                    try blocks.put(block, written: UnsafeRawBufferPointer(start: b.base, count: b.count), cache: cache)
                 }
             } catch {
                 err = error

@@ -103,6 +103,12 @@ struct Mount: ParsableCommand {
     @Option(help: "MiB of blocks kept in memory for reads.")
     var memoryCacheSize = 64
 
+    @Flag(
+        help:
+            "Keep the full blocks this mount writes in the disk cache too. By default only smaller ones are kept (a small file's, a file's last block): a big write, a checkpoint, would otherwise push out of the cache the data jobs are reading (JuiceFS's --cache-large-write)."
+    )
+    var cacheLargeWrite = false
+
     @OptionGroup var io: IOOptions
 
     @Flag(
@@ -456,6 +462,7 @@ struct Mount: ParsableCommand {
         var dc = DataConfig()
         dc.bufferSize = bufferSize << 20
         dc.memoryCacheSize = memoryCacheSize << 20
+        dc.cacheLargeWrites = cacheLargeWrite
         var disk: DiskCache?
         var warnings: [String] = []
         if let metricsWarning {

@@ -301,13 +301,21 @@ def test_disk_cache_serves_blocks_when_the_store_is_gone(env, redis):
     try:
         env.stagefs("format", url, "cached", "--storage", "s3", "--bucket", moto.bucket("cached"),
                     "--access-key", moto.access_key, "--secret-key", moto.secret_key)
-        # B is written by a client without a disk cache, A by one with it (written blocks are cached).
+        # B is written by a client without a disk cache, A by one with it that keeps the full
+        # blocks it writes too (--cache-large-write).
         plain = env.dir_for(USER, "plain")
         env.stagefs("mount", "-d", url, plain, "--cache-size", "0")
         run_as(USER, lambda: open(os.path.join(plain, "b"), "wb").write(os.urandom(1 << 20)))
         env.stagefs("umount", plain)
+        # Without it, only the last, smaller block of a 9 MiB file is kept.
+        small_cache = env.dir_for(USER, "small-cache")
         m = env.dir_for(USER, "m")
-        env.stagefs("mount", "-d", url, m, "--cache-dir", cache, "--io-retries", "2", "--io-timeout", "2")
+        env.stagefs("mount", "-d", url, m, "--cache-dir", small_cache)
+        run_as(USER, lambda: open(os.path.join(m, "c"), "wb").write(os.urandom(9 << 20)))
+        env.stagefs("umount", m)
+        kept = [f for _, _, fs in os.walk(small_cache) for f in fs if not f.startswith("index.db")]
+        assert [b.split("_", 1)[1] for b in kept] == ["2_1048576"], kept
+        env.stagefs("mount", "-d", url, m, "--cache-dir", cache, "--io-retries", "2", "--io-timeout", "2", "--cache-large-write")
         data = os.urandom(9 << 20)
         run_as(USER, lambda: open(os.path.join(m, "a"), "wb").write(data))
         env.stagefs("umount", m)

@@ -109,7 +109,7 @@ def work(mnt, n=20):
 def test_a_busy_mounts_metrics_parse_and_move(env, redis, moto, kind):
     port = helpers.free_port()
     v = helpers.make_volume(env, kind, redis, moto, f"it-metrics-{kind[:5]}")
-    mnt = v.mount("--metrics", str(port))
+    mnt = v.mount("--metrics", str(port), "--cache-large-write")
     before = scrape(port)
     written = run_as(USER, work, mnt)
     after = scrape(port)
