@@ -30,13 +30,15 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
     public let deferSync: Bool
     /// Objects put and not yet flushed (`deferSync`), and whether a `sync` is under way.
     private let pending = ConditionLock()
-    // (@unchecked: `unsynced`, `syncing`, `failed` and `madeIn` are guarded by `pending`.)
+    // (@unchecked: `unsynced`, `syncing`, `failed`, `madeIn` and `lostFailures` are guarded by `pending`.)
     private var unsynced: [String] = []
     private var syncing = false
     /// Objects whose flush failed, until a `sync` that names them reports it.
     private var failed: [String: FSError] = [:]
     /// Directories in which a put made a directory since the last `sync`.
     private var madeIn: Set<String> = []
+    /// Failures were dropped for want of room in `failed`.
+    private var lostFailures = false
     /// Objects put unflushed after which a put syncs them itself.
     public static let unsyncedLimit = 512
 
@@ -155,9 +157,10 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
         if cur < 0 { return -errno }
         var path = ""
         for part in parts {
+            // (The new entry reaches the disk at the next `sync`: noted before it is made, so a
+            // sync that flushes an object put into the new directory flushes the entry too.)
+            if deferSync { pending.withLock { _ = madeIn.insert(path) } }
             let made = mkdirat(cur, part, shared?.dir ?? 0o755) == 0
-            // (Its parent's entry for it reaches the disk at the next `sync`.)
-            if made && deferSync { pending.withLock { madeIn.insert(path) } }
             path = path.isEmpty ? part : "\(path)/\(part)"
             if !made && errno != EEXIST {
                 let e = errno
@@ -284,10 +287,11 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
     /// Objects put and not flushed yet.
     public var unsyncedCount: Int { pending.withLock { unsynced.count } }
 
-    /// Waits until every object put before the call is on disk, with the directory entries
-    /// that lead to it. Objects put by others are flushed in the same batch; a failure is
+    /// Waits until every object put before the call has been flushed, with the directory
+    /// entries made for it. Objects put by others are flushed in the same batch; a failure is
     /// thrown to a caller that names the object (`keys`: the objects a commit is about to
-    /// name) even when another caller's batch met it, else to the caller whose batch met it.
+    /// name) even when another caller's batch met it; a caller that names none gets the
+    /// failures of the batch it flushed itself.
     public func sync(_ keys: [String]) throws(FSError) {
         guard deferSync else { return }
         let (batch, dirs) = pending.withLock { () -> ([String], Set<String>) in
@@ -305,8 +309,11 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
             let failures = flush(batch, dirs: dirs)
             batchError = failures.first?.1
             pending.withLock {
-                if failed.count + failures.count > 100_000 { failed.removeAll() }
-                for (k, e) in failures { failed[k] = e }
+                // (Bounded: past it a failure is not kept by key, and every later sync that names
+                // an object it cannot vouch for fails.)
+                for (k, e) in failures {
+                    if failed.count < 100_000 { failed[k] = e } else { lostFailures = true }
+                }
                 syncing = false
                 pending.broadcast()
             }
@@ -315,8 +322,9 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
             if let batchError { throw batchError }
             return
         }
-        let mine = pending.withLock { keys.compactMap { failed.removeValue(forKey: $0) } }
+        let (mine, lost) = pending.withLock { (keys.compactMap { failed.removeValue(forKey: $0) }, lostFailures) }
         if let e = mine.first { throw e }
+        if lost { throw FSError(EIO, "\(description): more flushes failed than are kept; objects may not be on disk") }
     }
 
     /// Flushes the objects `keys` and the directories `dirs` (where directories were made);

@@ -99,8 +99,8 @@ public struct StoreConfig: Sendable {
     public var timeout: Double = 60
     /// Attempts per request for retryable failures (5xx, throttling, connection errors).
     public var maxAttempts: Int = 6
-    /// A directory bucket's puts reach the disk at `sync` (a mount's fsync, every second, and
-    /// before any delete), not each before it returns (`LocalObjectStore`).
+    /// A directory bucket's puts reach the disk at `sync` (before each commit that names them,
+    /// and every second), not each before it returns (`LocalObjectStore`).
     public var deferSync = false
 
     public init(storage: String, bucket: String, accessKey: String? = nil, secretKey: String? = nil) {
