@@ -101,11 +101,13 @@ public final class BlockStore: @unchecked Sendable {
             } else if bounded {
                 // (One block ahead always goes, however small the cache. Blocks read ahead long
                 // ago and never read, by a reader that stopped, no longer hold the room.)
-                var ahead = memory.aheadBytes
-                if ahead + aheadInflight > 0 && ahead + aheadInflight + b.length > memory.limit / 2 {
+                func full() -> Bool {
+                    let held = memory.aheadBytes + aheadInflight
+                    return held > 0 && held + b.length > memory.limit / 2
+                }
+                if full() {
                     memory.expireAhead(olderThan: Self.aheadLifetime)
-                    ahead = memory.aheadBytes
-                    if ahead + aheadInflight > 0 && ahead + aheadInflight + b.length > memory.limit / 2 { return nil }
+                    if full() { return nil }
                 }
                 aheadInflight += b.length
             }
@@ -279,10 +281,14 @@ public final class BlockStore: @unchecked Sendable {
         do { try disk.put(b.key, stored) } catch { Log.warning("not cached: \(error.message)") }
     }
 
-    /// Encodes and stores a slice's bytes as its blocks, in parallel (a compactor's merged slice).
-    public func putSlice(_ id: UInt64, _ data: UnsafeRawBufferPointer) throws(FSError) {
+    /// Encodes and stores a slice's bytes as its blocks, in parallel (a compactor's merged
+    /// slice); the blocks' keys.
+    @discardableResult
+    public func putSlice(_ id: UInt64, _ data: UnsafeRawBufferPointer) throws(FSError) -> [String] {
         let group = WaitGroup()
+        var keys: [String] = []
         layout.forEachBlock(slice: id, size: UInt32(data.count), from: 0, count: data.count) { b, _, at, _ in
+            keys.append(b.key)
             let part = BytesRef(UnsafeRawBufferPointer(rebasing: data[at..<at + b.length]))
             group.add()
             pool.submit { [self] in
@@ -295,6 +301,7 @@ public final class BlockStore: @unchecked Sendable {
             }
         }
         try group.wait()
+        return keys
     }
 
     // MARK: deletion

@@ -260,9 +260,7 @@ public final class DataStore: @unchecked Sendable {
     /// Stores a new slice's bytes as its blocks (a compactor's merged slice), in parallel;
     /// durable when it returns.
     public func storeSlice(_ id: UInt64, _ data: UnsafeRawBufferPointer) throws(FSError) {
-        try blocks.putSlice(id, data)
-        let slice = Slice(pos: 0, id: id, size: UInt32(data.count), off: 0, len: UInt32(data.count))
-        try store.sync(layout.blocks(of: slice).map(\.key))
+        try store.sync(try blocks.putSlice(id, data))
     }
 
     private func fetchPieces(_ pieces: [Piece], wholeBlocks: Bool) throws(FSError) {

@@ -356,7 +356,7 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
             Sys.close(fd)
             // (Each made directory on the path.)
             var dir = LocalObjectStore.split(key).dir
-            while true {
+            while !made.isEmpty {
                 if made.contains(dir) { dirs[dir]?.append(key) }
                 if dir.isEmpty { break }
                 dir = LocalObjectStore.split(dir).dir

@@ -156,6 +156,19 @@ private final class GatedStore: ObjectStore, @unchecked Sendable {
     var wholeGets = 0
     var open = false
     init(_ inner: any ObjectStore) { self.inner = inner }
+    /// Over a new directory bucket.
+    static func over(bucket: String) throws -> GatedStore {
+        let local = try openObjectStore(StoreConfig(storage: "file", bucket: bucket))
+        try local.create()
+        return GatedStore(local)
+    }
+    /// Lets the waiting gets (and all later ones) go.
+    func release() {
+        lock.withLock {
+            open = true
+            lock.broadcast()
+        }
+    }
     var description: String { "gated \(inner.description)" }
     func put(_ key: String, _ data: UnsafeRawBufferPointer) throws(FSError) { try inner.put(key, data) }
     func get(_ key: String, offset: Int, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
@@ -181,9 +194,7 @@ struct PrefetchTests {
     @Test func smallRandomReadsDoNotEachDownloadTheirBlock() throws {
         let dir = try makeTempDir("prefetch")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let local = try openObjectStore(StoreConfig(storage: "file", bucket: dir + "/bucket"))
-        try local.create()
-        let store = GatedStore(local)
+        let store = try GatedStore.over(bucket: dir + "/bucket")
         let layout = Layout(volume: "v", blockSize: 1 << 20)
         let blocks = BlockStore(layout: layout, codec: .none, store: store, memory: MemoryCache(limit: 64 << 20), disk: nil, threads: 8)
         defer { blocks.shutdown() }
@@ -203,10 +214,7 @@ struct PrefetchTests {
         for b in all.suffix(3) { blocks.prefetch(b) }
         store.lock.withLock { while store.wholeGets < 4 { store.lock.wait() } }
         #expect(store.lock.withLock { store.wholeGets } == 4)
-        store.lock.withLock {
-            store.open = true
-            store.lock.broadcast()
-        }
+        store.release()
         #expect(try blocks.fetch(all[0]).count == 1 << 20)
     }
 
@@ -215,9 +223,7 @@ struct PrefetchTests {
     @Test func readAheadTakesAtMostHalfTheMemoryCache() throws {
         let dir = try makeTempDir("readahead")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let local = try openObjectStore(StoreConfig(storage: "file", bucket: dir + "/bucket"))
-        try local.create()
-        let store = GatedStore(local)
+        let store = try GatedStore.over(bucket: dir + "/bucket")
         let layout = Layout(volume: "v", blockSize: 1 << 20)
         let memory = MemoryCache(limit: 4 << 20)
         let blocks = BlockStore(layout: layout, codec: .none, store: store, memory: memory, disk: nil, threads: 8)
@@ -228,10 +234,7 @@ struct PrefetchTests {
         // Blocks on their way count: two of eight are fetched.
         for b in all { blocks.prefetch(b) }
         store.lock.withLock { while store.wholeGets < 2 { store.lock.wait() } }
-        store.lock.withLock {
-            store.open = true
-            store.lock.broadcast()
-        }
+        store.release()
         let deadline = Sys.monotonicNanos() + 10_000_000_000
         while memory.aheadBytes < 2 << 20 && Sys.monotonicNanos() < deadline { Sys.sleep(seconds: 0.01) }
         #expect(memory.aheadBytes == 2 << 20)
