@@ -32,6 +32,7 @@ extension TxnMetadata {
             switch key {
             case "Setting":
                 format = try juiceFSFormat(try r.value(), secretKey: secretKey)
+                if let format { store.formatLoaded(format) }
             case "Counters":
                 let v = try r.value()
                 counters["nextInode"] = v["nextInodes"]?.int64 ?? 0

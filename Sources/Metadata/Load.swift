@@ -92,6 +92,8 @@ extension TxnMetadata {
                 var text: [UInt8] = []
                 JSONText.value(try reader.value(), into: &text)
                 format = try VolumeFormat.decode(String(decoding: text, as: UTF8.self))
+                // (The records that follow are written in the layout of its version.)
+                if let format { store.formatLoaded(format) }
             case "gateway_secret":
                 gatewaySecret = try reader.value().string
             case "records":

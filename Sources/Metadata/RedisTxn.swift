@@ -342,7 +342,7 @@ package final class RedisTxn {
         }
     }
 
-    /// A reply of the read script's `K` operation: {indexes, records}.
+    /// A reply of the read script's `K` operation: {indexes, records} (and from 0 chunk 0's records).
     private func rememberChunks(_ r: RedisReply, index: RKey, ino: Ino, from: UInt32, limit: Int) {
         let a = r.array
         let names = a.first ?? .array([])
@@ -351,6 +351,7 @@ package final class RedisTxn {
         for (n, v) in zip(names.array, records) {
             if let i = n.text.flatMap({ UInt32($0) }) { remember(.get(store.keys.chunk(ino, i)), v, computed: true) }
         }
+        if from == 0 && a.count > 2 { remember(.get(store.keys.chunk(ino, 0)), a[2], computed: true) }
     }
 
     /// The reply of `c` in this transaction.

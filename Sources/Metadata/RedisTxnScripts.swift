@@ -38,7 +38,8 @@ package enum RedisTxnScripts {
     /// entries, and with `plus` = 1 the attributes of the inodes they name and the HLEN of
     /// their extended attributes};
     /// `K zkeyindex ino from limit` the indexes of a file's chunks from `from` on (at most
-    /// `limit`) with the records of those chunks: {indexes, records};
+    /// `limit`) with the records of those chunks: {indexes, records}, and from 0 the records of
+    /// chunk 0 after them (from format 4 chunk 0 has no entry in the index: `chunkIndexes`);
     /// `Q zkeyindex limit budget` the first `limit` pending deletes (members `ino:size`) and,
     /// for the files in order, what `K` gives for as many chunks as the budget has left:
     /// {members, {K reply...}} (the lists stop where the budget does).
@@ -48,11 +49,13 @@ package enum RedisTxnScripts {
               HRANDFIELD = true, ZRANGE = true, ZRANGEBYSCORE = true, ZREVRANGEBYSCORE = true, ZSCORE = true,
               SCARD = true, SISMEMBER = true, SRANDMEMBER = true, LRANGE = true}
             local P = ARGV[1]
-            -- A file's chunk indexes from `from` on (sorted set `z`, at most `limit`) and their records.
+            -- A file's chunk indexes from `from` on (sorted set `z`, at most `limit`) and their records;
+            -- from 0, also the records of chunk 0 (which has no entry in the index from format 4).
             local function chunks(z, ino, from, limit)
               local names = redis.call('ZRANGEBYSCORE', z, from, '+inf', 'LIMIT', 0, tonumber(limit))
               local records = {}
               for j = 1, #names do records[j] = redis.call('GET', P .. 'c' .. ino .. '_' .. names[j]) end
+              if tonumber(from) == 0 then return {names, records, redis.call('GET', P .. 'c' .. ino .. '_0')} end
               return {names, records}
             end
             local out = {}

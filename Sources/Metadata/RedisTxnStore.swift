@@ -263,6 +263,10 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     private var counts = RedisTxnStats()
     /// Attempts of one transaction before it fails with `EIO`.
     package var maxAttempts = 50
+    /// Whether chunk 0 of a file gets an entry in the file's chunk index, as volumes before
+    /// format 4 have it (an older StageFS mounted on them finds chunks only through the index).
+    /// Until the format is known it does: a reader finds chunk 0 either way (`chunkIndexes`).
+    private let indexesFirstChunk = Atomic<Bool>(true)
 
     /// `tracking`: keep the client cache coherent with Redis's client tracking, so that lookups
     /// and getattr answer from it (`RedisTxnCache`; not on a Redis Cluster).
@@ -879,9 +883,14 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     }
 
     package func appendChunk(_ t: RedisTxn, _ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
-        let idx = Array(String(index).utf8)
         try t.append(keys.chunk(ino, index), record)
+        if index == 0 && !indexesFirstChunk.load(ordering: .relaxed) { return }
+        let idx = Array(String(index).utf8)
         try t.op("ZADD", keys.chunkIndex(ino), [idx, idx])
+    }
+
+    package func formatLoaded(_ format: VolumeFormat) {
+        indexesFirstChunk.store(format.version < 4, ordering: .relaxed)
     }
 
     package func deleteChunk(_ t: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
@@ -892,9 +901,19 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         return blob
     }
 
+    /// The index (a sorted set) names the chunks from 1 on; chunk 0 is there when its key is
+    /// (volumes before format 4 also name it in the index: it is counted once).
     package func chunkIndexes(_ tx: RedisTxn, _ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32] {
         let c = ReadCmd.zrangeByScore(keys.chunkIndex(ino), from: String(index), limit: limit, descending: descending)
-        return try tx.scan(c).array.compactMap { $0.text.flatMap { UInt32($0) } }
+        let first = keys.chunk(ino, 0)
+        if index == 0 && tx.writes[c.key] == nil { try tx.load([.cmd(c), .cmd(.get(first))]) }
+        var got = try tx.scan(c).array.compactMap { $0.text.flatMap { UInt32($0) } }
+        guard index == 0 else { return got }
+        got.removeAll { $0 == 0 }
+        if try tx.string(first)?.isEmpty == false {
+            if descending { got.append(0) } else { got.insert(0, at: 0) }
+        }
+        return Array(got.prefix(limit))
     }
 
     // MARK: opens

@@ -91,6 +91,8 @@ package protocol TxnStore: AnyObject, Sendable {
     /// Indexes of the chunks of `ino` that have records, from `index` on, at most `limit`,
     /// highest first when `descending`. Its cost follows the chunks it returns, never the size.
     func chunkIndexes(_ tx: Txn, _ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32]
+    /// The volume's format record, read or written (a layout may follow from its version).
+    func formatLoaded(_ format: VolumeFormat)
 
     /// Whether any session has `ino` open.
     func isOpen(_ tx: Txn, _ ino: Ino) throws(FSError) -> Bool
@@ -179,6 +181,7 @@ extension TxnStore {
         got(try chunk(tx, ino, index))
     }
     package func recentAttr(_ ino: Ino) -> Attr? { nil }
+    package func formatLoaded(_ format: VolumeFormat) {}
 }
 
 /// Attributes loaded in one transaction, changed in place and written back once
@@ -237,25 +240,27 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     package func loadFormat() throws(FSError) -> VolumeFormat? {
         guard let text = try store.transaction(write: false, { (tx) throws(FSError) in try store.setting(tx, "format") }) else { return nil }
         let f = try VolumeFormat.decode(text)
+        store.formatLoaded(f)
         // (Every client reads it at its start: the trash's setting comes with it.)
         formatSetting.withLock { $0 = (f, Sys.monotonicNanos()) }
         return f
     }
 
     package func initialize(_ format: VolumeFormat, force: Bool, rootMode: UInt16) throws(FSError) {
-        try store.transaction(write: true) { (tx) throws(FSError) in
+        let written = try store.transaction(write: true) { (tx) throws(FSError) -> VolumeFormat in
+            var kept = format
             if let text = try store.setting(tx, "format") {
                 let old = try VolumeFormat.decode(text)
                 if !force && !format.differences(from: old).isEmpty {
                     throw format.reformatRefused(existing: old, in: displayName)
                 }
-                var kept = format
                 kept.uuid = old.uuid
                 kept.createdAt = old.createdAt
-                try store.setSetting(tx, "format", kept.encoded())
-            } else {
-                try store.setSetting(tx, "format", format.encoded())
+                // The layouts stay those of the volume's records (an older StageFS may have it
+                // mounted): the version rises only as far as compression needs.
+                kept.version = max(old.version, format.compression == nil ? 2 : 3)
             }
+            try store.setSetting(tx, "format", kept.encoded())
             if try store.attr(tx, rootIno) == nil {
                 let now = Timespec.now()
                 let root = Attr(
@@ -268,8 +273,10 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
                 // A new volume's bytes in the bucket are counted from its first block.
                 if try store.counter(tx, "storedCounted") == 0 { try store.add(tx, "storedCounted", 1) }
             }
+            return kept
         }
-        formatSetting.withLock { $0 = (format, Sys.monotonicNanos()) }
+        store.formatLoaded(written)
+        formatSetting.withLock { $0 = (written, Sys.monotonicNanos()) }
     }
 
     package func statfs() throws(FSError) -> StatFS {

@@ -37,8 +37,7 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
         createdAt: Int64 = Timespec.now().sec, compression: String? = nil
     ) {
         let compressed = compression != nil && compression != "none"
-        // (A volume of compressed blocks needs a StageFS that knows it: version 3.)
-        self.version = compressed ? VolumeFormat.currentVersion : 2
+        self.version = VolumeFormat.currentVersion
         self.compression = compressed ? compression : nil
         self.uuid = uuid
         self.name = name
@@ -55,8 +54,10 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
 
     /// The newest format version this StageFS writes. 2: the Redis engine keeps an index of
     /// each file's chunks (truncation and deletion in bounded steps). 3: blocks may be
-    /// compressed (`compression`); volumes without compression stay at 2.
-    public static let currentVersion = 3
+    /// compressed (`compression`). 4: the Redis engine's chunk index names the chunks from 1 on
+    /// (chunk 0 is found by its key: a file of one chunk has no index). A volume keeps the
+    /// version it was formatted with.
+    public static let currentVersion = 4
 
     /// The compression named, `none` when there is none.
     public var compressionName: String { compression ?? "none" }

@@ -304,11 +304,75 @@ struct RedisTxnTests {
         #expect(try f.cli(["GET", "{0}c"]) == ["5"])
     }
 
+    /// From format 4 a file's chunk index names its chunks from 1 on: a file of one chunk has
+    /// two keys (attributes, chunk 0). A volume of an earlier format keeps naming chunk 0 (an
+    /// older StageFS mounted on it finds chunks only through the index), and a file whose index
+    /// names chunk 0 is read, truncated, dumped and deleted with it counted once.
+    @Test func chunkZeroHasNoIndexEntryFromFormat4() throws {
+        let f = try TxnFixture()
+        let m = f.meta
+        func slice(_ id: UInt64) -> Slice { Slice(pos: 0, id: id, size: 100, off: 0, len: 100) }
+        func write(_ name: String, _ chunks: [UInt32], id: UInt64) throws -> Ino {
+            let (ino, _) = try m.mknod(alice, rootIno, n(name), .regular, 0o644, rdev: 0, target: nil)
+            for (i, c) in chunks.enumerated() {
+                _ = try m.writeSlice(ino, c, slice(id + UInt64(i)), minSize: UInt64(c) << 26 + 100, mtime: .now(), sid: 0)
+            }
+            return ino
+        }
+        let one = try write("one", [0], id: 10)
+        let three = try write("three", [0, 1, 5], id: 20)
+        #expect(try f.cli(["EXISTS", "{0}k\(one)"]) == ["0"])
+        #expect(try f.cli(["ZRANGE", "{0}k\(three)", "0", "-1"]) == ["1", "5"])
+        // As an earlier format wrote it: chunk 0 in the index too.
+        let old = try write("old", [0, 2], id: 30)
+        _ = try f.cli(["ZADD", "{0}k\(old)", "0", "0"])
+        let sink = BytesSink()
+        _ = try m.dump(into: sink, keepSecrets: false)
+        let dumped = String(decoding: sink.bytes, as: UTF8.self)
+        for ino in [one, three, old] {
+            let line = try #require(dumped.split(separator: "\n").first { $0.hasPrefix("{\"i\":\(ino),") })
+            #expect(line.components(separatedBy: "[0,[[").count == 2, "chunk 0 once in \(line)")
+        }
+        // Truncation to 0 finds chunk 0 through its key (and once where the index names it).
+        var cut = SetAttrRequest(mask: .size)
+        cut.size = 0
+        _ = try m.setattr(alice, old, cut)
+        _ = try m.setattr(alice, one, cut)
+        let dropped = try m.takeDroppedSlices(limit: 100).map(\.id).sorted()
+        #expect(dropped == [10, 30, 31])
+        for ino in [old, one] { #expect(try f.cli(["EXISTS", "{0}c\(ino)_0", "{0}k\(ino)", "{0}c\(ino)_2"]) == ["0"]) }
+        // Deletion in steps of one chunk finds all three, chunk 0 first.
+        _ = try m.unlink(alice, rootIno, n("three"))
+        var freed: [UInt64] = []
+        while true {
+            let (slices, done) = try m.finishDelete(PendingDelete(ino: three, size: 5 << 26 + 100))
+            freed += slices.map(\.id)
+            if done { break }
+        }
+        #expect(freed == [20, 21, 22])
+        #expect(try f.cli(["KEYS", "{0}[ck]\(three)*"]) == [])
+
+        // A volume of format 2 names chunk 0 in its index, and a format written again keeps
+        // its version (a StageFS of that format may have it mounted).
+        let r = try RedisServer()
+        let v2 = try #require(try openMetadata(try MetaURL.parse(r.url), create: true) as? RedisTxnMetadata)
+        var format = VolumeFormat(name: "v2", storage: "file", bucket: "/tmp/none", trashDays: 0)
+        format.version = 2
+        try v2.initialize(format, force: false, rootMode: 0o777)
+        try v2.initialize(VolumeFormat(name: "v2", storage: "file", bucket: "/tmp/none", trashDays: 0), force: false, rootMode: 0o777)
+        #expect(try v2.requireFormat().version == 2)
+        let (file, _) = try v2.mknod(alice, rootIno, n("f"), .regular, 0o644, rdev: 0, target: nil)
+        _ = try v2.writeSlice(file, 0, slice(1), minSize: 0, mtime: .now(), sid: 0)
+        let (rc, out) = try Spawn.run("/usr/bin/redis-cli", ["-p", "\(r.port)", "ZRANGE", "{0}k\(file)", "0", "-1"])
+        #expect(rc == 0 && out == "0\n", "\(out)")
+    }
+
     @Test func keysCarryTheVolumeHashTagAndUntaggedVolumesStayReadable() throws {
         let f = try TxnFixture()
         let sid = try f.meta.newSession(SessionInfo(hostname: "h", pid: 1, mountPoint: "/m", version: "t"))
         let (ino, _) = try f.meta.create(alice, rootIno, n("f"), 0o644, sid: sid)
         _ = try f.meta.writeSlice(ino, 0, Slice(pos: 0, id: 1, size: 1, off: 0, len: 1), minSize: 1, mtime: .now(), sid: 0)
+        _ = try f.meta.writeSlice(ino, 1, Slice(pos: 0, id: 2, size: 1, off: 0, len: 1), minSize: 1, mtime: .now(), sid: 0)
         try f.meta.setxattr(alice, ino, n("user.k"), n("v"), .any)
         try f.meta.updateLocks(ino, kind: UInt8(ascii: "f"), sid: sid) { _ in [1, 2, 3] }
         let keys = try f.cli(["KEYS", "*"])
