@@ -263,10 +263,12 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     private var counts = RedisTxnStats()
     /// Attempts of one transaction before it fails with `EIO`.
     package var maxAttempts = 50
-    /// Whether chunk 0 of a file gets an entry in the file's chunk index, as volumes before
-    /// format 4 have it (an older StageFS mounted on them finds chunks only through the index).
-    /// Until the format is known it does: a reader finds chunk 0 either way (`chunkIndexes`).
-    private let indexesFirstChunk = Atomic<Bool>(true)
+    /// The layout written follows the volume's format version (`formatLoaded`; until it is
+    /// known, that of version 2, which this store reads in any volume). From version 4 a file's
+    /// chunk index names its chunks from 1 on (before, chunk 0 too: an older StageFS mounted on
+    /// the volume finds chunks only through the index), and the attributes of inodes but
+    /// directories are stored in the short encoding (`Attr.encodeCompact`).
+    private let layoutVersion = Atomic<Int>(2)
 
     /// `tracking`: keep the client cache coherent with Redis's client tracking, so that lookups
     /// and getattr answer from it (`RedisTxnCache`; not on a Redis Cluster).
@@ -744,17 +746,20 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
 
     package func attr(_ tx: RedisTxn, _ ino: Ino) throws(FSError) -> Attr? {
         guard let b = try tx.string(keys.attr(ino)) else { return nil }
-        guard let a = Attr(decoding: b) else { throw FSError(EIO, "\(displayName): inode \(ino) has a corrupt record") }
+        guard let a = Attr.decodeStored(b) else { throw FSError(EIO, "\(displayName): inode \(ino) has a corrupt record") }
         return a
     }
 
     package func recentAttr(_ ino: Ino) -> Attr? {
         guard let c = RedisTxn.lastCommitted, c.store == serial, case .set(let b)? = c.writes[keys.attr(ino)]?.string else { return nil }
-        return Attr(decoding: b)
+        return Attr.decodeStored(b)
     }
 
     package func putAttr(_ tx: RedisTxn, _ ino: Ino, _ attr: Attr) throws(FSError) {
-        try tx.set(keys.attr(ino), attr.encode())
+        // (A directory's record keeps the fixed encoding, whose times a commit may write alone:
+        // `RedisTxn.changedTimes`.)
+        let short = attr.type != .directory && layoutVersion.load(ordering: .relaxed) >= 4
+        try tx.set(keys.attr(ino), short ? attr.encodeCompact() : attr.encode())
     }
 
     package func deleteInode(_ t: RedisTxn, _ ino: Ino) throws(FSError) {
@@ -842,7 +847,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             for (ino, v) in zip(inos, values) {
                 guard let b = v.bytes else { continue }  // (gone since SCAN saw it)
                 // (A record that cannot be read is no reason to take its slices for unreferenced.)
-                guard let a = Attr(decoding: b) else { throw FSError(EIO, "\(displayName): inode \(ino) has a corrupt record") }
+                guard let a = Attr.decodeStored(b) else { throw FSError(EIO, "\(displayName): inode \(ino) has a corrupt record") }
                 out.append((ino, a))
             }
         }
@@ -884,13 +889,13 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
 
     package func appendChunk(_ t: RedisTxn, _ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
         try t.append(keys.chunk(ino, index), record)
-        if index == 0 && !indexesFirstChunk.load(ordering: .relaxed) { return }
+        if index == 0 && layoutVersion.load(ordering: .relaxed) >= 4 { return }
         let idx = Array(String(index).utf8)
         try t.op("ZADD", keys.chunkIndex(ino), [idx, idx])
     }
 
     package func formatLoaded(_ format: VolumeFormat) {
-        indexesFirstChunk.store(format.version < 4, ordering: .relaxed)
+        layoutVersion.store(format.version, ordering: .relaxed)
     }
 
     package func deleteChunk(_ t: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {

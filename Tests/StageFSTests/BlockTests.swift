@@ -108,7 +108,7 @@ struct BlockTests {
         let blocks = BlockStore(layout: layout, codec: codec, store: store, memory: MemoryCache(limit: 8 << 20), disk: disk, threads: 2)
         defer { blocks.shutdown() }
         let data = textBlock(2 << 20 + 5000)  // two whole blocks and a short one
-        try data.withUnsafeBytes { try blocks.putSlice(7, $0) }
+        _ = try data.withUnsafeBytes { try blocks.putSlice(7, $0) }
         let slice = Slice(pos: 0, id: 7, size: UInt32(data.count), off: 0, len: UInt32(data.count))
         let all = layout.blocks(of: slice)
         #expect(all.map(\.length) == [1 << 20, 1 << 20, 5000])
@@ -139,7 +139,7 @@ struct BlockTests {
         #expect(try store.list(prefix: "v/", limit: 10).isEmpty)
         // A damaged stored block is an error that names it, never other bytes.
         if codec == .zstd {
-            try data.withUnsafeBytes { try blocks.putSlice(8, UnsafeRawBufferPointer(rebasing: $0[0..<5000])) }
+            _ = try data.withUnsafeBytes { try blocks.putSlice(8, UnsafeRawBufferPointer(rebasing: $0[0..<5000])) }
             let b = layout.blocks(of: Slice(pos: 0, id: 8, size: 5000, off: 0, len: 5000))[0]
             disk.remove(b.key)
             try store.put(b.key, bytes: [0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3])
@@ -199,7 +199,7 @@ struct PrefetchTests {
         let blocks = BlockStore(layout: layout, codec: .none, store: store, memory: MemoryCache(limit: 64 << 20), disk: nil, threads: 8)
         defer { blocks.shutdown() }
         let data = noise(8 << 20, seed: 5)
-        try data.withUnsafeBytes { try blocks.putSlice(9, $0) }
+        _ = try data.withUnsafeBytes { try blocks.putSlice(9, $0) }
         let all = layout.blocks(of: Slice(pos: 0, id: 9, size: UInt32(data.count), off: 0, len: UInt32(data.count)))
         // A small read in each of 8 blocks, each followed by its hunch: one whole block is
         // fetched at a time, the others' hunches dropped; the reads themselves are ranged.
@@ -229,7 +229,7 @@ struct PrefetchTests {
         let blocks = BlockStore(layout: layout, codec: .none, store: store, memory: memory, disk: nil, threads: 8)
         defer { blocks.shutdown() }
         let data = noise(8 << 20, seed: 6)
-        try data.withUnsafeBytes { try blocks.putSlice(10, $0) }
+        _ = try data.withUnsafeBytes { try blocks.putSlice(10, $0) }
         let all = layout.blocks(of: Slice(pos: 0, id: 10, size: UInt32(data.count), off: 0, len: UInt32(data.count)))
         // Blocks on their way count: two of eight are fetched.
         for b in all { blocks.prefetch(b) }
