@@ -347,6 +347,8 @@ extension TxnMetadata {
             for c in batch {
                 switch c {
                 case .dirLinks(let ino, _), .fileLinks(let ino, _): reads.append(.attr(ino))
+                // (What a store keeps of a file's chunk 0 with its attributes is read with them.)
+                case .inode(let ino, _, _, _, let chunks): reads.append(chunks.first?.0 == 0 ? .chunk(ino, 0) : .attr(ino))
                 default: break
                 }
             }

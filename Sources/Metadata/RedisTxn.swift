@@ -342,7 +342,8 @@ package final class RedisTxn {
         }
     }
 
-    /// A reply of the read script's `K` operation: {indexes, records} (and from 0 chunk 0's records).
+    /// A reply of the read script's `K` operation: {indexes, records} (and from 0 chunk 0's records
+    /// and the file's attributes).
     private func rememberChunks(_ r: RedisReply, index: RKey, ino: Ino, from: UInt32, limit: Int) {
         let a = r.array
         let names = a.first ?? .array([])
@@ -351,7 +352,10 @@ package final class RedisTxn {
         for (n, v) in zip(names.array, records) {
             if let i = n.text.flatMap({ UInt32($0) }) { remember(.get(store.keys.chunk(ino, i)), v, computed: true) }
         }
-        if from == 0 && a.count > 2 { remember(.get(store.keys.chunk(ino, 0)), a[2], computed: true) }
+        if from == 0 && a.count > 3 {
+            remember(.get(store.keys.chunk(ino, 0)), a[2], computed: true)
+            remember(.get(store.keys.attr(ino)), a[3], computed: true)
+        }
     }
 
     /// The reply of `c` in this transaction.

@@ -39,7 +39,8 @@ package enum RedisTxnScripts {
     /// their extended attributes};
     /// `K zkeyindex ino from limit` the indexes of a file's chunks from `from` on (at most
     /// `limit`) with the records of those chunks: {indexes, records}, and from 0 the records of
-    /// chunk 0 after them (from format 4 chunk 0 has no entry in the index: `chunkIndexes`);
+    /// chunk 0 and the file's attributes after them (from format 4 chunk 0 has no entry in the
+    /// index, and its one record may follow the attributes: `chunkIndexes`, `chunk`);
     /// `Q zkeyindex limit budget` the first `limit` pending deletes (members `ino:size`) and,
     /// for the files in order, what `K` gives for as many chunks as the budget has left:
     /// {members, {K reply...}} (the lists stop where the budget does).
@@ -50,12 +51,15 @@ package enum RedisTxnScripts {
               SCARD = true, SISMEMBER = true, SRANDMEMBER = true, LRANGE = true}
             local P = ARGV[1]
             -- A file's chunk indexes from `from` on (sorted set `z`, at most `limit`) and their records;
-            -- from 0, also the records of chunk 0 (which has no entry in the index from format 4).
+            -- from 0, also the records of chunk 0 and the file's attributes (from format 4 chunk 0
+            -- has no entry in the index, and its one record may be kept after the attributes).
             local function chunks(z, ino, from, limit)
               local names = redis.call('ZRANGEBYSCORE', z, from, '+inf', 'LIMIT', 0, tonumber(limit))
               local records = {}
               for j = 1, #names do records[j] = redis.call('GET', P .. 'c' .. ino .. '_' .. names[j]) end
-              if tonumber(from) == 0 then return {names, records, redis.call('GET', P .. 'c' .. ino .. '_0')} end
+              if tonumber(from) == 0 then
+                return {names, records, redis.call('GET', P .. 'c' .. ino .. '_0'), redis.call('GET', P .. 'i' .. ino)}
+              end
               return {names, records}
             end
             local out = {}

@@ -673,7 +673,10 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             switch r {
             case .attr(let ino): ops.append(.cmd(.get(keys.attr(ino))))
             case .entry(let dir, let name): ops.append(.entry(dir: keys.entries(dir), name: name))
-            case .chunk(let ino, let idx): ops.append(.cmd(.get(keys.chunk(ino, idx))))
+            case .chunk(let ino, let idx):
+                ops.append(.cmd(.get(keys.chunk(ino, idx))))
+                // (Chunk 0 may be kept with the attributes: `chunk`.)
+                if idx == 0 { ops.append(.cmd(.get(keys.attr(ino)))) }
             case .chunkList(let ino, let from, let limit): ops.append(.chunks(index: keys.chunkIndex(ino), ino: ino, from: from, limit: limit))
             case .pendingDeletes(let limit, let chunks): ops.append(.pending(queue: keys.delfiles, limit: limit, chunks: chunks))
             case .opens(let sid, let ino): ops.append(.cmd(.hget(keys.opens(ino), Array(String(sid).utf8))))
@@ -758,11 +761,24 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     package func putAttr(_ tx: RedisTxn, _ ino: Ino, _ attr: Attr) throws(FSError) {
         // (A directory's record keeps the fixed encoding, whose times a commit may write alone:
         // `RedisTxn.changedTimes`.)
-        let short = attr.type != .directory && layoutVersion.load(ordering: .relaxed) >= 4
-        try tx.set(keys.attr(ino), short ? attr.encodeCompact() : attr.encode())
+        let k = keys.attr(ino)
+        // The record of chunk 0 kept after a file's attributes stays, whatever the format this
+        // client knows (a new inode has none).
+        var tail: [UInt8] = []
+        if attr.type == .regular && !(tx.newInodes.contains(ino) && tx.writes[k] == nil), let cur = try tx.string(k) {
+            tail = Attr.storedTail(cur)
+        }
+        let short = !tail.isEmpty || (attr.type != .directory && layoutVersion.load(ordering: .relaxed) >= 4)
+        try tx.set(k, short ? attr.encodeCompact(firstChunk: tail) : attr.encode())
     }
 
     package func deleteInode(_ t: RedisTxn, _ ino: Ino) throws(FSError) {
+        // A record of chunk 0 kept with the attributes goes to the chunk's key, where the
+        // deletion of the file's data finds it.
+        if let cur = try t.string(keys.attr(ino)) {
+            let tail = Attr.storedTail(cur)
+            if !tail.isEmpty { try t.append(keys.chunk(ino, 0), tail) }
+        }
         try t.del(keys.attr(ino))
         try t.del(keys.symlink(ino))
         try t.del(keys.xattrs(ino))
@@ -880,16 +896,54 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
 
     // MARK: chunks
 
-    package func chunk(_ tx: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] { try tx.string(keys.chunk(ino, index)) ?? [] }
+    /// Reads the strings of `keys` this transaction has not written in one round trip (those it
+    /// wrote are read through its writes).
+    private func readAhead(_ t: RedisTxn, _ keys: [RKey]) throws(FSError) {
+        let wanted = keys.filter { t.writes[$0] == nil }
+        if !wanted.isEmpty { try t.load(wanted.map { .cmd(.get($0)) }) }
+    }
+
+    /// Chunk 0's records: its key's, or (format 4) the one record kept after the file's
+    /// attributes (`Attr.storedTail`) while the chunk has no key. Both are read (that one first),
+    /// whatever the format: a reader never misses records.
+    package func chunk(_ tx: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
+        let k = keys.chunk(ino, index)
+        guard index == 0 else { return try tx.string(k) ?? [] }
+        let a = keys.attr(ino)
+        try readAhead(tx, [k, a])
+        let tail = try tx.string(a).map { Attr.storedTail($0) } ?? []
+        return tail + (try tx.string(k) ?? [])
+    }
 
     package func chunkAfterCommit(_ t: RedisTxn, _ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
         if !t.write { return got(try chunk(t, ino, index)) }
-        t.trailing.append((.get(keys.chunk(ino, index)), { got($0.bytes ?? []) }))
+        // (A record kept with the attributes, which the transaction read, comes first.)
+        let tail = index == 0 ? try t.string(keys.attr(ino)).map { Attr.storedTail($0) } ?? [] : []
+        t.trailing.append((.get(keys.chunk(ino, index)), { got(tail + ($0.bytes ?? [])) }))
     }
 
+    /// From format 4 chunk 0 of a regular file keeps a single record after the file's
+    /// attributes while that is all it has; the record after it moves both to the chunk's key
+    /// (whatever the format this client knows: a record kept there is older than any in the key,
+    /// and never beside them).
     package func appendChunk(_ t: RedisTxn, _ ino: Ino, _ index: UInt32, _ record: [UInt8]) throws(FSError) {
-        try t.append(keys.chunk(ino, index), record)
-        if index == 0 && layoutVersion.load(ordering: .relaxed) >= 4 { return }
+        let k = keys.chunk(ino, index)
+        let layout = layoutVersion.load(ordering: .relaxed)
+        if index == 0 {
+            let a = keys.attr(ino)
+            try readAhead(t, [k, a])
+            if let cur = try t.string(a), let (attr, length, tail) = Attr.storedParts(cur) {
+                if !tail.isEmpty {
+                    try t.set(a, Array(cur[..<length]))
+                    try t.append(k, tail)
+                } else if layout >= 4 && attr.type == .regular && record.count == Slice.encodedSize, try t.string(k) == nil {
+                    try t.set(a, attr.encodeCompact(firstChunk: record))
+                    return
+                }
+            }
+        }
+        try t.append(k, record)
+        if index == 0 && layout >= 4 { return }
         let idx = Array(String(index).utf8)
         try t.op("ZADD", keys.chunkIndex(ino), [idx, idx])
     }
@@ -900,8 +954,11 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
 
     package func deleteChunk(_ t: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
         let k = keys.chunk(ino, index)
-        let blob = try t.string(k) ?? []
-        if !blob.isEmpty { try t.del(k) }
+        let blob = try chunk(t, ino, index)
+        if index == 0, let cur = try t.string(keys.attr(ino)) {
+            if let (_, length, tail) = Attr.storedParts(cur), !tail.isEmpty { try t.set(keys.attr(ino), Array(cur[..<length])) }
+        }
+        if try t.string(k) != nil { try t.del(k) }
         try t.op("ZREM", keys.chunkIndex(ino), [Array(String(index).utf8)])
         return blob
     }
@@ -910,12 +967,13 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     /// (volumes before format 4 also name it in the index: it is counted once).
     package func chunkIndexes(_ tx: RedisTxn, _ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32] {
         let c = ReadCmd.zrangeByScore(keys.chunkIndex(ino), from: String(index), limit: limit, descending: descending)
-        let first = keys.chunk(ino, 0)
-        if index == 0 && tx.writes[c.key] == nil { try tx.load([.cmd(c), .cmd(.get(first))]) }
+        if index == 0 && tx.writes[c.key] == nil {
+            try tx.load([.cmd(c)] + [keys.chunk(ino, 0), keys.attr(ino)].filter { tx.writes[$0] == nil }.map { .cmd(.get($0)) })
+        }
         var got = try tx.scan(c).array.compactMap { $0.text.flatMap { UInt32($0) } }
         guard index == 0 else { return got }
         got.removeAll { $0 == 0 }
-        if try tx.string(first)?.isEmpty == false {
+        if try !chunk(tx, ino, 0).isEmpty {
             if descending { got.append(0) } else { got.insert(0, at: 0) }
         }
         return Array(got.prefix(limit))

@@ -1147,7 +1147,8 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
         var used: Int64 = 0
         do {
             let a = try store.transaction(write: true) { (tx) throws(FSError) -> Attr in
-                try store.prefetch(tx, [.attr(ino), quotaKindsRead])
+                // (Whether chunk 0 has records decides where a store keeps its first one.)
+                try store.prefetch(tx, index == 0 ? [.attr(ino), .chunk(ino, 0), quotaKindsRead] : [.attr(ino), quotaKindsRead])
                 guard var a = try store.attr(tx, ino) else { throw FSError.notFound }
                 guard a.type == .regular else { throw FSError.invalid }
                 try store.appendChunk(tx, ino, index, slice.encoded())

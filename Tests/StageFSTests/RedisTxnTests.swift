@@ -304,10 +304,13 @@ struct RedisTxnTests {
         #expect(try f.cli(["GET", "{0}c"]) == ["5"])
     }
 
-    /// From format 4 a file's chunk index names its chunks from 1 on: a file of one chunk has
-    /// two keys (attributes, chunk 0). A volume of an earlier format keeps naming chunk 0 (an
-    /// older StageFS mounted on it finds chunks only through the index), and a file whose index
-    /// names chunk 0 is read, truncated, dumped and deleted with it counted once.
+    /// From format 4 a file's chunk index names its chunks from 1 on, and a chunk 0 of one
+    /// record is kept after the file's attributes: a file written once has one key. The next
+    /// record moves it to the chunk's key, in order, also from a client that does not know the
+    /// format, and a change of the attributes keeps it. A volume of an earlier format keeps
+    /// naming chunk 0 in the index (an older StageFS mounted on it finds chunks only through
+    /// it), and a file whose index names chunk 0 is read, truncated, dumped and deleted with
+    /// it counted once.
     @Test func chunkZeroHasNoIndexEntryFromFormat4() throws {
         let f = try TxnFixture()
         let m = f.meta
@@ -321,8 +324,19 @@ struct RedisTxnTests {
         }
         let one = try write("one", [0], id: 10)
         let three = try write("three", [0, 1, 5], id: 20)
-        #expect(try f.cli(["EXISTS", "{0}k\(one)"]) == ["0"])
+        #expect(try f.cli(["EXISTS", "{0}k\(one)", "{0}c\(one)_0", "{0}c\(three)_0"]) == ["0"])
         #expect(try f.cli(["ZRANGE", "{0}k\(three)", "0", "-1"]) == ["1", "5"])
+        #expect(try m.readChunk(one, 0).map(\.id) == [10] && m.open(alice, one, flags: O_RDONLY, sid: 0).1?.map(\.id) == [10])
+        let two = try write("two", [0, 0], id: 40)
+        #expect(try m.readChunk(two, 0).map(\.id) == [40, 41] && f.cli(["STRLEN", "{0}c\(two)_0"]) == ["48"])
+        // A client that never read the format: its changes keep the record with the attributes,
+        // and its next record goes after it.
+        let other = try f.client()
+        let solo = try write("solo", [0], id: 50)
+        try chmod(other, solo, 0o600)
+        #expect(try m.readChunk(solo, 0).map(\.id) == [50] && m.getattr(solo).mode == 0o600)
+        _ = try other.writeSlice(solo, 0, slice(51), minSize: 100, mtime: .now(), sid: 0)
+        #expect(try m.readChunk(solo, 0).map(\.id) == [50, 51] && other.readChunk(solo, 0).map(\.id) == [50, 51])
         // As an earlier format wrote it: chunk 0 in the index too.
         let old = try write("old", [0, 2], id: 30)
         _ = try f.cli(["ZADD", "{0}k\(old)", "0", "0"])
@@ -379,7 +393,7 @@ struct RedisTxnTests {
         #expect(!keys.isEmpty && keys.allSatisfy { $0.hasPrefix("{0}") }, "\(keys)")
         // The names are a stored format (the script engine of earlier versions wrote the same).
         let expected = [
-            "{0}i\(ino)", "{0}c\(ino)_0", "{0}k\(ino)", "{0}x\(ino)", "{0}xb\(ino)", "{0}d1", "{0}z1", "{0}o\(ino)", "{0}so\(sid)", "{0}lkf\(ino)",
+            "{0}i\(ino)", "{0}c\(ino)_1", "{0}k\(ino)", "{0}x\(ino)", "{0}xb\(ino)", "{0}d1", "{0}z1", "{0}o\(ino)", "{0}so\(sid)", "{0}lkf\(ino)",
             "{0}sl\(sid)", "{0}setting",
         ]
         for k in expected {

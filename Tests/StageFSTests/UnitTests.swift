@@ -54,8 +54,9 @@ struct UnitTests {
 
     /// The short encoding the Redis engine stores: every value comes back (extremes, negative
     /// times, equal and unequal times), a new file's record fits in a string Redis keeps inside
-    /// its object (44 bytes), the fixed encoding still reads, and no malformed record decodes
-    /// (every prefix, a byte added, random bytes: nil, never a crash).
+    /// its object (44 bytes), the fixed encoding still reads, chunk records after it are its
+    /// tail, and no malformed record decodes (every prefix, a byte added, random bytes: nil,
+    /// never a crash).
     @Test func compactAttrEncodingRoundTripsAndRefusesWhatIsMalformed() {
         let now = Timespec(sec: 1_765_000_000, nsec: 123_456_789)
         let later = Timespec(sec: 1_765_000_007, nsec: 5)
@@ -89,8 +90,21 @@ struct UnitTests {
             #expect(Attr.decodeStored(a.encode()) == a)
             for n in 0..<b.count { #expect(Attr.decodeStored(Array(b.prefix(n))) == nil, "prefix \(n) of \(b)") }
             #expect(Attr.decodeStored(b + [0]) == nil)
+            // The records of chunk 0 a file may keep after them: whole records only.
+            let size = UInt32.random(in: 0...UInt32.max, using: &rng)
+            let records = [
+                Slice(pos: 1, id: 2, size: 3, off: 4, len: 5), Slice(pos: .max, id: .max, size: .max, off: .max, len: .max),
+                Slice(pos: 0, id: .random(in: 0...UInt64.max, using: &rng), size: size, off: 0, len: size),
+                Slice(pos: 0, id: 9, size: 10, off: 0, len: 9), Slice(pos: 0, id: 0, size: 0, off: 0, len: 4096),
+            ].flatMap { $0.encoded() }
+            let with = a.encodeCompact(firstChunk: records)
+            #expect(Attr.decodeStored(with) == a && Attr.storedTail(with) == records && Attr.storedParts(with)?.length == b.count)
+            #expect(Attr.decodeStored(Array(with.dropLast())) == nil && Attr.storedTail(b).isEmpty)
+            #expect(Attr.storedTail(a.encode() + records).isEmpty, "the fixed encoding keeps nothing after it")
         }
-        #expect(cases[0].encodeCompact().count <= 44 && cases[1].encodeCompact().count <= 44, "\(cases[0].encodeCompact().count)")
+        // A file written once: its attributes and its one slice record in 44 bytes.
+        let written = cases[0].encodeCompact(firstChunk: Slice(pos: 0, id: 123_456_789, size: 4096, off: 0, len: 4096).encoded())
+        #expect(written.count <= 44 && cases[1].encodeCompact().count <= 44, "\(written.count)")
         for _ in 0..<20_000 {
             var junk = (0..<Int.random(in: 0...48, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }
             if !junk.isEmpty && Bool.random(using: &rng) { junk[0] = 0xC1 }
