@@ -84,7 +84,8 @@ def test_deleting_huge_files_never_stalls_redis(env, redis):
             os.close(fd)
 
         run_as(USER, make)
-        assert int(redis_cli(redis, db, "EVAL", f"return #redis.call('KEYS', '{p}c*')", "0")) >= 2500
+        # (Chunk 0's one record is kept with the file's attributes.)
+        assert int(redis_cli(redis, db, "EVAL", f"return #redis.call('KEYS', '{p}c*')", "0")) >= 2499
         probe = LatencyProbe(redis.port, redis.new_db())
         answers = []
 
