@@ -19,6 +19,9 @@ public struct FuseConfig: Sendable {
     public var fsName = "stagefs"
     public var maxIdleThreads: UInt32 = 16
     public var debug = false
+    /// Extended attributes: off, their operations are left unanswered (`ENOSYS`), and the kernel
+    /// asks no more (applications get `EOPNOTSUPP`).
+    public var xattrs = true
 
     public init() {}
 }
@@ -50,6 +53,12 @@ public final class FuseServer: @unchecked Sendable {
         FuseLog.install()
         var ops = fuse_lowlevel_ops()
         fillOperations(&ops)
+        if !config.xattrs {
+            ops.setxattr = nil
+            ops.getxattr = nil
+            ops.listxattr = nil
+            ops.removexattr = nil
+        }
         var opts = ["default_permissions", "fsname=\(config.fsName)", "subtype=stagefs"]
         opts += config.options
         let args = cfuse3_args_new()

@@ -109,6 +109,12 @@ struct Mount: ParsableCommand {
     )
     var cacheLargeWrite = false
 
+    @Flag(
+        help:
+            "Turn extended attributes off on this mount: their calls fail with EOPNOTSUPP and the kernel stops asking (JuiceFS's default). `ls -l` asks every file's security.selinux, one trip to the mount each when they are on; with them off it asks nothing."
+    )
+    var noXattr = false
+
     @OptionGroup var io: IOOptions
 
     @Flag(
@@ -452,6 +458,7 @@ struct Mount: ParsableCommand {
         fc.options = opts.fuse
         fc.debug = opts.debug
         fc.fsName = "stagefs:\(format.name)"
+        fc.xattrs = !noXattr
         let server = FuseServer(mountPoint: path, config: fc)
         do {
             try server.mount()

@@ -350,6 +350,36 @@ def test_xattrs(volume, workdir):
     assert missing == errno.ENODATA
 
 
+def test_a_mount_with_no_xattr_turns_extended_attributes_off(volume, workdir):
+    """`mount --no-xattr`: every extended-attribute call fails with EOPNOTSUPP (the kernel stops
+    asking the mount, as with JuiceFS's default); the attributes another mount set stay."""
+    path = os.path.join(workdir, "x")
+    run_as(USER, lambda: (open(path, "w").close(), os.setxattr(path, "user.kept", b"1")))
+    other = volume.mount("--no-xattr")
+    try:
+        there = os.path.join(other, os.path.relpath(path, volume.mnt))
+
+        def calls():
+            out = {}
+            for name, call in (("get", lambda: os.getxattr(there, "user.kept")), ("get-security", lambda: os.getxattr(there, "security.selinux")),
+                               ("list", lambda: os.listxattr(there)), ("set", lambda: os.setxattr(there, "user.new", b"2")),
+                               ("remove", lambda: os.removexattr(there, "user.kept"))):
+                try:
+                    call()
+                    out[name] = 0
+                except OSError as e:
+                    out[name] = e.errno
+            out["ls"] = subprocess.run(["ls", "-l", os.path.dirname(there)], capture_output=True, text=True).returncode
+            return out
+
+        got = run_as(USER, calls)
+        assert got == {"get": errno.EOPNOTSUPP, "get-security": errno.EOPNOTSUPP, "list": errno.EOPNOTSUPP, "set": errno.EOPNOTSUPP,
+                       "remove": errno.EOPNOTSUPP, "ls": 0}, got
+        assert run_as(USER, lambda: os.listxattr(path)) == ["user.kept"]
+    finally:
+        volume.umount(other)
+
+
 LOCK_HOLDER = r"""
 import fcntl, os, sys, time
 kind, path, ready = sys.argv[1], sys.argv[2], sys.argv[3]
