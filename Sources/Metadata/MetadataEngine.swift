@@ -257,6 +257,12 @@ extension MetadataEngine {
                 EINVAL,
                 "volume '\(f.name)' has format version \(f.version), newer than this StageFS knows (\(VolumeFormat.currentVersion)): upgrade stagefs")
         }
+        if f.version == 4 {
+            throw FSError(
+                EINVAL,
+                "volume '\(f.name)' has format version 4, the layout of a development build of StageFS that this one does not read: dump it with that build and load the dump into a volume formatted by this one"
+            )
+        }
         if !["none", "lz4", "zstd"].contains(f.compressionName) {
             throw FSError(
                 EINVAL,

@@ -11,6 +11,9 @@ struct ReadCmd: Hashable {
     enum Verb: UInt8 {
         case get, hget, hlen, hstrlen, scard, sismember, zscore, hkeys, lrange, zrange, zrangeByScore, zrevrangeByScore, hrandfield, srandmember
         case hgetall
+        /// Of the key and the one other key named in the argument (in one slot): what a read
+        /// after a commit takes at one moment (`chunkAfterCommit`); never checked or cached.
+        case mget
         /// Not a Redis command: whether a counter is at most the argument (`RedisTxn.atMost`),
         /// which the commit script checks as that comparison.
         case atMost
@@ -32,6 +35,7 @@ struct ReadCmd: Hashable {
             case .hrandfield: "HRANDFIELD"
             case .srandmember: "SRANDMEMBER"
             case .hgetall: "HGETALL"
+            case .mget: "MGET"
             case .atMost: "ATMOST"
             }
         }
@@ -79,6 +83,8 @@ struct ReadCmd: Hashable {
     var cmd: String { verb.name }
 
     static func get(_ k: RKey) -> ReadCmd { ReadCmd(.get, k) }
+    /// `k` and the key named `other` (its whole name, in the same slot).
+    static func mget(_ k: RKey, _ other: String) -> ReadCmd { ReadCmd(.mget, k, arg: Array(other.utf8)) }
     static func hget(_ k: RKey, _ field: [UInt8]) -> ReadCmd { ReadCmd(.hget, k, arg: field) }
     static func hlen(_ k: RKey) -> ReadCmd { ReadCmd(.hlen, k) }
     static func hstrlen(_ k: RKey, _ field: [UInt8]) -> ReadCmd { ReadCmd(.hstrlen, k, arg: field) }
@@ -106,7 +112,7 @@ struct ReadCmd: Hashable {
 
     /// Whether a commit can run it again and expect the same reply (random picks cannot; the
     /// commit's script lists the commands it checks).
-    var checkable: Bool { verb != .hrandfield && verb != .srandmember && verb != .hgetall }
+    var checkable: Bool { verb != .hrandfield && verb != .srandmember && verb != .hgetall && verb != .mget }
     /// Whether the client cache keeps its reply.
     var cacheable: Bool { verb == .get || verb == .hget || verb == .hlen }
 
@@ -204,6 +210,9 @@ package final class RedisTxn {
     var newInodes: [Ino] = []
     /// Reads sent after the commit, unchecked, each with what takes its reply.
     var trailing: [(ReadCmd, (RedisReply) -> Void)] = []
+    /// Chunk 0's records by inode, from the read script's `K` (the attributes and the chunk's key
+    /// at one moment): what a read-only transaction reads of chunk 0 (`RedisTxnStore.chunk`).
+    var firstChunks: [Ino: [UInt8]] = [:]
 
     init(store: RedisTxnStore, write: Bool, useCache: Bool) {
         self.store = store
@@ -336,7 +345,9 @@ package final class RedisTxn {
                 for (m, list) in zip(members.array, lists) {
                     guard budget > 0, let ino = m.text.flatMap({ $0.split(separator: ":").first }).flatMap({ Ino($0) }) else { break }
                     rememberChunks(list, index: store.keys.chunkIndex(ino), ino: ino, from: 0, limit: budget)
-                    budget -= list.array.first?.array.count ?? 0
+                    // (Chunk 0 counts though the index names it no more: as the script counts.)
+                    let names = list.array.first?.array ?? []
+                    budget -= names.count + (names.first?.text == "0" ? 0 : 1)
                 }
             }
         }
@@ -355,6 +366,7 @@ package final class RedisTxn {
         if from == 0 && a.count > 3 {
             remember(.get(store.keys.chunk(ino, 0)), a[2], computed: true)
             remember(.get(store.keys.attr(ino)), a[3], computed: true)
+            firstChunks[ino] = Attr.storedTail(a[3].bytes ?? []) + (a[2].bytes ?? [])
         }
     }
 

@@ -39,7 +39,7 @@ package enum RedisTxnScripts {
     /// their extended attributes};
     /// `K zkeyindex ino from limit` the indexes of a file's chunks from `from` on (at most
     /// `limit`) with the records of those chunks: {indexes, records}, and from 0 the records of
-    /// chunk 0 and the file's attributes after them (from format 4 chunk 0 has no entry in the
+    /// chunk 0 and the file's attributes after them (from format 5 chunk 0 has no entry in the
     /// index, and its one record may follow the attributes: `chunkIndexes`, `chunk`);
     /// `Q zkeyindex limit budget` the first `limit` pending deletes (members `ino:size`) and,
     /// for the files in order, what `K` gives for as many chunks as the budget has left:
@@ -47,11 +47,11 @@ package enum RedisTxnScripts {
     package static let read =
         canon + #"""
             local READ = {GET = true, HGET = true, HLEN = true, HSTRLEN = true, HMGET = true, HKEYS = true, HGETALL = true,
-              HRANDFIELD = true, ZRANGE = true, ZRANGEBYSCORE = true, ZREVRANGEBYSCORE = true, ZSCORE = true,
+              HRANDFIELD = true, MGET = true, ZRANGE = true, ZRANGEBYSCORE = true, ZREVRANGEBYSCORE = true, ZSCORE = true,
               SCARD = true, SISMEMBER = true, SRANDMEMBER = true, LRANGE = true}
             local P = ARGV[1]
             -- A file's chunk indexes from `from` on (sorted set `z`, at most `limit`) and their records;
-            -- from 0, also the records of chunk 0 and the file's attributes (from format 4 chunk 0
+            -- from 0, also the records of chunk 0 and the file's attributes (from format 5 chunk 0
             -- has no entry in the index, and its one record may be kept after the attributes).
             local function chunks(z, ino, from, limit)
               local names = redis.call('ZRANGEBYSCORE', z, from, '+inf', 'LIMIT', 0, tonumber(limit))
@@ -124,7 +124,10 @@ package enum RedisTxnScripts {
                   local ino = string.match(members[j], '^(%d+):')
                   if not ino or budget <= 0 then break end
                   lists[j] = chunks(P .. 'k' .. ino, ino, '0', budget)
-                  budget = budget - #lists[j][1]
+                  -- (Chunk 0 counts, though from format 5 the index does not name it.)
+                  local n = #lists[j][1]
+                  if lists[j][1][1] ~= '0' then n = n + 1 end
+                  budget = budget - n
                 end
                 out[#out + 1] = {members, lists}
                 i = i + 4

@@ -264,7 +264,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     /// Attempts of one transaction before it fails with `EIO`.
     package var maxAttempts = 50
     /// The layout written follows the volume's format version (`formatLoaded`; until it is
-    /// known, that of version 2, which this store reads in any volume). From version 4 a file's
+    /// known, that of version 2, which this store reads in any volume). From version 5 a file's
     /// chunk index names its chunks from 1 on (before, chunk 0 too: an older StageFS mounted on
     /// the volume finds chunks only through the index), and the attributes of inodes but
     /// directories are stored in the short encoding (`Attr.encodeCompact`).
@@ -768,7 +768,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         if attr.type == .regular && !(tx.newInodes.contains(ino) && tx.writes[k] == nil), let cur = try tx.string(k) {
             tail = Attr.storedTail(cur)
         }
-        let short = !tail.isEmpty || (attr.type != .directory && layoutVersion.load(ordering: .relaxed) >= 4)
+        let short = !tail.isEmpty || (attr.type != .directory && layoutVersion.load(ordering: .relaxed) >= 5)
         try tx.set(k, short ? attr.encodeCompact(firstChunk: tail) : attr.encode())
     }
 
@@ -903,13 +903,19 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         if !wanted.isEmpty { try t.load(wanted.map { .cmd(.get($0)) }) }
     }
 
-    /// Chunk 0's records: its key's, or (format 4) the one record kept after the file's
+    /// Chunk 0's records: its key's, or (format 5) the one record kept after the file's
     /// attributes (`Attr.storedTail`) while the chunk has no key. Both are read (that one first),
-    /// whatever the format: a reader never misses records.
+    /// whatever the format: a reader never misses records. A read-only transaction takes them
+    /// at one moment (the read script's `K`); a write takes them through its own writes, and
+    /// its commit checks the reads.
     package func chunk(_ tx: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
         let k = keys.chunk(ino, index)
         guard index == 0 else { return try tx.string(k) ?? [] }
         let a = keys.attr(ino)
+        if !tx.write {
+            if tx.firstChunks[ino] == nil { try tx.load([.chunks(index: keys.chunkIndex(ino), ino: ino, from: 0, limit: 1)]) }
+            if let r = tx.firstChunks[ino] { return r }
+        }
         try readAhead(tx, [k, a])
         let tail = try tx.string(a).map { Attr.storedTail($0) } ?? []
         return tail + (try tx.string(k) ?? [])
@@ -917,12 +923,19 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
 
     package func chunkAfterCommit(_ t: RedisTxn, _ ino: Ino, _ index: UInt32, _ got: @escaping ([UInt8]) -> Void) throws(FSError) {
         if !t.write { return got(try chunk(t, ino, index)) }
-        // (A record kept with the attributes, which the transaction read, comes first.)
-        let tail = index == 0 ? try t.string(keys.attr(ino)).map { Attr.storedTail($0) } ?? [] : []
-        t.trailing.append((.get(keys.chunk(ino, index)), { got(tail + ($0.bytes ?? [])) }))
+        guard index == 0 else { return t.trailing.append((.get(keys.chunk(ino, index)), { got($0.bytes ?? []) })) }
+        // (The attributes and the chunk's key at one moment.)
+        t.trailing.append(
+            (
+                .mget(keys.attr(ino), keys.name(keys.chunk(ino, 0))),
+                { r in
+                    let v = r.array
+                    got(Attr.storedTail(v.first?.bytes ?? []) + ((v.count > 1 ? v[1].bytes : nil) ?? []))
+                }
+            ))
     }
 
-    /// From format 4 chunk 0 of a regular file keeps a single record after the file's
+    /// From format 5 chunk 0 of a regular file keeps a single record after the file's
     /// attributes while that is all it has; the record after it moves both to the chunk's key
     /// (whatever the format this client knows: a record kept there is older than any in the key,
     /// and never beside them).
@@ -936,14 +949,14 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
                 if !tail.isEmpty {
                     try t.set(a, Array(cur[..<length]))
                     try t.append(k, tail)
-                } else if layout >= 4 && attr.type == .regular && record.count == Slice.encodedSize, try t.string(k) == nil {
+                } else if layout >= 5 && attr.type == .regular && record.count == Slice.encodedSize, try t.string(k) == nil {
                     try t.set(a, attr.encodeCompact(firstChunk: record))
                     return
                 }
             }
         }
         try t.append(k, record)
-        if index == 0 && layout >= 4 { return }
+        if index == 0 && layout >= 5 { return }
         let idx = Array(String(index).utf8)
         try t.op("ZADD", keys.chunkIndex(ino), [idx, idx])
     }
@@ -964,7 +977,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     }
 
     /// The index (a sorted set) names the chunks from 1 on; chunk 0 is there when its key is
-    /// (volumes before format 4 also name it in the index: it is counted once).
+    /// (volumes before format 5 also name it in the index: it is counted once).
     package func chunkIndexes(_ tx: RedisTxn, _ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32] {
         let c = ReadCmd.zrangeByScore(keys.chunkIndex(ino), from: String(index), limit: limit, descending: descending)
         if index == 0 && tx.writes[c.key] == nil {

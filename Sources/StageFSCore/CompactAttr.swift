@@ -1,5 +1,5 @@
 /// The short encoding of an inode's attributes that the Redis engine stores for files of
-/// volumes of format 4 (`VolumeFormat.currentVersion`): a record of about 20 bytes where the
+/// volumes of format 5 (`VolumeFormat.currentVersion`): a record of about 20 bytes where the
 /// fixed encoding (`Attr.encode`) takes 71, with a small file's slice record about 25, which
 /// Redis keeps inside the key's object (a string of at most 44 bytes; at most 28 fit its
 /// smallest allocation of 48) instead of in a separate allocation.
@@ -9,8 +9,8 @@
 /// size, parent, atime's seconds (zigzag) and nanoseconds (4 bytes, little-endian: most take 5
 /// as LEB128); mtime as a zigzag difference of seconds from atime and its nanoseconds unless
 /// flag 1 (mtime is atime); ctime likewise from mtime unless flag 2 (ctime is mtime); rdev
-/// when flag 4. What follows is the records of the file's chunk 0 when the Redis engine keeps
-/// them there, each as LEB128 numbers: id, then size times 2 plus 1 for a record of a whole
+/// when flag 4. What follows, when the Redis engine keeps the records of the file's chunk 0
+/// there, is their count (LEB128, at least 1) and each record as LEB128 numbers: id, then size times 2 plus 1 for a record of a whole
 /// slice at the chunk's start (pos and off 0, len the size), else size times 2 and pos, off and
 /// len (5 bytes for a small file's record where a `Slice` record takes 24).
 extension Attr {
@@ -38,7 +38,9 @@ extension Attr {
         if flags & Self.sameMtime == 0 { time(mtime, after: atime.sec) }
         if flags & Self.sameCtime == 0 { time(ctime, after: mtime.sec) }
         if flags & Self.hasRdev != 0 { leb(UInt64(rdev), &out) }
-        for s in Slice.decodeAll(firstChunk) {
+        let records = Slice.decodeAll(firstChunk)
+        if !records.isEmpty { leb(UInt64(records.count), &out) }
+        for s in records {
             let whole = s.pos == 0 && s.off == 0 && s.len == s.size
             leb(s.id, &out)
             leb(UInt64(s.size) << 1 | (whole ? 1 : 0), &out)
@@ -88,7 +90,14 @@ extension Attr {
         }
         let length = r.at
         var chunk = ByteWriter(capacity: 0)
-        while r.at < bytes.count {
+        // (A count first: bytes after the attributes that are not whole records are an error,
+        // never slices.)
+        var count: UInt64 = 0
+        if r.at < bytes.count {
+            guard let n = r.next(max: UInt64((bytes.count - r.at) / 2)), n > 0 else { return nil }
+            count = n
+        }
+        for _ in 0..<count {
             guard let id = r.next(), let shape = r.next(max: u32 << 1 | 1) else { return nil }
             let size = UInt32(shape >> 1)
             if shape & 1 == 1 {
@@ -98,6 +107,7 @@ extension Attr {
             guard let pos = r.next(max: u32), let off = r.next(max: u32), let len = r.next(max: u32) else { return nil }
             Slice(pos: UInt32(pos), id: id, size: size, off: UInt32(off), len: UInt32(len)).encode(into: &chunk)
         }
+        guard r.at == bytes.count else { return nil }
         let a = Attr(
             type: type, mode: UInt16(mode) ^ 0o644, uid: UInt32(uid), gid: UInt32(gidBits) ^ UInt32(uid), nlink: UInt32(nlink), size: size,
             atime: atime, mtime: mtime,

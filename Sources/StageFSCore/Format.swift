@@ -54,10 +54,12 @@ public struct VolumeFormat: Codable, Sendable, Equatable {
 
     /// The newest format version this StageFS writes. 2: the Redis engine keeps an index of
     /// each file's chunks (truncation and deletion in bounded steps). 3: blocks may be
-    /// compressed (`compression`). 4: the Redis engine's chunk index names the chunks from 1 on
-    /// (chunk 0 is found by its key: a file of one chunk has no index). A volume keeps the
-    /// version it was formatted with.
-    public static let currentVersion = 4
+    /// compressed (`compression`). 5: the Redis engine's chunk index names the chunks from 1 on,
+    /// the attributes of files are kept in a short encoding (`Attr.encodeCompact`) with chunk 0
+    /// after them while it has one record. (4 was that layout in development builds, with
+    /// another short encoding: `requireFormat` refuses it.) A volume keeps the version it was
+    /// formatted with.
+    public static let currentVersion = 5
 
     /// The compression named, `none` when there is none.
     public var compressionName: String { compression ?? "none" }

@@ -304,14 +304,14 @@ struct RedisTxnTests {
         #expect(try f.cli(["GET", "{0}c"]) == ["5"])
     }
 
-    /// From format 4 a file's chunk index names its chunks from 1 on, and a chunk 0 of one
+    /// From format 5 a file's chunk index names its chunks from 1 on, and a chunk 0 of one
     /// record is kept after the file's attributes: a file written once has one key. The next
     /// record moves it to the chunk's key, in order, also from a client that does not know the
     /// format, and a change of the attributes keeps it. A volume of an earlier format keeps
     /// naming chunk 0 in the index (an older StageFS mounted on it finds chunks only through
     /// it), and a file whose index names chunk 0 is read, truncated, dumped and deleted with
     /// it counted once.
-    @Test func chunkZeroHasNoIndexEntryFromFormat4() throws {
+    @Test func chunkZeroHasNoIndexEntryFromFormat5() throws {
         let f = try TxnFixture()
         let m = f.meta
         func slice(_ id: UInt64) -> Slice { Slice(pos: 0, id: id, size: 100, off: 0, len: 100) }
@@ -379,6 +379,12 @@ struct RedisTxnTests {
         _ = try v2.writeSlice(file, 0, slice(1), minSize: 0, mtime: .now(), sid: 0)
         let (rc, out) = try Spawn.run("/usr/bin/redis-cli", ["-p", "\(r.port)", "ZRANGE", "{0}k\(file)", "0", "-1"])
         #expect(rc == 0 && out == "0\n", "\(out)")
+        // Version 4, a development build's layout with another short encoding, is refused.
+        let r4 = try RedisServer()
+        let v4 = try openMetadata(try MetaURL.parse(r4.url), create: true)
+        format.version = 4
+        try v4.initialize(format, force: false, rootMode: 0o777)
+        expectErrno(EINVAL) { _ = try v4.requireFormat() }
     }
 
     @Test func keysCarryTheVolumeHashTagAndUntaggedVolumesStayReadable() throws {
