@@ -326,6 +326,9 @@ package final class RedisTxn {
                 let ents = a.count > 1 ? a[1].array : []
                 let attrs = a.count > 2 ? a[2].array : []
                 let xattrs = a.count > 3 ? a[3].array : []
+                // (Up to three replies an entry: made room for at once.)
+                results.reserveCapacity(results.count + ents.count + attrs.count + xattrs.count)
+                reads.reserveCapacity(reads.count + ents.count + attrs.count + xattrs.count)
                 let items = names.array
                 for i in stride(from: 0, to: items.count - 1, by: 2) where i / 2 < ents.count {
                     if let n = items[i].bytes { remember(.hget(d, n), ents[i / 2]) }
