@@ -304,7 +304,8 @@ struct DumpWalk<S: TxnStore> {
             }
             var out: [UInt8] = []
             var names: [DirEntry] = []
-            var longFiles: [Ino] = []
+            // (A long file goes on after the last of its first chunks: indexes may be sparse.)
+            var longFiles: [(Ino, UInt32)] = []
             for (ino, a) in news {
                 var a = a
                 // A directory's parent is the directory the dump found it in.
@@ -313,7 +314,7 @@ struct DumpWalk<S: TxnStore> {
                 try record(ino, a, parent: a.parent, xattrs: xattrs[ino] ?? [], target: targets[ino], chunks: list, into: &out)
                 _ = try self.written.insert(ino)
                 if a.type == .directory { waiting.append(ino) }
-                if list.count == dumpFirstChunks { longFiles.append(ino) }
+                if list.count == dumpFirstChunks, let last = list.last?.0, last < UInt32.max { longFiles.append((ino, last + 1)) }
             }
             let newInodes = Set(news.map { $0.0 })
             var named = Set<Ino>()
@@ -328,7 +329,7 @@ struct DumpWalk<S: TxnStore> {
             }
             if !names.isEmpty { entriesLine(dir, names, into: &out) }
             try sink.write(out)
-            for ino in longFiles { try moreChunks(ino, from: UInt32(dumpFirstChunks), step) }
+            for (ino, next) in longFiles { try moreChunks(ino, from: next, step) }
             tick()
             guard let last = page.last, page.count == dumpPage else { break }
             cookie = last.cookie

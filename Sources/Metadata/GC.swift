@@ -112,7 +112,7 @@ extension TxnMetadata {
         cursor: UInt64, extra: (Ino, Attr) -> [TxnRead] = { _, _ in [] }, more: (S.Txn, Ino, Attr) throws(FSError) -> Void = { _, _, _ in }
     ) throws(FSError) -> InodePage {
         var page = InodePage()
-        var long: [Ino] = []
+        var long: [(Ino, UInt32)] = []
         try store.transaction(write: false) { (tx) throws(FSError) in
             page = InodePage()
             long = []
@@ -128,13 +128,14 @@ extension TxnMetadata {
                     var list: [Slice] = []
                     let idxs = try store.chunkIndexes(tx, ino, from: 0, limit: dumpFirstChunks, descending: false)
                     for idx in idxs { list += Slice.decodeAll(try store.chunk(tx, ino, idx)) }
-                    if idxs.count == dumpFirstChunks { long.append(ino) }
+                    // (It goes on after the last of these: indexes may be sparse.)
+                    if idxs.count == dumpFirstChunks, let last = idxs.last, last < UInt32.max { long.append((ino, last + 1)) }
                     page.slices[ino] = list
                 }
                 try more(tx, ino, a)
             }
         }
-        for ino in long { page.slices[ino, default: []] += try slicesOf(ino, from: UInt32(dumpFirstChunks)) }
+        for (ino, next) in long { page.slices[ino, default: []] += try slicesOf(ino, from: next) }
         return page
     }
 
