@@ -29,6 +29,8 @@ struct Status: ParsableCommand {
         print("Block size:  \(f.blockSizeKiB) KiB")
         print("Compression: \(f.compressionName)")
         print("Created:     \(timeText(f.createdAt))")
+        // (An older StageFS refuses a newer version; `format` run again keeps it.)
+        print("Format:      version \(f.version)")
         print("Used:        \(humanBytes(usage.usedSpace)) in \(usage.usedInodes) inode\(usage.usedInodes == 1 ? "" : "s")")
         if let admin = meta as? any StoredBytesAdmin {
             print("Stored:      \(storedText(try admin.storedCounts()))")
