@@ -19,8 +19,8 @@ public struct FuseConfig: Sendable {
     public var fsName = "stagefs"
     public var maxIdleThreads: UInt32 = 16
     public var debug = false
-    /// Extended attributes: off, their operations are left unanswered (`ENOSYS`), and the kernel
-    /// asks no more (applications get `EOPNOTSUPP`).
+    /// Whether extended attributes are served. When off, their operations are left unanswered
+    /// (`ENOSYS`), so the kernel stops asking and applications get `EOPNOTSUPP`.
     public var xattrs = true
 
     public init() {}

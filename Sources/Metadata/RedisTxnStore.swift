@@ -896,11 +896,12 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
 
     // MARK: chunks
 
-    /// Reads the strings of `keys` this transaction has not written in one round trip (those it
-    /// wrote are read through its writes).
-    private func readAhead(_ t: RedisTxn, _ keys: [RKey]) throws(FSError) {
-        let wanted = keys.filter { t.writes[$0] == nil }
-        if !wanted.isEmpty { try t.load(wanted.map { .cmd(.get($0)) }) }
+    /// What `chunk(_, ino, 0)` reads, to be sent with other reads in one round trip: a read-only
+    /// transaction the read script's `K` (both keys at one moment), a write both keys (but
+    /// those it wrote, which it reads through its writes).
+    private func chunkZeroReads(_ t: RedisTxn, _ ino: Ino) -> [ReadOp] {
+        if !t.write { return t.firstChunks[ino] == nil ? [.chunks(index: keys.chunkIndex(ino), ino: ino, from: 0, limit: 1)] : [] }
+        return [keys.chunk(ino, 0), keys.attr(ino)].filter { t.writes[$0] == nil }.map { .cmd(.get($0)) }
     }
 
     /// Chunk 0's records: its key's, or (format 5) the one record kept after the file's
@@ -911,13 +912,10 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     package func chunk(_ tx: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
         let k = keys.chunk(ino, index)
         guard index == 0 else { return try tx.string(k) ?? [] }
-        let a = keys.attr(ino)
-        if !tx.write {
-            if tx.firstChunks[ino] == nil { try tx.load([.chunks(index: keys.chunkIndex(ino), ino: ino, from: 0, limit: 1)]) }
-            if let r = tx.firstChunks[ino] { return r }
-        }
-        try readAhead(tx, [k, a])
-        let tail = try tx.string(a).map { Attr.storedTail($0) } ?? []
+        let reads = chunkZeroReads(tx, ino)
+        if !reads.isEmpty { try tx.load(reads) }
+        if !tx.write, let r = tx.firstChunks[ino] { return r }
+        let tail = try tx.string(keys.attr(ino)).map { Attr.storedTail($0) } ?? []
         return tail + (try tx.string(k) ?? [])
     }
 
@@ -944,7 +942,8 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         let layout = layoutVersion.load(ordering: .relaxed)
         if index == 0 {
             let a = keys.attr(ino)
-            try readAhead(t, [k, a])
+            let reads = chunkZeroReads(t, ino)
+            if !reads.isEmpty { try t.load(reads) }
             if let cur = try t.string(a), let (attr, length, tail) = Attr.storedParts(cur) {
                 if !tail.isEmpty {
                     try t.set(a, Array(cur[..<length]))
@@ -968,8 +967,8 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     package func deleteChunk(_ t: RedisTxn, _ ino: Ino, _ index: UInt32) throws(FSError) -> [UInt8] {
         let k = keys.chunk(ino, index)
         let blob = try chunk(t, ino, index)
-        if index == 0, let cur = try t.string(keys.attr(ino)) {
-            if let (_, length, tail) = Attr.storedParts(cur), !tail.isEmpty { try t.set(keys.attr(ino), Array(cur[..<length])) }
+        if index == 0, let cur = try t.string(keys.attr(ino)), let (_, length, tail) = Attr.storedParts(cur), !tail.isEmpty {
+            try t.set(keys.attr(ino), Array(cur[..<length]))
         }
         if try t.string(k) != nil { try t.del(k) }
         try t.op("ZREM", keys.chunkIndex(ino), [Array(String(index).utf8)])
@@ -980,9 +979,8 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
     /// (volumes before format 5 also name it in the index: it is counted once).
     package func chunkIndexes(_ tx: RedisTxn, _ ino: Ino, from index: UInt32, limit: Int, descending: Bool) throws(FSError) -> [UInt32] {
         let c = ReadCmd.zrangeByScore(keys.chunkIndex(ino), from: String(index), limit: limit, descending: descending)
-        if index == 0 && tx.writes[c.key] == nil {
-            try tx.load([.cmd(c)] + [keys.chunk(ino, 0), keys.attr(ino)].filter { tx.writes[$0] == nil }.map { .cmd(.get($0)) })
-        }
+        // (What chunk 0 needs goes with the index's read.)
+        if index == 0 && tx.writes[c.key] == nil { try tx.load([.cmd(c)] + chunkZeroReads(tx, ino)) }
         var got = try tx.scan(c).array.compactMap { $0.text.flatMap { UInt32($0) } }
         guard index == 0 else { return got }
         got.removeAll { $0 == 0 }
