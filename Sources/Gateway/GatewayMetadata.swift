@@ -260,7 +260,8 @@ package final class GatewayMetadata: MetadataEngine, CloneAdmin, TrashAdmin, Quo
         return try r.data(max: 4096)
     }
 
-    package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
+    /// (The gateway does not say which entries have extended attributes: `xattrs` is not used.)
+    package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool, xattrs: Bool) throws(FSError) -> [DirEntry] {
         var r = try client.call(.readdir) { [tags] in
             tags.ref(&$0, ino)
             $0.u64(cookie)

@@ -269,7 +269,7 @@ struct DumpWalk<S: TxnStore> {
             let written = self.written
             try step { (tx) throws(FSError) in
                 (page, news, xattrs, targets, chunks) = ([], [], [:], [:], [:])
-                try store.prefetch(tx, [.entries(dir, after: cookie, limit: dumpPage, plus: true)])
+                try store.prefetch(tx, [.entries(dir, after: cookie, limit: dumpPage, plus: true, xattrs: true)])
                 page = try store.entries(tx, dir, after: cookie, limit: dumpPage)
                 try store.prefetch(tx, page.map { .attr($0.ino) })
                 var seenHere = Set<Ino>()

@@ -100,7 +100,7 @@ extension TxnMetadata {
             while true {
                 var page: [DirEntry] = []
                 try store.transaction(write: false) { (tx) throws(FSError) in
-                    try store.prefetch(tx, [.attr(dir), .entries(dir, after: cookie, limit: dumpPage, plus: true)])
+                    try store.prefetch(tx, [.attr(dir), .entries(dir, after: cookie, limit: dumpPage, plus: true, xattrs: false)])
                     if cookie == 0 { dirAttr = try store.attr(tx, dir) }
                     page = try store.entries(tx, dir, after: cookie, limit: dumpPage)
                     try store.prefetch(tx, page.map { .attr($0.ino) })

@@ -129,9 +129,11 @@ public protocol MetadataEngine: AnyObject, Sendable {
         throws(FSError) -> RenameResult
     func link(_ cred: Credential, _ ino: Ino, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> Attr
     func readlink(_ ino: Ino) throws(FSError) -> [UInt8]
-    /// Entries after position `cookie` (0 for the start), at most `limit`, with attributes when `plus`.
-    /// Positions stay valid while the directory changes.
-    func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry]
+    /// Entries after position `cookie` (0 for the start), at most `limit`, with attributes when
+    /// `plus`, and with `xattrs` too whether each has extended attributes (`DirEntry.hasXattrs`;
+    /// an engine that cannot tell cheaply leaves it nil). Positions stay valid while the
+    /// directory changes.
+    func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool, xattrs: Bool) throws(FSError) -> [DirEntry]
 
     // MARK: extended attributes
     func getxattr(_ cred: Credential, _ ino: Ino, _ name: [UInt8]) throws(FSError) -> [UInt8]
@@ -208,6 +210,11 @@ public struct Deletions: OptionSet, Sendable {
 }
 
 extension MetadataEngine {
+    /// `readdir` without asking whether each entry has extended attributes.
+    public func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
+        try readdir(ino, after: cookie, limit: limit, plus: plus, xattrs: false)
+    }
+
     /// Takes what nothing references any more off the deletion queues, in bounded steps, and
     /// hands each slice whose objects are to go to `delete`: files (`what` has `.files`) up to
     /// 100 per step, at most `limit` steps and about `seconds`; then up to `limit` slices cut off

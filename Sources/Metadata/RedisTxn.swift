@@ -141,8 +141,9 @@ enum ReadOp {
     /// An entry of directory hash `dir` and what the inode it names holds.
     case entry(dir: RKey, name: [UInt8])
     /// A page of a directory: positions in `positions`, entries in `entries`.
-    /// `plus`: with the attributes of the inodes they name.
-    case page(positions: RKey, entries: RKey, after: UInt64, limit: Int, plus: Bool)
+    /// `plus`: with the attributes of the inodes they name, and with `xattrs` the counts of
+    /// their extended attributes.
+    case page(positions: RKey, entries: RKey, after: UInt64, limit: Int, plus: Bool, xattrs: Bool)
     /// The indexes of a file's chunks from `from` on (sorted set `index`, at most `limit`) and
     /// the records of those chunks.
     case chunks(index: RKey, ino: Ino, from: UInt32, limit: Int)
@@ -290,7 +291,7 @@ package final class RedisTxn {
                     asked.append(c)
                     ops.append(w)
                 }
-            case .page(let z, _, let after, let limit, _):
+            case .page(let z, _, let after, let limit, _, _):
                 if results[.page(z, after: after, limit: limit)] == nil { ops.append(w) }
             case .chunks(let index, _, let from, let limit):
                 if results[.chunkList(index, from: from, limit: limit)] == nil { ops.append(w) }
@@ -319,7 +320,7 @@ package final class RedisTxn {
                         remember(.hlen(store.keys.opens(ino)), a[2], computed: true)
                     }
                 }
-            case .page(let z, let d, let after, let limit, _):
+            case .page(let z, let d, let after, let limit, _, _):
                 let a = r.array
                 let names = a.first ?? .array([])
                 remember(.page(z, after: after, limit: limit), names)

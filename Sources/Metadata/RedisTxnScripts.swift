@@ -35,8 +35,8 @@ package enum RedisTxnScripts {
     /// count its type does not have left nil ({nil} when missing; those keys follow from the
     /// entry, under the same hash tag);
     /// `D zkeyindex dkeyindex after limit plus` a page of a directory: {names and positions,
-    /// entries, and with `plus` = 1 the attributes of the inodes they name and the HLEN of
-    /// their extended attributes};
+    /// entries, and with `plus` = 1 or 2 the attributes of the inodes they name, and with 1 the
+    /// HLEN of their extended attributes too};
     /// `K zkeyindex ino from limit` the indexes of a file's chunks from `from` on (at most
     /// `limit`) with the records of those chunks: {indexes, records}, and from 0 the records of
     /// chunk 0 and the file's attributes after them (from format 5 chunk 0 has no entry in the
@@ -98,17 +98,32 @@ package enum RedisTxnScripts {
                 end
                 local attrs = {}
                 local xattrs = {}
-                if ARGV[i + 5] == '1' then
+                local plus = ARGV[i + 5]
+                if plus ~= '0' then
+                  -- (The attributes in MGETs of up to 500 keys: one call each costs the server
+                  -- less than a GET per entry.)
+                  local inos = {}
                   for j = 1, #ents do
                     local v = ents[j]
-                    if v then
-                      local ino = string.format('%d', struct.unpack('>I8', v))
-                      attrs[j] = redis.call('GET', P .. 'i' .. ino)
-                      xattrs[j] = redis.call('HLEN', P .. 'x' .. ino)
-                    else
-                      attrs[j] = false
-                      xattrs[j] = false
+                    attrs[j] = false
+                    if v then inos[j] = string.format('%d', struct.unpack('>I8', v)) end
+                  end
+                  local batch, at = {}, {}
+                  for j = 1, #ents + 1 do
+                    if j > #ents or #batch == 500 then
+                      if #batch > 0 then
+                        local got = redis.call('MGET', unpack(batch))
+                        for m = 1, #at do attrs[at[m]] = got[m] end
+                      end
+                      batch, at = {}, {}
                     end
+                    if j <= #ents and inos[j] then
+                      batch[#batch + 1] = P .. 'i' .. inos[j]
+                      at[#at + 1] = j
+                    end
+                  end
+                  if plus == '1' then
+                    for j = 1, #ents do xattrs[j] = inos[j] and redis.call('HLEN', P .. 'x' .. inos[j]) or false end
                   end
                 end
                 out[#out + 1] = {names, ents, attrs, xattrs}

@@ -621,13 +621,13 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
                 argv.add("E")
                 argv.add(idx(dir))
                 argv.add(name)
-            case .page(let z, let d, let after, let limit, let plus):
+            case .page(let z, let d, let after, let limit, let plus, let xattrs):
                 argv.add("D")
                 argv.add(idx(z))
                 argv.add(idx(d))
                 argv.add(after)
                 argv.add(limit)
-                argv.add(plus ? 1 : 0)
+                argv.add(!plus ? 0 : xattrs ? 1 : 2)
             case .chunks(let index, let ino, let from, let limit):
                 argv.add("K")
                 argv.add(idx(index))
@@ -690,8 +690,9 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
             case .counter(let name): ops.append(.cmd(.get(keys.counter(name))))
             case .setting(let name): ops.append(.cmd(.get(settingKey(name))))
             case .sliceRefs(let id): ops.append(.cmd(.hget(keys.sliceRefs, Array(String(id).utf8))))
-            case .entries(let dir, let after, let limit, let plus):
-                ops.append(.page(positions: keys.positions(dir), entries: keys.entries(dir), after: after, limit: limit, plus: plus))
+            case .entries(let dir, let after, let limit, let plus, let xattrs):
+                ops.append(
+                    .page(positions: keys.positions(dir), entries: keys.entries(dir), after: after, limit: limit, plus: plus, xattrs: xattrs))
             }
         }
         // A key this transaction already wrote is read through its writes, not fetched.
@@ -814,7 +815,7 @@ package final class RedisTxnStore: RequestRecordStore, @unchecked Sendable {
         let z = keys.positions(parent)
         let d = keys.entries(parent)
         if t.writes[z] != nil || t.writes[d] != nil { throw bug("reading directory \(parent) after changing it in the same transaction") }
-        try t.load([.page(positions: z, entries: d, after: cookie, limit: limit, plus: false)])
+        try t.load([.page(positions: z, entries: d, after: cookie, limit: limit, plus: false, xattrs: false)])
         let names = try t.value(.page(z, after: cookie, limit: limit)).array
         var out: [DirEntry] = []
         out.reserveCapacity(names.count / 2)

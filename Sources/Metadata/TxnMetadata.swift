@@ -167,8 +167,9 @@ package enum TxnRead: Sendable {
     case xattrBytes(Ino)
     case locks(Ino, UInt8)
     case symlink(Ino)
-    /// A page of a directory (`TxnStore.entries`); `plus`: with the attributes of its inodes.
-    case entries(Ino, after: UInt64, limit: Int, plus: Bool)
+    /// A page of a directory (`TxnStore.entries`); `plus`: with the attributes of its inodes,
+    /// and with `xattrs` the count of each one's extended attributes.
+    case entries(Ino, after: UInt64, limit: Int, plus: Bool, xattrs: Bool)
     case counter(String)
     case setting(String)
     case sliceRefs(UInt64)
@@ -941,19 +942,19 @@ package final class TxnMetadata<S: TxnStore>: MetadataEngine {
     }
 
     @_specialize(where S == RedisTxnStore)
-    package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool) throws(FSError) -> [DirEntry] {
+    package func readdir(_ ino: Ino, after cookie: UInt64, limit: Int, plus: Bool, xattrs: Bool) throws(FSError) -> [DirEntry] {
         try store.transaction(write: false) { (tx) throws(FSError) in
-            try store.prefetch(tx, [.attr(ino), .entries(ino, after: cookie, limit: limit, plus: plus)])
+            try store.prefetch(tx, [.attr(ino), .entries(ino, after: cookie, limit: limit, plus: plus, xattrs: xattrs)])
             guard let a = try store.attr(tx, ino) else { throw FSError.notFound }
             guard a.type == .directory else { throw FSError.notDir }
             var out = try store.entries(tx, ino, after: cookie, limit: limit)
             if plus {
                 // (Whether each has extended attributes too: a client answers `ls -l`'s
                 // security.selinux of each without a round trip when it has none.)
-                try store.prefetch(tx, out.flatMap { [TxnRead.attr($0.ino), .xattrCount($0.ino)] })
+                try store.prefetch(tx, out.flatMap { xattrs ? [TxnRead.attr($0.ino), .xattrCount($0.ino)] : [TxnRead.attr($0.ino)] })
                 for i in out.indices {
                     out[i].attr = try store.attr(tx, out[i].ino)
-                    out[i].hasXattrs = try store.xattrCount(tx, out[i].ino) > 0
+                    if xattrs { out[i].hasXattrs = try store.xattrCount(tx, out[i].ino) > 0 }
                 }
                 out.removeAll { $0.attr == nil }
             }

@@ -76,8 +76,20 @@ package final class MetaCache: @unchecked Sendable {
     }
 
     func drop(_ inos: Ino...) {
-        lock.withLock { for i in inos { attrs[i]?.deadline = 0 } }
+        lock.withLock {
+            for i in inos { attrs[i]?.deadline = 0 }
+            _changes &+= 1
+        }
     }
+
+    /// How many times this client changed metadata (each `drop`, `dropEntry`, `beginChange`,
+    /// `endChange` and `noteChange` counts): what was read from the engine while it stood
+    /// still is as good as what the cache holds (`DirReadahead`).
+    var changes: UInt64 { lock.withLock { _changes } }
+    private var _changes: UInt64 = 0
+
+    /// This client changed the attributes of an inode (and `put` the new ones).
+    func noteChange() { lock.withLock { _changes &+= 1 } }
 
     package func entry(_ parent: Ino, _ name: [UInt8]) -> Ino? {
         guard entryTTL > 0 || dirEntryTTL > 0 else { return nil }
@@ -140,6 +152,7 @@ package final class MetaCache: @unchecked Sendable {
         let deadline = Sys.monotonicNanos() + attrTTL
         let asOf = clock()
         lock.withLock {
+            _changes &+= 1
             guard var e = changing[dir] else { return }
             e.inFlight -= 1
             let overlapped = !token.alone || e.began != token.began
@@ -153,6 +166,9 @@ package final class MetaCache: @unchecked Sendable {
     }
 
     func dropEntry(_ parent: Ino, _ name: [UInt8]) {
-        lock.withLock { entries[EntryKey(parent: parent, name: name)]?.1 = 0 }
+        lock.withLock {
+            entries[EntryKey(parent: parent, name: name)]?.1 = 0
+            _changes &+= 1
+        }
     }
 }

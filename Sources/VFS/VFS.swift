@@ -21,6 +21,10 @@ public struct VFSConfig: Sendable {
     public var dirEntryCache: Double = 1
     /// The directory the mount shows as its root (`mount --subdir`): the volume's root by default.
     public var top: Ino = rootIno
+    /// Whether extended attributes are served (`mount --no-xattr` turns them off): when they
+    /// are, a listing asks whether each entry has any, so that lookups of absent ones need no
+    /// round trip.
+    public var xattrs = true
 
     public init() {}
 }
@@ -43,6 +47,8 @@ public final class VFS: Sendable {
     private let lockWaits = LockWaits()
     private let background: Background
     private let cache: MetaCache
+    /// The next page of the directories being listed, read ahead (with the client cache only).
+    private let listings: DirReadahead
     /// Compacts chunks fragmented by many writes (nil: read-only, or through a gateway).
     private let compactor: Compactor?
 
@@ -75,6 +81,7 @@ public final class VFS: Sendable {
             attrTTL: config.attrCache, entryTTL: config.entryCache, dirEntryTTL: config.dirEntryCache,
             clock: { [data] in data.changeClockNow }, changed: { [data] in data.changeStamp($0) })
         xattrs = XattrAbsence(ttl: cache.attrTTL)
+        listings = DirReadahead(ttl: cache.attrTTL)
         session = SessionKeeper(meta: meta, timeout: config.sessionTimeout) { [config] in
             SessionInfo(hostname: Sys.hostname(), pid: getpid(), mountPoint: config.mountPoint, version: config.version)
         }
@@ -106,6 +113,7 @@ public final class VFS: Sendable {
         compactor?.stop()
         do { try data.flushAll() } catch { Log.error("flushing buffered writes at unmount: \(error.message)") }
         background.stop()
+        listings.shutdown()
         let open = files.all.map(\.ino)
         if !open.isEmpty { _ = try? meta.close(open.map { ($0, sid) }) }
         background.cleanDeleted()
@@ -152,7 +160,12 @@ public final class VFS: Sendable {
     }
 
     /// Records the mode `a` in the open handles of `ino`.
-    private func noteMode(_ ino: Ino, _ a: Attr) { files.noteMode(ino, a) }
+    /// This client changed the attributes of `ino` to `a`: records the mode in its open
+    /// handles, and the change for what was read before (`MetaCache.changes`).
+    private func noteMode(_ ino: Ino, _ a: Attr) {
+        files.noteMode(ino, a)
+        cache.noteChange()
+    }
 
     public func lookup(_ cred: Credential, _ parent: Ino, _ name: [UInt8]) throws(FSError) -> (Ino, Attr) {
         let parent = inVolume(parent)
@@ -383,11 +396,25 @@ public final class VFS: Sendable {
             out.append(DirEntry(name: [UInt8(ascii: "."), UInt8(ascii: ".")], ino: forKernel(parent), type: .directory, cookie: 2, attr: pa))
         }
         let after = offset < 2 ? 0 : offset - 2
-        // Attributes come in the same round trip: fetch them always, so the lookups and stats
-        // that usually follow a listing are answered from the client cache.
-        let t = cache.stamp()
-        let epoch = xattrs.epoch
-        var entries = try meta.readdir(ino, after: after, limit: limit, plus: plus || cache.enabled)
+        // With the client cache a listing goes on from the pages read ahead while the kernel
+        // took the ones before (`DirReadahead`); a listing from its start reads afresh.
+        var served: DirReadahead.Served?
+        if cache.enabled && offset >= 2 {
+            served = listings.take(ino, after: after, limit: limit) { [cache, data] p in
+                p.changes == cache.changes && (p.entries ?? []).allSatisfy { data.changeStamp($0.ino) <= p.stamp }
+            }
+        }
+        if served == nil {
+            let page = try readPage(ino, after: after, limit: limit, plus: plus)
+            served = DirReadahead.Served(entries: page.entries ?? [], stamp: page.stamp, epoch: page.epoch)
+            if cache.enabled { listings.keep(ino, page) }
+        }
+        if cache.enabled {
+            listings.readAhead(ino) { [self] (after, limit) throws(FSError) in try readPage(ino, after: after, limit: limit, plus: true) }
+        }
+        let t = served!.stamp
+        let epoch = served!.epoch
+        var entries = served!.entries
         let inTrash = Trash.isTrash(ino)
         for i in entries.indices {
             entries[i].cookie += 2
@@ -395,11 +422,27 @@ public final class VFS: Sendable {
             if entries[i].hasXattrs == false { xattrs.absent(real, all: true, ifUnchangedSince: epoch) }
             if inTrash && entries[i].type == .regular { entries[i].ino = forKernel(real, inTrash: true) }
             if let a = entries[i].attr {
-                cache.putEntry(ino, entries[i].name, real, a, asOf: t)
+                // (A listing with attributes gives the kernel the entries and attributes to keep
+                // as long as the client cache would: only a plain one is kept here, for the
+                // lookups and stats that follow it.)
+                if !plus { cache.putEntry(ino, entries[i].name, real, a, asOf: t) }
                 entries[i].attr = overlay(real, a)
             }
         }
         return out + entries
+    }
+
+    /// A page of directory `ino` read from the engine, with the client cache's clocks as they
+    /// stood before. Attributes come in the same round trip: with the cache they are read
+    /// always, so the lookups and stats that usually follow a listing are answered from it.
+    private func readPage(_ ino: Ino, after: UInt64, limit: Int, plus: Bool) throws(FSError) -> DirReadahead.Page {
+        let changes = cache.changes
+        let t = cache.stamp()
+        let epoch = xattrs.epoch
+        let entries = try meta.readdir(ino, after: after, limit: limit, plus: plus || cache.enabled, xattrs: config.xattrs)
+        let page = DirReadahead.Page(after: after, limit: limit)
+        page.fill(entries, stamp: t, epoch: epoch, changes: changes)
+        return page
     }
 
     // MARK: files

@@ -504,6 +504,7 @@ struct Mount: ParsableCommand {
         vc.mountPoint = path
         vc.version = stageFSVersion
         vc.top = top
+        vc.xattrs = !noXattr
         let vfs = VFS(meta: meta, data: data, config: vc)
         do {
             try vfs.start()

@@ -285,8 +285,10 @@ struct ConformanceTests {
         // Whether each has extended attributes comes with the attributes (f24 has one).
         let tagged = try m.lookup(alice, dir, n("f24")).0
         try m.setxattr(alice, tagged, n("user.tag"), n("v"), .any)
-        let again = try m.readdir(dir, after: 0, limit: 100, plus: true)
+        let again = try m.readdir(dir, after: 0, limit: 100, plus: true, xattrs: true)
         #expect(again.count == 20 && again.allSatisfy { $0.hasXattrs == ($0.nameString == "f24") }, "hasXattrs of each entry")
+        let unasked = try m.readdir(dir, after: 0, limit: 100, plus: true)
+        #expect(unasked.count == 20 && unasked.allSatisfy { $0.hasXattrs == nil && $0.attr != nil }, "not asked, not told")
         #expect(seen.isDisjoint(with: restNames), "entries already read do not come again")
         for name in unread.dropFirst(5) { #expect(restNames.contains(name), "unchanged entry \(name) still listed") }
         for name in unread.prefix(5) { #expect(!restNames.contains(name), "removed entry \(name) not listed") }

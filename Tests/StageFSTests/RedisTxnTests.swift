@@ -564,7 +564,7 @@ struct RedisTxnTests {
         cold["getattr"] = try trips(c.store) { _ = try c.getattr(ino) }
         (c, csid) = try fresh()
         var listed: [DirEntry] = []
-        let readdirPlus = try trips(c.store) { listed = try c.readdir(dir, after: 0, limit: 100, plus: true) }
+        let readdirPlus = try trips(c.store) { listed = try c.readdir(dir, after: 0, limit: 100, plus: true, xattrs: true) }
         #expect(readdirPlus == 1 && listed.count == 1 && listed[0].attr?.size == 4096, "a page of a directory with attributes in one round trip")
         #expect(listed.first?.hasXattrs == true, "and whether each has extended attributes (user.k)")
         (c, csid) = try fresh()

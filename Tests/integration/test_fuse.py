@@ -497,6 +497,47 @@ def test_statfs(volume, workdir):
     assert (after.f_blocks - after.f_bfree) >= (before.f_blocks - before.f_bfree) + 20 * 3
 
 
+def test_a_listing_shows_what_this_mount_changed_while_it_went_on(volume, workdir):
+    """A listing goes on from pages the mount read ahead while the kernel took the ones before:
+    what this mount changed meanwhile (modes, removals) must still show in the entries and
+    attributes the rest of the listing hands the kernel, so a stat after it sees the changes."""
+    d = os.path.join(workdir, "many")
+    n = 3000
+
+    def work():
+        os.umask(0o022)
+        os.mkdir(d)
+        for i in range(n):
+            open(os.path.join(d, f"f{i:04}"), "w").close()
+        with os.scandir(d) as it:
+            first = next(it).name
+            # (The first page is served and the next read ahead: change what they hold.)
+            for i in range(n):
+                name = f"f{i:04}"
+                if name == first:
+                    continue
+                if i % 4 == 0:
+                    os.unlink(os.path.join(d, name))
+                elif i % 2 == 1:
+                    os.chmod(os.path.join(d, name), 0o600)
+            listed = [first] + [e.name for e in it]
+        wrong = []
+        for i in range(n):
+            name = f"f{i:04}"
+            try:
+                mode = stat.S_IMODE(os.lstat(os.path.join(d, name)).st_mode)
+            except FileNotFoundError:
+                mode = None
+            want = 0o644 if name == first or i % 4 == 2 else None if i % 4 == 0 else 0o600
+            if mode != want:
+                wrong.append((name, mode, want))
+        return wrong, len(listed)
+
+    wrong, count = run_as(USER, work)
+    assert not wrong, f"{len(wrong)} stale after the listing, e.g. {wrong[:5]}"
+    assert count >= n - n // 4, count
+
+
 def test_directory_listing_and_permissions(volume, workdir):
     def work():
         for i in range(300):
