@@ -63,7 +63,9 @@ final class DirReadahead: @unchecked Sendable {
     /// The pages of each directory, in order of position, each following the one before; the
     /// directory last served is last.
     private var pages: [(dir: Ino, list: [Page])] = []
-    private let pool = WorkerPool(name: "dir-readahead", threads: 1)
+    /// (Pages of one directory are read one after the other: more threads serve more
+    /// directories listed at once.)
+    private let pool = WorkerPool(name: "dir-readahead", threads: 4)
     /// How long a page may be served after it was read (nanoseconds).
     private let ttl: UInt64
 
@@ -85,8 +87,13 @@ final class DirReadahead: @unchecked Sendable {
                         p.after == after || (p.entries?.contains { $0.cookie == after } ?? false)
                     })
                 else { return nil }
-                // (A page still being read is waited for; the list may change meanwhile.)
+                // (A page still being read is waited for, unless what it began with is stale
+                // already; the list may change meanwhile.)
                 if let p = list[start...].first(where: { $0.entries == nil && !$0.failed }) {
+                    guard valid(p) else {
+                        pages.remove(at: i)
+                        return nil
+                    }
                     while p.entries == nil && !p.failed { lock.wait() }
                     continue
                 }
@@ -106,8 +113,10 @@ final class DirReadahead: @unchecked Sendable {
                     lastFull = p.full
                     if out.entries.count == limit || !p.full { break }
                 }
-                // (Not all read yet: the caller reads the page itself.)
-                if out.entries.count < limit && lastFull { return nil }
+                // (Not all read yet: the caller reads the page itself. Nor is an empty page
+                // served: the kernel takes it for the directory's end, and a page short of its
+                // limit may only have lost entries whose inodes were gone.)
+                if out.entries.isEmpty || (out.entries.count < limit && lastFull) { return nil }
                 pages[i].list = Array(list[start...])
                 pages.append(pages.remove(at: i))
                 return out
@@ -125,20 +134,24 @@ final class DirReadahead: @unchecked Sendable {
     }
 
     /// Starts reading the page of `dir` after its last one kept, when that one was full and
-    /// no later one is kept or being read: `read` (run on the read-ahead thread) reads a page,
-    /// or throws and the page is not used.
-    func readAhead(_ dir: Ino, _ read: @escaping @Sendable (_ after: UInt64, _ limit: Int) throws(FSError) -> Page) {
+    /// no later one is kept or being read: `read` (run on a read-ahead thread) reads a page,
+    /// or throws and the page is not used. `changes`: the client cache's count of changes now
+    /// (a page waited for is given up once it moved).
+    func readAhead(_ dir: Ino, changes: UInt64, _ read: @escaping @Sendable (_ after: UInt64, _ limit: Int) throws(FSError) -> Page) {
         let page: Page? = lock.withLock {
             guard let i = pages.firstIndex(where: { $0.dir == dir }), let last = pages[i].list.last else { return nil }
             guard let e = last.entries, last.full, let end = e.last?.cookie else { return nil }
             if pages[i].list.count >= Self.pagesPerDir { pages[i].list.removeFirst() }
             let p = Page(after: end, limit: last.limit)
+            p.changes = changes
             pages[i].list.append(p)
             return p
         }
         guard let page else { return }
         pool.submit { [self] in
-            let got = try? read(page.after, page.limit)
+            // (A page no list holds any more is not read: given up, or pushed out by others.)
+            let wanted = lock.withLock { pages.contains { $0.list.contains { $0 === page } } }
+            let got = wanted ? try? read(page.after, page.limit) : nil
             lock.withLock {
                 if let got, let e = got.entries {
                     page.fill(e, stamp: got.stamp, epoch: got.epoch, changes: got.changes)

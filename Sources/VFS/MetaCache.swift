@@ -135,6 +135,7 @@ package final class MetaCache: @unchecked Sendable {
     /// Returns what `endChange` needs.
     func beginChange(_ dir: Ino) -> (began: UInt64, alone: Bool) {
         lock.withLock {
+            _changes &+= 1
             var e = changing[dir] ?? (0, 0)
             let alone = e.inFlight == 0
             e.inFlight += 1

@@ -410,7 +410,9 @@ public final class VFS: Sendable {
             if cache.enabled { listings.keep(ino, page) }
         }
         if cache.enabled {
-            listings.readAhead(ino) { [self] (after, limit) throws(FSError) in try readPage(ino, after: after, limit: limit, plus: true) }
+            listings.readAhead(ino, changes: cache.changes) { [self] (after, limit) throws(FSError) in
+                try readPage(ino, after: after, limit: limit, plus: true)
+            }
         }
         let t = served!.stamp
         let epoch = served!.epoch
