@@ -41,6 +41,10 @@ static inline int clinux_start_writeback(int fd) {
 #endif
 static inline int clinux_o_path(void) { return O_PATH; }
 
+/* O_DIRECT (glibc defines it only with _GNU_SOURCE; its own name for it, __O_DIRECT, always): a
+   file's writes go from the caller's memory to the device, past the page cache. */
+static inline int clinux_o_direct(void) { return __O_DIRECT; }
+
 /* openat2(2) with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS: `path` relative
    to `dirfd`, refused (EXDEV, ELOOP) when it would leave that directory or meet a symbolic link
    anywhere. ENOSYS before Linux 5.6. */

@@ -186,6 +186,9 @@ public enum Sys {
 
     /// `O_PATH`: a descriptor naming a directory for the `*at` calls, without read permission.
     public static let O_PATH = clinux_o_path()
+    /// `O_DIRECT`: writes go from the caller's memory to the device, past the page cache (set
+    /// with `fcntl(F_SETFL)`; the buffer, offset and length must be aligned to the device).
+    public static let O_DIRECT = clinux_o_direct()
 
     /// `openat2(2)` of the relative `path` below the open directory `dir`, never following a
     /// symbolic link in any of its components nor leaving `dir` (through `..` or an absolute

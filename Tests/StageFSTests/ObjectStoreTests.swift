@@ -106,6 +106,51 @@ struct ObjectStoreTests {
         #expect(plain.unsyncedCount == 0)
     }
 
+    /// A block of whole pages from a page-aligned buffer is written past the page cache
+    /// (`O_DIRECT`) where the bucket's file system takes it: it reads back byte for byte, and
+    /// none of its pages is left in the page cache. Other objects (a length not of whole pages,
+    /// a buffer not aligned) go through the page cache and read back as well.
+    @Test func wholePageBlocksAreWrittenPastThePageCache() throws {
+        let dir = try makeTempDir("direct")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var config = StoreConfig(storage: "file", bucket: dir + "/bucket")
+        config.deferSync = true
+        let store = try #require(try openObjectStore(config) as? LocalObjectStore)
+        try store.create()
+        let n = 1 << 20
+        let buf = Sys.map(n + 4096)
+        defer { Sys.unmap(buf, n + 4096) }
+        for i in 0..<(n + 4096) { buf.storeBytes(of: UInt8(truncatingIfNeeded: i &* 7 &+ i >> 12), toByteOffset: i, as: UInt8.self) }
+        let whole = UnsafeRawBufferPointer(start: buf, count: n)
+        let odd = UnsafeRawBufferPointer(start: buf, count: n + 100)
+        let unaligned = UnsafeRawBufferPointer(start: buf + 512, count: n)
+        try store.put("v/direct", whole)
+        try store.put("v/odd", odd)
+        try store.put("v/unaligned", unaligned)
+        try store.sync()
+        #expect(try store.getAll("v/direct", size: n) == Array(whole))
+        #expect(try store.getAll("v/odd", size: n + 100) == Array(odd))
+        #expect(try store.getAll("v/unaligned", size: n) == Array(unaligned))
+        // (Whether this file system takes O_DIRECT at all: tmpfs does not.)
+        let probe = open(dir + "/probe", O_WRONLY | O_CREAT | Sys.O_DIRECT, 0o600)
+        guard probe >= 0 else { return }
+        close(probe)
+        // Read back the pages: mapped, not read (mincore says which are in memory). The reads
+        // above went through the cache, so write again first.
+        try store.put("v/direct2", whole)
+        try store.sync()
+        let fd = open(dir + "/bucket/v/direct2", O_RDONLY)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        let m = mmap(nil, n, PROT_READ, MAP_SHARED, fd, 0)
+        #expect(m != MAP_FAILED)
+        defer { munmap(m, n) }
+        var resident = [UInt8](repeating: 0, count: n / 4096)
+        #expect(mincore(m, n, &resident) == 0)
+        let cached = resident.filter { $0 & 1 != 0 }.count
+        #expect(cached == 0, "\(cached) of \(n / 4096) pages of a block written past the page cache are in it")
+    }
+
     /// What another member of a shared bucket could plant under a block's name or directory
     /// (a link to a file or directory outside, a FIFO) is refused, never followed: nothing
     /// outside the bucket is read, created, changed or removed, and nothing hangs.
