@@ -43,12 +43,18 @@ public final class BlockStore: @unchecked Sendable {
     /// them, not yet added to the volume's counters (`takeCounts`).
     private let counts = Locked(StoredCounts())
 
+    /// Whether blocks read from the store are kept in the disk cache too: not when the store is
+    /// a directory on the cache's own file system (the copy would cost a write of every block
+    /// read, and read no faster than the original).
+    public let cachesReads: Bool
+
     public init(layout: Layout, codec: BlockCodec, store: any ObjectStore, memory: MemoryCache, disk: DiskCache?, threads: Int) {
         self.layout = layout
         self.codec = codec
         self.store = store
         self.memory = memory
         self.disk = disk
+        cachesReads = disk.map { !store.isOnFileSystem(of: $0.userDirs) } ?? false
         pool = WorkerPool(name: "download", threads: threads)
     }
 
@@ -229,7 +235,7 @@ public final class BlockStore: @unchecked Sendable {
         }
         landed()
         finish(b.key, pending, result)
-        if case .success = result, let disk {
+        if case .success = result, let disk, cachesReads {
             do { try disk.put(b.key, raw.bytes) } catch { Log.warning("not cached: \(error.message)") }
         }
     }

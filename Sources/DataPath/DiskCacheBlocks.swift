@@ -292,11 +292,26 @@ extension DiskCache {
         }
         withUnsafeBytes(of: UInt32(n).littleEndian) { trailer.raw($0) }
         withUnsafeBytes(of: DiskCache.magic.littleEndian) { trailer.raw($0) }
+        // (A block of whole pages from a page-aligned buffer goes past the page cache: reading
+        // a file from the store, the copy into the page cache of its blocks' cache files took
+        // more CPU than the read itself. The trailer follows through the page cache.)
+        var direct = false
+        if data.count >= 64 << 10 && self.direct.load(ordering: .relaxed), let base = data.baseAddress {
+            switch Sys.pwriteDirect(fd, base, data.count) {
+            case .written: direct = true
+            case .refused: self.direct.store(false, ordering: .relaxed)
+            case .unsuited, .stopped: break
+            }
+        }
         do {
             let t = trailer.bytes
             try fsTyped {
                 try t.withUnsafeBytes { tb in
-                    try Sys.writeAll(fd, [UnsafeRawBufferPointer(start: data.baseAddress, count: data.count), tb], path: tmp)
+                    if direct {
+                        try Sys.pwrite(fd, tb.baseAddress!, tb.count, Int64(data.count), path: tmp)
+                    } else {
+                        try Sys.writeAll(fd, [UnsafeRawBufferPointer(start: data.baseAddress, count: data.count), tb], path: tmp)
+                    }
                 }
             }
             Sys.close(fd)

@@ -50,8 +50,6 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
     public static let unsyncedLimit = 512
     /// Whether the bucket's file system takes `O_DIRECT` writes (until one is refused).
     private let direct = Atomic<Bool>(true)
-    /// The alignment `O_DIRECT` is used with (of the buffer and the length).
-    static let directAlignment = 4096
 
     public init(root: String, deferSync: Bool = false) throws(FSError) {
         self.deferSync = deferSync
@@ -60,6 +58,11 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
         while r.count > 1 && r.hasSuffix("/") { r.removeLast() }
         self.root = r
         shared = Sys.stat(r).flatMap { LocalObjectStore.sharedModes($0.st_mode) }
+    }
+
+    public func isOnFileSystem(of paths: [String]) -> Bool {
+        guard !paths.isEmpty, let me = Sys.stat(root) else { return false }
+        return paths.allSatisfy { Sys.stat($0)?.st_dev == me.st_dev }
     }
 
     /// The modes of directories and objects in a bucket of mode `mode`, if it is shared.
@@ -199,33 +202,19 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
         try put(key, data, exclusive: false)
     }
 
-    /// Writes `count` bytes at `base` to the new file `fd` past the page cache, when they are
-    /// whole pages from a page-aligned buffer and the file system takes it; false when not all
-    /// written (the caller writes them through the page cache). A file system that refuses
-    /// `O_DIRECT` is not asked again.
+    /// Writes `count` bytes at `base` to the new file `fd` past the page cache when they suit
+    /// it (`Sys.pwriteDirect`; blocks of 64 KiB and more); false when not all written (the
+    /// caller writes them through the page cache). A file system that refuses `O_DIRECT` is
+    /// not asked again.
     private func directWrite(_ fd: Int32, _ base: UnsafeRawPointer, _ count: Int) -> Bool {
-        let a = Self.directAlignment
-        guard count >= 16 * a, count % a == 0, Int(bitPattern: base) % a == 0, direct.load(ordering: .relaxed) else { return false }
-        let flags = fcntl(fd, F_GETFL)
-        guard flags >= 0, fcntl(fd, F_SETFL, flags | Sys.O_DIRECT) == 0 else {
+        guard count >= 64 << 10, direct.load(ordering: .relaxed) else { return false }
+        switch Sys.pwriteDirect(fd, base, count) {
+        case .written: return true
+        case .refused:
             direct.store(false, ordering: .relaxed)
             return false
+        case .unsuited, .stopped: return false
         }
-        var done = 0
-        while done < count {
-            let n = Glibc.pwrite(fd, base + done, count - done, off_t(done))
-            if n > 0 {
-                done += n
-                continue
-            }
-            if n < 0 && errno == EINTR { continue }
-            // (Refused, or stopped short: the caller writes it all through the page cache; an
-            // alignment the device wants larger is not tried again.)
-            if n < 0 && errno == EINVAL { direct.store(false, ordering: .relaxed) }
-            break
-        }
-        _ = fcntl(fd, F_SETFL, flags)
-        return done == count
     }
 
     /// Stores `key` only when it does not exist (`EEXIST` otherwise, and nothing changes): the

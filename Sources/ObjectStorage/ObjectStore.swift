@@ -48,6 +48,9 @@ public protocol ObjectStore: AnyObject, Sendable {
     /// other stores' puts are durable when they return); throws if one of `keys` (or, with
     /// none named, any object of the batch this call flushed) could not be made durable.
     func sync(_ keys: [String]) throws(FSError)
+    /// Whether this store's objects are files on the same file system as every one of `paths`
+    /// (a disk cache there would copy them to where they already are).
+    func isOnFileSystem(of paths: [String]) -> Bool
 }
 
 extension ObjectStore {
@@ -58,6 +61,8 @@ extension ObjectStore {
     public func holdForCommit(_ key: String, _ data: UnsafeRawBufferPointer) -> Bool { false }
 
     public var isProxy: Bool { false }
+
+    public func isOnFileSystem(of paths: [String]) -> Bool { false }
 
     public func sync(_ keys: [String]) throws(FSError) {}
 

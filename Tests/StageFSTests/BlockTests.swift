@@ -1,9 +1,10 @@
 import Compress
-import DataPath
 import Foundation
 import ObjectStorage
 import StageFSCore
 import Testing
+
+@testable import DataPath
 
 private func textBlock(_ n: Int) -> [UInt8] {
     var out: [UInt8] = []
@@ -144,6 +145,36 @@ struct BlockTests {
             disk.remove(b.key)
             try store.put(b.key, bytes: [0x28, 0xb5, 0x2f, 0xfd, 1, 2, 3])
             #expect(throws: FSError.self) { _ = try blocks.fetch(b) }
+        }
+    }
+}
+
+extension BlockTests {
+    /// A block read from the store is kept in the disk cache, unless the store is a directory
+    /// on the cache's own file system (the copy would read no faster than the original).
+    @Test func blocksReadAreCachedOnlyFromAnotherFileSystem() throws {
+        let dir = try makeTempDir("reads")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // (/dev/shm is a tmpfs: another file system than the temporary directory's.)
+        let elsewhere = "/dev/shm/stagefs-reads-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: elsewhere) }
+        let layout = Layout(volume: "v", blockSize: 1 << 20)
+        let data = textBlock(1 << 20)
+        for (bucket, cached) in [(dir + "/bucket", false), (elsewhere, true)] {
+            let store = try openObjectStore(StoreConfig(storage: "file", bucket: bucket))
+            try store.create()
+            let disk = try DiskCache(config: DiskCacheConfig(dirs: [dir + "/cache"], capacity: 64 << 20), volumeUUID: "vol")
+            let blocks = BlockStore(layout: layout, codec: .none, store: store, memory: MemoryCache(limit: 8 << 20), disk: disk, threads: 2)
+            defer { blocks.shutdown() }
+            #expect(blocks.cachesReads == cached, "\(bucket)")
+            let b = layout.blocks(of: Slice(pos: 0, id: 9, size: UInt32(data.count), off: 0, len: UInt32(data.count)))[0]
+            try data.withUnsafeBytes { try store.put(b.key, $0) }
+            #expect(Array(try blocks.fetch(b).bytes) == data)
+            // (The cache write follows the reader's answer, on the download thread.)
+            let deadline = Sys.monotonicNanos() + 5_000_000_000
+            while blocks.pool.pending > 0 && Sys.monotonicNanos() < deadline { Sys.sleep(seconds: 0.01) }
+            #expect((disk.get(b.key) != nil) == cached, "a block read from \(bucket) is \(cached ? "" : "not ")cached")
+            disk.remove(b.key)
         }
     }
 }
