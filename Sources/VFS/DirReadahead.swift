@@ -9,7 +9,7 @@ import StageFSCore
 /// from inside it when not all of it fit its buffer), at most `pagesPerDir`, for at most
 /// `dirs` directories. A page is served from here only while nothing this client changed
 /// could have made it stale (`MetaCache.changes`, and the data clock of each inode it names)
-/// and while it is younger than the attribute cache's time; else it is read again.
+/// and while it is younger than a fifth of the attribute cache's time; else it is read again.
 final class DirReadahead: @unchecked Sendable {
     // @unchecked: `dirs` and every `Page`'s fields are read and written with `lock` held.
 

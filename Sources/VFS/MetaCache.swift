@@ -29,7 +29,9 @@ package final class MetaCache: @unchecked Sendable {
     /// The data store's change clock, and the clock value of an inode's last data change.
     private let clock: @Sendable () -> UInt64
     private let changed: @Sendable (Ino) -> UInt64
-    private var entries: [EntryKey: (Ino, UInt64)] = [:]
+    /// Each entry's inode, deadline, and position in its directory when a listing gave it (0
+    /// when a lookup did).
+    private var entries: [EntryKey: (Ino, UInt64, position: UInt64)] = [:]
     private static let limit = 200_000
     /// Sizes at which the expired records are next swept out of `attrs` and `entries`.
     private var attrSweep = MetaCache.firstSweep
@@ -96,12 +98,24 @@ package final class MetaCache: @unchecked Sendable {
         let now = Sys.monotonicNanos()
         let k = EntryKey(parent: parent, name: name)
         return lock.withLock {
-            guard let (ino, deadline) = entries[k], deadline >= now else { return nil }
+            guard let (ino, deadline, _) = entries[k], deadline >= now else { return nil }
             return ino
         }
     }
 
-    package func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ a: Attr, asOf: UInt64) {
+    /// The position of `name` in `parent` as the last listing of it here gave it, expired or
+    /// not, while the record is kept (`VFS.lookup` reads on from there in one go).
+    func listedPosition(_ parent: Ino, _ name: [UInt8]) -> UInt64? {
+        guard entryTTL > 0 || dirEntryTTL > 0 else { return nil }
+        let k = EntryKey(parent: parent, name: name)
+        return lock.withLock {
+            guard let p = entries[k]?.position, p > 0 else { return nil }
+            return p
+        }
+    }
+
+    /// `position`: the entry's position in `parent`, when a listing gave it.
+    package func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ a: Attr, asOf: UInt64, position: UInt64 = 0) {
         let ttl = a.type == .directory ? dirEntryTTL : entryTTL
         put(ino, a, asOf: asOf)
         guard ttl > 0 else { return }
@@ -109,7 +123,7 @@ package final class MetaCache: @unchecked Sendable {
         let deadline = now + ttl
         lock.withLock {
             if entries.count >= entrySweep { entrySweep = Self.sweep(&entries, now) { $0.1 } }
-            entries[EntryKey(parent: parent, name: name)] = (ino, deadline)
+            entries[EntryKey(parent: parent, name: name)] = (ino, deadline, position)
         }
     }
 
@@ -168,7 +182,8 @@ package final class MetaCache: @unchecked Sendable {
 
     func dropEntry(_ parent: Ino, _ name: [UInt8]) {
         lock.withLock {
-            entries[EntryKey(parent: parent, name: name)]?.1 = 0
+            let k = EntryKey(parent: parent, name: name)
+            if let e = entries[k] { entries[k] = (e.0, 0, 0) }
             _changes &+= 1
         }
     }

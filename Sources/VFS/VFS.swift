@@ -81,7 +81,10 @@ public final class VFS: Sendable {
             attrTTL: config.attrCache, entryTTL: config.entryCache, dirEntryTTL: config.dirEntryCache,
             clock: { [data] in data.changeClockNow }, changed: { [data] in data.changeStamp($0) })
         xattrs = XattrAbsence(ttl: cache.attrTTL)
-        listings = DirReadahead(ttl: cache.attrTTL)
+        // (A page read ahead is served for a fifth of the attribute cache's time: the kernel
+        // keeps what it is given for that time again, so another client's change shows in a
+        // listing at most that much later than without read-ahead.)
+        listings = DirReadahead(ttl: cache.attrTTL / 5)
         session = SessionKeeper(meta: meta, timeout: config.sessionTimeout) { [config] in
             SessionInfo(hostname: Sys.hostname(), pid: getpid(), mountPoint: config.mountPoint, version: config.version)
         }
@@ -181,10 +184,33 @@ public final class VFS: Sendable {
             try Posix.check(try getattr(parent), cred, .execute)
             return (forKernel(ino, inTrash: inTrash && a.type == .regular), overlay(ino, a))
         }
+        if !dots, let pos = cache.listedPosition(parent, name), let (ino, a) = try lookupListed(cred, parent, name, at: pos) {
+            return (forKernel(ino, inTrash: inTrash && a.type == .regular), overlay(ino, a))
+        }
         let t = cache.stamp()
         let (ino, a) = try meta.lookup(cred, parent, name)
         if !dots { cache.putEntry(parent, name, ino, a, asOf: t) }
         return (forKernel(ino, inTrash: inTrash && a.type == .regular), overlay(ino, a))
+    }
+
+    /// Entries (with attributes) to read at once from where a lookup missed in a directory
+    /// listed here before.
+    static let lookupPage = 128
+
+    /// A lookup of a name that a listing here gave at position `pos`, whose record expired:
+    /// `find` and `ls -l` of a large directory read all of it first and then look each name
+    /// up in order, after the cache's time. The entries from that position on are read in one
+    /// round trip and kept, so the next lookups are answered from the cache. Nil when the name
+    /// is not at that position any more (the caller looks it up alone).
+    private func lookupListed(_ cred: Credential, _ parent: Ino, _ name: [UInt8], at pos: UInt64) throws(FSError) -> (Ino, Attr)? {
+        try Posix.check(try getattr(parent), cred, .execute)
+        let t = cache.stamp()
+        let page = try meta.readdir(parent, after: pos - 1, limit: Self.lookupPage, plus: true, xattrs: false)
+        for e in page {
+            if let a = e.attr { cache.putEntry(parent, e.name, e.ino, a, asOf: t, position: e.cookie) }
+        }
+        guard let first = page.first, first.cookie == pos, first.name == name, let a = first.attr else { return nil }
+        return (first.ino, a)
     }
 
     /// Runs an operation on inode `ino`, which the kernel named by a handle it holds: when the
@@ -427,7 +453,7 @@ public final class VFS: Sendable {
                 // (A listing with attributes gives the kernel the entries and attributes to keep
                 // as long as the client cache would: only a plain one is kept here, for the
                 // lookups and stats that follow it.)
-                if !plus { cache.putEntry(ino, entries[i].name, real, a, asOf: t) }
+                if !plus { cache.putEntry(ino, entries[i].name, real, a, asOf: t, position: entries[i].cookie - 2) }
                 entries[i].attr = overlay(real, a)
             }
         }

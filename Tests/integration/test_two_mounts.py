@@ -3,6 +3,7 @@ and makes again the other opens, SQLite with a rollback journal and git work acr
 close-to-open consistency holds. As the ordinary test user, on each volume kind."""
 import os
 import sqlite3
+import stat
 import subprocess
 
 import pytest
@@ -141,3 +142,58 @@ def test_close_to_open_between_mounts(volume, workdir, second):
                     bad.append(i)
         return bad
     assert run_as(USER, rounds) == []
+
+
+def test_lookups_after_a_listing_see_what_the_other_mount_changed(volume, workdir, second):
+    """`find` of a large directory lists it all, then looks each name up after the client
+    cache's time: those lookups read on from the name's listed position, a page at a time. What
+    the second mount changed in between (modes, removals, renames, names made anew) shows in
+    them exactly, and the result of `find` is the kernel file system's answer."""
+    d = os.path.join(workdir, "big")
+    n = 2000
+
+    def make():
+        os.umask(0o022)
+        os.mkdir(d)
+        for i in range(n):
+            open(os.path.join(d, f"f{i:04}"), "w").close()
+        # (Lists it all, plain pages after the first: each name's position is kept.)
+        subprocess.run(["find", d, "-name", "none"], check=True, capture_output=True)
+    run_as(USER, make)
+    there = os.path.join(on(second, workdir), "big")
+
+    def change():
+        import time
+        time.sleep(1.5)  # the first mount's records of the listing expire
+        for i in range(0, n, 7):
+            os.chmod(os.path.join(there, f"f{i:04}"), 0o600)
+        for i in range(3, n, 11):
+            os.unlink(os.path.join(there, f"f{i:04}"))
+        for i in range(5, n, 13):
+            p = os.path.join(there, f"f{i:04}")
+            if os.path.exists(p):
+                os.rename(p, p + ".moved")
+        for i in range(1, n, 17):
+            p = os.path.join(there, f"f{i:04}")
+            if os.path.exists(p):
+                os.unlink(p)
+                with open(p, "w") as f:
+                    f.write("new")
+        return {name: (os.lstat(os.path.join(there, name)).st_ino, stat.S_IMODE(os.lstat(os.path.join(there, name)).st_mode))
+                for name in os.listdir(there)}
+    truth = run_as(USER, change)
+
+    def look():
+        out = {}
+        for i in range(n):
+            for name in (f"f{i:04}", f"f{i:04}.moved"):
+                try:
+                    st = os.lstat(os.path.join(d, name))
+                    out[name] = (st.st_ino, stat.S_IMODE(st.st_mode))
+                except FileNotFoundError:
+                    pass
+        found = subprocess.run(["find", d, "-type", "f", "-perm", "600"], check=True, capture_output=True, text=True).stdout.split()
+        return out, sorted(os.path.basename(p) for p in found)
+    seen, found = run_as(USER, look)
+    assert seen == truth
+    assert found == sorted(name for name, (_, mode) in truth.items() if mode == 0o600)
