@@ -114,6 +114,14 @@ package final class MetaCache: @unchecked Sendable {
         }
     }
 
+    /// Forgets where a listing put `name` in `parent` (it was not found there).
+    func forgetPosition(_ parent: Ino, _ name: [UInt8]) {
+        let k = EntryKey(parent: parent, name: name)
+        lock.withLock {
+            if let e = entries[k], e.position != 0 { entries[k] = (e.0, e.1, 0) }
+        }
+    }
+
     /// `position`: the entry's position in `parent`, when a listing gave it.
     package func putEntry(_ parent: Ino, _ name: [UInt8], _ ino: Ino, _ a: Attr, asOf: UInt64, position: UInt64 = 0) {
         let ttl = a.type == .directory ? dirEntryTTL : entryTTL

@@ -180,11 +180,14 @@ public final class VFS: Sendable {
             return (rootIno, try getattr(rootIno))
         }
         let inTrash = Trash.isTrash(parent)
-        if let ino = cache.entry(parent, name), let a = cache.attr(ino) {
+        let known = cache.entry(parent, name)
+        if let ino = known, let a = cache.attr(ino) {
             try Posix.check(try getattr(parent), cred, .execute)
             return (forKernel(ino, inTrash: inTrash && a.type == .regular), overlay(ino, a))
         }
-        if !dots, let pos = cache.listedPosition(parent, name), let (ino, a) = try lookupListed(cred, parent, name, at: pos) {
+        // (Only for an entry expired: one whose attributes alone are not good any more, after a
+        // write here, is looked up alone.)
+        if !dots, known == nil, let pos = cache.listedPosition(parent, name), let (ino, a) = try lookupListed(cred, parent, name, at: pos) {
             return (forKernel(ino, inTrash: inTrash && a.type == .regular), overlay(ino, a))
         }
         let t = cache.stamp()
@@ -204,12 +207,24 @@ public final class VFS: Sendable {
     /// is not at that position any more (the caller looks it up alone).
     private func lookupListed(_ cred: Credential, _ parent: Ino, _ name: [UInt8], at pos: UInt64) throws(FSError) -> (Ino, Attr)? {
         try Posix.check(try getattr(parent), cred, .execute)
+        let changes = cache.changes
         let t = cache.stamp()
-        let page = try meta.readdir(parent, after: pos - 1, limit: Self.lookupPage, plus: true, xattrs: false)
+        // (Any failure — through a gateway a listing needs read permission, a lookup only
+        // search — leaves the name to the lookup alone; so does a name not found where it was,
+        // whose position is forgotten, and a change here meanwhile, which the page may predate.)
+        guard let page = try? meta.readdir(parent, after: pos - 1, limit: Self.lookupPage, plus: true, xattrs: false),
+            cache.changes == changes
+        else {
+            cache.forgetPosition(parent, name)
+            return nil
+        }
         for e in page {
             if let a = e.attr { cache.putEntry(parent, e.name, e.ino, a, asOf: t, position: e.cookie) }
         }
-        guard let first = page.first, first.cookie == pos, first.name == name, let a = first.attr else { return nil }
+        guard let first = page.first, first.cookie == pos, first.name == name, let a = first.attr else {
+            cache.forgetPosition(parent, name)
+            return nil
+        }
         return (first.ino, a)
     }
 
