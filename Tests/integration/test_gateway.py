@@ -194,6 +194,44 @@ def test_each_user_gets_what_ext4_gives_on_the_others_files(env, site):
     assert st.st_uid == helpers.pwd.getpwnam(OTHER).pw_uid
 
 
+def test_a_lookup_after_a_listing_needs_search_permission_only(env, site):
+    """Through the gateway a listing needs read permission and a lookup only search, as on
+    ext4: a mount that listed a large directory, whose owner then made it 0711, still finds
+    the names in it after its cache's time (a lookup there reads on from a listed name's
+    position, and falls back to the lookup alone when the gateway refuses the listing)."""
+    a = mount(env, site, USER, site["file"])
+    b = mount(env, site, OTHER, site["file"])
+    d = os.path.join(a, "searchable")
+    n = 3000
+
+    def make():
+        os.mkdir(d, 0o755)
+        os.chmod(d, 0o755)
+        for i in range(n):
+            open(os.path.join(d, f"f{i:04}"), "w").close()
+    run_as(USER, make)
+    there = os.path.join(b, "searchable")
+    # (Lists it all, plain pages after the first: each name's position is kept.)
+    listed = run_as(OTHER, lambda: subprocess.run(["find", there, "-name", "f0*"], check=True, capture_output=True, text=True).stdout)
+    assert len(listed.split()) == 1000
+    run_as(USER, os.chmod, d, 0o711)
+
+    def look():
+        import time
+        time.sleep(1.5)  # the records of the listing expire
+        missing = []
+        for i in range(n):
+            try:
+                os.lstat(os.path.join(there, f"f{i:04}"))
+            except OSError as e:
+                missing.append((i, e.errno))
+        return missing
+    missing = run_as(OTHER, look)
+    assert not missing, f"{len(missing)} names not found with search permission, e.g. {missing[:3]}"
+    with pytest.raises(PermissionError):
+        run_as(OTHER, os.listdir, there)
+
+
 def test_differential_through_a_root_mount_of_the_gateway(env, site):
     """The differential test (two users and root against ext4) through a root mount with
     allow_other: the gateway honours the callers a root client names."""
