@@ -66,6 +66,15 @@ def ensure_user(name):
         return pwd.getpwnam(name)
 
 
+def empty_files(d, n):
+    """Makes directory `d` (umask 022) holding `n` empty files f0000, f0001, ... (as the
+    caller: pass it to `run_as`)."""
+    os.umask(0o022)
+    os.mkdir(d)
+    for i in range(n):
+        open(os.path.join(d, f"f{i:04}"), "w").close()
+
+
 def run_as(user, fn, *args, **kwargs):
     """Runs fn(*args) in a forked child with the uid, gid and groups of `user`; returns its
     result or raises its exception."""

@@ -505,10 +505,7 @@ def test_a_listing_shows_what_this_mount_changed_while_it_went_on(volume, workdi
     n = 3000
 
     def work():
-        os.umask(0o022)
-        os.mkdir(d)
-        for i in range(n):
-            open(os.path.join(d, f"f{i:04}"), "w").close()
+        helpers.empty_files(d, n)
         with os.scandir(d) as it:
             first = next(it).name
             # (The first page is served and the next read ahead: change what they hold.)

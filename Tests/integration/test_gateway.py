@@ -204,12 +204,7 @@ def test_a_lookup_after_a_listing_needs_search_permission_only(env, site):
     d = os.path.join(a, "searchable")
     n = 3000
 
-    def make():
-        os.mkdir(d, 0o755)
-        os.chmod(d, 0o755)
-        for i in range(n):
-            open(os.path.join(d, f"f{i:04}"), "w").close()
-    run_as(USER, make)
+    run_as(USER, helpers.empty_files, d, n)
     there = os.path.join(b, "searchable")
     # (Lists it all, plain pages after the first: each name's position is kept.)
     listed = run_as(OTHER, lambda: subprocess.run(["find", there, "-name", "f0*"], check=True, capture_output=True, text=True).stdout)

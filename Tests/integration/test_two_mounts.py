@@ -153,10 +153,7 @@ def test_lookups_after_a_listing_see_what_the_other_mount_changed(volume, workdi
     n = 2000
 
     def make():
-        os.umask(0o022)
-        os.mkdir(d)
-        for i in range(n):
-            open(os.path.join(d, f"f{i:04}"), "w").close()
+        helpers.empty_files(d, n)
         # (Lists it all, plain pages after the first: each name's position is kept.)
         subprocess.run(["find", d, "-name", "none"], check=True, capture_output=True)
     run_as(USER, make)
