@@ -1,6 +1,5 @@
 import SQLiteKit
 import StageFSCore
-import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -104,9 +103,8 @@ public final class DiskCache: @unchecked Sendable {
     var writing: (id: Int64, fd: Int32, end: Int64)?
     let packLock = ConditionLock()
     var readFDs: [Int64: Int32] = [:]
-    /// Whether the cache's file system takes block files written past the page cache
-    /// (`writeFile`; until one is refused).
-    let direct = Atomic<Bool>(true)
+    /// Block files written past the page cache (`writeFile`).
+    let direct = DirectWrites()
 
     /// The cache of one volume (`volumeUUID`) in the given roots, for the calling user. Without a
     /// volume only the index is usable (job pins, usage).

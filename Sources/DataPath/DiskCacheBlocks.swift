@@ -295,14 +295,7 @@ extension DiskCache {
         // (A block of whole pages from a page-aligned buffer goes past the page cache: reading
         // a file from the store, the copy into the page cache of its blocks' cache files took
         // more CPU than the read itself. The trailer follows through the page cache.)
-        var direct = false
-        if data.count >= 64 << 10 && self.direct.load(ordering: .relaxed), let base = data.baseAddress {
-            switch Sys.pwriteDirect(fd, base, data.count) {
-            case .written: direct = true
-            case .refused: self.direct.store(false, ordering: .relaxed)
-            case .unsuited, .stopped: break
-            }
-        }
+        let direct = data.baseAddress.map { self.direct.write(fd, $0, data.count) } ?? false
         do {
             let t = trailer.bytes
             try fsTyped {

@@ -1,5 +1,4 @@
 import StageFSCore
-import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -48,8 +47,8 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
     private var lostFailures = false
     /// Objects put unflushed after which a put syncs them itself.
     public static let unsyncedLimit = 512
-    /// Whether the bucket's file system takes `O_DIRECT` writes (until one is refused).
-    private let direct = Atomic<Bool>(true)
+    /// Blocks written past the page cache.
+    private let direct = DirectWrites()
 
     public init(root: String, deferSync: Bool = false) throws(FSError) {
         self.deferSync = deferSync
@@ -202,21 +201,6 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
         try put(key, data, exclusive: false)
     }
 
-    /// Writes `count` bytes at `base` to the new file `fd` past the page cache when they suit
-    /// it (`Sys.pwriteDirect`; blocks of 64 KiB and more); false when not all written (the
-    /// caller writes them through the page cache). A file system that refuses `O_DIRECT` is
-    /// not asked again.
-    private func directWrite(_ fd: Int32, _ base: UnsafeRawPointer, _ count: Int) -> Bool {
-        guard count >= 64 << 10, direct.load(ordering: .relaxed) else { return false }
-        switch Sys.pwriteDirect(fd, base, count) {
-        case .written: return true
-        case .refused:
-            direct.store(false, ordering: .relaxed)
-            return false
-        case .unsuited, .stopped: return false
-        }
-    }
-
     /// Stores `key` only when it does not exist (`EEXIST` otherwise, and nothing changes): the
     /// existence check and the rename into place are one step (`RENAME_NOREPLACE`; where the
     /// file system lacks it, a check just before the rename), and take no second walk to the
@@ -270,9 +254,8 @@ public final class LocalObjectStore: ObjectStore, @unchecked Sendable {
         if let shared { _ = fchmod(fd, shared.file) }
         do throws(FSError) {
             defer { Sys.close(fd) }
-            if let base = data.baseAddress, data.count > 0 {
-                let direct = directWrite(fd, base, data.count)
-                if !direct { try Sys.pwrite(fd, base, data.count, 0, path: "\(root)/\(dir)/\(tmp)") }
+            if let base = data.baseAddress, data.count > 0, !direct.write(fd, base, data.count) {
+                try Sys.pwrite(fd, base, data.count, 0, path: "\(root)/\(dir)/\(tmp)")
             }
             if deferSync {
                 Sys.startWriteback(fd)

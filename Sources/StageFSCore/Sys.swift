@@ -45,44 +45,6 @@ public enum Sys {
         try retrying("read \(path)") { Glibc.read(fd, buf.baseAddress, buf.count) }
     }
 
-    /// What `pwriteDirect` did.
-    public enum DirectWrite: Sendable {
-        /// All written, past the page cache.
-        case written
-        /// Not whole pages, or not from a page-aligned buffer: nothing tried.
-        case unsuited
-        /// The file system or device refused `O_DIRECT` (not worth asking it again).
-        case refused
-        /// Stopped part way (an error, a short write): write it all again through the page cache.
-        case stopped
-    }
-
-    /// The alignment `pwriteDirect` writes with, of the buffer and the length.
-    public static let directAlignment = 4096
-
-    /// Writes `count` bytes from `base` at the start of `fd` past the page cache (`O_DIRECT`,
-    /// set for this write only), when they are whole pages from a page-aligned buffer: no copy
-    /// into the page cache, and no page cache filled with what nobody reads soon.
-    public static func pwriteDirect(_ fd: Int32, _ base: UnsafeRawPointer, _ count: Int) -> DirectWrite {
-        let a = directAlignment
-        guard count > 0, count % a == 0, Int(bitPattern: base) % a == 0 else { return .unsuited }
-        let flags = fcntl(fd, F_GETFL)
-        guard flags >= 0, fcntl(fd, F_SETFL, flags | O_DIRECT) == 0 else { return .refused }
-        defer { _ = fcntl(fd, F_SETFL, flags) }
-        var done = 0
-        while done < count {
-            let n = Glibc.pwrite(fd, base + done, count - done, off_t(done))
-            if n > 0 {
-                done += n
-            } else if n < 0 && errno == EINTR {
-                continue
-            } else {
-                return n < 0 && errno == EINVAL && done == 0 ? .refused : .stopped
-            }
-        }
-        return .written
-    }
-
     /// `pwrite(2)` of all `count` bytes.
     public static func pwrite(_ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int, _ offset: Int64, path: String = "file") throws(FSError) {
         var done = 0

@@ -162,7 +162,6 @@ public final class VFS: Sendable {
         return a
     }
 
-    /// Records the mode `a` in the open handles of `ino`.
     /// This client changed the attributes of `ino` to `a`: records the mode in its open
     /// handles, and the change for what was read before (`MetaCache.changes`).
     private func noteMode(_ ino: Ino, _ a: Attr) {
@@ -439,13 +438,15 @@ public final class VFS: Sendable {
         let after = offset < 2 ? 0 : offset - 2
         // With the client cache a listing goes on from the pages read ahead while the kernel
         // took the ones before (`DirReadahead`); a listing from its start reads afresh.
-        var served: DirReadahead.Served?
-        if cache.enabled && offset >= 2 {
-            served = listings.take(ino, after: after, limit: limit) { [cache, data] p in
+        let ahead =
+            cache.enabled && offset >= 2
+            ? listings.take(ino, after: after, limit: limit) { [cache, data] p in
                 p.changes == cache.changes && (p.entries ?? []).allSatisfy { data.changeStamp($0.ino) <= p.stamp }
-            }
-        }
-        if served == nil {
+            } : nil
+        let served: DirReadahead.Served
+        if let ahead {
+            served = ahead
+        } else {
             let page = try readPage(ino, after: after, limit: limit, plus: plus)
             served = DirReadahead.Served(entries: page.entries ?? [], stamp: page.stamp, epoch: page.epoch)
             if cache.enabled { listings.keep(ino, page) }
@@ -455,9 +456,9 @@ public final class VFS: Sendable {
                 try readPage(ino, after: after, limit: limit, plus: true)
             }
         }
-        let t = served!.stamp
-        let epoch = served!.epoch
-        var entries = served!.entries
+        let t = served.stamp
+        let epoch = served.epoch
+        var entries = served.entries
         let inTrash = Trash.isTrash(ino)
         for i in entries.indices {
             entries[i].cookie += 2
